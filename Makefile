@@ -1,0 +1,73 @@
+# SmartLLM Router: `make run` and `make test` work on a fresh Debian 12 machine
+# (as root): they install what is missing, fetch and verify the native assets,
+# build once (one release profile shared by run and test) and go.
+SHELL := /bin/bash
+.DEFAULT_GOAL := run
+
+export CARGO_TARGET_DIR ?= $(HOME)/.cache/smartllm-target
+export SMARTLLM_ASSETS_DIR ?= $(HOME)/.cache/smartllm-assets
+VENV ?= $(HOME)/.cache/smartllm-venv
+DATA_DIR ?= $(CURDIR)/.data
+CONFIG ?= $(CURDIR)/conf
+MOCK_LISTEN ?= 127.0.0.1:8000
+CARGO ?= cargo
+CARGO_FLAGS := --release --locked
+BIN := $(CARGO_TARGET_DIR)/release
+OPENAI_SDK_VERSION := 3.57.0
+
+APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk
+
+.PHONY: run test deps assets build venv lint fmt bench check-config clean-data
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+		echo "installing:$$missing"; \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@command -v $(CARGO) >/dev/null || { echo "cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+
+assets: deps
+	@packaging/fetch-assets.sh "$(SMARTLLM_ASSETS_DIR)"
+
+build: deps
+	$(CARGO) build $(CARGO_FLAGS) --bin smartllm --bin mock-llm
+
+venv: deps
+	@[ -x "$(VENV)/bin/python" ] || python3 -m venv "$(VENV)"
+	@"$(VENV)/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$(OPENAI_SDK_VERSION)')" 2>/dev/null \
+		|| "$(VENV)/bin/pip" install -q "openai==$(OPENAI_SDK_VERSION)"
+
+# Start the gateway on the shipped conf/. Without OPENAI_API_KEY or
+# ANTHROPIC_API_KEY it starts the bundled mock LLM too (demo mode).
+run: assets build
+	@mkdir -p "$(DATA_DIR)"
+	@set -euo pipefail; \
+	if [ -z "$${OPENAI_API_KEY:-}$${ANTHROPIC_API_KEY:-}" ]; then \
+		echo "No provider key set: starting the bundled mock LLM on $(MOCK_LISTEN) (demo mode)"; \
+		"$(BIN)/mock-llm" --listen "$(MOCK_LISTEN)" --chunk-delay-ms 20 & MOCK=$$!; \
+		trap 'kill $$MOCK 2>/dev/null || true' EXIT INT TERM; \
+	fi; \
+	SMARTLLM_DATA_DIR="$(DATA_DIR)" "$(BIN)/smartllm" serve --config "$(CONFIG)"
+
+check-config: build
+	"$(BIN)/smartllm" check --config "$(CONFIG)"
+
+fmt:
+	$(CARGO) fmt --all
+
+lint: deps
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
+
+# Every test: lints, unit tests, end-to-end tests against the real server and
+# mock-llm, and the official openai Python SDK as a client.
+test: assets venv lint
+	$(CARGO) build $(CARGO_FLAGS) --workspace --bins
+	SMARTLLM_PYTHON="$(VENV)/bin/python" $(CARGO) test $(CARGO_FLAGS) --workspace --no-fail-fast
+
+bench: assets build
+	bench/gateway-overhead.sh
+
+clean-data:
+	rm -rf "$(DATA_DIR)"

@@ -1,0 +1,683 @@
+//! mock-llm: an OpenAI-compatible (and Anthropic Messages) mock LLM for tests,
+//! benchmarks and the demo. Deterministic answers derived from the prompt,
+//! `usage` in every answer (and a final usage chunk when streaming with
+//! `stream_options.include_usage`), configurable latency and streaming speed, and
+//! fault injection by header (`x-mock-*`), by a `mock` object in the JSON body
+//! (which passes through the gateway untouched), or for every request by flags.
+//!
+//! Faults: `status=<code>`, `fault=reset|close|hang|drop-mid-stream|malformed-json|malformed-sse`,
+//! `latency_ms`, `chunk_delay_ms`, `words`.
+//!
+//! Introspection: `GET /_mock/last` (the last request: path, headers, body length
+//! and sha256), `GET /_mock/stats` (request count), `GET /health`.
+
+use anyhow::Context;
+use clap::Parser;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser, Debug, Clone)]
+#[command(
+    name = "mock-llm",
+    about = "OpenAI-compatible mock LLM for SmartLLM Router tests and demos"
+)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1:8000", env = "MOCK_LLM_LISTEN")]
+    listen: String,
+    /// Delay before the response (or first stream chunk), in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Delay between stream chunks, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    chunk_delay_ms: u64,
+    /// Words in each answer (capped by max_tokens).
+    #[arg(long, default_value_t = 12)]
+    words: usize,
+    /// Answer every completion request with this HTTP status (error injection).
+    #[arg(long)]
+    fail_status: Option<u16>,
+    /// Name reported in `system_fingerprint` and the `x-mock-instance` header.
+    #[arg(long, default_value = "mock")]
+    name: String,
+    /// Worker threads.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
+
+#[derive(Default)]
+struct State {
+    requests: AtomicU64,
+    last: Mutex<Value>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Behaviour {
+    latency_ms: u64,
+    chunk_delay_ms: u64,
+    words: usize,
+    status: Option<u16>,
+    fault: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(args.threads.max(1))
+        .enable_all()
+        .build()?;
+    rt.block_on(serve(args))
+}
+
+async fn serve(args: Args) -> anyhow::Result<()> {
+    let listener = TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding {}", args.listen))?;
+    eprintln!("mock-llm listening on {}", listener.local_addr()?);
+    let args = Arc::new(args);
+    let state = Arc::new(State::default());
+    loop {
+        let (sock, _) = listener.accept().await?;
+        let _ = sock.set_nodelay(true);
+        let (args, state) = (args.clone(), state.clone());
+        tokio::spawn(async move {
+            let _ = connection(sock, args, state).await;
+        });
+    }
+}
+
+struct Request {
+    method: String,
+    path: String,
+    headers: BTreeMap<String, String>,
+    body: Vec<u8>,
+    keep_alive: bool,
+}
+
+async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Option<Request>> {
+    loop {
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut req = httparse::Request::new(&mut headers);
+        match req.parse(buf)? {
+            httparse::Status::Complete(n) => {
+                let method = req.method.unwrap_or("GET").to_string();
+                let path = req.path.unwrap_or("/").to_string();
+                let http10 = req.version == Some(0);
+                let mut map = BTreeMap::new();
+                for h in req.headers.iter() {
+                    map.insert(
+                        h.name.to_ascii_lowercase(),
+                        String::from_utf8_lossy(h.value).into_owned(),
+                    );
+                }
+                buf.drain(..n);
+                let chunked = map
+                    .get("transfer-encoding")
+                    .is_some_and(|v| v.to_ascii_lowercase().contains("chunked"));
+                let body = if chunked {
+                    read_chunked(sock, buf).await?
+                } else {
+                    let len: usize = map
+                        .get("content-length")
+                        .and_then(|v| v.trim().parse().ok())
+                        .unwrap_or(0);
+                    while buf.len() < len {
+                        if read_more(sock, buf).await? == 0 {
+                            anyhow::bail!("eof in body");
+                        }
+                    }
+                    buf.drain(..len).collect()
+                };
+                let conn = map
+                    .get("connection")
+                    .map(|v| v.to_ascii_lowercase())
+                    .unwrap_or_default();
+                let keep_alive = if http10 {
+                    conn.contains("keep-alive")
+                } else {
+                    !conn.contains("close")
+                };
+                return Ok(Some(Request {
+                    method,
+                    path,
+                    headers: map,
+                    body,
+                    keep_alive,
+                }));
+            }
+            httparse::Status::Partial => {
+                if buf.len() > 1 << 20 {
+                    anyhow::bail!("header too large");
+                }
+                if read_more(sock, buf).await? == 0 {
+                    return Ok(None);
+                }
+            }
+        }
+    }
+}
+
+async fn read_more(sock: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    let mut tmp = [0u8; 64 * 1024];
+    let n = sock.read(&mut tmp).await?;
+    buf.extend_from_slice(&tmp[..n]);
+    Ok(n)
+}
+
+async fn read_chunked(sock: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Vec<u8>> {
+    let mut body = Vec::new();
+    loop {
+        let line_end = loop {
+            if let Some(i) = memchr::memmem::find(buf, b"\r\n") {
+                break i;
+            }
+            if read_more(sock, buf).await? == 0 {
+                anyhow::bail!("eof in chunk size");
+            }
+        };
+        let size_str = String::from_utf8_lossy(&buf[..line_end]).to_string();
+        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)?;
+        buf.drain(..line_end + 2);
+        while buf.len() < size + 2 {
+            if read_more(sock, buf).await? == 0 {
+                anyhow::bail!("eof in chunk");
+            }
+        }
+        body.extend_from_slice(&buf[..size]);
+        buf.drain(..size + 2);
+        if size == 0 {
+            return Ok(body);
+        }
+    }
+}
+
+async fn connection(mut sock: TcpStream, args: Arc<Args>, state: Arc<State>) -> anyhow::Result<()> {
+    let mut buf = Vec::with_capacity(8192);
+    while let Some(req) = read_request(&mut sock, &mut buf).await? {
+        let keep = req.keep_alive;
+        if !handle(&mut sock, req, &args, &state).await? || !keep {
+            break;
+        }
+    }
+    Ok(())
+}
+
+fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
+    let mut b = Behaviour {
+        latency_ms: args.latency_ms,
+        chunk_delay_ms: args.chunk_delay_ms,
+        words: args.words,
+        status: args.fail_status,
+        fault: None,
+    };
+    let h = |k: &str| req.headers.get(k).cloned();
+    let m = body.get("mock");
+    let get = |k: &str| -> Option<String> {
+        h(&format!("x-mock-{}", k.replace('_', "-"))).or_else(|| {
+            m.and_then(|m| m.get(k)).map(|v| match v {
+                Value::String(s) => s.clone(),
+                other => other.to_string(),
+            })
+        })
+    };
+    if let Some(v) = get("latency_ms").and_then(|v| v.parse().ok()) {
+        b.latency_ms = v;
+    }
+    if let Some(v) = get("chunk_delay_ms").and_then(|v| v.parse().ok()) {
+        b.chunk_delay_ms = v;
+    }
+    if let Some(v) = get("words").and_then(|v| v.parse().ok()) {
+        b.words = v;
+    }
+    if let Some(v) = get("status").and_then(|v| v.parse().ok()) {
+        b.status = Some(v);
+    }
+    b.fault = get("fault");
+    b
+}
+
+async fn write_json(
+    sock: &mut TcpStream,
+    status: u16,
+    body: &Value,
+    extra: &[(&str, String)],
+) -> std::io::Result<()> {
+    let body = serde_json::to_vec(body).unwrap_or_default();
+    write_raw(sock, status, "application/json", &body, extra).await
+}
+
+async fn write_raw(
+    sock: &mut TcpStream,
+    status: u16,
+    ctype: &str,
+    body: &[u8],
+    extra: &[(&str, String)],
+) -> std::io::Result<()> {
+    let mut head = format!(
+        "HTTP/1.1 {status} {}\r\ncontent-type: {ctype}\r\ncontent-length: {}\r\n",
+        reason(status),
+        body.len()
+    );
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    let mut out = head.into_bytes();
+    out.extend_from_slice(body);
+    sock.write_all(&out).await
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        400 => "Bad Request",
+        401 => "Unauthorized",
+        404 => "Not Found",
+        429 => "Too Many Requests",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Status",
+    }
+}
+
+async fn start_stream(sock: &mut TcpStream, extra: &[(&str, String)]) -> std::io::Result<()> {
+    let mut head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n".to_string();
+    for (k, v) in extra {
+        head.push_str(&format!("{k}: {v}\r\n"));
+    }
+    head.push_str("\r\n");
+    sock.write_all(head.as_bytes()).await
+}
+
+async fn write_chunk(sock: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+    let mut out = format!("{:x}\r\n", data.len()).into_bytes();
+    out.extend_from_slice(data);
+    out.extend_from_slice(b"\r\n");
+    sock.write_all(&out).await
+}
+
+const VOCAB: [&str; 32] = [
+    "the", "model", "answer", "gateway", "routes", "tokens", "quickly", "cache", "semantic",
+    "latency", "cost", "budget", "stream", "response", "prompt", "vector", "index", "request",
+    "upstream", "provider", "result", "simple", "clear", "useful", "data", "value", "system",
+    "fast", "reliable", "test", "mock", "reply",
+];
+
+fn answer_words(prompt: &str, n: usize) -> Vec<String> {
+    let digest = Sha256::digest(prompt.as_bytes());
+    let snippet: Vec<&str> = prompt.split_whitespace().take(6).collect();
+    let mut words = vec!["Mock".to_string(), "reply".to_string(), "to:".to_string()];
+    words.extend(snippet.iter().map(|s| s.to_string()));
+    words.push("--".into());
+    let mut i = 0usize;
+    while words.len() < n.max(1) + 4 {
+        let b = digest[i % digest.len()] as usize + i;
+        words.push(VOCAB[b % VOCAB.len()].to_string());
+        i += 1;
+    }
+    words.truncate(n.max(1));
+    words
+}
+
+fn count_tokens(s: &str) -> u64 {
+    // ~4 characters a token, at least one per word: stable and deterministic.
+    let chars = s.chars().count() as u64;
+    chars.div_ceil(4).max(s.split_whitespace().count() as u64)
+}
+
+fn prompt_text(path: &str, body: &Value) -> String {
+    if path.ends_with("/completions") && !path.ends_with("/chat/completions") {
+        return match body.get("prompt") {
+            Some(Value::String(s)) => s.clone(),
+            Some(v) => v.to_string(),
+            None => String::new(),
+        };
+    }
+    let mut out = Vec::new();
+    if let Some(Value::String(s)) = body.get("system") {
+        out.push(s.clone());
+    }
+    if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
+        for m in msgs {
+            match m.get("content") {
+                Some(Value::String(s)) => out.push(s.clone()),
+                Some(Value::Array(parts)) => {
+                    for p in parts {
+                        if let Some(t) = p.get("text").and_then(Value::as_str) {
+                            out.push(t.to_string());
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    out.join("\n")
+}
+
+fn last_user_text(body: &Value) -> String {
+    body.get("messages")
+        .and_then(Value::as_array)
+        .and_then(|msgs| {
+            msgs.iter()
+                .rev()
+                .find(|m| m.get("role").and_then(Value::as_str) == Some("user"))
+        })
+        .and_then(|m| m.get("content"))
+        .map(|c| match c {
+            Value::String(s) => s.clone(),
+            Value::Array(parts) => parts
+                .iter()
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect::<Vec<_>>()
+                .join(" "),
+            _ => String::new(),
+        })
+        .unwrap_or_default()
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Returns whether the connection may be kept.
+async fn handle(
+    sock: &mut TcpStream,
+    req: Request,
+    args: &Args,
+    state: &State,
+) -> anyhow::Result<bool> {
+    let inst = [("x-mock-instance", args.name.clone())];
+    let path = req.path.split('?').next().unwrap_or("/").to_string();
+    match (req.method.as_str(), path.as_str()) {
+        ("GET", "/health") => {
+            write_json(sock, 200, &json!({"status": "ok"}), &inst).await?;
+            return Ok(true);
+        }
+        ("GET", "/_mock/last") => {
+            let last = state.last.lock().map(|l| l.clone()).unwrap_or(Value::Null);
+            write_json(sock, 200, &last, &inst).await?;
+            return Ok(true);
+        }
+        ("GET", "/_mock/stats") => {
+            write_json(
+                sock,
+                200,
+                &json!({"requests": state.requests.load(Ordering::Relaxed), "name": args.name}),
+                &inst,
+            )
+            .await?;
+            return Ok(true);
+        }
+        ("GET", "/v1/models") | ("GET", "/models") => {
+            let data: Vec<Value> = ["mock-small", "mock-large", "mock-embed"]
+                .iter()
+                .map(|m| json!({"id": m, "object": "model", "created": 0, "owned_by": "mock"}))
+                .collect();
+            write_json(sock, 200, &json!({"object": "list", "data": data}), &inst).await?;
+            return Ok(true);
+        }
+        _ => {}
+    }
+    if req.method != "POST" {
+        write_json(sock, 404, &json!({"error": {"message": format!("no route {} {path}", req.method), "type": "invalid_request_error", "param": null, "code": null}}), &inst).await?;
+        return Ok(true);
+    }
+    state.requests.fetch_add(1, Ordering::Relaxed);
+    let body: Value = serde_json::from_slice(&req.body).unwrap_or(Value::Null);
+    if let Ok(mut last) = state.last.lock() {
+        *last = json!({
+            "method": req.method,
+            "path": path,
+            "headers": req.headers,
+            "body_len": req.body.len(),
+            "body_sha256": hex::encode(Sha256::digest(&req.body)),
+            "model": body.get("model"),
+            "stream_options": body.get("stream_options"),
+        });
+    }
+    let b = behaviour(args, &req, &body);
+    if b.latency_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(b.latency_ms)).await;
+    }
+    match b.fault.as_deref() {
+        Some("reset") => {
+            let _ = sock.set_zero_linger();
+            return Ok(false);
+        }
+        Some("close") => return Ok(false),
+        Some("hang") => {
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+            return Ok(false);
+        }
+        Some("malformed-json") => {
+            write_raw(sock, 200, "application/json", b"{\"id\": \"broken", &inst).await?;
+            return Ok(true);
+        }
+        _ => {}
+    }
+    let anthropic = path.ends_with("/messages");
+    if body.is_null() {
+        let msg = "mock-llm: request body is not JSON";
+        write_json(sock, 400, &json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}}), &inst).await?;
+        return Ok(true);
+    }
+    if let Some(status) = b.status {
+        let mut extra = inst.to_vec();
+        if status == 429 {
+            extra.push(("retry-after", "1".into()));
+        }
+        let err = if anthropic {
+            json!({"type": "error", "error": {"type": if status == 429 { "rate_limit_error" } else { "api_error" }, "message": format!("mock-llm injected status {status}")}})
+        } else {
+            json!({"error": {"message": format!("mock-llm injected status {status}"), "type": if status == 429 { "rate_limit_error" } else { "server_error" }, "param": null, "code": null}})
+        };
+        write_json(sock, status, &err, &extra).await?;
+        return Ok(true);
+    }
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or("mock")
+        .to_string();
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    let max_tokens = body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .map(|n| n as usize);
+    let n_words = max_tokens.map(|m| m.min(b.words)).unwrap_or(b.words);
+    let prompt = prompt_text(&path, &body);
+    let prompt_tokens = count_tokens(&prompt);
+
+    if path.ends_with("/embeddings") {
+        let inputs: Vec<String> = match body.get("input") {
+            Some(Value::String(s)) => vec![s.clone()],
+            Some(Value::Array(a)) => a
+                .iter()
+                .map(|v| {
+                    v.as_str()
+                        .map(str::to_string)
+                        .unwrap_or_else(|| v.to_string())
+                })
+                .collect(),
+            _ => vec![],
+        };
+        let dims = body.get("dimensions").and_then(Value::as_u64).unwrap_or(8) as usize;
+        let data: Vec<Value> = inputs
+            .iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let d = Sha256::digest(t.as_bytes());
+                let v: Vec<f64> = (0..dims)
+                    .map(|j| (d[j % 32] as f64 / 255.0) * 2.0 - 1.0)
+                    .collect();
+                json!({"object": "embedding", "index": i, "embedding": v})
+            })
+            .collect();
+        let tokens: u64 = inputs.iter().map(|t| count_tokens(t)).sum();
+        write_json(sock, 200, &json!({"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}), &inst).await?;
+        return Ok(true);
+    }
+
+    let seed_text = if path.ends_with("/chat/completions") || anthropic {
+        last_user_text(&body)
+    } else {
+        prompt.clone()
+    };
+    let words = answer_words(&seed_text, n_words);
+    let completion_tokens = words.len() as u64;
+    let id = format!(
+        "mock-{}",
+        &hex::encode(Sha256::digest(prompt.as_bytes()))[..12]
+    );
+    let finish = if max_tokens.is_some_and(|m| m < b.words) {
+        "length"
+    } else {
+        "stop"
+    };
+    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+    let chat = path.ends_with("/chat/completions");
+
+    if anthropic {
+        let text = words.join(" ");
+        let stop = if finish == "length" {
+            "max_tokens"
+        } else {
+            "end_turn"
+        };
+        if !stream {
+            let out = json!({"id": id, "type": "message", "role": "assistant", "model": model,
+                "content": [{"type": "text", "text": text}], "stop_reason": stop, "stop_sequence": null,
+                "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens}});
+            write_json(sock, 200, &out, &inst).await?;
+            return Ok(true);
+        }
+        start_stream(sock, &inst).await?;
+        let ev = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
+        write_chunk(sock, ev("message_start", json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": prompt_tokens, "output_tokens": 1}}})).as_bytes()).await?;
+        write_chunk(sock, ev("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})).as_bytes()).await?;
+        for (i, w) in words.iter().enumerate() {
+            if b.chunk_delay_ms > 0 {
+                tokio::time::sleep(Duration::from_millis(b.chunk_delay_ms)).await;
+            }
+            let t = if i == 0 { w.clone() } else { format!(" {w}") };
+            write_chunk(sock, ev("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}})).as_bytes()).await?;
+        }
+        write_chunk(
+            sock,
+            ev(
+                "content_block_stop",
+                json!({"type": "content_block_stop", "index": 0}),
+            )
+            .as_bytes(),
+        )
+        .await?;
+        write_chunk(sock, ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": completion_tokens}})).as_bytes()).await?;
+        write_chunk(
+            sock,
+            ev("message_stop", json!({"type": "message_stop"})).as_bytes(),
+        )
+        .await?;
+        write_chunk(sock, b"").await?;
+        return Ok(true);
+    }
+
+    if !stream {
+        let text = words.join(" ");
+        let out = if chat {
+            json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": now(), "model": model,
+                "system_fingerprint": args.name,
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": null}],
+                "usage": usage})
+        } else {
+            json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": now(), "model": model,
+                "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}], "usage": usage})
+        };
+        write_json(sock, 200, &out, &inst).await?;
+        return Ok(true);
+    }
+
+    let include_usage = body
+        .get("stream_options")
+        .and_then(|o| o.get("include_usage"))
+        .and_then(Value::as_bool)
+        .unwrap_or(false);
+    start_stream(sock, &inst).await?;
+    let created = now();
+    let chunk = |delta: Value, finish: Value| -> Vec<u8> {
+        let v = if chat {
+            json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": created, "model": model,
+                "system_fingerprint": args.name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
+        } else {
+            json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": created, "model": model,
+                "choices": [{"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "finish_reason": finish, "logprobs": null}]})
+        };
+        format!("data: {v}\n\n").into_bytes()
+    };
+    if chat {
+        write_chunk(
+            sock,
+            &chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+        )
+        .await?;
+    }
+    let malformed = b.fault.as_deref() == Some("malformed-sse");
+    let drop_at = (b.fault.as_deref() == Some("drop-mid-stream")).then_some(words.len() / 2);
+    for (i, w) in words.iter().enumerate() {
+        if drop_at == Some(i) {
+            let _ = sock.set_zero_linger();
+            return Ok(false);
+        }
+        if b.chunk_delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(b.chunk_delay_ms)).await;
+        }
+        if malformed && i == 1 {
+            write_chunk(sock, b"data: {\"choices\": [garbage\n\n").await?;
+        }
+        let t = if i == 0 { w.clone() } else { format!(" {w}") };
+        write_chunk(sock, &chunk(json!({"content": t}), Value::Null)).await?;
+    }
+    write_chunk(sock, &chunk(json!({}), json!(finish))).await?;
+    if include_usage {
+        let v = json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage});
+        write_chunk(sock, format!("data: {v}\n\n").as_bytes()).await?;
+    }
+    write_chunk(sock, b"data: [DONE]\n\n").await?;
+    write_chunk(sock, b"").await?;
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deterministic_answers() {
+        let a = answer_words("What is the capital of France?", 12);
+        assert_eq!(a, answer_words("What is the capital of France?", 12));
+        assert_eq!(a.len(), 12);
+        assert_ne!(a, answer_words("What is the capital of Spain?", 12));
+        assert_eq!(answer_words("x", 3).len(), 3);
+    }
+
+    #[test]
+    fn token_counts() {
+        assert_eq!(count_tokens("abcd efgh"), 3);
+        assert_eq!(count_tokens(""), 0);
+    }
+}

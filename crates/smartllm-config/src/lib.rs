@@ -1,0 +1,1029 @@
+//! SmartLLM Router configuration: a directory of YAML files, parsed strictly
+//! (unknown keys are errors), validated as a whole (every error is reported, with
+//! file, key path and line) and resolved into [`Config`], which the rest of the
+//! gateway consumes. Loading is pure: secrets (provider keys) are read when the
+//! proxy prepares a runtime snapshot from a `Config`.
+
+mod error;
+mod locate;
+pub mod raw;
+pub mod units;
+pub mod watch;
+
+pub use error::{ConfigError, ConfigIssue};
+pub use locate::locate;
+
+use raw::*;
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub const MAIN_FILE: &str = "smartllm.yaml";
+pub const PROVIDERS_FILE: &str = "providers.yaml";
+pub const MODELS_FILE: &str = "models.yaml";
+pub const ROUTES_FILE: &str = "routes.yaml";
+/// The files of a config directory, in load order. Only `smartllm.yaml` is required.
+pub const FILES: [&str; 4] = [MAIN_FILE, PROVIDERS_FILE, MODELS_FILE, ROUTES_FILE];
+
+/// Environment variables that override paths of `smartllm.yaml` (handy for
+/// development and packaging; documented in the README).
+pub const ENV_DATA_DIR: &str = "SMARTLLM_DATA_DIR";
+pub const ENV_ASSETS_DIR: &str = "SMARTLLM_ASSETS_DIR";
+
+/// The validated, resolved configuration. Not `Deserialize`: it only comes from
+/// [`load_dir`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub dir: PathBuf,
+    /// sha256 over the files' contents: identifies what is running.
+    pub digest: String,
+    pub server: ServerConfig,
+    pub data_dir: PathBuf,
+    pub embedder: EmbedderConfig,
+    pub logging: LoggingConfig,
+    pub demo: DemoConfig,
+    pub reload: ReloadConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub models: Vec<ModelConfig>,
+    pub routes: BTreeMap<String, RouteConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub threads: usize,
+    pub max_body_bytes: u64,
+    pub client_body_timeout: Duration,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_first_byte_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub upstream_attempts: usize,
+    pub grace_period: Duration,
+    pub graceful_shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedderConfig {
+    pub model: PathBuf,
+    pub tokenizer: PathBuf,
+    pub onnxruntime: PathBuf,
+    pub threads: usize,
+    pub max_seq_len: usize,
+    pub device: Device,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggingConfig {
+    pub level: String,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoConfig {
+    pub auto: bool,
+    pub upstream: Url,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadConfig {
+    pub watch: bool,
+    pub debounce: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible API (OpenAI, Azure-style gateways, vLLM, mock-llm, ...).
+    OpenAi,
+    /// Anthropic's Messages API, translated to and from OpenAI's shapes.
+    Anthropic,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiKeySource {
+    None,
+    Env(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash (`/v1`), may be empty.
+    pub path: String,
+}
+
+impl Url {
+    pub fn parse(s: &str) -> Result<Url, String> {
+        let (tls, rest) = if let Some(r) = s.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(format!("{s:?} is not an http:// or https:// URL"));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.is_empty() {
+            return Err(format!("{s:?} has no host"));
+        }
+        if authority.contains('@') {
+            return Err(format!(
+                "{s:?}: credentials in URLs are not supported; use api_key_env or api_key_file"
+            ));
+        }
+        let (host, port) = if let Some(inner) = authority.strip_prefix('[') {
+            // [v6]:port
+            let end = inner
+                .find(']')
+                .ok_or_else(|| format!("{s:?}: bad IPv6 host"))?;
+            let host = &inner[..end];
+            let port = match inner[end + 1..].strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| format!("{s:?}: bad port {p:?}"))?,
+                None => default_port(tls),
+            };
+            (host.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.to_string(),
+                    p.parse().map_err(|_| format!("{s:?}: bad port {p:?}"))?,
+                ),
+                None => (authority.to_string(), default_port(tls)),
+            }
+        };
+        if path.contains('?') || path.contains('#') {
+            return Err(format!(
+                "{s:?}: query strings and fragments are not supported"
+            ));
+        }
+        Ok(Url {
+            tls,
+            host,
+            port,
+            path: path.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// `host:port` suitable for DNS resolution.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The Host header value (port omitted when it is the scheme's default).
+    pub fn host_header(&self) -> String {
+        if self.port == default_port(self.tls) {
+            self.host.clone()
+        } else {
+            self.authority()
+        }
+    }
+}
+
+fn default_port(tls: bool) -> u16 {
+    if tls {
+        443
+    } else {
+        80
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    Tcp,
+    Http,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheckConfig {
+    pub kind: HealthCheckKind,
+    pub path: String,
+    pub interval: Duration,
+    pub failures: usize,
+    pub successes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: Url,
+    pub api_key: ApiKeySource,
+    pub headers: Vec<(String, String)>,
+    pub anthropic_version: String,
+    pub stream_usage: bool,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub health_check: HealthCheckConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub name: String,
+    pub owned_by: String,
+    pub deployments: Vec<DeploymentConfig>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentConfig {
+    pub provider: String,
+    pub upstream_model: String,
+    pub weight: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouteConfig {
+    pub name: String,
+    pub model: String,
+}
+
+impl Config {
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// Resolve a requested model name: a configured model, or a route alias.
+    pub fn resolve_model(&self, requested: &str) -> Option<(&ModelConfig, Option<&RouteConfig>)> {
+        if let Some(m) = self.model(requested) {
+            return Some((m, None));
+        }
+        let route = self.routes.get(requested)?;
+        Some((self.model(&route.model)?, Some(route)))
+    }
+
+    /// Settings that only take effect at start. Returns a description of each
+    /// one that differs, so a reload can say that it needs a restart.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{name}: {a} -> {b}"));
+            }
+        };
+        check(
+            "server.listen",
+            self.server.listen.to_string(),
+            new.server.listen.to_string(),
+        );
+        check(
+            "server.admin_listen",
+            self.server.admin_listen.to_string(),
+            new.server.admin_listen.to_string(),
+        );
+        check(
+            "server.threads",
+            self.server.threads.to_string(),
+            new.server.threads.to_string(),
+        );
+        check(
+            "server.grace_period",
+            format!("{:?}", self.server.grace_period),
+            format!("{:?}", new.server.grace_period),
+        );
+        check(
+            "server.graceful_shutdown_timeout",
+            format!("{:?}", self.server.graceful_shutdown_timeout),
+            format!("{:?}", new.server.graceful_shutdown_timeout),
+        );
+        check(
+            "data_dir",
+            self.data_dir.display().to_string(),
+            new.data_dir.display().to_string(),
+        );
+        check(
+            "embedder",
+            format!("{:?}", self.embedder),
+            format!("{:?}", new.embedder),
+        );
+        check(
+            "logging.level",
+            self.logging.level.clone(),
+            new.logging.level.clone(),
+        );
+        check(
+            "reload.watch",
+            self.reload.watch.to_string(),
+            new.reload.watch.to_string(),
+        );
+        out
+    }
+
+    /// A copy of `new` with the restart-only settings of `self`: what a live
+    /// reload can actually apply.
+    pub fn with_restart_only_from(&self, mut new: Config) -> Config {
+        new.server.listen = self.server.listen;
+        new.server.admin_listen = self.server.admin_listen;
+        new.server.threads = self.server.threads;
+        new.server.grace_period = self.server.grace_period;
+        new.server.graceful_shutdown_timeout = self.server.graceful_shutdown_timeout;
+        new.data_dir = self.data_dir.clone();
+        new.embedder = self.embedder.clone();
+        new.logging.level = self.logging.level.clone();
+        new.reload.watch = self.reload.watch;
+        new
+    }
+}
+
+/// Collects issues while validating, locating each key path in its file.
+struct Issues<'a> {
+    dir: &'a Path,
+    texts: &'a BTreeMap<&'static str, String>,
+    list: Vec<ConfigIssue>,
+}
+
+impl Issues<'_> {
+    fn push(&mut self, file: &'static str, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        let line = self.texts.get(file).and_then(|t| locate(t, &path));
+        self.list.push(ConfigIssue {
+            file: self.dir.join(file),
+            path,
+            line,
+            message: message.into(),
+        });
+    }
+}
+
+fn parse_file<T: DeserializeOwned + Default>(
+    dir: &Path,
+    file: &'static str,
+    text: Option<&String>,
+    issues: &mut Vec<ConfigIssue>,
+) -> Option<T> {
+    let Some(text) = text else {
+        return Some(T::default());
+    };
+    if text.trim().is_empty() {
+        return Some(T::default());
+    }
+    let de = serde_yaml::Deserializer::from_str(text);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .location()
+                .map(|l| l.line())
+                .or_else(|| locate(text, &path));
+            let mut message = inner.to_string();
+            // serde_yaml appends " at line X column Y"; we print the line ourselves.
+            if let Some(i) = message.find(" at line ") {
+                message.truncate(i);
+            }
+            issues.push(ConfigIssue {
+                file: dir.join(file),
+                path: if path == "." { String::new() } else { path },
+                line,
+                message,
+            });
+            None
+        }
+    }
+}
+
+/// Read, parse and validate a config directory.
+pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
+    let mut texts: BTreeMap<&'static str, String> = BTreeMap::new();
+    let mut issues = Vec::new();
+    for file in FILES {
+        let path = dir.join(file);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => {
+                texts.insert(file, t);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && file != MAIN_FILE => {}
+            Err(e) => issues.push(ConfigIssue {
+                file: path,
+                path: String::new(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    if !issues.is_empty() {
+        return Err(ConfigError { issues });
+    }
+    let main: Option<RawMain> = parse_file(dir, MAIN_FILE, texts.get(MAIN_FILE), &mut issues);
+    let providers: Option<RawProviders> =
+        parse_file(dir, PROVIDERS_FILE, texts.get(PROVIDERS_FILE), &mut issues);
+    let models: Option<RawModels> =
+        parse_file(dir, MODELS_FILE, texts.get(MODELS_FILE), &mut issues);
+    let routes: Option<RawRoutes> =
+        parse_file(dir, ROUTES_FILE, texts.get(ROUTES_FILE), &mut issues);
+    let (Some(main), Some(providers), Some(models), Some(routes)) =
+        (main, providers, models, routes)
+    else {
+        return Err(ConfigError { issues });
+    };
+
+    let mut hasher = Sha256::new();
+    for (name, text) in &texts {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(text.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hex::encode(&hasher.finalize()[..8]);
+
+    let mut v = Issues {
+        dir,
+        texts: &texts,
+        list: issues,
+    };
+    let config = resolve(dir, digest, main, providers, models, routes, &mut v);
+    if v.list.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError { issues: v.list })
+    }
+}
+
+fn resolve(
+    dir: &Path,
+    digest: String,
+    main: RawMain,
+    providers: RawProviders,
+    models: RawModels,
+    routes: RawRoutes,
+    v: &mut Issues<'_>,
+) -> Config {
+    let s = main.server;
+    let mut addr = |path: &str, value: Option<String>, default: &str| -> SocketAddr {
+        let value = value.unwrap_or_else(|| default.to_string());
+        value.parse().unwrap_or_else(|_| {
+            v.push(
+                MAIN_FILE,
+                path,
+                format!("{value:?} is not an address like 127.0.0.1:8080"),
+            );
+            default.parse().expect("default address")
+        })
+    };
+    let listen = addr("server.listen", s.listen, "127.0.0.1:8080");
+    let admin_listen = addr("server.admin_listen", s.admin_listen, "127.0.0.1:9090");
+    if listen == admin_listen {
+        v.push(
+            MAIN_FILE,
+            "server.admin_listen",
+            "must differ from server.listen",
+        );
+    }
+    let threads = s.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    if threads == 0 || threads > 1024 {
+        v.push(MAIN_FILE, "server.threads", "must be between 1 and 1024");
+    }
+    let max_body_bytes = s.max_body_size.map(|b| b.0).unwrap_or(32 << 20);
+    if max_body_bytes < 1024 {
+        v.push(MAIN_FILE, "server.max_body_size", "must be at least 1KiB");
+    }
+    let dur = |d: Option<units::ConfigDuration>, default: u64| {
+        d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
+    };
+    let upstream_attempts = s.upstream_attempts.unwrap_or(3);
+    if upstream_attempts == 0 || upstream_attempts > 10 {
+        v.push(
+            MAIN_FILE,
+            "server.upstream_attempts",
+            "must be between 1 and 10",
+        );
+    }
+    let server = ServerConfig {
+        listen,
+        admin_listen,
+        threads: threads.clamp(1, 1024),
+        max_body_bytes,
+        client_body_timeout: dur(s.client_body_timeout, 30),
+        upstream_connect_timeout: dur(s.upstream_connect_timeout, 5),
+        upstream_first_byte_timeout: dur(s.upstream_first_byte_timeout, 600),
+        upstream_idle_timeout: dur(s.upstream_idle_timeout, 120),
+        upstream_attempts: upstream_attempts.clamp(1, 10),
+        grace_period: dur(s.grace_period, 0),
+        graceful_shutdown_timeout: dur(s.graceful_shutdown_timeout, 30),
+    };
+
+    let data_dir = std::env::var(ENV_DATA_DIR)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or(main.data_dir)
+        .unwrap_or_else(|| "/var/lib/smartllm".to_string());
+    let data_dir = relative_to(dir, &data_dir);
+
+    let e = main.embedder;
+    let assets_dir = std::env::var(ENV_ASSETS_DIR)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or(e.assets_dir)
+        .unwrap_or_else(|| "/usr/share/smartllm".to_string());
+    let assets_dir = relative_to(dir, &assets_dir);
+    let device = match e.device.as_deref().unwrap_or("cpu") {
+        "cpu" => Device::Cpu,
+        "cuda" => Device::Cuda,
+        other => {
+            v.push(
+                MAIN_FILE,
+                "embedder.device",
+                format!("unknown device {other:?}: use cpu or cuda"),
+            );
+            Device::Cpu
+        }
+    };
+    let max_seq_len = e.max_seq_len.unwrap_or(256);
+    if !(8..=512).contains(&max_seq_len) {
+        v.push(
+            MAIN_FILE,
+            "embedder.max_seq_len",
+            "must be between 8 and 512 (the model's limit)",
+        );
+    }
+    let embedder = EmbedderConfig {
+        model: assets_dir.join(e.model.unwrap_or_else(|| "model.onnx".into())),
+        tokenizer: assets_dir.join(e.tokenizer.unwrap_or_else(|| "tokenizer.json".into())),
+        onnxruntime: assets_dir.join(
+            e.onnxruntime
+                .unwrap_or_else(|| "libonnxruntime.so.1.31.1".into()),
+        ),
+        threads: e.threads.unwrap_or(1).clamp(1, 64),
+        max_seq_len: max_seq_len.clamp(8, 512),
+        device,
+    };
+
+    let level = main.logging.level.unwrap_or_else(|| "info".into());
+    if !["trace", "debug", "info", "warn", "error"].contains(&level.as_str()) {
+        v.push(
+            MAIN_FILE,
+            "logging.level",
+            format!("unknown level {level:?}: use trace, debug, info, warn or error"),
+        );
+    }
+    let logging = LoggingConfig {
+        level,
+        access_log: main.logging.access_log.unwrap_or(true),
+    };
+
+    let auto = match main.demo.mode.as_deref().unwrap_or("auto") {
+        "auto" => true,
+        "off" => false,
+        other => {
+            v.push(
+                MAIN_FILE,
+                "demo.mode",
+                format!("unknown mode {other:?}: use auto or off"),
+            );
+            false
+        }
+    };
+    let demo_upstream = main
+        .demo
+        .upstream
+        .unwrap_or_else(|| "http://127.0.0.1:8000/v1".into());
+    let demo = DemoConfig {
+        auto,
+        upstream: Url::parse(&demo_upstream).unwrap_or_else(|err| {
+            v.push(MAIN_FILE, "demo.upstream", err);
+            Url::parse("http://127.0.0.1:8000/v1").expect("default url")
+        }),
+    };
+
+    let reload = ReloadConfig {
+        watch: main.reload.watch.unwrap_or(true),
+        debounce: dur(main.reload.debounce, 0)
+            .max(Duration::from_millis(50))
+            .min(Duration::from_secs(60)),
+    };
+    let reload = match main.reload.debounce {
+        Some(_) => reload,
+        None => ReloadConfig {
+            debounce: Duration::from_millis(200),
+            ..reload
+        },
+    };
+
+    let mut resolved_providers = BTreeMap::new();
+    for (name, p) in providers.providers {
+        let at = format!("providers.{name}");
+        if !valid_name(&name) {
+            v.push(
+                PROVIDERS_FILE,
+                &at,
+                "provider names may only use letters, digits, '-', '_' and '.'",
+            );
+        }
+        let kind = match p.kind.as_str() {
+            "openai" => ProviderKind::OpenAi,
+            "anthropic" => ProviderKind::Anthropic,
+            other => {
+                v.push(
+                    PROVIDERS_FILE,
+                    format!("{at}.kind"),
+                    format!("unknown kind {other:?}: use openai or anthropic"),
+                );
+                ProviderKind::OpenAi
+            }
+        };
+        let base_url = match Url::parse(&p.base_url) {
+            Ok(u) => u,
+            Err(err) => {
+                v.push(PROVIDERS_FILE, format!("{at}.base_url"), err);
+                continue;
+            }
+        };
+        let api_key = match (p.api_key_env, p.api_key_file) {
+            (Some(_), Some(_)) => {
+                v.push(
+                    PROVIDERS_FILE,
+                    format!("{at}.api_key_file"),
+                    "set api_key_env or api_key_file, not both",
+                );
+                ApiKeySource::None
+            }
+            (Some(env), None) => ApiKeySource::Env(env),
+            (None, Some(file)) => ApiKeySource::File(relative_to(dir, &file)),
+            (None, None) => ApiKeySource::None,
+        };
+        let mut headers = Vec::new();
+        for (k, val) in p.headers {
+            let lower = k.to_ascii_lowercase();
+            if http_header_name_ok(&lower) && !val.contains(['\r', '\n']) {
+                if [
+                    "host",
+                    "content-length",
+                    "authorization",
+                    "x-api-key",
+                    "transfer-encoding",
+                    "connection",
+                ]
+                .contains(&lower.as_str())
+                {
+                    v.push(
+                        PROVIDERS_FILE,
+                        format!("{at}.headers.{k}"),
+                        "this header is set by the gateway and cannot be configured",
+                    );
+                } else {
+                    headers.push((lower, val));
+                }
+            } else {
+                v.push(
+                    PROVIDERS_FILE,
+                    format!("{at}.headers.{k}"),
+                    "not a valid HTTP header",
+                );
+            }
+        }
+        let hc = p.health_check;
+        let hc_kind = match hc.as_ref().and_then(|h| h.kind.as_deref()).unwrap_or("tcp") {
+            "tcp" => HealthCheckKind::Tcp,
+            "http" => HealthCheckKind::Http,
+            "none" => HealthCheckKind::None,
+            other => {
+                v.push(
+                    PROVIDERS_FILE,
+                    format!("{at}.health_check.kind"),
+                    format!("unknown kind {other:?}: use tcp, http or none"),
+                );
+                HealthCheckKind::Tcp
+            }
+        };
+        let health_check = HealthCheckConfig {
+            kind: hc_kind,
+            path: hc
+                .as_ref()
+                .and_then(|h| h.path.clone())
+                .unwrap_or_else(|| format!("{}/models", base_url.path)),
+            interval: hc
+                .as_ref()
+                .and_then(|h| h.interval)
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(5))
+                .max(Duration::from_millis(100)),
+            failures: hc.as_ref().and_then(|h| h.failures).unwrap_or(2).max(1),
+            successes: hc.as_ref().and_then(|h| h.successes).unwrap_or(1).max(1),
+        };
+        resolved_providers.insert(
+            name.clone(),
+            ProviderConfig {
+                name,
+                kind,
+                base_url,
+                api_key,
+                headers,
+                anthropic_version: p.anthropic_version.unwrap_or_else(|| "2023-06-01".into()),
+                stream_usage: p.stream_usage.unwrap_or(true),
+                connect_timeout: p
+                    .connect_timeout
+                    .map(|d| d.0)
+                    .unwrap_or(server.upstream_connect_timeout),
+                first_byte_timeout: p
+                    .first_byte_timeout
+                    .map(|d| d.0)
+                    .unwrap_or(server.upstream_first_byte_timeout),
+                idle_timeout: p
+                    .idle_timeout
+                    .map(|d| d.0)
+                    .unwrap_or(server.upstream_idle_timeout),
+                health_check,
+            },
+        );
+    }
+
+    let mut seen = BTreeSet::new();
+    let mut resolved_models = Vec::new();
+    for (i, m) in models.models.into_iter().enumerate() {
+        let at = format!("models[{i}]");
+        if !valid_name(&m.name) {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.name"),
+                "model names may only use letters, digits, '-', '_', ':', '/' and '.'",
+            );
+        }
+        if !seen.insert(m.name.clone()) {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.name"),
+                format!("model {:?} is defined twice", m.name),
+            );
+        }
+        if m.deployments.is_empty() {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.deployments"),
+                "a model needs at least one deployment",
+            );
+        }
+        let mut deployments = Vec::new();
+        for (j, d) in m.deployments.into_iter().enumerate() {
+            let dat = format!("{at}.deployments[{j}]");
+            if !resolved_providers.contains_key(&d.provider) {
+                let known: Vec<_> = resolved_providers.keys().cloned().collect();
+                v.push(
+                    MODELS_FILE,
+                    format!("{dat}.provider"),
+                    format!(
+                        "unknown provider {:?} (providers.yaml defines: {})",
+                        d.provider,
+                        known.join(", ")
+                    ),
+                );
+            }
+            let weight = d.weight.unwrap_or(1);
+            if weight == 0 || weight > 1000 {
+                v.push(
+                    MODELS_FILE,
+                    format!("{dat}.weight"),
+                    "must be between 1 and 1000",
+                );
+            }
+            deployments.push(DeploymentConfig {
+                provider: d.provider,
+                upstream_model: d.model.unwrap_or_else(|| m.name.clone()),
+                weight: weight.clamp(1, 1000),
+            });
+        }
+        let owned_by = m.owned_by.unwrap_or_else(|| {
+            deployments
+                .first()
+                .map(|d| d.provider.clone())
+                .unwrap_or_else(|| "smartllm".into())
+        });
+        resolved_models.push(ModelConfig {
+            name: m.name,
+            owned_by,
+            deployments,
+        });
+    }
+
+    let mut resolved_routes = BTreeMap::new();
+    for (name, r) in routes.routes {
+        let at = format!("routes.{name}");
+        if seen.contains(&name) {
+            v.push(
+                ROUTES_FILE,
+                &at,
+                format!("route {name:?} has the name of a model; pick another alias"),
+            );
+        }
+        if !seen.contains(&r.model) {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.model"),
+                format!(
+                    "unknown model {:?} (models.yaml defines: {})",
+                    r.model,
+                    seen.iter().cloned().collect::<Vec<_>>().join(", ")
+                ),
+            );
+        }
+        resolved_routes.insert(
+            name.clone(),
+            RouteConfig {
+                name,
+                model: r.model,
+            },
+        );
+    }
+
+    Config {
+        dir: dir.to_path_buf(),
+        digest,
+        server,
+        data_dir,
+        embedder,
+        logging,
+        demo,
+        reload,
+        providers: resolved_providers,
+        models: resolved_models,
+        routes: resolved_routes,
+    }
+}
+
+fn relative_to(dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+}
+
+fn http_header_name_ok(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::fs;
+
+    fn write_dir(files: &[(&str, &str)]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            fs::write(dir.path().join(name), text).unwrap();
+        }
+        dir
+    }
+
+    const PROVIDERS: &str =
+        "providers:\n  mock:\n    kind: openai\n    base_url: http://127.0.0.1:8000/v1\n";
+    const MODELS: &str = "models:\n  - name: small\n    deployments:\n      - provider: mock\n        model: mock-small\n";
+
+    #[test]
+    fn loads_minimal_dir_with_defaults() {
+        let dir = write_dir(&[
+            (MAIN_FILE, "data_dir: /tmp/x\n"),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+        ]);
+        let c = load_dir(dir.path()).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.max_body_bytes, 32 << 20);
+        assert_eq!(c.models[0].deployments[0].upstream_model, "mock-small");
+        assert_eq!(c.providers["mock"].base_url.path, "/v1");
+        assert!(c.resolve_model("small").is_some());
+        assert!(c.resolve_model("nope").is_none());
+    }
+
+    #[test]
+    fn unknown_key_names_file_path_and_line() {
+        let dir = write_dir(&[(
+            MAIN_FILE,
+            "server:\n  listen: 127.0.0.1:1\n  lisen: 127.0.0.1:2\n",
+        )]);
+        let err = load_dir(dir.path()).unwrap_err();
+        assert_eq!(err.issues.len(), 1);
+        let i = &err.issues[0];
+        assert!(i.file.ends_with(MAIN_FILE));
+        assert_eq!(i.line, Some(3));
+        assert!(i.path.starts_with("server"), "{i}");
+        assert!(i.message.contains("unknown field `lisen`"), "{i}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported_with_path() {
+        let dir = write_dir(&[(MAIN_FILE, "server:\n  threads: many\n")]);
+        let err = load_dir(dir.path()).unwrap_err();
+        let i = &err.issues[0];
+        assert_eq!(i.path, "server.threads");
+        assert_eq!(i.line, Some(2));
+    }
+
+    #[test]
+    fn validation_reports_every_error_with_lines() {
+        let models = "models:\n  - name: a\n    deployments:\n      - provider: nope\n  - name: a\n    deployments: []\n";
+        let routes = "routes:\n  auto:\n    model: missing\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, "server:\n  listen: nonsense\n"),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, models),
+            (ROUTES_FILE, routes),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("smartllm.yaml:2: server.listen"), "{text}");
+        assert!(
+            text.contains(
+                "models.yaml:4: models[0].deployments[0].provider: unknown provider \"nope\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("models.yaml:5: models[1].name: model \"a\" is defined twice"),
+            "{text}"
+        );
+        assert!(
+            text.contains("models.yaml:6: models[1].deployments"),
+            "{text}"
+        );
+        assert!(
+            text.contains("routes.yaml:3: routes.auto.model: unknown model \"missing\""),
+            "{text}"
+        );
+        assert_eq!(err.issues.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let dir = write_dir(&[(MAIN_FILE, "server:\n  listen: [\n")]);
+        let err = load_dir(dir.path()).unwrap_err();
+        assert!(err.issues[0].line.is_some(), "{err}");
+    }
+
+    #[test]
+    fn restart_only_changes_are_detected_and_kept() {
+        let a = write_dir(&[(MAIN_FILE, "server:\n  listen: 127.0.0.1:1000\n")]);
+        let b = write_dir(&[(
+            MAIN_FILE,
+            "server:\n  listen: 127.0.0.1:2000\n  max_body_size: 1MiB\n",
+        )]);
+        let old = load_dir(a.path()).unwrap();
+        let new = load_dir(b.path()).unwrap();
+        let changes = old.restart_only_changes(&new);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(changes[0].starts_with("server.listen"));
+        let applied = old.with_restart_only_from(new);
+        assert_eq!(applied.server.listen.port(), 1000);
+        assert_eq!(applied.server.max_body_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn urls() {
+        let u = Url::parse("https://api.openai.com/v1/").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path.as_str()),
+            (true, "api.openai.com", 443, "/v1")
+        );
+        assert_eq!(u.host_header(), "api.openai.com");
+        let u = Url::parse("http://127.0.0.1:8000").unwrap();
+        assert_eq!(
+            (u.port, u.path.as_str(), u.host_header()),
+            (8000, "", "127.0.0.1:8000".to_string())
+        );
+        assert!(Url::parse("ftp://x").is_err());
+        assert!(Url::parse("http://user:pw@x").is_err());
+        let u = Url::parse("http://[::1]:9/v1").unwrap();
+        assert_eq!(u.authority(), "[::1]:9");
+    }
+}

@@ -1,0 +1,152 @@
+//! Raw config as written in the files of the config directory. Every struct
+//! denies unknown fields so a typo is an error naming the key, never a silently
+//! ignored setting. These types are only deserialized; the rest of the gateway
+//! sees the validated [`crate::Config`].
+
+use crate::units::{ByteSize, ConfigDuration};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+
+/// `smartllm.yaml`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMain {
+    #[serde(default)]
+    pub server: RawServer,
+    pub data_dir: Option<String>,
+    #[serde(default)]
+    pub embedder: RawEmbedder,
+    #[serde(default)]
+    pub logging: RawLogging,
+    #[serde(default)]
+    pub demo: RawDemo,
+    #[serde(default)]
+    pub reload: RawReload,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    pub listen: Option<String>,
+    pub admin_listen: Option<String>,
+    pub threads: Option<usize>,
+    pub max_body_size: Option<ByteSize>,
+    pub client_body_timeout: Option<ConfigDuration>,
+    pub upstream_connect_timeout: Option<ConfigDuration>,
+    pub upstream_first_byte_timeout: Option<ConfigDuration>,
+    pub upstream_idle_timeout: Option<ConfigDuration>,
+    pub upstream_attempts: Option<usize>,
+    pub grace_period: Option<ConfigDuration>,
+    pub graceful_shutdown_timeout: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawEmbedder {
+    pub assets_dir: Option<String>,
+    pub model: Option<String>,
+    pub tokenizer: Option<String>,
+    pub onnxruntime: Option<String>,
+    pub threads: Option<usize>,
+    pub max_seq_len: Option<usize>,
+    pub device: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLogging {
+    pub level: Option<String>,
+    pub access_log: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDemo {
+    /// `auto`: when no provider that needs a key has one, send their traffic to `upstream`.
+    pub mode: Option<String>,
+    pub upstream: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawReload {
+    pub watch: Option<bool>,
+    pub debounce: Option<ConfigDuration>,
+}
+
+/// `providers.yaml`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProviders {
+    #[serde(default)]
+    pub providers: BTreeMap<String, RawProvider>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProvider {
+    pub kind: String,
+    pub base_url: String,
+    pub api_key_env: Option<String>,
+    pub api_key_file: Option<String>,
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    pub anthropic_version: Option<String>,
+    /// Ask streaming upstreams for a final usage chunk (`stream_options.include_usage`).
+    pub stream_usage: Option<bool>,
+    pub connect_timeout: Option<ConfigDuration>,
+    pub first_byte_timeout: Option<ConfigDuration>,
+    pub idle_timeout: Option<ConfigDuration>,
+    pub health_check: Option<RawHealthCheck>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawHealthCheck {
+    /// `tcp` (connect, and TLS handshake for https), `http` (GET `path` must answer 2xx) or `none`.
+    pub kind: Option<String>,
+    pub path: Option<String>,
+    pub interval: Option<ConfigDuration>,
+    pub failures: Option<usize>,
+    pub successes: Option<usize>,
+}
+
+/// `models.yaml`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModels {
+    #[serde(default)]
+    pub models: Vec<RawModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawModel {
+    pub name: String,
+    pub owned_by: Option<String>,
+    pub deployments: Vec<RawDeployment>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDeployment {
+    pub provider: String,
+    /// Model name sent upstream; defaults to the model's `name`.
+    pub model: Option<String>,
+    pub weight: Option<usize>,
+}
+
+/// `routes.yaml`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoutes {
+    #[serde(default)]
+    pub routes: BTreeMap<String, RawRoute>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// The model this alias resolves to.
+    pub model: String,
+}

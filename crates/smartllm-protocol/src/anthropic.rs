@@ -1,0 +1,555 @@
+//! Anthropic Messages API <-> OpenAI Chat Completions, both ways, streaming included,
+//! so OpenAI clients use Claude models unchanged.
+
+use crate::error::ApiError;
+use crate::sse::{data_event, SseEvent, SseParser, SseTooLarge, DONE_EVENT};
+use crate::usage::Usage;
+use serde_json::{json, Map, Value};
+
+pub const DEFAULT_MAX_TOKENS: u64 = 4096;
+
+fn text_of(content: &Value) -> String {
+    crate::openai::content_text(content)
+}
+
+/// OpenAI content (string or parts) -> Anthropic content blocks.
+fn content_blocks(content: &Value) -> Vec<Value> {
+    match content {
+        Value::String(s) if s.is_empty() => Vec::new(),
+        Value::String(s) => vec![json!({"type": "text", "text": s})],
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| match p.get("type").and_then(Value::as_str) {
+                Some("text") => Some(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(Value::String(String::new()))})),
+                Some("image_url") => {
+                    let url = p.get("image_url").and_then(|u| u.get("url").or(Some(u))).and_then(Value::as_str)?;
+                    if let Some(rest) = url.strip_prefix("data:") {
+                        let (media, data) = rest.split_once(";base64,")?;
+                        Some(json!({"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}))
+                    } else {
+                        Some(json!({"type": "image", "source": {"type": "url", "url": url}}))
+                    }
+                }
+                _ => None,
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+fn push_message(out: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
+    if blocks.is_empty() {
+        return;
+    }
+    // Anthropic wants alternating roles: merge consecutive turns of one role.
+    if let Some(last) = out.last_mut() {
+        if last.get("role").and_then(Value::as_str) == Some(role) {
+            if let Some(Value::Array(c)) = last.get_mut("content") {
+                c.extend(blocks);
+                return;
+            }
+        }
+    }
+    out.push(json!({"role": role, "content": blocks}));
+}
+
+/// Translate an OpenAI chat request body into an Anthropic Messages request.
+pub fn request_to_anthropic(
+    body: &Map<String, Value>,
+    upstream_model: &str,
+    stream: bool,
+) -> Result<Value, ApiError> {
+    let mut system = Vec::new();
+    let mut messages = Vec::new();
+    let empty = Vec::new();
+    let msgs = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .unwrap_or(&empty);
+    for m in msgs {
+        let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
+        let content = m.get("content").unwrap_or(&Value::Null);
+        match role {
+            "system" | "developer" => {
+                let t = text_of(content);
+                if !t.is_empty() {
+                    system.push(t);
+                }
+            }
+            "user" => push_message(&mut messages, "user", content_blocks(content)),
+            "assistant" => {
+                let mut blocks = content_blocks(content);
+                if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
+                    for c in calls {
+                        let f = c.get("function").cloned().unwrap_or(Value::Null);
+                        let args = f.get("arguments").and_then(Value::as_str).unwrap_or("{}");
+                        let input: Value = serde_json::from_str(args).unwrap_or_else(|_| json!({}));
+                        blocks.push(json!({
+                            "type": "tool_use",
+                            "id": c.get("id").cloned().unwrap_or(Value::String(String::new())),
+                            "name": f.get("name").cloned().unwrap_or(Value::String(String::new())),
+                            "input": input,
+                        }));
+                    }
+                }
+                push_message(&mut messages, "assistant", blocks);
+            }
+            "tool" | "function" => {
+                let id = m
+                    .get("tool_call_id")
+                    .cloned()
+                    .unwrap_or(Value::String(String::new()));
+                push_message(
+                    &mut messages,
+                    "user",
+                    vec![
+                        json!({"type": "tool_result", "tool_use_id": id, "content": text_of(content)}),
+                    ],
+                );
+            }
+            _ => {}
+        }
+    }
+    if messages.is_empty() {
+        return Err(ApiError::invalid_request(
+            "invalid_value",
+            "Anthropic models need at least one user or assistant message besides the system prompt.",
+        )
+        .with_param("messages"));
+    }
+    let max_tokens = body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(Value::as_u64)
+        .unwrap_or(DEFAULT_MAX_TOKENS);
+    let mut out = Map::new();
+    out.insert("model".into(), json!(upstream_model));
+    out.insert("max_tokens".into(), json!(max_tokens));
+    out.insert("messages".into(), Value::Array(messages));
+    if !system.is_empty() {
+        out.insert("system".into(), json!(system.join("\n\n")));
+    }
+    if let Some(t) = body.get("temperature").and_then(Value::as_f64) {
+        out.insert("temperature".into(), json!(t.clamp(0.0, 1.0)));
+    }
+    if let Some(p) = body.get("top_p").and_then(Value::as_f64) {
+        out.insert("top_p".into(), json!(p));
+    }
+    match body.get("stop") {
+        Some(Value::String(s)) => {
+            out.insert("stop_sequences".into(), json!([s]));
+        }
+        Some(Value::Array(a)) => {
+            out.insert("stop_sequences".into(), Value::Array(a.clone()));
+        }
+        _ => {}
+    }
+    if let Some(tools) = body.get("tools").and_then(Value::as_array) {
+        let tools: Vec<Value> = tools
+            .iter()
+            .filter_map(|t| {
+                let f = t.get("function")?;
+                Some(json!({
+                    "name": f.get("name")?,
+                    "description": f.get("description").cloned().unwrap_or(Value::String(String::new())),
+                    "input_schema": f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"})),
+                }))
+            })
+            .collect();
+        if !tools.is_empty() {
+            out.insert("tools".into(), Value::Array(tools));
+        }
+    }
+    match body.get("tool_choice") {
+        Some(Value::String(s)) if s == "auto" => {
+            out.insert("tool_choice".into(), json!({"type": "auto"}));
+        }
+        Some(Value::String(s)) if s == "required" => {
+            out.insert("tool_choice".into(), json!({"type": "any"}));
+        }
+        Some(Value::String(s)) if s == "none" => {
+            out.insert("tool_choice".into(), json!({"type": "none"}));
+        }
+        Some(Value::Object(o)) => {
+            if let Some(name) = o.get("function").and_then(|f| f.get("name")) {
+                out.insert("tool_choice".into(), json!({"type": "tool", "name": name}));
+            }
+        }
+        _ => {}
+    }
+    if let Some(user) = body.get("user").and_then(Value::as_str) {
+        out.insert("metadata".into(), json!({"user_id": user}));
+    }
+    if stream {
+        out.insert("stream".into(), json!(true));
+    }
+    Ok(Value::Object(out))
+}
+
+fn finish_reason(stop: Option<&str>) -> Value {
+    match stop {
+        Some("end_turn") | Some("stop_sequence") | Some("pause_turn") => json!("stop"),
+        Some("max_tokens") => json!("length"),
+        Some("tool_use") => json!("tool_calls"),
+        Some("refusal") => json!("content_filter"),
+        Some(_) => json!("stop"),
+        None => Value::Null,
+    }
+}
+
+fn usage_of(u: &Value) -> Usage {
+    let get = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let cached = get("cache_read_input_tokens");
+    Usage {
+        prompt_tokens: get("input_tokens") + cached + get("cache_creation_input_tokens"),
+        completion_tokens: get("output_tokens"),
+        cached_tokens: cached,
+    }
+}
+
+fn openai_usage(u: &Usage) -> Value {
+    json!({
+        "prompt_tokens": u.prompt_tokens,
+        "completion_tokens": u.completion_tokens,
+        "total_tokens": u.total(),
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+    })
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Translate a complete Anthropic message into an OpenAI `chat.completion`.
+pub fn response_to_openai(v: &Value, model: &str) -> (Value, Usage) {
+    let mut text = String::new();
+    let mut tool_calls = Vec::new();
+    if let Some(blocks) = v.get("content").and_then(Value::as_array) {
+        for b in blocks {
+            match b.get("type").and_then(Value::as_str) {
+                Some("text") => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
+                Some("tool_use") => tool_calls.push(json!({
+                    "id": b.get("id"),
+                    "type": "function",
+                    "function": {
+                        "name": b.get("name"),
+                        "arguments": serde_json::to_string(b.get("input").unwrap_or(&json!({}))).unwrap_or_default(),
+                    }
+                })),
+                _ => {}
+            }
+        }
+    }
+    let usage = v.get("usage").map(usage_of).unwrap_or_default();
+    let mut message = json!({"role": "assistant", "content": text});
+    if !tool_calls.is_empty() {
+        message["tool_calls"] = Value::Array(tool_calls);
+        if text.is_empty() {
+            message["content"] = Value::Null;
+        }
+    }
+    let id = v.get("id").and_then(Value::as_str).unwrap_or("msg");
+    let out = json!({
+        "id": format!("chatcmpl-{id}"),
+        "object": "chat.completion",
+        "created": now_secs(),
+        "model": v.get("model").and_then(Value::as_str).unwrap_or(model),
+        "choices": [{
+            "index": 0,
+            "message": message,
+            "finish_reason": finish_reason(v.get("stop_reason").and_then(Value::as_str)),
+            "logprobs": null,
+        }],
+        "usage": openai_usage(&usage),
+    });
+    (out, usage)
+}
+
+/// Translate an Anthropic error body into an OpenAI-shaped one.
+pub fn error_to_openai(status: u16, body: &[u8]) -> Vec<u8> {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let err = parsed.as_ref().and_then(|v| v.get("error"));
+    let message = err
+        .and_then(|e| e.get("message"))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| {
+            format!(
+                "Anthropic returned HTTP {status}: {}",
+                String::from_utf8_lossy(&body[..body.len().min(512)])
+            )
+        });
+    let kind = err
+        .and_then(|e| e.get("type"))
+        .and_then(Value::as_str)
+        .unwrap_or("upstream_error");
+    let kind = match kind {
+        "invalid_request_error"
+        | "authentication_error"
+        | "permission_error"
+        | "not_found_error"
+        | "rate_limit_error" => kind,
+        "overloaded_error" | "api_error" => "server_error",
+        _ => "upstream_error",
+    };
+    serde_json::to_vec(
+        &json!({"error": {"message": message, "type": kind, "param": null, "code": null}}),
+    )
+    .unwrap_or_default()
+}
+
+/// Streaming translation: Anthropic events in, OpenAI `chat.completion.chunk` SSE out.
+#[derive(Debug)]
+pub struct AnthropicStream {
+    parser: SseParser,
+    id: String,
+    model: String,
+    created: u64,
+    include_usage: bool,
+    usage: Usage,
+    saw_usage: bool,
+    /// Anthropic content-block index -> OpenAI tool_calls index.
+    tool_index: Vec<(u64, usize)>,
+    pub done: bool,
+    pub error: bool,
+}
+
+impl AnthropicStream {
+    pub fn new(model: &str, include_usage: bool) -> Self {
+        AnthropicStream {
+            parser: SseParser::default(),
+            id: "chatcmpl-anthropic".into(),
+            model: model.to_string(),
+            created: now_secs(),
+            include_usage,
+            usage: Usage::default(),
+            saw_usage: false,
+            tool_index: Vec::new(),
+            done: false,
+            error: false,
+        }
+    }
+
+    pub fn usage(&self) -> Option<Usage> {
+        self.saw_usage.then_some(self.usage)
+    }
+
+    fn chunk(&self, delta: Value, finish: Value) -> Vec<u8> {
+        let v = json!({
+            "id": self.id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self.model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}],
+        });
+        data_event(&v.to_string())
+    }
+
+    /// Feed upstream bytes; returns OpenAI SSE bytes to send now.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<u8>, SseTooLarge> {
+        let events = self.parser.feed(chunk)?;
+        let mut out = Vec::new();
+        for ev in events {
+            self.on_event(&ev, &mut out);
+        }
+        Ok(out)
+    }
+
+    fn on_event(&mut self, ev: &SseEvent, out: &mut Vec<u8>) {
+        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            return;
+        };
+        let kind = ev
+            .event
+            .clone()
+            .or_else(|| v.get("type").and_then(Value::as_str).map(str::to_string))
+            .unwrap_or_default();
+        match kind.as_str() {
+            "message_start" => {
+                let m = &v["message"];
+                if let Some(id) = m.get("id").and_then(Value::as_str) {
+                    self.id = format!("chatcmpl-{id}");
+                }
+                if let Some(model) = m.get("model").and_then(Value::as_str) {
+                    self.model = model.to_string();
+                }
+                if let Some(u) = m.get("usage") {
+                    self.usage = usage_of(u);
+                    self.saw_usage = true;
+                }
+                out.extend(self.chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+            }
+            "content_block_start" => {
+                let block = &v["content_block"];
+                if block.get("type").and_then(Value::as_str) == Some("tool_use") {
+                    let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+                    let n = self.tool_index.len();
+                    self.tool_index.push((idx, n));
+                    out.extend(self.chunk(
+                        json!({"tool_calls": [{"index": n, "id": block.get("id"), "type": "function",
+                            "function": {"name": block.get("name"), "arguments": ""}}]}),
+                        Value::Null,
+                    ));
+                }
+            }
+            "content_block_delta" => {
+                let d = &v["delta"];
+                match d.get("type").and_then(Value::as_str) {
+                    Some("text_delta") => {
+                        let text = d.get("text").and_then(Value::as_str).unwrap_or("");
+                        out.extend(self.chunk(json!({"content": text}), Value::Null));
+                    }
+                    Some("input_json_delta") => {
+                        let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+                        if let Some(&(_, n)) = self.tool_index.iter().find(|(i, _)| *i == idx) {
+                            let part = d.get("partial_json").and_then(Value::as_str).unwrap_or("");
+                            out.extend(self.chunk(json!({"tool_calls": [{"index": n, "function": {"arguments": part}}]}), Value::Null));
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            "message_delta" => {
+                if let Some(u) = v.get("usage") {
+                    // message_delta carries cumulative output tokens (and sometimes input).
+                    let d = usage_of(u);
+                    self.usage.completion_tokens = d.completion_tokens;
+                    if d.prompt_tokens > 0 {
+                        self.usage.prompt_tokens = d.prompt_tokens;
+                        self.usage.cached_tokens = d.cached_tokens;
+                    }
+                    self.saw_usage = true;
+                }
+                let stop = v
+                    .get("delta")
+                    .and_then(|d| d.get("stop_reason"))
+                    .and_then(Value::as_str);
+                out.extend(self.chunk(json!({}), finish_reason(stop.or(Some("end_turn")))));
+            }
+            "message_stop" => {
+                if self.include_usage {
+                    let u = json!({
+                        "id": self.id, "object": "chat.completion.chunk", "created": self.created,
+                        "model": self.model, "choices": [], "usage": openai_usage(&self.usage),
+                    });
+                    out.extend(data_event(&u.to_string()));
+                }
+                out.extend_from_slice(DONE_EVENT);
+                self.done = true;
+            }
+            "error" => {
+                let body = error_to_openai(500, ev.data.as_bytes());
+                out.extend(data_event(&String::from_utf8_lossy(&body)));
+                out.extend_from_slice(DONE_EVENT);
+                self.error = true;
+                self.done = true;
+            }
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_translation() {
+        let body: Map<String, Value> = serde_json::from_value(json!({
+            "model": "claude",
+            "messages": [
+                {"role": "system", "content": "be brief"},
+                {"role": "user", "content": "hi"},
+                {"role": "user", "content": [{"type": "text", "text": "there"}]},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+                {"role": "tool", "tool_call_id": "t1", "content": "42"}
+            ],
+            "max_tokens": 50, "temperature": 1.7, "stop": "END",
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}],
+            "tool_choice": "required"
+        }))
+        .unwrap();
+        let out = request_to_anthropic(&body, "claude-x", true).unwrap();
+        assert_eq!(out["model"], "claude-x");
+        assert_eq!(out["system"], "be brief");
+        assert_eq!(out["max_tokens"], 50);
+        assert_eq!(out["temperature"], 1.0);
+        assert_eq!(out["stop_sequences"], json!(["END"]));
+        assert_eq!(out["stream"], true);
+        assert_eq!(out["tool_choice"], json!({"type": "any"}));
+        let msgs = out["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 3, "{msgs:?}");
+        assert_eq!(msgs[0]["content"].as_array().unwrap().len(), 2);
+        assert_eq!(msgs[1]["content"][0]["input"]["a"], 1);
+        assert_eq!(msgs[2]["content"][0]["type"], "tool_result");
+    }
+
+    #[test]
+    fn response_translation() {
+        let v = json!({"id": "msg_1", "model": "claude-x", "stop_reason": "max_tokens",
+            "content": [{"type": "text", "text": "Hello"}],
+            "usage": {"input_tokens": 10, "output_tokens": 5, "cache_read_input_tokens": 4}});
+        let (out, usage) = response_to_openai(&v, "c");
+        assert_eq!(out["choices"][0]["message"]["content"], "Hello");
+        assert_eq!(out["choices"][0]["finish_reason"], "length");
+        assert_eq!(out["usage"]["prompt_tokens"], 14);
+        assert_eq!(
+            usage,
+            Usage {
+                prompt_tokens: 14,
+                completion_tokens: 5,
+                cached_tokens: 4
+            }
+        );
+    }
+
+    #[test]
+    fn stream_translation() {
+        let input = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m1\",\"model\":\"claude-x\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n\
+event: ping\ndata: {\"type\":\"ping\"}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"lo\"}}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"end_turn\"},\"usage\":{\"output_tokens\":3}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let mut s = AnthropicStream::new("claude", true);
+        let mut out = Vec::new();
+        for c in input.as_bytes().chunks(7) {
+            out.extend(s.feed(c).unwrap());
+        }
+        let text = String::from_utf8(out).unwrap();
+        let datas: Vec<Value> = text
+            .split("\n\n")
+            .filter_map(|e| e.strip_prefix("data: "))
+            .filter(|d| *d != "[DONE]")
+            .map(|d| serde_json::from_str(d).unwrap())
+            .collect();
+        let content: String = datas
+            .iter()
+            .filter_map(|d| {
+                d["choices"]
+                    .get(0)?
+                    .get("delta")?
+                    .get("content")?
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect();
+        assert_eq!(content, "Hello");
+        assert_eq!(
+            datas
+                .iter()
+                .filter_map(|d| d["choices"].get(0)?.get("finish_reason")?.as_str())
+                .collect::<Vec<_>>(),
+            ["stop"]
+        );
+        assert_eq!(datas.last().unwrap()["usage"]["completion_tokens"], 3);
+        assert_eq!(datas.last().unwrap()["usage"]["prompt_tokens"], 9);
+        assert!(text.ends_with("data: [DONE]\n\n"));
+        assert!(s.done);
+        assert_eq!(s.usage().unwrap().total(), 12);
+    }
+}

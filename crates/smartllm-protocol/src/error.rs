@@ -1,0 +1,167 @@
+//! OpenAI-shaped errors: `{"error":{"message","type","param","code"}}` with the
+//! HTTP status a client expects. `code` doubles as the low-cardinality metric label.
+
+use serde_json::json;
+use std::fmt;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiError {
+    pub status: u16,
+    pub kind: &'static str,
+    pub code: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+    /// Seconds, for 429/503 answers.
+    pub retry_after: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(
+        status: u16,
+        kind: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        ApiError {
+            status,
+            kind,
+            code,
+            message: message.into(),
+            param: None,
+            retry_after: None,
+        }
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn invalid_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(400, "invalid_request_error", code, message)
+    }
+
+    pub fn invalid_param(param: &str, message: impl Into<String>) -> Self {
+        Self::invalid_request("invalid_type", message).with_param(param)
+    }
+
+    pub fn missing_param(param: &str, what: &str) -> Self {
+        Self::invalid_request(
+            "missing_required_parameter",
+            format!("Missing required parameter: '{param}' ({what})."),
+        )
+        .with_param(param)
+    }
+
+    pub fn model_not_found(model: &str, known: &[String]) -> Self {
+        let mut msg = format!("The model '{model}' does not exist on this gateway.");
+        if !known.is_empty() {
+            msg.push_str(&format!(
+                " Available models and aliases: {}. See GET /v1/models.",
+                known.join(", ")
+            ));
+        }
+        Self::new(404, "invalid_request_error", "model_not_found", msg).with_param("model")
+    }
+
+    pub fn not_found_path(method: &str, path: &str) -> Self {
+        Self::new(
+            404,
+            "invalid_request_error",
+            "unknown_url",
+            format!("Unknown request URL: {method} {path}. Supported: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models."),
+        )
+    }
+
+    pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
+        Self::new(
+            405,
+            "invalid_request_error",
+            "method_not_allowed",
+            format!("{method} is not allowed on {path}; use {allowed}."),
+        )
+    }
+
+    pub fn payload_too_large(limit: u64) -> Self {
+        Self::new(
+            413,
+            "invalid_request_error",
+            "request_too_large",
+            format!(
+                "Request body exceeds the gateway limit of {limit} bytes (server.max_body_size)."
+            ),
+        )
+    }
+
+    pub fn unsupported_media_type(got: &str) -> Self {
+        Self::new(
+            415,
+            "invalid_request_error",
+            "unsupported_media_type",
+            format!("Content-Type {got:?} is not supported; send application/json."),
+        )
+    }
+
+    pub fn bad_gateway(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(502, "upstream_error", code, message)
+    }
+
+    pub fn gateway_timeout(message: impl Into<String>) -> Self {
+        Self::new(504, "upstream_error", "upstream_timeout", message)
+    }
+
+    pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(503, "server_error", code, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(500, "server_error", "internal_error", message)
+    }
+
+    pub fn to_json(&self) -> serde_json::Value {
+        json!({
+            "error": {
+                "message": self.message,
+                "type": self.kind,
+                "param": self.param,
+                "code": self.code,
+            }
+        })
+    }
+
+    pub fn body(&self) -> Vec<u8> {
+        serde_json::to_vec(&self.to_json()).unwrap_or_default()
+    }
+
+    /// The error as one SSE event, for streams that fail after bytes reached the client.
+    pub fn sse_event(&self) -> Vec<u8> {
+        let mut out = b"data: ".to_vec();
+        out.extend_from_slice(&self.body());
+        out.extend_from_slice(b"\n\n");
+        out
+    }
+}
+
+impl fmt::Display for ApiError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}: {}", self.status, self.code, self.message)
+    }
+}
+
+impl std::error::Error for ApiError {}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shape() {
+        let e = ApiError::missing_param("model", "the model to use");
+        let v: serde_json::Value = serde_json::from_slice(&e.body()).unwrap();
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert_eq!(v["error"]["param"], "model");
+        assert_eq!(v["error"]["code"], "missing_required_parameter");
+        assert!(v["error"]["message"].as_str().unwrap().contains("'model'"));
+        assert_eq!(e.status, 400);
+    }
+}

@@ -1,0 +1,455 @@
+//! OpenAI request parsing and validation. Bodies stay `serde_json` objects so that
+//! fields this gateway does not know are forwarded untouched; the fields it relies
+//! on are checked with errors that name the parameter.
+
+use crate::error::ApiError;
+use serde_json::{Map, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Endpoint {
+    ChatCompletions,
+    Completions,
+    Embeddings,
+}
+
+impl Endpoint {
+    pub fn from_path(path: &str) -> Option<Endpoint> {
+        match path.trim_end_matches('/') {
+            "/v1/chat/completions" | "/chat/completions" => Some(Endpoint::ChatCompletions),
+            "/v1/completions" | "/completions" => Some(Endpoint::Completions),
+            "/v1/embeddings" | "/embeddings" => Some(Endpoint::Embeddings),
+            _ => None,
+        }
+    }
+
+    /// Path below the provider's base URL (which carries the `/v1`).
+    pub fn upstream_suffix(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::Completions => "/completions",
+            Endpoint::Embeddings => "/embeddings",
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Endpoint::ChatCompletions => "chat_completions",
+            Endpoint::Completions => "completions",
+            Endpoint::Embeddings => "embeddings",
+        }
+    }
+}
+
+/// A validated request.
+#[derive(Debug, Clone)]
+pub struct ParsedRequest {
+    pub endpoint: Endpoint,
+    pub body: Map<String, Value>,
+    pub model: String,
+    pub stream: bool,
+    /// The client asked for a usage chunk at the end of the stream.
+    pub client_wants_usage: bool,
+}
+
+impl ParsedRequest {
+    /// The body with `model` replaced by the upstream's model name and, for streams,
+    /// `stream_options.include_usage` set when `force_usage` (so cost is exact).
+    pub fn upstream_body(&self, upstream_model: &str, force_usage: bool) -> Vec<u8> {
+        let mut body = self.body.clone();
+        body.insert("model".into(), Value::String(upstream_model.to_string()));
+        if self.stream && force_usage && self.endpoint != Endpoint::Embeddings {
+            let opts = body
+                .entry("stream_options")
+                .or_insert_with(|| Value::Object(Map::new()));
+            if let Value::Object(o) = opts {
+                o.insert("include_usage".into(), Value::Bool(true));
+            }
+        }
+        serde_json::to_vec(&body).unwrap_or_default()
+    }
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn expect(param: &str, v: &Value, ok: bool, want: &str) -> Result<(), ApiError> {
+    if ok {
+        Ok(())
+    } else {
+        Err(ApiError::invalid_param(
+            param,
+            format!(
+                "Invalid type for '{param}': expected {want}, but got {}.",
+                type_name(v)
+            ),
+        ))
+    }
+}
+
+fn check_number(
+    body: &Map<String, Value>,
+    param: &str,
+    min: f64,
+    max: f64,
+) -> Result<(), ApiError> {
+    match body.get(param) {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) => {
+            let n = v.as_f64();
+            expect(param, v, n.is_some(), "a number")?;
+            let n = n.unwrap_or_default();
+            if n < min || n > max {
+                return Err(ApiError::invalid_request(
+                    "invalid_value",
+                    format!("'{param}' must be between {min} and {max}, got {n}."),
+                )
+                .with_param(param));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_int(body: &Map<String, Value>, param: &str, min: i64) -> Result<(), ApiError> {
+    match body.get(param) {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) => {
+            expect(param, v, v.is_i64() || v.is_u64(), "an integer")?;
+            if v.as_i64().is_some_and(|n| n < min) {
+                return Err(ApiError::invalid_request(
+                    "invalid_value",
+                    format!("'{param}' must be at least {min}."),
+                )
+                .with_param(param));
+            }
+            Ok(())
+        }
+    }
+}
+
+const ROLES: [&str; 6] = [
+    "system",
+    "developer",
+    "user",
+    "assistant",
+    "tool",
+    "function",
+];
+
+/// Parse and validate a request body for `endpoint`.
+pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, ApiError> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::invalid_request(
+            "invalid_json",
+            "The request body is empty; send a JSON object.",
+        ));
+    }
+    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
+        ApiError::invalid_request(
+            "invalid_json",
+            format!("We could not parse the JSON body of your request ({e}). Send valid JSON with Content-Type: application/json."),
+        )
+    })?;
+    let Value::Object(body) = value else {
+        return Err(ApiError::invalid_request(
+            "invalid_json",
+            format!(
+                "The request body must be a JSON object, not {}.",
+                type_name(&value)
+            ),
+        ));
+    };
+
+    let model = match body.get("model") {
+        None | Some(Value::Null) => {
+            return Err(ApiError::missing_param(
+                "model",
+                "the model or route alias to use",
+            ))
+        }
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            return Err(
+                ApiError::invalid_request("invalid_value", "'model' must not be empty.")
+                    .with_param("model"),
+            )
+        }
+        Some(Value::String(s)) => s.clone(),
+        Some(v) => {
+            return Err(ApiError::invalid_param(
+                "model",
+                format!(
+                    "Invalid type for 'model': expected a string, but got {}.",
+                    type_name(v)
+                ),
+            ))
+        }
+    };
+
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b,
+        Some(v) => {
+            return Err(ApiError::invalid_param(
+                "stream",
+                format!(
+                    "Invalid type for 'stream': expected a boolean, but got {}.",
+                    type_name(v)
+                ),
+            ))
+        }
+    };
+    let mut client_wants_usage = false;
+    match body.get("stream_options") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(o)) => {
+            if !stream {
+                return Err(ApiError::invalid_request(
+                    "invalid_value",
+                    "'stream_options' is only allowed when 'stream' is true.",
+                )
+                .with_param("stream_options"));
+            }
+            match o.get("include_usage") {
+                None | Some(Value::Null) => {}
+                Some(Value::Bool(b)) => client_wants_usage = *b,
+                Some(v) => expect("stream_options.include_usage", v, false, "a boolean")?,
+            }
+        }
+        Some(v) => expect("stream_options", v, false, "an object")?,
+    }
+
+    check_number(&body, "temperature", 0.0, 2.0)?;
+    check_number(&body, "top_p", 0.0, 1.0)?;
+    check_number(&body, "presence_penalty", -2.0, 2.0)?;
+    check_number(&body, "frequency_penalty", -2.0, 2.0)?;
+    check_int(&body, "max_tokens", 1)?;
+    check_int(&body, "max_completion_tokens", 1)?;
+    check_int(&body, "n", 1)?;
+    if let Some(v) = body.get("stop") {
+        expect(
+            "stop",
+            v,
+            v.is_null() || v.is_string() || v.is_array(),
+            "a string or an array of strings",
+        )?;
+    }
+
+    match endpoint {
+        Endpoint::ChatCompletions => {
+            let messages = match body.get("messages") {
+                None | Some(Value::Null) => {
+                    return Err(ApiError::missing_param(
+                        "messages",
+                        "the conversation so far",
+                    ))
+                }
+                Some(Value::Array(a)) => a,
+                Some(v) => {
+                    return Err(ApiError::invalid_param(
+                        "messages",
+                        format!(
+                            "Invalid type for 'messages': expected an array, but got {}.",
+                            type_name(v)
+                        ),
+                    ))
+                }
+            };
+            if messages.is_empty() {
+                return Err(ApiError::invalid_request(
+                    "invalid_value",
+                    "'messages' must contain at least one message.",
+                )
+                .with_param("messages"));
+            }
+            for (i, m) in messages.iter().enumerate() {
+                let param = format!("messages[{i}]");
+                let Value::Object(m) = m else {
+                    return Err(ApiError::invalid_param(
+                        &param,
+                        format!(
+                            "Invalid type for '{param}': expected an object, but got {}.",
+                            type_name(m)
+                        ),
+                    ));
+                };
+                match m.get("role") {
+                    Some(Value::String(r)) if ROLES.contains(&r.as_str()) => {}
+                    Some(Value::String(r)) => {
+                        return Err(ApiError::invalid_request(
+                            "invalid_value",
+                            format!(
+                                "Invalid value for '{param}.role': {r:?}. Supported: {}.",
+                                ROLES.join(", ")
+                            ),
+                        )
+                        .with_param(format!("{param}.role")))
+                    }
+                    None => {
+                        return Err(ApiError::missing_param(
+                            &format!("{param}.role"),
+                            "system, user, assistant or tool",
+                        ))
+                    }
+                    Some(v) => expect(&format!("{param}.role"), v, false, "a string")?,
+                }
+                if let Some(c) = m.get("content") {
+                    expect(
+                        &format!("{param}.content"),
+                        c,
+                        c.is_string() || c.is_array() || c.is_null(),
+                        "a string or an array of content parts",
+                    )?;
+                }
+            }
+            if let Some(v) = body.get("tools") {
+                expect("tools", v, v.is_array() || v.is_null(), "an array")?;
+            }
+        }
+        Endpoint::Completions => match body.get("prompt") {
+            None | Some(Value::Null) => {
+                return Err(ApiError::missing_param("prompt", "the text to complete"))
+            }
+            Some(v) => expect(
+                "prompt",
+                v,
+                v.is_string() || v.is_array(),
+                "a string or an array",
+            )?,
+        },
+        Endpoint::Embeddings => {
+            match body.get("input") {
+                None | Some(Value::Null) => {
+                    return Err(ApiError::missing_param("input", "the text to embed"))
+                }
+                Some(v) => expect(
+                    "input",
+                    v,
+                    v.is_string() || v.is_array(),
+                    "a string or an array",
+                )?,
+            }
+            if stream {
+                return Err(ApiError::invalid_request(
+                    "invalid_value",
+                    "Embeddings cannot be streamed.",
+                )
+                .with_param("stream"));
+            }
+        }
+    }
+
+    Ok(ParsedRequest {
+        endpoint,
+        body,
+        model,
+        stream,
+        client_wants_usage,
+    })
+}
+
+/// The text of a chat message's `content` (string, or the text parts of an array).
+pub fn content_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts
+            .iter()
+            .filter_map(|p| p.get("text").and_then(Value::as_str))
+            .collect::<Vec<_>>()
+            .join("\n"),
+        _ => String::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn err(endpoint: Endpoint, body: &str) -> ApiError {
+        parse_request(endpoint, body.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn valid_chat() {
+        let r = parse_request(
+            Endpoint::ChatCompletions,
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"extra":{"kept":1}}"#,
+        )
+        .unwrap();
+        assert_eq!(r.model, "m");
+        assert!(r.stream);
+        assert!(!r.client_wants_usage);
+        let up: Value = serde_json::from_slice(&r.upstream_body("up-m", true)).unwrap();
+        assert_eq!(up["model"], "up-m");
+        assert_eq!(up["stream_options"]["include_usage"], true);
+        assert_eq!(up["extra"]["kept"], 1);
+    }
+
+    #[test]
+    fn errors_name_the_parameter() {
+        let e = err(Endpoint::ChatCompletions, "{not json");
+        assert_eq!((e.status, e.code), (400, "invalid_json"));
+        let e = err(Endpoint::ChatCompletions, "[1,2]");
+        assert_eq!(e.code, "invalid_json");
+        let e = err(Endpoint::ChatCompletions, r#"{"messages":[]}"#);
+        assert_eq!(e.param.as_deref(), Some("model"));
+        let e = err(Endpoint::ChatCompletions, r#"{"model":5,"messages":[]}"#);
+        assert!(
+            e.message.contains("expected a string, but got a number"),
+            "{e}"
+        );
+        let e = err(Endpoint::ChatCompletions, r#"{"model":"m"}"#);
+        assert_eq!(e.param.as_deref(), Some("messages"));
+        let e = err(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[{"role":"wizard","content":"x"}]}"#,
+        );
+        assert_eq!(e.param.as_deref(), Some("messages[0].role"));
+        let e = err(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[{"role":"user"}],"temperature":"hot"}"#,
+        );
+        assert_eq!(e.param.as_deref(), Some("temperature"));
+        let e = err(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[{"role":"user"}],"temperature":3}"#,
+        );
+        assert_eq!(e.code, "invalid_value");
+        let e = err(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[{"role":"user"}],"stream":"yes"}"#,
+        );
+        assert_eq!(e.param.as_deref(), Some("stream"));
+        let e = err(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[{"role":"user"}],"max_tokens":1.5}"#,
+        );
+        assert_eq!(e.param.as_deref(), Some("max_tokens"));
+        let e = err(Endpoint::Embeddings, r#"{"model":"m"}"#);
+        assert_eq!(e.param.as_deref(), Some("input"));
+        let e = err(Endpoint::Completions, r#"{"model":"m","prompt":{}}"#);
+        assert_eq!(e.param.as_deref(), Some("prompt"));
+        let e = err(Endpoint::ChatCompletions, "  ");
+        assert_eq!(e.code, "invalid_json");
+    }
+
+    #[test]
+    fn endpoints() {
+        assert_eq!(
+            Endpoint::from_path("/v1/chat/completions"),
+            Some(Endpoint::ChatCompletions)
+        );
+        assert_eq!(
+            Endpoint::from_path("/v1/embeddings/"),
+            Some(Endpoint::Embeddings)
+        );
+        assert_eq!(Endpoint::from_path("/v2/x"), None);
+    }
+}

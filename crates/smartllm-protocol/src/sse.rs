@@ -1,0 +1,223 @@
+//! Incremental Server-Sent Events parser. Feed it network chunks as they come;
+//! it yields each complete event (with its raw bytes, to forward untouched) and
+//! keeps partial ones until the rest arrives. `\n`, `\r\n` and `\r` line endings
+//! are accepted; an event larger than the configured bound is an error, so a
+//! misbehaving upstream cannot grow memory without limit.
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseEvent {
+    /// The `event:` field, if any.
+    pub event: Option<String>,
+    /// `data:` lines joined with `\n`.
+    pub data: String,
+    /// The event exactly as received, including its terminating blank line.
+    pub raw: Vec<u8>,
+}
+
+impl SseEvent {
+    pub fn is_done(&self) -> bool {
+        self.data.trim() == "[DONE]"
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SseTooLarge(pub usize);
+
+impl std::fmt::Display for SseTooLarge {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "an SSE event exceeded {} bytes", self.0)
+    }
+}
+
+#[derive(Debug)]
+pub struct SseParser {
+    buf: Vec<u8>,
+    /// Bytes of `buf` already scanned without finding the end of an event.
+    scanned: usize,
+    max_event: usize,
+}
+
+impl Default for SseParser {
+    fn default() -> Self {
+        Self::new(16 << 20)
+    }
+}
+
+impl SseParser {
+    pub fn new(max_event: usize) -> Self {
+        SseParser {
+            buf: Vec::new(),
+            scanned: 0,
+            max_event,
+        }
+    }
+
+    /// Bytes held that do not yet form a complete event.
+    pub fn pending(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Append a chunk and return every event it completes.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, SseTooLarge> {
+        self.buf.extend_from_slice(chunk);
+        let mut events = Vec::new();
+        loop {
+            match find_event_end(&self.buf, self.scanned) {
+                Some(end) => {
+                    let raw: Vec<u8> = self.buf.drain(..end).collect();
+                    self.scanned = 0;
+                    if let Some(ev) = parse_event(raw) {
+                        events.push(ev);
+                    }
+                }
+                None => {
+                    // Re-scan the last 3 bytes next time: a terminator may straddle chunks.
+                    self.scanned = self.buf.len().saturating_sub(3);
+                    break;
+                }
+            }
+        }
+        if self.buf.len() > self.max_event {
+            return Err(SseTooLarge(self.max_event));
+        }
+        Ok(events)
+    }
+}
+
+/// End (exclusive) of the first event in `buf`: the position after a blank line.
+fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while i < buf.len() {
+        let b = buf[i];
+        if b == b'\n' || b == b'\r' {
+            // Length of this line terminator.
+            let t1 = if b == b'\r' && buf.get(i + 1) == Some(&b'\n') {
+                2
+            } else {
+                1
+            };
+            if b == b'\r' && i + 1 == buf.len() {
+                // Could be the start of \r\n: wait for more.
+                return None;
+            }
+            let j = i + t1;
+            match buf.get(j) {
+                Some(b'\n') => return Some(j + 1),
+                Some(b'\r') => {
+                    if buf.get(j + 1) == Some(&b'\n') {
+                        return Some(j + 2);
+                    }
+                    if j + 1 == buf.len() {
+                        return None;
+                    }
+                    return Some(j + 1);
+                }
+                Some(_) => i = j,
+                None => return None,
+            }
+        } else {
+            i += 1;
+        }
+    }
+    None
+}
+
+fn parse_event(raw: Vec<u8>) -> Option<SseEvent> {
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let mut event = None;
+    let mut data: Option<String> = None;
+    for line in text.split(['\n', '\r']) {
+        if line.is_empty() || line.starts_with(':') {
+            continue;
+        }
+        let (field, value) = match line.find(':') {
+            Some(i) => {
+                let v = &line[i + 1..];
+                (&line[..i], v.strip_prefix(' ').unwrap_or(v))
+            }
+            None => (line, ""),
+        };
+        match field {
+            "event" => event = Some(value.to_string()),
+            "data" => match &mut data {
+                Some(d) => {
+                    d.push('\n');
+                    d.push_str(value);
+                }
+                None => data = Some(value.to_string()),
+            },
+            _ => {}
+        }
+    }
+    if data.is_none() && event.is_none() {
+        // Comment-only (keep-alive) block: nothing to deliver.
+        return None;
+    }
+    Some(SseEvent {
+        event,
+        data: data.unwrap_or_default(),
+        raw,
+    })
+}
+
+/// Serialize one `data:` event.
+pub fn data_event(data: &str) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() + 8);
+    for line in data.split('\n') {
+        out.extend_from_slice(b"data: ");
+        out.extend_from_slice(line.as_bytes());
+        out.push(b'\n');
+    }
+    out.push(b'\n');
+    out
+}
+
+pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn events_across_arbitrary_chunking() {
+        let stream =
+            b": keep-alive\n\ndata: {\"a\":1}\n\nevent: ping\ndata: x\ndata: y\n\ndata: [DONE]\n\n";
+        for split in 1..stream.len() {
+            let mut p = SseParser::default();
+            let mut evs = p.feed(&stream[..split]).unwrap();
+            evs.extend(p.feed(&stream[split..]).unwrap());
+            assert_eq!(evs.len(), 3, "split at {split}");
+            assert_eq!(evs[0].data, "{\"a\":1}");
+            assert_eq!(evs[1].event.as_deref(), Some("ping"));
+            assert_eq!(evs[1].data, "x\ny");
+            assert!(evs[2].is_done());
+            assert!(p.pending().is_empty());
+        }
+    }
+
+    #[test]
+    fn byte_by_byte_crlf() {
+        let stream = b"data: one\r\n\r\ndata: two\r\n\r\n";
+        let mut p = SseParser::default();
+        let mut evs = Vec::new();
+        for b in stream.iter() {
+            evs.extend(p.feed(&[*b]).unwrap());
+        }
+        assert_eq!(
+            evs.iter().map(|e| e.data.as_str()).collect::<Vec<_>>(),
+            ["one", "two"]
+        );
+        assert_eq!(evs[0].raw, b"data: one\r\n\r\n");
+    }
+
+    #[test]
+    fn bounded() {
+        let mut p = SseParser::new(10);
+        assert!(p.feed(b"data: 0123456789abcdef").is_err());
+    }
+
+    #[test]
+    fn serialize() {
+        assert_eq!(data_event("a\nb"), b"data: a\ndata: b\n\n");
+    }
+}

@@ -1,0 +1,135 @@
+//! Token usage as reported by upstreams, and the stream filter that records it.
+
+use crate::sse::{SseEvent, SseParser, SseTooLarge};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub prompt_tokens: u64,
+    pub completion_tokens: u64,
+    pub cached_tokens: u64,
+}
+
+impl Usage {
+    /// Read OpenAI's `usage` object (`prompt_tokens`, `completion_tokens`,
+    /// `prompt_tokens_details.cached_tokens`).
+    pub fn from_openai(v: &Value) -> Option<Usage> {
+        let u = v.get("usage")?;
+        if u.is_null() {
+            return None;
+        }
+        Some(Usage {
+            prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
+            completion_tokens: u
+                .get("completion_tokens")
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            cached_tokens: u
+                .get("prompt_tokens_details")
+                .and_then(|d| d.get("cached_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+        })
+    }
+
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens + self.completion_tokens
+    }
+}
+
+/// Passes an OpenAI-compatible SSE stream through, event by event: records the
+/// usage chunk, and drops it when the gateway (not the client) asked for it.
+#[derive(Debug)]
+pub struct OpenAiStreamFilter {
+    parser: SseParser,
+    forward_usage_chunk: bool,
+    pub usage: Option<Usage>,
+    pub saw_done: bool,
+    pub events: u64,
+}
+
+impl OpenAiStreamFilter {
+    pub fn new(client_wants_usage: bool) -> Self {
+        OpenAiStreamFilter {
+            parser: SseParser::default(),
+            forward_usage_chunk: client_wants_usage,
+            usage: None,
+            saw_done: false,
+            events: 0,
+        }
+    }
+
+    /// Feed an upstream chunk; returns the bytes to send to the client now.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<u8>, SseTooLarge> {
+        let events = self.parser.feed(chunk)?;
+        let mut out = Vec::with_capacity(chunk.len());
+        for ev in events {
+            if self.keep(&ev) {
+                out.extend_from_slice(&ev.raw);
+            }
+        }
+        Ok(out)
+    }
+
+    fn keep(&mut self, ev: &SseEvent) -> bool {
+        self.events += 1;
+        if ev.is_done() {
+            self.saw_done = true;
+            return true;
+        }
+        if !ev.data.contains("\"usage\"") {
+            return true;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            return true;
+        };
+        if let Some(u) = Usage::from_openai(&v) {
+            self.usage = Some(u);
+            let usage_only = v
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(|c| c.is_empty());
+            if usage_only && !self.forward_usage_chunk {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Whatever partial event is left when the upstream ends.
+    pub fn pending(&self) -> &[u8] {
+        self.parser.pending()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STREAM: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":3}}}\n\n\
+data: [DONE]\n\n";
+
+    #[test]
+    fn usage_chunk_dropped_unless_asked() {
+        let mut f = OpenAiStreamFilter::new(false);
+        let out = f.feed(STREAM.as_bytes()).unwrap();
+        let out = String::from_utf8(out).unwrap();
+        assert!(!out.contains("prompt_tokens"), "{out}");
+        assert!(out.contains("\"hi\"") && out.ends_with("data: [DONE]\n\n"));
+        assert_eq!(
+            f.usage,
+            Some(Usage {
+                prompt_tokens: 7,
+                completion_tokens: 2,
+                cached_tokens: 3
+            })
+        );
+        assert!(f.saw_done);
+
+        let mut f = OpenAiStreamFilter::new(true);
+        let out = f.feed(STREAM.as_bytes()).unwrap();
+        assert_eq!(out, STREAM.as_bytes());
+        assert_eq!(f.usage.unwrap().total(), 9);
+    }
+}

@@ -1,0 +1,179 @@
+//! The admin listener (loopback by default): `/metrics`, `/healthz`, `/readyz`,
+//! `/admin/config` and `POST /admin/reload`. Nothing here reveals a secret:
+//! provider keys are reported only as set, missing or not needed.
+
+use crate::reload::{reload, ReloadOutcome};
+use crate::Shared;
+use async_trait::async_trait;
+use http::Response;
+use pingora_core::apps::http_app::ServeHttp;
+use pingora_core::protocols::http::ServerSession;
+use serde_json::{json, Value};
+use std::sync::Arc;
+use std::time::UNIX_EPOCH;
+
+pub struct AdminApp {
+    pub shared: Arc<Shared>,
+}
+
+fn reply(status: u16, content_type: &str, body: Vec<u8>) -> Response<Vec<u8>> {
+    Response::builder()
+        .status(status)
+        .header("content-type", content_type)
+        .header("content-length", body.len())
+        .header("cache-control", "no-store")
+        .body(body)
+        .unwrap_or_else(|_| Response::new(Vec::new()))
+}
+
+fn json_reply(status: u16, v: &Value) -> Response<Vec<u8>> {
+    reply(
+        status,
+        "application/json",
+        serde_json::to_vec_pretty(v).unwrap_or_default(),
+    )
+}
+
+impl AdminApp {
+    fn readyz(&self) -> (bool, Value) {
+        let s = &self.shared;
+        let rt = s.runtime.load_full();
+        let embedder = match (&s.components.embedder, &s.components.self_test) {
+            (Some(e), Some(t)) => {
+                let i = e.info();
+                json!({
+                    "ready": t.nearest_ok,
+                    "model": i.model.display().to_string(),
+                    "onnxruntime": i.onnxruntime.display().to_string(),
+                    "device": i.device,
+                    "threads": i.threads,
+                    "dim": i.dim,
+                    "max_seq_len": i.max_seq_len,
+                    "load_ms": i.load_ms,
+                    "self_test": {
+                        "embed_ms": t.embed_ms,
+                        "paraphrase_cosine": t.paraphrase_cosine,
+                        "unrelated_cosine": t.unrelated_cosine,
+                        "faiss_nearest_ok": t.nearest_ok,
+                    }
+                })
+            }
+            _ => json!({"ready": false}),
+        };
+        let store = match &s.components.store {
+            Some(st) => {
+                let i = st.info();
+                json!({"ready": true, "path": i.path.display().to_string(), "column_families": i.column_families,
+                    "estimated_keys": i.estimated_keys, "live_data_bytes": i.live_data_bytes})
+            }
+            None => json!({"ready": false}),
+        };
+        let mut models = serde_json::Map::new();
+        for (name, pool) in &rt.pools {
+            let backends: Vec<Value> = pool
+                .lb
+                .backends()
+                .get_backend()
+                .iter()
+                .map(|b| json!({"address": b.addr.to_string(), "healthy": pool.lb.backends().ready(b), "weight": b.weight}))
+                .collect();
+            models.insert(name.clone(), json!({"backends": backends}));
+        }
+        let ready = s.ready();
+        (
+            ready,
+            json!({
+                "status": if ready { "ready" } else { "not_ready" },
+                "config": {"version": rt.version, "digest": rt.config.digest, "demo_mode": rt.demo_mode},
+                "embedder": embedder,
+                "store": store,
+                "upstreams": models,
+            }),
+        )
+    }
+
+    fn config(&self) -> Value {
+        let rt = self.shared.runtime.load_full();
+        let status = self
+            .shared
+            .reload_status
+            .lock()
+            .map(|s| s.clone())
+            .unwrap_or_default();
+        let providers: Vec<Value> = rt
+            .providers
+            .values()
+            .map(|p| {
+                let key = match &p.key {
+                    Ok(Some(_)) => "set".to_string(),
+                    Ok(None) if p.demo => "demo".to_string(),
+                    Ok(None) => "not needed".to_string(),
+                    Err(e) => format!("missing: {e}"),
+                };
+                json!({"name": p.name(), "kind": p.cfg.kind.as_str(), "base_url": format!("{}://{}{}", if p.url.tls {"https"} else {"http"}, p.url.authority(), p.url.path), "key": key, "demo": p.demo})
+            })
+            .collect();
+        let models: Vec<Value> = rt
+            .config
+            .models
+            .iter()
+            .map(|m| json!({"name": m.name, "deployments": m.deployments.iter().map(|d| json!({"provider": d.provider, "model": d.upstream_model, "weight": d.weight})).collect::<Vec<_>>()}))
+            .collect();
+        json!({
+            "version": rt.version,
+            "digest": rt.config.digest,
+            "dir": rt.config.dir.display().to_string(),
+            "demo_mode": rt.demo_mode,
+            "providers": providers,
+            "models": models,
+            "routes": rt.config.routes.values().map(|r| json!({"name": r.name, "model": r.model})).collect::<Vec<_>>(),
+            "reload": {
+                "last_result": status.last_result,
+                "last_error": status.last_error,
+                "last_at": status.last_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+                "restart_required": status.restart_required,
+            }
+        })
+    }
+}
+
+#[async_trait]
+impl ServeHttp for AdminApp {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let method = session.req_header().method.as_str().to_string();
+        let path = session.req_header().uri.path().to_string();
+        // Drain any request body so the connection can be reused.
+        while let Ok(Some(_)) = session.read_request_body().await {}
+        match (method.as_str(), path.as_str()) {
+            ("GET", "/metrics") => reply(
+                200,
+                "text/plain; version=0.0.4",
+                self.shared.metrics.render().into_bytes(),
+            ),
+            ("GET", "/healthz") => json_reply(200, &json!({"status": "ok"})),
+            ("GET", "/readyz") => {
+                let (ready, body) = self.readyz();
+                json_reply(if ready { 200 } else { 503 }, &body)
+            }
+            ("GET", "/admin/config") => json_reply(200, &self.config()),
+            ("POST", "/admin/reload") => match reload(&self.shared, "admin").await {
+                Ok(ReloadOutcome::Applied {
+                    version,
+                    restart_required,
+                }) => json_reply(
+                    200,
+                    &json!({"result": "applied", "version": version, "restart_required": restart_required}),
+                ),
+                Ok(ReloadOutcome::Unchanged) => json_reply(200, &json!({"result": "unchanged"})),
+                Err(e) => json_reply(
+                    400,
+                    &json!({"error": {"message": e, "type": "invalid_request_error", "param": null, "code": "invalid_config"}}),
+                ),
+            },
+            _ => json_reply(
+                404,
+                &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /metrics, /healthz, /readyz, /admin/config, POST /admin/reload."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
+            ),
+        }
+    }
+}

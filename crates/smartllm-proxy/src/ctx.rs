@@ -1,0 +1,85 @@
+//! Per-request context: the config snapshot the request runs on, its id and
+//! everything the access log and metrics report at the end.
+
+use crate::runtime::Runtime;
+use pingora_proxy::Session;
+use smartllm_protocol::Usage;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+pub struct Ctx {
+    pub start: Instant,
+    pub request_id: String,
+    pub rt: Option<Arc<Runtime>>,
+    pub endpoint: &'static str,
+    pub route: Option<String>,
+    pub model: Option<String>,
+    pub provider: Option<String>,
+    pub upstream_model: Option<String>,
+    pub status: u16,
+    pub error_code: Option<&'static str>,
+    pub stream: bool,
+    pub usage: Option<Usage>,
+    /// Time spent waiting on upstreams (connect, request, response reads).
+    pub upstream_wait: Duration,
+    pub ttft: Option<Duration>,
+    pub attempts: u32,
+    pub request_bytes: usize,
+    pub client_gone: bool,
+    pub counted: bool,
+}
+
+impl Default for Ctx {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Ctx {
+    pub fn new() -> Self {
+        Ctx {
+            start: Instant::now(),
+            request_id: String::new(),
+            rt: None,
+            endpoint: "other",
+            route: None,
+            model: None,
+            provider: None,
+            upstream_model: None,
+            status: 0,
+            error_code: None,
+            stream: false,
+            usage: None,
+            upstream_wait: Duration::ZERO,
+            ttft: None,
+            attempts: 0,
+            request_bytes: 0,
+            client_gone: false,
+            counted: false,
+        }
+    }
+
+    /// Take the config snapshot and the request id.
+    pub fn begin(&mut self, session: &Session, rt: Arc<Runtime>) {
+        self.start = Instant::now();
+        self.rt = Some(rt);
+        crate::metrics::inflight(1.0);
+        self.counted = true;
+        let given = session
+            .req_header()
+            .headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
+        self.request_id = match given {
+            Some(v) => v.to_string(),
+            None => format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+        };
+    }
+
+    pub fn runtime(&self) -> Arc<Runtime> {
+        self.rt
+            .clone()
+            .expect("early_request_filter sets the runtime snapshot")
+    }
+}

@@ -1,0 +1,183 @@
+//! Request handling: dispatch by path, read the bounded body, validate, resolve
+//! the model, and hand over to the upstream exchange.
+
+use crate::ctx::Ctx;
+use crate::{respond, upstream, Shared};
+use bytes::BytesMut;
+use pingora_proxy::Session;
+use serde_json::json;
+use smartllm_protocol::{parse_request, ApiError, Endpoint};
+use std::time::Duration;
+
+pub async fn handle(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+) -> pingora_error::Result<()> {
+    let method = session.req_header().method.as_str().to_string();
+    let path = session.req_header().uri.path().to_string();
+    let result = match (method.as_str(), path.trim_end_matches('/')) {
+        ("GET", "/v1/models") | ("GET", "/models") => {
+            ctx.endpoint = "models";
+            return models(session, ctx, None).await;
+        }
+        ("GET", p) if p.starts_with("/v1/models/") => {
+            ctx.endpoint = "models";
+            let id = p.trim_start_matches("/v1/models/").to_string();
+            return models(session, ctx, Some(id)).await;
+        }
+        (m, p) => match Endpoint::from_path(p) {
+            Some(endpoint) if m == "POST" => {
+                ctx.endpoint = endpoint.as_str();
+                api(shared, session, ctx, endpoint).await
+            }
+            Some(_) => Err(ApiError::method_not_allowed(m, p, "POST")),
+            None if p == "/v1/models" || p == "/models" => {
+                Err(ApiError::method_not_allowed(m, p, "GET"))
+            }
+            None => Err(ApiError::not_found_path(m, p)),
+        },
+    };
+    match result {
+        Ok(()) => Ok(()),
+        Err(err) => {
+            if ctx.status == 0 {
+                ctx.status = err.status;
+            }
+            respond::error(session, ctx, &err).await
+        }
+    }
+}
+
+async fn models(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    id: Option<String>,
+) -> pingora_error::Result<()> {
+    let rt = ctx.runtime();
+    let cfg = &rt.config;
+    let mut data: Vec<serde_json::Value> = cfg
+        .models
+        .iter()
+        .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": m.owned_by}))
+        .collect();
+    data.extend(
+        cfg.routes
+            .values()
+            .map(|r| json!({"id": r.name, "object": "model", "created": 0, "owned_by": "smartllm-route", "route_to": r.model})),
+    );
+    match id {
+        None => {
+            let body =
+                serde_json::to_vec(&json!({"object": "list", "data": data})).unwrap_or_default();
+            respond::json(session, ctx, 200, body, &[]).await
+        }
+        Some(id) => match data.into_iter().find(|m| m["id"] == id.as_str()) {
+            Some(m) => {
+                respond::json(
+                    session,
+                    ctx,
+                    200,
+                    serde_json::to_vec(&m).unwrap_or_default(),
+                    &[],
+                )
+                .await
+            }
+            None => {
+                let err = ApiError::model_not_found(&id, &rt.known_models);
+                respond::error(session, ctx, &err).await
+            }
+        },
+    }
+}
+
+/// Read the request body, refusing more than `limit` bytes (413) and bodies
+/// that stall longer than `timeout` between chunks (408).
+async fn read_body(
+    session: &mut Session,
+    limit: u64,
+    timeout: Duration,
+) -> Result<BytesMut, ApiError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit) as usize);
+    loop {
+        match tokio::time::timeout(timeout, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => {
+                if body.len() as u64 + chunk.len() as u64 > limit {
+                    return Err(ApiError::payload_too_large(limit));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Ok(None)) => return Ok(body),
+            Ok(Err(e)) => {
+                return Err(ApiError::invalid_request(
+                    "body_read_error",
+                    format!("The request body could not be read: {e}."),
+                ))
+            }
+            Err(_) => {
+                return Err(ApiError::new(
+                    408,
+                    "invalid_request_error",
+                    "request_timeout",
+                    format!(
+                        "The request body stalled for more than {}s (server.client_body_timeout).",
+                        timeout.as_secs()
+                    ),
+                ))
+            }
+        }
+    }
+}
+
+async fn api(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    endpoint: Endpoint,
+) -> Result<(), ApiError> {
+    let rt = ctx.runtime();
+    let cfg = &rt.config;
+    if let Some(ct) = session
+        .req_header()
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+    {
+        let ct = ct.to_ascii_lowercase();
+        // JSON is what every endpoint here takes; multipart (audio/files APIs) is not served.
+        if ct.starts_with("multipart/") {
+            return Err(ApiError::unsupported_media_type(&ct));
+        }
+    }
+    let body = read_body(
+        session,
+        cfg.server.max_body_bytes,
+        cfg.server.client_body_timeout,
+    )
+    .await?;
+    ctx.request_bytes = body.len();
+    let req = parse_request(endpoint, &body)?;
+    drop(body);
+    ctx.stream = req.stream;
+    let Some((model, route)) = cfg.resolve_model(&req.model) else {
+        return Err(ApiError::model_not_found(&req.model, &rt.known_models));
+    };
+    ctx.model = Some(model.name.clone());
+    ctx.route = route.map(|r| r.name.clone());
+    let Some(pool) = rt.pool(&model.name) else {
+        return Err(ApiError::internal(format!(
+            "model {} has no deployment pool",
+            model.name
+        )));
+    };
+    upstream::forward(shared, session, ctx, &rt, &req, pool).await
+}

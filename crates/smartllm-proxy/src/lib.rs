@@ -1,0 +1,126 @@
+//! The Pingora layer of SmartLLM Router. `Gateway` implements `ProxyHttp`
+//! thinly: every phase calls into a module. API requests are answered in
+//! `request_filter`, which reads the whole (bounded) body, validates it,
+//! resolves the model and performs the upstream exchange itself over Pingora's
+//! pooled HTTP connector — so bodies of any size up to the limit reach the
+//! upstream intact (Pingora's 64 KiB retry buffer is never involved), retries can
+//! resend the full body, and provider adapters can translate both ways.
+
+pub mod access_log;
+pub mod admin;
+pub mod ctx;
+pub mod handler;
+pub mod health;
+pub mod metrics;
+pub mod reload;
+pub mod respond;
+pub mod runtime;
+pub mod upstream;
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use pingora_core::connectors::http::Connector;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::{Error, ErrorType, Result};
+use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+pub use ctx::Ctx;
+pub use runtime::Runtime;
+
+/// Results of the start-up self-test of the native stack (ONNX model + FAISS).
+#[derive(Debug, Clone)]
+pub struct SelfTest {
+    pub embed_ms: f64,
+    pub paraphrase_cosine: f32,
+    pub unrelated_cosine: f32,
+    pub nearest_ok: bool,
+}
+
+/// Components loaded at start and reported on `/readyz`.
+pub struct Components {
+    pub embedder: Option<Arc<smartllm_embed::Embedder>>,
+    pub self_test: Option<SelfTest>,
+    pub store: Option<Arc<smartllm_store::Store>>,
+}
+
+/// State shared by the proxy, the admin listener and the background services.
+pub struct Shared {
+    pub runtime: ArcSwap<Runtime>,
+    pub connector: Connector,
+    pub metrics: metrics_exporter_prometheus::PrometheusHandle,
+    pub components: Components,
+    pub config_dir: PathBuf,
+    pub reload_lock: tokio::sync::Mutex<()>,
+    pub reload_status: Mutex<reload::ReloadStatus>,
+}
+
+impl Shared {
+    pub fn new(
+        runtime: Runtime,
+        metrics: metrics_exporter_prometheus::PrometheusHandle,
+        components: Components,
+        config_dir: PathBuf,
+    ) -> Arc<Shared> {
+        crate::metrics::config_version(runtime.version);
+        crate::metrics::component_ready(
+            crate::metrics::EMBEDDER_READY,
+            components.self_test.as_ref().is_some_and(|t| t.nearest_ok),
+        );
+        crate::metrics::component_ready(crate::metrics::STORE_READY, components.store.is_some());
+        Arc::new(Shared {
+            runtime: ArcSwap::from_pointee(runtime),
+            connector: Connector::new(None),
+            metrics,
+            components,
+            config_dir,
+            reload_lock: tokio::sync::Mutex::new(()),
+            reload_status: Mutex::new(reload::ReloadStatus::default()),
+        })
+    }
+
+    pub fn ready(&self) -> bool {
+        self.components
+            .self_test
+            .as_ref()
+            .is_some_and(|t| t.nearest_ok)
+            && self.components.store.is_some()
+    }
+}
+
+pub struct Gateway {
+    pub shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl ProxyHttp for Gateway {
+    type CTX = Ctx;
+
+    fn new_ctx(&self) -> Ctx {
+        Ctx::new()
+    }
+
+    async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        ctx.begin(session, self.shared.runtime.load_full());
+        Ok(())
+    }
+
+    async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        handler::handle(&self.shared, session, ctx).await?;
+        Ok(true)
+    }
+
+    async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {
+        // Every request is answered in request_filter; reaching here is a bug.
+        Error::e_explain(ErrorType::InternalError, "request reached upstream_peer")
+    }
+
+    async fn fail_to_proxy(&self, session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+        respond::fail_to_proxy(session, e, ctx).await
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        access_log::finish(session, e, ctx);
+    }
+}

@@ -1,0 +1,164 @@
+//! Prometheus metrics: names as constants, described once at start, recorded
+//! through small typed functions so call sites cannot misspell a label.
+
+use metrics::{
+    counter, describe_counter, describe_gauge, describe_histogram, gauge, histogram, Unit,
+};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
+
+pub const REQUESTS: &str = "smartllm_requests_total";
+pub const REQUEST_DURATION: &str = "smartllm_request_duration_seconds";
+pub const OVERHEAD: &str = "smartllm_gateway_overhead_seconds";
+pub const TTFT: &str = "smartllm_upstream_ttft_seconds";
+pub const UPSTREAM_ERRORS: &str = "smartllm_upstream_errors_total";
+pub const UPSTREAM_HEALTHY: &str = "smartllm_upstream_healthy";
+pub const UPSTREAM_ATTEMPTS: &str = "smartllm_upstream_attempts_total";
+pub const TOKENS: &str = "smartllm_tokens_total";
+pub const CONFIG_RELOADS: &str = "smartllm_config_reloads_total";
+pub const CONFIG_VERSION: &str = "smartllm_config_version";
+pub const CONFIG_RESTART_PENDING: &str = "smartllm_config_restart_required";
+pub const INFLIGHT: &str = "smartllm_requests_in_flight";
+pub const BUILD_INFO: &str = "smartllm_build_info";
+pub const EMBEDDER_READY: &str = "smartllm_embedder_ready";
+pub const STORE_READY: &str = "smartllm_store_ready";
+
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
+];
+const OVERHEAD_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+];
+
+/// Install the global recorder and describe every metric. Call once.
+pub fn install() -> PrometheusHandle {
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), LATENCY_BUCKETS)
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(TTFT.into()), LATENCY_BUCKETS))
+        .and_then(|b| b.set_buckets_for_metric(Matcher::Full(OVERHEAD.into()), OVERHEAD_BUCKETS))
+        .expect("static bucket lists are non-empty")
+        .install_recorder()
+        .expect("the metrics recorder is installed once");
+    describe_counter!(
+        REQUESTS,
+        "Requests answered, by endpoint, route, model, provider and status."
+    );
+    describe_histogram!(
+        REQUEST_DURATION,
+        Unit::Seconds,
+        "Time from request start to the last response byte."
+    );
+    describe_histogram!(
+        OVERHEAD,
+        Unit::Seconds,
+        "Time spent in the gateway itself (total minus time waiting on the upstream)."
+    );
+    describe_histogram!(
+        TTFT,
+        Unit::Seconds,
+        "Time from sending the upstream request to its first response byte."
+    );
+    describe_counter!(
+        UPSTREAM_ERRORS,
+        "Upstream failures by provider and reason (connect, timeout, reset, status, protocol)."
+    );
+    describe_gauge!(
+        UPSTREAM_HEALTHY,
+        "1 when the health check passes for a model deployment address, else 0."
+    );
+    describe_counter!(
+        UPSTREAM_ATTEMPTS,
+        "Upstream attempts by provider and outcome (ok, retried, failed)."
+    );
+    describe_counter!(
+        TOKENS,
+        "Tokens reported by upstreams, by model and kind (prompt, completion, cached)."
+    );
+    describe_counter!(
+        CONFIG_RELOADS,
+        "Config reload attempts by result (ok, error, unchanged)."
+    );
+    describe_gauge!(
+        CONFIG_VERSION,
+        "Version of the running config; increases with every applied reload."
+    );
+    describe_gauge!(
+        CONFIG_RESTART_PENDING,
+        "1 when the config on disk changes settings that need a restart."
+    );
+    describe_gauge!(INFLIGHT, "Requests being served now.");
+    describe_gauge!(BUILD_INFO, "Build information.");
+    describe_gauge!(
+        EMBEDDER_READY,
+        "1 when the embedding model is loaded and passed its self-test."
+    );
+    describe_gauge!(STORE_READY, "1 when the RocksDB data dir is open.");
+    gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    handle
+}
+
+pub struct RequestRecord<'a> {
+    pub endpoint: &'a str,
+    pub route: &'a str,
+    pub model: &'a str,
+    pub provider: &'a str,
+    pub status: u16,
+    pub duration: f64,
+    pub overhead: Option<f64>,
+}
+
+pub fn request(r: &RequestRecord<'_>) {
+    counter!(REQUESTS, "endpoint" => r.endpoint.to_string(), "route" => r.route.to_string(), "model" => r.model.to_string(),
+        "provider" => r.provider.to_string(), "status" => r.status.to_string())
+    .increment(1);
+    histogram!(REQUEST_DURATION, "endpoint" => r.endpoint.to_string(), "model" => r.model.to_string(), "provider" => r.provider.to_string())
+        .record(r.duration);
+    if let Some(o) = r.overhead {
+        histogram!(OVERHEAD, "endpoint" => r.endpoint.to_string()).record(o);
+    }
+}
+
+pub fn ttft(model: &str, provider: &str, secs: f64) {
+    histogram!(TTFT, "model" => model.to_string(), "provider" => provider.to_string()).record(secs);
+}
+
+pub fn upstream_error(provider: &str, reason: &'static str) {
+    counter!(UPSTREAM_ERRORS, "provider" => provider.to_string(), "reason" => reason).increment(1);
+}
+
+pub fn upstream_attempt(provider: &str, outcome: &'static str) {
+    counter!(UPSTREAM_ATTEMPTS, "provider" => provider.to_string(), "outcome" => outcome)
+        .increment(1);
+}
+
+pub fn upstream_healthy(model: &str, address: &str, healthy: bool) {
+    gauge!(UPSTREAM_HEALTHY, "model" => model.to_string(), "address" => address.to_string())
+        .set(if healthy { 1.0 } else { 0.0 });
+}
+
+pub fn tokens(model: &str, prompt: u64, completion: u64, cached: u64) {
+    counter!(TOKENS, "model" => model.to_string(), "kind" => "prompt").increment(prompt);
+    counter!(TOKENS, "model" => model.to_string(), "kind" => "completion").increment(completion);
+    if cached > 0 {
+        counter!(TOKENS, "model" => model.to_string(), "kind" => "cached").increment(cached);
+    }
+}
+
+pub fn config_reload(result: &'static str) {
+    counter!(CONFIG_RELOADS, "result" => result).increment(1);
+}
+
+pub fn config_version(version: u64) {
+    gauge!(CONFIG_VERSION).set(version as f64);
+}
+
+pub fn restart_pending(pending: bool) {
+    gauge!(CONFIG_RESTART_PENDING).set(if pending { 1.0 } else { 0.0 });
+}
+
+pub fn inflight(delta: f64) {
+    gauge!(INFLIGHT).increment(delta);
+}
+
+pub fn component_ready(name: &'static str, ready: bool) {
+    gauge!(name).set(if ready { 1.0 } else { 0.0 });
+}

@@ -1,0 +1,150 @@
+//! Hot reload: file watcher and SIGHUP raise the same request. A reload is a
+//! fallible `prepare` (read, validate, resolve keys and addresses) followed by an
+//! infallible swap; on any error the running config stays, the error is logged
+//! and counted. Restart-only settings keep their running value and are reported.
+
+use crate::runtime::Runtime;
+use crate::{metrics, Shared};
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::mpsc;
+
+#[derive(Debug, Clone, Default)]
+pub struct ReloadStatus {
+    pub last_result: Option<String>,
+    pub last_error: Option<String>,
+    pub last_at: Option<SystemTime>,
+    pub restart_required: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    Applied {
+        version: u64,
+        restart_required: Vec<String>,
+    },
+    Unchanged,
+}
+
+/// Reload the config directory now.
+pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, String> {
+    let _guard = shared.reload_lock.lock().await;
+    let dir = shared.config_dir.clone();
+    let loaded = tokio::task::spawn_blocking(move || smartllm_config::load_dir(&dir))
+        .await
+        .map_err(|e| format!("config loader panicked: {e}"))?;
+    let result = match loaded {
+        Err(e) => Err(e.to_string()),
+        Ok(new) => {
+            let current = shared.runtime.load_full();
+            if new.digest == current.config.digest {
+                Ok(ReloadOutcome::Unchanged)
+            } else {
+                let restart = current.config.restart_only_changes(&new);
+                let applied = current.config.with_restart_only_from(new);
+                let version = current.version + 1;
+                match Runtime::prepare(applied, version).await {
+                    Ok(rt) => {
+                        if rt.demo_mode != current.demo_mode {
+                            tracing::warn!(
+                                demo_mode = rt.demo_mode,
+                                "demo mode changed with this reload"
+                            );
+                        }
+                        shared.runtime.store(Arc::new(rt));
+                        Ok(ReloadOutcome::Applied {
+                            version,
+                            restart_required: restart,
+                        })
+                    }
+                    Err(e) => Err(e),
+                }
+            }
+        }
+    };
+    let mut status = shared
+        .reload_status
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    status.last_at = Some(SystemTime::now());
+    match &result {
+        Ok(ReloadOutcome::Applied {
+            version,
+            restart_required,
+        }) => {
+            metrics::config_reload("ok");
+            metrics::config_version(*version);
+            metrics::restart_pending(!restart_required.is_empty());
+            if restart_required.is_empty() {
+                tracing::info!(trigger, version, "config reloaded");
+            } else {
+                tracing::warn!(trigger, version, needs_restart = ?restart_required, "config reloaded; these changes take effect only after a restart");
+            }
+            status.last_result = Some(format!("applied version {version}"));
+            status.last_error = None;
+            status.restart_required = restart_required.clone();
+        }
+        Ok(ReloadOutcome::Unchanged) => {
+            metrics::config_reload("unchanged");
+            tracing::debug!(trigger, "config unchanged");
+            status.last_result = Some("unchanged".into());
+        }
+        Err(e) => {
+            metrics::config_reload("error");
+            tracing::error!(trigger, error = %e, "config reload rejected; the running config stays in force");
+            status.last_result = Some("error".into());
+            status.last_error = Some(e.clone());
+        }
+    }
+    result
+}
+
+/// Watches the config directory and SIGHUP; reloads on either.
+pub struct ReloadService {
+    pub shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for ReloadService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let (tx, mut rx) = mpsc::channel::<()>(1);
+        let rt = self.shared.runtime.load_full();
+        let _watcher = if rt.config.reload.watch {
+            match smartllm_config::watch::watch_dir(&self.shared.config_dir, tx.clone()) {
+                Ok(w) => Some(w),
+                Err(e) => {
+                    tracing::error!(error = %e, dir = %self.shared.config_dir.display(), "cannot watch the config directory; reload with SIGHUP");
+                    None
+                }
+            }
+        } else {
+            None
+        };
+        let debounce = rt.config.reload.debounce;
+        drop(rt);
+        let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+            Ok(s) => Some(s),
+            Err(e) => {
+                tracing::error!(error = %e, "cannot install the SIGHUP handler");
+                None
+            }
+        };
+        loop {
+            tokio::select! {
+                Some(()) = rx.recv() => {
+                    // Let an editor finish writing (and coalesce bursts of events).
+                    tokio::time::sleep(debounce).await;
+                    while rx.try_recv().is_ok() {}
+                    let _ = reload(&self.shared, "watch").await;
+                }
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
+                    let _ = reload(&self.shared, "sighup").await;
+                }
+                _ = shutdown.changed() => break,
+            }
+        }
+    }
+}

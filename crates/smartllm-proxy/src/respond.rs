@@ -1,0 +1,127 @@
+//! Writing responses to the client: JSON, OpenAI-shaped errors, and the headers
+//! every answer carries (request id, model, provider, route).
+
+use crate::ctx::Ctx;
+use bytes::Bytes;
+use pingora_error::{Error, ErrorSource, ErrorType};
+use pingora_http::ResponseHeader;
+use pingora_proxy::{FailToProxy, Session};
+use smartllm_protocol::ApiError;
+
+/// A response header with the gateway's own headers set.
+pub fn header(
+    status: u16,
+    ctx: &Ctx,
+    content_type: &str,
+    len: Option<usize>,
+) -> pingora_error::Result<ResponseHeader> {
+    let mut h = ResponseHeader::build(status, Some(8))?;
+    h.insert_header("content-type", content_type)?;
+    if let Some(len) = len {
+        h.insert_header("content-length", len.to_string())?;
+    }
+    h.insert_header("x-request-id", ctx.request_id.as_str())?;
+    if let Some(m) = &ctx.model {
+        h.insert_header("x-smartllm-model", m.as_str())?;
+    }
+    if let Some(p) = &ctx.provider {
+        h.insert_header("x-smartllm-provider", p.as_str())?;
+    }
+    if let Some(r) = &ctx.route {
+        let model = ctx.model.as_deref().unwrap_or("-");
+        h.insert_header(
+            "x-smartllm-route",
+            format!("{r}; model={model}; reason=alias"),
+        )?;
+    }
+    Ok(h)
+}
+
+pub async fn json(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    status: u16,
+    body: Vec<u8>,
+    extra: &[(String, String)],
+) -> pingora_error::Result<()> {
+    let mut h = header(status, ctx, "application/json", Some(body.len()))?;
+    for (k, v) in extra {
+        h.insert_header(k.clone(), v.as_str())?;
+    }
+    ctx.status = status;
+    session.write_response_header(Box::new(h), false).await?;
+    session
+        .write_response_body(Some(Bytes::from(body)), true)
+        .await?;
+    Ok(())
+}
+
+pub async fn error(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    err: &ApiError,
+) -> pingora_error::Result<()> {
+    ctx.error_code = Some(err.code);
+    let mut extra = Vec::new();
+    if let Some(s) = err.retry_after {
+        extra.push(("retry-after".to_string(), s.to_string()));
+    }
+    if err.status == 413 || err.status == 408 {
+        // The rest of the body was not read: the connection cannot be reused.
+        session.set_keepalive(None);
+        extra.push(("connection".to_string(), "close".to_string()));
+    }
+    json(session, ctx, err.status, err.body(), &extra).await
+}
+
+/// Errors that escape `request_filter` (mostly the client going away): answer
+/// with an OpenAI-shaped error if nothing was written yet.
+pub async fn fail_to_proxy(session: &mut Session, e: &Error, ctx: &mut Ctx) -> FailToProxy {
+    let code = match e.etype() {
+        ErrorType::HTTPStatus(code) => *code,
+        _ => match e.esource() {
+            ErrorSource::Upstream => 502,
+            ErrorSource::Downstream => match e.etype() {
+                ErrorType::WriteError | ErrorType::ReadError | ErrorType::ConnectionClosed => 0,
+                ErrorType::ReadTimedout => 408,
+                _ => 400,
+            },
+            ErrorSource::Internal | ErrorSource::Unset => 500,
+        },
+    };
+    if code == 0 {
+        ctx.client_gone = true;
+        ctx.status = 499;
+        return FailToProxy {
+            error_code: 0,
+            can_reuse_downstream: false,
+        };
+    }
+    if session.response_written().is_none() {
+        let err = match code {
+            408 => ApiError::new(
+                408,
+                "invalid_request_error",
+                "request_timeout",
+                "The request body was not received in time (server.client_body_timeout).",
+            ),
+            400 => ApiError::invalid_request(
+                "bad_request",
+                format!("The request could not be read: {}.", e.etype().as_str()),
+            ),
+            502 => ApiError::bad_gateway("upstream_error", "The upstream failed."),
+            _ => ApiError::internal(format!(
+                "Internal gateway error ({}). Request id: {}.",
+                e.etype().as_str(),
+                ctx.request_id
+            )),
+        };
+        if error(session, ctx, &err).await.is_err() {
+            ctx.client_gone = true;
+        }
+    }
+    FailToProxy {
+        error_code: code,
+        can_reuse_downstream: false,
+    }
+}

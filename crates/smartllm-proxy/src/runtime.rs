@@ -1,0 +1,383 @@
+//! A runtime snapshot: one validated [`Config`] plus everything derived from it
+//! that requests need (provider keys, health-checked load-balanced pools per
+//! model). Built by the fallible async [`Runtime::prepare`]; swapped in with
+//! arc-swap; every request holds the snapshot it started with.
+
+use crate::metrics;
+use async_trait::async_trait;
+use pingora_core::protocols::l4::socket::SocketAddr as PSocketAddr;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::RequestHeader;
+use pingora_load_balancing::discovery::ServiceDiscovery;
+use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
+use pingora_load_balancing::selection::RoundRobin;
+use pingora_load_balancing::{Backend, Backends, LoadBalancer};
+use smartllm_config::{ApiKeySource, Config, HealthCheckKind, ProviderConfig, ProviderKind, Url};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// A provider with its key resolved.
+#[derive(Debug)]
+pub struct ProviderRuntime {
+    pub cfg: ProviderConfig,
+    /// Where requests go (the configured URL, or the demo upstream).
+    pub url: Url,
+    /// `Ok(None)`: no key needed. `Err`: a key is configured but unavailable.
+    pub key: Result<Option<String>, String>,
+    pub demo: bool,
+}
+
+impl ProviderRuntime {
+    pub fn name(&self) -> &str {
+        &self.cfg.name
+    }
+}
+
+#[derive(Debug)]
+pub struct DeploymentRuntime {
+    pub provider: Arc<ProviderRuntime>,
+    pub upstream_model: String,
+}
+
+/// Which deployments live behind one backend address (usually one).
+#[derive(Debug, Clone)]
+pub struct BackendDeployments(pub Arc<Vec<usize>>);
+
+pub struct ModelPool {
+    pub model: String,
+    pub deployments: Vec<DeploymentRuntime>,
+    pub lb: Arc<LoadBalancer<RoundRobin>>,
+    pub health_interval: Duration,
+    pub health_enabled: bool,
+    rr: AtomicUsize,
+}
+
+impl ModelPool {
+    /// The deployment to use on `backend` (round robin when several share it).
+    pub fn deployment_for(&self, backend: &Backend) -> Option<&DeploymentRuntime> {
+        let ids = backend.ext.get::<BackendDeployments>()?;
+        let i = ids
+            .0
+            .get(self.rr.fetch_add(1, Ordering::Relaxed) % ids.0.len().max(1))?;
+        self.deployments.get(*i)
+    }
+}
+
+pub struct Runtime {
+    pub config: Arc<Config>,
+    pub version: u64,
+    pub loaded_at: Instant,
+    pub providers: BTreeMap<String, Arc<ProviderRuntime>>,
+    pub pools: HashMap<String, Arc<ModelPool>>,
+    pub demo_mode: bool,
+    /// Model names and route aliases, for error messages and `/v1/models`.
+    pub known_models: Vec<String>,
+}
+
+impl Runtime {
+    pub fn pool(&self, model: &str) -> Option<&Arc<ModelPool>> {
+        self.pools.get(model)
+    }
+
+    /// Build a snapshot: read provider keys, resolve deployment addresses.
+    pub async fn prepare(config: Config, version: u64) -> Result<Runtime, String> {
+        let config = Arc::new(config);
+        // Demo mode: no provider that needs a key has one.
+        let needs_key: Vec<_> = config
+            .providers
+            .values()
+            .filter(|p| p.api_key != ApiKeySource::None)
+            .collect();
+        let keys: BTreeMap<String, Result<Option<String>, String>> = config
+            .providers
+            .values()
+            .map(|p| (p.name.clone(), read_key(&p.api_key)))
+            .collect();
+        let demo_mode = config.demo.auto
+            && !needs_key.is_empty()
+            && needs_key
+                .iter()
+                .all(|p| !matches!(keys.get(&p.name), Some(Ok(Some(_)))));
+
+        let mut providers = BTreeMap::new();
+        for p in config.providers.values() {
+            let needs = p.api_key != ApiKeySource::None;
+            let demo = demo_mode && needs;
+            let key = if demo {
+                Ok(None)
+            } else {
+                keys.get(&p.name).cloned().unwrap_or(Ok(None))
+            };
+            if let Err(e) = &key {
+                tracing::warn!(provider = %p.name, "provider key unavailable: {e}; its models will answer 503");
+            }
+            let url = if demo {
+                let mut u = config.demo.upstream.clone();
+                // Anthropic's paths sit under the same /v1 prefix on mock-llm.
+                if p.kind == ProviderKind::Anthropic && u.path.is_empty() {
+                    u.path = "/v1".into();
+                }
+                u
+            } else {
+                p.base_url.clone()
+            };
+            providers.insert(
+                p.name.clone(),
+                Arc::new(ProviderRuntime {
+                    cfg: p.clone(),
+                    url,
+                    key,
+                    demo,
+                }),
+            );
+        }
+
+        let mut pools = HashMap::new();
+        for m in &config.models {
+            let deployments: Vec<DeploymentRuntime> = m
+                .deployments
+                .iter()
+                .map(|d| DeploymentRuntime {
+                    provider: providers[&d.provider].clone(),
+                    upstream_model: d.upstream_model.clone(),
+                })
+                .collect();
+            let targets: Vec<(String, usize, usize)> = m
+                .deployments
+                .iter()
+                .enumerate()
+                .map(|(i, d)| (providers[&d.provider].url.authority(), d.weight, i))
+                .collect();
+            let discovery = DeploymentDiscovery { targets };
+            let mut backends = Backends::new(Box::new(discovery));
+            let checks = HealthDispatch::new(&m.name, &deployments);
+            let health_enabled = checks.enabled;
+            let health_interval = checks.interval;
+            backends.set_health_check(Box::new(checks));
+            let lb = LoadBalancer::<RoundRobin>::from_backends(backends);
+            lb.update()
+                .await
+                .map_err(|e| format!("model {}: resolving deployments: {e}", m.name))?;
+            pools.insert(
+                m.name.clone(),
+                Arc::new(ModelPool {
+                    model: m.name.clone(),
+                    deployments,
+                    lb: Arc::new(lb),
+                    health_interval,
+                    health_enabled,
+                    rr: AtomicUsize::new(0),
+                }),
+            );
+        }
+        let mut known_models: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
+        known_models.extend(config.routes.keys().cloned());
+        Ok(Runtime {
+            config,
+            version,
+            loaded_at: Instant::now(),
+            providers,
+            pools,
+            demo_mode,
+            known_models,
+        })
+    }
+}
+
+fn read_key(src: &ApiKeySource) -> Result<Option<String>, String> {
+    match src {
+        ApiKeySource::None => Ok(None),
+        ApiKeySource::Env(var) => match std::env::var(var) {
+            Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+            _ => Err(format!("environment variable {var} is not set")),
+        },
+        ApiKeySource::File(path) => match std::fs::read_to_string(path) {
+            Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
+            Ok(_) => Err(format!("key file {} is empty", path.display())),
+            Err(e) => Err(format!("cannot read key file {}: {e}", path.display())),
+        },
+    }
+}
+
+/// Resolves each deployment's host (DNS re-resolution on every update) into
+/// backends; deployments that share an address share one backend.
+struct DeploymentDiscovery {
+    /// (host:port, weight, deployment index)
+    targets: Vec<(String, usize, usize)>,
+}
+
+#[async_trait]
+impl ServiceDiscovery for DeploymentDiscovery {
+    async fn discover(&self) -> pingora_error::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
+        let mut by_addr: BTreeMap<SocketAddr, (usize, Vec<usize>)> = BTreeMap::new();
+        for (authority, weight, idx) in &self.targets {
+            match tokio::net::lookup_host(authority.as_str()).await {
+                Ok(addrs) => {
+                    for a in addrs {
+                        let e = by_addr.entry(a).or_insert((0, Vec::new()));
+                        e.0 += weight;
+                        e.1.push(*idx);
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(target_host = %authority, error = %e, "cannot resolve upstream host; will retry")
+                }
+            }
+        }
+        let backends = by_addr
+            .into_iter()
+            .map(|(addr, (weight, ids))| {
+                let mut b = Backend {
+                    addr: PSocketAddr::Inet(addr),
+                    weight,
+                    ext: Default::default(),
+                };
+                b.ext.insert(BackendDeployments(Arc::new(ids)));
+                b
+            })
+            .collect();
+        Ok((backends, HashMap::new()))
+    }
+}
+
+/// Health checks per backend, by the kind its provider configures.
+struct HealthDispatch {
+    model: String,
+    /// Per deployment: the check to run (None = not checked).
+    checks: Vec<Option<Box<dyn HealthCheck + Send + Sync>>>,
+    enabled: bool,
+    interval: Duration,
+    failures: usize,
+    successes: usize,
+}
+
+impl HealthDispatch {
+    fn new(model: &str, deployments: &[DeploymentRuntime]) -> Self {
+        let mut checks: Vec<Option<Box<dyn HealthCheck + Send + Sync>>> = Vec::new();
+        let mut interval = Duration::from_secs(3600);
+        let (mut failures, mut successes) = (1, 1);
+        for d in deployments {
+            let p = &d.provider;
+            let hc = &p.cfg.health_check;
+            interval = interval.min(hc.interval);
+            failures = failures.max(hc.failures);
+            successes = successes.max(hc.successes);
+            let check: Option<Box<dyn HealthCheck + Send + Sync>> = match hc.kind {
+                HealthCheckKind::None => None,
+                HealthCheckKind::Tcp => {
+                    let mut c = if p.url.tls {
+                        TcpHealthCheck::new_tls(&p.url.host)
+                    } else {
+                        TcpHealthCheck::new()
+                    };
+                    c.peer_template.options.connection_timeout =
+                        Some(p.cfg.connect_timeout.min(Duration::from_secs(5)));
+                    Some(c)
+                }
+                HealthCheckKind::Http => {
+                    let mut c = HttpHealthCheck::new(&p.url.host_header(), p.url.tls);
+                    if p.url.tls {
+                        c.peer_template.sni = p.url.host.clone();
+                    }
+                    let path = if p.demo {
+                        "/health".to_string()
+                    } else {
+                        hc.path.clone()
+                    };
+                    if let Ok(mut req) = RequestHeader::build("GET", path.as_bytes(), None) {
+                        let _ = req.append_header("Host", p.url.host_header());
+                        let _ = req.append_header(
+                            "User-Agent",
+                            concat!("smartllm/", env!("CARGO_PKG_VERSION")),
+                        );
+                        if let Ok(Some(key)) = &p.key {
+                            let _ = match p.cfg.kind {
+                                ProviderKind::OpenAi => {
+                                    req.append_header("Authorization", format!("Bearer {key}"))
+                                }
+                                ProviderKind::Anthropic => {
+                                    req.append_header("x-api-key", key.as_str())
+                                }
+                            };
+                        }
+                        c.req = req;
+                    }
+                    c.peer_template.options.connection_timeout =
+                        Some(p.cfg.connect_timeout.min(Duration::from_secs(5)));
+                    c.peer_template.options.read_timeout = Some(Duration::from_secs(5));
+                    Some(Box::new(c))
+                }
+            };
+            checks.push(check);
+        }
+        let enabled = checks.iter().any(Option::is_some);
+        HealthDispatch {
+            model: model.to_string(),
+            checks,
+            enabled,
+            interval,
+            failures,
+            successes,
+        }
+    }
+}
+
+#[async_trait]
+impl HealthCheck for HealthDispatch {
+    async fn check(&self, target: &Backend) -> pingora_error::Result<()> {
+        let Some(ids) = target.ext.get::<BackendDeployments>() else {
+            return Ok(());
+        };
+        // The address is healthy when any deployment on it passes its check.
+        let mut last = Ok(());
+        for i in ids.0.iter() {
+            match self.checks.get(*i).and_then(|c| c.as_ref()) {
+                None => return Ok(()),
+                Some(c) => match c.check(target).await {
+                    Ok(()) => return Ok(()),
+                    Err(e) => last = Err(e),
+                },
+            }
+        }
+        last
+    }
+
+    async fn health_status_change(&self, target: &Backend, healthy: bool) {
+        let addr = target.addr.to_string();
+        if healthy {
+            tracing::info!(model = %self.model, address = %addr, "upstream healthy again");
+        } else {
+            tracing::warn!(model = %self.model, address = %addr, "upstream failed its health check");
+        }
+        metrics::upstream_healthy(&self.model, &addr, healthy);
+    }
+
+    fn health_threshold(&self, success: bool) -> usize {
+        if success {
+            self.successes
+        } else {
+            self.failures
+        }
+    }
+}
+
+/// The peer to connect to for `addr` of provider `p`.
+pub fn peer_for(p: &ProviderRuntime, addr: &PSocketAddr) -> Option<HttpPeer> {
+    let PSocketAddr::Inet(inet) = addr else {
+        return None;
+    };
+    let sni = if p.url.tls {
+        p.url.host.clone()
+    } else {
+        String::new()
+    };
+    let mut peer = HttpPeer::new(*inet, p.url.tls, sni);
+    peer.options.connection_timeout = Some(p.cfg.connect_timeout);
+    peer.options.read_timeout = Some(p.cfg.idle_timeout);
+    peer.options.write_timeout = Some(Duration::from_secs(30));
+    peer.options.idle_timeout = Some(Duration::from_secs(60));
+    Some(peer)
+}

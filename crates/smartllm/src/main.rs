@@ -1,0 +1,252 @@
+//! `smartllm`: the SmartLLM Router daemon and its tools. Wiring only: the work
+//! lives in the library crates.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use pingora::server::configuration::{Opt, ServerConf};
+use pingora::server::{RunArgs, Server};
+use pingora::services::background::background_service;
+use pingora::services::listening::Service;
+use smartllm_cache::VectorIndex;
+use smartllm_embed::{cosine, Embedder};
+use smartllm_proxy::admin::AdminApp;
+use smartllm_proxy::health::HealthService;
+use smartllm_proxy::reload::ReloadService;
+use smartllm_proxy::{Components, Gateway, Runtime, SelfTest, Shared};
+use smartllm_store::Store;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "smartllm",
+    version,
+    about = "SmartLLM Router: an OpenAI-compatible LLM gateway"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the gateway in the foreground.
+    Serve {
+        /// The config directory (smartllm.yaml, providers.yaml, models.yaml, routes.yaml).
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+        /// Take over the listening sockets of a running instance (graceful upgrade).
+        #[arg(long)]
+        upgrade: bool,
+    },
+    /// Validate a config directory: print every error with file, key path and line.
+    Check {
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Check { config } => check(&config),
+        Command::Serve { config, upgrade } => match serve(&config, upgrade) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("smartllm: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+    }
+}
+
+fn check(dir: &Path) -> ExitCode {
+    match smartllm_config::load_dir(dir) {
+        Ok(c) => {
+            println!(
+                "{}: config OK ({} providers, {} models, {} routes; digest {})",
+                dir.display(),
+                c.providers.len(),
+                c.models.len(),
+                c.routes.len(),
+                c.digest
+            );
+            for p in c.providers.values() {
+                match &p.api_key {
+                    smartllm_config::ApiKeySource::Env(var)
+                        if std::env::var(var)
+                            .map(|v| v.trim().is_empty())
+                            .unwrap_or(true) =>
+                    {
+                        println!(
+                            "note: provider {} reads its key from {var}, which is not set here",
+                            p.name
+                        )
+                    }
+                    smartllm_config::ApiKeySource::File(f) if !f.is_file() => {
+                        println!(
+                            "note: provider {} reads its key from {}, which does not exist",
+                            p.name,
+                            f.display()
+                        )
+                    }
+                    _ => {}
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SMARTLLM_LOG").unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn"))
+    });
+    tracing_subscriber::fmt()
+        .json()
+        .flatten_event(true)
+        .with_current_span(false)
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
+
+/// Prove the native path end to end: the model embeds, and FAISS finds the
+/// paraphrase as nearest neighbour.
+fn self_test(embedder: &Embedder) -> anyhow::Result<SelfTest> {
+    let texts = vec![
+        "How do I reset my password?".to_string(),
+        "What is the way to reset my password?".to_string(),
+        "The stock market fell sharply today.".to_string(),
+    ];
+    let t = Instant::now();
+    let v = embedder
+        .embed_blocking(texts)
+        .context("embedding the self-test sentences")?;
+    let embed_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let mut index = VectorIndex::new_flat(embedder.info().dim).context("creating a FAISS index")?;
+    index.add(1, &v[1]).context("adding to the FAISS index")?;
+    index.add(2, &v[2]).context("adding to the FAISS index")?;
+    let hits = index
+        .search(&v[0], 1)
+        .context("searching the FAISS index")?;
+    Ok(SelfTest {
+        embed_ms,
+        paraphrase_cosine: cosine(&v[0], &v[1]),
+        unrelated_cosine: cosine(&v[0], &v[2]),
+        nearest_ok: hits.first().is_some_and(|h| h.0 == 1),
+    })
+}
+
+fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
+    let config = smartllm_config::load_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    init_logging(&config.logging.level);
+    let metrics = smartllm_proxy::metrics::install();
+
+    let store = Store::open(&config.data_dir).context("opening the data dir")?;
+    tracing::info!(path = %store.info().path.display(), "RocksDB open");
+
+    let embedder =
+        Arc::new(Embedder::load(&config.embedder).context("loading the embedding model")?);
+    let test = self_test(&embedder)?;
+    if !test.nearest_ok {
+        anyhow::bail!(
+            "embedding self-test failed: FAISS did not find the paraphrase as nearest ({test:?})"
+        );
+    }
+    tracing::info!(
+        model = %embedder.info().model.display(), device = %embedder.info().device, load_ms = embedder.info().load_ms,
+        embed_ms = test.embed_ms, paraphrase_cosine = test.paraphrase_cosine, "embedding model loaded and self-tested"
+    );
+
+    let prep_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let runtime = prep_rt
+        .block_on(Runtime::prepare(config.clone(), 1))
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    drop(prep_rt);
+    if runtime.demo_mode {
+        let u = &runtime.config.demo.upstream;
+        tracing::warn!(
+            upstream = %format!("{}://{}{}", if u.tls { "https" } else { "http" }, u.authority(), u.path),
+            "DEMO MODE: no provider API key is set; provider traffic goes to the bundled mock LLM"
+        );
+    }
+
+    let shared = Shared::new(
+        runtime,
+        metrics,
+        Components {
+            embedder: Some(embedder),
+            self_test: Some(test),
+            store: Some(store.clone()),
+        },
+        dir.to_path_buf(),
+    );
+
+    let mut conf = ServerConf {
+        threads: config.server.threads,
+        grace_period_seconds: Some(config.server.grace_period.as_secs()),
+        graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout.as_secs()),
+        pid_file: config.data_dir.join("smartllm.pid").display().to_string(),
+        upgrade_sock: config.data_dir.join("upgrade.sock").display().to_string(),
+        ..ServerConf::default()
+    };
+    conf.upstream_keepalive_pool_size = 256;
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    server.bootstrap();
+
+    let mut proxy = pingora::proxy::http_proxy_service_with_name(
+        &server.configuration,
+        Gateway {
+            shared: shared.clone(),
+        },
+        "smartllm proxy",
+    );
+    proxy.add_tcp(&config.server.listen.to_string());
+    let mut admin = Service::new(
+        "smartllm admin".to_string(),
+        AdminApp {
+            shared: shared.clone(),
+        },
+    );
+    admin.add_tcp(&config.server.admin_listen.to_string());
+    server.add_service(proxy);
+    server.add_service(admin);
+    server.add_service(background_service(
+        "config reloader",
+        ReloadService {
+            shared: shared.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "upstream health",
+        HealthService {
+            shared: shared.clone(),
+        },
+    ));
+
+    tracing::info!(
+        listen = %config.server.listen, admin = %config.server.admin_listen, config_dir = %dir.display(),
+        version = env!("CARGO_PKG_VERSION"), "smartllm starting"
+    );
+    server.run(RunArgs::default());
+    // Pingora has drained and stopped: flush state before exiting.
+    store.flush().context("flushing RocksDB")?;
+    tracing::info!("smartllm stopped");
+    Ok(())
+}
