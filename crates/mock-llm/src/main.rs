@@ -448,6 +448,8 @@ async fn handle(
             "body_sha256": hex::encode(Sha256::digest(&req.body)),
             "model": body.get("model"),
             "stream_options": body.get("stream_options"),
+            "last_user_len": last_user_text(&body).len(),
+            "last_user_sha256": hex::encode(Sha256::digest(last_user_text(&body).as_bytes())),
         });
     }
     let b = behaviour(args, &req, &body);

@@ -47,9 +47,11 @@ pub struct EmbedderInfo {
     pub load_ms: u64,
 }
 
+type Reply = Result<Vec<Vec<f32>>, EmbedError>;
+
 struct Job {
     texts: Vec<String>,
-    reply: oneshot::Sender<Result<Vec<Vec<f32>>, EmbedError>>,
+    reply: oneshot::Sender<Reply>,
 }
 
 pub struct Embedder {
@@ -188,10 +190,7 @@ impl Embedder {
         &self.info
     }
 
-    fn submit(
-        &self,
-        texts: Vec<String>,
-    ) -> Result<oneshot::Receiver<Result<Vec<Vec<f32>>, EmbedError>>, EmbedError> {
+    fn submit(&self, texts: Vec<String>) -> Result<oneshot::Receiver<Reply>, EmbedError> {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job { texts, reply }) {
             Ok(()) => Ok(rx),

@@ -62,6 +62,9 @@ impl BackgroundService for HealthService {
                     }
                     if check_due {
                         pool.lb.backends().run_health_check(true).await;
+                        for b in pool.lb.backends().get_backend().iter() {
+                            crate::metrics::upstream_healthy(&pool.model, &b.addr.to_string(), pool.lb.backends().ready(b));
+                        }
                     }
                 });
             }
