@@ -31,7 +31,8 @@ assets: deps
 	@packaging/fetch-assets.sh "$(SMARTLLM_ASSETS_DIR)"
 
 build: deps
-	$(CARGO) build $(CARGO_FLAGS) --bin smartllm --bin mock-llm
+	# Same package selection as `make test`, so features unify identically and nothing rebuilds.
+	$(CARGO) build $(CARGO_FLAGS) --workspace --bins
 
 venv: deps
 	@[ -x "$(VENV)/bin/python" ] || python3 -m venv "$(VENV)"
