@@ -803,3 +803,114 @@ fn official_openai_python_sdk_works_against_the_gateway() {
         "{stdout}"
     );
 }
+
+/// A test CA and a server certificate for `localhost` signed by it.
+fn test_pki(dir: &std::path::Path) {
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(dir)
+            .output()
+            .expect("openssl (make test installs it)");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    std::fs::write(
+        dir.join("ext.cnf"),
+        "subjectAltName=DNS:localhost\nextendedKeyUsage=serverAuth\nbasicConstraints=CA:FALSE\n",
+    )
+    .unwrap();
+    run(&[
+        "req",
+        "-x509",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "ca.key",
+        "-out",
+        "ca.pem",
+        "-days",
+        "2",
+        "-subj",
+        "/CN=smartllm-test-ca",
+    ]);
+    run(&[
+        "req",
+        "-newkey",
+        "rsa:2048",
+        "-nodes",
+        "-keyout",
+        "key.pem",
+        "-out",
+        "leaf.csr",
+        "-subj",
+        "/CN=localhost",
+    ]);
+    run(&[
+        "x509",
+        "-req",
+        "-in",
+        "leaf.csr",
+        "-CA",
+        "ca.pem",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-out",
+        "cert.pem",
+        "-days",
+        "2",
+        "-extfile",
+        "ext.cnf",
+    ]);
+}
+
+#[test]
+fn https_upstreams_verify_certificates_and_send_sni() {
+    let pki = tempfile::tempdir().unwrap();
+    test_pki(pki.path());
+    let tls_port = free_port();
+    let tls_addr = format!("127.0.0.1:{tls_port}");
+    let cert = pki.path().join("cert.pem");
+    let key = pki.path().join("key.pem");
+    let mock = Mock::start(&[
+        "--tls-listen",
+        &tls_addr,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let providers = format!(
+        "providers:\n  secure:\n    kind: openai\n    base_url: https://localhost:{tls_port}/v1\n    tls_ca_file: {}\n    api_key_env: TEST_TLS_KEY\n    health_check:\n      kind: tcp\n      interval: 200ms\n  untrusted:\n    kind: openai\n    base_url: https://localhost:{tls_port}/v1\n    health_check:\n      kind: none\n",
+        pki.path().join("ca.pem").display()
+    );
+    let models = "models:\n  - name: secure\n    deployments:\n      - provider: secure\n  - name: untrusted\n    deployments:\n      - provider: untrusted\n";
+    let gw = Gateway::start_with_env(
+        ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, ""),
+        &[("TEST_TLS_KEY", "sk-tls-123")],
+    );
+    for stream in [false, true] {
+        let r = gw.chat(&json!({"model": "secure", "stream": stream, "messages": [{"role": "user", "content": "over tls"}]}));
+        assert_eq!(r.status, 200, "{}", r.text());
+        if stream {
+            assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]"));
+        } else {
+            assert!(r.text().contains("over tls"), "{}", r.text());
+        }
+        let last = mock.last();
+        assert_eq!(last["tls_sni"], "localhost", "{last}");
+        assert_eq!(last["headers"]["authorization"], "Bearer sk-tls-123");
+        assert_eq!(last["headers"]["host"], format!("localhost:{tls_port}"));
+    }
+    // Without the CA the certificate is not trusted: refused, not sent.
+    let before = mock.requests();
+    let r = gw.chat(&chat_body("untrusted", "over tls"));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "upstream_unreachable");
+    assert_eq!(mock.requests(), before);
+}

@@ -52,6 +52,50 @@ struct Args {
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Also serve HTTPS on this address (same state as the plain listener).
+    #[arg(long, requires_all = ["tls_cert", "tls_key"])]
+    tls_listen: Option<String>,
+    /// PEM certificate chain for --tls-listen.
+    #[arg(long)]
+    tls_cert: Option<std::path::PathBuf>,
+    /// PEM private key for --tls-listen.
+    #[arg(long)]
+    tls_key: Option<std::path::PathBuf>,
+}
+
+/// A client connection, plain or TLS, that fault injection can reset.
+trait Conn: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send {
+    /// Make the close a TCP reset (RST) instead of a FIN.
+    fn reset(&self);
+}
+
+impl Conn for TcpStream {
+    fn reset(&self) {
+        let _ = self.set_zero_linger();
+    }
+}
+
+impl Conn for tokio_rustls::server::TlsStream<TcpStream> {
+    fn reset(&self) {
+        let _ = self.get_ref().0.set_zero_linger();
+    }
+}
+
+fn tls_acceptor(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> anyhow::Result<tokio_rustls::TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(std::fs::File::open(cert)?))
+        .collect::<Result<Vec<_>, _>>()
+        .context("reading --tls-cert")?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(std::fs::File::open(key)?))
+        .context("reading --tls-key")?
+        .context("no private key in --tls-key")?;
+    let config = tokio_rustls::rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("building the TLS config")?;
+    Ok(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
 }
 
 #[derive(Default)]
@@ -85,12 +129,47 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     eprintln!("mock-llm listening on {}", listener.local_addr()?);
     let args = Arc::new(args);
     let state = Arc::new(State::default());
+    if let (Some(addr), Some(c), Some(k)) = (&args.tls_listen, &args.tls_cert, &args.tls_key) {
+        let acceptor = tls_acceptor(c, k)?;
+        let tls_listener = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("binding {addr}"))?;
+        eprintln!(
+            "mock-llm listening on {} (https)",
+            tls_listener.local_addr()?
+        );
+        tokio::spawn(accept_loop(
+            tls_listener,
+            Some(acceptor),
+            args.clone(),
+            state.clone(),
+        ));
+    }
+    accept_loop(listener, None, args, state).await
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    args: Arc<Args>,
+    state: Arc<State>,
+) -> anyhow::Result<()> {
     loop {
         let (sock, _) = listener.accept().await?;
         let _ = sock.set_nodelay(true);
-        let (args, state) = (args.clone(), state.clone());
+        let (args, state, tls) = (args.clone(), state.clone(), tls.clone());
         tokio::spawn(async move {
-            let _ = connection(sock, args, state).await;
+            match tls {
+                None => {
+                    let _ = connection(sock, None, args, state).await;
+                }
+                Some(acceptor) => {
+                    if let Ok(stream) = acceptor.accept(sock).await {
+                        let sni = stream.get_ref().1.server_name().map(str::to_string);
+                        let _ = connection(stream, sni, args, state).await;
+                    }
+                }
+            }
         });
     }
 }
@@ -103,7 +182,7 @@ struct Request {
     keep_alive: bool,
 }
 
-async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Option<Request>> {
+async fn read_request<S: Conn>(sock: &mut S, buf: &mut Vec<u8>) -> anyhow::Result<Option<Request>> {
     loop {
         let mut headers = [httparse::EMPTY_HEADER; 64];
         let mut req = httparse::Request::new(&mut headers);
@@ -166,14 +245,14 @@ async fn read_request(sock: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result
     }
 }
 
-async fn read_more(sock: &mut TcpStream, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+async fn read_more<S: Conn>(sock: &mut S, buf: &mut Vec<u8>) -> std::io::Result<usize> {
     let mut tmp = [0u8; 64 * 1024];
     let n = sock.read(&mut tmp).await?;
     buf.extend_from_slice(&tmp[..n]);
     Ok(n)
 }
 
-async fn read_chunked(sock: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result<Vec<u8>> {
+async fn read_chunked<S: Conn>(sock: &mut S, buf: &mut Vec<u8>) -> anyhow::Result<Vec<u8>> {
     let mut body = Vec::new();
     loop {
         let line_end = loop {
@@ -200,11 +279,16 @@ async fn read_chunked(sock: &mut TcpStream, buf: &mut Vec<u8>) -> anyhow::Result
     }
 }
 
-async fn connection(mut sock: TcpStream, args: Arc<Args>, state: Arc<State>) -> anyhow::Result<()> {
+async fn connection<S: Conn>(
+    mut sock: S,
+    sni: Option<String>,
+    args: Arc<Args>,
+    state: Arc<State>,
+) -> anyhow::Result<()> {
     let mut buf = Vec::with_capacity(8192);
     while let Some(req) = read_request(&mut sock, &mut buf).await? {
         let keep = req.keep_alive;
-        if !handle(&mut sock, req, &args, &state).await? || !keep {
+        if !handle(&mut sock, req, sni.as_deref(), &args, &state).await? || !keep {
             break;
         }
     }
@@ -245,8 +329,8 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
     b
 }
 
-async fn write_json(
-    sock: &mut TcpStream,
+async fn write_json<S: Conn>(
+    sock: &mut S,
     status: u16,
     body: &Value,
     extra: &[(&str, String)],
@@ -255,8 +339,8 @@ async fn write_json(
     write_raw(sock, status, "application/json", &body, extra).await
 }
 
-async fn write_raw(
-    sock: &mut TcpStream,
+async fn write_raw<S: Conn>(
+    sock: &mut S,
     status: u16,
     ctype: &str,
     body: &[u8],
@@ -291,7 +375,7 @@ fn reason(status: u16) -> &'static str {
     }
 }
 
-async fn start_stream(sock: &mut TcpStream, extra: &[(&str, String)]) -> std::io::Result<()> {
+async fn start_stream<S: Conn>(sock: &mut S, extra: &[(&str, String)]) -> std::io::Result<()> {
     let mut head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\ntransfer-encoding: chunked\r\n".to_string();
     for (k, v) in extra {
         head.push_str(&format!("{k}: {v}\r\n"));
@@ -300,7 +384,7 @@ async fn start_stream(sock: &mut TcpStream, extra: &[(&str, String)]) -> std::io
     sock.write_all(head.as_bytes()).await
 }
 
-async fn write_chunk(sock: &mut TcpStream, data: &[u8]) -> std::io::Result<()> {
+async fn write_chunk<S: Conn>(sock: &mut S, data: &[u8]) -> std::io::Result<()> {
     let mut out = format!("{:x}\r\n", data.len()).into_bytes();
     out.extend_from_slice(data);
     out.extend_from_slice(b"\r\n");
@@ -395,9 +479,10 @@ fn now() -> u64 {
 }
 
 /// Returns whether the connection may be kept.
-async fn handle(
-    sock: &mut TcpStream,
+async fn handle<S: Conn>(
+    sock: &mut S,
     req: Request,
+    sni: Option<&str>,
     args: &Args,
     state: &State,
 ) -> anyhow::Result<bool> {
@@ -443,6 +528,7 @@ async fn handle(
         *last = json!({
             "method": req.method,
             "path": path,
+            "tls_sni": sni,
             "headers": req.headers,
             "body_len": req.body.len(),
             "body_sha256": hex::encode(Sha256::digest(&req.body)),
@@ -458,7 +544,7 @@ async fn handle(
     }
     match b.fault.as_deref() {
         Some("reset") => {
-            let _ = sock.set_zero_linger();
+            sock.reset();
             return Ok(false);
         }
         Some("close") => return Ok(false),
@@ -642,7 +728,7 @@ async fn handle(
     let drop_at = (b.fault.as_deref() == Some("drop-mid-stream")).then_some(words.len() / 2);
     for (i, w) in words.iter().enumerate() {
         if drop_at == Some(i) {
-            let _ = sock.set_zero_linger();
+            sock.reset();
             return Ok(false);
         }
         if b.chunk_delay_ms > 0 {

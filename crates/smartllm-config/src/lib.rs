@@ -238,6 +238,7 @@ pub struct ProviderConfig {
     pub api_key: ApiKeySource,
     pub headers: Vec<(String, String)>,
     pub anthropic_version: String,
+    pub tls_ca_file: Option<PathBuf>,
     pub stream_usage: bool,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
@@ -660,6 +661,13 @@ fn resolve(
                 continue;
             }
         };
+        if p.tls_ca_file.is_some() && !base_url.tls {
+            v.push(
+                PROVIDERS_FILE,
+                format!("{at}.tls_ca_file"),
+                "only applies to https:// base URLs",
+            );
+        }
         let api_key = match (p.api_key_env, p.api_key_file) {
             (Some(_), Some(_)) => {
                 v.push(
@@ -741,6 +749,7 @@ fn resolve(
                 api_key,
                 headers,
                 anthropic_version: p.anthropic_version.unwrap_or_else(|| "2023-06-01".into()),
+                tls_ca_file: p.tls_ca_file.map(|f| relative_to(dir, &f)),
                 stream_usage: p.stream_usage.unwrap_or(true),
                 connect_timeout: p
                     .connect_timeout

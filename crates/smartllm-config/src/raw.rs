@@ -92,6 +92,9 @@ pub struct RawProvider {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     pub anthropic_version: Option<String>,
+    /// PEM bundle of CAs to trust for this provider instead of the system roots
+    /// (private deployments behind their own CA).
+    pub tls_ca_file: Option<String>,
     /// Ask streaming upstreams for a final usage chunk (`stream_options.include_usage`).
     pub stream_usage: Option<bool>,
     pub connect_timeout: Option<ConfigDuration>,

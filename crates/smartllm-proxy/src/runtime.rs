@@ -6,7 +6,9 @@
 use crate::metrics;
 use async_trait::async_trait;
 use pingora_core::protocols::l4::socket::SocketAddr as PSocketAddr;
+use pingora_core::protocols::tls::CaType;
 use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::utils::tls::{parse_x509, WrappedX509};
 use pingora_http::RequestHeader;
 use pingora_load_balancing::discovery::ServiceDiscovery;
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
@@ -28,6 +30,12 @@ pub struct ProviderRuntime {
     /// `Ok(None)`: no key needed. `Err`: a key is configured but unavailable.
     pub key: Result<Option<String>, String>,
     pub demo: bool,
+    /// CAs from `tls_ca_file`, trusted instead of the system roots.
+    pub ca: Option<Arc<CaType>>,
+    /// Upstream connections are pooled per provider and trust settings:
+    /// Pingora's reuse hash does not cover a per-peer CA, so a connection
+    /// verified against one provider's CA must never serve another's.
+    pub pool_key: u64,
 }
 
 impl ProviderRuntime {
@@ -124,6 +132,22 @@ impl Runtime {
             } else {
                 p.base_url.clone()
             };
+            let ca = match (&p.tls_ca_file, demo) {
+                (Some(path), false) => Some(
+                    load_ca(path).map_err(|e| format!("providers.{}.tls_ca_file: {e}", p.name))?,
+                ),
+                _ => None,
+            };
+            let pool_key = {
+                use std::hash::{Hash, Hasher};
+                let mut h = std::collections::hash_map::DefaultHasher::new();
+                p.name.hash(&mut h);
+                url.authority().hash(&mut h);
+                for c in ca.iter().flat_map(|c| c.iter()) {
+                    c.borrow_raw_cert().hash(&mut h);
+                }
+                h.finish()
+            };
             providers.insert(
                 p.name.clone(),
                 Arc::new(ProviderRuntime {
@@ -131,6 +155,8 @@ impl Runtime {
                     url,
                     key,
                     demo,
+                    ca,
+                    pool_key,
                 }),
             );
         }
@@ -185,6 +211,23 @@ impl Runtime {
             known_models,
         })
     }
+}
+
+/// Read a PEM bundle of CA certificates.
+fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
+    let file =
+        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+    let ders = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+    if ders.is_empty() {
+        return Err(format!("{} holds no PEM certificate", path.display()));
+    }
+    let certs: Vec<WrappedX509> = ders
+        .into_iter()
+        .map(|d| WrappedX509::new(d.as_ref().to_vec(), parse_x509))
+        .collect();
+    Ok(Arc::from(certs.into_boxed_slice()))
 }
 
 fn read_key(src: &ApiKeySource) -> Result<Option<String>, String> {
@@ -281,6 +324,7 @@ impl HealthDispatch {
                     let mut c = HttpHealthCheck::new(&p.url.host_header(), p.url.tls);
                     if p.url.tls {
                         c.peer_template.sni = p.url.host.clone();
+                        c.peer_template.options.ca = p.ca.clone();
                     }
                     let path = if p.demo {
                         "/health".to_string()
@@ -376,6 +420,8 @@ pub fn peer_for(p: &ProviderRuntime, addr: &PSocketAddr) -> Option<HttpPeer> {
     };
     let mut peer = HttpPeer::new(*inet, p.url.tls, sni);
     peer.options.connection_timeout = Some(p.cfg.connect_timeout);
+    peer.options.ca = p.ca.clone();
+    peer.group_key = p.pool_key;
     peer.options.read_timeout = Some(p.cfg.idle_timeout);
     peer.options.write_timeout = Some(Duration::from_secs(30));
     peer.options.idle_timeout = Some(Duration::from_secs(60));
