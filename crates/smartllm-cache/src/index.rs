@@ -2,7 +2,8 @@
 
 use faiss::index::flat::FlatIndexImpl;
 use faiss::index::id_map::IdMap;
-use faiss::{Idx, Index};
+use faiss::selector::IdSelector;
+use faiss::{ConcurrentIndex, Idx, Index};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -51,8 +52,21 @@ impl VectorIndex {
         Ok(())
     }
 
-    /// The `k` nearest ids with their inner products, best first.
-    pub fn search(&mut self, query: &[f32], k: usize) -> Result<Vec<(u64, f32)>, IndexError> {
+    /// Remove ids (absent ones are ignored); returns how many were removed.
+    pub fn remove(&mut self, ids: &[u64]) -> Result<usize, IndexError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let ids: Vec<Idx> = ids
+            .iter()
+            .map(|&i| Idx::new(i & (i64::MAX as u64)))
+            .collect();
+        Ok(self.inner.remove_ids(&IdSelector::batch(&ids)?)?)
+    }
+
+    /// The `k` nearest ids with their inner products, best first. Takes `&self`:
+    /// searches run concurrently under a read lock.
+    pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<(u64, f32)>, IndexError> {
         if query.len() != self.dim {
             return Err(IndexError::Dimension {
                 got: query.len(),
@@ -62,7 +76,7 @@ impl VectorIndex {
         if self.is_empty() || k == 0 {
             return Ok(Vec::new());
         }
-        let res = self.inner.search(query, k)?;
+        let res = ConcurrentIndex::search(&self.inner, query, k)?;
         Ok(res
             .labels
             .iter()

@@ -25,8 +25,15 @@ pub const MAIN_FILE: &str = "smartllm.yaml";
 pub const PROVIDERS_FILE: &str = "providers.yaml";
 pub const MODELS_FILE: &str = "models.yaml";
 pub const ROUTES_FILE: &str = "routes.yaml";
+pub const CACHE_FILE: &str = "cache.yaml";
 /// The files of a config directory, in load order. Only `smartllm.yaml` is required.
-pub const FILES: [&str; 4] = [MAIN_FILE, PROVIDERS_FILE, MODELS_FILE, ROUTES_FILE];
+pub const FILES: [&str; 5] = [
+    MAIN_FILE,
+    PROVIDERS_FILE,
+    MODELS_FILE,
+    ROUTES_FILE,
+    CACHE_FILE,
+];
 
 /// Environment variables that override paths of `smartllm.yaml` (handy for
 /// development and packaging; documented in the README).
@@ -49,6 +56,51 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
+    pub cache: CacheConfig,
+}
+
+/// Cache behaviour for one route alias or model (or the defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachePolicy {
+    pub enabled: bool,
+    pub semantic: bool,
+    pub similarity_threshold: f32,
+    pub ttl: Duration,
+    pub version: u32,
+    pub max_temperature: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Detector {
+    Email,
+    Phone,
+    Card,
+    ApiKey,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    /// Global switch: off means no lookups and no inserts anywhere.
+    pub enabled: bool,
+    pub defaults: CachePolicy,
+    pub routes: BTreeMap<String, CachePolicy>,
+    pub l1_entries: usize,
+    pub top_k: usize,
+    pub ivf_threshold: usize,
+    pub encryption_key_file: Option<PathBuf>,
+    /// Validated regular expressions.
+    pub exclude_patterns: Vec<String>,
+    pub detectors: Vec<Detector>,
+}
+
+impl CacheConfig {
+    /// The policy of a request: its route alias if it has one, else its model.
+    pub fn policy(&self, route: Option<&str>, model: &str) -> &CachePolicy {
+        route
+            .and_then(|r| self.routes.get(r))
+            .or_else(|| self.routes.get(model))
+            .unwrap_or(&self.defaults)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -349,6 +401,8 @@ impl Config {
         new.embedder = self.embedder.clone();
         new.logging.level = self.logging.level.clone();
         new.reload.watch = self.reload.watch;
+        new.cache.encryption_key_file = self.cache.encryption_key_file.clone();
+        new.cache.l1_entries = self.cache.l1_entries;
         new
     }
 }
@@ -440,8 +494,10 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
         parse_file(dir, MODELS_FILE, texts.get(MODELS_FILE), &mut issues);
     let routes: Option<RawRoutes> =
         parse_file(dir, ROUTES_FILE, texts.get(ROUTES_FILE), &mut issues);
-    let (Some(main), Some(providers), Some(models), Some(routes)) =
-        (main, providers, models, routes)
+    let cache: Option<RawCacheFile> =
+        parse_file(dir, CACHE_FILE, texts.get(CACHE_FILE), &mut issues);
+    let (Some(main), Some(providers), Some(models), Some(routes), Some(cache)) =
+        (main, providers, models, routes, cache)
     else {
         return Err(ConfigError { issues });
     };
@@ -460,7 +516,8 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
         texts: &texts,
         list: issues,
     };
-    let config = resolve(dir, digest, main, providers, models, routes, &mut v);
+    let mut config = resolve(dir, digest, main, providers, models, routes, &mut v);
+    config.cache = resolve_cache(dir, cache.cache, &config, &mut v);
     if v.list.is_empty() {
         Ok(config)
     } else {
@@ -877,6 +934,128 @@ fn resolve(
         providers: resolved_providers,
         models: resolved_models,
         routes: resolved_routes,
+        cache: CacheConfig {
+            enabled: false,
+            defaults: DEFAULT_POLICY,
+            routes: BTreeMap::new(),
+            l1_entries: 10_000,
+            top_k: 8,
+            ivf_threshold: 20_000,
+            encryption_key_file: None,
+            exclude_patterns: Vec::new(),
+            detectors: Vec::new(),
+        },
+    }
+}
+
+const DEFAULT_POLICY: CachePolicy = CachePolicy {
+    enabled: true,
+    semantic: true,
+    similarity_threshold: 0.95,
+    ttl: Duration::from_secs(24 * 3600),
+    version: 1,
+    max_temperature: 1.0,
+};
+
+fn resolve_policy(
+    at: &str,
+    raw: &RawCachePolicy,
+    base: &CachePolicy,
+    v: &mut Issues<'_>,
+) -> CachePolicy {
+    let threshold = raw
+        .similarity_threshold
+        .unwrap_or(base.similarity_threshold);
+    if !(0.5..=1.0).contains(&threshold) {
+        v.push(
+            CACHE_FILE,
+            format!("{at}similarity_threshold"),
+            "must be between 0.5 and 1.0 (cosine similarity)",
+        );
+    }
+    let max_temperature = raw.max_temperature.unwrap_or(base.max_temperature);
+    if !(0.0..=2.0).contains(&max_temperature) {
+        v.push(
+            CACHE_FILE,
+            format!("{at}max_temperature"),
+            "must be between 0 and 2",
+        );
+    }
+    let ttl = raw.ttl.map(|d| d.0).unwrap_or(base.ttl);
+    if ttl < Duration::from_secs(1) {
+        v.push(CACHE_FILE, format!("{at}ttl"), "must be at least 1s");
+    }
+    CachePolicy {
+        enabled: raw.enabled.unwrap_or(base.enabled),
+        semantic: raw.semantic.unwrap_or(base.semantic),
+        similarity_threshold: threshold.clamp(0.5, 1.0),
+        ttl: ttl.max(Duration::from_secs(1)),
+        version: raw.version.unwrap_or(base.version),
+        max_temperature: max_temperature.clamp(0.0, 2.0),
+    }
+}
+
+fn resolve_cache(dir: &Path, raw: RawCache, config: &Config, v: &mut Issues<'_>) -> CacheConfig {
+    let top = RawCachePolicy {
+        enabled: Some(true),
+        semantic: raw.semantic,
+        similarity_threshold: raw.similarity_threshold,
+        ttl: raw.ttl,
+        version: raw.version,
+        max_temperature: raw.max_temperature,
+    };
+    let defaults = resolve_policy("cache.", &top, &DEFAULT_POLICY, v);
+    let mut routes = BTreeMap::new();
+    for (name, p) in &raw.routes {
+        if !config.routes.contains_key(name) && config.model(name).is_none() {
+            v.push(
+                CACHE_FILE,
+                format!("cache.routes.{name}"),
+                format!("{name:?} is neither a route alias nor a model"),
+            );
+        }
+        routes.insert(
+            name.clone(),
+            resolve_policy(&format!("cache.routes.{name}."), p, &defaults, v),
+        );
+    }
+    for (i, pat) in raw.exclude.patterns.iter().enumerate() {
+        if let Err(e) = regex::Regex::new(pat) {
+            v.push(
+                CACHE_FILE,
+                format!("cache.exclude.patterns[{i}]"),
+                format!("invalid regular expression: {e}"),
+            );
+        }
+    }
+    let mut detectors = Vec::new();
+    for (i, d) in raw.exclude.detectors.iter().enumerate() {
+        match d.as_str() {
+            "email" => detectors.push(Detector::Email),
+            "phone" => detectors.push(Detector::Phone),
+            "card" => detectors.push(Detector::Card),
+            "api_key" => detectors.push(Detector::ApiKey),
+            other => v.push(
+                CACHE_FILE,
+                format!("cache.exclude.detectors[{i}]"),
+                format!("unknown detector {other:?}: use email, phone, card or api_key"),
+            ),
+        }
+    }
+    let top_k = raw.top_k.unwrap_or(8);
+    if !(1..=256).contains(&top_k) {
+        v.push(CACHE_FILE, "cache.top_k", "must be between 1 and 256");
+    }
+    CacheConfig {
+        enabled: raw.enabled.unwrap_or(false),
+        defaults,
+        routes,
+        l1_entries: raw.l1_entries.unwrap_or(10_000).max(1),
+        top_k: top_k.clamp(1, 256),
+        ivf_threshold: raw.ivf_threshold.unwrap_or(20_000).max(1_000),
+        encryption_key_file: raw.encryption_key_file.map(|f| relative_to(dir, &f)),
+        exclude_patterns: raw.exclude.patterns,
+        detectors,
     }
 }
 
@@ -1015,6 +1194,50 @@ mod tests {
         let applied = old.with_restart_only_from(new);
         assert_eq!(applied.server.listen.port(), 1000);
         assert_eq!(applied.server.max_body_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn cache_policies_resolve_per_route() {
+        let cache = "cache:\n  enabled: true\n  ttl: 1h\n  exclude:\n    patterns: ['secret']\n    detectors: [email]\n  routes:\n    auto:\n      similarity_threshold: 0.97\n      version: 3\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (ROUTES_FILE, "routes:\n  auto:\n    model: small\n"),
+            (CACHE_FILE, cache),
+        ]);
+        let c = load_dir(dir.path()).unwrap();
+        assert!(c.cache.enabled);
+        let p = c.cache.policy(Some("auto"), "small");
+        assert_eq!(
+            (p.similarity_threshold, p.version, p.ttl),
+            (0.97, 3, Duration::from_secs(3600))
+        );
+        let d = c.cache.policy(None, "small");
+        assert_eq!((d.similarity_threshold, d.version), (0.95, 1));
+        assert_eq!(c.cache.detectors, vec![Detector::Email]);
+
+        let bad = "cache:\n  similarity_threshold: 2\n  exclude:\n    patterns: ['(']\n    detectors: [dna]\n  routes:\n    ghost: {}\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (CACHE_FILE, bad),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("cache.yaml:2: cache.similarity_threshold"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cache.exclude.patterns[0]: invalid regular expression"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cache.exclude.detectors[0]: unknown detector"),
+            "{err}"
+        );
+        assert!(err.contains("cache.routes.ghost"), "{err}");
     }
 
     #[test]

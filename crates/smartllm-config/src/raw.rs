@@ -153,3 +153,58 @@ pub struct RawRoute {
     /// The model this alias resolves to.
     pub model: String,
 }
+
+/// `cache.yaml`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheFile {
+    #[serde(default)]
+    pub cache: RawCache,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCache {
+    /// Global switch.
+    pub enabled: Option<bool>,
+    pub semantic: Option<bool>,
+    pub similarity_threshold: Option<f32>,
+    pub ttl: Option<ConfigDuration>,
+    pub version: Option<u32>,
+    pub max_temperature: Option<f64>,
+    /// Exact-match entries kept in memory.
+    pub l1_entries: Option<usize>,
+    /// ANN candidates verified per semantic lookup.
+    pub top_k: Option<usize>,
+    /// Vectors at which the flat index is replaced by a trained IVF index.
+    pub ivf_threshold: Option<usize>,
+    /// 32-byte key (raw, or 64 hex characters) for AES-256-GCM at rest.
+    pub encryption_key_file: Option<String>,
+    #[serde(default)]
+    pub exclude: RawCacheExclude,
+    /// Overrides per route alias or model name.
+    #[serde(default)]
+    pub routes: BTreeMap<String, RawCachePolicy>,
+}
+
+#[derive(Debug, Default, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCachePolicy {
+    pub enabled: Option<bool>,
+    pub semantic: Option<bool>,
+    pub similarity_threshold: Option<f32>,
+    pub ttl: Option<ConfigDuration>,
+    pub version: Option<u32>,
+    pub max_temperature: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCacheExclude {
+    /// Regular expressions; a prompt matching any is never cached.
+    #[serde(default)]
+    pub patterns: Vec<String>,
+    /// Built-in detectors: email, phone, card, api_key.
+    #[serde(default)]
+    pub detectors: Vec<String>,
+}

@@ -2,6 +2,7 @@
 //! errors, the SSE codec, usage extraction and provider adapters (Anthropic).
 
 pub mod anthropic;
+pub mod assemble;
 pub mod error;
 pub mod openai;
 pub mod sse;

@@ -9,7 +9,9 @@ use std::sync::Arc;
 pub const CF_ENTRIES: &str = "entries";
 pub const CF_VECTORS: &str = "vectors";
 pub const CF_META: &str = "meta";
-pub const COLUMN_FAMILIES: [&str; 3] = [CF_ENTRIES, CF_VECTORS, CF_META];
+/// Exact-match key (hash of namespace + normalised request) -> entry id.
+pub const CF_EXACT: &str = "exact";
+pub const COLUMN_FAMILIES: [&str; 4] = [CF_ENTRIES, CF_VECTORS, CF_META, CF_EXACT];
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -141,7 +143,7 @@ mod tests {
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.get(CF_META, b"k").unwrap().as_deref(), Some(&b"v"[..]));
-        assert_eq!(s.info().column_families.len(), 3);
+        assert_eq!(s.info().column_families.len(), 4);
     }
 
     #[test]

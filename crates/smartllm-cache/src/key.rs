@@ -1,0 +1,166 @@
+//! Cache keys. The namespace hashes everything that must match for two
+//! requests to share an answer: the tenant, the requested model or route, the
+//! resolved model, every sampling parameter, tools and response format, the
+//! system prompt and every earlier turn. Only the last user turn varies inside
+//! a namespace: it is what gets embedded, and (normalised) what the exact key
+//! adds to the namespace.
+
+use serde_json::{Map, Value};
+use sha2::{Digest, Sha256};
+use smartllm_protocol::openai::content_text;
+
+/// Body fields that never change the answer.
+const IGNORED: [&str; 4] = ["stream", "stream_options", "user", "metadata"];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheKey {
+    pub namespace: [u8; 32],
+    pub exact: [u8; 32],
+    /// The last user turn, as sent.
+    pub query: String,
+}
+
+impl CacheKey {
+    pub fn namespace_hex(&self) -> String {
+        hex::encode(self.namespace)
+    }
+}
+
+/// Whitespace-collapsed, trimmed: the same question typed twice hits exactly.
+pub fn normalise(text: &str) -> String {
+    text.split_whitespace().collect::<Vec<_>>().join(" ")
+}
+
+/// The key of a chat request, or `None` when its shape is not cacheable
+/// (no final user turn, several choices, or a non-text last turn).
+pub fn chat_key(tenant: &str, resolved_model: &str, body: &Map<String, Value>) -> Option<CacheKey> {
+    let messages = body.get("messages")?.as_array()?;
+    let (last, earlier) = messages.split_last()?;
+    if last.get("role").and_then(Value::as_str) != Some("user") {
+        return None;
+    }
+    if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+        return None;
+    }
+    let content = last.get("content")?;
+    if let Value::Array(parts) = content {
+        // Images or audio in the question: not a text we can compare.
+        if parts
+            .iter()
+            .any(|p| p.get("type").and_then(Value::as_str) != Some("text"))
+        {
+            return None;
+        }
+    }
+    let query = content_text(content);
+    if query.trim().is_empty() {
+        return None;
+    }
+    let mut rest = Map::new();
+    for (k, v) in body {
+        if k == "messages" || IGNORED.contains(&k.as_str()) {
+            continue;
+        }
+        rest.insert(k.clone(), v.clone());
+    }
+    rest.insert("messages".into(), Value::Array(earlier.to_vec()));
+    // Keys of serde_json maps are sorted: this serialisation is canonical.
+    let canonical = serde_json::to_vec(&rest).ok()?;
+    let mut h = Sha256::new();
+    for part in [
+        b"smartllm-cache-v1".as_slice(),
+        tenant.as_bytes(),
+        resolved_model.as_bytes(),
+        &canonical,
+    ] {
+        h.update((part.len() as u64).to_le_bytes());
+        h.update(part);
+    }
+    let namespace: [u8; 32] = h.finalize().into();
+    let mut h = Sha256::new();
+    h.update(namespace);
+    h.update(normalise(&query).as_bytes());
+    Some(CacheKey {
+        namespace,
+        exact: h.finalize().into(),
+        query,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: Value) -> Map<String, Value> {
+        serde_json::from_value(v).unwrap()
+    }
+
+    fn key(tenant: &str, v: Value) -> CacheKey {
+        chat_key(tenant, "m", &body(v)).unwrap()
+    }
+
+    #[test]
+    fn what_shares_a_namespace() {
+        let base = json!({"model": "auto", "temperature": 0, "messages": [
+            {"role": "system", "content": "Be brief."}, {"role": "user", "content": "What is Rust?"}]});
+        let k = key("t1", base.clone());
+        // Streaming, user id and spacing do not matter.
+        let mut v = base.clone();
+        v["stream"] = json!(true);
+        v["user"] = json!("u-9");
+        v["messages"][1]["content"] = json!("  What   is Rust? ");
+        let k2 = key("t1", v);
+        assert_eq!(k.namespace, k2.namespace);
+        assert_eq!(k.exact, k2.exact);
+        // A different question: same namespace, different exact key.
+        let mut v = base.clone();
+        v["messages"][1]["content"] = json!("Explain Rust");
+        let k3 = key("t1", v);
+        assert_eq!(k.namespace, k3.namespace);
+        assert_ne!(k.exact, k3.exact);
+        // Tenant, system prompt, sampling, earlier turns, model: all separate.
+        assert_ne!(key("t2", base.clone()).namespace, k.namespace);
+        let mut v = base.clone();
+        v["messages"][0]["content"] = json!("Be verbose.");
+        assert_ne!(key("t1", v).namespace, k.namespace);
+        let mut v = base.clone();
+        v["temperature"] = json!(0.7);
+        assert_ne!(key("t1", v).namespace, k.namespace);
+        let mut v = base.clone();
+        v["messages"]
+            .as_array_mut()
+            .unwrap()
+            .insert(1, json!({"role": "assistant", "content": "Hi"}));
+        assert_ne!(key("t1", v).namespace, k.namespace);
+        assert_ne!(
+            chat_key("t1", "other", &body(base.clone()))
+                .unwrap()
+                .namespace,
+            k.namespace
+        );
+    }
+
+    #[test]
+    fn uncacheable_shapes() {
+        assert!(chat_key(
+            "t",
+            "m",
+            &body(json!({"messages": [{"role": "assistant", "content": "x"}]}))
+        )
+        .is_none());
+        assert!(chat_key(
+            "t",
+            "m",
+            &body(json!({"n": 3, "messages": [{"role": "user", "content": "x"}]}))
+        )
+        .is_none());
+        assert!(chat_key("t", "m", &body(json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]}))).is_none());
+        assert!(chat_key(
+            "t",
+            "m",
+            &body(json!({"messages": [{"role": "user", "content": "  "}]}))
+        )
+        .is_none());
+    }
+}
