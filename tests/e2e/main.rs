@@ -784,9 +784,14 @@ fn official_openai_python_sdk_works_against_the_gateway() {
         Err(_) => panic!("set SMARTLLM_PYTHON to a python with the openai package (make test does), or SMARTLLM_SKIP_PYTHON=1"),
     };
     let (_mock, gw) = basic("", &["--chunk-delay-ms", "5"]);
+    gw.config.write("cache.yaml", "cache:\n  enabled: true\n");
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 1.0));
     let out = std::process::Command::new(python)
         .arg(workspace_root().join("tests/python/openai_client.py"))
         .arg(format!("http://{}/v1", gw.addr))
+        .arg("--cache")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -799,7 +804,8 @@ fn official_openai_python_sdk_works_against_the_gateway() {
         stdout.contains("plain ok")
             && stdout.contains("stream ok")
             && stdout.contains("error ok")
-            && stdout.contains("anthropic ok"),
+            && stdout.contains("anthropic ok")
+            && stdout.contains("cache stream ok"),
         "{stdout}"
     );
 }
@@ -913,4 +919,298 @@ fn https_upstreams_verify_certificates_and_send_sni() {
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.api_error()["code"], "upstream_unreachable");
     assert_eq!(mock.requests(), before);
+}
+
+// ------------------------------------------------------------------ cache
+
+fn cached_gateway(cache_yaml: &str, mock_args: &[&str]) -> (Mock, Gateway) {
+    let mock = Mock::start(mock_args);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    let models = "models:\n  - name: small\n    deployments:\n      - provider: mock\n        model: mock-small\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  auto:\n    model: small\n",
+    );
+    cfg.write("cache.yaml", cache_yaml);
+    (mock, Gateway::start(cfg))
+}
+
+const CACHE_ON: &str =
+    "cache:\n  enabled: true\n  similarity_threshold: 0.95\n  exclude:\n    detectors: [email]\n";
+
+fn ask(gw: &Gateway, key: &str, body: &Value) -> Response {
+    request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", &format!("Bearer {key}"))],
+        &serde_json::to_vec(body).unwrap(),
+    )
+    .unwrap()
+}
+
+fn cache_header(r: &Response) -> &str {
+    r.header("x-smartllm-cache").unwrap_or("none")
+}
+
+/// Inserts happen off the request path: wait until the entry is there.
+fn wait_cached(gw: &Gateway, n: u64) {
+    assert!(
+        wait_until(Duration::from_secs(5), || get(
+            &gw.admin,
+            "/admin/cache/stats"
+        )
+        .json()["stats"]["l1_entries"]
+            .as_u64()
+            >= Some(n)),
+        "entry not stored"
+    );
+}
+
+#[test]
+fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
+    let (mock, gw) = cached_gateway(CACHE_ON, &[]);
+    let q = |text: &str| chat_body("auto", text);
+    let first = ask(&gw, "key-a", &q("How do I reset my password?"));
+    assert_eq!((first.status, cache_header(&first)), (200, "miss"));
+    wait_cached(&gw, 1);
+    let before = mock.requests();
+    let exact = ask(&gw, "key-a", &q("How do I reset   my password?"));
+    assert_eq!(cache_header(&exact), "hit-exact");
+    assert_eq!(exact.json()["choices"], first.json()["choices"]);
+    let para = ask(&gw, "key-a", &q("What is the way to reset my password?"));
+    assert_eq!(cache_header(&para), "hit-semantic", "{:?}", para.headers);
+    let sim: f64 = para
+        .header("x-smartllm-similarity")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.95..1.0).contains(&sim), "{sim}");
+    assert_eq!(para.json()["choices"], first.json()["choices"]);
+    assert_eq!(mock.requests(), before, "hits never reach the upstream");
+
+    // Near-misses go upstream: negation, other numbers.
+    assert_eq!(
+        cache_header(&ask(&gw, "key-a", &q("How do I not reset my password?"))),
+        "miss"
+    );
+    let n5 = ask(&gw, "key-a", &q("Convert 5 miles to kilometers"));
+    assert_eq!(cache_header(&n5), "miss");
+    wait_cached(&gw, 3);
+    assert_eq!(
+        cache_header(&ask(&gw, "key-a", &q("Convert 50 miles to kilometers"))),
+        "miss"
+    );
+    // Another tenant never sees key-a's entries, not even exact ones.
+    assert_eq!(
+        cache_header(&ask(&gw, "key-b", &q("How do I reset my password?"))),
+        "miss"
+    );
+    // A different system prompt or an earlier turn is another namespace.
+    let sys = json!({"model": "auto", "messages": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "How do I reset my password?"}]});
+    assert_eq!(cache_header(&ask(&gw, "key-a", &sys)), "miss");
+    let turn = json!({"model": "auto", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "How do I reset my password?"}]});
+    assert_eq!(cache_header(&ask(&gw, "key-a", &turn)), "miss");
+    // Bypass: Cache-Control, temperature, PII.
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("Authorization", "Bearer key-a"),
+            ("Cache-Control", "no-store"),
+        ],
+        &serde_json::to_vec(&q("How do I reset my password?")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cache_header(&r), "bypass");
+    let mut hot = q("How do I reset my password?");
+    hot["temperature"] = json!(1.5);
+    assert_eq!(cache_header(&ask(&gw, "key-a", &hot)), "bypass");
+    assert_eq!(
+        cache_header(&ask(
+            &gw,
+            "key-a",
+            &q("Email me at jane@example.com please")
+        )),
+        "bypass"
+    );
+    let m = gw.metrics();
+    assert!(
+        m.contains("smartllm_cache_lookups_total{result=\"hit_semantic\"}"),
+        "{m}"
+    );
+    assert!(m.contains("smartllm_cache_similarity_bucket"));
+    assert!(m.contains("smartllm_cache_index_vectors"));
+}
+
+#[test]
+fn cache_streams_hits_stores_streamed_misses_and_purges() {
+    let (mock, gw) = cached_gateway(CACHE_ON, &["--words", "6"]);
+    let body = json!({"model": "auto", "stream": true, "messages": [{"role": "user", "content": "Name three primary colours"}]});
+    let miss = ask(&gw, "k", &body);
+    assert_eq!(cache_header(&miss), "miss");
+    wait_cached(&gw, 1);
+    // The streamed answer was stored and is replayed as a stream...
+    let hit = ask(&gw, "k", &body);
+    assert_eq!(cache_header(&hit), "hit-exact");
+    assert!(hit
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = |r: &Response| -> String {
+        r.sse_data()
+            .iter()
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect()
+    };
+    assert_eq!(text(&hit), text(&miss));
+    assert_eq!(hit.sse_data().last().map(String::as_str), Some("[DONE]"));
+    // ...or as JSON, with the usage the upstream reported.
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    let j = ask(&gw, "k", &plain);
+    assert_eq!(cache_header(&j), "hit-exact");
+    assert_eq!(
+        j.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap(),
+        text(&miss)
+    );
+    assert_eq!(j.json()["usage"]["completion_tokens"], 6);
+    // A stream that broke is never stored.
+    let broken = json!({"model": "auto", "stream": true, "mock": {"fault": "drop-mid-stream"}, "messages": [{"role": "user", "content": "A broken answer"}]});
+    ask(&gw, "k", &broken);
+    std::thread::sleep(Duration::from_millis(300));
+    let again = ask(
+        &gw,
+        "k",
+        &json!({"model": "auto", "messages": [{"role": "user", "content": "A broken answer"}], "mock": {"fault": "drop-mid-stream"}}),
+    );
+    assert_ne!(cache_header(&again), "hit-exact");
+    // Purge by route empties it.
+    let before = mock.requests();
+    let r = request(&gw.admin, "POST", "/admin/cache/purge?route=auto", &[], b"").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["removed"].as_u64().unwrap() >= 1);
+    assert_eq!(cache_header(&ask(&gw, "k", &plain)), "miss");
+    assert_eq!(mock.requests(), before + 1);
+    let r = request(&gw.admin, "POST", "/admin/cache/purge", &[], b"").unwrap();
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn cache_ttl_version_bump_and_restart() {
+    let ttl = "cache:\n  enabled: true\n  ttl: 1s\n";
+    let (_mock, gw) = cached_gateway(ttl, &[]);
+    let q = chat_body("auto", "What is the speed of light?");
+    ask(&gw, "k", &q);
+    wait_cached(&gw, 1);
+    assert_eq!(cache_header(&ask(&gw, "k", &q)), "hit-exact");
+    std::thread::sleep(Duration::from_millis(2100));
+    assert_eq!(
+        cache_header(&ask(&gw, "k", &q)),
+        "miss",
+        "expired entries are not served"
+    );
+    drop(gw);
+
+    // Version bump by hot reload invalidates; a restart keeps entries.
+    let (_mock, mut gw) = cached_gateway(CACHE_ON, &[]);
+    ask(&gw, "k", &q);
+    wait_cached(&gw, 1);
+    gw.stop();
+    let data_dir = gw.config.data.path().to_path_buf();
+    let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    let gw2 = Gateway::start(cfg);
+    assert_eq!(gw2.config.data.path(), data_dir);
+    assert_eq!(
+        cache_header(&ask(&gw2, "k", &q)),
+        "hit-exact",
+        "cache survives a restart"
+    );
+    assert_eq!(
+        cache_header(&ask(
+            &gw2,
+            "k",
+            &chat_body("auto", "what is the speed of light")
+        )),
+        "hit-semantic"
+    );
+    gw2.config
+        .write("cache.yaml", "cache:\n  enabled: true\n  version: 2\n");
+    assert!(wait_until(Duration::from_secs(5), || gw2
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 1.0));
+    assert_eq!(
+        cache_header(&ask(&gw2, "k", &q)),
+        "miss",
+        "a version bump invalidates"
+    );
+    // Off by reload: no lookups at all.
+    gw2.config.write("cache.yaml", "cache:\n  enabled: false\n");
+    assert!(wait_until(Duration::from_secs(5), || gw2
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 2.0));
+    assert_eq!(cache_header(&ask(&gw2, "k", &q)), "none");
+}
+
+#[test]
+fn cache_encryption_key_file_errors_are_clear() {
+    let mock = Mock::start(&[]);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    let models = "models:\n  - name: small\n    deployments:\n      - provider: mock\n";
+    let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, "");
+    let key = cfg.path().join("cache.key");
+    std::fs::write(&key, "not a key").unwrap();
+    cfg.write(
+        "cache.yaml",
+        &format!(
+            "cache:\n  enabled: true\n  encryption_key_file: {}\n",
+            key.display()
+        ),
+    );
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["serve", "--config"])
+        .arg(cfg.path())
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cache.encryption_key_file") && err.contains("64 hex characters"),
+        "{err}"
+    );
+
+    // With a good key the cache works and nothing is stored in the clear.
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    let data = cfg.data.path().to_path_buf();
+    let mut gw = Gateway::start(cfg);
+    let q = chat_body("small", "A very particular secret question about zebras");
+    ask(&gw, "k", &q);
+    wait_cached(&gw, 1);
+    assert_eq!(cache_header(&ask(&gw, "k", &q)), "hit-exact");
+    assert!(get(&gw.admin, "/admin/cache/stats").json()["stats"]["encrypted"] == true);
+    gw.stop();
+    let mut plaintext = false;
+    for f in std::fs::read_dir(data.join("db")).unwrap().flatten() {
+        if let Ok(bytes) = std::fs::read(f.path()) {
+            plaintext |= bytes.windows(6).any(|w| w == b"zebras");
+        }
+    }
+    assert!(!plaintext, "a cached prompt was found in the clear on disk");
 }

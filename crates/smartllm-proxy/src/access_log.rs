@@ -65,6 +65,8 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
         request_bytes = ctx.request_bytes,
         error = ctx.error_code.or(e.map(|e| e.etype().as_str())),
         client_gone = ctx.client_gone,
+        cache = ctx.cache_status.unwrap_or("-"),
+        similarity = ctx.cache_similarity,
         "request"
     );
 }

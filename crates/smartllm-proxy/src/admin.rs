@@ -9,6 +9,7 @@ use http::Response;
 use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
+use smartllm_cache::Purge;
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -137,6 +138,54 @@ impl AdminApp {
     }
 }
 
+impl AdminApp {
+    /// `POST /admin/cache/purge?all=true | ?namespace=HEX | ?route=NAME`
+    async fn purge(&self, query: &str) -> Response<Vec<u8>> {
+        let Some(cache) = self.shared.cache.clone() else {
+            return json_reply(
+                409,
+                &json!({"error": {"message": "the cache is not available", "type": "invalid_request_error", "param": null, "code": "cache_unavailable"}}),
+            );
+        };
+        let mut what = None;
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            what = match k {
+                "all" if v != "false" => Some(Purge::All),
+                "namespace" if !v.is_empty() => Some(Purge::Namespace(v.to_string())),
+                "route" if !v.is_empty() => Some(Purge::Route(v.to_string())),
+                _ => {
+                    return json_reply(
+                        400,
+                        &json!({"error": {"message": format!("unknown purge parameter {pair:?}; use all=true, namespace=HEX or route=NAME"), "type": "invalid_request_error", "param": k, "code": "invalid_value"}}),
+                    );
+                }
+            };
+        }
+        let Some(what) = what else {
+            return json_reply(
+                400,
+                &json!({"error": {"message": "say what to purge: all=true, namespace=HEX or route=NAME", "type": "invalid_request_error", "param": null, "code": "missing_required_parameter"}}),
+            );
+        };
+        let label = format!("{what:?}");
+        match tokio::task::spawn_blocking(move || cache.purge(&what)).await {
+            Ok(Ok(n)) => {
+                tracing::info!(purge = %label, removed = n, "cache purged");
+                json_reply(200, &json!({"result": "purged", "removed": n}))
+            }
+            Ok(Err(e)) => json_reply(
+                500,
+                &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "purge_failed"}}),
+            ),
+            Err(e) => json_reply(
+                500,
+                &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "purge_failed"}}),
+            ),
+        }
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -156,6 +205,37 @@ impl ServeHttp for AdminApp {
                 json_reply(if ready { 200 } else { 503 }, &body)
             }
             ("GET", "/admin/config") => json_reply(200, &self.config()),
+            ("GET", "/admin/cache/stats") => match &self.shared.cache {
+                Some(c) => {
+                    let rt = self.shared.runtime.load_full();
+                    json_reply(
+                        200,
+                        &json!({"enabled": rt.config.cache.enabled, "stats": c.stats()}),
+                    )
+                }
+                None => json_reply(200, &json!({"enabled": false})),
+            },
+            ("POST", "/admin/cache/purge") => {
+                self.purge(session.req_header().uri.query().unwrap_or(""))
+                    .await
+            }
+            ("POST", "/admin/cache/rebuild") => match self.shared.cache.clone() {
+                Some(c) => match tokio::task::spawn_blocking(move || c.rebuild_index()).await {
+                    Ok(Ok(n)) => json_reply(200, &json!({"result": "rebuilt", "vectors": n})),
+                    Ok(Err(e)) => json_reply(
+                        500,
+                        &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "rebuild_failed"}}),
+                    ),
+                    Err(e) => json_reply(
+                        500,
+                        &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "rebuild_failed"}}),
+                    ),
+                },
+                None => json_reply(
+                    409,
+                    &json!({"error": {"message": "the cache is not available", "type": "invalid_request_error", "param": null, "code": "cache_unavailable"}}),
+                ),
+            },
             ("POST", "/admin/reload") => match reload(&self.shared, "admin").await {
                 Ok(ReloadOutcome::Applied {
                     version,
@@ -172,7 +252,7 @@ impl ServeHttp for AdminApp {
             },
             _ => json_reply(
                 404,
-                &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /metrics, /healthz, /readyz, /admin/config, POST /admin/reload."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
+                &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /metrics, /healthz, /readyz, /admin/config, /admin/cache/stats, POST /admin/reload, POST /admin/cache/purge, POST /admin/cache/rebuild."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
             ),
         }
     }

@@ -27,6 +27,11 @@ pub struct Ctx {
     pub request_bytes: usize,
     pub client_gone: bool,
     pub counted: bool,
+    /// `x-smartllm-cache`: hit-exact, hit-semantic, miss, bypass.
+    pub cache_status: Option<&'static str>,
+    pub cache_similarity: Option<f32>,
+    /// Set on a cache miss: store the answer once it is complete.
+    pub cache_insert: Option<crate::cache::PendingInsert>,
 }
 
 impl Default for Ctx {
@@ -56,6 +61,9 @@ impl Ctx {
             request_bytes: 0,
             client_gone: false,
             counted: false,
+            cache_status: None,
+            cache_similarity: None,
+            cache_insert: None,
         }
     }
 

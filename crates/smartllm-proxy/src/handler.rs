@@ -173,6 +173,20 @@ async fn api(
     };
     ctx.model = Some(model.name.clone());
     ctx.route = route.map(|r| r.name.clone());
+    let served = crate::cache::phase(
+        shared,
+        session,
+        ctx,
+        &rt,
+        &req,
+        &model.name,
+        route.map(|r| r.name.as_str()),
+    )
+    .await
+    .map_err(|e| ApiError::internal(format!("answering from the cache: {e}")))?;
+    if served {
+        return Ok(());
+    }
     let Some(pool) = rt.pool(&model.name) else {
         return Err(ApiError::internal(format!(
             "model {} has no deployment pool",

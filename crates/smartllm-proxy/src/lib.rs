@@ -8,6 +8,8 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod cache;
+pub mod cache_sweeper;
 pub mod ctx;
 pub mod handler;
 pub mod health;
@@ -51,6 +53,7 @@ pub struct Shared {
     pub connector: Connector,
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub components: Components,
+    pub cache: Option<Arc<smartllm_cache::SemanticCache>>,
     pub config_dir: PathBuf,
     pub reload_lock: tokio::sync::Mutex<()>,
     pub reload_status: Mutex<reload::ReloadStatus>,
@@ -61,6 +64,7 @@ impl Shared {
         runtime: Runtime,
         metrics: metrics_exporter_prometheus::PrometheusHandle,
         components: Components,
+        cache: Option<Arc<smartllm_cache::SemanticCache>>,
         config_dir: PathBuf,
     ) -> Arc<Shared> {
         crate::metrics::config_version(runtime.version);
@@ -74,6 +78,7 @@ impl Shared {
             connector: Connector::new(None),
             metrics,
             components,
+            cache,
             config_dir,
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),

@@ -25,6 +25,9 @@ pub const STORE_READY: &str = "smartllm_store_ready";
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
+const SIMILARITY_BUCKETS: &[f64] = &[
+    0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0,
+];
 const OVERHEAD_BUCKETS: &[f64] = &[
     0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
 ];
@@ -35,6 +38,24 @@ pub fn install() -> PrometheusHandle {
         .set_buckets_for_metric(Matcher::Full(REQUEST_DURATION.into()), LATENCY_BUCKETS)
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(TTFT.into()), LATENCY_BUCKETS))
         .and_then(|b| b.set_buckets_for_metric(Matcher::Full(OVERHEAD.into()), OVERHEAD_BUCKETS))
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(smartllm_cache::metric_names::SEARCH_SECONDS.into()),
+                OVERHEAD_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(smartllm_cache::metric_names::EMBED_SECONDS.into()),
+                OVERHEAD_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(smartllm_cache::metric_names::SIMILARITY.into()),
+                SIMILARITY_BUCKETS,
+            )
+        })
         .expect("static bucket lists are non-empty")
         .install_recorder()
         .expect("the metrics recorder is installed once");
@@ -92,6 +113,35 @@ pub fn install() -> PrometheusHandle {
         "1 when the embedding model is loaded and passed its self-test."
     );
     describe_gauge!(STORE_READY, "1 when the RocksDB data dir is open.");
+    {
+        use smartllm_cache::metric_names as c;
+        describe_counter!(
+            c::LOOKUPS,
+            "Cache lookups by result (hit_exact, hit_semantic, miss, miss_guard, bypass_*)."
+        );
+        describe_histogram!(
+            c::SIMILARITY,
+            "Cosine similarity of the best same-namespace candidate of semantic lookups."
+        );
+        describe_histogram!(
+            c::SEARCH_SECONDS,
+            Unit::Seconds,
+            "FAISS search time per semantic lookup."
+        );
+        describe_histogram!(
+            c::EMBED_SECONDS,
+            Unit::Seconds,
+            "Time to embed a lookup's query (queue + model)."
+        );
+        describe_gauge!(c::INDEX_VECTORS, "Vectors in the cache index.");
+        describe_counter!(c::INDEX_REBUILDS, "Cache index rebuilds.");
+        describe_counter!(c::INSERTS, "Answers stored in the cache.");
+        describe_counter!(
+            c::REMOVED,
+            "Cache entries removed, by reason (expired, purge, unreadable)."
+        );
+        describe_gauge!(c::BYTES, "Estimated live bytes in RocksDB.");
+    }
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle
 }

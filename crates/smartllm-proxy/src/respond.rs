@@ -27,6 +27,12 @@ pub fn header(
     if let Some(p) = &ctx.provider {
         h.insert_header("x-smartllm-provider", p.as_str())?;
     }
+    if let Some(c) = ctx.cache_status {
+        h.insert_header("x-smartllm-cache", c)?;
+    }
+    if let Some(sim) = ctx.cache_similarity {
+        h.insert_header("x-smartllm-similarity", format!("{sim:.4}"))?;
+    }
     if let Some(r) = &ctx.route {
         let model = ctx.model.as_deref().unwrap_or("-");
         h.insert_header(

@@ -83,6 +83,8 @@ pub struct Runtime {
     pub demo_mode: bool,
     /// Model names and route aliases, for error messages and `/v1/models`.
     pub known_models: Vec<String>,
+    /// Compiled cache exclusion rules.
+    pub cache_exclusions: smartllm_cache::Exclusions,
 }
 
 impl Runtime {
@@ -201,6 +203,11 @@ impl Runtime {
         }
         let mut known_models: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
         known_models.extend(config.routes.keys().cloned());
+        let cache_exclusions = smartllm_cache::Exclusions::new(
+            &config.cache.exclude_patterns,
+            &config.cache.detectors,
+        )
+        .map_err(|e| format!("cache.exclude.patterns: {e}"))?;
         Ok(Runtime {
             config,
             version,
@@ -209,6 +216,7 @@ impl Runtime {
             pools,
             demo_mode,
             known_models,
+            cache_exclusions,
         })
     }
 }

@@ -17,6 +17,7 @@ use pingora_proxy::Session;
 use serde_json::Value;
 use smartllm_config::ProviderKind;
 use smartllm_protocol::anthropic::{self, AnthropicStream};
+use smartllm_protocol::assemble::ChunkAssembler;
 use smartllm_protocol::sse::DONE_EVENT;
 use smartllm_protocol::usage::OpenAiStreamFilter;
 use smartllm_protocol::{ApiError, Endpoint, ParsedRequest, Usage};
@@ -560,6 +561,11 @@ async fn buffered_response(
         }
     };
     record_usage(ctx, usage);
+    if let Some(pending) = ctx.cache_insert.take() {
+        if v.get("choices").is_some_and(Value::is_array) {
+            pending.spawn(String::from_utf8_lossy(&out).into_owned());
+        }
+    }
     match respond::json(session, ctx, 200, out, passthrough).await {
         Ok(()) => Attempt::Done,
         Err(_) => client_gone(ctx),
@@ -643,6 +649,7 @@ async fn stream_response(
     }
     let mut failure: Option<ApiError> = None;
     let mut clean_end = false;
+    let mut assembler = ctx.cache_insert.is_some().then(ChunkAssembler::new);
     loop {
         let t = Instant::now();
         let r = tokio::time::timeout(idle, up.read_response_body()).await;
@@ -651,6 +658,9 @@ async fn stream_response(
             Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
                 Ok(out) if out.is_empty() => {}
                 Ok(out) => {
+                    if let Some(a) = assembler.as_mut() {
+                        a.feed(&out);
+                    }
                     if session
                         .write_response_body(Some(Bytes::from(out)), false)
                         .await
@@ -717,6 +727,19 @@ async fn stream_response(
         up.shutdown().await;
     } else {
         release(shared, up, peer).await;
+    }
+    if let (Some(mut a), Some(pending), None) = (assembler, ctx.cache_insert.take(), &failure) {
+        // Only a complete, successful stream is stored.
+        a.feed(&tail);
+        if let Some(mut completion) = a.finish() {
+            if completion.get("usage").is_none() {
+                if let Some(u) = tr.usage() {
+                    completion["usage"] = serde_json::json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                        "total_tokens": u.total(), "prompt_tokens_details": {"cached_tokens": u.cached_tokens}});
+                }
+            }
+            pending.spawn(completion.to_string());
+        }
     }
     if !tail.is_empty()
         && session

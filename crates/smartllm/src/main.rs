@@ -7,9 +7,10 @@ use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
 use pingora::services::listening::Service;
-use smartllm_cache::VectorIndex;
+use smartllm_cache::{Codec, SemanticCache, VectorIndex};
 use smartllm_embed::{cosine, Embedder};
 use smartllm_proxy::admin::AdminApp;
+use smartllm_proxy::cache_sweeper::CacheSweeper;
 use smartllm_proxy::health::HealthService;
 use smartllm_proxy::reload::ReloadService;
 use smartllm_proxy::{Components, Gateway, Runtime, SelfTest, Shared};
@@ -183,6 +184,19 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         );
     }
 
+    let codec = match &config.cache.encryption_key_file {
+        Some(path) => Codec::from_key_file(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        None => Codec::plain(),
+    };
+    let cache = SemanticCache::open(
+        store.clone(),
+        embedder.clone(),
+        codec,
+        config.cache.l1_entries,
+    )
+    .context("opening the semantic cache")?;
+    tracing::info!(enabled = config.cache.enabled, stats = ?cache.stats(), "semantic cache open");
+
     let shared = Shared::new(
         runtime,
         metrics,
@@ -191,6 +205,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
             self_test: Some(test),
             store: Some(store.clone()),
         },
+        Some(cache),
         dir.to_path_buf(),
     );
 
@@ -237,6 +252,13 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         "upstream health",
         HealthService {
             shared: shared.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "cache sweeper",
+        CacheSweeper {
+            shared: shared.clone(),
+            every: std::time::Duration::from_secs(30),
         },
     ));
 
