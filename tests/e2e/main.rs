@@ -1214,3 +1214,55 @@ fn cache_encryption_key_file_errors_are_clear() {
     }
     assert!(!plaintext, "a cached prompt was found in the clear on disk");
 }
+
+#[test]
+fn cache_cli_stats_purge_rebuild_and_eval() {
+    let (_mock, gw) = cached_gateway(CACHE_ON, &[]);
+    ask(&gw, "k", &chat_body("auto", "What is a monad?"));
+    wait_cached(&gw, 1);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin("smartllm"))
+            .args(args)
+            .env("SMARTLLM_ASSETS_DIR", assets_dir())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cfg = gw.config.path().to_str().unwrap().to_string();
+    let (ok, out, err) = cli(&["cache", "stats", "--config", &cfg]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["stats"]["index_vectors"], 1);
+    let (ok, out, err) = cli(&["cache", "rebuild", "--admin", &gw.admin]);
+    assert!(ok && out.contains("\"vectors\": 1"), "{out}{err}");
+    let (ok, _, err) = cli(&["cache", "purge", "--config", &cfg]);
+    assert!(!ok && err.contains("--all"), "{err}");
+    let (ok, out, err) = cli(&["cache", "purge", "--all", "--config", &cfg]);
+    assert!(ok && out.contains("\"removed\": 1"), "{out}{err}");
+    assert_eq!(
+        cache_header(&ask(&gw, "k", &chat_body("auto", "What is a monad?"))),
+        "miss"
+    );
+    let pairs = workspace_root().join("crates/smartllm-cache/testdata/pairs.tsv");
+    let (ok, out, err) = cli(&[
+        "cache",
+        "eval",
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--config",
+        &cfg,
+    ]);
+    assert!(ok, "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("0.95"))
+        .unwrap();
+    let precision: f64 = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(precision >= 0.98, "{out}");
+    let (ok, _, err) = cli(&["cache", "stats", "--admin", "127.0.0.1:1"]);
+    assert!(!ok && err.contains("is smartllm running"), "{err}");
+}

@@ -273,3 +273,89 @@ mod tests {
         assert_eq!(ex.matches("What is the capital of France?"), None);
     }
 }
+
+/// One row of a threshold sweep over labelled pairs.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalRow {
+    pub threshold: f32,
+    pub precision: f64,
+    pub recall: f64,
+    pub hit_rate: f64,
+    pub true_positives: usize,
+    pub false_positives: usize,
+}
+
+/// Parse `text_a<TAB>text_b<TAB>0|1` lines (`#` comments and blanks skipped).
+pub fn parse_pairs(text: &str) -> Result<Vec<(String, String, bool)>, String> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let cols: Vec<&str> = line.split('\t').collect();
+        let [a, b, label] = cols[..] else {
+            return Err(format!(
+                "line {}: expected text_a<TAB>text_b<TAB>is_duplicate",
+                i + 1
+            ));
+        };
+        let dup = match label.trim() {
+            "1" | "true" => true,
+            "0" | "false" => false,
+            other => {
+                return Err(format!(
+                    "line {}: is_duplicate must be 0 or 1, got {other:?}",
+                    i + 1
+                ))
+            }
+        };
+        out.push((a.to_string(), b.to_string(), dup));
+    }
+    Ok(out)
+}
+
+/// Precision, recall and hit rate of the cache's decision (cosine >= threshold
+/// and no near-miss) for each threshold, given each pair's cosine similarity.
+pub fn evaluate(
+    pairs: &[(String, String, bool)],
+    cosines: &[f32],
+    thresholds: &[f32],
+) -> Vec<EvalRow> {
+    let guard_ok: Vec<bool> = pairs
+        .iter()
+        .map(|(a, b, _)| near_miss(a, b).is_none())
+        .collect();
+    let positives = pairs.iter().filter(|p| p.2).count().max(1);
+    thresholds
+        .iter()
+        .map(|&t| {
+            let (mut tp, mut fp) = (0, 0);
+            for (i, (_, _, dup)) in pairs.iter().enumerate() {
+                if cosines[i] >= t && guard_ok[i] {
+                    if *dup {
+                        tp += 1;
+                    } else {
+                        fp += 1;
+                    }
+                }
+            }
+            EvalRow {
+                threshold: t,
+                precision: if tp + fp == 0 {
+                    1.0
+                } else {
+                    tp as f64 / (tp + fp) as f64
+                },
+                recall: tp as f64 / positives as f64,
+                hit_rate: (tp + fp) as f64 / pairs.len().max(1) as f64,
+                true_positives: tp,
+                false_positives: fp,
+            }
+        })
+        .collect()
+}
+
+/// 0.80, 0.81, ... 0.99
+pub fn default_thresholds() -> Vec<f32> {
+    (80..=99).map(|t| t as f32 / 100.0).collect()
+}

@@ -733,6 +733,39 @@ mod tests {
         assert_eq!(cache.purge(&Purge::All).unwrap(), 1);
     }
 
+    #[test]
+    fn labelled_pairs_precision_at_the_default_threshold() {
+        let text =
+            std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/testdata/pairs.tsv"))
+                .unwrap();
+        let pairs = guard::parse_pairs(&text).unwrap();
+        assert!(pairs.len() >= 60);
+        let emb = embedder();
+        let cosines: Vec<f32> = pairs
+            .iter()
+            .map(|(a, b, _)| {
+                let v = emb.embed_blocking(vec![a.clone(), b.clone()]).unwrap();
+                smartllm_embed::cosine(&v[0], &v[1])
+            })
+            .collect();
+        let rows = guard::evaluate(&pairs, &cosines, &guard::default_thresholds());
+        let at = |t: f32| {
+            rows.iter()
+                .find(|r| (r.threshold - t).abs() < 1e-6)
+                .unwrap()
+                .clone()
+        };
+        let d = at(0.95);
+        assert!(
+            d.precision >= 0.98,
+            "precision {:.3} at 0.95: {d:?}",
+            d.precision
+        );
+        assert!(d.recall > 0.2, "the cache must still hit: {d:?}");
+        // The guard alone keeps every trap out, even at a loose threshold.
+        assert!(at(0.80).precision >= 0.9, "{:?}", at(0.80));
+    }
+
     fn store_flush(cache: &SemanticCache) {
         cache.store.flush().unwrap();
     }

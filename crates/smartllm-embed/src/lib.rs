@@ -13,6 +13,10 @@ use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
 
 pub const DIM: usize = 384;
+/// Texts per model run (micro-batch size).
+pub const METRIC_BATCH_SIZE: &str = "smartllm_embed_batch_size";
+/// Model run time per micro-batch.
+pub const METRIC_BATCH_SECONDS: &str = "smartllm_embed_batch_seconds";
 const MAX_BATCH_TEXTS: usize = 32;
 const BATCH_WAIT: Duration = Duration::from_millis(1);
 const QUEUE_DEPTH: usize = 1024;
@@ -384,6 +388,51 @@ mod tests {
             device: Device::Cpu,
         };
         cfg.model.is_file().then_some(cfg)
+    }
+
+    /// Vectors made by the onnxruntime Python package from the same model file
+    /// (packaging/make-reference-vectors.py): ours must match within cosine 0.999,
+    /// one text at a time and inside padded micro-batches.
+    #[test]
+    fn matches_python_onnxruntime_reference_vectors() {
+        let text = std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/testdata/reference.json"
+        ))
+        .unwrap();
+        let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
+        let mut cfg = assets()
+            .expect("embedding assets missing: run packaging/fetch-assets.sh (make test does)");
+        cfg.max_seq_len = reference["max_seq_len"].as_u64().unwrap() as usize;
+        let e = Embedder::load(&cfg).unwrap();
+        let sentences: Vec<String> = reference["sentences"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|s| s.as_str().unwrap().to_string())
+            .collect();
+        let want: Vec<Vec<f32>> = reference["vectors"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| {
+                v.as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|x| x.as_f64().unwrap() as f32)
+                    .collect()
+            })
+            .collect();
+        let batched = e.embed_blocking(sentences.clone()).unwrap();
+        for (i, s) in sentences.iter().enumerate() {
+            let alone = e.embed_blocking(vec![s.clone()]).unwrap().pop().unwrap();
+            let c1 = cosine(&alone, &want[i]);
+            let c2 = cosine(&batched[i], &want[i]);
+            assert!(
+                c1 >= 0.999 && c2 >= 0.999,
+                "sentence {i} {s:?}: alone {c1}, batched {c2}"
+            );
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub const STORE_READY: &str = "smartllm_store_ready";
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
 ];
+const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 const SIMILARITY_BUCKETS: &[f64] = &[
     0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0,
 ];
@@ -54,6 +55,18 @@ pub fn install() -> PrometheusHandle {
             b.set_buckets_for_metric(
                 Matcher::Full(smartllm_cache::metric_names::SIMILARITY.into()),
                 SIMILARITY_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(smartllm_embed::METRIC_BATCH_SECONDS.into()),
+                OVERHEAD_BUCKETS,
+            )
+        })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(smartllm_embed::METRIC_BATCH_SIZE.into()),
+                BATCH_BUCKETS,
             )
         })
         .expect("static bucket lists are non-empty")
@@ -141,6 +154,15 @@ pub fn install() -> PrometheusHandle {
             "Cache entries removed, by reason (expired, purge, unreadable)."
         );
         describe_gauge!(c::BYTES, "Estimated live bytes in RocksDB.");
+        describe_histogram!(
+            smartllm_embed::METRIC_BATCH_SIZE,
+            "Texts per embedding model run (micro-batch size)."
+        );
+        describe_histogram!(
+            smartllm_embed::METRIC_BATCH_SECONDS,
+            Unit::Seconds,
+            "Embedding model run time per micro-batch."
+        );
     }
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     handle

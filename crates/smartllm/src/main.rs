@@ -50,12 +50,68 @@ enum Command {
         #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
         config: PathBuf,
     },
+    /// Inspect and manage the semantic cache.
+    Cache {
+        #[command(subcommand)]
+        action: CacheCmd,
+    },
+}
+
+#[derive(clap::Args)]
+struct AdminTarget {
+    /// Config directory of the running gateway (its admin_listen is used).
+    #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+    config: PathBuf,
+    /// Admin address, overriding the config's (host:port).
+    #[arg(long)]
+    admin: Option<String>,
+}
+
+#[derive(Subcommand)]
+enum CacheCmd {
+    /// Entry and index counts of the running gateway's cache.
+    Stats {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Remove entries: all of them, one namespace, or one route (or model).
+    Purge {
+        #[command(flatten)]
+        target: AdminTarget,
+        #[arg(long, conflicts_with_all = ["route", "namespace"])]
+        all: bool,
+        #[arg(long, conflicts_with = "namespace")]
+        route: Option<String>,
+        #[arg(long)]
+        namespace: Option<String>,
+    },
+    /// Rebuild the vector index from RocksDB (the source of truth).
+    Rebuild {
+        #[command(flatten)]
+        target: AdminTarget,
+    },
+    /// Precision, recall and hit rate over labelled pairs for thresholds 0.80-0.99,
+    /// with the real embedding model and precision guard.
+    Eval {
+        /// TSV: text_a, text_b, is_duplicate (0/1).
+        #[arg(long)]
+        pairs: PathBuf,
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+    },
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Cache { action } => match cache_cmd(action) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("smartllm cache: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::Serve { config, upgrade } => match serve(&config, upgrade) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -106,6 +162,103 @@ fn check(dir: &Path) -> ExitCode {
             ExitCode::from(1)
         }
     }
+}
+
+/// One request to the admin listener (plain HTTP/1.1, loopback).
+fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let addr = match &target.admin {
+        Some(a) => a.clone(),
+        None => smartllm_config::load_dir(&target.config)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .server
+            .admin_listen
+            .to_string(),
+    };
+    let mut s = std::net::TcpStream::connect(&addr).with_context(|| {
+        format!("connecting to the admin listener at {addr} (is smartllm running?)")
+    })?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if !(200..300).contains(&status) {
+        anyhow::bail!("admin API answered {status}: {}", body.trim());
+    }
+    Ok(body.trim().to_string())
+}
+
+fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
+    match action {
+        CacheCmd::Stats { target } => {
+            println!("{}", admin_call(&target, "GET", "/admin/cache/stats")?)
+        }
+        CacheCmd::Rebuild { target } => {
+            println!("{}", admin_call(&target, "POST", "/admin/cache/rebuild")?)
+        }
+        CacheCmd::Purge {
+            target,
+            all,
+            route,
+            namespace,
+        } => {
+            let query = match (all, route, namespace) {
+                (true, _, _) => "all=true".to_string(),
+                (_, Some(r), _) => format!("route={r}"),
+                (_, _, Some(n)) => format!("namespace={n}"),
+                _ => anyhow::bail!("say what to purge: --all, --route NAME or --namespace HEX"),
+            };
+            println!(
+                "{}",
+                admin_call(&target, "POST", &format!("/admin/cache/purge?{query}"))?
+            );
+        }
+        CacheCmd::Eval { pairs, config } => {
+            let cfg = smartllm_config::load_dir(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
+            let text = std::fs::read_to_string(&pairs)
+                .with_context(|| format!("reading {}", pairs.display()))?;
+            let pairs = smartllm_cache::guard::parse_pairs(&text)
+                .map_err(|e| anyhow::anyhow!("{}: {e}", pairs.display()))?;
+            let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
+            let mut cosines = Vec::with_capacity(pairs.len());
+            for (a, b, _) in &pairs {
+                let v = embedder.embed_blocking(vec![a.clone(), b.clone()])?;
+                cosines.push(cosine(&v[0], &v[1]));
+            }
+            let rows = smartllm_cache::guard::evaluate(
+                &pairs,
+                &cosines,
+                &smartllm_cache::guard::default_thresholds(),
+            );
+            let default = cfg.cache.defaults.similarity_threshold;
+            println!("{} pairs ({} duplicates); cache decision = cosine >= threshold and the precision guard passes", pairs.len(), pairs.iter().filter(|p| p.2).count());
+            println!("threshold  precision  recall  hit_rate  tp  fp");
+            for r in rows {
+                let mark = if (r.threshold - default).abs() < 1e-6 {
+                    "  <- configured"
+                } else {
+                    ""
+                };
+                println!(
+                    "{:>9.2}  {:>9.3}  {:>6.3}  {:>8.3}  {:>2}  {:>2}{mark}",
+                    r.threshold,
+                    r.precision,
+                    r.recall,
+                    r.hit_rate,
+                    r.true_positives,
+                    r.false_positives
+                );
+            }
+        }
+    }
+    Ok(())
 }
 
 fn init_logging(level: &str) {
