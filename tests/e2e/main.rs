@@ -1130,9 +1130,16 @@ fn cache_ttl_version_bump_and_restart() {
     wait_cached(&gw, 1);
     gw.stop();
     let data_dir = gw.config.data.path().to_path_buf();
+    // A corrupt index file must not stop the gateway or lose entries.
+    std::fs::write(data_dir.join("cache.ivf"), b"corrupt").unwrap();
     let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
     let gw2 = Gateway::start(cfg);
     assert_eq!(gw2.config.data.path(), data_dir);
+    assert!(
+        gw2.log_text().contains("the cache index file is unusable"),
+        "{}",
+        gw2.log_text()
+    );
     assert_eq!(
         cache_header(&ask(&gw2, "k", &q)),
         "hit-exact",

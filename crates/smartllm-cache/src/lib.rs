@@ -22,7 +22,8 @@ use smartllm_config::CachePolicy;
 use smartllm_embed::Embedder;
 use smartllm_store::{Store, CF_ENTRIES, CF_EXACT, CF_META, CF_VECTORS};
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
@@ -40,6 +41,9 @@ pub mod metric_names {
 use metric_names as m;
 
 const NEXT_ID: &[u8] = b"next_id";
+/// `next_id` when the IVF index file was written: it holds every entry below.
+const IVF_NEXT_ID: &[u8] = b"ivf_next_id";
+pub const INDEX_FILE: &str = "cache.ivf";
 
 #[derive(Debug, thiserror::Error)]
 pub enum CacheError {
@@ -93,6 +97,10 @@ pub enum Purge {
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct CacheStats {
     pub index_vectors: usize,
+    pub index_kind: &'static str,
+    pub ivf_nlist: Option<usize>,
+    pub ivf_nprobe: Option<usize>,
+    pub index_building: bool,
     pub l1_entries: usize,
     pub next_id: u64,
     pub encrypted: bool,
@@ -107,6 +115,12 @@ pub fn now_secs() -> u64 {
         .unwrap_or(0)
 }
 
+/// A change to the live index made while a new one is being built.
+enum Op {
+    Add(u64, Vec<f32>),
+    Remove(Vec<u64>),
+}
+
 pub struct SemanticCache {
     store: Arc<Store>,
     embedder: Arc<Embedder>,
@@ -114,6 +128,17 @@ pub struct SemanticCache {
     index: RwLock<VectorIndex>,
     l1: Mutex<LruCache<[u8; 32], Arc<Entry>>>,
     next_id: AtomicU64,
+    /// Vectors at which the flat index is replaced by a trained IVF one.
+    ivf_threshold: AtomicUsize,
+    /// Size the current IVF index was trained for (0 = flat).
+    trained_for: AtomicUsize,
+    index_path: Option<PathBuf>,
+    building: AtomicBool,
+    /// Some while a build runs: writes to the live index are replayed on the new one.
+    pending: Mutex<Option<Vec<Op>>>,
+    dirty: AtomicBool,
+    /// Bumped by purge-all and full rebuilds: a build that started before is void.
+    generation: AtomicU64,
 }
 
 fn valid(e: &Entry, policy: &CachePolicy, now: u64) -> bool {
@@ -136,16 +161,20 @@ fn bytes_to_vec(b: &[u8]) -> Option<Vec<f32>> {
 }
 
 impl SemanticCache {
-    /// Open the cache over the store and rebuild the vector index from it.
+    /// Open the cache over the store: load the persisted IVF index from
+    /// `index_dir` when it is current, else rebuild from RocksDB (and train an
+    /// IVF index in the background when there are `ivf_threshold` vectors).
     /// Blocking: call before the server starts or from `spawn_blocking`.
     pub fn open(
         store: Arc<Store>,
         embedder: Arc<Embedder>,
         codec: Codec,
         l1_entries: usize,
+        ivf_threshold: usize,
+        index_dir: Option<&std::path::Path>,
     ) -> Result<Arc<Self>, CacheError> {
         let dim = embedder.info().dim;
-        let cache = SemanticCache {
+        let cache = Arc::new(SemanticCache {
             store,
             embedder,
             codec,
@@ -154,9 +183,249 @@ impl SemanticCache {
                 NonZeroUsize::new(l1_entries.max(1)).expect("max(1)"),
             )),
             next_id: AtomicU64::new(1),
+            ivf_threshold: AtomicUsize::new(ivf_threshold.max(1)),
+            trained_for: AtomicUsize::new(0),
+            index_path: index_dir.map(|d| d.join(INDEX_FILE)),
+            building: AtomicBool::new(false),
+            pending: Mutex::new(None),
+            dirty: AtomicBool::new(false),
+            generation: AtomicU64::new(0),
+        });
+        if !cache.load_persisted()? {
+            cache.rebuild_index()?;
+        }
+        cache.maybe_upgrade();
+        Ok(cache)
+    }
+
+    /// Change the IVF threshold (config reload).
+    pub fn set_ivf_threshold(self: &Arc<Self>, n: usize) {
+        self.ivf_threshold.store(n.max(1), Ordering::Relaxed);
+        self.maybe_upgrade();
+    }
+
+    fn stored_u64(&self, key: &[u8]) -> Result<Option<u64>, CacheError> {
+        Ok(self
+            .db()
+            .get_cf(self.cf(CF_META), key)?
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map(u64::from_be_bytes))
+    }
+
+    /// Every stored vector from `min_id` on: (ids, row-major vectors, largest id).
+    fn stored_vectors(&self, min_id: u64) -> Result<(Vec<u64>, Vec<f32>, u64), CacheError> {
+        let dim = self.embedder.info().dim;
+        let (mut ids, mut data, mut max_id) = (Vec::new(), Vec::new(), 0u64);
+        let start = min_id.to_be_bytes();
+        let mode = IteratorMode::From(&start, rocksdb::Direction::Forward);
+        for item in self.db().iterator_cf(self.cf(CF_VECTORS), mode) {
+            let (k, v) = item?;
+            let (Ok(id_bytes), Some(vec)) = (<[u8; 8]>::try_from(&k[..]), bytes_to_vec(&v)) else {
+                continue;
+            };
+            if vec.len() != dim {
+                continue;
+            }
+            let id = u64::from_be_bytes(id_bytes);
+            ids.push(id);
+            data.extend(vec);
+            max_id = max_id.max(id);
+        }
+        Ok((ids, data, max_id))
+    }
+
+    /// Use the persisted IVF index if it is readable and current. Returns
+    /// false (after saying why) when the index must be rebuilt instead.
+    fn load_persisted(&self) -> Result<bool, CacheError> {
+        let Some(path) = self.index_path.clone() else {
+            return Ok(false);
         };
-        cache.rebuild_index()?;
-        Ok(Arc::new(cache))
+        if !path.exists() {
+            return Ok(false);
+        }
+        let dim = self.embedder.info().dim;
+        let mut index = match VectorIndex::read_ivf(&path, dim) {
+            Ok(i) => i,
+            Err(e) => {
+                tracing::error!(error = %e, "the cache index file is unusable; rebuilding it from RocksDB (no entry is lost)");
+                let _ = std::fs::remove_file(&path);
+                return Ok(false);
+            }
+        };
+        let Some(ivf_next) = self.stored_u64(IVF_NEXT_ID)? else {
+            tracing::warn!(path = %path.display(), "the cache index file has no sync marker; rebuilding from RocksDB");
+            return Ok(false);
+        };
+        // The file must hold exactly the stored vectors below its marker
+        // (anything removed since it was written makes it stale).
+        let mut below = 0usize;
+        let mut raw = self.db().raw_iterator_cf(self.cf(CF_VECTORS));
+        raw.seek_to_first();
+        while let Some(k) = raw.key() {
+            if <[u8; 8]>::try_from(k)
+                .map(u64::from_be_bytes)
+                .is_ok_and(|id| id < ivf_next)
+            {
+                below += 1;
+            } else {
+                break;
+            }
+            raw.next();
+        }
+        raw.status()?;
+        if below != index.len() {
+            tracing::warn!(
+                file = index.len(),
+                stored = below,
+                "the cache index file is out of date; rebuilding from RocksDB"
+            );
+            return Ok(false);
+        }
+        let (ids, data, max_id) = self.stored_vectors(ivf_next)?;
+        for (i, id) in ids.iter().enumerate() {
+            index.add(*id, &data[i * dim..(i + 1) * dim])?;
+        }
+        let next = self
+            .stored_u64(NEXT_ID)?
+            .unwrap_or(1)
+            .max(max_id + 1)
+            .max(ivf_next);
+        self.next_id.store(next, Ordering::SeqCst);
+        self.trained_for
+            .store(index.len().max(1), Ordering::Relaxed);
+        let n = index.len();
+        *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
+        gauge!(m::INDEX_VECTORS).set(n as f64);
+        tracing::info!(vectors = n, added_since_saved = ids.len(), path = %path.display(), "cache IVF index loaded");
+        Ok(true)
+    }
+
+    /// Start a background IVF build when the index outgrew its kind.
+    fn maybe_upgrade(self: &Arc<Self>) {
+        let n = self.index.read().map(|i| i.len()).unwrap_or(0);
+        let trained = self.trained_for.load(Ordering::Relaxed);
+        let threshold = self.ivf_threshold.load(Ordering::Relaxed);
+        let due = if trained == 0 {
+            n >= threshold
+        } else {
+            n >= trained * 4
+        };
+        if !due || self.building.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let this = self.clone();
+        let spawned = std::thread::Builder::new().name("smartllm-ivf".into()).spawn(move || {
+            if let Err(e) = this.build_ivf() {
+                tracing::error!(error = %e, "building the IVF cache index failed; the current index stays");
+                if let Ok(mut p) = this.pending.lock() {
+                    *p = None;
+                }
+            }
+            this.building.store(false, Ordering::SeqCst);
+        });
+        if spawned.is_err() {
+            self.building.store(false, Ordering::SeqCst);
+        }
+    }
+
+    /// Whether a background index build is running.
+    pub fn building(&self) -> bool {
+        self.building.load(Ordering::SeqCst)
+    }
+
+    /// Train an IVF index from RocksDB while lookups go on, replay the writes
+    /// made meanwhile, swap it in, persist it.
+    fn build_ivf(&self) -> Result<(), CacheError> {
+        let started = Instant::now();
+        let generation;
+        {
+            // Under the write lock: every write from here on is also logged.
+            let _guard = self.index.write().unwrap_or_else(|p| p.into_inner());
+            generation = self.generation.load(Ordering::SeqCst);
+            *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
+        }
+        let (ids, data, _) = self.stored_vectors(0)?;
+        if ids.is_empty() {
+            *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Ok(());
+        }
+        let dim = self.embedder.info().dim;
+        let mut fresh = VectorIndex::train_ivf(dim, &data, &ids)?;
+        drop(data);
+        let trained_ms = started.elapsed().as_millis() as u64;
+        {
+            let mut live = self.index.write().unwrap_or_else(|p| p.into_inner());
+            let ops = self
+                .pending
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .unwrap_or_default();
+            if self.generation.load(Ordering::SeqCst) != generation {
+                tracing::info!(
+                    "cache purged or rebuilt during the IVF build; the build is discarded"
+                );
+                return Ok(());
+            }
+            let replayed = ops.len();
+            for op in ops {
+                match op {
+                    Op::Add(id, v) => {
+                        // The snapshot may already hold it: never twice.
+                        fresh.remove(&[id])?;
+                        fresh.add(id, &v)?;
+                    }
+                    Op::Remove(ids) => {
+                        fresh.remove(&ids)?;
+                    }
+                }
+            }
+            *live = fresh;
+            self.trained_for.store(live.len().max(1), Ordering::Relaxed);
+            gauge!(m::INDEX_VECTORS).set(live.len() as f64);
+            let (nlist, nprobe) = live.ivf_params().unwrap_or_default();
+            tracing::info!(
+                vectors = live.len(),
+                nlist,
+                nprobe,
+                replayed,
+                trained_ms,
+                "cache IVF index built and swapped in"
+            );
+        }
+        counter!(m::INDEX_REBUILDS).increment(1);
+        self.dirty.store(true, Ordering::Relaxed);
+        self.persist()?;
+        Ok(())
+    }
+
+    /// Write the IVF index to disk if it changed (no-op for a flat index).
+    pub fn persist(&self) -> Result<bool, CacheError> {
+        let Some(path) = &self.index_path else {
+            return Ok(false);
+        };
+        if !self.dirty.swap(false, Ordering::Relaxed) {
+            return Ok(false);
+        }
+        // Hold the read lock: no write lands between the marker and the file.
+        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
+        if !index.is_ivf() {
+            return Ok(false);
+        }
+        let next = self.next_id.load(Ordering::SeqCst);
+        index.write_ivf(path)?;
+        self.db()
+            .put_cf(self.cf(CF_META), IVF_NEXT_ID, next.to_be_bytes())?;
+        tracing::debug!(vectors = index.len(), path = %path.display(), "cache IVF index saved");
+        Ok(true)
+    }
+
+    fn log_op(&self, op: Op) {
+        if let Ok(mut p) = self.pending.lock() {
+            if let Some(ops) = p.as_mut() {
+                ops.push(op);
+            }
+        }
     }
 
     fn db(&self) -> &rocksdb::DB {
@@ -169,8 +438,21 @@ impl SemanticCache {
             .expect("the store creates every column family")
     }
 
-    /// Rebuild the FAISS index from the vectors in RocksDB (the source of truth).
-    pub fn rebuild_index(&self) -> Result<usize, CacheError> {
+    /// Rebuild the FAISS index from the vectors in RocksDB (the source of
+    /// truth): flat at once; a large one is then re-trained as IVF in the
+    /// background.
+    pub fn rebuild(self: &Arc<Self>) -> Result<usize, CacheError> {
+        let n = self.rebuild_index()?;
+        self.maybe_upgrade();
+        Ok(n)
+    }
+
+    fn rebuild_index(&self) -> Result<usize, CacheError> {
+        if let Some(p) = &self.index_path {
+            let _ = std::fs::remove_file(p);
+        }
+        self.generation.fetch_add(1, Ordering::SeqCst);
+        self.trained_for.store(0, Ordering::Relaxed);
         let started = Instant::now();
         let dim = self.embedder.info().dim;
         let mut fresh = VectorIndex::new_flat(dim)?;
@@ -265,6 +547,8 @@ impl SemanticCache {
         let just_ids: Vec<u64> = ids.iter().map(|(i, _)| *i).collect();
         let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
         index.remove(&just_ids)?;
+        self.log_op(Op::Remove(just_ids));
+        self.dirty.store(true, Ordering::Relaxed);
         gauge!(m::INDEX_VECTORS).set(index.len() as f64);
         Ok(())
     }
@@ -446,9 +730,11 @@ impl SemanticCache {
             version: policy.version,
         };
         let this = self.clone();
-        tokio::task::spawn_blocking(move || this.write(entry, embedding, key.exact))
+        let id = tokio::task::spawn_blocking(move || this.write(entry, embedding, key.exact))
             .await
-            .map_err(|e| CacheError::Task(e.to_string()))?
+            .map_err(|e| CacheError::Task(e.to_string()))??;
+        self.maybe_upgrade();
+        Ok(id)
     }
 
     fn write(
@@ -480,10 +766,13 @@ impl SemanticCache {
             let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
             if let Some(old) = previous {
                 index.remove(&[old])?;
+                self.log_op(Op::Remove(vec![old]));
             }
             if let Some(v) = &embedding {
                 index.add(id, v)?;
+                self.log_op(Op::Add(id, v.clone()));
             }
+            self.dirty.store(true, Ordering::Relaxed);
             gauge!(m::INDEX_VECTORS).set(index.len() as f64);
         }
         self.l1_put(exact, Arc::new(entry));
@@ -509,8 +798,16 @@ impl SemanticCache {
             if let Ok(mut l1) = self.l1.lock() {
                 l1.clear();
             }
-            *self.index.write().unwrap_or_else(|p| p.into_inner()) =
-                VectorIndex::new_flat(self.embedder.info().dim)?;
+            {
+                let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+                *index = VectorIndex::new_flat(self.embedder.info().dim)?;
+                // A build in flight started from the old contents: void it.
+                self.generation.fetch_add(1, Ordering::SeqCst);
+            }
+            self.trained_for.store(0, Ordering::Relaxed);
+            if let Some(p) = &self.index_path {
+                let _ = std::fs::remove_file(p);
+            }
             gauge!(m::INDEX_VECTORS).set(0.0);
             counter!(m::REMOVED, "reason" => "purge").increment(n);
             return Ok(n);
@@ -564,8 +861,17 @@ impl SemanticCache {
             .ok()
             .flatten()
             .unwrap_or(0);
+        let (kind, params) = self
+            .index
+            .read()
+            .map(|i| (if i.is_ivf() { "ivf-sq8" } else { "flat" }, i.ivf_params()))
+            .unwrap_or(("flat", None));
         CacheStats {
             index_vectors: self.index.read().map(|i| i.len()).unwrap_or(0),
+            index_kind: kind,
+            ivf_nlist: params.map(|p| p.0),
+            ivf_nprobe: params.map(|p| p.1),
+            index_building: self.building.load(Ordering::SeqCst),
             l1_entries: self.l1.lock().map(|l| l.len()).unwrap_or(0),
             next_id: self.next_id.load(Ordering::SeqCst),
             encrypted: self.codec.encrypted(),
@@ -642,7 +948,15 @@ mod tests {
         let p = policy();
         {
             let store = Store::open(dir.path()).unwrap();
-            let cache = SemanticCache::open(store, emb.clone(), Codec::plain(), 100).unwrap();
+            let cache = SemanticCache::open(
+                store,
+                emb.clone(),
+                Codec::plain(),
+                100,
+                100_000,
+                Some(dir.path()),
+            )
+            .unwrap();
             let k = key("t1", "How do I reset my password?");
             assert!(is_hit(&cache.lookup(&k, &p, 8).await.unwrap()).is_none());
             cache
@@ -693,7 +1007,15 @@ mod tests {
         }
         // Restart: the index is rebuilt from RocksDB and hits still work.
         let store = Store::open(dir.path()).unwrap();
-        let cache = SemanticCache::open(store, emb.clone(), Codec::plain(), 100).unwrap();
+        let cache = SemanticCache::open(
+            store,
+            emb.clone(),
+            Codec::plain(),
+            100,
+            100_000,
+            Some(dir.path()),
+        )
+        .unwrap();
         assert_eq!(cache.stats().index_vectors, 2);
         let hit = cache
             .lookup(&key("t1", "What is the way to reset my password?"), &p, 8)
@@ -768,5 +1090,181 @@ mod tests {
 
     fn store_flush(cache: &SemanticCache) {
         cache.store.flush().unwrap();
+    }
+}
+
+#[cfg(test)]
+mod ivf_tests {
+    use super::*;
+    use serde_json::json;
+    use smartllm_config::{Device, EmbedderConfig};
+    use std::path::PathBuf;
+    use std::time::Duration;
+
+    fn embedder() -> Arc<Embedder> {
+        let dir = std::env::var("SMARTLLM_ASSETS_DIR")
+            .map(PathBuf::from)
+            .unwrap_or_else(|_| {
+                PathBuf::from(std::env::var("HOME").unwrap_or_default())
+                    .join(".cache/smartllm-assets")
+            });
+        let cfg = EmbedderConfig {
+            model: dir.join("model.onnx"),
+            tokenizer: dir.join("tokenizer.json"),
+            onnxruntime: dir.join("libonnxruntime.so.1.31.1"),
+            threads: 1,
+            max_seq_len: 64,
+            device: Device::Cpu,
+        };
+        Arc::new(
+            Embedder::load(&cfg)
+                .expect("embedding assets (run packaging/fetch-assets.sh; make test does)"),
+        )
+    }
+
+    fn key(q: &str) -> CacheKey {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": q}]});
+        chat_key("t", "m", body.as_object().unwrap()).unwrap()
+    }
+
+    fn wait_ivf(cache: &SemanticCache) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while (cache.building() || cache.stats().index_kind != "ivf-sq8")
+            && Instant::now() < deadline
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert_eq!(cache.stats().index_kind, "ivf-sq8", "{:?}", cache.stats());
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn flat_becomes_ivf_without_losing_entries_persists_and_survives_a_corrupt_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder();
+        let p = CachePolicy {
+            enabled: true,
+            semantic: true,
+            similarity_threshold: 0.9,
+            ttl: Duration::from_secs(3600),
+            version: 1,
+            max_temperature: 1.0,
+        };
+        let topics = [
+            "rust",
+            "python",
+            "databases",
+            "networking",
+            "cooking",
+            "gardening",
+            "astronomy",
+            "history",
+        ];
+        let question = |i: usize| {
+            format!(
+                "Question number {i} about {} and topic {}",
+                topics[i % 8],
+                i * 7919 % 1000
+            )
+        };
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let cache = SemanticCache::open(
+                store.clone(),
+                emb.clone(),
+                Codec::plain(),
+                10,
+                300,
+                Some(dir.path()),
+            )
+            .unwrap();
+            // Fill past the threshold; keep inserting while the IVF build runs.
+            for i in 0..400 {
+                cache
+                    .insert(
+                        key(&question(i)),
+                        None,
+                        format!("{{\"a\":{i}}}"),
+                        &p,
+                        "auto",
+                        "m",
+                    )
+                    .await
+                    .unwrap();
+            }
+            wait_ivf(&cache);
+            let s = cache.stats();
+            assert_eq!(s.index_vectors, 400, "{s:?}");
+            // Every entry is still found, by its own text (exact L1 is tiny: most go semantic).
+            for i in (0..400).step_by(37) {
+                match cache.lookup(&key(&question(i)), &p, 8).await.unwrap() {
+                    Lookup::Hit { entry, .. } => {
+                        assert_eq!(entry.response, format!("{{\"a\":{i}}}"))
+                    }
+                    miss => panic!("entry {i} lost: {miss:?}"),
+                }
+            }
+            assert!(dir.path().join(INDEX_FILE).exists());
+            cache
+                .insert(
+                    key("one more after saving"),
+                    None,
+                    "{}".into(),
+                    &p,
+                    "auto",
+                    "m",
+                )
+                .await
+                .unwrap();
+            cache.persist().unwrap();
+            cache
+                .insert(
+                    key("and one after the last save"),
+                    None,
+                    "{}".into(),
+                    &p,
+                    "auto",
+                    "m",
+                )
+                .await
+                .unwrap();
+            store.flush().unwrap();
+        }
+        {
+            // Reload: the saved IVF plus what came after it.
+            let store = Store::open(dir.path()).unwrap();
+            let cache = SemanticCache::open(
+                store.clone(),
+                emb.clone(),
+                Codec::plain(),
+                10,
+                300,
+                Some(dir.path()),
+            )
+            .unwrap();
+            assert_eq!(cache.stats().index_kind, "ivf-sq8");
+            assert_eq!(cache.stats().index_vectors, 402);
+            assert!(matches!(
+                cache
+                    .lookup(&key("and one after the last save"), &p, 8)
+                    .await
+                    .unwrap(),
+                Lookup::Hit { .. }
+            ));
+            store.flush().unwrap();
+        }
+        // A corrupt file: rebuilt from RocksDB, nothing lost.
+        std::fs::write(dir.path().join(INDEX_FILE), b"not a faiss index").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, emb, Codec::plain(), 10, 300, Some(dir.path())).unwrap();
+        assert_eq!(cache.stats().index_vectors, 402);
+        assert!(matches!(
+            cache.lookup(&key(&question(123)), &p, 8).await.unwrap(),
+            Lookup::Hit { .. }
+        ));
+        wait_ivf(&cache);
+        assert_eq!(cache.purge(&Purge::All).unwrap(), 402);
+        assert_eq!(cache.stats().index_kind, "flat");
+        assert!(!dir.path().join(INDEX_FILE).exists());
     }
 }

@@ -220,7 +220,7 @@ impl ServeHttp for AdminApp {
                     .await
             }
             ("POST", "/admin/cache/rebuild") => match self.shared.cache.clone() {
-                Some(c) => match tokio::task::spawn_blocking(move || c.rebuild_index()).await {
+                Some(c) => match tokio::task::spawn_blocking(move || c.rebuild()).await {
                     Ok(Ok(n)) => json_reply(200, &json!({"result": "rebuilt", "vectors": n})),
                     Ok(Err(e)) => json_reply(
                         500,

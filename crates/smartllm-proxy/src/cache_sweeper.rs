@@ -21,19 +21,26 @@ impl BackgroundService for CacheSweeper {
         };
         let mut ticker = tokio::time::interval(self.every);
         ticker.tick().await;
+        let mut ticks = 0u64;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
                 _ = shutdown.changed() => break,
             }
+            ticks += 1;
+            let save = ticks % 10 == 0;
             let rt = self.shared.runtime.load_full();
             let cache = cache.clone();
             let swept = tokio::task::spawn_blocking(move || {
                 let cfg = &rt.config.cache;
-                cache.sweep(|e| {
+                let n = cache.sweep(|e| {
                     let route = (e.route != e.model).then_some(e.route.as_str());
                     cfg.policy(route, &e.model).version != e.version
-                })
+                })?;
+                if save {
+                    cache.persist()?;
+                }
+                Ok::<_, smartllm_cache::CacheError>(n)
             })
             .await;
             match swept {

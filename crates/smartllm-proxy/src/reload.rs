@@ -48,6 +48,9 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Str
                 let version = current.version + 1;
                 match Runtime::prepare(applied, version).await {
                     Ok(rt) => {
+                        if let Some(c) = &shared.cache {
+                            c.set_ivf_threshold(rt.config.cache.ivf_threshold);
+                        }
                         if rt.demo_mode != current.demo_mode {
                             tracing::warn!(
                                 demo_mode = rt.demo_mode,

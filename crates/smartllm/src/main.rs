@@ -346,6 +346,8 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         embedder.clone(),
         codec,
         config.cache.l1_entries,
+        config.cache.ivf_threshold,
+        Some(&config.data_dir),
     )
     .context("opening the semantic cache")?;
     tracing::info!(enabled = config.cache.enabled, stats = ?cache.stats(), "semantic cache open");
@@ -358,7 +360,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
             self_test: Some(test),
             store: Some(store.clone()),
         },
-        Some(cache),
+        Some(cache.clone()),
         dir.to_path_buf(),
     );
 
@@ -420,7 +422,10 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         version = env!("CARGO_PKG_VERSION"), "smartllm starting"
     );
     server.run(RunArgs::default());
-    // Pingora has drained and stopped: flush state before exiting.
+    // Pingora has drained and stopped: save the index, flush state, exit.
+    if let Err(e) = cache.persist() {
+        tracing::error!(error = %e, "saving the cache index failed; it will be rebuilt at the next start");
+    }
     store.flush().context("flushing RocksDB")?;
     tracing::info!("smartllm stopped");
     Ok(())
