@@ -12,7 +12,7 @@ command -v wrk >/dev/null || { echo "wrk not found (apt-get install wrk)" >&2; e
 
 WORK="$(mktemp -d)"
 MOCK_PORT=18000; GW_PORT=18080; ADMIN_PORT=19090
-cleanup() { kill "${GW_PID:-}" "${MOCK_PID:-}" 2>/dev/null || true; rm -rf "$WORK"; }
+cleanup() { kill "${GW_PID:-}" "${MOCK_PID:-}" 2>/dev/null || true; wait 2>/dev/null || true; rm -rf "$WORK"; }
 trap cleanup EXIT
 
 "$BIN/mock-llm" --listen 127.0.0.1:$MOCK_PORT --threads 1 >/dev/null 2>&1 & MOCK_PID=$!

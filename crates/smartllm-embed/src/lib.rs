@@ -435,6 +435,26 @@ mod tests {
         }
     }
 
+    /// `device: cuda` without a usable CUDA execution provider (the CPU build of
+    /// ONNX Runtime here, or no GPU) falls back to CPU with a warning.
+    #[test]
+    fn cuda_request_falls_back_to_cpu() {
+        let mut cfg = assets()
+            .expect("embedding assets missing: run packaging/fetch-assets.sh (make test does)");
+        cfg.device = Device::Cuda;
+        let e = Embedder::load(&cfg).unwrap();
+        if e.info().device == "cuda" {
+            // A GPU build on a GPU machine: CUDA really runs.
+            assert_eq!(e.embed_blocking(vec!["gpu".into()]).unwrap()[0].len(), DIM);
+            return;
+        }
+        assert_eq!(e.info().device, "cpu (cuda unavailable)");
+        assert_eq!(
+            e.embed_blocking(vec!["fallback works".into()]).unwrap()[0].len(),
+            DIM
+        );
+    }
+
     #[test]
     fn real_model_embeds_and_ranks_paraphrases() {
         // `make test` fetches the assets first; a bare `cargo test` without them fails loudly.
