@@ -926,7 +926,7 @@ fn https_upstreams_verify_certificates_and_send_sni() {
 fn cached_gateway(cache_yaml: &str, mock_args: &[&str]) -> (Mock, Gateway) {
     let mock = Mock::start(mock_args);
     let providers = format!("providers:\n{}", mock_provider("mock", &mock));
-    let models = "models:\n  - name: small\n    deployments:\n      - provider: mock\n        model: mock-small\n";
+    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    deployments:\n      - provider: mock\n        model: mock-small\n";
     let cfg = ConfigDir::new(
         "",
         "demo:\n  mode: off\n",
@@ -991,6 +991,11 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
     assert!((0.95..1.0).contains(&sim), "{sim}");
     assert_eq!(para.json()["choices"], first.json()["choices"]);
     assert_eq!(mock.requests(), before, "hits never reach the upstream");
+    // The ledger records what the two hits saved (and charges nothing for them).
+    let c = get(&gw.admin, "/admin/costs?since=1h&group_by=model").json();
+    let saved = c["rows"][0]["saved_usd"].as_f64().unwrap();
+    let spent = c["rows"][0]["cost_usd"].as_f64().unwrap();
+    assert!(saved > 0.0 && (saved - 2.0 * spent).abs() < 1e-9, "{c}");
 
     // Near-misses go upstream: negation, other numbers.
     assert_eq!(
@@ -1272,4 +1277,216 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
     assert!(precision >= 0.98, "{out}");
     let (ok, _, err) = cli(&["cache", "stats", "--admin", "127.0.0.1:1"]);
     assert!(!ok && err.contains("is smartllm running"), "{err}");
+}
+
+// ------------------------------------------------------------------ keys and ledger
+
+fn sha(key: &str) -> String {
+    hex::encode(Sha256::digest(key.as_bytes()))
+}
+
+fn ledger_gateway(mock: &Mock, extra_main: &str) -> ConfigDir {
+    let providers = format!("providers:\n{}", mock_provider("mock", mock));
+    // 1000 / 2000 USD per 1M tokens: 0.001 and 0.002 USD a token.
+    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    deployments:\n      - provider: mock\n  - name: big\n    deployments:\n      - provider: mock\n";
+    let cfg = ConfigDir::new(
+        "",
+        &format!("demo:\n  mode: off\n{extra_main}"),
+        &providers,
+        models,
+        "routes:\n  auto:\n    model: small\n",
+    );
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n  - name: bob\n    sha256: {}\n    tenant: beta\n    app: cli\n    models: [small, auto]\n",
+            sha("sk-alice-1"),
+            sha("sk-bob-2")
+        ),
+    );
+    cfg
+}
+
+fn costs(gw: &Gateway, group_by: &str) -> Value {
+    let r = get(
+        &gw.admin,
+        &format!("/admin/costs?since=1h&group_by={group_by}"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.json()
+}
+
+fn row<'a>(v: &'a Value, tenant: &str) -> &'a Value {
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["group"]["tenant"] == tenant)
+        .unwrap_or_else(|| panic!("no row for {tenant}: {v}"))
+}
+
+#[test]
+fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
+    let mock = Mock::start(&["--words", "12"]);
+    let gw = Gateway::start(ledger_gateway(&mock, ""));
+    let hello = chat_body("small", "Hello there");
+    // Keys: missing, wrong, not allowed.
+    let r = gw.chat(&hello);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.api_error()["code"], "missing_api_key");
+    let r = ask(&gw, "sk-wrong", &hello);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.api_error()["code"], "invalid_api_key");
+    let r = ask(&gw, "sk-bob-2", &chat_body("big", "hi"));
+    assert_eq!(r.status, 403);
+    assert_eq!(r.api_error()["code"], "model_not_allowed");
+    assert_eq!(get(&gw.addr, "/v1/models").status, 401);
+    // Mock usage for "Hello there": 3 prompt tokens, 12 completion tokens
+    // = 3 * 0.001 + 12 * 0.002 = 0.027 USD, plain or streamed.
+    let r = ask(&gw, "sk-alice-1", &hello);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        (
+            r.json()["usage"]["prompt_tokens"].as_u64(),
+            r.json()["usage"]["completion_tokens"].as_u64()
+        ),
+        (Some(3), Some(12))
+    );
+    let mut streamed = hello.clone();
+    streamed["stream"] = json!(true);
+    let r = ask(&gw, "sk-alice-1", &streamed);
+    assert_eq!(r.status, 200);
+    assert!(
+        !r.text().contains("\"usage\":{"),
+        "usage chunk not asked for"
+    );
+    // No usage from the upstream: estimated with tiktoken, and marked so.
+    let r = ask(
+        &gw,
+        "sk-bob-2",
+        &json!({"model": "auto", "messages": [{"role": "user", "content": "Count these words please"}], "mock": {"no_usage": true}}),
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.json().get("usage").is_none());
+
+    let v = costs(&gw, "tenant,app,model");
+    let acme = row(&v, "acme");
+    assert_eq!(
+        (
+            acme["requests"].as_u64(),
+            acme["input_tokens"].as_u64(),
+            acme["output_tokens"].as_u64()
+        ),
+        (Some(2), Some(6), Some(24))
+    );
+    assert!(
+        (acme["cost_usd"].as_f64().unwrap() - 0.054).abs() < 1e-9,
+        "{acme}"
+    );
+    assert_eq!(acme["group"]["app"], "web");
+    let beta = row(&v, "beta");
+    assert_eq!(beta["estimated"], 1);
+    assert!(
+        beta["input_tokens"].as_u64().unwrap() >= 4
+            && beta["output_tokens"].as_u64().unwrap() >= 12,
+        "{beta}"
+    );
+    assert!(beta["cost_usd"].as_f64().unwrap() > 0.0);
+    // Unauthenticated requests never reach the ledger; errors of a known key do
+    // (bob's 403 above, alice's upstream 500 here).
+    let r = ask(
+        &gw,
+        "sk-alice-1",
+        &json!({"model": "small", "messages": [{"role": "user", "content": "x"}], "mock": {"status": 500}}),
+    );
+    assert_eq!(r.status, 500);
+    assert_eq!(row(&costs(&gw, "tenant"), "acme")["errors"], 1);
+    assert!(
+        gw.metrics().contains("smartllm_cost_usd_total{"),
+        "{}",
+        gw.metrics()
+    );
+    // The CLI: table and CSV.
+    let cfg = gw.config.path().to_str().unwrap().to_string();
+    let out = std::process::Command::new(bin("smartllm"))
+        .args([
+            "costs",
+            "--config",
+            &cfg,
+            "--since",
+            "1h",
+            "--by",
+            "tenant,model",
+            "--csv",
+        ])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(csv.starts_with("tenant,model,requests,input_tokens,output_tokens,cached_tokens,cost_usd,saved_usd,errors"), "{csv}");
+    assert!(csv.contains("acme,small,3,"), "{csv}");
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["costs", "--config", &cfg, "--by", "app"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("web") && table.contains("total: 5 requests"),
+        "{table}"
+    );
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["keys", "hash", "sk-alice-1"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sha("sk-alice-1")
+    );
+    assert_eq!(get(&gw.admin, "/admin/costs?group_by=planet").status, 400);
+    // No key material anywhere.
+    assert!(!gw.log_text().contains("sk-alice-1") && !gw.metrics().contains("sk-alice-1"));
+}
+
+#[test]
+fn ledger_survives_restart_and_kill_loses_at_most_the_flush_window() {
+    let mock = Mock::start(&[]);
+    let mut gw = Gateway::start(ledger_gateway(&mock, "ledger:\n  flush_interval: 200ms\n"));
+    for i in 0..3 {
+        assert_eq!(
+            ask(&gw, "sk-alice-1", &chat_body("small", &format!("q{i}"))).status,
+            200
+        );
+    }
+    let before = row(&costs(&gw, "tenant"), "acme").clone();
+    // Graceful restart: everything kept.
+    gw.stop();
+    let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    let mut gw = Gateway::start(cfg);
+    assert_eq!(row(&costs(&gw, "tenant"), "acme"), &before);
+    // kill -9 after the flush window: nothing lost.
+    for i in 0..2 {
+        assert_eq!(
+            ask(
+                &gw,
+                "sk-alice-1",
+                &chat_body("small", &format!("later {i}"))
+            )
+            .status,
+            200
+        );
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    std::process::Command::new("kill")
+        .args(["-9", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    gw.stop();
+    let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    let gw = Gateway::start(cfg);
+    assert_eq!(row(&costs(&gw, "tenant"), "acme")["requests"], 5);
 }

@@ -111,6 +111,8 @@ struct Behaviour {
     words: usize,
     status: Option<u16>,
     fault: Option<String>,
+    /// Omit `usage` (like upstreams that do not report it).
+    no_usage: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -302,6 +304,7 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         words: args.words,
         status: args.fail_status,
         fault: None,
+        no_usage: false,
     };
     let h = |k: &str| req.headers.get(k).cloned();
     let m = body.get("mock");
@@ -326,6 +329,7 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         b.status = Some(v);
     }
     b.fault = get("fault");
+    b.no_usage = get("no_usage").is_some_and(|v| v == "true" || v == "1");
     b
 }
 
@@ -696,15 +700,22 @@ async fn handle<S: Conn>(
             json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": now(), "model": model,
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}], "usage": usage})
         };
+        let mut out = out;
+        if b.no_usage {
+            if let Some(o) = out.as_object_mut() {
+                o.remove("usage");
+            }
+        }
         write_json(sock, 200, &out, &inst).await?;
         return Ok(true);
     }
 
-    let include_usage = body
-        .get("stream_options")
-        .and_then(|o| o.get("include_usage"))
-        .and_then(Value::as_bool)
-        .unwrap_or(false);
+    let include_usage = !b.no_usage
+        && body
+            .get("stream_options")
+            .and_then(|o| o.get("include_usage"))
+            .and_then(Value::as_bool)
+            .unwrap_or(false);
     start_stream(sock, &inst).await?;
     let created = now();
     let chunk = |delta: Value, finish: Value| -> Vec<u8> {

@@ -26,13 +26,15 @@ pub const PROVIDERS_FILE: &str = "providers.yaml";
 pub const MODELS_FILE: &str = "models.yaml";
 pub const ROUTES_FILE: &str = "routes.yaml";
 pub const CACHE_FILE: &str = "cache.yaml";
+pub const KEYS_FILE: &str = "keys.yaml";
 /// The files of a config directory, in load order. Only `smartllm.yaml` is required.
-pub const FILES: [&str; 5] = [
+pub const FILES: [&str; 6] = [
     MAIN_FILE,
     PROVIDERS_FILE,
     MODELS_FILE,
     ROUTES_FILE,
     CACHE_FILE,
+    KEYS_FILE,
 ];
 
 /// Environment variables that override paths of `smartllm.yaml` (handy for
@@ -57,6 +59,37 @@ pub struct Config {
     pub models: Vec<ModelConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
     pub cache: CacheConfig,
+    pub keys: KeysConfig,
+    pub ledger: LedgerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerConfig {
+    pub flush_interval: Duration,
+}
+
+/// USD per million tokens, and per request.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pricing {
+    pub input_per_1m: f64,
+    pub output_per_1m: f64,
+    pub cached_input_per_1m: f64,
+    pub per_request: f64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualKey {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub tenant: String,
+    pub app: String,
+    pub models: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KeysConfig {
+    pub require_key: bool,
+    pub keys: Vec<VirtualKey>,
 }
 
 /// Cache behaviour for one route alias or model (or the defaults).
@@ -303,6 +336,7 @@ pub struct ModelConfig {
     pub name: String,
     pub owned_by: String,
     pub deployments: Vec<DeploymentConfig>,
+    pub pricing: Pricing,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -403,6 +437,7 @@ impl Config {
         new.reload.watch = self.reload.watch;
         new.cache.encryption_key_file = self.cache.encryption_key_file.clone();
         new.cache.l1_entries = self.cache.l1_entries;
+        new.ledger = self.ledger.clone();
         new
     }
 }
@@ -496,8 +531,9 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
         parse_file(dir, ROUTES_FILE, texts.get(ROUTES_FILE), &mut issues);
     let cache: Option<RawCacheFile> =
         parse_file(dir, CACHE_FILE, texts.get(CACHE_FILE), &mut issues);
-    let (Some(main), Some(providers), Some(models), Some(routes), Some(cache)) =
-        (main, providers, models, routes, cache)
+    let keys: Option<RawKeysFile> = parse_file(dir, KEYS_FILE, texts.get(KEYS_FILE), &mut issues);
+    let (Some(main), Some(providers), Some(models), Some(routes), Some(cache), Some(keys)) =
+        (main, providers, models, routes, cache, keys)
     else {
         return Err(ConfigError { issues });
     };
@@ -518,6 +554,7 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
     };
     let mut config = resolve(dir, digest, main, providers, models, routes, &mut v);
     config.cache = resolve_cache(dir, cache.cache, &config, &mut v);
+    config.keys = resolve_keys(keys, &config, &mut v);
     if v.list.is_empty() {
         Ok(config)
     } else {
@@ -885,10 +922,35 @@ fn resolve(
                 .map(|d| d.provider.clone())
                 .unwrap_or_else(|| "smartllm".into())
         });
+        let pricing = m
+            .pricing
+            .as_ref()
+            .map(|p| Pricing {
+                input_per_1m: p.input.unwrap_or(0.0),
+                output_per_1m: p.output.unwrap_or(0.0),
+                cached_input_per_1m: p.cached_input.or(p.input).unwrap_or(0.0),
+                per_request: p.per_request.unwrap_or(0.0),
+            })
+            .unwrap_or_default();
+        for (field, value) in [
+            ("input", pricing.input_per_1m),
+            ("output", pricing.output_per_1m),
+            ("cached_input", pricing.cached_input_per_1m),
+            ("per_request", pricing.per_request),
+        ] {
+            if !value.is_finite() || !(0.0..=10_000.0).contains(&value) {
+                v.push(
+                    MODELS_FILE,
+                    format!("{at}.pricing.{field}"),
+                    "must be between 0 and 10000 (USD per 1M tokens, or per request)",
+                );
+            }
+        }
         resolved_models.push(ModelConfig {
             name: m.name,
             owned_by,
             deployments,
+            pricing,
         });
     }
 
@@ -934,6 +996,15 @@ fn resolve(
         providers: resolved_providers,
         models: resolved_models,
         routes: resolved_routes,
+        keys: KeysConfig::default(),
+        ledger: LedgerConfig {
+            flush_interval: main
+                .ledger
+                .flush_interval
+                .map(|d| d.0)
+                .unwrap_or(Duration::from_secs(1))
+                .clamp(Duration::from_millis(50), Duration::from_secs(60)),
+        },
         cache: CacheConfig {
             enabled: false,
             defaults: DEFAULT_POLICY,
@@ -946,6 +1017,72 @@ fn resolve(
             detectors: Vec::new(),
         },
     }
+}
+
+fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>) -> KeysConfig {
+    let mut names = BTreeSet::new();
+    let mut hashes = BTreeSet::new();
+    let mut keys = Vec::new();
+    for (i, k) in raw.keys.into_iter().enumerate() {
+        let at = format!("keys[{i}]");
+        if !names.insert(k.name.clone()) {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.name"),
+                format!("key name {:?} is used twice", k.name),
+            );
+        }
+        let digest = hex::decode(k.sha256.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok());
+        let Some(sha256) = digest else {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.sha256"),
+                "must be 64 hex characters: the sha256 of the key (smartllm keys hash KEY)",
+            );
+            continue;
+        };
+        if !hashes.insert(sha256) {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.sha256"),
+                "the same key is listed twice",
+            );
+        }
+        if k.tenant.trim().is_empty() || k.tenant.contains('\0') {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.tenant"),
+                "must be a non-empty name",
+            );
+        }
+        for (j, m) in k.models.iter().enumerate() {
+            if config.model(m).is_none() && !config.routes.contains_key(m) {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.models[{j}]"),
+                    format!("{m:?} is neither a model nor a route alias"),
+                );
+            }
+        }
+        keys.push(VirtualKey {
+            name: k.name,
+            sha256,
+            tenant: k.tenant,
+            app: k.app.unwrap_or_else(|| "default".into()),
+            models: k.models,
+        });
+    }
+    let require_key = raw.require_key.unwrap_or(!keys.is_empty());
+    if require_key && keys.is_empty() {
+        v.push(
+            KEYS_FILE,
+            "require_key",
+            "is true but no key is listed: every request would be refused",
+        );
+    }
+    KeysConfig { require_key, keys }
 }
 
 const DEFAULT_POLICY: CachePolicy = CachePolicy {
@@ -1238,6 +1375,36 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("cache.routes.ghost"), "{err}");
+    }
+
+    #[test]
+    fn keys_and_pricing() {
+        let models = "models:\n  - name: small\n    pricing: { input: 0.15, output: 0.6 }\n    deployments:\n      - provider: mock\n";
+        let keys = "keys:\n  - name: demo\n    sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n    tenant: acme\n    models: [small]\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, models),
+            (KEYS_FILE, keys),
+        ]);
+        let c = load_dir(dir.path()).unwrap();
+        assert!(c.keys.require_key);
+        assert_eq!(c.keys.keys[0].app, "default");
+        assert_eq!(c.models[0].pricing.cached_input_per_1m, 0.15);
+        let bad = "keys:\n  - name: a\n    sha256: xyz\n    tenant: t\n  - name: a\n    sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n    tenant: t\n    models: [ghost]\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (KEYS_FILE, bad),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("keys.yaml:3: keys[0].sha256"), "{err}");
+        assert!(
+            err.contains("keys[1].name: key name \"a\" is used twice"),
+            "{err}"
+        );
+        assert!(err.contains("keys[1].models[0]"), "{err}");
     }
 
     #[test]

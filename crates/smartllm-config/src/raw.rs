@@ -22,6 +22,15 @@ pub struct RawMain {
     pub demo: RawDemo,
     #[serde(default)]
     pub reload: RawReload,
+    #[serde(default)]
+    pub ledger: RawLedger,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLedger {
+    /// How often aggregated counters are written (at most this much is lost on kill -9).
+    pub flush_interval: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -128,6 +137,17 @@ pub struct RawModel {
     pub name: String,
     pub owned_by: Option<String>,
     pub deployments: Vec<RawDeployment>,
+    pub pricing: Option<RawPricing>,
+}
+
+/// USD per million tokens, and per request.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPricing {
+    pub input: Option<f64>,
+    pub output: Option<f64>,
+    pub cached_input: Option<f64>,
+    pub per_request: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -207,4 +227,27 @@ pub struct RawCacheExclude {
     /// Built-in detectors: email, phone, card, api_key.
     #[serde(default)]
     pub detectors: Vec<String>,
+}
+
+/// `keys.yaml`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeysFile {
+    /// Refuse requests without a known virtual key (default true when keys are listed).
+    pub require_key: Option<bool>,
+    #[serde(default)]
+    pub keys: Vec<RawKey>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKey {
+    pub name: String,
+    /// Hex sha256 of the key (`smartllm keys hash KEY`); the key itself is never stored.
+    pub sha256: String,
+    pub tenant: String,
+    pub app: Option<String>,
+    /// Models or route aliases this key may use; empty = all.
+    #[serde(default)]
+    pub models: Vec<String>,
 }

@@ -6,7 +6,29 @@ use crate::metrics;
 use pingora_error::Error;
 use pingora_proxy::Session;
 
-pub fn finish(session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
+fn price(p: &smartllm_config::Pricing) -> smartllm_ledger::Price {
+    smartllm_ledger::Price {
+        input_per_1m: p.input_per_1m,
+        output_per_1m: p.output_per_1m,
+        cached_input_per_1m: p.cached_input_per_1m,
+        per_request: p.per_request,
+    }
+}
+
+fn tokens(u: &smartllm_protocol::Usage) -> smartllm_ledger::Tokens {
+    smartllm_ledger::Tokens {
+        prompt: u.prompt_tokens,
+        completion: u.completion_tokens,
+        cached: u.cached_tokens,
+    }
+}
+
+pub fn finish(
+    session: &Session,
+    e: Option<&Error>,
+    ctx: &mut Ctx,
+    ledger: Option<&smartllm_ledger::Ledger>,
+) {
     if ctx.counted {
         metrics::inflight(-1.0);
         ctx.counted = false;
@@ -34,6 +56,37 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
         duration: total.as_secs_f64(),
         overhead,
     });
+    // The ledger: every API request that reached a model, upstream or cache.
+    let mut cost_usd = 0.0;
+    if let (Some(ledger), Some(rt), Some(model)) = (ledger, ctx.rt.as_ref(), ctx.model.as_deref()) {
+        if let Some(m) = rt.config.model(model) {
+            let p = price(&m.pricing);
+            let used = ctx.usage.as_ref().map(tokens).unwrap_or_default();
+            let cost_nanos = if ctx.usage.is_some() {
+                p.cost_nanos(used)
+            } else {
+                0
+            };
+            let saved_nanos = ctx
+                .saved_usage
+                .as_ref()
+                .map(|u| p.cost_nanos(tokens(u)))
+                .unwrap_or(0);
+            cost_usd = cost_nanos as f64 / 1e9;
+            ledger.record(smartllm_ledger::Record {
+                unix_secs: smartllm_ledger::now_secs(),
+                tenant: ctx.tenant.clone(),
+                app: ctx.app.clone(),
+                key: ctx.key_name.clone(),
+                model: model.to_string(),
+                tokens: used,
+                cost_nanos,
+                saved_nanos,
+                error: status >= 400 || status == 0,
+                estimated: ctx.usage_estimated,
+            });
+        }
+    }
     let log_enabled = ctx
         .rt
         .as_ref()
@@ -66,6 +119,11 @@ pub fn finish(session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
         error = ctx.error_code.or(e.map(|e| e.etype().as_str())),
         client_gone = ctx.client_gone,
         cache = ctx.cache_status.unwrap_or("-"),
+        tenant = %ctx.tenant,
+        app = %ctx.app,
+        key = %ctx.key_name,
+        cost_usd,
+        usage_estimated = ctx.usage_estimated,
         similarity = ctx.cache_similarity,
         "request"
     );

@@ -138,7 +138,109 @@ impl AdminApp {
     }
 }
 
+fn bad_param(param: &str, message: String) -> Response<Vec<u8>> {
+    json_reply(
+        400,
+        &json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_value"}}),
+    )
+}
+
+/// `30m`, `24h`, `7d` ago, or a unix timestamp.
+fn parse_instant(v: &str, now: u64) -> Option<u64> {
+    if let Ok(ts) = v.parse::<u64>() {
+        return Some(ts);
+    }
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86_400,
+        _ => return None,
+    };
+    Some(now.saturating_sub(secs))
+}
+
 impl AdminApp {
+    /// `GET /admin/costs?since=24h|from=UNIX&to=UNIX&group_by=model,app`
+    async fn costs(&self, query: &str) -> Response<Vec<u8>> {
+        let Some(ledger) = self.shared.ledger.clone() else {
+            return json_reply(
+                409,
+                &json!({"error": {"message": "the ledger is not available", "type": "invalid_request_error", "param": null, "code": "ledger_unavailable"}}),
+            );
+        };
+        let now = smartllm_ledger::now_secs();
+        let (mut from, mut to) = (now.saturating_sub(86_400), now + 1);
+        let mut dims = vec![smartllm_ledger::Dim::Model];
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "since" | "from" => {
+                    match parse_instant(v, now) {
+                        Some(t) => from = t,
+                        None => return bad_param(
+                            k,
+                            format!(
+                                "{k}={v:?}: use a unix timestamp or a duration like 30m, 24h, 7d"
+                            ),
+                        ),
+                    }
+                }
+                "to" => match v.parse::<u64>() {
+                    Ok(t) => to = t,
+                    Err(_) => return bad_param(k, format!("to={v:?}: use a unix timestamp")),
+                },
+                "group_by" => {
+                    let mut out = Vec::new();
+                    for d in v.split(',').filter(|d| !d.is_empty()) {
+                        match smartllm_ledger::Dim::parse(d) {
+                            Some(d) => out.push(d),
+                            None => return bad_param(k, format!("unknown group_by {d:?}: use hour, day, tenant, app, key or model")),
+                        }
+                    }
+                    dims = out;
+                }
+                _ => {
+                    return bad_param(
+                        k,
+                        format!("unknown parameter {k:?}: use since, from, to, group_by"),
+                    )
+                }
+            }
+        }
+        match tokio::task::spawn_blocking(move || ledger.query(from, to, &dims)).await {
+            Ok(Ok(rows)) => {
+                let total = rows.iter().fold(json!({"requests": 0u64, "cost_usd": 0.0, "saved_usd": 0.0, "input_tokens": 0u64, "output_tokens": 0u64}), |mut t, r| {
+                    t["requests"] = json!(t["requests"].as_u64().unwrap_or(0) + r.requests);
+                    t["input_tokens"] = json!(t["input_tokens"].as_u64().unwrap_or(0) + r.input_tokens);
+                    t["output_tokens"] = json!(t["output_tokens"].as_u64().unwrap_or(0) + r.output_tokens);
+                    t["cost_usd"] = json!(t["cost_usd"].as_f64().unwrap_or(0.0) + r.cost_usd);
+                    t["saved_usd"] = json!(t["saved_usd"].as_f64().unwrap_or(0.0) + r.saved_usd);
+                    t
+                });
+                json_reply(
+                    200,
+                    &json!({
+                        "from": smartllm_ledger::format_hour(from / 3600),
+                        "to": smartllm_ledger::format_hour(to.div_ceil(3600)),
+                        "rows": rows,
+                        "total": total,
+                    }),
+                )
+            }
+            Ok(Err(e)) => json_reply(
+                500,
+                &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "ledger_error"}}),
+            ),
+            Err(e) => json_reply(
+                500,
+                &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "ledger_error"}}),
+            ),
+        }
+    }
+
     /// `POST /admin/cache/purge?all=true | ?namespace=HEX | ?route=NAME`
     async fn purge(&self, query: &str) -> Response<Vec<u8>> {
         let Some(cache) = self.shared.cache.clone() else {
@@ -205,6 +307,10 @@ impl ServeHttp for AdminApp {
                 json_reply(if ready { 200 } else { 503 }, &body)
             }
             ("GET", "/admin/config") => json_reply(200, &self.config()),
+            ("GET", "/admin/costs") => {
+                self.costs(session.req_header().uri.query().unwrap_or(""))
+                    .await
+            }
             ("GET", "/admin/cache/stats") => match &self.shared.cache {
                 Some(c) => {
                     let rt = self.shared.runtime.load_full();

@@ -9,7 +9,6 @@ use crate::{respond, Shared};
 use bytes::Bytes;
 use pingora_proxy::Session;
 use serde_json::Value;
-use sha2::{Digest, Sha256};
 use smartllm_cache::{chat_key, CacheKey, Lookup, SemanticCache};
 use smartllm_config::CachePolicy;
 use smartllm_protocol::assemble::replay_as_sse;
@@ -46,30 +45,6 @@ impl PendingInsert {
                 tracing::warn!(error = %e, "storing a cache entry failed");
             }
         });
-    }
-}
-
-/// Until virtual keys exist, the tenant is derived from the client's bearer
-/// token: clients with different keys never share cache entries.
-pub fn tenant(session: &Session) -> String {
-    match session
-        .req_header()
-        .headers
-        .get("authorization")
-        .and_then(|v| v.to_str().ok())
-    {
-        Some(auth) if !auth.trim().is_empty() => {
-            let token = auth
-                .trim()
-                .strip_prefix("Bearer ")
-                .unwrap_or(auth.trim())
-                .trim();
-            format!(
-                "key:{}",
-                hex::encode(&Sha256::digest(token.as_bytes())[..16])
-            )
-        }
-        _ => "anonymous".to_string(),
     }
 }
 
@@ -144,7 +119,7 @@ pub async fn phase(
         bypass(ctx, "excluded");
         return Ok(false);
     }
-    let Some(key) = chat_key(&tenant(session), model, &req.body) else {
+    let Some(key) = chat_key(&ctx.tenant, model, &req.body) else {
         bypass(ctx, "shape");
         return Ok(false);
     };
@@ -172,6 +147,7 @@ pub async fn phase(
             ctx.cache_status = Some(kind.header());
             ctx.cache_similarity = Some(similarity);
             let completion: Value = serde_json::from_str(&entry.response).unwrap_or(Value::Null);
+            ctx.saved_usage = smartllm_protocol::Usage::from_openai(&completion);
             if completion.is_null() {
                 // Unreadable payload: fall through to the upstream.
                 ctx.cache_status = Some("miss");

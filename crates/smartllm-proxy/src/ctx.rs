@@ -32,6 +32,14 @@ pub struct Ctx {
     pub cache_similarity: Option<f32>,
     /// Set on a cache miss: store the answer once it is complete.
     pub cache_insert: Option<crate::cache::PendingInsert>,
+    /// Who is asking: from the virtual key (or anonymous).
+    pub tenant: String,
+    pub app: String,
+    pub key_name: String,
+    /// Usage of the answer a cache hit replayed (its cost was saved).
+    pub saved_usage: Option<Usage>,
+    /// Usage was estimated (the upstream reported none).
+    pub usage_estimated: bool,
 }
 
 impl Default for Ctx {
@@ -64,6 +72,11 @@ impl Ctx {
             cache_status: None,
             cache_similarity: None,
             cache_insert: None,
+            tenant: "anonymous".into(),
+            app: "-".into(),
+            key_name: "-".into(),
+            saved_usage: None,
+            usage_estimated: false,
         }
     }
 

@@ -16,6 +16,13 @@ pub async fn handle(
 ) -> pingora_error::Result<()> {
     let method = session.req_header().method.as_str().to_string();
     let path = session.req_header().uri.path().to_string();
+    let rt = ctx.runtime();
+    if let Err(err) = crate::auth::authenticate(session, ctx, &rt) {
+        ctx.status = err.status;
+        // Unread body: do not reuse the connection.
+        session.set_keepalive(None);
+        return respond::error(session, ctx, &err).await;
+    }
     let result = match (method.as_str(), path.trim_end_matches('/')) {
         ("GET", "/v1/models") | ("GET", "/models") => {
             ctx.endpoint = "models";
@@ -173,6 +180,7 @@ async fn api(
     };
     ctx.model = Some(model.name.clone());
     ctx.route = route.map(|r| r.name.clone());
+    crate::auth::authorize_model(ctx, &rt, &req.model, &model.name)?;
     let served = crate::cache::phase(
         shared,
         session,

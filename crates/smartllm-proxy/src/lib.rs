@@ -8,6 +8,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod auth;
 pub mod cache;
 pub mod cache_sweeper;
 pub mod ctx;
@@ -54,6 +55,7 @@ pub struct Shared {
     pub metrics: metrics_exporter_prometheus::PrometheusHandle,
     pub components: Components,
     pub cache: Option<Arc<smartllm_cache::SemanticCache>>,
+    pub ledger: Option<smartllm_ledger::Ledger>,
     pub config_dir: PathBuf,
     pub reload_lock: tokio::sync::Mutex<()>,
     pub reload_status: Mutex<reload::ReloadStatus>,
@@ -65,6 +67,7 @@ impl Shared {
         metrics: metrics_exporter_prometheus::PrometheusHandle,
         components: Components,
         cache: Option<Arc<smartllm_cache::SemanticCache>>,
+        ledger: Option<smartllm_ledger::Ledger>,
         config_dir: PathBuf,
     ) -> Arc<Shared> {
         crate::metrics::config_version(runtime.version);
@@ -79,6 +82,7 @@ impl Shared {
             metrics,
             components,
             cache,
+            ledger,
             config_dir,
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),
@@ -126,6 +130,6 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        access_log::finish(session, e, ctx);
+        access_log::finish(session, e, ctx, self.shared.ledger.as_ref());
     }
 }

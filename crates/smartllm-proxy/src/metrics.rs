@@ -154,6 +154,15 @@ pub fn install() -> PrometheusHandle {
             "Cache entries removed, by reason (expired, purge, unreadable)."
         );
         describe_gauge!(c::BYTES, "Estimated live bytes in RocksDB.");
+        describe_gauge!(smartllm_ledger::METRIC_COST, "USD spent (from upstream usage and model prices), by tenant, app and model; only increases.");
+        describe_gauge!(
+            smartllm_ledger::METRIC_SAVED,
+            "USD saved by cache hits, by tenant, app and model; only increases."
+        );
+        describe_counter!(
+            smartllm_ledger::METRIC_DROPPED,
+            "Ledger records dropped because the writer queue was full."
+        );
         describe_histogram!(
             smartllm_embed::METRIC_BATCH_SIZE,
             "Texts per embedding model run (micro-batch size)."

@@ -85,6 +85,8 @@ pub struct Runtime {
     pub known_models: Vec<String>,
     /// Compiled cache exclusion rules.
     pub cache_exclusions: smartllm_cache::Exclusions,
+    /// Virtual keys by the sha256 of the key.
+    pub keys: HashMap<[u8; 32], Arc<smartllm_config::VirtualKey>>,
 }
 
 impl Runtime {
@@ -208,6 +210,12 @@ impl Runtime {
             &config.cache.detectors,
         )
         .map_err(|e| format!("cache.exclude.patterns: {e}"))?;
+        let keys = config
+            .keys
+            .keys
+            .iter()
+            .map(|k| (k.sha256, Arc::new(k.clone())))
+            .collect();
         Ok(Runtime {
             config,
             version,
@@ -217,6 +225,7 @@ impl Runtime {
             demo_mode,
             known_models,
             cache_exclusions,
+            keys,
         })
     }
 }

@@ -411,6 +411,7 @@ async fn attempt_once(
             up,
             peer,
             prepared.translate,
+            req,
             &pname,
             &passthrough,
         )
@@ -511,6 +512,67 @@ fn openai_error_body(status: u16, pname: &str, body: &[u8]) -> Vec<u8> {
     e.body()
 }
 
+/// The text a request sends (messages, prompt or input), for estimates.
+fn request_text(req: &ParsedRequest) -> String {
+    let mut out = String::new();
+    for field in ["messages", "prompt", "input"] {
+        match req.body.get(field) {
+            Some(Value::Array(items)) => {
+                for it in items {
+                    match it {
+                        Value::String(s) => out.push_str(s),
+                        Value::Object(m) => out.push_str(&smartllm_protocol::openai::content_text(
+                            m.get("content").unwrap_or(&Value::Null),
+                        )),
+                        _ => {}
+                    }
+                    out.push('\n');
+                }
+            }
+            Some(Value::String(s)) => out.push_str(s),
+            _ => {}
+        }
+    }
+    out
+}
+
+fn completion_text(v: &Value) -> String {
+    v.get("choices")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    let m = &c["message"];
+                    let mut t = m
+                        .get("content")
+                        .and_then(Value::as_str)
+                        .or_else(|| c.get("text").and_then(Value::as_str))
+                        .unwrap_or("")
+                        .to_string();
+                    if let Some(calls) = m.get("tool_calls") {
+                        t.push_str(&calls.to_string());
+                    }
+                    t
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+/// When an upstream reports no usage: count tokens ourselves (marked estimated).
+fn estimate_usage(req: &ParsedRequest, completion: &str) -> Usage {
+    Usage {
+        prompt_tokens: smartllm_ledger::estimate_tokens(&request_text(req)),
+        completion_tokens: if req.endpoint == Endpoint::Embeddings {
+            0
+        } else {
+            smartllm_ledger::estimate_tokens(completion)
+        },
+        cached_tokens: 0,
+    }
+}
+
 fn record_usage(ctx: &mut Ctx, usage: Option<Usage>) {
     if let Some(u) = usage {
         metrics::tokens(
@@ -531,6 +593,7 @@ async fn buffered_response(
     mut up: HttpSession,
     peer: &HttpPeer,
     translate: Translate,
+    req: &ParsedRequest,
     pname: &str,
     passthrough: &[(String, String)],
 ) -> Attempt {
@@ -560,6 +623,10 @@ async fn buffered_response(
             (serde_json::to_vec(&o).unwrap_or_default(), Some(u))
         }
     };
+    let usage = usage.or_else(|| {
+        ctx.usage_estimated = true;
+        Some(estimate_usage(req, &completion_text(&v)))
+    });
     record_usage(ctx, usage);
     if let Some(pending) = ctx.cache_insert.take() {
         if v.get("choices").is_some_and(Value::is_array) {
@@ -649,7 +716,9 @@ async fn stream_response(
     }
     let mut failure: Option<ApiError> = None;
     let mut clean_end = false;
-    let mut assembler = ctx.cache_insert.is_some().then(ChunkAssembler::new);
+    // Assembles the answer: to cache it, and to estimate its tokens if the
+    // upstream reports no usage.
+    let mut assembler = Some(ChunkAssembler::new());
     loop {
         let t = Instant::now();
         let r = tokio::time::timeout(idle, up.read_response_body()).await;
@@ -728,18 +797,28 @@ async fn stream_response(
     } else {
         release(shared, up, peer).await;
     }
-    if let (Some(mut a), Some(pending), None) = (assembler, ctx.cache_insert.take(), &failure) {
-        // Only a complete, successful stream is stored.
-        a.feed(&tail);
-        if let Some(mut completion) = a.finish() {
-            if completion.get("usage").is_none() {
-                if let Some(u) = tr.usage() {
-                    completion["usage"] = serde_json::json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-                        "total_tokens": u.total(), "prompt_tokens_details": {"cached_tokens": u.cached_tokens}});
-                }
-            }
-            pending.spawn(completion.to_string());
+    let assembled = match (assembler, &failure) {
+        (Some(mut a), None) => {
+            a.feed(&tail);
+            a.finish()
         }
+        _ => None,
+    };
+    if tr.usage().is_none() {
+        if let Some(c) = &assembled {
+            ctx.usage_estimated = true;
+            record_usage(ctx, Some(estimate_usage(req, &completion_text(c))));
+        }
+    }
+    if let (Some(mut completion), Some(pending)) = (assembled, ctx.cache_insert.take()) {
+        // Only a complete, successful stream is stored.
+        if completion.get("usage").is_none() {
+            if let Some(u) = ctx.usage {
+                completion["usage"] = serde_json::json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                    "total_tokens": u.total(), "prompt_tokens_details": {"cached_tokens": u.cached_tokens}});
+            }
+        }
+        pending.spawn(completion.to_string());
     }
     if !tail.is_empty()
         && session

@@ -11,7 +11,42 @@ pub const CF_VECTORS: &str = "vectors";
 pub const CF_META: &str = "meta";
 /// Exact-match key (hash of namespace + normalised request) -> entry id.
 pub const CF_EXACT: &str = "exact";
-pub const COLUMN_FAMILIES: [&str; 4] = [CF_ENTRIES, CF_VECTORS, CF_META, CF_EXACT];
+/// Cost ledger: hour x tenant x app x key x model -> counters, merged by addition.
+pub const CF_LEDGER: &str = "ledger";
+pub const COLUMN_FAMILIES: [&str; 5] = [CF_ENTRIES, CF_VECTORS, CF_META, CF_EXACT, CF_LEDGER];
+
+/// Number of u64 counters in a ledger value.
+pub const LEDGER_FIELDS: usize = 8;
+
+/// Little-endian u64 counters, added field by field.
+pub fn decode_counters(bytes: &[u8]) -> [u64; LEDGER_FIELDS] {
+    let mut out = [0u64; LEDGER_FIELDS];
+    for (i, c) in bytes.chunks_exact(8).take(LEDGER_FIELDS).enumerate() {
+        out[i] = u64::from_le_bytes(c.try_into().unwrap_or([0; 8]));
+    }
+    out
+}
+
+pub fn encode_counters(c: &[u64; LEDGER_FIELDS]) -> Vec<u8> {
+    c.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+/// The ledger's merge operator: counters add up, so writers never read first
+/// and concurrent increments never lose one another.
+fn add_counters(
+    _key: &[u8],
+    existing: Option<&[u8]>,
+    operands: &rocksdb::MergeOperands,
+) -> Option<Vec<u8>> {
+    let mut acc = existing.map(decode_counters).unwrap_or([0; LEDGER_FIELDS]);
+    for op in operands {
+        let d = decode_counters(op);
+        for i in 0..LEDGER_FIELDS {
+            acc[i] = acc[i].wrapping_add(d[i]);
+        }
+    }
+    Some(encode_counters(&acc))
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
@@ -59,6 +94,9 @@ impl Store {
         let cfs = COLUMN_FAMILIES.iter().map(|name| {
             let mut o = Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            if *name == CF_LEDGER {
+                o.set_merge_operator_associative("smartllm-ledger-add", add_counters);
+            }
             ColumnFamilyDescriptor::new(*name, o)
         });
         let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| StoreError::Open {
@@ -143,7 +181,29 @@ mod tests {
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.get(CF_META, b"k").unwrap().as_deref(), Some(&b"v"[..]));
-        assert_eq!(s.info().column_families.len(), 4);
+        assert_eq!(s.info().column_families.len(), 5);
+    }
+
+    #[test]
+    fn ledger_counters_merge_and_persist() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let s = Store::open(dir.path()).unwrap();
+            let cf = s.db().cf_handle(CF_LEDGER).unwrap();
+            s.db()
+                .merge_cf(&cf, b"k", encode_counters(&[1, 2, 3, 4, 5, 6, 7, 8]))
+                .unwrap();
+            s.db()
+                .merge_cf(&cf, b"k", encode_counters(&[1, 1, 1, 1, 1, 1, 1, 1]))
+                .unwrap();
+        }
+        let s = Store::open(dir.path()).unwrap();
+        let cf = s.db().cf_handle(CF_LEDGER).unwrap();
+        s.db()
+            .merge_cf(&cf, b"k", encode_counters(&[10, 0, 0, 0, 0, 0, 0, 0]))
+            .unwrap();
+        let v = s.db().get_cf(&cf, b"k").unwrap().unwrap();
+        assert_eq!(decode_counters(&v), [12, 3, 4, 5, 6, 7, 8, 9]);
     }
 
     #[test]

@@ -55,6 +55,31 @@ enum Command {
         #[command(subcommand)]
         action: CacheCmd,
     },
+    /// Costs from the ledger of the running gateway.
+    Costs {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// How far back: 30m, 24h, 7d (or a unix timestamp).
+        #[arg(long, default_value = "24h")]
+        since: String,
+        /// Group by: any of hour, day, tenant, app, key, model (comma separated).
+        #[arg(long, default_value = "model")]
+        by: String,
+        /// CSV instead of a table.
+        #[arg(long)]
+        csv: bool,
+    },
+    /// Virtual key helpers.
+    Keys {
+        #[command(subcommand)]
+        action: KeysCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeysCmd {
+    /// Print the sha256 to put in keys.yaml for a key (read from stdin if omitted).
+    Hash { key: Option<String> },
 }
 
 #[derive(clap::Args)]
@@ -105,6 +130,32 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Check { config } => check(&config),
+        Command::Keys {
+            action: KeysCmd::Hash { key },
+        } => {
+            let key = key.unwrap_or_else(|| {
+                let mut s = String::new();
+                let _ = std::io::stdin().read_line(&mut s);
+                s.trim().to_string()
+            });
+            println!(
+                "{}",
+                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()))
+            );
+            ExitCode::SUCCESS
+        }
+        Command::Costs {
+            target,
+            since,
+            by,
+            csv,
+        } => match costs_cmd(&target, &since, &by, csv) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("smartllm costs: {e:#}");
+                ExitCode::from(1)
+            }
+        },
         Command::Cache { action } => match cache_cmd(action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -193,6 +244,92 @@ fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Result<
         anyhow::bail!("admin API answered {status}: {}", body.trim());
     }
     Ok(body.trim().to_string())
+}
+
+fn costs_cmd(target: &AdminTarget, since: &str, by: &str, csv: bool) -> anyhow::Result<()> {
+    let body = admin_call(
+        target,
+        "GET",
+        &format!("/admin/costs?since={since}&group_by={by}"),
+    )?;
+    let v: serde_json::Value =
+        serde_json::from_str(&body).context("parsing the admin API's answer")?;
+    let dims: Vec<String> = by
+        .split(',')
+        .map(|d| d.trim().to_string())
+        .filter(|d| !d.is_empty())
+        .collect();
+    let cols = [
+        "requests",
+        "input_tokens",
+        "output_tokens",
+        "cached_tokens",
+        "cost_usd",
+        "saved_usd",
+        "errors",
+    ];
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for r in v["rows"].as_array().into_iter().flatten() {
+        let mut row: Vec<String> = dims
+            .iter()
+            .map(|d| r["group"][d].as_str().unwrap_or("-").to_string())
+            .collect();
+        for c in cols {
+            row.push(match c {
+                "cost_usd" | "saved_usd" => format!("{:.6}", r[c].as_f64().unwrap_or(0.0)),
+                _ => r[c].as_u64().unwrap_or(0).to_string(),
+            });
+        }
+        rows.push(row);
+    }
+    let header: Vec<String> = dims
+        .iter()
+        .cloned()
+        .chain(cols.iter().map(|c| c.to_string()))
+        .collect();
+    if csv {
+        println!("{}", header.join(","));
+        for r in rows {
+            let quoted: Vec<String> = r
+                .iter()
+                .map(|f| {
+                    if f.contains([',', '"']) {
+                        format!("\"{}\"", f.replace('"', "\"\""))
+                    } else {
+                        f.clone()
+                    }
+                })
+                .collect();
+            println!("{}", quoted.join(","));
+        }
+        return Ok(());
+    }
+    let mut widths: Vec<usize> = header.iter().map(String::len).collect();
+    for r in &rows {
+        for (i, f) in r.iter().enumerate() {
+            widths[i] = widths[i].max(f.len());
+        }
+    }
+    let line = |r: &[String]| {
+        r.iter()
+            .enumerate()
+            .map(|(i, f)| format!("{f:<w$}", w = widths[i]))
+            .collect::<Vec<_>>()
+            .join("  ")
+    };
+    println!("{}", line(&header));
+    for r in &rows {
+        println!("{}", line(r));
+    }
+    println!(
+        "total: {} requests, ${:.6} spent, ${:.6} saved by the cache ({} to {})",
+        v["total"]["requests"],
+        v["total"]["cost_usd"].as_f64().unwrap_or(0.0),
+        v["total"]["saved_usd"].as_f64().unwrap_or(0.0),
+        v["from"].as_str().unwrap_or("?"),
+        v["to"].as_str().unwrap_or("?")
+    );
+    Ok(())
 }
 
 fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
@@ -352,6 +489,12 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     .context("opening the semantic cache")?;
     tracing::info!(enabled = config.cache.enabled, stats = ?cache.stats(), "semantic cache open");
 
+    let ledger = smartllm_ledger::Ledger::start(store.clone(), config.ledger.flush_interval)
+        .context("starting the cost ledger writer")?;
+    if !config.keys.require_key {
+        tracing::warn!("keys.yaml requires no key: the gateway is open to anyone who can reach it");
+    }
+
     let shared = Shared::new(
         runtime,
         metrics,
@@ -361,6 +504,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
             store: Some(store.clone()),
         },
         Some(cache.clone()),
+        Some(ledger.clone()),
         dir.to_path_buf(),
     );
 
@@ -426,6 +570,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     if let Err(e) = cache.persist() {
         tracing::error!(error = %e, "saving the cache index failed; it will be rebuilt at the next start");
     }
+    ledger.flush();
     store.flush().context("flushing RocksDB")?;
     tracing::info!("smartllm stopped");
     Ok(())
