@@ -1490,3 +1490,84 @@ fn ledger_survives_restart_and_kill_loses_at_most_the_flush_window() {
     let gw = Gateway::start(cfg);
     assert_eq!(row(&costs(&gw, "tenant"), "acme")["requests"], 5);
 }
+
+#[test]
+fn admin_api_requires_its_token_when_configured() {
+    let mock = Mock::start(&[]);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    let models = "models:\n  - name: small\n    deployments:\n      - provider: mock\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\nadmin:\n  token_env: TEST_ADMIN_TOKEN\n",
+        &providers,
+        models,
+        "",
+    );
+    // Configured but missing: the gateway refuses to start (fail closed).
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["serve", "--config"])
+        .arg(cfg.path())
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
+        .env_remove("TEST_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("admin token: environment variable TEST_ADMIN_TOKEN is not set"));
+    let gw = Gateway::start_with_env(cfg, &[("TEST_ADMIN_TOKEN", "adm-secret-42")]);
+    for path in ["/admin/config", "/admin/costs", "/admin/cache/stats"] {
+        let r = get(&gw.admin, path);
+        assert_eq!(r.status, 401, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "invalid_admin_token");
+        let r = request(
+            &gw.admin,
+            "GET",
+            path,
+            &[("Authorization", "Bearer wrong")],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(r.status, 401);
+        let r = request(
+            &gw.admin,
+            "GET",
+            path,
+            &[("Authorization", "Bearer adm-secret-42")],
+            b"",
+        )
+        .unwrap();
+        assert_ne!(r.status, 401, "{path}");
+    }
+    assert_eq!(
+        request(&gw.admin, "POST", "/admin/reload", &[], b"")
+            .unwrap()
+            .status,
+        401
+    );
+    // Probes and metrics stay open for orchestrators and Prometheus.
+    assert_eq!(get(&gw.admin, "/healthz").status, 200);
+    assert_eq!(get(&gw.admin, "/readyz").status, 200);
+    assert_eq!(get(&gw.admin, "/metrics").status, 200);
+    // The CLI picks the token up from the config's source.
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["costs", "--config"])
+        .arg(gw.config.path())
+        .env("TEST_ADMIN_TOKEN", "adm-secret-42")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["costs", "--admin", &gw.admin])
+        .env_remove("SMARTLLM_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("401"));
+    assert!(
+        !gw.log_text().contains("adm-secret-42")
+            && !get(&gw.admin, "/metrics").text().contains("adm-secret-42")
+    );
+}

@@ -133,7 +133,7 @@ pub struct SemanticCache {
     /// Size the current IVF index was trained for (0 = flat).
     trained_for: AtomicUsize,
     index_path: Option<PathBuf>,
-    building: AtomicBool,
+    building: Arc<AtomicBool>,
     /// Some while a build runs: writes to the live index are replayed on the new one.
     pending: Mutex<Option<Vec<Op>>>,
     dirty: AtomicBool,
@@ -186,7 +186,7 @@ impl SemanticCache {
             ivf_threshold: AtomicUsize::new(ivf_threshold.max(1)),
             trained_for: AtomicUsize::new(0),
             index_path: index_dir.map(|d| d.join(INDEX_FILE)),
-            building: AtomicBool::new(false),
+            building: Arc::new(AtomicBool::new(false)),
             pending: Mutex::new(None),
             dirty: AtomicBool::new(false),
             generation: AtomicU64::new(0),
@@ -314,6 +314,7 @@ impl SemanticCache {
             return;
         }
         let this = self.clone();
+        let flag = self.building.clone();
         let spawned = std::thread::Builder::new().name("smartllm-ivf".into()).spawn(move || {
             if let Err(e) = this.build_ivf() {
                 tracing::error!(error = %e, "building the IVF cache index failed; the current index stays");
@@ -321,7 +322,9 @@ impl SemanticCache {
                     *p = None;
                 }
             }
-            this.building.store(false, Ordering::SeqCst);
+            // Release the cache (and the store) before saying the build is over.
+            drop(this);
+            flag.store(false, Ordering::SeqCst);
         });
         if spawned.is_err() {
             self.building.store(false, Ordering::SeqCst);

@@ -61,6 +61,8 @@ pub struct Config {
     pub cache: CacheConfig,
     pub keys: KeysConfig,
     pub ledger: LedgerConfig,
+    /// Where the admin API token comes from (None: no token required).
+    pub admin_token: ApiKeySource,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -997,6 +999,19 @@ fn resolve(
         models: resolved_models,
         routes: resolved_routes,
         keys: KeysConfig::default(),
+        admin_token: match (main.admin.token_env, main.admin.token_file) {
+            (Some(_), Some(_)) => {
+                v.push(
+                    MAIN_FILE,
+                    "admin.token_file",
+                    "set admin.token_env or admin.token_file, not both",
+                );
+                ApiKeySource::None
+            }
+            (Some(e), None) => ApiKeySource::Env(e),
+            (None, Some(f)) => ApiKeySource::File(relative_to(dir, &f)),
+            (None, None) => ApiKeySource::None,
+        },
         ledger: LedgerConfig {
             flush_interval: main
                 .ledger

@@ -24,6 +24,17 @@ pub struct RawMain {
     pub reload: RawReload,
     #[serde(default)]
     pub ledger: RawLedger,
+    #[serde(default)]
+    pub admin: RawAdmin,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAdmin {
+    /// The admin API's bearer token, from an environment variable...
+    pub token_env: Option<String>,
+    /// ...or a file. Without either, /admin/* is open to whoever reaches the admin listener.
+    pub token_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

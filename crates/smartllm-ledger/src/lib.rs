@@ -139,6 +139,7 @@ fn parse_key(k: &[u8]) -> Option<(u32, [String; 4])> {
 enum Msg {
     Record(Box<Record>),
     Flush(mpsc::Sender<()>),
+    Stop,
 }
 
 /// Sends records to the writer thread without ever blocking a request.
@@ -146,6 +147,7 @@ enum Msg {
 pub struct Ledger {
     tx: SyncSender<Msg>,
     store: Arc<Store>,
+    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
 }
 
 impl Ledger {
@@ -153,10 +155,22 @@ impl Ledger {
     pub fn start(store: Arc<Store>, flush_interval: Duration) -> std::io::Result<Ledger> {
         let (tx, rx) = mpsc::sync_channel(65_536);
         let writer_store = store.clone();
-        std::thread::Builder::new()
+        let handle = std::thread::Builder::new()
             .name("smartllm-ledger".into())
             .spawn(move || writer(writer_store, rx, flush_interval))?;
-        Ok(Ledger { tx, store })
+        Ok(Ledger {
+            tx,
+            store,
+            writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Write what is pending and stop the writer (shutdown). Later records are dropped.
+    pub fn shutdown(&self) {
+        let _ = self.tx.send(Msg::Stop);
+        if let Some(h) = self.writer.lock().ok().and_then(|mut w| w.take()) {
+            let _ = h.join();
+        }
     }
 
     pub fn record(&self, r: Record) {
@@ -206,6 +220,7 @@ fn writer(store: Arc<Store>, rx: Receiver<Msg>, interval: Duration) {
         match rx.recv_timeout(wait) {
             Ok(Msg::Record(r)) => add(&mut pending, &r),
             Ok(Msg::Flush(ack)) => acks.push(ack),
+            Ok(Msg::Stop) => stop = true,
             Err(RecvTimeoutError::Timeout) => {}
             Err(RecvTimeoutError::Disconnected) => stop = true,
         }
@@ -460,6 +475,7 @@ mod tests {
             );
             assert!((rows[0].cost_usd - 1.5e-6).abs() < 1e-12);
             assert_eq!((rows[1].requests, rows[1].errors), (2, 1));
+            ledger.shutdown();
         }
         let store = Store::open(dir.path()).unwrap();
         let rows = query(&store, t0 - 3600, t0 + 7200, &[Dim::App, Dim::Hour]).unwrap();

@@ -138,6 +138,15 @@ impl AdminApp {
     }
 }
 
+/// Compare secrets without leaking where they differ through timing.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    for i in 0..a.len().max(b.len()) {
+        diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
+    }
+    diff == 0
+}
+
 fn bad_param(param: &str, message: String) -> Response<Vec<u8>> {
     json_reply(
         400,
@@ -177,17 +186,17 @@ impl AdminApp {
         for pair in query.split('&').filter(|p| !p.is_empty()) {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
-                "since" | "from" => {
-                    match parse_instant(v, now) {
-                        Some(t) => from = t,
-                        None => return bad_param(
+                "since" | "from" => match parse_instant(v, now) {
+                    Some(t) => from = t,
+                    None => {
+                        return bad_param(
                             k,
                             format!(
                                 "{k}={v:?}: use a unix timestamp or a duration like 30m, 24h, 7d"
                             ),
-                        ),
+                        )
                     }
-                }
+                },
                 "to" => match v.parse::<u64>() {
                     Ok(t) => to = t,
                     Err(_) => return bad_param(k, format!("to={v:?}: use a unix timestamp")),
@@ -295,6 +304,24 @@ impl ServeHttp for AdminApp {
         let path = session.req_header().uri.path().to_string();
         // Drain any request body so the connection can be reused.
         while let Ok(Some(_)) = session.read_request_body().await {}
+        if path.starts_with("/admin/") {
+            let rt = self.shared.runtime.load_full();
+            if let Some(token) = &rt.admin_token {
+                let given = session
+                    .req_header()
+                    .headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(|v| v.strip_prefix("Bearer "))
+                    .unwrap_or("");
+                if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                    return json_reply(
+                        401,
+                        &json!({"error": {"message": "The admin API needs its token: send 'Authorization: Bearer ADMIN_TOKEN' (admin.token_env / admin.token_file).", "type": "invalid_request_error", "param": null, "code": "invalid_admin_token"}}),
+                    );
+                }
+            }
+        }
         match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => reply(
                 200,
@@ -361,5 +388,19 @@ impl ServeHttp for AdminApp {
                 &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /metrics, /healthz, /readyz, /admin/config, /admin/cache/stats, POST /admin/reload, POST /admin/cache/purge, POST /admin/cache/rebuild."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
             ),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn constant_time_compare() {
+        assert!(constant_time_eq(b"secret", b"secret"));
+        assert!(!constant_time_eq(b"secret", b"secreT"));
+        assert!(!constant_time_eq(b"secret", b"secret2"));
+        assert!(!constant_time_eq(b"", b"x"));
+        assert!(constant_time_eq(b"", b""));
     }
 }

@@ -87,6 +87,8 @@ pub struct Runtime {
     pub cache_exclusions: smartllm_cache::Exclusions,
     /// Virtual keys by the sha256 of the key.
     pub keys: HashMap<[u8; 32], Arc<smartllm_config::VirtualKey>>,
+    /// The admin API's token, when one is configured.
+    pub admin_token: Option<String>,
 }
 
 impl Runtime {
@@ -216,6 +218,15 @@ impl Runtime {
             .iter()
             .map(|k| (k.sha256, Arc::new(k.clone())))
             .collect();
+        // Fail closed: a configured but unavailable admin token is an error.
+        let admin_token = match &config.admin_token {
+            ApiKeySource::None => None,
+            src => Some(
+                read_key(src)
+                    .and_then(|k| k.ok_or_else(|| "empty".to_string()))
+                    .map_err(|e| format!("admin token: {e}"))?,
+            ),
+        };
         Ok(Runtime {
             config,
             version,
@@ -226,6 +237,7 @@ impl Runtime {
             known_models,
             cache_exclusions,
             keys,
+            admin_token,
         })
     }
 }

@@ -90,6 +90,9 @@ struct AdminTarget {
     /// Admin address, overriding the config's (host:port).
     #[arg(long)]
     admin: Option<String>,
+    /// Admin API token (default: the config's admin.token_env / admin.token_file).
+    #[arg(long, env = "SMARTLLM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
 }
 
 #[derive(Subcommand)]
@@ -218,19 +221,35 @@ fn check(dir: &Path) -> ExitCode {
 /// One request to the admin listener (plain HTTP/1.1, loopback).
 fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
-    let addr = match &target.admin {
-        Some(a) => a.clone(),
-        None => smartllm_config::load_dir(&target.config)
+    let config = smartllm_config::load_dir(&target.config).ok();
+    let addr = match (&target.admin, &config) {
+        (Some(a), _) => a.clone(),
+        (None, Some(c)) => c.server.admin_listen.to_string(),
+        (None, None) => smartllm_config::load_dir(&target.config)
             .map_err(|e| anyhow::anyhow!("{e}"))?
             .server
             .admin_listen
             .to_string(),
     };
+    let token =
+        target
+            .admin_token
+            .clone()
+            .or_else(|| match config.as_ref().map(|c| &c.admin_token) {
+                Some(smartllm_config::ApiKeySource::Env(var)) => std::env::var(var).ok(),
+                Some(smartllm_config::ApiKeySource::File(f)) => std::fs::read_to_string(f)
+                    .ok()
+                    .map(|t| t.trim().to_string()),
+                _ => None,
+            });
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
     let mut s = std::net::TcpStream::connect(&addr).with_context(|| {
         format!("connecting to the admin listener at {addr} (is smartllm running?)")
     })?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
     let mut raw = Vec::new();
     s.read_to_end(&mut raw)?;
     let text = String::from_utf8_lossy(&raw);
@@ -570,7 +589,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     if let Err(e) = cache.persist() {
         tracing::error!(error = %e, "saving the cache index failed; it will be rebuilt at the next start");
     }
-    ledger.flush();
+    ledger.shutdown();
     store.flush().context("flushing RocksDB")?;
     tracing::info!("smartllm stopped");
     Ok(())
