@@ -992,6 +992,12 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
     assert_eq!(para.json()["choices"], first.json()["choices"]);
     assert_eq!(mock.requests(), before, "hits never reach the upstream");
     // The ledger records what the two hits saved (and charges nothing for them).
+    assert!(wait_until(Duration::from_secs(5), || get(
+        &gw.admin,
+        "/admin/costs?since=1h&group_by=model"
+    )
+    .json()["total"]["requests"]
+        == 3));
     let c = get(&gw.admin, "/admin/costs?since=1h&group_by=model").json();
     let saved = c["rows"][0]["saved_usd"].as_f64().unwrap();
     let spent = c["rows"][0]["cost_usd"].as_f64().unwrap();
@@ -1369,6 +1375,11 @@ fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
     assert_eq!(r.status, 200);
     assert!(r.json().get("usage").is_none());
 
+    // Records are written in the logging phase, just after the response: wait for them.
+    assert!(wait_until(Duration::from_secs(5), || {
+        let v = costs(&gw, "tenant");
+        v["rows"].as_array().is_some_and(|r| r.len() == 2) && v["total"]["requests"] == 4
+    }));
     let v = costs(&gw, "tenant,app,model");
     let acme = row(&v, "acme");
     assert_eq!(
@@ -1400,7 +1411,11 @@ fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
         &json!({"model": "small", "messages": [{"role": "user", "content": "x"}], "mock": {"status": 500}}),
     );
     assert_eq!(r.status, 500);
-    assert_eq!(row(&costs(&gw, "tenant"), "acme")["errors"], 1);
+    assert!(wait_until(Duration::from_secs(5), || row(
+        &costs(&gw, "tenant"),
+        "acme"
+    )["errors"]
+        == 1));
     assert!(
         gw.metrics().contains("smartllm_cost_usd_total{"),
         "{}",
@@ -1461,6 +1476,9 @@ fn ledger_survives_restart_and_kill_loses_at_most_the_flush_window() {
             200
         );
     }
+    assert!(wait_until(Duration::from_secs(5), || costs(&gw, "tenant")
+        ["total"]["requests"]
+        == 3));
     let before = row(&costs(&gw, "tenant"), "acme").clone();
     // Graceful restart: everything kept.
     gw.stop();
@@ -1570,4 +1588,62 @@ fn admin_api_requires_its_token_when_configured() {
         !gw.log_text().contains("adm-secret-42")
             && !get(&gw.admin, "/metrics").text().contains("adm-secret-42")
     );
+}
+
+#[test]
+fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
+    let mock = Mock::start(&[]);
+    let cfg = ledger_gateway(&mock, "");
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 3 }}\n  - name: carol\n    sha256: {}\n    tenant: acme\n    app: batch\napps:\n  acme/batch:\n    limits: {{ tokens_per_minute: 2000 }}\n",
+            sha("sk-alice-1"),
+            sha("sk-carol-3")
+        ),
+    );
+    let gw = Gateway::start(cfg);
+    for i in 0..3 {
+        assert_eq!(
+            ask(&gw, "sk-alice-1", &chat_body("small", &format!("q{i}"))).status,
+            200
+        );
+    }
+    let r = ask(&gw, "sk-alice-1", &chat_body("small", "one too many"));
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "rate_limit_exceeded");
+    assert_eq!(r.api_error()["type"], "rate_limit_error");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    assert!(r.api_error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("3 requests per minute for key 'alice'"));
+    // Tokens per minute for an app: a 6,000-byte prompt (~1,500 tokens) fits once, not twice.
+    let big = chat_body("small", &"word ".repeat(1200));
+    assert_eq!(ask(&gw, "sk-carol-3", &big).status, 200);
+    let r = ask(&gw, "sk-carol-3", &big);
+    assert_eq!(r.status, 429);
+    assert!(r.api_error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("tokens per minute for app 'acme/batch'"));
+    let huge = chat_body("small", &"word ".repeat(3000));
+    let r = ask(&gw, "sk-carol-3", &huge);
+    assert_eq!(r.api_error()["code"], "request_too_large_for_limit");
+    // Limits change with a reload: lift alice's.
+    gw.config.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n",
+            sha("sk-alice-1")
+        ),
+    );
+    assert!(wait_until(Duration::from_secs(5), || ask(
+        &gw,
+        "sk-alice-1",
+        &chat_body("small", "free again")
+    )
+    .status
+        == 200));
 }

@@ -79,6 +79,13 @@ pub struct Pricing {
     pub per_request: f64,
 }
 
+/// Per-minute limits (None = unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub struct VirtualKey {
     pub name: String,
@@ -86,12 +93,15 @@ pub struct VirtualKey {
     pub tenant: String,
     pub app: String,
     pub models: Vec<String>,
+    pub limits: Limits,
 }
 
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct KeysConfig {
     pub require_key: bool,
     pub keys: Vec<VirtualKey>,
+    /// Limits per `tenant/app`.
+    pub apps: BTreeMap<String, Limits>,
 }
 
 /// Cache behaviour for one route alias or model (or the defaults).
@@ -1081,12 +1091,14 @@ fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>) -> KeysCo
                 );
             }
         }
+        let limits = resolve_limits(&format!("{at}.limits"), &k.limits, v);
         keys.push(VirtualKey {
             name: k.name,
             sha256,
             tenant: k.tenant,
             app: k.app.unwrap_or_else(|| "default".into()),
             models: k.models,
+            limits,
         });
     }
     let require_key = raw.require_key.unwrap_or(!keys.is_empty());
@@ -1097,7 +1109,44 @@ fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>) -> KeysCo
             "is true but no key is listed: every request would be refused",
         );
     }
-    KeysConfig { require_key, keys }
+    let mut apps = BTreeMap::new();
+    for (name, a) in &raw.apps {
+        if !name.contains('/') {
+            v.push(
+                KEYS_FILE,
+                format!("apps.{name}"),
+                "apps are named tenant/app",
+            );
+        }
+        apps.insert(
+            name.clone(),
+            resolve_limits(&format!("apps.{name}.limits"), &a.limits, v),
+        );
+    }
+    KeysConfig {
+        require_key,
+        keys,
+        apps,
+    }
+}
+
+fn resolve_limits(at: &str, raw: &RawLimits, v: &mut Issues<'_>) -> Limits {
+    for (field, value) in [
+        ("requests_per_minute", raw.requests_per_minute),
+        ("tokens_per_minute", raw.tokens_per_minute),
+    ] {
+        if value == Some(0) {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.{field}"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+    }
+    Limits {
+        requests_per_minute: raw.requests_per_minute,
+        tokens_per_minute: raw.tokens_per_minute,
+    }
 }
 
 const DEFAULT_POLICY: CachePolicy = CachePolicy {

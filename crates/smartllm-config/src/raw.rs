@@ -248,6 +248,23 @@ pub struct RawKeysFile {
     pub require_key: Option<bool>,
     #[serde(default)]
     pub keys: Vec<RawKey>,
+    /// Limits per application, keyed `tenant/app`.
+    #[serde(default)]
+    pub apps: BTreeMap<String, RawApp>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawApp {
+    #[serde(default)]
+    pub limits: RawLimits,
 }
 
 #[derive(Debug, Deserialize)]
@@ -261,4 +278,6 @@ pub struct RawKey {
     /// Models or route aliases this key may use; empty = all.
     #[serde(default)]
     pub models: Vec<String>,
+    #[serde(default)]
+    pub limits: RawLimits,
 }

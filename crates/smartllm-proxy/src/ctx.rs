@@ -40,6 +40,8 @@ pub struct Ctx {
     pub saved_usage: Option<Usage>,
     /// Usage was estimated (the upstream reported none).
     pub usage_estimated: bool,
+    /// Tokens already charged against rate limits before the request.
+    pub precharged_tokens: u64,
 }
 
 impl Default for Ctx {
@@ -77,6 +79,7 @@ impl Ctx {
             key_name: "-".into(),
             saved_usage: None,
             usage_estimated: false,
+            precharged_tokens: 0,
         }
     }
 

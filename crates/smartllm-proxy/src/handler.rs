@@ -172,6 +172,17 @@ async fn api(
     )
     .await?;
     ctx.request_bytes = body.len();
+    // Rate limits: one request and the estimated prompt (about 4 bytes a token).
+    let scopes = crate::limits_for(&rt, ctx);
+    if !scopes.is_empty() {
+        let estimate = (body.len() as u64).div_ceil(4);
+        let scopes: Vec<(&str, smartllm_config::Limits)> =
+            scopes.iter().map(|(s, l)| (s.as_str(), *l)).collect();
+        let admitted = shared.limiter.admit(&scopes, estimate);
+        tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = admitted.is_ok(), "rate limit decision");
+        admitted?;
+        ctx.precharged_tokens = estimate;
+    }
     let req = parse_request(endpoint, &body)?;
     drop(body);
     ctx.stream = req.stream;

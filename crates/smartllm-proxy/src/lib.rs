@@ -14,6 +14,7 @@ pub mod cache_sweeper;
 pub mod ctx;
 pub mod handler;
 pub mod health;
+pub mod limits;
 pub mod metrics;
 pub mod reload;
 pub mod respond;
@@ -56,6 +57,7 @@ pub struct Shared {
     pub components: Components,
     pub cache: Option<Arc<smartllm_cache::SemanticCache>>,
     pub ledger: Option<smartllm_ledger::Ledger>,
+    pub limiter: limits::Limiter,
     pub config_dir: PathBuf,
     pub reload_lock: tokio::sync::Mutex<()>,
     pub reload_status: Mutex<reload::ReloadStatus>,
@@ -83,6 +85,7 @@ impl Shared {
             components,
             cache,
             ledger,
+            limiter: limits::Limiter::default(),
             config_dir,
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),
@@ -130,6 +133,30 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        // Tokens beyond the pre-charged estimate count against the limits now.
+        if let (Some(u), Some(rt)) = (ctx.usage, ctx.rt.clone()) {
+            let scopes = limits_for(&rt, ctx);
+            let scopes: Vec<(&str, smartllm_config::Limits)> =
+                scopes.iter().map(|(s, l)| (s.as_str(), *l)).collect();
+            self.shared
+                .limiter
+                .charge(&scopes, u.total().saturating_sub(ctx.precharged_tokens));
+        }
         access_log::finish(session, e, ctx, self.shared.ledger.as_ref());
     }
+}
+
+/// The limits that apply to this request's key and app.
+pub fn limits_for(rt: &Runtime, ctx: &Ctx) -> Vec<(String, smartllm_config::Limits)> {
+    let mut out = Vec::new();
+    if let Some(k) = rt.keys.values().find(|k| k.name == ctx.key_name) {
+        if k.limits != smartllm_config::Limits::default() {
+            out.push((format!("key '{}'", k.name), k.limits));
+        }
+    }
+    let app = format!("{}/{}", ctx.tenant, ctx.app);
+    if let Some(l) = rt.config.keys.apps.get(&app) {
+        out.push((format!("app '{app}'"), *l));
+    }
+    out
 }
