@@ -1647,3 +1647,69 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
     .status
         == 200));
 }
+
+#[test]
+fn budgets_alert_reject_and_degrade() {
+    let mock = Mock::start(&["--words", "12"]);
+    let hook = Mock::start(&[]);
+    let cfg = ledger_gateway(&mock, "");
+    // small: 3 prompt + 12 completion tokens = 0.027 USD per "Hello there".
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n  - name: bob\n    sha256: {}\n    tenant: beta\n    app: cli\nbudgets:\n  - scope: tenant\n    name: acme\n    daily_usd: 0.05\n    alert_at: [50, 100]\n    webhook: http://{}/hook\n  - scope: key\n    name: bob\n    monthly_usd: 0.03\n    on_exceed: degrade\n    degrade_to: big\n",
+            sha("sk-alice-1"),
+            sha("sk-bob-2"),
+            hook.addr
+        ),
+    );
+    let mut gw = Gateway::start(cfg);
+    let hello = chat_body("small", "Hello there");
+    assert_eq!(ask(&gw, "sk-alice-1", &hello).status, 200); // 0.027: 54%, alert 50
+    assert!(
+        wait_until(Duration::from_secs(5), || hook.requests() >= 1),
+        "50% alert webhook"
+    );
+    assert_eq!(hook.last()["json"]["threshold_pct"], 50.0);
+    assert_eq!(hook.last()["json"]["budget"], "tenant:acme");
+    assert_eq!(ask(&gw, "sk-alice-1", &hello).status, 200); // 0.054: 108%, alert 100
+    assert!(
+        wait_until(Duration::from_secs(5), || hook.requests() >= 2),
+        "100% alert webhook"
+    );
+    assert_eq!(hook.last()["json"]["threshold_pct"], 100.0);
+    let r = ask(&gw, "sk-alice-1", &hello);
+    assert_eq!(r.status, 429, "{}", r.text());
+    let e = r.api_error();
+    assert_eq!(e["code"], "budget_exceeded");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("daily budget of $0.05 for tenant 'acme'"),
+        "{e}"
+    );
+    assert!(r.header("retry-after").is_some());
+    assert!(gw.log_text().contains("budget alert"));
+    assert!(gw
+        .metrics()
+        .contains("smartllm_budget_alerts_total{budget=\"tenant:acme\""));
+    // bob degrades to the "big" model once his monthly budget is spent.
+    let r = ask(&gw, "sk-bob-2", &hello);
+    assert_eq!(r.header("x-smartllm-model"), Some("small"));
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .metric("smartllm_budget_used_ratio", &[("budget", "key:bob")])
+        > 0.8));
+    let r = ask(&gw, "sk-bob-2", &hello);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-smartllm-model"), Some("big"), "{:?}", r.headers);
+    assert!(r
+        .header("x-smartllm-route")
+        .unwrap()
+        .contains("reason=budget"));
+    // After a restart the spend is read back from the ledger: still exhausted.
+    gw.stop();
+    let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    let gw = Gateway::start(cfg);
+    assert_eq!(ask(&gw, "sk-alice-1", &hello).status, 429);
+}

@@ -533,6 +533,7 @@ async fn handle<S: Conn>(
             "method": req.method,
             "path": path,
             "tls_sni": sni,
+            "json": if req.body.len() <= 16 * 1024 { body.clone() } else { Value::Null },
             "headers": req.headers,
             "body_len": req.body.len(),
             "body_sha256": hex::encode(Sha256::digest(&req.body)),

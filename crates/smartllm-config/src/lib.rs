@@ -96,12 +96,55 @@ pub struct VirtualKey {
     pub limits: Limits,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetScope {
+    Tenant,
+    App,
+    Key,
+}
+
+impl BudgetScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetScope::Tenant => "tenant",
+            BudgetScope::App => "app",
+            BudgetScope::Key => "key",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnExceed {
+    Reject,
+    /// Serve with this model or route instead.
+    Degrade(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    pub scope: BudgetScope,
+    pub name: String,
+    pub daily_usd: Option<f64>,
+    pub monthly_usd: Option<f64>,
+    pub alert_at: Vec<f64>,
+    pub on_exceed: OnExceed,
+    pub webhook: Option<Url>,
+}
+
+impl Budget {
+    /// `tenant:acme`, `app:acme/web`, `key:ci`
+    pub fn id(&self) -> String {
+        format!("{}:{}", self.scope.as_str(), self.name)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct KeysConfig {
     pub require_key: bool,
     pub keys: Vec<VirtualKey>,
     /// Limits per `tenant/app`.
     pub apps: BTreeMap<String, Limits>,
+    pub budgets: Vec<Budget>,
 }
 
 /// Cache behaviour for one route alias or model (or the defaults).
@@ -1123,10 +1166,108 @@ fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>) -> KeysCo
             resolve_limits(&format!("apps.{name}.limits"), &a.limits, v),
         );
     }
+    let mut budgets = Vec::new();
+    for (i, b) in raw.budgets.into_iter().enumerate() {
+        let at = format!("budgets[{i}]");
+        let scope = match b.scope.as_str() {
+            "tenant" => BudgetScope::Tenant,
+            "app" => BudgetScope::App,
+            "key" => BudgetScope::Key,
+            other => {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.scope"),
+                    format!("unknown scope {other:?}: use tenant, app or key"),
+                );
+                continue;
+            }
+        };
+        if scope == BudgetScope::App && !b.name.contains('/') {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.name"),
+                "app budgets are named tenant/app",
+            );
+        }
+        if b.daily_usd.is_none() && b.monthly_usd.is_none() {
+            v.push(KEYS_FILE, &at, "set daily_usd, monthly_usd or both");
+        }
+        for (field, value) in [("daily_usd", b.daily_usd), ("monthly_usd", b.monthly_usd)] {
+            if value.is_some_and(|x| !x.is_finite() || x <= 0.0) {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.{field}"),
+                    "must be a positive amount of USD",
+                );
+            }
+        }
+        let alert_at = b.alert_at.unwrap_or_else(|| vec![50.0, 80.0, 100.0]);
+        if alert_at.iter().any(|p| !(1.0..=1000.0).contains(p)) {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.alert_at"),
+                "percentages must be between 1 and 1000",
+            );
+        }
+        let on_exceed = match (b.on_exceed.as_deref().unwrap_or("reject"), b.degrade_to) {
+            ("reject", None) => OnExceed::Reject,
+            ("reject", Some(_)) => {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.degrade_to"),
+                    "only applies with on_exceed: degrade",
+                );
+                OnExceed::Reject
+            }
+            ("degrade", Some(t)) => {
+                if config.model(&t).is_none() && !config.routes.contains_key(&t) {
+                    v.push(
+                        KEYS_FILE,
+                        format!("{at}.degrade_to"),
+                        format!("{t:?} is neither a model nor a route alias"),
+                    );
+                }
+                OnExceed::Degrade(t)
+            }
+            ("degrade", None) => {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.degrade_to"),
+                    "on_exceed: degrade needs degrade_to (a cheaper model or route)",
+                );
+                OnExceed::Reject
+            }
+            (other, _) => {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.on_exceed"),
+                    format!("unknown action {other:?}: use reject or degrade"),
+                );
+                OnExceed::Reject
+            }
+        };
+        let webhook = b.webhook.and_then(|w| match Url::parse(&w) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                v.push(KEYS_FILE, format!("{at}.webhook"), e);
+                None
+            }
+        });
+        budgets.push(Budget {
+            scope,
+            name: b.name,
+            daily_usd: b.daily_usd,
+            monthly_usd: b.monthly_usd,
+            alert_at,
+            on_exceed,
+            webhook,
+        });
+    }
     KeysConfig {
         require_key,
         keys,
         apps,
+        budgets,
     }
 }
 

@@ -251,6 +251,26 @@ pub struct RawKeysFile {
     /// Limits per application, keyed `tenant/app`.
     #[serde(default)]
     pub apps: BTreeMap<String, RawApp>,
+    #[serde(default)]
+    pub budgets: Vec<RawBudget>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawBudget {
+    /// tenant, app or key
+    pub scope: String,
+    /// The tenant, `tenant/app`, or key name.
+    pub name: String,
+    pub daily_usd: Option<f64>,
+    pub monthly_usd: Option<f64>,
+    /// Percentages of a budget that raise an alert (default 50, 80, 100).
+    pub alert_at: Option<Vec<f64>>,
+    /// At 100%: `reject` (429) or `degrade` (to `degrade_to`).
+    pub on_exceed: Option<String>,
+    pub degrade_to: Option<String>,
+    /// Alerts are POSTed here as JSON (retried, never blocking a request).
+    pub webhook: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

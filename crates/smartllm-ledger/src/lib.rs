@@ -378,7 +378,7 @@ pub fn format_day(day: u64) -> String {
 }
 
 /// Days since 1970-01-01 -> (year, month, day) (Howard Hinnant's algorithm).
-fn civil(days: u64) -> (i64, u32, u32) {
+pub fn civil(days: u64) -> (i64, u32, u32) {
     let z = days as i64 + 719_468;
     let era = z.div_euclid(146_097);
     let doe = z - era * 146_097;

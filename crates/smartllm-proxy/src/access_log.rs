@@ -28,7 +28,7 @@ pub fn finish(
     e: Option<&Error>,
     ctx: &mut Ctx,
     ledger: Option<&smartllm_ledger::Ledger>,
-) {
+) -> f64 {
     if ctx.counted {
         metrics::inflight(-1.0);
         ctx.counted = false;
@@ -92,7 +92,7 @@ pub fn finish(
         .as_ref()
         .is_none_or(|rt| rt.config.logging.access_log);
     if !log_enabled {
-        return;
+        return cost_usd;
     }
     let req = session.req_header();
     let usage = ctx.usage.unwrap_or_default();
@@ -127,4 +127,5 @@ pub fn finish(
         similarity = ctx.cache_similarity,
         "request"
     );
+    cost_usd
 }

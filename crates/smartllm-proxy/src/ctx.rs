@@ -42,6 +42,8 @@ pub struct Ctx {
     pub usage_estimated: bool,
     /// Tokens already charged against rate limits before the request.
     pub precharged_tokens: u64,
+    /// Why this model serves the request (`alias`, `budget`), for `x-smartllm-route`.
+    pub route_reason: &'static str,
 }
 
 impl Default for Ctx {
@@ -80,6 +82,7 @@ impl Ctx {
             saved_usage: None,
             usage_estimated: false,
             precharged_tokens: 0,
+            route_reason: "alias",
         }
     }
 

@@ -186,12 +186,49 @@ async fn api(
     let req = parse_request(endpoint, &body)?;
     drop(body);
     ctx.stream = req.stream;
-    let Some((model, route)) = cfg.resolve_model(&req.model) else {
+    let Some((mut model, mut route)) = cfg.resolve_model(&req.model) else {
         return Err(ApiError::model_not_found(&req.model, &rt.known_models));
     };
     ctx.model = Some(model.name.clone());
     ctx.route = route.map(|r| r.name.clone());
     crate::auth::authorize_model(ctx, &rt, &req.model, &model.name)?;
+    // Budgets: the estimated cost of this request (prompt at ~4 bytes a token,
+    // plus max_tokens of output when given) must fit.
+    if !cfg.keys.budgets.is_empty() {
+        let p = &model.pricing;
+        let max_out = req
+            .body
+            .get("max_completion_tokens")
+            .or_else(|| req.body.get("max_tokens"))
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0);
+        let estimate = (ctx.request_bytes as f64 / 4.0) * p.input_per_1m / 1e6
+            + max_out as f64 * p.output_per_1m / 1e6
+            + p.per_request;
+        if let Some(ex) = shared.budgets.check(&cfg.keys.budgets, ctx, estimate) {
+            match &ex.budget.on_exceed {
+                smartllm_config::OnExceed::Degrade(target)
+                    if cfg
+                        .resolve_model(target)
+                        .is_some_and(|(m, _)| m.name != model.name) =>
+                {
+                    let (m, r) = cfg.resolve_model(target).expect("checked above");
+                    metrics::counter!(crate::budget::METRIC_EXCEEDED, "budget" => ex.budget.id(), "action" => "degrade").increment(1);
+                    tracing::info!(request_id = %ctx.request_id, budget = %ex.budget.id(), from = %model.name, to = %m.name, "budget exhausted: serving a cheaper model");
+                    model = m;
+                    route = r;
+                    ctx.route = Some(ctx.route.clone().unwrap_or_else(|| req.model.clone()));
+                    ctx.route_reason = "budget";
+                    ctx.model = Some(model.name.clone());
+                }
+                smartllm_config::OnExceed::Degrade(_) => {}
+                smartllm_config::OnExceed::Reject => {
+                    metrics::counter!(crate::budget::METRIC_EXCEEDED, "budget" => ex.budget.id(), "action" => "reject").increment(1);
+                    return Err(crate::budget::exceeded_error(&ex));
+                }
+            }
+        }
+    }
     let served = crate::cache::phase(
         shared,
         session,

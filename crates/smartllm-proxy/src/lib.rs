@@ -9,6 +9,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod auth;
+pub mod budget;
 pub mod cache;
 pub mod cache_sweeper;
 pub mod ctx;
@@ -58,6 +59,9 @@ pub struct Shared {
     pub cache: Option<Arc<smartllm_cache::SemanticCache>>,
     pub ledger: Option<smartllm_ledger::Ledger>,
     pub limiter: limits::Limiter,
+    pub budgets: budget::Budgets,
+    /// Outbound connections for alert webhooks (kept apart from upstream pools).
+    pub webhook_connector: Arc<Connector>,
     pub config_dir: PathBuf,
     pub reload_lock: tokio::sync::Mutex<()>,
     pub reload_status: Mutex<reload::ReloadStatus>,
@@ -86,6 +90,8 @@ impl Shared {
             cache,
             ledger,
             limiter: limits::Limiter::default(),
+            budgets: budget::Budgets::default(),
+            webhook_connector: Arc::new(Connector::new(None)),
             config_dir,
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),
@@ -142,7 +148,12 @@ impl ProxyHttp for Gateway {
                 .limiter
                 .charge(&scopes, u.total().saturating_sub(ctx.precharged_tokens));
         }
-        access_log::finish(session, e, ctx, self.shared.ledger.as_ref());
+        let cost = access_log::finish(session, e, ctx, self.shared.ledger.as_ref());
+        if let Some(rt) = ctx.rt.clone() {
+            self.shared
+                .budgets
+                .record(&self.shared, &rt.config.keys.budgets, ctx, cost);
+        }
     }
 }
 

@@ -159,6 +159,15 @@ pub fn install() -> PrometheusHandle {
             smartllm_ledger::METRIC_SAVED,
             "USD saved by cache hits, by tenant, app and model; only increases."
         );
+        describe_gauge!(crate::budget::METRIC_USED, "Share of a budget spent in the current period (1.0 = all of it), by budget and period.");
+        describe_counter!(
+            crate::budget::METRIC_ALERTS,
+            "Budget alerts raised, by budget and threshold percentage."
+        );
+        describe_counter!(
+            crate::budget::METRIC_EXCEEDED,
+            "Requests that met an exhausted budget, by budget and action (reject, degrade)."
+        );
         describe_counter!(
             smartllm_ledger::METRIC_DROPPED,
             "Ledger records dropped because the writer queue was full."

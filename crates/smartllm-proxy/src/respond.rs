@@ -37,7 +37,7 @@ pub fn header(
         let model = ctx.model.as_deref().unwrap_or("-");
         h.insert_header(
             "x-smartllm-route",
-            format!("{r}; model={model}; reason=alias"),
+            format!("{r}; model={model}; reason={}", ctx.route_reason),
         )?;
     }
     Ok(h)

@@ -527,6 +527,8 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         dir.to_path_buf(),
     );
 
+    shared.budgets.warm(&ledger);
+
     let mut conf = ServerConf {
         threads: config.server.threads,
         grace_period_seconds: Some(config.server.grace_period.as_secs()),
