@@ -1713,3 +1713,45 @@ fn budgets_alert_reject_and_degrade() {
     let gw = Gateway::start(cfg);
     assert_eq!(ask(&gw, "sk-alice-1", &hello).status, 429);
 }
+
+#[test]
+fn sigterm_drains_in_flight_streams_and_flushes_state() {
+    let (_mock, mut gw) = basic("", &["--chunk-delay-ms", "100", "--words", "10"]);
+    let addr = gw.addr.clone();
+    let started = Instant::now();
+    let client = std::thread::spawn(move || {
+        request(&addr, "POST", "/v1/chat/completions", &[], &serde_json::to_vec(&json!({"model": "small", "stream": true, "messages": [{"role": "user", "content": "a slow stream"}]})).unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    let r = client.join().unwrap().expect("the stream survives SIGTERM");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.sse_data().last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the stream ran to its end"
+    );
+    // New connections are refused while draining / after exit.
+    assert!(wait_until(Duration::from_secs(10), || request(
+        &gw.addr,
+        "GET",
+        "/v1/models",
+        &[],
+        b""
+    )
+    .is_err()));
+    gw.stop();
+    assert!(
+        gw.log_text().contains("smartllm stopped"),
+        "{}",
+        gw.log_text()
+    );
+}

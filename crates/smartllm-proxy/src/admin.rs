@@ -84,7 +84,7 @@ impl AdminApp {
         (
             ready,
             json!({
-                "status": if ready { "ready" } else { "not_ready" },
+                "status": if s.draining.load(std::sync::atomic::Ordering::SeqCst) { "draining" } else if ready { "ready" } else { "not_ready" },
                 "config": {"version": rt.version, "digest": rt.config.digest, "demo_mode": rt.demo_mode},
                 "embedder": embedder,
                 "store": store,

@@ -44,6 +44,8 @@ pub struct Ctx {
     pub precharged_tokens: u64,
     /// Why this model serves the request (`alias`, `budget`), for `x-smartllm-route`.
     pub route_reason: &'static str,
+    /// Counted in `Shared::in_flight` (released in the logging phase).
+    pub in_flight: bool,
 }
 
 impl Default for Ctx {
@@ -83,6 +85,7 @@ impl Ctx {
             usage_estimated: false,
             precharged_tokens: 0,
             route_reason: "alias",
+            in_flight: false,
         }
     }
 

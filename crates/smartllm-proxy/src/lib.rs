@@ -20,6 +20,7 @@ pub mod metrics;
 pub mod reload;
 pub mod respond;
 pub mod runtime;
+pub mod shutdown;
 pub mod upstream;
 
 use arc_swap::ArcSwap;
@@ -62,6 +63,10 @@ pub struct Shared {
     pub budgets: budget::Budgets,
     /// Outbound connections for alert webhooks (kept apart from upstream pools).
     pub webhook_connector: Arc<Connector>,
+    /// Requests being served (for draining on SIGTERM).
+    pub in_flight: std::sync::atomic::AtomicUsize,
+    /// Set on SIGTERM: not ready, new requests get 503.
+    pub draining: std::sync::atomic::AtomicBool,
     pub config_dir: PathBuf,
     pub reload_lock: tokio::sync::Mutex<()>,
     pub reload_status: Mutex<reload::ReloadStatus>,
@@ -92,6 +97,8 @@ impl Shared {
             limiter: limits::Limiter::default(),
             budgets: budget::Budgets::default(),
             webhook_connector: Arc::new(Connector::new(None)),
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            draining: std::sync::atomic::AtomicBool::new(false),
             config_dir,
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),
@@ -99,10 +106,12 @@ impl Shared {
     }
 
     pub fn ready(&self) -> bool {
-        self.components
-            .self_test
-            .as_ref()
-            .is_some_and(|t| t.nearest_ok)
+        !self.draining.load(std::sync::atomic::Ordering::SeqCst)
+            && self
+                .components
+                .self_test
+                .as_ref()
+                .is_some_and(|t| t.nearest_ok)
             && self.components.store.is_some()
     }
 }
@@ -121,10 +130,29 @@ impl ProxyHttp for Gateway {
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
         ctx.begin(session, self.shared.runtime.load_full());
+        self.shared
+            .in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ctx.in_flight = true;
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
+        if self
+            .shared
+            .draining
+            .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            let mut err = smartllm_protocol::ApiError::unavailable(
+                "server_shutting_down",
+                "This gateway instance is shutting down; retry the request (it will reach another instance).",
+            );
+            err.retry_after = Some(1);
+            ctx.status = 503;
+            session.set_keepalive(None);
+            respond::error(session, ctx, &err).await?;
+            return Ok(true);
+        }
         handler::handle(&self.shared, session, ctx).await?;
         Ok(true)
     }
@@ -139,6 +167,11 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
+        if std::mem::take(&mut ctx.in_flight) {
+            self.shared
+                .in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
         // Tokens beyond the pre-charged estimate count against the limits now.
         if let (Some(u), Some(rt)) = (ctx.usage, ctx.rt.clone()) {
             let scopes = limits_for(&rt, ctx);

@@ -586,7 +586,13 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         listen = %config.server.listen, admin = %config.server.admin_listen, config_dir = %dir.display(),
         version = env!("CARGO_PKG_VERSION"), "smartllm starting"
     );
-    server.run(RunArgs::default());
+    // SIGTERM drains in-flight requests (streams included) before Pingora stops.
+    server.run(RunArgs {
+        shutdown_signal: Box::new(smartllm_proxy::shutdown::DrainingShutdown {
+            shared: shared.clone(),
+            drain_timeout: config.server.graceful_shutdown_timeout,
+        }),
+    });
     // Pingora has drained and stopped: save the index, flush state, exit.
     if let Err(e) = cache.persist() {
         tracing::error!(error = %e, "saving the cache index failed; it will be rebuilt at the next start");

@@ -1,0 +1,74 @@
+//! Graceful stop. Pingora's own SIGTERM path waits a fixed grace period and
+//! then cancels whatever is still running, which would cut long LLM streams.
+//! This watcher drains first: on SIGTERM the gateway reports not ready, answers
+//! new requests with 503 (`Connection: close`, `Retry-After`), and waits until
+//! every in-flight request has finished (bounded by
+//! `server.graceful_shutdown_timeout`); only then does Pingora stop. SIGQUIT
+//! (graceful upgrade: sockets handed to a new process) and SIGINT (fast stop)
+//! keep Pingora's meaning.
+
+use crate::Shared;
+use async_trait::async_trait;
+use pingora_core::server::{ShutdownSignal, ShutdownSignalWatch};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+use tokio::signal::unix::{signal, Signal, SignalKind};
+
+pub struct DrainingShutdown {
+    pub shared: Arc<Shared>,
+    pub drain_timeout: Duration,
+}
+
+async fn next(s: &mut Option<Signal>) {
+    match s {
+        Some(s) => {
+            s.recv().await;
+        }
+        None => std::future::pending::<()>().await,
+    }
+}
+
+fn install(kind: SignalKind, name: &str) -> Option<Signal> {
+    match signal(kind) {
+        Ok(s) => Some(s),
+        Err(e) => {
+            tracing::error!(error = %e, signal = name, "cannot install a signal handler");
+            None
+        }
+    }
+}
+
+#[async_trait]
+impl ShutdownSignalWatch for DrainingShutdown {
+    async fn recv(&self) -> ShutdownSignal {
+        let mut quit = install(SignalKind::quit(), "SIGQUIT");
+        let mut term = install(SignalKind::terminate(), "SIGTERM");
+        let mut int = install(SignalKind::interrupt(), "SIGINT");
+        tokio::select! {
+            _ = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
+            _ = next(&mut int) => ShutdownSignal::FastShutdown,
+            _ = next(&mut term) => {
+                self.shared.draining.store(true, Ordering::SeqCst);
+                let started = Instant::now();
+                tracing::info!(in_flight = self.shared.in_flight.load(Ordering::SeqCst), "SIGTERM: draining in-flight requests");
+                loop {
+                    let n = self.shared.in_flight.load(Ordering::SeqCst);
+                    if n == 0 {
+                        tracing::info!(ms = started.elapsed().as_millis() as u64, "drained; stopping");
+                        break;
+                    }
+                    if started.elapsed() >= self.drain_timeout {
+                        tracing::warn!(in_flight = n, timeout = ?self.drain_timeout, "drain timeout reached; stopping with requests in flight");
+                        break;
+                    }
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(25)) => {}
+                        _ = next(&mut int) => return ShutdownSignal::FastShutdown,
+                    }
+                }
+                ShutdownSignal::GracefulTerminate
+            }
+        }
+    }
+}
