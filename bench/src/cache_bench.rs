@@ -8,9 +8,7 @@
 //! Prints a Markdown report on stdout.
 
 use smartllm_cache::VectorIndex;
-use smartllm_config::{Device, EmbedderConfig};
 use smartllm_embed::Embedder;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -79,19 +77,7 @@ fn dataset(n: usize, seed: u64) -> Vec<f32> {
 }
 
 fn embedder_bench(texts: usize) {
-    let dir = std::env::var("SMARTLLM_ASSETS_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| {
-            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/smartllm-assets")
-        });
-    let cfg = EmbedderConfig {
-        model: dir.join("model.onnx"),
-        tokenizer: dir.join("tokenizer.json"),
-        onnxruntime: dir.join("libonnxruntime.so.1.31.1"),
-        threads: 1,
-        max_seq_len: 128,
-        device: Device::Cpu,
-    };
+    let cfg = smartllm_embed::local_assets(128);
     let e =
         Arc::new(Embedder::load(&cfg).expect("embedding assets: run packaging/fetch-assets.sh"));
     let sentences: Vec<String> = (0..texts)

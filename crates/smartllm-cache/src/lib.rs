@@ -896,27 +896,12 @@ enum Verified {
 mod tests {
     use super::*;
     use serde_json::json;
-    use smartllm_config::{Device, EmbedderConfig};
-    use std::path::PathBuf;
     use std::time::Duration;
+    const MAX_SEQ: usize = 128;
 
     fn embedder() -> Arc<Embedder> {
-        let dir = std::env::var("SMARTLLM_ASSETS_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                    .join(".cache/smartllm-assets")
-            });
-        let cfg = EmbedderConfig {
-            model: dir.join("model.onnx"),
-            tokenizer: dir.join("tokenizer.json"),
-            onnxruntime: dir.join("libonnxruntime.so.1.31.1"),
-            threads: 1,
-            max_seq_len: 128,
-            device: Device::Cpu,
-        };
         Arc::new(
-            Embedder::load(&cfg)
+            Embedder::load(&smartllm_embed::local_assets(MAX_SEQ))
                 .expect("embedding assets (run packaging/fetch-assets.sh; make test does)"),
         )
     }
@@ -1100,27 +1085,12 @@ mod tests {
 mod ivf_tests {
     use super::*;
     use serde_json::json;
-    use smartllm_config::{Device, EmbedderConfig};
-    use std::path::PathBuf;
     use std::time::Duration;
+    const MAX_SEQ: usize = 64;
 
     fn embedder() -> Arc<Embedder> {
-        let dir = std::env::var("SMARTLLM_ASSETS_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                    .join(".cache/smartllm-assets")
-            });
-        let cfg = EmbedderConfig {
-            model: dir.join("model.onnx"),
-            tokenizer: dir.join("tokenizer.json"),
-            onnxruntime: dir.join("libonnxruntime.so.1.31.1"),
-            threads: 1,
-            max_seq_len: 64,
-            device: Device::Cpu,
-        };
         Arc::new(
-            Embedder::load(&cfg)
+            Embedder::load(&smartllm_embed::local_assets(MAX_SEQ))
                 .expect("embedding assets (run packaging/fetch-assets.sh; make test does)"),
         )
     }

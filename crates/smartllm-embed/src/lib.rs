@@ -353,6 +353,25 @@ pub fn mean_pool_normalize(
     out
 }
 
+/// The embedder config for the assets fetched by `packaging/fetch-assets.sh`
+/// (`SMARTLLM_ASSETS_DIR`, else `~/.cache/smartllm-assets`), CPU, one thread:
+/// for tests, benchmarks and tools.
+pub fn local_assets(max_seq_len: usize) -> EmbedderConfig {
+    let dir = std::env::var("SMARTLLM_ASSETS_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| {
+            PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache/smartllm-assets")
+        });
+    EmbedderConfig {
+        model: dir.join("model.onnx"),
+        tokenizer: dir.join("tokenizer.json"),
+        onnxruntime: dir.join("libonnxruntime.so.1.31.1"),
+        threads: 1,
+        max_seq_len,
+        device: Device::Cpu,
+    }
+}
+
 pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
@@ -373,20 +392,7 @@ mod tests {
     }
 
     fn assets() -> Option<EmbedderConfig> {
-        let dir = std::env::var("SMARTLLM_ASSETS_DIR")
-            .map(PathBuf::from)
-            .unwrap_or_else(|_| {
-                PathBuf::from(std::env::var("HOME").unwrap_or_default())
-                    .join(".cache/smartllm-assets")
-            });
-        let cfg = EmbedderConfig {
-            model: dir.join("model.onnx"),
-            tokenizer: dir.join("tokenizer.json"),
-            onnxruntime: dir.join("libonnxruntime.so.1.31.1"),
-            threads: 1,
-            max_seq_len: 128,
-            device: Device::Cpu,
-        };
+        let cfg = local_assets(128);
         cfg.model.is_file().then_some(cfg)
     }
 

@@ -51,6 +51,7 @@ pub fn authenticate(session: &Session, ctx: &mut Ctx, rt: &Runtime) -> Result<()
             ctx.tenant = vk.tenant.clone();
             ctx.app = vk.app.clone();
             ctx.key_name = vk.name.clone();
+            ctx.key = Some(vk.clone());
             Ok(())
         }
         None if required => Err(ApiError::new(
@@ -68,13 +69,8 @@ pub fn authenticate(session: &Session, ctx: &mut Ctx, rt: &Runtime) -> Result<()
 }
 
 /// May this key use this model (or route alias)?
-pub fn authorize_model(
-    ctx: &Ctx,
-    rt: &Runtime,
-    requested: &str,
-    resolved: &str,
-) -> Result<(), ApiError> {
-    let Some(vk) = rt.keys.values().find(|k| k.name == ctx.key_name) else {
+pub fn authorize_model(ctx: &Ctx, requested: &str, resolved: &str) -> Result<(), ApiError> {
+    let Some(vk) = ctx.key.as_ref() else {
         return Ok(());
     };
     if vk.models.is_empty() || vk.models.iter().any(|m| m == requested || m == resolved) {

@@ -36,6 +36,8 @@ pub struct Ctx {
     pub tenant: String,
     pub app: String,
     pub key_name: String,
+    /// The caller's virtual key, when it presented a known one.
+    pub key: Option<Arc<smartllm_config::VirtualKey>>,
     /// Usage of the answer a cache hit replayed (its cost was saved).
     pub saved_usage: Option<Usage>,
     /// Usage was estimated (the upstream reported none).
@@ -81,6 +83,7 @@ impl Ctx {
             tenant: "anonymous".into(),
             app: "-".into(),
             key_name: "-".into(),
+            key: None,
             saved_usage: None,
             usage_estimated: false,
             precharged_tokens: 0,

@@ -191,7 +191,7 @@ async fn api(
     };
     ctx.model = Some(model.name.clone());
     ctx.route = route.map(|r| r.name.clone());
-    crate::auth::authorize_model(ctx, &rt, &req.model, &model.name)?;
+    crate::auth::authorize_model(ctx, &req.model, &model.name)?;
     // Budgets: the estimated cost of this request (prompt at ~4 bytes a token,
     // plus max_tokens of output when given) must fit.
     if !cfg.keys.budgets.is_empty() {

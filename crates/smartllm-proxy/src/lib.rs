@@ -193,7 +193,7 @@ impl ProxyHttp for Gateway {
 /// The limits that apply to this request's key and app.
 pub fn limits_for(rt: &Runtime, ctx: &Ctx) -> Vec<(String, smartllm_config::Limits)> {
     let mut out = Vec::new();
-    if let Some(k) = rt.keys.values().find(|k| k.name == ctx.key_name) {
+    if let Some(k) = ctx.key.as_ref() {
         if k.limits != smartllm_config::Limits::default() {
             out.push((format!("key '{}'", k.name), k.limits));
         }

@@ -639,6 +639,13 @@ async fn buffered_response(
     }
 }
 
+fn dep_stream_usage(ctx: &Ctx) -> bool {
+    ctx.rt
+        .as_ref()
+        .and_then(|rt| rt.providers.get(ctx.provider.as_deref()?))
+        .is_some_and(|p| p.cfg.stream_usage)
+}
+
 fn dep_idle(ctx: &Ctx) -> Duration {
     ctx.rt
         .as_ref()
@@ -716,9 +723,11 @@ async fn stream_response(
     }
     let mut failure: Option<ApiError> = None;
     let mut clean_end = false;
-    // Assembles the answer: to cache it, and to estimate its tokens if the
-    // upstream reports no usage.
-    let mut assembler = Some(ChunkAssembler::new());
+    // Assemble the answer only when it is needed: to cache it, or to count its
+    // tokens when the upstream will not report usage (not asked for it).
+    let usage_expected = matches!(translate, Translate::Anthropic) || dep_stream_usage(ctx);
+    let mut assembler = (ctx.cache_insert.is_some() || !usage_expected).then(ChunkAssembler::new);
+    let mut streamed_bytes = 0usize;
     loop {
         let t = Instant::now();
         let r = tokio::time::timeout(idle, up.read_response_body()).await;
@@ -727,6 +736,7 @@ async fn stream_response(
             Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
                 Ok(out) if out.is_empty() => {}
                 Ok(out) => {
+                    streamed_bytes += out.len();
                     if let Some(a) = assembler.as_mut() {
                         a.feed(&out);
                     }
@@ -804,11 +814,17 @@ async fn stream_response(
         }
         _ => None,
     };
-    if tr.usage().is_none() {
-        if let Some(c) = &assembled {
-            ctx.usage_estimated = true;
-            record_usage(ctx, Some(estimate_usage(req, &completion_text(c))));
-        }
+    if tr.usage().is_none() && failure.is_none() {
+        ctx.usage_estimated = true;
+        let usage = match &assembled {
+            Some(c) => estimate_usage(req, &completion_text(c)),
+            // No assembled text: about a fifth of SSE bytes are content, ~4 bytes a token.
+            None => Usage {
+                completion_tokens: (streamed_bytes as u64).div_ceil(20),
+                ..estimate_usage(req, "")
+            },
+        };
+        record_usage(ctx, Some(usage));
     }
     if let (Some(mut completion), Some(pending)) = (assembled, ctx.cache_insert.take()) {
         // Only a complete, successful stream is stored.
