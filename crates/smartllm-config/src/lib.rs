@@ -7,11 +7,13 @@
 mod error;
 mod locate;
 pub mod raw;
+pub mod routing;
 pub mod units;
 pub mod watch;
 
 pub use error::{ConfigError, ConfigIssue};
 pub use locate::locate;
+pub use routing::*;
 
 use raw::*;
 use serde::de::DeserializeOwned;
@@ -58,6 +60,7 @@ pub struct Config {
     pub providers: BTreeMap<String, ProviderConfig>,
     pub models: Vec<ModelConfig>,
     pub routes: BTreeMap<String, RouteConfig>,
+    pub classifier: ClassifierConfig,
     pub cache: CacheConfig,
     pub keys: KeysConfig,
     pub ledger: LedgerConfig,
@@ -384,6 +387,7 @@ pub struct ProviderConfig {
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,
     pub health_check: HealthCheckConfig,
+    pub circuit_breaker: CircuitBreakerConfig,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -392,6 +396,7 @@ pub struct ModelConfig {
     pub owned_by: String,
     pub deployments: Vec<DeploymentConfig>,
     pub pricing: Pricing,
+    pub profile: ModelProfile,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -401,11 +406,6 @@ pub struct DeploymentConfig {
     pub weight: usize,
 }
 
-#[derive(Debug, Clone, PartialEq)]
-pub struct RouteConfig {
-    pub name: String,
-    pub model: String,
-}
 
 impl Config {
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
@@ -608,6 +608,25 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
         list: issues,
     };
     let mut config = resolve(dir, digest, main, providers, models, routes, &mut v);
+    // Files the routes refer to (classifier examples, learned routers) are part
+    // of what runs: a change to one is a change of config.
+    let mut hasher = Sha256::new();
+    hasher.update(config.digest.as_bytes());
+    for (key, path) in referenced_files(&config.classifier, &config.routes) {
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                hasher.update(path.to_string_lossy().as_bytes());
+                hasher.update([0]);
+                hasher.update(&bytes);
+            }
+            Err(e) => v.push(
+                ROUTES_FILE,
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            ),
+        }
+    }
+    config.digest = hex::encode(&hasher.finalize()[..8]);
     config.cache = resolve_cache(dir, cache.cache, &config, &mut v);
     config.keys = resolve_keys(keys, &config, &mut v);
     if v.list.is_empty() {
@@ -913,6 +932,7 @@ fn resolve(
                     .map(|d| d.0)
                     .unwrap_or(server.upstream_idle_timeout),
                 health_check,
+                circuit_breaker: resolve_breaker(p.circuit_breaker.as_ref()),
             },
         );
     }
@@ -1001,43 +1021,28 @@ fn resolve(
                 );
             }
         }
+        let profile = resolve_profile(&at, m.profile.as_ref(), v);
         resolved_models.push(ModelConfig {
             name: m.name,
             owned_by,
             deployments,
             pricing,
+            profile,
         });
     }
 
     let mut resolved_routes = BTreeMap::new();
-    for (name, r) in routes.routes {
-        let at = format!("routes.{name}");
-        if seen.contains(&name) {
+    for (name, r) in &routes.routes {
+        if seen.contains(name) {
             v.push(
                 ROUTES_FILE,
-                &at,
+                format!("routes.{name}"),
                 format!("route {name:?} has the name of a model; pick another alias"),
             );
         }
-        if !seen.contains(&r.model) {
-            v.push(
-                ROUTES_FILE,
-                format!("{at}.model"),
-                format!(
-                    "unknown model {:?} (models.yaml defines: {})",
-                    r.model,
-                    seen.iter().cloned().collect::<Vec<_>>().join(", ")
-                ),
-            );
-        }
-        resolved_routes.insert(
-            name.clone(),
-            RouteConfig {
-                name,
-                model: r.model,
-            },
-        );
+        resolved_routes.insert(name.clone(), resolve_route(dir, name, r, &seen, v));
     }
+    let classifier = resolve_classifier(dir, &routes.classifier, v);
 
     Config {
         dir: dir.to_path_buf(),
@@ -1051,6 +1056,7 @@ fn resolve(
         providers: resolved_providers,
         models: resolved_models,
         routes: resolved_routes,
+        classifier,
         keys: KeysConfig::default(),
         admin_token: match (main.admin.token_env, main.admin.token_file) {
             (Some(_), Some(_)) => {

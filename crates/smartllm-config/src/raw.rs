@@ -121,6 +121,16 @@ pub struct RawProvider {
     pub first_byte_timeout: Option<ConfigDuration>,
     pub idle_timeout: Option<ConfigDuration>,
     pub health_check: Option<RawHealthCheck>,
+    pub circuit_breaker: Option<RawCircuitBreaker>,
+}
+
+/// Per deployment: open after `failures` consecutive failures, let one trial
+/// request through after `cooldown`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCircuitBreaker {
+    pub failures: Option<u32>,
+    pub cooldown: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -149,6 +159,26 @@ pub struct RawModel {
     pub owned_by: Option<String>,
     pub deployments: Vec<RawDeployment>,
     pub pricing: Option<RawPricing>,
+    /// What the router knows about the model before measuring it.
+    pub profile: Option<RawProfile>,
+}
+
+/// Static model profile (`models.yaml`): the router's prior.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawProfile {
+    /// Prompt plus completion tokens the model accepts.
+    pub context_window: Option<u64>,
+    /// tools, vision, json, ...
+    pub capabilities: Option<Vec<String>>,
+    /// Quality per task from 0 to 1 (code, math, reasoning, summarisation,
+    /// extraction, translation, creative, chat); `default` for the rest.
+    #[serde(default)]
+    pub quality: BTreeMap<String, f64>,
+    /// Typical output speed.
+    pub tokens_per_second: Option<f64>,
+    /// Typical time to first token.
+    pub latency: Option<ConfigDuration>,
 }
 
 /// USD per million tokens, and per request.
@@ -176,13 +206,126 @@ pub struct RawDeployment {
 pub struct RawRoutes {
     #[serde(default)]
     pub routes: BTreeMap<String, RawRoute>,
+    /// The task classifier's labelled examples.
+    #[serde(default)]
+    pub classifier: RawClassifier,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClassifier {
+    /// TSV file (task<TAB>prompt), relative to the config directory.
+    pub examples: Option<String>,
+    /// Neighbours that vote on a prompt's task.
+    pub k: Option<usize>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    /// A fixed alias: the model it resolves to.
+    pub model: Option<String>,
+    /// A routed alias: the models the router chooses from.
+    pub candidates: Option<Vec<String>>,
+    /// `utility` (profiles from models.yaml and live measurements) or `learned`.
+    pub strategy: Option<String>,
+    /// The learned router's file (`smartllm train-router`), for `strategy: learned`.
+    pub learned: Option<String>,
+    pub weights: Option<RawWeights>,
+    #[serde(default)]
+    pub constraints: RawConstraints,
+    #[serde(default)]
+    pub rules: Vec<RawRule>,
+    /// Models tried, in order, after the chosen one fails before any byte reached the client.
+    #[serde(default)]
+    pub fallback: Vec<String>,
+    /// How many other models a failed request may fall back to (default 2).
+    pub max_fallbacks: Option<usize>,
+    pub experiment: Option<RawExperiment>,
+    /// Budget use (0-1) above which the router shifts towards cheaper
+    /// candidates (default 0.8).
+    pub budget_pressure_at: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RawRoute {
-    /// The model this alias resolves to.
-    pub model: String,
+pub struct RawWeights {
+    pub quality: Option<f64>,
+    pub cost: Option<f64>,
+    pub latency: Option<f64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConstraints {
+    /// Expected time to the full answer must fit.
+    pub latency_budget: Option<ConfigDuration>,
+    /// Expected cost of one request must fit (USD).
+    pub max_cost_usd: Option<f64>,
+    /// Capabilities every candidate must have.
+    #[serde(default)]
+    pub capabilities: Vec<String>,
+    /// Minimum expected quality (0-1) for the prompt's task.
+    pub min_quality: Option<f64>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    pub name: Option<String>,
+    #[serde(default)]
+    pub when: RawWhen,
+    /// Serve with this model.
+    pub pin: Option<String>,
+    /// Never use these models.
+    #[serde(default)]
+    pub exclude: Vec<String>,
+    /// Use one of these when any meets the constraints.
+    #[serde(default)]
+    pub prefer: Vec<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawWhen {
+    #[serde(default)]
+    pub task: Vec<String>,
+    pub min_complexity: Option<f64>,
+    pub max_complexity: Option<f64>,
+    pub min_prompt_tokens: Option<u64>,
+    pub max_prompt_tokens: Option<u64>,
+    #[serde(default)]
+    pub language: Vec<String>,
+    pub has_code: Option<bool>,
+    pub has_math: Option<bool>,
+    pub has_tools: Option<bool>,
+    pub has_images: Option<bool>,
+    /// Request headers that must be present with these values (`*`: any value).
+    #[serde(default)]
+    pub headers: BTreeMap<String, String>,
+    /// Apps (`tenant/app`, or the app's name).
+    #[serde(default)]
+    pub app: Vec<String>,
+    #[serde(default)]
+    pub tenant: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawExperiment {
+    pub name: String,
+    /// `user` (the body's `user`, else the key) or `key`.
+    pub sticky_by: Option<String>,
+    pub arms: Vec<RawArm>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawArm {
+    pub name: String,
+    pub weight: f64,
+    /// Serve this arm with this model; without one the arm takes the route's own choice.
+    pub model: Option<String>,
 }
 
 /// `cache.yaml`

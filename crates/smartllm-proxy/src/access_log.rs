@@ -104,6 +104,8 @@ pub fn finish(
         status,
         endpoint = ctx.endpoint,
         route,
+        route_reason = %ctx.route_reason,
+        experiment = ctx.experiment.as_ref().map(|(e, a)| format!("{e}={a}")),
         model,
         provider,
         upstream_model = ctx.upstream_model.as_deref().unwrap_or("-"),

@@ -141,6 +141,26 @@ impl Budgets {
         None
     }
 
+    /// The highest share of any budget this request's tenant, app or key has
+    /// spent in its current period (0 when none applies): the router's cue to
+    /// favour cheaper candidates.
+    pub fn pressure(&self, budgets: &[Budget], ctx: &Ctx) -> f64 {
+        let ids = scope_ids(&ctx.tenant, &ctx.app, &ctx.key_name);
+        let (day, month, _, _) = periods(now_secs());
+        let mut worst = 0.0f64;
+        for b in budgets {
+            if !ids.contains(&b.id()) {
+                continue;
+            }
+            for (p, limit) in [(&day, b.daily_usd), (&month, b.monthly_usd)] {
+                if let Some(limit) = limit.filter(|l| *l > 0.0) {
+                    worst = worst.max(self.spent(&b.id(), p) / limit);
+                }
+            }
+        }
+        worst
+    }
+
     /// Add a request's cost; raise alerts for thresholds it crosses.
     pub fn record(&self, shared: &Shared, budgets: &[Budget], ctx: &Ctx, cost: f64) {
         if cost <= 0.0 {

@@ -44,8 +44,11 @@ pub struct Ctx {
     pub usage_estimated: bool,
     /// Tokens already charged against rate limits before the request.
     pub precharged_tokens: u64,
-    /// Why this model serves the request (`alias`, `budget`), for `x-smartllm-route`.
-    pub route_reason: &'static str,
+    /// Why this model serves the request (`alias`, `budget`, the router's
+    /// reason, `fallback:MODEL`), for `x-smartllm-route`.
+    pub route_reason: String,
+    /// (experiment, arm) of a routed request in an A/B experiment.
+    pub experiment: Option<(String, String)>,
     /// Counted in `Shared::in_flight` (released in the logging phase).
     pub in_flight: bool,
 }
@@ -87,7 +90,8 @@ impl Ctx {
             saved_usage: None,
             usage_estimated: false,
             precharged_tokens: 0,
-            route_reason: "alias",
+            route_reason: "alias".into(),
+            experiment: None,
             in_flight: false,
         }
     }

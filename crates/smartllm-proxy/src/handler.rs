@@ -186,12 +186,54 @@ async fn api(
     let req = parse_request(endpoint, &body)?;
     drop(body);
     ctx.stream = req.stream;
-    let Some((mut model, mut route)) = cfg.resolve_model(&req.model) else {
+    let Some((mut model, route)) = cfg.resolve_model(&req.model) else {
         return Err(ApiError::model_not_found(&req.model, &rt.known_models));
     };
-    ctx.model = Some(model.name.clone());
     ctx.route = route.map(|r| r.name.clone());
-    crate::auth::authorize_model(ctx, &req.model, &model.name)?;
+    let routed = route.filter(|r| r.is_routed());
+    crate::auth::authorize_model(
+        ctx,
+        &req.model,
+        if routed.is_some() {
+            &req.model
+        } else {
+            &model.name
+        },
+    )?;
+    if routed.is_none() {
+        ctx.model = Some(model.name.clone());
+    }
+    // The cache first: a hit costs nothing, whatever the budget. A routed alias
+    // is cached under its own name (the model is chosen only on a miss).
+    let served = crate::cache::phase(
+        shared,
+        session,
+        ctx,
+        &rt,
+        &req,
+        routed.map_or(model.name.as_str(), |r| r.name.as_str()),
+        route.map(|r| r.name.as_str()),
+    )
+    .await
+    .map_err(|e| ApiError::internal(format!("answering from the cache: {e}")))?;
+    if served {
+        return Ok(());
+    }
+    // Models to try in order: the choice, then its fallbacks.
+    let mut fallbacks: Vec<String> = Vec::new();
+    if let Some(r) = routed {
+        let d = crate::routing::decide(shared, session, ctx, &rt, &req, r).await;
+        model = cfg
+            .model(&d.model)
+            .ok_or_else(|| ApiError::internal(format!("the router chose an unknown model {}", d.model)))?;
+        fallbacks = d.fallbacks;
+    } else if let Some(r) = route {
+        fallbacks = r.fallback.iter().take(r.max_fallbacks).cloned().collect();
+    }
+    ctx.model = Some(model.name.clone());
+    if let Some(p) = ctx.cache_insert.as_mut() {
+        p.model = model.name.clone();
+    }
     // Budgets: the estimated cost of this request (prompt at ~4 bytes a token,
     // plus max_tokens of output when given) must fit.
     if !cfg.keys.budgets.is_empty() {
@@ -212,14 +254,17 @@ async fn api(
                         .resolve_model(target)
                         .is_some_and(|(m, _)| m.name != model.name) =>
                 {
-                    let (m, r) = cfg.resolve_model(target).expect("checked above");
+                    let (m, _) = cfg.resolve_model(target).expect("checked above");
                     metrics::counter!(crate::budget::METRIC_EXCEEDED, "budget" => ex.budget.id(), "action" => "degrade").increment(1);
                     tracing::info!(request_id = %ctx.request_id, budget = %ex.budget.id(), from = %model.name, to = %m.name, "budget exhausted: serving a cheaper model");
                     model = m;
-                    route = r;
+                    fallbacks.clear();
                     ctx.route = Some(ctx.route.clone().unwrap_or_else(|| req.model.clone()));
-                    ctx.route_reason = "budget";
+                    ctx.route_reason = "budget".into();
                     ctx.model = Some(model.name.clone());
+                    if let Some(p) = ctx.cache_insert.as_mut() {
+                        p.model = model.name.clone();
+                    }
                 }
                 smartllm_config::OnExceed::Degrade(_) => {}
                 smartllm_config::OnExceed::Reject => {
@@ -229,25 +274,7 @@ async fn api(
             }
         }
     }
-    let served = crate::cache::phase(
-        shared,
-        session,
-        ctx,
-        &rt,
-        &req,
-        &model.name,
-        route.map(|r| r.name.as_str()),
-    )
-    .await
-    .map_err(|e| ApiError::internal(format!("answering from the cache: {e}")))?;
-    if served {
-        return Ok(());
-    }
-    let Some(pool) = rt.pool(&model.name) else {
-        return Err(ApiError::internal(format!(
-            "model {} has no deployment pool",
-            model.name
-        )));
-    };
-    upstream::forward(shared, session, ctx, &rt, &req, pool).await
+    let mut chain = vec![model.name.clone()];
+    chain.extend(fallbacks.into_iter().filter(|m| *m != model.name));
+    upstream::forward(shared, session, ctx, &rt, &req, &chain).await
 }

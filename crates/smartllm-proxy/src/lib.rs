@@ -19,6 +19,7 @@ pub mod limits;
 pub mod metrics;
 pub mod reload;
 pub mod respond;
+pub mod routing;
 pub mod runtime;
 pub mod shutdown;
 pub mod upstream;
@@ -61,6 +62,10 @@ pub struct Shared {
     pub ledger: Option<smartllm_ledger::Ledger>,
     pub limiter: limits::Limiter,
     pub budgets: budget::Budgets,
+    /// Live model profiles (EWMA latency, TTFT, speed, errors) for the router.
+    pub profiles: smartllm_router::LiveProfiles,
+    /// Circuit breakers per deployment (they outlive reloads).
+    pub breakers: smartllm_router::Breakers,
     /// Outbound connections for alert webhooks (kept apart from upstream pools).
     pub webhook_connector: Arc<Connector>,
     /// Requests being served (for draining on SIGTERM).
@@ -96,6 +101,8 @@ impl Shared {
             ledger,
             limiter: limits::Limiter::default(),
             budgets: budget::Budgets::default(),
+            profiles: smartllm_router::LiveProfiles::default(),
+            breakers: smartllm_router::Breakers::default(),
             webhook_connector: Arc::new(Connector::new(None)),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -182,6 +189,14 @@ impl ProxyHttp for Gateway {
                 .charge(&scopes, u.total().saturating_sub(ctx.precharged_tokens));
         }
         let cost = access_log::finish(session, e, ctx, self.shared.ledger.as_ref());
+        if let Some((exp, arm)) = &ctx.experiment {
+            let outcome = if ctx.status < 400 { "ok" } else { "error" };
+            metrics::counter!(smartllm_router::metric_names::EXPERIMENT_REQUESTS, "experiment" => exp.clone(), "arm" => arm.clone(), "outcome" => outcome).increment(1);
+            if cost > 0.0 {
+                metrics::gauge!(smartllm_router::metric_names::EXPERIMENT_COST, "experiment" => exp.clone(), "arm" => arm.clone())
+                    .increment(cost);
+            }
+        }
         if let Some(rt) = ctx.rt.clone() {
             self.shared
                 .budgets

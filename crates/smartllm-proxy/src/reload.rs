@@ -46,7 +46,14 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Str
                 let restart = current.config.restart_only_changes(&new);
                 let applied = current.config.with_restart_only_from(new);
                 let version = current.version + 1;
-                match Runtime::prepare(applied, version).await {
+                match Runtime::prepare(
+                    applied,
+                    version,
+                    shared.components.embedder.clone(),
+                    Some(current.router.clone()),
+                )
+                .await
+                {
                     Ok(rt) => {
                         if let Some(c) = &shared.cache {
                             c.set_ivf_threshold(rt.config.cache.ivf_threshold);

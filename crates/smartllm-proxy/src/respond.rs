@@ -40,6 +40,9 @@ pub fn header(
             format!("{r}; model={model}; reason={}", ctx.route_reason),
         )?;
     }
+    if let Some((e, arm)) = &ctx.experiment {
+        h.insert_header("x-smartllm-experiment", format!("{e}={arm}"))?;
+    }
     Ok(h)
 }
 

@@ -89,6 +89,8 @@ pub struct Runtime {
     pub keys: HashMap<[u8; 32], Arc<smartllm_config::VirtualKey>>,
     /// The admin API's token, when one is configured.
     pub admin_token: Option<String>,
+    /// Task classifier and learned routers.
+    pub router: Arc<smartllm_router::RouterAssets>,
 }
 
 impl Runtime {
@@ -96,8 +98,15 @@ impl Runtime {
         self.pools.get(model)
     }
 
-    /// Build a snapshot: read provider keys, resolve deployment addresses.
-    pub async fn prepare(config: Config, version: u64) -> Result<Runtime, String> {
+    /// Build a snapshot: read provider keys, resolve deployment addresses, load
+    /// the router's classifier (embedded with `embedder`; an unchanged examples
+    /// file reuses `previous_router`) and learned routers.
+    pub async fn prepare(
+        config: Config,
+        version: u64,
+        embedder: Option<Arc<smartllm_embed::Embedder>>,
+        previous_router: Option<Arc<smartllm_router::RouterAssets>>,
+    ) -> Result<Runtime, String> {
         let config = Arc::new(config);
         // Demo mode: no provider that needs a key has one.
         let needs_key: Vec<_> = config
@@ -227,7 +236,21 @@ impl Runtime {
                     .map_err(|e| format!("admin token: {e}"))?,
             ),
         };
+        let router_cfg = config.clone();
+        let router = tokio::task::spawn_blocking(move || {
+            let embed = |texts: Vec<String>| {
+                embedder
+                    .as_ref()
+                    .ok_or_else(|| "no embedder".to_string())?
+                    .embed_blocking(texts)
+                    .map_err(|e| format!("embedding classifier examples: {e}"))
+            };
+            smartllm_router::RouterAssets::build(&router_cfg, Some(&embed), previous_router.as_deref())
+        })
+        .await
+        .map_err(|e| format!("loading the router panicked: {e}"))??;
         Ok(Runtime {
+            router: Arc::new(router),
             config,
             version,
             loaded_at: Instant::now(),

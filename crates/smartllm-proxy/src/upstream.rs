@@ -6,6 +6,7 @@
 //! next deployment; nothing is retried once a byte reached the client.
 
 use crate::ctx::Ctx;
+use crate::routing::deployment_id;
 use crate::runtime::{peer_for, DeploymentRuntime, ModelPool, Runtime};
 use crate::{metrics, respond, Shared};
 use bytes::Bytes;
@@ -47,68 +48,156 @@ struct Prepared {
     translate: Translate,
 }
 
+/// Try `chain` (the chosen model, then its fallbacks) until one answers: each
+/// model's healthy deployments whose circuit is closed, up to
+/// `server.upstream_attempts` per model. Connect errors, timeouts, resets,
+/// 429 and 5xx move on while nothing has reached the client.
 pub async fn forward(
     shared: &Shared,
     session: &mut Session,
     ctx: &mut Ctx,
     rt: &Runtime,
     req: &ParsedRequest,
-    pool: &ModelPool,
+    chain: &[String],
 ) -> Result<(), ApiError> {
     let attempts = rt.config.server.upstream_attempts;
-    let total_backends = pool.lb.backends().get_backend().len();
-    let mut tried = Vec::new();
+    let pools: Vec<&ModelPool> = chain
+        .iter()
+        .filter_map(|m| rt.pool(m).map(|p| p.as_ref()))
+        .collect();
+    if pools.is_empty() {
+        return Err(ApiError::internal(format!(
+            "model {} has no deployment pool",
+            chain.first().map_or("-", String::as_str)
+        )));
+    }
     let mut last_err = None;
-    for attempt in 0..attempts {
-        let backend = pool
-            .lb
-            .select_with(b"", 256, |b, healthy| healthy && !tried.contains(&b.addr))
-            // Every untried backend failed its health check: try one anyway (fail open).
-            .or_else(|| {
-                pool.lb
-                    .select_with(b"", 256, |b, _| !tried.contains(&b.addr))
-            });
-        let Some(backend) = backend else { break };
-        tried.push(backend.addr.clone());
-        let Some(dep) = pool.deployment_for(&backend) else {
-            break;
-        };
-        let provider = &dep.provider;
-        ctx.provider = Some(provider.name().to_string());
-        ctx.upstream_model = Some(dep.upstream_model.clone());
-        ctx.attempts += 1;
-        let key = match &provider.key {
-            Ok(k) => k.clone(),
-            Err(msg) => {
-                last_err = Some(ApiError::unavailable(
-                    "provider_key_missing",
-                    format!(
-                        "Provider '{}' serving model '{}' has no API key: {msg}.",
-                        provider.name(),
-                        pool.model
-                    ),
-                ));
+    for (mi, pool) in pools.iter().enumerate() {
+        if mi > 0 {
+            let from = ctx.model.clone().unwrap_or_default();
+            metrics::counter!(smartllm_router::metric_names::FALLBACKS, "route" => ctx.route.clone().unwrap_or_else(|| "-".into()),
+                "from" => from.clone(), "to" => pool.model.clone())
+            .increment(1);
+            tracing::info!(request_id = %ctx.request_id, from = %from, to = %pool.model, error = ?last_err.as_ref().map(|e: &ApiError| e.message.clone()), "falling back to the next model");
+            ctx.route_reason = format!("fallback:{from}");
+            ctx.model = Some(pool.model.clone());
+            if let Some(p) = ctx.cache_insert.as_mut() {
+                p.model = pool.model.clone();
+            }
+        }
+        let later_models = mi + 1 < pools.len();
+        let total_backends = pool.lb.backends().get_backend().len();
+        let mut tried = Vec::new();
+        for attempt in 0..attempts {
+            let usable = |b: &pingora_load_balancing::Backend| {
+                !tried.contains(&b.addr)
+                    && pool.deployment_for(b).is_none_or(|d| {
+                        shared.breakers.is_available(
+                            &deployment_id(d.provider.name(), &b.addr),
+                            &d.provider.cfg.circuit_breaker,
+                        )
+                    })
+            };
+            let backend = pool
+                .lb
+                .select_with(b"", 256, |b, healthy| healthy && usable(b))
+                .or_else(|| {
+                    // Every usable backend failed its health check: with no other
+                    // model to go to, try one anyway (fail open).
+                    if later_models {
+                        None
+                    } else {
+                        pool.lb.select_with(b"", 256, |b, _| usable(b))
+                    }
+                });
+            let Some(backend) = backend else { break };
+            tried.push(backend.addr.clone());
+            let Some(dep) = pool.deployment_for(&backend) else {
+                break;
+            };
+            let provider = &dep.provider;
+            let breaker_id = deployment_id(provider.name(), &backend.addr);
+            let breaker_cfg = provider.cfg.circuit_breaker;
+            if !shared.breakers.allow(&breaker_id, &breaker_cfg) {
                 continue;
             }
-        };
-        let prepared = prepare(req, dep, key.as_deref(), session, ctx)?;
-        let Some(peer) = peer_for(provider, &backend.addr) else {
-            continue;
-        };
-        let more_left = attempt + 1 < attempts && tried.len() < total_backends;
-        match attempt_once(shared, session, ctx, dep, &peer, prepared, req, more_left).await {
-            Attempt::Done => {
-                metrics::upstream_attempt(provider.name(), "ok");
-                return Ok(());
-            }
-            Attempt::Retry(e) => {
-                metrics::upstream_attempt(provider.name(), "retried");
-                tracing::debug!(request_id = %ctx.request_id, provider = %provider.name(), error = %e, "upstream attempt failed; trying the next deployment");
-                last_err = Some(e);
-            }
-            Attempt::Fail(e) => {
-                metrics::upstream_attempt(provider.name(), "failed");
-                return Err(e);
+            ctx.provider = Some(provider.name().to_string());
+            ctx.upstream_model = Some(dep.upstream_model.clone());
+            ctx.attempts += 1;
+            let key = match &provider.key {
+                Ok(k) => k.clone(),
+                Err(msg) => {
+                    last_err = Some(ApiError::unavailable(
+                        "provider_key_missing",
+                        format!(
+                            "Provider '{}' serving model '{}' has no API key: {msg}.",
+                            provider.name(),
+                            pool.model
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            let prepared = match prepare(req, dep, key.as_deref(), session, ctx) {
+                Ok(p) => p,
+                // This model cannot take the request (e.g. an endpoint its provider lacks).
+                Err(e) if later_models => {
+                    last_err = Some(e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(peer) = peer_for(provider, &backend.addr) else {
+                continue;
+            };
+            let more_left =
+                later_models || (attempt + 1 < attempts && tried.len() < total_backends);
+            let started = Instant::now();
+            let outcome =
+                attempt_once(shared, session, ctx, dep, &peer, prepared, req, more_left).await;
+            let deployment_failed = |e: &ApiError| e.status >= 500;
+            match outcome {
+                Attempt::Done => {
+                    metrics::upstream_attempt(provider.name(), "ok");
+                    let failed = ctx.status >= 500 || ctx.status == 429;
+                    shared
+                        .breakers
+                        .record(&breaker_id, &breaker_cfg, ctx.status < 500);
+                    if failed {
+                        shared.profiles.record_failure(&pool.model, None);
+                    } else if let Some(ttft) = ctx.ttft {
+                        shared.profiles.record_success(
+                            &pool.model,
+                            ttft,
+                            started.elapsed(),
+                            ctx.usage.map(|u| u.completion_tokens),
+                        );
+                    }
+                    return Ok(());
+                }
+                Attempt::Retry(e) => {
+                    metrics::upstream_attempt(provider.name(), "retried");
+                    tracing::debug!(request_id = %ctx.request_id, provider = %provider.name(), error = %e, "upstream attempt failed; trying the next deployment");
+                    shared
+                        .breakers
+                        .record(&breaker_id, &breaker_cfg, !deployment_failed(&e));
+                    shared.profiles.record_failure(
+                        &pool.model,
+                        (e.status == 504).then(|| started.elapsed()),
+                    );
+                    last_err = Some(e);
+                }
+                Attempt::Fail(e) => {
+                    metrics::upstream_attempt(provider.name(), "failed");
+                    shared
+                        .breakers
+                        .record(&breaker_id, &breaker_cfg, !deployment_failed(&e));
+                    shared.profiles.record_failure(
+                        &pool.model,
+                        (e.status == 504).then(|| started.elapsed()),
+                    );
+                    return Err(e);
+                }
             }
         }
     }
@@ -116,8 +205,8 @@ pub async fn forward(
         ApiError::unavailable(
             "no_upstream",
             format!(
-                "No deployment of model '{}' is available right now.",
-                pool.model
+                "No deployment of model '{}' is available right now (unhealthy or circuit open).",
+                chain.join("', '")
             ),
         )
     }))
@@ -300,19 +389,30 @@ async fn attempt_once(
                 ));
             }
             metrics::upstream_error(&pname, "reset");
-            return Attempt::Fail(ApiError::bad_gateway(
+            let err = ApiError::bad_gateway(
                 "upstream_reset",
                 format!("Provider '{pname}' at {addr} closed or reset the connection before answering ({}).", e.etype().as_str()),
-            ));
+            );
+            // Nothing reached the client: another deployment or model may answer.
+            return if more_left {
+                Attempt::Retry(err)
+            } else {
+                Attempt::Fail(err)
+            };
         }
         Err(_) => {
             ctx.upstream_wait += wait_start.elapsed();
             up.shutdown().await;
             metrics::upstream_error(&pname, "timeout");
-            return Attempt::Fail(ApiError::gateway_timeout(format!(
+            let err = ApiError::gateway_timeout(format!(
                 "Provider '{pname}' did not answer within {:?} (first_byte_timeout).",
                 p.cfg.first_byte_timeout
-            )));
+            ));
+            return if more_left {
+                Attempt::Retry(err)
+            } else {
+                Attempt::Fail(err)
+            };
         }
     }
     let ttft = sent_at.elapsed();

@@ -482,7 +482,12 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     let runtime = prep_rt
-        .block_on(Runtime::prepare(config.clone(), 1))
+        .block_on(Runtime::prepare(
+            config.clone(),
+            1,
+            Some(embedder.clone()),
+            None,
+        ))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     drop(prep_rt);
     if runtime.demo_mode {

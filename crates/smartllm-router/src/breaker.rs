@@ -1,0 +1,176 @@
+//! Circuit breakers per deployment. Closed: traffic flows, consecutive
+//! failures are counted. Open: after `failures` in a row, the deployment gets no
+//! traffic for `cooldown`. Half-open: then one trial request is let through; its
+//! success closes the circuit, its failure opens it again.
+
+use crate::metric_names as m;
+use smartllm_config::CircuitBreakerConfig;
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BreakerState {
+    Closed,
+    Open,
+    HalfOpen,
+}
+
+impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+    fn gauge(self) -> f64 {
+        match self {
+            BreakerState::Closed => 0.0,
+            BreakerState::HalfOpen => 1.0,
+            BreakerState::Open => 2.0,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Entry {
+    state: BreakerState,
+    consecutive: u32,
+    opened_at: Option<Instant>,
+    /// A half-open trial is in flight.
+    trial: bool,
+}
+
+/// Breakers by deployment id (`provider/address`). They outlive config reloads.
+#[derive(Default)]
+pub struct Breakers {
+    inner: Mutex<HashMap<String, Entry>>,
+}
+
+fn set_state(id: &str, e: &mut Entry, to: BreakerState) {
+    if e.state != to {
+        tracing::warn!(deployment = id, from = e.state.as_str(), to = to.as_str(), "circuit breaker changed state");
+        metrics::counter!(m::CIRCUIT_TRANSITIONS, "deployment" => id.to_string(), "to" => to.as_str()).increment(1);
+        e.state = to;
+    }
+    metrics::gauge!(m::CIRCUIT_STATE, "deployment" => id.to_string()).set(to.gauge());
+}
+
+impl Breakers {
+    /// May a request go to this deployment now? In half-open state only one
+    /// trial at a time is allowed.
+    pub fn allow(&self, id: &str, cfg: &CircuitBreakerConfig) -> bool {
+        if cfg.failures == 0 {
+            return true;
+        }
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(e) = map.get_mut(id) else { return true };
+        match e.state {
+            BreakerState::Closed => true,
+            BreakerState::Open => {
+                if e.opened_at.is_some_and(|t| t.elapsed() >= cfg.cooldown) {
+                    set_state(id, e, BreakerState::HalfOpen);
+                    e.trial = true;
+                    true
+                } else {
+                    false
+                }
+            }
+            BreakerState::HalfOpen => {
+                if e.trial {
+                    false
+                } else {
+                    e.trial = true;
+                    true
+                }
+            }
+        }
+    }
+
+    /// Would `allow` let traffic through (without claiming the trial)?
+    pub fn is_available(&self, id: &str, cfg: &CircuitBreakerConfig) -> bool {
+        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match map.get(id) {
+            None => true,
+            Some(e) => match e.state {
+                BreakerState::Closed => true,
+                BreakerState::Open => e.opened_at.is_some_and(|t| t.elapsed() >= cfg.cooldown),
+                BreakerState::HalfOpen => !e.trial,
+            },
+        }
+    }
+
+    pub fn record(&self, id: &str, cfg: &CircuitBreakerConfig, success: bool) {
+        if cfg.failures == 0 {
+            return;
+        }
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let e = map.entry(id.to_string()).or_insert(Entry {
+            state: BreakerState::Closed,
+            consecutive: 0,
+            opened_at: None,
+            trial: false,
+        });
+        e.trial = false;
+        if success {
+            e.consecutive = 0;
+            e.opened_at = None;
+            set_state(id, e, BreakerState::Closed);
+        } else {
+            e.consecutive += 1;
+            if e.state == BreakerState::HalfOpen || e.consecutive >= cfg.failures {
+                e.opened_at = Some(Instant::now());
+                set_state(id, e, BreakerState::Open);
+            }
+        }
+    }
+
+    pub fn state(&self, id: &str) -> BreakerState {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(id)
+            .map_or(BreakerState::Closed, |e| e.state)
+    }
+
+    pub fn all(&self) -> Vec<(String, BreakerState, u32)> {
+        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let mut v: Vec<_> = map.iter().map(|(k, e)| (k.clone(), e.state, e.consecutive)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn opens_after_failures_and_recovers_through_a_trial() {
+        let cfg = CircuitBreakerConfig {
+            failures: 3,
+            cooldown: Duration::from_millis(50),
+        };
+        let b = Breakers::default();
+        for _ in 0..2 {
+            b.record("d", &cfg, false);
+        }
+        assert!(b.allow("d", &cfg));
+        b.record("d", &cfg, false);
+        assert_eq!(b.state("d"), BreakerState::Open);
+        assert!(!b.allow("d", &cfg));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.allow("d", &cfg), "one trial after the cooldown");
+        assert!(!b.allow("d", &cfg), "only one trial at a time");
+        b.record("d", &cfg, false);
+        assert_eq!(b.state("d"), BreakerState::Open, "a failed trial opens again");
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.allow("d", &cfg));
+        b.record("d", &cfg, true);
+        assert_eq!(b.state("d"), BreakerState::Closed);
+        assert!(b.allow("d", &cfg) && b.allow("d", &cfg));
+    }
+}

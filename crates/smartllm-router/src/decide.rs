@@ -1,0 +1,316 @@
+//! The decision: candidates of a routed alias scored on expected quality, cost
+//! and latency, filtered by constraints, shaped by rules and experiments, with
+//! the fallback chain and an explanation.
+
+use crate::features::Features;
+use crate::learned::LearnedRouter;
+use crate::profiles::LiveSnapshot;
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use smartllm_config::{Config, ModelConfig, RouteConfig, RouteRule, StickyBy, Strategy, Task};
+
+/// What the router needs to know about models right now.
+pub trait ModelState {
+    fn live(&self, model: &str) -> Option<LiveSnapshot>;
+    /// A deployment is healthy and its circuit lets traffic through.
+    fn available(&self, model: &str) -> bool;
+}
+
+/// No live data, everything available (for `route explain` and tests).
+pub struct StaticState;
+
+impl ModelState for StaticState {
+    fn live(&self, _: &str) -> Option<LiveSnapshot> {
+        None
+    }
+    fn available(&self, _: &str) -> bool {
+        true
+    }
+}
+
+/// Who asks, for rules and sticky experiments.
+#[derive(Debug, Default, Clone)]
+pub struct RequestInfo<'a> {
+    /// (lower-case name, value)
+    pub headers: Vec<(String, String)>,
+    pub tenant: &'a str,
+    pub app: &'a str,
+    pub key: &'a str,
+    pub user: Option<&'a str>,
+    /// Highest share (0-1+) of any budget that applies to the request.
+    pub budget_pressure: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Candidate {
+    pub model: String,
+    /// Expected quality for this prompt (0-1).
+    pub quality: f64,
+    pub expected_cost_usd: f64,
+    pub expected_latency_ms: f64,
+    pub utility: f64,
+    /// Why it was not eligible.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub excluded: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Decision {
+    pub route: String,
+    pub model: String,
+    /// `utility`, `learned`, `rule:NAME`, `experiment:NAME/ARM`, `only_candidate`,
+    /// `constraints_relaxed`; `+budget` when budget pressure raised the cost weight.
+    pub reason: String,
+    pub strategy: &'static str,
+    /// (experiment, arm)
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub experiment: Option<(String, String)>,
+    /// Tried in order when the chosen model fails before any byte reached the client.
+    pub fallbacks: Vec<String>,
+    pub candidates: Vec<Candidate>,
+    pub weights: (f64, f64, f64),
+}
+
+fn rule_matches(rule: &RouteRule, f: &Features, req: &RequestInfo<'_>) -> bool {
+    let w = &rule.when;
+    (w.tasks.is_empty() || w.tasks.contains(&f.task))
+        && w.min_complexity.is_none_or(|x| f.complexity >= x)
+        && w.max_complexity.is_none_or(|x| f.complexity <= x)
+        && w.min_prompt_tokens.is_none_or(|x| f.prompt_tokens >= x)
+        && w.max_prompt_tokens.is_none_or(|x| f.prompt_tokens <= x)
+        && (w.languages.is_empty() || w.languages.iter().any(|l| l == f.language))
+        && w.has_code.is_none_or(|x| x == f.has_code)
+        && w.has_math.is_none_or(|x| x == f.has_math)
+        && w.has_tools.is_none_or(|x| x == f.has_tools)
+        && w.has_images.is_none_or(|x| x == f.has_images)
+        && w.headers.iter().all(|(name, want)| {
+            req.headers
+                .iter()
+                .any(|(n, v)| n == name && (want == "*" || v == want))
+        })
+        && (w.apps.is_empty()
+            || w.apps.iter().any(|a| a == req.app || *a == format!("{}/{}", req.tenant, req.app)))
+        && (w.tenants.is_empty() || w.tenants.iter().any(|t| t == req.tenant))
+}
+
+/// Sticky arm: a hash of the experiment and the user (or key) over the weights.
+pub fn assign_arm<'e>(exp: &'e smartllm_config::Experiment, req: &RequestInfo<'_>) -> &'e smartllm_config::Arm {
+    let who = match exp.sticky_by {
+        StickyBy::User => req.user.unwrap_or(req.key),
+        StickyBy::Key => req.key,
+    };
+    let mut h = Sha256::new();
+    h.update(exp.name.as_bytes());
+    h.update([0]);
+    h.update(who.as_bytes());
+    let d = h.finalize();
+    let x = u64::from_le_bytes(d[..8].try_into().unwrap_or([0; 8])) as f64 / u64::MAX as f64;
+    let total: f64 = exp.arms.iter().map(|a| a.weight).sum();
+    let mut acc = 0.0;
+    for a in &exp.arms {
+        acc += a.weight / total;
+        if x < acc {
+            return a;
+        }
+    }
+    exp.arms.last().expect("validated: at least two arms")
+}
+
+/// Expected quality of a model on a prompt from its profile: the harder the
+/// prompt, the more a model's shortfall on the task shows.
+pub fn profile_quality(m: &ModelConfig, task: Task, complexity: f64) -> f64 {
+    let q = m.profile.quality(task);
+    (1.0 - (1.0 - q) * (0.25 + 1.5 * complexity)).clamp(0.0, 1.0)
+}
+
+pub fn expected_cost(m: &ModelConfig, f: &Features) -> f64 {
+    let p = &m.pricing;
+    (f.prompt_tokens as f64 * p.input_per_1m + f.expected_output_tokens as f64 * p.output_per_1m) / 1e6
+        + p.per_request
+}
+
+fn expected_latency_ms(m: &ModelConfig, f: &Features, live: Option<&LiveSnapshot>) -> f64 {
+    let ttft = live
+        .and_then(|l| l.ttft_ms)
+        .unwrap_or(m.profile.latency.as_secs_f64() * 1e3);
+    let tps = live
+        .and_then(|l| l.tokens_per_second)
+        .unwrap_or(m.profile.tokens_per_second)
+        .max(1.0);
+    ttft + f.expected_output_tokens as f64 / tps * 1e3
+}
+
+/// Decide a routed alias. `learned` is the route's trained file (strategy
+/// learned) and `embedding` the prompt's embedding.
+pub fn decide(
+    config: &Config,
+    route: &RouteConfig,
+    f: &Features,
+    learned: Option<&LearnedRouter>,
+    embedding: Option<&[f32]>,
+    req: &RequestInfo<'_>,
+    state: &dyn ModelState,
+) -> Decision {
+    let names: Vec<&str> = if route.candidates.is_empty() {
+        vec![route.model.as_str()]
+    } else {
+        route.candidates.iter().map(String::as_str).collect()
+    };
+    // Budget pressure: beyond the route's threshold, cost weighs up to 4x more.
+    let mut w = route.weights;
+    let over = if route.budget_pressure_at < 1.0 {
+        ((req.budget_pressure - route.budget_pressure_at) / (1.0 - route.budget_pressure_at)).clamp(0.0, 1.0)
+    } else {
+        0.0
+    };
+    if over > 0.0 {
+        w.cost *= 1.0 + 3.0 * over;
+        let s = w.quality + w.cost + w.latency;
+        w.quality /= s;
+        w.cost /= s;
+        w.latency /= s;
+    }
+    let use_learned = matches!(route.strategy, Strategy::Learned(_)) && learned.is_some() && embedding.is_some();
+
+    let mut pinned: Option<(String, String)> = None; // (model, reason)
+    let mut preferred: Vec<&str> = Vec::new();
+    let mut rule_excluded: Vec<(&str, String)> = Vec::new();
+    let mut experiment = None;
+    if let Some(exp) = &route.experiment {
+        let arm = assign_arm(exp, req);
+        experiment = Some((exp.name.clone(), arm.name.clone()));
+        if let Some(m) = &arm.model {
+            pinned = Some((m.clone(), format!("experiment:{}/{}", exp.name, arm.name)));
+        }
+    }
+    for rule in &route.rules {
+        if !rule_matches(rule, f, req) {
+            continue;
+        }
+        for m in &rule.exclude {
+            rule_excluded.push((m.as_str(), format!("rule:{}", rule.name)));
+        }
+        if pinned.is_none() {
+            if let Some(p) = &rule.pin {
+                pinned = Some((p.clone(), format!("rule:{}", rule.name)));
+            }
+        }
+        if preferred.is_empty() && !rule.prefer.is_empty() {
+            preferred = rule.prefer.iter().map(String::as_str).collect();
+        }
+    }
+
+    let mut cands: Vec<Candidate> = Vec::with_capacity(names.len());
+    for name in &names {
+        let Some(m) = config.model(name) else { continue };
+        let live = state.live(name);
+        let mut quality = match (use_learned, learned, embedding) {
+            (true, Some(l), Some(e)) => l
+                .predict(name, e)
+                .unwrap_or_else(|| profile_quality(m, f.task, f.complexity)),
+            _ => profile_quality(m, f.task, f.complexity),
+        };
+        // A model that fails often delivers less.
+        if let Some(l) = &live {
+            quality *= 1.0 - l.error_rate.clamp(0.0, 1.0) * 0.5;
+        }
+        let cost = expected_cost(m, f);
+        let latency = expected_latency_ms(m, f, live.as_ref());
+        let c = &route.constraints;
+        let excluded = if let Some((_, why)) = rule_excluded.iter().find(|(x, _)| x == name) {
+            Some(why.clone())
+        } else if !state.available(name) {
+            Some("unavailable".to_string())
+        } else if f.prompt_tokens + f.max_tokens.unwrap_or(0) > m.profile.context_window {
+            Some(format!("context_window:{}", m.profile.context_window))
+        } else if let Some(cap) = f
+            .needs
+            .iter()
+            .copied()
+            .chain(c.capabilities.iter().map(String::as_str))
+            .find(|cap| !m.profile.has(cap))
+        {
+            Some(format!("capability:{cap}"))
+        } else if c.latency_budget.is_some_and(|b| latency > b.as_secs_f64() * 1e3) {
+            Some(format!("latency_budget:{latency:.0}ms"))
+        } else if c.max_cost_usd.is_some_and(|x| cost > x) {
+            Some(format!("max_cost:{cost:.5}"))
+        } else if c.min_quality.is_some_and(|x| quality < x) {
+            Some(format!("min_quality:{quality:.2}"))
+        } else {
+            None
+        };
+        cands.push(Candidate {
+            model: name.to_string(),
+            quality,
+            expected_cost_usd: cost,
+            expected_latency_ms: latency,
+            utility: 0.0,
+            excluded,
+        });
+    }
+    // Normalise cost and latency over the candidates (1 = the most expensive / slowest).
+    let max_cost = cands.iter().map(|c| c.expected_cost_usd).fold(0.0, f64::max).max(1e-12);
+    let max_lat = cands.iter().map(|c| c.expected_latency_ms).fold(0.0, f64::max).max(1e-9);
+    for c in &mut cands {
+        c.utility = w.quality * c.quality - w.cost * c.expected_cost_usd / max_cost - w.latency * c.expected_latency_ms / max_lat;
+    }
+    let mut order: Vec<usize> = (0..cands.len()).collect();
+    order.sort_by(|a, b| cands[*b].utility.total_cmp(&cands[*a].utility));
+    let feasible: Vec<usize> = order.iter().copied().filter(|i| cands[*i].excluded.is_none()).collect();
+
+    let base = if use_learned { "learned" } else { "utility" };
+    let (model, mut reason) = if let Some((m, why)) = pinned.filter(|(m, _)| state.available(m)) {
+        (m, why)
+    } else if let Some(i) = feasible
+        .iter()
+        .copied()
+        .find(|i| preferred.contains(&cands[*i].model.as_str()))
+    {
+        let rule = route
+            .rules
+            .iter()
+            .find(|r| !r.prefer.is_empty() && rule_matches(r, f, req))
+            .map_or("prefer", |r| r.name.as_str());
+        (cands[i].model.clone(), format!("rule:{rule}"))
+    } else if let Some(i) = feasible.first() {
+        let why = if cands.len() == 1 { "only_candidate" } else { base };
+        (cands[*i].model.clone(), why.to_string())
+    } else if let Some(m) = route.fallback.iter().find(|m| state.available(m)) {
+        (m.clone(), "constraints_relaxed".to_string())
+    } else {
+        // Nothing meets the constraints: serve the best available rather than fail.
+        let i = order
+            .iter()
+            .copied()
+            .find(|i| state.available(&cands[*i].model))
+            .or(order.first().copied());
+        (
+            i.map_or_else(|| route.model.clone(), |i| cands[i].model.clone()),
+            "constraints_relaxed".to_string(),
+        )
+    };
+    if over > 0.0 {
+        reason.push_str("+budget");
+    }
+    let mut fallbacks: Vec<String> = Vec::new();
+    for m in feasible
+        .iter()
+        .map(|i| cands[*i].model.as_str())
+        .chain(route.fallback.iter().map(String::as_str))
+    {
+        if m != model && !fallbacks.iter().any(|x| x == m) && fallbacks.len() < route.max_fallbacks {
+            fallbacks.push(m.to_string());
+        }
+    }
+    Decision {
+        route: route.name.clone(),
+        model,
+        reason,
+        strategy: route.strategy.as_str(),
+        experiment,
+        fallbacks,
+        candidates: cands,
+        weights: (w.quality, w.cost, w.latency),
+    }
+}

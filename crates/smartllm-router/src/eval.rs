@@ -1,0 +1,154 @@
+//! Cost/quality curves of routing strategies on labelled prompts: for each
+//! operating point, the share of the best single model's quality kept and the
+//! share of its cost paid.
+
+use serde::Serialize;
+
+/// One labelled prompt: every model's score (0-1) and cost (USD).
+#[derive(Debug, Clone)]
+pub struct EvalRow {
+    pub scores: Vec<f64>,
+    pub costs: Vec<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, PartialEq)]
+pub struct Point {
+    pub cost_share: f64,
+    pub quality_share: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Curve {
+    pub name: String,
+    pub points: Vec<Point>,
+}
+
+/// The best model (highest mean score) and the cheapest (lowest total cost).
+pub fn best_and_cheapest(rows: &[EvalRow], n_models: usize) -> (usize, usize) {
+    let total = |f: &dyn Fn(&EvalRow) -> f64| f64::from(rows.iter().map(f).sum::<f64>() as f32);
+    let best = (0..n_models)
+        .max_by(|a, b| total(&|r| r.scores[*a]).total_cmp(&total(&|r| r.scores[*b])))
+        .unwrap_or(0);
+    let cheapest = (0..n_models)
+        .min_by(|a, b| total(&|r| r.costs[*a]).total_cmp(&total(&|r| r.costs[*b])))
+        .unwrap_or(0);
+    (best, cheapest)
+}
+
+fn point(rows: &[EvalRow], best: usize, choice: impl Fn(usize) -> usize) -> Point {
+    let (mut q, mut c, mut qb, mut cb) = (0.0, 0.0, 0.0, 0.0);
+    for (i, r) in rows.iter().enumerate() {
+        let m = choice(i);
+        q += r.scores[m];
+        c += r.costs[m];
+        qb += r.scores[best];
+        cb += r.costs[best];
+    }
+    Point {
+        cost_share: if cb > 0.0 { c / cb } else { 0.0 },
+        quality_share: if qb > 0.0 { q / qb } else { 0.0 },
+    }
+}
+
+/// A router that predicts a quality per model and row, swept over how much
+/// cost counts: pick argmax(predicted − λ · cost / most expensive).
+pub fn predicted_curve(name: &str, rows: &[EvalRow], predicted: &[Vec<f64>], best: usize) -> Curve {
+    let mut points = Vec::new();
+    for step in 0..=80 {
+        let lambda = if step == 0 { 0.0 } else { 0.005 * 1.08f64.powi(step) };
+        points.push(point(rows, best, |i| {
+            let r = &rows[i];
+            let maxc = r.costs.iter().cloned().fold(0.0, f64::max).max(1e-12);
+            (0..r.scores.len())
+                .max_by(|a, b| {
+                    let ua = predicted[i][*a] - lambda * r.costs[*a] / maxc;
+                    let ub = predicted[i][*b] - lambda * r.costs[*b] / maxc;
+                    ua.total_cmp(&ub)
+                })
+                .unwrap_or(best)
+        }));
+    }
+    Curve { name: name.into(), points }
+}
+
+/// Random routing: the best model with probability p, else the cheapest (in expectation).
+pub fn random_curve(rows: &[EvalRow], best: usize, cheapest: usize) -> Curve {
+    let b = point(rows, best, |_| best);
+    let c = point(rows, best, |_| cheapest);
+    let points = (0..=20)
+        .map(|i| {
+            let p = i as f64 / 20.0;
+            Point {
+                cost_share: p * b.cost_share + (1.0 - p) * c.cost_share,
+                quality_share: p * b.quality_share + (1.0 - p) * c.quality_share,
+            }
+        })
+        .collect();
+    Curve { name: "random".into(), points }
+}
+
+/// Always one model.
+pub fn oracle_point(rows: &[EvalRow], best: usize) -> Point {
+    point(rows, best, |i| {
+        let r = &rows[i];
+        // The cheapest model that reaches the best score on this prompt.
+        let top = r.scores.iter().cloned().fold(0.0, f64::max);
+        (0..r.scores.len())
+            .filter(|m| r.scores[*m] >= top - 1e-9)
+            .min_by(|a, b| r.costs[*a].total_cmp(&r.costs[*b]))
+            .unwrap_or(best)
+    })
+}
+
+/// Quality kept at a given cost share, on the curve's upper envelope
+/// (linear between its Pareto points; 0 below its cheapest point).
+pub fn quality_at(curve: &Curve, cost_share: f64) -> f64 {
+    let mut pts = curve.points.clone();
+    pts.sort_by(|a, b| a.cost_share.total_cmp(&b.cost_share));
+    let mut frontier: Vec<Point> = Vec::new();
+    for p in pts {
+        if frontier.last().is_none_or(|l| p.quality_share > l.quality_share) {
+            frontier.push(p);
+        }
+    }
+    let mut best = 0.0f64;
+    for w in frontier.windows(2) {
+        let (a, b) = (w[0], w[1]);
+        if a.cost_share <= cost_share && cost_share <= b.cost_share && b.cost_share > a.cost_share {
+            let t = (cost_share - a.cost_share) / (b.cost_share - a.cost_share);
+            best = best.max(a.quality_share + t * (b.quality_share - a.quality_share));
+        }
+    }
+    for p in &frontier {
+        if p.cost_share <= cost_share {
+            best = best.max(p.quality_share);
+        }
+    }
+    best
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_perfect_predictor_beats_random() {
+        // Half the prompts are easy (both models score 1), half hard (cheap fails).
+        let rows: Vec<EvalRow> = (0..100)
+            .map(|i| EvalRow {
+                scores: if i % 2 == 0 { vec![1.0, 1.0] } else { vec![0.2, 1.0] },
+                costs: vec![0.1, 1.0],
+            })
+            .collect();
+        let (best, cheapest) = best_and_cheapest(&rows, 2);
+        assert_eq!((best, cheapest), (1, 0));
+        let predicted: Vec<Vec<f64>> = rows.iter().map(|r| r.scores.clone()).collect();
+        let learned = predicted_curve("learned", &rows, &predicted, best);
+        let random = random_curve(&rows, best, cheapest);
+        // Routing only the hard half to the strong model: full quality at 55% of the cost.
+        assert!((quality_at(&learned, 0.56) - 1.0).abs() < 1e-9);
+        assert!(quality_at(&random, 0.56) < 0.85);
+        let o = oracle_point(&rows, best);
+        assert!((o.cost_share - 0.55).abs() < 1e-9 && (o.quality_share - 1.0).abs() < 1e-9);
+    }
+}

@@ -1,0 +1,311 @@
+//! Request features: what the router knows about a prompt before choosing.
+
+use crate::classifier::TaskClassifier;
+use crate::language;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use smartllm_config::Task;
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Features {
+    pub task: Task,
+    /// How sure the classifier is (share of the neighbours' vote, 0-1).
+    pub task_confidence: f32,
+    /// `embedding` (nearest labelled examples) or `keywords` (no embedding).
+    pub task_source: &'static str,
+    /// 0 (trivial) to 1 (hard): length, structure, reasoning markers, task.
+    pub complexity: f64,
+    /// Tokens of every message (o200k estimate).
+    pub prompt_tokens: u64,
+    pub language: &'static str,
+    pub has_code: bool,
+    pub has_math: bool,
+    pub has_tools: bool,
+    pub has_images: bool,
+    /// `max_completion_tokens` / `max_tokens` as asked.
+    pub max_tokens: Option<u64>,
+    /// Expected completion tokens (max_tokens, else typical for the task).
+    pub expected_output_tokens: u64,
+    /// Capabilities the request needs (tools, vision, json).
+    pub needs: Vec<&'static str>,
+    /// Turns in the conversation.
+    pub turns: usize,
+}
+
+fn text_of(content: &Value, out: &mut String, images: &mut bool) {
+    match content {
+        Value::String(s) => out.push_str(s),
+        Value::Array(parts) => {
+            for p in parts {
+                match p.get("type").and_then(Value::as_str) {
+                    Some("text") => {
+                        if let Some(t) = p.get("text").and_then(Value::as_str) {
+                            out.push_str(t);
+                            out.push('\n');
+                        }
+                    }
+                    Some("image_url") | Some("image") | Some("input_image") => *images = true,
+                    _ => {}
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The last user turn (what is classified and embedded) and every message's text.
+pub fn prompt_texts(body: &Map<String, Value>) -> (String, String, bool, usize) {
+    let mut all = String::new();
+    let mut last_user = String::new();
+    let mut images = false;
+    let mut turns = 0;
+    if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
+        turns = msgs.len();
+        for m in msgs {
+            let mut t = String::new();
+            text_of(m.get("content").unwrap_or(&Value::Null), &mut t, &mut images);
+            if m.get("role").and_then(Value::as_str) == Some("user") {
+                last_user.clone_from(&t);
+            }
+            all.push_str(&t);
+            all.push('\n');
+        }
+    } else if let Some(p) = body.get("prompt") {
+        match p {
+            Value::String(s) => all.push_str(s),
+            Value::Array(items) => {
+                for i in items {
+                    if let Some(s) = i.as_str() {
+                        all.push_str(s);
+                        all.push('\n');
+                    }
+                }
+            }
+            _ => {}
+        }
+        last_user.clone_from(&all);
+        turns = 1;
+    }
+    (last_user, all, images, turns)
+}
+
+const CODE_MARKERS: [&str; 24] = [
+    "```", "def ", "fn ", "function ", "class ", "#include", "import ", "=>", "console.log", "public static",
+    "return ", "let ", "const ", "SELECT ", "for (", "while (", "println", "std::", "async ", "#!/", "</", "();",
+    "self.", "var ",
+];
+const CODE_WORDS: [&str; 22] = [
+    "python", "rust", "javascript", "typescript", "java ", "golang", "c++", "sql", "bash", "regex",
+    "function", "compile", "debug", "refactor", "bug", "stack trace", "api", "unit test", "algorithm",
+    "implement", "code", "script",
+];
+const MATH_MARKERS: [&str; 12] = [
+    "\\frac", "\\int", "\\sum", "\\sqrt", "$$", "∫", "√", "≤", "≥", "∑", "^2", "x^",
+];
+const MATH_WORDS: [&str; 20] = [
+    "integral", "derivative", "equation", "solve for", "matrix", "probability", "theorem", "prime",
+    "calculate", "compute the", "polynomial", "eigen", "factorial", "geometric", "arithmetic", "percent",
+    "how many", "sum of", "prove that", "square root",
+];
+const REASONING_MARKERS: [&str; 24] = [
+    "step by step", "prove", "derive", "explain why", "analy", "compare", "trade-off", "tradeoff",
+    "design", "architecture", "optimi", "complexity", "concurren", "distributed", "edge case", "rigorous",
+    "justify", "evaluate", "critique", "formal", "lock-free", "consisten", "scalab", "in depth",
+];
+
+fn count_any(haystack: &str, needles: &[&str]) -> usize {
+    needles.iter().filter(|n| haystack.contains(*n)).count()
+}
+
+/// Classify a prompt's task from keywords (used when there is no embedding).
+pub fn keyword_task(lower: &str, has_code: bool, has_math: bool) -> Task {
+    let starts = |p: &[&str]| p.iter().any(|x| lower.contains(x));
+    if starts(&["translate", "translation", "in french", "in spanish", "in german", "into english"]) {
+        Task::Translation
+    } else if starts(&["summar", "tl;dr", "tldr", "key points", "in one sentence"]) {
+        Task::Summarisation
+    } else if starts(&["extract", "list all the", "pull out", "parse the following", "as json", "fill in the fields"]) {
+        Task::Extraction
+    } else if has_code || count_any(lower, &CODE_WORDS) >= 2 {
+        Task::Code
+    } else if has_math {
+        Task::Math
+    } else if starts(&["poem", "story", "haiku", "lyrics", "slogan", "imagine", "creative", "fiction"]) {
+        Task::Creative
+    } else if count_any(lower, &REASONING_MARKERS) >= 1 || starts(&["why ", "puzzle", "riddle", "logic"]) {
+        Task::Reasoning
+    } else {
+        Task::Chat
+    }
+}
+
+fn typical_output(task: Task, prompt_tokens: u64) -> u64 {
+    match task {
+        Task::Code | Task::Reasoning | Task::Creative => 500,
+        Task::Math => 400,
+        Task::Summarisation => 200,
+        Task::Extraction => 150,
+        Task::Translation => prompt_tokens.clamp(50, 2000),
+        Task::Chat => 200,
+    }
+}
+
+/// Extract the features of a chat (or completion) request. `embedding` is the
+/// last user turn's embedding when the embedder produced one.
+pub fn extract(
+    body: &Map<String, Value>,
+    embedding: Option<&[f32]>,
+    classifier: Option<&TaskClassifier>,
+) -> Features {
+    let (last, all, has_images, turns) = prompt_texts(body);
+    let lower = last.to_lowercase();
+    let code_markers = count_any(&last, &CODE_MARKERS);
+    let has_code = last.contains("```") || code_markers >= 2;
+    let has_math = count_any(&lower, &MATH_MARKERS) > 0
+        || count_any(&lower, &MATH_WORDS) > 0
+        || has_arithmetic(&lower);
+    let has_tools = body
+        .get("tools")
+        .or_else(|| body.get("functions"))
+        .and_then(Value::as_array)
+        .is_some_and(|t| !t.is_empty());
+    let max_tokens = body
+        .get("max_completion_tokens")
+        .or_else(|| body.get("max_tokens"))
+        .and_then(Value::as_u64);
+    let prompt_tokens = smartllm_ledger::estimate_tokens(&all);
+    let (task, task_confidence, task_source) = match (embedding, classifier) {
+        (Some(e), Some(c)) if !c.is_empty() => {
+            let (t, conf) = c.classify(e);
+            (t, conf, "embedding")
+        }
+        _ => (keyword_task(&lower, has_code, has_math), 1.0, "keywords"),
+    };
+    let reasoning = count_any(&lower, &REASONING_MARKERS) as f64;
+    let questions = last.matches('?').count() as f64;
+    let list_items = last
+        .lines()
+        .filter(|l| {
+            let t = l.trim_start();
+            t.starts_with("- ") || t.starts_with("* ") || t.chars().next().is_some_and(|c| c.is_ascii_digit()) && t.contains('.')
+        })
+        .count() as f64;
+    let task_prior = match task {
+        Task::Reasoning => 0.25,
+        Task::Code | Task::Math => 0.2,
+        Task::Extraction | Task::Summarisation | Task::Creative => 0.1,
+        Task::Translation => 0.05,
+        Task::Chat => 0.0,
+    };
+    let length = ((1.0 + prompt_tokens as f64 / 40.0).ln() / (1.0 + 2000.0 / 40.0f64).ln()).clamp(0.0, 1.0);
+    let complexity = (task_prior
+        + 0.3 * length
+        + (0.08 * reasoning).min(0.3)
+        + (0.05 * ((questions - 1.0).max(0.0) + list_items)).min(0.15)
+        + if has_code { 0.1 } else { 0.0 }
+        + if has_math { 0.05 } else { 0.0 }
+        + (0.02 * turns.saturating_sub(1) as f64).min(0.1))
+    .clamp(0.0, 1.0);
+    let mut needs = Vec::new();
+    if has_tools {
+        needs.push("tools");
+    }
+    if has_images {
+        needs.push("vision");
+    }
+    if body
+        .get("response_format")
+        .and_then(|r| r.get("type"))
+        .and_then(Value::as_str)
+        .is_some_and(|t| t == "json_schema" || t == "json_object")
+    {
+        needs.push("json");
+    }
+    let typical = typical_output(task, prompt_tokens);
+    Features {
+        task,
+        task_confidence,
+        task_source,
+        complexity,
+        prompt_tokens,
+        language: language::detect(&last),
+        has_code,
+        has_math,
+        has_tools,
+        has_images,
+        max_tokens,
+        expected_output_tokens: max_tokens.map_or(typical, |m| m.min(typical.max(m / 2))),
+        needs,
+        turns,
+    }
+}
+
+/// `12 * 7`, `3+4=`, `x = 5`: digits around an arithmetic operator.
+fn has_arithmetic(s: &str) -> bool {
+    let b = s.as_bytes();
+    (1..b.len().saturating_sub(1)).any(|i| {
+        matches!(b[i], b'+' | b'*' | b'/' | b'^' | b'=')
+            && (b[i - 1].is_ascii_digit() || b[i - 1] == b' ' && i >= 2 && b[i - 2].is_ascii_digit())
+            && (b[i + 1].is_ascii_digit() || b[i + 1] == b' ' && i + 2 < b.len() && b[i + 2].is_ascii_digit())
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn body(v: Value) -> Map<String, Value> {
+        v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn simple_chat_is_simple() {
+        let f = extract(&body(json!({"messages": [{"role": "user", "content": "Hi! How are you today?"}]})), None, None);
+        assert_eq!(f.task, Task::Chat);
+        assert!(f.complexity < 0.2, "{}", f.complexity);
+        assert_eq!(f.language, "en");
+        assert!(!f.has_code && !f.has_math && !f.has_tools && !f.has_images);
+        assert!(f.prompt_tokens > 3 && f.prompt_tokens < 20);
+    }
+
+    #[test]
+    fn code_and_reasoning_are_complex() {
+        let f = extract(
+            &body(json!({"messages": [{"role": "user", "content": "Implement a lock-free concurrent queue in Rust:\n```rust\nstruct Queue<T> { head: AtomicPtr<T> }\n```\nExplain why it is correct, analyse the edge cases and the complexity."}], "max_tokens": 800})),
+            None,
+            None,
+        );
+        assert_eq!(f.task, Task::Code);
+        assert!(f.has_code);
+        assert!(f.complexity > 0.5, "{}", f.complexity);
+        assert_eq!(f.max_tokens, Some(800));
+    }
+
+    #[test]
+    fn tools_images_json_and_math() {
+        let f = extract(
+            &body(json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "Solve for x: 3x + 4 = 19"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}],
+                "tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}})),
+            None,
+            None,
+        );
+        assert!(f.has_math && f.has_tools && f.has_images);
+        assert_eq!(f.needs, vec!["tools", "vision", "json"]);
+        assert_eq!(f.task, Task::Math);
+    }
+
+    #[test]
+    fn keyword_tasks() {
+        for (text, task) in [
+            ("Translate this sentence into French: good morning", Task::Translation),
+            ("Summarize the following article in three bullet points", Task::Summarisation),
+            ("Extract every date and amount from this invoice as JSON", Task::Extraction),
+            ("Write a short poem about autumn leaves", Task::Creative),
+            ("Why does ice float? Explain step by step", Task::Reasoning),
+        ] {
+            let f = extract(&body(json!({"messages": [{"role": "user", "content": text}]})), None, None);
+            assert_eq!(f.task, task, "{text}");
+        }
+    }
+}

@@ -1,0 +1,204 @@
+//! The learned router: one ridge regression per model from the prompt
+//! embedding to the quality score that model earned on labelled prompts.
+//! Trained offline (`smartllm train-router`), stored as JSON, hot-reloaded.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+pub const FORMAT: &str = "smartllm-learned-router-v1";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Linear {
+    pub weights: Vec<f32>,
+    pub bias: f32,
+    /// Training samples and root mean squared error on them.
+    pub samples: usize,
+    pub train_rmse: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LearnedRouter {
+    pub format: String,
+    /// The embedding model the vectors come from.
+    pub embedder: String,
+    pub dim: usize,
+    pub lambda: f64,
+    pub models: BTreeMap<String, Linear>,
+}
+
+/// One labelled sample: the prompt's embedding, a model and its score (0-1).
+pub struct Sample<'a> {
+    pub embedding: &'a [f32],
+    pub model: &'a str,
+    pub score: f64,
+}
+
+impl LearnedRouter {
+    /// Fit every model's regression: (XᵀX + λI) w = Xᵀy with an unregularised bias.
+    pub fn train(samples: &[Sample<'_>], lambda: f64, embedder: &str) -> Result<LearnedRouter, String> {
+        let dim = samples.first().map(|s| s.embedding.len()).ok_or("no samples")?;
+        let mut by_model: BTreeMap<&str, Vec<&Sample<'_>>> = BTreeMap::new();
+        for s in samples {
+            if s.embedding.len() != dim {
+                return Err("embeddings differ in dimension".into());
+            }
+            if !(0.0..=1.0).contains(&s.score) {
+                return Err(format!("score {} of model {} is not between 0 and 1", s.score, s.model));
+            }
+            by_model.entry(s.model).or_default().push(s);
+        }
+        let mut models = BTreeMap::new();
+        for (model, rows) in by_model {
+            if rows.len() < 8 {
+                return Err(format!("model {model} has only {} samples (8 or more needed)", rows.len()));
+            }
+            let n = dim + 1;
+            let mut a = vec![0f64; n * n];
+            let mut b = vec![0f64; n];
+            let mut x = vec![0f64; n];
+            for r in &rows {
+                for (xi, e) in x.iter_mut().zip(r.embedding) {
+                    *xi = *e as f64;
+                }
+                x[dim] = 1.0;
+                for i in 0..n {
+                    let xi = x[i];
+                    b[i] += xi * r.score;
+                    let row = &mut a[i * n..(i + 1) * n];
+                    for (j, aij) in row.iter_mut().enumerate().skip(i) {
+                        *aij += xi * x[j];
+                    }
+                }
+            }
+            for i in 0..n {
+                for j in 0..i {
+                    a[i * n + j] = a[j * n + i];
+                }
+                if i < dim {
+                    a[i * n + i] += lambda;
+                } else {
+                    a[i * n + i] += 1e-9;
+                }
+            }
+            let w = cholesky_solve(&mut a, &b, n).ok_or_else(|| format!("model {model}: the system is singular"))?;
+            let lin = Linear {
+                weights: w[..dim].iter().map(|v| *v as f32).collect(),
+                bias: w[dim] as f32,
+                samples: rows.len(),
+                train_rmse: 0.0,
+            };
+            let mse = rows
+                .iter()
+                .map(|r| (lin.predict(r.embedding) - r.score).powi(2))
+                .sum::<f64>()
+                / rows.len() as f64;
+            models.insert(model.to_string(), Linear { train_rmse: mse.sqrt(), ..lin });
+        }
+        Ok(LearnedRouter {
+            format: FORMAT.into(),
+            embedder: embedder.into(),
+            dim,
+            lambda,
+            models,
+        })
+    }
+
+    pub fn from_json(bytes: &[u8]) -> Result<LearnedRouter, String> {
+        let r: LearnedRouter = serde_json::from_slice(bytes).map_err(|e| format!("not a learned router file: {e}"))?;
+        if r.format != FORMAT {
+            return Err(format!("format {:?} is not {FORMAT:?}", r.format));
+        }
+        for (m, l) in &r.models {
+            if l.weights.len() != r.dim {
+                return Err(format!("model {m}: {} weights for dimension {}", l.weights.len(), r.dim));
+            }
+        }
+        Ok(r)
+    }
+
+    pub fn to_json(&self) -> String {
+        serde_json::to_string(self).unwrap_or_default()
+    }
+
+    /// Predicted quality (clamped to 0-1) of `model` on a prompt, if it was trained.
+    pub fn predict(&self, model: &str, embedding: &[f32]) -> Option<f64> {
+        let l = self.models.get(model)?;
+        (embedding.len() == self.dim).then(|| l.predict(embedding).clamp(0.0, 1.0))
+    }
+}
+
+impl Linear {
+    fn predict(&self, e: &[f32]) -> f64 {
+        self.weights.iter().zip(e).map(|(w, x)| (*w as f64) * (*x as f64)).sum::<f64>() + self.bias as f64
+    }
+}
+
+/// Solve A x = b for symmetric positive definite A (row-major, overwritten).
+fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Option<Vec<f64>> {
+    for j in 0..n {
+        let mut d = a[j * n + j];
+        for k in 0..j {
+            d -= a[j * n + k] * a[j * n + k];
+        }
+        if d <= 0.0 {
+            return None;
+        }
+        let d = d.sqrt();
+        a[j * n + j] = d;
+        for i in j + 1..n {
+            let mut s = a[i * n + j];
+            for k in 0..j {
+                s -= a[i * n + k] * a[j * n + k];
+            }
+            a[i * n + j] = s / d;
+        }
+    }
+    let mut y = vec![0f64; n];
+    for i in 0..n {
+        let mut s = b[i];
+        for k in 0..i {
+            s -= a[i * n + k] * y[k];
+        }
+        y[i] = s / a[i * n + i];
+    }
+    let mut x = vec![0f64; n];
+    for i in (0..n).rev() {
+        let mut s = y[i];
+        for k in i + 1..n {
+            s -= a[k * n + i] * x[k];
+        }
+        x[i] = s / a[i * n + i];
+    }
+    Some(x)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learns_a_linear_quality_function_and_round_trips() {
+        // Model "strong" scores high everywhere, "weak" only where x0 is small.
+        let pts: Vec<Vec<f32>> = (0..200)
+            .map(|i| {
+                let t = i as f32 / 200.0;
+                vec![t, 1.0 - t, (i % 7) as f32 / 7.0]
+            })
+            .collect();
+        let mut samples = Vec::new();
+        for p in &pts {
+            samples.push(Sample { embedding: p, model: "strong", score: 0.9 });
+            samples.push(Sample { embedding: p, model: "weak", score: (0.9 - 0.8 * p[0] as f64).clamp(0.0, 1.0) });
+        }
+        let r = LearnedRouter::train(&samples, 1e-3, "test").unwrap();
+        let easy = [0.05, 0.95, 0.0];
+        let hard = [0.95, 0.05, 0.0];
+        assert!((r.predict("weak", &easy).unwrap() - 0.86).abs() < 0.02);
+        assert!((r.predict("weak", &hard).unwrap() - 0.14).abs() < 0.02);
+        assert!((r.predict("strong", &hard).unwrap() - 0.9).abs() < 0.01);
+        assert!(r.predict("other", &hard).is_none());
+        let back = LearnedRouter::from_json(r.to_json().as_bytes()).unwrap();
+        assert_eq!(back.predict("weak", &easy), r.predict("weak", &easy));
+        assert!(LearnedRouter::from_json(b"{}").is_err());
+    }
+}

@@ -1,0 +1,113 @@
+//! Live model profiles: exponentially weighted moving averages of time to
+//! first token, full latency, output speed and error rate, per model.
+
+use serde::Serialize;
+use std::collections::HashMap;
+use std::sync::RwLock;
+use std::time::Duration;
+
+const ALPHA: f64 = 0.2;
+
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct LiveSnapshot {
+    pub requests: u64,
+    pub errors: u64,
+    /// EWMA time to first byte of the answer.
+    pub ttft_ms: Option<f64>,
+    /// EWMA time to the complete answer.
+    pub latency_ms: Option<f64>,
+    /// EWMA output tokens per second after the first byte.
+    pub tokens_per_second: Option<f64>,
+    /// EWMA of failures (1) and successes (0).
+    pub error_rate: f64,
+}
+
+fn ewma(old: Option<f64>, x: f64) -> Option<f64> {
+    Some(match old {
+        None => x,
+        Some(o) => o + ALPHA * (x - o),
+    })
+}
+
+#[derive(Default)]
+pub struct LiveProfiles {
+    inner: RwLock<HashMap<String, LiveSnapshot>>,
+}
+
+impl LiveProfiles {
+    fn update(&self, model: &str, f: impl FnOnce(&mut LiveSnapshot)) {
+        let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get_mut(model) {
+            f(s);
+        } else {
+            let mut s = LiveSnapshot::default();
+            f(&mut s);
+            map.insert(model.to_string(), s);
+        }
+    }
+
+    /// A successful answer: first byte after `ttft`, complete after `total`.
+    pub fn record_success(&self, model: &str, ttft: Duration, total: Duration, completion_tokens: Option<u64>) {
+        self.update(model, |s| {
+            s.requests += 1;
+            s.ttft_ms = ewma(s.ttft_ms, ttft.as_secs_f64() * 1e3);
+            s.latency_ms = ewma(s.latency_ms, total.as_secs_f64() * 1e3);
+            let gen = total.saturating_sub(ttft).as_secs_f64();
+            if let Some(n) = completion_tokens.filter(|n| *n >= 16) {
+                if gen > 0.01 {
+                    s.tokens_per_second = ewma(s.tokens_per_second, n as f64 / gen);
+                }
+            }
+            s.error_rate = ewma(Some(s.error_rate), 0.0).unwrap_or(0.0);
+        });
+    }
+
+    /// A failed attempt (connect error, timeout, 429, 5xx). A timeout also
+    /// counts as a slow first byte, so latency budgets see it.
+    pub fn record_failure(&self, model: &str, waited: Option<Duration>) {
+        self.update(model, |s| {
+            s.requests += 1;
+            s.errors += 1;
+            s.error_rate = ewma(Some(s.error_rate), 1.0).unwrap_or(1.0);
+            if let Some(w) = waited {
+                s.ttft_ms = ewma(s.ttft_ms, w.as_secs_f64() * 1e3);
+            }
+        });
+    }
+
+    pub fn get(&self, model: &str) -> Option<LiveSnapshot> {
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(model)
+            .copied()
+    }
+
+    pub fn all(&self) -> HashMap<String, LiveSnapshot> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ewma_tracks_latency_and_errors() {
+        let p = LiveProfiles::default();
+        p.record_success("m", Duration::from_millis(100), Duration::from_millis(1100), Some(100));
+        let s = p.get("m").unwrap();
+        assert_eq!(s.ttft_ms, Some(100.0));
+        assert!((s.tokens_per_second.unwrap() - 100.0).abs() < 1e-6);
+        for _ in 0..20 {
+            p.record_success("m", Duration::from_millis(600), Duration::from_millis(700), None);
+        }
+        assert!(p.get("m").unwrap().ttft_ms.unwrap() > 590.0);
+        for _ in 0..10 {
+            p.record_failure("m", None);
+        }
+        let s = p.get("m").unwrap();
+        assert!(s.error_rate > 0.85 && s.errors == 10 && s.requests == 31);
+        assert!(p.get("other").is_none());
+    }
+}
