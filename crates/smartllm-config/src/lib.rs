@@ -406,7 +406,6 @@ pub struct DeploymentConfig {
     pub weight: usize,
 }
 
-
 impl Config {
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)

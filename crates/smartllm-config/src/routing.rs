@@ -120,12 +120,20 @@ impl ModelProfile {
 
 pub const CAPABILITIES: [&str; 5] = ["tools", "vision", "json", "streaming", "audio"];
 
-pub(crate) fn resolve_profile(at: &str, raw: Option<&RawProfile>, v: &mut Issues<'_>) -> ModelProfile {
+pub(crate) fn resolve_profile(
+    at: &str,
+    raw: Option<&RawProfile>,
+    v: &mut Issues<'_>,
+) -> ModelProfile {
     let mut p = ModelProfile::default();
     let Some(raw) = raw else { return p };
     if let Some(c) = raw.context_window {
         if c < 256 {
-            v.push(MODELS_FILE, format!("{at}.profile.context_window"), "must be at least 256 tokens");
+            v.push(
+                MODELS_FILE,
+                format!("{at}.profile.context_window"),
+                "must be at least 256 tokens",
+            );
         }
         p.context_window = c;
     }
@@ -135,7 +143,10 @@ pub(crate) fn resolve_profile(at: &str, raw: Option<&RawProfile>, v: &mut Issues
                 v.push(
                     MODELS_FILE,
                     format!("{at}.profile.capabilities[{i}]"),
-                    format!("unknown capability {c:?} (known: {})", CAPABILITIES.join(", ")),
+                    format!(
+                        "unknown capability {c:?} (known: {})",
+                        CAPABILITIES.join(", ")
+                    ),
                 );
             }
         }
@@ -146,7 +157,11 @@ pub(crate) fn resolve_profile(at: &str, raw: Option<&RawProfile>, v: &mut Issues
     }
     for (k, q) in &raw.quality {
         if !(0.0..=1.0).contains(q) {
-            v.push(MODELS_FILE, format!("{at}.profile.quality.{k}"), "must be between 0 and 1");
+            v.push(
+                MODELS_FILE,
+                format!("{at}.profile.quality.{k}"),
+                "must be between 0 and 1",
+            );
         }
         if k == "default" {
             continue;
@@ -162,7 +177,11 @@ pub(crate) fn resolve_profile(at: &str, raw: Option<&RawProfile>, v: &mut Issues
     }
     if let Some(t) = raw.tokens_per_second {
         if !(t > 0.0 && t.is_finite()) {
-            v.push(MODELS_FILE, format!("{at}.profile.tokens_per_second"), "must be above 0");
+            v.push(
+                MODELS_FILE,
+                format!("{at}.profile.tokens_per_second"),
+                "must be above 0",
+            );
         } else {
             p.tokens_per_second = t;
         }
@@ -352,7 +371,11 @@ pub struct ClassifierConfig {
     pub k: usize,
 }
 
-pub(crate) fn resolve_classifier(dir: &Path, raw: &RawClassifier, v: &mut Issues<'_>) -> ClassifierConfig {
+pub(crate) fn resolve_classifier(
+    dir: &Path,
+    raw: &RawClassifier,
+    v: &mut Issues<'_>,
+) -> ClassifierConfig {
     let k = raw.k.unwrap_or(7);
     if !(1..=64).contains(&k) {
         v.push(ROUTES_FILE, "classifier.k", "must be between 1 and 64");
@@ -397,7 +420,11 @@ pub(crate) fn resolve_route(
             RouteConfig::fixed(name, "")
         }
         (None, true) if candidates.is_empty() => {
-            v.push(ROUTES_FILE, format!("{at}.candidates"), "needs at least one model");
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.candidates"),
+                "needs at least one model",
+            );
             RouteConfig::fixed(name, "")
         }
         (None, true) => {
@@ -405,7 +432,11 @@ pub(crate) fn resolve_route(
             for (i, m) in candidates.iter().enumerate() {
                 check_model(v, format!("{at}.candidates[{i}]"), m);
                 if !seen.insert(m) {
-                    v.push(ROUTES_FILE, format!("{at}.candidates[{i}]"), format!("{m:?} is listed twice"));
+                    v.push(
+                        ROUTES_FILE,
+                        format!("{at}.candidates[{i}]"),
+                        format!("{m:?} is listed twice"),
+                    );
                 }
             }
             let mut rc = RouteConfig::fixed(name, &candidates[0]);
@@ -432,7 +463,9 @@ pub(crate) fn resolve_route(
     };
     match (r.strategy.as_deref(), &r.learned) {
         (None | Some("utility"), None) => {}
-        (Some("learned"), Some(file)) => route.strategy = Strategy::Learned(crate::relative_to(dir, file)),
+        (Some("learned"), Some(file)) => {
+            route.strategy = Strategy::Learned(crate::relative_to(dir, file))
+        }
         (Some("learned"), None) => v.push(
             ROUTES_FILE,
             format!("{at}.learned"),
@@ -465,13 +498,21 @@ pub(crate) fn resolve_route(
         let mut ok = true;
         for (k, x) in [("quality", q), ("cost", c), ("latency", l)] {
             if !(x >= 0.0 && x.is_finite()) {
-                v.push(ROUTES_FILE, format!("{at}.weights.{k}"), "must be 0 or more");
+                v.push(
+                    ROUTES_FILE,
+                    format!("{at}.weights.{k}"),
+                    "must be 0 or more",
+                );
                 ok = false;
             }
         }
         let sum = q + c + l;
         if ok && sum <= 0.0 {
-            v.push(ROUTES_FILE, format!("{at}.weights"), "at least one weight must be above 0");
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.weights"),
+                "at least one weight must be above 0",
+            );
         } else if ok {
             route.weights = Weights {
                 quality: q / sum,
@@ -484,13 +525,21 @@ pub(crate) fn resolve_route(
     route.constraints.latency_budget = c.latency_budget.map(|d| d.0);
     if let Some(x) = c.max_cost_usd {
         if !(x > 0.0 && x.is_finite()) {
-            v.push(ROUTES_FILE, format!("{at}.constraints.max_cost_usd"), "must be above 0");
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.constraints.max_cost_usd"),
+                "must be above 0",
+            );
         }
         route.constraints.max_cost_usd = Some(x);
     }
     if let Some(x) = c.min_quality {
         if !(0.0..=1.0).contains(&x) {
-            v.push(ROUTES_FILE, format!("{at}.constraints.min_quality"), "must be between 0 and 1");
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.constraints.min_quality"),
+                "must be between 0 and 1",
+            );
         }
         route.constraints.min_quality = Some(x);
     }
@@ -499,13 +548,19 @@ pub(crate) fn resolve_route(
             v.push(
                 ROUTES_FILE,
                 format!("{at}.constraints.capabilities[{i}]"),
-                format!("unknown capability {cap:?} (known: {})", CAPABILITIES.join(", ")),
+                format!(
+                    "unknown capability {cap:?} (known: {})",
+                    CAPABILITIES.join(", ")
+                ),
             );
         }
     }
     route.constraints.capabilities = c.capabilities.clone();
     if !routed
-        && (c.latency_budget.is_some() || c.max_cost_usd.is_some() || !c.capabilities.is_empty() || c.min_quality.is_some())
+        && (c.latency_budget.is_some()
+            || c.max_cost_usd.is_some()
+            || !c.capabilities.is_empty()
+            || c.min_quality.is_some())
     {
         only_routed(v, "constraints");
     }
@@ -526,9 +581,16 @@ pub(crate) fn resolve_route(
                 ),
             }
         }
-        for (k, x) in [("min_complexity", w.min_complexity), ("max_complexity", w.max_complexity)] {
+        for (k, x) in [
+            ("min_complexity", w.min_complexity),
+            ("max_complexity", w.max_complexity),
+        ] {
             if x.is_some_and(|x| !(0.0..=1.0).contains(&x)) {
-                v.push(ROUTES_FILE, format!("{rat}.when.{k}"), "must be between 0 and 1");
+                v.push(
+                    ROUTES_FILE,
+                    format!("{rat}.when.{k}"),
+                    "must be between 0 and 1",
+                );
             }
         }
         if let Some(p) = &rule.pin {
@@ -575,11 +637,19 @@ pub(crate) fn resolve_route(
     route.fallback = r.fallback.clone();
     route.max_fallbacks = r.max_fallbacks.unwrap_or(2);
     if route.max_fallbacks > 8 {
-        v.push(ROUTES_FILE, format!("{at}.max_fallbacks"), "must be 8 or less");
+        v.push(
+            ROUTES_FILE,
+            format!("{at}.max_fallbacks"),
+            "must be 8 or less",
+        );
     }
     if let Some(p) = r.budget_pressure_at {
         if !(0.0..=1.0).contains(&p) {
-            v.push(ROUTES_FILE, format!("{at}.budget_pressure_at"), "must be between 0 and 1");
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.budget_pressure_at"),
+                "must be between 0 and 1",
+            );
         }
         route.budget_pressure_at = p;
     }
@@ -589,21 +659,37 @@ pub(crate) fn resolve_route(
             None | Some("user") => StickyBy::User,
             Some("key") => StickyBy::Key,
             Some(s) => {
-                v.push(ROUTES_FILE, format!("{eat}.sticky_by"), format!("unknown value {s:?} (user or key)"));
+                v.push(
+                    ROUTES_FILE,
+                    format!("{eat}.sticky_by"),
+                    format!("unknown value {s:?} (user or key)"),
+                );
                 StickyBy::User
             }
         };
         if e.arms.len() < 2 {
-            v.push(ROUTES_FILE, format!("{eat}.arms"), "an experiment needs at least two arms");
+            v.push(
+                ROUTES_FILE,
+                format!("{eat}.arms"),
+                "an experiment needs at least two arms",
+            );
         }
         let mut names = BTreeSet::new();
         let mut arms = Vec::new();
         for (i, a) in e.arms.iter().enumerate() {
             if !(a.weight >= 0.0 && a.weight.is_finite()) {
-                v.push(ROUTES_FILE, format!("{eat}.arms[{i}].weight"), "must be 0 or more");
+                v.push(
+                    ROUTES_FILE,
+                    format!("{eat}.arms[{i}].weight"),
+                    "must be 0 or more",
+                );
             }
             if !names.insert(a.name.clone()) {
-                v.push(ROUTES_FILE, format!("{eat}.arms[{i}].name"), format!("arm {:?} is listed twice", a.name));
+                v.push(
+                    ROUTES_FILE,
+                    format!("{eat}.arms[{i}].name"),
+                    format!("arm {:?} is listed twice", a.name),
+                );
             }
             if let Some(m) = &a.model {
                 check_model(v, format!("{eat}.arms[{i}].model"), m);
@@ -615,7 +701,11 @@ pub(crate) fn resolve_route(
             });
         }
         if arms.iter().map(|a| a.weight).sum::<f64>() <= 0.0 {
-            v.push(ROUTES_FILE, format!("{eat}.arms"), "the arms' weights must add up to more than 0");
+            v.push(
+                ROUTES_FILE,
+                format!("{eat}.arms"),
+                "the arms' weights must add up to more than 0",
+            );
         }
         if !routed && arms.iter().any(|a| a.model.is_none()) {
             v.push(

@@ -15,14 +15,12 @@ pub fn watch_dir(dir: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::Rec
             return;
         }
         let relevant = event.paths.iter().any(|p| {
-            p.file_name()
-                .and_then(|n| n.to_str())
-                .is_some_and(|n| {
-                    crate::FILES.contains(&n)
-                        || [".yaml", ".yml", ".tsv", ".json", ".jsonl"]
-                            .iter()
-                            .any(|ext| n.ends_with(ext))
-                })
+            p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+                crate::FILES.contains(&n)
+                    || [".yaml", ".yml", ".tsv", ".json", ".jsonl"]
+                        .iter()
+                        .any(|ext| n.ends_with(ext))
+            })
         });
         if relevant {
             // Full channel = a reload is already pending; that one will see this change.

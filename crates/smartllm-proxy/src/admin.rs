@@ -250,6 +250,126 @@ impl AdminApp {
         }
     }
 
+    /// `GET /admin/models`: static profiles, live measurements, deployments
+    /// with health and circuit state.
+    fn models(&self) -> Value {
+        let rt = self.shared.runtime.load_full();
+        let live = self.shared.profiles.all();
+        let models: Vec<Value> = rt
+            .config
+            .models
+            .iter()
+            .map(|m| {
+                let p = &m.profile;
+                let quality: serde_json::Map<String, Value> = smartllm_config::Task::ALL
+                    .iter()
+                    .map(|t| (t.as_str().to_string(), json!(p.quality(*t))))
+                    .collect();
+                let deployments: Vec<Value> = rt
+                    .pool(&m.name)
+                    .map(|pool| {
+                        pool.lb
+                            .backends()
+                            .get_backend()
+                            .iter()
+                            .map(|b| {
+                                let provider = pool.deployment_for(b).map(|d| d.provider.name().to_string()).unwrap_or_default();
+                                let id = crate::routing::deployment_id(&provider, &b.addr);
+                                json!({"provider": provider, "address": b.addr.to_string(), "healthy": pool.lb.backends().ready(b),
+                                    "circuit": self.shared.breakers.state(&id).as_str()})
+                            })
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                json!({
+                    "name": m.name,
+                    "available": rt.pool(&m.name).is_some_and(|p| crate::routing::pool_available(&self.shared, p)),
+                    "static": {
+                        "context_window": p.context_window,
+                        "capabilities": p.capabilities,
+                        "quality": quality,
+                        "tokens_per_second": p.tokens_per_second,
+                        "latency_ms": p.latency.as_secs_f64() * 1e3,
+                        "pricing": {"input_per_1m": m.pricing.input_per_1m, "output_per_1m": m.pricing.output_per_1m,
+                            "cached_input_per_1m": m.pricing.cached_input_per_1m, "per_request": m.pricing.per_request},
+                    },
+                    "live": live.get(&m.name),
+                    "deployments": deployments,
+                })
+            })
+            .collect();
+        json!({"models": models})
+    }
+
+    /// `POST /admin/route/explain` with a chat request (its `model` a routed
+    /// alias) and optionally `"explain": {"headers": {..}, "tenant", "app", "key", "user"}`.
+    async fn explain(&self, body: &[u8]) -> Response<Vec<u8>> {
+        let bad = |msg: String| {
+            json_reply(
+                400,
+                &json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": "invalid_request"}}),
+            )
+        };
+        let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(body) else {
+            return bad(
+                "POST a chat request as JSON: {\"model\": \"auto\", \"messages\": [...]}".into(),
+            );
+        };
+        let who = req.remove("explain").unwrap_or(Value::Null);
+        let rt = self.shared.runtime.load_full();
+        let name = req
+            .get("model")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
+        let Some(route) = rt.config.routes.get(&name) else {
+            return bad(format!(
+                "{name:?} is not a route alias (routes.yaml defines: {})",
+                rt.config
+                    .routes
+                    .keys()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ));
+        };
+        let s = |k: &str| who.get(k).and_then(Value::as_str).map(str::to_string);
+        let (tenant, app, key, user) = (
+            s("tenant").unwrap_or_else(|| "anonymous".into()),
+            s("app").unwrap_or_else(|| "-".into()),
+            s("key").unwrap_or_else(|| "-".into()),
+            s("user").or_else(|| req.get("user").and_then(Value::as_str).map(str::to_string)),
+        );
+        let headers = who
+            .get("headers")
+            .and_then(Value::as_object)
+            .map(|h| {
+                h.iter()
+                    .filter_map(|(k, v)| Some((k.to_ascii_lowercase(), v.as_str()?.to_string())))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let info = smartllm_router::RequestInfo {
+            headers,
+            tenant: &tenant,
+            app: &app,
+            key: &key,
+            user: user.as_deref(),
+            budget_pressure: who
+                .get("budget_pressure")
+                .and_then(Value::as_f64)
+                .unwrap_or(0.0),
+        };
+        if !route.is_routed() {
+            return json_reply(
+                200,
+                &json!({"route": route.name, "model": route.model, "reason": "alias", "fallbacks": route.fallback}),
+            );
+        }
+        let (d, f) = crate::routing::decide_with(&self.shared, &rt, &req, route, None, &info).await;
+        json_reply(200, &json!({"decision": d, "features": f}))
+    }
+
     /// `POST /admin/cache/purge?all=true | ?namespace=HEX | ?route=NAME`
     async fn purge(&self, query: &str) -> Response<Vec<u8>> {
         let Some(cache) = self.shared.cache.clone() else {
@@ -302,8 +422,13 @@ impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.as_str().to_string();
         let path = session.req_header().uri.path().to_string();
-        // Drain any request body so the connection can be reused.
-        while let Ok(Some(_)) = session.read_request_body().await {}
+        // Read the (small) request body; anything past 1 MiB is drained and dropped.
+        let mut body = Vec::new();
+        while let Ok(Some(chunk)) = session.read_request_body().await {
+            if body.len() + chunk.len() <= 1 << 20 {
+                body.extend_from_slice(&chunk);
+            }
+        }
         if path.starts_with("/admin/") {
             let rt = self.shared.runtime.load_full();
             if let Some(token) = &rt.admin_token {
@@ -334,6 +459,8 @@ impl ServeHttp for AdminApp {
                 json_reply(if ready { 200 } else { 503 }, &body)
             }
             ("GET", "/admin/config") => json_reply(200, &self.config()),
+            ("GET", "/admin/models") => json_reply(200, &self.models()),
+            ("POST", "/admin/route/explain") => self.explain(&body).await,
             ("GET", "/admin/costs") => {
                 self.costs(session.req_header().uri.query().unwrap_or(""))
                     .await
@@ -385,7 +512,7 @@ impl ServeHttp for AdminApp {
             },
             _ => json_reply(
                 404,
-                &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /metrics, /healthz, /readyz, /admin/config, /admin/cache/stats, POST /admin/reload, POST /admin/cache/purge, POST /admin/cache/rebuild."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
+                &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /metrics, /healthz, /readyz, /admin/config, /admin/models, /admin/costs, /admin/cache/stats, POST /admin/route/explain, POST /admin/reload, POST /admin/cache/purge, POST /admin/cache/rebuild."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
             ),
         }
     }

@@ -223,9 +223,9 @@ async fn api(
     let mut fallbacks: Vec<String> = Vec::new();
     if let Some(r) = routed {
         let d = crate::routing::decide(shared, session, ctx, &rt, &req, r).await;
-        model = cfg
-            .model(&d.model)
-            .ok_or_else(|| ApiError::internal(format!("the router chose an unknown model {}", d.model)))?;
+        model = cfg.model(&d.model).ok_or_else(|| {
+            ApiError::internal(format!("the router chose an unknown model {}", d.model))
+        })?;
         fallbacks = d.fallbacks;
     } else if let Some(r) = route {
         fallbacks = r.fallback.iter().take(r.max_fallbacks).cloned().collect();

@@ -191,9 +191,9 @@ impl ProxyHttp for Gateway {
         let cost = access_log::finish(session, e, ctx, self.shared.ledger.as_ref());
         if let Some((exp, arm)) = &ctx.experiment {
             let outcome = if ctx.status < 400 { "ok" } else { "error" };
-            metrics::counter!(smartllm_router::metric_names::EXPERIMENT_REQUESTS, "experiment" => exp.clone(), "arm" => arm.clone(), "outcome" => outcome).increment(1);
+            ::metrics::counter!(smartllm_router::metric_names::EXPERIMENT_REQUESTS, "experiment" => exp.clone(), "arm" => arm.clone(), "outcome" => outcome).increment(1);
             if cost > 0.0 {
-                metrics::gauge!(smartllm_router::metric_names::EXPERIMENT_COST, "experiment" => exp.clone(), "arm" => arm.clone())
+                ::metrics::gauge!(smartllm_router::metric_names::EXPERIMENT_COST, "experiment" => exp.clone(), "arm" => arm.clone())
                     .increment(cost);
             }
         }

@@ -65,6 +65,43 @@ fn rule_headers(session: &Session) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Embed the prompt unless `embedding` is given (and the route can use one),
+/// extract features and decide.
+pub async fn decide_with(
+    shared: &Shared,
+    rt: &Runtime,
+    body: &serde_json::Map<String, Value>,
+    route: &RouteConfig,
+    mut embedding: Option<Vec<f32>>,
+    info: &RequestInfo<'_>,
+) -> (Decision, smartllm_router::Features) {
+    if embedding.is_none() && rt.router.wants_embedding(&route.strategy) {
+        let (last_user, _, _, _) = smartllm_router::features::prompt_texts(body);
+        if let (Some(e), false) = (&shared.components.embedder, last_user.trim().is_empty()) {
+            match e.embed(vec![last_user]).await {
+                Ok(mut v) => embedding = v.pop(),
+                Err(err) => {
+                    tracing::warn!(error = %err, "embedding for routing failed; classifying by keywords")
+                }
+            }
+        }
+    }
+    let t = Instant::now();
+    let features =
+        smartllm_router::extract(body, embedding.as_deref(), rt.router.classifier.as_deref());
+    let d = smartllm_router::decide(
+        &rt.config,
+        route,
+        &features,
+        rt.router.learned_for(&route.strategy),
+        embedding.as_deref(),
+        info,
+        &GatewayState { shared, rt },
+    );
+    metrics::histogram!(m::DECISION_SECONDS).record(t.elapsed().as_secs_f64());
+    (d, features)
+}
+
 pub async fn decide(
     shared: &Shared,
     session: &Session,
@@ -74,20 +111,7 @@ pub async fn decide(
     route: &RouteConfig,
 ) -> Decision {
     // One embedding per request: the cache's when it made one.
-    let mut embedding = ctx.cache_insert.as_ref().and_then(|p| p.embedding.clone());
-    if embedding.is_none() && rt.router.wants_embedding(&route.strategy) {
-        let (last_user, _, _, _) = smartllm_router::features::prompt_texts(&req.body);
-        if let (Some(e), false) = (&shared.components.embedder, last_user.trim().is_empty()) {
-            match e.embed(vec![last_user]).await {
-                Ok(mut v) => embedding = v.pop(),
-                Err(err) => {
-                    tracing::warn!(request_id = %ctx.request_id, error = %err, "embedding for routing failed; classifying by keywords")
-                }
-            }
-        }
-    }
-    let t = Instant::now();
-    let features = smartllm_router::extract(&req.body, embedding.as_deref(), rt.router.classifier.as_deref());
+    let embedding = ctx.cache_insert.as_ref().and_then(|p| p.embedding.clone());
     let info = RequestInfo {
         headers: rule_headers(session),
         tenant: &ctx.tenant,
@@ -96,16 +120,7 @@ pub async fn decide(
         user: req.body.get("user").and_then(Value::as_str),
         budget_pressure: shared.budgets.pressure(&rt.config.keys.budgets, ctx),
     };
-    let d = smartllm_router::decide(
-        &rt.config,
-        route,
-        &features,
-        rt.router.learned_for(&route.strategy),
-        embedding.as_deref(),
-        &info,
-        &GatewayState { shared, rt },
-    );
-    metrics::histogram!(m::DECISION_SECONDS).record(t.elapsed().as_secs_f64());
+    let (d, features) = decide_with(shared, rt, &req.body, route, embedding, &info).await;
     metrics::counter!(m::DECISIONS, "route" => route.name.clone(), "model" => d.model.clone(), "reason" => d.reason.clone()).increment(1);
     tracing::debug!(request_id = %ctx.request_id, route = %route.name, model = %d.model, reason = %d.reason,
         task = %features.task, complexity = features.complexity, fallbacks = ?d.fallbacks, "route decision");

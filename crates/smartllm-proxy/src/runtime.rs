@@ -245,7 +245,11 @@ impl Runtime {
                     .embed_blocking(texts)
                     .map_err(|e| format!("embedding classifier examples: {e}"))
             };
-            smartllm_router::RouterAssets::build(&router_cfg, Some(&embed), previous_router.as_deref())
+            smartllm_router::RouterAssets::build(
+                &router_cfg,
+                Some(&embed),
+                previous_router.as_deref(),
+            )
         })
         .await
         .map_err(|e| format!("loading the router panicked: {e}"))??;

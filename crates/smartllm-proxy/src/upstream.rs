@@ -75,7 +75,7 @@ pub async fn forward(
     for (mi, pool) in pools.iter().enumerate() {
         if mi > 0 {
             let from = ctx.model.clone().unwrap_or_default();
-            metrics::counter!(smartllm_router::metric_names::FALLBACKS, "route" => ctx.route.clone().unwrap_or_else(|| "-".into()),
+            ::metrics::counter!(smartllm_router::metric_names::FALLBACKS, "route" => ctx.route.clone().unwrap_or_else(|| "-".into()),
                 "from" => from.clone(), "to" => pool.model.clone())
             .increment(1);
             tracing::info!(request_id = %ctx.request_id, from = %from, to = %pool.model, error = ?last_err.as_ref().map(|e: &ApiError| e.message.clone()), "falling back to the next model");
@@ -181,10 +181,9 @@ pub async fn forward(
                     shared
                         .breakers
                         .record(&breaker_id, &breaker_cfg, !deployment_failed(&e));
-                    shared.profiles.record_failure(
-                        &pool.model,
-                        (e.status == 504).then(|| started.elapsed()),
-                    );
+                    shared
+                        .profiles
+                        .record_failure(&pool.model, (e.status == 504).then(|| started.elapsed()));
                     last_err = Some(e);
                 }
                 Attempt::Fail(e) => {
@@ -192,10 +191,9 @@ pub async fn forward(
                     shared
                         .breakers
                         .record(&breaker_id, &breaker_cfg, !deployment_failed(&e));
-                    shared.profiles.record_failure(
-                        &pool.model,
-                        (e.status == 504).then(|| started.elapsed()),
-                    );
+                    shared
+                        .profiles
+                        .record_failure(&pool.model, (e.status == 504).then(|| started.elapsed()));
                     return Err(e);
                 }
             }

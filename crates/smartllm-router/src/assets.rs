@@ -23,10 +23,15 @@ pub struct RouterAssets {
 impl RouterAssets {
     /// Load the classifier and learned routers of `config`. An unchanged
     /// examples file reuses `previous`'s embeddings.
-    pub fn build(config: &Config, embed: Option<&EmbedFn<'_>>, previous: Option<&RouterAssets>) -> Result<RouterAssets, String> {
+    pub fn build(
+        config: &Config,
+        embed: Option<&EmbedFn<'_>>,
+        previous: Option<&RouterAssets>,
+    ) -> Result<RouterAssets, String> {
         let mut out = RouterAssets::default();
         if let Some(path) = &config.classifier.examples {
-            let bytes = std::fs::read(path).map_err(|e| format!("classifier examples {}: {e}", path.display()))?;
+            let bytes = std::fs::read(path)
+                .map_err(|e| format!("classifier examples {}: {e}", path.display()))?;
             let mut h = Sha256::new();
             h.update(&bytes);
             h.update(config.classifier.k.to_le_bytes());
@@ -36,13 +41,18 @@ impl RouterAssets {
                 None => {
                     if let Some(embed) = embed {
                         let text = String::from_utf8_lossy(&bytes);
-                        let examples = parse_examples(&text).map_err(|e| format!("classifier examples {}: {e}", path.display()))?;
+                        let examples = parse_examples(&text)
+                            .map_err(|e| format!("classifier examples {}: {e}", path.display()))?;
                         let (labels, texts): (Vec<_>, Vec<_>) = examples.into_iter().unzip();
                         let mut vectors = Vec::with_capacity(texts.len());
                         for chunk in texts.chunks(32) {
                             vectors.extend(embed(chunk.to_vec())?);
                         }
-                        out.classifier = Some(Arc::new(TaskClassifier::new(labels, vectors, config.classifier.k)?));
+                        out.classifier = Some(Arc::new(TaskClassifier::new(
+                            labels,
+                            vectors,
+                            config.classifier.k,
+                        )?));
                     }
                 }
             }
@@ -53,8 +63,10 @@ impl RouterAssets {
                 if out.learned.contains_key(path) {
                     continue;
                 }
-                let bytes = std::fs::read(path).map_err(|e| format!("routes.{}.learned {}: {e}", r.name, path.display()))?;
-                let l = LearnedRouter::from_json(&bytes).map_err(|e| format!("routes.{}.learned {}: {e}", r.name, path.display()))?;
+                let bytes = std::fs::read(path)
+                    .map_err(|e| format!("routes.{}.learned {}: {e}", r.name, path.display()))?;
+                let l = LearnedRouter::from_json(&bytes)
+                    .map_err(|e| format!("routes.{}.learned {}: {e}", r.name, path.display()))?;
                 for c in &r.candidates {
                     if !l.models.contains_key(c) {
                         tracing::warn!(route = %r.name, model = %c, "the learned router was not trained on this candidate; its profile quality is used");

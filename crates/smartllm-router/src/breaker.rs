@@ -51,7 +51,12 @@ pub struct Breakers {
 
 fn set_state(id: &str, e: &mut Entry, to: BreakerState) {
     if e.state != to {
-        tracing::warn!(deployment = id, from = e.state.as_str(), to = to.as_str(), "circuit breaker changed state");
+        tracing::warn!(
+            deployment = id,
+            from = e.state.as_str(),
+            to = to.as_str(),
+            "circuit breaker changed state"
+        );
         metrics::counter!(m::CIRCUIT_TRANSITIONS, "deployment" => id.to_string(), "to" => to.as_str()).increment(1);
         e.state = to;
     }
@@ -66,7 +71,9 @@ impl Breakers {
             return true;
         }
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let Some(e) = map.get_mut(id) else { return true };
+        let Some(e) = map.get_mut(id) else {
+            return true;
+        };
         match e.state {
             BreakerState::Closed => true,
             BreakerState::Open => {
@@ -137,7 +144,10 @@ impl Breakers {
 
     pub fn all(&self) -> Vec<(String, BreakerState, u32)> {
         let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = map.iter().map(|(k, e)| (k.clone(), e.state, e.consecutive)).collect();
+        let mut v: Vec<_> = map
+            .iter()
+            .map(|(k, e)| (k.clone(), e.state, e.consecutive))
+            .collect();
         v.sort_by(|a, b| a.0.cmp(&b.0));
         v
     }
@@ -166,7 +176,11 @@ mod tests {
         assert!(b.allow("d", &cfg), "one trial after the cooldown");
         assert!(!b.allow("d", &cfg), "only one trial at a time");
         b.record("d", &cfg, false);
-        assert_eq!(b.state("d"), BreakerState::Open, "a failed trial opens again");
+        assert_eq!(
+            b.state("d"),
+            BreakerState::Open,
+            "a failed trial opens again"
+        );
         std::thread::sleep(Duration::from_millis(60));
         assert!(b.allow("d", &cfg));
         b.record("d", &cfg, true);

@@ -40,7 +40,11 @@ pub fn parse_examples(text: &str) -> Result<Vec<(Task, String)>, String> {
 }
 
 impl TaskClassifier {
-    pub fn new(labels: Vec<Task>, embeddings: Vec<Vec<f32>>, k: usize) -> Result<TaskClassifier, String> {
+    pub fn new(
+        labels: Vec<Task>,
+        embeddings: Vec<Vec<f32>>,
+        k: usize,
+    ) -> Result<TaskClassifier, String> {
         if labels.len() != embeddings.len() {
             return Err("labels and embeddings differ in number".into());
         }
@@ -108,7 +112,12 @@ mod tests {
     fn nearest_examples_vote() {
         let c = TaskClassifier::new(
             vec![Task::Code, Task::Code, Task::Math, Task::Chat],
-            vec![vec![1.0, 0.0, 0.0], vec![0.9, 0.1, 0.0], vec![0.0, 1.0, 0.0], vec![0.0, 0.0, 1.0]],
+            vec![
+                vec![1.0, 0.0, 0.0],
+                vec![0.9, 0.1, 0.0],
+                vec![0.0, 1.0, 0.0],
+                vec![0.0, 0.0, 1.0],
+            ],
             3,
         )
         .unwrap();
@@ -120,10 +129,22 @@ mod tests {
 
     #[test]
     fn examples_parse_with_clear_errors() {
-        let ok: String = Task::ALL.iter().map(|t| format!("{t}\tan example for {t}\n")).collect();
-        assert_eq!(parse_examples(&format!("# comment\n\n{ok}")).unwrap().len(), 8);
-        assert!(parse_examples("code no tab").unwrap_err().contains("line 1"));
-        assert!(parse_examples("poetry\tx").unwrap_err().contains("unknown task"));
-        assert!(parse_examples("code\tx").unwrap_err().contains("every task"));
+        let ok: String = Task::ALL
+            .iter()
+            .map(|t| format!("{t}\tan example for {t}\n"))
+            .collect();
+        assert_eq!(
+            parse_examples(&format!("# comment\n\n{ok}")).unwrap().len(),
+            8
+        );
+        assert!(parse_examples("code no tab")
+            .unwrap_err()
+            .contains("line 1"));
+        assert!(parse_examples("poetry\tx")
+            .unwrap_err()
+            .contains("unknown task"));
+        assert!(parse_examples("code\tx")
+            .unwrap_err()
+            .contains("every task"));
     }
 }

@@ -89,12 +89,17 @@ fn rule_matches(rule: &RouteRule, f: &Features, req: &RequestInfo<'_>) -> bool {
                 .any(|(n, v)| n == name && (want == "*" || v == want))
         })
         && (w.apps.is_empty()
-            || w.apps.iter().any(|a| a == req.app || *a == format!("{}/{}", req.tenant, req.app)))
+            || w.apps
+                .iter()
+                .any(|a| a == req.app || *a == format!("{}/{}", req.tenant, req.app)))
         && (w.tenants.is_empty() || w.tenants.iter().any(|t| t == req.tenant))
 }
 
 /// Sticky arm: a hash of the experiment and the user (or key) over the weights.
-pub fn assign_arm<'e>(exp: &'e smartllm_config::Experiment, req: &RequestInfo<'_>) -> &'e smartllm_config::Arm {
+pub fn assign_arm<'e>(
+    exp: &'e smartllm_config::Experiment,
+    req: &RequestInfo<'_>,
+) -> &'e smartllm_config::Arm {
     let who = match exp.sticky_by {
         StickyBy::User => req.user.unwrap_or(req.key),
         StickyBy::Key => req.key,
@@ -120,12 +125,13 @@ pub fn assign_arm<'e>(exp: &'e smartllm_config::Experiment, req: &RequestInfo<'_
 /// prompt, the more a model's shortfall on the task shows.
 pub fn profile_quality(m: &ModelConfig, task: Task, complexity: f64) -> f64 {
     let q = m.profile.quality(task);
-    (1.0 - (1.0 - q) * (0.25 + 1.5 * complexity)).clamp(0.0, 1.0)
+    (1.0 - (1.0 - q) * (0.5 + 2.5 * complexity)).clamp(0.0, 1.0)
 }
 
 pub fn expected_cost(m: &ModelConfig, f: &Features) -> f64 {
     let p = &m.pricing;
-    (f.prompt_tokens as f64 * p.input_per_1m + f.expected_output_tokens as f64 * p.output_per_1m) / 1e6
+    (f.prompt_tokens as f64 * p.input_per_1m + f.expected_output_tokens as f64 * p.output_per_1m)
+        / 1e6
         + p.per_request
 }
 
@@ -159,7 +165,8 @@ pub fn decide(
     // Budget pressure: beyond the route's threshold, cost weighs up to 4x more.
     let mut w = route.weights;
     let over = if route.budget_pressure_at < 1.0 {
-        ((req.budget_pressure - route.budget_pressure_at) / (1.0 - route.budget_pressure_at)).clamp(0.0, 1.0)
+        ((req.budget_pressure - route.budget_pressure_at) / (1.0 - route.budget_pressure_at))
+            .clamp(0.0, 1.0)
     } else {
         0.0
     };
@@ -170,7 +177,8 @@ pub fn decide(
         w.cost /= s;
         w.latency /= s;
     }
-    let use_learned = matches!(route.strategy, Strategy::Learned(_)) && learned.is_some() && embedding.is_some();
+    let use_learned =
+        matches!(route.strategy, Strategy::Learned(_)) && learned.is_some() && embedding.is_some();
 
     let mut pinned: Option<(String, String)> = None; // (model, reason)
     let mut preferred: Vec<&str> = Vec::new();
@@ -202,7 +210,9 @@ pub fn decide(
 
     let mut cands: Vec<Candidate> = Vec::with_capacity(names.len());
     for name in &names {
-        let Some(m) = config.model(name) else { continue };
+        let Some(m) = config.model(name) else {
+            continue;
+        };
         let live = state.live(name);
         let mut quality = match (use_learned, learned, embedding) {
             (true, Some(l), Some(e)) => l
@@ -231,7 +241,10 @@ pub fn decide(
             .find(|cap| !m.profile.has(cap))
         {
             Some(format!("capability:{cap}"))
-        } else if c.latency_budget.is_some_and(|b| latency > b.as_secs_f64() * 1e3) {
+        } else if c
+            .latency_budget
+            .is_some_and(|b| latency > b.as_secs_f64() * 1e3)
+        {
             Some(format!("latency_budget:{latency:.0}ms"))
         } else if c.max_cost_usd.is_some_and(|x| cost > x) {
             Some(format!("max_cost:{cost:.5}"))
@@ -250,14 +263,28 @@ pub fn decide(
         });
     }
     // Normalise cost and latency over the candidates (1 = the most expensive / slowest).
-    let max_cost = cands.iter().map(|c| c.expected_cost_usd).fold(0.0, f64::max).max(1e-12);
-    let max_lat = cands.iter().map(|c| c.expected_latency_ms).fold(0.0, f64::max).max(1e-9);
+    let max_cost = cands
+        .iter()
+        .map(|c| c.expected_cost_usd)
+        .fold(0.0, f64::max)
+        .max(1e-12);
+    let max_lat = cands
+        .iter()
+        .map(|c| c.expected_latency_ms)
+        .fold(0.0, f64::max)
+        .max(1e-9);
     for c in &mut cands {
-        c.utility = w.quality * c.quality - w.cost * c.expected_cost_usd / max_cost - w.latency * c.expected_latency_ms / max_lat;
+        c.utility = w.quality * c.quality
+            - w.cost * c.expected_cost_usd / max_cost
+            - w.latency * c.expected_latency_ms / max_lat;
     }
     let mut order: Vec<usize> = (0..cands.len()).collect();
     order.sort_by(|a, b| cands[*b].utility.total_cmp(&cands[*a].utility));
-    let feasible: Vec<usize> = order.iter().copied().filter(|i| cands[*i].excluded.is_none()).collect();
+    let feasible: Vec<usize> = order
+        .iter()
+        .copied()
+        .filter(|i| cands[*i].excluded.is_none())
+        .collect();
 
     let base = if use_learned { "learned" } else { "utility" };
     let (model, mut reason) = if let Some((m, why)) = pinned.filter(|(m, _)| state.available(m)) {
@@ -274,7 +301,11 @@ pub fn decide(
             .map_or("prefer", |r| r.name.as_str());
         (cands[i].model.clone(), format!("rule:{rule}"))
     } else if let Some(i) = feasible.first() {
-        let why = if cands.len() == 1 { "only_candidate" } else { base };
+        let why = if cands.len() == 1 {
+            "only_candidate"
+        } else {
+            base
+        };
         (cands[*i].model.clone(), why.to_string())
     } else if let Some(m) = route.fallback.iter().find(|m| state.available(m)) {
         (m.clone(), "constraints_relaxed".to_string())
@@ -299,7 +330,8 @@ pub fn decide(
         .map(|i| cands[*i].model.as_str())
         .chain(route.fallback.iter().map(String::as_str))
     {
-        if m != model && !fallbacks.iter().any(|x| x == m) && fallbacks.len() < route.max_fallbacks {
+        if m != model && !fallbacks.iter().any(|x| x == m) && fallbacks.len() < route.max_fallbacks
+        {
             fallbacks.push(m.to_string());
         }
     }

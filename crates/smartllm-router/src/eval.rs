@@ -55,7 +55,11 @@ fn point(rows: &[EvalRow], best: usize, choice: impl Fn(usize) -> usize) -> Poin
 pub fn predicted_curve(name: &str, rows: &[EvalRow], predicted: &[Vec<f64>], best: usize) -> Curve {
     let mut points = Vec::new();
     for step in 0..=80 {
-        let lambda = if step == 0 { 0.0 } else { 0.005 * 1.08f64.powi(step) };
+        let lambda = if step == 0 {
+            0.0
+        } else {
+            0.005 * 1.08f64.powi(step)
+        };
         points.push(point(rows, best, |i| {
             let r = &rows[i];
             let maxc = r.costs.iter().cloned().fold(0.0, f64::max).max(1e-12);
@@ -68,7 +72,10 @@ pub fn predicted_curve(name: &str, rows: &[EvalRow], predicted: &[Vec<f64>], bes
                 .unwrap_or(best)
         }));
     }
-    Curve { name: name.into(), points }
+    Curve {
+        name: name.into(),
+        points,
+    }
 }
 
 /// Random routing: the best model with probability p, else the cheapest (in expectation).
@@ -84,7 +91,10 @@ pub fn random_curve(rows: &[EvalRow], best: usize, cheapest: usize) -> Curve {
             }
         })
         .collect();
-    Curve { name: "random".into(), points }
+    Curve {
+        name: "random".into(),
+        points,
+    }
 }
 
 /// Always one model.
@@ -107,7 +117,10 @@ pub fn quality_at(curve: &Curve, cost_share: f64) -> f64 {
     pts.sort_by(|a, b| a.cost_share.total_cmp(&b.cost_share));
     let mut frontier: Vec<Point> = Vec::new();
     for p in pts {
-        if frontier.last().is_none_or(|l| p.quality_share > l.quality_share) {
+        if frontier
+            .last()
+            .is_none_or(|l| p.quality_share > l.quality_share)
+        {
             frontier.push(p);
         }
     }
@@ -136,7 +149,11 @@ mod tests {
         // Half the prompts are easy (both models score 1), half hard (cheap fails).
         let rows: Vec<EvalRow> = (0..100)
             .map(|i| EvalRow {
-                scores: if i % 2 == 0 { vec![1.0, 1.0] } else { vec![0.2, 1.0] },
+                scores: if i % 2 == 0 {
+                    vec![1.0, 1.0]
+                } else {
+                    vec![0.2, 1.0]
+                },
                 costs: vec![0.1, 1.0],
             })
             .collect();

@@ -63,7 +63,11 @@ pub fn prompt_texts(body: &Map<String, Value>) -> (String, String, bool, usize) 
         turns = msgs.len();
         for m in msgs {
             let mut t = String::new();
-            text_of(m.get("content").unwrap_or(&Value::Null), &mut t, &mut images);
+            text_of(
+                m.get("content").unwrap_or(&Value::Null),
+                &mut t,
+                &mut images,
+            );
             if m.get("role").and_then(Value::as_str) == Some("user") {
                 last_user.clone_from(&t);
             }
@@ -90,27 +94,113 @@ pub fn prompt_texts(body: &Map<String, Value>) -> (String, String, bool, usize) 
 }
 
 const CODE_MARKERS: [&str; 24] = [
-    "```", "def ", "fn ", "function ", "class ", "#include", "import ", "=>", "console.log", "public static",
-    "return ", "let ", "const ", "SELECT ", "for (", "while (", "println", "std::", "async ", "#!/", "</", "();",
-    "self.", "var ",
+    "```",
+    "def ",
+    "fn ",
+    "function ",
+    "class ",
+    "#include",
+    "import ",
+    "=>",
+    "console.log",
+    "public static",
+    "return ",
+    "let ",
+    "const ",
+    "SELECT ",
+    "for (",
+    "while (",
+    "println",
+    "std::",
+    "async ",
+    "#!/",
+    "</",
+    "();",
+    "self.",
+    "var ",
 ];
 const CODE_WORDS: [&str; 22] = [
-    "python", "rust", "javascript", "typescript", "java ", "golang", "c++", "sql", "bash", "regex",
-    "function", "compile", "debug", "refactor", "bug", "stack trace", "api", "unit test", "algorithm",
-    "implement", "code", "script",
+    "python",
+    "rust",
+    "javascript",
+    "typescript",
+    "java ",
+    "golang",
+    "c++",
+    "sql",
+    "bash",
+    "regex",
+    "function",
+    "compile",
+    "debug",
+    "refactor",
+    "bug",
+    "stack trace",
+    "api",
+    "unit test",
+    "algorithm",
+    "implement",
+    "code",
+    "script",
 ];
 const MATH_MARKERS: [&str; 12] = [
     "\\frac", "\\int", "\\sum", "\\sqrt", "$$", "∫", "√", "≤", "≥", "∑", "^2", "x^",
 ];
 const MATH_WORDS: [&str; 20] = [
-    "integral", "derivative", "equation", "solve for", "matrix", "probability", "theorem", "prime",
-    "calculate", "compute the", "polynomial", "eigen", "factorial", "geometric", "arithmetic", "percent",
-    "how many", "sum of", "prove that", "square root",
+    "integral",
+    "derivative",
+    "equation",
+    "solve for",
+    "matrix",
+    "probability",
+    "theorem",
+    "prime",
+    "calculate",
+    "compute the",
+    "polynomial",
+    "eigen",
+    "factorial",
+    "geometric",
+    "arithmetic",
+    "percent",
+    "how many",
+    "sum of",
+    "prove that",
+    "square root",
 ];
-const REASONING_MARKERS: [&str; 24] = [
-    "step by step", "prove", "derive", "explain why", "analy", "compare", "trade-off", "tradeoff",
-    "design", "architecture", "optimi", "complexity", "concurren", "distributed", "edge case", "rigorous",
-    "justify", "evaluate", "critique", "formal", "lock-free", "consisten", "scalab", "in depth",
+const REASONING_MARKERS: [&str; 32] = [
+    "step by step",
+    "prove",
+    "derive",
+    "explain why",
+    "analy",
+    "compare",
+    "trade-off",
+    "tradeoff",
+    "design",
+    "architecture",
+    "optimi",
+    "complexity",
+    "concurren",
+    "distributed",
+    "edge case",
+    "rigorous",
+    "justify",
+    "evaluate",
+    "critique",
+    "formal",
+    "lock-free",
+    "consisten",
+    "scalab",
+    "in depth",
+    "thread-safe",
+    "memory order",
+    "invariant",
+    "o(1)",
+    "o(n",
+    "correctness",
+    "race condition",
+    "why does",
 ];
 
 fn count_any(haystack: &str, needles: &[&str]) -> usize {
@@ -120,19 +210,37 @@ fn count_any(haystack: &str, needles: &[&str]) -> usize {
 /// Classify a prompt's task from keywords (used when there is no embedding).
 pub fn keyword_task(lower: &str, has_code: bool, has_math: bool) -> Task {
     let starts = |p: &[&str]| p.iter().any(|x| lower.contains(x));
-    if starts(&["translate", "translation", "in french", "in spanish", "in german", "into english"]) {
+    if starts(&[
+        "translate",
+        "translation",
+        "in french",
+        "in spanish",
+        "in german",
+        "into english",
+    ]) {
         Task::Translation
     } else if starts(&["summar", "tl;dr", "tldr", "key points", "in one sentence"]) {
         Task::Summarisation
-    } else if starts(&["extract", "list all the", "pull out", "parse the following", "as json", "fill in the fields"]) {
+    } else if starts(&[
+        "extract",
+        "list all the",
+        "pull out",
+        "parse the following",
+        "as json",
+        "fill in the fields",
+    ]) {
         Task::Extraction
     } else if has_code || count_any(lower, &CODE_WORDS) >= 2 {
         Task::Code
     } else if has_math {
         Task::Math
-    } else if starts(&["poem", "story", "haiku", "lyrics", "slogan", "imagine", "creative", "fiction"]) {
+    } else if starts(&[
+        "poem", "story", "haiku", "lyrics", "slogan", "imagine", "creative", "fiction",
+    ]) {
         Task::Creative
-    } else if count_any(lower, &REASONING_MARKERS) >= 1 || starts(&["why ", "puzzle", "riddle", "logic"]) {
+    } else if count_any(lower, &REASONING_MARKERS) >= 1
+        || starts(&["why ", "puzzle", "riddle", "logic"])
+    {
         Task::Reasoning
     } else {
         Task::Chat
@@ -187,17 +295,20 @@ pub fn extract(
         .lines()
         .filter(|l| {
             let t = l.trim_start();
-            t.starts_with("- ") || t.starts_with("* ") || t.chars().next().is_some_and(|c| c.is_ascii_digit()) && t.contains('.')
+            t.starts_with("- ")
+                || t.starts_with("* ")
+                || t.chars().next().is_some_and(|c| c.is_ascii_digit()) && t.contains('.')
         })
         .count() as f64;
     let task_prior = match task {
-        Task::Reasoning => 0.25,
-        Task::Code | Task::Math => 0.2,
+        Task::Reasoning => 0.3,
+        Task::Code | Task::Math => 0.25,
         Task::Extraction | Task::Summarisation | Task::Creative => 0.1,
         Task::Translation => 0.05,
         Task::Chat => 0.0,
     };
-    let length = ((1.0 + prompt_tokens as f64 / 40.0).ln() / (1.0 + 2000.0 / 40.0f64).ln()).clamp(0.0, 1.0);
+    let length =
+        ((1.0 + prompt_tokens as f64 / 40.0).ln() / (1.0 + 2000.0 / 40.0f64).ln()).clamp(0.0, 1.0);
     let complexity = (task_prior
         + 0.3 * length
         + (0.08 * reasoning).min(0.3)
@@ -245,8 +356,10 @@ fn has_arithmetic(s: &str) -> bool {
     let b = s.as_bytes();
     (1..b.len().saturating_sub(1)).any(|i| {
         matches!(b[i], b'+' | b'*' | b'/' | b'^' | b'=')
-            && (b[i - 1].is_ascii_digit() || b[i - 1] == b' ' && i >= 2 && b[i - 2].is_ascii_digit())
-            && (b[i + 1].is_ascii_digit() || b[i + 1] == b' ' && i + 2 < b.len() && b[i + 2].is_ascii_digit())
+            && (b[i - 1].is_ascii_digit()
+                || b[i - 1] == b' ' && i >= 2 && b[i - 2].is_ascii_digit())
+            && (b[i + 1].is_ascii_digit()
+                || b[i + 1] == b' ' && i + 2 < b.len() && b[i + 2].is_ascii_digit())
     })
 }
 
@@ -261,7 +374,11 @@ mod tests {
 
     #[test]
     fn simple_chat_is_simple() {
-        let f = extract(&body(json!({"messages": [{"role": "user", "content": "Hi! How are you today?"}]})), None, None);
+        let f = extract(
+            &body(json!({"messages": [{"role": "user", "content": "Hi! How are you today?"}]})),
+            None,
+            None,
+        );
         assert_eq!(f.task, Task::Chat);
         assert!(f.complexity < 0.2, "{}", f.complexity);
         assert_eq!(f.language, "en");
@@ -272,7 +389,9 @@ mod tests {
     #[test]
     fn code_and_reasoning_are_complex() {
         let f = extract(
-            &body(json!({"messages": [{"role": "user", "content": "Implement a lock-free concurrent queue in Rust:\n```rust\nstruct Queue<T> { head: AtomicPtr<T> }\n```\nExplain why it is correct, analyse the edge cases and the complexity."}], "max_tokens": 800})),
+            &body(
+                json!({"messages": [{"role": "user", "content": "Implement a lock-free concurrent queue in Rust:\n```rust\nstruct Queue<T> { head: AtomicPtr<T> }\n```\nExplain why it is correct, analyse the edge cases and the complexity."}], "max_tokens": 800}),
+            ),
             None,
             None,
         );
@@ -285,8 +404,10 @@ mod tests {
     #[test]
     fn tools_images_json_and_math() {
         let f = extract(
-            &body(json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "Solve for x: 3x + 4 = 19"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}],
-                "tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}})),
+            &body(
+                json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "Solve for x: 3x + 4 = 19"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}],
+                "tools": [{"type": "function", "function": {"name": "f"}}], "response_format": {"type": "json_object"}}),
+            ),
             None,
             None,
         );
@@ -298,13 +419,26 @@ mod tests {
     #[test]
     fn keyword_tasks() {
         for (text, task) in [
-            ("Translate this sentence into French: good morning", Task::Translation),
-            ("Summarize the following article in three bullet points", Task::Summarisation),
-            ("Extract every date and amount from this invoice as JSON", Task::Extraction),
+            (
+                "Translate this sentence into French: good morning",
+                Task::Translation,
+            ),
+            (
+                "Summarize the following article in three bullet points",
+                Task::Summarisation,
+            ),
+            (
+                "Extract every date and amount from this invoice as JSON",
+                Task::Extraction,
+            ),
             ("Write a short poem about autumn leaves", Task::Creative),
             ("Why does ice float? Explain step by step", Task::Reasoning),
         ] {
-            let f = extract(&body(json!({"messages": [{"role": "user", "content": text}]})), None, None);
+            let f = extract(
+                &body(json!({"messages": [{"role": "user", "content": text}]})),
+                None,
+                None,
+            );
             assert_eq!(f.task, task, "{text}");
         }
     }

@@ -2,19 +2,71 @@
 //! most languages; for Latin script, stop words tell the common ones apart.
 
 const LATIN: [(&str, &[&str]); 7] = [
-    ("en", &["the", "and", "is", "of", "to", "what", "how", "you", "in", "a", "are", "this", "for", "with", "write", "please"]),
-    ("es", &["el", "la", "de", "que", "y", "en", "los", "las", "es", "por", "una", "cómo", "qué", "para", "con"]),
-    ("fr", &["le", "la", "les", "de", "et", "est", "un", "une", "des", "que", "pour", "dans", "vous", "qui", "comment"]),
-    ("de", &["der", "die", "das", "und", "ist", "nicht", "ein", "eine", "ich", "zu", "mit", "wie", "was", "den", "für"]),
-    ("it", &["il", "di", "che", "e", "la", "per", "un", "una", "non", "sono", "come", "gli", "della", "questo"]),
-    ("pt", &["o", "de", "que", "e", "do", "da", "em", "um", "uma", "para", "não", "com", "os", "como", "você"]),
-    ("nl", &["de", "het", "een", "en", "van", "is", "dat", "niet", "ik", "op", "te", "zijn", "met", "hoe", "wat"]),
+    (
+        "en",
+        &[
+            "the", "and", "is", "of", "to", "what", "how", "you", "in", "a", "are", "this", "for",
+            "with", "write", "please",
+        ],
+    ),
+    (
+        "es",
+        &[
+            "el", "la", "de", "que", "y", "en", "los", "las", "es", "por", "una", "cómo", "qué",
+            "para", "con",
+        ],
+    ),
+    (
+        "fr",
+        &[
+            "le", "la", "les", "de", "et", "est", "un", "une", "des", "que", "pour", "dans",
+            "vous", "qui", "comment",
+        ],
+    ),
+    (
+        "de",
+        &[
+            "der", "die", "das", "und", "ist", "nicht", "ein", "eine", "ich", "zu", "mit", "wie",
+            "was", "den", "für",
+        ],
+    ),
+    (
+        "it",
+        &[
+            "il", "di", "che", "e", "la", "per", "un", "una", "non", "sono", "come", "gli",
+            "della", "questo",
+        ],
+    ),
+    (
+        "pt",
+        &[
+            "o", "de", "que", "e", "do", "da", "em", "um", "uma", "para", "não", "com", "os",
+            "como", "você",
+        ],
+    ),
+    (
+        "nl",
+        &[
+            "de", "het", "een", "en", "van", "is", "dat", "niet", "ik", "op", "te", "zijn", "met",
+            "hoe", "wat",
+        ],
+    ),
 ];
 
 /// ISO 639-1 code of the text's language, or `und` when it cannot tell.
 pub fn detect(text: &str) -> &'static str {
-    let (mut latin, mut han, mut kana, mut hangul, mut cyr, mut arabic, mut deva, mut greek, mut hebrew, mut thai) =
-        (0u32, 0u32, 0u32, 0u32, 0u32, 0u32, 0u32, 0u32, 0u32, 0u32);
+    let (
+        mut latin,
+        mut han,
+        mut kana,
+        mut hangul,
+        mut cyr,
+        mut arabic,
+        mut deva,
+        mut greek,
+        mut hebrew,
+        mut thai,
+    ) = (0u32, 0u32, 0u32, 0u32, 0u32, 0u32, 0u32, 0u32, 0u32, 0u32);
     for c in text.chars().take(2000) {
         match c as u32 {
             0x41..=0x5A | 0x61..=0x7A | 0xC0..=0x24F => latin += 1,
@@ -90,10 +142,22 @@ mod tests {
 
     #[test]
     fn detects_common_languages() {
-        assert_eq!(detect("What is the capital of France and how big is it?"), "en");
-        assert_eq!(detect("¿Cuál es la capital de Francia y por qué es famosa?"), "es");
-        assert_eq!(detect("Quelle est la capitale de la France et pourquoi est-elle connue ?"), "fr");
-        assert_eq!(detect("Was ist die Hauptstadt von Deutschland und wie groß ist sie?"), "de");
+        assert_eq!(
+            detect("What is the capital of France and how big is it?"),
+            "en"
+        );
+        assert_eq!(
+            detect("¿Cuál es la capital de Francia y por qué es famosa?"),
+            "es"
+        );
+        assert_eq!(
+            detect("Quelle est la capitale de la France et pourquoi est-elle connue ?"),
+            "fr"
+        );
+        assert_eq!(
+            detect("Was ist die Hauptstadt von Deutschland und wie groß ist sie?"),
+            "de"
+        );
         assert_eq!(detect("法国的首都是哪里？"), "zh");
         assert_eq!(detect("フランスの首都はどこですか？"), "ja");
         assert_eq!(detect("Какая столица Франции?"), "ru");

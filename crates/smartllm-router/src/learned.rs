@@ -35,22 +35,35 @@ pub struct Sample<'a> {
 
 impl LearnedRouter {
     /// Fit every model's regression: (XᵀX + λI) w = Xᵀy with an unregularised bias.
-    pub fn train(samples: &[Sample<'_>], lambda: f64, embedder: &str) -> Result<LearnedRouter, String> {
-        let dim = samples.first().map(|s| s.embedding.len()).ok_or("no samples")?;
+    pub fn train(
+        samples: &[Sample<'_>],
+        lambda: f64,
+        embedder: &str,
+    ) -> Result<LearnedRouter, String> {
+        let dim = samples
+            .first()
+            .map(|s| s.embedding.len())
+            .ok_or("no samples")?;
         let mut by_model: BTreeMap<&str, Vec<&Sample<'_>>> = BTreeMap::new();
         for s in samples {
             if s.embedding.len() != dim {
                 return Err("embeddings differ in dimension".into());
             }
             if !(0.0..=1.0).contains(&s.score) {
-                return Err(format!("score {} of model {} is not between 0 and 1", s.score, s.model));
+                return Err(format!(
+                    "score {} of model {} is not between 0 and 1",
+                    s.score, s.model
+                ));
             }
             by_model.entry(s.model).or_default().push(s);
         }
         let mut models = BTreeMap::new();
         for (model, rows) in by_model {
             if rows.len() < 8 {
-                return Err(format!("model {model} has only {} samples (8 or more needed)", rows.len()));
+                return Err(format!(
+                    "model {model} has only {} samples (8 or more needed)",
+                    rows.len()
+                ));
             }
             let n = dim + 1;
             let mut a = vec![0f64; n * n];
@@ -80,7 +93,8 @@ impl LearnedRouter {
                     a[i * n + i] += 1e-9;
                 }
             }
-            let w = cholesky_solve(&mut a, &b, n).ok_or_else(|| format!("model {model}: the system is singular"))?;
+            let w = cholesky_solve(&mut a, &b, n)
+                .ok_or_else(|| format!("model {model}: the system is singular"))?;
             let lin = Linear {
                 weights: w[..dim].iter().map(|v| *v as f32).collect(),
                 bias: w[dim] as f32,
@@ -92,7 +106,13 @@ impl LearnedRouter {
                 .map(|r| (lin.predict(r.embedding) - r.score).powi(2))
                 .sum::<f64>()
                 / rows.len() as f64;
-            models.insert(model.to_string(), Linear { train_rmse: mse.sqrt(), ..lin });
+            models.insert(
+                model.to_string(),
+                Linear {
+                    train_rmse: mse.sqrt(),
+                    ..lin
+                },
+            );
         }
         Ok(LearnedRouter {
             format: FORMAT.into(),
@@ -104,13 +124,18 @@ impl LearnedRouter {
     }
 
     pub fn from_json(bytes: &[u8]) -> Result<LearnedRouter, String> {
-        let r: LearnedRouter = serde_json::from_slice(bytes).map_err(|e| format!("not a learned router file: {e}"))?;
+        let r: LearnedRouter =
+            serde_json::from_slice(bytes).map_err(|e| format!("not a learned router file: {e}"))?;
         if r.format != FORMAT {
             return Err(format!("format {:?} is not {FORMAT:?}", r.format));
         }
         for (m, l) in &r.models {
             if l.weights.len() != r.dim {
-                return Err(format!("model {m}: {} weights for dimension {}", l.weights.len(), r.dim));
+                return Err(format!(
+                    "model {m}: {} weights for dimension {}",
+                    l.weights.len(),
+                    r.dim
+                ));
             }
         }
         Ok(r)
@@ -129,7 +154,12 @@ impl LearnedRouter {
 
 impl Linear {
     fn predict(&self, e: &[f32]) -> f64 {
-        self.weights.iter().zip(e).map(|(w, x)| (*w as f64) * (*x as f64)).sum::<f64>() + self.bias as f64
+        self.weights
+            .iter()
+            .zip(e)
+            .map(|(w, x)| (*w as f64) * (*x as f64))
+            .sum::<f64>()
+            + self.bias as f64
     }
 }
 
@@ -187,8 +217,16 @@ mod tests {
             .collect();
         let mut samples = Vec::new();
         for p in &pts {
-            samples.push(Sample { embedding: p, model: "strong", score: 0.9 });
-            samples.push(Sample { embedding: p, model: "weak", score: (0.9 - 0.8 * p[0] as f64).clamp(0.0, 1.0) });
+            samples.push(Sample {
+                embedding: p,
+                model: "strong",
+                score: 0.9,
+            });
+            samples.push(Sample {
+                embedding: p,
+                model: "weak",
+                score: (0.9 - 0.8 * p[0] as f64).clamp(0.0, 1.0),
+            });
         }
         let r = LearnedRouter::train(&samples, 1e-3, "test").unwrap();
         let easy = [0.05, 0.95, 0.0];

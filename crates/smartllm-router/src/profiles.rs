@@ -47,7 +47,13 @@ impl LiveProfiles {
     }
 
     /// A successful answer: first byte after `ttft`, complete after `total`.
-    pub fn record_success(&self, model: &str, ttft: Duration, total: Duration, completion_tokens: Option<u64>) {
+    pub fn record_success(
+        &self,
+        model: &str,
+        ttft: Duration,
+        total: Duration,
+        completion_tokens: Option<u64>,
+    ) {
         self.update(model, |s| {
             s.requests += 1;
             s.ttft_ms = ewma(s.ttft_ms, ttft.as_secs_f64() * 1e3);
@@ -95,12 +101,22 @@ mod tests {
     #[test]
     fn ewma_tracks_latency_and_errors() {
         let p = LiveProfiles::default();
-        p.record_success("m", Duration::from_millis(100), Duration::from_millis(1100), Some(100));
+        p.record_success(
+            "m",
+            Duration::from_millis(100),
+            Duration::from_millis(1100),
+            Some(100),
+        );
         let s = p.get("m").unwrap();
         assert_eq!(s.ttft_ms, Some(100.0));
         assert!((s.tokens_per_second.unwrap() - 100.0).abs() < 1e-6);
         for _ in 0..20 {
-            p.record_success("m", Duration::from_millis(600), Duration::from_millis(700), None);
+            p.record_success(
+                "m",
+                Duration::from_millis(600),
+                Duration::from_millis(700),
+                None,
+            );
         }
         assert!(p.get("m").unwrap().ttft_ms.unwrap() > 590.0);
         for _ in 0..10 {

@@ -20,6 +20,8 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Instant;
 
+mod routing_cli;
+
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
@@ -69,10 +71,58 @@ enum Command {
         #[arg(long)]
         csv: bool,
     },
+    /// Routing decisions, explained without a running gateway.
+    Route {
+        #[command(subcommand)]
+        action: RouteCmd,
+    },
+    /// Train the learned router: per-model quality from the prompt embedding.
+    TrainRouter {
+        /// JSONL: {"prompt", "model", "score" (0-1)} per line.
+        #[arg(long)]
+        data: PathBuf,
+        /// Where to write the router (use it with strategy: learned in routes.yaml).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+        /// Ridge regularisation.
+        #[arg(long, default_value_t = 1.0)]
+        lambda: f64,
+    },
+    /// Cost/quality curves of the learned router, the rule router and random
+    /// routing on labelled prompts.
+    Eval {
+        /// JSONL: {"prompt", "model", "score"[, "cost"]} per line.
+        #[arg(long)]
+        data: PathBuf,
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+        /// The learned router (default: the one a route of the config uses).
+        #[arg(long)]
+        router: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Virtual key helpers.
     Keys {
         #[command(subcommand)]
         action: KeysCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum RouteCmd {
+    /// Show which model a prompt goes to and why (static profiles, no live data).
+    Explain {
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+        /// The routed alias.
+        #[arg(long, default_value = "auto")]
+        route: String,
+        #[arg(long)]
+        json: bool,
+        prompt: String,
     },
 }
 
@@ -159,6 +209,36 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+        Command::Route {
+            action:
+                RouteCmd::Explain {
+                    config,
+                    route,
+                    json,
+                    prompt,
+                },
+        } => exit(
+            "smartllm route explain",
+            routing_cli::explain(&config, &route, &prompt, json),
+        ),
+        Command::TrainRouter {
+            data,
+            out,
+            config,
+            lambda,
+        } => exit(
+            "smartllm train-router",
+            routing_cli::train(&config, &data, &out, lambda),
+        ),
+        Command::Eval {
+            data,
+            config,
+            router,
+            json,
+        } => exit(
+            "smartllm eval",
+            routing_cli::evaluate(&config, &data, router.as_deref(), json),
+        ),
         Command::Cache { action } => match cache_cmd(action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -173,6 +253,16 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
+    }
+}
+
+fn exit(what: &str, r: anyhow::Result<()>) -> ExitCode {
+    match r {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("{what}: {e:#}");
+            ExitCode::from(1)
+        }
     }
 }
 
