@@ -7,6 +7,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod routing;
+
 const ANTHROPIC_MODEL: &str =
     "  - name: claude\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n";
 

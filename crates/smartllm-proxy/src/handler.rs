@@ -191,6 +191,9 @@ async fn api(
     };
     ctx.route = route.map(|r| r.name.clone());
     let routed = route.filter(|r| r.is_routed());
+    if routed.is_none() {
+        ctx.model = Some(model.name.clone());
+    }
     crate::auth::authorize_model(
         ctx,
         &req.model,
@@ -200,9 +203,6 @@ async fn api(
             &model.name
         },
     )?;
-    if routed.is_none() {
-        ctx.model = Some(model.name.clone());
-    }
     // The cache first: a hit costs nothing, whatever the budget. A routed alias
     // is cached under its own name (the model is chosen only on a miss).
     let served = crate::cache::phase(

@@ -1,0 +1,439 @@
+//! Routing through the real server: the shipped conf's choices, latency
+//! budgets from live measurements, fallbacks and circuit breakers, A/B
+//! experiments, and the learned router against random routing.
+
+use serde_json::{json, Value};
+use smartllm_e2e::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn route_header(r: &Response) -> String {
+    r.header("x-smartllm-route").unwrap_or("-").to_string()
+}
+
+/// The shipped conf/ (routes, models, tasks, learned router, keys, cache) in
+/// front of a mock: demo mode sends every provider's traffic to it.
+fn shipped_gateway(mock: &Mock) -> Gateway {
+    let root = workspace_root().join("conf");
+    let read = |f: &str| std::fs::read_to_string(root.join(f)).unwrap();
+    let cfg = ConfigDir::new(
+        "",
+        &format!("demo:\n  mode: auto\n  upstream: http://{}/v1\n", mock.addr),
+        &read("providers.yaml"),
+        &read("models.yaml"),
+        &read("routes.yaml"),
+    );
+    for f in [
+        "keys.yaml",
+        "cache.yaml",
+        "tasks.tsv",
+        "router-learned.json",
+    ] {
+        cfg.write(f, &read(f));
+    }
+    Gateway::start(cfg)
+}
+
+fn demo_chat(gw: &Gateway, body: &Value, headers: &[(&str, &str)]) -> Response {
+    let mut h = vec![("Authorization", "Bearer sk-smartllm-demo")];
+    h.extend_from_slice(headers);
+    request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &h,
+        &serde_json::to_vec(body).unwrap(),
+    )
+    .unwrap()
+}
+
+#[test]
+fn shipped_conf_sends_simple_prompts_to_cheap_models_and_code_or_reasoning_to_strong_ones() {
+    let mock = Mock::start(&[]);
+    let gw = shipped_gateway(&mock);
+    let strong = ["gpt-4o", "claude-sonnet-4"];
+    for prompt in [
+        "Hi, how are you today?",
+        "What is the capital of Spain?",
+        "Translate 'good night' into German.",
+    ] {
+        let r = demo_chat(
+            &gw,
+            &chat_body("auto", prompt),
+            &[("Cache-Control", "no-store")],
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.header("x-smartllm-model"),
+            Some("gpt-4o-mini"),
+            "{prompt}: {}",
+            route_header(&r)
+        );
+        assert_eq!(route_header(&r), "auto; model=gpt-4o-mini; reason=utility");
+    }
+    for prompt in [
+        "Implement a thread-safe LRU cache in Rust with O(1) operations and explain the memory ordering.",
+        "Why does the Monty Hall problem favour switching? Explain step by step.",
+        "Design a distributed rate limiter and analyse its consistency trade-offs.",
+    ] {
+        let r = demo_chat(&gw, &chat_body("auto", prompt), &[("Cache-Control", "no-store")]);
+        assert_eq!(r.status, 200, "{}", r.text());
+        let model = r.header("x-smartllm-model").unwrap_or("-").to_string();
+        assert!(strong.contains(&model.as_str()), "{prompt} went to {model}: {}", route_header(&r));
+    }
+    // A rule on a header pins the strongest model.
+    let r = demo_chat(
+        &gw,
+        &chat_body("auto", "Hello there"),
+        &[
+            ("x-smartllm-tier", "premium"),
+            ("Cache-Control", "no-store"),
+        ],
+    );
+    assert_eq!(
+        route_header(&r),
+        "auto; model=claude-sonnet-4; reason=rule:premium"
+    );
+    assert!(
+        r.json()["choices"][0]["message"]["content"].is_string(),
+        "Anthropic answer translated"
+    );
+    // The learned route decides too.
+    let r = demo_chat(
+        &gw,
+        &chat_body("auto-learned", "hi there"),
+        &[("Cache-Control", "no-store")],
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        route_header(&r).ends_with("reason=learned"),
+        "{}",
+        route_header(&r)
+    );
+
+    // Explained on the admin API, with features and every candidate's score.
+    let e = post_json(
+        &gw.admin,
+        "/admin/route/explain",
+        &chat_body("auto", "Write a Python function that reverses a string."),
+    );
+    assert_eq!(e.status, 200, "{}", e.text());
+    let e = e.json();
+    assert_eq!(e["features"]["task"], "code");
+    assert_eq!(e["features"]["task_source"], "embedding");
+    assert_eq!(e["decision"]["candidates"].as_array().unwrap().len(), 4);
+    assert!(!e["decision"]["fallbacks"].as_array().unwrap().is_empty());
+    let bad = post_json(&gw.admin, "/admin/route/explain", &chat_body("nope", "x"));
+    assert_eq!(bad.status, 400);
+    assert!(bad.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not a route alias"));
+    // Live profiles on /admin/models.
+    let models = get(&gw.admin, "/admin/models").json();
+    let mini = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "gpt-4o-mini")
+        .unwrap()
+        .clone();
+    assert!(mini["live"]["requests"].as_u64().unwrap() >= 3, "{mini}");
+    assert!(mini["live"]["ttft_ms"].as_f64().is_some());
+    assert_eq!(mini["static"]["context_window"], 128000);
+    assert_eq!(mini["deployments"][0]["circuit"], "closed");
+    assert!(
+        gw.metric(
+            "smartllm_route_decisions_total",
+            &[("route", "auto"), ("model", "gpt-4o-mini")]
+        ) >= 3.0
+    );
+
+    // The CLI explains the same decision without a server.
+    let out = Command::new(bin("smartllm"))
+        .args(["route", "explain", "--config"])
+        .arg(workspace_root().join("conf"))
+        .arg("Hi, how are you today?")
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.starts_with("route auto: gpt-4o-mini (reason=utility"),
+        "{text}"
+    );
+    assert!(text.contains("task=chat"), "{text}");
+}
+
+/// Two models on two mocks: `big` (better, slow upstream) and `small`.
+fn two_model_gateway(big: &Mock, small: &Mock, route: &str) -> Gateway {
+    let providers = format!(
+        "providers:\n{}{}",
+        mock_provider("bigp", big),
+        mock_provider("smallp", small)
+    );
+    let models = "models:
+  - name: big
+    pricing: { input: 10, output: 30 }
+    profile: { quality: { default: 0.95 }, latency: 50ms, tokens_per_second: 100000 }
+    deployments: [ { provider: bigp } ]
+  - name: small
+    pricing: { input: 0.1, output: 0.3 }
+    profile: { quality: { default: 0.6 }, latency: 50ms, tokens_per_second: 100000 }
+    deployments: [ { provider: smallp } ]
+";
+    Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        route,
+    ))
+}
+
+#[test]
+fn a_latency_budget_excludes_a_model_measured_as_slow() {
+    let big = Mock::start(&["--latency-ms", "400"]);
+    let small = Mock::start(&[]);
+    let gw = two_model_gateway(
+        &big,
+        &small,
+        "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n    constraints: { latency_budget: 250ms }\n",
+    );
+    // Its profile says 50ms: the better model is chosen...
+    let r = gw.chat(&chat_body("r", "first"));
+    assert_eq!(r.status, 200);
+    assert_eq!(route_header(&r), "r; model=big; reason=utility");
+    // ...and measured at 400ms, it no longer fits the 250ms budget.
+    for i in 0..3 {
+        let r = gw.chat(&chat_body("r", &format!("next {i}")));
+        assert_eq!(r.status, 200);
+        assert_eq!(
+            route_header(&r),
+            "r; model=small; reason=utility",
+            "request {i}"
+        );
+    }
+    let e = post_json(&gw.admin, "/admin/route/explain", &chat_body("r", "x")).json();
+    let bigc = e["decision"]["candidates"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["model"] == "big")
+        .unwrap()
+        .clone();
+    assert!(
+        bigc["excluded"]
+            .as_str()
+            .unwrap()
+            .starts_with("latency_budget:"),
+        "{bigc}"
+    );
+    assert!(
+        bigc["expected_latency_ms"].as_f64().unwrap() >= 390.0,
+        "{bigc}"
+    );
+}
+
+#[test]
+fn failover_to_the_next_candidate_and_the_circuit_breaker_opens_and_closes() {
+    let big_port = free_port();
+    let big_dead = Mock::start_on(big_port, &[]);
+    drop(big_dead); // nothing listens: connections are refused
+    let big = format!("127.0.0.1:{big_port}");
+    let small = Mock::start(&[]);
+    let providers = format!(
+        "providers:\n  bigp:\n    kind: openai\n    base_url: http://{big}/v1\n    health_check: {{ kind: none }}\n    circuit_breaker: {{ failures: 3, cooldown: 1s }}\n{}",
+        mock_provider("smallp", &small)
+    );
+    let models = "models:
+  - name: big
+    profile: { quality: { default: 0.95 } }
+    deployments: [ { provider: bigp } ]
+  - name: small
+    profile: { quality: { default: 0.2 } }
+    deployments: [ { provider: smallp } ]
+";
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  r:\n    candidates: [big, small]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
+    ));
+    // big is chosen, refuses, and the request falls back to small: the client sees a 200.
+    for i in 0..3 {
+        let r = gw.chat(&chat_body("r", &format!("q{i}")));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-smartllm-model"), Some("small"));
+        assert_eq!(route_header(&r), "r; model=small; reason=fallback:big");
+    }
+    assert_eq!(
+        gw.metric(
+            "smartllm_route_fallbacks_total",
+            &[("from", "big"), ("to", "small")]
+        ),
+        3.0
+    );
+    let id = format!("bigp/{big}");
+    // Three failures in a row opened big's circuit: the router now skips it.
+    assert_eq!(
+        gw.metric("smartllm_circuit_state", &[("deployment", &id)]),
+        2.0
+    );
+    let r = gw.chat(&chat_body("r", "while open"));
+    assert_eq!(route_header(&r), "r; model=small; reason=utility");
+    let models = get(&gw.admin, "/admin/models").json();
+    let b = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "big")
+        .unwrap()
+        .clone();
+    assert_eq!(b["deployments"][0]["circuit"], "open");
+    assert_eq!(b["available"], false);
+    // big comes back; after the cooldown one trial request closes the circuit.
+    let _big = Mock::start_on(big_port, &[]);
+    std::thread::sleep(Duration::from_millis(1100));
+    let r = gw.chat(&chat_body("r", "after cooldown"));
+    assert_eq!(r.status, 200);
+    assert_eq!(route_header(&r), "r; model=big; reason=utility");
+    assert_eq!(
+        gw.metric("smartllm_circuit_state", &[("deployment", &id)]),
+        0.0
+    );
+    assert!(
+        gw.metric(
+            "smartllm_circuit_transitions_total",
+            &[("deployment", &id), ("to", "open")]
+        ) >= 1.0
+    );
+    // A direct model request has no fallback: with big down again it fails with 502.
+    drop(_big);
+    let r = gw.chat(&chat_body("big", "direct"));
+    assert_eq!(r.status, 502, "{}", r.text());
+}
+
+#[test]
+fn ab_experiment_splits_by_weight_sticks_per_user_and_reloads() {
+    let big = Mock::start(&[]);
+    let small = Mock::start(&[]);
+    let route = |w_a: u32, w_b: u32| {
+        format!(
+            "routes:\n  r:\n    candidates: [small, big]\n    experiment:\n      name: bigtest\n      sticky_by: user\n      arms:\n        - {{ name: control, weight: {w_a}, model: small }}\n        - {{ name: treatment, weight: {w_b}, model: big }}\n"
+        )
+    };
+    let gw = two_model_gateway(&big, &small, &route(70, 30));
+    let n = 2000;
+    let treated = std::sync::atomic::AtomicU64::new(0);
+    std::thread::scope(|s| {
+        for t in 0..4 {
+            let (gw, treated) = (&gw, &treated);
+            s.spawn(move || {
+                for i in (t..n).step_by(4) {
+                    let body = json!({"model": "r", "user": format!("user-{i}"), "messages": [{"role": "user", "content": "hello"}]});
+                    let r = gw.chat(&body);
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    let arm = r.header("x-smartllm-experiment").unwrap_or("-").to_string();
+                    let model = r.header("x-smartllm-model").unwrap_or("-").to_string();
+                    match arm.as_str() {
+                        "bigtest=treatment" => {
+                            assert_eq!(model, "big");
+                            treated.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        }
+                        "bigtest=control" => assert_eq!(model, "small"),
+                        other => panic!("unexpected arm {other}"),
+                    }
+                }
+            });
+        }
+    });
+    let share = treated.into_inner() as f64 / n as f64;
+    assert!((share - 0.30).abs() <= 0.05, "treatment share {share}");
+    // Sticky: a user always lands in the same arm.
+    for i in 0..30 {
+        let body = json!({"model": "r", "user": format!("user-{i}"), "messages": [{"role": "user", "content": "again"}]});
+        let arms: Vec<String> = (0..3)
+            .map(|_| {
+                gw.chat(&body)
+                    .header("x-smartllm-experiment")
+                    .unwrap_or("-")
+                    .to_string()
+            })
+            .collect();
+        assert!(arms.iter().all(|a| *a == arms[0]), "user-{i}: {arms:?}");
+    }
+    assert!(
+        gw.metric(
+            "smartllm_experiment_requests_total",
+            &[("experiment", "bigtest"), ("arm", "treatment")]
+        ) >= 500.0
+    );
+    // Hot reload: everyone to treatment.
+    gw.config.write("routes.yaml", &route(0, 100));
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 1.0));
+    for i in 0..50 {
+        let body = json!({"model": "r", "user": format!("u{i}"), "messages": [{"role": "user", "content": "y"}]});
+        assert_eq!(gw.chat(&body).header("x-smartllm-model"), Some("big"));
+    }
+}
+
+#[test]
+fn learned_router_beats_random_routing_at_equal_cost_on_held_out_prompts() {
+    let root = workspace_root();
+    let out = tempfile::tempdir().unwrap();
+    let file = out.path().join("learned.json");
+    let train = Command::new(bin("smartllm"))
+        .args(["train-router", "--config"])
+        .arg(root.join("conf"))
+        .arg("--data")
+        .arg(root.join("data/router/train.jsonl"))
+        .arg("--out")
+        .arg(&file)
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
+        .output()
+        .unwrap();
+    assert!(
+        train.status.success(),
+        "{}",
+        String::from_utf8_lossy(&train.stderr)
+    );
+    let eval = Command::new(bin("smartllm"))
+        .args(["eval", "--json", "--config"])
+        .arg(root.join("conf"))
+        .arg("--data")
+        .arg(root.join("data/router/heldout.jsonl"))
+        .arg("--router")
+        .arg(&file)
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
+        .output()
+        .unwrap();
+    assert!(
+        eval.status.success(),
+        "{}",
+        String::from_utf8_lossy(&eval.stderr)
+    );
+    let v: Value = serde_json::from_slice(&eval.stdout).unwrap();
+    assert!(v["prompts"].as_u64().unwrap() > 100);
+    for row in v["quality_at_cost_share"].as_array().unwrap() {
+        let c = row["cost_share"].as_f64().unwrap();
+        if (0.3..=0.7).contains(&c) {
+            let (l, r) = (
+                row["learned"].as_f64().unwrap(),
+                row["random"].as_f64().unwrap(),
+            );
+            assert!(
+                l > r + 0.02,
+                "at {c} of the cost: learned {l} vs random {r}"
+            );
+        }
+    }
+}
