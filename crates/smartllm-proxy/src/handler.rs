@@ -205,6 +205,9 @@ async fn api(
     )?;
     // The cache first: a hit costs nothing, whatever the budget. A routed alias
     // is cached under its own name (the model is chosen only on a miss).
+    if routed.is_some() {
+        ctx.route_reason = "cache".into();
+    }
     let served = crate::cache::phase(
         shared,
         session,

@@ -346,3 +346,193 @@ pub fn decide(
         weights: (w.quality, w.cost, w.latency),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::features::extract;
+    use serde_json::json;
+    use smartllm_config::{Arm, Experiment, ModelProfile, Pricing, RouteRule, RuleWhen, Weights};
+    use std::time::Duration;
+
+    fn model(name: &str, q: f64, input: f64, output: f64) -> ModelConfig {
+        ModelConfig {
+            name: name.into(),
+            owned_by: "test".into(),
+            deployments: Vec::new(),
+            pricing: Pricing {
+                input_per_1m: input,
+                output_per_1m: output,
+                cached_input_per_1m: input,
+                per_request: 0.0,
+            },
+            profile: ModelProfile {
+                quality: [q; 8],
+                ..ModelProfile::default()
+            },
+        }
+    }
+
+    fn setup() -> (Config, RouteConfig) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("smartllm.yaml"), "server: {}\n").unwrap();
+        let mut cfg = smartllm_config::load_dir(dir.path()).unwrap();
+        cfg.models = vec![
+            model("cheap", 0.6, 0.1, 0.4),
+            model("strong", 0.95, 5.0, 15.0),
+        ];
+        let mut r = RouteConfig::fixed("r", "cheap");
+        r.candidates = vec!["cheap".into(), "strong".into()];
+        r.strategy = Strategy::Utility;
+        r.weights = Weights {
+            quality: 0.75,
+            cost: 0.15,
+            latency: 0.10,
+        };
+        (cfg, r)
+    }
+
+    fn features(prompt: &str) -> Features {
+        let b = json!({"messages": [{"role": "user", "content": prompt}]});
+        extract(b.as_object().unwrap(), None, None)
+    }
+
+    struct Down(&'static str);
+    impl ModelState for Down {
+        fn live(&self, _: &str) -> Option<LiveSnapshot> {
+            None
+        }
+        fn available(&self, m: &str) -> bool {
+            m != self.0
+        }
+    }
+
+    #[test]
+    fn simple_goes_cheap_hard_goes_strong_and_budget_pressure_shifts_cheaper() {
+        let (cfg, r) = setup();
+        let info = RequestInfo::default();
+        let d = decide(
+            &cfg,
+            &r,
+            &features("Hello, how are you?"),
+            None,
+            None,
+            &info,
+            &StaticState,
+        );
+        assert_eq!((d.model.as_str(), d.reason.as_str()), ("cheap", "utility"));
+        let hard = features("Implement a lock-free concurrent hash map in Rust, prove its invariants and analyse the memory ordering step by step.");
+        let d = decide(&cfg, &r, &hard, None, None, &info, &StaticState);
+        assert_eq!(d.model, "strong");
+        assert_eq!(d.fallbacks, vec!["cheap"]);
+        // A budget nearly spent: cost weighs more, the cheap model wins, and the reason says so.
+        let pressed = RequestInfo {
+            budget_pressure: 0.99,
+            ..RequestInfo::default()
+        };
+        let d = decide(&cfg, &r, &hard, None, None, &pressed, &StaticState);
+        assert_eq!(
+            (d.model.as_str(), d.reason.as_str()),
+            ("cheap", "utility+budget")
+        );
+    }
+
+    #[test]
+    fn constraints_rules_and_availability() {
+        let (cfg, mut r) = setup();
+        let info = RequestInfo {
+            headers: vec![("x-tier".into(), "gold".into())],
+            ..RequestInfo::default()
+        };
+        let hard =
+            features("Design a distributed consensus protocol and prove its safety step by step.");
+        r.constraints.max_cost_usd = Some(0.001);
+        let d = decide(&cfg, &r, &hard, None, None, &info, &StaticState);
+        assert_eq!(d.model, "cheap");
+        assert!(d.candidates[1]
+            .excluded
+            .as_deref()
+            .unwrap()
+            .starts_with("max_cost:"));
+        r.constraints.max_cost_usd = None;
+        r.constraints.latency_budget = Some(Duration::from_millis(1));
+        let d = decide(&cfg, &r, &hard, None, None, &info, &StaticState);
+        assert_eq!(
+            d.reason, "constraints_relaxed",
+            "nothing fits: served anyway, and said so"
+        );
+        r.constraints.latency_budget = None;
+        r.rules = vec![RouteRule {
+            name: "gold".into(),
+            when: RuleWhen {
+                headers: vec![("x-tier".into(), "gold".into())],
+                ..RuleWhen::default()
+            },
+            pin: Some("cheap".into()),
+            exclude: vec![],
+            prefer: vec![],
+        }];
+        let d = decide(&cfg, &r, &hard, None, None, &info, &StaticState);
+        assert_eq!(
+            (d.model.as_str(), d.reason.as_str()),
+            ("cheap", "rule:gold")
+        );
+        r.rules.clear();
+        let d = decide(&cfg, &r, &hard, None, None, &info, &Down("strong"));
+        assert_eq!(d.model, "cheap");
+        assert_eq!(d.candidates[1].excluded.as_deref(), Some("unavailable"));
+        // Tools need the capability.
+        let mut cfg2 = cfg.clone();
+        cfg2.models[1].profile.capabilities = Some(vec!["json".into()]);
+        let b = json!({"messages": [{"role": "user", "content": "prove it step by step"}], "tools": [{"type": "function", "function": {"name": "f"}}]});
+        let f = extract(b.as_object().unwrap(), None, None);
+        let d = decide(&cfg2, &r, &f, None, None, &info, &StaticState);
+        assert_eq!(
+            d.candidates[1].excluded.as_deref(),
+            Some("capability:tools")
+        );
+    }
+
+    #[test]
+    fn experiment_arms_follow_weights_and_stick() {
+        let exp = Experiment {
+            name: "e".into(),
+            sticky_by: StickyBy::User,
+            arms: vec![
+                Arm {
+                    name: "a".into(),
+                    weight: 80.0,
+                    model: None,
+                },
+                Arm {
+                    name: "b".into(),
+                    weight: 20.0,
+                    model: Some("strong".into()),
+                },
+            ],
+        };
+        let users: Vec<String> = (0..20_000).map(|i| format!("user{i}")).collect();
+        let b = users
+            .iter()
+            .filter(|u| {
+                assign_arm(
+                    &exp,
+                    &RequestInfo {
+                        user: Some(u),
+                        ..RequestInfo::default()
+                    },
+                )
+                .name
+                    == "b"
+            })
+            .count();
+        let share = b as f64 / users.len() as f64;
+        assert!((share - 0.2).abs() < 0.015, "{share}");
+        let one = RequestInfo {
+            user: Some("alice"),
+            ..RequestInfo::default()
+        };
+        let first = assign_arm(&exp, &one).name.clone();
+        assert!((0..10).all(|_| assign_arm(&exp, &one).name == first));
+    }
+}
