@@ -266,8 +266,12 @@ pub fn extract(
     classifier: Option<&TaskClassifier>,
 ) -> Features {
     let (last, all, has_images, turns) = prompt_texts(body);
+    // Routing runs on the proxy's threads: bound the work on huge prompts.
+    // Markers are read from the first 16 KiB of the question; tokens are
+    // counted on the first 64 KiB and extrapolated by size.
+    let last = &last[..floor_char_boundary(&last, 16 << 10)];
     let lower = last.to_lowercase();
-    let code_markers = count_any(&last, &CODE_MARKERS);
+    let code_markers = count_any(last, &CODE_MARKERS);
     let has_code = last.contains("```") || code_markers >= 2;
     let has_math = count_any(&lower, &MATH_MARKERS) > 0
         || count_any(&lower, &MATH_WORDS) > 0
@@ -281,7 +285,13 @@ pub fn extract(
         .get("max_completion_tokens")
         .or_else(|| body.get("max_tokens"))
         .and_then(Value::as_u64);
-    let prompt_tokens = smartllm_ledger::estimate_tokens(&all);
+    let sample = &all[..floor_char_boundary(&all, 64 << 10)];
+    let prompt_tokens = if sample.len() == all.len() {
+        smartllm_ledger::estimate_tokens(&all)
+    } else {
+        (smartllm_ledger::estimate_tokens(sample) as f64 * all.len() as f64
+            / sample.len().max(1) as f64) as u64
+    };
     let (task, task_confidence, task_source) = match (embedding, classifier) {
         (Some(e), Some(c)) if !c.is_empty() => {
             let (t, conf) = c.classify(e);
@@ -339,7 +349,7 @@ pub fn extract(
         task_source,
         complexity,
         prompt_tokens,
-        language: language::detect(&last),
+        language: language::detect(last),
         has_code,
         has_math,
         has_tools,
@@ -349,6 +359,16 @@ pub fn extract(
         needs,
         turns,
     }
+}
+
+fn floor_char_boundary(s: &str, max: usize) -> usize {
+    if s.len() <= max {
+        return s.len();
+    }
+    (0..=max)
+        .rev()
+        .find(|i| s.is_char_boundary(*i))
+        .unwrap_or(0)
 }
 
 /// `12 * 7`, `3+4=`, `x = 5`: digits around an arithmetic operator.
@@ -414,6 +434,31 @@ mod tests {
         assert!(f.has_math && f.has_tools && f.has_images);
         assert_eq!(f.needs, vec!["tools", "vision", "json"]);
         assert_eq!(f.task, Task::Math);
+    }
+
+    #[test]
+    fn huge_prompts_are_bounded_and_extrapolated() {
+        let text = "word ".repeat(400_000); // 2 MB
+        let f = extract(
+            &body(json!({"messages": [{"role": "user", "content": text}]})),
+            None,
+            None,
+        );
+        assert!(
+            f.prompt_tokens > 300_000 && f.prompt_tokens < 500_000,
+            "{}",
+            f.prompt_tokens
+        );
+        let multi = "é".repeat(40_000);
+        assert!(
+            extract(
+                &body(json!({"messages": [{"role": "user", "content": multi}]})),
+                None,
+                None
+            )
+            .prompt_tokens
+                > 0
+        );
     }
 
     #[test]
