@@ -304,10 +304,10 @@ fn failover_to_the_next_candidate_and_the_circuit_breaker_opens_and_closes() {
     let r = gw.chat(&chat_body("r", "after cooldown"));
     assert_eq!(r.status, 200);
     assert_eq!(route_header(&r), "r; model=big; reason=utility");
-    assert_eq!(
-        gw.metric("smartllm_circuit_state", &[("deployment", &id)]),
-        0.0
-    );
+    // The success is recorded once the answer is written: wait for it.
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .metric("smartllm_circuit_state", &[("deployment", &id)])
+        == 0.0));
     assert!(
         gw.metric(
             "smartllm_circuit_transitions_total",
