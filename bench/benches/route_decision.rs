@@ -80,4 +80,22 @@ fn main() {
         pct(0.99),
         pct(0.999)
     );
+    // Baseline in the same run: the one embedding a request needs anyway.
+    let mut embeds: Vec<u64> = (0..200)
+        .map(|i| {
+            let t = Instant::now();
+            black_box(
+                embedder
+                    .embed_blocking(vec![prompts[i % prompts.len()].to_string()])
+                    .unwrap(),
+            );
+            t.elapsed().as_nanos() as u64
+        })
+        .collect();
+    embeds.sort_unstable();
+    let embed_p50 = embeds[100] as f64 / 1000.0;
+    println!(
+        "one prompt embedding (baseline): p50 {embed_p50:.0} µs; route decision p50 = {:.3}x of it",
+        pct(0.5) / embed_p50
+    );
 }

@@ -118,9 +118,6 @@ pub async fn forward(
             let provider = &dep.provider;
             let breaker_id = deployment_id(provider.name(), &backend.addr);
             let breaker_cfg = provider.cfg.circuit_breaker;
-            if !shared.breakers.allow(&breaker_id, &breaker_cfg) {
-                continue;
-            }
             ctx.provider = Some(provider.name().to_string());
             ctx.upstream_model = Some(dep.upstream_model.clone());
             ctx.attempts += 1;
@@ -150,20 +147,33 @@ pub async fn forward(
             let Some(peer) = peer_for(provider, &backend.addr) else {
                 continue;
             };
+            // Claimed last, right before the attempt: a half-open circuit's one
+            // trial is always followed by a recorded outcome.
+            if !shared.breakers.allow(&breaker_id, &breaker_cfg) {
+                continue;
+            }
             let more_left =
                 later_models || (attempt + 1 < attempts && tried.len() < total_backends);
             let started = Instant::now();
             let outcome =
                 attempt_once(shared, session, ctx, dep, &peer, prepared, req, more_left).await;
-            let deployment_failed = |e: &ApiError| e.status >= 500;
+            // A 5xx (refused, reset, timed out, or answered 5xx) counts against the
+            // deployment's circuit; a 429 or 4xx does not. Either is a failure of the model.
+            let failed = |e: &ApiError| {
+                shared
+                    .breakers
+                    .record(&breaker_id, &breaker_cfg, e.status < 500);
+                shared
+                    .profiles
+                    .record_failure(&pool.model, (e.status == 504).then(|| started.elapsed()));
+            };
             match outcome {
                 Attempt::Done => {
                     metrics::upstream_attempt(provider.name(), "ok");
-                    let failed = ctx.status >= 500 || ctx.status == 429;
                     shared
                         .breakers
                         .record(&breaker_id, &breaker_cfg, ctx.status < 500);
-                    if failed {
+                    if ctx.status >= 500 || ctx.status == 429 {
                         shared.profiles.record_failure(&pool.model, None);
                     } else if let Some(ttft) = ctx.ttft {
                         shared.profiles.record_success(
@@ -178,22 +188,12 @@ pub async fn forward(
                 Attempt::Retry(e) => {
                     metrics::upstream_attempt(provider.name(), "retried");
                     tracing::debug!(request_id = %ctx.request_id, provider = %provider.name(), error = %e, "upstream attempt failed; trying the next deployment");
-                    shared
-                        .breakers
-                        .record(&breaker_id, &breaker_cfg, !deployment_failed(&e));
-                    shared
-                        .profiles
-                        .record_failure(&pool.model, (e.status == 504).then(|| started.elapsed()));
+                    failed(&e);
                     last_err = Some(e);
                 }
                 Attempt::Fail(e) => {
                     metrics::upstream_attempt(provider.name(), "failed");
-                    shared
-                        .breakers
-                        .record(&breaker_id, &breaker_cfg, !deployment_failed(&e));
-                    shared
-                        .profiles
-                        .record_failure(&pool.model, (e.status == 504).then(|| started.elapsed()));
+                    failed(&e);
                     return Err(e);
                 }
             }

@@ -141,16 +141,6 @@ impl Breakers {
             .get(id)
             .map_or(BreakerState::Closed, |e| e.state)
     }
-
-    pub fn all(&self) -> Vec<(String, BreakerState, u32)> {
-        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        let mut v: Vec<_> = map
-            .iter()
-            .map(|(k, e)| (k.clone(), e.state, e.consecutive))
-            .collect();
-        v.sort_by(|a, b| a.0.cmp(&b.0));
-        v
-    }
 }
 
 #[cfg(test)]

@@ -69,10 +69,6 @@ impl TaskClassifier {
         self.labels.is_empty()
     }
 
-    pub fn len(&self) -> usize {
-        self.labels.len()
-    }
-
     /// The most likely task and the share of the neighbours' weight it got.
     pub fn classify(&self, embedding: &[f32]) -> (Task, f32) {
         if self.is_empty() || embedding.len() != self.dim {

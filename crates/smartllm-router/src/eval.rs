@@ -25,7 +25,7 @@ pub struct Curve {
 
 /// The best model (highest mean score) and the cheapest (lowest total cost).
 pub fn best_and_cheapest(rows: &[EvalRow], n_models: usize) -> (usize, usize) {
-    let total = |f: &dyn Fn(&EvalRow) -> f64| f64::from(rows.iter().map(f).sum::<f64>() as f32);
+    let total = |f: &dyn Fn(&EvalRow) -> f64| rows.iter().map(f).sum::<f64>();
     let best = (0..n_models)
         .max_by(|a, b| total(&|r| r.scores[*a]).total_cmp(&total(&|r| r.scores[*b])))
         .unwrap_or(0);
