@@ -46,21 +46,26 @@ pub fn assets_dir() -> PathBuf {
 
 /// A loopback port nobody listens on, never handed out twice in this process:
 /// tests run in parallel, and the OS may return a port just released by one
-/// test's probe to another's before the first binds it.
+/// test's probe to another's before the first binds it. Ports come from below
+/// the kernel's ephemeral range (`ip_local_port_range`, 32768 and up by
+/// default), so no outgoing connection can take one as its source port before
+/// the server it is meant for binds it.
 pub fn free_port() -> u16 {
     static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     let mut given = HANDED_OUT.lock().unwrap_or_else(|p| p.into_inner());
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        if !given.contains(&port) {
+    let ephemeral_start = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<u16>().ok())
+        .unwrap_or(32768);
+    let (lo, hi) = (10_000u16, ephemeral_start.max(12_000));
+    for _ in 0..10_000 {
+        let port = fastrand::u16(lo..hi);
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
             given.push(port);
             return port;
         }
     }
+    panic!("no free loopback port between {lo} and {hi}");
 }
 
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {

@@ -64,8 +64,28 @@ pub struct Config {
     pub cache: CacheConfig,
     pub keys: KeysConfig,
     pub ledger: LedgerConfig,
+    pub fleet: FleetConfig,
     /// Where the admin API token comes from (None: no token required).
     pub admin_token: ApiKeySource,
+}
+
+/// What to do when the fleet's Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetOnError {
+    /// Enforce limits and budgets per process until Redis is back.
+    Local,
+    /// Refuse requests that have limits or budgets (503).
+    Reject,
+}
+
+/// Limits and budgets shared by several gateways through Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// None: every gateway enforces its own limits and budgets.
+    pub redis: Option<String>,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub on_error: FleetOnError,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -129,6 +149,8 @@ pub struct Budget {
     pub name: String,
     pub daily_usd: Option<f64>,
     pub monthly_usd: Option<f64>,
+    /// The most one request may cost (its max_tokens is capped to fit).
+    pub max_request_usd: Option<f64>,
     pub alert_at: Vec<f64>,
     pub on_exceed: OnExceed,
     pub webhook: Option<Url>,
@@ -1078,6 +1100,7 @@ fn resolve(
                 .unwrap_or(Duration::from_secs(1))
                 .clamp(Duration::from_millis(50), Duration::from_secs(60)),
         },
+        fleet: resolve_fleet(main.fleet, v),
         cache: CacheConfig {
             enabled: false,
             defaults: DEFAULT_POLICY,
@@ -1194,10 +1217,18 @@ fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>) -> KeysCo
                 "app budgets are named tenant/app",
             );
         }
-        if b.daily_usd.is_none() && b.monthly_usd.is_none() {
-            v.push(KEYS_FILE, &at, "set daily_usd, monthly_usd or both");
+        if b.daily_usd.is_none() && b.monthly_usd.is_none() && b.max_request_usd.is_none() {
+            v.push(
+                KEYS_FILE,
+                &at,
+                "set daily_usd, monthly_usd, max_request_usd or several",
+            );
         }
-        for (field, value) in [("daily_usd", b.daily_usd), ("monthly_usd", b.monthly_usd)] {
+        for (field, value) in [
+            ("daily_usd", b.daily_usd),
+            ("monthly_usd", b.monthly_usd),
+            ("max_request_usd", b.max_request_usd),
+        ] {
             if value.is_some_and(|x| !x.is_finite() || x <= 0.0) {
                 v.push(
                     KEYS_FILE,
@@ -1263,6 +1294,7 @@ fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>) -> KeysCo
             name: b.name,
             daily_usd: b.daily_usd,
             monthly_usd: b.monthly_usd,
+            max_request_usd: b.max_request_usd,
             alert_at,
             on_exceed,
             webhook,
@@ -1273,6 +1305,60 @@ fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>) -> KeysCo
         keys,
         apps,
         budgets,
+    }
+}
+
+fn resolve_fleet(raw: crate::raw::RawFleet, v: &mut Issues<'_>) -> FleetConfig {
+    let redis = raw.redis.filter(|r| !r.trim().is_empty());
+    if let Some(url) = &redis {
+        if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+            v.push(
+                MAIN_FILE,
+                "fleet.redis",
+                "must be a redis:// or redis+unix:// URL",
+            );
+        }
+    }
+    let key_prefix = raw.key_prefix.unwrap_or_else(|| "smartllm".into());
+    if key_prefix.is_empty()
+        || key_prefix
+            .chars()
+            .any(|c| c.is_whitespace() || c == '{' || c == '}')
+    {
+        v.push(
+            MAIN_FILE,
+            "fleet.key_prefix",
+            "must be a non-empty word without spaces or braces",
+        );
+    }
+    let on_error = match raw.on_error.as_deref().unwrap_or("local") {
+        "local" => FleetOnError::Local,
+        "reject" => FleetOnError::Reject,
+        other => {
+            v.push(
+                MAIN_FILE,
+                "fleet.on_error",
+                format!("unknown action {other:?}: use local or reject"),
+            );
+            FleetOnError::Local
+        }
+    };
+    let timeout = raw
+        .timeout
+        .map(|d| d.0)
+        .unwrap_or(Duration::from_millis(250));
+    if timeout.is_zero() || timeout > Duration::from_secs(10) {
+        v.push(
+            MAIN_FILE,
+            "fleet.timeout",
+            "must be between 1ms and 10s (it is paid by a request when Redis is slow)",
+        );
+    }
+    FleetConfig {
+        redis,
+        key_prefix,
+        timeout,
+        on_error,
     }
 }
 

@@ -26,6 +26,22 @@ pub struct RawMain {
     pub ledger: RawLedger,
     #[serde(default)]
     pub admin: RawAdmin,
+    #[serde(default)]
+    pub fleet: RawFleet,
+}
+
+/// Limits and budgets shared by a fleet of gateways through Redis.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFleet {
+    /// `redis://[user:password@]host:port/db` or `redis+unix:///path`; unset = per process.
+    pub redis: Option<String>,
+    /// Prefix of every key the gateway writes (several fleets can share one Redis).
+    pub key_prefix: Option<String>,
+    /// Connect and reply timeout of one Redis call.
+    pub timeout: Option<ConfigDuration>,
+    /// When Redis cannot be reached: `local` (per-process limits and budgets) or `reject` (503).
+    pub on_error: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -169,6 +185,8 @@ pub struct RawModel {
 pub struct RawProfile {
     /// Prompt plus completion tokens the model accepts.
     pub context_window: Option<u64>,
+    /// The most completion tokens one answer may have (the provider's limit).
+    pub max_output_tokens: Option<u64>,
     /// tools, vision, json, ...
     pub capabilities: Option<Vec<String>>,
     /// Quality per task from 0 to 1 (code, math, reasoning, summarisation,
@@ -407,6 +425,8 @@ pub struct RawBudget {
     pub name: String,
     pub daily_usd: Option<f64>,
     pub monthly_usd: Option<f64>,
+    /// No single request may cost more than this (max_tokens is capped to fit).
+    pub max_request_usd: Option<f64>,
     /// Percentages of a budget that raise an alert (default 50, 80, 100).
     pub alert_at: Option<Vec<f64>>,
     /// At 100%: `reject` (429) or `degrade` (to `degrade_to`).

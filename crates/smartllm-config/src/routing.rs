@@ -85,6 +85,8 @@ fn task_names() -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelProfile {
     pub context_window: u64,
+    /// The provider's limit on one answer's tokens (None: the context window).
+    pub max_output_tokens: Option<u64>,
     /// `None`: not declared (the model is assumed to support what is asked).
     pub capabilities: Option<Vec<String>>,
     /// Quality per task (indexed by [`Task::index`]), 0 to 1.
@@ -98,6 +100,7 @@ impl Default for ModelProfile {
     fn default() -> Self {
         ModelProfile {
             context_window: 128_000,
+            max_output_tokens: None,
             capabilities: None,
             quality: [0.7; 8],
             tokens_per_second: 60.0,
@@ -136,6 +139,16 @@ pub(crate) fn resolve_profile(
             );
         }
         p.context_window = c;
+    }
+    if let Some(m) = raw.max_output_tokens {
+        if m == 0 || m > p.context_window {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.profile.max_output_tokens"),
+                "must be between 1 and the context window",
+            );
+        }
+        p.max_output_tokens = Some(m);
     }
     if let Some(caps) = &raw.capabilities {
         for (i, c) in caps.iter().enumerate() {

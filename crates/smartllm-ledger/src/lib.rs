@@ -7,7 +7,9 @@
 
 use rocksdb::{IteratorMode, WriteBatch};
 use serde::Serialize;
-use smartllm_store::{decode_counters, encode_counters, Store, CF_LEDGER, LEDGER_FIELDS};
+use smartllm_store::{
+    decode_counters, encode_counters, Store, CF_LEDGER, CF_LEDGER_MIX, LEDGER_FIELDS,
+};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, LazyLock};
@@ -96,6 +98,21 @@ pub struct Record {
     pub saved_nanos: u64,
     pub error: bool,
     pub estimated: bool,
+    /// What the request was (for cost suggestions); None for requests the
+    /// gateway did not analyse.
+    pub mix: Option<Mix>,
+}
+
+/// What kind of request it was and how the cache met it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+pub struct Mix {
+    /// The router's task (code, chat, ...) or `-`.
+    pub task: String,
+    /// `simple`, `moderate`, `complex` (from the router's complexity) or `-`.
+    pub tier: String,
+    /// `hit`, `near` (a miss whose best match came close to the threshold),
+    /// `miss`, `bypass` (no-store, temperature, exclusions) or `off`.
+    pub cache: String,
 }
 
 /// Counter positions in a ledger value.
@@ -134,6 +151,15 @@ fn parse_key(k: &[u8]) -> Option<(u32, [String; 4])> {
         hour,
         [parts.next()?, parts.next()?, parts.next()?, parts.next()?],
     ))
+}
+
+fn mix_key(hour: u32, r: &Record, m: &Mix) -> Vec<u8> {
+    let mut out = hour.to_be_bytes().to_vec();
+    for part in [&r.tenant, &r.app, &r.model, &m.task, &m.tier, &m.cache] {
+        out.extend_from_slice(clean(part).as_bytes());
+        out.push(0);
+    }
+    out
 }
 
 enum Msg {
@@ -208,10 +234,29 @@ impl Ledger {
         self.flush();
         query(&self.store, from, to, group_by)
     }
+
+    /// The traffic mix between two instants, summed over hours.
+    pub fn mix(&self, from: u64, to: u64) -> Result<Vec<MixRow>, rocksdb::Error> {
+        self.flush();
+        mix_query(&self.store, from, to)
+    }
+}
+
+/// Counters waiting for the next flush, per column family.
+#[derive(Default)]
+struct Pending {
+    ledger: HashMap<Vec<u8>, [u64; LEDGER_FIELDS]>,
+    mix: HashMap<Vec<u8>, [u64; LEDGER_FIELDS]>,
+}
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.ledger.is_empty() && self.mix.is_empty()
+    }
 }
 
 fn writer(store: Arc<Store>, rx: Receiver<Msg>, interval: Duration) {
-    let mut pending: HashMap<Vec<u8>, [u64; LEDGER_FIELDS]> = HashMap::new();
+    let mut pending = Pending::default();
     let mut next_flush = Instant::now() + interval;
     loop {
         let wait = next_flush.saturating_duration_since(Instant::now());
@@ -242,11 +287,25 @@ fn writer(store: Arc<Store>, rx: Receiver<Msg>, interval: Duration) {
     }
 }
 
-fn add(pending: &mut HashMap<Vec<u8>, [u64; LEDGER_FIELDS]>, r: &Record) {
+fn add(pending: &mut Pending, r: &Record) {
     let hour = (r.unix_secs / 3600) as u32;
     let c = pending
+        .ledger
         .entry(key_bytes(hour, &r.tenant, &r.app, &r.key, &r.model))
         .or_insert([0; LEDGER_FIELDS]);
+    count(c, r);
+    if let Some(m) = &r.mix {
+        count(
+            pending
+                .mix
+                .entry(mix_key(hour, r, m))
+                .or_insert([0; LEDGER_FIELDS]),
+            r,
+        );
+    }
+}
+
+fn count(c: &mut [u64; LEDGER_FIELDS], r: &Record) {
     c[REQUESTS] += 1;
     c[INPUT] += r.tokens.prompt;
     c[OUTPUT] += r.tokens.completion;
@@ -257,20 +316,92 @@ fn add(pending: &mut HashMap<Vec<u8>, [u64; LEDGER_FIELDS]>, r: &Record) {
     c[ESTIMATED] += r.estimated as u64;
 }
 
-fn flush(
-    store: &Store,
-    pending: &mut HashMap<Vec<u8>, [u64; LEDGER_FIELDS]>,
-) -> Result<(), rocksdb::Error> {
-    let Some(cf) = store.db().cf_handle(CF_LEDGER) else {
-        return Ok(());
-    };
+fn flush(store: &Store, pending: &mut Pending) -> Result<(), rocksdb::Error> {
     let mut batch = WriteBatch::default();
-    for (k, v) in pending.iter() {
-        batch.merge_cf(cf, k, encode_counters(v));
+    for (name, map) in [(CF_LEDGER, &pending.ledger), (CF_LEDGER_MIX, &pending.mix)] {
+        if let Some(cf) = store.db().cf_handle(name) {
+            for (k, v) in map.iter() {
+                batch.merge_cf(cf, k, encode_counters(v));
+            }
+        }
     }
     store.db().write(batch)?;
-    pending.clear();
+    pending.ledger.clear();
+    pending.mix.clear();
     Ok(())
+}
+
+/// One group of the traffic mix.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct MixRow {
+    pub tenant: String,
+    pub app: String,
+    pub model: String,
+    #[serde(flatten)]
+    pub mix: Mix,
+    pub requests: u64,
+    pub input_tokens: u64,
+    pub output_tokens: u64,
+    pub cached_tokens: u64,
+    pub cost_usd: f64,
+    pub saved_usd: f64,
+    pub errors: u64,
+}
+
+/// The traffic mix between two instants (unix seconds, `to` exclusive),
+/// summed over hours.
+pub fn mix_query(store: &Store, from: u64, to: u64) -> Result<Vec<MixRow>, rocksdb::Error> {
+    let Some(cf) = store.db().cf_handle(CF_LEDGER_MIX) else {
+        return Ok(Vec::new());
+    };
+    let (from_h, to_h) = ((from / 3600) as u32, to.div_ceil(3600) as u32);
+    let start = from_h.to_be_bytes();
+    let mut groups: BTreeMap<[String; 6], [u64; LEDGER_FIELDS]> = BTreeMap::new();
+    for item in store
+        .db()
+        .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward))
+    {
+        let (k, v) = item?;
+        let Some(hour) = k
+            .get(..4)
+            .and_then(|h| h.try_into().ok())
+            .map(u32::from_be_bytes)
+        else {
+            continue;
+        };
+        if hour >= to_h {
+            break;
+        }
+        let parts: Vec<String> = k[4..]
+            .split(|b| *b == 0)
+            .map(|p| String::from_utf8_lossy(p).into_owned())
+            .collect();
+        let Ok(group) = <[String; 6]>::try_from(parts.into_iter().take(6).collect::<Vec<_>>())
+        else {
+            continue;
+        };
+        let c = decode_counters(&v);
+        let acc = groups.entry(group).or_insert([0; LEDGER_FIELDS]);
+        for i in 0..LEDGER_FIELDS {
+            acc[i] += c[i];
+        }
+    }
+    Ok(groups
+        .into_iter()
+        .map(|([tenant, app, model, task, tier, cache], c)| MixRow {
+            tenant,
+            app,
+            model,
+            mix: Mix { task, tier, cache },
+            requests: c[REQUESTS],
+            input_tokens: c[INPUT],
+            output_tokens: c[OUTPUT],
+            cached_tokens: c[CACHED],
+            cost_usd: c[COST] as f64 / 1e9,
+            saved_usd: c[SAVED] as f64 / 1e9,
+            errors: c[ERRORS],
+        })
+        .collect())
 }
 
 /// One aggregated row.
@@ -482,5 +613,57 @@ mod tests {
         assert_eq!(rows.len(), 2, "{rows:?}");
         let all = query(&store, t0, t0 + 3600, &[]).unwrap();
         assert_eq!(all[0].requests, 2, "time range filters hours");
+    }
+
+    #[test]
+    fn the_traffic_mix_is_counted_per_task_tier_and_cache_outcome() {
+        let dir = tempfile::tempdir().unwrap();
+        let t0 = 1_764_000_000u64;
+        let rec = |task: &str, tier: &str, cache: &str, cost: u64| Record {
+            unix_secs: t0,
+            tenant: "acme".into(),
+            app: "web".into(),
+            key: "k".into(),
+            model: "big".into(),
+            tokens: Tokens {
+                prompt: 100,
+                completion: 20,
+                cached: 0,
+            },
+            cost_nanos: cost,
+            mix: Some(Mix {
+                task: task.into(),
+                tier: tier.into(),
+                cache: cache.into(),
+            }),
+            ..Default::default()
+        };
+        let store = Store::open(dir.path()).unwrap();
+        let ledger = Ledger::start(store.clone(), Duration::from_secs(3600)).unwrap();
+        ledger.record(rec("chat", "simple", "miss", 100));
+        ledger.record(rec("chat", "simple", "miss", 300));
+        ledger.record(rec("code", "complex", "near", 900));
+        // A request without a mix counts in the ledger only.
+        ledger.record(Record {
+            mix: None,
+            ..rec("-", "-", "-", 5)
+        });
+        let rows = ledger.mix(t0 - 10, t0 + 10).unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let chat = rows.iter().find(|r| r.mix.task == "chat").unwrap();
+        assert_eq!(
+            (chat.requests, chat.input_tokens, chat.mix.tier.as_str()),
+            (2, 200, "simple")
+        );
+        assert!((chat.cost_usd - 400e-9).abs() < 1e-15);
+        let code = rows.iter().find(|r| r.mix.task == "code").unwrap();
+        assert_eq!(
+            (code.mix.cache.as_str(), code.model.as_str()),
+            ("near", "big")
+        );
+        assert!(ledger.mix(t0 + 3600, t0 + 7200).unwrap().is_empty());
+        let all = ledger.query(t0 - 10, t0 + 10, &[]).unwrap();
+        assert_eq!(all[0].requests, 4);
+        ledger.shutdown();
     }
 }

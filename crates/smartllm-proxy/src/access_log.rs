@@ -84,6 +84,22 @@ pub fn finish(
                 saved_nanos,
                 error: status >= 400 || status == 0,
                 estimated: ctx.usage_estimated,
+                mix: Some(smartllm_ledger::Mix {
+                    task: ctx.task.unwrap_or("-").to_string(),
+                    tier: ctx
+                        .complexity
+                        .map_or("-", smartllm_router::suggest::tier)
+                        .to_string(),
+                    cache: match ctx.cache_status {
+                        Some(s) if s.starts_with("hit") => "hit",
+                        Some("miss") if ctx.cache_near => "near",
+                        Some("miss") => "miss",
+                        Some(_) => "bypass",
+                        None if ctx.endpoint == "chat_completions" => "off",
+                        None => "-",
+                    }
+                    .to_string(),
+                }),
             });
         }
     }

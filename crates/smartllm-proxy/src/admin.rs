@@ -250,6 +250,62 @@ impl AdminApp {
         }
     }
 
+    /// `GET /admin/suggestions?since=7d` (or from/to): what cheaper models
+    /// for simple traffic and more cache coverage would have saved.
+    async fn suggestions(&self, query: &str) -> Response<Vec<u8>> {
+        let Some(ledger) = self.shared.ledger.clone() else {
+            return json_reply(
+                409,
+                &json!({"error": {"message": "the ledger is not available", "type": "invalid_request_error", "param": null, "code": "ledger_unavailable"}}),
+            );
+        };
+        let now = smartllm_ledger::now_secs();
+        let (mut from, mut to) = (now.saturating_sub(7 * 86_400), now + 1);
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "since" | "from" => match parse_instant(v, now) {
+                    Some(t) => from = t,
+                    None => {
+                        return bad_param(
+                            k,
+                            format!(
+                                "{k}={v:?}: use a unix timestamp or a duration like 30m, 24h, 7d"
+                            ),
+                        )
+                    }
+                },
+                "to" => match v.parse::<u64>() {
+                    Ok(t) => to = t,
+                    Err(_) => return bad_param(k, format!("to={v:?}: use a unix timestamp")),
+                },
+                _ => return bad_param(k, format!("unknown parameter {k:?}: use since, from, to")),
+            }
+        }
+        match tokio::task::spawn_blocking(move || ledger.mix(from, to)).await {
+            Ok(Ok(rows)) => {
+                let rt = self.shared.runtime.load_full();
+                let report = smartllm_router::suggest::suggest(&rt.config, &rows);
+                json_reply(
+                    200,
+                    &json!({
+                        "from": smartllm_ledger::format_hour(from / 3600),
+                        "to": smartllm_ledger::format_hour(to.div_ceil(3600)),
+                        "report": report,
+                    }),
+                )
+            }
+            Ok(Err(e)) => json_reply(
+                500,
+                &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "ledger_error"}}),
+            ),
+            Err(e) => json_reply(
+                500,
+                &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "ledger_error"}}),
+            ),
+        }
+    }
+
     /// `GET /admin/models`: static profiles, live measurements, deployments
     /// with health and circuit state.
     fn models(&self) -> Value {
@@ -461,6 +517,10 @@ impl ServeHttp for AdminApp {
             ("GET", "/admin/config") => json_reply(200, &self.config()),
             ("GET", "/admin/models") => json_reply(200, &self.models()),
             ("POST", "/admin/route/explain") => self.explain(&body).await,
+            ("GET", "/admin/suggestions") => {
+                self.suggestions(session.req_header().uri.query().unwrap_or(""))
+                    .await
+            }
             ("GET", "/admin/costs") => {
                 self.costs(session.req_header().uri.query().unwrap_or(""))
                     .await

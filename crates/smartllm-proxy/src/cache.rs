@@ -175,6 +175,11 @@ pub async fn phase(
             rejected,
         }) => {
             ctx.cache_status = Some("miss");
+            ctx.cache_similarity = best_similarity;
+            ctx.cache_near = rejected.is_none()
+                && best_similarity.is_some_and(|b| {
+                    b >= policy.similarity_threshold - smartllm_router::suggest::NEAR_MISS_MARGIN
+                });
             if let Some(why) = rejected {
                 tracing::debug!(request_id = %ctx.request_id, why, best = ?best_similarity, "semantic candidate rejected by the precision guard");
             }

@@ -30,6 +30,11 @@ pub struct Ctx {
     /// `x-smartllm-cache`: hit-exact, hit-semantic, miss, bypass.
     pub cache_status: Option<&'static str>,
     pub cache_similarity: Option<f32>,
+    /// A miss whose best semantic match came close to the threshold.
+    pub cache_near: bool,
+    /// The router's task and complexity of the prompt (cost suggestions).
+    pub task: Option<&'static str>,
+    pub complexity: Option<f64>,
     /// Set on a cache miss: store the answer once it is complete.
     pub cache_insert: Option<crate::cache::PendingInsert>,
     /// Who is asking: from the virtual key (or anonymous).
@@ -82,6 +87,9 @@ impl Ctx {
             counted: false,
             cache_status: None,
             cache_similarity: None,
+            cache_near: false,
+            task: None,
+            complexity: None,
             cache_insert: None,
             tenant: "anonymous".into(),
             app: "-".into(),

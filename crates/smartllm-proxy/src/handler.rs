@@ -178,12 +178,12 @@ async fn api(
         let estimate = (body.len() as u64).div_ceil(4);
         let scopes: Vec<(&str, smartllm_config::Limits)> =
             scopes.iter().map(|(s, l)| (s.as_str(), *l)).collect();
-        let admitted = shared.limiter.admit(&scopes, estimate);
+        let admitted = crate::limits::admit(shared, &cfg.fleet, &scopes, estimate).await;
         tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = admitted.is_ok(), "rate limit decision");
         admitted?;
         ctx.precharged_tokens = estimate;
     }
-    let req = parse_request(endpoint, &body)?;
+    let mut req = parse_request(endpoint, &body)?;
     drop(body);
     ctx.stream = req.stream;
     let Some((mut model, route)) = cfg.resolve_model(&req.model) else {
@@ -230,8 +230,11 @@ async fn api(
             ApiError::internal(format!("the router chose an unknown model {}", d.model))
         })?;
         fallbacks = d.fallbacks;
-    } else if let Some(r) = route {
-        fallbacks = r.fallback.iter().take(r.max_fallbacks).cloned().collect();
+    } else {
+        crate::routing::classify(ctx, &rt, &req);
+        if let Some(r) = route {
+            fallbacks = r.fallback.iter().take(r.max_fallbacks).cloned().collect();
+        }
     }
     ctx.model = Some(model.name.clone());
     if let Some(p) = ctx.cache_insert.as_mut() {
@@ -250,6 +253,10 @@ async fn api(
         let estimate = (ctx.request_bytes as f64 / 4.0) * p.input_per_1m / 1e6
             + max_out as f64 * p.output_per_1m / 1e6
             + p.per_request;
+        shared
+            .budgets
+            .refresh(shared, &cfg.fleet, &cfg.keys.budgets, ctx)
+            .await?;
         if let Some(ex) = shared.budgets.check(&cfg.keys.budgets, ctx, estimate) {
             match &ex.budget.on_exceed {
                 smartllm_config::OnExceed::Degrade(target)
@@ -279,5 +286,66 @@ async fn api(
     }
     let mut chain = vec![model.name.clone()];
     chain.extend(fallbacks.into_iter().filter(|m| *m != model.name));
+    if let Some((cap, budget)) = crate::budget::request_cap(&cfg.keys.budgets, ctx) {
+        apply_cost_cap(ctx, cfg, &mut req, &mut chain, cap, budget).await?;
+    }
     upstream::forward(shared, session, ctx, &rt, &req, &chain).await
+}
+
+/// A per-request cost cap: drop the models of the chain whose prompt alone
+/// would pass it, and lower the request's max tokens so that the prompt (at an
+/// upper bound of its tokens) plus the whole answer cannot cost more than the
+/// cap on any model left. A capped answer is not cached (it may be cut short).
+async fn apply_cost_cap(
+    ctx: &mut Ctx,
+    cfg: &smartllm_config::Config,
+    req: &mut smartllm_protocol::ParsedRequest,
+    chain: &mut Vec<String>,
+    cap: f64,
+    budget: &smartllm_config::Budget,
+) -> Result<(), ApiError> {
+    let bound = crate::budget::prompt_token_bound(req, ctx.request_bytes).await;
+    match crate::budget::fit_cap(cfg, chain, bound, cap) {
+        crate::budget::CapFit::TooExpensive { cheapest } => {
+            metrics::counter!(crate::budget::METRIC_COST_CAP, "budget" => budget.id(), "action" => "reject").increment(1);
+            Err(ApiError::invalid_request(
+                "request_cost_cap_exceeded",
+                format!(
+                    "This request's prompt (up to {bound} tokens) alone would cost up to ${cheapest:.6} on '{}', more than the ${cap} per-request cap of {} '{}'. Send a shorter prompt.",
+                    chain.first().map_or("-", String::as_str),
+                    budget.scope.as_str(),
+                    budget.name
+                ),
+            ))
+        }
+        crate::budget::CapFit::Fits {
+            chain: kept,
+            max_output,
+        } => {
+            if kept.first() != chain.first() {
+                ctx.route_reason = "cost_cap".into();
+                ctx.model = kept.first().cloned();
+                if let Some(p) = ctx.cache_insert.as_mut() {
+                    p.model = kept[0].clone();
+                }
+            }
+            *chain = kept;
+            let field = if req.body.contains_key("max_completion_tokens") {
+                "max_completion_tokens"
+            } else {
+                "max_tokens"
+            };
+            let asked = req.body.get(field).and_then(serde_json::Value::as_u64);
+            let Some(max_output) = max_output else {
+                return Ok(());
+            };
+            if asked.is_none_or(|a| a > max_output) {
+                tracing::debug!(request_id = %ctx.request_id, cap, asked, max_output, prompt_bound = bound, "per-request cost cap lowers max tokens");
+                metrics::counter!(crate::budget::METRIC_COST_CAP, "budget" => budget.id(), "action" => "capped").increment(1);
+                req.body.insert(field.into(), serde_json::json!(max_output));
+                ctx.cache_insert = None;
+            }
+            Ok(())
+        }
+    }
 }

@@ -13,6 +13,7 @@ pub mod budget;
 pub mod cache;
 pub mod cache_sweeper;
 pub mod ctx;
+pub mod fleet;
 pub mod handler;
 pub mod health;
 pub mod limits;
@@ -62,6 +63,8 @@ pub struct Shared {
     pub ledger: Option<smartllm_ledger::Ledger>,
     pub limiter: limits::Limiter,
     pub budgets: budget::Budgets,
+    /// Redis-backed limits and budgets (rebuilt when `fleet` changes on reload).
+    pub fleet: arc_swap::ArcSwapOption<fleet::Fleet>,
     /// Live model profiles (EWMA latency, TTFT, speed, errors) for the router.
     pub profiles: smartllm_router::LiveProfiles,
     /// Circuit breakers per deployment (they outlive reloads).
@@ -101,6 +104,7 @@ impl Shared {
             ledger,
             limiter: limits::Limiter::default(),
             budgets: budget::Budgets::default(),
+            fleet: arc_swap::ArcSwapOption::empty(),
             profiles: smartllm_router::LiveProfiles::default(),
             breakers: smartllm_router::Breakers::default(),
             webhook_connector: Arc::new(Connector::new(None)),
@@ -110,6 +114,27 @@ impl Shared {
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),
         })
+    }
+
+    /// The fleet client for this config (None: limits and budgets are per process).
+    pub fn fleet(&self, cfg: &smartllm_config::FleetConfig) -> Option<Arc<fleet::Fleet>> {
+        cfg.redis.as_ref()?;
+        if let Some(f) = self.fleet.load_full() {
+            if f.config == *cfg {
+                return Some(f);
+            }
+        }
+        match fleet::Fleet::new(cfg) {
+            Ok(f) => {
+                let f = f.map(Arc::new);
+                self.fleet.store(f.clone());
+                f
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot use fleet.redis; limits and budgets are per process");
+                None
+            }
+        }
     }
 
     pub fn ready(&self) -> bool {
@@ -184,9 +209,12 @@ impl ProxyHttp for Gateway {
             let scopes = limits_for(&rt, ctx);
             let scopes: Vec<(&str, smartllm_config::Limits)> =
                 scopes.iter().map(|(s, l)| (s.as_str(), *l)).collect();
-            self.shared
-                .limiter
-                .charge(&scopes, u.total().saturating_sub(ctx.precharged_tokens));
+            limits::charge_after(
+                &self.shared,
+                &rt.config.fleet,
+                &scopes,
+                u.total().saturating_sub(ctx.precharged_tokens),
+            );
         }
         let cost = access_log::finish(session, e, ctx, self.shared.ledger.as_ref());
         if let Some((exp, arm)) = &ctx.experiment {
@@ -198,9 +226,13 @@ impl ProxyHttp for Gateway {
             }
         }
         if let Some(rt) = ctx.rt.clone() {
-            self.shared
-                .budgets
-                .record(&self.shared, &rt.config.keys.budgets, ctx, cost);
+            budget::Budgets::record(
+                &self.shared,
+                &rt.config.keys.budgets,
+                &rt.config.fleet,
+                ctx,
+                cost,
+            );
         }
     }
 }

@@ -3,12 +3,15 @@
 //! continuously). Tokens are charged twice: the estimated prompt before the
 //! request, the completion after it, so a bucket can go into debt and later
 //! requests wait it out. Buckets live across config reloads; limits are read
-//! from the current config on every request.
+//! from the current config on every request. With `fleet.redis` the same
+//! buckets live in Redis (see `fleet`), shared by every gateway.
 
-use smartllm_config::Limits;
+use crate::fleet::Charge;
+use crate::Shared;
+use smartllm_config::{FleetConfig, FleetOnError, Limits};
 use smartllm_protocol::ApiError;
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 #[derive(Debug)]
@@ -36,83 +39,179 @@ fn take(b: &mut Bucket, per_minute: u64, cost: f64, now: Instant) -> Option<f64>
     }
 }
 
+/// A bucket to charge and how to name it in a refusal.
+pub type Planned = (Charge, String);
+
+/// The buckets a request charges: one request and `tokens` estimated tokens
+/// against every limit that applies. Refuses at once (no wait would help)
+/// a request larger than a whole minute's token allowance.
+pub fn plan(scopes: &[(&str, Limits)], tokens: u64) -> Result<Vec<Planned>, ApiError> {
+    let mut out = Vec::new();
+    for (scope, limits) in scopes {
+        for (kind, limit, cost) in [
+            ("requests", limits.requests_per_minute, 1.0),
+            ("tokens", limits.tokens_per_minute, tokens as f64),
+        ] {
+            let Some(limit) = limit else { continue };
+            if kind == "tokens" && tokens > limit {
+                return Err(ApiError::new(
+                    429,
+                    "rate_limit_error",
+                    "request_too_large_for_limit",
+                    format!("This request needs about {tokens} tokens, more than the {limit} tokens per minute allowed for {scope}."),
+                ));
+            }
+            out.push((
+                Charge {
+                    id: format!("{scope}:{kind}"),
+                    per_minute: limit,
+                    cost,
+                },
+                format!("{limit} {kind} per minute for {scope}"),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// The 429 of a refused request.
+pub fn rate_limited(secs: f64, what: &str) -> ApiError {
+    let mut e = ApiError::new(
+        429,
+        "rate_limit_error",
+        "rate_limit_exceeded",
+        format!("Rate limit reached: {what}. Retry in {:.1}s.", secs),
+    );
+    e.retry_after = Some(secs.ceil().max(1.0) as u64);
+    e
+}
+
+/// The 503 when limits must be shared by the fleet and Redis is unreachable.
+pub fn fleet_unavailable(e: &crate::fleet::FleetError) -> ApiError {
+    let mut err = ApiError::unavailable(
+        "fleet_state_unavailable",
+        format!("Rate limits and budgets for this key are shared by the gateway fleet and cannot be checked right now ({e})."),
+    );
+    err.retry_after = Some(1);
+    err
+}
+
+/// Admit a request against its limits: fleet-wide through Redis when
+/// `fleet.redis` is set, else (or when Redis fails and `on_error: local`) in
+/// this process.
+pub async fn admit(
+    shared: &Shared,
+    fleet: &FleetConfig,
+    scopes: &[(&str, Limits)],
+    tokens: u64,
+) -> Result<(), ApiError> {
+    let planned = plan(scopes, tokens)?;
+    if planned.is_empty() {
+        return Ok(());
+    }
+    if let Some(f) = shared.fleet(fleet) {
+        let charges: Vec<Charge> = planned.iter().map(|(c, _)| c.clone()).collect();
+        match f.admit(&charges).await {
+            Ok(None) => return Ok(()),
+            Ok(Some((secs, i))) => return Err(rate_limited(secs, &planned[i].1)),
+            Err(e) if f.on_error() == FleetOnError::Reject => return Err(fleet_unavailable(&e)),
+            Err(_) => {}
+        }
+    }
+    shared.limiter.apply(&planned)
+}
+
+/// Charge the tokens a request used beyond its estimate (after the answer;
+/// never delays it: the fleet call runs in the background).
+pub fn charge_after(
+    shared: &Arc<Shared>,
+    fleet: &FleetConfig,
+    scopes: &[(&str, Limits)],
+    tokens: u64,
+) {
+    if tokens == 0 {
+        return;
+    }
+    let charges: Vec<Charge> = scopes
+        .iter()
+        .filter_map(|(scope, l)| {
+            Some(Charge {
+                id: format!("{scope}:tokens"),
+                per_minute: l.tokens_per_minute?,
+                cost: tokens as f64,
+            })
+        })
+        .collect();
+    if charges.is_empty() {
+        return;
+    }
+    match shared.fleet(fleet) {
+        Some(f) => {
+            let shared = shared.clone();
+            tokio::spawn(async move {
+                if f.charge(&charges).await.is_err() {
+                    shared.limiter.charge(&charges);
+                }
+            });
+        }
+        None => shared.limiter.charge(&charges),
+    }
+}
+
 impl Limiter {
     /// Charge one request and `tokens` estimated tokens against every limit
-    /// that applies; refuse with 429 (and Retry-After) if any is exhausted.
+    /// that applies, in this process; refuse with 429 (and Retry-After) if
+    /// any is exhausted.
     pub fn admit(&self, scopes: &[(&str, Limits)], tokens: u64) -> Result<(), ApiError> {
+        self.apply(&plan(scopes, tokens)?)
+    }
+
+    /// Charge every planned bucket or none.
+    pub fn apply(&self, planned: &[Planned]) -> Result<(), ApiError> {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         // Check every limit first, then charge: a refusal charges nothing.
-        let mut wait: Option<(f64, String)> = None;
-        let mut plan: Vec<(String, u64, f64)> = Vec::new();
-        for (scope, limits) in scopes {
-            for (kind, limit, cost) in [
-                ("requests", limits.requests_per_minute, 1.0),
-                ("tokens", limits.tokens_per_minute, tokens as f64),
-            ] {
-                let Some(limit) = limit else { continue };
-                if kind == "tokens" && tokens > limit {
-                    return Err(ApiError::new(
-                        429,
-                        "rate_limit_error",
-                        "request_too_large_for_limit",
-                        format!("This request needs about {tokens} tokens, more than the {limit} tokens per minute allowed for {scope}."),
-                    ));
+        let mut wait: Option<(f64, &str)> = None;
+        for (c, what) in planned {
+            let b = buckets.entry(c.id.clone()).or_insert(Bucket {
+                level: c.per_minute as f64,
+                at: now,
+            });
+            let mut probe = Bucket {
+                level: b.level,
+                at: b.at,
+            };
+            if let Some(secs) = take(&mut probe, c.per_minute, c.cost, now) {
+                if wait.is_none_or(|(w, _)| secs > w) {
+                    wait = Some((secs, what));
                 }
-                let id = format!("{scope}:{kind}");
-                let b = buckets.entry(id.clone()).or_insert(Bucket {
-                    level: limit as f64,
-                    at: now,
-                });
-                let mut probe = Bucket {
-                    level: b.level,
-                    at: b.at,
-                };
-                if let Some(secs) = take(&mut probe, limit, cost, now) {
-                    if wait.as_ref().is_none_or(|(w, _)| secs > *w) {
-                        wait = Some((secs, format!("{limit} {kind} per minute for {scope}")));
-                    }
-                }
-                plan.push((id, limit, cost));
             }
         }
         if let Some((secs, what)) = wait {
-            let mut e = ApiError::new(
-                429,
-                "rate_limit_error",
-                "rate_limit_exceeded",
-                format!("Rate limit reached: {what}. Retry in {:.1}s.", secs),
-            );
-            e.retry_after = Some(secs.ceil().max(1.0) as u64);
-            return Err(e);
+            return Err(rate_limited(secs, what));
         }
-        for (id, limit, cost) in plan {
-            if let Some(b) = buckets.get_mut(&id) {
-                take(b, limit, cost, now);
+        for (c, _) in planned {
+            if let Some(b) = buckets.get_mut(&c.id) {
+                take(b, c.per_minute, c.cost, now);
             }
         }
         Ok(())
     }
 
     /// Charge tokens used after the fact (the completion); may go into debt.
-    pub fn charge(&self, scopes: &[(&str, Limits)], tokens: u64) {
-        if tokens == 0 {
-            return;
-        }
+    pub fn charge(&self, charges: &[Charge]) {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
-        for (scope, limits) in scopes {
-            if let Some(limit) = limits.tokens_per_minute {
-                let b = buckets.entry(format!("{scope}:tokens")).or_insert(Bucket {
-                    level: limit as f64,
-                    at: now,
-                });
-                let capacity = limit as f64;
-                b.level = (b.level + now.duration_since(b.at).as_secs_f64() * capacity / 60.0)
-                    .min(capacity)
-                    - tokens as f64;
-                b.at = now;
-            }
+        for c in charges {
+            let b = buckets.entry(c.id.clone()).or_insert(Bucket {
+                level: c.per_minute as f64,
+                at: now,
+            });
+            let capacity = c.per_minute as f64;
+            b.level = (b.level + now.duration_since(b.at).as_secs_f64() * capacity / 60.0)
+                .min(capacity)
+                - c.cost;
+            b.at = now;
         }
     }
 }
@@ -151,7 +250,11 @@ mod tests {
         l.admit(&[("app a/b", tpm)], 600).unwrap();
         assert!(l.admit(&[("app a/b", tpm)], 600).is_err(), "only 400 left");
         l.admit(&[("app a/b", tpm)], 300).unwrap();
-        l.charge(&[("app a/b", tpm)], 500);
+        l.charge(&[Charge {
+            id: "app a/b:tokens".into(),
+            per_minute: 1000,
+            cost: 500.0,
+        }]);
         let e = l.admit(&[("app a/b", tpm)], 10).unwrap_err();
         assert!(e.retry_after.unwrap() >= 24, "in debt: {e:?}");
         let e = l.admit(&[("app a/b", tpm)], 5000).unwrap_err();

@@ -126,5 +126,23 @@ pub async fn decide(
         task = %features.task, complexity = features.complexity, fallbacks = ?d.fallbacks, "route decision");
     ctx.route_reason = d.reason.clone();
     ctx.experiment = d.experiment.clone();
+    ctx.task = Some(features.task.as_str());
+    ctx.complexity = Some(features.complexity);
     d
+}
+
+/// Task and complexity of a request on a fixed model (no routing decision),
+/// for the ledger's traffic mix: the features of the prompt, with the
+/// cache's embedding when it made one (keywords otherwise). Microseconds.
+pub fn classify(ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
+    if req.endpoint != smartllm_protocol::Endpoint::ChatCompletions {
+        return;
+    }
+    let embedding = ctx
+        .cache_insert
+        .as_ref()
+        .and_then(|p| p.embedding.as_deref());
+    let f = smartllm_router::extract(&req.body, embedding, rt.router.classifier.as_deref());
+    ctx.task = Some(f.task.as_str());
+    ctx.complexity = Some(f.complexity);
 }

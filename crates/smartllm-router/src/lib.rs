@@ -16,6 +16,7 @@ pub mod features;
 pub mod language;
 pub mod learned;
 pub mod profiles;
+pub mod suggest;
 
 pub use assets::RouterAssets;
 pub use breaker::{BreakerState, Breakers};

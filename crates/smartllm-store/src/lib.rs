@@ -13,7 +13,17 @@ pub const CF_META: &str = "meta";
 pub const CF_EXACT: &str = "exact";
 /// Cost ledger: hour x tenant x app x key x model -> counters, merged by addition.
 pub const CF_LEDGER: &str = "ledger";
-pub const COLUMN_FAMILIES: [&str; 5] = [CF_ENTRIES, CF_VECTORS, CF_META, CF_EXACT, CF_LEDGER];
+/// Traffic mix for cost suggestions: hour x tenant x app x model x task x
+/// complexity tier x cache outcome -> the same counters, merged by addition.
+pub const CF_LEDGER_MIX: &str = "ledger_mix";
+pub const COLUMN_FAMILIES: [&str; 6] = [
+    CF_ENTRIES,
+    CF_VECTORS,
+    CF_META,
+    CF_EXACT,
+    CF_LEDGER,
+    CF_LEDGER_MIX,
+];
 
 /// Number of u64 counters in a ledger value.
 pub const LEDGER_FIELDS: usize = 8;
@@ -94,7 +104,7 @@ impl Store {
         let cfs = COLUMN_FAMILIES.iter().map(|name| {
             let mut o = Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
-            if *name == CF_LEDGER {
+            if *name == CF_LEDGER || *name == CF_LEDGER_MIX {
                 o.set_merge_operator_associative("smartllm-ledger-add", add_counters);
             }
             ColumnFamilyDescriptor::new(*name, o)
@@ -181,7 +191,7 @@ mod tests {
         }
         let s = Store::open(dir.path()).unwrap();
         assert_eq!(s.get(CF_META, b"k").unwrap().as_deref(), Some(&b"v"[..]));
-        assert_eq!(s.info().column_families.len(), 5);
+        assert_eq!(s.info().column_families.len(), COLUMN_FAMILIES.len());
     }
 
     #[test]

@@ -57,8 +57,10 @@ enum Command {
         #[command(subcommand)]
         action: CacheCmd,
     },
-    /// Costs from the ledger of the running gateway.
+    /// Costs from the ledger of the running gateway (`costs suggest`: how to spend less).
     Costs {
+        #[command(subcommand)]
+        action: Option<CostsCmd>,
         #[command(flatten)]
         target: AdminTarget,
         /// How far back: 30m, 24h, 7d (or a unix timestamp).
@@ -146,6 +148,22 @@ struct AdminTarget {
 }
 
 #[derive(Subcommand)]
+enum CostsCmd {
+    /// What cheaper models for simple traffic and more cache coverage would
+    /// have saved, from the ledger and the router's features.
+    Suggest {
+        #[command(flatten)]
+        target: AdminTarget,
+        /// How far back: 24h, 7d, 30d (or a unix timestamp).
+        #[arg(long, default_value = "7d")]
+        since: String,
+        /// The admin API's JSON instead of a list.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
 enum CacheCmd {
     /// Entry and index counts of the running gateway's cache.
     Stats {
@@ -198,6 +216,22 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Command::Costs {
+            action:
+                Some(CostsCmd::Suggest {
+                    target,
+                    since,
+                    json,
+                }),
+            ..
+        } => match suggest_cmd(&target, &since, json) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("smartllm costs suggest: {e:#}");
+                ExitCode::from(1)
+            }
+        },
+        Command::Costs {
+            action: None,
             target,
             since,
             by,
@@ -353,6 +387,46 @@ fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Result<
         anyhow::bail!("admin API answered {status}: {}", body.trim());
     }
     Ok(body.trim().to_string())
+}
+
+fn suggest_cmd(target: &AdminTarget, since: &str, json: bool) -> anyhow::Result<()> {
+    let body = admin_call(target, "GET", &format!("/admin/suggestions?since={since}"))?;
+    if json {
+        println!("{body}");
+        return Ok(());
+    }
+    let v: serde_json::Value =
+        serde_json::from_str(&body).context("parsing the admin API's answer")?;
+    let r = &v["report"];
+    let usd = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0);
+    println!(
+        "{} .. {}: {} requests, ${:.4} spent, ${:.4} saved by the cache.",
+        v["from"].as_str().unwrap_or("-"),
+        v["to"].as_str().unwrap_or("-"),
+        r["requests"].as_u64().unwrap_or(0),
+        usd(&r["cost_usd"]),
+        usd(&r["saved_by_cache_usd"]),
+    );
+    let list = r["suggestions"].as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("No suggestions: nothing in this window would have been cheaper.");
+        return Ok(());
+    }
+    println!(
+        "Potential saving: ${:.4} ({} suggestions)\n",
+        usd(&r["potential_saving_usd"]),
+        list.len()
+    );
+    for (i, s) in list.iter().enumerate() {
+        println!(
+            "{:>2}. ${:<10.4} {:<16} {}",
+            i + 1,
+            usd(&s["saving_usd"]),
+            s["kind"].as_str().unwrap_or("-"),
+            s["action"].as_str().unwrap_or("-")
+        );
+    }
+    Ok(())
 }
 
 fn costs_cmd(target: &AdminTarget, since: &str, by: &str, csv: bool) -> anyhow::Result<()> {

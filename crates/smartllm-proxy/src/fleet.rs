@@ -1,0 +1,338 @@
+//! Fleet-wide limits and budgets through Redis. With `fleet.redis` set, every
+//! gateway of the fleet charges the same token buckets (one Lua script checks
+//! and charges all the buckets of a request atomically, on Redis's clock) and
+//! adds to the same spend counters (INCRBYFLOAT per scope and period), so N
+//! replicas enforce a limit once, not N times. Alerts are claimed with SET NX:
+//! one webhook per threshold for the whole fleet.
+//!
+//! Every call is bounded by `fleet.timeout`. When Redis cannot be reached the
+//! gateway enforces limits and budgets per process (`on_error: local`, the
+//! default) or refuses the requests they apply to (`on_error: reject`), and
+//! stops asking Redis for a second before it tries again, so an outage costs
+//! one timeout a second, not one per request.
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use smartllm_config::{FleetConfig, FleetOnError};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+pub const METRIC_ERRORS: &str = "smartllm_fleet_errors_total";
+pub const METRIC_UP: &str = "smartllm_fleet_redis_up";
+
+/// Token buckets, all or nothing. KEYS: one hash per bucket (level, time).
+/// ARGV: per bucket, its capacity per minute and the cost to take.
+/// Returns "0" when charged, or "SECONDS INDEX" of the longest wait.
+const ADMIT: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+local levels = {}
+local worst, worst_i = 0, 0
+for i, key in ipairs(KEYS) do
+  local cap = tonumber(ARGV[2 * i - 1])
+  local cost = tonumber(ARGV[2 * i])
+  local rate = cap / 60
+  local v = redis.call('HMGET', key, 'l', 't')
+  local level = tonumber(v[1]) or cap
+  local at = tonumber(v[2]) or now
+  level = math.min(cap, level + math.max(0, now - at) * rate)
+  levels[i] = level
+  local need = math.min(cost, cap)
+  if level < need then
+    local w = (need - level) / rate
+    if w > worst then worst, worst_i = w, i end
+  end
+end
+if worst > 0 then return string.format('%.3f %d', worst, worst_i) end
+for i, key in ipairs(KEYS) do
+  local cap = tonumber(ARGV[2 * i - 1])
+  local level = levels[i] - tonumber(ARGV[2 * i])
+  redis.call('HSET', key, 'l', string.format('%.6f', level), 't', string.format('%.6f', now))
+  redis.call('EXPIRE', key, 120 + math.ceil(math.max(0, -level) * 60 / cap))
+end
+return '0'
+"#;
+
+/// Charge tokens after the fact (the completion): buckets may go into debt.
+const CHARGE: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
+for i, key in ipairs(KEYS) do
+  local cap = tonumber(ARGV[2 * i - 1])
+  local v = redis.call('HMGET', key, 'l', 't')
+  local level = tonumber(v[1]) or cap
+  local at = tonumber(v[2]) or now
+  level = math.min(cap, level + math.max(0, now - at) * cap / 60) - tonumber(ARGV[2 * i])
+  redis.call('HSET', key, 'l', string.format('%.6f', level), 't', string.format('%.6f', now))
+  redis.call('EXPIRE', key, 120 + math.ceil(math.max(0, -level) * 60 / cap))
+end
+return 0
+"#;
+
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    #[error("redis is unavailable (retrying in a moment): {0}")]
+    Down(String),
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("redis answered {0:?}")]
+    Protocol(String),
+}
+
+/// One bucket to charge: its id (scope and kind), capacity per minute, cost.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Charge {
+    pub id: String,
+    pub per_minute: u64,
+    pub cost: f64,
+}
+
+pub struct Fleet {
+    pub config: FleetConfig,
+    client: redis::Client,
+    conn: tokio::sync::OnceCell<ConnectionManager>,
+    /// After a failure, Redis is not asked again before this instant.
+    down_until: Mutex<Option<Instant>>,
+    admit: redis::Script,
+    charge: redis::Script,
+}
+
+impl Fleet {
+    /// A client for `config.redis` (None when the fleet is not configured).
+    /// Nothing connects until the first call.
+    pub fn new(config: &FleetConfig) -> Result<Option<Fleet>, FleetError> {
+        let Some(url) = &config.redis else {
+            return Ok(None);
+        };
+        Ok(Some(Fleet {
+            config: config.clone(),
+            client: redis::Client::open(url.as_str())?,
+            conn: tokio::sync::OnceCell::new(),
+            down_until: Mutex::new(None),
+            admit: redis::Script::new(ADMIT),
+            charge: redis::Script::new(CHARGE),
+        }))
+    }
+
+    pub fn on_error(&self) -> FleetOnError {
+        self.config.on_error
+    }
+
+    fn key(&self, kind: &str, id: &str) -> String {
+        format!("{}:{kind}:{id}", self.config.key_prefix)
+    }
+
+    async fn conn(&self) -> Result<ConnectionManager, FleetError> {
+        if let Some(until) = *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) {
+            if Instant::now() < until {
+                return Err(FleetError::Down("a recent call failed".into()));
+            }
+        }
+        let timeout = self.config.timeout;
+        let conn = self
+            .conn
+            .get_or_try_init(|| async {
+                let cfg = ConnectionManagerConfig::new()
+                    .set_connection_timeout(Some(timeout))
+                    .set_response_timeout(Some(timeout))
+                    .set_number_of_retries(1)
+                    .set_max_delay(Duration::from_secs(1));
+                match tokio::time::timeout(
+                    timeout * 2,
+                    ConnectionManager::new_with_config(self.client.clone(), cfg),
+                )
+                .await
+                {
+                    Ok(r) => r.map_err(FleetError::from),
+                    Err(_) => Err(FleetError::Timeout(timeout)),
+                }
+            })
+            .await;
+        match conn {
+            Ok(c) => Ok(c.clone()),
+            Err(e) => Err(self.failed("connect", e)),
+        }
+    }
+
+    /// Count a failure and back off for a second.
+    fn failed(&self, op: &'static str, e: FleetError) -> FleetError {
+        if !matches!(e, FleetError::Down(_)) {
+            tracing::warn!(op, error = %e, "fleet redis call failed; limits and budgets fall back per on_error for a second");
+            *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(Instant::now() + Duration::from_secs(1));
+            metrics::gauge!(METRIC_UP).set(0.0);
+        }
+        metrics::counter!(METRIC_ERRORS, "op" => op).increment(1);
+        e
+    }
+
+    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T, FleetError>
+    where
+        F: std::future::Future<Output = redis::RedisResult<T>>,
+    {
+        match tokio::time::timeout(self.config.timeout, f).await {
+            Ok(Ok(v)) => {
+                metrics::gauge!(METRIC_UP).set(1.0);
+                Ok(v)
+            }
+            Ok(Err(e)) => Err(self.failed(op, e.into())),
+            Err(_) => Err(self.failed(op, FleetError::Timeout(self.config.timeout))),
+        }
+    }
+
+    /// Charge every bucket or none. `Ok(Some((seconds, i)))`: refused, bucket
+    /// `i` frees up in `seconds`.
+    pub async fn admit(&self, charges: &[Charge]) -> Result<Option<(f64, usize)>, FleetError> {
+        if charges.is_empty() {
+            return Ok(None);
+        }
+        let mut conn = self.conn().await?;
+        let mut inv = self.admit.prepare_invoke();
+        for c in charges {
+            inv.key(self.key("rl", &c.id));
+            inv.arg(c.per_minute).arg(format!("{:.3}", c.cost));
+        }
+        let reply: String = self.run("admit", inv.invoke_async(&mut conn)).await?;
+        parse_admit(&reply).map_err(|e| self.failed("admit", e))
+    }
+
+    /// Charge tokens used after the fact (may go into debt).
+    pub async fn charge(&self, charges: &[Charge]) -> Result<(), FleetError> {
+        if charges.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let mut inv = self.charge.prepare_invoke();
+        for c in charges {
+            inv.key(self.key("rl", &c.id));
+            inv.arg(c.per_minute).arg(format!("{:.3}", c.cost));
+        }
+        let _: i64 = self.run("charge", inv.invoke_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// The fleet's spend (USD) for each `scope|period` id; None where Redis has none.
+    pub async fn spend(&self, ids: &[String]) -> Result<Vec<Option<f64>>, FleetError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut conn = self.conn().await?;
+        let mut cmd = redis::cmd("MGET");
+        for id in ids {
+            cmd.arg(self.key("spend", id));
+        }
+        let vals: Vec<Option<String>> = self.run("spend", cmd.query_async(&mut conn)).await?;
+        Ok(vals
+            .into_iter()
+            .map(|v| v.and_then(|s| s.parse().ok()))
+            .collect())
+    }
+
+    /// Start a counter Redis does not have yet from this gateway's own ledger
+    /// (when Redis was empty: a new deployment, or data lost).
+    pub async fn seed_spend(&self, id: &str, usd: f64, ttl_secs: u64) -> Result<(), FleetError> {
+        let mut conn = self.conn().await?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key("spend", id))
+            .arg(format!("{usd:.9}"))
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl_secs);
+        let _: Option<String> = self.run("seed", cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Add `usd` to every `(id, ttl)` counter; the fleet's new totals.
+    pub async fn add_spend(&self, ids: &[(String, u64)], usd: f64) -> Result<Vec<f64>, FleetError> {
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for (id, ttl) in ids {
+            let k = self.key("spend", id);
+            pipe.cmd("INCRBYFLOAT").arg(&k).arg(format!("{usd:.9}"));
+            pipe.cmd("EXPIRE").arg(&k).arg(*ttl).ignore();
+        }
+        let totals: Vec<String> = self.run("add_spend", pipe.query_async(&mut conn)).await?;
+        Ok(totals.iter().map(|s| s.parse().unwrap_or(0.0)).collect())
+    }
+
+    /// True for exactly one gateway of the fleet per `id` (an alert to send).
+    pub async fn claim(&self, id: &str, ttl_secs: u64) -> Result<bool, FleetError> {
+        let mut conn = self.conn().await?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key("alert", id))
+            .arg(1)
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl_secs);
+        let r: Option<String> = self.run("claim", cmd.query_async(&mut conn)).await?;
+        Ok(r.is_some())
+    }
+}
+
+fn parse_admit(reply: &str) -> Result<Option<(f64, usize)>, FleetError> {
+    if reply == "0" {
+        return Ok(None);
+    }
+    let mut parts = reply.split(' ');
+    match (
+        parts.next().and_then(|s| s.parse::<f64>().ok()),
+        parts.next().and_then(|s| s.parse::<usize>().ok()),
+    ) {
+        (Some(secs), Some(i)) if i >= 1 => Ok(Some((secs, i - 1))),
+        _ => Err(FleetError::Protocol(reply.to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admit_replies() {
+        assert_eq!(parse_admit("0").unwrap(), None);
+        assert_eq!(parse_admit("1.500 2").unwrap(), Some((1.5, 1)));
+        assert!(parse_admit("nonsense").is_err());
+        assert!(parse_admit("1.0 0").is_err());
+    }
+
+    #[test]
+    fn no_url_no_fleet() {
+        let cfg = FleetConfig {
+            redis: None,
+            key_prefix: "smartllm".into(),
+            timeout: Duration::from_millis(100),
+            on_error: FleetOnError::Local,
+        };
+        assert!(Fleet::new(&cfg).unwrap().is_none());
+    }
+
+    /// An unreachable Redis fails within the timeout, then backs off without
+    /// trying (so an outage costs one timeout a second, not one per request).
+    #[tokio::test]
+    async fn unreachable_redis_fails_fast_then_backs_off() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let cfg = FleetConfig {
+            redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            key_prefix: "t".into(),
+            timeout: Duration::from_millis(200),
+            on_error: FleetOnError::Local,
+        };
+        let f = Fleet::new(&cfg).unwrap().unwrap();
+        let charge = [Charge {
+            id: "k".into(),
+            per_minute: 10,
+            cost: 1.0,
+        }];
+        let t = Instant::now();
+        assert!(f.admit(&charge).await.is_err());
+        assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+        let t = Instant::now();
+        let e = f.admit(&charge).await.unwrap_err();
+        assert!(matches!(e, FleetError::Down(_)), "{e}");
+        assert!(t.elapsed() < Duration::from_millis(50));
+    }
+}

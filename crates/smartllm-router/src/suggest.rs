@@ -1,0 +1,391 @@
+//! Cost optimisation suggestions from the ledger's traffic mix (requests by
+//! tenant, app, model, task, complexity tier and cache outcome) and the
+//! router's model profiles:
+//!
+//! - **cheaper model**: simple and moderate requests served by a model when a
+//!   cheaper one is expected (by the profiles, at that complexity) to answer
+//!   them about as well; the saving reprices their actual tokens;
+//! - **cache threshold**: misses whose best semantic match came within 0.05 of
+//!   the similarity threshold; their cost is what a lower threshold would have
+//!   saved at most;
+//! - **cache coverage**: requests that never met the cache (it is off for
+//!   their model or route), valued at the hit rate the same app gets where the
+//!   cache is on.
+//!
+//! Figures are estimates from what was actually spent, over the window asked.
+
+use crate::decide::profile_quality;
+use serde::Serialize;
+use smartllm_config::{Config, Task};
+use smartllm_ledger::MixRow;
+use std::collections::{BTreeMap, BTreeSet};
+
+/// A cheaper model may lose at most this much expected quality.
+pub const QUALITY_TOLERANCE: f64 = 0.03;
+/// A miss this close under the threshold counts as a near miss.
+pub const NEAR_MISS_MARGIN: f32 = 0.05;
+
+/// The tier of a router complexity score (0-1).
+pub fn tier(complexity: f64) -> &'static str {
+    if complexity < 0.35 {
+        "simple"
+    } else if complexity < 0.65 {
+        "moderate"
+    } else {
+        "complex"
+    }
+}
+
+/// The complexity a tier stands for when scoring models.
+fn tier_complexity(tier: &str) -> Option<f64> {
+    match tier {
+        "simple" => Some(0.2),
+        "moderate" => Some(0.5),
+        _ => None,
+    }
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Suggestion {
+    /// `cheaper_model`, `cache_threshold` or `cache_coverage`.
+    pub kind: &'static str,
+    pub tenant: String,
+    pub app: String,
+    pub model: String,
+    /// The cheaper model (cheaper_model only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to_model: Option<String>,
+    /// The tasks and tier the suggestion covers (cheaper_model only).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tasks: Vec<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tier: Option<String>,
+    pub requests: u64,
+    /// What those requests cost.
+    pub cost_usd: f64,
+    /// What following the suggestion would have saved.
+    pub saving_usd: f64,
+    /// Expected quality before and after (cheaper_model only).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub quality: Option<(f64, f64)>,
+    /// What to do, in a sentence.
+    pub action: String,
+}
+
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Report {
+    pub requests: u64,
+    pub cost_usd: f64,
+    /// Already saved by cache hits.
+    pub saved_by_cache_usd: f64,
+    /// Sum of the suggestions' savings.
+    pub potential_saving_usd: f64,
+    pub suggestions: Vec<Suggestion>,
+}
+
+fn reprice(config: &Config, model: &str, r: &MixRow) -> Option<f64> {
+    let p = &config.model(model)?.pricing;
+    let cached = r.cached_tokens.min(r.input_tokens);
+    Some(
+        (r.input_tokens - cached) as f64 * p.input_per_1m / 1e6
+            + cached as f64 * p.cached_input_per_1m / 1e6
+            + r.output_tokens as f64 * p.output_per_1m / 1e6
+            + r.requests as f64 * p.per_request,
+    )
+}
+
+/// Routed aliases that can choose between two models (to name in the advice).
+fn routes_with(config: &Config, a: &str, b: &str) -> Vec<String> {
+    config
+        .routes
+        .values()
+        .filter(|r| r.candidates.iter().any(|c| c == a) && r.candidates.iter().any(|c| c == b))
+        .map(|r| r.name.clone())
+        .collect()
+}
+
+pub fn suggest(config: &Config, rows: &[MixRow]) -> Report {
+    let mut report = Report {
+        requests: 0,
+        cost_usd: 0.0,
+        saved_by_cache_usd: 0.0,
+        potential_saving_usd: 0.0,
+        suggestions: Vec::new(),
+    };
+    // (tenant, app, from, to, tier) -> (requests, cost, saving, tasks, quality)
+    type Key = (String, String, String, String, String);
+    type Acc = (u64, f64, f64, BTreeSet<String>, (f64, f64));
+    let mut cheaper: BTreeMap<Key, Acc> = BTreeMap::new();
+    // (tenant, app, model) -> (requests, cost)
+    let mut near: BTreeMap<(String, String, String), (u64, f64)> = BTreeMap::new();
+    let mut off: BTreeMap<(String, String, String), (u64, f64)> = BTreeMap::new();
+    // (tenant, app) -> (hits, lookups)
+    let mut hit_rate: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
+    for r in rows {
+        report.requests += r.requests;
+        report.cost_usd += r.cost_usd;
+        report.saved_by_cache_usd += r.saved_usd;
+        let app = (r.tenant.clone(), r.app.clone());
+        let looked_up = matches!(r.mix.cache.as_str(), "hit" | "near" | "miss");
+        if looked_up {
+            let h = hit_rate.entry(app.clone()).or_default();
+            h.1 += r.requests;
+            if r.mix.cache == "hit" {
+                h.0 += r.requests;
+            }
+        }
+        if r.mix.cache == "hit" || r.cost_usd <= 0.0 {
+            continue;
+        }
+        let group = (r.tenant.clone(), r.app.clone(), r.model.clone());
+        match r.mix.cache.as_str() {
+            "near" => {
+                let e = near.entry(group.clone()).or_default();
+                e.0 += r.requests;
+                e.1 += r.cost_usd;
+            }
+            "off" => {
+                let e = off.entry(group.clone()).or_default();
+                e.0 += r.requests;
+                e.1 += r.cost_usd;
+            }
+            _ => {}
+        }
+        // A cheaper model for the simple and moderate share.
+        let (Some(task), Some(c), Some(current)) = (
+            Task::parse(&r.mix.task),
+            tier_complexity(&r.mix.tier),
+            config.model(&r.model),
+        ) else {
+            continue;
+        };
+        let q_now = profile_quality(current, task, c);
+        let best = config
+            .models
+            .iter()
+            .filter(|m| m.name != r.model && !m.deployments.is_empty())
+            .filter_map(|m| {
+                let q = profile_quality(m, task, c);
+                let cost = reprice(config, &m.name, r)?;
+                (q >= q_now - QUALITY_TOLERANCE && cost < r.cost_usd)
+                    .then(|| (m.name.clone(), q, r.cost_usd - cost))
+            })
+            .max_by(|a, b| a.2.total_cmp(&b.2));
+        if let Some((to, q, saving)) = best {
+            let e = cheaper
+                .entry((
+                    r.tenant.clone(),
+                    r.app.clone(),
+                    r.model.clone(),
+                    to,
+                    r.mix.tier.clone(),
+                ))
+                .or_insert((0, 0.0, 0.0, BTreeSet::new(), (q_now, q)));
+            e.0 += r.requests;
+            e.1 += r.cost_usd;
+            e.2 += saving;
+            e.3.insert(task.as_str().to_string());
+            // Report the weakest pair seen.
+            if q - q_now < e.4 .1 - e.4 .0 {
+                e.4 = (q_now, q);
+            }
+        }
+    }
+    for ((tenant, app, from, to, tier), (requests, cost, saving, tasks, quality)) in cheaper {
+        let routes = routes_with(config, &from, &to);
+        let via = if routes.is_empty() {
+            String::new()
+        } else {
+            format!(
+                " A routed alias ({}) makes this choice per request.",
+                routes.join(", ")
+            )
+        };
+        let tasks: Vec<String> = tasks.into_iter().collect();
+        report.suggestions.push(Suggestion {
+            kind: "cheaper_model",
+            action: format!(
+                "Send {tier} {} requests of {tenant}/{app} to {to} instead of {from} (expected quality {:.2} -> {:.2}): ${saving:.4} of ${cost:.4} saved on {requests} requests.{via}",
+                tasks.join("/"),
+                quality.0,
+                quality.1
+            ),
+            tenant,
+            app,
+            model: from,
+            to_model: Some(to),
+            tasks,
+            tier: Some(tier),
+            requests,
+            cost_usd: cost,
+            saving_usd: saving,
+            quality: Some(quality),
+        });
+    }
+    for ((tenant, app, model), (requests, cost)) in near {
+        let threshold = config.cache.policy(None, &model).similarity_threshold;
+        report.suggestions.push(Suggestion {
+            kind: "cache_threshold",
+            action: format!(
+                "{requests} requests of {tenant}/{app} on {model} missed the cache by less than {NEAR_MISS_MARGIN} of similarity: lowering similarity_threshold from {threshold:.2} to {:.2} (cache.yaml) would have answered them from the cache, saving up to ${cost:.4}. Check with `smartllm cache eval` that the answers stay equivalent.",
+                (threshold - NEAR_MISS_MARGIN).max(0.0)
+            ),
+            tenant,
+            app,
+            model,
+            to_model: None,
+            tasks: Vec::new(),
+            tier: None,
+            requests,
+            cost_usd: cost,
+            saving_usd: cost,
+            quality: None,
+        });
+    }
+    let overall = hit_rate
+        .values()
+        .fold((0u64, 0u64), |a, h| (a.0 + h.0, a.1 + h.1));
+    for ((tenant, app, model), (requests, cost)) in off {
+        let (hits, lookups) = hit_rate
+            .get(&(tenant.clone(), app.clone()))
+            .copied()
+            .filter(|h| h.1 > 0)
+            .unwrap_or(overall);
+        if hits == 0 || lookups == 0 {
+            continue;
+        }
+        let rate = hits as f64 / lookups as f64;
+        let saving = cost * rate;
+        report.suggestions.push(Suggestion {
+            kind: "cache_coverage",
+            action: format!(
+                "{requests} requests of {tenant}/{app} on {model} (${cost:.4}) never reached the cache (it is off for that model or route in cache.yaml); at the {:.0}% hit rate this traffic sees where the cache is on, turning it on would save about ${saving:.4}.",
+                rate * 100.0
+            ),
+            tenant,
+            app,
+            model,
+            to_model: None,
+            tasks: Vec::new(),
+            tier: None,
+            requests,
+            cost_usd: cost,
+            saving_usd: saving,
+            quality: None,
+        });
+    }
+    report
+        .suggestions
+        .sort_by(|a, b| b.saving_usd.total_cmp(&a.saving_usd));
+    report.potential_saving_usd = report.suggestions.iter().map(|s| s.saving_usd).sum();
+    report
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smartllm_config::{DeploymentConfig, ModelConfig, ModelProfile, Pricing};
+    use smartllm_ledger::Mix;
+
+    fn model(name: &str, q: f64, input: f64, output: f64) -> ModelConfig {
+        ModelConfig {
+            name: name.into(),
+            owned_by: "test".into(),
+            // Suggestions only name models that have somewhere to run.
+            deployments: vec![DeploymentConfig {
+                provider: "p".into(),
+                upstream_model: name.into(),
+                weight: 1,
+            }],
+            pricing: Pricing {
+                input_per_1m: input,
+                output_per_1m: output,
+                cached_input_per_1m: input / 2.0,
+                per_request: 0.0,
+            },
+            profile: ModelProfile {
+                quality: [q; 8],
+                ..ModelProfile::default()
+            },
+        }
+    }
+
+    fn config() -> Config {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("smartllm.yaml"), "server: {}\n").unwrap();
+        let mut cfg = smartllm_config::load_dir(dir.path()).unwrap();
+        cfg.models = vec![
+            model("big", 0.92, 2.5, 10.0),
+            model("small", 0.90, 0.15, 0.6),
+            model("weak", 0.5, 0.01, 0.01),
+        ];
+        cfg
+    }
+
+    fn row(model: &str, task: &str, tier: &str, cache: &str, n: u64, cost: f64) -> MixRow {
+        MixRow {
+            tenant: "acme".into(),
+            app: "web".into(),
+            model: model.into(),
+            mix: Mix {
+                task: task.into(),
+                tier: tier.into(),
+                cache: cache.into(),
+            },
+            requests: n,
+            input_tokens: n * 1000,
+            output_tokens: n * 200,
+            cost_usd: cost,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn simple_traffic_on_a_dear_model_gets_a_cheaper_one() {
+        let cfg = config();
+        // 10 simple chat requests on big: 10k in, 2k out = $0.045.
+        let rows = vec![
+            row("big", "chat", "simple", "miss", 10, 0.045),
+            // Complex traffic is left where it is.
+            row("big", "code", "complex", "miss", 5, 0.0225),
+        ];
+        let r = suggest(&cfg, &rows);
+        assert_eq!(r.requests, 15);
+        assert_eq!(r.suggestions.len(), 1, "{:#?}", r.suggestions);
+        let s = &r.suggestions[0];
+        assert_eq!(s.kind, "cheaper_model");
+        assert_eq!(s.to_model.as_deref(), Some("small"), "weak is too weak");
+        // small costs 10k*0.15/1M + 2k*0.6/1M = $0.0027.
+        assert!((s.saving_usd - (0.045 - 0.0027)).abs() < 1e-9, "{s:?}");
+        assert_eq!(s.tasks, vec!["chat".to_string()]);
+        assert!(s.action.contains("small instead of big"), "{}", s.action);
+    }
+
+    #[test]
+    fn near_misses_and_uncached_traffic_become_cache_suggestions() {
+        let cfg = config();
+        let rows = vec![
+            row("small", "-", "-", "hit", 30, 0.0),
+            row("small", "-", "-", "miss", 60, 0.02),
+            row("small", "-", "-", "near", 10, 0.004),
+            row("small", "-", "-", "off", 50, 0.01),
+            // Deliberate bypasses (no-store, exclusions) are never suggested.
+            row("small", "-", "-", "bypass", 50, 0.5),
+        ];
+        let r = suggest(&cfg, &rows);
+        let kinds: Vec<&str> = r.suggestions.iter().map(|s| s.kind).collect();
+        assert_eq!(kinds, vec!["cache_threshold", "cache_coverage"]);
+        let cov = &r.suggestions[1];
+        // 30 hits of 100 lookups: 30% of $0.01.
+        assert!((cov.saving_usd - 0.003).abs() < 1e-12, "{cov:?}");
+        assert!((r.suggestions[0].saving_usd - 0.004).abs() < 1e-12);
+        assert!((r.potential_saving_usd - 0.007).abs() < 1e-12);
+    }
+
+    #[test]
+    fn tiers() {
+        assert_eq!(tier(0.1), "simple");
+        assert_eq!(tier(0.5), "moderate");
+        assert_eq!(tier(0.9), "complex");
+    }
+}

@@ -1,0 +1,303 @@
+//! Cost controls through the real server: limits and budgets shared by two
+//! gateway processes through a real redis-server, the per-request cost cap,
+//! and cost suggestions from real traffic.
+
+use crate::{ask, ledger_gateway, sha};
+use serde_json::{json, Value};
+use smartllm_e2e::*;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+/// A real redis-server on a loopback port (`make test` installs it).
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir.path().display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed for the fleet tests: `make test` installs it (apt-get install redis-server)");
+        let r = Redis { child, port };
+        assert!(
+            wait_until(Duration::from_secs(10), || r.cmd("PING") == "+PONG"),
+            "redis-server did not start"
+        );
+        r
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// One inline command, its first reply line.
+    fn cmd(&self, line: &str) -> String {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        if s.write_all(format!("{line}\r\n").as_bytes()).is_err() {
+            return String::new();
+        }
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn fleet_gateway(mock: &Mock, redis: &Redis, keys: &str) -> Gateway {
+    let cfg = ledger_gateway(
+        mock,
+        &format!(
+            "fleet:\n  redis: {}\n  key_prefix: e2e\n  timeout: 500ms\n",
+            redis.url()
+        ),
+    );
+    cfg.write("keys.yaml", keys);
+    Gateway::start(cfg)
+}
+
+#[test]
+fn two_gateways_share_redis_backed_limits_budgets_and_alerts() {
+    let mock = Mock::start(&["--words", "12"]);
+    let hook = Mock::start(&[]);
+    let mut redis = Redis::start();
+    // alice: 4 requests a minute; tenant beta (bob): $0.05 a day, one alert
+    // per threshold for the whole fleet.
+    let keys = format!(
+        "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 4 }}\n  - name: bob\n    sha256: {}\n    tenant: beta\n    app: cli\nbudgets:\n  - scope: tenant\n    name: beta\n    daily_usd: 0.05\n    alert_at: [50, 100]\n    webhook: http://{}/hook\n",
+        sha("sk-alice-1"),
+        sha("sk-bob-2"),
+        hook.addr
+    );
+    let a = fleet_gateway(&mock, &redis, &keys);
+    let b = fleet_gateway(&mock, &redis, &keys);
+    let hello = chat_body("small", "Hello there");
+
+    // Rate limit: 2 + 2 requests through two gateways use up the 4 a minute;
+    // per-process limits would have allowed 8.
+    for gw in [&a, &b, &a, &b] {
+        let r = ask(gw, "sk-alice-1", &hello);
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    for gw in [&a, &b] {
+        let r = ask(gw, "sk-alice-1", &hello);
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.api_error()["code"], "rate_limit_exceeded");
+        let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=15).contains(&retry), "{retry}");
+    }
+    assert!(redis
+        .cmd("EXISTS \"e2e:rl:key 'alice':requests\"")
+        .ends_with('1'));
+
+    // Budget: each "Hello there" on small costs $0.027. One on each gateway
+    // spends $0.054 of the tenant's $0.05: the next is refused on either.
+    assert_eq!(ask(&a, "sk-bob-2", &hello).status, 200);
+    assert!(wait_until(Duration::from_secs(5), || a.metric(
+        "smartllm_budget_used_ratio",
+        &[("budget", "tenant:beta")]
+    ) > 0.5));
+    assert_eq!(ask(&b, "sk-bob-2", &hello).status, 200);
+    assert!(wait_until(Duration::from_secs(5), || b.metric(
+        "smartllm_budget_used_ratio",
+        &[("budget", "tenant:beta")]
+    ) >= 1.0));
+    for gw in [&a, &b] {
+        let r = ask(gw, "sk-bob-2", &hello);
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.api_error()["code"], "budget_exceeded");
+    }
+    // Two thresholds crossed, two webhooks for the fleet (not one per gateway).
+    assert!(wait_until(Duration::from_secs(5), || hook.requests() >= 2));
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(hook.requests(), 2, "one alert per threshold");
+
+    // Redis goes away: with on_error: local the gateways keep serving and
+    // enforce limits per process.
+    redis.stop();
+    let r = ask(&a, "sk-alice-1", &hello);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(a.metric("smartllm_fleet_errors_total", &[]) >= 1.0);
+}
+
+#[test]
+fn fleet_on_error_reject_refuses_when_redis_is_down() {
+    let mock = Mock::start(&[]);
+    let mut redis = Redis::start();
+    let url = redis.url();
+    redis.stop();
+    let cfg = ledger_gateway(
+        &mock,
+        &format!("fleet:\n  redis: {url}\n  timeout: 200ms\n  on_error: reject\n"),
+    );
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 100 }}\n  - name: bob\n    sha256: {}\n    tenant: beta\n    app: cli\n",
+            sha("sk-alice-1"),
+            sha("sk-bob-2")
+        ),
+    );
+    let gw = Gateway::start(cfg);
+    let r = ask(&gw, "sk-alice-1", &chat_body("small", "hi"));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "fleet_state_unavailable");
+    assert!(r.header("retry-after").is_some());
+    // A key without limits or budgets does not need Redis.
+    assert_eq!(ask(&gw, "sk-bob-2", &chat_body("small", "hi")).status, 200);
+}
+
+#[test]
+fn a_per_request_cost_cap_is_never_exceeded() {
+    // 200-word answers at $0.002 an output token would cost $0.40.
+    let mock = Mock::start(&["--words", "200"]);
+    let cfg = ledger_gateway(&mock, "");
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\nbudgets:\n  - scope: tenant\n    name: acme\n    max_request_usd: 0.1\n",
+            sha("sk-alice-1")
+        ),
+    );
+    let gw = Gateway::start(cfg);
+    let cost = |u: &Value| {
+        u["prompt_tokens"].as_f64().unwrap() * 0.001
+            + u["completion_tokens"].as_f64().unwrap() * 0.002
+    };
+    // Plain: max_tokens is lowered so the answer cannot pass $0.10.
+    let r = ask(
+        &gw,
+        "sk-alice-1",
+        &chat_body("small", "Tell me a long story"),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let asked = mock.last()["json"]["max_tokens"].as_u64().unwrap();
+    assert!(
+        (1..50).contains(&asked),
+        "max_tokens sent upstream: {asked}"
+    );
+    assert_eq!(v["choices"][0]["finish_reason"], "length");
+    assert!(cost(&v["usage"]) <= 0.1, "{}", v["usage"]);
+    // A smaller max_tokens from the client is kept.
+    let mut small = chat_body("small", "Tell me a short story");
+    small["max_tokens"] = json!(5);
+    assert_eq!(ask(&gw, "sk-alice-1", &small).status, 200);
+    assert_eq!(mock.last()["json"]["max_tokens"], 5);
+    // Streamed too, and max_completion_tokens is the field lowered when used.
+    let mut s = chat_body("small", "Stream me a long story");
+    s["stream"] = json!(true);
+    s["stream_options"] = json!({"include_usage": true});
+    s["max_completion_tokens"] = json!(10_000);
+    let r = ask(&gw, "sk-alice-1", &s);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = &mock.last()["json"];
+    assert!(
+        sent["max_completion_tokens"].as_u64().unwrap() < 50,
+        "{sent}"
+    );
+    let usage = r
+        .sse_data()
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .find(|c| c["usage"].is_object())
+        .expect("usage chunk")["usage"]
+        .clone();
+    assert!(cost(&usage) <= 0.1, "{usage}");
+    // The ledger agrees: no request above the cap.
+    let costs = get(&gw.admin, "/admin/costs?since=1h&group_by=model").json();
+    let total = costs["total"]["cost_usd"].as_f64().unwrap();
+    assert!(total > 0.0 && total <= 0.3, "{costs}");
+    // A prompt that alone would pass the cap is refused before any upstream call.
+    let before = mock.requests();
+    let r = ask(&gw, "sk-alice-1", &chat_body("small", &"word ".repeat(200)));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "request_cost_cap_exceeded");
+    assert_eq!(mock.requests(), before);
+    assert!(gw.metric("smartllm_request_cost_cap_total", &[("action", "capped")]) >= 2.0);
+}
+
+#[test]
+fn suggestions_from_real_traffic() {
+    let mock = Mock::start(&["--words", "20"]);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    // A dear model and a cheap one the profiles rate about as good at chat.
+    let models = "models:\n  - name: dear\n    pricing: { input: 2.5, output: 10 }\n    profile: { quality: { chat: 0.93 } }\n    deployments: [{ provider: mock }]\n  - name: cheap\n    pricing: { input: 0.15, output: 0.6 }\n    profile: { quality: { chat: 0.92 } }\n    deployments: [{ provider: mock }]\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  auto:\n    candidates: [dear, cheap]\n",
+    );
+    let gw = Gateway::start(cfg);
+    for i in 0..6 {
+        let r = gw.chat(&chat_body("dear", &format!("hi, how are you today? ({i})")));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let r = get(&gw.admin, "/admin/suggestions?since=1h");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let report = &r.json()["report"];
+    assert_eq!(report["requests"], 6);
+    let s = &report["suggestions"][0];
+    assert_eq!(s["kind"], "cheaper_model", "{report}");
+    assert_eq!(
+        (s["model"].as_str(), s["to_model"].as_str()),
+        (Some("dear"), Some("cheap"))
+    );
+    assert_eq!(s["tier"], "simple");
+    let saving = s["saving_usd"].as_f64().unwrap();
+    let cost = report["cost_usd"].as_f64().unwrap();
+    // cheap costs 0.06 of dear on the same tokens.
+    assert!((saving / cost - 0.94).abs() < 0.01, "{saving} of {cost}");
+    assert!(s["action"].as_str().unwrap().contains("(auto)"), "{s}");
+    // The CLI shows the same.
+    let out = Command::new(bin("smartllm"))
+        .args(["costs", "suggest", "--since", "1h", "--admin", &gw.admin])
+        .args(["--config", &gw.config.path().display().to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("cheaper_model") && text.contains("cheap instead of dear"),
+        "{text}"
+    );
+    // Bad parameters get a clear 400.
+    let r = get(&gw.admin, "/admin/suggestions?since=yesterday");
+    assert_eq!(r.status, 400);
+}
