@@ -15,9 +15,9 @@ CARGO_FLAGS := --release --locked
 BIN := $(CARGO_TARGET_DIR)/release
 OPENAI_SDK_VERSION := 3.57.0
 
-APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server
+APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev
 
-.PHONY: run test deps assets build venv lint fmt bench check-config clean-data
+.PHONY: run test deps assets build venv lint fmt bench check-config clean-data deb rpm test-packages
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -62,10 +62,25 @@ lint: deps
 	$(CARGO) clippy $(CARGO_FLAGS) --workspace --all-targets -- -D warnings
 
 # Every test: lints, unit tests, end-to-end tests against the real server and
-# mock-llm, and the official openai Python SDK as a client.
+# mock-llm, the official openai Python SDK as a client, and the packages
+# (installed into a clean Debian root).
 test: assets venv lint
 	$(CARGO) build $(CARGO_FLAGS) --workspace --bins
 	SMARTLLM_PYTHON="$(VENV)/bin/python" $(CARGO) test $(CARGO_FLAGS) --workspace --no-fail-fast
+	packaging/test-packages.sh
+
+# Packages (cargo-deb / cargo-generate-rpm, installed when missing) in
+# $(CARGO_TARGET_DIR)/packages/.
+deb: assets deps
+	packaging/build-package.sh deb
+
+rpm: assets deps
+	packaging/build-package.sh rpm
+
+# Build both packages, check their file lists, install the .deb into a clean
+# Debian 12 root (debootstrap) and run it; upgrade and purge.
+test-packages: assets deps
+	packaging/test-packages.sh
 
 bench: assets build
 	bench/gateway-overhead.sh
