@@ -16,6 +16,15 @@ use smartllm_protocol::openai::content_text;
 use smartllm_protocol::{Endpoint, ParsedRequest};
 use std::sync::Arc;
 
+/// Any choice ended by the token limit.
+fn cut_short(completion: &str) -> bool {
+    serde_json::from_str::<Value>(completion).is_ok_and(|v| {
+        v["choices"]
+            .as_array()
+            .is_some_and(|cs| cs.iter().any(|c| c["finish_reason"] == "length"))
+    })
+}
+
 /// What a miss needs to store the answer later.
 pub struct PendingInsert {
     pub cache: Arc<SemanticCache>,
@@ -24,12 +33,18 @@ pub struct PendingInsert {
     pub policy: CachePolicy,
     pub route: String,
     pub model: String,
+    /// A per-request cost cap lowered max tokens: an answer it cut short
+    /// (finish_reason "length") is not stored.
+    pub cost_capped: bool,
 }
 
 impl PendingInsert {
     /// Store `completion` (a `chat.completion` JSON document) in the background.
     pub fn spawn(self, completion: String) {
         tokio::spawn(async move {
+            if self.cost_capped && cut_short(&completion) {
+                return;
+            }
             if let Err(e) = self
                 .cache
                 .insert(
@@ -131,6 +146,7 @@ pub async fn phase(
         policy: policy.clone(),
         route: route_name.clone(),
         model: model.to_string(),
+        cost_capped: false,
     };
     if no_cache {
         // Fresh answer requested: skip the lookup, refresh the entry.
@@ -192,5 +208,17 @@ pub async fn phase(
             bypass(ctx, "error");
             Ok(false)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn answers_cut_by_the_token_limit_are_recognised() {
+        let cut = r#"{"choices":[{"index":0,"finish_reason":"length","message":{"content":"a"}}]}"#;
+        let whole = r#"{"choices":[{"index":0,"finish_reason":"stop","message":{"content":"a"}}]}"#;
+        assert!(super::cut_short(cut));
+        assert!(!super::cut_short(whole));
+        assert!(!super::cut_short("not json"));
     }
 }

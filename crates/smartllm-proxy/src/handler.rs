@@ -295,7 +295,7 @@ async fn api(
 /// A per-request cost cap: drop the models of the chain whose prompt alone
 /// would pass it, and lower the request's max tokens so that the prompt (at an
 /// upper bound of its tokens) plus the whole answer cannot cost more than the
-/// cap on any model left. A capped answer is not cached (it may be cut short).
+/// cap on any model left. An answer the cap cut short is not cached.
 async fn apply_cost_cap(
     ctx: &mut Ctx,
     cfg: &smartllm_config::Config,
@@ -343,7 +343,9 @@ async fn apply_cost_cap(
                 tracing::debug!(request_id = %ctx.request_id, cap, asked, max_output, prompt_bound = bound, "per-request cost cap lowers max tokens");
                 metrics::counter!(crate::budget::METRIC_COST_CAP, "budget" => budget.id(), "action" => "capped").increment(1);
                 req.body.insert(field.into(), serde_json::json!(max_output));
-                ctx.cache_insert = None;
+                if let Some(p) = ctx.cache_insert.as_mut() {
+                    p.cost_capped = true;
+                }
             }
             Ok(())
         }
