@@ -1124,13 +1124,17 @@ fn cache_streams_hits_stores_streamed_misses_and_purges() {
 
 #[test]
 fn cache_ttl_version_bump_and_restart() {
-    let ttl = "cache:\n  enabled: true\n  ttl: 1s\n";
+    // A TTL long enough that a loaded 2-core machine still serves the hit
+    // before it expires (1 s flaked when the whole suite ran in parallel).
+    let ttl = "cache:\n  enabled: true\n  ttl: 3s\n";
     let (_mock, gw) = cached_gateway(ttl, &[]);
     let q = chat_body("auto", "What is the speed of light?");
     ask(&gw, "k", &q);
     wait_cached(&gw, 1);
+    // Stored before this instant, so expired 3 s after it at the latest.
+    let stored = Instant::now();
     assert_eq!(cache_header(&ask(&gw, "k", &q)), "hit-exact");
-    std::thread::sleep(Duration::from_millis(2100));
+    std::thread::sleep(Duration::from_millis(3100).saturating_sub(stored.elapsed()));
     assert_eq!(
         cache_header(&ask(&gw, "k", &q)),
         "miss",
