@@ -155,6 +155,68 @@ fn bad_param(param: &str, message: String) -> Response<Vec<u8>> {
 }
 
 /// `30m`, `24h`, `7d` ago, or a unix timestamp.
+/// A ledger query's window (from, to) and its other parameters.
+type Window<'q> = (u64, u64, Vec<(&'q str, &'q str)>);
+
+/// `since`/`from` and `to` of a ledger query (default: the last `default_secs`),
+/// and the other parameters, which must be among `extra`.
+fn ledger_window<'q>(
+    query: &'q str,
+    default_secs: u64,
+    extra: &[&str],
+) -> Result<Window<'q>, Box<Response<Vec<u8>>>> {
+    let now = smartllm_ledger::now_secs();
+    let (mut from, mut to) = (now.saturating_sub(default_secs), now + 1);
+    let mut rest = Vec::new();
+    for pair in query.split('&').filter(|p| !p.is_empty()) {
+        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+        match k {
+            "since" | "from" => match parse_instant(v, now) {
+                Some(t) => from = t,
+                None => {
+                    return Err(Box::new(bad_param(
+                        k,
+                        format!("{k}={v:?}: use a unix timestamp or a duration like 30m, 24h, 7d"),
+                    )))
+                }
+            },
+            "to" => match v.parse::<u64>() {
+                Ok(t) => to = t,
+                Err(_) => {
+                    return Err(Box::new(bad_param(
+                        k,
+                        format!("to={v:?}: use a unix timestamp"),
+                    )))
+                }
+            },
+            _ if extra.contains(&k) => rest.push((k, v)),
+            _ => {
+                let mut known = vec!["since", "from", "to"];
+                known.extend_from_slice(extra);
+                return Err(Box::new(bad_param(
+                    k,
+                    format!("unknown parameter {k:?}: use {}", known.join(", ")),
+                )));
+            }
+        }
+    }
+    Ok((from, to, rest))
+}
+
+fn ledger_unavailable() -> Response<Vec<u8>> {
+    json_reply(
+        409,
+        &json!({"error": {"message": "the ledger is not available", "type": "invalid_request_error", "param": null, "code": "ledger_unavailable"}}),
+    )
+}
+
+fn ledger_error(e: impl std::fmt::Display) -> Response<Vec<u8>> {
+    json_reply(
+        500,
+        &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "ledger_error"}}),
+    )
+}
+
 fn parse_instant(v: &str, now: u64) -> Option<u64> {
     if let Ok(ts) = v.parse::<u64>() {
         return Some(ts);
@@ -175,49 +237,29 @@ impl AdminApp {
     /// `GET /admin/costs?since=24h|from=UNIX&to=UNIX&group_by=model,app`
     async fn costs(&self, query: &str) -> Response<Vec<u8>> {
         let Some(ledger) = self.shared.ledger.clone() else {
-            return json_reply(
-                409,
-                &json!({"error": {"message": "the ledger is not available", "type": "invalid_request_error", "param": null, "code": "ledger_unavailable"}}),
-            );
+            return ledger_unavailable();
         };
-        let now = smartllm_ledger::now_secs();
-        let (mut from, mut to) = (now.saturating_sub(86_400), now + 1);
+        let (from, to, rest) = match ledger_window(query, 86_400, &["group_by"]) {
+            Ok(w) => w,
+            Err(r) => return *r,
+        };
         let mut dims = vec![smartllm_ledger::Dim::Model];
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            match k {
-                "since" | "from" => match parse_instant(v, now) {
-                    Some(t) => from = t,
+        for (k, v) in rest {
+            let mut out = Vec::new();
+            for d in v.split(',').filter(|d| !d.is_empty()) {
+                match smartllm_ledger::Dim::parse(d) {
+                    Some(d) => out.push(d),
                     None => {
                         return bad_param(
                             k,
                             format!(
-                                "{k}={v:?}: use a unix timestamp or a duration like 30m, 24h, 7d"
+                                "unknown group_by {d:?}: use hour, day, tenant, app, key or model"
                             ),
                         )
                     }
-                },
-                "to" => match v.parse::<u64>() {
-                    Ok(t) => to = t,
-                    Err(_) => return bad_param(k, format!("to={v:?}: use a unix timestamp")),
-                },
-                "group_by" => {
-                    let mut out = Vec::new();
-                    for d in v.split(',').filter(|d| !d.is_empty()) {
-                        match smartllm_ledger::Dim::parse(d) {
-                            Some(d) => out.push(d),
-                            None => return bad_param(k, format!("unknown group_by {d:?}: use hour, day, tenant, app, key or model")),
-                        }
-                    }
-                    dims = out;
-                }
-                _ => {
-                    return bad_param(
-                        k,
-                        format!("unknown parameter {k:?}: use since, from, to, group_by"),
-                    )
                 }
             }
+            dims = out;
         }
         match tokio::task::spawn_blocking(move || ledger.query(from, to, &dims)).await {
             Ok(Ok(rows)) => {
@@ -239,14 +281,8 @@ impl AdminApp {
                     }),
                 )
             }
-            Ok(Err(e)) => json_reply(
-                500,
-                &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "ledger_error"}}),
-            ),
-            Err(e) => json_reply(
-                500,
-                &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "ledger_error"}}),
-            ),
+            Ok(Err(e)) => ledger_error(e),
+            Err(e) => ledger_error(e),
         }
     }
 
@@ -254,34 +290,12 @@ impl AdminApp {
     /// for simple traffic and more cache coverage would have saved.
     async fn suggestions(&self, query: &str) -> Response<Vec<u8>> {
         let Some(ledger) = self.shared.ledger.clone() else {
-            return json_reply(
-                409,
-                &json!({"error": {"message": "the ledger is not available", "type": "invalid_request_error", "param": null, "code": "ledger_unavailable"}}),
-            );
+            return ledger_unavailable();
         };
-        let now = smartllm_ledger::now_secs();
-        let (mut from, mut to) = (now.saturating_sub(7 * 86_400), now + 1);
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            match k {
-                "since" | "from" => match parse_instant(v, now) {
-                    Some(t) => from = t,
-                    None => {
-                        return bad_param(
-                            k,
-                            format!(
-                                "{k}={v:?}: use a unix timestamp or a duration like 30m, 24h, 7d"
-                            ),
-                        )
-                    }
-                },
-                "to" => match v.parse::<u64>() {
-                    Ok(t) => to = t,
-                    Err(_) => return bad_param(k, format!("to={v:?}: use a unix timestamp")),
-                },
-                _ => return bad_param(k, format!("unknown parameter {k:?}: use since, from, to")),
-            }
-        }
+        let (from, to, _) = match ledger_window(query, 7 * 86_400, &[]) {
+            Ok(w) => w,
+            Err(r) => return *r,
+        };
         match tokio::task::spawn_blocking(move || ledger.mix(from, to)).await {
             Ok(Ok(rows)) => {
                 let rt = self.shared.runtime.load_full();
@@ -295,14 +309,8 @@ impl AdminApp {
                     }),
                 )
             }
-            Ok(Err(e)) => json_reply(
-                500,
-                &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "ledger_error"}}),
-            ),
-            Err(e) => json_reply(
-                500,
-                &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "ledger_error"}}),
-            ),
+            Ok(Err(e)) => ledger_error(e),
+            Err(e) => ledger_error(e),
         }
     }
 
