@@ -15,7 +15,7 @@ CARGO_FLAGS := --release --locked
 BIN := $(CARGO_TARGET_DIR)/release
 OPENAI_SDK_VERSION := 3.57.0
 
-APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev
+APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev systemd
 
 .PHONY: run test deps assets build venv lint fmt bench check-config clean-data deb rpm test-packages
 

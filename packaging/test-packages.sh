@@ -93,6 +93,21 @@ in_root id smartllm >/dev/null || fail "no smartllm user"
 [ "$(in_root stat -c %U:%a /var/lib/smartllm)" = "smartllm:750" ] || fail "/var/lib/smartllm owner/mode"
 [ "$(in_root stat -c %U:%G:%a /etc/smartllm)" = "root:smartllm:750" ] || fail "/etc/smartllm owner/mode"
 in_root /usr/bin/smartllm check --config /etc/smartllm >/dev/null || fail "smartllm check on the installed config"
+# The installed unit, checked by the host's systemd (the minbase root has
+# none): its commands point into the root, everything else is verbatim.
+unit=$(in_root sh -c 'ls /lib/systemd/system/smartllm.service /usr/lib/systemd/system/smartllm.service 2>/dev/null | head -1')
+[ -n "$unit" ] || fail "the package installed no systemd unit"
+mkdir "$work/unit"
+sed -e "s|/usr/bin/smartllm|$work/root/usr/bin/smartllm|g" -e "s|/bin/kill|$work/root/bin/kill|g" \
+    "$work/root$unit" >"$work/unit/smartllm.service"
+verify=$(systemd-analyze verify --man=no "$work/unit/smartllm.service" 2>&1) \
+    || fail "systemd-analyze verify: $verify"
+[ -z "$verify" ] || fail "systemd-analyze verify is not clean: $verify"
+exposure=$(systemd-analyze security --offline=yes "$work/unit/smartllm.service" 2>/dev/null \
+    | sed -n 's/.*Overall exposure level for smartllm.service: \([0-9.]*\).*/\1/p')
+[ -n "$exposure" ] || fail "systemd-analyze security gave no score"
+awk -v e="$exposure" 'BEGIN { exit !(e <= 2.0) }' || fail "systemd exposure $exposure is above 2.0"
+say "systemd-analyze verify is clean; systemd-analyze security exposure $exposure"
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 api=$(port); admin=$(port); mockp=$(port)

@@ -30,7 +30,11 @@ pub fn bin(name: &str) -> PathBuf {
 }
 
 pub fn workspace_root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+    // CARGO_MANIFEST_DIR at run time (cargo test sets it): the test binary may
+    // come from a shared target dir built in another checkout.
+    std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")))
         .parent()
         .expect("workspace root")
         .to_path_buf()
@@ -383,6 +387,8 @@ pub struct Gateway {
     pub log: PathBuf,
     pub config: ConfigDir,
     proc: Option<Proc>,
+    previous_log: Option<PathBuf>,
+    env: Vec<(String, String)>,
 }
 
 impl Gateway {
@@ -411,6 +417,11 @@ impl Gateway {
             log,
             config,
             proc: Some(Proc { child }),
+            previous_log: None,
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
         let admin = g.admin.clone();
         if !wait_until(Duration::from_secs(30), || {
@@ -450,6 +461,79 @@ impl Gateway {
 
     pub fn chat(&self, body: &Value) -> Response {
         post_json(&self.addr, "/v1/chat/completions", body)
+    }
+
+    /// Graceful binary upgrade, the documented way: start `smartllm serve
+    /// --upgrade` on the same config, wait until it listens on the upgrade
+    /// socket, SIGQUIT the running process, and wait for it to exit and for
+    /// the new one to be ready. Returns how long the old process took to exit
+    /// after SIGQUIT; the new process's log goes to `gateway-upgraded.log`.
+    pub fn upgrade(&mut self) -> Duration {
+        let log = self.config.data.path().join("gateway-upgraded.log");
+        let sock = self.config.data.path().join("upgrade.sock");
+        let _ = std::fs::remove_file(&sock);
+        let child = Command::new(bin("smartllm"))
+            .arg("serve")
+            .arg("--upgrade")
+            .arg("--config")
+            .arg(self.config.path())
+            .env_remove("SMARTLLM_DATA_DIR")
+            .env_remove("OPENAI_API_KEY")
+            .env_remove("ANTHROPIC_API_KEY")
+            .env("SMARTLLM_ASSETS_DIR", assets_dir())
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("spawn smartllm --upgrade");
+        let mut new = Proc { child };
+        assert!(
+            wait_until(Duration::from_secs(30), || sock.exists()),
+            "the new process never listened on {}; log:\n{}",
+            sock.display(),
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        let mut old = self.proc.take().expect("a running gateway");
+        let quit = Instant::now();
+        Command::new("kill")
+            .args(["-QUIT", &old.child.id().to_string()])
+            .status()
+            .unwrap();
+        let exited = wait_until(Duration::from_secs(40), || {
+            matches!(old.child.try_wait(), Ok(Some(_)))
+        });
+        let took = quit.elapsed();
+        assert!(exited, "the old process did not exit after SIGQUIT");
+        let old_log = std::mem::replace(&mut self.log, log);
+        assert!(
+            matches!(new.child.try_wait(), Ok(None)),
+            "the new process died; log:\n{}",
+            self.log_text()
+        );
+        self.proc = Some(new);
+        let admin = self.admin.clone();
+        assert!(
+            wait_until(Duration::from_secs(30), || request(
+                &admin,
+                "GET",
+                "/readyz",
+                &[],
+                b""
+            )
+            .is_ok_and(|r| r.status == 200)),
+            "the upgraded gateway did not become ready; log:\n{}",
+            self.log_text()
+        );
+        self.previous_log = Some(old_log);
+        took
+    }
+
+    /// The log of the process an upgrade replaced.
+    pub fn previous_log_text(&self) -> String {
+        self.previous_log
+            .as_ref()
+            .and_then(|p| std::fs::read_to_string(p).ok())
+            .unwrap_or_default()
     }
 
     /// Stop the gateway (SIGTERM, wait).

@@ -14,7 +14,10 @@ use std::hint::black_box;
 use std::time::Instant;
 
 fn main() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let root = std::path::PathBuf::from(
+        std::env::var_os("CARGO_MANIFEST_DIR").unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into()),
+    )
+    .join("..");
     if std::env::var_os("SMARTLLM_ASSETS_DIR").is_none() {
         let home = std::env::var("HOME").unwrap_or_default();
         std::env::set_var(

@@ -1762,3 +1762,126 @@ fn sigterm_drains_in_flight_streams_and_flushes_state() {
         gw.log_text()
     );
 }
+
+#[test]
+fn graceful_upgrade_under_load_fails_no_request() {
+    let (_mock, mut gw) = basic(
+        "",
+        &[
+            "--latency-ms",
+            "15",
+            "--chunk-delay-ms",
+            "15",
+            "--words",
+            "6",
+        ],
+    );
+    gw.config.write("cache.yaml", "cache:\n  enabled: true\n");
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 1.0));
+    // An answer the old process caches; the new one must serve it.
+    let cached = chat_body("small", "What is the capital of France?");
+    assert_eq!(gw.chat(&cached).status, 200);
+    wait_cached(&gw, 1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let slowest_ms = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let (addr, stop, ok, failures, slowest_ms) = (
+                gw.addr.clone(),
+                stop.clone(),
+                ok.clone(),
+                failures.clone(),
+                slowest_ms.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let stream = n % 3 == 0;
+                    let body = json!({"model": "small", "stream": stream,
+                        "messages": [{"role": "user", "content": format!("load {w}-{n}")}]});
+                    let t = Instant::now();
+                    let res = request(
+                        &addr,
+                        "POST",
+                        "/v1/chat/completions",
+                        &[],
+                        &serde_json::to_vec(&body).unwrap(),
+                    );
+                    slowest_ms.fetch_max(t.elapsed().as_millis() as u64, Ordering::SeqCst);
+                    match res {
+                        Ok(r)
+                            if r.status == 200
+                                && (!stream
+                                    || r.sse_data().last().map(String::as_str)
+                                        == Some("[DONE]")) =>
+                        {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(r) => {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{} {}", r.status, r.text()))
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!("io: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_millis(700));
+    let before = ok.load(Ordering::SeqCst);
+    let took = gw.upgrade();
+    let at_upgrade = ok.load(Ordering::SeqCst);
+    assert!(wait_until(Duration::from_secs(20), || ok
+        .load(Ordering::SeqCst)
+        >= at_upgrade + 60));
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    let served = ok.load(Ordering::SeqCst);
+    eprintln!(
+        "graceful upgrade: {served} requests ({before} before SIGQUIT), old process exited {took:?} after SIGQUIT, slowest request {} ms, {} failed",
+        slowest_ms.load(Ordering::SeqCst),
+        failures.len()
+    );
+    assert!(before > 20, "the load was running before the upgrade");
+    assert!(
+        failures.is_empty(),
+        "{} of {served} requests failed across the upgrade: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    // The old process drained, saved and flushed; the new one took the load.
+    let old_log = gw.previous_log_text();
+    assert!(
+        old_log.contains("listeners closed and in-flight requests done"),
+        "{old_log}"
+    );
+    assert!(old_log.contains("smartllm stopped"), "{old_log}");
+    assert!(gw.metric("smartllm_requests_total", &[]) >= 60.0);
+    assert!(gw.log_text().contains("RocksDB open"));
+    // State carried over: the cache entry and every request's ledger record
+    // (each answered request billed exactly once, none lost in the handover).
+    assert_eq!(cache_header(&gw.chat(&cached)), "hit-exact");
+    let want = served + 2;
+    assert!(
+        wait_until(Duration::from_secs(10), || get(
+            &gw.admin,
+            "/admin/costs?since=1h"
+        )
+        .json()["total"]["requests"]
+            == want),
+        "ledger {} requests, want {want}",
+        get(&gw.admin, "/admin/costs?since=1h").json()["total"]
+    );
+}

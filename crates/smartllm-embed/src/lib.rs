@@ -401,11 +401,12 @@ mod tests {
     /// one text at a time and inside padded micro-batches.
     #[test]
     fn matches_python_onnxruntime_reference_vectors() {
-        let text = std::fs::read_to_string(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/testdata/reference.json"
-        ))
-        .unwrap();
+        // CARGO_MANIFEST_DIR at run time: the test binary may come from a
+        // shared target dir built in another checkout.
+        let dir: std::path::PathBuf = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(Into::into)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+        let text = std::fs::read_to_string(dir.join("testdata/reference.json")).unwrap();
         let reference: serde_json::Value = serde_json::from_str(&text).unwrap();
         let mut cfg = assets()
             .expect("embedding assets missing: run packaging/fetch-assets.sh (make test does)");

@@ -199,11 +199,6 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        if std::mem::take(&mut ctx.in_flight) {
-            self.shared
-                .in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        }
         // Tokens beyond the pre-charged estimate count against the limits now.
         if let (Some(u), Some(rt)) = (ctx.usage, ctx.rt.clone()) {
             let scopes = limits_for(&rt, ctx);
@@ -233,6 +228,13 @@ impl ProxyHttp for Gateway {
                 ctx,
                 cost,
             );
+        }
+        // Last: a drain (SIGTERM, graceful upgrade) waits for this request's
+        // ledger record and budget charge, not just its response.
+        if std::mem::take(&mut ctx.in_flight) {
+            self.shared
+                .in_flight
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
         }
     }
 }

@@ -18,7 +18,7 @@ use smartllm_store::Store;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 mod routing_cli;
 
@@ -626,9 +626,6 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     init_logging(&config.logging.level);
     let metrics = smartllm_proxy::metrics::install();
 
-    let store = Store::open(&config.data_dir).context("opening the data dir")?;
-    tracing::info!(path = %store.info().path.display(), "RocksDB open");
-
     let embedder =
         Arc::new(Embedder::load(&config.embedder).context("loading the embedding model")?);
     let test = self_test(&embedder)?;
@@ -654,6 +651,44 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         ))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     drop(prep_rt);
+
+    // Pingora's server comes before the data dir: with --upgrade, bootstrap()
+    // takes the listening sockets from the running instance (which keeps
+    // serving until it has handed them over), and only then does this process
+    // wait for that instance to drain and release RocksDB. Connections that
+    // arrive in between wait in the kernel's accept queue, none is refused.
+    let drain_timeout = config.server.graceful_shutdown_timeout;
+    let mut conf = ServerConf {
+        threads: config.server.threads,
+        // Pingora sleeps this long after it stops accepting and before it
+        // cancels what still runs; the finisher below exits as soon as the
+        // in-flight requests are done, so this is only the upper bound.
+        grace_period_seconds: Some((config.server.grace_period + drain_timeout).as_secs() + 5),
+        graceful_shutdown_timeout_seconds: Some(drain_timeout.as_secs()),
+        pid_file: config.data_dir.join("smartllm.pid").display().to_string(),
+        upgrade_sock: config.data_dir.join("upgrade.sock").display().to_string(),
+        ..ServerConf::default()
+    };
+    conf.upstream_keepalive_pool_size = 256;
+    let opt = Opt {
+        upgrade,
+        ..Opt::default()
+    };
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    let mut server = Server::new_with_opt_and_conf(opt, conf);
+    if upgrade {
+        tracing::info!(socket = %config.data_dir.join("upgrade.sock").display(),
+            "graceful upgrade: waiting for the running instance's listening sockets (send it SIGQUIT)");
+    }
+    server.bootstrap();
+
+    let store = open_store(
+        &config.data_dir,
+        upgrade.then(|| config.server.grace_period + drain_timeout + Duration::from_secs(15)),
+    )?;
+    tracing::info!(path = %store.info().path.display(), "RocksDB open");
+
     if runtime.demo_mode {
         let u = &runtime.config.demo.upstream;
         tracing::warn!(
@@ -698,22 +733,6 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     shared.budgets.warm(&ledger);
 
-    let mut conf = ServerConf {
-        threads: config.server.threads,
-        grace_period_seconds: Some(config.server.grace_period.as_secs()),
-        graceful_shutdown_timeout_seconds: Some(config.server.graceful_shutdown_timeout.as_secs()),
-        pid_file: config.data_dir.join("smartllm.pid").display().to_string(),
-        upgrade_sock: config.data_dir.join("upgrade.sock").display().to_string(),
-        ..ServerConf::default()
-    };
-    conf.upstream_keepalive_pool_size = 256;
-    let opt = Opt {
-        upgrade,
-        ..Opt::default()
-    };
-    let mut server = Server::new_with_opt_and_conf(opt, conf);
-    server.bootstrap();
-
     let mut proxy = pingora::proxy::http_proxy_service_with_name(
         &server.configuration,
         Gateway {
@@ -755,6 +774,19 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         listen = %config.server.listen, admin = %config.server.admin_listen, config_dir = %dir.display(),
         version = env!("CARGO_PKG_VERSION"), "smartllm starting"
     );
+    let finisher = Arc::new(Finisher {
+        cache,
+        ledger,
+        store,
+        done: std::sync::Once::new(),
+    });
+    spawn_finisher(
+        &server,
+        &shared,
+        finisher.clone(),
+        config.server.grace_period,
+        drain_timeout,
+    );
     // SIGTERM drains in-flight requests (streams included) before Pingora stops.
     server.run(RunArgs {
         shutdown_signal: Box::new(smartllm_proxy::shutdown::DrainingShutdown {
@@ -762,12 +794,109 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
             drain_timeout: config.server.graceful_shutdown_timeout,
         }),
     });
-    // Pingora has drained and stopped: save the index, flush state, exit.
-    if let Err(e) = cache.persist() {
-        tracing::error!(error = %e, "saving the cache index failed; it will be rebuilt at the next start");
-    }
-    ledger.shutdown();
-    store.flush().context("flushing RocksDB")?;
-    tracing::info!("smartllm stopped");
+    // SIGINT (fast stop) ends here; graceful stops end in the finisher.
+    finisher.finish();
     Ok(())
+}
+
+/// Opens RocksDB. With `wait` (graceful upgrade), a lock still held by the
+/// previous instance is retried until it exits or the deadline passes.
+fn open_store(data_dir: &Path, wait: Option<Duration>) -> anyhow::Result<Arc<Store>> {
+    let started = Instant::now();
+    let mut logged = false;
+    loop {
+        match Store::open(data_dir) {
+            Ok(store) => {
+                if logged {
+                    tracing::info!(
+                        waited_ms = started.elapsed().as_millis() as u64,
+                        "the previous instance released the data dir"
+                    );
+                }
+                return Ok(store);
+            }
+            Err(smartllm_store::StoreError::Open { message, .. })
+                if message.contains("lock") && wait.is_some_and(|w| started.elapsed() < w) =>
+            {
+                if !logged {
+                    tracing::info!(%message, "waiting for the previous instance to drain and release the data dir");
+                    logged = true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(e) => return Err(anyhow::Error::new(e).context("opening the data dir")),
+        }
+    }
+}
+
+/// Saves the cache index and flushes the ledger and RocksDB, once.
+struct Finisher {
+    cache: Arc<SemanticCache>,
+    ledger: smartllm_ledger::Ledger,
+    store: Arc<Store>,
+    done: std::sync::Once,
+}
+
+impl Finisher {
+    fn finish(&self) {
+        self.done.call_once(|| {
+            if let Err(e) = self.cache.persist() {
+                tracing::error!(error = %e, "saving the cache index failed; it will be rebuilt at the next start");
+            }
+            self.ledger.shutdown();
+            match self.store.flush() {
+                Ok(()) => tracing::info!("smartllm stopped"),
+                Err(e) => tracing::error!(error = %e, "flushing RocksDB failed; the WAL replays it at the next start"),
+            }
+        });
+    }
+}
+
+/// Pingora stops accepting, then sleeps a fixed grace period before it cancels
+/// whatever still runs. After a graceful upgrade (SIGQUIT) that would cut the
+/// requests the old instance still serves, and would hold RocksDB's lock (which
+/// the new instance waits for) the whole period. This thread ends the process
+/// as soon as those requests have finished instead: it waits for in-flight to
+/// reach zero (bounded by the drain timeout), then `server.grace_period`, then
+/// saves and flushes state and exits, releasing the lock. After SIGTERM the
+/// drain has already happened in the shutdown watcher, so it exits at once.
+fn spawn_finisher(
+    server: &Server,
+    shared: &Arc<Shared>,
+    finisher: Arc<Finisher>,
+    grace: Duration,
+    drain_timeout: Duration,
+) {
+    use pingora::server::ExecutionPhase;
+    use std::sync::atomic::Ordering;
+    let mut phases = server.watch_execution_phase();
+    let shared = shared.clone();
+    std::thread::Builder::new()
+        .name("smartllm-finisher".into())
+        .spawn(move || loop {
+            match phases.blocking_recv() {
+                Ok(ExecutionPhase::ShutdownGracePeriod) => {
+                    let started = Instant::now();
+                    loop {
+                        let n = shared.in_flight.load(Ordering::SeqCst);
+                        if n == 0 {
+                            break;
+                        }
+                        if started.elapsed() >= drain_timeout {
+                            tracing::warn!(in_flight = n, timeout = ?drain_timeout, "drain timeout reached; stopping with requests in flight");
+                            break;
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    tracing::info!(drain_ms = started.elapsed().as_millis() as u64, "listeners closed and in-flight requests done");
+                    std::thread::sleep(grace);
+                    finisher.finish();
+                    std::process::exit(0);
+                }
+                Ok(ExecutionPhase::Terminated)
+                | Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                _ => {}
+            }
+        })
+        .expect("spawning the finisher thread");
 }
