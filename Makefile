@@ -17,7 +17,7 @@ OPENAI_SDK_VERSION := 3.57.0
 
 APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev systemd
 
-.PHONY: run test deps assets build venv lint fmt bench check-config clean-data deb rpm test-packages
+.PHONY: run test deps assets build venv lint fmt bench compare fuzz check-config clean-data deb rpm test-packages
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -84,6 +84,14 @@ test-packages: assets deps
 
 bench: assets build
 	bench/gateway-overhead.sh
+
+# SmartLLM next to nginx, LiteLLM and Portkey (installs them; ~10 minutes).
+compare: assets
+	bench/compare
+
+# Bounded fuzzing (60 s per target); crashes become regression tests.
+fuzz:
+	fuzz/run.sh 60
 
 clean-data:
 	rm -rf "$(DATA_DIR)"

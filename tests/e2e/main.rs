@@ -1885,3 +1885,93 @@ fn graceful_upgrade_under_load_fails_no_request() {
         get(&gw.admin, "/admin/costs?since=1h").json()["total"]
     );
 }
+
+/// `n` requests at once; returns the responses and how long each took.
+fn burst(addr: &str, n: usize, body: impl Fn(usize) -> Value) -> Vec<(Response, Duration)> {
+    let threads: Vec<_> = (0..n)
+        .map(|i| {
+            let (addr, b) = (addr.to_string(), serde_json::to_vec(&body(i)).unwrap());
+            std::thread::spawn(move || {
+                let t = Instant::now();
+                let r = request(&addr, "POST", "/v1/chat/completions", &[], &b).expect("request");
+                (r, t.elapsed())
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn overload_is_shed_with_503_and_retry_after_and_the_cache_steps_aside() {
+    // Concurrency limit: beyond server.max_in_flight, 503 + Retry-After at once.
+    let (_mock, gw) = basic("  max_in_flight: 3\n", &["--latency-ms", "400"]);
+    let rs = burst(&gw.addr, 10, |i| chat_body("small", &format!("burst {i}")));
+    let ok = rs.iter().filter(|(r, _)| r.status == 200).count();
+    let shed: Vec<_> = rs.iter().filter(|(r, _)| r.status == 503).collect();
+    assert_eq!(
+        ok + shed.len(),
+        10,
+        "{:?}",
+        rs.iter().map(|(r, _)| r.status).collect::<Vec<_>>()
+    );
+    assert!(ok >= 3 && shed.len() >= 5, "ok {ok}, shed {}", shed.len());
+    for (r, took) in &shed {
+        assert_eq!(r.header("retry-after"), Some("1"));
+        assert_eq!(r.api_error()["code"], "server_overloaded");
+        assert!(
+            *took < Duration::from_millis(300),
+            "shed at once, not queued: {took:?}"
+        );
+    }
+    assert_eq!(
+        gw.metric("smartllm_shed_total", &[("reason", "max_in_flight")]),
+        shed.len() as f64
+    );
+    // The limit reloads live.
+    let main = std::fs::read_to_string(gw.config.path().join("smartllm.yaml")).unwrap();
+    gw.config.write(
+        "smartllm.yaml",
+        &main.replace("max_in_flight: 3", "max_in_flight: 50"),
+    );
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 1.0));
+    let rs = burst(&gw.addr, 10, |i| chat_body("small", &format!("again {i}")));
+    assert!(rs.iter().all(|(r, _)| r.status == 200));
+    drop(gw);
+
+    // Embedder overload (a queue of 1, 1 ms of patience): lookups that cannot
+    // get an embedding in time skip the cache and are answered upstream; no
+    // request fails, and the skips are counted.
+    let mock = Mock::start(&[]);
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &format!("providers:\n{}", mock_provider("mock", &mock)),
+        "models:\n  - name: small\n    deployments:\n      - provider: mock\n        model: mock-small\n",
+        "routes: {}\n",
+    );
+    let main = std::fs::read_to_string(cfg.path().join("smartllm.yaml")).unwrap();
+    cfg.write(
+        "smartllm.yaml",
+        &main.replace(
+            "embedder:\n",
+            "embedder:\n  queue_depth: 1\n  max_queue_wait: 1ms\n",
+        ),
+    );
+    cfg.write("cache.yaml", "cache:\n  enabled: true\n");
+    let gw = Gateway::start(cfg);
+    let long = "please explain the difference between these two approaches in detail ".repeat(12);
+    let rs = burst(&gw.addr, 24, |i| chat_body("small", &format!("{i} {long}")));
+    assert!(rs.iter().all(|(r, _)| r.status == 200));
+    let skipped = rs
+        .iter()
+        .filter(|(r, _)| cache_header(r) == "bypass")
+        .count();
+    assert!(skipped >= 1, "some lookups were shed");
+    assert_eq!(
+        gw.metric("smartllm_shed_total", &[("reason", "embedder")]),
+        skipped as f64
+    );
+    assert!(gw.metric("smartllm_embed_shed_total", &[]) >= skipped as f64);
+}

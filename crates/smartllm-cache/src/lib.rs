@@ -929,6 +929,149 @@ mod tests {
         }
     }
 
+    /// Property: across thousands of random tenants (adversarial names
+    /// included), prompts, paraphrases and namespaces (model, system prompt,
+    /// sampling parameters), a hit only ever returns an entry stored for the
+    /// same tenant and namespace. The seed is printed; set
+    /// SMARTLLM_PROPTEST_SEED to replay one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_hit_ever_crosses_a_tenant_or_namespace() {
+        let seed = std::env::var("SMARTLLM_PROPTEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| fastrand::u64(..));
+        eprintln!("isolation property seed {seed} (SMARTLLM_PROPTEST_SEED={seed} replays it)");
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder();
+        let p = policy(); // threshold 0.9: looser than the default, so more candidates
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, emb.clone(), Codec::plain(), 256, 100_000, None).unwrap();
+
+        let verbs = ["reset", "change", "recover", "update", "delete"];
+        let objects = [
+            "password",
+            "email address",
+            "account",
+            "username",
+            "API key",
+            "billing address",
+        ];
+        let mut prompts = Vec::new();
+        for v in verbs {
+            for o in objects {
+                prompts.push(format!("How do I {v} my {o}?"));
+                prompts.push(format!("What is the way to {v} my {o}?"));
+            }
+        }
+        let vectors = emb.embed(prompts.clone()).await.unwrap();
+        // Tenant names that differ by a byte, by case, by a separator.
+        let mut tenants: Vec<String> = [
+            "acme",
+            "acme ",
+            "ACME",
+            "acme/app",
+            "acme:app",
+            "acme\u{0}",
+            "a",
+            "",
+            "ac",
+            "me",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        while tenants.len() < 2_000 {
+            let len = rng.usize(1..12);
+            let t: String = (0..len)
+                .map(|_| ['a', 'b', ':', '/', '-', 'é', '0', ' '][rng.usize(..8)])
+                .collect();
+            tenants.push(t);
+        }
+        let models = ["m1", "m2"];
+        let systems = [None, Some("You are terse."), Some("You are verbose.")];
+        let temps = [None, Some(0.0), Some(0.7)];
+        let body = |prompt: &str, ns: (usize, usize, usize)| {
+            let mut messages = Vec::new();
+            if let Some(sys) = systems[ns.1] {
+                messages.push(json!({"role": "system", "content": sys}));
+            }
+            messages.push(json!({"role": "user", "content": prompt}));
+            let mut b = json!({"model": models[ns.0], "messages": messages});
+            if let Some(t) = temps[ns.2] {
+                b["temperature"] = json!(t);
+            }
+            b
+        };
+        let tag = |tenant: &str, ns: (usize, usize, usize)| format!("{tenant:?}|{ns:?}");
+        let hot = 300; // the first 300 tenants store entries; all 2,000 look up
+        let mut stored = std::collections::HashSet::new();
+        for _ in 0..1_200 {
+            let t = &tenants[rng.usize(..hot)];
+            let ns = (rng.usize(..2), rng.usize(..3), rng.usize(..3));
+            let i = rng.usize(..prompts.len());
+            let b = body(&prompts[i], ns);
+            let k = chat_key(t, models[ns.0], b.as_object().unwrap()).unwrap();
+            let answer = json!({"tag": tag(t, ns)}).to_string();
+            cache
+                .insert(
+                    k,
+                    Some(vectors[i].clone()),
+                    answer,
+                    &p,
+                    "auto",
+                    models[ns.0],
+                )
+                .await
+                .unwrap();
+            stored.insert((t.clone(), ns, i));
+        }
+        let (mut own_hits, mut foreign_twins) = (0, 0);
+        let entries: Vec<(String, (usize, usize, usize), usize)> = stored.iter().cloned().collect();
+        for n in 0..2_000 {
+            let (st, sns, si) = &entries[rng.usize(..entries.len())];
+            // A quarter each: the owner re-asks (or paraphrases: prompts come
+            // in pairs), another tenant asks the same, the owner asks in
+            // another namespace, anyone asks anything.
+            let (t, ns, i) = match n % 4 {
+                0 => (st, *sns, si ^ rng.usize(..2)),
+                1 => (&tenants[rng.usize(..tenants.len())], *sns, *si),
+                2 => (st, (rng.usize(..2), rng.usize(..3), rng.usize(..3)), *si),
+                _ => (
+                    &tenants[rng.usize(..tenants.len())],
+                    (rng.usize(..2), rng.usize(..3), rng.usize(..3)),
+                    rng.usize(..prompts.len()),
+                ),
+            };
+            let b = body(&prompts[i], ns);
+            let k = chat_key(t, models[ns.0], b.as_object().unwrap()).unwrap();
+            if stored
+                .iter()
+                .any(|(ot, ons, oi)| *oi == i && (ot != t || *ons != ns))
+            {
+                foreign_twins += 1; // the same question is stored elsewhere
+            }
+            if let Lookup::Hit { entry, .. } = cache.lookup(&k, &p, 8).await.unwrap() {
+                let got: serde_json::Value = serde_json::from_str(&entry.response).unwrap();
+                assert_eq!(
+                    got["tag"].as_str().unwrap(),
+                    tag(t, ns),
+                    "seed {seed}: tenant {t:?} namespace {ns:?} asked {:?} and got another's entry",
+                    prompts[i]
+                );
+                own_hits += 1;
+            }
+        }
+        eprintln!("{own_hits} own hits, {foreign_twins} lookups whose question another tenant or namespace had stored, 0 leaks");
+        // Not vacuous: own entries were found, and others' twins were there to leak.
+        assert!(own_hits >= 200, "seed {seed}: only {own_hits} own hits");
+        assert!(
+            foreign_twins >= 1_000,
+            "seed {seed}: {foreign_twins} foreign twins"
+        );
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lookups_inserts_isolation_purge_and_restart() {
         let dir = tempfile::tempdir().unwrap();

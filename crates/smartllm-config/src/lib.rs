@@ -5,6 +5,8 @@
 //! proxy prepares a runtime snapshot from a `Config`.
 
 mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 mod locate;
 pub mod raw;
 pub mod routing;
@@ -199,6 +201,7 @@ pub struct CacheConfig {
     pub routes: BTreeMap<String, CachePolicy>,
     pub l1_entries: usize,
     pub top_k: usize,
+    pub max_pending_inserts: usize,
     pub ivf_threshold: usize,
     pub encryption_key_file: Option<PathBuf>,
     /// Validated regular expressions.
@@ -227,6 +230,7 @@ pub struct ServerConfig {
     pub upstream_first_byte_timeout: Duration,
     pub upstream_idle_timeout: Duration,
     pub upstream_attempts: usize,
+    pub max_in_flight: usize,
     pub grace_period: Duration,
     pub graceful_shutdown_timeout: Duration,
 }
@@ -239,6 +243,8 @@ pub struct EmbedderConfig {
     pub threads: usize,
     pub max_seq_len: usize,
     pub device: Device,
+    pub queue_depth: usize,
+    pub max_queue_wait: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -598,6 +604,17 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
     if !issues.is_empty() {
         return Err(ConfigError { issues });
     }
+    load_texts(dir, texts)
+}
+
+/// Validates config files given as text (file name to contents), as
+/// `load_dir` does after reading them; `dir` resolves relative paths. For
+/// tools and the config fuzzer.
+pub fn load_texts(
+    dir: &Path,
+    texts: BTreeMap<&'static str, String>,
+) -> Result<Config, ConfigError> {
+    let mut issues = Vec::new();
     let main: Option<RawMain> = parse_file(dir, MAIN_FILE, texts.get(MAIN_FILE), &mut issues);
     let providers: Option<RawProviders> =
         parse_file(dir, PROVIDERS_FILE, texts.get(PROVIDERS_FILE), &mut issues);
@@ -710,6 +727,14 @@ fn resolve(
             "must be between 1 and 10",
         );
     }
+    let max_in_flight = s.max_in_flight.unwrap_or(4096);
+    if !(1..=1_000_000).contains(&max_in_flight) {
+        v.push(
+            MAIN_FILE,
+            "server.max_in_flight",
+            "must be between 1 and 1000000",
+        );
+    }
     let server = ServerConfig {
         listen,
         admin_listen,
@@ -720,6 +745,7 @@ fn resolve(
         upstream_first_byte_timeout: dur(s.upstream_first_byte_timeout, 600),
         upstream_idle_timeout: dur(s.upstream_idle_timeout, 120),
         upstream_attempts: upstream_attempts.clamp(1, 10),
+        max_in_flight: max_in_flight.clamp(1, 1_000_000),
         grace_period: dur(s.grace_period, 0),
         graceful_shutdown_timeout: dur(s.graceful_shutdown_timeout, 30),
     };
@@ -758,6 +784,21 @@ fn resolve(
             "must be between 8 and 512 (the model's limit)",
         );
     }
+    let queue_depth = e.queue_depth.unwrap_or(256);
+    if !(1..=65_536).contains(&queue_depth) {
+        v.push(
+            MAIN_FILE,
+            "embedder.queue_depth",
+            "must be between 1 and 65536",
+        );
+    }
+    let max_queue_wait = e
+        .max_queue_wait
+        .map(|d| d.0)
+        .unwrap_or(Duration::from_millis(250));
+    if max_queue_wait.is_zero() {
+        v.push(MAIN_FILE, "embedder.max_queue_wait", "must be above 0");
+    }
     let embedder = EmbedderConfig {
         model: assets_dir.join(e.model.unwrap_or_else(|| "model.onnx".into())),
         tokenizer: assets_dir.join(e.tokenizer.unwrap_or_else(|| "tokenizer.json".into())),
@@ -768,6 +809,8 @@ fn resolve(
         threads: e.threads.unwrap_or(1).clamp(1, 64),
         max_seq_len: max_seq_len.clamp(8, 512),
         device,
+        queue_depth: queue_depth.clamp(1, 65_536),
+        max_queue_wait: max_queue_wait.max(Duration::from_millis(1)),
     };
 
     let level = main.logging.level.unwrap_or_else(|| "info".into());
@@ -1080,6 +1123,18 @@ fn resolve(
         classifier,
         keys: KeysConfig::default(),
         admin_token: match (main.admin.token_env, main.admin.token_file) {
+            (None, None) if !admin_listen.ip().is_loopback() => {
+                // Fail closed: the admin API (config, costs, cache purge) is
+                // never open beyond this host.
+                v.push(
+                    MAIN_FILE,
+                    "server.admin_listen",
+                    format!(
+                        "{admin_listen} is not a loopback address: set admin.token_env or admin.token_file so the admin API needs a token"
+                    ),
+                );
+                ApiKeySource::None
+            }
             (Some(_), Some(_)) => {
                 v.push(
                     MAIN_FILE,
@@ -1107,6 +1162,7 @@ fn resolve(
             routes: BTreeMap::new(),
             l1_entries: 10_000,
             top_k: 8,
+            max_pending_inserts: 1024,
             ivf_threshold: 20_000,
             encryption_key_file: None,
             exclude_patterns: Vec::new(),
@@ -1485,6 +1541,7 @@ fn resolve_cache(dir: &Path, raw: RawCache, config: &Config, v: &mut Issues<'_>)
         routes,
         l1_entries: raw.l1_entries.unwrap_or(10_000).max(1),
         top_k: top_k.clamp(1, 256),
+        max_pending_inserts: raw.max_pending_inserts.unwrap_or(1024).max(1),
         ivf_threshold: raw.ivf_threshold.unwrap_or(20_000).max(1_000),
         encryption_key_file: raw.encryption_key_file.map(|f| relative_to(dir, &f)),
         exclude_patterns: raw.exclude.patterns,
@@ -1603,6 +1660,51 @@ mod tests {
             "{text}"
         );
         assert_eq!(err.issues.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn an_admin_listener_beyond_loopback_needs_a_token() {
+        let main = "server:\n  admin_listen: 0.0.0.0:9090\n";
+        let dir = write_dir(&[(MAIN_FILE, main)]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains(
+                "smartllm.yaml:2: server.admin_listen: 0.0.0.0:9090 is not a loopback address"
+            ),
+            "{text}"
+        );
+        let with_token = format!("{main}admin:\n  token_env: SMARTLLM_ADMIN_TOKEN\n");
+        let dir = write_dir(&[(MAIN_FILE, &with_token)]);
+        assert!(load_dir(dir.path()).is_ok());
+        // Loopback (the default) needs none.
+        let dir = write_dir(&[(MAIN_FILE, "server:\n  admin_listen: '[::1]:9090'\n")]);
+        assert!(load_dir(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn overload_bounds_are_validated() {
+        let dir = write_dir(&[(
+            MAIN_FILE,
+            "server:\n  max_in_flight: 0\nembedder:\n  queue_depth: 0\n  max_queue_wait: 0s\n",
+        )]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains("smartllm.yaml:2: server.max_in_flight"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smartllm.yaml:4: embedder.queue_depth"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smartllm.yaml:5: embedder.max_queue_wait"),
+            "{text}"
+        );
+        let c = load_dir(write_dir(&[(MAIN_FILE, "data_dir: /tmp/x\n")]).path()).unwrap();
+        assert_eq!(c.server.max_in_flight, 4096);
+        assert_eq!(c.embedder.queue_depth, 256);
+        assert_eq!(c.embedder.max_queue_wait, Duration::from_millis(250));
+        assert_eq!(c.cache.max_pending_inserts, 1024);
     }
 
     #[test]

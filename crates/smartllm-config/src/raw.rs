@@ -72,6 +72,8 @@ pub struct RawServer {
     pub upstream_first_byte_timeout: Option<ConfigDuration>,
     pub upstream_idle_timeout: Option<ConfigDuration>,
     pub upstream_attempts: Option<usize>,
+    /// Requests in progress at once; beyond it new ones get 503 + Retry-After.
+    pub max_in_flight: Option<usize>,
     pub grace_period: Option<ConfigDuration>,
     pub graceful_shutdown_timeout: Option<ConfigDuration>,
 }
@@ -86,6 +88,10 @@ pub struct RawEmbedder {
     pub threads: Option<usize>,
     pub max_seq_len: Option<usize>,
     pub device: Option<String>,
+    /// Embedding jobs waiting for a worker; a lookup that finds it full skips the cache.
+    pub queue_depth: Option<usize>,
+    /// A job that waited longer than this is not run; its request skips the cache.
+    pub max_queue_wait: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -368,6 +374,8 @@ pub struct RawCache {
     pub l1_entries: Option<usize>,
     /// ANN candidates verified per semantic lookup.
     pub top_k: Option<usize>,
+    /// Answers waiting to be stored; beyond it new ones are not stored.
+    pub max_pending_inserts: Option<usize>,
     /// Vectors at which the flat index is replaced by a trained IVF index.
     pub ivf_threshold: Option<usize>,
     /// 32-byte key (raw, or 64 hex characters) for AES-256-GCM at rest.

@@ -19,7 +19,9 @@ pub const METRIC_BATCH_SIZE: &str = "smartllm_embed_batch_size";
 pub const METRIC_BATCH_SECONDS: &str = "smartllm_embed_batch_seconds";
 const MAX_BATCH_TEXTS: usize = 32;
 const BATCH_WAIT: Duration = Duration::from_millis(1);
-const QUEUE_DEPTH: usize = 1024;
+/// Jobs shed, by reason: `queue_full` (refused at submit) or `queue_wait`
+/// (waited longer than `embedder.max_queue_wait`, not run).
+pub const METRIC_SHED: &str = "smartllm_embed_shed_total";
 
 #[derive(Debug, thiserror::Error)]
 pub enum EmbedError {
@@ -33,8 +35,8 @@ pub enum EmbedError {
     Tokenizer { path: PathBuf, message: String },
     #[error("embedding failed: {0}")]
     Inference(String),
-    #[error("the embedder queue is full")]
-    Overloaded,
+    #[error("the embedder is overloaded ({0})")]
+    Overloaded(&'static str),
     #[error("the embedder has stopped")]
     Stopped,
 }
@@ -56,6 +58,7 @@ type Reply = Result<Vec<Vec<f32>>, EmbedError>;
 struct Job {
     texts: Vec<String>,
     reply: oneshot::Sender<Reply>,
+    queued: Instant,
 }
 
 pub struct Embedder {
@@ -169,13 +172,14 @@ impl Embedder {
             });
         }
 
-        let (tx, rx) = mpsc::sync_channel::<Job>(QUEUE_DEPTH);
+        let (tx, rx) = mpsc::sync_channel::<Job>(cfg.queue_depth.max(1));
+        let max_wait = cfg.max_queue_wait;
         let rx = Arc::new(Mutex::new(rx));
         for (i, mut w) in workers.into_iter().enumerate() {
             let rx = rx.clone();
             std::thread::Builder::new()
                 .name(format!("smartllm-embed-{i}"))
-                .spawn(move || worker_loop(&mut w, &rx))
+                .spawn(move || worker_loop(&mut w, &rx, max_wait))
                 .map_err(|e| EmbedError::Inference(format!("cannot start embedder thread: {e}")))?;
         }
         let info = EmbedderInfo {
@@ -196,9 +200,16 @@ impl Embedder {
 
     fn submit(&self, texts: Vec<String>) -> Result<oneshot::Receiver<Reply>, EmbedError> {
         let (reply, rx) = oneshot::channel();
-        match self.tx.try_send(Job { texts, reply }) {
+        match self.tx.try_send(Job {
+            texts,
+            reply,
+            queued: Instant::now(),
+        }) {
             Ok(()) => Ok(rx),
-            Err(TrySendError::Full(_)) => Err(EmbedError::Overloaded),
+            Err(TrySendError::Full(_)) => {
+                metrics::counter!(METRIC_SHED, "reason" => "queue_full").increment(1);
+                Err(EmbedError::Overloaded("queue full"))
+            }
             Err(TrySendError::Disconnected(_)) => Err(EmbedError::Stopped),
         }
     }
@@ -222,15 +233,35 @@ impl Embedder {
     }
 }
 
-fn worker_loop(w: &mut Worker, rx: &Mutex<Receiver<Job>>) {
+/// Answers a job that waited too long with `Overloaded` instead of running it:
+/// under overload the queue's wait, not the model, would set the latency.
+fn fresh(job: Job, max_wait: Duration) -> Option<Job> {
+    if job.queued.elapsed() <= max_wait {
+        return Some(job);
+    }
+    metrics::counter!(METRIC_SHED, "reason" => "queue_wait").increment(1);
+    let _ = job.reply.send(Err(EmbedError::Overloaded(
+        "queue wait over embedder.max_queue_wait",
+    )));
+    None
+}
+
+fn worker_loop(w: &mut Worker, rx: &Mutex<Receiver<Job>>, max_wait: Duration) {
     loop {
         // Take one job, then whatever else arrives within BATCH_WAIT, up to the batch size.
         let mut jobs = Vec::new();
         {
             let Ok(rx) = rx.lock() else { return };
-            match rx.recv() {
-                Ok(j) => jobs.push(j),
-                Err(_) => return,
+            loop {
+                match rx.recv() {
+                    Ok(j) => {
+                        if let Some(j) = fresh(j, max_wait) {
+                            jobs.push(j);
+                            break;
+                        }
+                    }
+                    Err(_) => return,
+                }
             }
             let deadline = Instant::now() + BATCH_WAIT;
             let mut n: usize = jobs[0].texts.len();
@@ -238,8 +269,10 @@ fn worker_loop(w: &mut Worker, rx: &Mutex<Receiver<Job>>) {
                 let left = deadline.saturating_duration_since(Instant::now());
                 match rx.recv_timeout(left) {
                     Ok(j) => {
-                        n += j.texts.len();
-                        jobs.push(j);
+                        if let Some(j) = fresh(j, max_wait) {
+                            n += j.texts.len();
+                            jobs.push(j);
+                        }
                     }
                     Err(RecvTimeoutError::Timeout) => break,
                     Err(RecvTimeoutError::Disconnected) => break,
@@ -369,6 +402,8 @@ pub fn local_assets(max_seq_len: usize) -> EmbedderConfig {
         threads: 1,
         max_seq_len,
         device: Device::Cpu,
+        queue_depth: 256,
+        max_queue_wait: Duration::from_millis(250),
     }
 }
 
@@ -487,5 +522,44 @@ mod tests {
             .embed_blocking(vec!["What is the way to reset my password?".into()])
             .unwrap();
         assert!(cosine(&alone[0], &v[1]) > 0.9999);
+    }
+
+    /// Under overload the embedder refuses work (full queue) or drops work that
+    /// waited too long, instead of letting the queue set the latency.
+    #[test]
+    fn overload_is_shed_not_queued() {
+        let run = |queue_depth: usize, max_queue_wait: Duration| {
+            let mut cfg = assets()
+                .expect("embedding assets missing: run packaging/fetch-assets.sh (make test does)");
+            cfg.max_seq_len = 256;
+            cfg.queue_depth = queue_depth;
+            cfg.max_queue_wait = max_queue_wait;
+            let e = Arc::new(Embedder::load(&cfg).unwrap());
+            let text = "a long sentence about routing, caching and costs ".repeat(20);
+            let threads: Vec<_> = (0..48)
+                .map(|i| {
+                    let (e, text) = (e.clone(), format!("{i} {text}"));
+                    std::thread::spawn(move || e.embed_blocking(vec![text]))
+                })
+                .collect();
+            let (mut ok, mut shed) = (0, 0);
+            for t in threads {
+                match t.join().unwrap() {
+                    Ok(v) => {
+                        assert_eq!(v[0].len(), DIM);
+                        ok += 1;
+                    }
+                    Err(EmbedError::Overloaded(_)) => shed += 1,
+                    Err(e) => panic!("unexpected error {e}"),
+                }
+            }
+            (ok, shed)
+        };
+        // A queue of 2: most of 48 simultaneous callers are refused at once.
+        let (ok, shed) = run(2, Duration::from_secs(10));
+        assert!(ok >= 1 && shed >= 1, "ok {ok}, shed {shed}");
+        // A deep queue but a 1 ms wait bound: jobs behind the first batches are dropped.
+        let (ok, shed) = run(1024, Duration::from_millis(1));
+        assert!(ok >= 1 && shed >= 1, "ok {ok}, shed {shed}");
     }
 }

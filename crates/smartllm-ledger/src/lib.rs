@@ -11,7 +11,7 @@ use smartllm_store::{
     decode_counters, encode_counters, Store, CF_LEDGER, CF_LEDGER_MIX, LEDGER_FIELDS,
 };
 use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
+use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -174,26 +174,41 @@ pub struct Ledger {
     tx: SyncSender<Msg>,
     store: Arc<Store>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// The writer thread, woken for flushes, stops and a filling queue only:
+    /// a record does not wake it (that would cost two context switches per
+    /// request); it drains the queue when its flush interval comes round.
+    /// Signed: the writer may drain a record before its sender counts it.
+    thread: std::thread::Thread,
+    queued: Arc<std::sync::atomic::AtomicIsize>,
 }
+
+const QUEUE_CAPACITY: usize = 65_536;
+/// Records queued at which the writer is woken early to drain.
+const WAKE_AT: isize = (QUEUE_CAPACITY / 4) as isize;
 
 impl Ledger {
     /// Start the writer thread, flushing every `flush_interval`.
     pub fn start(store: Arc<Store>, flush_interval: Duration) -> std::io::Result<Ledger> {
-        let (tx, rx) = mpsc::sync_channel(65_536);
+        let (tx, rx) = mpsc::sync_channel(QUEUE_CAPACITY);
         let writer_store = store.clone();
+        let queued = Arc::new(std::sync::atomic::AtomicIsize::new(0));
+        let writer_queued = queued.clone();
         let handle = std::thread::Builder::new()
             .name("smartllm-ledger".into())
-            .spawn(move || writer(writer_store, rx, flush_interval))?;
+            .spawn(move || writer(writer_store, rx, flush_interval, &writer_queued))?;
         Ok(Ledger {
             tx,
             store,
+            thread: handle.thread().clone(),
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+            queued,
         })
     }
 
     /// Write what is pending and stop the writer (shutdown). Later records are dropped.
     pub fn shutdown(&self) {
         let _ = self.tx.send(Msg::Stop);
+        self.thread.unpark();
         if let Some(h) = self.writer.lock().ok().and_then(|mut w| w.take()) {
             let _ = h.join();
         }
@@ -214,7 +229,15 @@ impl Ledger {
             metrics::gauge!(METRIC_SAVED, &labels).increment(saved);
         }
         match self.tx.try_send(Msg::Record(Box::new(r))) {
-            Ok(()) => {}
+            Ok(()) => {
+                let n = self
+                    .queued
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                    + 1;
+                if n == WAKE_AT {
+                    self.thread.unpark();
+                }
+            }
             Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
                 metrics::counter!(METRIC_DROPPED).increment(1);
             }
@@ -225,6 +248,7 @@ impl Ledger {
     pub fn flush(&self) {
         let (ack, done) = mpsc::channel();
         if self.tx.send(Msg::Flush(ack)).is_ok() {
+            self.thread.unpark();
             let _ = done.recv_timeout(Duration::from_secs(10));
         }
     }
@@ -255,20 +279,38 @@ impl Pending {
     }
 }
 
-fn writer(store: Arc<Store>, rx: Receiver<Msg>, interval: Duration) {
+fn writer(
+    store: Arc<Store>,
+    rx: Receiver<Msg>,
+    interval: Duration,
+    queued: &std::sync::atomic::AtomicIsize,
+) {
     let mut pending = Pending::default();
     let mut next_flush = Instant::now() + interval;
     loop {
         let wait = next_flush.saturating_duration_since(Instant::now());
+        if !wait.is_zero() {
+            std::thread::park_timeout(wait);
+        }
         let mut acks = Vec::new();
         let mut stop = false;
-        match rx.recv_timeout(wait) {
-            Ok(Msg::Record(r)) => add(&mut pending, &r),
-            Ok(Msg::Flush(ack)) => acks.push(ack),
-            Ok(Msg::Stop) => stop = true,
-            Err(RecvTimeoutError::Timeout) => {}
-            Err(RecvTimeoutError::Disconnected) => stop = true,
+        let mut drained = 0;
+        loop {
+            match rx.try_recv() {
+                Ok(Msg::Record(r)) => {
+                    add(&mut pending, &r);
+                    drained += 1;
+                }
+                Ok(Msg::Flush(ack)) => acks.push(ack),
+                Ok(Msg::Stop) => stop = true,
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => {
+                    stop = true;
+                    break;
+                }
+            }
         }
+        queued.fetch_sub(drained, std::sync::atomic::Ordering::Relaxed);
         if acks.is_empty() && !stop && Instant::now() < next_flush {
             continue;
         }

@@ -4,6 +4,8 @@
 pub mod anthropic;
 pub mod assemble;
 pub mod error;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod openai;
 pub mod sse;
 pub mod usage;

@@ -36,15 +36,26 @@ pub struct PendingInsert {
     /// A per-request cost cap lowered max tokens: an answer it cut short
     /// (finish_reason "length") is not stored.
     pub cost_capped: bool,
+    /// Stores in progress gateway-wide, and the bound on them.
+    pub pending: Arc<std::sync::atomic::AtomicUsize>,
+    pub max_pending: usize,
 }
 
 impl PendingInsert {
     /// Store `completion` (a `chat.completion` JSON document) in the background.
     pub fn spawn(self, completion: String) {
+        use std::sync::atomic::Ordering;
+        if self.cost_capped && cut_short(&completion) {
+            return;
+        }
+        // Under overload, drop the store rather than pile up tasks and memory.
+        if self.pending.fetch_add(1, Ordering::SeqCst) >= self.max_pending {
+            self.pending.fetch_sub(1, Ordering::SeqCst);
+            metrics::counter!(crate::metrics::SHED, "reason" => "cache_insert").increment(1);
+            return;
+        }
         tokio::spawn(async move {
-            if self.cost_capped && cut_short(&completion) {
-                return;
-            }
+            let pending = self.pending.clone();
             if let Err(e) = self
                 .cache
                 .insert(
@@ -57,8 +68,17 @@ impl PendingInsert {
                 )
                 .await
             {
-                tracing::warn!(error = %e, "storing a cache entry failed");
+                if let smartllm_cache::CacheError::Embed(smartllm_embed::EmbedError::Overloaded(
+                    _,
+                )) = e
+                {
+                    metrics::counter!(crate::metrics::SHED, "reason" => "cache_insert")
+                        .increment(1);
+                } else {
+                    tracing::warn!(error = %e, "storing a cache entry failed");
+                }
             }
+            pending.fetch_sub(1, Ordering::SeqCst);
         });
     }
 }
@@ -147,6 +167,8 @@ pub async fn phase(
         route: route_name.clone(),
         model: model.to_string(),
         cost_capped: false,
+        pending: shared.pending_inserts.clone(),
+        max_pending: cfg.max_pending_inserts,
     };
     if no_cache {
         // Fresh answer requested: skip the lookup, refresh the entry.
@@ -200,6 +222,13 @@ pub async fn phase(
                 tracing::debug!(request_id = %ctx.request_id, why, best = ?best_similarity, "semantic candidate rejected by the precision guard");
             }
             ctx.cache_insert = Some(pending(key, embedding));
+            Ok(false)
+        }
+        Err(smartllm_cache::CacheError::Embed(smartllm_embed::EmbedError::Overloaded(why))) => {
+            // Overload: skip the cache for this request, serve it upstream.
+            tracing::debug!(request_id = %ctx.request_id, why, "embedder overloaded; cache skipped");
+            metrics::counter!(crate::metrics::SHED, "reason" => "embedder").increment(1);
+            bypass(ctx, "overloaded");
             Ok(false)
         }
         Err(e) => {

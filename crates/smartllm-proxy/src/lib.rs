@@ -75,6 +75,8 @@ pub struct Shared {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Set on SIGTERM: not ready, new requests get 503.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Answers waiting to be stored in the cache (bounded by cache.max_pending_inserts).
+    pub pending_inserts: Arc<std::sync::atomic::AtomicUsize>,
     pub config_dir: PathBuf,
     pub reload_lock: tokio::sync::Mutex<()>,
     pub reload_status: Mutex<reload::ReloadStatus>,
@@ -110,6 +112,7 @@ impl Shared {
             webhook_connector: Arc::new(Connector::new(None)),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
+            pending_inserts: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             config_dir,
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),
@@ -182,6 +185,24 @@ impl ProxyHttp for Gateway {
             err.retry_after = Some(1);
             ctx.status = 503;
             session.set_keepalive(None);
+            respond::error(session, ctx, &err).await?;
+            return Ok(true);
+        }
+        // Shed beyond the concurrency limit rather than queue without bound.
+        let limit = ctx.rt.as_ref().map(|rt| rt.config.server.max_in_flight);
+        if limit.is_some_and(|max| {
+            self.shared
+                .in_flight
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > max
+        }) {
+            ::metrics::counter!(metrics::SHED, "reason" => "max_in_flight").increment(1);
+            let mut err = smartllm_protocol::ApiError::unavailable(
+                "server_overloaded",
+                "The gateway is at its concurrency limit (server.max_in_flight); retry shortly.",
+            );
+            err.retry_after = Some(1);
+            ctx.status = 503;
             respond::error(session, ctx, &err).await?;
             return Ok(true);
         }

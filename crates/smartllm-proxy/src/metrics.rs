@@ -18,6 +18,10 @@ pub const CONFIG_RELOADS: &str = "smartllm_config_reloads_total";
 pub const CONFIG_VERSION: &str = "smartllm_config_version";
 pub const CONFIG_RESTART_PENDING: &str = "smartllm_config_restart_required";
 pub const INFLIGHT: &str = "smartllm_requests_in_flight";
+/// Work refused under overload, by `reason`: `max_in_flight` (the request got
+/// 503), `embedder` (its cache lookup was skipped), `cache_insert` (its answer
+/// was not stored).
+pub const SHED: &str = "smartllm_shed_total";
 pub const BUILD_INFO: &str = "smartllm_build_info";
 pub const EMBEDDER_READY: &str = "smartllm_embedder_ready";
 pub const STORE_READY: &str = "smartllm_store_ready";
@@ -120,6 +124,14 @@ pub fn install() -> PrometheusHandle {
         "1 when the config on disk changes settings that need a restart."
     );
     describe_gauge!(INFLIGHT, "Requests being served now.");
+    describe_counter!(
+        SHED,
+        "Work refused under overload: requests answered 503 (max_in_flight), cache lookups skipped (embedder), answers not stored (cache_insert)."
+    );
+    describe_counter!(
+        smartllm_embed::METRIC_SHED,
+        "Embedding jobs refused (queue_full) or dropped after waiting past embedder.max_queue_wait (queue_wait)."
+    );
     describe_gauge!(BUILD_INFO, "Build information.");
     describe_gauge!(
         EMBEDDER_READY,
