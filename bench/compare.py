@@ -247,6 +247,7 @@ def stop_all(targets):
     for t in targets.values():
         try:
             os.killpg(t.proc.pid, signal.SIGTERM)
+            os.killpg(t.proc.pid, signal.SIGCONT)
         except ProcessLookupError:
             pass
     for t in targets.values():
@@ -257,6 +258,23 @@ def stop_all(targets):
 
 
 # ------------------------------------------------------------------ load
+
+
+class Quiet:
+    """While one target is measured, the other gateways are stopped (SIGSTOP):
+    they share CPU 0, and their idle background work (health checks, timers,
+    Python and Node housekeeping) would otherwise land in its latency tail."""
+
+    def __init__(self, targets, measured):
+        self.others = [t for t in targets.values() if t.name not in ("direct", measured.name)]
+
+    def __enter__(self):
+        for t in self.others:
+            os.killpg(t.proc.pid, signal.SIGSTOP)
+
+    def __exit__(self, *exc):
+        for t in self.others:
+            os.killpg(t.proc.pid, signal.SIGCONT)
 
 
 def oha(args, t, *, duration, conns, rate=None, data=None, lines=None, extra_headers=()):
@@ -460,7 +478,9 @@ def report(res, out, files):
       "fixed rates use `-q` with latency correction (no coordinated omission).")
     w("- Placement: every target pinned to CPU 0 with one worker (nginx `worker_processes 1`, LiteLLM "
       "`--num_workers 1`, Portkey one Node process, SmartLLM `server.threads: 1`); oha and mock-llm "
-      "(one thread, 0 ms latency) share CPU 1. nginx and SmartLLM access logs off; LiteLLM and Portkey at their defaults.")
+      "(one thread, 0 ms latency) share CPU 1. While a target is measured the other gateways are stopped (SIGSTOP), "
+      "so their idle background work does not land in its latency tail. nginx and SmartLLM access logs off; "
+      "LiteLLM and Portkey at their defaults.")
     w("- Request: `POST /v1/chat/completions`, one short user message (~90 bytes); streamed runs add "
       "`\"stream\": true` and time the whole stream. LiteLLM gets its master key; Portkey `x-portkey-provider: openai` "
       "with `x-portkey-custom-host` pointing at the mock.\n")
@@ -633,7 +653,8 @@ def main():
                 oha(args, t, duration=1.5, conns=16, data=body(PROMPT, stream))
 
         def median_run(t, **kw):
-            runs = sorted((oha(args, t, **kw) for _ in range(args.rounds)), key=lambda m: m["rps"])
+            with Quiet(targets, t):
+                runs = sorted((oha(args, t, **kw) for _ in range(args.rounds)), key=lambda m: m["rps"])
             return runs[len(runs) // 2]
 
         for mode in ("plain", "stream"):
@@ -675,7 +696,8 @@ def main():
                     ("semantic", {"data": body("What is the way to reset my password on account 0?")}),
                     ("miss", {"lines": lines}),
                 ):
-                    m = oha(args, t, duration=args.duration, conns=c, **kw)
+                    with Quiet(targets, t):
+                        m = oha(args, t, duration=args.duration, conns=c, **kw)
                     res["cache"][f"{path}/{c}"] = m
                     log(f"cache {path} c={c}: {m['rps']:,.0f} req/s, p50 {m['p50']:.3f} ms, p99 {m['p99']:.3f} ms, errors {m['errors']}")
 
@@ -683,7 +705,8 @@ def main():
         res["goals"] = goals(res)
         if not args.no_profile and "smartllm" in targets:
             log("profiling SmartLLM with perf")
-            res["profile"] = profile_smartllm(args, targets["smartllm"], work)
+            with Quiet(targets, targets["smartllm"]):
+                res["profile"] = profile_smartllm(args, targets["smartllm"], work)
     finally:
         stop_all(targets)
     files = plots(res, out, args.rates)

@@ -1975,3 +1975,106 @@ fn overload_is_shed_with_503_and_retry_after_and_the_cache_steps_aside() {
     );
     assert!(gw.metric("smartllm_embed_shed_total", &[]) >= skipped as f64);
 }
+
+#[test]
+fn upstream_faults_under_concurrent_load_keep_99_9_percent_success() {
+    // One healthy deployment, one that fails half its requests in every way
+    // that leaves nothing sent to the client yet (reset, close, stall,
+    // malformed JSON, 5xx, 429), one that refuses connections.
+    let healthy = Mock::start(&["--name", "healthy"]);
+    let faulty = Mock::start(&[
+        "--name",
+        "faulty",
+        "--fault-rate",
+        "0.5",
+        "--faults",
+        "reset,close,hang,malformed-json,500,503,429",
+    ]);
+    let dead = free_port();
+    let providers = format!(
+        "providers:\n{}  faulty:\n    kind: openai\n    base_url: http://{}/v1\n    first_byte_timeout: 300ms\n    idle_timeout: 300ms\n    health_check: {{ kind: none }}\n    circuit_breaker: {{ failures: 5, cooldown: 500ms }}\n  dead:\n    kind: openai\n    base_url: http://127.0.0.1:{dead}/v1\n    health_check: {{ kind: none }}\n    circuit_breaker: {{ failures: 3, cooldown: 500ms }}\n",
+        mock_provider("healthy", &healthy),
+        faulty.addr
+    );
+    let models = "models:\n  - name: multi\n    deployments:\n      - provider: faulty\n        model: mock-small\n      - provider: dead\n        model: mock-small\n      - provider: healthy\n        model: mock-small\n";
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "",
+    ));
+    let (ok, failures) = (
+        Arc::new(AtomicU64::new(0)),
+        Arc::new(std::sync::Mutex::new(Vec::<String>::new())),
+    );
+    let workers: Vec<_> = (0..8)
+        .map(|w| {
+            let (addr, ok, failures) = (gw.addr.clone(), ok.clone(), failures.clone());
+            std::thread::spawn(move || {
+                for n in 0..150 {
+                    let stream = n % 3 == 0;
+                    let body = json!({"model": "multi", "stream": stream,
+                        "messages": [{"role": "user", "content": format!("fault load {w}-{n}")}]});
+                    match request(
+                        &addr,
+                        "POST",
+                        "/v1/chat/completions",
+                        &[],
+                        &serde_json::to_vec(&body).unwrap(),
+                    ) {
+                        Ok(r)
+                            if r.status == 200
+                                && (!stream
+                                    || r.sse_data().last().map(String::as_str)
+                                        == Some("[DONE]"))
+                                && (stream || r.json()["choices"][0]["message"].is_object()) =>
+                        {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Ok(r) => {
+                            failures
+                                .lock()
+                                .unwrap()
+                                .push(format!("{} {}", r.status, r.text()))
+                        }
+                        Err(e) => failures.lock().unwrap().push(format!("io: {e}")),
+                    }
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let ok = ok.load(Ordering::SeqCst);
+    let failures = failures.lock().unwrap().clone();
+    let total = ok + failures.len() as u64;
+    assert_eq!(total, 1200);
+    eprintln!(
+        "upstream faults: {ok}/{total} succeeded, faulty mock saw {} requests",
+        faulty.requests()
+    );
+    assert!(
+        ok as f64 / total as f64 >= 0.999,
+        "{} of {total} failed: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    // The faults really happened, and every one is counted by reason.
+    assert!(
+        faulty.requests() >= 20,
+        "the faulty deployment was exercised"
+    );
+    let m = |reason: &str| gw.metric("smartllm_upstream_errors_total", &[("reason", reason)]);
+    assert!(m("connect") >= 1.0, "connection refused counted");
+    assert!(m("status_5xx") >= 1.0 && m("status_429") >= 1.0);
+    assert!(m("malformed_response") + m("body") + m("reset") >= 1.0);
+    assert!(
+        gw.metric(
+            "smartllm_upstream_attempts_total",
+            &[("outcome", "retried")]
+        ) >= 10.0,
+        "failed attempts moved on to the next deployment"
+    );
+}

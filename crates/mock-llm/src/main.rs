@@ -6,7 +6,8 @@
 //! (which passes through the gateway untouched), or for every request by flags.
 //!
 //! Faults: `status=<code>`, `fault=reset|close|hang|drop-mid-stream|malformed-json|malformed-sse`,
-//! `latency_ms`, `chunk_delay_ms`, `words`.
+//! `latency_ms`, `chunk_delay_ms`, `words`; or at random for a share of all
+//! requests (`--fault-rate 0.3 --faults reset,500,hang`).
 //!
 //! Introspection: `GET /_mock/last` (the last request: path, headers, body length
 //! and sha256), `GET /_mock/stats` (request count), `GET /health`.
@@ -46,6 +47,18 @@ struct Args {
     /// Answer every completion request with this HTTP status (error injection).
     #[arg(long)]
     fail_status: Option<u16>,
+    /// Inject a fault into this share (0.0-1.0) of completion requests that
+    /// ask for none, picked at random from --faults.
+    #[arg(long, default_value_t = 0.0)]
+    fault_rate: f64,
+    /// Faults for --fault-rate: reset, close, hang, malformed-json,
+    /// drop-mid-stream, malformed-sse, or an HTTP status code.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "reset,close,malformed-json,500,503,429"
+    )]
+    faults: Vec<String>,
     /// Name reported in `system_fingerprint` and the `x-mock-instance` header.
     #[arg(long, default_value = "mock")]
     name: String,
@@ -330,6 +343,17 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
     }
     b.fault = get("fault");
     b.no_usage = get("no_usage").is_some_and(|v| v == "true" || v == "1");
+    if b.fault.is_none()
+        && b.status.is_none()
+        && !args.faults.is_empty()
+        && fastrand::f64() < args.fault_rate
+    {
+        let f = &args.faults[fastrand::usize(..args.faults.len())];
+        match f.parse::<u16>() {
+            Ok(code) => b.status = Some(code),
+            Err(_) => b.fault = Some(f.clone()),
+        }
+    }
     b
 }
 

@@ -544,6 +544,29 @@ impl Issues<'_> {
     }
 }
 
+/// serde_yaml numbers lines the way YAML breaks them (CR, LF and CRLF); an
+/// editor, `grep -n` and `sed -n Np` count LF. A lone CR (found by the config
+/// fuzzer) made the two disagree, so convert: find where YAML's line starts and
+/// count the LFs before it.
+fn file_line(text: &str, yaml_line: usize) -> usize {
+    let b = text.as_bytes();
+    let (mut line, mut i) = (1, 0);
+    while line < yaml_line && i < b.len() {
+        match b[i] {
+            b'\r' => {
+                if b.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                line += 1;
+            }
+            b'\n' => line += 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    b[..i].iter().filter(|c| **c == b'\n').count() + 1
+}
+
 fn parse_file<T: DeserializeOwned + Default>(
     dir: &Path,
     file: &'static str,
@@ -564,7 +587,7 @@ fn parse_file<T: DeserializeOwned + Default>(
             let inner = e.into_inner();
             let line = inner
                 .location()
-                .map(|l| l.line())
+                .map(|l| file_line(text, l.line()))
                 .or_else(|| locate(text, &path));
             let mut message = inner.to_string();
             // serde_yaml appends " at line X column Y"; we print the line ourselves.
@@ -1705,6 +1728,18 @@ mod tests {
         assert_eq!(c.embedder.queue_depth, 256);
         assert_eq!(c.embedder.max_queue_wait, Duration::from_millis(250));
         assert_eq!(c.cache.max_pending_inserts, 1024);
+    }
+
+    #[test]
+    fn lines_are_counted_as_editors_count_them_even_with_a_lone_cr() {
+        assert_eq!(file_line("a\nb\nc\n", 3), 3);
+        assert_eq!(file_line("a\r\nb\r\nc", 3), 3);
+        // YAML's line 3 starts after "b\r", which is still the file's line 2.
+        assert_eq!(file_line("a\nb\rc: [\n", 3), 2);
+        // CR CR LF: two YAML line breaks, one LF.
+        let dir = write_dir(&[(MAIN_FILE, "# a\r\r\nserver:\n  threads: many\n")]);
+        let err = load_dir(dir.path()).unwrap_err();
+        assert_eq!(err.issues[0].line, Some(3), "{err}");
     }
 
     #[test]

@@ -452,7 +452,14 @@ async fn attempt_once(
     if !(200..300).contains(&status) {
         let body = match read_all(&mut up, idle, MAX_ERROR_BODY, ctx).await {
             Ok(b) => b,
-            Err(e) => return Attempt::Fail(upstream_body_error(&pname, e)),
+            Err(e) => {
+                let err = upstream_body_error(&pname, e);
+                return if more_left {
+                    Attempt::Retry(err)
+                } else {
+                    Attempt::Fail(err)
+                };
+            }
         };
         release(shared, up, peer).await;
         metrics::upstream_error(
@@ -512,6 +519,7 @@ async fn attempt_once(
             req,
             &pname,
             &passthrough,
+            more_left,
         )
         .await
     }
@@ -694,19 +702,29 @@ async fn buffered_response(
     req: &ParsedRequest,
     pname: &str,
     passthrough: &[(String, String)],
+    more_left: bool,
 ) -> Attempt {
+    // Nothing has reached the client yet: a broken or unreadable answer moves
+    // on to the next deployment like a refused connection does.
+    let retry_or_fail = |e: ApiError| {
+        if more_left {
+            Attempt::Retry(e)
+        } else {
+            Attempt::Fail(e)
+        }
+    };
     let body = match read_all(&mut up, dep_idle(ctx), MAX_BUFFERED_RESPONSE, ctx).await {
         Ok(b) => b,
         Err(e) => {
             up.shutdown().await;
             metrics::upstream_error(pname, "body");
-            return Attempt::Fail(upstream_body_error(pname, e));
+            return retry_or_fail(upstream_body_error(pname, e));
         }
     };
     release(shared, up, peer).await;
     let Ok(v) = serde_json::from_slice::<Value>(&body) else {
         metrics::upstream_error(pname, "malformed_response");
-        return Attempt::Fail(ApiError::bad_gateway(
+        return retry_or_fail(ApiError::bad_gateway(
             "upstream_invalid_response",
             format!(
                 "Provider '{pname}' returned a response that is not valid JSON ({} bytes).",
