@@ -2078,3 +2078,171 @@ fn upstream_faults_under_concurrent_load_keep_99_9_percent_success() {
         "failed attempts moved on to the next deployment"
     );
 }
+
+fn fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Raw bytes in, everything the server sends back until it closes.
+fn raw(addr: &str, bytes: &[u8]) -> String {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(bytes).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn bad_clients_get_clear_errors_and_leak_nothing() {
+    use std::io::{Read, Write};
+    let (mock, gw) = basic("", &["--chunk-delay-ms", "100", "--words", "20"]);
+    let pid = gw.pid();
+    // Warm up, then take the baseline.
+    assert_eq!(gw.chat(&chat_body("small", "warm up")).status, 200);
+    let (fd0, rss0) = (fds(pid), rss_kib(pid));
+    let upstream0 = mock.requests();
+    let ok = serde_json::to_vec(&chat_body("small", "hello")).unwrap();
+    for round in 0..40 {
+        // Oversize headers: 431.
+        let big = "a".repeat(40 << 10);
+        let r = request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("X-Big", &big)],
+            &ok,
+        )
+        .unwrap();
+        assert_eq!(r.status, 431, "{}", r.text());
+        assert_eq!(r.api_error()["code"], "request_header_too_large");
+        // Deeply nested JSON: 400 without a stack overflow.
+        let nested = format!(
+            "{{\"model\":\"small\",\"messages\":[],\"x\":{}{}}}",
+            "[".repeat(100_000),
+            "]".repeat(100_000)
+        );
+        let r = request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            nested.as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.status, 400);
+        assert_eq!(r.api_error()["code"], "invalid_json");
+        // Invalid UTF-8: 400.
+        let r = request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[],
+            b"{\"model\":\"small\",\"messages\":[{\"role\":\"user\",\"content\":\"\xff\xfe\"}]}",
+        )
+        .unwrap();
+        assert_eq!(r.status, 400);
+        // A form post or plain text: 415, with the fix in the message.
+        for ct in ["text/plain", "application/x-www-form-urlencoded"] {
+            let r = request(
+                &gw.addr,
+                "POST",
+                "/v1/chat/completions",
+                &[("Content-Type", ct)],
+                &ok,
+            )
+            .unwrap();
+            assert_eq!(r.status, 415, "{ct}");
+            assert!(r.api_error()["message"]
+                .as_str()
+                .unwrap()
+                .contains("application/json"));
+        }
+        // HTTP/1.0 works, and the connection closes after the answer.
+        let mut head = format!(
+            "POST /v1/chat/completions HTTP/1.0\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            ok.len()
+        )
+        .into_bytes();
+        head.extend_from_slice(&ok);
+        let out = raw(&gw.addr, &head);
+        assert!(out.starts_with("HTTP/1.") && out.contains(" 200 "), "{out}");
+        assert!(out.contains("Mock reply to: hello"));
+        // A client that leaves during its upload: nothing goes upstream.
+        let mut s = std::net::TcpStream::connect(&gw.addr).unwrap();
+        s.write_all(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 10000\r\n\r\n{\"model\":\"small\",")
+            .unwrap();
+        drop(s);
+        if round == 0 {
+            // ... and requests before and after these still work.
+            assert_eq!(gw.chat(&chat_body("small", "still fine")).status, 200);
+        }
+    }
+    // 40 HTTP/1.0 answers and one ordinary request went upstream; no aborted upload did.
+    assert!(wait_until(Duration::from_secs(5), || mock.requests() == upstream0 + 41));
+
+    // A client that leaves during a stream: the upstream request is cancelled
+    // (mock-llm sees its stream cut), and the access log says so.
+    let aborted = || {
+        get(&mock.addr, "/_mock/stats").json()["streams_aborted"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = aborted();
+    let mut s = std::net::TcpStream::connect(&gw.addr).unwrap();
+    let body = serde_json::to_vec(&json!({"model": "small", "stream": true, "messages": [{"role": "user", "content": "a long stream to walk away from"}]})).unwrap();
+    s.write_all(
+        format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        )
+        .as_bytes(),
+    )
+    .unwrap();
+    s.write_all(&body).unwrap();
+    let mut first = [0u8; 512];
+    let n = s.read(&mut first).unwrap();
+    assert!(String::from_utf8_lossy(&first[..n]).contains("200"));
+    std::thread::sleep(Duration::from_millis(300));
+    drop(s);
+    assert!(
+        wait_until(Duration::from_secs(5), || aborted() > before),
+        "the upstream stream was not cancelled"
+    );
+    let gone = || {
+        gw.log_text()
+            .lines()
+            .filter(|l| l.contains("\"stream\":true") && l.contains("\"client_gone\":true"))
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+    };
+    assert!(wait_until(Duration::from_secs(5), || gone().is_some()));
+    // Billed for what was generated before the client left, marked estimated.
+    let line = gone().unwrap();
+    assert!(line["completion_tokens"].as_u64().unwrap() > 0, "{line}");
+    assert_eq!(line["usage_estimated"], true, "{line}");
+
+    // Nothing leaked: descriptors back to the baseline, memory steady.
+    assert!(
+        wait_until(Duration::from_secs(10), || fds(pid) <= fd0 + 4),
+        "fds {} -> {}",
+        fd0,
+        fds(pid)
+    );
+    let rss1 = rss_kib(pid);
+    assert!(
+        rss1 < rss0 + 64 * 1024,
+        "RSS grew from {rss0} KiB to {rss1} KiB"
+    );
+}

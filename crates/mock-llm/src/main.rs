@@ -10,7 +10,8 @@
 //! requests (`--fault-rate 0.3 --faults reset,500,hang`).
 //!
 //! Introspection: `GET /_mock/last` (the last request: path, headers, body length
-//! and sha256), `GET /_mock/stats` (request count), `GET /health`.
+//! and sha256), `GET /_mock/stats` (request count, streams cut short by the
+//! client), `GET /health`.
 
 use anyhow::Context;
 use clap::Parser;
@@ -114,6 +115,8 @@ fn tls_acceptor(
 #[derive(Default)]
 struct State {
     requests: AtomicU64,
+    /// Streams whose client (the gateway) went away before the end.
+    streams_aborted: AtomicU64,
     last: Mutex<Value>,
 }
 
@@ -530,7 +533,8 @@ async fn handle<S: Conn>(
             write_json(
                 sock,
                 200,
-                &json!({"requests": state.requests.load(Ordering::Relaxed), "name": args.name}),
+                &json!({"requests": state.requests.load(Ordering::Relaxed),
+                    "streams_aborted": state.streams_aborted.load(Ordering::Relaxed), "name": args.name}),
                 &inst,
             )
             .await?;
@@ -774,7 +778,10 @@ async fn handle<S: Conn>(
             write_chunk(sock, b"data: {\"choices\": [garbage\n\n").await?;
         }
         let t = if i == 0 { w.clone() } else { format!(" {w}") };
-        write_chunk(sock, &chunk(json!({"content": t}), Value::Null)).await?;
+        if let Err(e) = write_chunk(sock, &chunk(json!({"content": t}), Value::Null)).await {
+            state.streams_aborted.fetch_add(1, Ordering::Relaxed);
+            return Err(e.into());
+        }
     }
     write_chunk(sock, &chunk(json!({}), json!(finish))).await?;
     if include_usage {

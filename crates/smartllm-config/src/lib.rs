@@ -225,6 +225,7 @@ pub struct ServerConfig {
     pub admin_listen: SocketAddr,
     pub threads: usize,
     pub max_body_bytes: u64,
+    pub max_header_bytes: u64,
     pub client_body_timeout: Duration,
     pub upstream_connect_timeout: Duration,
     pub upstream_first_byte_timeout: Duration,
@@ -739,6 +740,10 @@ fn resolve(
     if max_body_bytes < 1024 {
         v.push(MAIN_FILE, "server.max_body_size", "must be at least 1KiB");
     }
+    let max_header_bytes = s.max_header_size.map(|b| b.0).unwrap_or(32 << 10);
+    if max_header_bytes < 1024 {
+        v.push(MAIN_FILE, "server.max_header_size", "must be at least 1KiB");
+    }
     let dur = |d: Option<units::ConfigDuration>, default: u64| {
         d.map(|d| d.0).unwrap_or(Duration::from_secs(default))
     };
@@ -763,6 +768,7 @@ fn resolve(
         admin_listen,
         threads: threads.clamp(1, 1024),
         max_body_bytes,
+        max_header_bytes,
         client_body_timeout: dur(s.client_body_timeout, 30),
         upstream_connect_timeout: dur(s.upstream_connect_timeout, 5),
         upstream_first_byte_timeout: dur(s.upstream_first_byte_timeout, 600),

@@ -67,6 +67,8 @@ pub struct RawServer {
     pub admin_listen: Option<String>,
     pub threads: Option<usize>,
     pub max_body_size: Option<ByteSize>,
+    /// Request line plus headers; larger requests get 431.
+    pub max_header_size: Option<ByteSize>,
     pub client_body_timeout: Option<ConfigDuration>,
     pub upstream_connect_timeout: Option<ConfigDuration>,
     pub upstream_first_byte_timeout: Option<ConfigDuration>,

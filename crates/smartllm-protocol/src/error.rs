@@ -93,6 +93,15 @@ impl ApiError {
         )
     }
 
+    pub fn header_too_large(size: usize, limit: u64) -> Self {
+        Self::new(
+            431,
+            "invalid_request_error",
+            "request_header_too_large",
+            format!("The request line and headers are {size} bytes; the limit is {limit} (server.max_header_size)."),
+        )
+    }
+
     pub fn unsupported_media_type(got: &str) -> Self {
         Self::new(
             415,

@@ -17,6 +17,22 @@ pub async fn handle(
     let method = session.req_header().method.as_str().to_string();
     let path = session.req_header().uri.path().to_string();
     let rt = ctx.runtime();
+    let header_size = {
+        let h = session.req_header();
+        method.len()
+            + h.uri.to_string().len()
+            + 12
+            + h.headers
+                .iter()
+                .map(|(k, v)| k.as_str().len() + v.len() + 4)
+                .sum::<usize>()
+    };
+    if header_size as u64 > rt.config.server.max_header_bytes {
+        let err = ApiError::header_too_large(header_size, rt.config.server.max_header_bytes);
+        ctx.status = err.status;
+        session.set_keepalive(None);
+        return respond::error(session, ctx, &err).await;
+    }
     if let Err(err) = crate::auth::authenticate(session, ctx, &rt) {
         ctx.status = err.status;
         // Unread body: do not reuse the connection.
@@ -160,8 +176,18 @@ async fn api(
         .and_then(|v| v.to_str().ok())
     {
         let ct = ct.to_ascii_lowercase();
-        // JSON is what every endpoint here takes; multipart (audio/files APIs) is not served.
-        if ct.starts_with("multipart/") {
+        // JSON is what every endpoint here takes (a request without a
+        // Content-Type is read as JSON too). Anything else, form posts and
+        // multipart (the audio and files APIs) included, gets a clear 415
+        // rather than a confusing parse error.
+        let media = ct.split(';').next().unwrap_or("").trim();
+        let json = media.is_empty()
+            || media == "application/json"
+            || media == "text/json"
+            || media.ends_with("+json");
+        if !json {
+            // The body is not read: the connection cannot be reused.
+            session.set_keepalive(None);
             return Err(ApiError::unsupported_media_type(&ct));
         }
     }

@@ -861,9 +861,25 @@ async fn stream_response(
                         .await
                         .is_err()
                     {
-                        // The client left: cancel the upstream request.
+                        // The client left: cancel the upstream request, and
+                        // bill what was generated up to here (estimated when
+                        // the upstream had not reported usage yet).
                         up.shutdown().await;
-                        record_usage(ctx, tr.usage());
+                        let usage = tr.usage().or_else(|| {
+                            ctx.usage_estimated = true;
+                            let partial = assembler
+                                .take()
+                                .and_then(ChunkAssembler::finish)
+                                .map(|c| completion_text(&c));
+                            Some(match partial {
+                                Some(text) => estimate_usage(req, &text),
+                                None => Usage {
+                                    completion_tokens: (streamed_bytes as u64).div_ceil(20),
+                                    ..estimate_usage(req, "")
+                                },
+                            })
+                        });
+                        record_usage(ctx, usage);
                         return client_gone(ctx);
                     }
                 }
