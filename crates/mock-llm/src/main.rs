@@ -602,10 +602,22 @@ async fn handle<S: Conn>(
         if status == 429 {
             extra.push(("retry-after", "1".into()));
         }
-        let err = if anthropic {
-            json!({"type": "error", "error": {"type": if status == 429 { "rate_limit_error" } else { "api_error" }, "message": format!("mock-llm injected status {status}")}})
+        // Like a careless provider, a 401 quotes the key it was sent.
+        let message = if status == 401 {
+            let sent = req
+                .headers
+                .get("authorization")
+                .or_else(|| req.headers.get("x-api-key"))
+                .cloned()
+                .unwrap_or_default();
+            format!("mock-llm injected status 401: incorrect API key provided: {sent}")
         } else {
-            json!({"error": {"message": format!("mock-llm injected status {status}"), "type": if status == 429 { "rate_limit_error" } else { "server_error" }, "param": null, "code": null}})
+            format!("mock-llm injected status {status}")
+        };
+        let err = if anthropic {
+            json!({"type": "error", "error": {"type": if status == 429 { "rate_limit_error" } else { "api_error" }, "message": message}})
+        } else {
+            json!({"error": {"message": message, "type": if status == 429 { "rate_limit_error" } else { "server_error" }, "param": null, "code": null}})
         };
         write_json(sock, status, &err, &extra).await?;
         return Ok(true);

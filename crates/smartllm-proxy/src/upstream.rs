@@ -46,6 +46,8 @@ struct Prepared {
     header: RequestHeader,
     body: Bytes,
     translate: Translate,
+    /// The provider key sent, to scrub from anything the provider echoes back.
+    key: Option<String>,
 }
 
 /// Try `chain` (the chosen model, then its fallbacks) until one answers: each
@@ -291,6 +293,7 @@ fn prepare(
         header: h,
         body: Bytes::from(body),
         translate,
+        key: key.map(str::to_string),
     })
 }
 
@@ -476,6 +479,9 @@ async fn attempt_once(
             Translate::Anthropic => anthropic::error_to_openai(status, &body),
             Translate::OpenAi => openai_error_body(status, &pname, &body),
         };
+        // Some providers quote the key they were sent in auth errors: that is
+        // the gateway's secret, never the client's to see.
+        let body = scrub(body, prepared.key.as_deref());
         if (status == 429 || status >= 500) && more_left {
             let msg = serde_json::from_slice::<Value>(&body)
                 .ok()
@@ -590,6 +596,20 @@ async fn release(shared: &Shared, mut up: HttpSession, peer: &HttpPeer) {
 }
 
 /// Keep OpenAI-shaped upstream errors as they are; wrap anything else.
+/// `body` with every occurrence of `secret` replaced by `[redacted]`.
+fn scrub(body: Vec<u8>, secret: Option<&str>) -> Vec<u8> {
+    let Some(secret) = secret.filter(|s| s.len() >= 8) else {
+        return body;
+    };
+    let needle = secret.as_bytes();
+    if !body.windows(needle.len()).any(|w| w == needle) {
+        return body;
+    }
+    String::from_utf8_lossy(&body)
+        .replace(secret, "[redacted]")
+        .into_bytes()
+}
+
 fn openai_error_body(status: u16, pname: &str, body: &[u8]) -> Vec<u8> {
     if let Ok(v) = serde_json::from_slice::<Value>(body) {
         if v.get("error")
@@ -980,4 +1000,26 @@ async fn stream_response(
         return client_gone(ctx);
     }
     Attempt::Done
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn provider_keys_are_scrubbed_from_what_providers_echo() {
+        let body =
+            br#"{"error":{"message":"bad key sk-live-0123456789 (sk-live-0123456789)"}}"#.to_vec();
+        let out = String::from_utf8(super::scrub(body, Some("sk-live-0123456789"))).unwrap();
+        assert_eq!(
+            out,
+            r#"{"error":{"message":"bad key [redacted] ([redacted])"}}"#
+        );
+        let clean = b"nothing here".to_vec();
+        assert_eq!(
+            super::scrub(clean.clone(), Some("sk-live-0123456789")),
+            clean
+        );
+        // No key, or one too short to be a secret: untouched.
+        assert_eq!(super::scrub(clean.clone(), None), clean);
+        assert_eq!(super::scrub(b"abc".to_vec(), Some("abc")), b"abc".to_vec());
+    }
 }
