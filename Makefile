@@ -17,7 +17,7 @@ OPENAI_SDK_VERSION := 3.57.0
 
 APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev systemd
 
-.PHONY: run test deps assets build venv lint fmt bench compare fuzz check-config clean-data deb rpm test-packages
+.PHONY: run test deps assets build venv lint fmt bench compare soak fuzz check-config clean-data deb rpm test-packages
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -88,6 +88,12 @@ bench: assets build
 # SmartLLM next to nginx, LiteLLM and Portkey (installs them; ~10 minutes).
 compare: assets
 	bench/compare
+
+# Mixed traffic with faults and reloads for SOAK_MINUTES (default 10).
+SOAK_MINUTES ?= 10
+soak: assets build
+	@test -x $(HOME)/.cache/smartllm-bench/plot-venv/bin/python || { python3 -m venv $(HOME)/.cache/smartllm-bench/plot-venv && $(HOME)/.cache/smartllm-bench/plot-venv/bin/pip install -q matplotlib; }
+	$(HOME)/.cache/smartllm-bench/plot-venv/bin/python bench/soak.py --minutes $(SOAK_MINUTES)
 
 # Bounded fuzzing (60 s per target); crashes become regression tests.
 fuzz:
