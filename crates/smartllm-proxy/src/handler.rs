@@ -19,8 +19,10 @@ pub async fn handle(
     let rt = ctx.runtime();
     let header_size = {
         let h = session.req_header();
+        // Without allocating: the request line's parts, the header lines.
         method.len()
-            + h.uri.to_string().len()
+            + h.uri.authority().map_or(0, |a| a.as_str().len())
+            + h.uri.path_and_query().map_or(1, |p| p.as_str().len())
             + 12
             + h.headers
                 .iter()
