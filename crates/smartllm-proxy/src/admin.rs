@@ -36,7 +36,37 @@ fn json_reply(status: u16, v: &Value) -> Response<Vec<u8>> {
 }
 
 impl AdminApp {
-    fn readyz(&self) -> (bool, Value) {
+    /// Pingora starts the admin and API services side by side, so the admin
+    /// listener can answer before the API listener is bound: ready also means
+    /// the API port accepts a connection (probed until it first does).
+    async fn api_listening(&self) -> bool {
+        use std::sync::atomic::Ordering;
+        if self.shared.api_listening.load(Ordering::Relaxed) {
+            return true;
+        }
+        let mut addr = self.shared.runtime.load().config.server.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(if addr.is_ipv4() {
+                std::net::Ipv4Addr::LOCALHOST.into()
+            } else {
+                std::net::Ipv6Addr::LOCALHOST.into()
+            });
+        }
+        let up = matches!(
+            tokio::time::timeout(
+                std::time::Duration::from_millis(500),
+                tokio::net::TcpStream::connect(addr)
+            )
+            .await,
+            Ok(Ok(_))
+        );
+        if up {
+            self.shared.api_listening.store(true, Ordering::Relaxed);
+        }
+        up
+    }
+
+    fn readyz(&self, listening: bool) -> (bool, Value) {
         let s = &self.shared;
         let rt = s.runtime.load_full();
         let embedder = match (&s.components.embedder, &s.components.self_test) {
@@ -80,11 +110,12 @@ impl AdminApp {
                 .collect();
             models.insert(name.clone(), json!({"backends": backends}));
         }
-        let ready = s.ready();
+        let ready = s.ready() && listening;
         (
             ready,
             json!({
                 "status": if s.draining.load(std::sync::atomic::Ordering::SeqCst) { "draining" } else if ready { "ready" } else { "not_ready" },
+                "listener": {"ready": listening, "address": rt.config.server.listen.to_string()},
                 "config": {"version": rt.version, "digest": rt.config.digest, "demo_mode": rt.demo_mode},
                 "embedder": embedder,
                 "store": store,
@@ -519,7 +550,8 @@ impl ServeHttp for AdminApp {
             ),
             ("GET", "/healthz") => json_reply(200, &json!({"status": "ok"})),
             ("GET", "/readyz") => {
-                let (ready, body) = self.readyz();
+                let listening = self.api_listening().await;
+                let (ready, body) = self.readyz(listening);
                 json_reply(if ready { 200 } else { 503 }, &body)
             }
             ("GET", "/admin/config") => json_reply(200, &self.config()),

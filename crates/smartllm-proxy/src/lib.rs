@@ -75,6 +75,8 @@ pub struct Shared {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Set on SIGTERM: not ready, new requests get 503.
     pub draining: std::sync::atomic::AtomicBool,
+    /// Set once the API listener has accepted a connection from `/readyz`.
+    pub api_listening: std::sync::atomic::AtomicBool,
     /// Answers waiting to be stored in the cache (bounded by cache.max_pending_inserts).
     pub pending_inserts: Arc<std::sync::atomic::AtomicUsize>,
     pub config_dir: PathBuf,
@@ -113,6 +115,7 @@ impl Shared {
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
             pending_inserts: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
+            api_listening: std::sync::atomic::AtomicBool::new(false),
             config_dir,
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),
