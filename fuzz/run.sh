@@ -5,7 +5,7 @@
 # libFuzzer, starting from fuzz/seeds/<target> and a corpus kept in
 # fuzz/corpus/<target> (gitignored). A crash is copied to
 # fuzz/regressions/<target>/, where `make test` replays it from then on
-# (the fuzzing modules' unit tests), and the script exits non-zero.
+# (tests/fuzz_regressions.rs), and the script exits non-zero.
 # cargo-fuzz needs nightly compiler flags; RUSTC_BOOTSTRAP=1 lets the stable
 # toolchain accept them for this build only.
 set -euo pipefail

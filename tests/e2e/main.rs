@@ -1763,6 +1763,24 @@ fn sigterm_drains_in_flight_streams_and_flushes_state() {
     );
 }
 
+/// A load worker's verdict on one chat completion: 200 and a whole answer (a
+/// message, or a stream that ends with `[DONE]`), else why not.
+fn complete_answer(res: std::io::Result<Response>, stream: bool) -> Result<(), String> {
+    let r = res.map_err(|e| format!("io: {e}"))?;
+    let whole = r.status == 200
+        && if stream {
+            r.sse_data().last().map(String::as_str) == Some("[DONE]")
+        } else {
+            serde_json::from_slice::<Value>(&r.body)
+                .is_ok_and(|v| v["choices"][0]["message"].is_object())
+        };
+    if whole {
+        Ok(())
+    } else {
+        Err(format!("{} {}", r.status, r.text()))
+    }
+}
+
 #[test]
 fn graceful_upgrade_under_load_fails_no_request() {
     let (_mock, mut gw) = basic(
@@ -1814,22 +1832,11 @@ fn graceful_upgrade_under_load_fails_no_request() {
                         &serde_json::to_vec(&body).unwrap(),
                     );
                     slowest_ms.fetch_max(t.elapsed().as_millis() as u64, Ordering::SeqCst);
-                    match res {
-                        Ok(r)
-                            if r.status == 200
-                                && (!stream
-                                    || r.sse_data().last().map(String::as_str)
-                                        == Some("[DONE]")) =>
-                        {
+                    match complete_answer(res, stream) {
+                        Ok(()) => {
                             ok.fetch_add(1, Ordering::SeqCst);
                         }
-                        Ok(r) => {
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("{} {}", r.status, r.text()))
-                        }
-                        Err(e) => failures.lock().unwrap().push(format!("io: {e}")),
+                        Err(why) => failures.lock().unwrap().push(why),
                     }
                 }
             })
@@ -2016,29 +2023,18 @@ fn upstream_faults_under_concurrent_load_keep_99_9_percent_success() {
                     let stream = n % 3 == 0;
                     let body = json!({"model": "multi", "stream": stream,
                         "messages": [{"role": "user", "content": format!("fault load {w}-{n}")}]});
-                    match request(
+                    let res = request(
                         &addr,
                         "POST",
                         "/v1/chat/completions",
                         &[],
                         &serde_json::to_vec(&body).unwrap(),
-                    ) {
-                        Ok(r)
-                            if r.status == 200
-                                && (!stream
-                                    || r.sse_data().last().map(String::as_str)
-                                        == Some("[DONE]"))
-                                && (stream || r.json()["choices"][0]["message"].is_object()) =>
-                        {
+                    );
+                    match complete_answer(res, stream) {
+                        Ok(()) => {
                             ok.fetch_add(1, Ordering::SeqCst);
                         }
-                        Ok(r) => {
-                            failures
-                                .lock()
-                                .unwrap()
-                                .push(format!("{} {}", r.status, r.text()))
-                        }
-                        Err(e) => failures.lock().unwrap().push(format!("io: {e}")),
+                        Err(why) => failures.lock().unwrap().push(why),
                     }
                 }
             })
