@@ -227,6 +227,10 @@ pub struct ServerConfig {
     pub max_body_bytes: u64,
     pub max_header_bytes: u64,
     pub client_body_timeout: Duration,
+    pub client_header_timeout: Duration,
+    pub client_body_deadline: Duration,
+    pub keepalive_timeout: Duration,
+    pub http1_pipelining: bool,
     pub upstream_connect_timeout: Duration,
     pub upstream_first_byte_timeout: Duration,
     pub upstream_idle_timeout: Duration,
@@ -763,6 +767,16 @@ fn resolve(
             "must be between 1 and 1000000",
         );
     }
+    for (key, value) in [
+        ("server.client_body_timeout", &s.client_body_timeout),
+        ("server.client_header_timeout", &s.client_header_timeout),
+        ("server.client_body_deadline", &s.client_body_deadline),
+        ("server.keepalive_timeout", &s.keepalive_timeout),
+    ] {
+        if value.as_ref().is_some_and(|d| d.0.is_zero()) {
+            v.push(MAIN_FILE, key, "must be greater than 0");
+        }
+    }
     let server = ServerConfig {
         listen,
         admin_listen,
@@ -770,6 +784,10 @@ fn resolve(
         max_body_bytes,
         max_header_bytes,
         client_body_timeout: dur(s.client_body_timeout, 30),
+        client_header_timeout: dur(s.client_header_timeout, 10),
+        client_body_deadline: dur(s.client_body_deadline, 300),
+        keepalive_timeout: dur(s.keepalive_timeout, 60),
+        http1_pipelining: s.http1_pipelining.unwrap_or(true),
         upstream_connect_timeout: dur(s.upstream_connect_timeout, 5),
         upstream_first_byte_timeout: dur(s.upstream_first_byte_timeout, 600),
         upstream_idle_timeout: dur(s.upstream_idle_timeout, 120),
@@ -1734,6 +1752,31 @@ mod tests {
         assert_eq!(c.embedder.queue_depth, 256);
         assert_eq!(c.embedder.max_queue_wait, Duration::from_millis(250));
         assert_eq!(c.cache.max_pending_inserts, 1024);
+    }
+
+    #[test]
+    fn client_timeouts_are_validated_and_default_sensibly() {
+        let dir = write_dir(&[(
+            MAIN_FILE,
+            "server:\n  client_header_timeout: 0s\n  client_body_deadline: 0ms\n  keepalive_timeout: 0s\n  http1_pipelining: false\n",
+        )]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        for (line, key) in [
+            (2, "client_header_timeout"),
+            (3, "client_body_deadline"),
+            (4, "keepalive_timeout"),
+        ] {
+            assert!(
+                text.contains(&format!("smartllm.yaml:{line}: server.{key}")),
+                "{text}"
+            );
+        }
+        let c = load_dir(write_dir(&[(MAIN_FILE, "data_dir: /tmp/x\n")]).path()).unwrap();
+        assert_eq!(c.server.client_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.client_body_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.client_body_deadline, Duration::from_secs(300));
+        assert_eq!(c.server.keepalive_timeout, Duration::from_secs(60));
+        assert!(c.server.http1_pipelining);
     }
 
     #[test]

@@ -69,7 +69,20 @@ pub struct RawServer {
     pub max_body_size: Option<ByteSize>,
     /// Request line plus headers; larger requests get 431.
     pub max_header_size: Option<ByteSize>,
+    /// Longest pause between two chunks of a request body (408 beyond it).
     pub client_body_timeout: Option<ConfigDuration>,
+    /// The request line and headers must be complete this long after the
+    /// connection opens (or, on a keep-alive connection, after the idle
+    /// timeout); a client that trickles them (slowloris) is disconnected.
+    pub client_header_timeout: Option<ConfigDuration>,
+    /// The whole request body must arrive within this of its headers (408),
+    /// however steadily it trickles.
+    pub client_body_deadline: Option<ConfigDuration>,
+    /// How long an idle keep-alive connection waits for its next request.
+    pub keepalive_timeout: Option<ConfigDuration>,
+    /// Serve HTTP/1.1 requests a client sends before reading the previous
+    /// answer (in order, one at a time) instead of closing the connection.
+    pub http1_pipelining: Option<bool>,
     pub upstream_connect_timeout: Option<ConfigDuration>,
     pub upstream_first_byte_timeout: Option<ConfigDuration>,
     pub upstream_idle_timeout: Option<ConfigDuration>,

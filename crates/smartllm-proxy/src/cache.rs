@@ -195,7 +195,13 @@ pub async fn phase(
             }
             if req.stream {
                 let body = replay_as_sse(&completion, req.client_wants_usage);
-                let mut h = respond::header(200, ctx, "text/event-stream; charset=utf-8", None)?;
+                // The whole replay is known: a sized body keeps the connection reusable.
+                let mut h = respond::header(
+                    200,
+                    ctx,
+                    "text/event-stream; charset=utf-8",
+                    Some(body.len()),
+                )?;
                 h.insert_header("cache-control", "no-cache")?;
                 ctx.status = 200;
                 session.write_response_header(Box::new(h), false).await?;

@@ -116,12 +116,14 @@ async fn models(
     }
 }
 
-/// Read the request body, refusing more than `limit` bytes (413) and bodies
-/// that stall longer than `timeout` between chunks (408).
+/// Read the request body, refusing more than `limit` bytes (413), bodies
+/// that stall longer than `stall` between chunks, and bodies that take longer
+/// than `total` however steadily they trickle (408: slowloris bodies).
 async fn read_body(
     session: &mut Session,
     limit: u64,
-    timeout: Duration,
+    stall: Duration,
+    total: Duration,
 ) -> Result<BytesMut, ApiError> {
     let declared = session
         .req_header()
@@ -133,8 +135,18 @@ async fn read_body(
         return Err(ApiError::payload_too_large(limit));
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit) as usize);
+    let deadline = tokio::time::Instant::now() + total;
     loop {
-        match tokio::time::timeout(timeout, session.read_request_body()).await {
+        let now = tokio::time::Instant::now();
+        let (wait, key) = if deadline.saturating_duration_since(now) < stall {
+            (
+                deadline.saturating_duration_since(now),
+                "server.client_body_deadline",
+            )
+        } else {
+            (stall, "server.client_body_timeout")
+        };
+        match tokio::time::timeout(wait, session.read_request_body()).await {
             Ok(Ok(Some(chunk))) => {
                 if body.len() as u64 + chunk.len() as u64 > limit {
                     return Err(ApiError::payload_too_large(limit));
@@ -149,15 +161,27 @@ async fn read_body(
                 ))
             }
             Err(_) => {
+                ::metrics::counter!(crate::metrics::CLIENT_TIMEOUTS, "phase" => "body")
+                    .increment(1);
+                // The rest of the body is still on the wire: no reuse.
+                session.set_keepalive(None);
+                let message = if key == "server.client_body_deadline" {
+                    format!(
+                        "The request body did not arrive within {} of its headers ({key}).",
+                        humantime(total)
+                    )
+                } else {
+                    format!(
+                        "The request body stalled for more than {} ({key}).",
+                        humantime(stall)
+                    )
+                };
                 return Err(ApiError::new(
                     408,
                     "invalid_request_error",
                     "request_timeout",
-                    format!(
-                        "The request body stalled for more than {}s (server.client_body_timeout).",
-                        timeout.as_secs()
-                    ),
-                ))
+                    message,
+                ));
             }
         }
     }
@@ -197,6 +221,7 @@ async fn api(
         session,
         cfg.server.max_body_bytes,
         cfg.server.client_body_timeout,
+        cfg.server.client_body_deadline,
     )
     .await?;
     ctx.request_bytes = body.len();
@@ -377,5 +402,16 @@ async fn apply_cost_cap(
             }
             Ok(())
         }
+    }
+}
+
+/// `1.5s`, `30s`, `250ms`: durations as a person reads them in an error.
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.as_secs() == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
     }
 }

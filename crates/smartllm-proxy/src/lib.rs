@@ -14,6 +14,7 @@ pub mod cache;
 pub mod cache_sweeper;
 pub mod ctx;
 pub mod fleet;
+pub mod frontend;
 pub mod handler;
 pub mod health;
 pub mod limits;
@@ -167,6 +168,7 @@ impl ProxyHttp for Gateway {
     }
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
+        frontend::head_complete();
         ctx.begin(session, self.shared.runtime.load_full());
         self.shared
             .in_flight
@@ -211,6 +213,14 @@ impl ProxyHttp for Gateway {
         }
         handler::handle(&self.shared, session, ctx).await?;
         Ok(true)
+    }
+
+    fn persist_connection_context(
+        &self,
+        _session: &Session,
+        _ctx: &Ctx,
+    ) -> Option<Box<dyn std::any::Any + Send + Sync>> {
+        Some(Box::new(frontend::Reused))
     }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut Ctx) -> Result<Box<HttpPeer>> {

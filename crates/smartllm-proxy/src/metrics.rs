@@ -22,6 +22,8 @@ pub const INFLIGHT: &str = "smartllm_requests_in_flight";
 /// 503), `embedder` (its cache lookup was skipped), `cache_insert` (its answer
 /// was not stored).
 pub const SHED: &str = "smartllm_shed_total";
+/// Clients too slow to send a request, by phase (`header`: disconnected, `body`: 408).
+pub const CLIENT_TIMEOUTS: &str = "smartllm_client_timeouts_total";
 pub const BUILD_INFO: &str = "smartllm_build_info";
 pub const EMBEDDER_READY: &str = "smartllm_embedder_ready";
 pub const STORE_READY: &str = "smartllm_store_ready";
@@ -127,6 +129,10 @@ pub fn install() -> PrometheusHandle {
     describe_counter!(
         SHED,
         "Work refused under overload: requests answered 503 (max_in_flight), cache lookups skipped (embedder), answers not stored (cache_insert)."
+    );
+    describe_counter!(
+        CLIENT_TIMEOUTS,
+        "Clients too slow to send their request, by phase: header (disconnected after server.client_header_timeout), body (408 after server.client_body_timeout or client_body_deadline)."
     );
     describe_counter!(
         smartllm_embed::METRIC_SHED,

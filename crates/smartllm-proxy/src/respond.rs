@@ -8,6 +8,18 @@ use pingora_http::ResponseHeader;
 use pingora_proxy::{FailToProxy, Session};
 use smartllm_protocol::ApiError;
 
+/// Frames a body whose length is not known up front (a stream). HTTP/1.1
+/// clients get chunked encoding, so the connection stays reusable (keep-alive,
+/// pipelining); without it Pingora sends the body close-delimited. HTTP/1.0
+/// clients get the close-delimited body they understand, and HTTP/2 frames
+/// bodies itself.
+pub fn frame_unsized(session: &Session, h: &mut ResponseHeader) -> pingora_error::Result<()> {
+    if !session.is_http2() && session.req_header().version == http::Version::HTTP_11 {
+        h.insert_header("transfer-encoding", "chunked")?;
+    }
+    Ok(())
+}
+
 /// A response header with the gateway's own headers set.
 pub fn header(
     status: u16,

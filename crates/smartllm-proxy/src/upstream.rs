@@ -838,6 +838,7 @@ async fn stream_response(
     let idle = dep_idle(ctx);
     let header = (|| {
         let mut h = respond::header(200, ctx, "text/event-stream; charset=utf-8", None)?;
+        respond::frame_unsized(session, &mut h)?;
         h.insert_header("cache-control", "no-cache")?;
         h.insert_header("x-accel-buffering", "no")?;
         for (k, v) in passthrough {

@@ -733,12 +733,14 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     shared.budgets.warm(&ledger);
 
-    let mut proxy = pingora::proxy::http_proxy_service_with_name(
-        &server.configuration,
-        Gateway {
-            shared: shared.clone(),
-        },
-        "smartllm proxy",
+    let mut proxy = Service::new(
+        "smartllm proxy".to_string(),
+        smartllm_proxy::frontend::Frontend::new(
+            &server.configuration,
+            Gateway {
+                shared: shared.clone(),
+            },
+        ),
     );
     proxy.add_tcp(&config.server.listen.to_string());
     let mut admin = Service::new(
