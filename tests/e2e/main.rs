@@ -559,6 +559,32 @@ fn deployments_are_balanced_and_failed_ones_avoided() {
 }
 
 #[test]
+fn cli_output_into_a_closed_pipe_exits_quietly() {
+    use std::io::Write;
+    use std::process::Stdio;
+    // `smartllm keys hash` reads the key from stdin, so the reader of its
+    // stdout is gone before it prints (as with `smartllm ... | head -1`).
+    let mut child = std::process::Command::new(bin("smartllm"))
+        .args(["keys", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"sk-some-key\n")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(141), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
 fn check_command_reports_every_error_with_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(

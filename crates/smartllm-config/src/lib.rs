@@ -55,6 +55,7 @@ pub struct Config {
     pub digest: String,
     pub server: ServerConfig,
     pub data_dir: PathBuf,
+    pub store: StoreConfig,
     pub embedder: EmbedderConfig,
     pub logging: LoggingConfig,
     pub demo: DemoConfig,
@@ -88,6 +89,12 @@ pub struct FleetConfig {
     pub key_prefix: String,
     pub timeout: Duration,
     pub on_error: FleetOnError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StoreConfig {
+    /// Bytes for RocksDB's shared block cache, memtables included.
+    pub memory_budget: u64,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -493,6 +500,11 @@ impl Config {
             new.data_dir.display().to_string(),
         );
         check(
+            "store.memory_budget",
+            self.store.memory_budget.to_string(),
+            new.store.memory_budget.to_string(),
+        );
+        check(
             "embedder",
             format!("{:?}", self.embedder),
             format!("{:?}", new.embedder),
@@ -519,6 +531,7 @@ impl Config {
         new.server.grace_period = self.server.grace_period;
         new.server.graceful_shutdown_timeout = self.server.graceful_shutdown_timeout;
         new.data_dir = self.data_dir.clone();
+        new.store = self.store;
         new.embedder = self.embedder.clone();
         new.logging.level = self.logging.level.clone();
         new.reload.watch = self.reload.watch;
@@ -1155,11 +1168,18 @@ fn resolve(
     }
     let classifier = resolve_classifier(dir, &routes.classifier, v);
 
+    let memory_budget = main.store.memory_budget.map(|b| b.0).unwrap_or(128 << 20);
+    if memory_budget < 8 << 20 {
+        v.push(MAIN_FILE, "store.memory_budget", "must be at least 8MiB");
+    }
     Config {
         dir: dir.to_path_buf(),
         digest,
         server,
         data_dir,
+        store: StoreConfig {
+            memory_budget: memory_budget.max(8 << 20),
+        },
         embedder,
         logging,
         demo,
@@ -1777,6 +1797,13 @@ mod tests {
         assert_eq!(c.server.client_body_deadline, Duration::from_secs(300));
         assert_eq!(c.server.keepalive_timeout, Duration::from_secs(60));
         assert!(c.server.http1_pipelining);
+        assert_eq!(c.store.memory_budget, 128 << 20);
+        let dir = write_dir(&[(MAIN_FILE, "store:\n  memory_budget: 1MiB\n")]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains("smartllm.yaml:2: store.memory_budget"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct RawMain {
     #[serde(default)]
     pub ledger: RawLedger,
     #[serde(default)]
+    pub store: RawStore,
+    #[serde(default)]
     pub admin: RawAdmin,
     #[serde(default)]
     pub fleet: RawFleet,
@@ -58,6 +60,14 @@ pub struct RawAdmin {
 pub struct RawLedger {
     /// How often aggregated counters are written (at most this much is lost on kill -9).
     pub flush_interval: Option<ConfigDuration>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStore {
+    /// RocksDB's memory: one block cache shared by every column family, with
+    /// the memtables (at most half of it) and index/filter blocks inside.
+    pub memory_budget: Option<ByteSize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -98,6 +98,12 @@ fn build_session(
     let mut builder = ort::session::Session::builder(env)
         .map_err(|e| e.to_string())?
         .with_intra_threads(1)
+        .map_err(|e| e.to_string())?
+        // Every batch has its own shape (texts x tokens): ONNX Runtime's
+        // memory-pattern planner and CPU arena would keep every peak.
+        .with_memory_pattern(false)
+        .map_err(|e| e.to_string())?
+        .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
         .map_err(|e| e.to_string())?;
     if cuda {
         builder = builder

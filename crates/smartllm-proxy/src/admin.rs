@@ -171,7 +171,9 @@ impl AdminApp {
 
 /// Compare secrets without leaking where they differ through timing.
 pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = (a.len() ^ b.len()) as u8 | ((a.len() ^ b.len()) >> 8) as u8;
+    // A length mismatch alone decides the answer (folding the lengths' XOR
+    // into a byte would let lengths 65,536 apart compare equal).
+    let mut diff = u8::from(a.len() != b.len());
     for i in 0..a.len().max(b.len()) {
         diff |= a.get(i).copied().unwrap_or(0) ^ b.get(i).copied().unwrap_or(0xff);
     }
@@ -543,11 +545,32 @@ impl ServeHttp for AdminApp {
             }
         }
         match (method.as_str(), path.as_str()) {
-            ("GET", "/metrics") => reply(
-                200,
-                "text/plain; version=0.0.4",
-                self.shared.metrics.render().into_bytes(),
-            ),
+            ("GET", "/metrics") => {
+                // The Rust heap (jemalloc); RSS beyond it is native libraries
+                // (ONNX Runtime, FAISS, RocksDB) and code.
+                if tikv_jemalloc_ctl::epoch::advance().is_ok() {
+                    for (kind, v) in [
+                        ("allocated", tikv_jemalloc_ctl::stats::allocated::read()),
+                        ("resident", tikv_jemalloc_ctl::stats::resident::read()),
+                    ] {
+                        if let Ok(v) = v {
+                            ::metrics::gauge!(crate::metrics::HEAP, "kind" => kind).set(v as f64);
+                        }
+                    }
+                }
+                if let Some(store) = &self.shared.components.store {
+                    let m = store.memory();
+                    ::metrics::gauge!(crate::metrics::STORE_MEMORY, "kind" => "block_cache")
+                        .set(m.block_cache as f64);
+                    ::metrics::gauge!(crate::metrics::STORE_MEMORY, "kind" => "memtables")
+                        .set(m.memtables as f64);
+                }
+                reply(
+                    200,
+                    "text/plain; version=0.0.4",
+                    self.shared.metrics.render().into_bytes(),
+                )
+            }
             ("GET", "/healthz") => json_reply(200, &json!({"status": "ok"})),
             ("GET", "/readyz") => {
                 let listening = self.api_listening().await;
@@ -629,5 +652,11 @@ mod tests {
         assert!(!constant_time_eq(b"secret", b"secret2"));
         assert!(!constant_time_eq(b"", b"x"));
         assert!(constant_time_eq(b"", b""));
+        // Lengths whose XOR has no bits in its low 16: still different.
+        let long = [0u8; 65_536];
+        assert!(!constant_time_eq(b"", &long));
+        let mut padded = b"secret".to_vec();
+        padded.extend(std::iter::repeat_n(0xff, 65_536));
+        assert!(!constant_time_eq(b"secret", &padded));
     }
 }

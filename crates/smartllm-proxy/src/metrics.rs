@@ -27,6 +27,10 @@ pub const CLIENT_TIMEOUTS: &str = "smartllm_client_timeouts_total";
 pub const BUILD_INFO: &str = "smartllm_build_info";
 pub const EMBEDDER_READY: &str = "smartllm_embedder_ready";
 pub const STORE_READY: &str = "smartllm_store_ready";
+/// RocksDB memory by kind (block_cache, which includes the memtables; memtables).
+pub const STORE_MEMORY: &str = "smartllm_store_memory_bytes";
+/// The Rust heap (jemalloc) by kind: allocated, resident.
+pub const HEAP: &str = "smartllm_heap_bytes";
 
 const LATENCY_BUCKETS: &[f64] = &[
     0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0,
@@ -144,6 +148,16 @@ pub fn install() -> PrometheusHandle {
         "1 when the embedding model is loaded and passed its self-test."
     );
     describe_gauge!(STORE_READY, "1 when the RocksDB data dir is open.");
+    describe_gauge!(
+        HEAP,
+        Unit::Bytes,
+        "The gateway's Rust heap (jemalloc) at the last scrape: allocated (live objects) and resident (pages it holds). RSS beyond resident is native libraries: ONNX Runtime, FAISS, RocksDB."
+    );
+    describe_gauge!(
+        STORE_MEMORY,
+        Unit::Bytes,
+        "RocksDB memory at the last scrape: block_cache (the shared cache, memtable reservations included; bounded by store.memory_budget) and memtables (at most half of it)."
+    );
     {
         use smartllm_cache::metric_names as c;
         describe_counter!(
@@ -201,6 +215,19 @@ pub fn install() -> PrometheusHandle {
         );
     }
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+    // Histogram samples pile up in the recorder until upkeep drains them; a
+    // scrape does that too, but a gateway nobody scrapes must not grow, so a
+    // thread runs it every 5 s (install_recorder leaves upkeep to the caller).
+    let upkeep = handle.clone();
+    if let Err(e) = std::thread::Builder::new()
+        .name("smartllm-metrics".into())
+        .spawn(move || loop {
+            std::thread::sleep(std::time::Duration::from_secs(5));
+            upkeep.run_upkeep();
+        })
+    {
+        tracing::warn!(error = %e, "could not start the metrics upkeep thread");
+    }
     handle
 }
 

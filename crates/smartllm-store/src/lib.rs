@@ -1,8 +1,16 @@
 //! The one RocksDB instance of the gateway: opened once at start with the column
 //! families every layer uses (cache entries, vectors, metadata; the ledger adds
 //! its own), shared as `Arc<Store>`, flushed on shutdown.
+//!
+//! Its memory has one budget. RocksDB's defaults give every column family its
+//! own 32 MiB block cache and up to two 64 MiB memtables: with six families
+//! that is up to about 1 GiB, reached slowly, which a soak run showed as RSS
+//! creeping up for many minutes. Here all families share one LRU block cache
+//! of `memory_budget`; the memtables of all families together are capped at
+//! half of it by a write buffer manager that charges them to the same cache;
+//! and index and filter blocks live in that cache too.
 
-use rocksdb::{ColumnFamilyDescriptor, Options, DB};
+use rocksdb::{BlockBasedOptions, Cache, ColumnFamilyDescriptor, Options, WriteBufferManager, DB};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -76,6 +84,21 @@ pub enum StoreError {
 pub struct Store {
     db: DB,
     path: PathBuf,
+    cache: Cache,
+    write_buffers: WriteBufferManager,
+}
+
+/// The default `store.memory_budget`: block cache, memtables (at most half)
+/// and index/filter blocks together.
+pub const DEFAULT_MEMORY_BUDGET: usize = 128 << 20;
+
+/// RocksDB memory in use, for `smartllm_store_memory_bytes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StoreMemory {
+    /// The shared block cache, memtable reservations included.
+    pub block_cache: u64,
+    /// Memtables of every column family.
+    pub memtables: u64,
 }
 
 /// Facts about the open store, for `/readyz`.
@@ -90,6 +113,14 @@ pub struct StoreInfo {
 impl Store {
     /// Open (creating if needed) the store under `data_dir/db`.
     pub fn open(data_dir: &Path) -> Result<Arc<Store>, StoreError> {
+        Store::open_with_budget(data_dir, DEFAULT_MEMORY_BUDGET)
+    }
+
+    /// Open with `memory_budget` bytes for the block cache and memtables.
+    pub fn open_with_budget(
+        data_dir: &Path,
+        memory_budget: usize,
+    ) -> Result<Arc<Store>, StoreError> {
         let path = data_dir.join("db");
         std::fs::create_dir_all(&path).map_err(|source| StoreError::CreateDir {
             path: path.clone(),
@@ -101,9 +132,25 @@ impl Store {
         opts.set_compression_type(rocksdb::DBCompressionType::Lz4);
         opts.set_keep_log_file_num(4);
         opts.set_max_background_jobs(2);
+        let memory_budget = memory_budget.max(8 << 20);
+        let cache = Cache::new_lru_cache(memory_budget);
+        let write_buffers = WriteBufferManager::new_write_buffer_manager_with_cache(
+            memory_budget / 2,
+            false,
+            cache.clone(),
+        );
+        opts.set_write_buffer_manager(&write_buffers);
+        let mut table = BlockBasedOptions::default();
+        table.set_block_cache(&cache);
+        table.set_cache_index_and_filter_blocks(true);
+        table.set_pin_l0_filter_and_index_blocks_in_cache(true);
+        // One family's memtable: small enough that several fit in the budget.
+        let write_buffer_size = (memory_budget / 8).clamp(1 << 20, 64 << 20);
         let cfs = COLUMN_FAMILIES.iter().map(|name| {
             let mut o = Options::default();
             o.set_compression_type(rocksdb::DBCompressionType::Lz4);
+            o.set_block_based_table_factory(&table);
+            o.set_write_buffer_size(write_buffer_size);
             if *name == CF_LEDGER || *name == CF_LEDGER_MIX {
                 o.set_merge_operator_associative("smartllm-ledger-add", add_counters);
             }
@@ -113,7 +160,12 @@ impl Store {
             path: path.clone(),
             message: e.into_string(),
         })?;
-        Ok(Arc::new(Store { db, path }))
+        Ok(Arc::new(Store {
+            db,
+            path,
+            cache,
+            write_buffers,
+        }))
     }
 
     pub fn db(&self) -> &DB {
@@ -140,6 +192,13 @@ impl Store {
         self.db.flush()?;
         self.db.flush_wal(true)?;
         Ok(())
+    }
+
+    pub fn memory(&self) -> StoreMemory {
+        StoreMemory {
+            block_cache: self.cache.get_usage() as u64,
+            memtables: self.write_buffers.get_usage() as u64,
+        }
     }
 
     pub fn info(&self) -> StoreInfo {
@@ -181,6 +240,27 @@ impl Drop for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn memory_stays_within_the_budget() {
+        let dir = tempfile::tempdir().unwrap();
+        let budget = 16 << 20;
+        let s = Store::open_with_budget(dir.path(), budget).unwrap();
+        // 64 MiB of 4 KiB values across two families, four times the budget.
+        let value = vec![7u8; 4096];
+        for i in 0u32..8192 {
+            s.put(CF_ENTRIES, &i.to_be_bytes(), &value).unwrap();
+            s.put(CF_VECTORS, &i.to_be_bytes(), &value).unwrap();
+        }
+        for i in 0u32..8192 {
+            assert!(s.get(CF_ENTRIES, &i.to_be_bytes()).unwrap().is_some());
+        }
+        let m = s.memory();
+        assert!(m.memtables > 0, "{m:?}");
+        assert!(m.memtables <= (budget / 2 + (budget / 8)) as u64, "{m:?}");
+        assert!(m.block_cache <= (budget + budget / 8) as u64, "{m:?}");
+        assert!(m.block_cache > 0, "{m:?}");
+    }
 
     #[test]
     fn reopen_keeps_data() {

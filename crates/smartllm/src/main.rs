@@ -197,8 +197,30 @@ enum CacheCmd {
     },
 }
 
+/// A CLI command whose reader went away (`smartllm check | head -1`) stops
+/// quietly with the shell's SIGPIPE status, 141, instead of panicking in
+/// `println!`. Other panics keep the default report.
+fn exit_quietly_on_broken_stdout() {
+    let default = std::panic::take_hook();
+    std::panic::set_hook(Box::new(move |info| {
+        let msg = info
+            .payload()
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| info.payload().downcast_ref::<&str>().copied())
+            .unwrap_or("");
+        if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            std::process::exit(141);
+        }
+        default(info);
+    }));
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        exit_quietly_on_broken_stdout();
+    }
     match cli.command {
         Command::Check { config } => check(&config),
         Command::Keys {
@@ -685,9 +707,10 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     let store = open_store(
         &config.data_dir,
+        config.store.memory_budget,
         upgrade.then(|| config.server.grace_period + drain_timeout + Duration::from_secs(15)),
     )?;
-    tracing::info!(path = %store.info().path.display(), "RocksDB open");
+    tracing::info!(path = %store.info().path.display(), memory_budget = config.store.memory_budget, "RocksDB open");
 
     if runtime.demo_mode {
         let u = &runtime.config.demo.upstream;
@@ -803,11 +826,15 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
 
 /// Opens RocksDB. With `wait` (graceful upgrade), a lock still held by the
 /// previous instance is retried until it exits or the deadline passes.
-fn open_store(data_dir: &Path, wait: Option<Duration>) -> anyhow::Result<Arc<Store>> {
+fn open_store(
+    data_dir: &Path,
+    memory_budget: u64,
+    wait: Option<Duration>,
+) -> anyhow::Result<Arc<Store>> {
     let started = Instant::now();
     let mut logged = false;
     loop {
-        match Store::open(data_dir) {
+        match Store::open_with_budget(data_dir, memory_budget as usize) {
             Ok(store) => {
                 if logged {
                     tracing::info!(
