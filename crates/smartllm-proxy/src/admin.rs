@@ -546,8 +546,8 @@ impl ServeHttp for AdminApp {
         }
         match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => {
-                // The Rust heap (jemalloc); RSS beyond it is native libraries
-                // (ONNX Runtime, FAISS, RocksDB) and code.
+                // jemalloc serves Rust and the native libraries (ONNX Runtime,
+                // FAISS, RocksDB) alike; RSS beyond `resident` is code and stacks.
                 if tikv_jemalloc_ctl::epoch::advance().is_ok() {
                     for (kind, v) in [
                         ("allocated", tikv_jemalloc_ctl::stats::allocated::read()),

@@ -29,7 +29,7 @@ pub const EMBEDDER_READY: &str = "smartllm_embedder_ready";
 pub const STORE_READY: &str = "smartllm_store_ready";
 /// RocksDB memory by kind (block_cache, which includes the memtables; memtables).
 pub const STORE_MEMORY: &str = "smartllm_store_memory_bytes";
-/// The Rust heap (jemalloc) by kind: allocated, resident.
+/// Process heap (jemalloc, native libraries included) by kind: allocated, resident.
 pub const HEAP: &str = "smartllm_heap_bytes";
 
 const LATENCY_BUCKETS: &[f64] = &[
@@ -151,7 +151,7 @@ pub fn install() -> PrometheusHandle {
     describe_gauge!(
         HEAP,
         Unit::Bytes,
-        "The gateway's Rust heap (jemalloc) at the last scrape: allocated (live objects) and resident (pages it holds). RSS beyond resident is native libraries: ONNX Runtime, FAISS, RocksDB."
+        "jemalloc, which serves Rust and the native libraries (ONNX Runtime, FAISS, RocksDB), at the last scrape: allocated (live objects) and resident (pages it holds)."
     );
     describe_gauge!(
         STORE_MEMORY,
