@@ -263,7 +263,7 @@ pub struct RawRoutes {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawClassifier {
-    /// TSV file (task<TAB>prompt), relative to the config directory.
+    /// TSV file (`task<TAB>prompt`), relative to the config directory.
     pub examples: Option<String>,
     /// Neighbours that vote on a prompt's task.
     pub k: Option<usize>,

@@ -1,6 +1,7 @@
 //! Human-friendly units in config files: durations (`250ms`, `30s`, `5m`, `1h`)
 //! and byte sizes (`64KiB`, `32MiB`, `1GiB`, or a plain integer of bytes).
 
+use crate::UnitError;
 use serde::{de, Deserialize, Deserializer};
 use std::fmt;
 use std::time::Duration;
@@ -13,7 +14,7 @@ pub struct ConfigDuration(pub Duration);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
-pub fn parse_duration(s: &str) -> Result<Duration, String> {
+pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     let s = s.trim();
     let split = s
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -21,7 +22,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(split);
     let value: f64 = num
         .parse()
-        .map_err(|_| format!("invalid duration {s:?}: expected e.g. 250ms, 30s, 5m or 1h"))?;
+        .map_err(|_| UnitError::DurationNumber(s.to_string()))?;
     let secs = match unit.trim() {
         "" | "s" => value,
         "ms" => value / 1000.0,
@@ -29,24 +30,25 @@ pub fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
         other => {
-            return Err(format!(
-                "invalid duration unit {other:?} in {s:?}: use ms, s, m or h"
-            ))
+            return Err(UnitError::DurationUnit {
+                unit: other.to_string(),
+                input: s.to_string(),
+            })
         }
     };
     if !secs.is_finite() || secs < 0.0 {
-        return Err(format!("invalid duration {s:?}"));
+        return Err(UnitError::Duration(s.to_string()));
     }
     Ok(Duration::from_secs_f64(secs))
 }
 
-pub fn parse_bytes(s: &str) -> Result<u64, String> {
+pub fn parse_bytes(s: &str) -> Result<u64, UnitError> {
     let s = s.trim();
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (num, unit) = s.split_at(split);
     let value: u64 = num
         .parse()
-        .map_err(|_| format!("invalid size {s:?}: expected e.g. 4096, 64KiB or 32MiB"))?;
+        .map_err(|_| UnitError::SizeNumber(s.to_string()))?;
     let mult: u64 = match unit.trim() {
         "" | "B" => 1,
         "KiB" => 1 << 10,
@@ -56,14 +58,15 @@ pub fn parse_bytes(s: &str) -> Result<u64, String> {
         "MB" => 1_000_000,
         "GB" => 1_000_000_000,
         other => {
-            return Err(format!(
-                "invalid size unit {other:?} in {s:?}: use B, KiB, MiB or GiB"
-            ))
+            return Err(UnitError::SizeUnit {
+                unit: other.to_string(),
+                input: s.to_string(),
+            })
         }
     };
     value
         .checked_mul(mult)
-        .ok_or_else(|| format!("size {s:?} is too large"))
+        .ok_or_else(|| UnitError::SizeTooLarge(s.to_string()))
 }
 
 struct DurationVisitor;

@@ -1,0 +1,263 @@
+//! Loading a config directory: its file names, reading them, parsing each one
+//! strictly (a serde error becomes a [`ConfigIssue`] with key path and line),
+//! the digest of what was read, and [`Issues`], which collects and locates
+//! the problems validation finds before `resolve` turns the raw files
+//! into a [`Config`].
+
+use crate::raw::{RawCacheFile, RawKeysFile, RawMain, RawModels, RawProviders, RawRoutes};
+use crate::resolve::{resolve, RawFiles};
+use crate::{locate, Config, ConfigError, ConfigIssue};
+use serde::de::DeserializeOwned;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const MAIN_FILE: &str = "smartllm.yaml";
+pub const PROVIDERS_FILE: &str = "providers.yaml";
+pub const MODELS_FILE: &str = "models.yaml";
+pub const ROUTES_FILE: &str = "routes.yaml";
+pub const CACHE_FILE: &str = "cache.yaml";
+pub const KEYS_FILE: &str = "keys.yaml";
+/// The files of a config directory, in load order. Only `smartllm.yaml` is required.
+pub const FILES: [&str; 6] = [
+    MAIN_FILE,
+    PROVIDERS_FILE,
+    MODELS_FILE,
+    ROUTES_FILE,
+    CACHE_FILE,
+    KEYS_FILE,
+];
+
+/// Collects issues while validating, locating each key path in its file.
+pub(crate) struct Issues<'a> {
+    dir: &'a Path,
+    texts: &'a BTreeMap<&'static str, String>,
+    list: Vec<ConfigIssue>,
+}
+
+impl Issues<'_> {
+    pub(crate) fn push(
+        &mut self,
+        file: &'static str,
+        path: impl Into<String>,
+        message: impl Into<String>,
+    ) {
+        let path = path.into();
+        let line = self.texts.get(file).and_then(|t| locate(t, &path));
+        self.list.push(ConfigIssue {
+            file: self.dir.join(file),
+            path,
+            line,
+            message: message.into(),
+        });
+    }
+}
+
+/// serde_yaml numbers lines the way YAML breaks them (CR, LF and CRLF); an
+/// editor, `grep -n` and `sed -n Np` count LF. A lone CR (found by the config
+/// fuzzer) made the two disagree, so convert: find where YAML's line starts and
+/// count the LFs before it.
+fn file_line(text: &str, yaml_line: usize) -> usize {
+    let b = text.as_bytes();
+    let (mut line, mut i) = (1, 0);
+    while line < yaml_line && i < b.len() {
+        match b[i] {
+            b'\r' => {
+                if b.get(i + 1) == Some(&b'\n') {
+                    i += 1;
+                }
+                line += 1;
+            }
+            b'\n' => line += 1,
+            _ => {}
+        }
+        i += 1;
+    }
+    b[..i].iter().filter(|c| **c == b'\n').count() + 1
+}
+
+fn parse_file<T: DeserializeOwned + Default>(
+    dir: &Path,
+    file: &'static str,
+    text: Option<&String>,
+    issues: &mut Vec<ConfigIssue>,
+) -> Option<T> {
+    let Some(text) = text else {
+        return Some(T::default());
+    };
+    if text.trim().is_empty() {
+        return Some(T::default());
+    }
+    let de = serde_yaml::Deserializer::from_str(text);
+    match serde_path_to_error::deserialize::<_, T>(de) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            let path = e.path().to_string();
+            let inner = e.into_inner();
+            let line = inner
+                .location()
+                .map(|l| file_line(text, l.line()))
+                .or_else(|| locate(text, &path));
+            let mut message = inner.to_string();
+            // serde_yaml appends " at line X column Y"; we print the line ourselves.
+            if let Some(i) = message.find(" at line ") {
+                message.truncate(i);
+            }
+            issues.push(ConfigIssue {
+                file: dir.join(file),
+                path: if path == "." { String::new() } else { path },
+                line,
+                message,
+            });
+            None
+        }
+    }
+}
+
+/// Read, parse and validate a config directory.
+pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
+    let mut texts: BTreeMap<&'static str, String> = BTreeMap::new();
+    let mut issues = Vec::new();
+    for file in FILES {
+        let path = dir.join(file);
+        match std::fs::read_to_string(&path) {
+            Ok(t) => {
+                texts.insert(file, t);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && file != MAIN_FILE => {}
+            Err(e) => issues.push(ConfigIssue {
+                file: path,
+                path: String::new(),
+                line: None,
+                message: format!("cannot read: {e}"),
+            }),
+        }
+    }
+    if !issues.is_empty() {
+        return Err(ConfigError { issues });
+    }
+    load_texts(dir, texts)
+}
+
+/// Validates config files given as text (file name to contents), as
+/// `load_dir` does after reading them; `dir` resolves relative paths. For
+/// tools and the config fuzzer.
+pub fn load_texts(
+    dir: &Path,
+    texts: BTreeMap<&'static str, String>,
+) -> Result<Config, ConfigError> {
+    let mut issues = Vec::new();
+    let main: Option<RawMain> = parse_file(dir, MAIN_FILE, texts.get(MAIN_FILE), &mut issues);
+    let providers: Option<RawProviders> =
+        parse_file(dir, PROVIDERS_FILE, texts.get(PROVIDERS_FILE), &mut issues);
+    let models: Option<RawModels> =
+        parse_file(dir, MODELS_FILE, texts.get(MODELS_FILE), &mut issues);
+    let routes: Option<RawRoutes> =
+        parse_file(dir, ROUTES_FILE, texts.get(ROUTES_FILE), &mut issues);
+    let cache: Option<RawCacheFile> =
+        parse_file(dir, CACHE_FILE, texts.get(CACHE_FILE), &mut issues);
+    let keys: Option<RawKeysFile> = parse_file(dir, KEYS_FILE, texts.get(KEYS_FILE), &mut issues);
+    let (Some(main), Some(providers), Some(models), Some(routes), Some(cache), Some(keys)) =
+        (main, providers, models, routes, cache, keys)
+    else {
+        return Err(ConfigError { issues });
+    };
+
+    let mut hasher = Sha256::new();
+    for (name, text) in &texts {
+        hasher.update(name.as_bytes());
+        hasher.update([0]);
+        hasher.update(text.as_bytes());
+        hasher.update([0]);
+    }
+    let digest = hex::encode(&hasher.finalize()[..8]);
+
+    let mut v = Issues {
+        dir,
+        texts: &texts,
+        list: issues,
+    };
+    let config = resolve(
+        dir,
+        digest,
+        RawFiles {
+            main,
+            providers,
+            models,
+            routes,
+            cache,
+            keys,
+        },
+        &mut v,
+    );
+    if v.list.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError { issues: v.list })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::*;
+
+    #[test]
+    fn loads_minimal_dir_with_defaults() {
+        let dir = write_dir(&[
+            (MAIN_FILE, "data_dir: /tmp/x\n"),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+        ]);
+        let c = load_dir(dir.path()).unwrap();
+        assert_eq!(c.server.listen.to_string(), "127.0.0.1:8080");
+        assert_eq!(c.server.max_body_bytes, 32 << 20);
+        assert_eq!(c.models[0].deployments[0].upstream_model, "mock-small");
+        assert_eq!(c.providers["mock"].base_url.path, "/v1");
+        assert!(c.resolve_model("small").is_some());
+        assert!(c.resolve_model("nope").is_none());
+    }
+
+    #[test]
+    fn unknown_key_names_file_path_and_line() {
+        let dir = write_dir(&[(
+            MAIN_FILE,
+            "server:\n  listen: 127.0.0.1:1\n  lisen: 127.0.0.1:2\n",
+        )]);
+        let err = load_dir(dir.path()).unwrap_err();
+        assert_eq!(err.issues.len(), 1);
+        let i = &err.issues[0];
+        assert!(i.file.ends_with(MAIN_FILE));
+        assert_eq!(i.line, Some(3));
+        assert!(i.path.starts_with("server"), "{i}");
+        assert!(i.message.contains("unknown field `lisen`"), "{i}");
+    }
+
+    #[test]
+    fn wrong_type_is_reported_with_path() {
+        let dir = write_dir(&[(MAIN_FILE, "server:\n  threads: many\n")]);
+        let err = load_dir(dir.path()).unwrap_err();
+        let i = &err.issues[0];
+        assert_eq!(i.path, "server.threads");
+        assert_eq!(i.line, Some(2));
+    }
+
+    #[test]
+    fn lines_are_counted_as_editors_count_them_even_with_a_lone_cr() {
+        assert_eq!(file_line("a\nb\nc\n", 3), 3);
+        assert_eq!(file_line("a\r\nb\r\nc", 3), 3);
+        // YAML's line 3 starts after "b\r", which is still the file's line 2.
+        assert_eq!(file_line("a\nb\rc: [\n", 3), 2);
+        // CR CR LF: two YAML line breaks, one LF.
+        let dir = write_dir(&[(MAIN_FILE, "# a\r\r\nserver:\n  threads: many\n")]);
+        let err = load_dir(dir.path()).unwrap_err();
+        assert_eq!(err.issues[0].line, Some(3), "{err}");
+    }
+
+    #[test]
+    fn syntax_error_has_line() {
+        let dir = write_dir(&[(MAIN_FILE, "server:\n  listen: [\n")]);
+        let err = load_dir(dir.path()).unwrap_err();
+        assert!(err.issues[0].line.is_some(), "{err}");
+    }
+}

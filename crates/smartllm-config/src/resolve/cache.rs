@@ -1,0 +1,194 @@
+//! `cache.yaml`: the cache switch, default and per-route (or per-model)
+//! policies, index sizes, encryption key, and what is never cached.
+
+use super::relative_to;
+use crate::raw::{RawCache, RawCachePolicy};
+use crate::{CacheConfig, CachePolicy, Config, Detector, Issues, CACHE_FILE};
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+const DEFAULT_POLICY: CachePolicy = CachePolicy {
+    enabled: true,
+    semantic: true,
+    similarity_threshold: 0.95,
+    ttl: Duration::from_secs(24 * 3600),
+    version: 1,
+    max_temperature: 1.0,
+};
+
+fn resolve_policy(
+    at: &str,
+    raw: &RawCachePolicy,
+    base: &CachePolicy,
+    v: &mut Issues<'_>,
+) -> CachePolicy {
+    let threshold = raw
+        .similarity_threshold
+        .unwrap_or(base.similarity_threshold);
+    if !(0.5..=1.0).contains(&threshold) {
+        v.push(
+            CACHE_FILE,
+            format!("{at}similarity_threshold"),
+            "must be between 0.5 and 1.0 (cosine similarity)",
+        );
+    }
+    let max_temperature = raw.max_temperature.unwrap_or(base.max_temperature);
+    if !(0.0..=2.0).contains(&max_temperature) {
+        v.push(
+            CACHE_FILE,
+            format!("{at}max_temperature"),
+            "must be between 0 and 2",
+        );
+    }
+    let ttl = raw.ttl.map(|d| d.0).unwrap_or(base.ttl);
+    if ttl < Duration::from_secs(1) {
+        v.push(CACHE_FILE, format!("{at}ttl"), "must be at least 1s");
+    }
+    CachePolicy {
+        enabled: raw.enabled.unwrap_or(base.enabled),
+        semantic: raw.semantic.unwrap_or(base.semantic),
+        similarity_threshold: threshold.clamp(0.5, 1.0),
+        ttl: ttl.max(Duration::from_secs(1)),
+        version: raw.version.unwrap_or(base.version),
+        max_temperature: max_temperature.clamp(0.0, 2.0),
+    }
+}
+
+pub(super) fn resolve_cache(
+    dir: &Path,
+    raw: RawCache,
+    config: &Config,
+    v: &mut Issues<'_>,
+) -> CacheConfig {
+    let top = RawCachePolicy {
+        enabled: Some(true),
+        semantic: raw.semantic,
+        similarity_threshold: raw.similarity_threshold,
+        ttl: raw.ttl,
+        version: raw.version,
+        max_temperature: raw.max_temperature,
+    };
+    let defaults = resolve_policy("cache.", &top, &DEFAULT_POLICY, v);
+    let mut routes = BTreeMap::new();
+    for (name, p) in &raw.routes {
+        if !config.routes.contains_key(name) && config.model(name).is_none() {
+            v.push(
+                CACHE_FILE,
+                format!("cache.routes.{name}"),
+                format!("{name:?} is neither a route alias nor a model"),
+            );
+        }
+        routes.insert(
+            name.clone(),
+            resolve_policy(&format!("cache.routes.{name}."), p, &defaults, v),
+        );
+    }
+    for (i, pat) in raw.exclude.patterns.iter().enumerate() {
+        if let Err(e) = regex::Regex::new(pat) {
+            v.push(
+                CACHE_FILE,
+                format!("cache.exclude.patterns[{i}]"),
+                format!("invalid regular expression: {e}"),
+            );
+        }
+    }
+    let mut detectors = Vec::new();
+    for (i, d) in raw.exclude.detectors.iter().enumerate() {
+        match d.as_str() {
+            "email" => detectors.push(Detector::Email),
+            "phone" => detectors.push(Detector::Phone),
+            "card" => detectors.push(Detector::Card),
+            "api_key" => detectors.push(Detector::ApiKey),
+            other => v.push(
+                CACHE_FILE,
+                format!("cache.exclude.detectors[{i}]"),
+                format!("unknown detector {other:?}: use email, phone, card or api_key"),
+            ),
+        }
+    }
+    let top_k = raw.top_k.unwrap_or(8);
+    if !(1..=256).contains(&top_k) {
+        v.push(CACHE_FILE, "cache.top_k", "must be between 1 and 256");
+    }
+    CacheConfig {
+        enabled: raw.enabled.unwrap_or(false),
+        defaults,
+        routes,
+        l1_entries: raw.l1_entries.unwrap_or(10_000).max(1),
+        top_k: top_k.clamp(1, 256),
+        max_pending_inserts: raw.max_pending_inserts.unwrap_or(1024).max(1),
+        ivf_threshold: raw.ivf_threshold.unwrap_or(20_000).max(1_000),
+        encryption_key_file: raw.encryption_key_file.map(|f| relative_to(dir, &f)),
+        exclude_patterns: raw.exclude.patterns,
+        detectors,
+    }
+}
+
+/// What `Config` holds until `cache.yaml` is resolved (after the routes it
+/// names).
+pub(super) fn unresolved() -> CacheConfig {
+    CacheConfig {
+        enabled: false,
+        defaults: DEFAULT_POLICY,
+        routes: BTreeMap::new(),
+        l1_entries: 10_000,
+        top_k: 8,
+        max_pending_inserts: 1024,
+        ivf_threshold: 20_000,
+        encryption_key_file: None,
+        exclude_patterns: Vec::new(),
+        detectors: Vec::new(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::*;
+    use crate::*;
+    use std::time::Duration;
+
+    #[test]
+    fn cache_policies_resolve_per_route() {
+        let cache = "cache:\n  enabled: true\n  ttl: 1h\n  exclude:\n    patterns: ['secret']\n    detectors: [email]\n  routes:\n    auto:\n      similarity_threshold: 0.97\n      version: 3\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (ROUTES_FILE, "routes:\n  auto:\n    model: small\n"),
+            (CACHE_FILE, cache),
+        ]);
+        let c = load_dir(dir.path()).unwrap();
+        assert!(c.cache.enabled);
+        let p = c.cache.policy(Some("auto"), "small");
+        assert_eq!(
+            (p.similarity_threshold, p.version, p.ttl),
+            (0.97, 3, Duration::from_secs(3600))
+        );
+        let d = c.cache.policy(None, "small");
+        assert_eq!((d.similarity_threshold, d.version), (0.95, 1));
+        assert_eq!(c.cache.detectors, vec![Detector::Email]);
+
+        let bad = "cache:\n  similarity_threshold: 2\n  exclude:\n    patterns: ['(']\n    detectors: [dna]\n  routes:\n    ghost: {}\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (CACHE_FILE, bad),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("cache.yaml:2: cache.similarity_threshold"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cache.exclude.patterns[0]: invalid regular expression"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cache.exclude.detectors[0]: unknown detector"),
+            "{err}"
+        );
+        assert!(err.contains("cache.routes.ghost"), "{err}");
+    }
+}

@@ -1,0 +1,96 @@
+//! The small sections of `smartllm.yaml`: `data_dir` (which
+//! `SMARTLLM_DATA_DIR` overrides), `logging:`, `demo:`, `reload:`, `store:`
+//! and `ledger:`.
+
+use super::{dur, relative_to, ENV_DATA_DIR};
+use crate::raw::{RawDemo, RawLedger, RawLogging, RawReload, RawStore};
+use crate::{
+    DemoConfig, Issues, LedgerConfig, LoggingConfig, ReloadConfig, StoreConfig, Url, MAIN_FILE,
+};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub(super) fn resolve_data_dir(dir: &Path, data_dir: Option<String>) -> PathBuf {
+    let data_dir = std::env::var(ENV_DATA_DIR)
+        .ok()
+        .filter(|s| !s.is_empty())
+        .or(data_dir)
+        .unwrap_or_else(|| "/var/lib/smartllm".to_string());
+    relative_to(dir, &data_dir)
+}
+
+pub(super) fn resolve_logging(logging: RawLogging, v: &mut Issues<'_>) -> LoggingConfig {
+    let level = logging.level.unwrap_or_else(|| "info".into());
+    if !["trace", "debug", "info", "warn", "error"].contains(&level.as_str()) {
+        v.push(
+            MAIN_FILE,
+            "logging.level",
+            format!("unknown level {level:?}: use trace, debug, info, warn or error"),
+        );
+    }
+    LoggingConfig {
+        level,
+        access_log: logging.access_log.unwrap_or(true),
+    }
+}
+
+pub(super) fn resolve_demo(demo: RawDemo, v: &mut Issues<'_>) -> DemoConfig {
+    let auto = match demo.mode.as_deref().unwrap_or("auto") {
+        "auto" => true,
+        "off" => false,
+        other => {
+            v.push(
+                MAIN_FILE,
+                "demo.mode",
+                format!("unknown mode {other:?}: use auto or off"),
+            );
+            false
+        }
+    };
+    let demo_upstream = demo
+        .upstream
+        .unwrap_or_else(|| "http://127.0.0.1:8000/v1".into());
+    DemoConfig {
+        auto,
+        upstream: Url::parse(&demo_upstream).unwrap_or_else(|err| {
+            v.push(MAIN_FILE, "demo.upstream", err.to_string());
+            Url::parse("http://127.0.0.1:8000/v1").expect("default url")
+        }),
+    }
+}
+
+pub(super) fn resolve_reload(reload: RawReload) -> ReloadConfig {
+    let resolved = ReloadConfig {
+        watch: reload.watch.unwrap_or(true),
+        debounce: dur(reload.debounce, 0)
+            .max(Duration::from_millis(50))
+            .min(Duration::from_secs(60)),
+    };
+    match reload.debounce {
+        Some(_) => resolved,
+        None => ReloadConfig {
+            debounce: Duration::from_millis(200),
+            ..resolved
+        },
+    }
+}
+
+pub(super) fn resolve_store(store: RawStore, v: &mut Issues<'_>) -> StoreConfig {
+    let memory_budget = store.memory_budget.map(|b| b.0).unwrap_or(128 << 20);
+    if memory_budget < 8 << 20 {
+        v.push(MAIN_FILE, "store.memory_budget", "must be at least 8MiB");
+    }
+    StoreConfig {
+        memory_budget: memory_budget.max(8 << 20),
+    }
+}
+
+pub(super) fn resolve_ledger(ledger: RawLedger) -> LedgerConfig {
+    LedgerConfig {
+        flush_interval: ledger
+            .flush_interval
+            .map(|d| d.0)
+            .unwrap_or(Duration::from_secs(1))
+            .clamp(Duration::from_millis(50), Duration::from_secs(60)),
+    }
+}

@@ -1,0 +1,256 @@
+//! `keys.yaml`: virtual keys (by sha256) with their tenant, app, models and
+//! limits; limits per app; and budgets with what to do when one is spent.
+
+use crate::raw::{RawKeysFile, RawLimits};
+use crate::{
+    Budget, BudgetScope, Config, Issues, KeysConfig, Limits, OnExceed, Url, VirtualKey, KEYS_FILE,
+};
+use std::collections::{BTreeMap, BTreeSet};
+
+pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>) -> KeysConfig {
+    let mut names = BTreeSet::new();
+    let mut hashes = BTreeSet::new();
+    let mut keys = Vec::new();
+    for (i, k) in raw.keys.into_iter().enumerate() {
+        let at = format!("keys[{i}]");
+        if !names.insert(k.name.clone()) {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.name"),
+                format!("key name {:?} is used twice", k.name),
+            );
+        }
+        let digest = hex::decode(k.sha256.trim())
+            .ok()
+            .and_then(|b| <[u8; 32]>::try_from(b).ok());
+        let Some(sha256) = digest else {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.sha256"),
+                "must be 64 hex characters: the sha256 of the key (smartllm keys hash KEY)",
+            );
+            continue;
+        };
+        if !hashes.insert(sha256) {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.sha256"),
+                "the same key is listed twice",
+            );
+        }
+        if k.tenant.trim().is_empty() || k.tenant.contains('\0') {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.tenant"),
+                "must be a non-empty name",
+            );
+        }
+        for (j, m) in k.models.iter().enumerate() {
+            if config.model(m).is_none() && !config.routes.contains_key(m) {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.models[{j}]"),
+                    format!("{m:?} is neither a model nor a route alias"),
+                );
+            }
+        }
+        let limits = resolve_limits(&format!("{at}.limits"), &k.limits, v);
+        keys.push(VirtualKey {
+            name: k.name,
+            sha256,
+            tenant: k.tenant,
+            app: k.app.unwrap_or_else(|| "default".into()),
+            models: k.models,
+            limits,
+        });
+    }
+    let require_key = raw.require_key.unwrap_or(!keys.is_empty());
+    if require_key && keys.is_empty() {
+        v.push(
+            KEYS_FILE,
+            "require_key",
+            "is true but no key is listed: every request would be refused",
+        );
+    }
+    let mut apps = BTreeMap::new();
+    for (name, a) in &raw.apps {
+        if !name.contains('/') {
+            v.push(
+                KEYS_FILE,
+                format!("apps.{name}"),
+                "apps are named tenant/app",
+            );
+        }
+        apps.insert(
+            name.clone(),
+            resolve_limits(&format!("apps.{name}.limits"), &a.limits, v),
+        );
+    }
+    let mut budgets = Vec::new();
+    for (i, b) in raw.budgets.into_iter().enumerate() {
+        let at = format!("budgets[{i}]");
+        let scope = match b.scope.as_str() {
+            "tenant" => BudgetScope::Tenant,
+            "app" => BudgetScope::App,
+            "key" => BudgetScope::Key,
+            other => {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.scope"),
+                    format!("unknown scope {other:?}: use tenant, app or key"),
+                );
+                continue;
+            }
+        };
+        if scope == BudgetScope::App && !b.name.contains('/') {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.name"),
+                "app budgets are named tenant/app",
+            );
+        }
+        if b.daily_usd.is_none() && b.monthly_usd.is_none() && b.max_request_usd.is_none() {
+            v.push(
+                KEYS_FILE,
+                &at,
+                "set daily_usd, monthly_usd, max_request_usd or several",
+            );
+        }
+        for (field, value) in [
+            ("daily_usd", b.daily_usd),
+            ("monthly_usd", b.monthly_usd),
+            ("max_request_usd", b.max_request_usd),
+        ] {
+            if value.is_some_and(|x| !x.is_finite() || x <= 0.0) {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.{field}"),
+                    "must be a positive amount of USD",
+                );
+            }
+        }
+        let alert_at = b.alert_at.unwrap_or_else(|| vec![50.0, 80.0, 100.0]);
+        if alert_at.iter().any(|p| !(1.0..=1000.0).contains(p)) {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.alert_at"),
+                "percentages must be between 1 and 1000",
+            );
+        }
+        let on_exceed = match (b.on_exceed.as_deref().unwrap_or("reject"), b.degrade_to) {
+            ("reject", None) => OnExceed::Reject,
+            ("reject", Some(_)) => {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.degrade_to"),
+                    "only applies with on_exceed: degrade",
+                );
+                OnExceed::Reject
+            }
+            ("degrade", Some(t)) => {
+                if config.model(&t).is_none() && !config.routes.contains_key(&t) {
+                    v.push(
+                        KEYS_FILE,
+                        format!("{at}.degrade_to"),
+                        format!("{t:?} is neither a model nor a route alias"),
+                    );
+                }
+                OnExceed::Degrade(t)
+            }
+            ("degrade", None) => {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.degrade_to"),
+                    "on_exceed: degrade needs degrade_to (a cheaper model or route)",
+                );
+                OnExceed::Reject
+            }
+            (other, _) => {
+                v.push(
+                    KEYS_FILE,
+                    format!("{at}.on_exceed"),
+                    format!("unknown action {other:?}: use reject or degrade"),
+                );
+                OnExceed::Reject
+            }
+        };
+        let webhook = b.webhook.and_then(|w| match Url::parse(&w) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                v.push(KEYS_FILE, format!("{at}.webhook"), e.to_string());
+                None
+            }
+        });
+        budgets.push(Budget {
+            scope,
+            name: b.name,
+            daily_usd: b.daily_usd,
+            monthly_usd: b.monthly_usd,
+            max_request_usd: b.max_request_usd,
+            alert_at,
+            on_exceed,
+            webhook,
+        });
+    }
+    KeysConfig {
+        require_key,
+        keys,
+        apps,
+        budgets,
+    }
+}
+
+fn resolve_limits(at: &str, raw: &RawLimits, v: &mut Issues<'_>) -> Limits {
+    for (field, value) in [
+        ("requests_per_minute", raw.requests_per_minute),
+        ("tokens_per_minute", raw.tokens_per_minute),
+    ] {
+        if value == Some(0) {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.{field}"),
+                "must be at least 1 (leave it out for no limit)",
+            );
+        }
+    }
+    Limits {
+        requests_per_minute: raw.requests_per_minute,
+        tokens_per_minute: raw.tokens_per_minute,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::*;
+    use crate::*;
+
+    #[test]
+    fn keys_and_pricing() {
+        let models = "models:\n  - name: small\n    pricing: { input: 0.15, output: 0.6 }\n    deployments:\n      - provider: mock\n";
+        let keys = "keys:\n  - name: demo\n    sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n    tenant: acme\n    models: [small]\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, models),
+            (KEYS_FILE, keys),
+        ]);
+        let c = load_dir(dir.path()).unwrap();
+        assert!(c.keys.require_key);
+        assert_eq!(c.keys.keys[0].app, "default");
+        assert_eq!(c.models[0].pricing.cached_input_per_1m, 0.15);
+        let bad = "keys:\n  - name: a\n    sha256: xyz\n    tenant: t\n  - name: a\n    sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n    tenant: t\n    models: [ghost]\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (KEYS_FILE, bad),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("keys.yaml:3: keys[0].sha256"), "{err}");
+        assert!(
+            err.contains("keys[1].name: key name \"a\" is used twice"),
+            "{err}"
+        );
+        assert!(err.contains("keys[1].models[0]"), "{err}");
+    }
+}

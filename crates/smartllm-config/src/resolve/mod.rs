@@ -1,0 +1,178 @@
+//! Validation and resolution of the parsed files into a [`Config`], one
+//! section at a time, in the order [`resolve`] calls them: that order is the
+//! order in which issues are reported. Defaults are filled in here; every
+//! problem is pushed to [`Issues`] and resolution goes on, so one load reports
+//! them all.
+
+mod cache;
+mod embedder;
+mod fleet;
+mod general;
+mod keys;
+mod models;
+mod providers;
+mod routes;
+mod server;
+
+use crate::raw::{RawCacheFile, RawKeysFile, RawMain, RawModels, RawProviders, RawRoutes};
+use crate::units::ConfigDuration;
+use crate::{Config, Issues, KeysConfig};
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Environment variables that override paths of `smartllm.yaml` (handy for
+/// development and packaging; documented in the README).
+pub const ENV_DATA_DIR: &str = "SMARTLLM_DATA_DIR";
+pub const ENV_ASSETS_DIR: &str = "SMARTLLM_ASSETS_DIR";
+
+/// The files of a config directory, parsed (a missing file is its default).
+pub(crate) struct RawFiles {
+    pub main: RawMain,
+    pub providers: RawProviders,
+    pub models: RawModels,
+    pub routes: RawRoutes,
+    pub cache: RawCacheFile,
+    pub keys: RawKeysFile,
+}
+
+/// Resolve every section; `digest` identifies the files' contents and is
+/// extended with the files the routes refer to.
+pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<'_>) -> Config {
+    let RawFiles {
+        main,
+        providers,
+        models,
+        routes,
+        cache,
+        keys,
+    } = raw;
+    let server = server::resolve_server(main.server, v);
+    let data_dir = general::resolve_data_dir(dir, main.data_dir);
+    let embedder = embedder::resolve_embedder(dir, main.embedder, v);
+    let logging = general::resolve_logging(main.logging, v);
+    let demo = general::resolve_demo(main.demo, v);
+    let reload = general::resolve_reload(main.reload);
+    let providers = providers::resolve_providers(dir, providers, &server, v);
+    let models = models::resolve_models(models, &providers, v);
+    let model_names: BTreeSet<String> = models.iter().map(|m| m.name.clone()).collect();
+    let resolved_routes = routes::resolve_routes(dir, &routes.routes, &model_names, v);
+    let classifier = routes::resolve_classifier(dir, &routes.classifier, v);
+    let store = general::resolve_store(main.store, v);
+    let admin_token = server::resolve_admin_token(dir, main.admin, server.admin_listen, v);
+    let ledger = general::resolve_ledger(main.ledger);
+    let fleet = fleet::resolve_fleet(main.fleet, v);
+    let digest = routes::digest_referenced_files(&digest, &classifier, &resolved_routes, v);
+    let mut config = Config {
+        dir: dir.to_path_buf(),
+        digest,
+        server,
+        data_dir,
+        store,
+        embedder,
+        logging,
+        demo,
+        reload,
+        providers,
+        models,
+        routes: resolved_routes,
+        classifier,
+        keys: KeysConfig::default(),
+        admin_token,
+        ledger,
+        fleet,
+        cache: cache::unresolved(),
+    };
+    // These two refer to models and routes: they are checked against `config`.
+    config.cache = cache::resolve_cache(dir, cache.cache, &config, v);
+    config.keys = keys::resolve_keys(keys, &config, v);
+    config
+}
+
+/// A duration setting, or `default_secs`.
+fn dur(d: Option<ConfigDuration>, default_secs: u64) -> Duration {
+    d.map(|d| d.0).unwrap_or(Duration::from_secs(default_secs))
+}
+
+fn relative_to(dir: &Path, p: &str) -> PathBuf {
+    let p = Path::new(p);
+    if p.is_absolute() {
+        p.to_path_buf()
+    } else {
+        dir.join(p)
+    }
+}
+
+fn valid_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 128
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/".contains(c))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::*;
+    use crate::*;
+    use std::time::Duration;
+
+    #[test]
+    fn validation_reports_every_error_with_lines() {
+        let models = "models:\n  - name: a\n    deployments:\n      - provider: nope\n  - name: a\n    deployments: []\n";
+        let routes = "routes:\n  auto:\n    model: missing\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, "server:\n  listen: nonsense\n"),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, models),
+            (ROUTES_FILE, routes),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("smartllm.yaml:2: server.listen"), "{text}");
+        assert!(
+            text.contains(
+                "models.yaml:4: models[0].deployments[0].provider: unknown provider \"nope\""
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("models.yaml:5: models[1].name: model \"a\" is defined twice"),
+            "{text}"
+        );
+        assert!(
+            text.contains("models.yaml:6: models[1].deployments"),
+            "{text}"
+        );
+        assert!(
+            text.contains("routes.yaml:3: routes.auto.model: unknown model \"missing\""),
+            "{text}"
+        );
+        assert_eq!(err.issues.len(), 5, "{text}");
+    }
+
+    #[test]
+    fn overload_bounds_are_validated() {
+        let dir = write_dir(&[(
+            MAIN_FILE,
+            "server:\n  max_in_flight: 0\nembedder:\n  queue_depth: 0\n  max_queue_wait: 0s\n",
+        )]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains("smartllm.yaml:2: server.max_in_flight"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smartllm.yaml:4: embedder.queue_depth"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smartllm.yaml:5: embedder.max_queue_wait"),
+            "{text}"
+        );
+        let c = load_dir(write_dir(&[(MAIN_FILE, "data_dir: /tmp/x\n")]).path()).unwrap();
+        assert_eq!(c.server.max_in_flight, 4096);
+        assert_eq!(c.embedder.queue_depth, 256);
+        assert_eq!(c.embedder.max_queue_wait, Duration::from_millis(250));
+        assert_eq!(c.cache.max_pending_inserts, 1024);
+    }
+}

@@ -1,0 +1,190 @@
+//! `models.yaml`: each model's deployments (on providers defined in
+//! `providers.yaml`), pricing and routing profile.
+
+use super::valid_name;
+use crate::raw::{RawModels, RawProfile};
+use crate::routing::task_names;
+use crate::{
+    DeploymentConfig, Issues, ModelConfig, ModelProfile, Pricing, ProviderConfig, Task,
+    CAPABILITIES, MODELS_FILE,
+};
+use std::collections::{BTreeMap, BTreeSet};
+
+pub(super) fn resolve_models(
+    models: RawModels,
+    providers: &BTreeMap<String, ProviderConfig>,
+    v: &mut Issues<'_>,
+) -> Vec<ModelConfig> {
+    let mut seen = BTreeSet::new();
+    let mut resolved = Vec::new();
+    for (i, m) in models.models.into_iter().enumerate() {
+        let at = format!("models[{i}]");
+        if !valid_name(&m.name) {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.name"),
+                "model names may only use letters, digits, '-', '_', ':', '/' and '.'",
+            );
+        }
+        if !seen.insert(m.name.clone()) {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.name"),
+                format!("model {:?} is defined twice", m.name),
+            );
+        }
+        if m.deployments.is_empty() {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.deployments"),
+                "a model needs at least one deployment",
+            );
+        }
+        let mut deployments = Vec::new();
+        for (j, d) in m.deployments.into_iter().enumerate() {
+            let dat = format!("{at}.deployments[{j}]");
+            if !providers.contains_key(&d.provider) {
+                let known: Vec<_> = providers.keys().cloned().collect();
+                v.push(
+                    MODELS_FILE,
+                    format!("{dat}.provider"),
+                    format!(
+                        "unknown provider {:?} (providers.yaml defines: {})",
+                        d.provider,
+                        known.join(", ")
+                    ),
+                );
+            }
+            let weight = d.weight.unwrap_or(1);
+            if weight == 0 || weight > 1000 {
+                v.push(
+                    MODELS_FILE,
+                    format!("{dat}.weight"),
+                    "must be between 1 and 1000",
+                );
+            }
+            deployments.push(DeploymentConfig {
+                provider: d.provider,
+                upstream_model: d.model.unwrap_or_else(|| m.name.clone()),
+                weight: weight.clamp(1, 1000),
+            });
+        }
+        let owned_by = m.owned_by.unwrap_or_else(|| {
+            deployments
+                .first()
+                .map(|d| d.provider.clone())
+                .unwrap_or_else(|| "smartllm".into())
+        });
+        let pricing = m
+            .pricing
+            .as_ref()
+            .map(|p| Pricing {
+                input_per_1m: p.input.unwrap_or(0.0),
+                output_per_1m: p.output.unwrap_or(0.0),
+                cached_input_per_1m: p.cached_input.or(p.input).unwrap_or(0.0),
+                per_request: p.per_request.unwrap_or(0.0),
+            })
+            .unwrap_or_default();
+        for (field, value) in [
+            ("input", pricing.input_per_1m),
+            ("output", pricing.output_per_1m),
+            ("cached_input", pricing.cached_input_per_1m),
+            ("per_request", pricing.per_request),
+        ] {
+            if !value.is_finite() || !(0.0..=10_000.0).contains(&value) {
+                v.push(
+                    MODELS_FILE,
+                    format!("{at}.pricing.{field}"),
+                    "must be between 0 and 10000 (USD per 1M tokens, or per request)",
+                );
+            }
+        }
+        let profile = resolve_profile(&at, m.profile.as_ref(), v);
+        resolved.push(ModelConfig {
+            name: m.name,
+            owned_by,
+            deployments,
+            pricing,
+            profile,
+        });
+    }
+    resolved
+}
+
+fn resolve_profile(at: &str, raw: Option<&RawProfile>, v: &mut Issues<'_>) -> ModelProfile {
+    let mut p = ModelProfile::default();
+    let Some(raw) = raw else { return p };
+    if let Some(c) = raw.context_window {
+        if c < 256 {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.profile.context_window"),
+                "must be at least 256 tokens",
+            );
+        }
+        p.context_window = c;
+    }
+    if let Some(m) = raw.max_output_tokens {
+        if m == 0 || m > p.context_window {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.profile.max_output_tokens"),
+                "must be between 1 and the context window",
+            );
+        }
+        p.max_output_tokens = Some(m);
+    }
+    if let Some(caps) = &raw.capabilities {
+        for (i, c) in caps.iter().enumerate() {
+            if !CAPABILITIES.contains(&c.as_str()) {
+                v.push(
+                    MODELS_FILE,
+                    format!("{at}.profile.capabilities[{i}]"),
+                    format!(
+                        "unknown capability {c:?} (known: {})",
+                        CAPABILITIES.join(", ")
+                    ),
+                );
+            }
+        }
+        p.capabilities = Some(caps.clone());
+    }
+    if let Some(d) = raw.quality.get("default") {
+        p.quality = [*d; 8];
+    }
+    for (k, q) in &raw.quality {
+        if !(0.0..=1.0).contains(q) {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.profile.quality.{k}"),
+                "must be between 0 and 1",
+            );
+        }
+        if k == "default" {
+            continue;
+        }
+        match Task::parse(k) {
+            Some(t) => p.quality[t.index()] = q.clamp(0.0, 1.0),
+            None => v.push(
+                MODELS_FILE,
+                format!("{at}.profile.quality.{k}"),
+                format!("unknown task {k:?} (known: {}, default)", task_names()),
+            ),
+        }
+    }
+    if let Some(t) = raw.tokens_per_second {
+        if !(t > 0.0 && t.is_finite()) {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.profile.tokens_per_second"),
+                "must be above 0",
+            );
+        } else {
+            p.tokens_per_second = t;
+        }
+    }
+    if let Some(l) = raw.latency {
+        p.latency = l.0;
+    }
+    p
+}

@@ -1,0 +1,430 @@
+//! `routes.yaml`: route aliases (fixed or routed, with objective,
+//! constraints, rules, fallbacks and experiments) over the models of
+//! `models.yaml`, the task classifier, and the files they refer to.
+
+use super::relative_to;
+use crate::raw::{RawClassifier, RawRoute};
+use crate::routing::task_names;
+use crate::{
+    Arm, ClassifierConfig, Experiment, Issues, RouteConfig, RouteRule, RuleWhen, StickyBy,
+    Strategy, Task, Weights, CAPABILITIES, ROUTES_FILE,
+};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+/// Every alias of `routes.yaml`. `models` are the names models.yaml defines.
+pub(super) fn resolve_routes(
+    dir: &Path,
+    routes: &BTreeMap<String, RawRoute>,
+    models: &BTreeSet<String>,
+    v: &mut Issues<'_>,
+) -> BTreeMap<String, RouteConfig> {
+    let mut resolved = BTreeMap::new();
+    for (name, r) in routes {
+        if models.contains(name) {
+            v.push(
+                ROUTES_FILE,
+                format!("routes.{name}"),
+                format!("route {name:?} has the name of a model; pick another alias"),
+            );
+        }
+        resolved.insert(name.clone(), resolve_route(dir, name, r, models, v));
+    }
+    resolved
+}
+
+pub(super) fn resolve_classifier(
+    dir: &Path,
+    raw: &RawClassifier,
+    v: &mut Issues<'_>,
+) -> ClassifierConfig {
+    let k = raw.k.unwrap_or(7);
+    if !(1..=64).contains(&k) {
+        v.push(ROUTES_FILE, "classifier.k", "must be between 1 and 64");
+    }
+    ClassifierConfig {
+        examples: raw.examples.as_ref().map(|f| relative_to(dir, f)),
+        k: k.clamp(1, 64),
+    }
+}
+
+/// Resolve one alias of `routes.yaml`. `models` are the names models.yaml defines.
+fn resolve_route(
+    dir: &Path,
+    name: &str,
+    r: &RawRoute,
+    models: &BTreeSet<String>,
+    v: &mut Issues<'_>,
+) -> RouteConfig {
+    let at = format!("routes.{name}");
+    let known = || models.iter().cloned().collect::<Vec<_>>().join(", ");
+    let check_model = |v: &mut Issues<'_>, path: String, m: &str| {
+        if !models.contains(m) {
+            v.push(
+                ROUTES_FILE,
+                path,
+                format!("unknown model {m:?} (models.yaml defines: {})", known()),
+            );
+        }
+    };
+    let candidates = r.candidates.clone().unwrap_or_default();
+    let mut route = match (&r.model, r.candidates.is_some()) {
+        (Some(m), false) => {
+            check_model(v, format!("{at}.model"), m);
+            RouteConfig::fixed(name, m)
+        }
+        (Some(_), true) => {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.candidates"),
+                "give either model (a fixed alias) or candidates (a routed alias), not both",
+            );
+            RouteConfig::fixed(name, "")
+        }
+        (None, true) if candidates.is_empty() => {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.candidates"),
+                "needs at least one model",
+            );
+            RouteConfig::fixed(name, "")
+        }
+        (None, true) => {
+            let mut seen = BTreeSet::new();
+            for (i, m) in candidates.iter().enumerate() {
+                check_model(v, format!("{at}.candidates[{i}]"), m);
+                if !seen.insert(m) {
+                    v.push(
+                        ROUTES_FILE,
+                        format!("{at}.candidates[{i}]"),
+                        format!("{m:?} is listed twice"),
+                    );
+                }
+            }
+            let mut rc = RouteConfig::fixed(name, &candidates[0]);
+            rc.candidates = candidates.clone();
+            rc.strategy = Strategy::Utility;
+            rc
+        }
+        (None, false) => {
+            v.push(
+                ROUTES_FILE,
+                &at,
+                "needs model (a fixed alias) or candidates (a routed alias)",
+            );
+            RouteConfig::fixed(name, "")
+        }
+    };
+    let routed = !route.candidates.is_empty();
+    let only_routed = |v: &mut Issues<'_>, key: &str| {
+        v.push(
+            ROUTES_FILE,
+            format!("{at}.{key}"),
+            "only a routed alias (with candidates) takes this setting",
+        );
+    };
+    match (r.strategy.as_deref(), &r.learned) {
+        (None | Some("utility"), None) => {}
+        (Some("learned"), Some(file)) => route.strategy = Strategy::Learned(relative_to(dir, file)),
+        (Some("learned"), None) => v.push(
+            ROUTES_FILE,
+            format!("{at}.learned"),
+            "strategy: learned needs learned: FILE (made by smartllm train-router)",
+        ),
+        (None | Some("utility"), Some(_)) => v.push(
+            ROUTES_FILE,
+            format!("{at}.strategy"),
+            "learned: FILE is only used with strategy: learned",
+        ),
+        (Some(s), _) => v.push(
+            ROUTES_FILE,
+            format!("{at}.strategy"),
+            format!("unknown strategy {s:?} (utility or learned)"),
+        ),
+    }
+    if !routed && r.strategy.is_some() {
+        only_routed(v, "strategy");
+    }
+    if let Some(w) = &r.weights {
+        if !routed {
+            only_routed(v, "weights");
+        }
+        let d = Weights::default();
+        let (q, c, l) = (
+            w.quality.unwrap_or(d.quality),
+            w.cost.unwrap_or(d.cost),
+            w.latency.unwrap_or(d.latency),
+        );
+        let mut ok = true;
+        for (k, x) in [("quality", q), ("cost", c), ("latency", l)] {
+            if !(x >= 0.0 && x.is_finite()) {
+                v.push(
+                    ROUTES_FILE,
+                    format!("{at}.weights.{k}"),
+                    "must be 0 or more",
+                );
+                ok = false;
+            }
+        }
+        let sum = q + c + l;
+        if ok && sum <= 0.0 {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.weights"),
+                "at least one weight must be above 0",
+            );
+        } else if ok {
+            route.weights = Weights {
+                quality: q / sum,
+                cost: c / sum,
+                latency: l / sum,
+            };
+        }
+    }
+    let c = &r.constraints;
+    route.constraints.latency_budget = c.latency_budget.map(|d| d.0);
+    if let Some(x) = c.max_cost_usd {
+        if !(x > 0.0 && x.is_finite()) {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.constraints.max_cost_usd"),
+                "must be above 0",
+            );
+        }
+        route.constraints.max_cost_usd = Some(x);
+    }
+    if let Some(x) = c.min_quality {
+        if !(0.0..=1.0).contains(&x) {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.constraints.min_quality"),
+                "must be between 0 and 1",
+            );
+        }
+        route.constraints.min_quality = Some(x);
+    }
+    for (i, cap) in c.capabilities.iter().enumerate() {
+        if !CAPABILITIES.contains(&cap.as_str()) {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.constraints.capabilities[{i}]"),
+                format!(
+                    "unknown capability {cap:?} (known: {})",
+                    CAPABILITIES.join(", ")
+                ),
+            );
+        }
+    }
+    route.constraints.capabilities = c.capabilities.clone();
+    if !routed
+        && (c.latency_budget.is_some()
+            || c.max_cost_usd.is_some()
+            || !c.capabilities.is_empty()
+            || c.min_quality.is_some())
+    {
+        only_routed(v, "constraints");
+    }
+    for (i, rule) in r.rules.iter().enumerate() {
+        let rat = format!("{at}.rules[{i}]");
+        if !routed {
+            only_routed(v, &format!("rules[{i}]"));
+        }
+        let w = &rule.when;
+        let mut tasks = Vec::new();
+        for (j, t) in w.task.iter().enumerate() {
+            match Task::parse(t) {
+                Some(t) => tasks.push(t),
+                None => v.push(
+                    ROUTES_FILE,
+                    format!("{rat}.when.task[{j}]"),
+                    format!("unknown task {t:?} (known: {})", task_names()),
+                ),
+            }
+        }
+        for (k, x) in [
+            ("min_complexity", w.min_complexity),
+            ("max_complexity", w.max_complexity),
+        ] {
+            if x.is_some_and(|x| !(0.0..=1.0).contains(&x)) {
+                v.push(
+                    ROUTES_FILE,
+                    format!("{rat}.when.{k}"),
+                    "must be between 0 and 1",
+                );
+            }
+        }
+        if let Some(p) = &rule.pin {
+            check_model(v, format!("{rat}.pin"), p);
+        }
+        for (j, m) in rule.exclude.iter().enumerate() {
+            check_model(v, format!("{rat}.exclude[{j}]"), m);
+        }
+        for (j, m) in rule.prefer.iter().enumerate() {
+            check_model(v, format!("{rat}.prefer[{j}]"), m);
+        }
+        if rule.pin.is_none() && rule.exclude.is_empty() && rule.prefer.is_empty() {
+            v.push(ROUTES_FILE, &rat, "a rule needs pin, exclude or prefer");
+        }
+        route.rules.push(RouteRule {
+            name: rule.name.clone().unwrap_or_else(|| format!("rule{i}")),
+            when: RuleWhen {
+                tasks,
+                min_complexity: w.min_complexity,
+                max_complexity: w.max_complexity,
+                min_prompt_tokens: w.min_prompt_tokens,
+                max_prompt_tokens: w.max_prompt_tokens,
+                languages: w.language.iter().map(|l| l.to_ascii_lowercase()).collect(),
+                has_code: w.has_code,
+                has_math: w.has_math,
+                has_tools: w.has_tools,
+                has_images: w.has_images,
+                headers: w
+                    .headers
+                    .iter()
+                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
+                    .collect(),
+                apps: w.app.clone(),
+                tenants: w.tenant.clone(),
+            },
+            pin: rule.pin.clone(),
+            exclude: rule.exclude.clone(),
+            prefer: rule.prefer.clone(),
+        });
+    }
+    for (i, m) in r.fallback.iter().enumerate() {
+        check_model(v, format!("{at}.fallback[{i}]"), m);
+    }
+    route.fallback = r.fallback.clone();
+    route.max_fallbacks = r.max_fallbacks.unwrap_or(2);
+    if route.max_fallbacks > 8 {
+        v.push(
+            ROUTES_FILE,
+            format!("{at}.max_fallbacks"),
+            "must be 8 or less",
+        );
+    }
+    if let Some(p) = r.budget_pressure_at {
+        if !(0.0..=1.0).contains(&p) {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.budget_pressure_at"),
+                "must be between 0 and 1",
+            );
+        }
+        route.budget_pressure_at = p;
+    }
+    if let Some(e) = &r.experiment {
+        let eat = format!("{at}.experiment");
+        let sticky_by = match e.sticky_by.as_deref() {
+            None | Some("user") => StickyBy::User,
+            Some("key") => StickyBy::Key,
+            Some(s) => {
+                v.push(
+                    ROUTES_FILE,
+                    format!("{eat}.sticky_by"),
+                    format!("unknown value {s:?} (user or key)"),
+                );
+                StickyBy::User
+            }
+        };
+        if e.arms.len() < 2 {
+            v.push(
+                ROUTES_FILE,
+                format!("{eat}.arms"),
+                "an experiment needs at least two arms",
+            );
+        }
+        let mut names = BTreeSet::new();
+        let mut arms = Vec::new();
+        for (i, a) in e.arms.iter().enumerate() {
+            if !(a.weight >= 0.0 && a.weight.is_finite()) {
+                v.push(
+                    ROUTES_FILE,
+                    format!("{eat}.arms[{i}].weight"),
+                    "must be 0 or more",
+                );
+            }
+            if !names.insert(a.name.clone()) {
+                v.push(
+                    ROUTES_FILE,
+                    format!("{eat}.arms[{i}].name"),
+                    format!("arm {:?} is listed twice", a.name),
+                );
+            }
+            if let Some(m) = &a.model {
+                check_model(v, format!("{eat}.arms[{i}].model"), m);
+            }
+            arms.push(Arm {
+                name: a.name.clone(),
+                weight: a.weight.max(0.0),
+                model: a.model.clone(),
+            });
+        }
+        if arms.iter().map(|a| a.weight).sum::<f64>() <= 0.0 {
+            v.push(
+                ROUTES_FILE,
+                format!("{eat}.arms"),
+                "the arms' weights must add up to more than 0",
+            );
+        }
+        if !routed && arms.iter().any(|a| a.model.is_none()) {
+            v.push(
+                ROUTES_FILE,
+                format!("{eat}.arms"),
+                "on a fixed alias every arm needs a model",
+            );
+        }
+        route.experiment = Some(Experiment {
+            name: e.name.clone(),
+            sticky_by,
+            arms,
+        });
+    }
+    route
+}
+
+/// `digest` extended with the contents of the files the routes refer to.
+pub(super) fn digest_referenced_files(
+    digest: &str,
+    classifier: &ClassifierConfig,
+    routes: &BTreeMap<String, RouteConfig>,
+    v: &mut Issues<'_>,
+) -> String {
+    // Files the routes refer to (classifier examples, learned routers) are part
+    // of what runs: a change to one is a change of config.
+    let mut hasher = Sha256::new();
+    hasher.update(digest.as_bytes());
+    for (key, path) in referenced_files(classifier, routes) {
+        match std::fs::read(&path) {
+            Ok(bytes) => {
+                hasher.update(path.to_string_lossy().as_bytes());
+                hasher.update([0]);
+                hasher.update(&bytes);
+            }
+            Err(e) => v.push(
+                ROUTES_FILE,
+                key,
+                format!("cannot read {}: {e}", path.display()),
+            ),
+        }
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
+
+/// Files the routing settings read, whose contents belong to the config's digest.
+fn referenced_files(
+    classifier: &ClassifierConfig,
+    routes: &BTreeMap<String, RouteConfig>,
+) -> Vec<(String, PathBuf)> {
+    let mut out = Vec::new();
+    if let Some(p) = &classifier.examples {
+        out.push(("classifier.examples".to_string(), p.clone()));
+    }
+    for r in routes.values() {
+        if let Strategy::Learned(p) = &r.strategy {
+            out.push((format!("routes.{}.learned", r.name), p.clone()));
+        }
+    }
+    out
+}

@@ -1,0 +1,188 @@
+//! `server:` and `admin:` of `smartllm.yaml`: the listeners, client and
+//! upstream timeouts, overload bounds, and the admin API's token (required
+//! when the admin listener is reachable beyond loopback).
+
+use super::{dur, relative_to};
+use crate::raw::{RawAdmin, RawServer};
+use crate::{ApiKeySource, Issues, ServerConfig, MAIN_FILE};
+use std::net::SocketAddr;
+use std::path::Path;
+
+/// An address setting, or its default when it is missing or invalid.
+fn addr(v: &mut Issues<'_>, path: &str, value: Option<String>, default: &str) -> SocketAddr {
+    let value = value.unwrap_or_else(|| default.to_string());
+    value.parse().unwrap_or_else(|_| {
+        v.push(
+            MAIN_FILE,
+            path,
+            format!("{value:?} is not an address like 127.0.0.1:8080"),
+        );
+        default.parse().expect("default address")
+    })
+}
+
+pub(super) fn resolve_server(s: RawServer, v: &mut Issues<'_>) -> ServerConfig {
+    let listen = addr(v, "server.listen", s.listen, "127.0.0.1:8080");
+    let admin_listen = addr(v, "server.admin_listen", s.admin_listen, "127.0.0.1:9090");
+    if listen == admin_listen {
+        v.push(
+            MAIN_FILE,
+            "server.admin_listen",
+            "must differ from server.listen",
+        );
+    }
+    let threads = s.threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    if threads == 0 || threads > 1024 {
+        v.push(MAIN_FILE, "server.threads", "must be between 1 and 1024");
+    }
+    let max_body_bytes = s.max_body_size.map(|b| b.0).unwrap_or(32 << 20);
+    if max_body_bytes < 1024 {
+        v.push(MAIN_FILE, "server.max_body_size", "must be at least 1KiB");
+    }
+    let max_header_bytes = s.max_header_size.map(|b| b.0).unwrap_or(32 << 10);
+    if max_header_bytes < 1024 {
+        v.push(MAIN_FILE, "server.max_header_size", "must be at least 1KiB");
+    }
+    let upstream_attempts = s.upstream_attempts.unwrap_or(3);
+    if upstream_attempts == 0 || upstream_attempts > 10 {
+        v.push(
+            MAIN_FILE,
+            "server.upstream_attempts",
+            "must be between 1 and 10",
+        );
+    }
+    let max_in_flight = s.max_in_flight.unwrap_or(4096);
+    if !(1..=1_000_000).contains(&max_in_flight) {
+        v.push(
+            MAIN_FILE,
+            "server.max_in_flight",
+            "must be between 1 and 1000000",
+        );
+    }
+    for (key, value) in [
+        ("server.client_body_timeout", &s.client_body_timeout),
+        ("server.client_header_timeout", &s.client_header_timeout),
+        ("server.client_body_deadline", &s.client_body_deadline),
+        ("server.keepalive_timeout", &s.keepalive_timeout),
+    ] {
+        if value.as_ref().is_some_and(|d| d.0.is_zero()) {
+            v.push(MAIN_FILE, key, "must be greater than 0");
+        }
+    }
+    ServerConfig {
+        listen,
+        admin_listen,
+        threads: threads.clamp(1, 1024),
+        max_body_bytes,
+        max_header_bytes,
+        client_body_timeout: dur(s.client_body_timeout, 30),
+        client_header_timeout: dur(s.client_header_timeout, 10),
+        client_body_deadline: dur(s.client_body_deadline, 300),
+        keepalive_timeout: dur(s.keepalive_timeout, 60),
+        http1_pipelining: s.http1_pipelining.unwrap_or(true),
+        upstream_connect_timeout: dur(s.upstream_connect_timeout, 5),
+        upstream_first_byte_timeout: dur(s.upstream_first_byte_timeout, 600),
+        upstream_idle_timeout: dur(s.upstream_idle_timeout, 120),
+        upstream_attempts: upstream_attempts.clamp(1, 10),
+        max_in_flight: max_in_flight.clamp(1, 1_000_000),
+        grace_period: dur(s.grace_period, 0),
+        graceful_shutdown_timeout: dur(s.graceful_shutdown_timeout, 30),
+    }
+}
+
+/// Where the admin API token comes from. Fails closed: without a token the
+/// admin listener must be a loopback address.
+pub(super) fn resolve_admin_token(
+    dir: &Path,
+    admin: RawAdmin,
+    admin_listen: SocketAddr,
+    v: &mut Issues<'_>,
+) -> ApiKeySource {
+    match (admin.token_env, admin.token_file) {
+        (None, None) if !admin_listen.ip().is_loopback() => {
+            // Fail closed: the admin API (config, costs, cache purge) is
+            // never open beyond this host.
+            v.push(
+                MAIN_FILE,
+                "server.admin_listen",
+                format!(
+                    "{admin_listen} is not a loopback address: set admin.token_env or admin.token_file so the admin API needs a token"
+                ),
+            );
+            ApiKeySource::None
+        }
+        (Some(_), Some(_)) => {
+            v.push(
+                MAIN_FILE,
+                "admin.token_file",
+                "set admin.token_env or admin.token_file, not both",
+            );
+            ApiKeySource::None
+        }
+        (Some(e), None) => ApiKeySource::Env(e),
+        (None, Some(f)) => ApiKeySource::File(relative_to(dir, &f)),
+        (None, None) => ApiKeySource::None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::*;
+    use crate::*;
+    use std::time::Duration;
+
+    #[test]
+    fn an_admin_listener_beyond_loopback_needs_a_token() {
+        let main = "server:\n  admin_listen: 0.0.0.0:9090\n";
+        let dir = write_dir(&[(MAIN_FILE, main)]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains(
+                "smartllm.yaml:2: server.admin_listen: 0.0.0.0:9090 is not a loopback address"
+            ),
+            "{text}"
+        );
+        let with_token = format!("{main}admin:\n  token_env: SMARTLLM_ADMIN_TOKEN\n");
+        let dir = write_dir(&[(MAIN_FILE, &with_token)]);
+        assert!(load_dir(dir.path()).is_ok());
+        // Loopback (the default) needs none.
+        let dir = write_dir(&[(MAIN_FILE, "server:\n  admin_listen: '[::1]:9090'\n")]);
+        assert!(load_dir(dir.path()).is_ok());
+    }
+
+    #[test]
+    fn client_timeouts_are_validated_and_default_sensibly() {
+        let dir = write_dir(&[(
+            MAIN_FILE,
+            "server:\n  client_header_timeout: 0s\n  client_body_deadline: 0ms\n  keepalive_timeout: 0s\n  http1_pipelining: false\n",
+        )]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        for (line, key) in [
+            (2, "client_header_timeout"),
+            (3, "client_body_deadline"),
+            (4, "keepalive_timeout"),
+        ] {
+            assert!(
+                text.contains(&format!("smartllm.yaml:{line}: server.{key}")),
+                "{text}"
+            );
+        }
+        let c = load_dir(write_dir(&[(MAIN_FILE, "data_dir: /tmp/x\n")]).path()).unwrap();
+        assert_eq!(c.server.client_header_timeout, Duration::from_secs(10));
+        assert_eq!(c.server.client_body_timeout, Duration::from_secs(30));
+        assert_eq!(c.server.client_body_deadline, Duration::from_secs(300));
+        assert_eq!(c.server.keepalive_timeout, Duration::from_secs(60));
+        assert!(c.server.http1_pipelining);
+        assert_eq!(c.store.memory_budget, 128 << 20);
+        let dir = write_dir(&[(MAIN_FILE, "store:\n  memory_budget: 1MiB\n")]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains("smartllm.yaml:2: store.memory_budget"),
+            "{text}"
+        );
+    }
+}

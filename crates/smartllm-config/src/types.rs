@@ -1,0 +1,549 @@
+//! The validated, resolved configuration: [`Config`] and the types of its
+//! sections, with the few methods the gateway asks of them. Routing types
+//! live in [`crate::routing`].
+
+use crate::routing::{CircuitBreakerConfig, ClassifierConfig, ModelProfile, RouteConfig};
+use crate::UrlError;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The validated, resolved configuration. Not `Deserialize`: it only comes from
+/// [`load_dir`](crate::load_dir).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub dir: PathBuf,
+    /// sha256 over the files' contents: identifies what is running.
+    pub digest: String,
+    pub server: ServerConfig,
+    pub data_dir: PathBuf,
+    pub store: StoreConfig,
+    pub embedder: EmbedderConfig,
+    pub logging: LoggingConfig,
+    pub demo: DemoConfig,
+    pub reload: ReloadConfig,
+    pub providers: BTreeMap<String, ProviderConfig>,
+    pub models: Vec<ModelConfig>,
+    pub routes: BTreeMap<String, RouteConfig>,
+    pub classifier: ClassifierConfig,
+    pub cache: CacheConfig,
+    pub keys: KeysConfig,
+    pub ledger: LedgerConfig,
+    pub fleet: FleetConfig,
+    /// Where the admin API token comes from (None: no token required).
+    pub admin_token: ApiKeySource,
+}
+
+/// What to do when the fleet's Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FleetOnError {
+    /// Enforce limits and budgets per process until Redis is back.
+    Local,
+    /// Refuse requests that have limits or budgets (503).
+    Reject,
+}
+
+/// Limits and budgets shared by several gateways through Redis.
+#[derive(Debug, Clone, PartialEq)]
+pub struct FleetConfig {
+    /// None: every gateway enforces its own limits and budgets.
+    pub redis: Option<String>,
+    pub key_prefix: String,
+    pub timeout: Duration,
+    pub on_error: FleetOnError,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StoreConfig {
+    /// Bytes for RocksDB's shared block cache, memtables included.
+    pub memory_budget: u64,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LedgerConfig {
+    pub flush_interval: Duration,
+}
+
+/// USD per million tokens, and per request.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Pricing {
+    pub input_per_1m: f64,
+    pub output_per_1m: f64,
+    pub cached_input_per_1m: f64,
+    pub per_request: f64,
+}
+
+/// Per-minute limits (None = unlimited).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Limits {
+    pub requests_per_minute: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VirtualKey {
+    pub name: String,
+    pub sha256: [u8; 32],
+    pub tenant: String,
+    pub app: String,
+    pub models: Vec<String>,
+    pub limits: Limits,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BudgetScope {
+    Tenant,
+    App,
+    Key,
+}
+
+impl BudgetScope {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BudgetScope::Tenant => "tenant",
+            BudgetScope::App => "app",
+            BudgetScope::Key => "key",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum OnExceed {
+    Reject,
+    /// Serve with this model or route instead.
+    Degrade(String),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Budget {
+    pub scope: BudgetScope,
+    pub name: String,
+    pub daily_usd: Option<f64>,
+    pub monthly_usd: Option<f64>,
+    /// The most one request may cost (its max_tokens is capped to fit).
+    pub max_request_usd: Option<f64>,
+    pub alert_at: Vec<f64>,
+    pub on_exceed: OnExceed,
+    pub webhook: Option<Url>,
+}
+
+impl Budget {
+    /// `tenant:acme`, `app:acme/web`, `key:ci`
+    pub fn id(&self) -> String {
+        format!("{}:{}", self.scope.as_str(), self.name)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct KeysConfig {
+    pub require_key: bool,
+    pub keys: Vec<VirtualKey>,
+    /// Limits per `tenant/app`.
+    pub apps: BTreeMap<String, Limits>,
+    pub budgets: Vec<Budget>,
+}
+
+/// Cache behaviour for one route alias or model (or the defaults).
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachePolicy {
+    pub enabled: bool,
+    pub semantic: bool,
+    pub similarity_threshold: f32,
+    pub ttl: Duration,
+    pub version: u32,
+    pub max_temperature: f64,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Detector {
+    Email,
+    Phone,
+    Card,
+    ApiKey,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheConfig {
+    /// Global switch: off means no lookups and no inserts anywhere.
+    pub enabled: bool,
+    pub defaults: CachePolicy,
+    pub routes: BTreeMap<String, CachePolicy>,
+    pub l1_entries: usize,
+    pub top_k: usize,
+    pub max_pending_inserts: usize,
+    pub ivf_threshold: usize,
+    pub encryption_key_file: Option<PathBuf>,
+    /// Validated regular expressions.
+    pub exclude_patterns: Vec<String>,
+    pub detectors: Vec<Detector>,
+}
+
+impl CacheConfig {
+    /// The policy of a request: its route alias if it has one, else its model.
+    pub fn policy(&self, route: Option<&str>, model: &str) -> &CachePolicy {
+        route
+            .and_then(|r| self.routes.get(r))
+            .or_else(|| self.routes.get(model))
+            .unwrap_or(&self.defaults)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub threads: usize,
+    pub max_body_bytes: u64,
+    pub max_header_bytes: u64,
+    pub client_body_timeout: Duration,
+    pub client_header_timeout: Duration,
+    pub client_body_deadline: Duration,
+    pub keepalive_timeout: Duration,
+    pub http1_pipelining: bool,
+    pub upstream_connect_timeout: Duration,
+    pub upstream_first_byte_timeout: Duration,
+    pub upstream_idle_timeout: Duration,
+    pub upstream_attempts: usize,
+    pub max_in_flight: usize,
+    pub grace_period: Duration,
+    pub graceful_shutdown_timeout: Duration,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbedderConfig {
+    pub model: PathBuf,
+    pub tokenizer: PathBuf,
+    pub onnxruntime: PathBuf,
+    pub threads: usize,
+    pub max_seq_len: usize,
+    pub device: Device,
+    pub queue_depth: usize,
+    pub max_queue_wait: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LoggingConfig {
+    pub level: String,
+    pub access_log: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DemoConfig {
+    pub auto: bool,
+    pub upstream: Url,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReloadConfig {
+    pub watch: bool,
+    pub debounce: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ProviderKind {
+    /// Any OpenAI-compatible API (OpenAI, Azure-style gateways, vLLM, mock-llm, ...).
+    OpenAi,
+    /// Anthropic's Messages API, translated to and from OpenAI's shapes.
+    Anthropic,
+}
+
+impl ProviderKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ProviderKind::OpenAi => "openai",
+            ProviderKind::Anthropic => "anthropic",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum ApiKeySource {
+    None,
+    Env(String),
+    File(PathBuf),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Url {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+    /// Path prefix without a trailing slash (`/v1`), may be empty.
+    pub path: String,
+}
+
+impl Url {
+    pub fn parse(s: &str) -> Result<Url, UrlError> {
+        let url = || s.to_string();
+        let (tls, rest) = if let Some(r) = s.strip_prefix("https://") {
+            (true, r)
+        } else if let Some(r) = s.strip_prefix("http://") {
+            (false, r)
+        } else {
+            return Err(UrlError::Scheme(url()));
+        };
+        let (authority, path) = match rest.find('/') {
+            Some(i) => (&rest[..i], &rest[i..]),
+            None => (rest, ""),
+        };
+        if authority.is_empty() {
+            return Err(UrlError::NoHost(url()));
+        }
+        if authority.contains('@') {
+            return Err(UrlError::Credentials(url()));
+        }
+        let (host, port) = if let Some(inner) = authority.strip_prefix('[') {
+            // [v6]:port
+            let end = inner.find(']').ok_or_else(|| UrlError::Ipv6Host(url()))?;
+            let host = &inner[..end];
+            let port = match inner[end + 1..].strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| UrlError::Port {
+                    url: url(),
+                    port: p.to_string(),
+                })?,
+                None => default_port(tls),
+            };
+            (host.to_string(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((h, p)) => (
+                    h.to_string(),
+                    p.parse().map_err(|_| UrlError::Port {
+                        url: url(),
+                        port: p.to_string(),
+                    })?,
+                ),
+                None => (authority.to_string(), default_port(tls)),
+            }
+        };
+        if path.contains('?') || path.contains('#') {
+            return Err(UrlError::QueryOrFragment(url()));
+        }
+        Ok(Url {
+            tls,
+            host,
+            port,
+            path: path.trim_end_matches('/').to_string(),
+        })
+    }
+
+    /// `host:port` suitable for DNS resolution.
+    pub fn authority(&self) -> String {
+        if self.host.contains(':') {
+            format!("[{}]:{}", self.host, self.port)
+        } else {
+            format!("{}:{}", self.host, self.port)
+        }
+    }
+
+    /// The Host header value (port omitted when it is the scheme's default).
+    pub fn host_header(&self) -> String {
+        if self.port == default_port(self.tls) {
+            self.host.clone()
+        } else {
+            self.authority()
+        }
+    }
+}
+
+fn default_port(tls: bool) -> u16 {
+    if tls {
+        443
+    } else {
+        80
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HealthCheckKind {
+    Tcp,
+    Http,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct HealthCheckConfig {
+    pub kind: HealthCheckKind,
+    pub path: String,
+    pub interval: Duration,
+    pub failures: usize,
+    pub successes: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ProviderConfig {
+    pub name: String,
+    pub kind: ProviderKind,
+    pub base_url: Url,
+    pub api_key: ApiKeySource,
+    pub headers: Vec<(String, String)>,
+    pub anthropic_version: String,
+    pub tls_ca_file: Option<PathBuf>,
+    pub stream_usage: bool,
+    pub connect_timeout: Duration,
+    pub first_byte_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub health_check: HealthCheckConfig,
+    pub circuit_breaker: CircuitBreakerConfig,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelConfig {
+    pub name: String,
+    pub owned_by: String,
+    pub deployments: Vec<DeploymentConfig>,
+    pub pricing: Pricing,
+    pub profile: ModelProfile,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct DeploymentConfig {
+    pub provider: String,
+    pub upstream_model: String,
+    pub weight: usize,
+}
+
+impl Config {
+    pub fn model(&self, name: &str) -> Option<&ModelConfig> {
+        self.models.iter().find(|m| m.name == name)
+    }
+
+    /// Resolve a requested model name: a configured model, or a route alias.
+    pub fn resolve_model(&self, requested: &str) -> Option<(&ModelConfig, Option<&RouteConfig>)> {
+        if let Some(m) = self.model(requested) {
+            return Some((m, None));
+        }
+        let route = self.routes.get(requested)?;
+        Some((self.model(&route.model)?, Some(route)))
+    }
+
+    /// Settings that only take effect at start. Returns a description of each
+    /// one that differs, so a reload can say that it needs a restart.
+    pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut check = |name: &str, a: String, b: String| {
+            if a != b {
+                out.push(format!("{name}: {a} -> {b}"));
+            }
+        };
+        check(
+            "server.listen",
+            self.server.listen.to_string(),
+            new.server.listen.to_string(),
+        );
+        check(
+            "server.admin_listen",
+            self.server.admin_listen.to_string(),
+            new.server.admin_listen.to_string(),
+        );
+        check(
+            "server.threads",
+            self.server.threads.to_string(),
+            new.server.threads.to_string(),
+        );
+        check(
+            "server.grace_period",
+            format!("{:?}", self.server.grace_period),
+            format!("{:?}", new.server.grace_period),
+        );
+        check(
+            "server.graceful_shutdown_timeout",
+            format!("{:?}", self.server.graceful_shutdown_timeout),
+            format!("{:?}", new.server.graceful_shutdown_timeout),
+        );
+        check(
+            "data_dir",
+            self.data_dir.display().to_string(),
+            new.data_dir.display().to_string(),
+        );
+        check(
+            "store.memory_budget",
+            self.store.memory_budget.to_string(),
+            new.store.memory_budget.to_string(),
+        );
+        check(
+            "embedder",
+            format!("{:?}", self.embedder),
+            format!("{:?}", new.embedder),
+        );
+        check(
+            "logging.level",
+            self.logging.level.clone(),
+            new.logging.level.clone(),
+        );
+        check(
+            "reload.watch",
+            self.reload.watch.to_string(),
+            new.reload.watch.to_string(),
+        );
+        out
+    }
+
+    /// A copy of `new` with the restart-only settings of `self`: what a live
+    /// reload can actually apply.
+    pub fn with_restart_only_from(&self, mut new: Config) -> Config {
+        new.server.listen = self.server.listen;
+        new.server.admin_listen = self.server.admin_listen;
+        new.server.threads = self.server.threads;
+        new.server.grace_period = self.server.grace_period;
+        new.server.graceful_shutdown_timeout = self.server.graceful_shutdown_timeout;
+        new.data_dir = self.data_dir.clone();
+        new.store = self.store;
+        new.embedder = self.embedder.clone();
+        new.logging.level = self.logging.level.clone();
+        new.reload.watch = self.reload.watch;
+        new.cache.encryption_key_file = self.cache.encryption_key_file.clone();
+        new.cache.l1_entries = self.cache.l1_entries;
+        new.ledger = self.ledger.clone();
+        new
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::*;
+    use crate::*;
+
+    #[test]
+    fn restart_only_changes_are_detected_and_kept() {
+        let a = write_dir(&[(MAIN_FILE, "server:\n  listen: 127.0.0.1:1000\n")]);
+        let b = write_dir(&[(
+            MAIN_FILE,
+            "server:\n  listen: 127.0.0.1:2000\n  max_body_size: 1MiB\n",
+        )]);
+        let old = load_dir(a.path()).unwrap();
+        let new = load_dir(b.path()).unwrap();
+        let changes = old.restart_only_changes(&new);
+        assert_eq!(changes.len(), 1, "{changes:?}");
+        assert!(changes[0].starts_with("server.listen"));
+        let applied = old.with_restart_only_from(new);
+        assert_eq!(applied.server.listen.port(), 1000);
+        assert_eq!(applied.server.max_body_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn urls() {
+        let u = Url::parse("https://api.openai.com/v1/").unwrap();
+        assert_eq!(
+            (u.tls, u.host.as_str(), u.port, u.path.as_str()),
+            (true, "api.openai.com", 443, "/v1")
+        );
+        assert_eq!(u.host_header(), "api.openai.com");
+        let u = Url::parse("http://127.0.0.1:8000").unwrap();
+        assert_eq!(
+            (u.port, u.path.as_str(), u.host_header()),
+            (8000, "", "127.0.0.1:8000".to_string())
+        );
+        assert!(Url::parse("ftp://x").is_err());
+        assert!(Url::parse("http://user:pw@x").is_err());
+        let u = Url::parse("http://[::1]:9/v1").unwrap();
+        assert_eq!(u.authority(), "[::1]:9");
+    }
+}
