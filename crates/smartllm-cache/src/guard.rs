@@ -190,6 +190,9 @@ impl Exclusions {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::test_support::embedder;
+
+    const MAX_SEQ: usize = 128;
 
     #[test]
     fn guard_catches_near_misses_and_lets_paraphrases_through() {
@@ -271,6 +274,46 @@ mod tests {
         );
         assert_eq!(ex.matches("this is CONFIDENTIAL"), Some("pattern"));
         assert_eq!(ex.matches("What is the capital of France?"), None);
+    }
+
+    /// The crate's directory as `cargo test` runs it (set at run time, so a
+    /// test binary reused from a shared target dir built in another checkout
+    /// reads this checkout's files).
+    fn crate_dir() -> std::path::PathBuf {
+        std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(Into::into)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+    }
+
+    #[test]
+    fn labelled_pairs_precision_at_the_default_threshold() {
+        let text = std::fs::read_to_string(crate_dir().join("testdata/pairs.tsv")).unwrap();
+        let pairs = parse_pairs(&text).unwrap();
+        assert!(pairs.len() >= 60);
+        let emb = embedder(MAX_SEQ);
+        let cosines: Vec<f32> = pairs
+            .iter()
+            .map(|(a, b, _)| {
+                let v = emb.embed_blocking(vec![a.clone(), b.clone()]).unwrap();
+                smartllm_embed::cosine(&v[0], &v[1])
+            })
+            .collect();
+        let rows = evaluate(&pairs, &cosines, &default_thresholds());
+        let at = |t: f32| {
+            rows.iter()
+                .find(|r| (r.threshold - t).abs() < 1e-6)
+                .unwrap()
+                .clone()
+        };
+        let d = at(0.95);
+        assert!(
+            d.precision >= 0.98,
+            "precision {:.3} at 0.95: {d:?}",
+            d.precision
+        );
+        assert!(d.recall > 0.2, "the cache must still hit: {d:?}");
+        // The guard alone keeps every trap out, even at a loose threshold.
+        assert!(at(0.80).precision >= 0.9, "{:?}", at(0.80));
     }
 }
 

@@ -1,0 +1,133 @@
+//! Operator and maintenance operations: purge (all, by namespace, by route or
+//! model), the sweep of expired and outdated-version entries, and stats.
+
+use crate::metric_names as m;
+use crate::{now_secs, CacheError, Entry, SemanticCache, VectorIndex};
+use metrics::{counter, gauge};
+use rocksdb::{IteratorMode, WriteBatch};
+use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_VECTORS};
+use std::sync::atomic::Ordering;
+
+/// What to purge.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Purge {
+    All,
+    Namespace(String),
+    Route(String),
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct CacheStats {
+    pub index_vectors: usize,
+    pub index_kind: &'static str,
+    pub ivf_nlist: Option<usize>,
+    pub ivf_nprobe: Option<usize>,
+    pub index_building: bool,
+    pub l1_entries: usize,
+    pub next_id: u64,
+    pub encrypted: bool,
+    pub live_data_bytes: u64,
+    pub estimated_entries: u64,
+}
+
+impl SemanticCache {
+    /// Remove entries matching `what`; returns how many.
+    pub fn purge(&self, what: &Purge) -> Result<u64, CacheError> {
+        if *what == Purge::All {
+            let mut n = 0u64;
+            let mut batch = WriteBatch::default();
+            for cf in [CF_ENTRIES, CF_VECTORS, CF_EXACT] {
+                for item in self.db().iterator_cf(self.cf(cf), IteratorMode::Start) {
+                    let (k, _) = item?;
+                    if cf == CF_ENTRIES {
+                        n += 1;
+                    }
+                    batch.delete_cf(self.cf(cf), k);
+                }
+            }
+            self.db().write(batch)?;
+            if let Ok(mut l1) = self.l1.lock() {
+                l1.clear();
+            }
+            {
+                let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+                *index = VectorIndex::new_flat(self.embedder.info().dim)?;
+                // A build in flight started from the old contents: void it.
+                self.generation.fetch_add(1, Ordering::SeqCst);
+            }
+            self.trained_for.store(0, Ordering::Relaxed);
+            if let Some(p) = &self.index_path {
+                let _ = std::fs::remove_file(p);
+            }
+            gauge!(m::INDEX_VECTORS).set(0.0);
+            counter!(m::REMOVED, "reason" => "purge").increment(n);
+            return Ok(n);
+        }
+        let n = self.remove_where(|e| match what {
+            Purge::Namespace(ns) => &e.namespace == ns,
+            Purge::Route(r) => &e.route == r || &e.model == r,
+            Purge::All => true,
+        })?;
+        counter!(m::REMOVED, "reason" => "purge").increment(n);
+        Ok(n)
+    }
+
+    /// Remove expired entries and those `stale` says are outdated (version bumps).
+    pub fn sweep(&self, stale: impl Fn(&Entry) -> bool) -> Result<u64, CacheError> {
+        let now = now_secs();
+        let n = self.remove_where(|e| e.expired(now) || stale(e))?;
+        counter!(m::REMOVED, "reason" => "expired").increment(n);
+        gauge!(m::BYTES).set(self.store.info().live_data_bytes as f64);
+        Ok(n)
+    }
+
+    fn remove_where(&self, pred: impl Fn(&Entry) -> bool) -> Result<u64, CacheError> {
+        let mut doomed = Vec::new();
+        for item in self
+            .db()
+            .iterator_cf(self.cf(CF_ENTRIES), IteratorMode::Start)
+        {
+            let (k, v) = item?;
+            let Ok(id) = <[u8; 8]>::try_from(&k[..]).map(u64::from_be_bytes) else {
+                continue;
+            };
+            match self.codec.decode(&v) {
+                Ok(e) if pred(&e) => doomed.push((id, Some(e.exact))),
+                Ok(_) => {}
+                Err(_) => doomed.push((id, None)),
+            }
+        }
+        let n = doomed.len() as u64;
+        for chunk in doomed.chunks(1024) {
+            self.remove_ids(chunk)?;
+        }
+        Ok(n)
+    }
+
+    pub fn stats(&self) -> CacheStats {
+        let info = self.store.info();
+        let estimated_entries = self
+            .db()
+            .property_int_value_cf(self.cf(CF_ENTRIES), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0);
+        let (kind, params) = self
+            .index
+            .read()
+            .map(|i| (if i.is_ivf() { "ivf-sq8" } else { "flat" }, i.ivf_params()))
+            .unwrap_or(("flat", None));
+        CacheStats {
+            index_vectors: self.index.read().map(|i| i.len()).unwrap_or(0),
+            index_kind: kind,
+            ivf_nlist: params.map(|p| p.0),
+            ivf_nprobe: params.map(|p| p.1),
+            index_building: self.building.load(Ordering::SeqCst),
+            l1_entries: self.l1.lock().map(|l| l.len()).unwrap_or(0),
+            next_id: self.next_id.load(Ordering::SeqCst),
+            encrypted: self.codec.encrypted(),
+            live_data_bytes: info.live_data_bytes,
+            estimated_entries,
+        }
+    }
+}

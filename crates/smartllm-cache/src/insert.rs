@@ -1,0 +1,97 @@
+//! The request-time write path: `SemanticCache::insert` (embed when the
+//! caller has no vector, then one RocksDB batch for the entry, its vector and
+//! its exact key, replacing an earlier entry under the same key; then the
+//! FAISS index and L1).
+
+use crate::lifecycle::Op;
+use crate::metric_names as m;
+use crate::storage::{vec_to_bytes, NEXT_ID};
+use crate::{now_secs, CacheError, CacheKey, Entry, SemanticCache};
+use metrics::{counter, gauge};
+use rocksdb::WriteBatch;
+use smartllm_config::CachePolicy;
+use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_META, CF_VECTORS};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+impl SemanticCache {
+    /// Store an answer. Runs off the request path (spawn it).
+    #[allow(clippy::too_many_arguments)]
+    pub async fn insert(
+        self: &Arc<Self>,
+        key: CacheKey,
+        embedding: Option<Vec<f32>>,
+        response: String,
+        policy: &CachePolicy,
+        route: &str,
+        model: &str,
+    ) -> Result<u64, CacheError> {
+        let embedding = match embedding {
+            Some(e) => Some(e),
+            None if policy.semantic => self.embedder.embed(vec![key.query.clone()]).await?.pop(),
+            None => None,
+        };
+        let now = now_secs();
+        let entry = Entry {
+            id: self.next_id.fetch_add(1, Ordering::SeqCst),
+            namespace: key.namespace_hex(),
+            exact: hex::encode(key.exact),
+            query: key.query.clone(),
+            response,
+            route: route.to_string(),
+            model: model.to_string(),
+            created_at: now,
+            expires_at: now + policy.ttl.as_secs(),
+            version: policy.version,
+        };
+        let this = self.clone();
+        let id = tokio::task::spawn_blocking(move || this.write(entry, embedding, key.exact))
+            .await
+            .map_err(|e| CacheError::Task(e.to_string()))??;
+        self.maybe_upgrade();
+        Ok(id)
+    }
+
+    fn write(
+        &self,
+        entry: Entry,
+        embedding: Option<Vec<f32>>,
+        exact: [u8; 32],
+    ) -> Result<u64, CacheError> {
+        let id = entry.id;
+        let previous = self
+            .db()
+            .get_cf(self.cf(CF_EXACT), exact)?
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .map(u64::from_be_bytes);
+        let mut batch = WriteBatch::default();
+        let encoded = self.codec.encode(&entry);
+        batch.put_cf(self.cf(CF_ENTRIES), id.to_be_bytes(), &encoded);
+        if let Some(v) = &embedding {
+            batch.put_cf(self.cf(CF_VECTORS), id.to_be_bytes(), vec_to_bytes(v));
+        }
+        batch.put_cf(self.cf(CF_EXACT), exact, id.to_be_bytes());
+        batch.put_cf(self.cf(CF_META), NEXT_ID, (id + 1).to_be_bytes());
+        if let Some(old) = previous {
+            batch.delete_cf(self.cf(CF_ENTRIES), old.to_be_bytes());
+            batch.delete_cf(self.cf(CF_VECTORS), old.to_be_bytes());
+        }
+        self.db().write(batch)?;
+        {
+            let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+            if let Some(old) = previous {
+                index.remove(&[old])?;
+                self.log_op(Op::Remove(vec![old]));
+            }
+            if let Some(v) = &embedding {
+                index.add(id, v)?;
+                self.log_op(Op::Add(id, v.clone()));
+            }
+            self.dirty.store(true, Ordering::Relaxed);
+            gauge!(m::INDEX_VECTORS).set(index.len() as f64);
+        }
+        self.l1_put(exact, Arc::new(entry));
+        counter!(m::INSERTS).increment(1);
+        Ok(id)
+    }
+}

@@ -1,0 +1,485 @@
+//! The request-time read path: `SemanticCache::lookup` (L1, then the RocksDB
+//! exact key, then embed -> FAISS top-k -> verify: namespace, similarity
+//! threshold, TTL, version, precision guard) and what it answers.
+
+use crate::metric_names as m;
+use crate::{near_miss, now_secs, CacheError, CacheKey, Entry, SemanticCache};
+use metrics::{counter, histogram};
+use smartllm_config::CachePolicy;
+use std::sync::Arc;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HitKind {
+    Exact,
+    Semantic,
+}
+
+impl HitKind {
+    pub fn header(self) -> &'static str {
+        match self {
+            HitKind::Exact => "hit-exact",
+            HitKind::Semantic => "hit-semantic",
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Lookup {
+    Hit {
+        entry: Arc<Entry>,
+        kind: HitKind,
+        similarity: f32,
+    },
+    Miss {
+        embedding: Option<Vec<f32>>,
+        best_similarity: Option<f32>,
+        rejected: Option<&'static str>,
+    },
+}
+
+enum Verified {
+    Hit(Entry, f32),
+    Miss {
+        best: Option<f32>,
+        rejected: Option<&'static str>,
+    },
+}
+
+fn valid(e: &Entry, policy: &CachePolicy, now: u64) -> bool {
+    !e.expired(now) && e.version == policy.version
+}
+
+impl SemanticCache {
+    /// Look a request up. `semantic` false limits it to exact matches.
+    pub async fn lookup(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        policy: &CachePolicy,
+        top_k: usize,
+    ) -> Result<Lookup, CacheError> {
+        let now = now_secs();
+        if let Some(e) = self.l1_get(&key.exact) {
+            if valid(&e, policy, now) {
+                counter!(m::LOOKUPS, "result" => "hit_exact").increment(1);
+                return Ok(Lookup::Hit {
+                    entry: e,
+                    kind: HitKind::Exact,
+                    similarity: 1.0,
+                });
+            }
+        }
+        let this = self.clone();
+        let exact = key.exact;
+        let stored = tokio::task::spawn_blocking(move || this.load_exact(&exact))
+            .await
+            .map_err(|e| CacheError::Task(e.to_string()))??;
+        if let Some(e) = stored {
+            if valid(&e, policy, now) && e.namespace == key.namespace_hex() {
+                let e = Arc::new(e);
+                self.l1_put(key.exact, e.clone());
+                counter!(m::LOOKUPS, "result" => "hit_exact").increment(1);
+                return Ok(Lookup::Hit {
+                    entry: e,
+                    kind: HitKind::Exact,
+                    similarity: 1.0,
+                });
+            }
+        }
+        if !policy.semantic {
+            counter!(m::LOOKUPS, "result" => "miss").increment(1);
+            return Ok(Lookup::Miss {
+                embedding: None,
+                best_similarity: None,
+                rejected: None,
+            });
+        }
+        let t = Instant::now();
+        let embedding = self
+            .embedder
+            .embed(vec![key.query.clone()])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        histogram!(m::EMBED_SECONDS).record(t.elapsed().as_secs_f64());
+
+        let this = self.clone();
+        let (ns, query, threshold, version) = (
+            key.namespace_hex(),
+            key.query.clone(),
+            policy.similarity_threshold,
+            policy.version,
+        );
+        let probe = embedding.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            this.search_verify(&probe, &ns, &query, threshold, version, top_k, now)
+        })
+        .await
+        .map_err(|e| CacheError::Task(e.to_string()))??;
+        match found {
+            Verified::Hit(e, sim) => {
+                histogram!(m::SIMILARITY).record(sim as f64);
+                counter!(m::LOOKUPS, "result" => "hit_semantic").increment(1);
+                Ok(Lookup::Hit {
+                    entry: Arc::new(e),
+                    kind: HitKind::Semantic,
+                    similarity: sim,
+                })
+            }
+            Verified::Miss { best, rejected } => {
+                if let Some(b) = best {
+                    histogram!(m::SIMILARITY).record(b as f64);
+                }
+                let result = if rejected.is_some() {
+                    "miss_guard"
+                } else {
+                    "miss"
+                };
+                counter!(m::LOOKUPS, "result" => result).increment(1);
+                Ok(Lookup::Miss {
+                    embedding: Some(embedding),
+                    best_similarity: best,
+                    rejected,
+                })
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn search_verify(
+        &self,
+        embedding: &[f32],
+        namespace: &str,
+        query: &str,
+        threshold: f32,
+        version: u32,
+        top_k: usize,
+        now: u64,
+    ) -> Result<Verified, CacheError> {
+        let t = Instant::now();
+        let hits = self
+            .index
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .search(embedding, top_k)?;
+        histogram!(m::SEARCH_SECONDS).record(t.elapsed().as_secs_f64());
+        let mut best = None;
+        let mut rejected = None;
+        for (id, sim) in hits {
+            let Some(e) = self.load(id)? else { continue };
+            if e.namespace != namespace {
+                continue;
+            }
+            if best.is_none() {
+                best = Some(sim);
+            }
+            if sim < threshold {
+                break;
+            }
+            if e.expired(now) || e.version != version {
+                continue;
+            }
+            if let Some(why) = near_miss(query, &e.query) {
+                rejected = Some(why);
+                continue;
+            }
+            return Ok(Verified::Hit(e, sim));
+        }
+        Ok(Verified::Miss { best, rejected })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::embedder;
+    use crate::{chat_key, Codec, Purge};
+    use serde_json::json;
+    use smartllm_store::Store;
+    use std::time::Duration;
+    const MAX_SEQ: usize = 128;
+
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            enabled: true,
+            semantic: true,
+            similarity_threshold: 0.9,
+            ttl: Duration::from_secs(3600),
+            version: 1,
+            max_temperature: 1.0,
+        }
+    }
+
+    fn key(tenant: &str, q: &str) -> CacheKey {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": q}]});
+        chat_key(tenant, "m", body.as_object().unwrap()).unwrap()
+    }
+
+    fn is_hit(l: &Lookup) -> Option<HitKind> {
+        match l {
+            Lookup::Hit { kind, .. } => Some(*kind),
+            Lookup::Miss { .. } => None,
+        }
+    }
+
+    /// Property: across thousands of random tenants (adversarial names
+    /// included), prompts, paraphrases and namespaces (model, system prompt,
+    /// sampling parameters), a hit only ever returns an entry stored for the
+    /// same tenant and namespace. The seed is printed; set
+    /// SMARTLLM_PROPTEST_SEED to replay one.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn no_hit_ever_crosses_a_tenant_or_namespace() {
+        let seed = std::env::var("SMARTLLM_PROPTEST_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| fastrand::u64(..));
+        eprintln!("isolation property seed {seed} (SMARTLLM_PROPTEST_SEED={seed} replays it)");
+        let mut rng = fastrand::Rng::with_seed(seed);
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let p = policy(); // threshold 0.9: looser than the default, so more candidates
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, emb.clone(), Codec::plain(), 256, 100_000, None).unwrap();
+
+        let verbs = ["reset", "change", "recover", "update", "delete"];
+        let objects = [
+            "password",
+            "email address",
+            "account",
+            "username",
+            "API key",
+            "billing address",
+        ];
+        let mut prompts = Vec::new();
+        for v in verbs {
+            for o in objects {
+                prompts.push(format!("How do I {v} my {o}?"));
+                prompts.push(format!("What is the way to {v} my {o}?"));
+            }
+        }
+        let vectors = emb.embed(prompts.clone()).await.unwrap();
+        // Tenant names that differ by a byte, by case, by a separator.
+        let mut tenants: Vec<String> = [
+            "acme",
+            "acme ",
+            "ACME",
+            "acme/app",
+            "acme:app",
+            "acme\u{0}",
+            "a",
+            "",
+            "ac",
+            "me",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+        while tenants.len() < 2_000 {
+            let len = rng.usize(1..12);
+            let t: String = (0..len)
+                .map(|_| ['a', 'b', ':', '/', '-', 'é', '0', ' '][rng.usize(..8)])
+                .collect();
+            tenants.push(t);
+        }
+        let models = ["m1", "m2"];
+        let systems = [None, Some("You are terse."), Some("You are verbose.")];
+        let temps = [None, Some(0.0), Some(0.7)];
+        let body = |prompt: &str, ns: (usize, usize, usize)| {
+            let mut messages = Vec::new();
+            if let Some(sys) = systems[ns.1] {
+                messages.push(json!({"role": "system", "content": sys}));
+            }
+            messages.push(json!({"role": "user", "content": prompt}));
+            let mut b = json!({"model": models[ns.0], "messages": messages});
+            if let Some(t) = temps[ns.2] {
+                b["temperature"] = json!(t);
+            }
+            b
+        };
+        let tag = |tenant: &str, ns: (usize, usize, usize)| format!("{tenant:?}|{ns:?}");
+        let hot = 300; // the first 300 tenants store entries; all 2,000 look up
+        let mut stored = std::collections::HashSet::new();
+        for _ in 0..1_200 {
+            let t = &tenants[rng.usize(..hot)];
+            let ns = (rng.usize(..2), rng.usize(..3), rng.usize(..3));
+            let i = rng.usize(..prompts.len());
+            let b = body(&prompts[i], ns);
+            let k = chat_key(t, models[ns.0], b.as_object().unwrap()).unwrap();
+            let answer = json!({"tag": tag(t, ns)}).to_string();
+            cache
+                .insert(
+                    k,
+                    Some(vectors[i].clone()),
+                    answer,
+                    &p,
+                    "auto",
+                    models[ns.0],
+                )
+                .await
+                .unwrap();
+            stored.insert((t.clone(), ns, i));
+        }
+        let (mut own_hits, mut foreign_twins) = (0, 0);
+        let entries: Vec<(String, (usize, usize, usize), usize)> = stored.iter().cloned().collect();
+        for n in 0..2_000 {
+            let (st, sns, si) = &entries[rng.usize(..entries.len())];
+            // A quarter each: the owner re-asks (or paraphrases: prompts come
+            // in pairs), another tenant asks the same, the owner asks in
+            // another namespace, anyone asks anything.
+            let (t, ns, i) = match n % 4 {
+                0 => (st, *sns, si ^ rng.usize(..2)),
+                1 => (&tenants[rng.usize(..tenants.len())], *sns, *si),
+                2 => (st, (rng.usize(..2), rng.usize(..3), rng.usize(..3)), *si),
+                _ => (
+                    &tenants[rng.usize(..tenants.len())],
+                    (rng.usize(..2), rng.usize(..3), rng.usize(..3)),
+                    rng.usize(..prompts.len()),
+                ),
+            };
+            let b = body(&prompts[i], ns);
+            let k = chat_key(t, models[ns.0], b.as_object().unwrap()).unwrap();
+            if stored
+                .iter()
+                .any(|(ot, ons, oi)| *oi == i && (ot != t || *ons != ns))
+            {
+                foreign_twins += 1; // the same question is stored elsewhere
+            }
+            if let Lookup::Hit { entry, .. } = cache.lookup(&k, &p, 8).await.unwrap() {
+                let got: serde_json::Value = serde_json::from_str(&entry.response).unwrap();
+                assert_eq!(
+                    got["tag"].as_str().unwrap(),
+                    tag(t, ns),
+                    "seed {seed}: tenant {t:?} namespace {ns:?} asked {:?} and got another's entry",
+                    prompts[i]
+                );
+                own_hits += 1;
+            }
+        }
+        eprintln!("{own_hits} own hits, {foreign_twins} lookups whose question another tenant or namespace had stored, 0 leaks");
+        // Not vacuous: own entries were found, and others' twins were there to leak.
+        assert!(own_hits >= 200, "seed {seed}: only {own_hits} own hits");
+        assert!(
+            foreign_twins >= 1_000,
+            "seed {seed}: {foreign_twins} foreign twins"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn lookups_inserts_isolation_purge_and_restart() {
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let p = policy();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            let cache = SemanticCache::open(
+                store,
+                emb.clone(),
+                Codec::plain(),
+                100,
+                100_000,
+                Some(dir.path()),
+            )
+            .unwrap();
+            let k = key("t1", "How do I reset my password?");
+            assert!(is_hit(&cache.lookup(&k, &p, 8).await.unwrap()).is_none());
+            cache
+                .insert(k.clone(), None, "{\"answer\":1}".into(), &p, "auto", "m")
+                .await
+                .unwrap();
+            assert_eq!(
+                is_hit(&cache.lookup(&k, &p, 8).await.unwrap()),
+                Some(HitKind::Exact)
+            );
+            let para = cache
+                .lookup(&key("t1", "What is the way to reset my password?"), &p, 8)
+                .await
+                .unwrap();
+            assert_eq!(is_hit(&para), Some(HitKind::Semantic), "{para:?}");
+            // Near-miss (negation) and another tenant: misses.
+            let neg = cache
+                .lookup(&key("t1", "How do I not reset my password?"), &p, 8)
+                .await
+                .unwrap();
+            assert!(is_hit(&neg).is_none(), "{neg:?}");
+            assert!(is_hit(
+                &cache
+                    .lookup(&key("t2", "How do I reset my password?"), &p, 8)
+                    .await
+                    .unwrap()
+            )
+            .is_none());
+            // A version bump invalidates.
+            let v2 = CachePolicy {
+                version: 2,
+                ..p.clone()
+            };
+            assert!(is_hit(&cache.lookup(&k, &v2, 8).await.unwrap()).is_none());
+            // Replacing an exact key keeps one entry.
+            cache
+                .insert(k.clone(), None, "{\"answer\":2}".into(), &p, "auto", "m")
+                .await
+                .unwrap();
+            assert_eq!(cache.stats().index_vectors, 1);
+            let k2 = key("t1", "Explain the borrow checker in Rust");
+            cache
+                .insert(k2.clone(), None, "{\"answer\":3}".into(), &p, "other", "m")
+                .await
+                .unwrap();
+            assert_eq!(cache.stats().index_vectors, 2);
+            store_flush(&cache);
+        }
+        // Restart: the index is rebuilt from RocksDB and hits still work.
+        let store = Store::open(dir.path()).unwrap();
+        let cache = SemanticCache::open(
+            store,
+            emb.clone(),
+            Codec::plain(),
+            100,
+            100_000,
+            Some(dir.path()),
+        )
+        .unwrap();
+        assert_eq!(cache.stats().index_vectors, 2);
+        let hit = cache
+            .lookup(&key("t1", "What is the way to reset my password?"), &p, 8)
+            .await
+            .unwrap();
+        match hit {
+            Lookup::Hit { entry, .. } => assert_eq!(entry.response, "{\"answer\":2}"),
+            other => panic!("{other:?}"),
+        }
+        // Purge by route, then expiry via sweep, then everything.
+        assert_eq!(cache.purge(&Purge::Route("other".into())).unwrap(), 1);
+        assert!(is_hit(
+            &cache
+                .lookup(&key("t1", "Explain the borrow checker in Rust"), &p, 8)
+                .await
+                .unwrap()
+        )
+        .is_none());
+        assert_eq!(cache.sweep(|e| e.version != 1).unwrap(), 0);
+        assert_eq!(cache.sweep(|_| true).unwrap(), 1);
+        assert_eq!(cache.stats().index_vectors, 0);
+        let k = key("t9", "short lived");
+        let short = CachePolicy {
+            ttl: Duration::from_secs(1),
+            ..p.clone()
+        };
+        cache
+            .insert(k.clone(), None, "{}".into(), &short, "auto", "m")
+            .await
+            .unwrap();
+        assert!(is_hit(&cache.lookup(&k, &short, 8).await.unwrap()).is_some());
+        tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(
+            is_hit(&cache.lookup(&k, &short, 8).await.unwrap()).is_none(),
+            "expired entries are not served"
+        );
+        assert_eq!(cache.purge(&Purge::All).unwrap(), 1);
+    }
+
+    fn store_flush(cache: &SemanticCache) {
+        cache.store.flush().unwrap();
+    }
+}

@@ -1,0 +1,110 @@
+//! Storage plumbing shared by the other modules: the RocksDB column families,
+//! reading an entry (by id or exact key), deleting entries everywhere they
+//! live (RocksDB, the FAISS index, L1), the L1 map, and the byte encoding of
+//! vectors.
+
+use crate::lifecycle::Op;
+use crate::metric_names as m;
+use crate::{CacheError, Entry, SemanticCache};
+use metrics::{counter, gauge};
+use rocksdb::WriteBatch;
+use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_VECTORS};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+/// The meta key holding the next entry id.
+pub(crate) const NEXT_ID: &[u8] = b"next_id";
+
+pub(crate) fn vec_to_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+pub(crate) fn bytes_to_vec(b: &[u8]) -> Option<Vec<f32>> {
+    if b.len() % 4 != 0 {
+        return None;
+    }
+    Some(
+        b.chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+    )
+}
+
+impl SemanticCache {
+    pub(crate) fn db(&self) -> &rocksdb::DB {
+        self.store.db()
+    }
+
+    pub(crate) fn cf(&self, name: &'static str) -> &rocksdb::ColumnFamily {
+        self.db()
+            .cf_handle(name)
+            .expect("the store creates every column family")
+    }
+
+    pub(crate) fn load(&self, id: u64) -> Result<Option<Entry>, CacheError> {
+        let Some(bytes) = self.db().get_cf(self.cf(CF_ENTRIES), id.to_be_bytes())? else {
+            return Ok(None);
+        };
+        match self.codec.decode(&bytes) {
+            Ok(e) => Ok(Some(e)),
+            Err(err) => {
+                // Never serve what cannot be read: drop it.
+                tracing::warn!(id, error = %err, "dropping unreadable cache entry");
+                counter!(m::REMOVED, "reason" => "unreadable").increment(1);
+                self.remove_ids(&[(id, None)])?;
+                Ok(None)
+            }
+        }
+    }
+
+    pub(crate) fn load_exact(&self, exact: &[u8; 32]) -> Result<Option<Entry>, CacheError> {
+        let Some(id) = self.db().get_cf(self.cf(CF_EXACT), exact)? else {
+            return Ok(None);
+        };
+        let Ok(id) = <[u8; 8]>::try_from(&id[..]) else {
+            return Ok(None);
+        };
+        self.load(u64::from_be_bytes(id))
+    }
+
+    /// Delete entries (and their vectors, exact keys and L1 copies).
+    pub(crate) fn remove_ids(&self, ids: &[(u64, Option<String>)]) -> Result<(), CacheError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut batch = WriteBatch::default();
+        for (id, exact) in ids {
+            batch.delete_cf(self.cf(CF_ENTRIES), id.to_be_bytes());
+            batch.delete_cf(self.cf(CF_VECTORS), id.to_be_bytes());
+            if let Some(ex) = exact.as_ref().and_then(|h| hex::decode(h).ok()) {
+                // Only if it still points at this entry.
+                if self.db().get_cf(self.cf(CF_EXACT), &ex)?.as_deref()
+                    == Some(&id.to_be_bytes()[..])
+                {
+                    batch.delete_cf(self.cf(CF_EXACT), &ex);
+                }
+                if let (Ok(k), Ok(mut l1)) = (<[u8; 32]>::try_from(&ex[..]), self.l1.lock()) {
+                    l1.pop(&k);
+                }
+            }
+        }
+        self.db().write(batch)?;
+        let just_ids: Vec<u64> = ids.iter().map(|(i, _)| *i).collect();
+        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
+        index.remove(&just_ids)?;
+        self.log_op(Op::Remove(just_ids));
+        self.dirty.store(true, Ordering::Relaxed);
+        gauge!(m::INDEX_VECTORS).set(index.len() as f64);
+        Ok(())
+    }
+
+    pub(crate) fn l1_get(&self, exact: &[u8; 32]) -> Option<Arc<Entry>> {
+        self.l1.lock().ok()?.get(exact).cloned()
+    }
+
+    pub(crate) fn l1_put(&self, exact: [u8; 32], e: Arc<Entry>) {
+        if let Ok(mut l1) = self.l1.lock() {
+            l1.put(exact, e);
+        }
+    }
+}
