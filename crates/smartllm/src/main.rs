@@ -20,7 +20,14 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod admin_client;
+mod cache_cli;
+mod check;
+mod costs_cli;
+mod printers;
 mod routing_cli;
+
+use admin_client::AdminTarget;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -134,19 +141,6 @@ enum KeysCmd {
     Hash { key: Option<String> },
 }
 
-#[derive(clap::Args)]
-struct AdminTarget {
-    /// Config directory of the running gateway (its admin_listen is used).
-    #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
-    config: PathBuf,
-    /// Admin address, overriding the config's (host:port).
-    #[arg(long)]
-    admin: Option<String>,
-    /// Admin API token (default: the config's admin.token_env / admin.token_file).
-    #[arg(long, env = "SMARTLLM_ADMIN_TOKEN", hide_env_values = true)]
-    admin_token: Option<String>,
-}
-
 #[derive(Subcommand)]
 enum CostsCmd {
     /// What cheaper models for simple traffic and more cache coverage would
@@ -222,7 +216,7 @@ fn main() -> ExitCode {
         exit_quietly_on_broken_stdout();
     }
     match cli.command {
-        Command::Check { config } => check(&config),
+        Command::Check { config } => check::check(&config),
         Command::Keys {
             action: KeysCmd::Hash { key },
         } => {
@@ -245,7 +239,7 @@ fn main() -> ExitCode {
                     json,
                 }),
             ..
-        } => match suggest_cmd(&target, &since, json) {
+        } => match costs_cli::suggest_cmd(&target, &since, json) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("smartllm costs suggest: {e:#}");
@@ -258,7 +252,7 @@ fn main() -> ExitCode {
             since,
             by,
             csv,
-        } => match costs_cmd(&target, &since, &by, csv) {
+        } => match costs_cli::costs_cmd(&target, &since, &by, csv) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("smartllm costs: {e:#}");
@@ -295,7 +289,7 @@ fn main() -> ExitCode {
             "smartllm eval",
             routing_cli::evaluate(&config, &data, router.as_deref(), json),
         ),
-        Command::Cache { action } => match cache_cmd(action) {
+        Command::Cache { action } => match cache_cli::cache_cmd(action) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("smartllm cache: {e:#}");
@@ -320,287 +314,6 @@ fn exit(what: &str, r: anyhow::Result<()>) -> ExitCode {
             ExitCode::from(1)
         }
     }
-}
-
-fn check(dir: &Path) -> ExitCode {
-    match smartllm_config::load_dir(dir) {
-        Ok(c) => {
-            println!(
-                "{}: config OK ({} providers, {} models, {} routes; digest {})",
-                dir.display(),
-                c.providers.len(),
-                c.models.len(),
-                c.routes.len(),
-                c.digest
-            );
-            for p in c.providers.values() {
-                match &p.api_key {
-                    smartllm_config::ApiKeySource::Env(var)
-                        if std::env::var(var)
-                            .map(|v| v.trim().is_empty())
-                            .unwrap_or(true) =>
-                    {
-                        println!(
-                            "note: provider {} reads its key from {var}, which is not set here",
-                            p.name
-                        )
-                    }
-                    smartllm_config::ApiKeySource::File(f) if !f.is_file() => {
-                        println!(
-                            "note: provider {} reads its key from {}, which does not exist",
-                            p.name,
-                            f.display()
-                        )
-                    }
-                    _ => {}
-                }
-            }
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("{e}");
-            ExitCode::from(1)
-        }
-    }
-}
-
-/// One request to the admin listener (plain HTTP/1.1, loopback).
-fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Result<String> {
-    use std::io::{Read, Write};
-    let config = smartllm_config::load_dir(&target.config).ok();
-    let addr = match (&target.admin, &config) {
-        (Some(a), _) => a.clone(),
-        (None, Some(c)) => c.server.admin_listen.to_string(),
-        (None, None) => smartllm_config::load_dir(&target.config)
-            .map_err(|e| anyhow::anyhow!("{e}"))?
-            .server
-            .admin_listen
-            .to_string(),
-    };
-    let token =
-        target
-            .admin_token
-            .clone()
-            .or_else(|| match config.as_ref().map(|c| &c.admin_token) {
-                Some(smartllm_config::ApiKeySource::Env(var)) => std::env::var(var).ok(),
-                Some(smartllm_config::ApiKeySource::File(f)) => std::fs::read_to_string(f)
-                    .ok()
-                    .map(|t| t.trim().to_string()),
-                _ => None,
-            });
-    let auth = token
-        .map(|t| format!("Authorization: Bearer {t}\r\n"))
-        .unwrap_or_default();
-    let mut s = std::net::TcpStream::connect(&addr).with_context(|| {
-        format!("connecting to the admin listener at {addr} (is smartllm running?)")
-    })?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
-    let text = String::from_utf8_lossy(&raw);
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    if !(200..300).contains(&status) {
-        anyhow::bail!("admin API answered {status}: {}", body.trim());
-    }
-    Ok(body.trim().to_string())
-}
-
-fn suggest_cmd(target: &AdminTarget, since: &str, json: bool) -> anyhow::Result<()> {
-    let body = admin_call(target, "GET", &format!("/admin/suggestions?since={since}"))?;
-    if json {
-        println!("{body}");
-        return Ok(());
-    }
-    let v: serde_json::Value =
-        serde_json::from_str(&body).context("parsing the admin API's answer")?;
-    let r = &v["report"];
-    let usd = |x: &serde_json::Value| x.as_f64().unwrap_or(0.0);
-    println!(
-        "{} .. {}: {} requests, ${:.4} spent, ${:.4} saved by the cache.",
-        v["from"].as_str().unwrap_or("-"),
-        v["to"].as_str().unwrap_or("-"),
-        r["requests"].as_u64().unwrap_or(0),
-        usd(&r["cost_usd"]),
-        usd(&r["saved_by_cache_usd"]),
-    );
-    let list = r["suggestions"].as_array().cloned().unwrap_or_default();
-    if list.is_empty() {
-        println!("No suggestions: nothing in this window would have been cheaper.");
-        return Ok(());
-    }
-    println!(
-        "Potential saving: ${:.4} ({} suggestions)\n",
-        usd(&r["potential_saving_usd"]),
-        list.len()
-    );
-    for (i, s) in list.iter().enumerate() {
-        println!(
-            "{:>2}. ${:<10.4} {:<16} {}",
-            i + 1,
-            usd(&s["saving_usd"]),
-            s["kind"].as_str().unwrap_or("-"),
-            s["action"].as_str().unwrap_or("-")
-        );
-    }
-    Ok(())
-}
-
-fn costs_cmd(target: &AdminTarget, since: &str, by: &str, csv: bool) -> anyhow::Result<()> {
-    let body = admin_call(
-        target,
-        "GET",
-        &format!("/admin/costs?since={since}&group_by={by}"),
-    )?;
-    let v: serde_json::Value =
-        serde_json::from_str(&body).context("parsing the admin API's answer")?;
-    let dims: Vec<String> = by
-        .split(',')
-        .map(|d| d.trim().to_string())
-        .filter(|d| !d.is_empty())
-        .collect();
-    let cols = [
-        "requests",
-        "input_tokens",
-        "output_tokens",
-        "cached_tokens",
-        "cost_usd",
-        "saved_usd",
-        "errors",
-    ];
-    let mut rows: Vec<Vec<String>> = Vec::new();
-    for r in v["rows"].as_array().into_iter().flatten() {
-        let mut row: Vec<String> = dims
-            .iter()
-            .map(|d| r["group"][d].as_str().unwrap_or("-").to_string())
-            .collect();
-        for c in cols {
-            row.push(match c {
-                "cost_usd" | "saved_usd" => format!("{:.6}", r[c].as_f64().unwrap_or(0.0)),
-                _ => r[c].as_u64().unwrap_or(0).to_string(),
-            });
-        }
-        rows.push(row);
-    }
-    let header: Vec<String> = dims
-        .iter()
-        .cloned()
-        .chain(cols.iter().map(|c| c.to_string()))
-        .collect();
-    if csv {
-        println!("{}", header.join(","));
-        for r in rows {
-            let quoted: Vec<String> = r
-                .iter()
-                .map(|f| {
-                    if f.contains([',', '"']) {
-                        format!("\"{}\"", f.replace('"', "\"\""))
-                    } else {
-                        f.clone()
-                    }
-                })
-                .collect();
-            println!("{}", quoted.join(","));
-        }
-        return Ok(());
-    }
-    let mut widths: Vec<usize> = header.iter().map(String::len).collect();
-    for r in &rows {
-        for (i, f) in r.iter().enumerate() {
-            widths[i] = widths[i].max(f.len());
-        }
-    }
-    let line = |r: &[String]| {
-        r.iter()
-            .enumerate()
-            .map(|(i, f)| format!("{f:<w$}", w = widths[i]))
-            .collect::<Vec<_>>()
-            .join("  ")
-    };
-    println!("{}", line(&header));
-    for r in &rows {
-        println!("{}", line(r));
-    }
-    println!(
-        "total: {} requests, ${:.6} spent, ${:.6} saved by the cache ({} to {})",
-        v["total"]["requests"],
-        v["total"]["cost_usd"].as_f64().unwrap_or(0.0),
-        v["total"]["saved_usd"].as_f64().unwrap_or(0.0),
-        v["from"].as_str().unwrap_or("?"),
-        v["to"].as_str().unwrap_or("?")
-    );
-    Ok(())
-}
-
-fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
-    match action {
-        CacheCmd::Stats { target } => {
-            println!("{}", admin_call(&target, "GET", "/admin/cache/stats")?)
-        }
-        CacheCmd::Rebuild { target } => {
-            println!("{}", admin_call(&target, "POST", "/admin/cache/rebuild")?)
-        }
-        CacheCmd::Purge {
-            target,
-            all,
-            route,
-            namespace,
-        } => {
-            let query = match (all, route, namespace) {
-                (true, _, _) => "all=true".to_string(),
-                (_, Some(r), _) => format!("route={r}"),
-                (_, _, Some(n)) => format!("namespace={n}"),
-                _ => anyhow::bail!("say what to purge: --all, --route NAME or --namespace HEX"),
-            };
-            println!(
-                "{}",
-                admin_call(&target, "POST", &format!("/admin/cache/purge?{query}"))?
-            );
-        }
-        CacheCmd::Eval { pairs, config } => {
-            let cfg = smartllm_config::load_dir(&config).map_err(|e| anyhow::anyhow!("{e}"))?;
-            let text = std::fs::read_to_string(&pairs)
-                .with_context(|| format!("reading {}", pairs.display()))?;
-            let pairs = smartllm_cache::guard::parse_pairs(&text)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", pairs.display()))?;
-            let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
-            let mut cosines = Vec::with_capacity(pairs.len());
-            for (a, b, _) in &pairs {
-                let v = embedder.embed_blocking(vec![a.clone(), b.clone()])?;
-                cosines.push(cosine(&v[0], &v[1]));
-            }
-            let rows = smartllm_cache::guard::evaluate(
-                &pairs,
-                &cosines,
-                &smartllm_cache::guard::default_thresholds(),
-            );
-            let default = cfg.cache.defaults.similarity_threshold;
-            println!("{} pairs ({} duplicates); cache decision = cosine >= threshold and the precision guard passes", pairs.len(), pairs.iter().filter(|p| p.2).count());
-            println!("threshold  precision  recall  hit_rate  tp  fp");
-            for r in rows {
-                let mark = if (r.threshold - default).abs() < 1e-6 {
-                    "  <- configured"
-                } else {
-                    ""
-                };
-                println!(
-                    "{:>9.2}  {:>9.3}  {:>6.3}  {:>8.3}  {:>2}  {:>2}{mark}",
-                    r.threshold,
-                    r.precision,
-                    r.recall,
-                    r.hit_rate,
-                    r.true_positives,
-                    r.false_positives
-                );
-            }
-        }
-    }
-    Ok(())
 }
 
 fn init_logging(level: &str) {

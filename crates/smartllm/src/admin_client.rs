@@ -1,0 +1,68 @@
+//! The CLI's client of the running gateway's admin listener: where it is
+//! (`--config` / `--admin`), how to authenticate (`--admin-token` or the
+//! config's admin token), and one plain HTTP/1.1 request per call.
+
+use anyhow::Context;
+use std::path::PathBuf;
+
+// Which running gateway a command talks to (flattened into `costs` and `cache`).
+// A plain comment: a doc comment here would become clap `about` text.
+#[derive(clap::Args)]
+pub struct AdminTarget {
+    /// Config directory of the running gateway (its admin_listen is used).
+    #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+    config: PathBuf,
+    /// Admin address, overriding the config's (host:port).
+    #[arg(long)]
+    admin: Option<String>,
+    /// Admin API token (default: the config's admin.token_env / admin.token_file).
+    #[arg(long, env = "SMARTLLM_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+}
+
+/// One request to the admin listener (plain HTTP/1.1, loopback).
+pub fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Result<String> {
+    use std::io::{Read, Write};
+    let config = smartllm_config::load_dir(&target.config).ok();
+    let addr = match (&target.admin, &config) {
+        (Some(a), _) => a.clone(),
+        (None, Some(c)) => c.server.admin_listen.to_string(),
+        (None, None) => smartllm_config::load_dir(&target.config)
+            .map_err(|e| anyhow::anyhow!("{e}"))?
+            .server
+            .admin_listen
+            .to_string(),
+    };
+    let token =
+        target
+            .admin_token
+            .clone()
+            .or_else(|| match config.as_ref().map(|c| &c.admin_token) {
+                Some(smartllm_config::ApiKeySource::Env(var)) => std::env::var(var).ok(),
+                Some(smartllm_config::ApiKeySource::File(f)) => std::fs::read_to_string(f)
+                    .ok()
+                    .map(|t| t.trim().to_string()),
+                _ => None,
+            });
+    let auth = token
+        .map(|t| format!("Authorization: Bearer {t}\r\n"))
+        .unwrap_or_default();
+    let mut s = std::net::TcpStream::connect(&addr).with_context(|| {
+        format!("connecting to the admin listener at {addr} (is smartllm running?)")
+    })?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
+    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw)?;
+    let text = String::from_utf8_lossy(&raw);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    if !(200..300).contains(&status) {
+        anyhow::bail!("admin API answered {status}: {}", body.trim());
+    }
+    Ok(body.trim().to_string())
+}

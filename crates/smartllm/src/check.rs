@@ -1,0 +1,48 @@
+//! `smartllm check`: validate a config directory and note provider keys that
+//! are not available on this machine.
+
+use std::path::Path;
+use std::process::ExitCode;
+
+/// `smartllm check --config DIR`: exit 0 when the config loads, 1 (errors on stderr) when not.
+pub fn check(dir: &Path) -> ExitCode {
+    match smartllm_config::load_dir(dir) {
+        Ok(c) => {
+            println!(
+                "{}: config OK ({} providers, {} models, {} routes; digest {})",
+                dir.display(),
+                c.providers.len(),
+                c.models.len(),
+                c.routes.len(),
+                c.digest
+            );
+            for p in c.providers.values() {
+                match &p.api_key {
+                    smartllm_config::ApiKeySource::Env(var)
+                        if std::env::var(var)
+                            .map(|v| v.trim().is_empty())
+                            .unwrap_or(true) =>
+                    {
+                        println!(
+                            "note: provider {} reads its key from {var}, which is not set here",
+                            p.name
+                        )
+                    }
+                    smartllm_config::ApiKeySource::File(f) if !f.is_file() => {
+                        println!(
+                            "note: provider {} reads its key from {}, which does not exist",
+                            p.name,
+                            f.display()
+                        )
+                    }
+                    _ => {}
+                }
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::from(1)
+        }
+    }
+}
