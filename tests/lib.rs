@@ -8,25 +8,91 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-/// Directory holding the workspace's release binaries (next to this test's `deps/`).
+/// The profile directory (`target/release`, `target/debug`, ...) this test
+/// binary's `deps/` sits in: where cargo puts the workspace's binaries.
 pub fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe path");
     exe.parent()
         .and_then(Path::parent)
-        .expect("target/release")
+        .expect("target/<profile>")
         .to_path_buf()
 }
 
+/// The binaries the tests start (each is also its package's name).
+const BINS: [&str; 2] = ["smartllm", "mock-llm"];
+
+/// Path of a workspace binary in [`bin_dir`], built first when missing.
+///
+/// `CARGO_BIN_EXE_<name>` only names binaries of the test's own package, and
+/// `cargo test -p smartllm-e2e` builds nothing of `smartllm` or `mock-llm` but
+/// their libraries, so the harness builds them itself: the first time a test
+/// of this process finds either binary missing, it runs
+/// `$CARGO build --locked --bins -p smartllm -p mock-llm` (`CARGO` is the cargo
+/// that runs the tests; plain `cargo` without it) in the workspace, into this
+/// test binary's target dir and profile (`--release` when it sits in
+/// `release/`), once per process behind a `OnceLock` (the other tests wait
+/// for that build), and panics saying why if it fails. A binary already there
+/// is used as it is: `cargo build --release --bins` (`make test` does) keeps
+/// both up to date after a change.
 pub fn bin(name: &str) -> PathBuf {
-    let p = bin_dir().join(name);
+    static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
+    let dir = bin_dir();
+    if BINS.iter().any(|b| !dir.join(b).is_file()) {
+        if let Err(e) = BUILT.get_or_init(|| build_bins(&dir)) {
+            panic!("{e}");
+        }
+    }
+    let p = dir.join(name);
     assert!(
         p.is_file(),
-        "{} not built: run `cargo build --release --bins` (make test does)",
+        "{} not found (the harness builds only {BINS:?})",
         p.display()
     );
     p
+}
+
+/// Builds [`BINS`] into `profile_dir` (`<target dir>/<profile>`); see [`bin`].
+fn build_bins(profile_dir: &Path) -> Result<(), String> {
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let profile = profile_dir
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("debug");
+    let target_dir = profile_dir.parent().expect("target dir");
+    let mut cmd = Command::new(&cargo);
+    cmd.current_dir(workspace_root())
+        .args(["build", "--locked", "--bins"])
+        .arg("--target-dir")
+        .arg(target_dir);
+    for b in BINS {
+        cmd.args(["-p", b]);
+    }
+    match profile {
+        "debug" => {}
+        "release" => {
+            cmd.arg("--release");
+        }
+        other => {
+            cmd.args(["--profile", other]);
+        }
+    }
+    eprintln!(
+        "smartllm-e2e: {BINS:?} missing in {}, building: {cmd:?}",
+        profile_dir.display()
+    );
+    match cmd.status() {
+        Ok(s) if s.success() => Ok(()),
+        Ok(s) => Err(format!(
+            "building the test binaries failed ({s}): {cmd:?}; build them with `cargo build --release --bins` (make test does)"
+        )),
+        Err(e) => Err(format!(
+            "could not run {} to build the test binaries ({e}); build them with `cargo build --release --bins` (make test does)",
+            Path::new(&cargo).display()
+        )),
+    }
 }
 
 pub fn workspace_root() -> PathBuf {

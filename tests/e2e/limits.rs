@@ -1,13 +1,137 @@
-//! Cost controls through the real server: limits and budgets shared by two
-//! gateway processes through a real redis-server, the per-request cost cap,
-//! and cost suggestions from real traffic.
+//! Cost and rate controls through the real server: rate limits and budgets
+//! per key, app and tenant, the same shared by two gateway processes through a
+//! real redis-server, and the per-request cost cap.
 
-use crate::{ask, ledger_gateway, sha};
+use crate::common::*;
 use serde_json::{json, Value};
 use smartllm_e2e::*;
 use std::io::{Read, Write};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+
+#[test]
+fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
+    let mock = Mock::start(&[]);
+    let cfg = ledger_gateway(&mock, "");
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 3 }}\n  - name: carol\n    sha256: {}\n    tenant: acme\n    app: batch\napps:\n  acme/batch:\n    limits: {{ tokens_per_minute: 2000 }}\n",
+            sha("sk-alice-1"),
+            sha("sk-carol-3")
+        ),
+    );
+    let gw = Gateway::start(cfg);
+    for i in 0..3 {
+        assert_eq!(
+            ask(&gw, "sk-alice-1", &chat_body("small", &format!("q{i}"))).status,
+            200
+        );
+    }
+    let r = ask(&gw, "sk-alice-1", &chat_body("small", "one too many"));
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "rate_limit_exceeded");
+    assert_eq!(r.api_error()["type"], "rate_limit_error");
+    let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
+    assert!((1..=20).contains(&retry), "{retry}");
+    assert!(r.api_error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("3 requests per minute for key 'alice'"));
+    // Tokens per minute for an app: a 6,000-byte prompt (~1,500 tokens) fits once, not twice.
+    let big = chat_body("small", &"word ".repeat(1200));
+    assert_eq!(ask(&gw, "sk-carol-3", &big).status, 200);
+    let r = ask(&gw, "sk-carol-3", &big);
+    assert_eq!(r.status, 429);
+    assert!(r.api_error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("tokens per minute for app 'acme/batch'"));
+    let huge = chat_body("small", &"word ".repeat(3000));
+    let r = ask(&gw, "sk-carol-3", &huge);
+    assert_eq!(r.api_error()["code"], "request_too_large_for_limit");
+    // Limits change with a reload: lift alice's.
+    gw.config.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n",
+            sha("sk-alice-1")
+        ),
+    );
+    assert!(wait_until(Duration::from_secs(5), || ask(
+        &gw,
+        "sk-alice-1",
+        &chat_body("small", "free again")
+    )
+    .status
+        == 200));
+}
+
+#[test]
+fn budgets_alert_reject_and_degrade() {
+    let mock = Mock::start(&["--words", "12"]);
+    let hook = Mock::start(&[]);
+    let cfg = ledger_gateway(&mock, "");
+    // small: 3 prompt + 12 completion tokens = 0.027 USD per "Hello there".
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n  - name: bob\n    sha256: {}\n    tenant: beta\n    app: cli\nbudgets:\n  - scope: tenant\n    name: acme\n    daily_usd: 0.05\n    alert_at: [50, 100]\n    webhook: http://{}/hook\n  - scope: key\n    name: bob\n    monthly_usd: 0.03\n    on_exceed: degrade\n    degrade_to: big\n",
+            sha("sk-alice-1"),
+            sha("sk-bob-2"),
+            hook.addr
+        ),
+    );
+    let mut gw = Gateway::start(cfg);
+    let hello = chat_body("small", "Hello there");
+    assert_eq!(ask(&gw, "sk-alice-1", &hello).status, 200); // 0.027: 54%, alert 50
+    assert!(
+        wait_until(Duration::from_secs(5), || hook.requests() >= 1),
+        "50% alert webhook"
+    );
+    assert_eq!(hook.last()["json"]["threshold_pct"], 50.0);
+    assert_eq!(hook.last()["json"]["budget"], "tenant:acme");
+    assert_eq!(ask(&gw, "sk-alice-1", &hello).status, 200); // 0.054: 108%, alert 100
+    assert!(
+        wait_until(Duration::from_secs(5), || hook.requests() >= 2),
+        "100% alert webhook"
+    );
+    assert_eq!(hook.last()["json"]["threshold_pct"], 100.0);
+    let r = ask(&gw, "sk-alice-1", &hello);
+    assert_eq!(r.status, 429, "{}", r.text());
+    let e = r.api_error();
+    assert_eq!(e["code"], "budget_exceeded");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("daily budget of $0.05 for tenant 'acme'"),
+        "{e}"
+    );
+    assert!(r.header("retry-after").is_some());
+    assert!(gw.log_text().contains("budget alert"));
+    assert!(gw
+        .metrics()
+        .contains("smartllm_budget_alerts_total{budget=\"tenant:acme\""));
+    // bob degrades to the "big" model once his monthly budget is spent.
+    let r = ask(&gw, "sk-bob-2", &hello);
+    assert_eq!(r.header("x-smartllm-model"), Some("small"));
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .metric("smartllm_budget_used_ratio", &[("budget", "key:bob")])
+        > 0.8));
+    let r = ask(&gw, "sk-bob-2", &hello);
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-smartllm-model"), Some("big"), "{:?}", r.headers);
+    assert!(r
+        .header("x-smartllm-route")
+        .unwrap()
+        .contains("reason=budget"));
+    // After a restart the spend is read back from the ledger: still exhausted.
+    gw.stop();
+    let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    let gw = Gateway::start(cfg);
+    assert_eq!(ask(&gw, "sk-alice-1", &hello).status, 429);
+}
 
 /// A real redis-server on a loopback port (`make test` installs it).
 struct Redis {
@@ -249,62 +373,4 @@ fn a_per_request_cost_cap_is_never_exceeded() {
     assert_eq!(r.api_error()["code"], "request_cost_cap_exceeded");
     assert_eq!(mock.requests(), before);
     assert!(gw.metric("smartllm_request_cost_cap_total", &[("action", "capped")]) >= 2.0);
-}
-
-#[test]
-fn suggestions_from_real_traffic() {
-    let mock = Mock::start(&["--words", "20"]);
-    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
-    // A dear model and a cheap one the profiles rate about as good at chat.
-    let models = "models:\n  - name: dear\n    pricing: { input: 2.5, output: 10 }\n    profile: { quality: { chat: 0.93 } }\n    deployments: [{ provider: mock }]\n  - name: cheap\n    pricing: { input: 0.15, output: 0.6 }\n    profile: { quality: { chat: 0.92 } }\n    deployments: [{ provider: mock }]\n";
-    let cfg = ConfigDir::new(
-        "",
-        "demo:\n  mode: off\n",
-        &providers,
-        models,
-        "routes:\n  auto:\n    candidates: [dear, cheap]\n",
-    );
-    let gw = Gateway::start(cfg);
-    for i in 0..6 {
-        let r = gw.chat(&chat_body("dear", &format!("hi, how are you today? ({i})")));
-        assert_eq!(r.status, 200, "{}", r.text());
-    }
-    // The ledger records a request after its answer is sent: wait for the sixth.
-    let mut r = get(&gw.admin, "/admin/suggestions?since=1h");
-    assert!(
-        wait_until(Duration::from_secs(5), || {
-            r = get(&gw.admin, "/admin/suggestions?since=1h");
-            r.status == 200 && r.json()["report"]["requests"] == 6
-        }),
-        "{}",
-        r.text()
-    );
-    let report = &r.json()["report"];
-    let s = &report["suggestions"][0];
-    assert_eq!(s["kind"], "cheaper_model", "{report}");
-    assert_eq!(
-        (s["model"].as_str(), s["to_model"].as_str()),
-        (Some("dear"), Some("cheap"))
-    );
-    assert_eq!(s["tier"], "simple");
-    let saving = s["saving_usd"].as_f64().unwrap();
-    let cost = report["cost_usd"].as_f64().unwrap();
-    // cheap costs 0.06 of dear on the same tokens.
-    assert!((saving / cost - 0.94).abs() < 0.01, "{saving} of {cost}");
-    assert!(s["action"].as_str().unwrap().contains("(auto)"), "{s}");
-    // The CLI shows the same.
-    let out = Command::new(bin("smartllm"))
-        .args(["costs", "suggest", "--since", "1h", "--admin", &gw.admin])
-        .args(["--config", &gw.config.path().display().to_string()])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{text}");
-    assert!(
-        text.contains("cheaper_model") && text.contains("cheap instead of dear"),
-        "{text}"
-    );
-    // Bad parameters get a clear 400.
-    let r = get(&gw.admin, "/admin/suggestions?since=yesterday");
-    assert_eq!(r.status, 400);
 }

@@ -1,0 +1,345 @@
+//! The response cache through the real server: exact and semantic hits,
+//! streamed hits, TTL, version bumps and restarts, encryption key errors, and
+//! the cache CLI.
+
+use crate::common::*;
+use serde_json::{json, Value};
+use smartllm_e2e::*;
+use std::time::{Duration, Instant};
+
+fn cached_gateway(cache_yaml: &str, mock_args: &[&str]) -> (Mock, Gateway) {
+    let mock = Mock::start(mock_args);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    deployments:\n      - provider: mock\n        model: mock-small\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  auto:\n    model: small\n",
+    );
+    cfg.write("cache.yaml", cache_yaml);
+    (mock, Gateway::start(cfg))
+}
+
+const CACHE_ON: &str =
+    "cache:\n  enabled: true\n  similarity_threshold: 0.95\n  exclude:\n    detectors: [email]\n";
+
+#[test]
+fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
+    let (mock, gw) = cached_gateway(CACHE_ON, &[]);
+    let q = |text: &str| chat_body("auto", text);
+    let first = ask(&gw, "key-a", &q("How do I reset my password?"));
+    assert_eq!((first.status, cache_header(&first)), (200, "miss"));
+    wait_cached(&gw, 1);
+    let before = mock.requests();
+    let exact = ask(&gw, "key-a", &q("How do I reset   my password?"));
+    assert_eq!(cache_header(&exact), "hit-exact");
+    assert_eq!(exact.json()["choices"], first.json()["choices"]);
+    let para = ask(&gw, "key-a", &q("What is the way to reset my password?"));
+    assert_eq!(cache_header(&para), "hit-semantic", "{:?}", para.headers);
+    let sim: f64 = para
+        .header("x-smartllm-similarity")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((0.95..1.0).contains(&sim), "{sim}");
+    assert_eq!(para.json()["choices"], first.json()["choices"]);
+    assert_eq!(mock.requests(), before, "hits never reach the upstream");
+    // The ledger records what the two hits saved (and charges nothing for them).
+    assert!(wait_until(Duration::from_secs(5), || get(
+        &gw.admin,
+        "/admin/costs?since=1h&group_by=model"
+    )
+    .json()["total"]["requests"]
+        == 3));
+    let c = get(&gw.admin, "/admin/costs?since=1h&group_by=model").json();
+    let saved = c["rows"][0]["saved_usd"].as_f64().unwrap();
+    let spent = c["rows"][0]["cost_usd"].as_f64().unwrap();
+    assert!(saved > 0.0 && (saved - 2.0 * spent).abs() < 1e-9, "{c}");
+
+    // Near-misses go upstream: negation, other numbers.
+    assert_eq!(
+        cache_header(&ask(&gw, "key-a", &q("How do I not reset my password?"))),
+        "miss"
+    );
+    let n5 = ask(&gw, "key-a", &q("Convert 5 miles to kilometers"));
+    assert_eq!(cache_header(&n5), "miss");
+    wait_cached(&gw, 3);
+    assert_eq!(
+        cache_header(&ask(&gw, "key-a", &q("Convert 50 miles to kilometers"))),
+        "miss"
+    );
+    // Another tenant never sees key-a's entries, not even exact ones.
+    assert_eq!(
+        cache_header(&ask(&gw, "key-b", &q("How do I reset my password?"))),
+        "miss"
+    );
+    // A different system prompt or an earlier turn is another namespace.
+    let sys = json!({"model": "auto", "messages": [{"role": "system", "content": "Answer in French."}, {"role": "user", "content": "How do I reset my password?"}]});
+    assert_eq!(cache_header(&ask(&gw, "key-a", &sys)), "miss");
+    let turn = json!({"model": "auto", "messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}, {"role": "user", "content": "How do I reset my password?"}]});
+    assert_eq!(cache_header(&ask(&gw, "key-a", &turn)), "miss");
+    // Bypass: Cache-Control, temperature, PII.
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[
+            ("Authorization", "Bearer key-a"),
+            ("Cache-Control", "no-store"),
+        ],
+        &serde_json::to_vec(&q("How do I reset my password?")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cache_header(&r), "bypass");
+    let mut hot = q("How do I reset my password?");
+    hot["temperature"] = json!(1.5);
+    assert_eq!(cache_header(&ask(&gw, "key-a", &hot)), "bypass");
+    assert_eq!(
+        cache_header(&ask(
+            &gw,
+            "key-a",
+            &q("Email me at jane@example.com please")
+        )),
+        "bypass"
+    );
+    let m = gw.metrics();
+    assert!(
+        m.contains("smartllm_cache_lookups_total{result=\"hit_semantic\"}"),
+        "{m}"
+    );
+    assert!(m.contains("smartllm_cache_similarity_bucket"));
+    assert!(m.contains("smartllm_cache_index_vectors"));
+}
+
+#[test]
+fn cache_streams_hits_stores_streamed_misses_and_purges() {
+    let (mock, gw) = cached_gateway(CACHE_ON, &["--words", "6"]);
+    let body = json!({"model": "auto", "stream": true, "messages": [{"role": "user", "content": "Name three primary colours"}]});
+    let miss = ask(&gw, "k", &body);
+    assert_eq!(cache_header(&miss), "miss");
+    wait_cached(&gw, 1);
+    // The streamed answer was stored and is replayed as a stream...
+    let hit = ask(&gw, "k", &body);
+    assert_eq!(cache_header(&hit), "hit-exact");
+    assert!(hit
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let text = |r: &Response| -> String {
+        r.sse_data()
+            .iter()
+            .filter(|d| *d != "[DONE]")
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .filter_map(|v| {
+                v["choices"][0]["delta"]["content"]
+                    .as_str()
+                    .map(str::to_string)
+            })
+            .collect()
+    };
+    assert_eq!(text(&hit), text(&miss));
+    assert_eq!(hit.sse_data().last().map(String::as_str), Some("[DONE]"));
+    // ...or as JSON, with the usage the upstream reported.
+    let mut plain = body.clone();
+    plain["stream"] = json!(false);
+    let j = ask(&gw, "k", &plain);
+    assert_eq!(cache_header(&j), "hit-exact");
+    assert_eq!(
+        j.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap(),
+        text(&miss)
+    );
+    assert_eq!(j.json()["usage"]["completion_tokens"], 6);
+    // A stream that broke is never stored.
+    let broken = json!({"model": "auto", "stream": true, "mock": {"fault": "drop-mid-stream"}, "messages": [{"role": "user", "content": "A broken answer"}]});
+    ask(&gw, "k", &broken);
+    std::thread::sleep(Duration::from_millis(300));
+    let again = ask(
+        &gw,
+        "k",
+        &json!({"model": "auto", "messages": [{"role": "user", "content": "A broken answer"}], "mock": {"fault": "drop-mid-stream"}}),
+    );
+    assert_ne!(cache_header(&again), "hit-exact");
+    // Purge by route empties it.
+    let before = mock.requests();
+    let r = request(&gw.admin, "POST", "/admin/cache/purge?route=auto", &[], b"").unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["removed"].as_u64().unwrap() >= 1);
+    assert_eq!(cache_header(&ask(&gw, "k", &plain)), "miss");
+    assert_eq!(mock.requests(), before + 1);
+    let r = request(&gw.admin, "POST", "/admin/cache/purge", &[], b"").unwrap();
+    assert_eq!(r.status, 400);
+}
+
+#[test]
+fn cache_ttl_version_bump_and_restart() {
+    // A TTL long enough that a loaded 2-core machine still serves the hit
+    // before it expires (1 s flaked when the whole suite ran in parallel).
+    let ttl = "cache:\n  enabled: true\n  ttl: 3s\n";
+    let (_mock, gw) = cached_gateway(ttl, &[]);
+    let q = chat_body("auto", "What is the speed of light?");
+    ask(&gw, "k", &q);
+    wait_cached(&gw, 1);
+    // Stored before this instant, so expired 3 s after it at the latest.
+    let stored = Instant::now();
+    assert_eq!(cache_header(&ask(&gw, "k", &q)), "hit-exact");
+    std::thread::sleep(Duration::from_millis(3100).saturating_sub(stored.elapsed()));
+    assert_eq!(
+        cache_header(&ask(&gw, "k", &q)),
+        "miss",
+        "expired entries are not served"
+    );
+    drop(gw);
+
+    // Version bump by hot reload invalidates; a restart keeps entries.
+    let (_mock, mut gw) = cached_gateway(CACHE_ON, &[]);
+    ask(&gw, "k", &q);
+    wait_cached(&gw, 1);
+    gw.stop();
+    let data_dir = gw.config.data.path().to_path_buf();
+    // A corrupt index file must not stop the gateway or lose entries.
+    std::fs::write(data_dir.join("cache.ivf"), b"corrupt").unwrap();
+    let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    let gw2 = Gateway::start(cfg);
+    assert_eq!(gw2.config.data.path(), data_dir);
+    assert!(
+        gw2.log_text().contains("the cache index file is unusable"),
+        "{}",
+        gw2.log_text()
+    );
+    assert_eq!(
+        cache_header(&ask(&gw2, "k", &q)),
+        "hit-exact",
+        "cache survives a restart"
+    );
+    assert_eq!(
+        cache_header(&ask(
+            &gw2,
+            "k",
+            &chat_body("auto", "what is the speed of light")
+        )),
+        "hit-semantic"
+    );
+    gw2.config
+        .write("cache.yaml", "cache:\n  enabled: true\n  version: 2\n");
+    assert!(wait_until(Duration::from_secs(5), || gw2
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 1.0));
+    assert_eq!(
+        cache_header(&ask(&gw2, "k", &q)),
+        "miss",
+        "a version bump invalidates"
+    );
+    // Off by reload: no lookups at all.
+    gw2.config.write("cache.yaml", "cache:\n  enabled: false\n");
+    assert!(wait_until(Duration::from_secs(5), || gw2
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 2.0));
+    assert_eq!(cache_header(&ask(&gw2, "k", &q)), "none");
+}
+
+#[test]
+fn cache_encryption_key_file_errors_are_clear() {
+    let mock = Mock::start(&[]);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    let models = "models:\n  - name: small\n    deployments:\n      - provider: mock\n";
+    let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, "");
+    let key = cfg.path().join("cache.key");
+    std::fs::write(&key, "not a key").unwrap();
+    cfg.write(
+        "cache.yaml",
+        &format!(
+            "cache:\n  enabled: true\n  encryption_key_file: {}\n",
+            key.display()
+        ),
+    );
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["serve", "--config"])
+        .arg(cfg.path())
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("cache.encryption_key_file") && err.contains("64 hex characters"),
+        "{err}"
+    );
+
+    // With a good key the cache works and nothing is stored in the clear.
+    std::fs::write(
+        &key,
+        "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff",
+    )
+    .unwrap();
+    let data = cfg.data.path().to_path_buf();
+    let mut gw = Gateway::start(cfg);
+    let q = chat_body("small", "A very particular secret question about zebras");
+    ask(&gw, "k", &q);
+    wait_cached(&gw, 1);
+    assert_eq!(cache_header(&ask(&gw, "k", &q)), "hit-exact");
+    assert!(get(&gw.admin, "/admin/cache/stats").json()["stats"]["encrypted"] == true);
+    gw.stop();
+    let mut plaintext = false;
+    for f in std::fs::read_dir(data.join("db")).unwrap().flatten() {
+        if let Ok(bytes) = std::fs::read(f.path()) {
+            plaintext |= bytes.windows(6).any(|w| w == b"zebras");
+        }
+    }
+    assert!(!plaintext, "a cached prompt was found in the clear on disk");
+}
+
+#[test]
+fn cache_cli_stats_purge_rebuild_and_eval() {
+    let (_mock, gw) = cached_gateway(CACHE_ON, &[]);
+    ask(&gw, "k", &chat_body("auto", "What is a monad?"));
+    wait_cached(&gw, 1);
+    let cli = |args: &[&str]| {
+        let out = std::process::Command::new(bin("smartllm"))
+            .args(args)
+            .env("SMARTLLM_ASSETS_DIR", assets_dir())
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let cfg = gw.config.path().to_str().unwrap().to_string();
+    let (ok, out, err) = cli(&["cache", "stats", "--config", &cfg]);
+    assert!(ok, "{err}");
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["stats"]["index_vectors"], 1);
+    let (ok, out, err) = cli(&["cache", "rebuild", "--admin", &gw.admin]);
+    assert!(ok && out.contains("\"vectors\": 1"), "{out}{err}");
+    let (ok, _, err) = cli(&["cache", "purge", "--config", &cfg]);
+    assert!(!ok && err.contains("--all"), "{err}");
+    let (ok, out, err) = cli(&["cache", "purge", "--all", "--config", &cfg]);
+    assert!(ok && out.contains("\"removed\": 1"), "{out}{err}");
+    assert_eq!(
+        cache_header(&ask(&gw, "k", &chat_body("auto", "What is a monad?"))),
+        "miss"
+    );
+    let pairs = workspace_root().join("crates/smartllm-cache/testdata/pairs.tsv");
+    let (ok, out, err) = cli(&[
+        "cache",
+        "eval",
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--config",
+        &cfg,
+    ]);
+    assert!(ok, "{err}");
+    let row = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("0.95"))
+        .unwrap();
+    let precision: f64 = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    assert!(precision >= 0.98, "{out}");
+    let (ok, _, err) = cli(&["cache", "stats", "--admin", "127.0.0.1:1"]);
+    assert!(!ok && err.contains("is smartllm running"), "{err}");
+}

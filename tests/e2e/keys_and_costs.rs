@@ -1,0 +1,254 @@
+//! Virtual keys and the ledger: exact costs per tenant, app and model for
+//! plain, streamed and estimated requests, what survives a restart or a kill,
+//! and cost suggestions from real traffic.
+
+use crate::common::*;
+use serde_json::{json, Value};
+use smartllm_e2e::*;
+use std::process::Command;
+use std::time::Duration;
+
+fn row<'a>(v: &'a Value, tenant: &str) -> &'a Value {
+    v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["group"]["tenant"] == tenant)
+        .unwrap_or_else(|| panic!("no row for {tenant}: {v}"))
+}
+
+#[test]
+fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
+    let mock = Mock::start(&["--words", "12"]);
+    let gw = Gateway::start(ledger_gateway(&mock, ""));
+    let hello = chat_body("small", "Hello there");
+    // Keys: missing, wrong, not allowed.
+    let r = gw.chat(&hello);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.api_error()["code"], "missing_api_key");
+    let r = ask(&gw, "sk-wrong", &hello);
+    assert_eq!(r.status, 401);
+    assert_eq!(r.api_error()["code"], "invalid_api_key");
+    let r = ask(&gw, "sk-bob-2", &chat_body("big", "hi"));
+    assert_eq!(r.status, 403);
+    assert_eq!(r.api_error()["code"], "model_not_allowed");
+    assert_eq!(get(&gw.addr, "/v1/models").status, 401);
+    // Mock usage for "Hello there": 3 prompt tokens, 12 completion tokens
+    // = 3 * 0.001 + 12 * 0.002 = 0.027 USD, plain or streamed.
+    let r = ask(&gw, "sk-alice-1", &hello);
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        (
+            r.json()["usage"]["prompt_tokens"].as_u64(),
+            r.json()["usage"]["completion_tokens"].as_u64()
+        ),
+        (Some(3), Some(12))
+    );
+    let mut streamed = hello.clone();
+    streamed["stream"] = json!(true);
+    let r = ask(&gw, "sk-alice-1", &streamed);
+    assert_eq!(r.status, 200);
+    assert!(
+        !r.text().contains("\"usage\":{"),
+        "usage chunk not asked for"
+    );
+    // No usage from the upstream: estimated with tiktoken, and marked so.
+    let r = ask(
+        &gw,
+        "sk-bob-2",
+        &json!({"model": "auto", "messages": [{"role": "user", "content": "Count these words please"}], "mock": {"no_usage": true}}),
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.json().get("usage").is_none());
+
+    // Records are written in the logging phase, just after the response: wait for them.
+    assert!(wait_until(Duration::from_secs(5), || {
+        let v = costs(&gw, "tenant");
+        v["rows"].as_array().is_some_and(|r| r.len() == 2) && v["total"]["requests"] == 4
+    }));
+    let v = costs(&gw, "tenant,app,model");
+    let acme = row(&v, "acme");
+    assert_eq!(
+        (
+            acme["requests"].as_u64(),
+            acme["input_tokens"].as_u64(),
+            acme["output_tokens"].as_u64()
+        ),
+        (Some(2), Some(6), Some(24))
+    );
+    assert!(
+        (acme["cost_usd"].as_f64().unwrap() - 0.054).abs() < 1e-9,
+        "{acme}"
+    );
+    assert_eq!(acme["group"]["app"], "web");
+    let beta = row(&v, "beta");
+    assert_eq!(beta["estimated"], 1);
+    assert!(
+        beta["input_tokens"].as_u64().unwrap() >= 4
+            && beta["output_tokens"].as_u64().unwrap() >= 12,
+        "{beta}"
+    );
+    assert!(beta["cost_usd"].as_f64().unwrap() > 0.0);
+    // Unauthenticated requests never reach the ledger; errors of a known key do
+    // (bob's 403 above, alice's upstream 500 here).
+    let r = ask(
+        &gw,
+        "sk-alice-1",
+        &json!({"model": "small", "messages": [{"role": "user", "content": "x"}], "mock": {"status": 500}}),
+    );
+    assert_eq!(r.status, 500);
+    assert!(wait_until(Duration::from_secs(5), || row(
+        &costs(&gw, "tenant"),
+        "acme"
+    )["errors"]
+        == 1));
+    assert!(
+        gw.metrics().contains("smartllm_cost_usd_total{"),
+        "{}",
+        gw.metrics()
+    );
+    // The CLI: table and CSV.
+    let cfg = gw.config.path().to_str().unwrap().to_string();
+    let out = std::process::Command::new(bin("smartllm"))
+        .args([
+            "costs",
+            "--config",
+            &cfg,
+            "--since",
+            "1h",
+            "--by",
+            "tenant,model",
+            "--csv",
+        ])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(csv.starts_with("tenant,model,requests,input_tokens,output_tokens,cached_tokens,cost_usd,saved_usd,errors"), "{csv}");
+    assert!(csv.contains("acme,small,3,"), "{csv}");
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["costs", "--config", &cfg, "--by", "app"])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("web") && table.contains("total: 5 requests"),
+        "{table}"
+    );
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["keys", "hash", "sk-alice-1"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        sha("sk-alice-1")
+    );
+    assert_eq!(get(&gw.admin, "/admin/costs?group_by=planet").status, 400);
+    // No key material anywhere.
+    assert!(!gw.log_text().contains("sk-alice-1") && !gw.metrics().contains("sk-alice-1"));
+}
+
+#[test]
+fn ledger_survives_restart_and_kill_loses_at_most_the_flush_window() {
+    let mock = Mock::start(&[]);
+    let mut gw = Gateway::start(ledger_gateway(&mock, "ledger:\n  flush_interval: 200ms\n"));
+    for i in 0..3 {
+        assert_eq!(
+            ask(&gw, "sk-alice-1", &chat_body("small", &format!("q{i}"))).status,
+            200
+        );
+    }
+    assert!(wait_until(Duration::from_secs(5), || costs(&gw, "tenant")
+        ["total"]["requests"]
+        == 3));
+    let before = row(&costs(&gw, "tenant"), "acme").clone();
+    // Graceful restart: everything kept.
+    gw.stop();
+    let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    let mut gw = Gateway::start(cfg);
+    assert_eq!(row(&costs(&gw, "tenant"), "acme"), &before);
+    // kill -9 after the flush window: nothing lost.
+    for i in 0..2 {
+        assert_eq!(
+            ask(
+                &gw,
+                "sk-alice-1",
+                &chat_body("small", &format!("later {i}"))
+            )
+            .status,
+            200
+        );
+    }
+    std::thread::sleep(Duration::from_millis(600));
+    std::process::Command::new("kill")
+        .args(["-9", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    gw.stop();
+    let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    let gw = Gateway::start(cfg);
+    assert_eq!(row(&costs(&gw, "tenant"), "acme")["requests"], 5);
+}
+
+#[test]
+fn suggestions_from_real_traffic() {
+    let mock = Mock::start(&["--words", "20"]);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    // A dear model and a cheap one the profiles rate about as good at chat.
+    let models = "models:\n  - name: dear\n    pricing: { input: 2.5, output: 10 }\n    profile: { quality: { chat: 0.93 } }\n    deployments: [{ provider: mock }]\n  - name: cheap\n    pricing: { input: 0.15, output: 0.6 }\n    profile: { quality: { chat: 0.92 } }\n    deployments: [{ provider: mock }]\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  auto:\n    candidates: [dear, cheap]\n",
+    );
+    let gw = Gateway::start(cfg);
+    for i in 0..6 {
+        let r = gw.chat(&chat_body("dear", &format!("hi, how are you today? ({i})")));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // The ledger records a request after its answer is sent: wait for the sixth.
+    let mut r = get(&gw.admin, "/admin/suggestions?since=1h");
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            r = get(&gw.admin, "/admin/suggestions?since=1h");
+            r.status == 200 && r.json()["report"]["requests"] == 6
+        }),
+        "{}",
+        r.text()
+    );
+    let report = &r.json()["report"];
+    let s = &report["suggestions"][0];
+    assert_eq!(s["kind"], "cheaper_model", "{report}");
+    assert_eq!(
+        (s["model"].as_str(), s["to_model"].as_str()),
+        (Some("dear"), Some("cheap"))
+    );
+    assert_eq!(s["tier"], "simple");
+    let saving = s["saving_usd"].as_f64().unwrap();
+    let cost = report["cost_usd"].as_f64().unwrap();
+    // cheap costs 0.06 of dear on the same tokens.
+    assert!((saving / cost - 0.94).abs() < 0.01, "{saving} of {cost}");
+    assert!(s["action"].as_str().unwrap().contains("(auto)"), "{s}");
+    // The CLI shows the same.
+    let out = Command::new(bin("smartllm"))
+        .args(["costs", "suggest", "--since", "1h", "--admin", &gw.admin])
+        .args(["--config", &gw.config.path().display().to_string()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains("cheaper_model") && text.contains("cheap instead of dear"),
+        "{text}"
+    );
+    // Bad parameters get a clear 400.
+    let r = get(&gw.admin, "/admin/suggestions?since=yesterday");
+    assert_eq!(r.status, 400);
+}

@@ -1,0 +1,293 @@
+//! The process's life: readiness, SIGTERM with streams in flight, a graceful
+//! binary upgrade under load, and `kill -9` under write load.
+
+use crate::common::*;
+use serde_json::json;
+use smartllm_e2e::*;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[test]
+fn readyz_reports_model_and_store_and_sigterm_stops_cleanly() {
+    let (_mock, mut gw) = basic("", &[]);
+    let r = get(&gw.admin, "/readyz");
+    assert_eq!(r.status, 200);
+    let v = r.json();
+    assert_eq!(v["embedder"]["ready"], true);
+    assert_eq!(v["embedder"]["dim"], 384);
+    assert!(
+        v["embedder"]["self_test"]["paraphrase_cosine"]
+            .as_f64()
+            .unwrap()
+            > 0.8
+    );
+    assert_eq!(v["store"]["ready"], true);
+    assert_eq!(get(&gw.admin, "/healthz").status, 200);
+    assert_eq!(get(&gw.admin, "/nope").status, 404);
+    gw.stop();
+    assert!(
+        gw.log_text().contains("smartllm stopped"),
+        "{}",
+        gw.log_text()
+    );
+}
+
+#[test]
+fn sigterm_drains_in_flight_streams_and_flushes_state() {
+    let (_mock, mut gw) = basic("", &["--chunk-delay-ms", "100", "--words", "10"]);
+    let addr = gw.addr.clone();
+    let started = Instant::now();
+    let client = std::thread::spawn(move || {
+        request(&addr, "POST", "/v1/chat/completions", &[], &serde_json::to_vec(&json!({"model": "small", "stream": true, "messages": [{"role": "user", "content": "a slow stream"}]})).unwrap())
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    let r = client.join().unwrap().expect("the stream survives SIGTERM");
+    assert_eq!(r.status, 200);
+    assert_eq!(
+        r.sse_data().last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        started.elapsed() >= Duration::from_millis(900),
+        "the stream ran to its end"
+    );
+    // New connections are refused while draining / after exit.
+    assert!(wait_until(Duration::from_secs(10), || request(
+        &gw.addr,
+        "GET",
+        "/v1/models",
+        &[],
+        b""
+    )
+    .is_err()));
+    gw.stop();
+    assert!(
+        gw.log_text().contains("smartllm stopped"),
+        "{}",
+        gw.log_text()
+    );
+}
+
+#[test]
+fn graceful_upgrade_under_load_fails_no_request() {
+    let (_mock, mut gw) = basic(
+        "",
+        &[
+            "--latency-ms",
+            "15",
+            "--chunk-delay-ms",
+            "15",
+            "--words",
+            "6",
+        ],
+    );
+    gw.config.write("cache.yaml", "cache:\n  enabled: true\n");
+    assert!(wait_until(Duration::from_secs(5), || gw
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 1.0));
+    // An answer the old process caches; the new one must serve it.
+    let cached = chat_body("small", "What is the capital of France?");
+    assert_eq!(gw.chat(&cached).status, 200);
+    wait_cached(&gw, 1);
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let ok = Arc::new(AtomicU64::new(0));
+    let slowest_ms = Arc::new(AtomicU64::new(0));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let (addr, stop, ok, failures, slowest_ms) = (
+                gw.addr.clone(),
+                stop.clone(),
+                ok.clone(),
+                failures.clone(),
+                slowest_ms.clone(),
+            );
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let stream = n % 3 == 0;
+                    let body = json!({"model": "small", "stream": stream,
+                        "messages": [{"role": "user", "content": format!("load {w}-{n}")}]});
+                    let t = Instant::now();
+                    let res = request(
+                        &addr,
+                        "POST",
+                        "/v1/chat/completions",
+                        &[],
+                        &serde_json::to_vec(&body).unwrap(),
+                    );
+                    slowest_ms.fetch_max(t.elapsed().as_millis() as u64, Ordering::SeqCst);
+                    match complete_answer(res, stream) {
+                        Ok(()) => {
+                            ok.fetch_add(1, Ordering::SeqCst);
+                        }
+                        Err(why) => failures.lock().unwrap().push(why),
+                    }
+                }
+            })
+        })
+        .collect();
+
+    std::thread::sleep(Duration::from_millis(700));
+    let before = ok.load(Ordering::SeqCst);
+    let took = gw.upgrade();
+    let at_upgrade = ok.load(Ordering::SeqCst);
+    assert!(wait_until(Duration::from_secs(20), || ok
+        .load(Ordering::SeqCst)
+        >= at_upgrade + 60));
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.join().unwrap();
+    }
+    let failures = failures.lock().unwrap().clone();
+    let served = ok.load(Ordering::SeqCst);
+    eprintln!(
+        "graceful upgrade: {served} requests ({before} before SIGQUIT), old process exited {took:?} after SIGQUIT, slowest request {} ms, {} failed",
+        slowest_ms.load(Ordering::SeqCst),
+        failures.len()
+    );
+    assert!(before > 20, "the load was running before the upgrade");
+    assert!(
+        failures.is_empty(),
+        "{} of {served} requests failed across the upgrade: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    // The old process drained, saved and flushed; the new one took the load.
+    let old_log = gw.previous_log_text();
+    assert!(
+        old_log.contains("listeners closed and in-flight requests done"),
+        "{old_log}"
+    );
+    assert!(old_log.contains("smartllm stopped"), "{old_log}");
+    assert!(gw.metric("smartllm_requests_total", &[]) >= 60.0);
+    assert!(gw.log_text().contains("RocksDB open"));
+    // State carried over: the cache entry and every request's ledger record
+    // (each answered request billed exactly once, none lost in the handover).
+    assert_eq!(cache_header(&gw.chat(&cached)), "hit-exact");
+    let want = served + 2;
+    assert!(
+        wait_until(Duration::from_secs(10), || get(
+            &gw.admin,
+            "/admin/costs?since=1h"
+        )
+        .json()["total"]["requests"]
+            == want),
+        "ledger {} requests, want {want}",
+        get(&gw.admin, "/admin/costs?since=1h").json()["total"]
+    );
+}
+
+#[test]
+fn kill_9_under_write_load_loses_at_most_the_flush_window_and_serves_no_corrupt_entry() {
+    let mock = Mock::start(&[]);
+    let cfg = ledger_gateway(&mock, "ledger:\n  flush_interval: 200ms\n");
+    std::fs::write(cfg.path().join("cache.key"), "7".repeat(64)).unwrap();
+    cfg.write(
+        "cache.yaml",
+        "cache:\n  enabled: true\n  encryption_key_file: cache.key\n",
+    );
+    let mut gw = Gateway::start(cfg);
+    // Four clients write as fast as they can: every miss is a cache insert and
+    // a ledger record.
+    let stop = Arc::new(AtomicBool::new(false));
+    let done = Arc::new(std::sync::Mutex::new(Vec::<(String, Instant)>::new()));
+    let sent = Arc::new(AtomicU64::new(0));
+    let workers: Vec<_> = (0..4)
+        .map(|w| {
+            let (addr, stop, done, sent) =
+                (gw.addr.clone(), stop.clone(), done.clone(), sent.clone());
+            std::thread::spawn(move || {
+                let mut n = 0;
+                while !stop.load(Ordering::SeqCst) {
+                    n += 1;
+                    let prompt = format!("crash question {w}-{n} about topic {}", n * 7919 % 1000);
+                    sent.fetch_add(1, Ordering::SeqCst);
+                    let r = request(
+                        &addr,
+                        "POST",
+                        "/v1/chat/completions",
+                        &[("Authorization", "Bearer sk-alice-1")],
+                        &serde_json::to_vec(&chat_body("small", &prompt)).unwrap(),
+                    );
+                    match r {
+                        Ok(r) if r.status == 200 => {
+                            done.lock().unwrap().push((prompt, Instant::now()))
+                        }
+                        _ => break, // the gateway was killed
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-9", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    stop.store(true, Ordering::SeqCst);
+    for w in workers {
+        w.join().unwrap();
+    }
+    gw.stop();
+    let done = done.lock().unwrap().clone();
+    let settled = done
+        .iter()
+        .filter(|(_, t)| *t + Duration::from_millis(400) < killed)
+        .count() as u64;
+    assert!(
+        settled >= 50,
+        "the load was running ({settled} settled requests)"
+    );
+
+    // Restart on the same data dir: RocksDB opens, the index comes back.
+    let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    let gw = Gateway::start(cfg);
+    let log = gw.log_text();
+    assert!(log.contains("RocksDB open"), "{log}");
+    // The ledger lost at most the last flush window (200 ms, plus a margin).
+    let billed = costs(&gw, "tenant")["total"]["requests"].as_u64().unwrap();
+    assert!(
+        billed >= settled && billed <= sent.load(Ordering::SeqCst),
+        "ledger {billed}, settled {settled}, answered {}, sent {}",
+        done.len(),
+        sent.load(Ordering::SeqCst)
+    );
+    // Every entry served after the crash is the answer to its own question.
+    let mut hits = 0;
+    for (prompt, _) in done.iter().step_by(3) {
+        let r = ask(&gw, "sk-alice-1", &chat_body("small", prompt));
+        assert_eq!(r.status, 200);
+        let content = r.json()["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .to_string();
+        assert!(
+            content.starts_with(&format!("Mock reply to: {prompt}")),
+            "{prompt:?} was answered {content:?} ({})",
+            cache_header(&r)
+        );
+        if cache_header(&r).starts_with("hit") {
+            hits += 1;
+        }
+    }
+    eprintln!(
+        "kill -9: {} answered, {settled} settled, {billed} billed after restart, {hits} cache hits of {} re-asked, none wrong",
+        done.len(),
+        done.len().div_ceil(3)
+    );
+    assert!(
+        hits >= 10,
+        "entries written before the kill are served ({hits} hits)"
+    );
+}

@@ -1,0 +1,201 @@
+//! Secrets: the admin API's token, and no key (provider, virtual or admin)
+//! ever reaching a client, a log, the metrics or the admin API.
+
+use crate::common::*;
+use serde_json::{json, Value};
+use smartllm_e2e::*;
+
+#[test]
+fn admin_api_requires_its_token_when_configured() {
+    let mock = Mock::start(&[]);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    let models = "models:\n  - name: small\n    deployments:\n      - provider: mock\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\nadmin:\n  token_env: TEST_ADMIN_TOKEN\n",
+        &providers,
+        models,
+        "",
+    );
+    // Configured but missing: the gateway refuses to start (fail closed).
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["serve", "--config"])
+        .arg(cfg.path())
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
+        .env_remove("TEST_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("admin token: environment variable TEST_ADMIN_TOKEN is not set"));
+    let gw = Gateway::start_with_env(cfg, &[("TEST_ADMIN_TOKEN", "adm-secret-42")]);
+    for path in ["/admin/config", "/admin/costs", "/admin/cache/stats"] {
+        let r = get(&gw.admin, path);
+        assert_eq!(r.status, 401, "{path}: {}", r.text());
+        assert_eq!(r.json()["error"]["code"], "invalid_admin_token");
+        let r = request(
+            &gw.admin,
+            "GET",
+            path,
+            &[("Authorization", "Bearer wrong")],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(r.status, 401);
+        let r = request(
+            &gw.admin,
+            "GET",
+            path,
+            &[("Authorization", "Bearer adm-secret-42")],
+            b"",
+        )
+        .unwrap();
+        assert_ne!(r.status, 401, "{path}");
+    }
+    assert_eq!(
+        request(&gw.admin, "POST", "/admin/reload", &[], b"")
+            .unwrap()
+            .status,
+        401
+    );
+    // Probes and metrics stay open for orchestrators and Prometheus.
+    assert_eq!(get(&gw.admin, "/healthz").status, 200);
+    assert_eq!(get(&gw.admin, "/readyz").status, 200);
+    assert_eq!(get(&gw.admin, "/metrics").status, 200);
+    // The CLI picks the token up from the config's source.
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["costs", "--config"])
+        .arg(gw.config.path())
+        .env("TEST_ADMIN_TOKEN", "adm-secret-42")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["costs", "--admin", &gw.admin])
+        .env_remove("SMARTLLM_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("401"));
+    assert!(
+        !gw.log_text().contains("adm-secret-42")
+            && !get(&gw.admin, "/metrics").text().contains("adm-secret-42")
+    );
+}
+
+#[test]
+fn secrets_never_reach_clients_logs_metrics_or_the_admin_api() {
+    let mock = Mock::start(&["--chunk-delay-ms", "1"]);
+    let providers = format!(
+        "providers:\n  mock:\n    kind: openai\n    base_url: http://{0}/v1\n    api_key_env: TEST_OPENAI_KEY\n  claude:\n    kind: anthropic\n    base_url: http://{0}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n",
+        mock.addr
+    );
+    let models = "models:\n  - name: small\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: sonnet\n    deployments:\n      - provider: claude\n        model: claude-mock\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\nadmin:\n  token_env: TEST_ADMIN_TOKEN\n",
+        &providers,
+        models,
+        "",
+    );
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "require_key: true\nkeys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n",
+            sha("sk-alice-virtual-4242")
+        ),
+    );
+    let (provider_key, anthropic_key, admin_token) = (
+        "sk-provider-secret-5150",
+        "sk-ant-provider-secret-6160",
+        "admin-token-secret-7170",
+    );
+    let gw = Gateway::start_with_env(
+        cfg,
+        &[
+            ("TEST_OPENAI_KEY", provider_key),
+            ("TEST_ANTHROPIC_KEY", anthropic_key),
+            ("TEST_ADMIN_TOKEN", admin_token),
+        ],
+    );
+    let secrets = [
+        provider_key,
+        anthropic_key,
+        admin_token,
+        "sk-alice-virtual-4242",
+        "sk-wrong-key-8080",
+    ];
+    let call = |key: &str, body: &Value| {
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", &format!("Bearer {key}"))],
+            &serde_json::to_vec(body).unwrap(),
+        )
+        .unwrap()
+    };
+    let mut seen = Vec::new();
+    // Success, plain and streamed, both provider kinds.
+    for model in ["small", "sonnet"] {
+        let r = call("sk-alice-virtual-4242", &chat_body(model, "hello"));
+        assert_eq!(r.status, 200, "{}", r.text());
+        seen.push(r.text());
+        let r = call(
+            "sk-alice-virtual-4242",
+            &json!({"model": model, "stream": true, "messages": [{"role": "user", "content": "hi"}]}),
+        );
+        assert_eq!(r.status, 200);
+        seen.push(r.text());
+    }
+    // A wrong key: 401 that does not quote it.
+    let r = call("sk-wrong-key-8080", &chat_body("small", "hello"));
+    assert_eq!(r.status, 401);
+    seen.push(r.text());
+    // A provider that quotes the key it was sent: scrubbed before the client
+    // sees it. (The `mock` object reaches OpenAI-kind providers only; the
+    // Anthropic translation drops unknown fields, and both kinds' error bodies
+    // pass the same scrub.)
+    let r = call(
+        "sk-alice-virtual-4242",
+        &json!({"model": "small", "messages": [{"role": "user", "content": "x"}], "mock": {"status": 401}}),
+    );
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert!(r.text().contains("[redacted]"), "{}", r.text());
+    seen.push(r.text());
+    // The admin API refuses requests without its token, and with it shows no secret.
+    for path in [
+        "/admin/config",
+        "/admin/models",
+        "/admin/costs?since=1h&group_by=key",
+    ] {
+        assert_eq!(get(&gw.admin, path).status, 401, "{path}");
+        let r = request(
+            &gw.admin,
+            "GET",
+            path,
+            &[("Authorization", &format!("Bearer {admin_token}"))],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{path}: {}", r.text());
+        seen.push(r.text());
+    }
+    seen.push(get(&gw.admin, "/readyz").text());
+    seen.push(gw.metrics());
+    seen.push(gw.log_text());
+    for text in &seen {
+        for s in secrets {
+            assert!(
+                !text.contains(s),
+                "{s} leaked in: {}",
+                &text[..text.len().min(400)]
+            );
+        }
+    }
+    // The provider did get its key (the gateway injected it).
+    assert!(mock.last()["headers"].to_string().contains(provider_key));
+}
