@@ -1,8 +1,8 @@
 //! What routing loads from files: the task classifier (its labelled examples,
 //! embedded once) and the learned routers of `strategy: learned` routes.
 
-use crate::classifier::{parse_examples, TaskClassifier};
-use crate::learned::LearnedRouter;
+use crate::classifier::{parse_examples, ClassifierError, ExamplesError, TaskClassifier};
+use crate::learned::{LearnedError, LearnedRouter};
 use sha2::{Digest, Sha256};
 use smartllm_config::{Config, Strategy};
 use std::collections::HashMap;
@@ -10,7 +10,39 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 /// Embeds texts (the gateway's embedder).
-pub type EmbedFn<'a> = dyn Fn(Vec<String>) -> Result<Vec<Vec<f32>>, String> + 'a;
+pub type EmbedFn<'a> = dyn Fn(Vec<String>) -> Result<Vec<Vec<f32>>, EmbedFnError> + 'a;
+
+/// Why an [`EmbedFn`] failed; its message is shown as is.
+pub type EmbedFnError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why the router's files cannot be loaded (the running router stays).
+#[derive(Debug, thiserror::Error)]
+pub enum AssetError {
+    #[error("classifier examples {}: {error}", .path.display())]
+    ReadExamples {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("classifier examples {}: {error}", .path.display())]
+    Examples { path: PathBuf, error: ExamplesError },
+    /// The embedder's message, unprefixed.
+    #[error("{0}")]
+    Embed(EmbedFnError),
+    #[error("{0}")]
+    Classifier(ClassifierError),
+    #[error("routes.{route}.learned {}: {error}", .path.display())]
+    ReadLearned {
+        route: String,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("routes.{route}.learned {}: {error}", .path.display())]
+    Learned {
+        route: String,
+        path: PathBuf,
+        error: LearnedError,
+    },
+}
 
 #[derive(Default)]
 pub struct RouterAssets {
@@ -27,11 +59,13 @@ impl RouterAssets {
         config: &Config,
         embed: Option<&EmbedFn<'_>>,
         previous: Option<&RouterAssets>,
-    ) -> Result<RouterAssets, String> {
+    ) -> Result<RouterAssets, AssetError> {
         let mut out = RouterAssets::default();
         if let Some(path) = &config.classifier.examples {
-            let bytes = std::fs::read(path)
-                .map_err(|e| format!("classifier examples {}: {e}", path.display()))?;
+            let bytes = std::fs::read(path).map_err(|error| AssetError::ReadExamples {
+                path: path.clone(),
+                error,
+            })?;
             let mut h = Sha256::new();
             h.update(&bytes);
             h.update(config.classifier.k.to_le_bytes());
@@ -41,18 +75,20 @@ impl RouterAssets {
                 None => {
                     if let Some(embed) = embed {
                         let text = String::from_utf8_lossy(&bytes);
-                        let examples = parse_examples(&text)
-                            .map_err(|e| format!("classifier examples {}: {e}", path.display()))?;
+                        let examples =
+                            parse_examples(&text).map_err(|error| AssetError::Examples {
+                                path: path.clone(),
+                                error,
+                            })?;
                         let (labels, texts): (Vec<_>, Vec<_>) = examples.into_iter().unzip();
                         let mut vectors = Vec::with_capacity(texts.len());
                         for chunk in texts.chunks(32) {
-                            vectors.extend(embed(chunk.to_vec())?);
+                            vectors.extend(embed(chunk.to_vec()).map_err(AssetError::Embed)?);
                         }
-                        out.classifier = Some(Arc::new(TaskClassifier::new(
-                            labels,
-                            vectors,
-                            config.classifier.k,
-                        )?));
+                        out.classifier = Some(Arc::new(
+                            TaskClassifier::new(labels, vectors, config.classifier.k)
+                                .map_err(AssetError::Classifier)?,
+                        ));
                     }
                 }
             }
@@ -63,10 +99,16 @@ impl RouterAssets {
                 if out.learned.contains_key(path) {
                     continue;
                 }
-                let bytes = std::fs::read(path)
-                    .map_err(|e| format!("routes.{}.learned {}: {e}", r.name, path.display()))?;
-                let l = LearnedRouter::from_json(&bytes)
-                    .map_err(|e| format!("routes.{}.learned {}: {e}", r.name, path.display()))?;
+                let bytes = std::fs::read(path).map_err(|error| AssetError::ReadLearned {
+                    route: r.name.clone(),
+                    path: path.clone(),
+                    error,
+                })?;
+                let l = LearnedRouter::from_json(&bytes).map_err(|error| AssetError::Learned {
+                    route: r.name.clone(),
+                    path: path.clone(),
+                    error,
+                })?;
                 for c in &r.candidates {
                     if !l.models.contains_key(c) {
                         tracing::warn!(route = %r.name, model = %c, "the learned router was not trained on this candidate; its profile quality is used");
@@ -88,5 +130,126 @@ impl RouterAssets {
     /// Whether a decision on this route uses the prompt embedding.
     pub fn wants_embedding(&self, strategy: &Strategy) -> bool {
         self.classifier.is_some() || self.learned_for(strategy).is_some()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::learned::{TrainError, FORMAT};
+    use smartllm_config::Task;
+
+    /// The typed errors print exactly what the `String` errors did.
+    #[test]
+    fn error_messages_are_unchanged() {
+        let path = PathBuf::from("/etc/smartllm/x y.tsv");
+        let io = || std::io::Error::from(std::io::ErrorKind::NotFound);
+        let p = path.display();
+        let cases: Vec<(String, String)> = vec![
+            (
+                AssetError::ReadExamples {
+                    path: path.clone(),
+                    error: io(),
+                }
+                .to_string(),
+                format!("classifier examples {p}: {}", io()),
+            ),
+            (
+                AssetError::Examples {
+                    path: path.clone(),
+                    error: ExamplesError::UnknownTask {
+                        line: 3,
+                        task: "x\"y".into(),
+                    },
+                }
+                .to_string(),
+                format!("classifier examples {p}: line 3: unknown task {:?}", "x\"y"),
+            ),
+            (
+                ExamplesError::NoTab { line: 1 }.to_string(),
+                "line 1: expected task<TAB>prompt".into(),
+            ),
+            (
+                ExamplesError::EmptyPrompt { line: 2 }.to_string(),
+                "line 2: empty prompt".into(),
+            ),
+            (
+                ExamplesError::MissingTask { task: Task::Math }.to_string(),
+                format!("no example for task {}: every task needs some", Task::Math),
+            ),
+            (
+                AssetError::Embed("embedding classifier examples: boom".into()).to_string(),
+                "embedding classifier examples: boom".into(),
+            ),
+            (
+                AssetError::Classifier(ClassifierError::CountMismatch).to_string(),
+                "labels and embeddings differ in number".into(),
+            ),
+            (
+                ClassifierError::DimensionMismatch.to_string(),
+                "embeddings differ in dimension".into(),
+            ),
+            (
+                AssetError::ReadLearned {
+                    route: "auto".into(),
+                    path: path.clone(),
+                    error: io(),
+                }
+                .to_string(),
+                format!("routes.auto.learned {p}: {}", io()),
+            ),
+            (
+                AssetError::Learned {
+                    route: "auto".into(),
+                    path: path.clone(),
+                    error: LearnedError::Format { found: "v0".into() },
+                }
+                .to_string(),
+                format!(
+                    "routes.auto.learned {p}: format {:?} is not {FORMAT:?}",
+                    "v0"
+                ),
+            ),
+            (
+                LearnedError::Weights {
+                    model: "m".into(),
+                    weights: 3,
+                    dim: 4,
+                }
+                .to_string(),
+                "model m: 3 weights for dimension 4".into(),
+            ),
+            (
+                LearnedRouter::from_json(b"nope").unwrap_err().to_string(),
+                format!(
+                    "not a learned router file: {}",
+                    serde_json::from_slice::<LearnedRouter>(b"nope").unwrap_err()
+                ),
+            ),
+            (TrainError::NoSamples.to_string(), "no samples".into()),
+            (
+                TrainError::ScoreOutOfRange {
+                    model: "m".into(),
+                    score: 1.5,
+                }
+                .to_string(),
+                format!("score {} of model {} is not between 0 and 1", 1.5, "m"),
+            ),
+            (
+                TrainError::TooFewSamples {
+                    model: "m".into(),
+                    samples: 3,
+                }
+                .to_string(),
+                "model m has only 3 samples (8 or more needed)".into(),
+            ),
+            (
+                TrainError::Singular { model: "m".into() }.to_string(),
+                "model m: the system is singular".into(),
+            ),
+        ];
+        for (got, want) in cases {
+            assert_eq!(got, want);
+        }
     }
 }

@@ -12,8 +12,30 @@ pub struct TaskClassifier {
     k: usize,
 }
 
+/// Why a classifier examples file cannot be used (lines count from 1).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ExamplesError {
+    #[error("line {line}: expected task<TAB>prompt")]
+    NoTab { line: usize },
+    #[error("line {line}: unknown task {task:?}")]
+    UnknownTask { line: usize, task: String },
+    #[error("line {line}: empty prompt")]
+    EmptyPrompt { line: usize },
+    #[error("no example for task {task}: every task needs some")]
+    MissingTask { task: Task },
+}
+
+/// Why a classifier cannot be built from labelled embeddings.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ClassifierError {
+    #[error("labels and embeddings differ in number")]
+    CountMismatch,
+    #[error("embeddings differ in dimension")]
+    DimensionMismatch,
+}
+
 /// Parse `task<TAB>prompt` lines (`#` comments and blank lines skipped).
-pub fn parse_examples(text: &str) -> Result<Vec<(Task, String)>, String> {
+pub fn parse_examples(text: &str) -> Result<Vec<(Task, String)>, ExamplesError> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim_end_matches('\r');
@@ -21,19 +43,22 @@ pub fn parse_examples(text: &str) -> Result<Vec<(Task, String)>, String> {
             continue;
         }
         let Some((task, prompt)) = line.split_once('\t') else {
-            return Err(format!("line {}: expected task<TAB>prompt", i + 1));
+            return Err(ExamplesError::NoTab { line: i + 1 });
         };
         let Some(t) = Task::parse(task) else {
-            return Err(format!("line {}: unknown task {task:?}", i + 1));
+            return Err(ExamplesError::UnknownTask {
+                line: i + 1,
+                task: task.to_string(),
+            });
         };
         if prompt.trim().is_empty() {
-            return Err(format!("line {}: empty prompt", i + 1));
+            return Err(ExamplesError::EmptyPrompt { line: i + 1 });
         }
         out.push((t, prompt.trim().to_string()));
     }
     for t in Task::ALL {
         if !out.iter().any(|(x, _)| *x == t) {
-            return Err(format!("no example for task {t}: every task needs some"));
+            return Err(ExamplesError::MissingTask { task: t });
         }
     }
     Ok(out)
@@ -44,15 +69,15 @@ impl TaskClassifier {
         labels: Vec<Task>,
         embeddings: Vec<Vec<f32>>,
         k: usize,
-    ) -> Result<TaskClassifier, String> {
+    ) -> Result<TaskClassifier, ClassifierError> {
         if labels.len() != embeddings.len() {
-            return Err("labels and embeddings differ in number".into());
+            return Err(ClassifierError::CountMismatch);
         }
         let dim = embeddings.first().map_or(0, Vec::len);
         let mut vectors = Vec::with_capacity(dim * embeddings.len());
         for e in &embeddings {
             if e.len() != dim {
-                return Err("embeddings differ in dimension".into());
+                return Err(ClassifierError::DimensionMismatch);
             }
             let n = e.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
             vectors.extend(e.iter().map(|x| x / n));
@@ -135,12 +160,15 @@ mod tests {
         );
         assert!(parse_examples("code no tab")
             .unwrap_err()
+            .to_string()
             .contains("line 1"));
         assert!(parse_examples("poetry\tx")
             .unwrap_err()
+            .to_string()
             .contains("unknown task"));
         assert!(parse_examples("code\tx")
             .unwrap_err()
+            .to_string()
             .contains("every task"));
     }
 }

@@ -26,6 +26,36 @@ pub struct LearnedRouter {
     pub models: BTreeMap<String, Linear>,
 }
 
+/// Why a learned router cannot be trained.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum TrainError {
+    #[error("no samples")]
+    NoSamples,
+    #[error("embeddings differ in dimension")]
+    DimensionMismatch,
+    #[error("score {score} of model {model} is not between 0 and 1")]
+    ScoreOutOfRange { model: String, score: f64 },
+    #[error("model {model} has only {samples} samples (8 or more needed)")]
+    TooFewSamples { model: String, samples: usize },
+    #[error("model {model}: the system is singular")]
+    Singular { model: String },
+}
+
+/// Why a learned router file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum LearnedError {
+    #[error("not a learned router file: {0}")]
+    Json(serde_json::Error),
+    #[error("format {found:?} is not {:?}", FORMAT)]
+    Format { found: String },
+    #[error("model {model}: {weights} weights for dimension {dim}")]
+    Weights {
+        model: String,
+        weights: usize,
+        dim: usize,
+    },
+}
+
 /// One labelled sample: the prompt's embedding, a model and its score (0-1).
 pub struct Sample<'a> {
     pub embedding: &'a [f32],
@@ -39,31 +69,31 @@ impl LearnedRouter {
         samples: &[Sample<'_>],
         lambda: f64,
         embedder: &str,
-    ) -> Result<LearnedRouter, String> {
+    ) -> Result<LearnedRouter, TrainError> {
         let dim = samples
             .first()
             .map(|s| s.embedding.len())
-            .ok_or("no samples")?;
+            .ok_or(TrainError::NoSamples)?;
         let mut by_model: BTreeMap<&str, Vec<&Sample<'_>>> = BTreeMap::new();
         for s in samples {
             if s.embedding.len() != dim {
-                return Err("embeddings differ in dimension".into());
+                return Err(TrainError::DimensionMismatch);
             }
             if !(0.0..=1.0).contains(&s.score) {
-                return Err(format!(
-                    "score {} of model {} is not between 0 and 1",
-                    s.score, s.model
-                ));
+                return Err(TrainError::ScoreOutOfRange {
+                    model: s.model.to_string(),
+                    score: s.score,
+                });
             }
             by_model.entry(s.model).or_default().push(s);
         }
         let mut models = BTreeMap::new();
         for (model, rows) in by_model {
             if rows.len() < 8 {
-                return Err(format!(
-                    "model {model} has only {} samples (8 or more needed)",
-                    rows.len()
-                ));
+                return Err(TrainError::TooFewSamples {
+                    model: model.to_string(),
+                    samples: rows.len(),
+                });
             }
             let n = dim + 1;
             let mut a = vec![0f64; n * n];
@@ -93,8 +123,9 @@ impl LearnedRouter {
                     a[i * n + i] += 1e-9;
                 }
             }
-            let w = cholesky_solve(&mut a, &b, n)
-                .ok_or_else(|| format!("model {model}: the system is singular"))?;
+            let w = cholesky_solve(&mut a, &b, n).ok_or_else(|| TrainError::Singular {
+                model: model.to_string(),
+            })?;
             let lin = Linear {
                 weights: w[..dim].iter().map(|v| *v as f32).collect(),
                 bias: w[dim] as f32,
@@ -123,19 +154,18 @@ impl LearnedRouter {
         })
     }
 
-    pub fn from_json(bytes: &[u8]) -> Result<LearnedRouter, String> {
-        let r: LearnedRouter =
-            serde_json::from_slice(bytes).map_err(|e| format!("not a learned router file: {e}"))?;
+    pub fn from_json(bytes: &[u8]) -> Result<LearnedRouter, LearnedError> {
+        let r: LearnedRouter = serde_json::from_slice(bytes).map_err(LearnedError::Json)?;
         if r.format != FORMAT {
-            return Err(format!("format {:?} is not {FORMAT:?}", r.format));
+            return Err(LearnedError::Format { found: r.format });
         }
         for (m, l) in &r.models {
             if l.weights.len() != r.dim {
-                return Err(format!(
-                    "model {m}: {} weights for dimension {}",
-                    l.weights.len(),
-                    r.dim
-                ));
+                return Err(LearnedError::Weights {
+                    model: m.clone(),
+                    weights: l.weights.len(),
+                    dim: r.dim,
+                });
             }
         }
         Ok(r)
