@@ -30,11 +30,14 @@ const BINS: [&str; 2] = ["smartllm", "mock-llm"];
 /// `cargo test -p smartllm-e2e` builds nothing of `smartllm` or `mock-llm` but
 /// their libraries, so the harness builds them itself: the first time a test
 /// of this process finds either binary missing, it runs
-/// `$CARGO build --locked --bins -p smartllm -p mock-llm` (`CARGO` is the cargo
+/// `$CARGO build --locked --workspace --bins` (`CARGO` is the cargo
 /// that runs the tests; plain `cargo` without it) in the workspace, into this
 /// test binary's target dir and profile (`--release` when it sits in
 /// `release/`), once per process behind a `OnceLock` (the other tests wait
-/// for that build), and panics saying why if it fails. A binary already there
+/// for that build), and panics saying why if it fails. The whole workspace's
+/// binaries, as `make test` builds them: the same package selection resolves
+/// the same features, so the native libraries (RocksDB, FAISS) are not built
+/// a second time in another feature set. A binary already there
 /// is used as it is: `cargo build --release --bins` (`make test` does) keeps
 /// both up to date after a change.
 pub fn bin(name: &str) -> PathBuf {
@@ -64,12 +67,9 @@ fn build_bins(profile_dir: &Path) -> Result<(), String> {
     let target_dir = profile_dir.parent().expect("target dir");
     let mut cmd = Command::new(&cargo);
     cmd.current_dir(workspace_root())
-        .args(["build", "--locked", "--bins"])
+        .args(["build", "--locked", "--workspace", "--bins"])
         .arg("--target-dir")
         .arg(target_dir);
-    for b in BINS {
-        cmd.args(["-p", b]);
-    }
     match profile {
         "debug" => {}
         "release" => {

@@ -27,7 +27,11 @@ fn main() {
     }
     let cfg = smartllm_config::load_dir(&root.join("conf")).expect("conf/ loads");
     let embedder = smartllm_embed::Embedder::load(&cfg.embedder).expect("embedder (make assets)");
-    let embed = |t: Vec<String>| embedder.embed_blocking(t).map_err(|e| e.to_string());
+    let embed = |t: Vec<String>| {
+        embedder
+            .embed_blocking(t)
+            .map_err(smartllm_router::assets::EmbedFnError::from)
+    };
     let assets = RouterAssets::build(&cfg, Some(&embed), None).expect("router assets");
     let route = cfg.routes.get("auto").expect("route auto");
     let prompts = [

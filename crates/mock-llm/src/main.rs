@@ -156,6 +156,8 @@ async fn serve(args: Args) -> anyhow::Result<()> {
             "mock-llm listening on {} (https)",
             tls_listener.local_addr()?
         );
+        // The HTTPS accept loop lives as long as the process, as the plain one does.
+        #[allow(clippy::disallowed_methods)]
         tokio::spawn(accept_loop(
             tls_listener,
             Some(acceptor),
@@ -166,6 +168,9 @@ async fn serve(args: Args) -> anyhow::Result<()> {
     accept_loop(listener, None, args, state).await
 }
 
+/// Accepts connections and serves each on its own task; a test server's
+/// connections end with the process, so they are not tracked.
+#[allow(clippy::disallowed_methods)]
 async fn accept_loop(
     listener: TcpListener,
     tls: Option<tokio_rustls::TlsAcceptor>,

@@ -38,7 +38,6 @@ use smartllm_store::Store;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 pub mod metric_names {
     pub const LOOKUPS: &str = "smartllm_cache_lookups_total";
@@ -64,12 +63,8 @@ pub enum CacheError {
     Task(String),
 }
 
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+/// The gateway's one clock (entry times, expiry).
+pub use smartllm_protocol::time::now_secs;
 
 pub struct SemanticCache {
     store: Arc<Store>,

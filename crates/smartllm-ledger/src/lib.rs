@@ -13,7 +13,7 @@ use smartllm_store::{
 use std::collections::{BTreeMap, HashMap};
 use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
 use std::sync::{Arc, LazyLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 pub const METRIC_COST: &str = "smartllm_cost_usd_total";
 pub const METRIC_SAVED: &str = "smartllm_cost_saved_usd_total";
@@ -460,12 +460,7 @@ pub struct Row {
     pub estimated: u64,
 }
 
-pub fn now_secs() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
+pub use smartllm_protocol::time::now_secs;
 
 pub fn query(
     store: &Store,

@@ -216,13 +216,6 @@ fn openai_usage(u: &Usage) -> Value {
     })
 }
 
-fn now_secs() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
 /// Translate a complete Anthropic message into an OpenAI `chat.completion`.
 pub fn response_to_openai(v: &Value, model: &str) -> (Value, Usage) {
     let mut text = String::new();
@@ -255,7 +248,7 @@ pub fn response_to_openai(v: &Value, model: &str) -> (Value, Usage) {
     let out = json!({
         "id": format!("chatcmpl-{id}"),
         "object": "chat.completion",
-        "created": now_secs(),
+        "created": crate::time::now_secs(),
         "model": v.get("model").and_then(Value::as_str).unwrap_or(model),
         "choices": [{
             "index": 0,
@@ -323,7 +316,7 @@ impl AnthropicStream {
             parser: SseParser::default(),
             id: "chatcmpl-anthropic".into(),
             model: model.to_string(),
-            created: now_secs(),
+            created: crate::time::now_secs(),
             include_usage,
             usage: Usage::default(),
             saw_usage: false,

@@ -1,5 +1,6 @@
 //! OpenAI wire protocol for SmartLLM Router: request validation, OpenAI-shaped
-//! errors, the SSE codec, usage extraction and provider adapters (Anthropic).
+//! errors, the SSE codec, usage extraction, provider adapters (Anthropic),
+//! prompt text and the clock every crate records time by.
 
 pub mod anthropic;
 pub mod assemble;
@@ -7,7 +8,9 @@ pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
 pub mod openai;
+pub mod prompt;
 pub mod sse;
+pub mod time;
 pub mod usage;
 
 pub use error::ApiError;

@@ -554,16 +554,14 @@ impl ServeHttp for AdminApp {
                         ("resident", tikv_jemalloc_ctl::stats::resident::read()),
                     ] {
                         if let Ok(v) = v {
-                            ::metrics::gauge!(crate::metrics::HEAP, "kind" => kind).set(v as f64);
+                            crate::metrics::heap(kind, v as u64);
                         }
                     }
                 }
                 if let Some(store) = &self.shared.components.store {
                     let m = store.memory();
-                    ::metrics::gauge!(crate::metrics::STORE_MEMORY, "kind" => "block_cache")
-                        .set(m.block_cache as f64);
-                    ::metrics::gauge!(crate::metrics::STORE_MEMORY, "kind" => "memtables")
-                        .set(m.memtables as f64);
+                    crate::metrics::store_memory("block_cache", m.block_cache);
+                    crate::metrics::store_memory("memtables", m.memtables);
                 }
                 reply(
                     200,
@@ -630,7 +628,7 @@ impl ServeHttp for AdminApp {
                 Ok(ReloadOutcome::Unchanged) => json_reply(200, &json!({"result": "unchanged"})),
                 Err(e) => json_reply(
                     400,
-                    &json!({"error": {"message": e, "type": "invalid_request_error", "param": null, "code": "invalid_config"}}),
+                    &json!({"error": {"message": e.to_string(), "type": "invalid_request_error", "param": null, "code": "invalid_config"}}),
                 ),
             },
             _ => json_reply(

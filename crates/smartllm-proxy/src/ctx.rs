@@ -36,7 +36,7 @@ pub struct Ctx {
     pub task: Option<&'static str>,
     pub complexity: Option<f64>,
     /// Set on a cache miss: store the answer once it is complete.
-    pub cache_insert: Option<crate::cache::PendingInsert>,
+    pub cache_insert: Option<crate::cache_insert::PendingInsert>,
     /// Who is asking: from the virtual key (or anonymous).
     pub tenant: String,
     pub app: String,
@@ -120,6 +120,28 @@ impl Ctx {
             Some(v) => v.to_string(),
             None => format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
         };
+    }
+
+    /// The model that serves the request: the one place it is set, so the
+    /// response headers, the ledger and a pending cache write always agree.
+    pub fn set_model(&mut self, model: &str) {
+        if self.model.as_deref() != Some(model) {
+            self.model = Some(model.to_string());
+        }
+        if let Some(p) = self.cache_insert.as_mut() {
+            if p.model != model {
+                p.model = model.to_string();
+            }
+        }
+    }
+
+    /// Who the request is for, as limits, budgets and spend see it.
+    pub fn scope(&self) -> smartllm_quota::Scope<'_> {
+        smartllm_quota::Scope {
+            tenant: &self.tenant,
+            app: &self.app,
+            key: &self.key_name,
+        }
     }
 
     pub fn runtime(&self) -> Arc<Runtime> {

@@ -106,7 +106,7 @@ impl HttpServerApp for Frontend {
             return serve.await;
         }
         // Still reading the head: drop the session, closing the connection.
-        ::metrics::counter!(metrics::CLIENT_TIMEOUTS, "phase" => "header").increment(1);
+        metrics::client_timeout("header");
         tracing::debug!(
             limit_ms = limit.as_millis() as u64,
             reused,

@@ -1,30 +1,30 @@
 //! The Pingora layer of SmartLLM Router. `Gateway` implements `ProxyHttp`
-//! thinly: every phase calls into a module. API requests are answered in
-//! `request_filter`, which reads the whole (bounded) body, validates it,
-//! resolves the model and performs the upstream exchange itself over Pingora's
-//! pooled HTTP connector — so bodies of any size up to the limit reach the
-//! upstream intact (Pingora's 64 KiB retry buffer is never involved), retries can
-//! resend the full body, and provider adapters can translate both ways.
+//! thinly: every trait method is one call. API requests are answered in
+//! `request_filter` by [`pipeline`], which reads the whole (bounded) body,
+//! validates it, resolves the model and performs the upstream exchange itself
+//! over Pingora's pooled HTTP connector — so bodies of any size up to the
+//! limit reach the upstream intact (Pingora's 64 KiB retry buffer is never
+//! involved), retries can resend the full body, and provider adapters can
+//! translate both ways. Long-lived work runs as background services
+//! (reloader, health checks, cache sweeper, budget alerts).
 
 pub mod access_log;
 pub mod admin;
+pub mod alerts;
 pub mod auth;
-pub mod budget;
-pub mod cache;
+pub mod cache_insert;
 pub mod cache_sweeper;
 pub mod ctx;
-pub mod fleet;
+pub mod drain;
 pub mod frontend;
-pub mod handler;
 pub mod health;
-pub mod limits;
 pub mod metrics;
+pub mod pipeline;
 pub mod reload;
 pub mod respond;
 pub mod routing;
 pub mod runtime;
 pub mod shutdown;
-pub mod upstream;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -36,6 +36,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 pub use ctx::Ctx;
+
+/// Budget alerts waiting for delivery before new ones are dropped (logged and counted).
+const ALERT_QUEUE: usize = 1024;
 pub use runtime::Runtime;
 
 /// Results of the start-up self-test of the native stack (ONNX model + FAISS).
@@ -62,16 +65,17 @@ pub struct Shared {
     pub components: Components,
     pub cache: Option<Arc<smartllm_cache::SemanticCache>>,
     pub ledger: Option<smartllm_ledger::Ledger>,
-    pub limiter: limits::Limiter,
-    pub budgets: budget::Budgets,
-    /// Redis-backed limits and budgets (rebuilt when `fleet` changes on reload).
-    pub fleet: arc_swap::ArcSwapOption<fleet::Fleet>,
+    /// Rate limits, budgets, cost cap and their fleet-wide state.
+    pub quotas: Arc<smartllm_quota::Quotas>,
+    /// Budget alerts for the alert service to deliver (taken when it starts).
+    pub alerts: Mutex<Option<tokio::sync::mpsc::Receiver<smartllm_quota::Alert>>>,
+    /// Background work a request leaves behind (cache inserts); a drain
+    /// waits for it before the data dir closes.
+    pub tasks: tokio_util::task::TaskTracker,
     /// Live model profiles (EWMA latency, TTFT, speed, errors) for the router.
     pub profiles: smartllm_router::LiveProfiles,
     /// Circuit breakers per deployment (they outlive reloads).
     pub breakers: smartllm_router::Breakers,
-    /// Outbound connections for alert webhooks (kept apart from upstream pools).
-    pub webhook_connector: Arc<Connector>,
     /// Requests being served (for draining on SIGTERM).
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Set on SIGTERM: not ready, new requests get 503.
@@ -100,6 +104,7 @@ impl Shared {
             components.self_test.as_ref().is_some_and(|t| t.nearest_ok),
         );
         crate::metrics::component_ready(crate::metrics::STORE_READY, components.store.is_some());
+        let (quotas, alerts) = smartllm_quota::Quotas::new(ALERT_QUEUE);
         Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             connector: Connector::new(None),
@@ -107,12 +112,11 @@ impl Shared {
             components,
             cache,
             ledger,
-            limiter: limits::Limiter::default(),
-            budgets: budget::Budgets::default(),
-            fleet: arc_swap::ArcSwapOption::empty(),
+            quotas: Arc::new(quotas),
+            alerts: Mutex::new(Some(alerts)),
+            tasks: tokio_util::task::TaskTracker::new(),
             profiles: smartllm_router::LiveProfiles::default(),
             breakers: smartllm_router::Breakers::default(),
-            webhook_connector: Arc::new(Connector::new(None)),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
             pending_inserts: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -121,27 +125,6 @@ impl Shared {
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),
         })
-    }
-
-    /// The fleet client for this config (None: limits and budgets are per process).
-    pub fn fleet(&self, cfg: &smartllm_config::FleetConfig) -> Option<Arc<fleet::Fleet>> {
-        cfg.redis.as_ref()?;
-        if let Some(f) = self.fleet.load_full() {
-            if f.config == *cfg {
-                return Some(f);
-            }
-        }
-        match fleet::Fleet::new(cfg) {
-            Ok(f) => {
-                let f = f.map(Arc::new);
-                self.fleet.store(f.clone());
-                f
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "cannot use fleet.redis; limits and budgets are per process");
-                None
-            }
-        }
     }
 
     pub fn ready(&self) -> bool {
@@ -168,51 +151,15 @@ impl ProxyHttp for Gateway {
     }
 
     async fn early_request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<()> {
-        frontend::head_complete();
-        ctx.begin(session, self.shared.runtime.load_full());
-        self.shared
-            .in_flight
-            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-        ctx.in_flight = true;
+        pipeline::begin(&self.shared, session, ctx);
         Ok(())
     }
 
+    /// Every request is answered here (see [`pipeline`]).
     async fn request_filter(&self, session: &mut Session, ctx: &mut Ctx) -> Result<bool> {
-        if self
-            .shared
-            .draining
-            .load(std::sync::atomic::Ordering::SeqCst)
-        {
-            let mut err = smartllm_protocol::ApiError::unavailable(
-                "server_shutting_down",
-                "This gateway instance is shutting down; retry the request (it will reach another instance).",
-            );
-            err.retry_after = Some(1);
-            ctx.status = 503;
-            session.set_keepalive(None);
-            respond::error(session, ctx, &err).await?;
-            return Ok(true);
-        }
-        // Shed beyond the concurrency limit rather than queue without bound.
-        let limit = ctx.rt.as_ref().map(|rt| rt.config.server.max_in_flight);
-        if limit.is_some_and(|max| {
-            self.shared
-                .in_flight
-                .load(std::sync::atomic::Ordering::SeqCst)
-                > max
-        }) {
-            ::metrics::counter!(metrics::SHED, "reason" => "max_in_flight").increment(1);
-            let mut err = smartllm_protocol::ApiError::unavailable(
-                "server_overloaded",
-                "The gateway is at its concurrency limit (server.max_in_flight); retry shortly.",
-            );
-            err.retry_after = Some(1);
-            ctx.status = 503;
-            respond::error(session, ctx, &err).await?;
-            return Ok(true);
-        }
-        handler::handle(&self.shared, session, ctx).await?;
-        Ok(true)
+        pipeline::run(&self.shared, session, ctx)
+            .await
+            .map(|()| true)
     }
 
     fn persist_connection_context(
@@ -233,57 +180,6 @@ impl ProxyHttp for Gateway {
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
-        // Tokens beyond the pre-charged estimate count against the limits now.
-        if let (Some(u), Some(rt)) = (ctx.usage, ctx.rt.clone()) {
-            let scopes = limits_for(&rt, ctx);
-            let scopes: Vec<(&str, smartllm_config::Limits)> =
-                scopes.iter().map(|(s, l)| (s.as_str(), *l)).collect();
-            limits::charge_after(
-                &self.shared,
-                &rt.config.fleet,
-                &scopes,
-                u.total().saturating_sub(ctx.precharged_tokens),
-            );
-        }
-        let cost = access_log::finish(session, e, ctx, self.shared.ledger.as_ref());
-        if let Some((exp, arm)) = &ctx.experiment {
-            let outcome = if ctx.status < 400 { "ok" } else { "error" };
-            ::metrics::counter!(smartllm_router::metric_names::EXPERIMENT_REQUESTS, "experiment" => exp.clone(), "arm" => arm.clone(), "outcome" => outcome).increment(1);
-            if cost > 0.0 {
-                ::metrics::gauge!(smartllm_router::metric_names::EXPERIMENT_COST, "experiment" => exp.clone(), "arm" => arm.clone())
-                    .increment(cost);
-            }
-        }
-        if let Some(rt) = ctx.rt.clone() {
-            budget::Budgets::record(
-                &self.shared,
-                &rt.config.keys.budgets,
-                &rt.config.fleet,
-                ctx,
-                cost,
-            );
-        }
-        // Last: a drain (SIGTERM, graceful upgrade) waits for this request's
-        // ledger record and budget charge, not just its response.
-        if std::mem::take(&mut ctx.in_flight) {
-            self.shared
-                .in_flight
-                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
-        }
+        pipeline::finish::run(&self.shared, session, e, ctx);
     }
-}
-
-/// The limits that apply to this request's key and app.
-pub fn limits_for(rt: &Runtime, ctx: &Ctx) -> Vec<(String, smartllm_config::Limits)> {
-    let mut out = Vec::new();
-    if let Some(k) = ctx.key.as_ref() {
-        if k.limits != smartllm_config::Limits::default() {
-            out.push((format!("key '{}'", k.name), k.limits));
-        }
-    }
-    let app = format!("{}/{}", ctx.tenant, ctx.app);
-    if let Some(l) = rt.config.keys.apps.get(&app) {
-        out.push((format!("app '{app}'"), *l));
-    }
-    out
 }

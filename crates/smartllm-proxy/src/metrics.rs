@@ -191,15 +191,7 @@ pub fn install() -> PrometheusHandle {
             smartllm_ledger::METRIC_SAVED,
             "USD saved by cache hits, by tenant, app and model; only increases."
         );
-        describe_gauge!(crate::budget::METRIC_USED, "Share of a budget spent in the current period (1.0 = all of it), by budget and period.");
-        describe_counter!(
-            crate::budget::METRIC_ALERTS,
-            "Budget alerts raised, by budget and threshold percentage."
-        );
-        describe_counter!(
-            crate::budget::METRIC_EXCEEDED,
-            "Requests that met an exhausted budget, by budget and action (reject, degrade)."
-        );
+        smartllm_quota::metrics::describe();
         describe_counter!(
             smartllm_ledger::METRIC_DROPPED,
             "Ledger records dropped because the writer queue was full."
@@ -296,4 +288,57 @@ pub fn inflight(delta: f64) {
 
 pub fn component_ready(name: &'static str, ready: bool) {
     gauge!(name).set(if ready { 1.0 } else { 0.0 });
+}
+
+/// Work refused under overload (see [`SHED`]).
+pub fn shed(reason: &'static str) {
+    counter!(SHED, "reason" => reason).increment(1);
+}
+
+/// A client too slow to send its request: `header` or `body`.
+pub fn client_timeout(phase: &'static str) {
+    counter!(CLIENT_TIMEOUTS, "phase" => phase).increment(1);
+}
+
+/// A request that did not use the cache, and why (`no_store`, `temperature`, …).
+pub fn cache_bypass(why: &'static str) {
+    counter!(smartllm_cache::metric_names::LOOKUPS, "result" => format!("bypass_{why}"))
+        .increment(1);
+}
+
+/// The router's choice for a request on a routed alias.
+pub fn route_decision(route: &str, model: &str, reason: &str) {
+    counter!(smartllm_router::metric_names::DECISIONS, "route" => route.to_string(), "model" => model.to_string(), "reason" => reason.to_string())
+        .increment(1);
+}
+
+pub fn route_decision_seconds(secs: f64) {
+    histogram!(smartllm_router::metric_names::DECISION_SECONDS).record(secs);
+}
+
+/// A request moving on to the next model of its chain.
+pub fn fallback(route: &str, from: &str, to: &str) {
+    counter!(smartllm_router::metric_names::FALLBACKS, "route" => route.to_string(), "from" => from.to_string(), "to" => to.to_string())
+        .increment(1);
+}
+
+/// The outcome and cost of a request in an A/B experiment arm.
+pub fn experiment(experiment: &str, arm: &str, ok: bool, cost_usd: f64) {
+    let outcome = if ok { "ok" } else { "error" };
+    counter!(smartllm_router::metric_names::EXPERIMENT_REQUESTS, "experiment" => experiment.to_string(), "arm" => arm.to_string(), "outcome" => outcome)
+        .increment(1);
+    if cost_usd > 0.0 {
+        gauge!(smartllm_router::metric_names::EXPERIMENT_COST, "experiment" => experiment.to_string(), "arm" => arm.to_string())
+            .increment(cost_usd);
+    }
+}
+
+/// Process heap by kind (`allocated`, `resident`), at a scrape.
+pub fn heap(kind: &'static str, bytes: u64) {
+    gauge!(HEAP, "kind" => kind).set(bytes as f64);
+}
+
+/// RocksDB memory by kind (`block_cache`, `memtables`), at a scrape.
+pub fn store_memory(kind: &'static str, bytes: u64) {
+    gauge!(STORE_MEMORY, "kind" => kind).set(bytes as f64);
 }

@@ -29,15 +29,26 @@ pub enum ReloadOutcome {
     Unchanged,
 }
 
+/// Why a reload was rejected (the running config stays in force).
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    #[error("config loader panicked: {0}")]
+    LoaderPanicked(tokio::task::JoinError),
+    #[error("{0}")]
+    Config(smartllm_config::ConfigError),
+    #[error("{0}")]
+    Prepare(crate::runtime::PrepareError),
+}
+
 /// Reload the config directory now.
-pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, String> {
+pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, ReloadError> {
     let _guard = shared.reload_lock.lock().await;
     let dir = shared.config_dir.clone();
     let loaded = tokio::task::spawn_blocking(move || smartllm_config::load_dir(&dir))
         .await
-        .map_err(|e| format!("config loader panicked: {e}"))?;
+        .map_err(ReloadError::LoaderPanicked)?;
     let result = match loaded {
-        Err(e) => Err(e.to_string()),
+        Err(e) => Err(ReloadError::Config(e)),
         Ok(new) => {
             let current = shared.runtime.load_full();
             if new.digest == current.config.digest {
@@ -70,7 +81,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Str
                             restart_required: restart,
                         })
                     }
-                    Err(e) => Err(e),
+                    Err(e) => Err(ReloadError::Prepare(e)),
                 }
             }
         }
@@ -106,7 +117,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Str
             metrics::config_reload("error");
             tracing::error!(trigger, error = %e, "config reload rejected; the running config stays in force");
             status.last_result = Some("error".into());
-            status.last_error = Some(e.clone());
+            status.last_error = Some(e.to_string());
         }
     }
     result

@@ -1,15 +1,12 @@
-//! The routing phase of a request on a routed alias: the prompt's embedding
-//! (the cache's, when it computed one), features, live model state, budget
-//! pressure, and the router's decision, recorded in the context and metrics.
+//! The router's view of the gateway: live model state (health checks,
+//! circuit breakers, EWMAs) and the decision on a prompt's features, shared by
+//! the request path's route phase and the admin API's `route explain`.
 
-use crate::ctx::Ctx;
 use crate::runtime::{ModelPool, Runtime};
 use crate::Shared;
 use pingora_proxy::Session;
 use serde_json::Value;
 use smartllm_config::RouteConfig;
-use smartllm_protocol::ParsedRequest;
-use smartllm_router::metric_names as m;
 use smartllm_router::{Decision, LiveSnapshot, ModelState, RequestInfo};
 use std::time::Instant;
 
@@ -52,7 +49,7 @@ impl ModelState for GatewayState<'_> {
 }
 
 /// Headers the rules may look at (never credentials).
-fn rule_headers(session: &Session) -> Vec<(String, String)> {
+pub fn rule_headers(session: &Session) -> Vec<(String, String)> {
     session
         .req_header()
         .headers
@@ -98,51 +95,6 @@ pub async fn decide_with(
         info,
         &GatewayState { shared, rt },
     );
-    metrics::histogram!(m::DECISION_SECONDS).record(t.elapsed().as_secs_f64());
+    crate::metrics::route_decision_seconds(t.elapsed().as_secs_f64());
     (d, features)
-}
-
-pub async fn decide(
-    shared: &Shared,
-    session: &Session,
-    ctx: &mut Ctx,
-    rt: &Runtime,
-    req: &ParsedRequest,
-    route: &RouteConfig,
-) -> Decision {
-    // One embedding per request: the cache's when it made one.
-    let embedding = ctx.cache_insert.as_ref().and_then(|p| p.embedding.clone());
-    let info = RequestInfo {
-        headers: rule_headers(session),
-        tenant: &ctx.tenant,
-        app: &ctx.app,
-        key: &ctx.key_name,
-        user: req.body.get("user").and_then(Value::as_str),
-        budget_pressure: shared.budgets.pressure(&rt.config.keys.budgets, ctx),
-    };
-    let (d, features) = decide_with(shared, rt, &req.body, route, embedding, &info).await;
-    metrics::counter!(m::DECISIONS, "route" => route.name.clone(), "model" => d.model.clone(), "reason" => d.reason.clone()).increment(1);
-    tracing::debug!(request_id = %ctx.request_id, route = %route.name, model = %d.model, reason = %d.reason,
-        task = %features.task, complexity = features.complexity, fallbacks = ?d.fallbacks, "route decision");
-    ctx.route_reason = d.reason.clone();
-    ctx.experiment = d.experiment.clone();
-    ctx.task = Some(features.task.as_str());
-    ctx.complexity = Some(features.complexity);
-    d
-}
-
-/// Task and complexity of a request on a fixed model (no routing decision),
-/// for the ledger's traffic mix: the features of the prompt, with the
-/// cache's embedding when it made one (keywords otherwise). Microseconds.
-pub fn classify(ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
-    if req.endpoint != smartllm_protocol::Endpoint::ChatCompletions {
-        return;
-    }
-    let embedding = ctx
-        .cache_insert
-        .as_ref()
-        .and_then(|p| p.embedding.as_deref());
-    let f = smartllm_router::extract(&req.body, embedding, rt.router.classifier.as_deref());
-    ctx.task = Some(f.task.as_str());
-    ctx.complexity = Some(f.complexity);
 }

@@ -17,6 +17,7 @@ use pingora_load_balancing::{Backend, Backends, LoadBalancer};
 use smartllm_config::{ApiKeySource, Config, HealthCheckKind, ProviderConfig, ProviderKind, Url};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -28,7 +29,7 @@ pub struct ProviderRuntime {
     /// Where requests go (the configured URL, or the demo upstream).
     pub url: Url,
     /// `Ok(None)`: no key needed. `Err`: a key is configured but unavailable.
-    pub key: Result<Option<String>, String>,
+    pub key: Result<Option<String>, KeyError>,
     pub demo: bool,
     /// CAs from `tls_ca_file`, trusted instead of the system roots.
     pub ca: Option<Arc<CaType>>,
@@ -106,7 +107,7 @@ impl Runtime {
         version: u64,
         embedder: Option<Arc<smartllm_embed::Embedder>>,
         previous_router: Option<Arc<smartllm_router::RouterAssets>>,
-    ) -> Result<Runtime, String> {
+    ) -> Result<Runtime, PrepareError> {
         let config = Arc::new(config);
         // Demo mode: no provider that needs a key has one.
         let needs_key: Vec<_> = config
@@ -114,7 +115,7 @@ impl Runtime {
             .values()
             .filter(|p| p.api_key != ApiKeySource::None)
             .collect();
-        let keys: BTreeMap<String, Result<Option<String>, String>> = config
+        let keys: BTreeMap<String, Result<Option<String>, KeyError>> = config
             .providers
             .values()
             .map(|p| (p.name.clone(), read_key(&p.api_key)))
@@ -148,9 +149,12 @@ impl Runtime {
                 p.base_url.clone()
             };
             let ca = match (&p.tls_ca_file, demo) {
-                (Some(path), false) => Some(
-                    load_ca(path).map_err(|e| format!("providers.{}.tls_ca_file: {e}", p.name))?,
-                ),
+                (Some(path), false) => {
+                    Some(load_ca(path).map_err(|error| PrepareError::CaFile {
+                        provider: p.name.clone(),
+                        error,
+                    })?)
+                }
                 _ => None,
             };
             let pool_key = {
@@ -201,7 +205,10 @@ impl Runtime {
             let lb = LoadBalancer::<RoundRobin>::from_backends(backends);
             lb.update()
                 .await
-                .map_err(|e| format!("model {}: resolving deployments: {e}", m.name))?;
+                .map_err(|error| PrepareError::Deployments {
+                    model: m.name.clone(),
+                    error,
+                })?;
             pools.insert(
                 m.name.clone(),
                 Arc::new(ModelPool {
@@ -220,7 +227,7 @@ impl Runtime {
             &config.cache.exclude_patterns,
             &config.cache.detectors,
         )
-        .map_err(|e| format!("cache.exclude.patterns: {e}"))?;
+        .map_err(PrepareError::Exclusions)?;
         let keys = config
             .keys
             .keys
@@ -232,18 +239,18 @@ impl Runtime {
             ApiKeySource::None => None,
             src => Some(
                 read_key(src)
-                    .and_then(|k| k.ok_or_else(|| "empty".to_string()))
-                    .map_err(|e| format!("admin token: {e}"))?,
+                    .and_then(|k| k.ok_or(KeyError::Empty))
+                    .map_err(PrepareError::AdminToken)?,
             ),
         };
         let router_cfg = config.clone();
         let router = tokio::task::spawn_blocking(move || {
-            let embed = |texts: Vec<String>| {
+            let embed = |texts: Vec<String>| -> Result<_, smartllm_router::assets::EmbedFnError> {
                 embedder
                     .as_ref()
-                    .ok_or_else(|| "no embedder".to_string())?
+                    .ok_or("no embedder")?
                     .embed_blocking(texts)
-                    .map_err(|e| format!("embedding classifier examples: {e}"))
+                    .map_err(|e| format!("embedding classifier examples: {e}").into())
             };
             smartllm_router::RouterAssets::build(
                 &router_cfg,
@@ -252,7 +259,8 @@ impl Runtime {
             )
         })
         .await
-        .map_err(|e| format!("loading the router panicked: {e}"))??;
+        .map_err(PrepareError::RouterPanicked)?
+        .map_err(PrepareError::Router)?;
         Ok(Runtime {
             router: Arc::new(router),
             config,
@@ -269,15 +277,70 @@ impl Runtime {
     }
 }
 
+/// Why a runtime snapshot cannot be built (the running one stays).
+#[derive(Debug, thiserror::Error)]
+pub enum PrepareError {
+    #[error("providers.{provider}.tls_ca_file: {error}")]
+    CaFile { provider: String, error: CaError },
+    #[error("model {model}: resolving deployments: {error}")]
+    Deployments {
+        model: String,
+        error: Box<pingora_error::Error>,
+    },
+    #[error("cache.exclude.patterns: {0}")]
+    Exclusions(regex::Error),
+    #[error("admin token: {0}")]
+    AdminToken(KeyError),
+    #[error("{0}")]
+    Router(smartllm_router::assets::AssetError),
+    #[error("loading the router panicked: {0}")]
+    RouterPanicked(tokio::task::JoinError),
+}
+
+/// Why a CA bundle cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum CaError {
+    #[error("cannot read {}: {error}", path.display())]
+    Read {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{} is not a PEM certificate bundle: {error}", path.display())]
+    NotPem {
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{} holds no PEM certificate", .0.display())]
+    Empty(PathBuf),
+}
+
+/// Why a configured key (provider or admin) is unavailable.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum KeyError {
+    #[error("environment variable {0} is not set")]
+    EnvUnset(String),
+    #[error("key file {} is empty", .0.display())]
+    FileEmpty(PathBuf),
+    #[error("cannot read key file {}: {error}", path.display())]
+    FileUnreadable { path: PathBuf, error: String },
+    #[error("empty")]
+    Empty,
+}
+
 /// Read a PEM bundle of CA certificates.
-fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
-    let file =
-        std::fs::File::open(path).map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, CaError> {
+    let file = std::fs::File::open(path).map_err(|error| CaError::Read {
+        path: path.to_path_buf(),
+        error,
+    })?;
     let ders = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("{} is not a PEM certificate bundle: {e}", path.display()))?;
+        .map_err(|error| CaError::NotPem {
+            path: path.to_path_buf(),
+            error,
+        })?;
     if ders.is_empty() {
-        return Err(format!("{} holds no PEM certificate", path.display()));
+        return Err(CaError::Empty(path.to_path_buf()));
     }
     let certs: Vec<WrappedX509> = ders
         .into_iter()
@@ -286,17 +349,20 @@ fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, String> {
     Ok(Arc::from(certs.into_boxed_slice()))
 }
 
-fn read_key(src: &ApiKeySource) -> Result<Option<String>, String> {
+fn read_key(src: &ApiKeySource) -> Result<Option<String>, KeyError> {
     match src {
         ApiKeySource::None => Ok(None),
         ApiKeySource::Env(var) => match std::env::var(var) {
             Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
-            _ => Err(format!("environment variable {var} is not set")),
+            _ => Err(KeyError::EnvUnset(var.clone())),
         },
         ApiKeySource::File(path) => match std::fs::read_to_string(path) {
             Ok(v) if !v.trim().is_empty() => Ok(Some(v.trim().to_string())),
-            Ok(_) => Err(format!("key file {} is empty", path.display())),
-            Err(e) => Err(format!("cannot read key file {}: {e}", path.display())),
+            Ok(_) => Err(KeyError::FileEmpty(path.clone())),
+            Err(e) => Err(KeyError::FileUnreadable {
+                path: path.clone(),
+                error: e.to_string(),
+            }),
         },
     }
 }

@@ -258,12 +258,34 @@ fn typical_output(task: Task, prompt_tokens: u64) -> u64 {
     }
 }
 
+/// How [`extract_with`] counts the prompt's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenCount {
+    /// With the o200k tokenizer: what a routing decision needs (cost,
+    /// context window, rules on prompt size).
+    Tokenized,
+    /// From the text's length at about four bytes a token: enough for the
+    /// ledger's traffic mix of a request on a fixed model, which no decision
+    /// depends on (tokenizing costs more than the rest of the plain path).
+    Estimated,
+}
+
 /// Extract the features of a chat (or completion) request. `embedding` is the
 /// last user turn's embedding when the embedder produced one.
 pub fn extract(
     body: &Map<String, Value>,
     embedding: Option<&[f32]>,
     classifier: Option<&TaskClassifier>,
+) -> Features {
+    extract_with(body, embedding, classifier, TokenCount::Tokenized)
+}
+
+/// [`extract`], with the prompt's tokens counted as `tokens` says.
+pub fn extract_with(
+    body: &Map<String, Value>,
+    embedding: Option<&[f32]>,
+    classifier: Option<&TaskClassifier>,
+    tokens: TokenCount,
 ) -> Features {
     let (last, all, has_images, turns) = prompt_texts(body);
     // Routing runs on the proxy's threads: bound the work on huge prompts.
@@ -286,7 +308,9 @@ pub fn extract(
         .or_else(|| body.get("max_tokens"))
         .and_then(Value::as_u64);
     let sample = &all[..floor_char_boundary(&all, 64 << 10)];
-    let prompt_tokens = if sample.len() == all.len() {
+    let prompt_tokens = if tokens == TokenCount::Estimated {
+        (all.len() as u64).div_ceil(4)
+    } else if sample.len() == all.len() {
         smartllm_ledger::estimate_tokens(&all)
     } else {
         (smartllm_ledger::estimate_tokens(sample) as f64 * all.len() as f64
@@ -486,5 +510,18 @@ mod tests {
             );
             assert_eq!(f.task, task, "{text}");
         }
+    }
+
+    #[test]
+    fn estimated_tokens_are_close_to_counted_ones() {
+        let body = serde_json::json!({"messages": [{"role": "user", "content":
+            "Summarise the following meeting notes in three bullet points: the team agreed to ship the billing dashboard on Friday, postpone the mobile release, and hire two more engineers."}]});
+        let body = body.as_object().unwrap();
+        let counted = extract_with(body, None, None, TokenCount::Tokenized);
+        let estimated = extract_with(body, None, None, TokenCount::Estimated);
+        assert_eq!(counted.task, estimated.task);
+        let (c, e) = (counted.prompt_tokens as f64, estimated.prompt_tokens as f64);
+        assert!((e / c - 1.0).abs() < 0.35, "counted {c}, estimated {e}");
+        assert!((counted.complexity - estimated.complexity).abs() < 0.1);
     }
 }

@@ -10,6 +10,7 @@ use pingora::services::listening::Service;
 use smartllm_cache::{Codec, SemanticCache, VectorIndex};
 use smartllm_embed::{cosine, Embedder};
 use smartllm_proxy::admin::AdminApp;
+use smartllm_proxy::alerts::AlertService;
 use smartllm_proxy::cache_sweeper::CacheSweeper;
 use smartllm_proxy::health::HealthService;
 use smartllm_proxy::reload::ReloadService;
@@ -204,6 +205,10 @@ fn exit_quietly_on_broken_stdout() {
             .or_else(|| info.payload().downcast_ref::<&str>().copied())
             .unwrap_or("");
         if msg.starts_with("failed printing to stdout") && msg.contains("Broken pipe") {
+            // The panic hook cannot return to main: this is the one place a
+            // CLI command ends the process (nothing to flush: the server
+            // never installs this hook).
+            #[allow(clippy::disallowed_methods)]
             std::process::exit(141);
         }
         default(info);
@@ -467,7 +472,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         dir.to_path_buf(),
     );
 
-    shared.budgets.warm(&ledger);
+    shared.quotas.warm(&ledger);
 
     let mut proxy = Service::new(
         "smartllm proxy".to_string(),
@@ -501,6 +506,12 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         },
     ));
     server.add_service(background_service(
+        "budget alerts",
+        AlertService {
+            shared: shared.clone(),
+        },
+    ));
+    server.add_service(background_service(
         "cache sweeper",
         CacheSweeper {
             shared: shared.clone(),
@@ -516,24 +527,40 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         cache,
         ledger,
         store,
+        shared: shared.clone(),
         done: std::sync::Once::new(),
     });
+    // Whichever ends first ends the process, by returning from here: Pingora's
+    // run (SIGINT, or a graceful stop after its fixed grace period) or the
+    // finisher (a graceful stop as soon as the in-flight requests are done).
+    let (stopped, wait_stopped) = std::sync::mpsc::channel::<&'static str>();
     spawn_finisher(
         &server,
         &shared,
         finisher.clone(),
         config.server.grace_period,
         drain_timeout,
+        stopped.clone(),
     );
-    // SIGTERM drains in-flight requests (streams included) before Pingora stops.
-    server.run(RunArgs {
-        shutdown_signal: Box::new(smartllm_proxy::shutdown::DrainingShutdown {
-            shared: shared.clone(),
-            drain_timeout: config.server.graceful_shutdown_timeout,
-        }),
-    });
-    // SIGINT (fast stop) ends here; graceful stops end in the finisher.
+    let (drain_shared, drain_timeout) = (shared.clone(), config.server.graceful_shutdown_timeout);
+    std::thread::Builder::new()
+        .name("smartllm-server".into())
+        .spawn(move || {
+            server.run(RunArgs {
+                // SIGTERM drains in-flight requests (streams included) before Pingora stops.
+                shutdown_signal: Box::new(smartllm_proxy::shutdown::DrainingShutdown {
+                    shared: drain_shared,
+                    drain_timeout,
+                }),
+            });
+            let _ = stopped.send("server");
+        })
+        .context("starting the server thread")?;
+    let by = wait_stopped.recv().unwrap_or("server");
+    // Saved and flushed once, whoever got here first; the other threads end
+    // with the process when main returns.
     finisher.finish();
+    tracing::debug!(by, "process ends");
     Ok(())
 }
 
@@ -576,12 +603,31 @@ struct Finisher {
     cache: Arc<SemanticCache>,
     ledger: smartllm_ledger::Ledger,
     store: Arc<Store>,
+    shared: Arc<Shared>,
     done: std::sync::Once,
 }
+
+/// How long a stop waits for background work requests left behind (cache
+/// inserts, fleet writes) before it saves state without them.
+const BACKGROUND_WAIT: Duration = Duration::from_secs(5);
 
 impl Finisher {
     fn finish(&self) {
         self.done.call_once(|| {
+            // Tracked background work first: cache inserts write RocksDB,
+            // fleet writes carry spend to Redis.
+            let trackers = [&self.shared.tasks, self.shared.quotas.tasks()];
+            for t in trackers {
+                t.close();
+            }
+            let started = Instant::now();
+            while trackers.iter().any(|t| !t.is_empty()) && started.elapsed() < BACKGROUND_WAIT {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            let left: usize = trackers.iter().map(|t| t.len()).sum();
+            if left > 0 {
+                tracing::warn!(left, "stopping with background tasks unfinished");
+            }
             if let Err(e) = self.cache.persist() {
                 tracing::error!(error = %e, "saving the cache index failed; it will be rebuilt at the next start");
             }
@@ -600,14 +646,16 @@ impl Finisher {
 /// the new instance waits for) the whole period. This thread ends the process
 /// as soon as those requests have finished instead: it waits for in-flight to
 /// reach zero (bounded by the drain timeout), then `server.grace_period`, then
-/// saves and flushes state and exits, releasing the lock. After SIGTERM the
-/// drain has already happened in the shutdown watcher, so it exits at once.
+/// saves and flushes state and tells main to end the process, releasing the
+/// lock. After SIGTERM the drain has already happened in the shutdown
+/// watcher, so it ends at once.
 fn spawn_finisher(
     server: &Server,
     shared: &Arc<Shared>,
     finisher: Arc<Finisher>,
     grace: Duration,
     drain_timeout: Duration,
+    stopped: std::sync::mpsc::Sender<&'static str>,
 ) {
     use pingora::server::ExecutionPhase;
     use std::sync::atomic::Ordering;
@@ -633,7 +681,8 @@ fn spawn_finisher(
                     tracing::info!(drain_ms = started.elapsed().as_millis() as u64, "listeners closed and in-flight requests done");
                     std::thread::sleep(grace);
                     finisher.finish();
-                    std::process::exit(0);
+                    let _ = stopped.send("finisher");
+                    return;
                 }
                 Ok(ExecutionPhase::Terminated)
                 | Err(tokio::sync::broadcast::error::RecvError::Closed) => return,

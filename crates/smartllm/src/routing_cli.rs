@@ -14,7 +14,11 @@ use std::path::Path;
 fn load(config: &Path) -> anyhow::Result<(Config, Embedder, RouterAssets)> {
     let cfg = smartllm_config::load_dir(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
-    let embed = |t: Vec<String>| embedder.embed_blocking(t).map_err(|e| e.to_string());
+    let embed = |t: Vec<String>| {
+        embedder
+            .embed_blocking(t)
+            .map_err(smartllm_router::assets::EmbedFnError::from)
+    };
     let assets =
         RouterAssets::build(&cfg, Some(&embed), None).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok((cfg, embedder, assets))

@@ -16,9 +16,6 @@ use smartllm_config::{FleetConfig, FleetOnError};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-pub const METRIC_ERRORS: &str = "smartllm_fleet_errors_total";
-pub const METRIC_UP: &str = "smartllm_fleet_redis_up";
-
 /// Token buckets, all or nothing. KEYS: one hash per bucket (level, time).
 /// ARGV: per bucket, its capacity per minute and the cost to take.
 /// Returns "0" when charged, or "SECONDS INDEX" of the longest wait.
@@ -161,9 +158,9 @@ impl Fleet {
             tracing::warn!(op, error = %e, "fleet redis call failed; limits and budgets fall back per on_error for a second");
             *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(Instant::now() + Duration::from_secs(1));
-            metrics::gauge!(METRIC_UP).set(0.0);
+            crate::metrics::fleet_up(false);
         }
-        metrics::counter!(METRIC_ERRORS, "op" => op).increment(1);
+        crate::metrics::fleet_error(op);
         e
     }
 
@@ -173,7 +170,7 @@ impl Fleet {
     {
         match tokio::time::timeout(self.config.timeout, f).await {
             Ok(Ok(v)) => {
-                metrics::gauge!(METRIC_UP).set(1.0);
+                crate::metrics::fleet_up(true);
                 Ok(v)
             }
             Ok(Err(e)) => Err(self.failed(op, e.into())),

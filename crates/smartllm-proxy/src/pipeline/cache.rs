@@ -3,85 +3,17 @@
 //! directly (JSON, or replayed as SSE), and remember misses so the complete
 //! answer is stored off the request path.
 
+use super::parse::Parsed;
+use crate::cache_insert::PendingInsert;
 use crate::ctx::Ctx;
 use crate::runtime::Runtime;
-use crate::{respond, Shared};
+use crate::{metrics, respond, Shared};
 use bytes::Bytes;
 use pingora_proxy::Session;
 use serde_json::Value;
-use smartllm_cache::{chat_key, CacheKey, Lookup, SemanticCache};
-use smartllm_config::CachePolicy;
+use smartllm_cache::{chat_key, CacheKey, Lookup};
 use smartllm_protocol::assemble::replay_as_sse;
-use smartllm_protocol::openai::content_text;
-use smartllm_protocol::{Endpoint, ParsedRequest};
-use std::sync::Arc;
-
-/// Any choice ended by the token limit.
-fn cut_short(completion: &str) -> bool {
-    serde_json::from_str::<Value>(completion).is_ok_and(|v| {
-        v["choices"]
-            .as_array()
-            .is_some_and(|cs| cs.iter().any(|c| c["finish_reason"] == "length"))
-    })
-}
-
-/// What a miss needs to store the answer later.
-pub struct PendingInsert {
-    pub cache: Arc<SemanticCache>,
-    pub key: CacheKey,
-    pub embedding: Option<Vec<f32>>,
-    pub policy: CachePolicy,
-    pub route: String,
-    pub model: String,
-    /// A per-request cost cap lowered max tokens: an answer it cut short
-    /// (finish_reason "length") is not stored.
-    pub cost_capped: bool,
-    /// Stores in progress gateway-wide, and the bound on them.
-    pub pending: Arc<std::sync::atomic::AtomicUsize>,
-    pub max_pending: usize,
-}
-
-impl PendingInsert {
-    /// Store `completion` (a `chat.completion` JSON document) in the background.
-    pub fn spawn(self, completion: String) {
-        use std::sync::atomic::Ordering;
-        if self.cost_capped && cut_short(&completion) {
-            return;
-        }
-        // Under overload, drop the store rather than pile up tasks and memory.
-        if self.pending.fetch_add(1, Ordering::SeqCst) >= self.max_pending {
-            self.pending.fetch_sub(1, Ordering::SeqCst);
-            metrics::counter!(crate::metrics::SHED, "reason" => "cache_insert").increment(1);
-            return;
-        }
-        tokio::spawn(async move {
-            let pending = self.pending.clone();
-            if let Err(e) = self
-                .cache
-                .insert(
-                    self.key,
-                    self.embedding,
-                    completion,
-                    &self.policy,
-                    &self.route,
-                    &self.model,
-                )
-                .await
-            {
-                if let smartllm_cache::CacheError::Embed(smartllm_embed::EmbedError::Overloaded(
-                    _,
-                )) = e
-                {
-                    metrics::counter!(crate::metrics::SHED, "reason" => "cache_insert")
-                        .increment(1);
-                } else {
-                    tracing::warn!(error = %e, "storing a cache entry failed");
-                }
-            }
-            pending.fetch_sub(1, Ordering::SeqCst);
-        });
-    }
-}
+use smartllm_protocol::Endpoint;
 
 fn cache_control(session: &Session) -> (bool, bool) {
     let mut no_store = false;
@@ -96,30 +28,21 @@ fn cache_control(session: &Session) -> (bool, bool) {
     (no_store, no_cache)
 }
 
-fn prompt_text(req: &ParsedRequest) -> String {
-    req.body
-        .get("messages")
-        .and_then(Value::as_array)
-        .map(|msgs| {
-            msgs.iter()
-                .filter_map(|m| m.get("content"))
-                .map(content_text)
-                .collect::<Vec<_>>()
-                .join("\n")
-        })
-        .unwrap_or_default()
-}
-
-/// Returns true when the request was answered from the cache.
+/// Look the request up; answer a hit (true). On a miss, leave the pending
+/// cache write in the context for the exchange to complete.
 pub async fn phase(
     shared: &Shared,
     session: &mut Session,
     ctx: &mut Ctx,
     rt: &Runtime,
-    req: &ParsedRequest,
-    model: &str,
-    route: Option<&str>,
+    request: &Parsed<'_>,
 ) -> pingora_error::Result<bool> {
+    let req = &request.req;
+    // A routed alias is cached under its own name (the model is chosen only on a miss).
+    let model = request
+        .routed
+        .map_or(request.model.name.as_str(), |r| r.name.as_str());
+    let route = request.route.map(|r| r.name.as_str());
     let cfg = &rt.config.cache;
     let Some(cache) = shared.cache.clone() else {
         return Ok(false);
@@ -139,7 +62,7 @@ pub async fn phase(
         .unwrap_or(1.0);
     let bypass = |ctx: &mut Ctx, why: &'static str| {
         ctx.cache_status = Some("bypass");
-        metrics::counter!(smartllm_cache::metric_names::LOOKUPS, "result" => format!("bypass_{why}")).increment(1);
+        metrics::cache_bypass(why);
     };
     if no_store {
         bypass(ctx, "no_store");
@@ -149,7 +72,10 @@ pub async fn phase(
         bypass(ctx, "temperature");
         return Ok(false);
     }
-    if let Some(rule) = rt.cache_exclusions.matches(&prompt_text(req)) {
+    if let Some(rule) = rt
+        .cache_exclusions
+        .matches(&smartllm_protocol::prompt::messages_text(&req.body))
+    {
         tracing::debug!(request_id = %ctx.request_id, rule, "cache bypassed by an exclusion rule");
         bypass(ctx, "excluded");
         return Ok(false);
@@ -169,6 +95,7 @@ pub async fn phase(
         cost_capped: false,
         pending: shared.pending_inserts.clone(),
         max_pending: cfg.max_pending_inserts,
+        tasks: shared.tasks.clone(),
     };
     if no_cache {
         // Fresh answer requested: skip the lookup, refresh the entry.
@@ -233,7 +160,7 @@ pub async fn phase(
         Err(smartllm_cache::CacheError::Embed(smartllm_embed::EmbedError::Overloaded(why))) => {
             // Overload: skip the cache for this request, serve it upstream.
             tracing::debug!(request_id = %ctx.request_id, why, "embedder overloaded; cache skipped");
-            metrics::counter!(crate::metrics::SHED, "reason" => "embedder").increment(1);
+            metrics::shed("embedder");
             bypass(ctx, "overloaded");
             Ok(false)
         }
@@ -243,17 +170,5 @@ pub async fn phase(
             bypass(ctx, "error");
             Ok(false)
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn answers_cut_by_the_token_limit_are_recognised() {
-        let cut = r#"{"choices":[{"index":0,"finish_reason":"length","message":{"content":"a"}}]}"#;
-        let whole = r#"{"choices":[{"index":0,"finish_reason":"stop","message":{"content":"a"}}]}"#;
-        assert!(super::cut_short(cut));
-        assert!(!super::cut_short(whole));
-        assert!(!super::cut_short("not json"));
     }
 }

@@ -1,0 +1,127 @@
+//! Budget alert delivery: a background service that takes the alerts the
+//! quotas raise (on a bounded channel) and POSTs each to its budget's webhook,
+//! retried with backoff (0.5, 1, 2 s; 4 attempts) on its own connections,
+//! never on a request's path. Deliveries in progress are tracked, and a
+//! shutdown gives them a moment to finish.
+
+use crate::Shared;
+use async_trait::async_trait;
+use pingora_core::connectors::http::Connector;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_http::RequestHeader;
+use smartllm_config::Url;
+use smartllm_quota::Alert;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::task::TaskTracker;
+
+pub struct AlertService {
+    pub shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for AlertService {
+    async fn start(&self, mut shutdown: ShutdownWatch) {
+        let Some(mut alerts) = self
+            .shared
+            .alerts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return;
+        };
+        // Outbound connections for webhooks, kept apart from upstream pools.
+        let connector = Arc::new(Connector::new(None));
+        let deliveries = TaskTracker::new();
+        loop {
+            tokio::select! {
+                alert = alerts.recv() => match alert {
+                    Some(alert) => {
+                        deliveries.spawn(deliver(connector.clone(), alert));
+                    }
+                    None => break,
+                },
+                _ = shutdown.changed() => break,
+            }
+        }
+        deliveries.close();
+        let _ = tokio::time::timeout(Duration::from_secs(5), deliveries.wait()).await;
+    }
+}
+
+/// POST one alert, retrying with backoff.
+async fn deliver(connector: Arc<Connector>, alert: Alert) {
+    let url = alert.webhook;
+    let mut delay = Duration::from_millis(500);
+    for attempt in 1..=4 {
+        match post(&connector, &url, &alert.body).await {
+            Ok(status) if (200..300).contains(&status) => return,
+            Ok(status) => {
+                tracing::warn!(attempt, status, host = %url.host, "budget webhook refused")
+            }
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, host = %url.host, "budget webhook failed")
+            }
+        }
+        tokio::time::sleep(delay).await;
+        delay *= 2;
+    }
+    tracing::error!(host = %url.host, "budget webhook gave up after 4 attempts");
+}
+
+async fn post(connector: &Connector, url: &Url, body: &str) -> Result<u16, String> {
+    let addr = tokio::net::lookup_host(url.authority())
+        .await
+        .map_err(|e| e.to_string())?
+        .next()
+        .ok_or("no address")?;
+    let mut peer = HttpPeer::new(
+        addr,
+        url.tls,
+        if url.tls {
+            url.host.clone()
+        } else {
+            String::new()
+        },
+    );
+    peer.options.connection_timeout = Some(Duration::from_secs(5));
+    peer.options.read_timeout = Some(Duration::from_secs(10));
+    let (mut s, _) = connector
+        .get_http_session(&peer)
+        .await
+        .map_err(|e| e.to_string())?;
+    let path = if url.path.is_empty() {
+        "/".to_string()
+    } else {
+        url.path.clone()
+    };
+    let mut h = RequestHeader::build("POST", path.as_bytes(), None).map_err(|e| e.to_string())?;
+    for (k, v) in [
+        ("host", url.host_header()),
+        ("content-type", "application/json".into()),
+        ("content-length", body.len().to_string()),
+        (
+            "user-agent",
+            concat!("smartllm/", env!("CARGO_PKG_VERSION")).into(),
+        ),
+    ] {
+        h.insert_header(k, v).map_err(|e| e.to_string())?;
+    }
+    s.write_request_header(Box::new(h))
+        .await
+        .map_err(|e| e.to_string())?;
+    s.write_request_body(bytes::Bytes::from(body.to_string()), true)
+        .await
+        .map_err(|e| e.to_string())?;
+    s.finish_request_body().await.map_err(|e| e.to_string())?;
+    s.read_response_header().await.map_err(|e| e.to_string())?;
+    let status = s.response_header().map(|r| r.status.as_u16()).unwrap_or(0);
+    // The answer's body is not needed; read it (bounded) so the exchange ends cleanly.
+    let mut waited = Duration::ZERO;
+    let _ =
+        crate::drain::response_body(&mut s, Duration::from_secs(10), 64 << 10, &mut waited).await;
+    Ok(status)
+}

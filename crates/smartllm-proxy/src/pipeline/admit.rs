@@ -1,0 +1,238 @@
+//! Admission: shed when draining or over `server.max_in_flight`, check the
+//! request head, authenticate the virtual key, dispatch by method and path,
+//! read the bounded body (never through Pingora's 64 KiB replay buffer), and
+//! charge the rate limits of the key and app.
+
+use crate::ctx::Ctx;
+use crate::runtime::Runtime;
+use crate::{metrics, Shared};
+use bytes::BytesMut;
+use pingora_proxy::Session;
+use smartllm_protocol::{ApiError, Endpoint};
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+/// What an admitted request asks for.
+pub enum Admitted {
+    /// `GET /v1/models` (all) or `/v1/models/{id}` (one).
+    Models(Option<String>),
+    /// An API call with its whole body.
+    Api { endpoint: Endpoint, body: BytesMut },
+}
+
+/// Admit the request or say why not (with the connection marked not
+/// reusable where the rest of the request is left unread).
+pub async fn admit(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    rt: &Runtime,
+) -> Result<Admitted, ApiError> {
+    if shared.draining.load(Ordering::SeqCst) {
+        let mut err = ApiError::unavailable(
+            "server_shutting_down",
+            "This gateway instance is shutting down; retry the request (it will reach another instance).",
+        );
+        err.retry_after = Some(1);
+        session.set_keepalive(None);
+        return Err(err);
+    }
+    // Shed beyond the concurrency limit rather than queue without bound.
+    if shared.in_flight.load(Ordering::SeqCst) > rt.config.server.max_in_flight {
+        metrics::shed("max_in_flight");
+        let mut err = ApiError::unavailable(
+            "server_overloaded",
+            "The gateway is at its concurrency limit (server.max_in_flight); retry shortly.",
+        );
+        err.retry_after = Some(1);
+        return Err(err);
+    }
+    let header_size = head_size(session);
+    if header_size as u64 > rt.config.server.max_header_bytes {
+        session.set_keepalive(None);
+        return Err(ApiError::header_too_large(
+            header_size,
+            rt.config.server.max_header_bytes,
+        ));
+    }
+    if let Err(err) = crate::auth::authenticate(session, ctx, rt) {
+        // Unread body: do not reuse the connection.
+        session.set_keepalive(None);
+        return Err(err);
+    }
+    let h = session.req_header();
+    let method = h.method.as_str();
+    let path = h.uri.path().trim_end_matches('/');
+    let endpoint = match (method, path) {
+        ("GET", "/v1/models") | ("GET", "/models") => {
+            ctx.endpoint = "models";
+            return Ok(Admitted::Models(None));
+        }
+        ("GET", p) if p.starts_with("/v1/models/") => {
+            ctx.endpoint = "models";
+            let id = p.trim_start_matches("/v1/models/").to_string();
+            return Ok(Admitted::Models(Some(id)));
+        }
+        (m, p) => match Endpoint::from_path(p) {
+            Some(endpoint) if m == "POST" => endpoint,
+            Some(_) => return Err(ApiError::method_not_allowed(m, p, "POST")),
+            None if p == "/v1/models" || p == "/models" => {
+                return Err(ApiError::method_not_allowed(m, p, "GET"))
+            }
+            None => return Err(ApiError::not_found_path(m, p)),
+        },
+    };
+    ctx.endpoint = endpoint.as_str();
+    check_content_type(session)?;
+    let cfg = &rt.config.server;
+    let body = read_body(
+        session,
+        cfg.max_body_bytes,
+        cfg.client_body_timeout,
+        cfg.client_body_deadline,
+    )
+    .await?;
+    ctx.request_bytes = body.len();
+    // Rate limits: one request and the estimated prompt (about 4 bytes a token).
+    let scopes = smartllm_quota::limits_for(&rt.config, ctx.key.as_deref(), ctx.scope());
+    if !scopes.is_empty() {
+        let estimate = (body.len() as u64).div_ceil(4);
+        match shared
+            .quotas
+            .admit(&rt.config.fleet, &scopes, estimate)
+            .await
+        {
+            smartllm_quota::Admission::Admitted { precharged } => {
+                tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = true, "rate limit decision");
+                ctx.precharged_tokens = precharged;
+            }
+            smartllm_quota::Admission::Limited(r) => {
+                tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = false, "rate limit decision");
+                return Err(super::refusal(r));
+            }
+        }
+    }
+    Ok(Admitted::Api { endpoint, body })
+}
+
+/// The request head's size as it came on the wire, without allocating: the
+/// request line's parts and the header lines.
+fn head_size(session: &Session) -> usize {
+    let h = session.req_header();
+    h.method.as_str().len()
+        + h.uri.authority().map_or(0, |a| a.as_str().len())
+        + h.uri.path_and_query().map_or(1, |p| p.as_str().len())
+        + 12
+        + h.headers
+            .iter()
+            .map(|(k, v)| k.as_str().len() + v.len() + 4)
+            .sum::<usize>()
+}
+
+/// JSON is what every endpoint here takes (a request without a Content-Type
+/// is read as JSON too). Anything else, form posts and multipart (the audio
+/// and files APIs) included, gets a clear 415 rather than a confusing parse
+/// error.
+fn check_content_type(session: &mut Session) -> Result<(), ApiError> {
+    let Some(ct) = session
+        .req_header()
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+    else {
+        return Ok(());
+    };
+    let ct = ct.to_ascii_lowercase();
+    let media = ct.split(';').next().unwrap_or("").trim();
+    let json = media.is_empty()
+        || media == "application/json"
+        || media == "text/json"
+        || media.ends_with("+json");
+    if json {
+        return Ok(());
+    }
+    // The body is not read: the connection cannot be reused.
+    session.set_keepalive(None);
+    Err(ApiError::unsupported_media_type(&ct))
+}
+
+/// Read the request body, refusing more than `limit` bytes (413), bodies
+/// that stall longer than `stall` between chunks, and bodies that take longer
+/// than `total` however steadily they trickle (408: slowloris bodies).
+async fn read_body(
+    session: &mut Session,
+    limit: u64,
+    stall: Duration,
+    total: Duration,
+) -> Result<BytesMut, ApiError> {
+    let declared = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limit) {
+        return Err(ApiError::payload_too_large(limit));
+    }
+    let mut body = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit) as usize);
+    let deadline = tokio::time::Instant::now() + total;
+    loop {
+        let now = tokio::time::Instant::now();
+        let (wait, key) = if deadline.saturating_duration_since(now) < stall {
+            (
+                deadline.saturating_duration_since(now),
+                "server.client_body_deadline",
+            )
+        } else {
+            (stall, "server.client_body_timeout")
+        };
+        match tokio::time::timeout(wait, session.read_request_body()).await {
+            Ok(Ok(Some(chunk))) => {
+                if body.len() as u64 + chunk.len() as u64 > limit {
+                    return Err(ApiError::payload_too_large(limit));
+                }
+                body.extend_from_slice(&chunk);
+            }
+            Ok(Ok(None)) => return Ok(body),
+            Ok(Err(e)) => {
+                return Err(ApiError::invalid_request(
+                    "body_read_error",
+                    format!("The request body could not be read: {e}."),
+                ))
+            }
+            Err(_) => {
+                metrics::client_timeout("body");
+                // The rest of the body is still on the wire: no reuse.
+                session.set_keepalive(None);
+                let message = if key == "server.client_body_deadline" {
+                    format!(
+                        "The request body did not arrive within {} of its headers ({key}).",
+                        humantime(total)
+                    )
+                } else {
+                    format!(
+                        "The request body stalled for more than {} ({key}).",
+                        humantime(stall)
+                    )
+                };
+                return Err(ApiError::new(
+                    408,
+                    "invalid_request_error",
+                    "request_timeout",
+                    message,
+                ));
+            }
+        }
+    }
+}
+
+/// `1.5s`, `30s`, `250ms`: durations as a person reads them in an error.
+fn humantime(d: Duration) -> String {
+    if d.subsec_millis() == 0 {
+        format!("{}s", d.as_secs())
+    } else if d.as_secs() == 0 {
+        format!("{}ms", d.as_millis())
+    } else {
+        format!("{:.1}s", d.as_secs_f64())
+    }
+}

@@ -1,0 +1,284 @@
+//! One attempt at one deployment: connect (pooled), send, read the answer's
+//! header; shape the provider's errors (kept OpenAI-shaped, keys scrubbed);
+//! then hand a successful answer to the buffered or the stream relay.
+
+use super::{buffered, client_gone, is_timeout, stream, Attempt, Exchange, Translate};
+use crate::ctx::Ctx;
+use crate::drain::{response_body, BodyError};
+use crate::{metrics, respond};
+use bytes::Bytes;
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+use serde_json::Value;
+use smartllm_protocol::anthropic;
+use smartllm_protocol::ApiError;
+use std::time::{Duration, Instant};
+
+const MAX_ERROR_BODY: usize = 1 << 20;
+
+/// Connect, send the request, read the answer's header, and hand the body to
+/// the relay that fits it (or shape the provider's error).
+pub(super) async fn once(
+    x: &mut Exchange<'_>,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    header: RequestHeader,
+    body: Bytes,
+) -> Attempt {
+    let p = &x.dep.provider;
+    let pname = p.name().to_string();
+    let addr = x.peer._address.to_string();
+    let wait_start = Instant::now();
+
+    let connect = tokio::time::timeout(
+        p.cfg.connect_timeout + Duration::from_millis(250),
+        x.shared.connector.get_http_session(&x.peer),
+    )
+    .await;
+    let (mut up, reused) = match connect {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            ctx.upstream_wait += wait_start.elapsed();
+            let reason = if is_timeout(&e) {
+                "connect_timeout"
+            } else {
+                "connect"
+            };
+            metrics::upstream_error(&pname, reason);
+            return Attempt::Retry(ApiError::bad_gateway(
+                "upstream_unreachable",
+                format!(
+                    "Could not connect to provider '{pname}' at {addr}: {}.",
+                    e.etype().as_str()
+                ),
+            ));
+        }
+        Err(_) => {
+            ctx.upstream_wait += wait_start.elapsed();
+            metrics::upstream_error(&pname, "connect_timeout");
+            return Attempt::Retry(ApiError::gateway_timeout(format!(
+                "Connecting to provider '{pname}' at {addr} timed out after {:?}.",
+                p.cfg.connect_timeout
+            )));
+        }
+    };
+    up.set_read_timeout(None);
+    up.set_write_timeout(Some(Duration::from_secs(30)));
+
+    let sent = async {
+        up.write_request_header(Box::new(header)).await?;
+        up.write_request_body(body, true).await?;
+        up.finish_request_body().await
+    }
+    .await;
+    if let Err(e) = sent {
+        ctx.upstream_wait += wait_start.elapsed();
+        metrics::upstream_error(&pname, "write");
+        return Attempt::Retry(ApiError::bad_gateway(
+            "upstream_write_failed",
+            format!(
+                "Sending the request to provider '{pname}' failed: {}.",
+                e.etype().as_str()
+            ),
+        ));
+    }
+    let sent_at = Instant::now();
+
+    match tokio::time::timeout(p.cfg.first_byte_timeout, up.read_response_header()).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => {
+            ctx.upstream_wait += wait_start.elapsed();
+            if reused && !is_timeout(&e) {
+                // A pooled connection the upstream had already closed: safe to resend.
+                metrics::upstream_error(&pname, "stale_connection");
+                return Attempt::Retry(ApiError::bad_gateway(
+                    "upstream_reset",
+                    format!("Provider '{pname}' closed the connection."),
+                ));
+            }
+            metrics::upstream_error(&pname, "reset");
+            let err = ApiError::bad_gateway(
+                "upstream_reset",
+                format!("Provider '{pname}' at {addr} closed or reset the connection before answering ({}).", e.etype().as_str()),
+            );
+            // Nothing reached the client: another deployment or model may answer.
+            return x.retry_or_fail(err);
+        }
+        Err(_) => {
+            ctx.upstream_wait += wait_start.elapsed();
+            up.shutdown().await;
+            metrics::upstream_error(&pname, "timeout");
+            let err = ApiError::gateway_timeout(format!(
+                "Provider '{pname}' did not answer within {:?} (first_byte_timeout).",
+                p.cfg.first_byte_timeout
+            ));
+            return x.retry_or_fail(err);
+        }
+    }
+    let ttft = sent_at.elapsed();
+    ctx.ttft = Some(ttft);
+    ctx.upstream_wait += wait_start.elapsed();
+    metrics::ttft(
+        ctx.model.as_deref().unwrap_or("-"),
+        &pname,
+        ttft.as_secs_f64(),
+    );
+
+    let Some(resp) = up.response_header() else {
+        return Attempt::Fail(ApiError::bad_gateway(
+            "upstream_protocol",
+            format!("Provider '{pname}' sent no response header."),
+        ));
+    };
+    let status = resp.status.as_u16();
+    let content_type = resp
+        .headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    let mut passthrough: Vec<(String, String)> = Vec::new();
+    for (name, value) in resp.headers.iter() {
+        let n = name.as_str();
+        if n == "retry-after"
+            || n.starts_with("x-ratelimit-")
+            || n.starts_with("anthropic-ratelimit-")
+        {
+            if let Ok(v) = value.to_str() {
+                passthrough.push((n.to_string(), v.to_string()));
+            }
+        }
+    }
+    let idle = p.cfg.idle_timeout;
+
+    if !(200..300).contains(&status) {
+        let body = match response_body(&mut up, idle, MAX_ERROR_BODY, &mut ctx.upstream_wait).await
+        {
+            Ok(b) => b,
+            Err(e) => return x.retry_or_fail(upstream_body_error(&pname, e)),
+        };
+        x.release(up).await;
+        metrics::upstream_error(
+            &pname,
+            if status == 429 {
+                "status_429"
+            } else if status >= 500 {
+                "status_5xx"
+            } else {
+                "status_4xx"
+            },
+        );
+        let body = match x.translate {
+            Translate::Anthropic => anthropic::error_to_openai(status, &body),
+            Translate::OpenAi => openai_error_body(status, &pname, &body),
+        };
+        // Some providers quote the key they were sent in auth errors: that is
+        // the gateway's secret, never the client's to see.
+        let body = scrub(body, x.key.as_deref());
+        if (status == 429 || status >= 500) && x.more_left {
+            let msg = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            return Attempt::Retry(ApiError::new(
+                status,
+                "upstream_error",
+                "upstream_status",
+                format!("Provider '{pname}' answered {status}: {msg}"),
+            ));
+        }
+        return match respond::json(session, ctx, status, body, &passthrough).await {
+            Ok(()) => Attempt::Done,
+            Err(_) => client_gone(ctx),
+        };
+    }
+
+    x.passthrough = passthrough;
+    let is_sse = content_type.starts_with("text/event-stream");
+    if x.req.stream && is_sse {
+        stream::relay(x, session, ctx, up).await
+    } else {
+        buffered::relay(x, session, ctx, up).await
+    }
+}
+
+pub(super) fn upstream_body_error(pname: &str, e: BodyError) -> ApiError {
+    match e {
+        BodyError::TooLarge => ApiError::bad_gateway(
+            "upstream_response_too_large",
+            format!("Provider '{pname}' sent a response larger than the gateway accepts."),
+        ),
+        BodyError::Timeout => ApiError::gateway_timeout(format!(
+            "Provider '{pname}' stalled while sending its response (idle_timeout)."
+        )),
+        BodyError::Broken(why) => ApiError::bad_gateway(
+            "upstream_reset",
+            format!("Provider '{pname}' broke off its response: {why}."),
+        ),
+    }
+}
+
+/// `body` with every occurrence of `secret` replaced by `[redacted]`.
+fn scrub(body: Vec<u8>, secret: Option<&str>) -> Vec<u8> {
+    let Some(secret) = secret.filter(|s| s.len() >= 8) else {
+        return body;
+    };
+    let needle = secret.as_bytes();
+    if !body.windows(needle.len()).any(|w| w == needle) {
+        return body;
+    }
+    String::from_utf8_lossy(&body)
+        .replace(secret, "[redacted]")
+        .into_bytes()
+}
+
+/// Keep OpenAI-shaped upstream errors as they are; wrap anything else.
+fn openai_error_body(status: u16, pname: &str, body: &[u8]) -> Vec<u8> {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        if v.get("error")
+            .is_some_and(|e| e.is_object() && e.get("message").is_some())
+        {
+            return body.to_vec();
+        }
+    }
+    let snippet = String::from_utf8_lossy(&body[..body.len().min(300)])
+        .trim()
+        .to_string();
+    let (kind, code) = match status {
+        401 | 403 => ("authentication_error", "upstream_auth"),
+        404 => ("invalid_request_error", "upstream_not_found"),
+        429 => ("rate_limit_error", "upstream_rate_limited"),
+        400..=499 => ("invalid_request_error", "upstream_rejected"),
+        _ => ("upstream_error", "upstream_status"),
+    };
+    let mut e = ApiError::new(
+        status,
+        kind,
+        code,
+        format!("Provider '{pname}' answered HTTP {status}: {snippet}"),
+    );
+    e.status = status;
+    e.body()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn provider_keys_are_scrubbed_from_what_providers_echo() {
+        let body =
+            br#"{"error":{"message":"bad key sk-live-0123456789 (sk-live-0123456789)"}}"#.to_vec();
+        let out = String::from_utf8(super::scrub(body, Some("sk-live-0123456789"))).unwrap();
+        assert_eq!(
+            out,
+            r#"{"error":{"message":"bad key [redacted] ([redacted])"}}"#
+        );
+        let clean = b"nothing here".to_vec();
+        assert_eq!(
+            super::scrub(clean.clone(), Some("sk-live-0123456789")),
+            clean
+        );
+        // No key, or one too short to be a secret: untouched.
+        assert_eq!(super::scrub(clean.clone(), None), clean);
+        assert_eq!(super::scrub(b"abc".to_vec(), Some("abc")), b"abc".to_vec());
+    }
+}

@@ -1,0 +1,77 @@
+//! The buffered relay: a whole JSON answer, validated before anything
+//! reaches the client (so a broken answer can still go to another deployment).
+
+use super::attempt::upstream_body_error;
+use super::usage::{completion_text, estimate_usage, record_usage};
+use super::{client_gone, Attempt, Exchange, Translate};
+use crate::ctx::Ctx;
+use crate::drain::response_body;
+use crate::{metrics, respond};
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_proxy::Session;
+use serde_json::Value;
+use smartllm_protocol::anthropic;
+use smartllm_protocol::{ApiError, Usage};
+
+const MAX_BUFFERED_RESPONSE: usize = 64 << 20;
+
+/// Read the whole answer, validate it, translate it, record its usage, queue
+/// it for the cache, and send it.
+pub(super) async fn relay(
+    x: &Exchange<'_>,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    mut up: HttpSession,
+) -> Attempt {
+    // Nothing has reached the client yet: a broken or unreadable answer moves
+    // on to the next deployment like a refused connection does.
+    let pname = x.provider();
+    let retry_or_fail = |e: ApiError| x.retry_or_fail(e);
+    let body = match response_body(
+        &mut up,
+        x.idle_timeout(),
+        MAX_BUFFERED_RESPONSE,
+        &mut ctx.upstream_wait,
+    )
+    .await
+    {
+        Ok(b) => b,
+        Err(e) => {
+            up.shutdown().await;
+            metrics::upstream_error(pname, "body");
+            return retry_or_fail(upstream_body_error(pname, e));
+        }
+    };
+    x.release(up).await;
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        metrics::upstream_error(pname, "malformed_response");
+        return retry_or_fail(ApiError::bad_gateway(
+            "upstream_invalid_response",
+            format!(
+                "Provider '{pname}' returned a response that is not valid JSON ({} bytes).",
+                body.len()
+            ),
+        ));
+    };
+    let (out, usage) = match x.translate {
+        Translate::OpenAi => (body, Usage::from_openai(&v)),
+        Translate::Anthropic => {
+            let (o, u) = anthropic::response_to_openai(&v, ctx.model.as_deref().unwrap_or(""));
+            (serde_json::to_vec(&o).unwrap_or_default(), Some(u))
+        }
+    };
+    let usage = usage.or_else(|| {
+        ctx.usage_estimated = true;
+        Some(estimate_usage(x.req, &completion_text(&v)))
+    });
+    record_usage(ctx, usage);
+    if let Some(pending) = ctx.cache_insert.take() {
+        if v.get("choices").is_some_and(Value::is_array) {
+            pending.spawn(String::from_utf8_lossy(&out).into_owned());
+        }
+    }
+    match respond::json(session, ctx, 200, out, &x.passthrough).await {
+        Ok(()) => Attempt::Done,
+        Err(_) => client_gone(ctx),
+    }
+}

@@ -1,0 +1,275 @@
+//! The upstream exchange: pick a healthy deployment from the model's pool, send
+//! the full request over Pingora's pooled connector, and relay the answer —
+//! buffered and validated for JSON ([`buffered`]), event by event for SSE
+//! ([`stream`]) — translating provider formats on the way. One [`Exchange`]
+//! value carries an attempt's facts through [`attempt`] and the relays.
+//! Connect failures (and stale pooled connections, and 429/5xx while another
+//! deployment is untried) move on to the next deployment; nothing is retried
+//! once a byte reached the client.
+
+mod attempt;
+mod buffered;
+mod request;
+mod stream;
+mod usage;
+
+use crate::ctx::Ctx;
+use crate::routing::deployment_id;
+use crate::runtime::{peer_for, DeploymentRuntime, ModelPool, Runtime};
+use crate::{metrics, Shared};
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_core::upstreams::peer::HttpPeer;
+use pingora_error::ErrorType;
+use pingora_proxy::Session;
+use smartllm_protocol::{ApiError, ParsedRequest};
+use std::time::{Duration, Instant};
+
+const POOL_IDLE: Duration = Duration::from_secs(60);
+
+/// How one attempt ended.
+enum Attempt {
+    Done,
+    /// Try the next deployment.
+    Retry(ApiError),
+    /// Give up with this error (nothing was sent to the client yet).
+    Fail(ApiError),
+}
+
+/// What the provider speaks (the client always gets OpenAI's shape).
+#[derive(Clone, Copy)]
+enum Translate {
+    OpenAi,
+    Anthropic,
+}
+
+/// One attempt at one deployment: where it goes, how to read the answer,
+/// and what the relays need to report it.
+struct Exchange<'a> {
+    shared: &'a Shared,
+    req: &'a ParsedRequest,
+    dep: &'a DeploymentRuntime,
+    peer: HttpPeer,
+    translate: Translate,
+    /// The provider key sent, to scrub from anything the provider echoes back.
+    key: Option<String>,
+    /// Another deployment or model can still answer if this one fails before
+    /// a byte reached the client.
+    more_left: bool,
+    /// The provider's rate-limit headers, passed on to the client.
+    passthrough: Vec<(String, String)>,
+}
+
+impl Exchange<'_> {
+    fn provider(&self) -> &str {
+        self.dep.provider.name()
+    }
+
+    /// How long the provider may stay silent mid-answer.
+    fn idle_timeout(&self) -> Duration {
+        self.dep.provider.cfg.idle_timeout
+    }
+
+    /// Retry on another deployment when one is left, else fail with `e`.
+    fn retry_or_fail(&self, e: ApiError) -> Attempt {
+        if self.more_left {
+            Attempt::Retry(e)
+        } else {
+            Attempt::Fail(e)
+        }
+    }
+
+    /// Return the connection to the pool when its response is complete.
+    async fn release(&self, mut up: HttpSession) {
+        if up.response_done() {
+            self.shared
+                .connector
+                .release_http_session(up, &self.peer, Some(POOL_IDLE))
+                .await;
+        } else {
+            up.shutdown().await;
+        }
+    }
+}
+
+/// Try `chain` (the chosen model, then its fallbacks) until one answers: each
+/// model's healthy deployments whose circuit is closed, up to
+/// `server.upstream_attempts` per model. Connect errors, timeouts, resets,
+/// 429 and 5xx move on while nothing has reached the client.
+pub async fn run(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    rt: &Runtime,
+    req: &ParsedRequest,
+    chain: &[String],
+) -> Result<(), ApiError> {
+    let attempts = rt.config.server.upstream_attempts;
+    let pools: Vec<&ModelPool> = chain
+        .iter()
+        .filter_map(|m| rt.pool(m).map(|p| p.as_ref()))
+        .collect();
+    if pools.is_empty() {
+        return Err(ApiError::internal(format!(
+            "model {} has no deployment pool",
+            chain.first().map_or("-", String::as_str)
+        )));
+    }
+    let mut last_err = None;
+    for (mi, pool) in pools.iter().enumerate() {
+        if mi > 0 {
+            let from = ctx.model.clone().unwrap_or_default();
+            metrics::fallback(ctx.route.as_deref().unwrap_or("-"), &from, &pool.model);
+            tracing::info!(request_id = %ctx.request_id, from = %from, to = %pool.model, error = ?last_err.as_ref().map(|e: &ApiError| e.message.clone()), "falling back to the next model");
+            ctx.route_reason = format!("fallback:{from}");
+            ctx.set_model(&pool.model);
+        }
+        let later_models = mi + 1 < pools.len();
+        let total_backends = pool.lb.backends().get_backend().len();
+        let mut tried = Vec::new();
+        for attempt in 0..attempts {
+            let usable = |b: &pingora_load_balancing::Backend| {
+                !tried.contains(&b.addr)
+                    && pool.deployment_for(b).is_none_or(|d| {
+                        shared.breakers.is_available(
+                            &deployment_id(d.provider.name(), &b.addr),
+                            &d.provider.cfg.circuit_breaker,
+                        )
+                    })
+            };
+            let backend = pool
+                .lb
+                .select_with(b"", 256, |b, healthy| healthy && usable(b))
+                .or_else(|| {
+                    // Every usable backend failed its health check: with no other
+                    // model to go to, try one anyway (fail open).
+                    if later_models {
+                        None
+                    } else {
+                        pool.lb.select_with(b"", 256, |b, _| usable(b))
+                    }
+                });
+            let Some(backend) = backend else { break };
+            tried.push(backend.addr.clone());
+            let Some(dep) = pool.deployment_for(&backend) else {
+                break;
+            };
+            let provider = &dep.provider;
+            let breaker_id = deployment_id(provider.name(), &backend.addr);
+            let breaker_cfg = provider.cfg.circuit_breaker;
+            ctx.provider = Some(provider.name().to_string());
+            ctx.upstream_model = Some(dep.upstream_model.clone());
+            ctx.attempts += 1;
+            let key = match &provider.key {
+                Ok(k) => k.clone(),
+                Err(msg) => {
+                    last_err = Some(ApiError::unavailable(
+                        "provider_key_missing",
+                        format!(
+                            "Provider '{}' serving model '{}' has no API key: {msg}.",
+                            provider.name(),
+                            pool.model
+                        ),
+                    ));
+                    continue;
+                }
+            };
+            let prepared = match request::build(req, dep, key.as_deref(), session, ctx) {
+                Ok(p) => p,
+                // This model cannot take the request (e.g. an endpoint its provider lacks).
+                Err(e) if later_models => {
+                    last_err = Some(e);
+                    break;
+                }
+                Err(e) => return Err(e),
+            };
+            let Some(peer) = peer_for(provider, &backend.addr) else {
+                continue;
+            };
+            // Claimed last, right before the attempt: a half-open circuit's one
+            // trial is always followed by a recorded outcome.
+            if !shared.breakers.allow(&breaker_id, &breaker_cfg) {
+                continue;
+            }
+            let more_left =
+                later_models || (attempt + 1 < attempts && tried.len() < total_backends);
+            let started = Instant::now();
+            let mut exchange = Exchange {
+                shared,
+                req,
+                dep,
+                peer,
+                translate: prepared.translate,
+                key: prepared.key,
+                more_left,
+                passthrough: Vec::new(),
+            };
+            let outcome =
+                attempt::once(&mut exchange, session, ctx, prepared.header, prepared.body).await;
+            // A 5xx (refused, reset, timed out, or answered 5xx) counts against the
+            // deployment's circuit; a 429 or 4xx does not. Either is a failure of the model.
+            let failed = |e: &ApiError| {
+                shared
+                    .breakers
+                    .record(&breaker_id, &breaker_cfg, e.status < 500);
+                shared
+                    .profiles
+                    .record_failure(&pool.model, (e.status == 504).then(|| started.elapsed()));
+            };
+            match outcome {
+                Attempt::Done => {
+                    metrics::upstream_attempt(provider.name(), "ok");
+                    shared
+                        .breakers
+                        .record(&breaker_id, &breaker_cfg, ctx.status < 500);
+                    if ctx.status >= 500 || ctx.status == 429 {
+                        shared.profiles.record_failure(&pool.model, None);
+                    } else if let Some(ttft) = ctx.ttft {
+                        shared.profiles.record_success(
+                            &pool.model,
+                            ttft,
+                            started.elapsed(),
+                            ctx.usage.map(|u| u.completion_tokens),
+                        );
+                    }
+                    return Ok(());
+                }
+                Attempt::Retry(e) => {
+                    metrics::upstream_attempt(provider.name(), "retried");
+                    tracing::debug!(request_id = %ctx.request_id, provider = %provider.name(), error = %e, "upstream attempt failed; trying the next deployment");
+                    failed(&e);
+                    last_err = Some(e);
+                }
+                Attempt::Fail(e) => {
+                    metrics::upstream_attempt(provider.name(), "failed");
+                    failed(&e);
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Err(last_err.unwrap_or_else(|| {
+        ApiError::unavailable(
+            "no_upstream",
+            format!(
+                "No deployment of model '{}' is available right now (unhealthy or circuit open).",
+                chain.join("', '")
+            ),
+        )
+    }))
+}
+
+fn is_timeout(e: &pingora_error::Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectTimedout
+            | ErrorType::ReadTimedout
+            | ErrorType::WriteTimedout
+            | ErrorType::TLSHandshakeTimedout
+    )
+}
+
+fn client_gone(ctx: &mut Ctx) -> Attempt {
+    ctx.client_gone = true;
+    ctx.status = 499;
+    Attempt::Done
+}

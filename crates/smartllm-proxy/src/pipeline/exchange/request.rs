@@ -1,0 +1,105 @@
+//! The upstream request of an attempt: path, headers (host, key, trace
+//! context, provider headers) and body, translated for the provider.
+
+use super::Translate;
+use crate::ctx::Ctx;
+use crate::runtime::DeploymentRuntime;
+use bytes::Bytes;
+use pingora_http::RequestHeader;
+use pingora_proxy::Session;
+use smartllm_config::ProviderKind;
+use smartllm_protocol::anthropic;
+use smartllm_protocol::{ApiError, Endpoint, ParsedRequest};
+
+pub(super) struct Prepared {
+    pub header: RequestHeader,
+    pub body: Bytes,
+    pub translate: Translate,
+    /// The provider key sent, to scrub from anything the provider echoes back.
+    pub key: Option<String>,
+}
+
+pub(super) fn build(
+    req: &ParsedRequest,
+    dep: &DeploymentRuntime,
+    key: Option<&str>,
+    session: &Session,
+    ctx: &Ctx,
+) -> Result<Prepared, ApiError> {
+    let p = &dep.provider;
+    let (path, body, translate) = match p.cfg.kind {
+        ProviderKind::OpenAi => (
+            format!("{}{}", p.url.path, req.endpoint.upstream_suffix()),
+            req.upstream_body(&dep.upstream_model, p.cfg.stream_usage),
+            Translate::OpenAi,
+        ),
+        ProviderKind::Anthropic => {
+            if req.endpoint != Endpoint::ChatCompletions {
+                return Err(ApiError::invalid_request(
+                    "unsupported_endpoint",
+                    format!(
+                        "Model '{}' is served by Anthropic, which has no {} endpoint; use /v1/chat/completions.",
+                        req.model,
+                        req.endpoint.upstream_suffix()
+                    ),
+                ));
+            }
+            let v = anthropic::request_to_anthropic(&req.body, &dep.upstream_model, req.stream)?;
+            (
+                format!("{}/messages", p.url.path),
+                serde_json::to_vec(&v).unwrap_or_default(),
+                Translate::Anthropic,
+            )
+        }
+    };
+    let internal = |e: pingora_error::BError| {
+        ApiError::internal(format!("building the upstream request: {e}"))
+    };
+    let mut h = RequestHeader::build("POST", path.as_bytes(), Some(12)).map_err(internal)?;
+    h.insert_header("host", p.url.host_header())
+        .map_err(internal)?;
+    h.insert_header("content-type", "application/json")
+        .map_err(internal)?;
+    h.insert_header("content-length", body.len().to_string())
+        .map_err(internal)?;
+    h.insert_header(
+        "accept",
+        if req.stream {
+            "text/event-stream"
+        } else {
+            "application/json"
+        },
+    )
+    .map_err(internal)?;
+    h.insert_header(
+        "user-agent",
+        concat!("smartllm/", env!("CARGO_PKG_VERSION")),
+    )
+    .map_err(internal)?;
+    h.insert_header("x-request-id", ctx.request_id.as_str())
+        .map_err(internal)?;
+    if let Some(tp) = session.req_header().headers.get("traceparent") {
+        h.insert_header("traceparent", tp.clone())
+            .map_err(internal)?;
+    }
+    match (p.cfg.kind, key) {
+        (ProviderKind::OpenAi, Some(k)) => h
+            .insert_header("authorization", format!("Bearer {k}"))
+            .map_err(internal)?,
+        (ProviderKind::Anthropic, Some(k)) => h.insert_header("x-api-key", k).map_err(internal)?,
+        (_, None) => {}
+    }
+    if p.cfg.kind == ProviderKind::Anthropic {
+        h.insert_header("anthropic-version", p.cfg.anthropic_version.as_str())
+            .map_err(internal)?;
+    }
+    for (k, v) in &p.cfg.headers {
+        h.insert_header(k.clone(), v.as_str()).map_err(internal)?;
+    }
+    Ok(Prepared {
+        header: h,
+        body: Bytes::from(body),
+        translate,
+        key: key.map(str::to_string),
+    })
+}

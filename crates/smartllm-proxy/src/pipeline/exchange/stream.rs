@@ -1,0 +1,229 @@
+//! The stream relay: SSE passed on event by event (translated from
+//! Anthropic's events when needed), usage taken from the stream (or
+//! estimated), the answer assembled for the cache, and a clean end or an
+//! error event whatever the provider does.
+
+use super::usage::{completion_text, estimate_usage, record_usage};
+use super::{client_gone, Attempt, Exchange, Translate};
+use crate::ctx::Ctx;
+use crate::{metrics, respond};
+use bytes::Bytes;
+use pingora_core::protocols::http::client::HttpSession;
+use pingora_proxy::Session;
+use smartllm_protocol::anthropic::AnthropicStream;
+use smartllm_protocol::assemble::ChunkAssembler;
+use smartllm_protocol::sse::DONE_EVENT;
+use smartllm_protocol::usage::OpenAiStreamFilter;
+use smartllm_protocol::{ApiError, Usage};
+use std::time::Instant;
+
+enum Translator {
+    OpenAi(OpenAiStreamFilter),
+    Anthropic(AnthropicStream),
+}
+
+impl Translator {
+    fn feed(&mut self, chunk: &[u8]) -> Result<Vec<u8>, smartllm_protocol::sse::SseTooLarge> {
+        match self {
+            Translator::OpenAi(f) => f.feed(chunk),
+            Translator::Anthropic(a) => a.feed(chunk),
+        }
+    }
+    fn usage(&self) -> Option<Usage> {
+        match self {
+            Translator::OpenAi(f) => f.usage,
+            Translator::Anthropic(a) => a.usage(),
+        }
+    }
+    fn complete(&self) -> bool {
+        match self {
+            Translator::OpenAi(f) => f.saw_done,
+            Translator::Anthropic(a) => a.done,
+        }
+    }
+}
+
+/// Relay the event stream as it comes, translating it, counting its usage
+/// and assembling it for the cache when needed.
+pub(super) async fn relay(
+    x: &Exchange<'_>,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    mut up: HttpSession,
+) -> Attempt {
+    let (req, translate, pname) = (x.req, x.translate, x.provider());
+    let mut tr = match translate {
+        Translate::OpenAi => Translator::OpenAi(OpenAiStreamFilter::new(req.client_wants_usage)),
+        Translate::Anthropic => Translator::Anthropic(AnthropicStream::new(
+            ctx.model.as_deref().unwrap_or(""),
+            req.client_wants_usage,
+        )),
+    };
+    let idle = x.idle_timeout();
+    let header = (|| {
+        let mut h = respond::header(200, ctx, "text/event-stream; charset=utf-8", None)?;
+        respond::frame_unsized(session, &mut h)?;
+        h.insert_header("cache-control", "no-cache")?;
+        h.insert_header("x-accel-buffering", "no")?;
+        for (k, v) in &x.passthrough {
+            h.insert_header(k.clone(), v.as_str())?;
+        }
+        Ok::<_, pingora_error::BError>(h)
+    })();
+    let Ok(header) = header else {
+        return Attempt::Fail(ApiError::internal("building the stream response header"));
+    };
+    ctx.status = 200;
+    if session
+        .write_response_header(Box::new(header), false)
+        .await
+        .is_err()
+    {
+        up.shutdown().await;
+        return client_gone(ctx);
+    }
+    let mut failure: Option<ApiError> = None;
+    let mut clean_end = false;
+    // Assemble the answer only when it is needed: to cache it, or to count its
+    // tokens when the upstream will not report usage (not asked for it).
+    let usage_expected =
+        matches!(translate, Translate::Anthropic) || x.dep.provider.cfg.stream_usage;
+    let mut assembler = (ctx.cache_insert.is_some() || !usage_expected).then(ChunkAssembler::new);
+    let mut streamed_bytes = 0usize;
+    loop {
+        let t = Instant::now();
+        let r = tokio::time::timeout(idle, up.read_response_body()).await;
+        ctx.upstream_wait += t.elapsed();
+        match r {
+            Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
+                Ok(out) if out.is_empty() => {}
+                Ok(out) => {
+                    streamed_bytes += out.len();
+                    if let Some(a) = assembler.as_mut() {
+                        a.feed(&out);
+                    }
+                    if session
+                        .write_response_body(Some(Bytes::from(out)), false)
+                        .await
+                        .is_err()
+                    {
+                        // The client left: cancel the upstream request, and
+                        // bill what was generated up to here (estimated when
+                        // the upstream had not reported usage yet).
+                        up.shutdown().await;
+                        let usage = tr.usage().or_else(|| {
+                            ctx.usage_estimated = true;
+                            let partial = assembler
+                                .take()
+                                .and_then(ChunkAssembler::finish)
+                                .map(|c| completion_text(&c));
+                            Some(match partial {
+                                Some(text) => estimate_usage(req, &text),
+                                None => Usage {
+                                    completion_tokens: (streamed_bytes as u64).div_ceil(20),
+                                    ..estimate_usage(req, "")
+                                },
+                            })
+                        });
+                        record_usage(ctx, usage);
+                        return client_gone(ctx);
+                    }
+                }
+                Err(e) => {
+                    metrics::upstream_error(pname, "malformed_stream");
+                    failure = Some(ApiError::bad_gateway(
+                        "upstream_invalid_stream",
+                        format!("Provider '{pname}' sent an invalid event stream: {e}."),
+                    ));
+                    break;
+                }
+            },
+            Ok(Ok(None)) => {
+                clean_end = true;
+                break;
+            }
+            Ok(Err(e)) => {
+                metrics::upstream_error(pname, "stream_broken");
+                failure = Some(ApiError::bad_gateway(
+                    "upstream_stream_broken",
+                    format!(
+                        "Provider '{pname}' broke off the stream: {}.",
+                        e.etype().as_str()
+                    ),
+                ));
+                break;
+            }
+            Err(_) => {
+                metrics::upstream_error(pname, "stream_timeout");
+                failure = Some(ApiError::gateway_timeout(format!(
+                    "Provider '{pname}' sent nothing for {:?} mid-stream (idle_timeout).",
+                    idle
+                )));
+                break;
+            }
+        }
+    }
+    record_usage(ctx, tr.usage());
+    let mut tail = Vec::new();
+    if failure.is_none() && clean_end && !tr.complete() {
+        match translate {
+            // A complete HTTP response without [DONE]: finish it the way clients expect.
+            Translate::OpenAi => tail.extend_from_slice(DONE_EVENT),
+            Translate::Anthropic => {
+                failure = Some(ApiError::bad_gateway(
+                    "upstream_stream_incomplete",
+                    format!("Provider '{pname}' ended the stream before message_stop."),
+                ));
+            }
+        }
+    }
+    if let Some(err) = &failure {
+        ctx.error_code = Some(err.code);
+        tail.extend(err.sse_event());
+        tail.extend_from_slice(DONE_EVENT);
+        up.shutdown().await;
+    } else {
+        x.release(up).await;
+    }
+    let assembled = match (assembler, &failure) {
+        (Some(mut a), None) => {
+            a.feed(&tail);
+            a.finish()
+        }
+        _ => None,
+    };
+    if tr.usage().is_none() && failure.is_none() {
+        ctx.usage_estimated = true;
+        let usage = match &assembled {
+            Some(c) => estimate_usage(req, &completion_text(c)),
+            // No assembled text: about a fifth of SSE bytes are content, ~4 bytes a token.
+            None => Usage {
+                completion_tokens: (streamed_bytes as u64).div_ceil(20),
+                ..estimate_usage(req, "")
+            },
+        };
+        record_usage(ctx, Some(usage));
+    }
+    if let (Some(mut completion), Some(pending)) = (assembled, ctx.cache_insert.take()) {
+        // Only a complete, successful stream is stored.
+        if completion.get("usage").is_none() {
+            if let Some(u) = ctx.usage {
+                completion["usage"] = serde_json::json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
+                    "total_tokens": u.total(), "prompt_tokens_details": {"cached_tokens": u.cached_tokens}});
+            }
+        }
+        pending.spawn(completion.to_string());
+    }
+    if !tail.is_empty()
+        && session
+            .write_response_body(Some(Bytes::from(tail)), false)
+            .await
+            .is_err()
+    {
+        return client_gone(ctx);
+    }
+    if session.write_response_body(None, true).await.is_err() {
+        return client_gone(ctx);
+    }
+    Attempt::Done
+}

@@ -1,0 +1,58 @@
+//! Usage when the upstream reports none (estimated, and marked so) and its
+//! recording in the context and metrics.
+
+use crate::ctx::Ctx;
+use crate::metrics;
+use serde_json::Value;
+use smartllm_protocol::{Endpoint, ParsedRequest, Usage};
+
+pub(super) fn completion_text(v: &Value) -> String {
+    v.get("choices")
+        .and_then(Value::as_array)
+        .map(|cs| {
+            cs.iter()
+                .map(|c| {
+                    let m = &c["message"];
+                    let mut t = m
+                        .get("content")
+                        .and_then(Value::as_str)
+                        .or_else(|| c.get("text").and_then(Value::as_str))
+                        .unwrap_or("")
+                        .to_string();
+                    if let Some(calls) = m.get("tool_calls") {
+                        t.push_str(&calls.to_string());
+                    }
+                    t
+                })
+                .collect::<Vec<_>>()
+                .join("\n")
+        })
+        .unwrap_or_default()
+}
+
+/// When an upstream reports no usage: count tokens ourselves (marked estimated).
+pub(super) fn estimate_usage(req: &ParsedRequest, completion: &str) -> Usage {
+    Usage {
+        prompt_tokens: smartllm_ledger::estimate_tokens(&smartllm_protocol::prompt::request_text(
+            &req.body,
+        )),
+        completion_tokens: if req.endpoint == Endpoint::Embeddings {
+            0
+        } else {
+            smartllm_ledger::estimate_tokens(completion)
+        },
+        cached_tokens: 0,
+    }
+}
+
+pub(super) fn record_usage(ctx: &mut Ctx, usage: Option<Usage>) {
+    if let Some(u) = usage {
+        metrics::tokens(
+            ctx.model.as_deref().unwrap_or("-"),
+            u.prompt_tokens,
+            u.completion_tokens,
+            u.cached_tokens,
+        );
+        ctx.usage = Some(u);
+    }
+}

@@ -1,0 +1,37 @@
+//! The end of a request (Pingora's `logging` phase, after the last byte went
+//! out): tokens beyond the pre-charged estimate against the limits, metrics,
+//! the access log and ledger record, experiment outcome, budget spend, and
+//! the in-flight count a drain waits on. Nothing here delays the response;
+//! fleet writes run in the background.
+
+use crate::ctx::Ctx;
+use crate::{access_log, metrics, Shared};
+use pingora_error::Error;
+use pingora_proxy::Session;
+use std::sync::atomic::Ordering;
+
+pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
+    let rt = ctx.rt.clone();
+    if let (Some(u), Some(rt)) = (ctx.usage, rt.as_ref()) {
+        let scopes = smartllm_quota::limits_for(&rt.config, ctx.key.as_deref(), ctx.scope());
+        shared.quotas.charge_after(
+            &rt.config.fleet,
+            &scopes,
+            u.total().saturating_sub(ctx.precharged_tokens),
+        );
+    }
+    let cost = access_log::finish(session, e, ctx, shared.ledger.as_ref());
+    if let Some((exp, arm)) = &ctx.experiment {
+        metrics::experiment(exp, arm, ctx.status < 400, cost);
+    }
+    if let Some(rt) = rt {
+        shared
+            .quotas
+            .record(&rt.config.keys.budgets, &rt.config.fleet, ctx.scope(), cost);
+    }
+    // Last: a drain (SIGTERM, graceful upgrade) waits for this request's
+    // ledger record and budget charge, not just its response.
+    if std::mem::take(&mut ctx.in_flight) {
+        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}

@@ -1,0 +1,173 @@
+//! The request path, top to bottom. Every API request is answered here,
+//! from Pingora's `request_filter`, in these phases (one module each):
+//!
+//! 1. [`admit`]: shed when draining or over `server.max_in_flight`, check the
+//!    head, authenticate the virtual key, dispatch by path, read the bounded
+//!    body, charge the rate limits;
+//! 2. [`parse`]: the body into the API's request, the model or route it names,
+//!    and the key's permission to use it;
+//! 3. [`cache`]: exact then semantic lookup; a hit is answered here;
+//! 4. [`route`]: the router's choice (or the fixed model) and its fallbacks,
+//!    the budget (which may degrade or refuse) and the per-request cost cap;
+//! 5. [`exchange`]: the upstream attempts and the buffered or stream relay;
+//! 6. [`finish`] (Pingora's `logging`): limits charged for the real usage,
+//!    metrics, access log, ledger, budgets.
+//!
+//! Errors of any phase are answered in the client's API shape by [`run`].
+
+mod admit;
+mod cache;
+mod exchange;
+pub mod finish;
+mod models;
+mod parse;
+mod route;
+
+use crate::ctx::Ctx;
+use crate::{respond, Shared};
+use pingora_proxy::Session;
+use smartllm_protocol::ApiError;
+
+/// Why a phase stopped the request.
+enum Failure {
+    /// Answer with this error (nothing was sent yet).
+    Api(ApiError),
+    /// Writing to the client failed: nothing more can be sent.
+    Io(Box<pingora_error::Error>),
+}
+
+impl From<ApiError> for Failure {
+    fn from(e: ApiError) -> Self {
+        Failure::Api(e)
+    }
+}
+
+impl From<Box<pingora_error::Error>> for Failure {
+    fn from(e: Box<pingora_error::Error>) -> Self {
+        Failure::Io(e)
+    }
+}
+
+/// Accept: take the config snapshot and a request id, and count the request
+/// in flight (a drain waits for it).
+pub fn begin(shared: &Shared, session: &Session, ctx: &mut Ctx) {
+    crate::frontend::head_complete();
+    ctx.begin(session, shared.runtime.load_full());
+    shared
+        .in_flight
+        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    ctx.in_flight = true;
+}
+
+/// Serve one request; errors are answered in the client's API shape.
+pub async fn run(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+) -> pingora_error::Result<()> {
+    match serve(shared, session, ctx).await {
+        Ok(()) => Ok(()),
+        Err(Failure::Api(err)) => respond::error(session, ctx, &err).await,
+        Err(Failure::Io(e)) => Err(e),
+    }
+}
+
+async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<(), Failure> {
+    let rt = ctx.runtime();
+    let (endpoint, body) = match admit::admit(shared, session, ctx, &rt).await? {
+        admit::Admitted::Models(id) => return Ok(models::answer(session, ctx, &rt, id).await?),
+        admit::Admitted::Api { endpoint, body } => (endpoint, body),
+    };
+    let mut request = parse::parse(ctx, &rt, endpoint, body)?;
+    // The cache first: a hit costs nothing, whatever the budget.
+    if cache::phase(shared, session, ctx, &rt, &request)
+        .await
+        .map_err(|e| ApiError::internal(format!("answering from the cache: {e}")))?
+    {
+        return Ok(());
+    }
+    let chain = route::plan(shared, session, ctx, &rt, &mut request).await?;
+    exchange::run(shared, session, ctx, &rt, &request.req, &chain).await?;
+    Ok(())
+}
+
+/// The API error of a request the quotas refuse.
+fn refusal(r: smartllm_quota::Refusal) -> ApiError {
+    use smartllm_quota::Refusal;
+    let retry_after = r.retry_after();
+    let message = r.to_string();
+    let mut e = match r {
+        Refusal::RateLimited { .. } => {
+            ApiError::new(429, "rate_limit_error", "rate_limit_exceeded", message)
+        }
+        Refusal::TooLargeForLimit { .. } => ApiError::new(
+            429,
+            "rate_limit_error",
+            "request_too_large_for_limit",
+            message,
+        ),
+        Refusal::FleetUnavailable(_) => ApiError::unavailable("fleet_state_unavailable", message),
+        Refusal::BudgetExceeded(_) => {
+            ApiError::new(429, "insufficient_quota", "budget_exceeded", message)
+        }
+        Refusal::CostCapExceeded { .. } => {
+            ApiError::invalid_request("request_cost_cap_exceeded", message)
+        }
+    };
+    e.retry_after = retry_after;
+    e
+}
+
+#[cfg(test)]
+mod tests {
+    use smartllm_quota::Refusal;
+
+    #[test]
+    fn refusals_map_to_their_status_type_code_and_retry_after() {
+        let e = super::refusal(Refusal::RateLimited {
+            retry_after: 2.3,
+            what: "3 requests per minute for key 'k'".into(),
+        });
+        assert_eq!(
+            (e.status, e.kind, e.code),
+            (429, "rate_limit_error", "rate_limit_exceeded")
+        );
+        assert_eq!(e.retry_after, Some(3));
+        assert_eq!(
+            e.message,
+            "Rate limit reached: 3 requests per minute for key 'k'. Retry in 2.3s."
+        );
+        let e = super::refusal(Refusal::TooLargeForLimit {
+            tokens: 5000,
+            limit: 1000,
+            scope: "app 'a/b'".into(),
+        });
+        assert_eq!(
+            (e.status, e.code, e.retry_after),
+            (429, "request_too_large_for_limit", None)
+        );
+        let e = super::refusal(Refusal::FleetUnavailable("redis: down".into()));
+        assert_eq!(
+            (e.status, e.code, e.retry_after),
+            (503, "fleet_state_unavailable", Some(1))
+        );
+        let e = super::refusal(Refusal::BudgetExceeded(smartllm_quota::Exceeded {
+            budget: "tenant:acme".into(),
+            scope: "tenant",
+            name: "acme".into(),
+            period: "daily",
+            spent: 1.5,
+            limit: 1.0,
+            resets_in: 3 * 3600 + 5 * 60,
+        }));
+        assert_eq!(
+            (e.status, e.kind, e.code),
+            (429, "insufficient_quota", "budget_exceeded")
+        );
+        assert_eq!(
+            e.message,
+            "The daily budget of $1.00 for tenant 'acme' is used up ($1.5000 spent); it resets in 3h05m (UTC)."
+        );
+        assert_eq!(e.retry_after, Some(3 * 3600 + 5 * 60));
+    }
+}

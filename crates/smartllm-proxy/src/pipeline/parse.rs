@@ -1,0 +1,56 @@
+//! Parsing: the body into the API's own request type, the model or route it
+//! names, and the virtual key's permission to use it.
+
+use crate::ctx::Ctx;
+use crate::runtime::Runtime;
+use bytes::BytesMut;
+use smartllm_config::{ModelConfig, RouteConfig};
+use smartllm_protocol::{parse_request, ApiError, Endpoint, ParsedRequest};
+
+/// A parsed request and what its `model` field resolved to.
+pub struct Parsed<'rt> {
+    pub req: ParsedRequest,
+    /// The model named (or a route's default model).
+    pub model: &'rt ModelConfig,
+    /// The route named, if any.
+    pub route: Option<&'rt RouteConfig>,
+    /// The route, when the router chooses the model per request.
+    pub routed: Option<&'rt RouteConfig>,
+}
+
+pub fn parse<'rt>(
+    ctx: &mut Ctx,
+    rt: &'rt Runtime,
+    endpoint: Endpoint,
+    body: BytesMut,
+) -> Result<Parsed<'rt>, ApiError> {
+    let req = parse_request(endpoint, &body)?;
+    drop(body);
+    ctx.stream = req.stream;
+    let Some((model, route)) = rt.config.resolve_model(&req.model) else {
+        return Err(ApiError::model_not_found(&req.model, &rt.known_models));
+    };
+    ctx.route = route.map(|r| r.name.clone());
+    let routed = route.filter(|r| r.is_routed());
+    if routed.is_none() {
+        ctx.set_model(&model.name);
+    }
+    crate::auth::authorize_model(
+        ctx,
+        &req.model,
+        if routed.is_some() {
+            &req.model
+        } else {
+            &model.name
+        },
+    )?;
+    if routed.is_some() {
+        ctx.route_reason = "cache".into();
+    }
+    Ok(Parsed {
+        req,
+        model,
+        route,
+        routed,
+    })
+}

@@ -1,0 +1,188 @@
+//! Routing: the model that serves the request and the models to fall back
+//! to. A routed alias asks the router (with the cache's embedding when it made
+//! one); a fixed model is classified for the ledger's traffic mix. Then the
+//! budgets may degrade the choice or refuse the request, and the per-request
+//! cost cap may drop models and lower max tokens.
+
+use super::parse::Parsed;
+use crate::ctx::Ctx;
+use crate::routing::{decide_with, rule_headers};
+use crate::runtime::Runtime;
+use crate::{metrics, Shared};
+use pingora_proxy::Session;
+use serde_json::Value;
+use smartllm_config::RouteConfig;
+use smartllm_protocol::{ApiError, ParsedRequest};
+use smartllm_quota::{cost_cap::CostCap, BudgetDecision};
+use smartllm_router::{Decision, RequestInfo};
+
+/// The models to try, in order: the choice, then its fallbacks.
+pub async fn plan(
+    shared: &Shared,
+    session: &Session,
+    ctx: &mut Ctx,
+    rt: &Runtime,
+    request: &mut Parsed<'_>,
+) -> Result<Vec<String>, ApiError> {
+    let cfg = &rt.config;
+    let mut model = request.model;
+    let mut fallbacks: Vec<String> = Vec::new();
+    if let Some(r) = request.routed {
+        let d = decide(shared, session, ctx, rt, &request.req, r).await;
+        model = cfg.model(&d.model).ok_or_else(|| {
+            ApiError::internal(format!("the router chose an unknown model {}", d.model))
+        })?;
+        fallbacks = d.fallbacks;
+    } else {
+        classify(ctx, rt, &request.req);
+        if let Some(r) = request.route {
+            fallbacks = r.fallback.iter().take(r.max_fallbacks).cloned().collect();
+        }
+    }
+    ctx.set_model(&model.name);
+    // Budgets: the estimated cost of this request (prompt at ~4 bytes a token,
+    // plus max_tokens of output when given) must fit.
+    if !cfg.keys.budgets.is_empty() {
+        let max_out = request
+            .req
+            .body
+            .get("max_completion_tokens")
+            .or_else(|| request.req.body.get("max_tokens"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let estimate = smartllm_quota::budget::estimate(&model.pricing, ctx.request_bytes, max_out);
+        match shared
+            .quotas
+            .budget(cfg, ctx.scope(), &model.name, estimate)
+            .await
+        {
+            BudgetDecision::Within => {}
+            BudgetDecision::Degrade { model: to, budget } => {
+                let to = cfg.model(&to).ok_or_else(|| {
+                    ApiError::internal(format!("budget {budget} degrades to an unknown model {to}"))
+                })?;
+                tracing::info!(request_id = %ctx.request_id, budget = %budget, from = %model.name, to = %to.name, "budget exhausted: serving a cheaper model");
+                model = to;
+                fallbacks.clear();
+                ctx.route = Some(
+                    ctx.route
+                        .clone()
+                        .unwrap_or_else(|| request.req.model.clone()),
+                );
+                ctx.route_reason = "budget".into();
+                ctx.set_model(&model.name);
+            }
+            BudgetDecision::Reject(r) => return Err(super::refusal(r)),
+        }
+    }
+    let mut chain = vec![model.name.clone()];
+    chain.extend(fallbacks.into_iter().filter(|m| *m != model.name));
+    apply_cost_cap(ctx, rt, &mut request.req, &mut chain).await?;
+    Ok(chain)
+}
+
+/// A per-request cost cap: drop the models of the chain whose prompt alone
+/// would pass it, and lower the request's max tokens so that the prompt (at an
+/// upper bound of its tokens) plus the whole answer cannot cost more than the
+/// cap on any model left. An answer the cap cut short is not cached.
+async fn apply_cost_cap(
+    ctx: &mut Ctx,
+    rt: &Runtime,
+    req: &mut ParsedRequest,
+    chain: &mut Vec<String>,
+) -> Result<(), ApiError> {
+    let cap = smartllm_quota::cost_cap::plan(
+        &rt.config,
+        ctx.scope(),
+        chain,
+        &req.body,
+        ctx.request_bytes,
+    )
+    .await;
+    let (kept, max_output, cap, budget, bound) = match cap {
+        CostCap::Uncapped => return Ok(()),
+        CostCap::Reject(r) => return Err(super::refusal(r)),
+        CostCap::Fits {
+            chain,
+            max_output,
+            cap,
+            budget,
+            prompt_bound,
+        } => (chain, max_output, cap, budget, prompt_bound),
+    };
+    if kept.first() != chain.first() {
+        ctx.route_reason = "cost_cap".into();
+        ctx.set_model(&kept[0]);
+    }
+    *chain = kept;
+    let field = if req.body.contains_key("max_completion_tokens") {
+        "max_completion_tokens"
+    } else {
+        "max_tokens"
+    };
+    let asked = req.body.get(field).and_then(Value::as_u64);
+    let Some(max_output) = max_output else {
+        return Ok(());
+    };
+    if asked.is_none_or(|a| a > max_output) {
+        tracing::debug!(request_id = %ctx.request_id, cap, asked, max_output, prompt_bound = bound, "per-request cost cap lowers max tokens");
+        smartllm_quota::metrics::cost_cap(&budget, "capped");
+        req.body.insert(field.into(), serde_json::json!(max_output));
+        if let Some(p) = ctx.cache_insert.as_mut() {
+            p.cost_capped = true;
+        }
+    }
+    Ok(())
+}
+
+async fn decide(
+    shared: &Shared,
+    session: &Session,
+    ctx: &mut Ctx,
+    rt: &Runtime,
+    req: &ParsedRequest,
+    route: &RouteConfig,
+) -> Decision {
+    // One embedding per request: the cache's when it made one.
+    let embedding = ctx.cache_insert.as_ref().and_then(|p| p.embedding.clone());
+    let info = RequestInfo {
+        headers: rule_headers(session),
+        tenant: &ctx.tenant,
+        app: &ctx.app,
+        key: &ctx.key_name,
+        user: req.body.get("user").and_then(Value::as_str),
+        budget_pressure: shared
+            .quotas
+            .budget_pressure(&rt.config.keys.budgets, ctx.scope()),
+    };
+    let (d, features) = decide_with(shared, rt, &req.body, route, embedding, &info).await;
+    metrics::route_decision(&route.name, &d.model, &d.reason);
+    tracing::debug!(request_id = %ctx.request_id, route = %route.name, model = %d.model, reason = %d.reason,
+        task = %features.task, complexity = features.complexity, fallbacks = ?d.fallbacks, "route decision");
+    ctx.route_reason = d.reason.clone();
+    ctx.experiment = d.experiment.clone();
+    ctx.task = Some(features.task.as_str());
+    ctx.complexity = Some(features.complexity);
+    d
+}
+
+/// Task and complexity of a request on a fixed model (no routing decision),
+/// for the ledger's traffic mix: the features of the prompt, with the
+/// cache's embedding when it made one (keywords otherwise). Microseconds.
+fn classify(ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
+    if req.endpoint != smartllm_protocol::Endpoint::ChatCompletions {
+        return;
+    }
+    let embedding = ctx
+        .cache_insert
+        .as_ref()
+        .and_then(|p| p.embedding.as_deref());
+    let f = smartllm_router::extract_with(
+        &req.body,
+        embedding,
+        rt.router.classifier.as_deref(),
+        smartllm_router::TokenCount::Estimated,
+    );
+    ctx.task = Some(f.task.as_str());
+    ctx.complexity = Some(f.complexity);
+}

@@ -1,0 +1,550 @@
+//! Budgets: spend per tenant, app and key for the current UTC day and month,
+//! kept in memory (warmed from the ledger at start), checked before each
+//! request with an estimate of its cost, and raised as alerts when a threshold
+//! is crossed: a log line, a metric, and — for budgets with a webhook — an
+//! [`Alert`] on the channel the proxy's alert service delivers (retried there,
+//! never blocking a request). With `fleet.redis` the spend lives in Redis,
+//! shared by the fleet: this map is then a view of the fleet's totals,
+//! refreshed before each check.
+
+use crate::fleet::Fleet;
+use crate::{metrics, Quotas, Refusal, Scope};
+use serde_json::json;
+use smartllm_config::{Budget, Config, FleetConfig, FleetOnError, OnExceed, Pricing, Url};
+use smartllm_ledger::{civil, format_day, now_secs, Dim, Ledger};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex};
+
+/// Seconds a day's and a month's spend counters live in Redis.
+const DAY_TTL: u64 = 3 * 86_400;
+const MONTH_TTL: u64 = 40 * 86_400;
+
+#[derive(Default)]
+pub struct Budgets {
+    /// "scope-id|period" -> USD
+    spend: Mutex<HashMap<String, f64>>,
+    /// "budget-id|period|threshold" already alerted
+    fired: Mutex<HashSet<String>>,
+}
+
+/// (day period, month period, seconds until the day ends, until the month ends)
+fn periods(now: u64) -> (String, String, u64, u64) {
+    let days = now / 86_400;
+    let (y, m, _) = civil(days);
+    let day_left = 86_400 - now % 86_400;
+    let (ny, nm) = if m == 12 { (y + 1, 1) } else { (y, m + 1) };
+    // days from today to the 1st of next month
+    let mut probe = days + 1;
+    while civil(probe) != (ny, nm, 1) {
+        probe += 1;
+    }
+    let month_left = (probe * 86_400).saturating_sub(now);
+    (
+        format!("d:{}", format_day(days)),
+        format!("m:{y:04}-{m:02}"),
+        day_left,
+        month_left,
+    )
+}
+
+/// A budget that a request would take over its limit.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("The {period} budget of ${limit:.2} for {scope} '{name}' is used up (${spent:.4} spent); it resets in {}h{:02}m (UTC).", .resets_in / 3600, (.resets_in % 3600) / 60)]
+pub struct Exceeded {
+    /// The budget's id (`tenant:acme`, `app:acme/web`, `key:k`).
+    pub budget: String,
+    pub scope: &'static str,
+    pub name: String,
+    pub period: &'static str,
+    pub spent: f64,
+    pub limit: f64,
+    pub resets_in: u64,
+}
+
+/// What the budgets say about a request about to be sent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum BudgetDecision {
+    /// Within every budget that applies (or none applies).
+    Within,
+    /// A budget is used up and says to serve this cheaper model instead.
+    Degrade { model: String, budget: String },
+    /// A budget is used up and refuses the request (or the fleet's spend
+    /// cannot be read and `fleet.on_error` is `reject`).
+    Reject(Refusal),
+}
+
+/// A budget alert to deliver to its webhook.
+#[derive(Debug, Clone)]
+pub struct Alert {
+    pub webhook: Url,
+    /// The JSON document to POST.
+    pub body: String,
+}
+
+/// The estimated cost of a request before it is sent: the prompt at about
+/// four bytes a token, plus `max_output` tokens of answer when given.
+pub fn estimate(pricing: &Pricing, request_bytes: usize, max_output: u64) -> f64 {
+    (request_bytes as f64 / 4.0) * pricing.input_per_1m / 1e6
+        + max_output as f64 * pricing.output_per_1m / 1e6
+        + pricing.per_request
+}
+
+impl Budgets {
+    /// Load this month's spend from the ledger.
+    pub fn warm(&self, ledger: &Ledger) {
+        let now = now_secs();
+        let days = now / 86_400;
+        let (y, m, _) = civil(days);
+        let mut first = days;
+        while first > 0 && civil(first - 1).1 == m && civil(first - 1).0 == y {
+            first -= 1;
+        }
+        let (day_p, month_p, _, _) = periods(now);
+        let today = format_day(days);
+        match ledger.query(
+            first * 86_400,
+            now + 1,
+            &[Dim::Day, Dim::Tenant, Dim::App, Dim::Key],
+        ) {
+            Ok(rows) => {
+                let mut spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
+                for r in rows {
+                    let g = |d| r.group.get(&d).cloned().unwrap_or_default();
+                    let scope = Scope {
+                        tenant: &g(Dim::Tenant),
+                        app: &g(Dim::App),
+                        key: &g(Dim::Key),
+                    }
+                    .budget_ids();
+                    for id in scope {
+                        *spend.entry(format!("{id}|{month_p}")).or_default() += r.cost_usd;
+                        if g(Dim::Day) == today {
+                            *spend.entry(format!("{id}|{day_p}")).or_default() += r.cost_usd;
+                        }
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot read this month's spend from the ledger; budgets start from zero")
+            }
+        }
+    }
+
+    fn spent(&self, id: &str, period: &str) -> f64 {
+        self.get(&format!("{id}|{period}"))
+    }
+
+    /// The first budget this request (estimated at `estimate` USD) would exceed.
+    pub fn check<'a>(
+        &self,
+        budgets: &'a [Budget],
+        scope: Scope<'_>,
+        estimate: f64,
+    ) -> Option<(&'a Budget, Exceeded)> {
+        let ids = scope.budget_ids();
+        let (day, month, day_left, month_left) = periods(now_secs());
+        for b in budgets {
+            if !ids.contains(&b.id()) {
+                continue;
+            }
+            for (period, p, limit, left) in [
+                ("daily", &day, b.daily_usd, day_left),
+                ("monthly", &month, b.monthly_usd, month_left),
+            ] {
+                let Some(limit) = limit else { continue };
+                let spent = self.spent(&b.id(), p);
+                if spent >= limit || (estimate > 0.0 && spent + estimate > limit) {
+                    return Some((
+                        b,
+                        Exceeded {
+                            budget: b.id(),
+                            scope: b.scope.as_str(),
+                            name: b.name.clone(),
+                            period,
+                            spent,
+                            limit,
+                            resets_in: left,
+                        },
+                    ));
+                }
+            }
+        }
+        None
+    }
+
+    /// The highest share of any budget this request's tenant, app or key has
+    /// spent in its current period (0 when none applies): the router's cue to
+    /// favour cheaper candidates.
+    pub fn pressure(&self, budgets: &[Budget], scope: Scope<'_>) -> f64 {
+        let ids = scope.budget_ids();
+        let (day, month, _, _) = periods(now_secs());
+        let mut worst = 0.0f64;
+        for b in budgets {
+            if !ids.contains(&b.id()) {
+                continue;
+            }
+            for (p, limit) in [(&day, b.daily_usd), (&month, b.monthly_usd)] {
+                if let Some(limit) = limit.filter(|l| *l > 0.0) {
+                    worst = worst.max(self.spent(&b.id(), p) / limit);
+                }
+            }
+        }
+        worst
+    }
+
+    /// With a fleet, bring the spend of the budgets that apply to this
+    /// request up to date from Redis (seeding a counter Redis lacks with this
+    /// gateway's own ledger figure). Fails only with `on_error: reject`.
+    async fn refresh(
+        &self,
+        fleet: Option<Arc<Fleet>>,
+        budgets: &[Budget],
+        scope: Scope<'_>,
+    ) -> Result<(), Refusal> {
+        let Some(f) = fleet else {
+            return Ok(());
+        };
+        let ids = scope.budget_ids();
+        let (day, month, _, _) = periods(now_secs());
+        let mut wanted: Vec<(String, u64)> = Vec::new();
+        for b in budgets.iter().filter(|b| ids.contains(&b.id())) {
+            for (p, limit, ttl) in [
+                (&day, b.daily_usd, DAY_TTL),
+                (&month, b.monthly_usd, MONTH_TTL),
+            ] {
+                let id = format!("{}|{p}", b.id());
+                if limit.is_some() && !wanted.iter().any(|(w, _)| *w == id) {
+                    wanted.push((id, ttl));
+                }
+            }
+        }
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let names: Vec<String> = wanted.iter().map(|(id, _)| id.clone()).collect();
+        match f.spend(&names).await {
+            Ok(values) => {
+                for ((id, ttl), v) in wanted.iter().zip(values) {
+                    match v {
+                        Some(v) => self.set(id, v),
+                        None => {
+                            let mine = self.get(id);
+                            if mine > 0.0 {
+                                let _ = f.seed_spend(id, mine, *ttl).await;
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            }
+            Err(e) if f.on_error() == FleetOnError::Reject => {
+                Err(Refusal::FleetUnavailable(e.to_string()))
+            }
+            Err(_) => Ok(()),
+        }
+    }
+
+    fn get(&self, id_period: &str) -> f64 {
+        self.spend
+            .lock()
+            .map(|s| s.get(id_period).copied().unwrap_or(0.0))
+            .unwrap_or(0.0)
+    }
+
+    fn set(&self, id_period: &str, usd: f64) {
+        self.spend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id_period.to_string(), usd);
+    }
+
+    fn add(&self, ids: &[String; 3], periods: [&str; 2], usd: f64) {
+        let mut spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
+        for id in ids {
+            for p in periods {
+                *spend.entry(format!("{id}|{p}")).or_default() += usd;
+            }
+        }
+    }
+
+    fn crossings(&self, budgets: &[Budget], day: &str, month: &str) -> Vec<Crossing> {
+        let mut out = Vec::new();
+        for b in budgets {
+            for (period, p, limit) in [
+                ("daily", day, b.daily_usd),
+                ("monthly", month, b.monthly_usd),
+            ] {
+                let Some(limit) = limit else { continue };
+                let spent = self.spent(&b.id(), p);
+                let pct = spent / limit * 100.0;
+                metrics::budget_used(&b.id(), period, spent / limit);
+                for &t in &b.alert_at {
+                    if pct < t {
+                        continue;
+                    }
+                    let key = format!("{}|{p}|{t}", b.id());
+                    if self
+                        .fired
+                        .lock()
+                        .map(|mut f| f.insert(key.clone()))
+                        .unwrap_or(false)
+                    {
+                        out.push(Crossing {
+                            budget: b.clone(),
+                            period,
+                            threshold: t,
+                            spent,
+                            limit,
+                            key,
+                        });
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// A budget threshold crossed.
+struct Crossing {
+    budget: Budget,
+    period: &'static str,
+    threshold: f64,
+    spent: f64,
+    limit: f64,
+    key: String,
+}
+
+impl Quotas {
+    /// Load this month's spend from the ledger (at start).
+    pub fn warm(&self, ledger: &Ledger) {
+        self.budgets.warm(ledger);
+    }
+
+    /// The budgets' pressure on this scope (see [`Budgets::pressure`]).
+    pub fn budget_pressure(&self, budgets: &[Budget], scope: Scope<'_>) -> f64 {
+        self.budgets.pressure(budgets, scope)
+    }
+
+    /// May a request estimated at `estimate` USD go to `model`? With a
+    /// fleet, the spend is brought up to date from Redis first.
+    pub async fn budget(
+        &self,
+        config: &Config,
+        scope: Scope<'_>,
+        model: &str,
+        estimate: f64,
+    ) -> BudgetDecision {
+        let budgets = &config.keys.budgets;
+        if budgets.is_empty() {
+            return BudgetDecision::Within;
+        }
+        if let Err(r) = self
+            .budgets
+            .refresh(self.fleet(&config.fleet), budgets, scope)
+            .await
+        {
+            return BudgetDecision::Reject(r);
+        }
+        let Some((budget, ex)) = self.budgets.check(budgets, scope, estimate) else {
+            return BudgetDecision::Within;
+        };
+        match &budget.on_exceed {
+            OnExceed::Degrade(target) => match config.resolve_model(target) {
+                Some((m, _)) if m.name != model => {
+                    metrics::budget_exceeded(&ex.budget, "degrade");
+                    BudgetDecision::Degrade {
+                        model: m.name.clone(),
+                        budget: ex.budget,
+                    }
+                }
+                _ => BudgetDecision::Within,
+            },
+            OnExceed::Reject => {
+                metrics::budget_exceeded(&ex.budget, "reject");
+                BudgetDecision::Reject(Refusal::BudgetExceeded(ex))
+            }
+        }
+    }
+
+    /// Add a request's cost; raise alerts for thresholds it crosses. With a
+    /// fleet, the cost goes to Redis in the background and alerts use the
+    /// fleet's totals (one gateway sends each alert).
+    pub fn record(
+        self: &Arc<Self>,
+        budgets: &[Budget],
+        fleet: &FleetConfig,
+        scope: Scope<'_>,
+        cost: f64,
+    ) {
+        if cost <= 0.0 {
+            return;
+        }
+        let ids = scope.budget_ids();
+        let (day, month, _, _) = periods(now_secs());
+        self.budgets.add(&ids, [&day, &month], cost);
+        let relevant: Vec<Budget> = budgets
+            .iter()
+            .filter(|b| ids.contains(&b.id()))
+            .cloned()
+            .collect();
+        let Some(f) = self.fleet(fleet) else {
+            for c in self.budgets.crossings(&relevant, &day, &month) {
+                self.fire(c);
+            }
+            return;
+        };
+        let quotas = self.clone();
+        self.tasks.spawn(async move {
+            let keys: Vec<(String, u64)> = ids
+                .iter()
+                .flat_map(|id| {
+                    [
+                        (format!("{id}|{day}"), DAY_TTL),
+                        (format!("{id}|{month}"), MONTH_TTL),
+                    ]
+                })
+                .collect();
+            let shared_ok = match f.add_spend(&keys, cost).await {
+                Ok(totals) => {
+                    for ((id, _), total) in keys.iter().zip(totals) {
+                        quotas.budgets.set(id, total);
+                    }
+                    true
+                }
+                Err(_) => false,
+            };
+            for c in quotas.budgets.crossings(&relevant, &day, &month) {
+                // One gateway of the fleet sends each alert.
+                if !shared_ok || f.claim(&c.key, MONTH_TTL).await.unwrap_or(true) {
+                    quotas.fire(c);
+                }
+            }
+        });
+    }
+
+    /// Log and count an alert, and queue its webhook for delivery.
+    fn fire(&self, c: Crossing) {
+        let b = &c.budget;
+        tracing::warn!(budget = %b.id(), period = c.period, threshold_pct = c.threshold, spent_usd = c.spent, limit_usd = c.limit, "budget alert");
+        metrics::budget_alert(&b.id(), c.threshold);
+        if let Some(url) = b.webhook.clone() {
+            let body = json!({
+                "type": "budget_alert", "budget": b.id(), "scope": b.scope.as_str(), "name": b.name,
+                "period": c.period, "threshold_pct": c.threshold, "spent_usd": c.spent, "limit_usd": c.limit,
+                "at": now_secs(),
+            });
+            let alert = Alert {
+                webhook: url,
+                body: body.to_string(),
+            };
+            if self.alerts.try_send(alert).is_err() {
+                tracing::error!(budget = %b.id(), "budget alert queue full or closed; webhook not sent");
+                metrics::alert_dropped();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn periods_and_resets() {
+        // 2025-11-25T13:00Z
+        let now = 20_417 * 86_400 + 13 * 3600;
+        let (d, m, day_left, month_left) = periods(now);
+        assert_eq!((d.as_str(), m.as_str()), ("d:2025-11-25", "m:2025-11"));
+        assert_eq!(day_left, 11 * 3600);
+        assert_eq!(month_left, 5 * 86_400 + 11 * 3600);
+        // December rolls into January.
+        let dec31 = (20_417 + 36) * 86_400;
+        assert_eq!(periods(dec31).1, "m:2025-12");
+        assert_eq!(periods(dec31).3, 86_400);
+    }
+
+    fn budget(on_exceed: OnExceed, webhook: Option<Url>) -> Budget {
+        Budget {
+            scope: smartllm_config::BudgetScope::Tenant,
+            name: "acme".into(),
+            daily_usd: Some(1.0),
+            monthly_usd: None,
+            max_request_usd: None,
+            alert_at: vec![50.0],
+            on_exceed,
+            webhook,
+        }
+    }
+
+    const ACME: Scope<'static> = Scope {
+        tenant: "acme",
+        app: "web",
+        key: "k",
+    };
+
+    #[tokio::test]
+    async fn within_then_degrade_or_reject_once_spent() {
+        let mut cfg = crate::test_support::config();
+        cfg.keys.budgets = vec![budget(OnExceed::Degrade("cheap".into()), None)];
+        let (quotas, _alerts) = Quotas::new(4);
+        let quotas = Arc::new(quotas);
+        let est = estimate(&cfg.models[1].pricing, 4000, 100);
+        assert_eq!(
+            quotas.budget(&cfg, ACME, "dear", est).await,
+            BudgetDecision::Within
+        );
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.99);
+        // The estimate would pass the $1 daily limit: the cheaper model serves.
+        assert_eq!(
+            quotas.budget(&cfg, ACME, "dear", est).await,
+            BudgetDecision::Degrade {
+                model: "cheap".into(),
+                budget: "tenant:acme".into()
+            }
+        );
+        // Already on the degraded model: it keeps serving.
+        assert_eq!(
+            quotas.budget(&cfg, ACME, "cheap", est).await,
+            BudgetDecision::Within
+        );
+        // Another tenant is untouched.
+        let other = Scope {
+            tenant: "beta",
+            ..ACME
+        };
+        assert_eq!(
+            quotas.budget(&cfg, other, "dear", est).await,
+            BudgetDecision::Within
+        );
+        cfg.keys.budgets = vec![budget(OnExceed::Reject, None)];
+        match quotas.budget(&cfg, ACME, "dear", est).await {
+            BudgetDecision::Reject(Refusal::BudgetExceeded(e)) => {
+                assert_eq!((e.budget.as_str(), e.period), ("tenant:acme", "daily"));
+                assert!((e.spent - 0.99).abs() < 1e-9, "{e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(quotas.budget_pressure(&cfg.keys.budgets, ACME) > 0.98);
+    }
+
+    #[tokio::test]
+    async fn a_crossed_threshold_sends_one_alert_on_the_channel() {
+        let mut cfg = crate::test_support::config();
+        let hook = Url::parse("http://127.0.0.1:9/hook").unwrap();
+        cfg.keys.budgets = vec![budget(OnExceed::Reject, Some(hook))];
+        let (quotas, mut alerts) = Quotas::new(4);
+        let quotas = Arc::new(quotas);
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.3);
+        assert!(alerts.try_recv().is_err(), "30% crosses no threshold");
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.3);
+        let alert = alerts.try_recv().expect("60% crosses 50%");
+        assert_eq!(alert.webhook.host, "127.0.0.1");
+        let body: serde_json::Value = serde_json::from_str(&alert.body).unwrap();
+        assert_eq!(body["budget"], "tenant:acme");
+        assert_eq!(body["threshold_pct"], 50.0);
+        assert_eq!(body["period"], "daily");
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.1);
+        assert!(alerts.try_recv().is_err(), "each threshold alerts once");
+    }
+}

@@ -1,0 +1,269 @@
+//! The per-request cost cap (`max_request_usd` of a budget): the models of a
+//! chain whose prompt alone would pass it are dropped, and the request's max
+//! tokens lowered so that the prompt (at an upper bound of its tokens) plus
+//! the whole answer cannot cost more than the cap on any model left.
+
+use crate::{metrics, Refusal, Scope};
+use serde_json::{Map, Value};
+use smartllm_config::{Budget, Config};
+
+/// What the cost cap makes of a request's model chain.
+#[derive(Debug, PartialEq)]
+pub enum CostCap {
+    /// No per-request cap applies to this scope.
+    Uncapped,
+    /// These models may serve. `max_output`: the output tokens to allow
+    /// (None: no model of the chain can pass the cap anyway).
+    Fits {
+        chain: Vec<String>,
+        max_output: Option<u64>,
+        /// The cap, the budget it comes from and the prompt's token bound.
+        cap: f64,
+        budget: String,
+        prompt_bound: u64,
+    },
+    /// Even the cheapest prompt alone would pass the cap.
+    Reject(Refusal),
+}
+
+/// Apply the tightest per-request cap of the budgets that apply to `scope`
+/// to `chain` (the chosen model, then its fallbacks) for a request `body` of
+/// `request_bytes`.
+pub async fn plan(
+    config: &Config,
+    scope: Scope<'_>,
+    chain: &[String],
+    body: &Map<String, Value>,
+    request_bytes: usize,
+) -> CostCap {
+    let Some((cap, budget)) = request_cap(&config.keys.budgets, scope) else {
+        return CostCap::Uncapped;
+    };
+    let bound = prompt_token_bound(body, request_bytes).await;
+    match fit_cap(config, chain, bound, cap) {
+        CapFit::TooExpensive { cheapest } => {
+            metrics::cost_cap(&budget.id(), "reject");
+            CostCap::Reject(Refusal::CostCapExceeded {
+                bound,
+                cheapest,
+                model: chain.first().map_or("-", String::as_str).to_string(),
+                cap,
+                scope: budget.scope.as_str(),
+                name: budget.name.clone(),
+            })
+        }
+        CapFit::Fits { chain, max_output } => CostCap::Fits {
+            chain,
+            max_output,
+            cap,
+            budget: budget.id(),
+            prompt_bound: bound,
+        },
+    }
+}
+
+/// The tightest per-request cost cap (`max_request_usd`) of the budgets that
+/// apply to this request, and the budget it comes from.
+pub fn request_cap<'a>(budgets: &'a [Budget], scope: Scope<'_>) -> Option<(f64, &'a Budget)> {
+    let ids = scope.budget_ids();
+    budgets
+        .iter()
+        .filter(|b| ids.contains(&b.id()))
+        .filter_map(|b| Some((b.max_request_usd?, b)))
+        .min_by(|a, b| a.0.total_cmp(&b.0))
+}
+
+/// An upper bound of the prompt's tokens as a provider counts them: the
+/// whole request body (JSON syntax, tools and all) in o200k tokens plus a
+/// quarter for other tokenizers and the chat template's tokens per message.
+/// Bodies over 1 MiB are bounded by their size (a token is at least a byte).
+/// Tokenizing more than 4 KiB (about half a millisecond) runs on the blocking pool.
+pub async fn prompt_token_bound(body: &Map<String, Value>, request_bytes: usize) -> u64 {
+    let messages = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .map_or(1, Vec::len) as u64;
+    let overhead = 4 * messages + 16;
+    if request_bytes > 1 << 20 {
+        return request_bytes as u64 + overhead;
+    }
+    let text = serde_json::to_string(body).unwrap_or_default();
+    let tokens = if text.len() <= 4 << 10 {
+        smartllm_ledger::estimate_tokens(&text)
+    } else {
+        let len = text.len() as u64;
+        tokio::task::spawn_blocking(move || smartllm_ledger::estimate_tokens(&text))
+            .await
+            .unwrap_or(len)
+    };
+    (tokens as f64 * 1.25).ceil() as u64 + overhead
+}
+
+/// What a per-request cost cap leaves of a model chain.
+#[derive(Debug, PartialEq)]
+pub enum CapFit {
+    /// These models can serve; `max_output`: the output tokens to allow so
+    /// that none of them can pass the cap (None: none can anyway).
+    Fits {
+        chain: Vec<String>,
+        max_output: Option<u64>,
+    },
+    /// No model can: the cheapest prompt alone would cost this much.
+    TooExpensive { cheapest: f64 },
+}
+
+/// Keep the models of `chain` under which a `prompt_tokens` prompt and at
+/// least one output token cost no more than `cap`, and the output tokens to
+/// allow: what every kept model can afford, never more than a model may
+/// answer (its max output or what its context window leaves).
+pub fn fit_cap(
+    config: &smartllm_config::Config,
+    chain: &[String],
+    prompt_tokens: u64,
+    cap: f64,
+) -> CapFit {
+    let mut kept = Vec::new();
+    let mut allow = u64::MAX;
+    let mut needed = false;
+    let mut cheapest = f64::INFINITY;
+    for name in chain {
+        let Some(m) = config.model(name) else {
+            continue;
+        };
+        let p = &m.pricing;
+        let prompt_cost = prompt_tokens as f64 * p.input_per_1m / 1e6 + p.per_request;
+        cheapest = cheapest.min(prompt_cost);
+        let per_output = p.output_per_1m / 1e6;
+        let affordable = if per_output > 0.0 {
+            ((cap - prompt_cost) / per_output).floor()
+        } else if prompt_cost <= cap {
+            f64::MAX
+        } else {
+            -1.0
+        };
+        if affordable < 1.0 {
+            continue;
+        }
+        let limit = m
+            .profile
+            .context_window
+            .saturating_sub(prompt_tokens)
+            .max(1)
+            .min(m.profile.max_output_tokens.unwrap_or(u64::MAX));
+        let affordable = affordable.min(u64::MAX as f64) as u64;
+        needed |= affordable < limit;
+        allow = allow.min(affordable.min(limit));
+        kept.push(name.clone());
+    }
+    if kept.is_empty() {
+        CapFit::TooExpensive { cheapest }
+    } else {
+        CapFit::Fits {
+            chain: kept,
+            max_output: needed.then_some(allow),
+        }
+    }
+}
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use crate::test_support::config;
+
+    fn chain(names: &[&str]) -> Vec<String> {
+        names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn cost_cap_lowers_max_tokens_to_what_every_model_affords() {
+        let cfg = config();
+        // 1000 prompt tokens, $0.05 cap: dear pays $0.01 for the prompt and
+        // affords 1000 output tokens; cheap pays $0.001 and affords 24500.
+        let fit = fit_cap(&cfg, &chain(&["dear", "cheap"]), 1000, 0.05);
+        assert_eq!(
+            fit,
+            CapFit::Fits {
+                chain: chain(&["dear", "cheap"]),
+                // 999.99… in binary floating point: rounded down, never up.
+                max_output: Some(999)
+            }
+        );
+        // The bound holds: prompt + max output on the dearest model = the cap.
+        let worst = 1000.0 * 10.0 / 1e6 + 999.0 * 40.0 / 1e6;
+        assert!(worst <= 0.05 + 1e-12, "{worst}");
+    }
+
+    #[test]
+    fn cost_cap_drops_models_whose_prompt_alone_passes_it() {
+        let cfg = config();
+        // 10k prompt tokens at $0.11 cap: dear's prompt costs $0.10 (+1 token
+        // at 40/M fits: 250 tokens), so both stay; at $0.09 only cheap does.
+        match fit_cap(&cfg, &chain(&["dear", "cheap"]), 10_000, 0.09) {
+            CapFit::Fits {
+                chain: c,
+                max_output,
+            } => {
+                assert_eq!(c, chain(&["cheap"]));
+                // 0.08 / 2e-6 = 40000 tokens, but the context leaves 90000: capped.
+                assert_eq!(max_output, Some(40_000));
+            }
+            other => panic!("{other:?}"),
+        }
+        match fit_cap(&cfg, &chain(&["dear", "cheap"]), 100_000, 0.05) {
+            CapFit::TooExpensive { cheapest } => assert!((cheapest - 0.1).abs() < 1e-9),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn cost_cap_never_asks_more_than_a_model_may_answer() {
+        let cfg = config();
+        // A generous cap: dear affords 24750 tokens but answers at most 4096,
+        // so the cap cannot be passed and max tokens stays as asked.
+        match fit_cap(&cfg, &chain(&["dear"]), 1000, 1.0) {
+            CapFit::Fits { max_output, .. } => assert_eq!(max_output, None),
+            other => panic!("{other:?}"),
+        }
+        // With cheap in the chain too (it could answer 99000 tokens for
+        // $0.198 < $1): nothing to cap either.
+        match fit_cap(&cfg, &chain(&["cheap", "dear"]), 1000, 1.0) {
+            CapFit::Fits { max_output, .. } => assert_eq!(max_output, None),
+            other => panic!("{other:?}"),
+        }
+        // At $0.1 cheap affords 49500 tokens and dear 2250 (below its 4096
+        // limit): both are capped at 2250.
+        match fit_cap(&cfg, &chain(&["cheap", "dear"]), 1000, 0.1) {
+            CapFit::Fits { max_output, .. } => assert_eq!(max_output, Some(2250)),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_tightest_applicable_cap_wins() {
+        let b = |scope, name: &str, cap| Budget {
+            scope,
+            name: name.into(),
+            daily_usd: None,
+            monthly_usd: None,
+            max_request_usd: Some(cap),
+            alert_at: vec![],
+            on_exceed: smartllm_config::OnExceed::Reject,
+            webhook: None,
+        };
+        use smartllm_config::BudgetScope::*;
+        let budgets = vec![
+            b(Tenant, "acme", 0.5),
+            b(App, "acme/web", 0.2),
+            b(Key, "other", 0.01),
+        ];
+        let mut scope = Scope {
+            tenant: "acme",
+            app: "web",
+            key: "k",
+        };
+        let (cap, from) = request_cap(&budgets, scope).unwrap();
+        assert_eq!((cap, from.id().as_str()), (0.2, "app:acme/web"));
+        scope.tenant = "beta";
+        assert!(request_cap(&budgets, scope).is_none());
+    }
+}

@@ -1,0 +1,75 @@
+//! The quota metrics: names as constants, descriptions, and one typed
+//! function per metric so call sites cannot misspell a name or a label.
+
+use metrics::{counter, describe_counter, describe_gauge, gauge};
+
+pub const BUDGET_USED: &str = "smartllm_budget_used_ratio";
+pub const BUDGET_ALERTS: &str = "smartllm_budget_alerts_total";
+pub const BUDGET_ALERTS_DROPPED: &str = "smartllm_budget_alerts_dropped_total";
+pub const BUDGET_EXCEEDED: &str = "smartllm_budget_exceeded_total";
+pub const COST_CAP: &str = "smartllm_request_cost_cap_total";
+pub const FLEET_ERRORS: &str = "smartllm_fleet_errors_total";
+pub const FLEET_UP: &str = "smartllm_fleet_redis_up";
+
+/// Describe every quota metric (once, when the recorder is installed).
+pub fn describe() {
+    describe_gauge!(
+        BUDGET_USED,
+        "Share of a budget spent in the current period (1.0 = all of it), by budget and period."
+    );
+    describe_counter!(
+        BUDGET_ALERTS,
+        "Budget alerts raised, by budget and threshold percentage."
+    );
+    describe_counter!(
+        BUDGET_ALERTS_DROPPED,
+        "Budget alert webhooks not queued because the alert queue was full."
+    );
+    describe_counter!(
+        BUDGET_EXCEEDED,
+        "Requests that met an exhausted budget, by budget and action (reject, degrade)."
+    );
+    describe_counter!(
+        COST_CAP,
+        "Requests a per-request cost cap acted on, by budget and action (capped, reject)."
+    );
+    describe_counter!(
+        FLEET_ERRORS,
+        "Failed calls to the fleet's Redis, by operation."
+    );
+    describe_gauge!(
+        FLEET_UP,
+        "1 when the last call to the fleet's Redis succeeded, else 0."
+    );
+}
+
+pub fn budget_used(budget: &str, period: &'static str, ratio: f64) {
+    gauge!(BUDGET_USED, "budget" => budget.to_string(), "period" => period).set(ratio);
+}
+
+pub fn budget_alert(budget: &str, threshold: f64) {
+    counter!(BUDGET_ALERTS, "budget" => budget.to_string(), "threshold" => format!("{threshold}"))
+        .increment(1);
+}
+
+pub fn alert_dropped() {
+    counter!(BUDGET_ALERTS_DROPPED).increment(1);
+}
+
+/// `action`: reject or degrade.
+pub fn budget_exceeded(budget: &str, action: &'static str) {
+    counter!(BUDGET_EXCEEDED, "budget" => budget.to_string(), "action" => action).increment(1);
+}
+
+/// `action`: capped (max tokens lowered) or reject.
+pub fn cost_cap(budget: &str, action: &'static str) {
+    counter!(COST_CAP, "budget" => budget.to_string(), "action" => action).increment(1);
+}
+
+pub fn fleet_up(up: bool) {
+    gauge!(FLEET_UP).set(if up { 1.0 } else { 0.0 });
+}
+
+pub fn fleet_error(op: &'static str) {
+    counter!(FLEET_ERRORS, "op" => op).increment(1);
+}
