@@ -383,7 +383,9 @@ def versions(args):
             return "?"
 
     litellm_py = str(Path(args.litellm).parent / "python")
-    pk = json.loads((Path(args.portkey).parent.parent / "package.json").read_text())["version"]
+    # Only the targets being measured need to be installed (--targets nginx,smartllm runs without the peers).
+    pk_json = Path(args.portkey).parent.parent / "package.json"
+    pk = json.loads(pk_json.read_text())["version"] if "portkey" in args.targets and pk_json.is_file() else "-"
     return {
         "smartllm": run([f"{args.bin}/smartllm", "--version"]) + " (git " + run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"]) + ")",
         "nginx": run(["nginx", "-v"]),

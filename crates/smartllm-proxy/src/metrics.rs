@@ -224,7 +224,7 @@ pub fn install() -> PrometheusHandle {
 }
 
 pub struct RequestRecord<'a> {
-    pub endpoint: &'a str,
+    pub endpoint: &'static str,
     pub route: &'a str,
     pub model: &'a str,
     pub provider: &'a str,
@@ -234,13 +234,13 @@ pub struct RequestRecord<'a> {
 }
 
 pub fn request(r: &RequestRecord<'_>) {
-    counter!(REQUESTS, "endpoint" => r.endpoint.to_string(), "route" => r.route.to_string(), "model" => r.model.to_string(),
+    counter!(REQUESTS, "endpoint" => r.endpoint, "route" => r.route.to_string(), "model" => r.model.to_string(),
         "provider" => r.provider.to_string(), "status" => r.status.to_string())
     .increment(1);
-    histogram!(REQUEST_DURATION, "endpoint" => r.endpoint.to_string(), "model" => r.model.to_string(), "provider" => r.provider.to_string())
+    histogram!(REQUEST_DURATION, "endpoint" => r.endpoint, "model" => r.model.to_string(), "provider" => r.provider.to_string())
         .record(r.duration);
     if let Some(o) = r.overhead {
-        histogram!(OVERHEAD, "endpoint" => r.endpoint.to_string()).record(o);
+        histogram!(OVERHEAD, "endpoint" => r.endpoint).record(o);
     }
 }
 

@@ -65,6 +65,9 @@ pub async fn plan(
 /// The tightest per-request cost cap (`max_request_usd`) of the budgets that
 /// apply to this request, and the budget it comes from.
 pub fn request_cap<'a>(budgets: &'a [Budget], scope: Scope<'_>) -> Option<(f64, &'a Budget)> {
+    if budgets.iter().all(|b| b.max_request_usd.is_none()) {
+        return None;
+    }
     let ids = scope.budget_ids();
     budgets
         .iter()

@@ -258,16 +258,18 @@ fn typical_output(task: Task, prompt_tokens: u64) -> u64 {
     }
 }
 
-/// How [`extract_with`] counts the prompt's tokens.
+/// What [`extract_with`] extracts features for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TokenCount {
-    /// With the o200k tokenizer: what a routing decision needs (cost,
-    /// context window, rules on prompt size).
-    Tokenized,
-    /// From the text's length at about four bytes a token: enough for the
-    /// ledger's traffic mix of a request on a fixed model, which no decision
-    /// depends on (tokenizing costs more than the rest of the plain path).
-    Estimated,
+pub enum Extraction {
+    /// A routing decision: the prompt's tokens counted with the o200k
+    /// tokenizer (cost, context window, rules on prompt size) and its
+    /// language detected (rules).
+    Routing,
+    /// The ledger's traffic mix of a request on a fixed model (task and
+    /// complexity; no decision depends on it): tokens from the text's length
+    /// at about four bytes a token, no language detection (`language` is
+    /// "-"). Tokenizing costs more than the rest of the plain path.
+    TrafficMix,
 }
 
 /// Extract the features of a chat (or completion) request. `embedding` is the
@@ -277,15 +279,15 @@ pub fn extract(
     embedding: Option<&[f32]>,
     classifier: Option<&TaskClassifier>,
 ) -> Features {
-    extract_with(body, embedding, classifier, TokenCount::Tokenized)
+    extract_with(body, embedding, classifier, Extraction::Routing)
 }
 
-/// [`extract`], with the prompt's tokens counted as `tokens` says.
+/// [`extract`], for `purpose`.
 pub fn extract_with(
     body: &Map<String, Value>,
     embedding: Option<&[f32]>,
     classifier: Option<&TaskClassifier>,
-    tokens: TokenCount,
+    purpose: Extraction,
 ) -> Features {
     let (last, all, has_images, turns) = prompt_texts(body);
     // Routing runs on the proxy's threads: bound the work on huge prompts.
@@ -308,7 +310,7 @@ pub fn extract_with(
         .or_else(|| body.get("max_tokens"))
         .and_then(Value::as_u64);
     let sample = &all[..floor_char_boundary(&all, 64 << 10)];
-    let prompt_tokens = if tokens == TokenCount::Estimated {
+    let prompt_tokens = if purpose == Extraction::TrafficMix {
         (all.len() as u64).div_ceil(4)
     } else if sample.len() == all.len() {
         smartllm_ledger::estimate_tokens(&all)
@@ -373,7 +375,10 @@ pub fn extract_with(
         task_source,
         complexity,
         prompt_tokens,
-        language: language::detect(last),
+        language: match purpose {
+            Extraction::Routing => language::detect(last),
+            Extraction::TrafficMix => "-",
+        },
         has_code,
         has_math,
         has_tools,
@@ -517,8 +522,8 @@ mod tests {
         let body = serde_json::json!({"messages": [{"role": "user", "content":
             "Summarise the following meeting notes in three bullet points: the team agreed to ship the billing dashboard on Friday, postpone the mobile release, and hire two more engineers."}]});
         let body = body.as_object().unwrap();
-        let counted = extract_with(body, None, None, TokenCount::Tokenized);
-        let estimated = extract_with(body, None, None, TokenCount::Estimated);
+        let counted = extract_with(body, None, None, Extraction::Routing);
+        let estimated = extract_with(body, None, None, Extraction::TrafficMix);
         assert_eq!(counted.task, estimated.task);
         let (c, e) = (counted.prompt_tokens as f64, estimated.prompt_tokens as f64);
         assert!((e / c - 1.0).abs() < 0.35, "counted {c}, estimated {e}");

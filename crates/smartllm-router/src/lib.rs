@@ -22,7 +22,7 @@ pub use assets::RouterAssets;
 pub use breaker::{BreakerState, Breakers};
 pub use classifier::TaskClassifier;
 pub use decide::{decide, Candidate, Decision, ModelState, RequestInfo};
-pub use features::{extract, extract_with, Features, TokenCount};
+pub use features::{extract, extract_with, Extraction, Features};
 pub use learned::LearnedRouter;
 pub use profiles::{LiveProfiles, LiveSnapshot};
 pub use smartllm_config::Task;

@@ -181,7 +181,7 @@ fn classify(ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
         &req.body,
         embedding,
         rt.router.classifier.as_deref(),
-        smartllm_router::TokenCount::Estimated,
+        smartllm_router::Extraction::TrafficMix,
     );
     ctx.task = Some(f.task.as_str());
     ctx.complexity = Some(f.complexity);
