@@ -14,3 +14,4 @@ mod overload;
 mod proxy;
 mod routing;
 mod secrets;
+mod stream_failures;

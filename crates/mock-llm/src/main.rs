@@ -5,9 +5,16 @@
 //! fault injection by header (`x-mock-*`), by a `mock` object in the JSON body
 //! (which passes through the gateway untouched), or for every request by flags.
 //!
-//! Faults: `status=<code>`, `fault=reset|close|hang|drop-mid-stream|malformed-json|malformed-sse`,
+//! Faults: `status=<code>`, `fault=reset|close|hang|drop-mid-stream|error-mid-stream|malformed-json|malformed-sse`,
 //! `latency_ms`, `chunk_delay_ms`, `words`; or at random for a share of all
-//! requests (`--fault-rate 0.3 --faults reset,500,hang`).
+//! requests (`--fault-rate 0.3 --faults reset,500,hang`). A fault can also be
+//! named in the last user message, `[mock-fault:error-mid-stream]`, which
+//! reaches the mock through any translation (the `mock` object does not
+//! survive the gateway's translation to Anthropic's API).
+//!
+//! `error-mid-stream`: half the answer, then the provider's error event in its
+//! own shape: `event: error` (Anthropic), `data: {"error": {...}}` then
+//! `[DONE]` (OpenAI); the HTTP response itself ends cleanly.
 //!
 //! Introspection: `GET /_mock/last` (the last request: path, headers, body length
 //! and sha256), `GET /_mock/stats` (request count, streams cut short by the
@@ -30,7 +37,14 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 #[derive(Parser, Debug, Clone)]
 #[command(
     name = "mock-llm",
-    about = "OpenAI-compatible mock LLM for SmartLLM Router tests and demos"
+    about = "OpenAI-compatible mock LLM for SmartLLM Router tests and demos",
+    after_help = "Faults per request: by header (x-mock-status: 503, x-mock-fault: reset), by a \
+`mock` object in the JSON body (\"mock\": {\"fault\": \"drop-mid-stream\"}), or by a marker in the \
+last user message ([mock-fault:error-mid-stream], which survives translation to Anthropic's API). \
+Faults: reset, close, hang, malformed-json, drop-mid-stream (the connection is reset halfway), \
+error-mid-stream (halfway, the provider's error event: `event: error` for Anthropic, \
+`data: {\"error\": ...}` then [DONE] for OpenAI), malformed-sse. Other per-request settings: \
+status, latency_ms, chunk_delay_ms, words, no_usage."
 )]
 struct Args {
     /// Address to listen on.
@@ -53,7 +67,7 @@ struct Args {
     #[arg(long, default_value_t = 0.0)]
     fault_rate: f64,
     /// Faults for --fault-rate: reset, close, hang, malformed-json,
-    /// drop-mid-stream, malformed-sse, or an HTTP status code.
+    /// drop-mid-stream, error-mid-stream, malformed-sse, or an HTTP status code.
     #[arg(
         long,
         value_delimiter = ',',
@@ -349,7 +363,7 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
     if let Some(v) = get("status").and_then(|v| v.parse().ok()) {
         b.status = Some(v);
     }
-    b.fault = get("fault");
+    b.fault = get("fault").or_else(|| prompt_fault(&last_user_text(body)));
     b.no_usage = get("no_usage").is_some_and(|v| v == "true" || v == "1");
     if b.fault.is_none()
         && b.status.is_none()
@@ -364,6 +378,17 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
     }
     b
 }
+
+/// A fault named in a prompt: `[mock-fault:NAME]`.
+fn prompt_fault(text: &str) -> Option<String> {
+    const MARK: &str = "[mock-fault:";
+    let rest = &text[text.find(MARK)? + MARK.len()..];
+    let name = rest[..rest.find(']')?].trim();
+    (!name.is_empty()).then(|| name.to_string())
+}
+
+/// The provider error `fault=error-mid-stream` sends in place of the rest of the answer.
+const STREAM_ERROR_MESSAGE: &str = "mock-llm injected an error mid-stream";
 
 async fn write_json<S: Conn>(
     sock: &mut S,
@@ -709,7 +734,14 @@ async fn handle<S: Conn>(
         let ev = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
         write_chunk(sock, ev("message_start", json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": prompt_tokens, "output_tokens": 1}}})).as_bytes()).await?;
         write_chunk(sock, ev("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})).as_bytes()).await?;
+        let error_at = (b.fault.as_deref() == Some("error-mid-stream")).then_some(words.len() / 2);
         for (i, w) in words.iter().enumerate() {
+            if error_at == Some(i) {
+                // What Anthropic sends when it fails mid-answer (e.g. overloaded).
+                write_chunk(sock, ev("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": STREAM_ERROR_MESSAGE}})).as_bytes()).await?;
+                write_chunk(sock, b"").await?;
+                return Ok(true);
+            }
             if b.chunk_delay_ms > 0 {
                 tokio::time::sleep(Duration::from_millis(b.chunk_delay_ms)).await;
             }
@@ -783,10 +815,19 @@ async fn handle<S: Conn>(
     }
     let malformed = b.fault.as_deref() == Some("malformed-sse");
     let drop_at = (b.fault.as_deref() == Some("drop-mid-stream")).then_some(words.len() / 2);
+    let error_at = (b.fault.as_deref() == Some("error-mid-stream")).then_some(words.len() / 2);
     for (i, w) in words.iter().enumerate() {
         if drop_at == Some(i) {
             sock.reset();
             return Ok(false);
+        }
+        if error_at == Some(i) {
+            // What OpenAI-compatible servers send when they fail mid-answer.
+            let v = json!({"error": {"message": STREAM_ERROR_MESSAGE, "type": "server_error", "param": null, "code": null}});
+            write_chunk(sock, format!("data: {v}\n\n").as_bytes()).await?;
+            write_chunk(sock, b"data: [DONE]\n\n").await?;
+            write_chunk(sock, b"").await?;
+            return Ok(true);
         }
         if b.chunk_delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(b.chunk_delay_ms)).await;
@@ -821,6 +862,17 @@ mod tests {
         assert_eq!(a.len(), 12);
         assert_ne!(a, answer_words("What is the capital of Spain?", 12));
         assert_eq!(answer_words("x", 3).len(), 3);
+    }
+
+    #[test]
+    fn faults_named_in_prompts() {
+        assert_eq!(
+            prompt_fault("tell me [mock-fault:error-mid-stream] please").as_deref(),
+            Some("error-mid-stream")
+        );
+        assert_eq!(prompt_fault("no fault here"), None);
+        assert_eq!(prompt_fault("[mock-fault:]"), None);
+        assert_eq!(prompt_fault("[mock-fault:reset"), None);
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! so OpenAI clients use Claude models unchanged.
 
 use crate::error::ApiError;
-use crate::sse::{data_event, SseEvent, SseParser, SseTooLarge, DONE_EVENT};
+use crate::sse::{data_event, SseEvent, SseParser, SseTooLarge, StreamError, DONE_EVENT};
 use crate::usage::Usage;
 use serde_json::{json, Map, Value};
 
@@ -306,8 +306,12 @@ pub struct AnthropicStream {
     saw_usage: bool,
     /// Anthropic content-block index -> OpenAI tool_calls index.
     tool_index: Vec<(u64, usize)>,
+    /// The stream is over for the client: `message_stop` or an error was
+    /// translated, and `[DONE]` sent.
     pub done: bool,
-    pub error: bool,
+    /// The error the provider reported mid-stream (`event: error`): the
+    /// stream failed. The client got it as an OpenAI error event.
+    pub error: Option<StreamError>,
 }
 
 impl AnthropicStream {
@@ -322,7 +326,7 @@ impl AnthropicStream {
             saw_usage: false,
             tool_index: Vec::new(),
             done: false,
-            error: false,
+            error: None,
         }
     }
 
@@ -352,14 +356,34 @@ impl AnthropicStream {
     }
 
     fn on_event(&mut self, ev: &SseEvent, out: &mut Vec<u8>) {
-        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+        if self.error.is_some() {
+            // The client already got the error and [DONE].
             return;
-        };
+        }
+        let parsed = serde_json::from_str::<Value>(&ev.data);
         let kind = ev
             .event
             .clone()
-            .or_else(|| v.get("type").and_then(Value::as_str).map(str::to_string))
+            .or_else(|| {
+                let v = parsed.as_ref().ok()?;
+                v.get("type").and_then(Value::as_str).map(str::to_string)
+            })
             .unwrap_or_default();
+        if kind == "error" {
+            // Whether or not its body parses.
+            let body = error_to_openai(500, ev.data.as_bytes());
+            out.extend(data_event(&String::from_utf8_lossy(&body)));
+            out.extend_from_slice(DONE_EVENT);
+            self.error = Some(StreamError::from_event(ev).unwrap_or_else(|| StreamError {
+                kind: None,
+                message: String::from_utf8_lossy(&body).into_owned(),
+            }));
+            self.done = true;
+            return;
+        }
+        let Ok(v) = parsed else {
+            return;
+        };
         match kind.as_str() {
             "message_start" => {
                 let m = &v["message"];
@@ -431,13 +455,6 @@ impl AnthropicStream {
                     out.extend(data_event(&u.to_string()));
                 }
                 out.extend_from_slice(DONE_EVENT);
-                self.done = true;
-            }
-            "error" => {
-                let body = error_to_openai(500, ev.data.as_bytes());
-                out.extend(data_event(&String::from_utf8_lossy(&body)));
-                out.extend_from_slice(DONE_EVENT);
-                self.error = true;
                 self.done = true;
             }
             _ => {}
@@ -544,5 +561,48 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         assert!(text.ends_with("data: [DONE]\n\n"));
         assert!(s.done);
         assert_eq!(s.usage().unwrap().total(), 12);
+    }
+
+    #[test]
+    fn error_event_mid_stream_fails_the_stream() {
+        let input = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m1\",\"model\":\"claude-x\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"text\",\"text\":\"\"}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"Hel\"}}\n\n\
+event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"text_delta\",\"text\":\"lo\"}}\n\n";
+        for size in [1, 5, input.len()] {
+            let mut s = AnthropicStream::new("claude", false);
+            let mut out = Vec::new();
+            for c in input.as_bytes().chunks(size) {
+                out.extend(s.feed(c).unwrap());
+            }
+            let text = String::from_utf8(out).unwrap();
+            let e = s.error.as_ref().expect("the error is recorded");
+            assert_eq!(e.kind.as_deref(), Some("overloaded_error"));
+            assert_eq!(e.message, "Overloaded");
+            assert!(s.done);
+            // The client gets it as an OpenAI error event, then [DONE], and nothing after.
+            let datas: Vec<&str> = text
+                .split("\n\n")
+                .filter_map(|e| e.strip_prefix("data: "))
+                .collect();
+            assert_eq!(datas.last(), Some(&"[DONE]"), "{text}");
+            let err: Value = serde_json::from_str(datas[datas.len() - 2]).unwrap();
+            assert_eq!(err["error"]["message"], "Overloaded");
+            assert_eq!(err["error"]["type"], "server_error");
+            assert!(!text.contains("\"lo\""), "{text}");
+        }
+        // An `error` event whose body does not parse is still an error.
+        let mut s = AnthropicStream::new("claude", false);
+        let out = s.feed(b"event: error\ndata: gone\n\n").unwrap();
+        assert!(s.error.is_some() && s.done);
+        assert!(String::from_utf8(out)
+            .unwrap()
+            .ends_with("data: [DONE]\n\n"));
+        // A whole stream has none.
+        let mut s = AnthropicStream::new("claude", false);
+        s.feed(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
+            .unwrap();
+        assert!(s.done && s.error.is_none());
     }
 }

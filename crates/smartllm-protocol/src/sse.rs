@@ -174,6 +174,57 @@ pub fn data_event(data: &str) -> Vec<u8> {
 
 pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 
+/// An error a provider reported inside its event stream, after its `200`:
+/// Anthropic's `event: error`, or an OpenAI-compatible `data: {"error": ...}`.
+/// The stream filters record the first one; the answer is a failure however
+/// it ends afterwards.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamError {
+    /// The provider's error type (`overloaded_error`, `server_error`, ...), if it gave one.
+    pub kind: Option<String>,
+    pub message: String,
+}
+
+impl StreamError {
+    /// The error an event reports, if it is one: `event: error`, or a JSON
+    /// object whose `error` is set (an object with a `message`, or a string).
+    /// Ordinary chunks (no `error` key, or `"error": null`) are not errors.
+    pub fn from_event(ev: &SseEvent) -> Option<StreamError> {
+        let named = ev.event.as_deref() == Some("error");
+        if !named && !ev.data.contains("\"error\"") {
+            return None;
+        }
+        let v: Option<serde_json::Value> = serde_json::from_str(&ev.data).ok();
+        let err = v
+            .as_ref()
+            .and_then(|v| v.get("error"))
+            .filter(|e| !e.is_null());
+        let text = |v: Option<&serde_json::Value>, k: &str| {
+            v.and_then(|v| v.get(k))
+                .and_then(serde_json::Value::as_str)
+                .map(str::to_string)
+        };
+        match err {
+            Some(e) if e.is_object() => Some(StreamError {
+                kind: text(Some(e), "type"),
+                message: text(Some(e), "message").unwrap_or_else(|| e.to_string()),
+            }),
+            Some(e) => Some(StreamError {
+                kind: None,
+                message: e.as_str().map_or_else(|| e.to_string(), str::to_string),
+            }),
+            // `event: error` with a body of its own shape (`{"type": "error",
+            // "message": ...}`), or none that parses.
+            None if named => Some(StreamError {
+                kind: text(v.as_ref(), "code"),
+                message: text(v.as_ref(), "message")
+                    .unwrap_or_else(|| ev.data.chars().take(512).collect()),
+            }),
+            None => None,
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +265,55 @@ mod tests {
     fn bounded() {
         let mut p = SseParser::new(10);
         assert!(p.feed(b"data: 0123456789abcdef").is_err());
+    }
+
+    fn event(raw: &str) -> SseEvent {
+        let mut p = SseParser::default();
+        let mut evs = p.feed(raw.as_bytes()).unwrap();
+        assert_eq!(evs.len(), 1, "{raw}");
+        evs.remove(0)
+    }
+
+    #[test]
+    fn stream_errors_are_recognised_in_each_shape() {
+        // OpenAI-compatible: a data event whose `error` is set.
+        let e = StreamError::from_event(&event(
+            "data: {\"error\": {\"message\": \"overloaded\", \"type\": \"server_error\", \"code\": null}}\n\n",
+        ))
+        .unwrap();
+        assert_eq!(e.message, "overloaded");
+        assert_eq!(e.kind.as_deref(), Some("server_error"));
+        let e = StreamError::from_event(&event("data: {\"error\": \"boom\"}\n\n")).unwrap();
+        assert_eq!((e.kind, e.message.as_str()), (None, "boom"));
+        // Anthropic: `event: error`.
+        let e = StreamError::from_event(&event(
+            "event: error\ndata: {\"type\": \"error\", \"error\": {\"type\": \"overloaded_error\", \"message\": \"Overloaded\"}}\n\n",
+        ))
+        .unwrap();
+        assert_eq!(e.kind.as_deref(), Some("overloaded_error"));
+        assert_eq!(e.message, "Overloaded");
+        // `event: error` with another body, or none that parses.
+        let e = StreamError::from_event(&event(
+            "event: error\ndata: {\"type\": \"error\", \"code\": \"server_error\", \"message\": \"lost\"}\n\n",
+        ))
+        .unwrap();
+        assert_eq!(
+            (e.kind.as_deref(), e.message.as_str()),
+            (Some("server_error"), "lost")
+        );
+        let e =
+            StreamError::from_event(&event("event: error\ndata: upstream went away\n\n")).unwrap();
+        assert_eq!(e.message, "upstream went away");
+        // Ordinary chunks are not errors, whatever their text says.
+        for ok in [
+            "data: {\"choices\": [{\"delta\": {\"content\": \"an \\\"error\\\" here\"}}]}\n\n",
+            "data: {\"choices\": [], \"error\": null}\n\n",
+            "data: {\"choices\": [{\"delta\": {}, \"finish_reason\": \"error\"}]}\n\n",
+            "data: [DONE]\n\n",
+            "event: ping\ndata: {\"type\": \"ping\"}\n\n",
+        ] {
+            assert_eq!(StreamError::from_event(&event(ok)), None, "{ok}");
+        }
     }
 
     #[test]

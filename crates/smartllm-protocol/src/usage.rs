@@ -1,6 +1,6 @@
 //! Token usage as reported by upstreams, and the stream filter that records it.
 
-use crate::sse::{SseEvent, SseParser, SseTooLarge};
+use crate::sse::{SseEvent, SseParser, SseTooLarge, StreamError};
 use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -38,7 +38,9 @@ impl Usage {
 }
 
 /// Passes an OpenAI-compatible SSE stream through, event by event: records the
-/// usage chunk, and drops it when the gateway (not the client) asked for it.
+/// usage chunk, and drops it when the gateway (not the client) asked for it;
+/// records the first error event (`data: {"error": ...}`), which passes on to
+/// the client as it is.
 #[derive(Debug)]
 pub struct OpenAiStreamFilter {
     parser: SseParser,
@@ -46,6 +48,8 @@ pub struct OpenAiStreamFilter {
     pub usage: Option<Usage>,
     pub saw_done: bool,
     pub events: u64,
+    /// The first error the provider reported mid-stream: the stream failed.
+    pub error: Option<StreamError>,
 }
 
 impl OpenAiStreamFilter {
@@ -56,6 +60,7 @@ impl OpenAiStreamFilter {
             usage: None,
             saw_done: false,
             events: 0,
+            error: None,
         }
     }
 
@@ -75,6 +80,10 @@ impl OpenAiStreamFilter {
         self.events += 1;
         if ev.is_done() {
             self.saw_done = true;
+            return true;
+        }
+        if let Some(e) = StreamError::from_event(ev) {
+            self.error.get_or_insert(e);
             return true;
         }
         if !ev.data.contains("\"usage\"") {
@@ -131,5 +140,31 @@ data: [DONE]\n\n";
         let out = f.feed(STREAM.as_bytes()).unwrap();
         assert_eq!(out, STREAM.as_bytes());
         assert_eq!(f.usage.unwrap().total(), 9);
+        assert_eq!(f.error, None);
+    }
+
+    #[test]
+    fn error_event_mid_stream_is_recorded_and_passed_on() {
+        let stream = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}]}\n\n\
+data: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n\
+data: [DONE]\n\n";
+        // Whatever the chunking, and although [DONE] follows.
+        for size in [1, 7, stream.len()] {
+            let mut f = OpenAiStreamFilter::new(false);
+            let mut out = Vec::new();
+            for c in stream.as_bytes().chunks(size) {
+                out.extend(f.feed(c).unwrap());
+            }
+            assert_eq!(out, stream.as_bytes(), "forwarded untouched");
+            let e = f.error.as_ref().expect("the error is recorded");
+            assert_eq!(e.message, "The server had an error");
+            assert_eq!(e.kind.as_deref(), Some("server_error"));
+            assert!(f.saw_done);
+        }
+        // A stream without one has none.
+        let mut f = OpenAiStreamFilter::new(false);
+        f.feed(b"data: {\"choices\":[{\"delta\":{\"content\":\"no \\\"error\\\" here\"},\"finish_reason\":null}],\"error\":null}\n\ndata: [DONE]\n\n")
+            .unwrap();
+        assert_eq!(f.error, None);
     }
 }

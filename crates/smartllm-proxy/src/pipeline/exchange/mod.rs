@@ -5,7 +5,9 @@
 //! value carries an attempt's facts through [`attempt`] and the relays.
 //! Connect failures (and stale pooled connections, and 429/5xx while another
 //! deployment is untried) move on to the next deployment; nothing is retried
-//! once a byte reached the client.
+//! once a byte reached the client. A stream that fails after that (an error
+//! event from the provider, a broken or truncated stream, a stall) is still a
+//! failure of the deployment and the model.
 
 mod attempt;
 mod buffered;
@@ -33,6 +35,14 @@ enum Attempt {
     Retry(ApiError),
     /// Give up with this error (nothing was sent to the client yet).
     Fail(ApiError),
+    /// The answer had started (the client has its `200`), and the stream
+    /// ended in `error`: the client got an error event, `ctx.error_code` is
+    /// set and the failure counted in `smartllm_upstream_errors_total`. Not
+    /// retried, but a failure of the deployment and the model.
+    StreamFailed {
+        end: stream::StreamEnd,
+        error: ApiError,
+    },
 }
 
 /// What the provider speaks (the client always gets OpenAI's shape).
@@ -243,6 +253,16 @@ pub async fn run(
                     metrics::upstream_attempt(provider.name(), "failed");
                     failed(&e);
                     return Err(e);
+                }
+                Attempt::StreamFailed { end, error } => {
+                    // A 5xx-class failure of the deployment, whatever the
+                    // error says; the time to first byte was fine, so the
+                    // profile's TTFT is left alone.
+                    metrics::upstream_attempt(provider.name(), "failed");
+                    tracing::info!(request_id = %ctx.request_id, provider = %provider.name(), end = ?end, error = %error, "upstream stream ended in an error");
+                    shared.breakers.record(&breaker_id, &breaker_cfg, false);
+                    shared.profiles.record_failure(&pool.model, None);
+                    return Ok(());
                 }
             }
         }

@@ -1,7 +1,9 @@
 //! The stream relay: SSE passed on event by event (translated from
 //! Anthropic's events when needed), usage taken from the stream (or
 //! estimated), the answer assembled for the cache, and a clean end or an
-//! error event whatever the provider does.
+//! error event whatever the provider does. How the stream ended goes back to
+//! the attempt loop: any end but a clean one is a failure of the deployment
+//! and the model, though the client already has its `200`.
 
 use super::usage::{completion_text, estimate_usage, record_usage};
 use super::{client_gone, Attempt, Exchange, Translate};
@@ -12,10 +14,39 @@ use pingora_core::protocols::http::client::HttpSession;
 use pingora_proxy::Session;
 use smartllm_protocol::anthropic::AnthropicStream;
 use smartllm_protocol::assemble::ChunkAssembler;
-use smartllm_protocol::sse::DONE_EVENT;
+use smartllm_protocol::sse::{StreamError, DONE_EVENT};
 use smartllm_protocol::usage::OpenAiStreamFilter;
 use smartllm_protocol::{ApiError, Usage};
 use std::time::Instant;
+
+/// How an upstream event stream that failed ended (a clean end is no failure).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum StreamEnd {
+    /// The provider reported an error mid-stream: Anthropic's `event: error`,
+    /// an OpenAI-compatible `data: {"error": ...}`.
+    UpstreamError,
+    /// The connection broke off (reset, closed inside a chunk).
+    Broken,
+    /// The provider sent something that is no event stream (an event past the bound).
+    Malformed,
+    /// The response ended before the provider's own end (Anthropic's `message_stop`).
+    Truncated,
+    /// The provider sent nothing for `idle_timeout`.
+    IdleTimeout,
+}
+
+impl StreamEnd {
+    /// Its `reason` in `smartllm_upstream_errors_total`.
+    pub(super) fn reason(self) -> &'static str {
+        match self {
+            StreamEnd::UpstreamError => "stream_error",
+            StreamEnd::Broken => "stream_broken",
+            StreamEnd::Malformed => "malformed_stream",
+            StreamEnd::Truncated => "stream_incomplete",
+            StreamEnd::IdleTimeout => "stream_timeout",
+        }
+    }
+}
 
 enum Translator {
     OpenAi(OpenAiStreamFilter),
@@ -35,10 +66,18 @@ impl Translator {
             Translator::Anthropic(a) => a.usage(),
         }
     }
+    /// The client got the stream's end (`[DONE]`).
     fn complete(&self) -> bool {
         match self {
             Translator::OpenAi(f) => f.saw_done,
             Translator::Anthropic(a) => a.done,
+        }
+    }
+    /// The error the provider reported mid-stream, if it did.
+    fn upstream_error(&self) -> Option<&StreamError> {
+        match self {
+            Translator::OpenAi(f) => f.error.as_ref(),
+            Translator::Anthropic(a) => a.error.as_ref(),
         }
     }
 }
@@ -82,105 +121,138 @@ pub(super) async fn relay(
         up.shutdown().await;
         return client_gone(ctx);
     }
-    let mut failure: Option<ApiError> = None;
-    let mut clean_end = false;
     // Assemble the answer only when it is needed: to cache it, or to count its
     // tokens when the upstream will not report usage (not asked for it).
     let usage_expected =
         matches!(translate, Translate::Anthropic) || x.dep.provider.cfg.stream_usage;
     let mut assembler = (ctx.cache_insert.is_some() || !usage_expected).then(ChunkAssembler::new);
     let mut streamed_bytes = 0usize;
-    loop {
+    // None: a clean end.
+    let failure: Option<(StreamEnd, ApiError)> = loop {
         let t = Instant::now();
         let r = tokio::time::timeout(idle, up.read_response_body()).await;
         ctx.upstream_wait += t.elapsed();
         match r {
             Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
-                Ok(out) if out.is_empty() => {}
                 Ok(out) => {
-                    streamed_bytes += out.len();
-                    if let Some(a) = assembler.as_mut() {
-                        a.feed(&out);
+                    if !out.is_empty() {
+                        streamed_bytes += out.len();
+                        if let Some(a) = assembler.as_mut() {
+                            a.feed(&out);
+                        }
+                        if session
+                            .write_response_body(Some(Bytes::from(out)), false)
+                            .await
+                            .is_err()
+                        {
+                            // The client left: cancel the upstream request, and
+                            // bill what was generated up to here (estimated when
+                            // the upstream had not reported usage yet).
+                            up.shutdown().await;
+                            let usage = tr.usage().or_else(|| {
+                                ctx.usage_estimated = true;
+                                let partial = assembler
+                                    .take()
+                                    .and_then(ChunkAssembler::finish)
+                                    .map(|c| completion_text(&c));
+                                Some(match partial {
+                                    Some(text) => estimate_usage(req, &text),
+                                    None => Usage {
+                                        completion_tokens: (streamed_bytes as u64).div_ceil(20),
+                                        ..estimate_usage(req, "")
+                                    },
+                                })
+                            });
+                            record_usage(ctx, usage);
+                            return client_gone(ctx);
+                        }
                     }
-                    if session
-                        .write_response_body(Some(Bytes::from(out)), false)
-                        .await
-                        .is_err()
-                    {
-                        // The client left: cancel the upstream request, and
-                        // bill what was generated up to here (estimated when
-                        // the upstream had not reported usage yet).
-                        up.shutdown().await;
-                        let usage = tr.usage().or_else(|| {
-                            ctx.usage_estimated = true;
-                            let partial = assembler
-                                .take()
-                                .and_then(ChunkAssembler::finish)
-                                .map(|c| completion_text(&c));
-                            Some(match partial {
-                                Some(text) => estimate_usage(req, &text),
-                                None => Usage {
-                                    completion_tokens: (streamed_bytes as u64).div_ceil(20),
-                                    ..estimate_usage(req, "")
-                                },
-                            })
-                        });
-                        record_usage(ctx, usage);
-                        return client_gone(ctx);
+                    // The provider's error event went to the client (in the
+                    // client's shape): the answer is over, and failed.
+                    if let Some(e) = tr.upstream_error() {
+                        let kind = e
+                            .kind
+                            .as_deref()
+                            .map_or(String::new(), |k| format!(" ({k})"));
+                        break Some((
+                            StreamEnd::UpstreamError,
+                            ApiError::bad_gateway(
+                                "upstream_stream_error",
+                                format!(
+                                    "Provider '{pname}' reported an error mid-stream{kind}: {}",
+                                    e.message
+                                ),
+                            ),
+                        ));
                     }
                 }
                 Err(e) => {
-                    metrics::upstream_error(pname, "malformed_stream");
-                    failure = Some(ApiError::bad_gateway(
-                        "upstream_invalid_stream",
-                        format!("Provider '{pname}' sent an invalid event stream: {e}."),
+                    break Some((
+                        StreamEnd::Malformed,
+                        ApiError::bad_gateway(
+                            "upstream_invalid_stream",
+                            format!("Provider '{pname}' sent an invalid event stream: {e}."),
+                        ),
                     ));
-                    break;
                 }
             },
             Ok(Ok(None)) => {
-                clean_end = true;
-                break;
+                break match translate {
+                    // A complete HTTP response without [DONE]: finished below the
+                    // way clients expect.
+                    Translate::OpenAi => None,
+                    Translate::Anthropic if tr.complete() => None,
+                    Translate::Anthropic => Some((
+                        StreamEnd::Truncated,
+                        ApiError::bad_gateway(
+                            "upstream_stream_incomplete",
+                            format!("Provider '{pname}' ended the stream before message_stop."),
+                        ),
+                    )),
+                };
             }
             Ok(Err(e)) => {
-                metrics::upstream_error(pname, "stream_broken");
-                failure = Some(ApiError::bad_gateway(
-                    "upstream_stream_broken",
-                    format!(
-                        "Provider '{pname}' broke off the stream: {}.",
-                        e.etype().as_str()
+                break Some((
+                    StreamEnd::Broken,
+                    ApiError::bad_gateway(
+                        "upstream_stream_broken",
+                        format!(
+                            "Provider '{pname}' broke off the stream: {}.",
+                            e.etype().as_str()
+                        ),
                     ),
                 ));
-                break;
             }
             Err(_) => {
-                metrics::upstream_error(pname, "stream_timeout");
-                failure = Some(ApiError::gateway_timeout(format!(
-                    "Provider '{pname}' sent nothing for {:?} mid-stream (idle_timeout).",
-                    idle
-                )));
-                break;
-            }
-        }
-    }
-    record_usage(ctx, tr.usage());
-    let mut tail = Vec::new();
-    if failure.is_none() && clean_end && !tr.complete() {
-        match translate {
-            // A complete HTTP response without [DONE]: finish it the way clients expect.
-            Translate::OpenAi => tail.extend_from_slice(DONE_EVENT),
-            Translate::Anthropic => {
-                failure = Some(ApiError::bad_gateway(
-                    "upstream_stream_incomplete",
-                    format!("Provider '{pname}' ended the stream before message_stop."),
+                break Some((
+                    StreamEnd::IdleTimeout,
+                    ApiError::gateway_timeout(format!(
+                        "Provider '{pname}' sent nothing for {:?} mid-stream (idle_timeout).",
+                        idle
+                    )),
                 ));
             }
         }
+    };
+    record_usage(ctx, tr.usage());
+    let mut tail = Vec::new();
+    match &failure {
+        // The provider's own error event already reached the client: end with
+        // [DONE] unless that did too.
+        None | Some((StreamEnd::UpstreamError, _)) => {
+            if !tr.complete() {
+                tail.extend_from_slice(DONE_EVENT);
+            }
+        }
+        // The gateway tells the client why the stream stops here.
+        Some((_, err)) => {
+            tail.extend(err.sse_event());
+            tail.extend_from_slice(DONE_EVENT);
+        }
     }
-    if let Some(err) = &failure {
+    if let Some((end, err)) = &failure {
+        metrics::upstream_error(pname, end.reason());
         ctx.error_code = Some(err.code);
-        tail.extend(err.sse_event());
-        tail.extend_from_slice(DONE_EVENT);
         up.shutdown().await;
     } else {
         x.release(up).await;
@@ -214,16 +286,23 @@ pub(super) async fn relay(
         }
         pending.spawn(completion.to_string());
     }
+    let outcome = |ctx: &mut Ctx, failure: Option<(StreamEnd, ApiError)>, client_left: bool| {
+        if client_left {
+            client_gone(ctx);
+        }
+        match failure {
+            Some((end, error)) => Attempt::StreamFailed { end, error },
+            None => Attempt::Done,
+        }
+    };
     if !tail.is_empty()
         && session
             .write_response_body(Some(Bytes::from(tail)), false)
             .await
             .is_err()
     {
-        return client_gone(ctx);
+        return outcome(ctx, failure, true);
     }
-    if session.write_response_body(None, true).await.is_err() {
-        return client_gone(ctx);
-    }
-    Attempt::Done
+    let client_left = session.write_response_body(None, true).await.is_err();
+    outcome(ctx, failure, client_left)
 }

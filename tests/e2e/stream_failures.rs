@@ -1,0 +1,263 @@
+//! Streams that fail after the client has its `200`: the provider's error
+//! event mid-stream (OpenAI-compatible `data: {"error": ...}`, Anthropic
+//! `event: error`) or a broken stream reaches the client as an error event and
+//! `[DONE]`, and counts as a failure everywhere: `smartllm_upstream_errors_total`,
+//! the access log's `error`, the model's live profile and the deployment's
+//! circuit breaker.
+
+use serde_json::{json, Value};
+use smartllm_e2e::*;
+use std::time::Duration;
+
+/// What mock-llm's `error-mid-stream` fault says.
+const MOCK_STREAM_ERROR: &str = "mock-llm injected an error mid-stream";
+
+/// A gateway in front of one mock with two providers on it: `oai` (OpenAI
+/// kind, model `small`) and `ant` (Anthropic kind, model `claude`), each with
+/// a circuit breaker that opens after `failures` failures in a row.
+fn gateway(failures: u32) -> (Mock, Gateway) {
+    let mock = Mock::start(&["--words", "8"]);
+    let breaker = format!(
+        "    health_check: {{ kind: none }}\n    circuit_breaker: {{ failures: {failures}, cooldown: 60s }}\n"
+    );
+    let providers = format!(
+        "providers:\n  oai:\n    kind: openai\n    base_url: http://{0}/v1\n{breaker}  ant:\n    kind: anthropic\n    base_url: http://{0}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n{breaker}",
+        mock.addr
+    );
+    let models = "models:\n  - name: small\n    deployments: [ { provider: oai, model: mock-small } ]\n  - name: claude\n    deployments: [ { provider: ant, model: claude-x } ]\n";
+    let gw = Gateway::start_with_env(
+        ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, ""),
+        &[("TEST_ANTHROPIC_KEY", "sk-ant-secret-1234")],
+    );
+    (mock, gw)
+}
+
+fn stream(gw: &Gateway, request_id: &str, body: &Value) -> Response {
+    request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("x-request-id", request_id)],
+        &serde_json::to_vec(body).unwrap(),
+    )
+    .unwrap()
+}
+
+/// The access-log line of a request.
+fn log_line(gw: &Gateway, request_id: &str) -> Value {
+    let find = || {
+        gw.log_text()
+            .lines()
+            .filter(|l| l.contains(&format!("\"request_id\":\"{request_id}\"")))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["target"] == "smartllm::access")
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || find().is_some()),
+        "no access-log line for {request_id}:\n{}",
+        gw.log_text()
+    );
+    find().unwrap()
+}
+
+/// The `data:` payloads of a streamed answer: some content, then the error
+/// event, then exactly one `[DONE]`, last. Returns the error object.
+fn ends_with_error_event(r: &Response) -> Value {
+    assert_eq!(r.status, 200, "{}", r.text());
+    let data = r.sse_data();
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text()
+    );
+    assert_eq!(
+        data.iter().filter(|d| *d == "[DONE]").count(),
+        1,
+        "{}",
+        r.text()
+    );
+    let content: String = data
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect();
+    assert!(
+        content.starts_with("Mock reply"),
+        "part of the answer came first: {}",
+        r.text()
+    );
+    let err: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert!(err["error"]["message"].is_string(), "{}", r.text());
+    err["error"].clone()
+}
+
+fn circuit(gw: &Gateway, deployment: &str) -> f64 {
+    gw.metric("smartllm_circuit_state", &[("deployment", deployment)])
+}
+
+fn live_errors(gw: &Gateway, model: &str) -> u64 {
+    get(&gw.admin, "/admin/models").json()["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == model)
+        .and_then(|m| m["live"]["errors"].as_u64())
+        .unwrap_or(0)
+}
+
+/// The attempt's outcome is recorded once the answer is written: wait for it.
+fn wait_live_errors(gw: &Gateway, model: &str, n: u64) {
+    assert!(
+        wait_until(Duration::from_secs(5), || live_errors(gw, model) == n),
+        "{model}: {} live errors, not {n}",
+        live_errors(gw, model)
+    );
+}
+
+/// Three failed streams open the circuit (failures: 3); the next request
+/// finds no deployment.
+fn third_failure_opens_the_circuit(gw: &Gateway, model: &str, deployment: &str) {
+    assert!(
+        wait_until(Duration::from_secs(5), || circuit(gw, deployment) == 2.0),
+        "circuit of {deployment} not open: {}",
+        gw.metrics()
+    );
+    let r = gw.chat(&chat_body(model, "while open"));
+    assert_eq!(r.status, 503, "{}", r.text());
+    let models = get(&gw.admin, "/admin/models").json();
+    let m = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == model)
+        .unwrap()
+        .clone();
+    assert_eq!(m["deployments"][0]["circuit"], "open", "{m}");
+    assert!(
+        gw.metric(
+            "smartllm_circuit_transitions_total",
+            &[("deployment", deployment), ("to", "open")]
+        ) >= 1.0
+    );
+}
+
+#[test]
+fn openai_error_event_mid_stream_is_a_failure_everywhere() {
+    let (mock, gw) = gateway(3);
+    let deployment = format!("oai/{}", mock.addr);
+    let errors = |reason: &str| {
+        gw.metric(
+            "smartllm_upstream_errors_total",
+            &[("provider", "oai"), ("reason", reason)],
+        )
+    };
+    let body = |fault: Option<&str>| {
+        let mut b = json!({"model": "small", "stream": true, "messages": [{"role": "user", "content": "tell me a story"}]});
+        if let Some(f) = fault {
+            b["mock"] = json!({"fault": f});
+        }
+        b
+    };
+
+    // A clean stream is a success: no error, the circuit stays closed.
+    let r = stream(&gw, "oai-clean", &body(None));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]"));
+    assert!(!r.text().contains("\"error\""), "{}", r.text());
+    let line = log_line(&gw, "oai-clean");
+    assert!(line["error"].is_null(), "{line}");
+    assert_eq!(circuit(&gw, &deployment), 0.0);
+    assert_eq!(live_errors(&gw, "small"), 0);
+    assert_eq!(errors("stream_error"), 0.0);
+
+    // The provider's `data: {"error": ...}` mid-stream (followed by its own
+    // [DONE]) reaches the client as it is, and is counted as a failure.
+    let r = stream(&gw, "oai-error-1", &body(Some("error-mid-stream")));
+    let err = ends_with_error_event(&r);
+    assert_eq!(err["message"], MOCK_STREAM_ERROR);
+    assert_eq!(err["type"], "server_error");
+    let line = log_line(&gw, "oai-error-1");
+    assert_eq!(line["status"], 200, "{line}");
+    assert_eq!(line["error"], "upstream_stream_error", "{line}");
+    assert_eq!(errors("stream_error"), 1.0);
+    wait_live_errors(&gw, "small", 1);
+    assert!(wait_until(Duration::from_secs(5), || gw.metric(
+        "smartllm_upstream_attempts_total",
+        &[("provider", "oai"), ("outcome", "failed")]
+    ) == 1.0));
+    assert_eq!(circuit(&gw, &deployment), 0.0, "one failure of three");
+    // Nothing was retried: one request reached the mock per client request.
+    assert_eq!(mock.requests(), 2);
+
+    // A stream that breaks off counts the same way (with its own reason).
+    let r = stream(&gw, "oai-broken", &body(Some("drop-mid-stream")));
+    let err = ends_with_error_event(&r);
+    assert_eq!(err["code"], "upstream_stream_broken");
+    assert_eq!(
+        log_line(&gw, "oai-broken")["error"],
+        "upstream_stream_broken"
+    );
+    assert_eq!(errors("stream_broken"), 1.0);
+    wait_live_errors(&gw, "small", 2);
+
+    // The third failure in a row opens the circuit.
+    let r = stream(&gw, "oai-error-2", &body(Some("error-mid-stream")));
+    assert_eq!(ends_with_error_event(&r)["message"], MOCK_STREAM_ERROR);
+    assert_eq!(errors("stream_error"), 2.0);
+    wait_live_errors(&gw, "small", 3);
+    third_failure_opens_the_circuit(&gw, "small", &deployment);
+    // The streams were never stored or retried.
+    assert_eq!(mock.requests(), 4);
+}
+
+#[test]
+fn anthropic_error_event_mid_stream_is_a_failure_everywhere() {
+    let (mock, gw) = gateway(3);
+    let deployment = format!("ant/{}", mock.addr);
+    let errors = || {
+        gw.metric(
+            "smartllm_upstream_errors_total",
+            &[("provider", "ant"), ("reason", "stream_error")],
+        )
+    };
+    // The `mock` object does not survive translation to Anthropic's API: the
+    // fault is named in the prompt instead.
+    let body = |prompt: &str| json!({"model": "claude", "stream": true, "messages": [{"role": "user", "content": prompt}]});
+
+    let r = stream(&gw, "ant-clean", &body("tell me a story"));
+    assert_eq!(r.status, 200);
+    assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]"));
+    assert!(!r.text().contains("\"error\""), "{}", r.text());
+    assert!(log_line(&gw, "ant-clean")["error"].is_null());
+    assert_eq!(circuit(&gw, &deployment), 0.0);
+
+    for i in 1..=3 {
+        let id = format!("ant-error-{i}");
+        let r = stream(
+            &gw,
+            &id,
+            &body(&format!("story {i} [mock-fault:error-mid-stream]")),
+        );
+        // Anthropic's `event: error` reaches the OpenAI client in its own shape.
+        let err = ends_with_error_event(&r);
+        assert_eq!(err["message"], MOCK_STREAM_ERROR, "{}", r.text());
+        assert_eq!(err["type"], "server_error");
+        let line = log_line(&gw, &id);
+        assert_eq!(line["status"], 200, "{line}");
+        assert_eq!(line["error"], "upstream_stream_error", "{line}");
+        assert_eq!(errors(), i as f64);
+        wait_live_errors(&gw, "claude", i);
+        if i < 3 {
+            assert_eq!(circuit(&gw, &deployment), 0.0);
+        }
+    }
+    third_failure_opens_the_circuit(&gw, "claude", &deployment);
+    assert_eq!(mock.requests(), 4, "nothing was retried");
+    // The OpenAI-kind deployment on the same mock is not affected.
+    assert_eq!(gw.chat(&chat_body("small", "still fine")).status, 200);
+}
