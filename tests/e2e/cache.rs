@@ -1,6 +1,6 @@
 //! The response cache through the real server: exact and semantic hits,
-//! streamed hits, TTL, version bumps and restarts, encryption key errors, and
-//! the cache CLI.
+//! streamed hits, TTL, version bumps and restarts, encryption key errors,
+//! encryption over plaintext entries and key rotation, and the cache CLI.
 
 use crate::common::*;
 use serde_json::{json, Value};
@@ -290,6 +290,90 @@ fn cache_encryption_key_file_errors_are_clear() {
         }
     }
     assert!(!plaintext, "a cached prompt was found in the clear on disk");
+}
+
+/// Encryption turned on over a plaintext cache, then a key rotation, each by
+/// a restart: entries stored in the clear are never served once a key is set;
+/// with the new key current and the old one in `encryption_old_key_files`, the
+/// old key's entries are served (and re-sealed with the new key when read);
+/// with the old key gone, what it alone sealed is a plain miss.
+#[test]
+fn cache_encryption_over_plaintext_and_key_rotation_across_restarts() {
+    let (_mock, mut gw) = cached_gateway(CACHE_ON, &[]);
+    let restart = |gw: &mut Gateway, cache_yaml: &str| {
+        gw.stop();
+        let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+        cfg.write("cache.yaml", cache_yaml);
+        Gateway::start(cfg)
+    };
+    let read = chat_body("auto", "Which river flows through Vienna?");
+    let unread = chat_body("auto", "How many moons does Neptune have?");
+
+    // No key: stored in the clear.
+    assert_eq!(cache_header(&ask(&gw, "k", &read)), "miss");
+    wait_cached(&gw, 1);
+    assert_eq!(cache_header(&ask(&gw, "k", &read)), "hit-exact");
+    assert!(get(&gw.admin, "/admin/cache/stats").json()["stats"]["encrypted"] == false);
+
+    // Key A: the plaintext entry is refused (a miss, not an error) and
+    // removed; the fresh answer is sealed with A and served.
+    std::fs::write(gw.config.path().join("a.key"), "a1".repeat(32)).unwrap();
+    std::fs::write(gw.config.path().join("b.key"), "b2".repeat(32)).unwrap();
+    let mut gw = restart(
+        &mut gw,
+        "cache:\n  enabled: true\n  encryption_key_file: a.key\n",
+    );
+    assert!(get(&gw.admin, "/admin/cache/stats").json()["stats"]["encrypted"] == true);
+    let r = ask(&gw, "k", &read);
+    assert_eq!((r.status, cache_header(&r)), (200, "miss"));
+    assert!(
+        gw.log_text().contains("stored unencrypted"),
+        "{}",
+        gw.log_text()
+    );
+    assert!(gw.metric("smartllm_cache_removed_total", &[("reason", "unreadable")]) >= 1.0);
+    wait_cached(&gw, 1);
+    let answer = ask(&gw, "k", &read);
+    assert_eq!(cache_header(&answer), "hit-exact");
+    assert_eq!(cache_header(&ask(&gw, "k", &unread)), "miss");
+    wait_cached(&gw, 2);
+
+    // Rotation: B current, A old. A's entry is served (and re-sealed with B).
+    let mut gw = restart(
+        &mut gw,
+        "cache:\n  enabled: true\n  encryption_key_file: b.key\n  encryption_old_key_files: [a.key]\n",
+    );
+    let hit = ask(&gw, "k", &read);
+    assert_eq!(
+        cache_header(&hit),
+        "hit-exact",
+        "an old key's entry is served"
+    );
+    assert_eq!(hit.json()["choices"], answer.json()["choices"]);
+    let rotation_log = gw.log_text();
+
+    // B alone: the entry read during the rotation was re-sealed with B and is
+    // served; the one nobody asked for (the 30 s sweep had no time to re-seal
+    // it) is sealed with A only: a miss, answered by the upstream.
+    let gw = restart(
+        &mut gw,
+        "cache:\n  enabled: true\n  encryption_key_file: b.key\n",
+    );
+    let hit = ask(&gw, "k", &read);
+    assert_eq!(
+        cache_header(&hit),
+        "hit-exact",
+        "re-sealed with the new key"
+    );
+    assert_eq!(hit.json()["choices"], answer.json()["choices"]);
+    let r = ask(&gw, "k", &unread);
+    assert_eq!(
+        (r.status, cache_header(&r)),
+        (200, "miss"),
+        "sealed with a key that is gone (did the sweep re-seal it during the rotation? {})",
+        rotation_log.contains("were re-sealed with the current key")
+    );
+    assert!(r.json()["choices"][0]["message"]["content"].is_string());
 }
 
 #[test]

@@ -1,8 +1,9 @@
 //! Operator and maintenance operations: purge (all, by namespace, by route or
 //! model), the sweep of expired and outdated-version entries, and stats.
 
+use crate::entry::unsealed_exact;
 use crate::metric_names as m;
-use crate::{now_secs, CacheError, Entry, SemanticCache, VectorIndex};
+use crate::{now_secs, CacheError, Entry, Sealing, SemanticCache, VectorIndex};
 use metrics::{counter, gauge};
 use rocksdb::{IteratorMode, WriteBatch};
 use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_VECTORS};
@@ -63,26 +64,45 @@ impl SemanticCache {
             counter!(m::REMOVED, "reason" => "purge").increment(n);
             return Ok(n);
         }
-        let n = self.remove_where(|e| match what {
-            Purge::Namespace(ns) => &e.namespace == ns,
-            Purge::Route(r) => &e.route == r || &e.model == r,
-            Purge::All => true,
-        })?;
+        let (n, _) = self.remove_where(
+            |e| match what {
+                Purge::Namespace(ns) => &e.namespace == ns,
+                Purge::Route(r) => &e.route == r || &e.model == r,
+                Purge::All => true,
+            },
+            false,
+        )?;
         counter!(m::REMOVED, "reason" => "purge").increment(n);
         Ok(n)
     }
 
-    /// Remove expired entries and those `stale` says are outdated (version bumps).
+    /// Remove expired entries, those `stale` says are outdated (version
+    /// bumps) and unreadable ones (entries stored in the clear included when
+    /// there is a key); re-seal with the current key those sealed with an old
+    /// one.
     pub fn sweep(&self, stale: impl Fn(&Entry) -> bool) -> Result<u64, CacheError> {
         let now = now_secs();
-        let n = self.remove_where(|e| e.expired(now) || stale(e))?;
+        let (n, resealed) = self.remove_where(|e| e.expired(now) || stale(e), true)?;
         counter!(m::REMOVED, "reason" => "expired").increment(n);
         gauge!(m::BYTES).set(self.store.info().live_data_bytes as f64);
+        if resealed > 0 {
+            tracing::info!(
+                resealed,
+                "cache entries sealed with an old key (cache.encryption_old_key_files) were re-sealed with the current key"
+            );
+        }
         Ok(n)
     }
 
-    fn remove_where(&self, pred: impl Fn(&Entry) -> bool) -> Result<u64, CacheError> {
+    /// Remove the entries `pred` picks and the unreadable ones; with `reseal`,
+    /// re-seal those sealed with an old key. Returns (removed, re-sealed).
+    fn remove_where(
+        &self,
+        pred: impl Fn(&Entry) -> bool,
+        reseal: bool,
+    ) -> Result<(u64, u64), CacheError> {
         let mut doomed = Vec::new();
+        let mut resealed = 0u64;
         for item in self
             .db()
             .iterator_cf(self.cf(CF_ENTRIES), IteratorMode::Start)
@@ -91,17 +111,21 @@ impl SemanticCache {
             let Ok(id) = <[u8; 8]>::try_from(&k[..]).map(u64::from_be_bytes) else {
                 continue;
             };
-            match self.codec.decode(&v) {
-                Ok(e) if pred(&e) => doomed.push((id, Some(e.exact))),
+            match self.codec.open(&v) {
+                Ok((e, _)) if pred(&e) => doomed.push((id, Some(e.exact))),
+                Ok((e, Sealing::Old)) if reseal => {
+                    self.reseal(id, &e)?;
+                    resealed += 1;
+                }
                 Ok(_) => {}
-                Err(_) => doomed.push((id, None)),
+                Err(_) => doomed.push((id, unsealed_exact(&v))),
             }
         }
         let n = doomed.len() as u64;
         for chunk in doomed.chunks(1024) {
             self.remove_ids(chunk)?;
         }
-        Ok(n)
+        Ok((n, resealed))
     }
 
     pub fn stats(&self) -> CacheStats {

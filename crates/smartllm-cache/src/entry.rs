@@ -1,9 +1,18 @@
 //! Cache entries as stored in RocksDB, optionally sealed with AES-256-GCM.
+//!
+//! Format: one tag byte, then either the entry's JSON (`PLAIN`) or a 96-bit
+//! nonce from the OS random source followed by the AES-256-GCM ciphertext
+//! (`SEALED`). A codec with a key writes sealed entries only and refuses plain
+//! ones (they could have been written before the key was set, or by anyone who
+//! can write the data dir: serving them would defeat the authentication). It
+//! opens entries sealed with its current key or, after a rotation, with one of
+//! its old keys; the caller re-seals those with the current key.
 
-use aes_gcm::aead::{Aead, KeyInit};
+use aes_gcm::aead::rand_core::RngCore;
+use aes_gcm::aead::{Aead, KeyInit, OsRng};
 use aes_gcm::{Aes256Gcm, Nonce};
 use serde::{Deserialize, Serialize};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Entry {
@@ -31,56 +40,95 @@ impl Entry {
 
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
-    #[error("entry cannot be decrypted (wrong cache.encryption_key_file, or corrupt)")]
+    #[error("entry cannot be decrypted with cache.encryption_key_file or any of cache.encryption_old_key_files (sealed with another key, or corrupt)")]
     Decrypt,
+    #[error("entry was stored unencrypted (before cache.encryption_key_file was set): not served")]
+    Unsealed,
     #[error("entry is corrupt: {0}")]
     Corrupt(String),
+    #[error("entry cannot be sealed: {0}")]
+    Seal(String),
+}
+
+/// How a decoded entry was stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sealing {
+    /// In the clear, read by a codec without a key.
+    Plain,
+    /// With the current key.
+    Current,
+    /// With one of the old keys: the caller should re-seal it.
+    Old,
 }
 
 const PLAIN: u8 = 0;
 const SEALED: u8 = 1;
+const NONCE_LEN: usize = 12;
 
 /// Encodes entries, sealing them when a key is configured.
 #[derive(Clone)]
 pub struct Codec {
+    /// Seals every new entry, and is tried first when opening one.
     cipher: Option<Aes256Gcm>,
+    /// Keys of earlier rotations: for opening entries only (empty without `cipher`).
+    old: Vec<Aes256Gcm>,
 }
 
 impl std::fmt::Debug for Codec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Codec")
             .field("encrypted", &self.cipher.is_some())
+            .field("old_keys", &self.old.len())
             .finish()
     }
 }
 
+/// Read a key file: 32 raw bytes, or 64 hex characters (whitespace ignored).
+/// `setting` names the config key in errors.
+fn read_key(path: &Path, setting: &str) -> Result<Aes256Gcm, String> {
+    let raw = std::fs::read(path).map_err(|e| format!("{setting} {}: {e}", path.display()))?;
+    let text = String::from_utf8_lossy(&raw);
+    let hex_text: String = text.chars().filter(|c| !c.is_whitespace()).collect();
+    let key = if hex_text.len() == 64 && hex_text.chars().all(|c| c.is_ascii_hexdigit()) {
+        hex::decode(&hex_text).map_err(|e| format!("{setting} {}: {e}", path.display()))?
+    } else if raw.len() == 32 {
+        raw
+    } else {
+        return Err(format!(
+            "{setting} {}: expected 32 raw bytes or 64 hex characters, found {} bytes (make one with: openssl rand -hex 32)",
+            path.display(),
+            raw.len()
+        ));
+    };
+    Aes256Gcm::new_from_slice(&key).map_err(|e| format!("{setting} {}: {e}", path.display()))
+}
+
 impl Codec {
     pub fn plain() -> Self {
-        Codec { cipher: None }
+        Codec {
+            cipher: None,
+            old: Vec::new(),
+        }
     }
 
     /// Read a key file: 32 raw bytes, or 64 hex characters (whitespace ignored).
     pub fn from_key_file(path: &Path) -> Result<Self, String> {
-        let raw = std::fs::read(path)
-            .map_err(|e| format!("cache.encryption_key_file {}: {e}", path.display()))?;
-        let text = String::from_utf8_lossy(&raw);
-        let hex_text: String = text.chars().filter(|c| !c.is_whitespace()).collect();
-        let key = if hex_text.len() == 64 && hex_text.chars().all(|c| c.is_ascii_hexdigit()) {
-            hex::decode(&hex_text)
-                .map_err(|e| format!("cache.encryption_key_file {}: {e}", path.display()))?
-        } else if raw.len() == 32 {
-            raw
-        } else {
-            return Err(format!(
-                "cache.encryption_key_file {}: expected 32 raw bytes or 64 hex characters, found {} bytes (make one with: openssl rand -hex 32)",
-                path.display(),
-                raw.len()
-            ));
-        };
-        let cipher = Aes256Gcm::new_from_slice(&key)
-            .map_err(|e| format!("cache.encryption_key_file: {e}"))?;
+        Self::from_key_files(path, &[])
+    }
+
+    /// The current key (`cache.encryption_key_file`) seals new entries; the
+    /// old ones (`cache.encryption_old_key_files`, same format) only open
+    /// entries sealed before a rotation.
+    pub fn from_key_files(current: &Path, old: &[PathBuf]) -> Result<Self, String> {
+        let cipher = read_key(current, "cache.encryption_key_file")?;
+        let old = old
+            .iter()
+            .enumerate()
+            .map(|(i, p)| read_key(p, &format!("cache.encryption_old_key_files[{i}]")))
+            .collect::<Result<Vec<_>, _>>()?;
         Ok(Codec {
             cipher: Some(cipher),
+            old,
         })
     }
 
@@ -88,44 +136,79 @@ impl Codec {
         self.cipher.is_some()
     }
 
-    pub fn encode(&self, entry: &Entry) -> Vec<u8> {
-        let json = serde_json::to_vec(entry).unwrap_or_default();
-        match &self.cipher {
-            None => {
-                let mut out = vec![PLAIN];
-                out.extend(json);
-                out
-            }
-            Some(c) => {
-                let nonce: [u8; 12] = std::array::from_fn(|_| fastrand::u8(..));
-                // Encryption of an in-memory buffer with a valid key cannot fail.
-                let sealed = c
-                    .encrypt(Nonce::from_slice(&nonce), json.as_slice())
-                    .unwrap_or_default();
-                let mut out = Vec::with_capacity(1 + 12 + sealed.len());
-                out.push(SEALED);
-                out.extend_from_slice(&nonce);
-                out.extend(sealed);
-                out
-            }
-        }
+    /// Encode an entry: sealed with the current key under a fresh nonce from
+    /// the OS random source when there is a key, else in the clear.
+    pub fn encode(&self, entry: &Entry) -> Result<Vec<u8>, CodecError> {
+        let json = serde_json::to_vec(entry).map_err(|e| CodecError::Corrupt(e.to_string()))?;
+        let Some(c) = &self.cipher else {
+            let mut out = Vec::with_capacity(1 + json.len());
+            out.push(PLAIN);
+            out.extend(json);
+            return Ok(out);
+        };
+        // 96-bit random nonces: fine for far more than the 2^32 entries per
+        // key NIST allows; a rotation starts a fresh key anyway.
+        let mut nonce = [0u8; NONCE_LEN];
+        OsRng
+            .try_fill_bytes(&mut nonce)
+            .map_err(|e| CodecError::Seal(format!("the OS random source failed: {e}")))?;
+        let sealed = c
+            .encrypt(Nonce::from_slice(&nonce), json.as_slice())
+            .map_err(|e| CodecError::Seal(e.to_string()))?;
+        let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
+        out.push(SEALED);
+        out.extend_from_slice(&nonce);
+        out.extend(sealed);
+        Ok(out)
     }
 
     pub fn decode(&self, bytes: &[u8]) -> Result<Entry, CodecError> {
+        self.open(bytes).map(|(e, _)| e)
+    }
+
+    /// Decode an entry and say how it was stored. With a key, plain entries
+    /// are refused (`Unsealed`) and sealed ones open with the current key or
+    /// an old one (`Sealing::Old`: re-seal it).
+    pub fn open(&self, bytes: &[u8]) -> Result<(Entry, Sealing), CodecError> {
         let (tag, rest) = bytes
             .split_first()
             .ok_or_else(|| CodecError::Corrupt("empty".into()))?;
-        let json = match (*tag, &self.cipher) {
-            (PLAIN, _) => rest.to_vec(),
-            (SEALED, Some(c)) if rest.len() > 12 => {
-                let (nonce, ct) = rest.split_at(12);
-                c.decrypt(Nonce::from_slice(nonce), ct)
-                    .map_err(|_| CodecError::Decrypt)?
+        let (json, sealing) = match (*tag, &self.cipher) {
+            (PLAIN, None) => (rest.to_vec(), Sealing::Plain),
+            (PLAIN, Some(_)) => return Err(CodecError::Unsealed),
+            (SEALED, Some(c)) if rest.len() > NONCE_LEN => {
+                let (nonce, ct) = rest.split_at(NONCE_LEN);
+                let nonce = Nonce::from_slice(nonce);
+                if let Ok(json) = c.decrypt(nonce, ct) {
+                    (json, Sealing::Current)
+                } else {
+                    let json = self
+                        .old
+                        .iter()
+                        .find_map(|o| o.decrypt(nonce, ct).ok())
+                        .ok_or(CodecError::Decrypt)?;
+                    (json, Sealing::Old)
+                }
             }
             (SEALED, _) => return Err(CodecError::Decrypt),
             (t, _) => return Err(CodecError::Corrupt(format!("unknown format {t}"))),
         };
-        serde_json::from_slice(&json).map_err(|e| CodecError::Corrupt(e.to_string()))
+        let entry =
+            serde_json::from_slice(&json).map_err(|e| CodecError::Corrupt(e.to_string()))?;
+        Ok((entry, sealing))
+    }
+}
+
+/// The exact key (hex) of an entry stored in the clear, whatever the codec:
+/// lets a keyed cache that refuses the entry also drop its exact-key pointer.
+pub(crate) fn unsealed_exact(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Exact {
+        exact: String,
+    }
+    match bytes.split_first() {
+        Some((&PLAIN, json)) => serde_json::from_slice::<Exact>(json).ok().map(|e| e.exact),
+        _ => None,
     }
 }
 
@@ -148,38 +231,144 @@ mod tests {
         }
     }
 
-    #[test]
-    fn sealed_round_trip_and_wrong_key() {
-        let dir = tempfile::tempdir().unwrap();
-        let k1 = dir.path().join("k1");
+    /// Two key files (hex and raw) and a codec for each.
+    fn keys(dir: &Path) -> (PathBuf, PathBuf) {
+        let k1 = dir.join("k1");
         std::fs::write(
             &k1,
             "00112233445566778899aabbccddeeff00112233445566778899aabbccddeeff\n",
         )
         .unwrap();
-        let k2 = dir.path().join("k2");
+        let k2 = dir.join("k2");
         std::fs::write(&k2, [7u8; 32]).unwrap();
+        (k1, k2)
+    }
+
+    #[test]
+    fn sealed_round_trip_and_wrong_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, k2) = keys(dir.path());
         let c1 = Codec::from_key_file(&k1).unwrap();
         let c2 = Codec::from_key_file(&k2).unwrap();
-        let bytes = c1.encode(&entry());
+        let bytes = c1.encode(&entry()).unwrap();
         assert!(
             !String::from_utf8_lossy(&bytes).contains("secret"),
             "plaintext at rest"
         );
-        assert_eq!(c1.decode(&bytes).unwrap(), entry());
+        assert_eq!(c1.open(&bytes).unwrap(), (entry(), Sealing::Current));
         assert!(matches!(c2.decode(&bytes), Err(CodecError::Decrypt)));
         assert!(matches!(
             Codec::plain().decode(&bytes),
             Err(CodecError::Decrypt)
         ));
-        assert!(Codec::plain()
-            .decode(&Codec::plain().encode(&entry()))
-            .is_ok());
+        // A flipped byte anywhere fails authentication.
+        for i in 1..bytes.len() {
+            let mut bad = bytes.clone();
+            bad[i] ^= 1;
+            assert!(matches!(c1.decode(&bad), Err(CodecError::Decrypt)), "{i}");
+        }
+        assert_eq!(
+            Codec::plain()
+                .open(&Codec::plain().encode(&entry()).unwrap())
+                .unwrap(),
+            (entry(), Sealing::Plain)
+        );
         let bad = dir.path().join("bad");
         std::fs::write(&bad, "too short").unwrap();
         assert!(Codec::from_key_file(&bad)
             .unwrap_err()
             .contains("64 hex characters"));
         assert!(Codec::from_key_file(&dir.path().join("missing")).is_err());
+    }
+
+    /// Nonces come from the OS random source: a thousand encodings of the same
+    /// entry never repeat a nonce (a constant or counter-seeded nonce would),
+    /// the nonce bits look uniform, every one decodes, and none is drawn from
+    /// fastrand.
+    #[test]
+    fn nonces_are_fresh_for_every_encoding() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, _) = keys(dir.path());
+        let c = Codec::from_key_file(&k1).unwrap();
+        let mut nonces = std::collections::HashSet::new();
+        let mut ciphertexts = std::collections::HashSet::new();
+        let mut ones = 0u32;
+        for _ in 0..1_000 {
+            let bytes = c.encode(&entry()).unwrap();
+            assert_eq!(bytes[0], SEALED);
+            let nonce: [u8; NONCE_LEN] = bytes[1..1 + NONCE_LEN].try_into().unwrap();
+            ones += nonce.iter().map(|b| b.count_ones()).sum::<u32>();
+            assert!(nonces.insert(nonce), "nonce reused: {nonce:?}");
+            ciphertexts.insert(bytes[1 + NONCE_LEN..].to_vec());
+            assert_eq!(c.decode(&bytes).unwrap(), entry());
+        }
+        assert_eq!(ciphertexts.len(), 1_000);
+        // Not from fastrand's seedable (predictable) generator: sealing leaves
+        // its state alone.
+        fastrand::seed(7);
+        let next = fastrand::u64(..);
+        fastrand::seed(7);
+        c.encode(&entry()).unwrap();
+        assert_eq!(fastrand::u64(..), next, "nonces drawn from fastrand");
+        // 96,000 nonce bits: about half set (5 standard deviations is ±775).
+        let bits = 1_000 * NONCE_LEN as u32 * 8;
+        assert!(ones.abs_diff(bits / 2) < 775, "{ones} of {bits} bits set");
+    }
+
+    /// With a key, an entry stored in the clear is refused, not served; its
+    /// exact key is still readable so the cache can drop its pointer.
+    #[test]
+    fn a_keyed_codec_refuses_plain_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let (k1, _) = keys(dir.path());
+        let plain = Codec::plain().encode(&entry()).unwrap();
+        let keyed = Codec::from_key_file(&k1).unwrap();
+        assert!(matches!(keyed.decode(&plain), Err(CodecError::Unsealed)));
+        assert_eq!(unsealed_exact(&plain).as_deref(), Some("ex"));
+        assert_eq!(unsealed_exact(&keyed.encode(&entry()).unwrap()), None);
+    }
+
+    /// Rotation: old keys open what they sealed (reported as `Old`, so it gets
+    /// re-sealed); new entries are sealed with the current key only (a codec
+    /// holding just the old key cannot open them); an unknown key opens
+    /// nothing.
+    #[test]
+    fn rotation_reads_old_keys_and_writes_the_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = keys(dir.path());
+        let c = dir.path().join("k3");
+        std::fs::write(&c, "ff".repeat(32)).unwrap();
+        let only_a = Codec::from_key_file(&a).unwrap();
+        let sealed_a = only_a.encode(&entry()).unwrap();
+        let rotated = Codec::from_key_files(&b, std::slice::from_ref(&a)).unwrap();
+        assert_eq!(rotated.open(&sealed_a).unwrap(), (entry(), Sealing::Old));
+        let sealed_b = rotated.encode(&entry()).unwrap();
+        assert_eq!(
+            rotated.open(&sealed_b).unwrap(),
+            (entry(), Sealing::Current)
+        );
+        assert!(matches!(only_a.decode(&sealed_b), Err(CodecError::Decrypt)));
+        assert_eq!(
+            Codec::from_key_file(&b).unwrap().decode(&sealed_b).unwrap(),
+            entry()
+        );
+        // Only B: what A sealed is refused.
+        assert!(matches!(
+            Codec::from_key_file(&b).unwrap().decode(&sealed_a),
+            Err(CodecError::Decrypt)
+        ));
+        // A wrong key, current or old, opens nothing.
+        let wrong = Codec::from_key_files(&c, std::slice::from_ref(&b)).unwrap();
+        assert!(matches!(wrong.decode(&sealed_a), Err(CodecError::Decrypt)));
+        // Several old keys: each is tried.
+        let many = Codec::from_key_files(&c, &[b.clone(), a.clone()]).unwrap();
+        assert_eq!(many.open(&sealed_a).unwrap().1, Sealing::Old);
+        assert_eq!(many.open(&sealed_b).unwrap().1, Sealing::Old);
+        // A bad old key file is named by its position.
+        let err = Codec::from_key_files(&b, &[a.clone(), dir.path().join("missing")]).unwrap_err();
+        assert!(
+            err.starts_with("cache.encryption_old_key_files[1] "),
+            "{err}"
+        );
     }
 }

@@ -65,7 +65,7 @@ impl SemanticCache {
             .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
             .map(u64::from_be_bytes);
         let mut batch = WriteBatch::default();
-        let encoded = self.codec.encode(&entry);
+        let encoded = self.codec.encode(&entry)?;
         batch.put_cf(self.cf(CF_ENTRIES), id.to_be_bytes(), &encoded);
         if let Some(v) = &embedding {
             batch.put_cf(self.cf(CF_VECTORS), id.to_be_bytes(), vec_to_bytes(v));

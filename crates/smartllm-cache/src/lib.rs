@@ -8,8 +8,8 @@
 //! Where things are: `lookup` (the read path), `insert` (the write path),
 //! `lifecycle` (open, flat -> IVF training, swap, persist, rebuild), `admin`
 //! (purge, sweep, stats), `storage` (RocksDB and L1 plumbing they share);
-//! `index` wraps FAISS, `entry` encodes entries, `key` derives cache keys,
-//! `guard` holds the precision guard and privacy exclusions.
+//! `index` wraps FAISS, `entry` encodes (and seals) entries, `key` derives
+//! cache keys, `guard` holds the precision guard and privacy exclusions.
 
 mod admin;
 pub mod entry;
@@ -24,7 +24,7 @@ mod storage;
 mod test_support;
 
 pub use admin::{CacheStats, Purge};
-pub use entry::{Codec, Entry};
+pub use entry::{Codec, CodecError, Entry, Sealing};
 pub use guard::{near_miss, Exclusions};
 pub use index::{IndexError, VectorIndex};
 pub use key::{chat_key, CacheKey};
@@ -59,6 +59,8 @@ pub enum CacheError {
     Index(#[from] IndexError),
     #[error("embedding: {0}")]
     Embed(#[from] smartllm_embed::EmbedError),
+    #[error("cache entry: {0}")]
+    Codec(#[from] CodecError),
     #[error("cache task failed: {0}")]
     Task(String),
 }

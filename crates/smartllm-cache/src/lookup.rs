@@ -193,7 +193,7 @@ impl SemanticCache {
 mod tests {
     use super::*;
     use crate::test_support::embedder;
-    use crate::{chat_key, Codec, Purge};
+    use crate::{chat_key, Codec, Purge, Sealing};
     use serde_json::json;
     use smartllm_store::Store;
     use std::time::Duration;
@@ -481,5 +481,166 @@ mod tests {
 
     fn store_flush(cache: &SemanticCache) {
         cache.store.flush().unwrap();
+    }
+
+    /// The values stored in a column family.
+    fn stored(cache: &SemanticCache, cf: &'static str) -> Vec<Box<[u8]>> {
+        cache
+            .db()
+            .iterator_cf(cache.cf(cf), rocksdb::IteratorMode::Start)
+            .map(|i| i.unwrap().1)
+            .collect()
+    }
+
+    /// Encryption at rest over restarts: entries written in the clear are not
+    /// served once a key is set (and leave RocksDB, exact keys included);
+    /// after a rotation, entries sealed with the old key are served and
+    /// re-sealed with the new one (on read, and by the sweep); a cache without
+    /// the right key serves nothing it cannot open, and fails no lookup.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn plain_entries_are_refused_and_old_keys_are_read_and_resealed() {
+        use smartllm_store::{CF_ENTRIES, CF_EXACT};
+        let dir = tempfile::tempdir().unwrap();
+        let keys = tempfile::tempdir().unwrap();
+        let key_file = |name: &str, byte: u8| {
+            let path = keys.path().join(name);
+            std::fs::write(&path, [byte; 32]).unwrap();
+            path
+        };
+        let (a, b, c) = (key_file("a", 1), key_file("b", 2), key_file("c", 3));
+        let emb = embedder(MAX_SEQ);
+        let p = policy();
+        let open = |codec: Codec| {
+            SemanticCache::open(
+                Store::open(dir.path()).unwrap(),
+                emb.clone(),
+                codec,
+                100,
+                100_000,
+                None,
+            )
+            .unwrap()
+        };
+        let response = |l: Lookup| match l {
+            Lookup::Hit { entry, .. } => Some(entry.response.clone()),
+            Lookup::Miss { .. } => None,
+        };
+        let password = key("t1", "How do I reset my password?");
+        let borrow = key("t1", "Explain the borrow checker in Rust");
+        let ownership = key("t1", "What is ownership in Rust?");
+
+        // Written before encryption_key_file was set.
+        {
+            let cache = open(Codec::plain());
+            for (k, answer) in [(&password, "plain-1"), (&borrow, "plain-2")] {
+                cache
+                    .insert(k.clone(), None, answer.into(), &p, "auto", "m")
+                    .await
+                    .unwrap();
+            }
+            // Exact only (no vector): no lookup of another question meets it.
+            let exact_only = CachePolicy {
+                semantic: false,
+                ..p.clone()
+            };
+            cache
+                .insert(
+                    ownership.clone(),
+                    None,
+                    "plain-3".into(),
+                    &exact_only,
+                    "auto",
+                    "m",
+                )
+                .await
+                .unwrap();
+            assert_eq!(
+                response(cache.lookup(&password, &p, 8).await.unwrap()).as_deref(),
+                Some("plain-1")
+            );
+        }
+        // Key A: none of them is served, exactly or semantically.
+        {
+            let cache = open(Codec::from_key_file(&a).unwrap());
+            assert_eq!(cache.stats().index_vectors, 2);
+            assert_eq!(
+                response(cache.lookup(&password, &p, 8).await.unwrap()),
+                None
+            );
+            let para = key("t1", "Can you explain Rust's borrow checker?");
+            assert_eq!(response(cache.lookup(&para, &p, 8).await.unwrap()), None);
+            // Refused entries are removed, exact keys and vectors included;
+            // the sweep removes the one never asked for.
+            assert_eq!(
+                (
+                    stored(&cache, CF_ENTRIES).len(),
+                    stored(&cache, CF_EXACT).len()
+                ),
+                (1, 1)
+            );
+            assert_eq!(cache.sweep(|_| false).unwrap(), 1);
+            assert_eq!(
+                stored(&cache, CF_ENTRIES).len() + stored(&cache, CF_EXACT).len(),
+                0
+            );
+            assert_eq!(cache.stats().index_vectors, 0);
+            // Fresh answers are sealed with A.
+            for (k, answer) in [(&password, "a-1"), (&borrow, "a-2")] {
+                cache
+                    .insert(k.clone(), None, answer.into(), &p, "auto", "m")
+                    .await
+                    .unwrap();
+            }
+            for bytes in stored(&cache, CF_ENTRIES) {
+                assert_eq!(
+                    Codec::from_key_file(&a).unwrap().open(&bytes).unwrap().1,
+                    Sealing::Current
+                );
+            }
+        }
+        // Rotation: B seals, A is old. A's entries are served and re-sealed
+        // with B: the one read at once, the other by the sweep.
+        {
+            let cache = open(Codec::from_key_files(&b, std::slice::from_ref(&a)).unwrap());
+            assert_eq!(
+                response(cache.lookup(&password, &p, 8).await.unwrap()).as_deref(),
+                Some("a-1")
+            );
+            let only_b = Codec::from_key_file(&b).unwrap();
+            let readable = |cache: &SemanticCache| {
+                stored(cache, CF_ENTRIES)
+                    .iter()
+                    .filter(|v| only_b.decode(v).is_ok())
+                    .count()
+            };
+            assert_eq!(readable(&cache), 1, "re-sealed on read");
+            assert_eq!(cache.sweep(|_| false).unwrap(), 0);
+            assert_eq!(readable(&cache), 2, "re-sealed by the sweep");
+            assert_eq!(stored(&cache, CF_ENTRIES).len(), 2);
+            cache
+                .insert(ownership.clone(), None, "b-3".into(), &p, "auto", "m")
+                .await
+                .unwrap();
+            assert_eq!(readable(&cache), 3);
+            let only_a = Codec::from_key_file(&a).unwrap();
+            assert!(stored(&cache, CF_ENTRIES)
+                .iter()
+                .all(|v| only_a.decode(v).is_err()));
+        }
+        // B alone: everything was re-sealed, so everything is served.
+        {
+            let cache = open(Codec::from_key_file(&b).unwrap());
+            for (k, want) in [(&password, "a-1"), (&borrow, "a-2"), (&ownership, "b-3")] {
+                assert_eq!(
+                    response(cache.lookup(k, &p, 8).await.unwrap()).as_deref(),
+                    Some(want)
+                );
+            }
+        }
+        // A wrong key (with a wrong old one): misses, no errors.
+        let cache = open(Codec::from_key_files(&c, std::slice::from_ref(&a)).unwrap());
+        for k in [&password, &borrow, &ownership] {
+            assert_eq!(response(cache.lookup(k, &p, 8).await.unwrap()), None);
+        }
     }
 }

@@ -3,9 +3,10 @@
 //! live (RocksDB, the FAISS index, L1), the L1 map, and the byte encoding of
 //! vectors.
 
+use crate::entry::unsealed_exact;
 use crate::lifecycle::Op;
 use crate::metric_names as m;
-use crate::{CacheError, Entry, SemanticCache};
+use crate::{CacheError, Entry, Sealing, SemanticCache};
 use metrics::{counter, gauge};
 use rocksdb::WriteBatch;
 use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_VECTORS};
@@ -45,16 +46,43 @@ impl SemanticCache {
         let Some(bytes) = self.db().get_cf(self.cf(CF_ENTRIES), id.to_be_bytes())? else {
             return Ok(None);
         };
-        match self.codec.decode(&bytes) {
-            Ok(e) => Ok(Some(e)),
+        match self.codec.open(&bytes) {
+            Ok((e, sealing)) => {
+                if sealing == Sealing::Old {
+                    // Best effort: the entry is served either way.
+                    if let Err(err) = self.reseal(id, &e) {
+                        tracing::warn!(id, error = %err, "re-sealing a cache entry with the current key failed");
+                    }
+                }
+                Ok(Some(e))
+            }
             Err(err) => {
-                // Never serve what cannot be read: drop it.
+                // Never serve what cannot be read, nor what a keyed cache
+                // finds in the clear: drop it.
                 tracing::warn!(id, error = %err, "dropping unreadable cache entry");
                 counter!(m::REMOVED, "reason" => "unreadable").increment(1);
-                self.remove_ids(&[(id, None)])?;
+                self.remove_ids(&[(id, unsealed_exact(&bytes))])?;
                 Ok(None)
             }
         }
+    }
+
+    /// Store again, sealed with the current key, an entry that was opened with
+    /// an old one. The entry may be replaced or removed meanwhile, and every
+    /// live entry is the one its exact key points at: so write it, then take
+    /// it back if its exact key no longer points at it (whichever order the
+    /// writes land in, a removed entry stays removed).
+    pub(crate) fn reseal(&self, id: u64, entry: &Entry) -> Result<(), CacheError> {
+        let Ok(exact) = hex::decode(&entry.exact) else {
+            return Ok(());
+        };
+        let key = id.to_be_bytes();
+        self.db()
+            .put_cf(self.cf(CF_ENTRIES), key, self.codec.encode(entry)?)?;
+        if self.db().get_cf(self.cf(CF_EXACT), &exact)?.as_deref() != Some(&key[..]) {
+            self.db().delete_cf(self.cf(CF_ENTRIES), key)?;
+        }
+        Ok(())
     }
 
     pub(crate) fn load_exact(&self, exact: &[u8; 32]) -> Result<Option<Entry>, CacheError> {

@@ -405,6 +405,10 @@ pub struct RawCache {
     pub ivf_threshold: Option<usize>,
     /// 32-byte key (raw, or 64 hex characters) for AES-256-GCM at rest.
     pub encryption_key_file: Option<String>,
+    /// Keys of earlier rotations (same format): they open entries sealed
+    /// before, never seal new ones.
+    #[serde(default)]
+    pub encryption_old_key_files: Vec<String>,
     #[serde(default)]
     pub exclude: RawCacheExclude,
     /// Overrides per route alias or model name.

@@ -173,7 +173,11 @@ pub struct CacheConfig {
     pub top_k: usize,
     pub max_pending_inserts: usize,
     pub ivf_threshold: usize,
+    /// Seals new entries (and opens them).
     pub encryption_key_file: Option<PathBuf>,
+    /// Open entries sealed before a key rotation; never seal. Empty unless
+    /// `encryption_key_file` is set.
+    pub encryption_old_key_files: Vec<PathBuf>,
     /// Validated regular expressions.
     pub exclude_patterns: Vec<String>,
     pub detectors: Vec<Detector>,
@@ -483,6 +487,16 @@ impl Config {
             self.reload.watch.to_string(),
             new.reload.watch.to_string(),
         );
+        check(
+            "cache.encryption_key_file",
+            format!("{:?}", self.cache.encryption_key_file),
+            format!("{:?}", new.cache.encryption_key_file),
+        );
+        check(
+            "cache.encryption_old_key_files",
+            format!("{:?}", self.cache.encryption_old_key_files),
+            format!("{:?}", new.cache.encryption_old_key_files),
+        );
         out
     }
 
@@ -500,6 +514,7 @@ impl Config {
         new.logging.level = self.logging.level.clone();
         new.reload.watch = self.reload.watch;
         new.cache.encryption_key_file = self.cache.encryption_key_file.clone();
+        new.cache.encryption_old_key_files = self.cache.encryption_old_key_files.clone();
         new.cache.l1_entries = self.cache.l1_entries;
         new.ledger = self.ledger.clone();
         new
@@ -526,6 +541,34 @@ mod tests {
         let applied = old.with_restart_only_from(new);
         assert_eq!(applied.server.listen.port(), 1000);
         assert_eq!(applied.server.max_body_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn cache_encryption_keys_are_restart_only() {
+        let a = write_dir(&[
+            (MAIN_FILE, ""),
+            (
+                CACHE_FILE,
+                "cache:\n  encryption_key_file: a.key\n  ttl: 1h\n",
+            ),
+        ]);
+        let b = write_dir(&[(MAIN_FILE, ""), (
+            CACHE_FILE,
+            "cache:\n  encryption_key_file: b.key\n  encryption_old_key_files: [a.key]\n  ttl: 2h\n",
+        )]);
+        let old = load_dir(a.path()).unwrap();
+        let new = load_dir(b.path()).unwrap();
+        let changes = old.restart_only_changes(&new);
+        assert_eq!(changes.len(), 2, "{changes:?}");
+        assert!(changes[0].starts_with("cache.encryption_key_file"));
+        assert!(changes[1].starts_with("cache.encryption_old_key_files"));
+        let applied = old.with_restart_only_from(new);
+        assert_eq!(
+            applied.cache.encryption_key_file,
+            Some(a.path().join("a.key"))
+        );
+        assert!(applied.cache.encryption_old_key_files.is_empty());
+        assert_eq!(applied.cache.defaults.ttl.as_secs(), 7200);
     }
 
     #[test]

@@ -439,7 +439,8 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     }
 
     let codec = match &config.cache.encryption_key_file {
-        Some(path) => Codec::from_key_file(path).map_err(|e| anyhow::anyhow!("{e}"))?,
+        Some(path) => Codec::from_key_files(path, &config.cache.encryption_old_key_files)
+            .map_err(|e| anyhow::anyhow!("{e}"))?,
         None => Codec::plain(),
     };
     let cache = SemanticCache::open(

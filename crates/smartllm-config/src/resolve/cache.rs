@@ -1,5 +1,6 @@
 //! `cache.yaml`: the cache switch, default and per-route (or per-model)
-//! policies, index sizes, encryption key, and what is never cached.
+//! policies, index sizes, encryption keys (current and old), and what is
+//! never cached.
 
 use super::relative_to;
 use crate::raw::{RawCache, RawCachePolicy};
@@ -111,6 +112,34 @@ pub(super) fn resolve_cache(
     if !(1..=256).contains(&top_k) {
         v.push(CACHE_FILE, "cache.top_k", "must be between 1 and 256");
     }
+    let encryption_key_file = raw.encryption_key_file.map(|f| relative_to(dir, &f));
+    let mut encryption_old_key_files: Vec<std::path::PathBuf> = Vec::new();
+    if !raw.encryption_old_key_files.is_empty() && encryption_key_file.is_none() {
+        v.push(
+            CACHE_FILE,
+            "cache.encryption_old_key_files",
+            "needs cache.encryption_key_file: old keys only open entries sealed before a rotation, the current key seals new ones",
+        );
+    }
+    for (i, f) in raw.encryption_old_key_files.iter().enumerate() {
+        let at = format!("cache.encryption_old_key_files[{i}]");
+        if f.trim().is_empty() {
+            v.push(CACHE_FILE, at, "must name a key file");
+            continue;
+        }
+        let path = relative_to(dir, f);
+        if encryption_key_file.as_ref() == Some(&path) {
+            v.push(
+                CACHE_FILE,
+                at,
+                "is cache.encryption_key_file itself: list only keys of earlier rotations",
+            );
+        } else if encryption_old_key_files.contains(&path) {
+            v.push(CACHE_FILE, at, "is listed twice");
+        } else {
+            encryption_old_key_files.push(path);
+        }
+    }
     CacheConfig {
         enabled: raw.enabled.unwrap_or(false),
         defaults,
@@ -119,7 +148,8 @@ pub(super) fn resolve_cache(
         top_k: top_k.clamp(1, 256),
         max_pending_inserts: raw.max_pending_inserts.unwrap_or(1024).max(1),
         ivf_threshold: raw.ivf_threshold.unwrap_or(20_000).max(1_000),
-        encryption_key_file: raw.encryption_key_file.map(|f| relative_to(dir, &f)),
+        encryption_key_file,
+        encryption_old_key_files,
         exclude_patterns: raw.exclude.patterns,
         detectors,
     }
@@ -137,6 +167,7 @@ pub(super) fn unresolved() -> CacheConfig {
         max_pending_inserts: 1024,
         ivf_threshold: 20_000,
         encryption_key_file: None,
+        encryption_old_key_files: Vec::new(),
         exclude_patterns: Vec::new(),
         detectors: Vec::new(),
     }
@@ -190,5 +221,72 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("cache.routes.ghost"), "{err}");
+    }
+
+    #[test]
+    fn old_encryption_keys_resolve_and_are_validated() {
+        let files = |cache: &str| {
+            write_dir(&[
+                (MAIN_FILE, ""),
+                (PROVIDERS_FILE, PROVIDERS),
+                (MODELS_FILE, MODELS),
+                (CACHE_FILE, cache),
+            ])
+        };
+        let ok = "cache:\n  enabled: true\n  encryption_key_file: new.key\n  encryption_old_key_files:\n    - old.key\n    - /etc/older.key\n";
+        let dir = files(ok);
+        let c = load_dir(dir.path()).unwrap();
+        assert_eq!(
+            c.cache.encryption_key_file.as_deref(),
+            Some(dir.path().join("new.key").as_path())
+        );
+        assert_eq!(
+            c.cache.encryption_old_key_files,
+            vec![
+                dir.path().join("old.key"),
+                std::path::PathBuf::from("/etc/older.key")
+            ]
+        );
+        let none = load_dir(files("cache:\n  enabled: true\n").path()).unwrap();
+        assert!(none.cache.encryption_old_key_files.is_empty());
+
+        // Old keys without a current one.
+        let err = load_dir(
+            files("cache:\n  enabled: true\n  encryption_old_key_files: [old.key]\n").path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains(
+                "cache.yaml:3: cache.encryption_old_key_files: needs cache.encryption_key_file"
+            ),
+            "{err}"
+        );
+        // The current key listed as old, a key twice, an empty name: each by
+        // its position and line.
+        let bad = "cache:\n  encryption_key_file: k\n  encryption_old_key_files:\n    - a\n    - k\n    - a\n    - ''\n";
+        let err = load_dir(files(bad).path()).unwrap_err().to_string();
+        assert!(
+            err.contains("cache.yaml:5: cache.encryption_old_key_files[1]: is cache.encryption_key_file itself"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cache.yaml:6: cache.encryption_old_key_files[2]: is listed twice"),
+            "{err}"
+        );
+        assert!(
+            err.contains("cache.yaml:7: cache.encryption_old_key_files[3]: must name a key file"),
+            "{err}"
+        );
+        // A misspelt key is refused, with its line.
+        let err = load_dir(
+            files("cache:\n  encryption_key_file: k\n  encryption_old_key_file: a\n").path(),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.contains("cache.yaml:3") && err.contains("encryption_old_key_file"),
+            "{err}"
+        );
     }
 }
