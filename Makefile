@@ -41,15 +41,23 @@ venv: deps
 
 # Start the gateway on the shipped conf/. Without OPENAI_API_KEY or
 # ANTHROPIC_API_KEY it starts the bundled mock LLM too (demo mode).
+# The gateway runs on a copy of conf/ in $(DATA_DIR)/conf with the demo key
+# (demo/keys.yaml) spliced in: the shipped conf/ carries no usable key.
+RUN_CONF := $(DATA_DIR)/conf
 run: assets build
 	@mkdir -p "$(DATA_DIR)"
+	@rm -rf "$(RUN_CONF)" && cp -r "$(CONFIG)" "$(RUN_CONF)"
+	@sed -i -e '/^keys: \[\]/{r $(CURDIR)/demo/keys.yaml' -e 'd}' "$(RUN_CONF)/keys.yaml"
+	@grep -q 241225ddd2c375055fc3494c538ecf20525fbfd1adb00bf3f0ad30e8b13fcdf8 "$(RUN_CONF)/keys.yaml" \
+		|| { echo "could not add the demo key to $(RUN_CONF)/keys.yaml (it needs a 'keys: []' line)" >&2; exit 1; }
+	@echo "Config: $(RUN_CONF) (a copy of $(CONFIG) with the demo key sk-smartllm-demo; edit it for live reloads)"
 	@set -euo pipefail; \
 	if [ -z "$${OPENAI_API_KEY:-}$${ANTHROPIC_API_KEY:-}" ]; then \
 		echo "No provider key set: starting the bundled mock LLM on $(MOCK_LISTEN) (demo mode)"; \
 		"$(BIN)/mock-llm" --listen "$(MOCK_LISTEN)" --chunk-delay-ms 20 & MOCK=$$!; \
 		trap 'kill $$MOCK 2>/dev/null || true' EXIT INT TERM; \
 	fi; \
-	SMARTLLM_DATA_DIR="$(DATA_DIR)" "$(BIN)/smartllm" serve --config "$(CONFIG)"
+	SMARTLLM_DATA_DIR="$(DATA_DIR)" "$(BIN)/smartllm" serve --config "$(RUN_CONF)"
 
 check-config: build
 	"$(BIN)/smartllm" check --config "$(CONFIG)"

@@ -129,11 +129,31 @@ for _ in $(seq 1 120); do
 done
 [ -n "$ready" ] || { tail -30 "$work/serve.log"; fail "the installed gateway did not become ready"; }
 curl -fs "http://127.0.0.1:$admin/readyz" | grep -q '"embedder"' || fail "/readyz lacks the embedder"
-answer=$(curl -fs -H 'Authorization: Bearer sk-smartllm-demo' -H 'content-type: application/json' \
+# No usable key ships: the public demo key of `make run` is refused.
+demo=$(curl -s -o /dev/null -w '%{http_code}' -H 'Authorization: Bearer sk-smartllm-demo' -H 'content-type: application/json' \
+    -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' "http://127.0.0.1:$api/v1/chat/completions")
+[ "$demo" = 401 ] || fail "a fresh install answered $demo to the demo key, not 401"
+say "a fresh install answers 401 to the demo key"
+# An operator makes a key; the running service reloads keys.yaml and takes it.
+key=$(in_root /usr/bin/smartllm keys create pkg-test --tenant pkg --app test --config /etc/smartllm 2>>"$work/keys.log") \
+    || { cat "$work/keys.log"; fail "smartllm keys create"; }
+case "$key" in sk-smartllm-*) ;; *) fail "keys create printed no key: $key" ;; esac
+in_root grep -q "$key" /etc/smartllm/keys.yaml && fail "the key itself was written to keys.yaml"
+[ "$(in_root stat -c %U:%G /etc/smartllm/keys.yaml)" = root:smartllm ] || fail "keys create changed keys.yaml's owner"
+status=""
+for _ in $(seq 1 60); do
+    status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" -H 'content-type: application/json' \
+        -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hi"}]}' "http://127.0.0.1:$api/v1/chat/completions")
+    [ "$status" = 200 ] && break
+    sleep 0.25
+done
+[ "$status" = 200 ] || { tail -30 "$work/serve.log"; fail "the key made by keys create got $status"; }
+say "smartllm keys create: the key works once the service reloads, only its hash is stored"
+answer=$(curl -fs -H "Authorization: Bearer $key" -H 'content-type: application/json' \
     -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello from the package test"}]}' \
     "http://127.0.0.1:$api/v1/chat/completions") || { tail -30 "$work/serve.log"; fail "chat request"; }
 grep -q '"Mock reply to:' <<<"$answer" || fail "unexpected answer: $answer"
-again=$(curl -fsi -H 'Authorization: Bearer sk-smartllm-demo' -H 'content-type: application/json' \
+again=$(curl -fsi -H "Authorization: Bearer $key" -H 'content-type: application/json' \
     -d '{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello from the package test"}]}' \
     "http://127.0.0.1:$api/v1/chat/completions")
 grep -qi '^x-smartllm-cache: hit' <<<"$again" || fail "second request not a cache hit"

@@ -24,29 +24,27 @@ pub fn bin_dir() -> PathBuf {
 /// The binaries the tests start (each is also its package's name).
 const BINS: [&str; 2] = ["smartllm", "mock-llm"];
 
-/// Path of a workspace binary in [`bin_dir`], built first when missing.
+/// Path of a workspace binary in [`bin_dir`], built (or brought up to date)
+/// once per test process.
 ///
 /// `CARGO_BIN_EXE_<name>` only names binaries of the test's own package, and
 /// `cargo test -p smartllm-e2e` builds nothing of `smartllm` or `mock-llm` but
-/// their libraries, so the harness builds them itself: the first time a test
-/// of this process finds either binary missing, it runs
-/// `$CARGO build --locked --workspace --bins` (`CARGO` is the cargo
-/// that runs the tests; plain `cargo` without it) in the workspace, into this
-/// test binary's target dir and profile (`--release` when it sits in
-/// `release/`), once per process behind a `OnceLock` (the other tests wait
-/// for that build), and panics saying why if it fails. The whole workspace's
-/// binaries, as `make test` builds them: the same package selection resolves
-/// the same features, so the native libraries (RocksDB, FAISS) are not built
-/// a second time in another feature set. A binary already there
-/// is used as it is: `cargo build --release --bins` (`make test` does) keeps
-/// both up to date after a change.
+/// their libraries, so the harness builds them itself: the first test of this
+/// process runs `$CARGO build --locked --workspace --bins` (`CARGO` is the
+/// cargo that runs the tests; plain `cargo` without it) in the workspace, into
+/// this test binary's target dir and profile (`--release` when it sits in
+/// `release/`), behind a `OnceLock` (the other tests wait for it), and panics
+/// saying why if it fails. Every time, not only when a binary is missing: a
+/// stale binary would test old code; when nothing changed it is a no-op of a
+/// second. The whole workspace's binaries, as `make test` builds them: the
+/// same package selection resolves the same features, so the native
+/// libraries (RocksDB, FAISS) are not built a second time in another feature
+/// set.
 pub fn bin(name: &str) -> PathBuf {
     static BUILT: OnceLock<Result<(), String>> = OnceLock::new();
     let dir = bin_dir();
-    if BINS.iter().any(|b| !dir.join(b).is_file()) {
-        if let Err(e) = BUILT.get_or_init(|| build_bins(&dir)) {
-            panic!("{e}");
-        }
+    if let Err(e) = BUILT.get_or_init(|| build_bins(&dir)) {
+        panic!("{e}");
     }
     let p = dir.join(name);
     assert!(
@@ -80,7 +78,7 @@ fn build_bins(profile_dir: &Path) -> Result<(), String> {
         }
     }
     eprintln!(
-        "smartllm-e2e: {BINS:?} missing in {}, building: {cmd:?}",
+        "smartllm-e2e: bringing {BINS:?} in {} up to date: {cmd:?}",
         profile_dir.display()
     );
     match cmd.status() {

@@ -139,14 +139,7 @@ fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
         table.contains("web") && table.contains("total: 5 requests"),
         "{table}"
     );
-    let out = std::process::Command::new(bin("smartllm"))
-        .args(["keys", "hash", "sk-alice-1"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&out.stdout).trim(),
-        sha("sk-alice-1")
-    );
+    assert_eq!(hash_on_stdin("sk-alice-1"), sha("sk-alice-1"));
     assert_eq!(get(&gw.admin, "/admin/costs?group_by=planet").status, 400);
     // No key material anywhere.
     assert!(!gw.log_text().contains("sk-alice-1") && !gw.metrics().contains("sk-alice-1"));
@@ -251,4 +244,85 @@ fn suggestions_from_real_traffic() {
     // Bad parameters get a clear 400.
     let r = get(&gw.admin, "/admin/suggestions?since=yesterday");
     assert_eq!(r.status, 400);
+}
+
+/// `smartllm keys hash` with the key on standard input.
+fn hash_on_stdin(key: &str) -> String {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new(bin("smartllm"))
+        .args(["keys", "hash"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    writeln!(child.stdin.take().unwrap(), "{key}").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn keys_create_prints_a_key_once_that_a_running_gateway_accepts() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(ledger_gateway(&mock, ""));
+    let dir = gw.config.path().to_path_buf();
+    let out = Command::new(bin("smartllm"))
+        .args([
+            "keys", "create", "ci-bot", "--tenant", "acme", "--app", "ci",
+        ])
+        .args(["--model", "small", "--config"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    assert!(key.starts_with("sk-smartllm-") && key.len() > 40, "{key}");
+    assert!(err.contains("only time the key is shown"), "{err}");
+    // Only the hash is stored; the other keys are still there.
+    let yaml = std::fs::read_to_string(dir.join("keys.yaml")).unwrap();
+    assert!(!yaml.contains(&key), "{yaml}");
+    assert!(
+        yaml.contains(&sha(&key)) && yaml.contains(&sha("sk-alice-1")),
+        "{yaml}"
+    );
+    // The running gateway reloads the file and takes the key, for the models it allows.
+    assert!(
+        wait_until(Duration::from_secs(15), || ask(
+            &gw,
+            &key,
+            &chat_body("small", "hi")
+        )
+        .status
+            == 200),
+        "{}",
+        gw.log_text()
+    );
+    assert_eq!(ask(&gw, &key, &chat_body("big", "hi")).status, 403);
+    assert_eq!(
+        ask(&gw, "sk-alice-1", &chat_body("small", "hi")).status,
+        200
+    );
+    // A second key of the same name would make the config invalid: refused, file unchanged.
+    let out = Command::new(bin("smartllm"))
+        .args(["keys", "create", "ci-bot", "--config"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(out.stdout.is_empty(), "no key printed for a refused create");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("keys.yaml")).unwrap(),
+        yaml
+    );
+    // A key on the command line is refused (it would stay in shell history and ps).
+    let out = Command::new(bin("smartllm"))
+        .args(["keys", "hash", "sk-alice-1"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("standard input"));
+    // No key material in the gateway's log.
+    assert!(!gw.log_text().contains(&key));
 }

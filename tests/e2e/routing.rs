@@ -23,12 +23,18 @@ fn shipped_gateway(mock: &Mock) -> Gateway {
         &read("models.yaml"),
         &read("routes.yaml"),
     );
-    for f in [
+    // The shipped keys.yaml has no key: the demo key goes in as `make run` puts it.
+    let demo = std::fs::read_to_string(workspace_root().join("demo/keys.yaml")).unwrap();
+    let keys = read("keys.yaml");
+    assert!(
+        keys.contains("\nkeys: []\n"),
+        "conf/keys.yaml ships `keys: []`"
+    );
+    cfg.write(
         "keys.yaml",
-        "cache.yaml",
-        "tasks.tsv",
-        "router-learned.json",
-    ] {
+        &keys.replace("\nkeys: []\n", &format!("\n{demo}")),
+    );
+    for f in ["cache.yaml", "tasks.tsv", "router-learned.json"] {
         cfg.write(f, &read(f));
     }
     Gateway::start(cfg)

@@ -4,6 +4,7 @@
 use crate::common::*;
 use serde_json::{json, Value};
 use smartllm_e2e::*;
+use std::time::Duration;
 
 #[test]
 fn admin_api_requires_its_token_when_configured() {
@@ -57,6 +58,27 @@ fn admin_api_requires_its_token_when_configured() {
             .unwrap()
             .status,
         401
+    );
+    // Authentication comes before the body: a caller without the token
+    // announcing 64 MiB gets its 401 at once, nothing of the body read.
+    let head_only = |auth: &str, len: usize| {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&gw.admin).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        write!(c, "POST /admin/cache/purge HTTP/1.1\r\nHost: x\r\n{auth}Content-Type: application/json\r\nContent-Length: {len}\r\n\r\n").unwrap();
+        let mut out = String::new();
+        let _ = c.read_to_string(&mut out);
+        out
+    };
+    let started = std::time::Instant::now();
+    let r = head_only("", 64 << 20);
+    assert!(r.starts_with("HTTP/1.1 401"), "{r}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    // With the token, a body over 1 MiB is refused by its length (413).
+    let r = head_only("Authorization: Bearer adm-secret-42\r\n", 2 << 20);
+    assert!(
+        r.starts_with("HTTP/1.1 413") && r.contains("admin_body_too_large"),
+        "{r}"
     );
     // Probes and metrics stay open for orchestrators and Prometheus.
     assert_eq!(get(&gw.admin, "/healthz").status, 200);

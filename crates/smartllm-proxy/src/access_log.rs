@@ -45,7 +45,7 @@ pub fn finish(
     let overhead =
         (ctx.attempts > 0).then(|| total.saturating_sub(ctx.upstream_wait).as_secs_f64());
     let route = ctx.route.as_deref().unwrap_or("-");
-    let model = ctx.model.as_deref().unwrap_or("-");
+    let model = ctx.model().unwrap_or("-");
     let provider = ctx.provider.as_deref().unwrap_or("-");
     metrics::request(&metrics::RequestRecord {
         endpoint: ctx.endpoint,
@@ -58,7 +58,7 @@ pub fn finish(
     });
     // The ledger: every API request that reached a model, upstream or cache.
     let mut cost_usd = 0.0;
-    if let (Some(ledger), Some(rt), Some(model)) = (ledger, ctx.rt.as_ref(), ctx.model.as_deref()) {
+    if let (Some(ledger), Some(rt), Some(model)) = (ledger, ctx.rt.as_ref(), ctx.model()) {
         if let Some(m) = rt.config.model(model) {
             let p = price(&m.pricing);
             let used = ctx.usage.as_ref().map(tokens).unwrap_or_default();
@@ -82,7 +82,8 @@ pub fn finish(
                 tokens: used,
                 cost_nanos,
                 saved_nanos,
-                error: status >= 400 || status == 0,
+                // A stream that failed after its 200 (error_code set) is an error too.
+                error: status >= 400 || status == 0 || ctx.error_code.is_some(),
                 estimated: ctx.usage_estimated,
                 mix: Some(smartllm_ledger::Mix {
                     task: ctx.task.unwrap_or("-").to_string(),

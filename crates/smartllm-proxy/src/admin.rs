@@ -514,18 +514,67 @@ impl AdminApp {
     }
 }
 
+/// The most an admin request body may hold, and how long it may take to arrive.
+const MAX_ADMIN_BODY: usize = 1 << 20;
+const ADMIN_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// An admin request's body: at most [`MAX_ADMIN_BODY`] bytes (413 beyond, by
+/// its Content-Length or as it arrives) within [`ADMIN_BODY_DEADLINE`] (408).
+async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, (u16, &'static str, String)> {
+    let too_large = || {
+        (
+            413,
+            "admin_body_too_large",
+            format!("Admin request bodies are limited to {MAX_ADMIN_BODY} bytes."),
+        )
+    };
+    let declared = session
+        .req_header()
+        .headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok());
+    if declared.is_some_and(|n| n > MAX_ADMIN_BODY as u64) {
+        return Err(too_large());
+    }
+    let read = async {
+        let mut body = Vec::new();
+        while let Some(chunk) = session.read_request_body().await.map_err(|e| {
+            (
+                400,
+                "admin_body_unreadable",
+                format!(
+                    "The request body could not be read: {}.",
+                    e.etype().as_str()
+                ),
+            )
+        })? {
+            if body.len() + chunk.len() > MAX_ADMIN_BODY {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok(body)
+    };
+    match tokio::time::timeout(ADMIN_BODY_DEADLINE, read).await {
+        Ok(r) => r,
+        Err(_) => Err((
+            408,
+            "request_timeout",
+            format!(
+                "The request body did not arrive within {}s.",
+                ADMIN_BODY_DEADLINE.as_secs()
+            ),
+        )),
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
         let method = session.req_header().method.as_str().to_string();
         let path = session.req_header().uri.path().to_string();
-        // Read the (small) request body; anything past 1 MiB is drained and dropped.
-        let mut body = Vec::new();
-        while let Ok(Some(chunk)) = session.read_request_body().await {
-            if body.len() + chunk.len() <= 1 << 20 {
-                body.extend_from_slice(&chunk);
-            }
-        }
+        // Authenticate first: a caller without the token never gets its body read.
         if path.starts_with("/admin/") {
             let rt = self.shared.runtime.load_full();
             if let Some(token) = &rt.admin_token {
@@ -537,6 +586,8 @@ impl ServeHttp for AdminApp {
                     .and_then(|v| v.strip_prefix("Bearer "))
                     .unwrap_or("");
                 if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
+                    // The body is left unread: the connection cannot be reused.
+                    session.set_keepalive(None);
                     return json_reply(
                         401,
                         &json!({"error": {"message": "The admin API needs its token: send 'Authorization: Bearer ADMIN_TOKEN' (admin.token_env / admin.token_file).", "type": "invalid_request_error", "param": null, "code": "invalid_admin_token"}}),
@@ -544,6 +595,16 @@ impl ServeHttp for AdminApp {
                 }
             }
         }
+        let body = match read_body(session).await {
+            Ok(b) => b,
+            Err((status, code, message)) => {
+                session.set_keepalive(None);
+                return json_reply(
+                    status,
+                    &json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": code}}),
+                );
+            }
+        };
         match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => {
                 // jemalloc serves Rust and the native libraries (ONNX Runtime,

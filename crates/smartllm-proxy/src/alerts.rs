@@ -1,8 +1,10 @@
 //! Budget alert delivery: a background service that takes the alerts the
 //! quotas raise (on a bounded channel) and POSTs each to its budget's webhook,
 //! retried with backoff (0.5, 1, 2 s; 4 attempts) on its own connections,
-//! never on a request's path. Deliveries in progress are tracked, and a
-//! shutdown gives them a moment to finish.
+//! never on a request's path. It keeps delivering through a graceful stop
+//! (requests still draining raise alerts too: a threshold alerts once, so a
+//! dropped alert would never be sent); deliveries are tracked in
+//! `Shared::alert_deliveries`, and the final stop waits for them, bounded.
 
 use crate::Shared;
 use async_trait::async_trait;
@@ -15,7 +17,6 @@ use smartllm_config::Url;
 use smartllm_quota::Alert;
 use std::sync::Arc;
 use std::time::Duration;
-use tokio_util::task::TaskTracker;
 
 pub struct AlertService {
     pub shared: Arc<Shared>,
@@ -23,7 +24,7 @@ pub struct AlertService {
 
 #[async_trait]
 impl BackgroundService for AlertService {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
+    async fn start(&self, _shutdown: ShutdownWatch) {
         let Some(mut alerts) = self
             .shared
             .alerts
@@ -35,20 +36,12 @@ impl BackgroundService for AlertService {
         };
         // Outbound connections for webhooks, kept apart from upstream pools.
         let connector = Arc::new(Connector::new(None));
-        let deliveries = TaskTracker::new();
-        loop {
-            tokio::select! {
-                alert = alerts.recv() => match alert {
-                    Some(alert) => {
-                        deliveries.spawn(deliver(connector.clone(), alert));
-                    }
-                    None => break,
-                },
-                _ = shutdown.changed() => break,
-            }
+        // Not ended by Pingora's shutdown signal: the process's end is.
+        while let Some(alert) = alerts.recv().await {
+            self.shared
+                .alert_deliveries
+                .spawn(deliver(connector.clone(), alert));
         }
-        deliveries.close();
-        let _ = tokio::time::timeout(Duration::from_secs(5), deliveries.wait()).await;
     }
 }
 

@@ -13,7 +13,9 @@ pub struct Ctx {
     pub rt: Option<Arc<Runtime>>,
     pub endpoint: &'static str,
     pub route: Option<String>,
-    pub model: Option<String>,
+    /// The model serving the request: read with [`Ctx::model`], set only
+    /// by [`Ctx::set_model`].
+    model: Option<String>,
     pub provider: Option<String>,
     pub upstream_model: Option<String>,
     pub status: u16,
@@ -133,6 +135,11 @@ impl Ctx {
                 p.model = model.to_string();
             }
         }
+    }
+
+    /// The model serving the request, once known.
+    pub fn model(&self) -> Option<&str> {
+        self.model.as_deref()
     }
 
     /// Who the request is for, as limits, budgets and spend see it.

@@ -72,6 +72,8 @@ pub struct Shared {
     /// Background work a request leaves behind (cache inserts); a drain
     /// waits for it before the data dir closes.
     pub tasks: tokio_util::task::TaskTracker,
+    /// Budget alert webhooks being delivered (the final stop waits for them).
+    pub alert_deliveries: tokio_util::task::TaskTracker,
     /// Live model profiles (EWMA latency, TTFT, speed, errors) for the router.
     pub profiles: smartllm_router::LiveProfiles,
     /// Circuit breakers per deployment (they outlive reloads).
@@ -115,6 +117,7 @@ impl Shared {
             quotas: Arc::new(quotas),
             alerts: Mutex::new(Some(alerts)),
             tasks: tokio_util::task::TaskTracker::new(),
+            alert_deliveries: tokio_util::task::TaskTracker::new(),
             profiles: smartllm_router::LiveProfiles::default(),
             breakers: smartllm_router::Breakers::default(),
             in_flight: std::sync::atomic::AtomicUsize::new(0),

@@ -33,8 +33,8 @@ pub fn header(
         h.insert_header("content-length", len.to_string())?;
     }
     h.insert_header("x-request-id", ctx.request_id.as_str())?;
-    if let Some(m) = &ctx.model {
-        h.insert_header("x-smartllm-model", m.as_str())?;
+    if let Some(m) = ctx.model() {
+        h.insert_header("x-smartllm-model", m)?;
     }
     if let Some(p) = &ctx.provider {
         h.insert_header("x-smartllm-provider", p.as_str())?;
@@ -46,7 +46,7 @@ pub fn header(
         h.insert_header("x-smartllm-similarity", format!("{sim:.4}"))?;
     }
     if let Some(r) = &ctx.route {
-        let model = ctx.model.as_deref().unwrap_or("-");
+        let model = ctx.model().unwrap_or("-");
         h.insert_header(
             "x-smartllm-route",
             format!("{r}; model={model}; reason={}", ctx.route_reason),

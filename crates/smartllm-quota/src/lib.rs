@@ -247,6 +247,11 @@ impl Quotas {
     pub fn tasks(&self) -> &TaskTracker {
         &self.tasks
     }
+
+    /// Alerts queued and not yet taken by the delivery service.
+    pub fn alerts_queued(&self) -> usize {
+        self.alerts.max_capacity() - self.alerts.capacity()
+    }
 }
 
 #[cfg(test)]

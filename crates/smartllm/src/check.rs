@@ -16,6 +16,9 @@ pub fn check(dir: &Path) -> ExitCode {
                 c.routes.len(),
                 c.digest
             );
+            if c.keys.require_key && c.keys.keys.is_empty() {
+                println!("note: keys.yaml lists no key, so every request is refused (401): make one with `smartllm keys create NAME --config {}`", dir.display());
+            }
             for p in c.providers.values() {
                 match &p.api_key {
                     smartllm_config::ApiKeySource::Env(var)

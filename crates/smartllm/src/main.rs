@@ -25,6 +25,7 @@ mod admin_client;
 mod cache_cli;
 mod check;
 mod costs_cli;
+mod keys_cli;
 mod printers;
 mod routing_cli;
 
@@ -138,8 +139,30 @@ enum RouteCmd {
 
 #[derive(Subcommand)]
 enum KeysCmd {
-    /// Print the sha256 to put in keys.yaml for a key (read from stdin if omitted).
-    Hash { key: Option<String> },
+    /// Make a new random virtual key: print it once (the only time it is
+    /// shown) and add only its sha256 to the config directory's keys.yaml.
+    Create {
+        /// The key's name (unique; shown in the ledger, logs and metrics).
+        name: String,
+        /// The tenant the key's requests belong to (default: the key's name).
+        #[arg(long)]
+        tenant: Option<String>,
+        /// The application within the tenant.
+        #[arg(long)]
+        app: Option<String>,
+        /// A model or route alias the key may use (repeat; none = all).
+        #[arg(long = "model")]
+        models: Vec<String>,
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print the sha256 to put in keys.yaml for a key read from standard
+    /// input (never from the command line, where history and ps keep it).
+    Hash {
+        /// Refused: pass the key on standard input.
+        #[arg(hide = true)]
+        key: Option<String>,
+    },
 }
 
 #[derive(Subcommand)]
@@ -225,16 +248,48 @@ fn main() -> ExitCode {
         Command::Keys {
             action: KeysCmd::Hash { key },
         } => {
-            let key = key.unwrap_or_else(|| {
-                let mut s = String::new();
-                let _ = std::io::stdin().read_line(&mut s);
-                s.trim().to_string()
-            });
-            println!(
-                "{}",
-                hex::encode(<sha2::Sha256 as sha2::Digest>::digest(key.as_bytes()))
-            );
-            ExitCode::SUCCESS
+            if key.is_some() {
+                eprintln!("smartllm: a key on the command line ends up in shell history and ps; pass it on standard input: smartllm keys hash < key-file");
+                return ExitCode::from(2);
+            }
+            match keys_cli::hash_stdin() {
+                Ok(h) => {
+                    println!("{h}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => exit("keys hash", Err(e)),
+            }
+        }
+        Command::Keys {
+            action:
+                KeysCmd::Create {
+                    name,
+                    tenant,
+                    app,
+                    models,
+                    config,
+                },
+        } => {
+            let new = keys_cli::NewKey {
+                name: &name,
+                tenant: tenant.as_deref().unwrap_or(&name),
+                app: app.as_deref().unwrap_or("default"),
+                models: &models,
+            };
+            match keys_cli::create(&config, &new) {
+                Ok(key) => {
+                    println!("{key}");
+                    eprintln!(
+                        "smartllm: created key '{}' (tenant '{}', app '{}'); only its sha256 is in {}. This is the only time the key is shown. A running gateway picks it up on its next reload (file watch or SIGHUP).",
+                        new.name,
+                        new.tenant,
+                        new.app,
+                        config.join(smartllm_config::KEYS_FILE).display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => exit("keys create", Err(e)),
+            }
         }
         Command::Costs {
             action:
@@ -403,7 +458,9 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         // Pingora sleeps this long after it stops accepting and before it
         // cancels what still runs; the finisher below exits as soon as the
         // in-flight requests are done, so this is only the upper bound.
-        grace_period_seconds: Some((config.server.grace_period + drain_timeout).as_secs() + 5),
+        grace_period_seconds: Some(
+            (config.server.grace_period + drain_timeout + BACKGROUND_WAIT).as_secs() + 5,
+        ),
         graceful_shutdown_timeout_seconds: Some(drain_timeout.as_secs()),
         pid_file: config.data_dir.join("smartllm.pid").display().to_string(),
         upgrade_sock: config.data_dir.join("upgrade.sock").display().to_string(),
@@ -458,6 +515,8 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         .context("starting the cost ledger writer")?;
     if !config.keys.require_key {
         tracing::warn!("keys.yaml requires no key: the gateway is open to anyone who can reach it");
+    } else if config.keys.keys.is_empty() {
+        tracing::warn!("keys.yaml lists no key: every request is refused (401) until one is made with `smartllm keys create NAME`");
     }
 
     let shared = Shared::new(
@@ -616,18 +675,24 @@ impl Finisher {
     fn finish(&self) {
         self.done.call_once(|| {
             // Tracked background work first: cache inserts write RocksDB,
-            // fleet writes carry spend to Redis.
-            let trackers = [&self.shared.tasks, self.shared.quotas.tasks()];
-            for t in trackers {
-                t.close();
-            }
+            // fleet writes carry spend to Redis and may raise alerts, whose
+            // webhooks are then delivered. In that order, within one bound.
+            let shared = &self.shared;
             let started = Instant::now();
-            while trackers.iter().any(|t| !t.is_empty()) && started.elapsed() < BACKGROUND_WAIT {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            let left: usize = trackers.iter().map(|t| t.len()).sum();
+            let wait = |done: &dyn Fn() -> bool| {
+                while !done() && started.elapsed() < BACKGROUND_WAIT {
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            };
+            wait(&|| shared.tasks.is_empty() && shared.quotas.tasks().is_empty());
+            wait(&|| shared.quotas.alerts_queued() == 0);
+            wait(&|| shared.alert_deliveries.is_empty());
+            let left = shared.tasks.len()
+                + shared.quotas.tasks().len()
+                + shared.quotas.alerts_queued()
+                + shared.alert_deliveries.len();
             if left > 0 {
-                tracing::warn!(left, "stopping with background tasks unfinished");
+                tracing::warn!(left, "stopping with background work unfinished (cache inserts, fleet writes, alert webhooks)");
             }
             if let Err(e) = self.cache.persist() {
                 tracing::error!(error = %e, "saving the cache index failed; it will be rebuilt at the next start");

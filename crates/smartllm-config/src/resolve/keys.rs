@@ -64,14 +64,11 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
             limits,
         });
     }
+    // `require_key: true` with no key listed is how the gateway is installed:
+    // every request is refused (401) until an operator makes keys
+    // (`smartllm keys create`), which a running gateway reloads. `serve` and
+    // `check` say so; it is not an error.
     let require_key = raw.require_key.unwrap_or(!keys.is_empty());
-    if require_key && keys.is_empty() {
-        v.push(
-            KEYS_FILE,
-            "require_key",
-            "is true but no key is listed: every request would be refused",
-        );
-    }
     let mut apps = BTreeMap::new();
     for (name, a) in &raw.apps {
         if !name.contains('/') {
@@ -252,5 +249,27 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("keys[1].models[0]"), "{err}");
+    }
+
+    /// How the gateway is installed: a key is required and none is listed
+    /// yet. It loads (every request gets 401 until `smartllm keys create`).
+    #[test]
+    fn a_required_key_with_none_listed_loads() {
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (KEYS_FILE, "require_key: true\nkeys: []\n"),
+        ]);
+        let c = load_dir(dir.path()).unwrap();
+        assert!(c.keys.require_key && c.keys.keys.is_empty());
+        // Without `require_key`, an empty list leaves the gateway open.
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (KEYS_FILE, "keys: []\n"),
+        ]);
+        assert!(!load_dir(dir.path()).unwrap().keys.require_key);
     }
 }

@@ -22,7 +22,8 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
     }
     let cost = access_log::finish(session, e, ctx, shared.ledger.as_ref());
     if let Some((exp, arm)) = &ctx.experiment {
-        metrics::experiment(exp, arm, ctx.status < 400, cost);
+        let ok = ctx.status < 400 && ctx.error_code.is_none();
+        metrics::experiment(exp, arm, ok, cost);
     }
     if let Some(rt) = rt {
         shared

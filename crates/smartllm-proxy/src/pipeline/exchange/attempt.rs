@@ -118,11 +118,7 @@ pub(super) async fn once(
     let ttft = sent_at.elapsed();
     ctx.ttft = Some(ttft);
     ctx.upstream_wait += wait_start.elapsed();
-    metrics::ttft(
-        ctx.model.as_deref().unwrap_or("-"),
-        &pname,
-        ttft.as_secs_f64(),
-    );
+    metrics::ttft(ctx.model().unwrap_or("-"), &pname, ttft.as_secs_f64());
 
     let Some(resp) = up.response_header() else {
         return Attempt::Fail(ApiError::bad_gateway(

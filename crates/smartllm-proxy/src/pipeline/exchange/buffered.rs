@@ -56,7 +56,7 @@ pub(super) async fn relay(
     let (out, usage) = match x.translate {
         Translate::OpenAi => (body, Usage::from_openai(&v)),
         Translate::Anthropic => {
-            let (o, u) = anthropic::response_to_openai(&v, ctx.model.as_deref().unwrap_or(""));
+            let (o, u) = anthropic::response_to_openai(&v, ctx.model().unwrap_or(""));
             (serde_json::to_vec(&o).unwrap_or_default(), Some(u))
         }
     };

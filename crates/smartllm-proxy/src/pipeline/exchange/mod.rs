@@ -127,7 +127,7 @@ pub async fn run(
     let mut last_err = None;
     for (mi, pool) in pools.iter().enumerate() {
         if mi > 0 {
-            let from = ctx.model.clone().unwrap_or_default();
+            let from = ctx.model().unwrap_or_default().to_string();
             metrics::fallback(ctx.route.as_deref().unwrap_or("-"), &from, &pool.model);
             tracing::info!(request_id = %ctx.request_id, from = %from, to = %pool.model, error = ?last_err.as_ref().map(|e: &ApiError| e.message.clone()), "falling back to the next model");
             ctx.route_reason = format!("fallback:{from}");

@@ -94,7 +94,7 @@ pub(super) async fn relay(
     let mut tr = match translate {
         Translate::OpenAi => Translator::OpenAi(OpenAiStreamFilter::new(req.client_wants_usage)),
         Translate::Anthropic => Translator::Anthropic(AnthropicStream::new(
-            ctx.model.as_deref().unwrap_or(""),
+            ctx.model().unwrap_or(""),
             req.client_wants_usage,
         )),
     };

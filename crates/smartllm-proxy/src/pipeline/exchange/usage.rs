@@ -48,7 +48,7 @@ pub(super) fn estimate_usage(req: &ParsedRequest, completion: &str) -> Usage {
 pub(super) fn record_usage(ctx: &mut Ctx, usage: Option<Usage>) {
     if let Some(u) = usage {
         metrics::tokens(
-            ctx.model.as_deref().unwrap_or("-"),
+            ctx.model().unwrap_or("-"),
             u.prompt_tokens,
             u.completion_tokens,
             u.cached_tokens,

@@ -1,0 +1,245 @@
+//! `smartllm keys`: virtual keys. `create` makes a random key, prints it once
+//! and stores only its sha256 in the config directory's keys.yaml (checked
+//! as a whole config before it is written, then swapped in atomically, so a
+//! running gateway reloads a valid file or none). `hash` prints the sha256 of
+//! a key read from standard input: a key never goes on a command line, where
+//! shell history and `ps` would keep it.
+
+use anyhow::{bail, Context};
+use sha2::Digest;
+use std::collections::BTreeMap;
+use std::io::Read;
+use std::path::Path;
+
+/// Random bytes in a key (192 bits).
+const KEY_BYTES: usize = 24;
+const KEY_PREFIX: &str = "sk-smartllm-";
+
+/// Who a new key is for.
+pub struct NewKey<'a> {
+    pub name: &'a str,
+    pub tenant: &'a str,
+    pub app: &'a str,
+    pub models: &'a [String],
+}
+
+/// The sha256 of `key`, as keys.yaml stores it.
+pub fn sha256_hex(key: &str) -> String {
+    hex::encode(sha2::Sha256::digest(key.as_bytes()))
+}
+
+/// A new random key from the OS's CSPRNG.
+fn random_key() -> anyhow::Result<String> {
+    let mut bytes = [0u8; KEY_BYTES];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .context("reading /dev/urandom")?;
+    Ok(format!("{KEY_PREFIX}{}", hex::encode(bytes)))
+}
+
+/// `keys hash`: the sha256 of the key on standard input (one line).
+pub fn hash_stdin() -> anyhow::Result<String> {
+    let mut s = String::new();
+    std::io::stdin()
+        .read_line(&mut s)
+        .context("reading the key from standard input")?;
+    let key = s.trim();
+    if key.is_empty() {
+        bail!("no key on standard input (smartllm keys hash < file, or type it and press Enter)");
+    }
+    Ok(sha256_hex(key))
+}
+
+/// `keys create`: add a new key to `dir`/keys.yaml; returns the key (shown
+/// once, never stored).
+pub fn create(dir: &Path, new: &NewKey<'_>) -> anyhow::Result<String> {
+    let path = dir.join(smartllm_config::KEYS_FILE);
+    let current = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    // Names are how the ledger, logs and metrics tell keys apart.
+    if let Ok(cfg) = smartllm_config::load_dir(dir) {
+        if cfg.keys.keys.iter().any(|k| k.name == new.name) {
+            bail!(
+                "a key named '{}' already exists in {}",
+                new.name,
+                path.display()
+            );
+        }
+    }
+    let key = random_key()?;
+    let text = with_key(&current, new, &sha256_hex(&key));
+    // The whole directory must still load with the new file.
+    let mut texts: BTreeMap<&'static str, String> = BTreeMap::new();
+    for file in smartllm_config::FILES {
+        if file == smartllm_config::KEYS_FILE {
+            continue;
+        }
+        match std::fs::read_to_string(dir.join(file)) {
+            Ok(t) => {
+                texts.insert(file, t);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                return Err(e).with_context(|| format!("reading {}", dir.join(file).display()))
+            }
+        }
+    }
+    texts.insert(smartllm_config::KEYS_FILE, text.clone());
+    smartllm_config::load_texts(dir, texts)
+        .map_err(|e| anyhow::anyhow!("the new key would make the config invalid:\n{e}"))?;
+    // Atomic swap, keeping the file's owner, group and mode (the service
+    // user must still read it: packages install it root:smartllm 0640).
+    let tmp = dir.join(format!(".{}.new", smartllm_config::KEYS_FILE));
+    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
+    if let Ok(meta) = std::fs::metadata(&path) {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::set_permissions(&tmp, meta.permissions())
+            .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())))
+            .with_context(|| {
+                format!(
+                    "giving {} the owner and mode of {}",
+                    tmp.display(),
+                    path.display()
+                )
+            })?;
+    }
+    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+    Ok(key)
+}
+
+/// `current` keys.yaml with an entry for `new` (whose key hashes to `sha`)
+/// first under `keys:`, in the file's own list indentation; comments and the
+/// rest of the file are kept as they are.
+fn with_key(current: &str, new: &NewKey<'_>, sha: &str) -> String {
+    let models = new
+        .models
+        .iter()
+        .map(|m| serde_json::to_string(m).unwrap_or_default())
+        .collect::<Vec<_>>()
+        .join(", ");
+    let entry = |indent: &str| {
+        let pad = format!("{indent}  ");
+        format!(
+            "{indent}- name: {}\n{pad}sha256: {sha}\n{pad}tenant: {}\n{pad}app: {}\n{pad}models: [{models}]\n",
+            yaml_str(new.name),
+            yaml_str(new.tenant),
+            yaml_str(new.app),
+        )
+    };
+    let lines: Vec<&str> = current.split_inclusive('\n').collect();
+    let keys_line = lines.iter().position(|l| {
+        let t = l.trim_end();
+        t == "keys:"
+            || t.starts_with("keys: ")
+            || t.starts_with("keys:#")
+            || t.starts_with("keys:[")
+    });
+    let Some(i) = keys_line else {
+        let mut out = current.to_string();
+        if !out.is_empty() && !out.ends_with('\n') {
+            out.push('\n');
+        }
+        out.push_str("keys:\n");
+        out.push_str(&entry("  "));
+        return out;
+    };
+    let head = lines[i].trim_end();
+    let value = head
+        .trim_start_matches("keys:")
+        .split('#')
+        .next()
+        .unwrap_or("")
+        .trim();
+    let mut out = String::new();
+    for l in &lines[..i] {
+        out.push_str(l);
+    }
+    if value == "[]" {
+        // `keys: []` becomes a block list.
+        out.push_str("keys:\n");
+    } else {
+        out.push_str(lines[i]);
+        if !lines[i].ends_with('\n') {
+            out.push('\n');
+        }
+    }
+    // Items are indented like the first existing one (YAML allows column 0).
+    let indent = lines[i + 1..]
+        .iter()
+        .find(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))
+        .filter(|l| l.trim_start().starts_with("- "))
+        .map_or("  ".to_string(), |l| {
+            l[..l.len() - l.trim_start().len()].to_string()
+        });
+    out.push_str(&entry(&indent));
+    for l in &lines[i + 1..] {
+        out.push_str(l);
+    }
+    out
+}
+
+/// A YAML scalar that stays a string whatever it holds.
+fn yaml_str(s: &str) -> String {
+    serde_json::to_string(s).unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn new_key<'a>(models: &'a [String]) -> NewKey<'a> {
+        NewKey {
+            name: "web",
+            tenant: "acme",
+            app: "shop",
+            models,
+        }
+    }
+
+    #[test]
+    fn an_empty_list_becomes_a_block_with_the_new_key() {
+        let text = "# keys\nrequire_key: true\nkeys: []   # none yet\nbudgets: []\n";
+        let out = with_key(text, &new_key(&[]), "ab");
+        assert_eq!(
+            out,
+            "# keys\nrequire_key: true\nkeys:\n  - name: \"web\"\n    sha256: ab\n    tenant: \"acme\"\n    app: \"shop\"\n    models: []\nbudgets: []\n"
+        );
+        let v: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(v["keys"][0]["tenant"], "acme");
+    }
+
+    #[test]
+    fn existing_keys_and_their_indentation_are_kept() {
+        let models = vec!["gpt-4o-mini".to_string()];
+        for text in [
+            "keys:\n  - name: a\n    sha256: x\n",
+            "keys:\n- name: a\n  sha256: x\n",
+        ] {
+            let out = with_key(text, &new_key(&models), "ab");
+            let v: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+            let keys = v["keys"].as_sequence().unwrap();
+            assert_eq!(keys.len(), 2, "{out}");
+            assert_eq!(keys[0]["name"], "web");
+            assert_eq!(keys[0]["models"][0], "gpt-4o-mini");
+            assert_eq!(keys[1]["name"], "a");
+        }
+        // No keys section at all: one is added.
+        let out = with_key("require_key: true", &new_key(&[]), "ab");
+        let v: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(v["keys"][0]["sha256"], "ab");
+    }
+
+    #[test]
+    fn keys_are_random_and_hash_like_keys_yaml_expects() {
+        let (a, b) = (random_key().unwrap(), random_key().unwrap());
+        assert_ne!(a, b);
+        assert!(a.starts_with(KEY_PREFIX) && a.len() == KEY_PREFIX.len() + 2 * KEY_BYTES);
+        assert_eq!(
+            sha256_hex("sk-smartllm-demo"),
+            "241225ddd2c375055fc3494c538ecf20525fbfd1adb00bf3f0ad30e8b13fcdf8"
+        );
+    }
+}
