@@ -83,24 +83,53 @@ impl std::fmt::Debug for Codec {
     }
 }
 
+/// Why a key file cannot be used (`setting` names the config key).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFileError {
+    #[error("{setting} {}: {error}", path.display())]
+    Read {
+        setting: String,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{setting} {}: {error}", path.display())]
+    Hex {
+        setting: String,
+        path: PathBuf,
+        error: hex::FromHexError,
+    },
+    #[error("{setting} {}: expected 32 raw bytes or 64 hex characters, found {len} bytes (make one with: openssl rand -hex 32)", path.display())]
+    Length {
+        setting: String,
+        path: PathBuf,
+        len: usize,
+    },
+}
+
 /// Read a key file: 32 raw bytes, or 64 hex characters (whitespace ignored).
 /// `setting` names the config key in errors.
-fn read_key(path: &Path, setting: &str) -> Result<Aes256Gcm, String> {
-    let raw = std::fs::read(path).map_err(|e| format!("{setting} {}: {e}", path.display()))?;
+fn read_key(path: &Path, setting: &str) -> Result<Aes256Gcm, KeyFileError> {
+    let raw = std::fs::read(path).map_err(|error| KeyFileError::Read {
+        setting: setting.to_string(),
+        path: path.to_path_buf(),
+        error,
+    })?;
     let text = String::from_utf8_lossy(&raw);
     let hex_text: String = text.chars().filter(|c| !c.is_whitespace()).collect();
     let key = if hex_text.len() == 64 && hex_text.chars().all(|c| c.is_ascii_hexdigit()) {
-        hex::decode(&hex_text).map_err(|e| format!("{setting} {}: {e}", path.display()))?
-    } else if raw.len() == 32 {
-        raw
+        hex::decode(&hex_text).map_err(|error| KeyFileError::Hex {
+            setting: setting.to_string(),
+            path: path.to_path_buf(),
+            error,
+        })?
     } else {
-        return Err(format!(
-            "{setting} {}: expected 32 raw bytes or 64 hex characters, found {} bytes (make one with: openssl rand -hex 32)",
-            path.display(),
-            raw.len()
-        ));
+        raw
     };
-    Aes256Gcm::new_from_slice(&key).map_err(|e| format!("{setting} {}: {e}", path.display()))
+    Aes256Gcm::new_from_slice(&key).map_err(|_| KeyFileError::Length {
+        setting: setting.to_string(),
+        path: path.to_path_buf(),
+        len: key.len(),
+    })
 }
 
 impl Codec {
@@ -112,14 +141,14 @@ impl Codec {
     }
 
     /// Read a key file: 32 raw bytes, or 64 hex characters (whitespace ignored).
-    pub fn from_key_file(path: &Path) -> Result<Self, String> {
+    pub fn from_key_file(path: &Path) -> Result<Self, KeyFileError> {
         Self::from_key_files(path, &[])
     }
 
     /// The current key (`cache.encryption_key_file`) seals new entries; the
     /// old ones (`cache.encryption_old_key_files`, same format) only open
     /// entries sealed before a rotation.
-    pub fn from_key_files(current: &Path, old: &[PathBuf]) -> Result<Self, String> {
+    pub fn from_key_files(current: &Path, old: &[PathBuf]) -> Result<Self, KeyFileError> {
         let cipher = read_key(current, "cache.encryption_key_file")?;
         let old = old
             .iter()
@@ -277,6 +306,7 @@ mod tests {
         std::fs::write(&bad, "too short").unwrap();
         assert!(Codec::from_key_file(&bad)
             .unwrap_err()
+            .to_string()
             .contains("64 hex characters"));
         assert!(Codec::from_key_file(&dir.path().join("missing")).is_err());
     }
@@ -365,7 +395,9 @@ mod tests {
         assert_eq!(many.open(&sealed_a).unwrap().1, Sealing::Old);
         assert_eq!(many.open(&sealed_b).unwrap().1, Sealing::Old);
         // A bad old key file is named by its position.
-        let err = Codec::from_key_files(&b, &[a.clone(), dir.path().join("missing")]).unwrap_err();
+        let err = Codec::from_key_files(&b, &[a.clone(), dir.path().join("missing")])
+            .unwrap_err()
+            .to_string();
         assert!(
             err.starts_with("cache.encryption_old_key_files[1] "),
             "{err}"

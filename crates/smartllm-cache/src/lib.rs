@@ -24,7 +24,7 @@ mod storage;
 mod test_support;
 
 pub use admin::{CacheStats, Purge};
-pub use entry::{Codec, CodecError, Entry, Sealing};
+pub use entry::{Codec, CodecError, Entry, KeyFileError, Sealing};
 pub use guard::{near_miss, Exclusions};
 pub use index::{IndexError, VectorIndex};
 pub use key::{chat_key, CacheKey};

@@ -94,25 +94,18 @@ fn build_session(
     env: &ort::environment::Environment,
     cfg: &EmbedderConfig,
     cuda: bool,
-) -> Result<ort::session::Session, String> {
-    let mut builder = ort::session::Session::builder(env)
-        .map_err(|e| e.to_string())?
-        .with_intra_threads(1)
-        .map_err(|e| e.to_string())?
+) -> Result<ort::session::Session, ort::Error> {
+    let mut builder = ort::session::Session::builder(env)?
+        .with_intra_threads(1)?
         // Every batch has its own shape (texts x tokens): ONNX Runtime's
         // memory-pattern planner and CPU arena would keep every peak.
-        .with_memory_pattern(false)
-        .map_err(|e| e.to_string())?
-        .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])
-        .map_err(|e| e.to_string())?;
+        .with_memory_pattern(false)?
+        .with_execution_providers([ort::ep::CPU::default().with_arena_allocator(false).build()])?;
     if cuda {
         builder = builder
-            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])
-            .map_err(|e| e.to_string())?;
+            .with_execution_providers([ort::ep::CUDA::default().build().error_on_failure()])?;
     }
-    builder
-        .commit_from_file(&cfg.model)
-        .map_err(|e| e.to_string())
+    builder.commit_from_file(&cfg.model)
 }
 
 impl Embedder {
@@ -160,15 +153,15 @@ impl Embedder {
                 Err(e) if want_cuda => {
                     tracing::warn!(error = %e, "embedder.device is cuda but the CUDA execution provider is unavailable; falling back to CPU");
                     device = "cpu (cuda unavailable)".into();
-                    build_session(&env, cfg, false).map_err(|message| EmbedError::Model {
+                    build_session(&env, cfg, false).map_err(|e| EmbedError::Model {
                         path: cfg.model.clone(),
-                        message,
+                        message: e.to_string(),
                     })?
                 }
-                Err(message) => {
+                Err(e) => {
                     return Err(EmbedError::Model {
                         path: cfg.model.clone(),
-                        message,
+                        message: e.to_string(),
                     })
                 }
             };

@@ -65,12 +65,23 @@ async fn deliver(connector: Arc<Connector>, alert: Alert) {
     tracing::error!(host = %url.host, "budget webhook gave up after 4 attempts");
 }
 
-async fn post(connector: &Connector, url: &Url, body: &str) -> Result<u16, String> {
+/// Why a webhook could not be delivered (logged, then retried).
+#[derive(Debug, thiserror::Error)]
+enum WebhookError {
+    #[error("resolving the host: {0}")]
+    Resolve(std::io::Error),
+    #[error("the host has no address")]
+    NoAddress,
+    #[error("{0}")]
+    Http(Box<pingora_error::Error>),
+}
+
+async fn post(connector: &Connector, url: &Url, body: &str) -> Result<u16, WebhookError> {
     let addr = tokio::net::lookup_host(url.authority())
         .await
-        .map_err(|e| e.to_string())?
+        .map_err(WebhookError::Resolve)?
         .next()
-        .ok_or("no address")?;
+        .ok_or(WebhookError::NoAddress)?;
     let mut peer = HttpPeer::new(
         addr,
         url.tls,
@@ -85,13 +96,13 @@ async fn post(connector: &Connector, url: &Url, body: &str) -> Result<u16, Strin
     let (mut s, _) = connector
         .get_http_session(&peer)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(WebhookError::Http)?;
     let path = if url.path.is_empty() {
         "/".to_string()
     } else {
         url.path.clone()
     };
-    let mut h = RequestHeader::build("POST", path.as_bytes(), None).map_err(|e| e.to_string())?;
+    let mut h = RequestHeader::build("POST", path.as_bytes(), None).map_err(WebhookError::Http)?;
     for (k, v) in [
         ("host", url.host_header()),
         ("content-type", "application/json".into()),
@@ -101,16 +112,16 @@ async fn post(connector: &Connector, url: &Url, body: &str) -> Result<u16, Strin
             concat!("smartllm/", env!("CARGO_PKG_VERSION")).into(),
         ),
     ] {
-        h.insert_header(k, v).map_err(|e| e.to_string())?;
+        h.insert_header(k, v).map_err(WebhookError::Http)?;
     }
     s.write_request_header(Box::new(h))
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(WebhookError::Http)?;
     s.write_request_body(bytes::Bytes::from(body.to_string()), true)
         .await
-        .map_err(|e| e.to_string())?;
-    s.finish_request_body().await.map_err(|e| e.to_string())?;
-    s.read_response_header().await.map_err(|e| e.to_string())?;
+        .map_err(WebhookError::Http)?;
+    s.finish_request_body().await.map_err(WebhookError::Http)?;
+    s.read_response_header().await.map_err(WebhookError::Http)?;
     let status = s.response_header().map(|r| r.status.as_u16()).unwrap_or(0);
     // The answer's body is not needed; read it (bounded) so the exchange ends cleanly.
     let mut waited = Duration::ZERO;

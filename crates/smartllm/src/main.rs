@@ -398,9 +398,19 @@ fn self_test(embedder: &Embedder) -> anyhow::Result<SelfTest> {
         "The stock market fell sharply today.".to_string(),
     ];
     let t = Instant::now();
-    let v = embedder
-        .embed_blocking(texts)
-        .context("embedding the self-test sentences")?;
+    // Not a request: the self-test is not shed. On a busy host the first job
+    // can wait past a small `embedder.max_queue_wait` while the workers warm
+    // up, so an overloaded answer is retried (for up to 10 s).
+    let v = loop {
+        match embedder.embed_blocking(texts.clone()) {
+            Err(smartllm_embed::EmbedError::Overloaded(_))
+                if t.elapsed() < Duration::from_secs(10) =>
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            r => break r.context("embedding the self-test sentences")?,
+        }
+    };
     let embed_ms = t.elapsed().as_secs_f64() * 1000.0;
     let mut index = VectorIndex::new_flat(embedder.info().dim).context("creating a FAISS index")?;
     index.add(1, &v[1]).context("adding to the FAISS index")?;
