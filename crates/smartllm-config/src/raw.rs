@@ -30,6 +30,19 @@ pub struct RawMain {
     pub admin: RawAdmin,
     #[serde(default)]
     pub fleet: RawFleet,
+    #[serde(default)]
+    pub metrics: RawMetrics,
+}
+
+/// What `/metrics` may say about callers.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMetrics {
+    /// Distinct tenant (and app, and key) names in metric labels; later ones
+    /// are reported as `__overflow__`.
+    pub max_label_values: Option<usize>,
+    /// `plain` (names as configured) or `hashed` (first 12 hex of their sha256).
+    pub label_names: Option<String>,
 }
 
 /// Limits and budgets shared by a fleet of gateways through Redis.

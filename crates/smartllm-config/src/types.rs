@@ -31,6 +31,7 @@ pub struct Config {
     pub keys: KeysConfig,
     pub ledger: LedgerConfig,
     pub fleet: FleetConfig,
+    pub metrics: MetricsConfig,
     /// Where the admin API token comes from (None: no token required).
     pub admin_token: ApiKeySource,
 }
@@ -230,6 +231,40 @@ pub struct EmbedderConfig {
 pub enum Device {
     Cpu,
     Cuda,
+}
+
+/// What `/metrics` may say about callers (`metrics:` in smartllm.yaml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct MetricsConfig {
+    /// Distinct values per label kind (tenant, app, key); beyond: `__overflow__`.
+    pub max_label_values: usize,
+    /// Tenant, app and key names in labels: as they are, or hashed.
+    pub label_names: LabelNames,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        MetricsConfig {
+            max_label_values: 1000,
+            label_names: LabelNames::Plain,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LabelNames {
+    Plain,
+    /// The first 12 hex digits of the name's sha256.
+    Hashed,
+}
+
+impl LabelNames {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LabelNames::Plain => "plain",
+            LabelNames::Hashed => "hashed",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -488,6 +523,11 @@ impl Config {
             new.reload.watch.to_string(),
         );
         check(
+            "metrics.label_names",
+            self.metrics.label_names.as_str().to_string(),
+            new.metrics.label_names.as_str().to_string(),
+        );
+        check(
             "cache.encryption_key_file",
             format!("{:?}", self.cache.encryption_key_file),
             format!("{:?}", new.cache.encryption_key_file),
@@ -513,6 +553,7 @@ impl Config {
         new.embedder = self.embedder.clone();
         new.logging.level = self.logging.level.clone();
         new.reload.watch = self.reload.watch;
+        new.metrics.label_names = self.metrics.label_names;
         new.cache.encryption_key_file = self.cache.encryption_key_file.clone();
         new.cache.encryption_old_key_files = self.cache.encryption_old_key_files.clone();
         new.cache.l1_entries = self.cache.l1_entries;

@@ -5,6 +5,8 @@
 //! x model (an additive merge operator: no read-modify-write, nothing lost to
 //! races). A process kill loses at most the unflushed interval.
 
+pub mod labels;
+
 use rocksdb::{IteratorMode, WriteBatch};
 use serde::Serialize;
 use smartllm_store::{
@@ -217,16 +219,22 @@ impl Ledger {
     pub fn record(&self, r: Record) {
         let usd = r.cost_nanos as f64 / 1e9;
         let saved = r.saved_nanos as f64 / 1e9;
-        let labels = [
-            ("tenant", r.tenant.clone()),
-            ("app", r.app.clone()),
-            ("model", r.model.clone()),
-        ];
-        if usd > 0.0 {
-            metrics::gauge!(METRIC_COST, &labels).increment(usd);
-        }
-        if saved > 0.0 {
-            metrics::gauge!(METRIC_SAVED, &labels).increment(saved);
+        if usd > 0.0 || saved > 0.0 {
+            // Tenant and app names are bounded (and maybe hashed) in metrics.
+            let series = [
+                (
+                    "tenant",
+                    labels::value(labels::LabelKind::Tenant, &r.tenant),
+                ),
+                ("app", labels::value(labels::LabelKind::App, &r.app)),
+                ("model", r.model.clone()),
+            ];
+            if usd > 0.0 {
+                metrics::gauge!(METRIC_COST, &series).increment(usd);
+            }
+            if saved > 0.0 {
+                metrics::gauge!(METRIC_SAVED, &series).increment(saved);
+            }
         }
         match self.tx.try_send(Msg::Record(Box::new(r))) {
             Ok(()) => {

@@ -1,11 +1,16 @@
 //! Upstream health checks and DNS re-resolution for the pools of the current
-//! runtime snapshot, plus periodic metrics upkeep.
+//! runtime snapshot, plus periodic upkeep: metrics, and the sweep that keeps
+//! per-deployment and per-scope state bounded (circuit breakers of addresses
+//! gone after a reload or a DNS change, live profiles of removed models,
+//! budget spend of past periods, rate limit buckets that are full again).
 
+use crate::routing::deployment_id;
+use crate::runtime::BackendDeployments;
 use crate::Shared;
 use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -73,8 +78,36 @@ impl BackgroundService for HealthService {
             while tasks.join_next().await.is_some() {}
             if last_upkeep.elapsed() >= Duration::from_secs(5) {
                 self.shared.metrics.run_upkeep();
+                sweep(&self.shared);
                 last_upkeep = Instant::now();
             }
         }
     }
+}
+
+/// Drop state that no longer belongs to the running config: breakers of
+/// deployments (`provider/address`) not in any pool now, profiles of models
+/// no longer configured; and expired quota state.
+pub fn sweep(shared: &Shared) {
+    let rt = shared.runtime.load_full();
+    let mut current: HashSet<String> = HashSet::new();
+    for pool in rt.pools.values() {
+        for b in pool.lb.backends().get_backend().iter() {
+            let Some(ids) = b.ext.get::<BackendDeployments>() else {
+                continue;
+            };
+            for d in ids.0.iter().filter_map(|i| pool.deployments.get(*i)) {
+                current.insert(deployment_id(d.provider.name(), &b.addr));
+            }
+        }
+    }
+    let gone = shared.breakers.retain(|id| current.contains(id));
+    if !gone.is_empty() {
+        tracing::debug!(
+            ?gone,
+            "circuit breakers of deployments no longer configured dropped"
+        );
+    }
+    shared.profiles.retain(|m| rt.config.model(m).is_some());
+    shared.quotas.sweep();
 }

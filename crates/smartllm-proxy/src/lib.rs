@@ -107,6 +107,8 @@ impl Shared {
         );
         crate::metrics::component_ready(crate::metrics::STORE_READY, components.store.is_some());
         let (quotas, alerts) = smartllm_quota::Quotas::new(ALERT_QUEUE);
+        apply_metrics_config(&runtime.config);
+        quotas.track_budgets(&runtime.config.keys.budgets);
         Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             connector: Connector::new(None),
@@ -185,4 +187,13 @@ impl ProxyHttp for Gateway {
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut Ctx) {
         pipeline::finish::run(&self.shared, session, e, ctx);
     }
+}
+
+/// `metrics:` of the running config: the cap on tenant, app and key label
+/// values and whether names are hashed (at start and on every reload).
+pub fn apply_metrics_config(config: &smartllm_config::Config) {
+    smartllm_ledger::labels::configure(
+        config.metrics.max_label_values,
+        config.metrics.label_names == smartllm_config::LabelNames::Hashed,
+    );
 }

@@ -75,7 +75,18 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                                 "demo mode changed with this reload"
                             );
                         }
+                        crate::apply_metrics_config(&rt.config);
+                        let budgets = rt.config.keys.budgets.clone();
                         shared.runtime.store(Arc::new(rt));
+                        // Spend is kept for the budgets of the running config
+                        // only; new ones read theirs back from the ledger.
+                        let quotas = shared.quotas.clone();
+                        if let Err(e) =
+                            tokio::task::spawn_blocking(move || quotas.track_budgets(&budgets))
+                                .await
+                        {
+                            tracing::error!(error = %e, "tracking the reloaded budgets failed");
+                        }
                         Ok(ReloadOutcome::Applied {
                             version,
                             restart_required: restart,

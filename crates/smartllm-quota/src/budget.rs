@@ -6,6 +6,12 @@
 //! never blocking a request). With `fleet.redis` the spend lives in Redis,
 //! shared by the fleet: this map is then a view of the fleet's totals,
 //! refreshed before each check.
+//!
+//! Bounded whatever clients send: spend is kept only for the scopes a
+//! configured budget names (a reload that names new ones reads their spend
+//! back from the ledger), and only for the current day and month; alerts
+//! already sent are forgotten once their period is over. [`Budgets::prune`]
+//! runs on every reload and periodically (the health service's upkeep).
 
 use crate::fleet::Fleet;
 use crate::{metrics, Quotas, Refusal, Scope};
@@ -21,10 +27,25 @@ const MONTH_TTL: u64 = 40 * 86_400;
 
 #[derive(Default)]
 pub struct Budgets {
-    /// "scope-id|period" -> USD
+    /// "scope-id|period" -> USD, for the scopes some budget names
     spend: Mutex<HashMap<String, f64>>,
     /// "budget-id|period|threshold" already alerted
     fired: Mutex<HashSet<String>>,
+    /// The budget ids of the running config (see [`Budgets::track`]).
+    tracked: Mutex<HashSet<String>>,
+    /// Where spend is read back from (set by [`Budgets::warm`]).
+    ledger: Mutex<Option<Ledger>>,
+}
+
+/// "id|period" -> (id, period)
+fn split_spend_key(k: &str) -> Option<(&str, &str)> {
+    k.rsplit_once('|')
+}
+
+/// "id|period|threshold" -> (id, period)
+fn split_fired_key(k: &str) -> Option<(&str, &str)> {
+    let (rest, _threshold) = k.rsplit_once('|')?;
+    rest.rsplit_once('|')
 }
 
 /// (day period, month period, seconds until the day ends, until the month ends)
@@ -90,8 +111,28 @@ pub fn estimate(pricing: &Pricing, request_bytes: usize, max_output: u64) -> f64
 }
 
 impl Budgets {
-    /// Load this month's spend from the ledger.
+    /// Load this month's spend of the tracked budgets from the ledger, and
+    /// keep the ledger to read back budgets that a reload adds.
     pub fn warm(&self, ledger: &Ledger) {
+        *self.ledger.lock().unwrap_or_else(|p| p.into_inner()) = Some(ledger.clone());
+        let ids = self
+            .tracked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let loaded = Self::load(ledger, &ids);
+        let mut spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
+        for (k, v) in loaded {
+            *spend.entry(k).or_default() += v;
+        }
+    }
+
+    /// This month's and today's spend of the budget ids `ids`, from the ledger.
+    fn load(ledger: &Ledger, ids: &HashSet<String>) -> HashMap<String, f64> {
+        let mut out: HashMap<String, f64> = HashMap::new();
+        if ids.is_empty() {
+            return out;
+        }
         let now = now_secs();
         let days = now / 86_400;
         let (y, m, _) = civil(days);
@@ -107,7 +148,6 @@ impl Budgets {
             &[Dim::Day, Dim::Tenant, Dim::App, Dim::Key],
         ) {
             Ok(rows) => {
-                let mut spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
                 for r in rows {
                     let g = |d| r.group.get(&d).cloned().unwrap_or_default();
                     let scope = Scope {
@@ -116,10 +156,10 @@ impl Budgets {
                         key: &g(Dim::Key),
                     }
                     .budget_ids();
-                    for id in scope {
-                        *spend.entry(format!("{id}|{month_p}")).or_default() += r.cost_usd;
+                    for id in scope.iter().filter(|id| ids.contains(*id)) {
+                        *out.entry(format!("{id}|{month_p}")).or_default() += r.cost_usd;
                         if g(Dim::Day) == today {
-                            *spend.entry(format!("{id}|{day_p}")).or_default() += r.cost_usd;
+                            *out.entry(format!("{id}|{day_p}")).or_default() += r.cost_usd;
                         }
                     }
                 }
@@ -128,6 +168,68 @@ impl Budgets {
                 tracing::error!(error = %e, "cannot read this month's spend from the ledger; budgets start from zero")
             }
         }
+        out
+    }
+
+    /// Track the budgets of the running config (at start and on every
+    /// reload): spend and alerts of scopes no budget names any more are
+    /// dropped, and budgets new to this process read their spend back from
+    /// the ledger (when [`Budgets::warm`] gave one).
+    pub fn track(&self, budgets: &[Budget]) {
+        let ids: HashSet<String> = budgets.iter().map(|b| b.id()).collect();
+        let added: HashSet<String> = {
+            let mut tracked = self.tracked.lock().unwrap_or_else(|p| p.into_inner());
+            let added = ids.difference(&tracked).cloned().collect();
+            *tracked = ids.clone();
+            added
+        };
+        self.spend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| split_spend_key(k).is_some_and(|(id, _)| ids.contains(id)));
+        self.fired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k| split_fired_key(k).is_some_and(|(id, _)| ids.contains(id)));
+        let ledger = self
+            .ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(ledger) = ledger {
+            let loaded = Self::load(&ledger, &added);
+            let mut spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
+            for (k, v) in loaded {
+                spend.insert(k, v);
+            }
+        }
+        self.prune();
+    }
+
+    /// Forget spend and alerts of past days and months.
+    pub fn prune(&self) {
+        self.prune_at(now_secs());
+    }
+
+    fn prune_at(&self, now: u64) {
+        let (day, month, _, _) = periods(now);
+        let current = |p: &str| p == day || p == month;
+        self.spend
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k, _| split_spend_key(k).is_some_and(|(_, p)| current(p)));
+        self.fired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|k| split_fired_key(k).is_some_and(|(_, p)| current(p)));
+    }
+
+    /// Entries held: (spend, alerts fired).
+    pub fn sizes(&self) -> (usize, usize) {
+        (
+            self.spend.lock().map(|s| s.len()).unwrap_or(0),
+            self.fired.lock().map(|f| f.len()).unwrap_or(0),
+        )
     }
 
     fn spent(&self, id: &str, period: &str) -> f64 {
@@ -258,7 +360,7 @@ impl Budgets {
             .insert(id_period.to_string(), usd);
     }
 
-    fn add(&self, ids: &[String; 3], periods: [&str; 2], usd: f64) {
+    fn add(&self, ids: &[String], periods: [&str; 2], usd: f64) {
         let mut spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
         for id in ids {
             for p in periods {
@@ -316,9 +418,29 @@ struct Crossing {
 }
 
 impl Quotas {
-    /// Load this month's spend from the ledger (at start).
+    /// Load this month's spend from the ledger (at start, after
+    /// [`Quotas::track_budgets`]).
     pub fn warm(&self, ledger: &Ledger) {
         self.budgets.warm(ledger);
+    }
+
+    /// The budgets of the running config (at start and on every reload; may
+    /// read the ledger, so call it off the async threads): see [`Budgets::track`].
+    pub fn track_budgets(&self, budgets: &[Budget]) {
+        self.budgets.track(budgets);
+    }
+
+    /// Periodic upkeep: forget spend and alerts of past periods and rate
+    /// limit buckets that are full again.
+    pub fn sweep(&self) {
+        self.budgets.prune();
+        self.limiter.sweep();
+    }
+
+    /// In-memory entries: (spend, alerts fired, rate limit buckets).
+    pub fn state_sizes(&self) -> (usize, usize, usize) {
+        let (spend, fired) = self.budgets.sizes();
+        (spend, fired, self.limiter.len())
     }
 
     /// The budgets' pressure on this scope (see [`Budgets::pressure`]).
@@ -380,14 +502,23 @@ impl Quotas {
         if cost <= 0.0 {
             return;
         }
-        let ids = scope.budget_ids();
-        let (day, month, _, _) = periods(now_secs());
-        self.budgets.add(&ids, [&day, &month], cost);
+        let all = scope.budget_ids();
         let relevant: Vec<Budget> = budgets
             .iter()
-            .filter(|b| ids.contains(&b.id()))
+            .filter(|b| all.contains(&b.id()))
             .cloned()
             .collect();
+        // Spend is kept only for scopes a budget names: whatever tenants,
+        // apps and keys clients bring, the map holds no more than the config.
+        let ids: Vec<String> = all
+            .into_iter()
+            .filter(|id| relevant.iter().any(|b| b.id() == *id))
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let (day, month, _, _) = periods(now_secs());
+        self.budgets.add(&ids, [&day, &month], cost);
         let Some(f) = self.fleet(fleet) else {
             for c in self.budgets.crossings(&relevant, &day, &month) {
                 self.fire(c);
@@ -546,5 +677,44 @@ mod tests {
         assert_eq!(body["period"], "daily");
         quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.1);
         assert!(alerts.try_recv().is_err(), "each threshold alerts once");
+    }
+
+    #[test]
+    fn spend_is_kept_only_for_budgeted_scopes_and_current_periods() {
+        let mut cfg = crate::test_support::config();
+        let (quotas, _alerts) = Quotas::new(4);
+        let quotas = Arc::new(quotas);
+        // No budgets: 10,000 distinct callers leave nothing behind.
+        for i in 0..10_000 {
+            let (t, k) = (format!("key:{i:032x}"), format!("k{i}"));
+            let scope = Scope {
+                tenant: &t,
+                app: "",
+                key: &k,
+            };
+            quotas.record(&cfg.keys.budgets, &cfg.fleet, scope, 0.01);
+        }
+        assert_eq!(quotas.state_sizes(), (0, 0, 0));
+        // A budget on one tenant: only its two periods are kept.
+        cfg.keys.budgets = vec![budget(OnExceed::Reject, None)];
+        quotas.track_budgets(&cfg.keys.budgets);
+        for i in 0..1000 {
+            let t = format!("t{i}");
+            let scope = Scope { tenant: &t, ..ACME };
+            quotas.record(&cfg.keys.budgets, &cfg.fleet, scope, 0.01);
+            quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.0001);
+        }
+        assert_eq!(quotas.state_sizes().0, 2);
+        assert!((quotas.budgets.spent("tenant:acme", &periods(now_secs()).0) - 0.1).abs() < 1e-9);
+        // Past periods and alerts are forgotten.
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.5);
+        assert_eq!(quotas.state_sizes().1, 1, "the 50% alert fired");
+        quotas.budgets.prune_at(now_secs() + 40 * 86_400);
+        assert_eq!(quotas.state_sizes(), (0, 0, 0));
+        // A reload that drops the budget drops its spend.
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.01);
+        assert_eq!(quotas.state_sizes().0, 2);
+        quotas.track_budgets(&[]);
+        assert_eq!(quotas.state_sizes(), (0, 0, 0));
     }
 }

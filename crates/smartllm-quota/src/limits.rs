@@ -5,6 +5,12 @@
 //! requests wait it out. Buckets live across config reloads; limits are read
 //! from the current config on every request. With `fleet.redis` the same
 //! buckets live in Redis (see `fleet`), shared by every gateway.
+//!
+//! A bucket that has refilled to its capacity is the same as no bucket (a
+//! new one starts full), so full buckets are dropped: when the map grows past
+//! [`SWEEP_AT`] (and twice what the last sweep left), and periodically
+//! through [`Limiter::sweep`]. The map holds only buckets charged within
+//! about the last minute (or still in debt).
 
 use crate::fleet::Charge;
 use crate::Refusal;
@@ -13,15 +19,57 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::Instant;
 
+/// Buckets held before an insert sweeps out the full ones.
+pub const SWEEP_AT: usize = 1024;
+
 #[derive(Debug)]
 struct Bucket {
     level: f64,
     at: Instant,
+    /// Its limit when last charged: the level it refills to.
+    per_minute: u64,
+}
+
+impl Bucket {
+    fn full(&self, now: Instant) -> bool {
+        let capacity = self.per_minute as f64;
+        self.level + now.duration_since(self.at).as_secs_f64() * capacity / 60.0 >= capacity
+    }
+}
+
+#[derive(Default)]
+struct Buckets {
+    map: HashMap<String, Bucket>,
+    /// The size at which the next insert sweeps (0: [`SWEEP_AT`]).
+    sweep_at: usize,
+}
+
+impl Buckets {
+    /// Drop the buckets that are full again.
+    fn sweep(&mut self, now: Instant) {
+        self.map.retain(|_, b| !b.full(now));
+        self.sweep_at = SWEEP_AT.max(self.map.len() * 2);
+    }
+
+    /// The bucket `id`, a new full one if there is none (sweeping first
+    /// when the map is large).
+    fn entry(&mut self, id: &str, per_minute: u64, now: Instant) -> &mut Bucket {
+        if !self.map.contains_key(id) && self.map.len() >= self.sweep_at.max(SWEEP_AT) {
+            self.sweep(now);
+        }
+        let b = self.map.entry(id.to_string()).or_insert(Bucket {
+            level: per_minute as f64,
+            at: now,
+            per_minute,
+        });
+        b.per_minute = per_minute;
+        b
+    }
 }
 
 #[derive(Default)]
 pub struct Limiter {
-    buckets: Mutex<HashMap<String, Bucket>>,
+    buckets: Mutex<Buckets>,
 }
 
 /// Seconds until `cost` fits, or None if it fits now (and is taken).
@@ -90,18 +138,19 @@ impl Limiter {
 
     /// Charge every planned bucket or none.
     pub fn apply(&self, planned: &[Planned]) -> Result<(), Refusal> {
-        let now = Instant::now();
+        self.apply_at(planned, Instant::now())
+    }
+
+    fn apply_at(&self, planned: &[Planned], now: Instant) -> Result<(), Refusal> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         // Check every limit first, then charge: a refusal charges nothing.
         let mut wait: Option<(f64, &str)> = None;
         for (c, what) in planned {
-            let b = buckets.entry(c.id.clone()).or_insert(Bucket {
-                level: c.per_minute as f64,
-                at: now,
-            });
+            let b = buckets.entry(&c.id, c.per_minute, now);
             let mut probe = Bucket {
                 level: b.level,
                 at: b.at,
+                per_minute: b.per_minute,
             };
             if let Some(secs) = take(&mut probe, c.per_minute, c.cost, now) {
                 if wait.is_none_or(|(w, _)| secs > w) {
@@ -113,7 +162,7 @@ impl Limiter {
             return Err(rate_limited(secs, what));
         }
         for (c, _) in planned {
-            if let Some(b) = buckets.get_mut(&c.id) {
+            if let Some(b) = buckets.map.get_mut(&c.id) {
                 take(b, c.per_minute, c.cost, now);
             }
         }
@@ -125,16 +174,34 @@ impl Limiter {
         let now = Instant::now();
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         for c in charges {
-            let b = buckets.entry(c.id.clone()).or_insert(Bucket {
-                level: c.per_minute as f64,
-                at: now,
-            });
+            let b = buckets.entry(&c.id, c.per_minute, now);
             let capacity = c.per_minute as f64;
             b.level = (b.level + now.duration_since(b.at).as_secs_f64() * capacity / 60.0)
                 .min(capacity)
                 - c.cost;
             b.at = now;
         }
+    }
+
+    /// Drop the buckets that are full again (periodic upkeep).
+    pub fn sweep(&self) {
+        self.sweep_at(Instant::now());
+    }
+
+    fn sweep_at(&self, now: Instant) {
+        self.buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sweep(now);
+    }
+
+    /// Buckets held.
+    pub fn len(&self) -> usize {
+        self.buckets.lock().map(|b| b.map.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
     }
 }
 
@@ -204,6 +271,53 @@ mod tests {
             l.admit(&scopes(&[("app", app)]), 0).unwrap();
         }
         assert!(l.admit(&scopes(&[("app", app)]), 0).is_err());
+    }
+}
+
+#[cfg(test)]
+mod bound_tests {
+    use super::tests::scopes;
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn buckets_that_are_full_again_are_dropped() {
+        let l = Limiter::default();
+        let t0 = Instant::now();
+        let lim = Limits {
+            requests_per_minute: Some(60),
+            tokens_per_minute: None,
+        };
+        for i in 0..SWEEP_AT {
+            let s = scopes(&[(&format!("key 'k{i}'"), lim)]);
+            l.apply_at(&plan(&s, 0).unwrap(), t0).unwrap();
+        }
+        assert_eq!(l.len(), SWEEP_AT);
+        // A minute later they are all full again: the next insert drops them.
+        let later = t0 + Duration::from_secs(61);
+        let s = scopes(&[("key 'new'", lim)]);
+        l.apply_at(&plan(&s, 0).unwrap(), later).unwrap();
+        assert_eq!(l.len(), 1);
+        // 10,000 distinct scopes: inserts sweep as the map doubles; what is
+        // left after a minute goes with the periodic sweep.
+        for i in 0..10_000 {
+            let s = scopes(&[(&format!("key 'x{i}'"), lim)]);
+            l.apply_at(&plan(&s, 0).unwrap(), later).unwrap();
+        }
+        l.sweep_at(later + Duration::from_secs(61));
+        assert_eq!(l.len(), 0);
+        l.apply_at(&plan(&s, 0).unwrap(), later).unwrap();
+        // A bucket in debt stays until it has refilled.
+        let debt = scopes(&[("key 'debtor'", lim)]);
+        l.apply_at(&plan(&debt, 0).unwrap(), later).unwrap();
+        for _ in 0..59 {
+            l.apply_at(&plan(&debt, 0).unwrap(), later).unwrap();
+        }
+        l.sweep_at(later + Duration::from_secs(30));
+        assert_eq!(l.len(), 1, "the debtor is half full, 'new' is full");
+        assert!(l.apply_at(&plan(&debt, 0).unwrap(), later).is_err());
+        l.sweep_at(later + Duration::from_secs(61));
+        assert_eq!(l.len(), 0);
     }
 }
 

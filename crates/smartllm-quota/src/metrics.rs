@@ -1,7 +1,10 @@
 //! The quota metrics: names as constants, descriptions, and one typed
 //! function per metric so call sites cannot misspell a name or a label.
+//! Budget labels name a tenant, app or key: they go through
+//! [`labels::budget`] (bounded, maybe hashed) like every such name.
 
 use metrics::{counter, describe_counter, describe_gauge, gauge};
+use smartllm_ledger::labels;
 
 pub const BUDGET_USED: &str = "smartllm_budget_used_ratio";
 pub const BUDGET_ALERTS: &str = "smartllm_budget_alerts_total";
@@ -44,11 +47,11 @@ pub fn describe() {
 }
 
 pub fn budget_used(budget: &str, period: &'static str, ratio: f64) {
-    gauge!(BUDGET_USED, "budget" => budget.to_string(), "period" => period).set(ratio);
+    gauge!(BUDGET_USED, "budget" => labels::budget(budget), "period" => period).set(ratio);
 }
 
 pub fn budget_alert(budget: &str, threshold: f64) {
-    counter!(BUDGET_ALERTS, "budget" => budget.to_string(), "threshold" => format!("{threshold}"))
+    counter!(BUDGET_ALERTS, "budget" => labels::budget(budget), "threshold" => format!("{threshold}"))
         .increment(1);
 }
 
@@ -58,12 +61,12 @@ pub fn alert_dropped() {
 
 /// `action`: reject or degrade.
 pub fn budget_exceeded(budget: &str, action: &'static str) {
-    counter!(BUDGET_EXCEEDED, "budget" => budget.to_string(), "action" => action).increment(1);
+    counter!(BUDGET_EXCEEDED, "budget" => labels::budget(budget), "action" => action).increment(1);
 }
 
 /// `action`: capped (max tokens lowered) or reject.
 pub fn cost_cap(budget: &str, action: &'static str) {
-    counter!(COST_CAP, "budget" => budget.to_string(), "action" => action).increment(1);
+    counter!(COST_CAP, "budget" => labels::budget(budget), "action" => action).increment(1);
 }
 
 pub fn fleet_up(up: bool) {

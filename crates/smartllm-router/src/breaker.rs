@@ -134,6 +134,30 @@ impl Breakers {
         }
     }
 
+    /// Forget the breakers of deployments `keep` rejects (gone from the
+    /// running config, or an address DNS no longer gives): the map holds
+    /// only current deployments. Their state gauge goes to 0 (closed, what
+    /// an unknown deployment is). Returns the ids dropped.
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) -> Vec<String> {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let gone: Vec<String> = map.keys().filter(|id| !keep(id)).cloned().collect();
+        for id in &gone {
+            map.remove(id);
+            metrics::gauge!(m::CIRCUIT_STATE, "deployment" => id.clone())
+                .set(BreakerState::Closed.gauge());
+        }
+        gone
+    }
+
+    /// Breakers held.
+    pub fn len(&self) -> usize {
+        self.inner.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
     pub fn state(&self, id: &str) -> BreakerState {
         self.inner
             .lock()
@@ -176,5 +200,22 @@ mod tests {
         b.record("d", &cfg, true);
         assert_eq!(b.state("d"), BreakerState::Closed);
         assert!(b.allow("d", &cfg) && b.allow("d", &cfg));
+    }
+
+    #[test]
+    fn breakers_of_gone_deployments_are_dropped() {
+        let cfg = CircuitBreakerConfig {
+            failures: 1,
+            cooldown: Duration::from_secs(60),
+        };
+        let b = Breakers::default();
+        for i in 0..100 {
+            b.record(&format!("p/10.0.0.{i}:443"), &cfg, false);
+        }
+        assert_eq!(b.len(), 100);
+        let gone = b.retain(|id| id == "p/10.0.0.7:443");
+        assert_eq!((gone.len(), b.len()), (99, 1));
+        assert_eq!(b.state("p/10.0.0.7:443"), BreakerState::Open);
+        assert_eq!(b.state("p/10.0.0.8:443"), BreakerState::Closed);
     }
 }

@@ -81,6 +81,14 @@ impl LiveProfiles {
         });
     }
 
+    /// Forget the models `keep` rejects (gone from the running config).
+    pub fn retain(&self, keep: impl Fn(&str) -> bool) {
+        self.inner
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|m, _| keep(m));
+    }
+
     pub fn get(&self, model: &str) -> Option<LiveSnapshot> {
         self.inner
             .read()
@@ -125,5 +133,8 @@ mod tests {
         let s = p.get("m").unwrap();
         assert!(s.error_rate > 0.85 && s.errors == 10 && s.requests == 31);
         assert!(p.get("other").is_none());
+        p.record_failure("gone", None);
+        p.retain(|m| m == "m");
+        assert!(p.get("gone").is_none() && p.get("m").is_some());
     }
 }

@@ -1,11 +1,12 @@
 //! The small sections of `smartllm.yaml`: `data_dir` (which
 //! `SMARTLLM_DATA_DIR` overrides), `logging:`, `demo:`, `reload:`, `store:`
-//! and `ledger:`.
+//! `ledger:` and `metrics:`.
 
 use super::{dur, relative_to, ENV_DATA_DIR};
-use crate::raw::{RawDemo, RawLedger, RawLogging, RawReload, RawStore};
+use crate::raw::{RawDemo, RawLedger, RawLogging, RawMetrics, RawReload, RawStore};
 use crate::{
-    DemoConfig, Issues, LedgerConfig, LoggingConfig, ReloadConfig, StoreConfig, Url, MAIN_FILE,
+    DemoConfig, Issues, LabelNames, LedgerConfig, LoggingConfig, MetricsConfig, ReloadConfig,
+    StoreConfig, Url, MAIN_FILE,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -92,5 +93,33 @@ pub(super) fn resolve_ledger(ledger: RawLedger) -> LedgerConfig {
             .map(|d| d.0)
             .unwrap_or(Duration::from_secs(1))
             .clamp(Duration::from_millis(50), Duration::from_secs(60)),
+    }
+}
+
+pub(super) fn resolve_metrics(metrics: RawMetrics, v: &mut Issues<'_>) -> MetricsConfig {
+    let default = MetricsConfig::default();
+    let max_label_values = match metrics.max_label_values {
+        Some(0) => {
+            v.push(MAIN_FILE, "metrics.max_label_values", "must be at least 1");
+            default.max_label_values
+        }
+        Some(n) => n,
+        None => default.max_label_values,
+    };
+    let label_names = match metrics.label_names.as_deref() {
+        None | Some("plain") => LabelNames::Plain,
+        Some("hashed") => LabelNames::Hashed,
+        Some(other) => {
+            v.push(
+                MAIN_FILE,
+                "metrics.label_names",
+                format!("unknown value {other:?}: use plain or hashed"),
+            );
+            LabelNames::Plain
+        }
+    };
+    MetricsConfig {
+        max_label_values,
+        label_names,
     }
 }

@@ -62,6 +62,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
     let admin_token = server::resolve_admin_token(dir, main.admin, server.admin_listen, v);
     let ledger = general::resolve_ledger(main.ledger);
     let fleet = fleet::resolve_fleet(main.fleet, v);
+    let metrics = general::resolve_metrics(main.metrics, v);
     let digest = routes::digest_referenced_files(&digest, &classifier, &resolved_routes, v);
     let mut config = Config {
         dir: dir.to_path_buf(),
@@ -81,6 +82,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
         admin_token,
         ledger,
         fleet,
+        metrics,
         cache: cache::unresolved(),
     };
     // These two refer to models and routes: they are checked against `config`.
@@ -174,5 +176,43 @@ mod tests {
         assert_eq!(c.embedder.queue_depth, 256);
         assert_eq!(c.embedder.max_queue_wait, Duration::from_millis(250));
         assert_eq!(c.cache.max_pending_inserts, 1024);
+    }
+
+    #[test]
+    fn metrics_section_is_validated_and_label_names_need_a_restart() {
+        let dir = write_dir(&[(
+            MAIN_FILE,
+            "data_dir: /tmp/x\nmetrics:\n  max_label_values: 0\n  label_names: secret\n",
+        )]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains("smartllm.yaml:3: metrics.max_label_values"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smartllm.yaml:4: metrics.label_names"),
+            "{text}"
+        );
+        let dir = write_dir(&[(MAIN_FILE, "data_dir: /tmp/x\nmetrics: { bogus: 1 }\n")]);
+        assert!(load_dir(dir.path()).is_err());
+        let old = load_dir(write_dir(&[(MAIN_FILE, "data_dir: /tmp/x\n")]).path()).unwrap();
+        assert_eq!(old.metrics, MetricsConfig::default());
+        let new = load_dir(
+            write_dir(&[(
+                MAIN_FILE,
+                "data_dir: /tmp/x\nmetrics:\n  max_label_values: 50\n  label_names: hashed\n",
+            )])
+            .path(),
+        )
+        .unwrap();
+        assert_eq!(new.metrics.max_label_values, 50);
+        assert_eq!(new.metrics.label_names, LabelNames::Hashed);
+        assert_eq!(
+            old.restart_only_changes(&new),
+            ["metrics.label_names: plain -> hashed"]
+        );
+        let applied = old.with_restart_only_from(new);
+        assert_eq!(applied.metrics.max_label_values, 50, "reloads live");
+        assert_eq!(applied.metrics.label_names, LabelNames::Plain);
     }
 }
