@@ -23,15 +23,6 @@ const MAX_SERIES: usize = 1_500;
 /// RSS may grow by at most this much over the run (after a warm-up).
 const MAX_RSS_GROWTH_KIB: u64 = 96 * 1024;
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// One keep-alive HTTP/1.1 connection: send a request, read one response
 /// (Content-Length or chunked); the status code.
 fn exchange(conn: &mut BufReader<TcpStream>, request: &[u8]) -> u16 {

@@ -12,15 +12,6 @@ fn fds(pid: u32) -> usize {
         .unwrap_or(0)
 }
 
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        .unwrap_or(0)
-}
-
 /// Raw bytes in, everything the server sends back until it closes.
 fn raw(addr: &str, bytes: &[u8]) -> String {
     use std::io::{Read, Write};

@@ -113,3 +113,13 @@ pub(crate) fn complete_answer(res: std::io::Result<Response>, stream: bool) -> R
         Err(format!("{} {}", r.status, r.text()))
     }
 }
+
+/// Resident memory of a process (KiB), from /proc.
+pub(crate) fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        .unwrap_or(0)
+}

@@ -243,9 +243,16 @@ fn anthropic_error_event_mid_stream_is_a_failure_everywhere() {
             &id,
             &body(&format!("story {i} [mock-fault:error-mid-stream]")),
         );
-        // Anthropic's `event: error` reaches the OpenAI client in its own shape.
+        // Anthropic's `event: error` reaches the OpenAI client in its own
+        // shape, with the provider key it quotes scrubbed.
         let err = ends_with_error_event(&r);
-        assert_eq!(err["message"], MOCK_STREAM_ERROR, "{}", r.text());
+        assert_eq!(
+            err["message"],
+            format!("{MOCK_STREAM_ERROR} (key: [redacted])"),
+            "{}",
+            r.text()
+        );
+        assert!(!r.text().contains("sk-ant-secret-1234"), "{}", r.text());
         assert_eq!(err["type"], "server_error");
         let line = log_line(&gw, &id);
         assert_eq!(line["status"], 200, "{line}");

@@ -390,6 +390,19 @@ fn prompt_fault(text: &str) -> Option<String> {
 /// The provider error `fault=error-mid-stream` sends in place of the rest of the answer.
 const STREAM_ERROR_MESSAGE: &str = "mock-llm injected an error mid-stream";
 
+/// [`STREAM_ERROR_MESSAGE`], quoting the key the request carried (as a
+/// careless provider's error might), so the gateway's scrubbing is tested.
+fn stream_error_message(req: &Request) -> String {
+    match req
+        .headers
+        .get("authorization")
+        .or_else(|| req.headers.get("x-api-key"))
+    {
+        Some(sent) => format!("{STREAM_ERROR_MESSAGE} (key: {sent})"),
+        None => STREAM_ERROR_MESSAGE.to_string(),
+    }
+}
+
 async fn write_json<S: Conn>(
     sock: &mut S,
     status: u16,
@@ -738,7 +751,7 @@ async fn handle<S: Conn>(
         for (i, w) in words.iter().enumerate() {
             if error_at == Some(i) {
                 // What Anthropic sends when it fails mid-answer (e.g. overloaded).
-                write_chunk(sock, ev("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": STREAM_ERROR_MESSAGE}})).as_bytes()).await?;
+                write_chunk(sock, ev("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": stream_error_message(&req)}})).as_bytes()).await?;
                 write_chunk(sock, b"").await?;
                 return Ok(true);
             }
@@ -823,7 +836,7 @@ async fn handle<S: Conn>(
         }
         if error_at == Some(i) {
             // What OpenAI-compatible servers send when they fail mid-answer.
-            let v = json!({"error": {"message": STREAM_ERROR_MESSAGE, "type": "server_error", "param": null, "code": null}});
+            let v = json!({"error": {"message": stream_error_message(&req), "type": "server_error", "param": null, "code": null}});
             write_chunk(sock, format!("data: {v}\n\n").as_bytes()).await?;
             write_chunk(sock, b"data: [DONE]\n\n").await?;
             write_chunk(sock, b"").await?;

@@ -215,7 +215,7 @@ pub(super) fn upstream_body_error(pname: &str, e: BodyError) -> ApiError {
 }
 
 /// `body` with every occurrence of `secret` replaced by `[redacted]`.
-fn scrub(body: Vec<u8>, secret: Option<&str>) -> Vec<u8> {
+pub(super) fn scrub(body: Vec<u8>, secret: Option<&str>) -> Vec<u8> {
     let Some(secret) = secret.filter(|s| s.len() >= 8) else {
         return body;
     };

@@ -5,6 +5,7 @@
 //! the attempt loop: any end but a clean one is a failure of the deployment
 //! and the model, though the client already has its `200`.
 
+use super::attempt::scrub;
 use super::usage::{completion_text, estimate_usage, record_usage};
 use super::{client_gone, Attempt, Exchange, Translate};
 use crate::ctx::Ctx;
@@ -134,7 +135,13 @@ pub(super) async fn relay(
         ctx.upstream_wait += t.elapsed();
         match r {
             Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
-                Ok(out) => {
+                Ok(mut out) => {
+                    // A provider may quote the key it was sent in its error
+                    // event, as in an error body: the client never sees it.
+                    // Only the chunk that carries the error is scanned.
+                    if tr.upstream_error().is_some() {
+                        out = scrub(out, x.key.as_deref());
+                    }
                     if !out.is_empty() {
                         streamed_bytes += out.len();
                         if let Some(a) = assembler.as_mut() {
