@@ -531,6 +531,47 @@ fn deployments_are_balanced_and_failed_ones_avoided() {
     .contains("\"healthy\": false")));
 }
 
+/// A deployment dropped by a reload leaves `/metrics`: its health series is
+/// not reported as the last value it had (the exporter keeps it otherwise).
+#[test]
+fn a_deployment_removed_by_reload_leaves_the_health_metrics() {
+    let m1 = Mock::start(&["--name", "one"]);
+    let m2 = Mock::start(&["--name", "two"]);
+    let providers = format!(
+        "providers:\n{}{}",
+        mock_provider("p1", &m1),
+        mock_provider("p2", &m2)
+    );
+    let both =
+        "models:\n  - name: small\n    deployments:\n      - provider: p1\n      - provider: p2\n";
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        both,
+        "",
+    ));
+    let series = |addr: &str| format!("address=\"{addr}\"");
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let m = gw.metrics();
+            m.contains(&series(&m1.addr)) && m.contains(&series(&m2.addr))
+        }),
+        "both deployments' health series"
+    );
+    gw.config.write(
+        "models.yaml",
+        "models:\n  - name: small\n    deployments:\n      - provider: p1\n",
+    );
+    assert!(wait_until(Duration::from_secs(10), || gw
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 1.0));
+    let m = gw.metrics();
+    assert!(!m.contains(&series(&m2.addr)), "{m}");
+    assert!(m.contains(&series(&m1.addr)), "{m}");
+    assert_eq!(gw.chat(&chat_body("small", "still served")).status, 200);
+}
+
 #[test]
 fn official_openai_python_sdk_works_against_the_gateway() {
     let python = match std::env::var("SMARTLLM_PYTHON") {

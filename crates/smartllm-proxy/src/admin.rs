@@ -514,6 +514,47 @@ impl AdminApp {
     }
 }
 
+/// `smartllm_upstream_healthy{model,address}` series of deployments the
+/// running config no longer has (a reload dropped them, or DNS moved them to
+/// another address) left out of a scrape: the exporter cannot delete one
+/// series, and a stale "healthy" would mislead whoever reads it.
+fn drop_stale_health_series(text: String, rt: &crate::Runtime) -> String {
+    const SERIES: &str = "smartllm_upstream_healthy{";
+    if !text.contains(SERIES) {
+        return text;
+    }
+    let live: std::collections::HashSet<(String, String)> = rt
+        .pools
+        .iter()
+        .flat_map(|(model, pool)| {
+            pool.lb
+                .backends()
+                .get_backend()
+                .iter()
+                .map(|b| (model.clone(), b.addr.to_string()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    let label = |line: &str, name: &str| -> Option<String> {
+        let start = line.find(&format!("{name}=\""))? + name.len() + 2;
+        let len = line[start..].find('"')?;
+        Some(line[start..start + len].to_string())
+    };
+    let mut out = String::with_capacity(text.len());
+    for line in text.lines() {
+        if line.starts_with(SERIES) {
+            if let (Some(model), Some(address)) = (label(line, "model"), label(line, "address")) {
+                if !live.contains(&(model, address)) {
+                    continue;
+                }
+            }
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    out
+}
+
 /// The most an admin request body may hold, and how long it may take to arrive.
 const MAX_ADMIN_BODY: usize = 1 << 20;
 const ADMIN_BODY_DEADLINE: std::time::Duration = std::time::Duration::from_secs(10);
@@ -624,11 +665,11 @@ impl ServeHttp for AdminApp {
                     crate::metrics::store_memory("block_cache", m.block_cache);
                     crate::metrics::store_memory("memtables", m.memtables);
                 }
-                reply(
-                    200,
-                    "text/plain; version=0.0.4",
-                    self.shared.metrics.render().into_bytes(),
-                )
+                let text = drop_stale_health_series(
+                    self.shared.metrics.render(),
+                    &self.shared.runtime.load(),
+                );
+                reply(200, "text/plain; version=0.0.4", text.into_bytes())
             }
             ("GET", "/healthz") => json_reply(200, &json!({"status": "ok"})),
             ("GET", "/readyz") => {
