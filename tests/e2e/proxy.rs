@@ -476,25 +476,30 @@ fn provider_keys_from_env_and_file_are_injected() {
     assert!(!gw.log_text().contains("sk-from-env-555"));
 }
 
-#[test]
-fn deployments_are_balanced_and_failed_ones_avoided() {
-    let m1 = Mock::start(&["--name", "one"]);
-    let m2_port = free_port();
-    let m2 = Mock::start_on(m2_port, &["--name", "two"]);
+/// Model `small` on two deployments: provider p1 on `m1`, p2 on `m2`.
+fn two_deployments(m1: &Mock, m2: &Mock) -> Gateway {
     let providers = format!(
         "providers:\n{}{}",
-        mock_provider("p1", &m1),
-        mock_provider("p2", &m2)
+        mock_provider("p1", m1),
+        mock_provider("p2", m2)
     );
     let models =
         "models:\n  - name: small\n    deployments:\n      - provider: p1\n      - provider: p2\n";
-    let gw = Gateway::start(ConfigDir::new(
+    Gateway::start(ConfigDir::new(
         "",
         "demo:\n  mode: off\n",
         &providers,
         models,
         "",
-    ));
+    ))
+}
+
+#[test]
+fn deployments_are_balanced_and_failed_ones_avoided() {
+    let m1 = Mock::start(&["--name", "one"]);
+    let m2_port = free_port();
+    let m2 = Mock::start_on(m2_port, &["--name", "two"]);
+    let gw = two_deployments(&m1, &m2);
     for i in 0..40 {
         assert_eq!(gw.chat(&chat_body("small", &format!("q{i}"))).status, 200);
     }
@@ -537,20 +542,7 @@ fn deployments_are_balanced_and_failed_ones_avoided() {
 fn a_deployment_removed_by_reload_leaves_the_health_metrics() {
     let m1 = Mock::start(&["--name", "one"]);
     let m2 = Mock::start(&["--name", "two"]);
-    let providers = format!(
-        "providers:\n{}{}",
-        mock_provider("p1", &m1),
-        mock_provider("p2", &m2)
-    );
-    let both =
-        "models:\n  - name: small\n    deployments:\n      - provider: p1\n      - provider: p2\n";
-    let gw = Gateway::start(ConfigDir::new(
-        "",
-        "demo:\n  mode: off\n",
-        &providers,
-        both,
-        "",
-    ));
+    let gw = two_deployments(&m1, &m2);
     let series = |addr: &str| format!("address=\"{addr}\"");
     assert!(
         wait_until(Duration::from_secs(10), || {
