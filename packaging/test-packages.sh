@@ -34,6 +34,7 @@ say "built $(basename "$deb") ($(du -h "$deb" | cut -f1)), $(basename "$rpm") ($
 
 expected="/usr/bin/smartllm
 /usr/lib/smartllm/libonnxruntime.so.1.31.1
+/usr/share/smartllm/model.int8.onnx
 /usr/share/smartllm/model.onnx
 /usr/share/smartllm/tokenizer.json
 /usr/lib/systemd/system/smartllm.service

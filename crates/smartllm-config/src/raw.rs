@@ -130,6 +130,8 @@ pub struct RawEmbedder {
     pub queue_depth: Option<usize>,
     /// A job that waited longer than this is not run; its request skips the cache.
     pub max_queue_wait: Option<ConfigDuration>,
+    /// Recent embeddings kept by text (0 = none).
+    pub cache_entries: Option<usize>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -225,6 +225,8 @@ pub struct EmbedderConfig {
     pub device: Device,
     pub queue_depth: usize,
     pub max_queue_wait: Duration,
+    /// Recent embeddings kept by text, so a text seen again skips the model.
+    pub cache_entries: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

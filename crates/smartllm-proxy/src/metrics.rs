@@ -205,6 +205,10 @@ pub fn install() -> PrometheusHandle {
             Unit::Seconds,
             "Embedding model run time per micro-batch."
         );
+        describe_counter!(
+            smartllm_embed::METRIC_RECENT,
+            "Single-text embeddings looked up in the recent-embeddings cache, by result (hit, miss)."
+        );
     }
     gauge!(BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
     // Histogram samples pile up in the recorder until upkeep drains them; a

@@ -35,6 +35,9 @@ pub(super) fn resolve_embedder(dir: &Path, e: RawEmbedder, v: &mut Issues<'_>) -
             "must be between 8 and 512 (the model's limit)",
         );
     }
+    if e.threads == Some(0) || e.threads.is_some_and(|t| t > 64) {
+        v.push(MAIN_FILE, "embedder.threads", "must be between 1 and 64");
+    }
     let queue_depth = e.queue_depth.unwrap_or(256);
     if !(1..=65_536).contains(&queue_depth) {
         v.push(
@@ -51,13 +54,24 @@ pub(super) fn resolve_embedder(dir: &Path, e: RawEmbedder, v: &mut Issues<'_>) -
         v.push(MAIN_FILE, "embedder.max_queue_wait", "must be above 0");
     }
     EmbedderConfig {
-        model: assets_dir.join(e.model.unwrap_or_else(|| "model.onnx".into())),
+        model: assets_dir.join(e.model.unwrap_or_else(|| "model.int8.onnx".into())),
         tokenizer: assets_dir.join(e.tokenizer.unwrap_or_else(|| "tokenizer.json".into())),
         onnxruntime: assets_dir.join(
             e.onnxruntime
                 .unwrap_or_else(|| "libonnxruntime.so.1.31.1".into()),
         ),
-        threads: e.threads.unwrap_or(1).clamp(1, 64),
+        // One single-threaded ONNX session per CPU by default: measured
+        // faster than one session with intra-op threads at every batch size
+        // and length (bench/README.md, "Embedder").
+        threads: e
+            .threads
+            .unwrap_or_else(|| {
+                std::thread::available_parallelism()
+                    .map(|n| n.get())
+                    .unwrap_or(2)
+            })
+            .clamp(1, 64),
+        cache_entries: e.cache_entries.unwrap_or(4096).min(1 << 20),
         max_seq_len: max_seq_len.clamp(8, 512),
         device,
         queue_depth: queue_depth.clamp(1, 65_536),

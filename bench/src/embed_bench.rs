@@ -1,0 +1,251 @@
+//! Embedder throughput, as ratios within one run (issue #22 items 1-3):
+//! texts/s by model file x worker threads x text length x batch size, the
+//! tokenizer's own cost, and the production `Embedder` (its batch policy,
+//! 16 concurrent callers) against the fp32 model's one-text baseline.
+//!
+//!   embed-bench [--seconds 1.5] [--lengths 16,64,256] [--batches 1,4,16,64] [--threads 1,2]
+//!
+//! The texts are synthetic (words drawn from a fixed list, cut to the token
+//! length): speed depends on the length, not the words. Prints Markdown.
+
+use smartllm_embed::{local_assets, Embedder, Model, FP32_MODEL, INT8_MODEL};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+fn arg(name: &str, default: &str) -> String {
+    let args: Vec<String> = std::env::args().collect();
+    args.windows(2)
+        .find(|w| w[0] == name)
+        .map(|w| w[1].clone())
+        .unwrap_or_else(|| default.to_string())
+}
+
+fn list(name: &str, default: &str) -> Vec<usize> {
+    arg(name, default)
+        .split(',')
+        .filter_map(|s| s.trim().parse().ok())
+        .collect()
+}
+
+const WORDS: &[&str] = &[
+    "route",
+    "the",
+    "request",
+    "to",
+    "a",
+    "cheaper",
+    "model",
+    "when",
+    "cache",
+    "answers",
+    "how",
+    "do",
+    "I",
+    "reset",
+    "my",
+    "password",
+    "explain",
+    "difference",
+    "between",
+    "process",
+    "thread",
+    "summarise",
+    "this",
+    "contract",
+    "clause",
+    "for",
+    "engineers",
+    "write",
+    "function",
+    "sorts",
+    "list",
+    "numbers",
+    "quickly",
+    "budget",
+    "alert",
+    "tenant",
+    "invoice",
+    "march",
+    "latency",
+];
+
+/// `n` distinct synthetic texts of exactly `tokens` tokens (specials included).
+fn texts(model: &Model, tokens: usize, n: usize) -> Vec<String> {
+    let mut rng = fastrand::Rng::with_seed(tokens as u64);
+    (0..n)
+        .map(|i| {
+            let mut words: Vec<&str> = vec![];
+            let mut t = format!("{i}");
+            while model.tokens(&t) < tokens {
+                words.push(WORDS[rng.usize(..WORDS.len())]);
+                t = format!("{i} {}", words.join(" "));
+            }
+            while model.tokens(&t) > tokens && !words.is_empty() {
+                words.pop();
+                t = format!("{i} {}", words.join(" "));
+            }
+            t
+        })
+        .collect()
+}
+
+/// Texts per second of `threads` workers, each with its own session, each
+/// running batches of `batch` texts for `secs`.
+fn measure(
+    model_file: &str,
+    threads: usize,
+    texts: &Arc<Vec<String>>,
+    batch: usize,
+    secs: f64,
+) -> f64 {
+    let mut cfg = local_assets(512);
+    cfg.model = cfg.model.with_file_name(model_file);
+    let models: Vec<Model> = (0..threads)
+        .map(|_| Model::load_cpu(&cfg).expect("model loads"))
+        .collect();
+    let start = Instant::now() + Duration::from_millis(50);
+    let handles: Vec<_> = models
+        .into_iter()
+        .enumerate()
+        .map(|(w, mut m)| {
+            let texts = texts.clone();
+            std::thread::spawn(move || {
+                let mut i = w * 97;
+                let run = |m: &mut Model, i: &mut usize| {
+                    let chunk: Vec<&str> = (0..batch)
+                        .map(|k| texts[(*i + k) % texts.len()].as_str())
+                        .collect();
+                    *i += batch;
+                    m.embed(&chunk, usize::MAX).expect("embeds");
+                };
+                run(&mut m, &mut i); // warm-up
+                while Instant::now() < start {}
+                let mut done = 0usize;
+                while start.elapsed().as_secs_f64() < secs {
+                    run(&mut m, &mut i);
+                    done += batch;
+                }
+                done as f64 / start.elapsed().as_secs_f64()
+            })
+        })
+        .collect();
+    handles.into_iter().map(|h| h.join().unwrap()).sum()
+}
+
+/// Texts per second through the production `Embedder` (its threads, its
+/// batch policy) with `callers` concurrent one-text callers.
+fn through_embedder(
+    model_file: &str,
+    threads: usize,
+    texts: &Arc<Vec<String>>,
+    callers: usize,
+    secs: f64,
+) -> f64 {
+    let mut cfg = local_assets(512);
+    cfg.model = cfg.model.with_file_name(model_file);
+    cfg.threads = threads;
+    cfg.queue_depth = 1024;
+    cfg.max_queue_wait = Duration::from_secs(10);
+    let e = Arc::new(Embedder::load(&cfg).expect("embedder loads"));
+    let start = Instant::now();
+    let handles: Vec<_> = (0..callers)
+        .map(|c| {
+            let (e, texts) = (e.clone(), texts.clone());
+            std::thread::spawn(move || {
+                let mut done = 0usize;
+                let mut i = c * 131;
+                while start.elapsed().as_secs_f64() < secs {
+                    e.embed_blocking(vec![texts[i % texts.len()].clone()])
+                        .expect("embeds");
+                    i += 1;
+                    done += 1;
+                }
+                done
+            })
+        })
+        .collect();
+    let done: usize = handles.into_iter().map(|h| h.join().unwrap()).sum();
+    done as f64 / start.elapsed().as_secs_f64()
+}
+
+fn main() {
+    let secs: f64 = arg("--seconds", "1.5").parse().unwrap_or(1.5);
+    let lengths = list("--lengths", "16,64,256");
+    let batches = list("--batches", "1,4,16,64");
+    let threads = list("--threads", "1,2");
+    let cfg = local_assets(512);
+    let probe = Model::load_cpu(&cfg).expect("embedding assets: run packaging/fetch-assets.sh");
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    println!("# Embedder throughput (texts/s; synthetic texts; {cores} CPUs; {secs} s per cell)\n");
+
+    // Tokenizer alone, per text.
+    println!("## Tokenizer (one thread)\n\n| tokens | µs per text |\n|---|---|");
+    for &len in &lengths {
+        let t = texts(&probe, len, 256);
+        let start = Instant::now();
+        let mut n = 0;
+        while start.elapsed().as_secs_f64() < secs / 2.0 {
+            for s in &t {
+                std::hint::black_box(probe.tokens(s));
+                n += 1;
+            }
+        }
+        println!(
+            "| {len} | {:.1} |",
+            start.elapsed().as_secs_f64() * 1e6 / n as f64
+        );
+    }
+
+    println!("\n## Model runs: texts/s by model x workers x length x batch\n");
+    print!("| model | workers | tokens |");
+    for b in &batches {
+        print!(" batch {b} |");
+    }
+    println!(" int8 / fp32 at batch 1 |");
+    print!("|---|---|---|");
+    for _ in &batches {
+        print!("---|");
+    }
+    println!("---|");
+    for &w in &threads {
+        for &len in &lengths {
+            let t = Arc::new(texts(&probe, len, 512));
+            let mut base = 0.0;
+            for model in [FP32_MODEL, INT8_MODEL] {
+                print!("| {model} | {w} | {len} |");
+                let mut first = 0.0;
+                for &b in &batches {
+                    let r = measure(model, w, &t, b, secs);
+                    if b == batches[0] {
+                        first = r;
+                    }
+                    print!(" {r:.0} |");
+                }
+                if model == FP32_MODEL {
+                    base = first;
+                    println!(" |");
+                } else {
+                    println!(" {:.2}x |", first / base.max(1e-9));
+                }
+            }
+        }
+    }
+
+    println!("\n## The production Embedder: 16 concurrent one-text callers\n");
+    println!("| tokens | fp32, 1 worker | int8, 1 worker | int8, {cores} workers (default) | default / fp32 1 worker |\n|---|---|---|---|---|");
+    for &len in &lengths {
+        let t = Arc::new(texts(&probe, len, 4096));
+        let a = through_embedder(FP32_MODEL, 1, &t, 16, secs);
+        let b = through_embedder(INT8_MODEL, 1, &t, 16, secs);
+        let c = through_embedder(INT8_MODEL, cores, &t, 16, secs);
+        println!(
+            "| {len} | {a:.0} | {b:.0} | {c:.0} | {:.2}x |",
+            c / a.max(1e-9)
+        );
+    }
+}
