@@ -25,6 +25,7 @@ pub struct CacheStats {
     pub ivf_nprobe: Option<usize>,
     pub index_building: bool,
     pub l1_entries: usize,
+    /// The next entry sequence number (`ids::seq`).
     pub next_id: u64,
     pub encrypted: bool,
     pub live_data_bytes: u64,
@@ -47,15 +48,9 @@ impl SemanticCache {
                 }
             }
             self.db().write(batch)?;
-            if let Ok(mut l1) = self.l1.lock() {
-                l1.clear();
-            }
-            {
-                let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-                *index = VectorIndex::new_flat(self.embedder.info().dim)?;
-                // A build in flight started from the old contents: void it.
-                self.generation.fetch_add(1, Ordering::SeqCst);
-            }
+            self.l1_clear();
+            // A build in flight started from the old contents: void it.
+            self.index.reset(VectorIndex::new_flat(self.index.dim())?);
             self.trained_for.store(0, Ordering::Relaxed);
             if let Some(p) = &self.index_path {
                 let _ = std::fs::remove_file(p);
@@ -122,9 +117,7 @@ impl SemanticCache {
             }
         }
         let n = doomed.len() as u64;
-        for chunk in doomed.chunks(1024) {
-            self.remove_ids(chunk)?;
-        }
+        self.remove_ids(&doomed)?;
         Ok((n, resealed))
     }
 
@@ -136,19 +129,16 @@ impl SemanticCache {
             .ok()
             .flatten()
             .unwrap_or(0);
-        let (kind, params) = self
-            .index
-            .read()
-            .map(|i| (if i.is_ivf() { "ivf-sq8" } else { "flat" }, i.ivf_params()))
-            .unwrap_or(("flat", None));
+        // Atomics only (the admin API calls this on an async thread).
+        let params = self.index.ivf_params();
         CacheStats {
-            index_vectors: self.index.read().map(|i| i.len()).unwrap_or(0),
-            index_kind: kind,
+            index_vectors: self.index.len(),
+            index_kind: if params.is_some() { "ivf-sq8" } else { "flat" },
             ivf_nlist: params.map(|p| p.0),
             ivf_nprobe: params.map(|p| p.1),
             index_building: self.building.load(Ordering::SeqCst),
-            l1_entries: self.l1.lock().map(|l| l.len()).unwrap_or(0),
-            next_id: self.next_id.load(Ordering::SeqCst),
+            l1_entries: self.l1_len.load(Ordering::Relaxed),
+            next_id: self.index.next_seq(),
             encrypted: self.codec.encrypted(),
             live_data_bytes: info.live_data_bytes,
             estimated_entries,

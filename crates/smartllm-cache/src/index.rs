@@ -1,16 +1,58 @@
-//! FAISS inner-product indexes (inner product over unit vectors = cosine) with
-//! caller-chosen 64-bit ids: exact (flat) while small, IVF with 8-bit scalar
-//! quantisation once trained. The flat index searches under a shared borrow;
-//! the IVF one through a mutex (FAISS parallelises a single IVF query itself).
+//! FAISS inner-product indexes (inner product over unit vectors = cosine)
+//! with caller-chosen 63-bit ids: exact (flat) while small, IVF with 8-bit
+//! scalar quantisation once trained ([`VectorIndex`]); and the live index the
+//! cache shares between threads ([`SharedIndex`]).
+//!
+//! # Searching within a namespace
+//! Entry ids carry their namespace's tag in their top bits (`crate::ids`), so
+//! a namespace's entries form one id range. [`VectorIndex::search_in`] hands
+//! FAISS an `IDSelectorRange` for it: the top k are the best of that range, and
+//! other namespaces' entries, however many and however close, never take their
+//! places.
+//!
+//! # Concurrency
+//! FAISS CPU indexes may be searched from many threads at once (search is
+//! `const`), but not while anything adds or removes. [`SharedIndex`]:
+//! - **Searches** load the current index (an `Arc` from an `ArcSwap`) and take
+//!   the read side of its `RwLock`: they run concurrently with each other, with
+//!   persisting, and with training (which fills a separate index). No mutex
+//!   serialises them (each passes its own search parameters).
+//! - **Adds and removes** are queued; whichever thread finds the writer token
+//!   free applies everything queued, coalesced into one `add_with_ids` and one
+//!   `remove_ids` (each removal scans the index: batching keeps that to one
+//!   scan), under the write side, held that long only. A thread that finds the
+//!   token taken leaves its work to the holder, who drains the queue before
+//!   letting go: no insert or purge waits for a persist. A removed id is
+//!   harmless until its removal lands: its RocksDB entry is already gone, and
+//!   verification skips it.
+//! - **Exclusive sections** hold the token, so nothing changes the index while
+//!   searches go on: persisting (`write_index` is `const`), and swapping in a
+//!   rebuilt or newly trained index (an `ArcSwap` store: searches under way
+//!   finish on the old one, which is freed after the last). A build logs every
+//!   change applied after it took its RocksDB snapshot, and replays them on the
+//!   new index just before the swap; the latest build to start wins.
+//! - **Where**: every lock here is taken on blocking threads only
+//!   (`spawn_blocking`, the builder thread, open); async code reads the atomic
+//!   counters (`len`) and the lock-free `ArcSwap` (`ivf_params`).
+//! - **Persist markers**: sequence numbers are handed out here and count as in
+//!   flight until their vector is applied (or given up); a saved file holds
+//!   every vector whose sequence number is below its marker.
 
+use crate::ids;
+use arc_swap::ArcSwap;
 use faiss::index::autotune::ParameterSpace;
 use faiss::index::flat::FlatIndexImpl;
 use faiss::index::id_map::IdMap;
-use faiss::index::IndexImpl;
+use faiss::index::{IndexImpl, NativeIndex};
 use faiss::selector::IdSelector;
-use faiss::{index_factory, ConcurrentIndex, Idx, Index, MetricType};
+use faiss::{index_factory, Idx, Index, MetricType};
+use faiss_sys::{FaissIDSelector, FaissIndex, FaissSearchParameters};
+use std::collections::{BTreeSet, HashSet};
+use std::ffi::CStr;
+use std::ops::Range;
 use std::path::Path;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, TryLockError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {
@@ -18,6 +60,8 @@ pub enum IndexError {
     Dimension { got: usize, want: usize },
     #[error("faiss: {0}")]
     Faiss(#[from] faiss::error::Error),
+    #[error("faiss: {0}")]
+    Native(String),
     #[error("index file {path}: {message}")]
     File { path: String, message: String },
 }
@@ -25,7 +69,7 @@ pub enum IndexError {
 enum Kind {
     Flat(IdMap<FlatIndexImpl>),
     Ivf {
-        index: Mutex<IndexImpl>,
+        index: IndexImpl,
         nlist: usize,
         nprobe: usize,
     },
@@ -49,6 +93,115 @@ pub fn nlist_for(n: usize) -> usize {
 /// Lists probed per query: enough for near-exact recall on unit vectors.
 pub fn nprobe_for(nlist: usize) -> usize {
     (nlist / 8).clamp(8, 128).min(nlist)
+}
+
+/// The message of the last FAISS C API failure on this thread.
+#[allow(unsafe_code)]
+fn check(rc: std::os::raw::c_int) -> Result<(), IndexError> {
+    if rc == 0 {
+        return Ok(());
+    }
+    // SAFETY: after a failed call the C API keeps the exception's message in
+    // a thread-local string, valid until the next call on this thread.
+    let msg = unsafe {
+        let p = faiss_sys::faiss_get_last_error();
+        if p.is_null() {
+            format!("error {rc}")
+        } else {
+            CStr::from_ptr(p).to_string_lossy().into_owned()
+        }
+    };
+    Err(IndexError::Native(msg))
+}
+
+/// Search parameters owned for one call (they do not own their selector).
+struct Params(*mut FaissSearchParameters);
+
+impl Params {
+    /// IVF parameters when `nprobe` is given, plain ones otherwise; `sel` may be null.
+    #[allow(unsafe_code)]
+    fn new(sel: *mut FaissIDSelector, nprobe: Option<usize>) -> Result<Self, IndexError> {
+        let mut p = std::ptr::null_mut();
+        // SAFETY: the constructors write a fresh object's pointer into `p`;
+        // `sel` is null or a live selector that outlives these parameters.
+        let rc = unsafe {
+            match nprobe {
+                Some(n) => faiss_sys::faiss_SearchParametersIVF_new_with(&mut p, sel, n, 0),
+                None => faiss_sys::faiss_SearchParameters_new(&mut p, sel),
+            }
+        };
+        check(rc)?;
+        Ok(Params(p))
+    }
+}
+
+impl Drop for Params {
+    #[allow(unsafe_code)]
+    fn drop(&mut self) {
+        // SAFETY: created above and freed once; the destructor is virtual (IVF
+        // parameters included) and leaves the selector alone.
+        unsafe { faiss_sys::faiss_SearchParameters_free(self.0) }
+    }
+}
+
+/// One query against a native index, limited to `range` when given.
+#[allow(unsafe_code)]
+fn search_native(
+    index: *const FaissIndex,
+    nprobe: Option<usize>,
+    query: &[f32],
+    k: usize,
+    range: Option<Range<u64>>,
+) -> Result<Vec<(u64, f32)>, IndexError> {
+    let selector = match range {
+        Some(r) => Some(IdSelector::range(
+            idx(r.start),
+            idx(r.end.min(i64::MAX as u64)),
+        )?),
+        None => None,
+    };
+    let sel = selector
+        .as_ref()
+        .map_or(std::ptr::null_mut(), |s| s.inner_ptr());
+    let params = Params::new(sel, nprobe)?;
+    let mut distances = vec![0f32; k];
+    let mut labels = vec![-1i64; k];
+    // SAFETY: `index` is a live index borrowed shared for the whole call (the
+    // caller holds the read side of its lock: nothing mutates it); FAISS CPU
+    // search is const and thread-safe. The parameters (and the ID-map's
+    // selector translation, which writes to them) are this call's own. The
+    // buffers hold k results for one query of the index's dimension.
+    let rc = unsafe {
+        faiss_sys::faiss_Index_search_with_params(
+            index,
+            1,
+            query.as_ptr(),
+            k as faiss_sys::idx_t,
+            params.0,
+            distances.as_mut_ptr(),
+            labels.as_mut_ptr(),
+        )
+    };
+    check(rc)?;
+    drop(params);
+    drop(selector);
+    Ok(labels
+        .into_iter()
+        .zip(distances)
+        .filter(|(l, _)| *l >= 0)
+        .map(|(l, d)| (l as u64, d))
+        .collect())
+}
+
+/// The lists of an IVF index, read from the index itself.
+#[allow(unsafe_code)]
+fn ivf_nlist(index: &IndexImpl) -> Option<usize> {
+    // SAFETY: the cast is a dynamic_cast (null when not an IVF index); nlist
+    // reads a field of the live index we borrow.
+    unsafe {
+        let ivf = faiss_sys::faiss_IndexIVF_cast(index.inner_ptr());
+        (!ivf.is_null()).then(|| faiss_sys::faiss_IndexIVF_nlist(ivf))
+    }
 }
 
 impl VectorIndex {
@@ -84,7 +237,7 @@ impl VectorIndex {
         Ok(VectorIndex {
             dim,
             kind: Kind::Ivf {
-                index: Mutex::new(index),
+                index,
                 nlist,
                 nprobe,
             },
@@ -112,7 +265,7 @@ impl VectorIndex {
             return Err(file_err("is not trained".into()));
         }
         let len = index.ntotal() as usize;
-        let nlist = nlist_for(len.max(1));
+        let nlist = ivf_nlist(&index).ok_or_else(|| file_err("is not an IVF index".into()))?;
         let nprobe = nprobe_for(nlist);
         ParameterSpace::new()?
             .set_index_parameter(&index, "nprobe", nprobe as u32)
@@ -120,7 +273,7 @@ impl VectorIndex {
         Ok(VectorIndex {
             dim,
             kind: Kind::Ivf {
-                index: Mutex::new(index),
+                index,
                 nlist,
                 nprobe,
             },
@@ -128,7 +281,8 @@ impl VectorIndex {
         })
     }
 
-    /// Persist an IVF index atomically (write to a temporary file, then rename).
+    /// Persist an IVF index atomically (write to a temporary file, then
+    /// rename). Reads the index only: searches may run meanwhile.
     pub fn write_ivf(&self, path: &Path) -> Result<bool, IndexError> {
         let Kind::Ivf { index, .. } = &self.kind else {
             return Ok(false);
@@ -138,14 +292,11 @@ impl VectorIndex {
             path: path.display().to_string(),
             message,
         };
-        {
-            let guard = index.lock().unwrap_or_else(|p| p.into_inner());
-            faiss::write_index(
-                &*guard,
-                tmp.to_str()
-                    .ok_or_else(|| file_err("path is not UTF-8".into()))?,
-            )?;
-        }
+        faiss::write_index(
+            index,
+            tmp.to_str()
+                .ok_or_else(|| file_err("path is not UTF-8".into()))?,
+        )?;
         std::fs::rename(&tmp, path).map_err(|e| file_err(e.to_string()))?;
         Ok(true)
     }
@@ -175,36 +326,40 @@ impl VectorIndex {
     }
 
     pub fn add(&mut self, id: u64, vector: &[f32]) -> Result<(), IndexError> {
-        if vector.len() != self.dim {
+        self.add_batch(&[id], vector)
+    }
+
+    /// Add `ids.len()` vectors (row-major) in one call.
+    pub fn add_batch(&mut self, ids: &[u64], vectors: &[f32]) -> Result<(), IndexError> {
+        if vectors.len() != ids.len() * self.dim {
             return Err(IndexError::Dimension {
-                got: vector.len(),
+                got: vectors.len() / ids.len().max(1),
                 want: self.dim,
             });
         }
-        match &mut self.kind {
-            Kind::Flat(i) => i.add_with_ids(vector, &[idx(id)])?,
-            Kind::Ivf { index, .. } => index
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .add_with_ids(vector, &[idx(id)])?,
+        if ids.is_empty() {
+            return Ok(());
         }
-        self.len += 1;
+        let ids_: Vec<Idx> = ids.iter().map(|&i| idx(i)).collect();
+        match &mut self.kind {
+            Kind::Flat(i) => i.add_with_ids(vectors, &ids_)?,
+            Kind::Ivf { index, .. } => index.add_with_ids(vectors, &ids_)?,
+        }
+        self.len += ids.len();
         Ok(())
     }
 
-    /// Remove ids (absent ones are ignored); returns how many were removed.
+    /// Remove ids (absent ones are ignored) in one pass over the index;
+    /// returns how many were removed.
     pub fn remove(&mut self, ids: &[u64]) -> Result<usize, IndexError> {
-        if ids.is_empty() {
+        if ids.is_empty() || self.len == 0 {
             return Ok(0);
         }
         let ids: Vec<Idx> = ids.iter().map(|&i| idx(i)).collect();
         let sel = IdSelector::batch(&ids)?;
         let n = match &mut self.kind {
             Kind::Flat(i) => i.remove_ids(&sel)?,
-            Kind::Ivf { index, .. } => index
-                .get_mut()
-                .unwrap_or_else(|p| p.into_inner())
-                .remove_ids(&sel)?,
+            Kind::Ivf { index, .. } => index.remove_ids(&sel)?,
         };
         self.len = self.len.saturating_sub(n);
         Ok(n)
@@ -212,6 +367,25 @@ impl VectorIndex {
 
     /// The `k` nearest ids with their inner products, best first.
     pub fn search(&self, query: &[f32], k: usize) -> Result<Vec<(u64, f32)>, IndexError> {
+        self.search_native(query, k, None)
+    }
+
+    /// The `k` nearest ids within `range` (a namespace's, `ids::range`).
+    pub fn search_in(
+        &self,
+        query: &[f32],
+        k: usize,
+        range: Range<u64>,
+    ) -> Result<Vec<(u64, f32)>, IndexError> {
+        self.search_native(query, k, Some(range))
+    }
+
+    fn search_native(
+        &self,
+        query: &[f32],
+        k: usize,
+        range: Option<Range<u64>>,
+    ) -> Result<Vec<(u64, f32)>, IndexError> {
         if query.len() != self.dim {
             return Err(IndexError::Dimension {
                 got: query.len(),
@@ -221,19 +395,358 @@ impl VectorIndex {
         if self.is_empty() || k == 0 {
             return Ok(Vec::new());
         }
-        let res = match &self.kind {
-            Kind::Flat(i) => ConcurrentIndex::search(i, query, k)?,
-            Kind::Ivf { index, .. } => index
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .search(query, k)?,
+        let k = k.min(self.len);
+        match &self.kind {
+            Kind::Flat(i) => search_native(i.inner_ptr(), None, query, k, range),
+            Kind::Ivf { index, nprobe, .. } => {
+                search_native(index.inner_ptr(), Some(*nprobe), query, k, range)
+            }
+        }
+    }
+}
+
+/// A change to the live index.
+#[derive(Debug, Clone)]
+pub(crate) enum Op {
+    Add(u64, Vec<f32>),
+    Remove(Vec<u64>),
+}
+
+/// The adds of `ops` that no removal in `ops` voids (row-major vectors), and
+/// every removed id. Ids are never reused: an id both added and removed ends
+/// removed, whichever came first (its entry is gone).
+fn split(ops: &[Op]) -> (Vec<u64>, Vec<f32>, HashSet<u64>) {
+    let removed: HashSet<u64> = ops
+        .iter()
+        .flat_map(|op| match op {
+            Op::Remove(ids) => ids.as_slice(),
+            Op::Add(..) => &[],
+        })
+        .copied()
+        .collect();
+    let (mut ids, mut data) = (Vec::new(), Vec::new());
+    for op in ops {
+        if let Op::Add(id, v) = op {
+            if !removed.contains(id) {
+                ids.push(*id);
+                data.extend_from_slice(v);
+            }
+        }
+    }
+    (ids, data, removed)
+}
+
+/// Apply `ops` to the live index: one add, then one removal pass.
+fn apply(index: &mut VectorIndex, ops: &[Op]) -> Result<(), IndexError> {
+    let (ids, data, removed) = split(ops);
+    let added = index.add_batch(&ids, &data);
+    index.remove(&removed.into_iter().collect::<Vec<_>>())?;
+    added
+}
+
+/// Replay `ops` on a freshly built index whose snapshot may already hold some
+/// of them: every id they touch is removed first (one pass), so none is added
+/// twice and none removed survives.
+fn replay(index: &mut VectorIndex, ops: &[Op]) -> Result<(), IndexError> {
+    let (ids, data, removed) = split(ops);
+    let mut touched: Vec<u64> = removed.into_iter().collect();
+    touched.extend_from_slice(&ids);
+    index.remove(&touched)?;
+    index.add_batch(&ids, &data)
+}
+
+/// The live index and what may be read of it without a lock.
+struct Live {
+    index: RwLock<VectorIndex>,
+    ivf: Option<(usize, usize)>,
+}
+
+impl Live {
+    fn new(index: VectorIndex) -> Arc<Self> {
+        Arc::new(Live {
+            ivf: index.ivf_params(),
+            index: RwLock::new(index),
+        })
+    }
+
+    fn read(&self) -> RwLockReadGuard<'_, VectorIndex> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// What the writer token guards besides the right to change the index.
+struct Writer {
+    /// Bumped by every build start and reset: a build whose token is older is void.
+    generation: u64,
+    /// The changes applied since the current build took its snapshot.
+    log: Option<Vec<Op>>,
+}
+
+/// The cache's live index: see the module doc for the concurrency model.
+pub(crate) struct SharedIndex {
+    dim: usize,
+    live: ArcSwap<Live>,
+    writer: Mutex<Writer>,
+    queue: Mutex<Vec<Op>>,
+    len: AtomicUsize,
+    next_seq: AtomicU64,
+    /// Sequence numbers handed out whose vector is not applied yet.
+    in_flight: Mutex<BTreeSet<u64>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The writer token, held by an exclusive section; on release, whatever was
+/// queued meanwhile is applied.
+pub(crate) struct Exclusive<'a> {
+    shared: &'a SharedIndex,
+    writer: Option<MutexGuard<'a, Writer>>,
+}
+
+impl Drop for Exclusive<'_> {
+    fn drop(&mut self) {
+        self.writer.take();
+        if let Err(e) = self.shared.drain() {
+            tracing::error!(error = %e, "applying queued cache index changes failed");
+        }
+    }
+}
+
+impl Exclusive<'_> {
+    fn writer(&mut self) -> &mut Writer {
+        self.writer.as_mut().expect("held until drop")
+    }
+}
+
+impl SharedIndex {
+    pub fn new(index: VectorIndex) -> Self {
+        SharedIndex {
+            dim: index.dim(),
+            len: AtomicUsize::new(index.len()),
+            live: ArcSwap::new(Live::new(index)),
+            writer: Mutex::new(Writer {
+                generation: 0,
+                log: None,
+            }),
+            queue: Mutex::new(Vec::new()),
+            next_seq: AtomicU64::new(1),
+            in_flight: Mutex::new(BTreeSet::new()),
+        }
+    }
+
+    pub fn dim(&self) -> usize {
+        self.dim
+    }
+
+    /// Vectors in the index (lock-free).
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::Relaxed)
+    }
+
+    /// (nlist, nprobe) when the index is IVF (lock-free).
+    pub fn ivf_params(&self) -> Option<(usize, usize)> {
+        self.live.load().ivf
+    }
+
+    /// Search within `range`. Blocking threads only.
+    pub fn search_in(
+        &self,
+        query: &[f32],
+        k: usize,
+        range: Range<u64>,
+    ) -> Result<Vec<(u64, f32)>, IndexError> {
+        let live = self.live.load_full();
+        let index = live.read();
+        index.search_in(query, k, range)
+    }
+
+    /// Search the whole index (tests: what a search across namespaces finds).
+    #[cfg(test)]
+    pub fn search_all(&self, query: &[f32], k: usize) -> Vec<(u64, f32)> {
+        self.live.load_full().read().search(query, k).unwrap()
+    }
+
+    /// Hand out the next entry id in `tag`'s range; its sequence number is in
+    /// flight until its `Op::Add` is applied or it is [`released`](Self::release).
+    pub fn allocate(&self, tag: u32) -> u64 {
+        let mut f = lock(&self.in_flight);
+        let seq = self.next_seq.fetch_add(1, Ordering::SeqCst);
+        f.insert(seq);
+        ids::compose(tag, seq)
+    }
+
+    /// No vector will come for `id` (a failed write, or an entry without one).
+    pub fn release(&self, id: u64) {
+        lock(&self.in_flight).remove(&ids::seq(id));
+    }
+
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::SeqCst)
+    }
+
+    /// Make sure no sequence number below `n` is handed out again.
+    pub fn raise_next_seq(&self, n: u64) {
+        self.next_seq.fetch_max(n, Ordering::SeqCst);
+    }
+
+    /// Queue changes and apply them now unless another thread holds the
+    /// writer token (it then applies them before letting go). Blocking
+    /// threads only.
+    pub fn submit(&self, ops: Vec<Op>) -> Result<(), IndexError> {
+        let mut bad = None;
+        let ops: Vec<Op> = ops
+            .into_iter()
+            .filter(|op| match op {
+                Op::Add(id, v) if v.len() != self.dim => {
+                    self.release(*id);
+                    bad = Some(v.len());
+                    false
+                }
+                Op::Remove(ids) => !ids.is_empty(),
+                Op::Add(..) => true,
+            })
+            .collect();
+        if !ops.is_empty() {
+            lock(&self.queue).extend(ops);
+            self.drain()?;
+        }
+        match bad {
+            Some(got) => Err(IndexError::Dimension {
+                got,
+                want: self.dim,
+            }),
+            None => Ok(()),
+        }
+    }
+
+    /// Apply the queue unless another thread holds the token. Whoever lets go
+    /// of the token looks at the queue again: nothing is left behind.
+    fn drain(&self) -> Result<(), IndexError> {
+        let mut result = Ok(());
+        loop {
+            let mut writer = match self.writer.try_lock() {
+                Ok(w) => w,
+                Err(TryLockError::WouldBlock) => return result,
+                Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            };
+            if let Err(e) = self.apply_queued(&mut writer) {
+                result = Err(e);
+            }
+            drop(writer);
+            if lock(&self.queue).is_empty() {
+                return result;
+            }
+        }
+    }
+
+    /// Under the token: apply what is queued to the live index, log it for a
+    /// build under way, and clear its sequence numbers from flight.
+    fn apply_queued(&self, writer: &mut Writer) -> Result<(), IndexError> {
+        let ops = std::mem::take(&mut *lock(&self.queue));
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let live = self.live.load_full();
+        let result = {
+            let mut index = live.index.write().unwrap_or_else(|p| p.into_inner());
+            let r = apply(&mut index, &ops);
+            self.len.store(index.len(), Ordering::Relaxed);
+            r
         };
-        Ok(res
-            .labels
-            .iter()
-            .zip(res.distances)
-            .filter_map(|(l, d)| l.get().map(|id| (id, d)))
-            .collect())
+        {
+            let mut f = lock(&self.in_flight);
+            for op in &ops {
+                if let Op::Add(id, _) = op {
+                    f.remove(&ids::seq(*id));
+                }
+            }
+        }
+        if let Some(log) = writer.log.as_mut() {
+            log.extend(ops);
+        }
+        result
+    }
+
+    /// Take the writer token (waiting for it), after applying the queue.
+    fn exclusive(&self) -> Exclusive<'_> {
+        let mut writer = lock(&self.writer);
+        if let Err(e) = self.apply_queued(&mut writer) {
+            tracing::error!(error = %e, "applying queued cache index changes failed");
+        }
+        Exclusive {
+            shared: self,
+            writer: Some(writer),
+        }
+    }
+
+    /// Run `f` on the live index while nothing changes it (searches go on),
+    /// with the persist marker: every vector whose sequence number is below
+    /// it is in the index.
+    pub fn frozen<R>(&self, f: impl FnOnce(&VectorIndex, u64) -> R) -> R {
+        let _token = self.exclusive();
+        let marker = {
+            let in_flight = lock(&self.in_flight);
+            in_flight
+                .first()
+                .copied()
+                .unwrap_or_else(|| self.next_seq())
+        };
+        let live = self.live.load_full();
+        // Only holders of the token write-lock: holding the read side for
+        // long keeps no search waiting.
+        let index = live.read();
+        f(&index, marker)
+    }
+
+    /// A build takes its snapshot after this: from here on, every change
+    /// applied is logged for it. Returns its token.
+    pub fn begin_build(&self) -> u64 {
+        let mut x = self.exclusive();
+        let w = x.writer();
+        w.generation += 1;
+        w.log = Some(Vec::new());
+        w.generation
+    }
+
+    /// Forget a failed build (its log), unless a newer one started.
+    pub fn abandon_build(&self, token: u64) {
+        let mut x = self.exclusive();
+        let w = x.writer();
+        if w.generation == token {
+            w.log = None;
+        }
+    }
+
+    /// Replay the changes logged since `token`'s snapshot on `fresh` and swap
+    /// it in. Returns how many changes were replayed, or None (and drops
+    /// `fresh`) when a newer build or a reset came after this one started.
+    pub fn finish_build(
+        &self,
+        token: u64,
+        mut fresh: VectorIndex,
+    ) -> Result<Option<usize>, IndexError> {
+        let mut x = self.exclusive();
+        let w = x.writer();
+        if w.generation != token {
+            return Ok(None);
+        }
+        let ops = w.log.take().unwrap_or_default();
+        replay(&mut fresh, &ops)?;
+        self.len.store(fresh.len(), Ordering::Relaxed);
+        self.live.store(Live::new(fresh));
+        Ok(Some(ops.len()))
+    }
+
+    /// Replace the index outright (purge-all, open), voiding any build under way.
+    pub fn reset(&self, fresh: VectorIndex) {
+        let mut x = self.exclusive();
+        let w = x.writer();
+        w.generation += 1;
+        w.log = None;
+        self.len.store(fresh.len(), Ordering::Relaxed);
+        self.live.store(Live::new(fresh));
     }
 }
 

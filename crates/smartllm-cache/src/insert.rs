@@ -1,12 +1,13 @@
 //! The request-time write path: `SemanticCache::insert` (embed when the
 //! caller has no vector, then one RocksDB batch for the entry, its vector and
 //! its exact key, replacing an earlier entry under the same key; then the
-//! FAISS index and L1).
+//! FAISS index and L1). The entry's id is its namespace's tag and the next
+//! sequence number (`ids`).
 
-use crate::lifecycle::Op;
+use crate::index::Op;
 use crate::metric_names as m;
 use crate::storage::{vec_to_bytes, NEXT_ID};
-use crate::{now_secs, CacheError, CacheKey, Entry, SemanticCache};
+use crate::{ids, now_secs, CacheError, CacheKey, Entry, SemanticCache};
 use metrics::{counter, gauge};
 use rocksdb::WriteBatch;
 use smartllm_config::CachePolicy;
@@ -33,7 +34,7 @@ impl SemanticCache {
         };
         let now = now_secs();
         let entry = Entry {
-            id: self.next_id.fetch_add(1, Ordering::SeqCst),
+            id: 0, // given in `write`
             namespace: key.namespace_hex(),
             exact: hex::encode(key.exact),
             query: key.query.clone(),
@@ -52,12 +53,47 @@ impl SemanticCache {
         Ok(id)
     }
 
-    fn write(
+    /// Store the entry (blocking): it gets its id here.
+    pub(crate) fn write(
         &self,
-        entry: Entry,
+        mut entry: Entry,
         embedding: Option<Vec<f32>>,
         exact: [u8; 32],
     ) -> Result<u64, CacheError> {
+        let id = self.index.allocate(self.tagger.tag(&entry.namespace));
+        entry.id = id;
+        let previous = match self.store_entry(&entry, embedding.as_deref(), exact) {
+            Ok(p) => p,
+            Err(e) => {
+                self.index.release(id);
+                return Err(e);
+            }
+        };
+        let mut ops = Vec::with_capacity(2);
+        if let Some(old) = previous {
+            ops.push(Op::Remove(vec![old]));
+        }
+        match embedding {
+            Some(v) => ops.push(Op::Add(id, v)),
+            None => self.index.release(id),
+        }
+        // Replacing: the old vector leaves and the new one comes in one batch.
+        self.index.submit(ops)?;
+        self.dirty.store(true, Ordering::Relaxed);
+        gauge!(m::INDEX_VECTORS).set(self.index.len() as f64);
+        self.l1_put(exact, Arc::new(entry));
+        counter!(m::INSERTS).increment(1);
+        Ok(id)
+    }
+
+    /// One RocksDB batch: the entry, its vector, its exact key (and the
+    /// entry it replaces gone). Returns the replaced entry's id.
+    fn store_entry(
+        &self,
+        entry: &Entry,
+        embedding: Option<&[f32]>,
+        exact: [u8; 32],
+    ) -> Result<Option<u64>, CacheError> {
         let id = entry.id;
         let previous = self
             .db()
@@ -65,33 +101,18 @@ impl SemanticCache {
             .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
             .map(u64::from_be_bytes);
         let mut batch = WriteBatch::default();
-        let encoded = self.codec.encode(&entry)?;
+        let encoded = self.codec.encode(entry)?;
         batch.put_cf(self.cf(CF_ENTRIES), id.to_be_bytes(), &encoded);
-        if let Some(v) = &embedding {
+        if let Some(v) = embedding {
             batch.put_cf(self.cf(CF_VECTORS), id.to_be_bytes(), vec_to_bytes(v));
         }
         batch.put_cf(self.cf(CF_EXACT), exact, id.to_be_bytes());
-        batch.put_cf(self.cf(CF_META), NEXT_ID, (id + 1).to_be_bytes());
+        batch.put_cf(self.cf(CF_META), NEXT_ID, (ids::seq(id) + 1).to_be_bytes());
         if let Some(old) = previous {
             batch.delete_cf(self.cf(CF_ENTRIES), old.to_be_bytes());
             batch.delete_cf(self.cf(CF_VECTORS), old.to_be_bytes());
         }
         self.db().write(batch)?;
-        {
-            let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-            if let Some(old) = previous {
-                index.remove(&[old])?;
-                self.log_op(Op::Remove(vec![old]));
-            }
-            if let Some(v) = &embedding {
-                index.add(id, v)?;
-                self.log_op(Op::Add(id, v.clone()));
-            }
-            self.dirty.store(true, Ordering::Relaxed);
-            gauge!(m::INDEX_VECTORS).set(index.len() as f64);
-        }
-        self.l1_put(exact, Arc::new(entry));
-        counter!(m::INSERTS).increment(1);
-        Ok(id)
+        Ok(previous)
     }
 }

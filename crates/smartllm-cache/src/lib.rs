@@ -1,19 +1,30 @@
 //! The semantic cache. Lookups go L1 (exact key, in memory, bounded) ->
-//! RocksDB exact key -> embed the last user turn -> FAISS top-k -> verify
-//! (namespace, cosine >= threshold, TTL, version, precision guard). RocksDB is
-//! the source of truth (entries, vectors, exact keys); the FAISS index is
-//! rebuilt from it at start. All blocking work (RocksDB, FAISS) runs on the
-//! blocking pool, the model on the embedder's own threads.
+//! RocksDB exact key -> embed the last user turn -> FAISS top-k within the
+//! caller's namespace -> verify (namespace, cosine >= threshold, TTL, version,
+//! precision guard). RocksDB is the source of truth (entries, vectors, exact
+//! keys); the FAISS index is rebuilt from it at start. All blocking work
+//! (RocksDB, FAISS) runs on the blocking pool, the model on the embedder's own
+//! threads.
+//!
+//! Concurrency: lookups search the FAISS index concurrently (the read side of
+//! a lock, taken on blocking threads); adds and removes are queued and applied
+//! in batches by whichever thread holds the writer token; a trained or rebuilt
+//! index is swapped in through an `ArcSwap`; persisting freezes the index
+//! without stopping searches (details in `index`). Async code takes no lock
+//! that can wait: the index is read through atomics there, and L1 through
+//! `try_lock` (a busy L1 reads as a miss, and the RocksDB exact key answers).
 //!
 //! Where things are: `lookup` (the read path), `insert` (the write path),
 //! `lifecycle` (open, flat -> IVF training, swap, persist, rebuild), `admin`
 //! (purge, sweep, stats), `storage` (RocksDB and L1 plumbing they share);
-//! `index` wraps FAISS, `entry` encodes (and seals) entries, `key` derives
-//! cache keys, `guard` holds the precision guard and privacy exclusions.
+//! `index` wraps FAISS, `ids` lays out entry ids (namespace tag + sequence),
+//! `entry` encodes (and seals) entries, `key` derives cache keys, `guard`
+//! holds the precision guard and privacy exclusions.
 
 mod admin;
 pub mod entry;
 pub mod guard;
+pub mod ids;
 pub mod index;
 mod insert;
 pub mod key;
@@ -31,13 +42,14 @@ pub use key::{chat_key, CacheKey};
 pub use lifecycle::INDEX_FILE;
 pub use lookup::{HitKind, Lookup};
 
-use lifecycle::Op;
+use ids::Tagger;
+use index::SharedIndex;
 use lru::LruCache;
 use smartllm_embed::Embedder;
 use smartllm_store::Store;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::{Arc, Mutex};
 
 pub mod metric_names {
     pub const LOOKUPS: &str = "smartllm_cache_lookups_total";
@@ -72,18 +84,17 @@ pub struct SemanticCache {
     store: Arc<Store>,
     embedder: Arc<Embedder>,
     codec: Codec,
-    index: RwLock<VectorIndex>,
+    /// The FAISS index, its writer queue and the entry sequence counter.
+    index: SharedIndex,
+    tagger: Tagger,
     l1: Mutex<LruCache<[u8; 32], Arc<Entry>>>,
-    next_id: AtomicU64,
+    /// Entries in L1, for stats without the lock.
+    l1_len: AtomicUsize,
     /// Vectors at which the flat index is replaced by a trained IVF one.
     ivf_threshold: AtomicUsize,
     /// Size the current IVF index was trained for (0 = flat).
     trained_for: AtomicUsize,
     index_path: Option<PathBuf>,
     building: Arc<AtomicBool>,
-    /// Some while a build runs: writes to the live index are replayed on the new one.
-    pending: Mutex<Option<Vec<Op>>>,
     dirty: AtomicBool,
-    /// Bumped by purge-all and full rebuilds: a build that started before is void.
-    generation: AtomicU64,
 }

@@ -1,31 +1,32 @@
-//! The FAISS index lifecycle. At open: load the persisted IVF index when it
-//! is current, else rebuild a flat one from RocksDB (the source of truth).
-//! Then, once the index outgrows its kind, train an IVF index on a background
+//! The FAISS index lifecycle. At open: re-key entries stored before ids
+//! carried namespace tags, then load the persisted IVF index when it is
+//! current, else rebuild a flat one from RocksDB (the source of truth). Then,
+//! once the index outgrows its kind, train an IVF index on a background
 //! thread while lookups go on, replay the writes made meanwhile, swap it in
 //! and persist it. Also the explicit rebuild and the IVF threshold reload.
 
+use crate::ids::{self, Tagger};
+use crate::index::SharedIndex;
 use crate::metric_names as m;
 use crate::storage::{bytes_to_vec, NEXT_ID};
 use crate::{CacheError, Codec, SemanticCache, VectorIndex};
 use lru::LruCache;
 use metrics::{counter, gauge};
-use rocksdb::IteratorMode;
 use smartllm_embed::Embedder;
 use smartllm_store::{Store, CF_META, CF_VECTORS};
 use std::num::NonZeroUsize;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-/// `next_id` when the IVF index file was written: it holds every entry below.
-const IVF_NEXT_ID: &[u8] = b"ivf_next_id";
+/// The persist marker: the index file holds every stored vector whose
+/// sequence number is below it, and no other. (Files saved before ids carried
+/// tags have the older `ivf_next_id` marker only, and are rebuilt.)
+const IVF_MARKER: &[u8] = b"ivf_next_seq";
 pub const INDEX_FILE: &str = "cache.ivf";
 
-/// A change to the live index made while a new one is being built.
-pub(crate) enum Op {
-    Add(u64, Vec<f32>),
-    Remove(Vec<u64>),
-}
+/// Stored vectors: (ids, row-major vectors).
+type Vectors = (Vec<u64>, Vec<f32>);
 
 impl SemanticCache {
     /// Open the cache over the store: load the persisted IVF index from
@@ -41,23 +42,28 @@ impl SemanticCache {
         index_dir: Option<&std::path::Path>,
     ) -> Result<Arc<Self>, CacheError> {
         let dim = embedder.info().dim;
+        let meta = store
+            .db()
+            .cf_handle(CF_META)
+            .expect("the store creates every column family");
+        let tagger = Tagger::load_or_create(store.db(), meta)?;
         let cache = Arc::new(SemanticCache {
             store,
             embedder,
             codec,
-            index: RwLock::new(VectorIndex::new_flat(dim)?),
+            index: SharedIndex::new(VectorIndex::new_flat(dim)?),
+            tagger,
             l1: Mutex::new(LruCache::new(
                 NonZeroUsize::new(l1_entries.max(1)).expect("max(1)"),
             )),
-            next_id: AtomicU64::new(1),
+            l1_len: AtomicUsize::new(0),
             ivf_threshold: AtomicUsize::new(ivf_threshold.max(1)),
             trained_for: AtomicUsize::new(0),
             index_path: index_dir.map(|d| d.join(INDEX_FILE)),
             building: Arc::new(AtomicBool::new(false)),
-            pending: Mutex::new(None),
             dirty: AtomicBool::new(false),
-            generation: AtomicU64::new(0),
         });
+        cache.migrate_untagged()?;
         if !cache.load_persisted()? {
             cache.rebuild_index()?;
         }
@@ -65,7 +71,7 @@ impl SemanticCache {
         Ok(cache)
     }
 
-    /// Change the IVF threshold (config reload).
+    /// Change the IVF threshold (config reload). Takes no lock.
     pub fn set_ivf_threshold(self: &Arc<Self>, n: usize) {
         self.ivf_threshold.store(n.max(1), Ordering::Relaxed);
         self.maybe_upgrade();
@@ -77,6 +83,7 @@ impl SemanticCache {
     }
 
     /// Write the IVF index to disk if it changed (no-op for a flat index).
+    /// Lookups go on meanwhile; changes wait in the index's queue.
     pub fn persist(&self) -> Result<bool, CacheError> {
         let Some(path) = &self.index_path else {
             return Ok(false);
@@ -84,17 +91,16 @@ impl SemanticCache {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(false);
         }
-        // Hold the read lock: no write lands between the marker and the file.
-        let index = self.index.read().unwrap_or_else(|p| p.into_inner());
-        if !index.is_ivf() {
-            return Ok(false);
-        }
-        let next = self.next_id.load(Ordering::SeqCst);
-        index.write_ivf(path)?;
-        self.db()
-            .put_cf(self.cf(CF_META), IVF_NEXT_ID, next.to_be_bytes())?;
-        tracing::debug!(vectors = index.len(), path = %path.display(), "cache IVF index saved");
-        Ok(true)
+        self.index.frozen(|index, marker| {
+            if !index.is_ivf() {
+                return Ok(false);
+            }
+            index.write_ivf(path)?;
+            self.db()
+                .put_cf(self.cf(CF_META), IVF_MARKER, marker.to_be_bytes())?;
+            tracing::debug!(vectors = index.len(), path = %path.display(), "cache IVF index saved");
+            Ok(true)
+        })
     }
 
     /// Rebuild the FAISS index from the vectors in RocksDB (the source of
@@ -114,26 +120,45 @@ impl SemanticCache {
             .map(u64::from_be_bytes))
     }
 
-    /// Every stored vector from `min_id` on: (ids, row-major vectors, largest id).
-    fn stored_vectors(&self, min_id: u64) -> Result<(Vec<u64>, Vec<f32>, u64), CacheError> {
-        let dim = self.embedder.info().dim;
-        let (mut ids, mut data, mut max_id) = (Vec::new(), Vec::new(), 0u64);
-        let start = min_id.to_be_bytes();
-        let mode = IteratorMode::From(&start, rocksdb::Direction::Forward);
-        for item in self.db().iterator_cf(self.cf(CF_VECTORS), mode) {
-            let (k, v) = item?;
-            let (Ok(id_bytes), Some(vec)) = (<[u8; 8]>::try_from(&k[..]), bytes_to_vec(&v)) else {
+    /// One pass over the stored vectors: those whose sequence number is at
+    /// least `from_seq` (with their vectors), how many are below it, the
+    /// largest sequence number seen and how many were skipped (bad size).
+    fn stored_vectors(&self, from_seq: u64) -> Result<(Vectors, usize, u64, usize), CacheError> {
+        let dim = self.index.dim();
+        let (mut ids, mut data) = (Vec::new(), Vec::new());
+        let (mut below, mut max_seq, mut skipped) = (0usize, 0u64, 0usize);
+        let mut it = self.db().raw_iterator_cf(self.cf(CF_VECTORS));
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            let Ok(id) = <[u8; 8]>::try_from(k).map(u64::from_be_bytes) else {
+                skipped += 1;
+                it.next();
                 continue;
             };
-            if vec.len() != dim {
+            if v.len() != dim * 4 {
+                skipped += 1;
+                it.next();
                 continue;
             }
-            let id = u64::from_be_bytes(id_bytes);
-            ids.push(id);
-            data.extend(vec);
-            max_id = max_id.max(id);
+            let seq = ids::seq(id);
+            max_seq = max_seq.max(seq);
+            if seq < from_seq {
+                below += 1;
+            } else if let Some(vec) = bytes_to_vec(v) {
+                ids.push(id);
+                data.extend(vec);
+            }
+            it.next();
         }
-        Ok((ids, data, max_id))
+        it.status()?;
+        Ok(((ids, data), below, max_seq, skipped))
+    }
+
+    /// Never hand out a sequence number at or below one stored.
+    fn restore_next_seq(&self, max_seq: u64) -> Result<(), CacheError> {
+        let stored = self.stored_u64(NEXT_ID)?.unwrap_or(1);
+        self.index.raise_next_seq(stored.max(max_seq + 1));
+        Ok(())
     }
 
     /// Use the persisted IVF index if it is readable and current. Returns
@@ -145,7 +170,7 @@ impl SemanticCache {
         if !path.exists() {
             return Ok(false);
         }
-        let dim = self.embedder.info().dim;
+        let dim = self.index.dim();
         let mut index = match VectorIndex::read_ivf(&path, dim) {
             Ok(i) => i,
             Err(e) => {
@@ -154,27 +179,13 @@ impl SemanticCache {
                 return Ok(false);
             }
         };
-        let Some(ivf_next) = self.stored_u64(IVF_NEXT_ID)? else {
-            tracing::warn!(path = %path.display(), "the cache index file has no sync marker; rebuilding from RocksDB");
+        let Some(marker) = self.stored_u64(IVF_MARKER)? else {
+            tracing::warn!(path = %path.display(), "the cache index file has no sync marker (or predates namespace-tagged ids); rebuilding from RocksDB");
             return Ok(false);
         };
         // The file must hold exactly the stored vectors below its marker
         // (anything removed since it was written makes it stale).
-        let mut below = 0usize;
-        let mut raw = self.db().raw_iterator_cf(self.cf(CF_VECTORS));
-        raw.seek_to_first();
-        while let Some(k) = raw.key() {
-            if <[u8; 8]>::try_from(k)
-                .map(u64::from_be_bytes)
-                .is_ok_and(|id| id < ivf_next)
-            {
-                below += 1;
-            } else {
-                break;
-            }
-            raw.next();
-        }
-        raw.status()?;
+        let ((ids, data), below, max_seq, _) = self.stored_vectors(marker)?;
         if below != index.len() {
             tracing::warn!(
                 file = index.len(),
@@ -183,28 +194,21 @@ impl SemanticCache {
             );
             return Ok(false);
         }
-        let (ids, data, max_id) = self.stored_vectors(ivf_next)?;
-        for (i, id) in ids.iter().enumerate() {
-            index.add(*id, &data[i * dim..(i + 1) * dim])?;
-        }
-        let next = self
-            .stored_u64(NEXT_ID)?
-            .unwrap_or(1)
-            .max(max_id + 1)
-            .max(ivf_next);
-        self.next_id.store(next, Ordering::SeqCst);
+        index.add_batch(&ids, &data)?;
+        self.restore_next_seq(max_seq.max(marker.saturating_sub(1)))?;
         self.trained_for
             .store(index.len().max(1), Ordering::Relaxed);
         let n = index.len();
-        *self.index.write().unwrap_or_else(|p| p.into_inner()) = index;
+        self.index.reset(index);
         gauge!(m::INDEX_VECTORS).set(n as f64);
         tracing::info!(vectors = n, added_since_saved = ids.len(), path = %path.display(), "cache IVF index loaded");
         Ok(true)
     }
 
-    /// Start a background IVF build when the index outgrew its kind.
+    /// Start a background IVF build when the index outgrew its kind. Takes
+    /// no lock (async callers).
     pub(crate) fn maybe_upgrade(self: &Arc<Self>) {
-        let n = self.index.read().map(|i| i.len()).unwrap_or(0);
+        let n = self.index.len();
         let trained = self.trained_for.load(Ordering::Relaxed);
         let threshold = self.ivf_threshold.load(Ordering::Relaxed);
         let due = if trained == 0 {
@@ -220,9 +224,6 @@ impl SemanticCache {
         let spawned = std::thread::Builder::new().name("smartllm-ivf".into()).spawn(move || {
             if let Err(e) = this.build_ivf() {
                 tracing::error!(error = %e, "building the IVF cache index failed; the current index stays");
-                if let Ok(mut p) = this.pending.lock() {
-                    *p = None;
-                }
             }
             // Release the cache (and the store) before saying the build is over.
             drop(this);
@@ -237,114 +238,78 @@ impl SemanticCache {
     /// made meanwhile, swap it in, persist it.
     fn build_ivf(&self) -> Result<(), CacheError> {
         let started = Instant::now();
-        let generation;
-        {
-            // Under the write lock: every write from here on is also logged.
-            let _guard = self.index.write().unwrap_or_else(|p| p.into_inner());
-            generation = self.generation.load(Ordering::SeqCst);
-            *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = Some(Vec::new());
-        }
-        let (ids, data, _) = self.stored_vectors(0)?;
-        if ids.is_empty() {
-            *self.pending.lock().unwrap_or_else(|p| p.into_inner()) = None;
-            return Ok(());
-        }
-        let dim = self.embedder.info().dim;
-        let mut fresh = VectorIndex::train_ivf(dim, &data, &ids)?;
-        drop(data);
-        let trained_ms = started.elapsed().as_millis() as u64;
-        {
-            let mut live = self.index.write().unwrap_or_else(|p| p.into_inner());
-            let ops = self
-                .pending
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .take()
-                .unwrap_or_default();
-            if self.generation.load(Ordering::SeqCst) != generation {
-                tracing::info!(
-                    "cache purged or rebuilt during the IVF build; the build is discarded"
-                );
+        // Every change applied from here on is logged for the replay.
+        let token = self.index.begin_build();
+        let trained = (|| {
+            let ((ids, data), ..) = self.stored_vectors(0)?;
+            if ids.is_empty() {
+                return Ok(None);
+            }
+            Ok::<_, CacheError>(Some(VectorIndex::train_ivf(self.index.dim(), &data, &ids)?))
+        })();
+        let fresh = match trained {
+            Ok(Some(f)) => f,
+            Ok(None) => {
+                self.index.abandon_build(token);
                 return Ok(());
             }
-            let replayed = ops.len();
-            for op in ops {
-                match op {
-                    Op::Add(id, v) => {
-                        // The snapshot may already hold it: never twice.
-                        fresh.remove(&[id])?;
-                        fresh.add(id, &v)?;
-                    }
-                    Op::Remove(ids) => {
-                        fresh.remove(&ids)?;
-                    }
-                }
+            Err(e) => {
+                self.index.abandon_build(token);
+                return Err(e);
             }
-            *live = fresh;
-            self.trained_for.store(live.len().max(1), Ordering::Relaxed);
-            gauge!(m::INDEX_VECTORS).set(live.len() as f64);
-            let (nlist, nprobe) = live.ivf_params().unwrap_or_default();
-            tracing::info!(
-                vectors = live.len(),
-                nlist,
-                nprobe,
-                replayed,
-                trained_ms,
-                "cache IVF index built and swapped in"
-            );
-        }
+        };
+        let trained_ms = started.elapsed().as_millis() as u64;
+        let (nlist, nprobe) = fresh.ivf_params().unwrap_or_default();
+        let Some(replayed) = self.index.finish_build(token, fresh)? else {
+            tracing::info!("cache purged or rebuilt during the IVF build; the build is discarded");
+            return Ok(());
+        };
+        let n = self.index.len();
+        self.trained_for.store(n.max(1), Ordering::Relaxed);
+        gauge!(m::INDEX_VECTORS).set(n as f64);
+        tracing::info!(
+            vectors = n,
+            nlist,
+            nprobe,
+            replayed,
+            trained_ms,
+            "cache IVF index built and swapped in"
+        );
         counter!(m::INDEX_REBUILDS).increment(1);
         self.dirty.store(true, Ordering::Relaxed);
         self.persist()?;
         Ok(())
     }
 
-    pub(crate) fn log_op(&self, op: Op) {
-        if let Ok(mut p) = self.pending.lock() {
-            if let Some(ops) = p.as_mut() {
-                ops.push(op);
-            }
-        }
-    }
-
+    /// A flat index of every stored vector, swapped in (writes made during
+    /// the scan are replayed on it).
     fn rebuild_index(&self) -> Result<usize, CacheError> {
         if let Some(p) = &self.index_path {
             let _ = std::fs::remove_file(p);
         }
-        self.generation.fetch_add(1, Ordering::SeqCst);
         self.trained_for.store(0, Ordering::Relaxed);
         let started = Instant::now();
-        let dim = self.embedder.info().dim;
-        let mut fresh = VectorIndex::new_flat(dim)?;
-        let mut max_id = 0u64;
-        let mut skipped = 0usize;
-        for item in self
-            .db()
-            .iterator_cf(self.cf(CF_VECTORS), IteratorMode::Start)
-        {
-            let (k, v) = item?;
-            let (Ok(id_bytes), Some(vec)) = (<[u8; 8]>::try_from(&k[..]), bytes_to_vec(&v)) else {
-                skipped += 1;
-                continue;
-            };
-            let id = u64::from_be_bytes(id_bytes);
-            if vec.len() != dim {
-                skipped += 1;
-                continue;
+        let token = self.index.begin_build();
+        let built = (|| {
+            let ((ids, data), _, max_seq, skipped) = self.stored_vectors(0)?;
+            let mut fresh = VectorIndex::new_flat(self.index.dim())?;
+            fresh.add_batch(&ids, &data)?;
+            self.restore_next_seq(max_seq)?;
+            Ok::<_, CacheError>((fresh, skipped))
+        })();
+        let (fresh, skipped) = match built {
+            Ok(b) => b,
+            Err(e) => {
+                self.index.abandon_build(token);
+                return Err(e);
             }
-            fresh.add(id, &vec)?;
-            max_id = max_id.max(id);
-        }
-        let stored_next = self
-            .db()
-            .get_cf(self.cf(CF_META), NEXT_ID)?
-            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
-            .map(u64::from_be_bytes)
-            .unwrap_or(1);
-        self.next_id
-            .store(stored_next.max(max_id + 1), Ordering::SeqCst);
+        };
         let n = fresh.len();
-        *self.index.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        if self.index.finish_build(token, fresh)?.is_none() {
+            tracing::info!("a newer cache index build superseded this rebuild");
+            return Ok(n);
+        }
+        let n = self.index.len();
         counter!(m::INDEX_REBUILDS).increment(1);
         gauge!(m::INDEX_VECTORS).set(n as f64);
         tracing::info!(
@@ -360,7 +325,7 @@ impl SemanticCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::embedder;
+    use crate::test_support::{embedder, wait_ivf};
     use crate::{chat_key, CacheKey, Lookup, Purge};
     use serde_json::json;
     use smartllm_config::CachePolicy;
@@ -370,16 +335,6 @@ mod tests {
     fn key(q: &str) -> CacheKey {
         let body = json!({"model": "m", "messages": [{"role": "user", "content": q}]});
         chat_key("t", "m", body.as_object().unwrap()).unwrap()
-    }
-
-    fn wait_ivf(cache: &SemanticCache) {
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while (cache.building() || cache.stats().index_kind != "ivf-sq8")
-            && Instant::now() < deadline
-        {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        assert_eq!(cache.stats().index_kind, "ivf-sq8", "{:?}", cache.stats());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

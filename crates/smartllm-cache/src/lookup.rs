@@ -1,9 +1,10 @@
 //! The request-time read path: `SemanticCache::lookup` (L1, then the RocksDB
-//! exact key, then embed -> FAISS top-k -> verify: namespace, similarity
-//! threshold, TTL, version, precision guard) and what it answers.
+//! exact key, then embed -> FAISS top-k within the namespace's id range ->
+//! verify: namespace, similarity threshold, TTL, version, precision guard) and
+//! what it answers.
 
 use crate::metric_names as m;
-use crate::{near_miss, now_secs, CacheError, CacheKey, Entry, SemanticCache};
+use crate::{ids, near_miss, now_secs, CacheError, CacheKey, Entry, SemanticCache};
 use metrics::{counter, histogram};
 use smartllm_config::CachePolicy;
 use std::sync::Arc;
@@ -38,7 +39,7 @@ pub enum Lookup {
     },
 }
 
-enum Verified {
+pub(crate) enum Verified {
     Hit(Entry, f32),
     Miss {
         best: Option<f32>,
@@ -146,7 +147,7 @@ impl SemanticCache {
     }
 
     #[allow(clippy::too_many_arguments)]
-    fn search_verify(
+    pub(crate) fn search_verify(
         &self,
         embedding: &[f32],
         namespace: &str,
@@ -157,11 +158,10 @@ impl SemanticCache {
         now: u64,
     ) -> Result<Verified, CacheError> {
         let t = Instant::now();
-        let hits = self
-            .index
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .search(embedding, top_k)?;
+        // Within the namespace's id range: others' entries take no place in
+        // the top k (a tag shared by another namespace is sorted out below).
+        let range = ids::range(self.tagger.tag(namespace));
+        let hits = self.index.search_in(embedding, top_k, range)?;
         histogram!(m::SEARCH_SECONDS).record(t.elapsed().as_secs_f64());
         let mut best = None;
         let mut rejected = None;
@@ -192,7 +192,7 @@ impl SemanticCache {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::test_support::embedder;
+    use crate::test_support::{embedder, wait_ivf};
     use crate::{chat_key, Codec, Purge, Sealing};
     use serde_json::json;
     use smartllm_store::Store;
@@ -362,6 +362,121 @@ mod tests {
         assert!(
             foreign_twins >= 1_000,
             "seed {seed}: {foreign_twins} foreign twins"
+        );
+    }
+
+    /// Many tenants storing the same questions cannot crowd a caller's own
+    /// entry out of its top k: 1,000 tenants store the same 50 questions (the
+    /// very same vectors), and every tenant's near-duplicate question (its
+    /// vector slightly perturbed) hits its own entry, on the IVF index (trained
+    /// in the background while the entries went in) and on the flat one (after
+    /// a rebuild). A top 8 across namespaces would have missed almost all.
+    #[test]
+    fn own_entry_found_among_a_thousand_tenants_with_the_same_questions() {
+        let (tenants, questions, top_k) = (1_000usize, 50usize, 8usize);
+        let started = Instant::now();
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let topics = [
+            "password",
+            "invoice",
+            "shipping",
+            "refund",
+            "account",
+            "warranty",
+            "login",
+            "delivery",
+            "subscription",
+            "coupon",
+        ];
+        let kinds = ["reset", "change", "cancel", "track", "find"];
+        let texts: Vec<String> = (0..questions)
+            .map(|i| format!("How do I {} my {}?", kinds[i / 10], topics[i % 10]))
+            .collect();
+        let vectors = emb.embed_blocking(texts.clone()).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // Trained once (at 13,000 vectors or a few more): 4x that is past 50,000.
+        let cache = SemanticCache::open(store, emb, Codec::plain(), 16, 13_000, None).unwrap();
+        let now = now_secs();
+        let mut keys = Vec::with_capacity(tenants);
+        for t in 0..tenants {
+            let tenant = format!("tenant-{t}");
+            let mut row = Vec::with_capacity(questions);
+            for (q, text) in texts.iter().enumerate() {
+                let k = key(&tenant, text);
+                let entry = Entry {
+                    id: 0,
+                    namespace: k.namespace_hex(),
+                    exact: hex::encode(k.exact),
+                    query: text.clone(),
+                    response: format!("{t}/{q}"),
+                    route: "auto".into(),
+                    model: "m".into(),
+                    created_at: now,
+                    expires_at: now + 3600,
+                    version: 1,
+                };
+                cache
+                    .write(entry, Some(vectors[q].clone()), k.exact)
+                    .unwrap();
+                row.push(k);
+            }
+            keys.push(row);
+            cache.maybe_upgrade();
+        }
+        let stored_ms = started.elapsed().as_millis();
+        let mut rng = fastrand::Rng::with_seed(22);
+        let probe = |rng: &mut fastrand::Rng, q: usize| {
+            let v: Vec<f32> = vectors[q]
+                .iter()
+                .map(|x| x + 0.01 * (rng.f32() - 0.5))
+                .collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+        };
+        let check_all = |rng: &mut fastrand::Rng, what: &str| {
+            let (mut sampled, mut global_misses) = (0, 0);
+            for (t, row) in keys.iter().enumerate() {
+                let q = (t * 7) % questions;
+                let v = probe(rng, q);
+                let ns = row[q].namespace_hex();
+                let own = match cache
+                    .search_verify(&v, &ns, &texts[q], 0.9, 1, top_k, now)
+                    .unwrap()
+                {
+                    Verified::Hit(e, sim) => {
+                        assert_eq!(e.response, format!("{t}/{q}"), "{what}: tenant {t}");
+                        assert!(sim > 0.95, "{what}: tenant {t}: {sim}");
+                        e.id
+                    }
+                    Verified::Miss { best, .. } => {
+                        panic!("{what}: tenant {t} question {q} lost its own entry (best {best:?})")
+                    }
+                };
+                if t % 10 == 0 {
+                    sampled += 1;
+                    let global = cache.index.search_all(&v, top_k);
+                    global_misses += usize::from(!global.iter().any(|(id, _)| *id == own));
+                }
+            }
+            assert!(
+                global_misses * 10 >= sampled * 9,
+                "{what}: a top {top_k} across namespaces missed only {global_misses} of {sampled}"
+            );
+        };
+        wait_ivf(&cache);
+        assert_eq!(cache.stats().index_vectors, tenants * questions);
+        let trained_ms = started.elapsed().as_millis();
+        check_all(&mut rng, "ivf");
+        let ivf_ms = started.elapsed().as_millis();
+        cache.set_ivf_threshold(usize::MAX);
+        assert_eq!(cache.rebuild().unwrap(), tenants * questions);
+        assert_eq!(cache.stats().index_kind, "flat");
+        check_all(&mut rng, "flat");
+        eprintln!(
+            "stored {} entries by {stored_ms} ms, IVF swapped in by {trained_ms} ms, IVF lookups by {ivf_ms} ms, flat lookups by {} ms",
+            tenants * questions,
+            started.elapsed().as_millis()
         );
     }
 

@@ -4,7 +4,7 @@
 //! vectors.
 
 use crate::entry::unsealed_exact;
-use crate::lifecycle::Op;
+use crate::index::Op;
 use crate::metric_names as m;
 use crate::{CacheError, Entry, Sealing, SemanticCache};
 use metrics::{counter, gauge};
@@ -13,8 +13,10 @@ use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_VECTORS};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-/// The meta key holding the next entry id.
+/// The meta key holding the next entry sequence number (`ids::seq`).
 pub(crate) const NEXT_ID: &[u8] = b"next_id";
+/// Entries deleted per RocksDB batch.
+const REMOVE_BATCH: usize = 1024;
 
 pub(crate) fn vec_to_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -95,44 +97,66 @@ impl SemanticCache {
         self.load(u64::from_be_bytes(id))
     }
 
-    /// Delete entries (and their vectors, exact keys and L1 copies).
+    /// Delete entries (and their vectors, exact keys and L1 copies): RocksDB
+    /// in batches of `REMOVE_BATCH`, then one removal from the FAISS index
+    /// (one pass over it, however many ids). Until that lands, searches may
+    /// still return the ids: verification finds no entry and skips them.
     pub(crate) fn remove_ids(&self, ids: &[(u64, Option<String>)]) -> Result<(), CacheError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut batch = WriteBatch::default();
-        for (id, exact) in ids {
-            batch.delete_cf(self.cf(CF_ENTRIES), id.to_be_bytes());
-            batch.delete_cf(self.cf(CF_VECTORS), id.to_be_bytes());
-            if let Some(ex) = exact.as_ref().and_then(|h| hex::decode(h).ok()) {
-                // Only if it still points at this entry.
-                if self.db().get_cf(self.cf(CF_EXACT), &ex)?.as_deref()
-                    == Some(&id.to_be_bytes()[..])
-                {
-                    batch.delete_cf(self.cf(CF_EXACT), &ex);
-                }
-                if let (Ok(k), Ok(mut l1)) = (<[u8; 32]>::try_from(&ex[..]), self.l1.lock()) {
-                    l1.pop(&k);
+        for chunk in ids.chunks(REMOVE_BATCH) {
+            let mut batch = WriteBatch::default();
+            for (id, exact) in chunk {
+                batch.delete_cf(self.cf(CF_ENTRIES), id.to_be_bytes());
+                batch.delete_cf(self.cf(CF_VECTORS), id.to_be_bytes());
+                if let Some(ex) = exact.as_ref().and_then(|h| hex::decode(h).ok()) {
+                    // Only if it still points at this entry.
+                    if self.db().get_cf(self.cf(CF_EXACT), &ex)?.as_deref()
+                        == Some(&id.to_be_bytes()[..])
+                    {
+                        batch.delete_cf(self.cf(CF_EXACT), &ex);
+                    }
+                    if let Ok(k) = <[u8; 32]>::try_from(&ex[..]) {
+                        self.l1_remove(&k);
+                    }
                 }
             }
+            self.db().write(batch)?;
         }
-        self.db().write(batch)?;
-        let just_ids: Vec<u64> = ids.iter().map(|(i, _)| *i).collect();
-        let mut index = self.index.write().unwrap_or_else(|p| p.into_inner());
-        index.remove(&just_ids)?;
-        self.log_op(Op::Remove(just_ids));
+        self.index
+            .submit(vec![Op::Remove(ids.iter().map(|(i, _)| *i).collect())])?;
         self.dirty.store(true, Ordering::Relaxed);
-        gauge!(m::INDEX_VECTORS).set(index.len() as f64);
+        gauge!(m::INDEX_VECTORS).set(self.index.len() as f64);
         Ok(())
     }
 
+    /// L1 never makes a caller wait (async callers): busy reads as a miss.
     pub(crate) fn l1_get(&self, exact: &[u8; 32]) -> Option<Arc<Entry>> {
-        self.l1.lock().ok()?.get(exact).cloned()
+        self.l1.try_lock().ok()?.get(exact).cloned()
     }
 
+    /// Best effort (async callers): when L1 is busy the entry is not kept
+    /// there; the RocksDB exact key still answers.
     pub(crate) fn l1_put(&self, exact: [u8; 32], e: Arc<Entry>) {
-        if let Ok(mut l1) = self.l1.lock() {
+        if let Ok(mut l1) = self.l1.try_lock() {
             l1.put(exact, e);
+            self.l1_len.store(l1.len(), Ordering::Relaxed);
         }
+    }
+
+    /// Never skipped: a removed entry must not be served from L1. Blocking
+    /// threads only.
+    pub(crate) fn l1_remove(&self, exact: &[u8; 32]) {
+        let mut l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
+        l1.pop(exact);
+        self.l1_len.store(l1.len(), Ordering::Relaxed);
+    }
+
+    /// Blocking threads only.
+    pub(crate) fn l1_clear(&self) {
+        let mut l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
+        l1.clear();
+        self.l1_len.store(0, Ordering::Relaxed);
     }
 }

@@ -1,7 +1,9 @@
 //! Helpers shared by the crate's unit tests.
 
+use crate::SemanticCache;
 use smartllm_embed::Embedder;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// The local embedding model, truncating at `max_seq` tokens.
 pub(crate) fn embedder(max_seq: usize) -> Arc<Embedder> {
@@ -9,4 +11,13 @@ pub(crate) fn embedder(max_seq: usize) -> Arc<Embedder> {
         Embedder::load(&smartllm_embed::local_assets(max_seq))
             .expect("embedding assets (run packaging/fetch-assets.sh; make test does)"),
     )
+}
+
+/// Wait (up to a minute) until a background build has swapped in an IVF index.
+pub(crate) fn wait_ivf(cache: &SemanticCache) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while (cache.building() || cache.stats().index_kind != "ivf-sq8") && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(cache.stats().index_kind, "ivf-sq8", "{:?}", cache.stats());
 }
