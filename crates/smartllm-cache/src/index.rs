@@ -827,3 +827,172 @@ mod tests {
             .unwrap());
     }
 }
+
+#[cfg(test)]
+mod concurrency_tests {
+    use super::*;
+    use std::collections::HashMap;
+    use std::sync::atomic::AtomicBool;
+    use std::time::{Duration, Instant};
+
+    fn unit(v: Vec<f32>) -> Vec<f32> {
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect()
+    }
+
+    fn random(rng: &mut fastrand::Rng, dim: usize) -> Vec<f32> {
+        unit((0..dim).map(|_| rng.f32() - 0.5).collect())
+    }
+
+    fn perturbed(rng: &mut fastrand::Rng, v: &[f32]) -> Vec<f32> {
+        unit(v.iter().map(|x| x + 0.02 * (rng.f32() - 0.5)).collect())
+    }
+
+    /// Searchers run concurrently while one thread adds and removes, another
+    /// trains an IVF index from a snapshot and swaps it in, and the index is
+    /// persisted: every search sees only its namespace and finds its own
+    /// entry, persisting stops no search (and queues a concurrent add rather
+    /// than making it wait), and the index ends holding exactly what was
+    /// stored.
+    #[test]
+    fn searches_run_concurrently_with_adds_removes_persists_and_a_swap() {
+        let (dim, namespaces, questions, own_extra) = (32usize, 200u32, 20usize, 5usize);
+        let mut rng = fastrand::Rng::with_seed(5);
+        let qv: Vec<Vec<f32>> = (0..questions).map(|_| random(&mut rng, dim)).collect();
+        let shared = SharedIndex::new(VectorIndex::new_flat(dim).unwrap());
+        // The source of truth (RocksDB in the cache): written before submitting.
+        let truth: Mutex<HashMap<u64, Vec<f32>>> = Mutex::new(HashMap::new());
+        let mut own = HashMap::new();
+        for tag in 1..=namespaces {
+            let mut ops = Vec::new();
+            for (q, v) in qv.iter().enumerate() {
+                let id = shared.allocate(tag);
+                own.insert((tag, q), id);
+                ops.push(Op::Add(id, v.clone()));
+            }
+            for _ in 0..own_extra {
+                let id = shared.allocate(tag);
+                ops.push(Op::Add(id, random(&mut rng, dim)));
+            }
+            for op in &ops {
+                if let Op::Add(id, v) = op {
+                    lock(&truth).insert(*id, v.clone());
+                }
+            }
+            shared.submit(ops).unwrap();
+        }
+        assert_eq!(shared.len(), namespaces as usize * (questions + own_extra));
+        let stop = AtomicBool::new(false);
+        let (searches, ivf_searches) = (AtomicUsize::new(0), AtomicUsize::new(0));
+        let swapped = AtomicBool::new(false);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.ivf");
+        let started = Instant::now();
+        std::thread::scope(|s| {
+            for seed in 0..6u64 {
+                let (shared, own, stop, qv) = (&shared, &own, &stop, &qv);
+                let (searches, ivf_searches) = (&searches, &ivf_searches);
+                s.spawn(move || {
+                    let mut rng = fastrand::Rng::with_seed(100 + seed);
+                    while !stop.load(Ordering::Relaxed) {
+                        let (tag, q) = (rng.u32(1..=namespaces), rng.usize(..questions));
+                        let ivf = shared.ivf_params().is_some();
+                        let hits = shared
+                            .search_in(&perturbed(&mut rng, &qv[q]), 4, ids::range(tag))
+                            .unwrap();
+                        assert!(hits.iter().all(|(id, _)| ids::tag(*id) == tag));
+                        assert_eq!(hits.first().map(|h| h.0), Some(own[&(tag, q)]), "{tag}/{q}");
+                        searches.fetch_add(1, Ordering::Relaxed);
+                        ivf_searches.fetch_add(usize::from(ivf), Ordering::Relaxed);
+                    }
+                });
+            }
+            // The builder: snapshot after `begin_build`, train, replay, swap.
+            let (shared_b, truth_b, swapped_b) = (&shared, &truth, &swapped);
+            s.spawn(move || {
+                std::thread::sleep(Duration::from_millis(100));
+                let token = shared_b.begin_build();
+                let (ids, data): (Vec<u64>, Vec<Vec<f32>>) =
+                    lock(truth_b).iter().map(|(i, v)| (*i, v.clone())).unzip();
+                let fresh = VectorIndex::train_ivf(dim, &data.concat(), &ids).unwrap();
+                assert!(shared_b.finish_build(token, fresh).unwrap().is_some());
+                swapped_b.store(true, Ordering::SeqCst);
+            });
+            // The writer: churn in the searched namespaces, and persists.
+            let mut rng = fastrand::Rng::with_seed(9);
+            let mut previous: Vec<u64> = Vec::new();
+            let mut round = 0;
+            while round < 300 || !swapped.load(Ordering::SeqCst) {
+                let mut ops = vec![Op::Remove(previous.clone())];
+                let mut truth_now = lock(&truth);
+                for id in &previous {
+                    truth_now.remove(id);
+                }
+                previous.clear();
+                for _ in 0..20 {
+                    let id = shared.allocate(rng.u32(1..=namespaces + 50));
+                    let v = random(&mut rng, dim);
+                    truth_now.insert(id, v.clone());
+                    previous.push(id);
+                    ops.push(Op::Add(id, v));
+                }
+                drop(truth_now);
+                shared.submit(ops).unwrap();
+                if round % 50 == 0 {
+                    shared.frozen(|index, _| index.write_ivf(&path).unwrap());
+                }
+                round += 1;
+            }
+            // Persisting stops no search; an add meanwhile is queued, not waited on.
+            let late = random(&mut rng, dim);
+            let late_id = shared.allocate(namespaces + 100);
+            shared.frozen(|index, marker| {
+                assert!(index.is_ivf() && index.write_ivf(&path).unwrap());
+                let before = searches.load(Ordering::SeqCst);
+                lock(&truth).insert(late_id, late.clone());
+                shared.submit(vec![Op::Add(late_id, late.clone())]).unwrap();
+                assert!(index
+                    .search_in(&late, 1, ids::range(namespaces + 100))
+                    .unwrap()
+                    .is_empty());
+                assert!(marker <= ids::seq(late_id));
+                let deadline = Instant::now() + Duration::from_secs(20);
+                while searches.load(Ordering::SeqCst) < before + 200 && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                assert!(
+                    searches.load(Ordering::SeqCst) >= before + 200,
+                    "searches stalled while the index was being persisted"
+                );
+            });
+            let found = shared
+                .search_in(&late, 1, ids::range(namespaces + 100))
+                .unwrap();
+            assert_eq!(found.first().map(|h| h.0), Some(late_id));
+            std::thread::sleep(Duration::from_millis(50));
+            stop.store(true, Ordering::Relaxed);
+        });
+        let truth = truth.into_inner().unwrap();
+        assert!(shared.ivf_params().is_some());
+        assert_eq!(shared.len(), truth.len(), "replayed exactly");
+        assert!(lock(&shared.in_flight).is_empty());
+        // Every stored vector is found in its own namespace (the SQ8 codes
+        // of a vector are nearest to it).
+        for (id, v) in &truth {
+            let hits = shared.search_in(v, 1, ids::range(ids::tag(*id))).unwrap();
+            let first = hits.first().map(|h| h.0).unwrap();
+            assert!(first == *id || truth[&first] == *v, "{id}");
+        }
+        assert_eq!(
+            VectorIndex::read_ivf(&path, dim).unwrap().len(),
+            truth.len() - 1,
+            "the late add was not in the file"
+        );
+        let (n, on_ivf) = (searches.into_inner(), ivf_searches.into_inner());
+        eprintln!(
+            "{n} searches ({on_ivf} on IVF) in {} ms",
+            started.elapsed().as_millis()
+        );
+        assert!(on_ivf > 0 && n > on_ivf);
+    }
+}

@@ -91,7 +91,7 @@ impl SemanticCache {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(false);
         }
-        self.index.frozen(|index, marker| {
+        let saved = self.index.frozen(|index, marker| {
             if !index.is_ivf() {
                 return Ok(false);
             }
@@ -100,7 +100,12 @@ impl SemanticCache {
                 .put_cf(self.cf(CF_META), IVF_MARKER, marker.to_be_bytes())?;
             tracing::debug!(vectors = index.len(), path = %path.display(), "cache IVF index saved");
             Ok(true)
-        })
+        });
+        if saved.is_err() {
+            // Try again next time.
+            self.dirty.store(true, Ordering::Relaxed);
+        }
+        saved
     }
 
     /// Rebuild the FAISS index from the vectors in RocksDB (the source of
