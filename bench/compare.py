@@ -38,6 +38,7 @@ LABEL = {
     "portkey": "Portkey",
     "smartllm": "SmartLLM (cache off)",
     "smartllm-cache": "SmartLLM (cache on)",
+    "smartllm-cache-fp32": "SmartLLM (cache on, fp32 embedding model)",
 }
 
 
@@ -53,8 +54,8 @@ def free_port():
     return p
 
 
-def body(prompt, stream=False):
-    b = {"model": "mock-small", "messages": [{"role": "user", "content": prompt}]}
+def body(prompt, stream=False, model="mock-small"):
+    b = {"model": model, "messages": [{"role": "user", "content": prompt}]}
     if stream:
         b["stream"] = True
     return json.dumps(b, separators=(",", ":"))
@@ -206,7 +207,9 @@ litellm_settings:
             ("x-portkey-provider", "openai"), ("x-portkey-custom-host", f"{upstream}/v1"),
             ("Authorization", "Bearer sk-bench")], p, work)
 
-    for name, cache in (("smartllm", False), ("smartllm-cache", True)):
+    # smartllm-cache-fp32: the cache-on instance with the embedding model
+    # computed in fp32 (model.onnx), the baseline of the cache paths.
+    for name, cache in (("smartllm", False), ("smartllm-cache", True), ("smartllm-cache-fp32", True)):
         if name not in args.targets:
             continue
         port, admin = free_port(), free_port()
@@ -219,7 +222,9 @@ litellm_settings:
 data_dir: {work / name / 'data'}
 embedder:
   assets_dir: {os.environ.get('SMARTLLM_ASSETS_DIR', Path.home() / '.cache/smartllm-assets')}
+  model: {'model.onnx' if name.endswith('fp32') else 'model.int8.onnx'}
   threads: 1
+  cache_entries: 0  # no recent-embeddings cache: a repeated paraphrase pays the model every time
 logging:
   level: warn
   access_log: false
@@ -227,7 +232,19 @@ demo:
   mode: off
 """)
         (conf / "providers.yaml").write_text(f"providers:\n  mock:\n    kind: openai\n    base_url: {upstream}/v1\n")
-        (conf / "models.yaml").write_text("models:\n  - name: mock-small\n    deployments:\n      - provider: mock\n")
+        (conf / "models.yaml").write_text(
+            "models:\n"
+            "  - name: mock-small\n    pricing: { input: 0.15, output: 0.60 }\n"
+            "    profile: { quality: { chat: 0.8, code: 0.7 }, latency: 300ms }\n"
+            "    deployments:\n      - provider: mock\n"
+            "  - name: mock-large\n    pricing: { input: 2.50, output: 10.00 }\n"
+            "    profile: { quality: { chat: 0.9, code: 0.9 }, latency: 800ms }\n"
+            "    deployments:\n      - provider: mock\n")
+        # `auto` as shipped: the prompt's embedding classifies the task.
+        (conf / "routes.yaml").write_text(
+            "routes:\n  auto:\n    candidates: [mock-small, mock-large]\n"
+            "classifier:\n  examples: tasks.tsv\n  k: 7\n")
+        shutil.copy(ROOT / "conf" / "tasks.tsv", conf / "tasks.tsv")
         (conf / "cache.yaml").write_text(f"cache:\n  enabled: {'true' if cache else 'false'}\n  similarity_threshold: 0.95\n")
         p = spawn([f"{args.bin}/smartllm", "serve", "--config", str(conf)], work, name, 0)
         t = Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", [], p, work)
@@ -552,17 +569,25 @@ def report(res, out, files):
         w("## SmartLLM cache paths\n")
         w("Against the cache-on instance: `bypass` sends `Cache-Control: no-store` (straight to the mock), "
           "`exact` repeats a stored question, `semantic` sends a stored question's paraphrase (embedding + FAISS "
-          "search + guard), `miss` sends a unique question each time (exact lookup, embedding, search, upstream, insert).\n")
-        w("| path | c | req/s | p50 ms | p99 ms | p99.9 ms | p50 vs bypass |")
-        w("|---|---|---|---|---|---|---|")
+          "search + guard; the recent-embeddings cache is off, so it runs the model every time), `miss` sends a unique question each time (exact lookup, embedding, search, upstream, insert); "
+          "`miss-auto` the same on the `auto` route (the embedding also classifies the task), `miss-60tok` and "
+          "`miss-250tok` unique questions of about 60 and 250 tokens (synthetic texts).\n")
+        base = res.get("cache_fp32", {})
+        if base:
+            w("The last column compares with a second cache-on instance whose embedding model computes in fp32 "
+              "(`model.onnx`), measured in the same run.\n")
+        w("| path | c | req/s | p50 ms | p99 ms | p99.9 ms | p50 vs bypass | req/s vs fp32 model |")
+        w("|---|---|---|---|---|---|---|---|")
         for c in res["cache_conns"]:
             by = res["cache"].get(f"bypass/{c}")
-            for path in ("bypass", "exact", "semantic", "miss"):
+            for path in ("bypass", "exact", "semantic", "miss", "miss-auto", "miss-60tok", "miss-250tok"):
                 m = res["cache"].get(f"{path}/{c}")
                 if not m:
                     continue
                 ratio = f"{m['p50'] / by['p50']:.2f}x" if by and by["p50"] else "-"
-                w(f"| {path} | {c} | {fmt(m['rps'], 0)} | {m['p50']:.3f} | {m['p99']:.3f} | {m['p999']:.3f} | {ratio} |")
+                b = base.get(f"{path}/{c}")
+                vs = f"{m['rps'] / b['rps']:.2f}x ({fmt(b['rps'], 0)})" if b and b["rps"] else "-"
+                w(f"| {path} | {c} | {fmt(m['rps'], 0)} | {m['p50']:.3f} | {m['p99']:.3f} | {m['p999']:.3f} | {ratio} | {vs} |")
         w("")
 
     w("## Goals\n")
@@ -678,30 +703,42 @@ def main():
                     res["rate"][key] = m
                     log(f"{mode} {r}/s {LABEL[n]}: p50 {m['p50']:.3f} p99 {m['p99']:.3f} p99.9 {m['p999']:.3f} ms, errors {m['errors']}")
 
-        if "smartllm-cache" in targets:
-            t = targets["smartllm-cache"]
-            res["cache"], res["cache_conns"] = {}, [1, 16]
+        for cname, ckey in (("smartllm-cache", "cache"), ("smartllm-cache-fp32", "cache_fp32")):
+            if cname not in targets:
+                continue
+            t = targets[cname]
+            res[ckey], res["cache_conns"] = {}, [1, 16]
             stored = [f"How do I reset my password on account {i}?" for i in range(1)]
             wait_http(t.url, 10, (), body(stored[0]))
             time.sleep(0.5)
             _, h, _ = wait_http(t.url, 10, (), body("What is the way to reset my password on account 0?"))
             if h.get("x-smartllm-cache") != "hit-semantic":
-                res["notes"].append(f"the paraphrase was answered as `{h.get('x-smartllm-cache')}`, not a semantic hit")
-            lines = work / "miss.jsonl"
-            with open(lines, "w") as f:
-                for i in range(200_000):
-                    f.write(body(f"Unique question {i} about topic {i * 7919 % 100003}?") + "\n")
+                res["notes"].append(f"{cname}: the paraphrase was answered as `{h.get('x-smartllm-cache')}`, not a semantic hit")
+            def miss_lines(name, words, model="mock-small"):
+                # Unique questions of about `words` words (~1.3 tokens each), synthetic.
+                vocab = ("route cache cost tenant budget latency model answer question invoice contract "
+                         "summary python function database index server request token price").split()
+                path = work / f"{name}.jsonl"
+                with open(path, "w") as f:
+                    for i in range(200_000):
+                        filler = " ".join(vocab[(i * 7 + k * 13) % len(vocab)] for k in range(max(0, words - 8)))
+                        f.write(body(f"Unique question {i} about topic {i * 7919 % 100003}? {filler}", model=model) + "\n")
+                return path
+            scenarios = (
+                ("bypass", {"data": body(PROMPT), "extra_headers": [("Cache-Control", "no-store")]}),
+                ("exact", {"data": body(stored[0])}),
+                ("semantic", {"data": body("What is the way to reset my password on account 0?")}),
+                ("miss", {"lines": miss_lines("miss", 8)}),
+                ("miss-auto", {"lines": miss_lines("miss-auto", 8, model="auto")}),
+                ("miss-60tok", {"lines": miss_lines("miss-60", 45)}),
+                ("miss-250tok", {"lines": miss_lines("miss-250", 190)}),
+            )
             for c in res["cache_conns"]:
-                for path, kw in (
-                    ("bypass", {"data": body(PROMPT), "extra_headers": [("Cache-Control", "no-store")]}),
-                    ("exact", {"data": body(stored[0])}),
-                    ("semantic", {"data": body("What is the way to reset my password on account 0?")}),
-                    ("miss", {"lines": lines}),
-                ):
+                for path, kw in scenarios:
                     with Quiet(targets, t):
                         m = oha(args, t, duration=args.duration, conns=c, **kw)
-                    res["cache"][f"{path}/{c}"] = m
-                    log(f"cache {path} c={c}: {m['rps']:,.0f} req/s, p50 {m['p50']:.3f} ms, p99 {m['p99']:.3f} ms, errors {m['errors']}")
+                    res[ckey][f"{path}/{c}"] = m
+                    log(f"{cname} {path} c={c}: {m['rps']:,.0f} req/s, p50 {m['p50']:.3f} ms, p99 {m['p99']:.3f} ms, errors {m['errors']}")
 
         res["rss"] = {n: t.peak_rss for n, t in targets.items()}
         res["goals"] = goals(res)

@@ -123,10 +123,14 @@ fn measure(
                 };
                 run(&mut m, &mut i); // warm-up
                 while Instant::now() < start {}
+                // At least one run, however long it takes.
                 let mut done = 0usize;
-                while start.elapsed().as_secs_f64() < secs {
+                loop {
                     run(&mut m, &mut i);
                     done += batch;
+                    if start.elapsed().as_secs_f64() >= secs {
+                        break;
+                    }
                 }
                 done as f64 / start.elapsed().as_secs_f64()
             })
