@@ -293,8 +293,8 @@ mod tests {
         let emb = embedder(MAX_SEQ);
         let cosines: Vec<f32> = pairs
             .iter()
-            .map(|(a, b, _)| {
-                let v = emb.embed_blocking(vec![a.clone(), b.clone()]).unwrap();
+            .map(|p| {
+                let v = emb.embed_blocking(vec![p.a.clone(), p.b.clone()]).unwrap();
                 smartllm_embed::cosine(&v[0], &v[1])
             })
             .collect();
@@ -317,70 +317,157 @@ mod tests {
     }
 }
 
+/// One labelled pair: `text_a<TAB>text_b<TAB>label[<TAB>category<TAB>source]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LabelledPair {
+    pub a: String,
+    pub b: String,
+    /// True: the two prompts may share an answer (a hit is right); false: a trap.
+    pub duplicate: bool,
+    /// `paraphrase`, `near-repeat`, `negation`, ... (3-column files:
+    /// `duplicate` or `trap`).
+    pub category: String,
+    /// Where the pair comes from (empty in 3-column files).
+    pub source: String,
+}
+
+/// Served / total for one category of pairs at one threshold.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CategoryRate {
+    pub category: String,
+    pub duplicate: bool,
+    pub served: usize,
+    pub total: usize,
+}
+
+impl CategoryRate {
+    pub fn rate(&self) -> f64 {
+        self.served as f64 / self.total.max(1) as f64
+    }
+}
+
 /// One row of a threshold sweep over labelled pairs.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EvalRow {
     pub threshold: f32,
+    /// Served duplicates / served pairs (1.0 when nothing is served).
     pub precision: f64,
+    /// Served duplicates / duplicates: the hit rate on true duplicates.
     pub recall: f64,
+    /// Served traps / traps.
+    pub trap_rate: f64,
+    /// Served pairs / all pairs.
     pub hit_rate: f64,
     pub true_positives: usize,
     pub false_positives: usize,
+    /// Pairs with cosine >= threshold that the precision guard turned away.
+    pub guard_blocked: usize,
+    /// Per category, in first-seen order of the file.
+    pub categories: Vec<CategoryRate>,
 }
 
-/// Parse `text_a<TAB>text_b<TAB>0|1` lines (`#` comments and blanks skipped).
-pub fn parse_pairs(text: &str) -> Result<Vec<(String, String, bool)>, String> {
+/// Parse labelled pairs, one per line: `text_a<TAB>text_b<TAB>label` or
+/// `text_a<TAB>text_b<TAB>label<TAB>category<TAB>source`; label is 1/true
+/// (duplicate) or 0/false (trap). `#` comments and blank lines are skipped.
+pub fn parse_pairs(text: &str) -> Result<Vec<LabelledPair>, String> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() || line.starts_with('#') {
             continue;
         }
         let cols: Vec<&str> = line.split('\t').collect();
-        let [a, b, label] = cols[..] else {
-            return Err(format!(
-                "line {}: expected text_a<TAB>text_b<TAB>is_duplicate",
-                i + 1
-            ));
+        let (a, b, label, category, source) = match cols[..] {
+            [a, b, label] => (a, b, label, None, ""),
+            [a, b, label, category, source] => (a, b, label, Some(category.trim()), source.trim()),
+            _ => {
+                return Err(format!(
+                    "line {}: expected text_a<TAB>text_b<TAB>label[<TAB>category<TAB>source], got {} columns",
+                    i + 1,
+                    cols.len()
+                ))
+            }
         };
-        let dup = match label.trim() {
+        let duplicate = match label.trim() {
             "1" | "true" => true,
             "0" | "false" => false,
             other => {
                 return Err(format!(
-                    "line {}: is_duplicate must be 0 or 1, got {other:?}",
+                    "line {}: label must be 0 or 1, got {other:?}",
                     i + 1
                 ))
             }
         };
-        out.push((a.to_string(), b.to_string(), dup));
+        if a.trim().is_empty() || b.trim().is_empty() {
+            return Err(format!("line {}: empty text", i + 1));
+        }
+        let category = match category {
+            Some("") => return Err(format!("line {}: empty category", i + 1)),
+            Some(c) => c.to_string(),
+            None if duplicate => "duplicate".to_string(),
+            None => "trap".to_string(),
+        };
+        out.push(LabelledPair {
+            a: a.to_string(),
+            b: b.to_string(),
+            duplicate,
+            category,
+            source: source.to_string(),
+        });
     }
     Ok(out)
 }
 
-/// Precision, recall and hit rate of the cache's decision (cosine >= threshold
-/// and no near-miss) for each threshold, given each pair's cosine similarity.
-pub fn evaluate(
-    pairs: &[(String, String, bool)],
-    cosines: &[f32],
-    thresholds: &[f32],
-) -> Vec<EvalRow> {
+/// Precision, recall (duplicates served), trap rate and hit rate of the
+/// cache's decision (cosine >= threshold and no near-miss) for each threshold,
+/// overall and per category, given each pair's cosine similarity.
+pub fn evaluate(pairs: &[LabelledPair], cosines: &[f32], thresholds: &[f32]) -> Vec<EvalRow> {
+    assert_eq!(pairs.len(), cosines.len(), "one cosine per pair");
     let guard_ok: Vec<bool> = pairs
         .iter()
-        .map(|(a, b, _)| near_miss(a, b).is_none())
+        .map(|p| near_miss(&p.a, &p.b).is_none())
         .collect();
-    let positives = pairs.iter().filter(|p| p.2).count().max(1);
+    let positives = pairs.iter().filter(|p| p.duplicate).count();
+    let negatives = pairs.len() - positives;
+    let mut order: Vec<(&str, bool)> = Vec::new();
+    for p in pairs {
+        if !order
+            .iter()
+            .any(|(c, d)| *c == p.category && *d == p.duplicate)
+        {
+            order.push((&p.category, p.duplicate));
+        }
+    }
     thresholds
         .iter()
         .map(|&t| {
-            let (mut tp, mut fp) = (0, 0);
-            for (i, (_, _, dup)) in pairs.iter().enumerate() {
-                if cosines[i] >= t && guard_ok[i] {
-                    if *dup {
+            let (mut tp, mut fp, mut blocked) = (0, 0, 0);
+            let mut categories: Vec<CategoryRate> = order
+                .iter()
+                .map(|(c, d)| CategoryRate {
+                    category: (*c).to_string(),
+                    duplicate: *d,
+                    served: 0,
+                    total: 0,
+                })
+                .collect();
+            for (i, p) in pairs.iter().enumerate() {
+                let close = cosines[i] >= t;
+                let served = close && guard_ok[i];
+                blocked += usize::from(close && !guard_ok[i]);
+                if served {
+                    if p.duplicate {
                         tp += 1;
                     } else {
                         fp += 1;
                     }
                 }
+                let c = categories
+                    .iter_mut()
+                    .find(|c| c.category == p.category && c.duplicate == p.duplicate)
+                    .expect("every category is listed");
+                c.total += 1;
+                c.served += usize::from(served);
             }
             EvalRow {
                 threshold: t,
@@ -389,10 +476,13 @@ pub fn evaluate(
                 } else {
                     tp as f64 / (tp + fp) as f64
                 },
-                recall: tp as f64 / positives as f64,
+                recall: tp as f64 / positives.max(1) as f64,
+                trap_rate: fp as f64 / negatives.max(1) as f64,
                 hit_rate: (tp + fp) as f64 / pairs.len().max(1) as f64,
                 true_positives: tp,
                 false_positives: fp,
+                guard_blocked: blocked,
+                categories,
             }
         })
         .collect()
@@ -401,4 +491,198 @@ pub fn evaluate(
 /// 0.80, 0.81, ... 0.99
 pub fn default_thresholds() -> Vec<f32> {
     (80..=99).map(|t| t as f32 / 100.0).collect()
+}
+
+#[cfg(test)]
+mod eval_tests {
+    use super::*;
+    use std::collections::HashSet;
+
+    #[test]
+    fn parse_pairs_reads_three_and_five_columns() {
+        let text = "# comment\n\nHow far is Paris?\thow far is paris\t1\n\
+                    Is it hot?\tIs it cold?\t0\n\
+                    a b\ta  b\t1\tnear-repeat\tsynthetic:x\r\n\
+                    Is it on?\tIs it not on?\tfalse\tnegation\tsynthetic:y\n";
+        let p = parse_pairs(text).unwrap();
+        assert_eq!(p.len(), 4);
+        assert_eq!(
+            (p[0].duplicate, p[0].category.as_str(), p[0].source.as_str()),
+            (true, "duplicate", "")
+        );
+        assert_eq!((p[1].duplicate, p[1].category.as_str()), (false, "trap"));
+        assert_eq!(
+            (
+                p[2].category.as_str(),
+                p[2].source.as_str(),
+                p[2].b.as_str()
+            ),
+            ("near-repeat", "synthetic:x", "a  b")
+        );
+        assert_eq!(
+            (p[3].duplicate, p[3].category.as_str()),
+            (false, "negation")
+        );
+    }
+
+    #[test]
+    fn parse_pairs_rejects_malformed_lines() {
+        for (bad, why) in [
+            ("a\tb\n", "columns"),
+            ("a\tb\t1\tcat\n", "columns"),
+            ("a\tb\t2\n", "label"),
+            ("a\tb\t1\t\tsrc\n", "empty category"),
+            ("a\t \t1\n", "empty text"),
+        ] {
+            let err = parse_pairs(bad).unwrap_err();
+            assert!(
+                err.contains(why) && err.starts_with("line 1"),
+                "{bad:?}: {err}"
+            );
+        }
+    }
+
+    fn pair(a: &str, b: &str, duplicate: bool, category: &str) -> LabelledPair {
+        LabelledPair {
+            a: a.into(),
+            b: b.into(),
+            duplicate,
+            category: category.into(),
+            source: String::new(),
+        }
+    }
+
+    #[test]
+    fn evaluate_reports_recall_trap_rate_and_categories() {
+        let pairs = vec![
+            pair(
+                "How do I boil an egg?",
+                "how do I boil an egg",
+                true,
+                "near-repeat",
+            ),
+            pair("What is a cat?", "what's a cat", true, "paraphrase"),
+            pair("Name a red fruit.", "Name a green fruit.", false, "antonym"),
+            // The guard turns this one away whatever the cosine.
+            pair("Is rust safe?", "Is rust not safe?", false, "negation"),
+            pair(
+                "What is my balance?",
+                "What is everyone's balance?",
+                false,
+                "scope",
+            ),
+        ];
+        let cosines = [0.99, 0.85, 0.97, 0.99, 0.90];
+        let rows = evaluate(&pairs, &cosines, &[0.80, 0.95]);
+        let loose = &rows[0];
+        assert_eq!((loose.true_positives, loose.false_positives), (2, 2));
+        assert_eq!(loose.guard_blocked, 1);
+        assert!((loose.recall - 1.0).abs() < 1e-9);
+        assert!((loose.trap_rate - 2.0 / 3.0).abs() < 1e-9);
+        assert!((loose.precision - 0.5).abs() < 1e-9);
+        assert!((loose.hit_rate - 0.8).abs() < 1e-9);
+        let cats: Vec<(&str, bool, usize, usize)> = loose
+            .categories
+            .iter()
+            .map(|c| (c.category.as_str(), c.duplicate, c.served, c.total))
+            .collect();
+        assert_eq!(
+            cats,
+            [
+                ("near-repeat", true, 1, 1),
+                ("paraphrase", true, 1, 1),
+                ("antonym", false, 1, 1),
+                ("negation", false, 0, 1),
+                ("scope", false, 1, 1),
+            ]
+        );
+        let strict = &rows[1];
+        assert_eq!((strict.true_positives, strict.false_positives), (1, 1));
+        assert!((strict.recall - 0.5).abs() < 1e-9);
+        assert!((strict.trap_rate - 1.0 / 3.0).abs() < 1e-9);
+        assert_eq!(strict.categories[2].rate(), 1.0);
+        assert_eq!(strict.categories[4].rate(), 0.0);
+        // Nothing served: precision is 1 by convention, rates are 0.
+        let none = &evaluate(&pairs, &cosines, &[1.1])[0];
+        assert_eq!(
+            (none.precision, none.recall, none.trap_rate),
+            (1.0, 0.0, 0.0)
+        );
+    }
+
+    fn yardstick(name: &str) -> (Vec<LabelledPair>, usize) {
+        let dir = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into());
+        let path = dir.join("../../data/cache-eval").join(name);
+        let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path:?}: {e}"));
+        (
+            parse_pairs(&text).unwrap_or_else(|e| panic!("{name}: {e}")),
+            text.len(),
+        )
+    }
+
+    /// data/cache-eval (the yardstick of issue #16): both splits parse, hold
+    /// both labels and every category, and share nothing.
+    #[test]
+    fn cache_eval_yardstick_is_well_formed_and_split_by_source() {
+        let (tuning, tuning_bytes) = yardstick("tuning.tsv");
+        let (heldout, heldout_bytes) = yardstick("heldout.tsv");
+        assert!(tuning.len() + heldout.len() >= 1000);
+        assert!(tuning_bytes + heldout_bytes < 5 << 20);
+        assert!(
+            heldout.len() * 10 >= (tuning.len() + heldout.len()) * 4,
+            "held-out is {} of {}",
+            heldout.len(),
+            tuning.len() + heldout.len()
+        );
+        let traps = [
+            "negation", "antonym", "entity", "number", "date", "unit", "scope",
+        ];
+        for (name, split) in [("tuning", &tuning), ("heldout", &heldout)] {
+            for p in split.iter() {
+                assert!(!p.source.is_empty(), "{name}: no source for {p:?}");
+                let synthetic = p.source.starts_with("synthetic:");
+                match p.category.as_str() {
+                    "paraphrase" => assert!(p.duplicate && !synthetic, "{name}: {p:?}"),
+                    "near-repeat" => assert!(p.duplicate && synthetic, "{name}: {p:?}"),
+                    "twin" => assert!(!p.duplicate && !synthetic, "{name}: {p:?}"),
+                    c if traps.contains(&c) => assert!(!p.duplicate && synthetic, "{name}: {p:?}"),
+                    c => panic!("{name}: unknown category {c:?}"),
+                }
+                assert_ne!(p.a.to_lowercase(), p.b.to_lowercase(), "{name}: {p:?}");
+            }
+            for c in traps.iter().chain(&["paraphrase", "near-repeat", "twin"]) {
+                let n = split.iter().filter(|p| p.category == *c).count();
+                assert!(n >= 20, "{name}: only {n} pairs of {c}");
+            }
+            assert!(split.iter().any(|p| p.duplicate) && split.iter().any(|p| !p.duplicate));
+        }
+        let key = |p: &LabelledPair| {
+            let (a, b) = (p.a.to_lowercase(), p.b.to_lowercase());
+            if a <= b {
+                (a, b)
+            } else {
+                (b, a)
+            }
+        };
+        let tuning_pairs: HashSet<_> = tuning.iter().map(key).collect();
+        let tuning_texts: HashSet<String> = tuning
+            .iter()
+            .flat_map(|p| [p.a.to_lowercase(), p.b.to_lowercase()])
+            .collect();
+        for p in &heldout {
+            assert!(!tuning_pairs.contains(&key(p)), "in both splits: {p:?}");
+            assert!(
+                !tuning_texts.contains(&p.a.to_lowercase()),
+                "held-out text_a also in tuning: {p:?}"
+            );
+        }
+        // Split by source collection: no collection feeds both splits.
+        let collection = |p: &LabelledPair| p.source.trim_start_matches("synthetic:").to_string();
+        let tuning_sources: HashSet<String> = tuning.iter().map(collection).collect();
+        for p in &heldout {
+            assert!(!tuning_sources.contains(&collection(p)), "{p:?}");
+        }
+    }
 }

@@ -204,14 +204,18 @@ enum CacheCmd {
         #[command(flatten)]
         target: AdminTarget,
     },
-    /// Precision, recall and hit rate over labelled pairs for thresholds 0.80-0.99,
-    /// with the real embedding model and precision guard.
+    /// Duplicates served (recall), traps served (overall and per category) and
+    /// precision over labelled pairs for thresholds 0.80-0.99, with the real
+    /// embedding model and precision guard.
     Eval {
-        /// TSV: text_a, text_b, is_duplicate (0/1).
+        /// TSV: text_a, text_b, label (1 duplicate / 0 trap)[, category, source].
         #[arg(long)]
         pairs: PathBuf,
         #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
         config: PathBuf,
+        /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
     },
 }
 
