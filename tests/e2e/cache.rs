@@ -418,11 +418,16 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
         &cfg,
     ]);
     assert!(ok, "{err}");
+    let column = out
+        .lines()
+        .find(|l| l.trim_start().starts_with("threshold"))
+        .and_then(|h| h.split_whitespace().position(|c| c == "precision"))
+        .unwrap_or_else(|| panic!("no precision column: {out}"));
     let row = out
         .lines()
         .find(|l| l.trim_start().starts_with("0.95"))
         .unwrap();
-    let precision: f64 = row.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let precision: f64 = row.split_whitespace().nth(column).unwrap().parse().unwrap();
     assert!(precision >= 0.98, "{out}");
     let (ok, _, err) = cli(&["cache", "stats", "--admin", "127.0.0.1:1"]);
     assert!(!ok && err.contains("is smartllm running"), "{err}");
