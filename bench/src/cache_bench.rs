@@ -1,5 +1,5 @@
 //! Cache component benchmarks, as ratios within one run:
-//! 1. embedder throughput, micro-batched (concurrent callers) vs one text per call;
+//! 1. embedder throughput, concurrent callers (the Embedder's own policy) vs one text per call;
 //! 2. FAISS search latency and recall@1 of the IVF-SQ8 index against exact
 //!    (flat) search at 100k and 1M synthetic clustered vectors, with memory.
 //!
@@ -92,7 +92,7 @@ fn embedder_bench(texts: usize) {
     }
     let single = texts as f64 / t.elapsed().as_secs_f64();
 
-    // 16 concurrent callers, one text each: the worker micro-batches them.
+    // 16 concurrent callers, one text each, through the Embedder's queue.
     let t = Instant::now();
     let per = texts / 16;
     let handles: Vec<_> = (0..16)
@@ -122,7 +122,7 @@ fn embedder_bench(texts: usize) {
     println!("|---|---|---|");
     println!("| one text per call, sequential | {single:.0} | 1.00 |");
     println!(
-        "| 16 concurrent callers (micro-batched, <= 32 per run) | {batched:.0} | {:.2} |",
+        "| 16 concurrent callers (the Embedder's policy: one text per run on a CPU) | {batched:.0} | {:.2} |",
         batched / single
     );
     println!(

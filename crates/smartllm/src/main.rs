@@ -242,8 +242,42 @@ fn exit_quietly_on_broken_stdout() {
     }));
 }
 
+/// The CPU features the build assumes (`.cargo/config.toml` compiles FAISS
+/// for x86-64-v3): say so plainly rather than die of an illegal instruction.
+fn cpu_supported() -> Result<(), String> {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let missing: Vec<&str> = [
+            ("avx2", std::arch::is_x86_feature_detected!("avx2")),
+            ("fma", std::arch::is_x86_feature_detected!("fma")),
+            ("f16c", std::arch::is_x86_feature_detected!("f16c")),
+            ("bmi2", std::arch::is_x86_feature_detected!("bmi2")),
+            (
+                "pclmulqdq",
+                std::arch::is_x86_feature_detected!("pclmulqdq"),
+            ),
+            ("sse4.2", std::arch::is_x86_feature_detected!("sse4.2")),
+        ]
+        .iter()
+        .filter(|(_, has)| !has)
+        .map(|(name, _)| *name)
+        .collect();
+        if !missing.is_empty() {
+            return Err(format!(
+                "this CPU lacks {} (smartllm needs an x86-64-v3 CPU with PCLMUL: AVX2, FMA, F16C, BMI2)",
+                missing.join(", ")
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Err(e) = cpu_supported() {
+        eprintln!("smartllm: {e}");
+        return ExitCode::from(1);
+    }
     if !matches!(cli.command, Command::Serve { .. }) {
         exit_quietly_on_broken_stdout();
     }
