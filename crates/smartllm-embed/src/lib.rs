@@ -129,11 +129,16 @@ impl Recent {
     }
 
     fn shard(&self, text: &str) -> Option<&Shard> {
-        if self.shards.is_empty() || text.len() > RECENT_MAX_TEXT {
+        if !self.keeps(text) {
             return None;
         }
         let h = self.hasher.hash_one(text);
         Some(&self.shards[h as usize % self.shards.len()])
+    }
+
+    /// Whether `text` would be kept (and so is worth looking up).
+    fn keeps(&self, text: &str) -> bool {
+        !self.shards.is_empty() && text.len() <= RECENT_MAX_TEXT
     }
 
     fn get(&self, text: &str) -> Option<Vec<f32>> {
@@ -249,6 +254,7 @@ fn build_session(
 }
 
 /// Lower the calling thread's CPU priority (Linux niceness is per thread).
+#[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
 fn lower_priority(nice: i32) {
     // SAFETY: gettid and setpriority take plain integers and touch no memory
@@ -261,6 +267,9 @@ fn lower_priority(nice: i32) {
         tracing::debug!(nice, "could not lower the embedder thread's priority");
     }
 }
+
+#[cfg(not(target_os = "linux"))]
+fn lower_priority(_nice: i32) {}
 
 impl Embedder {
     /// Load the runtime, model and tokenizer and start the worker threads.
@@ -359,17 +368,21 @@ impl Embedder {
         }
     }
 
-    /// The recent-embeddings answer for a one-text request.
-    fn recent(&self, texts: &[String]) -> Option<Vec<Vec<f32>>> {
+    /// For a one-text request the cache may keep: the recent-embeddings
+    /// answer, or (`Err`) the text to remember once embedded.
+    fn recent(&self, texts: &[String]) -> Result<Vec<Vec<f32>>, Option<String>> {
         match texts {
-            [one] => self.recent.get(one).map(|v| vec![v]),
-            _ => None,
+            [one] if self.recent.keeps(one) => match self.recent.get(one) {
+                Some(v) => Ok(vec![v]),
+                None => Err(Some(one.clone())),
+            },
+            _ => Err(None),
         }
     }
 
-    fn remember(&self, texts: &[String], vectors: &[Vec<f32>]) {
-        if let ([one], [v]) = (texts, vectors) {
-            self.recent.put(one, v);
+    fn remember(&self, text: Option<String>, vectors: &[Vec<f32>]) {
+        if let (Some(text), [v]) = (text, vectors) {
+            self.recent.put(&text, v);
         }
     }
 
@@ -378,12 +391,13 @@ impl Embedder {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        if let Some(v) = self.recent(&texts) {
-            return Ok(v);
-        }
-        let rx = self.submit(texts.clone())?;
+        let keep = match self.recent(&texts) {
+            Ok(v) => return Ok(v),
+            Err(keep) => keep,
+        };
+        let rx = self.submit(texts)?;
         let vectors = rx.await.map_err(|_| EmbedError::Stopped)??;
-        self.remember(&texts, &vectors);
+        self.remember(keep, &vectors);
         Ok(vectors)
     }
 
@@ -392,12 +406,13 @@ impl Embedder {
         if texts.is_empty() {
             return Ok(Vec::new());
         }
-        if let Some(v) = self.recent(&texts) {
-            return Ok(v);
-        }
-        let rx = self.submit(texts.clone())?;
+        let keep = match self.recent(&texts) {
+            Ok(v) => return Ok(v),
+            Err(keep) => keep,
+        };
+        let rx = self.submit(texts)?;
         let vectors = rx.blocking_recv().map_err(|_| EmbedError::Stopped)??;
-        self.remember(&texts, &vectors);
+        self.remember(keep, &vectors);
         Ok(vectors)
     }
 }
