@@ -431,4 +431,42 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
     assert!(precision >= 0.98, "{out}");
     let (ok, _, err) = cli(&["cache", "stats", "--admin", "127.0.0.1:1"]);
     assert!(!ok && err.contains("is smartllm running"), "{err}");
+
+    // POST /admin/cache/explain: similarity, the route's threshold, the guard, the decision.
+    let explain = |a: &str, b: &str| {
+        let r = post_json(
+            &gw.admin,
+            "/admin/cache/explain",
+            &json!({"a": a, "b": b, "model": "auto"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        r.json()
+    };
+    let same = explain(
+        "How do I reset my password?",
+        "How can I reset my password?",
+    );
+    assert_eq!(same["serve"], true, "{same}");
+    assert_eq!(same["threshold"].as_f64().unwrap(), 0.95f32 as f64);
+    assert!(same["similarity"].as_f64().unwrap() >= 0.95, "{same}");
+    assert_eq!(same["guard"], Value::Null);
+    let negated = explain(
+        "Should I restart the server?",
+        "Should I not restart the server?",
+    );
+    assert_eq!(negated["serve"], false, "{negated}");
+    let far = explain("What is a monad?", "How tall is Mount Everest?");
+    assert_eq!(
+        (far["serve"].as_bool(), far["reason"].as_str()),
+        (Some(false), Some("similarity below the threshold")),
+        "{far}"
+    );
+    assert!(far["similarity"].as_f64().unwrap() < 0.5, "{far}");
+    let bad = post_json(&gw.admin, "/admin/cache/explain", &json!({"a": "only one"}));
+    assert_eq!(bad.status, 400);
+    let message = bad.json()["error"]["message"]
+        .as_str()
+        .unwrap_or("")
+        .to_string();
+    assert!(message.contains("\"b\""), "{message}");
 }

@@ -467,6 +467,69 @@ impl AdminApp {
         json_reply(200, &json!({"decision": d, "features": f}))
     }
 
+    /// `POST /admin/cache/explain` with `{"a": PROMPT, "b": PROMPT, "model":
+    /// ROUTE_OR_MODEL}` (model optional): would a request whose last user turn
+    /// is `a` be served the stored answer of `b` (same namespace assumed)?
+    /// The embedder's cosine, the threshold of that route's cache policy, the
+    /// precision guard's verdict, and the decision: for operators checking a
+    /// complaint ("it answered the wrong question").
+    async fn cache_explain(&self, body: &[u8]) -> Response<Vec<u8>> {
+        let bad = |status: u16, msg: String| {
+            json_reply(
+                status,
+                &json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": "invalid_request"}}),
+            )
+        };
+        let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+        let text = |k: &str| req.get(k).and_then(Value::as_str).map(str::to_string);
+        let (Some(a), Some(b)) = (text("a"), text("b")) else {
+            return bad(
+                400,
+                "POST {\"a\": \"a prompt\", \"b\": \"a stored prompt\", \"model\": \"auto\"} (model optional)".into(),
+            );
+        };
+        let Some(embedder) = self.shared.components.embedder.clone() else {
+            return bad(503, "the embedder is not loaded (see /readyz)".into());
+        };
+        let rt = self.shared.runtime.load_full();
+        let model = text("model").unwrap_or_default();
+        let route = rt
+            .config
+            .routes
+            .contains_key(&model)
+            .then_some(model.as_str());
+        let policy = rt.config.cache.policy(route, &model).clone();
+        let vectors = match embedder.embed(vec![a.clone(), b.clone()]).await {
+            Ok(v) if v.len() == 2 => v,
+            Ok(_) => return bad(500, "the embedder returned no vectors".into()),
+            Err(e) => return bad(503, format!("embedding failed: {e}")),
+        };
+        let similarity = smartllm_embed::cosine(&vectors[0], &vectors[1]);
+        let guard = smartllm_cache::near_miss(&a, &b);
+        let above = similarity >= policy.similarity_threshold;
+        let serve = policy.enabled && policy.semantic && above && guard.is_none();
+        let reason = if !policy.enabled || !policy.semantic {
+            "the cache (or its semantic stage) is off for this route"
+        } else if !above {
+            "similarity below the threshold"
+        } else if guard.is_some() {
+            "the precision guard refused"
+        } else {
+            "served"
+        };
+        json_reply(
+            200,
+            &json!({
+                "similarity": similarity,
+                "threshold": policy.similarity_threshold,
+                "guard": guard,
+                "serve": serve,
+                "reason": reason,
+                "embedder": embedder.info().model.file_name().map(|f| f.to_string_lossy().into_owned()),
+            }),
+        )
+    }
+
     /// `POST /admin/cache/purge?all=true | ?namespace=HEX | ?route=NAME`
     async fn purge(&self, query: &str) -> Response<Vec<u8>> {
         let Some(cache) = self.shared.cache.clone() else {
@@ -680,6 +743,7 @@ impl ServeHttp for AdminApp {
             ("GET", "/admin/config") => json_reply(200, &self.config()),
             ("GET", "/admin/models") => json_reply(200, &self.models()),
             ("POST", "/admin/route/explain") => self.explain(&body).await,
+            ("POST", "/admin/cache/explain") => self.cache_explain(&body).await,
             ("GET", "/admin/suggestions") => {
                 self.suggestions(session.req_header().uri.query().unwrap_or(""))
                     .await
@@ -735,7 +799,7 @@ impl ServeHttp for AdminApp {
             },
             _ => json_reply(
                 404,
-                &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /metrics, /healthz, /readyz, /admin/config, /admin/models, /admin/costs, /admin/cache/stats, POST /admin/route/explain, POST /admin/reload, POST /admin/cache/purge, POST /admin/cache/rebuild."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
+                &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /metrics, /healthz, /readyz, /admin/config, /admin/models, /admin/costs, /admin/cache/stats, POST /admin/route/explain, POST /admin/cache/explain, POST /admin/reload, POST /admin/cache/purge, POST /admin/cache/rebuild."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
             ),
         }
     }
