@@ -17,13 +17,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
 const DIM: usize = 384;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.windows(2)
-        .find(|w| w[0] == name)
-        .map(|w| w[1].clone())
-        .unwrap_or_else(|| default.to_string())
-}
+mod util;
+use util::arg;
 
 fn rss_mib() -> f64 {
     std::fs::read_to_string("/proc/self/status")

@@ -15,13 +15,8 @@ use std::time::{Duration, Instant};
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 
-fn arg(name: &str, default: &str) -> String {
-    let args: Vec<String> = std::env::args().collect();
-    args.windows(2)
-        .find(|w| w[0] == name)
-        .map(|w| w[1].clone())
-        .unwrap_or_else(|| default.to_string())
-}
+mod util;
+use util::arg;
 
 fn list(name: &str, default: &str) -> Vec<usize> {
     arg(name, default)

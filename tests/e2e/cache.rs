@@ -127,18 +127,7 @@ fn cache_streams_hits_stores_streamed_misses_and_purges() {
         .header("content-type")
         .unwrap()
         .starts_with("text/event-stream"));
-    let text = |r: &Response| -> String {
-        r.sse_data()
-            .iter()
-            .filter(|d| *d != "[DONE]")
-            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-            .filter_map(|v| {
-                v["choices"][0]["delta"]["content"]
-                    .as_str()
-                    .map(str::to_string)
-            })
-            .collect()
-    };
+    let text = |r: &Response| streamed_text(&r.sse_data());
     assert_eq!(text(&hit), text(&miss));
     assert_eq!(hit.sse_data().last().map(String::as_str), Some("[DONE]"));
     // ...or as JSON, with the usage the upstream reported.

@@ -43,6 +43,19 @@ pub(crate) fn ask(gw: &Gateway, key: &str, body: &Value) -> Response {
     .unwrap()
 }
 
+/// The text of a streamed chat answer: every chunk's `delta.content`, joined
+/// (`[DONE]` and anything else that is not JSON is skipped).
+pub(crate) fn streamed_text(data: &[String]) -> String {
+    data.iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter_map(|v| {
+            v["choices"][0]["delta"]["content"]
+                .as_str()
+                .map(str::to_string)
+        })
+        .collect()
+}
+
 pub(crate) fn cache_header(r: &Response) -> &str {
     r.header("x-smartllm-cache").unwrap_or("none")
 }

@@ -92,16 +92,7 @@ fn streaming_is_forwarded_chunk_by_chunk_and_usage_is_exact() {
         "usage chunk leaked to a client that did not ask: {}",
         r.text()
     );
-    let text: String = data
-        .iter()
-        .filter(|d| *d != "[DONE]")
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let text = streamed_text(&data);
     assert!(text.starts_with("Mock reply to: stream please"), "{text}");
     // Chunks arrive as produced: the first content well before the last.
     let first = r

@@ -5,6 +5,7 @@
 //! the access log's `error`, the model's live profile and the deployment's
 //! circuit breaker.
 
+use crate::common::streamed_text;
 use serde_json::{json, Value};
 use smartllm_e2e::*;
 use std::time::Duration;
@@ -77,15 +78,7 @@ fn ends_with_error_event(r: &Response) -> Value {
         "{}",
         r.text()
     );
-    let content: String = data
-        .iter()
-        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter_map(|v| {
-            v["choices"][0]["delta"]["content"]
-                .as_str()
-                .map(str::to_string)
-        })
-        .collect();
+    let content = streamed_text(&data);
     assert!(
         content.starts_with("Mock reply"),
         "part of the answer came first: {}",

@@ -180,6 +180,14 @@ pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     diff == 0
 }
 
+/// An OpenAI-shaped `invalid_request` error with `status`.
+fn invalid(status: u16, message: String) -> Response<Vec<u8>> {
+    json_reply(
+        status,
+        &json!({"error": {"message": message, "type": "invalid_request_error", "param": null, "code": "invalid_request"}}),
+    )
+}
+
 fn bad_param(param: &str, message: String) -> Response<Vec<u8>> {
     json_reply(
         400,
@@ -401,12 +409,7 @@ impl AdminApp {
     /// `POST /admin/route/explain` with a chat request (its `model` a routed
     /// alias) and optionally `"explain": {"headers": {..}, "tenant", "app", "key", "user"}`.
     async fn explain(&self, body: &[u8]) -> Response<Vec<u8>> {
-        let bad = |msg: String| {
-            json_reply(
-                400,
-                &json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": "invalid_request"}}),
-            )
-        };
+        let bad = |msg: String| invalid(400, msg);
         let Ok(Value::Object(mut req)) = serde_json::from_slice::<Value>(body) else {
             return bad(
                 "POST a chat request as JSON: {\"model\": \"auto\", \"messages\": [...]}".into(),
@@ -474,22 +477,16 @@ impl AdminApp {
     /// precision guard's verdict, and the decision: for operators checking a
     /// complaint ("it answered the wrong question").
     async fn cache_explain(&self, body: &[u8]) -> Response<Vec<u8>> {
-        let bad = |status: u16, msg: String| {
-            json_reply(
-                status,
-                &json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": "invalid_request"}}),
-            )
-        };
         let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let text = |k: &str| req.get(k).and_then(Value::as_str).map(str::to_string);
         let (Some(a), Some(b)) = (text("a"), text("b")) else {
-            return bad(
+            return invalid(
                 400,
                 "POST {\"a\": \"a prompt\", \"b\": \"a stored prompt\", \"model\": \"auto\"} (model optional)".into(),
             );
         };
         let Some(embedder) = self.shared.components.embedder.clone() else {
-            return bad(503, "the embedder is not loaded (see /readyz)".into());
+            return invalid(503, "the embedder is not loaded (see /readyz)".into());
         };
         let rt = self.shared.runtime.load_full();
         let model = text("model").unwrap_or_default();
@@ -501,8 +498,8 @@ impl AdminApp {
         let policy = rt.config.cache.policy(route, &model).clone();
         let vectors = match embedder.embed(vec![a.clone(), b.clone()]).await {
             Ok(v) if v.len() == 2 => v,
-            Ok(_) => return bad(500, "the embedder returned no vectors".into()),
-            Err(e) => return bad(503, format!("embedding failed: {e}")),
+            Ok(_) => return invalid(500, "the embedder returned no vectors".into()),
+            Err(e) => return invalid(503, format!("embedding failed: {e}")),
         };
         let similarity = smartllm_embed::cosine(&vectors[0], &vectors[1]);
         let guard = smartllm_cache::near_miss(&a, &b);
@@ -632,12 +629,7 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, (u16, &'stati
             format!("Admin request bodies are limited to {MAX_ADMIN_BODY} bytes."),
         )
     };
-    let declared = session
-        .req_header()
-        .headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let declared = crate::drain::declared_length(session.req_header());
     if declared.is_some_and(|n| n > MAX_ADMIN_BODY as u64) {
         return Err(too_large());
     }

@@ -1,9 +1,19 @@
 //! Reading an upstream response body to its end, bounded in size and in how
 //! long the peer may stall: the one drain loop, used by the buffered relay,
-//! provider errors and webhook answers.
+//! provider errors and webhook answers; and a request's declared body length.
 
 use pingora_core::protocols::http::client::HttpSession;
+use pingora_http::RequestHeader;
 use std::time::{Duration, Instant};
+
+/// The body length a request declares (`Content-Length`), when it is a number:
+/// checked against a limit before reading a byte of the body.
+pub fn declared_length(req: &RequestHeader) -> Option<u64> {
+    req.headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+}
 
 /// Why a body could not be read whole.
 pub enum BodyError {

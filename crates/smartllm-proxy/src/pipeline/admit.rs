@@ -165,12 +165,7 @@ async fn read_body(
     stall: Duration,
     total: Duration,
 ) -> Result<BytesMut, ApiError> {
-    let declared = session
-        .req_header()
-        .headers
-        .get("content-length")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<u64>().ok());
+    let declared = crate::drain::declared_length(session.req_header());
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::payload_too_large(limit));
     }
