@@ -1,0 +1,2309 @@
+//! OpenAI Responses API (`/v1/responses`) <-> Chat Completions, the gateway's
+//! canonical shape, for providers that do not speak Responses themselves: a
+//! create request becomes a chat request, a `chat.completion` becomes a
+//! `response` object, and a stream of `chat.completion.chunk` events becomes
+//! the Responses event stream (`response.created` ... `response.completed`).
+//! Pure, no I/O: the caller keeps conversations ([`StoredResponse`]) so that
+//! `previous_response_id` works against translated providers.
+//!
+//! Wire shapes follow openai-python `src/openai/types/responses/` (response.py,
+//! response_create_params.py, response_input_item_param.py, response_stream_event.py).
+
+use crate::error::ApiError;
+use crate::sse::{SseEvent, SseParser, SseTooLarge, StreamError};
+use crate::usage::Usage;
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Map, Value};
+
+/// Top-level create parameters that are Responses-only: handled here, echoed
+/// into the `response` object, or left to the caller (`store`,
+/// `previous_response_id`, `metadata`, `user`, `safety_identifier`); never put
+/// into the chat body. Any other key is forwarded to the chat body untouched,
+/// as the gateway does for chat requests.
+const RESPONSES_ONLY: [&str; 31] = [
+    "model",
+    "input",
+    "instructions",
+    "stream",
+    "stream_options",
+    "temperature",
+    "top_p",
+    "max_output_tokens",
+    "tools",
+    "tool_choice",
+    "parallel_tool_calls",
+    "text",
+    "reasoning",
+    "metadata",
+    "user",
+    "safety_identifier",
+    "store",
+    "previous_response_id",
+    "include",
+    "truncation",
+    "background",
+    "conversation",
+    "prompt",
+    "max_tool_calls",
+    "top_logprobs",
+    "context_management",
+    "prompt_cache_retention",
+    "prompt_cache_options",
+    "moderation",
+    "personality",
+    "messages",
+];
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn invalid_type(param: &str, v: &Value, want: &str) -> ApiError {
+    ApiError::invalid_param(
+        param,
+        format!(
+            "Invalid type for '{param}': expected {want}, but got {}.",
+            type_name(v)
+        ),
+    )
+}
+
+fn invalid_value(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::invalid_request("invalid_value", message).with_param(param)
+}
+
+fn unsupported_value(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::invalid_request("unsupported_value", message).with_param(param)
+}
+
+fn unsupported_parameter(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::invalid_request("unsupported_parameter", message).with_param(param)
+}
+
+/// `o[key]` when it is a string; `None` when absent or null; an error otherwise.
+fn opt_str<'a>(
+    o: &'a Map<String, Value>,
+    key: &str,
+    param: &str,
+) -> Result<Option<&'a str>, ApiError> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s)),
+        Some(v) => Err(invalid_type(param, v, "a string")),
+    }
+}
+
+fn req_str<'a>(
+    o: &'a Map<String, Value>,
+    key: &str,
+    param: &str,
+    what: &str,
+) -> Result<&'a str, ApiError> {
+    opt_str(o, key, param)?.ok_or_else(|| ApiError::missing_param(param, what))
+}
+
+fn opt_bool(o: &Map<String, Value>, key: &str, param: &str) -> Result<Option<bool>, ApiError> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(None),
+        Some(Value::Bool(b)) => Ok(Some(*b)),
+        Some(v) => Err(invalid_type(param, v, "a boolean")),
+    }
+}
+
+fn check_number(o: &Map<String, Value>, key: &str, min: f64, max: f64) -> Result<(), ApiError> {
+    match o.get(key) {
+        None | Some(Value::Null) => Ok(()),
+        Some(v) => {
+            let n = v.as_f64().ok_or_else(|| invalid_type(key, v, "a number"))?;
+            if !(min..=max).contains(&n) {
+                return Err(invalid_value(
+                    key,
+                    format!("Invalid '{key}': must be between {min} and {max}, got {n}."),
+                ));
+            }
+            Ok(())
+        }
+    }
+}
+
+fn check_type(
+    o: &Map<String, Value>,
+    key: &str,
+    ok: fn(&Value) -> bool,
+    want: &str,
+) -> Result<(), ApiError> {
+    match o.get(key) {
+        Some(v) if !v.is_null() && !ok(v) => Err(invalid_type(key, v, want)),
+        _ => Ok(()),
+    }
+}
+
+/// Translate a Responses create request into a Chat Completions request body.
+/// `instructions` becomes a leading system message, `input` the messages after
+/// it. Errors are OpenAI-shaped and name the parameter.
+pub fn request_to_chat(body: &Map<String, Value>) -> Result<Map<String, Value>, ApiError> {
+    translate(body, None, true)
+}
+
+/// [`request_to_chat`] continuing a stored conversation (`previous_response_id`
+/// resolved by the caller): the previous messages and answer come between this
+/// request's `instructions` and its `input`. The previous request's
+/// `instructions` are not carried over, as with OpenAI.
+pub fn request_to_chat_with_history(
+    body: &Map<String, Value>,
+    previous: Option<&StoredResponse>,
+) -> Result<Map<String, Value>, ApiError> {
+    translate(body, previous.map(|p| p.messages.as_slice()), true)
+}
+
+/// For `POST /v1/responses/input_tokens`: the same validation and translation
+/// as a create request, but `model` and `input` may be absent (as OpenAI
+/// allows there) and nothing is streamed. Count the tokens of the returned
+/// chat body's `messages` and `tools`; answer with [`input_tokens_object`].
+pub fn input_tokens_request(
+    body: &Map<String, Value>,
+    previous: Option<&StoredResponse>,
+) -> Result<Map<String, Value>, ApiError> {
+    translate(body, previous.map(|p| p.messages.as_slice()), false)
+}
+
+/// The `POST /v1/responses/input_tokens` answer.
+pub fn input_tokens_object(input_tokens: u64) -> Value {
+    json!({"object": "response.input_tokens", "input_tokens": input_tokens})
+}
+
+/// The `DELETE /v1/responses/{id}` answer.
+pub fn deleted_object(id: &str) -> Value {
+    json!({"id": id, "object": "response", "deleted": true})
+}
+
+/// OpenAI's 404 for an unknown, expired or another tenant's response id.
+/// `param` is `Some("previous_response_id")` when the id came from that field.
+pub fn response_not_found(id: &str, param: Option<&str>) -> ApiError {
+    let e = ApiError::new(
+        404,
+        "invalid_request_error",
+        "response_not_found",
+        format!("Response with id '{id}' not found."),
+    );
+    match param {
+        Some(p) => e.with_param(p),
+        None => e,
+    }
+}
+
+fn translate(
+    body: &Map<String, Value>,
+    history: Option<&[Value]>,
+    create: bool,
+) -> Result<Map<String, Value>, ApiError> {
+    let model = match body.get("model") {
+        None | Some(Value::Null) if create => {
+            return Err(ApiError::missing_param(
+                "model",
+                "the model or route alias to use",
+            ))
+        }
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) if s.trim().is_empty() => {
+            return Err(invalid_value("model", "'model' must not be empty."))
+        }
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(v) => return Err(invalid_type("model", v, "a string")),
+    };
+    let stream = create && opt_bool(body, "stream", "stream")?.unwrap_or(false);
+    if opt_bool(body, "background", "background")? == Some(true) {
+        return Err(unsupported_parameter(
+            "background",
+            "Background responses are not supported by this gateway for this model; omit 'background'.",
+        ));
+    }
+    for key in ["conversation", "prompt"] {
+        if body.get(key).is_some_and(|v| !v.is_null()) {
+            return Err(unsupported_parameter(
+                key,
+                format!("'{key}' is not supported by this gateway for this model; send the conversation in 'input' or use 'previous_response_id'."),
+            ));
+        }
+    }
+    check_number(body, "temperature", 0.0, 2.0)?;
+    check_number(body, "top_p", 0.0, 1.0)?;
+    if let Some(v) = body.get("max_output_tokens").filter(|v| !v.is_null()) {
+        if !(v.is_u64() || v.is_i64()) {
+            return Err(invalid_type("max_output_tokens", v, "an integer"));
+        }
+        if v.as_u64().is_none_or(|n| n < 1) {
+            return Err(invalid_value(
+                "max_output_tokens",
+                "Invalid 'max_output_tokens': integer below minimum value. Expected a value >= 1.",
+            ));
+        }
+    }
+    opt_bool(body, "store", "store")?;
+    opt_bool(body, "parallel_tool_calls", "parallel_tool_calls")?;
+    for key in [
+        "instructions",
+        "user",
+        "safety_identifier",
+        "previous_response_id",
+        "truncation",
+    ] {
+        opt_str(body, key, key)?;
+    }
+    check_type(body, "metadata", Value::is_object, "an object")?;
+    check_type(body, "include", Value::is_array, "an array")?;
+
+    let mut messages = Vec::new();
+    if let Some(text) = opt_str(body, "instructions", "instructions")? {
+        if !text.is_empty() {
+            messages.push(json!({"role": "system", "content": text}));
+        }
+    }
+    let history = history.unwrap_or(&[]);
+    messages.extend(history.iter().cloned());
+    match body.get("input") {
+        None | Some(Value::Null) if create && history.is_empty() => {
+            return Err(ApiError::missing_param(
+                "input",
+                "the text or items the model responds to",
+            ))
+        }
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
+        Some(Value::Array(items)) => {
+            if items.is_empty() && create && history.is_empty() {
+                return Err(invalid_value(
+                    "input",
+                    "Invalid 'input': empty array. Expected an array with minimum length 1.",
+                ));
+            }
+            push_input_items(items, &mut messages)?;
+        }
+        Some(v) => {
+            return Err(invalid_type(
+                "input",
+                v,
+                "a string or an array of input items",
+            ))
+        }
+    }
+
+    let mut chat: Map<String, Value> = body
+        .iter()
+        .filter(|(k, _)| !RESPONSES_ONLY.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if let Some(m) = model {
+        chat.insert("model".into(), Value::String(m));
+    }
+    chat.insert("messages".into(), Value::Array(messages));
+
+    let mut tools = match body.get("tools") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => chat_tools(a)?,
+        Some(v) => return Err(invalid_type("tools", v, "an array")),
+    };
+    if let Some(choice) = body.get("tool_choice").filter(|v| !v.is_null()) {
+        let choice = chat_tool_choice(choice, &mut tools)?;
+        chat.insert("tool_choice".into(), choice);
+    }
+    if !tools.is_empty() {
+        chat.insert("tools".into(), Value::Array(tools));
+        if let Some(p) = opt_bool(body, "parallel_tool_calls", "parallel_tool_calls")? {
+            chat.insert("parallel_tool_calls".into(), Value::Bool(p));
+        }
+    }
+    if let Some(v) = body.get("max_output_tokens").filter(|v| !v.is_null()) {
+        chat.insert("max_completion_tokens".into(), v.clone());
+    }
+    for key in ["temperature", "top_p"] {
+        if let Some(v) = body.get(key).filter(|v| !v.is_null()) {
+            chat.insert(key.into(), v.clone());
+        }
+    }
+    match body.get("text") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(text)) => {
+            if let Some(f) = text.get("format").filter(|v| !v.is_null()) {
+                if let Some(rf) = response_format(f)? {
+                    chat.insert("response_format".into(), rf);
+                }
+            }
+            if let Some(v) = opt_str(text, "verbosity", "text.verbosity")? {
+                chat.insert("verbosity".into(), json!(v));
+            }
+        }
+        Some(v) => return Err(invalid_type("text", v, "an object")),
+    }
+    match body.get("reasoning") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(r)) => {
+            if let Some(effort) = opt_str(r, "effort", "reasoning.effort")? {
+                chat.insert("reasoning_effort".into(), json!(effort));
+            }
+        }
+        Some(v) => return Err(invalid_type("reasoning", v, "an object")),
+    }
+    if stream {
+        chat.insert("stream".into(), Value::Bool(true));
+        // The usage chunk is what `response.completed` reports.
+        chat.insert("stream_options".into(), json!({"include_usage": true}));
+    }
+    Ok(chat)
+}
+
+/// Input items -> chat messages, appended to `out`.
+fn push_input_items(items: &[Value], out: &mut Vec<Value>) -> Result<(), ApiError> {
+    for (i, item) in items.iter().enumerate() {
+        let p = format!("input[{i}]");
+        let Value::Object(o) = item else {
+            return Err(invalid_type(&p, item, "an object"));
+        };
+        let ty = match o.get("type") {
+            // EasyInputMessage: `type` is optional.
+            None | Some(Value::Null) if o.contains_key("role") => "message",
+            None | Some(Value::Null) => {
+                return Err(ApiError::missing_param(
+                    &format!("{p}.type"),
+                    "message, function_call or function_call_output",
+                ))
+            }
+            Some(Value::String(s)) => s.as_str(),
+            Some(v) => return Err(invalid_type(&format!("{p}.type"), v, "a string")),
+        };
+        match ty {
+            "message" => out.push(input_message(o, &p)?),
+            "function_call" => {
+                let call_id = req_str(o, "call_id", &format!("{p}.call_id"), "the call's id")?;
+                let name = req_str(o, "name", &format!("{p}.name"), "the function's name")?;
+                let arguments = req_str(
+                    o,
+                    "arguments",
+                    &format!("{p}.arguments"),
+                    "the call's arguments as a JSON string",
+                )?;
+                let call = json!({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}});
+                // Calls belong to the assistant turn right before them (a
+                // `message` output item, or the calls before them).
+                match out.last_mut() {
+                    Some(Value::Object(last))
+                        if last.get("role").and_then(Value::as_str) == Some("assistant") =>
+                    {
+                        match last.get_mut("tool_calls") {
+                            Some(Value::Array(calls)) => calls.push(call),
+                            _ => {
+                                last.insert("tool_calls".into(), json!([call]));
+                            }
+                        }
+                    }
+                    _ => out.push(json!({"role": "assistant", "content": null, "tool_calls": [call]})),
+                }
+            }
+            "function_call_output" => {
+                let call_id = req_str(o, "call_id", &format!("{p}.call_id"), "the call's id")?;
+                let param = format!("{p}.output");
+                let content = match o.get("output") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(parts)) => {
+                        let mut text = String::new();
+                        for (j, part) in parts.iter().enumerate() {
+                            let pp = format!("{param}[{j}]");
+                            let Value::Object(part) = part else {
+                                return Err(invalid_type(&pp, part, "an object"));
+                            };
+                            match part.get("type").and_then(Value::as_str) {
+                                Some("input_text") | Some("output_text") => text.push_str(req_str(
+                                    part,
+                                    "text",
+                                    &format!("{pp}.text"),
+                                    "the text",
+                                )?),
+                                other => {
+                                    return Err(unsupported_value(
+                                        &format!("{pp}.type"),
+                                        format!("Function call output parts of type {} are not supported by this gateway for this model; send 'output' as a string or 'input_text' parts.", other.map_or_else(|| "null".to_string(), |t| format!("'{t}'"))),
+                                    ))
+                                }
+                            }
+                        }
+                        text
+                    }
+                    None | Some(Value::Null) => {
+                        return Err(ApiError::missing_param(&param, "the function's result"))
+                    }
+                    Some(v) => return Err(invalid_type(&param, v, "a string or an array")),
+                };
+                out.push(json!({"role": "tool", "tool_call_id": call_id, "content": content}));
+            }
+            // Reasoning carried over from an earlier answer has no chat form
+            // (and this gateway's translated answers never contain any).
+            "reasoning" => {}
+            "item_reference" => {
+                return Err(unsupported_value(
+                    &format!("{p}.type"),
+                    "Item references are not supported by this gateway for this model; send the items themselves or use 'previous_response_id'.",
+                ))
+            }
+            other => {
+                return Err(unsupported_value(
+                    &format!("{p}.type"),
+                    format!("Input items of type '{other}' are not supported by this gateway for this model. Supported: 'message', 'function_call', 'function_call_output'."),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
+fn input_message(o: &Map<String, Value>, p: &str) -> Result<Value, ApiError> {
+    let rp = format!("{p}.role");
+    let role = match req_str(o, "role", &rp, "user, assistant, system or developer")? {
+        "developer" | "system" => "system",
+        r @ ("user" | "assistant") => r,
+        r => {
+            return Err(invalid_value(
+                &rp,
+                format!("Invalid value: '{r}'. Supported values are: 'user', 'assistant', 'system', and 'developer'."),
+            ))
+        }
+    };
+    let cp = format!("{p}.content");
+    let content = match o.get("content") {
+        Some(Value::String(s)) => Value::String(s.clone()),
+        Some(Value::Array(parts)) => content_parts(parts, &cp, role == "user")?,
+        None | Some(Value::Null) => {
+            return Err(ApiError::missing_param(&cp, "a string or content parts"))
+        }
+        Some(v) => {
+            return Err(invalid_type(
+                &cp,
+                v,
+                "a string or an array of content parts",
+            ))
+        }
+    };
+    Ok(json!({"role": role, "content": content}))
+}
+
+/// Responses content parts -> chat content: one text part becomes a string,
+/// anything else an array of chat parts.
+fn content_parts(parts: &[Value], param: &str, user: bool) -> Result<Value, ApiError> {
+    let mut out = Vec::with_capacity(parts.len());
+    for (j, part) in parts.iter().enumerate() {
+        let pp = format!("{param}[{j}]");
+        let Value::Object(part) = part else {
+            return Err(invalid_type(&pp, part, "an object"));
+        };
+        let tp = format!("{pp}.type");
+        match req_str(part, "type", &tp, "input_text, input_image or input_file")? {
+            "input_text" | "output_text" => {
+                let text = req_str(part, "text", &format!("{pp}.text"), "the text")?;
+                out.push(json!({"type": "text", "text": text}));
+            }
+            "refusal" => {
+                let text = req_str(part, "refusal", &format!("{pp}.refusal"), "the refusal")?;
+                out.push(json!({"type": "text", "text": text}));
+            }
+            t @ ("input_image" | "input_file") if !user => {
+                return Err(invalid_value(
+                    &tp,
+                    format!("'{t}' parts are only supported in user messages."),
+                ))
+            }
+            "input_image" => {
+                if part.get("file_id").is_some_and(|v| !v.is_null()) {
+                    return Err(unsupported_parameter(
+                        &format!("{pp}.file_id"),
+                        "Uploaded files ('file_id') are not available through this gateway for this model; send 'image_url' (an https URL or a data: URL).",
+                    ));
+                }
+                let url = req_str(
+                    part,
+                    "image_url",
+                    &format!("{pp}.image_url"),
+                    "an https URL or a data: URL",
+                )?;
+                let mut image = json!({"url": url});
+                if let Some(d) = opt_str(part, "detail", &format!("{pp}.detail"))? {
+                    image["detail"] = json!(d);
+                }
+                out.push(json!({"type": "image_url", "image_url": image}));
+            }
+            "input_file" => {
+                for key in ["file_id", "file_url"] {
+                    if part.get(key).is_some_and(|v| !v.is_null()) {
+                        return Err(unsupported_parameter(
+                            &format!("{pp}.{key}"),
+                            format!("'{key}' is not available through this gateway for this model; send the file inline as 'file_data' (a base64 data: URL) with a 'filename'."),
+                        ));
+                    }
+                }
+                let data = req_str(
+                    part,
+                    "file_data",
+                    &format!("{pp}.file_data"),
+                    "the file as a base64 data: URL",
+                )?;
+                let mut file = json!({"file_data": data});
+                if let Some(name) = opt_str(part, "filename", &format!("{pp}.filename"))? {
+                    file["filename"] = json!(name);
+                }
+                out.push(json!({"type": "file", "file": file}));
+            }
+            other => {
+                return Err(unsupported_value(
+                    &tp,
+                    format!("Content parts of type '{other}' are not supported. Supported: 'input_text', 'input_image', 'input_file', 'output_text', 'refusal'."),
+                ))
+            }
+        }
+    }
+    if out.len() == 1 && out[0]["type"] == "text" {
+        return Ok(out[0]["text"].clone());
+    }
+    Ok(Value::Array(out))
+}
+
+/// Responses tools (flat `{type, name, description, parameters, strict}`) ->
+/// chat tools. Built-in tools cannot be translated.
+fn chat_tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
+    let mut out = Vec::with_capacity(tools.len());
+    for (i, t) in tools.iter().enumerate() {
+        let p = format!("tools[{i}]");
+        let Value::Object(t) = t else {
+            return Err(invalid_type(&p, t, "an object"));
+        };
+        let tp = format!("{p}.type");
+        let ty = req_str(t, "type", &tp, "the tool type, 'function'")?;
+        if ty != "function" {
+            return Err(unsupported_value(
+                &tp,
+                format!("Tool type '{ty}' is not supported by this gateway for this model: only 'function' tools can be translated to it. Remove the tool or use a model served by a provider that speaks the Responses API."),
+            ));
+        }
+        let name = req_str(t, "name", &format!("{p}.name"), "the function's name")?;
+        if name.is_empty() {
+            return Err(invalid_value(
+                &format!("{p}.name"),
+                "Invalid 'name': empty string.",
+            ));
+        }
+        let mut f = Map::new();
+        f.insert("name".into(), json!(name));
+        if let Some(d) = opt_str(t, "description", &format!("{p}.description"))? {
+            f.insert("description".into(), json!(d));
+        }
+        match t.get("parameters") {
+            None | Some(Value::Null) => {}
+            Some(v @ Value::Object(_)) => {
+                f.insert("parameters".into(), v.clone());
+            }
+            Some(v) => return Err(invalid_type(&format!("{p}.parameters"), v, "an object")),
+        }
+        match t.get("strict") {
+            None | Some(Value::Null) => {}
+            Some(v @ Value::Bool(_)) => {
+                f.insert("strict".into(), v.clone());
+            }
+            Some(v) => return Err(invalid_type(&format!("{p}.strict"), v, "a boolean")),
+        }
+        out.push(json!({"type": "function", "function": f}));
+    }
+    Ok(out)
+}
+
+/// Responses `tool_choice` -> chat `tool_choice`. `allowed_tools` narrows
+/// `tools` to the allowed functions and becomes its mode.
+fn chat_tool_choice(choice: &Value, tools: &mut Vec<Value>) -> Result<Value, ApiError> {
+    const P: &str = "tool_choice";
+    let o = match choice {
+        Value::String(s) if matches!(s.as_str(), "auto" | "none" | "required") => {
+            return Ok(choice.clone())
+        }
+        Value::String(s) => {
+            return Err(invalid_value(
+                P,
+                format!(
+                    "Invalid value: '{s}'. Supported values are: 'none', 'auto', and 'required'."
+                ),
+            ))
+        }
+        Value::Object(o) => o,
+        v => return Err(invalid_type(P, v, "a string or an object")),
+    };
+    match req_str(o, "type", "tool_choice.type", "function or allowed_tools")? {
+        "function" => {
+            let name = req_str(o, "name", "tool_choice.name", "the function to call")?;
+            Ok(json!({"type": "function", "function": {"name": name}}))
+        }
+        "allowed_tools" => {
+            let mode = match opt_str(o, "mode", "tool_choice.mode")? {
+                Some(m @ ("auto" | "required")) => m,
+                Some(m) => {
+                    return Err(invalid_value(
+                        "tool_choice.mode",
+                        format!("Invalid value: '{m}'. Supported values are: 'auto' and 'required'."),
+                    ))
+                }
+                None => return Err(ApiError::missing_param("tool_choice.mode", "auto or required")),
+            };
+            let allowed = match o.get("tools") {
+                Some(Value::Array(a)) => a,
+                None | Some(Value::Null) => {
+                    return Err(ApiError::missing_param("tool_choice.tools", "the allowed tools"))
+                }
+                Some(v) => return Err(invalid_type("tool_choice.tools", v, "an array")),
+            };
+            let mut names = Vec::with_capacity(allowed.len());
+            for (i, t) in allowed.iter().enumerate() {
+                let tp = format!("tool_choice.tools[{i}]");
+                let Value::Object(t) = t else {
+                    return Err(invalid_type(&tp, t, "an object"));
+                };
+                match opt_str(t, "type", &format!("{tp}.type"))? {
+                    Some("function") => names.push(req_str(
+                        t,
+                        "name",
+                        &format!("{tp}.name"),
+                        "the function's name",
+                    )?),
+                    other => {
+                        return Err(unsupported_value(
+                            &format!("{tp}.type"),
+                            format!("Tool type {} is not supported by this gateway for this model; only 'function' tools can be allowed.", other.map_or_else(|| "null".to_string(), |t| format!("'{t}'"))),
+                        ))
+                    }
+                }
+            }
+            tools.retain(|t| {
+                t["function"]["name"]
+                    .as_str()
+                    .is_some_and(|n| names.contains(&n))
+            });
+            Ok(json!(mode))
+        }
+        other => Err(unsupported_value(
+            "tool_choice.type",
+            format!("tool_choice of type '{other}' is not supported by this gateway for this model; only 'function' tools can be translated to it."),
+        )),
+    }
+}
+
+/// `text.format` -> chat `response_format` (`None` for plain text).
+fn response_format(f: &Value) -> Result<Option<Value>, ApiError> {
+    const P: &str = "text.format";
+    let Value::Object(o) = f else {
+        return Err(invalid_type(P, f, "an object"));
+    };
+    match req_str(o, "type", "text.format.type", "text, json_object or json_schema")? {
+        "text" => Ok(None),
+        "json_object" => Ok(Some(json!({"type": "json_object"}))),
+        "json_schema" => {
+            let name = req_str(o, "name", "text.format.name", "the schema's name")?;
+            let schema = match o.get("schema") {
+                Some(v @ Value::Object(_)) => v.clone(),
+                None | Some(Value::Null) => {
+                    return Err(ApiError::missing_param("text.format.schema", "a JSON schema"))
+                }
+                Some(v) => return Err(invalid_type("text.format.schema", v, "an object")),
+            };
+            let mut js = json!({"name": name, "schema": schema});
+            if let Some(d) = opt_str(o, "description", "text.format.description")? {
+                js["description"] = json!(d);
+            }
+            if let Some(s) = opt_bool(o, "strict", "text.format.strict")? {
+                js["strict"] = json!(s);
+            }
+            Ok(Some(json!({"type": "json_schema", "json_schema": js})))
+        }
+        other => Err(invalid_value(
+            "text.format.type",
+            format!("Invalid value: '{other}'. Supported values are: 'text', 'json_object', and 'json_schema'."),
+        )),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Answers: chat.completion -> response
+
+fn id_suffix(id: &str) -> &str {
+    id.strip_prefix("resp_").unwrap_or(id)
+}
+
+/// The id of the `k`-th message item of response `id` (`msg_<suffix>`, then `msg_<suffix>_<k>`).
+fn message_id(id: &str, k: usize) -> String {
+    match k {
+        0 => format!("msg_{}", id_suffix(id)),
+        k => format!("msg_{}_{k}", id_suffix(id)),
+    }
+}
+
+/// The id of the function-call item for chat tool call `n`.
+fn call_item_id(id: &str, n: usize) -> String {
+    format!("fc_{}_{n}", id_suffix(id))
+}
+
+/// A call id for a chat tool call that came without one.
+fn fallback_call_id(id: &str, n: usize) -> String {
+    format!("call_{}_{n}", id_suffix(id))
+}
+
+fn text_part(text: &str) -> Value {
+    json!({"type": "output_text", "text": text, "annotations": [], "logprobs": []})
+}
+
+fn refusal_part(text: &str) -> Value {
+    json!({"type": "refusal", "refusal": text})
+}
+
+fn message_item(id: String, content: Vec<Value>, status: &str) -> Value {
+    json!({"id": id, "type": "message", "status": status, "role": "assistant", "content": content})
+}
+
+fn call_item(id: String, call_id: &str, name: &str, arguments: &str, status: &str) -> Value {
+    json!({"id": id, "type": "function_call", "status": status, "arguments": arguments, "call_id": call_id, "name": name})
+}
+
+/// How an answer ended, from the chat `finish_reason`.
+fn incomplete_reason(finish: Option<&str>) -> Option<&'static str> {
+    match finish {
+        Some("length") => Some("max_output_tokens"),
+        Some("content_filter") => Some("content_filter"),
+        _ => None,
+    }
+}
+
+/// Chat `usage` -> Responses `usage`.
+fn responses_usage(u: &Value) -> Value {
+    let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
+    let input = n(u, "prompt_tokens");
+    let output = n(u, "completion_tokens");
+    let pd = &u["prompt_tokens_details"];
+    json!({
+        "input_tokens": input,
+        "input_tokens_details": {
+            "cached_tokens": n(pd, "cached_tokens"),
+            "cache_write_tokens": n(pd, "cache_write_tokens"),
+        },
+        "output_tokens": output,
+        "output_tokens_details": {"reasoning_tokens": n(&u["completion_tokens_details"], "reasoning_tokens")},
+        "total_tokens": u.get("total_tokens").and_then(Value::as_u64).unwrap_or(input + output),
+    })
+}
+
+fn echo(req: &Map<String, Value>, key: &str, default: Value) -> Value {
+    match req.get(key) {
+        None | Some(Value::Null) => default,
+        Some(v) => v.clone(),
+    }
+}
+
+/// The `response` object, its request parameters echoed as OpenAI does.
+#[allow(clippy::too_many_arguments)]
+fn response_object(
+    id: &str,
+    created_at: u64,
+    model: &str,
+    req: &Map<String, Value>,
+    status: &str,
+    output: Vec<Value>,
+    usage: Value,
+    incomplete: Option<&str>,
+    error: Value,
+) -> Value {
+    let text = req.get("text").and_then(Value::as_object);
+    let reasoning = req.get("reasoning").and_then(Value::as_object);
+    let sub = |o: Option<&Map<String, Value>>, k: &str, default: Value| {
+        o.and_then(|o| o.get(k))
+            .filter(|v| !v.is_null())
+            .cloned()
+            .unwrap_or(default)
+    };
+    let service_tier = match req.get("service_tier").and_then(Value::as_str) {
+        None | Some("auto") => json!("default"),
+        Some(t) => json!(t),
+    };
+    json!({
+        "id": id,
+        "object": "response",
+        "created_at": created_at,
+        "status": status,
+        "background": false,
+        "completed_at": if status == "completed" { json!(crate::time::now_secs().max(created_at)) } else { Value::Null },
+        "error": error,
+        "incomplete_details": incomplete.map(|r| json!({"reason": r})),
+        "instructions": echo(req, "instructions", Value::Null),
+        "max_output_tokens": echo(req, "max_output_tokens", Value::Null),
+        "max_tool_calls": echo(req, "max_tool_calls", Value::Null),
+        "model": model,
+        "output": output,
+        "parallel_tool_calls": echo(req, "parallel_tool_calls", json!(true)),
+        "previous_response_id": echo(req, "previous_response_id", Value::Null),
+        "prompt_cache_key": echo(req, "prompt_cache_key", Value::Null),
+        "reasoning": {"effort": sub(reasoning, "effort", Value::Null), "summary": sub(reasoning, "summary", Value::Null)},
+        "safety_identifier": echo(req, "safety_identifier", Value::Null),
+        "service_tier": service_tier,
+        "store": echo(req, "store", json!(true)),
+        "temperature": echo(req, "temperature", json!(1.0)),
+        "text": {"format": sub(text, "format", json!({"type": "text"})), "verbosity": sub(text, "verbosity", json!("medium"))},
+        "tool_choice": echo(req, "tool_choice", json!("auto")),
+        "tools": echo(req, "tools", json!([])),
+        "top_logprobs": echo(req, "top_logprobs", json!(0)),
+        "top_p": echo(req, "top_p", json!(1.0)),
+        "truncation": echo(req, "truncation", json!("disabled")),
+        "usage": usage,
+        "user": echo(req, "user", Value::Null),
+        "metadata": echo(req, "metadata", json!({})),
+    })
+}
+
+fn model_of(v: &Value, req: &Map<String, Value>) -> String {
+    v.get("model")
+        .and_then(Value::as_str)
+        .filter(|m| !m.is_empty())
+        .or_else(|| req.get("model").and_then(Value::as_str))
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Translate a `chat.completion` into a Responses `response` object. `id` is
+/// the response id (`resp_...`); item ids derive from it. `req` is the
+/// Responses request, echoed as OpenAI does.
+pub fn response_from_chat(
+    chat: &Value,
+    id: &str,
+    created_at: u64,
+    req: &Map<String, Value>,
+) -> Value {
+    let choice = &chat["choices"][0];
+    let msg = &choice["message"];
+    let text = crate::openai::content_text(&msg["content"]);
+    let refusal = msg["refusal"].as_str().filter(|r| !r.is_empty());
+    let empty = Vec::new();
+    let calls = msg["tool_calls"].as_array().unwrap_or(&empty);
+    let reason = incomplete_reason(choice["finish_reason"].as_str());
+    let mut output = Vec::new();
+    if !text.is_empty() || refusal.is_some() || calls.is_empty() {
+        let mut content = Vec::new();
+        if !text.is_empty() || refusal.is_none() {
+            content.push(text_part(&text));
+        }
+        if let Some(r) = refusal {
+            content.push(refusal_part(r));
+        }
+        output.push(message_item(message_id(id, 0), content, "completed"));
+    }
+    for (n, c) in calls.iter().enumerate() {
+        let f = &c["function"];
+        let call_id = c["id"]
+            .as_str()
+            .filter(|s| !s.is_empty())
+            .map_or_else(|| fallback_call_id(id, n), str::to_string);
+        output.push(call_item(
+            call_item_id(id, n),
+            &call_id,
+            f["name"].as_str().unwrap_or_default(),
+            f["arguments"].as_str().unwrap_or_default(),
+            "completed",
+        ));
+    }
+    if reason.is_some() {
+        if let Some(last) = output.last_mut() {
+            last["status"] = json!("incomplete");
+        }
+    }
+    let usage = chat
+        .get("usage")
+        .filter(|u| u.is_object())
+        .map_or(Value::Null, responses_usage);
+    response_object(
+        id,
+        created_at,
+        &model_of(chat, req),
+        req,
+        if reason.is_some() {
+            "incomplete"
+        } else {
+            "completed"
+        },
+        output,
+        usage,
+        reason,
+        Value::Null,
+    )
+}
+
+// ---------------------------------------------------------------------------
+// Streams: chat.completion.chunk SSE -> Responses events
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PartKind {
+    Text,
+    Refusal,
+}
+
+#[derive(Debug)]
+enum ItemKind {
+    Message {
+        parts: Vec<(PartKind, String)>,
+    },
+    Call {
+        call_id: String,
+        name: String,
+        arguments: String,
+    },
+}
+
+#[derive(Debug)]
+struct Item {
+    id: String,
+    kind: ItemKind,
+    status: &'static str,
+}
+
+impl Item {
+    fn to_json(&self) -> Value {
+        match &self.kind {
+            ItemKind::Message { parts } => message_item(
+                self.id.clone(),
+                parts.iter().map(|(k, t)| part_json(*k, t)).collect(),
+                self.status,
+            ),
+            ItemKind::Call {
+                call_id,
+                name,
+                arguments,
+            } => call_item(self.id.clone(), call_id, name, arguments, self.status),
+        }
+    }
+}
+
+fn part_json(kind: PartKind, text: &str) -> Value {
+    match kind {
+        PartKind::Text => text_part(text),
+        PartKind::Refusal => refusal_part(text),
+    }
+}
+
+/// Numbers and serialises events: `event: <type>` and a `data:` object whose
+/// `type` is the same name and whose `sequence_number` counts from 0.
+#[derive(Debug, Default)]
+struct Emitter {
+    seq: u64,
+}
+
+impl Emitter {
+    fn emit(&mut self, out: &mut Vec<u8>, ty: &str, mut ev: Value) {
+        ev["type"] = json!(ty);
+        ev["sequence_number"] = json!(self.seq);
+        self.seq += 1;
+        out.extend_from_slice(b"event: ");
+        out.extend_from_slice(ty.as_bytes());
+        out.extend_from_slice(b"\ndata: ");
+        out.extend_from_slice(ev.to_string().as_bytes());
+        out.extend_from_slice(b"\n\n");
+    }
+}
+
+/// Streaming translation: OpenAI `chat.completion.chunk` SSE in (as the
+/// gateway produces it: a usage chunk before `[DONE]`, perhaps an error event),
+/// Responses SSE out. Items come out in order; an item is closed (its `done`
+/// events sent) when the next one starts or the stream ends. Only choice 0 is
+/// translated. No `[DONE]` is sent: a Responses stream ends with its terminal
+/// event (`response.completed`, `response.incomplete` or `response.failed`).
+#[derive(Debug)]
+pub struct ChatToResponsesStream {
+    parser: SseParser,
+    em: Emitter,
+    id: String,
+    created_at: u64,
+    model: String,
+    req: Map<String, Value>,
+    started: bool,
+    items: Vec<Item>,
+    /// Index into `items` of the item still receiving deltas.
+    open: Option<usize>,
+    /// Chat tool-call index -> index into `items`.
+    calls: Vec<(usize, usize)>,
+    messages: usize,
+    finish: Option<String>,
+    chat_usage: Option<Value>,
+    usage: Option<Usage>,
+    error: Option<StreamError>,
+    response: Option<Value>,
+}
+
+impl ChatToResponsesStream {
+    /// `id` is the response id (`resp_...`), `model` the model reported to the
+    /// client, `req` the Responses request (echoed in the response object).
+    pub fn new(id: &str, created_at: u64, model: &str, req: &Map<String, Value>) -> Self {
+        ChatToResponsesStream {
+            parser: SseParser::default(),
+            em: Emitter::default(),
+            id: id.to_string(),
+            created_at,
+            model: model.to_string(),
+            req: req.clone(),
+            started: false,
+            items: Vec::new(),
+            open: None,
+            calls: Vec::new(),
+            messages: 0,
+            finish: None,
+            chat_usage: None,
+            usage: None,
+            error: None,
+            response: None,
+        }
+    }
+
+    /// The terminal event was sent: nothing more will come out.
+    pub fn done(&self) -> bool {
+        self.response.is_some()
+    }
+
+    /// The usage the upstream reported (its usage chunk), if any.
+    pub fn usage(&self) -> Option<Usage> {
+        self.usage
+    }
+
+    /// The error that failed the stream (an upstream error event, or its end
+    /// before the answer was complete).
+    pub fn error(&self) -> Option<&StreamError> {
+        self.error.as_ref()
+    }
+
+    /// The final `response` object (status `completed`, `incomplete` or
+    /// `failed`) once the stream is done: what `GET /v1/responses/{id}` returns.
+    pub fn response(&self) -> Option<Value> {
+        self.response.clone()
+    }
+
+    /// Feed chat SSE bytes; returns Responses SSE bytes to send now. The first
+    /// call always yields `response.created` and `response.in_progress`.
+    pub fn feed(&mut self, chat_sse: &[u8]) -> Result<Vec<u8>, SseTooLarge> {
+        let events = self.parser.feed(chat_sse)?;
+        let mut out = Vec::new();
+        self.start(&mut out);
+        for ev in events {
+            if self.done() {
+                break;
+            }
+            self.on_event(&ev, &mut out);
+        }
+        Ok(out)
+    }
+
+    /// The upstream ended. Completes the response if the answer had finished
+    /// (a `finish_reason` came but no `[DONE]`), fails it otherwise; nothing
+    /// when the stream is already done.
+    pub fn finish(&mut self) -> Vec<u8> {
+        let mut out = Vec::new();
+        if self.done() {
+            return out;
+        }
+        self.start(&mut out);
+        if self.finish.is_some() {
+            self.complete(&mut out);
+        } else {
+            self.fail(
+                StreamError {
+                    kind: Some("server_error".into()),
+                    message: "The upstream stream ended before the response was complete.".into(),
+                },
+                &mut out,
+            );
+        }
+        out
+    }
+
+    fn snapshot(
+        &self,
+        status: &str,
+        usage: Value,
+        incomplete: Option<&str>,
+        error: Value,
+    ) -> Value {
+        response_object(
+            &self.id,
+            self.created_at,
+            &self.model,
+            &self.req,
+            status,
+            self.items.iter().map(Item::to_json).collect(),
+            usage,
+            incomplete,
+            error,
+        )
+    }
+
+    fn start(&mut self, out: &mut Vec<u8>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let r = self.snapshot("in_progress", Value::Null, None, Value::Null);
+        self.em
+            .emit(out, "response.created", json!({"response": r.clone()}));
+        self.em
+            .emit(out, "response.in_progress", json!({"response": r}));
+    }
+
+    fn on_event(&mut self, ev: &SseEvent, out: &mut Vec<u8>) {
+        if ev.is_done() {
+            self.complete(out);
+            return;
+        }
+        if let Some(e) = StreamError::from_event(ev) {
+            self.fail(e, out);
+            return;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            return;
+        };
+        if v.get("usage").is_some_and(Value::is_object) {
+            self.usage = Usage::from_openai(&v);
+            self.chat_usage = v.get("usage").cloned();
+        }
+        let Some(choices) = v.get("choices").and_then(Value::as_array) else {
+            return;
+        };
+        for c in choices {
+            if c.get("index").and_then(Value::as_u64).unwrap_or(0) != 0 {
+                continue;
+            }
+            let d = &c["delta"];
+            if let Some(t) = d["content"].as_str().filter(|t| !t.is_empty()) {
+                self.text_delta(PartKind::Text, t, out);
+            }
+            if let Some(t) = d["refusal"].as_str().filter(|t| !t.is_empty()) {
+                self.text_delta(PartKind::Refusal, t, out);
+            }
+            if let Some(calls) = d["tool_calls"].as_array() {
+                for call in calls {
+                    self.call_delta(call, out);
+                }
+            }
+            if let Some(f) = c["finish_reason"].as_str() {
+                self.finish = Some(f.to_string());
+            }
+        }
+    }
+
+    fn text_delta(&mut self, kind: PartKind, delta: &str, out: &mut Vec<u8>) {
+        let i = match self.open {
+            Some(i) if matches!(self.items[i].kind, ItemKind::Message { .. }) => i,
+            _ => {
+                self.close_open("completed", out);
+                let item = Item {
+                    id: message_id(&self.id, self.messages),
+                    kind: ItemKind::Message { parts: Vec::new() },
+                    status: "in_progress",
+                };
+                self.messages += 1;
+                self.em.emit(
+                    out,
+                    "response.output_item.added",
+                    json!({"output_index": self.items.len(), "item": item.to_json()}),
+                );
+                self.items.push(item);
+                self.open = Some(self.items.len() - 1);
+                self.items.len() - 1
+            }
+        };
+        let item = &mut self.items[i];
+        let ItemKind::Message { parts } = &mut item.kind else {
+            return;
+        };
+        if parts.last().map(|p| p.0) != Some(kind) {
+            if let Some((k, t)) = parts.last() {
+                close_part(&mut self.em, &item.id, i, parts.len() - 1, *k, t, out);
+            }
+            parts.push((kind, String::new()));
+            self.em.emit(
+                out,
+                "response.content_part.added",
+                json!({"item_id": item.id, "output_index": i, "content_index": parts.len() - 1, "part": part_json(kind, "")}),
+            );
+        }
+        let content_index = parts.len() - 1;
+        if let Some((_, t)) = parts.last_mut() {
+            t.push_str(delta);
+        }
+        match kind {
+            PartKind::Text => self.em.emit(
+                out,
+                "response.output_text.delta",
+                json!({"item_id": item.id, "output_index": i, "content_index": content_index, "delta": delta, "logprobs": []}),
+            ),
+            PartKind::Refusal => self.em.emit(
+                out,
+                "response.refusal.delta",
+                json!({"item_id": item.id, "output_index": i, "content_index": content_index, "delta": delta}),
+            ),
+        }
+    }
+
+    fn call_delta(&mut self, call: &Value, out: &mut Vec<u8>) {
+        let n = call["index"].as_u64().unwrap_or(0) as usize;
+        let f = &call["function"];
+        let name = f["name"].as_str().unwrap_or_default();
+        let args = f["arguments"].as_str().unwrap_or_default();
+        let i = match self.calls.iter().find(|(k, _)| *k == n) {
+            Some(&(_, i)) => {
+                if let ItemKind::Call { name: nm, .. } = &mut self.items[i].kind {
+                    nm.push_str(name);
+                }
+                i
+            }
+            None => {
+                self.close_open("completed", out);
+                let call_id = call["id"]
+                    .as_str()
+                    .filter(|s| !s.is_empty())
+                    .map_or_else(|| fallback_call_id(&self.id, n), str::to_string);
+                let item = Item {
+                    id: call_item_id(&self.id, n),
+                    kind: ItemKind::Call {
+                        call_id,
+                        name: name.to_string(),
+                        arguments: String::new(),
+                    },
+                    status: "in_progress",
+                };
+                let i = self.items.len();
+                self.em.emit(
+                    out,
+                    "response.output_item.added",
+                    json!({"output_index": i, "item": item.to_json()}),
+                );
+                self.items.push(item);
+                self.open = Some(i);
+                self.calls.push((n, i));
+                i
+            }
+        };
+        if args.is_empty() {
+            return;
+        }
+        let item = &mut self.items[i];
+        if let ItemKind::Call { arguments, .. } = &mut item.kind {
+            arguments.push_str(args);
+        }
+        // Arguments for a call already closed (a provider interleaving
+        // parallel calls) still reach the final response, without events.
+        if self.open == Some(i) {
+            self.em.emit(
+                out,
+                "response.function_call_arguments.delta",
+                json!({"item_id": item.id, "output_index": i, "delta": args}),
+            );
+        }
+    }
+
+    /// Send the `done` events of the open item, with its final `status`.
+    fn close_open(&mut self, status: &'static str, out: &mut Vec<u8>) {
+        let Some(i) = self.open.take() else {
+            return;
+        };
+        let item = &mut self.items[i];
+        item.status = status;
+        match &item.kind {
+            ItemKind::Message { parts } => {
+                if let Some((k, t)) = parts.last() {
+                    close_part(&mut self.em, &item.id, i, parts.len() - 1, *k, t, out);
+                }
+            }
+            ItemKind::Call {
+                name, arguments, ..
+            } => self.em.emit(
+                out,
+                "response.function_call_arguments.done",
+                json!({"item_id": item.id, "output_index": i, "name": name, "arguments": arguments}),
+            ),
+        }
+        self.em.emit(
+            out,
+            "response.output_item.done",
+            json!({"output_index": i, "item": item.to_json()}),
+        );
+    }
+
+    fn complete(&mut self, out: &mut Vec<u8>) {
+        let reason = incomplete_reason(self.finish.as_deref());
+        if self.items.is_empty() {
+            // An empty answer is still one (empty) message, as in `response_from_chat`.
+            self.text_delta(PartKind::Text, "", out);
+        }
+        self.close_open(
+            if reason.is_some() {
+                "incomplete"
+            } else {
+                "completed"
+            },
+            out,
+        );
+        let usage = self
+            .chat_usage
+            .as_ref()
+            .map_or(Value::Null, responses_usage);
+        let (status, event) = match reason {
+            Some(_) => ("incomplete", "response.incomplete"),
+            None => ("completed", "response.completed"),
+        };
+        let r = self.snapshot(status, usage, reason, Value::Null);
+        self.em.emit(out, event, json!({"response": r.clone()}));
+        self.response = Some(r);
+    }
+
+    fn fail(&mut self, e: StreamError, out: &mut Vec<u8>) {
+        if let Some(i) = self.open.take() {
+            self.items[i].status = "incomplete";
+        }
+        self.em.emit(
+            out,
+            "error",
+            json!({"code": e.kind, "message": e.message, "param": null}),
+        );
+        let code = match e.kind.as_deref() {
+            Some("rate_limit_exceeded" | "rate_limit_error" | "requests" | "tokens") => {
+                "rate_limit_exceeded"
+            }
+            _ => "server_error",
+        };
+        let usage = self
+            .chat_usage
+            .as_ref()
+            .map_or(Value::Null, responses_usage);
+        let r = self.snapshot(
+            "failed",
+            usage,
+            None,
+            json!({"code": code, "message": e.message}),
+        );
+        self.em
+            .emit(out, "response.failed", json!({"response": r.clone()}));
+        self.response = Some(r);
+        self.error = Some(e);
+    }
+}
+
+fn close_part(
+    em: &mut Emitter,
+    item_id: &str,
+    output_index: usize,
+    content_index: usize,
+    kind: PartKind,
+    text: &str,
+    out: &mut Vec<u8>,
+) {
+    match kind {
+        PartKind::Text => em.emit(
+            out,
+            "response.output_text.done",
+            json!({"item_id": item_id, "output_index": output_index, "content_index": content_index, "text": text, "logprobs": []}),
+        ),
+        PartKind::Refusal => em.emit(
+            out,
+            "response.refusal.done",
+            json!({"item_id": item_id, "output_index": output_index, "content_index": content_index, "refusal": text}),
+        ),
+    }
+    em.emit(
+        out,
+        "response.content_part.done",
+        json!({"item_id": item_id, "output_index": output_index, "content_index": content_index, "part": part_json(kind, text)}),
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Conversation state for `previous_response_id`
+
+/// What the caller keeps per response id for translated providers (serialise
+/// it with serde_json into RocksDB, scoped by tenant): the response as the
+/// client got it, and the whole conversation through it as chat messages, so
+/// a follow-up needs one read, not a walk of the chain.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredResponse {
+    /// The `response` object (`GET /v1/responses/{id}` returns it).
+    pub response: Value,
+    /// The previous chain's messages, this request's input (its
+    /// `instructions` excluded, as OpenAI does not carry them over), and the
+    /// answer as an assistant message (with `tool_calls`).
+    pub messages: Vec<Value>,
+}
+
+impl StoredResponse {
+    /// The conversation after answering `body` with `response`, continuing
+    /// `previous` (the response `body.previous_response_id` named, if any).
+    pub fn new(
+        previous: Option<&StoredResponse>,
+        body: &Map<String, Value>,
+        response: Value,
+    ) -> Result<StoredResponse, ApiError> {
+        let mut messages = match previous {
+            Some(p) => input_items_for_history(p, body)?,
+            None => {
+                let mut m = Vec::new();
+                match body.get("input") {
+                    Some(Value::String(s)) => m.push(json!({"role": "user", "content": s})),
+                    Some(Value::Array(items)) => push_input_items(items, &mut m)?,
+                    _ => {}
+                }
+                m
+            }
+        };
+        messages.extend(answer_messages(&response));
+        Ok(StoredResponse { response, messages })
+    }
+
+    pub fn id(&self) -> &str {
+        self.response["id"].as_str().unwrap_or_default()
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        serde_json::to_vec(self).unwrap_or_default()
+    }
+
+    pub fn from_bytes(bytes: &[u8]) -> Option<StoredResponse> {
+        serde_json::from_slice(bytes).ok()
+    }
+}
+
+/// The chat messages of a follow-up: the stored conversation (previous
+/// messages and answer) and the new request's `input`, without any
+/// `instructions` (which [`request_to_chat_with_history`] puts first).
+pub fn input_items_for_history(
+    previous: &StoredResponse,
+    body: &Map<String, Value>,
+) -> Result<Vec<Value>, ApiError> {
+    let mut messages = previous.messages.clone();
+    match body.get("input") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => messages.push(json!({"role": "user", "content": s})),
+        Some(Value::Array(items)) => push_input_items(items, &mut messages)?,
+        Some(v) => {
+            return Err(invalid_type(
+                "input",
+                v,
+                "a string or an array of input items",
+            ))
+        }
+    }
+    Ok(messages)
+}
+
+/// A response's output as chat messages: one assistant message with its text
+/// and `tool_calls` (none for a response without output, e.g. a failed one).
+pub fn answer_messages(response: &Value) -> Vec<Value> {
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    let empty = Vec::new();
+    for item in response["output"].as_array().unwrap_or(&empty) {
+        match item["type"].as_str() {
+            Some("message") => {
+                for part in item["content"].as_array().unwrap_or(&empty) {
+                    if let Some(t) = part["text"].as_str().or_else(|| part["refusal"].as_str()) {
+                        text.push_str(t);
+                    }
+                }
+            }
+            Some("function_call") => calls.push(json!({
+                "id": item["call_id"],
+                "type": "function",
+                "function": {"name": item["name"], "arguments": item["arguments"]},
+            })),
+            _ => {}
+        }
+    }
+    if text.is_empty() && calls.is_empty() {
+        return if response["output"].as_array().is_some_and(|o| !o.is_empty()) {
+            vec![json!({"role": "assistant", "content": ""})]
+        } else {
+            Vec::new()
+        };
+    }
+    let mut m = json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }});
+    if !calls.is_empty() {
+        m["tool_calls"] = Value::Array(calls);
+    }
+    vec![m]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::assemble::ChunkAssembler;
+    use crate::sse::data_event;
+
+    fn obj(v: Value) -> Map<String, Value> {
+        match v {
+            Value::Object(o) => o,
+            _ => panic!("not an object"),
+        }
+    }
+
+    fn err(v: Value) -> ApiError {
+        request_to_chat(&obj(v)).unwrap_err()
+    }
+
+    #[test]
+    fn request_translation() {
+        let body = obj(json!({
+            "model": "auto",
+            "instructions": "Be brief.",
+            "input": [
+                {"role": "developer", "content": "Use metric units."},
+                {"type": "message", "role": "user", "content": [
+                    {"type": "input_text", "text": "What is in this image?"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "low"},
+                    {"type": "input_file", "file_data": "data:application/pdf;base64,BBBB", "filename": "a.pdf"},
+                ]},
+                {"type": "message", "role": "assistant", "id": "msg_1", "status": "completed",
+                 "content": [{"type": "output_text", "text": "Let me check.", "annotations": []}]},
+                {"type": "function_call", "id": "fc_1", "call_id": "call_a", "name": "weather", "arguments": "{\"city\":\"Oslo\"}"},
+                {"type": "function_call", "call_id": "call_b", "name": "time", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "call_a", "output": "12C"},
+                {"type": "function_call_output", "call_id": "call_b", "output": [{"type": "input_text", "text": "noon"}]},
+                {"type": "reasoning", "id": "rs_1", "summary": []},
+            ],
+            "tools": [
+                {"type": "function", "name": "weather", "description": "Weather", "parameters": {"type": "object"}, "strict": true},
+                {"type": "function", "name": "time", "parameters": null, "strict": null},
+            ],
+            "tool_choice": {"type": "function", "name": "weather"},
+            "parallel_tool_calls": false,
+            "max_output_tokens": 300,
+            "temperature": 0.2,
+            "top_p": 0.9,
+            "stream": true,
+            "stream_options": {"include_obfuscation": false},
+            "text": {"format": {"type": "json_schema", "name": "w", "schema": {"type": "object"}, "strict": true}, "verbosity": "low"},
+            "reasoning": {"effort": "low", "summary": "auto"},
+            "metadata": {"k": "v"},
+            "user": "u1",
+            "safety_identifier": "s1",
+            "store": true,
+            "previous_response_id": null,
+            "include": ["message.output_text.logprobs"],
+            "truncation": "disabled",
+            "service_tier": "flex",
+        }));
+        let chat = request_to_chat(&body).unwrap();
+        assert_eq!(
+            Value::Object(chat.clone()),
+            json!({
+                "model": "auto",
+                "messages": [
+                    {"role": "system", "content": "Be brief."},
+                    {"role": "system", "content": "Use metric units."},
+                    {"role": "user", "content": [
+                        {"type": "text", "text": "What is in this image?"},
+                        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+                        {"type": "file", "file": {"file_data": "data:application/pdf;base64,BBBB", "filename": "a.pdf"}},
+                    ]},
+                    {"role": "assistant", "content": "Let me check.", "tool_calls": [
+                        {"id": "call_a", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}},
+                        {"id": "call_b", "type": "function", "function": {"name": "time", "arguments": "{}"}},
+                    ]},
+                    {"role": "tool", "tool_call_id": "call_a", "content": "12C"},
+                    {"role": "tool", "tool_call_id": "call_b", "content": "noon"},
+                ],
+                "tools": [
+                    {"type": "function", "function": {"name": "weather", "description": "Weather", "parameters": {"type": "object"}, "strict": true}},
+                    {"type": "function", "function": {"name": "time"}},
+                ],
+                "tool_choice": {"type": "function", "function": {"name": "weather"}},
+                "parallel_tool_calls": false,
+                "max_completion_tokens": 300,
+                "temperature": 0.2,
+                "top_p": 0.9,
+                "stream": true,
+                "stream_options": {"include_usage": true},
+                "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": true}},
+                "verbosity": "low",
+                "reasoning_effort": "low",
+                "service_tier": "flex",
+            })
+        );
+        // The chat body is one the chat validator takes.
+        let parsed = crate::openai::parse_request(
+            crate::Endpoint::ChatCompletions,
+            &serde_json::to_vec(&chat).unwrap(),
+        )
+        .unwrap();
+        assert!(parsed.stream && parsed.client_wants_usage);
+    }
+
+    #[test]
+    fn simple_requests() {
+        let chat = request_to_chat(&obj(json!({"model": "m", "input": "Hi"}))).unwrap();
+        assert_eq!(
+            Value::Object(chat),
+            json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]})
+        );
+        // A function call with no assistant message before it opens one;
+        // parallel_tool_calls without tools is not sent; text format "text" is no response_format.
+        let chat = request_to_chat(&obj(json!({
+            "model": "m",
+            "input": [
+                {"role": "user", "content": "x"},
+                {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "c", "output": "1"},
+            ],
+            "parallel_tool_calls": true,
+            "text": {"format": {"type": "text"}},
+            "stream": false,
+        })))
+        .unwrap();
+        assert_eq!(
+            chat["messages"][1],
+            json!({"role": "assistant", "content": null, "tool_calls": [{"id": "c", "type": "function", "function": {"name": "f", "arguments": "{}"}}]})
+        );
+        for k in [
+            "parallel_tool_calls",
+            "response_format",
+            "stream",
+            "stream_options",
+        ] {
+            assert!(!chat.contains_key(k), "{k}");
+        }
+        // json_object; allowed_tools narrows the tools and becomes the mode.
+        let chat = request_to_chat(&obj(json!({
+            "model": "m", "input": "x",
+            "text": {"format": {"type": "json_object"}},
+            "tools": [{"type": "function", "name": "a"}, {"type": "function", "name": "b"}],
+            "tool_choice": {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "b"}]},
+        })))
+        .unwrap();
+        assert_eq!(chat["response_format"], json!({"type": "json_object"}));
+        assert_eq!(chat["tool_choice"], "required");
+        assert_eq!(
+            chat["tools"],
+            json!([{"type": "function", "function": {"name": "b"}}])
+        );
+        let chat = request_to_chat(&obj(
+            json!({"model": "m", "input": "x", "tool_choice": "none"}),
+        ))
+        .unwrap();
+        assert_eq!(chat["tool_choice"], "none");
+    }
+
+    #[test]
+    fn errors_name_the_parameter() {
+        let cases: Vec<(Value, &str, &str)> = vec![
+            (json!({"input": "x"}), "model", "missing_required_parameter"),
+            (json!({"model": 5, "input": "x"}), "model", "invalid_type"),
+            (
+                json!({"model": " ", "input": "x"}),
+                "model",
+                "invalid_value",
+            ),
+            (json!({"model": "m"}), "input", "missing_required_parameter"),
+            (json!({"model": "m", "input": 3}), "input", "invalid_type"),
+            (json!({"model": "m", "input": []}), "input", "invalid_value"),
+            (
+                json!({"model": "m", "input": ["x"]}),
+                "input[0]",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "input": [{"content": "x"}]}),
+                "input[0].type",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "input": [{"role": "wizard", "content": "x"}]}),
+                "input[0].role",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "input": [{"role": "user"}]}),
+                "input[0].content",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_audio"}]}]}),
+                "input[0].content[0].type",
+                "unsupported_value",
+            ),
+            (
+                json!({"model": "m", "input": [{"role": "user", "content": [{"type": "input_image", "file_id": "file-1"}]}]}),
+                "input[0].content[0].file_id",
+                "unsupported_parameter",
+            ),
+            (
+                json!({"model": "m", "input": [{"role": "system", "content": [{"type": "input_image", "image_url": "https://x/y.png"}]}]}),
+                "input[0].content[0].type",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "input": [{"type": "web_search_call", "id": "ws"}]}),
+                "input[0].type",
+                "unsupported_value",
+            ),
+            (
+                json!({"model": "m", "input": [{"type": "item_reference", "id": "msg_1"}]}),
+                "input[0].type",
+                "unsupported_value",
+            ),
+            (
+                json!({"model": "m", "input": [{"type": "function_call", "name": "f", "arguments": "{}"}]}),
+                "input[0].call_id",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "input": [{"type": "function_call_output", "call_id": "c"}]}),
+                "input[0].output",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}, {"type": "web_search"}]}),
+                "tools[1].type",
+                "unsupported_value",
+            ),
+            (
+                json!({"model": "m", "input": "x", "tools": [{"type": "function"}]}),
+                "tools[0].name",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "input": "x", "tools": {}}),
+                "tools",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "input": "x", "tool_choice": "sometimes"}),
+                "tool_choice",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}),
+                "tool_choice.type",
+                "unsupported_value",
+            ),
+            (
+                json!({"model": "m", "input": "x", "temperature": 3}),
+                "temperature",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "input": "x", "top_p": "high"}),
+                "top_p",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "input": "x", "max_output_tokens": 0}),
+                "max_output_tokens",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "input": "x", "max_output_tokens": 1.5}),
+                "max_output_tokens",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "input": "x", "stream": "yes"}),
+                "stream",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "input": "x", "text": {"format": {"type": "xml"}}}),
+                "text.format.type",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "input": "x", "text": {"format": {"type": "json_schema", "name": "n"}}}),
+                "text.format.schema",
+                "missing_required_parameter",
+            ),
+            (
+                json!({"model": "m", "input": "x", "reasoning": "high"}),
+                "reasoning",
+                "invalid_type",
+            ),
+            (
+                json!({"model": "m", "input": "x", "background": true}),
+                "background",
+                "unsupported_parameter",
+            ),
+            (
+                json!({"model": "m", "input": "x", "conversation": "conv_1"}),
+                "conversation",
+                "unsupported_parameter",
+            ),
+            (
+                json!({"model": "m", "input": "x", "metadata": "k"}),
+                "metadata",
+                "invalid_type",
+            ),
+        ];
+        for (body, param, code) in cases {
+            let e = err(body.clone());
+            assert_eq!(
+                (e.status, e.param.as_deref(), e.code),
+                (400, Some(param), code),
+                "{body} -> {e}"
+            );
+            let v = e.to_json();
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+        }
+        let e = err(json!({"model": "m", "input": "x", "tools": [{"type": "web_search_preview"}]}));
+        assert!(e.message.contains("'web_search_preview'"), "{e}");
+        assert_eq!(
+            response_not_found("resp_x", Some("previous_response_id")).status,
+            404
+        );
+    }
+
+    #[test]
+    fn input_tokens_take_what_create_takes() {
+        let chat = input_tokens_request(
+            &obj(json!({"input": "Hi", "instructions": "Sys", "stream": true})),
+            None,
+        )
+        .unwrap();
+        assert_eq!(
+            Value::Object(chat),
+            json!({"messages": [{"role": "system", "content": "Sys"}, {"role": "user", "content": "Hi"}]})
+        );
+        assert!(input_tokens_request(
+            &obj(json!({"model": "m", "tools": [{"type": "mcp"}]})),
+            None
+        )
+        .is_err());
+        assert_eq!(
+            input_tokens_object(7),
+            json!({"object": "response.input_tokens", "input_tokens": 7})
+        );
+    }
+
+    fn req() -> Map<String, Value> {
+        obj(
+            json!({"model": "auto", "input": "Hi", "instructions": "Be brief.", "temperature": 0.5, "metadata": {"a": "b"},
+                   "tools": [{"type": "function", "name": "f", "parameters": {}, "strict": true}]}),
+        )
+    }
+
+    fn chat_completion(message: Value, finish: &str) -> Value {
+        json!({
+            "id": "chatcmpl-1", "object": "chat.completion", "created": 5, "model": "gpt-x",
+            "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": null}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14,
+                      "prompt_tokens_details": {"cached_tokens": 6}, "completion_tokens_details": {"reasoning_tokens": 1}},
+        })
+    }
+
+    #[test]
+    fn answer_translation() {
+        let chat = chat_completion(json!({"role": "assistant", "content": "Hello!"}), "stop");
+        let r = response_from_chat(&chat, "resp_abc", 100, &req());
+        assert_eq!(r["object"], "response");
+        assert_eq!(r["id"], "resp_abc");
+        assert_eq!(r["created_at"], 100);
+        assert_eq!(r["status"], "completed");
+        assert!(r["completed_at"].as_u64().unwrap() >= 100);
+        assert_eq!(r["model"], "gpt-x");
+        assert_eq!(
+            r["output"],
+            json!([{"id": "msg_abc", "type": "message", "status": "completed", "role": "assistant",
+                    "content": [{"type": "output_text", "text": "Hello!", "annotations": [], "logprobs": []}]}])
+        );
+        assert_eq!(
+            r["usage"],
+            json!({"input_tokens": 10, "input_tokens_details": {"cached_tokens": 6, "cache_write_tokens": 0},
+                   "output_tokens": 4, "output_tokens_details": {"reasoning_tokens": 1}, "total_tokens": 14})
+        );
+        assert_eq!(r["instructions"], "Be brief.");
+        assert_eq!(r["temperature"], 0.5);
+        assert_eq!(r["top_p"], 1.0);
+        assert_eq!(r["metadata"], json!({"a": "b"}));
+        assert_eq!(r["tools"][0]["name"], "f");
+        assert_eq!(r["tool_choice"], "auto");
+        assert_eq!(
+            r["text"],
+            json!({"format": {"type": "text"}, "verbosity": "medium"})
+        );
+        assert!(r["error"].is_null() && r["incomplete_details"].is_null());
+        assert!(r.get("output_text").is_none());
+
+        let chat = chat_completion(
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}},
+                {"type": "function", "function": {"name": "g", "arguments": "{}"}},
+            ]}),
+            "tool_calls",
+        );
+        let r = response_from_chat(&chat, "resp_abc", 100, &req());
+        assert_eq!(
+            r["output"],
+            json!([
+                {"id": "fc_abc_0", "type": "function_call", "status": "completed", "arguments": "{\"a\":1}", "call_id": "call_1", "name": "f"},
+                {"id": "fc_abc_1", "type": "function_call", "status": "completed", "arguments": "{}", "call_id": "call_abc_1", "name": "g"},
+            ])
+        );
+
+        let chat = chat_completion(json!({"role": "assistant", "content": "Hel"}), "length");
+        let r = response_from_chat(&chat, "resp_abc", 100, &req());
+        assert_eq!(r["status"], "incomplete");
+        assert_eq!(
+            r["incomplete_details"],
+            json!({"reason": "max_output_tokens"})
+        );
+        assert_eq!(r["output"][0]["status"], "incomplete");
+        assert!(r["completed_at"].is_null());
+
+        let chat = chat_completion(
+            json!({"role": "assistant", "content": null, "refusal": "No."}),
+            "stop",
+        );
+        let r = response_from_chat(&chat, "resp_abc", 100, &req());
+        assert_eq!(
+            r["output"][0]["content"],
+            json!([{"type": "refusal", "refusal": "No."}])
+        );
+    }
+
+    fn chunk(delta: Value, finish: Value) -> Vec<u8> {
+        data_event(
+            &json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5, "model": "gpt-x",
+                    "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
+            .to_string(),
+        )
+    }
+
+    fn usage_chunk() -> Vec<u8> {
+        data_event(
+            &json!({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 5, "model": "gpt-x", "choices": [],
+                    "usage": {"prompt_tokens": 10, "completion_tokens": 4, "total_tokens": 14,
+                              "prompt_tokens_details": {"cached_tokens": 6}, "completion_tokens_details": {"reasoning_tokens": 1}}})
+            .to_string(),
+        )
+    }
+
+    fn text_stream() -> Vec<u8> {
+        let mut s = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+        s.extend(chunk(json!({"content": "Hel"}), Value::Null));
+        s.extend(chunk(json!({"content": "lo!"}), Value::Null));
+        s.extend(chunk(json!({}), json!("stop")));
+        s.extend(usage_chunk());
+        s.extend_from_slice(crate::sse::DONE_EVENT);
+        s
+    }
+
+    /// Feed `input` in pieces of `size`; the events as (name, data), checked
+    /// for the framing every Responses event has.
+    fn run(s: &mut ChatToResponsesStream, input: &[u8], size: usize) -> Vec<(String, Value)> {
+        let mut out = Vec::new();
+        for c in input.chunks(size) {
+            out.extend(s.feed(c).unwrap());
+        }
+        out.extend(s.finish());
+        let mut p = SseParser::default();
+        let events: Vec<(String, Value)> = p
+            .feed(&out)
+            .unwrap()
+            .into_iter()
+            .map(|e| (e.event.unwrap(), serde_json::from_str(&e.data).unwrap()))
+            .collect();
+        assert!(p.pending().is_empty());
+        for (i, (name, data)) in events.iter().enumerate() {
+            assert_eq!(data["type"], name.as_str());
+            assert_eq!(data["sequence_number"], i as u64, "{name}");
+        }
+        assert!(!String::from_utf8(out).unwrap().contains("[DONE]"));
+        events
+    }
+
+    fn names(events: &[(String, Value)]) -> Vec<&str> {
+        events.iter().map(|(n, _)| n.as_str()).collect()
+    }
+
+    fn without_completed_at(mut v: Value) -> Value {
+        v.as_object_mut().unwrap().remove("completed_at");
+        v
+    }
+
+    #[test]
+    fn text_stream_events() {
+        let input = text_stream();
+        for size in [1, 7, input.len()] {
+            let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+            let events = run(&mut s, &input, size);
+            assert_eq!(
+                names(&events),
+                [
+                    "response.created",
+                    "response.in_progress",
+                    "response.output_item.added",
+                    "response.content_part.added",
+                    "response.output_text.delta",
+                    "response.output_text.delta",
+                    "response.output_text.done",
+                    "response.content_part.done",
+                    "response.output_item.done",
+                    "response.completed",
+                ]
+            );
+            let created = &events[0].1["response"];
+            assert_eq!(created["status"], "in_progress");
+            assert_eq!(created["output"], json!([]));
+            assert!(created["usage"].is_null());
+            assert_eq!(
+                events[2].1,
+                json!({"type": "response.output_item.added", "sequence_number": 2, "output_index": 0,
+                       "item": {"id": "msg_abc", "type": "message", "status": "in_progress", "role": "assistant", "content": []}})
+            );
+            assert_eq!(
+                events[4].1,
+                json!({"type": "response.output_text.delta", "sequence_number": 4, "item_id": "msg_abc",
+                       "output_index": 0, "content_index": 0, "delta": "Hel", "logprobs": []})
+            );
+            assert_eq!(events[6].1["text"], "Hello!");
+            assert_eq!(events[7].1["part"]["text"], "Hello!");
+            assert_eq!(events[8].1["item"]["status"], "completed");
+            assert!(s.done());
+            assert_eq!(s.usage().unwrap().total(), 14);
+            assert!(s.error().is_none());
+            // The streamed answer is the one `response_from_chat` gives for the assembled chat answer.
+            let mut a = ChunkAssembler::new();
+            a.feed(&input);
+            let chat = a.finish().unwrap();
+            let expected = response_from_chat(&chat, "resp_abc", 100, &req());
+            let got = s.response().unwrap();
+            assert_eq!(
+                without_completed_at(got.clone()),
+                without_completed_at(expected)
+            );
+            assert_eq!(events[9].1["response"], got);
+            // Nothing after the end.
+            assert!(s
+                .feed(&chunk(json!({"content": "x"}), Value::Null))
+                .unwrap()
+                .is_empty());
+        }
+    }
+
+    #[test]
+    fn tool_call_stream_events() {
+        let mut input = chunk(
+            json!({"role": "assistant", "content": "Checking."}),
+            Value::Null,
+        );
+        input.extend(chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]}),
+            Value::Null,
+        ));
+        input.extend(chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\":"}}]}),
+            Value::Null,
+        ));
+        input.extend(chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+            Value::Null,
+        ));
+        input.extend(chunk(
+            json!({"tool_calls": [{"index": 1, "id": "call_2", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}),
+            Value::Null,
+        ));
+        input.extend(chunk(json!({}), json!("tool_calls")));
+        input.extend(usage_chunk());
+        input.extend_from_slice(crate::sse::DONE_EVENT);
+        let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+        let events = run(&mut s, &input, 5);
+        assert_eq!(
+            names(&events),
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.content_part.added",
+                "response.output_text.delta",
+                "response.output_text.done",
+                "response.content_part.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        assert_eq!(
+            events[8].1["item"],
+            json!({"id": "fc_abc_0", "type": "function_call", "status": "in_progress", "arguments": "", "call_id": "call_1", "name": "f"})
+        );
+        assert_eq!(events[9].1["item_id"], "fc_abc_0");
+        assert_eq!(events[9].1["output_index"], 1);
+        assert_eq!(
+            events[11].1,
+            json!({"type": "response.function_call_arguments.done", "sequence_number": 11, "item_id": "fc_abc_0",
+                   "output_index": 1, "name": "f", "arguments": "{\"a\":1}"})
+        );
+        assert_eq!(events[16].1["item"]["call_id"], "call_2");
+        let mut a = ChunkAssembler::new();
+        a.feed(&input);
+        let expected = response_from_chat(&a.finish().unwrap(), "resp_abc", 100, &req());
+        assert_eq!(
+            without_completed_at(s.response().unwrap()),
+            without_completed_at(expected)
+        );
+    }
+
+    #[test]
+    fn truncated_and_empty_streams() {
+        let mut input = chunk(json!({"content": "Hel"}), Value::Null);
+        input.extend(chunk(json!({}), json!("length")));
+        input.extend(usage_chunk());
+        input.extend_from_slice(crate::sse::DONE_EVENT);
+        let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+        let events = run(&mut s, &input, input.len());
+        let (name, last) = events.last().unwrap();
+        assert_eq!(name, "response.incomplete");
+        assert_eq!(last["response"]["status"], "incomplete");
+        assert_eq!(
+            last["response"]["incomplete_details"]["reason"],
+            "max_output_tokens"
+        );
+        assert_eq!(last["response"]["output"][0]["status"], "incomplete");
+        assert_eq!(last["response"]["usage"]["output_tokens"], 4);
+
+        // An empty answer is one empty message, as in response_from_chat; no
+        // usage chunk means usage null.
+        let mut input = chunk(json!({"role": "assistant", "content": ""}), Value::Null);
+        input.extend(chunk(json!({}), json!("stop")));
+        let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+        let events = run(&mut s, &input, 3);
+        let r = s.response().unwrap();
+        assert_eq!(
+            r["status"], "completed",
+            "finish() completes a finished answer without [DONE]"
+        );
+        assert_eq!(r["output"][0]["content"][0]["text"], "");
+        assert!(r["usage"].is_null() && s.usage().is_none());
+        assert_eq!(names(&events).last(), Some(&"response.completed"));
+    }
+
+    #[test]
+    fn error_event_fails_the_stream() {
+        let mut input = chunk(json!({"content": "Hel"}), Value::Null);
+        input.extend(data_event(
+            "{\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\",\"param\":null,\"code\":null}}",
+        ));
+        input.extend(chunk(json!({"content": "lo"}), Value::Null));
+        input.extend_from_slice(crate::sse::DONE_EVENT);
+        for size in [1, 9, input.len()] {
+            let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+            let events = run(&mut s, &input, size);
+            let n = events.len();
+            assert_eq!(events[n - 2].0, "error");
+            assert_eq!(
+                events[n - 2].1,
+                json!({"type": "error", "sequence_number": n - 2, "code": "server_error",
+                       "message": "The server had an error", "param": null})
+            );
+            let failed = &events[n - 1];
+            assert_eq!(failed.0, "response.failed");
+            assert_eq!(failed.1["response"]["status"], "failed");
+            assert_eq!(
+                failed.1["response"]["error"],
+                json!({"code": "server_error", "message": "The server had an error"})
+            );
+            assert_eq!(failed.1["response"]["output"][0]["status"], "incomplete");
+            assert_eq!(
+                failed.1["response"]["output"][0]["content"][0]["text"],
+                "Hel"
+            );
+            assert!(s.done());
+            assert_eq!(s.error().unwrap().message, "The server had an error");
+            assert_eq!(s.response().unwrap()["status"], "failed");
+            assert!(!events.iter().any(|(_, d)| d["delta"] == "lo"));
+        }
+        // The upstream ending mid-answer fails it too.
+        let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+        let events = run(&mut s, &chunk(json!({"content": "Hel"}), Value::Null), 4);
+        assert_eq!(
+            names(&events)[events.len() - 2..],
+            ["error", "response.failed"]
+        );
+        assert!(s.error().is_some());
+    }
+
+    #[test]
+    fn previous_response_id_conversation() {
+        // Turn 1: a question answered with a tool call.
+        let body1 = obj(
+            json!({"model": "m", "instructions": "Old rules.", "input": "Weather in Oslo?",
+                               "tools": [{"type": "function", "name": "weather"}]}),
+        );
+        let chat1 = request_to_chat_with_history(&body1, None).unwrap();
+        assert_eq!(chat1["messages"][0]["content"], "Old rules.");
+        let answer1 = chat_completion(
+            json!({"role": "assistant", "content": null, "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]}),
+            "tool_calls",
+        );
+        let resp1 = response_from_chat(&answer1, "resp_1", 100, &body1);
+        let stored1 = StoredResponse::new(None, &body1, resp1).unwrap();
+        assert_eq!(stored1.id(), "resp_1");
+        let stored1 = StoredResponse::from_bytes(&stored1.to_bytes()).unwrap();
+        assert_eq!(
+            stored1.messages,
+            vec![
+                json!({"role": "user", "content": "Weather in Oslo?"}),
+                json!({"role": "assistant", "content": null, "tool_calls": [
+                    {"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": "{\"city\":\"Oslo\"}"}}]}),
+            ]
+        );
+        // Turn 2: the tool's output, continuing turn 1; new instructions replace the old.
+        let body2 = obj(
+            json!({"model": "m", "previous_response_id": "resp_1", "instructions": "New rules.",
+                               "input": [{"type": "function_call_output", "call_id": "call_1", "output": "12C"}]}),
+        );
+        let chat2 = request_to_chat_with_history(&body2, Some(&stored1)).unwrap();
+        let msgs = chat2["messages"].as_array().unwrap();
+        assert_eq!(msgs.len(), 4);
+        assert_eq!(msgs[0], json!({"role": "system", "content": "New rules."}));
+        assert_eq!(msgs[1..3], stored1.messages[..]);
+        assert_eq!(
+            msgs[3],
+            json!({"role": "tool", "tool_call_id": "call_1", "content": "12C"})
+        );
+        assert!(!chat2.contains_key("previous_response_id"));
+        let answer2 = chat_completion(
+            json!({"role": "assistant", "content": "12C in Oslo."}),
+            "stop",
+        );
+        let resp2 = response_from_chat(&answer2, "resp_2", 101, &body2);
+        assert_eq!(resp2["previous_response_id"], "resp_1");
+        let stored2 = StoredResponse::new(Some(&stored1), &body2, resp2).unwrap();
+        assert_eq!(stored2.messages.len(), 4);
+        assert_eq!(
+            stored2.messages[3],
+            json!({"role": "assistant", "content": "12C in Oslo."})
+        );
+        assert_eq!(
+            input_items_for_history(&stored2, &obj(json!({"input": "Thanks"})))
+                .unwrap()
+                .len(),
+            5
+        );
+        // With history, an absent input is allowed.
+        assert!(request_to_chat_with_history(&obj(json!({"model": "m"})), Some(&stored2)).is_ok());
+        // A failed response adds no answer.
+        assert!(answer_messages(&json!({"output": []})).is_empty());
+        assert_eq!(deleted_object("resp_2")["deleted"], true);
+    }
+}
