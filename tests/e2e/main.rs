@@ -16,3 +16,4 @@ mod proxy;
 mod routing;
 mod secrets;
 mod stream_failures;
+mod tls;

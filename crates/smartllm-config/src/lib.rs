@@ -8,6 +8,7 @@
 //! - `load`: reading and parsing the files, locating issues;
 //! - `resolve`: validation and defaults, one module per section;
 //! - `types` and [`routing`]: the resolved configuration;
+//! - [`tls`]: the API listener's certificate, key and client CAs;
 //! - [`watch`]: file watching for hot reload.
 
 mod error;
@@ -20,6 +21,7 @@ mod resolve;
 pub mod routing;
 #[cfg(test)]
 mod test_support;
+pub mod tls;
 mod types;
 pub mod units;
 pub mod watch;

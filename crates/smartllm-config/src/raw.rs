@@ -114,6 +114,23 @@ pub struct RawServer {
     pub max_in_flight: Option<usize>,
     pub grace_period: Option<ConfigDuration>,
     pub graceful_shutdown_timeout: Option<ConfigDuration>,
+    /// TLS on the API listener (ALPN h2 and http/1.1).
+    pub tls: Option<RawTls>,
+    /// Cleartext HTTP/2 with prior knowledge (h2c) on a plaintext API listener.
+    pub h2c: Option<bool>,
+}
+
+/// `server.tls`: PEM files, relative to the config directory.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The certificate chain, leaf first.
+    pub cert_file: String,
+    /// Its private key (PKCS#8, PKCS#1 or SEC1).
+    pub key_file: String,
+    /// CAs whose client certificates are accepted; when set, every client
+    /// must present one (mutual TLS).
+    pub client_ca_file: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -213,6 +213,21 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     pub grace_period: Duration,
     pub graceful_shutdown_timeout: Duration,
+    /// TLS on the API listener; `None` = plaintext. Turning it on or off
+    /// needs a restart; new files (or new contents) reload live.
+    pub tls: Option<TlsConfig>,
+    /// Cleartext HTTP/2 with prior knowledge on a plaintext API listener
+    /// (restart-only).
+    pub h2c: bool,
+}
+
+/// `server.tls`: where the listener's certificate, key and client CAs are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsConfig {
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    /// Client certificates signed by these CAs are required.
+    pub client_ca_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -504,6 +519,19 @@ impl Config {
             self.data_dir.display().to_string(),
             new.data_dir.display().to_string(),
         );
+        let tls = |c: &Config| {
+            match &c.server.tls {
+                None => "off",
+                Some(_) => "on",
+            }
+            .to_string()
+        };
+        check("server.tls", tls(self), tls(new));
+        check(
+            "server.h2c",
+            self.server.h2c.to_string(),
+            new.server.h2c.to_string(),
+        );
         check(
             "store.memory_budget",
             self.store.memory_budget.to_string(),
@@ -550,6 +578,12 @@ impl Config {
         new.server.threads = self.server.threads;
         new.server.grace_period = self.server.grace_period;
         new.server.graceful_shutdown_timeout = self.server.graceful_shutdown_timeout;
+        // The listener is plaintext or TLS from its start; with TLS on, new
+        // files (or new contents) are served to new handshakes.
+        if self.server.tls.is_some() != new.server.tls.is_some() {
+            new.server.tls = self.server.tls.clone();
+        }
+        new.server.h2c = self.server.h2c;
         new.data_dir = self.data_dir.clone();
         new.store = self.store;
         new.embedder = self.embedder.clone();

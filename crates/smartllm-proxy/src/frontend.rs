@@ -14,6 +14,11 @@
 //! - **HTTP/1.1 pipelining** (`server.http1_pipelining`): requests sent before
 //!   the previous answer are served in order, one at a time (RFC 9112 §9.3.2),
 //!   instead of the connection closing after the first answer.
+//!
+//! HTTP/2 comes by ALPN on a TLS listener, or as cleartext prior-knowledge
+//! h2c with `server.h2c` (both read at start). Its streams arrive with their
+//! heads read, so the header deadline is HTTP/1's alone; an h2 connection with
+//! no stream open is closed after `server.keepalive_timeout` (as at start).
 
 use crate::{metrics, Gateway, Shared};
 use async_trait::async_trait;
@@ -50,8 +55,19 @@ pub struct Frontend {
 impl Frontend {
     pub fn new(conf: &Arc<ServerConf>, gateway: Gateway) -> Self {
         let shared = gateway.shared.clone();
+        let mut proxy = pingora_proxy::http_proxy(conf, gateway);
+        let mut options = HttpServerOptions::default();
+        {
+            let rt = shared.runtime.load();
+            let s = &rt.config.server;
+            // Pingora turns h2c off by itself on TLS connections (ALPN decides).
+            options.h2c = s.h2c;
+            options.h2_idle_timeout =
+                Some(Duration::from_secs(keepalive_secs(s.keepalive_timeout)));
+        }
+        proxy.server_options = Some(options);
         Frontend {
-            proxy: Arc::new(pingora_proxy::http_proxy(conf, gateway)),
+            proxy: Arc::new(proxy),
             shared,
         }
     }

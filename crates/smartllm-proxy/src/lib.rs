@@ -25,6 +25,7 @@ pub mod respond;
 pub mod routing;
 pub mod runtime;
 pub mod shutdown;
+pub mod tls;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;

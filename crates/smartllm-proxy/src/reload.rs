@@ -76,6 +76,15 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                             );
                         }
                         crate::apply_metrics_config(&rt.config);
+                        let fingerprint =
+                            |r: &Runtime| r.tls.as_ref().map(|t| t.fingerprint.clone());
+                        if fingerprint(&rt) != fingerprint(&current) {
+                            tracing::info!(
+                                trigger,
+                                sha256 = fingerprint(&rt).unwrap_or_default(),
+                                "TLS certificate reloaded: new handshakes get it, open connections keep theirs"
+                            );
+                        }
                         let budgets = rt.config.keys.budgets.clone();
                         shared.runtime.store(Arc::new(rt));
                         // Spend is kept for the budgets of the running config
@@ -144,14 +153,10 @@ impl BackgroundService for ReloadService {
     async fn start(&self, mut shutdown: ShutdownWatch) {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let rt = self.shared.runtime.load_full();
-        let _watcher = if rt.config.reload.watch {
-            match smartllm_config::watch::watch_dir(&self.shared.config_dir, tx.clone()) {
-                Ok(w) => Some(w),
-                Err(e) => {
-                    tracing::error!(error = %e, dir = %self.shared.config_dir.display(), "cannot watch the config directory; reload with SIGHUP");
-                    None
-                }
-            }
+        let watch = rt.config.reload.watch;
+        let mut watched = tls_files(&rt);
+        let mut _watcher = if watch {
+            self.watch(&watched, &tx)
         } else {
             None
         };
@@ -176,6 +181,54 @@ impl BackgroundService for ReloadService {
                     let _ = reload(&self.shared, "sighup").await;
                 }
                 _ = shutdown.changed() => break,
+            }
+            // TLS files moved to another directory: watch that one instead.
+            let now = tls_files(&self.shared.runtime.load());
+            if watch && now != watched {
+                watched = now;
+                _watcher = None;
+                _watcher = self.watch(&watched, &tx);
+            }
+        }
+    }
+}
+
+/// The files of the running config's `server.tls`.
+fn tls_files(rt: &Runtime) -> Vec<std::path::PathBuf> {
+    rt.config
+        .server
+        .tls
+        .iter()
+        .flat_map(|t| {
+            [
+                Some(&t.cert_file),
+                Some(&t.key_file),
+                t.client_ca_file.as_ref(),
+            ]
+        })
+        .flatten()
+        .cloned()
+        .collect()
+}
+
+impl ReloadService {
+    /// Watch the config directory and the directories of `tls` files.
+    fn watch(
+        &self,
+        tls: &[std::path::PathBuf],
+        tx: &mpsc::Sender<()>,
+    ) -> Option<smartllm_config::watch::DirWatcher> {
+        let dir = &self.shared.config_dir;
+        match smartllm_config::watch::watch_dir_and(dir, tls, tx.clone()) {
+            Ok((w, failed)) => {
+                for (d, e) in failed {
+                    tracing::error!(error = %e, dir = %d.display(), "cannot watch the directory of a TLS file; reload with SIGHUP after replacing it");
+                }
+                Some(w)
+            }
+            Err(e) => {
+                tracing::error!(error = %e, dir = %dir.display(), "cannot watch the config directory; reload with SIGHUP");
+                None
             }
         }
     }

@@ -92,6 +92,8 @@ pub struct Runtime {
     pub admin_token: Option<String>,
     /// Task classifier and learned routers.
     pub router: Arc<smartllm_router::RouterAssets>,
+    /// The API listener's certificate (and client CAs), when `server.tls` is set.
+    pub tls: Option<Arc<crate::tls::ListenerTls>>,
 }
 
 impl Runtime {
@@ -243,6 +245,12 @@ impl Runtime {
                     .map_err(PrepareError::AdminToken)?,
             ),
         };
+        let tls = match &config.server.tls {
+            None => None,
+            Some(t) => Some(Arc::new(
+                crate::tls::ListenerTls::load(t).map_err(PrepareError::Tls)?,
+            )),
+        };
         let router_cfg = config.clone();
         let router = tokio::task::spawn_blocking(move || {
             let embed = |texts: Vec<String>| -> Result<_, smartllm_router::assets::EmbedFnError> {
@@ -273,6 +281,7 @@ impl Runtime {
             cache_exclusions,
             keys,
             admin_token,
+            tls,
         })
     }
 }
@@ -291,6 +300,8 @@ pub enum PrepareError {
     Exclusions(regex::Error),
     #[error("admin token: {0}")]
     AdminToken(KeyError),
+    #[error("{0}")]
+    Tls(crate::tls::ListenerTlsError),
     #[error("{0}")]
     Router(smartllm_router::assets::AssetError),
     #[error("loading the router panicked: {0}")]

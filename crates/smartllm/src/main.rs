@@ -591,7 +591,26 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
             },
         ),
     );
-    proxy.add_tcp(&config.server.listen.to_string());
+    match &config.server.tls {
+        Some(tls) => {
+            // The certificate (and client CAs) come from the running config
+            // at every handshake, so a reload swaps them without a restart.
+            let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
+                .map_err(|e| anyhow::anyhow!("TLS listener: {e}"))?;
+            settings.set_cert_resolver(Arc::new(smartllm_proxy::tls::CertResolver::new(
+                shared.clone(),
+            )));
+            settings.set_client_cert_verifier(Arc::new(smartllm_proxy::tls::ClientVerifier::new(
+                shared.clone(),
+            )));
+            settings.enable_h2();
+            tracing::info!(cert = %tls.cert_file.display(), key = %tls.key_file.display(),
+                client_ca = ?tls.client_ca_file.as_ref().map(|p| p.display().to_string()),
+                "API listener: TLS (ALPN h2, http/1.1)");
+            proxy.add_tls_with_settings(&config.server.listen.to_string(), None, settings);
+        }
+        None => proxy.add_tcp(&config.server.listen.to_string()),
+    }
     let mut admin = Service::new(
         "smartllm admin".to_string(),
         AdminApp {
@@ -628,7 +647,8 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     ));
 
     tracing::info!(
-        listen = %config.server.listen, admin = %config.server.admin_listen, config_dir = %dir.display(),
+        listen = %config.server.listen, tls = config.server.tls.is_some(), h2c = config.server.h2c,
+        admin = %config.server.admin_listen, config_dir = %dir.display(),
         version = env!("CARGO_PKG_VERSION"), "smartllm starting"
     );
     let finisher = Arc::new(Finisher {

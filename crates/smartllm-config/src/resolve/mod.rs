@@ -37,7 +37,7 @@ pub(crate) struct RawFiles {
 }
 
 /// Resolve every section; `digest` identifies the files' contents and is
-/// extended with the files the routes refer to.
+/// extended with the files the routes and `server.tls` refer to.
 pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<'_>) -> Config {
     let RawFiles {
         main,
@@ -47,7 +47,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
         cache,
         keys,
     } = raw;
-    let server = server::resolve_server(main.server, v);
+    let server = server::resolve_server(dir, main.server, v);
     let data_dir = general::resolve_data_dir(dir, main.data_dir);
     let embedder = embedder::resolve_embedder(dir, main.embedder, v);
     let logging = general::resolve_logging(main.logging, v);
@@ -64,6 +64,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
     let fleet = fleet::resolve_fleet(main.fleet, v);
     let metrics = general::resolve_metrics(main.metrics, v);
     let digest = routes::digest_referenced_files(&digest, &classifier, &resolved_routes, v);
+    let digest = server::check_tls(&digest, &server, v);
     let mut config = Config {
         dir: dir.to_path_buf(),
         digest,

@@ -3,8 +3,9 @@
 //! when the admin listener is reachable beyond loopback).
 
 use super::{dur, relative_to};
-use crate::raw::{RawAdmin, RawServer};
-use crate::{ApiKeySource, Issues, ServerConfig, MAIN_FILE};
+use crate::raw::{RawAdmin, RawServer, RawTls};
+use crate::{ApiKeySource, Issues, ServerConfig, TlsConfig, MAIN_FILE};
+use sha2::{Digest, Sha256};
 use std::net::SocketAddr;
 use std::path::Path;
 
@@ -21,7 +22,65 @@ fn addr(v: &mut Issues<'_>, path: &str, value: Option<String>, default: &str) ->
     })
 }
 
-pub(super) fn resolve_server(s: RawServer, v: &mut Issues<'_>) -> ServerConfig {
+/// `server.tls`: the paths, resolved against the config directory (the files
+/// themselves are checked by [`check_tls`]).
+fn resolve_tls(dir: &Path, t: RawTls, v: &mut Issues<'_>) -> Option<TlsConfig> {
+    let mut ok = true;
+    for (key, value) in [
+        ("cert_file", Some(&t.cert_file)),
+        ("key_file", Some(&t.key_file)),
+        ("client_ca_file", t.client_ca_file.as_ref()),
+    ] {
+        if value.is_some_and(|f| f.trim().is_empty()) {
+            v.push(
+                MAIN_FILE,
+                format!("server.tls.{key}"),
+                "must name a PEM file",
+            );
+            ok = false;
+        }
+    }
+    ok.then(|| TlsConfig {
+        cert_file: relative_to(dir, &t.cert_file),
+        key_file: relative_to(dir, &t.key_file),
+        client_ca_file: t.client_ca_file.map(|f| relative_to(dir, &f)),
+    })
+}
+
+/// Check the TLS files (readable PEM, the key matches the certificate, usable
+/// client CAs), naming the setting and the file that is wrong, and return
+/// `digest` extended with their contents: a new certificate is a new config,
+/// which a reload applies.
+pub(super) fn check_tls(digest: &str, server: &ServerConfig, v: &mut Issues<'_>) -> String {
+    let Some(tls) = &server.tls else {
+        return digest.to_string();
+    };
+    if let Err(e) = crate::tls::load(tls) {
+        v.push(MAIN_FILE, format!("server.tls.{}", e.key()), e.to_string());
+        return digest.to_string();
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(digest.as_bytes());
+    for (key, path) in crate::tls::files(tls) {
+        // Read again: what was checked is what the digest covers, unless a
+        // file changed in between, which the watcher reports anyway.
+        match std::fs::read(path) {
+            Ok(bytes) => {
+                hasher.update(key.as_bytes());
+                hasher.update([0]);
+                hasher.update(&bytes);
+            }
+            Err(e) => v.push(
+                MAIN_FILE,
+                format!("server.tls.{key}"),
+                format!("cannot read {}: {e}", path.display()),
+            ),
+        }
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
+
+pub(super) fn resolve_server(dir: &Path, s: RawServer, v: &mut Issues<'_>) -> ServerConfig {
     let listen = addr(v, "server.listen", s.listen, "127.0.0.1:8080");
     let admin_listen = addr(v, "server.admin_listen", s.admin_listen, "127.0.0.1:9090");
     if listen == admin_listen {
@@ -91,6 +150,8 @@ pub(super) fn resolve_server(s: RawServer, v: &mut Issues<'_>) -> ServerConfig {
         max_in_flight: max_in_flight.clamp(1, 1_000_000),
         grace_period: dur(s.grace_period, 0),
         graceful_shutdown_timeout: dur(s.graceful_shutdown_timeout, 30),
+        tls: s.tls.and_then(|t| resolve_tls(dir, t, v)),
+        h2c: s.h2c.unwrap_or(false),
     }
 }
 
@@ -152,6 +213,127 @@ mod tests {
         // Loopback (the default) needs none.
         let dir = write_dir(&[(MAIN_FILE, "server:\n  admin_listen: '[::1]:9090'\n")]);
         assert!(load_dir(dir.path()).is_ok());
+    }
+
+    const CERT: &str = include_str!("../testdata/cert.pem");
+    const KEY: &str = include_str!("../testdata/key.pem");
+    const OTHER_KEY: &str = include_str!("../testdata/other-key.pem");
+
+    #[test]
+    fn tls_files_are_checked_resolved_and_in_the_digest() {
+        let tls = "server:\n  h2c: true\n  tls:\n    cert_file: cert.pem\n    key_file: key.pem\n";
+        let dir = write_dir(&[(MAIN_FILE, tls), ("cert.pem", CERT), ("key.pem", KEY)]);
+        let c = load_dir(dir.path()).unwrap();
+        let t = c.server.tls.as_ref().unwrap();
+        assert_eq!(t.cert_file, dir.path().join("cert.pem"));
+        assert_eq!(t.key_file, dir.path().join("key.pem"));
+        assert!(t.client_ca_file.is_none());
+        assert!(c.server.h2c);
+        assert!(tls::load(t).is_ok());
+        // New contents, same paths: a new digest (a reload applies them).
+        std::fs::write(dir.path().join("key.pem"), OTHER_KEY).unwrap();
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains("smartllm.yaml:5: server.tls.key_file: the private key in")
+                && text.contains("key.pem does not match the certificate in")
+                && text.contains("cert.pem"),
+            "{text}"
+        );
+        std::fs::write(dir.path().join("key.pem"), KEY).unwrap();
+        std::fs::write(dir.path().join("cert.pem"), format!("\n{CERT}")).unwrap();
+        assert_ne!(load_dir(dir.path()).unwrap().digest, c.digest);
+        // Defaults: plaintext, HTTP/1.1 only.
+        let plain = load_dir(write_dir(&[(MAIN_FILE, "data_dir: /tmp/x\n")]).path()).unwrap();
+        assert!(plain.server.tls.is_none() && !plain.server.h2c);
+    }
+
+    #[test]
+    fn bad_tls_files_name_the_setting_and_the_file() {
+        let main = "server:\n  tls:\n    cert_file: cert.pem\n    key_file: key.pem\n    client_ca_file: ca.pem\n";
+        let cases: [(&[(&str, &str)], &str); 5] = [
+            (&[], "smartllm.yaml:3: server.tls.cert_file: cannot read"),
+            (
+                &[("cert.pem", "junk"), ("key.pem", KEY), ("ca.pem", CERT)],
+                "server.tls.cert_file: ",
+            ),
+            (
+                &[("cert.pem", CERT), ("key.pem", CERT), ("ca.pem", CERT)],
+                "smartllm.yaml:4: server.tls.key_file: ",
+            ),
+            (
+                &[("cert.pem", CERT), ("key.pem", KEY)],
+                "smartllm.yaml:5: server.tls.client_ca_file: cannot read",
+            ),
+            (
+                &[("cert.pem", CERT), ("key.pem", KEY), ("ca.pem", KEY)],
+                "smartllm.yaml:5: server.tls.client_ca_file: ",
+            ),
+        ];
+        for (files, want) in cases {
+            let mut all = vec![(MAIN_FILE, main)];
+            all.extend_from_slice(files);
+            let text = load_dir(write_dir(&all).path()).unwrap_err().to_string();
+            assert!(text.contains(want), "{want}: {text}");
+            // Every message names a file.
+            assert!(text.contains(".pem"), "{text}");
+        }
+        let dir = write_dir(&[
+            (MAIN_FILE, main),
+            ("cert.pem", CERT),
+            ("key.pem", KEY),
+            ("ca.pem", CERT),
+        ]);
+        let c = load_dir(dir.path()).unwrap();
+        let m = tls::load(c.server.tls.as_ref().unwrap()).unwrap();
+        assert_eq!(m.client_roots.unwrap().len(), 1);
+        let empty = "server:\n  tls:\n    cert_file: ''\n    key_file: key.pem\n";
+        let text = load_dir(write_dir(&[(MAIN_FILE, empty)]).path())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("smartllm.yaml:3: server.tls.cert_file: must name a PEM file"),
+            "{text}"
+        );
+        let typo = "server:\n  tls:\n    cert: a.pem\n";
+        assert!(load_dir(write_dir(&[(MAIN_FILE, typo)]).path()).is_err());
+    }
+
+    #[test]
+    fn tls_on_off_and_h2c_need_a_restart_new_files_do_not() {
+        let files = |main: &str| {
+            write_dir(&[
+                (MAIN_FILE, main),
+                ("cert.pem", CERT),
+                ("key.pem", KEY),
+                ("key2.pem", KEY),
+            ])
+        };
+        let on = "server:\n  tls:\n    cert_file: cert.pem\n    key_file: key.pem\n";
+        let (a, b) = (files(""), files(on));
+        let plain = load_dir(a.path()).unwrap();
+        let tls = load_dir(b.path()).unwrap();
+        assert_eq!(plain.restart_only_changes(&tls), ["server.tls: off -> on"]);
+        assert!(plain
+            .with_restart_only_from(tls.clone())
+            .server
+            .tls
+            .is_none());
+        assert!(tls
+            .with_restart_only_from(plain.clone())
+            .server
+            .tls
+            .is_some());
+        let moved = files(
+            "server:\n  h2c: true\n  tls:\n    cert_file: cert.pem\n    key_file: key2.pem\n",
+        );
+        let moved = load_dir(moved.path()).unwrap();
+        assert_eq!(
+            tls.restart_only_changes(&moved),
+            ["server.h2c: false -> true"]
+        );
+        let applied = tls.with_restart_only_from(moved);
+        assert!(applied.server.tls.unwrap().key_file.ends_with("key2.pem"));
+        assert!(!applied.server.h2c);
     }
 
     #[test]

@@ -1,0 +1,171 @@
+//! The TLS files of the API listener (`server.tls`): a PEM certificate chain,
+//! its private key and, for client-certificate authentication, a PEM bundle of
+//! client CAs. [`load`] reads and checks them (the chain parses, the key is
+//! one rustls can sign with and belongs to the chain's first certificate, the
+//! CAs are usable trust anchors). Validation calls it, so `smartllm check` and
+//! a reload name the setting and the file that is wrong; the proxy calls it
+//! again to build what its certificate resolver serves.
+
+use crate::TlsConfig;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::sign::CertifiedKey;
+use rustls::RootCertStore;
+use sha2::{Digest, Sha256};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// What a listener serves: the certificate chain with its signing key, and
+/// the client CAs when client certificates are required.
+#[derive(Debug)]
+pub struct TlsMaterial {
+    pub certified_key: Arc<CertifiedKey>,
+    pub client_roots: Option<Arc<RootCertStore>>,
+    /// sha256 of the end-entity certificate (hex), for logs and tests.
+    pub fingerprint: String,
+}
+
+/// Why a TLS file cannot be used. [`TlsError::key`] is the setting under
+/// `server.tls` that names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    #[error("cannot read {}: {error}", path.display())]
+    Read {
+        key: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{} is not valid PEM: {error}", path.display())]
+    NotPem {
+        key: &'static str,
+        path: PathBuf,
+        error: std::io::Error,
+    },
+    #[error("{} holds no PEM certificate", path.display())]
+    NoCertificate { key: &'static str, path: PathBuf },
+    #[error("{}: the certificate does not parse: {error}", path.display())]
+    BadCertificate { path: PathBuf, error: rustls::Error },
+    #[error("{} holds no PEM private key (PKCS#8, PKCS#1 or SEC1)", path.display())]
+    NoKey { path: PathBuf },
+    #[error("{}: unsupported private key: {error}", path.display())]
+    BadKey { path: PathBuf, error: rustls::Error },
+    #[error("the private key in {} does not match the certificate in {}", key.display(), cert.display())]
+    Mismatch { key: PathBuf, cert: PathBuf },
+    #[error("{}: not a usable CA certificate: {error}", path.display())]
+    BadCa { path: PathBuf, error: rustls::Error },
+}
+
+impl TlsError {
+    /// The setting (under `server.tls`) whose file is wrong.
+    pub fn key(&self) -> &'static str {
+        match self {
+            TlsError::Read { key, .. }
+            | TlsError::NotPem { key, .. }
+            | TlsError::NoCertificate { key, .. } => key,
+            TlsError::BadCertificate { .. } => "cert_file",
+            TlsError::NoKey { .. } | TlsError::BadKey { .. } | TlsError::Mismatch { .. } => {
+                "key_file"
+            }
+            TlsError::BadCa { .. } => "client_ca_file",
+        }
+    }
+}
+
+fn read(key: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|error| TlsError::Read {
+        key,
+        path: path.to_path_buf(),
+        error,
+    })
+}
+
+fn certs(key: &'static str, path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(key, path)?;
+    let certs = rustls_pemfile::certs(&mut bytes.as_slice())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|error| TlsError::NotPem {
+            key,
+            path: path.to_path_buf(),
+            error,
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::NoCertificate {
+            key,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+fn private_key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
+    let bytes = read("key_file", path)?;
+    rustls_pemfile::private_key(&mut bytes.as_slice())
+        .map_err(|error| TlsError::NotPem {
+            key: "key_file",
+            path: path.to_path_buf(),
+            error,
+        })?
+        .ok_or_else(|| TlsError::NoKey {
+            path: path.to_path_buf(),
+        })
+}
+
+/// Read and check the files of `tls`.
+pub fn load(tls: &TlsConfig) -> Result<TlsMaterial, TlsError> {
+    let chain = certs("cert_file", &tls.cert_file)?;
+    let key = private_key(&tls.key_file)?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|error| TlsError::BadKey {
+            path: tls.key_file.clone(),
+            error,
+        })?;
+    let fingerprint = hex::encode(Sha256::digest(chain[0].as_ref()));
+    let certified_key = CertifiedKey::new(chain, signing);
+    match certified_key.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
+        Err(rustls::Error::InconsistentKeys(_)) => {
+            return Err(TlsError::Mismatch {
+                key: tls.key_file.clone(),
+                cert: tls.cert_file.clone(),
+            })
+        }
+        Err(error) => {
+            return Err(TlsError::BadCertificate {
+                path: tls.cert_file.clone(),
+                error,
+            })
+        }
+    }
+    let client_roots = match &tls.client_ca_file {
+        None => None,
+        Some(path) => {
+            let mut roots = RootCertStore::empty();
+            for ca in certs("client_ca_file", path)? {
+                roots.add(ca).map_err(|error| TlsError::BadCa {
+                    path: path.clone(),
+                    error,
+                })?;
+            }
+            Some(Arc::new(roots))
+        }
+    };
+    Ok(TlsMaterial {
+        certified_key: Arc::new(certified_key),
+        client_roots,
+        fingerprint,
+    })
+}
+
+/// The files `tls` reads, with their settings (for the config's digest).
+pub(crate) fn files(tls: &TlsConfig) -> Vec<(&'static str, &Path)> {
+    let mut out = vec![
+        ("cert_file", tls.cert_file.as_path()),
+        ("key_file", tls.key_file.as_path()),
+    ];
+    if let Some(ca) = &tls.client_ca_file {
+        out.push(("client_ca_file", ca.as_path()));
+    }
+    out
+}

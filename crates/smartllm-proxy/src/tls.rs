@@ -1,0 +1,212 @@
+//! TLS on the API listener. Pingora's rustls listener is built once, at
+//! start, with two hooks that read the *current* runtime snapshot at every
+//! handshake: [`CertResolver`] hands out the certificate of the running
+//! config and [`ClientVerifier`] checks client certificates against its CAs.
+//! A reload that brings new files (or new contents) swaps the snapshot, so
+//! new handshakes get the new certificate while established connections keep
+//! the session they negotiated: nothing is dropped.
+
+use crate::Shared;
+use rustls::client::danger::HandshakeSignatureValid;
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::sign::CertifiedKey;
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
+use smartllm_config::tls::TlsError;
+use smartllm_config::TlsConfig;
+use std::sync::Arc;
+
+/// The listener's TLS material in a runtime snapshot.
+pub struct ListenerTls {
+    pub certified_key: Arc<CertifiedKey>,
+    /// Present when `server.tls.client_ca_file` is set: clients must
+    /// present a certificate one of its CAs signed.
+    pub client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+    /// sha256 of the served end-entity certificate.
+    pub fingerprint: String,
+}
+
+impl std::fmt::Debug for ListenerTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ListenerTls")
+            .field("fingerprint", &self.fingerprint)
+            .field("client_auth", &self.client_verifier.is_some())
+            .finish()
+    }
+}
+
+/// Why the listener's TLS files cannot be used (reported under `server.tls.<key>`).
+#[derive(Debug, thiserror::Error)]
+#[error("server.tls.{key}: {message}")]
+pub struct ListenerTlsError {
+    pub key: &'static str,
+    pub message: String,
+}
+
+impl From<TlsError> for ListenerTlsError {
+    fn from(e: TlsError) -> Self {
+        ListenerTlsError {
+            key: e.key(),
+            message: e.to_string(),
+        }
+    }
+}
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+impl ListenerTls {
+    /// Read and check the files of `tls` (see [`smartllm_config::tls::load`]).
+    pub fn load(tls: &TlsConfig) -> Result<ListenerTls, ListenerTlsError> {
+        let m = smartllm_config::tls::load(tls)?;
+        let client_verifier = match m.client_roots {
+            None => None,
+            Some(roots) => Some(
+                WebPkiClientVerifier::builder_with_provider(roots, provider())
+                    .build()
+                    .map_err(|e| ListenerTlsError {
+                        key: "client_ca_file",
+                        message: format!(
+                            "{}: {e}",
+                            tls.client_ca_file
+                                .as_deref()
+                                .unwrap_or(std::path::Path::new(""))
+                                .display()
+                        ),
+                    })?,
+            ),
+        };
+        Ok(ListenerTls {
+            certified_key: m.certified_key,
+            client_verifier,
+            fingerprint: m.fingerprint,
+        })
+    }
+}
+
+/// Serves the certificate of the running config to each new handshake.
+pub struct CertResolver {
+    shared: Arc<Shared>,
+}
+
+impl CertResolver {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        CertResolver { shared }
+    }
+}
+
+impl std::fmt::Debug for CertResolver {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CertResolver")
+    }
+}
+
+impl ResolvesServerCert for CertResolver {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        // None (TLS turned off by a reload, which needs a restart to take
+        // effect, keeps the running files) fails the handshake.
+        self.shared
+            .runtime
+            .load()
+            .tls
+            .as_ref()
+            .map(|t| t.certified_key.clone())
+    }
+}
+
+/// Client-certificate authentication by the running config's CAs; without
+/// `client_ca_file`, no certificate is asked for.
+pub struct ClientVerifier {
+    shared: Arc<Shared>,
+    provider: Arc<CryptoProvider>,
+}
+
+impl ClientVerifier {
+    pub fn new(shared: Arc<Shared>) -> Self {
+        ClientVerifier {
+            shared,
+            provider: provider(),
+        }
+    }
+
+    fn current(&self) -> Option<Arc<dyn ClientCertVerifier>> {
+        self.shared
+            .runtime
+            .load()
+            .tls
+            .as_ref()
+            .and_then(|t| t.client_verifier.clone())
+    }
+}
+
+impl std::fmt::Debug for ClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ClientVerifier")
+    }
+}
+
+impl ClientCertVerifier for ClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        self.current().is_some()
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.current().is_some()
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // The CAs change with the config; a client with one certificate
+        // sends it without hints.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        match self.current() {
+            Some(v) => v.verify_client_cert(end_entity, intermediates, now),
+            // Client certificates were turned off by a reload mid-handshake.
+            None => Ok(ClientCertVerified::assertion()),
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
+    }
+}
