@@ -187,6 +187,15 @@ fn body_and_meta(o: &Output) -> (String, String) {
 fn tls_serves_https_and_h2_with_sse_streams() {
     let pki = pki();
     let (_mock, gw) = tls_gateway(pki.path(), "", &["--chunk-delay-ms", "2"]);
+    let listener = &get(&gw.admin, "/readyz").json()["listener"];
+    assert_eq!(listener["ready"], true, "{listener}");
+    assert_eq!(listener["h2c"], false, "{listener}");
+    assert_eq!(
+        listener["tls"]["certificate_sha256"],
+        sha256_of_cert(&pki.path().join("server.pem")),
+        "{listener}"
+    );
+    assert_eq!(listener["tls"]["client_certificates"], false);
     let url = https(&gw, "/v1/chat/completions");
     let meta = ["-w", "\n%{http_version} %{http_code}"];
     // HTTP/1.1 over TLS, then HTTP/2 chosen by ALPN; JSON and SSE on both.
@@ -468,6 +477,30 @@ fn check_and_reload_reject_a_key_that_does_not_match_its_certificate() {
             && err.contains("server.pem"),
         "{err}"
     );
+    let good = ConfigDir::new(
+        &tls_section(
+            &pki.path().join("server.pem"),
+            &pki.path().join("server.key"),
+            "",
+        ),
+        "",
+        "",
+        "",
+        "",
+    );
+    let out = Command::new(bin("smartllm"))
+        .args(["check", "--config"])
+        .arg(good.path())
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", out_text(&out));
+    assert!(
+        said.contains("TLS: ")
+            && said.contains("server.pem with the matching key")
+            && said.contains(&sha256_of_cert(&pki.path().join("server.pem"))),
+        "{said}"
+    );
     let missing = ConfigDir::new(
         &tls_section(Path::new("nope.pem"), &pki.path().join("server.key"), ""),
         "",
@@ -531,6 +564,18 @@ fn served_org(gw: &Gateway, pki: &Path) -> String {
         .find(|g| err.contains(&format!("O={g}")))
         .unwrap_or("?")
         .to_string()
+}
+
+/// The sha256 of a PEM certificate's DER, in lowercase hex (as `/readyz` shows it).
+fn sha256_of_cert(pem: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-fingerprint", "-sha256", "-in"])
+        .arg(pem)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let hex = text.trim().rsplit('=').next().unwrap_or_default();
+    hex.replace(':', "").to_lowercase()
 }
 
 /// Replace `dst` atomically (write + rename), as certificate tools do.
@@ -659,6 +704,12 @@ fn certificate_swap_under_load_fails_no_request() {
         gw.log_text()
     );
     assert_eq!(served_org(&gw, pki.path()), "gen2");
+    let listener = &get(&gw.admin, "/readyz").json()["listener"];
+    assert_eq!(
+        listener["tls"]["certificate_sha256"],
+        sha256_of_cert(&pki.path().join("server2.pem")),
+        "{listener}"
+    );
     // And a SIGHUP reload with a third certificate, under the same load.
     make_leaf(pki.path(), "ca", "server3", "gen3", true);
     std::fs::copy(pki.path().join("server3.key"), &key).unwrap();

@@ -115,7 +115,15 @@ impl AdminApp {
             ready,
             json!({
                 "status": if s.draining.load(std::sync::atomic::Ordering::SeqCst) { "draining" } else if ready { "ready" } else { "not_ready" },
-                "listener": {"ready": listening, "address": rt.config.server.listen.to_string()},
+                "listener": {
+                    "ready": listening,
+                    "address": rt.config.server.listen.to_string(),
+                    "h2c": rt.config.server.h2c,
+                    "tls": rt.tls.as_ref().map(|t| json!({
+                        "certificate_sha256": t.fingerprint,
+                        "client_certificates": t.client_verifier.is_some(),
+                    })),
+                },
                 "config": {"version": rt.version, "digest": rt.config.digest, "demo_mode": rt.demo_mode},
                 "embedder": embedder,
                 "store": store,

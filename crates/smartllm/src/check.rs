@@ -16,6 +16,21 @@ pub fn check(dir: &Path) -> ExitCode {
                 c.routes.len(),
                 c.digest
             );
+            if let Some(tls) = &c.server.tls {
+                // Loading the config checked the files; say what will be served.
+                if let Ok(m) = smartllm_config::tls::load(tls) {
+                    println!(
+                        "TLS: {} with the matching key {} (certificate sha256 {}){}",
+                        tls.cert_file.display(),
+                        tls.key_file.display(),
+                        m.fingerprint,
+                        match &tls.client_ca_file {
+                            Some(ca) => format!("; client certificates from {}", ca.display()),
+                            None => String::new(),
+                        }
+                    );
+                }
+            }
             if c.keys.require_key && c.keys.keys.is_empty() {
                 println!("note: keys.yaml lists no key, so every request is refused (401): make one with `smartllm keys create NAME --config {}`", dir.display());
             }
