@@ -1,6 +1,7 @@
 //! TLS and HTTP/2 on the API listener: https with a test CA (curl and the
 //! official openai SDK), HTTP/2 by ALPN with SSE streams and many concurrent
-//! streams on one connection, cleartext prior-knowledge h2c, client
+//! streams on one connection, 2 MiB bodies over h2 with and without a
+//! content-length, cleartext prior-knowledge h2c, client
 //! certificates, `smartllm check` on a key that does not match its
 //! certificate, and a certificate swap under load that fails no request.
 //! The certificates are made at test time with the `openssl` CLI (`make deps`
@@ -740,4 +741,52 @@ fn certificate_swap_under_load_fails_no_request() {
         "{text}"
     );
     eprintln!("certificate swap under load: {ok} requests, none failed");
+}
+
+#[test]
+fn large_bodies_over_h2_with_and_without_a_length() {
+    let pki = pki();
+    let (mock, gw) = tls_gateway(pki.path(), "", &[]);
+    let dir = tempfile::tempdir().unwrap();
+    let prompt = "x".repeat(2 << 20);
+    let body = chat_body("small", &prompt).to_string();
+    let file = dir.path().join("body.json");
+    std::fs::write(&file, &body).unwrap();
+    let url = https(&gw, "/v1/chat/completions");
+    let at = format!("@{}", file.display());
+    let common = [
+        "-H",
+        "content-type: application/json",
+        "-H",
+        "authorization: Bearer sk-test",
+        "-w",
+        "\n%{http_version} %{http_code}",
+    ];
+    // With a content-length (curl -d), and streamed from standard input
+    // without one (-T -: h2 DATA frames until END_STREAM).
+    for upload in [["--data-binary", at.as_str()], ["-T", "-"]] {
+        let mut args: Vec<&str> = vec!["--http2", "-X", "POST", &url];
+        args.extend(common);
+        args.extend(upload);
+        let o = Command::new("curl")
+            .args(["-sS", "--max-time", "30", "--cacert"])
+            .arg(pki.path().join("ca.pem"))
+            .args([
+                "--resolve",
+                &format!("localhost:{}:127.0.0.1", gw.config.port),
+            ])
+            .args(&args)
+            .stdin(std::fs::File::open(&file).unwrap())
+            .output()
+            .unwrap();
+        let (text, m) = body_and_meta(&o);
+        assert_eq!(m, "2 200", "{upload:?}: {}", out_text(&o));
+        assert!(text.contains("chat.completion"), "{text}");
+        // The whole body reached the provider (the model name rewritten).
+        let got = mock.last()["body_len"].as_u64().unwrap() as usize;
+        assert!(
+            got > prompt.len() && got < body.len() + 64,
+            "{upload:?}: {got}"
+        );
+    }
 }
