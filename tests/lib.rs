@@ -461,6 +461,18 @@ impl Gateway {
     }
 
     pub fn start_with_env(config: ConfigDir, env: &[(&str, &str)]) -> Gateway {
+        Self::start_waiting(config, env, |g| {
+            request(&g.admin, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
+        })
+    }
+
+    /// Starts the gateway and waits (30 s at most) until `ready` says so: for
+    /// an admin listener the plain HTTP client cannot reach (TLS).
+    pub fn start_waiting(
+        config: ConfigDir,
+        env: &[(&str, &str)],
+        ready: impl Fn(&Gateway) -> bool,
+    ) -> Gateway {
         let log = config.data.path().join("gateway.log");
         let child = Command::new(bin("smartllm"))
             .arg("serve")
@@ -487,10 +499,7 @@ impl Gateway {
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .collect(),
         };
-        let admin = g.admin.clone();
-        if !wait_until(Duration::from_secs(30), || {
-            request(&admin, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200)
-        }) {
+        if !wait_until(Duration::from_secs(30), || ready(&g)) {
             panic!("gateway did not become ready; log:\n{}", g.log_text());
         }
         g

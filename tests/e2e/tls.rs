@@ -790,3 +790,113 @@ fn large_bodies_over_h2_with_and_without_a_length() {
         );
     }
 }
+
+#[test]
+fn admin_listener_with_tls_client_certificates_and_the_cli() {
+    let pki = pki();
+    make_leaf(pki.path(), "ca", "admin", "admin1", true);
+    make_leaf(pki.path(), "ca", "admin2", "admin2", true);
+    make_ca(pki.path(), "clients");
+    make_leaf(pki.path(), "clients", "alice", "alice", false);
+    let mock = Mock::start(&[]);
+    let p = |f: &str| pki.path().join(f).display().to_string();
+    let admin_tls = format!(
+        "  admin_tls:\n    cert_file: {}\n    key_file: {}\n    client_ca_file: {}\n",
+        p("admin.pem"),
+        p("admin.key"),
+        p("clients.pem")
+    );
+    let cfg = ConfigDir::new(
+        &admin_tls,
+        "demo:\n  mode: off\n",
+        &format!("providers:\n{}", mock_provider("mock", &mock)),
+        "models:\n  - name: small\n    deployments:\n      - provider: mock\n",
+        "",
+    );
+    let admin_port = cfg.admin_port;
+    let admin_curl = |args: &[&str]| {
+        Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "10",
+                "--cacert",
+                &p("ca.pem"),
+                "--resolve",
+            ])
+            .arg(format!("localhost:{admin_port}:127.0.0.1"))
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let readyz = format!("https://localhost:{admin_port}/readyz");
+    let with_cert = ["--cert", &p("alice.pem"), "--key", &p("alice.key")];
+    let gw = Gateway::start_waiting(cfg, &[], |_| {
+        let mut args = vec!["-f", readyz.as_str()];
+        args.extend(with_cert);
+        admin_curl(&args).status.success()
+    });
+    // The API listener stays plaintext; the admin listener is TLS only and
+    // wants a client certificate.
+    assert_eq!(gw.chat(&chat_body("small", "plain api")).status, 200);
+    let mut args = vec!["-v", readyz.as_str()];
+    args.extend(with_cert);
+    let o = admin_curl(&args);
+    assert!(o.status.success(), "{}", out_text(&o));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("O=admin1"));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(
+        v["admin_listener"]["tls"]["certificate_sha256"],
+        sha256_of_cert(&pki.path().join("admin.pem")),
+        "{v}"
+    );
+    assert_eq!(v["admin_listener"]["tls"]["client_certificates"], true);
+    assert!(v["listener"]["tls"].is_null(), "{v}");
+    assert!(!admin_curl(&[readyz.as_str()]).status.success());
+    assert!(request(&gw.admin, "GET", "/readyz", &[], b"").map_or(true, |r| r.status != 200));
+
+    // The CLI pins the configured certificate and presents the client one.
+    let cli = |extra: &[&str]| {
+        Command::new(bin("smartllm"))
+            .args(["cache", "stats", "--config"])
+            .arg(gw.config.path())
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let cli_cert = [
+        "--admin-cert",
+        &p("alice.pem"),
+        "--admin-key",
+        &p("alice.key"),
+    ];
+    let o = cli(&cli_cert);
+    assert!(o.status.success(), "{}", out_text(&o));
+    assert!(
+        String::from_utf8_lossy(&o.stdout).contains("l1_entries"),
+        "{}",
+        out_text(&o)
+    );
+    assert!(!cli(&[]).status.success());
+
+    // A new admin certificate reloads like the API listener's.
+    replace(
+        &pki.path().join("admin2.key"),
+        &pki.path().join("admin.key"),
+    );
+    replace(
+        &pki.path().join("admin2.pem"),
+        &pki.path().join("admin.pem"),
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let mut args = vec!["-v", "-o", "/dev/null", readyz.as_str()];
+            args.extend(with_cert);
+            String::from_utf8_lossy(&admin_curl(&args).stderr).contains("O=admin2")
+        }),
+        "{}",
+        gw.log_text()
+    );
+    let o = cli(&cli_cert);
+    assert!(o.status.success(), "{}", out_text(&o));
+}

@@ -118,6 +118,8 @@ pub struct RawServer {
     pub tls: Option<RawTls>,
     /// Cleartext HTTP/2 with prior knowledge (h2c) on a plaintext API listener.
     pub h2c: Option<bool>,
+    /// TLS on the admin listener (HTTP/1.1).
+    pub admin_tls: Option<RawTls>,
 }
 
 /// `server.tls`: PEM files, relative to the config directory.

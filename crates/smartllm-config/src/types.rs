@@ -219,6 +219,8 @@ pub struct ServerConfig {
     /// Cleartext HTTP/2 with prior knowledge on a plaintext API listener
     /// (restart-only).
     pub h2c: bool,
+    /// TLS on the admin listener, as `tls` is on the API listener.
+    pub admin_tls: Option<TlsConfig>,
 }
 
 /// `server.tls`: where the listener's certificate, key and client CAs are.
@@ -514,19 +516,13 @@ impl Config {
             format!("{:?}", self.server.graceful_shutdown_timeout),
             format!("{:?}", new.server.graceful_shutdown_timeout),
         );
+        let on = |t: &Option<TlsConfig>| if t.is_some() { "on" } else { "off" }.to_string();
+        check("server.tls", on(&self.server.tls), on(&new.server.tls));
         check(
-            "data_dir",
-            self.data_dir.display().to_string(),
-            new.data_dir.display().to_string(),
+            "server.admin_tls",
+            on(&self.server.admin_tls),
+            on(&new.server.admin_tls),
         );
-        let tls = |c: &Config| {
-            match &c.server.tls {
-                None => "off",
-                Some(_) => "on",
-            }
-            .to_string()
-        };
-        check("server.tls", tls(self), tls(new));
         check(
             "server.h2c",
             self.server.h2c.to_string(),
@@ -536,6 +532,11 @@ impl Config {
             "store.memory_budget",
             self.store.memory_budget.to_string(),
             new.store.memory_budget.to_string(),
+        );
+        check(
+            "data_dir",
+            self.data_dir.display().to_string(),
+            new.data_dir.display().to_string(),
         );
         check(
             "embedder",
@@ -582,6 +583,9 @@ impl Config {
         // files (or new contents) are served to new handshakes.
         if self.server.tls.is_some() != new.server.tls.is_some() {
             new.server.tls = self.server.tls.clone();
+        }
+        if self.server.admin_tls.is_some() != new.server.admin_tls.is_some() {
+            new.server.admin_tls = self.server.admin_tls.clone();
         }
         new.server.h2c = self.server.h2c;
         new.data_dir = self.data_dir.clone();

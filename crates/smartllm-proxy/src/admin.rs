@@ -124,6 +124,13 @@ impl AdminApp {
                         "client_certificates": t.client_verifier.is_some(),
                     })),
                 },
+                "admin_listener": {
+                    "address": rt.config.server.admin_listen.to_string(),
+                    "tls": rt.admin_tls.as_ref().map(|t| json!({
+                        "certificate_sha256": t.fingerprint,
+                        "client_certificates": t.client_verifier.is_some(),
+                    })),
+                },
                 "config": {"version": rt.version, "digest": rt.config.digest, "demo_mode": rt.demo_mode},
                 "embedder": embedder,
                 "store": store,

@@ -76,14 +76,17 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                             );
                         }
                         crate::apply_metrics_config(&rt.config);
-                        let fingerprint =
-                            |r: &Runtime| r.tls.as_ref().map(|t| t.fingerprint.clone());
-                        if fingerprint(&rt) != fingerprint(&current) {
-                            tracing::info!(
-                                trigger,
-                                sha256 = fingerprint(&rt).unwrap_or_default(),
-                                "TLS certificate reloaded: new handshakes get it, open connections keep theirs"
-                            );
+                        for listener in [crate::tls::Listener::Api, crate::tls::Listener::Admin] {
+                            let fingerprint =
+                                |r: &Runtime| listener.of(r).map(|t| t.fingerprint.clone());
+                            if fingerprint(&rt) != fingerprint(&current) {
+                                tracing::info!(
+                                    trigger,
+                                    listener = listener.setting(),
+                                    sha256 = fingerprint(&rt).unwrap_or_default(),
+                                    "TLS certificate reloaded: new handshakes get it, open connections keep theirs"
+                                );
+                            }
                         }
                         let budgets = rt.config.keys.budgets.clone();
                         shared.runtime.store(Arc::new(rt));
@@ -193,12 +196,12 @@ impl BackgroundService for ReloadService {
     }
 }
 
-/// The files of the running config's `server.tls`.
+/// The files of the running config's `server.tls` and `server.admin_tls`.
 fn tls_files(rt: &Runtime) -> Vec<std::path::PathBuf> {
-    rt.config
-        .server
-        .tls
+    let s = &rt.config.server;
+    s.tls
         .iter()
+        .chain(s.admin_tls.iter())
         .flat_map(|t| {
             [
                 Some(&t.cert_file),

@@ -94,6 +94,8 @@ pub struct Runtime {
     pub router: Arc<smartllm_router::RouterAssets>,
     /// The API listener's certificate (and client CAs), when `server.tls` is set.
     pub tls: Option<Arc<crate::tls::ListenerTls>>,
+    /// The admin listener's, when `server.admin_tls` is set.
+    pub admin_tls: Option<Arc<crate::tls::ListenerTls>>,
 }
 
 impl Runtime {
@@ -245,12 +247,14 @@ impl Runtime {
                     .map_err(PrepareError::AdminToken)?,
             ),
         };
-        let tls = match &config.server.tls {
-            None => None,
-            Some(t) => Some(Arc::new(
-                crate::tls::ListenerTls::load(t).map_err(PrepareError::Tls)?,
-            )),
+        let listener_tls = |listener, t: &Option<smartllm_config::TlsConfig>| {
+            t.as_ref()
+                .map(|t| crate::tls::ListenerTls::load(listener, t).map(Arc::new))
+                .transpose()
+                .map_err(PrepareError::Tls)
         };
+        let tls = listener_tls(crate::tls::Listener::Api, &config.server.tls)?;
+        let admin_tls = listener_tls(crate::tls::Listener::Admin, &config.server.admin_tls)?;
         let router_cfg = config.clone();
         let router = tokio::task::spawn_blocking(move || {
             let embed = |texts: Vec<String>| -> Result<_, smartllm_router::assets::EmbedFnError> {
@@ -282,6 +286,7 @@ impl Runtime {
             keys,
             admin_token,
             tls,
+            admin_tls,
         })
     }
 }

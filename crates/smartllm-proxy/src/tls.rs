@@ -1,5 +1,5 @@
-//! TLS on the API listener. Pingora's rustls listener is built once, at
-//! start, with two hooks that read the *current* runtime snapshot at every
+//! TLS on the API and admin listeners. Pingora's rustls listener is built
+//! once, at start, with two hooks that read the *current* runtime snapshot at every
 //! handshake: [`CertResolver`] hands out the certificate of the running
 //! config and [`ClientVerifier`] checks client certificates against its CAs.
 //! A reload that brings new files (or new contents) swaps the snapshot, so
@@ -37,21 +37,39 @@ impl std::fmt::Debug for ListenerTls {
     }
 }
 
-/// Why the listener's TLS files cannot be used (reported under `server.tls.<key>`).
-#[derive(Debug, thiserror::Error)]
-#[error("server.tls.{key}: {message}")]
-pub struct ListenerTlsError {
-    pub key: &'static str,
-    pub message: String,
+/// Which listener: its TLS settings and material.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Listener {
+    Api,
+    Admin,
 }
 
-impl From<TlsError> for ListenerTlsError {
-    fn from(e: TlsError) -> Self {
-        ListenerTlsError {
-            key: e.key(),
-            message: e.to_string(),
+impl Listener {
+    /// Its settings in `smartllm.yaml`.
+    pub fn setting(self) -> &'static str {
+        match self {
+            Listener::Api => "server.tls",
+            Listener::Admin => "server.admin_tls",
         }
     }
+
+    /// Its material in a runtime snapshot.
+    pub fn of(self, rt: &crate::Runtime) -> Option<&Arc<ListenerTls>> {
+        match self {
+            Listener::Api => rt.tls.as_ref(),
+            Listener::Admin => rt.admin_tls.as_ref(),
+        }
+    }
+}
+
+/// Why a listener's TLS files cannot be used (reported under
+/// `server.tls.<key>` or `server.admin_tls.<key>`).
+#[derive(Debug, thiserror::Error)]
+#[error("{}.{key}: {message}", listener.setting())]
+pub struct ListenerTlsError {
+    pub listener: Listener,
+    pub key: &'static str,
+    pub message: String,
 }
 
 fn provider() -> Arc<CryptoProvider> {
@@ -60,14 +78,19 @@ fn provider() -> Arc<CryptoProvider> {
 
 impl ListenerTls {
     /// Read and check the files of `tls` (see [`smartllm_config::tls::load`]).
-    pub fn load(tls: &TlsConfig) -> Result<ListenerTls, ListenerTlsError> {
-        let m = smartllm_config::tls::load(tls)?;
+    pub fn load(listener: Listener, tls: &TlsConfig) -> Result<ListenerTls, ListenerTlsError> {
+        let m = smartllm_config::tls::load(tls).map_err(|e: TlsError| ListenerTlsError {
+            listener,
+            key: e.key(),
+            message: e.to_string(),
+        })?;
         let client_verifier = match m.client_roots {
             None => None,
             Some(roots) => Some(
                 WebPkiClientVerifier::builder_with_provider(roots, provider())
                     .build()
                     .map_err(|e| ListenerTlsError {
+                        listener,
                         key: "client_ca_file",
                         message: format!(
                             "{}: {e}",
@@ -90,11 +113,12 @@ impl ListenerTls {
 /// Serves the certificate of the running config to each new handshake.
 pub struct CertResolver {
     shared: Arc<Shared>,
+    listener: Listener,
 }
 
 impl CertResolver {
-    pub fn new(shared: Arc<Shared>) -> Self {
-        CertResolver { shared }
+    pub fn new(shared: Arc<Shared>, listener: Listener) -> Self {
+        CertResolver { shared, listener }
     }
 }
 
@@ -108,11 +132,8 @@ impl ResolvesServerCert for CertResolver {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         // None (TLS turned off by a reload, which needs a restart to take
         // effect, keeps the running files) fails the handshake.
-        self.shared
-            .runtime
-            .load()
-            .tls
-            .as_ref()
+        self.listener
+            .of(&self.shared.runtime.load())
             .map(|t| t.certified_key.clone())
     }
 }
@@ -121,23 +142,22 @@ impl ResolvesServerCert for CertResolver {
 /// `client_ca_file`, no certificate is asked for.
 pub struct ClientVerifier {
     shared: Arc<Shared>,
+    listener: Listener,
     provider: Arc<CryptoProvider>,
 }
 
 impl ClientVerifier {
-    pub fn new(shared: Arc<Shared>) -> Self {
+    pub fn new(shared: Arc<Shared>, listener: Listener) -> Self {
         ClientVerifier {
             shared,
+            listener,
             provider: provider(),
         }
     }
 
     fn current(&self) -> Option<Arc<dyn ClientCertVerifier>> {
-        self.shared
-            .runtime
-            .load()
-            .tls
-            .as_ref()
+        self.listener
+            .of(&self.shared.runtime.load())
             .and_then(|t| t.client_verifier.clone())
     }
 }

@@ -1,6 +1,7 @@
 //! The CLI's client of the running gateway's admin listener: where it is
 //! (`--config` / `--admin`), how to authenticate (`--admin-token` or the
-//! config's admin token), and one plain HTTP/1.1 request per call.
+//! config's admin token), and one HTTP/1.1 request per call (over TLS when
+//! the config sets `server.admin_tls`, see `admin_tls`).
 
 use anyhow::Context;
 use std::path::PathBuf;
@@ -18,9 +19,15 @@ pub struct AdminTarget {
     /// Admin API token (default: the config's admin.token_env / admin.token_file).
     #[arg(long, env = "SMARTLLM_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Client certificate (PEM) for an admin listener with `server.admin_tls.client_ca_file`.
+    #[arg(long, env = "SMARTLLM_ADMIN_CERT", requires = "admin_key")]
+    admin_cert: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "SMARTLLM_ADMIN_KEY", requires = "admin_cert")]
+    admin_key: Option<PathBuf>,
 }
 
-/// One request to the admin listener (plain HTTP/1.1, loopback).
+/// One request to the admin listener (HTTP/1.1; TLS with `server.admin_tls`).
 pub fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Result<String> {
     use std::io::{Read, Write};
     let config = smartllm_config::load_dir(&target.config).ok();
@@ -47,13 +54,34 @@ pub fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Res
     let auth = token
         .map(|t| format!("Authorization: Bearer {t}\r\n"))
         .unwrap_or_default();
-    let mut s = std::net::TcpStream::connect(&addr).with_context(|| {
+    let tcp = std::net::TcpStream::connect(&addr).with_context(|| {
         format!("connecting to the admin listener at {addr} (is smartllm running?)")
     })?;
-    s.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
-    write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n")?;
+    tcp.set_read_timeout(Some(std::time::Duration::from_secs(300)))?;
+    let request = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\n{auth}Content-Length: 0\r\nConnection: close\r\n\r\n");
     let mut raw = Vec::new();
-    s.read_to_end(&mut raw)?;
+    match config.as_ref().and_then(|c| c.server.admin_tls.as_ref()) {
+        Some(tls) => {
+            let client = target
+                .admin_cert
+                .as_deref()
+                .zip(target.admin_key.as_deref());
+            let mut s = crate::admin_tls::connect(tcp, tls, client)?;
+            s.write_all(request.as_bytes())
+                .with_context(|| format!("TLS to the admin listener at {addr}"))?;
+            // A server that closes without close_notify still sent the answer.
+            if let Err(e) = s.read_to_end(&mut raw) {
+                if raw.is_empty() {
+                    return Err(e).with_context(|| format!("TLS to the admin listener at {addr}"));
+                }
+            }
+        }
+        None => {
+            let mut s = tcp;
+            s.write_all(request.as_bytes())?;
+            s.read_to_end(&mut raw)?;
+        }
+    }
     let text = String::from_utf8_lossy(&raw);
     let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
     let status: u16 = head

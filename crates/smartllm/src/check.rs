@@ -16,11 +16,12 @@ pub fn check(dir: &Path) -> ExitCode {
                 c.routes.len(),
                 c.digest
             );
-            if let Some(tls) = &c.server.tls {
+            for (what, tls) in [("TLS", &c.server.tls), ("admin TLS", &c.server.admin_tls)] {
+                let Some(tls) = tls else { continue };
                 // Loading the config checked the files; say what will be served.
                 if let Ok(m) = smartllm_config::tls::load(tls) {
                     println!(
-                        "TLS: {} with the matching key {} (certificate sha256 {}){}",
+                        "{what}: {} with the matching key {} (certificate sha256 {}){}",
                         tls.cert_file.display(),
                         tls.key_file.display(),
                         m.fingerprint,

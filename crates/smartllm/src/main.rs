@@ -22,6 +22,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod admin_client;
+mod admin_tls;
 mod cache_cli;
 mod check;
 mod costs_cli;
@@ -591,23 +592,10 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
             },
         ),
     );
-    match &config.server.tls {
-        Some(tls) => {
-            // The certificate (and client CAs) come from the running config
-            // at every handshake, so a reload swaps them without a restart.
-            let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
-                .map_err(|e| anyhow::anyhow!("TLS listener: {e}"))?;
-            settings.set_cert_resolver(Arc::new(smartllm_proxy::tls::CertResolver::new(
-                shared.clone(),
-            )));
-            settings.set_client_cert_verifier(Arc::new(smartllm_proxy::tls::ClientVerifier::new(
-                shared.clone(),
-            )));
-            settings.enable_h2();
-            tracing::info!(cert = %tls.cert_file.display(), key = %tls.key_file.display(),
-                client_ca = ?tls.client_ca_file.as_ref().map(|p| p.display().to_string()),
-                "API listener: TLS (ALPN h2, http/1.1)");
-            proxy.add_tls_with_settings(&config.server.listen.to_string(), None, settings);
+    use smartllm_proxy::tls::Listener;
+    match tls_settings(&shared, Listener::Api, config.server.tls.as_ref())? {
+        Some(settings) => {
+            proxy.add_tls_with_settings(&config.server.listen.to_string(), None, settings)
         }
         None => proxy.add_tcp(&config.server.listen.to_string()),
     }
@@ -617,7 +605,12 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
             shared: shared.clone(),
         },
     );
-    admin.add_tcp(&config.server.admin_listen.to_string());
+    match tls_settings(&shared, Listener::Admin, config.server.admin_tls.as_ref())? {
+        Some(settings) => {
+            admin.add_tls_with_settings(&config.server.admin_listen.to_string(), None, settings)
+        }
+        None => admin.add_tcp(&config.server.admin_listen.to_string()),
+    }
     server.add_service(proxy);
     server.add_service(admin);
     server.add_service(background_service(
@@ -648,7 +641,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     tracing::info!(
         listen = %config.server.listen, tls = config.server.tls.is_some(), h2c = config.server.h2c,
-        admin = %config.server.admin_listen, config_dir = %dir.display(),
+        admin = %config.server.admin_listen, admin_tls = config.server.admin_tls.is_some(), config_dir = %dir.display(),
         version = env!("CARGO_PKG_VERSION"), "smartllm starting"
     );
     let finisher = Arc::new(Finisher {
@@ -690,6 +683,36 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     finisher.finish();
     tracing::debug!(by, "process ends");
     Ok(())
+}
+
+/// Pingora's rustls settings for a listener with TLS (`None`: plaintext). The
+/// certificate (and client CAs) come from the running config at every
+/// handshake, so a reload swaps them without a restart. ALPN offers h2 and
+/// http/1.1 on the API listener, http/1.1 on the admin listener.
+fn tls_settings(
+    shared: &Arc<Shared>,
+    listener: smartllm_proxy::tls::Listener,
+    tls: Option<&smartllm_config::TlsConfig>,
+) -> anyhow::Result<Option<pingora::listeners::tls::TlsSettings>> {
+    use smartllm_proxy::tls::{CertResolver, ClientVerifier, Listener};
+    let Some(tls) = tls else { return Ok(None) };
+    let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
+        .map_err(|e| anyhow::anyhow!("{}: {e}", listener.setting()))?;
+    settings.set_cert_resolver(Arc::new(CertResolver::new(shared.clone(), listener)));
+    settings.set_client_cert_verifier(Arc::new(ClientVerifier::new(shared.clone(), listener)));
+    let alpn = match listener {
+        Listener::Api => {
+            settings.enable_h2();
+            "h2, http/1.1"
+        }
+        Listener::Admin => {
+            settings.set_alpn(pingora::protocols::ALPN::H1);
+            "http/1.1"
+        }
+    };
+    tracing::info!(setting = listener.setting(), cert = %tls.cert_file.display(), key = %tls.key_file.display(),
+        client_ca = ?tls.client_ca_file.as_ref().map(|p| p.display().to_string()), alpn, "listener with TLS");
+    Ok(Some(settings))
 }
 
 /// Opens RocksDB. With `wait` (graceful upgrade), a lock still held by the

@@ -22,9 +22,9 @@ fn addr(v: &mut Issues<'_>, path: &str, value: Option<String>, default: &str) ->
     })
 }
 
-/// `server.tls`: the paths, resolved against the config directory (the files
-/// themselves are checked by [`check_tls`]).
-fn resolve_tls(dir: &Path, t: RawTls, v: &mut Issues<'_>) -> Option<TlsConfig> {
+/// `server.tls` or `server.admin_tls` (`at`): the paths, resolved against the
+/// config directory (the files themselves are checked by [`check_tls`]).
+fn resolve_tls(dir: &Path, at: &str, t: RawTls, v: &mut Issues<'_>) -> Option<TlsConfig> {
     let mut ok = true;
     for (key, value) in [
         ("cert_file", Some(&t.cert_file)),
@@ -32,11 +32,7 @@ fn resolve_tls(dir: &Path, t: RawTls, v: &mut Issues<'_>) -> Option<TlsConfig> {
         ("client_ca_file", t.client_ca_file.as_ref()),
     ] {
         if value.is_some_and(|f| f.trim().is_empty()) {
-            v.push(
-                MAIN_FILE,
-                format!("server.tls.{key}"),
-                "must name a PEM file",
-            );
+            v.push(MAIN_FILE, format!("{at}.{key}"), "must name a PEM file");
             ok = false;
         }
     }
@@ -47,35 +43,42 @@ fn resolve_tls(dir: &Path, t: RawTls, v: &mut Issues<'_>) -> Option<TlsConfig> {
     })
 }
 
-/// Check the TLS files (readable PEM, the key matches the certificate, usable
-/// client CAs), naming the setting and the file that is wrong, and return
-/// `digest` extended with their contents: a new certificate is a new config,
-/// which a reload applies.
+/// Check the TLS files of both listeners (readable PEM, the key matches the
+/// certificate, usable client CAs), naming the setting and the file that is
+/// wrong, and return `digest` extended with their contents: a new
+/// certificate is a new config, which a reload applies.
 pub(super) fn check_tls(digest: &str, server: &ServerConfig, v: &mut Issues<'_>) -> String {
-    let Some(tls) = &server.tls else {
-        return digest.to_string();
-    };
-    if let Err(e) = crate::tls::load(tls) {
-        v.push(MAIN_FILE, format!("server.tls.{}", e.key()), e.to_string());
-        return digest.to_string();
-    }
     let mut hasher = Sha256::new();
     hasher.update(digest.as_bytes());
-    for (key, path) in crate::tls::files(tls) {
-        // Read again: what was checked is what the digest covers, unless a
-        // file changed in between, which the watcher reports anyway.
-        match std::fs::read(path) {
-            Ok(bytes) => {
-                hasher.update(key.as_bytes());
-                hasher.update([0]);
-                hasher.update(&bytes);
-            }
-            Err(e) => v.push(
-                MAIN_FILE,
-                format!("server.tls.{key}"),
-                format!("cannot read {}: {e}", path.display()),
-            ),
+    for (at, tls) in [
+        ("server.tls", &server.tls),
+        ("server.admin_tls", &server.admin_tls),
+    ] {
+        let Some(tls) = tls else { continue };
+        if let Err(e) = crate::tls::load(tls) {
+            v.push(MAIN_FILE, format!("{at}.{}", e.key()), e.to_string());
+            continue;
         }
+        for (key, path) in crate::tls::files(tls) {
+            // Read again: what was checked is what the digest covers, unless a
+            // file changed in between, which the watcher reports anyway.
+            match std::fs::read(path) {
+                Ok(bytes) => {
+                    hasher.update(at.as_bytes());
+                    hasher.update(key.as_bytes());
+                    hasher.update([0]);
+                    hasher.update(&bytes);
+                }
+                Err(e) => v.push(
+                    MAIN_FILE,
+                    format!("{at}.{key}"),
+                    format!("cannot read {}: {e}", path.display()),
+                ),
+            }
+        }
+    }
+    if server.tls.is_none() && server.admin_tls.is_none() {
+        return digest.to_string();
     }
     hex::encode(&hasher.finalize()[..8])
 }
@@ -150,7 +153,10 @@ pub(super) fn resolve_server(dir: &Path, s: RawServer, v: &mut Issues<'_>) -> Se
         max_in_flight: max_in_flight.clamp(1, 1_000_000),
         grace_period: dur(s.grace_period, 0),
         graceful_shutdown_timeout: dur(s.graceful_shutdown_timeout, 30),
-        tls: s.tls.and_then(|t| resolve_tls(dir, t, v)),
+        tls: s.tls.and_then(|t| resolve_tls(dir, "server.tls", t, v)),
+        admin_tls: s
+            .admin_tls
+            .and_then(|t| resolve_tls(dir, "server.admin_tls", t, v)),
         h2c: s.h2c.unwrap_or(false),
     }
 }
@@ -296,6 +302,34 @@ mod tests {
         );
         let typo = "server:\n  tls:\n    cert: a.pem\n";
         assert!(load_dir(write_dir(&[(MAIN_FILE, typo)]).path()).is_err());
+    }
+
+    #[test]
+    fn admin_tls_is_checked_like_the_api_listeners() {
+        let main = "server:\n  admin_tls:\n    cert_file: cert.pem\n    key_file: key.pem\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, main),
+            ("cert.pem", CERT),
+            ("key.pem", OTHER_KEY),
+        ]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains("smartllm.yaml:4: server.admin_tls.key_file: the private key in"),
+            "{text}"
+        );
+        std::fs::write(dir.path().join("key.pem"), KEY).unwrap();
+        let c = load_dir(dir.path()).unwrap();
+        assert!(c.server.tls.is_none());
+        assert_eq!(
+            c.server.admin_tls.as_ref().unwrap().cert_file,
+            dir.path().join("cert.pem")
+        );
+        let plain = load_dir(write_dir(&[(MAIN_FILE, "")]).path()).unwrap();
+        assert_eq!(
+            plain.restart_only_changes(&c),
+            ["server.admin_tls: off -> on"]
+        );
+        assert!(plain.with_restart_only_from(c).server.admin_tls.is_none());
     }
 
     #[test]
