@@ -14,6 +14,7 @@ CARGO ?= cargo
 CARGO_FLAGS := --release --locked
 BIN := $(CARGO_TARGET_DIR)/release
 OPENAI_SDK_VERSION := 3.57.0
+ANTHROPIC_SDK_VERSION := 2.14.0
 
 APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev systemd
 
@@ -38,6 +39,8 @@ venv: deps
 	@[ -x "$(VENV)/bin/python" ] || python3 -m venv "$(VENV)"
 	@"$(VENV)/bin/python" -c "import openai, sys; sys.exit(openai.__version__ != '$(OPENAI_SDK_VERSION)')" 2>/dev/null \
 		|| "$(VENV)/bin/pip" install -q "openai==$(OPENAI_SDK_VERSION)"
+	@"$(VENV)/bin/python" -c "import anthropic, sys; sys.exit(anthropic.__version__ != '$(ANTHROPIC_SDK_VERSION)')" 2>/dev/null \
+		|| "$(VENV)/bin/pip" install -q "anthropic==$(ANTHROPIC_SDK_VERSION)"
 
 # Start the gateway on the shipped conf/. Without OPENAI_API_KEY or
 # ANTHROPIC_API_KEY it starts the bundled mock LLM too (demo mode).

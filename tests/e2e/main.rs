@@ -2,6 +2,7 @@
 //! One binary; one module per concern. The harness (`smartllm_e2e`, `tests/lib.rs`)
 //! builds the binaries it starts when they are missing.
 
+mod anthropic;
 mod bounded;
 mod cache;
 mod cli;

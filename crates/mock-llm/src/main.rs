@@ -132,6 +132,8 @@ struct State {
     /// Streams whose client (the gateway) went away before the end.
     streams_aborted: AtomicU64,
     last: Mutex<Value>,
+    /// Prompt-cache prefixes (Anthropic `cache_control`) already written.
+    prompt_cache: Mutex<std::collections::HashSet<String>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -363,7 +365,12 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
     if let Some(v) = get("status").and_then(|v| v.parse().ok()) {
         b.status = Some(v);
     }
-    b.fault = get("fault").or_else(|| prompt_fault(&last_user_text(body)));
+    b.fault = get("fault").or_else(|| prompt_mark(&last_user_text(body), "[mock-fault:"));
+    if let Some(s) =
+        prompt_mark(&last_user_text(body), "[mock-status:").and_then(|s| s.parse().ok())
+    {
+        b.status = Some(s);
+    }
     b.no_usage = get("no_usage").is_some_and(|v| v == "true" || v == "1");
     if b.fault.is_none()
         && b.status.is_none()
@@ -379,10 +386,9 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
     b
 }
 
-/// A fault named in a prompt: `[mock-fault:NAME]`.
-fn prompt_fault(text: &str) -> Option<String> {
-    const MARK: &str = "[mock-fault:";
-    let rest = &text[text.find(MARK)? + MARK.len()..];
+/// A fault or status named in a prompt: `[mock-fault:NAME]`, `[mock-status:429]`.
+fn prompt_mark(text: &str, mark: &str) -> Option<String> {
+    let rest = &text[text.find(mark)? + mark.len()..];
     let name = rest[..rest.find(']')?].trim();
     (!name.is_empty()).then(|| name.to_string())
 }
@@ -503,8 +509,16 @@ fn prompt_text(path: &str, body: &Value) -> String {
         };
     }
     let mut out = Vec::new();
-    if let Some(Value::String(s)) = body.get("system") {
-        out.push(s.clone());
+    match body.get("system") {
+        Some(Value::String(s)) => out.push(s.clone()),
+        Some(Value::Array(blocks)) => {
+            for b in blocks {
+                if let Some(t) = b.get("text").and_then(Value::as_str) {
+                    out.push(t.to_string());
+                }
+            }
+        }
+        _ => {}
     }
     if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
         for m in msgs {
@@ -543,6 +557,63 @@ fn last_user_text(body: &Value) -> String {
             _ => String::new(),
         })
         .unwrap_or_default()
+}
+
+/// A tool the answer calls: with `tools` offered and no tool result yet in
+/// the last turn, the mock calls the first tool with the question as input.
+fn wanted_tool(body: &Value, anthropic: bool) -> Option<(String, Value)> {
+    let tools = body.get("tools")?.as_array()?;
+    let first = tools.first()?;
+    let name = if anthropic {
+        first.get("name")
+    } else {
+        first.get("function").and_then(|f| f.get("name"))
+    }
+    .and_then(Value::as_str)?;
+    let last = body.get("messages")?.as_array()?.last()?;
+    let answered = if anthropic {
+        last.get("content")
+            .and_then(Value::as_array)
+            .is_some_and(|b| b.iter().any(|b| b["type"] == "tool_result"))
+    } else {
+        last.get("role").and_then(Value::as_str) == Some("tool")
+    };
+    if answered
+        || body
+            .get("tool_choice")
+            .and_then(|c| c.get("type").or(Some(c)))
+            == Some(&json!("none"))
+    {
+        return None;
+    }
+    let question: String = last_user_text(body).chars().take(40).collect();
+    Some((name.to_string(), json!({"query": question})))
+}
+
+/// Anthropic's usage, prompt cache included: with `cache_control` in the
+/// request, the system prompt is the cached prefix, written the first time
+/// it is seen and read afterwards.
+fn anthropic_usage(body: &Value, prompt_tokens: u64, state: &State) -> Value {
+    let marked = body.to_string().contains("\"cache_control\"");
+    let (mut written, mut read) = (0, 0);
+    if marked {
+        let system = body.get("system").map(Value::to_string).unwrap_or_default();
+        let prefix = hex::encode(Sha256::digest(system.as_bytes()));
+        let system_text = prompt_text("/v1/messages", &json!({"system": body.get("system")}));
+        let cached = count_tokens(&system_text).min(prompt_tokens);
+        let seen = state
+            .prompt_cache
+            .lock()
+            .map(|mut s| !s.insert(prefix))
+            .unwrap_or(false);
+        if seen {
+            read = cached;
+        } else {
+            written = cached;
+        }
+    }
+    json!({"input_tokens": prompt_tokens - written - read, "cache_creation_input_tokens": written,
+        "cache_read_input_tokens": read, "output_tokens": 0})
 }
 
 fn now() -> u64 {
@@ -633,6 +704,11 @@ async fn handle<S: Conn>(
             return Ok(true);
         }
         _ => {}
+    }
+    if path.ends_with("/messages/count_tokens") {
+        let n = count_tokens(&prompt_text(&path, &body));
+        write_json(sock, 200, &json!({"input_tokens": n}), &inst).await?;
+        return Ok(true);
     }
     let anthropic = path.ends_with("/messages");
     if body.is_null() {
@@ -731,45 +807,124 @@ async fn handle<S: Conn>(
 
     if anthropic {
         let text = words.join(" ");
-        let stop = if finish == "length" {
+        let tool = wanted_tool(&body, true);
+        let thinking = body
+            .get("thinking")
+            .and_then(|t| t.get("type"))
+            .and_then(Value::as_str)
+            == Some("enabled");
+        let stop = if tool.is_some() {
+            "tool_use"
+        } else if finish == "length" {
             "max_tokens"
         } else {
             "end_turn"
         };
+        let usage = anthropic_usage(&body, prompt_tokens, state);
+        let mut blocks = Vec::new();
+        if thinking {
+            blocks.push(json!({"type": "thinking", "thinking": format!("The user asks: {}", seed_text.chars().take(40).collect::<String>()), "signature": "mock-signature"}));
+        }
+        blocks.push(json!({"type": "text", "text": text}));
+        if let Some((name, args)) = &tool {
+            blocks.push(json!({"type": "tool_use", "id": format!("toolu_{}", &id[5..]), "name": name, "input": args}));
+        }
         if !stream {
+            let mut u = usage.clone();
+            u["output_tokens"] = json!(completion_tokens);
             let out = json!({"id": id, "type": "message", "role": "assistant", "model": model,
-                "content": [{"type": "text", "text": text}], "stop_reason": stop, "stop_sequence": null,
-                "usage": {"input_tokens": prompt_tokens, "output_tokens": completion_tokens}});
+                "content": blocks, "stop_reason": stop, "stop_sequence": null, "usage": u});
             write_json(sock, 200, &out, &inst).await?;
             return Ok(true);
         }
         start_stream(sock, &inst).await?;
         let ev = |name: &str, v: Value| format!("event: {name}\ndata: {v}\n\n");
-        write_chunk(sock, ev("message_start", json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "usage": {"input_tokens": prompt_tokens, "output_tokens": 1}}})).as_bytes()).await?;
-        write_chunk(sock, ev("content_block_start", json!({"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}})).as_bytes()).await?;
+        let mut start_usage = usage.clone();
+        start_usage["output_tokens"] = json!(1);
+        write_chunk(sock, ev("message_start", json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": start_usage}})).as_bytes()).await?;
+        write_chunk(sock, ev("ping", json!({"type": "ping"})).as_bytes()).await?;
         let error_at = (b.fault.as_deref() == Some("error-mid-stream")).then_some(words.len() / 2);
-        for (i, w) in words.iter().enumerate() {
-            if error_at == Some(i) {
-                // What Anthropic sends when it fails mid-answer (e.g. overloaded).
-                write_chunk(sock, ev("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": stream_error_message(&req)}})).as_bytes()).await?;
-                write_chunk(sock, b"").await?;
-                return Ok(true);
-            }
-            if b.chunk_delay_ms > 0 {
-                tokio::time::sleep(Duration::from_millis(b.chunk_delay_ms)).await;
-            }
-            let t = if i == 0 { w.clone() } else { format!(" {w}") };
-            write_chunk(sock, ev("content_block_delta", json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}})).as_bytes()).await?;
-        }
-        write_chunk(
-            sock,
-            ev(
-                "content_block_stop",
-                json!({"type": "content_block_stop", "index": 0}),
+        for (index, block) in blocks.iter().enumerate() {
+            let kind = block["type"].as_str().unwrap_or("text");
+            let empty = match kind {
+                "thinking" => json!({"type": "thinking", "thinking": "", "signature": ""}),
+                "tool_use" => {
+                    json!({"type": "tool_use", "id": block["id"], "name": block["name"], "input": {}})
+                }
+                _ => json!({"type": "text", "text": ""}),
+            };
+            write_chunk(
+                sock,
+                ev(
+                    "content_block_start",
+                    json!({"type": "content_block_start", "index": index, "content_block": empty}),
+                )
+                .as_bytes(),
             )
-            .as_bytes(),
-        )
-        .await?;
+            .await?;
+            let delta = |d: Value| {
+                ev(
+                    "content_block_delta",
+                    json!({"type": "content_block_delta", "index": index, "delta": d}),
+                )
+            };
+            match kind {
+                "thinking" => {
+                    write_chunk(
+                        sock,
+                        delta(json!({"type": "thinking_delta", "thinking": block["thinking"]}))
+                            .as_bytes(),
+                    )
+                    .await?;
+                    write_chunk(
+                        sock,
+                        delta(json!({"type": "signature_delta", "signature": block["signature"]}))
+                            .as_bytes(),
+                    )
+                    .await?;
+                }
+                "tool_use" => {
+                    let args = block["input"].to_string();
+                    let (head, tail) = args.split_at(args.len() / 2);
+                    for part in [head, tail] {
+                        write_chunk(
+                            sock,
+                            delta(json!({"type": "input_json_delta", "partial_json": part}))
+                                .as_bytes(),
+                        )
+                        .await?;
+                    }
+                }
+                _ => {
+                    for (i, w) in words.iter().enumerate() {
+                        if error_at == Some(i) {
+                            // What Anthropic sends when it fails mid-answer (e.g. overloaded).
+                            write_chunk(sock, ev("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": stream_error_message(&req)}})).as_bytes()).await?;
+                            write_chunk(sock, b"").await?;
+                            return Ok(true);
+                        }
+                        if b.chunk_delay_ms > 0 {
+                            tokio::time::sleep(Duration::from_millis(b.chunk_delay_ms)).await;
+                        }
+                        let t = if i == 0 { w.clone() } else { format!(" {w}") };
+                        write_chunk(
+                            sock,
+                            delta(json!({"type": "text_delta", "text": t})).as_bytes(),
+                        )
+                        .await?;
+                    }
+                }
+            }
+            write_chunk(
+                sock,
+                ev(
+                    "content_block_stop",
+                    json!({"type": "content_block_stop", "index": index}),
+                )
+                .as_bytes(),
+            )
+            .await?;
+        }
         write_chunk(sock, ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": completion_tokens}})).as_bytes()).await?;
         write_chunk(
             sock,
@@ -779,6 +934,16 @@ async fn handle<S: Conn>(
         write_chunk(sock, b"").await?;
         return Ok(true);
     }
+
+    let tool = if chat {
+        wanted_tool(&body, false)
+    } else {
+        None
+    };
+    let finish = if tool.is_some() { "tool_calls" } else { finish };
+    let tool_call = tool.as_ref().map(|(name, args)| {
+        json!({"id": format!("call_{}", &id[5..]), "type": "function", "function": {"name": name, "arguments": args.to_string()}})
+    });
 
     if !stream {
         let text = words.join(" ");
@@ -792,6 +957,9 @@ async fn handle<S: Conn>(
                 "choices": [{"index": 0, "text": text, "finish_reason": finish, "logprobs": null}], "usage": usage})
         };
         let mut out = out;
+        if let Some(call) = &tool_call {
+            out["choices"][0]["message"]["tool_calls"] = json!([call]);
+        }
         if b.no_usage {
             if let Some(o) = out.as_object_mut() {
                 o.remove("usage");
@@ -854,6 +1022,19 @@ async fn handle<S: Conn>(
             return Err(e.into());
         }
     }
+    if let Some(call) = &tool_call {
+        let args = call["function"]["arguments"].as_str().unwrap_or("{}");
+        let (head, tail) = args.split_at(args.len() / 2);
+        write_chunk(sock, &chunk(json!({"tool_calls": [{"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": head}}]}), Value::Null)).await?;
+        write_chunk(
+            sock,
+            &chunk(
+                json!({"tool_calls": [{"index": 0, "function": {"arguments": tail}}]}),
+                Value::Null,
+            ),
+        )
+        .await?;
+    }
     write_chunk(sock, &chunk(json!({}), json!(finish))).await?;
     if include_usage {
         let v = json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage});
@@ -880,12 +1061,20 @@ mod tests {
     #[test]
     fn faults_named_in_prompts() {
         assert_eq!(
-            prompt_fault("tell me [mock-fault:error-mid-stream] please").as_deref(),
+            prompt_mark(
+                "tell me [mock-fault:error-mid-stream] please",
+                "[mock-fault:"
+            )
+            .as_deref(),
             Some("error-mid-stream")
         );
-        assert_eq!(prompt_fault("no fault here"), None);
-        assert_eq!(prompt_fault("[mock-fault:]"), None);
-        assert_eq!(prompt_fault("[mock-fault:reset"), None);
+        assert_eq!(prompt_mark("no fault here", "[mock-fault:"), None);
+        assert_eq!(prompt_mark("[mock-fault:]", "[mock-fault:"), None);
+        assert_eq!(prompt_mark("[mock-fault:reset", "[mock-fault:"), None);
+        assert_eq!(
+            prompt_mark("x [mock-status:429]", "[mock-status:").as_deref(),
+            Some("429")
+        );
     }
 
     #[test]

@@ -34,6 +34,19 @@ pub fn normalise(text: &str) -> String {
 /// The key of a chat request, or `None` when its shape is not cacheable
 /// (no final user turn, several choices, or a non-text last turn).
 pub fn chat_key(tenant: &str, resolved_model: &str, body: &Map<String, Value>) -> Option<CacheKey> {
+    api_chat_key("chat_completions", tenant, resolved_model, body)
+}
+
+/// [`chat_key`] for a request that came in through `api` (the endpoint's
+/// name: `chat_completions`, `messages`, `responses`), whose body is the
+/// canonical chat request it amounts to. Each API has its own namespaces, so
+/// a hit always replays an answer given to the same API.
+pub fn api_chat_key(
+    api: &str,
+    tenant: &str,
+    resolved_model: &str,
+    body: &Map<String, Value>,
+) -> Option<CacheKey> {
     let messages = body.get("messages")?.as_array()?;
     let (last, earlier) = messages.split_last()?;
     if last.get("role").and_then(Value::as_str) != Some("user") {
@@ -76,6 +89,11 @@ pub fn chat_key(tenant: &str, resolved_model: &str, body: &Map<String, Value>) -
         h.update((part.len() as u64).to_le_bytes());
         h.update(part);
     }
+    // Chat Completions keeps the namespaces it always had (no re-warming on upgrade).
+    if api != "chat_completions" {
+        h.update((api.len() as u64).to_le_bytes());
+        h.update(api.as_bytes());
+    }
     let namespace: [u8; 32] = h.finalize().into();
     let mut h = Sha256::new();
     h.update(namespace);
@@ -98,6 +116,24 @@ mod tests {
 
     fn key(tenant: &str, v: Value) -> CacheKey {
         chat_key(tenant, "m", &body(v)).unwrap()
+    }
+
+    #[test]
+    fn each_api_has_its_own_namespaces() {
+        let b =
+            body(json!({"model": "m", "messages": [{"role": "user", "content": "What is Rust?"}]}));
+        let chat = chat_key("t", "m", &b).unwrap();
+        assert_eq!(
+            api_chat_key("chat_completions", "t", "m", &b).unwrap(),
+            chat
+        );
+        let messages = api_chat_key("messages", "t", "m", &b).unwrap();
+        assert_ne!(messages.namespace, chat.namespace);
+        assert_ne!(messages.exact, chat.exact);
+        assert_ne!(
+            api_chat_key("responses", "t", "m", &b).unwrap().namespace,
+            messages.namespace
+        );
     }
 
     #[test]

@@ -38,7 +38,7 @@ pub use admin::{CacheStats, Purge};
 pub use entry::{Codec, CodecError, Entry, KeyFileError, Sealing};
 pub use guard::{near_miss, Exclusions};
 pub use index::{IndexError, VectorIndex};
-pub use key::{chat_key, CacheKey};
+pub use key::{api_chat_key, chat_key, CacheKey};
 pub use lifecycle::INDEX_FILE;
 pub use lookup::{HitKind, Lookup};
 

@@ -193,6 +193,9 @@ pub struct RawProvider {
     #[serde(default)]
     pub headers: BTreeMap<String, String>,
     pub anthropic_version: Option<String>,
+    /// An OpenAI-compatible provider drops the thinking blocks of Anthropic
+    /// Messages requests instead of refusing them.
+    pub drop_thinking: Option<bool>,
     /// PEM bundle of CAs to trust for this provider instead of the system roots
     /// (private deployments behind their own CA).
     pub tls_ca_file: Option<String>,

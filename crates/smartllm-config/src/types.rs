@@ -443,6 +443,10 @@ pub struct ProviderConfig {
     pub api_key: ApiKeySource,
     pub headers: Vec<(String, String)>,
     pub anthropic_version: String,
+    /// Anthropic Messages requests with thinking (asked for, or blocks in
+    /// the history) reach this OpenAI-compatible provider without it, rather
+    /// than being refused with a 400.
+    pub drop_thinking: bool,
     pub tls_ca_file: Option<PathBuf>,
     pub stream_usage: bool,
     pub connect_timeout: Duration,

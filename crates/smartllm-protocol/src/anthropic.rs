@@ -197,13 +197,17 @@ fn finish_reason(stop: Option<&str>) -> Value {
     }
 }
 
-fn usage_of(u: &Value) -> Usage {
+/// Anthropic's `usage` object in the canonical [`Usage`].
+pub fn usage_of(u: &Value) -> Usage {
     let get = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
     let cached = get("cache_read_input_tokens");
+    let written = get("cache_creation_input_tokens");
     Usage {
-        prompt_tokens: get("input_tokens") + cached + get("cache_creation_input_tokens"),
+        prompt_tokens: get("input_tokens") + cached + written,
         completion_tokens: get("output_tokens"),
         cached_tokens: cached,
+        cache_write_tokens: written,
+        reasoning_tokens: 0,
     }
 }
 
@@ -437,6 +441,7 @@ impl AnthropicStream {
                     if d.prompt_tokens > 0 {
                         self.usage.prompt_tokens = d.prompt_tokens;
                         self.usage.cached_tokens = d.cached_tokens;
+                        self.usage.cache_write_tokens = d.cache_write_tokens;
                     }
                     self.saw_usage = true;
                 }
@@ -511,7 +516,8 @@ mod tests {
             Usage {
                 prompt_tokens: 14,
                 completion_tokens: 5,
-                cached_tokens: 4
+                cached_tokens: 4,
+                ..Usage::default()
             }
         );
     }

@@ -7,8 +7,10 @@ pub mod assemble;
 pub mod error;
 #[doc(hidden)]
 pub mod fuzzing;
+pub mod messages;
 pub mod openai;
 pub mod prompt;
+pub mod responses;
 pub mod sse;
 pub mod time;
 pub mod usage;

@@ -10,6 +10,10 @@ pub enum Endpoint {
     ChatCompletions,
     Completions,
     Embeddings,
+    /// Anthropic Messages (`/v1/messages`), inbound.
+    Messages,
+    /// Anthropic's `/v1/messages/count_tokens`.
+    MessagesCountTokens,
 }
 
 impl Endpoint {
@@ -18,17 +22,31 @@ impl Endpoint {
             "/v1/chat/completions" | "/chat/completions" => Some(Endpoint::ChatCompletions),
             "/v1/completions" | "/completions" => Some(Endpoint::Completions),
             "/v1/embeddings" | "/embeddings" => Some(Endpoint::Embeddings),
+            "/v1/messages" => Some(Endpoint::Messages),
+            "/v1/messages/count_tokens" => Some(Endpoint::MessagesCountTokens),
             _ => None,
         }
     }
 
-    /// Path below the provider's base URL (which carries the `/v1`).
+    /// Path below an OpenAI-compatible provider's base URL (which carries
+    /// the `/v1`). Messages requests go there translated to Chat Completions.
     pub fn upstream_suffix(self) -> &'static str {
         match self {
-            Endpoint::ChatCompletions => "/chat/completions",
+            Endpoint::ChatCompletions | Endpoint::Messages => "/chat/completions",
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
+            Endpoint::MessagesCountTokens => "/messages/count_tokens",
         }
+    }
+
+    /// The client speaks Anthropic's API (and gets its shapes and errors).
+    pub fn is_anthropic(self) -> bool {
+        matches!(self, Endpoint::Messages | Endpoint::MessagesCountTokens)
+    }
+
+    /// A chat request in the canonical shape (what the cache and the router read).
+    pub fn is_chat(self) -> bool {
+        matches!(self, Endpoint::ChatCompletions | Endpoint::Messages)
     }
 
     pub fn as_str(self) -> &'static str {
@@ -36,6 +54,8 @@ impl Endpoint {
             Endpoint::ChatCompletions => "chat_completions",
             Endpoint::Completions => "completions",
             Endpoint::Embeddings => "embeddings",
+            Endpoint::Messages => "messages",
+            Endpoint::MessagesCountTokens => "messages_count_tokens",
         }
     }
 }
@@ -49,6 +69,11 @@ pub struct ParsedRequest {
     pub stream: bool,
     /// The client asked for a usage chunk at the end of the stream.
     pub client_wants_usage: bool,
+    /// The client's own body, for a provider that speaks its API (passed
+    /// through byte for byte but for the model name).
+    pub native: Option<bytes::Bytes>,
+    /// What an Anthropic Messages request uses that only Anthropic takes.
+    pub anthropic_only: crate::messages::AnthropicOnly,
 }
 
 impl ParsedRequest {
@@ -146,6 +171,9 @@ const ROLES: [&str; 6] = [
 
 /// Parse and validate a request body for `endpoint`.
 pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, ApiError> {
+    if endpoint.is_anthropic() {
+        return crate::messages::parse(endpoint, bytes::Bytes::copy_from_slice(bytes));
+    }
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::invalid_request(
             "invalid_json",
@@ -344,6 +372,7 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
                 .with_param("stream"));
             }
         }
+        Endpoint::Messages | Endpoint::MessagesCountTokens => {}
     }
 
     Ok(ParsedRequest {
@@ -352,6 +381,8 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
         model,
         stream,
         client_wants_usage,
+        native: None,
+        anthropic_only: Default::default(),
     })
 }
 

@@ -7,7 +7,15 @@ use serde_json::Value;
 pub struct Usage {
     pub prompt_tokens: u64,
     pub completion_tokens: u64,
+    /// Prompt tokens read from the provider's prompt cache (part of
+    /// `prompt_tokens`): OpenAI `cached_tokens`, Anthropic `cache_read_input_tokens`.
     pub cached_tokens: u64,
+    /// Prompt tokens written to the provider's prompt cache (part of
+    /// `prompt_tokens`): Anthropic `cache_creation_input_tokens`.
+    pub cache_write_tokens: u64,
+    /// Completion tokens spent reasoning (part of `completion_tokens`):
+    /// OpenAI `completion_tokens_details.reasoning_tokens`.
+    pub reasoning_tokens: u64,
 }
 
 impl Usage {
@@ -27,6 +35,12 @@ impl Usage {
             cached_tokens: u
                 .get("prompt_tokens_details")
                 .and_then(|d| d.get("cached_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            cache_write_tokens: 0,
+            reasoning_tokens: u
+                .get("completion_tokens_details")
+                .and_then(|d| d.get("reasoning_tokens"))
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
         })
@@ -131,7 +145,8 @@ data: [DONE]\n\n";
             Some(Usage {
                 prompt_tokens: 7,
                 completion_tokens: 2,
-                cached_tokens: 3
+                cached_tokens: 3,
+                ..Usage::default()
             })
         );
         assert!(f.saw_done);

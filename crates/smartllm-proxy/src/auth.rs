@@ -9,7 +9,8 @@ use pingora_proxy::Session;
 use sha2::{Digest, Sha256};
 use smartllm_protocol::ApiError;
 
-/// The client's key: `Authorization: Bearer KEY`, or `api-key: KEY` (Azure style).
+/// The client's key: `Authorization: Bearer KEY`, `x-api-key: KEY`
+/// (Anthropic's SDKs and Claude Code), or `api-key: KEY` (Azure style).
 fn presented_key(session: &Session) -> Option<String> {
     let h = &session.req_header().headers;
     if let Some(v) = h.get("authorization").and_then(|v| v.to_str().ok()) {
@@ -23,7 +24,8 @@ fn presented_key(session: &Session) -> Option<String> {
             return Some(token.to_string());
         }
     }
-    h.get("api-key")
+    h.get("x-api-key")
+        .or_else(|| h.get("api-key"))
         .and_then(|v| v.to_str().ok())
         .map(|v| v.trim().to_string())
         .filter(|v| !v.is_empty())
@@ -38,7 +40,7 @@ pub fn authenticate(session: &Session, ctx: &mut Ctx, rt: &Runtime) -> Result<()
                 401,
                 "invalid_request_error",
                 "missing_api_key",
-                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY' (keys are configured in keys.yaml).",
+                "You didn't provide an API key. Send it as 'Authorization: Bearer YOUR_KEY' or 'x-api-key: YOUR_KEY' (keys are configured in keys.yaml).",
             ));
         }
         ctx.tenant = "anonymous".into();

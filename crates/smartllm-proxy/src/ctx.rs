@@ -12,6 +12,9 @@ pub struct Ctx {
     pub request_id: String,
     pub rt: Option<Arc<Runtime>>,
     pub endpoint: &'static str,
+    /// The client speaks Anthropic's API: its errors and answers take
+    /// Anthropic's shapes.
+    pub anthropic: bool,
     pub route: Option<String>,
     /// The model serving the request: read with [`Ctx::model`], set only
     /// by [`Ctx::set_model`].
@@ -73,6 +76,7 @@ impl Ctx {
             request_id: String::new(),
             rt: None,
             endpoint: "other",
+            anthropic: false,
             route: None,
             model: None,
             provider: None,

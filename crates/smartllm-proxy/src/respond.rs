@@ -92,7 +92,12 @@ pub async fn error(
         session.set_keepalive(None);
         extra.push(("connection".to_string(), "close".to_string()));
     }
-    json(session, ctx, err.status, err.body(), &extra).await
+    let body = if ctx.anthropic {
+        smartllm_protocol::messages::error_body(err)
+    } else {
+        err.body()
+    };
+    json(session, ctx, err.status, body, &extra).await
 }
 
 /// Errors that escape `request_filter` (mostly the client going away): answer

@@ -14,7 +14,8 @@ use std::time::Duration;
 
 /// What an admitted request asks for.
 pub enum Admitted {
-    /// `GET /v1/models` (all) or `/v1/models/{id}` (one).
+    /// `GET /v1/models` (all) or `/v1/models/{id}` (one), in Anthropic's
+    /// shape when the request carries `anthropic-version`.
     Models(Option<String>),
     /// An API call with its whole body.
     Api { endpoint: Endpoint, body: BytesMut },
@@ -28,6 +29,13 @@ pub async fn admit(
     ctx: &mut Ctx,
     rt: &Runtime,
 ) -> Result<Admitted, ApiError> {
+    // Anthropic's clients get Anthropic's shapes, errors from here on included.
+    {
+        let h = session.req_header();
+        ctx.anthropic = h.uri.path().starts_with("/v1/messages")
+            || (h.uri.path().starts_with("/v1/models")
+                && h.headers.contains_key("anthropic-version"));
+    }
     if shared.draining.load(Ordering::SeqCst) {
         let mut err = ApiError::unavailable(
             "server_shutting_down",

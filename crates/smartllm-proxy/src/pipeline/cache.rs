@@ -11,9 +11,9 @@ use crate::{metrics, respond, Shared};
 use bytes::Bytes;
 use pingora_proxy::Session;
 use serde_json::Value;
-use smartllm_cache::{chat_key, CacheKey, Lookup};
+use smartllm_cache::{api_chat_key, CacheKey, Lookup};
 use smartllm_protocol::assemble::replay_as_sse;
-use smartllm_protocol::Endpoint;
+use smartllm_protocol::{messages, Endpoint};
 
 fn cache_control(session: &Session) -> (bool, bool) {
     let mut no_store = false;
@@ -47,7 +47,7 @@ pub async fn phase(
     let Some(cache) = shared.cache.clone() else {
         return Ok(false);
     };
-    if req.endpoint != Endpoint::ChatCompletions || !cfg.enabled {
+    if !req.endpoint.is_chat() || !cfg.enabled {
         return Ok(false);
     }
     let policy = cfg.policy(route, model).clone();
@@ -80,7 +80,7 @@ pub async fn phase(
         bypass(ctx, "excluded");
         return Ok(false);
     }
-    let Some(key) = chat_key(&ctx.tenant, model, &req.body) else {
+    let Some(key) = api_chat_key(req.endpoint.as_str(), &ctx.tenant, model, &req.body) else {
         bypass(ctx, "shape");
         return Ok(false);
     };
@@ -120,8 +120,13 @@ pub async fn phase(
                 ctx.cache_insert = Some(pending(key, None));
                 return Ok(false);
             }
+            let anthropic = req.endpoint == Endpoint::Messages;
             if req.stream {
-                let body = replay_as_sse(&completion, req.client_wants_usage);
+                let mut body = replay_as_sse(&completion, req.client_wants_usage);
+                if anthropic {
+                    let mut m = messages::ChatToMessagesStream::new(&req.model, 0);
+                    body = m.feed(&body).unwrap_or_default();
+                }
                 // The whole replay is known: a sized body keeps the connection reusable.
                 let mut h = respond::header(
                     200,
@@ -135,6 +140,16 @@ pub async fn phase(
                 session
                     .write_response_body(Some(Bytes::from(body)), true)
                     .await?;
+            } else if anthropic {
+                let m = messages::response_from_chat(&completion, &req.model);
+                respond::json(
+                    session,
+                    ctx,
+                    200,
+                    serde_json::to_vec(&m).unwrap_or_default(),
+                    &[],
+                )
+                .await?;
             } else {
                 respond::json(session, ctx, 200, entry.response.clone().into_bytes(), &[]).await?;
             }

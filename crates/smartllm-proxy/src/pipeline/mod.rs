@@ -26,7 +26,7 @@ mod route;
 use crate::ctx::Ctx;
 use crate::{respond, Shared};
 use pingora_proxy::Session;
-use smartllm_protocol::ApiError;
+use smartllm_protocol::{ApiError, Endpoint};
 
 /// Why a phase stopped the request.
 enum Failure {
@@ -79,6 +79,9 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
         admit::Admitted::Api { endpoint, body } => (endpoint, body),
     };
     let mut request = parse::parse(ctx, &rt, endpoint, body)?;
+    if endpoint == Endpoint::MessagesCountTokens {
+        return count_tokens(shared, session, ctx, &rt, &request).await;
+    }
     // The cache first: a hit costs nothing, whatever the budget.
     if cache::phase(shared, session, ctx, &rt, &request)
         .await
@@ -88,6 +91,48 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
     }
     let chain = route::plan(shared, session, ctx, &rt, &mut request).await?;
     exchange::run(shared, session, ctx, &rt, &request.req, &chain).await?;
+    Ok(())
+}
+
+/// `POST /v1/messages/count_tokens`: Anthropic providers count exactly (the
+/// request goes through, byte for byte); for others the gateway estimates
+/// with the tokenizer heuristic its ledger uses for unreported usage.
+async fn count_tokens(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    rt: &crate::runtime::Runtime,
+    request: &parse::Parsed<'_>,
+) -> Result<(), Failure> {
+    let model = request.model;
+    ctx.set_model(&model.name);
+    let anthropic = !model.deployments.is_empty()
+        && model.deployments.iter().all(|d| {
+            rt.config
+                .providers
+                .get(&d.provider)
+                .is_some_and(|p| p.kind == smartllm_config::ProviderKind::Anthropic)
+        });
+    if anthropic {
+        let chain = [model.name.clone()];
+        return Ok(exchange::run(shared, session, ctx, rt, &request.req, &chain).await?);
+    }
+    let text = smartllm_protocol::prompt::request_text(&request.req.body);
+    let tools = request
+        .req
+        .body
+        .get("tools")
+        .map_or(0, |t| smartllm_ledger::estimate_tokens(&t.to_string()));
+    let n = smartllm_ledger::estimate_tokens(&text) + tools;
+    let body = serde_json::to_vec(&serde_json::json!({ "input_tokens": n })).unwrap_or_default();
+    respond::json(
+        session,
+        ctx,
+        200,
+        body,
+        &[("x-smartllm-estimated".to_string(), "true".to_string())],
+    )
+    .await?;
     Ok(())
 }
 

@@ -1,4 +1,7 @@
-//! `GET /v1/models`: the configured models and routes, as OpenAI lists them.
+//! `GET /v1/models`: the configured models and routes, as OpenAI lists them,
+//! or as Anthropic does when the request carries `anthropic-version` (Claude
+//! Code lists models with `?limit=1000`; `limit`, `after_id` and `before_id`
+//! page the list).
 
 use crate::ctx::Ctx;
 use crate::respond;
@@ -25,6 +28,10 @@ pub async fn answer(
             .values()
             .map(|r| json!({"id": r.name, "object": "model", "created": 0, "owned_by": "smartllm-route", "route_to": r.model})),
     );
+    if ctx.anthropic {
+        let query = session.req_header().uri.query().unwrap_or("").to_string();
+        return anthropic(session, ctx, rt, data, id, &query).await;
+    }
     match id {
         None => {
             let body =
@@ -48,4 +55,69 @@ pub async fn answer(
             }
         },
     }
+}
+
+/// The list (or one model) in Anthropic's shape.
+async fn anthropic(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    rt: &Runtime,
+    data: Vec<serde_json::Value>,
+    id: Option<String>,
+    query: &str,
+) -> pingora_error::Result<()> {
+    let model = |m: &serde_json::Value| json!({"type": "model", "id": m["id"], "display_name": m["id"], "created_at": "1970-01-01T00:00:00Z"});
+    if let Some(id) = id {
+        return match data.iter().find(|m| m["id"] == id.as_str()) {
+            Some(m) => {
+                let body = serde_json::to_vec(&model(m)).unwrap_or_default();
+                respond::json(session, ctx, 200, body, &[]).await
+            }
+            None => {
+                let err = ApiError::model_not_found(&id, &rt.known_models);
+                respond::error(session, ctx, &err).await
+            }
+        };
+    }
+    let param = |k: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(name, _)| *name == k)
+            .map(|(_, v)| v.to_string())
+    };
+    let limit = match param("limit").map(|v| v.parse::<usize>()) {
+        None => 20,
+        Some(Ok(n)) if (1..=1000).contains(&n) => n,
+        Some(_) => {
+            let err = ApiError::invalid_request(
+                "invalid_value",
+                "limit: Input should be an integer between 1 and 1000",
+            )
+            .with_param("limit");
+            return respond::error(session, ctx, &err).await;
+        }
+    };
+    let ids: Vec<&str> = data.iter().filter_map(|m| m["id"].as_str()).collect();
+    let pos = |k: &str| param(k).and_then(|v| ids.iter().position(|i| *i == v));
+    let (start, end) = match (pos("after_id"), pos("before_id")) {
+        (Some(a), _) => (a + 1, (a + 1 + limit).min(ids.len())),
+        (None, Some(b)) => (b.saturating_sub(limit), b),
+        (None, None) => (0, limit.min(ids.len())),
+    };
+    let page: Vec<serde_json::Value> = data[start..end].iter().map(model).collect();
+    let body = json!({
+        "data": page,
+        "has_more": end < ids.len(),
+        "first_id": ids.get(start).filter(|_| start < end),
+        "last_id": end.checked_sub(1).and_then(|i| ids.get(i)).filter(|_| start < end),
+    });
+    respond::json(
+        session,
+        ctx,
+        200,
+        serde_json::to_vec(&body).unwrap_or_default(),
+        &[],
+    )
+    .await
 }

@@ -24,8 +24,11 @@ pub fn parse<'rt>(
     endpoint: Endpoint,
     body: BytesMut,
 ) -> Result<Parsed<'rt>, ApiError> {
-    let req = parse_request(endpoint, &body)?;
-    drop(body);
+    let req = if endpoint.is_anthropic() {
+        smartllm_protocol::messages::parse(endpoint, body.freeze())?
+    } else {
+        parse_request(endpoint, &body)?
+    };
     ctx.stream = req.stream;
     let Some((model, route)) = rt.config.resolve_model(&req.model) else {
         return Err(ApiError::model_not_found(&req.model, &rt.known_models));

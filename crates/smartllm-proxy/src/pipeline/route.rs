@@ -170,7 +170,7 @@ async fn decide(
 /// for the ledger's traffic mix: the features of the prompt, with the
 /// cache's embedding when it made one (keywords otherwise). Microseconds.
 fn classify(ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
-    if req.endpoint != smartllm_protocol::Endpoint::ChatCompletions {
+    if !req.endpoint.is_chat() {
         return;
     }
     let embedding = ctx

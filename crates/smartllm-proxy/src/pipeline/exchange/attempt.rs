@@ -10,8 +10,8 @@ use bytes::Bytes;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use serde_json::Value;
-use smartllm_protocol::anthropic;
 use smartllm_protocol::ApiError;
+use smartllm_protocol::{anthropic, messages};
 use std::time::{Duration, Instant};
 
 const MAX_ERROR_BODY: usize = 1 << 20;
@@ -166,6 +166,10 @@ pub(super) async fn once(
         );
         let body = match x.translate {
             Translate::Anthropic => anthropic::error_to_openai(status, &body),
+            Translate::AnthropicNative => anthropic_error_body(status, &body),
+            Translate::OpenAi if x.req.endpoint.is_anthropic() => {
+                messages::error_from_openai(status, &openai_error_body(status, &pname, &body))
+            }
             Translate::OpenAi => openai_error_body(status, &pname, &body),
         };
         // Some providers quote the key they were sent in auth errors: that is
@@ -226,6 +230,19 @@ pub(super) fn scrub(body: Vec<u8>, secret: Option<&str>) -> Vec<u8> {
     String::from_utf8_lossy(&body)
         .replace(secret, "[redacted]")
         .into_bytes()
+}
+
+/// Keep Anthropic-shaped upstream errors as they are (for Anthropic
+/// clients); wrap anything else.
+fn anthropic_error_body(status: u16, body: &[u8]) -> Vec<u8> {
+    let shaped = serde_json::from_slice::<Value>(body)
+        .ok()
+        .is_some_and(|v| v["type"] == "error" && v["error"]["message"].is_string());
+    if shaped {
+        body.to_vec()
+    } else {
+        messages::error_from_openai(status, body)
+    }
 }
 
 /// Keep OpenAI-shaped upstream errors as they are; wrap anything else.

@@ -10,8 +10,8 @@ use crate::{metrics, respond};
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_proxy::Session;
 use serde_json::Value;
-use smartllm_protocol::anthropic;
-use smartllm_protocol::{ApiError, Usage};
+use smartllm_protocol::{anthropic, messages};
+use smartllm_protocol::{ApiError, Endpoint, Usage};
 
 const MAX_BUFFERED_RESPONSE: usize = 64 << 20;
 
@@ -53,21 +53,43 @@ pub(super) async fn relay(
             ),
         ));
     };
-    let (out, usage) = match x.translate {
-        Translate::OpenAi => (body, Usage::from_openai(&v)),
+    if x.req.endpoint == Endpoint::MessagesCountTokens {
+        // A count costs nothing and is no answer to cache.
+        return match respond::json(session, ctx, 200, body, &x.passthrough).await {
+            Ok(()) => Attempt::Done,
+            Err(_) => client_gone(ctx),
+        };
+    }
+    // What the client gets, its usage, and the answer in the canonical chat
+    // shape (what the cache stores and the estimates read).
+    let (out, usage, chat) = match x.translate {
+        Translate::OpenAi if x.req.endpoint == Endpoint::Messages => {
+            let m = messages::response_from_chat(&v, &x.req.model);
+            (
+                serde_json::to_vec(&m).unwrap_or_default(),
+                Usage::from_openai(&v),
+                v,
+            )
+        }
+        Translate::OpenAi => (body, Usage::from_openai(&v), v),
         Translate::Anthropic => {
             let (o, u) = anthropic::response_to_openai(&v, ctx.model().unwrap_or(""));
-            (serde_json::to_vec(&o).unwrap_or_default(), Some(u))
+            (serde_json::to_vec(&o).unwrap_or_default(), Some(u), o)
+        }
+        Translate::AnthropicNative => {
+            let usage = v.get("usage").map(anthropic::usage_of);
+            let (o, _) = anthropic::response_to_openai(&v, ctx.model().unwrap_or(""));
+            (body, usage, o)
         }
     };
     let usage = usage.or_else(|| {
         ctx.usage_estimated = true;
-        Some(estimate_usage(x.req, &completion_text(&v)))
+        Some(estimate_usage(x.req, &completion_text(&chat)))
     });
     record_usage(ctx, usage);
     if let Some(pending) = ctx.cache_insert.take() {
-        if v.get("choices").is_some_and(Value::is_array) {
-            pending.spawn(String::from_utf8_lossy(&out).into_owned());
+        if chat.get("choices").is_some_and(Value::is_array) {
+            pending.spawn(chat.to_string());
         }
     }
     match respond::json(session, ctx, 200, out, &x.passthrough).await {

@@ -45,11 +45,17 @@ enum Attempt {
     },
 }
 
-/// What the provider speaks (the client always gets OpenAI's shape).
-#[derive(Clone, Copy)]
+/// What the provider speaks, and how its answer reaches the client.
+#[derive(Clone, Copy, PartialEq, Eq)]
 enum Translate {
+    /// OpenAI-compatible: passed on to OpenAI clients, translated from the
+    /// canonical chat shape for Anthropic clients.
     OpenAi,
+    /// Anthropic, asked by an OpenAI client: translated to the chat shape.
     Anthropic,
+    /// Anthropic, asked by an Anthropic client: passed through as it comes
+    /// (read on the side for usage, errors and the cache).
+    AnthropicNative,
 }
 
 /// One attempt at one deployment: where it goes, how to read the answer,

@@ -28,11 +28,57 @@ pub(super) fn build(
 ) -> Result<Prepared, ApiError> {
     let p = &dep.provider;
     let (path, body, translate) = match p.cfg.kind {
+        ProviderKind::OpenAi if req.endpoint.is_anthropic() => {
+            if req.endpoint == Endpoint::MessagesCountTokens {
+                return Err(ApiError::internal(
+                    "count_tokens is answered by the gateway for OpenAI-compatible providers",
+                ));
+            }
+            let only = &req.anthropic_only;
+            if let Some(what) = &only.untranslatable {
+                return Err(ApiError::invalid_request(
+                    "unsupported_for_provider",
+                    format!(
+                        "Model '{}' is served by '{}', an OpenAI-compatible provider, which cannot take {what}: only Anthropic providers can.",
+                        req.model, p.name()
+                    ),
+                ));
+            }
+            if only.thinking && !p.cfg.drop_thinking {
+                return Err(ApiError::invalid_request(
+                    "thinking_unsupported",
+                    format!(
+                        "Model '{}' is served by '{}', an OpenAI-compatible provider, which does not take Anthropic thinking blocks. Remove `thinking` (and thinking blocks from the history), use an Anthropic model, or set `drop_thinking: true` on the provider to drop them.",
+                        req.model, p.name()
+                    ),
+                ));
+            }
+            (
+                format!("{}{}", p.url.path, req.endpoint.upstream_suffix()),
+                req.upstream_body(&dep.upstream_model, true),
+                Translate::OpenAi,
+            )
+        }
         ProviderKind::OpenAi => (
             format!("{}{}", p.url.path, req.endpoint.upstream_suffix()),
             req.upstream_body(&dep.upstream_model, p.cfg.stream_usage),
             Translate::OpenAi,
         ),
+        ProviderKind::Anthropic if req.endpoint.is_anthropic() => {
+            let raw = req.native.as_deref().unwrap_or_default();
+            let body = smartllm_protocol::messages::splice_model(raw, &dep.upstream_model)
+                .ok_or_else(|| ApiError::internal("the request body lost its model"))?;
+            let suffix = if req.endpoint == Endpoint::MessagesCountTokens {
+                "/messages/count_tokens"
+            } else {
+                "/messages"
+            };
+            (
+                format!("{}{suffix}", p.url.path),
+                body,
+                Translate::AnthropicNative,
+            )
+        }
         ProviderKind::Anthropic => {
             if req.endpoint != Endpoint::ChatCompletions {
                 return Err(ApiError::invalid_request(
@@ -90,8 +136,23 @@ pub(super) fn build(
         (_, None) => {}
     }
     if p.cfg.kind == ProviderKind::Anthropic {
-        h.insert_header("anthropic-version", p.cfg.anthropic_version.as_str())
-            .map_err(internal)?;
+        // An Anthropic client's own version and betas go through (Claude
+        // Code's features depend on them); otherwise the provider's setting.
+        let client = &session.req_header().headers;
+        let version = client
+            .get("anthropic-version")
+            .filter(|_| translate == Translate::AnthropicNative);
+        match version {
+            Some(v) => h.insert_header("anthropic-version", v.clone()),
+            None => h.insert_header("anthropic-version", p.cfg.anthropic_version.as_str()),
+        }
+        .map_err(internal)?;
+        if translate == Translate::AnthropicNative {
+            for v in client.get_all("anthropic-beta") {
+                h.append_header("anthropic-beta", v.clone())
+                    .map_err(internal)?;
+            }
+        }
     }
     for (k, v) in &p.cfg.headers {
         h.insert_header(k.clone(), v.as_str()).map_err(internal)?;

@@ -15,9 +15,10 @@ use pingora_core::protocols::http::client::HttpSession;
 use pingora_proxy::Session;
 use smartllm_protocol::anthropic::AnthropicStream;
 use smartllm_protocol::assemble::ChunkAssembler;
+use smartllm_protocol::messages::ChatToMessagesStream;
 use smartllm_protocol::sse::{StreamError, DONE_EVENT};
 use smartllm_protocol::usage::OpenAiStreamFilter;
-use smartllm_protocol::{ApiError, Usage};
+use smartllm_protocol::{ApiError, Endpoint, Usage};
 use std::time::Instant;
 
 /// How an upstream event stream that failed ended (a clean end is no failure).
@@ -92,13 +93,24 @@ pub(super) async fn relay(
     mut up: HttpSession,
 ) -> Attempt {
     let (req, translate, pname) = (x.req, x.translate, x.provider());
+    // `tr` reads the provider's stream into the canonical chat stream (for
+    // usage, errors and the cache); what the client gets is that stream, or
+    // it re-encoded as Anthropic events (`encoder`), or the provider's own
+    // bytes (`native`: an Anthropic client of an Anthropic provider).
+    let native = translate == Translate::AnthropicNative;
     let mut tr = match translate {
         Translate::OpenAi => Translator::OpenAi(OpenAiStreamFilter::new(req.client_wants_usage)),
-        Translate::Anthropic => Translator::Anthropic(AnthropicStream::new(
-            ctx.model().unwrap_or(""),
-            req.client_wants_usage,
-        )),
+        Translate::Anthropic | Translate::AnthropicNative => Translator::Anthropic(
+            AnthropicStream::new(ctx.model().unwrap_or(""), req.client_wants_usage && !native),
+        ),
     };
+    let mut encoder =
+        (translate == Translate::OpenAi && req.endpoint == Endpoint::Messages).then(|| {
+            let input = smartllm_ledger::estimate_tokens(&smartllm_protocol::prompt::request_text(
+                &req.body,
+            ));
+            ChatToMessagesStream::new(&req.model, input)
+        });
     let idle = x.idle_timeout();
     let header = (|| {
         let mut h = respond::header(200, ctx, "text/event-stream; charset=utf-8", None)?;
@@ -124,8 +136,9 @@ pub(super) async fn relay(
     }
     // Assemble the answer only when it is needed: to cache it, or to count its
     // tokens when the upstream will not report usage (not asked for it).
-    let usage_expected =
-        matches!(translate, Translate::Anthropic) || x.dep.provider.cfg.stream_usage;
+    let usage_expected = translate != Translate::OpenAi
+        || x.dep.provider.cfg.stream_usage
+        || req.endpoint.is_anthropic();
     let mut assembler = (ctx.cache_insert.is_some() || !usage_expected).then(ChunkAssembler::new);
     let mut streamed_bytes = 0usize;
     // None: a clean end.
@@ -135,23 +148,27 @@ pub(super) async fn relay(
         ctx.upstream_wait += t.elapsed();
         match r {
             Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
-                Ok(mut out) => {
+                Ok(canonical) => {
+                    if let Some(a) = assembler.as_mut() {
+                        a.feed(&canonical);
+                    }
+                    let mut out = if native {
+                        chunk
+                    } else if let Some(enc) = encoder.as_mut() {
+                        // Well-formed events in, so no event can exceed the bound.
+                        Bytes::from(enc.feed(&canonical).unwrap_or_default())
+                    } else {
+                        Bytes::from(canonical)
+                    };
                     // A provider may quote the key it was sent in its error
                     // event, as in an error body: the client never sees it.
                     // Only the chunk that carries the error is scanned.
                     if tr.upstream_error().is_some() {
-                        out = scrub(out, x.key.as_deref());
+                        out = Bytes::from(scrub(out.to_vec(), x.key.as_deref()));
                     }
                     if !out.is_empty() {
                         streamed_bytes += out.len();
-                        if let Some(a) = assembler.as_mut() {
-                            a.feed(&out);
-                        }
-                        if session
-                            .write_response_body(Some(Bytes::from(out)), false)
-                            .await
-                            .is_err()
-                        {
+                        if session.write_response_body(Some(out), false).await.is_err() {
                             // The client left: cancel the upstream request, and
                             // bill what was generated up to here (estimated when
                             // the upstream had not reported usage yet).
@@ -208,8 +225,8 @@ pub(super) async fn relay(
                     // A complete HTTP response without [DONE]: finished below the
                     // way clients expect.
                     Translate::OpenAi => None,
-                    Translate::Anthropic if tr.complete() => None,
-                    Translate::Anthropic => Some((
+                    Translate::Anthropic | Translate::AnthropicNative if tr.complete() => None,
+                    Translate::Anthropic | Translate::AnthropicNative => Some((
                         StreamEnd::Truncated,
                         ApiError::bad_gateway(
                             "upstream_stream_incomplete",
@@ -271,6 +288,17 @@ pub(super) async fn relay(
         }
         _ => None,
     };
+    // The tail in the client's shape (the canonical one goes to the assembler).
+    let client_tail = if native {
+        match &failure {
+            Some((StreamEnd::UpstreamError, _)) | None => Vec::new(),
+            Some((_, err)) => smartllm_protocol::messages::error_event(err.status, &err.message),
+        }
+    } else if let Some(enc) = encoder.as_mut() {
+        enc.feed(&tail).unwrap_or_default()
+    } else {
+        tail
+    };
     if tr.usage().is_none() && failure.is_none() {
         ctx.usage_estimated = true;
         let usage = match &assembled {
@@ -302,9 +330,9 @@ pub(super) async fn relay(
             None => Attempt::Done,
         }
     };
-    if !tail.is_empty()
+    if !client_tail.is_empty()
         && session
-            .write_response_body(Some(Bytes::from(tail)), false)
+            .write_response_body(Some(Bytes::from(client_tail)), false)
             .await
             .is_err()
     {

@@ -41,7 +41,7 @@ pub(super) fn estimate_usage(req: &ParsedRequest, completion: &str) -> Usage {
         } else {
             smartllm_ledger::estimate_tokens(completion)
         },
-        cached_tokens: 0,
+        ..Usage::default()
     }
 }
 

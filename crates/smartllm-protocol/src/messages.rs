@@ -1,0 +1,1100 @@
+//! Anthropic Messages inbound: Anthropic's SDKs and Claude Code talk to the
+//! gateway as they talk to Anthropic. A `/v1/messages` request is validated
+//! here (Anthropic-shaped errors), kept byte for byte for Anthropic providers
+//! (only `model` is rewritten, see [`splice_model`]) and translated to the
+//! gateway's canonical shape, OpenAI Chat Completions, for everything else:
+//! routing, the cache and OpenAI-compatible providers. Their answers come back
+//! through [`response_from_chat`] (JSON) and [`ChatToMessagesStream`] (SSE,
+//! with Anthropic's event sequence).
+
+use crate::error::ApiError;
+use crate::openai::{Endpoint, ParsedRequest};
+use crate::sse::{SseParser, SseTooLarge, StreamError};
+use crate::usage::Usage;
+use serde_json::{json, Map, Value};
+
+/// Anthropic's error `type` for an HTTP status.
+pub fn error_type(status: u16) -> &'static str {
+    match status {
+        400 | 405 | 415 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        402 | 403 => "permission_error",
+        404 => "not_found_error",
+        408 => "timeout_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// `{"type":"error","error":{"type","message"}}`, Anthropic's error body.
+pub fn error_body(e: &ApiError) -> Vec<u8> {
+    serde_json::to_vec(&error_json(e.status, &e.message)).unwrap_or_default()
+}
+
+fn error_json(status: u16, message: &str) -> Value {
+    json!({"type": "error", "error": {"type": error_type(status), "message": message}})
+}
+
+/// The error as an Anthropic `event: error`, for streams that fail after
+/// bytes reached the client.
+pub fn error_event(status: u16, message: &str) -> Vec<u8> {
+    event("error", &error_json(status, message))
+}
+
+/// An OpenAI-shaped error body (an OpenAI-compatible provider's) in Anthropic's shape.
+pub fn error_from_openai(status: u16, body: &[u8]) -> Vec<u8> {
+    let parsed: Option<Value> = serde_json::from_slice(body).ok();
+    let message = parsed
+        .as_ref()
+        .and_then(|v| v.get("error"))
+        .and_then(|e| e.get("message").or(Some(e)))
+        .and_then(Value::as_str)
+        .map(str::to_string)
+        .unwrap_or_else(|| String::from_utf8_lossy(&body[..body.len().min(512)]).into_owned());
+    serde_json::to_vec(&error_json(status, &message)).unwrap_or_default()
+}
+
+fn event(name: &str, data: &Value) -> Vec<u8> {
+    let mut out = Vec::with_capacity(64);
+    out.extend_from_slice(b"event: ");
+    out.extend_from_slice(name.as_bytes());
+    out.extend_from_slice(b"\ndata: ");
+    out.extend(serde_json::to_vec(data).unwrap_or_default());
+    out.extend_from_slice(b"\n\n");
+    out
+}
+
+fn type_name(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "array",
+        Value::Object(_) => "object",
+    }
+}
+
+fn invalid(param: &str, message: impl Into<String>) -> ApiError {
+    ApiError::invalid_request("invalid_request", message).with_param(param)
+}
+
+/// What a Messages request uses that only Anthropic providers take.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct AnthropicOnly {
+    /// Extended thinking asked for, or thinking blocks in the history.
+    pub thinking: bool,
+    /// Server tools (`web_search_*`, `bash_*`, ...) or blocks no
+    /// OpenAI-compatible API has (documents, search results, server tool use):
+    /// the first one, by its JSON path.
+    pub untranslatable: Option<String>,
+}
+
+/// Parse and validate a `/v1/messages` (or `/v1/messages/count_tokens`)
+/// body. The canonical body is the Chat Completions request it amounts to;
+/// the raw body is kept for Anthropic providers.
+pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, ApiError> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::invalid_request(
+            "invalid_json",
+            "The request body is empty; send a JSON object.",
+        ));
+    }
+    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        ApiError::invalid_request(
+            "invalid_json",
+            format!("The request body is not valid JSON: {e}."),
+        )
+    })?;
+    let Value::Object(body) = value else {
+        return Err(ApiError::invalid_request(
+            "invalid_json",
+            format!(
+                "The request body must be a JSON object, not {}.",
+                type_name(&value)
+            ),
+        ));
+    };
+    let count_only = endpoint == Endpoint::MessagesCountTokens;
+    let model = match body.get("model") {
+        Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),
+        Some(Value::String(_)) => return Err(invalid("model", "model: must not be empty")),
+        None | Some(Value::Null) => return Err(invalid("model", "model: Field required")),
+        Some(v) => {
+            return Err(invalid(
+                "model",
+                format!(
+                    "model: Input should be a valid string, not {}",
+                    type_name(v)
+                ),
+            ))
+        }
+    };
+    let max_tokens = match body.get("max_tokens") {
+        Some(v) if v.as_u64().is_some_and(|n| n >= 1) => v.as_u64(),
+        None | Some(Value::Null) if count_only => None,
+        None | Some(Value::Null) => {
+            return Err(invalid("max_tokens", "max_tokens: Field required"))
+        }
+        Some(_) => {
+            return Err(invalid(
+                "max_tokens",
+                "max_tokens: Input should be an integer greater than or equal to 1",
+            ))
+        }
+    };
+    let stream = match body.get("stream") {
+        None | Some(Value::Null) => false,
+        Some(Value::Bool(b)) => *b && !count_only,
+        Some(v) => {
+            return Err(invalid(
+                "stream",
+                format!(
+                    "stream: Input should be a valid boolean, not {}",
+                    type_name(v)
+                ),
+            ))
+        }
+    };
+    for (param, min, max) in [("temperature", 0.0, 1.0), ("top_p", 0.0, 1.0)] {
+        if let Some(v) = body.get(param).filter(|v| !v.is_null()) {
+            match v.as_f64() {
+                Some(n) if (min..=max).contains(&n) => {}
+                _ => {
+                    return Err(invalid(
+                        param,
+                        format!("{param}: Input should be a number between {min} and {max}"),
+                    ))
+                }
+            }
+        }
+    }
+    let mut only = AnthropicOnly::default();
+    let mut chat = Map::new();
+    chat.insert("model".into(), Value::String(model.clone()));
+    let mut messages = Vec::new();
+    match body.get("system") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(s)) => {
+            if !s.is_empty() {
+                messages.push(json!({"role": "system", "content": s}));
+            }
+        }
+        Some(Value::Array(blocks)) => {
+            let mut text = Vec::new();
+            for (i, b) in blocks.iter().enumerate() {
+                match b.get("type").and_then(Value::as_str) {
+                    Some("text") => text.push(b.get("text").and_then(Value::as_str).unwrap_or("")),
+                    _ => {
+                        return Err(invalid(
+                            &format!("system.{i}"),
+                            format!("system.{i}: system blocks must be of type 'text'"),
+                        ))
+                    }
+                }
+            }
+            if !text.is_empty() {
+                messages.push(json!({"role": "system", "content": text.join("\n\n")}));
+            }
+        }
+        Some(v) => {
+            return Err(invalid(
+                "system",
+                format!(
+                    "system: Input should be a valid string or a list of text blocks, not {}",
+                    type_name(v)
+                ),
+            ))
+        }
+    }
+    let Some(turns) = body.get("messages") else {
+        return Err(invalid("messages", "messages: Field required"));
+    };
+    let Value::Array(turns) = turns else {
+        return Err(invalid(
+            "messages",
+            format!(
+                "messages: Input should be a valid list, not {}",
+                type_name(turns)
+            ),
+        ));
+    };
+    if turns.is_empty() && !count_only {
+        return Err(invalid(
+            "messages",
+            "messages: at least one message is required",
+        ));
+    }
+    for (i, m) in turns.iter().enumerate() {
+        let path = format!("messages.{i}");
+        let role = m.get("role").and_then(Value::as_str);
+        let content = m.get("content").unwrap_or(&Value::Null);
+        match role {
+            Some("user") => user_turn(&path, content, &mut messages, &mut only)?,
+            Some("assistant") => assistant_turn(&path, content, &mut messages, &mut only)?,
+            _ => {
+                return Err(invalid(
+                    &format!("{path}.role"),
+                    format!("{path}.role: Input should be 'user' or 'assistant'"),
+                ))
+            }
+        }
+    }
+    chat.insert("messages".into(), Value::Array(messages));
+    if let Some(n) = max_tokens {
+        chat.insert("max_tokens".into(), json!(n));
+    }
+    for k in ["temperature", "top_p"] {
+        if let Some(v) = body.get(k).filter(|v| !v.is_null()) {
+            chat.insert(k.into(), v.clone());
+        }
+    }
+    match body.get("stop_sequences") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {
+            if !a.is_empty() {
+                chat.insert("stop".into(), Value::Array(a.clone()));
+            }
+        }
+        Some(_) => {
+            return Err(invalid(
+                "stop_sequences",
+                "stop_sequences: Input should be a list of strings",
+            ))
+        }
+    }
+    if let Some(user) = body
+        .get("metadata")
+        .and_then(|m| m.get("user_id"))
+        .and_then(Value::as_str)
+    {
+        chat.insert("user".into(), json!(user));
+    }
+    if let Some(tools) = body.get("tools").filter(|v| !v.is_null()) {
+        let Value::Array(tools) = tools else {
+            return Err(invalid("tools", "tools: Input should be a valid list"));
+        };
+        let mut out = Vec::new();
+        for (i, t) in tools.iter().enumerate() {
+            let custom = matches!(t.get("type").and_then(Value::as_str), None | Some("custom"));
+            let Some(name) = t.get("name").and_then(Value::as_str) else {
+                return Err(invalid(
+                    &format!("tools.{i}.name"),
+                    format!("tools.{i}.name: Field required"),
+                ));
+            };
+            if !custom {
+                only.untranslatable
+                    .get_or_insert(format!("tools.{i} ({name})"));
+                continue;
+            }
+            let mut f = json!({"name": name, "parameters": t.get("input_schema").cloned().unwrap_or_else(|| json!({"type": "object"}))});
+            if let Some(d) = t.get("description") {
+                f["description"] = d.clone();
+            }
+            out.push(json!({"type": "function", "function": f}));
+        }
+        if !out.is_empty() {
+            chat.insert("tools".into(), Value::Array(out));
+        }
+    }
+    if let Some(tc) = body.get("tool_choice").filter(|v| !v.is_null()) {
+        let choice = match tc.get("type").and_then(Value::as_str) {
+            Some("auto") => json!("auto"),
+            Some("any") => json!("required"),
+            Some("none") => json!("none"),
+            Some("tool") => {
+                json!({"type": "function", "function": {"name": tc.get("name").cloned().unwrap_or(Value::Null)}})
+            }
+            _ => {
+                return Err(invalid(
+                    "tool_choice.type",
+                    "tool_choice.type: Input should be 'auto', 'any', 'tool' or 'none'",
+                ))
+            }
+        };
+        chat.insert("tool_choice".into(), choice);
+        if tc.get("disable_parallel_tool_use").and_then(Value::as_bool) == Some(true) {
+            chat.insert("parallel_tool_calls".into(), json!(false));
+        }
+    }
+    if body
+        .get("thinking")
+        .and_then(|t| t.get("type"))
+        .and_then(Value::as_str)
+        == Some("enabled")
+    {
+        only.thinking = true;
+    }
+    if stream {
+        chat.insert("stream".into(), json!(true));
+    }
+    Ok(ParsedRequest {
+        endpoint,
+        body: chat,
+        model,
+        stream,
+        // The Messages stream always ends with its usage (message_delta).
+        client_wants_usage: true,
+        native: Some(bytes),
+        anthropic_only: only,
+    })
+}
+
+fn image_part(source: &Value) -> Option<Value> {
+    match source.get("type").and_then(Value::as_str) {
+        Some("base64") => {
+            let media = source.get("media_type").and_then(Value::as_str)?;
+            let data = source.get("data").and_then(Value::as_str)?;
+            Some(
+                json!({"type": "image_url", "image_url": {"url": format!("data:{media};base64,{data}")}}),
+            )
+        }
+        Some("url") => {
+            let url = source.get("url").and_then(Value::as_str)?;
+            Some(json!({"type": "image_url", "image_url": {"url": url}}))
+        }
+        _ => None,
+    }
+}
+
+/// A user turn: its `tool_result` blocks become `tool` messages (first, as
+/// OpenAI wants them right after the assistant's calls), the rest one user
+/// message.
+fn user_turn(
+    path: &str,
+    content: &Value,
+    out: &mut Vec<Value>,
+    only: &mut AnthropicOnly,
+) -> Result<(), ApiError> {
+    let blocks = match content {
+        Value::String(s) => {
+            out.push(json!({"role": "user", "content": s}));
+            return Ok(());
+        }
+        Value::Array(b) => b,
+        v => {
+            return Err(invalid(
+                &format!("{path}.content"),
+                format!(
+                "{path}.content: Input should be a valid string or list of content blocks, not {}",
+                type_name(v)
+            ),
+            ))
+        }
+    };
+    let mut parts = Vec::new();
+    for (j, b) in blocks.iter().enumerate() {
+        let bpath = format!("{path}.content.{j}");
+        match b.get("type").and_then(Value::as_str) {
+            Some("text") => {
+                parts.push(json!({"type": "text", "text": b.get("text").and_then(Value::as_str).unwrap_or("")}))
+            }
+            Some("image") => match b.get("source").and_then(image_part) {
+                Some(p) => parts.push(p),
+                None => {
+                    only.untranslatable.get_or_insert(bpath);
+                }
+            },
+            Some("tool_result") => {
+                let id = b.get("tool_use_id").and_then(Value::as_str).unwrap_or("");
+                let text = match b.get("content") {
+                    Some(Value::String(s)) => s.clone(),
+                    Some(Value::Array(inner)) => inner
+                        .iter()
+                        .filter_map(|p| p.get("text").and_then(Value::as_str))
+                        .collect::<Vec<_>>()
+                        .join("\n"),
+                    _ => String::new(),
+                };
+                let text = if b.get("is_error").and_then(Value::as_bool) == Some(true) {
+                    format!("Error: {text}")
+                } else {
+                    text
+                };
+                out.push(json!({"role": "tool", "tool_call_id": id, "content": text}));
+            }
+            Some(_) => {
+                only.untranslatable.get_or_insert(bpath);
+            }
+            None => {
+                return Err(invalid(
+                    &format!("{bpath}.type"),
+                    format!("{bpath}.type: Field required"),
+                ))
+            }
+        }
+    }
+    if !parts.is_empty() {
+        let content = if parts.len() == 1 && parts[0]["type"] == "text" {
+            parts[0]["text"].clone()
+        } else {
+            Value::Array(parts)
+        };
+        out.push(json!({"role": "user", "content": content}));
+    }
+    Ok(())
+}
+
+fn assistant_turn(
+    path: &str,
+    content: &Value,
+    out: &mut Vec<Value>,
+    only: &mut AnthropicOnly,
+) -> Result<(), ApiError> {
+    let blocks = match content {
+        Value::String(s) => {
+            out.push(json!({"role": "assistant", "content": s}));
+            return Ok(());
+        }
+        Value::Array(b) => b,
+        v => {
+            return Err(invalid(
+                &format!("{path}.content"),
+                format!(
+                "{path}.content: Input should be a valid string or list of content blocks, not {}",
+                type_name(v)
+            ),
+            ))
+        }
+    };
+    let mut text = String::new();
+    let mut calls = Vec::new();
+    for (j, b) in blocks.iter().enumerate() {
+        match b.get("type").and_then(Value::as_str) {
+            Some("text") => text.push_str(b.get("text").and_then(Value::as_str).unwrap_or("")),
+            Some("tool_use") => calls.push(json!({
+                "id": b.get("id").cloned().unwrap_or(json!("")),
+                "type": "function",
+                "function": {
+                    "name": b.get("name").cloned().unwrap_or(json!("")),
+                    "arguments": serde_json::to_string(b.get("input").unwrap_or(&json!({}))).unwrap_or_default(),
+                },
+            })),
+            Some("thinking") | Some("redacted_thinking") => only.thinking = true,
+            _ => {
+                only.untranslatable
+                    .get_or_insert(format!("{path}.content.{j}"));
+            }
+        }
+    }
+    let mut m = json!({"role": "assistant", "content": text});
+    if !calls.is_empty() {
+        if text.is_empty() {
+            m["content"] = Value::Null;
+        }
+        m["tool_calls"] = Value::Array(calls);
+    }
+    out.push(m);
+    Ok(())
+}
+
+/// `raw` (a JSON object) with its top-level `model` set to `model`, every
+/// other byte unchanged, so a provider's prompt cache (`cache_control`
+/// blocks) sees exactly what the client sent. `None` when `raw` has no
+/// top-level `model` string.
+pub fn splice_model(raw: &[u8], model: &str) -> Option<Vec<u8>> {
+    let (start, end) = top_level_value(raw, "model")?;
+    if raw.get(start) != Some(&b'"') {
+        return None;
+    }
+    let new = serde_json::to_vec(model).ok()?;
+    if raw[start..end] == new[..] {
+        return Some(raw.to_vec());
+    }
+    let mut out = Vec::with_capacity(raw.len() + new.len());
+    out.extend_from_slice(&raw[..start]);
+    out.extend_from_slice(&new);
+    out.extend_from_slice(&raw[end..]);
+    Some(out)
+}
+
+/// The byte span of the value of top-level key `key` in the JSON object
+/// `raw` (which has been parsed successfully, so it is well formed).
+fn top_level_value(raw: &[u8], key: &str) -> Option<(usize, usize)> {
+    let ws = |i: &mut usize| {
+        while *i < raw.len() && raw[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    let mut i = 0;
+    ws(&mut i);
+    if raw.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    loop {
+        ws(&mut i);
+        if raw.get(i) != Some(&b'"') {
+            return None;
+        }
+        let kstart = i;
+        i = skip_string(raw, i)?;
+        let name: String = serde_json::from_slice(&raw[kstart..i]).ok()?;
+        ws(&mut i);
+        if raw.get(i) != Some(&b':') {
+            return None;
+        }
+        i += 1;
+        ws(&mut i);
+        let vstart = i;
+        i = skip_value(raw, i)?;
+        if name == key {
+            return Some((vstart, i));
+        }
+        ws(&mut i);
+        match raw.get(i) {
+            Some(b',') => i += 1,
+            _ => return None,
+        }
+    }
+}
+
+/// Index just past the string starting at `i` (a `"`).
+fn skip_string(raw: &[u8], mut i: usize) -> Option<usize> {
+    i += 1;
+    while i < raw.len() {
+        match raw[i] {
+            b'\\' => i += 2,
+            b'"' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+/// Index just past the value starting at `i`.
+fn skip_value(raw: &[u8], mut i: usize) -> Option<usize> {
+    match raw.get(i)? {
+        b'"' => skip_string(raw, i),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            while i < raw.len() {
+                match raw[i] {
+                    b'"' => {
+                        i = skip_string(raw, i)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(i + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                i += 1;
+            }
+            None
+        }
+        _ => {
+            while i < raw.len()
+                && !matches!(raw[i], b',' | b'}' | b']')
+                && !raw[i].is_ascii_whitespace()
+            {
+                i += 1;
+            }
+            Some(i)
+        }
+    }
+}
+
+fn stop_reason(finish: Option<&str>) -> Value {
+    match finish {
+        Some("length") => json!("max_tokens"),
+        Some("tool_calls") | Some("function_call") => json!("tool_use"),
+        Some("content_filter") => json!("refusal"),
+        Some(_) => json!("end_turn"),
+        None => Value::Null,
+    }
+}
+
+/// Anthropic's `usage` for a canonical usage (OpenAI's `prompt_tokens`
+/// include cache reads; Anthropic's `input_tokens` do not).
+pub fn usage_json(u: &Usage) -> Value {
+    json!({
+        "input_tokens": u.prompt_tokens.saturating_sub(u.cached_tokens + u.cache_write_tokens),
+        "output_tokens": u.completion_tokens,
+        "cache_creation_input_tokens": u.cache_write_tokens,
+        "cache_read_input_tokens": u.cached_tokens,
+    })
+}
+
+/// `msg_…` from a chat completion's id.
+fn message_id(chat_id: &str) -> String {
+    let s = chat_id
+        .strip_prefix("chatcmpl-")
+        .unwrap_or(chat_id)
+        .trim_start_matches("msg_");
+    format!("msg_{s}")
+}
+
+/// A `chat.completion` as an Anthropic `message`.
+pub fn response_from_chat(chat: &Value, model: &str) -> Value {
+    let choice = &chat["choices"][0];
+    let msg = &choice["message"];
+    let mut content = Vec::new();
+    if let Some(t) = msg.get("content").and_then(Value::as_str) {
+        if !t.is_empty() {
+            content.push(json!({"type": "text", "text": t}));
+        }
+    }
+    if let Some(calls) = msg.get("tool_calls").and_then(Value::as_array) {
+        for c in calls {
+            let f = &c["function"];
+            let input: Value = f
+                .get("arguments")
+                .and_then(Value::as_str)
+                .and_then(|a| serde_json::from_str(a).ok())
+                .unwrap_or_else(|| json!({}));
+            content.push(
+                json!({"type": "tool_use", "id": c.get("id").cloned().unwrap_or(json!("")),
+                "name": f.get("name").cloned().unwrap_or(json!("")), "input": input}),
+            );
+        }
+    }
+    let usage = Usage::from_openai(chat).unwrap_or_default();
+    json!({
+        "id": message_id(chat.get("id").and_then(Value::as_str).unwrap_or("smartllm")),
+        "type": "message",
+        "role": "assistant",
+        "model": chat.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()).unwrap_or(model),
+        "content": content,
+        "stop_reason": stop_reason(choice.get("finish_reason").and_then(Value::as_str)),
+        "stop_sequence": null,
+        "usage": usage_json(&usage),
+    })
+}
+
+/// Which content block is open in a translated stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Open {
+    None,
+    Text,
+    /// The OpenAI tool-call index this block carries.
+    Tool(u64),
+}
+
+/// OpenAI `chat.completion.chunk` SSE in, Anthropic Messages events out:
+/// `message_start`, `ping`, `content_block_start` / `_delta` / `_stop` for
+/// text and each tool call, `message_delta` (stop reason and usage, input
+/// tokens included) and `message_stop`. An error event becomes
+/// `event: error` and ends the stream.
+#[derive(Debug)]
+pub struct ChatToMessagesStream {
+    parser: SseParser,
+    model: String,
+    input_estimate: u64,
+    started: bool,
+    block: u64,
+    open: Open,
+    stop: Value,
+    usage: Option<Usage>,
+    /// `message_stop` (or an error event) was sent: nothing more follows.
+    pub done: bool,
+}
+
+impl ChatToMessagesStream {
+    /// `input_estimate`: the input tokens `message_start` reports before the
+    /// provider's usage arrives (the exact figure follows in `message_delta`).
+    pub fn new(model: &str, input_estimate: u64) -> Self {
+        ChatToMessagesStream {
+            parser: SseParser::default(),
+            model: model.to_string(),
+            input_estimate,
+            started: false,
+            block: 0,
+            open: Open::None,
+            stop: Value::Null,
+            usage: None,
+            done: false,
+        }
+    }
+
+    fn start(&mut self, chunk: Option<&Value>, out: &mut Vec<u8>) {
+        if self.started {
+            return;
+        }
+        self.started = true;
+        let id = chunk
+            .and_then(|c| c.get("id"))
+            .and_then(Value::as_str)
+            .unwrap_or("smartllm");
+        if let Some(m) = chunk.and_then(|c| c.get("model")).and_then(Value::as_str) {
+            if !m.is_empty() {
+                self.model = m.to_string();
+            }
+        }
+        out.extend(event(
+            "message_start",
+            &json!({"type": "message_start", "message": {
+            "id": message_id(id), "type": "message", "role": "assistant", "model": self.model,
+            "content": [], "stop_reason": null, "stop_sequence": null,
+            "usage": {"input_tokens": self.input_estimate, "output_tokens": 0,
+                "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}),
+        ));
+        out.extend(event("ping", &json!({"type": "ping"})));
+    }
+
+    fn close(&mut self, out: &mut Vec<u8>) {
+        if self.open != Open::None {
+            out.extend(event(
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": self.block}),
+            ));
+            self.block += 1;
+            self.open = Open::None;
+        }
+    }
+
+    fn finish(&mut self, out: &mut Vec<u8>) {
+        self.start(None, out);
+        self.close(out);
+        let stop = if self.stop.is_null() {
+            json!("end_turn")
+        } else {
+            self.stop.clone()
+        };
+        let usage = self.usage.unwrap_or_default();
+        out.extend(event(
+            "message_delta",
+            &json!({"type": "message_delta",
+            "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": usage_json(&usage)}),
+        ));
+        out.extend(event("message_stop", &json!({"type": "message_stop"})));
+        self.done = true;
+    }
+
+    /// Feed chat SSE bytes; returns Messages SSE bytes to send now.
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<u8>, SseTooLarge> {
+        let mut out = Vec::new();
+        for ev in self.parser.feed(chunk)? {
+            if self.done {
+                break;
+            }
+            if ev.is_done() {
+                self.finish(&mut out);
+                break;
+            }
+            if let Some(e) = StreamError::from_event(&ev) {
+                let status = match e.kind.as_deref() {
+                    Some("rate_limit_error") => 429,
+                    Some("overloaded_error") => 529,
+                    Some("invalid_request_error") => 400,
+                    _ => 500,
+                };
+                out.extend(error_event(status, &e.message));
+                self.done = true;
+                break;
+            }
+            let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+                continue;
+            };
+            self.start(Some(&v), &mut out);
+            if let Some(u) = Usage::from_openai(&v) {
+                self.usage = Some(u);
+            }
+            let Some(choice) = v.get("choices").and_then(|c| c.get(0)) else {
+                continue;
+            };
+            let delta = &choice["delta"];
+            if let Some(t) = delta
+                .get("content")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+            {
+                if self.open != Open::Text {
+                    self.close(&mut out);
+                    out.extend(event(
+                        "content_block_start",
+                        &json!({"type": "content_block_start",
+                        "index": self.block, "content_block": {"type": "text", "text": ""}}),
+                    ));
+                    self.open = Open::Text;
+                }
+                out.extend(event(
+                    "content_block_delta",
+                    &json!({"type": "content_block_delta",
+                    "index": self.block, "delta": {"type": "text_delta", "text": t}}),
+                ));
+            }
+            if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
+                for c in calls {
+                    let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+                    if self.open != Open::Tool(idx) {
+                        self.close(&mut out);
+                        let f = &c["function"];
+                        out.extend(event(
+                            "content_block_start",
+                            &json!({"type": "content_block_start",
+                            "index": self.block, "content_block": {"type": "tool_use",
+                                "id": c.get("id").cloned().unwrap_or(json!("")),
+                                "name": f.get("name").cloned().unwrap_or(json!("")), "input": {}}}),
+                        ));
+                        self.open = Open::Tool(idx);
+                    }
+                    if let Some(a) = c["function"]
+                        .get("arguments")
+                        .and_then(Value::as_str)
+                        .filter(|a| !a.is_empty())
+                    {
+                        out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
+                            "index": self.block, "delta": {"type": "input_json_delta", "partial_json": a}})));
+                    }
+                }
+            }
+            if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
+                self.close(&mut out);
+                self.stop = stop_reason(Some(f));
+            }
+        }
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_str(s: &str) -> Result<ParsedRequest, ApiError> {
+        parse(Endpoint::Messages, bytes::Bytes::from(s.to_string()))
+    }
+
+    #[test]
+    fn a_messages_request_becomes_its_chat_request() {
+        let r = parse_str(
+            r#"{"model":"claude","max_tokens":100,"stream":true,
+            "system":[{"type":"text","text":"be brief","cache_control":{"type":"ephemeral","ttl":"1h"}}],
+            "messages":[
+              {"role":"user","content":[{"type":"text","text":"weather?"},{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AAA"}}]},
+              {"role":"assistant","content":[{"type":"text","text":"checking"},{"type":"tool_use","id":"t1","name":"get","input":{"city":"Oslo"}}]},
+              {"role":"user","content":[{"type":"tool_result","tool_use_id":"t1","content":"rain"},{"type":"text","text":"so?"}]}
+            ],
+            "tools":[{"name":"get","description":"weather","input_schema":{"type":"object"}}],
+            "tool_choice":{"type":"any","disable_parallel_tool_use":true},
+            "stop_sequences":["END"],"temperature":0.3,"metadata":{"user_id":"u1"}}"#,
+        )
+        .unwrap();
+        assert!(r.stream && r.client_wants_usage);
+        assert_eq!(r.model, "claude");
+        let b = Value::Object(r.body.clone());
+        let m = b["messages"].as_array().unwrap();
+        assert_eq!(m[0], json!({"role": "system", "content": "be brief"}));
+        assert_eq!(
+            m[1]["content"][1]["image_url"]["url"],
+            "data:image/png;base64,AAA"
+        );
+        assert_eq!(
+            m[2]["tool_calls"][0]["function"]["arguments"],
+            "{\"city\":\"Oslo\"}"
+        );
+        assert_eq!(m[2]["content"], "checking");
+        assert_eq!(
+            m[3],
+            json!({"role": "tool", "tool_call_id": "t1", "content": "rain"})
+        );
+        assert_eq!(m[4], json!({"role": "user", "content": "so?"}));
+        assert_eq!(b["tools"][0]["function"]["name"], "get");
+        assert_eq!(b["tool_choice"], "required");
+        assert_eq!(b["parallel_tool_calls"], false);
+        assert_eq!(b["stop"], json!(["END"]));
+        assert_eq!(b["max_tokens"], 100);
+        assert_eq!(b["user"], "u1");
+        assert_eq!(r.anthropic_only, AnthropicOnly::default());
+    }
+
+    #[test]
+    fn thinking_and_server_tools_are_flagged() {
+        let r = parse_str(
+            r#"{"model":"c","max_tokens":5,"thinking":{"type":"enabled","budget_tokens":1024},
+            "tools":[{"type":"web_search_20250305","name":"web_search"}],
+            "messages":[{"role":"user","content":"hi"},{"role":"assistant","content":[{"type":"thinking","thinking":"hm","signature":"s"},{"type":"text","text":"yo"}]},{"role":"user","content":"again"}]}"#,
+        )
+        .unwrap();
+        assert!(r.anthropic_only.thinking);
+        assert_eq!(
+            r.anthropic_only.untranslatable.as_deref(),
+            Some("tools.0 (web_search)")
+        );
+    }
+
+    #[test]
+    fn invalid_requests_get_anthropic_errors_naming_the_field() {
+        for (body, param) in [
+            (r#"{"max_tokens":5,"messages":[]}"#, "model"),
+            (
+                r#"{"model":"c","messages":[{"role":"user","content":"x"}]}"#,
+                "max_tokens",
+            ),
+            (
+                r#"{"model":"c","max_tokens":0,"messages":[]}"#,
+                "max_tokens",
+            ),
+            (r#"{"model":"c","max_tokens":5}"#, "messages"),
+            (r#"{"model":"c","max_tokens":5,"messages":[]}"#, "messages"),
+            (
+                r#"{"model":"c","max_tokens":5,"messages":[{"role":"system","content":"x"}]}"#,
+                "messages.0.role",
+            ),
+            (
+                r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":5}]}"#,
+                "messages.0.content",
+            ),
+            (
+                r#"{"model":"c","max_tokens":5,"temperature":1.5,"messages":[{"role":"user","content":"x"}]}"#,
+                "temperature",
+            ),
+        ] {
+            let e = parse_str(body).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{body}");
+            let v: Value = serde_json::from_slice(&error_body(&e)).unwrap();
+            assert_eq!(v["type"], "error");
+            assert_eq!(v["error"]["type"], "invalid_request_error");
+            assert!(
+                v["error"]["message"].as_str().unwrap().starts_with(param),
+                "{v}"
+            );
+        }
+        assert_eq!(parse_str("[1]").unwrap_err().code, "invalid_json");
+        assert_eq!(parse_str("{").unwrap_err().code, "invalid_json");
+        // count_tokens takes no max_tokens.
+        let r = parse(
+            Endpoint::MessagesCountTokens,
+            bytes::Bytes::from_static(
+                br#"{"model":"c","messages":[{"role":"user","content":"x"}]}"#,
+            ),
+        )
+        .unwrap();
+        assert!(!r.stream);
+    }
+
+    #[test]
+    fn the_model_is_spliced_in_and_every_other_byte_kept() {
+        let raw = br#"{ "messages" : [{"role":"user","content":"a \"model\": x"}], "model":"claude" ,"system":[{"type":"text","text":"s","cache_control":{"type":"ephemeral"}}]}"#;
+        let out = splice_model(raw, "claude-x-2").unwrap();
+        let expect =
+            String::from_utf8_lossy(raw).replace(r#""model":"claude""#, r#""model":"claude-x-2""#);
+        assert_eq!(String::from_utf8(out).unwrap(), expect);
+        assert_eq!(splice_model(raw, "claude").unwrap(), raw.to_vec());
+        // Nested "model" keys and escapes do not confuse it.
+        let raw = br#"{"a":{"model":"no"},"b":"\\\"","model":"m","c":[1,{"model":2}]}"#;
+        let out = splice_model(raw, "z").unwrap();
+        assert_eq!(
+            out,
+            br#"{"a":{"model":"no"},"b":"\\\"","model":"z","c":[1,{"model":2}]}"#.to_vec()
+        );
+        assert!(splice_model(br#"{"model":5}"#, "z").is_none());
+        assert!(splice_model(br#"{"x":1}"#, "z").is_none());
+    }
+
+    #[test]
+    fn a_chat_completion_becomes_a_message() {
+        let chat = json!({"id": "chatcmpl-abc", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi",
+            "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+            "finish_reason": "tool_calls"}], "usage": {"prompt_tokens": 10, "completion_tokens": 4, "prompt_tokens_details": {"cached_tokens": 3}}});
+        let m = response_from_chat(&chat, "claude");
+        assert_eq!(m["id"], "msg_abc");
+        assert_eq!(m["type"], "message");
+        assert_eq!(m["model"], "claude");
+        assert_eq!(m["content"][0], json!({"type": "text", "text": "Hi"}));
+        assert_eq!(m["content"][1]["input"], json!({"a": 1}));
+        assert_eq!(m["stop_reason"], "tool_use");
+        assert_eq!(
+            m["usage"],
+            json!({"input_tokens": 7, "output_tokens": 4, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 3})
+        );
+    }
+
+    fn events(bytes: &[u8]) -> Vec<(String, Value)> {
+        String::from_utf8(bytes.to_vec())
+            .unwrap()
+            .split("\n\n")
+            .filter(|e| !e.is_empty())
+            .map(|e| {
+                let (name, data) = e.split_once('\n').unwrap();
+                (
+                    name.strip_prefix("event: ").unwrap().to_string(),
+                    serde_json::from_str(data.strip_prefix("data: ").unwrap()).unwrap(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_chat_stream_becomes_the_messages_event_sequence() {
+        let chat = json!({"id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hello there",
+                "tool_calls": [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{\"a\":1}"}}]},
+                "finish_reason": "tool_calls"}],
+            "usage": {"prompt_tokens": 12, "completion_tokens": 5, "total_tokens": 17}});
+        let sse = crate::assemble::replay_as_sse(&chat, true);
+        for size in [1, 9, sse.len()] {
+            let mut s = ChatToMessagesStream::new("claude", 11);
+            let mut out = Vec::new();
+            for c in sse.chunks(size) {
+                out.extend(s.feed(c).unwrap());
+            }
+            assert!(s.done);
+            let evs = events(&out);
+            let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
+            assert_eq!(
+                names,
+                [
+                    "message_start",
+                    "ping",
+                    "content_block_start",
+                    "content_block_delta",
+                    "content_block_stop",
+                    "content_block_start",
+                    "content_block_delta",
+                    "content_block_stop",
+                    "message_delta",
+                    "message_stop"
+                ]
+            );
+            for (n, v) in &evs {
+                assert_eq!(v["type"], n.as_str());
+            }
+            assert_eq!(evs[0].1["message"]["usage"]["input_tokens"], 11);
+            assert_eq!(evs[3].1["delta"]["text"], "Hello there");
+            assert_eq!(evs[5].1["content_block"]["name"], "f");
+            assert_eq!(evs[5].1["index"], 1);
+            assert_eq!(evs[6].1["delta"]["partial_json"], "{\"a\":1}");
+            assert_eq!(evs[8].1["delta"]["stop_reason"], "tool_use");
+            assert_eq!(evs[8].1["usage"]["input_tokens"], 12);
+            assert_eq!(evs[8].1["usage"]["output_tokens"], 5);
+        }
+        // An error mid-stream ends it with Anthropic's error event.
+        let mut s = ChatToMessagesStream::new("claude", 0);
+        let out = s
+            .feed(b"data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"a\"}}]}\n\ndata: {\"error\":{\"message\":\"boom\",\"type\":\"server_error\"}}\n\ndata: [DONE]\n\n")
+            .unwrap();
+        let evs = events(&out);
+        let last = evs.last().unwrap();
+        assert_eq!(last.0, "error");
+        assert_eq!(
+            last.1["error"],
+            json!({"type": "api_error", "message": "boom"})
+        );
+        assert!(s.done);
+    }
+
+    #[test]
+    fn openai_errors_become_anthropic_errors() {
+        let b = error_from_openai(
+            429,
+            br#"{"error":{"message":"slow down","type":"rate_limit_error"}}"#,
+        );
+        let v: Value = serde_json::from_slice(&b).unwrap();
+        assert_eq!(
+            v,
+            json!({"type": "error", "error": {"type": "rate_limit_error", "message": "slow down"}})
+        );
+        let v: Value = serde_json::from_slice(&error_from_openai(502, b"bad gateway")).unwrap();
+        assert_eq!(v["error"]["type"], "api_error");
+        assert_eq!(v["error"]["message"], "bad gateway");
+    }
+}

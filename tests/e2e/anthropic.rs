@@ -1,0 +1,495 @@
+//! Anthropic Messages inbound through the real server: passed through byte
+//! for byte to Anthropic providers (Claude Code's betas and prompt-cache
+//! blocks), translated both ways for OpenAI-compatible ones (text, tools,
+//! streams, usage, errors), count_tokens, the model list in Anthropic's
+//! shape, cache hits replayed as Messages, and the official `anthropic` SDK.
+
+use crate::common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use smartllm_e2e::*;
+
+/// Models `claude` (Anthropic kind, upstream `claude-x`) and `small`
+/// (OpenAI kind); the cache on; a virtual key `sk-ant-client` required.
+fn gateway(mock_args: &[&str]) -> (Mock, Gateway) {
+    let mock = Mock::start(mock_args);
+    let providers = format!(
+        "providers:\n{}  claude-mock:\n    kind: anthropic\n    base_url: http://{}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n",
+        mock_provider("mock", &mock),
+        mock.addr
+    );
+    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  auto:\n    model: small\n",
+    );
+    cfg.write("cache.yaml", "cache:\n  enabled: true\n");
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "require_key: true\nkeys:\n  - name: cc\n    tenant: acme\n    app: claude-code\n    sha256: {}\n",
+            sha("sk-ant-client")
+        ),
+    );
+    let gw = Gateway::start_with_env(cfg, &[("TEST_ANTHROPIC_KEY", "sk-ant-provider-1234")]);
+    (mock, gw)
+}
+
+fn messages(gw: &Gateway, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    let mut h = vec![
+        ("x-api-key", "sk-ant-client"),
+        ("anthropic-version", "2023-06-01"),
+    ];
+    h.extend_from_slice(headers);
+    request(&gw.addr, "POST", "/v1/messages", &h, body).unwrap()
+}
+
+/// `(event name, data)` of each event of an Anthropic stream.
+fn events(r: &Response) -> Vec<(String, Value)> {
+    r.text()
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in e.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_string();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push_str(d);
+                }
+            }
+            (name, serde_json::from_str(&data).unwrap_or(Value::Null))
+        })
+        .collect()
+}
+
+fn names(evs: &[(String, Value)]) -> Vec<&str> {
+    evs.iter().map(|(n, _)| n.as_str()).collect()
+}
+
+fn text_of(evs: &[(String, Value)]) -> String {
+    evs.iter()
+        .filter_map(|(_, v)| v["delta"]["text"].as_str())
+        .collect()
+}
+
+#[test]
+fn claude_code_requests_reach_anthropic_byte_for_byte() {
+    let (mock, gw) = gateway(&["--words", "12"]);
+    // Claude Code's shape: system blocks with cache_control (and a ttl), betas.
+    let body = br#"{"model":"claude","max_tokens":256,
+  "system":[{"type":"text","text":"You are Claude Code.","cache_control":{"type":"ephemeral","ttl":"1h"}}],
+  "messages":[{"role":"user","content":[{"type":"text","text":"List the files","cache_control":{"type":"ephemeral"}}]}],
+  "metadata":{"user_id":"u-1"}}"#;
+    let betas = [(
+        "anthropic-beta",
+        "claude-code-20250219,prompt-caching-2024-07-31",
+    )];
+    let r = messages(&gw, &betas, body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["type"], "message");
+    assert!(v["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("Mock reply to: List the files"));
+    assert_eq!(v["stop_reason"], "end_turn");
+    let written = v["usage"]["cache_creation_input_tokens"].as_u64().unwrap();
+    assert!(written > 0, "{v}");
+    let last = mock.last();
+    assert_eq!(last["path"], "/v1/messages");
+    // Every byte as sent, but the model name.
+    let expect =
+        String::from_utf8_lossy(body).replace(r#""model":"claude""#, r#""model":"claude-x""#);
+    assert_eq!(
+        last["body_sha256"],
+        hex::encode(Sha256::digest(expect.as_bytes())),
+        "{last}"
+    );
+    assert_eq!(
+        last["headers"]["anthropic-beta"],
+        "claude-code-20250219,prompt-caching-2024-07-31"
+    );
+    assert_eq!(last["headers"]["anthropic-version"], "2023-06-01");
+    // The provider gets the gateway's key, never the client's.
+    assert_eq!(last["headers"]["x-api-key"], "sk-ant-provider-1234");
+    assert_eq!(r.header("x-smartllm-model"), Some("claude"));
+
+    // Streamed, the provider's events pass through as they come; the second
+    // request reads the prompt cache the first one wrote.
+    // (Another question: the first answer is in the gateway's cache by now.)
+    let stream = String::from_utf8_lossy(body)
+        .replace("\"max_tokens\":256", "\"max_tokens\":256,\"stream\":true")
+        .replace("List the files", "List the files again");
+    let r = messages(&gw, &betas, stream.as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r
+        .header("content-type")
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let evs = events(&r);
+    assert_eq!(
+        names(&evs),
+        [
+            "message_start",
+            "ping",
+            "content_block_start",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_delta",
+            "content_block_stop",
+            "message_delta",
+            "message_stop"
+        ]
+    );
+    assert_eq!(cache_header(&r), "miss");
+    assert_eq!(
+        evs[0].1["message"]["usage"]["cache_read_input_tokens"],
+        written
+    );
+    assert!(text_of(&evs).starts_with("Mock reply to: List the files again"));
+    // Billed from Anthropic's own usage fields (the ledger writes in batches).
+    assert!(wait_until(std::time::Duration::from_secs(5), || costs(
+        &gw, "model"
+    )["total"]["requests"]
+        == 2));
+    let c = costs(&gw, "model");
+    assert_eq!(c["rows"][0]["cached_tokens"], written, "{c}");
+}
+
+#[test]
+fn anthropic_clients_of_openai_models_get_translated_answers_tools_and_streams() {
+    let (mock, gw) = gateway(&["--words", "12"]);
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"small","max_tokens":50,"system":"Be brief.","messages":[{"role":"user","content":"Hello there"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["type"].as_str(), v["role"].as_str()),
+        (Some("message"), Some("assistant"))
+    );
+    assert!(v["id"].as_str().unwrap().starts_with("msg_"));
+    assert!(v["content"][0]["text"]
+        .as_str()
+        .unwrap()
+        .starts_with("Mock reply to: Hello there"));
+    assert_eq!(v["stop_reason"], "end_turn");
+    assert_eq!(v["usage"]["output_tokens"], 12);
+    assert!(v["usage"]["input_tokens"].as_u64().unwrap() > 0);
+    let last = mock.last();
+    assert_eq!(last["path"], "/v1/chat/completions");
+    assert_eq!(
+        last["json"]["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+    assert_eq!(last["json"]["max_tokens"], 50);
+    // The client's key stays at the gateway.
+    assert!(last["headers"].get("x-api-key").is_none(), "{last}");
+
+    // A tool round trip.
+    let tools = json!([{"name": "get_weather", "description": "Weather of a city",
+        "input_schema": {"type": "object", "properties": {"query": {"type": "string"}}}}]);
+    let ask = json!({"model": "small", "max_tokens": 50, "tools": tools,
+        "messages": [{"role": "user", "content": "Weather in Oslo?"}]});
+    let r = messages(&gw, &[], &serde_json::to_vec(&ask).unwrap());
+    let v = r.json();
+    assert_eq!(v["stop_reason"], "tool_use", "{v}");
+    let call = v["content"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["type"] == "tool_use")
+        .unwrap()
+        .clone();
+    assert_eq!(call["name"], "get_weather");
+    assert_eq!(call["input"]["query"], "Weather in Oslo?");
+    assert_eq!(
+        mock.last()["json"]["tools"][0]["function"]["name"],
+        "get_weather"
+    );
+    let answer = json!({"model": "small", "max_tokens": 50, "tools": tools, "messages": [
+        {"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": v["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call["id"], "content": "Rain, 4 C"}]}]});
+    let r = messages(&gw, &[], &serde_json::to_vec(&answer).unwrap());
+    assert_eq!(r.json()["stop_reason"], "end_turn", "{}", r.text());
+    let sent = &mock.last()["json"]["messages"];
+    assert_eq!(sent[1]["tool_calls"][0]["id"], call["id"]);
+    assert_eq!(
+        sent[2],
+        json!({"role": "tool", "tool_call_id": call["id"], "content": "Rain, 4 C"})
+    );
+
+    // Streamed: Anthropic's event sequence, tool call included.
+    let mut s = ask.clone();
+    s["stream"] = json!(true);
+    s["messages"][0]["content"] = json!("Weather in Bergen?");
+    let r = messages(&gw, &[], &serde_json::to_vec(&s).unwrap());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let evs = events(&r);
+    let n = names(&evs);
+    assert_eq!(n[..2], ["message_start", "ping"]);
+    assert_eq!(n[n.len() - 2..], ["message_delta", "message_stop"]);
+    assert!(text_of(&evs).starts_with("Mock reply to: Weather in Bergen?"));
+    let tool_start = evs
+        .iter()
+        .find(|(_, v)| v["content_block"]["type"] == "tool_use")
+        .unwrap();
+    assert_eq!(tool_start.1["content_block"]["name"], "get_weather");
+    let args: String = evs
+        .iter()
+        .filter_map(|(_, v)| v["delta"]["partial_json"].as_str())
+        .collect();
+    assert_eq!(
+        serde_json::from_str::<Value>(&args).unwrap()["query"],
+        "Weather in Bergen?"
+    );
+    let delta = &evs[evs.len() - 2].1;
+    assert_eq!(delta["delta"]["stop_reason"], "tool_use");
+    assert_eq!(delta["usage"]["output_tokens"], 12);
+    assert_eq!(mock.last()["stream_options"]["include_usage"], true);
+
+    // Thinking goes only to providers that take it: a clear 400 here.
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"small","max_tokens":50,"thinking":{"type":"enabled","budget_tokens":1024},"messages":[{"role":"user","content":"x"}]}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("thinking"));
+    // ... and through to Anthropic ones, whose thinking blocks come back.
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"claude","max_tokens":50,"thinking":{"type":"enabled","budget_tokens":1024},"messages":[{"role":"user","content":"think"}]}"#,
+    );
+    assert_eq!(r.json()["content"][0]["type"], "thinking", "{}", r.text());
+}
+
+#[test]
+fn anthropic_errors_count_tokens_models_and_cache_hits() {
+    let (mock, gw) = gateway(&["--words", "12"]);
+    // Errors in Anthropic's shape, with the right status.
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/messages",
+        &[],
+        br#"{"model":"small"}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 401);
+    assert_eq!(r.json()["type"], "error");
+    assert_eq!(r.json()["error"]["type"], "authentication_error");
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"small","messages":[{"role":"user","content":"x"}]}"#,
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert!(r.json()["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("max_tokens"));
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"nope","max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["type"].as_str()),
+        (404, Some("not_found_error"))
+    );
+    // A provider's error, in the client's shape.
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"small","max_tokens":5,"messages":[{"role":"user","content":"x [mock-status:429]"}]}"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["error"]["type"].as_str()),
+        (429, Some("rate_limit_error")),
+        "{}",
+        r.text()
+    );
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"claude","max_tokens":5,"messages":[{"role":"user","content":"x [mock-status:529]"}]}"#,
+    );
+    assert_eq!(r.status, 529, "{}", r.text());
+    assert_eq!(r.json()["type"], "error");
+    // A stream that fails mid-way ends in Anthropic's error event, both ways.
+    for model in ["small", "claude"] {
+        let body = format!(
+            r#"{{"model":"{model}","max_tokens":50,"stream":true,"messages":[{{"role":"user","content":"x [mock-fault:error-mid-stream]"}}]}}"#
+        );
+        let r = messages(&gw, &[], body.as_bytes());
+        let evs = events(&r);
+        let (name, v) = evs.last().unwrap();
+        assert_eq!(name, "error", "{model}: {}", r.text());
+        assert_eq!(v["type"], "error");
+        assert!(
+            !r.text().contains("sk-ant-provider-1234"),
+            "the key is scrubbed"
+        );
+    }
+
+    // count_tokens: exact from Anthropic providers, estimated for others.
+    let count = |model: &str| {
+        let body = format!(
+            r#"{{"model":"{model}","messages":[{{"role":"user","content":"How many tokens is this question?"}}]}}"#
+        );
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/messages/count_tokens",
+            &[("x-api-key", "sk-ant-client")],
+            body.as_bytes(),
+        )
+        .unwrap()
+    };
+    let before = mock.requests();
+    let r = count("claude");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.json()["input_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(mock.last()["path"], "/v1/messages/count_tokens");
+    assert_eq!(mock.requests(), before + 1);
+    let r = count("small");
+    assert!(r.json()["input_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(r.header("x-smartllm-estimated"), Some("true"));
+    assert_eq!(mock.requests(), before + 1, "estimated locally");
+
+    // The model list, as Claude Code asks for it.
+    let r = request(
+        &gw.addr,
+        "GET",
+        "/v1/models?limit=1000",
+        &[
+            ("x-api-key", "sk-ant-client"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        b"",
+    )
+    .unwrap();
+    let v = r.json();
+    assert_eq!(v["has_more"], false, "{v}");
+    let ids: Vec<&str> = v["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(ids.contains(&"claude") && ids.contains(&"auto"), "{v}");
+    assert_eq!(v["data"][0]["type"], "model");
+    assert_eq!(v["first_id"], ids[0]);
+    let page = request(
+        &gw.addr,
+        "GET",
+        "/v1/models?limit=1",
+        &[
+            ("x-api-key", "sk-ant-client"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        b"",
+    )
+    .unwrap()
+    .json();
+    assert_eq!(
+        (
+            page["data"].as_array().unwrap().len(),
+            page["has_more"].as_bool()
+        ),
+        (1, Some(true))
+    );
+
+    // Cache hits replayed as Messages, JSON and stream; each API its own namespace.
+    let q = br#"{"model":"small","max_tokens":20,"messages":[{"role":"user","content":"What is the capital of Norway?"}]}"#;
+    let first = messages(&gw, &[], q);
+    assert_eq!(cache_header(&first), "miss");
+    wait_cached(&gw, 1);
+    let before = mock.requests();
+    let hit = messages(&gw, &[], q);
+    assert_eq!(cache_header(&hit), "hit-exact", "{:?}", hit.headers);
+    assert_eq!(hit.json()["content"], first.json()["content"]);
+    assert_eq!(hit.json()["type"], "message");
+    let s = String::from_utf8_lossy(q)
+        .replace("\"max_tokens\":20", "\"max_tokens\":20,\"stream\":true");
+    let hit = messages(&gw, &[], s.as_bytes());
+    assert_eq!(cache_header(&hit), "hit-exact");
+    let evs = events(&hit);
+    assert_eq!(names(&evs).first(), Some(&"message_start"));
+    assert_eq!(names(&evs).last(), Some(&"message_stop"));
+    assert_eq!(
+        text_of(&evs),
+        first.json()["content"][0]["text"].as_str().unwrap()
+    );
+    assert_eq!(mock.requests(), before, "hits never reach the upstream");
+    let chat = request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer sk-ant-client")],
+        br#"{"model":"small","max_tokens":20,"messages":[{"role":"user","content":"What is the capital of Norway?"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(
+        cache_header(&chat),
+        "miss",
+        "a chat client never gets a Messages entry"
+    );
+}
+
+#[test]
+fn the_official_anthropic_sdk_works_against_the_gateway() {
+    let python = match std::env::var("SMARTLLM_PYTHON") {
+        Ok(p) => p,
+        Err(_) if std::env::var("SMARTLLM_SKIP_PYTHON").is_ok() => return,
+        Err(_) => panic!("set SMARTLLM_PYTHON to a python with the anthropic package (make test does), or SMARTLLM_SKIP_PYTHON=1"),
+    };
+    let (_mock, gw) = gateway(&["--words", "12"]);
+    let out = std::process::Command::new(python)
+        .arg(workspace_root().join("tests/python/anthropic_client.py"))
+        .arg(format!("http://{}", gw.addr))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "create ok",
+        "stream ok",
+        "tools ok",
+        "count ok",
+        "models ok",
+        "errors ok",
+        "translated ok",
+    ] {
+        assert!(stdout.contains(step), "{step} missing:\n{stdout}");
+    }
+}
