@@ -14,6 +14,7 @@ mod lifecycle;
 mod limits;
 mod overload;
 mod proxy;
+mod responses;
 mod routing;
 mod secrets;
 mod stream_failures;

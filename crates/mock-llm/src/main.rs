@@ -134,6 +134,8 @@ struct State {
     last: Mutex<Value>,
     /// Prompt-cache prefixes (Anthropic `cache_control`) already written.
     prompt_cache: Mutex<std::collections::HashSet<String>>,
+    /// Responses API answers kept (`store`), by id.
+    responses: Mutex<std::collections::HashMap<String, Value>>,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -559,6 +561,133 @@ fn last_user_text(body: &Value) -> String {
         .unwrap_or_default()
 }
 
+/// The text of a Responses request's last user input.
+fn responses_input_text(body: &Value) -> String {
+    match body.get("input") {
+        Some(Value::String(s)) => s.clone(),
+        Some(Value::Array(items)) => items
+            .iter()
+            .rev()
+            .find(|i| i.get("role").and_then(Value::as_str) == Some("user"))
+            .map(|i| match &i["content"] {
+                Value::String(s) => s.clone(),
+                Value::Array(parts) => parts
+                    .iter()
+                    .filter_map(|p| p.get("text").and_then(Value::as_str))
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                _ => String::new(),
+            })
+            .unwrap_or_default(),
+        _ => String::new(),
+    }
+}
+
+/// `POST /v1/responses`, as a provider that speaks the Responses API and
+/// keeps state: `previous_response_id` must name a response it stored.
+async fn responses_api<S: Conn>(
+    sock: &mut S,
+    body: &Value,
+    b: &Behaviour,
+    state: &State,
+    inst: &[(&str, String)],
+) -> anyhow::Result<()> {
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("mock");
+    if let Some(prev) = body.get("previous_response_id").and_then(Value::as_str) {
+        let known = state
+            .responses
+            .lock()
+            .map(|r| r.contains_key(prev))
+            .unwrap_or(false);
+        if !known {
+            write_json(sock, 404, &json!({"error": {"message": format!("Previous response with id '{prev}' not found."),
+                "type": "invalid_request_error", "param": "previous_response_id", "code": "previous_response_not_found"}}), inst).await?;
+            return Ok(());
+        }
+    }
+    let question = responses_input_text(body);
+    let words = answer_words(&question, b.words);
+    let text = words.join(" ");
+    let input_tokens = count_tokens(&question)
+        + count_tokens(
+            body.get("instructions")
+                .and_then(Value::as_str)
+                .unwrap_or(""),
+        );
+    let output_tokens = words.len() as u64;
+    let id = format!(
+        "resp_mock{}",
+        &hex::encode(Sha256::digest(
+            format!("{question}{}", fastrand::u64(..)).as_bytes()
+        ))[..24]
+    );
+    let msg_id = format!("msg_{}", &id[5..]);
+    let item = json!({"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
+        "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]});
+    let response = json!({"id": id, "object": "response", "created_at": now(), "status": "completed",
+        "model": model, "output": [item], "previous_response_id": body.get("previous_response_id"),
+        "store": body.get("store").and_then(Value::as_bool).unwrap_or(true), "error": null, "incomplete_details": null,
+        "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": input_tokens + output_tokens}});
+    if body.get("store").and_then(Value::as_bool) != Some(false) {
+        if let Ok(mut r) = state.responses.lock() {
+            r.insert(id.clone(), response.clone());
+        }
+    }
+    if body.get("stream").and_then(Value::as_bool) != Some(true) {
+        write_json(sock, 200, &response, inst).await?;
+        return Ok(());
+    }
+    start_stream(sock, inst).await?;
+    let mut seq = 0u64;
+    let mut send = |kind: &str, mut v: Value| {
+        v["type"] = json!(kind);
+        v["sequence_number"] = json!(seq);
+        seq += 1;
+        format!("event: {kind}\ndata: {v}\n\n")
+    };
+    let mut pending = response.clone();
+    pending["status"] = json!("in_progress");
+    pending["output"] = json!([]);
+    pending["usage"] = Value::Null;
+    let mut empty_item = item.clone();
+    empty_item["status"] = json!("in_progress");
+    empty_item["content"] = json!([]);
+    let mut out = vec![
+        send("response.created", json!({"response": pending})),
+        send("response.in_progress", json!({"response": pending})),
+        send(
+            "response.output_item.added",
+            json!({"output_index": 0, "item": empty_item}),
+        ),
+        send(
+            "response.content_part.added",
+            json!({"item_id": msg_id, "output_index": 0, "content_index": 0,
+            "part": {"type": "output_text", "text": "", "annotations": []}}),
+        ),
+    ];
+    for (i, w) in words.iter().enumerate() {
+        let t = if i == 0 { w.clone() } else { format!(" {w}") };
+        out.push(send("response.output_text.delta", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "delta": t, "logprobs": []})));
+    }
+    out.push(send("response.output_text.done", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []})));
+    out.push(send("response.content_part.done", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "part": item["content"][0]})));
+    out.push(send(
+        "response.output_item.done",
+        json!({"output_index": 0, "item": item}),
+    ));
+    out.push(send("response.completed", json!({"response": response})));
+    for e in out {
+        if b.chunk_delay_ms > 0 {
+            tokio::time::sleep(Duration::from_millis(b.chunk_delay_ms)).await;
+        }
+        write_chunk(sock, e.as_bytes()).await?;
+    }
+    write_chunk(sock, b"").await?;
+    Ok(())
+}
+
 /// A tool the answer calls: with `tools` offered and no tool result yet in
 /// the last turn, the mock calls the first tool with the question as input.
 fn wanted_tool(body: &Value, anthropic: bool) -> Option<(String, Value)> {
@@ -654,6 +783,15 @@ async fn handle<S: Conn>(
             .await?;
             return Ok(true);
         }
+        ("GET", p) if p.starts_with("/v1/responses/") => {
+            let id = &p["/v1/responses/".len()..];
+            let found = state.responses.lock().ok().and_then(|r| r.get(id).cloned());
+            match found {
+                Some(r) => write_json(sock, 200, &r, &inst).await?,
+                None => write_json(sock, 404, &json!({"error": {"message": format!("Response with id '{id}' not found."), "type": "invalid_request_error", "param": null, "code": null}}), &inst).await?,
+            }
+            return Ok(true);
+        }
         ("GET", "/v1/models") | ("GET", "/models") => {
             let data: Vec<Value> = ["mock-small", "mock-large", "mock-embed"]
                 .iter()
@@ -704,6 +842,10 @@ async fn handle<S: Conn>(
             return Ok(true);
         }
         _ => {}
+    }
+    if path.ends_with("/responses") {
+        responses_api(sock, &body, &b, state, &inst).await?;
+        return Ok(true);
     }
     if path.ends_with("/messages/count_tokens") {
         let n = count_tokens(&prompt_text(&path, &body));

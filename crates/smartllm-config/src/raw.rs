@@ -196,6 +196,9 @@ pub struct RawProvider {
     /// An OpenAI-compatible provider drops the thinking blocks of Anthropic
     /// Messages requests instead of refusing them.
     pub drop_thinking: Option<bool>,
+    /// The provider speaks OpenAI's Responses API (`/v1/responses` requests
+    /// pass through to it instead of being translated).
+    pub responses: Option<bool>,
     /// PEM bundle of CAs to trust for this provider instead of the system roots
     /// (private deployments behind their own CA).
     pub tls_ca_file: Option<String>,

@@ -447,6 +447,9 @@ pub struct ProviderConfig {
     /// the history) reach this OpenAI-compatible provider without it, rather
     /// than being refused with a 400.
     pub drop_thinking: bool,
+    /// An OpenAI-kind provider that speaks the Responses API: `/v1/responses`
+    /// requests pass through to it (it keeps `previous_response_id` state).
+    pub responses: bool,
     pub tls_ca_file: Option<PathBuf>,
     pub stream_usage: bool,
     pub connect_timeout: Duration,
@@ -533,14 +536,14 @@ impl Config {
             new.server.h2c.to_string(),
         );
         check(
-            "store.memory_budget",
-            self.store.memory_budget.to_string(),
-            new.store.memory_budget.to_string(),
-        );
-        check(
             "data_dir",
             self.data_dir.display().to_string(),
             new.data_dir.display().to_string(),
+        );
+        check(
+            "store.memory_budget",
+            self.store.memory_budget.to_string(),
+            new.store.memory_budget.to_string(),
         );
         check(
             "embedder",

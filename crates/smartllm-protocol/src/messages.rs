@@ -340,6 +340,7 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
         client_wants_usage: true,
         native: Some(bytes),
         anthropic_only: only,
+        responses: None,
     })
 }
 

@@ -14,6 +14,10 @@ pub enum Endpoint {
     Messages,
     /// Anthropic's `/v1/messages/count_tokens`.
     MessagesCountTokens,
+    /// OpenAI Responses (`/v1/responses`), inbound.
+    Responses,
+    /// `/v1/responses/input_tokens`.
+    ResponsesInputTokens,
 }
 
 impl Endpoint {
@@ -24,6 +28,10 @@ impl Endpoint {
             "/v1/embeddings" | "/embeddings" => Some(Endpoint::Embeddings),
             "/v1/messages" => Some(Endpoint::Messages),
             "/v1/messages/count_tokens" => Some(Endpoint::MessagesCountTokens),
+            "/v1/responses" | "/responses" => Some(Endpoint::Responses),
+            "/v1/responses/input_tokens" | "/responses/input_tokens" => {
+                Some(Endpoint::ResponsesInputTokens)
+            }
             _ => None,
         }
     }
@@ -32,7 +40,10 @@ impl Endpoint {
     /// the `/v1`). Messages requests go there translated to Chat Completions.
     pub fn upstream_suffix(self) -> &'static str {
         match self {
-            Endpoint::ChatCompletions | Endpoint::Messages => "/chat/completions",
+            Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Responses => {
+                "/chat/completions"
+            }
+            Endpoint::ResponsesInputTokens => "/responses/input_tokens",
             Endpoint::Completions => "/completions",
             Endpoint::Embeddings => "/embeddings",
             Endpoint::MessagesCountTokens => "/messages/count_tokens",
@@ -46,7 +57,10 @@ impl Endpoint {
 
     /// A chat request in the canonical shape (what the cache and the router read).
     pub fn is_chat(self) -> bool {
-        matches!(self, Endpoint::ChatCompletions | Endpoint::Messages)
+        matches!(
+            self,
+            Endpoint::ChatCompletions | Endpoint::Messages | Endpoint::Responses
+        )
     }
 
     pub fn as_str(self) -> &'static str {
@@ -56,6 +70,8 @@ impl Endpoint {
             Endpoint::Embeddings => "embeddings",
             Endpoint::Messages => "messages",
             Endpoint::MessagesCountTokens => "messages_count_tokens",
+            Endpoint::Responses => "responses",
+            Endpoint::ResponsesInputTokens => "responses_input_tokens",
         }
     }
 }
@@ -74,6 +90,9 @@ pub struct ParsedRequest {
     pub native: Option<bytes::Bytes>,
     /// What an Anthropic Messages request uses that only Anthropic takes.
     pub anthropic_only: crate::messages::AnthropicOnly,
+    /// A Responses request: its id, the request as sent, and the stored
+    /// conversation it continues.
+    pub responses: Option<Box<crate::responses::ResponsesRequest>>,
 }
 
 impl ParsedRequest {
@@ -173,6 +192,14 @@ const ROLES: [&str; 6] = [
 pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, ApiError> {
     if endpoint.is_anthropic() {
         return crate::messages::parse(endpoint, bytes::Bytes::copy_from_slice(bytes));
+    }
+    if matches!(
+        endpoint,
+        Endpoint::Responses | Endpoint::ResponsesInputTokens
+    ) {
+        let body = bytes::Bytes::copy_from_slice(bytes);
+        let map = crate::responses::read(&body)?;
+        return crate::responses::parse(endpoint, map, body, None, "resp_fuzz".into());
     }
     if bytes.iter().all(|b| b.is_ascii_whitespace()) {
         return Err(ApiError::invalid_request(
@@ -372,7 +399,10 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
                 .with_param("stream"));
             }
         }
-        Endpoint::Messages | Endpoint::MessagesCountTokens => {}
+        Endpoint::Messages
+        | Endpoint::MessagesCountTokens
+        | Endpoint::Responses
+        | Endpoint::ResponsesInputTokens => {}
     }
 
     Ok(ParsedRequest {
@@ -383,6 +413,7 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
         client_wants_usage,
         native: None,
         anthropic_only: Default::default(),
+        responses: None,
     })
 }
 

@@ -145,6 +145,176 @@ fn check_type(
     }
 }
 
+/// A Responses request as the gateway carries it: its own response id, the
+/// request as sent (echoed in the response object, and stored with the
+/// answer), and what `previous_response_id` continues.
+#[derive(Debug, Clone)]
+pub struct ResponsesRequest {
+    /// `resp_...`, chosen by the gateway.
+    pub id: String,
+    pub created_at: u64,
+    /// The Responses request body as the client sent it.
+    pub original: Map<String, Value>,
+    /// Keep the answer for `GET /v1/responses/{id}` and `previous_response_id`
+    /// (`store`, default true as with OpenAI).
+    pub store: bool,
+    pub previous_response_id: Option<String>,
+    /// The conversation `previous_response_id` names, when the gateway keeps
+    /// it (it answered that response through a translated provider).
+    pub previous: Option<StoredResponse>,
+}
+
+/// The body of a Responses request as a JSON object (OpenAI-shaped errors).
+pub fn read(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::invalid_request(
+            "invalid_json",
+            "The request body is empty; send a JSON object.",
+        ));
+    }
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(_) => Err(ApiError::invalid_request(
+            "invalid_json",
+            "The request body must be a JSON object.",
+        )),
+        Err(e) => Err(ApiError::invalid_request(
+            "invalid_json",
+            format!("We could not parse the JSON body of your request ({e}). Send valid JSON with Content-Type: application/json."),
+        )),
+    }
+}
+
+/// `previous_response_id`, when the request names one.
+pub fn previous_response_id(body: &Map<String, Value>) -> Option<&str> {
+    body.get("previous_response_id")
+        .and_then(Value::as_str)
+        .filter(|s| !s.is_empty())
+}
+
+/// Parse a `/v1/responses` (or `/v1/responses/input_tokens`) request:
+/// `body` is [`read`] of `raw`, `previous` the stored conversation its
+/// `previous_response_id` names (if the gateway keeps it), `id` the new
+/// response's id. The canonical body is the Chat Completions request it
+/// amounts to (history included); `raw` is kept for providers that speak
+/// Responses.
+pub fn parse(
+    endpoint: crate::openai::Endpoint,
+    body: Map<String, Value>,
+    raw: bytes::Bytes,
+    previous: Option<StoredResponse>,
+    id: String,
+) -> Result<crate::openai::ParsedRequest, ApiError> {
+    let create = endpoint == crate::openai::Endpoint::Responses;
+    let chat = if create {
+        request_to_chat_with_history(&body, previous.as_ref())?
+    } else {
+        input_tokens_request(&body, previous.as_ref())?
+    };
+    let model = body
+        .get("model")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_string();
+    let stream = create && body.get("stream").and_then(Value::as_bool) == Some(true);
+    let store = body.get("store").and_then(Value::as_bool) != Some(false);
+    let previous_response_id = previous_response_id(&body).map(str::to_string);
+    Ok(crate::openai::ParsedRequest {
+        endpoint,
+        body: chat,
+        model,
+        stream,
+        // The Responses stream ends with its usage (`response.completed`).
+        client_wants_usage: true,
+        native: Some(raw),
+        anthropic_only: Default::default(),
+        responses: Some(Box::new(ResponsesRequest {
+            id,
+            created_at: crate::time::now_secs(),
+            original: body,
+            store,
+            previous_response_id,
+            previous,
+        })),
+    })
+}
+
+/// Usage of a Responses `response` object (`usage.input_tokens`, ...).
+pub fn usage_of(response: &Value) -> Option<Usage> {
+    let u = response.get("usage").filter(|u| u.is_object())?;
+    let get = |a: &str, b: Option<&str>| {
+        let v = match b {
+            Some(b) => u.get(a).and_then(|d| d.get(b)),
+            None => u.get(a),
+        };
+        v.and_then(Value::as_u64).unwrap_or(0)
+    };
+    Some(Usage {
+        prompt_tokens: get("input_tokens", None),
+        completion_tokens: get("output_tokens", None),
+        cached_tokens: get("input_tokens_details", Some("cached_tokens")),
+        cache_write_tokens: 0,
+        reasoning_tokens: get("output_tokens_details", Some("reasoning_tokens")),
+    })
+}
+
+/// Reads a Responses event stream passed through from a provider that
+/// speaks Responses: its usage (from `response.completed` /
+/// `response.incomplete`), its end, and its failure (`error`,
+/// `response.failed`). The bytes themselves go to the client untouched.
+#[derive(Debug, Default)]
+pub struct ResponsesStreamReader {
+    parser: SseParser,
+    pub usage: Option<Usage>,
+    /// The terminal event came (`response.completed`, `.incomplete`, `.failed`).
+    pub done: bool,
+    pub error: Option<StreamError>,
+}
+
+impl ResponsesStreamReader {
+    pub fn feed(&mut self, chunk: &[u8]) -> Result<(), SseTooLarge> {
+        for ev in self.parser.feed(chunk)? {
+            let kind = ev.event.clone().unwrap_or_default();
+            let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+                continue;
+            };
+            let kind = if kind.is_empty() {
+                v["type"].as_str().unwrap_or_default().to_string()
+            } else {
+                kind
+            };
+            match kind.as_str() {
+                "response.completed" | "response.incomplete" => {
+                    self.usage = usage_of(&v["response"]);
+                    self.done = true;
+                }
+                "response.failed" => {
+                    self.usage = usage_of(&v["response"]);
+                    self.done = true;
+                    if self.error.is_none() {
+                        let e = &v["response"]["error"];
+                        self.error = Some(StreamError {
+                            kind: e["code"].as_str().map(str::to_string),
+                            message: e["message"]
+                                .as_str()
+                                .unwrap_or("the response failed")
+                                .to_string(),
+                        });
+                    }
+                }
+                "error" => {
+                    self.error.get_or_insert(StreamError {
+                        kind: v["code"].as_str().map(str::to_string),
+                        message: v["message"].as_str().unwrap_or("error").to_string(),
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+}
+
 /// Translate a Responses create request into a Chat Completions request body.
 /// `instructions` becomes a leading system message, `input` the messages after
 /// it. Errors are OpenAI-shaped and name the parameter.

@@ -22,6 +22,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod reload;
 pub mod respond;
+pub mod responses_store;
 pub mod routing;
 pub mod runtime;
 pub mod shutdown;

@@ -24,13 +24,17 @@ pub const CF_LEDGER: &str = "ledger";
 /// Traffic mix for cost suggestions: hour x tenant x app x model x task x
 /// complexity tier x cache outcome -> the same counters, merged by addition.
 pub const CF_LEDGER_MIX: &str = "ledger_mix";
-pub const COLUMN_FAMILIES: [&str; 6] = [
+/// Responses API conversations the gateway keeps (`previous_response_id`
+/// for translated providers): tenant + response id -> expiry + stored response.
+pub const CF_RESPONSES: &str = "responses";
+pub const COLUMN_FAMILIES: [&str; 7] = [
     CF_ENTRIES,
     CF_VECTORS,
     CF_META,
     CF_EXACT,
     CF_LEDGER,
     CF_LEDGER_MIX,
+    CF_RESPONSES,
 ];
 
 /// Number of u64 counters in a ledger value.
@@ -180,6 +184,11 @@ impl Store {
     pub fn get(&self, cf: &'static str, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
         let h = self.db.cf_handle(cf).ok_or(StoreError::UnknownCf(cf))?;
         Ok(self.db.get_cf(&h, key)?)
+    }
+
+    pub fn delete(&self, cf: &'static str, key: &[u8]) -> Result<(), StoreError> {
+        let h = self.db.cf_handle(cf).ok_or(StoreError::UnknownCf(cf))?;
+        Ok(self.db.delete_cf(&h, key)?)
     }
 
     /// Flush memtables and the WAL to disk (shutdown, tests).

@@ -17,6 +17,9 @@ pub enum Admitted {
     /// `GET /v1/models` (all) or `/v1/models/{id}` (one), in Anthropic's
     /// shape when the request carries `anthropic-version`.
     Models(Option<String>),
+    /// `GET` (or `DELETE`, `delete`) `/v1/responses/{id}`: a response the
+    /// gateway keeps.
+    StoredResponse { id: String, delete: bool },
     /// An API call with its whole body.
     Api { endpoint: Endpoint, body: BytesMut },
 }
@@ -75,6 +78,18 @@ pub async fn admit(
         ("GET", "/v1/models") | ("GET", "/models") => {
             ctx.endpoint = "models";
             return Ok(Admitted::Models(None));
+        }
+        ("GET" | "DELETE", p)
+            if p.starts_with("/v1/responses/")
+                && p != "/v1/responses/input_tokens"
+                && !p["/v1/responses/".len()..].contains('/') =>
+        {
+            ctx.endpoint = "responses";
+            let id = p["/v1/responses/".len()..].to_string();
+            return Ok(Admitted::StoredResponse {
+                id,
+                delete: method == "DELETE",
+            });
         }
         ("GET", p) if p.starts_with("/v1/models/") => {
             ctx.endpoint = "models";

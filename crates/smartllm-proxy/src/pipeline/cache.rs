@@ -13,6 +13,7 @@ use pingora_proxy::Session;
 use serde_json::Value;
 use smartllm_cache::{api_chat_key, CacheKey, Lookup};
 use smartllm_protocol::assemble::replay_as_sse;
+use smartllm_protocol::responses::{response_from_chat, ChatToResponsesStream};
 use smartllm_protocol::{messages, Endpoint};
 
 fn cache_control(session: &Session) -> (bool, bool) {
@@ -121,11 +122,21 @@ pub async fn phase(
                 return Ok(false);
             }
             let anthropic = req.endpoint == Endpoint::Messages;
+            let responses = req.responses.as_deref();
             if req.stream {
                 let mut body = replay_as_sse(&completion, req.client_wants_usage);
                 if anthropic {
                     let mut m = messages::ChatToMessagesStream::new(&req.model, 0);
                     body = m.feed(&body).unwrap_or_default();
+                } else if let Some(r) = responses {
+                    let mut s =
+                        ChatToResponsesStream::new(&r.id, r.created_at, &req.model, &r.original);
+                    let mut out = s.feed(&body).unwrap_or_default();
+                    out.extend(s.finish());
+                    if let Some(resp) = s.response() {
+                        super::responses::keep(shared, ctx, req, &resp);
+                    }
+                    body = out;
                 }
                 // The whole replay is known: a sized body keeps the connection reusable.
                 let mut h = respond::header(
@@ -150,6 +161,11 @@ pub async fn phase(
                     &[],
                 )
                 .await?;
+            } else if let Some(r) = responses {
+                let resp = response_from_chat(&completion, &r.id, r.created_at, &r.original);
+                super::responses::keep(shared, ctx, req, &resp);
+                let body = serde_json::to_vec(&resp).unwrap_or_default();
+                respond::json(session, ctx, 200, body, &[]).await?;
             } else {
                 respond::json(session, ctx, 200, entry.response.clone().into_bytes(), &[]).await?;
             }

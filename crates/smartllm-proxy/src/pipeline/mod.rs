@@ -21,6 +21,7 @@ mod exchange;
 pub mod finish;
 mod models;
 mod parse;
+mod responses;
 mod route;
 
 use crate::ctx::Ctx;
@@ -76,11 +77,26 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
     let rt = ctx.runtime();
     let (endpoint, body) = match admit::admit(shared, session, ctx, &rt).await? {
         admit::Admitted::Models(id) => return Ok(models::answer(session, ctx, &rt, id).await?),
+        admit::Admitted::StoredResponse { id, delete } => {
+            return responses::stored(shared, session, ctx, &id, delete).await
+        }
         admit::Admitted::Api { endpoint, body } => (endpoint, body),
     };
-    let mut request = parse::parse(ctx, &rt, endpoint, body)?;
-    if endpoint == Endpoint::MessagesCountTokens {
-        return count_tokens(shared, session, ctx, &rt, &request).await;
+    let mut request = match endpoint {
+        Endpoint::Responses | Endpoint::ResponsesInputTokens => {
+            let req = responses::parse(shared, ctx, endpoint, body).await?;
+            parse::resolve(ctx, &rt, req)?
+        }
+        _ => parse::parse(ctx, &rt, endpoint, body)?,
+    };
+    match endpoint {
+        Endpoint::MessagesCountTokens => {
+            return count_tokens(shared, session, ctx, &rt, &request).await
+        }
+        Endpoint::ResponsesInputTokens => {
+            return responses::input_tokens(session, ctx, &request).await
+        }
+        _ => {}
     }
     // The cache first: a hit costs nothing, whatever the budget.
     if cache::phase(shared, session, ctx, &rt, &request)

@@ -29,6 +29,15 @@ pub fn parse<'rt>(
     } else {
         parse_request(endpoint, &body)?
     };
+    resolve(ctx, rt, req)
+}
+
+/// The model or route a parsed request names, and the key's permission to use it.
+pub fn resolve<'rt>(
+    ctx: &mut Ctx,
+    rt: &'rt Runtime,
+    req: ParsedRequest,
+) -> Result<Parsed<'rt>, ApiError> {
     ctx.stream = req.stream;
     let Some((model, route)) = rt.config.resolve_model(&req.model) else {
         return Err(ApiError::model_not_found(&req.model, &rt.known_models));

@@ -170,7 +170,9 @@ pub(super) async fn once(
             Translate::OpenAi if x.req.endpoint.is_anthropic() => {
                 messages::error_from_openai(status, &openai_error_body(status, &pname, &body))
             }
-            Translate::OpenAi => openai_error_body(status, &pname, &body),
+            Translate::OpenAi | Translate::ResponsesNative => {
+                openai_error_body(status, &pname, &body)
+            }
         };
         // Some providers quote the key they were sent in auth errors: that is
         // the gateway's secret, never the client's to see.

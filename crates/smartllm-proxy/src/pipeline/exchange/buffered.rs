@@ -10,7 +10,7 @@ use crate::{metrics, respond};
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_proxy::Session;
 use serde_json::Value;
-use smartllm_protocol::{anthropic, messages};
+use smartllm_protocol::{anthropic, messages, responses};
 use smartllm_protocol::{ApiError, Endpoint, Usage};
 
 const MAX_BUFFERED_RESPONSE: usize = 64 << 20;
@@ -62,15 +62,7 @@ pub(super) async fn relay(
     }
     // What the client gets, its usage, and the answer in the canonical chat
     // shape (what the cache stores and the estimates read).
-    let (out, usage, chat) = match x.translate {
-        Translate::OpenAi if x.req.endpoint == Endpoint::Messages => {
-            let m = messages::response_from_chat(&v, &x.req.model);
-            (
-                serde_json::to_vec(&m).unwrap_or_default(),
-                Usage::from_openai(&v),
-                v,
-            )
-        }
+    let (mut out, usage, chat) = match x.translate {
         Translate::OpenAi => (body, Usage::from_openai(&v), v),
         Translate::Anthropic => {
             let (o, u) = anthropic::response_to_openai(&v, ctx.model().unwrap_or(""));
@@ -81,7 +73,24 @@ pub(super) async fn relay(
             let (o, _) = anthropic::response_to_openai(&v, ctx.model().unwrap_or(""));
             (body, usage, o)
         }
+        // Not cached: the provider keeps its own state for these.
+        Translate::ResponsesNative => (body, responses::usage_of(&v), Value::Null),
     };
+    // The client's shape, where the provider spoke another.
+    match (x.req.endpoint, x.translate) {
+        (Endpoint::Messages, Translate::OpenAi) => {
+            let m = messages::response_from_chat(&chat, &x.req.model);
+            out = serde_json::to_vec(&m).unwrap_or_default();
+        }
+        (Endpoint::Responses, Translate::OpenAi | Translate::Anthropic) => {
+            if let Some(r) = x.req.responses.as_deref() {
+                let resp = responses::response_from_chat(&chat, &r.id, r.created_at, &r.original);
+                crate::pipeline::responses::keep(x.shared, ctx, x.req, &resp);
+                out = serde_json::to_vec(&resp).unwrap_or_default();
+            }
+        }
+        _ => {}
+    }
     let usage = usage.or_else(|| {
         ctx.usage_estimated = true;
         Some(estimate_usage(x.req, &completion_text(&chat)))

@@ -56,6 +56,9 @@ enum Translate {
     /// Anthropic, asked by an Anthropic client: passed through as it comes
     /// (read on the side for usage, errors and the cache).
     AnthropicNative,
+    /// A provider that speaks Responses, asked by a Responses client: passed
+    /// through (read on the side for usage and errors; not cached).
+    ResponsesNative,
 }
 
 /// One attempt at one deployment: where it goes, how to read the answer,

@@ -27,7 +27,37 @@ pub(super) fn build(
     ctx: &Ctx,
 ) -> Result<Prepared, ApiError> {
     let p = &dep.provider;
+    // A conversation the gateway does not keep goes only to a provider that
+    // may (one that speaks Responses).
+    let previous_unknown = req.responses.as_deref().and_then(|r| {
+        r.previous_response_id
+            .as_deref()
+            .filter(|_| r.previous.is_none())
+    });
     let (path, body, translate) = match p.cfg.kind {
+        ProviderKind::OpenAi
+            if req.endpoint == Endpoint::Responses
+                && p.cfg.responses
+                && req
+                    .responses
+                    .as_deref()
+                    .is_none_or(|r| r.previous.is_none()) =>
+        {
+            let raw = req.native.as_deref().unwrap_or_default();
+            let body = smartllm_protocol::messages::splice_model(raw, &dep.upstream_model)
+                .ok_or_else(|| ApiError::internal("the request body lost its model"))?;
+            (
+                format!("{}/responses", p.url.path),
+                body,
+                Translate::ResponsesNative,
+            )
+        }
+        _ if previous_unknown.is_some() => {
+            return Err(smartllm_protocol::responses::response_not_found(
+                previous_unknown.unwrap_or_default(),
+                Some("previous_response_id"),
+            ));
+        }
         ProviderKind::OpenAi if req.endpoint.is_anthropic() => {
             if req.endpoint == Endpoint::MessagesCountTokens {
                 return Err(ApiError::internal(
@@ -80,7 +110,7 @@ pub(super) fn build(
             )
         }
         ProviderKind::Anthropic => {
-            if req.endpoint != Endpoint::ChatCompletions {
+            if !req.endpoint.is_chat() {
                 return Err(ApiError::invalid_request(
                     "unsupported_endpoint",
                     format!(

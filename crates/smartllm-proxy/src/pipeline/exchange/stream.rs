@@ -16,6 +16,7 @@ use pingora_proxy::Session;
 use smartllm_protocol::anthropic::AnthropicStream;
 use smartllm_protocol::assemble::ChunkAssembler;
 use smartllm_protocol::messages::ChatToMessagesStream;
+use smartllm_protocol::responses::{ChatToResponsesStream, ResponsesStreamReader};
 use smartllm_protocol::sse::{StreamError, DONE_EVENT};
 use smartllm_protocol::usage::OpenAiStreamFilter;
 use smartllm_protocol::{ApiError, Endpoint, Usage};
@@ -53,26 +54,33 @@ impl StreamEnd {
 enum Translator {
     OpenAi(OpenAiStreamFilter),
     Anthropic(AnthropicStream),
+    /// A Responses stream passed through: read, never translated.
+    Responses(ResponsesStreamReader),
 }
 
 impl Translator {
+    /// The canonical chat stream of `chunk` (nothing for a Responses stream).
     fn feed(&mut self, chunk: &[u8]) -> Result<Vec<u8>, smartllm_protocol::sse::SseTooLarge> {
         match self {
             Translator::OpenAi(f) => f.feed(chunk),
             Translator::Anthropic(a) => a.feed(chunk),
+            Translator::Responses(r) => r.feed(chunk).map(|()| Vec::new()),
         }
     }
     fn usage(&self) -> Option<Usage> {
         match self {
             Translator::OpenAi(f) => f.usage,
             Translator::Anthropic(a) => a.usage(),
+            Translator::Responses(r) => r.usage,
         }
     }
-    /// The client got the stream's end (`[DONE]`).
+    /// The stream reached its own end (`[DONE]`, `message_stop`, a
+    /// terminal Responses event).
     fn complete(&self) -> bool {
         match self {
             Translator::OpenAi(f) => f.saw_done,
             Translator::Anthropic(a) => a.done,
+            Translator::Responses(r) => r.done,
         }
     }
     /// The error the provider reported mid-stream, if it did.
@@ -80,6 +88,31 @@ impl Translator {
         match self {
             Translator::OpenAi(f) => f.error.as_ref(),
             Translator::Anthropic(a) => a.error.as_ref(),
+            Translator::Responses(r) => r.error.as_ref(),
+        }
+    }
+}
+
+/// The client's shape, when it is not the canonical chat stream.
+enum Encoder {
+    Messages(ChatToMessagesStream),
+    Responses(Box<ChatToResponsesStream>),
+}
+
+impl Encoder {
+    fn feed(&mut self, chat: &[u8]) -> Vec<u8> {
+        // Well-formed events in, so no event can exceed the bound.
+        match self {
+            Encoder::Messages(m) => m.feed(chat).unwrap_or_default(),
+            Encoder::Responses(r) => r.feed(chat).unwrap_or_default(),
+        }
+    }
+
+    /// The last bytes after the canonical tail.
+    fn end(&mut self) -> Vec<u8> {
+        match self {
+            Encoder::Messages(_) => Vec::new(),
+            Encoder::Responses(r) => r.finish(),
         }
     }
 }
@@ -95,22 +128,43 @@ pub(super) async fn relay(
     let (req, translate, pname) = (x.req, x.translate, x.provider());
     // `tr` reads the provider's stream into the canonical chat stream (for
     // usage, errors and the cache); what the client gets is that stream, or
-    // it re-encoded as Anthropic events (`encoder`), or the provider's own
-    // bytes (`native`: an Anthropic client of an Anthropic provider).
-    let native = translate == Translate::AnthropicNative;
+    // it re-encoded as Anthropic or Responses events (`encoder`), or the
+    // provider's own bytes (`native`: an Anthropic client of an Anthropic
+    // provider, a Responses client of a provider that speaks Responses).
+    let native = matches!(
+        translate,
+        Translate::AnthropicNative | Translate::ResponsesNative
+    );
     let mut tr = match translate {
         Translate::OpenAi => Translator::OpenAi(OpenAiStreamFilter::new(req.client_wants_usage)),
         Translate::Anthropic | Translate::AnthropicNative => Translator::Anthropic(
             AnthropicStream::new(ctx.model().unwrap_or(""), req.client_wants_usage && !native),
         ),
+        Translate::ResponsesNative => Translator::Responses(ResponsesStreamReader::default()),
     };
-    let mut encoder =
-        (translate == Translate::OpenAi && req.endpoint == Endpoint::Messages).then(|| {
+    let mut encoder = match (req.endpoint, native) {
+        (Endpoint::Messages, false) => {
             let input = smartllm_ledger::estimate_tokens(&smartllm_protocol::prompt::request_text(
                 &req.body,
             ));
-            ChatToMessagesStream::new(&req.model, input)
-        });
+            Some(Encoder::Messages(ChatToMessagesStream::new(
+                &req.model, input,
+            )))
+        }
+        (Endpoint::Responses, false) => req.responses.as_deref().map(|r| {
+            Encoder::Responses(Box::new(ChatToResponsesStream::new(
+                &r.id,
+                r.created_at,
+                &req.model,
+                &r.original,
+            )))
+        }),
+        _ => None,
+    };
+    if translate == Translate::ResponsesNative {
+        // The provider keeps these answers itself.
+        ctx.cache_insert = None;
+    }
     let idle = x.idle_timeout();
     let header = (|| {
         let mut h = respond::header(200, ctx, "text/event-stream; charset=utf-8", None)?;
@@ -155,8 +209,7 @@ pub(super) async fn relay(
                     let mut out = if native {
                         chunk
                     } else if let Some(enc) = encoder.as_mut() {
-                        // Well-formed events in, so no event can exceed the bound.
-                        Bytes::from(enc.feed(&canonical).unwrap_or_default())
+                        Bytes::from(enc.feed(&canonical))
                     } else {
                         Bytes::from(canonical)
                     };
@@ -225,12 +278,12 @@ pub(super) async fn relay(
                     // A complete HTTP response without [DONE]: finished below the
                     // way clients expect.
                     Translate::OpenAi => None,
-                    Translate::Anthropic | Translate::AnthropicNative if tr.complete() => None,
-                    Translate::Anthropic | Translate::AnthropicNative => Some((
+                    _ if tr.complete() => None,
+                    _ => Some((
                         StreamEnd::Truncated,
                         ApiError::bad_gateway(
                             "upstream_stream_incomplete",
-                            format!("Provider '{pname}' ended the stream before message_stop."),
+                            format!("Provider '{pname}' ended the stream before its end event."),
                         ),
                     )),
                 };
@@ -292,10 +345,23 @@ pub(super) async fn relay(
     let client_tail = if native {
         match &failure {
             Some((StreamEnd::UpstreamError, _)) | None => Vec::new(),
-            Some((_, err)) => smartllm_protocol::messages::error_event(err.status, &err.message),
+            Some((_, err)) if translate == Translate::AnthropicNative => {
+                smartllm_protocol::messages::error_event(err.status, &err.message)
+            }
+            Some((_, err)) => {
+                let v = serde_json::json!({"type": "error", "code": err.code, "message": err.message, "param": null});
+                format!("event: error\ndata: {v}\n\n").into_bytes()
+            }
         }
     } else if let Some(enc) = encoder.as_mut() {
-        enc.feed(&tail).unwrap_or_default()
+        let mut out = enc.feed(&tail);
+        out.extend(enc.end());
+        if let Encoder::Responses(r) = enc {
+            if let (Some(resp), None) = (r.response(), &failure) {
+                crate::pipeline::responses::keep(x.shared, ctx, req, &resp);
+            }
+        }
+        out
     } else {
         tail
     };

@@ -1,0 +1,110 @@
+//! The OpenAI Responses API around the common pipeline: parsing a request
+//! with the conversation its `previous_response_id` continues (when the
+//! gateway keeps it), `POST /v1/responses/input_tokens`, and `GET` / `DELETE
+//! /v1/responses/{id}` of the responses the gateway keeps. A create request
+//! then runs the same phases as a chat completion; answers are translated in
+//! the exchange and stored by [`keep`].
+
+use super::Failure;
+use crate::ctx::Ctx;
+use crate::{respond, responses_store, Shared};
+use bytes::BytesMut;
+use pingora_proxy::Session;
+use serde_json::Value;
+use smartllm_protocol::responses::{self as proto, StoredResponse};
+use smartllm_protocol::{ApiError, Endpoint, ParsedRequest};
+
+/// A new response id: `resp_` and 32 hex digits.
+fn new_id() -> String {
+    format!("resp_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+}
+
+pub async fn parse(
+    shared: &Shared,
+    ctx: &mut Ctx,
+    endpoint: Endpoint,
+    body: BytesMut,
+) -> Result<ParsedRequest, ApiError> {
+    let raw = body.freeze();
+    let map = proto::read(&raw)?;
+    let previous = match proto::previous_response_id(&map) {
+        Some(id) => responses_store::load(shared.components.store.as_ref(), &ctx.tenant, id).await,
+        None => None,
+    };
+    proto::parse(endpoint, map, raw, previous, new_id())
+}
+
+/// `POST /v1/responses/input_tokens`: the gateway's estimate of the input.
+pub async fn input_tokens(
+    session: &mut Session,
+    ctx: &mut Ctx,
+    request: &super::parse::Parsed<'_>,
+) -> Result<(), Failure> {
+    let body = &request.req.body;
+    let mut n = smartllm_ledger::estimate_tokens(&smartllm_protocol::prompt::request_text(body));
+    if let Some(t) = body.get("tools") {
+        n += smartllm_ledger::estimate_tokens(&t.to_string());
+    }
+    let out = serde_json::to_vec(&proto::input_tokens_object(n)).unwrap_or_default();
+    respond::json(
+        session,
+        ctx,
+        200,
+        out,
+        &[("x-smartllm-estimated".to_string(), "true".to_string())],
+    )
+    .await?;
+    Ok(())
+}
+
+/// `GET` or `DELETE /v1/responses/{id}` of the caller's tenant.
+pub async fn stored(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    id: &str,
+    delete: bool,
+) -> Result<(), Failure> {
+    let store = shared.components.store.as_ref();
+    let body = if delete {
+        responses_store::delete(store, &ctx.tenant, id)
+            .await
+            .then(|| proto::deleted_object(id))
+    } else {
+        responses_store::load(store, &ctx.tenant, id)
+            .await
+            .map(|s| s.response)
+    };
+    let Some(body) = body else {
+        return Err(Failure::Api(proto::response_not_found(id, None)));
+    };
+    respond::json(
+        session,
+        ctx,
+        200,
+        serde_json::to_vec(&body).unwrap_or_default(),
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// Keep an answered response (`store` not false) for `GET` and
+/// `previous_response_id`, off the request path.
+pub fn keep(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, response: &Value) {
+    let Some(r) = req.responses.as_deref().filter(|r| r.store) else {
+        return;
+    };
+    if response["status"] == "failed" {
+        return;
+    }
+    match StoredResponse::new(r.previous.as_ref(), &r.original, response.clone()) {
+        Ok(stored) => responses_store::save(
+            shared.components.store.as_ref(),
+            &shared.tasks,
+            &ctx.tenant,
+            stored,
+        ),
+        Err(e) => tracing::debug!(request_id = %ctx.request_id, error = %e, "response not kept"),
+    }
+}

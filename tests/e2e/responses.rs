@@ -1,0 +1,390 @@
+//! OpenAI Responses inbound through the real server: translated to Chat
+//! Completions (and on to Anthropic) with the conversation kept by the
+//! gateway for `previous_response_id`, `GET`/`DELETE` of stored responses
+//! scoped by tenant, function calling, streams with the Responses event
+//! sequence, input_tokens, cache hits, passthrough to a provider that speaks
+//! Responses, and the official openai SDK's `client.responses`.
+
+use crate::common::*;
+use serde_json::{json, Value};
+use sha2::{Digest, Sha256};
+use smartllm_e2e::*;
+
+/// Models `small` (OpenAI chat), `claude` (Anthropic) and `native` (a
+/// provider that speaks Responses); the cache on; keys for tenants acme and beta.
+fn gateway() -> (Mock, Gateway) {
+    let mock = Mock::start(&["--words", "12"]);
+    let providers = format!(
+        "providers:\n{}  claude-mock:\n    kind: anthropic\n    base_url: http://{1}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n  resp-mock:\n    kind: openai\n    base_url: http://{1}/v1\n    responses: true\n",
+        mock_provider("mock", &mock),
+        mock.addr
+    );
+    let models = "models:\n  - name: small\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: native\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  auto:\n    model: small\n",
+    );
+    cfg.write("cache.yaml", "cache:\n  enabled: true\n");
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "require_key: true\nkeys:\n  - name: a\n    tenant: acme\n    app: agents\n    sha256: {}\n  - name: b\n    tenant: beta\n    app: agents\n    sha256: {}\n",
+            sha("sk-resp-a"),
+            sha("sk-resp-b")
+        ),
+    );
+    let gw = Gateway::start_with_env(cfg, &[("TEST_ANTHROPIC_KEY", "sk-ant-provider-1234")]);
+    (mock, gw)
+}
+
+fn call(gw: &Gateway, key: &str, method: &str, path: &str, body: &Value) -> Response {
+    let bytes = if body.is_null() {
+        Vec::new()
+    } else {
+        serde_json::to_vec(body).unwrap()
+    };
+    request(
+        &gw.addr,
+        method,
+        path,
+        &[("Authorization", &format!("Bearer {key}"))],
+        &bytes,
+    )
+    .unwrap()
+}
+
+fn create(gw: &Gateway, body: &Value) -> Response {
+    call(gw, "sk-resp-a", "POST", "/v1/responses", body)
+}
+
+fn output_text(r: &Value) -> String {
+    r["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|i| i["type"] == "message")
+        .flat_map(|i| i["content"].as_array().unwrap().iter())
+        .filter_map(|c| c["text"].as_str())
+        .collect()
+}
+
+/// `(event name, data)` of each event.
+fn events(r: &Response) -> Vec<(String, Value)> {
+    r.text()
+        .split("\n\n")
+        .filter(|e| !e.trim().is_empty())
+        .map(|e| {
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in e.lines() {
+                if let Some(n) = line.strip_prefix("event: ") {
+                    name = n.to_string();
+                } else if let Some(d) = line.strip_prefix("data: ") {
+                    data.push_str(d);
+                }
+            }
+            (name, serde_json::from_str(&data).unwrap_or(Value::Null))
+        })
+        .collect()
+}
+
+#[test]
+fn responses_are_translated_kept_per_tenant_and_continued() {
+    let (mock, gw) = gateway();
+    let r = create(
+        &gw,
+        &json!({"model": "small", "instructions": "Be brief.", "input": "Name a fjord"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    let id = v["id"].as_str().unwrap().to_string();
+    assert!(id.starts_with("resp_"), "{v}");
+    assert_eq!(
+        (v["object"].as_str(), v["status"].as_str()),
+        (Some("response"), Some("completed"))
+    );
+    assert!(
+        output_text(&v).starts_with("Mock reply to: Name a fjord"),
+        "{v}"
+    );
+    assert!(v["usage"]["input_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(v["usage"]["output_tokens"], 12);
+    assert_eq!(v["instructions"], "Be brief.");
+    let sent = mock.last();
+    assert_eq!(sent["path"], "/v1/chat/completions");
+    assert_eq!(
+        sent["json"]["messages"][0],
+        json!({"role": "system", "content": "Be brief."})
+    );
+    assert_eq!(
+        sent["json"]["messages"][1],
+        json!({"role": "user", "content": "Name a fjord"})
+    );
+
+    // Kept by the gateway: GET it back (the store is written off the request path).
+    let got = || {
+        call(
+            &gw,
+            "sk-resp-a",
+            "GET",
+            &format!("/v1/responses/{id}"),
+            &Value::Null,
+        )
+    };
+    assert!(wait_until(std::time::Duration::from_secs(5), || got()
+        .status
+        == 200));
+    assert_eq!(got().json()["output"], v["output"]);
+    // Another tenant never sees it.
+    let other = call(
+        &gw,
+        "sk-resp-b",
+        "GET",
+        &format!("/v1/responses/{id}"),
+        &Value::Null,
+    );
+    assert_eq!(other.status, 404);
+    assert_eq!(other.api_error()["code"], "response_not_found");
+
+    // previous_response_id: the conversation goes on, the history from the store.
+    let r = create(
+        &gw,
+        &json!({"model": "small", "previous_response_id": id, "input": "And another one?"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let msgs = &mock.last()["json"]["messages"];
+    assert_eq!(msgs.as_array().unwrap().len(), 3, "{msgs}");
+    assert_eq!(msgs[0]["content"], "Name a fjord");
+    assert_eq!(msgs[1]["role"], "assistant");
+    assert!(msgs[1]["content"]
+        .as_str()
+        .unwrap()
+        .starts_with("Mock reply to: Name a fjord"));
+    assert_eq!(msgs[2]["content"], "And another one?");
+    // Another tenant cannot continue it; an unknown id is OpenAI's 404.
+    let r = call(
+        &gw,
+        "sk-resp-b",
+        "POST",
+        "/v1/responses",
+        &json!({"model": "small", "previous_response_id": id, "input": "x"}),
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.api_error()["param"], "previous_response_id");
+    // DELETE, then it is gone.
+    let d = call(
+        &gw,
+        "sk-resp-a",
+        "DELETE",
+        &format!("/v1/responses/{id}"),
+        &Value::Null,
+    );
+    assert_eq!(
+        d.json(),
+        json!({"id": id, "object": "response", "deleted": true})
+    );
+    assert_eq!(got().status, 404);
+
+    // Through an Anthropic provider, translated twice.
+    let r = create(&gw, &json!({"model": "claude", "input": "Hello Claude"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(output_text(&r.json()).starts_with("Mock reply to: Hello Claude"));
+    assert_eq!(mock.last()["path"], "/v1/messages");
+
+    // Bad requests name the parameter.
+    let r = create(
+        &gw,
+        &json!({"model": "small", "input": "x", "tools": [{"type": "web_search"}]}),
+    );
+    assert_eq!(r.status, 400);
+    assert_eq!(r.api_error()["param"], "tools[0].type");
+}
+
+#[test]
+fn responses_stream_call_functions_count_tokens_and_hit_the_cache() {
+    let (mock, gw) = gateway();
+    let r = create(
+        &gw,
+        &json!({"model": "small", "input": "Stream a fjord", "stream": true}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let evs = events(&r);
+    let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
+    assert_eq!(names[..2], ["response.created", "response.in_progress"]);
+    assert_eq!(names.last(), Some(&"response.completed"));
+    for (i, (n, v)) in evs.iter().enumerate() {
+        assert_eq!(
+            (v["type"].as_str(), v["sequence_number"].as_u64()),
+            (Some(n.as_str()), Some(i as u64))
+        );
+    }
+    let text: String = evs
+        .iter()
+        .filter_map(|(_, v)| v["delta"].as_str())
+        .collect();
+    assert!(text.starts_with("Mock reply to: Stream a fjord"), "{text}");
+    let done = &evs.last().unwrap().1["response"];
+    assert_eq!(done["usage"]["output_tokens"], 12);
+    assert!(!r.text().contains("[DONE]"));
+
+    // Function calling, then the tool's output continues the conversation.
+    let tools = json!([{"type": "function", "name": "get_weather", "description": "Weather",
+        "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}]);
+    let r = create(
+        &gw,
+        &json!({"model": "small", "input": "Weather in Oslo?", "tools": tools}),
+    );
+    let v = r.json();
+    let call = v["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["type"] == "function_call")
+        .unwrap()
+        .clone();
+    assert_eq!(call["name"], "get_weather", "{v}");
+    assert_eq!(
+        serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).unwrap()["query"],
+        "Weather in Oslo?"
+    );
+    let id = v["id"].as_str().unwrap();
+    assert!(wait_until(
+        std::time::Duration::from_secs(5),
+        || crate::responses::call(
+            &gw,
+            "sk-resp-a",
+            "GET",
+            &format!("/v1/responses/{id}"),
+            &Value::Null
+        )
+        .status
+            == 200
+    ));
+    let r = create(
+        &gw,
+        &json!({"model": "small", "previous_response_id": id, "tools": tools,
+        "input": [{"type": "function_call_output", "call_id": call["call_id"], "output": "Rain, 4 C"}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let msgs = &mock.last()["json"]["messages"];
+    let n = msgs.as_array().unwrap().len();
+    assert_eq!(
+        msgs[n - 1],
+        json!({"role": "tool", "tool_call_id": call["call_id"], "content": "Rain, 4 C"})
+    );
+    assert_eq!(msgs[n - 2]["tool_calls"][0]["id"], call["call_id"]);
+
+    // input_tokens: the gateway's estimate.
+    let r = crate::responses::call(
+        &gw,
+        "sk-resp-a",
+        "POST",
+        "/v1/responses/input_tokens",
+        &json!({"model": "small", "input": "How many tokens is this?"}),
+    );
+    assert_eq!(r.json()["object"], "response.input_tokens", "{}", r.text());
+    assert!(r.json()["input_tokens"].as_u64().unwrap() > 0);
+
+    // A repeated question is answered from the cache, in the Responses shape,
+    // with a new id that can be continued.
+    let q = json!({"model": "small", "input": "What is the longest fjord?"});
+    let first = create(&gw, &q);
+    wait_cached(&gw, 1);
+    let before = mock.requests();
+    let hit = create(&gw, &q);
+    assert_eq!(cache_header(&hit), "hit-exact");
+    assert_eq!(output_text(&hit.json()), output_text(&first.json()));
+    assert_ne!(hit.json()["id"], first.json()["id"]);
+    let mut s = q.clone();
+    s["stream"] = json!(true);
+    let hit = create(&gw, &s);
+    assert_eq!(cache_header(&hit), "hit-exact");
+    assert_eq!(events(&hit).last().unwrap().0, "response.completed");
+    assert_eq!(mock.requests(), before, "hits never reach the upstream");
+}
+
+#[test]
+fn responses_pass_through_to_providers_that_speak_them() {
+    let (mock, gw) = gateway();
+    let body = br#"{"model":"native","input":"Hello native","store":true,"metadata":{"k":"v"}}"#;
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/responses",
+        &[("Authorization", "Bearer sk-resp-a")],
+        body,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert!(
+        v["id"].as_str().unwrap().starts_with("resp_mock"),
+        "the provider's own id: {v}"
+    );
+    let last = mock.last();
+    assert_eq!(last["path"], "/v1/responses");
+    let expect =
+        String::from_utf8_lossy(body).replace(r#""model":"native""#, r#""model":"gpt-native""#);
+    assert_eq!(
+        last["body_sha256"],
+        hex::encode(Sha256::digest(expect.as_bytes()))
+    );
+    // The provider keeps the state: previous_response_id goes through.
+    let r = create(
+        &gw,
+        &json!({"model": "native", "previous_response_id": v["id"], "input": "More"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.last()["json"]["previous_response_id"], v["id"]);
+    // Streamed, the provider's events pass through; usage is billed.
+    let r = create(
+        &gw,
+        &json!({"model": "native", "input": "Stream native", "stream": true}),
+    );
+    let evs = events(&r);
+    assert_eq!(evs.last().unwrap().0, "response.completed");
+    let text: String = evs
+        .iter()
+        .filter_map(|(_, v)| v["delta"].as_str())
+        .collect();
+    assert!(text.starts_with("Mock reply to: Stream native"));
+    assert!(wait_until(std::time::Duration::from_secs(5), || costs(
+        &gw, "model"
+    )["total"]["requests"]
+        == 3));
+    let c = costs(&gw, "model");
+    assert_eq!(c["rows"][0]["output_tokens"], 36, "{c}");
+}
+
+#[test]
+fn the_official_openai_sdk_uses_responses_through_the_gateway() {
+    let python = match std::env::var("SMARTLLM_PYTHON") {
+        Ok(p) => p,
+        Err(_) if std::env::var("SMARTLLM_SKIP_PYTHON").is_ok() => return,
+        Err(_) => panic!("set SMARTLLM_PYTHON to a python with the openai package (make test does), or SMARTLLM_SKIP_PYTHON=1"),
+    };
+    let (_mock, gw) = gateway();
+    let out = std::process::Command::new(python)
+        .arg(workspace_root().join("tests/python/openai_responses.py"))
+        .arg(format!("http://{}/v1", gw.addr))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "stdout:\n{stdout}\nstderr:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for step in [
+        "create ok",
+        "stream ok",
+        "tools ok",
+        "previous ok",
+        "errors ok",
+    ] {
+        assert!(stdout.contains(step), "{step} missing:\n{stdout}");
+    }
+}
