@@ -388,3 +388,61 @@ fn the_official_openai_sdk_uses_responses_through_the_gateway() {
         assert!(stdout.contains(step), "{step} missing:\n{stdout}");
     }
 }
+
+#[test]
+fn the_same_question_through_the_three_apis_is_billed_the_same() {
+    let (_mock, gw) = gateway();
+    let q = "How deep is the Sognefjord?";
+    let chat = call(
+        &gw,
+        "sk-resp-a",
+        "POST",
+        "/v1/chat/completions",
+        &json!({"model": "small", "max_tokens": 50, "messages": [{"role": "user", "content": q}]}),
+    );
+    let usage = chat.json()["usage"].clone();
+    let messages = request(
+        &gw.addr,
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", "sk-resp-a")],
+        &serde_json::to_vec(
+            &json!({"model": "small", "max_tokens": 50, "messages": [{"role": "user", "content": q}]}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let responses = create(
+        &gw,
+        &json!({"model": "small", "max_output_tokens": 50, "input": q}),
+    );
+    let m = messages.json()["usage"].clone();
+    let r = responses.json()["usage"].clone();
+    assert_eq!(
+        (m["input_tokens"].clone(), r["input_tokens"].clone()),
+        (
+            usage["prompt_tokens"].clone(),
+            usage["prompt_tokens"].clone()
+        )
+    );
+    assert_eq!(
+        (m["output_tokens"].clone(), r["output_tokens"].clone()),
+        (
+            usage["completion_tokens"].clone(),
+            usage["completion_tokens"].clone()
+        )
+    );
+    assert!(wait_until(std::time::Duration::from_secs(5), || costs(
+        &gw, "model"
+    )["total"]["requests"]
+        == 3));
+    let c = costs(&gw, "model");
+    let one = (usage["prompt_tokens"].as_f64().unwrap() * 1.0
+        + usage["completion_tokens"].as_f64().unwrap() * 2.0)
+        / 1e6;
+    let total = c["total"]["cost_usd"].as_f64().unwrap();
+    assert!(
+        (total - 3.0 * one).abs() < 1e-12,
+        "{total} vs 3 x {one}: {c}"
+    );
+}
