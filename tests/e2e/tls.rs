@@ -2,8 +2,9 @@
 //! official openai SDK), HTTP/2 by ALPN with SSE streams and many concurrent
 //! streams on one connection, 2 MiB bodies over h2 with and without a
 //! content-length, cleartext prior-knowledge h2c, client
-//! certificates, `smartllm check` on a key that does not match its
-//! certificate, and a certificate swap under load that fails no request.
+//! certificates (on the admin listener too, with the CLI), `smartllm check` on
+//! a key that does not match its certificate, a certificate swap under load
+//! that fails no request, and a graceful upgrade of a TLS listener.
 //! The certificates are made at test time with the `openssl` CLI (`make deps`
 //! installs it); the clients are `curl` (with nghttp2) and Python.
 
@@ -899,4 +900,50 @@ fn admin_listener_with_tls_client_certificates_and_the_cli() {
     );
     let o = cli(&cli_cert);
     assert!(o.status.success(), "{}", out_text(&o));
+}
+
+#[test]
+fn graceful_upgrade_keeps_tls_and_h2_and_finishes_open_streams() {
+    let pki = pki();
+    let (_mock, mut gw) = tls_gateway(
+        pki.path(),
+        "",
+        &["--chunk-delay-ms", "10", "--words", "400"],
+    );
+    let url = https(&gw, "/v1/chat/completions");
+    let (ca, port) = (pki.path().join("ca.pem"), gw.config.port);
+    // An h2 stream opened before the upgrade, answered by the old process.
+    let open = {
+        let mut args: Vec<String> = vec![
+            "-sS".into(),
+            "-N".into(),
+            "--http2".into(),
+            "--max-time".into(),
+            "60".into(),
+            "--cacert".into(),
+            ca.display().to_string(),
+            "--resolve".into(),
+            format!("localhost:{port}:127.0.0.1"),
+            url.clone(),
+        ];
+        args.extend(chat_args(&json!({"model": "small", "stream": true,
+            "messages": [{"role": "user", "content": "across the upgrade"}]})));
+        std::thread::spawn(move || Command::new("curl").args(&args).output().unwrap())
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    gw.upgrade();
+    let o = open.join().unwrap();
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "{}", out_text(&o));
+    assert_eq!(
+        sse_data(&text).last().map(String::as_str),
+        Some("[DONE]"),
+        "{text}"
+    );
+    // The new process serves TLS with h2 on the inherited socket.
+    let mut args: Vec<&str> = vec!["--http2", &url, "-w", "\n%{http_version} %{http_code}"];
+    let body = chat_args(&chat_body("small", "after the upgrade"));
+    args.extend(body.iter().map(String::as_str));
+    let o = curl(&gw, pki.path(), &args);
+    assert_eq!(body_and_meta(&o).1, "2 200", "{}", out_text(&o));
 }
