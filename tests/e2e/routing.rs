@@ -443,3 +443,43 @@ fn learned_router_beats_random_routing_at_equal_cost_on_held_out_prompts() {
         }
     }
 }
+
+#[test]
+fn cache_hits_on_the_shipped_auto_alias_are_recorded_with_the_model_that_answered() {
+    let mock = Mock::start(&[]);
+    let gw = shipped_gateway(&mock);
+    let q = chat_body("auto", "What is the capital of Spain?");
+    let first = demo_chat(&gw, &q, &[]);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(first.header("x-smartllm-cache"), Some("miss"));
+    let model = first.header("x-smartllm-model").unwrap().to_string();
+    assert!(wait_until(Duration::from_secs(5), || get(
+        &gw.admin,
+        "/admin/cache/stats"
+    )
+    .json()["stats"]["l1_entries"]
+        .as_u64()
+        >= Some(1)));
+    let hit = demo_chat(&gw, &q, &[]);
+    assert_eq!(hit.header("x-smartllm-cache"), Some("hit-exact"));
+    assert_eq!(hit.header("x-smartllm-model"), Some(model.as_str()));
+    // The ledger has both, on the model, the hit with its saved cost.
+    let costs = || get(&gw.admin, "/admin/costs?since=1h&group_by=model").json();
+    assert!(wait_until(Duration::from_secs(5), || costs()["total"]
+        ["requests"]
+        == 2));
+    let c = costs();
+    let row = c["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["group"]["model"] == model.as_str())
+        .unwrap_or_else(|| panic!("no row for {model}: {c}"))
+        .clone();
+    assert_eq!(row["requests"], 2, "{c}");
+    let (spent, saved) = (
+        row["cost_usd"].as_f64().unwrap(),
+        row["saved_usd"].as_f64().unwrap(),
+    );
+    assert!(spent > 0.0 && (saved - spent).abs() < 1e-12, "{row}");
+}

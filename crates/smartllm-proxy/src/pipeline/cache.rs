@@ -112,6 +112,12 @@ pub async fn phase(
         }) => {
             ctx.cache_status = Some(kind.header());
             ctx.cache_similarity = Some(similarity);
+            // A routed alias names no model until the router runs: the hit
+            // is the answer of the model that served it (for the ledger's
+            // row and saved cost, the traffic mix and `x-smartllm-model`).
+            if request.routed.is_some() && rt.config.model(&entry.model).is_some() {
+                ctx.set_model(&entry.model);
+            }
             let completion: Value = serde_json::from_str(&entry.response).unwrap_or(Value::Null);
             ctx.saved_usage = smartllm_protocol::Usage::from_openai(&completion);
             if completion.is_null() {
