@@ -15,6 +15,8 @@ CARGO_FLAGS := --release --locked
 BIN := $(CARGO_TARGET_DIR)/release
 OPENAI_SDK_VERSION := 3.57.0
 ANTHROPIC_SDK_VERSION := 2.14.0
+# HTTP/2 for the SDKs' httpx (http2=True): the e2e suite runs the openai SDK over h2.
+H2_VERSION := 4.4.1
 
 APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev systemd
 
@@ -41,6 +43,8 @@ venv: deps
 		|| "$(VENV)/bin/pip" install -q "openai==$(OPENAI_SDK_VERSION)"
 	@"$(VENV)/bin/python" -c "import anthropic, sys; sys.exit(anthropic.__version__ != '$(ANTHROPIC_SDK_VERSION)')" 2>/dev/null \
 		|| "$(VENV)/bin/pip" install -q "anthropic==$(ANTHROPIC_SDK_VERSION)"
+	@"$(VENV)/bin/python" -c "import h2, sys; sys.exit(h2.__version__ != '$(H2_VERSION)')" 2>/dev/null \
+		|| "$(VENV)/bin/pip" install -q "h2==$(H2_VERSION)"
 
 # Start the gateway on the shipped conf/. Without OPENAI_API_KEY or
 # ANTHROPIC_API_KEY it starts the bundled mock LLM too (demo mode).

@@ -376,7 +376,7 @@ fn h2c_prior_knowledge_when_enabled_http1_still_served() {
 }
 
 #[test]
-fn official_openai_python_sdk_over_https_with_a_test_ca() {
+fn official_openai_python_sdk_over_https_and_h2_with_a_test_ca() {
     let python = match std::env::var("SMARTLLM_PYTHON") {
         Ok(p) => p,
         Err(_) if std::env::var("SMARTLLM_SKIP_PYTHON").is_ok() => return,
@@ -397,6 +397,18 @@ fn official_openai_python_sdk_over_https_with_a_test_ca() {
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{}", out_text(&out));
     for want in ["plain ok", "stream ok", "error ok", "anthropic ok"] {
+        assert!(stdout.contains(want), "{stdout}");
+    }
+    // Over HTTP/2 (httpx with http2=True): plain, eight concurrent streams, an error.
+    let out = Command::new(&python)
+        .arg(workspace_root().join("tests/python/openai_h2.py"))
+        .arg(https(&gw, "/v1"))
+        .arg(pki.path().join("ca.pem"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", out_text(&out));
+    for want in ["h2 plain ok", "h2 streams ok", "h2 error ok"] {
         assert!(stdout.contains(want), "{stdout}");
     }
     // Trusting another CA, the SDK refuses the gateway's certificate.
