@@ -44,7 +44,7 @@ last user message ([mock-fault:error-mid-stream], which survives translation to 
 Faults: reset, close, hang, malformed-json, drop-mid-stream (the connection is reset halfway), \
 error-mid-stream (halfway, the provider's error event: `event: error` for Anthropic, \
 `data: {\"error\": ...}` then [DONE] for OpenAI), malformed-sse. Other per-request settings: \
-status, latency_ms, chunk_delay_ms, words, no_usage."
+status, latency_ms, chunk_delay_ms, words, no_usage. Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens)."
 )]
 struct Args {
     /// Address to listen on.
@@ -147,6 +147,33 @@ struct Behaviour {
     fault: Option<String>,
     /// Omit `usage` (like upstreams that do not report it).
     no_usage: bool,
+    /// Token kinds to report on top of the counted prompt and answer.
+    kinds: TokenKinds,
+}
+
+/// Extra tokens of each kind a request asks the mock to report: cache reads
+/// (OpenAI `cached_tokens`, Anthropic `cache_read_input_tokens`), Anthropic
+/// cache writes (5-minute and 1-hour), OpenAI reasoning tokens. They add to
+/// the counted prompt (reads, writes) and answer (reasoning).
+#[derive(Debug, Clone, Copy, Default)]
+struct TokenKinds {
+    cached: u64,
+    reasoning: u64,
+    write_5m: u64,
+    write_1h: u64,
+}
+
+impl TokenKinds {
+    /// OpenAI's chat `usage` for a counted prompt and answer.
+    fn openai_usage(&self, prompt: u64, completion: u64) -> Value {
+        let (p, c) = (prompt + self.cached, completion + self.reasoning);
+        let mut u = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
+        if self.cached + self.reasoning > 0 {
+            u["prompt_tokens_details"] = json!({"cached_tokens": self.cached});
+            u["completion_tokens_details"] = json!({"reasoning_tokens": self.reasoning});
+        }
+        u
+    }
 }
 
 fn main() -> anyhow::Result<()> {
@@ -344,6 +371,7 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         status: args.fail_status,
         fault: None,
         no_usage: false,
+        kinds: TokenKinds::default(),
     };
     let h = |k: &str| req.headers.get(k).cloned();
     let m = body.get("mock");
@@ -374,6 +402,13 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         b.status = Some(s);
     }
     b.no_usage = get("no_usage").is_some_and(|v| v == "true" || v == "1");
+    let n = |k: &str| get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+    b.kinds = TokenKinds {
+        cached: n("cached_tokens"),
+        reasoning: n("reasoning_tokens"),
+        write_5m: n("cache_write_5m"),
+        write_1h: n("cache_write_1h"),
+    };
     if b.fault.is_none()
         && b.status.is_none()
         && !args.faults.is_empty()
@@ -614,7 +649,9 @@ async fn responses_api<S: Conn>(
                 .and_then(Value::as_str)
                 .unwrap_or(""),
         );
-    let output_tokens = words.len() as u64;
+    let k = b.kinds;
+    let input_tokens = input_tokens + k.cached;
+    let output_tokens = words.len() as u64 + k.reasoning;
     let id = format!(
         "resp_mock{}",
         &hex::encode(Sha256::digest(
@@ -627,8 +664,8 @@ async fn responses_api<S: Conn>(
     let response = json!({"id": id, "object": "response", "created_at": now(), "status": "completed",
         "model": model, "output": [item], "previous_response_id": body.get("previous_response_id"),
         "store": body.get("store").and_then(Value::as_bool).unwrap_or(true), "error": null, "incomplete_details": null,
-        "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": 0},
-            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": 0},
+        "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": k.cached},
+            "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": k.reasoning},
             "total_tokens": input_tokens + output_tokens}});
     if body.get("store").and_then(Value::as_bool) != Some(false) {
         if let Ok(mut r) = state.responses.lock() {
@@ -722,7 +759,13 @@ fn wanted_tool(body: &Value, anthropic: bool) -> Option<(String, Value)> {
 /// Anthropic's usage, prompt cache included: with `cache_control` in the
 /// request, the system prompt is the cached prefix, written the first time
 /// it is seen and read afterwards.
-fn anthropic_usage(body: &Value, prompt_tokens: u64, state: &State) -> Value {
+fn anthropic_usage(body: &Value, prompt_tokens: u64, state: &State, k: TokenKinds) -> Value {
+    if k.cached + k.write_5m + k.write_1h > 0 {
+        // Asked for: the counted prompt is the uncached input, plus these.
+        return json!({"input_tokens": prompt_tokens, "cache_creation_input_tokens": k.write_5m + k.write_1h,
+            "cache_read_input_tokens": k.cached, "output_tokens": 0,
+            "cache_creation": {"ephemeral_5m_input_tokens": k.write_5m, "ephemeral_1h_input_tokens": k.write_1h}});
+    }
     let marked = body.to_string().contains("\"cache_control\"");
     let (mut written, mut read) = (0, 0);
     if marked {
@@ -944,7 +987,7 @@ async fn handle<S: Conn>(
     } else {
         "stop"
     };
-    let usage = json!({"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens, "total_tokens": prompt_tokens + completion_tokens});
+    let usage = b.kinds.openai_usage(prompt_tokens, completion_tokens);
     let chat = path.ends_with("/chat/completions");
 
     if anthropic {
@@ -962,7 +1005,7 @@ async fn handle<S: Conn>(
         } else {
             "end_turn"
         };
-        let usage = anthropic_usage(&body, prompt_tokens, state);
+        let usage = anthropic_usage(&body, prompt_tokens, state, b.kinds);
         let mut blocks = Vec::new();
         if thinking {
             blocks.push(json!({"type": "thinking", "thinking": format!("The user asks: {}", seed_text.chars().take(40).collect::<String>()), "signature": "mock-signature"}));

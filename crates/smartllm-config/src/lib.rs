@@ -11,6 +11,7 @@
 //! - [`tls`]: the API listener's certificate, key and client CAs;
 //! - [`watch`]: file watching for hot reload.
 
+pub mod catalog;
 mod error;
 #[doc(hidden)]
 pub mod fuzzing;

@@ -73,6 +73,8 @@ pub struct RawAdmin {
 pub struct RawLedger {
     /// How often aggregated counters are written (at most this much is lost on kill -9).
     pub flush_interval: Option<ConfigDuration>,
+    /// `allow` (default) or `reject`: requests to models without any price.
+    pub unpriced: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -277,7 +279,26 @@ pub struct RawPricing {
     pub input: Option<f64>,
     pub output: Option<f64>,
     pub cached_input: Option<f64>,
+    /// Prompt-cache writes (5 minutes); default: 1.25x input on Anthropic, else input.
+    pub cache_write: Option<f64>,
+    /// 1-hour prompt-cache writes; default: 2x input on Anthropic, else `cache_write`.
+    pub cache_write_1h: Option<f64>,
+    /// Reasoning tokens, when priced apart from output.
+    pub reasoning: Option<f64>,
     pub per_request: Option<f64>,
+    pub long_context: Option<RawLongContext>,
+}
+
+/// Prices for prompts above `above` tokens (every token of such a request).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLongContext {
+    pub above: u64,
+    pub input: Option<f64>,
+    pub output: Option<f64>,
+    pub cached_input: Option<f64>,
+    pub cache_write: Option<f64>,
+    pub cache_write_1h: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

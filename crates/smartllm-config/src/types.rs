@@ -34,6 +34,8 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// Where the admin API token comes from (None: no token required).
     pub admin_token: ApiKeySource,
+    /// Each model's full price (models.yaml `pricing`, else the catalog's).
+    pub prices: BTreeMap<String, ModelPrice>,
 }
 
 /// What to do when the fleet's Redis cannot be reached.
@@ -64,6 +66,68 @@ pub struct StoreConfig {
 #[derive(Debug, Clone, PartialEq)]
 pub struct LedgerConfig {
     pub flush_interval: Duration,
+    /// Requests to a model with no price (no `pricing`, no catalog match).
+    pub unpriced: UnpricedPolicy,
+}
+
+/// `ledger.unpriced`: what a request to a model without any price gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum UnpricedPolicy {
+    /// Served, recorded at $0 and counted in `smartllm_unpriced_requests_total`.
+    #[default]
+    Allow,
+    /// Refused (400 `model_unpriced`) before any upstream call.
+    Reject,
+}
+
+/// Where a model's price comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub enum PriceSource {
+    /// Neither `pricing` in models.yaml nor a catalog entry: it costs $0.
+    #[default]
+    Unpriced,
+    /// `pricing` in models.yaml.
+    Configured,
+    /// The built-in catalog's entry of this name.
+    Catalog(String),
+}
+
+/// Prices above a prompt size (USD per 1M tokens): every token of a request
+/// whose prompt exceeds `above_tokens` is billed at these.
+#[derive(Debug, Clone, Copy, PartialEq, Default, serde::Serialize)]
+pub struct LongContextPrice {
+    pub above_tokens: u64,
+    pub input_per_1m: f64,
+    pub output_per_1m: f64,
+    pub cache_read_per_1m: f64,
+    pub cache_write_5m_per_1m: f64,
+    pub cache_write_1h_per_1m: f64,
+}
+
+/// Everything a model's requests are billed by (USD per 1M tokens, and per
+/// request): models.yaml `pricing`, or else the catalog.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ModelPrice {
+    pub input_per_1m: f64,
+    pub output_per_1m: f64,
+    /// Prompt tokens read from the provider's prompt cache.
+    pub cache_read_per_1m: f64,
+    /// Prompt tokens written to the prompt cache for 5 minutes (Anthropic's default).
+    pub cache_write_5m_per_1m: f64,
+    /// Prompt tokens written to the prompt cache for 1 hour.
+    pub cache_write_1h_per_1m: f64,
+    /// Reasoning tokens when priced apart from other output (they are part of
+    /// the output tokens; None: at the output price).
+    pub reasoning_per_1m: Option<f64>,
+    pub per_request: f64,
+    pub long_context: Option<LongContextPrice>,
+    pub source: PriceSource,
+}
+
+impl ModelPrice {
+    pub fn is_priced(&self) -> bool {
+        self.source != PriceSource::Unpriced
+    }
 }
 
 /// USD per million tokens, and per request.
@@ -478,6 +542,11 @@ pub struct DeploymentConfig {
 impl Config {
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)
+    }
+
+    /// A configured model's full price (an unpriced model has a zero price).
+    pub fn price(&self, model: &str) -> Option<&ModelPrice> {
+        self.prices.get(model)
     }
 
     /// Resolve a requested model name: a configured model, or a route alias.

@@ -2,8 +2,16 @@
 //! cost from the upstream's usage, cost saved by a cache hit, error); a
 //! dedicated writer thread aggregates records in memory and merges them into
 //! RocksDB every flush interval as counters keyed by hour x tenant x app x key
-//! x model (an additive merge operator: no read-modify-write, nothing lost to
-//! races). A process kill loses at most the unflushed interval.
+//! x model x provider x route x tag (an additive merge operator: no
+//! read-modify-write, nothing lost to races). A process kill loses at most the
+//! unflushed interval.
+//!
+//! Storage layout: the key is the hour (4 bytes, big-endian) and then
+//! NUL-terminated parts. Rows written before provider, route and tag existed
+//! end after the model; they read back with those three as `-`. Values are
+//! little-endian u64 counters; older, shorter values read with the counters
+//! they lack at 0 (the merge operator adds field by field), so no migration
+//! is needed either way.
 
 pub mod labels;
 
@@ -26,28 +34,84 @@ pub const METRIC_DROPPED: &str = "smartllm_ledger_dropped_total";
 pub struct Price {
     pub input_per_1m: f64,
     pub output_per_1m: f64,
+    /// Prompt tokens read from the provider's prompt cache.
     pub cached_input_per_1m: f64,
+    /// Prompt tokens written to the prompt cache for 5 minutes.
+    pub cache_write_5m_per_1m: f64,
+    /// Prompt tokens written to the prompt cache for 1 hour.
+    pub cache_write_1h_per_1m: f64,
+    /// Reasoning tokens when priced apart from the rest of the output.
+    pub reasoning_per_1m: Option<f64>,
     pub per_request: f64,
+    /// Prices for every token of a request whose prompt is longer than
+    /// `above_tokens` (the per-request price stays).
+    pub long_context: Option<LongContext>,
 }
 
-/// Token counts of one request.
+/// A long-context tier (USD per million tokens).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct LongContext {
+    pub above_tokens: u64,
+    pub input_per_1m: f64,
+    pub output_per_1m: f64,
+    pub cached_input_per_1m: f64,
+    pub cache_write_5m_per_1m: f64,
+    pub cache_write_1h_per_1m: f64,
+}
+
+/// Token counts of one request. `cached`, `cache_write` are part of
+/// `prompt`; `cache_write_1h` is part of `cache_write`; `reasoning` is part of
+/// `completion` (as OpenAI and Anthropic count them).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tokens {
     pub prompt: u64,
     pub completion: u64,
     pub cached: u64,
+    pub cache_write: u64,
+    pub cache_write_1h: u64,
+    pub reasoning: u64,
 }
 
 impl Price {
-    /// Cost in nano-dollars: cached prompt tokens at the cached rate, the rest
-    /// of the prompt at the input rate, completion at the output rate.
+    /// Cost in nano-dollars. The prompt splits into cache reads, cache
+    /// writes (5-minute and 1-hour) and the rest at the input price; the
+    /// completion is billed at the output price, its reasoning tokens at the
+    /// reasoning price when there is one (never both); a prompt above the
+    /// long-context threshold bills every token at the tier's prices.
     pub fn cost_nanos(&self, t: Tokens) -> u64 {
+        let (input, output, cached_in, write_5m, write_1h) = match self.long_context {
+            Some(l) if t.prompt > l.above_tokens => (
+                l.input_per_1m,
+                l.output_per_1m,
+                l.cached_input_per_1m,
+                l.cache_write_5m_per_1m,
+                l.cache_write_1h_per_1m,
+            ),
+            _ => (
+                self.input_per_1m,
+                self.output_per_1m,
+                self.cached_input_per_1m,
+                self.cache_write_5m_per_1m,
+                self.cache_write_1h_per_1m,
+            ),
+        };
         let cached = t.cached.min(t.prompt);
-        let usd = (t.prompt - cached) as f64 * self.input_per_1m / 1e6
-            + cached as f64 * self.cached_input_per_1m / 1e6
-            + t.completion as f64 * self.output_per_1m / 1e6
-            + self.per_request;
-        (usd * 1e9).round().max(0.0) as u64
+        let written = t.cache_write.min(t.prompt - cached);
+        let written_1h = t.cache_write_1h.min(written);
+        let uncached = t.prompt - cached - written;
+        let (reasoning, reasoning_price) = match self.reasoning_per_1m {
+            Some(p) => (t.reasoning.min(t.completion), p),
+            None => (0, 0.0),
+        };
+        // Micro-dollars per token x tokens, summed in f64 and rounded once.
+        let usd_1m = uncached as f64 * input
+            + cached as f64 * cached_in
+            + (written - written_1h) as f64 * write_5m
+            + written_1h as f64 * write_1h
+            + (t.completion - reasoning) as f64 * output
+            + reasoning as f64 * reasoning_price;
+        let nanos = usd_1m * 1e3 + self.per_request * 1e9;
+        nanos.round().max(0.0) as u64
     }
 }
 
@@ -71,6 +135,9 @@ pub enum Dim {
     App,
     Key,
     Model,
+    Provider,
+    Route,
+    Tag,
 }
 
 impl Dim {
@@ -82,9 +149,38 @@ impl Dim {
             "app" => Dim::App,
             "key" => Dim::Key,
             "model" => Dim::Model,
+            "provider" => Dim::Provider,
+            "route" => Dim::Route,
+            "tag" => Dim::Tag,
             _ => return None,
         })
     }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Dim::Hour => "hour",
+            Dim::Day => "day",
+            Dim::Tenant => "tenant",
+            Dim::App => "app",
+            Dim::Key => "key",
+            Dim::Model => "model",
+            Dim::Provider => "provider",
+            Dim::Route => "route",
+            Dim::Tag => "tag",
+        }
+    }
+}
+
+/// A tag as the ledger keeps it: at most 64 characters of letters, digits
+/// and `-_.:/@+=`; anything else is no tag (`-`).
+pub fn clean_tag(tag: &str) -> Option<String> {
+    let tag = tag.trim();
+    (!tag.is_empty()
+        && tag.len() <= 64
+        && tag
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.:/@+=".contains(c)))
+    .then(|| tag.to_string())
 }
 
 /// One request's contribution.
@@ -95,6 +191,12 @@ pub struct Record {
     pub app: String,
     pub key: String,
     pub model: String,
+    /// The provider that answered (`-`: none, e.g. a cache hit).
+    pub provider: String,
+    /// The alias the client asked for, when it was a route.
+    pub route: String,
+    /// The client's `x-smartllm-tag` (or `metadata.tag`), see [`clean_tag`].
+    pub tag: String,
     pub tokens: Tokens,
     pub cost_nanos: u64,
     pub saved_nanos: u64,
@@ -126,6 +228,8 @@ const COST: usize = 4;
 const SAVED: usize = 5;
 const ERRORS: usize = 6;
 const ESTIMATED: usize = 7;
+const CACHE_WRITE: usize = 8;
+const REASONING: usize = 9;
 
 fn clean(s: &str) -> &str {
     if s.is_empty() || s.contains('\0') {
@@ -135,24 +239,35 @@ fn clean(s: &str) -> &str {
     }
 }
 
-fn key_bytes(hour: u32, tenant: &str, app: &str, key: &str, model: &str) -> Vec<u8> {
+fn key_bytes(hour: u32, r: &Record) -> Vec<u8> {
     let mut out = hour.to_be_bytes().to_vec();
-    for part in [tenant, app, key, model] {
+    for part in [
+        &r.tenant,
+        &r.app,
+        &r.key,
+        &r.model,
+        &r.provider,
+        &r.route,
+        &r.tag,
+    ] {
         out.extend_from_slice(clean(part).as_bytes());
         out.push(0);
     }
     out
 }
 
-fn parse_key(k: &[u8]) -> Option<(u32, [String; 4])> {
+/// Hour and [tenant, app, key, model, provider, route, tag]; rows of the
+/// older layout (up to the model) get `-` for the last three.
+fn parse_key(k: &[u8]) -> Option<(u32, [String; 7])> {
     let hour = u32::from_be_bytes(k.get(..4)?.try_into().ok()?);
-    let mut parts = k[4..]
+    let body = k[4..].strip_suffix(&[0]).unwrap_or(&k[4..]);
+    let mut parts = body
         .split(|b| *b == 0)
         .map(|p| String::from_utf8_lossy(p).into_owned());
-    Some((
-        hour,
-        [parts.next()?, parts.next()?, parts.next()?, parts.next()?],
-    ))
+    let mut next = || parts.next();
+    let (tenant, app, key, model) = (next()?, next()?, next()?, next()?);
+    let mut rest = || next().unwrap_or_else(|| "-".to_string());
+    Some((hour, [tenant, app, key, model, rest(), rest(), rest()]))
 }
 
 fn mix_key(hour: u32, r: &Record, m: &Mix) -> Vec<u8> {
@@ -267,6 +382,18 @@ impl Ledger {
         query(&self.store, from, to, group_by)
     }
 
+    /// [`Ledger::query`] over the rows a filter admits.
+    pub fn query_where(
+        &self,
+        from: u64,
+        to: u64,
+        group_by: &[Dim],
+        filter: &Filter,
+    ) -> Result<Vec<Row>, rocksdb::Error> {
+        self.flush();
+        query_where(&self.store, from, to, group_by, filter)
+    }
+
     /// The traffic mix between two instants, summed over hours.
     pub fn mix(&self, from: u64, to: u64) -> Result<Vec<MixRow>, rocksdb::Error> {
         self.flush();
@@ -341,7 +468,7 @@ fn add(pending: &mut Pending, r: &Record) {
     let hour = (r.unix_secs / 3600) as u32;
     let c = pending
         .ledger
-        .entry(key_bytes(hour, &r.tenant, &r.app, &r.key, &r.model))
+        .entry(key_bytes(hour, r))
         .or_insert([0; LEDGER_FIELDS]);
     count(c, r);
     if let Some(m) = &r.mix {
@@ -364,6 +491,8 @@ fn count(c: &mut [u64; LEDGER_FIELDS], r: &Record) {
     c[SAVED] += r.saved_nanos;
     c[ERRORS] += r.error as u64;
     c[ESTIMATED] += r.estimated as u64;
+    c[CACHE_WRITE] += r.tokens.cache_write;
+    c[REASONING] += r.tokens.reasoning;
 }
 
 fn flush(store: &Store, pending: &mut Pending) -> Result<(), rocksdb::Error> {
@@ -462,6 +591,8 @@ pub struct Row {
     pub input_tokens: u64,
     pub output_tokens: u64,
     pub cached_tokens: u64,
+    pub cache_write_tokens: u64,
+    pub reasoning_tokens: u64,
     pub cost_usd: f64,
     pub saved_usd: f64,
     pub errors: u64,
@@ -476,6 +607,32 @@ pub fn query(
     to: u64,
     group_by: &[Dim],
 ) -> Result<Vec<Row>, rocksdb::Error> {
+    query_where(store, from, to, group_by, &Filter::default())
+}
+
+/// Only rows whose dimensions have these values (None: any).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Filter {
+    pub tenant: Option<String>,
+    pub app: Option<String>,
+    pub key: Option<String>,
+}
+
+impl Filter {
+    fn admits(&self, tenant: &str, app: &str, key: &str) -> bool {
+        self.tenant.as_deref().is_none_or(|t| t == tenant)
+            && self.app.as_deref().is_none_or(|a| a == app)
+            && self.key.as_deref().is_none_or(|k| k == key)
+    }
+}
+
+pub fn query_where(
+    store: &Store,
+    from: u64,
+    to: u64,
+    group_by: &[Dim],
+    filter: &Filter,
+) -> Result<Vec<Row>, rocksdb::Error> {
     let Some(cf) = store.db().cf_handle(CF_LEDGER) else {
         return Ok(Vec::new());
     };
@@ -487,11 +644,14 @@ pub fn query(
         .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward))
     {
         let (k, v) = item?;
-        let Some((hour, [tenant, app, key, model])) = parse_key(&k) else {
+        let Some((hour, [tenant, app, key, model, provider, route, tag])) = parse_key(&k) else {
             continue;
         };
         if hour >= to_h {
             break;
+        }
+        if !filter.admits(&tenant, &app, &key) {
+            continue;
         }
         let group: Vec<(Dim, String)> = group_by
             .iter()
@@ -503,6 +663,9 @@ pub fn query(
                     Dim::App => app.clone(),
                     Dim::Key => key.clone(),
                     Dim::Model => model.clone(),
+                    Dim::Provider => provider.clone(),
+                    Dim::Route => route.clone(),
+                    Dim::Tag => tag.clone(),
                 };
                 (*d, v)
             })
@@ -528,6 +691,8 @@ pub fn query(
             input_tokens: c[INPUT],
             output_tokens: c[OUTPUT],
             cached_tokens: c[CACHED],
+            cache_write_tokens: c[CACHE_WRITE],
+            reasoning_tokens: c[REASONING],
             cost_usd: c[COST] as f64 / 1e9,
             saved_usd: c[SAVED] as f64 / 1e9,
             errors: c[ERRORS],
@@ -540,6 +705,43 @@ pub fn query(
             .then_with(|| a.group.cmp(&b.group))
     });
     Ok(rows)
+}
+
+/// Rows as CSV (RFC 4180): the grouping columns in `group_by` order, then
+/// the counters.
+pub fn to_csv(rows: &[Row], group_by: &[Dim]) -> String {
+    fn field(s: &str) -> String {
+        if s.contains([',', '"', '\n', '\r']) {
+            format!("\"{}\"", s.replace('"', "\"\""))
+        } else {
+            s.to_string()
+        }
+    }
+    let mut out: String = group_by
+        .iter()
+        .map(|d| format!("{},", d.as_str()))
+        .collect();
+    out.push_str("requests,input_tokens,output_tokens,cached_tokens,cache_write_tokens,reasoning_tokens,cost_usd,saved_usd,errors,estimated\r\n");
+    for r in rows {
+        for d in group_by {
+            out.push_str(&field(r.group.get(d).map_or("", String::as_str)));
+            out.push(',');
+        }
+        out.push_str(&format!(
+            "{},{},{},{},{},{},{:.9},{:.9},{},{}\r\n",
+            r.requests,
+            r.input_tokens,
+            r.output_tokens,
+            r.cached_tokens,
+            r.cache_write_tokens,
+            r.reasoning_tokens,
+            r.cost_usd,
+            r.saved_usd,
+            r.errors,
+            r.estimated
+        ));
+    }
+    out
 }
 
 /// `2026-11-25T10:00Z` for an hour number since the epoch.
@@ -577,13 +779,14 @@ mod tests {
             input_per_1m: 0.15,
             output_per_1m: 0.60,
             cached_input_per_1m: 0.075,
-            per_request: 0.0,
+            ..Price::default()
         };
         // 1000 prompt (200 cached), 500 completion
         let nanos = p.cost_nanos(Tokens {
             prompt: 1000,
             completion: 500,
             cached: 200,
+            ..Tokens::default()
         });
         // 800*0.15 + 200*0.075 + 500*0.6 = 120 + 15 + 300 = 435 micro-USD
         assert_eq!(nanos, 435_000);
@@ -595,6 +798,177 @@ mod tests {
             .cost_nanos(Tokens::default()),
             1_000_000
         );
+    }
+
+    #[test]
+    fn every_token_kind_at_its_price() {
+        // Anthropic-like: 1000 prompt tokens = 100 read + 400 written (150 of
+        // them for an hour) + 500 plain; 300 output.
+        let p = Price {
+            input_per_1m: 3.0,
+            output_per_1m: 15.0,
+            cached_input_per_1m: 0.3,
+            cache_write_5m_per_1m: 3.75,
+            cache_write_1h_per_1m: 6.0,
+            ..Price::default()
+        };
+        let t = Tokens {
+            prompt: 1000,
+            completion: 300,
+            cached: 100,
+            cache_write: 400,
+            cache_write_1h: 150,
+            reasoning: 0,
+        };
+        // 500*3 + 100*0.3 + 250*3.75 + 150*6 + 300*15 = 1500+30+937.5+900+4500 micro-$
+        assert_eq!(p.cost_nanos(t), 7_867_500);
+        // Reasoning is part of the output: at the output price unless priced apart.
+        let r = Tokens {
+            prompt: 10,
+            completion: 100,
+            reasoning: 60,
+            ..Tokens::default()
+        };
+        assert_eq!(
+            p.cost_nanos(r),
+            (10.0 * 3.0 * 1e3 + 100.0 * 15.0 * 1e3) as u64
+        );
+        let pr = Price {
+            reasoning_per_1m: Some(20.0),
+            ..p
+        };
+        assert_eq!(pr.cost_nanos(r), 30_000 + 40 * 15_000 + 60 * 20_000);
+        // Long context: past the threshold every token at the tier's prices.
+        let lc = Price {
+            long_context: Some(LongContext {
+                above_tokens: 1000,
+                input_per_1m: 6.0,
+                output_per_1m: 22.5,
+                cached_input_per_1m: 0.6,
+                cache_write_5m_per_1m: 7.5,
+                cache_write_1h_per_1m: 12.0,
+            }),
+            ..p
+        };
+        assert_eq!(lc.cost_nanos(t), p.cost_nanos(t), "at the threshold: base");
+        let long = Tokens {
+            prompt: 1001,
+            completion: 10,
+            ..Tokens::default()
+        };
+        assert_eq!(lc.cost_nanos(long), 1001 * 6_000 + 10 * 22_500);
+    }
+
+    #[test]
+    fn rows_of_the_older_key_layout_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t0 = 1_764_000_000u64;
+        let hour = (t0 / 3600) as u32;
+        // The layout before provider/route/tag: hour + 4 parts, 8 counters.
+        let mut old_key = hour.to_be_bytes().to_vec();
+        for p in ["acme", "web", "k1", "gpt"] {
+            old_key.extend_from_slice(p.as_bytes());
+            old_key.push(0);
+        }
+        let cf = store.db().cf_handle(CF_LEDGER).unwrap();
+        let old = [2u64, 100, 10, 0, 5000, 0, 0, 0];
+        store
+            .db()
+            .merge_cf(
+                cf,
+                &old_key,
+                old.iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect::<Vec<u8>>(),
+            )
+            .unwrap();
+        let ledger = Ledger::start(store.clone(), Duration::from_secs(3600)).unwrap();
+        ledger.record(Record {
+            unix_secs: t0,
+            tenant: "acme".into(),
+            app: "web".into(),
+            key: "k1".into(),
+            model: "gpt".into(),
+            provider: "openai".into(),
+            route: "auto".into(),
+            tag: "nightly".into(),
+            tokens: Tokens {
+                prompt: 50,
+                completion: 5,
+                cache_write: 7,
+                reasoning: 3,
+                ..Tokens::default()
+            },
+            cost_nanos: 1000,
+            ..Default::default()
+        });
+        let by = [Dim::Model, Dim::Provider, Dim::Route, Dim::Tag];
+        let rows = ledger.query(t0, t0 + 1, &by).unwrap();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        let old_row = rows.iter().find(|r| r.group[&Dim::Tag] == "-").unwrap();
+        assert_eq!(
+            (
+                old_row.requests,
+                old_row.input_tokens,
+                old_row.group[&Dim::Provider].as_str()
+            ),
+            (2, 100, "-")
+        );
+        let new_row = rows
+            .iter()
+            .find(|r| r.group[&Dim::Tag] == "nightly")
+            .unwrap();
+        assert_eq!(
+            (
+                new_row.cache_write_tokens,
+                new_row.reasoning_tokens,
+                new_row.group[&Dim::Route].as_str()
+            ),
+            (7, 3, "auto")
+        );
+        let all = ledger.query(t0, t0 + 1, &[Dim::Model]).unwrap();
+        assert_eq!((all[0].requests, all[0].input_tokens), (3, 150));
+        assert!((all[0].cost_usd - 6e-6).abs() < 1e-12);
+        let mine = ledger
+            .query_where(
+                t0,
+                t0 + 1,
+                &[],
+                &Filter {
+                    key: Some("k1".into()),
+                    ..Filter::default()
+                },
+            )
+            .unwrap();
+        assert_eq!(mine[0].requests, 3);
+        let none = ledger
+            .query_where(
+                t0,
+                t0 + 1,
+                &[],
+                &Filter {
+                    key: Some("k2".into()),
+                    ..Filter::default()
+                },
+            )
+            .unwrap();
+        assert!(none.is_empty());
+        let csv = to_csv(&rows, &by);
+        assert!(
+            csv.starts_with("model,provider,route,tag,requests,"),
+            "{csv}"
+        );
+        assert!(
+            csv.contains("gpt,openai,auto,nightly,1,50,5,0,7,3,0.000001000,"),
+            "{csv}"
+        );
+        assert_eq!(clean_tag("ok tag"), None);
+        assert_eq!(
+            clean_tag(" team-a/feature:x "),
+            Some("team-a/feature:x".into())
+        );
+        ledger.shutdown();
     }
 
     #[test]
@@ -623,7 +997,7 @@ mod tests {
             tokens: Tokens {
                 prompt,
                 completion: 10,
-                cached: 0,
+                ..Tokens::default()
             },
             cost_nanos: cost,
             ..Default::default()
@@ -673,7 +1047,7 @@ mod tests {
             tokens: Tokens {
                 prompt: 100,
                 completion: 20,
-                cached: 0,
+                ..Tokens::default()
             },
             cost_nanos: cost,
             mix: Some(Mix {

@@ -201,12 +201,26 @@ fn finish_reason(stop: Option<&str>) -> Value {
 pub fn usage_of(u: &Value) -> Usage {
     let get = |k: &str| u.get(k).and_then(Value::as_u64).unwrap_or(0);
     let cached = get("cache_read_input_tokens");
-    let written = get("cache_creation_input_tokens");
+    // `cache_creation` splits the writes by lifetime (5 minutes, 1 hour);
+    // without it they are all 5-minute writes.
+    let split = u.get("cache_creation").filter(|c| c.is_object());
+    let part = |k: &str| {
+        split
+            .and_then(|c| c.get(k))
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+    };
+    let (w5, w1) = (
+        part("ephemeral_5m_input_tokens"),
+        part("ephemeral_1h_input_tokens"),
+    );
+    let written = get("cache_creation_input_tokens").max(w5 + w1);
     Usage {
         prompt_tokens: get("input_tokens") + cached + written,
         completion_tokens: get("output_tokens"),
         cached_tokens: cached,
         cache_write_tokens: written,
+        cache_write_1h_tokens: w1.min(written),
         reasoning_tokens: 0,
     }
 }
@@ -442,6 +456,7 @@ impl AnthropicStream {
                         self.usage.prompt_tokens = d.prompt_tokens;
                         self.usage.cached_tokens = d.cached_tokens;
                         self.usage.cache_write_tokens = d.cache_write_tokens;
+                        self.usage.cache_write_1h_tokens = d.cache_write_1h_tokens;
                     }
                     self.saw_usage = true;
                 }
@@ -470,6 +485,34 @@ impl AnthropicStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cache_writes_split_into_5_minute_and_1_hour() {
+        let u = usage_of(&json!({"input_tokens": 10, "output_tokens": 7,
+            "cache_read_input_tokens": 5, "cache_creation_input_tokens": 6,
+            "cache_creation": {"ephemeral_5m_input_tokens": 4, "ephemeral_1h_input_tokens": 2}}));
+        assert_eq!(
+            u,
+            Usage {
+                prompt_tokens: 21,
+                completion_tokens: 7,
+                cached_tokens: 5,
+                cache_write_tokens: 6,
+                cache_write_1h_tokens: 2,
+                reasoning_tokens: 0,
+            }
+        );
+        // Without the split every write is a 5-minute one.
+        let u = usage_of(&json!({"input_tokens": 1, "cache_creation_input_tokens": 3}));
+        assert_eq!(
+            (
+                u.prompt_tokens,
+                u.cache_write_tokens,
+                u.cache_write_1h_tokens
+            ),
+            (4, 3, 0)
+        );
+    }
 
     #[test]
     fn request_translation() {

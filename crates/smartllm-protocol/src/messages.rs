@@ -616,12 +616,19 @@ fn stop_reason(finish: Option<&str>) -> Value {
 /// Anthropic's `usage` for a canonical usage (OpenAI's `prompt_tokens`
 /// include cache reads; Anthropic's `input_tokens` do not).
 pub fn usage_json(u: &Usage) -> Value {
-    json!({
+    let mut v = json!({
         "input_tokens": u.prompt_tokens.saturating_sub(u.cached_tokens + u.cache_write_tokens),
         "output_tokens": u.completion_tokens,
         "cache_creation_input_tokens": u.cache_write_tokens,
         "cache_read_input_tokens": u.cached_tokens,
-    })
+    });
+    if u.cache_write_tokens > 0 {
+        v["cache_creation"] = json!({
+            "ephemeral_5m_input_tokens": u.cache_write_tokens - u.cache_write_1h_tokens.min(u.cache_write_tokens),
+            "ephemeral_1h_input_tokens": u.cache_write_1h_tokens,
+        });
+    }
+    v
 }
 
 /// `msg_…` from a chat completion's id.

@@ -253,7 +253,8 @@ pub fn usage_of(response: &Value) -> Option<Usage> {
         prompt_tokens: get("input_tokens", None),
         completion_tokens: get("output_tokens", None),
         cached_tokens: get("input_tokens_details", Some("cached_tokens")),
-        cache_write_tokens: 0,
+        cache_write_tokens: get("input_tokens_details", Some("cache_write_tokens")),
+        cache_write_1h_tokens: 0,
         reasoning_tokens: get("output_tokens_details", Some("reasoning_tokens")),
     })
 }

@@ -13,6 +13,9 @@ pub struct Usage {
     /// Prompt tokens written to the provider's prompt cache (part of
     /// `prompt_tokens`): Anthropic `cache_creation_input_tokens`.
     pub cache_write_tokens: u64,
+    /// Cache writes kept for an hour (part of `cache_write_tokens`; the rest
+    /// are 5-minute writes): Anthropic `cache_creation.ephemeral_1h_input_tokens`.
+    pub cache_write_1h_tokens: u64,
     /// Completion tokens spent reasoning (part of `completion_tokens`):
     /// OpenAI `completion_tokens_details.reasoning_tokens`.
     pub reasoning_tokens: u64,
@@ -37,7 +40,12 @@ impl Usage {
                 .and_then(|d| d.get("cached_tokens"))
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
-            cache_write_tokens: 0,
+            cache_write_tokens: u
+                .get("prompt_tokens_details")
+                .and_then(|d| d.get("cache_write_tokens"))
+                .and_then(Value::as_u64)
+                .unwrap_or(0),
+            cache_write_1h_tokens: 0,
             reasoning_tokens: u
                 .get("completion_tokens_details")
                 .and_then(|d| d.get("reasoning_tokens"))

@@ -6,20 +6,35 @@ use crate::metrics;
 use pingora_error::Error;
 use pingora_proxy::Session;
 
-fn price(p: &smartllm_config::Pricing) -> smartllm_ledger::Price {
+/// The ledger's price for a model's resolved price (models.yaml or catalog).
+pub fn price(p: &smartllm_config::ModelPrice) -> smartllm_ledger::Price {
     smartllm_ledger::Price {
         input_per_1m: p.input_per_1m,
         output_per_1m: p.output_per_1m,
-        cached_input_per_1m: p.cached_input_per_1m,
+        cached_input_per_1m: p.cache_read_per_1m,
+        cache_write_5m_per_1m: p.cache_write_5m_per_1m,
+        cache_write_1h_per_1m: p.cache_write_1h_per_1m,
+        reasoning_per_1m: p.reasoning_per_1m,
         per_request: p.per_request,
+        long_context: p.long_context.map(|l| smartllm_ledger::LongContext {
+            above_tokens: l.above_tokens,
+            input_per_1m: l.input_per_1m,
+            output_per_1m: l.output_per_1m,
+            cached_input_per_1m: l.cache_read_per_1m,
+            cache_write_5m_per_1m: l.cache_write_5m_per_1m,
+            cache_write_1h_per_1m: l.cache_write_1h_per_1m,
+        }),
     }
 }
 
-fn tokens(u: &smartllm_protocol::Usage) -> smartllm_ledger::Tokens {
+pub fn tokens(u: &smartllm_protocol::Usage) -> smartllm_ledger::Tokens {
     smartllm_ledger::Tokens {
         prompt: u.prompt_tokens,
         completion: u.completion_tokens,
         cached: u.cached_tokens,
+        cache_write: u.cache_write_tokens,
+        cache_write_1h: u.cache_write_1h_tokens,
+        reasoning: u.reasoning_tokens,
     }
 }
 
@@ -59,8 +74,11 @@ pub fn finish(
     // The ledger: every API request that reached a model, upstream or cache.
     let mut cost_usd = 0.0;
     if let (Some(ledger), Some(rt), Some(model)) = (ledger, ctx.rt.as_ref(), ctx.model()) {
-        if let Some(m) = rt.config.model(model) {
-            let p = price(&m.pricing);
+        if let Some(mp) = rt.config.price(model) {
+            if !mp.is_priced() && ctx.usage.is_some() {
+                metrics::unpriced(model);
+            }
+            let p = price(mp);
             let used = ctx.usage.as_ref().map(tokens).unwrap_or_default();
             let cost_nanos = if ctx.usage.is_some() {
                 p.cost_nanos(used)
@@ -79,6 +97,9 @@ pub fn finish(
                 app: ctx.app.clone(),
                 key: ctx.key_name.clone(),
                 model: model.to_string(),
+                provider: ctx.provider.clone().unwrap_or_default(),
+                route: ctx.route.clone().unwrap_or_default(),
+                tag: ctx.tag.clone().unwrap_or_default(),
                 tokens: used,
                 cost_nanos,
                 saved_nanos,
@@ -134,6 +155,9 @@ pub fn finish(
         prompt_tokens = usage.prompt_tokens,
         completion_tokens = usage.completion_tokens,
         cached_tokens = usage.cached_tokens,
+        cache_write_tokens = usage.cache_write_tokens,
+        reasoning_tokens = usage.reasoning_tokens,
+        tag = ctx.tag.as_deref().unwrap_or("-"),
         request_bytes = ctx.request_bytes,
         error = ctx.error_code.or(e.map(|e| e.etype().as_str())),
         client_gone = ctx.client_gone,

@@ -61,6 +61,9 @@ pub struct Ctx {
     pub experiment: Option<(String, String)>,
     /// Counted in `Shared::in_flight` (released in the logging phase).
     pub in_flight: bool,
+    /// The client's spend tag (`x-smartllm-tag`, else the body's
+    /// `metadata.tag`), for `/admin/costs?group_by=tag`.
+    pub tag: Option<String>,
 }
 
 impl Default for Ctx {
@@ -107,6 +110,7 @@ impl Ctx {
             route_reason: "alias".into(),
             experiment: None,
             in_flight: false,
+            tag: None,
         }
     }
 
@@ -126,6 +130,12 @@ impl Ctx {
             Some(v) => v.to_string(),
             None => format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
         };
+        self.tag = session
+            .req_header()
+            .headers
+            .get("x-smartllm-tag")
+            .and_then(|v| v.to_str().ok())
+            .and_then(smartllm_ledger::clean_tag);
     }
 
     /// The model that serves the request: the one place it is set, so the

@@ -14,6 +14,7 @@ pub const UPSTREAM_ERRORS: &str = "smartllm_upstream_errors_total";
 pub const UPSTREAM_HEALTHY: &str = "smartllm_upstream_healthy";
 pub const UPSTREAM_ATTEMPTS: &str = "smartllm_upstream_attempts_total";
 pub const TOKENS: &str = "smartllm_tokens_total";
+pub const UNPRICED: &str = "smartllm_unpriced_requests_total";
 pub const CONFIG_RELOADS: &str = "smartllm_config_reloads_total";
 pub const CONFIG_VERSION: &str = "smartllm_config_version";
 pub const CONFIG_RESTART_PENDING: &str = "smartllm_config_restart_required";
@@ -116,6 +117,10 @@ pub fn install() -> PrometheusHandle {
     describe_counter!(
         TOKENS,
         "Tokens reported by upstreams, by model and kind (prompt, completion, cached)."
+    );
+    describe_counter!(
+        UNPRICED,
+        "Requests served by a model without any price (no pricing in models.yaml, no catalog entry): recorded at $0."
     );
     describe_counter!(
         CONFIG_RELOADS,
@@ -264,6 +269,11 @@ pub fn upstream_attempt(provider: &str, outcome: &'static str) {
 pub fn upstream_healthy(model: &str, address: &str, healthy: bool) {
     gauge!(UPSTREAM_HEALTHY, "model" => model.to_string(), "address" => address.to_string())
         .set(if healthy { 1.0 } else { 0.0 });
+}
+
+/// A request billed at $0 because its model has no price.
+pub fn unpriced(model: &str) {
+    counter!(UNPRICED, "model" => model.to_string()).increment(1);
 }
 
 pub fn tokens(model: &str, prompt: u64, completion: u64, cached: u64) {

@@ -19,7 +19,8 @@ pub const CF_VECTORS: &str = "vectors";
 pub const CF_META: &str = "meta";
 /// Exact-match key (hash of namespace + normalised request) -> entry id.
 pub const CF_EXACT: &str = "exact";
-/// Cost ledger: hour x tenant x app x key x model -> counters, merged by addition.
+/// Cost ledger: hour x tenant x app x key x model x provider x route x tag ->
+/// counters, merged by addition.
 pub const CF_LEDGER: &str = "ledger";
 /// Traffic mix for cost suggestions: hour x tenant x app x model x task x
 /// complexity tier x cache outcome -> the same counters, merged by addition.
@@ -37,8 +38,10 @@ pub const COLUMN_FAMILIES: [&str; 7] = [
     CF_RESPONSES,
 ];
 
-/// Number of u64 counters in a ledger value.
-pub const LEDGER_FIELDS: usize = 8;
+/// Number of u64 counters in a ledger value. Values written with fewer
+/// (older versions had 8) decode with the rest at 0, and merge with newer
+/// ones field by field: the encoding only ever grows at the end.
+pub const LEDGER_FIELDS: usize = 10;
 
 /// Little-endian u64 counters, added field by field.
 pub fn decode_counters(bytes: &[u8]) -> [u64; LEDGER_FIELDS] {

@@ -6,7 +6,7 @@ use super::{dur, relative_to, ENV_DATA_DIR};
 use crate::raw::{RawDemo, RawLedger, RawLogging, RawMetrics, RawReload, RawStore};
 use crate::{
     DemoConfig, Issues, LabelNames, LedgerConfig, LoggingConfig, MetricsConfig, ReloadConfig,
-    StoreConfig, Url, MAIN_FILE,
+    StoreConfig, UnpricedPolicy, Url, MAIN_FILE,
 };
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -86,8 +86,17 @@ pub(super) fn resolve_store(store: RawStore, v: &mut Issues<'_>) -> StoreConfig 
     }
 }
 
-pub(super) fn resolve_ledger(ledger: RawLedger) -> LedgerConfig {
+pub(super) fn resolve_ledger(ledger: RawLedger, v: &mut Issues<'_>) -> LedgerConfig {
+    let unpriced = match ledger.unpriced.as_deref() {
+        None | Some("allow") => UnpricedPolicy::Allow,
+        Some("reject") => UnpricedPolicy::Reject,
+        Some(_) => {
+            v.push(MAIN_FILE, "ledger.unpriced", "must be allow or reject");
+            UnpricedPolicy::Allow
+        }
+    };
     LedgerConfig {
+        unpriced,
         flush_interval: ledger
             .flush_interval
             .map(|d| d.0)

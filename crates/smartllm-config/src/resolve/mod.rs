@@ -54,13 +54,13 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
     let demo = general::resolve_demo(main.demo, v);
     let reload = general::resolve_reload(main.reload);
     let providers = providers::resolve_providers(dir, providers, &server, v);
-    let models = models::resolve_models(models, &providers, v);
+    let (models, prices) = models::resolve_models(models, &providers, v);
     let model_names: BTreeSet<String> = models.iter().map(|m| m.name.clone()).collect();
     let resolved_routes = routes::resolve_routes(dir, &routes.routes, &model_names, v);
     let classifier = routes::resolve_classifier(dir, &routes.classifier, v);
     let store = general::resolve_store(main.store, v);
     let admin_token = server::resolve_admin_token(dir, main.admin, server.admin_listen, v);
-    let ledger = general::resolve_ledger(main.ledger);
+    let ledger = general::resolve_ledger(main.ledger, v);
     let fleet = fleet::resolve_fleet(main.fleet, v);
     let metrics = general::resolve_metrics(main.metrics, v);
     let digest = routes::digest_referenced_files(&digest, &classifier, &resolved_routes, v);
@@ -84,6 +84,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
         ledger,
         fleet,
         metrics,
+        prices,
         cache: cache::unresolved(),
     };
     // These two refer to models and routes: they are checked against `config`.

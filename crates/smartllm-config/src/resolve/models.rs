@@ -2,21 +2,24 @@
 //! `providers.yaml`), pricing and routing profile.
 
 use super::valid_name;
-use crate::raw::{RawModels, RawProfile};
+use crate::catalog::catalog;
+use crate::raw::{RawModels, RawPricing, RawProfile};
 use crate::routing::task_names;
 use crate::{
     DeploymentConfig, Issues, ModelConfig, ModelProfile, Pricing, ProviderConfig, Task,
     CAPABILITIES, MODELS_FILE,
 };
+use crate::{LongContextPrice, ModelPrice, PriceSource, ProviderKind};
 use std::collections::{BTreeMap, BTreeSet};
 
 pub(super) fn resolve_models(
     models: RawModels,
     providers: &BTreeMap<String, ProviderConfig>,
     v: &mut Issues<'_>,
-) -> Vec<ModelConfig> {
+) -> (Vec<ModelConfig>, BTreeMap<String, ModelPrice>) {
     let mut seen = BTreeSet::new();
     let mut resolved = Vec::new();
+    let mut prices = BTreeMap::new();
     for (i, m) in models.models.into_iter().enumerate() {
         let at = format!("models[{i}]");
         if !valid_name(&m.name) {
@@ -75,30 +78,30 @@ pub(super) fn resolve_models(
                 .map(|d| d.provider.clone())
                 .unwrap_or_else(|| "smartllm".into())
         });
-        let pricing = m
-            .pricing
-            .as_ref()
-            .map(|p| Pricing {
-                input_per_1m: p.input.unwrap_or(0.0),
-                output_per_1m: p.output.unwrap_or(0.0),
-                cached_input_per_1m: p.cached_input.or(p.input).unwrap_or(0.0),
-                per_request: p.per_request.unwrap_or(0.0),
-            })
-            .unwrap_or_default();
-        for (field, value) in [
-            ("input", pricing.input_per_1m),
-            ("output", pricing.output_per_1m),
-            ("cached_input", pricing.cached_input_per_1m),
-            ("per_request", pricing.per_request),
-        ] {
-            if !value.is_finite() || !(0.0..=10_000.0).contains(&value) {
-                v.push(
-                    MODELS_FILE,
-                    format!("{at}.pricing.{field}"),
-                    "must be between 0 and 10000 (USD per 1M tokens, or per request)",
-                );
-            }
-        }
+        let anthropic = deployments.iter().any(|d| {
+            providers
+                .get(&d.provider)
+                .is_some_and(|p| p.kind == ProviderKind::Anthropic)
+        });
+        let price = match &m.pricing {
+            Some(p) => configured_price(&at, p, anthropic, v),
+            // The catalog, by the first deployment's upstream name it knows.
+            None => deployments
+                .iter()
+                .find_map(|d| {
+                    let kind = providers.get(&d.provider).map_or("", |p| p.kind.as_str());
+                    catalog().lookup(&d.provider, kind, &d.upstream_model)
+                })
+                .map(|e| e.price())
+                .unwrap_or_default(),
+        };
+        let pricing = Pricing {
+            input_per_1m: price.input_per_1m,
+            output_per_1m: price.output_per_1m,
+            cached_input_per_1m: price.cache_read_per_1m,
+            per_request: price.per_request,
+        };
+        prices.insert(m.name.clone(), price);
         let profile = resolve_profile(&at, m.profile.as_ref(), v);
         resolved.push(ModelConfig {
             name: m.name,
@@ -108,7 +111,70 @@ pub(super) fn resolve_models(
             profile,
         });
     }
-    resolved
+    (resolved, prices)
+}
+
+/// `pricing:` as written, with defaults: cache reads at the input price,
+/// cache writes at Anthropic's 1.25x (5 minutes) and 2x (1 hour) of input on
+/// Anthropic providers, at the input price elsewhere.
+fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_>) -> ModelPrice {
+    let input = p.input.unwrap_or(0.0);
+    let (w5, w1) = if anthropic { (1.25, 2.0) } else { (1.0, 1.0) };
+    let cache_write_5m = p.cache_write.unwrap_or(input * w5);
+    let long_context = p.long_context.as_ref().map(|l| {
+        let li = l.input.unwrap_or(input);
+        LongContextPrice {
+            above_tokens: l.above,
+            input_per_1m: li,
+            output_per_1m: l.output.or(p.output).unwrap_or(0.0),
+            cache_read_per_1m: l.cached_input.unwrap_or(li),
+            cache_write_5m_per_1m: l.cache_write.unwrap_or(li * w5),
+            cache_write_1h_per_1m: l.cache_write_1h.unwrap_or(li * w1),
+        }
+    });
+    let price = ModelPrice {
+        input_per_1m: input,
+        output_per_1m: p.output.unwrap_or(0.0),
+        cache_read_per_1m: p.cached_input.unwrap_or(input),
+        cache_write_5m_per_1m: cache_write_5m,
+        cache_write_1h_per_1m: p.cache_write_1h.unwrap_or(if anthropic {
+            input * w1
+        } else {
+            cache_write_5m
+        }),
+        reasoning_per_1m: p.reasoning,
+        per_request: p.per_request.unwrap_or(0.0),
+        long_context,
+        source: PriceSource::Configured,
+    };
+    let mut fields = vec![
+        ("input", price.input_per_1m),
+        ("output", price.output_per_1m),
+        ("cached_input", price.cache_read_per_1m),
+        ("cache_write", price.cache_write_5m_per_1m),
+        ("cache_write_1h", price.cache_write_1h_per_1m),
+        ("reasoning", price.reasoning_per_1m.unwrap_or(0.0)),
+        ("per_request", price.per_request),
+    ];
+    if let Some(l) = &price.long_context {
+        fields.extend([
+            ("long_context.input", l.input_per_1m),
+            ("long_context.output", l.output_per_1m),
+            ("long_context.cached_input", l.cache_read_per_1m),
+            ("long_context.cache_write", l.cache_write_5m_per_1m),
+            ("long_context.cache_write_1h", l.cache_write_1h_per_1m),
+        ]);
+    }
+    for (field, value) in fields {
+        if !value.is_finite() || !(0.0..=10_000.0).contains(&value) {
+            v.push(
+                MODELS_FILE,
+                format!("{at}.pricing.{field}"),
+                "must be between 0 and 10000 (USD per 1M tokens, or per request)",
+            );
+        }
+    }
+    price
 }
 
 fn resolve_profile(at: &str, raw: Option<&RawProfile>, v: &mut Issues<'_>) -> ModelProfile {

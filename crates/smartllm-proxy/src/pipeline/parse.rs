@@ -39,6 +39,14 @@ pub fn resolve<'rt>(
     req: ParsedRequest,
 ) -> Result<Parsed<'rt>, ApiError> {
     ctx.stream = req.stream;
+    if ctx.tag.is_none() {
+        ctx.tag = req
+            .body
+            .get("metadata")
+            .and_then(|m| m.get("tag"))
+            .and_then(serde_json::Value::as_str)
+            .and_then(smartllm_ledger::clean_tag);
+    }
     let Some((model, route)) = rt.config.resolve_model(&req.model) else {
         return Err(ApiError::model_not_found(&req.model, &rt.known_models));
     };

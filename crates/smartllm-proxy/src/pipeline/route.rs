@@ -77,8 +77,36 @@ pub async fn plan(
     }
     let mut chain = vec![model.name.clone()];
     chain.extend(fallbacks.into_iter().filter(|m| *m != model.name));
+    if cfg.ledger.unpriced == smartllm_config::UnpricedPolicy::Reject {
+        drop_unpriced(ctx, rt, &mut chain)?;
+    }
     apply_cost_cap(ctx, rt, &mut request.req, &mut chain).await?;
     Ok(chain)
+}
+
+/// `ledger.unpriced: reject`: no request goes to a model without a price;
+/// a fallback with a price may serve instead, else 400 `model_unpriced`.
+fn drop_unpriced(ctx: &mut Ctx, rt: &Runtime, chain: &mut Vec<String>) -> Result<(), ApiError> {
+    let first = chain[0].clone();
+    chain.retain(|m| rt.config.price(m).is_some_and(|p| p.is_priced()));
+    match chain.first() {
+        None => Err(ApiError::new(
+            400,
+            "invalid_request_error",
+            "model_unpriced",
+            format!(
+                "The model '{first}' has no price (no pricing in models.yaml and no entry in the price catalog), and this gateway refuses unpriced requests (ledger.unpriced: reject)."
+            ),
+        )
+        .with_param("model")),
+        Some(m) if *m != first => {
+            let m = m.clone();
+            ctx.route_reason = format!("unpriced:{first}");
+            ctx.set_model(&m);
+            Ok(())
+        }
+        Some(_) => Ok(()),
+    }
 }
 
 /// A per-request cost cap: drop the models of the chain whose prompt alone
