@@ -18,7 +18,7 @@ ANTHROPIC_SDK_VERSION := 2.14.0
 # HTTP/2 for the SDKs' httpx (http2=True): the e2e suite runs the openai SDK over h2.
 H2_VERSION := 4.4.1
 
-APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev systemd
+APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev systemd chromium fonts-dejavu-core
 
 .PHONY: run test deps assets build venv lint fmt bench compare soak fuzz check-config clean-data deb rpm test-packages
 

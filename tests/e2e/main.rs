@@ -9,6 +9,7 @@ mod cli;
 mod clients;
 mod common;
 mod config;
+mod dashboard;
 mod keys_and_costs;
 mod lifecycle;
 mod limits;

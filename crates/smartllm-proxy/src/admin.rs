@@ -370,6 +370,32 @@ impl AdminApp {
         }
     }
 
+    /// `GET /admin/requests/expensive?since=24h&limit=20`: the costliest of
+    /// the last requests that reached a model (metadata only, never prompts).
+    fn expensive(&self, query: &str) -> Response<Vec<u8>> {
+        let (from, _, rest) = match ledger_window(query, 86_400, &["limit"]) {
+            Ok(w) => w,
+            Err(r) => return *r,
+        };
+        let mut limit = 20;
+        for (k, v) in rest {
+            match v.parse::<usize>() {
+                Ok(n) if (1..=crate::recent::CAPACITY).contains(&n) => limit = n,
+                _ => {
+                    return bad_param(
+                        k,
+                        format!("limit={v:?}: use 1 to {}", crate::recent::CAPACITY),
+                    )
+                }
+            }
+        }
+        let (requests, kept) = self.shared.recent.costliest(from * 1000, limit);
+        json_reply(
+            200,
+            &json!({"requests": requests, "kept": kept, "capacity": crate::recent::CAPACITY}),
+        )
+    }
+
     /// `GET /admin/models`: static profiles, live measurements, deployments
     /// with health and circuit state.
     fn models(&self) -> Value {
@@ -686,25 +712,26 @@ impl ServeHttp for AdminApp {
         let method = session.req_header().method.as_str().to_string();
         let path = session.req_header().uri.path().to_string();
         // Authenticate first: a caller without the token never gets its body read.
-        if path.starts_with("/admin/") {
-            let rt = self.shared.runtime.load_full();
-            if let Some(token) = &rt.admin_token {
-                let given = session
-                    .req_header()
-                    .headers
-                    .get("authorization")
-                    .and_then(|v| v.to_str().ok())
-                    .and_then(|v| v.strip_prefix("Bearer "))
-                    .unwrap_or("");
-                if !constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                    // The body is left unread: the connection cannot be reused.
-                    session.set_keepalive(None);
-                    return json_reply(
-                        401,
-                        &json!({"error": {"message": "The admin API needs its token: send 'Authorization: Bearer ADMIN_TOKEN' (admin.token_env / admin.token_file).", "type": "invalid_request_error", "param": null, "code": "invalid_admin_token"}}),
-                    );
-                }
-            }
+        // The dashboard's session cookie (see `ui`) admits GET requests only.
+        let rt = self.shared.runtime.load_full();
+        let authorized = rt.admin_token.as_ref().is_none_or(|token| {
+            let given = session
+                .req_header()
+                .headers
+                .get("authorization")
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.strip_prefix("Bearer "))
+                .unwrap_or("");
+            constant_time_eq(given.as_bytes(), token.as_bytes())
+                || (method == "GET" && crate::ui::cookie_ok(&session.req_header().headers, token))
+        });
+        if path.starts_with("/admin/") && !authorized {
+            // The body is left unread: the connection cannot be reused.
+            session.set_keepalive(None);
+            return json_reply(
+                401,
+                &json!({"error": {"message": "The admin API needs its token: send 'Authorization: Bearer ADMIN_TOKEN' (admin.token_env / admin.token_file).", "type": "invalid_request_error", "param": null, "code": "invalid_admin_token"}}),
+            );
         }
         let body = match read_body(session).await {
             Ok(b) => b,
@@ -716,6 +743,17 @@ impl ServeHttp for AdminApp {
                 );
             }
         };
+        if crate::ui::is_ui(&path) {
+            return crate::ui::serve(
+                &method,
+                &path,
+                session.req_header().uri.query().unwrap_or(""),
+                &body,
+                authorized,
+                rt.admin_token.as_deref(),
+                rt.admin_tls.is_some(),
+            );
+        }
         match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => {
                 // jemalloc serves Rust and the native libraries (ONNX Runtime,
@@ -758,6 +796,13 @@ impl ServeHttp for AdminApp {
             ("GET", "/admin/costs") => {
                 self.costs(session.req_header().uri.query().unwrap_or(""))
                     .await
+            }
+            ("GET", "/admin/budgets") => json_reply(
+                200,
+                &json!({"budgets": self.shared.quotas.budget_status(&rt.config.keys.budgets)}),
+            ),
+            ("GET", "/admin/requests/expensive") => {
+                self.expensive(session.req_header().uri.query().unwrap_or(""))
             }
             ("GET", "/admin/cache/stats") => match &self.shared.cache {
                 Some(c) => {
@@ -806,7 +851,7 @@ impl ServeHttp for AdminApp {
             },
             _ => json_reply(
                 404,
-                &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /metrics, /healthz, /readyz, /admin/config, /admin/models, /admin/costs, /admin/cache/stats, POST /admin/route/explain, POST /admin/cache/explain, POST /admin/reload, POST /admin/cache/purge, POST /admin/cache/rebuild."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
+                &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /ui, /metrics, /healthz, /readyz, /admin/config, /admin/models, /admin/costs, /admin/suggestions, /admin/budgets, /admin/requests/expensive, /admin/cache/stats, POST /admin/route/explain, POST /admin/cache/explain, POST /admin/reload, POST /admin/cache/purge, POST /admin/cache/rebuild."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
             ),
         }
     }

@@ -20,6 +20,7 @@ pub mod frontend;
 pub mod health;
 pub mod metrics;
 pub mod pipeline;
+pub mod recent;
 pub mod reload;
 pub mod respond;
 pub mod responses_store;
@@ -27,6 +28,7 @@ pub mod routing;
 pub mod runtime;
 pub mod shutdown;
 pub mod tls;
+pub mod ui;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -91,6 +93,8 @@ pub struct Shared {
     pub config_dir: PathBuf,
     pub reload_lock: tokio::sync::Mutex<()>,
     pub reload_status: Mutex<reload::ReloadStatus>,
+    /// The last requests that reached a model, as metadata (for the dashboard).
+    pub recent: recent::Recent,
 }
 
 impl Shared {
@@ -131,6 +135,7 @@ impl Shared {
             config_dir,
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),
+            recent: recent::Recent::default(),
         })
     }
 

@@ -68,6 +68,39 @@ fn periods(now: u64) -> (String, String, u64, u64) {
     )
 }
 
+/// The first day (days since the epoch) of the month holding `days`.
+fn month_start_day(days: u64) -> u64 {
+    let (_, _, d) = civil(days);
+    days - (u64::from(d) - 1)
+}
+
+/// One period of a budget: what is spent, the burn rate (the period's spend
+/// over its elapsed time, at least an hour so a new period does not spike),
+/// the spend projected at the period's end at that rate, and when the limit
+/// would be reached at that rate (None when not within the period).
+fn period_status(spent: f64, limit: f64, elapsed: u64, left: u64) -> serde_json::Value {
+    let hours = (elapsed as f64 / 3600.0).max(1.0);
+    let burn = spent / hours;
+    let projected = spent + burn * left as f64 / 3600.0;
+    let exhausted_in = if spent >= limit {
+        Some(0)
+    } else if burn > 0.0 {
+        let secs = ((limit - spent) / burn * 3600.0).ceil() as u64;
+        (secs < left).then_some(secs)
+    } else {
+        None
+    };
+    json!({
+        "spent_usd": spent,
+        "limit_usd": limit,
+        "used_ratio": if limit > 0.0 { spent / limit } else { 0.0 },
+        "burn_usd_per_hour": burn,
+        "projected_usd": projected,
+        "exhausted_in_secs": exhausted_in,
+        "resets_in_secs": left,
+    })
+}
+
 /// A budget that a request would take over its limit.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[error("The {period} budget of ${limit:.2} for {scope} '{name}' is used up (${spent:.4} spent); it resets in {}h{:02}m (UTC).", .resets_in / 3600, (.resets_in % 3600) / 60)]
@@ -294,6 +327,42 @@ impl Budgets {
         worst
     }
 
+    /// Every configured budget with its spend, limit and burn rate in the
+    /// current UTC day and month (for the admin API and the dashboard).
+    pub fn status(&self, budgets: &[Budget]) -> Vec<serde_json::Value> {
+        let now = now_secs();
+        let (day, month, day_left, month_left) = periods(now);
+        let day_elapsed = now % 86_400;
+        let month_elapsed = now - month_start_day(now / 86_400) * 86_400;
+        budgets
+            .iter()
+            .map(|b| {
+                let id = b.id();
+                let mut periods_out = serde_json::Map::new();
+                for (name, p, limit, elapsed, left) in [
+                    ("daily", &day, b.daily_usd, day_elapsed, day_left),
+                    ("monthly", &month, b.monthly_usd, month_elapsed, month_left),
+                ] {
+                    let Some(limit) = limit else { continue };
+                    let spent = self.spent(&id, p);
+                    periods_out
+                        .insert(name.to_string(), period_status(spent, limit, elapsed, left));
+                }
+                json!({
+                    "budget": id,
+                    "scope": b.scope.as_str(),
+                    "name": b.name,
+                    "on_exceed": match &b.on_exceed {
+                        OnExceed::Reject => "reject".to_string(),
+                        OnExceed::Degrade(m) => format!("degrade to {m}"),
+                    },
+                    "max_request_usd": b.max_request_usd,
+                    "periods": periods_out,
+                })
+            })
+            .collect()
+    }
+
     /// With a fleet, bring the spend of the budgets that apply to this
     /// request up to date from Redis (seeding a counter Redis lacks with this
     /// gateway's own ledger figure). Fails only with `on_error: reject`.
@@ -441,6 +510,11 @@ impl Quotas {
     pub fn state_sizes(&self) -> (usize, usize, usize) {
         let (spend, fired) = self.budgets.sizes();
         (spend, fired, self.limiter.len())
+    }
+
+    /// Every budget's spend and burn rate this day and month (see [`Budgets::status`]).
+    pub fn budget_status(&self, budgets: &[Budget]) -> Vec<serde_json::Value> {
+        self.budgets.status(budgets)
     }
 
     /// The budgets' pressure on this scope (see [`Budgets::pressure`]).
@@ -593,6 +667,25 @@ mod tests {
         let dec31 = (20_417 + 36) * 86_400;
         assert_eq!(periods(dec31).1, "m:2025-12");
         assert_eq!(periods(dec31).3, 86_400);
+    }
+
+    #[test]
+    fn burn_rate_and_projection() {
+        // 2025-11-25 is the 25th: the month began 24 days earlier.
+        assert_eq!(month_start_day(20_417), 20_417 - 24);
+        // $6 spent in the first 12 hours of a day with 12 left, limit $10.
+        let s = period_status(6.0, 10.0, 12 * 3600, 12 * 3600);
+        assert_eq!(s["burn_usd_per_hour"], 0.5);
+        assert_eq!(s["projected_usd"], 12.0);
+        assert_eq!(s["exhausted_in_secs"], 8 * 3600);
+        // A new period counts at least an hour; a limit reached is 0; one
+        // not reached before the reset is null.
+        assert_eq!(period_status(1.0, 10.0, 60, 3600)["burn_usd_per_hour"], 1.0);
+        assert_eq!(
+            period_status(10.0, 10.0, 3600, 3600)["exhausted_in_secs"],
+            0
+        );
+        assert!(period_status(1.0, 10.0, 3600, 3600)["exhausted_in_secs"].is_null());
     }
 
     fn budget(on_exceed: OnExceed, webhook: Option<Url>) -> Budget {

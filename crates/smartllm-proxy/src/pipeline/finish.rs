@@ -21,6 +21,11 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
         );
     }
     let cost = access_log::finish(session, e, ctx, shared.ledger.as_ref());
+    let status = match ctx.status {
+        0 => session.response_written().map_or(0, |r| r.status.as_u16()),
+        s => s,
+    };
+    shared.recent.record(ctx, status, cost);
     if let Some((exp, arm)) = &ctx.experiment {
         let ok = ctx.status < 400 && ctx.error_code.is_none();
         metrics::experiment(exp, arm, ok, cost);

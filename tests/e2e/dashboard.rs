@@ -1,0 +1,443 @@
+//! The cost dashboard (`/ui` on the admin listener) in a real headless
+//! Chromium, against a gateway that served real traffic: several models,
+//! apps and keys, a routed alias, cache hits and budgets. The charts must
+//! show the ledger's numbers, the console must stay silent, and a screenshot
+//! is kept (`target/e2e/dashboard.png`, or `SMARTLLM_DASHBOARD_SCREENSHOT`).
+
+use crate::common::*;
+use serde_json::Value;
+use smartllm_e2e::*;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+const TOKEN: &str = "dash-admin-token-5f1c";
+
+/// Chromium (`SMARTLLM_CHROMIUM`, else `chromium` or `chromium-browser` on
+/// the PATH); None only with `SMARTLLM_SKIP_BROWSER` set.
+fn chromium() -> Option<PathBuf> {
+    if let Ok(p) = std::env::var("SMARTLLM_CHROMIUM") {
+        return Some(PathBuf::from(p));
+    }
+    let found = ["chromium", "chromium-browser"].iter().find_map(|name| {
+        std::env::var_os("PATH").and_then(|paths| {
+            std::env::split_paths(&paths)
+                .map(|d| d.join(name))
+                .find(|p| p.is_file())
+        })
+    });
+    match found {
+        Some(p) => Some(p),
+        None if std::env::var_os("SMARTLLM_SKIP_BROWSER").is_some() => {
+            eprintln!("SKIPPED: the dashboard browser test (SMARTLLM_SKIP_BROWSER is set and chromium is not installed)");
+            None
+        }
+        None => panic!(
+            "chromium is not installed: `apt-get install chromium` (make test installs it), \
+             point SMARTLLM_CHROMIUM at a Chromium binary, or set SMARTLLM_SKIP_BROWSER=1"
+        ),
+    }
+}
+
+/// Runs headless Chromium on `url` with a fresh profile; returns (stdout, stderr).
+fn browse(chromium: &Path, profile: &Path, url: &str, extra: &[&str]) -> (String, String) {
+    let out = Command::new(chromium)
+        .args([
+            "--headless",
+            "--disable-gpu",
+            "--no-sandbox",
+            "--no-first-run",
+            "--hide-scrollbars",
+            "--disable-extensions",
+            "--disable-background-networking",
+            "--enable-logging=stderr",
+            "--v=0",
+            "--window-size=1440,2000",
+            // Long enough for the first refresh and one poll after it.
+            "--virtual-time-budget=8000",
+        ])
+        .arg(format!("--user-data-dir={}", profile.display()))
+        .args(extra)
+        .arg(url)
+        .output()
+        .expect("run chromium");
+    (
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// Every start tag in `dom` that contains `marker`.
+fn tags<'a>(dom: &'a str, marker: &str) -> Vec<&'a str> {
+    let mut out = Vec::new();
+    let mut rest = dom;
+    while let Some(i) = rest.find(marker) {
+        let start = rest[..i].rfind('<').unwrap_or(0);
+        let end = i + rest[i..].find('>').unwrap_or(rest.len() - i);
+        out.push(&rest[start..end]);
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// An attribute's value in a start tag.
+fn attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
+    let key = format!(" {name}=\"");
+    let i = tag.find(&key)? + key.len();
+    Some(&tag[i..i + tag[i..].find('"')?])
+}
+
+fn usd_attr(tag: &str) -> f64 {
+    attr(tag, "data-usd")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no data-usd in {tag}"))
+}
+
+fn admin_get(gw: &Gateway, path: &str) -> Value {
+    let r = request(
+        &gw.admin,
+        "GET",
+        path,
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{path}: {}", r.text());
+    r.json()
+}
+
+fn screenshot_path() -> PathBuf {
+    if let Ok(p) = std::env::var("SMARTLLM_DASHBOARD_SCREENSHOT") {
+        return PathBuf::from(p);
+    }
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"));
+    target.join("e2e/dashboard.png")
+}
+
+fn dashboard_gateway(mock: &Mock) -> Gateway {
+    let providers = format!("providers:\n{}", mock_provider("mock", mock));
+    // A dear, a mid and a cheap model the profiles rate about as good at chat:
+    // the suggestions have something to say.
+    let models = "models:
+  - name: premium
+    pricing: { input: 15, output: 60 }
+    profile: { quality: { chat: 0.95 } }
+    deployments: [{ provider: mock, model: mock-premium }]
+  - name: standard
+    pricing: { input: 2.5, output: 10 }
+    profile: { quality: { chat: 0.93 } }
+    deployments: [{ provider: mock, model: mock-standard }]
+  - name: mini
+    pricing: { input: 0.15, output: 0.6 }
+    profile: { quality: { chat: 0.92 } }
+    deployments: [{ provider: mock, model: mock-mini }]
+";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\nadmin:\n  token_env: TEST_ADMIN_TOKEN\n",
+        &providers,
+        models,
+        "routes:\n  auto:\n    candidates: [standard, mini]\n  fast:\n    model: mini\n",
+    );
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:
+  - {{ name: alice, sha256: {}, tenant: acme, app: web }}
+  - {{ name: bob, sha256: {}, tenant: beta, app: cli }}
+  - {{ name: carol, sha256: {}, tenant: acme, app: batch }}
+budgets:
+  - {{ scope: tenant, name: acme, daily_usd: 0.5, monthly_usd: 10 }}
+  - {{ scope: key, name: bob, monthly_usd: 2, on_exceed: degrade, degrade_to: mini }}
+",
+            sha("sk-alice-1"),
+            sha("sk-bob-2"),
+            sha("sk-carol-3")
+        ),
+    );
+    cfg.write("cache.yaml", "cache:\n  enabled: true\n");
+    Gateway::start_with_env(cfg, &[("TEST_ADMIN_TOKEN", TOKEN)])
+}
+
+#[test]
+fn the_cost_dashboard_renders_the_ledger_in_a_real_browser() {
+    let Some(chromium) = chromium() else { return };
+    let mock = Mock::start(&["--words", "120"]);
+    let gw = dashboard_gateway(&mock);
+
+    // Real traffic: three keys (two tenants, three apps), three models, a
+    // routed and a fixed alias, and repeated prompts the cache answers.
+    let mut prompts: Vec<String> = Vec::new();
+    let mut send = |key: &str, model: &str, prompt: String| {
+        let r = ask(&gw, key, &chat_body(model, &prompt));
+        assert_eq!(r.status, 200, "{}", r.text());
+        prompts.push(prompt);
+        r
+    };
+    for i in 0..4 {
+        send(
+            "sk-alice-1",
+            "premium",
+            format!("Draft a product launch plan, part {i}"),
+        );
+        send(
+            "sk-bob-2",
+            "standard",
+            format!("Summarise the changelog of release 1.{i}"),
+        );
+        send(
+            "sk-carol-3",
+            "auto",
+            format!("hi, how are you today? ({i})"),
+        );
+    }
+    for i in 0..3 {
+        send(
+            "sk-bob-2",
+            "auto",
+            format!("What is the capital of country number {i}?"),
+        );
+        send(
+            "sk-carol-3",
+            "premium",
+            format!("Review this contract clause {i} carefully"),
+        );
+    }
+    let faq = [
+        "How do I reset my password?",
+        "What are your opening hours?",
+    ];
+    for q in faq {
+        let r = send("sk-alice-1", "fast", q.to_string());
+        assert_eq!(cache_header(&r), "miss");
+    }
+    // Inserts happen off the request path: give them time to land (every
+    // answer so far was a miss and is stored).
+    wait_until(Duration::from_secs(5), || {
+        admin_get(&gw, "/admin/cache/stats")["stats"]["l1_entries"].as_u64() >= Some(20)
+    });
+    let mut hits = 0;
+    for _ in 0..3 {
+        for q in faq {
+            let r = send("sk-alice-1", "fast", q.to_string());
+            hits += u64::from(cache_header(&r).starts_with("hit"));
+        }
+    }
+    let sent = prompts.len() as u64;
+    assert!(hits >= 4, "{hits} cache hits");
+
+    // Every request in the ledger (it flushes every second).
+    let mut costs = Value::Null;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            costs = admin_get(&gw, "/admin/costs?since=24h&group_by=hour,model");
+            costs["total"]["requests"] == sent
+        }),
+        "{costs}"
+    );
+    let total = costs["total"]["cost_usd"].as_f64().unwrap();
+    let saved = costs["total"]["saved_usd"].as_f64().unwrap();
+    assert!(total > 0.0 && saved > 0.0, "{costs}");
+
+    // The new read-only endpoints.
+    let budgets = admin_get(&gw, "/admin/budgets");
+    let acme = budgets["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|b| b["budget"] == "tenant:acme")
+        .cloned()
+        .expect("tenant:acme budget");
+    let acme_day = &acme["periods"]["daily"];
+    assert!(acme_day["spent_usd"].as_f64().unwrap() > 0.0, "{acme}");
+    assert!(
+        acme_day["burn_usd_per_hour"].as_f64().unwrap() > 0.0,
+        "{acme}"
+    );
+    let expensive = admin_get(&gw, "/admin/requests/expensive?since=1h&limit=5");
+    let top = expensive["requests"].as_array().unwrap();
+    assert_eq!(top.len(), 5);
+    assert_eq!(top[0]["model"], "premium", "{expensive}");
+    assert!(top
+        .windows(2)
+        .all(|w| w[0]["cost_usd"].as_f64() >= w[1]["cost_usd"].as_f64()));
+    let body = expensive.to_string();
+    assert!(
+        prompts.iter().all(|p| !body.contains(p.as_str())),
+        "a prompt in {body}"
+    );
+    let r = request(
+        &gw.admin,
+        "GET",
+        "/admin/requests/expensive?limit=0",
+        &[("Authorization", &format!("Bearer {TOKEN}"))],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+
+    // The admin token is swapped for an HttpOnly cookie; the page never holds it.
+    assert_eq!(get(&gw.admin, "/ui").status, 401);
+    assert!(get(&gw.admin, "/ui").text().contains("<form"));
+    assert_eq!(get(&gw.admin, "/ui?token=wrong").status, 401);
+    let login = get(&gw.admin, &format!("/ui?token={TOKEN}"));
+    assert_eq!(login.status, 303);
+    assert_eq!(login.header("location"), Some("/ui"));
+    let set_cookie = login.header("set-cookie").unwrap().to_string();
+    assert!(
+        set_cookie.contains("HttpOnly") && set_cookie.contains("SameSite=Strict"),
+        "{set_cookie}"
+    );
+    assert!(!set_cookie.contains(TOKEN), "{set_cookie}");
+    let cookie = set_cookie.split(';').next().unwrap().to_string();
+    let with_cookie = |method: &str, path: &str| {
+        request(&gw.admin, method, path, &[("Cookie", &cookie)], b"")
+            .unwrap()
+            .status
+    };
+    assert_eq!(with_cookie("GET", "/ui"), 200);
+    assert_eq!(with_cookie("GET", "/admin/costs?since=1h"), 200);
+    // The cookie reads; it never writes.
+    assert_eq!(with_cookie("POST", "/admin/reload"), 401);
+    let form = request(
+        &gw.admin,
+        "POST",
+        "/ui/login",
+        &[("Content-Type", "application/x-www-form-urlencoded")],
+        format!("token={TOKEN}").as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(form.status, 303);
+    let page = request(&gw.admin, "GET", "/ui", &[("Cookie", &cookie)], b"").unwrap();
+    assert!(page
+        .header("content-security-policy")
+        .is_some_and(|c| c.contains("script-src 'self'")));
+    for asset in ["/ui", "/ui/app.js", "/ui/app.css"] {
+        let r = request(&gw.admin, "GET", asset, &[("Cookie", &cookie)], b"").unwrap();
+        assert!(!r.text().contains(TOKEN), "{asset} holds the token");
+    }
+
+    // The browser signs in through the URL and follows the redirect.
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/ui?token={TOKEN}", gw.admin);
+    let (dom, log) = browse(&chromium, profile.path(), &url, &["--dump-dom"]);
+    let console: Vec<&str> = log.lines().filter(|l| l.contains(":CONSOLE")).collect();
+    assert!(
+        console.is_empty(),
+        "console output:\n{}",
+        console.join("\n")
+    );
+    let body_tag = tags(&dom, "<body").first().copied().unwrap_or("");
+    let refreshes: u32 = attr(body_tag, "data-refreshes")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        refreshes >= 1,
+        "the page never refreshed; DOM:\n{dom}\nlog:\n{log}"
+    );
+    let errors = tags(&dom, "id=\"errors\"");
+    assert_eq!(errors.len(), 1, "{dom}");
+    assert_eq!(attr(errors[0], "data-count"), Some("0"), "{dom}");
+    assert!(!dom.contains(TOKEN), "the page holds the admin token");
+    assert!(
+        prompts.iter().all(|p| !dom.contains(p.as_str())),
+        "a prompt on the page"
+    );
+
+    // Spend over time: the stacked bars add up to the ledger's total, one
+    // series per model.
+    let bars = tags(&dom, "class=\"bar\"");
+    assert!(!bars.is_empty(), "no bars:\n{dom}");
+    let drawn: f64 = bars.iter().map(|b| usd_attr(b)).sum();
+    assert!(
+        (drawn - total).abs() < 1e-9 + total * 1e-9,
+        "bars {drawn} vs ledger {total}"
+    );
+    for model in ["premium", "standard", "mini"] {
+        assert!(
+            bars.iter().any(|b| attr(b, "data-series") == Some(model)),
+            "no {model} bar"
+        );
+    }
+    let kpi = tags(&dom, "id=\"kpi-spend\"");
+    assert!((usd_attr(kpi[0]) - total).abs() < 1e-9, "{}", kpi[0]);
+    let requests = tags(&dom, "id=\"kpi-requests\"");
+    assert_eq!(
+        attr(requests[0], "data-count"),
+        Some(sent.to_string().as_str())
+    );
+    let saved_kpi = tags(&dom, "id=\"kpi-saved\"");
+    assert!(
+        (usd_attr(saved_kpi[0]) - saved).abs() < 1e-9,
+        "{}",
+        saved_kpi[0]
+    );
+    // The cache's hit rate.
+    let donut = tags(&dom, "id=\"cache-donut\"");
+    let rate: f64 = attr(donut[0], "data-rate").unwrap().parse().unwrap();
+    assert!(rate > 0.0 && rate < 1.0, "{}", donut[0]);
+    // The routing mix: both aliases and direct traffic, with costs.
+    for route in ["auto", "fast", "-"] {
+        let t = tags(&dom, &format!("data-route=\"{route}\""));
+        assert_eq!(t.len(), 1, "route {route}:\n{dom}");
+    }
+    let routed: f64 = tags(&dom, "data-route=").iter().map(|t| usd_attr(t)).sum();
+    assert!((routed - total).abs() < 1e-6, "routes {routed} vs {total}");
+    // Budgets with their spend.
+    let b = tags(&dom, "data-budget=\"tenant:acme\"");
+    assert_eq!(b.len(), 2, "daily and monthly:\n{dom}");
+    assert!(b.iter().all(|t| usd_attr(t) > 0.0));
+    // The costliest requests, costliest first, and the suggestions' savings.
+    let rows = tags(&dom, "data-request=");
+    assert_eq!(rows.len(), 15, "{dom}");
+    assert!((usd_attr(rows[0]) - top[0]["cost_usd"].as_f64().unwrap()).abs() < 1e-12);
+    let suggestions = tags(&dom, "class=\"suggestion\"");
+    assert!(!suggestions.is_empty(), "no suggestions:\n{dom}");
+    assert!(suggestions.iter().all(|s| usd_attr(s) > 0.0));
+    let potential = tags(&dom, "id=\"kpi-potential\"");
+    assert!(usd_attr(potential[0]) > 0.0);
+
+    // Split by app (per tenant) and by key: the same total, other series.
+    // The profile keeps the session cookie of the first visit.
+    for (split, series) in [
+        ("app", ["acme/web", "acme/batch", "beta/cli"]),
+        ("key", ["alice", "bob", "carol"]),
+    ] {
+        let url = format!("http://{}/ui#range=24h&by={split}", gw.admin);
+        let (dom, log) = browse(&chromium, profile.path(), &url, &["--dump-dom"]);
+        assert!(!log.contains(":CONSOLE"), "{log}");
+        let bars = tags(&dom, "class=\"bar\"");
+        let drawn: f64 = bars.iter().map(|b| usd_attr(b)).sum();
+        assert!(
+            (drawn - total).abs() < 1e-9 + total * 1e-9,
+            "by {split}: bars {drawn} vs ledger {total}"
+        );
+        for name in series {
+            assert!(
+                bars.iter().any(|b| attr(b, "data-series") == Some(name)),
+                "no {name} bar by {split}:\n{dom}"
+            );
+        }
+    }
+
+    // A screenshot for people (and the README).
+    let shot = screenshot_path();
+    std::fs::create_dir_all(shot.parent().unwrap()).unwrap();
+    let _ = std::fs::remove_file(&shot);
+    let profile = tempfile::tempdir().unwrap();
+    let (_, log) = browse(
+        &chromium,
+        profile.path(),
+        &url,
+        &[&format!("--screenshot={}", shot.display())],
+    );
+    let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("no screenshot ({e}):\n{log}"));
+    assert!(
+        png.starts_with(b"\x89PNG") && png.len() > 20_000,
+        "{} bytes",
+        png.len()
+    );
+    eprintln!("dashboard screenshot: {}", shot.display());
+}
