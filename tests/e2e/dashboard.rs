@@ -39,9 +39,12 @@ fn chromium() -> Option<PathBuf> {
     }
 }
 
-/// Runs headless Chromium on `url` with a fresh profile; returns (stdout, stderr).
+/// Runs headless Chromium on `url` with a fresh profile (60 s at most);
+/// returns (stdout, stderr).
 fn browse(chromium: &Path, profile: &Path, url: &str, extra: &[&str]) -> (String, String) {
-    let out = Command::new(chromium)
+    let out_dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (out_dir.path().join("out"), out_dir.path().join("err"));
+    let mut child = Command::new(chromium)
         .args([
             "--headless",
             "--disable-gpu",
@@ -59,12 +62,26 @@ fn browse(chromium: &Path, profile: &Path, url: &str, extra: &[&str]) -> (String
         .arg(format!("--user-data-dir={}", profile.display()))
         .args(extra)
         .arg(url)
-        .output()
+        .stdin(std::process::Stdio::null())
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
         .expect("run chromium");
-    (
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    let done = wait_until(Duration::from_secs(60), || {
+        child.try_wait().ok().flatten().is_some()
+    });
+    if !done {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let read =
+        |p: &Path| String::from_utf8_lossy(&std::fs::read(p).unwrap_or_default()).into_owned();
+    let (out, err) = (read(&out_path), read(&err_path));
+    assert!(
+        done,
+        "chromium did not finish within 60 s on {url}; stderr:\n{err}"
+    );
+    (out, err)
 }
 
 /// Every start tag in `dom` that contains `marker`.
