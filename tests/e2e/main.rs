@@ -3,6 +3,7 @@
 //! builds the binaries it starts when they are missing.
 
 mod anthropic;
+mod billing;
 mod bounded;
 mod cache;
 mod cli;

@@ -44,7 +44,7 @@ last user message ([mock-fault:error-mid-stream], which survives translation to 
 Faults: reset, close, hang, malformed-json, drop-mid-stream (the connection is reset halfway), \
 error-mid-stream (halfway, the provider's error event: `event: error` for Anthropic, \
 `data: {\"error\": ...}` then [DONE] for OpenAI), malformed-sse. Other per-request settings: \
-status, latency_ms, chunk_delay_ms, words, no_usage. Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens)."
+status, latency_ms, chunk_delay_ms, words, no_usage. Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens), also as [mock-usage:cached_tokens=5,cache_write_1h=2] in the last user message."
 )]
 struct Args {
     /// Address to listen on.
@@ -402,7 +402,22 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         b.status = Some(s);
     }
     b.no_usage = get("no_usage").is_some_and(|v| v == "true" || v == "1");
-    let n = |k: &str| get(k).and_then(|v| v.parse().ok()).unwrap_or(0);
+    // Or `[mock-usage:cached_tokens=5,cache_write_1h=2]` in the last user
+    // message, which survives translation to Anthropic's API.
+    let marked: Vec<(String, String)> = prompt_mark(&last_user_text(body), "[mock-usage:")
+        .map(|m| {
+            m.split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                .collect()
+        })
+        .unwrap_or_default();
+    let n = |k: &str| {
+        get(k)
+            .or_else(|| marked.iter().find(|(m, _)| m == k).map(|(_, v)| v.clone()))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
     b.kinds = TokenKinds {
         cached: n("cached_tokens"),
         reasoning: n("reasoning_tokens"),

@@ -708,7 +708,7 @@ pub fn query_where(
 }
 
 /// Rows as CSV (RFC 4180): the grouping columns in `group_by` order, then
-/// the counters.
+/// the counters (the columns added later come last).
 pub fn to_csv(rows: &[Row], group_by: &[Dim]) -> String {
     fn field(s: &str) -> String {
         if s.contains([',', '"', '\n', '\r']) {
@@ -721,24 +721,24 @@ pub fn to_csv(rows: &[Row], group_by: &[Dim]) -> String {
         .iter()
         .map(|d| format!("{},", d.as_str()))
         .collect();
-    out.push_str("requests,input_tokens,output_tokens,cached_tokens,cache_write_tokens,reasoning_tokens,cost_usd,saved_usd,errors,estimated\r\n");
+    out.push_str("requests,input_tokens,output_tokens,cached_tokens,cost_usd,saved_usd,errors,estimated,cache_write_tokens,reasoning_tokens\r\n");
     for r in rows {
         for d in group_by {
             out.push_str(&field(r.group.get(d).map_or("", String::as_str)));
             out.push(',');
         }
         out.push_str(&format!(
-            "{},{},{},{},{},{},{:.9},{:.9},{},{}\r\n",
+            "{},{},{},{},{:.9},{:.9},{},{},{},{}\r\n",
             r.requests,
             r.input_tokens,
             r.output_tokens,
             r.cached_tokens,
-            r.cache_write_tokens,
-            r.reasoning_tokens,
             r.cost_usd,
             r.saved_usd,
             r.errors,
-            r.estimated
+            r.estimated,
+            r.cache_write_tokens,
+            r.reasoning_tokens
         ));
     }
     out
@@ -960,7 +960,7 @@ mod tests {
             "{csv}"
         );
         assert!(
-            csv.contains("gpt,openai,auto,nightly,1,50,5,0,7,3,0.000001000,"),
+            csv.contains("gpt,openai,auto,nightly,1,50,5,0,0.000001000,0.000000000,0,0,7,3\r\n"),
             "{csv}"
         );
         assert_eq!(clean_tag("ok tag"), None);

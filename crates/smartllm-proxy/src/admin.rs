@@ -290,17 +290,27 @@ fn parse_instant(v: &str, now: u64) -> Option<u64> {
 }
 
 impl AdminApp {
-    /// `GET /admin/costs?since=24h|from=UNIX&to=UNIX&group_by=model,app`
+    /// `GET /admin/costs?since=24h|from=UNIX&to=UNIX&group_by=model,app[&format=csv]`
+    /// (group_by: hour, day, tenant, app, key, model, provider, route, tag).
     async fn costs(&self, query: &str) -> Response<Vec<u8>> {
         let Some(ledger) = self.shared.ledger.clone() else {
             return ledger_unavailable();
         };
-        let (from, to, rest) = match ledger_window(query, 86_400, &["group_by"]) {
+        let (from, to, rest) = match ledger_window(query, 86_400, &["group_by", "format"]) {
             Ok(w) => w,
             Err(r) => return *r,
         };
         let mut dims = vec![smartllm_ledger::Dim::Model];
+        let mut csv = false;
         for (k, v) in rest {
+            if k == "format" {
+                match v {
+                    "csv" => csv = true,
+                    "json" => csv = false,
+                    _ => return bad_param(k, format!("format={v:?}: use json or csv")),
+                }
+                continue;
+            }
             let mut out = Vec::new();
             for d in v.split(',').filter(|d| !d.is_empty()) {
                 match smartllm_ledger::Dim::parse(d) {
@@ -309,7 +319,7 @@ impl AdminApp {
                         return bad_param(
                             k,
                             format!(
-                                "unknown group_by {d:?}: use hour, day, tenant, app, key or model"
+                                "unknown group_by {d:?}: use hour, day, tenant, app, key, model, provider, route or tag"
                             ),
                         )
                     }
@@ -317,7 +327,13 @@ impl AdminApp {
             }
             dims = out;
         }
-        match tokio::task::spawn_blocking(move || ledger.query(from, to, &dims)).await {
+        let by = dims.clone();
+        match tokio::task::spawn_blocking(move || ledger.query(from, to, &by)).await {
+            Ok(Ok(rows)) if csv => reply(
+                200,
+                "text/csv; charset=utf-8",
+                smartllm_ledger::to_csv(&rows, &dims).into_bytes(),
+            ),
             Ok(Ok(rows)) => {
                 let total = rows.iter().fold(json!({"requests": 0u64, "cost_usd": 0.0, "saved_usd": 0.0, "input_tokens": 0u64, "output_tokens": 0u64}), |mut t, r| {
                     t["requests"] = json!(t["requests"].as_u64().unwrap_or(0) + r.requests);

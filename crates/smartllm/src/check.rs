@@ -57,11 +57,47 @@ pub fn check(dir: &Path) -> ExitCode {
                     _ => {}
                 }
             }
+            unpriced_warnings(&c);
             ExitCode::SUCCESS
         }
         Err(e) => {
             eprintln!("{e}");
             ExitCode::from(1)
         }
+    }
+}
+
+/// No silent $0: every model without `pricing` and without a catalog entry
+/// for its upstream names is named; catalog-priced models are counted.
+fn unpriced_warnings(c: &smartllm_config::Config) {
+    let mut from_catalog = 0;
+    for m in &c.models {
+        match c.price(&m.name).map(|p| &p.source) {
+            Some(smartllm_config::PriceSource::Catalog(_)) => from_catalog += 1,
+            Some(smartllm_config::PriceSource::Configured) => {}
+            _ => {
+                let upstream: Vec<&str> = m
+                    .deployments
+                    .iter()
+                    .map(|d| d.upstream_model.as_str())
+                    .collect();
+                println!(
+                    "warning: model {} has no price: no pricing in models.yaml and no price catalog entry for {}; its requests {} (set pricing, or ledger.unpriced)",
+                    m.name,
+                    upstream.join(", "),
+                    match c.ledger.unpriced {
+                        smartllm_config::UnpricedPolicy::Allow => "are recorded at $0",
+                        smartllm_config::UnpricedPolicy::Reject => "are refused (ledger.unpriced: reject)",
+                    }
+                );
+            }
+        }
+    }
+    if from_catalog > 0 {
+        let cat = smartllm_config::catalog::catalog();
+        println!(
+            "note: {from_catalog} models take their prices from the built-in catalog ({}, {}); `smartllm prices --config DIR` lists them",
+            cat.version, cat.date
+        );
     }
 }

@@ -48,6 +48,16 @@ pub fn suggest_cmd(target: &AdminTarget, since: &str, json: bool) -> anyhow::Res
 
 /// `smartllm costs [--since 24h] [--by model] [--csv]`
 pub fn costs_cmd(target: &AdminTarget, since: &str, by: &str, csv: bool) -> anyhow::Result<()> {
+    if csv {
+        // The gateway's own CSV (every counter, RFC 4180 quoting).
+        let body = admin_call(
+            target,
+            "GET",
+            &format!("/admin/costs?since={since}&group_by={by}&format=csv"),
+        )?;
+        print!("{body}");
+        return Ok(());
+    }
     let body = admin_call(
         target,
         "GET",
@@ -88,10 +98,6 @@ pub fn costs_cmd(target: &AdminTarget, since: &str, by: &str, csv: bool) -> anyh
         .cloned()
         .chain(cols.iter().map(|c| c.to_string()))
         .collect();
-    if csv {
-        printers::csv(&header, &rows);
-        return Ok(());
-    }
     printers::table(&header, &rows);
     println!(
         "total: {} requests, ${:.6} spent, ${:.6} saved by the cache ({} to {})",

@@ -27,6 +27,7 @@ mod cache_cli;
 mod check;
 mod costs_cli;
 mod keys_cli;
+mod prices_cli;
 mod printers;
 mod routing_cli;
 
@@ -76,7 +77,7 @@ enum Command {
         /// How far back: 30m, 24h, 7d (or a unix timestamp).
         #[arg(long, default_value = "24h")]
         since: String,
-        /// Group by: any of hour, day, tenant, app, key, model (comma separated).
+        /// Group by: any of hour, day, tenant, app, key, model, provider, route, tag (comma separated).
         #[arg(long, default_value = "model")]
         by: String,
         /// CSV instead of a table.
@@ -115,6 +116,24 @@ enum Command {
         router: Option<PathBuf>,
         #[arg(long)]
         json: bool,
+    },
+    /// The built-in price catalog (USD per 1M tokens), searched by words of
+    /// the model or provider name; with --config, the price of each
+    /// configured model and where it comes from.
+    Prices {
+        /// Words to look for (all must match), e.g. `claude sonnet`.
+        #[arg(default_value = "")]
+        query: Vec<String>,
+        #[arg(long)]
+        json: bool,
+        #[arg(long)]
+        csv: bool,
+        /// Rows shown at most.
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+        /// Show the models of this config directory instead.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
     },
     /// Virtual key helpers.
     Keys {
@@ -284,6 +303,25 @@ fn main() -> ExitCode {
     }
     match cli.command {
         Command::Check { config } => check::check(&config),
+        Command::Prices {
+            query,
+            json,
+            csv,
+            limit,
+            config,
+        } => {
+            let r = match config {
+                Some(dir) => prices_cli::configured_cmd(&dir, json),
+                None => prices_cli::prices_cmd(&query.join(" "), json, csv, limit),
+            };
+            match r {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("{e:#}");
+                    ExitCode::from(1)
+                }
+            }
+        }
         Command::Keys {
             action: KeysCmd::Hash { key },
         } => {

@@ -22,6 +22,8 @@ pub enum Admitted {
     StoredResponse { id: String, delete: bool },
     /// An API call with its whole body.
     Api { endpoint: Endpoint, body: BytesMut },
+    /// `GET /v1/smartllm/usage`: the key's own spend, limits and budgets.
+    Usage,
 }
 
 /// Admit the request or say why not (with the connection marked not
@@ -90,6 +92,10 @@ pub async fn admit(
                 id,
                 delete: method == "DELETE",
             });
+        }
+        ("GET", "/v1/smartllm/usage") => {
+            ctx.endpoint = "usage";
+            return Ok(Admitted::Usage);
         }
         ("GET", p) if p.starts_with("/v1/models/") => {
             ctx.endpoint = "models";

@@ -23,6 +23,7 @@ mod models;
 mod parse;
 mod responses;
 mod route;
+mod usage;
 
 use crate::ctx::Ctx;
 use crate::{respond, Shared};
@@ -80,6 +81,7 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
         admit::Admitted::StoredResponse { id, delete } => {
             return responses::stored(shared, session, ctx, &id, delete).await
         }
+        admit::Admitted::Usage => return usage::answer(shared, session, ctx, &rt).await,
         admit::Admitted::Api { endpoint, body } => (endpoint, body),
     };
     let mut request = match endpoint {

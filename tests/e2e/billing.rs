@@ -1,0 +1,526 @@
+//! Billing to the micro-dollar: every token kind (OpenAI cached and
+//! reasoning tokens, Anthropic cache reads and 5-minute / 1-hour writes,
+//! long-context tiers) priced from what the provider reported, plain and
+//! streamed, for both provider kinds and a model priced by the built-in
+//! catalog; unpriced models (metric, `ledger.unpriced: reject`); spend by
+//! provider, route and tag, as JSON and CSV; a key reading its own usage.
+
+use crate::common::*;
+use serde_json::{json, Value};
+use smartllm_e2e::*;
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// USD per 1M tokens of one model, as configured below (or in the catalog).
+#[derive(Clone, Copy)]
+struct P {
+    input: f64,
+    output: f64,
+    cache_read: f64,
+    write_5m: f64,
+    write_1h: f64,
+}
+
+const GPT: P = P {
+    input: 2.0,
+    output: 8.0,
+    cache_read: 0.5,
+    write_5m: 2.0,
+    write_1h: 2.0,
+};
+/// Anthropic: writes default to 1.25x (5 minutes) and 2x (1 hour) input.
+const CLAUDE: P = P {
+    input: 3.0,
+    output: 15.0,
+    cache_read: 0.3,
+    write_5m: 3.75,
+    write_1h: 6.0,
+};
+/// The catalog's gpt-4o-mini (litellm list): 0.15 / 0.60, cache reads 0.075.
+const MINI: P = P {
+    input: 0.15,
+    output: 0.6,
+    cache_read: 0.075,
+    write_5m: 0.15,
+    write_1h: 0.15,
+};
+
+/// Hand-computed cost in USD: the prompt splits into cache reads, writes
+/// (5-minute and 1-hour) and the rest; reasoning is part of the output.
+fn cost(p: P, prompt: u64, cached: u64, w5: u64, w1: u64, completion: u64) -> f64 {
+    let plain = prompt - cached - w5 - w1;
+    (plain as f64 * p.input
+        + cached as f64 * p.cache_read
+        + w5 as f64 * p.write_5m
+        + w1 as f64 * p.write_1h
+        + completion as f64 * p.output)
+        / 1e6
+}
+
+fn gateway(mock: &Mock, extra_main: &str) -> Gateway {
+    let providers = format!(
+        "providers:\n{}  claude-mock:\n    kind: anthropic\n    base_url: http://{}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n",
+        mock_provider("mock", mock),
+        mock.addr
+    );
+    let models = "models:
+  - name: gpt
+    pricing: { input: 2, output: 8, cached_input: 0.5 }
+    deployments:
+      - provider: mock
+        model: mock-gpt
+  - name: claude
+    pricing: { input: 3, output: 15, cached_input: 0.3 }
+    deployments:
+      - provider: claude-mock
+        model: claude-x
+  - name: mini
+    deployments:
+      - provider: mock
+        model: gpt-4o-mini
+  - name: long
+    pricing: { input: 1, output: 2, long_context: { above: 40, input: 10, output: 20 } }
+    deployments:
+      - provider: mock
+        model: mock-long
+  - name: free
+    deployments:
+      - provider: mock
+        model: no-such-model-anywhere
+";
+    let cfg = ConfigDir::new(
+        "",
+        &format!("demo:\n  mode: off\n{extra_main}"),
+        &providers,
+        models,
+        "routes:\n  auto:\n    model: gpt\n    fallback: [free]\n",
+    );
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 1000 }}\n  - name: bob\n    sha256: {}\n    tenant: acme\n    app: batch\nbudgets:\n  - scope: key\n    name: alice\n    daily_usd: 5\n  - scope: tenant\n    name: acme\n    monthly_usd: 100\n",
+            sha("sk-alice-1"),
+            sha("sk-bob-2")
+        ),
+    );
+    Gateway::start_with_env(cfg, &[("TEST_ANTHROPIC_KEY", "sk-ant-secret-1234")])
+}
+
+fn post(gw: &Gateway, path: &str, headers: &[(&str, &str)], body: &Value) -> Response {
+    let r = request(
+        &gw.addr,
+        "POST",
+        path,
+        headers,
+        &serde_json::to_vec(body).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    r
+}
+
+/// A chat completion (streamed with the usage chunk, or not): its usage.
+fn chat(gw: &Gateway, model: &str, prompt: &str, mock: Value, stream: bool) -> Value {
+    let mut body =
+        json!({"model": model, "messages": [{"role": "user", "content": prompt}], "mock": mock});
+    if stream {
+        body["stream"] = json!(true);
+        body["stream_options"] = json!({"include_usage": true});
+    }
+    let r = post(
+        gw,
+        "/v1/chat/completions",
+        &[
+            ("Authorization", "Bearer sk-alice-1"),
+            ("x-smartllm-tag", "billing"),
+        ],
+        &body,
+    );
+    if !stream {
+        return r.json()["usage"].clone();
+    }
+    r.sse_data()
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+        .filter(|v| v["usage"].is_object())
+        .map(|v| v["usage"].clone())
+        .last()
+        .unwrap_or_else(|| panic!("no usage chunk: {}", r.text()))
+}
+
+/// An Anthropic Messages call (passed through to the Anthropic provider):
+/// its usage, from the message or from message_start + message_delta.
+fn messages(gw: &Gateway, mock: Value, stream: bool) -> Value {
+    let body = json!({"model": "claude", "max_tokens": 100, "stream": stream,
+        "messages": [{"role": "user", "content": "Tell me about prompt caches"}], "mock": mock});
+    let r = post(
+        gw,
+        "/v1/messages",
+        &[
+            ("x-api-key", "sk-alice-1"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        &body,
+    );
+    if !stream {
+        return r.json()["usage"].clone();
+    }
+    let mut usage = Value::Null;
+    for v in r
+        .sse_data()
+        .iter()
+        .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+    {
+        match v["type"].as_str() {
+            Some("message_start") => usage = v["message"]["usage"].clone(),
+            Some("message_delta") => usage["output_tokens"] = v["usage"]["output_tokens"].clone(),
+            _ => {}
+        }
+    }
+    assert!(usage.is_object(), "{}", r.text());
+    usage
+}
+
+fn n(v: &Value, path: &[&str]) -> u64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_u64()
+        .unwrap_or_else(|| panic!("no {path:?} in {v}"))
+}
+
+/// Ledger cost per model, once `requests` requests are recorded.
+fn ledger_costs(gw: &Gateway, requests: u64) -> BTreeMap<String, (u64, f64)> {
+    assert!(
+        wait_until(Duration::from_secs(5), || costs(gw, "model")["total"]
+            ["requests"]
+            == requests),
+        "{}",
+        costs(gw, "model")
+    );
+    costs(gw, "model")["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["group"]["model"].as_str().unwrap().to_string(),
+                (
+                    r["requests"].as_u64().unwrap(),
+                    r["cost_usd"].as_f64().unwrap(),
+                ),
+            )
+        })
+        .collect()
+}
+
+fn assert_usd(what: &str, got: f64, want: f64) {
+    // To the micro-dollar (and in fact to the nano-dollar the ledger keeps).
+    assert!(
+        (got - want).abs() < 1e-9,
+        "{what}: ledger ${got:.9}, hand-computed ${want:.9}"
+    );
+}
+
+#[test]
+fn every_token_kind_is_billed_exactly_plain_and_streamed() {
+    let mock = Mock::start(&["--words", "9"]);
+    let gw = gateway(&mock, "");
+    let mut want: BTreeMap<&str, f64> = BTreeMap::new();
+    let mut requests = 0;
+
+    // OpenAI chat: cached prompt tokens and reasoning tokens (part of the
+    // completion, billed once, at the output price).
+    let kinds = json!({"cached_tokens": 5, "reasoning_tokens": 3});
+    for stream in [false, true] {
+        let u = chat(
+            &gw,
+            "gpt",
+            "What is a prompt cache for?",
+            kinds.clone(),
+            stream,
+        );
+        assert_eq!(
+            (
+                n(&u, &["prompt_tokens_details", "cached_tokens"]),
+                n(&u, &["completion_tokens_details", "reasoning_tokens"])
+            ),
+            (5, 3),
+            "{u}"
+        );
+        let (p, c) = (n(&u, &["prompt_tokens"]), n(&u, &["completion_tokens"]));
+        assert_eq!(c, 9 + 3, "reasoning is part of the completion: {u}");
+        *want.entry("gpt").or_default() += cost(GPT, p, 5, 0, 0, c);
+        requests += 1;
+    }
+    // Anthropic through Chat Completions (translated): reads, 5-minute and
+    // 1-hour writes, which the canonical usage counts in the prompt. (The
+    // `mock` object does not survive translation; a prompt marker does.)
+    let kinds = json!({"cached_tokens": 5, "cache_write_5m": 4, "cache_write_1h": 2});
+    let marked =
+        "Explain cache writes [mock-usage:cached_tokens=5,cache_write_5m=4,cache_write_1h=2]";
+    for stream in [false, true] {
+        let u = chat(&gw, "claude", marked, json!({}), stream);
+        let (p, c) = (n(&u, &["prompt_tokens"]), n(&u, &["completion_tokens"]));
+        assert_eq!(n(&u, &["prompt_tokens_details", "cached_tokens"]), 5);
+        *want.entry("claude").or_default() += cost(CLAUDE, p, 5, 4, 2, c);
+        requests += 1;
+    }
+    // Anthropic Messages passed through: the provider's own usage object.
+    for stream in [false, true] {
+        let u = messages(&gw, kinds.clone(), stream);
+        assert_eq!(
+            (
+                n(&u, &["cache_read_input_tokens"]),
+                n(&u, &["cache_creation_input_tokens"]),
+                n(&u, &["cache_creation", "ephemeral_5m_input_tokens"]),
+                n(&u, &["cache_creation", "ephemeral_1h_input_tokens"])
+            ),
+            (5, 6, 4, 2),
+            "{u}"
+        );
+        let prompt = n(&u, &["input_tokens"]) + 5 + 6;
+        *want.entry("claude").or_default() +=
+            cost(CLAUDE, prompt, 5, 4, 2, n(&u, &["output_tokens"]));
+        requests += 1;
+    }
+    // A model without pricing, priced by the catalog (gpt-4o-mini upstream).
+    for stream in [false, true] {
+        let u = chat(
+            &gw,
+            "mini",
+            "Catalog prices please",
+            json!({"cached_tokens": 4}),
+            stream,
+        );
+        let (p, c) = (n(&u, &["prompt_tokens"]), n(&u, &["completion_tokens"]));
+        *want.entry("mini").or_default() += cost(MINI, p, 4, 0, 0, c);
+        requests += 1;
+    }
+    // Long context: a prompt above 40 tokens bills every token at the tier.
+    let short = chat(&gw, "long", "A short prompt", json!({}), false);
+    let long_prompt = "word ".repeat(60);
+    let long = chat(&gw, "long", &long_prompt, json!({}), true);
+    assert!(n(&short, &["prompt_tokens"]) <= 40 && n(&long, &["prompt_tokens"]) > 40);
+    want.insert(
+        "long",
+        (n(&short, &["prompt_tokens"]) as f64 * 1.0
+            + n(&short, &["completion_tokens"]) as f64 * 2.0
+            + n(&long, &["prompt_tokens"]) as f64 * 10.0
+            + n(&long, &["completion_tokens"]) as f64 * 20.0)
+            / 1e6,
+    );
+    requests += 2;
+
+    let got = ledger_costs(&gw, requests);
+    for (model, usd) in &want {
+        assert_usd(model, got[*model].1, *usd);
+    }
+    assert_eq!(got["claude"].0, 4);
+    // The token kinds are counted too.
+    let v = costs(&gw, "model");
+    let claude = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["group"]["model"] == "claude")
+        .unwrap();
+    assert_eq!(
+        (
+            claude["cached_tokens"].as_u64(),
+            claude["cache_write_tokens"].as_u64()
+        ),
+        (Some(20), Some(24)),
+        "{claude}"
+    );
+    let gpt = v["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["group"]["model"] == "gpt")
+        .unwrap();
+    assert_eq!(gpt["reasoning_tokens"].as_u64(), Some(6), "{gpt}");
+    assert_eq!(
+        gw.metric("smartllm_unpriced_requests_total", &[]),
+        0.0,
+        "nothing unpriced yet"
+    );
+}
+
+#[test]
+fn unpriced_models_are_counted_or_refused() {
+    let mock = Mock::start(&[]);
+    let gw = gateway(&mock, "");
+    chat(&gw, "free", "hello", json!({}), false);
+    assert!(wait_until(Duration::from_secs(5), || gw.metric(
+        "smartllm_unpriced_requests_total",
+        &[("model", "free")]
+    ) == 1.0));
+    // `smartllm check` names it.
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["check", "--config", gw.config.path().to_str().unwrap()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains("warning: model free has no price")
+            && text.contains("no-such-model-anywhere")
+            && !text.contains("model mini has no price")
+            && text.contains("1 models take their prices from the built-in catalog"),
+        "{text}"
+    );
+
+    let gw = gateway(&mock, "ledger:\n  unpriced: reject\n");
+    let r = ask(&gw, "sk-alice-1", &chat_body("free", "hello"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = r.api_error();
+    assert_eq!(e["code"], "model_unpriced");
+    assert!(e["message"].as_str().unwrap().contains("'free'"), "{e}");
+    // A routed or fallback chain keeps its priced models.
+    assert_eq!(
+        ask(&gw, "sk-alice-1", &chat_body("auto", "hello")).status,
+        200
+    );
+    assert_eq!(
+        ask(&gw, "sk-alice-1", &chat_body("mini", "hello")).status,
+        200
+    );
+}
+
+#[test]
+fn spend_by_provider_route_and_tag_as_json_and_csv_and_a_key_reads_its_own() {
+    let mock = Mock::start(&["--words", "5"]);
+    let gw = gateway(&mock, "");
+    chat(&gw, "auto", "routed request", json!({}), false);
+    chat(&gw, "claude", "tagged by header", json!({}), false);
+    // Tag from the body's metadata; bob spends in another app.
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer sk-bob-2")],
+        &json!({"model": "gpt", "messages": [{"role": "user", "content": "hi"}], "metadata": {"tag": "nightly-batch"}}),
+    );
+    let bob_usage = r.json()["usage"].clone();
+    assert!(wait_until(Duration::from_secs(5), || costs(&gw, "tag")
+        ["total"]["requests"]
+        == 3));
+    let v = costs(&gw, "provider,route,tag");
+    let rows = v["rows"].as_array().unwrap();
+    let find = |p: &str, route: &str, tag: &str| {
+        rows.iter().find(|r| {
+            r["group"]["provider"] == p && r["group"]["route"] == route && r["group"]["tag"] == tag
+        })
+    };
+    assert!(find("mock", "auto", "billing").is_some(), "{v}");
+    assert!(find("claude-mock", "-", "billing").is_some(), "{v}");
+    assert!(find("mock", "-", "nightly-batch").is_some(), "{v}");
+    // CSV from the admin API and the CLI.
+    let r = get(
+        &gw.admin,
+        "/admin/costs?since=1h&group_by=tag,model&format=csv",
+    );
+    assert_eq!(r.status, 200);
+    assert!(r.header("content-type").unwrap().starts_with("text/csv"));
+    let csv = r.text();
+    assert!(
+        csv.starts_with("tag,model,requests,input_tokens,output_tokens,cached_tokens,cost_usd,saved_usd,errors,estimated,cache_write_tokens,reasoning_tokens\r\n"),
+        "{csv}"
+    );
+    assert!(csv.contains("\r\nnightly-batch,gpt,1,"), "{csv}");
+    let out = std::process::Command::new(bin("smartllm"))
+        .args([
+            "costs",
+            "--config",
+            gw.config.path().to_str().unwrap(),
+            "--since",
+            "1h",
+            "--by",
+            "provider,route",
+            "--csv",
+        ])
+        .output()
+        .unwrap();
+    let cli = String::from_utf8_lossy(&out.stdout);
+    assert!(cli.contains("claude-mock,-,1,"), "{cli}");
+    assert_eq!(
+        get(&gw.admin, "/admin/costs?group_by=tag&format=xml").status,
+        400
+    );
+
+    // A key reads its own spend, limits and budgets on the API listener.
+    let me = |key: &str| {
+        request(
+            &gw.addr,
+            "GET",
+            "/v1/smartllm/usage",
+            &[("Authorization", &format!("Bearer {key}"))],
+            b"",
+        )
+        .unwrap()
+    };
+    let r = me("sk-bob-2");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let bob = r.json();
+    let bob_cost = cost(
+        GPT,
+        n(&bob_usage, &["prompt_tokens"]),
+        0,
+        0,
+        0,
+        n(&bob_usage, &["completion_tokens"]),
+    );
+    assert_eq!(
+        (bob["key"].as_str(), bob["app"].as_str()),
+        (Some("bob"), Some("batch"))
+    );
+    assert_usd(
+        "bob today",
+        bob["spend"]["today"]["cost_usd"].as_f64().unwrap(),
+        bob_cost,
+    );
+    assert_eq!(bob["spend"]["today"]["requests"], 1);
+    let alice = me("sk-alice-1").json();
+    assert_eq!(alice["spend"]["this_month"]["requests"], 2);
+    assert_eq!(alice["spend"]["tenant_this_month"]["requests"], 3);
+    assert_eq!(alice["limits"]["key"]["requests_per_minute"], 1000);
+    let spent = alice["spend"]["today"]["cost_usd"].as_f64().unwrap();
+    let budgets = alice["budgets"].as_array().unwrap();
+    let daily = budgets.iter().find(|b| b["budget"] == "key:alice").unwrap();
+    assert_usd(
+        "alice's daily budget",
+        daily["spent_usd"].as_f64().unwrap(),
+        spent,
+    );
+    assert_usd(
+        "left",
+        daily["remaining_usd"].as_f64().unwrap(),
+        5.0 - spent,
+    );
+    assert!(budgets
+        .iter()
+        .any(|b| b["budget"] == "tenant:acme" && b["period"] == "monthly"));
+    assert_usd(
+        "remaining",
+        alice["remaining_usd"].as_f64().unwrap(),
+        5.0 - spent,
+    );
+    assert!(bob["budgets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|b| b["budget"] != "key:alice"));
+    let r = me("sk-nobody");
+    assert_eq!(r.status, 401);
+    // `smartllm prices` searches the catalog.
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["prices", "gpt-4o-mini", "--json"])
+        .output()
+        .unwrap();
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["source"].as_str().unwrap().starts_with("litellm=="));
+    assert!(v["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .any(|m| m["model"] == "gpt-4o-mini" && m["input"] == 0.15));
+}
