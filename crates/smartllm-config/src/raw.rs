@@ -248,6 +248,9 @@ pub struct RawModel {
     pub owned_by: Option<String>,
     pub deployments: Vec<RawDeployment>,
     pub pricing: Option<RawPricing>,
+    /// What the model does: `chat` (also completions), `embedding`, `image`,
+    /// `audio` or `rerank`; inferred from its names when absent.
+    pub mode: Option<String>,
     /// What the router knows about the model before measuring it.
     pub profile: Option<RawProfile>,
 }

@@ -530,6 +530,69 @@ pub struct ModelConfig {
     pub deployments: Vec<DeploymentConfig>,
     pub pricing: Pricing,
     pub profile: ModelProfile,
+    /// What the model does (chat, embedding, ...): suggestions and routing
+    /// only put a request on a model of its kind.
+    pub mode: ModelMode,
+}
+
+/// What a model does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ModelMode {
+    /// Chat completions (and text completions).
+    #[default]
+    Chat,
+    Embedding,
+    Image,
+    Audio,
+    Rerank,
+}
+
+impl ModelMode {
+    pub fn parse(s: &str) -> Option<ModelMode> {
+        Some(match s {
+            "chat" | "completion" | "responses" => ModelMode::Chat,
+            "embedding" => ModelMode::Embedding,
+            "image" | "image_generation" => ModelMode::Image,
+            "audio" | "audio_transcription" | "audio_speech" => ModelMode::Audio,
+            "rerank" => ModelMode::Rerank,
+            _ => return None,
+        })
+    }
+
+    /// The mode a model's names suggest (its own name and its deployments'
+    /// upstream names): `text-embedding-3-small` is an embedding model,
+    /// `dall-e-3` an image model, `whisper-1` an audio one.
+    pub fn infer<'a>(names: impl IntoIterator<Item = &'a str>) -> ModelMode {
+        for n in names {
+            let n = n.to_ascii_lowercase();
+            if n.contains("embed") {
+                return ModelMode::Embedding;
+            }
+            if n.contains("rerank") {
+                return ModelMode::Rerank;
+            }
+            if ["dall-e", "gpt-image", "imagen", "stable-diffusion", "sdxl", "flux"]
+                .iter()
+                .any(|k| n.contains(k))
+            {
+                return ModelMode::Image;
+            }
+            if ["whisper", "tts", "transcribe"].iter().any(|k| n.contains(k)) {
+                return ModelMode::Audio;
+            }
+        }
+        ModelMode::Chat
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ModelMode::Chat => "chat",
+            ModelMode::Embedding => "embedding",
+            ModelMode::Image => "image",
+            ModelMode::Audio => "audio",
+            ModelMode::Rerank => "rerank",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]

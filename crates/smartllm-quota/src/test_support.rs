@@ -22,6 +22,7 @@ pub(crate) fn config() -> smartllm_config::Config {
                 max_output_tokens: max_out,
                 ..Default::default()
             },
+            mode: Default::default(),
         };
     // USD per 1M tokens: cheap 1/2, dear 10/40 (max 4096 out).
     cfg.models = vec![

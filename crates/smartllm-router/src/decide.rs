@@ -370,6 +370,7 @@ mod tests {
                 quality: [q; 8],
                 ..ModelProfile::default()
             },
+            mode: smartllm_config::ModelMode::infer([name]),
         }
     }
 

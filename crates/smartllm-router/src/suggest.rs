@@ -16,7 +16,7 @@
 
 use crate::decide::profile_quality;
 use serde::Serialize;
-use smartllm_config::{Config, Task};
+use smartllm_config::{Config, ModelConfig, Task};
 use smartllm_ledger::MixRow;
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -94,6 +94,19 @@ fn reprice(config: &Config, model: &str, r: &MixRow) -> Option<f64> {
     )
 }
 
+/// Can `to` serve what `from` serves: the same kind of model (a chat
+/// request never goes to an embedding or image model), and every capability
+/// `from` declares (tools, vision, json, ...) unless `to` declares none.
+fn can_stand_in(from: &ModelConfig, to: &ModelConfig) -> bool {
+    if from.mode != to.mode {
+        return false;
+    }
+    match (&from.profile.capabilities, &to.profile.capabilities) {
+        (Some(need), Some(have)) => need.iter().all(|c| have.contains(c)),
+        _ => true,
+    }
+}
+
 /// Routed aliases that can choose between two models (to name in the advice).
 fn routes_with(config: &Config, a: &str, b: &str) -> Vec<String> {
     config
@@ -164,6 +177,7 @@ pub fn suggest(config: &Config, rows: &[MixRow]) -> Report {
             .models
             .iter()
             .filter(|m| m.name != r.model && !m.deployments.is_empty())
+            .filter(|m| can_stand_in(current, m))
             .filter_map(|m| {
                 let q = profile_quality(m, task, c);
                 let cost = reprice(config, &m.name, r)?;
@@ -307,6 +321,7 @@ mod tests {
                 quality: [q; 8],
                 ..ModelProfile::default()
             },
+            mode: smartllm_config::ModelMode::infer([name]),
         }
     }
 
@@ -359,6 +374,51 @@ mod tests {
         assert!((s.saving_usd - (0.045 - 0.0027)).abs() < 1e-9, "{s:?}");
         assert_eq!(s.tasks, vec!["chat".to_string()]);
         assert!(s.action.contains("small instead of big"), "{}", s.action);
+    }
+
+    #[test]
+    fn only_models_of_the_same_kind_and_capabilities_are_suggested() {
+        let mut cfg = config();
+        // Far cheaper, and (undeclared) as good on paper: an embedding model
+        // and an image model never answer a chat.
+        cfg.models
+            .push(model("text-embedding-3-small", 0.95, 0.02, 0.0));
+        cfg.models.push(model("dall-e-3", 0.95, 0.01, 0.0));
+        let mut explicit = model("cheap-embedder", 0.95, 0.01, 0.0);
+        explicit.mode = smartllm_config::ModelMode::Embedding;
+        cfg.models.push(explicit);
+        let rows = vec![row("big", "chat", "simple", "miss", 10, 0.045)];
+        let r = suggest(&cfg, &rows);
+        assert_eq!(r.suggestions.len(), 1, "{:#?}", r.suggestions);
+        assert_eq!(r.suggestions[0].to_model.as_deref(), Some("small"));
+        assert!(
+            r.suggestions[0]
+                .action
+                .contains("expected quality 0.92 -> 0.90"),
+            "{}",
+            r.suggestions[0].action
+        );
+        // A model lacking a capability the current one declares is no stand-in.
+        let mut cfg = config();
+        cfg.models[0].profile.capabilities = Some(vec!["tools".into(), "vision".into()]);
+        cfg.models[1].profile.capabilities = Some(vec!["tools".into()]);
+        let r = suggest(&cfg, &rows);
+        assert!(r.suggestions.is_empty(), "{:#?}", r.suggestions);
+    }
+
+    #[test]
+    fn model_modes_are_inferred_from_names() {
+        use smartllm_config::ModelMode;
+        assert_eq!(
+            ModelMode::infer(["text-embedding-3-small"]),
+            ModelMode::Embedding
+        );
+        assert_eq!(ModelMode::infer(["img", "dall-e-3"]), ModelMode::Image);
+        assert_eq!(ModelMode::infer(["whisper-1"]), ModelMode::Audio);
+        assert_eq!(
+            ModelMode::infer(["gpt-4o-mini", "gpt-4o-mini-2024-07-18"]),
+            ModelMode::Chat
+        );
     }
 
     #[test]

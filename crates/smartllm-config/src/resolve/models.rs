@@ -6,7 +6,7 @@ use crate::catalog::catalog;
 use crate::raw::{RawModels, RawPricing, RawProfile};
 use crate::routing::task_names;
 use crate::{
-    DeploymentConfig, Issues, ModelConfig, ModelProfile, Pricing, ProviderConfig, Task,
+    DeploymentConfig, Issues, ModelConfig, ModelMode, ModelProfile, Pricing, ProviderConfig, Task,
     CAPABILITIES, MODELS_FILE,
 };
 use crate::{LongContextPrice, ModelPrice, PriceSource, ProviderKind};
@@ -103,12 +103,27 @@ pub(super) fn resolve_models(
         };
         prices.insert(m.name.clone(), price);
         let profile = resolve_profile(&at, m.profile.as_ref(), v);
+        let mode = match m.mode.as_deref() {
+            Some(s) => ModelMode::parse(s).unwrap_or_else(|| {
+                v.push(
+                    MODELS_FILE,
+                    format!("{at}.mode"),
+                    "must be one of chat, embedding, image, audio, rerank",
+                );
+                ModelMode::Chat
+            }),
+            None => ModelMode::infer(
+                std::iter::once(m.name.as_str())
+                    .chain(deployments.iter().map(|d| d.upstream_model.as_str())),
+            ),
+        };
         resolved.push(ModelConfig {
             name: m.name,
             owned_by,
             deployments,
             pricing,
             profile,
+            mode,
         });
     }
     (resolved, prices)
