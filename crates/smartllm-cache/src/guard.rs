@@ -22,12 +22,288 @@ const NUMBER_WORDS: [&str; 21] = [
 ];
 
 /// Words that start sentences or questions: capitalised without being names.
-const COMMON_CAPITALISED: [&str; 40] = [
-    "i", "a", "an", "the", "what", "how", "why", "when", "where", "who", "which", "can", "could",
-    "should", "would", "is", "are", "do", "does", "did", "please", "tell", "give", "write",
-    "explain", "list", "show", "describe", "in", "on", "for", "to", "of", "and", "or", "my",
-    "your", "it", "this", "that",
+const COMMON_CAPITALISED: [&str; 66] = [
+    "i",
+    "a",
+    "an",
+    "the",
+    "what",
+    "how",
+    "why",
+    "when",
+    "where",
+    "who",
+    "which",
+    "can",
+    "could",
+    "should",
+    "would",
+    "is",
+    "are",
+    "do",
+    "does",
+    "did",
+    "please",
+    "tell",
+    "give",
+    "write",
+    "explain",
+    "list",
+    "show",
+    "describe",
+    "in",
+    "on",
+    "for",
+    "to",
+    "of",
+    "and",
+    "or",
+    "my",
+    "your",
+    "it",
+    "this",
+    "that",
+    "will",
+    "was",
+    "were",
+    "has",
+    "have",
+    "had",
+    "if",
+    "according",
+    "at",
+    "from",
+    "with",
+    "by",
+    "as",
+    "after",
+    "before",
+    "during",
+    "name",
+    "find",
+    "calculate",
+    "compute",
+    "convert",
+    "summarize",
+    "summarise",
+    "translate",
+    "define",
+    "compare",
 ];
+
+/// Openers that do not change a question ("Quick question: ...", "Hey, ..."),
+/// lower-case, longest first.
+const FILLER_OPENERS: [&str; 14] = [
+    "quick question:",
+    "quick question,",
+    "quick question",
+    "question:",
+    "hey there,",
+    "hi there,",
+    "hello,",
+    "hey,",
+    "hi,",
+    "hello",
+    "hey",
+    "hi",
+    "ok so",
+    "so,",
+];
+
+/// Closers that do not change a question ("... Thanks!").
+const FILLER_CLOSERS: [&str; 9] = [
+    "thank you so much",
+    "thanks in advance",
+    "thank you",
+    "thanks a lot",
+    "many thanks",
+    "thanks",
+    "thx",
+    "cheers",
+    "ty",
+];
+
+/// Words whose change alters who or what a question is about ("my" vs
+/// "all users", "this report" vs "every report").
+const SCOPE_WORDS: [&str; 26] = [
+    "my",
+    "your",
+    "our",
+    "their",
+    "his",
+    "her",
+    "every",
+    "each",
+    "all",
+    "any",
+    "some",
+    "both",
+    "either",
+    "only",
+    "most",
+    "few",
+    "many",
+    "whole",
+    "entire",
+    "single",
+    "mine",
+    "yours",
+    "everyone",
+    "anyone",
+    "everybody",
+    "anybody",
+];
+
+/// Function words: swapping one for another ("do" -> "can", "a" -> "the")
+/// keeps a question's meaning; swapping a content word rarely does.
+const FUNCTION_WORDS: [&str; 73] = [
+    "that", "this", "these", "those", "its", "where", "when", "why", "whose", "a", "an", "the",
+    "is", "are", "was", "were", "be", "been", "being", "am", "do", "does", "did", "can", "could",
+    "should", "would", "will", "shall", "may", "might", "must", "i", "me", "we", "us", "you", "it",
+    "he", "she", "they", "them", "to", "of", "in", "on", "at", "for", "with", "by", "from",
+    "about", "as", "into", "onto", "and", "or", "but", "so", "if", "then", "than", "what", "which",
+    "who", "whom", "how", "there", "here", "please", "just", "really", "also",
+];
+
+/// The question without the openers and closers that do not change it, and
+/// without trailing punctuation; case kept.
+pub fn strip_fillers(text: &str) -> &str {
+    let mut t = text.trim();
+    loop {
+        let before = t.len();
+        let lower = t.to_lowercase();
+        for f in FILLER_OPENERS {
+            // Only on a word boundary, and only when something is left.
+            if lower.starts_with(f)
+                && lower.is_char_boundary(f.len())
+                && lower[f.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(|c| !c.is_alphanumeric())
+                && t.is_char_boundary(f.len())
+            {
+                t = t[f.len()..].trim_start_matches(|c: char| {
+                    c.is_whitespace() || c == ',' || c == ':' || c == '!'
+                });
+                break;
+            }
+        }
+        t = t.trim_end_matches(|c: char| {
+            c.is_whitespace() || matches!(c, '!' | '.' | ',' | ';' | ':')
+        });
+        let lower = t.to_lowercase();
+        for f in FILLER_CLOSERS {
+            if lower.ends_with(f) {
+                let cut = t.len() - f.len();
+                let boundary = cut == 0
+                    || t[..cut]
+                        .chars()
+                        .next_back()
+                        .is_some_and(|c| !c.is_alphanumeric());
+                if boundary && cut > 0 && t.is_char_boundary(cut) {
+                    t = t[..cut].trim_end();
+                    break;
+                }
+            }
+        }
+        if t.len() == before || t.is_empty() {
+            break;
+        }
+    }
+    let stripped = t.trim_end_matches(|c: char| {
+        c.is_whitespace() || matches!(c, '?' | '!' | '.' | ',' | ';' | ':')
+    });
+    if stripped.is_empty() {
+        text.trim()
+    } else {
+        stripped
+    }
+}
+
+/// Lower-case words of a text, punctuation dropped and contractions
+/// spelled out ("what's" -> "what is", "can't" -> "can not"), for the edit rule.
+fn plain_words(text: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let lower = text.to_lowercase().replace('\u{2019}', "'");
+    for w in lower
+        .split(|c: char| !(c.is_alphanumeric() || c == '\''))
+        .map(|w| w.trim_matches('\''))
+        .filter(|w| !w.is_empty())
+    {
+        if let Some(base) = w.strip_suffix("n't") {
+            out.push(
+                match base {
+                    "ca" => "can",
+                    "wo" => "will",
+                    "sha" => "shall",
+                    b => b,
+                }
+                .to_string(),
+            );
+            out.push("not".into());
+            continue;
+        }
+        match w.split_once('\'') {
+            Some((base, suffix)) => {
+                out.push(base.to_string());
+                let full = match suffix {
+                    "s" => "is",
+                    "re" => "are",
+                    "ll" => "will",
+                    "ve" => "have",
+                    "d" => "would",
+                    "m" => "am",
+                    other => other,
+                };
+                out.push(full.to_string());
+            }
+            None => out.push(w.to_string()),
+        }
+    }
+    out
+}
+
+/// What one text has that the other lacks, word by word (multisets).
+fn word_diff(a: &[String], b: &[String]) -> (Vec<String>, Vec<String>) {
+    let mut only_b: Vec<String> = b.to_vec();
+    let mut only_a = Vec::new();
+    for w in a {
+        if let Some(i) = only_b.iter().position(|x| x == w) {
+            only_b.swap_remove(i);
+        } else {
+            only_a.push(w.clone());
+        }
+    }
+    (only_a, only_b)
+}
+
+/// A small edit of the same question that swaps a content word ("too
+/// wide" / "too narrow", "add" / "remove", "feet" / "meters") or changes its
+/// scope ("this report" / "every report"): the shape of a different question
+/// rather than a rewording.
+fn edit_rule(a: &str, b: &str) -> Option<&'static str> {
+    let (wa, wb) = (plain_words(a), plain_words(b));
+    let (only_a, only_b) = word_diff(&wa, &wb);
+    if only_a.is_empty() && only_b.is_empty() {
+        return None;
+    }
+    // Only a small edit of one question: a rewording changes many words,
+    // and its cosine decides.
+    if only_a.len() > 2 || only_b.len() > 2 {
+        return None;
+    }
+    let scope = |w: &String| SCOPE_WORDS.contains(&w.as_str());
+    if only_a.iter().chain(&only_b).any(scope) {
+        return Some("scope");
+    }
+    // A swap within an otherwise identical question.
+    let swapped = !only_a.is_empty() && !only_b.is_empty();
+    let content = |w: &String| !FUNCTION_WORDS.contains(&w.as_str());
+    if swapped && (only_a.iter().any(content) || only_b.iter().any(content)) {
+        return Some("substitution");
+    }
+    None
+}
 
 fn words(text: &str) -> Vec<&str> {
     text.split(|c: char| !(c.is_alphanumeric() || c == '\'' || c == '.' || c == ','))
@@ -78,6 +354,7 @@ fn entities(text: &str) -> BTreeSet<String> {
 
 /// Why two texts must not share an answer, if they must not.
 pub fn near_miss(a: &str, b: &str) -> Option<&'static str> {
+    let (a, b) = (strip_fillers(a), strip_fillers(b));
     if negation_count(a) % 2 != negation_count(b) % 2 {
         return Some("negation");
     }
@@ -92,7 +369,7 @@ pub fn near_miss(a: &str, b: &str) -> Option<&'static str> {
     {
         return Some("entities");
     }
-    None
+    edit_rule(a, b)
 }
 
 static EMAIL: LazyLock<Regex> = LazyLock::new(|| {
@@ -243,6 +520,100 @@ mod tests {
             ),
             None
         );
+    }
+
+    #[test]
+    fn one_word_edits_of_a_question_are_different_questions() {
+        for (a, b, why) in [
+            // A content word swapped: another question.
+            (
+                "The stick did not fit, as the hole was too wide.",
+                "The stick did not fit, as the hole was too narrow.",
+                "substitution",
+            ),
+            (
+                "How many litres if I add 93L to 59L?",
+                "How many litres if I remove 93L to 59L?",
+                "substitution",
+            ),
+            (
+                "If I add 5196 feet to 3101 feet how many feet?",
+                "If I add 5196 meters to 3101 feet how many feet?",
+                "substitution",
+            ),
+            (
+                "Would the academy reject an applicant?",
+                "Would the academy accept an applicant?",
+                "substitution",
+            ),
+            // Its scope changed.
+            (
+                "What did this report warn about?",
+                "What did every report warn about?",
+                "scope",
+            ),
+            (
+                "Do all cancer patients get disability?",
+                "Do some cancer patients get disability?",
+                "scope",
+            ),
+            (
+                "What did children do that day?",
+                "What did all children do that day?",
+                "scope",
+            ),
+        ] {
+            assert_eq!(near_miss(a, b), Some(why), "{a} / {b}");
+        }
+        for (a, b) in [
+            // Function words swapped, fillers, case and punctuation: the same question.
+            (
+                "How do I reset my password?",
+                "How can I reset my password?",
+            ),
+            (
+                "963 torrs - 101 torrs = ____ torrs",
+                "Quick question: 963 torrs - 101 torrs = ____ torrs Thanks!",
+            ),
+            (
+                "If you add water to rice pudding is it horchata?",
+                "Quick question: if you add water to rice pudding is it horchata",
+            ),
+            (
+                "Was John Lennon a friend of Sasha Obama?",
+                "was  john lennon a friend of sasha obama?",
+            ),
+            (
+                "What land does Link serve to protect?",
+                "What land does Link serve to protect?!!",
+            ),
+            (
+                "Hey, what is the capital of Spain?",
+                "What is the capital of Spain? Thank you",
+            ),
+            // A rewording changes many words: the cosine decides, not this rule.
+            (
+                "The element hydrogen is the most abundant in the universe.",
+                "The element that is most abundant in the universe is hydrogen.",
+            ),
+        ] {
+            assert_eq!(near_miss(a, b), None, "{a} / {b}");
+        }
+    }
+
+    #[test]
+    fn fillers_are_stripped_but_never_the_whole_question() {
+        assert_eq!(
+            strip_fillers("Quick question: what is 2+2? Thanks!"),
+            "what is 2+2"
+        );
+        assert_eq!(strip_fillers("Hey, hi, what is Rust?!"), "what is Rust");
+        assert_eq!(strip_fillers("  What is Rust  "), "What is Rust");
+        // Words that merely start like a filler stay.
+        assert_eq!(strip_fillers("History of Rome"), "History of Rome");
+        assert_eq!(strip_fillers("Thanksgiving date"), "Thanksgiving date");
+        assert_eq!(strip_fillers("Thanks!"), "Thanks");
+        assert_eq!(strip_fillers("hi"), "hi");
     }
 
     #[test]
@@ -427,6 +798,11 @@ pub fn evaluate(pairs: &[LabelledPair], cosines: &[f32], thresholds: &[f32]) -> 
         .iter()
         .map(|p| near_miss(&p.a, &p.b).is_none())
         .collect();
+    // The exact stage answers these before any embedding (see `key::exact_text`).
+    let exact: Vec<bool> = pairs
+        .iter()
+        .map(|p| crate::key::exact_text(&p.a) == crate::key::exact_text(&p.b))
+        .collect();
     let positives = pairs.iter().filter(|p| p.duplicate).count();
     let negatives = pairs.len() - positives;
     let mut order: Vec<(&str, bool)> = Vec::new();
@@ -453,8 +829,8 @@ pub fn evaluate(pairs: &[LabelledPair], cosines: &[f32], thresholds: &[f32]) -> 
                 .collect();
             for (i, p) in pairs.iter().enumerate() {
                 let close = cosines[i] >= t;
-                let served = close && guard_ok[i];
-                blocked += usize::from(close && !guard_ok[i]);
+                let served = exact[i] || (close && guard_ok[i]);
+                blocked += usize::from(!exact[i] && close && !guard_ok[i]);
                 if served {
                     if p.duplicate {
                         tp += 1;
@@ -562,7 +938,13 @@ mod eval_tests {
                 "near-repeat",
             ),
             pair("What is a cat?", "what's a cat", true, "paraphrase"),
-            pair("Name a red fruit.", "Name a green fruit.", false, "antonym"),
+            // A trap reworded beyond the guard's edit rule: only the cosine decides.
+            pair(
+                "Name a red fruit.",
+                "Which fruit is green? Give me an example.",
+                false,
+                "antonym",
+            ),
             // The guard turns this one away whatever the cosine.
             pair("Is rust safe?", "Is rust not safe?", false, "negation"),
             pair(
@@ -575,12 +957,12 @@ mod eval_tests {
         let cosines = [0.99, 0.85, 0.97, 0.99, 0.90];
         let rows = evaluate(&pairs, &cosines, &[0.80, 0.95]);
         let loose = &rows[0];
-        assert_eq!((loose.true_positives, loose.false_positives), (2, 2));
-        assert_eq!(loose.guard_blocked, 1);
+        assert_eq!((loose.true_positives, loose.false_positives), (2, 1));
+        assert_eq!(loose.guard_blocked, 2, "negation and scope");
         assert!((loose.recall - 1.0).abs() < 1e-9);
-        assert!((loose.trap_rate - 2.0 / 3.0).abs() < 1e-9);
-        assert!((loose.precision - 0.5).abs() < 1e-9);
-        assert!((loose.hit_rate - 0.8).abs() < 1e-9);
+        assert!((loose.trap_rate - 1.0 / 3.0).abs() < 1e-9);
+        assert!((loose.precision - 2.0 / 3.0).abs() < 1e-9);
+        assert!((loose.hit_rate - 0.6).abs() < 1e-9);
         let cats: Vec<(&str, bool, usize, usize)> = loose
             .categories
             .iter()
@@ -593,7 +975,7 @@ mod eval_tests {
                 ("paraphrase", true, 1, 1),
                 ("antonym", false, 1, 1),
                 ("negation", false, 0, 1),
-                ("scope", false, 1, 1),
+                ("scope", false, 0, 1),
             ]
         );
         let strict = &rows[1];

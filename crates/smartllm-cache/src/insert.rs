@@ -29,7 +29,11 @@ impl SemanticCache {
     ) -> Result<u64, CacheError> {
         let embedding = match embedding {
             Some(e) => Some(e),
-            None if policy.semantic => self.embedder.embed(vec![key.query.clone()]).await?.pop(),
+            None if policy.semantic => self
+                .embedder
+                .embed(vec![crate::key::embedding_text(&key.query)])
+                .await?
+                .pop(),
             None => None,
         };
         let now = now_secs();

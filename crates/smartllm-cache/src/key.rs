@@ -31,6 +31,19 @@ pub fn normalise(text: &str) -> String {
     text.split_whitespace().collect::<Vec<_>>().join(" ")
 }
 
+/// What the exact stage compares: the question without the openers and
+/// closers that do not change it ("Quick question:", "Thanks!") or trailing
+/// punctuation, whitespace collapsed; case kept (code and names are
+/// case-sensitive; the semantic stage handles case).
+pub fn exact_text(query: &str) -> String {
+    normalise(crate::guard::strip_fillers(query))
+}
+
+/// What the semantic stage embeds: the question without its fillers.
+pub fn embedding_text(query: &str) -> String {
+    crate::guard::strip_fillers(query).to_string()
+}
+
 /// The key of a chat request, or `None` when its shape is not cacheable
 /// (no final user turn, several choices, or a non-text last turn).
 pub fn chat_key(tenant: &str, resolved_model: &str, body: &Map<String, Value>) -> Option<CacheKey> {
@@ -97,7 +110,7 @@ pub fn api_chat_key(
     let namespace: [u8; 32] = h.finalize().into();
     let mut h = Sha256::new();
     h.update(namespace);
-    h.update(normalise(&query).as_bytes());
+    h.update(exact_text(&query).as_bytes());
     Some(CacheKey {
         namespace,
         exact: h.finalize().into(),

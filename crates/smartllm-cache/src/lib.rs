@@ -36,9 +36,9 @@ mod test_support;
 
 pub use admin::{CacheStats, Purge};
 pub use entry::{Codec, CodecError, Entry, KeyFileError, Sealing};
-pub use guard::{near_miss, Exclusions};
+pub use guard::{near_miss, strip_fillers, Exclusions};
 pub use index::{IndexError, VectorIndex};
-pub use key::{api_chat_key, chat_key, CacheKey};
+pub use key::{api_chat_key, chat_key, embedding_text, exact_text, CacheKey};
 pub use lifecycle::INDEX_FILE;
 pub use lookup::{HitKind, Lookup};
 

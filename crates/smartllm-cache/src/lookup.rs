@@ -98,7 +98,7 @@ impl SemanticCache {
         let t = Instant::now();
         let embedding = self
             .embedder
-            .embed(vec![key.query.clone()])
+            .embed(vec![crate::key::embedding_text(&key.query)])
             .await?
             .pop()
             .unwrap_or_default();

@@ -553,7 +553,11 @@ impl AdminApp {
             .contains_key(&model)
             .then_some(model.as_str());
         let policy = rt.config.cache.policy(route, &model).clone();
-        let vectors = match embedder.embed(vec![a.clone(), b.clone()]).await {
+        let texts = vec![
+            smartllm_cache::embedding_text(&a),
+            smartllm_cache::embedding_text(&b),
+        ];
+        let vectors = match embedder.embed(texts).await {
             Ok(v) if v.len() == 2 => v,
             Ok(_) => return invalid(500, "the embedder returned no vectors".into()),
             Err(e) => return invalid(503, format!("embedding failed: {e}")),
@@ -561,9 +565,16 @@ impl AdminApp {
         let similarity = smartllm_embed::cosine(&vectors[0], &vectors[1]);
         let guard = smartllm_cache::near_miss(&a, &b);
         let above = similarity >= policy.similarity_threshold;
-        let serve = policy.enabled && policy.semantic && above && guard.is_none();
-        let reason = if !policy.enabled || !policy.semantic {
-            "the cache (or its semantic stage) is off for this route"
+        // The exact stage answers these before any embedding.
+        let exact = smartllm_cache::exact_text(&a) == smartllm_cache::exact_text(&b);
+        let serve =
+            policy.enabled && (exact || (policy.semantic && above && guard.is_none()));
+        let reason = if !policy.enabled {
+            "the cache is off for this route"
+        } else if exact {
+            "served by the exact stage (the same question but for fillers, spacing or trailing punctuation)"
+        } else if !policy.semantic {
+            "the cache's semantic stage is off for this route"
         } else if !above {
             "similarity below the threshold"
         } else if guard.is_some() {

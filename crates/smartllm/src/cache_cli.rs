@@ -57,7 +57,12 @@ fn eval(path: &Path, config: &Path, json: bool) -> anyhow::Result<()> {
     for chunk in pairs.chunks(16) {
         let texts = chunk
             .iter()
-            .flat_map(|p| [p.a.clone(), p.b.clone()])
+            .flat_map(|p| {
+                [
+                    smartllm_cache::embedding_text(&p.a),
+                    smartllm_cache::embedding_text(&p.b),
+                ]
+            })
             .collect();
         let v = embedder.embed_blocking(texts)?;
         cosines.extend(v.chunks(2).map(|ab| cosine(&ab[0], &ab[1])));
