@@ -8,17 +8,44 @@ use crate::openai::{parse_request, Endpoint};
 use crate::sse::SseParser;
 use crate::usage::OpenAiStreamFilter;
 
-/// A client's request body, for every endpoint.
+/// A client's request body, for every endpoint (OpenAI, Anthropic Messages,
+/// Responses), and the byte-faithful model splice of passthrough bodies.
 pub fn request_parser(data: &[u8]) {
     for ep in [
         Endpoint::ChatCompletions,
         Endpoint::Completions,
         Endpoint::Embeddings,
+        Endpoint::Messages,
+        Endpoint::MessagesCountTokens,
+        Endpoint::Responses,
+        Endpoint::ResponsesInputTokens,
     ] {
         if let Ok(req) = parse_request(ep, data) {
-            // What parsed is a JSON object whose model is a non-empty string.
+            if ep == Endpoint::ResponsesInputTokens {
+                // The only endpoint whose model may be absent.
+                continue;
+            }
+            // What parsed is a JSON object whose model is a non-empty string,
+            // and a chat request in the canonical shape where the API is a chat one.
             assert!(!req.model.is_empty());
             assert!(req.body.contains_key("model"));
+            if ep.is_chat() {
+                assert!(req.body.get("messages").is_some_and(|m| m.is_array()));
+            }
+        }
+    }
+    // Splicing a model into a JSON object changes that value and nothing else.
+    if let Ok(serde_json::Value::Object(before)) = serde_json::from_slice(data) {
+        if let Some(out) = crate::messages::splice_model(data, "m-x") {
+            let after: serde_json::Map<String, serde_json::Value> =
+                serde_json::from_slice(&out).expect("a spliced body is JSON");
+            assert_eq!(after.get("model"), Some(&serde_json::json!("m-x")));
+            assert_eq!(after.len(), before.len());
+            for (k, v) in &before {
+                if k != "model" {
+                    assert_eq!(after.get(k), Some(v), "{k} changed");
+                }
+            }
         }
     }
 }
@@ -58,4 +85,74 @@ pub fn sse_parser(data: &[u8]) {
     let mut anthropic = crate::anthropic::AnthropicStream::new("m", cut % 2 == 1);
     let _ = anthropic.feed(a);
     let _ = anthropic.feed(b);
+    // The client-side encoders take the canonical chat stream; the
+    // Responses reader takes a provider's Responses stream.
+    let mut messages = crate::messages::ChatToMessagesStream::new("m", 1);
+    let _ = messages.feed(a);
+    let _ = messages.feed(b);
+    let req = serde_json::Map::new();
+    let mut responses = crate::responses::ChatToResponsesStream::new("resp_f", 0, "m", &req);
+    let _ = responses.feed(a);
+    let _ = responses.feed(b);
+    let _ = responses.finish();
+    let mut reader = crate::responses::ResponsesStreamReader::default();
+    let _ = reader.feed(a);
+    let _ = reader.feed(b);
+}
+
+#[cfg(test)]
+mod tests {
+    /// A few thousand deterministic mutations (byte flips, insertions,
+    /// truncations, splices of two seeds) of every seed through both entry
+    /// points: a quick stand-in for `make fuzz` that runs in every `make test`.
+    #[test]
+    fn mutated_seeds_never_panic_the_parsers() {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+        let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            rng
+        };
+        for (target, f) in [
+            ("request_parser", super::request_parser as fn(&[u8])),
+            ("sse_parser", super::sse_parser as fn(&[u8])),
+        ] {
+            let seeds: Vec<Vec<u8>> = std::fs::read_dir(root.join(target))
+                .unwrap()
+                .flatten()
+                .map(|e| std::fs::read(e.path()).unwrap())
+                .collect();
+            assert!(seeds.len() >= 2, "{target}: seeds");
+            for i in 0..10_000 {
+                let mut d = seeds[i % seeds.len()].clone();
+                for _ in 0..(1 + next() % 4) {
+                    let at = (next() as usize) % (d.len() + 1);
+                    match next() % 5 {
+                        0 if !d.is_empty() => {
+                            let at = at.min(d.len() - 1);
+                            d[at] = next() as u8;
+                        }
+                        1 => {
+                            const BYTES: &[u8] = b"{}[]\",:\\0ae\n";
+                            d.insert(at, BYTES[(next() as usize) % BYTES.len()]);
+                        }
+                        2 => d.truncate(at),
+                        3 => {
+                            let other = &seeds[(next() as usize) % seeds.len()];
+                            let from = (next() as usize) % (other.len() + 1);
+                            d.splice(at..at, other[from..].iter().copied().take(64));
+                        }
+                        _ => {
+                            if at < d.len() {
+                                d.remove(at);
+                            }
+                        }
+                    }
+                }
+                f(&d);
+            }
+        }
+    }
 }
