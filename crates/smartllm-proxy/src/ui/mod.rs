@@ -44,7 +44,8 @@ pub fn cookie_ok(headers: &http::HeaderMap, token: &str) -> bool {
         .any(|(k, v)| k == COOKIE && crate::admin::constant_time_eq(v.as_bytes(), want.as_bytes()))
 }
 
-fn page(status: u16, content_type: &str, body: &'static str) -> http::response::Builder {
+fn send(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Response<Vec<u8>> {
+    let body = body.into();
     Response::builder()
         .status(status)
         .header("content-type", content_type)
@@ -58,15 +59,20 @@ fn page(status: u16, content_type: &str, body: &'static str) -> http::response::
             "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; \
              connect-src 'self'; form-action 'self'; base-uri 'none'; frame-ancestors 'none'",
         )
-}
-
-fn done(b: http::response::Builder, body: &'static str) -> Response<Vec<u8>> {
-    b.body(body.as_bytes().to_vec())
+        .body(body)
         .unwrap_or_else(|_| Response::new(Vec::new()))
 }
 
-fn login_page(status: u16) -> Response<Vec<u8>> {
-    done(page(status, "text/html; charset=utf-8", LOGIN), LOGIN)
+const HTML: &str = "text/html; charset=utf-8";
+
+/// The sign-in form (401), saying so when a token was given and was wrong.
+fn login_page(wrong: bool) -> Response<Vec<u8>> {
+    if wrong {
+        let note = "<p class=\"error\" role=\"alert\">That is not this gateway's admin token.</p>";
+        send(401, HTML, LOGIN.replace("<!--error-->", note))
+    } else {
+        send(401, HTML, LOGIN)
+    }
 }
 
 fn redirect(set_cookie: Option<String>) -> Response<Vec<u8>> {
@@ -142,24 +148,24 @@ pub fn serve(
 ) -> Response<Vec<u8>> {
     match (method, path) {
         // Static assets hold no data: the login page needs the stylesheet.
-        ("GET", "/ui/app.css") => done(page(200, "text/css; charset=utf-8", STYLE), STYLE),
-        ("GET", "/ui/app.js") => done(page(200, "text/javascript; charset=utf-8", SCRIPT), SCRIPT),
+        ("GET", "/ui/app.css") => send(200, "text/css; charset=utf-8", STYLE),
+        ("GET", "/ui/app.js") => send(200, "text/javascript; charset=utf-8", SCRIPT),
         ("GET", "/ui" | "/ui/") => {
             let Some(token) = token else {
-                return done(page(200, "text/html; charset=utf-8", INDEX), INDEX);
+                return send(200, HTML, INDEX);
             };
             // `/ui?token=...`: swap the token for a cookie and drop it from the URL.
             if let Some(given) = form_value(query, "token") {
                 return if crate::admin::constant_time_eq(given.as_bytes(), token.as_bytes()) {
                     redirect(Some(cookie(&session_value(token), SESSION_SECS, secure)))
                 } else {
-                    login_page(401)
+                    login_page(true)
                 };
             }
             if authorized {
-                done(page(200, "text/html; charset=utf-8", INDEX), INDEX)
+                send(200, HTML, INDEX)
             } else {
-                login_page(401)
+                login_page(false)
             }
         }
         ("POST", "/ui/login") => {
@@ -170,13 +176,13 @@ pub fn serve(
             if crate::admin::constant_time_eq(given.as_bytes(), token.as_bytes()) {
                 redirect(Some(cookie(&session_value(token), SESSION_SECS, secure)))
             } else {
-                login_page(401)
+                login_page(true)
             }
         }
         ("GET" | "POST", "/ui/logout") => redirect(Some(cookie("", 0, secure))),
         _ => {
             const NOT_FOUND: &str = "Not found. The dashboard is at /ui.\n";
-            done(page(404, "text/plain; charset=utf-8", NOT_FOUND), NOT_FOUND)
+            send(404, "text/plain; charset=utf-8", NOT_FOUND)
         }
     }
 }
@@ -226,10 +232,9 @@ mod tests {
         assert!(cookie_ok(&h, "s=cr t"));
         assert!(!cookie_ok(&h, "another"));
         // A wrong token, or none: the login form, never the page.
-        assert_eq!(
-            serve("GET", "/ui", "token=no", b"", false, Some("t"), false).status(),
-            401
-        );
+        let r = serve("GET", "/ui", "token=no", b"", false, Some("t"), false);
+        assert_eq!(r.status(), 401);
+        assert!(String::from_utf8_lossy(r.body()).contains("not this gateway's admin token"));
         let r = serve("GET", "/ui", "", b"", false, Some("t"), false);
         assert_eq!(r.status(), 401);
         assert!(String::from_utf8_lossy(r.body()).contains("<form"));
