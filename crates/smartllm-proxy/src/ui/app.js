@@ -278,8 +278,7 @@ function drawCache(c, stats, costs) {
     row('Semantic hits', int(c.semantic)),
     row('Misses', int(c.misses)),
     row('Not cacheable', int(c.bypass)),
-    row('Saved (' + state.range + ')', usd(t.saved_usd || 0)),
-    row('Saved per hit', c.hits && t.saved_usd ? usd(t.saved_usd / c.hits) : '–')));
+    row('Saved (' + state.range + ')', usd(t.saved_usd || 0))));
   const entries = stats && stats.stats ? stats.stats.l1_entries ?? stats.stats.entries : undefined;
   setText('cache-entries', stats && stats.enabled === false ? 'cache off' : entries !== undefined ? int(entries) + ' entries' : '');
 }
@@ -287,32 +286,33 @@ function drawCache(c, stats, costs) {
 // ---- routing mix ----------------------------------------------------------
 
 function drawRoutes(metrics, byRoute, byModel) {
-  // Requests per route and model since start (from /metrics).
+  // Requests and cost per route and model in the range, from the ledger.
+  // A ledger without the route dimension: requests since start from /metrics,
+  // and each model's ledger cost shared out by its requests per route (≈).
+  const exact = Boolean(byRoute && Array.isArray(byRoute.rows));
   const mix = new Map();
-  for (const m of metrics) {
-    if (m.name !== 'smartllm_requests_total' || m.labels.model === '-' || !m.value) continue;
-    const route = m.labels.route || '-';
-    if (!mix.has(route)) mix.set(route, new Map());
-    const models = mix.get(route);
-    models.set(m.labels.model, (models.get(m.labels.model) || 0) + m.value);
+  const add = (route, model, n, cost) => {
+    if (!mix.has(route)) mix.set(route, { models: new Map(), n: 0, cost: 0 });
+    const r = mix.get(route);
+    r.models.set(model, (r.models.get(model) || 0) + n);
+    r.n += n;
+    r.cost += cost;
+  };
+  if (exact) {
+    for (const r of byRoute.rows) if (r.requests) add(r.group.route || '-', r.group.model, r.requests, r.cost_usd);
+  } else {
+    const counts = [];
+    const modelReqs = new Map();
+    for (const m of metrics) {
+      if (m.name !== 'smartllm_requests_total' || m.labels.model === '-' || !m.value) continue;
+      counts.push([m.labels.route || '-', m.labels.model, m.value]);
+      modelReqs.set(m.labels.model, (modelReqs.get(m.labels.model) || 0) + m.value);
+    }
+    const modelCost = new Map(((byModel && byModel.rows) || []).map((r) => [r.group.model, r.cost_usd]));
+    for (const [route, model, n] of counts) add(route, model, n, (modelCost.get(model) || 0) * n / modelReqs.get(model));
   }
-  // Cost per route: the ledger's when it groups by route, else each model's
-  // ledger cost shared out by its requests per route (an estimate).
-  let exact = null;
-  if (byRoute && Array.isArray(byRoute.rows)) {
-    exact = new Map(byRoute.rows.map((r) => [r.group.route || '-', r.cost_usd]));
-  }
-  const modelCost = new Map(((byModel && byModel.rows) || []).map((r) => [r.group.model, r.cost_usd]));
-  const modelReqs = new Map();
-  for (const models of mix.values()) for (const [m, n] of models) modelReqs.set(m, (modelReqs.get(m) || 0) + n);
-  const routes = [...mix.entries()].map(([route, models]) => {
-    const n = [...models.values()].reduce((a, b) => a + b, 0);
-    let cost = 0;
-    if (exact) cost = exact.get(route) || 0;
-    else for (const [m, k] of models) cost += (modelCost.get(m) || 0) * k / (modelReqs.get(m) || 1);
-    return { route, models, n, cost };
-  }).sort((a, b) => b.n - a.n);
-  setText('routes-note', exact ? 'cost: last ' + state.range : 'requests since start · cost ≈ last ' + state.range);
+  const routes = [...mix.entries()].map(([route, r]) => ({ route, ...r })).sort((a, b) => b.n - a.n);
+  setText('routes-note', exact ? 'last ' + state.range : 'requests since start · cost ≈ last ' + state.range);
   if (!routes.length) return replace('routes', empty('No requests yet.'));
   replace('routes', routes.map((r) => {
     const models = [...r.models.entries()].sort((a, b) => b[1] - a[1]);
@@ -423,7 +423,7 @@ async function refresh() {
   const [spend, byModel, byRoute, metricsText, cacheStats, budgets, expensive, suggest] = await Promise.all([
     getJSON(`/admin/costs?${since}&group_by=${bucket},${DIM_QUERY[state.dim]}`),
     getJSON(`/admin/costs?${since}&group_by=model`),
-    getJSON(`/admin/costs?${since}&group_by=route`),
+    getJSON(`/admin/costs?${since}&group_by=route,model`),
     getText('/metrics'),
     getJSON('/admin/cache/stats'),
     getJSON('/admin/budgets'),
