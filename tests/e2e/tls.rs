@@ -425,6 +425,36 @@ fn official_openai_python_sdk_over_https_and_h2_with_a_test_ca() {
 }
 
 #[test]
+fn official_anthropic_sdk_over_https_and_h2_with_a_test_ca() {
+    let python = match std::env::var("SMARTLLM_PYTHON") {
+        Ok(p) => p,
+        Err(_) if std::env::var("SMARTLLM_SKIP_PYTHON").is_ok() => return,
+        Err(_) => panic!("set SMARTLLM_PYTHON to a python with the anthropic package (make test does), or SMARTLLM_SKIP_PYTHON=1"),
+    };
+    let pki = pki();
+    let (_mock, gw) = tls_gateway(pki.path(), "", &["--words", "12"]);
+    let out = Command::new(&python)
+        .arg(workspace_root().join("tests/python/anthropic_client.py"))
+        .arg(https(&gw, ""))
+        .arg(pki.path().join("ca.pem"))
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", out_text(&out));
+    for want in [
+        "h2 ok",
+        "create ok",
+        "stream ok",
+        "tools ok",
+        "count ok",
+        "models ok",
+        "errors ok",
+    ] {
+        assert!(stdout.contains(want), "{want}: {stdout}");
+    }
+}
+
+#[test]
 fn client_certificates_are_required_with_client_ca_file() {
     let pki = pki();
     make_ca(pki.path(), "clients");

@@ -1,17 +1,31 @@
 """The official anthropic SDK as a real client of the gateway (run by the e2e suite).
 
-usage: anthropic_client.py BASE_URL   (the gateway's root: the SDK adds /v1)
+usage: anthropic_client.py BASE_URL [CA_FILE]   (the gateway's root: the SDK adds /v1)
 
 Model `claude` is served by an Anthropic provider (passed through), `small`
 by an OpenAI-compatible one (translated both ways); the key is `sk-ant-client`.
+With CA_FILE (an https BASE_URL) the SDK's httpx client speaks HTTP/2 over
+TLS, trusting CA_FILE, and every answer must have come over HTTP/2; the
+gateway is then an open one (any key), so the wrong-key check is skipped.
 """
+import ssl
 import sys
 
 import anthropic
 from anthropic import Anthropic
 
 base_url = sys.argv[1]
-client = Anthropic(base_url=base_url, api_key="sk-ant-client", max_retries=0, timeout=30)
+ca_file = sys.argv[2] if len(sys.argv) > 2 else None
+http = None
+if ca_file:
+    http = anthropic.DefaultHttpxClient(http2=True, verify=ssl.create_default_context(cafile=ca_file))
+client = Anthropic(base_url=base_url, api_key="sk-ant-client", max_retries=0, timeout=30, http_client=http)
+if ca_file:
+    raw = client.messages.with_raw_response.create(
+        model="claude", max_tokens=20, messages=[{"role": "user", "content": "Hello over h2"}]
+    )
+    assert raw.http_response.http_version == "HTTP/2", raw.http_response.http_version
+    print("h2 ok")
 
 # messages.create, passed through to the Anthropic provider.
 m = client.messages.create(
@@ -90,13 +104,14 @@ try:
     raise SystemExit("expected NotFoundError")
 except anthropic.NotFoundError as e:
     assert e.status_code == 404 and e.body["error"]["type"] == "not_found_error", e.body
-try:
-    Anthropic(base_url=base_url, api_key="sk-wrong", max_retries=0).messages.create(
-        model="claude", max_tokens=10, messages=[{"role": "user", "content": "x"}]
-    )
-    raise SystemExit("expected AuthenticationError")
-except anthropic.AuthenticationError as e:
-    assert e.status_code == 401, e
+if not ca_file:
+    try:
+        Anthropic(base_url=base_url, api_key="sk-wrong", max_retries=0).messages.create(
+            model="claude", max_tokens=10, messages=[{"role": "user", "content": "x"}]
+        )
+        raise SystemExit("expected AuthenticationError")
+    except anthropic.AuthenticationError as e:
+        assert e.status_code == 401, e
 try:
     client.messages.create(
         model="small",
