@@ -71,9 +71,15 @@ pub fn finish(
         duration: total.as_secs_f64(),
         overhead,
     });
-    // The ledger: every API request that reached a model, upstream or cache.
+    // The ledger: every API request that reached a model, upstream or cache
+    // (token counts, which providers do not bill, are no requests of a model).
     let mut cost_usd = 0.0;
-    if let (Some(ledger), Some(rt), Some(model)) = (ledger, ctx.rt.as_ref(), ctx.model()) {
+    let counted = !matches!(
+        ctx.endpoint,
+        "messages_count_tokens" | "responses_input_tokens"
+    );
+    let model = ctx.model().filter(|_| counted);
+    if let (Some(ledger), Some(rt), Some(model)) = (ledger, ctx.rt.as_ref(), model) {
         if let Some(mp) = rt.config.price(model) {
             if !mp.is_priced() && ctx.usage.is_some() {
                 metrics::unpriced(model);
