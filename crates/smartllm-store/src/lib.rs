@@ -292,20 +292,23 @@ mod tests {
         {
             let s = Store::open(dir.path()).unwrap();
             let cf = s.db().cf_handle(CF_LEDGER).unwrap();
+            // A value as older versions wrote it: 8 counters.
+            let old: Vec<u8> = [1u64, 2, 3, 4, 5, 6, 7, 8]
+                .iter()
+                .flat_map(|x| x.to_le_bytes())
+                .collect();
+            s.db().merge_cf(&cf, b"k", old).unwrap();
             s.db()
-                .merge_cf(&cf, b"k", encode_counters(&[1, 2, 3, 4, 5, 6, 7, 8]))
-                .unwrap();
-            s.db()
-                .merge_cf(&cf, b"k", encode_counters(&[1, 1, 1, 1, 1, 1, 1, 1]))
+                .merge_cf(&cf, b"k", encode_counters(&[1, 1, 1, 1, 1, 1, 1, 1, 1, 1]))
                 .unwrap();
         }
         let s = Store::open(dir.path()).unwrap();
         let cf = s.db().cf_handle(CF_LEDGER).unwrap();
         s.db()
-            .merge_cf(&cf, b"k", encode_counters(&[10, 0, 0, 0, 0, 0, 0, 0]))
+            .merge_cf(&cf, b"k", encode_counters(&[10, 0, 0, 0, 0, 0, 0, 0, 0, 5]))
             .unwrap();
         let v = s.db().get_cf(&cf, b"k").unwrap().unwrap();
-        assert_eq!(decode_counters(&v), [12, 3, 4, 5, 6, 7, 8, 9]);
+        assert_eq!(decode_counters(&v), [12, 3, 4, 5, 6, 7, 8, 9, 1, 6]);
     }
 
     #[test]
