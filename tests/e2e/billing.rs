@@ -98,9 +98,10 @@ fn gateway(mock: &Mock, extra_main: &str) -> Gateway {
     cfg.write(
         "keys.yaml",
         &format!(
-            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 1000 }}\n  - name: bob\n    sha256: {}\n    tenant: acme\n    app: batch\nbudgets:\n  - scope: key\n    name: alice\n    daily_usd: 5\n  - scope: tenant\n    name: acme\n    monthly_usd: 100\n",
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 1000 }}\n  - name: bob\n    sha256: {}\n    tenant: acme\n    app: batch\n  - name: carol\n    sha256: {}\n    tenant: vision\n    app: img\nbudgets:\n  - scope: key\n    name: carol\n    max_request_usd: 0.002\n  - scope: key\n    name: alice\n    daily_usd: 5\n  - scope: tenant\n    name: acme\n    monthly_usd: 100\n",
             sha("sk-alice-1"),
-            sha("sk-bob-2")
+            sha("sk-bob-2"),
+            sha("sk-carol-3")
         ),
     );
     Gateway::start_with_env(cfg, &[("TEST_ANTHROPIC_KEY", "sk-ant-secret-1234")])
@@ -523,4 +524,24 @@ fn spend_by_provider_route_and_tag_as_json_and_csv_and_a_key_reads_its_own() {
         .unwrap()
         .iter()
         .any(|m| m["model"] == "gpt-4o-mini" && m["input"] == 0.15));
+}
+
+#[test]
+fn images_count_in_the_per_request_cost_cap() {
+    let mock = Mock::start(&[]);
+    let gw = gateway(&mock, "");
+    // carol may spend $0.002 a request; gpt's input is $2 per 1M tokens. An
+    // image by URL at high detail is bounded at OpenAI's costliest 1445
+    // tokens ($0.00289): refused; at low detail it is 85 tokens: served.
+    let img = |detail: &str| {
+        json!({"model": "gpt", "max_tokens": 20, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is in this picture?"},
+            {"type": "image_url", "image_url": {"url": "https://example.com/cat.png", "detail": detail}}]}]})
+    };
+    let r = ask(&gw, "sk-carol-3", &img("high"));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "request_cost_cap_exceeded");
+    assert_eq!(mock.requests(), 0, "refused before any upstream call");
+    let r = ask(&gw, "sk-carol-3", &img("low"));
+    assert_eq!(r.status, 200, "{}", r.text());
 }

@@ -39,7 +39,7 @@ pub async fn plan(
     let Some((cap, budget)) = request_cap(&config.keys.budgets, scope) else {
         return CostCap::Uncapped;
     };
-    let bound = prompt_token_bound(body, request_bytes).await;
+    let bound = prompt_with_images_bound(config, chain, body, request_bytes).await;
     match fit_cap(config, chain, bound, cap) {
         CapFit::TooExpensive { cheapest } => {
             metrics::cost_cap(&budget.id(), "reject");
@@ -74,6 +74,44 @@ pub fn request_cap<'a>(budgets: &'a [Budget], scope: Scope<'_>) -> Option<(f64, 
         .filter(|b| ids.contains(&b.id()))
         .filter_map(|b| Some((b.max_request_usd?, b)))
         .min_by(|a, b| a.0.total_cmp(&b.0))
+}
+
+/// [`prompt_token_bound`] of the text, plus the images (see [`crate::images`])
+/// at the most any provider of the chain counts them.
+pub async fn prompt_with_images_bound(
+    config: &Config,
+    chain: &[String],
+    body: &Map<String, Value>,
+    request_bytes: usize,
+) -> u64 {
+    let (images, stripped) = crate::images::scan(body);
+    let Some(stripped) = stripped else {
+        return prompt_token_bound(body, request_bytes).await;
+    };
+    let text_bytes = serde_json::to_string(&stripped).map_or(request_bytes, |t| t.len());
+    let text = prompt_token_bound(&stripped, text_bytes.min(request_bytes)).await;
+    let mut rules: Vec<crate::images::ImageRule> = chain
+        .iter()
+        .filter_map(|m| config.model(m))
+        .flat_map(|m| &m.deployments)
+        .filter_map(|d| config.providers.get(&d.provider))
+        .map(|p| match p.kind {
+            smartllm_config::ProviderKind::Anthropic => crate::images::ImageRule::Anthropic,
+            smartllm_config::ProviderKind::OpenAi => crate::images::ImageRule::OpenAi,
+        })
+        .collect();
+    if rules.is_empty() {
+        rules = vec![
+            crate::images::ImageRule::OpenAi,
+            crate::images::ImageRule::Anthropic,
+        ];
+    }
+    let image_tokens = rules
+        .iter()
+        .map(|r| images.iter().map(|i| i.tokens(*r)).sum::<u64>())
+        .max()
+        .unwrap_or(0);
+    text + image_tokens
 }
 
 /// An upper bound of the prompt's tokens as a provider counts them: the

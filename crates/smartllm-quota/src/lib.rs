@@ -10,6 +10,7 @@
 pub mod budget;
 pub mod cost_cap;
 pub mod fleet;
+pub mod images;
 pub mod limits;
 pub mod metrics;
 #[cfg(test)]
