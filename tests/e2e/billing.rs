@@ -142,10 +142,10 @@ fn chat(gw: &Gateway, model: &str, prompt: &str, mock: Value, stream: bool) -> V
     }
     r.sse_data()
         .iter()
+        .rev()
         .filter_map(|d| serde_json::from_str::<Value>(d).ok())
-        .filter(|v| v["usage"].is_object())
+        .find(|v| v["usage"].is_object())
         .map(|v| v["usage"].clone())
-        .last()
         .unwrap_or_else(|| panic!("no usage chunk: {}", r.text()))
 }
 
@@ -253,6 +253,32 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
         *want.entry("gpt").or_default() += cost(GPT, p, 5, 0, 0, c);
         requests += 1;
     }
+    // The Responses API (translated to chat for this provider): the same
+    // kinds, read from input_tokens_details / output_tokens_details.
+    let r = post(
+        &gw,
+        "/v1/responses",
+        &[("Authorization", "Bearer sk-alice-1")],
+        &json!({"model": "gpt", "input": "Why reason? [mock-usage:cached_tokens=5,reasoning_tokens=3]"}),
+    );
+    let u = r.json()["usage"].clone();
+    assert_eq!(
+        (
+            n(&u, &["input_tokens_details", "cached_tokens"]),
+            n(&u, &["output_tokens_details", "reasoning_tokens"])
+        ),
+        (5, 3),
+        "{u}"
+    );
+    *want.entry("gpt").or_default() += cost(
+        GPT,
+        n(&u, &["input_tokens"]),
+        5,
+        0,
+        0,
+        n(&u, &["output_tokens"]),
+    );
+    requests += 1;
     // Anthropic through Chat Completions (translated): reads, 5-minute and
     // 1-hour writes, which the canonical usage counts in the prompt. (The
     // `mock` object does not survive translation; a prompt marker does.)
@@ -339,7 +365,7 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
         .iter()
         .find(|r| r["group"]["model"] == "gpt")
         .unwrap();
-    assert_eq!(gpt["reasoning_tokens"].as_u64(), Some(6), "{gpt}");
+    assert_eq!(gpt["reasoning_tokens"].as_u64(), Some(9), "{gpt}");
     assert_eq!(
         gw.metric("smartllm_unpriced_requests_total", &[]),
         0.0,
