@@ -397,6 +397,21 @@ fn unpriced_models_are_counted_or_refused() {
         "{text}"
     );
 
+    // /admin/models says where each price comes from.
+    let models = get(&gw.admin, "/admin/models").json();
+    let source = |name: &str| {
+        models["models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|m| m["name"] == name)
+            .map(|m| m["static"]["pricing"]["source"].clone())
+            .unwrap_or_else(|| panic!("no {name}: {models}"))
+    };
+    assert_eq!(source("mini"), "catalog:gpt-4o-mini");
+    assert_eq!(source("free"), "unpriced");
+    assert_eq!(source("claude"), "models.yaml");
+
     let gw = gateway(&mock, "ledger:\n  unpriced: reject\n");
     let r = ask(&gw, "sk-alice-1", &chat_body("free", "hello"));
     assert_eq!(r.status, 400, "{}", r.text());

@@ -423,6 +423,7 @@ impl AdminApp {
             .iter()
             .map(|m| {
                 let p = &m.profile;
+                let price = rt.config.price(&m.name);
                 let quality: serde_json::Map<String, Value> = smartllm_config::Task::ALL
                     .iter()
                     .map(|t| (t.as_str().to_string(), json!(p.quality(*t))))
@@ -453,7 +454,16 @@ impl AdminApp {
                         "tokens_per_second": p.tokens_per_second,
                         "latency_ms": p.latency.as_secs_f64() * 1e3,
                         "pricing": {"input_per_1m": m.pricing.input_per_1m, "output_per_1m": m.pricing.output_per_1m,
-                            "cached_input_per_1m": m.pricing.cached_input_per_1m, "per_request": m.pricing.per_request},
+                            "cached_input_per_1m": m.pricing.cached_input_per_1m, "per_request": m.pricing.per_request,
+                            "cache_write_5m_per_1m": price.map(|p| p.cache_write_5m_per_1m),
+                            "cache_write_1h_per_1m": price.map(|p| p.cache_write_1h_per_1m),
+                            "reasoning_per_1m": price.and_then(|p| p.reasoning_per_1m),
+                            "long_context": price.and_then(|p| p.long_context),
+                            "source": match price.map(|p| &p.source) {
+                                Some(smartllm_config::PriceSource::Configured) => "models.yaml".to_string(),
+                                Some(smartllm_config::PriceSource::Catalog(name)) => format!("catalog:{name}"),
+                                _ => "unpriced".to_string(),
+                            }},
                     },
                     "live": live.get(&m.name),
                     "deployments": deployments,
