@@ -421,6 +421,7 @@ fn writer(
     queued: &std::sync::atomic::AtomicIsize,
 ) {
     let mut pending = Pending::default();
+    let mut tags = TagBound::default();
     let mut next_flush = Instant::now() + interval;
     loop {
         let wait = next_flush.saturating_duration_since(Instant::now());
@@ -433,6 +434,8 @@ fn writer(
         loop {
             match rx.try_recv() {
                 Ok(Msg::Record(r)) => {
+                    let mut r = r;
+                    tags.bound(&mut r);
                     add(&mut pending, &r);
                     drained += 1;
                 }
@@ -460,6 +463,38 @@ fn writer(
         next_flush = Instant::now() + interval;
         if stop {
             return;
+        }
+    }
+}
+
+/// Distinct tags the ledger keeps per hour; later new ones count as
+/// [`OTHER_TAG`] (tags come from clients: their number must not grow the
+/// ledger without bound).
+pub const MAX_TAGS_PER_HOUR: usize = 1000;
+pub const OTHER_TAG: &str = "(other)";
+
+#[derive(Default)]
+struct TagBound {
+    hour: u64,
+    seen: std::collections::HashSet<String>,
+}
+
+impl TagBound {
+    fn bound(&mut self, r: &mut Record) {
+        if r.tag.is_empty() || r.tag == "-" {
+            return;
+        }
+        let hour = r.unix_secs / 3600;
+        if hour != self.hour {
+            self.hour = hour;
+            self.seen.clear();
+        }
+        if !self.seen.contains(&r.tag) {
+            if self.seen.len() >= MAX_TAGS_PER_HOUR {
+                r.tag = OTHER_TAG.to_string();
+                return;
+            }
+            self.seen.insert(r.tag.clone());
         }
     }
 }
@@ -969,6 +1004,26 @@ mod tests {
             Some("team-a/feature:x".into())
         );
         ledger.shutdown();
+    }
+
+    #[test]
+    fn distinct_tags_per_hour_are_bounded() {
+        let mut b = TagBound::default();
+        let mut rec = |tag: String, secs: u64| {
+            let mut r = Record {
+                unix_secs: secs,
+                tag,
+                ..Default::default()
+            };
+            b.bound(&mut r);
+            r.tag
+        };
+        for i in 0..MAX_TAGS_PER_HOUR {
+            assert_eq!(rec(format!("t{i}"), 7200), format!("t{i}"));
+        }
+        assert_eq!(rec("t0".into(), 7200), "t0", "a known tag stays");
+        assert_eq!(rec("new".into(), 7201), OTHER_TAG);
+        assert_eq!(rec("new".into(), 10_800), "new", "a new hour starts afresh");
     }
 
     #[test]
