@@ -213,7 +213,7 @@ mod tests {
     fn rows() -> (Vec<LabelledPair>, Vec<EvalRow>) {
         let pairs = guard::parse_pairs(
             "a cat\tthe cat\t1\tparaphrase\tsrc\n\
-             it is hot\tit is cold\t0\tantonym\tsynthetic:src\n",
+             it is hot today\tthe weather outside is cold\t0\tantonym\tsynthetic:src\n",
         )
         .unwrap();
         let rows = guard::evaluate(&pairs, &[0.96, 0.9], &[0.85, 0.95]);
