@@ -571,13 +571,23 @@ impl ModelMode {
             if n.contains("rerank") {
                 return ModelMode::Rerank;
             }
-            if ["dall-e", "gpt-image", "imagen", "stable-diffusion", "sdxl", "flux"]
-                .iter()
-                .any(|k| n.contains(k))
+            if [
+                "dall-e",
+                "gpt-image",
+                "imagen",
+                "stable-diffusion",
+                "sdxl",
+                "flux",
+            ]
+            .iter()
+            .any(|k| n.contains(k))
             {
                 return ModelMode::Image;
             }
-            if ["whisper", "tts", "transcribe"].iter().any(|k| n.contains(k)) {
+            if ["whisper", "tts", "transcribe"]
+                .iter()
+                .any(|k| n.contains(k))
+            {
                 return ModelMode::Audio;
             }
         }

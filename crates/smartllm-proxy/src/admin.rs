@@ -577,8 +577,7 @@ impl AdminApp {
         let above = similarity >= policy.similarity_threshold;
         // The exact stage answers these before any embedding.
         let exact = smartllm_cache::exact_text(&a) == smartllm_cache::exact_text(&b);
-        let serve =
-            policy.enabled && (exact || (policy.semantic && above && guard.is_none()));
+        let serve = policy.enabled && (exact || (policy.semantic && above && guard.is_none()));
         let reason = if !policy.enabled {
             "the cache is off for this route"
         } else if exact {
