@@ -12,6 +12,11 @@ use smartllm_e2e::*;
 /// Models `claude` (Anthropic kind, upstream `claude-x`) and `small`
 /// (OpenAI kind); the cache on; a virtual key `sk-ant-client` required.
 fn gateway(mock_args: &[&str]) -> (Mock, Gateway) {
+    gateway_with_budgets(mock_args, "")
+}
+
+/// [`gateway`], with `budgets` (a keys.yaml `budgets:` list) for the key.
+fn gateway_with_budgets(mock_args: &[&str], budgets: &str) -> (Mock, Gateway) {
     let mock = Mock::start(mock_args);
     let providers = format!(
         "providers:\n{}  claude-mock:\n    kind: anthropic\n    base_url: http://{}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n",
@@ -30,7 +35,7 @@ fn gateway(mock_args: &[&str]) -> (Mock, Gateway) {
     cfg.write(
         "keys.yaml",
         &format!(
-            "require_key: true\nkeys:\n  - name: cc\n    tenant: acme\n    app: claude-code\n    sha256: {}\n",
+            "require_key: true\nkeys:\n  - name: cc\n    tenant: acme\n    app: claude-code\n    sha256: {}\n{budgets}",
             sha("sk-ant-client")
         ),
     );
@@ -492,4 +497,32 @@ fn the_official_anthropic_sdk_works_against_the_gateway() {
     ] {
         assert!(stdout.contains(step), "{step} missing:\n{stdout}");
     }
+}
+
+#[test]
+fn the_per_request_cost_cap_reaches_bodies_passed_through() {
+    // claude: $3 / $15 per 1M tokens; a $0.0002 cap leaves room for a few
+    // output tokens, far fewer than the 256 asked for.
+    let (mock, gw) = gateway_with_budgets(
+        &["--words", "40"],
+        "budgets:\n  - scope: tenant\n    name: acme\n    max_request_usd: 0.0002\n",
+    );
+    let body = br#"{"model":"claude","max_tokens":256,"messages":[{"role":"user","content":"Tell me a long story"}]}"#;
+    let r = messages(&gw, &[], body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let last = mock.last();
+    let sent = last["json"]["max_tokens"].as_u64().unwrap();
+    assert!(sent < 256, "the cap lowered max_tokens: {sent}");
+    // Still every other byte as the client sent it.
+    let expect = String::from_utf8_lossy(body)
+        .replace(r#""model":"claude""#, r#""model":"claude-x""#)
+        .replace(r#""max_tokens":256"#, &format!(r#""max_tokens":{sent}"#));
+    assert_eq!(
+        last["body_sha256"],
+        hex::encode(Sha256::digest(expect.as_bytes()))
+    );
+    let u = &r.json()["usage"];
+    let cost =
+        u["input_tokens"].as_f64().unwrap() * 3e-6 + u["output_tokens"].as_f64().unwrap() * 15e-6;
+    assert!(cost <= 0.0002, "{u}");
 }

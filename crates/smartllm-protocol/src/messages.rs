@@ -512,6 +512,40 @@ pub fn splice_model(raw: &[u8], model: &str) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// `raw` (a JSON object) with its top-level `key` set to `value` (added
+/// first when absent), every other byte unchanged. `None` when `raw` is no
+/// JSON object.
+pub fn set_top_level(raw: &[u8], key: &str, value: &Value) -> Option<Vec<u8>> {
+    let new = serde_json::to_vec(value).ok()?;
+    let mut out = Vec::with_capacity(raw.len() + key.len() + new.len() + 4);
+    match top_level_value(raw, key) {
+        Some((start, end)) => {
+            out.extend_from_slice(&raw[..start]);
+            out.extend_from_slice(&new);
+            out.extend_from_slice(&raw[end..]);
+        }
+        None => {
+            let open = raw.iter().position(|b| !b.is_ascii_whitespace())?;
+            if raw[open] != b'{' {
+                return None;
+            }
+            let empty = raw[open + 1..]
+                .iter()
+                .find(|b| !b.is_ascii_whitespace())
+                .is_some_and(|b| *b == b'}');
+            out.extend_from_slice(&raw[..=open]);
+            out.extend(serde_json::to_vec(key).ok()?);
+            out.push(b':');
+            out.extend_from_slice(&new);
+            if !empty {
+                out.push(b',');
+            }
+            out.extend_from_slice(&raw[open + 1..]);
+        }
+    }
+    Some(out)
+}
+
 /// The byte span of the value of top-level key `key` in the JSON object
 /// `raw` (which has been parsed successfully, so it is well formed).
 fn top_level_value(raw: &[u8], key: &str) -> Option<(usize, usize)> {
@@ -995,6 +1029,21 @@ mod tests {
             br#"{"a":{"model":"no"},"b":"\\\"","model":"z","c":[1,{"model":2}]}"#.to_vec()
         );
         assert!(splice_model(br#"{"model":5}"#, "z").is_none());
+        // Any field, replaced or added first.
+        let raw = br#"{"model":"m", "max_tokens": 4096 ,"x":{"max_tokens":1}}"#;
+        assert_eq!(
+            set_top_level(raw, "max_tokens", &json!(50)).unwrap(),
+            br#"{"model":"m", "max_tokens": 50 ,"x":{"max_tokens":1}}"#.to_vec()
+        );
+        assert_eq!(
+            set_top_level(br#" {"a":1}"#, "max_output_tokens", &json!(7)).unwrap(),
+            br#" {"max_output_tokens":7,"a":1}"#.to_vec()
+        );
+        assert_eq!(
+            set_top_level(b"{ }", "k", &json!(true)).unwrap(),
+            br#"{"k":true }"#.to_vec()
+        );
+        assert!(set_top_level(b"[1]", "k", &json!(1)).is_none());
         assert!(splice_model(br#"{"x":1}"#, "z").is_none());
     }
 

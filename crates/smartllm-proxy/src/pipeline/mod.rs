@@ -135,13 +135,7 @@ async fn count_tokens(
         let chain = [model.name.clone()];
         return Ok(exchange::run(shared, session, ctx, rt, &request.req, &chain).await?);
     }
-    let text = smartllm_protocol::prompt::request_text(&request.req.body);
-    let tools = request
-        .req
-        .body
-        .get("tools")
-        .map_or(0, |t| smartllm_ledger::estimate_tokens(&t.to_string()));
-    let n = smartllm_ledger::estimate_tokens(&text) + tools;
+    let n = prompt_tokens(&request.req.body).await;
     let body = serde_json::to_vec(&serde_json::json!({ "input_tokens": n })).unwrap_or_default();
     respond::json(
         session,
@@ -152,6 +146,20 @@ async fn count_tokens(
     )
     .await?;
     Ok(())
+}
+
+/// The tokens of a request's prompt and tools, as the ledger estimates them
+/// (tiktoken), counted on the blocking pool: a long prompt takes
+/// milliseconds to encode.
+async fn prompt_tokens(body: &serde_json::Map<String, serde_json::Value>) -> u64 {
+    let mut text = smartllm_protocol::prompt::request_text(body);
+    if let Some(tools) = body.get("tools") {
+        text.push('\n');
+        text.push_str(&tools.to_string());
+    }
+    tokio::task::spawn_blocking(move || smartllm_ledger::estimate_tokens(&text))
+        .await
+        .unwrap_or(0)
 }
 
 /// The API error of a request the quotas refuse.

@@ -40,11 +40,7 @@ pub async fn input_tokens(
     ctx: &mut Ctx,
     request: &super::parse::Parsed<'_>,
 ) -> Result<(), Failure> {
-    let body = &request.req.body;
-    let mut n = smartllm_ledger::estimate_tokens(&smartllm_protocol::prompt::request_text(body));
-    if let Some(t) = body.get("tools") {
-        n += smartllm_ledger::estimate_tokens(&t.to_string());
-    }
+    let n = super::prompt_tokens(&request.req.body).await;
     let out = serde_json::to_vec(&proto::input_tokens_object(n)).unwrap_or_default();
     respond::json(
         session,

@@ -156,6 +156,20 @@ async fn apply_cost_cap(
         tracing::debug!(request_id = %ctx.request_id, cap, asked, max_output, prompt_bound = bound, "per-request cost cap lowers max tokens");
         smartllm_quota::metrics::cost_cap(&budget, "capped");
         req.body.insert(field.into(), serde_json::json!(max_output));
+        // A body passed through as the client sent it carries the cap too.
+        if let Some(raw) = req.native.take() {
+            let key = if req.endpoint == smartllm_protocol::Endpoint::Responses {
+                "max_output_tokens"
+            } else {
+                "max_tokens"
+            };
+            let capped = smartllm_protocol::messages::set_top_level(
+                &raw,
+                key,
+                &serde_json::json!(max_output),
+            );
+            req.native = Some(capped.map(bytes::Bytes::from).unwrap_or(raw));
+        }
         if let Some(p) = ctx.cache_insert.as_mut() {
             p.cost_capped = true;
         }

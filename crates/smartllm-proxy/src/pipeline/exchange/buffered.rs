@@ -98,7 +98,15 @@ pub(super) async fn relay(
     record_usage(ctx, usage);
     if let Some(pending) = ctx.cache_insert.take() {
         if chat.get("choices").is_some_and(Value::is_array) {
-            pending.spawn(chat.to_string());
+            // The provider's own bytes where they are the chat answer (no
+            // re-serialising); the canonical answer otherwise.
+            let same =
+                x.translate == Translate::OpenAi && x.req.endpoint == Endpoint::ChatCompletions;
+            pending.spawn(if same {
+                String::from_utf8_lossy(&out).into_owned()
+            } else {
+                chat.to_string()
+            });
         }
     }
     match respond::json(session, ctx, 200, out, &x.passthrough).await {

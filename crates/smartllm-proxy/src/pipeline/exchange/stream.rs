@@ -144,9 +144,10 @@ pub(super) async fn relay(
     };
     let mut encoder = match (req.endpoint, native) {
         (Endpoint::Messages, false) => {
-            let input = smartllm_ledger::estimate_tokens(&smartllm_protocol::prompt::request_text(
-                &req.body,
-            ));
+            // message_start's figure, before the provider's usage (the exact
+            // one follows in message_delta): about 4 bytes a token, no
+            // tokenizer on the proxy's thread.
+            let input = (ctx.request_bytes as u64).div_ceil(4);
             Some(Encoder::Messages(ChatToMessagesStream::new(
                 &req.model, input,
             )))
