@@ -98,7 +98,33 @@ pub struct ParsedRequest {
 impl ParsedRequest {
     /// The body with `model` replaced by the upstream's model name and, for streams,
     /// `stream_options.include_usage` set when `force_usage` (so cost is exact).
+    ///
+    /// When the client's own OpenAI body is kept (`native`), it is edited in
+    /// place — the model spliced in, `stream_options` set — and every other
+    /// byte goes as sent: no clone of the parsed body, no re-serialising
+    /// (a large prompt's cost on the proxy).
     pub fn upstream_body(&self, upstream_model: &str, force_usage: bool) -> Vec<u8> {
+        let wants_usage = self.stream && force_usage && self.endpoint != Endpoint::Embeddings;
+        let openai = matches!(
+            self.endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
+        );
+        if let (true, Some(raw)) = (openai, self.native.as_deref()) {
+            let mut out = crate::messages::splice_model(raw, upstream_model);
+            if wants_usage && !self.client_wants_usage {
+                let mut opts = match self.body.get("stream_options") {
+                    Some(Value::Object(o)) => o.clone(),
+                    _ => Map::new(),
+                };
+                opts.insert("include_usage".into(), Value::Bool(true));
+                out = out.and_then(|o| {
+                    crate::messages::set_top_level(&o, "stream_options", &Value::Object(opts))
+                });
+            }
+            if let Some(out) = out {
+                return out;
+            }
+        }
         let mut body = self.body.clone();
         body.insert("model".into(), Value::String(upstream_model.to_string()));
         if self.stream && force_usage && self.endpoint != Endpoint::Embeddings {
@@ -452,6 +478,30 @@ mod tests {
         assert_eq!(up["model"], "up-m");
         assert_eq!(up["stream_options"]["include_usage"], true);
         assert_eq!(up["extra"]["kept"], 1);
+    }
+
+    #[test]
+    fn the_clients_own_body_is_edited_in_place() {
+        let raw = br#"{ "model" : "m", "messages":[{"role":"user","content":"hi \u00e9"}], "stream":true, "stream_options":{"x":1} }"#;
+        let mut r = parse_request(Endpoint::ChatCompletions, raw).unwrap();
+        let parsed_path: Value = serde_json::from_slice(&r.upstream_body("up-m", true)).unwrap();
+        r.native = Some(bytes::Bytes::from_static(raw));
+        let out = r.upstream_body("up-m", true);
+        // The same request as the re-serialising path makes ...
+        assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), parsed_path);
+        // ... with the client's bytes (spacing, escapes) kept.
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            r#"{ "model" : "up-m", "messages":[{"role":"user","content":"hi \u00e9"}], "stream":true, "stream_options":{"include_usage":true,"x":1} }"#
+        );
+        // Not streamed: only the model changes.
+        let raw = br#"{"messages":[{"role":"user","content":"x"}],"model":"m"}"#;
+        let mut r = parse_request(Endpoint::ChatCompletions, raw).unwrap();
+        r.native = Some(bytes::Bytes::from_static(raw));
+        assert_eq!(
+            r.upstream_body("m2", true),
+            br#"{"messages":[{"role":"user","content":"x"}],"model":"m2"}"#.to_vec()
+        );
     }
 
     #[test]

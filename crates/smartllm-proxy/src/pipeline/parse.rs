@@ -27,7 +27,10 @@ pub fn parse<'rt>(
     let req = if endpoint.is_anthropic() {
         smartllm_protocol::messages::parse(endpoint, body.freeze())?
     } else {
-        parse_request(endpoint, &body)?
+        let mut req = parse_request(endpoint, &body)?;
+        // Kept to send on as it came (see `ParsedRequest::upstream_body`).
+        req.native = Some(body.freeze());
+        req
     };
     resolve(ctx, rt, req)
 }

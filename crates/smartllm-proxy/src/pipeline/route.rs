@@ -161,7 +161,7 @@ async fn apply_cost_cap(
             let key = if req.endpoint == smartllm_protocol::Endpoint::Responses {
                 "max_output_tokens"
             } else {
-                "max_tokens"
+                field
             };
             let capped = smartllm_protocol::messages::set_top_level(
                 &raw,
