@@ -52,26 +52,6 @@ fn messages(gw: &Gateway, headers: &[(&str, &str)], body: &[u8]) -> Response {
     request(&gw.addr, "POST", "/v1/messages", &h, body).unwrap()
 }
 
-/// `(event name, data)` of each event of an Anthropic stream.
-fn events(r: &Response) -> Vec<(String, Value)> {
-    r.text()
-        .split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| {
-            let mut name = String::new();
-            let mut data = String::new();
-            for line in e.lines() {
-                if let Some(n) = line.strip_prefix("event: ") {
-                    name = n.to_string();
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data.push_str(d);
-                }
-            }
-            (name, serde_json::from_str(&data).unwrap_or(Value::Null))
-        })
-        .collect()
-}
-
 fn names(evs: &[(String, Value)]) -> Vec<&str> {
     evs.iter().map(|(n, _)| n.as_str()).collect()
 }
@@ -136,7 +116,7 @@ fn claude_code_requests_reach_anthropic_byte_for_byte() {
         .header("content-type")
         .unwrap()
         .starts_with("text/event-stream"));
-    let evs = events(&r);
+    let evs = named_events(&r);
     assert_eq!(
         names(&evs),
         [
@@ -247,7 +227,7 @@ fn anthropic_clients_of_openai_models_get_translated_answers_tools_and_streams()
     s["messages"][0]["content"] = json!("Weather in Bergen?");
     let r = messages(&gw, &[], &serde_json::to_vec(&s).unwrap());
     assert_eq!(r.status, 200, "{}", r.text());
-    let evs = events(&r);
+    let evs = named_events(&r);
     let n = names(&evs);
     assert_eq!(n[..2], ["message_start", "ping"]);
     assert_eq!(n[n.len() - 2..], ["message_delta", "message_stop"]);
@@ -352,7 +332,7 @@ fn anthropic_errors_count_tokens_models_and_cache_hits() {
             r#"{{"model":"{model}","max_tokens":50,"stream":true,"messages":[{{"role":"user","content":"x [mock-fault:error-mid-stream]"}}]}}"#
         );
         let r = messages(&gw, &[], body.as_bytes());
-        let evs = events(&r);
+        let evs = named_events(&r);
         let (name, v) = evs.last().unwrap();
         assert_eq!(name, "error", "{model}: {}", r.text());
         assert_eq!(v["type"], "error");
@@ -444,7 +424,7 @@ fn anthropic_errors_count_tokens_models_and_cache_hits() {
         .replace("\"max_tokens\":20", "\"max_tokens\":20,\"stream\":true");
     let hit = messages(&gw, &[], s.as_bytes());
     assert_eq!(cache_header(&hit), "hit-exact");
-    let evs = events(&hit);
+    let evs = named_events(&hit);
     assert_eq!(names(&evs).first(), Some(&"message_start"));
     assert_eq!(names(&evs).last(), Some(&"message_stop"));
     assert_eq!(

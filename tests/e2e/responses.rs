@@ -71,26 +71,6 @@ fn output_text(r: &Value) -> String {
         .collect()
 }
 
-/// `(event name, data)` of each event.
-fn events(r: &Response) -> Vec<(String, Value)> {
-    r.text()
-        .split("\n\n")
-        .filter(|e| !e.trim().is_empty())
-        .map(|e| {
-            let mut name = String::new();
-            let mut data = String::new();
-            for line in e.lines() {
-                if let Some(n) = line.strip_prefix("event: ") {
-                    name = n.to_string();
-                } else if let Some(d) = line.strip_prefix("data: ") {
-                    data.push_str(d);
-                }
-            }
-            (name, serde_json::from_str(&data).unwrap_or(Value::Null))
-        })
-        .collect()
-}
-
 #[test]
 fn responses_are_translated_kept_per_tenant_and_continued() {
     let (mock, gw) = gateway();
@@ -211,7 +191,7 @@ fn responses_stream_call_functions_count_tokens_and_hit_the_cache() {
         &json!({"model": "small", "input": "Stream a fjord", "stream": true}),
     );
     assert_eq!(r.status, 200, "{}", r.text());
-    let evs = events(&r);
+    let evs = named_events(&r);
     let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
     assert_eq!(names[..2], ["response.created", "response.in_progress"]);
     assert_eq!(names.last(), Some(&"response.completed"));
@@ -302,7 +282,7 @@ fn responses_stream_call_functions_count_tokens_and_hit_the_cache() {
     s["stream"] = json!(true);
     let hit = create(&gw, &s);
     assert_eq!(cache_header(&hit), "hit-exact");
-    assert_eq!(events(&hit).last().unwrap().0, "response.completed");
+    assert_eq!(named_events(&hit).last().unwrap().0, "response.completed");
     assert_eq!(mock.requests(), before, "hits never reach the upstream");
 }
 
@@ -344,7 +324,7 @@ fn responses_pass_through_to_providers_that_speak_them() {
         &gw,
         &json!({"model": "native", "input": "Stream native", "stream": true}),
     );
-    let evs = events(&r);
+    let evs = named_events(&r);
     assert_eq!(evs.last().unwrap().0, "response.completed");
     let text: String = evs
         .iter()

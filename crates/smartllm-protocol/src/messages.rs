@@ -361,6 +361,30 @@ fn image_part(source: &Value) -> Option<Value> {
     }
 }
 
+/// A turn's content blocks; a string content is pushed as the whole turn
+/// (`None`: nothing left to do).
+fn turn_blocks<'a>(
+    path: &str,
+    role: &str,
+    content: &'a Value,
+    out: &mut Vec<Value>,
+) -> Result<Option<&'a Vec<Value>>, ApiError> {
+    match content {
+        Value::String(s) => {
+            out.push(json!({"role": role, "content": s}));
+            Ok(None)
+        }
+        Value::Array(b) => Ok(Some(b)),
+        v => Err(invalid(
+            &format!("{path}.content"),
+            format!(
+                "{path}.content: Input should be a valid string or list of content blocks, not {}",
+                type_name(v)
+            ),
+        )),
+    }
+}
+
 /// A user turn: its `tool_result` blocks become `tool` messages (first, as
 /// OpenAI wants them right after the assistant's calls), the rest one user
 /// message.
@@ -370,21 +394,8 @@ fn user_turn(
     out: &mut Vec<Value>,
     only: &mut AnthropicOnly,
 ) -> Result<(), ApiError> {
-    let blocks = match content {
-        Value::String(s) => {
-            out.push(json!({"role": "user", "content": s}));
-            return Ok(());
-        }
-        Value::Array(b) => b,
-        v => {
-            return Err(invalid(
-                &format!("{path}.content"),
-                format!(
-                "{path}.content: Input should be a valid string or list of content blocks, not {}",
-                type_name(v)
-            ),
-            ))
-        }
+    let Some(blocks) = turn_blocks(path, "user", content, out)? else {
+        return Ok(());
     };
     let mut parts = Vec::new();
     for (j, b) in blocks.iter().enumerate() {
@@ -445,21 +456,8 @@ fn assistant_turn(
     out: &mut Vec<Value>,
     only: &mut AnthropicOnly,
 ) -> Result<(), ApiError> {
-    let blocks = match content {
-        Value::String(s) => {
-            out.push(json!({"role": "assistant", "content": s}));
-            return Ok(());
-        }
-        Value::Array(b) => b,
-        v => {
-            return Err(invalid(
-                &format!("{path}.content"),
-                format!(
-                "{path}.content: Input should be a valid string or list of content blocks, not {}",
-                type_name(v)
-            ),
-            ))
-        }
+    let Some(blocks) = turn_blocks(path, "assistant", content, out)? else {
+        return Ok(());
     };
     let mut text = String::new();
     let mut calls = Vec::new();
