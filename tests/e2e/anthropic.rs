@@ -412,9 +412,12 @@ fn anthropic_errors_count_tokens_models_and_cache_hits() {
 
     // Cache hits replayed as Messages, JSON and stream; each API its own namespace.
     let q = br#"{"model":"small","max_tokens":20,"messages":[{"role":"user","content":"What is the capital of Norway?"}]}"#;
+    let stored = get(&gw.admin, "/admin/cache/stats").json()["stats"]["l1_entries"]
+        .as_u64()
+        .unwrap();
     let first = messages(&gw, &[], q);
     assert_eq!(cache_header(&first), "miss");
-    wait_cached(&gw, 1);
+    wait_cached(&gw, stored + 1);
     let before = mock.requests();
     let hit = messages(&gw, &[], q);
     assert_eq!(cache_header(&hit), "hit-exact", "{:?}", hit.headers);

@@ -271,8 +271,12 @@ fn responses_stream_call_functions_count_tokens_and_hit_the_cache() {
     // A repeated question is answered from the cache, in the Responses shape,
     // with a new id that can be continued.
     let q = json!({"model": "small", "input": "What is the longest fjord?"});
+    // The answers above are in the cache already: wait for one more entry.
+    let stored = get(&gw.admin, "/admin/cache/stats").json()["stats"]["l1_entries"]
+        .as_u64()
+        .unwrap();
     let first = create(&gw, &q);
-    wait_cached(&gw, 1);
+    wait_cached(&gw, stored + 1);
     let before = mock.requests();
     let hit = create(&gw, &q);
     assert_eq!(cache_header(&hit), "hit-exact");
