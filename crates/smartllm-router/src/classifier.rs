@@ -1,6 +1,9 @@
 //! Task classifier: k nearest labelled examples (cosine over normalised
-//! sentence embeddings), weighted by similarity. The examples ship in `conf/`
-//! (task<TAB>prompt) and are embedded once per load.
+//! sentence embeddings), weighted by similarity, each task's votes divided by
+//! its number of examples (a task with many examples would otherwise win
+//! every close call). The examples ship in `conf/` (task<TAB>prompt) and are
+//! embedded once per load; `data/router/tasks/` says where they come from and
+//! how the rule was chosen.
 
 use smartllm_config::Task;
 
@@ -9,6 +12,8 @@ pub struct TaskClassifier {
     /// Row-major, one normalised vector per example.
     vectors: Vec<f32>,
     labels: Vec<Task>,
+    /// Examples per task (indexed by [`Task::index`]).
+    counts: [u32; 8],
     k: usize,
 }
 
@@ -82,10 +87,15 @@ impl TaskClassifier {
             let n = e.iter().map(|x| x * x).sum::<f32>().sqrt().max(1e-12);
             vectors.extend(e.iter().map(|x| x / n));
         }
+        let mut counts = [0u32; 8];
+        for t in &labels {
+            counts[t.index()] += 1;
+        }
         Ok(TaskClassifier {
             dim,
             vectors,
             labels,
+            counts,
             k: k.max(1),
         })
     }
@@ -113,6 +123,11 @@ impl TaskClassifier {
         for (s, t) in &top {
             // Closer neighbours count more; unrelated ones barely.
             votes[t.index()] += (s.max(0.0)).powi(3);
+        }
+        // Per example of the task: chosen over raw votes by leave-one-source-
+        // out validation on the training collections (data/router/tasks).
+        for (v, n) in votes.iter_mut().zip(self.counts) {
+            *v /= n.max(1) as f32;
         }
         let total: f32 = votes.iter().sum();
         let (best, w) = votes
@@ -146,6 +161,20 @@ mod tests {
         assert_eq!(t, Task::Code);
         assert!(conf > 0.9);
         assert_eq!(c.classify(&[0.0, 0.2, 0.98]).0, Task::Chat);
+    }
+
+    #[test]
+    fn a_task_with_many_examples_does_not_win_by_numbers() {
+        // Five code examples, one math example. A query nearer the math
+        // example than the code ones is math, even though three of its k=3
+        // neighbours' raw weight is code's.
+        let mut labels = vec![Task::Code; 5];
+        labels.push(Task::Math);
+        let mut vecs: Vec<Vec<f32>> = (0..5).map(|i| vec![1.0, 0.1 * i as f32]).collect();
+        vecs.push(vec![0.0, 1.0]);
+        let c = TaskClassifier::new(labels, vecs, 3).unwrap();
+        assert_eq!(c.classify(&[0.45, 0.9]).0, Task::Math);
+        assert_eq!(c.classify(&[1.0, 0.05]).0, Task::Code);
     }
 
     #[test]
