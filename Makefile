@@ -17,6 +17,9 @@ OPENAI_SDK_VERSION := 3.57.0
 ANTHROPIC_SDK_VERSION := 2.14.0
 # HTTP/2 for the SDKs' httpx (http2=True): the e2e suite runs the openai SDK over h2.
 H2_VERSION := 4.4.1
+# The e2e OTLP receiver decodes the exported protobufs with these (tests/python/otlp_receiver.py).
+OTEL_PROTO_VERSION := 1.45.2
+PROTOBUF_VERSION := 7.36.2
 
 APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev systemd chromium fonts-dejavu-core
 
@@ -45,6 +48,8 @@ venv: deps
 		|| "$(VENV)/bin/pip" install -q "anthropic==$(ANTHROPIC_SDK_VERSION)"
 	@"$(VENV)/bin/python" -c "import h2, sys; sys.exit(h2.__version__ != '$(H2_VERSION)')" 2>/dev/null \
 		|| "$(VENV)/bin/pip" install -q "h2==$(H2_VERSION)"
+	@"$(VENV)/bin/python" -c "import importlib.metadata as m, sys; sys.exit(m.version('opentelemetry-proto') != '$(OTEL_PROTO_VERSION)' or m.version('protobuf') != '$(PROTOBUF_VERSION)')" 2>/dev/null \
+		|| "$(VENV)/bin/pip" install -q "opentelemetry-proto==$(OTEL_PROTO_VERSION)" "protobuf==$(PROTOBUF_VERSION)"
 
 # Start the gateway on the shipped conf/. Without OPENAI_API_KEY or
 # ANTHROPIC_API_KEY it starts the bundled mock LLM too (demo mode).

@@ -21,3 +21,4 @@ mod routing;
 mod secrets;
 mod stream_failures;
 mod tls;
+mod tracing;

@@ -40,7 +40,7 @@ pub use guard::{near_miss, strip_fillers, Exclusions};
 pub use index::{IndexError, VectorIndex};
 pub use key::{api_chat_key, chat_key, embedding_text, exact_text, CacheKey};
 pub use lifecycle::INDEX_FILE;
-pub use lookup::{HitKind, Lookup};
+pub use lookup::{HitKind, Lookup, LookupTimes};
 
 use ids::Tagger;
 use index::SharedIndex;

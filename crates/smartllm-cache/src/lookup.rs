@@ -8,7 +8,7 @@ use crate::{ids, near_miss, now_secs, CacheError, CacheKey, Entry, SemanticCache
 use metrics::{counter, histogram};
 use smartllm_config::CachePolicy;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HitKind {
@@ -51,6 +51,13 @@ fn valid(e: &Entry, policy: &CachePolicy, now: u64) -> bool {
     !e.expired(now) && e.version == policy.version
 }
 
+/// When a lookup's semantic steps ran (for the request's trace spans).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LookupTimes {
+    pub embed: Option<(SystemTime, SystemTime)>,
+    pub search: Option<(SystemTime, SystemTime)>,
+}
+
 impl SemanticCache {
     /// Look a request up. `semantic` false limits it to exact matches.
     pub async fn lookup(
@@ -58,6 +65,18 @@ impl SemanticCache {
         key: &CacheKey,
         policy: &CachePolicy,
         top_k: usize,
+    ) -> Result<Lookup, CacheError> {
+        self.lookup_timed(key, policy, top_k, &mut LookupTimes::default())
+            .await
+    }
+
+    /// [`Self::lookup`], noting in `times` when it embedded and searched.
+    pub async fn lookup_timed(
+        self: &Arc<Self>,
+        key: &CacheKey,
+        policy: &CachePolicy,
+        top_k: usize,
+        times: &mut LookupTimes,
     ) -> Result<Lookup, CacheError> {
         let now = now_secs();
         if let Some(e) = self.l1_get(&key.exact) {
@@ -96,6 +115,7 @@ impl SemanticCache {
             });
         }
         let t = Instant::now();
+        let started = SystemTime::now();
         let embedding = self
             .embedder
             .embed(vec![crate::key::embedding_text(&key.query)])
@@ -103,6 +123,7 @@ impl SemanticCache {
             .pop()
             .unwrap_or_default();
         histogram!(m::EMBED_SECONDS).record(t.elapsed().as_secs_f64());
+        times.embed = Some((started, SystemTime::now()));
 
         let this = self.clone();
         let (ns, query, threshold, version) = (
@@ -112,11 +133,13 @@ impl SemanticCache {
             policy.version,
         );
         let probe = embedding.clone();
+        let started = SystemTime::now();
         let found = tokio::task::spawn_blocking(move || {
             this.search_verify(&probe, &ns, &query, threshold, version, top_k, now)
         })
         .await
         .map_err(|e| CacheError::Task(e.to_string()))??;
+        times.search = Some((started, SystemTime::now()));
         match found {
             Verified::Hit(e, sim) => {
                 histogram!(m::SIMILARITY).record(sim as f64);

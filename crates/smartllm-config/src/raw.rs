@@ -32,6 +32,20 @@ pub struct RawMain {
     pub fleet: RawFleet,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub tracing: RawTracing,
+}
+
+/// OpenTelemetry spans exported by OTLP/HTTP (off without `otlp_endpoint`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTracing {
+    /// The collector's OTLP/HTTP base URL (`http://host:4318`; `/v1/traces` is appended).
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces kept (0..1); a client's sampled flag is honoured.
+    pub sample_ratio: Option<f64>,
+    /// `service.name` of the exported spans.
+    pub service_name: Option<String>,
 }
 
 /// What `/metrics` may say about callers.

@@ -32,10 +32,31 @@ pub struct Config {
     pub ledger: LedgerConfig,
     pub fleet: FleetConfig,
     pub metrics: MetricsConfig,
+    pub tracing: TracingConfig,
     /// Where the admin API token comes from (None: no token required).
     pub admin_token: ApiKeySource,
     /// Each model's full price (models.yaml `pricing`, else the catalog's).
     pub prices: BTreeMap<String, ModelPrice>,
+}
+
+/// OpenTelemetry spans (`tracing:` in smartllm.yaml). Restart-only.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TracingConfig {
+    /// The full OTLP/HTTP traces URL (`http://host:4318/v1/traces`); None: off.
+    pub otlp_endpoint: Option<String>,
+    /// Share of new traces sampled; a client's `traceparent` decides for its own.
+    pub sample_ratio: f64,
+    pub service_name: String,
+}
+
+impl Default for TracingConfig {
+    fn default() -> Self {
+        TracingConfig {
+            otlp_endpoint: None,
+            sample_ratio: 1.0,
+            service_name: "smartllm".into(),
+        }
+    }
 }
 
 /// What to do when the fleet's Redis cannot be reached.
@@ -708,6 +729,11 @@ impl Config {
             new.metrics.label_names.as_str().to_string(),
         );
         check(
+            "tracing",
+            format!("{:?}", self.tracing),
+            format!("{:?}", new.tracing),
+        );
+        check(
             "cache.encryption_key_file",
             format!("{:?}", self.cache.encryption_key_file),
             format!("{:?}", new.cache.encryption_key_file),
@@ -743,6 +769,7 @@ impl Config {
         new.logging.level = self.logging.level.clone();
         new.reload.watch = self.reload.watch;
         new.metrics.label_names = self.metrics.label_names;
+        new.tracing = self.tracing.clone();
         new.cache.encryption_key_file = self.cache.encryption_key_file.clone();
         new.cache.encryption_old_key_files = self.cache.encryption_old_key_files.clone();
         new.cache.l1_entries = self.cache.l1_entries;

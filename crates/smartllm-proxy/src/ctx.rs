@@ -64,6 +64,8 @@ pub struct Ctx {
     /// The client's spend tag (`x-smartllm-tag`, else the body's
     /// `metadata.tag`), for `/admin/costs?group_by=tag`.
     pub tag: Option<String>,
+    /// The request's spans (with `tracing.otlp_endpoint` set).
+    pub trace: Option<crate::otel::RequestTrace>,
 }
 
 impl Default for Ctx {
@@ -111,6 +113,7 @@ impl Ctx {
             experiment: None,
             in_flight: false,
             tag: None,
+            trace: None,
         }
     }
 

@@ -19,6 +19,7 @@ pub mod drain;
 pub mod frontend;
 pub mod health;
 pub mod metrics;
+pub mod otel;
 pub mod pipeline;
 pub mod recent;
 pub mod reload;
@@ -95,6 +96,8 @@ pub struct Shared {
     pub reload_status: Mutex<reload::ReloadStatus>,
     /// The last requests that reached a model, as metadata (for the dashboard).
     pub recent: recent::Recent,
+    /// OpenTelemetry spans (None: `tracing:` off). Restart-only.
+    pub tracing: Option<otel::Tracing>,
 }
 
 impl Shared {
@@ -115,6 +118,7 @@ impl Shared {
         let (quotas, alerts) = smartllm_quota::Quotas::new(ALERT_QUEUE);
         apply_metrics_config(&runtime.config);
         quotas.track_budgets(&runtime.config.keys.budgets);
+        let tracing = otel::Tracing::start(&runtime.config.tracing);
         Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             connector: Connector::new(None),
@@ -136,6 +140,7 @@ impl Shared {
             reload_lock: tokio::sync::Mutex::new(()),
             reload_status: Mutex::new(reload::ReloadStatus::default()),
             recent: recent::Recent::default(),
+            tracing,
         })
     }
 

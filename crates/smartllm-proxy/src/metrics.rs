@@ -30,6 +30,10 @@ pub const EMBEDDER_READY: &str = "smartllm_embedder_ready";
 pub const STORE_READY: &str = "smartllm_store_ready";
 /// RocksDB memory by kind (block_cache, which includes the memtables; memtables).
 pub const STORE_MEMORY: &str = "smartllm_store_memory_bytes";
+/// Spans sent to the OTLP endpoint (`tracing:`).
+pub const TRACE_SPANS_EXPORTED: &str = "smartllm_trace_spans_exported_total";
+/// Spans lost, by `reason`: `queue_full`, `export_failed`, `shutdown`.
+pub const TRACE_SPANS_DROPPED: &str = "smartllm_trace_spans_dropped_total";
 /// Process heap (jemalloc, native libraries included) by kind: allocated, resident.
 pub const HEAP: &str = "smartllm_heap_bytes";
 
@@ -148,6 +152,14 @@ pub fn install() -> PrometheusHandle {
         "Embedding jobs refused (queue_full) or dropped after waiting past embedder.max_queue_wait (queue_wait)."
     );
     describe_gauge!(BUILD_INFO, "Build information.");
+    describe_counter!(
+        TRACE_SPANS_EXPORTED,
+        "Trace spans accepted by the OTLP endpoint (tracing.otlp_endpoint)."
+    );
+    describe_counter!(
+        TRACE_SPANS_DROPPED,
+        "Sampled trace spans lost, by reason: queue_full (the export queue was full), export_failed (the OTLP endpoint refused or could not be reached), shutdown."
+    );
     describe_gauge!(
         EMBEDDER_READY,
         "1 when the embedding model is loaded and passed its self-test."
@@ -302,6 +314,16 @@ pub fn inflight(delta: f64) {
 
 pub fn component_ready(name: &'static str, ready: bool) {
     gauge!(name).set(if ready { 1.0 } else { 0.0 });
+}
+
+/// Spans the OTLP endpoint accepted (see [`TRACE_SPANS_EXPORTED`]).
+pub fn trace_spans_exported(n: u64) {
+    counter!(TRACE_SPANS_EXPORTED).increment(n);
+}
+
+/// Spans lost (see [`TRACE_SPANS_DROPPED`]).
+pub fn trace_spans_dropped(reason: &'static str, n: u64) {
+    counter!(TRACE_SPANS_DROPPED, "reason" => reason).increment(n);
 }
 
 /// Work refused under overload (see [`SHED`]).

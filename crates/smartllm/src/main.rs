@@ -799,6 +799,8 @@ struct Finisher {
 /// How long a stop waits for background work requests left behind (cache
 /// inserts, fleet writes) before it saves state without them.
 const BACKGROUND_WAIT: Duration = Duration::from_secs(5);
+/// How long a stop waits for the last spans to reach the OTLP endpoint.
+const TRACE_FLUSH: Duration = Duration::from_secs(3);
 
 impl Finisher {
     fn finish(&self) {
@@ -827,6 +829,9 @@ impl Finisher {
                 tracing::error!(error = %e, "saving the cache index failed; it will be rebuilt at the next start");
             }
             self.ledger.shutdown();
+            if let Some(t) = &shared.tracing {
+                t.shutdown(TRACE_FLUSH);
+            }
             match self.store.flush() {
                 Ok(()) => tracing::info!("smartllm stopped"),
                 Err(e) => tracing::error!(error = %e, "flushing RocksDB failed; the WAL replays it at the next start"),

@@ -13,6 +13,7 @@ mod models;
 mod providers;
 mod routes;
 mod server;
+mod tracing;
 
 use crate::raw::{RawCacheFile, RawKeysFile, RawMain, RawModels, RawProviders, RawRoutes};
 use crate::units::ConfigDuration;
@@ -63,6 +64,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
     let ledger = general::resolve_ledger(main.ledger, v);
     let fleet = fleet::resolve_fleet(main.fleet, v);
     let metrics = general::resolve_metrics(main.metrics, v);
+    let tracing = tracing::resolve_tracing(main.tracing, v);
     let digest = routes::digest_referenced_files(&digest, &classifier, &resolved_routes, v);
     let digest = server::check_tls(&digest, &server, v);
     let mut config = Config {
@@ -84,6 +86,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
         ledger,
         fleet,
         metrics,
+        tracing,
         prices,
         cache: cache::unresolved(),
     };

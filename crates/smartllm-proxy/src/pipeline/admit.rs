@@ -33,6 +33,7 @@ pub async fn admit(
     session: &mut Session,
     ctx: &mut Ctx,
     rt: &Runtime,
+    span: &crate::otel::Phase,
 ) -> Result<Admitted, ApiError> {
     // Anthropic's clients get Anthropic's shapes, errors from here on included.
     {
@@ -68,11 +69,14 @@ pub async fn admit(
             rt.config.server.max_header_bytes,
         ));
     }
+    let auth = span.child("auth");
     if let Err(err) = crate::auth::authenticate(session, ctx, rt) {
+        auth.error(err.code);
         // Unread body: do not reuse the connection.
         session.set_keepalive(None);
         return Err(err);
     }
+    auth.end();
     let h = session.req_header();
     let method = h.method.as_str();
     let path = h.uri.path().trim_end_matches('/');

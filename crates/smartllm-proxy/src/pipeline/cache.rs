@@ -104,7 +104,27 @@ pub async fn phase(
         ctx.cache_insert = Some(pending(key, None));
         return Ok(false);
     }
-    match cache.lookup(&key, &policy, cfg.top_k).await {
+    let span = crate::otel::Phase::start(&ctx.trace, "cache lookup");
+    let mut times = smartllm_cache::LookupTimes::default();
+    let found = cache
+        .lookup_timed(&key, &policy, cfg.top_k, &mut times)
+        .await;
+    if let Some((start, end)) = times.embed {
+        span.step("embed", start, end);
+    }
+    if let Some((start, end)) = times.search {
+        span.step("search", start, end);
+    }
+    span.set(opentelemetry::KeyValue::new(
+        "smartllm.cache",
+        match &found {
+            Ok(Lookup::Hit { kind, .. }) => kind.header(),
+            Ok(Lookup::Miss { .. }) => "miss",
+            Err(_) => "error",
+        },
+    ));
+    span.end();
+    match found {
         Ok(Lookup::Hit {
             entry,
             kind,

@@ -1,8 +1,9 @@
 //! The end of a request (Pingora's `logging` phase, after the last byte went
 //! out): tokens beyond the pre-charged estimate against the limits, metrics,
-//! the access log and ledger record, experiment outcome, budget spend, and
-//! the in-flight count a drain waits on. Nothing here delays the response;
-//! fleet writes run in the background.
+//! the access log and ledger record, experiment outcome, budget spend, the
+//! trace's server span, and the in-flight count a drain waits on. Nothing
+//! here delays the response; fleet writes and span exports run in the
+//! background.
 
 use crate::ctx::Ctx;
 use crate::{access_log, metrics, Shared};
@@ -26,6 +27,9 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
         s => s,
     };
     shared.recent.record(ctx, status, cost);
+    if let Some(trace) = ctx.trace.take() {
+        trace.finish(ctx, status);
+    }
     if let Some((exp, arm)) = &ctx.experiment {
         let ok = ctx.status < 400 && ctx.error_code.is_none();
         metrics::experiment(exp, arm, ok, cost);

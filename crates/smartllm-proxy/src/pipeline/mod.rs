@@ -26,7 +26,9 @@ mod route;
 mod usage;
 
 use crate::ctx::Ctx;
+use crate::otel::Phase;
 use crate::{respond, Shared};
+use opentelemetry::KeyValue;
 use pingora_proxy::Session;
 use smartllm_protocol::{ApiError, Endpoint};
 
@@ -55,6 +57,10 @@ impl From<Box<pingora_error::Error>> for Failure {
 pub fn begin(shared: &Shared, session: &Session, ctx: &mut Ctx) {
     crate::frontend::head_complete();
     ctx.begin(session, shared.runtime.load_full());
+    ctx.trace = shared
+        .tracing
+        .as_ref()
+        .map(|t| t.request(session, &ctx.request_id));
     shared
         .in_flight
         .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
@@ -76,7 +82,13 @@ pub async fn run(
 
 async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<(), Failure> {
     let rt = ctx.runtime();
-    let (endpoint, body) = match admit::admit(shared, session, ctx, &rt).await? {
+    let span = Phase::start(&ctx.trace, "admit");
+    let admitted = admit::admit(shared, session, ctx, &rt, &span).await;
+    if let Err(e) = &admitted {
+        span.error(e.code);
+    }
+    span.end();
+    let (endpoint, body) = match admitted? {
         admit::Admitted::Models(id) => return Ok(models::answer(session, ctx, &rt, id).await?),
         admit::Admitted::StoredResponse { id, delete } => {
             return responses::stored(shared, session, ctx, &id, delete).await
@@ -91,6 +103,12 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
         }
         _ => parse::parse(ctx, &rt, endpoint, body)?,
     };
+    if let Some(t) = &ctx.trace {
+        t.set(KeyValue::new(
+            "gen_ai.request.model",
+            request.req.model.clone(),
+        ));
+    }
     match endpoint {
         Endpoint::MessagesCountTokens => {
             return count_tokens(shared, session, ctx, &rt, &request).await
@@ -107,7 +125,23 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
     {
         return Ok(());
     }
-    let chain = route::plan(shared, session, ctx, &rt, &mut request).await?;
+    let span = Phase::start(&ctx.trace, "route");
+    let chain = route::plan(shared, session, ctx, &rt, &mut request).await;
+    match &chain {
+        Ok(_) => {
+            span.set(KeyValue::new(
+                "smartllm.model",
+                ctx.model().unwrap_or("-").to_string(),
+            ));
+            span.set(KeyValue::new(
+                "smartllm.route.reason",
+                ctx.route_reason.clone(),
+            ));
+        }
+        Err(e) => span.error(e.code),
+    }
+    span.end();
+    let chain = chain?;
     exchange::run(shared, session, ctx, &rt, &request.req, &chain).await?;
     Ok(())
 }

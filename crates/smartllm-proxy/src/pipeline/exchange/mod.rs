@@ -19,6 +19,7 @@ use crate::ctx::Ctx;
 use crate::routing::deployment_id;
 use crate::runtime::{peer_for, DeploymentRuntime, ModelPool, Runtime};
 use crate::{metrics, Shared};
+use opentelemetry::KeyValue;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_core::upstreams::peer::HttpPeer;
 use pingora_error::ErrorType;
@@ -212,6 +213,22 @@ pub async fn run(
             let more_left =
                 later_models || (attempt + 1 < attempts && tried.len() < total_backends);
             let started = Instant::now();
+            let mut header = prepared.header;
+            if let Some(t) = ctx.trace.as_mut() {
+                t.start_attempt(vec![
+                    KeyValue::new("smartllm.provider", provider.name().to_string()),
+                    KeyValue::new("gen_ai.provider.name", provider_system(provider.cfg.kind)),
+                    KeyValue::new("gen_ai.request.model", dep.upstream_model.clone()),
+                    KeyValue::new("smartllm.model", pool.model.clone()),
+                    KeyValue::new("server.address", provider.url.host.clone()),
+                    KeyValue::new("server.port", i64::from(provider.url.port)),
+                    KeyValue::new("smartllm.attempt", i64::from(ctx.attempts)),
+                ]);
+                // The upstream's parent span is this attempt.
+                if let Err(e) = t.inject(&mut header) {
+                    tracing::debug!(request_id = %ctx.request_id, error = %e, "traceparent not set");
+                }
+            }
             let mut exchange = Exchange {
                 shared,
                 req,
@@ -222,8 +239,16 @@ pub async fn run(
                 more_left,
                 passthrough: Vec::new(),
             };
-            let outcome =
-                attempt::once(&mut exchange, session, ctx, prepared.header, prepared.body).await;
+            let outcome = attempt::once(&mut exchange, session, ctx, header, prepared.body).await;
+            if let Some(t) = ctx.trace.as_mut() {
+                let (name, error) = match &outcome {
+                    Attempt::Done => ("ok", None),
+                    Attempt::Retry(e) => ("retried", Some(e.code)),
+                    Attempt::Fail(e) => ("failed", Some(e.code)),
+                    Attempt::StreamFailed { error, .. } => ("failed", Some(error.code)),
+                };
+                t.end_attempt(name, ctx.status, error);
+            }
             // A 5xx (refused, reset, timed out, or answered 5xx) counts against the
             // deployment's circuit; a 429 or 4xx does not. Either is a failure of the model.
             let failed = |e: &ApiError| {
@@ -285,6 +310,14 @@ pub async fn run(
             ),
         )
     }))
+}
+
+/// `gen_ai.provider.name` of a provider kind.
+fn provider_system(kind: smartllm_config::ProviderKind) -> &'static str {
+    match kind {
+        smartllm_config::ProviderKind::OpenAi => "openai",
+        smartllm_config::ProviderKind::Anthropic => "anthropic",
+    }
 }
 
 fn is_timeout(e: &pingora_error::Error) -> bool {

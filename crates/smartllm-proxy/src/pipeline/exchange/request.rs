@@ -1,5 +1,5 @@
 //! The upstream request of an attempt: path, headers (host, key, trace
-//! context, provider headers) and body, translated for the provider.
+//! context when tracing is off, provider headers) and body, translated for the provider.
 
 use super::Translate;
 use crate::ctx::Ctx;
@@ -154,9 +154,14 @@ pub(super) fn build(
     .map_err(internal)?;
     h.insert_header("x-request-id", ctx.request_id.as_str())
         .map_err(internal)?;
-    if let Some(tp) = session.req_header().headers.get("traceparent") {
-        h.insert_header("traceparent", tp.clone())
-            .map_err(internal)?;
+    if ctx.trace.is_none() {
+        // Tracing off: the client's trace context goes on as it came (with
+        // tracing on, each attempt sends its own: see `otel`).
+        for name in ["traceparent", "tracestate"] {
+            if let Some(v) = session.req_header().headers.get(name) {
+                h.insert_header(name, v.clone()).map_err(internal)?;
+            }
+        }
     }
     match (p.cfg.kind, key) {
         (ProviderKind::OpenAi, Some(k)) => h

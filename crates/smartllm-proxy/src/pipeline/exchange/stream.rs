@@ -11,6 +11,7 @@ use super::{client_gone, Attempt, Exchange, Translate};
 use crate::ctx::Ctx;
 use crate::{metrics, respond};
 use bytes::Bytes;
+use opentelemetry::KeyValue;
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_proxy::Session;
 use smartllm_protocol::anthropic::AnthropicStream;
@@ -167,6 +168,8 @@ pub(super) async fn relay(
         ctx.cache_insert = None;
     }
     let idle = x.idle_timeout();
+    // The stream's span: from the upstream's answer to the last byte out.
+    let span = crate::otel::Phase::under_attempt(&ctx.trace, "stream");
     let header = (|| {
         let mut h = respond::header(200, ctx, "text/event-stream; charset=utf-8", None)?;
         respond::frame_unsized(session, &mut h)?;
@@ -328,7 +331,16 @@ pub(super) async fn relay(
             tail.extend_from_slice(DONE_EVENT);
         }
     }
+    span.set(KeyValue::new(
+        "smartllm.stream.bytes",
+        streamed_bytes as i64,
+    ));
+    span.set(KeyValue::new(
+        "smartllm.stream.end",
+        failure.as_ref().map_or("complete", |(end, _)| end.reason()),
+    ));
     if let Some((end, err)) = &failure {
+        span.error(err.code);
         metrics::upstream_error(pname, end.reason());
         ctx.error_code = Some(err.code);
         up.shutdown().await;
@@ -406,5 +418,6 @@ pub(super) async fn relay(
         return outcome(ctx, failure, true);
     }
     let client_left = session.write_response_body(None, true).await.is_err();
+    span.end();
     outcome(ctx, failure, client_left)
 }
