@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Bounded fuzzing of the request parser, the SSE parser and the config loader.
+# Bounded fuzzing of the request parser, the SSE parser, the config loader
+# and the admin API's query strings.
 #   fuzz/run.sh [seconds-per-target] [target ...]
 # Installs cargo-fuzz (crates.io) when missing and runs each target with
 # libFuzzer, starting from fuzz/seeds/<target> and a corpus kept in
@@ -13,7 +14,7 @@ cd "$(dirname "$0")"
 SECS="${1:-60}"
 shift || true
 TARGETS=("$@")
-[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(request_parser sse_parser config_loader)
+[ ${#TARGETS[@]} -gt 0 ] || TARGETS=(request_parser sse_parser config_loader admin_query)
 CARGO_FUZZ_VERSION=0.13.2
 TOOLS="${SMARTLLM_TOOLS_DIR:-$HOME/.cache/smartllm-tools}"
 export PATH="$TOOLS/bin:$PATH"

@@ -41,3 +41,8 @@ fn sse_parser_seeds_and_regressions() {
 fn config_loader_seeds_and_regressions() {
     replay("config_loader", smartllm_config::fuzzing::config_loader);
 }
+
+#[test]
+fn admin_query_seeds_and_regressions() {
+    replay("admin_query", smartllm_protocol::fuzzing::admin_query);
+}

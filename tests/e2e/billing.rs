@@ -469,6 +469,15 @@ fn spend_by_provider_route_and_tag_as_json_and_csv_and_a_key_reads_its_own() {
         "{csv}"
     );
     assert!(csv.contains("\r\nnightly-batch,gpt,1,"), "{csv}");
+    // Percent-encoded as HTTP libraries send it (`params={"group_by": "tag,model"}`).
+    let encoded = get(
+        &gw.admin,
+        "/admin/costs?since=1h&group_by=tag%2Cmodel&format=csv",
+    );
+    assert_eq!(encoded.text(), csv);
+    let backwards = get(&gw.admin, "/admin/costs?from=1800000000&to=1700000000");
+    assert_eq!(backwards.status, 400);
+    assert_eq!(backwards.json()["error"]["param"], "to");
     let out = std::process::Command::new(bin("smartllm"))
         .args([
             "costs",

@@ -100,6 +100,30 @@ pub fn sse_parser(data: &[u8]) {
     let _ = reader.feed(b);
 }
 
+/// An admin API query string (and the dashboard's login form), through every
+/// parser the admin endpoints use: each either refuses it with a parameter
+/// error or returns values within their bounds.
+pub fn admin_query(data: &[u8]) {
+    use crate::admin_query as q;
+    let query = String::from_utf8_lossy(data);
+    const NOW: u64 = 1_800_000_000;
+    if let Ok(w) = q::window(&query, NOW, 86_400, &["limit", "group_by", "format"]) {
+        assert!(w.from <= w.to && w.to <= q::MAX_INSTANT.max(NOW + 1));
+    }
+    if let Ok(c) = q::costs(&query, NOW) {
+        assert!(c.group_by.iter().flatten().all(|d| !d.is_empty()));
+    }
+    if let Ok((_, limit)) = q::expensive(&query, NOW, 500) {
+        assert!((1..=500).contains(&limit));
+    }
+    match q::purge(&query) {
+        Ok(q::PurgeTarget::Namespace(v) | q::PurgeTarget::Route(v)) => assert!(!v.is_empty()),
+        Ok(q::PurgeTarget::All) => {}
+        Err(e) => assert!(!e.message.is_empty()),
+    }
+    let _ = q::form_value(&query, "token");
+}
+
 #[cfg(test)]
 mod tests {
     /// A few thousand deterministic mutations (byte flips, insertions,
@@ -118,6 +142,7 @@ mod tests {
         for (target, f) in [
             ("request_parser", super::request_parser as fn(&[u8])),
             ("sse_parser", super::sse_parser as fn(&[u8])),
+            ("admin_query", super::admin_query as fn(&[u8])),
         ] {
             let seeds: Vec<Vec<u8>> = std::fs::read_dir(root.join(target))
                 .unwrap()
@@ -135,7 +160,7 @@ mod tests {
                             d[at] = next() as u8;
                         }
                         1 => {
-                            const BYTES: &[u8] = b"{}[]\",:\\0ae\n";
+                            const BYTES: &[u8] = b"{}[]\",:\\0ae\n%&=+9";
                             d.insert(at, BYTES[(next() as usize) % BYTES.len()]);
                         }
                         2 => d.truncate(at),

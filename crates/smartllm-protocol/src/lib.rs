@@ -2,6 +2,7 @@
 //! errors, the SSE codec, usage extraction, provider adapters (Anthropic),
 //! prompt text and the clock every crate records time by.
 
+pub mod admin_query;
 pub mod anthropic;
 pub mod assemble;
 pub mod error;

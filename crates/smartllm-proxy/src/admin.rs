@@ -10,6 +10,7 @@ use pingora_core::apps::http_app::ServeHttp;
 use pingora_core::protocols::http::ServerSession;
 use serde_json::{json, Value};
 use smartllm_cache::Purge;
+use smartllm_protocol::admin_query::{self, PurgeTarget, QueryError};
 use std::sync::Arc;
 use std::time::UNIX_EPOCH;
 
@@ -203,60 +204,12 @@ fn invalid(status: u16, message: String) -> Response<Vec<u8>> {
     )
 }
 
-fn bad_param(param: &str, message: String) -> Response<Vec<u8>> {
+/// A refused admin query as a 400 naming the parameter.
+fn query_error(e: QueryError) -> Response<Vec<u8>> {
     json_reply(
         400,
-        &json!({"error": {"message": message, "type": "invalid_request_error", "param": param, "code": "invalid_value"}}),
+        &json!({"error": {"message": e.message, "type": "invalid_request_error", "param": e.param, "code": e.code}}),
     )
-}
-
-/// `30m`, `24h`, `7d` ago, or a unix timestamp.
-/// A ledger query's window (from, to) and its other parameters.
-type Window<'q> = (u64, u64, Vec<(&'q str, &'q str)>);
-
-/// `since`/`from` and `to` of a ledger query (default: the last `default_secs`),
-/// and the other parameters, which must be among `extra`.
-fn ledger_window<'q>(
-    query: &'q str,
-    default_secs: u64,
-    extra: &[&str],
-) -> Result<Window<'q>, Box<Response<Vec<u8>>>> {
-    let now = smartllm_ledger::now_secs();
-    let (mut from, mut to) = (now.saturating_sub(default_secs), now + 1);
-    let mut rest = Vec::new();
-    for pair in query.split('&').filter(|p| !p.is_empty()) {
-        let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-        match k {
-            "since" | "from" => match parse_instant(v, now) {
-                Some(t) => from = t,
-                None => {
-                    return Err(Box::new(bad_param(
-                        k,
-                        format!("{k}={v:?}: use a unix timestamp or a duration like 30m, 24h, 7d"),
-                    )))
-                }
-            },
-            "to" => match v.parse::<u64>() {
-                Ok(t) => to = t,
-                Err(_) => {
-                    return Err(Box::new(bad_param(
-                        k,
-                        format!("to={v:?}: use a unix timestamp"),
-                    )))
-                }
-            },
-            _ if extra.contains(&k) => rest.push((k, v)),
-            _ => {
-                let mut known = vec!["since", "from", "to"];
-                known.extend_from_slice(extra);
-                return Err(Box::new(bad_param(
-                    k,
-                    format!("unknown parameter {k:?}: use {}", known.join(", ")),
-                )));
-            }
-        }
-    }
-    Ok((from, to, rest))
 }
 
 fn ledger_unavailable() -> Response<Vec<u8>> {
@@ -273,22 +226,6 @@ fn ledger_error(e: impl std::fmt::Display) -> Response<Vec<u8>> {
     )
 }
 
-fn parse_instant(v: &str, now: u64) -> Option<u64> {
-    if let Ok(ts) = v.parse::<u64>() {
-        return Some(ts);
-    }
-    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit())?);
-    let n: u64 = num.parse().ok()?;
-    let secs = match unit {
-        "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "d" => n * 86_400,
-        _ => return None,
-    };
-    Some(now.saturating_sub(secs))
-}
-
 impl AdminApp {
     /// `GET /admin/costs?since=24h|from=UNIX&to=UNIX&group_by=model,app[&format=csv]`
     /// (group_by: hour, day, tenant, app, key, model, provider, route, tag).
@@ -296,36 +233,27 @@ impl AdminApp {
         let Some(ledger) = self.shared.ledger.clone() else {
             return ledger_unavailable();
         };
-        let (from, to, rest) = match ledger_window(query, 86_400, &["group_by", "format"]) {
-            Ok(w) => w,
-            Err(r) => return *r,
+        let q = match admin_query::costs(query, smartllm_ledger::now_secs()) {
+            Ok(q) => q,
+            Err(e) => return query_error(e),
         };
+        let (from, to, csv) = (q.from, q.to, q.csv);
         let mut dims = vec![smartllm_ledger::Dim::Model];
-        let mut csv = false;
-        for (k, v) in rest {
-            if k == "format" {
-                match v {
-                    "csv" => csv = true,
-                    "json" => csv = false,
-                    _ => return bad_param(k, format!("format={v:?}: use json or csv")),
-                }
-                continue;
-            }
-            let mut out = Vec::new();
-            for d in v.split(',').filter(|d| !d.is_empty()) {
-                match smartllm_ledger::Dim::parse(d) {
-                    Some(d) => out.push(d),
+        if let Some(names) = q.group_by {
+            dims.clear();
+            for d in names {
+                match smartllm_ledger::Dim::parse(&d) {
+                    Some(d) => dims.push(d),
                     None => {
-                        return bad_param(
-                            k,
+                        return query_error(QueryError::invalid(
+                            "group_by",
                             format!(
                                 "unknown group_by {d:?}: use hour, day, tenant, app, key, model, provider, route or tag"
                             ),
-                        )
+                        ))
                     }
                 }
             }
-            dims = out;
         }
         let by = dims.clone();
         match tokio::task::spawn_blocking(move || ledger.query(from, to, &by)).await {
@@ -364,10 +292,11 @@ impl AdminApp {
         let Some(ledger) = self.shared.ledger.clone() else {
             return ledger_unavailable();
         };
-        let (from, to, _) = match ledger_window(query, 7 * 86_400, &[]) {
-            Ok(w) => w,
-            Err(r) => return *r,
-        };
+        let (from, to) =
+            match admin_query::window(query, smartllm_ledger::now_secs(), 7 * 86_400, &[]) {
+                Ok(w) => (w.from, w.to),
+                Err(e) => return query_error(e),
+            };
         match tokio::task::spawn_blocking(move || ledger.mix(from, to)).await {
             Ok(Ok(rows)) => {
                 let rt = self.shared.runtime.load_full();
@@ -389,22 +318,14 @@ impl AdminApp {
     /// `GET /admin/requests/expensive?since=24h&limit=20`: the costliest of
     /// the last requests that reached a model (metadata only, never prompts).
     fn expensive(&self, query: &str) -> Response<Vec<u8>> {
-        let (from, _, rest) = match ledger_window(query, 86_400, &["limit"]) {
-            Ok(w) => w,
-            Err(r) => return *r,
+        let (from, limit) = match admin_query::expensive(
+            query,
+            smartllm_ledger::now_secs(),
+            crate::recent::CAPACITY,
+        ) {
+            Ok(q) => q,
+            Err(e) => return query_error(e),
         };
-        let mut limit = 20;
-        for (k, v) in rest {
-            match v.parse::<usize>() {
-                Ok(n) if (1..=crate::recent::CAPACITY).contains(&n) => limit = n,
-                _ => {
-                    return bad_param(
-                        k,
-                        format!("limit={v:?}: use 1 to {}", crate::recent::CAPACITY),
-                    )
-                }
-            }
-        }
         let (requests, kept) = self.shared.recent.costliest(from * 1000, limit);
         json_reply(
             200,
@@ -612,26 +533,11 @@ impl AdminApp {
                 &json!({"error": {"message": "the cache is not available", "type": "invalid_request_error", "param": null, "code": "cache_unavailable"}}),
             );
         };
-        let mut what = None;
-        for pair in query.split('&').filter(|p| !p.is_empty()) {
-            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
-            what = match k {
-                "all" if v != "false" => Some(Purge::All),
-                "namespace" if !v.is_empty() => Some(Purge::Namespace(v.to_string())),
-                "route" if !v.is_empty() => Some(Purge::Route(v.to_string())),
-                _ => {
-                    return json_reply(
-                        400,
-                        &json!({"error": {"message": format!("unknown purge parameter {pair:?}; use all=true, namespace=HEX or route=NAME"), "type": "invalid_request_error", "param": k, "code": "invalid_value"}}),
-                    );
-                }
-            };
-        }
-        let Some(what) = what else {
-            return json_reply(
-                400,
-                &json!({"error": {"message": "say what to purge: all=true, namespace=HEX or route=NAME", "type": "invalid_request_error", "param": null, "code": "missing_required_parameter"}}),
-            );
+        let what = match admin_query::purge(query) {
+            Ok(PurgeTarget::All) => Purge::All,
+            Ok(PurgeTarget::Namespace(ns)) => Purge::Namespace(ns),
+            Ok(PurgeTarget::Route(r)) => Purge::Route(r),
+            Err(e) => return query_error(e),
         };
         let label = format!("{what:?}");
         match tokio::task::spawn_blocking(move || cache.purge(&what)).await {

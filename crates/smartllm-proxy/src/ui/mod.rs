@@ -96,39 +96,6 @@ fn cookie(value: &str, max_age: u64, secure: bool) -> String {
     )
 }
 
-/// A value of an `application/x-www-form-urlencoded` body or a query.
-fn form_value(form: &str, name: &str) -> Option<String> {
-    form.split('&').find_map(|pair| {
-        let (k, v) = pair.split_once('=')?;
-        (k == name).then(|| percent_decode(v))
-    })
-}
-
-fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b'+' => out.push(b' '),
-            b'%' => match s
-                .get(i + 1..i + 3)
-                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
-                .map(|h| u8::from_str_radix(h, 16))
-            {
-                Some(Ok(v)) => {
-                    out.push(v);
-                    i += 2;
-                }
-                _ => out.push(b'%'),
-            },
-            c => out.push(c),
-        }
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
 /// Whether the request is for the dashboard.
 pub fn is_ui(path: &str) -> bool {
     path == "/ui" || path.starts_with("/ui/")
@@ -155,7 +122,7 @@ pub fn serve(
                 return send(200, HTML, INDEX);
             };
             // `/ui?token=...`: swap the token for a cookie and drop it from the URL.
-            if let Some(given) = form_value(query, "token") {
+            if let Some(given) = smartllm_protocol::admin_query::form_value(query, "token") {
                 return if crate::admin::constant_time_eq(given.as_bytes(), token.as_bytes()) {
                     redirect(Some(cookie(&session_value(token), SESSION_SECS, secure)))
                 } else {
@@ -172,7 +139,9 @@ pub fn serve(
             let Some(token) = token else {
                 return redirect(None);
             };
-            let given = form_value(&String::from_utf8_lossy(body), "token").unwrap_or_default();
+            let given =
+                smartllm_protocol::admin_query::form_value(&String::from_utf8_lossy(body), "token")
+                    .unwrap_or_default();
             if crate::admin::constant_time_eq(given.as_bytes(), token.as_bytes()) {
                 redirect(Some(cookie(&session_value(token), SESSION_SECS, secure)))
             } else {
@@ -241,16 +210,6 @@ mod tests {
         let r = serve("POST", "/ui/login", "", b"token=t", false, Some("t"), false);
         assert_eq!(r.status(), 303);
         assert!(header(&r, "set-cookie").contains(&session_value("t")));
-    }
-
-    #[test]
-    fn decodes_forms() {
-        assert_eq!(percent_decode("a%20b+c%2"), "a b c%2");
-        assert_eq!(percent_decode("%zz"), "%zz");
-        assert_eq!(
-            form_value("x=1&token=ab%26c", "token").as_deref(),
-            Some("ab&c")
-        );
     }
 
     #[test]

@@ -1,0 +1,359 @@
+//! The admin API's query strings (and the dashboard's login form): decoded
+//! as `application/x-www-form-urlencoded` and checked here, so that a
+//! caller's typo gets a 400 naming the parameter and no input panics
+//! (`fuzzing::admin_query` holds them to that).
+
+/// Why a query was refused: the parameter (when one is to blame), a message
+/// saying what to send instead, and the OpenAI-style error code.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryError {
+    pub param: Option<String>,
+    pub message: String,
+    pub code: &'static str,
+}
+
+impl QueryError {
+    /// A 400 for a value of `param` the endpoint cannot use.
+    pub fn invalid(param: &str, message: String) -> Self {
+        Self {
+            param: Some(param.to_string()),
+            message,
+            code: "invalid_value",
+        }
+    }
+}
+
+/// The latest instant a query may name: the end of year 9999 (ledger hours
+/// are kept as u32, and nothing is recorded after that).
+pub const MAX_INSTANT: u64 = 253_402_300_799;
+
+/// `+` as a space and `%XX` escapes decoded; a `%` not followed by two hex
+/// digits stays as it is, and bytes that are not UTF-8 become U+FFFD.
+pub fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b'+' => out.push(b' '),
+            b'%' => match b
+                .get(i + 1..i + 3)
+                .and_then(|h| std::str::from_utf8(h).ok())
+                .filter(|h| h.bytes().all(|c| c.is_ascii_hexdigit()))
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+            {
+                Some(v) => {
+                    out.push(v);
+                    i += 2;
+                }
+                None => out.push(b'%'),
+            },
+            c => out.push(c),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// The decoded `name=value` pairs of a query or form, in order (a name
+/// without `=` has an empty value; empty pairs are skipped).
+pub fn pairs(query: &str) -> Vec<(String, String)> {
+    query
+        .split('&')
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            let (k, v) = p.split_once('=').unwrap_or((p, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+/// The first value of `name` in a query or form.
+pub fn form_value(form: &str, name: &str) -> Option<String> {
+    pairs(form)
+        .into_iter()
+        .find_map(|(k, v)| (k == name).then_some(v))
+}
+
+/// `30s`, `30m`, `24h`, `7d` before `now`, or a unix timestamp; `None` for
+/// anything else or past [`MAX_INSTANT`].
+pub fn parse_instant(v: &str, now: u64) -> Option<u64> {
+    if let Ok(ts) = v.parse::<u64>() {
+        return (ts <= MAX_INSTANT).then_some(ts);
+    }
+    let (num, unit) = v.split_at(v.find(|c: char| !c.is_ascii_digit())?);
+    let n: u64 = num.parse().ok()?;
+    let per = match unit {
+        "s" => 1,
+        "m" => 60,
+        "h" => 3600,
+        "d" => 86_400,
+        _ => return None,
+    };
+    Some(now.saturating_sub(n.checked_mul(per)?))
+}
+
+/// A ledger query's window and its other parameters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Window {
+    pub from: u64,
+    pub to: u64,
+    /// The parameters other than the window's, each among the `extra` names
+    /// the endpoint takes.
+    pub rest: Vec<(String, String)>,
+}
+
+/// `since`/`from` and `to` of a ledger query (default: the last
+/// `default_secs` before `now`); every other parameter must be among `extra`.
+pub fn window(
+    query: &str,
+    now: u64,
+    default_secs: u64,
+    extra: &[&str],
+) -> Result<Window, QueryError> {
+    let (mut from, mut to) = (now.saturating_sub(default_secs), now + 1);
+    let mut rest = Vec::new();
+    for (k, v) in pairs(query) {
+        match k.as_str() {
+            "since" | "from" => match parse_instant(&v, now) {
+                Some(t) => from = t,
+                None => {
+                    return Err(QueryError::invalid(
+                        &k,
+                        format!("{k}={v:?}: use a unix timestamp or a duration like 30m, 24h, 7d"),
+                    ))
+                }
+            },
+            "to" => match v.parse::<u64>() {
+                Ok(t) if t <= MAX_INSTANT => to = t,
+                _ => {
+                    return Err(QueryError::invalid(
+                        &k,
+                        format!("to={v:?}: use a unix timestamp"),
+                    ))
+                }
+            },
+            _ if extra.contains(&k.as_str()) => rest.push((k, v)),
+            _ => {
+                let mut known = vec!["since", "from", "to"];
+                known.extend_from_slice(extra);
+                return Err(QueryError::invalid(
+                    &k,
+                    format!("unknown parameter {k:?}: use {}", known.join(", ")),
+                ));
+            }
+        }
+    }
+    if from > to {
+        return Err(QueryError::invalid(
+            "to",
+            format!("the window ends ({to}) before it starts ({from})"),
+        ));
+    }
+    Ok(Window { from, to, rest })
+}
+
+/// `GET /admin/costs`: the window, the grouping (names as given, checked by
+/// the ledger) and whether CSV was asked for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CostsQuery {
+    pub from: u64,
+    pub to: u64,
+    /// `None` when the query does not say (the endpoint's default applies).
+    pub group_by: Option<Vec<String>>,
+    pub csv: bool,
+    /// `scope=fleet`: every gateway's ledger (through Redis), not this one's.
+    pub fleet: bool,
+}
+
+pub fn costs(query: &str, now: u64) -> Result<CostsQuery, QueryError> {
+    let w = window(query, now, 86_400, &["group_by", "format", "scope"])?;
+    let mut q = CostsQuery {
+        from: w.from,
+        to: w.to,
+        group_by: None,
+        csv: false,
+        fleet: false,
+    };
+    for (k, v) in w.rest {
+        if k == "scope" {
+            q.fleet = match v.as_str() {
+                "fleet" => true,
+                "local" => false,
+                _ => {
+                    return Err(QueryError::invalid(
+                        &k,
+                        format!("scope={v:?}: use local or fleet"),
+                    ))
+                }
+            };
+        } else if k == "format" {
+            q.csv = match v.as_str() {
+                "csv" => true,
+                "json" => false,
+                _ => {
+                    return Err(QueryError::invalid(
+                        &k,
+                        format!("format={v:?}: use json or csv"),
+                    ))
+                }
+            };
+        } else {
+            q.group_by = Some(
+                v.split(',')
+                    .map(str::trim)
+                    .filter(|d| !d.is_empty())
+                    .map(str::to_string)
+                    .collect(),
+            );
+        }
+    }
+    Ok(q)
+}
+
+/// `GET /admin/requests/expensive`: since when, and how many (1..=`capacity`,
+/// default 20 or `capacity` if smaller).
+pub fn expensive(query: &str, now: u64, capacity: usize) -> Result<(u64, usize), QueryError> {
+    let w = window(query, now, 86_400, &["limit"])?;
+    let mut limit = 20.min(capacity.max(1));
+    for (k, v) in w.rest {
+        match v.parse::<usize>() {
+            Ok(n) if (1..=capacity).contains(&n) => limit = n,
+            _ => {
+                return Err(QueryError::invalid(
+                    &k,
+                    format!("limit={v:?}: use 1 to {capacity}"),
+                ))
+            }
+        }
+    }
+    Ok((w.from, limit))
+}
+
+/// What `POST /admin/cache/purge` is asked to remove.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurgeTarget {
+    All,
+    Namespace(String),
+    Route(String),
+}
+
+/// `all=true`, `namespace=HEX` or `route=NAME` (the last one given wins).
+pub fn purge(query: &str) -> Result<PurgeTarget, QueryError> {
+    let mut what = None;
+    for (k, v) in pairs(query) {
+        what = Some(match k.as_str() {
+            "all" if v != "false" => PurgeTarget::All,
+            "namespace" if !v.is_empty() => PurgeTarget::Namespace(v),
+            "route" if !v.is_empty() => PurgeTarget::Route(v),
+            _ => {
+                return Err(QueryError::invalid(
+                    &k,
+                    format!(
+                    "unknown purge parameter {k}={v:?}; use all=true, namespace=HEX or route=NAME"
+                ),
+                ))
+            }
+        });
+    }
+    what.ok_or(QueryError {
+        param: None,
+        message: "say what to purge: all=true, namespace=HEX or route=NAME".into(),
+        code: "missing_required_parameter",
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_800_000_000;
+
+    #[test]
+    fn decodes_forms() {
+        assert_eq!(percent_decode("a%20b+c%2"), "a b c%2");
+        assert_eq!(percent_decode("%zz%"), "%zz%");
+        assert_eq!(percent_decode("%C3%A9%ff"), "é\u{fffd}");
+        assert_eq!(
+            form_value("x=1&token=ab%26c", "token").as_deref(),
+            Some("ab&c")
+        );
+        assert_eq!(form_value("tok%65n=v", "token").as_deref(), Some("v"));
+        assert_eq!(form_value("x=1", "token"), None);
+    }
+
+    #[test]
+    fn windows_default_and_parse() {
+        let w = window("", NOW, 3600, &[]).unwrap();
+        assert_eq!((w.from, w.to), (NOW - 3600, NOW + 1));
+        let w = window("since=2h&to=1800000100", NOW, 60, &[]).unwrap();
+        assert_eq!((w.from, w.to), (NOW - 7200, 1_800_000_100));
+        assert_eq!(
+            window("from=5d", NOW, 60, &[]).unwrap().from,
+            NOW - 5 * 86_400
+        );
+        // Durations longer than the epoch start at 0; overflowing ones are refused.
+        assert_eq!(window("since=99999999d", NOW, 60, &[]).unwrap().from, 0);
+        let e = window("since=999999999999999999d", NOW, 60, &[]).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("since"));
+        let e = window("to=18446744073709551615", NOW, 60, &[]).unwrap_err();
+        assert!(e.message.contains("unix timestamp"), "{e:?}");
+        let e = window("from=1800000000&to=1700000000", NOW, 60, &[]).unwrap_err();
+        assert!(e.message.contains("before it starts"), "{e:?}");
+        let e = window("since=3w", NOW, 60, &[]).unwrap_err();
+        assert!(e.message.contains("30m, 24h, 7d"), "{e:?}");
+        let e = window("group_by=model", NOW, 60, &["limit"]).unwrap_err();
+        assert_eq!(
+            e.message,
+            "unknown parameter \"group_by\": use since, from, to, limit"
+        );
+    }
+
+    #[test]
+    fn costs_queries_accept_encoded_commas() {
+        // What Python's requests sends for params={"group_by": "model,app"}.
+        let q = costs("group_by=model%2Capp&format=csv", NOW).unwrap();
+        assert_eq!(
+            q.group_by,
+            Some(vec!["model".to_string(), "app".to_string()])
+        );
+        assert!(q.csv);
+        assert_eq!(costs("", NOW).unwrap().group_by, None);
+        let e = costs("format=xml", NOW).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("format"));
+        assert!(costs("scope=fleet", NOW).unwrap().fleet);
+        assert!(!costs("scope=local", NOW).unwrap().fleet);
+        assert_eq!(
+            costs("scope=all", NOW).unwrap_err().param.as_deref(),
+            Some("scope")
+        );
+    }
+
+    #[test]
+    fn expensive_limits_are_bounded() {
+        assert_eq!(expensive("", NOW, 500).unwrap(), (NOW - 86_400, 20));
+        assert_eq!(expensive("limit=7", NOW, 500).unwrap().1, 7);
+        for bad in ["limit=0", "limit=501", "limit=-1", "limit=x"] {
+            assert!(expensive(bad, NOW, 500).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn purges_say_what() {
+        assert_eq!(purge("all=true").unwrap(), PurgeTarget::All);
+        assert_eq!(
+            purge("route=my%20route").unwrap(),
+            PurgeTarget::Route("my route".into())
+        );
+        assert_eq!(
+            purge("namespace=ab12").unwrap(),
+            PurgeTarget::Namespace("ab12".into())
+        );
+        assert_eq!(purge("").unwrap_err().code, "missing_required_parameter");
+        assert_eq!(
+            purge("all=false").unwrap_err().param.as_deref(),
+            Some("all")
+        );
+        assert_eq!(purge("route=").unwrap_err().param.as_deref(), Some("route"));
+    }
+}
