@@ -4,6 +4,8 @@
 use serde_json::Value;
 use sha2::{Digest, Sha256};
 use smartllm_e2e::*;
+use std::io::{Read, Write};
+use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 const ANTHROPIC_MODEL: &str =
@@ -156,4 +158,77 @@ pub(crate) fn named_events(r: &Response) -> Vec<(String, Value)> {
             (name, serde_json::from_str(&data).unwrap_or(Value::Null))
         })
         .collect()
+}
+
+/// A real redis-server on a loopback port (`make test` installs it).
+pub(crate) struct Redis {
+    pub(crate) port: u16,
+    child: Child,
+}
+
+impl Redis {
+    pub(crate) fn start() -> Redis {
+        Self::start_on(free_port())
+    }
+
+    /// On `port` (a restart after `stop`: empty, nothing is saved).
+    pub(crate) fn start_on(port: u16) -> Redis {
+        let dir = tempfile::tempdir().unwrap();
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir.path().display().to_string(),
+            ])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is needed for the fleet tests: `make test` installs it (apt-get install redis-server)");
+        let r = Redis { port, child };
+        assert!(
+            wait_until(Duration::from_secs(10), || r.cmd("PING") == "+PONG"),
+            "redis-server did not start"
+        );
+        r
+    }
+
+    pub(crate) fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// One inline command, its first reply line.
+    pub(crate) fn cmd(&self, line: &str) -> String {
+        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
+            return String::new();
+        };
+        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        if s.write_all(format!("{line}\r\n").as_bytes()).is_err() {
+            return String::new();
+        }
+        let mut buf = [0u8; 512];
+        let n = s.read(&mut buf).unwrap_or(0);
+        String::from_utf8_lossy(&buf[..n])
+            .lines()
+            .next()
+            .unwrap_or("")
+            .to_string()
+    }
+
+    pub(crate) fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.stop();
+    }
 }

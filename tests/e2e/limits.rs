@@ -5,8 +5,6 @@
 use crate::common::*;
 use serde_json::{json, Value};
 use smartllm_e2e::*;
-use std::io::{Read, Write};
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 #[test]
@@ -131,75 +129,6 @@ fn budgets_alert_reject_and_degrade() {
     let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
     let gw = Gateway::start(cfg);
     assert_eq!(ask(&gw, "sk-alice-1", &hello).status, 429);
-}
-
-/// A real redis-server on a loopback port (`make test` installs it).
-struct Redis {
-    child: Child,
-    port: u16,
-}
-
-impl Redis {
-    fn start() -> Redis {
-        let port = free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--dir",
-                &dir.path().display().to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is needed for the fleet tests: `make test` installs it (apt-get install redis-server)");
-        let r = Redis { child, port };
-        assert!(
-            wait_until(Duration::from_secs(10), || r.cmd("PING") == "+PONG"),
-            "redis-server did not start"
-        );
-        r
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/0", self.port)
-    }
-
-    /// One inline command, its first reply line.
-    fn cmd(&self, line: &str) -> String {
-        let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", self.port)) else {
-            return String::new();
-        };
-        s.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-        if s.write_all(format!("{line}\r\n").as_bytes()).is_err() {
-            return String::new();
-        }
-        let mut buf = [0u8; 512];
-        let n = s.read(&mut buf).unwrap_or(0);
-        String::from_utf8_lossy(&buf[..n])
-            .lines()
-            .next()
-            .unwrap_or("")
-            .to_string()
-    }
-
-    fn stop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.stop();
-    }
 }
 
 fn fleet_gateway(mock: &Mock, redis: &Redis, keys: &str) -> Gateway {

@@ -11,6 +11,7 @@ mod clients;
 mod common;
 mod config;
 mod dashboard;
+mod fleet;
 mod keys_and_costs;
 mod lifecycle;
 mod limits;

@@ -409,7 +409,8 @@ mod migration_tests {
                 "m",
             )
             .await
-            .unwrap();
+            .unwrap()
+            .id;
         assert!(seq(id) >= 61 && !is_untagged(id), "{id}");
         drop(cache);
         store.flush().unwrap();

@@ -2,7 +2,8 @@
 //! caller has no vector, then one RocksDB batch for the entry, its vector and
 //! its exact key, replacing an earlier entry under the same key; then the
 //! FAISS index and L1). The entry's id is its namespace's tag and the next
-//! sequence number (`ids`).
+//! sequence number (`ids`). `apply_remote` stores an entry another gateway
+//! of the fleet made (`fleet.share_cache`), under a local id.
 
 use crate::index::Op;
 use crate::metric_names as m;
@@ -15,6 +16,25 @@ use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_META, CF_VECTORS};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
+/// An entry just stored: its local id, the entry as stored (sealed when the
+/// cache has a key) and its vector, which is what the fleet replicates.
+#[derive(Debug, Clone)]
+pub struct Stored {
+    pub id: u64,
+    pub sealed: Vec<u8>,
+    pub embedding: Option<Vec<f32>>,
+    pub entry: Arc<Entry>,
+}
+
+/// What became of an entry from another gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Applied {
+    Stored,
+    /// Already here, or something newer under the same key.
+    Duplicate,
+    Expired,
+}
+
 impl SemanticCache {
     /// Store an answer. Runs off the request path (spawn it).
     #[allow(clippy::too_many_arguments)]
@@ -26,7 +46,7 @@ impl SemanticCache {
         policy: &CachePolicy,
         route: &str,
         model: &str,
-    ) -> Result<u64, CacheError> {
+    ) -> Result<Stored, CacheError> {
         let embedding = match embedding {
             Some(e) => Some(e),
             None if policy.semantic => self
@@ -50,11 +70,51 @@ impl SemanticCache {
             version: policy.version,
         };
         let this = self.clone();
-        let id = tokio::task::spawn_blocking(move || this.write(entry, embedding, key.exact))
+        let stored = tokio::task::spawn_blocking(move || this.write(entry, embedding, key.exact))
             .await
             .map_err(|e| CacheError::Task(e.to_string()))??;
         self.maybe_upgrade();
-        Ok(id)
+        Ok(stored)
+    }
+
+    /// Store an entry another gateway of the fleet stored (`sealed` as it
+    /// made it: sealed with the fleet's shared key when the cache has one),
+    /// unless it has expired or this cache holds the same or a newer answer
+    /// under its exact key. Blocking (RocksDB).
+    pub fn apply_remote(
+        self: &Arc<Self>,
+        sealed: &[u8],
+        embedding: Option<Vec<f32>>,
+    ) -> Result<Applied, CacheError> {
+        let (entry, _) = self.codec.open(sealed)?;
+        if entry.expired(now_secs()) {
+            return Ok(Applied::Expired);
+        }
+        let exact: [u8; 32] = hex::decode(&entry.exact)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| crate::CodecError::Corrupt("exact key".into()))?;
+        if let Some(v) = &embedding {
+            if v.len() != self.index.dim() {
+                return Err(crate::IndexError::Dimension {
+                    want: self.index.dim(),
+                    got: v.len(),
+                }
+                .into());
+            }
+        }
+        let local = self
+            .db()
+            .get_cf(self.cf(CF_EXACT), exact)?
+            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+            .and_then(|id| self.db().get_cf(self.cf(CF_ENTRIES), id).ok().flatten())
+            .and_then(|b| self.codec.decode(&b).ok());
+        if local.is_some_and(|l| l.created_at >= entry.created_at) {
+            return Ok(Applied::Duplicate);
+        }
+        self.write(entry, embedding, exact)?;
+        self.maybe_upgrade();
+        Ok(Applied::Stored)
     }
 
     /// Store the entry (blocking): it gets its id here.
@@ -63,10 +123,10 @@ impl SemanticCache {
         mut entry: Entry,
         embedding: Option<Vec<f32>>,
         exact: [u8; 32],
-    ) -> Result<u64, CacheError> {
+    ) -> Result<Stored, CacheError> {
         let id = self.index.allocate(self.tagger.tag(&entry.namespace));
         entry.id = id;
-        let previous = match self.store_entry(&entry, embedding.as_deref(), exact) {
+        let (previous, sealed) = match self.store_entry(&entry, embedding.as_deref(), exact) {
             Ok(p) => p,
             Err(e) => {
                 self.index.release(id);
@@ -77,27 +137,34 @@ impl SemanticCache {
         if let Some(old) = previous {
             ops.push(Op::Remove(vec![old]));
         }
-        match embedding {
-            Some(v) => ops.push(Op::Add(id, v)),
+        match &embedding {
+            Some(v) => ops.push(Op::Add(id, v.clone())),
             None => self.index.release(id),
         }
         // Replacing: the old vector leaves and the new one comes in one batch.
         self.index.submit(ops)?;
         self.dirty.store(true, Ordering::Relaxed);
         gauge!(m::INDEX_VECTORS).set(self.index.len() as f64);
-        self.l1_put(exact, Arc::new(entry));
+        let entry = Arc::new(entry);
+        self.l1_put(exact, entry.clone());
         counter!(m::INSERTS).increment(1);
-        Ok(id)
+        Ok(Stored {
+            id,
+            sealed,
+            embedding,
+            entry,
+        })
     }
 
     /// One RocksDB batch: the entry, its vector, its exact key (and the
-    /// entry it replaces gone). Returns the replaced entry's id.
+    /// entry it replaces gone). Returns the replaced entry's id and the
+    /// entry as stored.
     fn store_entry(
         &self,
         entry: &Entry,
         embedding: Option<&[f32]>,
         exact: [u8; 32],
-    ) -> Result<Option<u64>, CacheError> {
+    ) -> Result<(Option<u64>, Vec<u8>), CacheError> {
         let id = entry.id;
         let previous = self
             .db()
@@ -117,6 +184,6 @@ impl SemanticCache {
             batch.delete_cf(self.cf(CF_VECTORS), old.to_be_bytes());
         }
         self.db().write(batch)?;
-        Ok(previous)
+        Ok((previous, encoded))
     }
 }

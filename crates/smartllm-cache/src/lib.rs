@@ -38,6 +38,7 @@ pub use admin::{CacheStats, Purge};
 pub use entry::{Codec, CodecError, Entry, KeyFileError, Sealing};
 pub use guard::{near_miss, strip_fillers, Exclusions};
 pub use index::{IndexError, VectorIndex};
+pub use insert::{Applied, Stored};
 pub use key::{api_chat_key, chat_key, embedding_text, exact_text, CacheKey};
 pub use lifecycle::INDEX_FILE;
 pub use lookup::{HitKind, Lookup, LookupTimes};

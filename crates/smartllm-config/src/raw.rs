@@ -71,6 +71,12 @@ pub struct RawFleet {
     pub timeout: Option<ConfigDuration>,
     /// When Redis cannot be reached: `local` (per-process limits and budgets) or `reject` (503).
     pub on_error: Option<String>,
+    /// Replicate cache inserts, purges and version changes to every gateway.
+    pub share_cache: Option<bool>,
+    /// Entries the replication stream keeps for gateways that fall behind.
+    pub cache_stream_len: Option<u64>,
+    /// Add this gateway's ledger to the fleet's cost view (`?scope=fleet`).
+    pub share_costs: Option<bool>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -76,6 +76,14 @@ pub struct FleetConfig {
     pub key_prefix: String,
     pub timeout: Duration,
     pub on_error: FleetOnError,
+    /// Cache inserts, purges and version changes go to every gateway
+    /// through a Redis stream; lookups stay in process.
+    pub share_cache: bool,
+    /// Entries the stream keeps (older ones are trimmed: a gateway further
+    /// behind catches up from the snapshot keys instead).
+    pub cache_stream_len: u64,
+    /// Ledger counters are also added up in Redis for `/admin/costs?scope=fleet`.
+    pub share_costs: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -704,6 +712,34 @@ impl Config {
             new.data_dir.display().to_string(),
         );
         check(
+            "fleet.share_cache",
+            self.fleet.share_cache.to_string(),
+            new.fleet.share_cache.to_string(),
+        );
+        check(
+            "fleet.share_costs",
+            self.fleet.share_costs.to_string(),
+            new.fleet.share_costs.to_string(),
+        );
+        check(
+            "fleet.cache_stream_len",
+            self.fleet.cache_stream_len.to_string(),
+            new.fleet.cache_stream_len.to_string(),
+        );
+        if (self.fleet.share_cache || self.fleet.share_costs)
+            && (self.fleet.redis != new.fleet.redis
+                || self.fleet.key_prefix != new.fleet.key_prefix)
+        {
+            // Limits and budgets move to the new Redis at once; the shared
+            // cache and cost view stay on the one they started with. (The
+            // URL may hold a password: it is not repeated here.)
+            check(
+                "fleet.redis or key_prefix, for the shared cache and costs",
+                "the old Redis".into(),
+                "the new one".into(),
+            );
+        }
+        check(
             "store.memory_budget",
             self.store.memory_budget.to_string(),
             new.store.memory_budget.to_string(),
@@ -774,6 +810,9 @@ impl Config {
         new.cache.encryption_old_key_files = self.cache.encryption_old_key_files.clone();
         new.cache.l1_entries = self.cache.l1_entries;
         new.ledger = self.ledger.clone();
+        new.fleet.share_cache = self.fleet.share_cache;
+        new.fleet.share_costs = self.fleet.share_costs;
+        new.fleet.cache_stream_len = self.fleet.cache_stream_len;
         new
     }
 }

@@ -279,6 +279,17 @@ fn mix_key(hour: u32, r: &Record, m: &Mix) -> Vec<u8> {
     out
 }
 
+/// Ledger counters flushed to RocksDB, handed on to the fleet's shared view
+/// (`fleet.share_costs`): (key, counters) pairs, keys as [`rows_from`] reads them.
+pub type FleetBatch = Vec<(Vec<u8>, [u64; LEDGER_FIELDS])>;
+
+/// Takes a flushed batch for the fleet view without blocking; false when it
+/// had to drop it.
+pub type FleetSinkFn = Box<dyn Fn(FleetBatch) -> bool + Send + Sync>;
+
+/// Where flushed counters also go, when the fleet view is on (set once, at start).
+type FleetSink = Arc<std::sync::OnceLock<FleetSinkFn>>;
+
 enum Msg {
     Record(Box<Record>),
     Flush(mpsc::Sender<()>),
@@ -297,6 +308,7 @@ pub struct Ledger {
     /// Signed: the writer may drain a record before its sender counts it.
     thread: std::thread::Thread,
     queued: Arc<std::sync::atomic::AtomicIsize>,
+    fleet: FleetSink,
 }
 
 const QUEUE_CAPACITY: usize = 65_536;
@@ -310,16 +322,34 @@ impl Ledger {
         let writer_store = store.clone();
         let queued = Arc::new(std::sync::atomic::AtomicIsize::new(0));
         let writer_queued = queued.clone();
+        let fleet = FleetSink::default();
+        let writer_fleet = fleet.clone();
         let handle = std::thread::Builder::new()
             .name("smartllm-ledger".into())
-            .spawn(move || writer(writer_store, rx, flush_interval, &writer_queued))?;
+            .spawn(move || {
+                writer(
+                    writer_store,
+                    rx,
+                    flush_interval,
+                    &writer_queued,
+                    &writer_fleet,
+                )
+            })?;
         Ok(Ledger {
             tx,
             store,
             thread: handle.thread().clone(),
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
             queued,
+            fleet,
         })
+    }
+
+    /// From now on, every flush also hands its counters to `sink` (the
+    /// fleet's shared cost view); a batch it cannot take is counted in
+    /// `smartllm_ledger_fleet_dropped_total`. Set once; later calls are ignored.
+    pub fn share_with(&self, sink: FleetSinkFn) {
+        let _ = self.fleet.set(sink);
     }
 
     /// Write what is pending and stop the writer (shutdown). Later records are dropped.
@@ -419,6 +449,7 @@ fn writer(
     rx: Receiver<Msg>,
     interval: Duration,
     queued: &std::sync::atomic::AtomicIsize,
+    fleet: &FleetSink,
 ) {
     let mut pending = Pending::default();
     let mut tags = TagBound::default();
@@ -453,8 +484,13 @@ fn writer(
             continue;
         }
         if !pending.is_empty() {
+            let shared = fleet.get().map(|sink| (sink, pending.ledger.clone()));
             if let Err(e) = flush(&store, &mut pending) {
                 tracing::error!(error = %e, "writing the cost ledger failed; will retry");
+            } else if let Some((sink, counters)) = shared {
+                if !sink(counters.into_iter().collect()) {
+                    metrics::counter!("smartllm_ledger_fleet_dropped_total").increment(1);
+                }
             }
         }
         for a in acks {
@@ -671,19 +707,41 @@ pub fn query_where(
     let Some(cf) = store.db().cf_handle(CF_LEDGER) else {
         return Ok(Vec::new());
     };
-    let (from_h, to_h) = ((from / 3600) as u32, to.div_ceil(3600) as u32);
-    let start = from_h.to_be_bytes();
-    let mut groups: BTreeMap<Vec<(Dim, String)>, [u64; LEDGER_FIELDS]> = BTreeMap::new();
+    let start = ((from / 3600) as u32).to_be_bytes();
+    let mut items = Vec::new();
     for item in store
         .db()
         .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward))
     {
         let (k, v) = item?;
+        if k.get(..4)
+            .is_some_and(|h| h >= &(to.div_ceil(3600) as u32).to_be_bytes()[..])
+        {
+            break;
+        }
+        items.push((k.into_vec(), decode_counters(&v)));
+    }
+    Ok(rows_from(items, from, to, group_by, filter))
+}
+
+/// Ledger counters (key, counters), as stored or as the fleet's shared view
+/// holds them, summed into rows between two instants (unix seconds, `to`
+/// exclusive), grouped by `group_by`, costliest first.
+pub fn rows_from(
+    items: impl IntoIterator<Item = (Vec<u8>, [u64; LEDGER_FIELDS])>,
+    from: u64,
+    to: u64,
+    group_by: &[Dim],
+    filter: &Filter,
+) -> Vec<Row> {
+    let (from_h, to_h) = ((from / 3600) as u32, to.div_ceil(3600) as u32);
+    let mut groups: BTreeMap<Vec<(Dim, String)>, [u64; LEDGER_FIELDS]> = BTreeMap::new();
+    for (k, c) in items {
         let Some((hour, [tenant, app, key, model, provider, route, tag])) = parse_key(&k) else {
             continue;
         };
-        if hour >= to_h {
-            break;
+        if hour < from_h || hour >= to_h {
+            continue;
         }
         if !filter.admits(&tenant, &app, &key) {
             continue;
@@ -705,7 +763,6 @@ pub fn query_where(
                 (*d, v)
             })
             .collect();
-        let c = decode_counters(&v);
         let acc = groups.entry(group).or_insert([0; LEDGER_FIELDS]);
         for i in 0..LEDGER_FIELDS {
             acc[i] += c[i];
@@ -739,7 +796,7 @@ pub fn query_where(
             .total_cmp(&a.cost_usd)
             .then_with(|| a.group.cmp(&b.group))
     });
-    Ok(rows)
+    rows
 }
 
 /// Rows as CSV (RFC 4180): the grouping columns in `group_by` order, then

@@ -256,7 +256,49 @@ impl AdminApp {
             }
         }
         let by = dims.clone();
-        match tokio::task::spawn_blocking(move || ledger.query(from, to, &by)).await {
+        let rows = if q.fleet {
+            let Some(fleet) = self.shared.fleet_sync.clone().filter(|f| f.shares_costs()) else {
+                return json_reply(
+                    409,
+                    &json!({"error": {"message": "the fleet's cost view needs fleet.redis with fleet.share_costs", "type": "invalid_request_error", "param": "scope", "code": "fleet_unavailable"}}),
+                );
+            };
+            if to - from > crate::fleet_sync::COST_RETENTION_SECS {
+                return query_error(QueryError::invalid(
+                    "since",
+                    "the fleet keeps 400 days of costs: ask for a shorter window".into(),
+                ));
+            }
+            // This gateway's latest counters go to the fleet first.
+            let l = ledger.clone();
+            let _ = tokio::task::spawn_blocking(move || l.flush()).await;
+            fleet
+                .wait_costs_sent(std::time::Duration::from_secs(2))
+                .await;
+            match fleet.cost_counters(from, to).await {
+                Ok(counters) => {
+                    tokio::task::spawn_blocking(move || {
+                        Ok(smartllm_ledger::rows_from(
+                            counters,
+                            from,
+                            to,
+                            &by,
+                            &smartllm_ledger::Filter::default(),
+                        ))
+                    })
+                    .await
+                }
+                Err(e) => {
+                    return json_reply(
+                        503,
+                        &json!({"error": {"message": format!("the fleet's cost view cannot be read: {e}"), "type": "server_error", "param": null, "code": "fleet_unavailable"}}),
+                    )
+                }
+            }
+        } else {
+            tokio::task::spawn_blocking(move || ledger.query(from, to, &by)).await
+        };
+        match rows {
             Ok(Ok(rows)) if csv => reply(
                 200,
                 "text/csv; charset=utf-8",
@@ -540,9 +582,13 @@ impl AdminApp {
             Err(e) => return query_error(e),
         };
         let label = format!("{what:?}");
+        let published = what.clone();
         match tokio::task::spawn_blocking(move || cache.purge(&what)).await {
             Ok(Ok(n)) => {
                 tracing::info!(purge = %label, removed = n, "cache purged");
+                if let Some(fleet) = &self.shared.fleet_sync {
+                    fleet.publish(crate::fleet_sync::CacheEvent::Purge(published));
+                }
                 json_reply(200, &json!({"result": "purged", "removed": n}))
             }
             Ok(Err(e)) => json_reply(

@@ -33,6 +33,8 @@ pub struct PendingInsert {
     pub max_pending: usize,
     /// Where the store runs (a drain waits for it before the data dir closes).
     pub tasks: TaskTracker,
+    /// The fleet, when it shares the cache: the stored entry goes to it.
+    pub fleet: Option<Arc<crate::fleet_sync::FleetSync>>,
 }
 
 impl PendingInsert {
@@ -51,7 +53,7 @@ impl PendingInsert {
         let tasks = self.tasks.clone();
         tasks.spawn(async move {
             let pending = self.pending.clone();
-            if let Err(e) = self
+            match self
                 .cache
                 .insert(
                     self.key,
@@ -63,13 +65,20 @@ impl PendingInsert {
                 )
                 .await
             {
-                if let smartllm_cache::CacheError::Embed(smartllm_embed::EmbedError::Overloaded(
-                    _,
-                )) = e
-                {
-                    metrics::shed("cache_insert");
-                } else {
-                    tracing::warn!(error = %e, "storing a cache entry failed");
+                Ok(stored) => {
+                    if let Some(fleet) = &self.fleet {
+                        fleet.publish(crate::fleet_sync::CacheEvent::Insert(Box::new(stored)));
+                    }
+                }
+                Err(e) => {
+                    if let smartllm_cache::CacheError::Embed(
+                        smartllm_embed::EmbedError::Overloaded(_),
+                    ) = e
+                    {
+                        metrics::shed("cache_insert");
+                    } else {
+                        tracing::warn!(error = %e, "storing a cache entry failed");
+                    }
                 }
             }
             pending.fetch_sub(1, Ordering::SeqCst);

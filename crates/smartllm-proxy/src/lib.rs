@@ -16,6 +16,7 @@ pub mod cache_insert;
 pub mod cache_sweeper;
 pub mod ctx;
 pub mod drain;
+pub mod fleet_sync;
 pub mod frontend;
 pub mod health;
 pub mod metrics;
@@ -98,6 +99,8 @@ pub struct Shared {
     pub recent: recent::Recent,
     /// OpenTelemetry spans (None: `tracing:` off). Restart-only.
     pub tracing: Option<otel::Tracing>,
+    /// The fleet's shared cache and cost view (None: not shared). Restart-only.
+    pub fleet_sync: Option<Arc<fleet_sync::FleetSync>>,
 }
 
 impl Shared {
@@ -119,6 +122,24 @@ impl Shared {
         apply_metrics_config(&runtime.config);
         quotas.track_budgets(&runtime.config.keys.budgets);
         let tracing = otel::Tracing::start(&runtime.config.tracing);
+        let model_tag = components
+            .embedder
+            .as_ref()
+            .map(|e| {
+                let info = e.info();
+                let file = info
+                    .model
+                    .file_name()
+                    .map(|f| f.to_string_lossy().into_owned());
+                format!("{}/{}", file.unwrap_or_default(), info.dim)
+            })
+            .unwrap_or_default();
+        let fleet_sync = fleet_sync::FleetSync::new(&runtime.config.fleet, model_tag);
+        if let (Some(sync), Some(ledger)) = (&fleet_sync, &ledger) {
+            if runtime.config.fleet.share_costs {
+                ledger.share_with(sync.cost_sink());
+            }
+        }
         Arc::new(Shared {
             runtime: ArcSwap::from_pointee(runtime),
             connector: Connector::new(None),
@@ -141,6 +162,7 @@ impl Shared {
             reload_status: Mutex::new(reload::ReloadStatus::default()),
             recent: recent::Recent::default(),
             tracing,
+            fleet_sync,
         })
     }
 

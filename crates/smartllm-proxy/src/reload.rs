@@ -89,6 +89,16 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                             }
                         }
                         let budgets = rt.config.keys.budgets.clone();
+                        if let Some(fleet) = &shared.fleet_sync {
+                            for (name, version) in
+                                version_bumps(&current.config.cache, &rt.config.cache)
+                            {
+                                fleet.publish(crate::fleet_sync::CacheEvent::Version {
+                                    name,
+                                    version,
+                                });
+                            }
+                        }
                         shared.runtime.store(Arc::new(rt));
                         // Spend is kept for the budgets of the running config
                         // only; new ones read theirs back from the ledger.
@@ -235,4 +245,22 @@ impl ReloadService {
             }
         }
     }
+}
+
+/// Cache policies whose version went up with a reload (`*`: the defaults).
+fn version_bumps(
+    old: &smartllm_config::CacheConfig,
+    new: &smartllm_config::CacheConfig,
+) -> Vec<(String, u32)> {
+    let mut out = Vec::new();
+    if new.defaults.version > old.defaults.version {
+        out.push(("*".to_string(), new.defaults.version));
+    }
+    for (name, p) in &new.routes {
+        let before = old.routes.get(name).unwrap_or(&old.defaults).version;
+        if p.version > before {
+            out.push((name.clone(), p.version));
+        }
+    }
+    out
 }

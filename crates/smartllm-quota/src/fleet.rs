@@ -11,6 +11,7 @@
 //! stops asking Redis for a second before it tries again, so an outage costs
 //! one timeout a second, not one per request.
 
+pub use redis;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use smartllm_config::{FleetConfig, FleetOnError};
 use std::sync::Mutex;
@@ -300,6 +301,9 @@ mod tests {
             key_prefix: "smartllm".into(),
             timeout: Duration::from_millis(100),
             on_error: FleetOnError::Local,
+            share_cache: false,
+            cache_stream_len: 100_000,
+            share_costs: false,
         };
         assert!(Fleet::new(&cfg).unwrap().is_none());
     }
@@ -317,6 +321,9 @@ mod tests {
             key_prefix: "t".into(),
             timeout: Duration::from_millis(200),
             on_error: FleetOnError::Local,
+            share_cache: false,
+            cache_stream_len: 100_000,
+            share_costs: false,
         };
         let f = Fleet::new(&cfg).unwrap().unwrap();
         let charge = [Charge {

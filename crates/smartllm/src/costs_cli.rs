@@ -46,14 +46,21 @@ pub fn suggest_cmd(target: &AdminTarget, since: &str, json: bool) -> anyhow::Res
     Ok(())
 }
 
-/// `smartllm costs [--since 24h] [--by model] [--csv]`
-pub fn costs_cmd(target: &AdminTarget, since: &str, by: &str, csv: bool) -> anyhow::Result<()> {
+/// `smartllm costs [--since 24h] [--by model] [--csv] [--fleet]`
+pub fn costs_cmd(
+    target: &AdminTarget,
+    since: &str,
+    by: &str,
+    csv: bool,
+    fleet: bool,
+) -> anyhow::Result<()> {
+    let scope = if fleet { "&scope=fleet" } else { "" };
     if csv {
         // The gateway's own CSV (every counter, RFC 4180 quoting).
         let body = admin_call(
             target,
             "GET",
-            &format!("/admin/costs?since={since}&group_by={by}&format=csv"),
+            &format!("/admin/costs?since={since}&group_by={by}&format=csv{scope}"),
         )?;
         print!("{body}");
         return Ok(());
@@ -61,7 +68,7 @@ pub fn costs_cmd(target: &AdminTarget, since: &str, by: &str, csv: bool) -> anyh
     let body = admin_call(
         target,
         "GET",
-        &format!("/admin/costs?since={since}&group_by={by}"),
+        &format!("/admin/costs?since={since}&group_by={by}{scope}"),
     )?;
     let v: serde_json::Value =
         serde_json::from_str(&body).context("parsing the admin API's answer")?;

@@ -83,6 +83,9 @@ enum Command {
         /// CSV instead of a table.
         #[arg(long)]
         csv: bool,
+        /// The whole fleet's ledger (fleet.share_costs), not this gateway's.
+        #[arg(long)]
+        fleet: bool,
     },
     /// Routing decisions, explained without a running gateway.
     Route {
@@ -389,7 +392,8 @@ fn main() -> ExitCode {
             since,
             by,
             csv,
-        } => match costs_cli::costs_cmd(&target, &since, &by, csv) {
+            fleet,
+        } => match costs_cli::costs_cmd(&target, &since, &by, csv, fleet) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("smartllm costs: {e:#}");
@@ -666,6 +670,12 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     server.add_service(background_service(
         "budget alerts",
         AlertService {
+            shared: shared.clone(),
+        },
+    ));
+    server.add_service(background_service(
+        "fleet sync",
+        smartllm_proxy::fleet_sync::FleetSyncService {
             shared: shared.clone(),
         },
     ));

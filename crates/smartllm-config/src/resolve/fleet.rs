@@ -1,5 +1,6 @@
 //! `fleet:` of `smartllm.yaml`: the Redis shared by several gateways for
-//! limits and budgets, and what to do when it cannot be reached.
+//! limits and budgets (and, when asked, the cache and the cost view), and
+//! what to do when it cannot be reached.
 
 use crate::raw::RawFleet;
 use crate::{FleetConfig, FleetOnError, Issues, MAIN_FILE};
@@ -51,10 +52,29 @@ pub(super) fn resolve_fleet(raw: RawFleet, v: &mut Issues<'_>) -> FleetConfig {
             "must be between 1ms and 10s (it is paid by a request when Redis is slow)",
         );
     }
+    let share_cache = raw.share_cache.unwrap_or(false);
+    if share_cache && redis.is_none() {
+        v.push(
+            MAIN_FILE,
+            "fleet.share_cache",
+            "needs fleet.redis (the stream the gateways share)",
+        );
+    }
+    let cache_stream_len = raw.cache_stream_len.unwrap_or(100_000);
+    if !(100..=100_000_000).contains(&cache_stream_len) {
+        v.push(
+            MAIN_FILE,
+            "fleet.cache_stream_len",
+            "must be between 100 and 100000000 entries",
+        );
+    }
     FleetConfig {
+        share_costs: raw.share_costs.unwrap_or(redis.is_some()),
         redis,
         key_prefix,
         timeout,
         on_error,
+        share_cache,
+        cache_stream_len,
     }
 }

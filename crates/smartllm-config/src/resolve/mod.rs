@@ -220,4 +220,45 @@ mod tests {
         assert_eq!(applied.metrics.max_label_values, 50, "reloads live");
         assert_eq!(applied.metrics.label_names, LabelNames::Plain);
     }
+
+    #[test]
+    fn fleet_sharing_is_validated_and_needs_a_restart() {
+        let dir = write_dir(&[(
+            MAIN_FILE,
+            "data_dir: /tmp/x\nfleet:\n  share_cache: true\n  cache_stream_len: 5\n",
+        )]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            text.contains("smartllm.yaml:3: fleet.share_cache"),
+            "{text}"
+        );
+        assert!(
+            text.contains("smartllm.yaml:4: fleet.cache_stream_len"),
+            "{text}"
+        );
+        let old = load_dir(write_dir(&[(MAIN_FILE, "data_dir: /tmp/x\n")]).path()).unwrap();
+        assert!(!old.fleet.share_cache && !old.fleet.share_costs);
+        let new = load_dir(
+            write_dir(&[(
+                MAIN_FILE,
+                "data_dir: /tmp/x\nfleet:\n  redis: redis://127.0.0.1:1/0\n  share_cache: true\n",
+            )])
+            .path(),
+        )
+        .unwrap();
+        assert!(
+            new.fleet.share_cache && new.fleet.share_costs,
+            "costs are shared by default"
+        );
+        assert_eq!(
+            old.restart_only_changes(&new),
+            [
+                "fleet.share_cache: false -> true",
+                "fleet.share_costs: false -> true"
+            ]
+        );
+        let applied = old.with_restart_only_from(new);
+        assert!(applied.fleet.redis.is_some(), "limits move at once");
+        assert!(!applied.fleet.share_cache);
+    }
 }

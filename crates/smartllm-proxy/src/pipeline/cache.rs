@@ -97,6 +97,7 @@ pub async fn phase(
         pending: shared.pending_inserts.clone(),
         max_pending: cfg.max_pending_inserts,
         tasks: shared.tasks.clone(),
+        fleet: shared.fleet_sync.clone(),
     };
     if no_cache {
         // Fresh answer requested: skip the lookup, refresh the entry.

@@ -1,0 +1,988 @@
+//! The fleet's shared cache and cost view through Redis.
+//!
+//! **Cache** (`fleet.share_cache`). Every insert, purge and cache-version
+//! change a gateway makes is appended to one Redis stream
+//! (`PREFIX:cache:stream`, trimmed to about `fleet.cache_stream_len`
+//! entries), and every gateway applies the others' to its own RocksDB and
+//! FAISS index, so a lookup never leaves the process. An insert carries the
+//! entry as stored (sealed with the cache key, which the fleet shares) and its
+//! vector; the receiving gateway stores it under its own id and namespace tag,
+//! so tenant isolation is the same as for its own entries. Besides the stream,
+//! each live entry is also kept as a hash (`PREFIX:cache:e:NAMESPACE:EXACT`,
+//! expiring with the entry, removed by purges): the snapshot a gateway loads
+//! when it starts with an empty position or has fallen behind what the stream
+//! still holds. A gateway remembers how far it has applied the stream (in
+//! RocksDB), so a restart resumes where it stopped.
+//!
+//! **Costs** (`fleet.share_costs`). Each ledger flush's counters are added to
+//! hourly Redis hashes (`PREFIX:ledger:HOUR`, integer nano-dollars and
+//! tokens) by a script that applies each batch exactly once (a per-batch
+//! marker), so the fleet's totals equal the sum of the gateways' ledgers.
+//!
+//! Nothing here is on a request's path: requests hand events to bounded
+//! queues (a full queue drops the event and counts it), background tasks talk
+//! to Redis, and while Redis is down every gateway keeps serving from its own
+//! cache; publishing resumes, and the reader catches up, when it returns.
+
+use crate::Shared;
+use async_trait::async_trait;
+use pingora_core::server::ShutdownWatch;
+use pingora_core::services::background::BackgroundService;
+use smartllm_cache::{Applied, Purge, SemanticCache, Stored};
+use smartllm_config::FleetConfig;
+use smartllm_ledger::FleetBatch;
+use smartllm_quota::fleet::redis::{self, aio::MultiplexedConnection, Value};
+use smartllm_store::{Store, CF_META, LEDGER_FIELDS};
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::sync::mpsc;
+
+/// Events waiting to be published while Redis is slow or away.
+const OUTBOX: usize = 10_000;
+/// Ledger batches waiting likewise (one a flush interval).
+const COST_QUEUE: usize = 1_024;
+/// Where this gateway's stream position is kept (RocksDB `meta`).
+const POSITION_KEY: &[u8] = b"fleet.cache_stream_position";
+/// How long a cost batch's exactly-once marker is kept.
+const MARKER_SECS: u64 = 86_400;
+/// How long the fleet's hourly cost hashes are kept.
+pub const COST_RETENTION_SECS: u64 = 400 * 86_400;
+/// Stream entries read per round trip, and how long a read waits for one.
+const READ_COUNT: usize = 256;
+const READ_BLOCK: Duration = Duration::from_secs(2);
+
+/// Applies a cost batch once: KEYS[1] is the batch's marker, KEYS[2..] the
+/// hourly hashes; ARGV: marker TTL, hash TTL, then (hash index, field, delta).
+const ADD_COSTS: &str = r#"
+if not redis.call('SET', KEYS[1], '1', 'NX', 'EX', ARGV[1]) then return 0 end
+for i = 3, #ARGV, 3 do
+  redis.call('HINCRBY', KEYS[tonumber(ARGV[i])], ARGV[i + 1], ARGV[i + 2])
+end
+for i = 2, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
+return 1
+"#;
+
+/// A change to the cache that the other gateways apply.
+#[derive(Debug)]
+pub enum CacheEvent {
+    Insert(Box<Stored>),
+    Purge(Purge),
+    /// A route's (or model's) cache version went up to `version`: entries of
+    /// an older one are gone. `name` `*` is the default policy.
+    Version {
+        name: String,
+        version: u32,
+    },
+}
+
+pub struct FleetSync {
+    config: FleetConfig,
+    client: redis::Client,
+    /// This process (its own stream entries are skipped when read back).
+    node: String,
+    /// The embedding model's file and dimension: vectors made by another
+    /// model are not applied.
+    model_tag: String,
+    outbox: mpsc::Sender<CacheEvent>,
+    outbox_rx: Mutex<Option<mpsc::Receiver<CacheEvent>>>,
+    costs: mpsc::Sender<FleetBatch>,
+    costs_rx: Mutex<Option<mpsc::Receiver<FleetBatch>>>,
+    /// Cost batches handed over and not yet confirmed by Redis.
+    costs_unsent: Arc<AtomicU64>,
+}
+
+fn count(what: &'static str, outcome: &'static str) {
+    metrics::counter!("smartllm_fleet_sync_total", "what" => what, "outcome" => outcome)
+        .increment(1);
+}
+
+impl FleetSync {
+    /// None unless `fleet.redis` is set and the cache or costs are shared.
+    pub fn new(config: &FleetConfig, model_tag: String) -> Option<Arc<FleetSync>> {
+        let url = config.redis.as_ref()?;
+        if !(config.share_cache || config.share_costs) {
+            return None;
+        }
+        let client = match redis::Client::open(url.as_str()) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "cannot use fleet.redis; the cache and costs are not shared");
+                return None;
+            }
+        };
+        let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
+        let (costs, costs_rx) = mpsc::channel(COST_QUEUE);
+        Some(Arc::new(FleetSync {
+            config: config.clone(),
+            client,
+            node: format!("{:x}-{:016x}", std::process::id(), fastrand::u64(..)),
+            model_tag,
+            outbox,
+            outbox_rx: Mutex::new(Some(outbox_rx)),
+            costs,
+            costs_rx: Mutex::new(Some(costs_rx)),
+            costs_unsent: Arc::new(AtomicU64::new(0)),
+        }))
+    }
+
+    pub fn shares_cache(&self) -> bool {
+        self.config.share_cache
+    }
+
+    pub fn shares_costs(&self) -> bool {
+        self.config.share_costs
+    }
+
+    /// Until every cost batch handed over so far is in Redis, or `timeout`.
+    pub async fn wait_costs_sent(&self, timeout: Duration) {
+        let until = tokio::time::Instant::now() + timeout;
+        while self.costs_unsent.load(Ordering::SeqCst) > 0 && tokio::time::Instant::now() < until {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Queue a cache change for the fleet (never waits).
+    pub fn publish(&self, event: CacheEvent) {
+        if !self.config.share_cache {
+            return;
+        }
+        if self.outbox.try_send(event).is_err() {
+            count("cache_publish", "dropped");
+        }
+    }
+
+    /// What the ledger calls with each flushed batch (never waits).
+    pub fn cost_sink(self: &Arc<Self>) -> smartllm_ledger::FleetSinkFn {
+        let tx = self.costs.clone();
+        let unsent = self.costs_unsent.clone();
+        Box::new(move |batch| {
+            unsent.fetch_add(1, Ordering::SeqCst);
+            let ok = tx.try_send(batch).is_ok();
+            if !ok {
+                unsent.fetch_sub(1, Ordering::SeqCst);
+            }
+            ok
+        })
+    }
+
+    fn key(&self, rest: &str) -> String {
+        format!("{}:{rest}", self.config.key_prefix)
+    }
+
+    fn stream_key(&self) -> String {
+        self.key("cache:stream")
+    }
+
+    fn entry_key(&self, namespace: &str, exact: &str) -> String {
+        self.key(&format!("cache:e:{namespace}:{exact}"))
+    }
+
+    fn hour_key(&self, hour: u32) -> String {
+        self.key(&format!("ledger:{hour}"))
+    }
+
+    /// A connection whose replies may take `timeout` (the stream reader's
+    /// blocking reads get their own).
+    async fn connect(&self, timeout: Duration) -> Result<MultiplexedConnection, redis::RedisError> {
+        let cfg = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(self.config.timeout.max(Duration::from_millis(500))))
+            .set_response_timeout(Some(timeout));
+        self.client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+    }
+
+    // ---- publishing -------------------------------------------------------
+
+    async fn publish_one(
+        &self,
+        conn: &mut MultiplexedConnection,
+        event: &CacheEvent,
+        named: &BTreeSet<String>,
+    ) -> redis::RedisResult<()> {
+        let stream = self.stream_key();
+        let mut xadd = redis::cmd("XADD");
+        xadd.arg(&stream)
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(self.config.cache_stream_len)
+            .arg("*")
+            .arg("o")
+            .arg(&self.node);
+        match event {
+            CacheEvent::Insert(s) => {
+                let e = &s.entry;
+                let ttl = e.expires_at.saturating_sub(smartllm_cache::now_secs());
+                if ttl == 0 {
+                    return Ok(());
+                }
+                let vector = s.embedding.as_deref().map(vector_bytes).unwrap_or_default();
+                xadd.arg("k")
+                    .arg("i")
+                    .arg("p")
+                    .arg(&s.sealed)
+                    .arg("e")
+                    .arg(&vector)
+                    .arg("m")
+                    .arg(&self.model_tag);
+                let key = self.entry_key(&e.namespace, &e.exact);
+                let mut pipe = redis::pipe();
+                pipe.add_command(xadd).ignore();
+                pipe.cmd("HSET")
+                    .arg(&key)
+                    .arg("p")
+                    .arg(&s.sealed)
+                    .arg("e")
+                    .arg(&vector)
+                    .arg("m")
+                    .arg(&self.model_tag)
+                    .arg("r")
+                    .arg(&e.route)
+                    .arg("c")
+                    .arg(&e.model)
+                    .arg("n")
+                    .arg(e.version)
+                    .ignore();
+                pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
+                pipe.query_async::<()>(conn).await
+            }
+            CacheEvent::Purge(what) => {
+                let (w, a) = match what {
+                    Purge::All => ("all", ""),
+                    Purge::Namespace(ns) => ("namespace", ns.as_str()),
+                    Purge::Route(r) => ("route", r.as_str()),
+                };
+                xadd.arg("k").arg("p").arg("w").arg(w).arg("a").arg(a);
+                xadd.query_async::<()>(conn).await?;
+                let pattern = match what {
+                    Purge::Namespace(ns) => self.entry_key(&glob_escape(ns), "*"),
+                    _ => self.entry_key("*", "*"),
+                };
+                self.remove_snapshot_keys(conn, &pattern, |r, c, _| match what {
+                    Purge::Route(name) => r == name || c == name,
+                    _ => true,
+                })
+                .await
+            }
+            CacheEvent::Version { name, version } => {
+                xadd.arg("k")
+                    .arg("v")
+                    .arg("a")
+                    .arg(name)
+                    .arg("n")
+                    .arg(*version);
+                xadd.query_async::<()>(conn).await?;
+                let pattern = self.entry_key("*", "*");
+                self.remove_snapshot_keys(conn, &pattern, |r, c, n| {
+                    n < *version && covered(name, r, c, named)
+                })
+                .await
+            }
+        }
+    }
+
+    /// Delete the snapshot hashes matching `pattern` for which `remove`
+    /// (route, model, version) is true.
+    async fn remove_snapshot_keys(
+        &self,
+        conn: &mut MultiplexedConnection,
+        pattern: &str,
+        remove: impl Fn(&str, &str, u32) -> bool,
+    ) -> redis::RedisResult<()> {
+        let mut cursor = 0u64;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(pattern)
+                .arg("COUNT")
+                .arg(1000)
+                .query_async(conn)
+                .await?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.cmd("HMGET").arg(k).arg("r").arg("c").arg("n");
+                }
+                let meta: Vec<(Option<String>, Option<String>, Option<u32>)> =
+                    pipe.query_async(conn).await?;
+                let doomed: Vec<&String> = keys
+                    .iter()
+                    .zip(meta)
+                    .filter(|(_, (r, c, n))| {
+                        remove(
+                            r.as_deref().unwrap_or(""),
+                            c.as_deref().unwrap_or(""),
+                            n.unwrap_or(0),
+                        )
+                    })
+                    .map(|(k, _)| k)
+                    .collect();
+                if !doomed.is_empty() {
+                    redis::cmd("DEL")
+                        .arg(doomed)
+                        .query_async::<()>(conn)
+                        .await?;
+                }
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
+    async fn run_publisher(self: Arc<Self>, shared: Arc<Shared>, mut shutdown: ShutdownWatch) {
+        let Some(mut rx) = self.outbox_rx.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        let mut conn: Option<MultiplexedConnection> = None;
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let event = tokio::select! {
+                e = rx.recv() => match e { Some(e) => e, None => return },
+                _ = shutdown.changed() => return,
+            };
+            // Retried until it is published: later events queue behind it
+            // (a full queue drops new ones, counted), so order is kept.
+            loop {
+                if conn.is_none() {
+                    conn = self.connect(self.config.timeout * 4).await.ok();
+                }
+                if let Some(c) = conn.as_mut() {
+                    let named: BTreeSet<String> = shared
+                        .runtime
+                        .load()
+                        .config
+                        .cache
+                        .routes
+                        .keys()
+                        .cloned()
+                        .collect();
+                    match self.publish_one(c, &event, &named).await {
+                        Ok(()) => {
+                            count("cache_publish", "ok");
+                            backoff = Duration::from_millis(100);
+                            break;
+                        }
+                        Err(e) => {
+                            count("cache_publish", "error");
+                            tracing::warn!(error = %e, "publishing a cache change to the fleet failed; retrying");
+                            conn = None;
+                        }
+                    }
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff) => {}
+                    _ = shutdown.changed() => return,
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+        }
+    }
+
+    // ---- applying ---------------------------------------------------------
+
+    async fn position(&self, store: &Arc<Store>) -> Option<String> {
+        let store = store.clone();
+        tokio::task::spawn_blocking(move || {
+            let cf = store.db().cf_handle(CF_META)?;
+            let v = store.db().get_cf(cf, POSITION_KEY).ok()??;
+            String::from_utf8(v).ok()
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
+    async fn save_position(&self, store: &Arc<Store>, id: String) {
+        let store = store.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Some(cf) = store.db().cf_handle(CF_META) {
+                if let Err(e) = store.db().put_cf(cf, POSITION_KEY, id.as_bytes()) {
+                    tracing::warn!(error = %e, "saving the fleet stream position failed");
+                }
+            }
+        })
+        .await;
+    }
+
+    /// Apply one insert (blocking pool).
+    async fn apply_insert(
+        &self,
+        cache: &Arc<SemanticCache>,
+        sealed: Vec<u8>,
+        vector: Vec<u8>,
+        model: &[u8],
+    ) {
+        if model != self.model_tag.as_bytes() {
+            count("cache_apply", "other_model");
+            return;
+        }
+        let embedding = (!vector.is_empty()).then(|| bytes_vector(&vector));
+        let cache = cache.clone();
+        let outcome =
+            tokio::task::spawn_blocking(move || cache.apply_remote(&sealed, embedding)).await;
+        match outcome {
+            Ok(Ok(Applied::Stored)) => count("cache_apply", "stored"),
+            Ok(Ok(Applied::Duplicate)) => count("cache_apply", "duplicate"),
+            Ok(Ok(Applied::Expired)) => count("cache_apply", "expired"),
+            Ok(Err(e)) => {
+                count("cache_apply", "rejected");
+                tracing::debug!(error = %e, "a fleet cache entry was not applied");
+            }
+            Err(_) => count("cache_apply", "rejected"),
+        }
+    }
+
+    async fn apply_message(
+        &self,
+        shared: &Shared,
+        cache: &Arc<SemanticCache>,
+        fields: &HashMap<String, Vec<u8>>,
+    ) {
+        let text = |k: &str| {
+            fields
+                .get(k)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default()
+        };
+        if text("o") == self.node {
+            return;
+        }
+        match text("k").as_str() {
+            "i" => {
+                let (Some(p), Some(m)) = (fields.get("p"), fields.get("m")) else {
+                    return count("cache_apply", "rejected");
+                };
+                let e = fields.get("e").cloned().unwrap_or_default();
+                self.apply_insert(cache, p.clone(), e, m).await;
+            }
+            "p" => {
+                let what = match (text("w").as_str(), text("a")) {
+                    ("all", _) => Purge::All,
+                    ("namespace", ns) if !ns.is_empty() => Purge::Namespace(ns),
+                    ("route", r) if !r.is_empty() => Purge::Route(r),
+                    _ => return count("cache_apply", "rejected"),
+                };
+                let c = cache.clone();
+                match tokio::task::spawn_blocking(move || c.purge(&what)).await {
+                    Ok(Ok(n)) => {
+                        count("cache_apply", "purge");
+                        tracing::info!(removed = n, "cache purge from the fleet applied");
+                    }
+                    _ => count("cache_apply", "rejected"),
+                }
+            }
+            "v" => {
+                let (name, Ok(version)) = (text("a"), text("n").parse::<u32>()) else {
+                    return count("cache_apply", "rejected");
+                };
+                let named: BTreeSet<String> = shared
+                    .runtime
+                    .load()
+                    .config
+                    .cache
+                    .routes
+                    .keys()
+                    .cloned()
+                    .collect();
+                let c = cache.clone();
+                let swept = tokio::task::spawn_blocking(move || {
+                    c.sweep(|e| e.version < version && covered(&name, &e.route, &e.model, &named))
+                })
+                .await;
+                match swept {
+                    Ok(Ok(_)) => count("cache_apply", "version"),
+                    _ => count("cache_apply", "rejected"),
+                }
+            }
+            _ => count("cache_apply", "rejected"),
+        }
+    }
+
+    /// Every live entry from the snapshot hashes; returns how many were stored.
+    async fn load_snapshot(
+        &self,
+        conn: &mut MultiplexedConnection,
+        cache: &Arc<SemanticCache>,
+    ) -> redis::RedisResult<u64> {
+        let pattern = self.entry_key("*", "*");
+        let mut cursor = 0u64;
+        let mut n = 0;
+        loop {
+            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+                .arg(cursor)
+                .arg("MATCH")
+                .arg(&pattern)
+                .arg("COUNT")
+                .arg(500)
+                .query_async(conn)
+                .await?;
+            if !keys.is_empty() {
+                let mut pipe = redis::pipe();
+                for k in &keys {
+                    pipe.cmd("HMGET").arg(k).arg("p").arg("e").arg("m");
+                }
+                let rows: Vec<[Option<Vec<u8>>; 3]> = pipe.query_async(conn).await?;
+                for [p, e, m] in rows {
+                    if let (Some(p), Some(m)) = (p, m) {
+                        self.apply_insert(cache, p, e.unwrap_or_default(), &m).await;
+                        n += 1;
+                    }
+                }
+            }
+            if next == 0 {
+                return Ok(n);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Where to read from: the saved position unless the stream has since
+    /// trimmed entries after it (`max-deleted-entry-id`, Redis 7); otherwise
+    /// (and for a gateway that never read the stream) the snapshot, then the
+    /// stream's end as it was before the snapshot was read (entries in
+    /// between arrive twice and are recognised as duplicates).
+    async fn catch_up(
+        &self,
+        conn: &mut MultiplexedConnection,
+        cache: &Arc<SemanticCache>,
+        saved: Option<String>,
+    ) -> redis::RedisResult<String> {
+        let stream = self.stream_key();
+        let info: Option<Value> = redis::cmd("XINFO")
+            .arg("STREAM")
+            .arg(&stream)
+            .query_async(conn)
+            .await
+            .ok();
+        let field = |name: &str| -> Option<String> {
+            let flat: Vec<Value> = match info.clone()? {
+                Value::Array(a) => a,
+                Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+                _ => return None,
+            };
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if bytes_of(k).is_some_and(|k| k == name.as_bytes()) {
+                    return bytes_of(v).map(|b| String::from_utf8_lossy(&b).into_owned());
+                }
+            }
+            None
+        };
+        if let Some(pos) = &saved {
+            let trimmed_past = field("max-deleted-entry-id").is_some_and(|d| id_after(&d, pos));
+            if !trimmed_past {
+                return Ok(pos.clone());
+            }
+        }
+        let last = field("last-generated-id").unwrap_or_else(|| "0-0".to_string());
+        let n = self.load_snapshot(conn, cache).await?;
+        tracing::info!(
+            entries = n,
+            behind = saved.is_some(),
+            "fleet cache snapshot loaded"
+        );
+        count("cache_snapshot", "loaded");
+        Ok(last)
+    }
+
+    async fn run_reader(self: Arc<Self>, shared: Arc<Shared>, mut shutdown: ShutdownWatch) {
+        let (Some(cache), Some(store)) = (shared.cache.clone(), shared.components.store.clone())
+        else {
+            return;
+        };
+        let stream = self.stream_key();
+        let mut saved = self.position(&store).await;
+        let mut backoff = Duration::from_millis(200);
+        'connect: loop {
+            let mut conn = match self.connect(READ_BLOCK + self.config.timeout * 4).await {
+                Ok(c) => c,
+                Err(e) => {
+                    metrics::gauge!("smartllm_fleet_cache_connected").set(0.0);
+                    tracing::debug!(error = %e, "fleet cache stream: redis unreachable");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue 'connect;
+                }
+            };
+            let mut pos = match self.catch_up(&mut conn, &cache, saved.clone()).await {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!(error = %e, "fleet cache catch-up failed; retrying");
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff) => {}
+                        _ = shutdown.changed() => return,
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                    continue 'connect;
+                }
+            };
+            metrics::gauge!("smartllm_fleet_cache_connected").set(1.0);
+            backoff = Duration::from_millis(200);
+            loop {
+                let mut xread = redis::cmd("XREAD");
+                xread
+                    .arg("COUNT")
+                    .arg(READ_COUNT)
+                    .arg("BLOCK")
+                    .arg(READ_BLOCK.as_millis() as u64)
+                    .arg("STREAMS")
+                    .arg(&stream)
+                    .arg(&pos);
+                let read = xread.query_async::<Value>(&mut conn);
+                let reply = tokio::select! {
+                    r = read => r,
+                    _ = shutdown.changed() => {
+                        self.save_position(&store, pos).await;
+                        return;
+                    }
+                };
+                let reply = match reply {
+                    Ok(v) => v,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "reading the fleet cache stream failed; reconnecting");
+                        metrics::gauge!("smartllm_fleet_cache_connected").set(0.0);
+                        saved = Some(pos);
+                        continue 'connect;
+                    }
+                };
+                let entries: Vec<(String, HashMap<String, Vec<u8>>)> = match reply {
+                    Value::Array(streams) => streams
+                        .into_iter()
+                        .flat_map(|s| match s {
+                            Value::Array(mut kv) if kv.len() == 2 => stream_entries(kv.remove(1)),
+                            _ => Vec::new(),
+                        })
+                        .collect(),
+                    Value::Map(streams) => streams
+                        .into_iter()
+                        .flat_map(|(_, v)| stream_entries(v))
+                        .collect(),
+                    _ => Vec::new(),
+                };
+                if entries.is_empty() {
+                    continue;
+                }
+                for (id, fields) in &entries {
+                    self.apply_message(&shared, &cache, fields).await;
+                    pos = id.clone();
+                }
+                self.save_position(&store, pos.clone()).await;
+            }
+        }
+    }
+
+    // ---- costs ------------------------------------------------------------
+
+    async fn run_costs(self: Arc<Self>, mut shutdown: ShutdownWatch) {
+        let Some(mut rx) = self.costs_rx.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
+        let script = redis::Script::new(ADD_COSTS);
+        let mut conn: Option<MultiplexedConnection> = None;
+        // The batch being sent (retried as it is, under its marker, until
+        // Redis confirms it) and what arrived since.
+        let mut inflight: Option<(u64, u64, Counters)> = None;
+        let mut next = Counters::new();
+        let mut next_batches = 0u64;
+        let mut seq = 0u64;
+        let mut ticker = tokio::time::interval(Duration::from_millis(500));
+        let mut stopping = false;
+        loop {
+            tokio::select! {
+                b = rx.recv() => match b {
+                    Some(batch) => {
+                        merge(&mut next, batch);
+                        next_batches += 1;
+                    }
+                    None => stopping = true,
+                },
+                _ = ticker.tick() => {}
+                _ = shutdown.changed(), if !stopping => stopping = true,
+            }
+            while let Ok(batch) = rx.try_recv() {
+                merge(&mut next, batch);
+                next_batches += 1;
+            }
+            if inflight.is_none() && next_batches > 0 {
+                seq += 1;
+                inflight = Some((
+                    seq,
+                    std::mem::take(&mut next_batches),
+                    std::mem::take(&mut next),
+                ));
+            }
+            if let Some((n, batches, counters)) = &inflight {
+                if conn.is_none() {
+                    conn = self.connect(self.config.timeout * 4).await.ok();
+                }
+                if let Some(c) = conn.as_mut() {
+                    match self.add_costs(c, &script, *n, counters).await {
+                        Ok(()) => {
+                            count("costs", "ok");
+                            self.costs_unsent.fetch_sub(*batches, Ordering::SeqCst);
+                            inflight = None;
+                        }
+                        Err(e) => {
+                            count("costs", "error");
+                            tracing::warn!(error = %e, "adding costs to the fleet view failed; retrying");
+                            conn = None;
+                        }
+                    }
+                }
+            }
+            if stopping && (inflight.is_none() || conn.is_none()) {
+                return;
+            }
+        }
+    }
+
+    async fn add_costs(
+        &self,
+        conn: &mut MultiplexedConnection,
+        script: &redis::Script,
+        seq: u64,
+        counters: &Counters,
+    ) -> redis::RedisResult<()> {
+        let mut inv = script.prepare_invoke();
+        inv.key(self.key(&format!("ledger:batch:{}:{seq}", self.node)));
+        let mut hours: Vec<u32> = Vec::new();
+        inv.arg(MARKER_SECS).arg(COST_RETENTION_SECS);
+        for (k, c) in counters {
+            let Some(hour) = k
+                .get(..4)
+                .and_then(|h| h.try_into().ok())
+                .map(u32::from_be_bytes)
+            else {
+                continue;
+            };
+            let at = match hours.iter().position(|h| *h == hour) {
+                Some(i) => i,
+                None => {
+                    hours.push(hour);
+                    inv.key(self.hour_key(hour));
+                    hours.len() - 1
+                }
+            };
+            for (i, v) in c.iter().enumerate() {
+                if *v > 0 {
+                    let mut field = k.clone();
+                    field.push(i as u8);
+                    inv.arg(at + 2).arg(field).arg(*v as i64);
+                }
+            }
+        }
+        let _: i64 = inv.invoke_async(conn).await?;
+        Ok(())
+    }
+
+    /// The fleet's ledger counters for the hours of `[from, to)`.
+    pub async fn cost_counters(
+        &self,
+        from: u64,
+        to: u64,
+    ) -> Result<Vec<(Vec<u8>, [u64; LEDGER_FIELDS])>, redis::RedisError> {
+        let mut conn = self.connect(Duration::from_secs(10)).await?;
+        let (from_h, to_h) = ((from / 3600) as u32, to.div_ceil(3600) as u32);
+        let mut out = Counters::new();
+        let hours: Vec<u32> = (from_h..to_h).collect();
+        for chunk in hours.chunks(256) {
+            let mut pipe = redis::pipe();
+            for h in chunk {
+                pipe.cmd("HGETALL").arg(self.hour_key(*h));
+            }
+            let maps: Vec<Vec<(Vec<u8>, i64)>> = pipe.query_async(&mut conn).await?;
+            for (field, v) in maps.into_iter().flatten() {
+                let Some((&i, key)) = field.split_last() else {
+                    continue;
+                };
+                if (i as usize) < LEDGER_FIELDS {
+                    out.entry(key.to_vec()).or_insert([0; LEDGER_FIELDS])[i as usize] +=
+                        v.max(0) as u64;
+                }
+            }
+        }
+        Ok(out.into_iter().collect())
+    }
+}
+
+/// Ledger counters by key (hour first), summed.
+type Counters = HashMap<Vec<u8>, [u64; LEDGER_FIELDS]>;
+
+fn merge(into: &mut Counters, batch: FleetBatch) {
+    for (k, c) in batch {
+        let acc = into.entry(k).or_insert([0; LEDGER_FIELDS]);
+        for i in 0..LEDGER_FIELDS {
+            acc[i] += c[i];
+        }
+    }
+}
+
+/// Whether a version change of `name` covers an entry of this route and
+/// model (`*`: those with no policy of their own among `named`).
+fn covered(name: &str, route: &str, model: &str, named: &BTreeSet<String>) -> bool {
+    if name == "*" {
+        !named.contains(route) && !named.contains(model)
+    } else {
+        route == name || model == name
+    }
+}
+
+/// `MATCH` patterns treat `*?[]\` specially.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// Whether stream id `a` comes after `b` (`MS-SEQ`).
+fn id_after(a: &str, b: &str) -> bool {
+    let parse = |s: &str| {
+        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
+        (
+            ms.parse::<u64>().unwrap_or(0),
+            seq.parse::<u64>().unwrap_or(0),
+        )
+    };
+    parse(a) > parse(b)
+}
+
+/// `[[id, [field, value, ...]], ...]` as (id, fields).
+fn stream_entries(v: Value) -> Vec<(String, HashMap<String, Vec<u8>>)> {
+    let Value::Array(items) = v else {
+        return Vec::new();
+    };
+    items
+        .into_iter()
+        .filter_map(|item| {
+            let Value::Array(mut pair) = item else {
+                return None;
+            };
+            if pair.len() != 2 {
+                return None;
+            }
+            let fields = pair.pop()?;
+            let id = bytes_of(pair.pop()?)?;
+            let mut map = HashMap::new();
+            let flat: Vec<Value> = match fields {
+                Value::Array(f) => f,
+                Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
+                _ => Vec::new(),
+            };
+            let mut it = flat.into_iter();
+            while let (Some(k), Some(v)) = (it.next(), it.next()) {
+                if let (Some(k), Some(v)) = (bytes_of(k), bytes_of(v)) {
+                    map.insert(String::from_utf8_lossy(&k).into_owned(), v);
+                }
+            }
+            Some((String::from_utf8_lossy(&id).into_owned(), map))
+        })
+        .collect()
+}
+
+fn bytes_of(v: Value) -> Option<Vec<u8>> {
+    match v {
+        Value::BulkString(b) => Some(b),
+        Value::SimpleString(s) => Some(s.into_bytes()),
+        Value::Int(i) => Some(i.to_string().into_bytes()),
+        _ => None,
+    }
+}
+
+fn vector_bytes(v: &[f32]) -> Vec<u8> {
+    v.iter().flat_map(|x| x.to_le_bytes()).collect()
+}
+
+fn bytes_vector(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+        .collect()
+}
+
+/// Runs the publisher, the stream reader and the cost adder.
+pub struct FleetSyncService {
+    pub shared: Arc<Shared>,
+}
+
+#[async_trait]
+impl BackgroundService for FleetSyncService {
+    async fn start(&self, shutdown: ShutdownWatch) {
+        let Some(sync) = self.shared.fleet_sync.clone() else {
+            return;
+        };
+        let tasks = tokio_util::task::TaskTracker::new();
+        if sync.config.share_cache {
+            tasks.spawn(
+                sync.clone()
+                    .run_publisher(self.shared.clone(), shutdown.clone()),
+            );
+            tasks.spawn(
+                sync.clone()
+                    .run_reader(self.shared.clone(), shutdown.clone()),
+            );
+        }
+        if sync.config.share_costs {
+            tasks.spawn(sync.clone().run_costs(shutdown.clone()));
+        }
+        tasks.close();
+        tasks.wait().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vectors_round_trip() {
+        let v = vec![0.25f32, -1.5, 3.0e-7];
+        assert_eq!(bytes_vector(&vector_bytes(&v)), v);
+    }
+
+    #[test]
+    fn stream_ids_compare_as_numbers() {
+        assert!(id_after("5-2", "5-1"));
+        assert!(id_after("10-0", "9-7"));
+        assert!(!id_after("5-1", "5-1"));
+        assert!(!id_after("0-0", "5-1"));
+    }
+
+    #[test]
+    fn version_changes_cover_their_route_or_the_defaults() {
+        let named: BTreeSet<String> = ["auto".to_string()].into();
+        assert!(covered("auto", "auto", "m", &named));
+        assert!(!covered("auto", "other", "m", &named));
+        assert!(covered("*", "other", "m", &named));
+        assert!(!covered("*", "auto", "m", &named));
+    }
+
+    #[test]
+    fn stream_replies_parse() {
+        let reply = Value::Array(vec![Value::Array(vec![
+            Value::BulkString(b"1-0".to_vec()),
+            Value::Array(vec![
+                Value::BulkString(b"o".to_vec()),
+                Value::BulkString(b"n1".to_vec()),
+                Value::BulkString(b"k".to_vec()),
+                Value::BulkString(b"i".to_vec()),
+            ]),
+        ])]);
+        let e = stream_entries(reply);
+        assert_eq!(e.len(), 1);
+        assert_eq!(e[0].0, "1-0");
+        assert_eq!(e[0].1["k"], b"i");
+        assert_eq!(glob_escape("a*b"), "a\\*b");
+    }
+}

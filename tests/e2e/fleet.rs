@@ -1,0 +1,240 @@
+//! A fleet of gateways sharing one real redis-server (`fleet.share_cache`,
+//! `fleet.share_costs`): an answer stored through one gateway is a hit
+//! through the others, purges reach every gateway, a gateway started later
+//! loads what the fleet holds, Redis going away fails no request and the
+//! gateways catch up when it returns, and the fleet's cost view is the sum of
+//! the gateways' own ledgers.
+
+use crate::common::*;
+use serde_json::Value;
+use smartllm_e2e::*;
+use std::time::{Duration, Instant};
+
+fn node(mock: &Mock, redis_url: &str) -> Gateway {
+    let providers = format!("providers:\n{}", mock_provider("mock", mock));
+    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    deployments:\n      - provider: mock\n        model: mock-small\n";
+    let cfg = ConfigDir::new(
+        "",
+        &format!(
+            "demo:\n  mode: off\nfleet:\n  redis: {redis_url}\n  key_prefix: e2e-fleet\n  timeout: 300ms\n  share_cache: true\n"
+        ),
+        &providers,
+        models,
+        "routes:\n  auto:\n    model: small\n",
+    );
+    // Every gateway holds the fleet's cache key: entries travel sealed.
+    std::fs::write(cfg.path().join("cache.key"), "5e".repeat(32)).unwrap();
+    cfg.write(
+        "cache.yaml",
+        "cache:\n  enabled: true\n  similarity_threshold: 0.95\n  encryption_key_file: cache.key\n",
+    );
+    Gateway::start(cfg)
+}
+
+fn stats(gw: &Gateway) -> Value {
+    get(&gw.admin, "/admin/cache/stats").json()["stats"].clone()
+}
+
+fn entries(gw: &Gateway) -> u64 {
+    stats(gw)["l1_entries"].as_u64().unwrap_or(0)
+}
+
+fn q(text: &str) -> Value {
+    chat_body("auto", text)
+}
+
+fn total(v: &Value) -> (u64, f64) {
+    (
+        v["total"]["requests"].as_u64().unwrap_or(0),
+        v["total"]["cost_usd"].as_f64().unwrap_or(0.0),
+    )
+}
+
+#[test]
+fn three_gateways_share_one_cache_and_one_cost_view_through_redis() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let mock = Mock::start(&[]);
+    let a = node(&mock, &url);
+    let b = node(&mock, &url);
+    let c = node(&mock, &url);
+
+    // A question answered through A is a semantic hit through B and an exact
+    // one through C, within a second, and never reaches the model again.
+    let first = ask(&a, "key-1", &q("How do I reset my password?"));
+    assert_eq!((first.status, cache_header(&first)), (200, "miss"));
+    let answered = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(1), || entries(&b) >= 1
+            && entries(&c) >= 1),
+        "the entry did not reach B and C within a second: {} {}",
+        stats(&b),
+        stats(&c)
+    );
+    let upstream = mock.requests();
+    let para = ask(&b, "key-1", &q("What is the way to reset my password?"));
+    assert_eq!(cache_header(&para), "hit-semantic", "{:?}", para.headers);
+    assert_eq!(para.json()["choices"], first.json()["choices"]);
+    let exact = ask(&c, "key-1", &q("How do I reset my password?"));
+    assert_eq!(cache_header(&exact), "hit-exact");
+    assert_eq!(mock.requests(), upstream, "hits never reach the upstream");
+    eprintln!("replicated and served in {:?}", answered.elapsed());
+    // Tenants stay apart on every gateway: another key misses.
+    assert_eq!(
+        cache_header(&ask(&c, "key-2", &q("How do I reset my password?"))),
+        "miss"
+    );
+
+    // The fleet's cost view: the same from every gateway, the sum of theirs.
+    let own: Vec<(u64, f64)> = [&a, &b, &c]
+        .iter()
+        .map(|g| total(&get(&g.admin, "/admin/costs?since=1h").json()))
+        .collect();
+    let sum = own.iter().fold((0, 0.0), |s, t| (s.0 + t.0, s.1 + t.1));
+    assert_eq!(sum.0, 4, "{own:?}");
+    for g in [&a, &b, &c] {
+        let mut fleet = (0, 0.0);
+        assert!(
+            wait_until(Duration::from_secs(5), || {
+                fleet = total(&get(&g.admin, "/admin/costs?since=1h&scope=fleet").json());
+                fleet.0 == sum.0
+            }),
+            "fleet view {fleet:?}, gateways {own:?}"
+        );
+        assert!((fleet.1 - sum.1).abs() < 1e-6, "{fleet:?} vs {sum:?}");
+    }
+    let by_model = get(
+        &b.admin,
+        "/admin/costs?since=1h&scope=fleet&group_by=model,tenant",
+    );
+    assert_eq!(by_model.status, 200);
+    assert_eq!(by_model.json()["rows"].as_array().unwrap().len(), 2);
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["costs", "--config", c.config.path().to_str().unwrap()])
+        .args(["--since", "1h", "--by", "tenant", "--csv", "--fleet"])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    let requests: u64 = csv
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split(',').nth(1)?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(requests, sum.0, "{csv}");
+
+    // A purge on B reaches every gateway.
+    let purge = request(&b.admin, "POST", "/admin/cache/purge?all=true", &[], b"").unwrap();
+    assert_eq!(purge.status, 200, "{}", purge.text());
+    assert!(
+        wait_until(Duration::from_secs(2), || entries(&a) == 0
+            && entries(&c) == 0),
+        "{} {}",
+        stats(&a),
+        stats(&c)
+    );
+    assert_eq!(
+        cache_header(&ask(&a, "key-1", &q("How do I reset my password?"))),
+        "miss"
+    );
+
+    // A gateway started later serves what the fleet stored before it.
+    let stored = ask(&c, "key-1", &q("Which port does PostgreSQL listen on?"));
+    assert_eq!(cache_header(&stored), "miss");
+    assert!(wait_until(Duration::from_secs(2), || entries(&a) >= 2));
+    let d = node(&mock, &url);
+    assert!(
+        wait_until(Duration::from_secs(5), || entries(&d) >= 2),
+        "{}",
+        stats(&d)
+    );
+    let late = ask(&d, "key-1", &q("What port does PostgreSQL listen on?"));
+    assert_eq!(cache_header(&late), "hit-semantic", "{:?}", late.headers);
+    assert_eq!(late.json()["choices"], stored.json()["choices"]);
+
+    // Redis killed under load: no request fails. Answers stored meanwhile
+    // reach the others once it is back.
+    let port = redis.port;
+    let gateways = [a.addr.clone(), b.addr.clone(), c.addr.clone()];
+    let workers: Vec<_> = (0..6)
+        .map(|w| {
+            let addr = gateways[w % 3].clone();
+            std::thread::spawn(move || {
+                let mut failed = Vec::new();
+                for i in 0..40 {
+                    let body = q(&format!("Load question {} of worker {w}", i % 10));
+                    let r = request(
+                        &addr,
+                        "POST",
+                        "/v1/chat/completions",
+                        &[("Authorization", "Bearer key-load")],
+                        &serde_json::to_vec(&body).unwrap(),
+                    );
+                    match r {
+                        Ok(r) if r.status == 200 => {}
+                        Ok(r) => failed.push(format!("{} {}", r.status, r.text())),
+                        Err(e) => failed.push(e.to_string()),
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                failed
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(150));
+    redis.stop();
+    let failed: Vec<String> = workers
+        .into_iter()
+        .flat_map(|w| w.join().unwrap())
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
+    let during = ask(&a, "key-1", &q("How many bytes are in a kibibyte?"));
+    assert_eq!((during.status, cache_header(&during)), (200, "miss"));
+    let applied = |g: &Gateway| {
+        ["stored", "duplicate"]
+            .iter()
+            .map(|o| {
+                g.metric(
+                    "smartllm_fleet_sync_total",
+                    &[("what", "cache_apply"), ("outcome", o)],
+                )
+            })
+            .sum::<f64>()
+    };
+    let before = applied(&b);
+    let _redis = Redis::start_on(port);
+    // Asking B before the entry arrives would store B's own answer: wait
+    // until B has applied what A queued while Redis was away, then ask once.
+    let mut last = before;
+    let mut steady = 0;
+    assert!(
+        wait_until(Duration::from_secs(20), || {
+            let now = applied(&b);
+            steady = if now == last && now > before {
+                steady + 1
+            } else {
+                0
+            };
+            last = now;
+            std::thread::sleep(Duration::from_millis(300));
+            steady >= 3
+        }),
+        "B applied nothing after Redis returned ({before} -> {last})"
+    );
+    let caught_up = ask(&b, "key-1", &q("How many bytes are in a kibibyte?"));
+    assert_eq!(
+        cache_header(&caught_up),
+        "hit-exact",
+        "{:?}",
+        caught_up.headers
+    );
+    assert_eq!(caught_up.json()["choices"], during.json()["choices"]);
+}
+
+#[test]
+fn the_fleet_cost_view_needs_the_fleet() {
+    let mock = Mock::start(&[]);
+    let gw = Gateway::start(ledger_gateway(&mock, ""));
+    let r = get(&gw.admin, "/admin/costs?scope=fleet");
+    assert_eq!(r.status, 409, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "fleet_unavailable");
+}
