@@ -151,6 +151,32 @@ fn three_gateways_share_one_cache_and_one_cost_view_through_redis() {
     assert_eq!(cache_header(&late), "hit-semantic", "{:?}", late.headers);
     assert_eq!(late.json()["choices"], stored.json()["choices"]);
 
+    // A cache version bump reloaded on A removes the route's older entries
+    // on every gateway, before their own configs catch up; then the rest of
+    // the fleet gets the same config.
+    let bumped = "cache:\n  enabled: true\n  similarity_threshold: 0.95\n  encryption_key_file: cache.key\n  routes:\n    auto:\n      version: 2\n";
+    a.config.write("cache.yaml", bumped);
+    let reloaded = request(&a.admin, "POST", "/admin/reload", &[], b"").unwrap();
+    assert_eq!(reloaded.status, 200, "{}", reloaded.text());
+    assert!(
+        wait_until(Duration::from_secs(3), || [&b, &c, &d]
+            .iter()
+            .all(|g| entries(g) == 0)),
+        "{} {} {}",
+        stats(&b),
+        stats(&c),
+        stats(&d)
+    );
+    for g in [&b, &c, &d] {
+        g.config.write("cache.yaml", bumped);
+        assert_eq!(
+            request(&g.admin, "POST", "/admin/reload", &[], b"")
+                .unwrap()
+                .status,
+            200
+        );
+    }
+
     // Redis killed under load: no request fails. Answers stored meanwhile
     // reach the others once it is back.
     let port = redis.port;
