@@ -75,7 +75,10 @@ fn shipped_conf_sends_simple_prompts_to_cheap_models_and_code_or_reasoning_to_st
             "{prompt}: {}",
             route_header(&r)
         );
-        assert_eq!(route_header(&r), "auto; model=gpt-4o-mini; reason=utility");
+        assert_eq!(
+            route_header(&r),
+            "auto; model=gpt-4o-mini; reason=utility; cost_rule=log"
+        );
     }
     for prompt in [
         "Implement a thread-safe LRU cache in Rust with O(1) operations and explain the memory ordering.",
@@ -98,7 +101,7 @@ fn shipped_conf_sends_simple_prompts_to_cheap_models_and_code_or_reasoning_to_st
     );
     assert_eq!(
         route_header(&r),
-        "auto; model=claude-sonnet-4; reason=rule:premium"
+        "auto; model=claude-sonnet-4; reason=rule:premium; cost_rule=log"
     );
     assert!(
         r.json()["choices"][0]["message"]["content"].is_string(),
@@ -112,7 +115,7 @@ fn shipped_conf_sends_simple_prompts_to_cheap_models_and_code_or_reasoning_to_st
     );
     assert_eq!(r.status, 200);
     assert!(
-        route_header(&r).ends_with("reason=learned"),
+        route_header(&r).ends_with("reason=learned; cost_rule=log"),
         "{}",
         route_header(&r)
     );
@@ -214,14 +217,17 @@ fn a_latency_budget_excludes_a_model_measured_as_slow() {
     // Its profile says 50ms: the better model is chosen...
     let r = gw.chat(&chat_body("r", "first"));
     assert_eq!(r.status, 200);
-    assert_eq!(route_header(&r), "r; model=big; reason=utility");
+    assert_eq!(
+        route_header(&r),
+        "r; model=big; reason=utility; cost_rule=log"
+    );
     // ...and measured at 400ms, it no longer fits the 250ms budget.
     for i in 0..3 {
         let r = gw.chat(&chat_body("r", &format!("next {i}")));
         assert_eq!(r.status, 200);
         assert_eq!(
             route_header(&r),
-            "r; model=small; reason=utility",
+            "r; model=small; reason=utility; cost_rule=log",
             "request {i}"
         );
     }
@@ -277,7 +283,10 @@ fn failover_to_the_next_candidate_and_the_circuit_breaker_opens_and_closes() {
         let r = gw.chat(&chat_body("r", &format!("q{i}")));
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(r.header("x-smartllm-model"), Some("small"));
-        assert_eq!(route_header(&r), "r; model=small; reason=fallback:big");
+        assert_eq!(
+            route_header(&r),
+            "r; model=small; reason=fallback:big; cost_rule=log"
+        );
     }
     assert_eq!(
         gw.metric(
@@ -293,7 +302,10 @@ fn failover_to_the_next_candidate_and_the_circuit_breaker_opens_and_closes() {
         2.0
     );
     let r = gw.chat(&chat_body("r", "while open"));
-    assert_eq!(route_header(&r), "r; model=small; reason=utility");
+    assert_eq!(
+        route_header(&r),
+        "r; model=small; reason=utility; cost_rule=log"
+    );
     let models = get(&gw.admin, "/admin/models").json();
     let b = models["models"]
         .as_array()
@@ -309,7 +321,10 @@ fn failover_to_the_next_candidate_and_the_circuit_breaker_opens_and_closes() {
     std::thread::sleep(Duration::from_millis(1100));
     let r = gw.chat(&chat_body("r", "after cooldown"));
     assert_eq!(r.status, 200);
-    assert_eq!(route_header(&r), "r; model=big; reason=utility");
+    assert_eq!(
+        route_header(&r),
+        "r; model=big; reason=utility; cost_rule=log"
+    );
     // The success is recorded once the answer is written: wait for it.
     assert!(wait_until(Duration::from_secs(5), || gw
         .metric("smartllm_circuit_state", &[("deployment", &id)])
@@ -482,4 +497,94 @@ fn cache_hits_on_the_shipped_auto_alias_are_recorded_with_the_model_that_answere
         row["saved_usd"].as_f64().unwrap(),
     );
     assert!(spent > 0.0 && (saved - spent).abs() < 1e-12, "{row}");
+}
+
+/// Users' scores move the router: thumbs down on the better-profiled model's
+/// answers until the router prefers the other one. Only the tenant that
+/// made a request can score it.
+#[test]
+fn feedback_moves_the_routers_expected_quality() {
+    let big = Mock::start(&[]);
+    let small = Mock::start(&[]);
+    let gw = two_model_gateway(
+        &big,
+        &small,
+        "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
+    );
+    let ask = |key: &str, text: &str| {
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", &format!("Bearer {key}"))],
+            &serde_json::to_vec(&chat_body("r", text)).unwrap(),
+        )
+        .unwrap()
+    };
+    let feedback = |key: &str, body: Value| {
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/feedback",
+            &[("Authorization", &format!("Bearer {key}"))],
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .unwrap()
+    };
+    let first = ask("sk-team-a", "Hello there, how are you?");
+    assert_eq!(first.header("x-smartllm-model"), Some("big"));
+    let id = first.header("x-request-id").unwrap().to_string();
+    // Another tenant cannot score it; bad bodies get clear errors.
+    let r = feedback("sk-team-b", json!({"request_id": id, "thumbs": "down"}));
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "request_not_found");
+    let r = feedback("sk-team-a", json!({"request_id": id, "score": 3}));
+    assert_eq!(
+        (r.status, r.api_error()["param"].clone()),
+        (400, json!("score"))
+    );
+    let r = feedback("sk-team-a", json!({"request_id": id, "thumbs": "down"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v = r.json();
+    assert_eq!(
+        (v["model"].as_str(), v["task"].as_str()),
+        (Some("big"), Some("chat"))
+    );
+    assert!(
+        v["quality"]["now"].as_f64() < v["quality"]["profile"].as_f64(),
+        "{v}"
+    );
+    // Enough thumbs down and the router expects less of big than of small.
+    let mut moved = None;
+    for i in 0..40 {
+        let r = ask("sk-team-a", &format!("Hello there, how are you? ({i})"));
+        assert_eq!(r.status, 200);
+        if r.header("x-smartllm-model") == Some("small") {
+            moved = Some(i);
+            break;
+        }
+        let id = r.header("x-request-id").unwrap().to_string();
+        let f = feedback("sk-team-a", json!({"request_id": id, "thumbs": "down"}));
+        assert_eq!(f.status, 200, "{}", f.text());
+    }
+    // Votes cast before the move: the first request's and one per turn.
+    let votes = moved.expect("the router never moved off big") + 1;
+    assert!(
+        (3..=20).contains(&votes),
+        "moved after {votes} votes: one vote must not flip it, twenty must"
+    );
+    let models = get(&gw.admin, "/admin/models").json();
+    let bigm = models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == "big")
+        .unwrap()
+        .clone();
+    assert_eq!(
+        bigm["feedback"]["chat"]["votes"].as_u64(),
+        Some(votes as u64),
+        "{bigm}"
+    );
+    assert_eq!(bigm["feedback"]["chat"]["mean_score"], 0.0);
 }

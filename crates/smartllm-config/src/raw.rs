@@ -378,6 +378,11 @@ pub struct RawRoute {
     /// Budget use (0-1) above which the router shifts towards cheaper
     /// candidates (default 0.8).
     pub budget_pressure_at: Option<f64>,
+    /// `log` (default), `linear` or `cheapest_within`.
+    pub cost_rule: Option<String>,
+    /// For `cheapest_within`: how much lower (a share, 0-0.5) the chosen
+    /// model's expected quality may be than the best candidate's (default 0.02).
+    pub quality_tolerance: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -256,6 +256,35 @@ pub struct RouteConfig {
     pub max_fallbacks: usize,
     pub experiment: Option<Experiment>,
     pub budget_pressure_at: f64,
+    /// How expected dollars weigh against expected quality.
+    pub cost_rule: CostRule,
+}
+
+/// How a routed alias trades expected cost against expected quality.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum CostRule {
+    /// Utility with cost relative to the dearest candidate (the rule before
+    /// `log`): with one expensive candidate, the cheap ones barely differ.
+    Linear,
+    /// Utility with cost placed between the cheapest candidate (0) and the
+    /// dearest (1) on a log scale: the extremes weigh as under `linear`, and
+    /// every doubling of the price in between counts the same.
+    Log,
+    /// The cheapest candidate whose expected quality is within this share of
+    /// the best candidate's (latency breaks ties through utility).
+    CheapestWithin(f64),
+}
+
+impl CostRule {
+    pub fn as_str(&self) -> String {
+        match self {
+            CostRule::Linear => "linear".into(),
+            CostRule::Log => "log".into(),
+            CostRule::CheapestWithin(t) => {
+                format!("cheapest_within:{}%", (t * 1000.0).round() / 10.0)
+            }
+        }
+    }
 }
 
 impl RouteConfig {
@@ -273,6 +302,7 @@ impl RouteConfig {
             max_fallbacks: 2,
             experiment: None,
             budget_pressure_at: 0.8,
+            cost_rule: CostRule::Log,
         }
     }
 

@@ -380,6 +380,7 @@ impl AdminApp {
     fn models(&self) -> Value {
         let rt = self.shared.runtime.load_full();
         let live = self.shared.profiles.all();
+        let feedback = self.shared.feedback.snapshot();
         let models: Vec<Value> = rt
             .config
             .models
@@ -429,6 +430,17 @@ impl AdminApp {
                             }},
                     },
                     "live": live.get(&m.name),
+                    // Users' scores by task, and the quality the router now expects there.
+                    "feedback": feedback.get(&m.name).map(|by_task| {
+                        by_task
+                            .iter()
+                            .map(|(task, v)| {
+                                let t = smartllm_config::Task::parse(task).unwrap_or(smartllm_config::Task::Chat);
+                                (task.to_string(), json!({"votes": v.votes, "mean_score": v.mean(),
+                                    "quality": self.shared.feedback.quality(&m.name, t, p.quality(t))}))
+                            })
+                            .collect::<serde_json::Map<String, Value>>()
+                    }),
                     "deployments": deployments,
                 })
             })

@@ -57,6 +57,8 @@ pub struct Ctx {
     /// Why this model serves the request (`alias`, `budget`, the router's
     /// reason, `fallback:MODEL`), for `x-smartllm-route`.
     pub route_reason: String,
+    /// How the router weighed cost (`log`, `cheapest_within:2%`), for `x-smartllm-route`.
+    pub route_cost_rule: Option<String>,
     /// (experiment, arm) of a routed request in an A/B experiment.
     pub experiment: Option<(String, String)>,
     /// Counted in `Shared::in_flight` (released in the logging phase).
@@ -110,6 +112,7 @@ impl Ctx {
             usage_estimated: false,
             precharged_tokens: 0,
             route_reason: "alias".into(),
+            route_cost_rule: None,
             experiment: None,
             in_flight: false,
             tag: None,

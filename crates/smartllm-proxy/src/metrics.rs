@@ -348,6 +348,11 @@ pub fn route_decision(route: &str, model: &str, reason: &str) {
         .increment(1);
 }
 
+/// A user's score of an answer (`POST /v1/feedback`).
+pub fn feedback(model: &str, task: &'static str) {
+    counter!("smartllm_feedback_total", "model" => model.to_string(), "task" => task).increment(1);
+}
+
 pub fn route_decision_seconds(secs: f64) {
     histogram!(smartllm_router::metric_names::DECISION_SECONDS).record(secs);
 }

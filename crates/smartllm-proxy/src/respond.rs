@@ -47,9 +47,14 @@ pub fn header(
     }
     if let Some(r) = &ctx.route {
         let model = ctx.model().unwrap_or("-");
+        let rule = ctx
+            .route_cost_rule
+            .as_deref()
+            .map(|c| format!("; cost_rule={c}"))
+            .unwrap_or_default();
         h.insert_header(
             "x-smartllm-route",
-            format!("{r}; model={model}; reason={}", ctx.route_reason),
+            format!("{r}; model={model}; reason={}{rule}", ctx.route_reason),
         )?;
     }
     if let Some((e, arm)) = &ctx.experiment {

@@ -46,6 +46,9 @@ impl ModelState for GatewayState<'_> {
             .pool(model)
             .is_some_and(|p| pool_available(self.shared, p))
     }
+    fn quality(&self, model: &str, task: smartllm_router::Task, prior: f64) -> f64 {
+        self.shared.feedback.quality(model, task, prior)
+    }
 }
 
 /// Headers the rules may look at (never credentials).

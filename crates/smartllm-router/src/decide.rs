@@ -7,13 +7,21 @@ use crate::learned::LearnedRouter;
 use crate::profiles::LiveSnapshot;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use smartllm_config::{Config, ModelConfig, RouteConfig, RouteRule, StickyBy, Strategy, Task};
+use smartllm_config::{
+    Config, CostRule, ModelConfig, RouteConfig, RouteRule, StickyBy, Strategy, Task,
+};
 
 /// What the router needs to know about models right now.
 pub trait ModelState {
     fn live(&self, model: &str) -> Option<LiveSnapshot>;
     /// A deployment is healthy and its circuit lets traffic through.
     fn available(&self, model: &str) -> bool;
+    /// The expected quality of `model` on `task` given `prior` (the
+    /// profile's or the learned router's), moved by what users reported
+    /// (`POST /v1/feedback`).
+    fn quality(&self, _model: &str, _task: Task, prior: f64) -> f64 {
+        prior
+    }
 }
 
 /// No live data, everything available (for `route explain` and tests).
@@ -69,6 +77,28 @@ pub struct Decision {
     pub fallbacks: Vec<String>,
     pub candidates: Vec<Candidate>,
     pub weights: (f64, f64, f64),
+    /// How cost weighed (`log`, `linear`, `cheapest_within:2%`; the
+    /// tolerance as widened by budget pressure).
+    pub cost_rule: String,
+}
+
+/// The cheapest expected cost the log rule tells apart (a billionth of a dollar).
+const MIN_COST: f64 = 1e-9;
+
+/// A candidate's cost term in its utility: under `linear` its cost over the
+/// dearest's; under `log` where its price lies between the cheapest (0) and
+/// the dearest (1) on a log scale, so every doubling counts the same.
+fn cost_term(rule: CostRule, cost: f64, min_cost: f64, max_cost: f64) -> f64 {
+    match rule {
+        CostRule::Linear => cost / max_cost,
+        CostRule::Log | CostRule::CheapestWithin(_) => {
+            let (lo, hi) = (min_cost.max(MIN_COST), max_cost.max(MIN_COST));
+            if hi / lo < 1.000_001 {
+                return 0.0;
+            }
+            ((cost.max(MIN_COST) / lo).ln() / (hi / lo).ln()).clamp(0.0, 1.0)
+        }
+    }
 }
 
 fn rule_matches(rule: &RouteRule, f: &Features, req: &RequestInfo<'_>) -> bool {
@@ -220,6 +250,7 @@ pub fn decide(
                 .unwrap_or_else(|| profile_quality(m, f.task, f.complexity)),
             _ => profile_quality(m, f.task, f.complexity),
         };
+        quality = state.quality(name, f.task, quality);
         // A model that fails often delivers less.
         if let Some(l) = &live {
             quality *= 1.0 - l.error_rate.clamp(0.0, 1.0) * 0.5;
@@ -262,12 +293,16 @@ pub fn decide(
             excluded,
         });
     }
-    // Normalise cost and latency over the candidates (1 = the most expensive / slowest).
+    // Cost per the route's rule; latency relative to the slowest candidate.
     let max_cost = cands
         .iter()
         .map(|c| c.expected_cost_usd)
         .fold(0.0, f64::max)
         .max(1e-12);
+    let min_cost = cands
+        .iter()
+        .map(|c| c.expected_cost_usd)
+        .fold(f64::INFINITY, f64::min);
     let max_lat = cands
         .iter()
         .map(|c| c.expected_latency_ms)
@@ -275,16 +310,41 @@ pub fn decide(
         .max(1e-9);
     for c in &mut cands {
         c.utility = w.quality * c.quality
-            - w.cost * c.expected_cost_usd / max_cost
+            - w.cost * cost_term(route.cost_rule, c.expected_cost_usd, min_cost, max_cost)
             - w.latency * c.expected_latency_ms / max_lat;
     }
     let mut order: Vec<usize> = (0..cands.len()).collect();
     order.sort_by(|a, b| cands[*b].utility.total_cmp(&cands[*a].utility));
-    let feasible: Vec<usize> = order
+    let mut feasible: Vec<usize> = order
         .iter()
         .copied()
         .filter(|i| cands[*i].excluded.is_none())
         .collect();
+    let mut cost_rule = route.cost_rule;
+    if let CostRule::CheapestWithin(tolerance) = route.cost_rule {
+        // Budget pressure accepts up to 15 more points of expected quality loss.
+        let tolerance = (tolerance + 0.15 * over).min(0.5);
+        cost_rule = CostRule::CheapestWithin(tolerance);
+        let best = feasible
+            .iter()
+            .map(|i| cands[*i].quality)
+            .fold(f64::NEG_INFINITY, f64::max);
+        // The cheapest near-best first (utility breaks ties), the rest by utility.
+        if let Some(pick) = feasible
+            .iter()
+            .copied()
+            .filter(|i| cands[*i].quality >= best * (1.0 - tolerance))
+            .min_by(|a, b| {
+                cands[*a]
+                    .expected_cost_usd
+                    .total_cmp(&cands[*b].expected_cost_usd)
+                    .then(cands[*b].utility.total_cmp(&cands[*a].utility))
+            })
+        {
+            feasible.retain(|i| *i != pick);
+            feasible.insert(0, pick);
+        }
+    }
 
     let base = if use_learned { "learned" } else { "utility" };
     let (model, mut reason) = if let Some((m, why)) = pinned.filter(|(m, _)| state.available(m)) {
@@ -344,6 +404,7 @@ pub fn decide(
         fallbacks,
         candidates: cands,
         weights: (w.quality, w.cost, w.latency),
+        cost_rule: cost_rule.as_str(),
     }
 }
 
@@ -406,6 +467,74 @@ mod tests {
         fn available(&self, m: &str) -> bool {
             m != self.0
         }
+    }
+
+    /// Two cheap models a price doubling apart, one slightly better, and a
+    /// dear one: under the linear rule the dear candidate flattens the cheap
+    /// ones' price difference to nothing; under the log rule a doubling
+    /// counts the same whatever else is a candidate.
+    #[test]
+    fn price_differences_count_at_every_scale() {
+        let (mut cfg, mut r) = setup();
+        cfg.models = vec![
+            model("cheap-a", 0.700, 0.1, 0.4),
+            model("cheap-b", 0.75, 0.2, 0.8),
+            model("dear", 0.99, 15.0, 75.0),
+        ];
+        r.candidates = vec!["cheap-a".into(), "cheap-b".into(), "dear".into()];
+        // Quality matters less than usual here, so the dear model does not win outright.
+        r.weights = Weights {
+            quality: 0.3,
+            cost: 0.6,
+            latency: 0.1,
+        };
+        let f = features("Hello, how are you?");
+        let pick = |r: &RouteConfig, cfg: &Config| {
+            decide(
+                cfg,
+                r,
+                &f,
+                None,
+                None,
+                &RequestInfo::default(),
+                &StaticState,
+            )
+        };
+        r.cost_rule = CostRule::Linear;
+        let d = pick(&r, &cfg);
+        assert_eq!(d.model, "cheap-b", "{:?}", d.candidates);
+        r.cost_rule = CostRule::Log;
+        let d = pick(&r, &cfg);
+        assert_eq!(d.model, "cheap-a", "{:?}", d.candidates);
+        assert_eq!(d.cost_rule, "log");
+        // Without the dear candidate the log rule decides the same.
+        let mut without = r.clone();
+        without.candidates.pop();
+        assert_eq!(pick(&without, &cfg).model, "cheap-a");
+
+        // The cheapest within a share of the best expected quality: the
+        // cheap ones are well below the dear one for this prompt.
+        let q = |d: &Decision, m: &str| d.candidates.iter().find(|c| c.model == m).unwrap().quality;
+        let gap = 1.0 - q(&d, "cheap-a") / q(&d, "dear");
+        assert!(gap > 0.1, "{gap}");
+        r.cost_rule = CostRule::CheapestWithin(0.02);
+        let d = pick(&r, &cfg);
+        assert_eq!(
+            (d.model.as_str(), d.cost_rule.as_str()),
+            ("dear", "cheapest_within:2%")
+        );
+        r.cost_rule = CostRule::CheapestWithin(gap + 0.01);
+        assert_eq!(pick(&r, &cfg).model, "cheap-a");
+        // Budget pressure widens the tolerance (by up to 15 points).
+        r.cost_rule = CostRule::CheapestWithin(gap - 0.05);
+        assert_eq!(pick(&r, &cfg).model, "dear");
+        let pressed = RequestInfo {
+            budget_pressure: 1.0,
+            ..RequestInfo::default()
+        };
+        let d = decide(&cfg, &r, &f, None, None, &pressed, &StaticState);
+        assert_eq!(d.model, "cheap-a", "{}", d.cost_rule);
+        assert!(d.reason.ends_with("+budget"));
     }
 
     #[test]

@@ -72,8 +72,8 @@ pub fn explain(config: &Path, route: &str, prompt: &str, as_json: bool) -> anyho
         f.language, f.has_code, f.has_math, f.has_tools, f.has_images
     );
     println!(
-        "weights: quality={:.2} cost={:.2} latency={:.2}",
-        d.weights.0, d.weights.1, d.weights.2
+        "weights: quality={:.2} cost={:.2} latency={:.2}, cost_rule={}",
+        d.weights.0, d.weights.1, d.weights.2, d.cost_rule
     );
     println!(
         "{:<22} {:>8} {:>12} {:>12} {:>9}  excluded",

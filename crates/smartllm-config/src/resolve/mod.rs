@@ -261,4 +261,49 @@ mod tests {
         assert!(applied.fleet.redis.is_some(), "limits move at once");
         assert!(!applied.fleet.share_cache);
     }
+
+    #[test]
+    fn cost_rules_are_validated_with_their_line() {
+        let models = "models:\n  - name: a\n    deployments: [ { provider: p } ]\n  - name: b\n    deployments: [ { provider: p } ]\n";
+        let providers = "providers:\n  p:\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n";
+        let routes = |extra: &str| format!("routes:\n  r:\n    candidates: [a, b]\n{extra}");
+        let load = |extra: &str| {
+            load_dir(
+                write_dir(&[
+                    (MAIN_FILE, "data_dir: /tmp/x\n"),
+                    ("providers.yaml", providers),
+                    ("models.yaml", models),
+                    ("routes.yaml", &routes(extra)),
+                ])
+                .path(),
+            )
+        };
+        let c = load("").unwrap();
+        assert_eq!(c.routes["r"].cost_rule, CostRule::Log);
+        let c = load("    cost_rule: cheapest_within\n    quality_tolerance: 0.05\n").unwrap();
+        assert_eq!(c.routes["r"].cost_rule, CostRule::CheapestWithin(0.05));
+        assert_eq!(
+            load("    cost_rule: linear\n").unwrap().routes["r"].cost_rule,
+            CostRule::Linear
+        );
+        let text = load("    cost_rule: cheapest\n").unwrap_err().to_string();
+        assert!(
+            text.contains("routes.yaml:4: routes.r.cost_rule: unknown rule"),
+            "{text}"
+        );
+        let text = load("    quality_tolerance: 0.05\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("routes.yaml:4: routes.r.quality_tolerance: applies only to cost_rule: cheapest_within"),
+            "{text}"
+        );
+        let text = load("    cost_rule: cheapest_within\n    quality_tolerance: 0.9\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            text.contains("routes.yaml:5: routes.r.quality_tolerance"),
+            "{text}"
+        );
+    }
 }

@@ -6,8 +6,8 @@ use super::relative_to;
 use crate::raw::{RawClassifier, RawRoute};
 use crate::routing::task_names;
 use crate::{
-    Arm, ClassifierConfig, Experiment, Issues, RouteConfig, RouteRule, RuleWhen, StickyBy,
-    Strategy, Task, Weights, CAPABILITIES, ROUTES_FILE,
+    Arm, ClassifierConfig, CostRule, Experiment, Issues, RouteConfig, RouteRule, RuleWhen,
+    StickyBy, Strategy, Task, Weights, CAPABILITIES, ROUTES_FILE,
 };
 use sha2::{Digest, Sha256};
 use std::collections::{BTreeMap, BTreeSet};
@@ -313,6 +313,34 @@ fn resolve_route(
             );
         }
         route.budget_pressure_at = p;
+    }
+    let tolerance = r.quality_tolerance.unwrap_or(0.02);
+    if !(0.0..=0.5).contains(&tolerance) {
+        v.push(
+            ROUTES_FILE,
+            format!("{at}.quality_tolerance"),
+            "must be between 0 and 0.5 (a share of the best candidate's expected quality)",
+        );
+    }
+    route.cost_rule = match r.cost_rule.as_deref() {
+        None | Some("log") => CostRule::Log,
+        Some("linear") => CostRule::Linear,
+        Some("cheapest_within") => CostRule::CheapestWithin(tolerance),
+        Some(other) => {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.cost_rule"),
+                format!("unknown rule {other:?}: use log, linear or cheapest_within"),
+            );
+            CostRule::Log
+        }
+    };
+    if r.quality_tolerance.is_some() && !matches!(route.cost_rule, CostRule::CheapestWithin(_)) {
+        v.push(
+            ROUTES_FILE,
+            format!("{at}.quality_tolerance"),
+            "applies only to cost_rule: cheapest_within",
+        );
     }
     if let Some(e) = &r.experiment {
         let eat = format!("{at}.experiment");

@@ -24,6 +24,8 @@ pub enum Admitted {
     Api { endpoint: Endpoint, body: BytesMut },
     /// `GET /v1/smartllm/usage`: the key's own spend, limits and budgets.
     Usage,
+    /// `POST /v1/feedback`: a score for an earlier answer, with its body.
+    Feedback(BytesMut),
 }
 
 /// Admit the request or say why not (with the connection marked not
@@ -100,6 +102,19 @@ pub async fn admit(
         ("GET", "/v1/smartllm/usage") => {
             ctx.endpoint = "usage";
             return Ok(Admitted::Usage);
+        }
+        ("POST", "/v1/feedback") => {
+            ctx.endpoint = "feedback";
+            check_content_type(session)?;
+            let cfg = &rt.config.server;
+            let body = read_body(
+                session,
+                cfg.max_body_bytes.min(64 * 1024),
+                cfg.client_body_timeout,
+                cfg.client_body_deadline,
+            )
+            .await?;
+            return Ok(Admitted::Feedback(body));
         }
         ("GET", p) if p.starts_with("/v1/models/") => {
             ctx.endpoint = "models";

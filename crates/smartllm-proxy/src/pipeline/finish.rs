@@ -27,6 +27,19 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
         s => s,
     };
     shared.recent.record(ctx, status, cost);
+    if let (Some(model), Some(task), true) = (ctx.model(), ctx.task, status == 200) {
+        if let Some(task) = smartllm_router::Task::parse(task) {
+            shared.feedback.remember(
+                &ctx.request_id,
+                smartllm_router::Served {
+                    tenant: ctx.tenant.clone(),
+                    model: model.to_string(),
+                    task,
+                    score: None,
+                },
+            );
+        }
+    }
     if let Some(trace) = ctx.trace.take() {
         trace.finish(ctx, status);
     }

@@ -18,6 +18,7 @@
 mod admit;
 mod cache;
 mod exchange;
+mod feedback;
 pub mod finish;
 mod models;
 mod parse;
@@ -94,6 +95,9 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
             return responses::stored(shared, session, ctx, &id, delete).await
         }
         admit::Admitted::Usage => return usage::answer(shared, session, ctx, &rt).await,
+        admit::Admitted::Feedback(body) => {
+            return feedback::answer(shared, session, ctx, &body).await
+        }
         admit::Admitted::Api { endpoint, body } => (endpoint, body),
     };
     let mut request = match endpoint {

@@ -202,6 +202,7 @@ async fn decide(
     tracing::debug!(request_id = %ctx.request_id, route = %route.name, model = %d.model, reason = %d.reason,
         task = %features.task, complexity = features.complexity, fallbacks = ?d.fallbacks, "route decision");
     ctx.route_reason = d.reason.clone();
+    ctx.route_cost_rule = Some(d.cost_rule.clone());
     ctx.experiment = d.experiment.clone();
     ctx.task = Some(features.task.as_str());
     ctx.complexity = Some(features.complexity);

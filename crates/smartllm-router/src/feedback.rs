@@ -1,0 +1,198 @@
+//! Quality learned online from what users say about answers.
+//!
+//! `POST /v1/feedback` names a request (its `x-request-id`) and a score
+//! (0-1, or thumbs up / down). The gateway remembers which model answered
+//! the last [`REMEMBERED`] requests, for which tenant and on what task, so a
+//! score lands on that model and task. The router then uses, in place of a
+//! model's profile quality for a task, the posterior mean of the scores with
+//! the profile as the prior, worth [`PRIOR_VOTES`] votes: a handful of votes
+//! moves it a little, hundreds move it to what users report. A tenant can
+//! score only its own requests; a request is scored once (a later score
+//! replaces the earlier one).
+
+use serde::Serialize;
+use smartllm_config::Task;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::sync::{Mutex, RwLock};
+
+/// Requests remembered for feedback (about 150 bytes each).
+pub const REMEMBERED: usize = 100_000;
+/// How many votes the profile's quality is worth.
+pub const PRIOR_VOTES: f64 = 20.0;
+
+/// Scores of one model on one task.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct Votes {
+    pub votes: u64,
+    pub sum: f64,
+}
+
+impl Votes {
+    pub fn mean(&self) -> Option<f64> {
+        (self.votes > 0).then(|| self.sum / self.votes as f64)
+    }
+}
+
+/// Who a remembered request was served to, by which model, on what task.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Served {
+    pub tenant: String,
+    pub model: String,
+    pub task: Task,
+    /// The score given so far, if any.
+    pub score: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum FeedbackError {
+    #[error("no request {0:?} among this tenant's recent requests (the gateway remembers the last 100,000 answered by a model)")]
+    Unknown(String),
+}
+
+#[derive(Default)]
+struct Remembered {
+    by_id: HashMap<String, Served>,
+    order: VecDeque<String>,
+}
+
+#[derive(Default)]
+pub struct FeedbackBook {
+    votes: RwLock<HashMap<(String, Task), Votes>>,
+    requests: Mutex<Remembered>,
+}
+
+impl FeedbackBook {
+    /// Remember who a request was served to (never waits: a busy book skips it).
+    pub fn remember(&self, request_id: &str, served: Served) {
+        let Ok(mut r) = self.requests.try_lock() else {
+            return;
+        };
+        if r.by_id.insert(request_id.to_string(), served).is_none() {
+            r.order.push_back(request_id.to_string());
+        }
+        while r.order.len() > REMEMBERED {
+            if let Some(old) = r.order.pop_front() {
+                r.by_id.remove(&old);
+            }
+        }
+    }
+
+    /// Score a remembered request of `tenant` (0-1); what it was.
+    pub fn score(
+        &self,
+        request_id: &str,
+        tenant: &str,
+        score: f64,
+    ) -> Result<Served, FeedbackError> {
+        let score = score.clamp(0.0, 1.0);
+        let (served, previous) = {
+            let mut r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            let s = r
+                .by_id
+                .get_mut(request_id)
+                .filter(|s| s.tenant == tenant)
+                .ok_or_else(|| FeedbackError::Unknown(request_id.to_string()))?;
+            let previous = s.score.replace(score);
+            (s.clone(), previous)
+        };
+        let mut v = self.votes.write().unwrap_or_else(|p| p.into_inner());
+        let e = v.entry((served.model.clone(), served.task)).or_default();
+        match previous {
+            Some(p) => e.sum += score - p,
+            None => {
+                e.votes += 1;
+                e.sum += score;
+            }
+        }
+        Ok(served)
+    }
+
+    /// The quality the router uses: `prior` (the profile's) moved towards
+    /// the users' scores of this model on this task.
+    pub fn quality(&self, model: &str, task: Task, prior: f64) -> f64 {
+        let v = self.votes.read().unwrap_or_else(|p| p.into_inner());
+        match v.get(&(model.to_string(), task)) {
+            Some(s) if s.votes > 0 => {
+                (prior * PRIOR_VOTES + s.sum) / (PRIOR_VOTES + s.votes as f64)
+            }
+            _ => prior,
+        }
+    }
+
+    /// Votes per model and task, for `/admin/models`.
+    pub fn snapshot(&self) -> BTreeMap<String, BTreeMap<&'static str, Votes>> {
+        let v = self.votes.read().unwrap_or_else(|p| p.into_inner());
+        let mut out: BTreeMap<String, BTreeMap<&'static str, Votes>> = BTreeMap::new();
+        for ((model, task), votes) in v.iter() {
+            out.entry(model.clone())
+                .or_default()
+                .insert(task.as_str(), *votes);
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn served(tenant: &str, model: &str) -> Served {
+        Served {
+            tenant: tenant.into(),
+            model: model.into(),
+            task: Task::Code,
+            score: None,
+        }
+    }
+
+    #[test]
+    fn scores_move_the_prior_by_their_weight() {
+        let book = FeedbackBook::default();
+        assert_eq!(book.quality("m", Task::Code, 0.8), 0.8);
+        for i in 0..20 {
+            book.remember(&format!("r{i}"), served("acme", "m"));
+            book.score(&format!("r{i}"), "acme", 0.0).unwrap();
+        }
+        // 20 zero votes against a prior worth 20: halfway.
+        assert!((book.quality("m", Task::Code, 0.8) - 0.4).abs() < 1e-9);
+        assert_eq!(
+            book.quality("m", Task::Math, 0.8),
+            0.8,
+            "other tasks untouched"
+        );
+        assert_eq!(book.quality("other", Task::Code, 0.8), 0.8);
+        let snap = book.snapshot();
+        assert_eq!(snap["m"]["code"].votes, 20);
+    }
+
+    #[test]
+    fn only_the_tenant_scores_its_requests_once() {
+        let book = FeedbackBook::default();
+        book.remember("r1", served("acme", "m"));
+        assert_eq!(
+            book.score("r1", "evil", 0.0),
+            Err(FeedbackError::Unknown("r1".into()))
+        );
+        assert!(book.score("nope", "acme", 1.0).is_err());
+        book.score("r1", "acme", 0.0).unwrap();
+        let s = book.score("r1", "acme", 1.0).unwrap();
+        assert_eq!((s.model.as_str(), s.score), ("m", Some(1.0)));
+        // One vote, replaced: 1.0.
+        let v = book.snapshot()["m"]["code"];
+        assert_eq!((v.votes, v.sum), (1, 1.0));
+    }
+
+    #[test]
+    fn the_book_is_bounded() {
+        let book = FeedbackBook::default();
+        for i in 0..REMEMBERED + 10 {
+            book.remember(&i.to_string(), served("t", "m"));
+        }
+        assert!(
+            book.score("0", "t", 1.0).is_err(),
+            "the oldest are forgotten"
+        );
+        assert!(book.score(&(REMEMBERED + 9).to_string(), "t", 1.0).is_ok());
+        assert_eq!(book.requests.lock().unwrap().by_id.len(), REMEMBERED);
+    }
+}
