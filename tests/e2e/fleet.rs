@@ -11,12 +11,17 @@ use smartllm_e2e::*;
 use std::time::{Duration, Instant};
 
 fn node(mock: &Mock, redis_url: &str) -> Gateway {
+    Gateway::start(node_config(mock, redis_url, ""))
+}
+
+/// `fleet_extra` goes under `fleet:`.
+fn node_config(mock: &Mock, redis_url: &str, fleet_extra: &str) -> ConfigDir {
     let providers = format!("providers:\n{}", mock_provider("mock", mock));
     let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    deployments:\n      - provider: mock\n        model: mock-small\n";
     let cfg = ConfigDir::new(
         "",
         &format!(
-            "demo:\n  mode: off\nfleet:\n  redis: {redis_url}\n  key_prefix: e2e-fleet\n  timeout: 300ms\n  share_cache: true\n"
+            "demo:\n  mode: off\nfleet:\n  redis: {redis_url}\n  key_prefix: e2e-fleet\n  timeout: 300ms\n  share_cache: true\n{fleet_extra}"
         ),
         &providers,
         models,
@@ -28,7 +33,7 @@ fn node(mock: &Mock, redis_url: &str) -> Gateway {
         "cache.yaml",
         "cache:\n  enabled: true\n  similarity_threshold: 0.95\n  encryption_key_file: cache.key\n",
     );
-    Gateway::start(cfg)
+    cfg
 }
 
 fn stats(gw: &Gateway) -> Value {
@@ -37,6 +42,10 @@ fn stats(gw: &Gateway) -> Value {
 
 fn entries(gw: &Gateway) -> u64 {
     stats(gw)["l1_entries"].as_u64().unwrap_or(0)
+}
+
+fn vectors(gw: &Gateway) -> u64 {
+    stats(gw)["index_vectors"].as_u64().unwrap_or(0)
 }
 
 fn q(text: &str) -> Value {
@@ -254,6 +263,59 @@ fn three_gateways_share_one_cache_and_one_cost_view_through_redis() {
         caught_up.headers
     );
     assert_eq!(caught_up.json()["choices"], during.json()["choices"]);
+}
+
+/// A gateway stopped while the stream was trimmed past the point it had
+/// reached loads the snapshot when it starts again.
+#[test]
+fn a_gateway_the_stream_left_behind_catches_up_from_the_snapshot() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let mock = Mock::start(&[]);
+    let a = Gateway::start(node_config(&mock, &url, "  cache_stream_len: 100\n"));
+    let mut b = Gateway::start(node_config(&mock, &url, "  cache_stream_len: 100\n"));
+    let first = ask(&a, "key-1", &q("Which region hosts the audit bucket?"));
+    assert_eq!(cache_header(&first), "miss");
+    assert!(wait_until(Duration::from_secs(2), || entries(&b) >= 1));
+    b.stop();
+    let n = 400;
+    for i in 0..n {
+        let r = ask(
+            &a,
+            "key-1",
+            &q(&format!("What is the retention of log bucket number {i}?")),
+        );
+        assert_eq!(r.status, 200);
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || vectors(&a) > n),
+        "{}",
+        stats(&a)
+    );
+    let len: u64 = redis
+        .cmd("XLEN e2e-fleet:cache:stream")
+        .trim_start_matches(':')
+        .parse()
+        .unwrap();
+    assert!(len < n, "the stream kept {len} entries");
+    let cfg = std::mem::replace(&mut b.config, ConfigDir::new("", "", "", "", ""));
+    let b = Gateway::start(cfg);
+    assert!(
+        wait_until(Duration::from_secs(10), || vectors(&b) > n),
+        "{}",
+        stats(&b)
+    );
+    let snapshots = b.metric(
+        "smartllm_fleet_sync_total",
+        &[("what", "cache_snapshot"), ("outcome", "loaded")],
+    );
+    assert_eq!(snapshots, 1.0);
+    let early = ask(
+        &b,
+        "key-1",
+        &q("What is the retention of log bucket number 0?"),
+    );
+    assert_eq!(cache_header(&early), "hit-exact", "{:?}", early.headers);
 }
 
 #[test]

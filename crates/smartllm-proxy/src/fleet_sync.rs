@@ -11,8 +11,9 @@
 //! each live entry is also kept as a hash (`PREFIX:cache:e:NAMESPACE:EXACT`,
 //! expiring with the entry, removed by purges): the snapshot a gateway loads
 //! when it starts with an empty position or has fallen behind what the stream
-//! still holds. A gateway remembers how far it has applied the stream (in
-//! RocksDB), so a restart resumes where it stopped.
+//! still holds (every entry carries a fleet-wide sequence number, so a gap
+//! after the entry it applied last shows). A gateway remembers how far it
+//! has applied the stream (in RocksDB), so a restart resumes where it stopped.
 //!
 //! **Costs** (`fleet.share_costs`). Each ledger flush's counters are added to
 //! hourly Redis hashes (`PREFIX:ledger:HOUR`, integer nano-dollars and
@@ -62,6 +63,15 @@ for i = 3, #ARGV, 3 do
 end
 for i = 2, #KEYS do redis.call('EXPIRE', KEYS[i], ARGV[2]) end
 return 1
+"#;
+
+/// Appends a change to the stream with the next fleet-wide sequence number
+/// (field `s`), so a gateway can tell whether the stream was trimmed past
+/// what it applied: KEYS[1] the stream, KEYS[2] the counter; ARGV[1] the
+/// stream's length, then the entry's fields and values.
+const APPEND: &str = r#"
+local s = redis.call('INCR', KEYS[2])
+return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 's', s, unpack(ARGV, 2))
 "#;
 
 /// A change to the cache that the other gateways apply.
@@ -202,13 +212,11 @@ impl FleetSync {
         event: &CacheEvent,
         named: &BTreeSet<String>,
     ) -> redis::RedisResult<()> {
-        let stream = self.stream_key();
-        let mut xadd = redis::cmd("XADD");
-        xadd.arg(&stream)
-            .arg("MAXLEN")
-            .arg("~")
+        let append = redis::Script::new(APPEND);
+        let mut add = append.prepare_invoke();
+        add.key(self.stream_key())
+            .key(self.key("cache:seq"))
             .arg(self.config.cache_stream_len)
-            .arg("*")
             .arg("o")
             .arg(&self.node);
         match event {
@@ -219,17 +227,10 @@ impl FleetSync {
                     return Ok(());
                 }
                 let vector = s.embedding.as_deref().map(vector_bytes).unwrap_or_default();
-                xadd.arg("k")
-                    .arg("i")
-                    .arg("p")
-                    .arg(&s.sealed)
-                    .arg("e")
-                    .arg(&vector)
-                    .arg("m")
-                    .arg(&self.model_tag);
+                // The snapshot first: a gateway loading it meanwhile gets the
+                // entry twice (once more from the stream), never not at all.
                 let key = self.entry_key(&e.namespace, &e.exact);
                 let mut pipe = redis::pipe();
-                pipe.add_command(xadd).ignore();
                 pipe.cmd("HSET")
                     .arg(&key)
                     .arg("p")
@@ -246,7 +247,16 @@ impl FleetSync {
                     .arg(e.version)
                     .ignore();
                 pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
-                pipe.query_async::<()>(conn).await
+                pipe.query_async::<()>(conn).await?;
+                add.arg("k")
+                    .arg("i")
+                    .arg("p")
+                    .arg(&s.sealed)
+                    .arg("e")
+                    .arg(&vector)
+                    .arg("m")
+                    .arg(&self.model_tag);
+                add.invoke_async::<()>(conn).await
             }
             CacheEvent::Purge(what) => {
                 let (w, a) = match what {
@@ -254,8 +264,8 @@ impl FleetSync {
                     Purge::Namespace(ns) => ("namespace", ns.as_str()),
                     Purge::Route(r) => ("route", r.as_str()),
                 };
-                xadd.arg("k").arg("p").arg("w").arg(w).arg("a").arg(a);
-                xadd.query_async::<()>(conn).await?;
+                add.arg("k").arg("p").arg("w").arg(w).arg("a").arg(a);
+                add.invoke_async::<()>(conn).await?;
                 let pattern = match what {
                     Purge::Namespace(ns) => self.entry_key(&glob_escape(ns), "*"),
                     _ => self.entry_key("*", "*"),
@@ -267,13 +277,13 @@ impl FleetSync {
                 .await
             }
             CacheEvent::Version { name, version } => {
-                xadd.arg("k")
+                add.arg("k")
                     .arg("v")
                     .arg("a")
                     .arg(name)
                     .arg("n")
                     .arg(*version);
-                xadd.query_async::<()>(conn).await?;
+                add.invoke_async::<()>(conn).await?;
                 let pattern = self.entry_key("*", "*");
                 self.remove_snapshot_keys(conn, &pattern, |r, c, n| {
                     n < *version && covered(name, r, c, named)
@@ -385,23 +395,27 @@ impl FleetSync {
 
     // ---- applying ---------------------------------------------------------
 
-    async fn position(&self, store: &Arc<Store>) -> Option<String> {
+    /// The stream entry last applied and its sequence number (`ID SEQ`).
+    async fn position(&self, store: &Arc<Store>) -> Option<Position> {
         let store = store.clone();
         tokio::task::spawn_blocking(move || {
             let cf = store.db().cf_handle(CF_META)?;
             let v = store.db().get_cf(cf, POSITION_KEY).ok()??;
-            String::from_utf8(v).ok()
+            let text = String::from_utf8(v).ok()?;
+            let (id, seq) = text.split_once(' ')?;
+            Some((id.to_string(), seq.parse().ok()?))
         })
         .await
         .ok()
         .flatten()
     }
 
-    async fn save_position(&self, store: &Arc<Store>, id: String) {
+    async fn save_position(&self, store: &Arc<Store>, (id, seq): Position) {
         let store = store.clone();
         let _ = tokio::task::spawn_blocking(move || {
             if let Some(cf) = store.db().cf_handle(CF_META) {
-                if let Err(e) = store.db().put_cf(cf, POSITION_KEY, id.as_bytes()) {
+                let text = format!("{id} {seq}");
+                if let Err(e) = store.db().put_cf(cf, POSITION_KEY, text.as_bytes()) {
                     tracing::warn!(error = %e, "saving the fleet stream position failed");
                 }
             }
@@ -541,45 +555,49 @@ impl FleetSync {
         }
     }
 
-    /// Where to read from: the saved position unless the stream has since
-    /// trimmed entries after it (`max-deleted-entry-id`, Redis 7); otherwise
+    /// Where to read from: the saved position while the stream still holds
+    /// the entry that follows it (sequence numbers without a gap); otherwise
     /// (and for a gateway that never read the stream) the snapshot, then the
-    /// stream's end as it was before the snapshot was read (entries in
-    /// between arrive twice and are recognised as duplicates).
+    /// stream's last entry as it was before the snapshot was read (entries
+    /// added meanwhile arrive twice and are recognised as duplicates).
     async fn catch_up(
         &self,
         conn: &mut MultiplexedConnection,
         cache: &Arc<SemanticCache>,
-        saved: Option<String>,
-    ) -> redis::RedisResult<String> {
+        saved: Option<Position>,
+    ) -> redis::RedisResult<Position> {
         let stream = self.stream_key();
-        let info: Option<Value> = redis::cmd("XINFO")
-            .arg("STREAM")
-            .arg(&stream)
-            .query_async(conn)
-            .await
-            .ok();
-        let field = |name: &str| -> Option<String> {
-            let flat: Vec<Value> = match info.clone()? {
-                Value::Array(a) => a,
-                Value::Map(m) => m.into_iter().flat_map(|(k, v)| [k, v]).collect(),
-                _ => return None,
-            };
-            let mut it = flat.into_iter();
-            while let (Some(k), Some(v)) = (it.next(), it.next()) {
-                if bytes_of(k).is_some_and(|k| k == name.as_bytes()) {
-                    return bytes_of(v).map(|b| String::from_utf8_lossy(&b).into_owned());
-                }
-            }
-            None
-        };
-        if let Some(pos) = &saved {
-            let trimmed_past = field("max-deleted-entry-id").is_some_and(|d| id_after(&d, pos));
-            if !trimmed_past {
-                return Ok(pos.clone());
+        if let Some((id, seq)) = &saved {
+            let next: Value = redis::cmd("XRANGE")
+                .arg(&stream)
+                .arg(format!("({id}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(conn)
+                .await?;
+            let next_seq = stream_entries(next)
+                .into_iter()
+                .next()
+                .map(|(_, f)| seq_of(&f));
+            // Nothing after ours, or the very next one: nothing was missed.
+            if next_seq.is_none_or(|n| n <= seq + 1) {
+                return Ok((id.clone(), *seq));
             }
         }
-        let last = field("last-generated-id").unwrap_or_else(|| "0-0".to_string());
+        let last: Value = redis::cmd("XREVRANGE")
+            .arg(&stream)
+            .arg("+")
+            .arg("-")
+            .arg("COUNT")
+            .arg(1)
+            .query_async(conn)
+            .await?;
+        let last = stream_entries(last)
+            .into_iter()
+            .next()
+            .map(|(id, f)| (id, seq_of(&f)))
+            .unwrap_or_else(|| ("0-0".to_string(), 0));
         let n = self.load_snapshot(conn, cache).await?;
         tracing::info!(
             entries = n,
@@ -635,7 +653,7 @@ impl FleetSync {
                     .arg(READ_BLOCK.as_millis() as u64)
                     .arg("STREAMS")
                     .arg(&stream)
-                    .arg(&pos);
+                    .arg(&pos.0);
                 let read = xread.query_async::<Value>(&mut conn);
                 let reply = tokio::select! {
                     r = read => r,
@@ -672,7 +690,7 @@ impl FleetSync {
                 }
                 for (id, fields) in &entries {
                     self.apply_message(&shared, &cache, fields).await;
-                    pos = id.clone();
+                    pos = (id.clone(), seq_of(fields));
                 }
                 self.save_position(&store, pos.clone()).await;
             }
@@ -847,16 +865,15 @@ fn glob_escape(s: &str) -> String {
     out
 }
 
-/// Whether stream id `a` comes after `b` (`MS-SEQ`).
-fn id_after(a: &str, b: &str) -> bool {
-    let parse = |s: &str| {
-        let (ms, seq) = s.split_once('-').unwrap_or((s, "0"));
-        (
-            ms.parse::<u64>().unwrap_or(0),
-            seq.parse::<u64>().unwrap_or(0),
-        )
-    };
-    parse(a) > parse(b)
+/// A stream entry's id and sequence number.
+type Position = (String, u64);
+
+/// The sequence number an entry was appended with.
+fn seq_of(fields: &HashMap<String, Vec<u8>>) -> u64 {
+    fields
+        .get("s")
+        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// `[[id, [field, value, ...]], ...]` as (id, fields).
@@ -952,11 +969,11 @@ mod tests {
     }
 
     #[test]
-    fn stream_ids_compare_as_numbers() {
-        assert!(id_after("5-2", "5-1"));
-        assert!(id_after("10-0", "9-7"));
-        assert!(!id_after("5-1", "5-1"));
-        assert!(!id_after("0-0", "5-1"));
+    fn sequence_numbers_come_from_the_s_field() {
+        let mut f = HashMap::new();
+        assert_eq!(seq_of(&f), 0);
+        f.insert("s".to_string(), b"42".to_vec());
+        assert_eq!(seq_of(&f), 42);
     }
 
     #[test]
