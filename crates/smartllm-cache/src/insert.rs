@@ -124,6 +124,7 @@ impl SemanticCache {
         embedding: Option<Vec<f32>>,
         exact: [u8; 32],
     ) -> Result<Stored, CacheError> {
+        let epoch = self.l1_epoch();
         let id = self.index.allocate(self.tagger.tag(&entry.namespace));
         entry.id = id;
         let (previous, sealed) = match self.store_entry(&entry, embedding.as_deref(), exact) {
@@ -146,7 +147,7 @@ impl SemanticCache {
         self.dirty.store(true, Ordering::Relaxed);
         gauge!(m::INDEX_VECTORS).set(self.index.len() as f64);
         let entry = Arc::new(entry);
-        self.l1_put(exact, entry.clone());
+        self.l1_put(epoch, exact, entry.clone());
         counter!(m::INSERTS).increment(1);
         Ok(Stored {
             id,

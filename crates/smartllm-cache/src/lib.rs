@@ -49,7 +49,7 @@ use lru::LruCache;
 use smartllm_embed::Embedder;
 use smartllm_store::Store;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize};
 use std::sync::{Arc, Mutex};
 
 pub mod metric_names {
@@ -91,6 +91,9 @@ pub struct SemanticCache {
     l1: Mutex<LruCache<[u8; 32], Arc<Entry>>>,
     /// Entries in L1, for stats without the lock.
     l1_len: AtomicUsize,
+    /// Bumped (under the L1 lock) by every removal from L1: an entry read
+    /// from RocksDB before a removal is not put back into L1 after it.
+    l1_epoch: AtomicU64,
     /// Vectors at which the flat index is replaced by a trained IVF one.
     ivf_threshold: AtomicUsize,
     /// Size the current IVF index was trained for (0 = flat).

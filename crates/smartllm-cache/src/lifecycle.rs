@@ -57,6 +57,7 @@ impl SemanticCache {
                 NonZeroUsize::new(l1_entries.max(1)).expect("max(1)"),
             )),
             l1_len: AtomicUsize::new(0),
+            l1_epoch: std::sync::atomic::AtomicU64::new(0),
             ivf_threshold: AtomicUsize::new(ivf_threshold.max(1)),
             trained_for: AtomicUsize::new(0),
             index_path: index_dir.map(|d| d.join(INDEX_FILE)),

@@ -91,13 +91,14 @@ impl SemanticCache {
         }
         let this = self.clone();
         let exact = key.exact;
+        let epoch = self.l1_epoch();
         let stored = tokio::task::spawn_blocking(move || this.load_exact(&exact))
             .await
             .map_err(|e| CacheError::Task(e.to_string()))??;
         if let Some(e) = stored {
             if valid(&e, policy, now) && e.namespace == key.namespace_hex() {
                 let e = Arc::new(e);
-                self.l1_put(key.exact, e.clone());
+                self.l1_put(epoch, key.exact, e.clone());
                 counter!(m::LOOKUPS, "result" => "hit_exact").increment(1);
                 return Ok(Lookup::Hit {
                     entry: e,
@@ -243,6 +244,37 @@ mod tests {
             Lookup::Hit { kind, .. } => Some(*kind),
             Lookup::Miss { .. } => None,
         }
+    }
+
+    /// A lookup that read an entry from RocksDB just before a purge removed
+    /// it must not put it back into L1, where later lookups would serve it.
+    #[tokio::test]
+    async fn an_entry_read_before_a_purge_does_not_return_to_l1() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, embedder(MAX_SEQ), Codec::plain(), 256, 100_000, None)
+                .unwrap();
+        let k = key("t", "How do I reset my password?");
+        let stored = cache
+            .insert(k.clone(), None, "{}".into(), &policy(), "auto", "m")
+            .await
+            .unwrap();
+        // The lookup's read happened (epoch taken), then the purge...
+        let epoch = cache.l1_epoch();
+        let c = cache.clone();
+        tokio::task::spawn_blocking(move || c.purge(&Purge::All))
+            .await
+            .unwrap()
+            .unwrap();
+        // ...then the lookup tries to keep what it read.
+        cache.l1_put(epoch, k.exact, stored.entry.clone());
+        assert!(cache.l1_get(&k.exact).is_none());
+        assert!(is_hit(&cache.lookup(&k, &policy(), 8).await.unwrap()).is_none());
+        // Without a removal in between, it is kept.
+        let epoch = cache.l1_epoch();
+        cache.l1_put(epoch, k.exact, stored.entry);
+        assert!(cache.l1_get(&k.exact).is_some());
     }
 
     /// Property: across thousands of random tenants (adversarial names

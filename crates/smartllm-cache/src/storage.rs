@@ -136,10 +136,21 @@ impl SemanticCache {
         self.l1.try_lock().ok()?.get(exact).cloned()
     }
 
+    /// The L1 epoch to pass to [`Self::l1_put`]: read it before reading
+    /// the entry from RocksDB.
+    pub(crate) fn l1_epoch(&self) -> u64 {
+        self.l1_epoch.load(Ordering::Acquire)
+    }
+
     /// Best effort (async callers): when L1 is busy the entry is not kept
-    /// there; the RocksDB exact key still answers.
-    pub(crate) fn l1_put(&self, exact: [u8; 32], e: Arc<Entry>) {
+    /// there (the RocksDB exact key still answers), nor when an entry left
+    /// L1 since `epoch` was read (a purge or sweep may have removed this
+    /// one from RocksDB after it was read: it must not come back).
+    pub(crate) fn l1_put(&self, epoch: u64, exact: [u8; 32], e: Arc<Entry>) {
         if let Ok(mut l1) = self.l1.try_lock() {
+            if self.l1_epoch.load(Ordering::Acquire) != epoch {
+                return;
+            }
             l1.put(exact, e);
             self.l1_len.store(l1.len(), Ordering::Relaxed);
         }
@@ -149,6 +160,7 @@ impl SemanticCache {
     /// threads only.
     pub(crate) fn l1_remove(&self, exact: &[u8; 32]) {
         let mut l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
+        self.l1_epoch.fetch_add(1, Ordering::AcqRel);
         l1.pop(exact);
         self.l1_len.store(l1.len(), Ordering::Relaxed);
     }
@@ -156,6 +168,7 @@ impl SemanticCache {
     /// Blocking threads only.
     pub(crate) fn l1_clear(&self) {
         let mut l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
+        self.l1_epoch.fetch_add(1, Ordering::AcqRel);
         l1.clear();
         self.l1_len.store(0, Ordering::Relaxed);
     }

@@ -712,6 +712,11 @@ impl Config {
             new.data_dir.display().to_string(),
         );
         check(
+            "cache.l1_entries",
+            self.cache.l1_entries.to_string(),
+            new.cache.l1_entries.to_string(),
+        );
+        check(
             "fleet.share_cache",
             self.fleet.share_cache.to_string(),
             new.fleet.share_cache.to_string(),
