@@ -96,27 +96,7 @@ pub struct AnthropicOnly {
 /// body. The canonical body is the Chat Completions request it amounts to;
 /// the raw body is kept for Anthropic providers.
 pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, ApiError> {
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::invalid_request(
-            "invalid_json",
-            "The request body is empty; send a JSON object.",
-        ));
-    }
-    let value: Value = serde_json::from_slice(&bytes).map_err(|e| {
-        ApiError::invalid_request(
-            "invalid_json",
-            format!("The request body is not valid JSON: {e}."),
-        )
-    })?;
-    let Value::Object(body) = value else {
-        return Err(ApiError::invalid_request(
-            "invalid_json",
-            format!(
-                "The request body must be a JSON object, not {}.",
-                type_name(&value)
-            ),
-        ));
-    };
+    let body = crate::openai::read_object(&bytes)?;
     let count_only = endpoint == Endpoint::MessagesCountTokens;
     let model = match body.get("model") {
         Some(Value::String(s)) if !s.trim().is_empty() => s.clone(),

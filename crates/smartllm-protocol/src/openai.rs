@@ -214,6 +214,32 @@ const ROLES: [&str; 6] = [
     "function",
 ];
 
+/// A request body as a JSON object, for every API the gateway serves: an
+/// empty body, one that is not JSON and one that is not an object each get
+/// a 400 `invalid_json` saying which (the caller's API shapes the error).
+pub fn read_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
+    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::invalid_request(
+            "invalid_json",
+            "The request body is empty; send a JSON object.",
+        ));
+    }
+    match serde_json::from_slice::<Value>(bytes) {
+        Ok(Value::Object(m)) => Ok(m),
+        Ok(other) => Err(ApiError::invalid_request(
+            "invalid_json",
+            format!(
+                "The request body must be a JSON object, not {}.",
+                type_name(&other)
+            ),
+        )),
+        Err(e) => Err(ApiError::invalid_request(
+            "invalid_json",
+            format!("We could not parse the JSON body of your request ({e}). Send valid JSON with Content-Type: application/json."),
+        )),
+    }
+}
+
 /// Parse and validate a request body for `endpoint`.
 pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, ApiError> {
     if endpoint.is_anthropic() {
@@ -227,27 +253,7 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
         let map = crate::responses::read(&body)?;
         return crate::responses::parse(endpoint, map, body, None, "resp_fuzz".into());
     }
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::invalid_request(
-            "invalid_json",
-            "The request body is empty; send a JSON object.",
-        ));
-    }
-    let value: Value = serde_json::from_slice(bytes).map_err(|e| {
-        ApiError::invalid_request(
-            "invalid_json",
-            format!("We could not parse the JSON body of your request ({e}). Send valid JSON with Content-Type: application/json."),
-        )
-    })?;
-    let Value::Object(body) = value else {
-        return Err(ApiError::invalid_request(
-            "invalid_json",
-            format!(
-                "The request body must be a JSON object, not {}.",
-                type_name(&value)
-            ),
-        ));
-    };
+    let body = read_object(bytes)?;
 
     let model = match body.get("model") {
         None | Some(Value::Null) => {

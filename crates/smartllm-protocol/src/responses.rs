@@ -166,23 +166,7 @@ pub struct ResponsesRequest {
 
 /// The body of a Responses request as a JSON object (OpenAI-shaped errors).
 pub fn read(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
-    if bytes.iter().all(|b| b.is_ascii_whitespace()) {
-        return Err(ApiError::invalid_request(
-            "invalid_json",
-            "The request body is empty; send a JSON object.",
-        ));
-    }
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(_) => Err(ApiError::invalid_request(
-            "invalid_json",
-            "The request body must be a JSON object.",
-        )),
-        Err(e) => Err(ApiError::invalid_request(
-            "invalid_json",
-            format!("We could not parse the JSON body of your request ({e}). Send valid JSON with Content-Type: application/json."),
-        )),
-    }
+    crate::openai::read_object(bytes)
 }
 
 /// `previous_response_id`, when the request names one.

@@ -12,15 +12,7 @@ use smartllm_protocol::ApiError;
 
 /// The request id and the score (0-1) a feedback body gives.
 fn parse(body: &[u8]) -> Result<(String, f64), ApiError> {
-    let v: Value = serde_json::from_slice(body).map_err(|e| {
-        ApiError::invalid_request("invalid_json", format!("The body is not valid JSON: {e}."))
-    })?;
-    let Some(o) = v.as_object() else {
-        return Err(ApiError::invalid_request(
-            "invalid_json",
-            "The body must be a JSON object: {\"request_id\": ..., \"score\": 0-1} or {\"request_id\": ..., \"thumbs\": \"up\"|\"down\"}.",
-        ));
-    };
+    let o = smartllm_protocol::openai::read_object(body)?;
     let id = match o.get("request_id") {
         Some(Value::String(s)) if !s.is_empty() => s.clone(),
         Some(_) => {
