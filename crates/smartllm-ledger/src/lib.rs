@@ -259,7 +259,7 @@ fn key_bytes(hour: u32, r: &Record) -> Vec<u8> {
 /// Hour and [tenant, app, key, model, provider, route, tag]; rows of the
 /// older layout (up to the model) get `-` for the last three.
 fn parse_key(k: &[u8]) -> Option<(u32, [String; 7])> {
-    let hour = u32::from_be_bytes(k.get(..4)?.try_into().ok()?);
+    let hour = key_hour(k)?;
     let body = k[4..].strip_suffix(&[0]).unwrap_or(&k[4..]);
     let mut parts = body
         .split(|b| *b == 0)
@@ -268,6 +268,13 @@ fn parse_key(k: &[u8]) -> Option<(u32, [String; 7])> {
     let (tenant, app, key, model) = (next()?, next()?, next()?, next()?);
     let mut rest = || next().unwrap_or_else(|| "-".to_string());
     Some((hour, [tenant, app, key, model, rest(), rest(), rest()]))
+}
+
+/// The hour (since the epoch) a ledger or mix key counts.
+pub fn key_hour(k: &[u8]) -> Option<u32> {
+    k.get(..4)
+        .and_then(|h| h.try_into().ok())
+        .map(u32::from_be_bytes)
 }
 
 fn mix_key(hour: u32, r: &Record, m: &Mix) -> Vec<u8> {
@@ -612,11 +619,7 @@ pub fn mix_query(store: &Store, from: u64, to: u64) -> Result<Vec<MixRow>, rocks
         .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward))
     {
         let (k, v) = item?;
-        let Some(hour) = k
-            .get(..4)
-            .and_then(|h| h.try_into().ok())
-            .map(u32::from_be_bytes)
-        else {
+        let Some(hour) = key_hour(&k) else {
             continue;
         };
         if hour >= to_h {
@@ -714,9 +717,7 @@ pub fn query_where(
         .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward))
     {
         let (k, v) = item?;
-        if k.get(..4)
-            .is_some_and(|h| h >= &(to.div_ceil(3600) as u32).to_be_bytes()[..])
-        {
+        if key_hour(&k).is_some_and(|h| h >= to.div_ceil(3600) as u32) {
             break;
         }
         items.push((k.into_vec(), decode_counters(&v)));

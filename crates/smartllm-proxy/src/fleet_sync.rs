@@ -362,15 +362,7 @@ impl FleetSync {
                     conn = self.connect(self.config.timeout * 4).await.ok();
                 }
                 if let Some(c) = conn.as_mut() {
-                    let named: BTreeSet<String> = shared
-                        .runtime
-                        .load()
-                        .config
-                        .cache
-                        .routes
-                        .keys()
-                        .cloned()
-                        .collect();
+                    let named = named_policies(&shared);
                     match self.publish_one(c, &event, &named).await {
                         Ok(()) => {
                             count("cache_publish", "ok");
@@ -494,15 +486,7 @@ impl FleetSync {
                 let (name, Ok(version)) = (text("a"), text("n").parse::<u32>()) else {
                     return count("cache_apply", "rejected");
                 };
-                let named: BTreeSet<String> = shared
-                    .runtime
-                    .load()
-                    .config
-                    .cache
-                    .routes
-                    .keys()
-                    .cloned()
-                    .collect();
+                let named = named_policies(shared);
                 let c = cache.clone();
                 let swept = tokio::task::spawn_blocking(move || {
                     c.sweep(|e| e.version < version && covered(&name, &e.route, &e.model, &named))
@@ -774,11 +758,7 @@ impl FleetSync {
         let mut hours: Vec<u32> = Vec::new();
         inv.arg(MARKER_SECS).arg(COST_RETENTION_SECS);
         for (k, c) in counters {
-            let Some(hour) = k
-                .get(..4)
-                .and_then(|h| h.try_into().ok())
-                .map(u32::from_be_bytes)
-            else {
+            let Some(hour) = smartllm_ledger::key_hour(k) else {
                 continue;
             };
             let at = match hours.iter().position(|h| *h == hour) {
@@ -841,6 +821,19 @@ fn merge(into: &mut Counters, batch: FleetBatch) {
             acc[i] += c[i];
         }
     }
+}
+
+/// The routes and models with a cache policy of their own.
+fn named_policies(shared: &Shared) -> BTreeSet<String> {
+    shared
+        .runtime
+        .load()
+        .config
+        .cache
+        .routes
+        .keys()
+        .cloned()
+        .collect()
 }
 
 /// Whether a version change of `name` covers an entry of this route and
