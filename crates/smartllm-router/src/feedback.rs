@@ -10,10 +10,11 @@
 //! score only its own requests; a request is scored once (a later score
 //! replaces the earlier one).
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use smartllm_config::Task;
 use std::collections::{BTreeMap, HashMap, VecDeque};
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 
 /// Requests remembered for feedback (about 150 bytes each).
 pub const REMEMBERED: usize = 100_000;
@@ -55,9 +56,17 @@ struct Remembered {
     order: VecDeque<String>,
 }
 
+/// Votes by (model, task).
+type Tally = HashMap<(String, Task), Votes>;
+
 #[derive(Default)]
 pub struct FeedbackBook {
-    votes: RwLock<HashMap<(String, Task), Votes>>,
+    /// Read by every routed decision without a lock; replaced (copy on
+    /// write) by each score, which are rare.
+    votes: ArcSwap<Tally>,
+    /// Who each recent request was served to: `remember` only ever
+    /// `try_lock`s it (a busy book skips one request), `score` holds it for a
+    /// map lookup.
     requests: Mutex<Remembered>,
 }
 
@@ -95,23 +104,27 @@ impl FeedbackBook {
             let previous = s.score.replace(score);
             (s.clone(), previous)
         };
-        let mut v = self.votes.write().unwrap_or_else(|p| p.into_inner());
-        let e = v.entry((served.model.clone(), served.task)).or_default();
-        match previous {
-            Some(p) => e.sum += score - p,
-            None => {
-                e.votes += 1;
-                e.sum += score;
+        self.votes.rcu(|tally| {
+            let mut tally = Tally::clone(tally);
+            let e = tally
+                .entry((served.model.clone(), served.task))
+                .or_default();
+            match previous {
+                Some(p) => e.sum += score - p,
+                None => {
+                    e.votes += 1;
+                    e.sum += score;
+                }
             }
-        }
+            tally
+        });
         Ok(served)
     }
 
     /// The quality the router uses: `prior` (the profile's) moved towards
     /// the users' scores of this model on this task.
     pub fn quality(&self, model: &str, task: Task, prior: f64) -> f64 {
-        let v = self.votes.read().unwrap_or_else(|p| p.into_inner());
-        match v.get(&(model.to_string(), task)) {
+        match self.votes.load().get(&(model.to_string(), task)) {
             Some(s) if s.votes > 0 => {
                 (prior * PRIOR_VOTES + s.sum) / (PRIOR_VOTES + s.votes as f64)
             }
@@ -121,9 +134,8 @@ impl FeedbackBook {
 
     /// Votes per model and task, for `/admin/models`.
     pub fn snapshot(&self) -> BTreeMap<String, BTreeMap<&'static str, Votes>> {
-        let v = self.votes.read().unwrap_or_else(|p| p.into_inner());
         let mut out: BTreeMap<String, BTreeMap<&'static str, Votes>> = BTreeMap::new();
-        for ((model, task), votes) in v.iter() {
+        for ((model, task), votes) in self.votes.load().iter() {
             out.entry(model.clone())
                 .or_default()
                 .insert(task.as_str(), *votes);
