@@ -355,8 +355,11 @@ impl FleetSync {
                 e = rx.recv() => match e { Some(e) => e, None => return },
                 _ = shutdown.changed() => return,
             };
-            // Retried until it is published: later events queue behind it
-            // (a full queue drops new ones, counted), so order is kept.
+            // Retried while Redis is unreachable: later events queue behind
+            // it (a full queue drops new ones, counted), so order is kept.
+            // One Redis refuses (an error reply) is dropped after 3 tries
+            // rather than stop every later one.
+            let mut refused = 0;
             loop {
                 if conn.is_none() {
                     conn = self.connect(self.config.timeout * 4).await.ok();
@@ -371,6 +374,18 @@ impl FleetSync {
                         }
                         Err(e) => {
                             count("cache_publish", "error");
+                            let unreachable = e.is_io_error()
+                                || e.is_timeout()
+                                || e.is_connection_dropped()
+                                || e.is_connection_refusal();
+                            if !unreachable {
+                                refused += 1;
+                                if refused >= 3 {
+                                    count("cache_publish", "dropped");
+                                    tracing::error!(error = %e, "redis refused a cache change three times; it is not shared");
+                                    break;
+                                }
+                            }
                             tracing::warn!(error = %e, "publishing a cache change to the fleet failed; retrying");
                             conn = None;
                         }
