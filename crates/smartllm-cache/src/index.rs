@@ -227,39 +227,24 @@ impl VectorIndex {
             });
         }
         let nlist = nlist_for(ids.len());
-        let mut index = index_factory(
-            dim as u32,
-            format!("IVF{nlist},SQ8"),
-            MetricType::InnerProduct,
-        )?;
         // k-means on an even spread of at most TRAIN_PER_LIST vectors a list:
-        // at 1M vectors a tenth of the build time of training on all of them,
+        // at 1M vectors a third of the build time of training on all of them,
         // with the same recall (bench/README, "Vector index at scale").
         let rows = ids.len();
         let want = (nlist * TRAIN_PER_LIST).min(rows);
-        if want < rows {
+        let sample: std::borrow::Cow<'_, [f32]> = if want < rows {
             let mut sample = Vec::with_capacity(want * dim);
             for k in 0..want {
                 let r = k * rows / want;
                 sample.extend_from_slice(&vectors[r * dim..(r + 1) * dim]);
             }
-            index.train(&sample)?;
+            sample.into()
         } else {
-            index.train(vectors)?;
-        }
-        let faiss_ids: Vec<Idx> = ids.iter().map(|&i| idx(i)).collect();
-        index.add_with_ids(vectors, &faiss_ids)?;
-        let nprobe = nprobe_for(nlist);
-        ParameterSpace::new()?.set_index_parameter(&index, "nprobe", nprobe as u32)?;
-        Ok(VectorIndex {
-            dim,
-            kind: Kind::Ivf {
-                index,
-                nlist,
-                nprobe,
-            },
-            len: ids.len(),
-        })
+            vectors.into()
+        };
+        let mut index = Self::train_ivf_sample(dim, &sample, nlist, "SQ8", nprobe_for(nlist))?;
+        index.add_batch(ids, vectors)?;
+        Ok(index)
     }
 
     /// An empty IVF index of `nlist` lists and the FAISS `encoding` (`SQ8`,
