@@ -277,6 +277,12 @@ fn a_gateway_the_stream_left_behind_catches_up_from_the_snapshot() {
     let first = ask(&a, "key-1", &q("Which region hosts the audit bucket?"));
     assert_eq!(cache_header(&first), "miss");
     assert!(wait_until(Duration::from_secs(2), || entries(&b) >= 1));
+    // B answers three requests and stops at once (SIGTERM): its last ledger
+    // counters still reach the fleet's cost view.
+    for i in 0..3 {
+        let r = ask(&b, "key-2", &q(&format!("How tall is tower number {i}?")));
+        assert_eq!(r.status, 200);
+    }
     b.stop();
     let n = 400;
     for i in 0..n {
@@ -316,6 +322,20 @@ fn a_gateway_the_stream_left_behind_catches_up_from_the_snapshot() {
         &q("What is the retention of log bucket number 0?"),
     );
     assert_eq!(cache_header(&early), "hit-exact", "{:?}", early.headers);
+    // The fleet's costs are the sum of both ledgers, B's last ones included.
+    let own = |g: &Gateway| total(&get(&g.admin, "/admin/costs?since=1h").json());
+    let mut fleet = (0, 0.0);
+    let mut sum = (0, 0.0);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let (ta, tb) = (own(&a), own(&b));
+            sum = (ta.0 + tb.0, ta.1 + tb.1);
+            fleet = total(&get(&b.admin, "/admin/costs?since=1h&scope=fleet").json());
+            fleet.0 == sum.0 && (fleet.1 - sum.1).abs() < 1e-6
+        }),
+        "fleet {fleet:?}, gateways {sum:?}"
+    );
+    assert_eq!(sum.0, n + 5, "A's answers, B's three and its exact hit");
 }
 
 #[test]

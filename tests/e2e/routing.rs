@@ -573,6 +573,9 @@ fn feedback_moves_the_routers_expected_quality() {
         (3..=20).contains(&votes),
         "moved after {votes} votes: one vote must not flip it, twenty must"
     );
+    // Another tenant's routing is its own: team-b still gets big.
+    let other = ask("sk-team-b", "Hello there, how are you? (b)");
+    assert_eq!(other.header("x-smartllm-model"), Some("big"));
     let models = get(&gw.admin, "/admin/models").json();
     let bigm = models["models"]
         .as_array()

@@ -107,6 +107,7 @@ impl SemanticCache {
         }
         for chunk in ids.chunks(REMOVE_BATCH) {
             let mut batch = WriteBatch::default();
+            let mut l1_keys = Vec::with_capacity(chunk.len());
             for (id, exact) in chunk {
                 batch.delete_cf(self.cf(CF_ENTRIES), id.to_be_bytes());
                 batch.delete_cf(self.cf(CF_VECTORS), id.to_be_bytes());
@@ -118,11 +119,16 @@ impl SemanticCache {
                         batch.delete_cf(self.cf(CF_EXACT), &ex);
                     }
                     if let Ok(k) = <[u8; 32]>::try_from(&ex[..]) {
-                        self.l1_remove(&k);
+                        l1_keys.push(k);
                     }
                 }
             }
             self.db().write(batch)?;
+            // After the write: a lookup that read the entry before it sees
+            // the epoch move and does not put it back.
+            for k in &l1_keys {
+                self.l1_remove(k);
+            }
         }
         self.index
             .submit(vec![Op::Remove(ids.iter().map(|(i, _)| *i).collect())])?;

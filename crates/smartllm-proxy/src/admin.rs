@@ -430,15 +430,12 @@ impl AdminApp {
                             }},
                     },
                     "live": live.get(&m.name),
-                    // Users' scores by task, and the quality the router now expects there.
+                    // Users' scores by task, all tenants together (each tenant's
+                    // steer only its own requests).
                     "feedback": feedback.get(&m.name).map(|by_task| {
                         by_task
                             .iter()
-                            .map(|(task, v)| {
-                                let t = smartllm_config::Task::parse(task).unwrap_or(smartllm_config::Task::Chat);
-                                (task.to_string(), json!({"votes": v.votes, "mean_score": v.mean(),
-                                    "quality": self.shared.feedback.quality(&m.name, t, p.quality(t))}))
-                            })
+                            .map(|(task, v)| (task.to_string(), json!({"votes": v.votes, "mean_score": v.mean()})))
                             .collect::<serde_json::Map<String, Value>>()
                     }),
                     "deployments": deployments,

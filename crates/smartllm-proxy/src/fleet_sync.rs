@@ -50,6 +50,8 @@ const POSITION_KEY: &[u8] = b"fleet.cache_stream_position";
 const MARKER_SECS: u64 = 86_400;
 /// How long the fleet's hourly cost hashes are kept.
 pub const COST_RETENTION_SECS: u64 = 400 * 86_400;
+/// How long a stop keeps sending cost batches (the last flush included).
+const STOP_WAIT: Duration = Duration::from_secs(5);
 /// Stream entries read per round trip, and how long a read waits for one.
 const READ_COUNT: usize = 256;
 const READ_BLOCK: Duration = Duration::from_secs(2);
@@ -145,6 +147,11 @@ impl FleetSync {
         self.config.share_costs
     }
 
+    /// Cost batches handed over and not yet confirmed by Redis.
+    pub fn costs_unsent(&self) -> u64 {
+        self.costs_unsent.load(Ordering::SeqCst)
+    }
+
     /// Until every cost batch handed over so far is in Redis, or `timeout`.
     pub async fn wait_costs_sent(&self, timeout: Duration) {
         let until = tokio::time::Instant::now() + timeout;
@@ -179,6 +186,16 @@ impl FleetSync {
 
     fn key(&self, rest: &str) -> String {
         format!("{}:{rest}", self.config.key_prefix)
+    }
+
+    /// A `SCAN MATCH` pattern over snapshot hashes (the prefix and the
+    /// namespace taken literally).
+    fn entry_pattern(&self, namespace: Option<&str>) -> String {
+        format!(
+            "{}:cache:e:{}:*",
+            glob_escape(&self.config.key_prefix),
+            namespace.map_or_else(|| "*".to_string(), glob_escape)
+        )
     }
 
     fn stream_key(&self) -> String {
@@ -267,8 +284,8 @@ impl FleetSync {
                 add.arg("k").arg("p").arg("w").arg(w).arg("a").arg(a);
                 add.invoke_async::<()>(conn).await?;
                 let pattern = match what {
-                    Purge::Namespace(ns) => self.entry_key(&glob_escape(ns), "*"),
-                    _ => self.entry_key("*", "*"),
+                    Purge::Namespace(ns) => self.entry_pattern(Some(ns)),
+                    _ => self.entry_pattern(None),
                 };
                 self.remove_snapshot_keys(conn, &pattern, |r, c, _| match what {
                     Purge::Route(name) => r == name || c == name,
@@ -284,7 +301,7 @@ impl FleetSync {
                     .arg("n")
                     .arg(*version);
                 add.invoke_async::<()>(conn).await?;
-                let pattern = self.entry_key("*", "*");
+                let pattern = self.entry_pattern(None);
                 self.remove_snapshot_keys(conn, &pattern, |r, c, n| {
                     n < *version && covered(name, r, c, named)
                 })
@@ -522,7 +539,7 @@ impl FleetSync {
         conn: &mut MultiplexedConnection,
         cache: &Arc<SemanticCache>,
     ) -> redis::RedisResult<u64> {
-        let pattern = self.entry_key("*", "*");
+        let pattern = self.entry_pattern(None);
         let mut cursor = 0u64;
         let mut n = 0;
         loop {
@@ -597,6 +614,18 @@ impl FleetSync {
             .next()
             .map(|(id, f)| (id, seq_of(&f)))
             .unwrap_or_else(|| ("0-0".to_string(), 0));
+        if saved.is_some() {
+            // Purges and version bumps this gateway missed are gone from
+            // the stream; the snapshot reflects them. So a gateway that fell
+            // behind takes the fleet's cache as the snapshot has it.
+            let c = cache.clone();
+            match tokio::task::spawn_blocking(move || c.purge(&Purge::All)).await {
+                Ok(Ok(n)) => {
+                    tracing::info!(removed = n, "local cache replaced by the fleet's snapshot")
+                }
+                _ => tracing::warn!("clearing the local cache before the fleet snapshot failed"),
+            }
+        }
         let n = self.load_snapshot(conn, cache).await?;
         tracing::info!(
             entries = n,
@@ -687,6 +716,18 @@ impl FleetSync {
                 if entries.is_empty() {
                     continue;
                 }
+                // Entries trimmed before this gateway read them (it fell
+                // more than the stream's length behind): catch up again.
+                let first = entries.first().map(|(_, f)| seq_of(f)).unwrap_or(0);
+                if pos.1 > 0 && first > pos.1 + 1 {
+                    tracing::warn!(
+                        applied = pos.1,
+                        next = first,
+                        "the fleet cache stream was trimmed past this gateway; catching up from the snapshot"
+                    );
+                    saved = Some(pos);
+                    continue 'connect;
+                }
                 for (id, fields) in &entries {
                     self.apply_message(&shared, &cache, fields).await;
                     pos = (id.clone(), seq_of(fields));
@@ -712,6 +753,9 @@ impl FleetSync {
         let mut seq = 0u64;
         let mut ticker = tokio::time::interval(Duration::from_millis(500));
         let mut stopping = false;
+        // A stop keeps sending for a while: the gateway's last ledger flush
+        // (the finisher's) comes after the services were told to stop.
+        let mut stop_by: Option<tokio::time::Instant> = None;
         loop {
             tokio::select! {
                 b = rx.recv() => match b {
@@ -722,7 +766,10 @@ impl FleetSync {
                     None => stopping = true,
                 },
                 _ = ticker.tick() => {}
-                _ = shutdown.changed(), if !stopping => stopping = true,
+                _ = shutdown.changed(), if !stopping => {
+                    stopping = true;
+                    stop_by = Some(tokio::time::Instant::now() + STOP_WAIT);
+                }
             }
             while let Ok(batch) = rx.try_recv() {
                 merge(&mut next, batch);
@@ -755,7 +802,9 @@ impl FleetSync {
                     }
                 }
             }
-            if stopping && (inflight.is_none() || conn.is_none()) {
+            let out_of_time = stop_by.is_some_and(|t| tokio::time::Instant::now() >= t);
+            let sent = inflight.is_none() && self.costs_unsent.load(Ordering::SeqCst) == 0;
+            if stopping && (out_of_time || (sent && stop_by.is_none())) {
                 return;
             }
         }

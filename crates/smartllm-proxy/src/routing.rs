@@ -46,8 +46,8 @@ impl ModelState for GatewayState<'_> {
             .pool(model)
             .is_some_and(|p| pool_available(self.shared, p))
     }
-    fn quality(&self, model: &str, task: smartllm_router::Task, prior: f64) -> f64 {
-        self.shared.feedback.quality(model, task, prior)
+    fn quality(&self, tenant: &str, model: &str, task: smartllm_router::Task, prior: f64) -> f64 {
+        self.shared.feedback.quality(tenant, model, task, prior)
     }
 }
 

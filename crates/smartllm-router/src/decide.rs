@@ -16,10 +16,10 @@ pub trait ModelState {
     fn live(&self, model: &str) -> Option<LiveSnapshot>;
     /// A deployment is healthy and its circuit lets traffic through.
     fn available(&self, model: &str) -> bool;
-    /// The expected quality of `model` on `task` given `prior` (the
-    /// profile's or the learned router's), moved by what users reported
-    /// (`POST /v1/feedback`).
-    fn quality(&self, _model: &str, _task: Task, prior: f64) -> f64 {
+    /// The expected quality of `model` on `task` for `tenant`'s requests,
+    /// given `prior` (the profile's or the learned router's), moved by what
+    /// the tenant's users reported (`POST /v1/feedback`).
+    fn quality(&self, _tenant: &str, _model: &str, _task: Task, prior: f64) -> f64 {
         prior
     }
 }
@@ -250,7 +250,7 @@ pub fn decide(
                 .unwrap_or_else(|| profile_quality(m, f.task, f.complexity)),
             _ => profile_quality(m, f.task, f.complexity),
         };
-        quality = state.quality(name, f.task, quality);
+        quality = state.quality(req.tenant, name, f.task, quality);
         // A model that fails often delivers less.
         if let Some(l) = &live {
             quality *= 1.0 - l.error_rate.clamp(0.0, 1.0) * 0.5;

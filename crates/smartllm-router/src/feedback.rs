@@ -3,12 +3,14 @@
 //! `POST /v1/feedback` names a request (its `x-request-id`) and a score
 //! (0-1, or thumbs up / down). The gateway remembers which model answered
 //! the last [`REMEMBERED`] requests, for which tenant and on what task, so a
-//! score lands on that model and task. The router then uses, in place of a
-//! model's profile quality for a task, the posterior mean of the scores with
-//! the profile as the prior, worth [`PRIOR_VOTES`] votes: a handful of votes
-//! moves it a little, hundreds move it to what users report. A tenant can
-//! score only its own requests; a request is scored once (a later score
-//! replaces the earlier one).
+//! score lands on that model and task. For that tenant's requests the router
+//! then uses, in place of a model's profile quality for a task, the
+//! posterior mean of the tenant's scores with the profile as the prior,
+//! worth [`PRIOR_VOTES`] votes: a handful of votes moves it a little,
+//! hundreds move it to what the tenant's users report. Tenants are kept
+//! apart throughout: a tenant's votes steer only its own requests, and
+//! request ids (which clients may set) are remembered per tenant. A request
+//! is scored once (a later score replaces the earlier one).
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -50,14 +52,17 @@ pub enum FeedbackError {
     Unknown(String),
 }
 
+/// (tenant, request id)
+type RequestKey = (String, String);
+
 #[derive(Default)]
 struct Remembered {
-    by_id: HashMap<String, Served>,
-    order: VecDeque<String>,
+    by_id: HashMap<RequestKey, Served>,
+    order: VecDeque<RequestKey>,
 }
 
-/// Votes by (model, task).
-type Tally = HashMap<(String, Task), Votes>;
+/// Votes by (tenant, model, task).
+type Tally = HashMap<(String, String, Task), Votes>;
 
 #[derive(Default)]
 pub struct FeedbackBook {
@@ -76,8 +81,9 @@ impl FeedbackBook {
         let Ok(mut r) = self.requests.try_lock() else {
             return;
         };
-        if r.by_id.insert(request_id.to_string(), served).is_none() {
-            r.order.push_back(request_id.to_string());
+        let key = (served.tenant.clone(), request_id.to_string());
+        if r.by_id.insert(key.clone(), served).is_none() {
+            r.order.push_back(key);
         }
         while r.order.len() > REMEMBERED {
             if let Some(old) = r.order.pop_front() {
@@ -98,8 +104,7 @@ impl FeedbackBook {
             let mut r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
             let s = r
                 .by_id
-                .get_mut(request_id)
-                .filter(|s| s.tenant == tenant)
+                .get_mut(&(tenant.to_string(), request_id.to_string()))
                 .ok_or_else(|| FeedbackError::Unknown(request_id.to_string()))?;
             let previous = s.score.replace(score);
             (s.clone(), previous)
@@ -107,7 +112,7 @@ impl FeedbackBook {
         self.votes.rcu(|tally| {
             let mut tally = Tally::clone(tally);
             let e = tally
-                .entry((served.model.clone(), served.task))
+                .entry((served.tenant.clone(), served.model.clone(), served.task))
                 .or_default();
             match previous {
                 Some(p) => e.sum += score - p,
@@ -121,10 +126,14 @@ impl FeedbackBook {
         Ok(served)
     }
 
-    /// The quality the router uses: `prior` (the profile's) moved towards
-    /// the users' scores of this model on this task.
-    pub fn quality(&self, model: &str, task: Task, prior: f64) -> f64 {
-        match self.votes.load().get(&(model.to_string(), task)) {
+    /// The quality the router uses for `tenant`'s requests: `prior` (the
+    /// profile's) moved towards the tenant's scores of this model on this task.
+    pub fn quality(&self, tenant: &str, model: &str, task: Task, prior: f64) -> f64 {
+        let tally = self.votes.load();
+        if tally.is_empty() {
+            return prior;
+        }
+        match tally.get(&(tenant.to_string(), model.to_string(), task)) {
             Some(s) if s.votes > 0 => {
                 (prior * PRIOR_VOTES + s.sum) / (PRIOR_VOTES + s.votes as f64)
             }
@@ -132,13 +141,17 @@ impl FeedbackBook {
         }
     }
 
-    /// Votes per model and task, for `/admin/models`.
+    /// Votes per model and task, all tenants together, for `/admin/models`.
     pub fn snapshot(&self) -> BTreeMap<String, BTreeMap<&'static str, Votes>> {
         let mut out: BTreeMap<String, BTreeMap<&'static str, Votes>> = BTreeMap::new();
-        for ((model, task), votes) in self.votes.load().iter() {
-            out.entry(model.clone())
+        for ((_, model, task), votes) in self.votes.load().iter() {
+            let v = out
+                .entry(model.clone())
                 .or_default()
-                .insert(task.as_str(), *votes);
+                .entry(task.as_str())
+                .or_default();
+            v.votes += votes.votes;
+            v.sum += votes.sum;
         }
         out
     }
@@ -160,19 +173,19 @@ mod tests {
     #[test]
     fn scores_move_the_prior_by_their_weight() {
         let book = FeedbackBook::default();
-        assert_eq!(book.quality("m", Task::Code, 0.8), 0.8);
+        assert_eq!(book.quality("acme", "m", Task::Code, 0.8), 0.8);
         for i in 0..20 {
             book.remember(&format!("r{i}"), served("acme", "m"));
             book.score(&format!("r{i}"), "acme", 0.0).unwrap();
         }
         // 20 zero votes against a prior worth 20: halfway.
-        assert!((book.quality("m", Task::Code, 0.8) - 0.4).abs() < 1e-9);
-        assert_eq!(
-            book.quality("m", Task::Math, 0.8),
-            0.8,
-            "other tasks untouched"
-        );
-        assert_eq!(book.quality("other", Task::Code, 0.8), 0.8);
+        assert!((book.quality("acme", "m", Task::Code, 0.8) - 0.4).abs() < 1e-9);
+        let untouched = [
+            book.quality("acme", "m", Task::Math, 0.8),
+            book.quality("acme", "other", Task::Code, 0.8),
+            book.quality("beta", "m", Task::Code, 0.8),
+        ];
+        assert_eq!(untouched, [0.8; 3], "other tasks, models and tenants");
         let snap = book.snapshot();
         assert_eq!(snap["m"]["code"].votes, 20);
     }
@@ -185,12 +198,16 @@ mod tests {
             book.score("r1", "evil", 0.0),
             Err(FeedbackError::Unknown("r1".into()))
         );
+        // A client reusing another tenant's request id gets its own record.
+        book.remember("r1", served("evil", "other"));
+        assert_eq!(book.score("r1", "evil", 0.0).unwrap().model, "other");
         assert!(book.score("nope", "acme", 1.0).is_err());
         book.score("r1", "acme", 0.0).unwrap();
         let s = book.score("r1", "acme", 1.0).unwrap();
         assert_eq!((s.model.as_str(), s.score), ("m", Some(1.0)));
         // One vote, replaced: 1.0.
         let v = book.snapshot()["m"]["code"];
+        assert_eq!(book.snapshot()["other"]["code"].votes, 1);
         assert_eq!((v.votes, v.sum), (1, 1.0));
     }
 

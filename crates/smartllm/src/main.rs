@@ -838,6 +838,12 @@ impl Finisher {
             if let Err(e) = self.cache.persist() {
                 tracing::error!(error = %e, "saving the cache index failed; it will be rebuilt at the next start");
             }
+            // The last counters to the fleet's cost view, while its sender
+            // still runs (it keeps going for a few seconds after a stop).
+            if let Some(fleet) = shared.fleet_sync.as_ref().filter(|f| f.shares_costs()) {
+                self.ledger.flush();
+                wait(&|| fleet.costs_unsent() == 0);
+            }
             self.ledger.shutdown();
             if let Some(t) = &shared.tracing {
                 t.shutdown(TRACE_FLUSH);

@@ -89,7 +89,11 @@ pub async fn answer(
         .config
         .model(&served.model)
         .map(|m| m.profile.quality(served.task));
-    let now = prior.map(|p| shared.feedback.quality(&served.model, served.task, p));
+    let now = prior.map(|p| {
+        shared
+            .feedback
+            .quality(&ctx.tenant, &served.model, served.task, p)
+    });
     crate::metrics::feedback(&served.model, served.task.as_str());
     let out = json!({
         "request_id": id,
