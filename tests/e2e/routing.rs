@@ -179,6 +179,18 @@ fn shipped_conf_sends_simple_prompts_to_cheap_models_and_code_or_reasoning_to_st
     assert!(text.contains("task=chat"), "{text}");
 }
 
+/// One model's entry in `/admin/models`.
+fn admin_model(gw: &Gateway, name: &str) -> Value {
+    let models = get(&gw.admin, "/admin/models").json();
+    models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap()
+        .clone()
+}
+
 /// Two models on two mocks: `big` (better, slow upstream) and `small`.
 fn two_model_gateway(big: &Mock, small: &Mock, route: &str) -> Gateway {
     let providers = format!(
@@ -306,14 +318,7 @@ fn failover_to_the_next_candidate_and_the_circuit_breaker_opens_and_closes() {
         route_header(&r),
         "r; model=small; reason=utility; cost_rule=log"
     );
-    let models = get(&gw.admin, "/admin/models").json();
-    let b = models["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "big")
-        .unwrap()
-        .clone();
+    let b = admin_model(&gw, "big");
     assert_eq!(b["deployments"][0]["circuit"], "open");
     assert_eq!(b["available"], false);
     // big comes back; after the cooldown one trial request closes the circuit.
@@ -576,14 +581,7 @@ fn feedback_moves_the_routers_expected_quality() {
     // Another tenant's routing is its own: team-b still gets big.
     let other = ask("sk-team-b", "Hello there, how are you? (b)");
     assert_eq!(other.header("x-smartllm-model"), Some("big"));
-    let models = get(&gw.admin, "/admin/models").json();
-    let bigm = models["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == "big")
-        .unwrap()
-        .clone();
+    let bigm = admin_model(&gw, "big");
     assert_eq!(
         bigm["feedback"]["chat"]["votes"].as_u64(),
         Some(votes as u64),

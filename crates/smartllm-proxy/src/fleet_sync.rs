@@ -320,39 +320,26 @@ impl FleetSync {
     ) -> redis::RedisResult<()> {
         let mut cursor = 0u64;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(pattern)
-                .arg("COUNT")
-                .arg(1000)
-                .query_async(conn)
-                .await?;
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.cmd("HMGET").arg(k).arg("r").arg("c").arg("n");
-                }
-                let meta: Vec<(Option<String>, Option<String>, Option<u32>)> =
-                    pipe.query_async(conn).await?;
-                let doomed: Vec<&String> = keys
-                    .iter()
-                    .zip(meta)
-                    .filter(|(_, (r, c, n))| {
-                        remove(
-                            r.as_deref().unwrap_or(""),
-                            c.as_deref().unwrap_or(""),
-                            n.unwrap_or(0),
-                        )
-                    })
-                    .map(|(k, _)| k)
-                    .collect();
-                if !doomed.is_empty() {
-                    redis::cmd("DEL")
-                        .arg(doomed)
-                        .query_async::<()>(conn)
-                        .await?;
-                }
+            let (next, keys, rows) = scan_hashes(conn, pattern, cursor, &["r", "c", "n"]).await?;
+            let doomed: Vec<&String> = keys
+                .iter()
+                .zip(rows)
+                .filter(|(_, row)| {
+                    let text = |i: usize| {
+                        row[i]
+                            .as_deref()
+                            .map(String::from_utf8_lossy)
+                            .unwrap_or_default()
+                    };
+                    remove(&text(0), &text(1), text(2).parse().unwrap_or(0))
+                })
+                .map(|(k, _)| k)
+                .collect();
+            if !doomed.is_empty() {
+                redis::cmd("DEL")
+                    .arg(doomed)
+                    .query_async::<()>(conn)
+                    .await?;
             }
             if next == 0 {
                 return Ok(());
@@ -543,25 +530,12 @@ impl FleetSync {
         let mut cursor = 0u64;
         let mut n = 0;
         loop {
-            let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
-                .arg(cursor)
-                .arg("MATCH")
-                .arg(&pattern)
-                .arg("COUNT")
-                .arg(500)
-                .query_async(conn)
-                .await?;
-            if !keys.is_empty() {
-                let mut pipe = redis::pipe();
-                for k in &keys {
-                    pipe.cmd("HMGET").arg(k).arg("p").arg("e").arg("m");
-                }
-                let rows: Vec<[Option<Vec<u8>>; 3]> = pipe.query_async(conn).await?;
-                for [p, e, m] in rows {
-                    if let (Some(p), Some(m)) = (p, m) {
-                        self.apply_insert(cache, p, e.unwrap_or_default(), &m).await;
-                        n += 1;
-                    }
+            let (next, _, rows) = scan_hashes(conn, &pattern, cursor, &["p", "e", "m"]).await?;
+            for mut row in rows {
+                if let (Some(p), Some(m)) = (row[0].take(), row[2].take()) {
+                    self.apply_insert(cache, p, row[1].take().unwrap_or_default(), &m)
+                        .await;
+                    n += 1;
                 }
             }
             if next == 0 {
@@ -873,6 +847,33 @@ impl FleetSync {
         }
         Ok(out.into_iter().collect())
     }
+}
+
+/// One `SCAN` page of snapshot hashes matching `pattern` from `cursor`:
+/// the next cursor, the keys, and the `fields` of each (one pipeline).
+async fn scan_hashes(
+    conn: &mut MultiplexedConnection,
+    pattern: &str,
+    cursor: u64,
+    fields: &[&str],
+) -> redis::RedisResult<(u64, Vec<String>, Vec<Vec<Option<Vec<u8>>>>)> {
+    let (next, keys): (u64, Vec<String>) = redis::cmd("SCAN")
+        .arg(cursor)
+        .arg("MATCH")
+        .arg(pattern)
+        .arg("COUNT")
+        .arg(500)
+        .query_async(conn)
+        .await?;
+    if keys.is_empty() {
+        return Ok((next, keys, Vec::new()));
+    }
+    let mut pipe = redis::pipe();
+    for k in &keys {
+        pipe.cmd("HMGET").arg(k).arg(fields);
+    }
+    let rows = pipe.query_async(conn).await?;
+    Ok((next, keys, rows))
 }
 
 /// Ledger counters by key (hour first), summed.
