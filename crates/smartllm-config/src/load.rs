@@ -4,7 +4,9 @@
 //! the problems validation finds before `resolve` turns the raw files
 //! into a [`Config`].
 
-use crate::raw::{RawCacheFile, RawKeysFile, RawMain, RawModels, RawProviders, RawRoutes};
+use crate::raw::{
+    RawCacheFile, RawKeysFile, RawMain, RawMeasuredProfiles, RawModels, RawProviders, RawRoutes,
+};
 use crate::resolve::{resolve, RawFiles};
 use crate::{locate, Config, ConfigError, ConfigIssue};
 use serde::de::DeserializeOwned;
@@ -18,14 +20,17 @@ pub const MODELS_FILE: &str = "models.yaml";
 pub const ROUTES_FILE: &str = "routes.yaml";
 pub const CACHE_FILE: &str = "cache.yaml";
 pub const KEYS_FILE: &str = "keys.yaml";
+/// Measured quality per model and task, written by `smartllm profile run`.
+pub const PROFILES_FILE: &str = "profiles.yaml";
 /// The files of a config directory, in load order. Only `smartllm.yaml` is required.
-pub const FILES: [&str; 6] = [
+pub const FILES: [&str; 7] = [
     MAIN_FILE,
     PROVIDERS_FILE,
     MODELS_FILE,
     ROUTES_FILE,
     CACHE_FILE,
     KEYS_FILE,
+    PROFILES_FILE,
 ];
 
 /// Collects issues while validating, locating each key path in its file.
@@ -157,8 +162,17 @@ pub fn load_texts(
     let cache: Option<RawCacheFile> =
         parse_file(dir, CACHE_FILE, texts.get(CACHE_FILE), &mut issues);
     let keys: Option<RawKeysFile> = parse_file(dir, KEYS_FILE, texts.get(KEYS_FILE), &mut issues);
-    let (Some(main), Some(providers), Some(models), Some(routes), Some(cache), Some(keys)) =
-        (main, providers, models, routes, cache, keys)
+    let measured: Option<RawMeasuredProfiles> =
+        parse_file(dir, PROFILES_FILE, texts.get(PROFILES_FILE), &mut issues);
+    let (
+        Some(main),
+        Some(providers),
+        Some(models),
+        Some(routes),
+        Some(cache),
+        Some(keys),
+        Some(measured),
+    ) = (main, providers, models, routes, cache, keys, measured)
     else {
         return Err(ConfigError { issues });
     };
@@ -187,6 +201,7 @@ pub fn load_texts(
             routes,
             cache,
             keys,
+            measured,
         },
         &mut v,
     );

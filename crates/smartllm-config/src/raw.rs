@@ -259,6 +259,10 @@ pub struct RawHealthCheck {
 pub struct RawModels {
     #[serde(default)]
     pub models: Vec<RawModel>,
+    /// Benchmark name to the router's tasks it measures: added to (or
+    /// replacing entries of) the shipped mapping `profile.benchmarks` uses.
+    #[serde(default)]
+    pub benchmark_tasks: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -289,10 +293,37 @@ pub struct RawProfile {
     /// extraction, translation, creative, chat); `default` for the rest.
     #[serde(default)]
     pub quality: BTreeMap<String, f64>,
+    /// Scores (0 to 1) on public benchmarks, as read off leaderboards
+    /// (`gpqa: 0.65`); each task takes the mean of the benchmarks mapped to
+    /// it, where `quality` does not name the task.
+    #[serde(default)]
+    pub benchmarks: BTreeMap<String, f64>,
     /// Typical output speed.
     pub tokens_per_second: Option<f64>,
     /// Typical time to first token.
     pub latency: Option<ConfigDuration>,
+}
+
+/// `profiles.yaml`: quality per task measured by `smartllm profile run`.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMeasuredProfiles {
+    /// The labelled set the answers were scored on.
+    pub set: Option<String>,
+    /// When the measurement ended (RFC 3339, for people).
+    pub measured_at: Option<String>,
+    #[serde(default)]
+    pub models: BTreeMap<String, RawMeasuredModel>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMeasuredModel {
+    /// Share of answers scored right, per task (0 to 1).
+    pub quality: BTreeMap<String, f64>,
+    /// Questions asked per task (for people; not used by the router).
+    #[serde(default)]
+    pub answers: BTreeMap<String, u64>,
 }
 
 /// USD per million tokens, and per request.

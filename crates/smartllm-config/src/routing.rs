@@ -80,6 +80,33 @@ pub(crate) fn task_names() -> String {
         .join(", ")
 }
 
+/// Where a model's quality for one task came from, most trusted first.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum QualitySource {
+    /// `profiles.yaml`: scored answers (`smartllm profile run`).
+    Measured,
+    /// `profile.quality.TASK` in `models.yaml`.
+    Configured,
+    /// `profile.benchmarks`, through the benchmark-to-task mapping.
+    Benchmarks,
+    /// `profile.quality.default`, the mean of the model's benchmark scores
+    /// when none maps to the task, or the built-in 0.7.
+    #[default]
+    Default,
+}
+
+impl QualitySource {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            QualitySource::Measured => "measured",
+            QualitySource::Configured => "configured",
+            QualitySource::Benchmarks => "benchmarks",
+            QualitySource::Default => "default",
+        }
+    }
+}
+
 /// What the router assumes about a model before it has measured it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ModelProfile {
@@ -90,6 +117,8 @@ pub struct ModelProfile {
     pub capabilities: Option<Vec<String>>,
     /// Quality per task (indexed by [`Task::index`]), 0 to 1.
     pub quality: [f64; 8],
+    /// Where each task's quality came from (indexed like `quality`).
+    pub quality_source: [QualitySource; 8],
     pub tokens_per_second: f64,
     /// Typical time to first token.
     pub latency: Duration,
@@ -102,6 +131,7 @@ impl Default for ModelProfile {
             max_output_tokens: None,
             capabilities: None,
             quality: [0.7; 8],
+            quality_source: [QualitySource::Default; 8],
             tokens_per_second: 60.0,
             latency: Duration::from_millis(500),
         }

@@ -392,6 +392,12 @@ impl AdminApp {
                     .iter()
                     .map(|t| (t.as_str().to_string(), json!(p.quality(*t))))
                     .collect();
+                // Where each task's quality came from: measured (profiles.yaml),
+                // configured, benchmarks or default.
+                let quality_source: serde_json::Map<String, Value> = smartllm_config::Task::ALL
+                    .iter()
+                    .map(|t| (t.as_str().to_string(), json!(p.quality_source[t.index()].as_str())))
+                    .collect();
                 let deployments: Vec<Value> = rt
                     .pool(&m.name)
                     .map(|pool| {
@@ -415,6 +421,7 @@ impl AdminApp {
                         "context_window": p.context_window,
                         "capabilities": p.capabilities,
                         "quality": quality,
+                        "quality_source": quality_source,
                         "tokens_per_second": p.tokens_per_second,
                         "latency_ms": p.latency.as_secs_f64() * 1e3,
                         "pricing": {"input_per_1m": m.pricing.input_per_1m, "output_per_1m": m.pricing.output_per_1m,

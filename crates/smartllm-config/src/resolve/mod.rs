@@ -10,12 +10,15 @@ mod fleet;
 mod general;
 mod keys;
 mod models;
+mod profiles;
 mod providers;
 mod routes;
 mod server;
 mod tracing;
 
-use crate::raw::{RawCacheFile, RawKeysFile, RawMain, RawModels, RawProviders, RawRoutes};
+use crate::raw::{
+    RawCacheFile, RawKeysFile, RawMain, RawMeasuredProfiles, RawModels, RawProviders, RawRoutes,
+};
 use crate::units::ConfigDuration;
 use crate::{Config, Issues, KeysConfig};
 use std::collections::BTreeSet;
@@ -27,6 +30,8 @@ use std::time::Duration;
 pub const ENV_DATA_DIR: &str = "SMARTLLM_DATA_DIR";
 pub const ENV_ASSETS_DIR: &str = "SMARTLLM_ASSETS_DIR";
 
+pub use profiles::default_benchmark_tasks;
+
 /// The files of a config directory, parsed (a missing file is its default).
 pub(crate) struct RawFiles {
     pub main: RawMain,
@@ -35,6 +40,7 @@ pub(crate) struct RawFiles {
     pub routes: RawRoutes,
     pub cache: RawCacheFile,
     pub keys: RawKeysFile,
+    pub measured: RawMeasuredProfiles,
 }
 
 /// Resolve every section; `digest` identifies the files' contents and is
@@ -47,6 +53,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
         routes,
         cache,
         keys,
+        measured,
     } = raw;
     let server = server::resolve_server(dir, main.server, v);
     let data_dir = general::resolve_data_dir(dir, main.data_dir);
@@ -55,7 +62,8 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
     let demo = general::resolve_demo(main.demo, v);
     let reload = general::resolve_reload(main.reload);
     let providers = providers::resolve_providers(dir, providers, &server, v);
-    let (models, prices) = models::resolve_models(models, &providers, v);
+    let (mut models, prices) = models::resolve_models(models, &providers, v);
+    profiles::apply_measured(&mut models, measured, v);
     let model_names: BTreeSet<String> = models.iter().map(|m| m.name.clone()).collect();
     let resolved_routes = routes::resolve_routes(dir, &routes.routes, &model_names, v);
     let classifier = routes::resolve_classifier(dir, &routes.classifier, v);

@@ -1,10 +1,9 @@
 //! `models.yaml`: each model's deployments (on providers defined in
 //! `providers.yaml`), pricing and routing profile.
 
-use super::valid_name;
+use super::{profiles, valid_name};
 use crate::catalog::catalog;
 use crate::raw::{RawModels, RawPricing, RawProfile};
-use crate::routing::task_names;
 use crate::{
     DeploymentConfig, Issues, ModelConfig, ModelMode, ModelProfile, Pricing, ProviderConfig, Task,
     CAPABILITIES, MODELS_FILE,
@@ -20,6 +19,7 @@ pub(super) fn resolve_models(
     let mut seen = BTreeSet::new();
     let mut resolved = Vec::new();
     let mut prices = BTreeMap::new();
+    let mapping = profiles::benchmark_mapping(&models.benchmark_tasks, v);
     for (i, m) in models.models.into_iter().enumerate() {
         let at = format!("models[{i}]");
         if !valid_name(&m.name) {
@@ -102,7 +102,7 @@ pub(super) fn resolve_models(
             per_request: price.per_request,
         };
         prices.insert(m.name.clone(), price);
-        let profile = resolve_profile(&at, m.profile.as_ref(), v);
+        let profile = resolve_profile(&at, m.profile.as_ref(), &mapping, v);
         let mode = match m.mode.as_deref() {
             Some(s) => ModelMode::parse(s).unwrap_or_else(|| {
                 v.push(
@@ -192,7 +192,12 @@ fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_
     price
 }
 
-fn resolve_profile(at: &str, raw: Option<&RawProfile>, v: &mut Issues<'_>) -> ModelProfile {
+fn resolve_profile(
+    at: &str,
+    raw: Option<&RawProfile>,
+    mapping: &BTreeMap<String, Vec<Task>>,
+    v: &mut Issues<'_>,
+) -> ModelProfile {
     let mut p = ModelProfile::default();
     let Some(raw) = raw else { return p };
     if let Some(c) = raw.context_window {
@@ -230,29 +235,7 @@ fn resolve_profile(at: &str, raw: Option<&RawProfile>, v: &mut Issues<'_>) -> Mo
         }
         p.capabilities = Some(caps.clone());
     }
-    if let Some(d) = raw.quality.get("default") {
-        p.quality = [*d; 8];
-    }
-    for (k, q) in &raw.quality {
-        if !(0.0..=1.0).contains(q) {
-            v.push(
-                MODELS_FILE,
-                format!("{at}.profile.quality.{k}"),
-                "must be between 0 and 1",
-            );
-        }
-        if k == "default" {
-            continue;
-        }
-        match Task::parse(k) {
-            Some(t) => p.quality[t.index()] = q.clamp(0.0, 1.0),
-            None => v.push(
-                MODELS_FILE,
-                format!("{at}.profile.quality.{k}"),
-                format!("unknown task {k:?} (known: {}, default)", task_names()),
-            ),
-        }
-    }
+    profiles::resolve_quality(at, raw, mapping, &mut p.quality, &mut p.quality_source, v);
     if let Some(t) = raw.tokens_per_second {
         if !(t > 0.0 && t.is_finite()) {
             v.push(
