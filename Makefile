@@ -23,7 +23,7 @@ PROTOBUF_VERSION := 7.36.2
 
 APT_PACKAGES := build-essential cmake clang libclang-dev libopenblas-dev pkg-config python3 python3-venv python3-pip ca-certificates curl wrk openssl redis-server debootstrap rpm dpkg-dev systemd chromium fonts-dejavu-core
 
-.PHONY: run test deps assets build venv lint fmt bench compare soak fuzz check-config clean-data deb rpm test-packages
+.PHONY: run test deps assets assets-gpu build venv lint fmt bench compare soak fuzz check-config clean-data deb rpm test-packages
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -35,6 +35,12 @@ deps:
 
 assets: deps
 	@packaging/fetch-assets.sh "$(SMARTLLM_ASSETS_DIR)"
+
+# The CUDA build of ONNX Runtime and the CUDA libraries it loads (PyPI wheels,
+# about 2 GB) in $(SMARTLLM_ASSETS_DIR)/gpu, for `embedder.device: cuda`.
+# Never part of `make test`: without a GPU or these files, GPU tests skip.
+assets-gpu: assets
+	@packaging/fetch-assets.sh --gpu "$(SMARTLLM_ASSETS_DIR)"
 
 build: deps
 	# Same package selection as `make test`, so features unify identically and nothing rebuilds.

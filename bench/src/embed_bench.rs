@@ -4,10 +4,15 @@
 //! 16 concurrent callers) against the fp32 model's one-text baseline.
 //!
 //!   embed-bench [--seconds 1.5] [--lengths 16,64,256] [--batches 1,4,16,64] [--threads 1,2]
+//!   embed-bench --device cuda [--batches 1,2,4,...,256] [--threads 1] [--callers 256]
 //!
+//! With `--device cuda` (issue #22 item 8; `bench/gpu-embed.sh`) the sessions
+//! run on the GPU (the CUDA build from `make assets-gpu`); it fails if CUDA
+//! is unavailable rather than print CPU figures under a GPU title.
 //! The texts are synthetic (words drawn from a fixed list, cut to the token
 //! length): speed depends on the length, not the words. Prints Markdown.
 
+use smartllm_config::{Device, EmbedderConfig};
 use smartllm_embed::{local_assets, Embedder, Model, FP32_MODEL, INT8_MODEL};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -87,19 +92,34 @@ fn texts(model: &Model, tokens: usize, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// The assets' config for `model_file` on `device`.
+fn config(model_file: &str, device: Device) -> EmbedderConfig {
+    let mut cfg = local_assets(512);
+    cfg.model = cfg.model.with_file_name(model_file);
+    cfg.device = device;
+    cfg
+}
+
+/// One session of `cfg`; on CUDA only a CUDA one.
+fn session(cfg: &EmbedderConfig) -> Result<Model, String> {
+    let (model, device) = Model::load(cfg).map_err(|e| e.to_string())?;
+    if cfg.device == Device::Cuda && device != "cuda" {
+        return Err(format!("--device cuda, but the session got {device}"));
+    }
+    Ok(model)
+}
+
 /// Texts per second of `threads` workers, each with its own session, each
 /// running batches of `batch` texts for `secs`.
 fn measure(
-    model_file: &str,
+    cfg: &EmbedderConfig,
     threads: usize,
     texts: &Arc<Vec<String>>,
     batch: usize,
     secs: f64,
 ) -> f64 {
-    let mut cfg = local_assets(512);
-    cfg.model = cfg.model.with_file_name(model_file);
     let models: Vec<Model> = (0..threads)
-        .map(|_| Model::load_cpu(&cfg).expect("model loads"))
+        .map(|_| session(cfg).expect("model loads"))
         .collect();
     let start = Instant::now() + Duration::from_millis(50);
     let handles: Vec<_> = models
@@ -137,18 +157,22 @@ fn measure(
 /// Texts per second through the production `Embedder` (its threads, its
 /// batch policy) with `callers` concurrent one-text callers.
 fn through_embedder(
-    model_file: &str,
+    cfg: &EmbedderConfig,
     threads: usize,
     texts: &Arc<Vec<String>>,
     callers: usize,
     secs: f64,
 ) -> f64 {
-    let mut cfg = local_assets(512);
-    cfg.model = cfg.model.with_file_name(model_file);
+    let mut cfg = cfg.clone();
     cfg.threads = threads;
-    cfg.queue_depth = 1024;
+    cfg.queue_depth = 4096;
     cfg.max_queue_wait = Duration::from_secs(10);
     let e = Arc::new(Embedder::load(&cfg).expect("embedder loads"));
+    assert!(
+        cfg.device == Device::Cpu || e.info().device == "cuda",
+        "--device cuda, but the embedder got {}",
+        e.info().device
+    );
     let start = Instant::now();
     let handles: Vec<_> = (0..callers)
         .map(|c| {
@@ -170,7 +194,10 @@ fn through_embedder(
     done as f64 / start.elapsed().as_secs_f64()
 }
 
-fn main() {
+fn main() -> Result<(), String> {
+    if arg("--device", "cpu") == "cuda" {
+        return gpu_main();
+    }
     let secs: f64 = arg("--seconds", "1.5").parse().unwrap_or(1.5);
     let lengths = list("--lengths", "16,64,256");
     let batches = list("--batches", "1,4,16,64");
@@ -218,8 +245,9 @@ fn main() {
             for model in [FP32_MODEL, INT8_MODEL] {
                 print!("| {model} | {w} | {len} |");
                 let mut first = 0.0;
+                let cfg = config(model, Device::Cpu);
                 for &b in &batches {
-                    let r = measure(model, w, &t, b, secs);
+                    let r = measure(&cfg, w, &t, b, secs);
                     if b == batches[0] {
                         first = r;
                     }
@@ -239,12 +267,68 @@ fn main() {
     println!("| tokens | fp32, 1 worker | int8, 1 worker | int8, {cores} workers (default) | default / fp32 1 worker |\n|---|---|---|---|---|");
     for &len in &lengths {
         let t = Arc::new(texts(&probe, len, 4096));
-        let a = through_embedder(FP32_MODEL, 1, &t, 16, secs);
-        let b = through_embedder(INT8_MODEL, 1, &t, 16, secs);
-        let c = through_embedder(INT8_MODEL, cores, &t, 16, secs);
+        let (fp32, int8) = (
+            config(FP32_MODEL, Device::Cpu),
+            config(INT8_MODEL, Device::Cpu),
+        );
+        let a = through_embedder(&fp32, 1, &t, 16, secs);
+        let b = through_embedder(&int8, 1, &t, 16, secs);
+        let c = through_embedder(&int8, cores, &t, 16, secs);
         println!(
             "| {len} | {a:.0} | {b:.0} | {c:.0} | {:.2}x |",
             c / a.max(1e-9)
         );
     }
+    Ok(())
+}
+
+fn gpu_main() -> Result<(), String> {
+    let secs: f64 = arg("--seconds", "1.5").parse().unwrap_or(1.5);
+    let lengths = list("--lengths", "16,64,256");
+    let batches = list("--batches", "1,2,4,8,16,32,64,128,256");
+    let threads = list("--threads", "1");
+    let callers: usize = arg("--callers", "256").parse().unwrap_or(256);
+    // The first session loads ONNX Runtime: the CUDA build, here.
+    let probe = session(&config(FP32_MODEL, Device::Cuda))?;
+    let runtime = local_assets(512).onnxruntime;
+    let lib = smartllm_embed::runtime::gpu_runtime(&runtime).unwrap_or(runtime);
+    println!("# Embedder throughput on CUDA (texts/s; synthetic texts; {secs} s per cell)\n");
+    println!("ONNX Runtime: {}\n", lib.display());
+    println!("## Model runs: texts/s by model x sessions x length x batch\n");
+    print!("| model | sessions | tokens |");
+    for b in &batches {
+        print!(" batch {b} |");
+    }
+    println!();
+    print!("|---|---|---|");
+    for _ in &batches {
+        print!("---|");
+    }
+    println!();
+    for &w in &threads {
+        for &len in &lengths {
+            let t = Arc::new(texts(&probe, len, 4096));
+            for model in [FP32_MODEL, INT8_MODEL] {
+                let cfg = config(model, Device::Cuda);
+                print!("| {model} | {w} | {len} |");
+                for &b in &batches {
+                    print!(" {:.0} |", measure(&cfg, w, &t, b, secs));
+                }
+                println!();
+            }
+        }
+    }
+    println!("\n## The production Embedder on CUDA: {callers} concurrent one-text callers\n");
+    println!("| model | workers | tokens | texts/s |\n|---|---|---|---|");
+    for model in [FP32_MODEL, INT8_MODEL] {
+        let cfg = config(model, Device::Cuda);
+        for &w in &threads {
+            for &len in &lengths {
+                let t = Arc::new(texts(&probe, len, 4096));
+                let r = through_embedder(&cfg, w, &t, callers, secs);
+                println!("| {model} | {w} | {len} | {r:.0} |");
+            }
+        }
+    }
+    Ok(())
 }

@@ -23,14 +23,20 @@
 //!   so a text seen again (another tenant's same question, a retry) skips
 //!   the model; the lookup only ever `try_lock`s, so it never blocks the
 //!   caller's (async) thread.
+//!
+//! `device: cuda` loads the CUDA build of ONNX Runtime fetched by `make
+//! assets-gpu` (see [`runtime`]); without a GPU, the driver or those files it
+//! runs on the CPU build, and `info().device` says why.
+
+pub mod runtime;
 
 use lru::LruCache;
 use smartllm_config::{Device, EmbedderConfig};
 use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokenizers::{Encoding, Tokenizer, TruncationParams};
 use tokio::sync::oneshot;
@@ -156,25 +162,6 @@ impl Recent {
     }
 }
 
-static ENVIRONMENT: OnceLock<Result<Arc<ort::environment::Environment>, String>> = OnceLock::new();
-
-fn environment(lib: &Path) -> Result<Arc<ort::environment::Environment>, EmbedError> {
-    ENVIRONMENT
-        .get_or_init(|| {
-            let builder = ort::init_from(lib).map_err(|e| e.to_string())?;
-            builder
-                .with_name("smartllm")
-                .build()
-                .map(Arc::new)
-                .map_err(|e| e.to_string())
-        })
-        .clone()
-        .map_err(|message| EmbedError::Runtime {
-            path: lib.to_path_buf(),
-            message,
-        })
-}
-
 /// One ONNX session and the tokenizer: what each worker thread runs, and
 /// what benchmarks drive directly (any batch policy).
 pub struct Model {
@@ -185,8 +172,8 @@ pub struct Model {
 impl Model {
     /// One CPU session of `cfg.model` (blocking).
     pub fn load_cpu(cfg: &EmbedderConfig) -> Result<Model, EmbedError> {
-        let env = environment(&cfg.onnxruntime)?;
-        let session = build_session(&env, cfg, false).map_err(|e| EmbedError::Model {
+        let rt = runtime::runtime(cfg)?;
+        let session = build_session(&rt.env, cfg, false).map_err(|e| EmbedError::Model {
             path: cfg.model.clone(),
             message: e.to_string(),
         })?;
@@ -194,6 +181,18 @@ impl Model {
             session,
             tokenizer: load_tokenizer(cfg)?,
         })
+    }
+
+    /// One session of `cfg.model` on `cfg.device`, and the device it got:
+    /// `"cuda"`, or `"cpu (cuda unavailable: WHY)"` (blocking).
+    pub fn load(cfg: &EmbedderConfig) -> Result<(Model, String), EmbedError> {
+        let rt = runtime::runtime(cfg)?;
+        let (session, device) = device_session(rt, cfg)?;
+        let model = Model {
+            session,
+            tokenizer: load_tokenizer(cfg)?,
+        };
+        Ok((model, device))
     }
 
     /// Tokens of `text` as the model sees it (specials included, truncated).
@@ -233,6 +232,33 @@ fn load_tokenizer(cfg: &EmbedderConfig) -> Result<Arc<Tokenizer>, EmbedError> {
     // Padding is ours: batches are grouped by length after tokenizing.
     tokenizer.with_padding(None);
     Ok(Arc::new(tokenizer))
+}
+
+/// A session on `cfg.device`: CUDA when asked for and the runtime has it
+/// (else the CPU, with the reason in the device string).
+fn device_session(
+    rt: &runtime::Runtime,
+    cfg: &EmbedderConfig,
+) -> Result<(ort::session::Session, String), EmbedError> {
+    let model_error = |e: ort::Error| EmbedError::Model {
+        path: cfg.model.clone(),
+        message: e.to_string(),
+    };
+    let why = match (&cfg.device, &rt.cuda) {
+        (Device::Cpu, _) => {
+            return Ok((
+                build_session(&rt.env, cfg, false).map_err(model_error)?,
+                "cpu".into(),
+            ))
+        }
+        (Device::Cuda, Ok(())) => match build_session(&rt.env, cfg, true) {
+            Ok(s) => return Ok((s, "cuda".into())),
+            Err(e) => format!("the CUDA execution provider failed: {e}"),
+        },
+        (Device::Cuda, Err(why)) => why.clone(),
+    };
+    let session = build_session(&rt.env, cfg, false).map_err(model_error)?;
+    Ok((session, format!("cpu (cuda unavailable: {why})")))
 }
 
 fn build_session(
@@ -281,35 +307,25 @@ impl Embedder {
                 return Err(EmbedError::MissingAsset(p.clone()));
             }
         }
-        let env = environment(&cfg.onnxruntime)?;
+        let rt = runtime::runtime(cfg)?;
         let tokenizer = load_tokenizer(cfg)?;
 
-        let mut device = "cpu".to_string();
-        let mut workers = Vec::new();
-        for _ in 0..cfg.threads {
-            let want_cuda = cfg.device == Device::Cuda && device != "cpu (cuda unavailable)";
-            let session = match build_session(&env, cfg, want_cuda) {
-                Ok(s) => {
-                    if want_cuda {
-                        device = "cuda".into();
-                    }
-                    s
-                }
-                Err(e) if want_cuda => {
-                    tracing::warn!(error = %e, "embedder.device is cuda but the CUDA execution provider is unavailable; falling back to CPU");
-                    device = "cpu (cuda unavailable)".into();
-                    build_session(&env, cfg, false).map_err(|e| EmbedError::Model {
-                        path: cfg.model.clone(),
-                        message: e.to_string(),
-                    })?
-                }
-                Err(e) => {
-                    return Err(EmbedError::Model {
-                        path: cfg.model.clone(),
-                        message: e.to_string(),
-                    })
-                }
-            };
+        // The first session settles the device; a CUDA one that failed
+        // leaves the rest on the CPU.
+        let (first, device) = device_session(rt, cfg)?;
+        if device != "cuda" && cfg.device == Device::Cuda {
+            tracing::warn!(%device, onnxruntime = %rt.lib.display(), "embedder.device is cuda but CUDA is unavailable; embedding on the CPU");
+        }
+        let mut workers = vec![Model {
+            session: first,
+            tokenizer: tokenizer.clone(),
+        }];
+        for _ in 1..cfg.threads {
+            let session =
+                build_session(&rt.env, cfg, device == "cuda").map_err(|e| EmbedError::Model {
+                    path: cfg.model.clone(),
+                    message: e.to_string(),
+                })?;
             workers.push(Model {
                 session,
                 tokenizer: tokenizer.clone(),
@@ -334,7 +350,7 @@ impl Embedder {
         }
         let info = EmbedderInfo {
             model: cfg.model.clone(),
-            onnxruntime: cfg.onnxruntime.clone(),
+            onnxruntime: rt.lib.clone(),
             device,
             threads: cfg.threads,
             max_seq_len: cfg.max_seq_len,
@@ -789,8 +805,10 @@ mod tests {
         assert!(Recent::new(0).get(&text).is_none());
     }
 
-    /// `device: cuda` without a usable CUDA execution provider (the CPU build of
-    /// ONNX Runtime here, or no GPU) falls back to CPU with a warning.
+    /// `device: cuda` without a usable CUDA execution provider (no GPU, no
+    /// GPU assets, or the CPU build already loaded by another test of this
+    /// process) falls back to CPU, saying why. tests/gpu.rs covers the
+    /// choice of the CUDA build in a process of its own.
     #[test]
     fn cuda_request_falls_back_to_cpu() {
         let mut cfg = assets()
@@ -802,7 +820,11 @@ mod tests {
             assert_eq!(e.embed_blocking(vec!["gpu".into()]).unwrap()[0].len(), DIM);
             return;
         }
-        assert_eq!(e.info().device, "cpu (cuda unavailable)");
+        assert!(
+            e.info().device.starts_with("cpu (cuda unavailable: "),
+            "{}",
+            e.info().device
+        );
         assert_eq!(
             e.embed_blocking(vec!["fallback works".into()]).unwrap()[0].len(),
             DIM
