@@ -4,7 +4,7 @@
 //! 16 concurrent callers) against the fp32 model's one-text baseline.
 //!
 //!   embed-bench [--seconds 1.5] [--lengths 16,64,256] [--batches 1,4,16,64] [--threads 1,2]
-//!   embed-bench --device cuda [--batches 1,2,4,...,256] [--threads 1] [--callers 256]
+//!   embed-bench --device cuda [--batches 1,2,4,...,256] [--threads 1] [--workers 1,2] [--callers 256]
 //!
 //! With `--device cuda` (issue #22 item 8; `bench/gpu-embed.sh`) the sessions
 //! run on the GPU (the CUDA build from `make assets-gpu`); it fails if CUDA
@@ -287,6 +287,7 @@ fn gpu_main() -> Result<(), String> {
     let lengths = list("--lengths", "16,64,256");
     let batches = list("--batches", "1,2,4,8,16,32,64,128,256");
     let threads = list("--threads", "1");
+    let workers = list("--workers", "1,2");
     let callers: usize = arg("--callers", "256").parse().unwrap_or(256);
     // The first session loads ONNX Runtime: the CUDA build, here.
     let probe = session(&config(FP32_MODEL, Device::Cuda))?;
@@ -322,7 +323,7 @@ fn gpu_main() -> Result<(), String> {
     println!("| model | workers | tokens | texts/s |\n|---|---|---|---|");
     for model in [FP32_MODEL, INT8_MODEL] {
         let cfg = config(model, Device::Cuda);
-        for &w in &threads {
+        for &w in &workers {
             for &len in &lengths {
                 let t = Arc::new(texts(&probe, len, 4096));
                 let r = through_embedder(&cfg, w, &t, callers, secs);
