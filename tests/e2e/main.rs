@@ -16,6 +16,7 @@ mod keys_and_costs;
 mod lifecycle;
 mod limits;
 mod overload;
+mod profiles;
 mod proxy;
 mod responses;
 mod routing;

@@ -16,6 +16,10 @@
 //! own shape: `event: error` (Anthropic), `data: {"error": {...}}` then
 //! `[DONE]` (OpenAI); the HTTP response itself ends cleanly.
 //!
+//! Models of different skill (`--skill-set FILE --skill MODEL:TASK=P,...`):
+//! questions of a labelled set answered right with a probability per model
+//! and task, deterministically (see `skills`).
+//!
 //! Introspection: `GET /_mock/last` (the last request: path, headers, body length
 //! and sha256), `GET /_mock/stats` (request count, streams cut short by the
 //! client), `GET /health`.
@@ -30,6 +34,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+
+mod skills;
 
 #[global_allocator]
 static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
@@ -89,6 +95,18 @@ struct Args {
     /// PEM private key for --tls-listen.
     #[arg(long)]
     tls_key: Option<std::path::PathBuf>,
+    /// The labelled set (JSONL: task, question, answer, choices) whose
+    /// questions skilled models (--skill) answer right or wrong.
+    #[arg(long, requires = "skill")]
+    skill_set: Option<std::path::PathBuf>,
+    /// A model of given skill: MODEL:TASK=P[,TASK=P...] (`default` for the
+    /// other tasks): a question of --skill-set asked of MODEL gets the gold
+    /// answer with probability P, else a wrong one. Repeatable.
+    #[arg(long, requires = "skill_set")]
+    skill: Vec<String>,
+    /// Picks which questions a skilled model gets right (same seed, same answers).
+    #[arg(long, default_value_t = 0)]
+    skill_seed: u64,
 }
 
 /// A client connection, plain or TLS, that fault injection can reset.
@@ -128,6 +146,8 @@ fn tls_acceptor(
 
 #[derive(Default)]
 struct State {
+    /// Models of given skill on the labelled set (`--skill`).
+    skills: Option<skills::Skills>,
     requests: AtomicU64,
     /// Streams whose client (the gateway) went away before the end.
     streams_aborted: AtomicU64,
@@ -190,8 +210,15 @@ async fn serve(args: Args) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     eprintln!("mock-llm listening on {}", listener.local_addr()?);
+    let skills = match &args.skill_set {
+        Some(set) => Some(skills::Skills::load(set, &args.skill, args.skill_seed)?),
+        None => None,
+    };
     let args = Arc::new(args);
-    let state = Arc::new(State::default());
+    let state = Arc::new(State {
+        skills,
+        ..State::default()
+    });
     if let (Some(addr), Some(c), Some(k)) = (&args.tls_listen, &args.tls_cert, &args.tls_key) {
         let acceptor = tls_acceptor(c, k)?;
         let tls_listener = TcpListener::bind(addr)
@@ -991,7 +1018,14 @@ async fn handle<S: Conn>(
     } else {
         prompt.clone()
     };
-    let words = answer_words(&seed_text, n_words);
+    let skilled = state.skills.as_ref().and_then(|s| {
+        let model = body.get("model").and_then(Value::as_str)?;
+        s.answer(model, &seed_text)
+    });
+    let words = match skilled {
+        Some(answer) => answer.split(' ').map(str::to_string).collect(),
+        None => answer_words(&seed_text, n_words),
+    };
     let completion_tokens = words.len() as u64;
     let id = format!(
         "mock-{}",

@@ -119,6 +119,18 @@ fn parse_file<T: DeserializeOwned + Default>(
     }
 }
 
+/// Parses the text of a `profiles.yaml` on its own (for `smartllm profile
+/// run`, which merges a new measurement into the file); `load_dir` checks it
+/// against the models.
+pub fn parse_profiles_file(dir: &Path, text: &str) -> Result<RawMeasuredProfiles, ConfigError> {
+    let mut issues = Vec::new();
+    let text = text.to_string();
+    match parse_file(dir, PROFILES_FILE, Some(&text), &mut issues) {
+        Some(p) => Ok(p),
+        None => Err(ConfigError { issues }),
+    }
+}
+
 /// Read, parse and validate a config directory.
 pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
     let mut texts: BTreeMap<&'static str, String> = BTreeMap::new();

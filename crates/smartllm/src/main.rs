@@ -29,6 +29,7 @@ mod costs_cli;
 mod keys_cli;
 mod prices_cli;
 mod printers;
+mod profile_cli;
 mod routing_cli;
 
 use admin_client::AdminTarget;
@@ -142,6 +143,46 @@ enum Command {
     Keys {
         #[command(subcommand)]
         action: KeysCmd,
+    },
+    /// Model profiles measured on a labelled set.
+    Profile {
+        #[command(subcommand)]
+        action: ProfileCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ProfileCmd {
+    /// Ask every configured model (or --models) each question of a labelled
+    /// set through the running gateway, score the answers and write the
+    /// share right per task to a profiles file (the config directory's
+    /// profiles.yaml is hot-reloaded and replaces models.yaml's quality for
+    /// the tasks it names).
+    Run {
+        /// Config directory of the running gateway (its models and listen address).
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+        /// The labelled set: JSONL {"id", "task", "kind": "exact"|"choice", "question", "choices"?, "answer"}.
+        #[arg(long)]
+        set: PathBuf,
+        /// Where to write the measured profiles (e.g. CONFIG/profiles.yaml); models and tasks already there and not measured now are kept.
+        #[arg(long)]
+        out: PathBuf,
+        /// Only these models (comma separated; default: every chat model).
+        #[arg(long, value_delimiter = ',')]
+        models: Option<Vec<String>>,
+        /// The gateway's API address (default: http(s)://server.listen of the config).
+        #[arg(long)]
+        url: Option<String>,
+        /// A virtual key of keys.yaml, when the gateway asks for one.
+        #[arg(long, env = "SMARTLLM_API_KEY", hide_env_values = true)]
+        key: Option<String>,
+        /// Questions in flight at once.
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// max_tokens of each answer.
+        #[arg(long, default_value_t = 1024)]
+        max_tokens: u64,
     },
 }
 
@@ -429,6 +470,31 @@ fn main() -> ExitCode {
         } => exit(
             "smartllm eval",
             routing_cli::evaluate(&config, &data, router.as_deref(), json),
+        ),
+        Command::Profile {
+            action:
+                ProfileCmd::Run {
+                    config,
+                    set,
+                    out,
+                    models,
+                    url,
+                    key,
+                    concurrency,
+                    max_tokens,
+                },
+        } => exit(
+            "smartllm profile run",
+            profile_cli::run(profile_cli::RunArgs {
+                config,
+                set,
+                out,
+                models,
+                url,
+                key,
+                concurrency,
+                max_tokens,
+            }),
         ),
         Command::Cache { action } => match cache_cli::cache_cmd(action) {
             Ok(()) => ExitCode::SUCCESS,
