@@ -50,6 +50,12 @@ fn point(rows: &[EvalRow], best: usize, choice: impl Fn(usize) -> usize) -> Poin
     }
 }
 
+/// The point of one fixed choice per row (`choices[i]`: the model index row
+/// `i` went to), e.g. a router's decisions or always the same model.
+pub fn choice_point(rows: &[EvalRow], best: usize, choices: &[usize]) -> Point {
+    point(rows, best, |i| choices.get(i).copied().unwrap_or(best))
+}
+
 /// A router that predicts a quality per model and row, swept over how much
 /// cost counts: pick argmax(predicted − λ · cost / most expensive).
 pub fn predicted_curve(name: &str, rows: &[EvalRow], predicted: &[Vec<f64>], best: usize) -> Curve {
@@ -167,5 +173,11 @@ mod tests {
         assert!(quality_at(&random, 0.56) < 0.85);
         let o = oracle_point(&rows, best);
         assert!((o.cost_share - 0.55).abs() < 1e-9 && (o.quality_share - 1.0).abs() < 1e-9);
+        // Fixed choices: always the cheap model, and the oracle's own choices.
+        let cheap = choice_point(&rows, best, &[0; 100]);
+        assert!((cheap.cost_share - 0.1).abs() < 1e-9);
+        assert!((cheap.quality_share - 0.6).abs() < 1e-9);
+        let oracle_choices: Vec<usize> = (0..100).map(|i| i % 2).collect();
+        assert_eq!(choice_point(&rows, best, &oracle_choices), o);
     }
 }

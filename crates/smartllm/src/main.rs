@@ -108,7 +108,10 @@ enum Command {
         lambda: f64,
     },
     /// Cost/quality curves of the learned router, the rule router and random
-    /// routing on labelled prompts.
+    /// routing on labelled prompts (.jsonl with measured scores); on
+    /// task-labelled prompts (.tsv), the task classifier's accuracy and the
+    /// route's cost/quality next to every single model, random routing and
+    /// the per-task oracle, simulated from the configured profiles.
     Eval {
         /// JSONL: {"prompt", "model", "score"[, "cost"]} per line.
         #[arg(long)]
@@ -118,6 +121,10 @@ enum Command {
         /// The learned router (default: the one a route of the config uses).
         #[arg(long)]
         router: Option<PathBuf>,
+        /// With a .tsv of task-labelled prompts: the routed alias whose
+        /// cost/quality is simulated from the configured profiles.
+        #[arg(long, default_value = "auto")]
+        route: String,
         #[arg(long)]
         json: bool,
     },
@@ -466,10 +473,11 @@ fn main() -> ExitCode {
             data,
             config,
             router,
+            route,
             json,
         } => exit(
             "smartllm eval",
-            routing_cli::evaluate(&config, &data, router.as_deref(), json),
+            routing_cli::evaluate(&config, &data, router.as_deref(), &route, json),
         ),
         Command::Profile {
             action:

@@ -218,10 +218,11 @@ pub fn evaluate(
     config: &Path,
     data: &Path,
     router: Option<&Path>,
+    route: &str,
     as_json: bool,
 ) -> anyhow::Result<()> {
     if data.extension().is_some_and(|e| e == "tsv") {
-        return task_accuracy(config, data, as_json);
+        return task_accuracy(config, data, route, as_json);
     }
     let (cfg, embedder, assets) = load(config)?;
     let learned = match router {
@@ -442,19 +443,24 @@ pub fn measure_tasks(
 
 /// `smartllm eval --data FILE.tsv`: the task classifier of the config on
 /// labelled prompts, per task, per source, with the confusion matrix.
-pub fn task_accuracy(config: &Path, data: &Path, as_json: bool) -> anyhow::Result<()> {
+pub fn task_accuracy(config: &Path, data: &Path, route: &str, as_json: bool) -> anyhow::Result<()> {
     let rows = read_tasks(data)?;
     let started = std::time::Instant::now();
-    let (_cfg, embedder, assets) = load(config)?;
+    let (cfg, embedder, assets) = load(config)?;
     let load_s = started.elapsed().as_secs_f64();
     let Some(classifier) = assets.classifier.as_deref() else {
         bail!("the config has no classifier examples (classifier.examples in routes.yaml)");
     };
     let acc = measure_tasks(&embedder, classifier, &rows)?;
+    let simulated = match cfg.routes.get(route).filter(|r| r.is_routed()) {
+        Some(r) => Some(simulate_from_profiles(&cfg, r, &embedder, &assets, &rows)?),
+        None => None,
+    };
     if as_json {
         println!(
             "{}",
             serde_json::to_string_pretty(&json!({
+                "simulated_from_profiles": simulated,
                 "accuracy": acc.correct as f64 / acc.prompts as f64,
                 "macro_accuracy": acc.macro_accuracy(),
                 "config_load_seconds": load_s,
@@ -501,7 +507,132 @@ pub fn task_accuracy(config: &Path, data: &Path, as_json: bool) -> anyhow::Resul
             100.0 * *c as f64 / (*n).max(1) as f64
         );
     }
+    match &simulated {
+        Some(s) => print_simulation(s),
+        None => println!(
+            "\nno cost/quality simulation: {route:?} is not a routed alias of the config (--route)"
+        ),
+    }
     Ok(())
+}
+
+/// The route's cost/quality on labelled prompts, SIMULATED from the configured
+/// profiles: a model's score on a prompt is its profile quality for the
+/// prompt's labelled task (discounted by the prompt's complexity as the router
+/// does), its cost the expected cost. The router decides on the features it
+/// extracts (its classified task), as in the gateway; the per-task oracle knows
+/// the labelled task. Only the classifier's mistakes and the cost weighting
+/// separate the two: the profiles themselves are taken as true.
+fn simulate_from_profiles(
+    cfg: &Config,
+    route: &smartllm_config::RouteConfig,
+    embedder: &Embedder,
+    assets: &RouterAssets,
+    rows: &[(Task, String, String)],
+) -> anyhow::Result<Value> {
+    let models: Vec<&smartllm_config::ModelConfig> = route
+        .candidates
+        .iter()
+        .map(|m| {
+            cfg.model(m)
+                .with_context(|| format!("candidate {m} is not in models.yaml"))
+        })
+        .collect::<anyhow::Result<_>>()?;
+    let prompts: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
+    let embs = embed_all(embedder, &prompts)?;
+    let (mut eval_rows, mut predicted, mut router) = (Vec::new(), Vec::new(), Vec::new());
+    for ((task, prompt, _), e) in rows.iter().zip(&embs) {
+        let f = smartllm_router::extract(&chat(prompt), Some(e), assets.classifier.as_deref());
+        eval_rows.push(EvalRow {
+            scores: models
+                .iter()
+                .map(|m| profile_quality(m, *task, f.complexity))
+                .collect(),
+            costs: models.iter().map(|m| expected_cost(m, &f)).collect(),
+        });
+        predicted.push(
+            models
+                .iter()
+                .map(|m| profile_quality(m, f.task, f.complexity))
+                .collect::<Vec<_>>(),
+        );
+        let d = smartllm_router::decide(
+            cfg,
+            route,
+            &f,
+            assets.learned_for(&route.strategy),
+            Some(e),
+            &RequestInfo::default(),
+            &StaticState,
+        );
+        router.push(models.iter().position(|m| m.name == d.model).unwrap_or(0));
+    }
+    let (best, cheapest) = eval::best_and_cheapest(&eval_rows, models.len());
+    let singles: Vec<Value> = (0..models.len())
+        .map(|m| {
+            let p = eval::choice_point(&eval_rows, best, &vec![m; eval_rows.len()]);
+            json!({"model": models[m].name, "cost_share": p.cost_share, "quality_share": p.quality_share})
+        })
+        .collect();
+    let swept = eval::predicted_curve("router", &eval_rows, &predicted, best);
+    let random = eval::random_curve(&eval_rows, best, cheapest);
+    let shares = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0];
+    let curve: Vec<Value> = shares
+        .iter()
+        .map(|c| {
+            json!({"cost_share": c, "router": eval::quality_at(&swept, *c),
+                "random": eval::quality_at(&random, *c)})
+        })
+        .collect();
+    Ok(json!({
+        "note": "simulated: scores are the configured profiles' quality for each prompt's labelled task, not measured answers (measured answers: --data FILE.jsonl)",
+        "route": route.name,
+        "prompts": rows.len(),
+        "best": models[best].name,
+        "router_as_configured": eval::choice_point(&eval_rows, best, &router),
+        "oracle_per_task": eval::oracle_point(&eval_rows, best),
+        "single_models": singles,
+        "quality_at_cost_share": curve,
+    }))
+}
+
+fn print_simulation(s: &Value) {
+    let pct = |v: &Value| v.as_f64().unwrap_or(0.0) * 100.0;
+    println!(
+        "\nSIMULATED cost/quality of route {} on these {} prompts, from the configured profiles",
+        s["route"].as_str().unwrap_or("-"),
+        s["prompts"]
+    );
+    println!(
+        "(a model's score = its profile quality for the prompt's labelled task; not measured answers)"
+    );
+    println!(
+        "share of {}'s (the best model's) quality kept and cost paid:",
+        s["best"].as_str().unwrap_or("-")
+    );
+    println!("  {:<34} {:>8} {:>8}", "", "quality", "cost");
+    let row = |name: &str, p: &Value| {
+        println!(
+            "  {name:<34} {:>7.1}% {:>7.1}%",
+            pct(&p["quality_share"]),
+            pct(&p["cost_share"])
+        );
+    };
+    row("router (route as configured)", &s["router_as_configured"]);
+    row("oracle (task known, top quality)", &s["oracle_per_task"]);
+    for m in s["single_models"].as_array().into_iter().flatten() {
+        row(&format!("always {}", m["model"].as_str().unwrap_or("-")), m);
+    }
+    println!("quality kept at a share of the cost (router: its cost weight swept; random: best or cheapest model):");
+    println!("  {:>6} {:>8} {:>8}", "cost", "router", "random");
+    for p in s["quality_at_cost_share"].as_array().into_iter().flatten() {
+        println!(
+            "  {:>5.0}% {:>7.1}% {:>7.1}%",
+            pct(&p["cost_share"]),
+            pct(&p["router"]),
+            pct(&p["random"])
+        );
+    }
 }
 
 #[cfg(test)]
@@ -534,6 +665,35 @@ mod tests {
             100.0 * overall,
             100.0 * SAMPLE_FLOOR
         );
+    }
+
+    /// The simulation on the shipped conf: the best model's own point is
+    /// 100%/100%, the router lands between the cheapest and the best model.
+    #[test]
+    fn simulation_from_profiles_places_the_router_among_the_single_models() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let (cfg, embedder, assets) = load(&root.join("conf")).unwrap();
+        let rows = read_tasks(&root.join("data/router/tasks/heldout-sample.tsv")).unwrap();
+        let s = simulate_from_profiles(&cfg, &cfg.routes["auto"], &embedder, &assets, &rows[..24])
+            .unwrap();
+        assert!(s["note"].as_str().unwrap().starts_with("simulated"));
+        let singles = s["single_models"].as_array().unwrap();
+        assert_eq!(singles.len(), cfg.routes["auto"].candidates.len());
+        let best = singles.iter().find(|m| m["model"] == s["best"]).unwrap();
+        assert_eq!(
+            (best["quality_share"].as_f64(), best["cost_share"].as_f64()),
+            (Some(1.0), Some(1.0))
+        );
+        let lowest = singles
+            .iter()
+            .map(|m| m["quality_share"].as_f64().unwrap())
+            .fold(1.0, f64::min);
+        let r = &s["router_as_configured"];
+        let q = r["quality_share"].as_f64().unwrap();
+        assert!(q >= lowest && q <= 1.0, "{s}");
+        assert!(r["cost_share"].as_f64().unwrap() < 1.0, "{s}");
+        let o = &s["oracle_per_task"];
+        assert_eq!(o["quality_share"].as_f64(), Some(1.0), "{s}");
     }
 
     /// About nine points under the sample's accuracy with the shipped
