@@ -748,6 +748,21 @@ mod tests {
     /// Vectors made by the onnxruntime Python package from model.onnx
     /// (packaging/make-reference-vectors.py, fp32 compute): ours must match
     /// within cosine 0.999, one text at a time and inside micro-batches.
+    /// A loaded embedder has told ONNX Runtime not to send telemetry (its
+    /// 1DS client only listens to `ORT_DISABLE_TELEMETRY`).
+    #[test]
+    fn onnx_runtime_telemetry_is_off_once_loaded() {
+        let Some(cfg) = assets() else {
+            eprintln!("skipped: no embedder assets");
+            return;
+        };
+        let _e = Embedder::load(&cfg).unwrap();
+        assert_eq!(
+            std::env::var("ORT_DISABLE_TELEMETRY").ok().as_deref(),
+            Some("1")
+        );
+    }
+
     #[test]
     fn matches_python_onnxruntime_reference_vectors() {
         cosines(FP32_MODEL, 0.999, 0.999);

@@ -93,12 +93,29 @@ fn load(choice: Choice, cpu_lib: &Path) -> Result<Runtime, (PathBuf, String)> {
 }
 
 fn environment(lib: &Path) -> Result<Arc<ort::environment::Environment>, String> {
+    quiet_telemetry();
     let builder = ort::init_from(lib).map_err(|e| e.to_string())?;
+    // Microsoft's builds of ONNX Runtime (the PyPI wheels the assets come
+    // from) send usage telemetry by default; a gateway never phones home.
     builder
         .with_name("smartllm")
+        .with_telemetry(false)
         .build()
         .map(Arc::new)
         .map_err(|e| e.to_string())
+}
+
+/// Keep ONNX Runtime from phoning home. Microsoft's builds (the PyPI wheels
+/// the assets come from; 1.31 on Linux included) start a 1DS telemetry
+/// client that resolves and posts to `mobile.events.data.microsoft.com`, and
+/// `DisableTelemetryEvents` (ort's `with_telemetry(false)`, also set below)
+/// does not stop it; the library's `ORT_DISABLE_TELEMETRY`, read as it sets
+/// up, does (checked with strace: no such lookup with it, a few a minute
+/// without). Set before the library loads, unless the operator set it.
+fn quiet_telemetry() {
+    if std::env::var_os("ORT_DISABLE_TELEMETRY").is_none() {
+        std::env::set_var("ORT_DISABLE_TELEMETRY", "1");
+    }
 }
 
 /// The CUDA build for `cpu_lib`'s configuration: `gpu/` beside it, else

@@ -33,7 +33,7 @@ pub async fn response_body(
     let mut buf = Vec::new();
     loop {
         let t = Instant::now();
-        let r = tokio::time::timeout(idle, up.read_response_body()).await;
+        let r = pingora_timeout::timeout(idle, up.read_response_body()).await;
         *waited += t.elapsed();
         match r {
             Ok(Ok(Some(chunk))) => {

@@ -116,7 +116,7 @@ impl HttpServerApp for Frontend {
         tokio::select! {
             biased;
             out = &mut serve => return out,
-            _ = tokio::time::sleep(limit) => {}
+            _ = pingora_timeout::sleep(limit) => {}
         }
         if read.load(Ordering::Acquire) {
             return serve.await;

@@ -2,9 +2,11 @@
 
 use crate::classifier::TaskClassifier;
 use crate::language;
+use aho_corasick::{AhoCorasick, Input, MatchKind};
 use serde::Serialize;
 use serde_json::{Map, Value};
 use smartllm_config::Task;
+use std::sync::OnceLock;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct Features {
@@ -203,44 +205,171 @@ const REASONING_MARKERS: [&str; 32] = [
     "why does",
 ];
 
-fn count_any(haystack: &str, needles: &[&str]) -> usize {
-    needles.iter().filter(|n| haystack.contains(*n)).count()
+const TRANSLATION_WORDS: [&str; 6] = [
+    "translate",
+    "translation",
+    "in french",
+    "in spanish",
+    "in german",
+    "into english",
+];
+const SUMMARY_WORDS: [&str; 5] = ["summar", "tl;dr", "tldr", "key points", "in one sentence"];
+const EXTRACTION_WORDS: [&str; 6] = [
+    "extract",
+    "list all the",
+    "pull out",
+    "parse the following",
+    "as json",
+    "fill in the fields",
+];
+const CREATIVE_WORDS: [&str; 8] = [
+    "poem", "story", "haiku", "lyrics", "slogan", "imagine", "creative", "fiction",
+];
+const PUZZLE_WORDS: [&str; 4] = ["why ", "puzzle", "riddle", "logic"];
+
+/// The keyword lists [`Keywords`] counts on the lower-cased prompt.
+const FOLDED_LISTS: [&[&str]; 9] = [
+    &CODE_WORDS,
+    &MATH_MARKERS,
+    &MATH_WORDS,
+    &REASONING_MARKERS,
+    &TRANSLATION_WORDS,
+    &SUMMARY_WORDS,
+    &EXTRACTION_WORDS,
+    &CREATIVE_WORDS,
+    &PUZZLE_WORDS,
+];
+const CODE_WORDS_LIST: usize = 0;
+const MATH_MARKERS_LIST: usize = 1;
+const MATH_WORDS_LIST: usize = 2;
+const REASONING_LIST: usize = 3;
+const TRANSLATION_LIST: usize = 4;
+const SUMMARY_LIST: usize = 5;
+const EXTRACTION_LIST: usize = 6;
+const CREATIVE_LIST: usize = 7;
+const PUZZLE_LIST: usize = 8;
+
+/// Searchers over a set of keyword lists: each needle found sets its bit in
+/// every list that holds it. Needles are split into groups in which none is a
+/// prefix of another, at most [`GROUP`] each (so the SIMD prefilter takes
+/// them); a group is searched leftmost-first and resumed one byte after each
+/// match's start, which finds every needle that occurs: two needles of a
+/// group cannot start at the same byte.
+struct Automaton {
+    groups: Vec<(AhoCorasick, Vec<Owners>)>,
+    lists: usize,
+}
+
+/// The (list, index) pairs of one needle.
+type Owners = Vec<(usize, usize)>;
+
+const GROUP: usize = 48;
+
+impl Automaton {
+    fn new(lists: &[&[&str]]) -> Self {
+        let mut needles: Vec<&str> = Vec::new();
+        let mut owners: Vec<Owners> = Vec::new();
+        for (l, list) in lists.iter().enumerate() {
+            assert!(list.len() <= 64, "a keyword list holds at most 64 needles");
+            for (i, n) in list.iter().enumerate() {
+                match needles.iter().position(|m| m == n) {
+                    Some(p) => owners[p].push((l, i)),
+                    None => {
+                        needles.push(n);
+                        owners.push(vec![(l, i)]);
+                    }
+                }
+            }
+        }
+        let mut groups: Vec<(Vec<&str>, Vec<Owners>)> = Vec::new();
+        for (n, o) in needles.into_iter().zip(owners) {
+            let fits = |g: &Vec<&str>| {
+                g.len() < GROUP && g.iter().all(|m| !m.starts_with(n) && !n.starts_with(m))
+            };
+            match groups.iter_mut().find(|(g, _)| fits(g)) {
+                Some((g, os)) => {
+                    g.push(n);
+                    os.push(o);
+                }
+                None => groups.push((vec![n], vec![o])),
+            }
+        }
+        let groups = groups
+            .into_iter()
+            .map(|(g, os)| {
+                let ac = AhoCorasick::builder()
+                    .match_kind(MatchKind::LeftmostFirst)
+                    .build(&g)
+                    .expect("the keyword lists build a searcher");
+                (ac, os)
+            })
+            .collect();
+        Self {
+            groups,
+            lists: lists.len(),
+        }
+    }
+
+    /// How many distinct needles of each list occur in `text`.
+    fn counts(&self, text: &str) -> Vec<usize> {
+        let mut seen = vec![0u64; self.lists];
+        for (ac, owners) in &self.groups {
+            let mut at = 0;
+            while at < text.len() {
+                let Some(m) = ac.find(Input::new(text).range(at..)) else {
+                    break;
+                };
+                for &(l, i) in &owners[m.pattern().as_usize()] {
+                    seen[l] |= 1 << i;
+                }
+                at = m.start() + 1;
+            }
+        }
+        seen.iter().map(|b| b.count_ones() as usize).collect()
+    }
+}
+
+/// Keyword counts of one prompt (code markers by case, the rest on the
+/// lower-cased text): the same counts as a `contains` per needle, from a few
+/// SIMD-prefiltered passes instead of ~140, which every request on a fixed
+/// model pays for the traffic mix.
+pub struct Keywords {
+    code_markers: usize,
+    folded: Vec<usize>,
+}
+
+impl Keywords {
+    pub fn scan(text: &str) -> Self {
+        static CASED: OnceLock<Automaton> = OnceLock::new();
+        static FOLDED: OnceLock<Automaton> = OnceLock::new();
+        let cased = CASED.get_or_init(|| Automaton::new(&[&CODE_MARKERS]));
+        let folded = FOLDED.get_or_init(|| Automaton::new(&FOLDED_LISTS));
+        Self {
+            code_markers: cased.counts(text)[0],
+            folded: folded.counts(&text.to_lowercase()),
+        }
+    }
+
+    fn any(&self, list: usize) -> bool {
+        self.folded[list] > 0
+    }
 }
 
 /// Classify a prompt's task from keywords (used when there is no embedding).
-pub fn keyword_task(lower: &str, has_code: bool, has_math: bool) -> Task {
-    let starts = |p: &[&str]| p.iter().any(|x| lower.contains(x));
-    if starts(&[
-        "translate",
-        "translation",
-        "in french",
-        "in spanish",
-        "in german",
-        "into english",
-    ]) {
+pub fn keyword_task(k: &Keywords, has_code: bool, has_math: bool) -> Task {
+    if k.any(TRANSLATION_LIST) {
         Task::Translation
-    } else if starts(&["summar", "tl;dr", "tldr", "key points", "in one sentence"]) {
+    } else if k.any(SUMMARY_LIST) {
         Task::Summarisation
-    } else if starts(&[
-        "extract",
-        "list all the",
-        "pull out",
-        "parse the following",
-        "as json",
-        "fill in the fields",
-    ]) {
+    } else if k.any(EXTRACTION_LIST) {
         Task::Extraction
-    } else if has_code || count_any(lower, &CODE_WORDS) >= 2 {
+    } else if has_code || k.folded[CODE_WORDS_LIST] >= 2 {
         Task::Code
     } else if has_math {
         Task::Math
-    } else if starts(&[
-        "poem", "story", "haiku", "lyrics", "slogan", "imagine", "creative", "fiction",
-    ]) {
+    } else if k.any(CREATIVE_LIST) {
         Task::Creative
-    } else if count_any(lower, &REASONING_MARKERS) >= 1
-        || starts(&["why ", "puzzle", "riddle", "logic"])
-    {
+    } else if k.any(REASONING_LIST) || k.any(PUZZLE_LIST) {
         Task::Reasoning
     } else {
         Task::Chat
@@ -294,12 +423,10 @@ pub fn extract_with(
     // Markers are read from the first 16 KiB of the question; tokens are
     // counted on the first 64 KiB and extrapolated by size.
     let last = &last[..floor_char_boundary(&last, 16 << 10)];
-    let lower = last.to_lowercase();
-    let code_markers = count_any(last, &CODE_MARKERS);
-    let has_code = last.contains("```") || code_markers >= 2;
-    let has_math = count_any(&lower, &MATH_MARKERS) > 0
-        || count_any(&lower, &MATH_WORDS) > 0
-        || has_arithmetic(&lower);
+    let k = Keywords::scan(last);
+    // CODE_MARKERS[0] is the fence: one is enough.
+    let has_code = last.contains("```") || k.code_markers >= 2;
+    let has_math = k.any(MATH_MARKERS_LIST) || k.any(MATH_WORDS_LIST) || has_arithmetic(last);
     let has_tools = body
         .get("tools")
         .or_else(|| body.get("functions"))
@@ -323,9 +450,9 @@ pub fn extract_with(
             let (t, conf) = c.classify(e);
             (t, conf, "embedding")
         }
-        _ => (keyword_task(&lower, has_code, has_math), 1.0, "keywords"),
+        _ => (keyword_task(&k, has_code, has_math), 1.0, "keywords"),
     };
-    let reasoning = count_any(&lower, &REASONING_MARKERS) as f64;
+    let reasoning = k.folded[REASONING_LIST] as f64;
     let questions = last.matches('?').count() as f64;
     let list_items = last
         .lines()
@@ -488,6 +615,31 @@ mod tests {
             .prompt_tokens
                 > 0
         );
+    }
+
+    /// The automata count exactly what a `contains` per needle counts (on
+    /// the lower-cased text for the case-folded lists), overlaps and
+    /// needles shared by two lists included.
+    #[test]
+    fn keyword_counts_match_one_contains_per_needle() {
+        let naive =
+            |text: &str, needles: &[&str]| needles.iter().filter(|n| text.contains(*n)).count();
+        for text in [
+            "",
+            "Prove that the sum of the first n odd numbers is n^2; why does it hold? Explain step by step.",
+            "SELECT name FROM users; def f(x): return x => console.log(x); let y = std::mem::take(&mut z);",
+            "Translate into English and summarise: la traduction d'un POÈME, in French. Key Points: TL;DR",
+            "A thread-safe, lock-free design: O(1) push, O(n log n) sort. Analyse the trade-off, compare.",
+            "∫ x² dx ≤ √2 ≥ ∑ — imagine a story; a riddle of logic; fill in the fields as JSON",
+            "whywhy why prove prove that prove",
+        ] {
+            let k = Keywords::scan(text);
+            assert_eq!(k.code_markers, naive(text, &CODE_MARKERS), "{text}");
+            let lower = text.to_lowercase();
+            for (l, list) in FOLDED_LISTS.iter().enumerate() {
+                assert_eq!(k.folded[l], naive(&lower, list), "list {l}: {text}");
+            }
+        }
     }
 
     #[test]

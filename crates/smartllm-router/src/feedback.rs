@@ -16,6 +16,7 @@ use arc_swap::ArcSwap;
 use serde::Serialize;
 use smartllm_config::Task;
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::hash::{BuildHasher, RandomState};
 use std::sync::Mutex;
 
 /// Requests remembered for feedback (about 150 bytes each).
@@ -52,13 +53,23 @@ pub enum FeedbackError {
     Unknown(String),
 }
 
-/// (tenant, request id)
-type RequestKey = (String, String);
+/// A keyed hash of (tenant, request id): remembering a request costs no
+/// allocation beyond its `Served`, and a key two requests could share by
+/// chance (about 1 in 10^9 among the remembered) is told apart by the tenant.
+type RequestKey = u64;
 
 #[derive(Default)]
 struct Remembered {
+    /// Keys the hashes (random per process).
+    keys: RandomState,
     by_id: HashMap<RequestKey, Served>,
     order: VecDeque<RequestKey>,
+}
+
+impl Remembered {
+    fn key(&self, tenant: &str, request_id: &str) -> RequestKey {
+        self.keys.hash_one((tenant, request_id))
+    }
 }
 
 /// Votes by (tenant, model, task).
@@ -81,8 +92,8 @@ impl FeedbackBook {
         let Ok(mut r) = self.requests.try_lock() else {
             return;
         };
-        let key = (served.tenant.clone(), request_id.to_string());
-        if r.by_id.insert(key.clone(), served).is_none() {
+        let key = r.key(&served.tenant, request_id);
+        if r.by_id.insert(key, served).is_none() {
             r.order.push_back(key);
         }
         while r.order.len() > REMEMBERED {
@@ -102,9 +113,11 @@ impl FeedbackBook {
         let score = score.clamp(0.0, 1.0);
         let (served, previous) = {
             let mut r = self.requests.lock().unwrap_or_else(|p| p.into_inner());
+            let key = r.key(tenant, request_id);
             let s = r
                 .by_id
-                .get_mut(&(tenant.to_string(), request_id.to_string()))
+                .get_mut(&key)
+                .filter(|s| s.tenant == tenant)
                 .ok_or_else(|| FeedbackError::Unknown(request_id.to_string()))?;
             let previous = s.score.replace(score);
             (s.clone(), previous)

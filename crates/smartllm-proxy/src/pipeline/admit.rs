@@ -229,7 +229,7 @@ async fn read_body(
         } else {
             (stall, "server.client_body_timeout")
         };
-        match tokio::time::timeout(wait, session.read_request_body()).await {
+        match pingora_timeout::timeout(wait, session.read_request_body()).await {
             Ok(Ok(Some(chunk))) => {
                 if body.len() as u64 + chunk.len() as u64 > limit {
                     return Err(ApiError::payload_too_large(limit));

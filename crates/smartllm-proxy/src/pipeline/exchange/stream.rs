@@ -202,7 +202,7 @@ pub(super) async fn relay(
     // None: a clean end.
     let failure: Option<(StreamEnd, ApiError)> = loop {
         let t = Instant::now();
-        let r = tokio::time::timeout(idle, up.read_response_body()).await;
+        let r = pingora_timeout::timeout(idle, up.read_response_body()).await;
         ctx.upstream_wait += t.elapsed();
         match r {
             Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
