@@ -458,4 +458,73 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
         .unwrap_or("")
         .to_string();
     assert!(message.contains("\"b\""), "{message}");
+
+    // `cache calibrate` on the yardstick's tuning split: the loosest
+    // threshold keeping its traps served at or under the target, written for
+    // the route into cache.yaml (other keys kept); the gateway reloads it.
+    let tuning = workspace_root().join("data/cache-eval/tuning.tsv");
+    let calibrate = |max_trap_rate: &str| {
+        let (ok, out, err) = cli(&[
+            "cache",
+            "calibrate",
+            "--pairs",
+            tuning.to_str().unwrap(),
+            "--config",
+            &cfg,
+            "--route",
+            "auto",
+            "--max-trap-rate",
+            max_trap_rate,
+            "--write",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        let v: Value = serde_json::from_str(&out).unwrap();
+        assert!(
+            v["trap_rate"].as_f64().unwrap() <= max_trap_rate.parse().unwrap(),
+            "{v}"
+        );
+        assert_eq!(v["key"], "cache.routes.auto.similarity_threshold");
+        v["threshold"].as_f64().unwrap()
+    };
+    let strict = calibrate("0");
+    let loose = calibrate("0.01");
+    assert!(
+        loose < strict,
+        "1% of traps allowed: {loose}, none: {strict}"
+    );
+    let text = std::fs::read_to_string(gw.config.path().join("cache.yaml")).unwrap();
+    assert!(
+        text.contains("detectors: [email]")
+            && text.contains(&format!("auto: {{ similarity_threshold: {loose:.2} }}")),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let t = explain("What is a monad?", "What's a monad?")["threshold"]
+            .as_f64()
+            .unwrap();
+        if (t - loose).abs() < 1e-6 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway still uses {t}, not {loose}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let (ok, _, err) = cli(&[
+        "cache",
+        "calibrate",
+        "--pairs",
+        pairs.to_str().unwrap(),
+        "--config",
+        &cfg,
+        "--route",
+        "ghost",
+    ]);
+    assert!(
+        !ok && err.contains("no route or model named \"ghost\""),
+        "{err}"
+    );
 }

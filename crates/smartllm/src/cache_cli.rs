@@ -39,6 +39,21 @@ pub fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
             config,
             json,
         } => eval(&pairs, &config, json)?,
+        CacheCmd::Calibrate {
+            pairs,
+            config,
+            max_trap_rate,
+            route,
+            write,
+            json,
+        } => crate::cache_calibrate::calibrate(crate::cache_calibrate::Calibrate {
+            pairs: &pairs,
+            config: &config,
+            max_trap_rate,
+            route: route.as_deref(),
+            write,
+            json,
+        })?,
     }
     Ok(())
 }
@@ -52,6 +67,26 @@ fn eval(path: &Path, config: &Path, json: bool) -> anyhow::Result<()> {
     let pairs =
         guard::parse_pairs(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     anyhow::ensure!(!pairs.is_empty(), "{}: no pairs", path.display());
+    let cosines = pair_cosines(&cfg, &pairs)?;
+    let rows = guard::evaluate(&pairs, &cosines, &guard::default_thresholds());
+    let configured = cfg.cache.defaults.similarity_threshold;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&report_json(path, &pairs, &rows, configured))?
+        );
+    } else {
+        print!("{}", report_text(path, &pairs, &rows, configured));
+    }
+    Ok(())
+}
+
+/// The cosine of each pair's two texts (as the cache embeds them) with the
+/// configured embedding model.
+pub(crate) fn pair_cosines(
+    cfg: &smartllm_config::Config,
+    pairs: &[LabelledPair],
+) -> anyhow::Result<Vec<f32>> {
     let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
     let mut cosines = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(16) {
@@ -67,21 +102,11 @@ fn eval(path: &Path, config: &Path, json: bool) -> anyhow::Result<()> {
         let v = embedder.embed_blocking(texts)?;
         cosines.extend(v.chunks(2).map(|ab| cosine(&ab[0], &ab[1])));
     }
-    let rows = guard::evaluate(&pairs, &cosines, &guard::default_thresholds());
-    let configured = cfg.cache.defaults.similarity_threshold;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report_json(path, &pairs, &rows, configured))?
-        );
-    } else {
-        print!("{}", report_text(path, &pairs, &rows, configured));
-    }
-    Ok(())
+    Ok(cosines)
 }
 
 /// f32 thresholds as the two-decimal numbers they stand for (0.95, not 0.9499999).
-fn round2(t: f32) -> f64 {
+pub(crate) fn round2(t: f32) -> f64 {
     (f64::from(t) * 100.0).round() / 100.0
 }
 

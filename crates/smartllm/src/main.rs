@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 
 mod admin_client;
 mod admin_tls;
+mod cache_calibrate;
 mod cache_cli;
 mod check;
 mod costs_cli;
@@ -285,6 +286,28 @@ enum CacheCmd {
         #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
         config: PathBuf,
         /// Print one JSON object instead of tables.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The loosest similarity threshold (0.70-0.99) that keeps the traps
+    /// served at or under --max-trap-rate on labelled pairs (a tuning set,
+    /// not the held-out one), for the default or one route; --write sets it
+    /// in the config dir's cache.yaml, which a running gateway reloads.
+    Calibrate {
+        /// TSV: text_a, text_b, label (1 duplicate / 0 trap)[, category, source].
+        #[arg(long)]
+        pairs: PathBuf,
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+        /// The share of traps that may be served (0.01 = 1%).
+        #[arg(long, default_value_t = 0.01)]
+        max_trap_rate: f64,
+        /// Calibrate this route (or model) instead of the default.
+        #[arg(long)]
+        route: Option<String>,
+        /// Write the threshold into cache.yaml (comments and other keys kept).
+        #[arg(long)]
+        write: bool,
         #[arg(long)]
         json: bool,
     },
