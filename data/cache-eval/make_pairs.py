@@ -47,6 +47,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NEAR_REPEATS = 120
 TRAPS_PER_CATEGORY = 60
 TWINS = 60
+# Held-out only: different questions that read alike (real: Spider, by SQL).
+RELATED = 60
 TRAP_CATEGORIES = ["negation", "antonym", "entity", "number", "date", "unit", "scope"]
 
 
@@ -108,6 +110,41 @@ def spider(t: Tasks):
             for j in range(i + 1, len(qs)):
                 pairs.append((qs[i], qs[j], 1, "paraphrase"))
     return pairs, questions
+
+
+def spider_related(t: Tasks, n: int):
+    """Spider dev questions on the same database whose SQL differs: different
+    questions that often read alike ("How many singers are there?" / "How
+    many concerts are there?"). The pairs with the most words in common are
+    kept, each question at most once: the traps a loose threshold serves."""
+    by_schema = collections.defaultdict(lambda: collections.defaultdict(list))
+    for e in t.examples(TASKS + "semantic_parsing_spider"):
+        q, schema = e["input"].split(" | ", 1)
+        sql = " ".join(targets(e)[0].lower().split())
+        by_schema[schema][sql].append(clean(q))
+    words = lambda q: set(re.findall(r"[a-z0-9]+", q.lower()))
+    scored = []
+    for schema in sorted(by_schema):
+        groups = [sorted(set(qs)) for _, qs in sorted(by_schema[schema].items())]
+        for i in range(len(groups)):
+            for j in range(i + 1, len(groups)):
+                for a in groups[i]:
+                    for b in groups[j]:
+                        wa, wb = words(a), words(b)
+                        if wa == wb:
+                            continue  # the same words in another order: not told apart by text
+                        jac = len(wa & wb) / len(wa | wb)
+                        scored.append((-jac, a, b))
+    scored.sort()
+    used, out = set(), []
+    for _, a, b in scored:
+        if len(out) >= n:
+            break
+        if a.lower() in used or b.lower() in used:
+            continue
+        used.update((a.lower(), b.lower()))
+        out.append((a, b, 0, "related"))
+    return out
 
 
 def snips(t: Tasks):
@@ -625,6 +662,7 @@ def main():
     rng = random.Random(SEED + 1)
     sp_pairs, sp_q = spider(t)
     held_real = tag(sp_pairs, "spider")
+    held_real += tag(spider_related(t, RELATED), "spider")
     twins = winogrande_twins(t, "subtask035_winogrande_question_modification_person")[0]
     held_real += tag(rng.sample(twins, TWINS), "winogrande-ni035")
     held_q = [

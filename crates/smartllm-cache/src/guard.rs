@@ -1029,6 +1029,11 @@ mod eval_tests {
                     "paraphrase" => assert!(p.duplicate && !synthetic, "{name}: {p:?}"),
                     "near-repeat" => assert!(p.duplicate && synthetic, "{name}: {p:?}"),
                     "twin" => assert!(!p.duplicate && !synthetic, "{name}: {p:?}"),
+                    // Different Spider questions that read alike (held-out only).
+                    "related" => assert!(
+                        !p.duplicate && !synthetic && name == "heldout",
+                        "{name}: {p:?}"
+                    ),
                     c if traps.contains(&c) => assert!(!p.duplicate && synthetic, "{name}: {p:?}"),
                     c => panic!("{name}: unknown category {c:?}"),
                 }
@@ -1040,6 +1045,7 @@ mod eval_tests {
             }
             assert!(split.iter().any(|p| p.duplicate) && split.iter().any(|p| !p.duplicate));
         }
+        assert!(heldout.iter().filter(|p| p.category == "related").count() >= 20);
         let key = |p: &LabelledPair| {
             let (a, b) = (p.a.to_lowercase(), p.b.to_lowercase());
             if a <= b {
