@@ -508,6 +508,68 @@ fn cache_hits_on_the_shipped_auto_alias_are_recorded_with_the_model_that_answere
 /// answers until the router prefers the other one. Only the tenant that
 /// made a request can score it.
 #[test]
+fn a_model_that_fails_scores_zero_without_anyone_voting() {
+    // "big" answers from a port nothing listens on: every request to it
+    // falls back to "small", and big collects implicit zeros for the tenant.
+    let small = Mock::start(&[]);
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = dead.local_addr().unwrap().port();
+    drop(dead);
+    let providers = format!(
+        "providers:\n  bigp:\n    kind: openai\n    base_url: http://127.0.0.1:{dead_port}/v1\n{}",
+        mock_provider("smallp", &small)
+    );
+    let models = "models:
+  - name: big
+    pricing: { input: 10, output: 30 }
+    profile: { quality: { default: 0.95 }, latency: 50ms, tokens_per_second: 100000 }
+    deployments: [ { provider: bigp } ]
+  - name: small
+    pricing: { input: 0.1, output: 0.3 }
+    profile: { quality: { default: 0.6 }, latency: 50ms, tokens_per_second: 100000 }
+    deployments: [ { provider: smallp } ]
+";
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
+    ));
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer sk-team-a")],
+        &serde_json::to_vec(&chat_body("r", "Hello there, how are you?")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-smartllm-model"),
+        Some("small"),
+        "the fallback answered"
+    );
+    let bigm = admin_model(&gw, "big");
+    assert_eq!(
+        bigm["feedback"]["chat"]["implicit"].as_u64(),
+        Some(1),
+        "{bigm}"
+    );
+    assert_eq!(
+        bigm["feedback"]["chat"]["votes"].as_u64(),
+        Some(1),
+        "{bigm}"
+    );
+    assert_eq!(bigm["feedback"]["chat"]["mean_score"], 0.0);
+    let smallm = admin_model(&gw, "small");
+    assert!(
+        smallm["feedback"].get("chat").is_none(),
+        "the model that answered scores nothing: {smallm}"
+    );
+}
+
+#[test]
 fn feedback_moves_the_routers_expected_quality() {
     let big = Mock::start(&[]);
     let small = Mock::start(&[]);

@@ -414,6 +414,12 @@ pub struct RawRoute {
     /// For `cheapest_within`: how much lower (a share, 0-0.5) the chosen
     /// model's expected quality may be than the best candidate's (default 0.02).
     pub quality_tolerance: Option<f64>,
+    /// Share of requests (0-0.5) on which the router explores: each
+    /// candidate's quality is drawn from its posterior (profile + feedback)
+    /// instead of taking its mean (Thompson sampling). Default 0.
+    pub explore: Option<f64>,
+    /// Candidates whose expected quality is under this are never explored.
+    pub explore_floor: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -288,6 +288,10 @@ pub struct RouteConfig {
     pub budget_pressure_at: f64,
     /// How expected dollars weigh against expected quality.
     pub cost_rule: CostRule,
+    /// Share of requests explored by Thompson sampling (0 = never).
+    pub explore: f64,
+    /// No candidate under this expected quality is explored.
+    pub explore_floor: f64,
 }
 
 /// How a routed alias trades expected cost against expected quality.
@@ -333,6 +337,8 @@ impl RouteConfig {
             experiment: None,
             budget_pressure_at: 0.8,
             cost_rule: CostRule::Log,
+            explore: 0.0,
+            explore_floor: 0.5,
         }
     }
 

@@ -442,7 +442,7 @@ impl AdminApp {
                     "feedback": feedback.get(&m.name).map(|by_task| {
                         by_task
                             .iter()
-                            .map(|(task, v)| (task.to_string(), json!({"votes": v.votes, "mean_score": v.mean()})))
+                            .map(|(task, v)| (task.to_string(), json!({"votes": v.votes, "implicit": v.implicit, "mean_score": v.mean()})))
                             .collect::<serde_json::Map<String, Value>>()
                     }),
                     "deployments": deployments,

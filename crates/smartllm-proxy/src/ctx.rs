@@ -29,6 +29,8 @@ pub struct Ctx {
     pub upstream_wait: Duration,
     pub ttft: Option<Duration>,
     pub attempts: u32,
+    /// Models that failed this request before a fallback took it over.
+    pub failed_models: Vec<String>,
     pub request_bytes: usize,
     pub client_gone: bool,
     pub counted: bool,
@@ -95,6 +97,7 @@ impl Ctx {
             upstream_wait: Duration::ZERO,
             ttft: None,
             attempts: 0,
+            failed_models: Vec::new(),
             request_bytes: 0,
             client_gone: false,
             counted: false,

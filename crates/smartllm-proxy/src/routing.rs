@@ -49,6 +49,9 @@ impl ModelState for GatewayState<'_> {
     fn quality(&self, tenant: &str, model: &str, task: smartllm_router::Task, prior: f64) -> f64 {
         self.shared.feedback.quality(tenant, model, task, prior)
     }
+    fn votes(&self, tenant: &str, model: &str, task: smartllm_router::Task) -> f64 {
+        self.shared.feedback.votes_for(tenant, model, task).votes as f64
+    }
 }
 
 /// Headers the rules may look at (never credentials).

@@ -22,6 +22,10 @@ pub trait ModelState {
     fn quality(&self, _tenant: &str, _model: &str, _task: Task, prior: f64) -> f64 {
         prior
     }
+    /// How many scores (users' and outcomes') moved that quality.
+    fn votes(&self, _tenant: &str, _model: &str, _task: Task) -> f64 {
+        0.0
+    }
 }
 
 /// No live data, everything available (for `route explain` and tests).
@@ -123,6 +127,41 @@ fn rule_matches(rule: &RouteRule, f: &Features, req: &RequestInfo<'_>) -> bool {
                 .iter()
                 .any(|a| a == req.app || *a == format!("{}/{}", req.tenant, req.app)))
         && (w.tenants.is_empty() || w.tenants.iter().any(|t| t == req.tenant))
+}
+
+/// A draw from Beta(a, b) (a, b > 0), from two Gamma draws.
+fn beta_sample(a: f64, b: f64) -> f64 {
+    let x = gamma_sample(a);
+    let y = gamma_sample(b);
+    if x + y > 0.0 {
+        x / (x + y)
+    } else {
+        a / (a + b)
+    }
+}
+
+/// A draw from Gamma(shape, 1): Marsaglia and Tsang's method (shape < 1
+/// through shape + 1 and a uniform power).
+fn gamma_sample(shape: f64) -> f64 {
+    if shape < 1.0 {
+        return gamma_sample(shape + 1.0)
+            * fastrand::f64().max(f64::MIN_POSITIVE).powf(1.0 / shape);
+    }
+    let d = shape - 1.0 / 3.0;
+    let c = 1.0 / (9.0 * d).sqrt();
+    loop {
+        // A standard normal draw (Box-Muller).
+        let (u1, u2) = (fastrand::f64().max(f64::MIN_POSITIVE), fastrand::f64());
+        let z = (-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos();
+        let v = (1.0 + c * z).powi(3);
+        if v <= 0.0 {
+            continue;
+        }
+        let u = fastrand::f64().max(f64::MIN_POSITIVE);
+        if u.ln() < 0.5 * z * z + d - d * v + d * v.ln() {
+            return d * v;
+        }
+    }
 }
 
 /// Sticky arm: a hash of the experiment and the user (or key) over the weights.
@@ -293,6 +332,29 @@ pub fn decide(
             excluded,
         });
     }
+    // Exploration (Thompson sampling): on `explore` of the requests, every
+    // eligible candidate whose expected quality clears the floor is scored
+    // with a quality drawn from its posterior (the profile worth
+    // PRIOR_VOTES scores, plus the tenant's scores and outcomes) instead of
+    // its mean, so a model that looks worse than it is gets traffic to
+    // prove it, in proportion to the chance that it is the best. Never in
+    // an experiment (its arms stay as assigned) or when a rule pins the model.
+    let explore = route.explore > 0.0
+        && route.experiment.is_none()
+        && pinned.is_none()
+        && fastrand::f64() < route.explore;
+    if explore {
+        for c in cands
+            .iter_mut()
+            .filter(|c| c.excluded.is_none() && c.quality >= route.explore_floor)
+        {
+            let n = crate::feedback::PRIOR_VOTES + state.votes(req.tenant, &c.model, f.task);
+            let q = c.quality.clamp(1e-3, 1.0 - 1e-3);
+            // A draw is never under the floor: exploring never hands the
+            // request to a model the floor keeps out.
+            c.quality = beta_sample(q * n, (1.0 - q) * n).max(route.explore_floor);
+        }
+    }
     // Cost per the route's rule; latency relative to the slowest candidate.
     let max_cost = cands
         .iter()
@@ -384,6 +446,9 @@ pub fn decide(
     if over > 0.0 {
         reason.push_str("+budget");
     }
+    if explore {
+        reason.push_str("+explore");
+    }
     let mut fallbacks: Vec<String> = Vec::new();
     for m in feasible
         .iter()
@@ -457,6 +522,87 @@ mod tests {
     fn features(prompt: &str) -> Features {
         let b = json!({"messages": [{"role": "user", "content": prompt}]});
         extract(b.as_object().unwrap(), None, None)
+    }
+
+    #[test]
+    fn beta_draws_have_the_right_mean_and_spread() {
+        fastrand::seed(7);
+        for (a, b) in [(16.0, 4.0), (0.5, 0.5), (2.0, 18.0)] {
+            let n = 20_000;
+            let xs: Vec<f64> = (0..n).map(|_| beta_sample(a, b)).collect();
+            let mean = xs.iter().sum::<f64>() / n as f64;
+            let var = xs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / n as f64;
+            let (m, v) = (a / (a + b), a * b / ((a + b).powi(2) * (a + b + 1.0)));
+            assert!((mean - m).abs() < 0.01, "Beta({a},{b}) mean {mean} vs {m}");
+            assert!(
+                (var - v).abs() < v * 0.1,
+                "Beta({a},{b}) variance {var} vs {v}"
+            );
+            assert!(xs.iter().all(|x| (0.0..=1.0).contains(x)));
+        }
+    }
+
+    /// Exploration draws qualities from the posterior on a share of the
+    /// requests: the runner-up gets some of them (and the reason says so),
+    /// a candidate under the floor none, and never inside an experiment.
+    #[test]
+    fn exploration_tries_the_runner_up_above_the_floor_only() {
+        let (mut cfg, mut r) = setup();
+        cfg.models = vec![
+            model("best", 0.80, 1.0, 1.0),
+            model("close", 0.76, 1.0, 1.0),
+            model("weak", 0.30, 1.0, 1.0),
+        ];
+        r.candidates = vec!["best".into(), "close".into(), "weak".into()];
+        let f = features("Hello, how are you?");
+        let run = |r: &RouteConfig| {
+            let mut picks = std::collections::BTreeMap::new();
+            for _ in 0..2000 {
+                let d = decide(
+                    &cfg,
+                    r,
+                    &f,
+                    None,
+                    None,
+                    &RequestInfo::default(),
+                    &StaticState,
+                );
+                *picks
+                    .entry((d.model, d.reason.ends_with("+explore")))
+                    .or_insert(0) += 1;
+            }
+            picks
+        };
+        fastrand::seed(11);
+        let never = run(&r);
+        assert_eq!(
+            never.get(&("best".to_string(), false)),
+            Some(&2000),
+            "{never:?}"
+        );
+        r.explore = 0.5;
+        // For this simple prompt: best 0.88, close 0.85, weak 0.56 expected.
+        r.explore_floor = 0.7;
+        let some = run(&r);
+        let explored: i32 = some.iter().filter(|((_, e), _)| *e).map(|(_, n)| n).sum();
+        assert!((850..1150).contains(&explored), "{some:?}");
+        assert!(
+            some.get(&("close".to_string(), true))
+                .is_some_and(|n| *n > 100),
+            "{some:?}"
+        );
+        assert!(some.keys().all(|(m, _)| m != "weak"), "{some:?}");
+        r.experiment = Some(Experiment {
+            name: "e".into(),
+            sticky_by: StickyBy::Key,
+            arms: vec![Arm {
+                name: "all".into(),
+                weight: 1.0,
+                model: None,
+            }],
+        });
+        let within = run(&r);
+        assert!(within.keys().all(|(_, e)| !e), "{within:?}");
     }
 
     struct Down(&'static str);

@@ -27,8 +27,11 @@ pub const PRIOR_VOTES: f64 = 20.0;
 /// Scores of one model on one task.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
 pub struct Votes {
+    /// Scores counted: users' and outcomes'.
     pub votes: u64,
     pub sum: f64,
+    /// Of `votes`, those from outcomes (an answer the model failed to give).
+    pub implicit: u64,
 }
 
 impl Votes {
@@ -139,19 +142,43 @@ impl FeedbackBook {
         Ok(served)
     }
 
+    /// An outcome the gateway saw itself: `model` failed to answer one of
+    /// `tenant`'s requests on `task` (an error, or a fallback away from it),
+    /// counted as a score of `score` (0 for a failure).
+    pub fn outcome(&self, tenant: &str, model: &str, task: Task, score: f64) {
+        let score = score.clamp(0.0, 1.0);
+        self.votes.rcu(|tally| {
+            let mut tally = Tally::clone(tally);
+            let e = tally
+                .entry((tenant.to_string(), model.to_string(), task))
+                .or_default();
+            e.votes += 1;
+            e.implicit += 1;
+            e.sum += score;
+            tally
+        });
+    }
+
     /// The quality the router uses for `tenant`'s requests: `prior` (the
     /// profile's) moved towards the tenant's scores of this model on this task.
     pub fn quality(&self, tenant: &str, model: &str, task: Task, prior: f64) -> f64 {
-        let tally = self.votes.load();
-        if tally.is_empty() {
+        let votes = self.votes_for(tenant, model, task);
+        if votes.votes == 0 {
             return prior;
         }
-        match tally.get(&(tenant.to_string(), model.to_string(), task)) {
-            Some(s) if s.votes > 0 => {
-                (prior * PRIOR_VOTES + s.sum) / (PRIOR_VOTES + s.votes as f64)
-            }
-            _ => prior,
+        (prior * PRIOR_VOTES + votes.sum) / (PRIOR_VOTES + votes.votes as f64)
+    }
+
+    /// The tenant's scores of `model` on `task`.
+    pub fn votes_for(&self, tenant: &str, model: &str, task: Task) -> Votes {
+        let tally = self.votes.load();
+        if tally.is_empty() {
+            return Votes::default();
         }
+        tally
+            .get(&(tenant.to_string(), model.to_string(), task))
+            .copied()
+            .unwrap_or_default()
     }
 
     /// Votes per model and task, all tenants together, for `/admin/models`.
@@ -165,6 +192,7 @@ impl FeedbackBook {
                 .or_default();
             v.votes += votes.votes;
             v.sum += votes.sum;
+            v.implicit += votes.implicit;
         }
         out
     }

@@ -313,5 +313,26 @@ mod tests {
             text.contains("routes.yaml:5: routes.r.quality_tolerance"),
             "{text}"
         );
+        let c = load(
+            "    explore: 0.1
+    explore_floor: 0.7
+",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.routes["r"].explore, c.routes["r"].explore_floor),
+            (0.1, 0.7)
+        );
+        assert_eq!(load("").unwrap().routes["r"].explore, 0.0);
+        let text = load(
+            "    explore: 0.9
+",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            text.contains("routes.yaml:4: routes.r.explore: must be between 0 and 0.5"),
+            "{text}"
+        );
     }
 }

@@ -335,6 +335,26 @@ fn resolve_route(
             CostRule::Log
         }
     };
+    if let Some(x) = r.explore {
+        if !(0.0..=0.5).contains(&x) {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.explore"),
+                "must be between 0 and 0.5 (the share of requests explored)",
+            );
+        }
+        route.explore = x.clamp(0.0, 0.5);
+    }
+    if let Some(x) = r.explore_floor {
+        if !(0.0..=1.0).contains(&x) {
+            v.push(
+                ROUTES_FILE,
+                format!("{at}.explore_floor"),
+                "must be between 0 and 1",
+            );
+        }
+        route.explore_floor = x.clamp(0.0, 1.0);
+    }
     if r.quality_tolerance.is_some() && !matches!(route.cost_rule, CostRule::CheapestWithin(_)) {
         v.push(
             ROUTES_FILE,

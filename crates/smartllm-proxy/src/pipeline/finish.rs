@@ -27,6 +27,7 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
         s => s,
     };
     shared.recent.record(ctx, status, cost);
+    record_outcomes(shared, ctx, status);
     if let (Some(model), Some(task), true) = (ctx.model(), ctx.task, status == 200) {
         if let Some(task) = smartllm_router::Task::parse(task) {
             shared.feedback.remember(
@@ -56,5 +57,32 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
     // ledger record and budget charge, not just its response.
     if std::mem::take(&mut ctx.in_flight) {
         shared.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// Outcomes the router learns from without being told (issue #18): each
+/// model that failed this request before a fallback answered it, and the
+/// model that had it last when it ended in an upstream failure (502/504, or
+/// the provider's own 5xx), count as a score of 0 for this tenant on this
+/// task, next to the users' feedback (`/admin/models` shows them as
+/// `implicit`). The client's errors, a client that left and the gateway's
+/// own refusals are not the model's doing and count nothing.
+fn record_outcomes(shared: &Shared, ctx: &Ctx, status: u16) {
+    let Some(task) = ctx.task.and_then(smartllm_router::Task::parse) else {
+        return;
+    };
+    if ctx.client_gone {
+        return;
+    }
+    for m in &ctx.failed_models {
+        shared.feedback.outcome(&ctx.tenant, m, task, 0.0);
+    }
+    let upstream_failed = ctx.attempts > 0
+        && (matches!(status, 500 | 502 | 504)
+            || status >= 500 && ctx.error_code == Some("upstream_status"));
+    if upstream_failed {
+        if let Some(model) = ctx.model() {
+            shared.feedback.outcome(&ctx.tenant, model, task, 0.0);
+        }
     }
 }

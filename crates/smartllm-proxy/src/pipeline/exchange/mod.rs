@@ -141,6 +141,7 @@ pub async fn run(
             metrics::fallback(ctx.route.as_deref().unwrap_or("-"), &from, &pool.model);
             tracing::info!(request_id = %ctx.request_id, from = %from, to = %pool.model, error = ?last_err.as_ref().map(|e: &ApiError| e.message.clone()), "falling back to the next model");
             ctx.route_reason = format!("fallback:{from}");
+            ctx.failed_models.push(from);
             ctx.set_model(&pool.model);
         }
         let later_models = mi + 1 < pools.len();
