@@ -30,11 +30,39 @@ pub struct Votes {
     /// Scores counted: users' and outcomes'.
     pub votes: u64,
     pub sum: f64,
-    /// Of `votes`, those from outcomes (an answer the model failed to give).
+    /// Of `votes`, those from outcomes (an answer the model failed to give):
+    /// zeros, at most [`IMPLICIT_CAP`], forgotten [`IMPLICIT_TTL_SECS`] after
+    /// the last one.
     pub implicit: u64,
+    /// When the last outcome was counted (seconds since the epoch).
+    #[serde(skip)]
+    pub implicit_at: u64,
+}
+
+/// Outcome zeros kept per tenant, model and task: an outage lowers a model's
+/// expected quality to at most half way to 0 (with the prior's 20 votes).
+pub const IMPLICIT_CAP: u64 = 20;
+/// Outcome zeros are forgotten an hour after the last one, so a model that
+/// was down is expected as before once it is back (the circuit breakers keep
+/// traffic off it while it is down).
+pub const IMPLICIT_TTL_SECS: u64 = 3600;
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 impl Votes {
+    /// These votes as of `now`: outcomes older than the TTL no longer count.
+    pub fn at(mut self, now: u64) -> Votes {
+        if self.implicit > 0 && now.saturating_sub(self.implicit_at) > IMPLICIT_TTL_SECS {
+            self.votes -= self.implicit;
+            self.implicit = 0;
+        }
+        self
+    }
+
     pub fn mean(&self) -> Option<f64> {
         (self.votes > 0).then(|| self.sum / self.votes as f64)
     }
@@ -144,17 +172,23 @@ impl FeedbackBook {
 
     /// An outcome the gateway saw itself: `model` failed to answer one of
     /// `tenant`'s requests on `task` (an error, or a fallback away from it),
-    /// counted as a score of `score` (0 for a failure).
-    pub fn outcome(&self, tenant: &str, model: &str, task: Task, score: f64) {
-        let score = score.clamp(0.0, 1.0);
+    /// counted as a score of 0 (up to [`IMPLICIT_CAP`], for an hour).
+    pub fn failure(&self, tenant: &str, model: &str, task: Task) {
+        self.failure_at(tenant, model, task, now_secs());
+    }
+
+    fn failure_at(&self, tenant: &str, model: &str, task: Task, now: u64) {
         self.votes.rcu(|tally| {
             let mut tally = Tally::clone(tally);
             let e = tally
                 .entry((tenant.to_string(), model.to_string(), task))
                 .or_default();
-            e.votes += 1;
-            e.implicit += 1;
-            e.sum += score;
+            *e = e.at(now);
+            if e.implicit < IMPLICIT_CAP {
+                e.votes += 1;
+                e.implicit += 1;
+            }
+            e.implicit_at = now;
             tally
         });
     }
@@ -177,14 +211,16 @@ impl FeedbackBook {
         }
         tally
             .get(&(tenant.to_string(), model.to_string(), task))
-            .copied()
+            .map(|v| v.at(now_secs()))
             .unwrap_or_default()
     }
 
     /// Votes per model and task, all tenants together, for `/admin/models`.
     pub fn snapshot(&self) -> BTreeMap<String, BTreeMap<&'static str, Votes>> {
         let mut out: BTreeMap<String, BTreeMap<&'static str, Votes>> = BTreeMap::new();
+        let now = now_secs();
         for ((_, model, task), votes) in self.votes.load().iter() {
+            let votes = votes.at(now);
             let v = out
                 .entry(model.clone())
                 .or_default()
@@ -209,6 +245,33 @@ mod tests {
             task: Task::Code,
             score: None,
         }
+    }
+
+    /// Outcome zeros count at most IMPLICIT_CAP and are forgotten an hour
+    /// after the last one; users' votes stay.
+    #[test]
+    fn outcome_zeros_are_capped_and_forgotten() {
+        let book = FeedbackBook::default();
+        book.remember("r1", served("acme", "m"));
+        book.score("r1", "acme", 1.0).unwrap();
+        for _ in 0..50 {
+            book.failure_at("acme", "m", Task::Code, 1_000);
+        }
+        let v = book.votes.load()[&("acme".to_string(), "m".to_string(), Task::Code)];
+        assert_eq!(
+            (v.votes, v.implicit, v.sum),
+            (1 + IMPLICIT_CAP, IMPLICIT_CAP, 1.0)
+        );
+        // (0.8 * 20 + 1) / (20 + 21): an outage costs at most about half.
+        let q = (0.8 * PRIOR_VOTES + 1.0) / (PRIOR_VOTES + 21.0);
+        let during = v.at(1_000 + IMPLICIT_TTL_SECS);
+        assert!((during.votes, during.implicit) == (21, 20) && q > 0.4);
+        let after = v.at(1_001 + IMPLICIT_TTL_SECS);
+        assert_eq!((after.votes, after.implicit, after.sum), (1, 0, 1.0));
+        // A later failure starts a new count.
+        book.failure_at("acme", "m", Task::Code, 10_000);
+        let v = book.votes.load()[&("acme".to_string(), "m".to_string(), Task::Code)].at(10_000);
+        assert_eq!((v.votes, v.implicit), (2, 1));
     }
 
     #[test]

@@ -75,14 +75,14 @@ fn record_outcomes(shared: &Shared, ctx: &Ctx, status: u16) {
         return;
     }
     for m in &ctx.failed_models {
-        shared.feedback.outcome(&ctx.tenant, m, task, 0.0);
+        shared.feedback.failure(&ctx.tenant, m, task);
     }
     let upstream_failed = ctx.attempts > 0
         && (matches!(status, 500 | 502 | 504)
             || status >= 500 && ctx.error_code == Some("upstream_status"));
     if upstream_failed {
         if let Some(model) = ctx.model() {
-            shared.feedback.outcome(&ctx.tenant, model, task, 0.0);
+            shared.feedback.failure(&ctx.tenant, model, task);
         }
     }
 }
