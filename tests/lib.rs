@@ -320,6 +320,18 @@ pub fn get(addr: &str, path: &str) -> Response {
     request(addr, "GET", path, &[], b"").expect("request")
 }
 
+/// One model's entry in the gateway's `GET /admin/models`.
+pub fn admin_model(gw: &Gateway, name: &str) -> serde_json::Value {
+    let models = get(&gw.admin, "/admin/models").json();
+    models["models"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name)
+        .unwrap_or_else(|| panic!("no model {name} in /admin/models: {models}"))
+        .clone()
+}
+
 // ---------------------------------------------------------------- processes
 
 struct Proc {

@@ -3,7 +3,6 @@
 //! its config directory, and the reloaded router routes by the measurement.
 
 use crate::common::sha;
-use serde_json::Value;
 use smartllm_e2e::*;
 use std::collections::BTreeMap;
 use std::process::Command;
@@ -16,16 +15,6 @@ const WEAK: [(&str, f64); 3] = [("math", 0.2), ("reasoning", 0.5), ("code", 0.3)
 fn skill_arg(model: &str, skills: &[(&str, f64)]) -> String {
     let tasks: Vec<String> = skills.iter().map(|(t, p)| format!("{t}={p}")).collect();
     format!("{model}:{}", tasks.join(","))
-}
-
-fn admin_model(gw: &Gateway, name: &str) -> Value {
-    get(&gw.admin, "/admin/models").json()["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == name)
-        .unwrap()
-        .clone()
 }
 
 #[test]

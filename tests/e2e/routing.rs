@@ -180,25 +180,9 @@ fn shipped_conf_sends_simple_prompts_to_cheap_models_and_code_or_reasoning_to_st
 }
 
 /// One model's entry in `/admin/models`.
-fn admin_model(gw: &Gateway, name: &str) -> Value {
-    let models = get(&gw.admin, "/admin/models").json();
-    models["models"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|m| m["name"] == name)
-        .unwrap()
-        .clone()
-}
-
 /// Two models on two mocks: `big` (better, slow upstream) and `small`.
-fn two_model_gateway(big: &Mock, small: &Mock, route: &str) -> Gateway {
-    let providers = format!(
-        "providers:\n{}{}",
-        mock_provider("bigp", big),
-        mock_provider("smallp", small)
-    );
-    let models = "models:
+/// "big" (profiled 0.95, dear) on provider bigp and "small" (0.6, cheap) on smallp.
+const TWO_MODELS: &str = "models:
   - name: big
     pricing: { input: 10, output: 30 }
     profile: { quality: { default: 0.95 }, latency: 50ms, tokens_per_second: 100000 }
@@ -208,11 +192,18 @@ fn two_model_gateway(big: &Mock, small: &Mock, route: &str) -> Gateway {
     profile: { quality: { default: 0.6 }, latency: 50ms, tokens_per_second: 100000 }
     deployments: [ { provider: smallp } ]
 ";
+
+fn two_model_gateway(big: &Mock, small: &Mock, route: &str) -> Gateway {
+    let providers = format!(
+        "providers:\n{}{}",
+        mock_provider("bigp", big),
+        mock_provider("smallp", small)
+    );
     Gateway::start(ConfigDir::new(
         "",
         "demo:\n  mode: off\n",
         &providers,
-        models,
+        TWO_MODELS,
         route,
     ))
 }
@@ -519,21 +510,11 @@ fn a_model_that_fails_scores_zero_without_anyone_voting() {
         "providers:\n  bigp:\n    kind: openai\n    base_url: http://127.0.0.1:{dead_port}/v1\n{}",
         mock_provider("smallp", &small)
     );
-    let models = "models:
-  - name: big
-    pricing: { input: 10, output: 30 }
-    profile: { quality: { default: 0.95 }, latency: 50ms, tokens_per_second: 100000 }
-    deployments: [ { provider: bigp } ]
-  - name: small
-    pricing: { input: 0.1, output: 0.3 }
-    profile: { quality: { default: 0.6 }, latency: 50ms, tokens_per_second: 100000 }
-    deployments: [ { provider: smallp } ]
-";
     let gw = Gateway::start(ConfigDir::new(
         "",
         "demo:\n  mode: off\n",
         &providers,
-        models,
+        TWO_MODELS,
         "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
     ));
     let r = request(
@@ -550,7 +531,16 @@ fn a_model_that_fails_scores_zero_without_anyone_voting() {
         Some("small"),
         "the fallback answered"
     );
-    let bigm = admin_model(&gw, "big");
+    // The outcome is counted when the request finishes, just after its last
+    // byte went out: wait for it.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let bigm = loop {
+        let m = admin_model(&gw, "big");
+        if !m["feedback"]["chat"].is_null() || std::time::Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
     assert_eq!(
         bigm["feedback"]["chat"]["implicit"].as_u64(),
         Some(1),

@@ -141,7 +141,14 @@ pub async fn run(
             metrics::fallback(ctx.route.as_deref().unwrap_or("-"), &from, &pool.model);
             tracing::info!(request_id = %ctx.request_id, from = %from, to = %pool.model, error = ?last_err.as_ref().map(|e: &ApiError| e.message.clone()), "falling back to the next model");
             ctx.route_reason = format!("fallback:{from}");
-            ctx.failed_models.push(from);
+            // The model failed it (not an endpoint it lacks, not a rate limit
+            // or a missing key): the router learns from that (finish.rs).
+            if last_err
+                .as_ref()
+                .is_some_and(|e: &ApiError| e.status >= 500 && e.code != "provider_key_missing")
+            {
+                ctx.failed_models.push(from);
+            }
             ctx.set_model(&pool.model);
         }
         let later_models = mi + 1 < pools.len();
