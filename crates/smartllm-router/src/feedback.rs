@@ -178,11 +178,18 @@ impl FeedbackBook {
     }
 
     fn failure_at(&self, tenant: &str, model: &str, task: Task, now: u64) {
+        // Every failure copies the tally (copy on write): once a key holds its
+        // cap, refresh its time at most once a minute, so an outage does not
+        // copy the map on every failed request.
+        let key = (tenant.to_string(), model.to_string(), task);
+        if self.votes.load().get(&key).is_some_and(|v| {
+            v.at(now).implicit >= IMPLICIT_CAP && now.saturating_sub(v.implicit_at) < 60
+        }) {
+            return;
+        }
         self.votes.rcu(|tally| {
             let mut tally = Tally::clone(tally);
-            let e = tally
-                .entry((tenant.to_string(), model.to_string(), task))
-                .or_default();
+            let e = tally.entry(key.clone()).or_default();
             *e = e.at(now);
             if e.implicit < IMPLICIT_CAP {
                 e.votes += 1;
