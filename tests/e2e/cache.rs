@@ -25,6 +25,67 @@ fn cached_gateway(cache_yaml: &str, mock_args: &[&str]) -> (Mock, Gateway) {
 const CACHE_ON: &str =
     "cache:\n  enabled: true\n  similarity_threshold: 0.95\n  exclude:\n    detectors: [email]\n";
 
+/// The verifier: with a loose cosine threshold (0.80), a reworded question
+/// is served, and a different question that reads alike (one word added, so
+/// neither the cosine nor the guard's rules see it) is turned away; both
+/// through the real server, with the verifier's score in the hit's headers,
+/// the refusal in the metrics and `/admin/cache/explain` saying why.
+#[test]
+fn the_verifier_serves_rewordings_and_refuses_look_alikes() {
+    let (mock, gw) = cached_gateway(
+        "cache:\n  enabled: true\n  similarity_threshold: 0.80\n  verifier: true\n",
+        &[],
+    );
+    let q = |text: &str| chat_body("auto", text);
+    let stored = "How many yards longer was the longest touchdown compared to the shortest?";
+    let alike = "How many yards longer was the second longest touchdown compared to the shortest?";
+    let fact = "The element carbon is present in all organic molecules.";
+    let reworded = "Organic molecules all contain carbon.";
+    for text in [stored, fact] {
+        assert_eq!(cache_header(&ask(&gw, "key-a", &q(text))), "miss");
+    }
+    wait_cached(&gw, 2);
+    let before = mock.requests();
+    let hit = ask(&gw, "key-a", &q(reworded));
+    assert_eq!(cache_header(&hit), "hit-semantic", "{:?}", hit.headers);
+    let sim: f64 = hit
+        .header("x-smartllm-similarity")
+        .unwrap()
+        .parse()
+        .unwrap();
+    let score: f64 = hit.header("x-smartllm-verifier").unwrap().parse().unwrap();
+    assert!(
+        sim < 0.95 && score >= 0.6,
+        "similarity {sim}, verifier {score}"
+    );
+    assert_eq!(mock.requests(), before);
+    let miss = ask(&gw, "key-a", &q(alike));
+    assert_eq!(cache_header(&miss), "miss", "{:?}", miss.headers);
+    assert_eq!(mock.requests(), before + 1, "the look-alike went upstream");
+    assert!(
+        gw.metric("smartllm_cache_verifier_total", &[("result", "rejected")]) >= 1.0,
+        "{}",
+        gw.metrics()
+    );
+    let explain = post_json(
+        &gw.admin,
+        "/admin/cache/explain",
+        &json!({"a": alike, "b": stored, "model": "auto"}),
+    )
+    .json();
+    assert_eq!(explain["serve"], false, "{explain}");
+    assert!(explain["similarity"].as_f64().unwrap() >= 0.80, "{explain}");
+    assert_eq!(explain["guard"], Value::Null, "{explain}");
+    assert!(explain["verifier"].as_f64().unwrap() < 0.6, "{explain}");
+    assert!(
+        explain["reason"]
+            .as_str()
+            .unwrap()
+            .starts_with("the verifier refused"),
+        "{explain}"
+    );
+}
+
 #[test]
 fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
     let (mock, gw) = cached_gateway(CACHE_ON, &[]);
@@ -44,6 +105,10 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
         .parse()
         .unwrap();
     assert!((0.95..1.0).contains(&sim), "{sim}");
+    // The verifier (on by default) judged it and said why it served.
+    let verifier: f64 = para.header("x-smartllm-verifier").unwrap().parse().unwrap();
+    assert!((0.6..=1.0).contains(&verifier), "{verifier}");
+    assert!(exact.header("x-smartllm-verifier").is_none());
     assert_eq!(para.json()["choices"], first.json()["choices"]);
     assert_eq!(mock.requests(), before, "hits never reach the upstream");
     // The ledger records what the two hits saved (and charges nothing for them).

@@ -733,6 +733,9 @@ pub struct EvalRow {
     pub false_positives: usize,
     /// Pairs with cosine >= threshold that the precision guard turned away.
     pub guard_blocked: usize,
+    /// Pairs with cosine >= threshold that passed the guard and that the
+    /// verifier turned away (0 without a verifier).
+    pub verifier_blocked: usize,
     /// Per category, in first-seen order of the file.
     pub categories: Vec<CategoryRate>,
 }
@@ -793,7 +796,26 @@ pub fn parse_pairs(text: &str) -> Result<Vec<LabelledPair>, String> {
 /// cache's decision (cosine >= threshold and no near-miss) for each threshold,
 /// overall and per category, given each pair's cosine similarity.
 pub fn evaluate(pairs: &[LabelledPair], cosines: &[f32], thresholds: &[f32]) -> Vec<EvalRow> {
+    evaluate_verified(pairs, cosines, None, thresholds)
+}
+
+/// [`evaluate`] with the verifier: `verifier` = (each pair's verifier
+/// score, the score a pair needs); a pair is served when cosine >=
+/// threshold, the guard passes and the score is at least the pass score.
+pub fn evaluate_verified(
+    pairs: &[LabelledPair],
+    cosines: &[f32],
+    verifier: Option<(&[f32], f32)>,
+    thresholds: &[f32],
+) -> Vec<EvalRow> {
     assert_eq!(pairs.len(), cosines.len(), "one cosine per pair");
+    let verified: Vec<bool> = match verifier {
+        Some((scores, pass)) => {
+            assert_eq!(scores.len(), pairs.len(), "one verifier score per pair");
+            scores.iter().map(|&s| s >= pass).collect()
+        }
+        None => vec![true; pairs.len()],
+    };
     let guard_ok: Vec<bool> = pairs
         .iter()
         .map(|p| near_miss(&p.a, &p.b).is_none())
@@ -817,7 +839,7 @@ pub fn evaluate(pairs: &[LabelledPair], cosines: &[f32], thresholds: &[f32]) -> 
     thresholds
         .iter()
         .map(|&t| {
-            let (mut tp, mut fp, mut blocked) = (0, 0, 0);
+            let (mut tp, mut fp, mut blocked, mut vetoed) = (0, 0, 0, 0);
             let mut categories: Vec<CategoryRate> = order
                 .iter()
                 .map(|(c, d)| CategoryRate {
@@ -829,8 +851,9 @@ pub fn evaluate(pairs: &[LabelledPair], cosines: &[f32], thresholds: &[f32]) -> 
                 .collect();
             for (i, p) in pairs.iter().enumerate() {
                 let close = cosines[i] >= t;
-                let served = exact[i] || (close && guard_ok[i]);
+                let served = exact[i] || (close && guard_ok[i] && verified[i]);
                 blocked += usize::from(!exact[i] && close && !guard_ok[i]);
+                vetoed += usize::from(!exact[i] && close && guard_ok[i] && !verified[i]);
                 if served {
                     if p.duplicate {
                         tp += 1;
@@ -858,6 +881,7 @@ pub fn evaluate(pairs: &[LabelledPair], cosines: &[f32], thresholds: &[f32]) -> 
                 true_positives: tp,
                 false_positives: fp,
                 guard_blocked: blocked,
+                verifier_blocked: vetoed,
                 categories,
             }
         })
@@ -1072,5 +1096,29 @@ mod eval_tests {
         for p in &heldout {
             assert!(!tuning_sources.contains(&collection(p)), "{p:?}");
         }
+    }
+
+    /// The verifier's training pairs (train.tsv) hold no text of either
+    /// split and nothing from a held-out collection.
+    #[test]
+    fn verifier_training_pairs_stay_out_of_both_splits() {
+        let (train, _) = yardstick("train.tsv");
+        let (tuning, _) = yardstick("tuning.tsv");
+        let (heldout, _) = yardstick("heldout.tsv");
+        assert!(train.len() >= 1000);
+        let texts = |s: &[LabelledPair]| -> HashSet<String> {
+            s.iter()
+                .flat_map(|p| [p.a.to_lowercase(), p.b.to_lowercase()])
+                .collect()
+        };
+        let taken: HashSet<String> = texts(&tuning).union(&texts(&heldout)).cloned().collect();
+        let collection = |p: &LabelledPair| p.source.trim_start_matches("synthetic:").to_string();
+        let held: HashSet<String> = heldout.iter().map(collection).collect();
+        for p in &train {
+            assert!(!taken.contains(&p.a.to_lowercase()), "{p:?}");
+            assert!(!taken.contains(&p.b.to_lowercase()), "{p:?}");
+            assert!(!held.contains(&collection(p)), "{p:?}");
+        }
+        assert!(train.iter().any(|p| p.category == "related"));
     }
 }

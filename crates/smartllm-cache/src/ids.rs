@@ -256,6 +256,7 @@ mod migration_tests {
             ttl: Duration::from_secs(3600),
             version: 1,
             max_temperature: 1.0,
+            verifier: None,
         };
         let questions = [
             "How do I reset my password?",

@@ -33,6 +33,7 @@ mod lookup;
 mod storage;
 #[cfg(test)]
 mod test_support;
+pub mod verify;
 
 pub use admin::{CacheStats, Purge};
 pub use entry::{Codec, CodecError, Entry, KeyFileError, Sealing};
@@ -42,6 +43,7 @@ pub use insert::{Applied, Stored};
 pub use key::{api_chat_key, chat_key, embedding_text, exact_text, CacheKey};
 pub use lifecycle::INDEX_FILE;
 pub use lookup::{HitKind, Lookup, LookupTimes};
+pub use verify::Verifier;
 
 use ids::Tagger;
 use index::SharedIndex;
@@ -55,6 +57,9 @@ use std::sync::{Arc, Mutex};
 pub mod metric_names {
     pub const LOOKUPS: &str = "smartllm_cache_lookups_total";
     pub const SIMILARITY: &str = "smartllm_cache_similarity";
+    /// Would-be semantic hits the verifier turned away, by result
+    /// (`rejected`, `unavailable`).
+    pub const VERIFIER: &str = "smartllm_cache_verifier_total";
     pub const SEARCH_SECONDS: &str = "smartllm_cache_search_seconds";
     pub const EMBED_SECONDS: &str = "smartllm_cache_embed_seconds";
     pub const INDEX_VECTORS: &str = "smartllm_cache_index_vectors";

@@ -354,6 +354,7 @@ mod tests {
             ttl: Duration::from_secs(3600),
             version: 1,
             max_temperature: 1.0,
+            verifier: None,
         };
         let topics = [
             "rust",

@@ -31,6 +31,8 @@ pub enum Lookup {
         entry: Arc<Entry>,
         kind: HitKind,
         similarity: f32,
+        /// The verifier's score, when it judged this hit.
+        verifier: Option<f32>,
     },
     Miss {
         embedding: Option<Vec<f32>>,
@@ -40,11 +42,20 @@ pub enum Lookup {
 }
 
 pub(crate) enum Verified {
-    Hit(Entry, f32),
+    Hit(Entry, f32, Option<f32>),
     Miss {
         best: Option<f32>,
         rejected: Option<&'static str>,
     },
+}
+
+/// What a semantic candidate must clear to be served.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Bar {
+    /// Cosine similarity, at least.
+    pub similarity: f32,
+    /// The verifier's score, at least (`None`: no verifier).
+    pub verifier: Option<f32>,
 }
 
 fn valid(e: &Entry, policy: &CachePolicy, now: u64) -> bool {
@@ -86,6 +97,7 @@ impl SemanticCache {
                     entry: e,
                     kind: HitKind::Exact,
                     similarity: 1.0,
+                    verifier: None,
                 });
             }
         }
@@ -104,6 +116,7 @@ impl SemanticCache {
                     entry: e,
                     kind: HitKind::Exact,
                     similarity: 1.0,
+                    verifier: None,
                 });
             }
         }
@@ -117,38 +130,72 @@ impl SemanticCache {
         }
         let t = Instant::now();
         let started = SystemTime::now();
-        let embedding = self
-            .embedder
-            .embed(vec![crate::key::embedding_text(&key.query)])
-            .await?
-            .pop()
-            .unwrap_or_default();
+        let text = crate::key::embedding_text(&key.query);
+        // With the verifier on, the query's token states come out of the
+        // same model run as its embedding, so a would-be hit runs the model
+        // once more (the cached text), not twice.
+        let recent = match policy.verifier {
+            Some(_) => self.embedder.recent_embedding(&text),
+            None => None,
+        };
+        let (embedding, states) = match (recent, policy.verifier) {
+            (Some(v), _) => (v, None),
+            (None, Some(_)) => {
+                let states = self
+                    .embedder
+                    .token_states(vec![text.clone()])
+                    .await?
+                    .pop()
+                    .unwrap_or_default();
+                let v = smartllm_embed::pool(&states);
+                self.embedder.remember_embedding(&text, &v);
+                (v, Some(states))
+            }
+            // embed() answers from the recent embeddings itself.
+            (None, None) => (
+                self.embedder
+                    .embed(vec![text])
+                    .await?
+                    .pop()
+                    .unwrap_or_default(),
+                None,
+            ),
+        };
         histogram!(m::EMBED_SECONDS).record(t.elapsed().as_secs_f64());
         times.embed = Some((started, SystemTime::now()));
 
         let this = self.clone();
-        let (ns, query, threshold, version) = (
-            key.namespace_hex(),
-            key.query.clone(),
-            policy.similarity_threshold,
-            policy.version,
-        );
+        let (ns, query, version) = (key.namespace_hex(), key.query.clone(), policy.version);
+        let bar = Bar {
+            similarity: policy.similarity_threshold,
+            verifier: policy.verifier,
+        };
         let probe = embedding.clone();
         let started = SystemTime::now();
         let found = tokio::task::spawn_blocking(move || {
-            this.search_verify(&probe, &ns, &query, threshold, version, top_k, now)
+            this.search_verify(
+                &probe,
+                &ns,
+                &query,
+                states.as_deref(),
+                bar,
+                version,
+                top_k,
+                now,
+            )
         })
         .await
         .map_err(|e| CacheError::Task(e.to_string()))??;
         times.search = Some((started, SystemTime::now()));
         match found {
-            Verified::Hit(e, sim) => {
+            Verified::Hit(e, sim, verifier) => {
                 histogram!(m::SIMILARITY).record(sim as f64);
                 counter!(m::LOOKUPS, "result" => "hit_semantic").increment(1);
                 Ok(Lookup::Hit {
                     entry: Arc::new(e),
                     kind: HitKind::Semantic,
                     similarity: sim,
+                    verifier,
                 })
             }
             Verified::Miss { best, rejected } => {
@@ -176,11 +223,13 @@ impl SemanticCache {
         embedding: &[f32],
         namespace: &str,
         query: &str,
-        threshold: f32,
+        query_states: Option<&[f32]>,
+        bar: Bar,
         version: u32,
         top_k: usize,
         now: u64,
     ) -> Result<Verified, CacheError> {
+        let threshold = bar.similarity;
         let t = Instant::now();
         // Within the namespace's id range: others' entries take no place in
         // the top k (a tag shared by another namespace is sorted out below).
@@ -207,9 +256,50 @@ impl SemanticCache {
                 rejected = Some(why);
                 continue;
             }
-            return Ok(Verified::Hit(e, sim));
+            let Some(pass) = bar.verifier else {
+                return Ok(Verified::Hit(e, sim, None));
+            };
+            match self.verify(query, query_states, &e.query, sim) {
+                Ok(score) if score >= pass => return Ok(Verified::Hit(e, sim, Some(score))),
+                Ok(_) => {
+                    counter!(m::VERIFIER, "result" => "rejected").increment(1);
+                    rejected = Some("verifier");
+                }
+                // No second opinion (the embedder is shedding load): no hit.
+                Err(_) => {
+                    counter!(m::VERIFIER, "result" => "unavailable").increment(1);
+                    rejected = Some("verifier_unavailable");
+                }
+            }
         }
         Ok(Verified::Miss { best, rejected })
+    }
+
+    /// The verifier's score of a candidate pair (blocking: the texts' token
+    /// states come from the embedder's threads; `query_states`, when the
+    /// caller has them, spare the query's run).
+    pub fn verify(
+        &self,
+        query: &str,
+        query_states: Option<&[f32]>,
+        cached: &str,
+        similarity: f32,
+    ) -> Result<f32, CacheError> {
+        let mut texts = vec![crate::key::embedding_text(cached)];
+        if query_states.is_none() {
+            texts.push(crate::key::embedding_text(query));
+        }
+        let states = self.embedder.token_states_blocking(texts)?;
+        let (b, a) = match (&states[..], query_states) {
+            ([b], Some(a)) => (b, a),
+            ([b, a], None) => (b, a.as_slice()),
+            _ => {
+                return Err(CacheError::Task(
+                    "the embedder answered the wrong number of texts".into(),
+                ))
+            }
+        };
+        Ok(crate::Verifier::shipped().score_pair(similarity, a, b, smartllm_embed::DIM))
     }
 }
 
@@ -231,6 +321,7 @@ mod tests {
             ttl: Duration::from_secs(3600),
             version: 1,
             max_temperature: 1.0,
+            verifier: None,
         }
     }
 
@@ -496,10 +587,22 @@ mod tests {
                 let v = probe(rng, q);
                 let ns = row[q].namespace_hex();
                 let own = match cache
-                    .search_verify(&v, &ns, &texts[q], 0.9, 1, top_k, now)
+                    .search_verify(
+                        &v,
+                        &ns,
+                        &texts[q],
+                        None,
+                        Bar {
+                            similarity: 0.9,
+                            verifier: None,
+                        },
+                        1,
+                        top_k,
+                        now,
+                    )
                     .unwrap()
                 {
-                    Verified::Hit(e, sim) => {
+                    Verified::Hit(e, sim, _) => {
                         assert_eq!(e.response, format!("{t}/{q}"), "{what}: tenant {t}");
                         assert!(sim > 0.95, "{what}: tenant {t}: {sim}");
                         e.id

@@ -521,6 +521,10 @@ pub struct RawCache {
     pub ttl: Option<ConfigDuration>,
     pub version: Option<u32>,
     pub max_temperature: Option<f64>,
+    /// Whether semantic candidates get the verifier's second opinion.
+    pub verifier: Option<bool>,
+    /// The verifier's score (0..1) a candidate needs to be served.
+    pub verifier_threshold: Option<f32>,
     /// Exact-match entries kept in memory.
     pub l1_entries: Option<usize>,
     /// ANN candidates verified per semantic lookup.
@@ -551,6 +555,8 @@ pub struct RawCachePolicy {
     pub ttl: Option<ConfigDuration>,
     pub version: Option<u32>,
     pub max_temperature: Option<f64>,
+    pub verifier: Option<bool>,
+    pub verifier_threshold: Option<f32>,
 }
 
 #[derive(Debug, Default, Deserialize)]

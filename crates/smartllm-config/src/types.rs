@@ -247,6 +247,11 @@ pub struct CachePolicy {
     pub ttl: Duration,
     pub version: u32,
     pub max_temperature: f64,
+    /// The verifier's pass score when it is on (`cache.verifier`): a
+    /// semantic candidate at or above `similarity_threshold` that the guard
+    /// lets through is served only if the verifier scores the pair at or
+    /// above it. `None`: cosine and guard decide alone.
+    pub verifier: Option<f32>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

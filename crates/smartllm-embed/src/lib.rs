@@ -99,8 +99,20 @@ type Reply = Result<Vec<Vec<f32>>, EmbedError>;
 
 struct Job {
     texts: Vec<String>,
+    /// What to answer: pooled vectors, or each text's token states.
+    output: Output,
     reply: oneshot::Sender<Reply>,
     queued: Instant,
+}
+
+/// What a model run answers for each text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Output {
+    /// The mean-pooled, unit-length sentence vector (`DIM` values).
+    Pooled,
+    /// The last hidden state of every token (`[CLS]` and `[SEP]`
+    /// included), row after row: `tokens x DIM` values, as they came out.
+    Tokens,
 }
 
 pub struct Embedder {
@@ -210,7 +222,7 @@ impl Model {
         texts: &[&str],
         max_tokens: usize,
     ) -> Result<Vec<Vec<f32>>, EmbedError> {
-        embed_texts(self, texts, max_tokens).map_err(EmbedError::Inference)
+        embed_texts(self, texts, max_tokens, Output::Pooled).map_err(EmbedError::Inference)
     }
 }
 
@@ -368,10 +380,15 @@ impl Embedder {
         &self.info
     }
 
-    fn submit(&self, texts: Vec<String>) -> Result<oneshot::Receiver<Reply>, EmbedError> {
+    fn submit(
+        &self,
+        texts: Vec<String>,
+        output: Output,
+    ) -> Result<oneshot::Receiver<Reply>, EmbedError> {
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job {
             texts,
+            output,
             reply,
             queued: Instant::now(),
         }) {
@@ -411,7 +428,7 @@ impl Embedder {
             Ok(v) => return Ok(v),
             Err(keep) => keep,
         };
-        let rx = self.submit(texts)?;
+        let rx = self.submit(texts, Output::Pooled)?;
         let vectors = rx.await.map_err(|_| EmbedError::Stopped)??;
         self.remember(keep, &vectors);
         Ok(vectors)
@@ -426,10 +443,43 @@ impl Embedder {
             Ok(v) => return Ok(v),
             Err(keep) => keep,
         };
-        let rx = self.submit(texts)?;
+        let rx = self.submit(texts, Output::Pooled)?;
         let vectors = rx.blocking_recv().map_err(|_| EmbedError::Stopped)??;
         self.remember(keep, &vectors);
         Ok(vectors)
+    }
+
+    /// Each text's token states, off the caller's thread (see
+    /// [`Self::token_states_blocking`]).
+    pub async fn token_states(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rx = self.submit(texts, Output::Tokens)?;
+        rx.await.map_err(|_| EmbedError::Stopped)?
+    }
+
+    /// The recent-embeddings cache's vector of `text`, if it holds one
+    /// (never waits: a busy shard is a miss).
+    pub fn recent_embedding(&self, text: &str) -> Option<Vec<f32>> {
+        self.recent.get(text)
+    }
+
+    /// Keep `vector` as `text`'s embedding in the recent-embeddings cache.
+    pub fn remember_embedding(&self, text: &str, vector: &[f32]) {
+        self.recent.put(text, vector);
+    }
+
+    /// Each text's token states (the model's last hidden state, one row of
+    /// [`DIM`] values per token, `[CLS]` and `[SEP]` included), for the
+    /// cache's verifier; on the embedder's threads like any embedding.
+    /// Blocking: for blocking-pool threads and tools.
+    pub fn token_states_blocking(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
+        if texts.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rx = self.submit(texts, Output::Tokens)?;
+        rx.blocking_recv().map_err(|_| EmbedError::Stopped)?
     }
 }
 
@@ -506,23 +556,35 @@ fn worker_loop(w: &mut Model, rx: &Mutex<Receiver<Job>>, max_wait: Duration, gpu
     } else {
         CPU_BATCH_TOKENS
     };
-    while let Some(jobs) = drain(rx, max_wait, gpu) {
-        let texts: Vec<&str> = jobs
-            .iter()
-            .flat_map(|j| j.texts.iter().map(String::as_str))
-            .collect();
-        match embed_texts(w, &texts, max_tokens) {
-            Ok(mut vectors) => {
-                for job in jobs {
-                    let rest = vectors.split_off(job.texts.len());
-                    let mine = std::mem::replace(&mut vectors, rest);
-                    let _ = job.reply.send(Ok(mine));
-                }
+    while let Some(all) = drain(rx, max_wait, gpu) {
+        let (pooled, tokens): (Vec<Job>, Vec<Job>) =
+            all.into_iter().partition(|j| j.output == Output::Pooled);
+        for jobs in [pooled, tokens] {
+            if let Some(first) = jobs.first() {
+                let output = first.output;
+                answer(w, jobs, max_tokens, output);
             }
-            Err(e) => {
-                for job in jobs {
-                    let _ = job.reply.send(Err(EmbedError::Inference(e.clone())));
-                }
+        }
+    }
+}
+
+/// Run `jobs` (all of one `output`) together and answer each.
+fn answer(w: &mut Model, jobs: Vec<Job>, max_tokens: usize, output: Output) {
+    let texts: Vec<&str> = jobs
+        .iter()
+        .flat_map(|j| j.texts.iter().map(String::as_str))
+        .collect();
+    match embed_texts(w, &texts, max_tokens, output) {
+        Ok(mut vectors) => {
+            for job in jobs {
+                let rest = vectors.split_off(job.texts.len());
+                let mine = std::mem::replace(&mut vectors, rest);
+                let _ = job.reply.send(Ok(mine));
+            }
+        }
+        Err(e) => {
+            for job in jobs {
+                let _ = job.reply.send(Err(EmbedError::Inference(e.clone())));
             }
         }
     }
@@ -530,7 +592,12 @@ fn worker_loop(w: &mut Model, rx: &Mutex<Receiver<Job>>, max_wait: Duration, gpu
 
 /// Tokenize `texts`, run them in length-grouped micro-batches, and return
 /// their vectors in the order given.
-fn embed_texts(w: &mut Model, texts: &[&str], max_tokens: usize) -> Result<Vec<Vec<f32>>, String> {
+fn embed_texts(
+    w: &mut Model,
+    texts: &[&str],
+    max_tokens: usize,
+    output: Output,
+) -> Result<Vec<Vec<f32>>, String> {
     let encodings = w
         .tokenizer
         .encode_batch(texts.to_vec(), true)
@@ -540,7 +607,7 @@ fn embed_texts(w: &mut Model, texts: &[&str], max_tokens: usize) -> Result<Vec<V
     for batch in plan_batches(&lens, max_tokens) {
         let t = Instant::now();
         let group: Vec<&Encoding> = batch.iter().map(|&i| &encodings[i]).collect();
-        let vectors = run_batch(&mut w.session, &group)?;
+        let vectors = run_batch(&mut w.session, &group, output)?;
         metrics::histogram!(METRIC_BATCH_SIZE).record(batch.len() as f64);
         metrics::histogram!(METRIC_BATCH_SECONDS).record(t.elapsed().as_secs_f64());
         for (i, v) in batch.into_iter().zip(vectors) {
@@ -554,6 +621,7 @@ fn embed_texts(w: &mut Model, texts: &[&str], max_tokens: usize) -> Result<Vec<V
 fn run_batch(
     session: &mut ort::session::Session,
     encodings: &[&Encoding],
+    output: Output,
 ) -> Result<Vec<Vec<f32>>, String> {
     let batch = encodings.len();
     let seq = encodings
@@ -602,7 +670,38 @@ fn run_batch(
         return Err(format!("unexpected output shape {dims:?}"));
     }
     let hidden = dims[2] as usize;
-    Ok(mean_pool_normalize(data, &mask, batch, seq, hidden))
+    Ok(match output {
+        Output::Pooled => mean_pool_normalize(data, &mask, batch, seq, hidden),
+        Output::Tokens => token_rows(data, &mask, batch, seq, hidden),
+    })
+}
+
+/// Each text's rows where `mask` is 1 (its tokens, padding dropped).
+fn token_rows(
+    data: &[f32],
+    mask: &[i64],
+    batch: usize,
+    seq: usize,
+    hidden: usize,
+) -> Vec<Vec<f32>> {
+    (0..batch)
+        .map(|b| {
+            (0..seq)
+                .filter(|&s| mask[b * seq + s] != 0)
+                .flat_map(|s| &data[(b * seq + s) * hidden..(b * seq + s + 1) * hidden])
+                .copied()
+                .collect()
+        })
+        .collect()
+}
+
+/// A text's embedding from its token states ([`Embedder::token_states`]):
+/// the same vector [`Embedder::embed`] answers (mean, then unit length).
+pub fn pool(states: &[f32]) -> Vec<f32> {
+    let n = states.len() / DIM;
+    mean_pool_normalize(states, &vec![1; n], 1, n, DIM)
+        .pop()
+        .unwrap_or_default()
 }
 
 /// Mean over the positions where `mask` is 1, then L2 normalisation.
@@ -871,6 +970,28 @@ mod tests {
             .embed_blocking(vec!["What is the way to reset my password?".into()])
             .unwrap();
         assert!(cosine(&alone[0], &v[1]) > 0.9999);
+    }
+
+    /// Token states: one row per token, `[CLS]` and `[SEP]` included, no
+    /// padding (a short text next to a long one in the same job), and pooled
+    /// they are the text's embedding.
+    #[test]
+    fn token_states_pool_to_the_embedding() {
+        let cfg = assets()
+            .expect("embedding assets missing: run packaging/fetch-assets.sh (make test does)");
+        let e = Embedder::load(&cfg).unwrap();
+        let texts = vec![
+            "Reset my password".to_string(),
+            "What is the fastest way to reset the password of my account?".to_string(),
+        ];
+        let states = e.token_states_blocking(texts.clone()).unwrap();
+        let vectors = e.embed_blocking(texts).unwrap();
+        // [CLS] reset my password [SEP]
+        assert_eq!(states[0].len(), 5 * DIM);
+        assert!(states[1].len() > states[0].len() && states[1].len() % DIM == 0);
+        for (s, v) in states.iter().zip(&vectors) {
+            assert!(cosine(&pool(s), v) > 0.99999);
+        }
     }
 
     /// Under overload the embedder refuses work (full queue) or drops work that

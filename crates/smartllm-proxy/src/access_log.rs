@@ -174,6 +174,7 @@ pub fn finish(
         cost_usd,
         usage_estimated = ctx.usage_estimated,
         similarity = ctx.cache_similarity,
+        verifier = ctx.cache_verifier,
         "request"
     );
     cost_usd

@@ -520,8 +520,9 @@ impl AdminApp {
     /// ROUTE_OR_MODEL}` (model optional): would a request whose last user turn
     /// is `a` be served the stored answer of `b` (same namespace assumed)?
     /// The embedder's cosine, the threshold of that route's cache policy, the
-    /// precision guard's verdict, and the decision: for operators checking a
-    /// complaint ("it answered the wrong question").
+    /// precision guard's verdict, the verifier's score (always computed; it
+    /// decides only where the policy turns it on), and the decision: for
+    /// operators checking a complaint ("it answered the wrong question").
     async fn cache_explain(&self, body: &[u8]) -> Response<Vec<u8>> {
         let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let text = |k: &str| req.get(k).and_then(Value::as_str).map(str::to_string);
@@ -546,17 +547,29 @@ impl AdminApp {
             smartllm_cache::embedding_text(&a),
             smartllm_cache::embedding_text(&b),
         ];
-        let vectors = match embedder.embed(texts).await {
+        let states = match embedder.token_states(texts).await {
             Ok(v) if v.len() == 2 => v,
             Ok(_) => return invalid(500, "the embedder returned no vectors".into()),
             Err(e) => return invalid(503, format!("embedding failed: {e}")),
         };
-        let similarity = smartllm_embed::cosine(&vectors[0], &vectors[1]);
+        let (va, vb) = (
+            smartllm_embed::pool(&states[0]),
+            smartllm_embed::pool(&states[1]),
+        );
+        let similarity = smartllm_embed::cosine(&va, &vb);
+        let verifier = smartllm_cache::Verifier::shipped().score_pair(
+            similarity,
+            &states[0],
+            &states[1],
+            smartllm_embed::DIM,
+        );
         let guard = smartllm_cache::near_miss(&a, &b);
         let above = similarity >= policy.similarity_threshold;
+        let verified = policy.verifier.is_none_or(|pass| verifier >= pass);
         // The exact stage answers these before any embedding.
         let exact = smartllm_cache::exact_text(&a) == smartllm_cache::exact_text(&b);
-        let serve = policy.enabled && (exact || (policy.semantic && above && guard.is_none()));
+        let serve =
+            policy.enabled && (exact || (policy.semantic && above && guard.is_none() && verified));
         let reason = if !policy.enabled {
             "the cache is off for this route"
         } else if exact {
@@ -567,6 +580,8 @@ impl AdminApp {
             "similarity below the threshold"
         } else if guard.is_some() {
             "the precision guard refused"
+        } else if !verified {
+            "the verifier refused (a different question that reads alike)"
         } else {
             "served"
         };
@@ -576,6 +591,8 @@ impl AdminApp {
                 "similarity": similarity,
                 "threshold": policy.similarity_threshold,
                 "guard": guard,
+                "verifier": verifier,
+                "verifier_threshold": policy.verifier,
                 "serve": serve,
                 "reason": reason,
                 "embedder": embedder.info().model.file_name().map(|f| f.to_string_lossy().into_owned()),

@@ -37,6 +37,8 @@ pub struct Ctx {
     /// `x-smartllm-cache`: hit-exact, hit-semantic, miss, bypass.
     pub cache_status: Option<&'static str>,
     pub cache_similarity: Option<f32>,
+    /// The cache verifier's score of a semantic hit it judged.
+    pub cache_verifier: Option<f32>,
     /// A miss whose best semantic match came close to the threshold.
     pub cache_near: bool,
     /// The router's task and complexity of the prompt (cost suggestions).
@@ -103,6 +105,7 @@ impl Ctx {
             counted: false,
             cache_status: None,
             cache_similarity: None,
+            cache_verifier: None,
             cache_near: false,
             task: None,
             complexity: None,

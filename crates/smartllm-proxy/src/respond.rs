@@ -45,6 +45,9 @@ pub fn header(
     if let Some(sim) = ctx.cache_similarity {
         h.insert_header("x-smartllm-similarity", format!("{sim:.4}"))?;
     }
+    if let Some(v) = ctx.cache_verifier {
+        h.insert_header("x-smartllm-verifier", format!("{v:.4}"))?;
+    }
     if let Some(r) = &ctx.route {
         let model = ctx.model().unwrap_or("-");
         let rule = ctx

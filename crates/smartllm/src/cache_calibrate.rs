@@ -406,6 +406,7 @@ mod tests {
             true_positives: 1,
             false_positives: 0,
             guard_blocked: 0,
+            verifier_blocked: 0,
             categories: Vec::new(),
         }
     }

@@ -37,8 +37,16 @@ pub fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
         CacheCmd::Eval {
             pairs,
             config,
+            verifier_threshold,
+            features_out,
             json,
-        } => eval(&pairs, &config, json)?,
+        } => eval(Eval {
+            path: &pairs,
+            config: &config,
+            verifier: verifier_threshold,
+            features_out: features_out.as_deref(),
+            json,
+        })?,
         CacheCmd::Calibrate {
             pairs,
             config,
@@ -58,27 +66,147 @@ pub fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
     Ok(())
 }
 
+struct Eval<'a> {
+    path: &'a Path,
+    config: &'a Path,
+    verifier: Option<f32>,
+    features_out: Option<&'a Path>,
+    json: bool,
+}
+
 /// `smartllm cache eval`: embed every pair with the configured model and sweep
-/// the thresholds.
-fn eval(path: &Path, config: &Path, json: bool) -> anyhow::Result<()> {
-    let cfg = smartllm_config::load_dir(config).map_err(|e| anyhow::anyhow!("{e}"))?;
+/// the thresholds (with the verifier when it is on or asked for).
+fn eval(args: Eval<'_>) -> anyhow::Result<()> {
+    let path = args.path;
+    let cfg = smartllm_config::load_dir(args.config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
     let pairs =
         guard::parse_pairs(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     anyhow::ensure!(!pairs.is_empty(), "{}: no pairs", path.display());
-    let cosines = pair_cosines(&cfg, &pairs)?;
-    let rows = guard::evaluate(&pairs, &cosines, &guard::default_thresholds());
-    let configured = cfg.cache.defaults.similarity_threshold;
-    if json {
-        println!(
-            "{}",
-            serde_json::to_string_pretty(&report_json(path, &pairs, &rows, configured))?
+    let pass = args.verifier.or(cfg.cache.defaults.verifier);
+    if let Some(p) = pass {
+        anyhow::ensure!(
+            (0.0..=1.0).contains(&p),
+            "--verifier-threshold must be between 0 and 1"
         );
+    }
+    let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
+    let cosines = cosines_with(&embedder, &pairs)?;
+    let features = if pass.is_some() || args.features_out.is_some() {
+        Some(pair_features(&embedder, &pairs, &cosines)?)
     } else {
-        print!("{}", report_text(path, &pairs, &rows, configured));
+        None
+    };
+    if let (Some(out), Some(f)) = (args.features_out, &features) {
+        write_features(out, &pairs, f)?;
+    }
+    let verifier = smartllm_cache::Verifier::shipped();
+    let scores: Option<Vec<f32>> = features
+        .as_ref()
+        .map(|f| f.iter().map(|x| verifier.score(x)).collect());
+    let judged = match (&scores, pass) {
+        (Some(s), Some(p)) => Some((s.as_slice(), p)),
+        _ => None,
+    };
+    let rows = guard::evaluate_verified(&pairs, &cosines, judged, &guard::default_thresholds());
+    let configured = cfg.cache.defaults.similarity_threshold;
+    // The verifier's pass score swept at the configured cosine threshold.
+    let sweep: Vec<(f32, EvalRow)> = match &scores {
+        Some(s) if pass.is_some() => (1..20)
+            .map(|i| i as f32 / 20.0)
+            .filter_map(|p| {
+                guard::evaluate_verified(&pairs, &cosines, Some((s, p)), &[configured])
+                    .pop()
+                    .map(|r| (p, r))
+            })
+            .collect(),
+        _ => Vec::new(),
+    };
+    let report = Report {
+        path,
+        pairs: &pairs,
+        rows: &rows,
+        configured,
+        verifier: pass,
+        sweep: &sweep,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&report_json(&report))?);
+    } else {
+        print!("{}", report_text(&report));
     }
     Ok(())
+}
+
+struct Report<'a> {
+    path: &'a Path,
+    pairs: &'a [LabelledPair],
+    rows: &'a [EvalRow],
+    configured: f32,
+    verifier: Option<f32>,
+    sweep: &'a [(f32, EvalRow)],
+}
+
+/// The verifier's features of every pair (the texts' token states from
+/// `embedder`, as the cache computes them at lookup).
+fn pair_features(
+    embedder: &Embedder,
+    pairs: &[LabelledPair],
+    cosines: &[f32],
+) -> anyhow::Result<Vec<[f32; smartllm_cache::verify::N]>> {
+    let mut out = Vec::with_capacity(pairs.len());
+    for (chunk, cos) in pairs.chunks(16).zip(cosines.chunks(16)) {
+        let texts = chunk
+            .iter()
+            .flat_map(|p| {
+                [
+                    smartllm_cache::embedding_text(&p.a),
+                    smartllm_cache::embedding_text(&p.b),
+                ]
+            })
+            .collect();
+        let states = embedder.token_states_blocking(texts)?;
+        for (ab, &c) in states.chunks(2).zip(cos) {
+            out.push(smartllm_cache::verify::features(
+                c,
+                &ab[0],
+                &ab[1],
+                smartllm_embed::DIM,
+            ));
+        }
+    }
+    Ok(out)
+}
+
+fn write_features(
+    out: &Path,
+    pairs: &[LabelledPair],
+    features: &[[f32; smartllm_cache::verify::N]],
+) -> anyhow::Result<()> {
+    use std::fmt::Write;
+    let mut text = format!(
+        "{}\tguard_pass\tlabel\tcategory\tsource\tgroup\n",
+        smartllm_cache::verify::FEATURES.join("\t")
+    );
+    for (p, f) in pairs.iter().zip(features) {
+        for x in f {
+            let _ = write!(text, "{x}\t");
+        }
+        // Pairs that share a first text are one group for cross-validation.
+        let group = smartllm_cache::exact_text(&p.a).to_lowercase();
+        let guard_pass = smartllm_cache::near_miss(&p.a, &p.b).is_none();
+        let _ = writeln!(
+            text,
+            "{}\t{}\t{}\t{}\t{}",
+            u8::from(guard_pass),
+            u8::from(p.duplicate),
+            p.category,
+            p.source,
+            group.replace('\t', " ")
+        );
+    }
+    std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))
 }
 
 /// The cosine of each pair's two texts (as the cache embeds them) with the
@@ -88,6 +216,10 @@ pub(crate) fn pair_cosines(
     pairs: &[LabelledPair],
 ) -> anyhow::Result<Vec<f32>> {
     let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
+    cosines_with(&embedder, pairs)
+}
+
+fn cosines_with(embedder: &Embedder, pairs: &[LabelledPair]) -> anyhow::Result<Vec<f32>> {
     let mut cosines = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(16) {
         let texts = chunk
@@ -114,12 +246,25 @@ fn is_configured(r: &EvalRow, configured: f32) -> bool {
     (r.threshold - configured).abs() < 1e-6
 }
 
-fn report_json(
-    path: &Path,
-    pairs: &[LabelledPair],
-    rows: &[EvalRow],
-    configured: f32,
-) -> serde_json::Value {
+fn decision(verifier: Option<f32>) -> String {
+    match verifier {
+        Some(p) => format!(
+            "cosine >= threshold, the precision guard passes and the verifier scores >= {}",
+            round2(p)
+        ),
+        None => "cosine >= threshold and the precision guard passes".into(),
+    }
+}
+
+fn report_json(report: &Report<'_>) -> serde_json::Value {
+    let Report {
+        path,
+        pairs,
+        rows,
+        configured,
+        verifier,
+        sweep,
+    } = *report;
     let duplicates = pairs.iter().filter(|p| p.duplicate).count();
     let row = |r: &EvalRow| {
         let categories: serde_json::Map<String, serde_json::Value> = r
@@ -147,31 +292,51 @@ fn report_json(
             "duplicates_served": r.true_positives,
             "traps_served": r.false_positives,
             "guard_blocked": r.guard_blocked,
+            "verifier_blocked": r.verifier_blocked,
             "categories": categories,
         })
     };
+    let sweep: Vec<serde_json::Value> = sweep
+        .iter()
+        .map(|(p, r)| {
+            let mut v = row(r);
+            v["verifier_threshold"] = serde_json::json!(round2(*p));
+            v
+        })
+        .collect();
     serde_json::json!({
         "pairs_file": path.display().to_string(),
         "pairs": pairs.len(),
         "duplicates": duplicates,
         "traps": pairs.len() - duplicates,
         "configured_threshold": round2(configured),
-        "decision": "cosine >= threshold and the precision guard passes",
+        "verifier_threshold": verifier.map(round2),
+        "decision": decision(verifier),
         "rows": rows.iter().map(row).collect::<Vec<_>>(),
+        "verifier_sweep": sweep,
     })
 }
 
-fn report_text(path: &Path, pairs: &[LabelledPair], rows: &[EvalRow], configured: f32) -> String {
+fn report_text(report: &Report<'_>) -> String {
     use std::fmt::Write;
+    let Report {
+        path,
+        pairs,
+        rows,
+        configured,
+        verifier,
+        sweep,
+    } = *report;
     let mut out = String::new();
     let duplicates = pairs.iter().filter(|p| p.duplicate).count();
     let _ = writeln!(
         out,
-        "{}: {} pairs ({} duplicates, {} traps); served = cosine >= threshold and the precision guard passes",
+        "{}: {} pairs ({} duplicates, {} traps); served = {}",
         path.display(),
         pairs.len(),
         duplicates,
-        pairs.len() - duplicates
+        pairs.len() - duplicates,
+        decision(verifier)
     );
     let mark = |r: &EvalRow| {
         if is_configured(r, configured) {
@@ -182,12 +347,12 @@ fn report_text(path: &Path, pairs: &[LabelledPair], rows: &[EvalRow], configured
     };
     let _ = writeln!(
         out,
-        "threshold  dup_served  trap_rate  precision  hit_rate  dups  traps  guard_blocked"
+        "threshold  dup_served  trap_rate  precision  hit_rate  dups  traps  guard_blocked  verifier_blocked"
     );
     for r in rows {
         let _ = writeln!(
             out,
-            "{:>9.2}  {:>10.3}  {:>9.3}  {:>9.3}  {:>8.3}  {:>4}  {:>5}  {:>13}{}",
+            "{:>9.2}  {:>10.3}  {:>9.3}  {:>9.3}  {:>8.3}  {:>4}  {:>5}  {:>13}  {:>16}{}",
             r.threshold,
             r.recall,
             r.trap_rate,
@@ -196,8 +361,28 @@ fn report_text(path: &Path, pairs: &[LabelledPair], rows: &[EvalRow], configured
             r.true_positives,
             r.false_positives,
             r.guard_blocked,
+            r.verifier_blocked,
             mark(r)
         );
+    }
+    if !sweep.is_empty() {
+        let _ = writeln!(
+            out,
+            "\nverifier pass score at the configured threshold ({:.2})\nverifier  dup_served  trap_rate  precision",
+            configured
+        );
+        for (p, r) in sweep {
+            let here = verifier.is_some_and(|v| (v - p).abs() < 1e-6);
+            let _ = writeln!(
+                out,
+                "{:>8.2}  {:>10.3}  {:>9.3}  {:>9.3}{}",
+                p,
+                r.recall,
+                r.trap_rate,
+                r.precision,
+                if here { "  <- configured" } else { "" }
+            );
+        }
     }
     let Some(first) = rows.first() else {
         return out;
@@ -245,10 +430,56 @@ mod tests {
         (pairs, rows)
     }
 
+    fn report<'a>(
+        pairs: &'a [LabelledPair],
+        rows: &'a [EvalRow],
+        verifier: Option<f32>,
+        sweep: &'a [(f32, EvalRow)],
+    ) -> Report<'a> {
+        Report {
+            path: Path::new("p.tsv"),
+            pairs,
+            rows,
+            configured: 0.95,
+            verifier,
+            sweep,
+        }
+    }
+
+    /// With a verifier, the pair it scores under the pass score is not
+    /// served, counts as verifier_blocked, and the sweep is reported.
+    #[test]
+    fn reports_show_the_verifier_decision_and_its_sweep() {
+        let (pairs, _) = rows();
+        let scores = [0.2, 0.9];
+        let rows = guard::evaluate_verified(&pairs, &[0.96, 0.96], Some((&scores, 0.5)), &[0.95]);
+        assert_eq!((rows[0].true_positives, rows[0].verifier_blocked), (0, 1));
+        let sweep: Vec<(f32, EvalRow)> = [0.1f32, 0.5]
+            .iter()
+            .map(|&p| {
+                let r =
+                    guard::evaluate_verified(&pairs, &[0.96, 0.96], Some((&scores, p)), &[0.95]);
+                (p, r[0].clone())
+            })
+            .collect();
+        let text = report_text(&report(&pairs, &rows, Some(0.5), &sweep));
+        assert!(text.contains("the verifier scores >= 0.5"), "{text}");
+        assert!(
+            text.contains("verifier pass score at the configured threshold"),
+            "{text}"
+        );
+        let v = report_json(&report(&pairs, &rows, Some(0.5), &sweep));
+        assert_eq!(v["verifier_threshold"], 0.5);
+        assert_eq!(v["rows"][0]["verifier_blocked"], 1);
+        assert_eq!(v["verifier_sweep"][0]["verifier_threshold"], 0.1);
+        assert_eq!(v["verifier_sweep"][0]["recall"], 1.0);
+        assert_eq!(v["verifier_sweep"][1]["recall"], 0.0);
+    }
+
     #[test]
     fn text_report_marks_the_configured_threshold_and_lists_categories() {
         let (pairs, rows) = rows();
-        let text = report_text(Path::new("p.tsv"), &pairs, &rows, 0.95);
+        let text = report_text(&report(&pairs, &rows, None, &[]));
         assert!(text.contains("2 pairs (1 duplicates, 1 traps)"), "{text}");
         let configured: Vec<&str> = text
             .lines()
@@ -264,7 +495,7 @@ mod tests {
     #[test]
     fn json_report_has_rates_per_category() {
         let (pairs, rows) = rows();
-        let v = report_json(Path::new("p.tsv"), &pairs, &rows, 0.95);
+        let v = report_json(&report(&pairs, &rows, None, &[]));
         assert_eq!(v["pairs"], 2);
         assert_eq!(v["traps"], 1);
         assert_eq!(v["configured_threshold"], 0.95);

@@ -285,6 +285,14 @@ enum CacheCmd {
         pairs: PathBuf,
         #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
         config: PathBuf,
+        /// Judge with the verifier at this pass score (0-1), whatever
+        /// cache.yaml says (default: the config's cache.verifier setting).
+        #[arg(long)]
+        verifier_threshold: Option<f32>,
+        /// Write each pair's verifier features and label as TSV here (what
+        /// data/cache-eval/train_verifier.py trains on).
+        #[arg(long)]
+        features_out: Option<PathBuf>,
         /// Print one JSON object instead of tables.
         #[arg(long)]
         json: bool,

@@ -16,7 +16,12 @@ const DEFAULT_POLICY: CachePolicy = CachePolicy {
     ttl: Duration::from_secs(24 * 3600),
     version: 1,
     max_temperature: 1.0,
+    verifier: Some(DEFAULT_VERIFIER_THRESHOLD),
 };
+
+/// The verifier's pass score when `cache.verifier: true` names none:
+/// calibrated on the yardstick's tuning split (bench/README.md, issue #16).
+pub const DEFAULT_VERIFIER_THRESHOLD: f32 = 0.6;
 
 fn resolve_policy(
     at: &str,
@@ -42,6 +47,24 @@ fn resolve_policy(
             "must be between 0 and 2",
         );
     }
+    let verifier_threshold = raw
+        .verifier_threshold
+        .or(base.verifier)
+        .unwrap_or(DEFAULT_VERIFIER_THRESHOLD);
+    if !(0.0..=1.0).contains(&verifier_threshold) {
+        v.push(
+            CACHE_FILE,
+            format!("{at}verifier_threshold"),
+            "must be between 0 and 1 (the verifier's score)",
+        );
+    }
+    let verifier = match raw.verifier {
+        Some(true) => Some(verifier_threshold.clamp(0.0, 1.0)),
+        Some(false) => None,
+        None => base
+            .verifier
+            .map(|t| raw.verifier_threshold.unwrap_or(t).clamp(0.0, 1.0)),
+    };
     let ttl = raw.ttl.map(|d| d.0).unwrap_or(base.ttl);
     if ttl < Duration::from_secs(1) {
         v.push(CACHE_FILE, format!("{at}ttl"), "must be at least 1s");
@@ -53,6 +76,7 @@ fn resolve_policy(
         ttl: ttl.max(Duration::from_secs(1)),
         version: raw.version.unwrap_or(base.version),
         max_temperature: max_temperature.clamp(0.0, 2.0),
+        verifier,
     }
 }
 
@@ -69,6 +93,8 @@ pub(super) fn resolve_cache(
         ttl: raw.ttl,
         version: raw.version,
         max_temperature: raw.max_temperature,
+        verifier: raw.verifier,
+        verifier_threshold: raw.verifier_threshold,
     };
     let defaults = resolve_policy("cache.", &top, &DEFAULT_POLICY, v);
     let mut routes = BTreeMap::new();
@@ -221,6 +247,49 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("cache.routes.ghost"), "{err}");
+    }
+
+    /// The verifier is on by default at the calibrated pass score; a route
+    /// may turn it off or ask for another score, and a score outside 0..1 is
+    /// refused with its key path and line.
+    #[test]
+    fn the_verifier_is_on_by_default_and_set_per_route() {
+        let load = |cache: &str| {
+            let dir = write_dir(&[
+                (MAIN_FILE, ""),
+                (PROVIDERS_FILE, PROVIDERS),
+                (MODELS_FILE, MODELS),
+                (
+                    ROUTES_FILE,
+                    "routes:\n  auto:\n    model: small\n  fast:\n    model: small\n",
+                ),
+                (CACHE_FILE, cache),
+            ]);
+            load_dir(dir.path()).map_err(|e| e.to_string())
+        };
+        let c = load("cache:\n  enabled: true\n").unwrap();
+        assert_eq!(
+            c.cache.policy(None, "small").verifier,
+            Some(super::DEFAULT_VERIFIER_THRESHOLD)
+        );
+        let c = load("cache:\n  verifier_threshold: 0.8\n  routes:\n    auto: { verifier: false }\n    fast: { verifier_threshold: 0.3 }\n").unwrap();
+        assert_eq!(c.cache.policy(None, "small").verifier, Some(0.8));
+        assert_eq!(c.cache.policy(Some("auto"), "small").verifier, None);
+        assert_eq!(c.cache.policy(Some("fast"), "small").verifier, Some(0.3));
+        let c =
+            load("cache:\n  verifier: false\n  routes:\n    auto: { verifier: true }\n").unwrap();
+        assert_eq!(c.cache.policy(None, "small").verifier, None);
+        assert_eq!(
+            c.cache.policy(Some("auto"), "small").verifier,
+            Some(super::DEFAULT_VERIFIER_THRESHOLD)
+        );
+        let err =
+            load("cache:\n  enabled: true\n  routes:\n    auto:\n      verifier_threshold: 1.5\n")
+                .unwrap_err();
+        assert!(
+            err.contains("cache.yaml:5: cache.routes.auto.verifier_threshold"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -270,6 +270,9 @@ impl RequestTrace {
         if let Some(s) = ctx.cache_similarity {
             attrs.push(KeyValue::new("smartllm.cache.similarity", s as f64));
         }
+        if let Some(s) = ctx.cache_verifier {
+            attrs.push(KeyValue::new("smartllm.cache.verifier", s as f64));
+        }
         if let Some(u) = ctx.usage {
             attrs.push(KeyValue::new(
                 "gen_ai.usage.input_tokens",

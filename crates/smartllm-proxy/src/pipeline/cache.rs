@@ -130,9 +130,11 @@ pub async fn phase(
             entry,
             kind,
             similarity,
+            verifier,
         }) => {
             ctx.cache_status = Some(kind.header());
             ctx.cache_similarity = Some(similarity);
+            ctx.cache_verifier = verifier;
             // A routed alias names no model until the router runs: the hit
             // is the answer of the model that served it (for the ledger's
             // row and saved cost, the traffic mix and `x-smartllm-model`).
@@ -145,6 +147,7 @@ pub async fn phase(
                 // Unreadable payload: fall through to the upstream.
                 ctx.cache_status = Some("miss");
                 ctx.cache_similarity = None;
+                ctx.cache_verifier = None;
                 ctx.cache_insert = Some(pending(key, None));
                 return Ok(false);
             }
