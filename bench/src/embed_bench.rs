@@ -5,6 +5,12 @@
 //!
 //!   embed-bench [--seconds 1.5] [--lengths 16,64,256] [--batches 1,4,16,64] [--threads 1,2]
 //!   embed-bench --device cuda [--batches 1,2,4,...,256] [--threads 1] [--workers 1,2] [--callers 256]
+//!   embed-bench --verifier [--seconds 1.5] [--lengths 16,64,256]
+//!
+//! With `--verifier` (issue #16 item 6) it measures the cache verifier's
+//! cost next to the embedder's, per pair of texts of each length: the model
+//! run that gives one text's token states against the one that gives its
+//! embedding, and the verifier's own work (alignment features + trees).
 //!
 //! With `--device cuda` (issue #22 item 8; `bench/gpu-embed.sh`) the sessions
 //! run on the GPU (the CUDA build from `make assets-gpu`); it fails if CUDA
@@ -198,6 +204,9 @@ fn main() -> Result<(), String> {
     if arg("--device", "cpu") == "cuda" {
         return gpu_main();
     }
+    if std::env::args().any(|a| a == "--verifier") {
+        return verifier_main();
+    }
     let secs: f64 = arg("--seconds", "1.5").parse().unwrap_or(1.5);
     let lengths = list("--lengths", "16,64,256");
     let batches = list("--batches", "1,4,16,64");
@@ -277,6 +286,55 @@ fn main() -> Result<(), String> {
         println!(
             "| {len} | {a:.0} | {b:.0} | {c:.0} | {:.2}x |",
             c / a.max(1e-9)
+        );
+    }
+    Ok(())
+}
+
+/// Per-call time of `f` over `secs` seconds, in microseconds.
+fn per_call(secs: f64, mut f: impl FnMut()) -> f64 {
+    let start = Instant::now();
+    let mut n = 0u64;
+    while start.elapsed().as_secs_f64() < secs {
+        f();
+        n += 1;
+    }
+    start.elapsed().as_secs_f64() * 1e6 / n as f64
+}
+
+fn verifier_main() -> Result<(), String> {
+    let secs: f64 = arg("--seconds", "1.5").parse().unwrap_or(1.5);
+    let lengths = list("--lengths", "16,64,256");
+    let cfg = config(INT8_MODEL, Device::Cpu);
+    let probe = Model::load_cpu(&cfg).map_err(|e| e.to_string())?;
+    let embedder = Embedder::load(&cfg).map_err(|e| e.to_string())?;
+    let verifier = smartllm_cache::Verifier::shipped();
+    println!("# The cache verifier next to the embedder (int8 model, one embedder thread, one text per call; {secs} s per cell)\n");
+    println!("| tokens | embedding (µs) | token states (µs) | states / embedding | verifier features + trees (µs) | verifier / embedding |");
+    println!("|---|---|---|---|---|---|");
+    for &len in &lengths {
+        let t = texts(&probe, len, 64);
+        let mut i = 0;
+        let mut next = || {
+            i = (i + 1) % t.len();
+            t[i].clone()
+        };
+        let embed = per_call(secs, || {
+            std::hint::black_box(embedder.embed_blocking(vec![next()]).unwrap());
+        });
+        let states = per_call(secs, || {
+            std::hint::black_box(embedder.token_states_blocking(vec![next()]).unwrap());
+        });
+        let pair = embedder
+            .token_states_blocking(vec![t[0].clone(), t[1].clone()])
+            .map_err(|e| e.to_string())?;
+        let score = per_call(secs, || {
+            std::hint::black_box(verifier.score_pair(0.9, &pair[0], &pair[1], smartllm_embed::DIM));
+        });
+        println!(
+            "| {len} | {embed:.0} | {states:.0} | {:.2}x | {score:.1} | {:.3}x |",
+            states / embed,
+            score / embed
         );
     }
     Ok(())

@@ -106,4 +106,19 @@ pub struct SemanticCache {
     index_path: Option<PathBuf>,
     building: Arc<AtomicBool>,
     dirty: AtomicBool,
+    /// The verifier's recent scores by (query, cached query): a paraphrase
+    /// asked again is judged without running the model (only `try_lock`ed:
+    /// a busy lock is a miss).
+    verdicts: Mutex<LruCache<u64, f32>>,
+    verdict_hasher: std::collections::hash_map::RandomState,
+    /// Token states of recently verified cached prompts, by text: a stored
+    /// question that many paraphrases hit runs the model once for all.
+    cached_states: Mutex<LruCache<u64, Arc<[f32]>>>,
 }
+
+/// Verifier scores kept for repeated pairs.
+const VERDICTS: usize = 4096;
+/// Cached prompts whose token states are kept (each at most
+/// `MAX_KEPT_STATES` values, 48 tokens: 37 MB at most).
+const KEPT_STATES: usize = 512;
+const MAX_KEPT_STATES: usize = 48 * smartllm_embed::DIM;

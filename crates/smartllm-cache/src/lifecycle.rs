@@ -63,6 +63,13 @@ impl SemanticCache {
             index_path: index_dir.map(|d| d.join(INDEX_FILE)),
             building: Arc::new(AtomicBool::new(false)),
             dirty: AtomicBool::new(false),
+            verdicts: Mutex::new(LruCache::new(
+                NonZeroUsize::new(crate::VERDICTS).expect("non-zero"),
+            )),
+            verdict_hasher: Default::default(),
+            cached_states: Mutex::new(LruCache::new(
+                NonZeroUsize::new(crate::KEPT_STATES).expect("non-zero"),
+            )),
         });
         cache.migrate_untagged()?;
         if !cache.load_persisted()? {

@@ -173,7 +173,7 @@ impl SemanticCache {
         let probe = embedding.clone();
         let started = SystemTime::now();
         let found = tokio::task::spawn_blocking(move || {
-            this.search_verify(
+            let found = this.search_verify(
                 &probe,
                 &ns,
                 &query,
@@ -182,7 +182,13 @@ impl SemanticCache {
                 version,
                 top_k,
                 now,
-            )
+            );
+            // A miss is stored next: its paraphrases will be verified
+            // against these token states.
+            if let (Ok(Verified::Miss { .. }), Some(states)) = (&found, states) {
+                this.keep_states(&query, states.into());
+            }
+            found
         })
         .await
         .map_err(|e| CacheError::Task(e.to_string()))??;
@@ -285,21 +291,79 @@ impl SemanticCache {
         cached: &str,
         similarity: f32,
     ) -> Result<f32, CacheError> {
-        let mut texts = vec![crate::key::embedding_text(cached)];
+        use std::hash::BuildHasher;
+        let key = self.verdict_hasher.hash_one((query, cached));
+        if let Some(score) = self
+            .verdicts
+            .try_lock()
+            .ok()
+            .and_then(|mut v| v.get(&key).copied())
+        {
+            return Ok(score);
+        }
+        let score = self.verify_uncached(query, query_states, cached, similarity)?;
+        if let Ok(mut v) = self.verdicts.try_lock() {
+            v.put(key, score);
+        }
+        Ok(score)
+    }
+
+    /// Keep a (to be) cached prompt's token states for the verifier.
+    fn keep_states(&self, text: &str, states: Arc<[f32]>) {
+        use std::hash::BuildHasher;
+        if states.len() > crate::MAX_KEPT_STATES {
+            return;
+        }
+        let key = self.verdict_hasher.hash_one(text);
+        if let Ok(mut k) = self.cached_states.try_lock() {
+            k.put(key, states);
+        }
+    }
+
+    fn verify_uncached(
+        &self,
+        query: &str,
+        query_states: Option<&[f32]>,
+        cached: &str,
+        similarity: f32,
+    ) -> Result<f32, CacheError> {
+        use std::hash::BuildHasher;
+        let key = self.verdict_hasher.hash_one(cached);
+        let kept = self
+            .cached_states
+            .try_lock()
+            .ok()
+            .and_then(|mut k| k.get(&key).cloned());
+        let mut texts = Vec::new();
+        if kept.is_none() {
+            texts.push(crate::key::embedding_text(cached));
+        }
         if query_states.is_none() {
             texts.push(crate::key::embedding_text(query));
         }
-        let states = self.embedder.token_states_blocking(texts)?;
-        let (b, a) = match (&states[..], query_states) {
-            ([b], Some(a)) => (b, a),
-            ([b, a], None) => (b, a.as_slice()),
-            _ => {
-                return Err(CacheError::Task(
-                    "the embedder answered the wrong number of texts".into(),
-                ))
+        let mut states = self.embedder.token_states_blocking(texts)?.into_iter();
+        let b: Arc<[f32]> = match kept {
+            Some(b) => b,
+            None => {
+                let b: Arc<[f32]> = states.next().unwrap_or_default().into();
+                self.keep_states(cached, b.clone());
+                b
             }
         };
-        Ok(crate::Verifier::shipped().score_pair(similarity, a, b, smartllm_embed::DIM))
+        let own;
+        let a = match query_states {
+            Some(a) => a,
+            None => {
+                own = states.next().unwrap_or_default();
+                own.as_slice()
+            }
+        };
+        if a.is_empty() || b.is_empty() {
+            return Err(CacheError::Task(
+                "the embedder answered the wrong number of texts".into(),
+            ));
+        }
+        Ok(crate::Verifier::shipped().score_pair(similarity, a, &b, smartllm_embed::DIM))
     }
 }
 
@@ -335,6 +399,45 @@ mod tests {
             Lookup::Hit { kind, .. } => Some(*kind),
             Lookup::Miss { .. } => None,
         }
+    }
+
+    /// The verifier's score of a pair is kept: asked again, the same pair
+    /// is answered from the verdicts (a repeated paraphrase runs no model).
+    #[tokio::test]
+    async fn verifier_scores_are_kept_for_repeated_pairs() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, embedder(MAX_SEQ), Codec::plain(), 256, 100_000, None)
+                .unwrap();
+        let c = cache.clone();
+        let (first, second) = tokio::task::spawn_blocking(move || {
+            let a = "How do I reset my password?";
+            let b = "What is the way to reset my password?";
+            let first = c.verify(a, None, b, 0.96).unwrap();
+            assert_eq!(c.verdicts.lock().unwrap().len(), 1);
+            (first, c.verify(a, None, b, 0.96).unwrap())
+        })
+        .await
+        .unwrap();
+        assert_eq!(first, second);
+        assert!(first >= 0.6, "a paraphrase passes: {first}");
+        assert_eq!(cache.verdicts.lock().unwrap().len(), 1);
+        // The cached prompt's token states are kept for the next paraphrase,
+        // which scores as if they were computed anew.
+        assert_eq!(cache.cached_states.lock().unwrap().len(), 1);
+        let c = cache.clone();
+        let (kept, fresh) = tokio::task::spawn_blocking(move || {
+            let a = "How can I reset my password?";
+            let b = "What is the way to reset my password?";
+            let kept = c.verify(a, None, b, 0.97).unwrap();
+            c.cached_states.lock().unwrap().clear();
+            (kept, c.verify_uncached(a, None, b, 0.97).unwrap())
+        })
+        .await
+        .unwrap();
+        assert!((kept - fresh).abs() < 1e-6, "{kept} {fresh}");
+        assert_eq!(cache.verdicts.lock().unwrap().len(), 2);
     }
 
     /// A lookup that read an entry from RocksDB just before a purge removed
