@@ -5,7 +5,7 @@
 use serde_json::{json, Value};
 use smartllm_e2e::*;
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 fn route_header(r: &Response) -> String {
     r.header("x-smartllm-route").unwrap_or("-").to_string()
@@ -588,20 +588,33 @@ fn feedback_moves_the_routers_expected_quality() {
         )
         .unwrap()
     };
+    // A request is remembered for feedback as it finishes, just after its
+    // last byte reached the client: a vote sent at once may come first.
+    let vote = |key: &str, body: Value| {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        loop {
+            let r = feedback(key, body.clone());
+            if r.status != 404 || Instant::now() > deadline {
+                return r;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
     let first = ask("sk-team-a", "Hello there, how are you?");
     assert_eq!(first.header("x-smartllm-model"), Some("big"));
     let id = first.header("x-request-id").unwrap().to_string();
-    // Another tenant cannot score it; bad bodies get clear errors.
-    let r = feedback("sk-team-b", json!({"request_id": id, "thumbs": "down"}));
-    assert_eq!(r.status, 404, "{}", r.text());
-    assert_eq!(r.api_error()["code"], "request_not_found");
+    // Bad bodies get clear errors.
     let r = feedback("sk-team-a", json!({"request_id": id, "score": 3}));
     assert_eq!(
         (r.status, r.api_error()["param"].clone()),
         (400, json!("score"))
     );
-    let r = feedback("sk-team-a", json!({"request_id": id, "thumbs": "down"}));
+    let r = vote("sk-team-a", json!({"request_id": id, "thumbs": "down"}));
     assert_eq!(r.status, 200, "{}", r.text());
+    // Another tenant cannot score it (it is known by now).
+    let other = feedback("sk-team-b", json!({"request_id": id, "thumbs": "down"}));
+    assert_eq!(other.status, 404, "{}", other.text());
+    assert_eq!(other.api_error()["code"], "request_not_found");
     let v = r.json();
     assert_eq!(
         (v["model"].as_str(), v["task"].as_str()),
@@ -621,7 +634,7 @@ fn feedback_moves_the_routers_expected_quality() {
             break;
         }
         let id = r.header("x-request-id").unwrap().to_string();
-        let f = feedback("sk-team-a", json!({"request_id": id, "thumbs": "down"}));
+        let f = vote("sk-team-a", json!({"request_id": id, "thumbs": "down"}));
         assert_eq!(f.status, 200, "{}", f.text());
     }
     // Votes cast before the move: the first request's and one per turn.

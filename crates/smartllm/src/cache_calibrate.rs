@@ -3,7 +3,7 @@
 //! default or one route, optionally written into `cache.yaml` (which a
 //! running gateway reloads).
 
-use crate::cache_cli::{pair_cosines, round2};
+use crate::cache_cli::{pair_scores, round2};
 use anyhow::Context;
 use smartllm_cache::guard::{self, EvalRow};
 use std::path::Path;
@@ -56,12 +56,13 @@ pub fn calibrate(c: Calibrate<'_>) -> anyhow::Result<()> {
         "{}: calibration needs both duplicates (label 1) and traps (label 0)",
         c.pairs.display()
     );
-    let cosines = pair_cosines(&cfg, &pairs)?;
-    let rows = guard::evaluate(&pairs, &cosines, &grid());
-    let current = cfg
-        .cache
-        .policy(c.route, c.route.unwrap_or(""))
-        .similarity_threshold;
+    // The route's verifier takes part, as it does in the gateway.
+    let policy = cfg.cache.policy(c.route, c.route.unwrap_or(""));
+    let (cosines, scores) = pair_scores(&cfg, &pairs, policy.verifier.is_some())?;
+    let judged = scores.as_deref().zip(policy.verifier);
+    let rows = guard::evaluate_verified(&pairs, &cosines, judged, &grid());
+    let current = policy.similarity_threshold;
+    let verifier = policy.verifier;
     let chosen = choose(&rows, c.max_trap_rate).ok_or_else(|| {
         anyhow::anyhow!(
             "no threshold up to 0.99 keeps the traps served at or under {:.1}% on {}: serve exact matches only there (`semantic: false`)",
@@ -95,15 +96,20 @@ pub fn calibrate(c: Calibrate<'_>) -> anyhow::Result<()> {
             "duplicates_served": chosen.recall,
             "trap_rate": chosen.trap_rate,
             "precision": chosen.precision,
+            "verifier_threshold": verifier.map(round2),
             "written": written.as_ref().map(|p: &std::path::PathBuf| p.display().to_string()),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         println!(
-            "{}: {} pairs; traps served at most {:.1}%",
+            "{}: {} pairs; traps served at most {:.1}%; {}",
             c.pairs.display(),
             pairs.len(),
-            c.max_trap_rate * 100.0
+            c.max_trap_rate * 100.0,
+            match verifier {
+                Some(v) => format!("with the verifier at {:.2}", v),
+                None => "without the verifier".to_string(),
+            }
         );
         println!(
             "{scope}: {:.2} (now {:.2}): {:.1}% of duplicates served, {:.1}% of traps, precision {:.3}",

@@ -209,14 +209,27 @@ fn write_features(
     std::fs::write(out, text).with_context(|| format!("writing {}", out.display()))
 }
 
-/// The cosine of each pair's two texts (as the cache embeds them) with the
-/// configured embedding model.
-pub(crate) fn pair_cosines(
+/// Each pair's cosine and, when `verifier` is on, the verifier's score
+/// (one model load for both).
+pub(crate) fn pair_scores(
     cfg: &smartllm_config::Config,
     pairs: &[LabelledPair],
-) -> anyhow::Result<Vec<f32>> {
+    verifier: bool,
+) -> anyhow::Result<(Vec<f32>, Option<Vec<f32>>)> {
     let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
-    cosines_with(&embedder, pairs)
+    let cosines = cosines_with(&embedder, pairs)?;
+    let scores = if verifier {
+        let v = smartllm_cache::Verifier::shipped();
+        Some(
+            pair_features(&embedder, pairs, &cosines)?
+                .iter()
+                .map(|f| v.score(f))
+                .collect(),
+        )
+    } else {
+        None
+    };
+    Ok((cosines, scores))
 }
 
 fn cosines_with(embedder: &Embedder, pairs: &[LabelledPair]) -> anyhow::Result<Vec<f32>> {
