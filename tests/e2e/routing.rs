@@ -2,6 +2,7 @@
 //! budgets from live measurements, fallbacks and circuit breakers, A/B
 //! experiments, and the learned router against random routing.
 
+use crate::common::wait_cached;
 use serde_json::{json, Value};
 use smartllm_e2e::*;
 use std::process::Command;
@@ -498,6 +499,71 @@ fn cache_hits_on_the_shipped_auto_alias_are_recorded_with_the_model_that_answere
 /// Users' scores move the router: thumbs down on the better-profiled model's
 /// answers until the router prefers the other one. Only the tenant that
 /// made a request can score it.
+/// A regenerate (the same question again with `Cache-Control: no-cache`,
+/// soon after its answer) counts a 0 for the model whose answer it
+/// replaces, for that tenant only; asking again without it (a cache hit) or
+/// another tenant asking the same counts nothing.
+#[test]
+fn a_regenerated_answer_counts_against_its_model() {
+    let big = Mock::start(&[]);
+    let small = Mock::start(&[]);
+    let providers = format!(
+        "providers:\n{}{}",
+        mock_provider("bigp", &big),
+        mock_provider("smallp", &small)
+    );
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        TWO_MODELS,
+        "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
+    );
+    cfg.write("cache.yaml", "cache:\n  enabled: true\n");
+    let gw = Gateway::start(cfg);
+    let ask = |key: &str, no_cache: bool| {
+        let auth = format!("Bearer {key}");
+        let mut headers = vec![("Authorization", auth.as_str())];
+        if no_cache {
+            headers.push(("Cache-Control", "no-cache"));
+        }
+        let body = chat_body("r", "Hello there, how are you today?");
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &headers,
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .unwrap()
+    };
+    let implicit = || admin_model(&gw, "big")["feedback"]["chat"]["implicit"].as_u64();
+    let first = ask("sk-team-a", false);
+    assert_eq!(first.header("x-smartllm-model"), Some("big"));
+    // Answers are remembered as their requests finish: let it land.
+    wait_cached(&gw, 1);
+    let again = ask("sk-team-a", false);
+    assert_eq!(again.header("x-smartllm-cache"), Some("hit-exact"));
+    let other = ask("sk-team-b", true);
+    assert_eq!(other.status, 200);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(implicit(), None, "a hit or another tenant counts nothing");
+    let fresh = ask("sk-team-a", true);
+    assert_eq!(
+        (fresh.status, fresh.header("x-smartllm-cache")),
+        (200, Some("bypass"))
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || implicit() == Some(1)),
+        "{}",
+        admin_model(&gw, "big")
+    );
+    assert_eq!(
+        gw.metric("smartllm_regenerates_total", &[("model", "big")]),
+        1.0
+    );
+}
+
 #[test]
 fn a_model_that_fails_scores_zero_without_anyone_voting() {
     // "big" answers from a port nothing listens on: every request to it

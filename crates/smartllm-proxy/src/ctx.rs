@@ -46,6 +46,12 @@ pub struct Ctx {
     pub complexity: Option<f64>,
     /// Set on a cache miss: store the answer once it is complete.
     pub cache_insert: Option<crate::cache_insert::PendingInsert>,
+    /// The cache's exact key of this request, folded to 64 bits (tenant,
+    /// model or route, conversation, settings, question): what a regenerate
+    /// is recognised by.
+    pub question: Option<u64>,
+    /// Asked with `Cache-Control: no-cache`: a fresh answer wanted.
+    pub regenerate: bool,
     /// Who is asking: from the virtual key (or anonymous).
     pub tenant: String,
     pub app: String,
@@ -110,6 +116,8 @@ impl Ctx {
             task: None,
             complexity: None,
             cache_insert: None,
+            question: None,
+            regenerate: false,
             tenant: "anonymous".into(),
             app: "-".into(),
             key_name: "-".into(),

@@ -353,6 +353,12 @@ pub fn feedback(model: &str, task: &'static str) {
     counter!("smartllm_feedback_total", "model" => model.to_string(), "task" => task).increment(1);
 }
 
+/// An answer asked for again (a regenerate), counted against its model.
+pub fn regenerate(model: &str, task: &'static str) {
+    counter!("smartllm_regenerates_total", "model" => model.to_string(), "task" => task)
+        .increment(1);
+}
+
 pub fn route_decision_seconds(secs: f64) {
     histogram!(smartllm_router::metric_names::DECISION_SECONDS).record(secs);
 }

@@ -11,6 +11,12 @@
 //! apart throughout: a tenant's votes steer only its own requests, and
 //! request ids (which clients may set) are remembered per tenant. A request
 //! is scored once (a later score replaces the earlier one).
+//!
+//! Outcomes count without anyone voting: a model that fails a request
+//! ([`FeedbackBook::failure`]), and a model whose answer was asked for again
+//! (a *regenerate*: the same question from the same tenant, in the same
+//! conversation and settings, with `Cache-Control: no-cache`, within
+//! [`REGENERATE_WINDOW_SECS`]: [`FeedbackBook::regenerated`]).
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
@@ -23,6 +29,9 @@ use std::sync::Mutex;
 pub const REMEMBERED: usize = 100_000;
 /// How many votes the profile's quality is worth.
 pub const PRIOR_VOTES: f64 = 20.0;
+/// A question asked again for a fresh answer this soon after its answer
+/// counts against the model that gave it.
+pub const REGENERATE_WINDOW_SECS: u64 = 600;
 
 /// Scores of one model on one task.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
@@ -115,6 +124,15 @@ pub struct FeedbackBook {
     /// `try_lock`s it (a busy book skips one request), `score` holds it for a
     /// map lookup.
     requests: Mutex<Remembered>,
+    /// The last answer to each recent question (by the cache's exact key),
+    /// for regenerates; bounded like `requests`.
+    questions: Mutex<Answered>,
+}
+
+#[derive(Default)]
+struct Answered {
+    by_question: HashMap<u64, (Served, u64)>,
+    order: VecDeque<u64>,
 }
 
 impl FeedbackBook {
@@ -132,6 +150,50 @@ impl FeedbackBook {
                 r.by_id.remove(&old);
             }
         }
+    }
+
+    /// `question` (the cache's exact key of a request: tenant, model or
+    /// route, conversation, settings and the question itself) was just
+    /// answered as `served` (never waits: a busy book skips it).
+    pub fn answered(&self, question: u64, served: Served) {
+        self.answered_at(question, served, now_secs());
+    }
+
+    fn answered_at(&self, question: u64, served: Served, now: u64) {
+        let Ok(mut q) = self.questions.try_lock() else {
+            return;
+        };
+        if q.by_question.insert(question, (served, now)).is_none() {
+            q.order.push_back(question);
+        }
+        while q.order.len() > REMEMBERED {
+            if let Some(old) = q.order.pop_front() {
+                q.by_question.remove(&old);
+            }
+        }
+    }
+
+    /// `tenant` asks `question` again for a fresh answer: if its last answer
+    /// came within [`REGENERATE_WINDOW_SECS`], that answer's model gets an
+    /// outcome of 0 (as a [`Self::failure`]) and is returned. One regenerate
+    /// counts once: the new answer replaces the old (`answered`).
+    pub fn regenerated(&self, question: u64, tenant: &str) -> Option<Served> {
+        self.regenerated_at(question, tenant, now_secs())
+    }
+
+    fn regenerated_at(&self, question: u64, tenant: &str, now: u64) -> Option<Served> {
+        let served = {
+            let mut q = self.questions.lock().unwrap_or_else(|p| p.into_inner());
+            let (served, at) = q.by_question.get(&question)?;
+            if served.tenant != tenant || now.saturating_sub(*at) > REGENERATE_WINDOW_SECS {
+                return None;
+            }
+            let served = served.clone();
+            q.by_question.remove(&question);
+            served
+        };
+        self.failure_at(tenant, &served.model, served.task, now);
+        Some(served)
     }
 
     /// Score a remembered request of `tenant` (0-1); what it was.
@@ -252,6 +314,38 @@ mod tests {
             task: Task::Code,
             score: None,
         }
+    }
+
+    /// A question asked again for a fresh answer soon after counts a 0 for
+    /// the model that answered it, once; not another tenant's, not after the
+    /// window, and a new answer is what the next regenerate counts against.
+    #[test]
+    fn a_regenerate_counts_against_the_answer_it_replaces() {
+        let book = FeedbackBook::default();
+        let votes = |model: &str| {
+            book.votes
+                .load()
+                .get(&("acme".to_string(), model.to_string(), Task::Code))
+                .map_or(0, |v| v.implicit)
+        };
+        book.answered_at(7, served("acme", "big"), 1_000);
+        assert_eq!(book.regenerated_at(7, "other", 1_010), None);
+        assert_eq!(book.regenerated_at(8, "acme", 1_010), None);
+        assert_eq!(votes("big"), 0);
+        let r = book.regenerated_at(7, "acme", 1_010).unwrap();
+        assert_eq!(r.model, "big");
+        assert_eq!(votes("big"), 1);
+        // Counted once; the fresh answer is the next one regenerates count against.
+        assert_eq!(book.regenerated_at(7, "acme", 1_011), None);
+        book.answered_at(7, served("acme", "small"), 1_020);
+        assert_eq!(
+            book.regenerated_at(7, "acme", 1_020 + REGENERATE_WINDOW_SECS + 1),
+            None
+        );
+        assert_eq!((votes("big"), votes("small")), (1, 0));
+        book.answered_at(7, served("acme", "small"), 5_000);
+        assert!(book.regenerated_at(7, "acme", 5_030).is_some());
+        assert_eq!(votes("small"), 1);
     }
 
     /// Outcome zeros count at most IMPLICIT_CAP and are forgotten an hour

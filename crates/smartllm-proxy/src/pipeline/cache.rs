@@ -86,6 +86,9 @@ pub async fn phase(
         return Ok(false);
     };
     let route_name = route.unwrap_or(model).to_string();
+    let mut folded = [0u8; 8];
+    folded.copy_from_slice(&key.exact[..8]);
+    ctx.question = Some(u64::from_le_bytes(folded));
     let pending = |key: CacheKey, embedding: Option<Vec<f32>>| PendingInsert {
         cache: cache.clone(),
         key,
@@ -101,6 +104,7 @@ pub async fn phase(
     };
     if no_cache {
         // Fresh answer requested: skip the lookup, refresh the entry.
+        ctx.regenerate = true;
         ctx.cache_status = Some("bypass");
         ctx.cache_insert = Some(pending(key, None));
         return Ok(false);

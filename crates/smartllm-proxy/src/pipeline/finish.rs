@@ -30,15 +30,22 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
     record_outcomes(shared, ctx, status);
     if let (Some(model), Some(task), true) = (ctx.model(), ctx.task, status == 200) {
         if let Some(task) = smartllm_router::Task::parse(task) {
-            shared.feedback.remember(
-                &ctx.request_id,
-                smartllm_router::Served {
-                    tenant: ctx.tenant.clone(),
-                    model: model.to_string(),
-                    task,
-                    score: None,
-                },
-            );
+            let served = smartllm_router::Served {
+                tenant: ctx.tenant.clone(),
+                model: model.to_string(),
+                task,
+                score: None,
+            };
+            if let Some(question) = ctx.question {
+                // A regenerate counts against the answer it replaces.
+                if ctx.regenerate {
+                    if let Some(before) = shared.feedback.regenerated(question, &ctx.tenant) {
+                        crate::metrics::regenerate(&before.model, before.task.as_str());
+                    }
+                }
+                shared.feedback.answered(question, served.clone());
+            }
+            shared.feedback.remember(&ctx.request_id, served);
         }
     }
     if let Some(trace) = ctx.trace.take() {
