@@ -564,6 +564,61 @@ fn a_regenerated_answer_counts_against_its_model() {
     );
 }
 
+/// An answer the model cut off at its own output limit counts a 0 for it,
+/// buffered or streamed; one cut at the client's max_tokens counts nothing.
+#[test]
+fn an_answer_cut_off_by_the_model_counts_against_it() {
+    let big = Mock::start(&[]);
+    let small = Mock::start(&[]);
+    let gw = two_model_gateway(
+        &big,
+        &small,
+        "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
+    );
+    let implicit = || -> u64 {
+        let m = admin_model(&gw, "big");
+        m["feedback"]
+            .as_object()
+            .map(|tasks| tasks.values().filter_map(|t| t["implicit"].as_u64()).sum())
+            .unwrap_or(0)
+    };
+    let text = "Tell me everything about the history of Rome. [mock-truncate]";
+    let mut limited = chat_body("r", text);
+    limited["max_tokens"] = json!(50);
+    let r = gw.chat(&limited);
+    assert_eq!(
+        (r.status, r.json()["choices"][0]["finish_reason"].as_str()),
+        (200, Some("length"))
+    );
+    assert_eq!(r.header("x-smartllm-model"), Some("big"));
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(implicit(), 0, "cut at the client's own limit");
+    let r = gw.chat(&chat_body("r", text));
+    assert_eq!(r.json()["choices"][0]["finish_reason"], "length");
+    assert!(
+        wait_until(Duration::from_secs(10), || implicit() == 1),
+        "{}",
+        admin_model(&gw, "big")
+    );
+    let mut streamed = chat_body("r", text);
+    streamed["stream"] = json!(true);
+    let r = gw.chat(&streamed);
+    assert!(
+        r.text().contains("\"finish_reason\":\"length\""),
+        "{}",
+        r.text()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || implicit() == 2),
+        "{}",
+        admin_model(&gw, "big")
+    );
+    assert_eq!(
+        gw.metric("smartllm_truncated_answers_total", &[("model", "big")]),
+        2.0
+    );
+}
+
 #[test]
 fn a_model_that_fails_scores_zero_without_anyone_voting() {
     // "big" answers from a port nothing listens on: every request to it

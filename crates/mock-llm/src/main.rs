@@ -50,7 +50,7 @@ last user message ([mock-fault:error-mid-stream], which survives translation to 
 Faults: reset, close, hang, malformed-json, drop-mid-stream (the connection is reset halfway), \
 error-mid-stream (halfway, the provider's error event: `event: error` for Anthropic, \
 `data: {\"error\": ...}` then [DONE] for OpenAI), malformed-sse. Other per-request settings: \
-status, latency_ms, chunk_delay_ms, words, no_usage. Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens), also as [mock-usage:cached_tokens=5,cache_write_1h=2] in the last user message."
+status, latency_ms, chunk_delay_ms, words, no_usage, truncate (or [mock-truncate] in the last user message: the answer ends as cut off at the token limit). Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens), also as [mock-usage:cached_tokens=5,cache_write_1h=2] in the last user message."
 )]
 struct Args {
     /// Address to listen on.
@@ -167,6 +167,9 @@ struct Behaviour {
     fault: Option<String>,
     /// Omit `usage` (like upstreams that do not report it).
     no_usage: bool,
+    /// End the answer as cut off at the token limit (`finish_reason:
+    /// length`, Anthropic `max_tokens`) although none was asked for.
+    truncate: bool,
     /// Token kinds to report on top of the counted prompt and answer.
     kinds: TokenKinds,
 }
@@ -398,6 +401,7 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         status: args.fail_status,
         fault: None,
         no_usage: false,
+        truncate: false,
         kinds: TokenKinds::default(),
     };
     let h = |k: &str| req.headers.get(k).cloned();
@@ -429,6 +433,8 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         b.status = Some(s);
     }
     b.no_usage = get("no_usage").is_some_and(|v| v == "true" || v == "1");
+    b.truncate = get("truncate").is_some_and(|v| v == "true" || v == "1")
+        || last_user_text(body).contains("[mock-truncate]");
     // Or `[mock-usage:cached_tokens=5,cache_write_1h=2]` in the last user
     // message, which survives translation to Anthropic's API.
     let marked: Vec<(String, String)> = prompt_mark(&last_user_text(body), "[mock-usage:")
@@ -1031,7 +1037,7 @@ async fn handle<S: Conn>(
         "mock-{}",
         &hex::encode(Sha256::digest(prompt.as_bytes()))[..12]
     );
-    let finish = if max_tokens.is_some_and(|m| m < b.words) {
+    let finish = if b.truncate || max_tokens.is_some_and(|m| m < b.words) {
         "length"
     } else {
         "stop"

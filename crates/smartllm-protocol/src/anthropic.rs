@@ -330,6 +330,8 @@ pub struct AnthropicStream {
     /// The error the provider reported mid-stream (`event: error`): the
     /// stream failed. The client got it as an OpenAI error event.
     pub error: Option<StreamError>,
+    /// The answer stopped at the token limit (`stop_reason: max_tokens`).
+    pub truncated: bool,
 }
 
 impl AnthropicStream {
@@ -345,6 +347,7 @@ impl AnthropicStream {
             tool_index: Vec::new(),
             done: false,
             error: None,
+            truncated: false,
         }
     }
 
@@ -464,6 +467,7 @@ impl AnthropicStream {
                     .get("delta")
                     .and_then(|d| d.get("stop_reason"))
                     .and_then(Value::as_str);
+                self.truncated |= stop == Some("max_tokens");
                 out.extend(self.chunk(json!({}), finish_reason(stop.or(Some("end_turn")))));
             }
             "message_stop" => {
@@ -579,6 +583,11 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         for c in input.as_bytes().chunks(7) {
             out.extend(s.feed(c).unwrap());
         }
+        assert!(!s.truncated, "it ended its turn");
+        let mut cut = AnthropicStream::new("claude", true);
+        cut.feed(input.replace("end_turn", "max_tokens").as_bytes())
+            .unwrap();
+        assert!(cut.truncated);
         let text = String::from_utf8(out).unwrap();
         let datas: Vec<Value> = text
             .split("\n\n")

@@ -254,6 +254,8 @@ pub struct ResponsesStreamReader {
     /// The terminal event came (`response.completed`, `.incomplete`, `.failed`).
     pub done: bool,
     pub error: Option<StreamError>,
+    /// The response ended incomplete at the token limit (`max_output_tokens`).
+    pub truncated: bool,
 }
 
 impl ResponsesStreamReader {
@@ -272,6 +274,8 @@ impl ResponsesStreamReader {
                 "response.completed" | "response.incomplete" => {
                     self.usage = usage_of(&v["response"]);
                     self.done = true;
+                    self.truncated =
+                        v["response"]["incomplete_details"]["reason"] == "max_output_tokens";
                 }
                 "response.failed" => {
                     self.usage = usage_of(&v["response"]);

@@ -72,6 +72,16 @@ pub struct OpenAiStreamFilter {
     pub events: u64,
     /// The first error the provider reported mid-stream: the stream failed.
     pub error: Option<StreamError>,
+    /// A choice ended at the token limit (`finish_reason: "length"`).
+    pub truncated: bool,
+}
+
+/// Whether a chat completion (or chunk) has a choice that ended at the
+/// token limit (`finish_reason: "length"`).
+pub fn cut_at_length(v: &Value) -> bool {
+    v.get("choices")
+        .and_then(Value::as_array)
+        .is_some_and(|cs| cs.iter().any(|c| c["finish_reason"] == "length"))
 }
 
 impl OpenAiStreamFilter {
@@ -83,6 +93,7 @@ impl OpenAiStreamFilter {
             saw_done: false,
             events: 0,
             error: None,
+            truncated: false,
         }
     }
 
@@ -107,6 +118,11 @@ impl OpenAiStreamFilter {
         if let Some(e) = StreamError::from_event(ev) {
             self.error.get_or_insert(e);
             return true;
+        }
+        // Only the last chunk of a choice names its finish reason.
+        if !self.truncated && ev.data.contains("\"length\"") {
+            self.truncated =
+                serde_json::from_str::<Value>(&ev.data).is_ok_and(|v| cut_at_length(&v));
         }
         if !ev.data.contains("\"usage\"") {
             return true;
@@ -136,6 +152,24 @@ impl OpenAiStreamFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A choice that ended at the token limit marks the stream truncated;
+    /// the word "length" in the answer, or another finish reason, does not.
+    #[test]
+    fn a_stream_cut_at_the_token_limit_is_marked() {
+        let feed = |finish: &str, content: &str| {
+            let mut f = OpenAiStreamFilter::new(false);
+            let chunks = format!(
+                "data: {{\"choices\":[{{\"delta\":{{\"content\":\"{content}\"}},\"finish_reason\":null}}]}}\n\n\
+                 data: {{\"choices\":[{{\"delta\":{{}},\"finish_reason\":\"{finish}\"}}]}}\n\ndata: [DONE]\n\n"
+            );
+            f.feed(chunks.as_bytes()).unwrap();
+            f.truncated
+        };
+        assert!(feed("length", "a"));
+        assert!(!feed("stop", "the \\\"length\\\" of it"));
+        assert!(!feed("stop", "a"));
+    }
 
     const STREAM: &str = "data: {\"choices\":[{\"delta\":{\"content\":\"hi\"}}],\"usage\":null}\n\n\
 data: {\"choices\":[],\"usage\":{\"prompt_tokens\":7,\"completion_tokens\":2,\"prompt_tokens_details\":{\"cached_tokens\":3}}}\n\n\

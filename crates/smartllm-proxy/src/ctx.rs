@@ -52,6 +52,10 @@ pub struct Ctx {
     pub question: Option<u64>,
     /// Asked with `Cache-Control: no-cache`: a fresh answer wanted.
     pub regenerate: bool,
+    /// The answer stopped at the model's own output limit although no
+    /// max-tokens limit was asked for (by the client or the cost cap): an
+    /// outcome that counts against the model.
+    pub cut_off: bool,
     /// Who is asking: from the virtual key (or anonymous).
     pub tenant: String,
     pub app: String,
@@ -118,6 +122,7 @@ impl Ctx {
             cache_insert: None,
             question: None,
             regenerate: false,
+            cut_off: false,
             tenant: "anonymous".into(),
             app: "-".into(),
             key_name: "-".into(),

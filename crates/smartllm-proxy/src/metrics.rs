@@ -353,6 +353,13 @@ pub fn feedback(model: &str, task: &'static str) {
     counter!("smartllm_feedback_total", "model" => model.to_string(), "task" => task).increment(1);
 }
 
+/// An answer the model cut off at its own output limit (no max-tokens limit
+/// asked for), counted against it.
+pub fn truncated(model: &str, task: &'static str) {
+    counter!("smartllm_truncated_answers_total", "model" => model.to_string(), "task" => task)
+        .increment(1);
+}
+
 /// An answer asked for again (a regenerate), counted against its model.
 pub fn regenerate(model: &str, task: &'static str) {
     counter!("smartllm_regenerates_total", "model" => model.to_string(), "task" => task)

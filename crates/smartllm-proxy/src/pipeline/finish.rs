@@ -72,8 +72,10 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
 /// model that had it last when it ended in an upstream failure (502/504, or
 /// the provider's own 5xx), count as a score of 0 for this tenant on this
 /// task, next to the users' feedback (`/admin/models` shows them as
-/// `implicit`). The client's errors, a client that left and the gateway's
-/// own refusals are not the model's doing and count nothing.
+/// `implicit`). So does an answer the model cut off at its own output limit
+/// when no max-tokens limit was asked for (`ctx.cut_off`). The client's
+/// errors, a client that left and the gateway's own refusals are not the
+/// model's doing and count nothing.
 fn record_outcomes(shared: &Shared, ctx: &Ctx, status: u16) {
     let Some(task) = ctx.task.and_then(smartllm_router::Task::parse) else {
         return;
@@ -87,9 +89,12 @@ fn record_outcomes(shared: &Shared, ctx: &Ctx, status: u16) {
     let upstream_failed = ctx.attempts > 0
         && (matches!(status, 500 | 502 | 504)
             || status >= 500 && ctx.error_code == Some("upstream_status"));
-    if upstream_failed {
+    if upstream_failed || (ctx.cut_off && status == 200) {
         if let Some(model) = ctx.model() {
             shared.feedback.failure(&ctx.tenant, model, task);
+            if ctx.cut_off {
+                crate::metrics::truncated(model, task.as_str());
+            }
         }
     }
 }

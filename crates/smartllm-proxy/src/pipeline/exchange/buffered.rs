@@ -60,6 +60,13 @@ pub(super) async fn relay(
             Err(_) => client_gone(ctx),
         };
     }
+    // Stopped at the token limit, in the provider's own words.
+    let truncated = match x.translate {
+        Translate::OpenAi => smartllm_protocol::usage::cut_at_length(&v),
+        Translate::Anthropic | Translate::AnthropicNative => v["stop_reason"] == "max_tokens",
+        Translate::ResponsesNative => v["incomplete_details"]["reason"] == "max_output_tokens",
+    };
+    ctx.cut_off = truncated && !super::output_limited(x.req);
     // What the client gets, its usage, and the answer in the canonical chat
     // shape (what the cache stores and the estimates read).
     let (mut out, usage, chat) = match x.translate {

@@ -84,6 +84,14 @@ impl Translator {
             Translator::Responses(r) => r.done,
         }
     }
+    /// The answer stopped at the token limit.
+    fn truncated(&self) -> bool {
+        match self {
+            Translator::OpenAi(f) => f.truncated,
+            Translator::Anthropic(a) => a.truncated,
+            Translator::Responses(r) => r.truncated,
+        }
+    }
     /// The error the provider reported mid-stream, if it did.
     fn upstream_error(&self) -> Option<&StreamError> {
         match self {
@@ -316,6 +324,7 @@ pub(super) async fn relay(
         }
     };
     record_usage(ctx, tr.usage());
+    ctx.cut_off = tr.truncated() && !super::output_limited(req);
     let mut tail = Vec::new();
     match &failure {
         // The provider's own error event already reached the client: end with
