@@ -49,6 +49,9 @@ pub(crate) enum Verified {
     },
 }
 
+/// Candidates the verifier judges per lookup, at most (the most similar).
+const MAX_JUDGED: usize = 2;
+
 /// What a semantic candidate must clear to be served.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Bar {
@@ -242,6 +245,7 @@ impl SemanticCache {
         let range = ids::range(self.tagger.tag(namespace));
         let hits = self.index.search_in(embedding, top_k, range)?;
         histogram!(m::SEARCH_SECONDS).record(t.elapsed().as_secs_f64());
+        let mut judged = 0;
         let mut best = None;
         let mut rejected = None;
         for (id, sim) in hits {
@@ -265,6 +269,11 @@ impl SemanticCache {
             let Some(pass) = bar.verifier else {
                 return Ok(Verified::Hit(e, sim, None));
             };
+            // Each judgement may cost a model run: the best few only.
+            if judged == MAX_JUDGED {
+                break;
+            }
+            judged += 1;
             match self.verify(query, query_states, &e.query, sim) {
                 Ok(score) if score >= pass => return Ok(Verified::Hit(e, sim, Some(score))),
                 Ok(_) => {
@@ -438,6 +447,57 @@ mod tests {
         .unwrap();
         assert!((kept - fresh).abs() < 1e-6, "{kept} {fresh}");
         assert_eq!(cache.verdicts.lock().unwrap().len(), 2);
+    }
+
+    /// The verifier judges at most MAX_JUDGED candidates per lookup (each
+    /// may cost a model run), however many pass the cosine and the guard.
+    #[tokio::test]
+    async fn the_verifier_judges_only_the_best_candidates() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, embedder(MAX_SEQ), Codec::plain(), 256, 100_000, None)
+                .unwrap();
+        let loose = CachePolicy {
+            similarity_threshold: 0.5,
+            verifier: Some(0.99),
+            ..policy()
+        };
+        let stored = [
+            "How do I reset my password?",
+            "I forgot the password for my account, what should I do?",
+            "How can I recover access to my email account?",
+            "My account was locked after too many login attempts, how do I unlock it?",
+            "How do I set up two-factor authentication on my account?",
+        ];
+        for q in stored {
+            cache
+                .insert(key("t", q), None, "{}".into(), &loose, "auto", "m")
+                .await
+                .unwrap();
+        }
+        let query = "What is the best way to get back into my account after losing my phone?";
+        let v = cache
+            .embedder
+            .embed(
+                std::iter::once(query)
+                    .chain(stored)
+                    .map(crate::key::embedding_text)
+                    .collect(),
+            )
+            .await
+            .unwrap();
+        let candidates = stored
+            .iter()
+            .zip(&v[1..])
+            .filter(|(q, e)| {
+                smartllm_embed::cosine(&v[0], e) >= 0.5 && near_miss(query, q).is_none()
+            })
+            .count();
+        assert!(candidates > MAX_JUDGED, "only {candidates} candidates");
+        let found = cache.lookup(&key("t", query), &loose, 8).await.unwrap();
+        assert!(is_hit(&found).is_none());
+        assert_eq!(cache.verdicts.lock().unwrap().len(), MAX_JUDGED);
     }
 
     /// A lookup that read an entry from RocksDB just before a purge removed
