@@ -552,17 +552,25 @@ impl AdminApp {
             Ok(_) => return invalid(500, "the embedder returned no vectors".into()),
             Err(e) => return invalid(503, format!("embedding failed: {e}")),
         };
-        let (va, vb) = (
-            smartllm_embed::pool(&states[0]),
-            smartllm_embed::pool(&states[1]),
-        );
-        let similarity = smartllm_embed::cosine(&va, &vb);
-        let verifier = smartllm_cache::Verifier::shipped().score_pair(
-            similarity,
-            &states[0],
-            &states[1],
-            smartllm_embed::DIM,
-        );
+        // Alignment grows with the square of the length: off the async threads.
+        let scored = tokio::task::spawn_blocking(move || {
+            let (va, vb) = (
+                smartllm_embed::pool(&states[0]),
+                smartllm_embed::pool(&states[1]),
+            );
+            let similarity = smartllm_embed::cosine(&va, &vb);
+            let verifier = smartllm_cache::Verifier::shipped().score_pair(
+                similarity,
+                &states[0],
+                &states[1],
+                smartllm_embed::DIM,
+            );
+            (similarity, verifier)
+        })
+        .await;
+        let Ok((similarity, verifier)) = scored else {
+            return invalid(500, "the verifier failed".into());
+        };
         let guard = smartllm_cache::near_miss(&a, &b);
         let above = similarity >= policy.similarity_threshold;
         let verified = policy.verifier.is_none_or(|pass| verifier >= pass);

@@ -176,14 +176,15 @@ impl FeedbackBook {
     /// `tenant` asks `question` again for a fresh answer: if its last answer
     /// came within [`REGENERATE_WINDOW_SECS`], that answer's model gets an
     /// outcome of 0 (as a [`Self::failure`]) and is returned. One regenerate
-    /// counts once: the new answer replaces the old (`answered`).
+    /// counts once: the new answer replaces the old (`answered`). Called on
+    /// the proxy's threads, so it never waits: a busy book counts nothing.
     pub fn regenerated(&self, question: u64, tenant: &str) -> Option<Served> {
         self.regenerated_at(question, tenant, now_secs())
     }
 
     fn regenerated_at(&self, question: u64, tenant: &str, now: u64) -> Option<Served> {
         let served = {
-            let mut q = self.questions.lock().unwrap_or_else(|p| p.into_inner());
+            let mut q = self.questions.try_lock().ok()?;
             let (served, at) = q.by_question.get(&question)?;
             if served.tenant != tenant || now.saturating_sub(*at) > REGENERATE_WINDOW_SECS {
                 return None;
