@@ -83,7 +83,7 @@ pub struct Shared {
     /// Live model profiles (EWMA latency, TTFT, speed, errors) for the router.
     pub profiles: smartllm_router::LiveProfiles,
     /// Users' scores of answers (`POST /v1/feedback`), by model and task.
-    pub feedback: smartllm_router::FeedbackBook,
+    pub feedback: Arc<smartllm_router::FeedbackBook>,
     /// Circuit breakers per deployment (they outlive reloads).
     pub breakers: smartllm_router::Breakers,
     /// Requests being served (for draining on SIGTERM).
@@ -154,7 +154,7 @@ impl Shared {
             tasks: tokio_util::task::TaskTracker::new(),
             alert_deliveries: tokio_util::task::TaskTracker::new(),
             profiles: smartllm_router::LiveProfiles::default(),
-            feedback: smartllm_router::FeedbackBook::default(),
+            feedback: Arc::new(smartllm_router::FeedbackBook::default()),
             breakers: smartllm_router::Breakers::default(),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),

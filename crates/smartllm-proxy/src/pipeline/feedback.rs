@@ -71,18 +71,20 @@ pub async fn answer(
     body: &[u8],
 ) -> Result<(), Failure> {
     let (id, score) = parse(body)?;
-    let served = shared
-        .feedback
-        .score(&id, &ctx.tenant, score)
-        .map_err(|e| {
-            ApiError::new(
-                404,
-                "invalid_request_error",
-                "request_not_found",
-                e.to_string(),
-            )
-            .with_param("request_id")
-        })?;
+    // Scoring takes the book's lock (a map lookup): off the proxy's threads.
+    let (book, tenant, key) = (shared.feedback.clone(), ctx.tenant.clone(), id.clone());
+    let scored = tokio::task::spawn_blocking(move || book.score(&key, &tenant, score))
+        .await
+        .map_err(|e| ApiError::internal(format!("scoring the request failed: {e}")))?;
+    let served = scored.map_err(|e| {
+        ApiError::new(
+            404,
+            "invalid_request_error",
+            "request_not_found",
+            e.to_string(),
+        )
+        .with_param("request_id")
+    })?;
     let prior = shared
         .runtime
         .load()
