@@ -135,6 +135,12 @@ def spider_related(t: Tasks, n: int):
                             continue  # the same words in another order: not told apart by text
                         jac = len(wa & wb) / len(wa | wb)
                         scored.append((-jac, a, b))
+    return most_alike(scored, n)
+
+
+def most_alike(scored: list[tuple[float, str, str]], n: int) -> list[tuple]:
+    """The `n` pairs with the most words in common (`scored`: (-jaccard, a,
+    b)), each question at most once, as `related` traps."""
     scored.sort()
     used, out = set(), []
     for _, a, b in scored:

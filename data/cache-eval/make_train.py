@@ -85,16 +85,7 @@ def related(groups: dict[str, list[str]], gold: dict[str, str], n: int) -> list[
                 if not ga or not gb or set(ga.split()) & set(gb.split()):
                     continue
                 scored.append((-len(wa & wb) / len(wa | wb), qs[i], qs[j]))
-    scored.sort()
-    used, out = set(), []
-    for _, a, b in scored:
-        if len(out) >= n:
-            break
-        if a.lower() in used or b.lower() in used:
-            continue
-        used.update((a.lower(), b.lower()))
-        out.append((a, b, 0, "related"))
-    return out
+    return mp.most_alike(scored, n)
 
 
 def multirc_questions(t: mp.Tasks) -> list[str]:

@@ -157,15 +157,7 @@ fn pair_features(
 ) -> anyhow::Result<Vec<[f32; smartllm_cache::verify::N]>> {
     let mut out = Vec::with_capacity(pairs.len());
     for (chunk, cos) in pairs.chunks(16).zip(cosines.chunks(16)) {
-        let texts = chunk
-            .iter()
-            .flat_map(|p| {
-                [
-                    smartllm_cache::embedding_text(&p.a),
-                    smartllm_cache::embedding_text(&p.b),
-                ]
-            })
-            .collect();
+        let texts = pair_texts(chunk);
         let states = embedder.token_states_blocking(texts)?;
         for (ab, &c) in states.chunks(2).zip(cos) {
             out.push(smartllm_cache::verify::features(
@@ -232,18 +224,23 @@ pub(crate) fn pair_scores(
     Ok((cosines, scores))
 }
 
+/// Both texts of each pair, as the cache embeds them, in order.
+fn pair_texts(pairs: &[LabelledPair]) -> Vec<String> {
+    pairs
+        .iter()
+        .flat_map(|p| {
+            [
+                smartllm_cache::embedding_text(&p.a),
+                smartllm_cache::embedding_text(&p.b),
+            ]
+        })
+        .collect()
+}
+
 fn cosines_with(embedder: &Embedder, pairs: &[LabelledPair]) -> anyhow::Result<Vec<f32>> {
     let mut cosines = Vec::with_capacity(pairs.len());
     for chunk in pairs.chunks(16) {
-        let texts = chunk
-            .iter()
-            .flat_map(|p| {
-                [
-                    smartllm_cache::embedding_text(&p.a),
-                    smartllm_cache::embedding_text(&p.b),
-                ]
-            })
-            .collect();
+        let texts = pair_texts(chunk);
         let v = embedder.embed_blocking(texts)?;
         cosines.extend(v.chunks(2).map(|ab| cosine(&ab[0], &ab[1])));
     }
