@@ -194,19 +194,21 @@ const TWO_MODELS: &str = "models:
     deployments: [ { provider: smallp } ]
 ";
 
-fn two_model_gateway(big: &Mock, small: &Mock, route: &str) -> Gateway {
+/// Route `r` over both models, chosen on quality alone (big wins).
+const BY_QUALITY: &str =
+    "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n";
+
+fn two_model_config(big: &Mock, small: &Mock, route: &str) -> ConfigDir {
     let providers = format!(
         "providers:\n{}{}",
         mock_provider("bigp", big),
         mock_provider("smallp", small)
     );
-    Gateway::start(ConfigDir::new(
-        "",
-        "demo:\n  mode: off\n",
-        &providers,
-        TWO_MODELS,
-        route,
-    ))
+    ConfigDir::new("", "demo:\n  mode: off\n", &providers, TWO_MODELS, route)
+}
+
+fn two_model_gateway(big: &Mock, small: &Mock, route: &str) -> Gateway {
+    Gateway::start(two_model_config(big, small, route))
 }
 
 #[test]
@@ -507,18 +509,7 @@ fn cache_hits_on_the_shipped_auto_alias_are_recorded_with_the_model_that_answere
 fn a_regenerated_answer_counts_against_its_model() {
     let big = Mock::start(&[]);
     let small = Mock::start(&[]);
-    let providers = format!(
-        "providers:\n{}{}",
-        mock_provider("bigp", &big),
-        mock_provider("smallp", &small)
-    );
-    let cfg = ConfigDir::new(
-        "",
-        "demo:\n  mode: off\n",
-        &providers,
-        TWO_MODELS,
-        "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
-    );
+    let cfg = two_model_config(&big, &small, BY_QUALITY);
     cfg.write("cache.yaml", "cache:\n  enabled: true\n");
     let gw = Gateway::start(cfg);
     let ask = |key: &str, no_cache: bool| {
@@ -570,11 +561,7 @@ fn a_regenerated_answer_counts_against_its_model() {
 fn an_answer_cut_off_by_the_model_counts_against_it() {
     let big = Mock::start(&[]);
     let small = Mock::start(&[]);
-    let gw = two_model_gateway(
-        &big,
-        &small,
-        "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
-    );
+    let gw = two_model_gateway(&big, &small, BY_QUALITY);
     let implicit = || -> u64 {
         let m = admin_model(&gw, "big");
         m["feedback"]
@@ -636,7 +623,7 @@ fn a_model_that_fails_scores_zero_without_anyone_voting() {
         "demo:\n  mode: off\n",
         &providers,
         TWO_MODELS,
-        "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
+        BY_QUALITY,
     ));
     let r = request(
         &gw.addr,
@@ -684,11 +671,7 @@ fn a_model_that_fails_scores_zero_without_anyone_voting() {
 fn feedback_moves_the_routers_expected_quality() {
     let big = Mock::start(&[]);
     let small = Mock::start(&[]);
-    let gw = two_model_gateway(
-        &big,
-        &small,
-        "routes:\n  r:\n    candidates: [small, big]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
-    );
+    let gw = two_model_gateway(&big, &small, BY_QUALITY);
     let ask = |key: &str, text: &str| {
         request(
             &gw.addr,

@@ -403,6 +403,16 @@ mod tests {
         chat_key(tenant, "m", body.as_object().unwrap()).unwrap()
     }
 
+    /// A fresh cache (plain entries, the real embedder) in a temporary dir.
+    fn open_cache() -> (tempfile::TempDir, Arc<SemanticCache>) {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, embedder(MAX_SEQ), Codec::plain(), 256, 100_000, None)
+                .unwrap();
+        (dir, cache)
+    }
+
     fn is_hit(l: &Lookup) -> Option<HitKind> {
         match l {
             Lookup::Hit { kind, .. } => Some(*kind),
@@ -414,11 +424,7 @@ mod tests {
     /// is answered from the verdicts (a repeated paraphrase runs no model).
     #[tokio::test]
     async fn verifier_scores_are_kept_for_repeated_pairs() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let cache =
-            SemanticCache::open(store, embedder(MAX_SEQ), Codec::plain(), 256, 100_000, None)
-                .unwrap();
+        let (_dir, cache) = open_cache();
         let c = cache.clone();
         let (first, second) = tokio::task::spawn_blocking(move || {
             let a = "How do I reset my password?";
@@ -453,11 +459,7 @@ mod tests {
     /// may cost a model run), however many pass the cosine and the guard.
     #[tokio::test]
     async fn the_verifier_judges_only_the_best_candidates() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let cache =
-            SemanticCache::open(store, embedder(MAX_SEQ), Codec::plain(), 256, 100_000, None)
-                .unwrap();
+        let (_dir, cache) = open_cache();
         let loose = CachePolicy {
             similarity_threshold: 0.5,
             verifier: Some(0.99),
@@ -504,11 +506,7 @@ mod tests {
     /// it must not put it back into L1, where later lookups would serve it.
     #[tokio::test]
     async fn an_entry_read_before_a_purge_does_not_return_to_l1() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Store::open(dir.path()).unwrap();
-        let cache =
-            SemanticCache::open(store, embedder(MAX_SEQ), Codec::plain(), 256, 100_000, None)
-                .unwrap();
+        let (_dir, cache) = open_cache();
         let k = key("t", "How do I reset my password?");
         let stored = cache
             .insert(k.clone(), None, "{}".into(), &policy(), "auto", "m")
