@@ -92,7 +92,10 @@ lint: deps
 # (installed into a clean Debian root).
 test: assets venv lint
 	$(CARGO) build $(CARGO_FLAGS) --workspace --bins
-	SMARTLLM_PYTHON="$(VENV)/bin/python" $(CARGO) test $(CARGO_FLAGS) --workspace --no-fail-fast
+	@set -o pipefail; SMARTLLM_PYTHON="$(VENV)/bin/python" $(CARGO) test $(CARGO_FLAGS) --workspace --no-fail-fast 2>&1 \
+		| tee "$(CARGO_TARGET_DIR)/test.log" || { \
+		echo "=== failed tests: what they said (whole output in $(CARGO_TARGET_DIR)/test.log) ==="; \
+		grep -A12 "panicked at" "$(CARGO_TARGET_DIR)/test.log" | cut -c1-400 | head -200; exit 1; }
 	packaging/test-packages.sh
 
 # Packages (cargo-deb / cargo-generate-rpm, installed when missing) in

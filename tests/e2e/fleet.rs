@@ -298,7 +298,7 @@ fn a_gateway_the_stream_left_behind_catches_up_from_the_snapshot() {
         assert_eq!(r.status, 200);
     }
     assert!(
-        wait_until(Duration::from_secs(10), || vectors(&a) >= n),
+        wait_until(Duration::from_secs(30), || vectors(&a) >= n),
         "{}",
         stats(&a)
     );
@@ -310,16 +310,21 @@ fn a_gateway_the_stream_left_behind_catches_up_from_the_snapshot() {
     assert!(len < n, "the stream kept {len} entries");
     let cfg = std::mem::replace(&mut b.config, ConfigDir::new("", "", "", "", ""));
     let b = Gateway::start(cfg);
+    // The snapshot is counted once its last entry is in: the count, not the
+    // vectors (which reach n a moment before), says the load is over.
+    let snapshots = || {
+        b.metric(
+            "smartllm_fleet_sync_total",
+            &[("what", "cache_snapshot"), ("outcome", "loaded")],
+        )
+    };
     assert!(
-        wait_until(Duration::from_secs(10), || vectors(&b) >= n),
-        "{}",
+        wait_until(Duration::from_secs(30), || snapshots() >= 1.0),
+        "B loaded no snapshot: {}",
         stats(&b)
     );
-    let snapshots = b.metric(
-        "smartllm_fleet_sync_total",
-        &[("what", "cache_snapshot"), ("outcome", "loaded")],
-    );
-    assert_eq!(snapshots, 1.0);
+    assert_eq!(snapshots(), 1.0, "B loaded the snapshot more than once");
+    assert!(vectors(&b) >= n, "{}", stats(&b));
     let early = ask(
         &b,
         "key-1",
@@ -335,7 +340,7 @@ fn a_gateway_the_stream_left_behind_catches_up_from_the_snapshot() {
     let mut fleet = (0, 0.0);
     let mut sum = (0, 0.0);
     assert!(
-        wait_until(Duration::from_secs(5), || {
+        wait_until(Duration::from_secs(15), || {
             let (ta, tb) = (own(&a), own(&b));
             sum = (ta.0 + tb.0, ta.1 + tb.1);
             fleet = total(&get(&b.admin, "/admin/costs?since=1h&scope=fleet").json());
