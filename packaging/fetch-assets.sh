@@ -28,7 +28,7 @@ ORT_LIB=libonnxruntime.so.1.31.1
 ORT_LIB_SHA256=fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3
 MODEL_SHA256=8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6
 TOKENIZER_SHA256=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
-INT8_MODEL_SHA256=aa42cbd88e66574987b221a7e1971f44006ba3a5914e5bbb7f2625ec790fe6dd
+INT8_MODEL_SHA256=12e1a19a26da3d8f987b1bf497a757abedf776c0be5ec9345e4f95918a2b8b85
 # The quantiser's Python packages, pinned (installed --no-deps, so exactly
 # these): the int8 model's digest depends on them.
 QUANT_PACKAGES=(onnx==1.23.2 onnxruntime==1.31.1 numpy==2.4.6 protobuf==7.36.2

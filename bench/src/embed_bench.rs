@@ -6,6 +6,7 @@
 //!   embed-bench [--seconds 1.5] [--lengths 16,64,256] [--batches 1,4,16,64] [--threads 1,2]
 //!   embed-bench --device cuda [--batches 1,2,4,...,256] [--threads 1] [--workers 1,2] [--callers 256]
 //!   embed-bench --verifier [--seconds 1.5] [--lengths 16,64,256]
+//!   embed-bench --fusions [--baseline-model FILE] [--seconds 1.0] [--rounds 3] [--lengths 16,64,256]
 //!
 //! With `--verifier` (issue #16 item 6) it measures the cache verifier's
 //! cost next to the embedder's, per pair of texts of each length: the model
@@ -19,7 +20,7 @@
 //! length): speed depends on the length, not the words. Prints Markdown.
 
 use smartllm_config::{Device, EmbedderConfig};
-use smartllm_embed::{local_assets, Embedder, Model, FP32_MODEL, INT8_MODEL};
+use smartllm_embed::{local_assets, CpuFusions, Embedder, Model, FP32_MODEL, INT8_MODEL};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -207,6 +208,9 @@ fn main() -> Result<(), String> {
     if std::env::args().any(|a| a == "--verifier") {
         return verifier_main();
     }
+    if std::env::args().any(|a| a == "--fusions") {
+        return fusions_main();
+    }
     let secs: f64 = arg("--seconds", "1.5").parse().unwrap_or(1.5);
     let lengths = list("--lengths", "16,64,256");
     let batches = list("--batches", "1,4,16,64");
@@ -289,6 +293,126 @@ fn main() -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// The CPU sessions' graph rewrites against ONNX Runtime's defaults
+/// (`CPU_DISABLED_FUSIONS`), and, with `--baseline-model FILE` (an earlier
+/// `model.int8.onnx`, say), the shipped int8 file against that one: one text
+/// per run, each length, the sessions taking turns over `rounds` so all see
+/// the same machine; and the worst cosine between the vectors of the
+/// baseline and of what the gateway runs.
+fn fusions_main() -> Result<(), String> {
+    let secs: f64 = arg("--seconds", "1.0").parse().unwrap_or(1.0);
+    let rounds: usize = arg("--rounds", "3").parse().unwrap_or(3);
+    let lengths = list("--lengths", "16,64,256");
+    let baseline = arg("--baseline-model", "");
+    println!(
+        "# CPU graph rewrites: ONNX Runtime's defaults against the gateway's (less `{}`)\n",
+        smartllm_embed::CPU_DISABLED_FUSIONS
+    );
+    println!("One session each, on a thread of its own as the embedder's workers are; one text per run; texts/s, the best of {rounds} alternating rounds of {secs} s.\n");
+    let mut rows: Vec<(String, EmbedderConfig)> = vec![];
+    if !baseline.is_empty() {
+        let mut cfg = config(INT8_MODEL, Device::Cpu);
+        cfg.model = baseline.clone().into();
+        rows.push((format!("{baseline} (baseline)"), cfg));
+    }
+    rows.push((INT8_MODEL.into(), config(INT8_MODEL, Device::Cpu)));
+    rows.push((FP32_MODEL.into(), config(FP32_MODEL, Device::Cpu)));
+    let probe = Model::load_cpu(&config(INT8_MODEL, Device::Cpu)).map_err(|e| e.to_string())?;
+    let sessions = rows
+        .iter()
+        .map(|(_, cfg)| {
+            Ok((
+                SessionThread::start(cfg, CpuFusions::OrtDefaults)?,
+                SessionThread::start(cfg, CpuFusions::Tuned)?,
+            ))
+        })
+        .collect::<Result<Vec<_>, String>>()?;
+    println!("| model | tokens | ORT defaults | gateway's rewrites | rewrites / defaults | vs the first row's ORT defaults | worst cosine to the first row's ORT defaults |");
+    println!("|---|---|---|---|---|---|---|");
+    for &len in &lengths {
+        let t = Arc::new(texts(&probe, len, 64));
+        let reference = sessions[0].0.call(Task::Vectors(t.clone())).vectors;
+        let mut rates = vec![(0f64, 0f64); rows.len()];
+        for _ in 0..rounds {
+            for (r, (d, g)) in rates.iter_mut().zip(&sessions) {
+                r.0 = r.0.max(d.call(Task::Rate(t.clone(), secs)).rate);
+                r.1 = r.1.max(g.call(Task::Rate(t.clone(), secs)).rate);
+            }
+        }
+        for (((name, _), (_, tuned)), (rd, rg)) in rows.iter().zip(&sessions).zip(&rates) {
+            let worst = tuned
+                .call(Task::Vectors(t.clone()))
+                .vectors
+                .iter()
+                .zip(&reference)
+                .map(|(x, y)| x.iter().zip(y).map(|(p, q)| p * q).sum::<f32>())
+                .fold(1.0f32, f32::min);
+            println!(
+                "| {name} | {len} | {rd:.0} | {rg:.0} | {:.2}x | {:.2}x | {worst:.4} |",
+                rg / rd,
+                rg / rates[0].0
+            );
+        }
+    }
+    Ok(())
+}
+
+enum Task {
+    Vectors(Arc<Vec<String>>),
+    Rate(Arc<Vec<String>>, f64),
+}
+
+#[derive(Default)]
+struct Done {
+    vectors: Vec<Vec<f32>>,
+    rate: f64,
+}
+
+/// One session on a long-lived thread of its own.
+struct SessionThread {
+    tx: std::sync::mpsc::Sender<Task>,
+    rx: std::sync::mpsc::Receiver<Done>,
+}
+
+impl SessionThread {
+    fn start(cfg: &EmbedderConfig, fusions: CpuFusions) -> Result<SessionThread, String> {
+        let mut m = Model::load_cpu_with(cfg, fusions).map_err(|e| e.to_string())?;
+        let (tx, tasks) = std::sync::mpsc::channel::<Task>();
+        let (done, rx) = std::sync::mpsc::channel::<Done>();
+        std::thread::spawn(move || {
+            for task in tasks {
+                let mut one = |t: &str| m.embed(&[t], usize::MAX).expect("embeds").remove(0);
+                let out = match task {
+                    Task::Vectors(t) => Done {
+                        vectors: t.iter().map(|x| one(x)).collect(),
+                        ..Done::default()
+                    },
+                    Task::Rate(t, secs) => {
+                        let mut i = 0;
+                        let per = per_call(secs, || {
+                            i = (i + 1) % t.len();
+                            std::hint::black_box(one(&t[i]));
+                        });
+                        Done {
+                            rate: 1e6 / per,
+                            ..Done::default()
+                        }
+                    }
+                };
+                if done.send(out).is_err() {
+                    return;
+                }
+            }
+        });
+        Ok(SessionThread { tx, rx })
+    }
+
+    fn call(&self, task: Task) -> Done {
+        self.tx.send(task).expect("the session thread runs");
+        self.rx.recv().expect("the session thread answers")
+    }
 }
 
 /// Per-call time of `f` over `secs` seconds, in microseconds.

@@ -50,6 +50,13 @@ pub const METRIC_BATCH_SECONDS: &str = "smartllm_embed_batch_seconds";
 pub const METRIC_RECENT: &str = "smartllm_embed_recent_total";
 /// Texts taken off the queue per wake-up, at most.
 const MAX_DRAIN_TEXTS: usize = 64;
+/// ONNX Runtime graph rewrites the CPU sessions leave out (its session
+/// config key `optimization.disable_specified_optimizers`, `;`-separated).
+/// Its CPU `SkipLayerNormalization` kernel (what `SkipLayerNormFusion` makes
+/// of each residual Add + LayerNormalization) is slower than the two ops it
+/// replaces: leaving the pair unfused makes one int8 MiniLM run 1.3x faster
+/// at 16 and 64 tokens, same vectors to 1e-6 (`embed-bench --fusions`).
+pub const CPU_DISABLED_FUSIONS: &str = "SkipLayerNormFusion";
 /// Padded tokens (texts x longest) per model run on a GPU, at most: 64
 /// texts of 256 tokens.
 pub const GPU_BATCH_TOKENS: usize = 64 * 256;
@@ -184,11 +191,19 @@ pub struct Model {
 impl Model {
     /// One CPU session of `cfg.model` (blocking).
     pub fn load_cpu(cfg: &EmbedderConfig) -> Result<Model, EmbedError> {
+        Self::load_cpu_with(cfg, CpuFusions::Tuned)
+    }
+
+    /// One CPU session of `cfg.model` with the given graph rewrites: the
+    /// gateway's (`Tuned`), or every ONNX Runtime default (the baseline
+    /// `embed-bench --fusions` measures against).
+    pub fn load_cpu_with(cfg: &EmbedderConfig, fusions: CpuFusions) -> Result<Model, EmbedError> {
         let rt = runtime::runtime(cfg)?;
-        let session = build_session(&rt.env, cfg, false).map_err(|e| EmbedError::Model {
-            path: cfg.model.clone(),
-            message: e.to_string(),
-        })?;
+        let session =
+            build_session_with(&rt.env, cfg, false, fusions).map_err(|e| EmbedError::Model {
+                path: cfg.model.clone(),
+                message: e.to_string(),
+            })?;
         Ok(Model {
             session,
             tokenizer: load_tokenizer(cfg)?,
@@ -273,12 +288,39 @@ fn device_session(
     Ok((session, format!("cpu (cuda unavailable: {why})")))
 }
 
+/// Which graph rewrites a CPU session gets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CpuFusions {
+    /// ONNX Runtime's defaults less [`CPU_DISABLED_FUSIONS`] (what the
+    /// gateway runs).
+    Tuned,
+    /// Every default rewrite of ONNX Runtime.
+    OrtDefaults,
+}
+
 fn build_session(
     env: &ort::environment::Environment,
     cfg: &EmbedderConfig,
     cuda: bool,
 ) -> Result<ort::session::Session, ort::Error> {
-    let mut builder = ort::session::Session::builder(env)?
+    build_session_with(env, cfg, cuda, CpuFusions::Tuned)
+}
+
+fn build_session_with(
+    env: &ort::environment::Environment,
+    cfg: &EmbedderConfig,
+    cuda: bool,
+    fusions: CpuFusions,
+) -> Result<ort::session::Session, ort::Error> {
+    let mut builder = ort::session::Session::builder(env)?;
+    // The CUDA provider's fused kernels are the fast ones there.
+    if !cuda && fusions == CpuFusions::Tuned {
+        builder = builder.with_config_entry(
+            "optimization.disable_specified_optimizers",
+            CPU_DISABLED_FUSIONS,
+        )?;
+    }
+    let mut builder = builder
         .with_intra_threads(1)?
         // Every batch has its own shape (texts x tokens): ONNX Runtime's
         // memory-pattern planner and CPU arena would keep every peak.

@@ -144,8 +144,9 @@ mod tests {
             ("sse_parser", super::sse_parser as fn(&[u8])),
             ("admin_query", super::admin_query as fn(&[u8])),
         ] {
-            let seeds: Vec<Vec<u8>> = std::fs::read_dir(root.join(target))
-                .unwrap()
+            let dir = root.join(target);
+            let seeds: Vec<Vec<u8>> = std::fs::read_dir(&dir)
+                .unwrap_or_else(|e| panic!("{}: {e}", dir.display()))
                 .flatten()
                 .map(|e| std::fs::read(e.path()).unwrap())
                 .collect();
