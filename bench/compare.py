@@ -254,13 +254,14 @@ litellm_settings:
             ("Authorization", "Bearer sk-bench")], p, work)
 
     # smartllm-cache-fp32: the cache-on instance with the embedding model
-    # computed in fp32 (model.onnx), the baseline of the cache paths.
+    # computed in fp32 (model.onnx, or --baseline-model), the baseline of the
+    # cache paths.
     for name, cache in (("smartllm", False), ("smartllm-cache", True), ("smartllm-cache-fp32", True)):
         if name not in args.targets:
             continue
         port, admin = free_port(), free_port()
         conf = smartllm_conf(work, name, port, admin, upstream, cache=cache,
-                             model_file="model.onnx" if name.endswith("fp32") else "model.int8.onnx")
+                             model_file=args.baseline_model if name.endswith("fp32") else "model.int8.onnx")
         p = spawn([f"{args.bin}/smartllm", "serve", "--config", str(conf)], work, name, 0)
         t = Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", [], p, work)
         t.admin = f"http://127.0.0.1:{admin}"
@@ -599,9 +600,11 @@ def report(res, out, files):
           "`miss-250tok` unique questions of about 60 and 250 tokens (synthetic texts).\n")
         base = res.get("cache_fp32", {})
         if base:
-            w("The last column compares with a second cache-on instance whose embedding model computes in fp32 "
-              "(`model.onnx`), measured in the same run.\n")
-        w("| path | c | req/s | p50 ms | p99 ms | p99.9 ms | p50 vs bypass | req/s vs fp32 model |")
+            bm = res.get("baseline_model", "model.onnx")
+            w("The last column compares with a second cache-on instance whose embedding model is "
+              + ("the fp32 one (`model.onnx`)" if bm == "model.onnx" else f"`{bm}`")
+              + ", measured in the same run.\n")
+        w("| path | c | req/s | p50 ms | p99 ms | p99.9 ms | p50 vs bypass | req/s vs baseline model |")
         w("|---|---|---|---|---|---|---|---|")
         for c in res["cache_conns"]:
             by = res["cache"].get(f"bypass/{c}")
@@ -1190,6 +1193,9 @@ def main():
     ap.add_argument("--rates", default="50,250,1000,2000,4000,8000", help="fixed request rates")
     ap.add_argument("--targets", default="nginx,litellm,portkey,smartllm,smartllm-cache")
     ap.add_argument("--no-profile", action="store_true")
+    ap.add_argument("--baseline-model", default="model.onnx",
+                    help="the smartllm-cache-fp32 target's embedding model file (default the fp32 model.onnx; "
+                         "an absolute path for an earlier int8 model)")
     ap.add_argument("--suite", default="compare", choices=["compare", "frontdoor"],
                     help="compare: the peers (REPORT.md); frontdoor: Messages / Responses next to Chat "
                          "Completions, TLS + h2 next to plaintext h1, 1/16/256 KiB bodies, against nginx "
@@ -1221,6 +1227,7 @@ def main():
     res = {
         "command": args.command, "date": datetime.date.today().isoformat(), "machine": machine(),
         "versions": versions(args), "duration": args.duration, "rounds": args.rounds,
+        "baseline_model": args.baseline_model,
         "concurrency": args.concurrency, "rates": args.rates, "conc": {}, "rate": {}, "rss": {}, "notes": [],
     }
     targets = start_all(args, work)

@@ -640,9 +640,13 @@ fn embed_texts(
     max_tokens: usize,
     output: Output,
 ) -> Result<Vec<Vec<f32>>, String> {
-    let encodings = w
-        .tokenizer
-        .encode_batch(texts.to_vec(), true)
+    // One by one on this worker's thread: `encode_batch` hands even a single
+    // text to rayon's pool (another thread, woken and waited for, at the
+    // proxy's priority), and the workers already use every CPU.
+    let encodings = texts
+        .iter()
+        .map(|t| w.tokenizer.encode(*t, true))
+        .collect::<Result<Vec<Encoding>, _>>()
         .map_err(|e| e.to_string())?;
     let lens: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
     let mut out: Vec<Vec<f32>> = vec![Vec::new(); texts.len()];
