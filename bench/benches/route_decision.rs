@@ -29,7 +29,7 @@ fn main() {
     let embedder = smartllm_embed::Embedder::load(&cfg.embedder).expect("embedder (make assets)");
     let embed = |t: Vec<String>| {
         embedder
-            .embed_blocking(t)
+            .task_vectors_blocking(t)
             .map_err(smartllm_router::assets::EmbedFnError::from)
     };
     let assets = RouterAssets::build(&cfg, Some(&embed), None).expect("router assets");
@@ -40,12 +40,22 @@ fn main() {
         "Summarise the following meeting notes in three bullet points: the launch moved to May; budget approved; hiring paused.",
         "Why does the Monty Hall problem favour switching? Explain step by step.",
     ];
-    let cases: Vec<(Map<String, Value>, Vec<f32>)> = prompts
+    // The request body, its embedding and its task vector.
+    type Case = (Map<String, Value>, Vec<f32>, Vec<f32>);
+    let cases: Vec<Case> = prompts
         .iter()
         .map(|p| {
             let body = json!({"model": "auto", "messages": [{"role": "system", "content": "You are helpful."}, {"role": "user", "content": p}], "max_tokens": 400});
-            let e = embedder.embed_blocking(vec![p.to_string()]).unwrap().pop().unwrap();
-            (body.as_object().cloned().unwrap(), e)
+            let states = embedder
+                .token_states_blocking(vec![p.to_string()])
+                .unwrap()
+                .pop()
+                .unwrap();
+            let (e, tv) = (
+                smartllm_embed::pool(&states),
+                smartllm_embed::task_vector(&states),
+            );
+            (body.as_object().cloned().unwrap(), e, tv)
         })
         .collect();
     let info = RequestInfo {
@@ -57,8 +67,8 @@ fn main() {
         budget_pressure: 0.3,
     };
     let decide = |i: usize| {
-        let (body, e) = &cases[i % cases.len()];
-        let f = smartllm_router::extract(body, Some(e), assets.classifier.as_deref());
+        let (body, e, tv) = &cases[i % cases.len()];
+        let f = smartllm_router::extract(body, Some(tv), assets.classifier.as_deref());
         smartllm_router::decide(&cfg, route, &f, None, Some(e), &info, &StaticState)
     };
 
@@ -93,7 +103,9 @@ fn main() {
             let t = Instant::now();
             black_box(
                 embedder
-                    .embed_blocking(vec![prompts[i % prompts.len()].to_string()])
+                    // A new text each time: the recent-embeddings cache
+                    // would answer a repeated one without the model.
+                    .embed_blocking(vec![format!("{} ({i})", prompts[i % prompts.len()])])
                     .unwrap(),
             );
             t.elapsed().as_nanos() as u64

@@ -36,6 +36,9 @@ pub enum Lookup {
     },
     Miss {
         embedding: Option<Vec<f32>>,
+        /// The router's task-classifier view of the same text, from the same
+        /// model run (`smartllm_embed::task_vector`).
+        task_vector: Option<Vec<f32>>,
         best_similarity: Option<f32>,
         rejected: Option<&'static str>,
     },
@@ -127,6 +130,7 @@ impl SemanticCache {
             counter!(m::LOOKUPS, "result" => "miss").increment(1);
             return Ok(Lookup::Miss {
                 embedding: None,
+                task_vector: None,
                 best_similarity: None,
                 rejected: None,
             });
@@ -134,35 +138,15 @@ impl SemanticCache {
         let t = Instant::now();
         let started = SystemTime::now();
         let text = crate::key::embedding_text(&key.query);
-        // With the verifier on, the query's token states come out of the
-        // same model run as its embedding, so a would-be hit runs the model
-        // once more (the cached text), not twice.
-        let recent = match policy.verifier {
-            Some(_) => self.embedder.recent_embedding(&text),
-            None => None,
-        };
-        let (embedding, states) = match (recent, policy.verifier) {
-            (Some(v), _) => (v, None),
-            (None, Some(_)) => {
-                let states = self
-                    .embedder
-                    .token_states(vec![text.clone()])
-                    .await?
-                    .pop()
-                    .unwrap_or_default();
-                let v = smartllm_embed::pool(&states);
-                self.embedder.remember_embedding(&text, &v);
-                (v, Some(states))
+        // One model run gives the embedding, the router's task vector and
+        // the token states (the verifier's), so a would-be hit runs the
+        // model once more (the cached text), not twice.
+        let (embedding, task_vector, states) = match self.embedder.recent_embedding(&text) {
+            Some(v) => (v, self.embedder.recent_task_vector(&text), None),
+            None => {
+                let (v, t, states) = self.embedder.embed_with_task(text).await?;
+                (v, Some(t), policy.verifier.map(|_| states))
             }
-            // embed() answers from the recent embeddings itself.
-            (None, None) => (
-                self.embedder
-                    .embed(vec![text])
-                    .await?
-                    .pop()
-                    .unwrap_or_default(),
-                None,
-            ),
         };
         histogram!(m::EMBED_SECONDS).record(t.elapsed().as_secs_f64());
         times.embed = Some((started, SystemTime::now()));
@@ -219,6 +203,7 @@ impl SemanticCache {
                 counter!(m::LOOKUPS, "result" => result).increment(1);
                 Ok(Lookup::Miss {
                     embedding: Some(embedding),
+                    task_vector,
                     best_similarity: best,
                     rejected,
                 })

@@ -126,6 +126,9 @@ pub struct Embedder {
     tx: SyncSender<Job>,
     info: EmbedderInfo,
     recent: Recent,
+    /// Task vectors of recent texts, beside their embeddings (not counted
+    /// in the recent-embeddings metric).
+    recent_tasks: Recent,
 }
 
 /// Recent embeddings by text: sharded LRUs, only ever `try_lock`ed (a
@@ -135,10 +138,15 @@ type Shard = Mutex<LruCache<Box<str>, Arc<[f32]>>>;
 struct Recent {
     shards: Vec<Shard>,
     hasher: std::collections::hash_map::RandomState,
+    counted: bool,
 }
 
 impl Recent {
     fn new(entries: usize) -> Recent {
+        Self::with_metric(entries, true)
+    }
+
+    fn with_metric(entries: usize, counted: bool) -> Recent {
         let per_shard = entries.div_ceil(RECENT_SHARDS);
         let shards = NonZeroUsize::new(per_shard)
             .map(|n| {
@@ -150,6 +158,7 @@ impl Recent {
         Recent {
             shards,
             hasher: Default::default(),
+            counted,
         }
     }
 
@@ -169,8 +178,10 @@ impl Recent {
     fn get(&self, text: &str) -> Option<Vec<f32>> {
         let shard = self.shard(text)?;
         let found = shard.try_lock().ok()?.get(text).map(|v| v.to_vec());
-        let result = if found.is_some() { "hit" } else { "miss" };
-        metrics::counter!(METRIC_RECENT, "result" => result).increment(1);
+        if self.counted {
+            let result = if found.is_some() { "hit" } else { "miss" };
+            metrics::counter!(METRIC_RECENT, "result" => result).increment(1);
+        }
         found
     }
 
@@ -415,6 +426,7 @@ impl Embedder {
             tx,
             info,
             recent: Recent::new(cfg.cache_entries),
+            recent_tasks: Recent::with_metric(cfg.cache_entries, false),
         })
     }
 
@@ -499,6 +511,42 @@ impl Embedder {
         }
         let rx = self.submit(texts, Output::Tokens)?;
         rx.await.map_err(|_| EmbedError::Stopped)?
+    }
+
+    /// Each text's [`task_vector`] (the router's task classifier's view),
+    /// from one model run per text. Blocking: for blocking-pool threads and
+    /// tools.
+    pub fn task_vectors_blocking(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EmbedError> {
+        Ok(self
+            .token_states_blocking(texts)?
+            .iter()
+            .map(|s| task_vector(s))
+            .collect())
+    }
+
+    /// A text's embedding and [`task_vector`] from one model run (the
+    /// embedding is remembered like [`Self::embed`]'s, the task vector in its
+    /// own recent cache), and the token states.
+    pub async fn embed_with_task(
+        &self,
+        text: String,
+    ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), EmbedError> {
+        let states = self
+            .token_states(vec![text.clone()])
+            .await?
+            .pop()
+            .unwrap_or_default();
+        let v = pool(&states);
+        let t = task_vector(&states);
+        self.recent.put(&text, &v);
+        self.recent_tasks.put(&text, &t);
+        Ok((v, t, states))
+    }
+
+    /// The task vector of `text` if a recent [`Self::embed_with_task`] made
+    /// one (never waits: a busy shard is a miss).
+    pub fn recent_task_vector(&self, text: &str) -> Option<Vec<f32>> {
+        self.recent_tasks.get(text)
     }
 
     /// The recent-embeddings cache's vector of `text`, if it holds one
@@ -748,6 +796,36 @@ pub fn pool(states: &[f32]) -> Vec<f32> {
     mean_pool_normalize(states, &vec![1; n], 1, n, DIM)
         .pop()
         .unwrap_or_default()
+}
+
+/// Tokens (`[CLS]` included) whose mean is a text's "head" view for the
+/// router's task classifier: the instruction usually opens a prompt ("Write
+/// a function…", "summarize: …", "Translate…"), while the whole text's mean
+/// is dominated by what it is about.
+pub const HEAD_TOKENS: usize = 32;
+/// Length of a [`task_vector`]: the whole text's view and the head view.
+pub const TASK_DIM: usize = 2 * DIM;
+
+/// The task classifier's vector of a text, from its token states
+/// ([`Embedder::token_states`]): `[mean ; sqrt(2) * head] / sqrt(3)`, both
+/// unit length, so the dot product of two such vectors is
+/// `(cos(mean, mean') + 2 cos(head, head')) / 3`, the weighting chosen by
+/// leave-one-collection-out validation on the training collections
+/// (`data/router/tasks/README.md`). Its first [`DIM`] values are the
+/// embedding ([`pool`]) divided by sqrt(3).
+pub fn task_vector(states: &[f32]) -> Vec<f32> {
+    let n = states.len() / DIM;
+    let head = n.min(HEAD_TOKENS);
+    let whole = pool(states);
+    let head = mean_pool_normalize(&states[..head * DIM], &vec![1; head], 1, head, DIM)
+        .pop()
+        .unwrap_or_default();
+    let (a, b) = (1.0 / 3f32.sqrt(), (2.0f32 / 3.0).sqrt());
+    whole
+        .iter()
+        .map(|x| x * a)
+        .chain(head.iter().map(|x| x * b))
+        .collect()
 }
 
 /// Mean over the positions where `mask` is 1, then L2 normalisation.

@@ -46,6 +46,9 @@ pub struct Ctx {
     pub complexity: Option<f64>,
     /// Set on a cache miss: store the answer once it is complete.
     pub cache_insert: Option<crate::cache_insert::PendingInsert>,
+    /// The prompt's task vector (the router's classifier view), from the
+    /// cache's model run when it made one.
+    pub task_vector: Option<Vec<f32>>,
     /// The cache's exact key of this request, folded to 64 bits (tenant,
     /// model or route, conversation, settings, question): what a regenerate
     /// is recognised by.
@@ -120,6 +123,7 @@ impl Ctx {
             task: None,
             complexity: None,
             cache_insert: None,
+            task_vector: None,
             question: None,
             regenerate: false,
             cut_off: false,

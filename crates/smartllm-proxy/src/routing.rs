@@ -69,20 +69,23 @@ pub fn rule_headers(session: &Session) -> Vec<(String, String)> {
 }
 
 /// Embed the prompt unless `embedding` is given (and the route can use one),
-/// extract features and decide.
+/// extract features and decide. `task_vector` is the prompt's view for the
+/// task classifier when the cache's model run made one; without it the
+/// classifier compares the embedding with its examples' whole-text views.
 pub async fn decide_with(
     shared: &Shared,
     rt: &Runtime,
     body: &serde_json::Map<String, Value>,
     route: &RouteConfig,
     mut embedding: Option<Vec<f32>>,
+    mut task_vector: Option<Vec<f32>>,
     info: &RequestInfo<'_>,
 ) -> (Decision, smartllm_router::Features) {
     if embedding.is_none() && rt.router.wants_embedding(&route.strategy) {
         let (last_user, _, _, _) = smartllm_router::features::prompt_texts(body);
         if let (Some(e), false) = (&shared.components.embedder, last_user.trim().is_empty()) {
-            match e.embed(vec![last_user]).await {
-                Ok(mut v) => embedding = v.pop(),
+            match e.embed_with_task(last_user).await {
+                Ok((v, t, _)) => (embedding, task_vector) = (Some(v), Some(t)),
                 Err(err) => {
                     tracing::warn!(error = %err, "embedding for routing failed; classifying by keywords")
                 }
@@ -90,8 +93,11 @@ pub async fn decide_with(
         }
     }
     let t = Instant::now();
-    let features =
-        smartllm_router::extract(body, embedding.as_deref(), rt.router.classifier.as_deref());
+    let features = smartllm_router::extract(
+        body,
+        task_vector.as_deref().or(embedding.as_deref()),
+        rt.router.classifier.as_deref(),
+    );
     let d = smartllm_router::decide(
         &rt.config,
         route,

@@ -261,7 +261,7 @@ impl Runtime {
                 embedder
                     .as_ref()
                     .ok_or("no embedder")?
-                    .embed_blocking(texts)
+                    .task_vectors_blocking(texts)
                     .map_err(|e| format!("embedding classifier examples: {e}").into())
             };
             smartllm_router::RouterAssets::build(

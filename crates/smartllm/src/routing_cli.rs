@@ -16,7 +16,7 @@ fn load(config: &Path) -> anyhow::Result<(Config, Embedder, RouterAssets)> {
     let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
     let embed = |t: Vec<String>| {
         embedder
-            .embed_blocking(t)
+            .task_vectors_blocking(t)
             .map_err(smartllm_router::assets::EmbedFnError::from)
     };
     let assets =
@@ -42,9 +42,13 @@ pub fn explain(config: &Path, route: &str, prompt: &str, as_json: bool) -> anyho
         println!("{route} is a fixed alias for {} (reason=alias)", r.model);
         return Ok(());
     }
-    let emb = embedder.embed_blocking(vec![prompt.to_string()])?.pop();
+    let states = embedder
+        .token_states_blocking(vec![prompt.to_string()])?
+        .pop();
+    let emb = states.as_deref().map(smartllm_embed::pool);
+    let tv = states.as_deref().map(smartllm_embed::task_vector);
     let body = chat(prompt);
-    let f = smartllm_router::extract(&body, emb.as_deref(), assets.classifier.as_deref());
+    let f = smartllm_router::extract(&body, tv.as_deref(), assets.classifier.as_deref());
     let info = RequestInfo::default();
     let d = smartllm_router::decide(
         &cfg,
@@ -172,6 +176,15 @@ fn embed_all(embedder: &Embedder, prompts: &[String]) -> anyhow::Result<Vec<Vec<
     Ok(out)
 }
 
+/// Each prompt's task vector (the classifier's view, `smartllm_embed::task_vector`).
+fn task_vectors_all(embedder: &Embedder, prompts: &[String]) -> anyhow::Result<Vec<Vec<f32>>> {
+    let mut out = Vec::with_capacity(prompts.len());
+    for chunk in prompts.chunks(64) {
+        out.extend(embedder.task_vectors_blocking(chunk.to_vec())?);
+    }
+    Ok(out)
+}
+
 /// `smartllm train-router --data FILE.jsonl --out FILE`
 pub fn train(config: &Path, data: &Path, out: &Path, lambda: f64) -> anyhow::Result<()> {
     let cfg = smartllm_config::load_dir(config).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -263,11 +276,12 @@ pub fn evaluate(
     }
     let prompts: Vec<String> = rows.iter().map(|r| r.prompt.clone()).collect();
     let embs = embed_all(&embedder, &prompts)?;
+    let tvs = task_vectors_all(&embedder, &prompts)?;
     let mut eval_rows = Vec::new();
     let mut rule_pred = Vec::new();
     let mut learned_pred = Vec::new();
-    for (r, e) in rows.iter().zip(&embs) {
-        let f = smartllm_router::extract(&chat(&r.prompt), Some(e), assets.classifier.as_deref());
+    for ((r, e), tv) in rows.iter().zip(&embs).zip(&tvs) {
+        let f = smartllm_router::extract(&chat(&r.prompt), Some(tv), assets.classifier.as_deref());
         eval_rows.push(EvalRow {
             scores: models.iter().map(|m| r.scores[m]).collect(),
             costs: models
@@ -420,7 +434,7 @@ pub fn measure_tasks(
     rows: &[(Task, String, String)],
 ) -> anyhow::Result<TaskAccuracy> {
     let prompts: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
-    let embs = embed_all(embedder, &prompts)?;
+    let embs = task_vectors_all(embedder, &prompts)?;
     let mut acc = TaskAccuracy::default();
     for ((task, prompt, source), e) in rows.iter().zip(&embs) {
         let got = smartllm_router::extract(&chat(prompt), Some(e), Some(classifier)).task;
@@ -540,9 +554,10 @@ fn simulate_from_profiles(
         .collect::<anyhow::Result<_>>()?;
     let prompts: Vec<String> = rows.iter().map(|r| r.1.clone()).collect();
     let embs = embed_all(embedder, &prompts)?;
+    let tvs = task_vectors_all(embedder, &prompts)?;
     let (mut eval_rows, mut predicted, mut router) = (Vec::new(), Vec::new(), Vec::new());
-    for ((task, prompt, _), e) in rows.iter().zip(&embs) {
-        let f = smartllm_router::extract(&chat(prompt), Some(e), assets.classifier.as_deref());
+    for (((task, prompt, _), e), tv) in rows.iter().zip(&embs).zip(&tvs) {
+        let f = smartllm_router::extract(&chat(prompt), Some(tv), assets.classifier.as_deref());
         eval_rows.push(EvalRow {
             scores: models
                 .iter()
@@ -654,7 +669,7 @@ mod tests {
                 .unzip();
         let embedder = Embedder::load(&smartllm_embed::local_assets(256))
             .expect("embedding assets missing: run packaging/fetch-assets.sh (make test does)");
-        let vectors = embed_all(&embedder, &texts).unwrap();
+        let vectors = task_vectors_all(&embedder, &texts).unwrap();
         let classifier = smartllm_router::TaskClassifier::new(labels, vectors, 7).unwrap();
         let rows = read_tasks(&root.join("data/router/tasks/heldout-sample.tsv")).unwrap();
         let acc = measure_tasks(&embedder, &classifier, &rows).unwrap();

@@ -207,9 +207,11 @@ pub async fn phase(
         }
         Ok(Lookup::Miss {
             embedding,
+            task_vector,
             best_similarity,
             rejected,
         }) => {
+            ctx.task_vector = task_vector;
             ctx.cache_status = Some("miss");
             ctx.cache_similarity = best_similarity;
             ctx.cache_near = rejected.is_none()

@@ -197,7 +197,9 @@ async fn decide(
             .quotas
             .budget_pressure(&rt.config.keys.budgets, ctx.scope()),
     };
-    let (d, features) = decide_with(shared, rt, &req.body, route, embedding, &info).await;
+    let task_vector = ctx.task_vector.clone();
+    let (d, features) =
+        decide_with(shared, rt, &req.body, route, embedding, task_vector, &info).await;
     metrics::route_decision(&route.name, &d.model, &d.reason);
     tracing::debug!(request_id = %ctx.request_id, route = %route.name, model = %d.model, reason = %d.reason,
         task = %features.task, complexity = features.complexity, fallbacks = ?d.fallbacks, "route decision");
@@ -216,10 +218,11 @@ fn classify(ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
     if !req.endpoint.is_chat() {
         return;
     }
-    let embedding = ctx
-        .cache_insert
-        .as_ref()
-        .and_then(|p| p.embedding.as_deref());
+    let embedding = ctx.task_vector.as_deref().or_else(|| {
+        ctx.cache_insert
+            .as_ref()
+            .and_then(|p| p.embedding.as_deref())
+    });
     let f = smartllm_router::extract_with(
         &req.body,
         embedding,
