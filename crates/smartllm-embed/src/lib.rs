@@ -811,7 +811,7 @@ pub const TASK_DIM: usize = 2 * DIM;
 /// unit length, so the dot product of two such vectors is
 /// `(cos(mean, mean') + 2 cos(head, head')) / 3`, the weighting chosen by
 /// leave-one-collection-out validation on the training collections
-/// (`data/router/tasks/README.md`). Its first [`DIM`] values are the
+/// (`data/router/tasks/task_views.py`; bench/README.md, "Task classifier"). Its first [`DIM`] values are the
 /// embedding ([`pool`]) divided by sqrt(3).
 pub fn task_vector(states: &[f32]) -> Vec<f32> {
     let n = states.len() / DIM;
