@@ -114,7 +114,7 @@ fn graceful_upgrade_under_load_fails_no_request() {
                 let mut n = 0u64;
                 while !stop.load(Ordering::SeqCst) {
                     n += 1;
-                    let stream = n % 3 == 0;
+                    let stream = n.is_multiple_of(3);
                     let body = json!({"model": "small", "stream": stream,
                         "messages": [{"role": "user", "content": format!("load {w}-{n}")}]});
                     let t = Instant::now();

@@ -409,7 +409,7 @@ fn luhn(digits: &str) -> bool {
             }
         })
         .sum();
-    sum % 10 == 0
+    sum.is_multiple_of(10)
 }
 
 /// Compiled exclusion rules: a prompt matching any is never cached.

@@ -258,7 +258,7 @@ impl VectorIndex {
         encoding: &str,
         nprobe: usize,
     ) -> Result<Self, IndexError> {
-        if sample.is_empty() || sample.len() % dim != 0 {
+        if sample.is_empty() || !sample.len().is_multiple_of(dim) {
             return Err(IndexError::Dimension {
                 got: sample.len(),
                 want: dim,

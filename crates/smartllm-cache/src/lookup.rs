@@ -405,6 +405,42 @@ mod tests {
         }
     }
 
+    /// A miss hands the router the question's task vector from the same
+    /// model run as its embedding, with or without the verifier.
+    #[tokio::test]
+    async fn a_miss_carries_the_task_vector_of_its_question() {
+        let (_dir, cache) = open_cache();
+        let q = "Summarize: the quarterly report shows revenue up 4%";
+        let e = cache.embedder.clone();
+        let want = tokio::task::spawn_blocking(move || e.task_vectors_blocking(vec![q.into()]))
+            .await
+            .unwrap()
+            .unwrap()
+            .pop()
+            .unwrap();
+        let mut verified = policy();
+        verified.verifier = Some(0.6);
+        for p in [policy(), verified] {
+            let Lookup::Miss {
+                embedding,
+                task_vector: Some(tv),
+                ..
+            } = cache.lookup(&key("t", q), &p, 8).await.unwrap()
+            else {
+                panic!("a miss with a task vector expected");
+            };
+            assert_eq!(tv.len(), smartllm_embed::TASK_DIM);
+            assert!(tv.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
+            // Its first half is the embedding over sqrt(3).
+            let embedding = embedding.unwrap();
+            let first = &tv[..smartllm_embed::DIM];
+            assert!(first
+                .iter()
+                .zip(&embedding)
+                .all(|(a, b)| (a * 3f32.sqrt() - b).abs() < 1e-5));
+        }
+    }
+
     /// The verifier's score of a pair is kept: asked again, the same pair
     /// is answered from the verdicts (a repeated paraphrase runs no model).
     #[tokio::test]

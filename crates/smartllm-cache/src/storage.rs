@@ -23,7 +23,7 @@ pub(crate) fn vec_to_bytes(v: &[f32]) -> Vec<u8> {
 }
 
 pub(crate) fn bytes_to_vec(b: &[u8]) -> Option<Vec<f32>> {
-    if b.len() % 4 != 0 {
+    if !b.len().is_multiple_of(4) {
         return None;
     }
     Some(

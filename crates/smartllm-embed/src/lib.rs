@@ -1112,10 +1112,45 @@ mod tests {
         let vectors = e.embed_blocking(texts).unwrap();
         // [CLS] reset my password [SEP]
         assert_eq!(states[0].len(), 5 * DIM);
-        assert!(states[1].len() > states[0].len() && states[1].len() % DIM == 0);
+        assert!(states[1].len() > states[0].len() && states[1].len().is_multiple_of(DIM));
         for (s, v) in states.iter().zip(&vectors) {
             assert!(cosine(&pool(s), v) > 0.99999);
         }
+    }
+
+    #[test]
+    fn task_vectors_are_the_embedding_and_the_head_weighted_double() {
+        // Synthetic states: 40 tokens, the first 32 along one axis, the
+        // rest along another.
+        let mut states = vec![0f32; 40 * DIM];
+        for t in 0..40 {
+            states[t * DIM + usize::from(t >= HEAD_TOKENS)] = 1.0;
+        }
+        let v = task_vector(&states);
+        assert_eq!(v.len(), TASK_DIM);
+        let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        assert!((norm - 1.0).abs() < 1e-5);
+        // First half: the embedding over sqrt(3); second: the head (axis 0
+        // only) times sqrt(2/3).
+        let whole = pool(&states);
+        for (a, b) in v[..DIM].iter().zip(&whole) {
+            assert!((a * 3f32.sqrt() - b).abs() < 1e-5);
+        }
+        assert!((v[DIM] - (2.0f32 / 3.0).sqrt()).abs() < 1e-5);
+        assert!(v[DIM + 1].abs() < 1e-6);
+        // Two texts whose heads agree and whose rests differ are closer than
+        // their embeddings alone say.
+        let mut other = states.clone();
+        for t in HEAD_TOKENS..40 {
+            other[t * DIM + 1] = 0.0;
+            other[t * DIM + 2] = 1.0;
+        }
+        let w = task_vector(&other);
+        let tv: f32 = v.iter().zip(&w).map(|(a, b)| a * b).sum();
+        assert!(tv > cosine(&whole, &pool(&other)));
+        // Shorter than the head: the head is the whole text.
+        let short = task_vector(&states[..3 * DIM]);
+        assert!((short[0] * 3f32.sqrt() - short[DIM] * 1.5f32.sqrt()).abs() < 1e-5);
     }
 
     /// Under overload the embedder refuses work (full queue) or drops work that

@@ -75,7 +75,7 @@ pub fn sse_parser(data: &[u8]) {
         assert_eq!(raw(one), raw(two), "chunking changed the events");
         assert_eq!(whole.pending(), split.pending());
     }
-    let mut filter = OpenAiStreamFilter::new(cut % 2 == 0);
+    let mut filter = OpenAiStreamFilter::new(cut.is_multiple_of(2));
     let _ = filter.feed(a);
     let _ = filter.feed(b);
     let mut asm = ChunkAssembler::new();

@@ -28,7 +28,7 @@ impl BackgroundService for CacheSweeper {
                 _ = shutdown.changed() => break,
             }
             ticks += 1;
-            let save = ticks % 10 == 0;
+            let save = ticks.is_multiple_of(10);
             let rt = self.shared.runtime.load_full();
             let cache = cache.clone();
             let swept = tokio::task::spawn_blocking(move || {

@@ -172,10 +172,47 @@ fn quantize(v: &[f32], out: &mut Vec<i8>) -> f32 {
 /// SSE2, whose widening multiplies are slow), else the portable lanes.
 fn dot_i8_for_this_cpu() -> fn(&[i8], &[i8]) -> i32 {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        return dot_i8_avx2;
+    {
+        use std::arch::is_x86_feature_detected as has;
+        if has!("avx512f") && has!("avx512bw") && has!("avx512vnni") {
+            return dot_i8_vnni;
+        }
+        if has!("avx2") {
+            return dot_i8_avx2;
+        }
     }
     dot_i8_lanes
+}
+
+/// The dot product with AVX-512 VNNI: `vpdpbusd` multiplies unsigned by
+/// signed bytes, so `y` is shifted to unsigned (`y + 128`, a flip of its
+/// top bit) and `128 * sum(x)` (from a second `vpdpbusd` by ones) taken off.
+#[cfg(target_arch = "x86_64")]
+#[allow(unsafe_code)]
+fn dot_i8_vnni(x: &[i8], y: &[i8]) -> i32 {
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    unsafe fn run(x: &[i8], y: &[i8]) -> i32 {
+        use std::arch::x86_64::*;
+        let n = x.len().min(y.len());
+        let full = n / 64 * 64;
+        let flip = _mm512_set1_epi8(i8::MIN);
+        let ones = _mm512_set1_epi8(1);
+        let (mut xy, mut sx) = (_mm512_setzero_si512(), _mm512_setzero_si512());
+        let mut i = 0;
+        while i < full {
+            // SAFETY (of the loads): i + 64 <= n, within both slices.
+            let xv = unsafe { _mm512_loadu_si512(x.as_ptr().add(i).cast()) };
+            let yv = unsafe { _mm512_loadu_si512(y.as_ptr().add(i).cast()) };
+            xy = _mm512_dpbusd_epi32(xy, _mm512_xor_si512(yv, flip), xv);
+            sx = _mm512_dpbusd_epi32(sx, ones, xv);
+            i += 64;
+        }
+        let body = _mm512_reduce_add_epi32(xy) - 128 * _mm512_reduce_add_epi32(sx);
+        body + dot_i8_lanes(&x[full..n], &y[full..n])
+    }
+    // SAFETY: only chosen after the CPU reported AVX-512 F, BW and VNNI;
+    // `run` reads nothing past the shorter slice.
+    unsafe { run(x, y) }
 }
 
 /// [`dot_i8_lanes`] compiled for AVX2.
@@ -230,6 +267,10 @@ mod tests {
             let approx = s * dot_i8(&qx, &qy) as f32;
             assert!((approx - exact).abs() < 0.01, "{approx} vs {exact}");
             assert_eq!(dot_i8(&qx, &qy), dot_i8_lanes(&qx, &qy));
+            // Extremes and a tail that is not a whole vector.
+            let ext: Vec<i8> = (0..771).map(|i| [i8::MIN + 1, 127, 0, -5][i % 4]).collect();
+            assert_eq!(dot_i8(&ext, &qy), dot_i8_lanes(&ext, &qy));
+            assert_eq!(dot_i8(&ext, &ext), dot_i8_lanes(&ext, &ext));
         }
     }
 
