@@ -144,8 +144,9 @@ impl SemanticCache {
         let (embedding, task_vector, states) = match self.embedder.recent_embedding(&text) {
             Some(v) => (v, self.embedder.recent_task_vector(&text), None),
             None => {
-                let (v, t, states) = self.embedder.embed_with_task(text).await?;
-                (v, Some(t), policy.verifier.map(|_| states))
+                let verifier = policy.verifier.is_some();
+                let (v, t, states) = self.embedder.embed_with_task(text, verifier).await?;
+                (v, Some(t), verifier.then_some(states))
             }
         };
         histogram!(m::EMBED_SECONDS).record(t.elapsed().as_secs_f64());

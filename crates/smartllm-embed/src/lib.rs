@@ -120,6 +120,10 @@ enum Output {
     /// The last hidden state of every token (`[CLS]` and `[SEP]`
     /// included), row after row: `tokens x DIM` values, as they came out.
     Tokens,
+    /// The pooled vector (`DIM`), then the [`task_vector`] (`TASK_DIM`),
+    /// then, with `states`, the token states: pooled on the worker's
+    /// thread, not the caller's.
+    Task { states: bool },
 }
 
 pub struct Embedder {
@@ -527,20 +531,32 @@ impl Embedder {
     /// A text's embedding and [`task_vector`] from one model run (the
     /// embedding is remembered like [`Self::embed`]'s, the task vector in its
     /// own recent cache), and the token states.
+    /// The states are empty unless `with_states`; all the pooling runs on
+    /// the embedder's thread.
     pub async fn embed_with_task(
         &self,
         text: String,
+        with_states: bool,
     ) -> Result<(Vec<f32>, Vec<f32>, Vec<f32>), EmbedError> {
-        let states = self
-            .token_states(vec![text.clone()])
-            .await?
+        let rx = self.submit(
+            vec![text.clone()],
+            Output::Task {
+                states: with_states,
+            },
+        )?;
+        let mut out = rx
+            .await
+            .map_err(|_| EmbedError::Stopped)??
             .pop()
             .unwrap_or_default();
-        let v = pool(&states);
-        let t = task_vector(&states);
-        self.recent.put(&text, &v);
+        if out.len() < DIM + TASK_DIM {
+            return Err(EmbedError::Inference("model output too short".into()));
+        }
+        let states = out.split_off(DIM + TASK_DIM);
+        let t = out.split_off(DIM);
+        self.recent.put(&text, &out);
         self.recent_tasks.put(&text, &t);
-        Ok((v, t, states))
+        Ok((out, t, states))
     }
 
     /// The task vector of `text` if a recent [`Self::embed_with_task`] made
@@ -646,14 +662,13 @@ fn worker_loop(w: &mut Model, rx: &Mutex<Receiver<Job>>, max_wait: Duration, gpu
     } else {
         CPU_BATCH_TOKENS
     };
-    while let Some(all) = drain(rx, max_wait, gpu) {
-        let (pooled, tokens): (Vec<Job>, Vec<Job>) =
-            all.into_iter().partition(|j| j.output == Output::Pooled);
-        for jobs in [pooled, tokens] {
-            if let Some(first) = jobs.first() {
-                let output = first.output;
-                answer(w, jobs, max_tokens, output);
-            }
+    while let Some(mut all) = drain(rx, max_wait, gpu) {
+        // One run per kind of output (a GPU drain mixes them).
+        while let Some(output) = all.first().map(|j| j.output) {
+            let (jobs, rest): (Vec<Job>, Vec<Job>) =
+                all.into_iter().partition(|j| j.output == output);
+            answer(w, jobs, max_tokens, output);
+            all = rest;
         }
     }
 }
@@ -767,6 +782,17 @@ fn run_batch(
     Ok(match output {
         Output::Pooled => mean_pool_normalize(data, &mask, batch, seq, hidden),
         Output::Tokens => token_rows(data, &mask, batch, seq, hidden),
+        Output::Task { states } => token_rows(data, &mask, batch, seq, hidden)
+            .into_iter()
+            .map(|rows| {
+                let mut out = pool(&rows);
+                out.extend(task_vector(&rows));
+                if states {
+                    out.extend(rows);
+                }
+                out
+            })
+            .collect(),
     })
 }
 

@@ -84,7 +84,7 @@ pub async fn decide_with(
     if embedding.is_none() && rt.router.wants_embedding(&route.strategy) {
         let (last_user, _, _, _) = smartllm_router::features::prompt_texts(body);
         if let (Some(e), false) = (&shared.components.embedder, last_user.trim().is_empty()) {
-            match e.embed_with_task(last_user).await {
+            match e.embed_with_task(last_user, false).await {
                 Ok((v, t, _)) => (embedding, task_vector) = (Some(v), Some(t)),
                 Err(err) => {
                     tracing::warn!(error = %err, "embedding for routing failed; classifying by keywords")
