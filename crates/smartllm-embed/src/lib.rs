@@ -571,11 +571,6 @@ impl Embedder {
         self.recent.get(text)
     }
 
-    /// Keep `vector` as `text`'s embedding in the recent-embeddings cache.
-    pub fn remember_embedding(&self, text: &str, vector: &[f32]) {
-        self.recent.put(text, vector);
-    }
-
     /// Each text's token states (the model's last hidden state, one row of
     /// [`DIM`] values per token, `[CLS]` and `[SEP]` included), for the
     /// cache's verifier; on the embedder's threads like any embedding.
