@@ -3,6 +3,7 @@
 //! prompt text and the clock every crate records time by.
 
 pub mod admin_query;
+pub mod answer;
 pub mod anthropic;
 pub mod assemble;
 pub mod error;

@@ -357,8 +357,10 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
                 .with_param("messages"));
             }
             for (i, m) in messages.iter().enumerate() {
-                let param = format!("messages[{i}]");
+                // Named only when something is wrong: a valid message costs no allocation.
+                let param = || format!("messages[{i}]");
                 let Value::Object(m) = m else {
+                    let param = param();
                     return Err(ApiError::invalid_param(
                         &param,
                         format!(
@@ -370,6 +372,7 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
                 match m.get("role") {
                     Some(Value::String(r)) if ROLES.contains(&r.as_str()) => {}
                     Some(Value::String(r)) => {
+                        let param = param();
                         return Err(ApiError::invalid_request(
                             "invalid_value",
                             format!(
@@ -377,23 +380,25 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
                                 ROLES.join(", ")
                             ),
                         )
-                        .with_param(format!("{param}.role")))
+                        .with_param(format!("{param}.role")));
                     }
                     None => {
                         return Err(ApiError::missing_param(
-                            &format!("{param}.role"),
+                            &format!("{}.role", param()),
                             "system, user, assistant or tool",
                         ))
                     }
-                    Some(v) => expect(&format!("{param}.role"), v, false, "a string")?,
+                    Some(v) => expect(&format!("{}.role", param()), v, false, "a string")?,
                 }
                 if let Some(c) = m.get("content") {
-                    expect(
-                        &format!("{param}.content"),
-                        c,
-                        c.is_string() || c.is_array() || c.is_null(),
-                        "a string or an array of content parts",
-                    )?;
+                    if !(c.is_string() || c.is_array() || c.is_null()) {
+                        expect(
+                            &format!("{}.content", param()),
+                            c,
+                            false,
+                            "a string or an array of content parts",
+                        )?;
+                    }
                 }
             }
             if let Some(v) = body.get("tools") {

@@ -406,8 +406,10 @@ impl AdminApp {
                             .get_backend()
                             .iter()
                             .map(|b| {
-                                let provider = pool.deployment_for(b).map(|d| d.provider.name().to_string()).unwrap_or_default();
-                                let id = crate::routing::deployment_id(&provider, &b.addr);
+                                let (provider, id) = match pool.deployment_and_breaker(b) {
+                                    Some((d, id)) => (d.provider.name().to_string(), id.to_string()),
+                                    None => (String::new(), crate::routing::deployment_id("", &b.addr)),
+                                };
                                 json!({"provider": provider, "address": b.addr.to_string(), "healthy": pool.lb.backends().ready(b),
                                     "circuit": self.shared.breakers.state(&id).as_str()})
                             })

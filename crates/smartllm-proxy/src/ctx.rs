@@ -157,7 +157,7 @@ impl Ctx {
             .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
         self.request_id = match given {
             Some(v) => v.to_string(),
-            None => format!("{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..)),
+            None => random_id(),
         };
         self.tag = session
             .req_header()
@@ -198,5 +198,39 @@ impl Ctx {
         self.rt
             .clone()
             .expect("early_request_filter sets the runtime snapshot")
+    }
+}
+
+/// 32 random hex digits (128 bits), written without the formatting machinery:
+/// every request without an `x-request-id` of its own gets one.
+fn random_id() -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut out = String::with_capacity(32);
+    for word in [fastrand::u64(..), fastrand::u64(..)] {
+        for shift in (0..16).rev() {
+            out.push(HEX[((word >> (shift * 4)) & 0xf) as usize] as char);
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod random_id_tests {
+    #[test]
+    fn random_ids_are_32_hex_digits_and_differ() {
+        let a = super::random_id();
+        let b = super::random_id();
+        assert_eq!(a.len(), 32);
+        assert!(
+            a.bytes()
+                .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()),
+            "{a}"
+        );
+        assert_ne!(a, b);
+        // Same digits as the formatting machinery would write.
+        fastrand::seed(7);
+        let (x, y) = (fastrand::u64(..), fastrand::u64(..));
+        fastrand::seed(7);
+        assert_eq!(super::random_id(), format!("{x:016x}{y:016x}"));
     }
 }

@@ -4,7 +4,6 @@
 //! gone after a reload or a DNS change, live profiles of removed models,
 //! budget spend of past periods, rate limit buckets that are full again).
 
-use crate::routing::deployment_id;
 use crate::runtime::BackendDeployments;
 use crate::Shared;
 use async_trait::async_trait;
@@ -96,8 +95,10 @@ pub fn sweep(shared: &Shared) {
             let Some(ids) = b.ext.get::<BackendDeployments>() else {
                 continue;
             };
-            for d in ids.0.iter().filter_map(|i| pool.deployments.get(*i)) {
-                current.insert(deployment_id(d.provider.name(), &b.addr));
+            for (i, id) in ids.0.iter() {
+                if pool.deployments.get(*i).is_some() {
+                    current.insert(id.to_string());
+                }
             }
         }
     }

@@ -255,18 +255,123 @@ pub struct RequestRecord<'a> {
 }
 
 pub fn request(r: &RequestRecord<'_>) {
-    counter!(REQUESTS, "endpoint" => r.endpoint, "route" => r.route.to_string(), "model" => r.model.to_string(),
-        "provider" => r.provider.to_string(), "status" => r.status.to_string())
+    let mut status = [0u8; 5];
+    let status = decimal(r.status, &mut status);
+    handles::counter(
+        REQUESTS,
+        &[r.endpoint, r.route, r.model, r.provider, status],
+        || {
+            counter!(REQUESTS, "endpoint" => r.endpoint, "route" => r.route.to_string(), "model" => r.model.to_string(),
+                "provider" => r.provider.to_string(), "status" => status.to_string())
+        },
+    )
     .increment(1);
-    histogram!(REQUEST_DURATION, "endpoint" => r.endpoint, "model" => r.model.to_string(), "provider" => r.provider.to_string())
-        .record(r.duration);
+    handles::histogram(
+        REQUEST_DURATION,
+        &[r.endpoint, r.model, r.provider],
+        || histogram!(REQUEST_DURATION, "endpoint" => r.endpoint, "model" => r.model.to_string(), "provider" => r.provider.to_string()),
+    )
+    .record(r.duration);
     if let Some(o) = r.overhead {
-        histogram!(OVERHEAD, "endpoint" => r.endpoint).record(o);
+        handles::histogram(
+            OVERHEAD,
+            &[r.endpoint],
+            || histogram!(OVERHEAD, "endpoint" => r.endpoint),
+        )
+        .record(o);
     }
 }
 
 pub fn ttft(model: &str, provider: &str, secs: f64) {
-    histogram!(TTFT, "model" => model.to_string(), "provider" => provider.to_string()).record(secs);
+    handles::histogram(
+        TTFT,
+        &[model, provider],
+        || histogram!(TTFT, "model" => model.to_string(), "provider" => provider.to_string()),
+    )
+    .record(secs);
+}
+
+/// `n` in decimal, in `buf`.
+fn decimal(mut n: u16, buf: &mut [u8; 5]) -> &str {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    std::str::from_utf8(&buf[i..]).unwrap_or("0")
+}
+
+/// Handles of the labelled metrics every request records, kept per thread
+/// by metric name and label values: recording costs one hash lookup instead
+/// of a registry lookup with freshly allocated label strings. The recorder
+/// never drops a metric (no idle timeout is set), so a kept handle is the
+/// one the exporter reads. Bounded: a thread that has seen more label sets
+/// than [`handles::MAX`] starts over (label values come from the config, so
+/// this is a backstop).
+mod handles {
+    use metrics::{Counter, Histogram};
+    use std::cell::RefCell;
+    use std::collections::HashMap;
+
+    pub(super) const MAX: usize = 4096;
+
+    /// Handles by key (metric name, then each label value length-prefixed).
+    type Kept<H> = RefCell<HashMap<Box<[u8]>, H>>;
+
+    thread_local! {
+        static KEY: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+        static COUNTERS: Kept<Counter> = RefCell::new(HashMap::new());
+        static HISTOGRAMS: Kept<Histogram> = RefCell::new(HashMap::new());
+    }
+
+    fn key(buf: &mut Vec<u8>, name: &str, values: &[&str]) {
+        buf.clear();
+        buf.extend_from_slice(name.as_bytes());
+        buf.push(0);
+        for v in values {
+            // Length-prefixed: no two label sets make the same key.
+            buf.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            buf.extend_from_slice(v.as_bytes());
+        }
+    }
+
+    fn cached<H: Clone>(
+        map: &'static std::thread::LocalKey<Kept<H>>,
+        name: &str,
+        values: &[&str],
+        make: impl FnOnce() -> H,
+    ) -> H {
+        KEY.with_borrow_mut(|buf| {
+            key(buf, name, values);
+            map.with_borrow_mut(|m| {
+                if let Some(h) = m.get(buf.as_slice()) {
+                    return h.clone();
+                }
+                if m.len() >= MAX {
+                    m.clear();
+                }
+                let h = make();
+                m.insert(buf.as_slice().into(), h.clone());
+                h
+            })
+        })
+    }
+
+    pub(super) fn counter(name: &str, values: &[&str], make: impl FnOnce() -> Counter) -> Counter {
+        cached(&COUNTERS, name, values, make)
+    }
+
+    pub(super) fn histogram(
+        name: &str,
+        values: &[&str],
+        make: impl FnOnce() -> Histogram,
+    ) -> Histogram {
+        cached(&HISTOGRAMS, name, values, make)
+    }
 }
 
 pub fn upstream_error(provider: &str, reason: &'static str) {
@@ -274,8 +379,12 @@ pub fn upstream_error(provider: &str, reason: &'static str) {
 }
 
 pub fn upstream_attempt(provider: &str, outcome: &'static str) {
-    counter!(UPSTREAM_ATTEMPTS, "provider" => provider.to_string(), "outcome" => outcome)
-        .increment(1);
+    handles::counter(
+        UPSTREAM_ATTEMPTS,
+        &[provider, outcome],
+        || counter!(UPSTREAM_ATTEMPTS, "provider" => provider.to_string(), "outcome" => outcome),
+    )
+    .increment(1);
 }
 
 pub fn upstream_healthy(model: &str, address: &str, healthy: bool) {
@@ -289,10 +398,20 @@ pub fn unpriced(model: &str) {
 }
 
 pub fn tokens(model: &str, prompt: u64, completion: u64, cached: u64) {
-    counter!(TOKENS, "model" => model.to_string(), "kind" => "prompt").increment(prompt);
-    counter!(TOKENS, "model" => model.to_string(), "kind" => "completion").increment(completion);
-    if cached > 0 {
-        counter!(TOKENS, "model" => model.to_string(), "kind" => "cached").increment(cached);
+    for (kind, n) in [
+        ("prompt", prompt),
+        ("completion", completion),
+        ("cached", cached),
+    ] {
+        if kind == "cached" && n == 0 {
+            continue;
+        }
+        handles::counter(
+            TOKENS,
+            &[model, kind],
+            || counter!(TOKENS, "model" => model.to_string(), "kind" => kind),
+        )
+        .increment(n);
     }
 }
 
@@ -395,4 +514,49 @@ pub fn heap(kind: &'static str, bytes: u64) {
 /// RocksDB memory by kind (`block_cache`, `memtables`), at a scrape.
 pub fn store_memory(kind: &'static str, bytes: u64) {
     gauge!(STORE_MEMORY, "kind" => kind).set(bytes as f64);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn decimal_status() {
+        let mut b = [0u8; 5];
+        assert_eq!(decimal(0, &mut b), "0");
+        assert_eq!(decimal(200, &mut b), "200");
+        assert_eq!(decimal(u16::MAX, &mut b), "65535");
+    }
+
+    #[test]
+    fn kept_handles_are_per_label_set() {
+        let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            for (model, n) in [("a", 1), ("b", 2), ("a", 3)] {
+                upstream_attempt(model, "ok");
+                tokens(model, n, 0, 0);
+            }
+        });
+        // Handles made under another recorder are not reused here: the
+        // cache is per thread, and this test's thread made them.
+        let text = handle.render();
+        assert!(
+            text.contains(r#"smartllm_upstream_attempts_total{provider="a",outcome="ok"} 2"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"smartllm_upstream_attempts_total{provider="b",outcome="ok"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"smartllm_tokens_total{model="a",kind="prompt"} 4"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"smartllm_tokens_total{model="b",kind="prompt"} 2"#),
+            "{text}"
+        );
+        assert!(!text.contains(r#"kind="cached""#), "{text}");
+    }
 }

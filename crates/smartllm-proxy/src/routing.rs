@@ -28,11 +28,10 @@ pub fn pool_available(shared: &Shared, pool: &ModelPool) -> bool {
     all.iter().any(|b| {
         let healthy = backends.ready(b);
         healthy
-            && pool.deployment_for(b).is_none_or(|d| {
-                shared.breakers.is_available(
-                    &deployment_id(d.provider.name(), &b.addr),
-                    &d.provider.cfg.circuit_breaker,
-                )
+            && pool.deployment_and_breaker(b).is_none_or(|(d, id)| {
+                shared
+                    .breakers
+                    .is_available(id, &d.provider.cfg.circuit_breaker)
             })
     })
 }

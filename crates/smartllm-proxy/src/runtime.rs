@@ -51,9 +51,18 @@ pub struct DeploymentRuntime {
     pub upstream_model: String,
 }
 
-/// Which deployments live behind one backend address (usually one).
+/// Which deployments live behind one backend address (usually one): each
+/// one's index in its pool and its circuit breaker's id
+/// ([`crate::routing::deployment_id`], made once here rather than formatted
+/// on every request).
 #[derive(Debug, Clone)]
-pub struct BackendDeployments(pub Arc<Vec<usize>>);
+pub struct BackendDeployments(pub Arc<Vec<(usize, Arc<str>)>>);
+
+impl BackendDeployments {
+    pub fn indices(&self) -> impl Iterator<Item = usize> + '_ {
+        self.0.iter().map(|(i, _)| *i)
+    }
+}
 
 pub struct ModelPool {
     pub model: String,
@@ -67,11 +76,19 @@ pub struct ModelPool {
 impl ModelPool {
     /// The deployment to use on `backend` (round robin when several share it).
     pub fn deployment_for(&self, backend: &Backend) -> Option<&DeploymentRuntime> {
+        self.deployment_and_breaker(backend).map(|(d, _)| d)
+    }
+
+    /// [`Self::deployment_for`] and the id of its circuit breaker on `backend`.
+    pub fn deployment_and_breaker<'b>(
+        &self,
+        backend: &'b Backend,
+    ) -> Option<(&DeploymentRuntime, &'b str)> {
         let ids = backend.ext.get::<BackendDeployments>()?;
-        let i = ids
+        let (i, id) = ids
             .0
             .get(self.rr.fetch_add(1, Ordering::Relaxed) % ids.0.len().max(1))?;
-        self.deployments.get(*i)
+        Some((self.deployments.get(*i)?, id))
     }
 }
 
@@ -194,11 +211,16 @@ impl Runtime {
                     upstream_model: d.upstream_model.clone(),
                 })
                 .collect();
-            let targets: Vec<(String, usize, usize)> = m
+            let targets: Vec<Target> = m
                 .deployments
                 .iter()
                 .enumerate()
-                .map(|(i, d)| (providers[&d.provider].url.authority(), d.weight, i))
+                .map(|(i, d)| Target {
+                    authority: providers[&d.provider].url.authority(),
+                    weight: d.weight,
+                    index: i,
+                    provider: d.provider.clone(),
+                })
                 .collect();
             let discovery = DeploymentDiscovery { targets };
             let mut backends = Backends::new(Box::new(discovery));
@@ -386,25 +408,34 @@ fn read_key(src: &ApiKeySource) -> Result<Option<String>, KeyError> {
 /// Resolves each deployment's host (DNS re-resolution on every update) into
 /// backends; deployments that share an address share one backend.
 struct DeploymentDiscovery {
-    /// (host:port, weight, deployment index)
-    targets: Vec<(String, usize, usize)>,
+    targets: Vec<Target>,
+}
+
+struct Target {
+    /// host:port
+    authority: String,
+    weight: usize,
+    /// The deployment's index in its pool.
+    index: usize,
+    provider: String,
 }
 
 #[async_trait]
 impl ServiceDiscovery for DeploymentDiscovery {
     async fn discover(&self) -> pingora_error::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
-        let mut by_addr: BTreeMap<SocketAddr, (usize, Vec<usize>)> = BTreeMap::new();
-        for (authority, weight, idx) in &self.targets {
-            match tokio::net::lookup_host(authority.as_str()).await {
+        let mut by_addr: BTreeMap<SocketAddr, (usize, Vec<(usize, Arc<str>)>)> = BTreeMap::new();
+        for t in &self.targets {
+            match tokio::net::lookup_host(t.authority.as_str()).await {
                 Ok(addrs) => {
                     for a in addrs {
                         let e = by_addr.entry(a).or_insert((0, Vec::new()));
-                        e.0 += weight;
-                        e.1.push(*idx);
+                        e.0 += t.weight;
+                        let id = crate::routing::deployment_id(&t.provider, &PSocketAddr::Inet(a));
+                        e.1.push((t.index, id.into()));
                     }
                 }
                 Err(e) => {
-                    tracing::warn!(target_host = %authority, error = %e, "cannot resolve upstream host; will retry")
+                    tracing::warn!(target_host = %t.authority, error = %e, "cannot resolve upstream host; will retry")
                 }
             }
         }
@@ -515,8 +546,8 @@ impl HealthCheck for HealthDispatch {
         };
         // The address is healthy when any deployment on it passes its check.
         let mut last = Ok(());
-        for i in ids.0.iter() {
-            match self.checks.get(*i).and_then(|c| c.as_ref()) {
+        for i in ids.indices() {
+            match self.checks.get(i).and_then(|c| c.as_ref()) {
                 None => return Ok(()),
                 Some(c) => match c.check(target).await {
                     Ok(()) => return Ok(()),

@@ -276,6 +276,9 @@ impl Budgets {
         scope: Scope<'_>,
         estimate: f64,
     ) -> Option<(&'a Budget, Exceeded)> {
+        if budgets.is_empty() {
+            return None;
+        }
         let ids = scope.budget_ids();
         let (day, month, day_left, month_left) = periods(now_secs());
         for b in budgets {
@@ -311,6 +314,9 @@ impl Budgets {
     /// spent in its current period (0 when none applies): the router's cue to
     /// favour cheaper candidates.
     pub fn pressure(&self, budgets: &[Budget], scope: Scope<'_>) -> f64 {
+        if budgets.is_empty() {
+            return 0.0;
+        }
         let ids = scope.budget_ids();
         let (day, month, _, _) = periods(now_secs());
         let mut worst = 0.0f64;
@@ -573,7 +579,7 @@ impl Quotas {
         scope: Scope<'_>,
         cost: f64,
     ) {
-        if cost <= 0.0 {
+        if cost <= 0.0 || budgets.is_empty() {
             return;
         }
         let all = scope.budget_ids();

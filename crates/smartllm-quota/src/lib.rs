@@ -112,9 +112,11 @@ pub fn limits_for(
             out.push((format!("key '{}'", k.name), k.limits));
         }
     }
-    let app = format!("{}/{}", scope.tenant, scope.app);
-    if let Some(l) = config.keys.apps.get(&app) {
-        out.push((format!("app '{app}'"), *l));
+    if !config.keys.apps.is_empty() {
+        let app = format!("{}/{}", scope.tenant, scope.app);
+        if let Some(l) = config.keys.apps.get(&app) {
+            out.push((format!("app '{app}'"), *l));
+        }
     }
     out
 }

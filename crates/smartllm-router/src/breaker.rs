@@ -114,6 +114,17 @@ impl Breakers {
             return;
         }
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if success {
+            // The common case, and a no-op: a deployment with no entry is
+            // closed, and so is one that is closed with nothing counted.
+            match map.get(id) {
+                None => return,
+                Some(e) if e.state == BreakerState::Closed && e.consecutive == 0 && !e.trial => {
+                    return
+                }
+                Some(_) => {}
+            }
+        }
         let e = map.entry(id.to_string()).or_insert(Entry {
             state: BreakerState::Closed,
             consecutive: 0,

@@ -57,42 +57,76 @@ fn text_of(content: &Value, out: &mut String, images: &mut bool) {
 
 /// The last user turn (what is classified and embedded) and every message's text.
 pub fn prompt_texts(body: &Map<String, Value>) -> (String, String, bool, usize) {
-    let mut all = String::new();
-    let mut last_user = String::new();
-    let mut images = false;
-    let mut turns = 0;
-    if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
-        turns = msgs.len();
-        for m in msgs {
-            let mut t = String::new();
-            text_of(
-                m.get("content").unwrap_or(&Value::Null),
-                &mut t,
-                &mut images,
-            );
-            if m.get("role").and_then(Value::as_str) == Some("user") {
-                last_user.clone_from(&t);
-            }
-            all.push_str(&t);
-            all.push('\n');
-        }
-    } else if let Some(p) = body.get("prompt") {
-        match p {
-            Value::String(s) => all.push_str(s),
-            Value::Array(items) => {
-                for i in items {
-                    if let Some(s) = i.as_str() {
-                        all.push_str(s);
-                        all.push('\n');
+    let p = Prompt::read(body, true);
+    (p.last.into_owned(), p.all, p.images, p.turns)
+}
+
+/// What [`extract_with`] reads of a request's messages.
+struct Prompt<'a> {
+    /// The last user turn: borrowed from the body when it is one string.
+    last: std::borrow::Cow<'a, str>,
+    /// Every message's text, one per line (only when asked for).
+    all: String,
+    /// The length `all` has (or would have).
+    all_len: usize,
+    images: bool,
+    turns: usize,
+}
+
+impl<'a> Prompt<'a> {
+    fn read(body: &'a Map<String, Value>, with_all: bool) -> Self {
+        use std::borrow::Cow;
+        let mut p = Prompt {
+            last: Cow::Borrowed(""),
+            all: String::new(),
+            all_len: 0,
+            images: false,
+            turns: 0,
+        };
+        if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
+            p.turns = msgs.len();
+            for m in msgs {
+                let content = m.get("content").unwrap_or(&Value::Null);
+                let text: Cow<'a, str> = match content {
+                    Value::String(s) => Cow::Borrowed(s.as_str()),
+                    _ => {
+                        let mut t = String::new();
+                        text_of(content, &mut t, &mut p.images);
+                        Cow::Owned(t)
                     }
+                };
+                p.all_len += text.len() + 1;
+                if with_all {
+                    p.all.push_str(&text);
+                    p.all.push('\n');
+                }
+                if m.get("role").and_then(Value::as_str) == Some("user") {
+                    p.last = text;
                 }
             }
-            _ => {}
+        } else if let Some(prompt) = body.get("prompt") {
+            let mut all = String::new();
+            match prompt {
+                Value::String(s) => all.push_str(s),
+                Value::Array(items) => {
+                    for i in items {
+                        if let Some(s) = i.as_str() {
+                            all.push_str(s);
+                            all.push('\n');
+                        }
+                    }
+                }
+                _ => {}
+            }
+            p.all_len = all.len();
+            p.last = Cow::Owned(all.clone());
+            if with_all {
+                p.all = all;
+            }
+            p.turns = 1;
         }
-        last_user.clone_from(&all);
-        turns = 1;
+        p
     }
-    (last_user, all, images, turns)
 }
 
 const CODE_MARKERS: [&str; 24] = [
@@ -263,7 +297,7 @@ struct Automaton {
 /// The (list, index) pairs of one needle.
 type Owners = Vec<(usize, usize)>;
 
-const GROUP: usize = 48;
+const GROUP: usize = 12;
 
 impl Automaton {
     fn new(lists: &[&[&str]]) -> Self {
@@ -418,11 +452,13 @@ pub fn extract_with(
     classifier: Option<&TaskClassifier>,
     purpose: Extraction,
 ) -> Features {
-    let (last, all, has_images, turns) = prompt_texts(body);
+    // The traffic mix needs every message's length, not its text.
+    let prompt = Prompt::read(body, purpose == Extraction::Routing);
+    let (all, has_images, turns) = (&prompt.all, prompt.images, prompt.turns);
     // Routing runs on the proxy's threads: bound the work on huge prompts.
     // Markers are read from the first 16 KiB of the question; tokens are
     // counted on the first 64 KiB and extrapolated by size.
-    let last = &last[..floor_char_boundary(&last, 16 << 10)];
+    let last = &prompt.last[..floor_char_boundary(&prompt.last, 16 << 10)];
     let k = Keywords::scan(last);
     // CODE_MARKERS[0] is the fence: one is enough.
     let has_code = last.contains("```") || k.code_markers >= 2;
@@ -436,11 +472,11 @@ pub fn extract_with(
         .get("max_completion_tokens")
         .or_else(|| body.get("max_tokens"))
         .and_then(Value::as_u64);
-    let sample = &all[..floor_char_boundary(&all, 64 << 10)];
+    let sample = &all[..floor_char_boundary(all, 64 << 10)];
     let prompt_tokens = if purpose == Extraction::TrafficMix {
-        (all.len() as u64).div_ceil(4)
+        (prompt.all_len as u64).div_ceil(4)
     } else if sample.len() == all.len() {
-        smartllm_ledger::estimate_tokens(&all)
+        smartllm_ledger::estimate_tokens(all)
     } else {
         (smartllm_ledger::estimate_tokens(sample) as f64 * all.len() as f64
             / sample.len().max(1) as f64) as u64

@@ -47,9 +47,12 @@ pub(super) async fn once(
     header: RequestHeader,
     body: Bytes,
 ) -> Attempt {
-    let p = &x.dep.provider;
-    let pname = p.name().to_string();
-    let addr = x.peer._address.to_string();
+    let dep = x.dep;
+    let p = &dep.provider;
+    // Borrowed, and the address formatted only for an error message: a
+    // request that goes well allocates neither.
+    let pname = p.name();
+    let addr = x.peer._address.clone();
     let wait_start = Instant::now();
 
     let connect = pingora_timeout::timeout(
@@ -66,7 +69,7 @@ pub(super) async fn once(
             } else {
                 "connect"
             };
-            metrics::upstream_error(&pname, reason);
+            metrics::upstream_error(pname, reason);
             return Attempt::Retry(ApiError::bad_gateway(
                 "upstream_unreachable",
                 format!(
@@ -77,7 +80,7 @@ pub(super) async fn once(
         }
         Err(_) => {
             ctx.upstream_wait += wait_start.elapsed();
-            metrics::upstream_error(&pname, "connect_timeout");
+            metrics::upstream_error(pname, "connect_timeout");
             return Attempt::Retry(ApiError::gateway_timeout(format!(
                 "Connecting to provider '{pname}' at {addr} timed out after {:?}.",
                 p.cfg.connect_timeout
@@ -90,7 +93,7 @@ pub(super) async fn once(
     let sent = send(&mut up, header, body).await;
     if let Err(e) = sent {
         ctx.upstream_wait += wait_start.elapsed();
-        metrics::upstream_error(&pname, "write");
+        metrics::upstream_error(pname, "write");
         return Attempt::Retry(ApiError::bad_gateway(
             "upstream_write_failed",
             format!(
@@ -107,13 +110,13 @@ pub(super) async fn once(
             ctx.upstream_wait += wait_start.elapsed();
             if reused && !is_timeout(&e) {
                 // A pooled connection the upstream had already closed: safe to resend.
-                metrics::upstream_error(&pname, "stale_connection");
+                metrics::upstream_error(pname, "stale_connection");
                 return Attempt::Retry(ApiError::bad_gateway(
                     "upstream_reset",
                     format!("Provider '{pname}' closed the connection."),
                 ));
             }
-            metrics::upstream_error(&pname, "reset");
+            metrics::upstream_error(pname, "reset");
             let err = ApiError::bad_gateway(
                 "upstream_reset",
                 format!("Provider '{pname}' at {addr} closed or reset the connection before answering ({}).", e.etype().as_str()),
@@ -124,7 +127,7 @@ pub(super) async fn once(
         Err(_) => {
             ctx.upstream_wait += wait_start.elapsed();
             up.shutdown().await;
-            metrics::upstream_error(&pname, "timeout");
+            metrics::upstream_error(pname, "timeout");
             let err = ApiError::gateway_timeout(format!(
                 "Provider '{pname}' did not answer within {:?} (first_byte_timeout).",
                 p.cfg.first_byte_timeout
@@ -135,7 +138,7 @@ pub(super) async fn once(
     let ttft = sent_at.elapsed();
     ctx.ttft = Some(ttft);
     ctx.upstream_wait += wait_start.elapsed();
-    metrics::ttft(ctx.model().unwrap_or("-"), &pname, ttft.as_secs_f64());
+    metrics::ttft(ctx.model().unwrap_or("-"), pname, ttft.as_secs_f64());
 
     let Some(resp) = up.response_header() else {
         return Attempt::Fail(ApiError::bad_gateway(
@@ -144,12 +147,10 @@ pub(super) async fn once(
         ));
     };
     let status = resp.status.as_u16();
-    let content_type = resp
-        .headers
-        .get("content-type")
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_ascii_lowercase();
+    let is_sse = resp.headers.get("content-type").is_some_and(|v| {
+        let v = v.as_bytes();
+        v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
+    });
     let mut passthrough: Vec<(String, String)> = Vec::new();
     for (name, value) in resp.headers.iter() {
         let n = name.as_str();
@@ -168,11 +169,11 @@ pub(super) async fn once(
         let body = match response_body(&mut up, idle, MAX_ERROR_BODY, &mut ctx.upstream_wait).await
         {
             Ok(b) => b,
-            Err(e) => return x.retry_or_fail(upstream_body_error(&pname, e)),
+            Err(e) => return x.retry_or_fail(upstream_body_error(pname, e)),
         };
         x.release(up).await;
         metrics::upstream_error(
-            &pname,
+            pname,
             if status == 429 {
                 "status_429"
             } else if status >= 500 {
@@ -185,10 +186,10 @@ pub(super) async fn once(
             Translate::Anthropic => anthropic::error_to_openai(status, &body),
             Translate::AnthropicNative => anthropic_error_body(status, &body),
             Translate::OpenAi if x.req.endpoint.is_anthropic() => {
-                messages::error_from_openai(status, &openai_error_body(status, &pname, &body))
+                messages::error_from_openai(status, &openai_error_body(status, pname, &body))
             }
             Translate::OpenAi | Translate::ResponsesNative => {
-                openai_error_body(status, &pname, &body)
+                openai_error_body(status, pname, &body)
             }
         };
         // Some providers quote the key they were sent in auth errors: that is
@@ -213,7 +214,6 @@ pub(super) async fn once(
     }
 
     x.passthrough = passthrough;
-    let is_sse = content_type.starts_with("text/event-stream");
     if x.req.stream && is_sse {
         stream::relay(x, session, ctx, up).await
     } else {

@@ -10,6 +10,7 @@ use crate::{metrics, respond};
 use pingora_core::protocols::http::client::HttpSession;
 use pingora_proxy::Session;
 use serde_json::Value;
+use smartllm_protocol::answer::OpenAiAnswer;
 use smartllm_protocol::{anthropic, messages, responses};
 use smartllm_protocol::{ApiError, Endpoint, Usage};
 
@@ -43,15 +44,41 @@ pub(super) async fn relay(
         }
     };
     x.release(up).await;
-    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+    let malformed = |body: &[u8]| {
         metrics::upstream_error(pname, "malformed_response");
-        return retry_or_fail(ApiError::bad_gateway(
+        retry_or_fail(ApiError::bad_gateway(
             "upstream_invalid_response",
             format!(
                 "Provider '{pname}' returned a response that is not valid JSON ({} bytes).",
                 body.len()
             ),
-        ));
+        ))
+    };
+    // An OpenAI answer going to an OpenAI client unchanged, and not to the
+    // cache: read its figures from the bytes and send them as they came.
+    if x.translate == Translate::OpenAi
+        && matches!(
+            x.req.endpoint,
+            Endpoint::ChatCompletions | Endpoint::Completions
+        )
+        && ctx.cache_insert.is_none()
+    {
+        match OpenAiAnswer::read(&body) {
+            Err(_) => return malformed(&body),
+            Ok(a) if a.usage.is_some() => {
+                ctx.cut_off = a.cut_at_length && !super::output_limited(x.req);
+                record_usage(ctx, a.usage);
+                return match respond::json(session, ctx, 200, body, &x.passthrough).await {
+                    Ok(()) => Attempt::Done,
+                    Err(_) => client_gone(ctx),
+                };
+            }
+            // No usage: estimated below from the answer's text.
+            Ok(_) => {}
+        }
+    }
+    let Ok(v) = serde_json::from_slice::<Value>(&body) else {
+        return malformed(&body);
     };
     if x.req.endpoint == Endpoint::MessagesCountTokens {
         // A count costs nothing and is no answer to cache.

@@ -16,7 +16,6 @@ mod stream;
 mod usage;
 
 use crate::ctx::Ctx;
-use crate::routing::deployment_id;
 use crate::runtime::{peer_for, DeploymentRuntime, ModelPool, Runtime};
 use crate::{metrics, Shared};
 use opentelemetry::KeyValue;
@@ -157,11 +156,10 @@ pub async fn run(
         for attempt in 0..attempts {
             let usable = |b: &pingora_load_balancing::Backend| {
                 !tried.contains(&b.addr)
-                    && pool.deployment_for(b).is_none_or(|d| {
-                        shared.breakers.is_available(
-                            &deployment_id(d.provider.name(), &b.addr),
-                            &d.provider.cfg.circuit_breaker,
-                        )
+                    && pool.deployment_and_breaker(b).is_none_or(|(d, id)| {
+                        shared
+                            .breakers
+                            .is_available(id, &d.provider.cfg.circuit_breaker)
                     })
             };
             let backend = pool
@@ -178,11 +176,10 @@ pub async fn run(
                 });
             let Some(backend) = backend else { break };
             tried.push(backend.addr.clone());
-            let Some(dep) = pool.deployment_for(&backend) else {
+            let Some((dep, breaker_id)) = pool.deployment_and_breaker(&backend) else {
                 break;
             };
             let provider = &dep.provider;
-            let breaker_id = deployment_id(provider.name(), &backend.addr);
             let breaker_cfg = provider.cfg.circuit_breaker;
             ctx.provider = Some(provider.name().to_string());
             ctx.upstream_model = Some(dep.upstream_model.clone());
@@ -215,7 +212,7 @@ pub async fn run(
             };
             // Claimed last, right before the attempt: a half-open circuit's one
             // trial is always followed by a recorded outcome.
-            if !shared.breakers.allow(&breaker_id, &breaker_cfg) {
+            if !shared.breakers.allow(breaker_id, &breaker_cfg) {
                 continue;
             }
             let more_left =
@@ -262,7 +259,7 @@ pub async fn run(
             let failed = |e: &ApiError| {
                 shared
                     .breakers
-                    .record(&breaker_id, &breaker_cfg, e.status < 500);
+                    .record(breaker_id, &breaker_cfg, e.status < 500);
                 shared
                     .profiles
                     .record_failure(&pool.model, (e.status == 504).then(|| started.elapsed()));
@@ -272,7 +269,7 @@ pub async fn run(
                     metrics::upstream_attempt(provider.name(), "ok");
                     shared
                         .breakers
-                        .record(&breaker_id, &breaker_cfg, ctx.status < 500);
+                        .record(breaker_id, &breaker_cfg, ctx.status < 500);
                     if ctx.status >= 500 || ctx.status == 429 {
                         shared.profiles.record_failure(&pool.model, None);
                     } else if let Some(ttft) = ctx.ttft {
@@ -302,7 +299,7 @@ pub async fn run(
                     // profile's TTFT is left alone.
                     metrics::upstream_attempt(provider.name(), "failed");
                     tracing::info!(request_id = %ctx.request_id, provider = %provider.name(), end = ?end, error = %error, "upstream stream ended in an error");
-                    shared.breakers.record(&breaker_id, &breaker_cfg, false);
+                    shared.breakers.record(breaker_id, &breaker_cfg, false);
                     shared.profiles.record_failure(&pool.model, None);
                     return Ok(());
                 }

@@ -5,6 +5,7 @@ use super::Translate;
 use crate::ctx::Ctx;
 use crate::runtime::DeploymentRuntime;
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use smartllm_config::ProviderKind;
@@ -134,24 +135,17 @@ pub(super) fn build(
     let mut h = RequestHeader::build("POST", path.as_bytes(), Some(12)).map_err(internal)?;
     h.insert_header("host", p.url.host_header())
         .map_err(internal)?;
-    h.insert_header("content-type", "application/json")
+    // Static values and a number go in as they are (no copy, no check).
+    const JSON: HeaderValue = HeaderValue::from_static("application/json");
+    const SSE: HeaderValue = HeaderValue::from_static("text/event-stream");
+    const AGENT: HeaderValue =
+        HeaderValue::from_static(concat!("smartllm/", env!("CARGO_PKG_VERSION")));
+    h.insert_header("content-type", JSON).map_err(internal)?;
+    h.insert_header("content-length", HeaderValue::from(body.len()))
         .map_err(internal)?;
-    h.insert_header("content-length", body.len().to_string())
+    h.insert_header("accept", if req.stream { SSE } else { JSON })
         .map_err(internal)?;
-    h.insert_header(
-        "accept",
-        if req.stream {
-            "text/event-stream"
-        } else {
-            "application/json"
-        },
-    )
-    .map_err(internal)?;
-    h.insert_header(
-        "user-agent",
-        concat!("smartllm/", env!("CARGO_PKG_VERSION")),
-    )
-    .map_err(internal)?;
+    h.insert_header("user-agent", AGENT).map_err(internal)?;
     h.insert_header("x-request-id", ctx.request_id.as_str())
         .map_err(internal)?;
     if ctx.trace.is_none() {
