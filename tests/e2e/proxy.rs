@@ -417,6 +417,58 @@ fn upstream_failures_map_to_502_and_504() {
     assert!(gw.metric("smartllm_requests_total", &[("status", "502")]) >= 3.0);
 }
 
+/// Upstream connections are kept alive and reused (`upstream_pool`); one the
+/// provider closed while it sat idle is never sent a request.
+#[test]
+fn upstream_connections_are_reused_and_closed_ones_skipped() {
+    let mock = Mock::start(&["--keepalive-ms", "300"]);
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &format!("providers:\n{}", mock_provider("mock", &mock)),
+        "models:\n  - name: small\n    deployments:\n      - provider: mock\n",
+        "",
+    ));
+    let connections = || {
+        get(&mock.addr, "/_mock/stats").json()["connections"]
+            .as_u64()
+            .unwrap()
+    };
+    for i in 0..20 {
+        let r = gw.chat(&chat_body("small", &format!("one after another {i}")));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    // Twenty requests one after another reuse a few connections (one per
+    // proxy thread; health checks and these stats reads open their own).
+    let before = connections();
+    assert!(
+        before < 10,
+        "{before} connections for 20 sequential requests"
+    );
+    // The mock closes idle connections after 300 ms: the next request must
+    // notice the kept one is closed and open another, not fail or retry.
+    std::thread::sleep(Duration::from_millis(800));
+    for i in 0..3 {
+        let r = gw.chat(&chat_body("small", &format!("after the close {i}")));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(
+        gw.metric(
+            "smartllm_upstream_errors_total",
+            &[("reason", "stale_connection")]
+        ),
+        0.0
+    );
+    assert_eq!(
+        gw.metric(
+            "smartllm_upstream_attempts_total",
+            &[("outcome", "retried")]
+        ),
+        0.0
+    );
+    assert!(connections() > before, "a new connection after the close");
+}
+
 #[test]
 fn provider_keys_from_env_and_file_are_injected() {
     let mock = Mock::start(&[]);

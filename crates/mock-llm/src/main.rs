@@ -21,7 +21,7 @@
 //! and task, deterministically (see `skills`).
 //!
 //! Introspection: `GET /_mock/last` (the last request: path, headers, body length
-//! and sha256), `GET /_mock/stats` (request count, streams cut short by the
+//! and sha256), `GET /_mock/stats` (request count, connections accepted, streams cut short by the
 //! client), `GET /health`.
 
 use anyhow::Context;
@@ -86,6 +86,10 @@ struct Args {
     /// Worker threads.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// Close a kept-alive connection idle this long (milliseconds), as
+    /// servers with a keep-alive timeout do. Default: never.
+    #[arg(long)]
+    keepalive_ms: Option<u64>,
     /// Also serve HTTPS on this address (same state as the plain listener).
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_listen: Option<String>,
@@ -149,6 +153,8 @@ struct State {
     /// Models of given skill on the labelled set (`--skill`).
     skills: Option<skills::Skills>,
     requests: AtomicU64,
+    /// Connections accepted.
+    connections: AtomicU64,
     /// Streams whose client (the gateway) went away before the end.
     streams_aborted: AtomicU64,
     last: Mutex<Value>,
@@ -383,8 +389,21 @@ async fn connection<S: Conn>(
     args: Arc<Args>,
     state: Arc<State>,
 ) -> anyhow::Result<()> {
+    state.connections.fetch_add(1, Ordering::Relaxed);
     let mut buf = Vec::with_capacity(8192);
-    while let Some(req) = read_request(&mut sock, &mut buf).await? {
+    loop {
+        // An idle keep-alive connection is closed after --keepalive-ms, as
+        // servers do (nothing buffered: no request has begun).
+        let idle = buf.is_empty();
+        let next = read_request(&mut sock, &mut buf);
+        let req = match args.keepalive_ms {
+            Some(ms) if idle => match tokio::time::timeout(Duration::from_millis(ms), next).await {
+                Ok(r) => r?,
+                Err(_) => break,
+            },
+            _ => next.await?,
+        };
+        let Some(req) = req else { break };
         let keep = req.keep_alive;
         if !handle(&mut sock, req, sni.as_deref(), &args, &state).await? || !keep {
             break;
@@ -868,6 +887,7 @@ async fn handle<S: Conn>(
                 sock,
                 200,
                 &json!({"requests": state.requests.load(Ordering::Relaxed),
+                    "connections": state.connections.load(Ordering::Relaxed),
                     "streams_aborted": state.streams_aborted.load(Ordering::Relaxed), "name": args.name}),
                 &inst,
             )

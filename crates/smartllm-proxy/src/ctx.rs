@@ -185,6 +185,12 @@ impl Ctx {
         self.model.as_deref()
     }
 
+    /// The model, taken out at the very end of a request (the ring of
+    /// recent requests keeps it).
+    pub fn take_model(&mut self) -> Option<String> {
+        self.model.take()
+    }
+
     /// Who the request is for, as limits, budgets and spend see it.
     pub fn scope(&self) -> smartllm_quota::Scope<'_> {
         smartllm_quota::Scope {

@@ -31,6 +31,7 @@ pub mod runtime;
 pub mod shutdown;
 pub mod tls;
 pub mod ui;
+pub mod upstream_pool;
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;

@@ -39,23 +39,27 @@ pub struct Recent {
 
 impl Recent {
     /// Keep a finished request that reached a model (upstream or cache).
-    pub fn record(&self, ctx: &Ctx, status: u16, cost_usd: f64) {
-        let Some(model) = ctx.model() else { return };
+    /// The last use of `ctx`: its names move into the ring (no copies).
+    pub fn record(&self, ctx: &mut Ctx, status: u16, cost_usd: f64) {
+        let Some(model) = ctx.take_model() else {
+            return;
+        };
         let usage = ctx.usage.unwrap_or_default();
         let unix_ms = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_millis() as u64)
             .unwrap_or(0);
+        let take = std::mem::take::<String>;
         self.push(RecentRequest {
             unix_ms,
-            request_id: ctx.request_id.clone(),
+            request_id: take(&mut ctx.request_id),
             endpoint: ctx.endpoint,
-            route: ctx.route.clone(),
-            model: model.to_string(),
-            provider: ctx.provider.clone(),
-            tenant: ctx.tenant.clone(),
-            app: ctx.app.clone(),
-            key: ctx.key_name.clone(),
+            route: ctx.route.take(),
+            model,
+            provider: ctx.provider.take(),
+            tenant: take(&mut ctx.tenant),
+            app: take(&mut ctx.app),
+            key: take(&mut ctx.key_name),
             status,
             stream: ctx.stream,
             prompt_tokens: usage.prompt_tokens,

@@ -28,9 +28,17 @@ pub fn header(
     len: Option<usize>,
 ) -> pingora_error::Result<ResponseHeader> {
     let mut h = ResponseHeader::build(status, Some(8))?;
-    h.insert_header("content-type", content_type)?;
+    if content_type == "application/json" {
+        // The common case goes in as a static value (no copy, no check).
+        h.insert_header(
+            "content-type",
+            http::HeaderValue::from_static("application/json"),
+        )?;
+    } else {
+        h.insert_header("content-type", content_type)?;
+    }
     if let Some(len) = len {
-        h.insert_header("content-length", len.to_string())?;
+        h.insert_header("content-length", http::HeaderValue::from(len))?;
     }
     h.insert_header("x-request-id", ctx.request_id.as_str())?;
     if let Some(m) = ctx.model() {

@@ -291,7 +291,6 @@ const PUZZLE_LIST: usize = 8;
 /// group cannot start at the same byte.
 struct Automaton {
     groups: Vec<(AhoCorasick, Vec<Owners>)>,
-    lists: usize,
 }
 
 /// The (list, index) pairs of one needle.
@@ -305,6 +304,10 @@ impl Automaton {
         let mut owners: Vec<Owners> = Vec::new();
         for (l, list) in lists.iter().enumerate() {
             assert!(list.len() <= 64, "a keyword list holds at most 64 needles");
+            assert!(
+                lists.len() <= MAX_LISTS,
+                "at most {MAX_LISTS} keyword lists"
+            );
             for (i, n) in list.iter().enumerate() {
                 match needles.iter().position(|m| m == n) {
                     Some(p) => owners[p].push((l, i)),
@@ -338,15 +341,12 @@ impl Automaton {
                 (ac, os)
             })
             .collect();
-        Self {
-            groups,
-            lists: lists.len(),
-        }
+        Self { groups }
     }
 
-    /// How many distinct needles of each list occur in `text`.
-    fn counts(&self, text: &str) -> Vec<usize> {
-        let mut seen = vec![0u64; self.lists];
+    /// Which needles of each list occur in `text` (bit i: the list's needle i).
+    fn found(&self, text: &str) -> [u64; MAX_LISTS] {
+        let mut seen = [0u64; MAX_LISTS];
         for (ac, owners) in &self.groups {
             let mut at = 0;
             while at < text.len() {
@@ -359,9 +359,12 @@ impl Automaton {
                 at = m.start() + 1;
             }
         }
-        seen.iter().map(|b| b.count_ones() as usize).collect()
+        seen
     }
 }
+
+/// The most keyword lists one [`Automaton`] searches.
+const MAX_LISTS: usize = 16;
 
 /// Keyword counts of one prompt (code markers by case, the rest on the
 /// lower-cased text): the same counts as a `contains` per needle, from a few
@@ -369,7 +372,9 @@ impl Automaton {
 /// model pays for the traffic mix.
 pub struct Keywords {
     code_markers: usize,
-    folded: Vec<usize>,
+    /// A code fence (CODE_MARKERS[0]) occurs.
+    fence: bool,
+    folded: [usize; FOLDED_LISTS.len()],
 }
 
 impl Keywords {
@@ -378,9 +383,12 @@ impl Keywords {
         static FOLDED: OnceLock<Automaton> = OnceLock::new();
         let cased = CASED.get_or_init(|| Automaton::new(&[&CODE_MARKERS]));
         let folded = FOLDED.get_or_init(|| Automaton::new(&FOLDED_LISTS));
+        let code = cased.found(text)[0];
+        let found = folded.found(&text.to_lowercase());
         Self {
-            code_markers: cased.counts(text)[0],
-            folded: folded.counts(&text.to_lowercase()),
+            code_markers: code.count_ones() as usize,
+            fence: code & 1 != 0,
+            folded: std::array::from_fn(|l| found[l].count_ones() as usize),
         }
     }
 
@@ -461,7 +469,7 @@ pub fn extract_with(
     let last = &prompt.last[..floor_char_boundary(&prompt.last, 16 << 10)];
     let k = Keywords::scan(last);
     // CODE_MARKERS[0] is the fence: one is enough.
-    let has_code = last.contains("```") || k.code_markers >= 2;
+    let has_code = k.fence || k.code_markers >= 2;
     let has_math = k.any(MATH_MARKERS_LIST) || k.any(MATH_WORDS_LIST) || has_arithmetic(last);
     let has_tools = body
         .get("tools")
@@ -668,9 +676,11 @@ mod tests {
             "A thread-safe, lock-free design: O(1) push, O(n log n) sort. Analyse the trade-off, compare.",
             "∫ x² dx ≤ √2 ≥ ∑ — imagine a story; a riddle of logic; fill in the fields as JSON",
             "whywhy why prove prove that prove",
+            "```rust\nfn main() {}\n```",
         ] {
             let k = Keywords::scan(text);
             assert_eq!(k.code_markers, naive(text, &CODE_MARKERS), "{text}");
+            assert_eq!(k.fence, text.contains(CODE_MARKERS[0]), "{text}");
             let lower = text.to_lowercase();
             for (l, list) in FOLDED_LISTS.iter().enumerate() {
                 assert_eq!(k.folded[l], naive(&lower, list), "list {l}: {text}");

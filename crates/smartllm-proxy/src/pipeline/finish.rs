@@ -26,7 +26,6 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
         0 => session.response_written().map_or(0, |r| r.status.as_u16()),
         s => s,
     };
-    shared.recent.record(ctx, status, cost);
     record_outcomes(shared, ctx, status);
     if let (Some(model), Some(task), true) = (ctx.model(), ctx.task, status == 200) {
         if let Some(task) = smartllm_router::Task::parse(task) {
@@ -60,6 +59,8 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
             .quotas
             .record(&rt.config.keys.budgets, &rt.config.fleet, ctx.scope(), cost);
     }
+    // Takes the request's names out of `ctx`: nothing reads them after this.
+    shared.recent.record(ctx, status, cost);
     // Last: a drain (SIGTERM, graceful upgrade) waits for this request's
     // ledger record and budget charge, not just its response.
     if std::mem::take(&mut ctx.in_flight) {

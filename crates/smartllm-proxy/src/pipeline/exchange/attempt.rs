@@ -8,6 +8,8 @@ use crate::drain::{response_body, BodyError};
 use crate::{metrics, respond};
 use bytes::Bytes;
 use pingora_core::protocols::http::client::HttpSession;
+use pingora_core::protocols::http::v1::client::HttpSession as Http1Session;
+use pingora_core::upstreams::peer::Peer;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
 use serde_json::Value;
@@ -55,11 +57,20 @@ pub(super) async fn once(
     let addr = x.peer._address.clone();
     let wait_start = Instant::now();
 
-    let connect = pingora_timeout::timeout(
-        p.cfg.connect_timeout + Duration::from_millis(250),
-        x.shared.connector.get_http_session(&x.peer),
-    )
-    .await;
+    let kept = crate::upstream_pool::take(x.peer.reuse_hash(), super::POOL_IDLE);
+    let connect = match kept {
+        Some(stream) => Ok(Ok((
+            HttpSession::H1(Http1Session::new_with_options(stream, &x.peer)),
+            true,
+        ))),
+        None => {
+            pingora_timeout::timeout(
+                p.cfg.connect_timeout + Duration::from_millis(250),
+                x.shared.connector.get_http_session(&x.peer),
+            )
+            .await
+        }
+    };
     let (mut up, reused) = match connect {
         Ok(Ok(s)) => s,
         Ok(Err(e)) => {

@@ -20,7 +20,7 @@ use crate::runtime::{peer_for, DeploymentRuntime, ModelPool, Runtime};
 use crate::{metrics, Shared};
 use opentelemetry::KeyValue;
 use pingora_core::protocols::http::client::HttpSession;
-use pingora_core::upstreams::peer::HttpPeer;
+use pingora_core::upstreams::peer::{HttpPeer, Peer};
 use pingora_error::ErrorType;
 use pingora_proxy::Session;
 use smartllm_protocol::{ApiError, ParsedRequest};
@@ -99,13 +99,24 @@ impl Exchange<'_> {
 
     /// Return the connection to the pool when its response is complete.
     async fn release(&self, mut up: HttpSession) {
-        if up.response_done() {
-            self.shared
-                .connector
-                .release_http_session(up, &self.peer, Some(POOL_IDLE))
-                .await;
-        } else {
+        if !up.response_done() {
             up.shutdown().await;
+            return;
+        }
+        match up {
+            // HTTP/1.1: kept in this thread's idle set (`upstream_pool`).
+            HttpSession::H1(mut h1) => {
+                h1.respect_keepalive();
+                if let Some(stream) = h1.reuse().await {
+                    crate::upstream_pool::put(self.peer.reuse_hash(), stream, POOL_IDLE);
+                }
+            }
+            up => {
+                self.shared
+                    .connector
+                    .release_http_session(up, &self.peer, Some(POOL_IDLE))
+                    .await
+            }
         }
     }
 }
