@@ -16,8 +16,9 @@
 //! that the provider closed, or that holds bytes nobody asked for, reads as
 //! ready and is dropped (the same check Pingora makes); one idle for longer
 //! than the idle limit is dropped unread. A peer's stack is trimmed of expired
-//! connections whenever one is given back, and holds at most
-//! [`MAX_PER_PEER`]. HTTP/2 sessions stay with Pingora's pool (they are
+//! connections whenever one is given back, every peer's at most once a
+//! second ([`SWEEP_EVERY`], so a provider that gets no more traffic does
+//! not keep its connections), and a stack holds at most [`MAX_PER_PEER`]. HTTP/2 sessions stay with Pingora's pool (they are
 //! shared by many requests, not taken by one).
 
 use pingora_core::protocols::Stream;
@@ -36,16 +37,38 @@ struct Idle {
     since: Instant,
 }
 
-thread_local! {
+#[derive(Default)]
+struct Pool {
     /// By the peer's reuse hash (address, TLS settings, pool key).
-    static IDLE: RefCell<HashMap<u64, Vec<Idle>>> = RefCell::new(HashMap::new());
+    idle: HashMap<u64, Vec<Idle>>,
+    /// When every peer's stack was last trimmed.
+    swept: Option<Instant>,
+}
+
+/// How often a thread trims the stacks of all its peers (not only the one
+/// it is giving a connection back to): a provider that gets no more
+/// traffic, or left the config, does not keep its connections open.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+thread_local! {
+    static IDLE: RefCell<Pool> = RefCell::new(Pool::default());
+}
+
+/// Drop the connections idle for `max_idle` or longer (the oldest are at
+/// the bottom of a stack).
+fn trim(v: &mut Vec<Idle>, now: Instant, max_idle: Duration) {
+    let expired = v
+        .iter()
+        .take_while(|i| now.duration_since(i.since) >= max_idle)
+        .count();
+    v.drain(..expired);
 }
 
 /// A kept connection to the peer `key`, idle for less than `max_idle`.
 pub fn take(key: u64, max_idle: Duration) -> Option<Stream> {
     loop {
-        let idle = IDLE.with_borrow_mut(|m| {
-            let v = m.get_mut(&key)?;
+        let idle = IDLE.with_borrow_mut(|p| {
+            let v = p.idle.get_mut(&key)?;
             let top = v.pop()?;
             if top.since.elapsed() >= max_idle {
                 // The newest expired: so did everything under it.
@@ -67,14 +90,16 @@ pub fn put(key: u64, mut stream: Stream, max_idle: Duration) {
         return;
     }
     let now = Instant::now();
-    IDLE.with_borrow_mut(|m| {
-        let v = m.entry(key).or_default();
-        // Oldest first: drop the expired ones at the bottom.
-        let expired = v
-            .iter()
-            .take_while(|i| now.duration_since(i.since) >= max_idle)
-            .count();
-        v.drain(..expired);
+    IDLE.with_borrow_mut(|p| {
+        if p.swept.is_none_or(|t| now.duration_since(t) >= SWEEP_EVERY) {
+            p.swept = Some(now);
+            for v in p.idle.values_mut() {
+                trim(v, now, max_idle);
+            }
+            p.idle.retain(|_, v| !v.is_empty());
+        }
+        let v = p.idle.entry(key).or_default();
+        trim(v, now, max_idle);
         if v.len() >= MAX_PER_PEER {
             v.remove(0);
         }
@@ -84,7 +109,12 @@ pub fn put(key: u64, mut stream: Stream, max_idle: Duration) {
 
 /// How many connections this thread keeps for the peer `key`.
 pub fn idle(key: u64) -> usize {
-    IDLE.with_borrow(|m| m.get(&key).map_or(0, Vec::len))
+    IDLE.with_borrow(|p| p.idle.get(&key).map_or(0, Vec::len))
+}
+
+/// How many peers this thread keeps connections for.
+pub fn peers() -> usize {
+    IDLE.with_borrow(|p| p.idle.len())
 }
 
 /// Nothing to read: not closed by the peer, no stray bytes. One read that
@@ -152,5 +182,18 @@ mod tests {
             put(key, s, Duration::from_secs(60));
         }
         assert_eq!(idle(key), MAX_PER_PEER);
+    }
+
+    #[tokio::test]
+    async fn a_peer_with_no_more_traffic_loses_its_connections_to_the_sweep() {
+        let (quiet_peer, _s1) = pair().await;
+        put(9, quiet_peer, Duration::from_millis(100));
+        assert_eq!(idle(9), 1);
+        tokio::time::sleep(SWEEP_EVERY + Duration::from_millis(50)).await;
+        // Traffic to another peer only: the sweep drops peer 9's expired connection.
+        let (busy, _s2) = pair().await;
+        put(10, busy, Duration::from_millis(100));
+        assert_eq!(idle(9), 0);
+        assert_eq!(peers(), 1);
     }
 }
