@@ -72,6 +72,8 @@ pub struct Shared {
     pub components: Components,
     pub cache: Option<Arc<smartllm_cache::SemanticCache>>,
     pub ledger: Option<smartllm_ledger::Ledger>,
+    /// Responses API conversations kept for translated providers.
+    pub responses: Option<responses_store::ResponsesStore>,
     /// Rate limits, budgets, cost cap and their fleet-wide state.
     pub quotas: Arc<smartllm_quota::Quotas>,
     /// Budget alerts for the alert service to deliver (taken when it starts).
@@ -143,7 +145,13 @@ impl Shared {
                 ledger.share_with(sync.cost_sink());
             }
         }
+        let responses = components.store.clone().and_then(|store| {
+            responses_store::ResponsesStore::start(store)
+                .map_err(|e| tracing::error!(error = %e, "cannot start the Responses store's writer; stored responses are off"))
+                .ok()
+        });
         Arc::new(Shared {
+            responses,
             runtime: ArcSwap::from_pointee(runtime),
             connector: Connector::new(None),
             metrics,

@@ -2,17 +2,38 @@
 //! not keep state themselves (translated to Chat Completions or Anthropic
 //! Messages): `previous_response_id` continues them, `GET` and `DELETE
 //! /v1/responses/{id}` read and remove them. Scoped by tenant (another
-//! tenant's id is not found), kept for [`TTL`], each at most [`MAX_BYTES`].
-//! RocksDB work runs on the blocking pool, never on the proxy's threads.
+//! tenant's id is not found), kept for [`TTL_SECS`], each at most
+//! [`MAX_BYTES`].
+//!
+//! Writes and deletes go to one writer thread through a queue, in order;
+//! until the writer has done one, it is in `pending`, which reads consult
+//! first: a follow-up that names a response the instant its answer arrived
+//! finds it, and a deleted one is gone at once. The writer wakes for the
+//! first operation, lets more arrive for [`LINGER`], then does them all:
+//! under load a RocksDB write costs no thread handoff per response (each
+//! used to be its own blocking-pool task, and a translated Responses request
+//! cost twice a Chat Completions one). Reads run on the blocking pool, never
+//! on the proxy's threads. A drain waits for queued writes (each holds a
+//! token of the shared task tracker).
 
+use dashmap::DashMap;
 use smartllm_protocol::responses::StoredResponse;
 use smartllm_store::{Store, CF_RESPONSES};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::Arc;
+use std::time::Duration;
+use tokio_util::task::task_tracker::TaskTrackerToken;
+use tokio_util::task::TaskTracker;
 
 /// How long a stored response lives (OpenAI keeps them 30 days).
 pub const TTL_SECS: u64 = 30 * 24 * 3600;
 /// A conversation larger than this is not stored (its follow-ups get a 404).
 pub const MAX_BYTES: usize = 8 << 20;
+/// Operations queued at most; past it a write goes to the blocking pool.
+const QUEUE: usize = 4096;
+/// How long the writer lets operations gather after the first one wakes it.
+pub const LINGER: Duration = Duration::from_millis(1);
 
 fn key(tenant: &str, id: &str) -> Vec<u8> {
     // Length-prefixed: no tenant name can reach into another's keys.
@@ -23,75 +44,222 @@ fn key(tenant: &str, id: &str) -> Vec<u8> {
     k
 }
 
-/// The stored response `id` of `tenant`, if it is there and not expired.
-pub async fn load(store: Option<&Arc<Store>>, tenant: &str, id: &str) -> Option<StoredResponse> {
-    let store = store?.clone();
-    let k = key(tenant, id);
-    tokio::task::spawn_blocking(move || {
-        let bytes = store.get(CF_RESPONSES, &k).ok()??;
-        let (expiry, rest) = bytes.split_at_checked(8)?;
-        let expiry = u64::from_be_bytes(expiry.try_into().ok()?);
-        if expiry <= smartllm_protocol::time::now_secs() {
-            let _ = store.delete(CF_RESPONSES, &k);
-            return None;
-        }
-        StoredResponse::from_bytes(rest)
-    })
-    .await
-    .ok()
-    .flatten()
+/// A queued operation: the newest one of its key, until done.
+#[derive(Clone)]
+struct Pending {
+    seq: u64,
+    /// `None`: a delete.
+    stored: Option<Arc<StoredResponse>>,
 }
 
-/// Keep `stored` for `tenant` (off the request path; failures are logged).
-pub fn save(
-    store: Option<&Arc<Store>>,
-    tasks: &tokio_util::task::TaskTracker,
-    tenant: &str,
-    stored: StoredResponse,
-) {
-    let Some(store) = store.cloned() else {
+struct Op {
+    key: Vec<u8>,
+    seq: u64,
+    /// Keeps a drain waiting until the operation is done.
+    _token: TaskTrackerToken,
+}
+
+pub struct ResponsesStore {
+    store: Arc<Store>,
+    pending: Arc<DashMap<Vec<u8>, Pending>>,
+    seq: AtomicU64,
+    tx: SyncSender<Op>,
+}
+
+impl ResponsesStore {
+    /// Start the writer thread.
+    pub fn start(store: Arc<Store>) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(QUEUE);
+        let pending: Arc<DashMap<Vec<u8>, Pending>> = Arc::default();
+        let (s, p) = (store.clone(), pending.clone());
+        std::thread::Builder::new()
+            .name("smartllm-responses".into())
+            .spawn(move || writer(&s, &p, &rx))?;
+        Ok(Self {
+            store,
+            pending,
+            seq: AtomicU64::new(0),
+            tx,
+        })
+    }
+
+    /// The stored response `id` of `tenant`, if it is there and not expired.
+    pub async fn load(&self, tenant: &str, id: &str) -> Option<StoredResponse> {
+        let k = key(tenant, id);
+        if let Some(p) = self.pending.get(&k) {
+            return p.stored.as_deref().cloned();
+        }
+        let store = self.store.clone();
+        tokio::task::spawn_blocking(move || read(&store, &k))
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Keep `stored` for `tenant` (off the request path; failures are logged).
+    pub fn save(&self, tasks: &TaskTracker, tenant: &str, stored: StoredResponse) {
+        self.queue(tasks, key(tenant, stored.id()), Some(Arc::new(stored)));
+    }
+
+    /// Remove the stored response `id` of `tenant`; whether it was there.
+    pub async fn delete(&self, tasks: &TaskTracker, tenant: &str, id: &str) -> bool {
+        if self.load(tenant, id).await.is_none() {
+            return false;
+        }
+        self.queue(tasks, key(tenant, id), None);
+        true
+    }
+
+    fn queue(&self, tasks: &TaskTracker, key: Vec<u8>, stored: Option<Arc<StoredResponse>>) {
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.pending.insert(
+            key.clone(),
+            Pending {
+                seq,
+                stored: stored.clone(),
+            },
+        );
+        let op = Op {
+            key,
+            seq,
+            _token: tasks.token(),
+        };
+        match self.tx.try_send(op) {
+            Ok(()) => {}
+            // A burst past the queue: this one goes to the blocking pool.
+            Err(TrySendError::Full(op)) | Err(TrySendError::Disconnected(op)) => {
+                let (store, pending) = (self.store.clone(), self.pending.clone());
+                tasks.spawn_blocking(move || apply(&store, &pending, op));
+            }
+        }
+    }
+
+    /// Operations queued and not yet done.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+}
+
+fn writer(store: &Store, pending: &DashMap<Vec<u8>, Pending>, rx: &Receiver<Op>) {
+    while let Ok(first) = rx.recv() {
+        // Asleep rather than waiting on the queue: what arrives meanwhile
+        // wakes nobody.
+        std::thread::sleep(LINGER);
+        apply(store, pending, first);
+        while let Ok(op) = rx.try_recv() {
+            apply(store, pending, op);
+        }
+    }
+}
+
+/// Do `op` if it is still its key's newest, then let reads go to RocksDB.
+fn apply(store: &Store, pending: &DashMap<Vec<u8>, Pending>, op: Op) {
+    let Some(p) = pending.get(&op.key).map(|p| p.clone()) else {
         return;
     };
-    let k = key(tenant, stored.id());
-    tasks.spawn_blocking(move || {
-        let body = stored.to_bytes();
-        if body.len() > MAX_BYTES {
-            tracing::info!(
-                id = stored.id(),
-                bytes = body.len(),
-                "response conversation too large to keep; previous_response_id will not find it"
-            );
-            return;
+    if p.seq != op.seq {
+        // A newer operation on the key is queued behind this one.
+        return;
+    }
+    match &p.stored {
+        Some(stored) => write(store, &op.key, stored),
+        None => {
+            if let Err(e) = store.delete(CF_RESPONSES, &op.key) {
+                tracing::warn!(error = %e, "deleting a stored response failed");
+            }
         }
-        let mut v = (smartllm_protocol::time::now_secs() + TTL_SECS)
-            .to_be_bytes()
-            .to_vec();
-        v.extend_from_slice(&body);
-        if let Err(e) = store.put(CF_RESPONSES, &k, &v) {
-            tracing::warn!(error = %e, "storing a response failed");
-        }
-    });
+    }
+    pending.remove_if(&op.key, |_, cur| cur.seq == op.seq);
 }
 
-/// Remove the stored response `id` of `tenant`; whether it was there.
-pub async fn delete(store: Option<&Arc<Store>>, tenant: &str, id: &str) -> bool {
-    if load(store, tenant, id).await.is_none() {
-        return false;
+fn write(store: &Store, k: &[u8], stored: &StoredResponse) {
+    let body = stored.to_bytes();
+    if body.len() > MAX_BYTES {
+        tracing::info!(
+            id = stored.id(),
+            bytes = body.len(),
+            "response conversation too large to keep; previous_response_id will not find it"
+        );
+        return;
     }
-    let Some(store) = store.cloned() else {
-        return false;
-    };
-    let k = key(tenant, id);
-    tokio::task::spawn_blocking(move || store.delete(CF_RESPONSES, &k).is_ok())
-        .await
-        .unwrap_or(false)
+    let mut v = (smartllm_protocol::time::now_secs() + TTL_SECS)
+        .to_be_bytes()
+        .to_vec();
+    v.extend_from_slice(&body);
+    if let Err(e) = store.put(CF_RESPONSES, k, &v) {
+        tracing::warn!(error = %e, "storing a response failed");
+    }
+}
+
+fn read(store: &Store, k: &[u8]) -> Option<StoredResponse> {
+    let bytes = store.get(CF_RESPONSES, k).ok()??;
+    let (expiry, rest) = bytes.split_at_checked(8)?;
+    let expiry = u64::from_be_bytes(expiry.try_into().ok()?);
+    if expiry <= smartllm_protocol::time::now_secs() {
+        let _ = store.delete(CF_RESPONSES, k);
+        return None;
+    }
+    StoredResponse::from_bytes(rest)
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use serde_json::json;
+
     #[test]
     fn keys_keep_tenants_apart() {
         assert_ne!(super::key("a", "b\0c"), super::key("a\0b", "c"));
         assert_eq!(super::key("t", "resp_1"), b"\0\0\0\x01tresp_1".to_vec());
+    }
+
+    fn stored(id: &str, text: &str) -> StoredResponse {
+        StoredResponse {
+            response: json!({"id": id, "object": "response", "output_text": text}),
+            messages: vec![json!({"role": "assistant", "content": text})],
+        }
+    }
+
+    #[tokio::test]
+    async fn read_your_writes_then_from_rocksdb_and_deletes_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rs = ResponsesStore::start(store.clone()).unwrap();
+        let tasks = TaskTracker::new();
+        rs.save(&tasks, "t1", stored("resp_1", "one"));
+        // At once, before the writer ran: found, and only by its tenant.
+        assert_eq!(
+            rs.load("t1", "resp_1").await.unwrap().response["output_text"],
+            "one"
+        );
+        assert!(rs.load("t2", "resp_1").await.is_none());
+        // Written: the queue empties and RocksDB has it.
+        for _ in 0..500 {
+            if tasks.is_empty() && rs.pending() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert_eq!(rs.pending(), 0);
+        assert!(tasks.is_empty(), "the drain's tracker is released");
+        assert_eq!(
+            read(&store, &key("t1", "resp_1")).unwrap().response["output_text"],
+            "one"
+        );
+        // A save then a delete queued back to back: gone at once and after.
+        rs.save(&tasks, "t1", stored("resp_2", "two"));
+        assert!(rs.delete(&tasks, "t1", "resp_2").await);
+        assert!(rs.load("t1", "resp_2").await.is_none());
+        assert!(!rs.delete(&tasks, "t1", "resp_2").await);
+        assert!(rs.delete(&tasks, "t1", "resp_1").await);
+        for _ in 0..500 {
+            if rs.pending() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        assert!(read(&store, &key("t1", "resp_1")).is_none());
+        assert!(read(&store, &key("t1", "resp_2")).is_none());
+        assert!(rs.load("t1", "resp_1").await.is_none());
     }
 }

@@ -7,7 +7,7 @@
 
 use super::Failure;
 use crate::ctx::Ctx;
-use crate::{respond, responses_store, Shared};
+use crate::{respond, Shared};
 use bytes::BytesMut;
 use pingora_proxy::Session;
 use serde_json::Value;
@@ -28,7 +28,10 @@ pub async fn parse(
     let raw = body.freeze();
     let map = proto::read(&raw)?;
     let previous = match proto::previous_response_id(&map) {
-        Some(id) => responses_store::load(shared.components.store.as_ref(), &ctx.tenant, id).await,
+        Some(id) => match &shared.responses {
+            Some(r) => r.load(&ctx.tenant, id).await,
+            None => None,
+        },
         None => None,
     };
     proto::parse(endpoint, map, raw, previous, new_id())
@@ -61,15 +64,13 @@ pub async fn stored(
     id: &str,
     delete: bool,
 ) -> Result<(), Failure> {
-    let store = shared.components.store.as_ref();
-    let body = if delete {
-        responses_store::delete(store, &ctx.tenant, id)
+    let body = match &shared.responses {
+        None => None,
+        Some(r) if delete => r
+            .delete(&shared.tasks, &ctx.tenant, id)
             .await
-            .then(|| proto::deleted_object(id))
-    } else {
-        responses_store::load(store, &ctx.tenant, id)
-            .await
-            .map(|s| s.response)
+            .then(|| proto::deleted_object(id)),
+        Some(r) => r.load(&ctx.tenant, id).await.map(|s| s.response),
     };
     let Some(body) = body else {
         return Err(Failure::Api(proto::response_not_found(id, None)));
@@ -95,12 +96,11 @@ pub fn keep(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, response: &Value) {
         return;
     }
     match StoredResponse::new(r.previous.as_ref(), &r.original, response.clone()) {
-        Ok(stored) => responses_store::save(
-            shared.components.store.as_ref(),
-            &shared.tasks,
-            &ctx.tenant,
-            stored,
-        ),
+        Ok(stored) => {
+            if let Some(r) = &shared.responses {
+                r.save(&shared.tasks, &ctx.tenant, stored);
+            }
+        }
         Err(e) => tracing::debug!(request_id = %ctx.request_id, error = %e, "response not kept"),
     }
 }
