@@ -469,6 +469,42 @@ fn upstream_connections_are_reused_and_closed_ones_skipped() {
     assert!(connections() > before, "a new connection after the close");
 }
 
+/// A provider that closes a kept connection just as a request arrives (the
+/// mock answers two requests per connection, then reads the third and
+/// hangs up): the request goes again on a new connection and the client
+/// never sees it, even with a single deployment to send it to.
+#[test]
+fn a_kept_connection_closed_under_a_request_is_retried_on_a_new_one() {
+    let mock = Mock::start(&["--drop-after", "2"]);
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &format!(
+            "providers:\n  mock:\n    kind: openai\n    base_url: http://{}/v1\n    health_check:\n      kind: none\n",
+            mock.addr
+        ),
+        "models:\n  - name: small\n    deployments:\n      - provider: mock\n",
+        "",
+    ));
+    for i in 0..12 {
+        let r = gw.chat(&chat_body("small", &format!("sequential {i}")));
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    // Every third request met a closed connection, and was sent again.
+    assert!(
+        gw.metric(
+            "smartllm_upstream_errors_total",
+            &[("reason", "stale_connection")]
+        ) >= 3.0,
+        "{}",
+        gw.metrics()
+    );
+    assert_eq!(
+        gw.metric("smartllm_upstream_attempts_total", &[("outcome", "ok")]),
+        12.0
+    );
+}
+
 #[test]
 fn provider_keys_from_env_and_file_are_injected() {
     let mock = Mock::start(&[]);

@@ -90,6 +90,11 @@ struct Args {
     /// servers with a keep-alive timeout do. Default: never.
     #[arg(long)]
     keepalive_ms: Option<u64>,
+    /// After this many answers on a connection, read the next request and
+    /// close the connection unanswered (the race of a server closing a
+    /// kept-alive connection as a request arrives). Default: never.
+    #[arg(long)]
+    drop_after: Option<u64>,
     /// Also serve HTTPS on this address (same state as the plain listener).
     #[arg(long, requires_all = ["tls_cert", "tls_key"])]
     tls_listen: Option<String>,
@@ -390,6 +395,7 @@ async fn connection<S: Conn>(
     state: Arc<State>,
 ) -> anyhow::Result<()> {
     state.connections.fetch_add(1, Ordering::Relaxed);
+    let mut answered = 0u64;
     let mut buf = Vec::with_capacity(8192);
     loop {
         // An idle keep-alive connection is closed after --keepalive-ms, as
@@ -404,6 +410,11 @@ async fn connection<S: Conn>(
             _ => next.await?,
         };
         let Some(req) = req else { break };
+        if args.drop_after.is_some_and(|n| answered >= n) {
+            // A server closing a kept connection just as a request arrives.
+            break;
+        }
+        answered += 1;
         let keep = req.keep_alive;
         if !handle(&mut sock, req, sni.as_deref(), &args, &state).await? || !keep {
             break;

@@ -48,6 +48,7 @@ pub(super) async fn once(
     ctx: &mut Ctx,
     header: RequestHeader,
     body: Bytes,
+    fresh: bool,
 ) -> Attempt {
     let dep = x.dep;
     let p = &dep.provider;
@@ -57,7 +58,12 @@ pub(super) async fn once(
     let addr = x.peer._address.clone();
     let wait_start = Instant::now();
 
-    let kept = crate::upstream_pool::take(x.peer.reuse_hash(), super::POOL_IDLE);
+    // `fresh`: the request is being sent again after a kept connection failed it.
+    let kept = if fresh {
+        None
+    } else {
+        crate::upstream_pool::take(x.peer.reuse_hash(), super::POOL_IDLE)
+    };
     let connect = match kept {
         Some(stream) => Ok(Ok((
             HttpSession::H1(Http1Session::new_with_options(stream, &x.peer)),
@@ -104,6 +110,14 @@ pub(super) async fn once(
     let sent = send(&mut up, header, body).await;
     if let Err(e) = sent {
         ctx.upstream_wait += wait_start.elapsed();
+        if reused {
+            // Closed by the provider while it was kept: send again.
+            metrics::upstream_error(pname, "stale_connection");
+            return Attempt::Stale(ApiError::bad_gateway(
+                "upstream_reset",
+                format!("Provider '{pname}' closed the connection."),
+            ));
+        }
         metrics::upstream_error(pname, "write");
         return Attempt::Retry(ApiError::bad_gateway(
             "upstream_write_failed",
@@ -120,9 +134,9 @@ pub(super) async fn once(
         Ok(Err(e)) => {
             ctx.upstream_wait += wait_start.elapsed();
             if reused && !is_timeout(&e) {
-                // A pooled connection the upstream had already closed: safe to resend.
+                // A kept connection the upstream had already closed: safe to resend.
                 metrics::upstream_error(pname, "stale_connection");
-                return Attempt::Retry(ApiError::bad_gateway(
+                return Attempt::Stale(ApiError::bad_gateway(
                     "upstream_reset",
                     format!("Provider '{pname}' closed the connection."),
                 ));

@@ -35,6 +35,10 @@ enum Attempt {
     Retry(ApiError),
     /// Give up with this error (nothing was sent to the client yet).
     Fail(ApiError),
+    /// A kept connection the provider had closed as the request went out:
+    /// nothing was answered, so the request goes once more, on a new
+    /// connection to the same deployment (not counted against it).
+    Stale(ApiError),
     /// The answer had started (the client has its `200`), and the stream
     /// ended in `error`: the client got an error event, `ctx.error_code` is
     /// set and the failure counted in `smartllm_upstream_errors_total`. Not
@@ -255,11 +259,31 @@ pub async fn run(
                 more_left,
                 passthrough: Vec::new(),
             };
-            let outcome = attempt::once(&mut exchange, session, ctx, header, prepared.body).await;
+            let mut outcome =
+                attempt::once(&mut exchange, session, ctx, header, prepared.body, false).await;
+            if let Attempt::Stale(e) = outcome {
+                outcome = match request::build(req, dep, key.as_deref(), session, ctx) {
+                    Ok(again) => {
+                        let mut header = again.header;
+                        if let Some(t) = ctx.trace.as_mut() {
+                            if let Err(e) = t.inject(&mut header) {
+                                tracing::debug!(request_id = %ctx.request_id, error = %e, "traceparent not set");
+                            }
+                        }
+                        match attempt::once(&mut exchange, session, ctx, header, again.body, true)
+                            .await
+                        {
+                            Attempt::Stale(e) => Attempt::Retry(e),
+                            o => o,
+                        }
+                    }
+                    Err(_) => Attempt::Retry(e),
+                };
+            }
             if let Some(t) = ctx.trace.as_mut() {
                 let (name, error) = match &outcome {
                     Attempt::Done => ("ok", None),
-                    Attempt::Retry(e) => ("retried", Some(e.code)),
+                    Attempt::Retry(e) | Attempt::Stale(e) => ("retried", Some(e.code)),
                     Attempt::Fail(e) => ("failed", Some(e.code)),
                     Attempt::StreamFailed { error, .. } => ("failed", Some(error.code)),
                 };
@@ -293,7 +317,7 @@ pub async fn run(
                     }
                     return Ok(());
                 }
-                Attempt::Retry(e) => {
+                Attempt::Retry(e) | Attempt::Stale(e) => {
                     metrics::upstream_attempt(provider.name(), "retried");
                     tracing::debug!(request_id = %ctx.request_id, provider = %provider.name(), error = %e, "upstream attempt failed; trying the next deployment");
                     failed(&e);
