@@ -35,28 +35,37 @@ fn skip<'de, A: MapAccess<'de>>(map: &mut A) -> Result<(), A::Error> {
     map.next_value::<IgnoredAny>().map(|_| ())
 }
 
-macro_rules! ignore_scalars {
-    ($out:expr) => {
-        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> {
-            Ok($out)
-        }
-        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> {
-            Ok($out)
-        }
-        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> {
-            Ok($out)
-        }
-        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> {
-            Ok($out)
-        }
-        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> {
-            Ok($out)
-        }
-        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> {
-            Ok($out)
-        }
+/// Visitor methods for the kinds of value a field ignores, each answering
+/// `$out` (arrays and objects are still read through, so checked).
+macro_rules! otherwise {
+    ($out:expr; $($kind:ident),*) => { $(otherwise!(@$kind $out);)* };
+    (@bool $out:expr) => {
+        fn visit_bool<E: de::Error>(self, _: bool) -> Result<Self::Value, E> { Ok($out) }
+    };
+    (@i64 $out:expr) => {
+        fn visit_i64<E: de::Error>(self, _: i64) -> Result<Self::Value, E> { Ok($out) }
+    };
+    (@u64 $out:expr) => {
+        fn visit_u64<E: de::Error>(self, _: u64) -> Result<Self::Value, E> { Ok($out) }
+    };
+    (@f64 $out:expr) => {
+        fn visit_f64<E: de::Error>(self, _: f64) -> Result<Self::Value, E> { Ok($out) }
+    };
+    (@str $out:expr) => {
+        fn visit_str<E: de::Error>(self, _: &str) -> Result<Self::Value, E> { Ok($out) }
+    };
+    (@unit $out:expr) => {
+        fn visit_unit<E: de::Error>(self) -> Result<Self::Value, E> { Ok($out) }
+    };
+    (@seq $out:expr) => {
         fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
             while seq.next_element::<IgnoredAny>()?.is_some() {}
+            Ok($out)
+        }
+    };
+    (@map $out:expr) => {
+        fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+            while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
             Ok($out)
         }
     };
@@ -69,7 +78,7 @@ impl<'de> Visitor<'de> for AnswerVisitor {
     fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("a JSON value")
     }
-    ignore_scalars!(OpenAiAnswer::default());
+    otherwise!(OpenAiAnswer::default(); bool, i64, u64, f64, str, unit, seq);
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut a = OpenAiAnswer::default();
         while let Some(key) = map.next_key::<Key>()? {
@@ -144,31 +153,12 @@ impl<'de> de::Deserialize<'de> for Count {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a count")
             }
+            otherwise!(Count(0); bool, f64, str, unit, seq, map);
             fn visit_u64<E: de::Error>(self, n: u64) -> Result<Count, E> {
                 Ok(Count(n))
             }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<Count, E> {
                 Ok(Count(u64::try_from(n).unwrap_or(0)))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Count, E> {
-                Ok(Count(0))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Count, E> {
-                Ok(Count(0))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Count, E> {
-                Ok(Count(0))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Count, E> {
-                Ok(Count(0))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Count(0))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Count, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Count(0))
             }
         }
         d.deserialize_any(V)
@@ -187,27 +177,9 @@ impl<'de> de::Deserialize<'de> for UsageField {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a usage object")
             }
+            otherwise!(UsageField(Some(Usage::default())); bool, i64, u64, f64, str, seq);
             fn visit_unit<E: de::Error>(self) -> Result<UsageField, E> {
                 Ok(UsageField(None))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<UsageField, E> {
-                Ok(UsageField(Some(Usage::default())))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<UsageField, E> {
-                Ok(UsageField(Some(Usage::default())))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<UsageField, E> {
-                Ok(UsageField(Some(Usage::default())))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<UsageField, E> {
-                Ok(UsageField(Some(Usage::default())))
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<UsageField, E> {
-                Ok(UsageField(Some(Usage::default())))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<UsageField, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(UsageField(Some(Usage::default())))
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageField, A::Error> {
                 let mut u = Usage::default();
@@ -251,7 +223,7 @@ impl<'de> de::Deserialize<'de> for Details {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a details object")
             }
-            ignore_scalars!(Details::default());
+            otherwise!(Details::default(); bool, i64, u64, f64, str, unit, seq);
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Details, A::Error> {
                 let mut out = Details::default();
                 while let Some(key) = map.next_key::<Key>()? {
@@ -285,28 +257,7 @@ impl<'de> de::Deserialize<'de> for Choices {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("choices")
             }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_str<E: de::Error>(self, _: &str) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Choices, E> {
-                Ok(Choices::default())
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Choices, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Choices::default())
-            }
+            otherwise!(Choices::default(); bool, i64, u64, f64, str, unit, map);
             fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Choices, A::Error> {
                 let mut out = Choices {
                     is_array: true,
@@ -333,7 +284,7 @@ impl<'de> de::Deserialize<'de> for Choice {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a choice")
             }
-            ignore_scalars!(Choice(false));
+            otherwise!(Choice(false); bool, i64, u64, f64, str, unit, seq);
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Choice, A::Error> {
                 let mut length = false;
                 while let Some(key) = map.next_key::<Key>()? {
@@ -360,31 +311,9 @@ impl<'de> de::Deserialize<'de> for Reason {
             fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
                 f.write_str("a finish reason")
             }
+            otherwise!(Reason(false); bool, i64, u64, f64, unit, seq, map);
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Reason, E> {
                 Ok(Reason(s == "length"))
-            }
-            fn visit_bool<E: de::Error>(self, _: bool) -> Result<Reason, E> {
-                Ok(Reason(false))
-            }
-            fn visit_i64<E: de::Error>(self, _: i64) -> Result<Reason, E> {
-                Ok(Reason(false))
-            }
-            fn visit_u64<E: de::Error>(self, _: u64) -> Result<Reason, E> {
-                Ok(Reason(false))
-            }
-            fn visit_f64<E: de::Error>(self, _: f64) -> Result<Reason, E> {
-                Ok(Reason(false))
-            }
-            fn visit_unit<E: de::Error>(self) -> Result<Reason, E> {
-                Ok(Reason(false))
-            }
-            fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Reason, A::Error> {
-                while seq.next_element::<IgnoredAny>()?.is_some() {}
-                Ok(Reason(false))
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Reason, A::Error> {
-                while map.next_entry::<IgnoredAny, IgnoredAny>()?.is_some() {}
-                Ok(Reason(false))
             }
         }
         d.deserialize_any(V)
