@@ -50,16 +50,23 @@ def rows(path: str) -> list[list[str]]:
         return [line.rstrip("\n").split("\t") for line in f if line.strip() and not line.startswith("#")]
 
 
-def main() -> None:
+def pick_examples(train: list[list[str]]) -> list[tuple[str, str, str]]:
+    """(task, prompt cut to CHARS, source): PER_SOURCE prompts of every
+    training collection, drawn with a generator seeded by the collection's
+    name, so adding a collection leaves the others' picks as they were."""
     by_source = collections.defaultdict(list)
-    for task, prompt, source in rows(os.path.join(HERE, "train.tsv")):
+    for task, prompt, source in train:
         by_source[source].append((task, prompt))
-    rng = random.Random(SEED)
     picked = []
     for source in sorted(by_source):
         items = sorted(by_source[source])
-        rng.shuffle(items)
-        picked.extend((task, cut(prompt, CHARS)) for task, prompt in items[:PER_SOURCE])
+        random.Random(f"{SEED}:{source}").shuffle(items)
+        picked.extend((task, cut(prompt, CHARS), source) for task, prompt in items[:PER_SOURCE])
+    return picked
+
+
+def main() -> None:
+    picked = [(t, p) for t, p, _ in pick_examples(rows(os.path.join(HERE, "train.tsv")))]
     seen = set()
     with open(CONF, "w", encoding="utf-8") as f:
         f.write(HEADER)
@@ -70,6 +77,7 @@ def main() -> None:
             f.write(f"{task}\t{prompt}\n")
     print(f"{os.path.normpath(CONF)}: {len(seen)} examples")
 
+    rng = random.Random(SEED)
     by_task = collections.defaultdict(list)
     for task, prompt, source in rows(os.path.join(HERE, "heldout.tsv")):
         by_task[task].append((task, prompt, source))

@@ -165,6 +165,16 @@ SOURCES = [
     ("heldout", "creative", "evals-iambic-pentameter", "ev", "iambic-pentameter", 5),
     ("heldout", "chat", "bigbench-snips", "bb", "intent_recognition", 80),
     ("heldout", "chat", "bigbench-known-unknowns", "bb", "known_unknowns", 46),
+    # ------------------------------------------- train, added 2026-11-30
+    # More collections for the tasks that had the fewest (extraction,
+    # creative). Listed last so that every sample drawn above stays what it
+    # was (one seeded generator serves the whole list). GEM's WikiLingua,
+    # MLSUM and WebNLG would add summarisation and data-to-text, but their
+    # terms are non-commercial, and these prompts ship in conf/tasks.tsv.
+    ("train", "extraction", "ni-quoref-answers", "bb", "natural_instructions/subtask002_quoref_answer_generation", 60),
+    ("train", "extraction", "evals-coqa", "ev", "coqa", 40),
+    ("train", "extraction", "evals-direct-speech-tag", "ev", "direct-speech-tag", 40),
+    ("train", "creative", "bigbench-gem-e2e-nlg", "bb", "gem/e2e_nlg", 60),
 ]
 
 

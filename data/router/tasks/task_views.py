@@ -20,7 +20,6 @@ $SMARTLLM_ASSETS_DIR (default ~/.cache/smartllm-assets).
 """
 import collections
 import os
-import random
 import sys
 
 import numpy as np
@@ -29,7 +28,7 @@ import tokenizers
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from make_conf import CHARS, PER_SOURCE, SEED, cut, rows  # noqa: E402
+from make_conf import pick_examples, rows  # noqa: E402
 
 ASSETS = os.environ.get("SMARTLLM_ASSETS_DIR", os.path.expanduser("~/.cache/smartllm-assets"))
 SIZES = (4, 8, 16, 32)
@@ -98,15 +97,8 @@ def loco(train, examples, weights):
 
 def main():
     train = [tuple(r) for r in rows(os.path.join(HERE, "train.tsv"))]
-    by_source = collections.defaultdict(list)
-    for task, prompt, source in train:
-        by_source[source].append((task, prompt))
-    rng = random.Random(SEED)
     ex = [(r[0], r[1], "handwritten") for r in rows(os.path.join(HERE, "handwritten.tsv"))]
-    for source in sorted(by_source):
-        items = sorted(by_source[source])
-        rng.shuffle(items)
-        ex.extend((t, cut(p, CHARS), source) for t, p in items[:PER_SOURCE])
+    ex.extend(pick_examples(train))
     examples, trained = embed(ex), embed(train)
     candidates = [{"whole": 1}]
     for h in SIZES:
