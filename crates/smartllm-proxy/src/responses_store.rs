@@ -14,14 +14,17 @@
 //! used to be its own blocking-pool task, and a translated Responses request
 //! cost twice a Chat Completions one). Reads run on the blocking pool, never
 //! on the proxy's threads. A drain waits for queued writes (each holds a
-//! token of the shared task tracker).
+//! token of the shared task tracker). Past the queue's bound an operation
+//! runs on the blocking pool beside the writer; a lock per key stripe, taken
+//! only there, keeps two of them off one key, so the key's newest operation
+//! is the one that sticks.
 
 use dashmap::DashMap;
 use smartllm_protocol::responses::StoredResponse;
 use smartllm_store::{Store, CF_RESPONSES};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
@@ -32,6 +35,8 @@ pub const TTL_SECS: u64 = 30 * 24 * 3600;
 pub const MAX_BYTES: usize = 8 << 20;
 /// Operations queued at most; past it a write goes to the blocking pool.
 const QUEUE: usize = 4096;
+/// Key stripes serialising the operations on one key (see [`Shared`]).
+const STRIPES: usize = 64;
 /// How long the writer lets operations gather after the first one wakes it.
 pub const LINGER: Duration = Duration::from_millis(1);
 
@@ -59,9 +64,34 @@ struct Op {
     _token: TaskTrackerToken,
 }
 
+/// What the writer and the overflow's blocking tasks share.
+struct Shared {
+    pending: DashMap<Vec<u8>, Pending>,
+    /// Taken (by key hash) around checking and doing an operation, only on
+    /// the writer and blocking threads: two of them never do the same key
+    /// at once, so an older save cannot land after a newer delete.
+    stripes: [Mutex<()>; STRIPES],
+}
+
+impl Default for Shared {
+    fn default() -> Self {
+        Self {
+            pending: DashMap::new(),
+            stripes: std::array::from_fn(|_| Mutex::new(())),
+        }
+    }
+}
+
+impl Shared {
+    fn stripe(&self, key: &[u8]) -> MutexGuard<'_, ()> {
+        let i = self.pending.hash_usize(&key) % STRIPES;
+        self.stripes[i].lock().unwrap_or_else(|e| e.into_inner())
+    }
+}
+
 pub struct ResponsesStore {
     store: Arc<Store>,
-    pending: Arc<DashMap<Vec<u8>, Pending>>,
+    shared: Arc<Shared>,
     seq: AtomicU64,
     tx: SyncSender<Op>,
 }
@@ -69,15 +99,19 @@ pub struct ResponsesStore {
 impl ResponsesStore {
     /// Start the writer thread.
     pub fn start(store: Arc<Store>) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel(QUEUE);
-        let pending: Arc<DashMap<Vec<u8>, Pending>> = Arc::default();
-        let (s, p) = (store.clone(), pending.clone());
+        Self::with_queue(store, QUEUE)
+    }
+
+    fn with_queue(store: Arc<Store>, queue: usize) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::sync_channel(queue);
+        let shared: Arc<Shared> = Arc::default();
+        let (s, p) = (store.clone(), shared.clone());
         std::thread::Builder::new()
             .name("smartllm-responses".into())
             .spawn(move || writer(&s, &p, &rx))?;
         Ok(Self {
             store,
-            pending,
+            shared,
             seq: AtomicU64::new(0),
             tx,
         })
@@ -86,7 +120,7 @@ impl ResponsesStore {
     /// The stored response `id` of `tenant`, if it is there and not expired.
     pub async fn load(&self, tenant: &str, id: &str) -> Option<StoredResponse> {
         let k = key(tenant, id);
-        if let Some(p) = self.pending.get(&k) {
+        if let Some(p) = self.shared.pending.get(&k) {
             return p.stored.as_deref().cloned();
         }
         let store = self.store.clone();
@@ -112,7 +146,7 @@ impl ResponsesStore {
 
     fn queue(&self, tasks: &TaskTracker, key: Vec<u8>, stored: Option<Arc<StoredResponse>>) {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.pending.insert(
+        self.shared.pending.insert(
             key.clone(),
             Pending {
                 seq,
@@ -128,38 +162,46 @@ impl ResponsesStore {
             Ok(()) => {}
             // A burst past the queue: this one goes to the blocking pool.
             Err(TrySendError::Full(op)) | Err(TrySendError::Disconnected(op)) => {
-                let (store, pending) = (self.store.clone(), self.pending.clone());
-                tasks.spawn_blocking(move || apply(&store, &pending, op));
+                let (store, shared) = (self.store.clone(), self.shared.clone());
+                tasks.spawn_blocking(move || apply(&store, &shared, op));
             }
         }
     }
 
     /// Operations queued and not yet done.
     pub fn pending(&self) -> usize {
-        self.pending.len()
+        self.shared.pending.len()
     }
 }
 
-fn writer(store: &Store, pending: &DashMap<Vec<u8>, Pending>, rx: &Receiver<Op>) {
+fn writer(store: &Store, shared: &Shared, rx: &Receiver<Op>) {
     while let Ok(first) = rx.recv() {
         // Asleep rather than waiting on the queue: what arrives meanwhile
         // wakes nobody.
         std::thread::sleep(LINGER);
-        apply(store, pending, first);
+        apply(store, shared, first);
         while let Ok(op) = rx.try_recv() {
-            apply(store, pending, op);
+            apply(store, shared, op);
         }
     }
 }
 
 /// Do `op` if it is still its key's newest, then let reads go to RocksDB.
-fn apply(store: &Store, pending: &DashMap<Vec<u8>, Pending>, op: Op) {
+fn apply(store: &Store, shared: &Shared, op: Op) {
+    let _stripe = shared.stripe(&op.key);
+    let pending = &shared.pending;
     let Some(p) = pending.get(&op.key).map(|p| p.clone()) else {
         return;
     };
     if p.seq != op.seq {
         // A newer operation on the key is queued behind this one.
         return;
+    }
+    #[cfg(test)]
+    if p.stored.is_some() {
+        // Widens the window between the check and the write, so that the
+        // test below meets the race it is about.
+        std::thread::sleep(Duration::from_micros(200));
     }
     match &p.stored {
         Some(stored) => write(store, &op.key, stored),
@@ -261,5 +303,43 @@ mod tests {
         assert!(read(&store, &key("t1", "resp_1")).is_none());
         assert!(read(&store, &key("t1", "resp_2")).is_none());
         assert!(rs.load("t1", "resp_1").await.is_none());
+    }
+
+    /// Past the queue, operations run on the blocking pool beside the
+    /// writer; whichever order they run in, each key ends as its last
+    /// operation left it (a save overtaken by a delete must not land after
+    /// it).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn overflowing_operations_on_one_key_end_as_the_last_one_left_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rs = ResponsesStore::with_queue(store.clone(), 1).unwrap();
+        let tasks = TaskTracker::new();
+        const KEYS: usize = 16;
+        for round in 0..400 {
+            for k in 0..KEYS {
+                let id = format!("resp_{k}");
+                if round % 2 == 0 {
+                    rs.save(&tasks, "t", stored(&id, "x"));
+                } else {
+                    assert!(rs.delete(&tasks, "t", &id).await);
+                }
+            }
+        }
+        // The last round (399) deleted every key; then one more save of half.
+        for k in 0..KEYS / 2 {
+            rs.save(&tasks, "t", stored(&format!("resp_{k}"), "last"));
+        }
+        tasks.close();
+        tasks.wait().await;
+        assert_eq!(rs.pending(), 0);
+        for k in 0..KEYS {
+            let got = read(&store, &key("t", &format!("resp_{k}")));
+            if k < KEYS / 2 {
+                assert_eq!(got.unwrap().response["output_text"], "last", "key {k}");
+            } else {
+                assert!(got.is_none(), "key {k} came back after its delete");
+            }
+        }
     }
 }
