@@ -2,7 +2,7 @@
 """A/B of two gateway builds on the plain proxy path, in one run.
 
     python3 bench/ab.py --a OLD/smartllm --b NEW/smartllm --mock $CARGO_TARGET_DIR/release/mock-llm \
-        --oha ~/.cache/smartllm-bench/oha/bin/oha [--body-size 1024] [--rounds 6] [--duration 4]
+        --oha ~/.cache/smartllm-bench/oha/bin/oha [--body-size 1024] [--model-last] [--rounds 6] [--duration 4]
 
 Both gateways run the same config as `bench/compare.py --suite frontdoor` (one
 worker, cache off, access log off, a fixed model), each pinned to CPU 0 and
@@ -54,6 +54,8 @@ def main():
     ap.add_argument("--mock", required=True, help="mock-llm binary")
     ap.add_argument("--oha", required=True)
     ap.add_argument("--body-size", type=int, default=1024)
+    ap.add_argument("--model-last", action="store_true",
+                    help="put `model` after `messages`, the key order the OpenAI SDKs send")
     ap.add_argument("--rounds", type=int, default=6)
     ap.add_argument("--duration", type=float, default=4)
     args = ap.parse_args()
@@ -65,7 +67,12 @@ def main():
         upstream = f"http://127.0.0.1:{mock_port}"
         C.wait_http(f"{upstream}/health", 10)
         body_file = work / "body.json"
-        body_file.write_text(C.sized_body(args.body_size))
+        text = C.sized_body(args.body_size)
+        if args.model_last:
+            d = json.loads(text)
+            d["model"] = d.pop("model")
+            text = json.dumps(d, separators=(",", ":"))
+        body_file.write_text(text)
         gws = {}
         for name, binary in (("A", args.a), ("B", args.b)):
             port, admin = C.free_port(), C.free_port()

@@ -475,19 +475,36 @@ fn assistant_turn(
 /// blocks) sees exactly what the client sent. `None` when `raw` has no
 /// top-level `model` string.
 pub fn splice_model(raw: &[u8], model: &str) -> Option<Vec<u8>> {
+    match splice(raw, model)? {
+        None => Some(raw.to_vec()),
+        Some(out) => Some(out),
+    }
+}
+
+/// [`splice_model`] on a shared buffer: when the name is already `model`,
+/// the same buffer (no copy of a large prompt).
+pub fn splice_model_bytes(raw: &bytes::Bytes, model: &str) -> Option<bytes::Bytes> {
+    match splice(raw, model)? {
+        None => Some(raw.clone()),
+        Some(out) => Some(out.into()),
+    }
+}
+
+/// `Some(None)`: `raw`'s model is already `model`.
+fn splice(raw: &[u8], model: &str) -> Option<Option<Vec<u8>>> {
     let (start, end) = top_level_value(raw, "model")?;
     if raw.get(start) != Some(&b'"') {
         return None;
     }
     let new = serde_json::to_vec(model).ok()?;
     if raw[start..end] == new[..] {
-        return Some(raw.to_vec());
+        return Some(None);
     }
     let mut out = Vec::with_capacity(raw.len() + new.len());
     out.extend_from_slice(&raw[..start]);
     out.extend_from_slice(&new);
     out.extend_from_slice(&raw[end..]);
-    Some(out)
+    Some(Some(out))
 }
 
 /// `raw` (a JSON object) with its top-level `key` set to `value` (added
@@ -565,17 +582,22 @@ fn top_level_value(raw: &[u8], key: &str) -> Option<(usize, usize)> {
     }
 }
 
-/// Index just past the string starting at `i` (a `"`).
-fn skip_string(raw: &[u8], mut i: usize) -> Option<usize> {
-    i += 1;
-    while i < raw.len() {
-        match raw[i] {
-            b'\\' => i += 2,
-            b'"' => return Some(i + 1),
-            _ => i += 1,
+/// Index just past the string starting at `i` (a `"`). Jumps from quote to
+/// quote (SIMD `memchr`) over the text, escapes included: a quote ends the
+/// string unless an odd run of backslashes comes before it. A prompt's text
+/// is most of a large body, and the client's key order often puts `model`
+/// after it.
+fn skip_string(raw: &[u8], i: usize) -> Option<usize> {
+    let mut at = i + 1;
+    loop {
+        let q = at + memchr::memchr(b'"', raw.get(at..)?)?;
+        // The opening quote bounds the run.
+        let run = raw[..q].iter().rev().take_while(|b| **b == b'\\').count();
+        if run % 2 == 0 {
+            return Some(q + 1);
         }
+        at = q + 1;
     }
-    None
 }
 
 /// Index just past the value starting at `i`.
@@ -1023,6 +1045,49 @@ mod tests {
         );
         assert!(set_top_level(b"[1]", "k", &json!(1)).is_none());
         assert!(splice_model(br#"{"x":1}"#, "z").is_none());
+    }
+
+    #[test]
+    fn a_model_after_a_long_prompt_is_found_and_an_unchanged_body_not_copied() {
+        // Quotes and backslashes at every distance from the SIMD scan's
+        // blocks, a trailing backslash pair, then `model` last (as the
+        // OpenAI SDKs order a chat request).
+        let mut text = String::new();
+        for i in 0..3000 {
+            text.push_str(&"x".repeat(i % 37));
+            // JSON escapes: \" and \\ and \n.
+            text.push_str([r#"\""#, r"\\", r"\n", "{[", "]}"][i % 5]);
+        }
+        text.push_str(r"\\");
+        let raw =
+            format!(r#"{{"messages":[{{"role":"user","content":"{text}"}}],"model":"m","n":1}}"#);
+        let v: Value = serde_json::from_str(&raw).unwrap();
+        assert_eq!(v["model"], "m");
+        let out = splice_model(raw.as_bytes(), "m-2").unwrap();
+        assert_eq!(
+            out,
+            raw.replace(r#""model":"m""#, r#""model":"m-2""#)
+                .into_bytes()
+        );
+        let shared = bytes::Bytes::from(raw.clone().into_bytes());
+        let same = splice_model_bytes(&shared, "m").unwrap();
+        assert_eq!(
+            same.as_ptr(),
+            shared.as_ptr(),
+            "no copy when the name stays"
+        );
+        assert_eq!(splice_model_bytes(&shared, "m-2").unwrap(), out);
+        // Runs of backslashes before a quote: odd escapes it, even does not.
+        for (raw, end) in [
+            (r#""a\\\"b""#, 8),
+            (r#""\\\\""#, 6),
+            (r#""\\",1"#, 4),
+            (r#""\"\"x","#, 7),
+        ] {
+            assert_eq!(skip_string(raw.as_bytes(), 0), Some(end), "{raw}");
+        }
+        // An unterminated string: no model, not a panic.
+        assert!(splice_model(br#"{"messages":"abc\"#, "z").is_none());
     }
 
     #[test]

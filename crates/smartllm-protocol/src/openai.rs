@@ -103,24 +103,28 @@ impl ParsedRequest {
     /// place — the model spliced in, `stream_options` set — and every other
     /// byte goes as sent: no clone of the parsed body, no re-serialising
     /// (a large prompt's cost on the proxy).
-    pub fn upstream_body(&self, upstream_model: &str, force_usage: bool) -> Vec<u8> {
+    pub fn upstream_body(&self, upstream_model: &str, force_usage: bool) -> bytes::Bytes {
         let wants_usage = self.stream && force_usage && self.endpoint != Endpoint::Embeddings;
         let openai = matches!(
             self.endpoint,
             Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
         );
-        if let (true, Some(raw)) = (openai, self.native.as_deref()) {
-            let mut out = crate::messages::splice_model(raw, upstream_model);
-            if wants_usage && !self.client_wants_usage {
+        if let (true, Some(raw)) = (openai, self.native.as_ref()) {
+            let out = if wants_usage && !self.client_wants_usage {
                 let mut opts = match self.body.get("stream_options") {
                     Some(Value::Object(o)) => o.clone(),
                     _ => Map::new(),
                 };
                 opts.insert("include_usage".into(), Value::Bool(true));
-                out = out.and_then(|o| {
-                    crate::messages::set_top_level(&o, "stream_options", &Value::Object(opts))
-                });
-            }
+                crate::messages::splice_model(raw, upstream_model)
+                    .and_then(|o| {
+                        crate::messages::set_top_level(&o, "stream_options", &Value::Object(opts))
+                    })
+                    .map(bytes::Bytes::from)
+            } else {
+                // The client's own buffer when the name needs no change.
+                crate::messages::splice_model_bytes(raw, upstream_model)
+            };
             if let Some(out) = out {
                 return out;
             }
@@ -135,7 +139,7 @@ impl ParsedRequest {
                 o.insert("include_usage".into(), Value::Bool(true));
             }
         }
-        serde_json::to_vec(&body).unwrap_or_default()
+        serde_json::to_vec(&body).unwrap_or_default().into()
     }
 }
 
@@ -502,7 +506,7 @@ mod tests {
         assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), parsed_path);
         // ... with the client's bytes (spacing, escapes) kept.
         assert_eq!(
-            String::from_utf8(out).unwrap(),
+            String::from_utf8(out.to_vec()).unwrap(),
             r#"{ "model" : "up-m", "messages":[{"role":"user","content":"hi \u00e9"}], "stream":true, "stream_options":{"include_usage":true,"x":1} }"#
         );
         // Not streamed: only the model changes.

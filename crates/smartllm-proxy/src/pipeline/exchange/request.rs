@@ -44,8 +44,8 @@ pub(super) fn build(
                     .as_deref()
                     .is_none_or(|r| r.previous.is_none()) =>
         {
-            let raw = req.native.as_deref().unwrap_or_default();
-            let body = smartllm_protocol::messages::splice_model(raw, &dep.upstream_model)
+            let raw = req.native.clone().unwrap_or_default();
+            let body = smartllm_protocol::messages::splice_model_bytes(&raw, &dep.upstream_model)
                 .ok_or_else(|| ApiError::internal("the request body lost its model"))?;
             (
                 format!("{}/responses", p.url.path),
@@ -96,8 +96,8 @@ pub(super) fn build(
             Translate::OpenAi,
         ),
         ProviderKind::Anthropic if req.endpoint.is_anthropic() => {
-            let raw = req.native.as_deref().unwrap_or_default();
-            let body = smartllm_protocol::messages::splice_model(raw, &dep.upstream_model)
+            let raw = req.native.clone().unwrap_or_default();
+            let body = smartllm_protocol::messages::splice_model_bytes(&raw, &dep.upstream_model)
                 .ok_or_else(|| ApiError::internal("the request body lost its model"))?;
             let suffix = if req.endpoint == Endpoint::MessagesCountTokens {
                 "/messages/count_tokens"
@@ -124,7 +124,7 @@ pub(super) fn build(
             let v = anthropic::request_to_anthropic(&req.body, &dep.upstream_model, req.stream)?;
             (
                 format!("{}/messages", p.url.path),
-                serde_json::to_vec(&v).unwrap_or_default(),
+                serde_json::to_vec(&v).unwrap_or_default().into(),
                 Translate::Anthropic,
             )
         }
@@ -188,7 +188,7 @@ pub(super) fn build(
     }
     Ok(Prepared {
         header: h,
-        body: Bytes::from(body),
+        body,
         translate,
         key: key.map(str::to_string),
     })
