@@ -54,6 +54,9 @@ pub(crate) enum Verified {
 
 /// Candidates the verifier judges per lookup, at most (the most similar).
 const MAX_JUDGED: usize = 2;
+/// IVF candidates scoring within this of the bar are scored again on their
+/// stored vectors (the 8-bit codes' error is about 0.01 at most).
+const RESCORE_MARGIN: f32 = 0.03;
 
 /// What a semantic candidate must clear to be served.
 #[derive(Debug, Clone, Copy)]
@@ -229,7 +232,19 @@ impl SemanticCache {
         // Within the namespace's id range: others' entries take no place in
         // the top k (a tag shared by another namespace is sorted out below).
         let range = ids::range(self.tagger.tag(namespace));
-        let hits = self.index.search_in(embedding, top_k, range)?;
+        let mut hits = self.index.search_in(embedding, top_k, range)?;
+        if self.index.ivf_params().is_some() {
+            // IVF-SQ8 scores come from 8-bit codes, within about 0.01 of
+            // the cosine: near the bar, the stored vector decides.
+            for (id, sim) in &mut hits {
+                if *sim >= threshold - RESCORE_MARGIN {
+                    if let Some(v) = self.load_vector(*id)? {
+                        *sim = smartllm_embed::cosine(embedding, &v);
+                    }
+                }
+            }
+            hits.sort_by(|a, b| b.1.total_cmp(&a.1));
+        }
         histogram!(m::SEARCH_SECONDS).record(t.elapsed().as_secs_f64());
         let mut judged = 0;
         let mut best = None;
@@ -788,6 +803,9 @@ mod tests {
                     Verified::Hit(e, sim, _) => {
                         assert_eq!(e.response, format!("{t}/{q}"), "{what}: tenant {t}");
                         assert!(sim > 0.95, "{what}: tenant {t}: {sim}");
+                        // The cosine itself, not the IVF codes' estimate.
+                        let exact = smartllm_embed::cosine(&v, &vectors[q]);
+                        assert!((sim - exact).abs() < 1e-5, "{what}: {sim} vs {exact}");
                         e.id
                     }
                     Verified::Miss { best, .. } => {
@@ -818,6 +836,73 @@ mod tests {
             "stored {} entries by {stored_ms} ms, IVF swapped in by {trained_ms} ms, IVF lookups by {ivf_ms} ms, flat lookups by {} ms",
             tenants * questions,
             started.elapsed().as_millis()
+        );
+    }
+
+    /// On the IVF index the similarity that meets the bar is the cosine of
+    /// the stored vector, not the 8-bit codes' estimate of it.
+    #[test]
+    fn ivf_candidates_near_the_bar_are_scored_on_their_stored_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, embedder(MAX_SEQ), Codec::plain(), 16, 1_000, None).unwrap();
+        let mut rng = fastrand::Rng::with_seed(7);
+        let unit = |rng: &mut fastrand::Rng, base: Option<&[f32]>, noise: f32| {
+            let v: Vec<f32> = (0..smartllm_embed::DIM)
+                .map(|i| base.map_or(0.0, |b| b[i]) + noise * (rng.f32() - 0.5))
+                .collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+        };
+        let k = key("t", "q");
+        let now = now_secs();
+        let vectors: Vec<Vec<f32>> = (0..1_200).map(|_| unit(&mut rng, None, 1.0)).collect();
+        for (i, v) in vectors.iter().enumerate() {
+            let entry = Entry {
+                id: 0,
+                namespace: k.namespace_hex(),
+                exact: format!("{i:064x}"),
+                query: "How do I reset my password?".into(),
+                response: format!("{i}"),
+                route: "auto".into(),
+                model: "m".into(),
+                created_at: now,
+                expires_at: now + 3600,
+                version: 1,
+            };
+            let mut exact = [0u8; 32];
+            exact[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            cache.write(entry, Some(v.clone()), exact).unwrap();
+        }
+        cache.maybe_upgrade();
+        wait_ivf(&cache);
+        let mut off = 0f32;
+        for i in (0..1_200).step_by(40) {
+            let probe = unit(&mut rng, Some(&vectors[i]), 0.01);
+            let bar = Bar {
+                similarity: 0.9,
+                verifier: None,
+            };
+            let (ns, q) = (k.namespace_hex(), "How do I reset my password?");
+            match cache
+                .search_verify(&probe, &ns, q, None, bar, 1, 8, now)
+                .unwrap()
+            {
+                Verified::Hit(e, sim, _) => {
+                    assert_eq!(e.response, i.to_string());
+                    let exact = smartllm_embed::cosine(&probe, &vectors[i]);
+                    assert!((sim - exact).abs() < 1e-5, "entry {i}: {sim} vs {exact}");
+                }
+                Verified::Miss { best, .. } => panic!("entry {i} not found (best {best:?})"),
+            }
+            let codes = cache.index.search_all(&probe, 1)[0].1;
+            off = off.max((codes - smartllm_embed::cosine(&probe, &vectors[i])).abs());
+        }
+        // The codes alone would have been off by this much.
+        assert!(
+            off > 1e-4,
+            "the 8-bit codes scored exactly ({off}): the test tests nothing"
         );
     }
 

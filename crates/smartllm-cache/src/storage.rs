@@ -44,6 +44,14 @@ impl SemanticCache {
             .expect("the store creates every column family")
     }
 
+    /// The stored (exact) vector of entry `id`.
+    pub(crate) fn load_vector(&self, id: u64) -> Result<Option<Vec<f32>>, CacheError> {
+        Ok(self
+            .db()
+            .get_cf(self.cf(CF_VECTORS), id.to_be_bytes())?
+            .and_then(|b| bytes_to_vec(&b)))
+    }
+
     pub(crate) fn load(&self, id: u64) -> Result<Option<Entry>, CacheError> {
         let Some(bytes) = self.db().get_cf(self.cf(CF_ENTRIES), id.to_be_bytes())? else {
             return Ok(None);
