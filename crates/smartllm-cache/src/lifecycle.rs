@@ -24,6 +24,9 @@ use std::time::Instant;
 /// tags have the older `ivf_next_id` marker only, and are rebuilt.)
 const IVF_MARKER: &[u8] = b"ivf_next_seq";
 pub const INDEX_FILE: &str = "cache.ivf";
+/// The IVF build's niceness: below the embedder's (+10), so on a busy
+/// machine the build waits rather than any request.
+pub const IVF_BUILD_NICE: i32 = 19;
 
 /// Stored vectors: (ids, row-major vectors).
 type Vectors = (Vec<u64>, Vec<f32>);
@@ -218,7 +221,8 @@ impl SemanticCache {
         Ok(true)
     }
 
-    /// Start a background IVF build when the index outgrew its kind. Takes
+    /// Start a background IVF build (at nice [`IVF_BUILD_NICE`]) when the
+    /// index outgrew its kind. Takes
     /// no lock (async callers).
     pub(crate) fn maybe_upgrade(self: &Arc<Self>) {
         let n = self.index.len();
@@ -235,6 +239,9 @@ impl SemanticCache {
         let this = self.clone();
         let flag = self.building.clone();
         let spawned = std::thread::Builder::new().name("smartllm-ivf".into()).spawn(move || {
+            // Training (k-means on FAISS's OpenMP team, which inherits this)
+            // yields to requests and to the embedder: lowest priority.
+            smartllm_embed::lower_priority(IVF_BUILD_NICE);
             if let Err(e) = this.build_ivf() {
                 tracing::error!(error = %e, "building the IVF cache index failed; the current index stays");
             }

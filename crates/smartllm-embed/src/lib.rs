@@ -350,10 +350,11 @@ fn build_session_with(
     builder.commit_from_file(&cfg.model)
 }
 
-/// Lower the calling thread's CPU priority (Linux niceness is per thread).
+/// Lower the calling thread's CPU priority (Linux niceness is per thread;
+/// threads it starts later, such as an OpenMP team, inherit it).
 #[cfg(target_os = "linux")]
 #[allow(unsafe_code)]
-fn lower_priority(nice: i32) {
+pub fn lower_priority(nice: i32) {
     // SAFETY: gettid and setpriority take plain integers and touch no memory
     // of ours; failure (an unprivileged lower bound) only leaves the priority.
     let rc = unsafe {
@@ -361,12 +362,12 @@ fn lower_priority(nice: i32) {
         libc::setpriority(libc::PRIO_PROCESS, tid as libc::id_t, nice)
     };
     if rc != 0 {
-        tracing::debug!(nice, "could not lower the embedder thread's priority");
+        tracing::debug!(nice, "could not lower a background thread's priority");
     }
 }
 
 #[cfg(not(target_os = "linux"))]
-fn lower_priority(_nice: i32) {}
+pub fn lower_priority(_nice: i32) {}
 
 impl Embedder {
     /// Load the runtime, model and tokenizer and start the worker threads.
@@ -916,6 +917,27 @@ pub fn cosine(a: &[f32], b: &[f32]) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A thread lowers its own priority, not the process's: the caller's
+    /// stays, a thread it starts afterwards inherits it.
+    #[cfg(target_os = "linux")]
+    #[test]
+    #[allow(unsafe_code)]
+    fn lowering_a_threads_priority_leaves_the_others() {
+        // SAFETY: plain integer calls on this process's own threads.
+        let nice =
+            || unsafe { libc::getpriority(libc::PRIO_PROCESS, libc::gettid() as libc::id_t) };
+        let before = nice();
+        let (own, child) = std::thread::spawn(move || {
+            lower_priority(19);
+            let child = std::thread::spawn(nice).join().unwrap();
+            (nice(), child)
+        })
+        .join()
+        .unwrap();
+        assert_eq!((own, child), (19, 19));
+        assert_eq!(nice(), before);
+    }
 
     #[test]
     fn pooling_ignores_padding() {
