@@ -803,9 +803,6 @@ mod tests {
                     Verified::Hit(e, sim, _) => {
                         assert_eq!(e.response, format!("{t}/{q}"), "{what}: tenant {t}");
                         assert!(sim > 0.95, "{what}: tenant {t}: {sim}");
-                        // The cosine itself, not the IVF codes' estimate.
-                        let exact = smartllm_embed::cosine(&v, &vectors[q]);
-                        assert!((sim - exact).abs() < 1e-5, "{what}: {sim} vs {exact}");
                         e.id
                     }
                     Verified::Miss { best, .. } => {
