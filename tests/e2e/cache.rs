@@ -38,7 +38,7 @@ fn the_verifier_serves_rewordings_and_refuses_look_alikes() {
     );
     let q = |text: &str| chat_body("auto", text);
     let stored = "How many yards longer was the longest touchdown compared to the shortest?";
-    let alike = "How many yards longer was the second longest touchdown compared to the shortest?";
+    let alike = "How many yards longer was the longest rushing touchdown compared to the shortest?";
     let fact = "The element carbon is present in all organic molecules.";
     let reworded = "Organic molecules all contain carbon.";
     for text in [stored, fact] {
