@@ -279,7 +279,7 @@ fn cache_ttl_version_bump_and_restart() {
     );
     gw2.config
         .write("cache.yaml", "cache:\n  enabled: true\n  version: 2\n");
-    assert!(wait_until(Duration::from_secs(5), || gw2
+    assert!(wait_until(Duration::from_secs(20), || gw2
         .metric("smartllm_config_reloads_total", &[("result", "ok")])
         >= 1.0));
     assert_eq!(
@@ -289,7 +289,7 @@ fn cache_ttl_version_bump_and_restart() {
     );
     // Off by reload: no lookups at all.
     gw2.config.write("cache.yaml", "cache:\n  enabled: false\n");
-    assert!(wait_until(Duration::from_secs(5), || gw2
+    assert!(wait_until(Duration::from_secs(20), || gw2
         .metric("smartllm_config_reloads_total", &[("result", "ok")])
         >= 2.0));
     assert_eq!(cache_header(&ask(&gw2, "k", &q)), "none");

@@ -89,7 +89,7 @@ fn graceful_upgrade_under_load_fails_no_request() {
         ],
     );
     gw.config.write("cache.yaml", "cache:\n  enabled: true\n");
-    assert!(wait_until(Duration::from_secs(5), || gw
+    assert!(wait_until(Duration::from_secs(20), || gw
         .metric("smartllm_config_reloads_total", &[("result", "ok")])
         >= 1.0));
     // An answer the old process caches; the new one must serve it.

@@ -55,7 +55,7 @@ fn overload_is_shed_with_503_and_retry_after_and_the_cache_steps_aside() {
         "smartllm.yaml",
         &main.replace("max_in_flight: 3", "max_in_flight: 50"),
     );
-    assert!(wait_until(Duration::from_secs(5), || gw
+    assert!(wait_until(Duration::from_secs(20), || gw
         .metric("smartllm_config_reloads_total", &[("result", "ok")])
         >= 1.0));
     let rs = burst(&gw.addr, 10, |i| chat_body("small", &format!("again {i}")));

@@ -652,7 +652,7 @@ fn official_openai_python_sdk_works_against_the_gateway() {
     };
     let (_mock, gw) = basic("", &["--chunk-delay-ms", "5"]);
     gw.config.write("cache.yaml", "cache:\n  enabled: true\n");
-    assert!(wait_until(Duration::from_secs(5), || gw
+    assert!(wait_until(Duration::from_secs(20), || gw
         .metric("smartllm_config_reloads_total", &[("result", "ok")])
         >= 1.0));
     let out = std::process::Command::new(python)

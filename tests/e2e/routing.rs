@@ -397,7 +397,7 @@ fn ab_experiment_splits_by_weight_sticks_per_user_and_reloads() {
     );
     // Hot reload: everyone to treatment.
     gw.config.write("routes.yaml", &route(0, 100));
-    assert!(wait_until(Duration::from_secs(5), || gw
+    assert!(wait_until(Duration::from_secs(20), || gw
         .metric("smartllm_config_reloads_total", &[("result", "ok")])
         >= 1.0));
     for i in 0..50 {
