@@ -57,20 +57,6 @@ def load(path):
     return X, guard, y, cats, groups
 
 
-def load_cats(path):
-    n = len(FEATURES)
-    with open(path, encoding="utf-8") as f:
-        f.readline()
-        return [line.rstrip("\n").split("\t")[n + 2] for line in f]
-
-
-def load_groups(path):
-    n = len(FEATURES)
-    with open(path, encoding="utf-8") as f:
-        f.readline()
-        return [line.rstrip("\n").split("\t")[n + 4] for line in f]
-
-
 def model():
     return HistGradientBoostingClassifier(
         max_depth=3, max_iter=150, learning_rate=0.05, min_samples_leaf=20,
@@ -113,7 +99,7 @@ def main():
     ap.add_argument("tuning")
     ap.add_argument("--out", default=OUT)
     args = ap.parse_args()
-    Xt, gt, yt, _, _ = load(args.train)
+    Xt, gt, yt, cats_t, groups_t = load(args.train)
     X, g, y, cats, groups = load(args.tuning)
     keep_t = gt & (Xt[:, 0] >= MIN_COSINE)
     keep = g & (X[:, 0] >= MIN_COSINE)
@@ -140,8 +126,8 @@ def main():
     Xa = np.vstack([Xt, X])
     ya = np.concatenate([yt, y])
     ka = np.concatenate([keep_t, keep])
-    ca = np.array(load_cats(args.train) + cats)
-    ga = np.array(load_groups(args.train) + list(groups))
+    ca = np.array(list(cats_t) + list(cats))
+    ga = np.array(list(groups_t) + list(groups))
     ia = np.flatnonzero(ka)
     oof_all = np.zeros(len(ya))
     for tr, te in GroupKFold(5).split(ia, ya[ia], ga[ia]):

@@ -295,7 +295,7 @@ fn plain_words(text: &str) -> Vec<String> {
 /// The digit form of a spelled number or ordinal ("five", "fifth", "5th"
 /// -> "5"), or the word itself.
 fn same_number(w: &str) -> &str {
-    if let Some((_, d)) = SPELLED_DIGITS.iter().find(|(name, _)| *name == w) {
+    if let Some(d) = spelled_digit(w) {
         return d;
     }
     let digits = w.trim_end_matches(|c: char| c.is_ascii_alphabetic());
@@ -307,6 +307,14 @@ fn same_number(w: &str) -> &str {
         return digits;
     }
     w
+}
+
+/// The digit form of a spelled number or ordinal ("five", "fifth" -> "5").
+fn spelled_digit(w: &str) -> Option<&'static str> {
+    SPELLED_DIGITS
+        .iter()
+        .find(|(name, _)| *name == w)
+        .map(|(_, d)| *d)
 }
 
 /// What one text has that the other lacks, word by word (multisets).
@@ -377,8 +385,8 @@ fn numbers(text: &str) -> Vec<String> {
                         .filter(|c| c.is_ascii_digit() || *c == '.')
                         .collect::<String>(),
                 )
-            } else if let Some((_, d)) = SPELLED_DIGITS.iter().find(|(name, _)| name == w) {
-                Some((*d).to_string())
+            } else if let Some(d) = spelled_digit(w) {
+                Some(d.to_string())
             } else if NUMBER_WORDS.contains(w) {
                 Some((*w).to_string())
             } else {
