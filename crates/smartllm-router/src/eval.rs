@@ -84,6 +84,45 @@ pub fn predicted_curve(name: &str, rows: &[EvalRow], predicted: &[Vec<f64>], bes
     }
 }
 
+/// The per-prompt oracle swept over how much cost counts: each row's true
+/// scores taken as the prediction. On profile simulations, where a model's
+/// score is its quality for the prompt's labelled task, this is the per-task
+/// oracle: the most any router that knew every prompt's task could keep at
+/// each share of the cost, the ceiling the profiles themselves allow.
+///
+/// Swept on absolute cost (not each row's cost relative to its dearest
+/// model, as [`predicted_curve`] mirrors the gateway's rule), so each point
+/// is the best total quality for its total cost; every single model's own
+/// point is on it too, as a policy the oracle may also take.
+pub fn oracle_curve(rows: &[EvalRow], best: usize) -> Curve {
+    let n = rows.first().map_or(0, |r| r.scores.len());
+    let scale = rows.iter().map(|r| r.costs[best]).sum::<f64>() / rows.len().max(1) as f64;
+    let scale = scale.max(1e-12);
+    let mut points: Vec<Point> = (0..n).map(|m| point(rows, best, |_| m)).collect();
+    for step in 0..=160 {
+        let lambda = if step == 0 {
+            0.0
+        } else {
+            0.001 * 1.06f64.powi(step)
+        };
+        points.push(point(rows, best, |i| {
+            let r = &rows[i];
+            (0..r.scores.len())
+                .max_by(|a, b| {
+                    let ua = r.scores[*a] - lambda * r.costs[*a] / scale;
+                    let ub = r.scores[*b] - lambda * r.costs[*b] / scale;
+                    // Equal utility: the cheaper one.
+                    ua.total_cmp(&ub).then(r.costs[*b].total_cmp(&r.costs[*a]))
+                })
+                .unwrap_or(best)
+        }));
+    }
+    Curve {
+        name: "oracle".into(),
+        points,
+    }
+}
+
 /// Random routing: the best model with probability p, else the cheapest (in expectation).
 pub fn random_curve(rows: &[EvalRow], best: usize, cheapest: usize) -> Curve {
     let b = point(rows, best, |_| best);
@@ -117,7 +156,8 @@ pub fn oracle_point(rows: &[EvalRow], best: usize) -> Point {
 }
 
 /// Quality kept at a given cost share, on the curve's upper envelope
-/// (linear between its Pareto points; 0 below its cheapest point).
+/// (the concave envelope of its Pareto points, i.e. the best random mix of
+/// two of them; 0 below its cheapest point).
 pub fn quality_at(curve: &Curve, cost_share: f64) -> f64 {
     let mut pts = curve.points.clone();
     pts.sort_by(|a, b| a.cost_share.total_cmp(&b.cost_share));
@@ -130,12 +170,19 @@ pub fn quality_at(curve: &Curve, cost_share: f64) -> f64 {
             frontier.push(p);
         }
     }
+    // Any two operating points can be mixed (each request sent by one or
+    // the other at random), so the value is the best chord over the cost:
+    // the concave envelope, not only neighbouring points.
     let mut best = 0.0f64;
-    for w in frontier.windows(2) {
-        let (a, b) = (w[0], w[1]);
-        if a.cost_share <= cost_share && cost_share <= b.cost_share && b.cost_share > a.cost_share {
-            let t = (cost_share - a.cost_share) / (b.cost_share - a.cost_share);
-            best = best.max(a.quality_share + t * (b.quality_share - a.quality_share));
+    for (i, a) in frontier.iter().enumerate() {
+        for b in &frontier[i + 1..] {
+            if a.cost_share <= cost_share
+                && cost_share <= b.cost_share
+                && b.cost_share > a.cost_share
+            {
+                let t = (cost_share - a.cost_share) / (b.cost_share - a.cost_share);
+                best = best.max(a.quality_share + t * (b.quality_share - a.quality_share));
+            }
         }
     }
     for p in &frontier {
@@ -179,5 +226,66 @@ mod tests {
         assert!((cheap.quality_share - 0.6).abs() < 1e-9);
         let oracle_choices: Vec<usize> = (0..100).map(|i| i % 2).collect();
         assert_eq!(choice_point(&rows, best, &oracle_choices), o);
+        // The oracle's curve is the perfect predictor's.
+        let curve = oracle_curve(&rows, best);
+        assert!((quality_at(&curve, 0.56) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn quality_at_mixes_any_two_points() {
+        let p = |c, q| Point {
+            cost_share: c,
+            quality_share: q,
+        };
+        let curve = Curve {
+            name: "c".into(),
+            points: vec![p(0.7, 1.0), p(0.3, 0.9), p(0.6, 0.92)],
+        };
+        // Half-way between the 30% and 70% points, above the 60% one's chord.
+        assert!((quality_at(&curve, 0.5) - 0.95).abs() < 1e-9);
+        assert!((quality_at(&curve, 0.3) - 0.9).abs() < 1e-9);
+        assert_eq!(quality_at(&curve, 0.2), 0.0);
+        assert!((quality_at(&curve, 0.9) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn the_oracle_curve_bounds_every_router_and_single_model() {
+        // Three models; which is worth its price depends on the task: the
+        // mid model is as good as the dear one on even rows, the cheap one
+        // as good on every third.
+        let rows: Vec<EvalRow> = (0..60)
+            .map(|i| EvalRow {
+                scores: vec![
+                    if i % 3 == 0 { 0.9 } else { 0.5 },
+                    if i % 2 == 0 { 0.9 } else { 0.7 },
+                    0.9,
+                ],
+                costs: vec![0.05, 0.4, 1.0],
+            })
+            .collect();
+        let (best, _) = best_and_cheapest(&rows, 3);
+        assert_eq!(best, 2);
+        let oracle = oracle_curve(&rows, best);
+        // A router that always believes the mid model is as good as the dear one.
+        let naive: Vec<Vec<f64>> = rows.iter().map(|_| vec![0.5, 0.9, 0.9]).collect();
+        let router = predicted_curve("naive", &rows, &naive, best);
+        for share in [0.1, 0.2, 0.4, 0.6, 0.8, 1.0] {
+            let o = quality_at(&oracle, share);
+            assert!(o + 1e-9 >= quality_at(&router, share), "at {share}");
+            for m in 0..3 {
+                let p = choice_point(&rows, best, &[m; 60]);
+                if p.cost_share <= share {
+                    assert!(o + 1e-9 >= p.quality_share, "model {m} at {share}");
+                }
+            }
+        }
+        // At the mid model's cost (40%) the mid model alone keeps 88.9%;
+        // the oracle (the cheap model where it is as good, the mid one on
+        // the rest, the dear one on part of the odd rows) keeps 96.9%.
+        let mid = choice_point(&rows, best, &[1; 60]);
+        assert!((mid.cost_share - 0.4).abs() < 1e-9);
+        assert!((mid.quality_share - 0.8 / 0.9).abs() < 1e-9);
+        let at_mid = quality_at(&oracle, mid.cost_share);
+        assert!((at_mid - 0.969).abs() < 0.002, "{at_mid}");
     }
 }

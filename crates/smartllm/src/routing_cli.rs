@@ -317,6 +317,7 @@ pub fn evaluate(
     let mut curves = vec![
         eval::predicted_curve("rules", &eval_rows, &rule_pred, best),
         eval::random_curve(&eval_rows, best, cheapest),
+        eval::oracle_curve(&eval_rows, best),
     ];
     if learned.is_some() {
         curves.insert(
@@ -591,12 +592,24 @@ fn simulate_from_profiles(
         .collect();
     let swept = eval::predicted_curve("router", &eval_rows, &predicted, best);
     let random = eval::random_curve(&eval_rows, best, cheapest);
+    let oracle = eval::oracle_curve(&eval_rows, best);
     let shares = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0];
     let curve: Vec<Value> = shares
         .iter()
         .map(|c| {
             json!({"cost_share": c, "router": eval::quality_at(&swept, *c),
-                "random": eval::quality_at(&random, *c)})
+                "random": eval::quality_at(&random, *c), "oracle": eval::quality_at(&oracle, *c)})
+        })
+        .collect();
+    // Each single model against the router and the oracle at its own cost:
+    // what routing adds over always sending that model, and the most the
+    // profiles allow any router to add.
+    let at_single: Vec<Value> = singles
+        .iter()
+        .map(|m| {
+            let c = m["cost_share"].as_f64().unwrap_or(0.0);
+            json!({"model": m["model"], "cost_share": c, "model_quality": m["quality_share"],
+                "router": eval::quality_at(&swept, c), "oracle": eval::quality_at(&oracle, c)})
         })
         .collect();
     Ok(json!({
@@ -608,6 +621,7 @@ fn simulate_from_profiles(
         "oracle_per_task": eval::oracle_point(&eval_rows, best),
         "single_models": singles,
         "quality_at_cost_share": curve,
+        "at_single_model_cost": at_single,
     }))
 }
 
@@ -638,14 +652,39 @@ fn print_simulation(s: &Value) {
     for m in s["single_models"].as_array().into_iter().flatten() {
         row(&format!("always {}", m["model"].as_str().unwrap_or("-")), m);
     }
-    println!("quality kept at a share of the cost (router: its cost weight swept; random: best or cheapest model):");
-    println!("  {:>6} {:>8} {:>8}", "cost", "router", "random");
+    println!("quality kept at a share of the cost (router: its cost weight swept; random: best or cheapest model;");
+    println!(
+        "oracle: the task known, cost weight swept: the most these profiles let any router keep):"
+    );
+    println!(
+        "  {:>6} {:>8} {:>8} {:>8}",
+        "cost", "router", "random", "oracle"
+    );
     for p in s["quality_at_cost_share"].as_array().into_iter().flatten() {
         println!(
-            "  {:>5.0}% {:>7.1}% {:>7.1}%",
+            "  {:>5.0}% {:>7.1}% {:>7.1}% {:>7.1}%",
             pct(&p["cost_share"]),
             pct(&p["router"]),
-            pct(&p["random"])
+            pct(&p["random"]),
+            pct(&p["oracle"])
+        );
+    }
+    println!("at each single model's own cost (router and oracle: points over always that model):");
+    println!(
+        "  {:<22} {:>6} {:>8} {:>16} {:>16}",
+        "model", "cost", "quality", "router", "oracle"
+    );
+    for m in s["at_single_model_cost"].as_array().into_iter().flatten() {
+        let q = pct(&m["model_quality"]);
+        println!(
+            "  {:<22} {:>5.1}% {:>7.1}% {:>7.1}% ({:>+5.1}) {:>7.1}% ({:>+5.1})",
+            m["model"].as_str().unwrap_or("-"),
+            pct(&m["cost_share"]),
+            q,
+            pct(&m["router"]),
+            pct(&m["router"]) - q,
+            pct(&m["oracle"]),
+            pct(&m["oracle"]) - q
         );
     }
 }
@@ -709,6 +748,21 @@ mod tests {
         assert!(r["cost_share"].as_f64().unwrap() < 1.0, "{s}");
         let o = &s["oracle_per_task"];
         assert_eq!(o["quality_share"].as_f64(), Some(1.0), "{s}");
+        // The oracle's curve bounds the router's and every single model at
+        // its own cost.
+        for p in s["quality_at_cost_share"].as_array().unwrap() {
+            assert!(
+                p["oracle"].as_f64().unwrap() + 1e-9 >= p["router"].as_f64().unwrap(),
+                "{p}"
+            );
+        }
+        let at = s["at_single_model_cost"].as_array().unwrap();
+        assert_eq!(at.len(), singles.len());
+        for m in at {
+            let oracle = m["oracle"].as_f64().unwrap();
+            assert!(oracle + 1e-9 >= m["model_quality"].as_f64().unwrap(), "{m}");
+            assert!(oracle + 1e-9 >= m["router"].as_f64().unwrap(), "{m}");
+        }
     }
 
     /// About ten points under the sample's accuracy with the shipped
