@@ -153,6 +153,79 @@ def most_alike(scored: list[tuple[float, str, str]], n: int) -> list[tuple]:
     return out
 
 
+SQUAD_DEV = "squad_shifts/squaddev_v1.1.json"
+SQUAD_REWRITES = 300
+SQUAD_RELATED = 120
+
+
+def squad_dev(t: Tasks) -> list[dict]:
+    """SQuAD v1.1 dev paragraphs ({context, qas}) as BIG-bench ships them
+    (squad_shifts' reference set)."""
+    f = t.tar.extractfile(TASKS + SQUAD_DEV)
+    return [p for art in json.load(f)["data"] for p in art["paragraphs"]]
+
+
+def recase(rewrite: str, *sources: str) -> str:
+    """Give a lower-cased rewrite back the capitals its sources use
+    mid-sentence ("who recorded walking in fresno?" -> "... Walking in
+    Fresno?"; "abc is owned by ..." -> "ABC is owned by ...")."""
+    caps = {}
+    for src in sources:
+        for m in re.finditer(r"(?<![.?!]\s)(?<!^)\b([A-Z][\w&]+)", src):
+            caps.setdefault(m.group(1).lower(), m.group(1))
+    out = re.sub(r"\b[\w&]+", lambda m: caps.get(m.group(0).lower(), m.group(0)), rewrite)
+    return out[:1].upper() + out[1:]
+
+
+def squad_rewrites(t: Tasks, paragraphs: list[dict]) -> list[tuple]:
+    """(SQuAD dev question, its rewrite in BIG-bench's question_selection):
+    a rewrite is paired with the paragraph's one original question whose
+    annotators gave the rewrite's short answer; rewrites whose answer two or
+    more originals share are skipped."""
+    by_context = {clean(p["context"]): p for p in paragraphs}
+    out = []
+    for e in t.examples(TASKS + "question_selection"):
+        m = re.match(r"Short Answer: (.*?) Context: (.*)", e["input"], re.S)
+        if not m:
+            continue
+        answer, context = m.group(1).strip().lower(), clean(m.group(2))
+        p = by_context.get(context)
+        rewrite = [q for q, v in e["target_scores"].items() if v == 1]
+        if p is None or len(rewrite) != 1:
+            continue
+        originals = [q for q in p["qas"] if answer in {a["text"].strip().lower() for a in q["answers"]}]
+        if len(originals) != 1:
+            continue
+        a = clean(originals[0]["question"])
+        b = recase(clean(rewrite[0]), a, p["context"])
+        if a.lower() != b.lower():
+            out.append((a, b, 1, "paraphrase"))
+    return list(dict.fromkeys(out))
+
+
+def squad_related(paragraphs: list[dict], n: int) -> list[tuple]:
+    """Two questions on one SQuAD dev paragraph whose answers (every
+    annotator's) share no word, most words in common first: real different
+    questions that read alike."""
+    words = lambda q: set(re.findall(r"[a-z0-9]+", q.lower()))
+    norm = lambda a: set(re.findall(r"[a-z0-9]+", a.lower()))
+    scored = []
+    for p in paragraphs:
+        qs = p["qas"]
+        for i in range(len(qs)):
+            for j in range(i + 1, len(qs)):
+                a, b = clean(qs[i]["question"]), clean(qs[j]["question"])
+                wa, wb = words(a), words(b)
+                if wa == wb or not wa or not wb or not (a.endswith("?") and b.endswith("?")):
+                    continue
+                ga = norm(" ".join(x["text"] for x in qs[i]["answers"]))
+                gb = norm(" ".join(x["text"] for x in qs[j]["answers"]))
+                if not ga or not gb or ga & gb:
+                    continue
+                scored.append((-len(wa & wb) / len(wa | wb), a, b))
+    return most_alike(scored, n)
+
+
 def snips(t: Tasks):
     """SNIPS user utterances (BIG-bench intent_recognition)."""
     qs = [clean(e["input"].removeprefix("Utterance:")) for e in t.examples(TASKS + "intent_recognition")]
@@ -662,6 +735,16 @@ def main():
         ("bigbench-unit-addition", unit_questions(t, "unit_addition_same")[1]),
     ]
     tuning = build_split("tuning", tun_real, tun_q, rng)
+    # Added 2026-11-30, after everything above (their own generator, so every
+    # earlier pair stays as it was): real SQuAD question rewrites and real
+    # SQuAD look-alike questions, so that calibration on this split meets
+    # real different questions that read alike, as held-out has (Spider's).
+    paragraphs = squad_dev(t)
+    rewrites = squad_rewrites(t, paragraphs)
+    extra = tag(random.Random(SEED + 2).sample(rewrites, SQUAD_REWRITES), "squad-rewrites")
+    extra += tag(squad_related(paragraphs, SQUAD_RELATED), "squad-dev")
+    seen = {x.lower() for r in tuning for x in r[:2]}
+    tuning += [r for r in extra if r[0].lower() not in seen and r[1].lower() not in seen]
 
     # Held-out: Spider, SNIPS, known_unknowns + general_knowledge,
     # unit_conversion_with_relative_error, Winogrande persons.

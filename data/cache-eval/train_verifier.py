@@ -40,15 +40,22 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 OUT = os.path.join(HERE, "..", "..", "crates", "smartllm-cache", "src", "verifier.json")
 
 
+# Tuning pairs added for calibration only (real SQuAD rewrites and
+# look-alikes, 2026-11-30): never trained on, so that `cache calibrate`
+# judges the verifier on pairs it has not seen.
+CALIBRATION_ONLY = {"squad-rewrites", "squad-dev"}
+
+
 def load(path):
     rows = []
+    n = len(FEATURES)
     with open(path, encoding="utf-8") as f:
         header = f.readline().rstrip("\n").split("\t")
         assert header[: len(FEATURES)] == FEATURES, header
         for line in f:
             c = line.rstrip("\n").split("\t")
-            rows.append(c)
-    n = len(FEATURES)
+            if c[n + 3] not in CALIBRATION_ONLY:
+                rows.append(c)
     X = np.array([[float(x) for x in r[:n]] for r in rows], dtype=np.float32)
     guard = np.array([r[n] == "1" for r in rows])
     y = np.array([int(r[n + 1]) for r in rows])

@@ -580,6 +580,77 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
         );
         std::thread::sleep(Duration::from_millis(200));
     }
+    // With --verifier the pass score is chosen too: at the same target it
+    // serves at least as many duplicates, and both keys are written and
+    // reloaded.
+    let (ok, out, err) = cli(&[
+        "cache",
+        "calibrate",
+        "--pairs",
+        tuning.to_str().unwrap(),
+        "--config",
+        &cfg,
+        "--route",
+        "auto",
+        "--max-trap-rate",
+        "0.01",
+        "--verifier",
+        "--write",
+        "--json",
+    ]);
+    assert!(ok, "{err}");
+    let joint: Value = serde_json::from_str(&out).unwrap();
+    assert!(joint["trap_rate"].as_f64().unwrap() <= 0.01, "{joint}");
+    assert_eq!(joint["current_verifier_threshold"], 0.6, "{joint}");
+    let (t, pass) = (
+        joint["threshold"].as_f64().unwrap(),
+        joint["verifier_threshold"].as_f64().unwrap(),
+    );
+    assert!((0.05..=0.95).contains(&pass), "{joint}");
+    let single_recall = {
+        let (ok, out, err) = cli(&[
+            "cache",
+            "calibrate",
+            "--pairs",
+            tuning.to_str().unwrap(),
+            "--config",
+            &cfg,
+            "--max-trap-rate",
+            "0.01",
+            "--json",
+        ]);
+        assert!(ok, "{err}");
+        serde_json::from_str::<Value>(&out).unwrap()["duplicates_served"]
+            .as_f64()
+            .unwrap()
+    };
+    assert!(
+        joint["duplicates_served"].as_f64().unwrap() >= single_recall,
+        "{joint} vs {single_recall}"
+    );
+    let text = std::fs::read_to_string(gw.config.path().join("cache.yaml")).unwrap();
+    assert!(
+        text.contains(&format!(
+            "auto: {{ similarity_threshold: {t:.2}, verifier_threshold: {pass:.2} }}"
+        )),
+        "{text}"
+    );
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let e = explain("What is a monad?", "What's a monad?");
+        let (now_t, now_pass) = (
+            e["threshold"].as_f64().unwrap(),
+            e["verifier_threshold"].as_f64().unwrap_or(-1.0),
+        );
+        if (now_t - t).abs() < 1e-6 && (now_pass - pass).abs() < 1e-6 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the gateway still uses {now_t} / {now_pass}, not {t} / {pass}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let (ok, _, err) = cli(&[
         "cache",
         "calibrate",

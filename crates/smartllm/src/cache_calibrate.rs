@@ -1,7 +1,8 @@
 //! `smartllm cache calibrate`: the loosest similarity threshold that keeps
 //! the share of traps served at or under a target on labelled pairs, for the
-//! default or one route, optionally written into `cache.yaml` (which a
-//! running gateway reloads).
+//! default or one route (with `--verifier`, together with the verifier's pass
+//! score), optionally written into `cache.yaml` (which a running gateway
+//! reloads).
 
 use crate::cache_cli::{pair_scores, round2};
 use anyhow::Context;
@@ -24,11 +25,37 @@ pub fn choose(rows: &[EvalRow], max_trap_rate: f64) -> Option<&EvalRow> {
     rows.get(first_ok)
 }
 
+/// The verifier pass scores tried with `--verifier`: 0.05 to 0.95.
+fn pass_grid() -> Vec<f32> {
+    (1..=19).map(|p| p as f32 * 0.05).collect()
+}
+
+/// With `--verifier`: for each pass score, [`choose`]'s threshold; of
+/// those, the one serving the most duplicates (ties: the stricter pass
+/// score). `by_pass`: (pass score, rows loosest first).
+pub fn choose_with_pass(
+    by_pass: &[(f32, Vec<EvalRow>)],
+    max_trap_rate: f64,
+) -> Option<(f32, &EvalRow)> {
+    let mut best: Option<(f32, &EvalRow)> = None;
+    for (pass, rows) in by_pass {
+        if let Some(r) = choose(rows, max_trap_rate) {
+            if best.is_none_or(|(bp, b)| {
+                r.recall > b.recall + 1e-12 || ((r.recall - b.recall).abs() <= 1e-12 && *pass > bp)
+            }) {
+                best = Some((*pass, r));
+            }
+        }
+    }
+    best
+}
+
 pub struct Calibrate<'a> {
     pub pairs: &'a Path,
     pub config: &'a Path,
     pub max_trap_rate: f64,
     pub route: Option<&'a str>,
+    pub with_verifier: bool,
     pub write: bool,
     pub json: bool,
 }
@@ -58,12 +85,38 @@ pub fn calibrate(c: Calibrate<'_>) -> anyhow::Result<()> {
     );
     // The route's verifier takes part, as it does in the gateway.
     let policy = cfg.cache.policy(c.route, c.route.unwrap_or(""));
+    anyhow::ensure!(
+        !c.with_verifier || policy.verifier.is_some(),
+        "--verifier: the verifier is off for {} (cache.verifier: false)",
+        c.route.unwrap_or("the default")
+    );
     let (cosines, scores) = pair_scores(&cfg, &pairs, policy.verifier.is_some())?;
-    let judged = scores.as_deref().zip(policy.verifier);
-    let rows = guard::evaluate_verified(&pairs, &cosines, judged, &grid());
     let current = policy.similarity_threshold;
-    let verifier = policy.verifier;
-    let chosen = choose(&rows, c.max_trap_rate).ok_or_else(|| {
+    let current_pass = policy.verifier;
+    let mut verifier = policy.verifier;
+    let rows;
+    let by_pass: Vec<(f32, Vec<EvalRow>)>;
+    let chosen = if c.with_verifier {
+        let scores = scores.as_deref().context("no verifier scores")?;
+        by_pass = pass_grid()
+            .into_iter()
+            .map(|p| {
+                (
+                    p,
+                    guard::evaluate_verified(&pairs, &cosines, Some((scores, p)), &grid()),
+                )
+            })
+            .collect();
+        choose_with_pass(&by_pass, c.max_trap_rate).map(|(p, r)| {
+            verifier = Some(p);
+            r
+        })
+    } else {
+        let judged = scores.as_deref().zip(policy.verifier);
+        rows = guard::evaluate_verified(&pairs, &cosines, judged, &grid());
+        choose(&rows, c.max_trap_rate)
+    };
+    let chosen = chosen.ok_or_else(|| {
         anyhow::anyhow!(
             "no threshold up to 0.99 keeps the traps served at or under {:.1}% on {}: serve exact matches only there (`semantic: false`)",
             c.max_trap_rate * 100.0,
@@ -78,12 +131,11 @@ pub fn calibrate(c: Calibrate<'_>) -> anyhow::Result<()> {
     let mut written = None;
     if c.write {
         let file = c.config.join("cache.yaml");
-        written = Some(write_threshold(
-            c.config,
-            &file,
-            c.route,
-            round2(chosen.threshold),
-        )?);
+        let mut keys = vec![("similarity_threshold", round2(chosen.threshold))];
+        if c.with_verifier {
+            keys.extend(verifier.map(|p| ("verifier_threshold", round2(p))));
+        }
+        written = Some(write_threshold(c.config, &file, c.route, &keys)?);
     }
     if c.json {
         let v = serde_json::json!({
@@ -97,6 +149,7 @@ pub fn calibrate(c: Calibrate<'_>) -> anyhow::Result<()> {
             "trap_rate": chosen.trap_rate,
             "precision": chosen.precision,
             "verifier_threshold": verifier.map(round2),
+            "current_verifier_threshold": current_pass.map(round2),
             "written": written.as_ref().map(|p: &std::path::PathBuf| p.display().to_string()),
         });
         println!("{}", serde_json::to_string_pretty(&v)?);
@@ -106,13 +159,18 @@ pub fn calibrate(c: Calibrate<'_>) -> anyhow::Result<()> {
             c.pairs.display(),
             pairs.len(),
             c.max_trap_rate * 100.0,
-            match verifier {
-                Some(v) => format!("with the verifier at {:.2}", v),
-                None => "without the verifier".to_string(),
+            match (c.with_verifier, current_pass) {
+                (true, _) => "the verifier's pass score chosen with it".to_string(),
+                (false, Some(v)) => format!("with the verifier at {:.2}", v),
+                (false, None) => "without the verifier".to_string(),
             }
         );
+        let pass = match (c.with_verifier, verifier, current_pass) {
+            (true, Some(p), Some(now)) => format!(", verifier_threshold {p:.2} (now {now:.2})"),
+            _ => String::new(),
+        };
         println!(
-            "{scope}: {:.2} (now {:.2}): {:.1}% of duplicates served, {:.1}% of traps, precision {:.3}",
+            "{scope}: {:.2} (now {:.2}){pass}: {:.1}% of duplicates served, {:.1}% of traps, precision {:.3}",
             chosen.threshold,
             current,
             chosen.recall * 100.0,
@@ -134,15 +192,18 @@ fn write_threshold(
     dir: &Path,
     file: &Path,
     route: Option<&str>,
-    value: f64,
+    keys: &[(&str, f64)],
 ) -> anyhow::Result<std::path::PathBuf> {
     let old = match std::fs::read_to_string(file) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
         Err(e) => return Err(e).with_context(|| format!("reading {}", file.display())),
     };
-    let new = set_threshold(&old, route, value)
-        .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    let mut new = old;
+    for (key, value) in keys {
+        new = set_key(&new, route, key, *value)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
+    }
     // Check the whole directory with the new file before touching the real one.
     let check = std::env::temp_dir().join(format!(
         "smartllm-calibrate-{}-{}",
@@ -165,14 +226,17 @@ fn write_threshold(
     })();
     let _ = std::fs::remove_dir_all(&check);
     let cfg = loaded?;
-    let got = cfg
-        .cache
-        .policy(route, route.unwrap_or(""))
-        .similarity_threshold;
-    anyhow::ensure!(
-        (f64::from(got) - value).abs() < 1e-6,
-        "the edited cache.yaml resolves to {got}, not {value}"
-    );
+    let policy = cfg.cache.policy(route, route.unwrap_or(""));
+    for (key, value) in keys {
+        let got = match *key {
+            "verifier_threshold" => policy.verifier.unwrap_or(f32::NAN),
+            _ => policy.similarity_threshold,
+        };
+        anyhow::ensure!(
+            (f64::from(got) - value).abs() < 1e-6,
+            "the edited cache.yaml resolves {key} to {got}, not {value}"
+        );
+    }
     // A hidden name the config watcher does not load.
     let tmp = file.with_file_name(".cache.yaml.new");
     std::fs::write(&tmp, &new).with_context(|| format!("writing {}", tmp.display()))?;
@@ -235,8 +299,8 @@ fn child_indent(lines: &[String], parent: usize) -> usize {
         .map_or(indent_of(&lines[parent]) + 2, |i| indent_of(&lines[i]))
 }
 
-/// Set `similarity_threshold` in a flow mapping line `key: { a: 1, b: x }`.
-fn set_in_flow(line: &str, value: &str) -> Result<String, String> {
+/// Set `key` in a flow mapping line `name: { a: 1, b: x }`.
+fn set_in_flow(line: &str, key: &str, value: &str) -> Result<String, String> {
     let (head, rest) = line.split_once(':').expect("a key line");
     let rest = rest.trim_start();
     let close = rest
@@ -246,7 +310,7 @@ fn set_in_flow(line: &str, value: &str) -> Result<String, String> {
     let after = &rest[close + 1..];
     if inner.contains(['{', '[', '"', '\'']) {
         return Err(format!(
-            "cannot edit {line:?} safely (nested or quoted values): set similarity_threshold by hand"
+            "cannot edit {line:?} safely (nested or quoted values): set {key} by hand"
         ));
     }
     let mut items: Vec<String> = inner
@@ -257,13 +321,13 @@ fn set_in_flow(line: &str, value: &str) -> Result<String, String> {
         .collect();
     let mut found = false;
     for it in items.iter_mut() {
-        if it.split_once(':').map(|(k, _)| k.trim()) == Some("similarity_threshold") {
-            *it = format!("similarity_threshold: {value}");
+        if it.split_once(':').map(|(k, _)| k.trim()) == Some(key) {
+            *it = format!("{key}: {value}");
             found = true;
         }
     }
     if !found {
-        items.push(format!("similarity_threshold: {value}"));
+        items.push(format!("{key}: {value}"));
     }
     Ok(format!("{head}: {{ {} }}{after}", items.join(", ")))
 }
@@ -271,7 +335,15 @@ fn set_in_flow(line: &str, value: &str) -> Result<String, String> {
 /// `text` (a cache.yaml) with the default or `route`'s similarity threshold
 /// set to `value`: an existing key is replaced in place (its comment kept),
 /// a missing one (or missing `routes:` / route / `cache:`) is added.
+#[cfg(test)]
 pub fn set_threshold(text: &str, route: Option<&str>, value: f64) -> Result<String, String> {
+    set_key(text, route, "similarity_threshold", value)
+}
+
+/// `text` (a cache.yaml) with `key` (`similarity_threshold` or
+/// `verifier_threshold`) of the default or of `route` set to `value`, as
+/// [`set_threshold`] does.
+pub fn set_key(text: &str, route: Option<&str>, key: &str, value: f64) -> Result<String, String> {
     let value = format!("{value:.2}");
     let mut lines: Vec<String> = text.lines().map(String::from).collect();
     let cache = match find_child(&lines, None, "cache") {
@@ -301,36 +373,28 @@ pub fn set_threshold(text: &str, route: Option<&str>, value: f64) -> Result<Stri
                 Some(i) => {
                     let after_colon = lines[i].split_once(':').map_or("", |(_, v)| v).trim();
                     if after_colon.starts_with('{') {
-                        lines[i] = set_in_flow(&lines[i], &value)?;
+                        lines[i] = set_in_flow(&lines[i], key, &value)?;
                         return Ok(lines.join("\n") + "\n");
                     }
                     if is_content(after_colon) {
-                        return Err(format!(
-                            "routes.{r} has an inline value; set similarity_threshold by hand"
-                        ));
+                        return Err(format!("routes.{r} has an inline value; set {key} by hand"));
                     }
                     i
                 }
                 None => {
                     let at = block_end(&lines, routes);
                     let pad = child_indent(&lines, routes);
-                    lines.insert(
-                        at,
-                        format!("{}{r}: {{ similarity_threshold: {value} }}", ind(pad)),
-                    );
+                    lines.insert(at, format!("{}{r}: {{ {key}: {value} }}", ind(pad)));
                     return Ok(lines.join("\n") + "\n");
                 }
             }
         }
     };
-    match find_child(&lines, Some(target_parent), "similarity_threshold") {
+    match find_child(&lines, Some(target_parent), key) {
         Some(i) => lines[i] = replace_value(&lines[i], &value),
         None => {
             let pad = child_indent(&lines, target_parent);
-            lines.insert(
-                target_parent + 1,
-                format!("{}similarity_threshold: {value}", ind(pad)),
-            );
+            lines.insert(target_parent + 1, format!("{}{key}: {value}", ind(pad)));
         }
     }
     Ok(lines.join("\n") + "\n")
@@ -415,6 +479,55 @@ mod tests {
             verifier_blocked: 0,
             categories: Vec::new(),
         }
+    }
+
+    #[test]
+    fn the_verifier_threshold_is_set_beside_the_similarity_threshold() {
+        let out = set_key(SHIPPED, None, "verifier_threshold", 0.8).unwrap();
+        assert!(
+            out.contains("cache:\n  verifier_threshold: 0.80\n  enabled: true"),
+            "{out}"
+        );
+        let out = set_key(SHIPPED, Some("smart"), "verifier_threshold", 0.75).unwrap();
+        assert!(
+            out.contains("    smart: { similarity_threshold: 0.97, verifier_threshold: 0.75 }\n"),
+            "{out}"
+        );
+        let out = set_key(SHIPPED, Some("deep"), "verifier_threshold", 0.7).unwrap();
+        assert!(
+            out.contains("    deep:\n      verifier_threshold: 0.70\n      version: 2\n"),
+            "{out}"
+        );
+    }
+
+    fn scored(threshold: f32, trap_rate: f64, recall: f64) -> EvalRow {
+        EvalRow {
+            recall,
+            ..row(threshold, trap_rate)
+        }
+    }
+
+    #[test]
+    fn with_the_verifier_the_pair_serving_most_within_the_target() {
+        let by_pass = vec![
+            // A lax verifier: only a strict threshold keeps traps under 1%.
+            (0.3, vec![scored(0.7, 0.05, 0.7), scored(0.9, 0.01, 0.3)]),
+            // A strict verifier: the loose threshold holds, and serves more.
+            (0.8, vec![scored(0.7, 0.008, 0.5), scored(0.9, 0.0, 0.2)]),
+            // Stricter still: no more served.
+            (0.9, vec![scored(0.7, 0.0, 0.45), scored(0.9, 0.0, 0.1)]),
+        ];
+        let (pass, r) = choose_with_pass(&by_pass, 0.01).unwrap();
+        assert_eq!((pass, r.threshold), (0.8, 0.7));
+        let (pass, r) = choose_with_pass(&by_pass, 0.05).unwrap();
+        assert_eq!((pass, r.threshold), (0.3, 0.7));
+        // Equal duplicates served: the stricter pass score.
+        let tie = vec![
+            (0.5, vec![scored(0.7, 0.0, 0.4)]),
+            (0.6, vec![scored(0.7, 0.0, 0.4)]),
+        ];
+        assert_eq!(choose_with_pass(&tie, 0.01).unwrap().0, 0.6);
+        assert!(choose_with_pass(&[(0.5, vec![scored(0.9, 0.2, 0.1)])], 0.01).is_none());
     }
 
     #[test]

@@ -52,6 +52,7 @@ pub fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
             config,
             max_trap_rate,
             route,
+            verifier,
             write,
             json,
         } => crate::cache_calibrate::calibrate(crate::cache_calibrate::Calibrate {
@@ -59,6 +60,7 @@ pub fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
             config: &config,
             max_trap_rate,
             route: route.as_deref(),
+            with_verifier: verifier,
             write,
             json,
         })?,

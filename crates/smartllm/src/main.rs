@@ -313,6 +313,11 @@ enum CacheCmd {
         /// Calibrate this route (or model) instead of the default.
         #[arg(long)]
         route: Option<String>,
+        /// Choose the verifier's pass score (0.05-0.95) together with the
+        /// threshold: the pair that serves the most duplicates within the
+        /// target (written as verifier_threshold beside it).
+        #[arg(long)]
+        verifier: bool,
         /// Write the threshold into cache.yaml (comments and other keys kept).
         #[arg(long)]
         write: bool,
