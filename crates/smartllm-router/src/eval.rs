@@ -56,31 +56,57 @@ pub fn choice_point(rows: &[EvalRow], best: usize, choices: &[usize]) -> Point {
     point(rows, best, |i| choices.get(i).copied().unwrap_or(best))
 }
 
+/// One point per cost weight λ (`lambdas`): each row goes to the model of
+/// the highest `utility(row, model, λ)`; on equal utility, the cheaper model
+/// when `cheaper_on_ties`, else the last.
+fn sweep(
+    rows: &[EvalRow],
+    best: usize,
+    lambdas: impl Iterator<Item = f64>,
+    utility: impl Fn(usize, usize, f64) -> f64,
+    cheaper_on_ties: bool,
+) -> Vec<Point> {
+    lambdas
+        .map(|lambda| {
+            point(rows, best, |i| {
+                let r = &rows[i];
+                (0..r.scores.len())
+                    .max_by(|a, b| {
+                        let by_utility = utility(i, *a, lambda).total_cmp(&utility(i, *b, lambda));
+                        if cheaper_on_ties {
+                            by_utility.then(r.costs[*b].total_cmp(&r.costs[*a]))
+                        } else {
+                            by_utility
+                        }
+                    })
+                    .unwrap_or(best)
+            })
+        })
+        .collect()
+}
+
+/// λ = 0, then `steps` geometric steps `first · growth^step`.
+fn lambdas(steps: i32, first: f64, growth: f64) -> impl Iterator<Item = f64> {
+    (0..=steps).map(move |step| {
+        if step == 0 {
+            0.0
+        } else {
+            first * growth.powi(step)
+        }
+    })
+}
+
 /// A router that predicts a quality per model and row, swept over how much
 /// cost counts: pick argmax(predicted − λ · cost / most expensive).
 pub fn predicted_curve(name: &str, rows: &[EvalRow], predicted: &[Vec<f64>], best: usize) -> Curve {
-    let mut points = Vec::new();
-    for step in 0..=80 {
-        let lambda = if step == 0 {
-            0.0
-        } else {
-            0.005 * 1.08f64.powi(step)
-        };
-        points.push(point(rows, best, |i| {
-            let r = &rows[i];
-            let maxc = r.costs.iter().cloned().fold(0.0, f64::max).max(1e-12);
-            (0..r.scores.len())
-                .max_by(|a, b| {
-                    let ua = predicted[i][*a] - lambda * r.costs[*a] / maxc;
-                    let ub = predicted[i][*b] - lambda * r.costs[*b] / maxc;
-                    ua.total_cmp(&ub)
-                })
-                .unwrap_or(best)
-        }));
-    }
+    let utility = |i: usize, m: usize, lambda: f64| {
+        let r = &rows[i];
+        let maxc = r.costs.iter().cloned().fold(0.0, f64::max).max(1e-12);
+        predicted[i][m] - lambda * r.costs[m] / maxc
+    };
     Curve {
         name: name.into(),
-        points,
+        points: sweep(rows, best, lambdas(80, 0.005, 1.08), utility, false),
     }
 }
 
@@ -98,25 +124,10 @@ pub fn oracle_curve(rows: &[EvalRow], best: usize) -> Curve {
     let n = rows.first().map_or(0, |r| r.scores.len());
     let scale = rows.iter().map(|r| r.costs[best]).sum::<f64>() / rows.len().max(1) as f64;
     let scale = scale.max(1e-12);
+    let utility =
+        |i: usize, m: usize, lambda: f64| rows[i].scores[m] - lambda * rows[i].costs[m] / scale;
     let mut points: Vec<Point> = (0..n).map(|m| point(rows, best, |_| m)).collect();
-    for step in 0..=160 {
-        let lambda = if step == 0 {
-            0.0
-        } else {
-            0.001 * 1.06f64.powi(step)
-        };
-        points.push(point(rows, best, |i| {
-            let r = &rows[i];
-            (0..r.scores.len())
-                .max_by(|a, b| {
-                    let ua = r.scores[*a] - lambda * r.costs[*a] / scale;
-                    let ub = r.scores[*b] - lambda * r.costs[*b] / scale;
-                    // Equal utility: the cheaper one.
-                    ua.total_cmp(&ub).then(r.costs[*b].total_cmp(&r.costs[*a]))
-                })
-                .unwrap_or(best)
-        }));
-    }
+    points.extend(sweep(rows, best, lambdas(160, 0.001, 1.06), utility, true));
     Curve {
         name: "oracle".into(),
         points,
