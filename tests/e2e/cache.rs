@@ -528,23 +528,30 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
     // threshold keeping its traps served at or under the target, written for
     // the route into cache.yaml (other keys kept); the gateway reloads it.
     let tuning = workspace_root().join("data/cache-eval/tuning.tsv");
-    let calibrate = |max_trap_rate: &str| {
-        let (ok, out, err) = cli(&[
+    // `cache calibrate --pairs TUNING --config CFG --json ARGS...`, its JSON.
+    let calibrate_json = |args: &[&str]| -> Value {
+        let mut all = vec![
             "cache",
             "calibrate",
             "--pairs",
             tuning.to_str().unwrap(),
             "--config",
             &cfg,
+            "--json",
+        ];
+        all.extend_from_slice(args);
+        let (ok, out, err) = cli(&all);
+        assert!(ok, "{err}");
+        serde_json::from_str(&out).unwrap()
+    };
+    let calibrate = |max_trap_rate: &str| {
+        let v = calibrate_json(&[
             "--route",
             "auto",
             "--max-trap-rate",
             max_trap_rate,
             "--write",
-            "--json",
         ]);
-        assert!(ok, "{err}");
-        let v: Value = serde_json::from_str(&out).unwrap();
         assert!(
             v["trap_rate"].as_f64().unwrap() <= max_trap_rate.parse().unwrap(),
             "{v}"
@@ -583,23 +590,14 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
     // With --verifier the pass score is chosen too: at the same target it
     // serves at least as many duplicates, and both keys are written and
     // reloaded.
-    let (ok, out, err) = cli(&[
-        "cache",
-        "calibrate",
-        "--pairs",
-        tuning.to_str().unwrap(),
-        "--config",
-        &cfg,
+    let joint = calibrate_json(&[
         "--route",
         "auto",
         "--max-trap-rate",
         "0.01",
         "--verifier",
         "--write",
-        "--json",
     ]);
-    assert!(ok, "{err}");
-    let joint: Value = serde_json::from_str(&out).unwrap();
     assert!(joint["trap_rate"].as_f64().unwrap() <= 0.01, "{joint}");
     assert_eq!(joint["current_verifier_threshold"], 0.6, "{joint}");
     let (t, pass) = (
@@ -607,23 +605,9 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
         joint["verifier_threshold"].as_f64().unwrap(),
     );
     assert!((0.05..=0.95).contains(&pass), "{joint}");
-    let single_recall = {
-        let (ok, out, err) = cli(&[
-            "cache",
-            "calibrate",
-            "--pairs",
-            tuning.to_str().unwrap(),
-            "--config",
-            &cfg,
-            "--max-trap-rate",
-            "0.01",
-            "--json",
-        ]);
-        assert!(ok, "{err}");
-        serde_json::from_str::<Value>(&out).unwrap()["duplicates_served"]
-            .as_f64()
-            .unwrap()
-    };
+    let single_recall = calibrate_json(&["--max-trap-rate", "0.01"])["duplicates_served"]
+        .as_f64()
+        .unwrap();
     assert!(
         joint["duplicates_served"].as_f64().unwrap() >= single_recall,
         "{joint} vs {single_recall}"
