@@ -509,3 +509,108 @@ fn the_per_request_cost_cap_reaches_bodies_passed_through() {
         u["input_tokens"].as_f64().unwrap() * 3e-6 + u["output_tokens"].as_f64().unwrap() * 15e-6;
     assert!(cost <= 0.0002, "{u}");
 }
+
+/// `l1_entries` of the cache now.
+fn cache_entries(gw: &Gateway) -> u64 {
+    get(&gw.admin, "/admin/cache/stats").json()["stats"]["l1_entries"]
+        .as_u64()
+        .unwrap()
+}
+
+#[test]
+fn what_the_cache_key_cannot_see_is_never_answered_from_the_cache() {
+    let (mock, gw) = gateway(&["--words", "12"]);
+    // A document only an Anthropic provider reads: each question about a
+    // document goes upstream, whatever an earlier document's answer was.
+    let doc = |data: &str| {
+        format!(
+            r#"{{"model":"claude","max_tokens":20,"messages":[{{"role":"user","content":[{{"type":"document","source":{{"type":"base64","media_type":"application/pdf","data":"{data}"}}}},{{"type":"text","text":"Summarize this document."}}]}}]}}"#
+        )
+    };
+    let before = mock.requests();
+    for data in ["QUFBQQ==", "QkJCQg==", "QUFBQQ=="] {
+        let r = messages(&gw, &[], doc(data).as_bytes());
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(cache_header(&r), "bypass");
+    }
+    // Extended thinking: its blocks are not what the cache keeps.
+    let think = br#"{"model":"claude","max_tokens":2000,"thinking":{"type":"enabled","budget_tokens":1024},"messages":[{"role":"user","content":"Why is the sky blue?"}]}"#;
+    for _ in 0..2 {
+        assert_eq!(cache_header(&messages(&gw, &[], think)), "bypass");
+    }
+    assert_eq!(mock.requests(), before + 5, "every one went upstream");
+
+    // top_k has no Chat Completions field, but it is part of the key.
+    let top_k = |k: u32| {
+        format!(
+            r#"{{"model":"claude","max_tokens":20,"top_k":{k},"messages":[{{"role":"user","content":"Name a river in Spain."}}]}}"#
+        )
+    };
+    let stored = cache_entries(&gw);
+    assert_eq!(
+        cache_header(&messages(&gw, &[], top_k(5).as_bytes())),
+        "miss"
+    );
+    wait_cached(&gw, stored + 1);
+    assert_eq!(
+        cache_header(&messages(&gw, &[], top_k(40).as_bytes())),
+        "miss"
+    );
+    assert_eq!(
+        cache_header(&messages(&gw, &[], top_k(5).as_bytes())),
+        "hit-exact"
+    );
+
+    // An answer cut at the model's own limit (no max tokens asked for) is
+    // not stored; one cut at the limit the client set may be.
+    let chat = |body: &Value| {
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", "Bearer sk-ant-client")],
+            &serde_json::to_vec(body).unwrap(),
+        )
+        .unwrap()
+    };
+    let cut = json!({"model": "small", "messages": [{"role": "user", "content": "Tell me everything about rivers [mock-truncate]"}]});
+    let r = chat(&cut);
+    assert_eq!(r.json()["choices"][0]["finish_reason"], "length");
+    let stored = cache_entries(&gw);
+    std::thread::sleep(std::time::Duration::from_millis(800));
+    assert_eq!(cache_entries(&gw), stored, "a cut-off answer was stored");
+    assert_eq!(cache_header(&chat(&cut)), "miss");
+    let limited = json!({"model": "small", "max_tokens": 3, "messages": [{"role": "user", "content": "Count to ten slowly"}]});
+    let r = chat(&limited);
+    assert_eq!(r.json()["choices"][0]["finish_reason"], "length");
+    wait_cached(&gw, stored + 1);
+    assert_eq!(cache_header(&chat(&limited)), "hit-exact");
+}
+
+#[test]
+fn a_substitute_models_answer_is_not_cached_as_the_asked_models() {
+    // Every request passes the key's tiny budget: claude degrades to small.
+    let (_mock, gw) = gateway_with_budgets(
+        &["--words", "12"],
+        "budgets:\n  - scope: key\n    name: cc\n    monthly_usd: 0.000000001\n    on_exceed: degrade\n    degrade_to: small\n",
+    );
+    let q = br#"{"model":"claude","max_tokens":20,"messages":[{"role":"user","content":"What is the capital of Peru?"}]}"#;
+    let stored = cache_entries(&gw);
+    for _ in 0..2 {
+        let r = messages(&gw, &[], q);
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.header("x-smartllm-model"),
+            Some("small"),
+            "{:?}",
+            r.headers
+        );
+        assert_eq!(cache_header(&r), "miss");
+        std::thread::sleep(std::time::Duration::from_millis(800));
+        assert_eq!(
+            cache_entries(&gw),
+            stored,
+            "small's answer stored as claude's"
+        );
+    }
+}

@@ -154,6 +154,29 @@ fn responses_are_translated_kept_per_tenant_and_continued() {
     );
     assert_eq!(r.status, 404, "{}", r.text());
     assert_eq!(r.api_error()["param"], "previous_response_id");
+    // Even with the same input in that tenant's cache: an unknown previous
+    // response is still a 404, never the answer to a fresh question.
+    let stored = get(&gw.admin, "/admin/cache/stats").json()["stats"]["l1_entries"]
+        .as_u64()
+        .unwrap();
+    let fresh = call(
+        &gw,
+        "sk-resp-b",
+        "POST",
+        "/v1/responses",
+        &json!({"model": "small", "input": "x"}),
+    );
+    assert_eq!(fresh.status, 200, "{}", fresh.text());
+    wait_cached(&gw, stored + 1);
+    let r = call(
+        &gw,
+        "sk-resp-b",
+        "POST",
+        "/v1/responses",
+        &json!({"model": "small", "previous_response_id": "resp_unknown", "input": "x"}),
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.api_error()["param"], "previous_response_id");
     // DELETE, then it is gone.
     let d = call(
         &gw,

@@ -202,13 +202,16 @@ pub fn strip_fillers(text: &str) -> &str {
         let before = t.len();
         let lower = t.to_lowercase();
         for f in FILLER_OPENERS {
-            // Only on a word boundary, and only when something is left.
+            // Only on a word boundary, and only when something is left. A
+            // bare greeting must be set off by punctuation ("Hi, how ...",
+            // "Hello! ..."): in "Hello in Japanese?" it is the question.
+            let bare_greeting = ["hello", "hey", "hi"].contains(&f);
             if lower.starts_with(f)
                 && lower.is_char_boundary(f.len())
                 && lower[f.len()..]
                     .chars()
                     .next()
-                    .is_some_and(|c| !c.is_alphanumeric())
+                    .is_some_and(|c| !(c.is_alphanumeric() || bare_greeting && c.is_whitespace()))
                 && t.is_char_boundary(f.len())
             {
                 t = t[f.len()..].trim_start_matches(|c: char| {
@@ -224,13 +227,27 @@ pub fn strip_fillers(text: &str) -> &str {
         for f in FILLER_CLOSERS {
             if lower.ends_with(f) {
                 let cut = t.len() - f.len();
-                let boundary = cut == 0
-                    || t[..cut]
-                        .chars()
-                        .next_back()
-                        .is_some_and(|c| !c.is_alphanumeric());
-                if boundary && cut > 0 && t.is_char_boundary(cut) {
+                // Set off from the question by punctuation ("...? thanks",
+                // "... - thanks in advance") or as a sentence of its own
+                // ("... torrs Thanks"): in "How do you say thank you" or
+                // "Translate into Spanish: Thank you" it is the question.
+                let boundary = t.is_char_boundary(cut)
+                    && t[..cut].ends_with(|c: char| !c.is_alphanumeric())
+                    && t[..cut].trim_end().chars().next_back().is_some_and(|c| {
+                        matches!(
+                            c,
+                            '?' | '.' | '!' | ',' | ';' | '-' | '\u{2013}' | '\u{2014}'
+                        ) || (t[cut..].starts_with(char::is_uppercase)
+                            && !matches!(c, ':' | '"' | '\'' | '\u{201c}'))
+                    });
+                if boundary && cut > 0 {
                     t = t[..cut].trim_end();
+                    // The dash that set it off (" - thanks"), not one that
+                    // belongs to the question ("x--").
+                    let undashed = t.trim_end_matches(['-', '\u{2013}', '\u{2014}']);
+                    if undashed.ends_with(char::is_whitespace) {
+                        t = undashed.trim_end();
+                    }
                     break;
                 }
             }
@@ -738,6 +755,23 @@ mod tests {
         assert_eq!(strip_fillers("Thanksgiving date"), "Thanksgiving date");
         assert_eq!(strip_fillers("Thanks!"), "Thanks");
         assert_eq!(strip_fillers("hi"), "hi");
+        // Set off by punctuation, a filler goes; as part of the question it stays.
+        assert_eq!(strip_fillers("Hi! What is Rust? thx"), "What is Rust");
+        assert_eq!(
+            strip_fillers("What is Rust - thanks in advance"),
+            "What is Rust"
+        );
+        for question in [
+            "Hello in Japanese",
+            "Hi in Japanese",
+            "How do you say thank you",
+            "Translate into Spanish: thank you",
+            "Translate into Spanish: cheers",
+            "Translate into Spanish: Thank you",
+            "What does ty mean",
+        ] {
+            assert_eq!(strip_fillers(&format!("{question}?")), question);
+        }
     }
 
     #[test]

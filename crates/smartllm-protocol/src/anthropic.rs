@@ -322,8 +322,15 @@ pub struct AnthropicStream {
     include_usage: bool,
     usage: Usage,
     saw_usage: bool,
-    /// Anthropic content-block index -> OpenAI tool_calls index.
-    tool_index: Vec<(u64, usize)>,
+    /// `message_delta` came: the usage is the final one (before it, only
+    /// `message_start`'s prompt figures and a placeholder output count).
+    usage_final: bool,
+    /// Characters of text, thinking and tool arguments generated so far:
+    /// the estimate of the output when the stream ends before its usage.
+    generated_chars: u64,
+    /// Anthropic content-block index -> OpenAI tool_calls index, and whether
+    /// any argument text came for it.
+    tool_index: Vec<(u64, usize, bool)>,
     /// The stream is over for the client: `message_stop` or an error was
     /// translated, and `[DONE]` sent.
     pub done: bool,
@@ -344,6 +351,8 @@ impl AnthropicStream {
             include_usage,
             usage: Usage::default(),
             saw_usage: false,
+            usage_final: false,
+            generated_chars: 0,
             tool_index: Vec::new(),
             done: false,
             error: None,
@@ -353,6 +362,18 @@ impl AnthropicStream {
 
     pub fn usage(&self) -> Option<Usage> {
         self.saw_usage.then_some(self.usage)
+    }
+
+    /// The usage is the provider's final figure (`message_delta` came), not
+    /// `message_start`'s placeholder output count.
+    pub fn usage_final(&self) -> bool {
+        self.usage_final
+    }
+
+    /// Output tokens generated so far, estimated from the text, thinking and
+    /// tool arguments streamed (about 4 characters a token).
+    pub fn generated_tokens_estimate(&self) -> u64 {
+        self.generated_chars.div_ceil(4)
     }
 
     fn chunk(&self, delta: Value, finish: Value) -> Vec<u8> {
@@ -425,7 +446,7 @@ impl AnthropicStream {
                 if block.get("type").and_then(Value::as_str) == Some("tool_use") {
                     let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
                     let n = self.tool_index.len();
-                    self.tool_index.push((idx, n));
+                    self.tool_index.push((idx, n, false));
                     out.extend(self.chunk(
                         json!({"tool_calls": [{"index": n, "id": block.get("id"), "type": "function",
                             "function": {"name": block.get("name"), "arguments": ""}}]}),
@@ -438,16 +459,39 @@ impl AnthropicStream {
                 match d.get("type").and_then(Value::as_str) {
                     Some("text_delta") => {
                         let text = d.get("text").and_then(Value::as_str).unwrap_or("");
+                        self.generated_chars += text.chars().count() as u64;
                         out.extend(self.chunk(json!({"content": text}), Value::Null));
                     }
                     Some("input_json_delta") => {
                         let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
-                        if let Some(&(_, n)) = self.tool_index.iter().find(|(i, _)| *i == idx) {
-                            let part = d.get("partial_json").and_then(Value::as_str).unwrap_or("");
+                        let part = d.get("partial_json").and_then(Value::as_str).unwrap_or("");
+                        self.generated_chars += part.chars().count() as u64;
+                        let tool = self.tool_index.iter_mut().find(|(i, _, _)| *i == idx);
+                        if let Some((_, n, got)) = tool.filter(|_| !part.is_empty()) {
+                            *got = true;
+                            let n = *n;
                             out.extend(self.chunk(json!({"tool_calls": [{"index": n, "function": {"arguments": part}}]}), Value::Null));
                         }
                     }
+                    Some("thinking_delta") => {
+                        let text = d.get("thinking").and_then(Value::as_str).unwrap_or("");
+                        self.generated_chars += text.chars().count() as u64;
+                    }
                     _ => {}
+                }
+            }
+            "content_block_stop" => {
+                // A tool called with no arguments streams none ("" at most):
+                // an OpenAI client gets "{}", as the provider's own JSON says.
+                let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
+                let tool = self.tool_index.iter_mut().find(|(i, _, _)| *i == idx);
+                if let Some((_, n, got)) = tool.filter(|(_, _, got)| !*got) {
+                    *got = true;
+                    let n = *n;
+                    out.extend(self.chunk(
+                        json!({"tool_calls": [{"index": n, "function": {"arguments": "{}"}}]}),
+                        Value::Null,
+                    ));
                 }
             }
             "message_delta" => {
@@ -456,12 +500,21 @@ impl AnthropicStream {
                     let d = usage_of(u);
                     self.usage.completion_tokens = d.completion_tokens;
                     if d.prompt_tokens > 0 {
+                        // Without its `cache_creation` object the delta does
+                        // not say how the writes split: message_start's split stays.
+                        let split = u.get("cache_creation").is_some_and(Value::is_object);
+                        let w1 = if split {
+                            d.cache_write_1h_tokens
+                        } else {
+                            self.usage.cache_write_1h_tokens
+                        };
                         self.usage.prompt_tokens = d.prompt_tokens;
                         self.usage.cached_tokens = d.cached_tokens;
                         self.usage.cache_write_tokens = d.cache_write_tokens;
-                        self.usage.cache_write_1h_tokens = d.cache_write_1h_tokens;
+                        self.usage.cache_write_1h_tokens = w1.min(d.cache_write_tokens);
                     }
                     self.saw_usage = true;
+                    self.usage_final = true;
                 }
                 let stop = v
                     .get("delta")
@@ -567,6 +620,83 @@ mod tests {
                 ..Usage::default()
             }
         );
+    }
+
+    fn sse(events: &[Value]) -> String {
+        events
+            .iter()
+            .map(|e| format!("event: {}\ndata: {e}\n\n", e["type"].as_str().unwrap()))
+            .collect()
+    }
+
+    #[test]
+    fn stream_usage_is_final_only_at_message_delta_and_keeps_the_1h_split() {
+        let start = json!({"type": "message_start", "message": {"id": "m1", "model": "c",
+            "usage": {"input_tokens": 10, "output_tokens": 1, "cache_creation_input_tokens": 50,
+                "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 50}}}});
+        let delta = |t: &str| json!({"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": t}});
+        let mut s = AnthropicStream::new("c", false);
+        s.feed(sse(&[start, delta("Hello there, "), delta("general Kenobi.")]).as_bytes())
+            .unwrap();
+        // Cut here (a client that left, a broken stream): the output so far
+        // is estimated from the text, not message_start's placeholder 1.
+        assert!(!s.usage_final());
+        assert_eq!(s.usage().unwrap().completion_tokens, 1);
+        assert_eq!(s.generated_tokens_estimate(), 7);
+        // message_delta's totals carry no `cache_creation` split.
+        s.feed(
+            sse(&[
+                json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+            "usage": {"input_tokens": 10, "output_tokens": 9, "cache_creation_input_tokens": 50}}),
+            ])
+            .as_bytes(),
+        )
+        .unwrap();
+        assert!(s.usage_final());
+        let u = s.usage().unwrap();
+        assert_eq!(
+            (
+                u.completion_tokens,
+                u.cache_write_tokens,
+                u.cache_write_1h_tokens
+            ),
+            (9, 50, 50)
+        );
+    }
+
+    #[test]
+    fn a_tool_called_without_arguments_streams_empty_json() {
+        let mut s = AnthropicStream::new("c", false);
+        let out = s
+            .feed(sse(&[
+                json!({"type": "message_start", "message": {"id": "m1", "model": "c", "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+                json!({"type": "content_block_start", "index": 0, "content_block": {"type": "tool_use", "id": "t1", "name": "now", "input": {}}}),
+                json!({"type": "content_block_delta", "index": 0, "delta": {"type": "input_json_delta", "partial_json": ""}}),
+                json!({"type": "content_block_stop", "index": 0}),
+                json!({"type": "content_block_start", "index": 1, "content_block": {"type": "tool_use", "id": "t2", "name": "f", "input": {}}}),
+                json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "{\"a\":"}}),
+                json!({"type": "content_block_delta", "index": 1, "delta": {"type": "input_json_delta", "partial_json": "1}"}}),
+                json!({"type": "content_block_stop", "index": 1}),
+            ]).as_bytes())
+            .unwrap();
+        let mut args = ["".to_string(), "".to_string()];
+        for d in String::from_utf8(out).unwrap().split("\n\n") {
+            let Some(v) = d
+                .strip_prefix("data: ")
+                .and_then(|d| serde_json::from_str::<Value>(d).ok())
+            else {
+                continue;
+            };
+            for call in v["choices"][0]["delta"]["tool_calls"]
+                .as_array()
+                .into_iter()
+                .flatten()
+            {
+                let i = call["index"].as_u64().unwrap() as usize;
+                args[i] += call["function"]["arguments"].as_str().unwrap_or("");
+            }
+        }
+        assert_eq!(args, ["{}", "{\"a\":1}"]);
     }
 
     #[test]

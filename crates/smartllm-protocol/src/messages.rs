@@ -18,9 +18,10 @@ pub fn error_type(status: u16) -> &'static str {
     match status {
         400 | 405 | 415 | 422 => "invalid_request_error",
         401 => "authentication_error",
-        402 | 403 => "permission_error",
+        402 => "billing_error",
+        403 => "permission_error",
         404 => "not_found_error",
-        408 => "timeout_error",
+        408 | 504 => "timeout_error",
         413 => "request_too_large",
         429 => "rate_limit_error",
         503 | 529 => "overloaded_error",
@@ -90,6 +91,9 @@ pub struct AnthropicOnly {
     /// OpenAI-compatible API has (documents, search results, server tool use):
     /// the first one, by its JSON path.
     pub untranslatable: Option<String>,
+    /// Anthropic's `top_k` (no Chat Completions field carries it; the cache
+    /// keys on it).
+    pub top_k: Option<u64>,
 }
 
 /// Parse and validate a `/v1/messages` (or `/v1/messages/count_tokens`)
@@ -308,6 +312,7 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
     {
         only.thinking = true;
     }
+    only.top_k = body.get("top_k").and_then(Value::as_u64);
     if stream {
         chat.insert("stream".into(), json!(true));
     }
@@ -949,6 +954,13 @@ mod tests {
     }
 
     #[test]
+    fn top_k_is_kept_for_the_cache_key() {
+        let r = parse_str(r#"{"model":"c","max_tokens":5,"top_k":40,"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(r.anthropic_only.top_k, Some(40));
+        assert!(r.body.get("top_k").is_none(), "no Chat Completions field");
+    }
+
+    #[test]
     fn thinking_and_server_tools_are_flagged() {
         let r = parse_str(
             r#"{"model":"c","max_tokens":5,"thinking":{"type":"enabled","budget_tokens":1024},
@@ -1196,5 +1208,8 @@ mod tests {
         let v: Value = serde_json::from_slice(&error_from_openai(502, b"bad gateway")).unwrap();
         assert_eq!(v["error"]["type"], "api_error");
         assert_eq!(v["error"]["message"], "bad gateway");
+        // The SDKs' BillingError and GatewayTimeoutError.
+        assert_eq!(error_type(402), "billing_error");
+        assert_eq!(error_type(504), "timeout_error");
     }
 }

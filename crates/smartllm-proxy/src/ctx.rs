@@ -173,9 +173,15 @@ impl Ctx {
         if self.model.as_deref() != Some(model) {
             self.model = Some(model.to_string());
         }
-        if let Some(p) = self.cache_insert.as_mut() {
+        if let Some(p) = self.cache_insert.as_ref() {
             if p.model != model {
-                p.model = model.to_string();
+                if p.fixed_model {
+                    // Another model than the one asked for answers: its
+                    // answer is not stored under the asked model's key.
+                    self.cache_insert = None;
+                } else if let Some(p) = self.cache_insert.as_mut() {
+                    p.model = model.to_string();
+                }
             }
         }
     }

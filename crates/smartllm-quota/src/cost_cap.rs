@@ -40,7 +40,9 @@ pub async fn plan(
         return CostCap::Uncapped;
     };
     let bound = prompt_with_images_bound(config, chain, body, request_bytes).await;
-    match fit_cap(config, chain, bound, cap) {
+    // `n` answers are each up to max tokens long, and each is billed.
+    let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    match fit_cap(config, chain, bound, choices, cap) {
         CapFit::TooExpensive { cheapest } => {
             metrics::cost_cap(&budget.id(), "reject");
             CostCap::Reject(Refusal::CostCapExceeded {
@@ -154,13 +156,15 @@ pub enum CapFit {
 }
 
 /// Keep the models of `chain` under which a `prompt_tokens` prompt and at
-/// least one output token cost no more than `cap`, and the output tokens to
-/// allow: what every kept model can afford, never more than a model may
-/// answer (its max output or what its context window leaves).
+/// least one output token per choice cost no more than `cap`, and the output
+/// tokens to allow each of the `choices` answers: what every kept model can
+/// afford, never more than a model may answer (its max output or what its
+/// context window leaves).
 pub fn fit_cap(
     config: &smartllm_config::Config,
     chain: &[String],
     prompt_tokens: u64,
+    choices: u64,
     cap: f64,
 ) -> CapFit {
     let mut kept = Vec::new();
@@ -174,7 +178,7 @@ pub fn fit_cap(
         let p = &m.pricing;
         let prompt_cost = prompt_tokens as f64 * p.input_per_1m / 1e6 + p.per_request;
         cheapest = cheapest.min(prompt_cost);
-        let per_output = p.output_per_1m / 1e6;
+        let per_output = p.output_per_1m / 1e6 * choices.max(1) as f64;
         let affordable = if per_output > 0.0 {
             ((cap - prompt_cost) / per_output).floor()
         } else if prompt_cost <= cap {
@@ -220,7 +224,7 @@ mod tests {
         let cfg = config();
         // 1000 prompt tokens, $0.05 cap: dear pays $0.01 for the prompt and
         // affords 1000 output tokens; cheap pays $0.001 and affords 24500.
-        let fit = fit_cap(&cfg, &chain(&["dear", "cheap"]), 1000, 0.05);
+        let fit = fit_cap(&cfg, &chain(&["dear", "cheap"]), 1000, 1, 0.05);
         assert_eq!(
             fit,
             CapFit::Fits {
@@ -232,6 +236,11 @@ mod tests {
         // The bound holds: prompt + max output on the dearest model = the cap.
         let worst = 1000.0 * 10.0 / 1e6 + 999.0 * 40.0 / 1e6;
         assert!(worst <= 0.05 + 1e-12, "{worst}");
+        // n = 4 answers, each billed: a quarter of the output each.
+        match fit_cap(&cfg, &chain(&["dear", "cheap"]), 1000, 4, 0.05) {
+            CapFit::Fits { max_output, .. } => assert_eq!(max_output, Some(249)),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]
@@ -239,7 +248,7 @@ mod tests {
         let cfg = config();
         // 10k prompt tokens at $0.11 cap: dear's prompt costs $0.10 (+1 token
         // at 40/M fits: 250 tokens), so both stay; at $0.09 only cheap does.
-        match fit_cap(&cfg, &chain(&["dear", "cheap"]), 10_000, 0.09) {
+        match fit_cap(&cfg, &chain(&["dear", "cheap"]), 10_000, 1, 0.09) {
             CapFit::Fits {
                 chain: c,
                 max_output,
@@ -250,7 +259,7 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match fit_cap(&cfg, &chain(&["dear", "cheap"]), 100_000, 0.05) {
+        match fit_cap(&cfg, &chain(&["dear", "cheap"]), 100_000, 1, 0.05) {
             CapFit::TooExpensive { cheapest } => assert!((cheapest - 0.1).abs() < 1e-9),
             other => panic!("{other:?}"),
         }
@@ -261,19 +270,19 @@ mod tests {
         let cfg = config();
         // A generous cap: dear affords 24750 tokens but answers at most 4096,
         // so the cap cannot be passed and max tokens stays as asked.
-        match fit_cap(&cfg, &chain(&["dear"]), 1000, 1.0) {
+        match fit_cap(&cfg, &chain(&["dear"]), 1000, 1, 1.0) {
             CapFit::Fits { max_output, .. } => assert_eq!(max_output, None),
             other => panic!("{other:?}"),
         }
         // With cheap in the chain too (it could answer 99000 tokens for
         // $0.198 < $1): nothing to cap either.
-        match fit_cap(&cfg, &chain(&["cheap", "dear"]), 1000, 1.0) {
+        match fit_cap(&cfg, &chain(&["cheap", "dear"]), 1000, 1, 1.0) {
             CapFit::Fits { max_output, .. } => assert_eq!(max_output, None),
             other => panic!("{other:?}"),
         }
         // At $0.1 cheap affords 49500 tokens and dear 2250 (below its 4096
         // limit): both are capped at 2250.
-        match fit_cap(&cfg, &chain(&["cheap", "dear"]), 1000, 0.1) {
+        match fit_cap(&cfg, &chain(&["cheap", "dear"]), 1000, 1, 0.1) {
             CapFit::Fits { max_output, .. } => assert_eq!(max_output, Some(2250)),
             other => panic!("{other:?}"),
         }

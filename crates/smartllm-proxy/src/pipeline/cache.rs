@@ -81,7 +81,29 @@ pub async fn phase(
         bypass(ctx, "excluded");
         return Ok(false);
     }
-    let Some(key) = api_chat_key(req.endpoint.as_str(), &ctx.tenant, model, &req.body) else {
+    // What the canonical body leaves out decides the answer: a document, a
+    // server tool or extended thinking that only an Anthropic provider sees,
+    // or a previous response the gateway does not hold (its history).
+    let only = &req.anthropic_only;
+    if only.untranslatable.is_some() || only.thinking {
+        bypass(ctx, "shape");
+        return Ok(false);
+    }
+    if req
+        .responses
+        .as_deref()
+        .is_some_and(|r| r.previous_response_id.is_some() && r.previous.is_none())
+    {
+        bypass(ctx, "shape");
+        return Ok(false);
+    }
+    // Anthropic's `top_k` has no Chat Completions field: it joins the key
+    // through the API's name.
+    let api = match only.top_k {
+        Some(k) => format!("{}+top_k={k}", req.endpoint.as_str()),
+        None => req.endpoint.as_str().to_string(),
+    };
+    let Some(key) = api_chat_key(&api, &ctx.tenant, model, &req.body) else {
         bypass(ctx, "shape");
         return Ok(false);
     };
@@ -97,6 +119,8 @@ pub async fn phase(
         route: route_name.clone(),
         model: model.to_string(),
         cost_capped: false,
+        client_limited: super::exchange::output_limited(req),
+        fixed_model: request.routed.is_none(),
         pending: shared.pending_inserts.clone(),
         max_pending: cfg.max_pending_inserts,
         tasks: shared.tasks.clone(),

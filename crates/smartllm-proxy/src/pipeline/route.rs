@@ -50,7 +50,19 @@ pub async fn plan(
             .or_else(|| request.req.body.get("max_tokens"))
             .and_then(Value::as_u64)
             .unwrap_or(0);
-        let estimate = smartllm_quota::budget::estimate(&model.pricing, ctx.request_bytes, max_out);
+        // Each of `n` answers is billed.
+        let choices = request
+            .req
+            .body
+            .get("n")
+            .and_then(Value::as_u64)
+            .unwrap_or(1)
+            .max(1);
+        let estimate = smartllm_quota::budget::estimate(
+            &model.pricing,
+            ctx.request_bytes,
+            max_out.saturating_mul(choices),
+        );
         match shared
             .quotas
             .budget(cfg, ctx.scope(), &model.name, estimate)

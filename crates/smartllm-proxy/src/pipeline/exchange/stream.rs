@@ -75,6 +75,23 @@ impl Translator {
             Translator::Responses(r) => r.usage,
         }
     }
+    /// The provider's final usage came: OpenAI's usage chunk, Anthropic's
+    /// `message_delta`, a terminal Responses event. (Anthropic's
+    /// `message_start` gives the prompt and a placeholder output count.)
+    fn usage_final(&self) -> bool {
+        match self {
+            Translator::OpenAi(f) => f.usage.is_some(),
+            Translator::Anthropic(a) => a.usage_final(),
+            Translator::Responses(r) => r.usage.is_some(),
+        }
+    }
+    /// Output tokens generated so far, where the stream's events tell.
+    fn generated_estimate(&self) -> Option<u64> {
+        match self {
+            Translator::Anthropic(a) => Some(a.generated_tokens_estimate()),
+            Translator::OpenAi(_) | Translator::Responses(_) => None,
+        }
+    }
     /// The stream reached its own end (`[DONE]`, `message_stop`, a
     /// terminal Responses event).
     fn complete(&self) -> bool {
@@ -100,6 +117,46 @@ impl Translator {
             Translator::Responses(r) => r.error.as_ref(),
         }
     }
+}
+
+/// The usage of a stream that ended before its end (the client left, or it
+/// failed), and whether it is estimated: the provider's own figure when its
+/// final one came; else the output generated so far, estimated from the
+/// assembled text, the translator's count or the bytes streamed, never under
+/// a partial figure the provider gave, with the provider's prompt figures
+/// where it gave them. The provider bills what it generated.
+fn early_end_usage(
+    tr: &Translator,
+    req: &smartllm_protocol::ParsedRequest,
+    partial_text: Option<String>,
+    streamed_bytes: usize,
+) -> (Usage, bool) {
+    let reported = tr.usage();
+    if let (true, Some(u)) = (tr.usage_final(), reported) {
+        return (u, false);
+    }
+    let estimate = estimate_usage(req, partial_text.as_deref().unwrap_or(""));
+    let generated = match (&partial_text, tr.generated_estimate()) {
+        (Some(_), _) => estimate.completion_tokens,
+        (None, Some(n)) => n,
+        // About a fifth of SSE bytes are content, ~4 bytes a token.
+        (None, None) => (streamed_bytes as u64).div_ceil(20),
+    };
+    let usage = match reported {
+        Some(u) if u.prompt_tokens > 0 => Usage {
+            completion_tokens: u.completion_tokens.max(generated),
+            ..u
+        },
+        Some(u) => Usage {
+            completion_tokens: u.completion_tokens.max(generated),
+            ..estimate
+        },
+        None => Usage {
+            completion_tokens: generated,
+            ..estimate
+        },
+    };
+    (usage, true)
 }
 
 /// The client's shape, when it is not the canonical chat stream.
@@ -238,21 +295,14 @@ pub(super) async fn relay(
                             // bill what was generated up to here (estimated when
                             // the upstream had not reported usage yet).
                             up.shutdown().await;
-                            let usage = tr.usage().or_else(|| {
-                                ctx.usage_estimated = true;
-                                let partial = assembler
-                                    .take()
-                                    .and_then(ChunkAssembler::finish)
-                                    .map(|c| completion_text(&c));
-                                Some(match partial {
-                                    Some(text) => estimate_usage(req, &text),
-                                    None => Usage {
-                                        completion_tokens: (streamed_bytes as u64).div_ceil(20),
-                                        ..estimate_usage(req, "")
-                                    },
-                                })
-                            });
-                            record_usage(ctx, usage);
+                            let partial = assembler
+                                .take()
+                                .and_then(ChunkAssembler::finish)
+                                .map(|c| completion_text(&c));
+                            let (usage, estimated) =
+                                early_end_usage(&tr, req, partial, streamed_bytes);
+                            ctx.usage_estimated |= estimated;
+                            record_usage(ctx, Some(usage));
                             return client_gone(ctx);
                         }
                     }
@@ -323,7 +373,18 @@ pub(super) async fn relay(
             }
         }
     };
-    record_usage(ctx, tr.usage());
+    if failure.is_some() {
+        // Billed for what was generated before it failed.
+        let partial = assembler
+            .take()
+            .and_then(ChunkAssembler::finish)
+            .map(|c| completion_text(&c));
+        let (usage, estimated) = early_end_usage(&tr, req, partial, streamed_bytes);
+        ctx.usage_estimated |= estimated;
+        record_usage(ctx, Some(usage));
+    } else {
+        record_usage(ctx, tr.usage());
+    }
     ctx.cut_off = tr.truncated() && !super::output_limited(req);
     let mut tail = Vec::new();
     match &failure {
