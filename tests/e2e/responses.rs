@@ -364,6 +364,34 @@ fn responses_pass_through_to_providers_that_speak_them() {
         == 3));
     let c = costs(&gw, "model");
     assert_eq!(c["rows"][0]["output_tokens"], 36, "{c}");
+    // What only the Responses API has (a built-in tool, background) reaches
+    // a provider that speaks it as sent; a translated model refuses it, in
+    // OpenAI's shape, naming the field.
+    let body = br#"{"model":"native","input":"News today?","tools":[{"type":"web_search"}],"background":true}"#;
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/responses",
+        &[("Authorization", "Bearer sk-resp-a")],
+        body,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(cache_header(&r), "bypass");
+    let expect =
+        String::from_utf8_lossy(body).replace(r#""model":"native""#, r#""model":"gpt-native""#);
+    assert_eq!(
+        mock.last()["body_sha256"],
+        hex::encode(Sha256::digest(expect.as_bytes()))
+    );
+    let before = mock.requests();
+    let r = create(
+        &gw,
+        &json!({"model": "small", "input": "News today?", "tools": [{"type": "web_search"}]}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["param"], "tools[0].type", "{}", r.text());
+    assert_eq!(mock.requests(), before, "nothing went upstream");
 }
 
 #[test]

@@ -105,18 +105,28 @@ impl Catalog {
             let Some(model) = get("model") else { continue };
             let long_context = int("long_context_above").map(|above| {
                 let input = num("long_input").or(num("input")).unwrap_or(0.0);
+                // A cache price the catalog gives only below the tier keeps
+                // its ratio to the input price above it (Gemini and Claude
+                // double both together).
+                let scaled = |base: &str| {
+                    let b = num(base)?;
+                    match num("input") {
+                        Some(i) if i > 0.0 => Some(b * input / i),
+                        _ => Some(b),
+                    }
+                };
                 LongContextPrice {
                     above_tokens: above,
                     input_per_1m: input,
                     output_per_1m: num("long_output").or(num("output")).unwrap_or(0.0),
                     cache_read_per_1m: num("long_cache_read")
-                        .or(num("cache_read"))
+                        .or_else(|| scaled("cache_read"))
                         .unwrap_or(input),
                     cache_write_5m_per_1m: num("long_cache_write_5m")
-                        .or(num("cache_write_5m"))
+                        .or_else(|| scaled("cache_write_5m"))
                         .unwrap_or(input),
                     cache_write_1h_per_1m: num("long_cache_write_1h")
-                        .or(num("cache_write_1h"))
+                        .or_else(|| scaled("cache_write_1h"))
                         .unwrap_or(input),
                 }
             });
@@ -293,6 +303,13 @@ mod tests {
                 long.cache_write_5m_per_1m
             ),
             (200_000, 6.0, 15.0, 7.5)
+        );
+        // The 90% cache-read discount holds above the tier too (0.3 of 3 ->
+        // 0.6 of 6), not the full long input price.
+        assert!((long.cache_read_per_1m - 0.6).abs() < 1e-12, "{long:?}");
+        assert!(
+            (long.cache_write_1h_per_1m - 12.0).abs() < 1e-12,
+            "{long:?}"
         );
         assert!(!c.price("local").unwrap().is_priced());
         assert_eq!(c.ledger.unpriced, UnpricedPolicy::Reject);

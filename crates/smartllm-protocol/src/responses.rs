@@ -162,6 +162,12 @@ pub struct ResponsesRequest {
     /// The conversation `previous_response_id` names, when the gateway keeps
     /// it (it answered that response through a translated provider).
     pub previous: Option<StoredResponse>,
+    /// A Responses feature the translation to Chat Completions cannot carry
+    /// (a built-in tool, `background`, an item reference, ...): a provider
+    /// that speaks Responses takes the request as sent; any other gets this
+    /// error. The canonical body is then only the request's text, for
+    /// routing, limits and estimates.
+    pub untranslatable: Option<ApiError>,
 }
 
 /// The body of a Responses request as a JSON object (OpenAI-shaped errors).
@@ -190,10 +196,17 @@ pub fn parse(
     id: String,
 ) -> Result<crate::openai::ParsedRequest, ApiError> {
     let create = endpoint == crate::openai::Endpoint::Responses;
-    let chat = if create {
-        request_to_chat_with_history(&body, previous.as_ref())?
+    let translated = if create {
+        request_to_chat_with_history(&body, previous.as_ref())
     } else {
-        input_tokens_request(&body, previous.as_ref())?
+        input_tokens_request(&body, previous.as_ref())
+    };
+    let (chat, untranslatable) = match translated {
+        Ok(chat) => (chat, None),
+        Err(e) if matches!(e.code, "unsupported_parameter" | "unsupported_value") => {
+            (text_only_chat(&body, create), Some(e))
+        }
+        Err(e) => return Err(e),
     };
     let model = body
         .get("model")
@@ -219,8 +232,51 @@ pub fn parse(
             store,
             previous_response_id,
             previous,
+            untranslatable,
         })),
     })
+}
+
+/// The text of a Responses request as a Chat Completions body (instructions
+/// as the system message, every text of `input` as one user turn): what
+/// routing, limits and estimates read when the request cannot be translated.
+fn text_only_chat(body: &Map<String, Value>, create: bool) -> Map<String, Value> {
+    fn texts(v: &Value, out: &mut Vec<String>) {
+        match v {
+            Value::String(s) => out.push(s.clone()),
+            Value::Array(items) => items.iter().for_each(|i| texts(i, out)),
+            Value::Object(o) => {
+                if let Some(t) = o.get("text").and_then(Value::as_str) {
+                    out.push(t.to_string());
+                }
+                if let Some(c) = o.get("content") {
+                    texts(c, out);
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut chat = Map::new();
+    if let Some(m) = body.get("model") {
+        chat.insert("model".into(), m.clone());
+    }
+    let mut messages = Vec::new();
+    if let Some(i) = body.get("instructions").and_then(Value::as_str) {
+        messages.push(json!({"role": "system", "content": i}));
+    }
+    let mut input = Vec::new();
+    if let Some(v) = body.get("input") {
+        texts(v, &mut input);
+    }
+    messages.push(json!({"role": "user", "content": input.join("\n")}));
+    chat.insert("messages".into(), Value::Array(messages));
+    if let Some(n) = body.get("max_output_tokens").filter(|v| v.is_u64()) {
+        chat.insert("max_tokens".into(), n.clone());
+    }
+    if create && body.get("stream").and_then(Value::as_bool) == Some(true) {
+        chat.insert("stream".into(), json!(true));
+    }
+    chat
 }
 
 /// Usage of a Responses `response` object (`usage.input_tokens`, ...).
@@ -1711,6 +1767,43 @@ mod tests {
 
     fn err(v: Value) -> ApiError {
         request_to_chat(&obj(v)).unwrap_err()
+    }
+
+    #[test]
+    fn what_cannot_be_translated_is_kept_for_providers_that_speak_responses() {
+        let raw = br#"{"model":"m","instructions":"Be brief.","input":[{"role":"user","content":[{"type":"input_text","text":"News today?"}]}],"tools":[{"type":"web_search"}]}"#;
+        let parse_raw = |raw: &'static [u8]| {
+            parse(
+                crate::openai::Endpoint::Responses,
+                read(raw).unwrap(),
+                bytes::Bytes::from_static(raw),
+                None,
+                "resp_1".into(),
+            )
+        };
+        let r = parse_raw(raw).unwrap();
+        let e = r
+            .responses
+            .as_ref()
+            .unwrap()
+            .untranslatable
+            .clone()
+            .unwrap();
+        assert_eq!(
+            (e.code, e.param.as_deref()),
+            ("unsupported_value", Some("tools[0].type"))
+        );
+        // The text is still there for routing, limits and estimates.
+        assert_eq!(
+            r.body["messages"],
+            json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "News today?"}])
+        );
+        // A malformed request is still refused at once.
+        let bad = br#"{"model":"m","input":"x","temperature":"hot"}"#;
+        assert_eq!(
+            parse_raw(bad).unwrap_err().param.as_deref(),
+            Some("temperature")
+        );
     }
 
     #[test]

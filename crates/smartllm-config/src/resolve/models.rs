@@ -136,15 +136,33 @@ fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_
     let input = p.input.unwrap_or(0.0);
     let (w5, w1) = if anthropic { (1.25, 2.0) } else { (1.0, 1.0) };
     let cache_write_5m = p.cache_write.unwrap_or(input * w5);
+    let cache_write_1h = p.cache_write_1h.unwrap_or(if anthropic {
+        input * w1
+    } else {
+        cache_write_5m
+    });
     let long_context = p.long_context.as_ref().map(|l| {
         let li = l.input.unwrap_or(input);
+        // A cache price not given for the tier keeps its ratio to the input
+        // price (a 90% cache-read discount stays 90% above the tier).
+        let scaled = |base: f64, ratio: f64| {
+            if input > 0.0 {
+                base * li / input
+            } else {
+                li * ratio
+            }
+        };
         LongContextPrice {
             above_tokens: l.above,
             input_per_1m: li,
             output_per_1m: l.output.or(p.output).unwrap_or(0.0),
-            cache_read_per_1m: l.cached_input.unwrap_or(li),
-            cache_write_5m_per_1m: l.cache_write.unwrap_or(li * w5),
-            cache_write_1h_per_1m: l.cache_write_1h.unwrap_or(li * w1),
+            cache_read_per_1m: l
+                .cached_input
+                .unwrap_or_else(|| scaled(p.cached_input.unwrap_or(input), 1.0)),
+            cache_write_5m_per_1m: l.cache_write.unwrap_or_else(|| scaled(cache_write_5m, w5)),
+            cache_write_1h_per_1m: l
+                .cache_write_1h
+                .unwrap_or_else(|| scaled(cache_write_1h, w1)),
         }
     });
     let price = ModelPrice {
@@ -152,11 +170,7 @@ fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_
         output_per_1m: p.output.unwrap_or(0.0),
         cache_read_per_1m: p.cached_input.unwrap_or(input),
         cache_write_5m_per_1m: cache_write_5m,
-        cache_write_1h_per_1m: p.cache_write_1h.unwrap_or(if anthropic {
-            input * w1
-        } else {
-            cache_write_5m
-        }),
+        cache_write_1h_per_1m: cache_write_1h,
         reasoning_per_1m: p.reasoning,
         per_request: p.per_request.unwrap_or(0.0),
         long_context,

@@ -83,17 +83,16 @@ pub async fn phase(
     }
     // What the canonical body leaves out decides the answer: a document, a
     // server tool or extended thinking that only an Anthropic provider sees,
-    // or a previous response the gateway does not hold (its history).
+    // a Responses feature only a provider that speaks Responses takes, or a
+    // previous response the gateway does not hold (its history).
     let only = &req.anthropic_only;
     if only.untranslatable.is_some() || only.thinking {
         bypass(ctx, "shape");
         return Ok(false);
     }
-    if req
-        .responses
-        .as_deref()
-        .is_some_and(|r| r.previous_response_id.is_some() && r.previous.is_none())
-    {
+    if req.responses.as_deref().is_some_and(|r| {
+        (r.previous_response_id.is_some() && r.previous.is_none()) || r.untranslatable.is_some()
+    }) {
         bypass(ctx, "shape");
         return Ok(false);
     }

@@ -35,6 +35,12 @@ pub(super) fn build(
             .as_deref()
             .filter(|_| r.previous.is_none())
     });
+    // A Responses feature no translation carries: only a provider that
+    // speaks Responses may take the request.
+    let untranslatable = req
+        .responses
+        .as_deref()
+        .and_then(|r| r.untranslatable.as_ref());
     let (path, body, translate) = match p.cfg.kind {
         ProviderKind::OpenAi
             if req.endpoint == Endpoint::Responses
@@ -52,6 +58,11 @@ pub(super) fn build(
                 body,
                 Translate::ResponsesNative,
             )
+        }
+        _ if untranslatable.is_some() => {
+            return Err(untranslatable.cloned().unwrap_or_else(|| {
+                ApiError::internal("a Responses request that cannot be translated")
+            }));
         }
         _ if previous_unknown.is_some() => {
             return Err(smartllm_protocol::responses::response_not_found(
