@@ -134,6 +134,7 @@ impl SemanticCache {
                 return Err(e);
             }
         };
+        let replaced = previous.is_some();
         let mut ops = Vec::with_capacity(2);
         if let Some(old) = previous {
             ops.push(Op::Remove(vec![old]));
@@ -147,7 +148,13 @@ impl SemanticCache {
         self.dirty.store(true, Ordering::Relaxed);
         gauge!(m::INDEX_VECTORS).set(self.index.len() as f64);
         let entry = Arc::new(entry);
-        self.l1_put(epoch, exact, entry.clone());
+        if replaced {
+            // A refresh: the old answer must leave L1 even when its lock is
+            // busy (this is a blocking thread).
+            self.l1_replace(exact, entry.clone());
+        } else {
+            self.l1_put(epoch, exact, entry.clone());
+        }
         counter!(m::INSERTS).increment(1);
         Ok(Stored {
             id,

@@ -421,6 +421,50 @@ mod tests {
         }
     }
 
+    /// A refresh (`Cache-Control: no-cache`, or the fleet's newer entry)
+    /// replaces the answer in memory too, even when another thread holds the
+    /// memory cache's lock at that moment: the old answer is not served again.
+    #[tokio::test]
+    async fn a_refreshed_answer_replaces_the_one_in_memory() {
+        let (_dir, cache) = open_cache();
+        let k = key("t", "What is the capital of Peru?");
+        let answer = |c: &Arc<SemanticCache>, k: CacheKey| {
+            let c = c.clone();
+            async move {
+                match c.lookup(&k, &policy(), 8).await.unwrap() {
+                    Lookup::Hit { entry, kind, .. } => {
+                        assert_eq!(kind, HitKind::Exact);
+                        entry.response.clone()
+                    }
+                    Lookup::Miss { .. } => panic!("stored, then missed"),
+                }
+            }
+        };
+        cache
+            .insert(k.clone(), None, "old".into(), &policy(), "auto", "m")
+            .await
+            .unwrap();
+        assert_eq!(answer(&cache, k.clone()).await, "old");
+        let c = cache.clone();
+        let (held, release) = (
+            std::sync::Arc::new(std::sync::Barrier::new(2)),
+            std::time::Duration::from_millis(300),
+        );
+        let h = held.clone();
+        let holder = std::thread::spawn(move || {
+            let _l1 = c.l1.lock().unwrap();
+            h.wait();
+            std::thread::sleep(release);
+        });
+        held.wait();
+        cache
+            .insert(k.clone(), None, "new".into(), &policy(), "auto", "m")
+            .await
+            .unwrap();
+        holder.join().unwrap();
+        assert_eq!(answer(&cache, k).await, "new");
+    }
+
     /// A miss hands the router the question's task vector from the same
     /// model run as its embedding, with or without the verifier.
     #[tokio::test]

@@ -170,6 +170,16 @@ impl SemanticCache {
         }
     }
 
+    /// Never skipped: the entry that replaced another under `exact` is the
+    /// one L1 serves from now on. Blocking threads only.
+    pub(crate) fn l1_replace(&self, exact: [u8; 32], e: Arc<Entry>) {
+        let mut l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
+        // A lookup that read the old entry from RocksDB must not put it back.
+        self.l1_epoch.fetch_add(1, Ordering::AcqRel);
+        l1.put(exact, e);
+        self.l1_len.store(l1.len(), Ordering::Relaxed);
+    }
+
     /// Never skipped: a removed entry must not be served from L1. Blocking
     /// threads only.
     pub(crate) fn l1_remove(&self, exact: &[u8; 32]) {
