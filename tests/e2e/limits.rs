@@ -208,6 +208,48 @@ fn two_gateways_share_redis_backed_limits_budgets_and_alerts() {
 }
 
 #[test]
+fn spend_counted_while_redis_refuses_writes_reaches_the_fleet_afterwards() {
+    let mock = Mock::start(&["--words", "12"]);
+    let redis = Redis::start();
+    // Each "Hello there" costs $0.027: two fit the $0.08 a day, three do not.
+    let keys = format!(
+        "keys:\n  - name: bob\n    sha256: {}\n    tenant: beta\n    app: cli\nbudgets:\n  - scope: tenant\n    name: beta\n    daily_usd: 0.08\n",
+        sha("sk-bob-2")
+    );
+    let a = fleet_gateway(&mock, &redis, &keys);
+    let b = fleet_gateway(&mock, &redis, &keys);
+    let hello = chat_body("small", "Hello there");
+    let ratio =
+        |gw: &Gateway| gw.metric("smartllm_budget_used_ratio", &[("budget", "tenant:beta")]);
+    assert_eq!(ask(&a, "sk-bob-2", &hello).status, 200);
+    assert!(wait_until(Duration::from_secs(5), || ratio(&a) > 0.3));
+    // Redis refuses the spend counters' writes for a while (a failover, a
+    // full disk, ...): a serves and counts the spend locally. (A stalled
+    // Redis would apply the queued write once back; a refused one never does.)
+    assert_eq!(redis.cmd("ACL SETUSER default -incrbyfloat"), "+OK");
+    let errors = a.metric("smartllm_fleet_errors_total", &[]);
+    assert_eq!(ask(&a, "sk-bob-2", &hello).status, 200);
+    assert!(wait_until(Duration::from_secs(5), || a
+        .metric("smartllm_fleet_errors_total", &[])
+        > errors));
+    assert_eq!(redis.cmd("ACL SETUSER default +incrbyfloat"), "+OK");
+    // A failed call keeps the gateway off Redis for a second.
+    std::thread::sleep(Duration::from_millis(1500));
+    // Back: a's next request brings the fleet's figure up to both ($0.054)
+    // and adds its own ($0.081) ...
+    assert_eq!(ask(&a, "sk-bob-2", &hello).status, 200);
+    assert!(
+        wait_until(Duration::from_secs(5), || ratio(&a) >= 1.0),
+        "the spend counted while Redis refused it was lost: {}",
+        ratio(&a)
+    );
+    // ... so b, which saw none of them, refuses the next one.
+    let r = ask(&b, "sk-bob-2", &hello);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "budget_exceeded");
+}
+
+#[test]
 fn fleet_on_error_reject_refuses_when_redis_is_down() {
     let mock = Mock::start(&[]);
     let mut redis = Redis::start();

@@ -35,6 +35,10 @@ pub struct Budgets {
     tracked: Mutex<HashSet<String>>,
     /// Where spend is read back from (set by [`Budgets::warm`]).
     ledger: Mutex<Option<Ledger>>,
+    /// "scope-id|period" -> (USD, TTL): spend this gateway counted that has
+    /// not reached the fleet's counters yet (Redis was down or slow); sent
+    /// with the next spend, and added to what Redis says meanwhile.
+    unsynced: Mutex<HashMap<String, (f64, u64)>>,
 }
 
 /// "id|period" -> (id, period)
@@ -403,13 +407,29 @@ impl Budgets {
             Ok(values) => {
                 for ((id, ttl), v) in wanted.iter().zip(values) {
                     match v {
-                        Some(v) => self.set(id, v),
+                        // Plus what this gateway counted but could not send yet.
+                        Some(v) => self.set(id, v + self.unsynced(id)),
                         None => {
+                            // This gateway's figure holds what it could not
+                            // send: seeded, it is sent.
                             let mine = self.get(id);
-                            if mine > 0.0 {
-                                let _ = f.seed_spend(id, mine, *ttl).await;
+                            if mine > 0.0 && f.seed_spend(id, mine, *ttl).await.is_ok() {
+                                self.forget_unsynced(id);
                             }
                         }
+                    }
+                }
+                // Redis is back: what it missed goes now, not with this
+                // gateway's next spend (which a budget may refuse).
+                let deferred = self.with_unsynced(Vec::new());
+                if !deferred.is_empty() {
+                    match f.add_spend(&deferred).await {
+                        Ok(totals) => {
+                            for ((id, _, _), total) in deferred.iter().zip(totals) {
+                                self.set(id, total);
+                            }
+                        }
+                        Err(_) => self.defer(&deferred),
                     }
                 }
                 Ok(())
@@ -433,6 +453,49 @@ impl Budgets {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(id_period.to_string(), usd);
+    }
+
+    /// Keep spend the fleet's counters have not taken yet.
+    fn defer(&self, spends: &[(String, u64, f64)]) {
+        let mut u = self.unsynced.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, ttl, usd) in spends {
+            let e = u.entry(id.clone()).or_insert((0.0, *ttl));
+            e.0 += usd;
+            e.1 = e.1.max(*ttl);
+        }
+    }
+
+    /// `spends` plus everything deferred, merged per counter (the deferred
+    /// taken out: put back with [`Budgets::defer`] if this send fails too).
+    fn with_unsynced(&self, spends: Vec<(String, u64, f64)>) -> Vec<(String, u64, f64)> {
+        let deferred =
+            std::mem::take(&mut *self.unsynced.lock().unwrap_or_else(|p| p.into_inner()));
+        let mut out = spends;
+        for (id, (usd, ttl)) in deferred {
+            match out.iter_mut().find(|(k, _, _)| *k == id) {
+                Some(e) => {
+                    e.2 += usd;
+                    e.1 = e.1.max(ttl);
+                }
+                None => out.push((id, ttl, usd)),
+            }
+        }
+        out
+    }
+
+    fn forget_unsynced(&self, id_period: &str) {
+        self.unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id_period);
+    }
+
+    /// What this gateway counted for `id_period` that the fleet has not.
+    fn unsynced(&self, id_period: &str) -> f64 {
+        self.unsynced
+            .lock()
+            .map(|u| u.get(id_period).map_or(0.0, |e| e.0))
+            .unwrap_or(0.0)
     }
 
     fn add(&self, ids: &[String], periods: [&str; 2], usd: f64) {
@@ -607,23 +670,30 @@ impl Quotas {
         };
         let quotas = self.clone();
         self.tasks.spawn(async move {
-            let keys: Vec<(String, u64)> = ids
+            let spends: Vec<(String, u64, f64)> = ids
                 .iter()
                 .flat_map(|id| {
                     [
-                        (format!("{id}|{day}"), DAY_TTL),
-                        (format!("{id}|{month}"), MONTH_TTL),
+                        (format!("{id}|{day}"), DAY_TTL, cost),
+                        (format!("{id}|{month}"), MONTH_TTL, cost),
                     ]
                 })
                 .collect();
-            let shared_ok = match f.add_spend(&keys, cost).await {
+            // With it, what earlier sends could not deliver. At least once:
+            // a send that timed out after Redis applied it is counted twice
+            // (a budget errs on the strict side), never lost.
+            let spends = quotas.budgets.with_unsynced(spends);
+            let shared_ok = match f.add_spend(&spends).await {
                 Ok(totals) => {
-                    for ((id, _), total) in keys.iter().zip(totals) {
+                    for ((id, _, _), total) in spends.iter().zip(totals) {
                         quotas.budgets.set(id, total);
                     }
                     true
                 }
-                Err(_) => false,
+                Err(_) => {
+                    quotas.budgets.defer(&spends);
+                    false
+                }
             };
             for c in quotas.budgets.crossings(&relevant, &day, &month) {
                 // One gateway of the fleet sends each alert.

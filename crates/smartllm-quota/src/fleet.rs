@@ -242,10 +242,10 @@ impl Fleet {
     }
 
     /// Add `usd` to every `(id, ttl)` counter; the fleet's new totals.
-    pub async fn add_spend(&self, ids: &[(String, u64)], usd: f64) -> Result<Vec<f64>, FleetError> {
+    pub async fn add_spend(&self, ids: &[(String, u64, f64)]) -> Result<Vec<f64>, FleetError> {
         let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();
-        for (id, ttl) in ids {
+        for (id, ttl, usd) in ids {
             let k = self.key("spend", id);
             pipe.cmd("INCRBYFLOAT").arg(&k).arg(format!("{usd:.9}"));
             pipe.cmd("EXPIRE").arg(&k).arg(*ttl).ignore();
