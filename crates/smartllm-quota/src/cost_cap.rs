@@ -28,12 +28,14 @@ pub enum CostCap {
 
 /// Apply the tightest per-request cap of the budgets that apply to `scope`
 /// to `chain` (the chosen model, then its fallbacks) for a request `body` of
-/// `request_bytes`.
+/// `request_bytes` (`raw`: the body as the client sent it, when it goes
+/// upstream as such).
 pub async fn plan(
     config: &Config,
     scope: Scope<'_>,
     chain: &[String],
     body: &Map<String, Value>,
+    raw: Option<&[u8]>,
     request_bytes: usize,
 ) -> CostCap {
     let Some((cap, budget)) = request_cap(&config.keys.budgets, scope) else {
@@ -42,7 +44,16 @@ pub async fn plan(
     let bound = prompt_with_images_bound(config, chain, body, request_bytes).await;
     // `n` answers are each up to max tokens long, and each is billed.
     let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
-    match fit_cap(config, chain, bound, choices, cap) {
+    // Prompt caching asked for: the prompt may be billed as cache writes.
+    let marker = b"cache_control";
+    let cache_writes = raw.is_some_and(|r| r.windows(marker.len()).any(|w| w == marker))
+        || serde_json::to_string(body).is_ok_and(|t| t.contains("cache_control"));
+    let need = Need {
+        prompt_tokens: bound,
+        choices,
+        cache_writes,
+    };
+    match fit_cap(config, chain, need, cap) {
         CapFit::TooExpensive { cheapest } => {
             metrics::cost_cap(&budget.id(), "reject");
             CostCap::Reject(Refusal::CostCapExceeded {
@@ -155,18 +166,63 @@ pub enum CapFit {
     TooExpensive { cheapest: f64 },
 }
 
-/// Keep the models of `chain` under which a `prompt_tokens` prompt and at
-/// least one output token per choice cost no more than `cap`, and the output
-/// tokens to allow each of the `choices` answers: what every kept model can
-/// afford, never more than a model may answer (its max output or what its
-/// context window leaves).
-pub fn fit_cap(
-    config: &smartllm_config::Config,
-    chain: &[String],
-    prompt_tokens: u64,
-    choices: u64,
-    cap: f64,
-) -> CapFit {
+/// What a request may be billed for, at most.
+#[derive(Debug, Clone, Copy)]
+pub struct Need {
+    /// An upper bound of its prompt tokens.
+    pub prompt_tokens: u64,
+    /// Answers asked for (`n`), each billed.
+    pub choices: u64,
+    /// It asks for prompt caching: prompt tokens may be billed as cache writes.
+    pub cache_writes: bool,
+}
+
+impl Need {
+    pub fn prompt(prompt_tokens: u64) -> Need {
+        Need {
+            prompt_tokens,
+            choices: 1,
+            cache_writes: false,
+        }
+    }
+}
+
+/// The dearest a prompt token and an output token of `need` can be billed
+/// at (USD per 1M): the long-context tier's prices when the prompt may pass
+/// it, cache writes' when prompt caching is asked for, reasoning's where it
+/// is priced apart from output.
+fn worst_prices(
+    flat: &smartllm_config::Pricing,
+    full: Option<&smartllm_config::ModelPrice>,
+    need: Need,
+) -> (f64, f64) {
+    let Some(f) = full else {
+        return (flat.input_per_1m, flat.output_per_1m);
+    };
+    let (mut input, mut output) = (f.input_per_1m, f.output_per_1m);
+    let (mut w5, mut w1) = (f.cache_write_5m_per_1m, f.cache_write_1h_per_1m);
+    if let Some(l) = f
+        .long_context
+        .as_ref()
+        .filter(|l| need.prompt_tokens > l.above_tokens)
+    {
+        (input, output) = (l.input_per_1m, l.output_per_1m);
+        (w5, w1) = (l.cache_write_5m_per_1m, l.cache_write_1h_per_1m);
+    }
+    if need.cache_writes {
+        input = input.max(w5).max(w1);
+    }
+    let output = output.max(f.reasoning_per_1m.unwrap_or(0.0));
+    (input.max(flat.input_per_1m), output.max(flat.output_per_1m))
+}
+
+/// Keep the models of `chain` under which the prompt and at least one
+/// output token per choice cost no more than `cap`, at the dearest prices
+/// `need` can be billed at, and the output tokens to allow each of its
+/// answers: what every kept model can afford, never more than a model may
+/// answer (its max output or what its context window leaves).
+pub fn fit_cap(config: &smartllm_config::Config, chain: &[String], need: Need, cap: f64) -> CapFit {
+    let (prompt_tokens, choices) = (need.prompt_tokens, need.choices);
     let mut kept = Vec::new();
     let mut allow = u64::MAX;
     let mut needed = false;
@@ -176,9 +232,10 @@ pub fn fit_cap(
             continue;
         };
         let p = &m.pricing;
-        let prompt_cost = prompt_tokens as f64 * p.input_per_1m / 1e6 + p.per_request;
+        let (input, output) = worst_prices(p, config.price(name), need);
+        let prompt_cost = prompt_tokens as f64 * input / 1e6 + p.per_request;
         cheapest = cheapest.min(prompt_cost);
-        let per_output = p.output_per_1m / 1e6 * choices.max(1) as f64;
+        let per_output = output / 1e6 * choices.max(1) as f64;
         let affordable = if per_output > 0.0 {
             ((cap - prompt_cost) / per_output).floor()
         } else if prompt_cost <= cap {
@@ -220,11 +277,54 @@ mod tests {
     }
 
     #[test]
+    fn the_cap_prices_the_dearest_tokens_a_request_can_be_billed() {
+        let flat = smartllm_config::Pricing {
+            input_per_1m: 1.25,
+            output_per_1m: 10.0,
+            cached_input_per_1m: 0.31,
+            per_request: 0.0,
+        };
+        let full = smartllm_config::ModelPrice {
+            input_per_1m: 1.25,
+            output_per_1m: 10.0,
+            cache_read_per_1m: 0.31,
+            cache_write_5m_per_1m: 1.5,
+            cache_write_1h_per_1m: 2.5,
+            reasoning_per_1m: Some(12.0),
+            per_request: 0.0,
+            long_context: Some(smartllm_config::LongContextPrice {
+                above_tokens: 200_000,
+                input_per_1m: 2.5,
+                output_per_1m: 15.0,
+                cache_read_per_1m: 0.62,
+                cache_write_5m_per_1m: 3.0,
+                cache_write_1h_per_1m: 5.0,
+            }),
+            source: smartllm_config::PriceSource::Configured,
+        };
+        let short = Need::prompt(1_000);
+        // Reasoning priced apart is the dearer output.
+        assert_eq!(worst_prices(&flat, Some(&full), short), (1.25, 12.0));
+        // A prompt that may pass the tier: every token at the tier's prices.
+        assert_eq!(
+            worst_prices(&flat, Some(&full), Need::prompt(300_000)),
+            (2.5, 15.0)
+        );
+        // Prompt caching asked for: the prompt may be 1-hour cache writes.
+        let cached = Need {
+            cache_writes: true,
+            ..short
+        };
+        assert_eq!(worst_prices(&flat, Some(&full), cached), (2.5, 12.0));
+        assert_eq!(worst_prices(&flat, None, cached), (1.25, 10.0));
+    }
+
+    #[test]
     fn cost_cap_lowers_max_tokens_to_what_every_model_affords() {
         let cfg = config();
         // 1000 prompt tokens, $0.05 cap: dear pays $0.01 for the prompt and
         // affords 1000 output tokens; cheap pays $0.001 and affords 24500.
-        let fit = fit_cap(&cfg, &chain(&["dear", "cheap"]), 1000, 1, 0.05);
+        let fit = fit_cap(&cfg, &chain(&["dear", "cheap"]), Need::prompt(1000), 0.05);
         assert_eq!(
             fit,
             CapFit::Fits {
@@ -237,7 +337,11 @@ mod tests {
         let worst = 1000.0 * 10.0 / 1e6 + 999.0 * 40.0 / 1e6;
         assert!(worst <= 0.05 + 1e-12, "{worst}");
         // n = 4 answers, each billed: a quarter of the output each.
-        match fit_cap(&cfg, &chain(&["dear", "cheap"]), 1000, 4, 0.05) {
+        let four = Need {
+            choices: 4,
+            ..Need::prompt(1000)
+        };
+        match fit_cap(&cfg, &chain(&["dear", "cheap"]), four, 0.05) {
             CapFit::Fits { max_output, .. } => assert_eq!(max_output, Some(249)),
             other => panic!("{other:?}"),
         }
@@ -248,7 +352,7 @@ mod tests {
         let cfg = config();
         // 10k prompt tokens at $0.11 cap: dear's prompt costs $0.10 (+1 token
         // at 40/M fits: 250 tokens), so both stay; at $0.09 only cheap does.
-        match fit_cap(&cfg, &chain(&["dear", "cheap"]), 10_000, 1, 0.09) {
+        match fit_cap(&cfg, &chain(&["dear", "cheap"]), Need::prompt(10_000), 0.09) {
             CapFit::Fits {
                 chain: c,
                 max_output,
@@ -259,7 +363,12 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        match fit_cap(&cfg, &chain(&["dear", "cheap"]), 100_000, 1, 0.05) {
+        match fit_cap(
+            &cfg,
+            &chain(&["dear", "cheap"]),
+            Need::prompt(100_000),
+            0.05,
+        ) {
             CapFit::TooExpensive { cheapest } => assert!((cheapest - 0.1).abs() < 1e-9),
             other => panic!("{other:?}"),
         }
@@ -270,19 +379,19 @@ mod tests {
         let cfg = config();
         // A generous cap: dear affords 24750 tokens but answers at most 4096,
         // so the cap cannot be passed and max tokens stays as asked.
-        match fit_cap(&cfg, &chain(&["dear"]), 1000, 1, 1.0) {
+        match fit_cap(&cfg, &chain(&["dear"]), Need::prompt(1000), 1.0) {
             CapFit::Fits { max_output, .. } => assert_eq!(max_output, None),
             other => panic!("{other:?}"),
         }
         // With cheap in the chain too (it could answer 99000 tokens for
         // $0.198 < $1): nothing to cap either.
-        match fit_cap(&cfg, &chain(&["cheap", "dear"]), 1000, 1, 1.0) {
+        match fit_cap(&cfg, &chain(&["cheap", "dear"]), Need::prompt(1000), 1.0) {
             CapFit::Fits { max_output, .. } => assert_eq!(max_output, None),
             other => panic!("{other:?}"),
         }
         // At $0.1 cheap affords 49500 tokens and dear 2250 (below its 4096
         // limit): both are capped at 2250.
-        match fit_cap(&cfg, &chain(&["cheap", "dear"]), 1000, 1, 0.1) {
+        match fit_cap(&cfg, &chain(&["cheap", "dear"]), Need::prompt(1000), 0.1) {
             CapFit::Fits { max_output, .. } => assert_eq!(max_output, Some(2250)),
             other => panic!("{other:?}"),
         }

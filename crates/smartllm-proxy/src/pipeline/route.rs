@@ -136,6 +136,7 @@ async fn apply_cost_cap(
         ctx.scope(),
         chain,
         &req.body,
+        req.native.as_deref(),
         ctx.request_bytes,
     )
     .await;
