@@ -250,6 +250,10 @@ fn anthropic_error_event_mid_stream_is_a_failure_everywhere() {
         let line = log_line(&gw, &id);
         assert_eq!(line["status"], 200, "{line}");
         assert_eq!(line["error"], "upstream_stream_error", "{line}");
+        // Billed for the half answer it generated, estimated from its text
+        // (message_start's output count of 1 is no final figure).
+        assert!(line["completion_tokens"].as_u64().unwrap() > 1, "{line}");
+        assert_eq!(line["usage_estimated"], true, "{line}");
         assert_eq!(errors(), i as f64);
         wait_live_errors(&gw, "claude", i);
         if i < 3 {

@@ -135,25 +135,21 @@ fn early_end_usage(
     if let (true, Some(u)) = (tr.usage_final(), reported) {
         return (u, false);
     }
-    let estimate = estimate_usage(req, partial_text.as_deref().unwrap_or(""));
     let generated = match (&partial_text, tr.generated_estimate()) {
-        (Some(_), _) => estimate.completion_tokens,
+        (Some(text), _) => smartllm_ledger::estimate_tokens(text),
         (None, Some(n)) => n,
         // About a fifth of SSE bytes are content, ~4 bytes a token.
         (None, None) => (streamed_bytes as u64).div_ceil(20),
     };
     let usage = match reported {
+        // The provider's prompt figures (Anthropic's message_start).
         Some(u) if u.prompt_tokens > 0 => Usage {
             completion_tokens: u.completion_tokens.max(generated),
             ..u
         },
-        Some(u) => Usage {
-            completion_tokens: u.completion_tokens.max(generated),
-            ..estimate
-        },
-        None => Usage {
-            completion_tokens: generated,
-            ..estimate
+        _ => Usage {
+            completion_tokens: reported.map_or(0, |u| u.completion_tokens).max(generated),
+            ..estimate_usage(req, "")
         },
     };
     (usage, true)
@@ -373,8 +369,12 @@ pub(super) async fn relay(
             }
         }
     };
-    if failure.is_some() {
-        // Billed for what was generated before it failed.
+    if failure
+        .as_ref()
+        .is_some_and(|(end, _)| *end != StreamEnd::UpstreamError || tr.usage().is_some())
+    {
+        // Billed for what was generated before it broke off. (A provider's
+        // error event with no usage at all: nothing to bill, as before.)
         let partial = assembler
             .take()
             .and_then(ChunkAssembler::finish)
