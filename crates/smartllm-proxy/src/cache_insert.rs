@@ -28,10 +28,6 @@ pub struct PendingInsert {
     /// A per-request cost cap lowered max tokens: an answer it cut short
     /// (finish_reason "length") is not stored.
     pub cost_capped: bool,
-    /// The client set max tokens (part of the key): an answer cut at that
-    /// limit is what such a request gets, and may be stored. One cut at the
-    /// model's own limit is not.
-    pub client_limited: bool,
     /// Keyed under a model the client named (not a routed alias): only that
     /// model's answer is stored; a substitute (budget degrade, cost cap,
     /// fallback) drops the write.
@@ -49,7 +45,7 @@ impl PendingInsert {
     /// Store `completion` (a `chat.completion` JSON document) in the background.
     pub fn spawn(self, completion: String) {
         use std::sync::atomic::Ordering;
-        if (self.cost_capped || !self.client_limited) && cut_short(&completion) {
+        if self.cost_capped && cut_short(&completion) {
             return;
         }
         // Under overload, drop the store rather than pile up tasks and memory.

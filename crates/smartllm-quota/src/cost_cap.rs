@@ -46,8 +46,12 @@ pub async fn plan(
     let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
     // Prompt caching asked for: the prompt may be billed as cache writes.
     let marker = b"cache_control";
-    let cache_writes = raw.is_some_and(|r| r.windows(marker.len()).any(|w| w == marker))
-        || serde_json::to_string(body).is_ok_and(|t| t.contains("cache_control"));
+    let cache_writes = match raw {
+        Some(r) => r.windows(marker.len()).any(|w| w == marker),
+        None => body
+            .iter()
+            .any(|(k, v)| k == "cache_control" || has_key(v, "cache_control")),
+    };
     let need = Need {
         prompt_tokens: bound,
         choices,
@@ -164,6 +168,15 @@ pub enum CapFit {
     },
     /// No model can: the cheapest prompt alone would cost this much.
     TooExpensive { cheapest: f64 },
+}
+
+/// Whether `key` names a field anywhere in `v`.
+fn has_key(v: &Value, key: &str) -> bool {
+    match v {
+        Value::Object(o) => o.iter().any(|(k, v)| k == key || has_key(v, key)),
+        Value::Array(a) => a.iter().any(|v| has_key(v, key)),
+        _ => false,
+    }
 }
 
 /// What a request may be billed for, at most.
@@ -317,6 +330,13 @@ mod tests {
         };
         assert_eq!(worst_prices(&flat, Some(&full), cached), (2.5, 12.0));
         assert_eq!(worst_prices(&flat, None, cached), (1.25, 10.0));
+        // Asked for anywhere in a chat body (a content part's cache_control).
+        let body = serde_json::json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]});
+        assert!(has_key(&body, "cache_control"));
+        assert!(!has_key(
+            &serde_json::json!({"messages": [{"content": "cache_control"}]}),
+            "cache_control"
+        ));
     }
 
     #[test]

@@ -98,9 +98,9 @@ pub async fn phase(
     }
     // Anthropic's `top_k` has no Chat Completions field: it joins the key
     // through the API's name.
-    let api = match only.top_k {
-        Some(k) => format!("{}+top_k={k}", req.endpoint.as_str()),
-        None => req.endpoint.as_str().to_string(),
+    let api: std::borrow::Cow<'_, str> = match only.top_k {
+        Some(k) => format!("{}+top_k={k}", req.endpoint.as_str()).into(),
+        None => req.endpoint.as_str().into(),
     };
     let Some(key) = api_chat_key(&api, &ctx.tenant, model, &req.body) else {
         bypass(ctx, "shape");
@@ -118,7 +118,6 @@ pub async fn phase(
         route: route_name.clone(),
         model: model.to_string(),
         cost_capped: false,
-        client_limited: super::exchange::output_limited(req),
         fixed_model: request.routed.is_none(),
         pending: shared.pending_inserts.clone(),
         max_pending: cfg.max_pending_inserts,

@@ -131,7 +131,9 @@ pub(super) async fn relay(
     });
     record_usage(ctx, usage);
     if let Some(pending) = ctx.cache_insert.take() {
-        if chat.get("choices").is_some_and(Value::is_array) {
+        // An answer cut at the model's own limit (no max tokens asked for)
+        // is not stored; one cut at the client's own limit is (it is keyed).
+        if !ctx.cut_off && chat.get("choices").is_some_and(Value::is_array) {
             // The provider's own bytes where they are the chat answer (no
             // re-serialising); the canonical answer otherwise.
             let same =

@@ -355,7 +355,7 @@ pub async fn run(
 /// `gen_ai.provider.name` of a provider kind.
 /// The request carries a limit on the answer's length (the client's, or the
 /// one the cost cap wrote): an answer it cut short is no fault of the model.
-pub(in crate::pipeline) fn output_limited(req: &ParsedRequest) -> bool {
+pub(super) fn output_limited(req: &ParsedRequest) -> bool {
     ["max_tokens", "max_completion_tokens", "max_output_tokens"]
         .iter()
         .any(|k| req.body.get(*k).is_some_and(|v| !v.is_null()))

@@ -460,8 +460,10 @@ pub(super) async fn relay(
         };
         record_usage(ctx, Some(usage));
     }
-    if let (Some(mut completion), Some(pending)) = (assembled, ctx.cache_insert.take()) {
-        // Only a complete, successful stream is stored.
+    let pending = ctx.cache_insert.take().filter(|_| !ctx.cut_off);
+    if let (Some(mut completion), Some(pending)) = (assembled, pending) {
+        // Only a complete, successful stream is stored, and not one cut at
+        // the model's own limit (no max tokens asked for).
         if completion.get("usage").is_none() {
             if let Some(u) = ctx.usage {
                 completion["usage"] = serde_json::json!({"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
