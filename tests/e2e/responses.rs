@@ -316,15 +316,19 @@ fn responses_stream_call_functions_count_tokens_and_hit_the_cache() {
 #[test]
 fn responses_pass_through_to_providers_that_speak_them() {
     let (mock, gw) = gateway();
+    // These bytes, as the client sends them.
+    let post = |body: &[u8]| {
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/responses",
+            &[("Authorization", "Bearer sk-resp-a")],
+            body,
+        )
+        .unwrap()
+    };
     let body = br#"{"model":"native","input":"Hello native","store":true,"metadata":{"k":"v"}}"#;
-    let r = request(
-        &gw.addr,
-        "POST",
-        "/v1/responses",
-        &[("Authorization", "Bearer sk-resp-a")],
-        body,
-    )
-    .unwrap();
+    let r = post(body);
     assert_eq!(r.status, 200, "{}", r.text());
     let v = r.json();
     assert!(
@@ -368,14 +372,7 @@ fn responses_pass_through_to_providers_that_speak_them() {
     // a provider that speaks it as sent; a translated model refuses it, in
     // OpenAI's shape, naming the field.
     let body = br#"{"model":"native","input":"News today?","tools":[{"type":"web_search"}],"background":true}"#;
-    let r = request(
-        &gw.addr,
-        "POST",
-        "/v1/responses",
-        &[("Authorization", "Bearer sk-resp-a")],
-        body,
-    )
-    .unwrap();
+    let r = post(body);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(cache_header(&r), "bypass");
     let expect =
