@@ -325,9 +325,9 @@ pub struct AnthropicStream {
     /// `message_delta` came: the usage is the final one (before it, only
     /// `message_start`'s prompt figures and a placeholder output count).
     usage_final: bool,
-    /// Characters of text, thinking and tool arguments generated so far:
-    /// the estimate of the output when the stream ends before its usage.
-    generated_chars: u64,
+    /// Bytes of text, thinking and tool arguments generated so far: the
+    /// estimate of the output when the stream ends before its usage.
+    generated_bytes: u64,
     /// Anthropic content-block index -> OpenAI tool_calls index, and whether
     /// any argument text came for it.
     tool_index: Vec<(u64, usize, bool)>,
@@ -352,7 +352,7 @@ impl AnthropicStream {
             usage: Usage::default(),
             saw_usage: false,
             usage_final: false,
-            generated_chars: 0,
+            generated_bytes: 0,
             tool_index: Vec::new(),
             done: false,
             error: None,
@@ -371,9 +371,9 @@ impl AnthropicStream {
     }
 
     /// Output tokens generated so far, estimated from the text, thinking and
-    /// tool arguments streamed (about 4 characters a token).
+    /// tool arguments streamed (about 4 bytes a token).
     pub fn generated_tokens_estimate(&self) -> u64 {
-        self.generated_chars.div_ceil(4)
+        self.generated_bytes.div_ceil(4)
     }
 
     fn chunk(&self, delta: Value, finish: Value) -> Vec<u8> {
@@ -459,13 +459,13 @@ impl AnthropicStream {
                 match d.get("type").and_then(Value::as_str) {
                     Some("text_delta") => {
                         let text = d.get("text").and_then(Value::as_str).unwrap_or("");
-                        self.generated_chars += text.chars().count() as u64;
+                        self.generated_bytes += text.len() as u64;
                         out.extend(self.chunk(json!({"content": text}), Value::Null));
                     }
                     Some("input_json_delta") => {
                         let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
                         let part = d.get("partial_json").and_then(Value::as_str).unwrap_or("");
-                        self.generated_chars += part.chars().count() as u64;
+                        self.generated_bytes += part.len() as u64;
                         let tool = self.tool_index.iter_mut().find(|(i, _, _)| *i == idx);
                         if let Some((_, n, got)) = tool.filter(|_| !part.is_empty()) {
                             *got = true;
@@ -475,7 +475,7 @@ impl AnthropicStream {
                     }
                     Some("thinking_delta") => {
                         let text = d.get("thinking").and_then(Value::as_str).unwrap_or("");
-                        self.generated_chars += text.chars().count() as u64;
+                        self.generated_bytes += text.len() as u64;
                     }
                     _ => {}
                 }

@@ -173,16 +173,12 @@ impl Ctx {
         if self.model.as_deref() != Some(model) {
             self.model = Some(model.to_string());
         }
-        if let Some(p) = self.cache_insert.as_ref() {
-            if p.model != model {
-                if p.fixed_model {
-                    // Another model than the one asked for answers: its
-                    // answer is not stored under the asked model's key.
-                    self.cache_insert = None;
-                } else if let Some(p) = self.cache_insert.as_mut() {
-                    p.model = model.to_string();
-                }
-            }
+        match self.cache_insert.as_mut() {
+            // Another model than the one asked for answers: its answer is
+            // not stored under the asked model's key.
+            Some(p) if p.model != model && p.fixed_model => self.cache_insert = None,
+            Some(p) if p.model != model => p.model = model.to_string(),
+            _ => {}
         }
     }
 

@@ -241,7 +241,7 @@ impl Fleet {
         Ok(())
     }
 
-    /// Add `usd` to every `(id, ttl)` counter; the fleet's new totals.
+    /// Add `usd` to each `(id, ttl, usd)` counter; the fleet's new totals.
     pub async fn add_spend(&self, ids: &[(String, u64, f64)]) -> Result<Vec<f64>, FleetError> {
         let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();

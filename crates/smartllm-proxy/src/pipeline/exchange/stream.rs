@@ -155,6 +155,22 @@ fn early_end_usage(
     (usage, true)
 }
 
+/// Record [`early_end_usage`], from what `assembler` holds of the answer.
+fn bill_early_end(
+    ctx: &mut Ctx,
+    tr: &Translator,
+    req: &smartllm_protocol::ParsedRequest,
+    assembler: Option<ChunkAssembler>,
+    streamed_bytes: usize,
+) {
+    let partial = assembler
+        .and_then(ChunkAssembler::finish)
+        .map(|c| completion_text(&c));
+    let (usage, estimated) = early_end_usage(tr, req, partial, streamed_bytes);
+    ctx.usage_estimated |= estimated;
+    record_usage(ctx, Some(usage));
+}
+
 /// The client's shape, when it is not the canonical chat stream.
 enum Encoder {
     Messages(ChatToMessagesStream),
@@ -291,14 +307,7 @@ pub(super) async fn relay(
                             // bill what was generated up to here (estimated when
                             // the upstream had not reported usage yet).
                             up.shutdown().await;
-                            let partial = assembler
-                                .take()
-                                .and_then(ChunkAssembler::finish)
-                                .map(|c| completion_text(&c));
-                            let (usage, estimated) =
-                                early_end_usage(&tr, req, partial, streamed_bytes);
-                            ctx.usage_estimated |= estimated;
-                            record_usage(ctx, Some(usage));
+                            bill_early_end(ctx, &tr, req, assembler.take(), streamed_bytes);
                             return client_gone(ctx);
                         }
                     }
@@ -375,13 +384,7 @@ pub(super) async fn relay(
     {
         // Billed for what was generated before it broke off. (A provider's
         // error event with no usage at all: nothing to bill, as before.)
-        let partial = assembler
-            .take()
-            .and_then(ChunkAssembler::finish)
-            .map(|c| completion_text(&c));
-        let (usage, estimated) = early_end_usage(&tr, req, partial, streamed_bytes);
-        ctx.usage_estimated |= estimated;
-        record_usage(ctx, Some(usage));
+        bill_early_end(ctx, &tr, req, assembler.take(), streamed_bytes);
     } else {
         record_usage(ctx, tr.usage());
     }
