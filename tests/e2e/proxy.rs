@@ -52,12 +52,15 @@ fn chat_completion_json_with_headers_usage_and_access_log() {
         v["choices"][0]["message"]["content"]
     );
     // One JSON access-log line per request, without secrets.
-    assert!(wait_until(Duration::from_secs(5), || gw
-        .log_text()
-        .contains("req-abc-123")));
+    // (Whole lines only: the gateway may be halfway through writing it.)
+    let entry = |log: &str| {
+        log.lines()
+            .find(|l| l.contains("req-abc-123"))
+            .and_then(|l| serde_json::from_str::<Value>(l).ok())
+    };
+    assert!(wait_until(Duration::from_secs(5), || entry(&gw.log_text()).is_some()));
     let log = gw.log_text();
-    let line = log.lines().find(|l| l.contains("req-abc-123")).unwrap();
-    let entry: Value = serde_json::from_str(line).unwrap();
+    let entry = entry(&log).unwrap();
     assert_eq!(entry["status"], 200);
     assert_eq!(entry["model"], "small");
     assert_eq!(entry["provider"], "mock");

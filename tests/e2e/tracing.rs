@@ -69,9 +69,12 @@ impl Receiver {
         Some(r)
     }
 
+    /// The spans written so far: whole lines only (the receiver may be
+    /// halfway through appending one while the test reads).
     fn spans(&self) -> Vec<Value> {
-        std::fs::read_to_string(&self.spans)
-            .unwrap_or_default()
+        let text = std::fs::read_to_string(&self.spans).unwrap_or_default();
+        let whole = text.rfind('\n').map_or("", |end| &text[..end]);
+        whole
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
