@@ -614,3 +614,65 @@ fn a_substitute_models_answer_is_not_cached_as_the_asked_models() {
         );
     }
 }
+
+/// OpenAI's reasoning models refuse `max_tokens` (the mock does too): a
+/// provider with `max_tokens_field: max_completion_tokens` gets every
+/// client's token limit under that name, Anthropic's required `max_tokens`,
+/// a Responses `max_output_tokens` and an OpenAI client's `max_tokens` alike.
+#[test]
+fn a_reasoning_model_gets_the_token_limit_under_the_name_it_takes() {
+    let mock = Mock::start(&[]);
+    let providers = format!(
+        "providers:\n{}{}    max_tokens_field: max_completion_tokens\n",
+        mock_provider("compat", &mock),
+        mock_provider("openai", &mock)
+    );
+    let models = "models:\n  - name: reasoner\n    pricing: { input: 1, output: 4 }\n    deployments:\n      - provider: openai\n        model: o3-mini\n  - name: reasoner-compat\n    pricing: { input: 1, output: 4 }\n    deployments:\n      - provider: compat\n        model: o3-mini\n";
+    let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, "");
+    let gw = Gateway::start(cfg);
+    let h = [("anthropic-version", "2023-06-01")];
+    let msg = |model: &str| {
+        let body = json!({"model": model, "max_tokens": 50,
+            "messages": [{"role": "user", "content": "Think about primes."}]});
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/messages",
+            &h,
+            body.to_string().as_bytes(),
+        )
+        .unwrap()
+    };
+    // Under the old name the model refuses, and the Anthropic client
+    // reads why in its own shape.
+    let r = msg("reasoner-compat");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(
+        r.json()["error"]["type"],
+        "invalid_request_error",
+        "{}",
+        r.text()
+    );
+    assert!(r.text().contains("max_completion_tokens"), "{}", r.text());
+    let sent = |r: Response| {
+        assert_eq!(r.status, 200, "{}", r.text());
+        let last = mock.last()["json"].clone();
+        (
+            last["max_tokens"].clone(),
+            last["max_completion_tokens"].clone(),
+        )
+    };
+    assert_eq!(sent(msg("reasoner")), (Value::Null, json!(50)));
+    let chat = json!({"model": "reasoner", "max_tokens": 5,
+        "messages": [{"role": "user", "content": "Think about primes."}]});
+    assert_eq!(sent(gw.chat(&chat)), (Value::Null, json!(5)));
+    let resp = json!({"model": "reasoner", "max_output_tokens": 7, "input": "Think about primes."});
+    let r = post_json(&gw.addr, "/v1/responses", &resp);
+    assert_eq!(sent(r), (Value::Null, json!(7)));
+    // The compatible provider keeps the name every server knows.
+    let chat = json!({"model": "reasoner-compat", "max_completion_tokens": 5,
+        "messages": [{"role": "user", "content": "Say hi."}]});
+    let r = gw.chat(&chat);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(mock.last()["json"]["max_tokens"], 5);
+}

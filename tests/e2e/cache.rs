@@ -135,6 +135,15 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
         cache_header(&ask(&gw, "key-a", &q("Convert 50 miles to kilometers"))),
         "miss"
     );
+    // Code: typed again (CRLF, trailing spaces) it hits exactly; with a line
+    // moved out of the loop it is other code, and goes upstream.
+    let code = "Why does this print only the first item?\nfor x in xs:\n    print(x)\n    break";
+    assert_eq!(cache_header(&ask(&gw, "key-a", &q(code))), "miss");
+    wait_cached(&gw, 5);
+    let again = code.replace('\n', "  \r\n");
+    assert_eq!(cache_header(&ask(&gw, "key-a", &q(&again))), "hit-exact");
+    let moved = "Why does this print only the first item?\nfor x in xs:\n    print(x)\nbreak";
+    assert_eq!(cache_header(&ask(&gw, "key-a", &q(moved))), "miss");
     // Another tenant never sees key-a's entries, not even exact ones.
     assert_eq!(
         cache_header(&ask(&gw, "key-b", &q("How do I reset my password?"))),

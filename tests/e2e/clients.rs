@@ -146,9 +146,11 @@ fn bad_clients_get_clear_errors_and_leak_nothing() {
             .find_map(|l| serde_json::from_str::<Value>(l).ok())
     };
     assert!(wait_until(Duration::from_secs(5), || gone().is_some()));
-    // Billed for what was generated before the client left, marked estimated.
+    // Billed for what was generated before the client left (a few of the
+    // answer's 20 one-token words), marked estimated.
     let line = gone().unwrap();
-    assert!(line["completion_tokens"].as_u64().unwrap() > 0, "{line}");
+    let billed = line["completion_tokens"].as_u64().unwrap();
+    assert!((1..20).contains(&billed), "{line}");
     assert_eq!(line["usage_estimated"], true, "{line}");
 
     // Nothing leaked: descriptors back to the baseline, memory steady.

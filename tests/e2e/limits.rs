@@ -131,6 +131,38 @@ fn budgets_alert_reject_and_degrade() {
     assert_eq!(ask(&gw, "sk-alice-1", &hello).status, 429);
 }
 
+/// Requests in flight hold their estimated cost against the budget: of a
+/// burst each of which fits alone, only as many pass as fit together, and
+/// what they held is let go when they end (their real cost counts instead).
+#[test]
+fn a_burst_passes_a_budget_only_as_far_as_it_fits() {
+    let mock = Mock::start(&["--words", "12", "--latency-ms", "1500"]);
+    let cfg = ledger_gateway(&mock, "");
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\nbudgets:\n  - scope: tenant\n    name: acme\n    daily_usd: 0.105\n",
+            sha("sk-alice-1")
+        ),
+    );
+    let gw = Gateway::start(cfg);
+    // Estimated at the prompt's ~20 tokens (0.001 each) plus 12 answer
+    // tokens (0.002 each): ~0.044, two fit in 0.105. Each costs 0.027.
+    let body = json!({"model": "small", "max_tokens": 12,
+        "messages": [{"role": "user", "content": "Hello there"}]});
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let burst: Vec<_> = (0..3)
+            .map(|_| s.spawn(|| ask(&gw, "sk-alice-1", &body).status))
+            .collect();
+        burst.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut sorted = statuses.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [200, 200, 429], "{statuses:?}");
+    // 0.054 spent, nothing held: one more fits.
+    assert_eq!(ask(&gw, "sk-alice-1", &body).status, 200);
+}
+
 fn fleet_gateway(mock: &Mock, redis: &Redis, keys: &str) -> Gateway {
     let cfg = ledger_gateway(
         mock,

@@ -20,6 +20,10 @@
 //! questions of a labelled set answered right with a probability per model
 //! and task, deterministically (see `skills`).
 //!
+//! Chat requests to a model named like OpenAI's reasoning models (`o1`,
+//! `o3`, `o4`, `gpt-5` prefixes) that carry `max_tokens` get OpenAI's 400
+//! (`unsupported_parameter`: they take only `max_completion_tokens`).
+//!
 //! Introspection: `GET /_mock/last` (the last request: path, headers, body length
 //! and sha256), `GET /_mock/stats` (request count, connections accepted, streams cut short by the
 //! client), `GET /health`.
@@ -1010,6 +1014,15 @@ async fn handle<S: Conn>(
         .and_then(Value::as_str)
         .unwrap_or("mock")
         .to_string();
+    // Like OpenAI's reasoning models, which refuse the deprecated name.
+    let reasoning = ["o1", "o3", "o4", "gpt-5"]
+        .iter()
+        .any(|p| model.starts_with(p));
+    if reasoning && path.ends_with("/chat/completions") && body.get("max_tokens").is_some() {
+        let err = json!({"error": {"message": "Unsupported parameter: 'max_tokens' is not supported with this model. Use 'max_completion_tokens' instead.", "type": "invalid_request_error", "param": "max_tokens", "code": "unsupported_parameter"}});
+        write_json(sock, 400, &err, &inst).await?;
+        return Ok(true);
+    }
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
     let max_tokens = body
         .get("max_completion_tokens")

@@ -442,9 +442,27 @@ fn entities(text: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// The indentation of each non-blank line of a text whose layout carries
+/// meaning: a line of it is indented (code, YAML, nested lists), where
+/// moving a line in or out changes what it says. None for prose.
+pub(crate) fn layout(text: &str) -> Option<Vec<&str>> {
+    let indents: Vec<&str> = text
+        .trim()
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| &l[..l.len() - l.trim_start().len()])
+        .collect();
+    indents.iter().any(|i| !i.is_empty()).then_some(indents)
+}
+
 /// Why two texts must not share an answer, if they must not.
 pub fn near_miss(a: &str, b: &str) -> Option<&'static str> {
     let (a, b) = (strip_fillers(a), strip_fillers(b));
+    // Code that differs only in its indentation is different code (the
+    // embedding does not see whitespace).
+    if layout(a) != layout(b) {
+        return Some("layout");
+    }
     if negation_count(a) % 2 != negation_count(b) % 2 {
         return Some("negation");
     }
@@ -740,6 +758,19 @@ mod tests {
         ] {
             assert_eq!(near_miss(a, b), None, "{a} / {b}");
         }
+    }
+
+    #[test]
+    fn code_indented_differently_is_different_code() {
+        let a = "Why does this loop print once?\nfor x in xs:\n    print(x)\n    break";
+        let b = "Why does this loop print once?\nfor x in xs:\n    print(x)\nbreak";
+        assert_eq!(near_miss(a, b), Some("layout"));
+        // The same code, tabs kept, trailing spaces and line ends aside.
+        let c = "Why does this loop print once?\r\nfor x in xs:  \r\n    print(x)\r\n    break\r\n";
+        assert_eq!(near_miss(a, c), None);
+        // Prose laid out on lines has no layout to compare.
+        assert_eq!(layout("Summarise this:\nThe cat sat.\nThe dog ran."), None);
+        assert_eq!(near_miss("What is Rust?", "What is Rust?"), None);
     }
 
     #[test]

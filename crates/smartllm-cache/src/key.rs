@@ -26,9 +26,24 @@ impl CacheKey {
     }
 }
 
-/// Whitespace-collapsed, trimmed: the same question typed twice hits exactly.
+/// Whitespace-collapsed, trimmed: the same question typed twice hits
+/// exactly. A text laid out by indentation (code) keeps its lines and each
+/// line's indentation: only runs of spaces inside a line, trailing spaces,
+/// blank lines and line ends (CRLF) are collapsed.
 pub fn normalise(text: &str) -> String {
-    text.split_whitespace().collect::<Vec<_>>().join(" ")
+    let collapse = |t: &str| t.split_whitespace().collect::<Vec<_>>().join(" ");
+    if crate::guard::layout(text).is_none() {
+        return collapse(text);
+    }
+    let mut out = String::with_capacity(text.len());
+    for line in text.trim().lines().filter(|l| !l.trim().is_empty()) {
+        if !out.is_empty() {
+            out.push('\n');
+        }
+        out.push_str(&line[..line.len() - line.trim_start().len()]);
+        out.push_str(&collapse(line));
+    }
+    out
 }
 
 /// What the exact stage compares: the question without the openers and
@@ -187,6 +202,25 @@ mod tests {
                 .unwrap()
                 .namespace,
             k.namespace
+        );
+    }
+
+    #[test]
+    fn code_keeps_its_indentation_in_the_exact_key() {
+        let q = |text: &str| exact_text(text);
+        let nested = "Why does this print once?\nfor x in xs:\n    print(x)\n    break";
+        let after = "Why does this print once?\nfor x in xs:\n    print(x)\nbreak";
+        assert_ne!(q(nested), q(after));
+        // Typed again with CRLF, trailing and doubled spaces, a blank line.
+        let again =
+            "Why does  this print once?\r\n\r\nfor x in xs:  \r\n    print(x)\r\n    break\r\n";
+        assert_eq!(q(nested), q(again));
+        assert_eq!(q(nested), nested);
+        // Prose keeps the one-line form it always had (no re-keying; the
+        // trailing full stop goes, as ever).
+        assert_eq!(
+            q("Summarise:\nThe cat sat.\n\nThe dog ran."),
+            "Summarise: The cat sat. The dog ran"
         );
     }
 

@@ -226,6 +226,9 @@ pub struct RawProvider {
     pub tls_ca_file: Option<String>,
     /// Ask streaming upstreams for a final usage chunk (`stream_options.include_usage`).
     pub stream_usage: Option<bool>,
+    /// The name the provider takes for the answer's token limit:
+    /// `max_tokens` or `max_completion_tokens`.
+    pub max_tokens_field: Option<String>,
     pub connect_timeout: Option<ConfigDuration>,
     pub first_byte_timeout: Option<ConfigDuration>,
     pub idle_timeout: Option<ConfigDuration>,

@@ -419,6 +419,24 @@ impl ProviderKind {
     }
 }
 
+/// What an OpenAI-compatible provider calls the answer's token limit.
+/// OpenAI itself deprecated `max_tokens` and its reasoning models refuse
+/// it; many compatible servers know only `max_tokens`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TokenLimitField {
+    MaxTokens,
+    MaxCompletionTokens,
+}
+
+impl TokenLimitField {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TokenLimitField::MaxTokens => "max_tokens",
+            TokenLimitField::MaxCompletionTokens => "max_completion_tokens",
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq)]
 pub enum ApiKeySource {
     None,
@@ -550,6 +568,9 @@ pub struct ProviderConfig {
     pub responses: bool,
     pub tls_ca_file: Option<PathBuf>,
     pub stream_usage: bool,
+    /// The field chat requests sent here carry the answer's token limit in
+    /// (the client's or the translation's is renamed to it).
+    pub max_tokens_field: TokenLimitField,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,

@@ -103,13 +103,29 @@ impl ParsedRequest {
     /// place — the model spliced in, `stream_options` set — and every other
     /// byte goes as sent: no clone of the parsed body, no re-serialising
     /// (a large prompt's cost on the proxy).
-    pub fn upstream_body(&self, upstream_model: &str, force_usage: bool) -> bytes::Bytes {
+    ///
+    /// A chat request's token limit goes in `limit_field`, the name the
+    /// provider takes (`max_tokens` or `max_completion_tokens`): a limit
+    /// given under the other name is renamed (one given under both keeps
+    /// the provider's).
+    pub fn upstream_body(
+        &self,
+        upstream_model: &str,
+        force_usage: bool,
+        limit_field: &str,
+    ) -> bytes::Bytes {
         let wants_usage = self.stream && force_usage && self.endpoint != Endpoint::Embeddings;
         let openai = matches!(
             self.endpoint,
             Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
         );
-        if let (true, Some(raw)) = (openai, self.native.as_ref()) {
+        let other_limit = match limit_field {
+            "max_tokens" => "max_completion_tokens",
+            _ => "max_tokens",
+        };
+        let rename = self.endpoint.upstream_suffix() == "/chat/completions"
+            && self.body.contains_key(other_limit);
+        if let (true, false, Some(raw)) = (openai, rename, self.native.as_ref()) {
             let out = if wants_usage && !self.client_wants_usage {
                 let mut opts = match self.body.get("stream_options") {
                     Some(Value::Object(o)) => o.clone(),
@@ -131,6 +147,11 @@ impl ParsedRequest {
         }
         let mut body = self.body.clone();
         body.insert("model".into(), Value::String(upstream_model.to_string()));
+        if rename {
+            if let Some(limit) = body.remove(other_limit) {
+                body.entry(limit_field).or_insert(limit);
+            }
+        }
         if self.stream && force_usage && self.endpoint != Endpoint::Embeddings {
             let opts = body
                 .entry("stream_options")
@@ -474,6 +495,7 @@ pub fn content_text(content: &Value) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     fn err(endpoint: Endpoint, body: &str) -> ApiError {
         parse_request(endpoint, body.as_bytes()).unwrap_err()
@@ -489,7 +511,8 @@ mod tests {
         assert_eq!(r.model, "m");
         assert!(r.stream);
         assert!(!r.client_wants_usage);
-        let up: Value = serde_json::from_slice(&r.upstream_body("up-m", true)).unwrap();
+        let up: Value =
+            serde_json::from_slice(&r.upstream_body("up-m", true, "max_tokens")).unwrap();
         assert_eq!(up["model"], "up-m");
         assert_eq!(up["stream_options"]["include_usage"], true);
         assert_eq!(up["extra"]["kept"], 1);
@@ -499,9 +522,10 @@ mod tests {
     fn the_clients_own_body_is_edited_in_place() {
         let raw = br#"{ "model" : "m", "messages":[{"role":"user","content":"hi \u00e9"}], "stream":true, "stream_options":{"x":1} }"#;
         let mut r = parse_request(Endpoint::ChatCompletions, raw).unwrap();
-        let parsed_path: Value = serde_json::from_slice(&r.upstream_body("up-m", true)).unwrap();
+        let parsed_path: Value =
+            serde_json::from_slice(&r.upstream_body("up-m", true, "max_tokens")).unwrap();
         r.native = Some(bytes::Bytes::from_static(raw));
-        let out = r.upstream_body("up-m", true);
+        let out = r.upstream_body("up-m", true, "max_tokens");
         // The same request as the re-serialising path makes ...
         assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), parsed_path);
         // ... with the client's bytes (spacing, escapes) kept.
@@ -514,8 +538,46 @@ mod tests {
         let mut r = parse_request(Endpoint::ChatCompletions, raw).unwrap();
         r.native = Some(bytes::Bytes::from_static(raw));
         assert_eq!(
-            r.upstream_body("m2", true),
+            r.upstream_body("m2", true, "max_tokens"),
             br#"{"messages":[{"role":"user","content":"x"}],"model":"m2"}"#.to_vec()
+        );
+    }
+
+    #[test]
+    fn the_token_limit_goes_in_the_field_the_provider_takes() {
+        let limit = |endpoint, raw: &'static [u8], field| {
+            let mut r = parse_request(endpoint, raw).unwrap();
+            r.native = Some(bytes::Bytes::from_static(raw));
+            let v: Value = serde_json::from_slice(&r.upstream_body("up", false, field)).unwrap();
+            (v["max_tokens"].clone(), v["max_completion_tokens"].clone())
+        };
+        let chat = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":7}"#;
+        let renamed = limit(Endpoint::ChatCompletions, chat, "max_completion_tokens");
+        assert_eq!(renamed, (Value::Null, json!(7)));
+        assert_eq!(
+            limit(Endpoint::ChatCompletions, chat, "max_tokens"),
+            (json!(7), Value::Null)
+        );
+        let new = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_completion_tokens":9}"#;
+        assert_eq!(
+            limit(Endpoint::ChatCompletions, new, "max_tokens"),
+            (json!(9), Value::Null)
+        );
+        // Both given: the provider's own name wins, the other goes.
+        let both = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":7,"max_completion_tokens":9}"#;
+        let kept = limit(Endpoint::ChatCompletions, both, "max_completion_tokens");
+        assert_eq!(kept, (Value::Null, json!(9)));
+        // The legacy completions endpoint knows only max_tokens.
+        let legacy = br#"{"model":"m","prompt":"x","max_tokens":7}"#;
+        let same = limit(Endpoint::Completions, legacy, "max_completion_tokens");
+        assert_eq!(same, (json!(7), Value::Null));
+        // A body with nothing to rename is still the client's own bytes.
+        let raw = br#"{"model":"m","messages":[{"role":"user","content":"x"}]}"#;
+        let mut r = parse_request(Endpoint::ChatCompletions, raw).unwrap();
+        r.native = Some(bytes::Bytes::from_static(raw));
+        assert_eq!(
+            r.upstream_body("m", false, "max_completion_tokens"),
+            raw.to_vec()
         );
     }
 

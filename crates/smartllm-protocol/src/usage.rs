@@ -70,6 +70,10 @@ pub struct OpenAiStreamFilter {
     pub usage: Option<Usage>,
     pub saw_done: bool,
     pub events: u64,
+    /// Chunks that carry a choice's delta: about one generated token each
+    /// (OpenAI, and the compatible servers, stream a token a chunk); what a
+    /// stream cut before its usage chunk is billed from.
+    pub deltas: u64,
     /// The first error the provider reported mid-stream: the stream failed.
     pub error: Option<StreamError>,
     /// A choice ended at the token limit (`finish_reason: "length"`).
@@ -92,6 +96,7 @@ impl OpenAiStreamFilter {
             usage: None,
             saw_done: false,
             events: 0,
+            deltas: 0,
             error: None,
             truncated: false,
         }
@@ -119,6 +124,7 @@ impl OpenAiStreamFilter {
             self.error.get_or_insert(e);
             return true;
         }
+        self.deltas += u64::from(ev.data.contains("\"delta\""));
         // Only the last chunk of a choice names its finish reason.
         if !self.truncated && ev.data.contains("\"length\"") {
             self.truncated =
@@ -152,6 +158,22 @@ impl OpenAiStreamFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A stream's generated tokens are counted a chunk a token, not from
+    /// its bytes (some 150 of a chunk's are envelope).
+    #[test]
+    fn deltas_count_the_chunks_that_carry_the_answer() {
+        let mut f = OpenAiStreamFilter::new(false);
+        let chunk = |t: &str| {
+            format!("data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":null}}]}}\n\n")
+        };
+        for t in ["The", " answer", " is"] {
+            f.feed(chunk(t).as_bytes()).unwrap();
+        }
+        f.feed(b": keep-alive\n\n").unwrap();
+        assert_eq!(f.deltas, 3);
+        assert!(f.usage.is_none());
+    }
 
     /// A choice that ended at the token limit marks the stream truncated;
     /// the word "length" in the answer, or another finish reason, does not.

@@ -71,6 +71,9 @@ pub struct Ctx {
     pub usage_estimated: bool,
     /// Tokens already charged against rate limits before the request.
     pub precharged_tokens: u64,
+    /// The request's estimated cost, held against its budgets until its
+    /// cost is recorded (dropped then, or with the context).
+    pub budget_hold: Option<smartllm_quota::budget::Hold>,
     /// Why this model serves the request (`alias`, `budget`, the router's
     /// reason, `fallback:MODEL`), for `x-smartllm-route`.
     pub route_reason: String,
@@ -134,6 +137,7 @@ impl Ctx {
             saved_usage: None,
             usage_estimated: false,
             precharged_tokens: 0,
+            budget_hold: None,
             route_reason: "alias".into(),
             route_cost_rule: None,
             experiment: None,

@@ -39,6 +39,41 @@ pub struct Budgets {
     /// not reached the fleet's counters yet (Redis was down or slow); sent
     /// with the next spend, and added to what Redis says meanwhile.
     unsynced: Mutex<HashMap<String, (f64, u64)>>,
+    /// "scope-id|period" -> USD: the estimates of requests the budgets let
+    /// through whose cost is not recorded yet (see [`Hold`]).
+    held: Mutex<HashMap<String, f64>>,
+}
+
+/// A request's estimated cost, held against the budgets that let it through
+/// until its cost is recorded (drop it then) or it ends without one: a burst
+/// of concurrent requests cannot all pass a budget only the first of them
+/// fit. Held on this gateway (a fleet shares spend, not what is in flight).
+pub struct Hold {
+    quotas: Arc<Quotas>,
+    keys: Vec<String>,
+    usd: f64,
+}
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.quotas.budgets.release(&self.keys, self.usd);
+    }
+}
+
+impl std::fmt::Debug for Hold {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Hold")
+            .field("keys", &self.keys)
+            .field("usd", &self.usd)
+            .finish()
+    }
+}
+
+/// Two holds are equal when they hold the same amount on the same budgets.
+impl PartialEq for Hold {
+    fn eq(&self, other: &Self) -> bool {
+        self.keys == other.keys && self.usd == other.usd
+    }
 }
 
 /// "id|period" -> (id, period)
@@ -107,7 +142,7 @@ fn period_status(spent: f64, limit: f64, elapsed: u64, left: u64) -> serde_json:
 
 /// A budget that a request would take over its limit.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("The {period} budget of ${limit:.2} for {scope} '{name}' is used up (${spent:.4} spent); it resets in {}h{:02}m (UTC).", .resets_in / 3600, (.resets_in % 3600) / 60)]
+#[error("The {period} budget of ${limit:.2} for {scope} '{name}' is used up (${spent:.4} spent{}); it resets in {}h{:02}m (UTC).", held_note(.held), .resets_in / 3600, (.resets_in % 3600) / 60)]
 pub struct Exceeded {
     /// The budget's id (`tenant:acme`, `app:acme/web`, `key:k`).
     pub budget: String,
@@ -115,15 +150,26 @@ pub struct Exceeded {
     pub name: String,
     pub period: &'static str,
     pub spent: f64,
+    /// Held by requests in flight (see [`Hold`]).
+    pub held: f64,
     pub limit: f64,
     pub resets_in: u64,
 }
 
+fn held_note(held: &f64) -> String {
+    if *held > 0.0 {
+        format!(", ${held:.4} more held by requests in flight")
+    } else {
+        String::new()
+    }
+}
+
 /// What the budgets say about a request about to be sent.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub enum BudgetDecision {
-    /// Within every budget that applies (or none applies).
-    Within,
+    /// Within every budget that applies (or none applies), with the
+    /// request's estimate held against those that do.
+    Within(Option<Hold>),
     /// A budget is used up and says to serve this cheaper model instead.
     Degrade { model: String, budget: String },
     /// A budget is used up and refuses the request (or the fleet's spend
@@ -273,18 +319,24 @@ impl Budgets {
         self.get(&format!("{id}|{period}"))
     }
 
-    /// The first budget this request (estimated at `estimate` USD) would exceed.
+    /// The first budget this request (estimated at `estimate` USD) would
+    /// exceed, counting what requests in flight hold; else the keys
+    /// ("scope-id|period") its estimate is now held on (release them with
+    /// [`Budgets::release`]). One lock over the check and the hold: two
+    /// requests cannot both take the last of a budget.
     pub fn check<'a>(
         &self,
         budgets: &'a [Budget],
         scope: Scope<'_>,
         estimate: f64,
-    ) -> Option<(&'a Budget, Exceeded)> {
+    ) -> Result<Vec<String>, (&'a Budget, Exceeded)> {
         if budgets.is_empty() {
-            return None;
+            return Ok(Vec::new());
         }
         let ids = scope.budget_ids();
         let (day, month, day_left, month_left) = periods(now_secs());
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        let mut keys = Vec::new();
         for b in budgets {
             if !ids.contains(&b.id()) {
                 continue;
@@ -294,9 +346,11 @@ impl Budgets {
                 ("monthly", &month, b.monthly_usd, month_left),
             ] {
                 let Some(limit) = limit else { continue };
-                let spent = self.spent(&b.id(), p);
-                if spent >= limit || (estimate > 0.0 && spent + estimate > limit) {
-                    return Some((
+                let key = format!("{}|{p}", b.id());
+                let spent = self.get(&key);
+                let in_flight = held.get(&key).copied().unwrap_or(0.0);
+                if spent >= limit || (estimate > 0.0 && spent + in_flight + estimate > limit) {
+                    return Err((
                         b,
                         Exceeded {
                             budget: b.id(),
@@ -304,14 +358,43 @@ impl Budgets {
                             name: b.name.clone(),
                             period,
                             spent,
+                            held: in_flight,
                             limit,
                             resets_in: left,
                         },
                     ));
                 }
+                keys.push(key);
             }
         }
-        None
+        if estimate > 0.0 {
+            // Two budgets on one scope (a tenant's and its app's) hold apart.
+            keys.sort_unstable();
+            keys.dedup();
+            for k in &keys {
+                *held.entry(k.clone()).or_default() += estimate;
+            }
+        } else {
+            keys.clear();
+        }
+        Ok(keys)
+    }
+
+    /// Let go of what a request held (its cost is recorded, or it ended).
+    fn release(&self, keys: &[String], usd: f64) {
+        if keys.is_empty() {
+            return;
+        }
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
+        for k in keys {
+            if let Some(v) = held.get_mut(k) {
+                *v -= usd;
+                // Sums of floats: what is left of a few holds' rounding is nothing.
+                if *v <= 1e-12 {
+                    held.remove(k);
+                }
+            }
+        }
     }
 
     /// The highest share of any budget this request's tenant, app or key has
@@ -594,7 +677,7 @@ impl Quotas {
     /// May a request estimated at `estimate` USD go to `model`? With a
     /// fleet, the spend is brought up to date from Redis first.
     pub async fn budget(
-        &self,
+        self: &Arc<Self>,
         config: &Config,
         scope: Scope<'_>,
         model: &str,
@@ -602,7 +685,7 @@ impl Quotas {
     ) -> BudgetDecision {
         let budgets = &config.keys.budgets;
         if budgets.is_empty() {
-            return BudgetDecision::Within;
+            return BudgetDecision::Within(None);
         }
         if let Err(r) = self
             .budgets
@@ -611,8 +694,16 @@ impl Quotas {
         {
             return BudgetDecision::Reject(r);
         }
-        let Some((budget, ex)) = self.budgets.check(budgets, scope, estimate) else {
-            return BudgetDecision::Within;
+        let (budget, ex) = match self.budgets.check(budgets, scope, estimate) {
+            Ok(keys) if keys.is_empty() => return BudgetDecision::Within(None),
+            Ok(keys) => {
+                return BudgetDecision::Within(Some(Hold {
+                    quotas: self.clone(),
+                    keys,
+                    usd: estimate,
+                }))
+            }
+            Err(exceeded) => exceeded,
         };
         match &budget.on_exceed {
             OnExceed::Degrade(target) => match config.resolve_model(target) {
@@ -623,7 +714,7 @@ impl Quotas {
                         budget: ex.budget,
                     }
                 }
-                _ => BudgetDecision::Within,
+                _ => BudgetDecision::Within(None),
             },
             OnExceed::Reject => {
                 metrics::budget_exceeded(&ex.budget, "reject");
@@ -790,10 +881,10 @@ mod tests {
         let (quotas, _alerts) = Quotas::new(4);
         let quotas = Arc::new(quotas);
         let est = estimate(&cfg.models[1].pricing, 4000, 100);
-        assert_eq!(
+        assert!(matches!(
             quotas.budget(&cfg, ACME, "dear", est).await,
-            BudgetDecision::Within
-        );
+            BudgetDecision::Within(Some(_))
+        ));
         quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.99);
         // The estimate would pass the $1 daily limit: the cheaper model serves.
         assert_eq!(
@@ -806,7 +897,7 @@ mod tests {
         // Already on the degraded model: it keeps serving.
         assert_eq!(
             quotas.budget(&cfg, ACME, "cheap", est).await,
-            BudgetDecision::Within
+            BudgetDecision::Within(None)
         );
         // Another tenant is untouched.
         let other = Scope {
@@ -815,7 +906,7 @@ mod tests {
         };
         assert_eq!(
             quotas.budget(&cfg, other, "dear", est).await,
-            BudgetDecision::Within
+            BudgetDecision::Within(None)
         );
         cfg.keys.budgets = vec![budget(OnExceed::Reject, None)];
         match quotas.budget(&cfg, ACME, "dear", est).await {
@@ -826,6 +917,52 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(quotas.budget_pressure(&cfg.keys.budgets, ACME) > 0.98);
+    }
+
+    /// Requests in flight hold their estimates: of a burst that each fit
+    /// the budget alone, only as many pass as fit together; what a request
+    /// held is let go when it ends.
+    #[tokio::test]
+    async fn requests_in_flight_hold_their_estimates_against_the_budget() {
+        let mut cfg = crate::test_support::config();
+        cfg.keys.budgets = vec![budget(OnExceed::Reject, None)];
+        let (quotas, _alerts) = Quotas::new(4);
+        let quotas = Arc::new(quotas);
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.5);
+        // $0.50 of $1 spent; each request estimated at $0.20: two fit.
+        let first = quotas.budget(&cfg, ACME, "dear", 0.2).await;
+        let second = quotas.budget(&cfg, ACME, "dear", 0.2).await;
+        assert!(matches!(first, BudgetDecision::Within(Some(_))));
+        assert!(matches!(second, BudgetDecision::Within(Some(_))));
+        match quotas.budget(&cfg, ACME, "dear", 0.2).await {
+            BudgetDecision::Reject(Refusal::BudgetExceeded(e)) => {
+                assert!((e.held - 0.4).abs() < 1e-9, "{e:?}");
+                assert!(
+                    e.to_string()
+                        .contains("$0.4000 more held by requests in flight"),
+                    "{e}"
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+        // The first ends costing $0.10: its cost counts, its hold goes.
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.1);
+        drop(first);
+        assert!(matches!(
+            quotas.budget(&cfg, ACME, "dear", 0.2).await,
+            BudgetDecision::Within(Some(_))
+        ));
+        drop(second);
+        assert!(quotas.budgets.held.lock().unwrap().is_empty());
+        // Scopes no budget names hold nothing.
+        let other = Scope {
+            tenant: "beta",
+            ..ACME
+        };
+        assert_eq!(
+            quotas.budget(&cfg, other, "dear", 0.9).await,
+            BudgetDecision::Within(None)
+        );
     }
 
     #[tokio::test]

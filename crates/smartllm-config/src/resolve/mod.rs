@@ -271,6 +271,29 @@ mod tests {
     }
 
     #[test]
+    fn the_token_limit_field_defaults_by_provider_and_is_validated() {
+        let load = |providers: &str| {
+            load_dir(
+                write_dir(&[
+                    (MAIN_FILE, "data_dir: /tmp/x\n"),
+                    ("providers.yaml", providers),
+                ])
+                .path(),
+            )
+        };
+        let c = load("providers:\n  o:\n    kind: openai\n    base_url: https://api.openai.com/v1\n  v:\n    kind: openai\n    base_url: http://10.0.0.5:8000/v1\n  w:\n    kind: openai\n    base_url: http://10.0.0.5:8000/v1\n    max_tokens_field: max_completion_tokens\n").unwrap();
+        let field = |p: &str| c.providers[p].max_tokens_field;
+        assert_eq!(field("o"), TokenLimitField::MaxCompletionTokens);
+        assert_eq!(field("v"), TokenLimitField::MaxTokens);
+        assert_eq!(field("w"), TokenLimitField::MaxCompletionTokens);
+        let text = load("providers:\n  v:\n    kind: openai\n    base_url: http://10.0.0.5:8000/v1\n    max_tokens_field: max_output_tokens\n").unwrap_err().to_string();
+        assert!(
+            text.contains("providers.yaml:5: providers.v.max_tokens_field: unknown field"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn cost_rules_are_validated_with_their_line() {
         let models = "models:\n  - name: a\n    deployments: [ { provider: p } ]\n  - name: b\n    deployments: [ { provider: p } ]\n";
         let providers = "providers:\n  p:\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n";

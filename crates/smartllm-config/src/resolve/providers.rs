@@ -6,7 +6,7 @@ use super::{relative_to, valid_name};
 use crate::raw::{RawCircuitBreaker, RawProviders};
 use crate::{
     ApiKeySource, CircuitBreakerConfig, HealthCheckConfig, HealthCheckKind, Issues, ProviderConfig,
-    ProviderKind, ServerConfig, Url, PROVIDERS_FILE,
+    ProviderKind, ServerConfig, TokenLimitField, Url, PROVIDERS_FILE,
 };
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -97,6 +97,23 @@ pub(super) fn resolve_providers(
                 );
             }
         }
+        let max_tokens_field = match p.max_tokens_field.as_deref() {
+            Some("max_tokens") => TokenLimitField::MaxTokens,
+            Some("max_completion_tokens") => TokenLimitField::MaxCompletionTokens,
+            Some(other) => {
+                v.push(
+                    PROVIDERS_FILE,
+                    format!("{at}.max_tokens_field"),
+                    format!("unknown field {other:?}: use max_tokens or max_completion_tokens"),
+                );
+                TokenLimitField::MaxTokens
+            }
+            // OpenAI's own API: the name every model takes (its reasoning
+            // models refuse `max_tokens`); elsewhere the name every
+            // compatible server knows.
+            None if base_url.host == "api.openai.com" => TokenLimitField::MaxCompletionTokens,
+            None => TokenLimitField::MaxTokens,
+        };
         let hc = p.health_check;
         let hc_kind = match hc.as_ref().and_then(|h| h.kind.as_deref()).unwrap_or("tcp") {
             "tcp" => HealthCheckKind::Tcp,
@@ -139,6 +156,7 @@ pub(super) fn resolve_providers(
                 responses: p.responses.unwrap_or(false) && kind == ProviderKind::OpenAi,
                 tls_ca_file: p.tls_ca_file.map(|f| relative_to(dir, &f)),
                 stream_usage: p.stream_usage.unwrap_or(true),
+                max_tokens_field,
                 connect_timeout: p
                     .connect_timeout
                     .map(|d| d.0)

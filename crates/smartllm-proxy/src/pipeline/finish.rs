@@ -59,6 +59,8 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
             .quotas
             .record(&rt.config.keys.budgets, &rt.config.fleet, ctx.scope(), cost);
     }
+    // Its cost counts now: what it held goes.
+    ctx.budget_hold = None;
     // Takes the request's names out of `ctx`: nothing reads them after this.
     shared.recent.record(ctx, status, cost);
     // Last: a drain (SIGTERM, graceful upgrade) waits for this request's

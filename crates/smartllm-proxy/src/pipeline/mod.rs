@@ -266,6 +266,7 @@ mod tests {
             name: "acme".into(),
             period: "daily",
             spent: 1.5,
+            held: 0.0,
             limit: 1.0,
             resets_in: 3 * 3600 + 5 * 60,
         }));

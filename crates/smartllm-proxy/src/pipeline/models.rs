@@ -100,15 +100,11 @@ async fn anthropic(
     };
     let ids: Vec<&str> = data.iter().filter_map(|m| m["id"].as_str()).collect();
     let pos = |k: &str| param(k).and_then(|v| ids.iter().position(|i| *i == v));
-    let (start, end) = match (pos("after_id"), pos("before_id")) {
-        (Some(a), _) => (a + 1, (a + 1 + limit).min(ids.len())),
-        (None, Some(b)) => (b.saturating_sub(limit), b),
-        (None, None) => (0, limit.min(ids.len())),
-    };
+    let (start, end, has_more) = page(ids.len(), limit, pos("after_id"), pos("before_id"));
     let page: Vec<serde_json::Value> = data[start..end].iter().map(model).collect();
     let body = json!({
         "data": page,
-        "has_more": end < ids.len(),
+        "has_more": has_more,
         "first_id": ids.get(start).filter(|_| start < end),
         "last_id": end.checked_sub(1).and_then(|i| ids.get(i)).filter(|_| start < end),
     });
@@ -120,4 +116,45 @@ async fn anthropic(
         &[],
     )
     .await
+}
+
+/// The page `start..end` of a list of `len` ids, `limit` long, after or
+/// before the id at a position, and whether more lie beyond it in the
+/// direction paged (Anthropic's `has_more`: earlier ids for `before_id`).
+fn page(
+    len: usize,
+    limit: usize,
+    after: Option<usize>,
+    before: Option<usize>,
+) -> (usize, usize, bool) {
+    match (after, before) {
+        (Some(a), _) => {
+            let end = (a + 1 + limit).min(len);
+            (a + 1, end, end < len)
+        }
+        (None, Some(b)) => {
+            let start = b.saturating_sub(limit);
+            (start, b, start > 0)
+        }
+        (None, None) => {
+            let end = limit.min(len);
+            (0, end, end < len)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::page;
+
+    #[test]
+    fn pages_say_whether_more_lie_in_their_direction() {
+        assert_eq!(page(5, 2, None, None), (0, 2, true));
+        assert_eq!(page(5, 2, Some(1), None), (2, 4, true));
+        assert_eq!(page(5, 2, Some(2), None), (3, 5, false));
+        // Before the 4th id: the 2nd and 3rd, and the 1st is earlier still.
+        assert_eq!(page(5, 2, None, Some(3)), (1, 3, true));
+        assert_eq!(page(5, 2, None, Some(2)), (0, 2, false));
+        assert_eq!(page(5, 10, None, None), (0, 5, false));
+    }
 }

@@ -68,7 +68,7 @@ pub async fn plan(
             .budget(cfg, ctx.scope(), &model.name, estimate)
             .await
         {
-            BudgetDecision::Within => {}
+            BudgetDecision::Within(hold) => ctx.budget_hold = hold,
             BudgetDecision::Degrade { model: to, budget } => {
                 let to = cfg.model(&to).ok_or_else(|| {
                     ApiError::internal(format!("budget {budget} degrades to an unknown model {to}"))

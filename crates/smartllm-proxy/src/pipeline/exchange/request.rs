@@ -97,13 +97,17 @@ pub(super) fn build(
             }
             (
                 format!("{}{}", p.url.path, req.endpoint.upstream_suffix()),
-                req.upstream_body(&dep.upstream_model, true),
+                req.upstream_body(&dep.upstream_model, true, p.cfg.max_tokens_field.as_str()),
                 Translate::OpenAi,
             )
         }
         ProviderKind::OpenAi => (
             format!("{}{}", p.url.path, req.endpoint.upstream_suffix()),
-            req.upstream_body(&dep.upstream_model, p.cfg.stream_usage),
+            req.upstream_body(
+                &dep.upstream_model,
+                p.cfg.stream_usage,
+                p.cfg.max_tokens_field.as_str(),
+            ),
             Translate::OpenAi,
         ),
         ProviderKind::Anthropic if req.endpoint.is_anthropic() => {

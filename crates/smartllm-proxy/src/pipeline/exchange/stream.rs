@@ -89,7 +89,8 @@ impl Translator {
     fn generated_estimate(&self) -> Option<u64> {
         match self {
             Translator::Anthropic(a) => Some(a.generated_tokens_estimate()),
-            Translator::OpenAi(_) | Translator::Responses(_) => None,
+            Translator::OpenAi(f) => Some(f.deltas),
+            Translator::Responses(_) => None,
         }
     }
     /// The stream reached its own end (`[DONE]`, `message_stop`, a
@@ -138,7 +139,8 @@ fn early_end_usage(
     let generated = match (&partial_text, tr.generated_estimate()) {
         (Some(text), _) => smartllm_ledger::estimate_tokens(text),
         (None, Some(n)) => n,
-        // About a fifth of SSE bytes are content, ~4 bytes a token.
+        // A Responses stream: about a fifth of its bytes are content, ~4
+        // bytes a token.
         (None, None) => (streamed_bytes as u64).div_ceil(20),
     };
     let usage = match reported {
