@@ -34,6 +34,7 @@ COLUMNS = [
     "input", "output", "cache_read", "cache_write_5m", "cache_write_1h", "reasoning",
     "long_context_above", "long_input", "long_output", "long_cache_read",
     "long_cache_write_5m", "long_cache_write_1h", "batch_input", "batch_output",
+    "audio_input", "audio_output",
 ]
 
 
@@ -109,6 +110,7 @@ def row(name, spec):
         per_1m(inp), per_1m(out), per_1m(spec.get("cache_read_input_token_cost")), per_1m(w5), per_1m(w1),
         per_1m(spec.get("output_cost_per_reasoning_token")), *long,
         per_1m(spec.get("input_cost_per_token_batches")), per_1m(spec.get("output_cost_per_token_batches")),
+        per_1m(spec.get("input_cost_per_audio_token")), per_1m(spec.get("output_cost_per_audio_token")),
     ]
     if any("\t" in f or "\n" in f for f in fields):
         return None

@@ -676,3 +676,46 @@ fn a_reasoning_model_gets_the_token_limit_under_the_name_it_takes() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(mock.last()["json"]["max_tokens"], 5);
 }
+
+/// A provider that takes no `stream_options` (`stream_usage: false`) is not
+/// sent one for an Anthropic client's stream either: the Messages stream
+/// reports estimated usage, and the gateway bills its own estimate.
+#[test]
+fn a_provider_without_stream_usage_serves_messages_streams_with_estimates() {
+    let mock = Mock::start(&["--words", "12"]);
+    let providers = format!(
+        "providers:\n{}    stream_usage: false\n",
+        mock_provider("plain", &mock)
+    );
+    let models = "models:\n  - name: local\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: plain\n        model: local-model\n";
+    let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, "");
+    let gw = Gateway::start(cfg);
+    let body = json!({"model": "local", "max_tokens": 100, "stream": true,
+        "messages": [{"role": "user", "content": "Tell me about streams."}]});
+    let h = [("anthropic-version", "2023-06-01")];
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/messages",
+        &h,
+        body.to_string().as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.last()["stream_options"], Value::Null);
+    let evs = named_events(&r);
+    assert_eq!(names(&evs).last(), Some(&"message_stop"), "{evs:?}");
+    let delta = &evs.iter().find(|(n, _)| n == "message_delta").unwrap().1;
+    let out = delta["usage"]["output_tokens"].as_u64().unwrap();
+    assert!((5..=30).contains(&out), "12 words estimated: {delta}");
+    let line = || {
+        gw.log_text()
+            .lines()
+            .filter(|l| l.contains("\"endpoint\":\"messages\""))
+            .find_map(|l| serde_json::from_str::<Value>(l).ok())
+    };
+    assert!(wait_until(std::time::Duration::from_secs(5), || line().is_some()));
+    let line = line().unwrap();
+    assert_eq!(line["usage_estimated"], true, "{line}");
+    assert!(line["completion_tokens"].as_u64().unwrap() > 0, "{line}");
+}

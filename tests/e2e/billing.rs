@@ -87,6 +87,15 @@ fn gateway(mock: &Mock, extra_main: &str) -> Gateway {
     deployments:
       - provider: mock
         model: no-such-model-anywhere
+  - name: voice
+    pricing: { input: 2.5, output: 10, audio_input: 40, audio_output: 80 }
+    deployments:
+      - provider: mock
+        model: mock-voice
+  - name: voice-catalog
+    deployments:
+      - provider: mock
+        model: gpt-4o-audio-preview-2024-12-17
 ";
     let cfg = ConfigDir::new(
         "",
@@ -337,6 +346,27 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
             / 1e6,
     );
     requests += 2;
+    // Audio tokens (part of the prompt and the answer) at the audio prices,
+    // from models.yaml and from the catalog (gpt-4o-audio-preview: text
+    // 2.5 / 10, audio 40 / 80).
+    for model in ["voice", "voice-catalog"] {
+        for stream in [false, true] {
+            let kinds = json!({"audio_input_tokens": 20, "audio_output_tokens": 30});
+            let u = chat(&gw, model, "Say it aloud", kinds, stream);
+            assert_eq!(
+                (
+                    n(&u, &["prompt_tokens_details", "audio_tokens"]),
+                    n(&u, &["completion_tokens_details", "audio_tokens"])
+                ),
+                (20, 30),
+                "{u}"
+            );
+            let (p, c) = (n(&u, &["prompt_tokens"]), n(&u, &["completion_tokens"]));
+            *want.entry(model).or_default() +=
+                ((p - 20) as f64 * 2.5 + 20.0 * 40.0 + (c - 30) as f64 * 10.0 + 30.0 * 80.0) / 1e6;
+            requests += 1;
+        }
+    }
 
     let got = ledger_costs(&gw, requests);
     for (model, usd) in &want {
@@ -393,7 +423,7 @@ fn unpriced_models_are_counted_or_refused() {
         text.contains("warning: model free has no price")
             && text.contains("no-such-model-anywhere")
             && !text.contains("model mini has no price")
-            && text.contains("1 models take their prices from the built-in catalog"),
+            && text.contains("2 models take their prices from the built-in catalog"),
         "{text}"
     );
 

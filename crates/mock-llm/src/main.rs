@@ -54,7 +54,7 @@ last user message ([mock-fault:error-mid-stream], which survives translation to 
 Faults: reset, close, hang, malformed-json, drop-mid-stream (the connection is reset halfway), \
 error-mid-stream (halfway, the provider's error event: `event: error` for Anthropic, \
 `data: {\"error\": ...}` then [DONE] for OpenAI), malformed-sse. Other per-request settings: \
-status, latency_ms, chunk_delay_ms, words, no_usage, truncate (or [mock-truncate] in the last user message: the answer ends as cut off at the token limit). Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens), also as [mock-usage:cached_tokens=5,cache_write_1h=2] in the last user message."
+status, latency_ms, chunk_delay_ms, words, no_usage, truncate (or [mock-truncate] in the last user message: the answer ends as cut off at the token limit). Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), audio_input_tokens, audio_output_tokens (OpenAI chat), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens), also as [mock-usage:cached_tokens=5,cache_write_1h=2] in the last user message."
 )]
 struct Args {
     /// Address to listen on.
@@ -191,24 +191,30 @@ struct Behaviour {
 
 /// Extra tokens of each kind a request asks the mock to report: cache reads
 /// (OpenAI `cached_tokens`, Anthropic `cache_read_input_tokens`), Anthropic
-/// cache writes (5-minute and 1-hour), OpenAI reasoning tokens. They add to
-/// the counted prompt (reads, writes) and answer (reasoning).
+/// cache writes (5-minute and 1-hour), OpenAI reasoning and audio tokens.
+/// They add to the counted prompt (reads, writes, audio in) and answer
+/// (reasoning, audio out).
 #[derive(Debug, Clone, Copy, Default)]
 struct TokenKinds {
     cached: u64,
     reasoning: u64,
     write_5m: u64,
     write_1h: u64,
+    audio_in: u64,
+    audio_out: u64,
 }
 
 impl TokenKinds {
     /// OpenAI's chat `usage` for a counted prompt and answer.
     fn openai_usage(&self, prompt: u64, completion: u64) -> Value {
-        let (p, c) = (prompt + self.cached, completion + self.reasoning);
+        let p = prompt + self.cached + self.audio_in;
+        let c = completion + self.reasoning + self.audio_out;
         let mut u = json!({"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c});
-        if self.cached + self.reasoning > 0 {
-            u["prompt_tokens_details"] = json!({"cached_tokens": self.cached});
-            u["completion_tokens_details"] = json!({"reasoning_tokens": self.reasoning});
+        if self.cached + self.reasoning + self.audio_in + self.audio_out > 0 {
+            u["prompt_tokens_details"] =
+                json!({"cached_tokens": self.cached, "audio_tokens": self.audio_in});
+            u["completion_tokens_details"] =
+                json!({"reasoning_tokens": self.reasoning, "audio_tokens": self.audio_out});
         }
         u
     }
@@ -490,6 +496,8 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         reasoning: n("reasoning_tokens"),
         write_5m: n("cache_write_5m"),
         write_1h: n("cache_write_1h"),
+        audio_in: n("audio_input_tokens"),
+        audio_out: n("audio_output_tokens"),
     };
     if b.fault.is_none()
         && b.status.is_none()

@@ -342,6 +342,10 @@ pub struct RawPricing {
     pub cache_write_1h: Option<f64>,
     /// Reasoning tokens, when priced apart from output.
     pub reasoning: Option<f64>,
+    /// Audio prompt tokens, when priced apart from text input.
+    pub audio_input: Option<f64>,
+    /// Audio answer tokens, when priced apart from text output.
+    pub audio_output: Option<f64>,
     pub per_request: Option<f64>,
     pub long_context: Option<RawLongContext>,
 }

@@ -148,6 +148,10 @@ pub struct ModelPrice {
     /// Reasoning tokens when priced apart from other output (they are part of
     /// the output tokens; None: at the output price).
     pub reasoning_per_1m: Option<f64>,
+    /// Audio prompt tokens (part of the input; None: at the input price).
+    pub audio_input_per_1m: Option<f64>,
+    /// Audio answer tokens (part of the output; None: at the output price).
+    pub audio_output_per_1m: Option<f64>,
     pub per_request: f64,
     pub long_context: Option<LongContextPrice>,
     pub source: PriceSource,

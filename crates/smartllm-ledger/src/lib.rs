@@ -42,6 +42,10 @@ pub struct Price {
     pub cache_write_1h_per_1m: f64,
     /// Reasoning tokens when priced apart from the rest of the output.
     pub reasoning_per_1m: Option<f64>,
+    /// Audio prompt tokens, when priced apart from text (else at the input price).
+    pub audio_input_per_1m: Option<f64>,
+    /// Audio answer tokens, when priced apart from text (else at the output price).
+    pub audio_output_per_1m: Option<f64>,
     pub per_request: f64,
     /// Prices for every token of a request whose prompt is longer than
     /// `above_tokens` (the per-request price stays).
@@ -59,9 +63,11 @@ pub struct LongContext {
     pub cache_write_1h_per_1m: f64,
 }
 
-/// Token counts of one request. `cached`, `cache_write` are part of
-/// `prompt`; `cache_write_1h` is part of `cache_write`; `reasoning` is part of
-/// `completion` (as OpenAI and Anthropic count them).
+/// Token counts of one request. `cached`, `cache_write` and `audio_in` are
+/// part of `prompt`; `cache_write_1h` is part of `cache_write`; `reasoning`
+/// and `audio_out` are part of `completion` (as OpenAI and Anthropic count
+/// them). The ledger's counters keep the audio tokens in the prompt and
+/// completion counts; only their price differs.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Tokens {
     pub prompt: u64,
@@ -70,14 +76,17 @@ pub struct Tokens {
     pub cache_write: u64,
     pub cache_write_1h: u64,
     pub reasoning: u64,
+    pub audio_in: u64,
+    pub audio_out: u64,
 }
 
 impl Price {
     /// Cost in nano-dollars. The prompt splits into cache reads, cache
-    /// writes (5-minute and 1-hour) and the rest at the input price; the
-    /// completion is billed at the output price, its reasoning tokens at the
-    /// reasoning price when there is one (never both); a prompt above the
-    /// long-context threshold bills every token at the tier's prices.
+    /// writes (5-minute and 1-hour), audio and the rest at the input price;
+    /// the completion is billed at the output price, its reasoning tokens at
+    /// the reasoning price and its audio at the audio price when there are
+    /// such (a token is billed once); a prompt above the long-context
+    /// threshold bills every text token at the tier's prices.
     pub fn cost_nanos(&self, t: Tokens) -> u64 {
         let (input, output, cached_in, write_5m, write_1h) = match self.long_context {
             Some(l) if t.prompt > l.above_tokens => (
@@ -99,17 +108,27 @@ impl Price {
         let written = t.cache_write.min(t.prompt - cached);
         let written_1h = t.cache_write_1h.min(written);
         let uncached = t.prompt - cached - written;
+        let (audio_in, audio_in_price) = match self.audio_input_per_1m {
+            Some(p) => (t.audio_in.min(uncached), p),
+            None => (0, 0.0),
+        };
         let (reasoning, reasoning_price) = match self.reasoning_per_1m {
             Some(p) => (t.reasoning.min(t.completion), p),
             None => (0, 0.0),
         };
+        let (audio_out, audio_out_price) = match self.audio_output_per_1m {
+            Some(p) => (t.audio_out.min(t.completion - reasoning), p),
+            None => (0, 0.0),
+        };
         // Micro-dollars per token x tokens, summed in f64 and rounded once.
-        let usd_1m = uncached as f64 * input
+        let usd_1m = (uncached - audio_in) as f64 * input
+            + audio_in as f64 * audio_in_price
             + cached as f64 * cached_in
             + (written - written_1h) as f64 * write_5m
             + written_1h as f64 * write_1h
-            + (t.completion - reasoning) as f64 * output
-            + reasoning as f64 * reasoning_price;
+            + (t.completion - reasoning - audio_out) as f64 * output
+            + reasoning as f64 * reasoning_price
+            + audio_out as f64 * audio_out_price;
         let nanos = usd_1m * 1e3 + self.per_request * 1e9;
         nanos.round().max(0.0) as u64
     }
@@ -911,7 +930,7 @@ mod tests {
             cached: 100,
             cache_write: 400,
             cache_write_1h: 150,
-            reasoning: 0,
+            ..Tokens::default()
         };
         // 500*3 + 100*0.3 + 250*3.75 + 150*6 + 300*15 = 1500+30+937.5+900+4500 micro-$
         assert_eq!(p.cost_nanos(t), 7_867_500);
@@ -950,6 +969,25 @@ mod tests {
             ..Tokens::default()
         };
         assert_eq!(lc.cost_nanos(long), 1001 * 6_000 + 10 * 22_500);
+        // Audio (gpt-4o-audio-like): part of the prompt and the answer, at
+        // its own prices when it has them, else at the text prices.
+        let audio = Tokens {
+            prompt: 100,
+            completion: 50,
+            audio_in: 80,
+            audio_out: 40,
+            ..Tokens::default()
+        };
+        assert_eq!(p.cost_nanos(audio), 100 * 3_000 + 50 * 15_000);
+        let pa = Price {
+            audio_input_per_1m: Some(40.0),
+            audio_output_per_1m: Some(80.0),
+            ..p
+        };
+        assert_eq!(
+            pa.cost_nanos(audio),
+            20 * 3_000 + 80 * 40_000 + 10 * 15_000 + 40 * 80_000
+        );
     }
 
     #[test]

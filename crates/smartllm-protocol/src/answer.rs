@@ -109,6 +109,7 @@ enum Field {
     CachedTokens,
     CacheWriteTokens,
     ReasoningTokens,
+    AudioTokens,
     Other,
 }
 
@@ -134,6 +135,7 @@ impl<'de> de::Deserialize<'de> for Key {
                     "cached_tokens" => Field::CachedTokens,
                     "cache_write_tokens" => Field::CacheWriteTokens,
                     "reasoning_tokens" => Field::ReasoningTokens,
+                    "audio_tokens" => Field::AudioTokens,
                     _ => Field::Other,
                 }))
             }
@@ -193,9 +195,12 @@ impl<'de> de::Deserialize<'de> for UsageField {
                             let d = map.next_value::<Details>()?;
                             u.cached_tokens = d.cached;
                             u.cache_write_tokens = d.cache_write;
+                            u.audio_prompt_tokens = d.audio;
                         }
                         Field::CompletionDetails => {
-                            u.reasoning_tokens = map.next_value::<Details>()?.reasoning
+                            let d = map.next_value::<Details>()?;
+                            u.reasoning_tokens = d.reasoning;
+                            u.audio_completion_tokens = d.audio;
                         }
                         _ => skip(&mut map)?,
                     }
@@ -213,6 +218,7 @@ struct Details {
     cached: u64,
     cache_write: u64,
     reasoning: u64,
+    audio: u64,
 }
 
 impl<'de> de::Deserialize<'de> for Details {
@@ -231,6 +237,7 @@ impl<'de> de::Deserialize<'de> for Details {
                         Field::CachedTokens => out.cached = map.next_value::<Count>()?.0,
                         Field::CacheWriteTokens => out.cache_write = map.next_value::<Count>()?.0,
                         Field::ReasoningTokens => out.reasoning = map.next_value::<Count>()?.0,
+                        Field::AudioTokens => out.audio = map.next_value::<Count>()?.0,
                         _ => skip(&mut map)?,
                     }
                 }
@@ -338,7 +345,7 @@ mod tests {
     #[test]
     fn reads_what_a_value_reads() {
         for body in [
-            r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi \"there\"\n"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":0},"completion_tokens_details":{"reasoning_tokens":2}}}"#,
+            r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi \"there\"\n"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":3},"completion_tokens_details":{"reasoning_tokens":2,"audio_tokens":1}}}"#,
             r#"{"choices":[{"finish_reason":"stop"},{"finish_reason":"length"}],"usage":null}"#,
             r#"{"choices":[{"text":"abc","finish_reason":"length"}]}"#,
             r#"{"choices":{"finish_reason":"length"},"usage":7}"#,

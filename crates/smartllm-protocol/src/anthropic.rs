@@ -221,7 +221,7 @@ pub fn usage_of(u: &Value) -> Usage {
         cached_tokens: cached,
         cache_write_tokens: written,
         cache_write_1h_tokens: w1.min(written),
-        reasoning_tokens: 0,
+        ..Usage::default()
     }
 }
 
@@ -556,7 +556,7 @@ mod tests {
                 cached_tokens: 5,
                 cache_write_tokens: 6,
                 cache_write_1h_tokens: 2,
-                reasoning_tokens: 0,
+                ..Usage::default()
             }
         );
         // Without the split every write is a 5-minute one.

@@ -740,6 +740,9 @@ pub struct ChatToMessagesStream {
     open: Open,
     stop: Value,
     usage: Option<Usage>,
+    /// Bytes of text and tool arguments streamed: the output estimated
+    /// (about 4 bytes a token) for a provider that reports no usage.
+    generated_bytes: usize,
     /// `message_stop` (or an error event) was sent: nothing more follows.
     pub done: bool,
 }
@@ -757,6 +760,7 @@ impl ChatToMessagesStream {
             open: Open::None,
             stop: Value::Null,
             usage: None,
+            generated_bytes: 0,
             done: false,
         }
     }
@@ -805,7 +809,13 @@ impl ChatToMessagesStream {
         } else {
             self.stop.clone()
         };
-        let usage = self.usage.unwrap_or_default();
+        // A provider that reports no usage (`stream_usage: false`): the
+        // estimates (the gateway bills its own, marked as such).
+        let usage = self.usage.unwrap_or(Usage {
+            prompt_tokens: self.input_estimate,
+            completion_tokens: (self.generated_bytes as u64).div_ceil(4),
+            ..Usage::default()
+        });
         out.extend(event(
             "message_delta",
             &json!({"type": "message_delta",
@@ -862,6 +872,7 @@ impl ChatToMessagesStream {
                     ));
                     self.open = Open::Text;
                 }
+                self.generated_bytes += t.len();
                 out.extend(event(
                     "content_block_delta",
                     &json!({"type": "content_block_delta",
@@ -888,6 +899,7 @@ impl ChatToMessagesStream {
                         .and_then(Value::as_str)
                         .filter(|a| !a.is_empty())
                     {
+                        self.generated_bytes += a.len();
                         out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
                             "index": self.block, "delta": {"type": "input_json_delta", "partial_json": a}})));
                     }

@@ -296,6 +296,7 @@ pub fn usage_of(response: &Value) -> Option<Usage> {
         cache_write_tokens: get("input_tokens_details", Some("cache_write_tokens")),
         cache_write_1h_tokens: 0,
         reasoning_tokens: get("output_tokens_details", Some("reasoning_tokens")),
+        ..Usage::default()
     })
 }
 

@@ -19,38 +19,40 @@ pub struct Usage {
     /// Completion tokens spent reasoning (part of `completion_tokens`):
     /// OpenAI `completion_tokens_details.reasoning_tokens`.
     pub reasoning_tokens: u64,
+    /// Prompt tokens of audio (part of `prompt_tokens`): OpenAI
+    /// `prompt_tokens_details.audio_tokens`.
+    pub audio_prompt_tokens: u64,
+    /// Completion tokens of audio (part of `completion_tokens`): OpenAI
+    /// `completion_tokens_details.audio_tokens`.
+    pub audio_completion_tokens: u64,
 }
 
 impl Usage {
     /// Read OpenAI's `usage` object (`prompt_tokens`, `completion_tokens`,
-    /// `prompt_tokens_details.cached_tokens`).
+    /// and their details: cached, reasoning and audio tokens).
     pub fn from_openai(v: &Value) -> Option<Usage> {
         let u = v.get("usage")?;
         if u.is_null() {
             return None;
         }
+        let detail = |details: &str, kind: &str| {
+            u.get(details)
+                .and_then(|d| d.get(kind))
+                .and_then(Value::as_u64)
+                .unwrap_or(0)
+        };
         Some(Usage {
             prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
             completion_tokens: u
                 .get("completion_tokens")
                 .and_then(Value::as_u64)
                 .unwrap_or(0),
-            cached_tokens: u
-                .get("prompt_tokens_details")
-                .and_then(|d| d.get("cached_tokens"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
-            cache_write_tokens: u
-                .get("prompt_tokens_details")
-                .and_then(|d| d.get("cache_write_tokens"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
+            cached_tokens: detail("prompt_tokens_details", "cached_tokens"),
+            cache_write_tokens: detail("prompt_tokens_details", "cache_write_tokens"),
             cache_write_1h_tokens: 0,
-            reasoning_tokens: u
-                .get("completion_tokens_details")
-                .and_then(|d| d.get("reasoning_tokens"))
-                .and_then(Value::as_u64)
-                .unwrap_or(0),
+            reasoning_tokens: detail("completion_tokens_details", "reasoning_tokens"),
+            audio_prompt_tokens: detail("prompt_tokens_details", "audio_tokens"),
+            audio_completion_tokens: detail("completion_tokens_details", "audio_tokens"),
         })
     }
 

@@ -15,6 +15,8 @@ pub fn price(p: &smartllm_config::ModelPrice) -> smartllm_ledger::Price {
         cache_write_5m_per_1m: p.cache_write_5m_per_1m,
         cache_write_1h_per_1m: p.cache_write_1h_per_1m,
         reasoning_per_1m: p.reasoning_per_1m,
+        audio_input_per_1m: p.audio_input_per_1m,
+        audio_output_per_1m: p.audio_output_per_1m,
         per_request: p.per_request,
         long_context: p.long_context.map(|l| smartllm_ledger::LongContext {
             above_tokens: l.above_tokens,
@@ -35,6 +37,8 @@ pub fn tokens(u: &smartllm_protocol::Usage) -> smartllm_ledger::Tokens {
         cache_write: u.cache_write_tokens,
         cache_write_1h: u.cache_write_1h_tokens,
         reasoning: u.reasoning_tokens,
+        audio_in: u.audio_prompt_tokens,
+        audio_out: u.audio_completion_tokens,
     }
 }
 

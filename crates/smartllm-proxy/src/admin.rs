@@ -431,6 +431,8 @@ impl AdminApp {
                             "cache_write_5m_per_1m": price.map(|p| p.cache_write_5m_per_1m),
                             "cache_write_1h_per_1m": price.map(|p| p.cache_write_1h_per_1m),
                             "reasoning_per_1m": price.and_then(|p| p.reasoning_per_1m),
+                            "audio_input_per_1m": price.and_then(|p| p.audio_input_per_1m),
+                            "audio_output_per_1m": price.and_then(|p| p.audio_output_per_1m),
                             "long_context": price.and_then(|p| p.long_context),
                             "source": match price.map(|p| &p.source) {
                                 Some(smartllm_config::PriceSource::Configured) => "models.yaml".to_string(),

@@ -52,10 +52,22 @@ pub async fn plan(
             .iter()
             .any(|(k, v)| k == "cache_control" || has_key(v, "cache_control")),
     };
+    // Audio in (`input_audio` parts) or asked for out (`modalities`):
+    // tokens may be billed at audio prices.
+    let marker = b"input_audio";
+    let audio_in = match raw {
+        Some(r) => r.windows(marker.len()).any(|w| w == marker),
+        None => body.values().any(|v| has_key(v, "input_audio")),
+    };
+    let audio_out = body
+        .get("modalities")
+        .and_then(Value::as_array)
+        .is_some_and(|m| m.iter().any(|x| x == "audio"));
     let need = Need {
         prompt_tokens: bound,
         choices,
         cache_writes,
+        audio: audio_in || audio_out,
     };
     match fit_cap(config, chain, need, cap) {
         CapFit::TooExpensive { cheapest } => {
@@ -188,6 +200,8 @@ pub struct Need {
     pub choices: u64,
     /// It asks for prompt caching: prompt tokens may be billed as cache writes.
     pub cache_writes: bool,
+    /// It carries or asks for audio: tokens may be billed at audio prices.
+    pub audio: bool,
 }
 
 impl Need {
@@ -196,14 +210,16 @@ impl Need {
             prompt_tokens,
             choices: 1,
             cache_writes: false,
+            audio: false,
         }
     }
 }
 
 /// The dearest a prompt token and an output token of `need` can be billed
 /// at (USD per 1M): the long-context tier's prices when the prompt may pass
-/// it, cache writes' when prompt caching is asked for, reasoning's where it
-/// is priced apart from output.
+/// it, cache writes' when prompt caching is asked for, audio's when the
+/// request carries or asks for audio, reasoning's where it is priced apart
+/// from output.
 fn worst_prices(
     flat: &smartllm_config::Pricing,
     full: Option<&smartllm_config::ModelPrice>,
@@ -224,6 +240,10 @@ fn worst_prices(
     }
     if need.cache_writes {
         input = input.max(w5).max(w1);
+    }
+    if need.audio {
+        input = input.max(f.audio_input_per_1m.unwrap_or(0.0));
+        output = output.max(f.audio_output_per_1m.unwrap_or(0.0));
     }
     let output = output.max(f.reasoning_per_1m.unwrap_or(0.0));
     (input.max(flat.input_per_1m), output.max(flat.output_per_1m))
@@ -304,6 +324,8 @@ mod tests {
             cache_write_5m_per_1m: 1.5,
             cache_write_1h_per_1m: 2.5,
             reasoning_per_1m: Some(12.0),
+            audio_input_per_1m: Some(40.0),
+            audio_output_per_1m: Some(80.0),
             per_request: 0.0,
             long_context: Some(smartllm_config::LongContextPrice {
                 above_tokens: 200_000,
@@ -330,6 +352,12 @@ mod tests {
         };
         assert_eq!(worst_prices(&flat, Some(&full), cached), (2.5, 12.0));
         assert_eq!(worst_prices(&flat, None, cached), (1.25, 10.0));
+        // Audio in or out: audio's prices; a text request never pays them.
+        let audio = Need {
+            audio: true,
+            ..short
+        };
+        assert_eq!(worst_prices(&flat, Some(&full), audio), (40.0, 80.0));
         // Asked for anywhere in a chat body (a content part's cache_control).
         let body = serde_json::json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]});
         assert!(has_key(&body, "cache_control"));

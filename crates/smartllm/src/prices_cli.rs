@@ -107,6 +107,7 @@ pub fn configured_cmd(dir: &Path, json: bool) -> anyhow::Result<()> {
             "model": m.name, "source": source, "input": p.input_per_1m, "output": p.output_per_1m,
             "cache_read": p.cache_read_per_1m, "cache_write_5m": p.cache_write_5m_per_1m,
             "cache_write_1h": p.cache_write_1h_per_1m, "reasoning": p.reasoning_per_1m,
+            "audio_input": p.audio_input_per_1m, "audio_output": p.audio_output_per_1m,
             "per_request": p.per_request, "long_context": p.long_context,
         }));
         rows.push(vec![

@@ -172,6 +172,8 @@ fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_
         cache_write_5m_per_1m: cache_write_5m,
         cache_write_1h_per_1m: cache_write_1h,
         reasoning_per_1m: p.reasoning,
+        audio_input_per_1m: p.audio_input,
+        audio_output_per_1m: p.audio_output,
         per_request: p.per_request.unwrap_or(0.0),
         long_context,
         source: PriceSource::Configured,
@@ -183,6 +185,8 @@ fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_
         ("cache_write", price.cache_write_5m_per_1m),
         ("cache_write_1h", price.cache_write_1h_per_1m),
         ("reasoning", price.reasoning_per_1m.unwrap_or(0.0)),
+        ("audio_input", price.audio_input_per_1m.unwrap_or(0.0)),
+        ("audio_output", price.audio_output_per_1m.unwrap_or(0.0)),
         ("per_request", price.per_request),
     ];
     if let Some(l) = &price.long_context {

@@ -97,7 +97,11 @@ pub(super) fn build(
             }
             (
                 format!("{}{}", p.url.path, req.endpoint.upstream_suffix()),
-                req.upstream_body(&dep.upstream_model, true, p.cfg.max_tokens_field.as_str()),
+                req.upstream_body(
+                    &dep.upstream_model,
+                    p.cfg.stream_usage,
+                    p.cfg.max_tokens_field.as_str(),
+                ),
                 Translate::OpenAi,
             )
         }

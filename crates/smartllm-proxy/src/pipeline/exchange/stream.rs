@@ -175,7 +175,7 @@ fn bill_early_end(
 
 /// The client's shape, when it is not the canonical chat stream.
 enum Encoder {
-    Messages(ChatToMessagesStream),
+    Messages(Box<ChatToMessagesStream>),
     Responses(Box<ChatToResponsesStream>),
 }
 
@@ -228,9 +228,9 @@ pub(super) async fn relay(
             // one follows in message_delta): about 4 bytes a token, no
             // tokenizer on the proxy's thread.
             let input = (ctx.request_bytes as u64).div_ceil(4);
-            Some(Encoder::Messages(ChatToMessagesStream::new(
+            Some(Encoder::Messages(Box::new(ChatToMessagesStream::new(
                 &req.model, input,
-            )))
+            ))))
         }
         (Endpoint::Responses, false) => req.responses.as_deref().map(|r| {
             Encoder::Responses(Box::new(ChatToResponsesStream::new(
@@ -273,9 +273,7 @@ pub(super) async fn relay(
     }
     // Assemble the answer only when it is needed: to cache it, or to count its
     // tokens when the upstream will not report usage (not asked for it).
-    let usage_expected = translate != Translate::OpenAi
-        || x.dep.provider.cfg.stream_usage
-        || req.endpoint.is_anthropic();
+    let usage_expected = translate != Translate::OpenAi || x.dep.provider.cfg.stream_usage;
     let mut assembler = (ctx.cache_insert.is_some() || !usage_expected).then(ChunkAssembler::new);
     let mut streamed_bytes = 0usize;
     // None: a clean end.
@@ -454,15 +452,10 @@ pub(super) async fn relay(
         tail
     };
     if tr.usage().is_none() && failure.is_none() {
+        // The upstream reported none: estimated as for a stream cut early.
+        let text = assembled.as_ref().map(completion_text);
+        let (usage, _) = early_end_usage(&tr, req, text, streamed_bytes);
         ctx.usage_estimated = true;
-        let usage = match &assembled {
-            Some(c) => estimate_usage(req, &completion_text(c)),
-            // No assembled text: about a fifth of SSE bytes are content, ~4 bytes a token.
-            None => Usage {
-                completion_tokens: (streamed_bytes as u64).div_ceil(20),
-                ..estimate_usage(req, "")
-            },
-        };
         record_usage(ctx, Some(usage));
     }
     let pending = ctx.cache_insert.take().filter(|_| !ctx.cut_off);
