@@ -345,8 +345,7 @@ fn a_per_request_cost_cap_is_never_exceeded() {
     small["max_tokens"] = json!(5);
     assert_eq!(ask(&gw, "sk-alice-1", &small).status, 200);
     assert_eq!(mock.last()["json"]["max_tokens"], 5);
-    // Streamed too, and max_completion_tokens is the field lowered when used
-    // (sent under the name this provider takes, max_tokens).
+    // Streamed too, and max_completion_tokens is the field lowered when used.
     let mut s = chat_body("small", "Stream me a long story");
     s["stream"] = json!(true);
     s["stream_options"] = json!({"include_usage": true});
@@ -354,8 +353,10 @@ fn a_per_request_cost_cap_is_never_exceeded() {
     let r = ask(&gw, "sk-alice-1", &s);
     assert_eq!(r.status, 200, "{}", r.text());
     let sent = &mock.last()["json"];
-    assert!(sent["max_tokens"].as_u64().unwrap() < 50, "{sent}");
-    assert_eq!(sent["max_completion_tokens"], Value::Null, "{sent}");
+    assert!(
+        sent["max_completion_tokens"].as_u64().unwrap() < 50,
+        "{sent}"
+    );
     let usage = r
         .sse_data()
         .iter()
@@ -368,6 +369,15 @@ fn a_per_request_cost_cap_is_never_exceeded() {
     let costs = get(&gw.admin, "/admin/costs?since=1h&group_by=model").json();
     let total = costs["total"]["cost_usd"].as_f64().unwrap();
     assert!(total > 0.0 && total <= 0.3, "{costs}");
+    // A body with both names has both lowered: the provider takes one.
+    let mut both = chat_body("small", "Tell me another long story");
+    both["max_tokens"] = json!(100_000);
+    both["max_completion_tokens"] = json!(100_000);
+    assert_eq!(ask(&gw, "sk-alice-1", &both).status, 200);
+    let sent = &mock.last()["json"];
+    for name in ["max_tokens", "max_completion_tokens"] {
+        assert!(sent[name].as_u64().unwrap() < 50, "{sent}");
+    }
     // A prompt that alone would pass the cap is refused before any upstream call.
     let before = mock.requests();
     let r = ask(&gw, "sk-alice-1", &chat_body("small", &"word ".repeat(200)));

@@ -335,7 +335,14 @@ fn tracing_exports_one_nested_trace_per_request_and_continues_the_client_context
     for text in [SECRET, "migration", "tides", "mock reply"] {
         assert!(!raw.contains(text), "{text:?} was exported");
     }
-    assert!(gw.metric("smartllm_trace_spans_exported_total", &[]) >= 10.0);
+    // Counted once the receiver's answer is back (it writes the spans first).
+    assert!(
+        wait_until(Duration::from_secs(10), || gw
+            .metric("smartllm_trace_spans_exported_total", &[])
+            >= 10.0),
+        "{}",
+        gw.metrics()
+    );
     assert_eq!(gw.metric("smartllm_trace_spans_dropped_total", &[]), 0.0);
 }
 

@@ -443,8 +443,9 @@ fn entities(text: &str) -> BTreeSet<String> {
 }
 
 /// The indentation of each non-blank line of a text whose layout carries
-/// meaning: a line of it is indented (code, YAML, nested lists), where
-/// moving a line in or out changes what it says. None for prose.
+/// meaning: a line of it is indented by a tab or two spaces or more (code,
+/// YAML, nested lists), where moving a line in or out changes what it says.
+/// None for prose (a stray space at a line's start is no layout).
 pub(crate) fn layout(text: &str) -> Option<Vec<&str>> {
     let indents: Vec<&str> = text
         .trim()
@@ -452,7 +453,10 @@ pub(crate) fn layout(text: &str) -> Option<Vec<&str>> {
         .filter(|l| !l.trim().is_empty())
         .map(|l| &l[..l.len() - l.trim_start().len()])
         .collect();
-    indents.iter().any(|i| !i.is_empty()).then_some(indents)
+    indents
+        .iter()
+        .any(|i| i.contains('\t') || i.chars().count() >= 2)
+        .then_some(indents)
 }
 
 /// Why two texts must not share an answer, if they must not.
@@ -768,8 +772,14 @@ mod tests {
         // The same code, tabs kept, trailing spaces and line ends aside.
         let c = "Why does this loop print once?\r\nfor x in xs:  \r\n    print(x)\r\n    break\r\n";
         assert_eq!(near_miss(a, c), None);
-        // Prose laid out on lines has no layout to compare.
+        // Prose laid out on lines has no layout to compare, nor has a
+        // stray space at a line's start.
         assert_eq!(layout("Summarise this:\nThe cat sat.\nThe dog ran."), None);
+        assert_eq!(layout("Hello,\n I need help"), None);
+        assert_eq!(
+            near_miss("Hello,\n I need help", "Hello,\nI need help"),
+            None
+        );
         assert_eq!(near_miss("What is Rust?", "What is Rust?"), None);
     }
 

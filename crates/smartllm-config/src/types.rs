@@ -573,8 +573,9 @@ pub struct ProviderConfig {
     pub tls_ca_file: Option<PathBuf>,
     pub stream_usage: bool,
     /// The field chat requests sent here carry the answer's token limit in
-    /// (the client's or the translation's is renamed to it).
-    pub max_tokens_field: TokenLimitField,
+    /// (the client's or the translation's is renamed to it); None: as the
+    /// client named it (translations write `max_tokens`).
+    pub max_tokens_field: Option<TokenLimitField>,
     pub connect_timeout: Duration,
     pub first_byte_timeout: Duration,
     pub idle_timeout: Duration,

@@ -105,14 +105,14 @@ impl ParsedRequest {
     /// (a large prompt's cost on the proxy).
     ///
     /// A chat request's token limit goes in `limit_field`, the name the
-    /// provider takes (`max_tokens` or `max_completion_tokens`): a limit
-    /// given under the other name is renamed (one given under both keeps
-    /// the provider's).
+    /// provider takes (`max_tokens` or `max_completion_tokens`), when it has
+    /// one: a limit given under the other name is renamed (given under
+    /// both, the smaller goes). None: the names go as given.
     pub fn upstream_body(
         &self,
         upstream_model: &str,
         force_usage: bool,
-        limit_field: &str,
+        limit_field: Option<&str>,
     ) -> bytes::Bytes {
         let wants_usage = self.stream && force_usage && self.endpoint != Endpoint::Embeddings;
         let openai = matches!(
@@ -120,10 +120,11 @@ impl ParsedRequest {
             Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Embeddings
         );
         let other_limit = match limit_field {
-            "max_tokens" => "max_completion_tokens",
+            Some("max_tokens") => "max_completion_tokens",
             _ => "max_tokens",
         };
-        let rename = self.endpoint.upstream_suffix() == "/chat/completions"
+        let rename = limit_field.is_some()
+            && self.endpoint.upstream_suffix() == "/chat/completions"
             && self.body.contains_key(other_limit);
         if let (true, false, Some(raw)) = (openai, rename, self.native.as_ref()) {
             let out = if wants_usage && !self.client_wants_usage {
@@ -147,9 +148,16 @@ impl ParsedRequest {
         }
         let mut body = self.body.clone();
         body.insert("model".into(), Value::String(upstream_model.to_string()));
-        if rename {
+        if let (true, Some(field)) = (rename, limit_field) {
             if let Some(limit) = body.remove(other_limit) {
-                body.entry(limit_field).or_insert(limit);
+                let smaller = match (body.get(field).and_then(Value::as_u64), limit.as_u64()) {
+                    (Some(own), Some(other)) if other < own => Some(limit),
+                    (Some(_), _) => None,
+                    (None, _) => Some(limit),
+                };
+                if let Some(limit) = smaller {
+                    body.insert(field.to_string(), limit);
+                }
             }
         }
         if self.stream && force_usage && self.endpoint != Endpoint::Embeddings {
@@ -511,8 +519,7 @@ mod tests {
         assert_eq!(r.model, "m");
         assert!(r.stream);
         assert!(!r.client_wants_usage);
-        let up: Value =
-            serde_json::from_slice(&r.upstream_body("up-m", true, "max_tokens")).unwrap();
+        let up: Value = serde_json::from_slice(&r.upstream_body("up-m", true, None)).unwrap();
         assert_eq!(up["model"], "up-m");
         assert_eq!(up["stream_options"]["include_usage"], true);
         assert_eq!(up["extra"]["kept"], 1);
@@ -523,9 +530,9 @@ mod tests {
         let raw = br#"{ "model" : "m", "messages":[{"role":"user","content":"hi \u00e9"}], "stream":true, "stream_options":{"x":1} }"#;
         let mut r = parse_request(Endpoint::ChatCompletions, raw).unwrap();
         let parsed_path: Value =
-            serde_json::from_slice(&r.upstream_body("up-m", true, "max_tokens")).unwrap();
+            serde_json::from_slice(&r.upstream_body("up-m", true, None)).unwrap();
         r.native = Some(bytes::Bytes::from_static(raw));
-        let out = r.upstream_body("up-m", true, "max_tokens");
+        let out = r.upstream_body("up-m", true, None);
         // The same request as the re-serialising path makes ...
         assert_eq!(serde_json::from_slice::<Value>(&out).unwrap(), parsed_path);
         // ... with the client's bytes (spacing, escapes) kept.
@@ -538,7 +545,7 @@ mod tests {
         let mut r = parse_request(Endpoint::ChatCompletions, raw).unwrap();
         r.native = Some(bytes::Bytes::from_static(raw));
         assert_eq!(
-            r.upstream_body("m2", true, "max_tokens"),
+            r.upstream_body("m2", true, None),
             br#"{"messages":[{"role":"user","content":"x"}],"model":"m2"}"#.to_vec()
         );
     }
@@ -548,7 +555,8 @@ mod tests {
         let limit = |endpoint, raw: &'static [u8], field| {
             let mut r = parse_request(endpoint, raw).unwrap();
             r.native = Some(bytes::Bytes::from_static(raw));
-            let v: Value = serde_json::from_slice(&r.upstream_body("up", false, field)).unwrap();
+            let v: Value =
+                serde_json::from_slice(&r.upstream_body("up", false, Some(field))).unwrap();
             (v["max_tokens"].clone(), v["max_completion_tokens"].clone())
         };
         let chat = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":7}"#;
@@ -563,10 +571,14 @@ mod tests {
             limit(Endpoint::ChatCompletions, new, "max_tokens"),
             (json!(9), Value::Null)
         );
-        // Both given: the provider's own name wins, the other goes.
+        // Both given: the smaller goes, under the provider's name.
         let both = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"max_tokens":7,"max_completion_tokens":9}"#;
         let kept = limit(Endpoint::ChatCompletions, both, "max_completion_tokens");
-        assert_eq!(kept, (Value::Null, json!(9)));
+        assert_eq!(kept, (Value::Null, json!(7)));
+        assert_eq!(
+            limit(Endpoint::ChatCompletions, both, "max_tokens"),
+            (json!(7), Value::Null)
+        );
         // The legacy completions endpoint knows only max_tokens.
         let legacy = br#"{"model":"m","prompt":"x","max_tokens":7}"#;
         let same = limit(Endpoint::Completions, legacy, "max_completion_tokens");
@@ -576,9 +588,13 @@ mod tests {
         let mut r = parse_request(Endpoint::ChatCompletions, raw).unwrap();
         r.native = Some(bytes::Bytes::from_static(raw));
         assert_eq!(
-            r.upstream_body("m", false, "max_completion_tokens"),
+            r.upstream_body("m", false, Some("max_completion_tokens")),
             raw.to_vec()
         );
+        // A provider with no name of its own: the client's names go as given.
+        let mut r = parse_request(Endpoint::ChatCompletions, new).unwrap();
+        r.native = Some(bytes::Bytes::from_static(new));
+        assert_eq!(r.upstream_body("m", false, None), new.to_vec());
     }
 
     #[test]

@@ -568,9 +568,10 @@ fn translate(
         Some(v) => return Err(invalid_type("reasoning", v, "an object")),
     }
     if stream {
+        // The usage chunk `response.completed` reports is asked for when
+        // the body goes upstream, unless the provider takes no
+        // `stream_options` (`ParsedRequest::upstream_body`).
         chat.insert("stream".into(), Value::Bool(true));
-        // The usage chunk is what `response.completed` reports.
-        chat.insert("stream_options".into(), json!({"include_usage": true}));
     }
     Ok(chat)
 }
@@ -1879,7 +1880,6 @@ mod tests {
                 "temperature": 0.2,
                 "top_p": 0.9,
                 "stream": true,
-                "stream_options": {"include_usage": true},
                 "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": true}},
                 "verbosity": "low",
                 "reasoning_effort": "low",
@@ -1892,7 +1892,7 @@ mod tests {
             &serde_json::to_vec(&chat).unwrap(),
         )
         .unwrap();
-        assert!(parsed.stream && parsed.client_wants_usage);
+        assert!(parsed.stream);
     }
 
     #[test]

@@ -72,10 +72,12 @@ pub struct OpenAiStreamFilter {
     pub usage: Option<Usage>,
     pub saw_done: bool,
     pub events: u64,
-    /// Chunks that carry a choice's delta: about one generated token each
-    /// (OpenAI, and the compatible servers, stream a token a chunk); what a
-    /// stream cut before its usage chunk is billed from.
+    /// Chunks that carry a choice's delta, and their bytes and the fewest
+    /// bytes of one: what a stream cut before its usage chunk is billed
+    /// from (see [`OpenAiStreamFilter::generated_tokens_estimate`]).
     pub deltas: u64,
+    delta_bytes: u64,
+    min_delta: u64,
     /// The first error the provider reported mid-stream: the stream failed.
     pub error: Option<StreamError>,
     /// A choice ended at the token limit (`finish_reason: "length"`).
@@ -99,6 +101,8 @@ impl OpenAiStreamFilter {
             saw_done: false,
             events: 0,
             deltas: 0,
+            delta_bytes: 0,
+            min_delta: u64::MAX,
             error: None,
             truncated: false,
         }
@@ -126,7 +130,12 @@ impl OpenAiStreamFilter {
             self.error.get_or_insert(e);
             return true;
         }
-        self.deltas += u64::from(ev.data.contains("\"delta\""));
+        if ev.data.contains("\"delta\"") {
+            let n = ev.data.len() as u64;
+            self.deltas += 1;
+            self.delta_bytes += n;
+            self.min_delta = self.min_delta.min(n);
+        }
         // Only the last chunk of a choice names its finish reason.
         if !self.truncated && ev.data.contains("\"length\"") {
             self.truncated =
@@ -149,6 +158,19 @@ impl OpenAiStreamFilter {
             }
         }
         true
+    }
+
+    /// Output tokens generated so far, without parsing a chunk: a token a
+    /// chunk (OpenAI and most compatible servers stream one at a time), or
+    /// where chunks carry several (Gemini, vLLM's `stream_interval`), the
+    /// bytes beyond the smallest chunk's (its envelope) at 4 a token.
+    pub fn generated_tokens_estimate(&self) -> u64 {
+        if self.deltas == 0 {
+            return 0;
+        }
+        let envelope = self.deltas * self.min_delta;
+        self.deltas
+            .max(self.delta_bytes.saturating_sub(envelope).div_ceil(4))
     }
 
     /// Whatever partial event is left when the upstream ends.
@@ -174,7 +196,16 @@ mod tests {
         }
         f.feed(b": keep-alive\n\n").unwrap();
         assert_eq!(f.deltas, 3);
+        assert_eq!(f.generated_tokens_estimate(), 3);
         assert!(f.usage.is_none());
+        // Chunks of many tokens each: their bytes count.
+        let mut g = OpenAiStreamFilter::new(false);
+        g.feed(chunk("A").as_bytes()).unwrap();
+        for _ in 0..4 {
+            g.feed(chunk(&"word ".repeat(40)).as_bytes()).unwrap();
+        }
+        let est = g.generated_tokens_estimate();
+        assert!((190..=210).contains(&est), "{est}");
     }
 
     /// A choice that ended at the token limit marks the stream truncated;

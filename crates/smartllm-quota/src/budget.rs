@@ -141,8 +141,7 @@ fn period_status(spent: f64, limit: f64, elapsed: u64, left: u64) -> serde_json:
 }
 
 /// A budget that a request would take over its limit.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("The {period} budget of ${limit:.2} for {scope} '{name}' is used up (${spent:.4} spent{}); it resets in {}h{:02}m (UTC).", held_note(.held), .resets_in / 3600, (.resets_in % 3600) / 60)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Exceeded {
     /// The budget's id (`tenant:acme`, `app:acme/web`, `key:k`).
     pub budget: String,
@@ -154,15 +153,43 @@ pub struct Exceeded {
     pub held: f64,
     pub limit: f64,
     pub resets_in: u64,
+    /// The request fits what is spent; only what requests in flight hold
+    /// leaves it no room: it may go once they end (retry shortly).
+    pub in_flight: bool,
 }
 
-fn held_note(held: &f64) -> String {
-    if *held > 0.0 {
-        format!(", ${held:.4} more held by requests in flight")
-    } else {
-        String::new()
+impl std::fmt::Display for Exceeded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let Exceeded {
+            period,
+            limit,
+            scope,
+            name,
+            spent,
+            held,
+            ..
+        } = self;
+        if self.in_flight {
+            return write!(
+                f,
+                "The {period} budget of ${limit:.2} for {scope} '{name}' has no room for this request while requests in flight hold ${held:.4} of it (${spent:.4} spent); retry in a moment."
+            );
+        }
+        let held = if *held > 0.0 {
+            format!(", ${held:.4} more held by requests in flight")
+        } else {
+            String::new()
+        };
+        write!(
+            f,
+            "The {period} budget of ${limit:.2} for {scope} '{name}' is used up (${spent:.4} spent{held}); it resets in {}h{:02}m (UTC).",
+            self.resets_in / 3600,
+            (self.resets_in % 3600) / 60
+        )
     }
 }
+
+impl std::error::Error for Exceeded {}
 
 /// What the budgets say about a request about to be sent.
 #[derive(Debug, PartialEq)]
@@ -324,12 +351,15 @@ impl Budgets {
     /// ("scope-id|period") its estimate is now held on (release them with
     /// [`Budgets::release`]). One lock over the check and the hold: two
     /// requests cannot both take the last of a budget.
+    /// Budgets `skip` says are met are not checked (a degrade budget whose
+    /// target serves the request), nor held.
     pub fn check<'a>(
         &self,
         budgets: &'a [Budget],
         scope: Scope<'_>,
         estimate: f64,
-    ) -> Result<Vec<String>, (&'a Budget, Exceeded)> {
+        skip: impl Fn(&Budget) -> bool,
+    ) -> Result<Vec<String>, Box<(&'a Budget, Exceeded)>> {
         if budgets.is_empty() {
             return Ok(Vec::new());
         }
@@ -338,7 +368,7 @@ impl Budgets {
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let mut keys = Vec::new();
         for b in budgets {
-            if !ids.contains(&b.id()) {
+            if !ids.contains(&b.id()) || skip(b) {
                 continue;
             }
             for (period, p, limit, left) in [
@@ -350,7 +380,7 @@ impl Budgets {
                 let spent = self.get(&key);
                 let in_flight = held.get(&key).copied().unwrap_or(0.0);
                 if spent >= limit || (estimate > 0.0 && spent + in_flight + estimate > limit) {
-                    return Err((
+                    return Err(Box::new((
                         b,
                         Exceeded {
                             budget: b.id(),
@@ -361,8 +391,9 @@ impl Budgets {
                             held: in_flight,
                             limit,
                             resets_in: left,
+                            in_flight: spent < limit && spent + estimate <= limit,
                         },
-                    ));
+                    )));
                 }
                 keys.push(key);
             }
@@ -694,7 +725,18 @@ impl Quotas {
         {
             return BudgetDecision::Reject(r);
         }
-        let (budget, ex) = match self.budgets.check(budgets, scope, estimate) {
+        // A degrade budget whose target is this model is met by serving
+        // it; every other budget still applies.
+        let degraded_to_this = |b: &Budget| match &b.on_exceed {
+            OnExceed::Degrade(target) => config
+                .resolve_model(target)
+                .is_some_and(|(m, _)| m.name == model),
+            OnExceed::Reject => false,
+        };
+        let (budget, ex) = match self
+            .budgets
+            .check(budgets, scope, estimate, degraded_to_this)
+        {
             Ok(keys) if keys.is_empty() => return BudgetDecision::Within(None),
             Ok(keys) => {
                 return BudgetDecision::Within(Some(Hold {
@@ -703,7 +745,7 @@ impl Quotas {
                     usd: estimate,
                 }))
             }
-            Err(exceeded) => exceeded,
+            Err(exceeded) => *exceeded,
         };
         match &budget.on_exceed {
             OnExceed::Degrade(target) => match config.resolve_model(target) {
@@ -934,19 +976,22 @@ mod tests {
         let second = quotas.budget(&cfg, ACME, "dear", 0.2).await;
         assert!(matches!(first, BudgetDecision::Within(Some(_))));
         assert!(matches!(second, BudgetDecision::Within(Some(_))));
+        // Refused for a moment (it fits what is spent), not for the day.
         match quotas.budget(&cfg, ACME, "dear", 0.2).await {
             BudgetDecision::Reject(Refusal::BudgetExceeded(e)) => {
                 assert!((e.held - 0.4).abs() < 1e-9, "{e:?}");
+                assert!(e.in_flight, "{e:?}");
                 assert!(
-                    e.to_string()
-                        .contains("$0.4000 more held by requests in flight"),
+                    e.to_string().contains("requests in flight hold $0.4000"),
                     "{e}"
                 );
+                let r = Refusal::BudgetExceeded(e);
+                assert_eq!(r.retry_after(), Some(1));
             }
             other => panic!("{other:?}"),
         }
-        // The first ends costing $0.10: its cost counts, its hold goes.
-        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.1);
+        // The first ends costing $0.05: its cost counts, its hold goes.
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.05);
         drop(first);
         assert!(matches!(
             quotas.budget(&cfg, ACME, "dear", 0.2).await,
@@ -963,6 +1008,43 @@ mod tests {
             quotas.budget(&cfg, other, "dear", 0.9).await,
             BudgetDecision::Within(None)
         );
+    }
+
+    /// Served by the model a used-up budget degrades to, a request is still
+    /// checked against (and held on) the scope's other budgets.
+    #[tokio::test]
+    async fn a_degraded_request_still_meets_the_other_budgets() {
+        let mut cfg = crate::test_support::config();
+        let app = Budget {
+            scope: smartllm_config::BudgetScope::App,
+            name: "acme/web".into(),
+            ..budget(OnExceed::Degrade("cheap".into()), None)
+        };
+        let tenant = Budget {
+            daily_usd: Some(2.0),
+            ..budget(OnExceed::Reject, None)
+        };
+        cfg.keys.budgets = vec![app, tenant];
+        let (quotas, _alerts) = Quotas::new(4);
+        let quotas = Arc::new(quotas);
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 1.0);
+        assert!(matches!(
+            quotas.budget(&cfg, ACME, "dear", 0.5).await,
+            BudgetDecision::Degrade { .. }
+        ));
+        // On "cheap" the app budget is met; the tenant's $2 holds $0.50 each.
+        let first = quotas.budget(&cfg, ACME, "cheap", 0.4).await;
+        assert!(
+            matches!(first, BudgetDecision::Within(Some(_))),
+            "{first:?}"
+        );
+        let _second = quotas.budget(&cfg, ACME, "cheap", 0.4).await;
+        match quotas.budget(&cfg, ACME, "cheap", 0.4).await {
+            BudgetDecision::Reject(Refusal::BudgetExceeded(e)) => {
+                assert_eq!(e.budget, "tenant:acme", "{e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[tokio::test]

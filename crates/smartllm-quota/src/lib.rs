@@ -84,6 +84,7 @@ impl Refusal {
         match self {
             Refusal::RateLimited { retry_after, .. } => Some(retry_after.ceil().max(1.0) as u64),
             Refusal::FleetUnavailable(_) => Some(1),
+            Refusal::BudgetExceeded(e) if e.in_flight => Some(1),
             Refusal::BudgetExceeded(e) => Some(e.resets_in.max(1)),
             Refusal::TooLargeForLimit { .. } | Refusal::CostCapExceeded { .. } => None,
         }

@@ -281,11 +281,12 @@ mod tests {
                 .path(),
             )
         };
-        let c = load("providers:\n  o:\n    kind: openai\n    base_url: https://api.openai.com/v1\n  v:\n    kind: openai\n    base_url: http://10.0.0.5:8000/v1\n  w:\n    kind: openai\n    base_url: http://10.0.0.5:8000/v1\n    max_tokens_field: max_completion_tokens\n").unwrap();
+        let c = load("providers:\n  o:\n    kind: openai\n    base_url: https://api.openai.com/v1\n  eu:\n    kind: openai\n    base_url: https://eu.api.openai.com/v1\n  v:\n    kind: openai\n    base_url: http://10.0.0.5:8000/v1\n  w:\n    kind: openai\n    base_url: http://10.0.0.5:8000/v1\n    max_tokens_field: max_tokens\n").unwrap();
         let field = |p: &str| c.providers[p].max_tokens_field;
-        assert_eq!(field("o"), TokenLimitField::MaxCompletionTokens);
-        assert_eq!(field("v"), TokenLimitField::MaxTokens);
-        assert_eq!(field("w"), TokenLimitField::MaxCompletionTokens);
+        assert_eq!(field("o"), Some(TokenLimitField::MaxCompletionTokens));
+        assert_eq!(field("eu"), Some(TokenLimitField::MaxCompletionTokens));
+        assert_eq!(field("v"), None);
+        assert_eq!(field("w"), Some(TokenLimitField::MaxTokens));
         let text = load("providers:\n  v:\n    kind: openai\n    base_url: http://10.0.0.5:8000/v1\n    max_tokens_field: max_output_tokens\n").unwrap_err().to_string();
         assert!(
             text.contains("providers.yaml:5: providers.v.max_tokens_field: unknown field"),

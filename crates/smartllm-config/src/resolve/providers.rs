@@ -98,21 +98,26 @@ pub(super) fn resolve_providers(
             }
         }
         let max_tokens_field = match p.max_tokens_field.as_deref() {
-            Some("max_tokens") => TokenLimitField::MaxTokens,
-            Some("max_completion_tokens") => TokenLimitField::MaxCompletionTokens,
+            Some("max_tokens") => Some(TokenLimitField::MaxTokens),
+            Some("max_completion_tokens") => Some(TokenLimitField::MaxCompletionTokens),
             Some(other) => {
                 v.push(
                     PROVIDERS_FILE,
                     format!("{at}.max_tokens_field"),
                     format!("unknown field {other:?}: use max_tokens or max_completion_tokens"),
                 );
-                TokenLimitField::MaxTokens
+                None
             }
-            // OpenAI's own API: the name every model takes (its reasoning
-            // models refuse `max_tokens`); elsewhere the name every
-            // compatible server knows.
-            None if base_url.host == "api.openai.com" => TokenLimitField::MaxCompletionTokens,
-            None => TokenLimitField::MaxTokens,
+            // OpenAI's own API (and its regional hosts): the name every
+            // model takes (its reasoning models refuse `max_tokens`).
+            // Elsewhere (Azure's older API versions, compatible servers)
+            // the client's name goes as given.
+            None if base_url.host == "api.openai.com"
+                || base_url.host.ends_with(".api.openai.com") =>
+            {
+                Some(TokenLimitField::MaxCompletionTokens)
+            }
+            None => None,
         };
         let hc = p.health_check;
         let hc_kind = match hc.as_ref().and_then(|h| h.kind.as_deref()).unwrap_or("tcp") {

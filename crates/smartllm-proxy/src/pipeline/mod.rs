@@ -216,6 +216,10 @@ fn refusal(r: smartllm_quota::Refusal) -> ApiError {
             message,
         ),
         Refusal::FleetUnavailable(_) => ApiError::unavailable("fleet_state_unavailable", message),
+        // Room once requests in flight end: retryable, like a rate limit.
+        Refusal::BudgetExceeded(e) if e.in_flight => {
+            ApiError::new(429, "rate_limit_error", "budget_in_flight", message)
+        }
         Refusal::BudgetExceeded(_) => {
             ApiError::new(429, "insufficient_quota", "budget_exceeded", message)
         }
@@ -269,6 +273,7 @@ mod tests {
             held: 0.0,
             limit: 1.0,
             resets_in: 3 * 3600 + 5 * 60,
+            in_flight: false,
         }));
         assert_eq!(
             (e.status, e.kind, e.code),

@@ -43,12 +43,11 @@ pub async fn plan(
     // Budgets: the estimated cost of this request (prompt at ~4 bytes a token,
     // plus max_tokens of output when given) must fit.
     if !cfg.keys.budgets.is_empty() {
-        let max_out = request
-            .req
-            .body
-            .get("max_completion_tokens")
-            .or_else(|| request.req.body.get("max_tokens"))
-            .and_then(Value::as_u64)
+        // The larger of the two names when a body carries both.
+        let max_out = ["max_completion_tokens", "max_tokens"]
+            .iter()
+            .filter_map(|f| request.req.body.get(*f).and_then(Value::as_u64))
+            .max()
             .unwrap_or(0);
         // Each of `n` answers is billed.
         let choices = request
@@ -83,6 +82,23 @@ pub async fn plan(
                 );
                 ctx.route_reason = "budget".into();
                 ctx.set_model(&model.name);
+                // The cheaper model still meets the scope's other budgets,
+                // and holds its own estimate.
+                let estimate = smartllm_quota::budget::estimate(
+                    &model.pricing,
+                    ctx.request_bytes,
+                    max_out.saturating_mul(choices),
+                );
+                match shared
+                    .quotas
+                    .budget(cfg, ctx.scope(), &model.name, estimate)
+                    .await
+                {
+                    BudgetDecision::Within(hold) => ctx.budget_hold = hold,
+                    BudgetDecision::Reject(r) => return Err(super::refusal(r)),
+                    // Another budget degrades it further: one step only.
+                    BudgetDecision::Degrade { .. } => {}
+                }
             }
             BudgetDecision::Reject(r) => return Err(super::refusal(r)),
         }
@@ -156,31 +172,42 @@ async fn apply_cost_cap(
         ctx.set_model(&kept[0]);
     }
     *chain = kept;
-    let field = if req.body.contains_key("max_completion_tokens") {
-        "max_completion_tokens"
-    } else {
-        "max_tokens"
-    };
-    let asked = req.body.get(field).and_then(Value::as_u64);
     let Some(max_output) = max_output else {
         return Ok(());
     };
-    if asked.is_none_or(|a| a > max_output) {
-        tracing::debug!(request_id = %ctx.request_id, cap, asked, max_output, prompt_bound = bound, "per-request cost cap lowers max tokens");
+    // Every limit the client gave that passes the cap is lowered (a body
+    // may carry both names; the provider takes one of them); none given,
+    // max_tokens is set.
+    let mut fields: Vec<&str> = ["max_completion_tokens", "max_tokens"]
+        .into_iter()
+        .filter(|f| req.body.contains_key(*f))
+        .collect();
+    if fields.is_empty() {
+        fields.push("max_tokens");
+    }
+    fields.retain(|f| {
+        req.body
+            .get(*f)
+            .and_then(Value::as_u64)
+            .is_none_or(|a| a > max_output)
+    });
+    if !fields.is_empty() {
+        tracing::debug!(request_id = %ctx.request_id, cap, max_output, prompt_bound = bound, "per-request cost cap lowers max tokens");
         smartllm_quota::metrics::cost_cap(&budget, "capped");
-        req.body.insert(field.into(), serde_json::json!(max_output));
+        let limit = serde_json::json!(max_output);
+        for f in &fields {
+            req.body.insert((*f).into(), limit.clone());
+        }
         // A body passed through as the client sent it carries the cap too.
         if let Some(raw) = req.native.take() {
-            let key = if req.endpoint == smartllm_protocol::Endpoint::Responses {
-                "max_output_tokens"
-            } else {
-                field
-            };
-            let capped = smartllm_protocol::messages::set_top_level(
-                &raw,
-                key,
-                &serde_json::json!(max_output),
-            );
+            if req.endpoint == smartllm_protocol::Endpoint::Responses {
+                fields = vec!["max_output_tokens"];
+            }
+            let mut capped = Some(raw.to_vec());
+            for f in &fields {
+                capped =
+                    capped.and_then(|b| smartllm_protocol::messages::set_top_level(&b, f, &limit));
+            }
             req.native = Some(capped.map(bytes::Bytes::from).unwrap_or(raw));
         }
         if let Some(p) = ctx.cache_insert.as_mut() {

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use http::HeaderValue;
 use pingora_http::RequestHeader;
 use pingora_proxy::Session;
-use smartllm_config::ProviderKind;
+use smartllm_config::{ProviderKind, TokenLimitField};
 use smartllm_protocol::anthropic;
 use smartllm_protocol::{ApiError, Endpoint, ParsedRequest};
 
@@ -100,7 +100,7 @@ pub(super) fn build(
                 req.upstream_body(
                     &dep.upstream_model,
                     p.cfg.stream_usage,
-                    p.cfg.max_tokens_field.as_str(),
+                    p.cfg.max_tokens_field.map(TokenLimitField::as_str),
                 ),
                 Translate::OpenAi,
             )
@@ -110,7 +110,7 @@ pub(super) fn build(
             req.upstream_body(
                 &dep.upstream_model,
                 p.cfg.stream_usage,
-                p.cfg.max_tokens_field.as_str(),
+                p.cfg.max_tokens_field.map(TokenLimitField::as_str),
             ),
             Translate::OpenAi,
         ),

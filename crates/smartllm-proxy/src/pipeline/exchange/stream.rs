@@ -89,7 +89,7 @@ impl Translator {
     fn generated_estimate(&self) -> Option<u64> {
         match self {
             Translator::Anthropic(a) => Some(a.generated_tokens_estimate()),
-            Translator::OpenAi(f) => Some(f.deltas),
+            Translator::OpenAi(f) => Some(f.generated_tokens_estimate()),
             Translator::Responses(_) => None,
         }
     }
