@@ -57,14 +57,13 @@ pub async fn plan(
             .and_then(Value::as_u64)
             .unwrap_or(1)
             .max(1);
-        let estimate = smartllm_quota::budget::estimate(
-            &model.pricing,
-            ctx.request_bytes,
-            max_out.saturating_mul(choices),
-        );
+        let (bytes, output) = (ctx.request_bytes, max_out.saturating_mul(choices));
+        let estimate = |m: &smartllm_config::ModelConfig| {
+            smartllm_quota::budget::estimate(&m.pricing, bytes, output)
+        };
         match shared
             .quotas
-            .budget(cfg, ctx.scope(), &model.name, estimate)
+            .budget(cfg, ctx.scope(), &model.name, estimate(model))
             .await
         {
             BudgetDecision::Within(hold) => ctx.budget_hold = hold,
@@ -84,14 +83,9 @@ pub async fn plan(
                 ctx.set_model(&model.name);
                 // The cheaper model still meets the scope's other budgets,
                 // and holds its own estimate.
-                let estimate = smartllm_quota::budget::estimate(
-                    &model.pricing,
-                    ctx.request_bytes,
-                    max_out.saturating_mul(choices),
-                );
                 match shared
                     .quotas
-                    .budget(cfg, ctx.scope(), &model.name, estimate)
+                    .budget(cfg, ctx.scope(), &model.name, estimate(model))
                     .await
                 {
                     BudgetDecision::Within(hold) => ctx.budget_hold = hold,
