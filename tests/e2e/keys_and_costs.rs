@@ -33,6 +33,43 @@ fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
     assert_eq!(r.status, 403);
     assert_eq!(r.api_error()["code"], "model_not_allowed");
     assert_eq!(get(&gw.addr, "/v1/models").status, 401);
+    // A key's model list is what it is shown; an unrestricted key sees all.
+    let listed = |key: &str| -> Vec<String> {
+        let r = request(
+            &gw.addr,
+            "GET",
+            "/v1/models",
+            &[("Authorization", &format!("Bearer {key}"))],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        let mut ids: Vec<String> = r.json()["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    };
+    assert_eq!(listed("sk-bob-2"), ["auto", "small"]);
+    assert_eq!(listed("sk-alice-1"), ["auto", "big", "small"]);
+    let r = request(
+        &gw.addr,
+        "GET",
+        "/v1/models/big",
+        &[("Authorization", "Bearer sk-bob-2")],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    let msg = r.api_error()["message"].as_str().unwrap().to_string();
+    let available = msg.split("Available").nth(1).unwrap_or_default();
+    assert!(
+        available.contains("small") && !available.contains("big"),
+        "{msg}"
+    );
     // Mock usage for "Hello there": 3 prompt tokens, 12 completion tokens
     // = 3 * 0.001 + 12 * 0.002 = 0.027 USD, plain or streamed.
     let r = ask(&gw, "sk-alice-1", &hello);
@@ -325,4 +362,40 @@ fn keys_create_prints_a_key_once_that_a_running_gateway_accepts() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("standard input"));
     // No key material in the gateway's log.
     assert!(!gw.log_text().contains(&key));
+}
+
+/// A key that lists a model, not the fixed route that leads to it, is never
+/// served by the route's fallback: the list is no way around.
+#[test]
+fn a_fixed_routes_fallback_serves_only_models_the_key_lists() {
+    let mock = Mock::start(&["--model-status", "mock-small=503"]);
+    let providers = format!(
+        "providers:\n  mock:\n    kind: openai\n    base_url: http://{}/v1\n    health_check: {{ kind: none }}\n",
+        mock.addr
+    );
+    let models = "models:\n  - name: small\n    deployments: [ { provider: mock, model: mock-small } ]\n  - name: big\n    deployments: [ { provider: mock, model: mock-big } ]\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  r:\n    model: small\n    fallback: [big]\n",
+    );
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: narrow\n    sha256: {}\n    tenant: t\n    models: [small]\n  - name: routed\n    sha256: {}\n    tenant: t\n    models: [r]\n",
+            sha("sk-narrow"),
+            sha("sk-routed")
+        ),
+    );
+    let gw = Gateway::start(cfg);
+    // small answers 503: the key listing the route gets big's answer...
+    let r = ask(&gw, "sk-routed", &chat_body("r", "hello"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-smartllm-model"), Some("big"));
+    // ...the key listing only small gets small's failure, not big.
+    let r = ask(&gw, "sk-narrow", &chat_body("r", "hello again"));
+    assert!(r.status >= 500, "{}: {}", r.status, r.text());
+    assert_ne!(r.header("x-smartllm-model"), Some("big"));
 }

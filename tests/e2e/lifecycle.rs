@@ -291,3 +291,53 @@ fn kill_9_under_write_load_loses_at_most_the_flush_window_and_serves_no_corrupt_
         "entries written before the kill are served ({hits} hits)"
     );
 }
+
+/// SIGHUP from the first moments of start-up (a config manager reloading
+/// everything it manages) never kills the gateway: it is caught before the
+/// slow part of the start (model load, self-test), and the gateway comes up.
+#[test]
+fn sighup_during_start_up_is_harmless() {
+    let mock = Mock::start(&[]);
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &format!("providers:\n{}", mock_provider("mock", &mock)),
+        "models:\n  - name: small\n    deployments:\n      - provider: mock\n",
+        "",
+    );
+    let admin = format!("127.0.0.1:{}", cfg.admin_port);
+    let mut child = std::process::Command::new(bin("smartllm"))
+        .arg("serve")
+        .arg("--config")
+        .arg(cfg.path())
+        .env_remove("SMARTLLM_DATA_DIR")
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Past the dynamic loader, into `main` (before it, the signal's default
+    // action is not the gateway's to change).
+    std::thread::sleep(Duration::from_millis(200));
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let (mut ready, mut sent) = (false, 0);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the gateway died after {sent} SIGHUPs: {status}");
+        }
+        if request(&admin, "GET", "/readyz", &[], b"").is_ok_and(|r| r.status == 200) {
+            ready = true;
+            break;
+        }
+        std::process::Command::new("kill")
+            .args(["-HUP", &child.id().to_string()])
+            .status()
+            .unwrap();
+        sent += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(ready, "not ready after {sent} SIGHUPs");
+    assert!(sent > 0);
+}

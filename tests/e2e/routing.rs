@@ -301,7 +301,7 @@ fn failover_to_the_next_candidate_and_the_circuit_breaker_opens_and_closes() {
         ),
         3.0
     );
-    let id = format!("bigp/{big}");
+    let id = format!("big/bigp/{big}");
     // Three failures in a row opened big's circuit: the router now skips it.
     assert_eq!(
         gw.metric("smartllm_circuit_state", &[("deployment", &id)]),
@@ -604,6 +604,18 @@ fn an_answer_cut_off_by_the_model_counts_against_it() {
         gw.metric("smartllm_truncated_answers_total", &[("model", "big")]),
         2.0
     );
+    // A stream that breaks after its 200 is no answer: it counts a 0 too.
+    let mut broken = chat_body("r", "Tell me everything about the history of Carthage.");
+    broken["stream"] = json!(true);
+    broken["mock"] = json!({"fault": "drop-mid-stream"});
+    let r = gw.chat(&broken);
+    assert_eq!(r.header("x-smartllm-model"), Some("big"));
+    assert!(r.text().contains("upstream_stream_broken"), "{}", r.text());
+    assert!(
+        wait_until(Duration::from_secs(10), || implicit() == 3),
+        "{}",
+        admin_model(&gw, "big")
+    );
 }
 
 #[test]
@@ -757,4 +769,108 @@ fn feedback_moves_the_routers_expected_quality() {
         "{bigm}"
     );
     assert_eq!(bigm["feedback"]["chat"]["mean_score"], 0.0);
+}
+
+/// One model's overload (a 529 for it alone) opens its own circuit, not that
+/// of the provider's other models; and a model whose deployments share an
+/// address (two organisations' keys on one provider host) tries the second
+/// when the first fails, rather than taking the address as tried.
+#[test]
+fn a_circuit_is_per_model_and_deployments_on_one_address_are_each_tried() {
+    let mock = Mock::start(&["--model-status", "mock-overloaded=529"]);
+    let provider = |name: &str| {
+        format!(
+            "  {name}:\n    kind: openai\n    base_url: http://{}/v1\n    health_check: {{ kind: none }}\n    circuit_breaker: {{ failures: 2, cooldown: 60s }}\n",
+            mock.addr
+        )
+    };
+    let providers = format!("providers:\n{}{}", provider("org1"), provider("org2"));
+    let models = "models:
+  - name: hot
+    deployments: [ { provider: org1, model: mock-overloaded } ]
+  - name: calm
+    deployments: [ { provider: org1, model: mock-small } ]
+  - name: twin
+    deployments: [ { provider: org1, model: mock-overloaded }, { provider: org2, model: mock-small } ]
+";
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "",
+    ));
+    let circuit = |id: String| gw.metric("smartllm_circuit_state", &[("deployment", &id)]);
+    for i in 0..2 {
+        let r = gw.chat(&chat_body("hot", &format!("hot {i}")));
+        assert!(r.status >= 500, "{}: {}", r.status, r.text());
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || circuit(format!(
+            "hot/org1/{}",
+            mock.addr
+        )) == 2.0),
+        "{}",
+        gw.metrics()
+    );
+    // The provider's other model is untouched.
+    let r = gw.chat(&chat_body("calm", "calm"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(circuit(format!("calm/org1/{}", mock.addr)), 0.0);
+    assert_eq!(admin_model(&gw, "calm")["available"], true);
+    assert_eq!(admin_model(&gw, "hot")["available"], false);
+    // Every twin request is answered, whichever deployment comes first.
+    for i in 0..4 {
+        let r = gw.chat(&chat_body("twin", &format!("twin {i}")));
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    let twin = admin_model(&gw, "twin");
+    let deps = twin["deployments"].as_array().unwrap();
+    assert_eq!(deps.len(), 2, "{twin}");
+    assert_eq!(deps[0]["upstream_model"], "mock-overloaded", "{twin}");
+    assert_eq!(deps[1]["circuit"], "closed", "{twin}");
+}
+
+/// A routed alias whose candidates mix chat and embedding models sends an
+/// embedding request to an embedding model and a chat request to a chat
+/// model, whatever the scores; an alias with no model of the kind answers
+/// 400 in the client's shape.
+#[test]
+fn a_routed_alias_serves_each_endpoint_with_a_model_of_its_kind() {
+    let mock = Mock::start(&[]);
+    let providers = format!("providers:\n{}", mock_provider("p", &mock));
+    let models = "models:
+  - name: chat
+    profile: { quality: { default: 0.3 } }
+    deployments: [ { provider: p, model: mock-small } ]
+  - name: embed
+    mode: embedding
+    profile: { quality: { default: 0.99 } }
+    deployments: [ { provider: p, model: text-embedding-mock } ]
+";
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  mixed:\n    candidates: [chat, embed]\n    weights: { quality: 1, cost: 0, latency: 0 }\n  chats:\n    candidates: [chat]\n",
+    ));
+    let r = gw.chat(&chat_body("mixed", "Hello there"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-smartllm-model"), Some("chat"));
+    let r = post_json(
+        &gw.addr,
+        "/v1/embeddings",
+        &json!({"model": "mixed", "input": "Hello there"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-smartllm-model"), Some("embed"));
+    assert!(r.json()["data"][0]["embedding"].is_array(), "{}", r.text());
+    let r = post_json(
+        &gw.addr,
+        "/v1/embeddings",
+        &json!({"model": "chats", "input": "Hello there"}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "model_not_supported");
 }

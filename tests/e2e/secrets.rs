@@ -221,3 +221,140 @@ fn secrets_never_reach_clients_logs_metrics_or_the_admin_api() {
     // The provider did get its key (the gateway injected it).
     assert!(mock.last()["headers"].to_string().contains(provider_key));
 }
+
+/// A reload applies rotated key and token files, and never opens what the
+/// running gateway keeps closed: an admin listener beyond loopback keeps
+/// needing its token even when the file moves it to loopback (a restart-only
+/// setting) and drops the token; an emptied `keys.yaml` keeps keys required
+/// (an explicit `require_key: false` opens it); a provider key that cannot
+/// be read does not swap real answers for the demo mock's.
+#[test]
+fn a_reload_never_opens_the_gateway_or_its_admin_api() {
+    let real = Mock::start(&["--name", "real"]);
+    let demo = Mock::start(&["--name", "demo"]);
+    let providers = format!(
+        "providers:\n  p:\n    kind: openai\n    base_url: http://{}/v1\n    api_key_file: provider.key\n    health_check: {{ kind: none }}\n",
+        real.addr
+    );
+    let models = "models:\n  - name: small\n    deployments:\n      - provider: p\n";
+    let cfg = ConfigDir::new(
+        "",
+        &format!(
+            "demo:\n  upstream: http://{}/v1\nadmin:\n  token_file: admin.token\n",
+            demo.addr
+        ),
+        &providers,
+        models,
+        "",
+    );
+    cfg.write("provider.key", "sk-provider-1\n");
+    cfg.write("admin.token", "adm-1\n");
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n",
+            sha("vk-alice")
+        ),
+    );
+    let main_path = cfg.path().join("smartllm.yaml");
+    let open_main = std::fs::read_to_string(&main_path)
+        .unwrap()
+        .replace("admin_listen: 127.0.0.1:", "admin_listen: 0.0.0.0:");
+    cfg.write("smartllm.yaml", &open_main);
+    let gw = Gateway::start(cfg);
+    let admin = |token: &str, method: &str, path: &str| {
+        request(
+            &gw.admin,
+            method,
+            path,
+            &[("Authorization", &format!("Bearer {token}"))],
+            b"",
+        )
+        .unwrap()
+    };
+    let version = || gw.metric("smartllm_config_version", &[]);
+    let rejected = || gw.metric("smartllm_config_reloads_total", &[("result", "error")]);
+    let answered_by = |r: &Response| r.json()["system_fingerprint"].as_str().map(str::to_string);
+    let r = ask(&gw, "vk-alice", &chat_body("small", "hello"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(answered_by(&r).as_deref(), Some("real"));
+    assert_eq!(gw.chat(&chat_body("small", "no key")).status, 401);
+
+    // A provider key rotated in its file is a new config.
+    let v = version();
+    gw.config.write("provider.key", "sk-provider-2\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || version() > v),
+        "the rotated provider key was not reloaded:\n{}",
+        gw.log_text()
+    );
+    // So is the admin token: the old one stops working.
+    gw.config.write("admin.token", "adm-2\n");
+    assert!(
+        wait_until(Duration::from_secs(10), || admin(
+            "adm-2",
+            "GET",
+            "/admin/config"
+        )
+        .status
+            == 200),
+        "{}",
+        gw.log_text()
+    );
+    assert_eq!(admin("adm-1", "GET", "/admin/config").status, 401);
+
+    // The file moves the admin API to loopback and drops its token; the
+    // listener that runs is still on 0.0.0.0: refused.
+    let e = rejected();
+    gw.config.write(
+        "smartllm.yaml",
+        &open_main
+            .replace("admin_listen: 0.0.0.0:", "admin_listen: 127.0.0.1:")
+            .replace("admin:\n  token_file: admin.token\n", ""),
+    );
+    assert!(wait_until(Duration::from_secs(10), || rejected() > e));
+    let r = admin("adm-2", "POST", "/admin/reload");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert!(r.text().contains("beyond loopback"), "{}", r.text());
+    assert_eq!(get(&gw.admin, "/admin/config").status, 401);
+    gw.config.write("smartllm.yaml", &open_main);
+
+    // keys.yaml emptied: the key it listed stops working, and keys stay
+    // required.
+    let v = version();
+    gw.config.write("keys.yaml", "keys: []\n");
+    assert!(wait_until(Duration::from_secs(10), || version() > v));
+    let cfg = admin("adm-2", "GET", "/admin/config").json();
+    assert!(
+        cfg["reload"]["warnings"][0]
+            .as_str()
+            .is_some_and(|w| w.contains("keys stay required")),
+        "{cfg}"
+    );
+    assert_eq!(gw.chat(&chat_body("small", "no key")).status, 401);
+    assert_eq!(
+        ask(&gw, "vk-alice", &chat_body("small", "removed")).status,
+        401
+    );
+    // Said explicitly, the gateway opens.
+    let v = version();
+    gw.config
+        .write("keys.yaml", "require_key: false\nkeys: []\n");
+    assert!(wait_until(Duration::from_secs(10), || version() > v));
+    let r = gw.chat(&chat_body("small", "open now"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(answered_by(&r).as_deref(), Some("real"));
+
+    // The provider key file goes missing: no demo mode on a reload.
+    let e = rejected();
+    std::fs::remove_file(gw.config.path().join("provider.key")).unwrap();
+    assert!(wait_until(Duration::from_secs(10), || rejected() > e));
+    let err = admin("adm-2", "GET", "/admin/config").json()["reload"]["last_error"].clone();
+    assert!(
+        err.as_str().is_some_and(|e| e.contains("demo mock")),
+        "{err}"
+    );
+    let r = gw.chat(&chat_body("small", "still real"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(answered_by(&r).as_deref(), Some("real"));
+}

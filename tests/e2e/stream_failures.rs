@@ -142,7 +142,7 @@ fn third_failure_opens_the_circuit(gw: &Gateway, model: &str, deployment: &str) 
 #[test]
 fn openai_error_event_mid_stream_is_a_failure_everywhere() {
     let (mock, gw) = gateway(3);
-    let deployment = format!("oai/{}", mock.addr);
+    let deployment = format!("small/oai/{}", mock.addr);
     let errors = |reason: &str| {
         gw.metric(
             "smartllm_upstream_errors_total",
@@ -211,7 +211,7 @@ fn openai_error_event_mid_stream_is_a_failure_everywhere() {
 #[test]
 fn anthropic_error_event_mid_stream_is_a_failure_everywhere() {
     let (mock, gw) = gateway(3);
-    let deployment = format!("ant/{}", mock.addr);
+    let deployment = format!("claude/ant/{}", mock.addr);
     let errors = || {
         gw.metric(
             "smartllm_upstream_errors_total",

@@ -120,6 +120,16 @@ struct Args {
     /// Picks which questions a skilled model gets right (same seed, same answers).
     #[arg(long, default_value_t = 0)]
     skill_seed: u64,
+    /// Requests for this model answer with this status, as a provider does
+    /// when one model is overloaded (529) or rate limited: MODEL=CODE. Repeatable.
+    #[arg(long, value_parser = parse_model_status)]
+    model_status: Vec<(String, u16)>,
+}
+
+fn parse_model_status(s: &str) -> Result<(String, u16), String> {
+    let (m, c) = s.split_once('=').ok_or("use MODEL=CODE")?;
+    let code = c.parse().map_err(|e| format!("{c:?}: {e}"))?;
+    Ok((m.to_string(), code))
 }
 
 /// A client connection, plain or TLS, that fault injection can reset.
@@ -499,6 +509,12 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         audio_in: n("audio_input_tokens"),
         audio_out: n("audio_output_tokens"),
     };
+    if b.status.is_none() {
+        let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+        if let Some((_, code)) = args.model_status.iter().find(|(m, _)| m == model) {
+            b.status = Some(*code);
+        }
+    }
     if b.fault.is_none()
         && b.status.is_none()
         && !args.faults.is_empty()

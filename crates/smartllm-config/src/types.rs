@@ -236,6 +236,8 @@ impl Budget {
 #[derive(Debug, Clone, PartialEq, Default)]
 pub struct KeysConfig {
     pub require_key: bool,
+    /// `require_key` was written in `keys.yaml` (not inferred from a key list).
+    pub require_key_explicit: bool,
     pub keys: Vec<VirtualKey>,
     /// Limits per `tenant/app`.
     pub apps: BTreeMap<String, Limits>,
@@ -776,6 +778,11 @@ impl Config {
             );
         }
         check(
+            "ledger.flush_interval",
+            format!("{:?}", self.ledger.flush_interval),
+            format!("{:?}", new.ledger.flush_interval),
+        );
+        check(
             "store.memory_budget",
             self.store.memory_budget.to_string(),
             new.store.memory_budget.to_string(),
@@ -818,6 +825,24 @@ impl Config {
         out
     }
 
+    /// Keeps a reload from `self` to `new` from opening the gateway by
+    /// mistake, and says what it kept. A `keys.yaml` emptied, truncated or
+    /// deleted by mistake would turn `require_key` off (it follows the key
+    /// list unless written), letting every request in without a key; the
+    /// reload still applies (the keys it removed stop working) but requests
+    /// without a key stay refused until `require_key: false` is written.
+    pub fn fail_closed(&self, new: &mut Config) -> Vec<String> {
+        let mut out = Vec::new();
+        if self.keys.require_key && !new.keys.require_key && !new.keys.require_key_explicit {
+            new.keys.require_key = true;
+            out.push(format!(
+                "{}: no key is listed any more; keys stay required (every request is refused with 401) until keys are added or `require_key: false` is written",
+                self.dir.join(crate::KEYS_FILE).display()
+            ));
+        }
+        out
+    }
+
     /// A copy of `new` with the restart-only settings of `self`: what a live
     /// reload can actually apply.
     pub fn with_restart_only_from(&self, mut new: Config) -> Config {
@@ -845,7 +870,9 @@ impl Config {
         new.cache.encryption_key_file = self.cache.encryption_key_file.clone();
         new.cache.encryption_old_key_files = self.cache.encryption_old_key_files.clone();
         new.cache.l1_entries = self.cache.l1_entries;
-        new.ledger = self.ledger.clone();
+        // The ledger's writer runs with the interval it started with;
+        // `ledger.unpriced` is read per request and applies at once.
+        new.ledger.flush_interval = self.ledger.flush_interval;
         new.fleet.share_cache = self.fleet.share_cache;
         new.fleet.share_costs = self.fleet.share_costs;
         new.fleet.cache_stream_len = self.fleet.cache_stream_len;
@@ -901,6 +928,76 @@ mod tests {
         );
         assert!(applied.cache.encryption_old_key_files.is_empty());
         assert_eq!(applied.cache.defaults.ttl.as_secs(), 7200);
+    }
+
+    /// A keys.yaml emptied, cut to comments or deleted keeps keys required
+    /// on a reload (its keys stop working); `require_key: false` opens.
+    #[test]
+    fn an_emptied_keys_file_keeps_keys_required() {
+        let key = format!(
+            "keys:\n  - name: a\n    sha256: {}\n    tenant: t\n",
+            "ab".repeat(32)
+        );
+        let base = [
+            (MAIN_FILE, "server: {}\n"),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+        ];
+        let with = |keys: Option<&str>| {
+            let mut files = base.to_vec();
+            if let Some(k) = keys {
+                files.push((KEYS_FILE, k));
+            }
+            let d = write_dir(&files);
+            load_dir(d.path()).unwrap()
+        };
+        let old = with(Some(&key));
+        assert!(old.keys.require_key);
+        for keys in [Some("keys: []\n"), Some(""), Some("# all gone\n"), None] {
+            let mut new = with(keys);
+            assert!(!new.keys.require_key, "{keys:?}");
+            let kept = old.fail_closed(&mut new);
+            assert!(new.keys.require_key, "{keys:?}");
+            assert_eq!(kept.len(), 1, "{keys:?}");
+            assert!(new.keys.keys.is_empty());
+        }
+        let mut open = with(Some("require_key: false\nkeys: []\n"));
+        assert!(old.fail_closed(&mut open).is_empty());
+        assert!(!open.keys.require_key);
+        // An open gateway stays as open as its file says.
+        let mut still = with(Some("keys: []\n"));
+        assert!(open.fail_closed(&mut still).is_empty());
+        assert!(!still.keys.require_key);
+    }
+
+    /// Key, token and CA files are part of the config: a key rotated in its
+    /// file is a change a reload applies; the watcher watches them.
+    #[test]
+    fn secret_files_are_in_the_digest_and_watched() {
+        let d = write_dir(&[
+            (MAIN_FILE, "server: {}\nadmin:\n  token_file: admin.token\n"),
+            (
+                PROVIDERS_FILE,
+                "providers:\n  p:\n    kind: openai\n    base_url: https://api.example.com/v1\n    api_key_file: /nonexistent/p.key\n    tls_ca_file: ca.pem\n",
+            ),
+            (MODELS_FILE, "models:\n  - name: m\n    deployments: [ { provider: p } ]\n"),
+            ("admin.token", "t1\n"),
+        ]);
+        let first = load_dir(d.path()).unwrap();
+        std::fs::write(d.path().join("admin.token"), "t2\n").unwrap();
+        let second = load_dir(d.path()).unwrap();
+        assert_ne!(first.digest, second.digest);
+        assert_eq!(second.digest, load_dir(d.path()).unwrap().digest);
+        std::fs::write(d.path().join("ca.pem"), "x").unwrap();
+        assert_ne!(second.digest, load_dir(d.path()).unwrap().digest);
+        let watched = second.watched_files();
+        for f in [
+            d.path().join("admin.token"),
+            d.path().join("ca.pem"),
+            std::path::PathBuf::from("/nonexistent/p.key"),
+        ] {
+            assert!(watched.contains(&f), "{f:?} not in {watched:?}");
+        }
     }
 
     #[test]

@@ -10,9 +10,14 @@ use tokio::sync::mpsc;
 pub type DirWatcher = notify::RecommendedWatcher;
 
 /// Names of files in the config directory whose change may change the config:
-/// the config files, what routes refer to, and TLS certificates and keys.
+/// the config files, what routes refer to, TLS certificates and keys, and
+/// Kubernetes' `..data` link (a ConfigMap or Secret volume is updated by
+/// making a new `..<timestamp>` directory and renaming a `..data_tmp` link
+/// over `..data`; the files themselves are links through it, so no event
+/// names them).
 fn relevant_name(n: &str) -> bool {
-    crate::FILES.contains(&n)
+    n.starts_with("..")
+        || crate::FILES.contains(&n)
         || [
             ".yaml", ".yml", ".tsv", ".json", ".jsonl", ".pem", ".crt", ".cer", ".key",
         ]
@@ -76,4 +81,47 @@ pub fn watch_dir_and(
         }
     }
     Ok((watcher, failed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// What the kubelet does to a ConfigMap volume on an update.
+    #[tokio::test]
+    async fn a_kubernetes_configmap_update_raises_a_reload() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let v1 = d.join("..2026_12_01_10_00_00.1");
+        std::fs::create_dir(&v1).unwrap();
+        std::fs::write(v1.join("smartllm.yaml"), "data_dir: /tmp/a\n").unwrap();
+        std::os::unix::fs::symlink("..2026_12_01_10_00_00.1", d.join("..data")).unwrap();
+        std::os::unix::fs::symlink("..data/smartllm.yaml", d.join("smartllm.yaml")).unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let _w = watch_dir(d, tx).unwrap();
+        // Update: a new timestamped directory, a temporary link to it renamed
+        // over ..data, the old directory removed.
+        let v2 = d.join("..2026_12_01_10_05_00.2");
+        std::fs::create_dir(&v2).unwrap();
+        std::fs::write(v2.join("smartllm.yaml"), "data_dir: /tmp/b\n").unwrap();
+        std::os::unix::fs::symlink("..2026_12_01_10_05_00.2", d.join("..data_tmp")).unwrap();
+        std::fs::rename(d.join("..data_tmp"), d.join("..data")).unwrap();
+        std::fs::remove_dir_all(&v1).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(got.ok().flatten(), Some(()), "no reload was raised");
+        assert_eq!(
+            std::fs::read_to_string(d.join("smartllm.yaml")).unwrap(),
+            "data_dir: /tmp/b\n"
+        );
+    }
+
+    #[test]
+    fn unrelated_files_are_not_relevant() {
+        assert!(relevant_name("..data"));
+        assert!(relevant_name("smartllm.yaml"));
+        assert!(relevant_name("tasks.tsv"));
+        assert!(!relevant_name(".smartllm.yaml.swp"));
+        assert!(!relevant_name("README"));
+    }
 }

@@ -180,9 +180,59 @@ impl AdminApp {
                 "last_error": status.last_error,
                 "last_at": status.last_at.and_then(|t| t.duration_since(UNIX_EPOCH).ok()).map(|d| d.as_secs()),
                 "restart_required": status.restart_required,
+                "warnings": status.warnings,
             }
         })
     }
+}
+
+/// Keeps web pages out of the admin API. A page the operator's browser opens
+/// may send requests to the admin port: a form's POST from another origin
+/// (cross-site request forgery: purging the cache, reloading) is refused by
+/// its `Origin`, whatever the method but GET and HEAD; and with no token
+/// (the API is then on loopback), a page whose host name was made to point
+/// at 127.0.0.1 (DNS rebinding) is refused by its `Host`, which must then
+/// be a loopback address or `localhost`.
+fn browser_guard(method: &str, headers: &http::HeaderMap, open: bool) -> Result<(), &'static str> {
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    let host = header("host").unwrap_or("");
+    if open && !loopback_host(host) {
+        return Err("The admin API without a token answers only to a loopback Host (127.0.0.1, [::1] or localhost).");
+    }
+    if method != "GET" && method != "HEAD" {
+        if let Some(origin) = header("origin") {
+            let authority = origin
+                .split_once("://")
+                .map_or(origin, |(_, rest)| rest)
+                .trim_end_matches('/');
+            if !authority.eq_ignore_ascii_case(host) {
+                return Err("A request from another origin (a web page) may not change anything through the admin API.");
+            }
+        }
+        if header("sec-fetch-site") == Some("cross-site") {
+            return Err("A request from another origin (a web page) may not change anything through the admin API.");
+        }
+    }
+    Ok(())
+}
+
+/// `host[:port]` names a loopback address or `localhost`.
+fn loopback_host(host: &str) -> bool {
+    let name = if let Some(rest) = host.strip_prefix('[') {
+        rest.split_once(']').map_or(rest, |(ip, _)| ip)
+    } else {
+        host.rsplit_once(':').map_or(host, |(h, port)| {
+            if port.chars().all(|c| c.is_ascii_digit()) {
+                h
+            } else {
+                host
+            }
+        })
+    };
+    name.eq_ignore_ascii_case("localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 /// Compare secrets without leaking where they differ through timing.
@@ -405,13 +455,16 @@ impl AdminApp {
                             .backends()
                             .get_backend()
                             .iter()
-                            .map(|b| {
-                                let (provider, id) = match pool.deployment_and_breaker(b) {
-                                    Some((d, id)) => (d.provider.name().to_string(), id.to_string()),
-                                    None => (String::new(), crate::routing::deployment_id("", &b.addr)),
-                                };
-                                json!({"provider": provider, "address": b.addr.to_string(), "healthy": pool.lb.backends().ready(b),
-                                    "circuit": self.shared.breakers.state(&id).as_str()})
+                            .flat_map(|b| {
+                                let healthy = pool.lb.backends().ready(b);
+                                let mut on: Vec<_> = pool.deployments_on(b).collect();
+                                on.sort_by_key(|(i, _, _)| *i);
+                                on.into_iter()
+                                    .map(|(_, d, id)| {
+                                        json!({"provider": d.provider.name(), "upstream_model": d.upstream_model, "address": b.addr.to_string(), "healthy": healthy,
+                                            "circuit": self.shared.breakers.state(id).as_str()})
+                                    })
+                                    .collect::<Vec<_>>()
                             })
                             .collect()
                     })
@@ -748,6 +801,17 @@ impl ServeHttp for AdminApp {
         // Authenticate first: a caller without the token never gets its body read.
         // The dashboard's session cookie (see `ui`) admits GET requests only.
         let rt = self.shared.runtime.load_full();
+        if let Err(why) = browser_guard(
+            &method,
+            &session.req_header().headers,
+            rt.admin_token.is_none(),
+        ) {
+            session.set_keepalive(None);
+            return json_reply(
+                403,
+                &json!({"error": {"message": why, "type": "permission_error", "param": null, "code": "admin_origin_refused"}}),
+            );
+        }
         let authorized = rt.admin_token.as_ref().is_none_or(|token| {
             let given = session
                 .req_header()
@@ -873,9 +937,10 @@ impl ServeHttp for AdminApp {
                 Ok(ReloadOutcome::Applied {
                     version,
                     restart_required,
+                    warnings,
                 }) => json_reply(
                     200,
-                    &json!({"result": "applied", "version": version, "restart_required": restart_required}),
+                    &json!({"result": "applied", "version": version, "restart_required": restart_required, "warnings": warnings}),
                 ),
                 Ok(ReloadOutcome::Unchanged) => json_reply(200, &json!({"result": "unchanged"})),
                 Err(e) => json_reply(
@@ -893,6 +958,64 @@ impl ServeHttp for AdminApp {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn web_pages_are_kept_out_of_the_admin_api() {
+        use super::{browser_guard, loopback_host};
+        let h = |pairs: &[(&str, &str)]| {
+            let mut m = http::HeaderMap::new();
+            for (k, v) in pairs {
+                m.insert(
+                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                    v.parse().unwrap(),
+                );
+            }
+            m
+        };
+        for ok in [
+            "127.0.0.1:9090",
+            "localhost:9090",
+            "[::1]:9090",
+            "127.0.0.2",
+            "LOCALHOST",
+        ] {
+            assert!(loopback_host(ok), "{ok}");
+        }
+        for bad in [
+            "evil.example:9090",
+            "10.0.0.1:9090",
+            "",
+            "[::2]:1",
+            "localhost.evil.example",
+        ] {
+            assert!(!loopback_host(bad), "{bad}");
+        }
+        // DNS rebinding: open API, a foreign Host.
+        assert!(browser_guard("GET", &h(&[("host", "evil.example:9090")]), true).is_err());
+        assert!(browser_guard("GET", &h(&[("host", "127.0.0.1:9090")]), true).is_ok());
+        // With a token the host name is the operator's business.
+        assert!(browser_guard("GET", &h(&[("host", "admin.internal:9090")]), false).is_ok());
+        // Cross-site POSTs, open or not.
+        let csrf = h(&[
+            ("host", "127.0.0.1:9090"),
+            ("origin", "https://evil.example"),
+        ]);
+        assert!(browser_guard("POST", &csrf, true).is_err());
+        assert!(browser_guard("POST", &csrf, false).is_err());
+        assert!(
+            browser_guard("GET", &csrf, true).is_ok(),
+            "reads are kept by CORS"
+        );
+        let fetch = h(&[("host", "127.0.0.1:9090"), ("sec-fetch-site", "cross-site")]);
+        assert!(browser_guard("DELETE", &fetch, true).is_err());
+        // The dashboard's own requests, and tools that send no Origin.
+        let own = h(&[
+            ("host", "127.0.0.1:9090"),
+            ("origin", "http://127.0.0.1:9090"),
+        ]);
+        assert!(browser_guard("POST", &own, true).is_ok());
+        assert!(browser_guard("POST", &h(&[("host", "127.0.0.1:9090")]), true).is_ok());
+    }
+
     use super::constant_time_eq;
 
     #[test]

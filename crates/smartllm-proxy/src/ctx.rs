@@ -59,6 +59,9 @@ pub struct Ctx {
     /// max-tokens limit was asked for (by the client or the cost cap): an
     /// outcome that counts against the model.
     pub cut_off: bool,
+    /// The answer's stream broke after it started (the status was already
+    /// 200): a failure of the model, not an answer.
+    pub stream_failed: bool,
     /// Who is asking: from the virtual key (or anonymous).
     pub tenant: String,
     pub app: String,
@@ -130,6 +133,7 @@ impl Ctx {
             question: None,
             regenerate: false,
             cut_off: false,
+            stream_failed: false,
             tenant: "anonymous".into(),
             app: "-".into(),
             key_name: "-".into(),

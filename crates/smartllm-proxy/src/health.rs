@@ -85,7 +85,7 @@ impl BackgroundService for HealthService {
 }
 
 /// Drop state that no longer belongs to the running config: breakers of
-/// deployments (`provider/address`) not in any pool now, profiles of models
+/// deployments (`model/provider/address`) not in any pool now, profiles of models
 /// no longer configured; and expired quota state.
 pub fn sweep(shared: &Shared) {
     let rt = shared.runtime.load_full();

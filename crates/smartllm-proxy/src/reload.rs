@@ -18,6 +18,7 @@ pub struct ReloadStatus {
     pub last_error: Option<String>,
     pub last_at: Option<SystemTime>,
     pub restart_required: Vec<String>,
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -25,6 +26,8 @@ pub enum ReloadOutcome {
     Applied {
         version: u64,
         restart_required: Vec<String>,
+        /// What the reload kept from opening the gateway ([`smartllm_config::Config::fail_closed`]).
+        warnings: Vec<String>,
     },
     Unchanged,
 }
@@ -38,6 +41,8 @@ pub enum ReloadError {
     Config(smartllm_config::ConfigError),
     #[error("{0}")]
     Prepare(crate::runtime::PrepareError),
+    #[error("no provider key can be read ({0}): the reload would answer every request from the demo mock LLM, so the running config stays in force; fix the keys, or restart to run in demo mode")]
+    WouldDemo(String),
 }
 
 /// Reload the config directory now.
@@ -55,7 +60,8 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                 Ok(ReloadOutcome::Unchanged)
             } else {
                 let restart = current.config.restart_only_changes(&new);
-                let applied = current.config.with_restart_only_from(new);
+                let mut applied = current.config.with_restart_only_from(new);
+                let warnings = current.config.fail_closed(&mut applied);
                 let version = current.version + 1;
                 match Runtime::prepare(
                     applied,
@@ -65,6 +71,13 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                 )
                 .await
                 {
+                    Ok(rt) if rt.demo_mode && !current.demo_mode => {
+                        // A key file that vanished or cannot be read for a
+                        // moment must not swap real answers for mock ones.
+                        Err(ReloadError::WouldDemo(crate::runtime::unreadable_keys(
+                            &rt.config,
+                        )))
+                    }
                     Ok(rt) => {
                         if let Some(c) = &shared.cache {
                             c.set_ivf_threshold(rt.config.cache.ivf_threshold);
@@ -99,6 +112,24 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                                 });
                             }
                         }
+                        // Budgets this reload adds read their spend back
+                        // from the ledger before the config that enforces
+                        // them runs (the old and new ones both tracked a
+                        // moment), so none is enforced from zero.
+                        let both: Vec<_> = current
+                            .config
+                            .keys
+                            .budgets
+                            .iter()
+                            .chain(budgets.iter())
+                            .cloned()
+                            .collect();
+                        let quotas = shared.quotas.clone();
+                        if let Err(e) =
+                            tokio::task::spawn_blocking(move || quotas.track_budgets(&both)).await
+                        {
+                            tracing::error!(error = %e, "tracking the reloaded budgets failed");
+                        }
                         shared.runtime.store(Arc::new(rt));
                         // Spend is kept for the budgets of the running config
                         // only; new ones read theirs back from the ledger.
@@ -112,6 +143,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                         Ok(ReloadOutcome::Applied {
                             version,
                             restart_required: restart,
+                            warnings,
                         })
                     }
                     Err(e) => Err(ReloadError::Prepare(e)),
@@ -128,7 +160,11 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
         Ok(ReloadOutcome::Applied {
             version,
             restart_required,
+            warnings,
         }) => {
+            for w in warnings {
+                tracing::warn!(trigger, version, "{w}");
+            }
             metrics::config_reload("ok");
             metrics::config_version(*version);
             metrics::restart_pending(!restart_required.is_empty());
@@ -140,11 +176,14 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
             status.last_result = Some(format!("applied version {version}"));
             status.last_error = None;
             status.restart_required = restart_required.clone();
+            status.warnings = warnings.clone();
         }
         Ok(ReloadOutcome::Unchanged) => {
             metrics::config_reload("unchanged");
             tracing::debug!(trigger, "config unchanged");
             status.last_result = Some("unchanged".into());
+            // The directory is valid again (e.g. a rejected edit undone).
+            status.last_error = None;
         }
         Err(e) => {
             metrics::config_reload("error");
@@ -167,13 +206,12 @@ impl BackgroundService for ReloadService {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let rt = self.shared.runtime.load_full();
         let watch = rt.config.reload.watch;
-        let mut watched = tls_files(&rt);
+        let mut watched = watched_files(&rt);
         let mut _watcher = if watch {
             self.watch(&watched, &tx)
         } else {
             None
         };
-        let debounce = rt.config.reload.debounce;
         drop(rt);
         let mut hup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
             Ok(s) => Some(s),
@@ -185,7 +223,9 @@ impl BackgroundService for ReloadService {
         loop {
             tokio::select! {
                 Some(()) = rx.recv() => {
-                    // Let an editor finish writing (and coalesce bursts of events).
+                    // Let an editor finish writing (and coalesce bursts of
+                    // events), as long as the running config says.
+                    let debounce = self.shared.runtime.load().config.reload.debounce;
                     tokio::time::sleep(debounce).await;
                     while rx.try_recv().is_ok() {}
                     let _ = reload(&self.shared, "watch").await;
@@ -195,8 +235,8 @@ impl BackgroundService for ReloadService {
                 }
                 _ = shutdown.changed() => break,
             }
-            // TLS files moved to another directory: watch that one instead.
-            let now = tls_files(&self.shared.runtime.load());
+            // Watched files moved to another directory: watch that one instead.
+            let now = watched_files(&self.shared.runtime.load());
             if watch && now != watched {
                 watched = now;
                 _watcher = None;
@@ -206,36 +246,24 @@ impl BackgroundService for ReloadService {
     }
 }
 
-/// The files of the running config's `server.tls` and `server.admin_tls`.
-fn tls_files(rt: &Runtime) -> Vec<std::path::PathBuf> {
-    let s = &rt.config.server;
-    s.tls
-        .iter()
-        .chain(s.admin_tls.iter())
-        .flat_map(|t| {
-            [
-                Some(&t.cert_file),
-                Some(&t.key_file),
-                t.client_ca_file.as_ref(),
-            ]
-        })
-        .flatten()
-        .cloned()
-        .collect()
+/// The files outside the config files the running config reads (TLS,
+/// provider keys and CAs, the admin token).
+fn watched_files(rt: &Runtime) -> Vec<std::path::PathBuf> {
+    rt.config.watched_files()
 }
 
 impl ReloadService {
-    /// Watch the config directory and the directories of `tls` files.
+    /// Watch the config directory and the directories of the `files` it reads.
     fn watch(
         &self,
-        tls: &[std::path::PathBuf],
+        files: &[std::path::PathBuf],
         tx: &mpsc::Sender<()>,
     ) -> Option<smartllm_config::watch::DirWatcher> {
         let dir = &self.shared.config_dir;
-        match smartllm_config::watch::watch_dir_and(dir, tls, tx.clone()) {
+        match smartllm_config::watch::watch_dir_and(dir, files, tx.clone()) {
             Ok((w, failed)) => {
                 for (d, e) in failed {
-                    tracing::error!(error = %e, dir = %d.display(), "cannot watch the directory of a TLS file; reload with SIGHUP after replacing it");
+                    tracing::error!(error = %e, dir = %d.display(), "cannot watch the directory of a file the config reads (TLS, key or CA file); reload with SIGHUP after replacing it");
                 }
                 Some(w)
             }

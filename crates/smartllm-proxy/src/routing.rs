@@ -16,9 +16,11 @@ pub struct GatewayState<'a> {
     pub rt: &'a Runtime,
 }
 
-/// The circuit breaker id of a deployment.
-pub fn deployment_id(provider: &str, addr: &impl std::fmt::Display) -> String {
-    format!("{provider}/{addr}")
+/// The circuit breaker id of a deployment: per model, provider and address,
+/// so one model's overload (529) or rate limit does not open the circuit of
+/// the provider's other models.
+pub fn deployment_id(model: &str, provider: &str, addr: &impl std::fmt::Display) -> String {
+    format!("{model}/{provider}/{addr}")
 }
 
 /// Any deployment of the pool is healthy (or unchecked) and its circuit lets traffic through.
@@ -28,7 +30,7 @@ pub fn pool_available(shared: &Shared, pool: &ModelPool) -> bool {
     all.iter().any(|b| {
         let healthy = backends.ready(b);
         healthy
-            && pool.deployment_and_breaker(b).is_none_or(|(d, id)| {
+            && pool.deployments_on(b).any(|(_, d, id)| {
                 shared
                     .breakers
                     .is_available(id, &d.provider.cfg.circuit_breaker)

@@ -74,21 +74,39 @@ pub struct ModelPool {
 }
 
 impl ModelPool {
-    /// The deployment to use on `backend` (round robin when several share it).
-    pub fn deployment_for(&self, backend: &Backend) -> Option<&DeploymentRuntime> {
-        self.deployment_and_breaker(backend).map(|(d, _)| d)
+    /// The deployments on `backend` (usually one; several when deployments
+    /// share an address, e.g. two organisations' keys on one provider), each
+    /// with its index in the pool and its circuit breaker's id, starting at a
+    /// rotating position: round robin among them.
+    pub fn deployments_on<'b>(
+        &'b self,
+        backend: &'b Backend,
+    ) -> impl Iterator<Item = (usize, &'b DeploymentRuntime, &'b str)> + 'b {
+        let ids: &[(usize, Arc<str>)] = backend
+            .ext
+            .get::<BackendDeployments>()
+            .map(|d| d.0.as_slice())
+            .unwrap_or(&[]);
+        let start = if ids.len() > 1 {
+            self.rr.fetch_add(1, Ordering::Relaxed) % ids.len()
+        } else {
+            0
+        };
+        ids.iter()
+            .cycle()
+            .skip(start)
+            .take(ids.len())
+            .filter_map(|(i, id)| Some((*i, self.deployments.get(*i)?, &**id)))
     }
 
-    /// [`Self::deployment_for`] and the id of its circuit breaker on `backend`.
-    pub fn deployment_and_breaker<'b>(
-        &self,
-        backend: &'b Backend,
-    ) -> Option<(&DeploymentRuntime, &'b str)> {
-        let ids = backend.ext.get::<BackendDeployments>()?;
-        let (i, id) = ids
-            .0
-            .get(self.rr.fetch_add(1, Ordering::Relaxed) % ids.0.len().max(1))?;
-        Some((self.deployments.get(*i)?, id))
+    /// Deployments over all backends (what a request may try in turn).
+    pub fn deployment_slots(&self) -> usize {
+        self.lb
+            .backends()
+            .get_backend()
+            .iter()
+            .map(|b| b.ext.get::<BackendDeployments>().map_or(0, |d| d.0.len()))
+            .sum()
     }
 }
 
@@ -222,7 +240,11 @@ impl Runtime {
                     provider: d.provider.clone(),
                 })
                 .collect();
-            let discovery = DeploymentDiscovery { targets };
+            let discovery = DeploymentDiscovery {
+                model: m.name.clone(),
+                targets,
+                last_known: Default::default(),
+            };
             let mut backends = Backends::new(Box::new(discovery));
             let checks = HealthDispatch::new(&m.name, &deployments);
             let health_enabled = checks.enabled;
@@ -269,6 +291,13 @@ impl Runtime {
                     .map_err(PrepareError::AdminToken)?,
             ),
         };
+        // Checked on the config that runs: `admin_listen` is restart-only, so
+        // a reload that moves it to loopback in the file and drops the token
+        // must not leave the listener that still runs beyond loopback open.
+        let admin_listen = config.server.admin_listen;
+        if admin_token.is_none() && !admin_listen.ip().is_loopback() {
+            return Err(PrepareError::AdminOpen(admin_listen));
+        }
         let listener_tls = |listener, t: &Option<smartllm_config::TlsConfig>| {
             t.as_ref()
                 .map(|t| crate::tls::ListenerTls::load(listener, t).map(Arc::new))
@@ -327,6 +356,8 @@ pub enum PrepareError {
     Exclusions(regex::Error),
     #[error("admin token: {0}")]
     AdminToken(KeyError),
+    #[error("the admin API listens on {0}, beyond loopback (a restart-only setting): set admin.token_env or admin.token_file so it keeps needing a token")]
+    AdminOpen(std::net::SocketAddr),
     #[error("{0}")]
     Tls(crate::tls::ListenerTlsError),
     #[error("{0}")]
@@ -387,6 +418,19 @@ fn load_ca(path: &std::path::Path) -> Result<Arc<CaType>, CaError> {
     Ok(Arc::from(certs.into_boxed_slice()))
 }
 
+/// The providers whose key cannot be read, with why (for a refused reload).
+pub(crate) fn unreadable_keys(config: &Config) -> String {
+    let out: Vec<String> = config
+        .providers
+        .values()
+        .filter_map(|p| match read_key(&p.api_key) {
+            Err(e) => Some(format!("{}: {e}", p.name)),
+            Ok(_) => None,
+        })
+        .collect();
+    out.join("; ")
+}
+
 fn read_key(src: &ApiKeySource) -> Result<Option<String>, KeyError> {
     match src {
         ApiKeySource::None => Ok(None),
@@ -408,7 +452,12 @@ fn read_key(src: &ApiKeySource) -> Result<Option<String>, KeyError> {
 /// Resolves each deployment's host (DNS re-resolution on every update) into
 /// backends; deployments that share an address share one backend.
 struct DeploymentDiscovery {
+    model: String,
     targets: Vec<Target>,
+    /// Each target's addresses as last resolved: a failed lookup (a DNS
+    /// hiccup) keeps them, rather than emptying the pool and dropping the
+    /// deployments' circuit state with it.
+    last_known: arc_swap::ArcSwap<HashMap<String, Vec<SocketAddr>>>,
 }
 
 struct Target {
@@ -424,13 +473,52 @@ struct Target {
 impl ServiceDiscovery for DeploymentDiscovery {
     async fn discover(&self) -> pingora_error::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
         let mut by_addr: BTreeMap<SocketAddr, (usize, Vec<(usize, Arc<str>)>)> = BTreeMap::new();
+        let mut resolved: HashMap<String, Vec<SocketAddr>> = HashMap::new();
         for t in &self.targets {
-            match tokio::net::lookup_host(t.authority.as_str()).await {
+            let addrs = match resolved.get(&t.authority) {
+                Some(a) => Ok(a.clone()),
+                None => tokio::net::lookup_host(t.authority.as_str())
+                    .await
+                    .map(|a| a.collect::<Vec<_>>()),
+            };
+            let addrs = match addrs {
+                Ok(a) if !a.is_empty() => Ok(a),
+                Ok(_) => Err("no address".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            let addrs = match addrs {
+                Ok(a) => {
+                    resolved.insert(t.authority.clone(), a.clone());
+                    Ok(a)
+                }
+                Err(e) => match self.last_known.load().get(&t.authority) {
+                    Some(a) => {
+                        tracing::warn!(target_host = %t.authority, error = %e, "cannot resolve upstream host; keeping its last known addresses");
+                        resolved.insert(t.authority.clone(), a.clone());
+                        Ok(a.clone())
+                    }
+                    None => Err(e),
+                },
+            };
+            match addrs {
                 Ok(addrs) => {
                     for a in addrs {
                         let e = by_addr.entry(a).or_insert((0, Vec::new()));
                         e.0 += t.weight;
-                        let id = crate::routing::deployment_id(&t.provider, &PSocketAddr::Inet(a));
+                        let mut id = crate::routing::deployment_id(
+                            &self.model,
+                            &t.provider,
+                            &PSocketAddr::Inet(a),
+                        );
+                        // Two deployments of the model on one provider (other
+                        // upstream models): each keeps its own circuit.
+                        if self
+                            .targets
+                            .iter()
+                            .any(|o| o.index != t.index && o.provider == t.provider)
+                        {
+                            id.push_str(&format!("#{}", t.index));
+                        }
                         e.1.push((t.index, id.into()));
                     }
                 }
@@ -439,6 +527,7 @@ impl ServiceDiscovery for DeploymentDiscovery {
                 }
             }
         }
+        self.last_known.store(Arc::new(resolved));
         let backends = by_addr
             .into_iter()
             .map(|(addr, (weight, ids))| {
@@ -500,22 +589,7 @@ impl HealthDispatch {
                     } else {
                         hc.path.clone()
                     };
-                    if let Ok(mut req) = RequestHeader::build("GET", path.as_bytes(), None) {
-                        let _ = req.append_header("Host", p.url.host_header());
-                        let _ = req.append_header(
-                            "User-Agent",
-                            concat!("smartllm/", env!("CARGO_PKG_VERSION")),
-                        );
-                        if let Ok(Some(key)) = &p.key {
-                            let _ = match p.cfg.kind {
-                                ProviderKind::OpenAi => {
-                                    req.append_header("Authorization", format!("Bearer {key}"))
-                                }
-                                ProviderKind::Anthropic => {
-                                    req.append_header("x-api-key", key.as_str())
-                                }
-                            };
-                        }
+                    if let Some(req) = health_request(p, &path) {
                         c.req = req;
                     }
                     c.peer_template.options.connection_timeout =
@@ -577,6 +651,32 @@ impl HealthCheck for HealthDispatch {
     }
 }
 
+/// The HTTP health check's request to provider `p`: its key, and what the
+/// provider needs on every request (Anthropic answers 400 without its
+/// version; Azure and others take headers of their own), or the check fails
+/// on a healthy provider.
+fn health_request(p: &ProviderRuntime, path: &str) -> Option<RequestHeader> {
+    let mut req = RequestHeader::build("GET", path.as_bytes(), None).ok()?;
+    let _ = req.append_header("Host", p.url.host_header());
+    let _ = req.append_header(
+        "User-Agent",
+        concat!("smartllm/", env!("CARGO_PKG_VERSION")),
+    );
+    if let Ok(Some(key)) = &p.key {
+        let _ = match p.cfg.kind {
+            ProviderKind::OpenAi => req.append_header("Authorization", format!("Bearer {key}")),
+            ProviderKind::Anthropic => req.append_header("x-api-key", key.as_str()),
+        };
+    }
+    if p.cfg.kind == ProviderKind::Anthropic {
+        let _ = req.append_header("anthropic-version", p.cfg.anthropic_version.as_str());
+    }
+    for (name, value) in &p.cfg.headers {
+        let _ = req.insert_header(name.clone(), value.as_str());
+    }
+    Some(req)
+}
+
 /// The peer to connect to for `addr` of provider `p`.
 pub fn peer_for(p: &ProviderRuntime, addr: &PSocketAddr) -> Option<HttpPeer> {
     let PSocketAddr::Inet(inet) = addr else {
@@ -595,4 +695,60 @@ pub fn peer_for(p: &ProviderRuntime, addr: &PSocketAddr) -> Option<HttpPeer> {
     peer.options.write_timeout = Some(Duration::from_secs(30));
     peer.options.idle_timeout = Some(Duration::from_secs(60));
     Some(peer)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider(yaml: &str) -> ProviderRuntime {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("smartllm.yaml"), "server: {}\n").unwrap();
+        std::fs::write(dir.path().join("providers.yaml"), yaml).unwrap();
+        let c = smartllm_config::load_dir(dir.path()).unwrap();
+        let cfg = c.providers["p"].clone();
+        ProviderRuntime {
+            url: cfg.base_url.clone(),
+            cfg,
+            key: Ok(Some("sk-test".into())),
+            demo: false,
+            ca: None,
+            pool_key: 0,
+        }
+    }
+
+    /// The HTTP health check asks as requests do: the key, Anthropic's
+    /// version, the provider's own headers.
+    #[test]
+    fn the_health_check_carries_what_the_provider_needs() {
+        let a = provider(
+            "providers:\n  p:\n    kind: anthropic\n    base_url: https://api.anthropic.com\n    api_key_env: X\n",
+        );
+        let req = health_request(&a, "/v1/models").unwrap();
+        let h = |n: &str| {
+            req.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        assert_eq!(h("x-api-key").as_deref(), Some("sk-test"));
+        assert_eq!(
+            h("anthropic-version").as_deref(),
+            Some(a.cfg.anthropic_version.as_str())
+        );
+        assert_eq!(h("host").as_deref(), Some("api.anthropic.com"));
+        let o = provider(
+            "providers:\n  p:\n    kind: openai\n    base_url: https://example.openai.azure.com/openai/v1\n    api_key_env: X\n    headers: { api-version: 2025-01-01 }\n",
+        );
+        let req = health_request(&o, "/openai/v1/models").unwrap();
+        let h = |n: &str| {
+            req.headers
+                .get(n)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        };
+        assert_eq!(h("authorization").as_deref(), Some("Bearer sk-test"));
+        assert_eq!(h("api-version").as_deref(), Some("2025-01-01"));
+        assert!(h("anthropic-version").is_none());
+    }
 }

@@ -39,11 +39,12 @@ struct Entry {
     state: BreakerState,
     consecutive: u32,
     opened_at: Option<Instant>,
-    /// A half-open trial is in flight.
-    trial: bool,
+    /// A half-open trial is in flight, since then. One whose outcome never
+    /// came (its request was dropped) stops blocking after another cooldown.
+    trial: Option<Instant>,
 }
 
-/// Breakers by deployment id (`provider/address`). They outlive config reloads.
+/// Breakers by deployment id (`model/provider/address`). They outlive config reloads.
 #[derive(Default)]
 pub struct Breakers {
     inner: Mutex<HashMap<String, Entry>>,
@@ -63,6 +64,11 @@ fn set_state(id: &str, e: &mut Entry, to: BreakerState) {
     metrics::gauge!(m::CIRCUIT_STATE, "deployment" => id.to_string()).set(to.gauge());
 }
 
+/// A half-open trial is in flight and not yet given up on.
+fn trial_pending(e: &Entry, cfg: &CircuitBreakerConfig) -> bool {
+    e.trial.is_some_and(|t| t.elapsed() < cfg.cooldown)
+}
+
 impl Breakers {
     /// May a request go to this deployment now? In half-open state only one
     /// trial at a time is allowed.
@@ -79,17 +85,17 @@ impl Breakers {
             BreakerState::Open => {
                 if e.opened_at.is_some_and(|t| t.elapsed() >= cfg.cooldown) {
                     set_state(id, e, BreakerState::HalfOpen);
-                    e.trial = true;
+                    e.trial = Some(Instant::now());
                     true
                 } else {
                     false
                 }
             }
             BreakerState::HalfOpen => {
-                if e.trial {
+                if trial_pending(e, cfg) {
                     false
                 } else {
-                    e.trial = true;
+                    e.trial = Some(Instant::now());
                     true
                 }
             }
@@ -104,7 +110,7 @@ impl Breakers {
             Some(e) => match e.state {
                 BreakerState::Closed => true,
                 BreakerState::Open => e.opened_at.is_some_and(|t| t.elapsed() >= cfg.cooldown),
-                BreakerState::HalfOpen => !e.trial,
+                BreakerState::HalfOpen => !trial_pending(e, cfg),
             },
         }
     }
@@ -119,7 +125,11 @@ impl Breakers {
             // closed, and so is one that is closed with nothing counted.
             match map.get(id) {
                 None => return,
-                Some(e) if e.state == BreakerState::Closed && e.consecutive == 0 && !e.trial => {
+                Some(e)
+                    if e.state == BreakerState::Closed
+                        && e.consecutive == 0
+                        && e.trial.is_none() =>
+                {
                     return
                 }
                 Some(_) => {}
@@ -129,9 +139,9 @@ impl Breakers {
             state: BreakerState::Closed,
             consecutive: 0,
             opened_at: None,
-            trial: false,
+            trial: None,
         });
-        e.trial = false;
+        e.trial = None;
         if success {
             e.consecutive = 0;
             e.opened_at = None;
@@ -211,6 +221,27 @@ mod tests {
         b.record("d", &cfg, true);
         assert_eq!(b.state("d"), BreakerState::Closed);
         assert!(b.allow("d", &cfg) && b.allow("d", &cfg));
+    }
+
+    /// A trial whose outcome never comes (its request dropped) blocks the
+    /// deployment for one more cooldown, not for ever.
+    #[test]
+    fn a_lost_trial_is_given_up_after_a_cooldown() {
+        let cfg = CircuitBreakerConfig {
+            failures: 1,
+            cooldown: Duration::from_millis(50),
+        };
+        let b = Breakers::default();
+        b.record("d", &cfg, false);
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.allow("d", &cfg), "the trial");
+        assert!(!b.is_available("d", &cfg) && !b.allow("d", &cfg));
+        std::thread::sleep(Duration::from_millis(60));
+        assert!(b.is_available("d", &cfg));
+        assert!(b.allow("d", &cfg), "a new trial");
+        assert!(!b.allow("d", &cfg), "still one at a time");
+        b.record("d", &cfg, true);
+        assert_eq!(b.state("d"), BreakerState::Closed);
     }
 
     #[test]

@@ -71,7 +71,10 @@ pub struct Decision {
     pub route: String,
     pub model: String,
     /// `utility`, `learned`, `rule:NAME`, `experiment:NAME/ARM`, `only_candidate`,
-    /// `constraints_relaxed`; `+budget` when budget pressure raised the cost weight.
+    /// `constraints_relaxed` (nothing met the latency, cost or quality
+    /// budgets), `no_model_fits` (nothing fits the context or has the
+    /// capability, or nothing is up); `+budget` when budget pressure raised
+    /// the cost weight.
     pub reason: String,
     pub strategy: &'static str,
     /// (experiment, arm)
@@ -103,6 +106,15 @@ fn cost_term(rule: CostRule, cost: f64, min_cost: f64, max_cost: f64) -> f64 {
             ((cost.max(MIN_COST) / lo).ln() / (hi / lo).ln()).clamp(0.0, 1.0)
         }
     }
+}
+
+/// A candidate's exclusion the route's budgets make (expected latency, cost,
+/// quality floor), which may be relaxed when nothing meets them; the others
+/// (a rule, the context window, a capability, unavailability) are not.
+fn soft_exclusion(why: &str) -> bool {
+    ["latency_budget:", "max_cost:", "min_quality:"]
+        .iter()
+        .any(|p| why.starts_with(p))
 }
 
 fn rule_matches(rule: &RouteRule, f: &Features, req: &RequestInfo<'_>) -> bool {
@@ -301,7 +313,9 @@ pub fn decide(
             Some(why.clone())
         } else if !state.available(name) {
             Some("unavailable".to_string())
-        } else if f.prompt_tokens + f.max_tokens.unwrap_or(0) > m.profile.context_window {
+        } else if f.prompt_tokens.saturating_add(f.max_tokens.unwrap_or(0))
+            > m.profile.context_window
+        {
             Some(format!("context_window:{}", m.profile.context_window))
         } else if let Some(cap) = f
             .needs
@@ -409,40 +423,67 @@ pub fn decide(
     }
 
     let base = if use_learned { "learned" } else { "utility" };
-    let (model, mut reason) = if let Some((m, why)) = pinned.filter(|(m, _)| state.available(m)) {
-        (m, why)
-    } else if let Some(i) = feasible
-        .iter()
-        .copied()
-        .find(|i| preferred.contains(&cands[*i].model.as_str()))
-    {
-        let rule = route
-            .rules
-            .iter()
-            .find(|r| !r.prefer.is_empty() && rule_matches(r, f, req))
-            .map_or("prefer", |r| r.name.as_str());
-        (cands[i].model.clone(), format!("rule:{rule}"))
-    } else if let Some(i) = feasible.first() {
-        let why = if cands.len() == 1 {
-            "only_candidate"
-        } else {
-            base
-        };
-        (cands[*i].model.clone(), why.to_string())
-    } else if let Some(m) = route.fallback.iter().find(|m| state.available(m)) {
-        (m.clone(), "constraints_relaxed".to_string())
-    } else {
-        // Nothing meets the constraints: serve the best available rather than fail.
-        let i = order
+    // A rule's exclusion holds whatever else happens (data that must not
+    // reach a provider); a model is usable as a way out when no rule
+    // excludes it and, if it is a candidate, nothing hard does either.
+    let ruled_out = |m: &str| rule_excluded.iter().any(|(x, _)| *x == m);
+    let usable_way_out = |m: &str| {
+        !ruled_out(m)
+            && cands
+                .iter()
+                .find(|c| c.model == m)
+                .is_none_or(|c| c.excluded.as_deref().is_none_or(soft_exclusion))
+    };
+    let (model, mut reason) =
+        if let Some((m, why)) = pinned.filter(|(m, _)| state.available(m) && !ruled_out(m)) {
+            (m, why)
+        } else if let Some(i) = feasible
             .iter()
             .copied()
-            .find(|i| state.available(&cands[*i].model))
-            .or(order.first().copied());
-        (
-            i.map_or_else(|| route.model.clone(), |i| cands[i].model.clone()),
-            "constraints_relaxed".to_string(),
-        )
-    };
+            .find(|i| preferred.contains(&cands[*i].model.as_str()))
+        {
+            let rule = route
+                .rules
+                .iter()
+                .find(|r| !r.prefer.is_empty() && rule_matches(r, f, req))
+                .map_or("prefer", |r| r.name.as_str());
+            (cands[i].model.clone(), format!("rule:{rule}"))
+        } else if let Some(i) = feasible.first() {
+            let why = if cands.len() == 1 {
+                "only_candidate"
+            } else {
+                base
+            };
+            (cands[*i].model.clone(), why.to_string())
+        } else if let Some(m) = route
+            .fallback
+            .iter()
+            .find(|m| state.available(m) && usable_way_out(m))
+        {
+            (m.clone(), "constraints_relaxed".to_string())
+        } else if let Some(i) = order
+            .iter()
+            .copied()
+            .find(|i| cands[*i].excluded.as_deref().is_some_and(soft_exclusion))
+        {
+            // Nothing meets the budgets (latency, cost, quality floor): serve the
+            // best model that fits otherwise rather than fail.
+            (cands[i].model.clone(), "constraints_relaxed".to_string())
+        } else {
+            // No model fits the request (context window, capability) or is up:
+            // the best one no rule excludes, available first; its provider's
+            // answer says what is wrong.
+            let i = order
+                .iter()
+                .copied()
+                .filter(|i| !ruled_out(&cands[*i].model))
+                .find(|i| state.available(&cands[*i].model))
+                .or_else(|| order.iter().copied().find(|i| !ruled_out(&cands[*i].model)));
+            (
+                i.map_or_else(|| route.model.clone(), |i| cands[i].model.clone()),
+                "no_model_fits".to_string(),
+            )
+        };
     if over > 0.0 {
         reason.push_str("+budget");
     }
@@ -450,11 +491,13 @@ pub fn decide(
         reason.push_str("+explore");
     }
     let mut fallbacks: Vec<String> = Vec::new();
-    for m in feasible
-        .iter()
-        .map(|i| cands[*i].model.as_str())
-        .chain(route.fallback.iter().map(String::as_str))
-    {
+    for m in feasible.iter().map(|i| cands[*i].model.as_str()).chain(
+        route
+            .fallback
+            .iter()
+            .map(String::as_str)
+            .filter(|m| usable_way_out(m)),
+    ) {
         if m != model && !fallbacks.iter().any(|x| x == m) && fallbacks.len() < route.max_fallbacks
         {
             fallbacks.push(m.to_string());
@@ -767,6 +810,71 @@ mod tests {
             d.candidates[1].excluded.as_deref(),
             Some("capability:tools")
         );
+    }
+
+    /// When nothing meets the route's constraints, only the budgets are
+    /// relaxed: a model a matching rule excludes is never served (not as the
+    /// way out, a pin or a fallback), and one the request does not fit comes
+    /// last and says so.
+    #[test]
+    fn only_budgets_are_relaxed_never_a_rule_or_the_context() {
+        let (mut cfg, mut r) = setup();
+        let info = RequestInfo {
+            headers: vec![("x-data".into(), "pii".into())],
+            ..RequestInfo::default()
+        };
+        let hard =
+            features("Design a distributed consensus protocol and prove its safety step by step.");
+        r.rules = vec![RouteRule {
+            name: "pii".into(),
+            when: RuleWhen {
+                headers: vec![("x-data".into(), "pii".into())],
+                ..RuleWhen::default()
+            },
+            pin: Some("strong".into()),
+            exclude: vec!["strong".into()],
+            prefer: vec![],
+        }];
+        r.fallback = vec!["strong".into()];
+        // The cheap model misses the latency budget, the strong one is ruled out.
+        r.constraints.latency_budget = Some(Duration::from_millis(1));
+        let d = decide(&cfg, &r, &hard, None, None, &info, &StaticState);
+        assert_eq!(
+            (d.model.as_str(), d.reason.as_str()),
+            ("cheap", "constraints_relaxed"),
+            "{:?}",
+            d.candidates
+        );
+        assert!(d.fallbacks.is_empty(), "{:?}", d.fallbacks);
+        // Even when the cheap model is down, the excluded one is not served.
+        let d = decide(&cfg, &r, &hard, None, None, &info, &Down("cheap"));
+        assert_eq!(d.model, "cheap");
+        assert_eq!(d.reason, "no_model_fits");
+        // A budget-relaxed model before one the request does not fit.
+        r.rules.clear();
+        r.fallback.clear();
+        r.constraints.latency_budget = None;
+        r.constraints.max_cost_usd = Some(1e-9);
+        cfg.models[0].profile.context_window = 4;
+        let d = decide(&cfg, &r, &hard, None, None, &info, &StaticState);
+        assert_eq!(
+            (d.model.as_str(), d.reason.as_str()),
+            ("strong", "constraints_relaxed"),
+            "{:?}",
+            d.candidates
+        );
+        // Nothing fits the context: the best one, said so.
+        cfg.models[1].profile.context_window = 4;
+        let d = decide(&cfg, &r, &hard, None, None, &info, &StaticState);
+        assert_eq!(d.reason, "no_model_fits");
+        // A limit near the integer's end excludes rather than wraps.
+        let mut huge = hard.clone();
+        huge.max_tokens = Some(u64::MAX as _);
+        let d = decide(&cfg, &r, &huge, None, None, &info, &StaticState);
+        assert!(d.candidates.iter().all(|c| c
+            .excluded
+            .as_deref()
+            .is_some_and(|w| w.starts_with("context_window:"))));
     }
 
     #[test]

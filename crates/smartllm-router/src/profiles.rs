@@ -46,22 +46,38 @@ impl LiveProfiles {
         }
     }
 
-    /// A successful answer: first byte after `ttft`, complete after `total`.
+    /// A successful answer, complete after `total`. Streamed, its first
+    /// token came after `ttft` and the rest measures the output speed. An
+    /// answer sent whole (`ttft` None) has no first token to time: its wait
+    /// for the first token is the total less the time its tokens took at the
+    /// speed measured on streams (or `default_tps`, the profile's), so a
+    /// buffered answer's generation is not counted as waiting.
     pub fn record_success(
         &self,
         model: &str,
-        ttft: Duration,
+        ttft: Option<Duration>,
         total: Duration,
         completion_tokens: Option<u64>,
+        default_tps: f64,
     ) {
         self.update(model, |s| {
             s.requests += 1;
-            s.ttft_ms = ewma(s.ttft_ms, ttft.as_secs_f64() * 1e3);
             s.latency_ms = ewma(s.latency_ms, total.as_secs_f64() * 1e3);
-            let gen = total.saturating_sub(ttft).as_secs_f64();
-            if let Some(n) = completion_tokens.filter(|n| *n >= 16) {
-                if gen > 0.01 {
-                    s.tokens_per_second = ewma(s.tokens_per_second, n as f64 / gen);
+            match ttft {
+                Some(ttft) => {
+                    s.ttft_ms = ewma(s.ttft_ms, ttft.as_secs_f64() * 1e3);
+                    let gen = total.saturating_sub(ttft).as_secs_f64();
+                    if let Some(n) = completion_tokens.filter(|n| *n >= 16) {
+                        if gen > 0.01 {
+                            s.tokens_per_second = ewma(s.tokens_per_second, n as f64 / gen);
+                        }
+                    }
+                }
+                None => {
+                    let tps = s.tokens_per_second.unwrap_or(default_tps).max(1.0);
+                    let generating = completion_tokens.map_or(0.0, |n| n as f64 / tps);
+                    let waited = (total.as_secs_f64() - generating).max(0.0);
+                    s.ttft_ms = ewma(s.ttft_ms, waited * 1e3);
                 }
             }
             s.error_rate = ewma(Some(s.error_rate), 0.0).unwrap_or(0.0);
@@ -111,9 +127,10 @@ mod tests {
         let p = LiveProfiles::default();
         p.record_success(
             "m",
-            Duration::from_millis(100),
+            Some(Duration::from_millis(100)),
             Duration::from_millis(1100),
             Some(100),
+            50.0,
         );
         let s = p.get("m").unwrap();
         assert_eq!(s.ttft_ms, Some(100.0));
@@ -121,9 +138,10 @@ mod tests {
         for _ in 0..20 {
             p.record_success(
                 "m",
-                Duration::from_millis(600),
+                Some(Duration::from_millis(600)),
                 Duration::from_millis(700),
                 None,
+                50.0,
             );
         }
         assert!(p.get("m").unwrap().ttft_ms.unwrap() > 590.0);
@@ -136,5 +154,32 @@ mod tests {
         p.record_failure("gone", None);
         p.retain(|m| m == "m");
         assert!(p.get("gone").is_none() && p.get("m").is_some());
+    }
+
+    /// A buffered answer's generation time is not taken for its wait for
+    /// the first token: 200 tokens in 2.3 s at the 100 tokens/s streams
+    /// measured is 0.3 s of waiting, not 2.3 s.
+    #[test]
+    fn a_buffered_answer_is_not_all_waiting() {
+        let p = LiveProfiles::default();
+        p.record_success(
+            "m",
+            Some(Duration::from_millis(300)),
+            Duration::from_millis(1300),
+            Some(100),
+            10.0,
+        );
+        let buffered = LiveProfiles::default();
+        buffered.record_success("b", None, Duration::from_millis(2300), Some(200), 100.0);
+        let ttft = buffered.get("b").unwrap().ttft_ms.unwrap();
+        assert!((ttft - 300.0).abs() < 1.0, "{ttft}");
+        // With a speed measured on streams, that one counts.
+        p.record_success("m", None, Duration::from_millis(2300), Some(200), 10.0);
+        let s = p.get("m").unwrap();
+        assert!((s.ttft_ms.unwrap() - 300.0).abs() < 1.0, "{s:?}");
+        assert_eq!(s.latency_ms.map(f64::round), Some(1500.0));
+        // More tokens than the time could carry: no negative wait.
+        buffered.record_success("z", None, Duration::from_millis(100), Some(1000), 100.0);
+        assert_eq!(buffered.get("z").unwrap().ttft_ms, Some(0.0));
     }
 }

@@ -618,6 +618,19 @@ fn self_test(embedder: &Embedder) -> anyhow::Result<SelfTest> {
 }
 
 fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
+    let prep_rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    // SIGHUP's default action ends the process. Caught from the first
+    // moment (tokio's handler stays installed for the process's life once
+    // registered), one sent while the gateway starts (a config manager's
+    // reload) is harmless; the reload service reloads on those after it
+    // runs, and the config it starts with is read after this point anyway.
+    prep_rt
+        .block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map(drop)
+        })
+        .context("installing the SIGHUP handler")?;
     let config = smartllm_config::load_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     init_logging(&config.logging.level);
     let metrics = smartllm_proxy::metrics::install();
@@ -635,9 +648,6 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         embed_ms = test.embed_ms, paraphrase_cosine = test.paraphrase_cosine, "embedding model loaded and self-tested"
     );
 
-    let prep_rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
     let runtime = prep_rt
         .block_on(Runtime::prepare(
             config.clone(),

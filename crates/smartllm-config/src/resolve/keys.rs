@@ -191,6 +191,7 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
     }
     KeysConfig {
         require_key,
+        require_key_explicit: raw.require_key.is_some(),
         keys,
         apps,
         budgets,

@@ -20,8 +20,9 @@ use crate::raw::{
     RawCacheFile, RawKeysFile, RawMain, RawMeasuredProfiles, RawModels, RawProviders, RawRoutes,
 };
 use crate::units::ConfigDuration;
-use crate::{Config, Issues, KeysConfig};
-use std::collections::BTreeSet;
+use crate::{ApiKeySource, Config, Issues, KeysConfig, ProviderConfig};
+use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -75,6 +76,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
     let tracing = tracing::resolve_tracing(main.tracing, v);
     let digest = routes::digest_referenced_files(&digest, &classifier, &resolved_routes, v);
     let digest = server::check_tls(&digest, &server, v);
+    let digest = digest_secret_files(&digest, &providers, &admin_token);
     let mut config = Config {
         dir: dir.to_path_buf(),
         digest,
@@ -102,6 +104,86 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
     config.cache = cache::resolve_cache(dir, cache.cache, &config, v);
     config.keys = keys::resolve_keys(keys, &config, v);
     config
+}
+
+/// `digest` extended with the contents of the key and CA files the
+/// providers and the admin API read (`api_key_file`, `tls_ca_file`,
+/// `admin.token_file`): rotating a key in its file is a change a reload
+/// applies, not an unchanged config. A file that cannot be read counts by its
+/// error (the provider answers 503 until it can be; that is not a config
+/// error). Only a hash of each file is kept.
+fn digest_secret_files(
+    digest: &str,
+    providers: &BTreeMap<String, ProviderConfig>,
+    admin_token: &ApiKeySource,
+) -> String {
+    let files = secret_files(providers, admin_token);
+    if files.is_empty() {
+        return digest.to_string();
+    }
+    let mut hasher = Sha256::new();
+    hasher.update(digest.as_bytes());
+    for path in files {
+        hasher.update(path.to_string_lossy().as_bytes());
+        hasher.update([0]);
+        match std::fs::read(&path) {
+            Ok(bytes) => hasher.update(Sha256::digest(&bytes)),
+            Err(e) => hasher.update(format!("unreadable: {:?}", e.kind()).as_bytes()),
+        }
+        hasher.update([0]);
+    }
+    hex::encode(&hasher.finalize()[..8])
+}
+
+/// The key and CA files of the providers and the admin API, sorted.
+fn secret_files(
+    providers: &BTreeMap<String, ProviderConfig>,
+    admin_token: &ApiKeySource,
+) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = providers
+        .values()
+        .flat_map(|p| {
+            let key = match &p.api_key {
+                ApiKeySource::File(f) => Some(f.clone()),
+                _ => None,
+            };
+            key.into_iter().chain(p.tls_ca_file.clone())
+        })
+        .chain(match admin_token {
+            ApiKeySource::File(f) => Some(f.clone()),
+            _ => None,
+        })
+        .collect();
+    files.sort();
+    files.dedup();
+    files
+}
+
+impl Config {
+    /// Files outside the config files whose contents the running config
+    /// reads: TLS certificates, keys and client CAs, provider key and CA
+    /// files, the admin token file. The watcher watches them too.
+    pub fn watched_files(&self) -> Vec<PathBuf> {
+        let s = &self.server;
+        let mut files: Vec<PathBuf> = s
+            .tls
+            .iter()
+            .chain(s.admin_tls.iter())
+            .flat_map(|t| {
+                [
+                    Some(&t.cert_file),
+                    Some(&t.key_file),
+                    t.client_ca_file.as_ref(),
+                ]
+            })
+            .flatten()
+            .cloned()
+            .chain(secret_files(&self.providers, &self.admin_token))
+            .collect();
+        files.sort();
+        files.dedup();
+        files
+    }
 }
 
 /// A duration setting, or `default_secs`.

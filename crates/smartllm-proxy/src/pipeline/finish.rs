@@ -27,7 +27,8 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
         s => s,
     };
     record_outcomes(shared, ctx, status);
-    if let (Some(model), Some(task), true) = (ctx.model(), ctx.task, status == 200) {
+    let answered = status == 200 && !ctx.stream_failed;
+    if let (Some(model), Some(task), true) = (ctx.model(), ctx.task, answered) {
         if let Some(task) = smartllm_router::Task::parse(task) {
             let served = smartllm_router::Served {
                 tenant: ctx.tenant.clone(),
@@ -72,8 +73,8 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
 
 /// Outcomes the router learns from without being told (issue #18): each
 /// model that failed this request before a fallback answered it, and the
-/// model that had it last when it ended in an upstream failure (502/504, or
-/// the provider's own 5xx), count as a score of 0 for this tenant on this
+/// model that had it last when it ended in an upstream failure (502/504, the
+/// provider's own 5xx, or a stream that broke after it started), count as a score of 0 for this tenant on this
 /// task, next to the users' feedback (`/admin/models` shows them as
 /// `implicit`). So does an answer the model cut off at its own output limit
 /// when no max-tokens limit was asked for (`ctx.cut_off`). The client's
@@ -91,7 +92,8 @@ fn record_outcomes(shared: &Shared, ctx: &Ctx, status: u16) {
     }
     let upstream_failed = ctx.attempts > 0
         && (matches!(status, 500 | 502 | 504)
-            || status >= 500 && ctx.error_code == Some("upstream_status"));
+            || status >= 500 && ctx.error_code == Some("upstream_status")
+            || ctx.stream_failed);
     if upstream_failed || (ctx.cut_off && status == 200) {
         if let Some(model) = ctx.model() {
             shared.feedback.failure(&ctx.tenant, model, task);

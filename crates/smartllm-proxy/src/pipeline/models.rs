@@ -18,19 +18,32 @@ pub async fn answer(
     id: Option<String>,
 ) -> pingora_error::Result<()> {
     let cfg = &rt.config;
+    // A key that lists its models sees those (and the aliases that lead to
+    // them), as it may use them; an open gateway or an unlisted key, all.
+    let allowed =
+        |id: &str, resolved: &str| crate::auth::authorize_model(ctx, id, resolved).is_ok();
     let mut data: Vec<serde_json::Value> = cfg
         .models
         .iter()
+        .filter(|m| allowed(&m.name, &m.name))
         .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": m.owned_by}))
         .collect();
     data.extend(
         cfg.routes
             .values()
+            .filter(|r| allowed(&r.name, if r.is_routed() { &r.name } else { &r.model }))
             .map(|r| json!({"id": r.name, "object": "model", "created": 0, "owned_by": "smartllm-route", "route_to": r.model})),
     );
+    let known: Vec<String> = match ctx.key.as_ref() {
+        Some(k) if !k.models.is_empty() => data
+            .iter()
+            .filter_map(|m| m["id"].as_str().map(str::to_string))
+            .collect(),
+        _ => rt.known_models.clone(),
+    };
     if ctx.anthropic {
         let query = session.req_header().uri.query().unwrap_or("").to_string();
-        return anthropic(session, ctx, rt, data, id, &query).await;
+        return anthropic(session, ctx, &known, data, id, &query).await;
     }
     match id {
         None => {
@@ -50,7 +63,7 @@ pub async fn answer(
                 .await
             }
             None => {
-                let err = ApiError::model_not_found(&id, &rt.known_models);
+                let err = ApiError::model_not_found(&id, &known);
                 respond::error(session, ctx, &err).await
             }
         },
@@ -61,7 +74,7 @@ pub async fn answer(
 async fn anthropic(
     session: &mut Session,
     ctx: &mut Ctx,
-    rt: &Runtime,
+    known: &[String],
     data: Vec<serde_json::Value>,
     id: Option<String>,
     query: &str,
@@ -74,7 +87,7 @@ async fn anthropic(
                 respond::json(session, ctx, 200, body, &[]).await
             }
             None => {
-                let err = ApiError::model_not_found(&id, &rt.known_models);
+                let err = ApiError::model_not_found(&id, known);
                 respond::error(session, ctx, &err).await
             }
         };

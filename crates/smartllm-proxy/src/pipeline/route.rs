@@ -28,6 +28,14 @@ pub async fn plan(
     let mut model = request.model;
     let mut fallbacks: Vec<String> = Vec::new();
     if let Some(r) = request.routed {
+        let narrowed;
+        let r = match for_endpoint(rt, r, request.req.endpoint)? {
+            Some(n) => {
+                narrowed = n;
+                &narrowed
+            }
+            None => r,
+        };
         let d = decide(shared, session, ctx, rt, &request.req, r).await;
         model = cfg.model(&d.model).ok_or_else(|| {
             ApiError::internal(format!("the router chose an unknown model {}", d.model))
@@ -99,11 +107,64 @@ pub async fn plan(
     }
     let mut chain = vec![model.name.clone()];
     chain.extend(fallbacks.into_iter().filter(|m| *m != model.name));
+    // A key that lists models, and not this alias, is served only by those:
+    // a fixed route's fallback is no way around the list.
+    if let Some(vk) = ctx
+        .key
+        .as_ref()
+        .filter(|k| !k.models.is_empty() && !k.models.contains(&request.req.model))
+    {
+        let first = chain[0].clone();
+        chain.retain(|m| *m == first || vk.models.contains(m));
+    }
     if cfg.ledger.unpriced == smartllm_config::UnpricedPolicy::Reject {
         drop_unpriced(ctx, rt, &mut chain)?;
     }
     apply_cost_cap(ctx, rt, &mut request.req, &mut chain).await?;
     Ok(chain)
+}
+
+/// A routed alias whose candidates are not all of the kind the endpoint
+/// needs (embedding models for `/v1/embeddings`, chat models for the rest)
+/// narrowed to those that are; None when all are. An embedding request is
+/// never routed to a chat model, nor a chat request to an embedding model.
+fn for_endpoint(
+    rt: &Runtime,
+    r: &RouteConfig,
+    endpoint: smartllm_protocol::Endpoint,
+) -> Result<Option<RouteConfig>, ApiError> {
+    use smartllm_config::ModelMode;
+    let want = if endpoint == smartllm_protocol::Endpoint::Embeddings {
+        ModelMode::Embedding
+    } else {
+        ModelMode::Chat
+    };
+    let fits = |m: &String| rt.config.model(m).is_some_and(|m| m.mode == want);
+    if r.candidates.iter().all(fits) {
+        return Ok(None);
+    }
+    let mut n = r.clone();
+    n.candidates.retain(fits);
+    n.fallback.retain(fits);
+    if n.candidates.is_empty() {
+        let kind = if want == ModelMode::Embedding {
+            "embedding"
+        } else {
+            "chat"
+        };
+        return Err(ApiError::invalid_request(
+            "model_not_supported",
+            format!(
+                "Route '{}' has no {kind} model among its candidates: ask for a {kind} model by name, or add one to the route.",
+                r.name
+            ),
+        )
+        .with_param("model"));
+    }
+    if !n.candidates.contains(&n.model) {
+        n.model = n.candidates[0].clone();
+    }
+    Ok(Some(n))
 }
 
 /// `ledger.unpriced: reject`: no request goes to a model without a price;

@@ -166,16 +166,21 @@ pub async fn run(
             ctx.set_model(&pool.model);
         }
         let later_models = mi + 1 < pools.len();
-        let total_backends = pool.lb.backends().get_backend().len();
-        let mut tried = Vec::new();
+        // Deployments, not addresses, are tried in turn: two deployments on
+        // one address (two organisations' keys on one provider) are two
+        // chances; a host with several addresses is as many.
+        let total_slots = pool.deployment_slots();
+        let mut tried: Vec<(pingora_core::protocols::l4::socket::SocketAddr, usize)> = Vec::new();
         for attempt in 0..attempts {
-            let usable = |b: &pingora_load_balancing::Backend| {
-                !tried.contains(&b.addr)
-                    && pool.deployment_and_breaker(b).is_none_or(|(d, id)| {
-                        shared
+            let open =
+                |b: &pingora_load_balancing::Backend, i: usize, id: &str, d: &DeploymentRuntime| {
+                    !tried.iter().any(|(a, j)| *j == i && *a == b.addr)
+                        && shared
                             .breakers
                             .is_available(id, &d.provider.cfg.circuit_breaker)
-                    })
+                };
+            let usable = |b: &pingora_load_balancing::Backend| {
+                pool.deployments_on(b).any(|(i, d, id)| open(b, i, id, d))
             };
             let backend = pool
                 .lb
@@ -190,10 +195,13 @@ pub async fn run(
                     }
                 });
             let Some(backend) = backend else { break };
-            tried.push(backend.addr.clone());
-            let Some((dep, breaker_id)) = pool.deployment_and_breaker(&backend) else {
+            let Some((index, dep, breaker_id)) = pool
+                .deployments_on(&backend)
+                .find(|(i, d, id)| open(&backend, *i, id, d))
+            else {
                 break;
             };
+            tried.push((backend.addr.clone(), index));
             let provider = &dep.provider;
             let breaker_cfg = provider.cfg.circuit_breaker;
             ctx.provider = Some(provider.name().to_string());
@@ -215,12 +223,13 @@ pub async fn run(
             };
             let prepared = match request::build(req, dep, key.as_deref(), session, ctx) {
                 Ok(p) => p,
-                // This model cannot take the request (e.g. an endpoint its provider lacks).
-                Err(e) if later_models => {
+                // This deployment cannot take the request (e.g. an endpoint
+                // its provider lacks): another deployment or model may; when
+                // none can, this is the answer.
+                Err(e) => {
                     last_err = Some(e);
-                    break;
+                    continue;
                 }
-                Err(e) => return Err(e),
             };
             let Some(peer) = peer_for(provider, &backend.addr) else {
                 continue;
@@ -230,8 +239,7 @@ pub async fn run(
             if !shared.breakers.allow(breaker_id, &breaker_cfg) {
                 continue;
             }
-            let more_left =
-                later_models || (attempt + 1 < attempts && tried.len() < total_backends);
+            let more_left = later_models || (attempt + 1 < attempts && tried.len() < total_slots);
             let started = Instant::now();
             let mut header = prepared.header;
             if let Some(t) = ctx.trace.as_mut() {
@@ -308,11 +316,19 @@ pub async fn run(
                     if ctx.status >= 500 || ctx.status == 429 {
                         shared.profiles.record_failure(&pool.model, None);
                     } else if let Some(ttft) = ctx.ttft {
+                        // A buffered answer's headers come with its last
+                        // token: no first-token time to record.
+                        let streamed = req.stream.then_some(ttft);
+                        let default_tps = rt
+                            .config
+                            .model(&pool.model)
+                            .map_or(50.0, |m| m.profile.tokens_per_second);
                         shared.profiles.record_success(
                             &pool.model,
-                            ttft,
+                            streamed,
                             started.elapsed(),
                             ctx.usage.map(|u| u.completion_tokens),
+                            default_tps,
                         );
                     }
                     return Ok(());
@@ -336,6 +352,7 @@ pub async fn run(
                     tracing::info!(request_id = %ctx.request_id, provider = %provider.name(), end = ?end, error = %error, "upstream stream ended in an error");
                     shared.breakers.record(breaker_id, &breaker_cfg, false);
                     shared.profiles.record_failure(&pool.model, None);
+                    ctx.stream_failed = true;
                     return Ok(());
                 }
             }
@@ -352,7 +369,6 @@ pub async fn run(
     }))
 }
 
-/// `gen_ai.provider.name` of a provider kind.
 /// The request carries a limit on the answer's length (the client's, or the
 /// one the cost cap wrote): an answer it cut short is no fault of the model.
 pub(super) fn output_limited(req: &ParsedRequest) -> bool {
@@ -361,6 +377,7 @@ pub(super) fn output_limited(req: &ParsedRequest) -> bool {
         .any(|k| req.body.get(*k).is_some_and(|v| !v.is_null()))
 }
 
+/// `gen_ai.provider.name` of a provider kind.
 fn provider_system(kind: smartllm_config::ProviderKind) -> &'static str {
     match kind {
         smartllm_config::ProviderKind::OpenAi => "openai",
