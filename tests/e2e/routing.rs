@@ -874,3 +874,52 @@ fn a_routed_alias_serves_each_endpoint_with_a_model_of_its_kind() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.api_error()["code"], "model_not_supported");
 }
+
+/// A deployment that failed its health checks stays out of traffic after a
+/// reload: its health is kept, not reset to healthy until it fails its
+/// checks again.
+#[test]
+fn a_failed_health_check_survives_a_reload() {
+    let small = Mock::start(&[]);
+    let dead_port = free_port(); // nothing listens there
+    let providers = format!(
+        "providers:\n  bigp:\n    kind: openai\n    base_url: http://127.0.0.1:{dead_port}/v1\n    health_check: {{ kind: http, path: /health, interval: 200ms }}\n{}",
+        mock_provider("smallp", &small)
+    );
+    let models = "models:
+  - name: big
+    profile: { quality: { default: 0.95 } }
+    deployments: [ { provider: bigp } ]
+  - name: small
+    profile: { quality: { default: 0.2 } }
+    deployments: [ { provider: smallp } ]
+";
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  r:\n    candidates: [big, small]\n    weights: { quality: 1, cost: 0, latency: 0 }\n",
+    ));
+    assert!(
+        wait_until(Duration::from_secs(10), || admin_model(&gw, "big")
+            ["available"]
+            == false),
+        "{}",
+        admin_model(&gw, "big")
+    );
+    let version = || gw.metric("smartllm_config_version", &[]);
+    let v = version();
+    gw.config
+        .write("models.yaml", &format!("{models}# touched\n"));
+    assert!(wait_until(Duration::from_secs(10), || version() > v));
+    let big = admin_model(&gw, "big");
+    assert_eq!(big["available"], false, "{big}");
+    assert_eq!(big["deployments"][0]["healthy"], false, "{big}");
+    let r = gw.chat(&chat_body("r", "right after the reload"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        route_header(&r),
+        "r; model=small; reason=utility; cost_rule=log"
+    );
+}

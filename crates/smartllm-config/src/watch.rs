@@ -32,18 +32,22 @@ pub fn watch_dir(dir: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::Rec
 }
 
 /// [`watch_dir`], and the `files` the config refers to (TLS certificates and
-/// keys): one in `dir` by its name, one elsewhere by any change at all in its
-/// directory (a tool that manages certificates may swap them by renaming a
-/// symlink there). A change that changes nothing the config reads is a reload
-/// that finds the config unchanged. A directory that cannot be watched is
-/// returned with its error (SIGHUP still reloads); only `dir` must be.
+/// keys, provider key and CA files, the admin token), each by its name in
+/// its directory, in `dir` or elsewhere (a tool that manages certificates
+/// swaps them by renaming a new file or link over the name; a Kubernetes
+/// Secret volume by swapping its `..data` link, which counts too). Other
+/// changes in those directories (`/etc`, say) are not reloads. A change that
+/// changes nothing the config reads is a reload that finds the config
+/// unchanged. A directory that cannot be watched is returned with its error
+/// (SIGHUP still reloads); only `dir` must be.
 pub fn watch_dir_and(
     dir: &Path,
     files: &[PathBuf],
     tx: mpsc::Sender<()>,
 ) -> notify::Result<(notify::RecommendedWatcher, Vec<(PathBuf, notify::Error)>)> {
     let mut names: Vec<String> = Vec::new();
-    let mut extra_dirs: Vec<PathBuf> = Vec::new();
+    // Other directories, with the names watched in each.
+    let mut extra: Vec<(PathBuf, Vec<String>)> = Vec::new();
     for f in files {
         let (Some(parent), Some(name)) = (f.parent(), f.file_name().and_then(|n| n.to_str()))
         else {
@@ -51,22 +55,31 @@ pub fn watch_dir_and(
         };
         if parent == dir {
             names.push(name.to_string());
-        } else if !extra_dirs.iter().any(|d| d == parent) {
-            extra_dirs.push(parent.to_path_buf());
+        } else if let Some((_, n)) = extra.iter_mut().find(|(d, _)| d == parent) {
+            n.push(name.to_string());
+        } else {
+            extra.push((parent.to_path_buf(), vec![name.to_string()]));
         }
     }
-    let watched_extra = extra_dirs.clone();
+    let extra_dirs: Vec<PathBuf> = extra.iter().map(|(d, _)| d.clone()).collect();
+    let config_dir = dir.to_path_buf();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
         let Ok(event) = res else { return };
         if event.kind.is_access() {
             return;
         }
         let relevant = event.paths.iter().any(|p| {
-            p.parent()
-                .is_some_and(|d| watched_extra.iter().any(|e| e == d))
-                || p.file_name()
-                    .and_then(|n| n.to_str())
-                    .is_some_and(|n| relevant_name(n) || names.iter().any(|m| m == n))
+            let (Some(parent), Some(n)) = (p.parent(), p.file_name().and_then(|n| n.to_str()))
+            else {
+                return false;
+            };
+            if parent == config_dir {
+                relevant_name(n) || names.iter().any(|m| m == n)
+            } else {
+                extra.iter().any(|(d, watched)| {
+                    d == parent && (n.starts_with("..") || watched.iter().any(|m| m == n))
+                })
+            }
         });
         if relevant {
             // Full channel = a reload is already pending; that one will see this change.
@@ -113,6 +126,30 @@ mod tests {
         assert_eq!(
             std::fs::read_to_string(d.join("smartllm.yaml")).unwrap(),
             "data_dir: /tmp/b\n"
+        );
+    }
+
+    /// A key file elsewhere is watched by its name: its change reloads,
+    /// other files in its directory do not.
+    #[tokio::test]
+    async fn a_file_elsewhere_is_watched_by_its_name() {
+        let (conf, other) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let key = other.path().join("provider.key");
+        std::fs::write(&key, "k1").unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let (_w, failed) = watch_dir_and(conf.path(), std::slice::from_ref(&key), tx).unwrap();
+        assert!(failed.is_empty());
+        std::fs::write(other.path().join("unrelated.log"), "x").unwrap();
+        let got = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await;
+        assert!(got.is_err(), "an unrelated file raised a reload");
+        let tmp = other.path().join(".provider.key.tmp");
+        std::fs::write(&tmp, "k2").unwrap();
+        std::fs::rename(&tmp, &key).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(
+            got.ok().flatten(),
+            Some(()),
+            "the key's change raised no reload"
         );
     }
 

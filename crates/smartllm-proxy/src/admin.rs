@@ -186,32 +186,41 @@ impl AdminApp {
     }
 }
 
-/// Keeps web pages out of the admin API. A page the operator's browser opens
-/// may send requests to the admin port: a form's POST from another origin
-/// (cross-site request forgery: purging the cache, reloading) is refused by
-/// its `Origin`, whatever the method but GET and HEAD; and with no token
-/// (the API is then on loopback), a page whose host name was made to point
-/// at 127.0.0.1 (DNS rebinding) is refused by its `Host`, which must then
-/// be a loopback address or `localhost`.
+/// Keeps web pages out of an admin API that has no token (it is then on
+/// loopback, where any page the operator's browser opens can send requests
+/// to it). A page whose host name was made to point at 127.0.0.1 (DNS
+/// rebinding) is refused by its `Host`, which must be a loopback address or
+/// `localhost` (or absent: browsers always send one); a form's POST from
+/// another origin (cross-site request forgery: purging the cache, a reload)
+/// is refused by `Sec-Fetch-Site` or, from browsers without it, by an
+/// `Origin` that is not the admin API's own, for every method but GET and
+/// HEAD. With a token, browsers cannot send it for another site (the
+/// dashboard's cookie admits GET only) and the host name is the operator's
+/// business.
 fn browser_guard(method: &str, headers: &http::HeaderMap, open: bool) -> Result<(), &'static str> {
+    if !open {
+        return Ok(());
+    }
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let host = header("host").unwrap_or("");
-    if open && !loopback_host(host) {
+    if !host.is_empty() && !loopback_host(host) {
         return Err("The admin API without a token answers only to a loopback Host (127.0.0.1, [::1] or localhost).");
     }
-    if method != "GET" && method != "HEAD" {
-        if let Some(origin) = header("origin") {
+    if method == "GET" || method == "HEAD" {
+        return Ok(());
+    }
+    let cross = match header("sec-fetch-site") {
+        Some(site) => site != "same-origin" && site != "none",
+        None => header("origin").is_some_and(|origin| {
             let authority = origin
                 .split_once("://")
                 .map_or(origin, |(_, rest)| rest)
                 .trim_end_matches('/');
-            if !authority.eq_ignore_ascii_case(host) {
-                return Err("A request from another origin (a web page) may not change anything through the admin API.");
-            }
-        }
-        if header("sec-fetch-site") == Some("cross-site") {
-            return Err("A request from another origin (a web page) may not change anything through the admin API.");
-        }
+            !authority.eq_ignore_ascii_case(host)
+        }),
+    };
+    if cross {
+        return Err("A request from another origin (a web page) may not change anything through the admin API.");
     }
     Ok(())
 }
@@ -457,7 +466,7 @@ impl AdminApp {
                             .iter()
                             .flat_map(|b| {
                                 let healthy = pool.lb.backends().ready(b);
-                                let mut on: Vec<_> = pool.deployments_on(b).collect();
+                                let mut on: Vec<_> = pool.deployments_on(b, false).collect();
                                 on.sort_by_key(|(i, _, _)| *i);
                                 on.into_iter()
                                     .map(|(_, d, id)| {
@@ -989,30 +998,43 @@ mod tests {
         ] {
             assert!(!loopback_host(bad), "{bad}");
         }
-        // DNS rebinding: open API, a foreign Host.
+        // DNS rebinding: open API, a foreign Host; no Host at all is a tool.
         assert!(browser_guard("GET", &h(&[("host", "evil.example:9090")]), true).is_err());
         assert!(browser_guard("GET", &h(&[("host", "127.0.0.1:9090")]), true).is_ok());
-        // With a token the host name is the operator's business.
+        assert!(browser_guard("GET", &h(&[]), true).is_ok());
+        // With a token, none of it applies.
         assert!(browser_guard("GET", &h(&[("host", "admin.internal:9090")]), false).is_ok());
-        // Cross-site POSTs, open or not.
+        // Cross-site writes.
         let csrf = h(&[
             ("host", "127.0.0.1:9090"),
             ("origin", "https://evil.example"),
         ]);
         assert!(browser_guard("POST", &csrf, true).is_err());
-        assert!(browser_guard("POST", &csrf, false).is_err());
         assert!(
             browser_guard("GET", &csrf, true).is_ok(),
             "reads are kept by CORS"
         );
         let fetch = h(&[("host", "127.0.0.1:9090"), ("sec-fetch-site", "cross-site")]);
         assert!(browser_guard("DELETE", &fetch, true).is_err());
-        // The dashboard's own requests, and tools that send no Origin.
+        let sibling = h(&[
+            ("host", "127.0.0.1:9090"),
+            ("sec-fetch-site", "same-site"),
+            ("origin", "http://127.0.0.1:8080"),
+        ]);
+        assert!(browser_guard("POST", &sibling, true).is_err());
+        // The dashboard's own requests (a no-referrer page's form posts with
+        // `Origin: null`), and tools that send no Origin.
         let own = h(&[
             ("host", "127.0.0.1:9090"),
             ("origin", "http://127.0.0.1:9090"),
         ]);
         assert!(browser_guard("POST", &own, true).is_ok());
+        let form = h(&[
+            ("host", "127.0.0.1:9090"),
+            ("origin", "null"),
+            ("sec-fetch-site", "same-origin"),
+        ]);
+        assert!(browser_guard("POST", &form, true).is_ok());
         assert!(browser_guard("POST", &h(&[("host", "127.0.0.1:9090")]), true).is_ok());
     }
 

@@ -65,6 +65,7 @@ impl BackgroundService for HealthService {
                         }
                     }
                     if check_due {
+                        pool.activate_health();
                         pool.lb.backends().run_health_check(true).await;
                         for b in pool.lb.backends().get_backend().iter() {
                             crate::metrics::upstream_healthy(&pool.model, &b.addr.to_string(), pool.lb.backends().ready(b));

@@ -220,6 +220,10 @@ impl BackgroundService for ReloadService {
                 None
             }
         };
+        // A change (or a SIGHUP) while the gateway was starting, after it
+        // read its config, had no one to act on it: look once now. An
+        // unchanged directory costs a digest.
+        let _ = reload(&self.shared, "start").await;
         loop {
             tokio::select! {
                 Some(()) = rx.recv() => {

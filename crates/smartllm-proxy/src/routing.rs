@@ -30,7 +30,7 @@ pub fn pool_available(shared: &Shared, pool: &ModelPool) -> bool {
     all.iter().any(|b| {
         let healthy = backends.ready(b);
         healthy
-            && pool.deployments_on(b).any(|(_, d, id)| {
+            && pool.deployments_on(b, false).any(|(_, d, id)| {
                 shared
                     .breakers
                     .is_available(id, &d.provider.cfg.circuit_breaker)

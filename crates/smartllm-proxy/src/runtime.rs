@@ -13,7 +13,7 @@ use pingora_http::RequestHeader;
 use pingora_load_balancing::discovery::ServiceDiscovery;
 use pingora_load_balancing::health_check::{HealthCheck, HttpHealthCheck, TcpHealthCheck};
 use pingora_load_balancing::selection::RoundRobin;
-use pingora_load_balancing::{Backend, Backends, LoadBalancer};
+use pingora_load_balancing::{Backend, Backends, HealthRegistry, LoadBalancer};
 use smartllm_config::{ApiKeySource, Config, HealthCheckKind, ProviderConfig, ProviderKind, Url};
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::SocketAddr;
@@ -71,23 +71,103 @@ pub struct ModelPool {
     pub health_interval: Duration,
     pub health_enabled: bool,
     rr: AtomicUsize,
+    /// The model's health state, kept across reloads.
+    health: Arc<ModelHealth>,
+    /// The checks this snapshot's config asks for.
+    checks: Arc<HealthDispatch>,
+}
+
+/// A model's health registry, one for the process's life: a reload's pool
+/// joins it, so a deployment that failed its checks stays unhealthy across
+/// the reload instead of starting healthy again (traffic to a dead host
+/// until it fails its checks anew). Health is kept per address.
+struct ModelHealth {
+    registry: Arc<HealthRegistry>,
+    /// The checks of the running snapshot (see [`ModelPool::activate_health`]).
+    dispatch: Arc<arc_swap::ArcSwap<HealthDispatch>>,
+}
+
+/// Models' health registries by model name (bounded by the models ever configured).
+static HEALTH: std::sync::LazyLock<arc_swap::ArcSwap<HashMap<String, Arc<ModelHealth>>>> =
+    std::sync::LazyLock::new(Default::default);
+
+/// The health registry of `model`, made with `checks` the first time.
+fn model_health(model: &str, checks: &Arc<HealthDispatch>) -> Arc<ModelHealth> {
+    if let Some(h) = HEALTH.load().get(model) {
+        return h.clone();
+    }
+    let fresh = {
+        let registry = HealthRegistry::with_equivalence(|b: &Backend| {
+            use std::hash::{Hash, Hasher};
+            let mut h = std::collections::hash_map::DefaultHasher::new();
+            b.addr.hash(&mut h);
+            h.finish()
+        });
+        let dispatch = Arc::new(arc_swap::ArcSwap::new(checks.clone()));
+        registry.set_health_check(Box::new(SwappableChecks(dispatch.clone())));
+        Arc::new(ModelHealth {
+            registry: Arc::new(registry),
+            dispatch,
+        })
+    };
+    let mut out = fresh.clone();
+    HEALTH.rcu(|m| {
+        let mut m = HashMap::clone(m);
+        out = m
+            .entry(model.to_string())
+            .or_insert_with(|| fresh.clone())
+            .clone();
+        m
+    });
+    out
+}
+
+/// The registry's check: the running snapshot's [`HealthDispatch`].
+struct SwappableChecks(Arc<arc_swap::ArcSwap<HealthDispatch>>);
+
+#[async_trait]
+impl HealthCheck for SwappableChecks {
+    async fn check(&self, target: &Backend) -> pingora_error::Result<()> {
+        let checks = self.0.load_full();
+        checks.check(target).await
+    }
+
+    async fn health_status_change(&self, target: &Backend, healthy: bool) {
+        let checks = self.0.load_full();
+        checks.health_status_change(target, healthy).await
+    }
+
+    fn health_threshold(&self, success: bool) -> usize {
+        self.0.load().health_threshold(success)
+    }
 }
 
 impl ModelPool {
+    /// Checks run the way this snapshot's config says (called for the running
+    /// snapshot before its checks run; a snapshot a reload rejected never is).
+    pub fn activate_health(&self) {
+        if !Arc::ptr_eq(&self.health.dispatch.load(), &self.checks) {
+            self.health.dispatch.store(self.checks.clone());
+        }
+    }
+
     /// The deployments on `backend` (usually one; several when deployments
     /// share an address, e.g. two organisations' keys on one provider), each
-    /// with its index in the pool and its circuit breaker's id, starting at a
-    /// rotating position: round robin among them.
+    /// with its index in the pool and its circuit breaker's id. With
+    /// `rotate`, starting at a position that moves on each call: round robin
+    /// among them for the one call per attempt that picks; without, in order
+    /// (for checks that look at all of them).
     pub fn deployments_on<'b>(
         &'b self,
         backend: &'b Backend,
+        rotate: bool,
     ) -> impl Iterator<Item = (usize, &'b DeploymentRuntime, &'b str)> + 'b {
         let ids: &[(usize, Arc<str>)] = backend
             .ext
             .get::<BackendDeployments>()
             .map(|d| d.0.as_slice())
             .unwrap_or(&[]);
-        let start = if ids.len() > 1 {
+        let start = if rotate && ids.len() > 1 {
             self.rr.fetch_add(1, Ordering::Relaxed) % ids.len()
         } else {
             0
@@ -238,18 +318,19 @@ impl Runtime {
                     weight: d.weight,
                     index: i,
                     provider: d.provider.clone(),
+                    upstream_model: d.upstream_model.clone(),
                 })
                 .collect();
             let discovery = DeploymentDiscovery {
                 model: m.name.clone(),
                 targets,
-                last_known: Default::default(),
             };
-            let mut backends = Backends::new(Box::new(discovery));
-            let checks = HealthDispatch::new(&m.name, &deployments);
+            let checks = Arc::new(HealthDispatch::new(&m.name, &deployments));
             let health_enabled = checks.enabled;
             let health_interval = checks.interval;
-            backends.set_health_check(Box::new(checks));
+            let health = model_health(&m.name, &checks);
+            let backends =
+                Backends::new_with_health_registry(Box::new(discovery), health.registry.clone());
             let lb = LoadBalancer::<RoundRobin>::from_backends(backends);
             lb.update()
                 .await
@@ -266,6 +347,8 @@ impl Runtime {
                     health_interval,
                     health_enabled,
                     rr: AtomicUsize::new(0),
+                    health,
+                    checks,
                 }),
             );
         }
@@ -454,11 +537,14 @@ fn read_key(src: &ApiKeySource) -> Result<Option<String>, KeyError> {
 struct DeploymentDiscovery {
     model: String,
     targets: Vec<Target>,
-    /// Each target's addresses as last resolved: a failed lookup (a DNS
-    /// hiccup) keeps them, rather than emptying the pool and dropping the
-    /// deployments' circuit state with it.
-    last_known: arc_swap::ArcSwap<HashMap<String, Vec<SocketAddr>>>,
 }
+
+/// Each upstream host's addresses as last resolved, for the process's life
+/// (across reloads): a failed lookup (a DNS hiccup) keeps them, rather than
+/// emptying the pool and dropping the deployments' circuit state with it.
+/// Keyed by `host:port` from the config: bounded by the hosts ever configured.
+static LAST_KNOWN: std::sync::LazyLock<arc_swap::ArcSwap<HashMap<String, Vec<SocketAddr>>>> =
+    std::sync::LazyLock::new(Default::default);
 
 struct Target {
     /// host:port
@@ -467,6 +553,8 @@ struct Target {
     /// The deployment's index in its pool.
     index: usize,
     provider: String,
+    /// The model's name at the provider.
+    upstream_model: String,
 }
 
 #[async_trait]
@@ -491,7 +579,7 @@ impl ServiceDiscovery for DeploymentDiscovery {
                     resolved.insert(t.authority.clone(), a.clone());
                     Ok(a)
                 }
-                Err(e) => match self.last_known.load().get(&t.authority) {
+                Err(e) => match LAST_KNOWN.load().get(&t.authority) {
                     Some(a) => {
                         tracing::warn!(target_host = %t.authority, error = %e, "cannot resolve upstream host; keeping its last known addresses");
                         resolved.insert(t.authority.clone(), a.clone());
@@ -511,13 +599,20 @@ impl ServiceDiscovery for DeploymentDiscovery {
                             &PSocketAddr::Inet(a),
                         );
                         // Two deployments of the model on one provider (other
-                        // upstream models): each keeps its own circuit.
-                        if self
-                            .targets
-                            .iter()
-                            .any(|o| o.index != t.index && o.provider == t.provider)
-                        {
-                            id.push_str(&format!("#{}", t.index));
+                        // upstream models): each keeps its own circuit, named
+                        // by its upstream model (and its place, only if that
+                        // is the same too), so reordering renames nothing.
+                        let same = |o: &&Target| o.index != t.index && o.provider == t.provider;
+                        if self.targets.iter().any(|o| same(&o)) {
+                            id.push('#');
+                            id.push_str(&t.upstream_model);
+                            if self
+                                .targets
+                                .iter()
+                                .any(|o| same(&o) && o.upstream_model == t.upstream_model)
+                            {
+                                id.push_str(&format!("#{}", t.index));
+                            }
                         }
                         e.1.push((t.index, id.into()));
                     }
@@ -527,7 +622,13 @@ impl ServiceDiscovery for DeploymentDiscovery {
                 }
             }
         }
-        self.last_known.store(Arc::new(resolved));
+        if !resolved.is_empty() {
+            LAST_KNOWN.rcu(|known| {
+                let mut known = HashMap::clone(known);
+                known.extend(resolved.iter().map(|(k, v)| (k.clone(), v.clone())));
+                known
+            });
+        }
         let backends = by_addr
             .into_iter()
             .map(|(addr, (weight, ids))| {

@@ -229,14 +229,14 @@ mod tests {
     fn a_lost_trial_is_given_up_after_a_cooldown() {
         let cfg = CircuitBreakerConfig {
             failures: 1,
-            cooldown: Duration::from_millis(50),
+            cooldown: Duration::from_millis(500),
         };
         let b = Breakers::default();
         b.record("d", &cfg, false);
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(520));
         assert!(b.allow("d", &cfg), "the trial");
         assert!(!b.is_available("d", &cfg) && !b.allow("d", &cfg));
-        std::thread::sleep(Duration::from_millis(60));
+        std::thread::sleep(Duration::from_millis(520));
         assert!(b.is_available("d", &cfg));
         assert!(b.allow("d", &cfg), "a new trial");
         assert!(!b.allow("d", &cfg), "still one at a time");

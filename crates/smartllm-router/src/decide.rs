@@ -73,8 +73,9 @@ pub struct Decision {
     /// `utility`, `learned`, `rule:NAME`, `experiment:NAME/ARM`, `only_candidate`,
     /// `constraints_relaxed` (nothing met the latency, cost or quality
     /// budgets), `no_model_fits` (nothing fits the context or has the
-    /// capability, or nothing is up); `+budget` when budget pressure raised
-    /// the cost weight.
+    /// capability, or nothing is up), `no_model_allowed` (rules exclude
+    /// every model: refused); `+budget` when budget pressure raised the
+    /// cost weight.
     pub reason: String,
     pub strategy: &'static str,
     /// (experiment, arm)
@@ -87,6 +88,10 @@ pub struct Decision {
     /// How cost weighed (`log`, `linear`, `cheapest_within:2%`; the
     /// tolerance as widened by budget pressure).
     pub cost_rule: String,
+    /// Every model the route could serve is excluded by a rule that
+    /// matched: the request must be refused, not served by `model`.
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub refused: bool,
 }
 
 /// The cheapest expected cost the log rule tells apart (a billionth of a dollar).
@@ -434,56 +439,60 @@ pub fn decide(
                 .find(|c| c.model == m)
                 .is_none_or(|c| c.excluded.as_deref().is_none_or(soft_exclusion))
     };
-    let (model, mut reason) =
-        if let Some((m, why)) = pinned.filter(|(m, _)| state.available(m) && !ruled_out(m)) {
-            (m, why)
-        } else if let Some(i) = feasible
+    let (model, mut reason) = if let Some((m, why)) =
+        pinned.filter(|(m, _)| state.available(m) && !ruled_out(m))
+    {
+        (m, why)
+    } else if let Some(i) = feasible
+        .iter()
+        .copied()
+        .find(|i| preferred.contains(&cands[*i].model.as_str()))
+    {
+        let rule = route
+            .rules
             .iter()
-            .copied()
-            .find(|i| preferred.contains(&cands[*i].model.as_str()))
-        {
-            let rule = route
-                .rules
-                .iter()
-                .find(|r| !r.prefer.is_empty() && rule_matches(r, f, req))
-                .map_or("prefer", |r| r.name.as_str());
-            (cands[i].model.clone(), format!("rule:{rule}"))
-        } else if let Some(i) = feasible.first() {
-            let why = if cands.len() == 1 {
-                "only_candidate"
-            } else {
-                base
-            };
-            (cands[*i].model.clone(), why.to_string())
-        } else if let Some(m) = route
-            .fallback
-            .iter()
-            .find(|m| state.available(m) && usable_way_out(m))
-        {
-            (m.clone(), "constraints_relaxed".to_string())
-        } else if let Some(i) = order
-            .iter()
-            .copied()
-            .find(|i| cands[*i].excluded.as_deref().is_some_and(soft_exclusion))
-        {
-            // Nothing meets the budgets (latency, cost, quality floor): serve the
-            // best model that fits otherwise rather than fail.
-            (cands[i].model.clone(), "constraints_relaxed".to_string())
+            .find(|r| !r.prefer.is_empty() && rule_matches(r, f, req))
+            .map_or("prefer", |r| r.name.as_str());
+        (cands[i].model.clone(), format!("rule:{rule}"))
+    } else if let Some(i) = feasible.first() {
+        let why = if cands.len() == 1 {
+            "only_candidate"
         } else {
-            // No model fits the request (context window, capability) or is up:
-            // the best one no rule excludes, available first; its provider's
-            // answer says what is wrong.
-            let i = order
-                .iter()
-                .copied()
-                .filter(|i| !ruled_out(&cands[*i].model))
-                .find(|i| state.available(&cands[*i].model))
-                .or_else(|| order.iter().copied().find(|i| !ruled_out(&cands[*i].model)));
-            (
-                i.map_or_else(|| route.model.clone(), |i| cands[i].model.clone()),
-                "no_model_fits".to_string(),
-            )
+            base
         };
+        (cands[*i].model.clone(), why.to_string())
+    } else if let Some(m) = route
+        .fallback
+        .iter()
+        .find(|m| state.available(m) && usable_way_out(m))
+    {
+        (m.clone(), "constraints_relaxed".to_string())
+    } else if let Some(i) = order
+        .iter()
+        .copied()
+        .find(|i| cands[*i].excluded.as_deref().is_some_and(soft_exclusion))
+    {
+        // Nothing meets the budgets (latency, cost, quality floor): serve the
+        // best model that fits otherwise rather than fail.
+        (cands[i].model.clone(), "constraints_relaxed".to_string())
+    } else {
+        // No model fits the request (context window, capability) or is up:
+        // the best one no rule excludes, available first; its provider's
+        // answer says what is wrong.
+        let i = order
+            .iter()
+            .copied()
+            .filter(|i| !ruled_out(&cands[*i].model))
+            .find(|i| state.available(&cands[*i].model))
+            .or_else(|| order.iter().copied().find(|i| !ruled_out(&cands[*i].model)));
+        match i {
+            Some(i) => (cands[i].model.clone(), "no_model_fits".to_string()),
+            None if !ruled_out(&route.model) => (route.model.clone(), "no_model_fits".to_string()),
+            // Every model is ruled out: refused (see `refused`).
+            None => (route.model.clone(), "no_model_allowed".to_string()),
+        }
+    };
+    let refused = reason == "no_model_allowed";
     if over > 0.0 {
         reason.push_str("+budget");
     }
@@ -513,6 +522,7 @@ pub fn decide(
         candidates: cands,
         weights: (w.quality, w.cost, w.latency),
         cost_rule: cost_rule.as_str(),
+        refused,
     }
 }
 
@@ -850,6 +860,13 @@ mod tests {
         let d = decide(&cfg, &r, &hard, None, None, &info, &Down("cheap"));
         assert_eq!(d.model, "cheap");
         assert_eq!(d.reason, "no_model_fits");
+        assert!(!d.refused);
+        // Rules that exclude every model refuse the request.
+        r.rules[0].exclude.push("cheap".into());
+        let d = decide(&cfg, &r, &hard, None, None, &info, &StaticState);
+        assert_eq!(d.reason, "no_model_allowed");
+        assert!(d.refused);
+        r.rules[0].exclude.pop();
         // A budget-relaxed model before one the request does not fit.
         r.rules.clear();
         r.fallback.clear();

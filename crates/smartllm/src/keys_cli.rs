@@ -142,6 +142,14 @@ fn with_key(current: &str, new: &NewKey<'_>, sha: &str) -> String {
         if !out.is_empty() && !out.ends_with('\n') {
             out.push('\n');
         }
+        // Said, not inferred from the list: removing the last key later
+        // must not open the gateway.
+        if !current
+            .lines()
+            .any(|l| l.trim_start().starts_with("require_key:"))
+        {
+            out.push_str("require_key: true\n");
+        }
         out.push_str("keys:\n");
         out.push_str(&entry("  "));
         return out;
@@ -229,6 +237,13 @@ mod tests {
         // No keys section at all: one is added.
         let out = with_key("require_key: true", &new_key(&[]), "ab");
         let v: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(v["keys"][0]["sha256"], "ab");
+        assert_eq!(out.matches("require_key").count(), 1, "{out}");
+        // A new file says `require_key: true`: deleting its last key later
+        // keeps the gateway closed.
+        let out = with_key("", &new_key(&[]), "ab");
+        let v: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(v["require_key"], true, "{out}");
         assert_eq!(v["keys"][0]["sha256"], "ab");
     }
 

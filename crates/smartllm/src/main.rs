@@ -624,8 +624,8 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     // SIGHUP's default action ends the process. Caught from the first
     // moment (tokio's handler stays installed for the process's life once
     // registered), one sent while the gateway starts (a config manager's
-    // reload) is harmless; the reload service reloads on those after it
-    // runs, and the config it starts with is read after this point anyway.
+    // reload) is harmless: the reload service, once it runs, looks at the
+    // directory once, so a change made meanwhile is not lost.
     prep_rt
         .block_on(async {
             tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).map(drop)

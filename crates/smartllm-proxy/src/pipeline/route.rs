@@ -37,6 +37,18 @@ pub async fn plan(
             None => r,
         };
         let d = decide(shared, session, ctx, rt, &request.req, r).await;
+        if d.refused {
+            return Err(ApiError::new(
+                403,
+                "permission_error",
+                "no_model_allowed",
+                format!(
+                    "Route '{}': the rules that match this request exclude every model it could use.",
+                    r.name
+                ),
+            )
+            .with_param("model"));
+        }
         model = cfg.model(&d.model).ok_or_else(|| {
             ApiError::internal(format!("the router chose an unknown model {}", d.model))
         })?;
@@ -140,13 +152,16 @@ fn for_endpoint(
         ModelMode::Chat
     };
     let fits = |m: &String| rt.config.model(m).is_some_and(|m| m.mode == want);
-    if r.candidates.iter().all(fits) {
+    // A routed alias without candidates decides over its `model` alone.
+    let candidates: Vec<&String> = if r.candidates.is_empty() {
+        vec![&r.model]
+    } else {
+        r.candidates.iter().collect()
+    };
+    if candidates.iter().copied().chain(&r.fallback).all(fits) {
         return Ok(None);
     }
-    let mut n = r.clone();
-    n.candidates.retain(fits);
-    n.fallback.retain(fits);
-    if n.candidates.is_empty() {
+    if !candidates.iter().copied().any(fits) {
         let kind = if want == ModelMode::Embedding {
             "embedding"
         } else {
@@ -161,7 +176,10 @@ fn for_endpoint(
         )
         .with_param("model"));
     }
-    if !n.candidates.contains(&n.model) {
+    let mut n = r.clone();
+    n.candidates.retain(fits);
+    n.fallback.retain(fits);
+    if !fits(&n.model) {
         n.model = n.candidates[0].clone();
     }
     Ok(Some(n))

@@ -180,7 +180,8 @@ pub async fn run(
                             .is_available(id, &d.provider.cfg.circuit_breaker)
                 };
             let usable = |b: &pingora_load_balancing::Backend| {
-                pool.deployments_on(b).any(|(i, d, id)| open(b, i, id, d))
+                pool.deployments_on(b, false)
+                    .any(|(i, d, id)| open(b, i, id, d))
             };
             let backend = pool
                 .lb
@@ -196,7 +197,7 @@ pub async fn run(
                 });
             let Some(backend) = backend else { break };
             let Some((index, dep, breaker_id)) = pool
-                .deployments_on(&backend)
+                .deployments_on(&backend, true)
                 .find(|(i, d, id)| open(&backend, *i, id, d))
             else {
                 break;
