@@ -45,6 +45,13 @@ pub fn watch_dir_and(
     files: &[PathBuf],
     tx: mpsc::Sender<()>,
 ) -> notify::Result<(notify::RecommendedWatcher, Vec<(PathBuf, notify::Error)>)> {
+    // Compared and watched as the filesystem resolves them: a file named
+    // through another spelling of the config directory (`conf/` and
+    // `/srv/conf/`) is a name in it, not a second directory whose events
+    // the watcher might report under either spelling.
+    let canonical = |d: &Path| d.canonicalize().unwrap_or_else(|_| d.to_path_buf());
+    let dir = canonical(dir);
+    let dir = dir.as_path();
     let mut names: Vec<String> = Vec::new();
     // Other directories, with the names watched in each.
     let mut extra: Vec<(PathBuf, Vec<String>)> = Vec::new();
@@ -53,6 +60,8 @@ pub fn watch_dir_and(
         else {
             continue;
         };
+        let parent = canonical(parent);
+        let parent = parent.as_path();
         if parent == dir {
             names.push(name.to_string());
         } else if let Some((_, n)) = extra.iter_mut().find(|(d, _)| d == parent) {

@@ -32,11 +32,7 @@ impl BackgroundService for CacheSweeper {
             let rt = self.shared.runtime.load_full();
             let cache = cache.clone();
             let swept = tokio::task::spawn_blocking(move || {
-                let cfg = &rt.config.cache;
-                let n = cache.sweep(|e| {
-                    let route = (e.route != e.model).then_some(e.route.as_str());
-                    cfg.policy(route, &e.model).version != e.version
-                })?;
+                let n = cache.sweep(|e| outdated(&rt.config, &e.route, &e.model, e.version))?;
                 if save {
                     cache.persist()?;
                 }
@@ -53,5 +49,61 @@ impl BackgroundService for CacheSweeper {
                 Err(e) => tracing::warn!(error = %e, "cache sweep task failed"),
             }
         }
+    }
+}
+
+/// An entry stored under `route` by `model` at cache `version` is outdated
+/// when the policy the lookup would apply says another version. The lookup
+/// resolves a routed alias's policy by the alias (its answers are cached
+/// under it, whichever model served them), a fixed one's by its model.
+fn outdated(config: &smartllm_config::Config, route: &str, model: &str, version: u32) -> bool {
+    let alias = (route != model).then_some(route);
+    let routed = alias
+        .and_then(|r| config.routes.get(r))
+        .is_some_and(|r| r.is_routed());
+    let key = if routed { route } else { model };
+    config.cache.policy(alias, key).version != version
+}
+
+#[cfg(test)]
+mod tests {
+    use super::outdated;
+
+    /// A model's own cache version does not outdate what a routed alias
+    /// stored (the lookup never reads it for the alias); the alias's does,
+    /// and a fixed alias follows its model.
+    #[test]
+    fn entries_are_outdated_by_the_policy_the_lookup_applies() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = |n: &str, t: &str| std::fs::write(dir.path().join(n), t).unwrap();
+        w("smartllm.yaml", "server: {}\n");
+        w(
+            "providers.yaml",
+            "providers:\n  p:\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n",
+        );
+        w(
+            "models.yaml",
+            "models:\n  - name: small\n    deployments: [ { provider: p } ]\n",
+        );
+        w(
+            "routes.yaml",
+            "routes:\n  auto:\n    candidates: [small]\n  fixed:\n    model: small\n",
+        );
+        w(
+            "cache.yaml",
+            "cache:\n  enabled: true\n  routes:\n    small: { version: 3 }\n",
+        );
+        let c = smartllm_config::load_dir(dir.path()).unwrap();
+        assert!(
+            !outdated(&c, "auto", "small", 1),
+            "the alias's policy is the defaults"
+        );
+        assert!(outdated(&c, "auto", "small", 3));
+        assert!(
+            outdated(&c, "fixed", "small", 1),
+            "a fixed alias follows its model"
+        );
+        assert!(!outdated(&c, "fixed", "small", 3));
+        assert!(!outdated(&c, "small", "small", 3));
     }
 }

@@ -54,13 +54,15 @@ pub struct DeploymentRuntime {
 /// Which deployments live behind one backend address (usually one): each
 /// one's index in its pool and its circuit breaker's id
 /// ([`crate::routing::deployment_id`], made once here rather than formatted
-/// on every request).
+/// on every request); and, in the same order, each one's provider (which
+/// health check the address gets does not depend on indices, which a reload
+/// may change while an older snapshot's backend is still being checked).
 #[derive(Debug, Clone)]
-pub struct BackendDeployments(pub Arc<Vec<(usize, Arc<str>)>>);
+pub struct BackendDeployments(pub Arc<Vec<(usize, Arc<str>)>>, pub Arc<Vec<Arc<str>>>);
 
 impl BackendDeployments {
-    pub fn indices(&self) -> impl Iterator<Item = usize> + '_ {
-        self.0.iter().map(|(i, _)| *i)
+    pub fn providers(&self) -> impl Iterator<Item = &str> + '_ {
+        self.1.iter().map(|p| &**p)
     }
 }
 
@@ -328,9 +330,15 @@ impl Runtime {
             let checks = Arc::new(HealthDispatch::new(&m.name, &deployments));
             let health_enabled = checks.enabled;
             let health_interval = checks.interval;
+            // Unchecked, a model's addresses are healthy: a registry of its
+            // own, so health an earlier config's checks found does not stay
+            // (nothing would ever check it again).
             let health = model_health(&m.name, &checks);
-            let backends =
-                Backends::new_with_health_registry(Box::new(discovery), health.registry.clone());
+            let backends = if health_enabled {
+                Backends::new_with_health_registry(Box::new(discovery), health.registry.clone())
+            } else {
+                Backends::new(Box::new(discovery))
+            };
             let lb = LoadBalancer::<RoundRobin>::from_backends(backends);
             lb.update()
                 .await
@@ -539,12 +547,16 @@ struct DeploymentDiscovery {
     targets: Vec<Target>,
 }
 
-/// Each upstream host's addresses as last resolved, for the process's life
-/// (across reloads): a failed lookup (a DNS hiccup) keeps them, rather than
-/// emptying the pool and dropping the deployments' circuit state with it.
-/// Keyed by `host:port` from the config: bounded by the hosts ever configured.
-static LAST_KNOWN: std::sync::LazyLock<arc_swap::ArcSwap<HashMap<String, Vec<SocketAddr>>>> =
+/// Each upstream host's addresses as last resolved, and when, across
+/// reloads: a failed lookup (a DNS hiccup) keeps them for up to
+/// [`LAST_KNOWN_FOR`] after the last successful one, rather than emptying the
+/// pool and dropping the deployments' circuit state with it; a host that is
+/// gone for longer is gone. Keyed by `host:port` from the config: bounded by
+/// the hosts ever configured.
+type KnownAddrs = HashMap<String, (Vec<SocketAddr>, Instant)>;
+static LAST_KNOWN: std::sync::LazyLock<arc_swap::ArcSwap<KnownAddrs>> =
     std::sync::LazyLock::new(Default::default);
+const LAST_KNOWN_FOR: Duration = Duration::from_secs(3600);
 
 struct Target {
     /// host:port
@@ -560,7 +572,8 @@ struct Target {
 #[async_trait]
 impl ServiceDiscovery for DeploymentDiscovery {
     async fn discover(&self) -> pingora_error::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
-        let mut by_addr: BTreeMap<SocketAddr, (usize, Vec<(usize, Arc<str>)>)> = BTreeMap::new();
+        type OnAddr = (usize, Vec<(usize, Arc<str>)>, Vec<Arc<str>>);
+        let mut by_addr: BTreeMap<SocketAddr, OnAddr> = BTreeMap::new();
         let mut resolved: HashMap<String, Vec<SocketAddr>> = HashMap::new();
         for t in &self.targets {
             let addrs = match resolved.get(&t.authority) {
@@ -579,7 +592,12 @@ impl ServiceDiscovery for DeploymentDiscovery {
                     resolved.insert(t.authority.clone(), a.clone());
                     Ok(a)
                 }
-                Err(e) => match LAST_KNOWN.load().get(&t.authority) {
+                Err(e) => match LAST_KNOWN
+                    .load()
+                    .get(&t.authority)
+                    .filter(|(_, at)| at.elapsed() < LAST_KNOWN_FOR)
+                    .map(|(a, _)| a)
+                {
                     Some(a) => {
                         tracing::warn!(target_host = %t.authority, error = %e, "cannot resolve upstream host; keeping its last known addresses");
                         resolved.insert(t.authority.clone(), a.clone());
@@ -591,7 +609,7 @@ impl ServiceDiscovery for DeploymentDiscovery {
             match addrs {
                 Ok(addrs) => {
                     for a in addrs {
-                        let e = by_addr.entry(a).or_insert((0, Vec::new()));
+                        let e = by_addr.entry(a).or_insert((0, Vec::new(), Vec::new()));
                         e.0 += t.weight;
                         let mut id = crate::routing::deployment_id(
                             &self.model,
@@ -615,6 +633,7 @@ impl ServiceDiscovery for DeploymentDiscovery {
                             }
                         }
                         e.1.push((t.index, id.into()));
+                        e.2.push(t.provider.as_str().into());
                     }
                 }
                 Err(e) => {
@@ -623,21 +642,29 @@ impl ServiceDiscovery for DeploymentDiscovery {
             }
         }
         if !resolved.is_empty() {
+            let now = Instant::now();
             LAST_KNOWN.rcu(|known| {
                 let mut known = HashMap::clone(known);
-                known.extend(resolved.iter().map(|(k, v)| (k.clone(), v.clone())));
+                for (host, addrs) in &resolved {
+                    // Addresses kept after a failed lookup keep their age.
+                    let fresh = known.get(host).is_none_or(|(a, _)| a != addrs);
+                    if fresh || !matches!(known.get(host), Some((_, at)) if at.elapsed() < LAST_KNOWN_FOR) {
+                        known.insert(host.clone(), (addrs.clone(), now));
+                    }
+                }
                 known
             });
         }
         let backends = by_addr
             .into_iter()
-            .map(|(addr, (weight, ids))| {
+            .map(|(addr, (weight, ids, providers))| {
                 let mut b = Backend {
                     addr: PSocketAddr::Inet(addr),
                     weight,
                     ext: Default::default(),
                 };
-                b.ext.insert(BackendDeployments(Arc::new(ids)));
+                b.ext
+                    .insert(BackendDeployments(Arc::new(ids), Arc::new(providers)));
                 b
             })
             .collect();
@@ -650,6 +677,8 @@ struct HealthDispatch {
     model: String,
     /// Per deployment: the check to run (None = not checked).
     checks: Vec<Option<Box<dyn HealthCheck + Send + Sync>>>,
+    /// Per deployment: its provider's name.
+    providers: Vec<String>,
     enabled: bool,
     interval: Duration,
     failures: usize,
@@ -659,6 +688,10 @@ struct HealthDispatch {
 impl HealthDispatch {
     fn new(model: &str, deployments: &[DeploymentRuntime]) -> Self {
         let mut checks: Vec<Option<Box<dyn HealthCheck + Send + Sync>>> = Vec::new();
+        let providers: Vec<String> = deployments
+            .iter()
+            .map(|d| d.provider.name().to_string())
+            .collect();
         let mut interval = Duration::from_secs(3600);
         let (mut failures, mut successes) = (1, 1);
         for d in deployments {
@@ -705,6 +738,7 @@ impl HealthDispatch {
         HealthDispatch {
             model: model.to_string(),
             checks,
+            providers,
             enabled,
             interval,
             failures,
@@ -719,10 +753,18 @@ impl HealthCheck for HealthDispatch {
         let Some(ids) = target.ext.get::<BackendDeployments>() else {
             return Ok(());
         };
-        // The address is healthy when any deployment on it passes its check.
+        // The address is healthy when any deployment on it passes its
+        // provider's check (as this snapshot configures it; a provider it
+        // no longer has is not checked).
         let mut last = Ok(());
-        for i in ids.indices() {
-            match self.checks.get(i).and_then(|c| c.as_ref()) {
+        for provider in ids.providers() {
+            let check = self
+                .providers
+                .iter()
+                .position(|p| p == provider)
+                .and_then(|i| self.checks.get(i))
+                .and_then(|c| c.as_ref());
+            match check {
                 None => return Ok(()),
                 Some(c) => match c.check(target).await {
                     Ok(()) => return Ok(()),

@@ -439,8 +439,9 @@ pub fn decide(
                 .find(|c| c.model == m)
                 .is_none_or(|c| c.excluded.as_deref().is_none_or(soft_exclusion))
     };
-    let (model, mut reason) = if let Some((m, why)) =
-        pinned.filter(|(m, _)| state.available(m) && !ruled_out(m))
+    let (model, mut reason) = if let Some((m, why)) = pinned
+        .clone()
+        .filter(|(m, _)| state.available(m) && !ruled_out(m))
     {
         (m, why)
     } else if let Some(i) = feasible
@@ -485,11 +486,18 @@ pub fn decide(
             .filter(|i| !ruled_out(&cands[*i].model))
             .find(|i| state.available(&cands[*i].model))
             .or_else(|| order.iter().copied().find(|i| !ruled_out(&cands[*i].model)));
-        match i {
-            Some(i) => (cands[i].model.clone(), "no_model_fits".to_string()),
-            None if !ruled_out(&route.model) => (route.model.clone(), "no_model_fits".to_string()),
+        // Failing a candidate: the route's model, a fallback or the pin,
+        // whichever no rule excludes, up or not (the exchange tries an
+        // unhealthy one when nothing else is left).
+        let way_out = std::iter::once(&route.model)
+            .chain(&route.fallback)
+            .chain(pinned.as_ref().map(|(m, _)| m))
+            .find(|m| !ruled_out(m));
+        match (i, way_out) {
+            (Some(i), _) => (cands[i].model.clone(), "no_model_fits".to_string()),
+            (None, Some(m)) => (m.clone(), "no_model_fits".to_string()),
             // Every model is ruled out: refused (see `refused`).
-            None => (route.model.clone(), "no_model_allowed".to_string()),
+            (None, None) => (route.model.clone(), "no_model_allowed".to_string()),
         }
     };
     let refused = reason == "no_model_allowed";

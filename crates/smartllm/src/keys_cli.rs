@@ -142,13 +142,8 @@ fn with_key(current: &str, new: &NewKey<'_>, sha: &str) -> String {
         if !out.is_empty() && !out.ends_with('\n') {
             out.push('\n');
         }
-        // Said, not inferred from the list: removing the last key later
-        // must not open the gateway.
-        if !current
-            .lines()
-            .any(|l| l.trim_start().starts_with("require_key:"))
-        {
-            out.push_str("require_key: true\n");
+        if !says_require_key(current) {
+            out.push_str(REQUIRE_KEY);
         }
         out.push_str("keys:\n");
         out.push_str(&entry("  "));
@@ -164,6 +159,9 @@ fn with_key(current: &str, new: &NewKey<'_>, sha: &str) -> String {
     let mut out = String::new();
     for l in &lines[..i] {
         out.push_str(l);
+    }
+    if !says_require_key(current) {
+        out.push_str(REQUIRE_KEY);
     }
     if value == "[]" {
         // `keys: []` becomes a block list.
@@ -187,6 +185,17 @@ fn with_key(current: &str, new: &NewKey<'_>, sha: &str) -> String {
         out.push_str(l);
     }
     out
+}
+
+/// Said, not inferred from the key list, in a file `keys create` writes:
+/// removing its last key later must not open the gateway.
+const REQUIRE_KEY: &str = "require_key: true\n";
+
+/// The file says `require_key` (true or false) already.
+fn says_require_key(text: &str) -> bool {
+    serde_yaml::from_str::<serde_yaml::Value>(text)
+        .ok()
+        .is_some_and(|v| v.get("require_key").is_some())
 }
 
 /// A YAML scalar that stays a string whatever it holds.
@@ -239,12 +248,26 @@ mod tests {
         let v: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
         assert_eq!(v["keys"][0]["sha256"], "ab");
         assert_eq!(out.matches("require_key").count(), 1, "{out}");
-        // A new file says `require_key: true`: deleting its last key later
-        // keeps the gateway closed.
-        let out = with_key("", &new_key(&[]), "ab");
-        let v: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
-        assert_eq!(v["require_key"], true, "{out}");
-        assert_eq!(v["keys"][0]["sha256"], "ab");
+        // A file that does not say `require_key` is made to say it:
+        // deleting its last key later keeps the gateway closed.
+        for text in ["", "keys: []\n", "keys:\n  - name: a\n    sha256: x\n"] {
+            let out = with_key(text, &new_key(&[]), "ab");
+            let v: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+            assert_eq!(v["require_key"], true, "{out}");
+            assert_eq!(v["keys"][0]["sha256"], "ab");
+        }
+        // One that says it, however quoted, is left as it says.
+        for text in [
+            "require_key: false\nkeys: []\n",
+            "\"require_key\": true\nkeys: []\n",
+        ] {
+            let out = with_key(text, &new_key(&[]), "ab");
+            assert_eq!(out.matches("require_key").count(), 1, "{out}");
+            assert!(
+                serde_yaml::from_str::<serde_yaml::Value>(&out).is_ok(),
+                "{out}"
+            );
+        }
     }
 
     #[test]
