@@ -206,7 +206,7 @@ impl BackgroundService for ReloadService {
         let (tx, mut rx) = mpsc::channel::<()>(1);
         let rt = self.shared.runtime.load_full();
         let watch = rt.config.reload.watch;
-        let mut watched = watched_files(&rt);
+        let mut watched = rt.config.watched_files();
         let mut _watcher = if watch {
             self.watch(&watched, &tx)
         } else {
@@ -240,7 +240,7 @@ impl BackgroundService for ReloadService {
                 _ = shutdown.changed() => break,
             }
             // Watched files moved to another directory: watch that one instead.
-            let now = watched_files(&self.shared.runtime.load());
+            let now = self.shared.runtime.load().config.watched_files();
             if watch && now != watched {
                 watched = now;
                 _watcher = None;
@@ -248,12 +248,6 @@ impl BackgroundService for ReloadService {
             }
         }
     }
-}
-
-/// The files outside the config files the running config reads (TLS,
-/// provider keys and CAs, the admin token).
-fn watched_files(rt: &Runtime) -> Vec<std::path::PathBuf> {
-    rt.config.watched_files()
 }
 
 impl ReloadService {
