@@ -163,6 +163,46 @@ fn a_burst_passes_a_budget_only_as_far_as_it_fits() {
     assert_eq!(ask(&gw, "sk-alice-1", &body).status, 200);
 }
 
+/// A request without `max_tokens` holds a typical answer's cost for its
+/// task (chat: 200 tokens, $0.40 on "small"), not just its prompt's: near
+/// the limit a burst of them passes one at a time (before, each held ~$0.02
+/// and all three passed). Alone, such a request is not refused on the
+/// guess: it fits what is spent.
+#[test]
+fn a_burst_without_max_tokens_holds_a_typical_answer() {
+    let mock = Mock::start(&["--words", "12", "--latency-ms", "1500"]);
+    let cfg = ledger_gateway(&mock, "");
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\nbudgets:\n  - scope: tenant\n    name: acme\n    daily_usd: 0.105\n",
+            sha("sk-alice-1")
+        ),
+    );
+    let gw = Gateway::start(cfg);
+    let body = chat_body("small", "Hello there");
+    assert!(body.get("max_tokens").is_none());
+    let answers: Vec<(u16, String)> = std::thread::scope(|s| {
+        let burst: Vec<_> = (0..3)
+            .map(|_| {
+                s.spawn(|| {
+                    let r = ask(&gw, "sk-alice-1", &body);
+                    (r.status, r.text())
+                })
+            })
+            .collect();
+        burst.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut statuses: Vec<u16> = answers.iter().map(|a| a.0).collect();
+    statuses.sort_unstable();
+    assert_eq!(statuses, [200, 429, 429], "{answers:?}");
+    for (_, text) in answers.iter().filter(|a| a.0 == 429) {
+        assert!(text.contains("retry in a moment"), "{text}");
+    }
+    // $0.027 spent, nothing held: the next goes alone.
+    assert_eq!(ask(&gw, "sk-alice-1", &body).status, 200);
+}
+
 fn fleet_gateway(mock: &Mock, redis: &Redis, keys: &str) -> Gateway {
     let cfg = ledger_gateway(
         mock,
@@ -173,6 +213,49 @@ fn fleet_gateway(mock: &Mock, redis: &Redis, keys: &str) -> Gateway {
     );
     cfg.write("keys.yaml", keys);
     Gateway::start(cfg)
+}
+
+/// With a fleet, requests in flight hold their estimate in Redis too: a
+/// burst spread over two gateways passes a budget only as far as it fits
+/// the fleet (alone, each gateway would let two of its own through), and
+/// the holds go when the answers end.
+#[test]
+fn a_burst_over_two_gateways_passes_a_budget_only_as_far_as_it_fits() {
+    let mock = Mock::start(&["--words", "12", "--latency-ms", "1500"]);
+    let redis = Redis::start();
+    let keys = format!(
+        "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\nbudgets:\n  - scope: tenant\n    name: acme\n    daily_usd: 0.105\n",
+        sha("sk-alice-1")
+    );
+    let a = fleet_gateway(&mock, &redis, &keys);
+    let b = fleet_gateway(&mock, &redis, &keys);
+    // Estimated at ~$0.044 each (see above): two fit in $0.105.
+    let body = json!({"model": "small", "max_tokens": 12,
+        "messages": [{"role": "user", "content": "Hello there"}]});
+    let (statuses, held_meanwhile) = std::thread::scope(|s| {
+        let burst: Vec<_> = [&a, &b, &a, &b]
+            .into_iter()
+            .map(|gw| {
+                let body = &body;
+                s.spawn(move || ask(gw, "sk-alice-1", body).status)
+            })
+            .collect();
+        let probe = s.spawn(|| {
+            std::thread::sleep(Duration::from_millis(700));
+            redis.cmd("KEYS e2e:held:*")
+        });
+        let statuses: Vec<u16> = burst.into_iter().map(|t| t.join().unwrap()).collect();
+        (statuses, probe.join().unwrap())
+    });
+    let mut sorted = statuses.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [200, 200, 429, 429], "{statuses:?}");
+    assert_eq!(held_meanwhile, "*1", "the day's holds live in Redis");
+    // $0.054 spent and nothing held: one more fits, on either gateway.
+    assert!(wait_until(Duration::from_secs(5), || redis
+        .cmd("KEYS e2e:held:*")
+        == "*0"));
+    assert_eq!(ask(&b, "sk-alice-1", &body).status, 200);
 }
 
 #[test]

@@ -13,7 +13,7 @@
 //! already sent are forgotten once their period is over. [`Budgets::prune`]
 //! runs on every reload and periodically (the health service's upkeep).
 
-use crate::fleet::Fleet;
+use crate::fleet::{Fleet, HoldOn};
 use crate::{metrics, Quotas, Refusal, Scope};
 use serde_json::json;
 use smartllm_config::{Budget, Config, FleetConfig, FleetOnError, OnExceed, Pricing, Url};
@@ -47,16 +47,28 @@ pub struct Budgets {
 /// A request's estimated cost, held against the budgets that let it through
 /// until its cost is recorded (drop it then) or it ends without one: a burst
 /// of concurrent requests cannot all pass a budget only the first of them
-/// fit. Held on this gateway (a fleet shares spend, not what is in flight).
+/// fit. With a fleet, the hold is also taken in Redis, where every gateway's
+/// requests in flight count (see [`Fleet::hold`]).
 pub struct Hold {
     quotas: Arc<Quotas>,
     keys: Vec<String>,
     usd: f64,
+    /// The fleet's copy of this hold (its id), let go with it.
+    fleet: Option<(Arc<Fleet>, String)>,
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
         self.quotas.budgets.release(&self.keys, self.usd);
+        if let Some((fleet, id)) = self.fleet.take() {
+            let keys = std::mem::take(&mut self.keys);
+            // Off the caller's path; a hold Redis misses expires on its own.
+            if let Ok(rt) = tokio::runtime::Handle::try_current() {
+                rt.spawn(async move {
+                    let _ = fleet.release(&id, &keys).await;
+                });
+            }
+        }
     }
 }
 
@@ -212,12 +224,113 @@ pub struct Alert {
     pub body: String,
 }
 
+/// The estimated cost of a request before it is sent (see [`estimate`]).
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Estimate {
+    /// What the request can cost for sure: its prompt, the per-request
+    /// price and, when the request caps its answer, that many tokens.
+    pub firm: f64,
+    /// A typical answer's cost when the request does not cap its answer.
+    /// Held like the rest, so that a burst of uncapped requests cannot all
+    /// pass a budget; but a request nothing else holds room from is not
+    /// refused on this guess alone.
+    pub expected: f64,
+}
+
+impl Estimate {
+    pub fn total(self) -> f64 {
+        self.firm + self.expected
+    }
+}
+
+/// A known cost (a cap on the answer given, or nothing to answer).
+impl From<f64> for Estimate {
+    fn from(firm: f64) -> Estimate {
+        Estimate {
+            firm,
+            expected: 0.0,
+        }
+    }
+}
+
 /// The estimated cost of a request before it is sent: the prompt at about
-/// four bytes a token, plus `max_output` tokens of answer when given.
-pub fn estimate(pricing: &Pricing, request_bytes: usize, max_output: u64) -> f64 {
-    (request_bytes as f64 / 4.0) * pricing.input_per_1m / 1e6
-        + max_output as f64 * pricing.output_per_1m / 1e6
-        + pricing.per_request
+/// four bytes a token, plus `max_output` tokens of answer when the request
+/// caps it, else `expected_output` tokens as a typical answer.
+pub fn estimate(
+    pricing: &Pricing,
+    request_bytes: usize,
+    max_output: Option<u64>,
+    expected_output: u64,
+) -> Estimate {
+    let output = |tokens: u64| tokens as f64 * pricing.output_per_1m / 1e6;
+    Estimate {
+        firm: (request_bytes as f64 / 4.0) * pricing.input_per_1m / 1e6
+            + max_output.map_or(0.0, output)
+            + pricing.per_request,
+        expected: if max_output.is_some() {
+            0.0
+        } else {
+            output(expected_output)
+        },
+    }
+}
+
+/// Is there room for a request estimated at `estimate` in a budget period
+/// with `spent` spent and `held` held by requests in flight? A typical
+/// answer's cost (when the request sets no cap) counts against what others
+/// hold, never alone. The fleet's script (`fleet::HOLD`) has the same rule.
+fn room(spent: f64, held: f64, limit: f64, estimate: Estimate) -> bool {
+    let total = estimate.total();
+    let alone_fits = held <= 1e-12 && spent + estimate.firm <= limit;
+    spent < limit && (total <= 0.0 || spent + held + total <= limit || alone_fits)
+}
+
+/// A budget period a request is checked, and its estimate held, against.
+#[derive(Debug)]
+pub struct Slot<'a> {
+    /// "scope-id|period"
+    pub key: String,
+    pub budget: &'a Budget,
+    pub period: &'static str,
+    pub limit: f64,
+    /// Seconds until the period ends.
+    pub resets_in: u64,
+}
+
+impl Slot<'_> {
+    fn exceeded(&self, spent: f64, held: f64, estimate: Estimate) -> Exceeded {
+        let b = self.budget;
+        Exceeded {
+            budget: b.id(),
+            scope: b.scope.as_str(),
+            name: b.name.clone(),
+            period: self.period,
+            spent,
+            held,
+            limit: self.limit,
+            resets_in: self.resets_in,
+            in_flight: spent < self.limit && spent + estimate.firm <= self.limit,
+        }
+    }
+}
+
+/// Seconds a fleet hold lives in Redis at most: a gateway that dies with
+/// requests in flight leaves holds no longer than this (an answer that
+/// takes longer keeps its hold on its own gateway only).
+const FLEET_HOLD_SECS: u64 = 600;
+
+/// An id no other hold of the fleet has: this process's token and a count.
+fn fleet_hold_id() -> String {
+    static PROCESS: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let process = PROCESS.get_or_init(|| {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64);
+        nanos ^ (u64::from(std::process::id()) << 40)
+    });
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{process:x}.{n}")
 }
 
 impl Budgets {
@@ -346,9 +459,9 @@ impl Budgets {
         self.get(&format!("{id}|{period}"))
     }
 
-    /// The first budget this request (estimated at `estimate` USD) would
-    /// exceed, counting what requests in flight hold; else the keys
-    /// ("scope-id|period") its estimate is now held on (release them with
+    /// The first budget this request (estimated at `estimate`) would
+    /// exceed, counting what requests in flight hold; else the budget
+    /// periods its estimate is now held on (release them with
     /// [`Budgets::release`]). One lock over the check and the hold: two
     /// requests cannot both take the last of a budget.
     /// Budgets `skip` says are met are not checked (a degrade budget whose
@@ -357,16 +470,17 @@ impl Budgets {
         &self,
         budgets: &'a [Budget],
         scope: Scope<'_>,
-        estimate: f64,
+        estimate: Estimate,
         skip: impl Fn(&Budget) -> bool,
-    ) -> Result<Vec<String>, Box<(&'a Budget, Exceeded)>> {
+    ) -> Result<Vec<Slot<'a>>, Box<(&'a Budget, Exceeded)>> {
         if budgets.is_empty() {
             return Ok(Vec::new());
         }
         let ids = scope.budget_ids();
+        let total = estimate.total();
         let (day, month, day_left, month_left) = periods(now_secs());
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
-        let mut keys = Vec::new();
+        let mut slots: Vec<Slot<'a>> = Vec::new();
         for b in budgets {
             if !ids.contains(&b.id()) || skip(b) {
                 continue;
@@ -376,39 +490,32 @@ impl Budgets {
                 ("monthly", &month, b.monthly_usd, month_left),
             ] {
                 let Some(limit) = limit else { continue };
-                let key = format!("{}|{p}", b.id());
-                let spent = self.get(&key);
-                let in_flight = held.get(&key).copied().unwrap_or(0.0);
-                if spent >= limit || (estimate > 0.0 && spent + in_flight + estimate > limit) {
-                    return Err(Box::new((
-                        b,
-                        Exceeded {
-                            budget: b.id(),
-                            scope: b.scope.as_str(),
-                            name: b.name.clone(),
-                            period,
-                            spent,
-                            held: in_flight,
-                            limit,
-                            resets_in: left,
-                            in_flight: spent < limit && spent + estimate <= limit,
-                        },
-                    )));
+                let slot = Slot {
+                    key: format!("{}|{p}", b.id()),
+                    budget: b,
+                    period,
+                    limit,
+                    resets_in: left,
+                };
+                let spent = self.get(&slot.key);
+                let in_flight = held.get(&slot.key).copied().unwrap_or(0.0);
+                if !room(spent, in_flight, limit, estimate) {
+                    return Err(Box::new((b, slot.exceeded(spent, in_flight, estimate))));
                 }
-                keys.push(key);
+                // Two budgets on one scope (a tenant's and its app's) hold apart.
+                if !slots.iter().any(|s| s.key == slot.key) {
+                    slots.push(slot);
+                }
             }
         }
-        if estimate > 0.0 {
-            // Two budgets on one scope (a tenant's and its app's) hold apart.
-            keys.sort_unstable();
-            keys.dedup();
-            for k in &keys {
-                *held.entry(k.clone()).or_default() += estimate;
+        if total > 0.0 {
+            for s in &slots {
+                *held.entry(s.key.clone()).or_default() += total;
             }
         } else {
-            keys.clear();
+            slots.clear();
         }
-        Ok(keys)
+        Ok(slots)
     }
 
     /// Let go of what a request held (its cost is recorded, or it ended).
@@ -705,24 +812,22 @@ impl Quotas {
         self.budgets.pressure(budgets, scope)
     }
 
-    /// May a request estimated at `estimate` USD go to `model`? With a
+    /// May a request estimated at `estimate` go to `model`? With a
     /// fleet, the spend is brought up to date from Redis first.
     pub async fn budget(
         self: &Arc<Self>,
         config: &Config,
         scope: Scope<'_>,
         model: &str,
-        estimate: f64,
+        estimate: impl Into<Estimate>,
     ) -> BudgetDecision {
+        let estimate = estimate.into();
         let budgets = &config.keys.budgets;
         if budgets.is_empty() {
             return BudgetDecision::Within(None);
         }
-        if let Err(r) = self
-            .budgets
-            .refresh(self.fleet(&config.fleet), budgets, scope)
-            .await
-        {
+        let fleet = self.fleet(&config.fleet);
+        if let Err(r) = self.budgets.refresh(fleet.clone(), budgets, scope).await {
             return BudgetDecision::Reject(r);
         }
         // A degrade budget whose target is this model is met by serving
@@ -737,13 +842,46 @@ impl Quotas {
             .budgets
             .check(budgets, scope, estimate, degraded_to_this)
         {
-            Ok(keys) if keys.is_empty() => return BudgetDecision::Within(None),
-            Ok(keys) => {
-                return BudgetDecision::Within(Some(Hold {
+            Ok(slots) if slots.is_empty() => return BudgetDecision::Within(None),
+            Ok(slots) => {
+                let mut hold = Hold {
                     quotas: self.clone(),
-                    keys,
-                    usd: estimate,
-                }))
+                    keys: slots.iter().map(|s| s.key.clone()).collect(),
+                    usd: estimate.total(),
+                    fleet: None,
+                };
+                let Some(f) = fleet else {
+                    return BudgetDecision::Within(Some(hold));
+                };
+                // This gateway's holds fit; the fleet's must too.
+                let on: Vec<HoldOn> = slots
+                    .iter()
+                    .map(|s| HoldOn {
+                        id: s.key.clone(),
+                        limit: s.limit,
+                        spent: self.budgets.get(&s.key),
+                    })
+                    .collect();
+                let id = fleet_hold_id();
+                match f
+                    .hold(&id, &on, estimate.firm, estimate.total(), FLEET_HOLD_SECS)
+                    .await
+                {
+                    Ok(None) => {
+                        hold.fleet = Some((f, id));
+                        return BudgetDecision::Within(Some(hold));
+                    }
+                    Ok(Some((i, held))) => {
+                        drop(hold);
+                        let s = &slots[i];
+                        (s.budget, s.exceeded(on[i].spent, held, estimate))
+                    }
+                    Err(e) if f.on_error() == FleetOnError::Reject => {
+                        return BudgetDecision::Reject(Refusal::FleetUnavailable(e.to_string()))
+                    }
+                    // Redis is out of reach: this gateway's holds decide.
+                    Err(_) => return BudgetDecision::Within(Some(hold)),
+                }
             }
             Err(exceeded) => *exceeded,
         };
@@ -922,7 +1060,7 @@ mod tests {
         cfg.keys.budgets = vec![budget(OnExceed::Degrade("cheap".into()), None)];
         let (quotas, _alerts) = Quotas::new(4);
         let quotas = Arc::new(quotas);
-        let est = estimate(&cfg.models[1].pricing, 4000, 100);
+        let est = estimate(&cfg.models[1].pricing, 4000, Some(100), 0);
         assert!(matches!(
             quotas.budget(&cfg, ACME, "dear", est).await,
             BudgetDecision::Within(Some(_))
@@ -959,6 +1097,51 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(quotas.budget_pressure(&cfg.keys.budgets, ACME) > 0.98);
+    }
+
+    /// A request that does not cap its answer holds a typical answer's
+    /// cost too: a burst of them cannot all pass a budget on their prompts'
+    /// cost. Alone, such a request is not refused on that guess.
+    #[tokio::test]
+    async fn uncapped_requests_hold_a_typical_answer_but_are_not_refused_on_it_alone() {
+        let mut cfg = crate::test_support::config();
+        cfg.keys.budgets = vec![budget(OnExceed::Reject, None)];
+        let (quotas, _alerts) = Quotas::new(4);
+        let quotas = Arc::new(quotas);
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.9);
+        let pricing = smartllm_config::Pricing {
+            input_per_1m: 1.0,
+            output_per_1m: 1000.0,
+            cached_input_per_1m: 1.0,
+            per_request: 0.0,
+        };
+        // $0.004 of prompt; a typical answer of 200 tokens $0.20: more than
+        // the $0.10 left, but nothing else is in flight.
+        let est = estimate(&pricing, 16_000, None, 200);
+        assert!((est.firm - 0.004).abs() < 1e-9, "{est:?}");
+        assert!((est.expected - 0.2).abs() < 1e-9, "{est:?}");
+        let first = quotas.budget(&cfg, ACME, "dear", est).await;
+        let BudgetDecision::Within(Some(hold)) = &first else {
+            panic!("{first:?}")
+        };
+        assert!((hold.usd - 0.204).abs() < 1e-9, "{hold:?}");
+        // The next waits for it: a burst of uncapped requests is one at a
+        // time this close to the limit (before, all of them passed).
+        match quotas.budget(&cfg, ACME, "dear", est).await {
+            BudgetDecision::Reject(Refusal::BudgetExceeded(e)) => assert!(e.in_flight, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        // A cap on the answer is firm: 200 tokens capped do not fit $0.10.
+        let capped = estimate(&pricing, 16_000, Some(200), 0);
+        drop(first);
+        match quotas.budget(&cfg, ACME, "dear", capped).await {
+            BudgetDecision::Reject(Refusal::BudgetExceeded(e)) => assert!(!e.in_flight, "{e:?}"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            quotas.budget(&cfg, ACME, "dear", est).await,
+            BudgetDecision::Within(Some(_))
+        ));
     }
 
     /// Requests in flight hold their estimates: of a burst that each fit

@@ -66,6 +66,49 @@ end
 return 0
 "#;
 
+/// Budget holds of the whole fleet, checked and taken atomically. KEYS: one
+/// hash per budget period ("held" kind), field = hold id, value = "USD
+/// EXPIRY" (Redis seconds). ARGV: hold id, firm USD, total USD, seconds a
+/// hold lives; then per key its limit and spent USD. Expired holds (a
+/// gateway that died with requests in flight) are dropped as they are met.
+/// The rule is [`crate::budget::Budgets::check`]'s. Returns "0" when held,
+/// or "INDEX HELD" of the first budget period with no room.
+const HOLD: &str = r#"
+local now = tonumber(redis.call('TIME')[1])
+local id, firm, total, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
+for i, key in ipairs(KEYS) do
+  local limit, spent = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
+  local held = 0
+  local all = redis.call('HGETALL', key)
+  for j = 1, #all, 2 do
+    local usd, expiry = string.match(all[j + 1], '(%S+) (%S+)')
+    if tonumber(expiry) <= now then
+      redis.call('HDEL', key, all[j])
+    else
+      held = held + tonumber(usd)
+    end
+  end
+  local alone_fits = held <= 1e-12 and spent + firm <= limit
+  if spent >= limit or (total > 0 and spent + held + total > limit and not alone_fits) then
+    return string.format('%d %.9f', i - 1, held)
+  end
+end
+for _, key in ipairs(KEYS) do
+  redis.call('HSET', key, id, string.format('%.9f %d', total, now + ttl))
+  redis.call('EXPIRE', key, ttl)
+end
+return '0'
+"#;
+
+/// One budget period a fleet hold is taken on.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HoldOn {
+    /// "scope-id|period"
+    pub id: String,
+    pub limit: f64,
+    pub spent: f64,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum FleetError {
     #[error("redis is unavailable (retrying in a moment): {0}")]
@@ -94,6 +137,7 @@ pub struct Fleet {
     down_until: Mutex<Option<Instant>>,
     admit: redis::Script,
     charge: redis::Script,
+    hold: redis::Script,
 }
 
 impl Fleet {
@@ -110,6 +154,7 @@ impl Fleet {
             down_until: Mutex::new(None),
             admit: redis::Script::new(ADMIT),
             charge: redis::Script::new(CHARGE),
+            hold: redis::Script::new(HOLD),
         }))
     }
 
@@ -254,6 +299,53 @@ impl Fleet {
         Ok(totals.iter().map(|s| s.parse().unwrap_or(0.0)).collect())
     }
 
+    /// Hold `total` USD (of which `firm` is sure, see
+    /// [`crate::budget::Estimate`]) on every budget period of `on` under
+    /// `hold`, for at most `ttl_secs`, if the fleet's holds leave room on
+    /// each; else `Ok(Some((i, held)))`: `on[i]` has no room, `held` USD held
+    /// there by the fleet's requests in flight.
+    pub async fn hold(
+        &self,
+        hold: &str,
+        on: &[HoldOn],
+        firm: f64,
+        total: f64,
+        ttl_secs: u64,
+    ) -> Result<Option<(usize, f64)>, FleetError> {
+        if on.is_empty() {
+            return Ok(None);
+        }
+        let mut conn = self.conn().await?;
+        let mut inv = self.hold.prepare_invoke();
+        inv.arg(hold)
+            .arg(format!("{firm:.9}"))
+            .arg(format!("{total:.9}"))
+            .arg(ttl_secs);
+        for h in on {
+            inv.key(self.key("held", &h.id));
+            inv.arg(format!("{:.9}", h.limit))
+                .arg(format!("{:.9}", h.spent));
+        }
+        let reply: String = self.run("hold", inv.invoke_async(&mut conn)).await?;
+        parse_hold(&reply, on.len()).map_err(|e| self.failed("hold", e))
+    }
+
+    /// Let go of a hold taken with [`Fleet::hold`].
+    pub async fn release(&self, hold: &str, ids: &[String]) -> Result<(), FleetError> {
+        if ids.is_empty() {
+            return Ok(());
+        }
+        let mut conn = self.conn().await?;
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.cmd("HDEL")
+                .arg(self.key("held", id))
+                .arg(hold)
+                .ignore();
+        }
+        self.run("release", pipe.query_async::<()>(&mut conn)).await
+    }
+
     /// True for exactly one gateway of the fleet per `id` (an alert to send).
     pub async fn claim(&self, id: &str, ttl_secs: u64) -> Result<bool, FleetError> {
         let mut conn = self.conn().await?;
@@ -266,6 +358,20 @@ impl Fleet {
         let r: Option<String> = self.run("claim", cmd.query_async(&mut conn)).await?;
         Ok(r.is_some())
     }
+}
+
+fn parse_hold(reply: &str, n: usize) -> Result<Option<(usize, f64)>, FleetError> {
+    if reply == "0" {
+        return Ok(None);
+    }
+    let bad = || FleetError::Protocol(reply.to_string());
+    let (i, held) = reply.split_once(' ').ok_or_else(bad)?;
+    let i: usize = i.parse().map_err(|_| bad())?;
+    let held: f64 = held.parse().map_err(|_| bad())?;
+    if i >= n {
+        return Err(bad());
+    }
+    Ok(Some((i, held)))
 }
 
 fn parse_admit(reply: &str) -> Result<Option<(f64, usize)>, FleetError> {
@@ -285,6 +391,14 @@ fn parse_admit(reply: &str) -> Result<Option<(f64, usize)>, FleetError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn hold_replies() {
+        assert_eq!(parse_hold("0", 2).unwrap(), None);
+        assert_eq!(parse_hold("1 0.250000000", 2).unwrap(), Some((1, 0.25)));
+        assert!(parse_hold("2 0.1", 2).is_err());
+        assert!(parse_hold("x", 2).is_err());
+    }
 
     #[test]
     fn admit_replies() {

@@ -418,7 +418,9 @@ pub fn keyword_task(k: &Keywords, has_code: bool, has_math: bool) -> Task {
     }
 }
 
-fn typical_output(task: Task, prompt_tokens: u64) -> u64 {
+/// A typical answer's length in tokens for a task, when the request does
+/// not cap it (routing's expected cost and latency, budget holds).
+pub fn typical_output(task: Task, prompt_tokens: u64) -> u64 {
     match task {
         Task::Code | Task::Reasoning | Task::Creative => 500,
         Task::Math => 400,

@@ -61,14 +61,14 @@ pub async fn plan(
     }
     ctx.set_model(&model.name);
     // Budgets: the estimated cost of this request (prompt at ~4 bytes a token,
-    // plus max_tokens of output when given) must fit.
+    // plus max_tokens of output when given, else a typical answer for its
+    // task) must fit.
     if !cfg.keys.budgets.is_empty() {
         // The larger of the two names when a body carries both.
         let max_out = ["max_completion_tokens", "max_tokens"]
             .iter()
             .filter_map(|f| request.req.body.get(*f).and_then(Value::as_u64))
-            .max()
-            .unwrap_or(0);
+            .max();
         // Each of `n` answers is billed.
         let choices = request
             .req
@@ -77,9 +77,27 @@ pub async fn plan(
             .and_then(Value::as_u64)
             .unwrap_or(1)
             .max(1);
-        let (bytes, output) = (ctx.request_bytes, max_out.saturating_mul(choices));
+        let bytes = ctx.request_bytes;
+        // An embedding has no answer; a chat answer of unknown length is
+        // estimated as a typical one for the task (held against a burst,
+        // see `smartllm_quota::budget::Estimate`).
+        let typical = if request.req.endpoint.is_chat() {
+            let task = ctx
+                .task
+                .and_then(smartllm_router::Task::parse)
+                .unwrap_or(smartllm_router::Task::Chat);
+            smartllm_router::features::typical_output(task, bytes as u64 / 4)
+        } else {
+            0
+        };
         let estimate = |m: &smartllm_config::ModelConfig| {
-            smartllm_quota::budget::estimate(&m.pricing, bytes, output)
+            let cap = m.profile.max_output_tokens.unwrap_or(u64::MAX);
+            smartllm_quota::budget::estimate(
+                &m.pricing,
+                bytes,
+                max_out.map(|t| t.saturating_mul(choices)),
+                typical.min(cap).saturating_mul(choices),
+            )
         };
         match shared
             .quotas
