@@ -659,3 +659,71 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
         "{err}"
     );
 }
+
+/// Only answers worth serving again are stored (not one a content filter
+/// stopped, streamed or not); answers with parts an entry does not keep
+/// (log-probabilities) bypass the cache; and what changes an answer beside
+/// the question's text keys it: who asks (the last turn's `name`), a
+/// Messages field the chat translation does not carry (`output_format`),
+/// the `anthropic-beta` header.
+#[test]
+fn cache_stores_only_answers_to_serve_again_and_keys_what_changes_them() {
+    let (mock, gw) = cached_gateway(CACHE_ON, &["--words", "6"]);
+    let not_stored = || gw.metric("smartllm_cache_answers_not_stored_total", &[]);
+    // Stopped by a content filter: answered, never stored.
+    for stream in [false, true] {
+        let body = json!({"model": "auto", "stream": stream, "messages": [
+            {"role": "user", "content": format!("[mock-filter] Describe the plot, stream {stream}")}]});
+        let before = not_stored();
+        let first = ask(&gw, "k", &body);
+        assert_eq!(first.status, 200, "{}", first.text());
+        assert!(wait_until(Duration::from_secs(5), || not_stored() > before));
+        assert_eq!(cache_header(&ask(&gw, "k", &body)), "miss");
+    }
+    // Log-probabilities are not kept: such requests bypass the cache.
+    let logprobs = json!({"model": "auto", "logprobs": true, "messages": [
+        {"role": "user", "content": "Name a prime number"}]});
+    assert_eq!(cache_header(&ask(&gw, "k", &logprobs)), "bypass");
+    // Who asks keys the answer: Bob does not get Alice's.
+    let named = |name: &str| {
+        json!({"model": "auto", "messages": [
+            {"role": "user", "name": name, "content": "What is my name and role?"}]})
+    };
+    assert_eq!(cache_header(&ask(&gw, "k", &named("alice"))), "miss");
+    wait_cached(&gw, 1);
+    assert_eq!(cache_header(&ask(&gw, "k", &named("alice"))), "hit-exact");
+    assert_eq!(cache_header(&ask(&gw, "k", &named("bob"))), "miss");
+    // Messages: a field only the raw body carries, and the beta header.
+    let messages = |extra: Value, beta: Option<&str>| {
+        let mut body = json!({"model": "auto", "max_tokens": 50, "messages": [
+            {"role": "user", "content": "List the planets of the solar system"}]});
+        if let (Some(o), Some(e)) = (body.as_object_mut(), extra.as_object()) {
+            o.extend(e.clone());
+        }
+        let mut h = vec![("x-api-key", "k"), ("anthropic-version", "2023-06-01")];
+        if let Some(b) = beta {
+            h.push(("anthropic-beta", b));
+        }
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/messages",
+            &h,
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .unwrap()
+    };
+    let first = messages(json!({}), None);
+    assert_eq!(first.status, 200, "{}", first.text());
+    assert_eq!(cache_header(&first), "miss");
+    assert!(wait_until(Duration::from_secs(5), || cache_header(
+        &messages(json!({}), None)
+    ) == "hit-exact"));
+    let schema = json!({"output_format": {"type": "json_schema", "schema": {"type": "object"}}});
+    assert_eq!(cache_header(&messages(schema, None)), "miss");
+    assert_eq!(
+        cache_header(&messages(json!({}), Some("output-128k-2025-02-19"))),
+        "miss"
+    );
+    assert!(mock.requests() >= 7);
+}

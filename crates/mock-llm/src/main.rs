@@ -54,7 +54,7 @@ last user message ([mock-fault:error-mid-stream], which survives translation to 
 Faults: reset, close, hang, malformed-json, drop-mid-stream (the connection is reset halfway), \
 error-mid-stream (halfway, the provider's error event: `event: error` for Anthropic, \
 `data: {\"error\": ...}` then [DONE] for OpenAI), malformed-sse. Other per-request settings: \
-status, latency_ms, chunk_delay_ms, words, no_usage, truncate (or [mock-truncate] in the last user message: the answer ends as cut off at the token limit). Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), audio_input_tokens, audio_output_tokens (OpenAI chat), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens), also as [mock-usage:cached_tokens=5,cache_write_1h=2] in the last user message."
+status, latency_ms, chunk_delay_ms, words, no_usage, truncate (or [mock-truncate] in the last user message: the answer ends as cut off at the token limit); [mock-filter] in the last user message ends the answer as stopped by a content filter (Anthropic: refusal). Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), audio_input_tokens, audio_output_tokens (OpenAI chat), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens), also as [mock-usage:cached_tokens=5,cache_write_1h=2] in the last user message."
 )]
 struct Args {
     /// Address to listen on.
@@ -1107,6 +1107,9 @@ async fn handle<S: Conn>(
     );
     let finish = if b.truncate || max_tokens.is_some_and(|m| m < b.words) {
         "length"
+    } else if last_user_text(&body).contains("[mock-filter]") {
+        // A provider's content filter stopped the answer.
+        "content_filter"
     } else {
         "stop"
     };
@@ -1125,6 +1128,8 @@ async fn handle<S: Conn>(
             "tool_use"
         } else if finish == "length" {
             "max_tokens"
+        } else if finish == "content_filter" {
+            "refusal"
         } else {
             "end_turn"
         };

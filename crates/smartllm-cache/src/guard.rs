@@ -220,9 +220,7 @@ pub fn strip_fillers(text: &str) -> &str {
                 break;
             }
         }
-        t = t.trim_end_matches(|c: char| {
-            c.is_whitespace() || matches!(c, '!' | '.' | ',' | ';' | ':')
-        });
+        t = trim_closing_punctuation(t, &['!', '.', ',', ';', ':']);
         let lower = t.to_lowercase();
         for f in FILLER_CLOSERS {
             if lower.ends_with(f) {
@@ -256,13 +254,32 @@ pub fn strip_fillers(text: &str) -> &str {
             break;
         }
     }
-    let stripped = t.trim_end_matches(|c: char| {
-        c.is_whitespace() || matches!(c, '?' | '!' | '.' | ',' | ';' | ':')
-    });
+    let stripped = trim_closing_punctuation(t, &['?', '!', '.', ',', ';', ':']);
     if stripped.is_empty() {
         text.trim()
     } else {
         stripped
+    }
+}
+
+/// `t` without trailing whitespace, nor the punctuation in `marks` that
+/// closes a sentence: after a word ("Why?", "Thanks!"), or a `?`, `.` or
+/// `,` after a number ("What is 2+2?"). A `!`, `;` or `:` after a digit,
+/// symbol or bracket may be the question itself ("Compute 20!", "Is
+/// `int x = 5;` valid C"), so it stays.
+fn trim_closing_punctuation<'a>(t: &'a str, marks: &[char]) -> &'a str {
+    let t = t.trim_end();
+    let bare = t.trim_end_matches(|c: char| c.is_whitespace() || marks.contains(&c));
+    let run = &t[bare.len()..];
+    let closes = bare.ends_with(char::is_alphabetic)
+        || (bare.ends_with(|c: char| c.is_ascii_digit())
+            && run
+                .chars()
+                .all(|c| c.is_whitespace() || matches!(c, '?' | '.' | ',')));
+    if !run.is_empty() && closes {
+        bare
+    } else {
+        t
     }
 }
 
@@ -796,6 +813,15 @@ mod tests {
         assert_eq!(strip_fillers("Thanksgiving date"), "Thanksgiving date");
         assert_eq!(strip_fillers("Thanks!"), "Thanks");
         assert_eq!(strip_fillers("hi"), "hi");
+        // Punctuation that may be the question's own stays: a factorial, a
+        // statement's semicolon.
+        assert_eq!(strip_fillers("Compute 20!"), "Compute 20!");
+        assert_eq!(strip_fillers("Compute 20."), "Compute 20");
+        assert_eq!(
+            strip_fillers("Is this valid C: int x = 5;"),
+            "Is this valid C: int x = 5;"
+        );
+        assert_eq!(strip_fillers("Compute 20! Thanks"), "Compute 20!");
         // Set off by punctuation, a filler goes; as part of the question it stays.
         assert_eq!(strip_fillers("Hi! What is Rust? thx"), "What is Rust");
         assert_eq!(

@@ -105,6 +105,17 @@ pub fn api_chat_key(
         rest.insert(k.clone(), v.clone());
     }
     rest.insert("messages".into(), Value::Array(earlier.to_vec()));
+    // What the last turn says besides its text (its `name`: who asks) is
+    // part of the namespace; a plain turn adds nothing (keys unchanged).
+    let said_besides: Map<String, Value> = last
+        .as_object()?
+        .iter()
+        .filter(|(k, _)| *k != "role" && *k != "content")
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !said_besides.is_empty() {
+        rest.insert("smartllm:last_turn".into(), Value::Object(said_besides));
+    }
     // Keys of serde_json maps are sorted: this serialisation is canonical.
     let canonical = serde_json::to_vec(&rest).ok()?;
     let mut h = Sha256::new();
@@ -197,6 +208,14 @@ mod tests {
             .unwrap()
             .insert(1, json!({"role": "assistant", "content": "Hi"}));
         assert_ne!(key("t1", v).namespace, k.namespace);
+        // Who asks (the last turn's name) is part of the namespace.
+        let mut alice = base.clone();
+        alice["messages"][1]["name"] = json!("alice");
+        let mut bob = base.clone();
+        bob["messages"][1]["name"] = json!("bob");
+        let (alice, bob) = (key("t1", alice), key("t1", bob));
+        assert_ne!(alice.namespace, bob.namespace);
+        assert_ne!(alice.namespace, k.namespace);
         assert_ne!(
             chat_key("t1", "other", &body(base.clone()))
                 .unwrap()

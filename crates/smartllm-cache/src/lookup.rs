@@ -67,8 +67,30 @@ pub(crate) struct Bar {
     pub verifier: Option<f32>,
 }
 
+/// Unexpired, of the policy's version, and younger than the policy's TTL
+/// now (a TTL lowered by a reload applies to what is already stored).
 fn valid(e: &Entry, policy: &CachePolicy, now: u64) -> bool {
-    !e.expired(now) && e.version == policy.version
+    !e.expired(now) && Fresh::of(policy).admits(e, now)
+}
+
+/// What the policy in force asks of an entry's age and version.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Fresh {
+    pub version: u32,
+    pub ttl_secs: u64,
+}
+
+impl Fresh {
+    pub(crate) fn of(policy: &CachePolicy) -> Fresh {
+        Fresh {
+            version: policy.version,
+            ttl_secs: policy.ttl.as_secs(),
+        }
+    }
+
+    fn admits(self, e: &Entry, now: u64) -> bool {
+        e.version == self.version && now < e.created_at.saturating_add(self.ttl_secs)
+    }
 }
 
 /// When a lookup's semantic steps ran (for the request's trace spans).
@@ -156,7 +178,7 @@ impl SemanticCache {
         times.embed = Some((started, SystemTime::now()));
 
         let this = self.clone();
-        let (ns, query, version) = (key.namespace_hex(), key.query.clone(), policy.version);
+        let (ns, query, fresh) = (key.namespace_hex(), key.query.clone(), Fresh::of(policy));
         let bar = Bar {
             similarity: policy.similarity_threshold,
             verifier: policy.verifier,
@@ -170,7 +192,7 @@ impl SemanticCache {
                 &query,
                 states.as_deref(),
                 bar,
-                version,
+                fresh,
                 top_k,
                 now,
             );
@@ -223,7 +245,7 @@ impl SemanticCache {
         query: &str,
         query_states: Option<&[f32]>,
         bar: Bar,
-        version: u32,
+        fresh: Fresh,
         top_k: usize,
         now: u64,
     ) -> Result<Verified, CacheError> {
@@ -260,7 +282,7 @@ impl SemanticCache {
             if sim < threshold {
                 break;
             }
-            if e.expired(now) || e.version != version {
+            if e.expired(now) || !fresh.admits(&e, now) {
                 continue;
             }
             if let Some(why) = near_miss(query, &e.query) {
@@ -386,6 +408,11 @@ mod tests {
     use smartllm_store::Store;
     use std::time::Duration;
     const MAX_SEQ: usize = 128;
+    /// Version 1, an hour (as [`policy`]).
+    const FRESH: Fresh = Fresh {
+        version: 1,
+        ttl_secs: 3600,
+    };
 
     fn policy() -> CachePolicy {
         CachePolicy {
@@ -838,7 +865,7 @@ mod tests {
                             similarity: 0.9,
                             verifier: None,
                         },
-                        1,
+                        FRESH,
                         top_k,
                         now,
                     )
@@ -927,7 +954,7 @@ mod tests {
             };
             let (ns, q) = (k.namespace_hex(), "How do I reset my password?");
             match cache
-                .search_verify(&probe, &ns, q, None, bar, 1, 8, now)
+                .search_verify(&probe, &ns, q, None, bar, FRESH, 8, now)
                 .unwrap()
             {
                 Verified::Hit(e, sim, _) => {
@@ -1053,12 +1080,24 @@ mod tests {
             .await
             .unwrap();
         assert!(is_hit(&cache.lookup(&k, &short, 8).await.unwrap()).is_some());
+        // A TTL lowered later applies to what is stored: an hour-long entry
+        // is not served past a 1-second TTL.
+        let long = key("t9", "stored for an hour");
+        cache
+            .insert(long.clone(), None, "{}".into(), &p, "auto", "m")
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(2100)).await;
+        assert!(is_hit(&cache.lookup(&long, &p, 8).await.unwrap()).is_some());
+        assert!(
+            is_hit(&cache.lookup(&long, &short, 8).await.unwrap()).is_none(),
+            "the policy's TTL now counts, not only the one it was stored with"
+        );
         assert!(
             is_hit(&cache.lookup(&k, &short, 8).await.unwrap()).is_none(),
             "expired entries are not served"
         );
-        assert_eq!(cache.purge(&Purge::All).unwrap(), 1);
+        assert_eq!(cache.purge(&Purge::All).unwrap(), 2);
     }
 
     fn store_flush(cache: &SemanticCache) {

@@ -186,10 +186,16 @@ pub fn request_to_anthropic(
     Ok(Value::Object(out))
 }
 
+/// A `stop_reason` that says the answer was cut at a token limit (the
+/// request's, or the model's context window).
+pub fn cut_at_limit(stop_reason: &str) -> bool {
+    matches!(stop_reason, "max_tokens" | "model_context_window_exceeded")
+}
+
 fn finish_reason(stop: Option<&str>) -> Value {
     match stop {
         Some("end_turn") | Some("stop_sequence") | Some("pause_turn") => json!("stop"),
-        Some("max_tokens") => json!("length"),
+        Some("max_tokens") | Some("model_context_window_exceeded") => json!("length"),
         Some("tool_use") => json!("tool_calls"),
         Some("refusal") => json!("content_filter"),
         Some(_) => json!("stop"),
@@ -520,7 +526,7 @@ impl AnthropicStream {
                     .get("delta")
                     .and_then(|d| d.get("stop_reason"))
                     .and_then(Value::as_str);
-                self.truncated |= stop == Some("max_tokens");
+                self.truncated |= stop.is_some_and(cut_at_limit);
                 out.extend(self.chunk(json!({}), finish_reason(stop.or(Some("end_turn")))));
             }
             "message_stop" => {

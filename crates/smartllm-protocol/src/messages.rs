@@ -94,7 +94,32 @@ pub struct AnthropicOnly {
     /// Anthropic's `top_k` (no Chat Completions field carries it; the cache
     /// keys on it).
     pub top_k: Option<u64>,
+    /// Top-level fields the canonical body does not carry (`output_format`,
+    /// `service_tier`, `container`, ...: what Anthropic providers receive in
+    /// the raw body), as canonical JSON: the cache keys on them.
+    pub extra: Option<String>,
+    /// A tool result with parts other than text (an image, a document): the
+    /// canonical body carries its text only, so the cache is not used.
+    pub lossy: bool,
 }
+
+/// The top-level fields of a Messages body that its canonical chat body
+/// carries (or that never change the answer: `stream`, `metadata`).
+const KNOWN_FIELDS: [&str; 13] = [
+    "model",
+    "max_tokens",
+    "stream",
+    "system",
+    "messages",
+    "temperature",
+    "top_p",
+    "top_k",
+    "stop_sequences",
+    "metadata",
+    "tools",
+    "tool_choice",
+    "thinking",
+];
 
 /// Parse and validate a `/v1/messages` (or `/v1/messages/count_tokens`)
 /// body. The canonical body is the Chat Completions request it amounts to;
@@ -313,6 +338,15 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
         only.thinking = true;
     }
     only.top_k = body.get("top_k").and_then(Value::as_u64);
+    let extra: serde_json::Map<String, Value> = body
+        .iter()
+        .filter(|(k, _)| !KNOWN_FIELDS.contains(&k.as_str()))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    if !extra.is_empty() {
+        // Keys of serde_json maps are sorted: canonical.
+        only.extra = Some(Value::Object(extra).to_string());
+    }
     if stream {
         chat.insert("stream".into(), json!(true));
     }
@@ -399,11 +433,16 @@ fn user_turn(
                 let id = b.get("tool_use_id").and_then(Value::as_str).unwrap_or("");
                 let text = match b.get("content") {
                     Some(Value::String(s)) => s.clone(),
-                    Some(Value::Array(inner)) => inner
+                    Some(Value::Array(inner)) => {
+                        only.lossy |= inner
+                            .iter()
+                            .any(|p| p.get("type").and_then(Value::as_str) != Some("text"));
+                        inner
                         .iter()
-                        .filter_map(|p| p.get("text").and_then(Value::as_str))
-                        .collect::<Vec<_>>()
-                        .join("\n"),
+                            .filter_map(|p| p.get("text").and_then(Value::as_str))
+                            .collect::<Vec<_>>()
+                            .join("\n")
+                    }
                     _ => String::new(),
                 };
                 let text = if b.get("is_error").and_then(Value::as_bool) == Some(true) {

@@ -8,12 +8,36 @@ use smartllm_config::CachePolicy;
 use std::sync::Arc;
 use tokio_util::task::TaskTracker;
 
-/// Any choice ended by the token limit.
-fn cut_short(completion: &str) -> bool {
-    serde_json::from_str::<Value>(completion).is_ok_and(|v| {
-        v["choices"]
-            .as_array()
-            .is_some_and(|cs| cs.iter().any(|c| c["finish_reason"] == "length"))
+/// Is this answer (a `chat.completion` document) one to serve again? Every
+/// choice must have ended on its own (`stop`) or with tool calls, and carry
+/// content or tool calls: an answer a content filter stopped, a refusal, an
+/// empty answer, or (when a cost cap lowered the limit) one cut at the token
+/// limit, is not stored. One cut at the client's own limit is (the limit is
+/// part of the key); one cut at the model's own limit never reaches here.
+fn storable(completion: &str, cost_capped: bool) -> bool {
+    let Ok(v) = serde_json::from_str::<Value>(completion) else {
+        return false;
+    };
+    let Some(choices) = v["choices"].as_array().filter(|c| !c.is_empty()) else {
+        return false;
+    };
+    choices.iter().all(|c| {
+        let ended = match c["finish_reason"].as_str() {
+            Some("stop" | "tool_calls" | "function_call") => true,
+            Some("length") => !cost_capped,
+            // Providers that say nothing: judged by the content alone.
+            None => c["finish_reason"].is_null(),
+            Some(_) => false,
+        };
+        let m = &c["message"];
+        let refused = m["refusal"].as_str().is_some_and(|r| !r.is_empty());
+        let said = match &m["content"] {
+            Value::String(t) => !t.is_empty(),
+            Value::Array(parts) => !parts.is_empty(),
+            _ => false,
+        } || m["tool_calls"].as_array().is_some_and(|t| !t.is_empty())
+            || m["function_call"].is_object();
+        ended && !refused && said
     })
 }
 
@@ -42,12 +66,10 @@ pub struct PendingInsert {
 }
 
 impl PendingInsert {
-    /// Store `completion` (a `chat.completion` JSON document) in the background.
+    /// Store `completion` (a `chat.completion` JSON document) in the
+    /// background, if it is [`storable`].
     pub fn spawn(self, completion: String) {
         use std::sync::atomic::Ordering;
-        if self.cost_capped && cut_short(&completion) {
-            return;
-        }
         // Under overload, drop the store rather than pile up tasks and memory.
         if self.pending.fetch_add(1, Ordering::SeqCst) >= self.max_pending {
             self.pending.fetch_sub(1, Ordering::SeqCst);
@@ -57,6 +79,11 @@ impl PendingInsert {
         let tasks = self.tasks.clone();
         tasks.spawn(async move {
             let pending = self.pending.clone();
+            if !storable(&completion, self.cost_capped) {
+                metrics::cache_not_stored();
+                pending.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
             match self
                 .cache
                 .insert(
@@ -93,11 +120,38 @@ impl PendingInsert {
 #[cfg(test)]
 mod tests {
     #[test]
-    fn answers_cut_by_the_token_limit_are_recognised() {
-        let cut = r#"{"choices":[{"index":0,"finish_reason":"length","message":{"content":"a"}}]}"#;
-        let whole = r#"{"choices":[{"index":0,"finish_reason":"stop","message":{"content":"a"}}]}"#;
-        assert!(super::cut_short(cut));
-        assert!(!super::cut_short(whole));
-        assert!(!super::cut_short("not json"));
+    fn only_whole_answers_are_stored() {
+        use super::storable;
+        let answer = |finish: &str, message: &str| {
+            format!(r#"{{"choices":[{{"index":0,"finish_reason":{finish},"message":{message}}}]}}"#)
+        };
+        let text = r#"{"role":"assistant","content":"Paris."}"#;
+        assert!(storable(&answer("\"stop\"", text), false));
+        assert!(
+            storable(&answer("null", text), false),
+            "a provider that says nothing"
+        );
+        // Cut at the client's own limit: keyed by it, stored; not when a
+        // cost cap lowered the limit.
+        assert!(storable(&answer("\"length\"", text), false));
+        assert!(!storable(&answer("\"length\"", text), true));
+        // Stopped by a content filter, refused, or empty: never served again.
+        assert!(!storable(&answer("\"content_filter\"", text), false));
+        let refusal = r#"{"role":"assistant","content":null,"refusal":"I can't help with that."}"#;
+        assert!(!storable(&answer("\"stop\"", refusal), false));
+        assert!(!storable(
+            &answer("\"stop\"", r#"{"role":"assistant","content":""}"#),
+            false
+        ));
+        // Tool calls are an answer.
+        let call = r#"{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}"#;
+        assert!(storable(&answer("\"tool_calls\"", call), false));
+        // No choice, another choice filtered, or not JSON.
+        assert!(!storable(r#"{"choices":[]}"#, false));
+        let two = format!(
+            r#"{{"choices":[{{"index":0,"finish_reason":"stop","message":{text}}},{{"index":1,"finish_reason":"content_filter","message":{text}}}]}}"#
+        );
+        assert!(!storable(&two, false));
+        assert!(!storable("not json", false));
     }
 }

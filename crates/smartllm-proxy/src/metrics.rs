@@ -23,6 +23,9 @@ pub const INFLIGHT: &str = "smartllm_requests_in_flight";
 /// 503), `embedder` (its cache lookup was skipped), `cache_insert` (its answer
 /// was not stored).
 pub const SHED: &str = "smartllm_shed_total";
+/// Answers to cache misses not stored because they are no answer to serve
+/// again (filtered, refused, empty, cut short by a cost cap).
+pub const CACHE_NOT_STORED: &str = "smartllm_cache_answers_not_stored_total";
 /// Clients too slow to send a request, by phase (`header`: disconnected, `body`: 408).
 pub const CLIENT_TIMEOUTS: &str = "smartllm_client_timeouts_total";
 pub const BUILD_INFO: &str = "smartllm_build_info";
@@ -142,6 +145,10 @@ pub fn install() -> PrometheusHandle {
     describe_counter!(
         SHED,
         "Work refused under overload: requests answered 503 (max_in_flight), cache lookups skipped (embedder), answers not stored (cache_insert)."
+    );
+    describe_counter!(
+        CACHE_NOT_STORED,
+        "Answers to cache misses not stored: stopped by a content filter, refused, empty, or cut short by a cost cap."
     );
     describe_counter!(
         CLIENT_TIMEOUTS,
@@ -448,6 +455,11 @@ pub fn trace_spans_dropped(reason: &'static str, n: u64) {
 /// Work refused under overload (see [`SHED`]).
 pub fn shed(reason: &'static str) {
     counter!(SHED, "reason" => reason).increment(1);
+}
+
+/// An answer not stored in the cache (see [`CACHE_NOT_STORED`]).
+pub fn cache_not_stored() {
+    counter!(CACHE_NOT_STORED).increment(1);
 }
 
 /// A client too slow to send its request: `header` or `body`.

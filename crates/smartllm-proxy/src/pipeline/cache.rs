@@ -73,6 +73,12 @@ pub async fn phase(
         bypass(ctx, "temperature");
         return Ok(false);
     }
+    // Answers with parts the cache does not keep (token log-probabilities,
+    // audio, web search results) are neither served from it nor stored.
+    if keeps_no_replay(&req.body) {
+        bypass(ctx, "shape");
+        return Ok(false);
+    }
     if let Some(rule) = rt
         .cache_exclusions
         .matches(&smartllm_protocol::prompt::messages_text(&req.body))
@@ -86,7 +92,7 @@ pub async fn phase(
     // a Responses feature only a provider that speaks Responses takes, or a
     // previous response the gateway does not hold (its history).
     let only = &req.anthropic_only;
-    if only.untranslatable.is_some() || only.thinking {
+    if only.untranslatable.is_some() || only.thinking || only.lossy {
         bypass(ctx, "shape");
         return Ok(false);
     }
@@ -98,10 +104,27 @@ pub async fn phase(
     }
     // Anthropic's `top_k` has no Chat Completions field: it joins the key
     // through the API's name.
-    let api: std::borrow::Cow<'_, str> = match only.top_k {
+    // So do the fields and beta features that only the raw Messages body
+    // (and its `anthropic-beta` header) carries to Anthropic providers.
+    let mut api: std::borrow::Cow<'_, str> = match only.top_k {
         Some(k) => format!("{}+top_k={k}", req.endpoint.as_str()).into(),
         None => req.endpoint.as_str().into(),
     };
+    if req.endpoint == Endpoint::Messages {
+        if let Some(extra) = &only.extra {
+            api = format!("{api}+{extra}").into();
+        }
+        let betas: Vec<&str> = session
+            .req_header()
+            .headers
+            .get_all("anthropic-beta")
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect();
+        if !betas.is_empty() {
+            api = format!("{api}+anthropic-beta={}", betas.join(",")).into();
+        }
+    }
     let Some(key) = api_chat_key(&api, &ctx.tenant, model, &req.body) else {
         bypass(ctx, "shape");
         return Ok(false);
@@ -259,5 +282,41 @@ pub async fn phase(
             bypass(ctx, "error");
             Ok(false)
         }
+    }
+}
+
+/// A chat request whose answer has parts a cache entry does not keep:
+/// token log-probabilities, audio, web search annotations.
+fn keeps_no_replay(body: &serde_json::Map<String, Value>) -> bool {
+    let set = |f: &str| {
+        body.get(f)
+            .is_some_and(|v| !v.is_null() && *v != Value::Bool(false))
+    };
+    set("logprobs")
+        || set("top_logprobs")
+        || set("audio")
+        || set("web_search_options")
+        || body
+            .get("modalities")
+            .and_then(Value::as_array)
+            .is_some_and(|m| m.iter().any(|x| x != "text"))
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    #[test]
+    fn answers_with_parts_an_entry_does_not_keep_bypass_the_cache() {
+        let no = |v: serde_json::Value| super::keeps_no_replay(v.as_object().unwrap());
+        assert!(!no(json!({"messages": []})));
+        assert!(!no(
+            json!({"logprobs": false, "modalities": ["text"], "audio": null})
+        ));
+        assert!(no(json!({"logprobs": true})));
+        assert!(no(json!({"top_logprobs": 3})));
+        assert!(no(json!({"modalities": ["text", "audio"]})));
+        assert!(no(json!({"audio": {"voice": "alloy", "format": "wav"}})));
+        assert!(no(json!({"web_search_options": {}})));
     }
 }

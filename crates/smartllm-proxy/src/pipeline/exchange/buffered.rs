@@ -90,7 +90,9 @@ pub(super) async fn relay(
     // Stopped at the token limit, in the provider's own words.
     let truncated = match x.translate {
         Translate::OpenAi => smartllm_protocol::usage::cut_at_length(&v),
-        Translate::Anthropic | Translate::AnthropicNative => v["stop_reason"] == "max_tokens",
+        Translate::Anthropic | Translate::AnthropicNative => v["stop_reason"]
+            .as_str()
+            .is_some_and(anthropic::cut_at_limit),
         Translate::ResponsesNative => v["incomplete_details"]["reason"] == "max_output_tokens",
     };
     ctx.cut_off = truncated && !super::output_limited(x.req);
