@@ -13,7 +13,7 @@
 //! already sent are forgotten once their period is over. [`Budgets::prune`]
 //! runs on every reload and periodically (the health service's upkeep).
 
-use crate::fleet::{Fleet, HoldOn};
+use crate::fleet::{Fleet, HoldOn, NoRoom};
 use crate::{metrics, Quotas, Refusal, Scope};
 use serde_json::json;
 use smartllm_config::{Budget, Config, FleetConfig, FleetOnError, OnExceed, Pricing, Url};
@@ -55,18 +55,34 @@ pub struct Hold {
     usd: f64,
     /// The fleet's copy of this hold (its id), let go with it.
     fleet: Option<(Arc<Fleet>, String)>,
+    /// Let go of on this gateway already (see [`Hold::release_here`]).
+    released_here: bool,
+}
+
+impl Hold {
+    /// Let go of the hold on this gateway (its cost counts here now); the
+    /// fleet's copy goes when the hold is dropped.
+    fn release_here(&mut self) {
+        if !std::mem::replace(&mut self.released_here, true) {
+            self.quotas.budgets.release(&self.keys, self.usd);
+        }
+    }
 }
 
 impl Drop for Hold {
     fn drop(&mut self) {
-        self.quotas.budgets.release(&self.keys, self.usd);
+        self.release_here();
         if let Some((fleet, id)) = self.fleet.take() {
             let keys = std::mem::take(&mut self.keys);
-            // Off the caller's path; a hold Redis misses expires on its own.
+            // Off the caller's path, among the tasks a drain waits for; a
+            // release Redis misses is sent later, and the hold expires.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
-                rt.spawn(async move {
-                    let _ = fleet.release(&id, &keys).await;
-                });
+                self.quotas.tasks.spawn_on(
+                    async move {
+                        let _ = fleet.release(&id, &keys).await;
+                    },
+                    &rt,
+                );
             }
         }
     }
@@ -849,6 +865,7 @@ impl Quotas {
                     keys: slots.iter().map(|s| s.key.clone()).collect(),
                     usd: estimate.total(),
                     fleet: None,
+                    released_here: false,
                 };
                 let Some(f) = fleet else {
                     return BudgetDecision::Within(Some(hold));
@@ -860,23 +877,24 @@ impl Quotas {
                         id: s.key.clone(),
                         limit: s.limit,
                         spent: self.budgets.get(&s.key),
+                        unsent: self.budgets.unsynced(&s.key),
                     })
                     .collect();
                 let id = fleet_hold_id();
-                match f
+                let taken = f
                     .hold(&id, &on, estimate.firm, estimate.total(), FLEET_HOLD_SECS)
-                    .await
-                {
-                    Ok(None) => {
-                        hold.fleet = Some((f, id));
-                        return BudgetDecision::Within(Some(hold));
-                    }
-                    Ok(Some((i, held))) => {
+                    .await;
+                // Even when the answer was lost: Redis may have taken it.
+                let fleet_on_error = f.on_error();
+                hold.fleet = Some((f, id));
+                match taken {
+                    Ok(None) => return BudgetDecision::Within(Some(hold)),
+                    Ok(Some(NoRoom { index, held, spent })) => {
                         drop(hold);
-                        let s = &slots[i];
-                        (s.budget, s.exceeded(on[i].spent, held, estimate))
+                        let s = &slots[index];
+                        (s.budget, s.exceeded(spent, held, estimate))
                     }
-                    Err(e) if f.on_error() == FleetOnError::Reject => {
+                    Err(e) if fleet_on_error == FleetOnError::Reject => {
                         return BudgetDecision::Reject(Refusal::FleetUnavailable(e.to_string()))
                     }
                     // Redis is out of reach: this gateway's holds decide.
@@ -913,6 +931,20 @@ impl Quotas {
         scope: Scope<'_>,
         cost: f64,
     ) {
+        self.record_and_release(budgets, fleet, scope, cost, None)
+    }
+
+    /// [`Quotas::record`], then let go of the request's `hold`: with a fleet,
+    /// once its cost has reached Redis, so that no other gateway sees the
+    /// request as neither spent nor held.
+    pub fn record_and_release(
+        self: &Arc<Self>,
+        budgets: &[Budget],
+        fleet: &FleetConfig,
+        scope: Scope<'_>,
+        cost: f64,
+        hold: Option<Hold>,
+    ) {
         if cost <= 0.0 || budgets.is_empty() {
             return;
         }
@@ -933,6 +965,10 @@ impl Quotas {
         }
         let (day, month, _, _) = periods(now_secs());
         self.budgets.add(&ids, [&day, &month], cost);
+        let mut hold = hold;
+        if let Some(h) = hold.as_mut() {
+            h.release_here();
+        }
         let Some(f) = self.fleet(fleet) else {
             for c in self.budgets.crossings(&relevant, &day, &month) {
                 self.fire(c);
@@ -966,6 +1002,8 @@ impl Quotas {
                     false
                 }
             };
+            // Its cost is in Redis (or will be sent): its hold goes.
+            drop(hold);
             for c in quotas.budgets.crossings(&relevant, &day, &month) {
                 // One gateway of the fleet sends each alert.
                 if !shared_ok || f.claim(&c.key, MONTH_TTL).await.unwrap_or(true) {

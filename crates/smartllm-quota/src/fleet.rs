@@ -66,39 +66,76 @@ end
 return 0
 "#;
 
-/// Budget holds of the whole fleet, checked and taken atomically. KEYS: one
-/// hash per budget period ("held" kind), field = hold id, value = "USD
-/// EXPIRY" (Redis seconds). ARGV: hold id, firm USD, total USD, seconds a
-/// hold lives; then per key its limit and spent USD. Expired holds (a
-/// gateway that died with requests in flight) are dropped as they are met.
-/// The rule is [`crate::budget::Budgets::check`]'s. Returns "0" when held,
-/// or "INDEX HELD" of the first budget period with no room.
+/// Budget holds of the whole fleet, checked and taken atomically. KEYS,
+/// three per budget period: its spend counter, its holds (a hash: hold id
+/// -> USD, and `_sum`, their total) and their expiries (a sorted set). ARGV:
+/// hold id, firm USD, total USD, seconds a hold lives; then per period its
+/// limit, the spend this gateway sees (Redis's, when it had none to give)
+/// and the spend it has not sent yet. Expired holds (a gateway that died, or
+/// lost its release) are dropped first. The rule is
+/// [`crate::budget::Budgets::check`]'s. Returns "0" when held, or "INDEX
+/// HELD SPENT" of the first budget period with no room.
 const HOLD: &str = r#"
 local now = tonumber(redis.call('TIME')[1])
 local id, firm, total, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
-for i, key in ipairs(KEYS) do
-  local limit, spent = tonumber(ARGV[3 + 2 * i]), tonumber(ARGV[4 + 2 * i])
-  local held = 0
-  local all = redis.call('HGETALL', key)
-  for j = 1, #all, 2 do
-    local usd, expiry = string.match(all[j + 1], '(%S+) (%S+)')
-    if tonumber(expiry) <= now then
-      redis.call('HDEL', key, all[j])
-    else
-      held = held + tonumber(usd)
+local periods = #KEYS / 3
+for i = 1, periods do
+  local spend, held, exp = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
+  local limit = tonumber(ARGV[2 + 3 * i])
+  local seen, unsent = tonumber(ARGV[3 + 3 * i]), tonumber(ARGV[4 + 3 * i])
+  local spent = math.max((tonumber(redis.call('GET', spend)) or 0) + unsent, seen)
+  for _, h in ipairs(redis.call('ZRANGEBYSCORE', exp, '-inf', now)) do
+    local usd = tonumber(redis.call('HGET', held, h))
+    if usd then
+      redis.call('HDEL', held, h)
+      redis.call('HINCRBYFLOAT', held, '_sum', -usd)
     end
+    redis.call('ZREM', exp, h)
   end
-  local alone_fits = held <= 1e-12 and spent + firm <= limit
-  if spent >= limit or (total > 0 and spent + held + total > limit and not alone_fits) then
-    return string.format('%d %.9f', i - 1, held)
+  local sum = 0
+  if redis.call('HLEN', held) > 1 then
+    sum = math.max(0, tonumber(redis.call('HGET', held, '_sum')) or 0)
+  else
+    redis.call('DEL', held)
+  end
+  local alone_fits = sum <= 1e-12 and spent + firm <= limit
+  if spent >= limit or (total > 0 and spent + sum + total > limit and not alone_fits) then
+    return string.format('%d %.9f %.9f', i - 1, sum, spent)
   end
 end
-for _, key in ipairs(KEYS) do
-  redis.call('HSET', key, id, string.format('%.9f %d', total, now + ttl))
-  redis.call('EXPIRE', key, ttl)
+for i = 1, periods do
+  local held, exp = KEYS[3 * i - 1], KEYS[3 * i]
+  redis.call('HSET', held, id, string.format('%.9f', total))
+  redis.call('HINCRBYFLOAT', held, '_sum', total)
+  redis.call('ZADD', exp, now + ttl, id)
+  redis.call('EXPIRE', held, ttl)
+  redis.call('EXPIRE', exp, ttl)
 end
 return '0'
 "#;
+
+/// Let go of a hold. KEYS, two per budget period: its holds and their
+/// expiries (as in [`HOLD`]). ARGV: the hold id.
+const RELEASE: &str = r#"
+for i = 1, #KEYS / 2 do
+  local held, exp = KEYS[2 * i - 1], KEYS[2 * i]
+  local usd = tonumber(redis.call('HGET', held, ARGV[1]))
+  if usd then
+    redis.call('HDEL', held, ARGV[1])
+    if redis.call('HLEN', held) <= 1 then
+      redis.call('DEL', held)
+    else
+      redis.call('HINCRBYFLOAT', held, '_sum', -usd)
+    end
+  end
+  redis.call('ZREM', exp, ARGV[1])
+end
+return 0
+"#;
+
+/// Releases kept while Redis cannot be reached, at most (older holds
+/// expire on their own).
+const MAX_UNRELEASED: usize = 100_000;
 
 /// One budget period a fleet hold is taken on.
 #[derive(Debug, Clone, PartialEq)]
@@ -106,6 +143,20 @@ pub struct HoldOn {
     /// "scope-id|period"
     pub id: String,
     pub limit: f64,
+    /// The spend this gateway sees (Redis's plus what it has not sent).
+    pub spent: f64,
+    /// Spend this gateway counted and has not sent to Redis yet.
+    pub unsent: f64,
+}
+
+/// A budget period on which the fleet's holds leave no room.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct NoRoom {
+    /// Which of the periods asked about.
+    pub index: usize,
+    /// Held by the fleet's requests in flight.
+    pub held: f64,
+    /// Spent, as Redis counts it.
     pub spent: f64,
 }
 
@@ -138,6 +189,9 @@ pub struct Fleet {
     admit: redis::Script,
     charge: redis::Script,
     hold: redis::Script,
+    release: redis::Script,
+    /// Holds to let go of once Redis answers again: (hold id, periods).
+    unreleased: Mutex<Vec<(String, Vec<String>)>>,
 }
 
 impl Fleet {
@@ -155,6 +209,8 @@ impl Fleet {
             admit: redis::Script::new(ADMIT),
             charge: redis::Script::new(CHARGE),
             hold: redis::Script::new(HOLD),
+            release: redis::Script::new(RELEASE),
+            unreleased: Mutex::new(Vec::new()),
         }))
     }
 
@@ -301,9 +357,8 @@ impl Fleet {
 
     /// Hold `total` USD (of which `firm` is sure, see
     /// [`crate::budget::Estimate`]) on every budget period of `on` under
-    /// `hold`, for at most `ttl_secs`, if the fleet's holds leave room on
-    /// each; else `Ok(Some((i, held)))`: `on[i]` has no room, `held` USD held
-    /// there by the fleet's requests in flight.
+    /// `hold`, for at most `ttl_secs`, if the fleet's spend and holds leave
+    /// room on each; else the first period without.
     pub async fn hold(
         &self,
         hold: &str,
@@ -311,39 +366,62 @@ impl Fleet {
         firm: f64,
         total: f64,
         ttl_secs: u64,
-    ) -> Result<Option<(usize, f64)>, FleetError> {
+    ) -> Result<Option<NoRoom>, FleetError> {
         if on.is_empty() {
             return Ok(None);
         }
         let mut conn = self.conn().await?;
+        // Releases Redis missed go first (a few per call).
+        let late: Vec<(String, Vec<String>)> = {
+            let mut q = self.unreleased.lock().unwrap_or_else(|p| p.into_inner());
+            let n = q.len().min(16);
+            q.drain(..n).collect()
+        };
+        for (id, ids) in late {
+            let _ = self.release(&id, &ids).await;
+        }
         let mut inv = self.hold.prepare_invoke();
         inv.arg(hold)
             .arg(format!("{firm:.9}"))
             .arg(format!("{total:.9}"))
             .arg(ttl_secs);
         for h in on {
-            inv.key(self.key("held", &h.id));
+            inv.key(self.key("spend", &h.id))
+                .key(self.key("held", &h.id))
+                .key(self.key("heldexp", &h.id));
             inv.arg(format!("{:.9}", h.limit))
-                .arg(format!("{:.9}", h.spent));
+                .arg(format!("{:.9}", h.spent))
+                .arg(format!("{:.9}", h.unsent));
         }
         let reply: String = self.run("hold", inv.invoke_async(&mut conn)).await?;
         parse_hold(&reply, on.len()).map_err(|e| self.failed("hold", e))
     }
 
-    /// Let go of a hold taken with [`Fleet::hold`].
+    /// Let go of a hold taken with [`Fleet::hold`]. One Redis cannot take
+    /// now is kept and sent with a later hold (it expires meanwhile).
     pub async fn release(&self, hold: &str, ids: &[String]) -> Result<(), FleetError> {
         if ids.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn().await?;
-        let mut pipe = redis::pipe();
-        for id in ids {
-            pipe.cmd("HDEL")
-                .arg(self.key("held", id))
-                .arg(hold)
-                .ignore();
+        let result = async {
+            let mut conn = self.conn().await?;
+            let mut inv = self.release.prepare_invoke();
+            inv.arg(hold);
+            for id in ids {
+                inv.key(self.key("held", id)).key(self.key("heldexp", id));
+            }
+            self.run("release", inv.invoke_async::<i64>(&mut conn))
+                .await
+                .map(|_| ())
         }
-        self.run("release", pipe.query_async::<()>(&mut conn)).await
+        .await;
+        if result.is_err() {
+            let mut q = self.unreleased.lock().unwrap_or_else(|p| p.into_inner());
+            if q.len() < MAX_UNRELEASED {
+                q.push((hold.to_string(), ids.to_vec()));
+            }
+        }
+        result
     }
 
     /// True for exactly one gateway of the fleet per `id` (an alert to send).
@@ -360,18 +438,20 @@ impl Fleet {
     }
 }
 
-fn parse_hold(reply: &str, n: usize) -> Result<Option<(usize, f64)>, FleetError> {
+fn parse_hold(reply: &str, n: usize) -> Result<Option<NoRoom>, FleetError> {
     if reply == "0" {
         return Ok(None);
     }
     let bad = || FleetError::Protocol(reply.to_string());
-    let (i, held) = reply.split_once(' ').ok_or_else(bad)?;
-    let i: usize = i.parse().map_err(|_| bad())?;
-    let held: f64 = held.parse().map_err(|_| bad())?;
-    if i >= n {
+    let mut parts = reply.split(' ');
+    let mut next = || parts.next().ok_or_else(bad);
+    let index: usize = next()?.parse().map_err(|_| bad())?;
+    let held: f64 = next()?.parse().map_err(|_| bad())?;
+    let spent: f64 = next()?.parse().map_err(|_| bad())?;
+    if index >= n {
         return Err(bad());
     }
-    Ok(Some((i, held)))
+    Ok(Some(NoRoom { index, held, spent }))
 }
 
 fn parse_admit(reply: &str) -> Result<Option<(f64, usize)>, FleetError> {
@@ -395,8 +475,16 @@ mod tests {
     #[test]
     fn hold_replies() {
         assert_eq!(parse_hold("0", 2).unwrap(), None);
-        assert_eq!(parse_hold("1 0.250000000", 2).unwrap(), Some((1, 0.25)));
-        assert!(parse_hold("2 0.1", 2).is_err());
+        assert_eq!(
+            parse_hold("1 0.250000000 0.5", 2).unwrap(),
+            Some(NoRoom {
+                index: 1,
+                held: 0.25,
+                spent: 0.5
+            })
+        );
+        assert!(parse_hold("2 0.1 0", 2).is_err());
+        assert!(parse_hold("1 0.1", 2).is_err());
         assert!(parse_hold("x", 2).is_err());
     }
 

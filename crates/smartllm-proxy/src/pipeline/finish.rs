@@ -55,13 +55,18 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
         let ok = ctx.status < 400 && ctx.error_code.is_none();
         metrics::experiment(exp, arm, ok, cost);
     }
+    // Its cost counts now: what it held goes (with a fleet, once the cost
+    // has reached Redis).
+    let hold = ctx.budget_hold.take();
     if let Some(rt) = rt {
-        shared
-            .quotas
-            .record(&rt.config.keys.budgets, &rt.config.fleet, ctx.scope(), cost);
+        shared.quotas.record_and_release(
+            &rt.config.keys.budgets,
+            &rt.config.fleet,
+            ctx.scope(),
+            cost,
+            hold,
+        );
     }
-    // Its cost counts now: what it held goes.
-    ctx.budget_hold = None;
     // Takes the request's names out of `ctx`: nothing reads them after this.
     shared.recent.record(ctx, status, cost);
     // Last: a drain (SIGTERM, graceful upgrade) waits for this request's

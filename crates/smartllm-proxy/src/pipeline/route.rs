@@ -78,10 +78,12 @@ pub async fn plan(
             .unwrap_or(1)
             .max(1);
         let bytes = ctx.request_bytes;
-        // An embedding has no answer; a chat answer of unknown length is
+        // An embedding or a token count has no answer; one of unknown length is
         // estimated as a typical one for the task (held against a burst,
         // see `smartllm_quota::budget::Estimate`).
-        let typical = if request.req.endpoint.is_chat() {
+        let answers = request.req.endpoint.is_chat()
+            || request.req.endpoint == smartllm_protocol::Endpoint::Completions;
+        let typical = if answers {
             let task = ctx
                 .task
                 .and_then(smartllm_router::Task::parse)
@@ -90,12 +92,13 @@ pub async fn plan(
         } else {
             0
         };
+        // No model answers more than its own limit, whatever was asked.
         let estimate = |m: &smartllm_config::ModelConfig| {
             let cap = m.profile.max_output_tokens.unwrap_or(u64::MAX);
             smartllm_quota::budget::estimate(
                 &m.pricing,
                 bytes,
-                max_out.map(|t| t.saturating_mul(choices)),
+                max_out.map(|t| t.min(cap).saturating_mul(choices)),
                 typical.min(cap).saturating_mul(choices),
             )
         };
