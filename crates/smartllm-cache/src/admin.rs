@@ -10,11 +10,34 @@ use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_VECTORS};
 use std::sync::atomic::Ordering;
 
 /// What to purge.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Purge {
     All,
     Namespace(String),
     Route(String),
+}
+
+impl Purge {
+    /// Does this purge remove `e`?
+    pub fn covers(&self, e: &Entry) -> bool {
+        match self {
+            Purge::Namespace(ns) => &e.namespace == ns,
+            Purge::Route(r) => &e.route == r || &e.model == r,
+            Purge::All => true,
+        }
+    }
+}
+
+/// Purge targets remembered against entries the fleet sends late.
+const MAX_PURGES_KEPT: usize = 1024;
+
+/// Purges applied here, by when they were issued (seconds).
+#[derive(Debug, Default)]
+pub(crate) struct Purged {
+    /// The last purge of everything.
+    all: u64,
+    /// The last purge of each route, model or namespace.
+    targets: std::collections::HashMap<Purge, u64>,
 }
 
 #[derive(Debug, Clone, serde::Serialize)]
@@ -35,6 +58,11 @@ pub struct CacheStats {
 impl SemanticCache {
     /// Remove entries matching `what`; returns how many.
     pub fn purge(&self, what: &Purge) -> Result<u64, CacheError> {
+        self.remember_purge(what, now_secs());
+        self.remove(what)
+    }
+
+    fn remove(&self, what: &Purge) -> Result<u64, CacheError> {
         if *what == Purge::All {
             let mut n = 0u64;
             let mut batch = WriteBatch::default();
@@ -59,16 +87,56 @@ impl SemanticCache {
             counter!(m::REMOVED, "reason" => "purge").increment(n);
             return Ok(n);
         }
-        let (n, _) = self.remove_where(
-            |e| match what {
-                Purge::Namespace(ns) => &e.namespace == ns,
-                Purge::Route(r) => &e.route == r || &e.model == r,
-                Purge::All => true,
-            },
-            false,
-        )?;
+        let (n, _) = self.remove_where(|e| what.covers(e), false)?;
         counter!(m::REMOVED, "reason" => "purge").increment(n);
         Ok(n)
+    }
+
+    /// Note a purge issued at `at` (see [`SemanticCache::purged_since`]):
+    /// the newest time per target, and one time for "everything".
+    fn remember_purge(&self, what: &Purge, at: u64) {
+        let mut p = self.purged.lock().unwrap_or_else(|p| p.into_inner());
+        if *what == Purge::All {
+            p.all = p.all.max(at);
+            return;
+        }
+        if p.targets.len() >= MAX_PURGES_KEPT && !p.targets.contains_key(what) {
+            // The oldest target goes first.
+            if let Some(oldest) = p
+                .targets
+                .iter()
+                .min_by_key(|(_, t)| **t)
+                .map(|(k, _)| k.clone())
+            {
+                p.targets.remove(&oldest);
+            }
+        }
+        let t = p.targets.entry(what.clone()).or_default();
+        *t = (*t).max(at);
+    }
+
+    /// Was `e` stored before a purge applied here that removes it? An entry
+    /// the fleet sends after the purge (another gateway's backlog, or a
+    /// stream this one had not read yet) is then not stored again. Times are
+    /// seconds: an entry stored in the purge's own second is let through.
+    pub(crate) fn purged_since(&self, e: &Entry) -> bool {
+        let p = self.purged.lock().unwrap_or_else(|p| p.into_inner());
+        e.created_at < p.all
+            || p.targets
+                .iter()
+                .any(|(what, at)| e.created_at < *at && what.covers(e))
+    }
+
+    /// A purge another gateway issued at `issued_at` (its clock, seconds).
+    pub fn purge_from_fleet(&self, what: &Purge, issued_at: u64) -> Result<u64, CacheError> {
+        self.remember_purge(what, issued_at.min(now_secs()));
+        self.remove(what)
+    }
+
+    /// Empty the cache to load the fleet's snapshot in its place (which
+    /// reflects every purge): nothing is remembered against its entries.
+    pub fn clear_for_snapshot(&self) -> Result<u64, CacheError> {
+        self.remove(&Purge::All)
     }
 
     /// Remove expired entries, those `stale` says are outdated (version

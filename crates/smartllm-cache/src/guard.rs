@@ -263,24 +263,35 @@ pub fn strip_fillers(text: &str) -> &str {
 }
 
 /// `t` without trailing whitespace, nor the punctuation in `marks` that
-/// closes a sentence: after a word ("Why?", "Thanks!"), or a `?`, `.` or
-/// `,` after a number ("What is 2+2?"). A `!`, `;` or `:` after a digit,
-/// symbol or bracket may be the question itself ("Compute 20!", "Is
-/// `int x = 5;` valid C"), so it stays.
+/// closes a sentence: a `?`, `.` or `,` always, a `!`, `;` or `:` after a
+/// word ("Thanks!"). After a digit, symbol or bracket a `!`, `;` or `:` may
+/// be the question itself ("Compute 20!", "Is `int x = 5;` valid C"), so it
+/// stays.
 fn trim_closing_punctuation<'a>(t: &'a str, marks: &[char]) -> &'a str {
-    let t = t.trim_end();
-    let bare = t.trim_end_matches(|c: char| c.is_whitespace() || marks.contains(&c));
-    let run = &t[bare.len()..];
-    let closes = bare.ends_with(char::is_alphabetic)
-        || (bare.ends_with(|c: char| c.is_ascii_digit())
-            && run
-                .chars()
-                .all(|c| c.is_whitespace() || matches!(c, '?' | '.' | ',')));
-    if !run.is_empty() && closes {
-        bare
-    } else {
-        t
+    let mut t = t.trim_end();
+    loop {
+        let before = t.len();
+        t = t.trim_end_matches(|c: char| {
+            c.is_whitespace() || (matches!(c, '?' | '.' | ',') && marks.contains(&c))
+        });
+        let bare = t.trim_end_matches(|c: char| c.is_whitespace() || marks.contains(&c));
+        if bare.len() < t.len() && bare.ends_with(char::is_alphabetic) {
+            t = bare;
+        }
+        if t.len() == before {
+            return t;
+        }
     }
+}
+
+/// The numbers a text follows with `!` (factorials): "20!" is not "20".
+fn factorials(text: &str) -> Vec<&str> {
+    let mut out: Vec<&str> = text
+        .split(|c: char| !(c.is_ascii_digit() || c == '!'))
+        .filter(|w| w.len() > 1 && w.ends_with('!') && w.starts_with(|c: char| c.is_ascii_digit()))
+        .collect();
+    out.sort_unstable();
+    out
 }
 
 /// Lower-case words of a text, punctuation dropped and contractions
@@ -487,7 +498,7 @@ pub fn near_miss(a: &str, b: &str) -> Option<&'static str> {
     if negation_count(a) % 2 != negation_count(b) % 2 {
         return Some("negation");
     }
-    if numbers(a) != numbers(b) {
+    if numbers(a) != numbers(b) || factorials(a) != factorials(b) {
         return Some("numbers");
     }
     let (ea, eb) = (entities(a), entities(b));
@@ -822,6 +833,11 @@ mod tests {
             "Is this valid C: int x = 5;"
         );
         assert_eq!(strip_fillers("Compute 20! Thanks"), "Compute 20!");
+        assert_eq!(strip_fillers("What is C++?"), "What is C++");
+        assert_eq!(strip_fillers("What is 2+2?"), "What is 2+2");
+        // And the guard tells a factorial from the number.
+        assert_eq!(near_miss("Compute 20!", "Compute 20"), Some("numbers"));
+        assert_eq!(near_miss("Compute 20!", "compute 20!"), None);
         // Set off by punctuation, a filler goes; as part of the question it stays.
         assert_eq!(strip_fillers("Hi! What is Rust? thx"), "What is Rust");
         assert_eq!(

@@ -33,6 +33,8 @@ pub enum Applied {
     /// Already here, or something newer under the same key.
     Duplicate,
     Expired,
+    /// Stored before a purge applied here that removes it.
+    Purged,
 }
 
 impl SemanticCache {
@@ -89,6 +91,9 @@ impl SemanticCache {
         let (entry, _) = self.codec.open(sealed)?;
         if entry.expired(now_secs()) {
             return Ok(Applied::Expired);
+        }
+        if self.purged_since(&entry) {
+            return Ok(Applied::Purged);
         }
         let exact: [u8; 32] = hex::decode(&entry.exact)
             .ok()

@@ -105,16 +105,10 @@ pub fn api_chat_key(
         rest.insert(k.clone(), v.clone());
     }
     rest.insert("messages".into(), Value::Array(earlier.to_vec()));
-    // What the last turn says besides its text (its `name`: who asks) is
-    // part of the namespace; a plain turn adds nothing (keys unchanged).
-    let said_besides: Map<String, Value> = last
-        .as_object()?
-        .iter()
-        .filter(|(k, _)| *k != "role" && *k != "content")
-        .map(|(k, v)| (k.clone(), v.clone()))
-        .collect();
-    if !said_besides.is_empty() {
-        rest.insert("smartllm:last_turn".into(), Value::Object(said_besides));
+    // Who asks (the last turn's `name`) is part of the namespace; a turn
+    // without one adds nothing (keys unchanged).
+    if let Some(name) = last.get("name").filter(|n| !n.is_null()) {
+        rest.insert("smartllm:last_turn_name".into(), name.clone());
     }
     // Keys of serde_json maps are sorted: this serialisation is canonical.
     let canonical = serde_json::to_vec(&rest).ok()?;

@@ -114,6 +114,9 @@ pub struct SemanticCache {
     /// Token states of recently verified cached prompts, by text: a stored
     /// question that many paraphrases hit runs the model once for all.
     cached_states: Mutex<LruCache<u64, Arc<[f32]>>>,
+    /// Purges applied here (local or from the fleet) and when: an entry the
+    /// fleet sends later that one of them removed is not stored again.
+    purged: Mutex<admin::Purged>,
 }
 
 /// Verifier scores kept for repeated pairs.

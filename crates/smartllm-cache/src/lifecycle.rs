@@ -73,6 +73,7 @@ impl SemanticCache {
             cached_states: Mutex::new(LruCache::new(
                 NonZeroUsize::new(crate::KEPT_STATES).expect("non-zero"),
             )),
+            purged: Mutex::new(Default::default()),
         });
         cache.migrate_untagged()?;
         if !cache.load_persisted()? {

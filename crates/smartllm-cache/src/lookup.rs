@@ -139,7 +139,12 @@ impl SemanticCache {
             .await
             .map_err(|e| CacheError::Task(e.to_string()))??;
         if let Some(e) = stored {
-            if valid(&e, policy, now) && e.namespace == key.namespace_hex() {
+            // The entry the exact key points to must be that key's (a data
+            // dir someone else wrote could point it elsewhere).
+            if valid(&e, policy, now)
+                && e.namespace == key.namespace_hex()
+                && e.exact == hex::encode(key.exact)
+            {
                 let e = Arc::new(e);
                 self.l1_put(epoch, key.exact, e.clone());
                 counter!(m::LOOKUPS, "result" => "hit_exact").increment(1);
@@ -972,6 +977,56 @@ mod tests {
             off > 1e-4,
             "the 8-bit codes scored exactly ({off}): the test tests nothing"
         );
+    }
+
+    /// An entry the fleet sends after a purge that removes it (another
+    /// gateway's backlog, or a stream read late) is not stored again; one
+    /// stored after the purge is.
+    #[tokio::test]
+    async fn a_purge_holds_against_entries_the_fleet_sends_late() {
+        let (_dir, here) = open_cache();
+        let (_dir2, there) = open_cache();
+        let p = policy();
+        let k = key("t1", "What is our refund policy?");
+        let old = there
+            .insert(
+                k.clone(),
+                None,
+                "{\"answer\":\"30 days\"}".into(),
+                &p,
+                "faq",
+                "m",
+            )
+            .await
+            .unwrap();
+        // Purged here before the entry arrived.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        assert_eq!(here.purge(&Purge::Route("faq".into())).unwrap(), 0);
+        assert_eq!(
+            here.apply_remote(&old.sealed, old.embedding.clone())
+                .unwrap(),
+            crate::Applied::Purged
+        );
+        assert!(is_hit(&here.lookup(&k, &p, 8).await.unwrap()).is_none());
+        // Another route's entries, and answers stored after the purge, arrive.
+        std::thread::sleep(std::time::Duration::from_millis(1100));
+        let new = there
+            .insert(
+                k.clone(),
+                None,
+                "{\"answer\":\"60 days\"}".into(),
+                &p,
+                "faq",
+                "m",
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            here.apply_remote(&new.sealed, new.embedding.clone())
+                .unwrap(),
+            crate::Applied::Stored
+        );
+        assert!(is_hit(&here.lookup(&k, &p, 8).await.unwrap()).is_some());
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

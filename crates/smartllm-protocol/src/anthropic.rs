@@ -345,6 +345,9 @@ pub struct AnthropicStream {
     pub error: Option<StreamError>,
     /// The answer stopped at the token limit (`stop_reason: max_tokens`).
     pub truncated: bool,
+    /// It stopped at the model's context window
+    /// (`model_context_window_exceeded`), whatever limit was asked for.
+    pub window_cut: bool,
 }
 
 impl AnthropicStream {
@@ -363,6 +366,7 @@ impl AnthropicStream {
             done: false,
             error: None,
             truncated: false,
+            window_cut: false,
         }
     }
 
@@ -527,6 +531,7 @@ impl AnthropicStream {
                     .and_then(|d| d.get("stop_reason"))
                     .and_then(Value::as_str);
                 self.truncated |= stop.is_some_and(cut_at_limit);
+                self.window_cut |= stop == Some("model_context_window_exceeded");
                 out.extend(self.chunk(json!({}), finish_reason(stop.or(Some("end_turn")))));
             }
             "message_stop" => {

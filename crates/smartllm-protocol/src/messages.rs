@@ -340,7 +340,7 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
     only.top_k = body.get("top_k").and_then(Value::as_u64);
     let extra: serde_json::Map<String, Value> = body
         .iter()
-        .filter(|(k, _)| !KNOWN_FIELDS.contains(&k.as_str()))
+        .filter(|(k, v)| !KNOWN_FIELDS.contains(&k.as_str()) && !v.is_null())
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
     if !extra.is_empty() {
@@ -1009,6 +1009,17 @@ mod tests {
         let r = parse_str(r#"{"model":"c","max_tokens":5,"top_k":40,"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
         assert_eq!(r.anthropic_only.top_k, Some(40));
         assert!(r.body.get("top_k").is_none(), "no Chat Completions field");
+        assert_eq!(r.anthropic_only.extra, None);
+        // Fields the chat body does not carry are kept for the key (nulls
+        // are no field); a tool result's image makes the chat body lossy.
+        let r = parse_str(r#"{"model":"c","max_tokens":5,"service_tier":null,"output_format":{"type":"json_schema"},"container":"x","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(
+            r.anthropic_only.extra.as_deref(),
+            Some(r#"{"container":"x","output_format":{"type":"json_schema"}}"#)
+        );
+        assert!(!r.anthropic_only.lossy);
+        let r = parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"shot","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AA=="}}]},{"type":"text","text":"What changed?"}]}]}"#).unwrap();
+        assert!(r.anthropic_only.lossy);
     }
 
     #[test]

@@ -23,7 +23,13 @@ fn storable(completion: &str, cost_capped: bool) -> bool {
     };
     choices.iter().all(|c| {
         let ended = match c["finish_reason"].as_str() {
-            Some("stop" | "tool_calls" | "function_call") => true,
+            // OpenAI's words, and what other compatible servers say for an
+            // answer that ended on its own (TGI, Together, pass-through
+            // proxies of Anthropic).
+            Some(
+                "stop" | "tool_calls" | "function_call" | "eos" | "eos_token" | "stop_sequence"
+                | "end_turn",
+            ) => true,
             Some("length") => !cost_capped,
             // Providers that say nothing: judged by the content alone.
             None => c["finish_reason"].is_null(),

@@ -281,7 +281,14 @@ impl FleetSync {
                     Purge::Namespace(ns) => ("namespace", ns.as_str()),
                     Purge::Route(r) => ("route", r.as_str()),
                 };
-                add.arg("k").arg("p").arg("w").arg(w).arg("a").arg(a);
+                add.arg("k")
+                    .arg("p")
+                    .arg("w")
+                    .arg(w)
+                    .arg("a")
+                    .arg(a)
+                    .arg("t")
+                    .arg(smartllm_ledger::now_secs());
                 add.invoke_async::<()>(conn).await?;
                 let pattern = match what {
                     Purge::Namespace(ns) => self.entry_pattern(Some(ns)),
@@ -454,6 +461,7 @@ impl FleetSync {
             Ok(Ok(Applied::Stored)) => count("cache_apply", "stored"),
             Ok(Ok(Applied::Duplicate)) => count("cache_apply", "duplicate"),
             Ok(Ok(Applied::Expired)) => count("cache_apply", "expired"),
+            Ok(Ok(Applied::Purged)) => count("cache_apply", "purged"),
             Ok(Err(e)) => {
                 count("cache_apply", "rejected");
                 tracing::debug!(error = %e, "a fleet cache entry was not applied");
@@ -492,8 +500,12 @@ impl FleetSync {
                     ("route", r) if !r.is_empty() => Purge::Route(r),
                     _ => return count("cache_apply", "rejected"),
                 };
+                // When it was issued (older gateways send no time: now).
+                let issued = text("t")
+                    .parse::<u64>()
+                    .unwrap_or_else(|_| smartllm_ledger::now_secs());
                 let c = cache.clone();
-                match tokio::task::spawn_blocking(move || c.purge(&what)).await {
+                match tokio::task::spawn_blocking(move || c.purge_from_fleet(&what, issued)).await {
                     Ok(Ok(n)) => {
                         count("cache_apply", "purge");
                         tracing::info!(removed = n, "cache purge from the fleet applied");
@@ -593,7 +605,7 @@ impl FleetSync {
             // the stream; the snapshot reflects them. So a gateway that fell
             // behind takes the fleet's cache as the snapshot has it.
             let c = cache.clone();
-            match tokio::task::spawn_blocking(move || c.purge(&Purge::All)).await {
+            match tokio::task::spawn_blocking(move || c.clear_for_snapshot()).await {
                 Ok(Ok(n)) => {
                     tracing::info!(removed = n, "local cache replaced by the fleet's snapshot")
                 }

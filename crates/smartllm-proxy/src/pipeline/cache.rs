@@ -114,13 +114,19 @@ pub async fn phase(
         if let Some(extra) = &only.extra {
             api = format!("{api}+{extra}").into();
         }
-        let betas: Vec<&str> = session
+        // As a set: order, spacing and repeats do not matter.
+        let mut betas: Vec<&str> = session
             .req_header()
             .headers
             .get_all("anthropic-beta")
             .iter()
             .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .map(str::trim)
+            .filter(|b| !b.is_empty())
             .collect();
+        betas.sort_unstable();
+        betas.dedup();
         if !betas.is_empty() {
             api = format!("{api}+anthropic-beta={}", betas.join(",")).into();
         }

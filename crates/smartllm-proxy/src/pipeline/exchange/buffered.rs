@@ -95,7 +95,12 @@ pub(super) async fn relay(
             .is_some_and(anthropic::cut_at_limit),
         Translate::ResponsesNative => v["incomplete_details"]["reason"] == "max_output_tokens",
     };
-    ctx.cut_off = truncated && !super::output_limited(x.req);
+    // Cut at the model's context window: not the limit the client asked for.
+    let window_cut = matches!(
+        x.translate,
+        Translate::Anthropic | Translate::AnthropicNative
+    ) && v["stop_reason"] == "model_context_window_exceeded";
+    ctx.cut_off = truncated && (!super::output_limited(x.req) || window_cut);
     // What the client gets, its usage, and the answer in the canonical chat
     // shape (what the cache stores and the estimates read).
     let (mut out, usage, chat) = match x.translate {

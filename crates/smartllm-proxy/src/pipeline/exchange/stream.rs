@@ -110,6 +110,11 @@ impl Translator {
             Translator::Responses(r) => r.truncated,
         }
     }
+    /// The answer stopped at the model's context window (not at a limit
+    /// the client set, whatever it set).
+    fn window_cut(&self) -> bool {
+        matches!(self, Translator::Anthropic(a) if a.window_cut)
+    }
     /// The error the provider reported mid-stream, if it did.
     fn upstream_error(&self) -> Option<&StreamError> {
         match self {
@@ -388,7 +393,7 @@ pub(super) async fn relay(
     } else {
         record_usage(ctx, tr.usage());
     }
-    ctx.cut_off = tr.truncated() && !super::output_limited(req);
+    ctx.cut_off = tr.truncated() && (!super::output_limited(req) || tr.window_cut());
     let mut tail = Vec::new();
     match &failure {
         // The provider's own error event already reached the client: end with
