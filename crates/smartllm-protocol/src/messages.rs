@@ -343,6 +343,8 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
         .filter(|(k, v)| !KNOWN_FIELDS.contains(&k.as_str()) && !v.is_null())
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
+    // MCP servers answer with blocks the chat answer has no place for.
+    only.lossy |= extra.contains_key("mcp_servers");
     if !extra.is_empty() {
         // Keys of serde_json maps are sorted: canonical.
         only.extra = Some(Value::Object(extra).to_string());

@@ -32,7 +32,11 @@ impl BackgroundService for CacheSweeper {
             let rt = self.shared.runtime.load_full();
             let cache = cache.clone();
             let swept = tokio::task::spawn_blocking(move || {
-                let n = cache.sweep(|e| outdated(&rt.config, &e.route, &e.model, e.version))?;
+                let now = smartllm_ledger::now_secs();
+                let n = cache.sweep(|e| {
+                    outdated(&rt.config, &e.route, &e.model, e.version)
+                        || too_old(&rt.config, &e.route, &e.model, e.created_at, now)
+                })?;
                 if save {
                     cache.persist()?;
                 }
@@ -57,17 +61,39 @@ impl BackgroundService for CacheSweeper {
 /// resolves a routed alias's policy by the alias (its answers are cached
 /// under it, whichever model served them), a fixed one's by its model.
 fn outdated(config: &smartllm_config::Config, route: &str, model: &str, version: u32) -> bool {
+    policy(config, route, model).version != version
+}
+
+/// An entry stored at `created_at` is too old when the policy the lookup
+/// would apply now has a shorter TTL than it was stored with (a lowered
+/// `ttl`): the lookup no longer serves it, so the sweep removes it.
+fn too_old(
+    config: &smartllm_config::Config,
+    route: &str,
+    model: &str,
+    created_at: u64,
+    now: u64,
+) -> bool {
+    now >= created_at.saturating_add(policy(config, route, model).ttl.as_secs())
+}
+
+/// The cache policy the lookup applies to what `model` stored under `route`.
+fn policy<'a>(
+    config: &'a smartllm_config::Config,
+    route: &str,
+    model: &str,
+) -> &'a smartllm_config::CachePolicy {
     let alias = (route != model).then_some(route);
     let routed = alias
         .and_then(|r| config.routes.get(r))
         .is_some_and(|r| r.is_routed());
     let key = if routed { route } else { model };
-    config.cache.policy(alias, key).version != version
+    config.cache.policy(alias, key)
 }
 
 #[cfg(test)]
 mod tests {
-    use super::outdated;
+    use super::{outdated, too_old};
 
     /// A model's own cache version does not outdate what a routed alias
     /// stored (the lookup never reads it for the alias); the alias's does,
@@ -91,7 +117,7 @@ mod tests {
         );
         w(
             "cache.yaml",
-            "cache:\n  enabled: true\n  routes:\n    small: { version: 3 }\n",
+            "cache:\n  enabled: true\n  ttl: 1h\n  routes:\n    small: { version: 3, ttl: 60s }\n",
         );
         let c = smartllm_config::load_dir(dir.path()).unwrap();
         assert!(
@@ -105,5 +131,12 @@ mod tests {
         );
         assert!(!outdated(&c, "fixed", "small", 3));
         assert!(!outdated(&c, "small", "small", 3));
+        // A TTL lowered after the entry was stored: the policy's TTL now.
+        assert!(too_old(&c, "fixed", "small", 1_000, 1_060));
+        assert!(!too_old(&c, "fixed", "small", 1_000, 1_059));
+        assert!(
+            !too_old(&c, "auto", "small", 1_000, 1_060),
+            "the alias keeps 1h"
+        );
     }
 }
