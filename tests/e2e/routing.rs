@@ -923,3 +923,64 @@ fn a_failed_health_check_survives_a_reload() {
         "r; model=small; reason=utility; cost_rule=log"
     );
 }
+
+/// A deployment that refuses the gateway's own key (401, 403) or does not
+/// know its upstream model (404) is no fault of the client's: the next
+/// deployment serves, the refusing one's circuit counts it, and when none is
+/// left the client gets 502 `upstream_auth` / `upstream_not_found`, not a
+/// 401 its SDK would blame on its own key.
+#[test]
+fn a_deployment_that_refuses_the_gateways_key_is_passed_over() {
+    let mock = Mock::start(&[
+        "--model-status",
+        "mock-revoked=401",
+        "--model-status",
+        "mock-misspelt=404",
+    ]);
+    let provider = |name: &str| {
+        format!(
+            "  {name}:\n    kind: openai\n    base_url: http://{}/v1\n    health_check: {{ kind: none }}\n    circuit_breaker: {{ failures: 2, cooldown: 60s }}\n",
+            mock.addr
+        )
+    };
+    let providers = format!("providers:\n{}{}", provider("org1"), provider("org2"));
+    let models = "models:
+  - name: pair
+    deployments: [ { provider: org1, model: mock-revoked }, { provider: org2, model: mock-small } ]
+  - name: revoked
+    deployments: [ { provider: org1, model: mock-revoked } ]
+  - name: misspelt
+    deployments: [ { provider: org1, model: mock-misspelt } ]
+";
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "",
+    ));
+    for i in 0..4 {
+        let r = gw.chat(&chat_body("pair", &format!("question {i}")));
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let circuit = |id: String| gw.metric("smartllm_circuit_state", &[("deployment", &id)]);
+    assert!(
+        wait_until(Duration::from_secs(5), || circuit(format!(
+            "pair/org1/{}",
+            mock.addr
+        )) == 2.0),
+        "{}",
+        gw.metrics()
+    );
+    let r = gw.chat(&chat_body("revoked", "hello"));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_auth", "{}", r.text());
+    let r = gw.chat(&chat_body("misspelt", "hello"));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(
+        r.json()["error"]["code"],
+        "upstream_not_found",
+        "{}",
+        r.text()
+    );
+}

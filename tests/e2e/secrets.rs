@@ -180,12 +180,15 @@ fn secrets_never_reach_clients_logs_metrics_or_the_admin_api() {
     // A provider that quotes the key it was sent: scrubbed before the client
     // sees it. (The `mock` object reaches OpenAI-kind providers only; the
     // Anthropic translation drops unknown fields, and both kinds' error bodies
-    // pass the same scrub.)
+    // pass the same scrub.) The provider refused the gateway's key, not the
+    // client's: 502 upstream_auth, not a 401 the client's SDK would blame on
+    // its own key.
     let r = call(
         "sk-alice-virtual-4242",
         &json!({"model": "small", "messages": [{"role": "user", "content": "x"}], "mock": {"status": 401}}),
     );
-    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_auth", "{}", r.text());
     assert!(r.text().contains("[redacted]"), "{}", r.text());
     seen.push(r.text());
     // The admin API refuses requests without its token, and with it shows no secret.

@@ -104,6 +104,7 @@ enum Field {
     FinishReason,
     PromptTokens,
     CompletionTokens,
+    TotalTokens,
     PromptDetails,
     CompletionDetails,
     CachedTokens,
@@ -130,6 +131,7 @@ impl<'de> de::Deserialize<'de> for Key {
                     "finish_reason" => Field::FinishReason,
                     "prompt_tokens" => Field::PromptTokens,
                     "completion_tokens" => Field::CompletionTokens,
+                    "total_tokens" => Field::TotalTokens,
                     "prompt_tokens_details" => Field::PromptDetails,
                     "completion_tokens_details" => Field::CompletionDetails,
                     "cached_tokens" => Field::CachedTokens,
@@ -185,9 +187,11 @@ impl<'de> de::Deserialize<'de> for UsageField {
             }
             fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<UsageField, A::Error> {
                 let mut u = Usage::default();
+                let mut total = 0;
                 while let Some(key) = map.next_key::<Key>()? {
                     match key.0 {
                         Field::PromptTokens => u.prompt_tokens = map.next_value::<Count>()?.0,
+                        Field::TotalTokens => total = map.next_value::<Count>()?.0,
                         Field::CompletionTokens => {
                             u.completion_tokens = map.next_value::<Count>()?.0
                         }
@@ -205,6 +209,7 @@ impl<'de> de::Deserialize<'de> for UsageField {
                         _ => skip(&mut map)?,
                     }
                 }
+                u.fold_total(total);
                 Ok(UsageField(Some(u)))
             }
         }
@@ -346,6 +351,8 @@ mod tests {
     fn reads_what_a_value_reads() {
         for body in [
             r#"{"id":"x","object":"chat.completion","choices":[{"index":0,"message":{"role":"assistant","content":"hi \"there\"\n"},"finish_reason":"stop"}],"usage":{"prompt_tokens":12,"completion_tokens":5,"total_tokens":17,"prompt_tokens_details":{"cached_tokens":4,"audio_tokens":3},"completion_tokens_details":{"reasoning_tokens":2,"audio_tokens":1}}}"#,
+            // xAI: reasoning outside completion_tokens, inside total_tokens.
+            r#"{"choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":10120,"completion_tokens":1499,"total_tokens":14428,"prompt_tokens_details":{"cached_tokens":128},"completion_tokens_details":{"reasoning_tokens":2809}}}"#,
             r#"{"choices":[{"finish_reason":"stop"},{"finish_reason":"length"}],"usage":null}"#,
             r#"{"choices":[{"text":"abc","finish_reason":"length"}]}"#,
             r#"{"choices":{"finish_reason":"length"},"usage":7}"#,

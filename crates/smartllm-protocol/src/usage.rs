@@ -41,7 +41,7 @@ impl Usage {
                 .and_then(Value::as_u64)
                 .unwrap_or(0)
         };
-        Some(Usage {
+        let mut usage = Usage {
             prompt_tokens: u.get("prompt_tokens").and_then(Value::as_u64).unwrap_or(0),
             completion_tokens: u
                 .get("completion_tokens")
@@ -53,7 +53,21 @@ impl Usage {
             reasoning_tokens: detail("completion_tokens_details", "reasoning_tokens"),
             audio_prompt_tokens: detail("prompt_tokens_details", "audio_tokens"),
             audio_completion_tokens: detail("completion_tokens_details", "audio_tokens"),
-        })
+        };
+        usage.fold_total(u.get("total_tokens").and_then(Value::as_u64).unwrap_or(0));
+        Some(usage)
+    }
+
+    /// Some OpenAI-compatible providers (xAI's Grok) count reasoning tokens
+    /// outside `completion_tokens` and only in `total_tokens`; OpenAI counts
+    /// them inside (its total is prompt + completion). A total above prompt +
+    /// completion raises the completion by what is missing, at most the
+    /// reasoning tokens reported: they are billed as output either way.
+    pub fn fold_total(&mut self, total_tokens: u64) {
+        let counted = self.prompt_tokens + self.completion_tokens;
+        if self.reasoning_tokens > 0 && total_tokens > counted {
+            self.completion_tokens += (total_tokens - counted).min(self.reasoning_tokens);
+        }
     }
 
     pub fn total(&self) -> u64 {
@@ -182,6 +196,26 @@ impl OpenAiStreamFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Reasoning a provider counts outside `completion_tokens` (xAI: only
+    /// in `total_tokens`) is billed as output; OpenAI's own totals (prompt
+    /// + completion, reasoning inside) are left as they are.
+    #[test]
+    fn reasoning_outside_the_completion_is_counted() {
+        let xai = serde_json::json!({"usage": {"prompt_tokens": 10120, "completion_tokens": 1499,
+            "total_tokens": 14428, "prompt_tokens_details": {"cached_tokens": 128},
+            "completion_tokens_details": {"reasoning_tokens": 2809}}});
+        let u = Usage::from_openai(&xai).unwrap();
+        assert_eq!((u.completion_tokens, u.reasoning_tokens), (4308, 2809));
+        assert_eq!(u.total(), 14428);
+        let openai = serde_json::json!({"usage": {"prompt_tokens": 10, "completion_tokens": 500,
+            "total_tokens": 510, "completion_tokens_details": {"reasoning_tokens": 400}}});
+        assert_eq!(Usage::from_openai(&openai).unwrap().completion_tokens, 500);
+        // A total off for other reasons adds no more than the reasoning.
+        let odd = serde_json::json!({"usage": {"prompt_tokens": 10, "completion_tokens": 5,
+            "total_tokens": 1000, "completion_tokens_details": {"reasoning_tokens": 3}}});
+        assert_eq!(Usage::from_openai(&odd).unwrap().completion_tokens, 8);
+    }
 
     /// A stream's generated tokens are counted a chunk a token, not from
     /// its bytes (some 150 of a chunk's are envelope).

@@ -220,6 +220,32 @@ pub(super) async fn once(
         // Some providers quote the key they were sent in auth errors: that is
         // the gateway's secret, never the client's to see.
         let body = scrub(body, x.key.as_deref());
+        // The deployment refused the gateway's own credentials, or does not
+        // know its upstream model (a revoked key, an organisation without
+        // access, a misspelt model): no fault of the client's, whose SDK
+        // would read a 401 as its own key being wrong. Another deployment or
+        // fallback may serve; the deployment's circuit counts it. (A 404 of
+        // a provider that speaks Responses may be about the client's own
+        // response ids: passed on.)
+        let refused = matches!(status, 401 | 403)
+            || (status == 404 && x.translate != Translate::ResponsesNative);
+        if refused {
+            let msg = serde_json::from_slice::<Value>(&body)
+                .ok()
+                .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
+                .unwrap_or_default();
+            let (code, what) = if status == 404 {
+                ("upstream_not_found", "its upstream model name")
+            } else {
+                ("upstream_auth", "its API key")
+            };
+            return x.retry_or_fail(ApiError::new(
+                502,
+                "upstream_error",
+                code,
+                format!("Provider '{pname}' refused the gateway's request ({status}: {msg}); check the deployment's configuration ({what})."),
+            ));
+        }
         if (status == 429 || status >= 500) && x.more_left {
             let msg = serde_json::from_slice::<Value>(&body)
                 .ok()

@@ -316,6 +316,9 @@ pub async fn run(
                         .record(breaker_id, &breaker_cfg, ctx.status < 500);
                     if ctx.status >= 500 || ctx.status == 429 {
                         shared.profiles.record_failure(&pool.model, None);
+                    } else if ctx.status >= 400 {
+                        // The client's own error (400, 422): says nothing
+                        // of the model's speed or health.
                     } else if let Some(ttft) = ctx.ttft {
                         // A buffered answer's headers come with its last
                         // token: no first-token time to record.
