@@ -14,6 +14,7 @@ struct Choice {
     finish_reason: Value,
     /// tool call index -> (id, name, arguments)
     tool_calls: Vec<(Value, String, String)>,
+    tool_index: crate::openai::ToolCallIndex,
 }
 
 /// Collects OpenAI chat chunks (as SSE bytes) into a `chat.completion`.
@@ -91,7 +92,7 @@ impl ChunkAssembler {
             }
             if let Some(calls) = d.get("tool_calls").and_then(Value::as_array) {
                 for call in calls {
-                    let ti = call.get("index").and_then(Value::as_u64).unwrap_or(0) as usize;
+                    let ti = ch.tool_index.of(call);
                     if ti > 128 {
                         self.broken = true;
                         return;

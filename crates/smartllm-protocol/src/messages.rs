@@ -745,13 +745,20 @@ pub fn response_from_chat(chat: &Value, model: &str) -> Value {
         }
     }
     let usage = Usage::from_openai(chat).unwrap_or_default();
+    // Some servers finish a tool call with "stop": an agent loop waits for
+    // `tool_use`.
+    let called = content.iter().any(|b| b["type"] == "tool_use");
+    let finish = match choice.get("finish_reason").and_then(Value::as_str) {
+        Some("stop") if called => Some("tool_calls"),
+        f => f,
+    };
     json!({
         "id": message_id(chat.get("id").and_then(Value::as_str).unwrap_or("smartllm")),
         "type": "message",
         "role": "assistant",
         "model": chat.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()).unwrap_or(model),
         "content": content,
-        "stop_reason": stop_reason(choice.get("finish_reason").and_then(Value::as_str)),
+        "stop_reason": stop_reason(finish),
         "stop_sequence": null,
         "usage": usage_json(&usage),
     })
@@ -779,6 +786,10 @@ pub struct ChatToMessagesStream {
     started: bool,
     block: u64,
     open: Open,
+    tool_index: crate::openai::ToolCallIndex,
+    /// A tool call was streamed (its stop reason is `tool_use` whatever the
+    /// provider's finish reason says).
+    called: bool,
     stop: Value,
     usage: Option<Usage>,
     /// Bytes of text and tool arguments streamed: the output estimated
@@ -799,6 +810,8 @@ impl ChatToMessagesStream {
             started: false,
             block: 0,
             open: Open::None,
+            tool_index: Default::default(),
+            called: false,
             stop: Value::Null,
             usage: None,
             generated_bytes: 0,
@@ -922,7 +935,8 @@ impl ChatToMessagesStream {
             }
             if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
                 for c in calls {
-                    let idx = c.get("index").and_then(Value::as_u64).unwrap_or(0);
+                    let idx = self.tool_index.of(c) as u64;
+                    self.called = true;
                     if self.open != Open::Tool(idx) {
                         self.close(&mut out);
                         let f = &c["function"];
@@ -948,7 +962,13 @@ impl ChatToMessagesStream {
             }
             if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
                 self.close(&mut out);
-                self.stop = stop_reason(Some(f));
+                // Some servers finish a tool call with "stop": an agent loop
+                // waits for `tool_use`.
+                self.stop = if self.called && f == "stop" {
+                    stop_reason(Some("tool_calls"))
+                } else {
+                    stop_reason(Some(f))
+                };
             }
         }
         Ok(out)
@@ -1256,6 +1276,60 @@ mod tests {
             json!({"type": "api_error", "message": "boom"})
         );
         assert!(s.done);
+    }
+
+    /// Servers that send each tool call whole, with its own id and no
+    /// `index` (Gemini's OpenAI endpoint), and finish with "stop": two calls
+    /// stay two, in the Messages stream, the stored answer and Responses.
+    #[test]
+    fn tool_calls_without_an_index_stay_apart() {
+        let sse = concat!(
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"id\":\"c1\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":\"{\\\"city\\\":\\\"Sydney\\\"}\"}}]}}]}\n\n",
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"id\":\"c2\",\"type\":\"function\",\"function\":{\"name\":\"get_weather\",\"arguments\":\"{\\\"city\\\":\\\"Paris\\\"}\"}}]},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        let starts: Vec<&Value> = evs
+            .iter()
+            .filter(|(n, _)| n == "content_block_start")
+            .map(|(_, v)| &v["content_block"])
+            .collect();
+        assert_eq!(starts.len(), 2, "{evs:?}");
+        assert_eq!(
+            (starts[0]["id"].as_str(), starts[1]["id"].as_str()),
+            (Some("c1"), Some("c2"))
+        );
+        let stop = evs.iter().find(|(n, _)| n == "message_delta").unwrap();
+        assert_eq!(stop.1["delta"]["stop_reason"], "tool_use");
+        // The answer the cache stores.
+        let mut a = crate::assemble::ChunkAssembler::default();
+        a.feed(sse.as_bytes());
+        let done = a.finish().unwrap();
+        let calls = done["choices"][0]["message"]["tool_calls"]
+            .as_array()
+            .unwrap()
+            .clone();
+        assert_eq!(calls.len(), 2, "{done}");
+        assert_eq!(calls[1]["function"]["arguments"], "{\"city\":\"Paris\"}");
+        // A buffered answer's stop reason too.
+        let m = response_from_chat(&done, "claude");
+        assert_eq!(m["stop_reason"], "tool_use");
+        // Responses: two function calls, not one with both names.
+        let mut r =
+            crate::responses::ChatToResponsesStream::new("resp_1", 1, "m", &Default::default());
+        r.feed(sse.as_bytes()).unwrap();
+        r.finish();
+        let resp = r.response().unwrap();
+        let calls: Vec<&Value> = resp["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["type"] == "function_call")
+            .collect();
+        assert_eq!(calls.len(), 2, "{resp}");
+        assert_eq!(calls[0]["name"], "get_weather");
+        assert_eq!(calls[1]["arguments"], "{\"city\":\"Paris\"}");
     }
 
     #[test]

@@ -487,6 +487,47 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
     })
 }
 
+/// Which tool call of a streamed choice a `tool_calls` delta continues.
+/// OpenAI numbers them (`index`); some compatible servers (Gemini's) leave
+/// the index out and send each call whole with its own `id`: a new id is a
+/// new call, and a delta with neither continues the last one.
+#[derive(Debug, Default, Clone)]
+pub struct ToolCallIndex {
+    /// The id of each call seen, by its index.
+    ids: Vec<Option<String>>,
+}
+
+impl ToolCallIndex {
+    pub fn of(&mut self, call: &Value) -> usize {
+        let id = call
+            .get("id")
+            .and_then(Value::as_str)
+            .filter(|i| !i.is_empty());
+        if let Some(n) = call.get("index").and_then(Value::as_u64) {
+            let n = n as usize;
+            if n < 4096 {
+                if self.ids.len() <= n {
+                    self.ids.resize(n + 1, None);
+                }
+                if let Some(id) = id {
+                    self.ids[n] = Some(id.to_string());
+                }
+            }
+            return n;
+        }
+        match id {
+            Some(id) => match self.ids.iter().position(|k| k.as_deref() == Some(id)) {
+                Some(n) => n,
+                None => {
+                    self.ids.push(Some(id.to_string()));
+                    self.ids.len() - 1
+                }
+            },
+            None => self.ids.len().saturating_sub(1),
+        }
+    }
+}
+
 /// The text of a chat message's `content` (string, or the text parts of an array).
 pub fn content_text(content: &Value) -> String {
     match content {

@@ -1249,6 +1249,7 @@ pub struct ChatToResponsesStream {
     open: Option<usize>,
     /// Chat tool-call index -> index into `items`.
     calls: Vec<(usize, usize)>,
+    tool_index: crate::openai::ToolCallIndex,
     messages: usize,
     finish: Option<String>,
     chat_usage: Option<Value>,
@@ -1272,6 +1273,7 @@ impl ChatToResponsesStream {
             items: Vec::new(),
             open: None,
             calls: Vec::new(),
+            tool_index: Default::default(),
             messages: 0,
             finish: None,
             chat_usage: None,
@@ -1469,7 +1471,7 @@ impl ChatToResponsesStream {
     }
 
     fn call_delta(&mut self, call: &Value, out: &mut Vec<u8>) {
-        let n = call["index"].as_u64().unwrap_or(0) as usize;
+        let n = self.tool_index.of(call);
         let f = &call["function"];
         let name = f["name"].as_str().unwrap_or_default();
         let args = f["arguments"].as_str().unwrap_or_default();
