@@ -138,13 +138,7 @@ fn budgets_alert_reject_and_degrade() {
 fn a_burst_passes_a_budget_only_as_far_as_it_fits() {
     let mock = Mock::start(&["--words", "12", "--latency-ms", "1500"]);
     let cfg = ledger_gateway(&mock, "");
-    cfg.write(
-        "keys.yaml",
-        &format!(
-            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\nbudgets:\n  - scope: tenant\n    name: acme\n    daily_usd: 0.105\n",
-            sha("sk-alice-1")
-        ),
-    );
+    cfg.write("keys.yaml", &alice_with_a_daily_budget("0.105"));
     let gw = Gateway::start(cfg);
     // Estimated at the prompt's ~20 tokens (0.001 each) plus 12 answer
     // tokens (0.002 each): ~0.044, two fit in 0.105. Each costs 0.027.
@@ -172,13 +166,7 @@ fn a_burst_passes_a_budget_only_as_far_as_it_fits() {
 fn a_burst_without_max_tokens_holds_a_typical_answer() {
     let mock = Mock::start(&["--words", "12", "--latency-ms", "1500"]);
     let cfg = ledger_gateway(&mock, "");
-    cfg.write(
-        "keys.yaml",
-        &format!(
-            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\nbudgets:\n  - scope: tenant\n    name: acme\n    daily_usd: 0.105\n",
-            sha("sk-alice-1")
-        ),
-    );
+    cfg.write("keys.yaml", &alice_with_a_daily_budget("0.105"));
     let gw = Gateway::start(cfg);
     let body = chat_body("small", "Hello there");
     assert!(body.get("max_tokens").is_none());
@@ -203,6 +191,14 @@ fn a_burst_without_max_tokens_holds_a_typical_answer() {
     assert_eq!(ask(&gw, "sk-alice-1", &body).status, 200);
 }
 
+/// keys.yaml: alice (tenant acme) and a daily budget of `usd` on acme.
+fn alice_with_a_daily_budget(usd: &str) -> String {
+    format!(
+        "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\nbudgets:\n  - scope: tenant\n    name: acme\n    daily_usd: {usd}\n",
+        sha("sk-alice-1")
+    )
+}
+
 fn fleet_gateway(mock: &Mock, redis: &Redis, keys: &str) -> Gateway {
     let cfg = ledger_gateway(
         mock,
@@ -223,10 +219,7 @@ fn fleet_gateway(mock: &Mock, redis: &Redis, keys: &str) -> Gateway {
 fn a_burst_over_two_gateways_passes_a_budget_only_as_far_as_it_fits() {
     let mock = Mock::start(&["--words", "12", "--latency-ms", "1500"]);
     let redis = Redis::start();
-    let keys = format!(
-        "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\nbudgets:\n  - scope: tenant\n    name: acme\n    daily_usd: 0.105\n",
-        sha("sk-alice-1")
-    );
+    let keys = alice_with_a_daily_budget("0.105");
     let a = fleet_gateway(&mock, &redis, &keys);
     let b = fleet_gateway(&mock, &redis, &keys);
     // Estimated at ~$0.044 each (see above): two fit in $0.105.

@@ -778,13 +778,7 @@ fn feedback_moves_the_routers_expected_quality() {
 #[test]
 fn a_circuit_is_per_model_and_deployments_on_one_address_are_each_tried() {
     let mock = Mock::start(&["--model-status", "mock-overloaded=529"]);
-    let provider = |name: &str| {
-        format!(
-            "  {name}:\n    kind: openai\n    base_url: http://{}/v1\n    health_check: {{ kind: none }}\n    circuit_breaker: {{ failures: 2, cooldown: 60s }}\n",
-            mock.addr
-        )
-    };
-    let providers = format!("providers:\n{}{}", provider("org1"), provider("org2"));
+    let providers = two_orgs(&mock);
     let models = "models:
   - name: hot
     deployments: [ { provider: org1, model: mock-overloaded } ]
@@ -937,13 +931,7 @@ fn a_deployment_that_refuses_the_gateways_key_is_passed_over() {
         "--model-status",
         "mock-misspelt=404",
     ]);
-    let provider = |name: &str| {
-        format!(
-            "  {name}:\n    kind: openai\n    base_url: http://{}/v1\n    health_check: {{ kind: none }}\n    circuit_breaker: {{ failures: 2, cooldown: 60s }}\n",
-            mock.addr
-        )
-    };
-    let providers = format!("providers:\n{}{}", provider("org1"), provider("org2"));
+    let providers = two_orgs(&mock);
     let models = "models:
   - name: pair
     deployments: [ { provider: org1, model: mock-revoked }, { provider: org2, model: mock-small } ]
@@ -983,4 +971,17 @@ fn a_deployment_that_refuses_the_gateways_key_is_passed_over() {
         "{}",
         r.text()
     );
+}
+
+/// Two providers, `org1` and `org2` (two organisations' keys), on one mock:
+/// no health checks, a circuit that opens after two failures for a minute.
+fn two_orgs(mock: &Mock) -> String {
+    let mut out = String::from("providers:\n");
+    for name in ["org1", "org2"] {
+        out += &format!(
+            "  {name}:\n    kind: openai\n    base_url: http://{}/v1\n    health_check: {{ kind: none }}\n    circuit_breaker: {{ failures: 2, cooldown: 60s }}\n",
+            mock.addr
+        );
+    }
+    out
 }
