@@ -790,3 +790,54 @@ fn https_upstreams_verify_certificates_and_send_sni() {
     assert_eq!(r.api_error()["code"], "upstream_unreachable");
     assert_eq!(mock.requests(), before);
 }
+
+/// A client that leaves while the provider works (a slow non-streamed
+/// answer, a silent stretch before a stream's first word) cancels the
+/// upstream request at once: the gateway logs a 499 long before the answer
+/// would have come, billed for the prompt it sent (estimated), not left to
+/// run and be billed in full.
+#[test]
+fn a_client_that_leaves_cancels_the_upstream_request() {
+    use std::io::Write;
+    let (_mock, gw) = basic("", &[]);
+    let leave = |id: &str, body: Value| {
+        let mut s = std::net::TcpStream::connect(&gw.addr).unwrap();
+        let body = serde_json::to_vec(&body).unwrap();
+        let head = format!(
+            "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\nx-request-id: {id}\r\ncontent-length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&body).unwrap();
+        std::thread::sleep(Duration::from_millis(500));
+        drop(s);
+        Instant::now()
+    };
+    let line = |id: &str| {
+        gw.log_text()
+            .lines()
+            .filter(|l| l.contains(&format!("\"request_id\":\"{id}\"")))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["target"] == "smartllm::access")
+    };
+    let mut slow = chat_body("small", "a slow answer");
+    slow["mock"] = json!({"latency_ms": 8000});
+    let mut silent = chat_body("small", "a slow stream");
+    silent["stream"] = json!(true);
+    silent["mock"] = json!({"chunk_delay_ms": 8000, "words": 3});
+    for (id, body) in [("left-waiting", slow), ("left-streaming", silent)] {
+        let left = leave(id, body);
+        assert!(
+            wait_until(Duration::from_secs(4), || line(id).is_some()),
+            "{id}: no access-log line within 4 s of the client leaving (the answer takes 8 s):\n{}",
+            gw.log_text()
+        );
+        assert!(left.elapsed() < Duration::from_secs(6));
+        let l = line(id).unwrap();
+        assert_eq!(l["status"], 499, "{l}");
+        assert!(l["prompt_tokens"].as_u64().unwrap() > 0, "{l}");
+        assert_eq!(l["usage_estimated"], true, "{l}");
+    }
+    // The gateway still serves.
+    assert_eq!(gw.chat(&chat_body("small", "still here")).status, 200);
+}

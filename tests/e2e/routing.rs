@@ -985,3 +985,36 @@ fn two_orgs(mock: &Mock) -> String {
     }
     out
 }
+
+/// A rate-limited model whose fallback cannot serve (its circuit open): the
+/// client gets the provider's 429 with the `Retry-After` it gave, so its
+/// SDK waits as asked instead of retrying at once.
+#[test]
+fn a_rate_limited_answer_keeps_its_retry_after_through_fallbacks() {
+    let mock = Mock::start(&["--model-status", "mock-busy=429"]);
+    let providers = format!(
+        "providers:\n  org1:\n    kind: openai\n    base_url: http://{}/v1\n    health_check: {{ kind: none }}\n  gone:\n    kind: openai\n    base_url: http://127.0.0.1:{}/v1\n    health_check: {{ kind: none }}\n    circuit_breaker: {{ failures: 1, cooldown: 60s }}\n",
+        mock.addr,
+        free_port()
+    );
+    let models = "models:
+  - name: busy
+    deployments: [ { provider: org1, model: mock-busy } ]
+  - name: gone
+    deployments: [ { provider: gone, model: mock-small } ]
+";
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  r:\n    model: busy\n    fallback: [gone]\n",
+    ));
+    // The fallback's refused connection is the last word, and opens its circuit.
+    let r = gw.chat(&chat_body("r", "first"));
+    assert_eq!(r.status, 502, "{}", r.text());
+    let r = gw.chat(&chat_body("r", "second"));
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.header("retry-after"), Some("1"), "{:?}", r.headers);
+    assert_eq!(mock.requests(), 2);
+}

@@ -265,3 +265,155 @@ fn anthropic_error_event_mid_stream_is_a_failure_everywhere() {
     // The OpenAI-kind deployment on the same mock is not affected.
     assert_eq!(gw.chat(&chat_body("small", "still fine")).status, 200);
 }
+
+/// A stream that fails before its answer began (the provider overloaded at
+/// once: its error event right after the `200`, or after Anthropic's
+/// `message_start`) has sent the client nothing yet: the fallback answers
+/// and the client sees a clean stream; with nothing left to try the client
+/// gets an HTTP error its SDK retries on, not a `200` whose stream holds
+/// only an error. A stream that just stops halfway (no finish reason, no
+/// `[DONE]`) is a cut answer: an error event for the client, never stored.
+#[test]
+fn a_stream_that_fails_before_its_answer_goes_to_the_fallback() {
+    let mock = Mock::start(&[
+        "--words",
+        "8",
+        "--model-fault",
+        "mock-busy=error-at-start",
+        "--model-fault",
+        "claude-busy=error-at-start",
+        "--model-fault",
+        "mock-cut=end-mid-stream",
+    ]);
+    let providers = format!(
+        "providers:\n  oai:\n    kind: openai\n    base_url: http://{0}/v1\n    health_check: {{ kind: none }}\n  ant:\n    kind: anthropic\n    base_url: http://{0}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n    health_check: {{ kind: none }}\n",
+        mock.addr
+    );
+    let models = "models:
+  - name: busy
+    profile: { quality: { default: 0.95 } }
+    deployments: [ { provider: oai, model: mock-busy } ]
+  - name: small
+    profile: { quality: { default: 0.2 } }
+    deployments: [ { provider: oai, model: mock-small } ]
+  - name: cut
+    deployments: [ { provider: oai, model: mock-cut } ]
+  - name: claude-busy
+    profile: { quality: { default: 0.95 } }
+    deployments: [ { provider: ant, model: claude-busy } ]
+  - name: claude
+    profile: { quality: { default: 0.2 } }
+    deployments: [ { provider: ant, model: claude-x } ]
+";
+    let routes = "routes:
+  r:
+    candidates: [busy, small]
+    weights: { quality: 1, cost: 0, latency: 0 }
+  ra:
+    candidates: [claude-busy, claude]
+    weights: { quality: 1, cost: 0, latency: 0 }
+";
+    let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, routes);
+    cfg.write("cache.yaml", "cache:\n  enabled: true\n");
+    let gw = Gateway::start_with_env(cfg, &[("TEST_ANTHROPIC_KEY", "sk-ant-secret-1234")]);
+    let body = |model: &str, prompt: &str| json!({"model": model, "stream": true, "messages": [{"role": "user", "content": prompt}]});
+
+    // Overloaded at once, OpenAI-compatible and Anthropic: the fallback's
+    // clean stream, one request more at the mock, the failure counted.
+    let mut sent = 0;
+    for (route, id) in [("r", "first-oai"), ("ra", "first-ant")] {
+        let r = stream(
+            &gw,
+            id,
+            &body(route, &format!("tell me a story via {route}")),
+        );
+        sent += 2;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert!(!r.text().contains("error"), "{}", r.text());
+        let data = r.sse_data();
+        assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+        assert!(
+            streamed_text(&data).starts_with("Mock reply"),
+            "{}",
+            r.text()
+        );
+        // Exactly one role chunk: the failed attempt's never reached the client.
+        assert_eq!(r.text().matches("\"role\"").count(), 1, "{}", r.text());
+        let line = log_line(&gw, id);
+        assert_eq!(line["status"], 200, "{line}");
+        assert!(line["error"].is_null(), "{line}");
+        assert_eq!(mock.requests(), sent);
+    }
+    assert_eq!(
+        gw.metric(
+            "smartllm_upstream_errors_total",
+            &[("provider", "oai"), ("reason", "stream_error")]
+        ),
+        1.0
+    );
+    assert_eq!(
+        gw.metric(
+            "smartllm_route_fallbacks_total",
+            &[("from", "claude-busy"), ("to", "claude")]
+        ),
+        1.0
+    );
+
+    // Nothing left to try: an HTTP error, in the client's shape. Anthropic's
+    // overload is a 503 (the SDKs retry it), with the key it quotes scrubbed.
+    let r = stream(
+        &gw,
+        "alone-ant",
+        &body("claude-busy", "tell me a story alone"),
+    );
+    assert_eq!(r.status, 503, "{}", r.text());
+    let e = r.json();
+    assert_eq!(e["error"]["code"], "upstream_overloaded", "{e}");
+    assert!(!r.text().contains("sk-ant-secret-1234"), "{}", r.text());
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/messages",
+        &[("x-api-key", "client"), ("anthropic-version", "2023-06-01")],
+        &serde_json::to_vec(
+            &json!({"model": "claude-busy", "max_tokens": 50, "stream": true,
+            "messages": [{"role": "user", "content": "tell me a story natively"}]}),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["type"], "error", "{}", r.text());
+    assert_eq!(
+        r.json()["error"]["type"],
+        "overloaded_error",
+        "{}",
+        r.text()
+    );
+    let r = stream(&gw, "alone-oai", &body("busy", "tell me a story alone"));
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "upstream_stream_error");
+
+    // A stream that stops halfway, cleanly: a failure, not an answer.
+    for i in 0..2 {
+        let id = format!("cut-{i}");
+        let r = stream(&gw, &id, &body("cut", "tell me a story, cut"));
+        let data = r.sse_data();
+        assert_eq!(r.status, 200);
+        assert!(
+            streamed_text(&data).starts_with("Mock reply"),
+            "{}",
+            r.text()
+        );
+        let err: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+        assert_eq!(
+            err["error"]["code"],
+            "upstream_stream_incomplete",
+            "{}",
+            r.text()
+        );
+        assert_eq!(r.header("x-smartllm-cache"), Some("miss"));
+        assert_eq!(log_line(&gw, &id)["error"], "upstream_stream_incomplete");
+    }
+    wait_live_errors(&gw, "cut", 2);
+}

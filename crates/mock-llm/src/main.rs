@@ -14,7 +14,11 @@
 //!
 //! `error-mid-stream`: half the answer, then the provider's error event in its
 //! own shape: `event: error` (Anthropic), `data: {"error": {...}}` then
-//! `[DONE]` (OpenAI); the HTTP response itself ends cleanly.
+//! `[DONE]` (OpenAI); the HTTP response itself ends cleanly. `error-at-start`:
+//! that error before any word (Anthropic: after `message_start`).
+//! `end-mid-stream`: half the answer, then the response ends cleanly with
+//! no end event (no finish reason, `[DONE]` or `message_stop`).
+//! `--model-fault MODEL=FAULT` gives one upstream model a fault for every request.
 //!
 //! Models of different skill (`--skill-set FILE --skill MODEL:TASK=P,...`):
 //! questions of a labelled set answered right with a probability per model
@@ -53,7 +57,8 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 last user message ([mock-fault:error-mid-stream], which survives translation to Anthropic's API). \
 Faults: reset, close, hang, malformed-json, drop-mid-stream (the connection is reset halfway), \
 error-mid-stream (halfway, the provider's error event: `event: error` for Anthropic, \
-`data: {\"error\": ...}` then [DONE] for OpenAI), malformed-sse. Other per-request settings: \
+`data: {\"error\": ...}` then [DONE] for OpenAI), error-at-start (that error before any word), \
+end-mid-stream (halfway, the response ends cleanly without an end event), malformed-sse. Other per-request settings: \
 status, latency_ms, chunk_delay_ms, words, no_usage, truncate (or [mock-truncate] in the last user message: the answer ends as cut off at the token limit); [mock-filter] in the last user message ends the answer as stopped by a content filter (Anthropic: refusal). Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), audio_input_tokens, audio_output_tokens (OpenAI chat), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens), also as [mock-usage:cached_tokens=5,cache_write_1h=2] in the last user message."
 )]
 struct Args {
@@ -124,6 +129,15 @@ struct Args {
     /// when one model is overloaded (529) or rate limited: MODEL=CODE. Repeatable.
     #[arg(long, value_parser = parse_model_status)]
     model_status: Vec<(String, u16)>,
+    /// Requests for this model get this fault (as `x-mock-fault` would):
+    /// MODEL=FAULT. Repeatable.
+    #[arg(long, value_parser = parse_model_fault)]
+    model_fault: Vec<(String, String)>,
+}
+
+fn parse_model_fault(s: &str) -> Result<(String, String), String> {
+    let (m, f) = s.split_once('=').ok_or("use MODEL=FAULT")?;
+    Ok((m.to_string(), f.to_string()))
 }
 
 fn parse_model_status(s: &str) -> Result<(String, u16), String> {
@@ -509,10 +523,15 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         audio_in: n("audio_input_tokens"),
         audio_out: n("audio_output_tokens"),
     };
+    let model = body.get("model").and_then(Value::as_str).unwrap_or("");
     if b.status.is_none() {
-        let model = body.get("model").and_then(Value::as_str).unwrap_or("");
         if let Some((_, code)) = args.model_status.iter().find(|(m, _)| m == model) {
             b.status = Some(*code);
+        }
+    }
+    if b.fault.is_none() {
+        if let Some((_, fault)) = args.model_fault.iter().find(|(m, _)| m == model) {
+            b.fault = Some(fault.clone());
         }
     }
     if b.fault.is_none()
@@ -1156,7 +1175,14 @@ async fn handle<S: Conn>(
         start_usage["output_tokens"] = json!(1);
         write_chunk(sock, ev("message_start", json!({"type": "message_start", "message": {"id": id, "type": "message", "role": "assistant", "model": model, "content": [], "stop_reason": null, "stop_sequence": null, "usage": start_usage}})).as_bytes()).await?;
         write_chunk(sock, ev("ping", json!({"type": "ping"})).as_bytes()).await?;
+        if b.fault.as_deref() == Some("error-at-start") {
+            // Overloaded before a word was generated.
+            write_chunk(sock, ev("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": stream_error_message(&req)}})).as_bytes()).await?;
+            write_chunk(sock, b"").await?;
+            return Ok(true);
+        }
         let error_at = (b.fault.as_deref() == Some("error-mid-stream")).then_some(words.len() / 2);
+        let end_at = (b.fault.as_deref() == Some("end-mid-stream")).then_some(words.len() / 2);
         for (index, block) in blocks.iter().enumerate() {
             let kind = block["type"].as_str().unwrap_or("text");
             let empty = match kind {
@@ -1213,6 +1239,11 @@ async fn handle<S: Conn>(
                         if error_at == Some(i) {
                             // What Anthropic sends when it fails mid-answer (e.g. overloaded).
                             write_chunk(sock, ev("error", json!({"type": "error", "error": {"type": "overloaded_error", "message": stream_error_message(&req)}})).as_bytes()).await?;
+                            write_chunk(sock, b"").await?;
+                            return Ok(true);
+                        }
+                        if end_at == Some(i) {
+                            // The response ends cleanly, before the answer's end.
                             write_chunk(sock, b"").await?;
                             return Ok(true);
                         }
@@ -1289,6 +1320,14 @@ async fn handle<S: Conn>(
             .and_then(Value::as_bool)
             .unwrap_or(false);
     start_stream(sock, &inst).await?;
+    if b.fault.as_deref() == Some("error-at-start") {
+        // The provider's error as its first event (an overloaded server).
+        let v = json!({"error": {"message": stream_error_message(&req), "type": "server_error", "param": null, "code": null}});
+        write_chunk(sock, format!("data: {v}\n\n").as_bytes()).await?;
+        write_chunk(sock, b"data: [DONE]\n\n").await?;
+        write_chunk(sock, b"").await?;
+        return Ok(true);
+    }
     let created = now();
     let chunk = |delta: Value, finish: Value| -> Vec<u8> {
         let v = if chat {
@@ -1310,10 +1349,17 @@ async fn handle<S: Conn>(
     let malformed = b.fault.as_deref() == Some("malformed-sse");
     let drop_at = (b.fault.as_deref() == Some("drop-mid-stream")).then_some(words.len() / 2);
     let error_at = (b.fault.as_deref() == Some("error-mid-stream")).then_some(words.len() / 2);
+    let end_at = (b.fault.as_deref() == Some("end-mid-stream")).then_some(words.len() / 2);
     for (i, w) in words.iter().enumerate() {
         if drop_at == Some(i) {
             sock.reset();
             return Ok(false);
+        }
+        if end_at == Some(i) {
+            // The response ends cleanly (its last chunk), with neither a
+            // finish reason nor [DONE]: a stream cut short by a proxy.
+            write_chunk(sock, b"").await?;
+            return Ok(true);
         }
         if error_at == Some(i) {
             // What OpenAI-compatible servers send when they fail mid-answer.

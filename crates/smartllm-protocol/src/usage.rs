@@ -96,6 +96,14 @@ pub struct OpenAiStreamFilter {
     pub error: Option<StreamError>,
     /// A choice ended at the token limit (`finish_reason: "length"`).
     pub truncated: bool,
+    /// A choice named its finish reason: the answer reached its end, even
+    /// if `[DONE]` does not follow (a stream that just stops before does not).
+    pub finished: bool,
+    /// The answer has begun: a chunk carried content, a tool call,
+    /// reasoning, a refusal or a finish reason (a role-only first chunk is
+    /// no start). Until then nothing generated would be lost by asking
+    /// another deployment.
+    pub started: bool,
 }
 
 /// Whether a chat completion (or chunk) has a choice that ended at the
@@ -104,6 +112,45 @@ pub fn cut_at_length(v: &Value) -> bool {
     v.get("choices")
         .and_then(Value::as_array)
         .is_some_and(|cs| cs.iter().any(|c| c["finish_reason"] == "length"))
+}
+
+/// Whether an event's JSON gives a `finish_reason` other than `null`
+/// (without parsing it: every chunk carries the field, nearly all with null).
+fn names_finish_reason(data: &str) -> bool {
+    const FIELD: &str = "\"finish_reason\"";
+    data.match_indices(FIELD).any(|(i, _)| {
+        let rest = data[i + FIELD.len()..].trim_start();
+        rest.strip_prefix(':')
+            .is_some_and(|r| r.trim_start().starts_with('"'))
+    })
+}
+
+/// Whether a chunk carries something of the answer: content, text (legacy
+/// completions), a tool or function call, reasoning or a refusal.
+fn begun(v: &Value) -> bool {
+    let Some(choices) = v.get("choices").and_then(Value::as_array) else {
+        return false;
+    };
+    let some = |x: &Value| match x {
+        Value::String(s) => !s.is_empty(),
+        Value::Array(a) => !a.is_empty(),
+        Value::Object(_) => true,
+        _ => false,
+    };
+    choices.iter().any(|c| {
+        let d = &c["delta"];
+        some(&c["text"])
+            || [
+                "content",
+                "tool_calls",
+                "function_call",
+                "reasoning_content",
+                "reasoning",
+                "refusal",
+            ]
+            .iter()
+            .any(|k| some(&d[*k]))
+    })
 }
 
 impl OpenAiStreamFilter {
@@ -119,6 +166,8 @@ impl OpenAiStreamFilter {
             min_delta: u64::MAX,
             error: None,
             truncated: false,
+            finished: false,
+            started: false,
         }
     }
 
@@ -149,6 +198,14 @@ impl OpenAiStreamFilter {
             self.deltas += 1;
             self.delta_bytes += n;
             self.min_delta = self.min_delta.min(n);
+        }
+        if !self.finished && names_finish_reason(&ev.data) {
+            self.finished = true;
+            self.started = true;
+        }
+        // Parsed only until the answer begins: its first chunk or two.
+        if !self.started {
+            self.started = serde_json::from_str::<Value>(&ev.data).is_ok_and(|v| begun(&v));
         }
         // Only the last chunk of a choice names its finish reason.
         if !self.truncated && ev.data.contains("\"length\"") {
@@ -196,6 +253,38 @@ impl OpenAiStreamFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The answer begins with its first content, tool call or reasoning
+    /// (not with the role-only first chunk); it ends with a finish reason,
+    /// however the JSON is spaced, even without `[DONE]`.
+    #[test]
+    fn a_stream_knows_when_its_answer_began_and_ended() {
+        let mut f = OpenAiStreamFilter::new(false);
+        f.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n")
+            .unwrap();
+        assert!(!f.started && !f.finished);
+        f.feed(b"data: {\"choices\": [{\"index\": 0, \"delta\": {\"content\": \"Hi\"}, \"finish_reason\": null}]}\n\n")
+            .unwrap();
+        assert!(f.started && !f.finished);
+        f.feed(b"data: {\"choices\": [{\"index\": 0, \"delta\": {}, \"finish_reason\": \"stop\"}]}\n\n")
+            .unwrap();
+        assert!(f.finished && !f.saw_done);
+
+        let mut tool = OpenAiStreamFilter::new(false);
+        tool.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n")
+            .unwrap();
+        assert!(tool.started && !tool.finished);
+        let mut thinking = OpenAiStreamFilter::new(false);
+        thinking
+            .feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\"Let me\"}}]}\n\n")
+            .unwrap();
+        assert!(thinking.started);
+        // An error first: nothing began.
+        let mut err = OpenAiStreamFilter::new(false);
+        err.feed(b"data: {\"error\":{\"message\":\"overloaded\"}}\n\n")
+            .unwrap();
+        assert!(!err.started && err.error.is_some());
+    }
 
     /// Reasoning a provider counts outside `completion_tokens` (xAI: only
     /// in `total_tokens`) is billed as output; OpenAI's own totals (prompt

@@ -33,6 +33,9 @@ pub struct Ctx {
     pub failed_models: Vec<String>,
     pub request_bytes: usize,
     pub client_gone: bool,
+    /// The client sent bytes after its request (HTTP/1.1 pipelining): its
+    /// connection is no longer watched for a close while the upstream works.
+    pub client_unwatched: bool,
     pub counted: bool,
     /// `x-smartllm-cache`: hit-exact, hit-semantic, miss, bypass.
     pub cache_status: Option<&'static str>,
@@ -121,6 +124,7 @@ impl Ctx {
             failed_models: Vec::new(),
             request_bytes: 0,
             client_gone: false,
+            client_unwatched: false,
             counted: false,
             cache_status: None,
             cache_similarity: None,

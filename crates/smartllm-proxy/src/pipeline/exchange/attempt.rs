@@ -129,7 +129,18 @@ pub(super) async fn once(
     }
     let sent_at = Instant::now();
 
-    match pingora_timeout::timeout(p.cfg.first_byte_timeout, up.read_response_header()).await {
+    // The client may leave while the provider works (a non-streamed answer
+    // can take minutes): the request is then cancelled, not left to run and
+    // be billed in full.
+    let header = tokio::select! {
+        biased;
+        r = pingora_timeout::timeout(p.cfg.first_byte_timeout, up.read_response_header()) => r,
+        () = super::client_left(session, &mut ctx.client_unwatched) => {
+            ctx.upstream_wait += wait_start.elapsed();
+            return super::left_while_waiting(ctx, x.req, up).await;
+        }
+    };
+    match header {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             ctx.upstream_wait += wait_start.elapsed();
@@ -251,12 +262,18 @@ pub(super) async fn once(
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
                 .unwrap_or_default();
-            return Attempt::Retry(ApiError::new(
+            let mut e = ApiError::new(
                 status,
                 "upstream_error",
                 "upstream_status",
                 format!("Provider '{pname}' answered {status}: {msg}"),
-            ));
+            );
+            // Kept for the client should every deployment answer so.
+            e.retry_after = passthrough
+                .iter()
+                .find(|(k, _)| k == "retry-after")
+                .and_then(|(_, v)| retry_after_secs(v));
+            return Attempt::Retry(e);
         }
         return match respond::json(session, ctx, status, body, &passthrough).await {
             Ok(()) => Attempt::Done,
@@ -270,6 +287,13 @@ pub(super) async fn once(
     } else {
         buffered::relay(x, session, ctx, up).await
     }
+}
+
+/// A `Retry-After` in seconds (a fraction rounds up; an HTTP date, which
+/// providers do not send, is not read).
+fn retry_after_secs(v: &str) -> Option<u64> {
+    let secs = v.trim().parse::<f64>().ok()?;
+    (secs.is_finite() && secs >= 0.0).then(|| secs.ceil() as u64)
 }
 
 pub(super) fn upstream_body_error(pname: &str, e: BodyError) -> ApiError {
@@ -401,6 +425,15 @@ mod tests {
                 Bytes::from_static(b"ok")
             );
         }
+    }
+
+    #[test]
+    fn retry_after_is_read_in_seconds() {
+        assert_eq!(retry_after_secs("20"), Some(20));
+        assert_eq!(retry_after_secs(" 1.2 "), Some(2));
+        assert_eq!(retry_after_secs("0"), Some(0));
+        assert_eq!(retry_after_secs("Wed, 21 Oct 2026 07:28:00 GMT"), None);
+        assert_eq!(retry_after_secs("-3"), None);
     }
 
     #[test]

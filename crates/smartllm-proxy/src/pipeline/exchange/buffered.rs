@@ -28,14 +28,17 @@ pub(super) async fn relay(
     // on to the next deployment like a refused connection does.
     let pname = x.provider();
     let retry_or_fail = |e: ApiError| x.retry_or_fail(e);
-    let body = match response_body(
-        &mut up,
-        x.idle_timeout(),
-        MAX_BUFFERED_RESPONSE,
-        &mut ctx.upstream_wait,
-    )
-    .await
-    {
+    let mut waited = std::time::Duration::ZERO;
+    let read = tokio::select! {
+        biased;
+        r = response_body(&mut up, x.idle_timeout(), MAX_BUFFERED_RESPONSE, &mut waited) => r,
+        () = super::client_left(session, &mut ctx.client_unwatched) => {
+            ctx.upstream_wait += waited;
+            return super::left_while_waiting(ctx, x.req, up).await;
+        }
+    };
+    ctx.upstream_wait += waited;
+    let body = match read {
         Ok(b) => b,
         Err(e) => {
             up.shutdown().await;

@@ -5,9 +5,12 @@
 //! value carries an attempt's facts through [`attempt`] and the relays.
 //! Connect failures (and stale pooled connections, and 429/5xx while another
 //! deployment is untried) move on to the next deployment; nothing is retried
-//! once a byte reached the client. A stream that fails after that (an error
-//! event from the provider, a broken or truncated stream, a stall) is still a
-//! failure of the deployment and the model.
+//! once a byte reached the client, and a stream's `200` waits for its first
+//! word, so a provider that fails before it is passed over too. A stream
+//! that fails after that (an error event from the provider, a broken or
+//! truncated stream, a stall) is still a failure of the deployment and the
+//! model. A client that leaves while the provider works cancels the
+//! upstream request ([`client_left`]).
 
 mod attempt;
 mod buffered;
@@ -149,6 +152,8 @@ pub async fn run(
         )));
     }
     let mut last_err = None;
+    // The soonest any deployment that refused for now said to come back.
+    let mut soonest: Option<u64> = None;
     for (mi, pool) in pools.iter().enumerate() {
         if mi > 0 {
             let from = ctx.model().unwrap_or_default().to_string();
@@ -338,6 +343,9 @@ pub async fn run(
                     return Ok(());
                 }
                 Attempt::Retry(e) | Attempt::Stale(e) => {
+                    if let Some(s) = e.retry_after {
+                        soonest = Some(soonest.map_or(s, |t| t.min(s)));
+                    }
                     metrics::upstream_attempt(provider.name(), "retried");
                     tracing::debug!(request_id = %ctx.request_id, provider = %provider.name(), error = %e, "upstream attempt failed; trying the next deployment");
                     failed(&e);
@@ -362,7 +370,7 @@ pub async fn run(
             }
         }
     }
-    Err(last_err.unwrap_or_else(|| {
+    let mut err = last_err.unwrap_or_else(|| {
         ApiError::unavailable(
             "no_upstream",
             format!(
@@ -370,7 +378,16 @@ pub async fn run(
                 chain.join("', '")
             ),
         )
-    }))
+    });
+    // Every deployment was rate limited or unavailable: the client's SDK
+    // waits as long as the soonest of them asked.
+    if matches!(err.status, 429 | 503)
+        && matches!(err.code, "upstream_status" | "no_upstream")
+        && soonest.is_some()
+    {
+        err.retry_after = soonest;
+    }
+    Err(err)
 }
 
 /// The request carries a limit on the answer's length (the client's, or the
@@ -403,4 +420,35 @@ fn client_gone(ctx: &mut Ctx) -> Attempt {
     ctx.client_gone = true;
     ctx.status = 499;
     Attempt::Done
+}
+
+/// Resolves once the client has gone while the gateway waits on the
+/// upstream: its HTTP/1.1 connection closed, its h2 stream reset. Pending
+/// while it is there. Polled only while the upstream has nothing to read
+/// (`biased` selects put the upstream first), so a busy stream pays nothing.
+async fn client_left(session: &mut Session, unwatched: &mut bool) {
+    if !*unwatched {
+        match session.downstream_session.read_body_or_idle(true).await {
+            // Bytes after the request (a pipelined one, which the gateway
+            // does not serve): not a close; stop reading them.
+            Err(e) if *e.etype() == ErrorType::ConnectError => {
+                *unwatched = true;
+                session.set_keepalive(None);
+            }
+            Err(_) => return,
+            Ok(_) => {}
+        }
+    }
+    std::future::pending().await
+}
+
+/// The client left before the answer began: the upstream request is
+/// cancelled (its connection closed, so the provider stops generating), and
+/// the prompt, which the provider has read, is billed, estimated.
+async fn left_while_waiting(ctx: &mut Ctx, req: &ParsedRequest, mut up: HttpSession) -> Attempt {
+    up.shutdown().await;
+    ctx.usage_estimated = true;
+    usage::record_usage(ctx, Some(usage::estimate_usage(req, "")));
+    tracing::info!(request_id = %ctx.request_id, provider = ?ctx.provider, "the client left before the answer; the upstream request is cancelled");
+    client_gone(ctx)
 }

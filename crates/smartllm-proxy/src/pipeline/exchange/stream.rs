@@ -3,7 +3,8 @@
 //! estimated), the answer assembled for the cache, and a clean end or an
 //! error event whatever the provider does. How the stream ended goes back to
 //! the attempt loop: any end but a clean one is a failure of the deployment
-//! and the model, though the client already has its `200`.
+//! and the model, though the client already has its `200`. The `200` itself
+//! waits for the first word (see [`Held`]).
 
 use super::attempt::scrub;
 use super::usage::{completion_text, estimate_usage, record_usage};
@@ -102,6 +103,24 @@ impl Translator {
             Translator::Responses(r) => r.done,
         }
     }
+    /// The answer reached its end: [`Translator::complete`], or (OpenAI
+    /// compatible servers that omit `[DONE]`) a choice named its finish
+    /// reason. A response that just stops before that was cut short.
+    fn ended(&self) -> bool {
+        self.complete() || matches!(self, Translator::OpenAi(f) if f.finished)
+    }
+    /// The answer has begun: something generated is in the stream. Before
+    /// that, a failure loses the client nothing, and another deployment can
+    /// still be asked. (A Responses stream passed through is not held back.)
+    fn started(&self) -> bool {
+        match self {
+            Translator::OpenAi(f) => f.started || f.saw_done,
+            Translator::Anthropic(a) => {
+                a.generated_tokens_estimate() > 0 || a.done || a.usage_final()
+            }
+            Translator::Responses(_) => true,
+        }
+    }
     /// The answer stopped at the token limit.
     fn truncated(&self) -> bool {
         match self {
@@ -176,6 +195,78 @@ fn bill_early_end(
     let (usage, estimated) = early_end_usage(tr, req, partial, streamed_bytes);
     ctx.usage_estimated |= estimated;
     record_usage(ctx, Some(usage));
+}
+
+/// The client's `200` and the events before the answer began, not yet sent.
+struct Held {
+    header: Box<pingora_http::ResponseHeader>,
+    events: Vec<u8>,
+    since: Instant,
+}
+
+impl Held {
+    /// At most this much is held back: a provider that sends more, or takes
+    /// longer, before its first word is passed on as it comes.
+    const BYTES: usize = 64 << 10;
+    const TIME: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn holds(&self, more: usize) -> bool {
+        self.events.len() + more <= Self::BYTES && self.since.elapsed() < Self::TIME
+    }
+
+    /// Send the header and the held events: the stream is the client's now.
+    async fn open(self, session: &mut Session, ctx: &mut Ctx) -> pingora_error::Result<()> {
+        ctx.status = 200;
+        session.write_response_header(self.header, false).await?;
+        if !self.events.is_empty() {
+            session
+                .write_response_body(Some(Bytes::from(self.events)), false)
+                .await?;
+        }
+        Ok(())
+    }
+}
+
+/// The error a provider reported in its stream, as the gateway's. Before the
+/// answer began (it may reach the client as the HTTP status) rate limits
+/// stay 429 and overload 503, statuses SDKs retry on; anything else, and
+/// any error mid-answer, is a 502.
+fn stream_error(x: &Exchange<'_>, tr: &Translator, before_start: bool) -> ApiError {
+    let pname = x.provider();
+    let Some(e) = tr.upstream_error() else {
+        return ApiError::bad_gateway(
+            "upstream_stream_error",
+            format!("Provider '{pname}' reported an error mid-stream."),
+        );
+    };
+    let kind = e.kind.as_deref().unwrap_or("");
+    let message = format!(
+        "Provider '{pname}' reported an error {}{}: {}",
+        if before_start {
+            "before its answer"
+        } else {
+            "mid-stream"
+        },
+        if kind.is_empty() {
+            String::new()
+        } else {
+            format!(" ({kind})")
+        },
+        e.message
+    );
+    // The key a provider may quote never reaches the client or the log.
+    let message = match x.key.as_deref().filter(|k| k.len() >= 8) {
+        Some(k) => message.replace(k, "[redacted]"),
+        None => message,
+    };
+    match kind {
+        _ if !before_start => ApiError::bad_gateway("upstream_stream_error", message),
+        "rate_limit_error" | "rate_limit_exceeded" => {
+            ApiError::new(429, "rate_limit_error", "upstream_rate_limited", message)
+        }
+        "overloaded_error" => ApiError::unavailable("upstream_overloaded", message),
+        _ => ApiError::bad_gateway("upstream_stream_error", message),
+    }
 }
 
 /// The client's shape, when it is not the canonical chat stream.
@@ -267,15 +358,16 @@ pub(super) async fn relay(
     let Ok(header) = header else {
         return Attempt::Fail(ApiError::internal("building the stream response header"));
     };
-    ctx.status = 200;
-    if session
-        .write_response_header(Box::new(header), false)
-        .await
-        .is_err()
-    {
-        up.shutdown().await;
-        return client_gone(ctx);
-    }
+    // The client's `200` and the events before the answer begins (a role
+    // chunk, `message_start`, pings) are held until it does: a provider that
+    // fails first (overloaded, rate limited, a stream that breaks or ends at
+    // once) has then sent the client nothing, and the request goes to the
+    // next deployment or fails with a status its SDK retries on.
+    let mut held = Some(Held {
+        header: Box::new(header),
+        events: Vec::new(),
+        since: Instant::now(),
+    });
     // Assemble the answer only when it is needed: to cache it, or to count its
     // tokens when the upstream will not report usage (not asked for it).
     let usage_expected = translate != Translate::OpenAi || x.dep.provider.cfg.stream_usage;
@@ -284,7 +376,17 @@ pub(super) async fn relay(
     // None: a clean end.
     let failure: Option<(StreamEnd, ApiError)> = loop {
         let t = Instant::now();
-        let r = pingora_timeout::timeout(idle, up.read_response_body()).await;
+        let r = tokio::select! {
+            biased;
+            r = pingora_timeout::timeout(idle, up.read_response_body()) => r,
+            // The client left during a silent stretch (a model thinking).
+            () = super::client_left(session, &mut ctx.client_unwatched) => {
+                ctx.upstream_wait += t.elapsed();
+                up.shutdown().await;
+                bill_early_end(ctx, &tr, req, assembler.take(), streamed_bytes);
+                return client_gone(ctx);
+            }
+        };
         ctx.upstream_wait += t.elapsed();
         match r {
             Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
@@ -305,6 +407,23 @@ pub(super) async fn relay(
                     if tr.upstream_error().is_some() {
                         out = Bytes::from(scrub(out.to_vec(), x.key.as_deref()));
                     }
+                    if let Some(h) = held.as_mut() {
+                        if tr.upstream_error().is_some() {
+                            // Failed before the answer began: nothing sent.
+                            break Some((StreamEnd::UpstreamError, stream_error(x, &tr, true)));
+                        }
+                        if !tr.started() && h.holds(out.len()) {
+                            h.events.extend_from_slice(&out);
+                            continue;
+                        }
+                    }
+                    if let Some(h) = held.take() {
+                        if h.open(session, ctx).await.is_err() {
+                            up.shutdown().await;
+                            bill_early_end(ctx, &tr, req, assembler.take(), streamed_bytes);
+                            return client_gone(ctx);
+                        }
+                    }
                     if !out.is_empty() {
                         streamed_bytes += out.len();
                         if session.write_response_body(Some(out), false).await.is_err() {
@@ -318,21 +437,8 @@ pub(super) async fn relay(
                     }
                     // The provider's error event went to the client (in the
                     // client's shape): the answer is over, and failed.
-                    if let Some(e) = tr.upstream_error() {
-                        let kind = e
-                            .kind
-                            .as_deref()
-                            .map_or(String::new(), |k| format!(" ({k})"));
-                        break Some((
-                            StreamEnd::UpstreamError,
-                            ApiError::bad_gateway(
-                                "upstream_stream_error",
-                                format!(
-                                    "Provider '{pname}' reported an error mid-stream{kind}: {}",
-                                    e.message
-                                ),
-                            ),
-                        ));
+                    if tr.upstream_error().is_some() {
+                        break Some((StreamEnd::UpstreamError, stream_error(x, &tr, false)));
                     }
                 }
                 Err(e) => {
@@ -346,19 +452,18 @@ pub(super) async fn relay(
                 }
             },
             Ok(Ok(None)) => {
-                break match translate {
-                    // A complete HTTP response without [DONE]: finished below the
-                    // way clients expect.
-                    Translate::OpenAi => None,
-                    _ if tr.complete() => None,
-                    _ => Some((
+                // A response that ends after the answer's end but without
+                // [DONE] is finished below the way clients expect; one that
+                // ends before it was cut short (never stored in the cache).
+                break (!tr.ended()).then(|| {
+                    (
                         StreamEnd::Truncated,
                         ApiError::bad_gateway(
                             "upstream_stream_incomplete",
                             format!("Provider '{pname}' ended the stream before its end event."),
                         ),
-                    )),
-                };
+                    )
+                });
             }
             Ok(Err(e)) => {
                 break Some((
@@ -383,6 +488,24 @@ pub(super) async fn relay(
             }
         }
     };
+    if let Some(h) = held.take() {
+        match failure {
+            // Nothing reached the client: another deployment may answer, or
+            // the client gets the failure as an HTTP error.
+            Some((end, error)) => {
+                metrics::upstream_error(pname, end.reason());
+                up.shutdown().await;
+                return x.retry_or_fail(error);
+            }
+            None => {
+                if h.open(session, ctx).await.is_err() {
+                    up.shutdown().await;
+                    bill_early_end(ctx, &tr, req, assembler.take(), streamed_bytes);
+                    return client_gone(ctx);
+                }
+            }
+        }
+    }
     if failure
         .as_ref()
         .is_some_and(|(end, _)| *end != StreamEnd::UpstreamError || tr.usage().is_some())
