@@ -66,6 +66,7 @@ fn gateway(mock: &Mock, extra_main: &str) -> Gateway {
     let models = "models:
   - name: gpt
     pricing: { input: 2, output: 8, cached_input: 0.5 }
+    service_tiers: { priority: 2 }
     deployments:
       - provider: mock
         model: mock-gpt
@@ -624,4 +625,87 @@ fn images_count_in_the_per_request_cost_cap() {
     assert_eq!(mock.requests(), 0, "refused before any upstream call");
     let r = ask(&gw, "sk-carol-3", &img("low"));
     assert_eq!(r.status, 200, "{}", r.text());
+}
+
+/// A request the provider served on its flex tier is billed at half the
+/// list price; one on priority at the model's `service_tiers.priority` (2x,
+/// set in models.yaml) or else 1.75x (the catalog's gpt-4o-mini); plain and
+/// streamed, as the provider's `service_tier` says. The access log names it.
+#[test]
+fn processing_tiers_scale_the_price() {
+    let mock = Mock::start(&[]);
+    let gw = gateway(&mock, "");
+    let ask = |model: &str, tier: Option<&str>, stream: bool, prompt: &str| -> Value {
+        let mut body = json!({"model": model, "messages": [{"role": "user", "content": prompt}]});
+        if let Some(t) = tier {
+            body["service_tier"] = json!(t);
+        }
+        if stream {
+            body["stream"] = json!(true);
+            body["stream_options"] = json!({"include_usage": true});
+        }
+        let r = post(
+            &gw,
+            "/v1/chat/completions",
+            &[("Authorization", "Bearer sk-bob-2")],
+            &body,
+        );
+        if !stream {
+            return r.json()["usage"].clone();
+        }
+        r.sse_data()
+            .iter()
+            .filter_map(|d| serde_json::from_str::<Value>(d).ok())
+            .find(|v| v["usage"].is_object())
+            .map(|v| v["usage"].clone())
+            .unwrap_or_else(|| panic!("no usage chunk: {}", r.text()))
+    };
+    let plain = |p: P, u: &Value| {
+        cost(
+            p,
+            n(u, &["prompt_tokens"]),
+            0,
+            0,
+            0,
+            n(u, &["completion_tokens"]),
+        )
+    };
+    let standard = ask("gpt", None, false, "What is a processing tier?");
+    let flex = ask(
+        "gpt",
+        Some("flex"),
+        false,
+        "What is the flex tier, plainly?",
+    );
+    let priority = ask(
+        "gpt",
+        Some("priority"),
+        true,
+        "And the priority tier, streamed?",
+    );
+    let mini = ask(
+        "mini",
+        Some("priority"),
+        false,
+        "Priority on a catalog model?",
+    );
+    let costs = ledger_costs(&gw, 4);
+    assert_usd(
+        "gpt: standard + flex at 0.5x + priority at 2x",
+        costs["gpt"].1,
+        plain(GPT, &standard) + 0.5 * plain(GPT, &flex) + 2.0 * plain(GPT, &priority),
+    );
+    assert_usd(
+        "mini: priority at 1.75x",
+        costs["mini"].1,
+        1.75 * plain(MINI, &mini),
+    );
+    let tiers: Vec<String> = gw
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["target"] == "smartllm::access")
+        .map(|v| v["service_tier"].as_str().unwrap_or("-").to_string())
+        .collect();
+    assert_eq!(tiers, ["-", "flex", "priority", "priority"]);
 }

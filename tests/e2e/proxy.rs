@@ -35,6 +35,12 @@ fn chat_completion_json_with_headers_usage_and_access_log() {
     assert_eq!(r.header("x-smartllm-provider"), Some("mock"));
     assert!(r.header("x-smartllm-route").unwrap().starts_with("auto"));
     assert_eq!(r.header("x-request-id"), Some("req-abc-123"));
+    // The provider's own id of the request, for its support.
+    let upstream_id = r
+        .header("x-smartllm-upstream-request-id")
+        .unwrap()
+        .to_string();
+    assert!(upstream_id.starts_with("req_mock_"), "{upstream_id}");
     // The upstream got its own model name and never the client's key.
     let last = mock.last();
     assert_eq!(last["model"], "mock-small");
@@ -64,6 +70,7 @@ fn chat_completion_json_with_headers_usage_and_access_log() {
     assert_eq!(entry["status"], 200);
     assert_eq!(entry["model"], "small");
     assert_eq!(entry["provider"], "mock");
+    assert_eq!(entry["upstream_request_id"], upstream_id.as_str());
     assert!(entry["latency_ms"].as_f64().is_some());
     assert!(entry["prompt_tokens"].as_u64().unwrap() > 0);
     assert!(!log.contains("sk-client-own-key-999") && !log.contains("sk-ant-secret-1234"));
@@ -154,6 +161,10 @@ fn anthropic_models_work_for_openai_clients_both_ways() {
         "messages": [{"role": "user", "content": "Hi Claude"}]}),
     );
     assert_eq!(r.status, 200);
+    // Anthropic's `request-id`, on the stream's header too.
+    assert!(r
+        .header("x-smartllm-upstream-request-id")
+        .is_some_and(|id| id.starts_with("req_mock_")));
     let chunks: Vec<Value> = r
         .sse_data()
         .iter()
@@ -840,4 +851,65 @@ fn a_client_that_leaves_cancels_the_upstream_request() {
     }
     // The gateway still serves.
     assert_eq!(gw.chat(&chat_body("small", "still here")).status, 200);
+}
+
+/// Only a kept connection closed as the request arrives is resent
+/// uncounted: one the provider resets after working on the request (here
+/// 1.5 s) is a failure of the deployment, not sent again on the quiet.
+#[test]
+fn a_kept_connection_reset_after_the_provider_worked_is_a_failure() {
+    let mock = Mock::start(&[]);
+    // No health checks: the mock's connection count is the gateway's
+    // requests' and the test's own.
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &format!(
+            "providers:\n  mock:\n    kind: openai\n    base_url: http://{}/v1\n    health_check:\n      kind: none\n",
+            mock.addr
+        ),
+        "models:\n  - name: small\n    deployments:\n      - provider: mock\n        model: mock-small\n",
+        "",
+    ));
+    let stats = || {
+        let v = get(&mock.addr, "/_mock/stats").json();
+        (
+            v["requests"].as_u64().unwrap(),
+            v["connections"].as_u64().unwrap(),
+        )
+    };
+    let mut reused = false;
+    for i in 0..10 {
+        // A kept connection on the gateway thread this request lands on.
+        let r = gw.chat(&chat_body("small", &format!("warm {i}")));
+        assert_eq!(r.status, 200);
+        let (requests, connections) = stats();
+        let mut body = chat_body("small", &format!("then reset after a while {i}"));
+        body["mock"] = json!({"latency_ms": 1500, "fault": "reset"});
+        let r = gw.chat(&body);
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "upstream_reset", "{}", r.text());
+        let (requests_after, connections_after) = stats();
+        // Sent once, whatever connection it went on.
+        assert_eq!(
+            requests_after,
+            requests + 1,
+            "the reset request was sent again"
+        );
+        // One new connection: this stats call's own; the request went on a kept one.
+        if connections_after == connections + 1 {
+            reused = true;
+            break;
+        }
+    }
+    assert!(reused, "no request went on a kept connection");
+    assert_eq!(
+        gw.metric(
+            "smartllm_upstream_errors_total",
+            &[("reason", "stale_connection")]
+        ),
+        0.0,
+        "{}",
+        gw.metrics()
+    );
 }

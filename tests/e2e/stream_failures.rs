@@ -417,3 +417,24 @@ fn a_stream_that_fails_before_its_answer_goes_to_the_fallback() {
     }
     wait_live_errors(&gw, "cut", 2);
 }
+
+/// A stream's `200` waits for its first word, but not for ever: a provider
+/// silent for 10 s after its role chunk (a model thinking) has its stream
+/// opened then, so the client and any proxy in front see bytes.
+#[test]
+fn a_silent_start_is_held_ten_seconds_at_most() {
+    let (_mock, gw) = gateway(3);
+    let body = json!({"model": "small", "stream": true, "messages": [{"role": "user", "content": "think first"}],
+        "mock": {"chunk_delay_ms": 12000, "words": 1}});
+    let r = stream(&gw, "slow-start", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let (first_at, first) = r.chunks.first().expect("no chunk").clone();
+    assert!(
+        first_at >= Duration::from_millis(9500) && first_at < Duration::from_millis(11800),
+        "the first bytes came after {first_at:?}"
+    );
+    let first = String::from_utf8_lossy(&first);
+    assert!(first.contains("\"role\""), "{first}");
+    assert!(!first.contains("Mock reply"), "{first}");
+    assert_eq!(streamed_text(&r.sse_data()), "Mock", "{}", r.text());
+}

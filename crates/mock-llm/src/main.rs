@@ -555,6 +555,9 @@ fn prompt_mark(text: &str, mark: &str) -> Option<String> {
     (!name.is_empty()).then(|| name.to_string())
 }
 
+/// Numbers the answers' request ids.
+static REQUEST_IDS: AtomicU64 = AtomicU64::new(1);
+
 /// The provider error `fault=error-mid-stream` sends in place of the rest of the answer.
 const STREAM_ERROR_MESSAGE: &str = "mock-llm injected an error mid-stream";
 
@@ -928,8 +931,21 @@ async fn handle<S: Conn>(
     args: &Args,
     state: &State,
 ) -> anyhow::Result<bool> {
-    let inst = [("x-mock-instance", args.name.clone())];
     let path = req.path.split('?').next().unwrap_or("/").to_string();
+    // The provider's id of the request, in its own header: Anthropic's
+    // `request-id`, OpenAI's `x-request-id`.
+    let id_header = if path.contains("/messages") {
+        "request-id"
+    } else {
+        "x-request-id"
+    };
+    let inst = [
+        ("x-mock-instance", args.name.clone()),
+        (
+            id_header,
+            format!("req_mock_{}", REQUEST_IDS.fetch_add(1, Ordering::Relaxed)),
+        ),
+    ];
     match (req.method.as_str(), path.as_str()) {
         ("GET", "/health") => {
             write_json(sock, 200, &json!({"status": "ok"}), &inst).await?;
@@ -1289,11 +1305,17 @@ async fn handle<S: Conn>(
         json!({"id": format!("call_{}", &id[5..]), "type": "function", "function": {"name": name, "arguments": args.to_string()}})
     });
 
+    // The tier asked for, as OpenAI reports the one it served on.
+    let tier = body
+        .get("service_tier")
+        .and_then(Value::as_str)
+        .filter(|t| matches!(*t, "flex" | "priority"))
+        .unwrap_or("default");
     if !stream {
         let text = words.join(" ");
         let out = if chat {
             json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": now(), "model": model,
-                "system_fingerprint": args.name,
+                "system_fingerprint": args.name, "service_tier": tier,
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": null}],
                 "usage": usage})
         } else {
@@ -1332,7 +1354,7 @@ async fn handle<S: Conn>(
     let chunk = |delta: Value, finish: Value| -> Vec<u8> {
         let v = if chat {
             json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": created, "model": model,
-                "system_fingerprint": args.name, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
+                "system_fingerprint": args.name, "service_tier": tier, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": null}]})
         } else {
             json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": created, "model": model,
                 "choices": [{"index": 0, "text": delta.get("content").cloned().unwrap_or(json!("")), "finish_reason": finish, "logprobs": null}]})
@@ -1396,7 +1418,7 @@ async fn handle<S: Conn>(
     }
     write_chunk(sock, &chunk(json!({}), json!(finish))).await?;
     if include_usage {
-        let v = json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": created, "model": model, "choices": [], "usage": usage});
+        let v = json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion.chunk", "created": created, "model": model, "service_tier": tier, "choices": [], "usage": usage});
         write_chunk(sock, format!("data: {v}\n\n").as_bytes()).await?;
     }
     write_chunk(sock, b"data: [DONE]\n\n").await?;

@@ -53,6 +53,7 @@ impl CatalogEntry {
             audio_output_per_1m: self.audio_output,
             per_request: 0.0,
             long_context: self.long_context,
+            service_tiers: Default::default(),
             source: PriceSource::Catalog(self.model.clone()),
         }
     }

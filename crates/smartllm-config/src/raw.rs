@@ -275,6 +275,9 @@ pub struct RawModel {
     pub owned_by: Option<String>,
     pub deployments: Vec<RawDeployment>,
     pub pricing: Option<RawPricing>,
+    /// Price multipliers of the provider's processing tiers (`flex`,
+    /// `priority`), on `pricing` or the catalog's prices.
+    pub service_tiers: Option<RawServiceTiers>,
     /// What the model does: `chat` (also completions), `embedding`, `image`,
     /// `audio` or `rerank`; inferred from its names when absent.
     pub mode: Option<String>,
@@ -348,6 +351,14 @@ pub struct RawPricing {
     pub audio_output: Option<f64>,
     pub per_request: Option<f64>,
     pub long_context: Option<RawLongContext>,
+}
+
+/// How a processing tier scales every token price (`flex: 0.5`).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServiceTiers {
+    pub flex: Option<f64>,
+    pub priority: Option<f64>,
 }
 
 /// Prices for prompts above `above` tokens (every token of such a request).

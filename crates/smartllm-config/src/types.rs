@@ -154,7 +154,29 @@ pub struct ModelPrice {
     pub audio_output_per_1m: Option<f64>,
     pub per_request: f64,
     pub long_context: Option<LongContextPrice>,
+    /// How the provider's processing tiers scale the token prices.
+    pub service_tiers: ServiceTiers,
     pub source: PriceSource,
+}
+
+/// Multipliers of every token price (not the per-request price) for a
+/// request the provider served on a processing tier other than its
+/// standard one (`models.yaml` `service_tiers`). Defaults: OpenAI's flex
+/// tier is billed at half the list price on every model that offers it;
+/// its priority prices run 1.7x to 2x the list price, so 1.75x unless set.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ServiceTiers {
+    pub flex: f64,
+    pub priority: f64,
+}
+
+impl Default for ServiceTiers {
+    fn default() -> Self {
+        ServiceTiers {
+            flex: 0.5,
+            priority: 1.75,
+        }
+    }
 }
 
 impl ModelPrice {

@@ -81,6 +81,31 @@ pub struct Tokens {
 }
 
 impl Price {
+    /// Every token price times `factor` (a processing tier's), the
+    /// per-request price as it is.
+    pub fn scaled(self, factor: f64) -> Price {
+        let f = |p: f64| p * factor;
+        Price {
+            input_per_1m: f(self.input_per_1m),
+            output_per_1m: f(self.output_per_1m),
+            cached_input_per_1m: f(self.cached_input_per_1m),
+            cache_write_5m_per_1m: f(self.cache_write_5m_per_1m),
+            cache_write_1h_per_1m: f(self.cache_write_1h_per_1m),
+            reasoning_per_1m: self.reasoning_per_1m.map(f),
+            audio_input_per_1m: self.audio_input_per_1m.map(f),
+            audio_output_per_1m: self.audio_output_per_1m.map(f),
+            per_request: self.per_request,
+            long_context: self.long_context.map(|l| LongContext {
+                above_tokens: l.above_tokens,
+                input_per_1m: f(l.input_per_1m),
+                output_per_1m: f(l.output_per_1m),
+                cached_input_per_1m: f(l.cached_input_per_1m),
+                cache_write_5m_per_1m: f(l.cache_write_5m_per_1m),
+                cache_write_1h_per_1m: f(l.cache_write_1h_per_1m),
+            }),
+        }
+    }
+
     /// Cost in nano-dollars. The prompt splits into cache reads, cache
     /// writes (5-minute and 1-hour), audio and the rest at the input price;
     /// the completion is billed at the output price, its reasoning tokens at

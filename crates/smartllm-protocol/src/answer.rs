@@ -81,9 +81,11 @@ impl<'de> Visitor<'de> for AnswerVisitor {
     otherwise!(OpenAiAnswer::default(); bool, i64, u64, f64, str, unit, seq);
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
         let mut a = OpenAiAnswer::default();
+        let mut tier = crate::usage::ServiceTier::Standard;
         while let Some(key) = map.next_key::<Key>()? {
             match key.0 {
                 Field::Usage => a.usage = map.next_value::<UsageField>()?.0,
+                Field::ServiceTier => tier = map.next_value::<TierField>()?.0,
                 Field::Choices => {
                     let c = map.next_value::<Choices>()?;
                     a.has_choices = c.is_array;
@@ -92,7 +94,30 @@ impl<'de> Visitor<'de> for AnswerVisitor {
                 _ => skip(&mut map)?,
             }
         }
+        if let Some(u) = a.usage.as_mut() {
+            u.tier = tier;
+        }
         Ok(a)
+    }
+}
+
+/// `service_tier`: the tier a string names; anything else is standard.
+struct TierField(crate::usage::ServiceTier);
+
+impl<'de> de::Deserialize<'de> for TierField {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = TierField;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a service tier")
+            }
+            otherwise!(TierField(crate::usage::ServiceTier::Standard); bool, i64, u64, f64, unit, seq, map);
+            fn visit_str<E: de::Error>(self, s: &str) -> Result<TierField, E> {
+                Ok(TierField(crate::usage::ServiceTier::parse(s)))
+            }
+        }
+        d.deserialize_any(V)
     }
 }
 
@@ -101,6 +126,7 @@ impl<'de> Visitor<'de> for AnswerVisitor {
 enum Field {
     Usage,
     Choices,
+    ServiceTier,
     FinishReason,
     PromptTokens,
     CompletionTokens,
@@ -128,6 +154,7 @@ impl<'de> de::Deserialize<'de> for Key {
                 Ok(Key(match k {
                     "usage" => Field::Usage,
                     "choices" => Field::Choices,
+                    "service_tier" => Field::ServiceTier,
                     "finish_reason" => Field::FinishReason,
                     "prompt_tokens" => Field::PromptTokens,
                     "completion_tokens" => Field::CompletionTokens,
@@ -363,6 +390,10 @@ mod tests {
             r#"null"#,
             r#"{}"#,
             r#"{"nested":{"usage":{"prompt_tokens":5}},"choices":[]}"#,
+            // The tier served on, before or after the usage.
+            r#"{"service_tier":"flex","choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":3,"completion_tokens":1}}"#,
+            r#"{"choices":[{"finish_reason":"stop"}],"usage":{"prompt_tokens":3},"service_tier":"priority"}"#,
+            r#"{"usage":{"prompt_tokens":3},"service_tier":7}"#,
         ] {
             let want = by_value(body.as_bytes()).unwrap();
             assert_eq!(OpenAiAnswer::read(body.as_bytes()).unwrap(), want, "{body}");

@@ -227,6 +227,7 @@ pub fn usage_of(u: &Value) -> Usage {
         cached_tokens: cached,
         cache_write_tokens: written,
         cache_write_1h_tokens: w1.min(written),
+        tier: crate::usage::ServiceTier::of(u, "service_tier"),
         ..Usage::default()
     }
 }
@@ -509,6 +510,9 @@ impl AnthropicStream {
                     // message_delta carries cumulative output tokens (and sometimes input).
                     let d = usage_of(u);
                     self.usage.completion_tokens = d.completion_tokens;
+                    if d.tier != crate::usage::ServiceTier::Standard {
+                        self.usage.tier = d.tier;
+                    }
                     if d.prompt_tokens > 0 {
                         // Without its `cache_creation` object the delta does
                         // not say how the writes split: message_start's split stays.

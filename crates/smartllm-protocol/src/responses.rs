@@ -296,6 +296,7 @@ pub fn usage_of(response: &Value) -> Option<Usage> {
         cache_write_tokens: get("input_tokens_details", Some("cache_write_tokens")),
         cache_write_1h_tokens: 0,
         reasoning_tokens: get("output_tokens_details", Some("reasoning_tokens")),
+        tier: crate::usage::ServiceTier::of(response, "service_tier"),
         ..Usage::default()
     })
 }
@@ -313,9 +314,18 @@ pub struct ResponsesStreamReader {
     pub error: Option<StreamError>,
     /// The response ended incomplete at the token limit (`max_output_tokens`).
     pub truncated: bool,
+    /// Bytes of text, reasoning, refusal and call arguments generated so
+    /// far (the `delta` of each `*.delta` event): what a stream cut before
+    /// its usage is billed from.
+    pub generated_bytes: u64,
 }
 
 impl ResponsesStreamReader {
+    /// Output tokens generated so far, about 4 bytes a token.
+    pub fn generated_tokens_estimate(&self) -> u64 {
+        self.generated_bytes.div_ceil(4)
+    }
+
     pub fn feed(&mut self, chunk: &[u8]) -> Result<(), SseTooLarge> {
         for ev in self.parser.feed(chunk)? {
             let kind = ev.event.clone().unwrap_or_default();
@@ -353,6 +363,11 @@ impl ResponsesStreamReader {
                         kind: v["code"].as_str().map(str::to_string),
                         message: v["message"].as_str().unwrap_or("error").to_string(),
                     });
+                }
+                k if k.ends_with(".delta") => {
+                    if let Some(d) = v["delta"].as_str() {
+                        self.generated_bytes += d.len() as u64;
+                    }
                 }
                 _ => {}
             }
@@ -1761,6 +1776,38 @@ mod tests {
     use super::*;
     use crate::assemble::ChunkAssembler;
     use crate::sse::data_event;
+
+    /// A Responses stream cut before its usage is billed from what its
+    /// deltas generated (text, reasoning, call arguments), not from its
+    /// bytes, most of which are envelope.
+    #[test]
+    fn a_cut_responses_stream_counts_what_its_deltas_generated() {
+        let mut r = ResponsesStreamReader::default();
+        let created = json!({"type": "response.created", "response": {"id": "resp_1", "status": "in_progress", "output": []}});
+        let mut stream = format!("event: response.created\ndata: {created}\n\n");
+        for (kind, delta) in [
+            (
+                "response.reasoning_summary_text.delta",
+                "Thinking it through",
+            ),
+            ("response.output_text.delta", "The answer"),
+            ("response.output_text.delta", " is 42."),
+            ("response.function_call_arguments.delta", "{\"x\":1}"),
+        ] {
+            let ev = json!({"type": kind, "item_id": "msg_1", "output_index": 0, "content_index": 0, "sequence_number": 3, "delta": delta});
+            stream.push_str(&format!("event: {kind}\ndata: {ev}\n\n"));
+        }
+        r.feed(stream.as_bytes()).unwrap();
+        let generated = "Thinking it through".len() + "The answer is 42.".len() + 7;
+        assert_eq!(r.generated_bytes, generated as u64);
+        assert_eq!(
+            r.generated_tokens_estimate(),
+            (generated as u64).div_ceil(4)
+        );
+        assert!(r.usage.is_none() && !r.done);
+        // Many times fewer than the stream's bytes would say (a fifth of them).
+        assert!((stream.len() as u64).div_ceil(20) > 2 * r.generated_tokens_estimate());
+    }
 
     fn obj(v: Value) -> Map<String, Value> {
         match v {

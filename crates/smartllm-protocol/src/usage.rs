@@ -25,6 +25,45 @@ pub struct Usage {
     /// Completion tokens of audio (part of `completion_tokens`): OpenAI
     /// `completion_tokens_details.audio_tokens`.
     pub audio_completion_tokens: u64,
+    /// The processing tier the provider served the request on (its
+    /// `service_tier`), which scales its price.
+    pub tier: ServiceTier,
+}
+
+/// A provider's processing tier, as its answer reports it: OpenAI's
+/// `service_tier` (`flex` at half price, `priority` at a premium; `default`,
+/// `auto` and `scale` at the list price), Anthropic's `usage.service_tier`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum ServiceTier {
+    #[default]
+    Standard,
+    Flex,
+    Priority,
+}
+
+impl ServiceTier {
+    pub fn parse(s: &str) -> ServiceTier {
+        match s {
+            "flex" => ServiceTier::Flex,
+            "priority" => ServiceTier::Priority,
+            _ => ServiceTier::Standard,
+        }
+    }
+
+    /// The tier an answer names in `field` (standard when it names none).
+    pub fn of(v: &Value, field: &str) -> ServiceTier {
+        v.get(field)
+            .and_then(Value::as_str)
+            .map_or(ServiceTier::Standard, ServiceTier::parse)
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceTier::Standard => "standard",
+            ServiceTier::Flex => "flex",
+            ServiceTier::Priority => "priority",
+        }
+    }
 }
 
 impl Usage {
@@ -53,6 +92,7 @@ impl Usage {
             reasoning_tokens: detail("completion_tokens_details", "reasoning_tokens"),
             audio_prompt_tokens: detail("prompt_tokens_details", "audio_tokens"),
             audio_completion_tokens: detail("completion_tokens_details", "audio_tokens"),
+            tier: ServiceTier::of(v, "service_tier"),
         };
         usage.fold_total(u.get("total_tokens").and_then(Value::as_u64).unwrap_or(0));
         Some(usage)
@@ -96,9 +136,10 @@ pub struct OpenAiStreamFilter {
     pub error: Option<StreamError>,
     /// A choice ended at the token limit (`finish_reason: "length"`).
     pub truncated: bool,
-    /// A choice named its finish reason: the answer reached its end, even
-    /// if `[DONE]` does not follow (a stream that just stops before does not).
-    pub finished: bool,
+    /// Choices that named their finish reason: with all of them (`n`), the
+    /// answer reached its end even if `[DONE]` does not follow (a stream
+    /// that just stops before does not).
+    pub finished: u64,
     /// The answer has begun: a chunk carried content, a tool call,
     /// reasoning, a refusal or a finish reason (a role-only first chunk is
     /// no start). Until then nothing generated would be lost by asking
@@ -166,7 +207,7 @@ impl OpenAiStreamFilter {
             min_delta: u64::MAX,
             error: None,
             truncated: false,
-            finished: false,
+            finished: 0,
             started: false,
         }
     }
@@ -199,9 +240,15 @@ impl OpenAiStreamFilter {
             self.delta_bytes += n;
             self.min_delta = self.min_delta.min(n);
         }
-        if !self.finished && names_finish_reason(&ev.data) {
-            self.finished = true;
-            self.started = true;
+        // Only a choice's last chunk names it: parsed then.
+        if names_finish_reason(&ev.data) {
+            if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
+                let named = v.get("choices").and_then(Value::as_array).map_or(0, |cs| {
+                    cs.iter().filter(|c| c["finish_reason"].is_string()).count()
+                });
+                self.finished += named as u64;
+                self.started |= named > 0;
+            }
         }
         // Parsed only until the answer begins: its first chunk or two.
         if !self.started {
@@ -262,18 +309,24 @@ mod tests {
         let mut f = OpenAiStreamFilter::new(false);
         f.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\"},\"finish_reason\":null}]}\n\n")
             .unwrap();
-        assert!(!f.started && !f.finished);
+        assert!(!f.started && f.finished == 0);
         f.feed(b"data: {\"choices\": [{\"index\": 0, \"delta\": {\"content\": \"Hi\"}, \"finish_reason\": null}]}\n\n")
             .unwrap();
-        assert!(f.started && !f.finished);
+        assert!(f.started && f.finished == 0);
         f.feed(b"data: {\"choices\": [{\"index\": 0, \"delta\": {}, \"finish_reason\": \"stop\"}]}\n\n")
             .unwrap();
-        assert!(f.finished && !f.saw_done);
+        assert!(f.finished == 1 && !f.saw_done);
+        // n = 2: each choice's end counts.
+        f.feed(
+            b"data: {\"choices\":[{\"index\":1,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n",
+        )
+        .unwrap();
+        assert_eq!(f.finished, 2);
 
         let mut tool = OpenAiStreamFilter::new(false);
         tool.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n")
             .unwrap();
-        assert!(tool.started && !tool.finished);
+        assert!(tool.started && tool.finished == 0);
         let mut thinking = OpenAiStreamFilter::new(false);
         thinking
             .feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"reasoning_content\":\"Let me\"}}]}\n\n")

@@ -29,6 +29,21 @@ pub fn price(p: &smartllm_config::ModelPrice) -> smartllm_ledger::Price {
     }
 }
 
+/// The ledger's price for `u`, served on the tier it names: the model's
+/// price scaled by that tier's multiplier.
+pub fn price_for(
+    p: &smartllm_config::ModelPrice,
+    u: &smartllm_protocol::Usage,
+) -> smartllm_ledger::Price {
+    use smartllm_protocol::usage::ServiceTier;
+    let base = price(p);
+    match u.tier {
+        ServiceTier::Standard => base,
+        ServiceTier::Flex => base.scaled(p.service_tiers.flex),
+        ServiceTier::Priority => base.scaled(p.service_tiers.priority),
+    }
+}
+
 pub fn tokens(u: &smartllm_protocol::Usage) -> smartllm_ledger::Tokens {
     smartllm_ledger::Tokens {
         prompt: u.prompt_tokens,
@@ -88,17 +103,15 @@ pub fn finish(
             if !mp.is_priced() && ctx.usage.is_some() {
                 metrics::unpriced(model);
             }
-            let p = price(mp);
             let used = ctx.usage.as_ref().map(tokens).unwrap_or_default();
-            let cost_nanos = if ctx.usage.is_some() {
-                p.cost_nanos(used)
-            } else {
-                0
-            };
+            let cost_nanos = ctx
+                .usage
+                .as_ref()
+                .map_or(0, |u| price_for(mp, u).cost_nanos(used));
             let saved_nanos = ctx
                 .saved_usage
                 .as_ref()
-                .map(|u| p.cost_nanos(tokens(u)))
+                .map(|u| price_for(mp, u).cost_nanos(tokens(u)))
                 .unwrap_or(0);
             cost_usd = cost_nanos as f64 / 1e9;
             ledger.record(smartllm_ledger::Record {
@@ -157,6 +170,7 @@ pub fn finish(
         model,
         provider,
         upstream_model = ctx.upstream_model.as_deref().unwrap_or("-"),
+        upstream_request_id = ctx.upstream_request_id.as_deref(),
         stream = ctx.stream,
         attempts = ctx.attempts,
         latency_ms = total.as_secs_f64() * 1000.0,
@@ -167,6 +181,8 @@ pub fn finish(
         cached_tokens = usage.cached_tokens,
         cache_write_tokens = usage.cache_write_tokens,
         reasoning_tokens = usage.reasoning_tokens,
+        service_tier = (usage.tier != smartllm_protocol::usage::ServiceTier::Standard)
+            .then(|| usage.tier.as_str()),
         tag = ctx.tag.as_deref().unwrap_or("-"),
         request_bytes = ctx.request_bytes,
         error = ctx.error_code.or(e.map(|e| e.etype().as_str())),

@@ -21,6 +21,9 @@ pub struct Ctx {
     model: Option<String>,
     pub provider: Option<String>,
     pub upstream_model: Option<String>,
+    /// The provider's own id of the request (`x-request-id`, Anthropic's
+    /// `request-id`), for its support: `x-smartllm-upstream-request-id`.
+    pub upstream_request_id: Option<String>,
     pub status: u16,
     pub error_code: Option<&'static str>,
     pub stream: bool,
@@ -114,6 +117,7 @@ impl Ctx {
             model: None,
             provider: None,
             upstream_model: None,
+            upstream_request_id: None,
             status: 0,
             error_code: None,
             stream: false,

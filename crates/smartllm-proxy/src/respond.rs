@@ -47,6 +47,9 @@ pub fn header(
     if let Some(p) = &ctx.provider {
         h.insert_header("x-smartllm-provider", p.as_str())?;
     }
+    if let Some(id) = &ctx.upstream_request_id {
+        h.insert_header("x-smartllm-upstream-request-id", id.as_str())?;
+    }
     if let Some(c) = ctx.cache_status {
         h.insert_header("x-smartllm-cache", c)?;
     }

@@ -335,6 +335,7 @@ mod tests {
                 cache_write_5m_per_1m: 3.0,
                 cache_write_1h_per_1m: 5.0,
             }),
+            service_tiers: Default::default(),
             source: smartllm_config::PriceSource::Configured,
         };
         let short = Need::prompt(1_000);

@@ -115,6 +115,16 @@ impl Breakers {
         }
     }
 
+    /// An attempt whose outcome will never come (the client left before the
+    /// provider answered): a half-open trial it held is free again; nothing
+    /// is counted either way.
+    pub fn abandon(&self, id: &str) {
+        let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(e) = map.get_mut(id) {
+            e.trial = None;
+        }
+    }
+
     pub fn record(&self, id: &str, cfg: &CircuitBreakerConfig, success: bool) {
         if cfg.failures == 0 {
             return;

@@ -95,6 +95,24 @@ pub(super) fn resolve_models(
                 .map(|e| e.price())
                 .unwrap_or_default(),
         };
+        let mut price = price;
+        if let Some(t) = &m.service_tiers {
+            for (field, value, slot) in [
+                ("flex", t.flex, &mut price.service_tiers.flex),
+                ("priority", t.priority, &mut price.service_tiers.priority),
+            ] {
+                let Some(x) = value else { continue };
+                if x.is_finite() && x > 0.0 && x <= 10.0 {
+                    *slot = x;
+                } else {
+                    v.push(
+                        MODELS_FILE,
+                        format!("{at}.service_tiers.{field}"),
+                        "must be a multiplier above 0 and at most 10 (0.5: half the list price)",
+                    );
+                }
+            }
+        }
         let pricing = Pricing {
             input_per_1m: price.input_per_1m,
             output_per_1m: price.output_per_1m,
@@ -176,6 +194,7 @@ fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_
         audio_output_per_1m: p.audio_output,
         per_request: p.per_request.unwrap_or(0.0),
         long_context,
+        service_tiers: Default::default(),
         source: PriceSource::Configured,
     };
     let mut fields = vec![

@@ -50,6 +50,9 @@ enum Attempt {
         end: stream::StreamEnd,
         error: ApiError,
     },
+    /// The client left before the provider answered: the request was
+    /// cancelled, and says nothing of the deployment either way.
+    Abandoned,
 }
 
 /// What the provider speaks, and how its answer reaches the client.
@@ -300,6 +303,7 @@ pub async fn run(
                     Attempt::Retry(e) | Attempt::Stale(e) => ("retried", Some(e.code)),
                     Attempt::Fail(e) => ("failed", Some(e.code)),
                     Attempt::StreamFailed { error, .. } => ("failed", Some(error.code)),
+                    Attempt::Abandoned => ("abandoned", None),
                 };
                 t.end_attempt(name, ctx.status, error);
             }
@@ -355,6 +359,11 @@ pub async fn run(
                     metrics::upstream_attempt(provider.name(), "failed");
                     failed(&e);
                     return Err(e);
+                }
+                Attempt::Abandoned => {
+                    metrics::upstream_attempt(provider.name(), "abandoned");
+                    shared.breakers.abandon(breaker_id);
+                    return Ok(());
                 }
                 Attempt::StreamFailed { end, error } => {
                     // A 5xx-class failure of the deployment, whatever the
@@ -447,8 +456,16 @@ async fn client_left(session: &mut Session, unwatched: &mut bool) {
 /// the prompt, which the provider has read, is billed, estimated.
 async fn left_while_waiting(ctx: &mut Ctx, req: &ParsedRequest, mut up: HttpSession) -> Attempt {
     up.shutdown().await;
-    ctx.usage_estimated = true;
-    usage::record_usage(ctx, Some(usage::estimate_usage(req, "")));
+    // A token count costs nothing.
+    if !matches!(
+        req.endpoint,
+        smartllm_protocol::Endpoint::MessagesCountTokens
+            | smartllm_protocol::Endpoint::ResponsesInputTokens
+    ) {
+        ctx.usage_estimated = true;
+        usage::record_usage(ctx, Some(usage::estimate_usage(req, "")));
+    }
     tracing::info!(request_id = %ctx.request_id, provider = ?ctx.provider, "the client left before the answer; the upstream request is cancelled");
-    client_gone(ctx)
+    client_gone(ctx);
+    Attempt::Abandoned
 }

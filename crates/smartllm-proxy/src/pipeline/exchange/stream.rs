@@ -86,12 +86,12 @@ impl Translator {
             Translator::Responses(r) => r.usage.is_some(),
         }
     }
-    /// Output tokens generated so far, where the stream's events tell.
-    fn generated_estimate(&self) -> Option<u64> {
+    /// Output tokens generated so far, from the stream's events.
+    fn generated_estimate(&self) -> u64 {
         match self {
-            Translator::Anthropic(a) => Some(a.generated_tokens_estimate()),
-            Translator::OpenAi(f) => Some(f.generated_tokens_estimate()),
-            Translator::Responses(_) => None,
+            Translator::Anthropic(a) => a.generated_tokens_estimate(),
+            Translator::OpenAi(f) => f.generated_tokens_estimate(),
+            Translator::Responses(r) => r.generated_tokens_estimate(),
         }
     }
     /// The stream reached its own end (`[DONE]`, `message_stop`, a
@@ -106,8 +106,8 @@ impl Translator {
     /// The answer reached its end: [`Translator::complete`], or (OpenAI
     /// compatible servers that omit `[DONE]`) a choice named its finish
     /// reason. A response that just stops before that was cut short.
-    fn ended(&self) -> bool {
-        self.complete() || matches!(self, Translator::OpenAi(f) if f.finished)
+    fn ended(&self, choices: u64) -> bool {
+        self.complete() || matches!(self, Translator::OpenAi(f) if f.finished >= choices)
     }
     /// The answer has begun: something generated is in the stream. Before
     /// that, a failure loses the client nothing, and another deployment can
@@ -147,25 +147,21 @@ impl Translator {
 /// The usage of a stream that ended before its end (the client left, or it
 /// failed), and whether it is estimated: the provider's own figure when its
 /// final one came; else the output generated so far, estimated from the
-/// assembled text, the translator's count or the bytes streamed, never under
+/// assembled text or the translator's count of what streamed, never under
 /// a partial figure the provider gave, with the provider's prompt figures
 /// where it gave them. The provider bills what it generated.
 fn early_end_usage(
     tr: &Translator,
     req: &smartllm_protocol::ParsedRequest,
     partial_text: Option<String>,
-    streamed_bytes: usize,
 ) -> (Usage, bool) {
     let reported = tr.usage();
     if let (true, Some(u)) = (tr.usage_final(), reported) {
         return (u, false);
     }
-    let generated = match (&partial_text, tr.generated_estimate()) {
-        (Some(text), _) => smartllm_ledger::estimate_tokens(text),
-        (None, Some(n)) => n,
-        // A Responses stream: about a fifth of its bytes are content, ~4
-        // bytes a token.
-        (None, None) => (streamed_bytes as u64).div_ceil(20),
+    let generated = match &partial_text {
+        Some(text) => smartllm_ledger::estimate_tokens(text),
+        None => tr.generated_estimate(),
     };
     let usage = match reported {
         // The provider's prompt figures (Anthropic's message_start).
@@ -187,14 +183,21 @@ fn bill_early_end(
     tr: &Translator,
     req: &smartllm_protocol::ParsedRequest,
     assembler: Option<ChunkAssembler>,
-    streamed_bytes: usize,
 ) {
     let partial = assembler
         .and_then(ChunkAssembler::finish)
         .map(|c| completion_text(&c));
-    let (usage, estimated) = early_end_usage(tr, req, partial, streamed_bytes);
+    let (usage, estimated) = early_end_usage(tr, req, partial);
     ctx.usage_estimated |= estimated;
     record_usage(ctx, Some(usage));
+}
+
+/// Resolves at `at`; never without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 /// The client's `200` and the events before the answer began, not yet sent.
@@ -261,6 +264,9 @@ fn stream_error(x: &Exchange<'_>, tr: &Translator, before_start: bool) -> ApiErr
     };
     match kind {
         _ if !before_start => ApiError::bad_gateway("upstream_stream_error", message),
+        "invalid_request_error" | "context_length_exceeded" | "request_too_large" => {
+            ApiError::new(400, "invalid_request_error", "upstream_rejected", message)
+        }
         "rate_limit_error" | "rate_limit_exceeded" => {
             ApiError::new(429, "rate_limit_error", "upstream_rate_limited", message)
         }
@@ -338,10 +344,16 @@ pub(super) async fn relay(
         }),
         _ => None,
     };
-    if translate == Translate::ResponsesNative {
-        // The provider keeps these answers itself.
-        ctx.cache_insert = None;
-    }
+    // The provider keeps these answers itself (decided when the stream
+    // opens: a retry elsewhere may still store its answer).
+    let keep_cache = translate != Translate::ResponsesNative;
+    // The answer's choices: each must name its end.
+    let choices = req
+        .body
+        .get("n")
+        .and_then(serde_json::Value::as_u64)
+        .unwrap_or(1)
+        .max(1);
     let idle = x.idle_timeout();
     // The stream's span: from the upstream's answer to the last byte out.
     let span = crate::otel::Phase::under_attempt(&ctx.trace, "stream");
@@ -371,11 +383,15 @@ pub(super) async fn relay(
     // Assemble the answer only when it is needed: to cache it, or to count its
     // tokens when the upstream will not report usage (not asked for it).
     let usage_expected = translate != Translate::OpenAi || x.dep.provider.cfg.stream_usage;
-    let mut assembler = (ctx.cache_insert.is_some() || !usage_expected).then(ChunkAssembler::new);
+    let mut assembler =
+        ((ctx.cache_insert.is_some() && keep_cache) || !usage_expected).then(ChunkAssembler::new);
     let mut streamed_bytes = 0usize;
     // None: a clean end.
     let failure: Option<(StreamEnd, ApiError)> = loop {
         let t = Instant::now();
+        // A held stream opens after `Held::TIME` even while the provider is
+        // silent (a model thinking before its first word).
+        let open_at = held.as_ref().map(|h| h.since + Held::TIME);
         let r = tokio::select! {
             biased;
             r = pingora_timeout::timeout(idle, up.read_response_body()) => r,
@@ -383,8 +399,22 @@ pub(super) async fn relay(
             () = super::client_left(session, &mut ctx.client_unwatched) => {
                 ctx.upstream_wait += t.elapsed();
                 up.shutdown().await;
-                bill_early_end(ctx, &tr, req, assembler.take(), streamed_bytes);
-                return client_gone(ctx);
+                bill_early_end(ctx, &tr, req, assembler.take());
+                client_gone(ctx);
+                return if held.is_some() { Attempt::Abandoned } else { Attempt::Done };
+            }
+            () = sleep_until(open_at) => {
+                ctx.upstream_wait += t.elapsed();
+                if let Some(h) = held.take() {
+                    streamed_bytes += h.events.len();
+                    if h.open(session, ctx).await.is_err() {
+                        up.shutdown().await;
+                        bill_early_end(ctx, &tr, req, assembler.take());
+                        client_gone(ctx);
+                        return Attempt::Abandoned;
+                    }
+                }
+                continue;
             }
         };
         ctx.upstream_wait += t.elapsed();
@@ -418,9 +448,10 @@ pub(super) async fn relay(
                         }
                     }
                     if let Some(h) = held.take() {
+                        streamed_bytes += h.events.len();
                         if h.open(session, ctx).await.is_err() {
                             up.shutdown().await;
-                            bill_early_end(ctx, &tr, req, assembler.take(), streamed_bytes);
+                            bill_early_end(ctx, &tr, req, assembler.take());
                             return client_gone(ctx);
                         }
                     }
@@ -431,7 +462,7 @@ pub(super) async fn relay(
                             // bill what was generated up to here (estimated when
                             // the upstream had not reported usage yet).
                             up.shutdown().await;
-                            bill_early_end(ctx, &tr, req, assembler.take(), streamed_bytes);
+                            bill_early_end(ctx, &tr, req, assembler.take());
                             return client_gone(ctx);
                         }
                     }
@@ -455,7 +486,7 @@ pub(super) async fn relay(
                 // A response that ends after the answer's end but without
                 // [DONE] is finished below the way clients expect; one that
                 // ends before it was cut short (never stored in the cache).
-                break (!tr.ended()).then(|| {
+                break (!tr.ended(choices)).then(|| {
                     (
                         StreamEnd::Truncated,
                         ApiError::bad_gateway(
@@ -494,13 +525,32 @@ pub(super) async fn relay(
             // the client gets the failure as an HTTP error.
             Some((end, error)) => {
                 metrics::upstream_error(pname, end.reason());
+                span.set(KeyValue::new("smartllm.stream.end", end.reason()));
+                span.error(error.code);
+                span.end();
                 up.shutdown().await;
+                if (400..500).contains(&error.status) && error.status != 429 {
+                    // The provider refused the request itself (too long,
+                    // invalid): no other deployment would take it, and it
+                    // is no fault of this one. The client gets it in its shape.
+                    let body = if req.endpoint.is_anthropic() {
+                        smartllm_protocol::messages::error_from_openai(error.status, &error.body())
+                    } else {
+                        error.body()
+                    };
+                    ctx.error_code = Some(error.code);
+                    return match respond::json(session, ctx, error.status, body, &[]).await {
+                        Ok(()) => Attempt::Done,
+                        Err(_) => client_gone(ctx),
+                    };
+                }
                 return x.retry_or_fail(error);
             }
             None => {
+                streamed_bytes += h.events.len();
                 if h.open(session, ctx).await.is_err() {
                     up.shutdown().await;
-                    bill_early_end(ctx, &tr, req, assembler.take(), streamed_bytes);
+                    bill_early_end(ctx, &tr, req, assembler.take());
                     return client_gone(ctx);
                 }
             }
@@ -512,7 +562,7 @@ pub(super) async fn relay(
     {
         // Billed for what was generated before it broke off. (A provider's
         // error event with no usage at all: nothing to bill, as before.)
-        bill_early_end(ctx, &tr, req, assembler.take(), streamed_bytes);
+        bill_early_end(ctx, &tr, req, assembler.take());
     } else {
         record_usage(ctx, tr.usage());
     }
@@ -582,11 +632,14 @@ pub(super) async fn relay(
     if tr.usage().is_none() && failure.is_none() {
         // The upstream reported none: estimated as for a stream cut early.
         let text = assembled.as_ref().map(completion_text);
-        let (usage, _) = early_end_usage(&tr, req, text, streamed_bytes);
+        let (usage, _) = early_end_usage(&tr, req, text);
         ctx.usage_estimated = true;
         record_usage(ctx, Some(usage));
     }
-    let pending = ctx.cache_insert.take().filter(|_| !ctx.cut_off);
+    let pending = ctx
+        .cache_insert
+        .take()
+        .filter(|_| !ctx.cut_off && keep_cache);
     if let (Some(mut completion), Some(pending)) = (assembled, pending) {
         // Only a complete, successful stream is stored, and not one cut at
         // the model's own limit (no max tokens asked for).
