@@ -66,7 +66,7 @@ fn gateway(mock: &Mock, extra_main: &str) -> Gateway {
     let models = "models:
   - name: gpt
     pricing: { input: 2, output: 8, cached_input: 0.5 }
-    service_tiers: { priority: 2 }
+    service_tiers: { flex: 0.5, priority: 2 }
     deployments:
       - provider: mock
         model: mock-gpt
@@ -627,10 +627,11 @@ fn images_count_in_the_per_request_cost_cap() {
     assert_eq!(r.status, 200, "{}", r.text());
 }
 
-/// A request the provider served on its flex tier is billed at half the
-/// list price; one on priority at the model's `service_tiers.priority` (2x,
-/// set in models.yaml) or else 1.75x (the catalog's gpt-4o-mini); plain and
-/// streamed, as the provider's `service_tier` says. The access log names it.
+/// A request the provider served on its flex tier is billed at the model's
+/// `service_tiers.flex` (0.5, set in models.yaml for this OpenAI-compatible
+/// mock), on priority at its `service_tiers.priority` (2x) or else at
+/// OpenAI's default 1.75x (the catalog's gpt-4o-mini); plain and streamed,
+/// as the provider's `service_tier` says. The access log names it.
 #[test]
 fn processing_tiers_scale_the_price() {
     let mock = Mock::start(&[]);
@@ -708,4 +709,37 @@ fn processing_tiers_scale_the_price() {
         .map(|v| v["service_tier"].as_str().unwrap_or("-").to_string())
         .collect();
     assert_eq!(tiers, ["-", "flex", "priority", "priority"]);
+}
+
+/// Web searches an Anthropic model ran server-side
+/// (`usage.server_tool_use.web_search_requests`) are billed by the search,
+/// $10 per 1,000 unless `pricing.web_search` says otherwise, on top of the
+/// tokens; plain and streamed.
+#[test]
+fn server_side_web_searches_are_billed_per_search() {
+    let mock = Mock::start(&[]);
+    let gw = gateway(&mock, "");
+    let plain = messages(&gw, json!({"web_search_requests": 2}), false);
+    let streamed = messages(&gw, json!({"web_search_requests": 3}), true);
+    let tokens = |u: &Value| {
+        cost(
+            CLAUDE,
+            n(u, &["input_tokens"]),
+            0,
+            0,
+            0,
+            n(u, &["output_tokens"]),
+        )
+    };
+    let costs = ledger_costs(&gw, 2);
+    assert_usd(
+        "claude: tokens and 5 searches at $0.01",
+        costs["claude"].1,
+        tokens(&plain) + tokens(&streamed) + 5.0 * 0.01,
+    );
+    assert!(
+        gw.log_text().contains("\"web_searches\":3"),
+        "{}",
+        gw.log_text()
+    );
 }

@@ -59,7 +59,7 @@ Faults: reset, close, hang, malformed-json, drop-mid-stream (the connection is r
 error-mid-stream (halfway, the provider's error event: `event: error` for Anthropic, \
 `data: {\"error\": ...}` then [DONE] for OpenAI), error-at-start (that error before any word), \
 end-mid-stream (halfway, the response ends cleanly without an end event), malformed-sse. Other per-request settings: \
-status, latency_ms, chunk_delay_ms, words, no_usage, truncate (or [mock-truncate] in the last user message: the answer ends as cut off at the token limit); [mock-filter] in the last user message ends the answer as stopped by a content filter (Anthropic: refusal). Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), audio_input_tokens, audio_output_tokens (OpenAI chat), cache_write_5m, cache_write_1h (Anthropic; cached_tokens is its cache_read_input_tokens), also as [mock-usage:cached_tokens=5,cache_write_1h=2] in the last user message."
+status, latency_ms, chunk_delay_ms, words, no_usage, truncate (or [mock-truncate] in the last user message: the answer ends as cut off at the token limit); [mock-filter] in the last user message ends the answer as stopped by a content filter (Anthropic: refusal). Token kinds in usage (body `mock` object or x-mock-* headers): cached_tokens, reasoning_tokens (OpenAI chat and Responses), audio_input_tokens, audio_output_tokens (OpenAI chat), cache_write_5m, cache_write_1h, web_search_requests (Anthropic; cached_tokens is its cache_read_input_tokens), also as [mock-usage:cached_tokens=5,cache_write_1h=2] in the last user message."
 )]
 struct Args {
     /// Address to listen on.
@@ -226,6 +226,8 @@ struct TokenKinds {
     write_1h: u64,
     audio_in: u64,
     audio_out: u64,
+    /// Anthropic's server-side web searches (`usage.server_tool_use`).
+    web_searches: u64,
 }
 
 impl TokenKinds {
@@ -522,6 +524,7 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         write_1h: n("cache_write_1h"),
         audio_in: n("audio_input_tokens"),
         audio_out: n("audio_output_tokens"),
+        web_searches: n("web_search_requests"),
     };
     let model = body.get("model").and_then(Value::as_str).unwrap_or("");
     if b.status.is_none() {
@@ -1168,7 +1171,10 @@ async fn handle<S: Conn>(
         } else {
             "end_turn"
         };
-        let usage = anthropic_usage(&body, prompt_tokens, state, b.kinds);
+        let mut usage = anthropic_usage(&body, prompt_tokens, state, b.kinds);
+        if b.kinds.web_searches > 0 {
+            usage["server_tool_use"] = json!({"web_search_requests": b.kinds.web_searches});
+        }
         let mut blocks = Vec::new();
         if thinking {
             blocks.push(json!({"type": "thinking", "thinking": format!("The user asks: {}", seed_text.chars().take(40).collect::<String>()), "signature": "mock-signature"}));
@@ -1285,7 +1291,11 @@ async fn handle<S: Conn>(
             )
             .await?;
         }
-        write_chunk(sock, ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": {"output_tokens": completion_tokens}})).as_bytes()).await?;
+        let mut delta_usage = json!({"output_tokens": completion_tokens});
+        if b.kinds.web_searches > 0 {
+            delta_usage["server_tool_use"] = json!({"web_search_requests": b.kinds.web_searches});
+        }
+        write_chunk(sock, ev("message_delta", json!({"type": "message_delta", "delta": {"stop_reason": stop, "stop_sequence": null}, "usage": delta_usage})).as_bytes()).await?;
         write_chunk(
             sock,
             ev("message_stop", json!({"type": "message_stop"})).as_bytes(),

@@ -52,6 +52,7 @@ impl CatalogEntry {
             audio_input_per_1m: self.audio_input,
             audio_output_per_1m: self.audio_output,
             per_request: 0.0,
+            web_search_per_1k: crate::DEFAULT_WEB_SEARCH_PER_1K,
             long_context: self.long_context,
             service_tiers: Default::default(),
             source: PriceSource::Catalog(self.model.clone()),

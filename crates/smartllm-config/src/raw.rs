@@ -350,6 +350,8 @@ pub struct RawPricing {
     /// Audio answer tokens, when priced apart from text output.
     pub audio_output: Option<f64>,
     pub per_request: Option<f64>,
+    /// USD per 1,000 server-side web searches (default 10).
+    pub web_search: Option<f64>,
     pub long_context: Option<RawLongContext>,
 }
 

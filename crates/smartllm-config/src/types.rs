@@ -153,17 +153,26 @@ pub struct ModelPrice {
     /// Audio answer tokens (part of the output; None: at the output price).
     pub audio_output_per_1m: Option<f64>,
     pub per_request: f64,
+    /// USD per 1,000 web searches a provider's server-side tool runs
+    /// (Anthropic's web search, OpenAI's web search tool: 10 unless set).
+    pub web_search_per_1k: f64,
     pub long_context: Option<LongContextPrice>,
     /// How the provider's processing tiers scale the token prices.
     pub service_tiers: ServiceTiers,
     pub source: PriceSource,
 }
 
+/// Anthropic's and OpenAI's list price of their web search tools, USD per
+/// 1,000 searches.
+pub const DEFAULT_WEB_SEARCH_PER_1K: f64 = 10.0;
+
 /// Multipliers of every token price (not the per-request price) for a
 /// request the provider served on a processing tier other than its
-/// standard one (`models.yaml` `service_tiers`). Defaults: OpenAI's flex
-/// tier is billed at half the list price on every model that offers it;
-/// its priority prices run 1.7x to 2x the list price, so 1.75x unless set.
+/// standard one (`models.yaml` `service_tiers`). Defaults, for models
+/// OpenAI serves (its API, Azure, or its catalog prices): its flex tier is
+/// billed at half the list price on every model that offers it; its
+/// priority prices run 1.7x to 2x the list price, so 1.75x unless set.
+/// Other providers' tiers default to 1 (their list price).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct ServiceTiers {
     pub flex: f64,

@@ -47,6 +47,8 @@ pub struct Price {
     /// Audio answer tokens, when priced apart from text (else at the output price).
     pub audio_output_per_1m: Option<f64>,
     pub per_request: f64,
+    /// USD per 1,000 web searches a server-side tool ran.
+    pub web_search_per_1k: f64,
     /// Prices for every token of a request whose prompt is longer than
     /// `above_tokens` (the per-request price stays).
     pub long_context: Option<LongContext>,
@@ -78,6 +80,8 @@ pub struct Tokens {
     pub reasoning: u64,
     pub audio_in: u64,
     pub audio_out: u64,
+    /// Web searches a server-side tool ran (billed per search, not token).
+    pub web_searches: u64,
 }
 
 impl Price {
@@ -95,6 +99,7 @@ impl Price {
             audio_input_per_1m: self.audio_input_per_1m.map(f),
             audio_output_per_1m: self.audio_output_per_1m.map(f),
             per_request: self.per_request,
+            web_search_per_1k: self.web_search_per_1k,
             long_context: self.long_context.map(|l| LongContext {
                 above_tokens: l.above_tokens,
                 input_per_1m: f(l.input_per_1m),
@@ -154,7 +159,9 @@ impl Price {
             + (t.completion - reasoning - audio_out) as f64 * output
             + reasoning as f64 * reasoning_price
             + audio_out as f64 * audio_out_price;
-        let nanos = usd_1m * 1e3 + self.per_request * 1e9;
+        let nanos = usd_1m * 1e3
+            + self.per_request * 1e9
+            + t.web_searches as f64 * self.web_search_per_1k * 1e6;
         nanos.round().max(0.0) as u64
     }
 }
@@ -935,6 +942,18 @@ mod tests {
             .cost_nanos(Tokens::default()),
             1_000_000
         );
+        // Web searches by the search: $10 per 1,000, three are 3 cents,
+        // whatever the tier's token multiplier.
+        let searches = Tokens {
+            web_searches: 3,
+            ..Tokens::default()
+        };
+        let with_search = Price {
+            web_search_per_1k: 10.0,
+            ..p
+        };
+        assert_eq!(with_search.cost_nanos(searches), 30_000_000);
+        assert_eq!(with_search.scaled(0.5).cost_nanos(searches), 30_000_000);
     }
 
     #[test]

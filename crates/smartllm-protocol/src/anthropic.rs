@@ -228,6 +228,11 @@ pub fn usage_of(u: &Value) -> Usage {
         cache_write_tokens: written,
         cache_write_1h_tokens: w1.min(written),
         tier: crate::usage::ServiceTier::of(u, "service_tier"),
+        web_searches: u
+            .get("server_tool_use")
+            .and_then(|s| s.get("web_search_requests"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
         ..Usage::default()
     }
 }
@@ -513,6 +518,8 @@ impl AnthropicStream {
                     if d.tier != crate::usage::ServiceTier::Standard {
                         self.usage.tier = d.tier;
                     }
+                    // Cumulative, like the output tokens.
+                    self.usage.web_searches = self.usage.web_searches.max(d.web_searches);
                     if d.prompt_tokens > 0 {
                         // Without its `cache_creation` object the delta does
                         // not say how the writes split: message_start's split stays.
@@ -557,6 +564,17 @@ impl AnthropicStream {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn server_side_web_searches_and_the_tier_are_read() {
+        let u = usage_of(
+            &json!({"input_tokens": 10, "output_tokens": 7, "service_tier": "priority",
+            "server_tool_use": {"web_search_requests": 2}}),
+        );
+        assert_eq!(u.web_searches, 2);
+        assert_eq!(u.tier, crate::usage::ServiceTier::Priority);
+        assert_eq!(usage_of(&json!({"input_tokens": 1})).web_searches, 0);
+    }
 
     #[test]
     fn cache_writes_split_into_5_minute_and_1_hour() {

@@ -297,6 +297,12 @@ pub fn usage_of(response: &Value) -> Option<Usage> {
         cache_write_1h_tokens: 0,
         reasoning_tokens: get("output_tokens_details", Some("reasoning_tokens")),
         tier: crate::usage::ServiceTier::of(response, "service_tier"),
+        web_searches: response
+            .get("output")
+            .and_then(Value::as_array)
+            .map_or(0, |o| {
+                o.iter().filter(|i| i["type"] == "web_search_call").count() as u64
+            }),
         ..Usage::default()
     })
 }

@@ -28,6 +28,10 @@ pub struct Usage {
     /// The processing tier the provider served the request on (its
     /// `service_tier`), which scales its price.
     pub tier: ServiceTier,
+    /// Web searches the provider ran for the answer, billed per search:
+    /// Anthropic's `usage.server_tool_use.web_search_requests`, the
+    /// `web_search_call` items of a Responses answer.
+    pub web_searches: u64,
 }
 
 /// A provider's processing tier, as its answer reports it: OpenAI's
@@ -93,6 +97,7 @@ impl Usage {
             audio_prompt_tokens: detail("prompt_tokens_details", "audio_tokens"),
             audio_completion_tokens: detail("completion_tokens_details", "audio_tokens"),
             tier: ServiceTier::of(v, "service_tier"),
+            web_searches: 0,
         };
         usage.fold_total(u.get("total_tokens").and_then(Value::as_u64).unwrap_or(0));
         Some(usage)
@@ -140,6 +145,11 @@ pub struct OpenAiStreamFilter {
     /// answer reached its end even if `[DONE]` does not follow (a stream
     /// that just stops before does not).
     pub finished: u64,
+    /// The indexes of those choices (each counted once).
+    finished_choices: Vec<u64>,
+    /// The tier the chunks name (each carries it): for a usage the gateway
+    /// has to estimate.
+    pub tier: ServiceTier,
     /// The answer has begun: a chunk carried content, a tool call,
     /// reasoning, a refusal or a finish reason (a role-only first chunk is
     /// no start). Until then nothing generated would be lost by asking
@@ -208,6 +218,8 @@ impl OpenAiStreamFilter {
             error: None,
             truncated: false,
             finished: 0,
+            finished_choices: Vec::new(),
+            tier: ServiceTier::Standard,
             started: false,
         }
     }
@@ -243,16 +255,29 @@ impl OpenAiStreamFilter {
         // Only a choice's last chunk names it: parsed then.
         if names_finish_reason(&ev.data) {
             if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
-                let named = v.get("choices").and_then(Value::as_array).map_or(0, |cs| {
-                    cs.iter().filter(|c| c["finish_reason"].is_string()).count()
-                });
-                self.finished += named as u64;
-                self.started |= named > 0;
+                for c in v
+                    .get("choices")
+                    .and_then(Value::as_array)
+                    .into_iter()
+                    .flatten()
+                {
+                    let index = c["index"].as_u64().unwrap_or(0);
+                    if c["finish_reason"].is_string() && !self.finished_choices.contains(&index) {
+                        self.finished_choices.push(index);
+                    }
+                }
+                self.finished = self.finished_choices.len() as u64;
+                self.started |= self.finished > 0;
             }
         }
         // Parsed only until the answer begins: its first chunk or two.
         if !self.started {
-            self.started = serde_json::from_str::<Value>(&ev.data).is_ok_and(|v| begun(&v));
+            if let Ok(v) = serde_json::from_str::<Value>(&ev.data) {
+                self.started = begun(&v);
+                if self.tier == ServiceTier::Standard {
+                    self.tier = ServiceTier::of(&v, "service_tier");
+                }
+            }
         }
         // Only the last chunk of a choice names its finish reason.
         if !self.truncated && ev.data.contains("\"length\"") {
@@ -316,12 +341,18 @@ mod tests {
         f.feed(b"data: {\"choices\": [{\"index\": 0, \"delta\": {}, \"finish_reason\": \"stop\"}]}\n\n")
             .unwrap();
         assert!(f.finished == 1 && !f.saw_done);
-        // n = 2: each choice's end counts.
-        f.feed(
-            b"data: {\"choices\":[{\"index\":1,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n",
-        )
-        .unwrap();
+        // n = 2: each choice's end counts, once.
+        let end_of_second =
+            b"data: {\"choices\":[{\"index\":1,\"delta\":{},\"finish_reason\":\"length\"}]}\n\n";
+        f.feed(end_of_second).unwrap();
         assert_eq!(f.finished, 2);
+        f.feed(end_of_second).unwrap();
+        assert_eq!(f.finished, 2);
+        // The tier the first chunks name, for an estimated usage.
+        let mut flex = OpenAiStreamFilter::new(false);
+        flex.feed(b"data: {\"service_tier\":\"flex\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"}}]}\n\n")
+            .unwrap();
+        assert_eq!(flex.tier, ServiceTier::Flex);
 
         let mut tool = OpenAiStreamFilter::new(false);
         tool.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"c\",\"function\":{\"name\":\"f\",\"arguments\":\"\"}}]},\"finish_reason\":null}]}\n\n")

@@ -18,6 +18,7 @@ pub fn price(p: &smartllm_config::ModelPrice) -> smartllm_ledger::Price {
         audio_input_per_1m: p.audio_input_per_1m,
         audio_output_per_1m: p.audio_output_per_1m,
         per_request: p.per_request,
+        web_search_per_1k: p.web_search_per_1k,
         long_context: p.long_context.map(|l| smartllm_ledger::LongContext {
             above_tokens: l.above_tokens,
             input_per_1m: l.input_per_1m,
@@ -54,6 +55,7 @@ pub fn tokens(u: &smartllm_protocol::Usage) -> smartllm_ledger::Tokens {
         reasoning: u.reasoning_tokens,
         audio_in: u.audio_prompt_tokens,
         audio_out: u.audio_completion_tokens,
+        web_searches: u.web_searches,
     }
 }
 
@@ -108,10 +110,12 @@ pub fn finish(
                 .usage
                 .as_ref()
                 .map_or(0, |u| price_for(mp, u).cost_nanos(used));
+            // What a fresh answer would have cost at the list price (the
+            // stored answer's tier says nothing of this request's).
             let saved_nanos = ctx
                 .saved_usage
                 .as_ref()
-                .map(|u| price_for(mp, u).cost_nanos(tokens(u)))
+                .map(|u| price(mp).cost_nanos(tokens(u)))
                 .unwrap_or(0);
             cost_usd = cost_nanos as f64 / 1e9;
             ledger.record(smartllm_ledger::Record {
@@ -183,6 +187,7 @@ pub fn finish(
         reasoning_tokens = usage.reasoning_tokens,
         service_tier = (usage.tier != smartllm_protocol::usage::ServiceTier::Standard)
             .then(|| usage.tier.as_str()),
+        web_searches = (usage.web_searches > 0).then_some(usage.web_searches),
         tag = ctx.tag.as_deref().unwrap_or("-"),
         request_bytes = ctx.request_bytes,
         error = ctx.error_code.or(e.map(|e| e.etype().as_str())),

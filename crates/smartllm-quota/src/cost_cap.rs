@@ -68,6 +68,7 @@ pub async fn plan(
         choices,
         cache_writes,
         audio: audio_in || audio_out,
+        priority: body.get("service_tier").and_then(Value::as_str) == Some("priority"),
     };
     match fit_cap(config, chain, need, cap) {
         CapFit::TooExpensive { cheapest } => {
@@ -202,6 +203,8 @@ pub struct Need {
     pub cache_writes: bool,
     /// It carries or asks for audio: tokens may be billed at audio prices.
     pub audio: bool,
+    /// It asks for the priority tier: every token at its multiplier.
+    pub priority: bool,
 }
 
 impl Need {
@@ -211,6 +214,7 @@ impl Need {
             choices: 1,
             cache_writes: false,
             audio: false,
+            priority: false,
         }
     }
 }
@@ -246,7 +250,15 @@ fn worst_prices(
         output = output.max(f.audio_output_per_1m.unwrap_or(0.0));
     }
     let output = output.max(f.reasoning_per_1m.unwrap_or(0.0));
-    (input.max(flat.input_per_1m), output.max(flat.output_per_1m))
+    let tier = if need.priority {
+        f.service_tiers.priority.max(1.0)
+    } else {
+        1.0
+    };
+    (
+        input.max(flat.input_per_1m) * tier,
+        output.max(flat.output_per_1m) * tier,
+    )
 }
 
 /// Keep the models of `chain` under which the prompt and at least one
@@ -336,6 +348,7 @@ mod tests {
                 cache_write_1h_per_1m: 5.0,
             }),
             service_tiers: Default::default(),
+            web_search_per_1k: 10.0,
             source: smartllm_config::PriceSource::Configured,
         };
         let short = Need::prompt(1_000);
@@ -359,6 +372,15 @@ mod tests {
             ..short
         };
         assert_eq!(worst_prices(&flat, Some(&full), audio), (40.0, 80.0));
+        // The priority tier asked for: every token at its multiplier (1.75).
+        let priority = Need {
+            priority: true,
+            ..short
+        };
+        assert_eq!(
+            worst_prices(&flat, Some(&full), priority),
+            (1.25 * 1.75, 12.0 * 1.75)
+        );
         // Asked for anywhere in a chat body (a content part's cache_control).
         let body = serde_json::json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "x", "cache_control": {"type": "ephemeral"}}]}]});
         assert!(has_key(&body, "cache_control"));

@@ -394,23 +394,53 @@ impl Fleet {
         let reply: String = if late.is_empty() {
             self.run("hold", inv.invoke_async(&mut conn)).await?
         } else {
+            // Each reply on its own: a release Redis refuses (a key of
+            // another type) is logged and dropped, and never costs the hold.
             let mut pipe = redis::pipe();
-            pipe.load_script(&self.release).ignore();
+            pipe.ignore_errors();
+            pipe.load_script(&self.release);
             for (id, ids) in &late {
                 let mut r = self.release.prepare_invoke();
                 r.arg(id);
                 for k in ids {
                     r.key(self.key("held", k)).key(self.key("heldexp", k));
                 }
-                pipe.invoke_script(&r).ignore();
+                pipe.invoke_script(&r);
             }
-            pipe.load_script(&self.hold).ignore();
+            pipe.load_script(&self.hold);
             pipe.invoke_script(&inv);
-            match self
-                .run("hold", pipe.query_async::<(String,)>(&mut conn))
-                .await
-            {
-                Ok((reply,)) => reply,
+            let replies = self
+                .run(
+                    "hold",
+                    pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
+                )
+                .await;
+            match replies {
+                Ok(mut replies) => {
+                    for (i, r) in replies.iter().enumerate().skip(1).take(late.len()) {
+                        if let Err(e) = r {
+                            tracing::warn!(hold = %late[i - 1].0, error = %e, "fleet: a late budget release was refused; its hold expires instead");
+                        }
+                    }
+                    match replies.pop() {
+                        Some(Ok(redis::Value::BulkString(b))) => {
+                            String::from_utf8_lossy(&b).into_owned()
+                        }
+                        Some(Ok(redis::Value::SimpleString(s))) => s,
+                        Some(Ok(other)) => {
+                            return Err(
+                                self.failed("hold", FleetError::Protocol(format!("{other:?}")))
+                            )
+                        }
+                        Some(Err(e)) => return Err(self.failed("hold", e.into())),
+                        None => {
+                            return Err(self.failed(
+                                "hold",
+                                FleetError::Protocol("no reply to the hold".into()),
+                            ))
+                        }
+                    }
+                }
                 Err(e) => {
                     let mut q = self.unreleased.lock().unwrap_or_else(|p| p.into_inner());
                     let room = MAX_UNRELEASED.saturating_sub(q.len());

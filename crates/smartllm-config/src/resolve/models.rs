@@ -83,8 +83,8 @@ pub(super) fn resolve_models(
                 .get(&d.provider)
                 .is_some_and(|p| p.kind == ProviderKind::Anthropic)
         });
-        let price = match &m.pricing {
-            Some(p) => configured_price(&at, p, anthropic, v),
+        let (price, openai_listed) = match &m.pricing {
+            Some(p) => (configured_price(&at, p, anthropic, v), false),
             // The catalog, by the first deployment's upstream name it knows.
             None => deployments
                 .iter()
@@ -92,10 +92,25 @@ pub(super) fn resolve_models(
                     let kind = providers.get(&d.provider).map_or("", |p| p.kind.as_str());
                     catalog().lookup(&d.provider, kind, &d.upstream_model)
                 })
-                .map(|e| e.price())
+                .map(|e| (e.price(), matches!(e.provider.as_str(), "openai" | "azure")))
                 .unwrap_or_default(),
         };
         let mut price = price;
+        // The tier defaults are OpenAI's (its own API or Azure's): other
+        // providers' tiers are billed at their list price unless set.
+        let openai_served = openai_listed
+            || deployments.iter().any(|d| {
+                providers.get(&d.provider).is_some_and(|p| {
+                    let host = p.base_url.host.to_ascii_lowercase();
+                    host == "api.openai.com" || host.ends_with(".openai.azure.com")
+                })
+            });
+        if !openai_served {
+            price.service_tiers = crate::ServiceTiers {
+                flex: 1.0,
+                priority: 1.0,
+            };
+        }
         if let Some(t) = &m.service_tiers {
             for (field, value, slot) in [
                 ("flex", t.flex, &mut price.service_tiers.flex),
@@ -193,6 +208,7 @@ fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_
         audio_input_per_1m: p.audio_input,
         audio_output_per_1m: p.audio_output,
         per_request: p.per_request.unwrap_or(0.0),
+        web_search_per_1k: p.web_search.unwrap_or(crate::DEFAULT_WEB_SEARCH_PER_1K),
         long_context,
         service_tiers: Default::default(),
         source: PriceSource::Configured,
@@ -207,6 +223,7 @@ fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_
         ("audio_input", price.audio_input_per_1m.unwrap_or(0.0)),
         ("audio_output", price.audio_output_per_1m.unwrap_or(0.0)),
         ("per_request", price.per_request),
+        ("web_search", price.web_search_per_1k),
     ];
     if let Some(l) = &price.long_context {
         fields.extend([

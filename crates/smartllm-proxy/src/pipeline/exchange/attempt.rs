@@ -62,6 +62,8 @@ pub(super) async fn once(
     let pname = p.name();
     let addr = x.peer._address.clone();
     let wait_start = Instant::now();
+    // This attempt's provider id, or none: never an earlier attempt's.
+    ctx.upstream_request_id = None;
 
     // `fresh`: the request is being sent again after a kept connection failed it.
     let kept = if fresh {
@@ -142,7 +144,7 @@ pub(super) async fn once(
         r = pingora_timeout::timeout(p.cfg.first_byte_timeout, up.read_response_header()) => r,
         () = super::client_left(session, &mut ctx.client_unwatched) => {
             ctx.upstream_wait += wait_start.elapsed();
-            return super::left_while_waiting(ctx, x.req, up).await;
+            return super::left_while_waiting(ctx, x.req, up, false).await;
         }
     };
     match header {

@@ -34,7 +34,7 @@ pub(super) async fn relay(
         r = response_body(&mut up, x.idle_timeout(), MAX_BUFFERED_RESPONSE, &mut waited) => r,
         () = super::client_left(session, &mut ctx.client_unwatched) => {
             ctx.upstream_wait += waited;
-            return super::left_while_waiting(ctx, x.req, up).await;
+            return super::left_while_waiting(ctx, x.req, up, true).await;
         }
     };
     ctx.upstream_wait += waited;
@@ -137,7 +137,10 @@ pub(super) async fn relay(
     }
     let usage = usage.or_else(|| {
         ctx.usage_estimated = true;
-        Some(estimate_usage(x.req, &completion_text(&chat)))
+        Some(Usage {
+            tier: smartllm_protocol::usage::ServiceTier::of(&chat, "service_tier"),
+            ..estimate_usage(x.req, &completion_text(&chat))
+        })
     });
     record_usage(ctx, usage);
     if let Some(pending) = ctx.cache_insert.take() {

@@ -453,8 +453,15 @@ async fn client_left(session: &mut Session, unwatched: &mut bool) {
 
 /// The client left before the answer began: the upstream request is
 /// cancelled (its connection closed, so the provider stops generating), and
-/// the prompt, which the provider has read, is billed, estimated.
-async fn left_while_waiting(ctx: &mut Ctx, req: &ParsedRequest, mut up: HttpSession) -> Attempt {
+/// the prompt, which the provider has read, is billed, estimated. Before the
+/// provider answered at all (`answered`: its header came) the attempt says
+/// nothing of the deployment ([`Attempt::Abandoned`]).
+async fn left_while_waiting(
+    ctx: &mut Ctx,
+    req: &ParsedRequest,
+    mut up: HttpSession,
+    answered: bool,
+) -> Attempt {
     up.shutdown().await;
     // A token count costs nothing.
     if !matches!(
@@ -466,6 +473,10 @@ async fn left_while_waiting(ctx: &mut Ctx, req: &ParsedRequest, mut up: HttpSess
         usage::record_usage(ctx, Some(usage::estimate_usage(req, "")));
     }
     tracing::info!(request_id = %ctx.request_id, provider = ?ctx.provider, "the client left before the answer; the upstream request is cancelled");
-    client_gone(ctx);
-    Attempt::Abandoned
+    let done = client_gone(ctx);
+    if answered {
+        done
+    } else {
+        Attempt::Abandoned
+    }
 }

@@ -163,6 +163,11 @@ fn early_end_usage(
         Some(text) => smartllm_ledger::estimate_tokens(text),
         None => tr.generated_estimate(),
     };
+    // The tier the stream named, where the usage says none.
+    let tier = match tr {
+        Translator::OpenAi(f) => f.tier,
+        _ => smartllm_protocol::usage::ServiceTier::Standard,
+    };
     let usage = match reported {
         // The provider's prompt figures (Anthropic's message_start).
         Some(u) if u.prompt_tokens > 0 => Usage {
@@ -171,6 +176,7 @@ fn early_end_usage(
         },
         _ => Usage {
             completion_tokens: reported.map_or(0, |u| u.completion_tokens).max(generated),
+            tier: reported.map_or(tier, |u| u.tier),
             ..estimate_usage(req, "")
         },
     };
@@ -386,6 +392,9 @@ pub(super) async fn relay(
     let mut assembler =
         ((ctx.cache_insert.is_some() && keep_cache) || !usage_expected).then(ChunkAssembler::new);
     let mut streamed_bytes = 0usize;
+    // `idle_timeout` counts from the provider's last bytes (a held stream's
+    // opening in between does not restart it).
+    let mut last_bytes = Instant::now();
     // None: a clean end.
     let failure: Option<(StreamEnd, ApiError)> = loop {
         let t = Instant::now();
@@ -394,14 +403,16 @@ pub(super) async fn relay(
         let open_at = held.as_ref().map(|h| h.since + Held::TIME);
         let r = tokio::select! {
             biased;
-            r = pingora_timeout::timeout(idle, up.read_response_body()) => r,
+            r = pingora_timeout::timeout(
+                idle.saturating_sub(last_bytes.elapsed()),
+                up.read_response_body()
+            ) => r,
             // The client left during a silent stretch (a model thinking).
             () = super::client_left(session, &mut ctx.client_unwatched) => {
                 ctx.upstream_wait += t.elapsed();
                 up.shutdown().await;
                 bill_early_end(ctx, &tr, req, assembler.take());
-                client_gone(ctx);
-                return if held.is_some() { Attempt::Abandoned } else { Attempt::Done };
+                return client_gone(ctx);
             }
             () = sleep_until(open_at) => {
                 ctx.upstream_wait += t.elapsed();
@@ -410,14 +421,16 @@ pub(super) async fn relay(
                     if h.open(session, ctx).await.is_err() {
                         up.shutdown().await;
                         bill_early_end(ctx, &tr, req, assembler.take());
-                        client_gone(ctx);
-                        return Attempt::Abandoned;
+                        return client_gone(ctx);
                     }
                 }
                 continue;
             }
         };
         ctx.upstream_wait += t.elapsed();
+        if matches!(r, Ok(Ok(Some(_)))) {
+            last_bytes = Instant::now();
+        }
         match r {
             Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
                 Ok(canonical) => {
@@ -539,7 +552,9 @@ pub(super) async fn relay(
                         error.body()
                     };
                     ctx.error_code = Some(error.code);
-                    return match respond::json(session, ctx, error.status, body, &[]).await {
+                    return match respond::json(session, ctx, error.status, body, &x.passthrough)
+                        .await
+                    {
                         Ok(()) => Attempt::Done,
                         Err(_) => client_gone(ctx),
                     };
