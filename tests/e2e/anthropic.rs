@@ -23,7 +23,7 @@ fn gateway_with_budgets(mock_args: &[&str], budgets: &str) -> (Mock, Gateway) {
         mock_provider("mock", &mock),
         mock.addr
     );
-    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n";
+    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    profile: { max_output_tokens: 16384 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 8192 }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n";
     let cfg = ConfigDir::new(
         "",
         "demo:\n  mode: off\n",
@@ -716,4 +716,120 @@ fn a_provider_without_stream_usage_serves_messages_streams_with_estimates() {
     let line = line().unwrap();
     assert_eq!(line["usage_estimated"], true, "{line}");
     assert!(line["completion_tokens"].as_u64().unwrap() > 0, "{line}");
+}
+
+/// What Claude Code and the OpenAI SDKs send reaches the other provider in
+/// a form it takes: Claude Code's long user id and its 32,000-token limit
+/// to an OpenAI model, images a tool returned; structured outputs, one tool
+/// call at a time and PDFs to Claude; what Claude cannot take is a 400
+/// naming it; a field given twice is refused before anything is sent.
+#[test]
+fn what_each_sdk_sends_reaches_the_other_provider_in_a_form_it_takes() {
+    let (mock, gw) = gateway(&["--words", "3"]);
+    let user_id = format!(
+        "user_{}_account_{}_session_{}",
+        "a".repeat(64),
+        "b".repeat(36),
+        "c".repeat(36)
+    );
+    let ask = json!({"model": "small", "max_tokens": 32000, "metadata": {"user_id": user_id},
+        "messages": [
+            {"role": "user", "content": "Read the screenshot"},
+            {"role": "assistant", "content": [{"type": "tool_use", "id": "t1", "name": "read", "input": {"path": "a.png"}}]},
+            {"role": "user", "content": [
+                {"type": "tool_result", "tool_use_id": "t1", "content": [
+                    {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "iVBORw0KGgo="}}]},
+                {"type": "text", "text": "What does it show?"}]}]});
+    let r = messages(&gw, &[], &serde_json::to_vec(&ask).unwrap());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let up = mock.last()["json"].clone();
+    // OpenAI takes a `user` of at most 64 characters and a limit the model has.
+    let user = up["user"].as_str().unwrap();
+    assert_eq!(user.len(), 64, "{up}");
+    assert!(!user.starts_with("user_"), "a digest, not a cut id");
+    assert_eq!(up["max_tokens"], 16384, "lowered to the model's most");
+    let m = up["messages"].as_array().unwrap();
+    assert_eq!(m[2]["role"], "tool");
+    assert_eq!(m[3]["role"], "user");
+    assert_eq!(
+        m[3]["content"][0]["image_url"]["url"],
+        "data:image/png;base64,iVBORw0KGgo="
+    );
+    assert_eq!(
+        m[3]["content"].as_array().unwrap().last().unwrap()["text"],
+        "What does it show?"
+    );
+
+    // Chat Completions to Claude.
+    let chat = |body: Value| {
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("authorization", "Bearer sk-ant-client")],
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .unwrap()
+    };
+    let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": false});
+    let r = chat(json!({"model": "claude", "max_tokens": 50000,
+        "messages": [{"role": "user", "content": [
+            {"type": "file", "file": {"filename": "report.pdf", "file_data": "data:application/pdf;base64,JVBERi0x"}},
+            {"type": "text", "text": "Which city?"}]}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "city", "strict": true, "schema": schema}},
+        "tools": [{"type": "function", "function": {"name": "lookup", "parameters": {"type": "object"}}}],
+        "parallel_tool_calls": false}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let last = mock.last();
+    assert_eq!(last["path"], "/v1/messages");
+    let up = &last["json"];
+    assert_eq!(
+        up["output_config"],
+        json!({"format": {"type": "json_schema", "schema": schema}})
+    );
+    assert_eq!(
+        up["tool_choice"],
+        json!({"type": "auto", "disable_parallel_tool_use": true})
+    );
+    assert_eq!(up["max_tokens"], 8192, "lowered to the model's most");
+    assert_eq!(up["messages"][0]["content"][0]["type"], "document");
+    assert_eq!(
+        up["messages"][0]["content"][0]["source"]["data"],
+        "JVBERi0x"
+    );
+    let before = mock.requests();
+    for (body, param) in [
+        (
+            json!({"model": "claude", "n": 2, "messages": [{"role": "user", "content": "hi"}]}),
+            "n",
+        ),
+        (
+            json!({"model": "claude", "messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AAAA", "format": "wav"}}]}]}),
+            "content",
+        ),
+    ] {
+        let r = chat(body);
+        assert_eq!(r.status, 400, "{}", r.text());
+        let e = r.json();
+        assert_eq!(
+            (e["error"]["code"].as_str(), e["error"]["param"].as_str()),
+            (Some("unsupported_for_provider"), Some(param)),
+            "{e}"
+        );
+    }
+    assert_eq!(mock.requests(), before, "nothing sent");
+
+    // A field given twice: read one way here, another upstream. Refused.
+    let r = messages(&gw, &[], br#"{"model":"small","max_tokens":1,"messages":[{"role":"user","content":"hi"}],"max_tokens":100000}"#);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = r.json();
+    assert_eq!(e["type"], "error");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("`max_tokens` more than once"),
+        "{e}"
+    );
+    assert_eq!(mock.requests(), before);
 }

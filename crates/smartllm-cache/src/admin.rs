@@ -189,6 +189,12 @@ impl SemanticCache {
         Ok((n, resealed))
     }
 
+    /// The cache's sealing (its key, when `encryption_key_file` is set):
+    /// other stores of prompts and answers seal with it too.
+    pub fn codec(&self) -> &crate::Codec {
+        &self.codec
+    }
+
     pub fn stats(&self) -> CacheStats {
         let info = self.store.info();
         let estimated_entries = self

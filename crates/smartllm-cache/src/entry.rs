@@ -169,6 +169,12 @@ impl Codec {
     /// the OS random source when there is a key, else in the clear.
     pub fn encode(&self, entry: &Entry) -> Result<Vec<u8>, CodecError> {
         let json = serde_json::to_vec(entry).map_err(|e| CodecError::Corrupt(e.to_string()))?;
+        self.seal(json)
+    }
+
+    /// Seal any bytes as [`Codec::encode`] seals an entry (the Responses
+    /// store's conversations are kept under the same key).
+    pub fn seal(&self, json: Vec<u8>) -> Result<Vec<u8>, CodecError> {
         let Some(c) = &self.cipher else {
             let mut out = Vec::with_capacity(1 + json.len());
             out.push(PLAIN);
@@ -199,6 +205,15 @@ impl Codec {
     /// are refused (`Unsealed`) and sealed ones open with the current key or
     /// an old one (`Sealing::Old`: re-seal it).
     pub fn open(&self, bytes: &[u8]) -> Result<(Entry, Sealing), CodecError> {
+        let (json, sealing) = self.unseal(bytes)?;
+        let entry =
+            serde_json::from_slice(&json).map_err(|e| CodecError::Corrupt(e.to_string()))?;
+        Ok((entry, sealing))
+    }
+
+    /// The bytes [`Codec::seal`] sealed, and how: with a key, plain ones are
+    /// refused (`Unsealed`).
+    pub fn unseal(&self, bytes: &[u8]) -> Result<(Vec<u8>, Sealing), CodecError> {
         let (tag, rest) = bytes
             .split_first()
             .ok_or_else(|| CodecError::Corrupt("empty".into()))?;
@@ -222,9 +237,7 @@ impl Codec {
             (SEALED, _) => return Err(CodecError::Decrypt),
             (t, _) => return Err(CodecError::Corrupt(format!("unknown format {t}"))),
         };
-        let entry =
-            serde_json::from_slice(&json).map_err(|e| CodecError::Corrupt(e.to_string()))?;
-        Ok((entry, sealing))
+        Ok((json, sealing))
     }
 }
 

@@ -525,8 +525,9 @@ static PHONE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"\+\d{1,3}[\s.-]?\(?\d{1,4}\)?(?:[\s.-]?\d{2,4}){2,4}\b|\(\d{3}\)\s?\d{3}[\s.-]\d{4}\b|\b\d{3}[.-]\d{3}[.-]\d{4}\b")
         .expect("phone regex")
 });
-static CARD: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\b(?:\d[ -]?){13,19}\b").expect("card regex"));
+/// Runs of digit groups, each separated by one space or dash.
+static DIGIT_RUN: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"\d+(?:[ -]\d+)*").expect("digit run regex"));
 static API_KEY: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"\b(?:sk-[A-Za-z0-9_-]{16,}|sk-ant-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|xox[abpr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})\b")
         .expect("api key regex")
@@ -555,6 +556,33 @@ fn luhn(digits: &str) -> bool {
         })
         .sum();
     sum.is_multiple_of(10)
+}
+
+/// Whether `text` holds a payment card number: 13 to 19 digits passing the
+/// Luhn check, written as one group or in groups of 3 to 6 digits starting
+/// with 4 (4-4-4-4, Amex's 4-6-5, ...). Every such span of a run of digit
+/// groups is checked, so a card followed by its expiry or CVV ("4111 1111
+/// 1111 1111 12/26"), or after another number, is still found.
+fn has_card(text: &str) -> bool {
+    let shaped = |g: &[&str]| {
+        g.len() == 1 || (g[0].len() == 4 && g.iter().all(|x| (3..=6).contains(&x.len())))
+    };
+    DIGIT_RUN.find_iter(text).any(|m| {
+        let groups: Vec<&str> = m.as_str().split([' ', '-']).collect();
+        (0..groups.len()).any(|i| {
+            let mut digits = 0;
+            for j in i..groups.len() {
+                digits += groups[j].len();
+                if digits > 19 {
+                    return false;
+                }
+                if digits >= 13 && shaped(&groups[i..=j]) && luhn(&groups[i..=j].concat()) {
+                    return true;
+                }
+            }
+            false
+        })
+    })
 }
 
 /// Compiled exclusion rules: a prompt matching any is never cached.
@@ -593,7 +621,7 @@ impl Exclusions {
             let hit = match d {
                 Detector::Email => EMAIL.is_match(text),
                 Detector::Phone => PHONE.is_match(text),
-                Detector::Card => CARD.find_iter(text).any(|m| luhn(m.as_str())),
+                Detector::Card => has_card(text),
                 Detector::ApiKey => API_KEY.is_match(text),
             };
             if hit {
@@ -875,6 +903,17 @@ mod tests {
         assert_eq!(ex.matches("call 415.555.0134"), Some("phone"));
         assert_eq!(ex.matches("the years 1990 2000 2010"), None);
         assert_eq!(ex.matches("my card is 4111 1111 1111 1111"), Some("card"));
+        // With its expiry or CVV after it, or a number before it.
+        for text in [
+            "card 4111 1111 1111 1111 12/26",
+            "4242424242424242 12/27 thanks",
+            "4111-1111-1111-1111-123",
+            "qty 2 4111 1111 1111 1111",
+            "ref 1234 4111 1111 1111 1111 exp 0427",
+            "amex 3782 822463 10005",
+        ] {
+            assert_eq!(ex.matches(text), Some("card"), "{text}");
+        }
         assert_eq!(
             ex.matches("order 1234 5678 9012 3456 7"),
             None,

@@ -39,7 +39,6 @@ pub enum Applied {
 
 impl SemanticCache {
     /// Store an answer. Runs off the request path (spawn it).
-    #[allow(clippy::too_many_arguments)]
     pub async fn insert(
         self: &Arc<Self>,
         key: CacheKey,
@@ -48,6 +47,26 @@ impl SemanticCache {
         policy: &CachePolicy,
         route: &str,
         model: &str,
+    ) -> Result<Stored, CacheError> {
+        self.insert_asked_at(key, embedding, response, policy, route, model, now_secs())
+            .await
+    }
+
+    /// [`SemanticCache::insert`] for an answer asked for at `asked_at`
+    /// (seconds): the entry dates from then, so a purge issued while the
+    /// answer was being written removes it too (`CacheError::Purged`, here
+    /// and on every gateway of the fleet), as it would have had it come
+    /// sooner.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn insert_asked_at(
+        self: &Arc<Self>,
+        key: CacheKey,
+        embedding: Option<Vec<f32>>,
+        response: String,
+        policy: &CachePolicy,
+        route: &str,
+        model: &str,
+        asked_at: u64,
     ) -> Result<Stored, CacheError> {
         let embedding = match embedding {
             Some(e) => Some(e),
@@ -58,7 +77,7 @@ impl SemanticCache {
                 .pop(),
             None => None,
         };
-        let now = now_secs();
+        let created = asked_at.min(now_secs());
         let entry = Entry {
             id: 0, // given in `write`
             namespace: key.namespace_hex(),
@@ -67,14 +86,21 @@ impl SemanticCache {
             response,
             route: route.to_string(),
             model: model.to_string(),
-            created_at: now,
-            expires_at: now + policy.ttl.as_secs(),
+            created_at: created,
+            expires_at: created + policy.ttl.as_secs(),
             version: policy.version,
         };
         let this = self.clone();
-        let stored = tokio::task::spawn_blocking(move || this.write(entry, embedding, key.exact))
-            .await
-            .map_err(|e| CacheError::Task(e.to_string()))??;
+        let stored = tokio::task::spawn_blocking(move || {
+            // Checked right before the write (a purge may have come while
+            // the answer was generated or embedded).
+            if this.purged_since(&entry) {
+                return Err(CacheError::Purged);
+            }
+            this.write(entry, embedding, key.exact)
+        })
+        .await
+        .map_err(|e| CacheError::Task(e.to_string()))??;
         self.maybe_upgrade();
         Ok(stored)
     }

@@ -81,6 +81,9 @@ pub enum CacheError {
     Codec(#[from] CodecError),
     #[error("cache task failed: {0}")]
     Task(String),
+    /// The answer was asked for before a purge that covers it: not stored.
+    #[error("purged while it was being answered")]
+    Purged,
 }
 
 /// The gateway's one clock (entry times, expiry).

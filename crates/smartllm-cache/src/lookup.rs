@@ -1029,6 +1029,43 @@ mod tests {
         assert!(is_hit(&here.lookup(&k, &p, 8).await.unwrap()).is_some());
     }
 
+    /// An answer asked for before a purge and finished after it (a long
+    /// stream) is not stored: the purge covers what was being answered.
+    #[tokio::test]
+    async fn an_answer_asked_for_before_a_purge_is_not_stored_after_it() {
+        let (_dir, cache) = open_cache();
+        let p = policy();
+        let k = key("t1", "What is our refund policy?");
+        let asked_at = crate::now_secs() - 2;
+        assert_eq!(cache.purge(&Purge::Route("faq".into())).unwrap(), 0);
+        let late = cache
+            .insert_asked_at(
+                k.clone(),
+                None,
+                "{\"answer\":\"30 days\"}".into(),
+                &p,
+                "faq",
+                "m",
+                asked_at,
+            )
+            .await;
+        assert!(matches!(late, Err(crate::CacheError::Purged)), "{late:?}");
+        assert!(is_hit(&cache.lookup(&k, &p, 8).await.unwrap()).is_none());
+        // Another route's answer, asked for at the same time, is stored.
+        let other = cache
+            .insert_asked_at(
+                k.clone(),
+                None,
+                "{\"answer\":\"30 days\"}".into(),
+                &p,
+                "support",
+                "m",
+                asked_at,
+            )
+            .await;
+        assert!(other.is_ok(), "{other:?}");
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn lookups_inserts_isolation_purge_and_restart() {
         let dir = tempfile::tempdir().unwrap();

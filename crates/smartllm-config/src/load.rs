@@ -81,6 +81,35 @@ fn file_line(text: &str, yaml_line: usize) -> usize {
     b[..i].iter().filter(|c| **c == b'\n').count() + 1
 }
 
+/// The line of the second `KEY:` of `message`'s "`KEY` is defined twice"
+/// (see `raw::unique_keys`), at the first one's indentation.
+fn twice_line(text: &str, message: &str) -> Option<usize> {
+    let key = message
+        .split('`')
+        .nth(1)
+        .filter(|_| message.contains("is defined twice"))?;
+    let mut first_indent = None;
+    for (i, l) in text.lines().enumerate() {
+        let body = l.trim_start();
+        let named = [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
+            .iter()
+            .any(|k| {
+                body.strip_prefix(k.as_str())
+                    .is_some_and(|r| r.trim_start().starts_with(':'))
+            });
+        if !named {
+            continue;
+        }
+        let indent = l.len() - body.len();
+        match first_indent {
+            None => first_indent = Some(indent),
+            Some(f) if f == indent => return Some(i + 1),
+            Some(_) => {}
+        }
+    }
+    None
+}
+
 fn parse_file<T: DeserializeOwned + Default>(
     dir: &Path,
     file: &'static str,
@@ -108,6 +137,9 @@ fn parse_file<T: DeserializeOwned + Default>(
             if let Some(i) = message.find(" at line ") {
                 message.truncate(i);
             }
+            // A key given twice: serde_yaml points at its map; the line is
+            // the second one.
+            let line = twice_line(text, &message).or(line);
             issues.push(ConfigIssue {
                 file: dir.join(file),
                 path: if path == "." { String::new() } else { path },
@@ -279,6 +311,23 @@ mod tests {
         let dir = write_dir(&[(MAIN_FILE, "# a\r\r\nserver:\n  threads: many\n")]);
         let err = load_dir(dir.path()).unwrap_err();
         assert_eq!(err.issues[0].line, Some(3), "{err}");
+    }
+
+    /// A key given twice in a map (two `providers: mock` blocks) would
+    /// silently keep the last one: it is an error naming the key and line.
+    #[test]
+    fn a_key_defined_twice_is_an_error_at_its_line() {
+        let twice = format!("{PROVIDERS}  mock:\n    base_url: http://127.0.0.1:9/v1\n");
+        let dir = write_dir(&[
+            (MAIN_FILE, "data_dir: /tmp/x\n"),
+            (PROVIDERS_FILE, &twice),
+            (MODELS_FILE, MODELS),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err();
+        let i = &err.issues[0];
+        assert!(i.file.ends_with(PROVIDERS_FILE), "{i}");
+        assert!(i.message.contains("`mock` is defined twice"), "{i}");
+        assert_eq!(i.line, Some(twice.lines().count() - 1), "{i}");
     }
 
     #[test]

@@ -4,8 +4,43 @@
 //! sees the validated [`crate::Config`].
 
 use crate::units::{ByteSize, ConfigDuration};
-use serde::Deserialize;
+use serde::{Deserialize, Deserializer};
 use std::collections::BTreeMap;
+
+/// A map whose keys are all different. serde reads a key given twice as the
+/// last one, silently: a second `apps: acme/web` or `providers: openai`
+/// block would replace the first with no word. Here it is an error naming
+/// the key, at its line.
+fn unique_keys<'de, D, V>(d: D) -> Result<BTreeMap<String, V>, D::Error>
+where
+    D: Deserializer<'de>,
+    V: Deserialize<'de>,
+{
+    struct Visit<V>(std::marker::PhantomData<V>);
+    impl<'de, V: Deserialize<'de>> serde::de::Visitor<'de> for Visit<V> {
+        type Value = BTreeMap<String, V>;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a map")
+        }
+        fn visit_map<A: serde::de::MapAccess<'de>>(
+            self,
+            mut a: A,
+        ) -> Result<Self::Value, A::Error> {
+            let mut m = BTreeMap::new();
+            while let Some(k) = a.next_key::<String>()? {
+                if m.contains_key(&k) {
+                    return Err(serde::de::Error::custom(format!(
+                        "`{k}` is defined twice; each key may appear once"
+                    )));
+                }
+                let v = a.next_value()?;
+                m.insert(k, v);
+            }
+            Ok(m)
+        }
+    }
+    d.deserialize_map(Visit(std::marker::PhantomData))
+}
 
 /// `smartllm.yaml`
 #[derive(Debug, Default, Deserialize)]
@@ -201,7 +236,7 @@ pub struct RawReload {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProviders {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub providers: BTreeMap<String, RawProvider>,
 }
 
@@ -212,7 +247,7 @@ pub struct RawProvider {
     pub base_url: String,
     pub api_key_env: Option<String>,
     pub api_key_file: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub headers: BTreeMap<String, String>,
     pub anthropic_version: Option<String>,
     /// An OpenAI-compatible provider drops the thinking blocks of Anthropic
@@ -264,7 +299,7 @@ pub struct RawModels {
     pub models: Vec<RawModel>,
     /// Benchmark name to the router's tasks it measures: added to (or
     /// replacing entries of) the shipped mapping `profile.benchmarks` uses.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub benchmark_tasks: BTreeMap<String, Vec<String>>,
 }
 
@@ -297,12 +332,12 @@ pub struct RawProfile {
     pub capabilities: Option<Vec<String>>,
     /// Quality per task from 0 to 1 (code, math, reasoning, summarisation,
     /// extraction, translation, creative, chat); `default` for the rest.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub quality: BTreeMap<String, f64>,
     /// Scores (0 to 1) on public benchmarks, as read off leaderboards
     /// (`gpqa: 0.65`); each task takes the mean of the benchmarks mapped to
     /// it, where `quality` does not name the task.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub benchmarks: BTreeMap<String, f64>,
     /// Typical output speed.
     pub tokens_per_second: Option<f64>,
@@ -318,7 +353,7 @@ pub struct RawMeasuredProfiles {
     pub set: Option<String>,
     /// When the measurement ended (RFC 3339, for people).
     pub measured_at: Option<String>,
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub models: BTreeMap<String, RawMeasuredModel>,
 }
 
@@ -326,9 +361,10 @@ pub struct RawMeasuredProfiles {
 #[serde(deny_unknown_fields)]
 pub struct RawMeasuredModel {
     /// Share of answers scored right, per task (0 to 1).
+    #[serde(deserialize_with = "unique_keys")]
     pub quality: BTreeMap<String, f64>,
     /// Questions asked per task (for people; not used by the router).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub answers: BTreeMap<String, u64>,
 }
 
@@ -388,7 +424,7 @@ pub struct RawDeployment {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawRoutes {
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub routes: BTreeMap<String, RawRoute>,
     /// The task classifier's labelled examples.
     #[serde(default)]
@@ -496,7 +532,7 @@ pub struct RawWhen {
     pub has_tools: Option<bool>,
     pub has_images: Option<bool>,
     /// Request headers that must be present with these values (`*`: any value).
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub headers: BTreeMap<String, String>,
     /// Apps (`tenant/app`, or the app's name).
     #[serde(default)]
@@ -562,7 +598,7 @@ pub struct RawCache {
     #[serde(default)]
     pub exclude: RawCacheExclude,
     /// Overrides per route alias or model name.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub routes: BTreeMap<String, RawCachePolicy>,
 }
 
@@ -599,7 +635,7 @@ pub struct RawKeysFile {
     #[serde(default)]
     pub keys: Vec<RawKey>,
     /// Limits per application, keyed `tenant/app`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "unique_keys")]
     pub apps: BTreeMap<String, RawApp>,
     #[serde(default)]
     pub budgets: Vec<RawBudget>,

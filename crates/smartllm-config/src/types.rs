@@ -275,6 +275,54 @@ pub struct KeysConfig {
     pub budgets: Vec<Budget>,
 }
 
+impl KeysConfig {
+    /// Budgets and app limits that name no tenant, app or key of the listed
+    /// keys (a typo: "batch-jb"), which would apply to nobody, as warnings
+    /// naming the entry. None while no key is listed (a fresh install's
+    /// budgets wait for their keys), and an open gateway's own callers
+    /// (`anonymous`, `key:...`) count as named.
+    pub fn unmatched(&self) -> Vec<String> {
+        if self.keys.is_empty() {
+            return Vec::new();
+        }
+        let open =
+            |name: &str| !self.require_key && (name == "anonymous" || name.starts_with("key:"));
+        let known = |scope: BudgetScope, name: &str| {
+            open(name)
+                || self.keys.iter().any(|k| match scope {
+                    BudgetScope::Tenant => k.tenant == name,
+                    BudgetScope::App => {
+                        name.split_once('/') == Some((k.tenant.as_str(), k.app.as_str()))
+                    }
+                    BudgetScope::Key => k.name == name,
+                })
+        };
+        let what = |scope: BudgetScope| match scope {
+            BudgetScope::Tenant => "tenant",
+            BudgetScope::App => "tenant/app",
+            BudgetScope::Key => "key name",
+        };
+        let mut out = Vec::new();
+        for (i, b) in self.budgets.iter().enumerate() {
+            if !known(b.scope, &b.name) {
+                out.push(format!(
+                    "keys.yaml budgets[{i}].name: {:?} is no {} of a listed key, so this budget applies to nobody",
+                    b.name,
+                    what(b.scope)
+                ));
+            }
+        }
+        for name in self.apps.keys() {
+            if !known(BudgetScope::App, name) {
+                out.push(format!(
+                    "keys.yaml apps.{name}: no listed key has this tenant/app, so these limits apply to nobody"
+                ));
+            }
+        }
+        out
+    }
+}
+
 /// Cache behaviour for one route alias or model (or the defaults).
 #[derive(Debug, Clone, PartialEq)]
 pub struct CachePolicy {

@@ -12,29 +12,72 @@ fn text_of(content: &Value) -> String {
     crate::openai::content_text(content)
 }
 
-/// OpenAI content (string or parts) -> Anthropic content blocks.
-fn content_blocks(content: &Value) -> Vec<Value> {
-    match content {
-        Value::String(s) if s.is_empty() => Vec::new(),
-        Value::String(s) => vec![json!({"type": "text", "text": s})],
-        Value::Array(parts) => parts
-            .iter()
-            .filter_map(|p| match p.get("type").and_then(Value::as_str) {
-                Some("text") => Some(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(Value::String(String::new()))})),
-                Some("image_url") => {
-                    let url = p.get("image_url").and_then(|u| u.get("url").or(Some(u))).and_then(Value::as_str)?;
-                    if let Some(rest) = url.strip_prefix("data:") {
+/// OpenAI content (string or parts) -> Anthropic content blocks. A part
+/// Anthropic has no block for (audio, a file by id, a file other than a PDF)
+/// is an error naming it: the request goes to a deployment that can read it,
+/// never to Claude without it.
+fn content_blocks(content: &Value) -> Result<Vec<Value>, ApiError> {
+    let parts = match content {
+        Value::String(s) if s.is_empty() => return Ok(Vec::new()),
+        Value::String(s) => return Ok(vec![json!({"type": "text", "text": s})]),
+        Value::Array(parts) => parts,
+        _ => return Ok(Vec::new()),
+    };
+    let mut out = Vec::with_capacity(parts.len());
+    for p in parts {
+        let kind = p.get("type").and_then(Value::as_str).unwrap_or("");
+        let block = match kind {
+            "text" => Some(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(Value::String(String::new()))})),
+            // An earlier answer's refusal, in the history: its words.
+            "refusal" => Some(json!({"type": "text", "text": p.get("refusal").cloned().unwrap_or(Value::String(String::new()))})),
+            "image_url" => p
+                .get("image_url")
+                .and_then(|u| u.get("url").or(Some(u)))
+                .and_then(Value::as_str)
+                .and_then(|url| match url.strip_prefix("data:") {
+                    Some(rest) => {
                         let (media, data) = rest.split_once(";base64,")?;
                         Some(json!({"type": "image", "source": {"type": "base64", "media_type": media, "data": data}}))
-                    } else {
-                        Some(json!({"type": "image", "source": {"type": "url", "url": url}}))
                     }
-                }
-                _ => None,
-            })
-            .collect(),
-        _ => Vec::new(),
+                    None => Some(json!({"type": "image", "source": {"type": "url", "url": url}})),
+                }),
+            // A PDF inline (`file_data`, as the Responses API's `input_file`
+            // becomes): a document block.
+            "file" => p
+                .get("file")
+                .and_then(|f| f.get("file_data"))
+                .and_then(Value::as_str)
+                .and_then(|d| d.strip_prefix("data:application/pdf;base64,"))
+                .map(|data| {
+                    let mut doc = json!({"type": "document", "source": {"type": "base64", "media_type": "application/pdf", "data": data}});
+                    if let Some(name) = p.get("file").and_then(|f| f.get("filename")).and_then(Value::as_str) {
+                        doc["title"] = json!(name);
+                    }
+                    doc
+                }),
+            _ => None,
+        };
+        match block {
+            Some(b) => out.push(b),
+            None => {
+                return Err(untranslatable(
+                    &format!("a `{kind}` content part"),
+                    "content",
+                ))
+            }
+        }
     }
+    Ok(out)
+}
+
+/// A request field or part Anthropic models cannot take: a 400 that names
+/// it (another deployment or model in the chain may still take the request).
+fn untranslatable(what: &str, param: &str) -> ApiError {
+    ApiError::invalid_request(
+        "unsupported_for_provider",
+        format!("Anthropic models cannot take {what}; send the request to an OpenAI-compatible model, or leave it out."),
+    )
+    .with_param(param)
 }
 
 fn push_message(out: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
@@ -76,9 +119,9 @@ pub fn request_to_anthropic(
                     system.push(t);
                 }
             }
-            "user" => push_message(&mut messages, "user", content_blocks(content)),
+            "user" => push_message(&mut messages, "user", content_blocks(content)?),
             "assistant" => {
-                let mut blocks = content_blocks(content);
+                let mut blocks = content_blocks(content)?;
                 if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
                     for c in calls {
                         let f = c.get("function").cloned().unwrap_or(Value::Null);
@@ -116,6 +159,9 @@ pub fn request_to_anthropic(
             "Anthropic models need at least one user or assistant message besides the system prompt.",
         )
         .with_param("messages"));
+    }
+    if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
+        return Err(untranslatable("`n` above 1 (one answer per request)", "n"));
     }
     let max_tokens = body
         .get("max_completion_tokens")
@@ -176,6 +222,42 @@ pub fn request_to_anthropic(
             }
         }
         _ => {}
+    }
+    // `parallel_tool_calls: false`: at most one tool call per answer.
+    if body.get("parallel_tool_calls") == Some(&Value::Bool(false)) && out.contains_key("tools") {
+        let choice = out
+            .entry("tool_choice")
+            .or_insert_with(|| json!({"type": "auto"}));
+        if choice.get("type").and_then(Value::as_str) != Some("none") {
+            choice["disable_parallel_tool_use"] = json!(true);
+        }
+    }
+    // Structured outputs: Anthropic's `output_config.format` holds the
+    // schema (the answer is the JSON text, as OpenAI's is). JSON mode
+    // (`json_object`) has no Anthropic field; its prompt asks for JSON.
+    if let Some(rf) = body.get("response_format").filter(|v| !v.is_null()) {
+        match rf.get("type").and_then(Value::as_str) {
+            Some("json_schema") => {
+                let Some(schema) = rf.get("json_schema").and_then(|j| j.get("schema")) else {
+                    return Err(ApiError::invalid_request(
+                        "invalid_value",
+                        "response_format.json_schema.schema is required.",
+                    )
+                    .with_param("response_format"));
+                };
+                out.insert(
+                    "output_config".into(),
+                    json!({"format": {"type": "json_schema", "schema": schema}}),
+                );
+            }
+            Some("text") | Some("json_object") | None => {}
+            Some(other) => {
+                return Err(untranslatable(
+                    &format!("response_format `{other}`"),
+                    "response_format",
+                ))
+            }
+        }
     }
     if let Some(user) = body.get("user").and_then(Value::as_str) {
         out.insert("metadata".into(), json!({"user_id": user}));
@@ -602,6 +684,74 @@ mod tests {
             ),
             (4, 3, 0)
         );
+    }
+
+    fn translated(extra: Value) -> Result<Value, ApiError> {
+        let mut body: Map<String, Value> = serde_json::from_value(json!({
+            "model": "claude",
+            "messages": [{"role": "user", "content": "hi"}],
+            "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+        }))
+        .unwrap();
+        if let Value::Object(e) = extra {
+            body.extend(e);
+        }
+        request_to_anthropic(&body, "claude-x", false)
+    }
+
+    /// Structured outputs, one tool call at a time, PDFs: carried, not
+    /// dropped; what Claude cannot take is a 400 naming it.
+    #[test]
+    fn what_chat_asks_for_reaches_claude_or_is_refused_by_name() {
+        let schema = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": false});
+        let out = translated(json!({"response_format": {"type": "json_schema", "json_schema": {"name": "w", "strict": true, "schema": schema}}})).unwrap();
+        assert_eq!(
+            out["output_config"],
+            json!({"format": {"type": "json_schema", "schema": schema}})
+        );
+        let out = translated(json!({"response_format": {"type": "json_object"}})).unwrap();
+        assert!(out.get("output_config").is_none());
+
+        let out = translated(json!({"parallel_tool_calls": false})).unwrap();
+        assert_eq!(
+            out["tool_choice"],
+            json!({"type": "auto", "disable_parallel_tool_use": true})
+        );
+        let out =
+            translated(json!({"parallel_tool_calls": false, "tool_choice": "required"})).unwrap();
+        assert_eq!(
+            out["tool_choice"],
+            json!({"type": "any", "disable_parallel_tool_use": true})
+        );
+        let out = translated(json!({"parallel_tool_calls": false, "tool_choice": "none"})).unwrap();
+        assert_eq!(out["tool_choice"], json!({"type": "none"}));
+
+        let out = translated(json!({"messages": [{"role": "user", "content": [
+            {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBER"}},
+            {"type": "text", "text": "Summarise"}]}]}))
+        .unwrap();
+        assert_eq!(
+            out["messages"][0]["content"][0],
+            json!({"type": "document", "title": "a.pdf", "source": {"type": "base64", "media_type": "application/pdf", "data": "JVBER"}})
+        );
+
+        for (extra, param) in [
+            (json!({"n": 2}), "n"),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}]}]}),
+                "content",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}]}),
+                "content",
+            ),
+        ] {
+            let e = translated(extra).unwrap_err();
+            assert_eq!(
+                (e.status, e.code, e.param.as_deref()),
+                (400, "unsupported_for_provider", Some(param))
+            );
+        }
     }
 
     #[test]

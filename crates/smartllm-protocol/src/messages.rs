@@ -121,6 +121,18 @@ const KNOWN_FIELDS: [&str; 13] = [
     "thinking",
 ];
 
+/// OpenAI refuses a `user` longer than 64 characters; Claude Code's
+/// `metadata.user_id` runs to about 150. A longer id goes as its sha256
+/// (64 hex digits): still one stable id per end user, never a 400.
+fn openai_user(id: &str) -> String {
+    const OPENAI_MAX_USER: usize = 64;
+    if id.chars().count() <= OPENAI_MAX_USER {
+        return id.to_string();
+    }
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(id.as_bytes()))
+}
+
 /// Parse and validate a `/v1/messages` (or `/v1/messages/count_tokens`)
 /// body. The canonical body is the Chat Completions request it amounts to;
 /// the raw body is kept for Anthropic providers.
@@ -279,7 +291,7 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
         .and_then(|m| m.get("user_id"))
         .and_then(Value::as_str)
     {
-        chat.insert("user".into(), json!(user));
+        chat.insert("user".into(), json!(openai_user(user)));
     }
     if let Some(tools) = body.get("tools").filter(|v| !v.is_null()) {
         let Value::Array(tools) = tools else {
@@ -419,6 +431,9 @@ fn user_turn(
         return Ok(());
     };
     let mut parts = Vec::new();
+    // Images a tool returned (Claude Code's Read of a PNG): a `tool` message
+    // holds text only, so they follow in the user message after the results.
+    let mut tool_images = Vec::new();
     for (j, b) in blocks.iter().enumerate() {
         let bpath = format!("{path}.content.{j}");
         match b.get("type").and_then(Value::as_str) {
@@ -436,14 +451,28 @@ fn user_turn(
                 let text = match b.get("content") {
                     Some(Value::String(s)) => s.clone(),
                     Some(Value::Array(inner)) => {
-                        only.lossy |= inner
-                            .iter()
-                            .any(|p| p.get("type").and_then(Value::as_str) != Some("text"));
-                        inner
-                        .iter()
-                            .filter_map(|p| p.get("text").and_then(Value::as_str))
-                            .collect::<Vec<_>>()
-                            .join("\n")
+                        let mut text = Vec::new();
+                        for (k, p) in inner.iter().enumerate() {
+                            match p.get("type").and_then(Value::as_str) {
+                                Some("text") => {
+                                    text.push(p.get("text").and_then(Value::as_str).unwrap_or(""))
+                                }
+                                Some("image") => match p.get("source").and_then(image_part) {
+                                    Some(img) => tool_images.push(img),
+                                    None => {
+                                        only.untranslatable
+                                            .get_or_insert(format!("{bpath}.content.{k}"));
+                                    }
+                                },
+                                // Documents, search results: only an
+                                // Anthropic provider can read them.
+                                _ => {
+                                    only.untranslatable
+                                        .get_or_insert(format!("{bpath}.content.{k}"));
+                                }
+                            }
+                        }
+                        text.join("\n")
                     }
                     _ => String::new(),
                 };
@@ -464,6 +493,13 @@ fn user_turn(
                 ))
             }
         }
+    }
+    if !tool_images.is_empty() {
+        tool_images.push(
+            json!({"type": "text", "text": "(The images above were returned by the tool calls.)"}),
+        );
+        tool_images.append(&mut parts);
+        parts = tool_images;
     }
     if !parts.is_empty() {
         let content = if parts.len() == 1 && parts[0]["type"] == "text" {
@@ -584,6 +620,21 @@ pub fn set_top_level(raw: &[u8], key: &str, value: &Value) -> Option<Vec<u8>> {
             out.extend_from_slice(&raw[open + 1..]);
         }
     }
+    Some(out)
+}
+
+/// `raw` with its top-level `key`, when it is a number above `most`, set to
+/// `most`; `None` when there is nothing to lower.
+pub fn clamp_top_level(raw: &[u8], key: &str, most: u64) -> Option<Vec<u8>> {
+    let (start, end) = top_level_value(raw, key)?;
+    let n: u64 = std::str::from_utf8(&raw[start..end]).ok()?.parse().ok()?;
+    if n <= most {
+        return None;
+    }
+    let mut out = Vec::with_capacity(raw.len());
+    out.extend_from_slice(&raw[..start]);
+    out.extend_from_slice(most.to_string().as_bytes());
+    out.extend_from_slice(&raw[end..]);
     Some(out)
 }
 
@@ -1026,6 +1077,26 @@ mod tests {
         assert_eq!(r.anthropic_only, AnthropicOnly::default());
     }
 
+    /// Claude Code's user ids run past OpenAI's 64-character limit on `user`.
+    #[test]
+    fn a_long_user_id_goes_to_openai_as_its_digest() {
+        let long = format!(
+            "user_{}_account__session_{}",
+            "a".repeat(64),
+            "b".repeat(36)
+        );
+        let body = format!(
+            r#"{{"model":"c","max_tokens":5,"metadata":{{"user_id":"{long}"}},"messages":[{{"role":"user","content":"hi"}}]}}"#
+        );
+        let r = parse_str(&body).unwrap();
+        let user = r.body["user"].as_str().unwrap();
+        assert_eq!(user.len(), 64);
+        assert!(user.bytes().all(|b| b.is_ascii_hexdigit()));
+        assert_ne!(user, &long[..64]);
+        // The same id always maps to the same digest.
+        assert_eq!(parse_str(&body).unwrap().body["user"], user);
+    }
+
     #[test]
     fn top_k_is_kept_for_the_cache_key() {
         let r = parse_str(r#"{"model":"c","max_tokens":5,"top_k":40,"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
@@ -1033,7 +1104,8 @@ mod tests {
         assert!(r.body.get("top_k").is_none(), "no Chat Completions field");
         assert_eq!(r.anthropic_only.extra, None);
         // Fields the chat body does not carry are kept for the key (nulls
-        // are no field); a tool result's image makes the chat body lossy.
+        // are no field); a tool result's image follows the results in the
+        // user message (a `tool` message holds text only).
         let r = parse_str(r#"{"model":"c","max_tokens":5,"service_tier":null,"output_format":{"type":"json_schema"},"container":"x","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
         assert_eq!(
             r.anthropic_only.extra.as_deref(),
@@ -1041,7 +1113,28 @@ mod tests {
         );
         assert!(!r.anthropic_only.lossy);
         let r = parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"shot","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AA=="}}]},{"type":"text","text":"What changed?"}]}]}"#).unwrap();
-        assert!(r.anthropic_only.lossy);
+        assert!(!r.anthropic_only.lossy);
+        assert_eq!(r.anthropic_only.untranslatable, None);
+        let m = r.body["messages"].as_array().unwrap();
+        assert_eq!(
+            m[1],
+            json!({"role": "tool", "tool_call_id": "t", "content": ""})
+        );
+        assert_eq!(m[2]["role"], "user");
+        assert_eq!(
+            m[2]["content"][0]["image_url"]["url"],
+            "data:image/png;base64,AA=="
+        );
+        assert_eq!(
+            m[2]["content"][2],
+            json!({"type": "text", "text": "What changed?"})
+        );
+        // A document in a tool result: only an Anthropic provider reads it.
+        let r = parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"document","source":{"type":"text","media_type":"text/plain","data":"x"}}]}]}]}"#).unwrap();
+        assert_eq!(
+            r.anthropic_only.untranslatable.as_deref(),
+            Some("messages.0.content.0.content.0")
+        );
     }
 
     #[test]
@@ -1107,6 +1200,26 @@ mod tests {
         )
         .unwrap();
         assert!(!r.stream);
+    }
+
+    #[test]
+    fn a_limit_above_the_models_most_is_lowered_and_nothing_else_touched() {
+        let raw = br#"{"messages":[{"role":"user","content":"max_tokens: 99999"}], "max_tokens" : 32000,"x":1}"#;
+        let out = clamp_top_level(raw, "max_tokens", 8192).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#"{"messages":[{"role":"user","content":"max_tokens: 99999"}], "max_tokens" : 8192,"x":1}"#
+        );
+        assert_eq!(clamp_top_level(raw, "max_tokens", 32000), None, "not above");
+        assert_eq!(
+            clamp_top_level(raw, "max_output_tokens", 10),
+            None,
+            "absent"
+        );
+        assert_eq!(
+            clamp_top_level(br#"{"max_tokens":null}"#, "max_tokens", 10),
+            None
+        );
     }
 
     #[test]

@@ -247,6 +247,37 @@ const ROLES: [&str; 6] = [
     "function",
 ];
 
+/// The prompts of a request: one, or each of a legacy completions batch
+/// (`prompt` as a list of texts or of token lists; one list of tokens is
+/// one prompt).
+fn prompts(body: &Map<String, Value>) -> u64 {
+    match body.get("prompt") {
+        Some(Value::Array(a)) if a.iter().any(|p| p.is_string() || p.is_array()) => {
+            a.len().max(1) as u64
+        }
+        _ => 1,
+    }
+}
+
+/// The choices an answer holds: `n` for each prompt.
+pub fn choices_returned(body: &Map<String, Value>) -> u64 {
+    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    n.saturating_mul(prompts(body))
+}
+
+/// The answers the provider writes, each billed: `n` for each prompt, or
+/// `best_of` when larger (legacy completions write `best_of` and return
+/// the best `n`).
+pub fn answers_written(body: &Map<String, Value>) -> u64 {
+    let best_of = body
+        .get("best_of")
+        .and_then(Value::as_u64)
+        .unwrap_or(1)
+        .max(1);
+    let n = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    n.max(best_of).saturating_mul(prompts(body))
+}
+
 /// A request body as a JSON object, for every API the gateway serves: an
 /// empty body, one that is not JSON and one that is not an object each get
 /// a 400 `invalid_json` saying which (the caller's API shapes the error).
@@ -257,19 +288,63 @@ pub fn read_object(bytes: &[u8]) -> Result<Map<String, Value>, ApiError> {
             "The request body is empty; send a JSON object.",
         ));
     }
-    match serde_json::from_slice::<Value>(bytes) {
-        Ok(Value::Object(m)) => Ok(m),
-        Ok(other) => Err(ApiError::invalid_request(
-            "invalid_json",
-            format!(
-                "The request body must be a JSON object, not {}.",
-                type_name(&other)
-            ),
-        )),
+    match serde_json::from_slice::<UniqueKeys>(bytes) {
+        Ok(UniqueKeys(m)) => Ok(m),
+        Err(e) if e.is_data() => match serde_json::from_slice::<Value>(bytes) {
+            // The top level is no object.
+            Ok(other) if !other.is_object() => Err(ApiError::invalid_request(
+                "invalid_json",
+                format!(
+                    "The request body must be a JSON object, not {}.",
+                    type_name(&other)
+                ),
+            )),
+            // A key given twice.
+            _ => Err(ApiError::invalid_request(
+                "invalid_json",
+                format!("{e}. Send each field once."),
+            )),
+        },
         Err(e) => Err(ApiError::invalid_request(
             "invalid_json",
             format!("We could not parse the JSON body of your request ({e}). Send valid JSON with Content-Type: application/json."),
         )),
+    }
+}
+
+/// A JSON object whose top-level keys are all different. A key given twice
+/// would be read one way here (the last one wins) and may be read another
+/// way where the body is edited in place (the model, a lowered
+/// `max_tokens`) or by the provider: a request the gateway capped could
+/// reach the provider uncapped. Such a body is refused.
+struct UniqueKeys(Map<String, Value>);
+
+impl<'de> serde::Deserialize<'de> for UniqueKeys {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        struct Visit;
+        impl<'de> serde::de::Visitor<'de> for Visit {
+            type Value = UniqueKeys;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut a: A,
+            ) -> Result<UniqueKeys, A::Error> {
+                let mut m = Map::new();
+                while let Some(k) = a.next_key::<String>()? {
+                    let v: Value = a.next_value()?;
+                    if m.contains_key(&k) {
+                        return Err(serde::de::Error::custom(format!(
+                            "The request body gives the field `{k}` more than once"
+                        )));
+                    }
+                    m.insert(k, v);
+                }
+                Ok(UniqueKeys(m))
+            }
+        }
+        d.deserialize_map(Visit)
     }
 }
 
@@ -639,11 +714,61 @@ mod tests {
     }
 
     #[test]
+    fn a_batch_of_prompts_and_best_of_count_every_answer() {
+        let b = |v: Value| v.as_object().unwrap().clone();
+        assert_eq!(answers_written(&b(json!({"messages": []}))), 1);
+        assert_eq!(answers_written(&b(json!({"n": 3}))), 3);
+        assert_eq!(
+            answers_written(&b(json!({"prompt": ["a", "b", "c"], "n": 2}))),
+            6
+        );
+        assert_eq!(
+            choices_returned(&b(json!({"prompt": ["a", "b", "c"], "n": 2}))),
+            6
+        );
+        assert_eq!(
+            answers_written(&b(json!({"prompt": "a", "best_of": 20, "n": 2}))),
+            20
+        );
+        assert_eq!(
+            choices_returned(&b(json!({"prompt": "a", "best_of": 20, "n": 2}))),
+            2
+        );
+        // One prompt given as tokens; a batch of token lists.
+        assert_eq!(answers_written(&b(json!({"prompt": [1, 2, 3]}))), 1);
+        assert_eq!(answers_written(&b(json!({"prompt": [[1], [2]]}))), 2);
+    }
+
+    #[test]
     fn errors_name_the_parameter() {
         let e = err(Endpoint::ChatCompletions, "{not json");
         assert_eq!((e.status, e.code), (400, "invalid_json"));
         let e = err(Endpoint::ChatCompletions, "[1,2]");
         assert_eq!(e.code, "invalid_json");
+        assert!(
+            e.message.contains("must be a JSON object, not an array"),
+            "{e}"
+        );
+        // A field given twice is refused (the gateway lowers the first
+        // `max_tokens` in place; the provider would read the last).
+        for api in [
+            Endpoint::ChatCompletions,
+            Endpoint::Messages,
+            Endpoint::Responses,
+        ] {
+            let e = err(
+                api,
+                r#"{"model":"m","max_tokens":1,"messages":[{"role":"user","content":"hi"}],"input":"hi","max_tokens":100000}"#,
+            );
+            assert_eq!((e.status, e.code), (400, "invalid_json"));
+            assert!(e.message.contains("`max_tokens` more than once"), "{e}");
+        }
+        // Nested objects keep JSON's usual reading.
+        assert!(parse_request(
+            Endpoint::ChatCompletions,
+            br#"{"model":"m","messages":[{"role":"user","role":"user","content":"hi"}]}"#
+        )
+        .is_ok());
         let e = err(Endpoint::ChatCompletions, r#"{"messages":[]}"#);
         assert_eq!(e.param.as_deref(), Some("model"));
         let e = err(Endpoint::ChatCompletions, r#"{"model":5,"messages":[]}"#);

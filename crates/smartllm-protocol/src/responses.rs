@@ -1680,7 +1680,30 @@ pub struct StoredResponse {
     pub messages: Vec<Value>,
 }
 
+/// About how many bytes `v` takes as JSON (strings and keys by their
+/// length, without escapes), counted without serialising it.
+fn json_size(v: &Value) -> usize {
+    match v {
+        Value::Null | Value::Bool(_) => 5,
+        Value::Number(_) => 8,
+        Value::String(s) => s.len() + 2,
+        Value::Array(a) => a.iter().map(|x| json_size(x) + 1).sum::<usize>() + 2,
+        Value::Object(o) => {
+            o.iter()
+                .map(|(k, x)| k.len() + 4 + json_size(x))
+                .sum::<usize>()
+                + 2
+        }
+    }
+}
+
 impl StoredResponse {
+    /// About how many bytes the conversation a follow-up continues adds to
+    /// its request upstream.
+    pub fn history_bytes(&self) -> usize {
+        self.messages.iter().map(json_size).sum()
+    }
+
     /// The conversation after answering `body` with `response`, continuing
     /// `previous` (the response `body.previous_response_id` named, if any).
     pub fn new(
@@ -1780,6 +1803,22 @@ pub fn answer_messages(response: &Value) -> Vec<Value> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A follow-up's estimate counts the conversation it carries upstream.
+    #[test]
+    fn the_history_a_follow_up_carries_is_counted() {
+        let long = "x".repeat(10_000);
+        let s = StoredResponse {
+            response: json!({"id": "resp_1"}),
+            messages: vec![
+                json!({"role": "user", "content": long}),
+                json!({"role": "assistant", "content": "ok"}),
+            ],
+        };
+        let exact: usize = s.messages.iter().map(|m| m.to_string().len()).sum();
+        let n = s.history_bytes();
+        assert!(n >= 10_000 && n.abs_diff(exact) < 64, "{n} vs {exact}");
+    }
     use crate::assemble::ChunkAssembler;
     use crate::sse::data_event;
 

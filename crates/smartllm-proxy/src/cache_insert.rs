@@ -14,14 +14,16 @@ use tokio_util::task::TaskTracker;
 /// empty answer, or (when a cost cap lowered the limit) one cut at the token
 /// limit, is not stored. One cut at the client's own limit is (the limit is
 /// part of the key); one cut at the model's own limit never reaches here.
-fn storable(completion: &str, cost_capped: bool) -> bool {
-    let Ok(v) = serde_json::from_str::<Value>(completion) else {
-        return false;
-    };
-    let Some(choices) = v["choices"].as_array().filter(|c| !c.is_empty()) else {
-        return false;
-    };
-    choices.iter().all(|c| {
+///
+/// What is stored is what every replay (JSON, stream, Messages, Responses)
+/// reads: content given as a list of parts (Mistral's reasoning models) is
+/// stored as its text (reasoning parts left out; any other part and it is not
+/// stored), and a choice that named no end gets `stop` (or `tool_calls`).
+fn storable(completion: String, cost_capped: bool) -> Option<String> {
+    let mut v = serde_json::from_str::<Value>(&completion).ok()?;
+    let choices = v["choices"].as_array_mut().filter(|c| !c.is_empty())?;
+    let mut changed = false;
+    for c in choices.iter_mut() {
         let ended = match c["finish_reason"].as_str() {
             // OpenAI's words, and what other compatible servers say for an
             // answer that ended on its own (TGI, Together, pass-through
@@ -35,20 +37,38 @@ fn storable(completion: &str, cost_capped: bool) -> bool {
             None => c["finish_reason"].is_null(),
             Some(_) => false,
         };
-        let m = &c["message"];
+        let m = &mut c["message"];
         let refused = m["refusal"].as_str().is_some_and(|r| !r.is_empty());
-        let said = match &m["content"] {
-            Value::String(t) => !t.is_empty(),
-            Value::Array(parts) => !parts.is_empty(),
-            _ => false,
-        } || m["tool_calls"].as_array().is_some_and(|t| !t.is_empty())
+        if let Value::Array(parts) = &m["content"] {
+            let mut text = String::new();
+            for p in parts {
+                match p["type"].as_str() {
+                    Some("text") => text.push_str(p["text"].as_str().unwrap_or("")),
+                    Some("thinking" | "reasoning") => {}
+                    _ => return None,
+                }
+            }
+            m["content"] = Value::String(text);
+            changed = true;
+        }
+        let calls = m["tool_calls"].as_array().is_some_and(|t| !t.is_empty())
             || m["function_call"].is_object();
-        ended && !refused && said
-    })
+        let said = m["content"].as_str().is_some_and(|t| !t.is_empty()) || calls;
+        if !(ended && !refused && said) {
+            return None;
+        }
+        if c["finish_reason"].is_null() {
+            c["finish_reason"] = Value::from(if calls { "tool_calls" } else { "stop" });
+            changed = true;
+        }
+    }
+    Some(if changed { v.to_string() } else { completion })
 }
 
 /// What a miss needs to store the answer later.
 pub struct PendingInsert {
+    /// When the answer was asked for (seconds): the entry dates from then.
+    pub asked_at: u64,
     pub cache: Arc<SemanticCache>,
     pub key: CacheKey,
     pub embedding: Option<Vec<f32>>,
@@ -85,20 +105,21 @@ impl PendingInsert {
         let tasks = self.tasks.clone();
         tasks.spawn(async move {
             let pending = self.pending.clone();
-            if !storable(&completion, self.cost_capped) {
+            let Some(completion) = storable(completion, self.cost_capped) else {
                 metrics::cache_not_stored();
                 pending.fetch_sub(1, Ordering::SeqCst);
                 return;
-            }
+            };
             match self
                 .cache
-                .insert(
+                .insert_asked_at(
                     self.key,
                     self.embedding,
                     completion,
                     &self.policy,
                     &self.route,
                     &self.model,
+                    self.asked_at,
                 )
                 .await
             {
@@ -107,6 +128,9 @@ impl PendingInsert {
                         fleet.publish(crate::fleet_sync::CacheEvent::Insert(Box::new(stored)));
                     }
                 }
+                // A purge came while the answer was written: as if stored
+                // and purged.
+                Err(smartllm_cache::CacheError::Purged) => metrics::cache_not_stored(),
                 Err(e) => {
                     if let smartllm_cache::CacheError::Embed(
                         smartllm_embed::EmbedError::Overloaded(_),
@@ -127,7 +151,7 @@ impl PendingInsert {
 mod tests {
     #[test]
     fn only_whole_answers_are_stored() {
-        use super::storable;
+        let storable = |c: &str, capped: bool| super::storable(c.to_string(), capped).is_some();
         let answer = |finish: &str, message: &str| {
             format!(r#"{{"choices":[{{"index":0,"finish_reason":{finish},"message":{message}}}]}}"#)
         };
@@ -159,5 +183,34 @@ mod tests {
         );
         assert!(!storable(&two, false));
         assert!(!storable("not json", false));
+    }
+
+    /// What is stored is what every replay reads: text content, a named end.
+    #[test]
+    fn parts_are_stored_as_text_and_a_silent_end_as_stop() {
+        let stored = |c: &str| -> serde_json::Value {
+            serde_json::from_str(&super::storable(c.to_string(), false).unwrap()).unwrap()
+        };
+        let v = stored(
+            r#"{"choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":[{"type":"thinking","thinking":[{"type":"text","text":"hmm"}]},{"type":"text","text":"Par"},{"type":"text","text":"is."}]}}]}"#,
+        );
+        assert_eq!(v["choices"][0]["message"]["content"], "Paris.");
+        let v = stored(
+            r#"{"choices":[{"index":0,"finish_reason":null,"message":{"role":"assistant","content":"Paris."}}]}"#,
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "stop");
+        let v = stored(
+            r#"{"choices":[{"index":0,"message":{"role":"assistant","content":null,"tool_calls":[{"id":"c","type":"function","function":{"name":"f","arguments":"{}"}}]}}]}"#,
+        );
+        assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+        // An unchanged answer is stored byte for byte.
+        let plain = r#"{"choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":"Paris."}}], "x": 1}"#;
+        assert_eq!(
+            super::storable(plain.to_string(), false).as_deref(),
+            Some(plain)
+        );
+        // An image part, or only reasoning: not stored.
+        assert!(super::storable(r#"{"choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":[{"type":"image_url","image_url":{"url":"x"}}]}}]}"#.to_string(), false).is_none());
+        assert!(super::storable(r#"{"choices":[{"index":0,"finish_reason":"stop","message":{"role":"assistant","content":[{"type":"thinking","thinking":"x"}]}}]}"#.to_string(), false).is_none());
     }
 }

@@ -35,6 +35,9 @@ pub struct Ctx {
     /// Models that failed this request before a fallback took it over.
     pub failed_models: Vec<String>,
     pub request_bytes: usize,
+    /// What the provider is sent, about: the body, plus the conversation a
+    /// Responses `previous_response_id` continues (the estimates' input).
+    pub prompt_bytes: usize,
     pub client_gone: bool,
     /// The client sent bytes after its request (HTTP/1.1 pipelining): its
     /// connection is no longer watched for a close while the upstream works.
@@ -127,6 +130,7 @@ impl Ctx {
             attempts: 0,
             failed_models: Vec::new(),
             request_bytes: 0,
+            prompt_bytes: 0,
             client_gone: false,
             client_unwatched: false,
             counted: false,

@@ -145,8 +145,11 @@ impl Shared {
                 ledger.share_with(sync.cost_sink());
             }
         }
+        let codec = cache
+            .as_ref()
+            .map_or_else(smartllm_cache::Codec::plain, |c| c.codec().clone());
         let responses = components.store.clone().and_then(|store| {
-            responses_store::ResponsesStore::start(store)
+            responses_store::ResponsesStore::start(store, codec)
                 .map_err(|e| tracing::error!(error = %e, "cannot start the Responses store's writer; stored responses are off"))
                 .ok()
         });

@@ -61,7 +61,8 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
             } else {
                 let restart = current.config.restart_only_changes(&new);
                 let mut applied = current.config.with_restart_only_from(new);
-                let warnings = current.config.fail_closed(&mut applied);
+                let mut warnings = current.config.fail_closed(&mut applied);
+                warnings.extend(applied.keys.unmatched());
                 let version = current.version + 1;
                 match Runtime::prepare(
                     applied,

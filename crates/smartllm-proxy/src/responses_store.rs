@@ -3,7 +3,8 @@
 //! Messages): `previous_response_id` continues them, `GET` and `DELETE
 //! /v1/responses/{id}` read and remove them. Scoped by tenant (another
 //! tenant's id is not found), kept for [`TTL_SECS`], each at most
-//! [`MAX_BYTES`].
+//! [`MAX_BYTES`], sealed with the cache's key when `cache.encryption_key_file`
+//! is set (a conversation is prompts and answers, as a cache entry is).
 //!
 //! Writes and deletes go to one writer thread through a queue, in order;
 //! until the writer has done one, it is in `pending`, which reads consult
@@ -20,6 +21,7 @@
 //! is the one that sticks.
 
 use dashmap::DashMap;
+use smartllm_cache::Codec;
 use smartllm_protocol::responses::StoredResponse;
 use smartllm_store::{Store, CF_RESPONSES};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -91,6 +93,7 @@ impl Shared {
 
 pub struct ResponsesStore {
     store: Arc<Store>,
+    codec: Arc<Codec>,
     shared: Arc<Shared>,
     seq: AtomicU64,
     tx: SyncSender<Op>,
@@ -98,19 +101,21 @@ pub struct ResponsesStore {
 
 impl ResponsesStore {
     /// Start the writer thread.
-    pub fn start(store: Arc<Store>) -> std::io::Result<Self> {
-        Self::with_queue(store, QUEUE)
+    pub fn start(store: Arc<Store>, codec: Codec) -> std::io::Result<Self> {
+        Self::with_queue(store, codec, QUEUE)
     }
 
-    fn with_queue(store: Arc<Store>, queue: usize) -> std::io::Result<Self> {
+    fn with_queue(store: Arc<Store>, codec: Codec, queue: usize) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::sync_channel(queue);
         let shared: Arc<Shared> = Arc::default();
-        let (s, p) = (store.clone(), shared.clone());
+        let codec = Arc::new(codec);
+        let (s, p, c) = (store.clone(), shared.clone(), codec.clone());
         std::thread::Builder::new()
             .name("smartllm-responses".into())
-            .spawn(move || writer(&s, &p, &rx))?;
+            .spawn(move || writer(&s, &c, &p, &rx))?;
         Ok(Self {
             store,
+            codec,
             shared,
             seq: AtomicU64::new(0),
             tx,
@@ -123,8 +128,8 @@ impl ResponsesStore {
         if let Some(p) = self.shared.pending.get(&k) {
             return p.stored.as_deref().cloned();
         }
-        let store = self.store.clone();
-        tokio::task::spawn_blocking(move || read(&store, &k))
+        let (store, codec) = (self.store.clone(), self.codec.clone());
+        tokio::task::spawn_blocking(move || read(&store, &codec, &k))
             .await
             .ok()
             .flatten()
@@ -162,8 +167,9 @@ impl ResponsesStore {
             Ok(()) => {}
             // A burst past the queue: this one goes to the blocking pool.
             Err(TrySendError::Full(op)) | Err(TrySendError::Disconnected(op)) => {
-                let (store, shared) = (self.store.clone(), self.shared.clone());
-                tasks.spawn_blocking(move || apply(&store, &shared, op));
+                let (store, codec, shared) =
+                    (self.store.clone(), self.codec.clone(), self.shared.clone());
+                tasks.spawn_blocking(move || apply(&store, &codec, &shared, op));
             }
         }
     }
@@ -174,20 +180,20 @@ impl ResponsesStore {
     }
 }
 
-fn writer(store: &Store, shared: &Shared, rx: &Receiver<Op>) {
+fn writer(store: &Store, codec: &Codec, shared: &Shared, rx: &Receiver<Op>) {
     while let Ok(first) = rx.recv() {
         // Asleep rather than waiting on the queue: what arrives meanwhile
         // wakes nobody.
         std::thread::sleep(LINGER);
-        apply(store, shared, first);
+        apply(store, codec, shared, first);
         while let Ok(op) = rx.try_recv() {
-            apply(store, shared, op);
+            apply(store, codec, shared, op);
         }
     }
 }
 
 /// Do `op` if it is still its key's newest, then let reads go to RocksDB.
-fn apply(store: &Store, shared: &Shared, op: Op) {
+fn apply(store: &Store, codec: &Codec, shared: &Shared, op: Op) {
     let _stripe = shared.stripe(&op.key);
     let pending = &shared.pending;
     let Some(p) = pending.get(&op.key).map(|p| p.clone()) else {
@@ -204,7 +210,7 @@ fn apply(store: &Store, shared: &Shared, op: Op) {
         std::thread::sleep(Duration::from_micros(200));
     }
     match &p.stored {
-        Some(stored) => write(store, &op.key, stored),
+        Some(stored) => write(store, codec, &op.key, stored),
         None => {
             if let Err(e) = store.delete(CF_RESPONSES, &op.key) {
                 tracing::warn!(error = %e, "deleting a stored response failed");
@@ -214,7 +220,7 @@ fn apply(store: &Store, shared: &Shared, op: Op) {
     pending.remove_if(&op.key, |_, cur| cur.seq == op.seq);
 }
 
-fn write(store: &Store, k: &[u8], stored: &StoredResponse) {
+fn write(store: &Store, codec: &Codec, k: &[u8], stored: &StoredResponse) {
     let body = stored.to_bytes();
     if body.len() > MAX_BYTES {
         tracing::info!(
@@ -224,6 +230,13 @@ fn write(store: &Store, k: &[u8], stored: &StoredResponse) {
         );
         return;
     }
+    let body = match codec.seal(body) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "sealing a response failed; not kept");
+            return;
+        }
+    };
     let mut v = (smartllm_protocol::time::now_secs() + TTL_SECS)
         .to_be_bytes()
         .to_vec();
@@ -233,7 +246,7 @@ fn write(store: &Store, k: &[u8], stored: &StoredResponse) {
     }
 }
 
-fn read(store: &Store, k: &[u8]) -> Option<StoredResponse> {
+fn read(store: &Store, codec: &Codec, k: &[u8]) -> Option<StoredResponse> {
     let bytes = store.get(CF_RESPONSES, k).ok()??;
     let (expiry, rest) = bytes.split_at_checked(8)?;
     let expiry = u64::from_be_bytes(expiry.try_into().ok()?);
@@ -241,7 +254,17 @@ fn read(store: &Store, k: &[u8]) -> Option<StoredResponse> {
         let _ = store.delete(CF_RESPONSES, k);
         return None;
     }
-    StoredResponse::from_bytes(rest)
+    // Kept before sealing came (bare JSON): read as it is until it expires.
+    if rest.first() == Some(&b'{') {
+        return StoredResponse::from_bytes(rest);
+    }
+    match codec.unseal(rest) {
+        Ok((json, _)) => StoredResponse::from_bytes(&json),
+        Err(e) => {
+            tracing::warn!(error = %e, "a stored response cannot be opened (its key is not configured?)");
+            None
+        }
+    }
 }
 
 #[cfg(test)]
@@ -266,7 +289,7 @@ mod tests {
     async fn read_your_writes_then_from_rocksdb_and_deletes_in_order() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let rs = ResponsesStore::start(store.clone()).unwrap();
+        let rs = ResponsesStore::start(store.clone(), Codec::plain()).unwrap();
         let tasks = TaskTracker::new();
         rs.save(&tasks, "t1", stored("resp_1", "one"));
         // At once, before the writer ran: found, and only by its tenant.
@@ -285,7 +308,9 @@ mod tests {
         assert_eq!(rs.pending(), 0);
         assert!(tasks.is_empty(), "the drain's tracker is released");
         assert_eq!(
-            read(&store, &key("t1", "resp_1")).unwrap().response["output_text"],
+            read(&store, &Codec::plain(), &key("t1", "resp_1"))
+                .unwrap()
+                .response["output_text"],
             "one"
         );
         // A save then a delete queued back to back: gone at once and after.
@@ -300,9 +325,50 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        assert!(read(&store, &key("t1", "resp_1")).is_none());
-        assert!(read(&store, &key("t1", "resp_2")).is_none());
+        assert!(read(&store, &Codec::plain(), &key("t1", "resp_1")).is_none());
+        assert!(read(&store, &Codec::plain(), &key("t1", "resp_2")).is_none());
         assert!(rs.load("t1", "resp_1").await.is_none());
+    }
+
+    /// With `cache.encryption_key_file`, a kept conversation is sealed:
+    /// its words are not on disk, and only the key opens it.
+    #[tokio::test]
+    async fn conversations_are_sealed_with_the_caches_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let key_file = dir.path().join("key");
+        std::fs::write(&key_file, "ab".repeat(32)).unwrap();
+        let codec = Codec::from_key_file(&key_file).unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let rs = ResponsesStore::start(store.clone(), codec.clone()).unwrap();
+        let tasks = TaskTracker::new();
+        rs.save(&tasks, "t1", stored("resp_1", "the secret plan"));
+        for _ in 0..500 {
+            if rs.pending() == 0 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        let raw = store
+            .get(CF_RESPONSES, &key("t1", "resp_1"))
+            .unwrap()
+            .unwrap();
+        assert!(!raw.windows(6).any(|w| w == b"secret"), "sealed on disk");
+        assert_eq!(
+            read(&store, &codec, &key("t1", "resp_1")).unwrap().response["output_text"],
+            "the secret plan"
+        );
+        assert_eq!(rs.load("t1", "resp_1").await.unwrap().messages.len(), 1);
+        assert!(read(&store, &Codec::plain(), &key("t1", "resp_1")).is_none());
+        // One kept before sealing came (bare JSON) is still read.
+        let mut old = (smartllm_protocol::time::now_secs() + 60)
+            .to_be_bytes()
+            .to_vec();
+        old.extend(stored("resp_0", "older").to_bytes());
+        store.put(CF_RESPONSES, &key("t1", "resp_0"), &old).unwrap();
+        assert_eq!(
+            read(&store, &codec, &key("t1", "resp_0")).unwrap().response["output_text"],
+            "older"
+        );
     }
 
     /// Past the queue, operations run on the blocking pool beside the
@@ -313,7 +379,7 @@ mod tests {
     async fn overflowing_operations_on_one_key_end_as_the_last_one_left_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let rs = ResponsesStore::with_queue(store.clone(), 1).unwrap();
+        let rs = ResponsesStore::with_queue(store.clone(), Codec::plain(), 1).unwrap();
         let tasks = TaskTracker::new();
         const KEYS: usize = 16;
         for round in 0..400 {
@@ -334,7 +400,7 @@ mod tests {
         tasks.wait().await;
         assert_eq!(rs.pending(), 0);
         for k in 0..KEYS {
-            let got = read(&store, &key("t", &format!("resp_{k}")));
+            let got = read(&store, &Codec::plain(), &key("t", &format!("resp_{k}")));
             if k < KEYS / 2 {
                 assert_eq!(got.unwrap().response["output_text"], "last", "key {k}");
             } else {

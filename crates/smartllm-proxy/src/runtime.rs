@@ -68,6 +68,10 @@ impl BackendDeployments {
 
 pub struct ModelPool {
     pub model: String,
+    /// The most tokens the model writes (`profile.max_output_tokens`): a
+    /// larger limit asked for is lowered to it upstream, so a client asking
+    /// for more (Claude Code's 32,000) gets the model's most, not a 400.
+    pub max_output_tokens: Option<u64>,
     pub deployments: Vec<DeploymentRuntime>,
     pub lb: Arc<LoadBalancer<RoundRobin>>,
     pub health_interval: Duration,
@@ -350,6 +354,7 @@ impl Runtime {
                 m.name.clone(),
                 Arc::new(ModelPool {
                     model: m.name.clone(),
+                    max_output_tokens: m.profile.max_output_tokens,
                     deployments,
                     lb: Arc::new(lb),
                     health_interval,

@@ -42,8 +42,9 @@ pub async fn plan(
         return CostCap::Uncapped;
     };
     let bound = prompt_with_images_bound(config, chain, body, request_bytes).await;
-    // `n` answers are each up to max tokens long, and each is billed.
-    let choices = body.get("n").and_then(Value::as_u64).unwrap_or(1).max(1);
+    // Every answer written (`n`, `best_of`, each prompt of a batch) is up
+    // to max tokens long, and each is billed.
+    let choices = smartllm_protocol::openai::answers_written(body);
     // Prompt caching asked for: the prompt may be billed as cache writes.
     let marker = b"cache_control";
     let cache_writes = match raw {

@@ -38,6 +38,9 @@ pub fn check(dir: &Path) -> ExitCode {
             {
                 println!("warning: keys.yaml lists no key and does not say `require_key`, so the gateway is open to anyone who can reach it: write `require_key: true` (refuse requests until keys are added) or `require_key: false` (open on purpose)");
             }
+            for w in c.keys.unmatched() {
+                println!("warning: {w}");
+            }
             if c.keys.require_key && c.keys.keys.is_empty() {
                 println!("note: keys.yaml lists no key, so every request is refused (401): make one with `smartllm keys create NAME --config {}`", dir.display());
             }

@@ -724,6 +724,9 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     let ledger = smartllm_ledger::Ledger::start(store.clone(), config.ledger.flush_interval)
         .context("starting the cost ledger writer")?;
+    for w in config.keys.unmatched() {
+        tracing::warn!("{w}");
+    }
     if !config.keys.require_key {
         tracing::warn!("keys.yaml requires no key: the gateway is open to anyone who can reach it");
     } else if config.keys.keys.is_empty() {

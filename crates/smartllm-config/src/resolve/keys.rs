@@ -45,6 +45,21 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
                 "must be a non-empty name",
             );
         }
+        // Apps are named `tenant/app`: a `/` in either part would let two
+        // tenants' apps share one name (and its limits and budget).
+        if k.tenant.contains('/') {
+            v.push(KEYS_FILE, format!("{at}.tenant"), "must not contain '/'");
+        }
+        if k.app
+            .as_deref()
+            .is_some_and(|a| a.contains('/') || a.trim().is_empty())
+        {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.app"),
+                "must be a non-empty name without '/'",
+            );
+        }
         for (j, m) in k.models.iter().enumerate() {
             if config.model(m).is_none() && !config.routes.contains_key(m) {
                 v.push(
@@ -250,6 +265,55 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("keys[1].models[0]"), "{err}");
+    }
+
+    /// A budget or app limit naming no listed key's tenant, app or key is a
+    /// warning (it would apply to nobody); a '/' in a tenant or app name is
+    /// an error (`acme` + `web/v2` and `acme/web` + `v2` would be one app).
+    #[test]
+    fn limits_for_nobody_are_named_and_slashes_refused() {
+        let key = |tenant: &str, app: &str| {
+            format!("keys:\n  - name: batch-job\n    sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881\n    tenant: {tenant}\n    app: {app}\n")
+        };
+        let limits = "apps:\n  acme/web: { limits: { requests_per_minute: 5 } }\n  acme/wbe: { limits: { requests_per_minute: 5 } }\nbudgets:\n  - { scope: tenant, name: acme, daily_usd: 1 }\n  - { scope: tenant, name: Acme, daily_usd: 1 }\n  - { scope: app, name: acme/web, daily_usd: 1 }\n  - { scope: key, name: batch-jb, daily_usd: 1 }\n  - { scope: key, name: batch-job, daily_usd: 1 }\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (KEYS_FILE, &format!("{}{limits}", key("acme", "web"))),
+        ]);
+        let w = load_dir(dir.path()).unwrap().keys.unmatched();
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(
+            w[0].starts_with("keys.yaml budgets[1].name: \"Acme\" is no tenant"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("keys.yaml budgets[3].name: \"batch-jb\" is no key name"),
+            "{w:?}"
+        );
+        assert!(w[2].starts_with("keys.yaml apps.acme/wbe:"), "{w:?}");
+        // No key listed yet (a fresh install's budgets): nothing to say.
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (KEYS_FILE, &format!("require_key: true\nkeys: []\n{limits}")),
+        ]);
+        assert!(load_dir(dir.path()).unwrap().keys.unmatched().is_empty());
+        for (tenant, app, field) in [
+            ("acme/eu", "web", "keys[0].tenant"),
+            ("acme", "web/v2", "keys[0].app"),
+        ] {
+            let dir = write_dir(&[
+                (MAIN_FILE, ""),
+                (PROVIDERS_FILE, PROVIDERS),
+                (MODELS_FILE, MODELS),
+                (KEYS_FILE, &key(tenant, app)),
+            ]);
+            let err = load_dir(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(field) && err.contains("'/'"), "{err}");
+        }
     }
 
     /// How the gateway is installed: a key is required and none is listed

@@ -147,6 +147,7 @@ pub async fn admit(
     )
     .await?;
     ctx.request_bytes = body.len();
+    ctx.prompt_bytes = body.len();
     // Rate limits: one request and the estimated prompt (about 4 bytes a token).
     let scopes = smartllm_quota::limits_for(&rt.config, ctx.key.as_deref(), ctx.scope());
     if !scopes.is_empty() {

@@ -139,7 +139,10 @@ pub async fn phase(
     let mut folded = [0u8; 8];
     folded.copy_from_slice(&key.exact[..8]);
     ctx.question = Some(u64::from_le_bytes(folded));
+    // The answer dates from now: a purge issued while it is written covers it.
+    let asked_at = smartllm_cache::now_secs();
     let pending = |key: CacheKey, embedding: Option<Vec<f32>>| PendingInsert {
+        asked_at,
         cache: cache.clone(),
         key,
         embedding,

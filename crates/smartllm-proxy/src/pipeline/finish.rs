@@ -59,8 +59,11 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
     // has reached Redis).
     let hold = ctx.budget_hold.take();
     if let Some(rt) = rt {
+        // Against the budgets in force now: one a reload added while this
+        // request ran read its spend from the ledger without this cost.
+        let now = shared.runtime.load();
         shared.quotas.record_and_release(
-            &rt.config.keys.budgets,
+            &now.config.keys.budgets,
             &rt.config.fleet,
             ctx.scope(),
             cost,

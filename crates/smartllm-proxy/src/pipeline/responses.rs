@@ -34,6 +34,11 @@ pub async fn parse(
         },
         None => None,
     };
+    // The stored conversation goes upstream too: the budget's estimate and
+    // the cost cap count it (a follow-up of a few bytes can carry megabytes).
+    if let Some(p) = &previous {
+        ctx.prompt_bytes += p.history_bytes();
+    }
     proto::parse(endpoint, map, raw, previous, new_id())
 }
 

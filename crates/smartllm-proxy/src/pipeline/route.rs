@@ -69,15 +69,9 @@ pub async fn plan(
             .iter()
             .filter_map(|f| request.req.body.get(*f).and_then(Value::as_u64))
             .max();
-        // Each of `n` answers is billed.
-        let choices = request
-            .req
-            .body
-            .get("n")
-            .and_then(Value::as_u64)
-            .unwrap_or(1)
-            .max(1);
-        let bytes = ctx.request_bytes;
+        // Each answer written (`n`, `best_of`, each prompt of a batch) is billed.
+        let choices = smartllm_protocol::openai::answers_written(&request.req.body);
+        let bytes = ctx.prompt_bytes;
         // An embedding or a token count has no answer; one of unknown length is
         // estimated as a typical one for the task (held against a burst,
         // see `smartllm_quota::budget::Estimate`).
@@ -247,7 +241,7 @@ async fn apply_cost_cap(
         chain,
         &req.body,
         req.native.as_deref(),
-        ctx.request_bytes,
+        ctx.prompt_bytes,
     )
     .await;
     let (kept, max_output, cap, budget, bound) = match cap {

@@ -230,7 +230,14 @@ pub async fn run(
                     continue;
                 }
             };
-            let prepared = match request::build(req, dep, key.as_deref(), session, ctx) {
+            let prepared = match request::build(
+                req,
+                dep,
+                pool.max_output_tokens,
+                key.as_deref(),
+                session,
+                ctx,
+            ) {
                 Ok(p) => p,
                 // This deployment cannot take the request (e.g. an endpoint
                 // its provider lacks): another deployment or model may; when
@@ -279,7 +286,14 @@ pub async fn run(
             let mut outcome =
                 attempt::once(&mut exchange, session, ctx, header, prepared.body, false).await;
             if let Attempt::Stale(e) = outcome {
-                outcome = match request::build(req, dep, key.as_deref(), session, ctx) {
+                outcome = match request::build(
+                    req,
+                    dep,
+                    pool.max_output_tokens,
+                    key.as_deref(),
+                    session,
+                    ctx,
+                ) {
                     Ok(again) => {
                         let mut header = again.header;
                         if let Some(t) = ctx.trace.as_mut() {

@@ -23,6 +23,7 @@ pub(super) struct Prepared {
 pub(super) fn build(
     req: &ParsedRequest,
     dep: &DeploymentRuntime,
+    max_output_tokens: Option<u64>,
     key: Option<&str>,
     session: &Session,
     ctx: &Ctx,
@@ -148,6 +149,10 @@ pub(super) fn build(
             )
         }
     };
+    let body = match max_output_tokens {
+        Some(most) if asks_more_than(req, most) => clamp_limits(body, most),
+        _ => body,
+    };
     let internal = |e: pingora_error::BError| {
         ApiError::internal(format!("building the upstream request: {e}"))
     };
@@ -211,4 +216,34 @@ pub(super) fn build(
         translate,
         key: key.map(str::to_string),
     })
+}
+
+/// The output-limit fields of every API (Chat Completions' two, Messages'
+/// `max_tokens`, Responses' `max_output_tokens`).
+const LIMIT_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
+
+/// Whether the request asks for more output tokens than `most` (read from the
+/// parsed body; the raw body is scanned only then).
+fn asks_more_than(req: &ParsedRequest, most: u64) -> bool {
+    let over = |b: &serde_json::Map<String, serde_json::Value>| {
+        LIMIT_FIELDS.iter().any(|f| {
+            b.get(*f)
+                .and_then(serde_json::Value::as_u64)
+                .is_some_and(|n| n > most)
+        })
+    };
+    over(&req.body)
+}
+
+/// `body` with each output limit above `most` lowered to it. Every API reads
+/// its limit as a cap, so the answer is what the model would write anyway;
+/// the model's own limit is never a 400.
+fn clamp_limits(body: Bytes, most: u64) -> Bytes {
+    let mut out = body;
+    for field in LIMIT_FIELDS {
+        if let Some(b) = smartllm_protocol::messages::clamp_top_level(&out, field, most) {
+            out = b.into();
+        }
+    }
+    out
 }

@@ -335,7 +335,7 @@ pub(super) async fn relay(
             // message_start's figure, before the provider's usage (the exact
             // one follows in message_delta): about 4 bytes a token, no
             // tokenizer on the proxy's thread.
-            let input = (ctx.request_bytes as u64).div_ceil(4);
+            let input = (ctx.prompt_bytes as u64).div_ceil(4);
             Some(Encoder::Messages(Box::new(ChatToMessagesStream::new(
                 &req.model, input,
             ))))
@@ -354,12 +354,7 @@ pub(super) async fn relay(
     // opens: a retry elsewhere may still store its answer).
     let keep_cache = translate != Translate::ResponsesNative;
     // The answer's choices: each must name its end.
-    let choices = req
-        .body
-        .get("n")
-        .and_then(serde_json::Value::as_u64)
-        .unwrap_or(1)
-        .max(1);
+    let choices = smartllm_protocol::openai::choices_returned(&req.body);
     let idle = x.idle_timeout();
     // The stream's span: from the upstream's answer to the last byte out.
     let span = crate::otel::Phase::under_attempt(&ctx.trace, "stream");
