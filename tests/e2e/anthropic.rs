@@ -23,7 +23,7 @@ fn gateway_with_budgets(mock_args: &[&str], budgets: &str) -> (Mock, Gateway) {
         mock_provider("mock", &mock),
         mock.addr
     );
-    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    profile: { max_output_tokens: 16384 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 8192 }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n";
+    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    profile: { max_output_tokens: 16384 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 8192, capabilities: [tools, vision, json, streaming, structured_outputs] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n";
     let cfg = ConfigDir::new(
         "",
         "demo:\n  mode: off\n",

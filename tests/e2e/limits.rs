@@ -191,6 +191,44 @@ fn a_burst_without_max_tokens_holds_a_typical_answer() {
     assert_eq!(ask(&gw, "sk-alice-1", &body).status, 200);
 }
 
+/// Every answer a request has written is held against a budget (`n`
+/// answers of up to `max_tokens` each), and so is priority processing's
+/// price: a request that fits at the list price does not at the model's
+/// priority multiplier.
+#[test]
+fn every_answer_a_request_writes_and_its_tier_count_against_a_budget() {
+    let mock = Mock::start(&["--words", "12", "--latency-ms", "1500"]);
+    let cfg = ledger_gateway(&mock, "");
+    cfg.write(
+        "models.yaml",
+        "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    service_tiers: { priority: 3 }\n    deployments:\n      - provider: mock\n",
+    );
+    cfg.write("keys.yaml", &alice_with_a_daily_budget("0.105"));
+    let gw = Gateway::start(cfg);
+    // One answer: ~0.044 held, two fit in 0.105 (`a_burst_passes_...`).
+    // Two answers each: ~0.068 held, only one fits.
+    let body = json!({"model": "small", "max_tokens": 12, "n": 2,
+        "messages": [{"role": "user", "content": "Hello there"}]});
+    let statuses: Vec<u16> = std::thread::scope(|s| {
+        let burst: Vec<_> = (0..2)
+            .map(|_| s.spawn(|| ask(&gw, "sk-alice-1", &body).status))
+            .collect();
+        burst.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let mut sorted = statuses.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, [200, 429], "{statuses:?}");
+    // 0.027 spent (the mock wrote one answer). At 3x, ~0.132 does not fit
+    // what is left; at the list price, ~0.044 does.
+    let mut priority = json!({"model": "small", "max_tokens": 12, "service_tier": "priority",
+        "messages": [{"role": "user", "content": "Hello there"}]});
+    let r = ask(&gw, "sk-alice-1", &priority);
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "budget_exceeded");
+    priority.as_object_mut().unwrap().remove("service_tier");
+    assert_eq!(ask(&gw, "sk-alice-1", &priority).status, 200);
+}
+
 /// keys.yaml: alice (tenant acme) and a daily budget of `usd` on acme.
 fn alice_with_a_daily_budget(usd: &str) -> String {
     format!(

@@ -3,7 +3,7 @@
 
 use crate::entry::unsealed_exact;
 use crate::metric_names as m;
-use crate::{now_secs, CacheError, Entry, Sealing, SemanticCache, VectorIndex};
+use crate::{now_ms, now_secs, CacheError, Entry, Sealing, SemanticCache, VectorIndex};
 use metrics::{counter, gauge};
 use rocksdb::{IteratorMode, WriteBatch};
 use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_VECTORS};
@@ -31,7 +31,7 @@ impl Purge {
 /// Purge targets remembered against entries the fleet sends late.
 const MAX_PURGES_KEPT: usize = 1024;
 
-/// Purges applied here, by when they were issued (seconds).
+/// Purges applied here, by when they were issued (milliseconds).
 #[derive(Debug, Default)]
 pub(crate) struct Purged {
     /// The last purge of everything.
@@ -58,7 +58,8 @@ pub struct CacheStats {
 impl SemanticCache {
     /// Remove entries matching `what`; returns how many.
     pub fn purge(&self, what: &Purge) -> Result<u64, CacheError> {
-        self.remember_purge(what, now_secs());
+        let _gate = self.purge_gate.write().unwrap_or_else(|p| p.into_inner());
+        self.remember_purge(what, now_ms());
         self.remove(what)
     }
 
@@ -117,19 +118,34 @@ impl SemanticCache {
 
     /// Was `e` stored before a purge applied here that removes it? An entry
     /// the fleet sends after the purge (another gateway's backlog, or a
-    /// stream this one had not read yet) is then not stored again. Times are
-    /// seconds: an entry stored in the purge's own second is let through.
+    /// stream this one had not read yet) is then not stored again. An
+    /// entry's time is whole seconds: one from the purge's own second is let
+    /// through.
     pub(crate) fn purged_since(&self, e: &Entry) -> bool {
-        let p = self.purged.lock().unwrap_or_else(|p| p.into_inner());
-        e.created_at < p.all
-            || p.targets
-                .iter()
-                .any(|(what, at)| e.created_at < *at && what.covers(e))
+        self.purged_after(e, (e.created_at + 1).saturating_mul(1000) - 1)
     }
 
-    /// A purge another gateway issued at `issued_at` (its clock, seconds).
-    pub fn purge_from_fleet(&self, what: &Purge, issued_at: u64) -> Result<u64, CacheError> {
-        self.remember_purge(what, issued_at.min(now_secs()));
+    /// Was `e`, asked for at `asked_ms`, asked before a purge applied here
+    /// that removes it?
+    pub(crate) fn purged_after(&self, e: &Entry, asked_ms: u64) -> bool {
+        let p = self.purged.lock().unwrap_or_else(|p| p.into_inner());
+        asked_ms < p.all
+            || p.targets
+                .iter()
+                .any(|(what, at)| asked_ms < *at && what.covers(e))
+    }
+
+    /// Remember a purge of the fleet's record (issued at `at_ms`) without
+    /// removing anything: entries loaded after it that it covers are not
+    /// stored (see [`SemanticCache::purged_since`]).
+    pub fn remember_fleet_purge(&self, what: &Purge, at_ms: u64) {
+        self.remember_purge(what, at_ms.min(now_ms()));
+    }
+
+    /// A purge another gateway issued at `issued_ms` (its clock).
+    pub fn purge_from_fleet(&self, what: &Purge, issued_ms: u64) -> Result<u64, CacheError> {
+        let _gate = self.purge_gate.write().unwrap_or_else(|p| p.into_inner());
+        self.remember_purge(what, issued_ms.min(now_ms()));
         self.remove(what)
     }
 

@@ -559,14 +559,13 @@ fn luhn(digits: &str) -> bool {
 }
 
 /// Whether `text` holds a payment card number: 13 to 19 digits passing the
-/// Luhn check, written as one group or in groups of 3 to 6 digits starting
-/// with 4 (4-4-4-4, Amex's 4-6-5, ...). Every such span of a run of digit
-/// groups is checked, so a card followed by its expiry or CVV ("4111 1111
-/// 1111 1111 12/26"), or after another number, is still found.
+/// Luhn check, written as one group or in up to five groups of 2 to 8
+/// digits (4-4-4-4, Amex's 4-6-5, 8-8, 4-8-4, ...). Every such span of a
+/// run of digit groups is checked, so a card followed by its expiry or CVV
+/// ("4111 1111 1111 1111 12/26"), or after another number, is still found.
 fn has_card(text: &str) -> bool {
-    let shaped = |g: &[&str]| {
-        g.len() == 1 || (g[0].len() == 4 && g.iter().all(|x| (3..=6).contains(&x.len())))
-    };
+    let shaped =
+        |g: &[&str]| g.len() == 1 || (g.len() <= 5 && g.iter().all(|x| (2..=8).contains(&x.len())));
     DIGIT_RUN.find_iter(text).any(|m| {
         let groups: Vec<&str> = m.as_str().split([' ', '-']).collect();
         (0..groups.len()).any(|i| {
@@ -911,6 +910,8 @@ mod tests {
             "qty 2 4111 1111 1111 1111",
             "ref 1234 4111 1111 1111 1111 exp 0427",
             "amex 3782 822463 10005",
+            "41111111 11111111",
+            "4111 11111111 1111",
         ] {
             assert_eq!(ex.matches(text), Some("card"), "{text}");
         }

@@ -8,7 +8,7 @@
 use crate::index::Op;
 use crate::metric_names as m;
 use crate::storage::{vec_to_bytes, NEXT_ID};
-use crate::{ids, now_secs, CacheError, CacheKey, Entry, SemanticCache};
+use crate::{ids, now_ms, now_secs, CacheError, CacheKey, Entry, SemanticCache};
 use metrics::{counter, gauge};
 use rocksdb::WriteBatch;
 use smartllm_config::CachePolicy;
@@ -48,15 +48,15 @@ impl SemanticCache {
         route: &str,
         model: &str,
     ) -> Result<Stored, CacheError> {
-        self.insert_asked_at(key, embedding, response, policy, route, model, now_secs())
+        self.insert_asked_at(key, embedding, response, policy, route, model, now_ms())
             .await
     }
 
-    /// [`SemanticCache::insert`] for an answer asked for at `asked_at`
-    /// (seconds): the entry dates from then, so a purge issued while the
-    /// answer was being written removes it too (`CacheError::Purged`, here
-    /// and on every gateway of the fleet), as it would have had it come
-    /// sooner.
+    /// [`SemanticCache::insert`] for an answer asked for at `asked_ms`
+    /// (milliseconds): the entry dates from then, so a purge issued while
+    /// the answer was being written removes it too (`CacheError::Purged`,
+    /// here and on every gateway of the fleet), as it would have had it
+    /// come sooner.
     #[allow(clippy::too_many_arguments)]
     pub async fn insert_asked_at(
         self: &Arc<Self>,
@@ -66,7 +66,7 @@ impl SemanticCache {
         policy: &CachePolicy,
         route: &str,
         model: &str,
-        asked_at: u64,
+        asked_ms: u64,
     ) -> Result<Stored, CacheError> {
         let embedding = match embedding {
             Some(e) => Some(e),
@@ -77,7 +77,7 @@ impl SemanticCache {
                 .pop(),
             None => None,
         };
-        let created = asked_at.min(now_secs());
+        let created = (asked_ms / 1000).min(now_secs());
         let entry = Entry {
             id: 0, // given in `write`
             namespace: key.namespace_hex(),
@@ -93,8 +93,10 @@ impl SemanticCache {
         let this = self.clone();
         let stored = tokio::task::spawn_blocking(move || {
             // Checked right before the write (a purge may have come while
-            // the answer was generated or embedded).
-            if this.purged_since(&entry) {
+            // the answer was generated or embedded), and no purge runs
+            // between the check and the write.
+            let _gate = this.purge_gate.read().unwrap_or_else(|p| p.into_inner());
+            if this.purged_after(&entry, asked_ms) {
                 return Err(CacheError::Purged);
             }
             this.write(entry, embedding, key.exact)
@@ -114,6 +116,8 @@ impl SemanticCache {
         sealed: &[u8],
         embedding: Option<Vec<f32>>,
     ) -> Result<Applied, CacheError> {
+        // No purge runs between the check below and the write.
+        let _gate = self.purge_gate.read().unwrap_or_else(|p| p.into_inner());
         let (entry, _) = self.codec.open(sealed)?;
         if entry.expired(now_secs()) {
             return Ok(Applied::Expired);

@@ -87,7 +87,7 @@ pub enum CacheError {
 }
 
 /// The gateway's one clock (entry times, expiry).
-pub use smartllm_protocol::time::now_secs;
+pub use smartllm_protocol::time::{now_ms, now_secs};
 
 pub struct SemanticCache {
     store: Arc<Store>,
@@ -120,6 +120,10 @@ pub struct SemanticCache {
     /// Purges applied here (local or from the fleet) and when: an entry the
     /// fleet sends later that one of them removed is not stored again.
     purged: Mutex<admin::Purged>,
+    /// Taken to write by a purge (remember, then remove) and to read by an
+    /// insert (check, then write): an insert never lands between a purge's
+    /// two steps, unseen by both.
+    purge_gate: std::sync::RwLock<()>,
 }
 
 /// Verifier scores kept for repeated pairs.

@@ -74,6 +74,7 @@ impl SemanticCache {
                 NonZeroUsize::new(crate::KEPT_STATES).expect("non-zero"),
             )),
             purged: Mutex::new(Default::default()),
+            purge_gate: Default::default(),
         });
         cache.migrate_untagged()?;
         if !cache.load_persisted()? {

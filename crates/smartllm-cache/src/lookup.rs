@@ -1036,7 +1036,7 @@ mod tests {
         let (_dir, cache) = open_cache();
         let p = policy();
         let k = key("t1", "What is our refund policy?");
-        let asked_at = crate::now_secs() - 2;
+        let asked_at = crate::now_ms() - 2000;
         assert_eq!(cache.purge(&Purge::Route("faq".into())).unwrap(), 0);
         let late = cache
             .insert_asked_at(

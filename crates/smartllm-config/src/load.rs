@@ -82,15 +82,24 @@ fn file_line(text: &str, yaml_line: usize) -> usize {
 }
 
 /// The line of the second `KEY:` of `message`'s "`KEY` is defined twice"
-/// (see `raw::unique_keys`), at the first one's indentation.
-fn twice_line(text: &str, message: &str) -> Option<usize> {
+/// (see `raw::unique_keys`): within the map serde_yaml points at (from its
+/// line `map_line`, until a line indented less than its keys), at the first
+/// one's indentation.
+fn twice_line(text: &str, message: &str, map_line: Option<usize>) -> Option<usize> {
     let key = message
         .split('`')
         .nth(1)
         .filter(|_| message.contains("is defined twice"))?;
+    let start = map_line?.saturating_sub(1);
     let mut first_indent = None;
-    for (i, l) in text.lines().enumerate() {
+    for (i, l) in text.lines().enumerate().skip(start) {
         let body = l.trim_start();
+        if body.is_empty() || body.starts_with('#') {
+            continue;
+        }
+        if first_indent.is_some_and(|f| l.len() - body.len() < f) {
+            return None;
+        }
         let named = [key.to_string(), format!("\"{key}\""), format!("'{key}'")]
             .iter()
             .any(|k| {
@@ -139,7 +148,7 @@ fn parse_file<T: DeserializeOwned + Default>(
             }
             // A key given twice: serde_yaml points at its map; the line is
             // the second one.
-            let line = twice_line(text, &message).or(line);
+            let line = twice_line(text, &message, line).or(line);
             issues.push(ConfigIssue {
                 file: dir.join(file),
                 path: if path == "." { String::new() } else { path },
@@ -328,6 +337,18 @@ mod tests {
         assert!(i.file.ends_with(PROVIDERS_FILE), "{i}");
         assert!(i.message.contains("`mock` is defined twice"), "{i}");
         assert_eq!(i.line, Some(twice.lines().count() - 1), "{i}");
+        // The same key in two maps is fine; twice in the second map is
+        // found there, not in the first.
+        let models = "models:\n  - name: a\n    profile:\n      quality:\n        code: 0.8\n    deployments:\n      - provider: mock\n  - name: b\n    profile:\n      quality:\n        code: 0.7\n        math: 0.5\n        code: 0.9\n    deployments:\n      - provider: mock\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, "data_dir: /tmp/x\n"),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, models),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err();
+        let i = &err.issues[0];
+        assert!(i.message.contains("`code` is defined twice"), "{i}");
+        assert_eq!(i.line, Some(13), "{i}");
     }
 
     #[test]

@@ -150,7 +150,16 @@ impl ModelProfile {
     }
 }
 
-pub const CAPABILITIES: [&str; 5] = ["tools", "vision", "json", "streaming", "audio"];
+pub const CAPABILITIES: [&str; 6] = [
+    "tools",
+    "vision",
+    "json",
+    "streaming",
+    "audio",
+    // Anthropic's structured outputs (`output_config.format`): Claude
+    // models that take it are listed with it, never assumed.
+    "structured_outputs",
+];
 
 /// Per-deployment circuit breaker.
 #[derive(Debug, Clone, Copy, PartialEq)]

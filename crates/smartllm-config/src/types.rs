@@ -288,7 +288,11 @@ impl KeysConfig {
         let open =
             |name: &str| !self.require_key && (name == "anonymous" || name.starts_with("key:"));
         let known = |scope: BudgetScope, name: &str| {
-            open(name)
+            let tenant = match scope {
+                BudgetScope::App => name.split_once('/').map_or(name, |(t, _)| t),
+                _ => name,
+            };
+            open(tenant)
                 || self.keys.iter().any(|k| match scope {
                     BudgetScope::Tenant => k.tenant == name,
                     BudgetScope::App => {

@@ -243,7 +243,9 @@ pub fn purge(query: &str) -> Result<PurgeTarget, QueryError> {
     let mut what = None;
     for (k, v) in pairs(query) {
         what = Some(match k.as_str() {
-            "all" if v != "false" => PurgeTarget::All,
+            // Only a plain yes empties the cache: `all=0`, `all=no` or a
+            // bare `all=` is a mistake, not a purge of everything.
+            "all" if v == "true" || v == "1" => PurgeTarget::All,
             "namespace" if !v.is_empty() => PurgeTarget::Namespace(v),
             "route" if !v.is_empty() => PurgeTarget::Route(v),
             _ => {
@@ -341,6 +343,9 @@ mod tests {
     #[test]
     fn purges_say_what() {
         assert_eq!(purge("all=true").unwrap(), PurgeTarget::All);
+        for no in ["all=0", "all=no", "all=", "all=False"] {
+            assert_eq!(purge(no).unwrap_err().param.as_deref(), Some("all"), "{no}");
+        }
         assert_eq!(
             purge("route=my%20route").unwrap(),
             PurgeTarget::Route("my route".into())

@@ -97,10 +97,13 @@ fn push_message(out: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
 }
 
 /// Translate an OpenAI chat request body into an Anthropic Messages request.
+/// `structured_outputs`: the model takes Anthropic's `output_config.format`
+/// (Claude Sonnet 4.5, Opus 4.1 and later; listed in its capabilities).
 pub fn request_to_anthropic(
     body: &Map<String, Value>,
     upstream_model: &str,
     stream: bool,
+    structured_outputs: bool,
 ) -> Result<Value, ApiError> {
     let mut system = Vec::new();
     let mut messages = Vec::new();
@@ -237,6 +240,12 @@ pub fn request_to_anthropic(
     // (`json_object`) has no Anthropic field; its prompt asks for JSON.
     if let Some(rf) = body.get("response_format").filter(|v| !v.is_null()) {
         match rf.get("type").and_then(Value::as_str) {
+            Some("json_schema") if !structured_outputs => {
+                return Err(untranslatable(
+                    "response_format `json_schema` on a model not listed with the `structured_outputs` capability (list it in `profile.capabilities` for Claude models that take Anthropic's structured outputs)",
+                    "response_format",
+                ))
+            }
             Some("json_schema") => {
                 let Some(schema) = rf.get("json_schema").and_then(|j| j.get("schema")) else {
                     return Err(ApiError::invalid_request(
@@ -696,7 +705,7 @@ mod tests {
         if let Value::Object(e) = extra {
             body.extend(e);
         }
-        request_to_anthropic(&body, "claude-x", false)
+        request_to_anthropic(&body, "claude-x", false, true)
     }
 
     /// Structured outputs, one tool call at a time, PDFs: carried, not
@@ -711,6 +720,16 @@ mod tests {
         );
         let out = translated(json!({"response_format": {"type": "json_object"}})).unwrap();
         assert!(out.get("output_config").is_none());
+        // A model not listed as taking structured outputs: refused by name.
+        let body: Map<String, Value> = serde_json::from_value(json!({"model": "c",
+            "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}}))
+        .unwrap();
+        let e = request_to_anthropic(&body, "claude-3-5-haiku", false, false).unwrap_err();
+        assert_eq!(
+            (e.code, e.param.as_deref()),
+            ("unsupported_for_provider", Some("response_format"))
+        );
 
         let out = translated(json!({"parallel_tool_calls": false})).unwrap();
         assert_eq!(
@@ -770,7 +789,7 @@ mod tests {
             "tool_choice": "required"
         }))
         .unwrap();
-        let out = request_to_anthropic(&body, "claude-x", true).unwrap();
+        let out = request_to_anthropic(&body, "claude-x", true, false).unwrap();
         assert_eq!(out["model"], "claude-x");
         assert_eq!(out["system"], "be brief");
         assert_eq!(out["max_tokens"], 50);

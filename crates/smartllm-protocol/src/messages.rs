@@ -98,8 +98,9 @@ pub struct AnthropicOnly {
     /// `service_tier`, `container`, ...: what Anthropic providers receive in
     /// the raw body), as canonical JSON: the cache keys on them.
     pub extra: Option<String>,
-    /// A tool result with parts other than text (an image, a document): the
-    /// canonical body carries its text only, so the cache is not used.
+    /// A tool result with parts other than text and images (a document), or
+    /// `mcp_servers`: the canonical body goes without them, so the cache is
+    /// not used.
     pub lossy: bool,
 }
 
@@ -464,12 +465,11 @@ fn user_turn(
                                             .get_or_insert(format!("{bpath}.content.{k}"));
                                     }
                                 },
-                                // Documents, search results: only an
-                                // Anthropic provider can read them.
-                                _ => {
-                                    only.untranslatable
-                                        .get_or_insert(format!("{bpath}.content.{k}"));
-                                }
+                                // Documents, search results: their text is
+                                // not in the block; the chat body goes
+                                // without them (lossy: never cached), as a
+                                // session's history keeps them for good.
+                                _ => only.lossy = true,
                             }
                         }
                         text.join("\n")
@@ -621,6 +621,12 @@ pub fn set_top_level(raw: &[u8], key: &str, value: &Value) -> Option<Vec<u8>> {
         }
     }
     Some(out)
+}
+
+/// The value of `raw`'s top-level `key`, parsed (only that span is read).
+pub fn top_level(raw: &[u8], key: &str) -> Option<Value> {
+    let (start, end) = top_level_value(raw, key)?;
+    serde_json::from_slice(&raw[start..end]).ok()
 }
 
 /// `raw` with its top-level `key`, when it is a number above `most`, set to
@@ -1129,12 +1135,11 @@ mod tests {
             m[2]["content"][2],
             json!({"type": "text", "text": "What changed?"})
         );
-        // A document in a tool result: only an Anthropic provider reads it.
+        // A document in a tool result: the chat body goes without it, and
+        // is never cached (lossy); the session is not refused.
         let r = parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"document","source":{"type":"text","media_type":"text/plain","data":"x"}}]}]}]}"#).unwrap();
-        assert_eq!(
-            r.anthropic_only.untranslatable.as_deref(),
-            Some("messages.0.content.0.content.0")
-        );
+        assert_eq!(r.anthropic_only.untranslatable, None);
+        assert!(r.anthropic_only.lossy);
     }
 
     #[test]

@@ -24,6 +24,9 @@ fn storable(completion: String, cost_capped: bool) -> Option<String> {
     let choices = v["choices"].as_array_mut().filter(|c| !c.is_empty())?;
     let mut changed = false;
     for c in choices.iter_mut() {
+        if !c.is_object() || !c["message"].is_object() {
+            return None;
+        }
         let ended = match c["finish_reason"].as_str() {
             // OpenAI's words, and what other compatible servers say for an
             // answer that ended on its own (TGI, Together, pass-through
@@ -67,7 +70,7 @@ fn storable(completion: String, cost_capped: bool) -> Option<String> {
 
 /// What a miss needs to store the answer later.
 pub struct PendingInsert {
-    /// When the answer was asked for (seconds): the entry dates from then.
+    /// When the answer was asked for (milliseconds): the entry dates from then.
     pub asked_at: u64,
     pub cache: Arc<SemanticCache>,
     pub key: CacheKey,

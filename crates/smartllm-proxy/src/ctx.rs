@@ -68,6 +68,9 @@ pub struct Ctx {
     /// max-tokens limit was asked for (by the client or the cost cap): an
     /// outcome that counts against the model.
     pub cut_off: bool,
+    /// This attempt's output limit was lowered to the model's own most
+    /// (`profile.max_output_tokens`).
+    pub limit_lowered: bool,
     /// The answer's stream broke after it started (the status was already
     /// 200): a failure of the model, not an answer.
     pub stream_failed: bool,
@@ -145,6 +148,7 @@ impl Ctx {
             question: None,
             regenerate: false,
             cut_off: false,
+            limit_lowered: false,
             stream_failed: false,
             tenant: "anonymous".into(),
             app: "-".into(),

@@ -76,6 +76,57 @@ local s = redis.call('INCR', KEYS[2])
 return redis.call('XADD', KEYS[1], 'MAXLEN', '~', ARGV[1], '*', 's', s, unpack(ARGV, 2))
 "#;
 
+/// Notes a purge in the fleet's purge record (a tombstone, newest time per
+/// target): KEYS[1] the record; ARGV[1] the target, ARGV[2] when it was
+/// issued (milliseconds), ARGV[3] how long the record is kept.
+const MARK_PURGE: &str = r#"
+local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]) end
+redis.call('EXPIRE', KEYS[1], ARGV[3])
+return 1
+"#;
+
+/// Writes an entry's snapshot hash unless a purge that covers it was issued
+/// after it was asked for (a backlogged insert must not bring back what a
+/// purge removed): KEYS[1] the hash, KEYS[2] the purge record; ARGV[1] the
+/// entry's time (seconds: one from the purge's own second is let through,
+/// as `SemanticCache::purged_since` does), ARGV[2] its namespace, ARGV[3]
+/// its route, ARGV[4] its model, ARGV[5] its TTL, then the hash's fields
+/// and values. 0: purged.
+const SNAPSHOT_UNLESS_PURGED: &str = r#"
+local t = tonumber(ARGV[1])
+for _, f in ipairs({'all', 'namespace:' .. ARGV[2], 'route:' .. ARGV[3], 'route:' .. ARGV[4]}) do
+  local p = redis.call('HGET', KEYS[2], f)
+  if p and (t + 1) * 1000 <= tonumber(p) then return 0 end
+end
+redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('EXPIRE', KEYS[1], ARGV[5])
+return 1
+"#;
+
+/// How long the fleet's purge record outlives its last purge: longer than
+/// any insert waits in a gateway's outbox.
+const PURGE_RECORD_SECS: u64 = 35 * 86_400;
+
+/// A purge target as the purge record names it.
+fn purge_field(what: &Purge) -> String {
+    match what {
+        Purge::All => "all".to_string(),
+        Purge::Namespace(ns) => format!("namespace:{ns}"),
+        Purge::Route(r) => format!("route:{r}"),
+    }
+}
+
+/// The purge a record's field names.
+fn purge_of(field: &str) -> Option<Purge> {
+    match field.split_once(':') {
+        None if field == "all" => Some(Purge::All),
+        Some(("namespace", ns)) if !ns.is_empty() => Some(Purge::Namespace(ns.to_string())),
+        Some(("route", r)) if !r.is_empty() => Some(Purge::Route(r.to_string())),
+        _ => None,
+    }
+}
+
 /// A change to the cache that the other gateways apply.
 #[derive(Debug)]
 pub enum CacheEvent {
@@ -202,6 +253,10 @@ impl FleetSync {
         self.key("cache:stream")
     }
 
+    fn purges_key(&self) -> String {
+        self.key("cache:purges")
+    }
+
     fn entry_key(&self, namespace: &str, exact: &str) -> String {
         self.key(&format!("cache:e:{namespace}:{exact}"))
     }
@@ -246,10 +301,17 @@ impl FleetSync {
                 let vector = s.embedding.as_deref().map(vector_bytes).unwrap_or_default();
                 // The snapshot first: a gateway loading it meanwhile gets the
                 // entry twice (once more from the stream), never not at all.
+                // Not at all when a purge covering it came after it was asked
+                // for (this gateway's backlog, sent after another's purge).
                 let key = self.entry_key(&e.namespace, &e.exact);
-                let mut pipe = redis::pipe();
-                pipe.cmd("HSET")
-                    .arg(&key)
+                let written: i64 = redis::Script::new(SNAPSHOT_UNLESS_PURGED)
+                    .key(&key)
+                    .key(self.purges_key())
+                    .arg(e.created_at)
+                    .arg(&e.namespace)
+                    .arg(&e.route)
+                    .arg(&e.model)
+                    .arg(ttl)
                     .arg("p")
                     .arg(&s.sealed)
                     .arg("e")
@@ -262,9 +324,12 @@ impl FleetSync {
                     .arg(&e.model)
                     .arg("n")
                     .arg(e.version)
-                    .ignore();
-                pipe.cmd("EXPIRE").arg(&key).arg(ttl).ignore();
-                pipe.query_async::<()>(conn).await?;
+                    .invoke_async(conn)
+                    .await?;
+                if written == 0 {
+                    count("cache_publish", "purged");
+                    return Ok(());
+                }
                 add.arg("k")
                     .arg("i")
                     .arg("p")
@@ -281,15 +346,18 @@ impl FleetSync {
                     Purge::Namespace(ns) => ("namespace", ns.as_str()),
                     Purge::Route(r) => ("route", r.as_str()),
                 };
-                add.arg("k")
-                    .arg("p")
-                    .arg("w")
-                    .arg(w)
-                    .arg("a")
-                    .arg(a)
-                    .arg("t")
-                    .arg(smartllm_ledger::now_secs());
-                add.invoke_async::<()>(conn).await?;
+                let issued = smartllm_cache::now_ms();
+                // The record first (a late insert checks it), then the
+                // snapshot, then the stream: a gateway that reads the stream
+                // from before the purge also replays it, and one that starts
+                // after it finds a snapshot without the purged entries.
+                redis::Script::new(MARK_PURGE)
+                    .key(self.purges_key())
+                    .arg(purge_field(what))
+                    .arg(issued)
+                    .arg(PURGE_RECORD_SECS)
+                    .invoke_async::<()>(conn)
+                    .await?;
                 let pattern = match what {
                     Purge::Namespace(ns) => self.entry_pattern(Some(ns)),
                     _ => self.entry_pattern(None),
@@ -298,7 +366,18 @@ impl FleetSync {
                     Purge::Route(name) => r == name || c == name,
                     _ => true,
                 })
-                .await
+                .await?;
+                add.arg("k")
+                    .arg("p")
+                    .arg("w")
+                    .arg(w)
+                    .arg("a")
+                    .arg(a)
+                    .arg("t")
+                    .arg(issued / 1000)
+                    .arg("tm")
+                    .arg(issued);
+                add.invoke_async::<()>(conn).await
             }
             CacheEvent::Version { name, version } => {
                 add.arg("k")
@@ -500,10 +579,12 @@ impl FleetSync {
                     ("route", r) if !r.is_empty() => Purge::Route(r),
                     _ => return count("cache_apply", "rejected"),
                 };
-                // When it was issued (older gateways send no time: now).
-                let issued = text("t")
+                // When it was issued, in milliseconds (older gateways send
+                // seconds, or no time: now).
+                let issued = text("tm")
                     .parse::<u64>()
-                    .unwrap_or_else(|_| smartllm_ledger::now_secs());
+                    .or_else(|_| text("t").parse::<u64>().map(|s| s * 1000))
+                    .unwrap_or_else(|_| smartllm_cache::now_ms());
                 let c = cache.clone();
                 match tokio::task::spawn_blocking(move || c.purge_from_fleet(&what, issued)).await {
                     Ok(Ok(n)) => {
@@ -538,6 +619,25 @@ impl FleetSync {
         conn: &mut MultiplexedConnection,
         cache: &Arc<SemanticCache>,
     ) -> redis::RedisResult<u64> {
+        // The fleet's purges first: an entry in the snapshot from before one
+        // that covers it (written back by a gateway's backlog) stays out.
+        let purges: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(self.purges_key())
+            .query_async(conn)
+            .await?;
+        let known: Vec<(Purge, u64)> = purges
+            .iter()
+            .filter_map(|(f, t)| Some((purge_of(f)?, *t)))
+            .collect();
+        if !known.is_empty() {
+            let c = cache.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                for (what, at) in &known {
+                    c.remember_fleet_purge(what, *at);
+                }
+            })
+            .await;
+        }
         let pattern = self.entry_pattern(None);
         let mut cursor = 0u64;
         let mut n = 0;
@@ -1031,6 +1131,131 @@ impl BackgroundService for FleetSyncService {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A purge is recorded in Redis, and an insert asked for before it
+    /// (a gateway's backlog, sent after another gateway's purge) writes no
+    /// snapshot hash and no stream entry: a gateway that starts later cannot
+    /// load what the purge removed. (A real redis-server: `make test`
+    /// installs it.)
+    #[tokio::test]
+    async fn a_backlogged_insert_does_not_bring_back_what_a_purge_removed() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = std::process::Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args([
+                "--appendonly",
+                "no",
+                "--dir",
+                &dir.path().display().to_string(),
+            ])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (`make test` installs it)");
+        let cfg = FleetConfig {
+            redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            key_prefix: "t".into(),
+            timeout: Duration::from_millis(500),
+            on_error: smartllm_config::FleetOnError::Local,
+            share_cache: true,
+            cache_stream_len: 1000,
+            share_costs: false,
+        };
+        let f = FleetSync::new(&cfg, "tag".into()).unwrap();
+        let mut conn = None;
+        for _ in 0..100 {
+            if let Ok(c) = f.connect(Duration::from_millis(500)).await {
+                conn = Some(c);
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let mut conn = conn.expect("redis-server did not start");
+        let now = smartllm_cache::now_secs();
+        let stored = |created_at: u64, exact: &str| {
+            CacheEvent::Insert(Box::new(Stored {
+                id: 1,
+                sealed: b"sealed".to_vec(),
+                embedding: Some(vec![0.5; 4]),
+                entry: Arc::new(smartllm_cache::Entry {
+                    id: 1,
+                    namespace: "ns".into(),
+                    exact: exact.into(),
+                    query: "q".into(),
+                    response: "{}".into(),
+                    route: "faq".into(),
+                    model: "m".into(),
+                    created_at,
+                    expires_at: now + 600,
+                    version: 1,
+                }),
+            }))
+        };
+        let named = BTreeSet::new();
+        let exists = |mut c: MultiplexedConnection, k: String| async move {
+            redis::cmd("EXISTS")
+                .arg(k)
+                .query_async::<i64>(&mut c)
+                .await
+                .unwrap()
+        };
+        f.publish_one(&mut conn, &stored(now - 5, "before"), &named)
+            .await
+            .unwrap();
+        assert_eq!(exists(conn.clone(), f.entry_key("ns", "before")).await, 1);
+        f.publish_one(
+            &mut conn,
+            &CacheEvent::Purge(Purge::Route("faq".into())),
+            &named,
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            exists(conn.clone(), f.entry_key("ns", "before")).await,
+            0,
+            "the purge removed it"
+        );
+        let record: HashMap<String, u64> = redis::cmd("HGETALL")
+            .arg(f.purges_key())
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(record["route:faq"] >= now * 1000, "{record:?}");
+        assert_eq!(purge_of("route:faq"), Some(Purge::Route("faq".into())));
+        assert_eq!(purge_of(&purge_field(&Purge::All)), Some(Purge::All));
+        let stream_len = |mut c: MultiplexedConnection, k: String| async move {
+            redis::cmd("XLEN")
+                .arg(k)
+                .query_async::<u64>(&mut c)
+                .await
+                .unwrap()
+        };
+        let len = stream_len(conn.clone(), f.stream_key()).await;
+        // The backlog arrives after the purge: neither snapshot nor stream.
+        f.publish_one(&mut conn, &stored(now - 5, "late"), &named)
+            .await
+            .unwrap();
+        assert_eq!(exists(conn.clone(), f.entry_key("ns", "late")).await, 0);
+        assert_eq!(stream_len(conn.clone(), f.stream_key()).await, len);
+        // An answer asked for after the purge is shared as usual.
+        f.publish_one(&mut conn, &stored(now + 1, "after"), &named)
+            .await
+            .unwrap();
+        assert_eq!(exists(conn.clone(), f.entry_key("ns", "after")).await, 1);
+        assert_eq!(stream_len(conn.clone(), f.stream_key()).await, len + 1);
+        let _ = server.kill();
+        let _ = server.wait();
+    }
 
     #[test]
     fn vectors_round_trip() {

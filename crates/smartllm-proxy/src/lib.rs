@@ -93,6 +93,9 @@ pub struct Shared {
     pub in_flight: std::sync::atomic::AtomicUsize,
     /// Set on SIGTERM: not ready, new requests get 503.
     pub draining: std::sync::atomic::AtomicBool,
+    /// When the SIGTERM drain began: the shutdown that follows waits only
+    /// what is left of `drain_timeout`, not a second one.
+    pub drain_started: std::sync::OnceLock<std::time::Instant>,
     /// Set once the API listener has accepted a connection from `/readyz`.
     pub api_listening: std::sync::atomic::AtomicBool,
     /// Answers waiting to be stored in the cache (bounded by cache.max_pending_inserts).
@@ -170,6 +173,7 @@ impl Shared {
             breakers: smartllm_router::Breakers::default(),
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             draining: std::sync::atomic::AtomicBool::new(false),
+            drain_started: std::sync::OnceLock::new(),
             pending_inserts: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             api_listening: std::sync::atomic::AtomicBool::new(false),
             config_dir,

@@ -254,9 +254,12 @@ fn read(store: &Store, codec: &Codec, k: &[u8]) -> Option<StoredResponse> {
         let _ = store.delete(CF_RESPONSES, k);
         return None;
     }
-    // Kept before sealing came (bare JSON): read as it is until it expires.
-    if rest.first() == Some(&b'{') {
-        return StoredResponse::from_bytes(rest);
+    // Kept before sealing came (bare JSON, or tagged plain before the key
+    // was set): read as it is until it expires.
+    match rest.first() {
+        Some(b'{') => return StoredResponse::from_bytes(rest),
+        Some(0) => return StoredResponse::from_bytes(&rest[1..]),
+        _ => {}
     }
     match codec.unseal(rest) {
         Ok((json, _)) => StoredResponse::from_bytes(&json),

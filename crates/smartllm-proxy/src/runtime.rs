@@ -72,6 +72,9 @@ pub struct ModelPool {
     /// larger limit asked for is lowered to it upstream, so a client asking
     /// for more (Claude Code's 32,000) gets the model's most, not a 400.
     pub max_output_tokens: Option<u64>,
+    /// `structured_outputs` is among the model's listed capabilities: a
+    /// chat `json_schema` goes to Anthropic as `output_config.format`.
+    pub structured_outputs: bool,
     pub deployments: Vec<DeploymentRuntime>,
     pub lb: Arc<LoadBalancer<RoundRobin>>,
     pub health_interval: Duration,
@@ -355,6 +358,11 @@ impl Runtime {
                 Arc::new(ModelPool {
                     model: m.name.clone(),
                     max_output_tokens: m.profile.max_output_tokens,
+                    structured_outputs: m
+                        .profile
+                        .capabilities
+                        .as_ref()
+                        .is_some_and(|c| c.iter().any(|x| x == "structured_outputs")),
                     deployments,
                     lb: Arc::new(lb),
                     health_interval,

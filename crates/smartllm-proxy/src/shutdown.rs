@@ -50,7 +50,7 @@ impl ShutdownSignalWatch for DrainingShutdown {
             _ = next(&mut int) => ShutdownSignal::FastShutdown,
             _ = next(&mut term) => {
                 self.shared.draining.store(true, Ordering::SeqCst);
-                let started = Instant::now();
+                let started = *self.shared.drain_started.get_or_init(Instant::now);
                 tracing::info!(in_flight = self.shared.in_flight.load(Ordering::SeqCst), "SIGTERM: draining in-flight requests");
                 loop {
                     let n = self.shared.in_flight.load(Ordering::SeqCst);

@@ -4,7 +4,7 @@
 //! the config sets `server.admin_tls`, see `admin_tls`).
 
 use anyhow::Context;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 // Which running gateway a command talks to (flattened into `costs` and `cache`).
 // A plain comment: a doc comment here would become clap `about` text.
@@ -45,7 +45,9 @@ pub fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Res
             .admin_token
             .clone()
             .or_else(|| match config.as_ref().map(|c| &c.admin_token) {
-                Some(smartllm_config::ApiKeySource::Env(var)) => std::env::var(var).ok(),
+                Some(smartllm_config::ApiKeySource::Env(var)) => std::env::var(var)
+                    .ok()
+                    .or_else(|| env_file_value(Path::new(SERVICE_ENV_FILE), var)),
                 Some(smartllm_config::ApiKeySource::File(f)) => std::fs::read_to_string(f)
                     .ok()
                     .map(|t| t.trim().to_string()),
@@ -93,4 +95,52 @@ pub fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Res
         anyhow::bail!("admin API answered {status}: {}", body.trim());
     }
     Ok(body.trim().to_string())
+}
+
+/// The service's environment file (the unit's `EnvironmentFile`): where a
+/// packaged install keeps `SMARTLLM_ADMIN_TOKEN`, which only systemd reads.
+const SERVICE_ENV_FILE: &str = "/etc/default/smartllm";
+
+/// `var`'s value in an environment file of `VAR=value` lines (quotes and an
+/// `export ` prefix allowed, comments skipped), as systemd reads it.
+fn env_file_value(path: &Path, var: &str) -> Option<String> {
+    let text = std::fs::read_to_string(path).ok()?;
+    text.lines().find_map(|l| {
+        let l = l.trim();
+        let l = l.strip_prefix("export ").unwrap_or(l);
+        let (k, v) = l.split_once('=')?;
+        if k.trim() != var || l.starts_with('#') {
+            return None;
+        }
+        let v = v.trim();
+        let v = v
+            .strip_prefix('"')
+            .and_then(|x| x.strip_suffix('"'))
+            .or_else(|| v.strip_prefix('\'').and_then(|x| x.strip_suffix('\'')))
+            .unwrap_or(v);
+        (!v.is_empty()).then(|| v.to_string())
+    })
+}
+
+#[cfg(test)]
+mod env_file_tests {
+    use super::*;
+
+    #[test]
+    fn the_services_environment_file_is_read_as_systemd_reads_it() {
+        let path = std::env::temp_dir().join(format!("smartllm-env-{}", std::process::id()));
+        std::fs::write(
+            &path,
+            "# SMARTLLM_ADMIN_TOKEN=commented\nOPENAI_API_KEY=sk-x\nSMARTLLM_ADMIN_TOKEN=\"tok en\"\nexport OTHER='q'\nEMPTY=\n",
+        )
+        .unwrap();
+        assert_eq!(
+            env_file_value(&path, "SMARTLLM_ADMIN_TOKEN").as_deref(),
+            Some("tok en")
+        );
+        assert_eq!(env_file_value(&path, "OTHER").as_deref(), Some("q"));
+        assert_eq!(env_file_value(&path, "EMPTY"), None);
+        assert_eq!(env_file_value(&path, "MISSING"), None);
+        let _ = std::fs::remove_file(&path);
+    }
 }

@@ -204,28 +204,21 @@ fn write_threshold(
         new = set_key(&new, route, key, *value)
             .map_err(|e| anyhow::anyhow!("{}: {e}", file.display()))?;
     }
-    // Check the whole directory with the new file before touching the real one.
-    let check = std::env::temp_dir().join(format!(
-        "smartllm-calibrate-{}-{}",
-        std::process::id(),
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos())
-    ));
-    std::fs::create_dir_all(&check)?;
-    let loaded = (|| {
-        for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
-            if entry.file_type()?.is_file() {
-                std::fs::copy(entry.path(), check.join(entry.file_name()))?;
+    // Check the whole directory with the new file before touching the real
+    // one (in memory: no copy of the config, key files included, elsewhere).
+    let mut texts = std::collections::BTreeMap::new();
+    for f in smartllm_config::FILES {
+        match std::fs::read_to_string(dir.join(f)) {
+            Ok(t) => {
+                texts.insert(f, t);
             }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(e).with_context(|| format!("reading {}", dir.join(f).display())),
         }
-        std::fs::write(check.join("cache.yaml"), &new)?;
-        smartllm_config::load_dir(&check)
-            .map_err(|e| anyhow::anyhow!("the edited cache.yaml does not load: {e}"))
-    })();
-    let _ = std::fs::remove_dir_all(&check);
-    let cfg = loaded?;
+    }
+    texts.insert(smartllm_config::CACHE_FILE, new.clone());
+    let cfg = smartllm_config::load_texts(dir, texts)
+        .map_err(|e| anyhow::anyhow!("the edited cache.yaml does not load: {e}"))?;
     let policy = cfg.cache.policy(route, route.unwrap_or(""));
     for (key, value) in keys {
         let got = match *key {
@@ -237,10 +230,7 @@ fn write_threshold(
             "the edited cache.yaml resolves {key} to {got}, not {value}"
         );
     }
-    // A hidden name the config watcher does not load.
-    let tmp = file.with_file_name(".cache.yaml.new");
-    std::fs::write(&tmp, &new).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, file).with_context(|| format!("replacing {}", file.display()))?;
+    crate::config_write::replace(file, &new)?;
     Ok(file.to_path_buf())
 }
 

@@ -53,6 +53,9 @@ pub fn hash_stdin() -> anyhow::Result<String> {
 /// `keys create`: add a new key to `dir`/keys.yaml; returns the key (shown
 /// once, never stored).
 pub fn create(dir: &Path, new: &NewKey<'_>) -> anyhow::Result<String> {
+    // Read, edit and write under the directory's lock: two at once each
+    // keep the other's key.
+    let _lock = crate::config_write::lock(dir)?;
     let path = dir.join(smartllm_config::KEYS_FILE);
     let current = match std::fs::read_to_string(&path) {
         Ok(t) => t,
@@ -92,21 +95,7 @@ pub fn create(dir: &Path, new: &NewKey<'_>) -> anyhow::Result<String> {
         .map_err(|e| anyhow::anyhow!("the new key would make the config invalid:\n{e}"))?;
     // Atomic swap, keeping the file's owner, group and mode (the service
     // user must still read it: packages install it root:smartllm 0640).
-    let tmp = dir.join(format!(".{}.new", smartllm_config::KEYS_FILE));
-    std::fs::write(&tmp, &text).with_context(|| format!("writing {}", tmp.display()))?;
-    if let Ok(meta) = std::fs::metadata(&path) {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::set_permissions(&tmp, meta.permissions())
-            .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())))
-            .with_context(|| {
-                format!(
-                    "giving {} the owner and mode of {}",
-                    tmp.display(),
-                    path.display()
-                )
-            })?;
-    }
-    std::fs::rename(&tmp, &path).with_context(|| format!("replacing {}", path.display()))?;
+    crate::config_write::replace(&path, &text)?;
     Ok(key)
 }
 

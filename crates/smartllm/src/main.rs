@@ -26,6 +26,7 @@ mod admin_tls;
 mod cache_calibrate;
 mod cache_cli;
 mod check;
+mod config_write;
 mod costs_cli;
 mod keys_cli;
 mod prices_cli;
@@ -1005,7 +1006,9 @@ fn spawn_finisher(
         .spawn(move || loop {
             match phases.blocking_recv() {
                 Ok(ExecutionPhase::ShutdownGracePeriod) => {
-                    let started = Instant::now();
+                    // After a SIGTERM drain, the same deadline (one
+                    // `drain_timeout` in all, within the unit's stop timeout).
+                    let started = *shared.drain_started.get_or_init(Instant::now);
                     loop {
                         let n = shared.in_flight.load(Ordering::SeqCst);
                         if n == 0 {

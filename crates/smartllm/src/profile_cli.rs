@@ -599,14 +599,8 @@ fn write_profiles(cfg: &Config, out: &Path, text: &str) -> anyhow::Result<()> {
             anyhow::anyhow!("the measured profiles would make the config invalid:\n{e}")
         })?;
     }
-    let name = out
-        .file_name()
-        .and_then(|n| n.to_str())
-        .context("--out must name a file")?;
-    let tmp = out.with_file_name(format!(".{name}.new"));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, out).with_context(|| format!("renaming to {}", out.display()))?;
-    Ok(())
+    out.file_name().context("--out must name a file")?;
+    crate::config_write::replace(out, text)
 }
 
 /// `2026-12-01T10:00:00Z` for seconds since the epoch (UTC).

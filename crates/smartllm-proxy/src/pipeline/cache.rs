@@ -140,7 +140,7 @@ pub async fn phase(
     folded.copy_from_slice(&key.exact[..8]);
     ctx.question = Some(u64::from_le_bytes(folded));
     // The answer dates from now: a purge issued while it is written covers it.
-    let asked_at = smartllm_cache::now_secs();
+    let asked_at = smartllm_cache::now_ms();
     let pending = |key: CacheKey, embedding: Option<Vec<f32>>| PendingInsert {
         asked_at,
         cache: cache.clone(),

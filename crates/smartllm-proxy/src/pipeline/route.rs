@@ -86,15 +86,27 @@ pub async fn plan(
         } else {
             0
         };
+        // Priority processing asked for: its tokens cost the model's
+        // multiplier (the cost cap reads it too).
+        let priority =
+            request.req.body.get("service_tier").and_then(Value::as_str) == Some("priority");
         // No model answers more than its own limit, whatever was asked.
         let estimate = |m: &smartllm_config::ModelConfig| {
             let cap = m.profile.max_output_tokens.unwrap_or(u64::MAX);
-            smartllm_quota::budget::estimate(
+            let mut e = smartllm_quota::budget::estimate(
                 &m.pricing,
                 bytes,
                 max_out.map(|t| t.min(cap).saturating_mul(choices)),
                 typical.min(cap).saturating_mul(choices),
-            )
+            );
+            if priority {
+                let x = cfg
+                    .price(&m.name)
+                    .map_or(1.0, |p| p.service_tiers.priority.max(1.0));
+                e.firm = (e.firm - m.pricing.per_request) * x + m.pricing.per_request;
+                e.expected *= x;
+            }
+            e
         };
         match shared
             .quotas

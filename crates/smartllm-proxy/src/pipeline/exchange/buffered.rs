@@ -69,7 +69,7 @@ pub(super) async fn relay(
         match OpenAiAnswer::read(&body) {
             Err(_) => return malformed(&body),
             Ok(a) if a.usage.is_some() => {
-                ctx.cut_off = a.cut_at_length && !super::output_limited(x.req);
+                ctx.cut_off = a.cut_at_length && !super::output_limited(x.req, ctx);
                 record_usage(ctx, a.usage);
                 return match respond::json(session, ctx, 200, body, &x.passthrough).await {
                     Ok(()) => Attempt::Done,
@@ -103,7 +103,7 @@ pub(super) async fn relay(
         x.translate,
         Translate::Anthropic | Translate::AnthropicNative
     ) && v["stop_reason"] == "model_context_window_exceeded";
-    ctx.cut_off = truncated && (!super::output_limited(x.req) || window_cut);
+    ctx.cut_off = truncated && (!super::output_limited(x.req, ctx) || window_cut);
     // What the client gets, its usage, and the answer in the canonical chat
     // shape (what the cache stores and the estimates read).
     let (mut out, usage, chat) = match x.translate {

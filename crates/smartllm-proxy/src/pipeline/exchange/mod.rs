@@ -230,14 +230,10 @@ pub async fn run(
                     continue;
                 }
             };
-            let prepared = match request::build(
-                req,
-                dep,
-                pool.max_output_tokens,
-                key.as_deref(),
-                session,
-                ctx,
-            ) {
+            ctx.limit_lowered = pool
+                .max_output_tokens
+                .is_some_and(|m| request::asks_more_than(req, m));
+            let prepared = match request::build(req, dep, pool, key.as_deref(), session, ctx) {
                 Ok(p) => p,
                 // This deployment cannot take the request (e.g. an endpoint
                 // its provider lacks): another deployment or model may; when
@@ -286,14 +282,7 @@ pub async fn run(
             let mut outcome =
                 attempt::once(&mut exchange, session, ctx, header, prepared.body, false).await;
             if let Attempt::Stale(e) = outcome {
-                outcome = match request::build(
-                    req,
-                    dep,
-                    pool.max_output_tokens,
-                    key.as_deref(),
-                    session,
-                    ctx,
-                ) {
+                outcome = match request::build(req, dep, pool, key.as_deref(), session, ctx) {
                     Ok(again) => {
                         let mut header = again.header;
                         if let Some(t) = ctx.trace.as_mut() {
@@ -415,10 +404,14 @@ pub async fn run(
 
 /// The request carries a limit on the answer's length (the client's, or the
 /// one the cost cap wrote): an answer it cut short is no fault of the model.
-pub(super) fn output_limited(req: &ParsedRequest) -> bool {
-    ["max_tokens", "max_completion_tokens", "max_output_tokens"]
-        .iter()
-        .any(|k| req.body.get(*k).is_some_and(|v| !v.is_null()))
+/// Not when the gateway lowered it to the model's own most
+/// (`ctx.limit_lowered`): an answer cut there is cut at the model's limit
+/// (not stored, counted against the model).
+pub(super) fn output_limited(req: &ParsedRequest, ctx: &Ctx) -> bool {
+    !ctx.limit_lowered
+        && ["max_tokens", "max_completion_tokens", "max_output_tokens"]
+            .iter()
+            .any(|k| req.body.get(*k).is_some_and(|v| !v.is_null()))
 }
 
 /// `gen_ai.provider.name` of a provider kind.

@@ -3,7 +3,7 @@
 
 use super::Translate;
 use crate::ctx::Ctx;
-use crate::runtime::DeploymentRuntime;
+use crate::runtime::{DeploymentRuntime, ModelPool};
 use bytes::Bytes;
 use http::HeaderValue;
 use pingora_http::RequestHeader;
@@ -23,7 +23,7 @@ pub(super) struct Prepared {
 pub(super) fn build(
     req: &ParsedRequest,
     dep: &DeploymentRuntime,
-    max_output_tokens: Option<u64>,
+    pool: &ModelPool,
     key: Option<&str>,
     session: &Session,
     ctx: &Ctx,
@@ -141,7 +141,12 @@ pub(super) fn build(
                     ),
                 ));
             }
-            let v = anthropic::request_to_anthropic(&req.body, &dep.upstream_model, req.stream)?;
+            let v = anthropic::request_to_anthropic(
+                &req.body,
+                &dep.upstream_model,
+                req.stream,
+                pool.structured_outputs,
+            )?;
             (
                 format!("{}/messages", p.url.path),
                 serde_json::to_vec(&v).unwrap_or_default().into(),
@@ -149,7 +154,7 @@ pub(super) fn build(
             )
         }
     };
-    let body = match max_output_tokens {
+    let body = match pool.max_output_tokens {
         Some(most) if asks_more_than(req, most) => clamp_limits(body, most),
         _ => body,
     };
@@ -224,7 +229,7 @@ const LIMIT_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_out
 
 /// Whether the request asks for more output tokens than `most` (read from the
 /// parsed body; the raw body is scanned only then).
-fn asks_more_than(req: &ParsedRequest, most: u64) -> bool {
+pub(super) fn asks_more_than(req: &ParsedRequest, most: u64) -> bool {
     let over = |b: &serde_json::Map<String, serde_json::Value>| {
         LIMIT_FIELDS.iter().any(|f| {
             b.get(*f)
@@ -239,10 +244,23 @@ fn asks_more_than(req: &ParsedRequest, most: u64) -> bool {
 /// its limit as a cap, so the answer is what the model would write anyway;
 /// the model's own limit is never a 400.
 fn clamp_limits(body: Bytes, most: u64) -> Bytes {
+    use smartllm_protocol::messages::{clamp_top_level, set_top_level, top_level};
     let mut out = body;
     for field in LIMIT_FIELDS {
-        if let Some(b) = smartllm_protocol::messages::clamp_top_level(&out, field, most) {
+        if let Some(b) = clamp_top_level(&out, field, most) {
             out = b.into();
+        }
+    }
+    // Anthropic's thinking budget must stay under the limit.
+    if let Some(mut thinking) = top_level(&out, "thinking") {
+        let budget = thinking
+            .get("budget_tokens")
+            .and_then(serde_json::Value::as_u64);
+        if budget.is_some_and(|b| b >= most) {
+            thinking["budget_tokens"] = serde_json::Value::from(most.saturating_sub(1));
+            if let Some(b) = set_top_level(&out, "thinking", &thinking) {
+                out = b.into();
+            }
         }
     }
     out

@@ -576,7 +576,7 @@ pub(super) async fn relay(
     } else {
         record_usage(ctx, tr.usage());
     }
-    ctx.cut_off = tr.truncated() && (!super::output_limited(req) || tr.window_cut());
+    ctx.cut_off = tr.truncated() && (!super::output_limited(req, ctx) || tr.window_cut());
     let mut tail = Vec::new();
     match &failure {
         // The provider's own error event already reached the client: end with

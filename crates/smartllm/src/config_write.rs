@@ -1,0 +1,106 @@
+//! How the CLI replaces a file of a config directory (`keys create`, `cache
+//! calibrate --write`, `profile run`): the new text goes to a hidden file
+//! of its own (the config watcher skips hidden names; the process id keeps
+//! two runs apart), takes the owner, group and mode of the file it replaces
+//! (or, for a new file, of `smartllm.yaml` beside it: packages install the
+//! config root:smartllm 0640, which the service must still read whatever
+//! the operator's umask), and is renamed over it in one step, so a running
+//! gateway reloads the old file or the new one, never half of one.
+
+use anyhow::Context;
+use std::path::Path;
+
+/// Replace `path` with `text` as described above.
+pub fn replace(path: &Path, text: &str) -> anyhow::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .context("a config file needs a name")?;
+    let tmp = dir.join(format!(".{name}.{}.new", std::process::id()));
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    let like = std::fs::metadata(path)
+        .or_else(|_| std::fs::metadata(dir.join(smartllm_config::MAIN_FILE)));
+    if let Ok(meta) = like {
+        use std::os::unix::fs::MetadataExt;
+        let kept = std::fs::set_permissions(&tmp, meta.permissions())
+            .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())));
+        if let Err(e) = kept {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e).with_context(|| {
+                format!(
+                    "giving {} the owner and mode of the config it replaces",
+                    path.display()
+                )
+            });
+        }
+    }
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+}
+
+/// An exclusive lock on `dir`'s CLI edits (a hidden `.smartllm.lock`), held
+/// until the returned file is dropped: two `keys create` at once (an
+/// Ansible loop) each add their key, neither loses the other's.
+pub fn lock(dir: &Path) -> anyhow::Result<std::fs::File> {
+    let path = dir.join(".smartllm.lock");
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    f.lock()
+        .with_context(|| format!("locking {}", path.display()))?;
+    Ok(f)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    struct Dir(std::path::PathBuf);
+    impl Dir {
+        fn path(&self) -> &Path {
+            &self.0
+        }
+    }
+    impl Drop for Dir {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_replaced_file_keeps_its_mode_and_a_new_one_takes_the_configs() {
+        let dir =
+            std::env::temp_dir().join(format!("smartllm-config-write-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Dir(dir);
+        let main = dir.path().join(smartllm_config::MAIN_FILE);
+        std::fs::write(&main, "x: 1\n").unwrap();
+        std::fs::set_permissions(&main, std::fs::Permissions::from_mode(0o640)).unwrap();
+        let cache = dir.path().join("cache.yaml");
+        std::fs::write(&cache, "old\n").unwrap();
+        std::fs::set_permissions(&cache, std::fs::Permissions::from_mode(0o600)).unwrap();
+        replace(&cache, "new\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&cache).unwrap(), "new\n");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&cache), 0o600);
+        let profiles = dir.path().join("profiles.yaml");
+        replace(&profiles, "p\n").unwrap();
+        assert_eq!(mode(&profiles), 0o640);
+        // Nothing left behind but the files themselves.
+        let names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.ends_with(".new"))
+            .collect();
+        assert!(names.is_empty(), "{names:?}");
+        let _held = lock(dir.path()).unwrap();
+        assert!(std::fs::File::open(dir.path().join(".smartllm.lock"))
+            .unwrap()
+            .try_lock()
+            .is_err());
+    }
+}
