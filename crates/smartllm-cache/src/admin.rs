@@ -58,8 +58,14 @@ pub struct CacheStats {
 impl SemanticCache {
     /// Remove entries matching `what`; returns how many.
     pub fn purge(&self, what: &Purge) -> Result<u64, CacheError> {
+        self.purge_at(what, now_ms())
+    }
+
+    /// [`SemanticCache::purge`], issued at `at_ms` (the time the fleet is
+    /// told, however late its outbox sends it).
+    pub fn purge_at(&self, what: &Purge, at_ms: u64) -> Result<u64, CacheError> {
         let _gate = self.purge_gate.write().unwrap_or_else(|p| p.into_inner());
-        self.remember_purge(what, now_ms());
+        self.remember_purge(what, at_ms.min(now_ms()));
         self.remove(what)
     }
 
@@ -118,11 +124,10 @@ impl SemanticCache {
 
     /// Was `e` stored before a purge applied here that removes it? An entry
     /// the fleet sends after the purge (another gateway's backlog, or a
-    /// stream this one had not read yet) is then not stored again. An
-    /// entry's time is whole seconds: one from the purge's own second is let
-    /// through.
+    /// stream this one had not read yet) is then not stored again; nor is
+    /// one asked for before the purge and answered after it.
     pub(crate) fn purged_since(&self, e: &Entry) -> bool {
-        self.purged_after(e, (e.created_at + 1).saturating_mul(1000) - 1)
+        self.purged_after(e, e.asked_at_ms())
     }
 
     /// Was `e`, asked for at `asked_ms`, asked before a purge applied here

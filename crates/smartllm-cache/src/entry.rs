@@ -30,9 +30,22 @@ pub struct Entry {
     pub created_at: u64,
     pub expires_at: u64,
     pub version: u32,
+    /// When the answer was asked for, in milliseconds (entries stored
+    /// before this field have none: their second counts). A purge covers
+    /// an answer asked before it, on every gateway of the fleet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub asked_ms: Option<u64>,
 }
 
 impl Entry {
+    /// When it was asked for, in milliseconds: `asked_ms`, or for an entry
+    /// without it the last millisecond of its second (a purge in the same
+    /// second lets it through, as before).
+    pub fn asked_at_ms(&self) -> u64 {
+        self.asked_ms
+            .unwrap_or_else(|| self.created_at.saturating_add(1).saturating_mul(1000) - 1)
+    }
+
     pub fn expired(&self, now: u64) -> bool {
         now >= self.expires_at
     }
@@ -270,6 +283,7 @@ mod tests {
             created_at: 1,
             expires_at: 10,
             version: 1,
+            asked_ms: None,
         }
     }
 

@@ -292,6 +292,7 @@ mod migration_tests {
                     created_at: now,
                     expires_at: now + 3600,
                     version: 1,
+                    asked_ms: None,
                 };
                 db.put_cf(
                     cf(CF_ENTRIES),

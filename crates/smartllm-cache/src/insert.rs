@@ -8,7 +8,7 @@
 use crate::index::Op;
 use crate::metric_names as m;
 use crate::storage::{vec_to_bytes, NEXT_ID};
-use crate::{ids, now_ms, now_secs, CacheError, CacheKey, Entry, SemanticCache};
+use crate::{ids, now_ms, now_secs, CacheError, CacheKey, Entry, SemanticCache, EXACT_STRIPES};
 use metrics::{counter, gauge};
 use rocksdb::WriteBatch;
 use smartllm_config::CachePolicy;
@@ -89,6 +89,7 @@ impl SemanticCache {
             created_at: created,
             expires_at: created + policy.ttl.as_secs(),
             version: policy.version,
+            asked_ms: Some(asked_ms),
         };
         let this = self.clone();
         let stored = tokio::task::spawn_blocking(move || {
@@ -162,6 +163,13 @@ impl SemanticCache {
         let epoch = self.l1_epoch();
         let id = self.index.allocate(self.tagger.tag(&entry.namespace));
         entry.id = id;
+        // One writer per exact key at a time (by stripe): two misses of the
+        // same question stored at once would each replace the entry before
+        // them and leave the other's behind, an orphan only the semantic
+        // search finds (and a refresh that leaves the old answer reachable).
+        let _key = self.exact_stripes[exact[0] as usize % EXACT_STRIPES]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let (previous, sealed) = match self.store_entry(&entry, embedding.as_deref(), exact) {
             Ok(p) => p,
             Err(e) => {

@@ -89,6 +89,9 @@ pub enum CacheError {
 /// The gateway's one clock (entry times, expiry).
 pub use smartllm_protocol::time::{now_ms, now_secs};
 
+/// Stripes of the per-exact-key write lock.
+pub(crate) const EXACT_STRIPES: usize = 64;
+
 pub struct SemanticCache {
     store: Arc<Store>,
     embedder: Arc<Embedder>,
@@ -124,6 +127,8 @@ pub struct SemanticCache {
     /// insert (check, then write): an insert never lands between a purge's
     /// two steps, unseen by both.
     purge_gate: std::sync::RwLock<()>,
+    /// Serialise the writes of one exact key (see `insert::write`).
+    exact_stripes: [std::sync::Mutex<()>; EXACT_STRIPES],
 }
 
 /// Verifier scores kept for repeated pairs.

@@ -75,6 +75,7 @@ impl SemanticCache {
             )),
             purged: Mutex::new(Default::default()),
             purge_gate: Default::default(),
+            exact_stripes: std::array::from_fn(|_| Default::default()),
         });
         cache.migrate_untagged()?;
         if !cache.load_persisted()? {

@@ -835,6 +835,7 @@ mod tests {
                     created_at: now,
                     expires_at: now + 3600,
                     version: 1,
+                    asked_ms: None,
                 };
                 cache
                     .write(entry, Some(vectors[q].clone()), k.exact)
@@ -943,6 +944,7 @@ mod tests {
                 created_at: now,
                 expires_at: now + 3600,
                 version: 1,
+                asked_ms: None,
             };
             let mut exact = [0u8; 32];
             exact[..8].copy_from_slice(&(i as u64).to_be_bytes());
@@ -1027,6 +1029,47 @@ mod tests {
             crate::Applied::Stored
         );
         assert!(is_hit(&here.lookup(&k, &p, 8).await.unwrap()).is_some());
+    }
+
+    /// Misses of one question stored at once leave one entry and one
+    /// vector, not an orphan per writer that only the semantic search finds.
+    #[test]
+    fn one_questions_answers_stored_at_once_leave_one_entry() {
+        let (_dir, cache) = open_cache();
+        let k = key("t", "How do I reset my password?");
+        let now = now_secs();
+        let mut v = vec![0.0f32; smartllm_embed::DIM];
+        v[0] = 1.0;
+        std::thread::scope(|s| {
+            for i in 0..8 {
+                let (cache, k, v) = (cache.clone(), k.clone(), v.clone());
+                s.spawn(move || {
+                    let entry = Entry {
+                        id: 0,
+                        namespace: k.namespace_hex(),
+                        exact: hex::encode(k.exact),
+                        query: k.query.clone(),
+                        response: format!("{i}"),
+                        route: "auto".into(),
+                        model: "m".into(),
+                        created_at: now,
+                        expires_at: now + 3600,
+                        version: 1,
+                        asked_ms: None,
+                    };
+                    cache.write(entry, Some(v), k.exact).unwrap();
+                });
+            }
+        });
+        assert_eq!(cache.stats().index_vectors, 1);
+        let entries = cache
+            .db()
+            .iterator_cf(
+                cache.cf(smartllm_store::CF_ENTRIES),
+                rocksdb::IteratorMode::Start,
+            )
+            .count();
+        assert_eq!(entries, 1);
     }
 
     /// An answer asked for before a purge and finished after it (a long

@@ -143,10 +143,14 @@ impl ModelProfile {
         self.quality[task.index()]
     }
 
+    /// Whether the model has `capability`: listed, or assumed when the
+    /// model lists none, except `structured_outputs` (Anthropic's), which
+    /// only a listing gives.
     pub fn has(&self, capability: &str) -> bool {
-        self.capabilities
-            .as_ref()
-            .is_none_or(|c| c.iter().any(|x| x == capability))
+        match &self.capabilities {
+            Some(c) => c.iter().any(|x| x == capability),
+            None => capability != "structured_outputs",
+        }
     }
 }
 

@@ -844,6 +844,8 @@ pub struct ChatToMessagesStream {
     block: u64,
     open: Open,
     tool_index: crate::openai::ToolCallIndex,
+    /// The content block each tool call (by its OpenAI index) was given.
+    tool_blocks: std::collections::HashMap<u64, u64>,
     /// A tool call was streamed (its stop reason is `tool_use` whatever the
     /// provider's finish reason says).
     called: bool,
@@ -868,6 +870,7 @@ impl ChatToMessagesStream {
             block: 0,
             open: Open::None,
             tool_index: Default::default(),
+            tool_blocks: Default::default(),
             called: false,
             stop: Value::Null,
             usage: None,
@@ -994,6 +997,27 @@ impl ChatToMessagesStream {
                 for c in calls {
                     let idx = self.tool_index.of(c) as u64;
                     self.called = true;
+                    // A provider that interleaves parallel calls: the
+                    // arguments of one whose block is already closed go to
+                    // that block, by its index (SDKs accumulate by index),
+                    // never into a new block without its id and name.
+                    let earlier = self
+                        .tool_blocks
+                        .get(&idx)
+                        .copied()
+                        .filter(|_| self.open != Open::Tool(idx));
+                    if let Some(block) = earlier {
+                        if let Some(a) = c["function"]
+                            .get("arguments")
+                            .and_then(Value::as_str)
+                            .filter(|a| !a.is_empty())
+                        {
+                            self.generated_bytes += a.len();
+                            out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
+                                "index": block, "delta": {"type": "input_json_delta", "partial_json": a}})));
+                        }
+                        continue;
+                    }
                     if self.open != Open::Tool(idx) {
                         self.close(&mut out);
                         let f = &c["function"];
@@ -1005,6 +1029,7 @@ impl ChatToMessagesStream {
                                 "name": f.get("name").cloned().unwrap_or(json!("")), "input": {}}}),
                         ));
                         self.open = Open::Tool(idx);
+                        self.tool_blocks.insert(idx, self.block);
                     }
                     if let Some(a) = c["function"]
                         .get("arguments")
@@ -1394,6 +1419,50 @@ mod tests {
             json!({"type": "api_error", "message": "boom"})
         );
         assert!(s.done);
+    }
+
+    /// A provider interleaving two calls' arguments: each block keeps its
+    /// id and name, and every argument reaches its own call's block.
+    #[test]
+    fn interleaved_tool_call_arguments_go_to_their_own_blocks() {
+        let sse = concat!(
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"a\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"x\\\"\"}}]}}]}\n\n",
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":1,\"id\":\"b\",\"type\":\"function\",\"function\":{\"name\":\"g\",\"arguments\":\"{}\"}}]}}]}\n\n",
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\":1}\"}}]},\"finish_reason\":\"tool_calls\"}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        let starts: Vec<(u64, &Value)> = evs
+            .iter()
+            .filter(|(n, _)| n == "content_block_start")
+            .map(|(_, v)| (v["index"].as_u64().unwrap(), &v["content_block"]))
+            .collect();
+        assert_eq!(starts.len(), 2, "{evs:?}");
+        assert_eq!(
+            (
+                starts[0].0,
+                starts[0].1["id"].as_str(),
+                starts[0].1["name"].as_str()
+            ),
+            (0, Some("a"), Some("f"))
+        );
+        assert_eq!(
+            (
+                starts[1].0,
+                starts[1].1["id"].as_str(),
+                starts[1].1["name"].as_str()
+            ),
+            (1, Some("b"), Some("g"))
+        );
+        let args = |block: u64| -> String {
+            evs.iter()
+                .filter(|(n, v)| n == "content_block_delta" && v["index"] == block)
+                .map(|(_, v)| v["delta"]["partial_json"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(args(0), "{\"x\":1}");
+        assert_eq!(args(1), "{}");
     }
 
     /// Servers that send each tool call whole, with its own id and no

@@ -691,11 +691,12 @@ impl AdminApp {
         };
         let label = format!("{what:?}");
         let published = what.clone();
-        match tokio::task::spawn_blocking(move || cache.purge(&what)).await {
+        let issued = smartllm_cache::now_ms();
+        match tokio::task::spawn_blocking(move || cache.purge_at(&what, issued)).await {
             Ok(Ok(n)) => {
                 tracing::info!(purge = %label, removed = n, "cache purged");
                 if let Some(fleet) = &self.shared.fleet_sync {
-                    fleet.publish(crate::fleet_sync::CacheEvent::Purge(published));
+                    fleet.publish(crate::fleet_sync::CacheEvent::Purge(published, issued));
                 }
                 json_reply(200, &json!({"result": "purged", "removed": n}))
             }

@@ -88,16 +88,15 @@ return 1
 
 /// Writes an entry's snapshot hash unless a purge that covers it was issued
 /// after it was asked for (a backlogged insert must not bring back what a
-/// purge removed): KEYS[1] the hash, KEYS[2] the purge record; ARGV[1] the
-/// entry's time (seconds: one from the purge's own second is let through,
-/// as `SemanticCache::purged_since` does), ARGV[2] its namespace, ARGV[3]
-/// its route, ARGV[4] its model, ARGV[5] its TTL, then the hash's fields
-/// and values. 0: purged.
+/// purge removed): KEYS[1] the hash, KEYS[2] the purge record; ARGV[1] when
+/// the entry was asked for (milliseconds, `Entry::asked_at_ms`), ARGV[2] its
+/// namespace, ARGV[3] its route, ARGV[4] its model, ARGV[5] its TTL, then
+/// the hash's fields and values. 0: purged.
 const SNAPSHOT_UNLESS_PURGED: &str = r#"
 local t = tonumber(ARGV[1])
 for _, f in ipairs({'all', 'namespace:' .. ARGV[2], 'route:' .. ARGV[3], 'route:' .. ARGV[4]}) do
   local p = redis.call('HGET', KEYS[2], f)
-  if p and (t + 1) * 1000 <= tonumber(p) then return 0 end
+  if p and t < tonumber(p) then return 0 end
 end
 redis.call('HSET', KEYS[1], unpack(ARGV, 6))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
@@ -131,7 +130,9 @@ fn purge_of(field: &str) -> Option<Purge> {
 #[derive(Debug)]
 pub enum CacheEvent {
     Insert(Box<Stored>),
-    Purge(Purge),
+    /// A purge, and when it was issued (milliseconds): an outbox that
+    /// sends it late does not move it later.
+    Purge(Purge, u64),
     /// A route's (or model's) cache version went up to `version`: entries of
     /// an older one are gone. `name` `*` is the default policy.
     Version {
@@ -307,7 +308,7 @@ impl FleetSync {
                 let written: i64 = redis::Script::new(SNAPSHOT_UNLESS_PURGED)
                     .key(&key)
                     .key(self.purges_key())
-                    .arg(e.created_at)
+                    .arg(e.asked_at_ms())
                     .arg(&e.namespace)
                     .arg(&e.route)
                     .arg(&e.model)
@@ -340,13 +341,13 @@ impl FleetSync {
                     .arg(&self.model_tag);
                 add.invoke_async::<()>(conn).await
             }
-            CacheEvent::Purge(what) => {
+            CacheEvent::Purge(what, issued) => {
+                let issued = *issued;
                 let (w, a) = match what {
                     Purge::All => ("all", ""),
                     Purge::Namespace(ns) => ("namespace", ns.as_str()),
                     Purge::Route(r) => ("route", r.as_str()),
                 };
-                let issued = smartllm_cache::now_ms();
                 // The record first (a late insert checks it), then the
                 // snapshot, then the stream: a gateway that reads the stream
                 // from before the purge also replays it, and one that starts
@@ -1198,6 +1199,7 @@ mod tests {
                     created_at,
                     expires_at: now + 600,
                     version: 1,
+                    asked_ms: None,
                 }),
             }))
         };
@@ -1215,7 +1217,7 @@ mod tests {
         assert_eq!(exists(conn.clone(), f.entry_key("ns", "before")).await, 1);
         f.publish_one(
             &mut conn,
-            &CacheEvent::Purge(Purge::Route("faq".into())),
+            &CacheEvent::Purge(Purge::Route("faq".into()), smartllm_cache::now_ms()),
             &named,
         )
         .await

@@ -330,6 +330,19 @@ pub fn decide(
             .find(|cap| !m.profile.has(cap))
         {
             Some(format!("capability:{cap}"))
+        } else if f.json_schema
+            && !m.profile.has("structured_outputs")
+            && !m.deployments.is_empty()
+            && m.deployments.iter().all(|d| {
+                config
+                    .providers
+                    .get(&d.provider)
+                    .is_some_and(|p| p.kind == smartllm_config::ProviderKind::Anthropic)
+            })
+        {
+            // Served only through Anthropic, which takes a schema only as
+            // structured outputs.
+            Some("capability:structured_outputs".to_string())
         } else if c
             .latency_budget
             .is_some_and(|b| latency > b.as_secs_f64() * 1e3)
@@ -828,6 +841,79 @@ mod tests {
             d.candidates[1].excluded.as_deref(),
             Some("capability:tools")
         );
+    }
+
+    /// A `json_schema` request does not go to a model served only through
+    /// Anthropic unless it is listed as taking structured outputs.
+    #[test]
+    fn a_schema_goes_only_to_models_that_can_take_it() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("smartllm.yaml"), "server: {}\n").unwrap();
+        std::fs::write(
+            dir.path().join("providers.yaml"),
+            "providers:\n  claude-p:\n    kind: anthropic\n    base_url: http://127.0.0.1:9/v1\n  openai-p:\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n",
+        )
+        .unwrap();
+        let mut cfg = smartllm_config::load_dir(dir.path()).unwrap();
+        let (_, r) = setup();
+        let on = |provider: &str| {
+            vec![smartllm_config::DeploymentConfig {
+                provider: provider.into(),
+                upstream_model: "x".into(),
+                weight: 1,
+            }]
+        };
+        let (mut cheap, mut strong) = (
+            model("cheap", 0.6, 0.1, 0.4),
+            model("strong", 0.95, 5.0, 15.0),
+        );
+        cheap.deployments = on("openai-p");
+        strong.deployments = on("claude-p");
+        cfg.models = vec![cheap, strong];
+        let b = json!({"messages": [{"role": "user", "content": "prove it step by step"}],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}});
+        let f = extract(b.as_object().unwrap(), None, None);
+        let d = decide(
+            &cfg,
+            &r,
+            &f,
+            None,
+            None,
+            &RequestInfo::default(),
+            &StaticState,
+        );
+        assert_eq!(d.candidates[1].model, "strong");
+        assert_eq!(
+            d.candidates[1].excluded.as_deref(),
+            Some("capability:structured_outputs")
+        );
+        assert_eq!(d.candidates[0].excluded, None);
+        cfg.models[1].profile.capabilities = Some(vec!["json".into(), "structured_outputs".into()]);
+        let d = decide(
+            &cfg,
+            &r,
+            &f,
+            None,
+            None,
+            &RequestInfo::default(),
+            &StaticState,
+        );
+        assert_eq!(d.candidates[1].excluded, None);
+        // JSON mode needs no schema support.
+        cfg.models[1].profile.capabilities = None;
+        let b = json!({"messages": [{"role": "user", "content": "prove it step by step"}],
+            "response_format": {"type": "json_object"}});
+        let f = extract(b.as_object().unwrap(), None, None);
+        let d = decide(
+            &cfg,
+            &r,
+            &f,
+            None,
+            None,
+            &RequestInfo::default(),
+            &StaticState,
+        );
+        assert_eq!(d.candidates[1].excluded, None);
     }
 
     /// When nothing meets the route's constraints, only the budgets are

@@ -30,6 +30,9 @@ pub struct Features {
     pub expected_output_tokens: u64,
     /// Capabilities the request needs (tools, vision, json).
     pub needs: Vec<&'static str>,
+    /// `response_format` is `json_schema`: a model served only through
+    /// Anthropic must take structured outputs (`structured_outputs`).
+    pub json_schema: bool,
     /// Turns in the conversation.
     pub turns: usize,
 }
@@ -533,6 +536,11 @@ pub fn extract_with(
     if has_images {
         needs.push("vision");
     }
+    let json_schema = body
+        .get("response_format")
+        .and_then(|r| r.get("type"))
+        .and_then(Value::as_str)
+        == Some("json_schema");
     if body
         .get("response_format")
         .and_then(|r| r.get("type"))
@@ -559,6 +567,7 @@ pub fn extract_with(
         max_tokens,
         expected_output_tokens: max_tokens.map_or(typical, |m| m.min(typical.max(m / 2))),
         needs,
+        json_schema,
         turns,
     }
 }

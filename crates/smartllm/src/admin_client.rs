@@ -102,10 +102,11 @@ pub fn admin_call(target: &AdminTarget, method: &str, path: &str) -> anyhow::Res
 const SERVICE_ENV_FILE: &str = "/etc/default/smartllm";
 
 /// `var`'s value in an environment file of `VAR=value` lines (quotes and an
-/// `export ` prefix allowed, comments skipped), as systemd reads it.
+/// `export ` prefix allowed, comments skipped), as systemd reads it: the
+/// last assignment wins.
 fn env_file_value(path: &Path, var: &str) -> Option<String> {
     let text = std::fs::read_to_string(path).ok()?;
-    text.lines().find_map(|l| {
+    text.lines().rev().find_map(|l| {
         let l = l.trim();
         let l = l.strip_prefix("export ").unwrap_or(l);
         let (k, v) = l.split_once('=')?;
@@ -131,7 +132,7 @@ mod env_file_tests {
         let path = std::env::temp_dir().join(format!("smartllm-env-{}", std::process::id()));
         std::fs::write(
             &path,
-            "# SMARTLLM_ADMIN_TOKEN=commented\nOPENAI_API_KEY=sk-x\nSMARTLLM_ADMIN_TOKEN=\"tok en\"\nexport OTHER='q'\nEMPTY=\n",
+            "# SMARTLLM_ADMIN_TOKEN=commented\nSMARTLLM_ADMIN_TOKEN=old\nOPENAI_API_KEY=sk-x\nSMARTLLM_ADMIN_TOKEN=\"tok en\"\nexport OTHER='q'\nEMPTY=\n",
         )
         .unwrap();
         assert_eq!(

@@ -10,32 +10,58 @@
 use anyhow::Context;
 use std::path::Path;
 
-/// Replace `path` with `text` as described above.
+/// Replace `path` with `text` as described above. The temporary file is
+/// made 0600 (a key list is never readable by others, even for a moment),
+/// synced before the rename and the directory after it (a power cut leaves
+/// the old file or the new one), and removed on any failure.
 pub fn replace(path: &Path, text: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
         .context("a config file needs a name")?;
     let tmp = dir.join(format!(".{name}.{}.new", std::process::id()));
-    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    struct Cleanup<'a>(&'a Path, bool);
+    impl Drop for Cleanup<'_> {
+        fn drop(&mut self) {
+            if !self.1 {
+                let _ = std::fs::remove_file(self.0);
+            }
+        }
+    }
+    let _ = std::fs::remove_file(&tmp);
+    let mut cleanup = Cleanup(&tmp, false);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(text.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    drop(f);
     let like = std::fs::metadata(path)
         .or_else(|_| std::fs::metadata(dir.join(smartllm_config::MAIN_FILE)));
     if let Ok(meta) = like {
         use std::os::unix::fs::MetadataExt;
-        let kept = std::fs::set_permissions(&tmp, meta.permissions())
-            .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())));
-        if let Err(e) = kept {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e).with_context(|| {
+        std::fs::set_permissions(&tmp, meta.permissions())
+            .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())))
+            .with_context(|| {
                 format!(
                     "giving {} the owner and mode of the config it replaces",
                     path.display()
                 )
-            });
-        }
+            })?;
     }
-    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))
+    std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
+    cleanup.1 = true;
+    if let Ok(d) = std::fs::File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
 }
 
 /// An exclusive lock on `dir`'s CLI edits (a hidden `.smartllm.lock`), held

@@ -251,12 +251,13 @@ fn clamp_limits(body: Bytes, most: u64) -> Bytes {
             out = b.into();
         }
     }
-    // Anthropic's thinking budget must stay under the limit.
+    // Anthropic's thinking budget must stay under the limit (and at or
+    // above its minimum, 1,024: below that the request goes as it was).
     if let Some(mut thinking) = top_level(&out, "thinking") {
         let budget = thinking
             .get("budget_tokens")
             .and_then(serde_json::Value::as_u64);
-        if budget.is_some_and(|b| b >= most) {
+        if budget.is_some_and(|b| b >= most) && most > 1024 {
             thinking["budget_tokens"] = serde_json::Value::from(most.saturating_sub(1));
             if let Some(b) = set_top_level(&out, "thinking", &thinking) {
                 out = b.into();
