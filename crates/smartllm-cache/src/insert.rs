@@ -139,22 +139,49 @@ impl SemanticCache {
                 .into());
             }
         }
-        let local = self
-            .db()
-            .get_cf(self.cf(CF_EXACT), exact)?
-            .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
-            .and_then(|id| self.db().get_cf(self.cf(CF_ENTRIES), id).ok().flatten())
-            .and_then(|b| self.codec.decode(&b).ok());
-        if local.is_some_and(|l| l.created_at >= entry.created_at) {
-            return Ok(Applied::Duplicate);
+        {
+            // The newer-answer check and the write under the key's lock: a
+            // newer local answer cannot land between them and be replaced.
+            let _key = self.exact_lock(&exact);
+            let local = self
+                .db()
+                .get_cf(self.cf(CF_EXACT), exact)?
+                .and_then(|b| <[u8; 8]>::try_from(&b[..]).ok())
+                .and_then(|id| self.db().get_cf(self.cf(CF_ENTRIES), id).ok().flatten())
+                .and_then(|b| self.codec.decode(&b).ok());
+            if local.is_some_and(|l| l.created_at >= entry.created_at) {
+                return Ok(Applied::Duplicate);
+            }
+            self.write_locked(entry, embedding, exact)?;
         }
-        self.write(entry, embedding, exact)?;
         self.maybe_upgrade();
         Ok(Applied::Stored)
     }
 
+    /// One writer per exact key at a time (by stripe): two misses of the
+    /// same question stored at once would each replace the entry before
+    /// them and leave the other's behind, an orphan only the semantic search
+    /// finds (and a refresh that leaves the old answer reachable). A
+    /// removal takes the stripes of what it removes too.
+    fn exact_lock(&self, exact: &[u8; 32]) -> std::sync::MutexGuard<'_, ()> {
+        self.exact_stripes[exact[0] as usize % EXACT_STRIPES]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Store the entry (blocking): it gets its id here.
     pub(crate) fn write(
+        &self,
+        entry: Entry,
+        embedding: Option<Vec<f32>>,
+        exact: [u8; 32],
+    ) -> Result<Stored, CacheError> {
+        let _key = self.exact_lock(&exact);
+        self.write_locked(entry, embedding, exact)
+    }
+
+    /// [`SemanticCache::write`] with the key's lock held.
+    fn write_locked(
         &self,
         mut entry: Entry,
         embedding: Option<Vec<f32>>,
@@ -163,13 +190,6 @@ impl SemanticCache {
         let epoch = self.l1_epoch();
         let id = self.index.allocate(self.tagger.tag(&entry.namespace));
         entry.id = id;
-        // One writer per exact key at a time (by stripe): two misses of the
-        // same question stored at once would each replace the entry before
-        // them and leave the other's behind, an orphan only the semantic
-        // search finds (and a refresh that leaves the old answer reachable).
-        let _key = self.exact_stripes[exact[0] as usize % EXACT_STRIPES]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
         let (previous, sealed) = match self.store_entry(&entry, embedding.as_deref(), exact) {
             Ok(p) => p,
             Err(e) => {

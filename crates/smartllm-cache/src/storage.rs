@@ -114,12 +114,36 @@ impl SemanticCache {
             return Ok(());
         }
         for chunk in ids.chunks(REMOVE_BATCH) {
+            // The chunk's exact keys' write locks (ascending: one writer
+            // holds one stripe, so no cycle): a refresh cannot replace an
+            // entry between the check below and the batch, which would
+            // delete the new entry's exact key and leave it an orphan.
+            let decoded: Vec<Option<Vec<u8>>> = chunk
+                .iter()
+                .map(|(_, exact)| exact.as_ref().and_then(|h| hex::decode(h).ok()))
+                .collect();
+            let mut stripes: Vec<usize> = decoded
+                .iter()
+                .flatten()
+                .filter_map(|ex| ex.first())
+                .map(|b| *b as usize % crate::EXACT_STRIPES)
+                .collect();
+            stripes.sort_unstable();
+            stripes.dedup();
+            let _held: Vec<_> = stripes
+                .iter()
+                .map(|i| {
+                    self.exact_stripes[*i]
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                })
+                .collect();
             let mut batch = WriteBatch::default();
             let mut l1_keys = Vec::with_capacity(chunk.len());
-            for (id, exact) in chunk {
+            for ((id, _), ex) in chunk.iter().zip(decoded) {
                 batch.delete_cf(self.cf(CF_ENTRIES), id.to_be_bytes());
                 batch.delete_cf(self.cf(CF_VECTORS), id.to_be_bytes());
-                if let Some(ex) = exact.as_ref().and_then(|h| hex::decode(h).ok()) {
+                if let Some(ex) = ex {
                     // Only if it still points at this entry.
                     if self.db().get_cf(self.cf(CF_EXACT), &ex)?.as_deref()
                         == Some(&id.to_be_bytes()[..])

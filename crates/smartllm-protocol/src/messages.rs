@@ -830,6 +830,15 @@ enum Open {
     Tool(u64),
 }
 
+/// A tool call held until the answer ends (see `ChatToMessagesStream`).
+#[derive(Debug, Default)]
+struct HeldCall {
+    index: u64,
+    id: String,
+    name: String,
+    arguments: String,
+}
+
 /// OpenAI `chat.completion.chunk` SSE in, Anthropic Messages events out:
 /// `message_start`, `ping`, `content_block_start` / `_delta` / `_stop` for
 /// text and each tool call, `message_delta` (stop reason and usage, input
@@ -844,8 +853,10 @@ pub struct ChatToMessagesStream {
     block: u64,
     open: Open,
     tool_index: crate::openai::ToolCallIndex,
-    /// The content block each tool call (by its OpenAI index) was given.
-    tool_blocks: std::collections::HashMap<u64, u64>,
+    /// The tool call streamed live (its OpenAI index) and its block.
+    live_tool: Option<(u64, u64)>,
+    /// The other tool calls, held whole until the answer ends.
+    held: Vec<HeldCall>,
     /// A tool call was streamed (its stop reason is `tool_use` whatever the
     /// provider's finish reason says).
     called: bool,
@@ -870,7 +881,8 @@ impl ChatToMessagesStream {
             block: 0,
             open: Open::None,
             tool_index: Default::default(),
-            tool_blocks: Default::default(),
+            live_tool: None,
+            held: Vec::new(),
             called: false,
             stop: Value::Null,
             usage: None,
@@ -915,9 +927,30 @@ impl ChatToMessagesStream {
         }
     }
 
+    /// Close the open block, then send each held tool call whole.
+    fn flush_held(&mut self, out: &mut Vec<u8>) {
+        self.close(out);
+        for h in std::mem::take(&mut self.held) {
+            out.extend(event(
+                "content_block_start",
+                &json!({"type": "content_block_start", "index": self.block,
+                    "content_block": {"type": "tool_use", "id": h.id, "name": h.name, "input": {}}}),
+            ));
+            if !h.arguments.is_empty() {
+                out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
+                    "index": self.block, "delta": {"type": "input_json_delta", "partial_json": h.arguments}})));
+            }
+            out.extend(event(
+                "content_block_stop",
+                &json!({"type": "content_block_stop", "index": self.block}),
+            ));
+            self.block += 1;
+        }
+    }
+
     fn finish(&mut self, out: &mut Vec<u8>) {
         self.start(None, out);
-        self.close(out);
+        self.flush_held(out);
         let stop = if self.stop.is_null() {
             json!("end_turn")
         } else {
@@ -997,53 +1030,73 @@ impl ChatToMessagesStream {
                 for c in calls {
                     let idx = self.tool_index.of(c) as u64;
                     self.called = true;
-                    // A provider that interleaves parallel calls: the
-                    // arguments of one whose block is already closed go to
-                    // that block, by its index (SDKs accumulate by index),
-                    // never into a new block without its id and name.
-                    let earlier = self
-                        .tool_blocks
-                        .get(&idx)
-                        .copied()
-                        .filter(|_| self.open != Open::Tool(idx));
-                    if let Some(block) = earlier {
-                        if let Some(a) = c["function"]
-                            .get("arguments")
-                            .and_then(Value::as_str)
-                            .filter(|a| !a.is_empty())
-                        {
-                            self.generated_bytes += a.len();
-                            out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
-                                "index": block, "delta": {"type": "input_json_delta", "partial_json": a}})));
-                        }
-                        continue;
-                    }
-                    if self.open != Open::Tool(idx) {
-                        self.close(&mut out);
-                        let f = &c["function"];
-                        out.extend(event(
-                            "content_block_start",
-                            &json!({"type": "content_block_start",
-                            "index": self.block, "content_block": {"type": "tool_use",
-                                "id": c.get("id").cloned().unwrap_or(json!("")),
-                                "name": f.get("name").cloned().unwrap_or(json!("")), "input": {}}}),
-                        ));
-                        self.open = Open::Tool(idx);
-                        self.tool_blocks.insert(idx, self.block);
-                    }
-                    if let Some(a) = c["function"]
+                    let args = c["function"]
                         .get("arguments")
                         .and_then(Value::as_str)
-                        .filter(|a| !a.is_empty())
-                    {
-                        self.generated_bytes += a.len();
-                        out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
-                            "index": self.block, "delta": {"type": "input_json_delta", "partial_json": a}})));
+                        .unwrap_or("");
+                    self.generated_bytes += args.len();
+                    match self.live_tool {
+                        // The first call streams as it comes (a file an
+                        // agent writes shows as it is written).
+                        None => {
+                            self.close(&mut out);
+                            let f = &c["function"];
+                            out.extend(event(
+                                "content_block_start",
+                                &json!({"type": "content_block_start",
+                                "index": self.block, "content_block": {"type": "tool_use",
+                                    "id": c.get("id").cloned().unwrap_or(json!("")),
+                                    "name": f.get("name").cloned().unwrap_or(json!("")), "input": {}}}),
+                            ));
+                            self.open = Open::Tool(idx);
+                            self.live_tool = Some((idx, self.block));
+                            if !args.is_empty() {
+                                out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
+                                    "index": self.block, "delta": {"type": "input_json_delta", "partial_json": args}})));
+                            }
+                        }
+                        Some((live, block)) if live == idx => {
+                            if !args.is_empty() {
+                                out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
+                                    "index": block, "delta": {"type": "input_json_delta", "partial_json": args}})));
+                            }
+                        }
+                        // Every other call is held whole until the answer
+                        // ends: a provider may interleave the calls'
+                        // arguments, and a block, once stopped, is done.
+                        Some(_) => {
+                            let at = match self.held.iter().position(|h| h.index == idx) {
+                                Some(at) => at,
+                                None => {
+                                    self.held.push(HeldCall {
+                                        index: idx,
+                                        ..HeldCall::default()
+                                    });
+                                    self.held.len() - 1
+                                }
+                            };
+                            let h = &mut self.held[at];
+                            if let Some(id) = c
+                                .get("id")
+                                .and_then(Value::as_str)
+                                .filter(|s| !s.is_empty())
+                            {
+                                h.id = id.to_string();
+                            }
+                            if let Some(n) = c["function"]
+                                .get("name")
+                                .and_then(Value::as_str)
+                                .filter(|s| !s.is_empty())
+                            {
+                                h.name = n.to_string();
+                            }
+                            h.arguments.push_str(args);
+                        }
                     }
                 }
             }
             if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
-                self.close(&mut out);
+                self.flush_held(&mut out);
                 // Some servers finish a tool call with "stop": an agent loop
                 // waits for `tool_use`.
                 self.stop = if self.called && f == "stop" {
@@ -1422,7 +1475,9 @@ mod tests {
     }
 
     /// A provider interleaving two calls' arguments: each block keeps its
-    /// id and name, and every argument reaches its own call's block.
+    /// id and name, every argument reaches its own call's block, and no
+    /// block gets a delta after its stop (the first call streams; the
+    /// others are sent whole when the answer ends).
     #[test]
     fn interleaved_tool_call_arguments_go_to_their_own_blocks() {
         let sse = concat!(
@@ -1463,6 +1518,24 @@ mod tests {
         };
         assert_eq!(args(0), "{\"x\":1}");
         assert_eq!(args(1), "{}");
+        // Each block's events come between its start and its stop, blocks
+        // one after another.
+        let mut open: Option<u64> = None;
+        for (name, v) in &evs {
+            let i = v["index"].as_u64();
+            match name.as_str() {
+                "content_block_start" => {
+                    assert_eq!(open, None, "{evs:?}");
+                    open = i;
+                }
+                "content_block_delta" => assert_eq!(open, i, "{evs:?}"),
+                "content_block_stop" => {
+                    assert_eq!(open, i, "{evs:?}");
+                    open = None;
+                }
+                _ => {}
+            }
+        }
     }
 
     /// Servers that send each tool call whole, with its own id and no

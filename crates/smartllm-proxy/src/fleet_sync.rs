@@ -584,7 +584,9 @@ impl FleetSync {
                 // seconds, or no time: now).
                 let issued = text("tm")
                     .parse::<u64>()
-                    .or_else(|_| text("t").parse::<u64>().map(|s| s * 1000))
+                    // Seconds from an older gateway: the end of that
+                    // second (covering what was asked in it before).
+                    .or_else(|_| text("t").parse::<u64>().map(|s| s * 1000 + 999))
                     .unwrap_or_else(|_| smartllm_cache::now_ms());
                 let c = cache.clone();
                 match tokio::task::spawn_blocking(move || c.purge_from_fleet(&what, issued)).await {
