@@ -157,6 +157,8 @@ impl SemanticCache {
     /// Empty the cache to load the fleet's snapshot in its place (which
     /// reflects every purge): nothing is remembered against its entries.
     pub fn clear_for_snapshot(&self) -> Result<u64, CacheError> {
+        // No insert lands between the removal's reads and its batch.
+        let _gate = self.purge_gate.write().unwrap_or_else(|p| p.into_inner());
         self.remove(&Purge::All)
     }
 

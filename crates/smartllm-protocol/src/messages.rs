@@ -1095,7 +1095,12 @@ impl ChatToMessagesStream {
                     }
                 }
             }
-            if let Some(f) = choice.get("finish_reason").and_then(Value::as_str) {
+            // Some servers send an empty finish reason on every chunk.
+            if let Some(f) = choice
+                .get("finish_reason")
+                .and_then(Value::as_str)
+                .filter(|f| !f.is_empty())
+            {
                 self.flush_held(&mut out);
                 // Some servers finish a tool call with "stop": an agent loop
                 // waits for `tool_use`.
@@ -1472,6 +1477,35 @@ mod tests {
             json!({"type": "api_error", "message": "boom"})
         );
         assert!(s.done);
+    }
+
+    /// An empty finish reason on every chunk is no finish: the call's
+    /// arguments stay in its one block.
+    #[test]
+    fn an_empty_finish_reason_ends_nothing() {
+        let sse = concat!(
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"finish_reason\":\"\",\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"a\",\"type\":\"function\",\"function\":{\"name\":\"f\",\"arguments\":\"{\\\"x\\\"\"}}]}}]}\n\n",
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"finish_reason\":\"\",\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\":1}\"}}]}}]}\n\n",
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"finish_reason\":\"tool_calls\",\"delta\":{}}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        let names: Vec<&str> = evs.iter().map(|(n, _)| n.as_str()).collect();
+        assert_eq!(
+            names.iter().filter(|n| **n == "content_block_stop").count(),
+            1,
+            "{names:?}"
+        );
+        let stop = names
+            .iter()
+            .position(|n| *n == "content_block_stop")
+            .unwrap();
+        let last_delta = names
+            .iter()
+            .rposition(|n| *n == "content_block_delta")
+            .unwrap();
+        assert!(last_delta < stop, "{names:?}");
     }
 
     /// A provider interleaving two calls' arguments: each block keeps its

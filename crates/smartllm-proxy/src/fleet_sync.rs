@@ -586,7 +586,11 @@ impl FleetSync {
                     .parse::<u64>()
                     // Seconds from an older gateway: the end of that
                     // second (covering what was asked in it before).
-                    .or_else(|_| text("t").parse::<u64>().map(|s| s * 1000 + 999))
+                    .or_else(|_| {
+                        text("t")
+                            .parse::<u64>()
+                            .map(|s| s.saturating_mul(1000).saturating_add(999))
+                    })
                     .unwrap_or_else(|_| smartllm_cache::now_ms());
                 let c = cache.clone();
                 match tokio::task::spawn_blocking(move || c.purge_from_fleet(&what, issued)).await {

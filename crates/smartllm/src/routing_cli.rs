@@ -210,7 +210,9 @@ pub fn train(config: &Path, data: &Path, out: &Path, lambda: f64) -> anyhow::Res
         .unwrap_or_default();
     let router = LearnedRouter::train(&samples, lambda, &format!("all-MiniLM-L6-v2 ({name})"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
-    std::fs::write(out, router.to_json()).with_context(|| format!("writing {}", out.display()))?;
+    // Renamed into place: a gateway watching the directory never loads
+    // half a model.
+    crate::config_write::replace(out, &router.to_json())?;
     println!(
         "trained on {} prompts ({} labels); wrote {}",
         rows.len(),

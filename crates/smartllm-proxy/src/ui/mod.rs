@@ -4,8 +4,11 @@
 //!
 //! With an admin token, a browser cannot send `Authorization`, so `/ui` takes
 //! the token once — from a login form (`POST /ui/login`) or `/ui?token=...` —
-//! and answers with an HttpOnly, SameSite=Strict session cookie holding a hash
-//! of the token (never the token itself; a new token ends every session). The
+//! and answers with an HttpOnly, SameSite=Strict session cookie holding when
+//! it was issued and a hash of that time with the token (never the token
+//! itself). The server ends a session after `SESSION_SECS` whatever the
+//! browser keeps (a copied cookie stops working too), and a new token ends
+//! every session. The
 //! cookie admits only `GET` requests to `/admin/*`: everything that changes
 //! state still needs the bearer token, so a cookie cannot be used for a
 //! cross-site write. The page's script never sees the token or the cookie.
@@ -23,25 +26,53 @@ pub const COOKIE: &str = "smartllm_admin";
 /// How long a session lasts (seconds).
 const SESSION_SECS: u64 = 12 * 3600;
 
-/// What the cookie holds for `token`: a hash, so the cookie never carries
-/// the token itself.
-pub fn session_value(token: &str) -> String {
+/// Seconds since the Unix epoch.
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// What the cookie holds for `token`, issued at `issued` (Unix seconds):
+/// `ISSUED.HASH`, so the cookie never carries the token itself and its time
+/// cannot be changed without the token.
+pub fn session_value(token: &str, issued: u64) -> String {
     let mut h = Sha256::new();
     h.update(b"smartllm-ui-session\0");
+    h.update(issued.to_string().as_bytes());
+    h.update(b"\0");
     h.update(token.as_bytes());
-    hex::encode(h.finalize())
+    format!("{issued}.{}", hex::encode(h.finalize()))
 }
 
 /// Does the request carry a valid session cookie for `token`?
 pub fn cookie_ok(headers: &http::HeaderMap, token: &str) -> bool {
-    let want = session_value(token);
+    cookie_ok_at(headers, token, now_secs())
+}
+
+/// `cookie_ok` at `now` (Unix seconds): the hash matches and the session
+/// was issued at most `SESSION_SECS` ago (and not in the future, beyond a
+/// minute of clock step).
+fn cookie_ok_at(headers: &http::HeaderMap, token: &str, now: u64) -> bool {
     headers
         .get_all(http::header::COOKIE)
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(';'))
         .filter_map(|c| c.trim().split_once('='))
-        .any(|(k, v)| k == COOKIE && crate::admin::constant_time_eq(v.as_bytes(), want.as_bytes()))
+        .filter(|(k, _)| *k == COOKIE)
+        .any(|(_, v)| {
+            let Some(issued) = v.split_once('.').and_then(|(t, _)| t.parse::<u64>().ok()) else {
+                return false;
+            };
+            issued <= now.saturating_add(60)
+                && now.saturating_sub(issued) <= SESSION_SECS
+                && crate::admin::constant_time_eq(
+                    v.as_bytes(),
+                    session_value(token, issued).as_bytes(),
+                )
+        })
 }
 
 fn send(status: u16, content_type: &str, body: impl Into<Vec<u8>>) -> Response<Vec<u8>> {
@@ -124,7 +155,11 @@ pub fn serve(
             // `/ui?token=...`: swap the token for a cookie and drop it from the URL.
             if let Some(given) = smartllm_protocol::admin_query::form_value(query, "token") {
                 return if crate::admin::constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                    redirect(Some(cookie(&session_value(token), SESSION_SECS, secure)))
+                    redirect(Some(cookie(
+                        &session_value(token, now_secs()),
+                        SESSION_SECS,
+                        secure,
+                    )))
                 } else {
                     login_page(true)
                 };
@@ -143,7 +178,11 @@ pub fn serve(
                 smartllm_protocol::admin_query::form_value(&String::from_utf8_lossy(body), "token")
                     .unwrap_or_default();
             if crate::admin::constant_time_eq(given.as_bytes(), token.as_bytes()) {
-                redirect(Some(cookie(&session_value(token), SESSION_SECS, secure)))
+                redirect(Some(cookie(
+                    &session_value(token, now_secs()),
+                    SESSION_SECS,
+                    secure,
+                )))
             } else {
                 login_page(true)
             }
@@ -188,15 +227,21 @@ mod tests {
         );
         assert_eq!(r.status(), 303);
         let c = header(&r, "set-cookie");
-        assert!(c.starts_with(&format!("{COOKIE}={}", session_value("s=cr t"))));
+        let value = c
+            .split(';')
+            .next()
+            .and_then(|c| c.strip_prefix(&format!("{COOKIE}=")))
+            .unwrap()
+            .to_string();
+        let issued: u64 = value.split_once('.').unwrap().0.parse().unwrap();
+        assert!(now_secs().abs_diff(issued) < 5);
+        assert_eq!(value, session_value("s=cr t", issued));
         assert!(c.contains("HttpOnly") && c.contains("SameSite=Strict") && c.contains("Secure"));
         assert!(!c.contains("s=cr t"));
         let mut h = http::HeaderMap::new();
         h.insert(
             http::header::COOKIE,
-            format!("a=b; {COOKIE}={}", session_value("s=cr t"))
-                .parse()
-                .unwrap(),
+            format!("a=b; {COOKIE}={value}").parse().unwrap(),
         );
         assert!(cookie_ok(&h, "s=cr t"));
         assert!(!cookie_ok(&h, "another"));
@@ -209,7 +254,41 @@ mod tests {
         assert!(String::from_utf8_lossy(r.body()).contains("<form"));
         let r = serve("POST", "/ui/login", "", b"token=t", false, Some("t"), false);
         assert_eq!(r.status(), 303);
-        assert!(header(&r, "set-cookie").contains(&session_value("t")));
+        assert!(header(&r, "set-cookie").contains(&format!("{COOKIE}=")));
+    }
+
+    /// The server ends a session after `SESSION_SECS`, whatever the browser
+    /// keeps, and a session's time cannot be moved without the token.
+    #[test]
+    fn sessions_end_on_the_server() {
+        let with = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert(
+                http::header::COOKIE,
+                format!("{COOKIE}={v}").parse().unwrap(),
+            );
+            h
+        };
+        let issued = 1_800_000_000;
+        let h = with(&session_value("t", issued));
+        assert!(cookie_ok_at(&h, "t", issued));
+        assert!(cookie_ok_at(&h, "t", issued + SESSION_SECS));
+        assert!(!cookie_ok_at(&h, "t", issued + SESSION_SECS + 1));
+        // Issued in the future (a forged or far-skewed clock): refused.
+        assert!(!cookie_ok_at(&h, "t", issued - 3600));
+        // Another time with the old hash, or no time at all: refused.
+        let hash = session_value("t", issued)
+            .split_once('.')
+            .unwrap()
+            .1
+            .to_string();
+        assert!(!cookie_ok_at(
+            &with(&format!("{}.{hash}", issued + 3600)),
+            "t",
+            issued + SESSION_SECS + 10
+        ));
+        assert!(!cookie_ok_at(&with(&hash), "t", issued));
+        assert!(!cookie_ok_at(&with(""), "t", issued));
     }
 
     #[test]
