@@ -864,6 +864,11 @@ impl ServeHttp for AdminApp {
         }
         match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => {
+                // Budgets' shares as of now: a new day reads 0, and a
+                // gateway that no longer sees a tenant shows the fleet's.
+                self.shared
+                    .quotas
+                    .export_budget_gauges(&rt.config.keys.budgets);
                 // jemalloc serves Rust and the native libraries (ONNX Runtime,
                 // FAISS, RocksDB) alike; RSS beyond `resident` is code and stacks.
                 if tikv_jemalloc_ctl::epoch::advance().is_ok() {

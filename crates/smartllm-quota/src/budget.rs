@@ -366,6 +366,28 @@ impl Budgets {
         }
     }
 
+    /// Mark as fired, without sending, every alert threshold that spend
+    /// already meets (spend read back after a restart).
+    fn mark_reached(&self, budgets: &[Budget], now: u64) {
+        let (day, month, _, _) = periods(now);
+        let mut reached = Vec::new();
+        for b in budgets {
+            for (p, limit) in [(&day, b.daily_usd), (&month, b.monthly_usd)] {
+                let Some(limit) = limit.filter(|l| *l > 0.0) else {
+                    continue;
+                };
+                let pct = self.spent(&b.id(), p) / limit * 100.0;
+                for &t in b.alert_at.iter().filter(|t| pct >= **t) {
+                    reached.push(format!("{}|{p}|{t}", b.id()));
+                }
+            }
+        }
+        self.fired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(reached);
+    }
+
     /// This month's and today's spend of the budget ids `ids`, from the ledger.
     fn load(ledger: &Ledger, ids: &HashSet<String>) -> HashMap<String, f64> {
         let mut out: HashMap<String, f64> = HashMap::new();
@@ -773,6 +795,7 @@ impl Budgets {
                             spent,
                             limit,
                             key,
+                            refusing: false,
                         });
                     }
                 }
@@ -790,13 +813,18 @@ struct Crossing {
     spent: f64,
     limit: f64,
     key: String,
+    /// Sent because requests are refused (or degraded) for want of room,
+    /// though spend has not quite reached the threshold.
+    refusing: bool,
 }
 
 impl Quotas {
     /// Load this month's spend from the ledger (at start, after
-    /// [`Quotas::track_budgets`]).
-    pub fn warm(&self, ledger: &Ledger) {
+    /// [`Quotas::track_budgets`]). Thresholds of `budgets` that spend
+    /// already meets were alerted on before the restart: not sent again.
+    pub fn warm(&self, ledger: &Ledger, budgets: &[Budget]) {
         self.budgets.warm(ledger);
+        self.budgets.mark_reached(budgets, now_secs());
     }
 
     /// The budgets of the running config (at start and on every reload; may
@@ -821,6 +849,22 @@ impl Quotas {
     /// Every budget's spend and burn rate this day and month (see [`Budgets::status`]).
     pub fn budget_status(&self, budgets: &[Budget]) -> Vec<serde_json::Value> {
         self.budgets.status(budgets)
+    }
+
+    /// Set `smartllm_budget_used_ratio` of every budget and period from
+    /// the spend known now (at each scrape of `/metrics`).
+    pub fn export_budget_gauges(&self, budgets: &[Budget]) {
+        let (day, month, _, _) = periods(now_secs());
+        for b in budgets {
+            for (period, p, limit) in [
+                ("daily", &day, b.daily_usd),
+                ("monthly", &month, b.monthly_usd),
+            ] {
+                if let Some(limit) = limit.filter(|l| *l > 0.0) {
+                    metrics::budget_used(&b.id(), period, self.budgets.spent(&b.id(), p) / limit);
+                }
+            }
+        }
     }
 
     /// The budgets' pressure on this scope (see [`Budgets::pressure`]).
@@ -903,6 +947,7 @@ impl Quotas {
             }
             Err(exceeded) => *exceeded,
         };
+        self.alert_exhausted(config, budget, &ex);
         match &budget.on_exceed {
             OnExceed::Degrade(target) => match config.resolve_model(target) {
                 Some((m, _)) if m.name != model => {
@@ -1013,6 +1058,55 @@ impl Quotas {
         });
     }
 
+    /// A request refused (or degraded) by `budget` for want of room, not
+    /// for what requests in flight hold: the budget is spent as far as
+    /// requests go ($49.98 of $50 refuses every request that could cost
+    /// more than 2 cents), so its thresholds up to 100% not yet alerted on
+    /// are sent now, once (one gateway of a fleet), marked `refusing`.
+    fn alert_exhausted(self: &Arc<Self>, config: &Config, budget: &Budget, ex: &Exceeded) {
+        if ex.in_flight {
+            return;
+        }
+        let (day, month, _, _) = periods(now_secs());
+        let p = if ex.period == "daily" { day } else { month };
+        let out: Vec<Crossing> = {
+            let mut fired = self.budgets.fired.lock().unwrap_or_else(|p| p.into_inner());
+            budget
+                .alert_at
+                .iter()
+                .filter(|t| **t <= 100.0)
+                .filter_map(|&t| {
+                    let key = format!("{}|{p}|{t}", budget.id());
+                    fired.insert(key.clone()).then(|| Crossing {
+                        budget: budget.clone(),
+                        period: ex.period,
+                        threshold: t,
+                        spent: ex.spent,
+                        limit: ex.limit,
+                        key,
+                        refusing: true,
+                    })
+                })
+                .collect()
+        };
+        if out.is_empty() {
+            return;
+        }
+        match self.fleet(&config.fleet) {
+            None => out.into_iter().for_each(|c| self.fire(c)),
+            Some(f) => {
+                let quotas = self.clone();
+                self.tasks.spawn(async move {
+                    for c in out {
+                        if f.claim(&c.key, MONTH_TTL).await.unwrap_or(true) {
+                            quotas.fire(c);
+                        }
+                    }
+                });
+            }
+        }
+    }
+
     /// Log and count an alert, and queue its webhook for delivery.
     fn fire(&self, c: Crossing) {
         let b = &c.budget;
@@ -1022,7 +1116,7 @@ impl Quotas {
             let body = json!({
                 "type": "budget_alert", "budget": b.id(), "scope": b.scope.as_str(), "name": b.name,
                 "period": c.period, "threshold_pct": c.threshold, "spent_usd": c.spent, "limit_usd": c.limit,
-                "at": now_secs(),
+                "refusing": c.refusing, "at": now_secs(),
             });
             let alert = Alert {
                 webhook: url,

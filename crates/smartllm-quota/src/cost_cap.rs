@@ -41,6 +41,27 @@ pub async fn plan(
     let Some((cap, budget)) = request_cap(&config.keys.budgets, scope) else {
         return CostCap::Uncapped;
     };
+    // The client's own body (a Messages request's server tools have no
+    // place in the canonical one), read only when a tool's name is in it.
+    let native = || {
+        let r = raw?;
+        let named = SERVER_TOOLS
+            .iter()
+            .any(|s| r.windows(s.len()).any(|w| w == s.as_bytes()));
+        named
+            .then(|| serde_json::from_slice::<Map<String, Value>>(r).ok())
+            .flatten()
+            .and_then(|b| server_tool(&b))
+    };
+    if let Some(tool) = server_tool(body).or_else(native) {
+        metrics::cost_cap(&budget.id(), "reject");
+        return CostCap::Reject(Refusal::CostCapUnbounded {
+            tool,
+            cap,
+            scope: budget.scope.as_str(),
+            name: budget.name.clone(),
+        });
+    }
     let bound = prompt_with_images_bound(config, chain, body, request_bytes).await;
     // Every answer written (`n`, `best_of`, each prompt of a batch) is up
     // to max tokens long, and each is billed.
@@ -184,6 +205,41 @@ pub enum CapFit {
     TooExpensive { cheapest: f64 },
 }
 
+/// Tool types a provider runs itself and bills per use (searches, container
+/// time, images) and for the content they bring into the conversation.
+const SERVER_TOOLS: [&str; 7] = [
+    "web_search",
+    "web_fetch",
+    "code_execution",
+    "code_interpreter",
+    "file_search",
+    "image_generation",
+    "mcp",
+];
+
+/// The first server-side tool a request asks for: a `tools` entry whose
+/// `type` is one of [`SERVER_TOOLS`], with or without a version
+/// (`web_search_20250305`, `web_search_preview`), or Chat Completions'
+/// `web_search_options`. Function and custom tools, and Anthropic's tools
+/// the client runs (`bash`, `text_editor`, `computer`), are billed as
+/// tokens only.
+fn server_tool(body: &Map<String, Value>) -> Option<String> {
+    if body.contains_key("web_search_options") {
+        return Some("web_search_options".into());
+    }
+    body.get("tools")?
+        .as_array()?
+        .iter()
+        .filter_map(|t| t.get("type").and_then(Value::as_str))
+        .find(|t| {
+            SERVER_TOOLS.iter().any(|s| {
+                t.strip_prefix(s)
+                    .is_some_and(|r| r.is_empty() || r.starts_with('_'))
+            })
+        })
+        .map(str::to_string)
+}
+
 /// Whether `key` names a field anywhere in `v`.
 fn has_key(v: &Value, key: &str) -> bool {
     match v {
@@ -312,6 +368,58 @@ pub fn fit_cap(config: &smartllm_config::Config, chain: &[String], need: Need, c
         }
     }
 }
+#[cfg(test)]
+mod server_tool_tests {
+    use super::*;
+
+    #[test]
+    fn server_side_tools_are_told_from_client_tools() {
+        let tools = |t: Value| {
+            let b = serde_json::json!({"tools": t});
+            server_tool(b.as_object().unwrap())
+        };
+        use serde_json::json;
+        assert_eq!(
+            tools(
+                json!([{"type": "function", "function": {"name": "f"}}, {"type": "web_search_20250305", "name": "web_search", "max_uses": 20}])
+            ),
+            Some("web_search_20250305".into())
+        );
+        assert_eq!(
+            tools(json!([{"type": "web_search_preview"}])),
+            Some("web_search_preview".into())
+        );
+        assert_eq!(
+            tools(json!([{"type": "code_interpreter", "container": {"type": "auto"}}])),
+            Some("code_interpreter".into())
+        );
+        assert_eq!(
+            tools(json!([{"type": "mcp", "server_url": "https://x"}])),
+            Some("mcp".into())
+        );
+        // Tools the client runs, or that merely share a prefix.
+        assert_eq!(
+            tools(json!([{"name": "get_weather", "input_schema": {}}])),
+            None
+        );
+        assert_eq!(
+            tools(
+                json!([{"type": "bash_20250124", "name": "bash"}, {"type": "text_editor_20250429", "name": "t"}, {"type": "custom", "name": "c"}])
+            ),
+            None
+        );
+        assert_eq!(
+            tools(json!([{"type": "mcpx"}, {"type": "web_searcher"}])),
+            None
+        );
+        let b = json!({"web_search_options": {}});
+        assert_eq!(
+            server_tool(b.as_object().unwrap()),
+            Some("web_search_options".into())
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -76,6 +76,16 @@ pub enum Refusal {
         scope: &'static str,
         name: String,
     },
+    /// A server-side tool (web search, code execution, ...) is billed per
+    /// use and by content no output limit bounds: under a per-request cap
+    /// its cost cannot be held.
+    #[error("This request asks for the provider's server-side tool '{tool}', billed per use and for what it fetches, which no output limit bounds: it cannot be held to the ${cap} per-request cap of {scope} '{name}'. Leave the tool out, or use a key without max_request_usd.")]
+    CostCapUnbounded {
+        tool: String,
+        cap: f64,
+        scope: &'static str,
+        name: String,
+    },
 }
 
 impl Refusal {
@@ -86,7 +96,9 @@ impl Refusal {
             Refusal::FleetUnavailable(_) => Some(1),
             Refusal::BudgetExceeded(e) if e.in_flight => Some(1),
             Refusal::BudgetExceeded(e) => Some(e.resets_in.max(1)),
-            Refusal::TooLargeForLimit { .. } | Refusal::CostCapExceeded { .. } => None,
+            Refusal::TooLargeForLimit { .. }
+            | Refusal::CostCapExceeded { .. }
+            | Refusal::CostCapUnbounded { .. } => None,
         }
     }
 }

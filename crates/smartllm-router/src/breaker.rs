@@ -69,34 +69,52 @@ fn trial_pending(e: &Entry, cfg: &CircuitBreakerConfig) -> bool {
     e.trial.is_some_and(|t| t.elapsed() < cfg.cooldown)
 }
 
+/// What `Breakers::admit` grants an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Permit {
+    /// The circuit is closed.
+    Closed,
+    /// The half-open circuit's one trial, claimed at this instant: only the
+    /// attempt that holds it can give it up (`abandon`).
+    Trial(Instant),
+}
+
 impl Breakers {
     /// May a request go to this deployment now? In half-open state only one
     /// trial at a time is allowed.
     pub fn allow(&self, id: &str, cfg: &CircuitBreakerConfig) -> bool {
+        self.admit(id, cfg).is_some()
+    }
+
+    /// `allow`, saying whether the attempt holds the half-open trial.
+    pub fn admit(&self, id: &str, cfg: &CircuitBreakerConfig) -> Option<Permit> {
         if cfg.failures == 0 {
-            return true;
+            return Some(Permit::Closed);
         }
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         let Some(e) = map.get_mut(id) else {
-            return true;
+            return Some(Permit::Closed);
+        };
+        let claim = |e: &mut Entry| {
+            let now = Instant::now();
+            e.trial = Some(now);
+            Some(Permit::Trial(now))
         };
         match e.state {
-            BreakerState::Closed => true,
+            BreakerState::Closed => Some(Permit::Closed),
             BreakerState::Open => {
                 if e.opened_at.is_some_and(|t| t.elapsed() >= cfg.cooldown) {
                     set_state(id, e, BreakerState::HalfOpen);
-                    e.trial = Some(Instant::now());
-                    true
+                    claim(e)
                 } else {
-                    false
+                    None
                 }
             }
             BreakerState::HalfOpen => {
                 if trial_pending(e, cfg) {
-                    false
+                    None
                 } else {
-                    e.trial = Some(Instant::now());
-                    true
+                    claim(e)
                 }
             }
         }
@@ -116,11 +134,15 @@ impl Breakers {
     }
 
     /// An attempt whose outcome will never come (the client left before the
-    /// provider answered): a half-open trial it held is free again; nothing
-    /// is counted either way.
-    pub fn abandon(&self, id: &str) {
+    /// provider answered): the half-open trial it held, if it held the one
+    /// in flight, is free again; nothing is counted either way. An attempt
+    /// let through before the circuit opened frees no one else's trial.
+    pub fn abandon(&self, id: &str, permit: Permit) {
+        let Permit::Trial(at) = permit else {
+            return;
+        };
         let mut map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(e) = map.get_mut(id) {
+        if let Some(e) = map.get_mut(id).filter(|e| e.trial == Some(at)) {
             e.trial = None;
         }
     }
@@ -252,6 +274,27 @@ mod tests {
         assert!(!b.allow("d", &cfg), "still one at a time");
         b.record("d", &cfg, true);
         assert_eq!(b.state("d"), BreakerState::Closed);
+    }
+
+    /// Only the attempt holding the half-open trial can give it up: one let
+    /// through while the circuit was closed, abandoned later, frees nothing.
+    #[test]
+    fn only_the_trial_gives_up_the_trial() {
+        let cfg = CircuitBreakerConfig {
+            failures: 1,
+            cooldown: Duration::from_millis(200),
+        };
+        let b = Breakers::default();
+        let old = b.admit("d", &cfg).unwrap();
+        assert_eq!(old, Permit::Closed);
+        b.record("d", &cfg, false);
+        std::thread::sleep(Duration::from_millis(220));
+        let trial = b.admit("d", &cfg).unwrap();
+        assert!(matches!(trial, Permit::Trial(_)));
+        b.abandon("d", old);
+        assert!(b.admit("d", &cfg).is_none(), "the trial is still in flight");
+        b.abandon("d", trial);
+        assert!(matches!(b.admit("d", &cfg), Some(Permit::Trial(_))));
     }
 
     #[test]

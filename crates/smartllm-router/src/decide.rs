@@ -222,14 +222,54 @@ pub fn expected_cost(m: &ModelConfig, f: &Features) -> f64 {
 }
 
 fn expected_latency_ms(m: &ModelConfig, f: &Features, live: Option<&LiveSnapshot>) -> f64 {
-    let ttft = live
-        .and_then(|l| l.ttft_ms)
-        .unwrap_or(m.profile.latency.as_secs_f64() * 1e3);
+    // Measured timings, faded into the profile's with their age.
+    let profile_ttft = m.profile.latency.as_secs_f64() * 1e3;
+    let ttft = live.map_or(profile_ttft, |l| l.blend(l.ttft_ms, profile_ttft));
     let tps = live
-        .and_then(|l| l.tokens_per_second)
-        .unwrap_or(m.profile.tokens_per_second)
+        .map_or(m.profile.tokens_per_second, |l| {
+            l.blend(l.tokens_per_second, m.profile.tokens_per_second)
+        })
         .max(1.0);
     ttft + f.expected_output_tokens as f64 / tps * 1e3
+}
+
+/// Why `m` cannot serve the request at all, whatever the budgets: the
+/// prompt and output do not fit its context window, it lacks a capability
+/// the request or the route needs, or it is served only through Anthropic,
+/// which takes a JSON schema only as structured outputs. None: it fits.
+fn misfit(
+    config: &Config,
+    m: &ModelConfig,
+    f: &Features,
+    c: &smartllm_config::Constraints,
+) -> Option<String> {
+    // The gateway lowers a limit above the model's own upstream.
+    let output = f
+        .max_tokens
+        .map_or(0, |t| m.profile.max_output_tokens.map_or(t, |c| t.min(c)));
+    if f.prompt_tokens.saturating_add(output) > m.profile.context_window {
+        return Some(format!("context_window:{}", m.profile.context_window));
+    }
+    if let Some(cap) = f
+        .needs
+        .iter()
+        .copied()
+        .chain(c.capabilities.iter().map(String::as_str))
+        .find(|cap| !m.profile.has(cap))
+    {
+        return Some(format!("capability:{cap}"));
+    }
+    let anthropic_only = !m.deployments.is_empty()
+        && m.deployments.iter().all(|d| {
+            config
+                .providers
+                .get(&d.provider)
+                .is_some_and(|p| p.kind == smartllm_config::ProviderKind::Anthropic)
+        });
+    if f.json_schema && !m.profile.has("structured_outputs") && anthropic_only {
+        return Some("capability:structured_outputs".to_string());
+    }
+    None
 }
 
 /// Decide a routed alias. `learned` is the route's trained file (strategy
@@ -318,31 +358,8 @@ pub fn decide(
             Some(why.clone())
         } else if !state.available(name) {
             Some("unavailable".to_string())
-        } else if f.prompt_tokens.saturating_add(f.max_tokens.unwrap_or(0))
-            > m.profile.context_window
-        {
-            Some(format!("context_window:{}", m.profile.context_window))
-        } else if let Some(cap) = f
-            .needs
-            .iter()
-            .copied()
-            .chain(c.capabilities.iter().map(String::as_str))
-            .find(|cap| !m.profile.has(cap))
-        {
-            Some(format!("capability:{cap}"))
-        } else if f.json_schema
-            && !m.profile.has("structured_outputs")
-            && !m.deployments.is_empty()
-            && m.deployments.iter().all(|d| {
-                config
-                    .providers
-                    .get(&d.provider)
-                    .is_some_and(|p| p.kind == smartllm_config::ProviderKind::Anthropic)
-            })
-        {
-            // Served only through Anthropic, which takes a schema only as
-            // structured outputs.
-            Some("capability:structured_outputs".to_string())
+        } else if let Some(why) = misfit(config, m, f, c) {
+            Some(why)
         } else if c
             .latency_budget
             .is_some_and(|b| latency > b.as_secs_f64() * 1e3)
@@ -452,10 +469,16 @@ pub fn decide(
                 .find(|c| c.model == m)
                 .is_none_or(|c| c.excluded.as_deref().is_none_or(soft_exclusion))
     };
-    let (model, mut reason) = if let Some((m, why)) = pinned
-        .clone()
-        .filter(|(m, _)| state.available(m) && !ruled_out(m))
-    {
+    // A pin holds only where its model can serve the request: a prompt
+    // over its context window, or tools it lacks, go the usual way.
+    let pin_fits = |m: &str| {
+        state.available(m)
+            && usable_way_out(m)
+            && config
+                .model(m)
+                .is_none_or(|mc| misfit(config, mc, f, &route.constraints).is_none())
+    };
+    let (model, mut reason) = if let Some((m, why)) = pinned.clone().filter(|(m, _)| pin_fits(m)) {
         (m, why)
     } else if let Some(i) = feasible
         .iter()
@@ -841,6 +864,21 @@ mod tests {
             d.candidates[1].excluded.as_deref(),
             Some("capability:tools")
         );
+        // A pin holds only where its model can serve the request: tools
+        // pinned to a model without them go the usual way.
+        let mut pinned = r.clone();
+        pinned.rules = vec![RouteRule {
+            name: "p".into(),
+            when: RuleWhen::default(),
+            pin: Some("strong".into()),
+            exclude: vec![],
+            prefer: vec![],
+        }];
+        let d = decide(&cfg, &pinned, &f, None, None, &info, &StaticState);
+        assert_eq!((d.model.as_str(), d.reason.as_str()), ("strong", "rule:p"));
+        let d = decide(&cfg2, &pinned, &f, None, None, &info, &StaticState);
+        assert_eq!(d.model, "cheap", "{:?}", d.candidates);
+        assert_ne!(d.reason, "rule:p");
     }
 
     /// A `json_schema` request does not go to a model served only through
@@ -986,6 +1024,29 @@ mod tests {
             .excluded
             .as_deref()
             .is_some_and(|w| w.starts_with("context_window:"))));
+        // A limit above a model's own output limit is lowered upstream, so
+        // the context is judged with the lowered one (Claude Code's 32,000).
+        cfg.models[0].profile.context_window = 128_000;
+        cfg.models[0].profile.max_output_tokens = Some(16_384);
+        cfg.models[1].profile.context_window = 128_000;
+        let mut long = hard.clone();
+        long.prompt_tokens = 100_000;
+        long.max_tokens = Some(32_000);
+        let d = decide(&cfg, &r, &long, None, None, &info, &StaticState);
+        let why = |m: &str| {
+            d.candidates
+                .iter()
+                .find(|c| c.model == m)
+                .unwrap()
+                .excluded
+                .clone()
+        };
+        assert!(
+            why("cheap").is_none_or(|w| !w.starts_with("context_window")),
+            "{:?}",
+            d.candidates
+        );
+        assert!(why("strong").is_some_and(|w| w.starts_with("context_window")));
     }
 
     #[test]

@@ -565,7 +565,10 @@ pub fn extract_with(
         has_tools,
         has_images,
         max_tokens,
-        expected_output_tokens: max_tokens.map_or(typical, |m| m.min(typical.max(m / 2))),
+        // A limit is a ceiling, not a length: Claude Code asks 32,000 for
+        // every turn. The answer is expected at its task's typical length,
+        // or shorter when the limit is.
+        expected_output_tokens: max_tokens.map_or(typical, |m| m.min(typical)),
         needs,
         json_schema,
         turns,

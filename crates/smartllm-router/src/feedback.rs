@@ -216,6 +216,10 @@ impl FeedbackBook {
             let previous = s.score.replace(score);
             (s.clone(), previous)
         };
+        if previous == Some(score) {
+            // The same score again changes nothing: no copy of the tally.
+            return Ok(served);
+        }
         self.votes.rcu(|tally| {
             let mut tally = Tally::clone(tally);
             let e = tally

@@ -20,7 +20,7 @@ pub mod profiles;
 pub mod suggest;
 
 pub use assets::RouterAssets;
-pub use breaker::{BreakerState, Breakers};
+pub use breaker::{BreakerState, Breakers, Permit};
 pub use classifier::TaskClassifier;
 pub use decide::{decide, Candidate, Decision, ModelState, RequestInfo};
 pub use features::{extract, extract_with, Extraction, Features};

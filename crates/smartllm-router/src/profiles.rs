@@ -1,12 +1,20 @@
 //! Live model profiles: exponentially weighted moving averages of time to
 //! first token, full latency, output speed and error rate, per model.
+//!
+//! What was measured fades with its age (half-life `FADE`): a model that
+//! timed out once, or failed a run of requests, and then got no traffic is
+//! not judged by that forever. Its error rate falls back towards none and
+//! its timings towards the configured profile (`weight`), so the router
+//! tries it again and what it measures then counts.
 
 use serde::Serialize;
 use std::collections::HashMap;
 use std::sync::RwLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 const ALPHA: f64 = 0.2;
+/// Half-life of what was measured, once nothing new is.
+pub const FADE: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Clone, Copy, Default, Serialize)]
 pub struct LiveSnapshot {
@@ -18,32 +26,72 @@ pub struct LiveSnapshot {
     pub latency_ms: Option<f64>,
     /// EWMA output tokens per second after the first byte.
     pub tokens_per_second: Option<f64>,
-    /// EWMA of failures (1) and successes (0).
+    /// EWMA of failures (1) and successes (0), faded with age.
     pub error_rate: f64,
+    /// How much the timings count against the configured profile's: 1 just
+    /// measured, halving every `FADE` without a new measure.
+    pub weight: f64,
+}
+
+impl LiveSnapshot {
+    /// `measured` in proportion to `weight`, `profile` in the rest.
+    pub fn blend(&self, measured: Option<f64>, profile: f64) -> f64 {
+        measured.map_or(profile, |m| self.weight * m + (1.0 - self.weight) * profile)
+    }
+
+    /// Fold a new timing `x` into `old`: the more the average has faded
+    /// (`weight`), the more the new measure counts (all of it, once the
+    /// old one has faded away).
+    fn timing(&self, old: Option<f64>, x: f64) -> Option<f64> {
+        ewma_by(old, x, 1.0 - (1.0 - ALPHA) * self.weight)
+    }
+
+    /// This snapshot as it reads `age` after its last measure.
+    fn faded(mut self, age: Duration) -> LiveSnapshot {
+        let keep = 0.5f64.powf(age.as_secs_f64() / FADE.as_secs_f64());
+        self.error_rate *= keep;
+        self.weight = keep;
+        self
+    }
 }
 
 fn ewma(old: Option<f64>, x: f64) -> Option<f64> {
+    ewma_by(old, x, ALPHA)
+}
+
+fn ewma_by(old: Option<f64>, x: f64, alpha: f64) -> Option<f64> {
     Some(match old {
         None => x,
-        Some(o) => o + ALPHA * (x - o),
+        Some(o) => o + alpha * (x - o),
     })
 }
 
 #[derive(Default)]
 pub struct LiveProfiles {
-    inner: RwLock<HashMap<String, LiveSnapshot>>,
+    /// Each model's averages as of its last measure, and when that was.
+    inner: RwLock<HashMap<String, (LiveSnapshot, Instant)>>,
 }
 
 impl LiveProfiles {
     fn update(&self, model: &str, f: impl FnOnce(&mut LiveSnapshot)) {
+        self.update_at(model, Instant::now(), f)
+    }
+
+    /// Fade the averages to `now`, then fold in the new measure: a failure
+    /// long after the last one starts from a low error rate.
+    fn update_at(&self, model: &str, now: Instant, f: impl FnOnce(&mut LiveSnapshot)) {
         let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        if let Some(s) = map.get_mut(model) {
-            f(s);
-        } else {
-            let mut s = LiveSnapshot::default();
-            f(&mut s);
-            map.insert(model.to_string(), s);
-        }
+        let (mut s, at) = map
+            .get(model)
+            .copied()
+            .unwrap_or((LiveSnapshot::default(), now));
+        // The error rate is carried forward faded; timings fade into the
+        // profile's where they are read (`blend`), and a new one counts the
+        // more the older ones have faded (`timing`).
+        s = s.faded(now.saturating_duration_since(at));
+        f(&mut s);
+        s.weight = 1.0;
+        map.insert(model.to_string(), (s, now));
     }
 
     /// A successful answer, complete after `total`. Streamed, its first
@@ -62,14 +110,14 @@ impl LiveProfiles {
     ) {
         self.update(model, |s| {
             s.requests += 1;
-            s.latency_ms = ewma(s.latency_ms, total.as_secs_f64() * 1e3);
+            s.latency_ms = s.timing(s.latency_ms, total.as_secs_f64() * 1e3);
             match ttft {
                 Some(ttft) => {
-                    s.ttft_ms = ewma(s.ttft_ms, ttft.as_secs_f64() * 1e3);
+                    s.ttft_ms = s.timing(s.ttft_ms, ttft.as_secs_f64() * 1e3);
                     let gen = total.saturating_sub(ttft).as_secs_f64();
                     if let Some(n) = completion_tokens.filter(|n| *n >= 16) {
                         if gen > 0.01 {
-                            s.tokens_per_second = ewma(s.tokens_per_second, n as f64 / gen);
+                            s.tokens_per_second = s.timing(s.tokens_per_second, n as f64 / gen);
                         }
                     }
                 }
@@ -77,7 +125,7 @@ impl LiveProfiles {
                     let tps = s.tokens_per_second.unwrap_or(default_tps).max(1.0);
                     let generating = completion_tokens.map_or(0.0, |n| n as f64 / tps);
                     let waited = (total.as_secs_f64() - generating).max(0.0);
-                    s.ttft_ms = ewma(s.ttft_ms, waited * 1e3);
+                    s.ttft_ms = s.timing(s.ttft_ms, waited * 1e3);
                 }
             }
             s.error_rate = ewma(Some(s.error_rate), 0.0).unwrap_or(0.0);
@@ -92,7 +140,7 @@ impl LiveProfiles {
             s.errors += 1;
             s.error_rate = ewma(Some(s.error_rate), 1.0).unwrap_or(1.0);
             if let Some(w) = waited {
-                s.ttft_ms = ewma(s.ttft_ms, w.as_secs_f64() * 1e3);
+                s.ttft_ms = s.timing(s.ttft_ms, w.as_secs_f64() * 1e3);
             }
         });
     }
@@ -105,16 +153,27 @@ impl LiveProfiles {
             .retain(|m, _| keep(m));
     }
 
+    /// `model`'s averages as they read now (faded with their age).
     pub fn get(&self, model: &str) -> Option<LiveSnapshot> {
+        self.get_at(model, Instant::now())
+    }
+
+    fn get_at(&self, model: &str, now: Instant) -> Option<LiveSnapshot> {
         self.inner
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .get(model)
-            .copied()
+            .map(|(s, at)| s.faded(now.saturating_duration_since(*at)))
     }
 
     pub fn all(&self) -> HashMap<String, LiveSnapshot> {
-        self.inner.read().unwrap_or_else(|p| p.into_inner()).clone()
+        let now = Instant::now();
+        self.inner
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(m, (s, at))| (m.clone(), s.faded(now.saturating_duration_since(*at))))
+            .collect()
     }
 }
 
@@ -154,6 +213,48 @@ mod tests {
         p.record_failure("gone", None);
         p.retain(|m| m == "m");
         assert!(p.get("gone").is_none() && p.get("m").is_some());
+    }
+
+    /// One timeout long ago no longer keeps a model out: its error rate
+    /// halves every `FADE` and its timings count for less against the
+    /// profile's; a new measure counts in full again.
+    #[test]
+    fn what_was_measured_fades_with_age() {
+        let p = LiveProfiles::default();
+        let t0 = Instant::now();
+        for _ in 0..5 {
+            p.update_at("m", t0, |s| {
+                s.errors += 1;
+                s.error_rate = ewma(Some(s.error_rate), 1.0).unwrap();
+                s.ttft_ms = ewma(s.ttft_ms, 600_000.0);
+            });
+        }
+        let fresh = p.get_at("m", t0).unwrap();
+        assert!(fresh.error_rate > 0.6 && fresh.weight == 1.0, "{fresh:?}");
+        assert_eq!(fresh.blend(fresh.ttft_ms, 800.0), 600_000.0);
+        let later = p.get_at("m", t0 + FADE * 2).unwrap();
+        assert!((later.error_rate - fresh.error_rate / 4.0).abs() < 1e-9);
+        assert!((later.weight - 0.25).abs() < 1e-9);
+        let ttft = later.blend(later.ttft_ms, 800.0);
+        assert!(
+            (ttft - (0.25 * 600_000.0 + 0.75 * 800.0)).abs() < 1e-6,
+            "{ttft}"
+        );
+        // An hour on, the profile is all that counts.
+        let hour = p.get_at("m", t0 + Duration::from_secs(3600)).unwrap();
+        assert!(hour.error_rate < 0.001 && hour.blend(hour.ttft_ms, 800.0) < 1000.0);
+        // A success then starts from the faded error rate, and its timing
+        // counts the more the old ones have faded (here 1 - 0.8 x 0.25).
+        p.update_at("m", t0 + FADE * 2, |s| {
+            s.error_rate = ewma(Some(s.error_rate), 0.0).unwrap();
+            s.ttft_ms = s.timing(s.ttft_ms, 800.0);
+        });
+        let again = p.get_at("m", t0 + FADE * 2).unwrap();
+        assert!((again.error_rate - later.error_rate * 0.8).abs() < 1e-9);
+        assert_eq!(again.weight, 1.0);
+        let want = 600_000.0 + 0.8 * (800.0 - 600_000.0);
+        assert!((again.ttft_ms.unwrap() - want).abs() < 1e-6, "{again:?}");
+        assert_eq!(again.requests, 0);
     }
 
     /// A buffered answer's generation time is not taken for its wait for

@@ -27,6 +27,10 @@ pub const CF_LEDGER: &str = "ledger";
 pub const CF_LEDGER_MIX: &str = "ledger_mix";
 /// Responses API conversations the gateway keeps (`previous_response_id`
 /// for translated providers): tenant + response id -> expiry + stored response.
+/// Each value begins with its expiry (Unix seconds, 8 bytes big-endian):
+/// compaction drops those past it, and each file of the family is compacted
+/// at least once a day, so a conversation no one reads again leaves the
+/// disk within a day of its expiry.
 pub const CF_RESPONSES: &str = "responses";
 pub const COLUMN_FAMILIES: [&str; 7] = [
     CF_ENTRIES,
@@ -42,6 +46,30 @@ pub const COLUMN_FAMILIES: [&str; 7] = [
 /// (older versions had 8) decode with the rest at 0, and merge with newer
 /// ones field by field: the encoding only ever grows at the end.
 pub const LEDGER_FIELDS: usize = 10;
+
+/// Does a [`CF_RESPONSES`] value expire at or before `now` (Unix seconds)?
+/// A value too short to hold an expiry is kept (it is no record of ours).
+pub fn expired(value: &[u8], now: u64) -> bool {
+    value
+        .first_chunk::<8>()
+        .is_some_and(|e| u64::from_be_bytes(*e) <= now)
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// The compaction filter of [`CF_RESPONSES`] (RocksDB's background threads).
+fn drop_expired(_level: u32, _key: &[u8], value: &[u8]) -> rocksdb::CompactionDecision {
+    if expired(value, now_secs()) {
+        rocksdb::CompactionDecision::Remove
+    } else {
+        rocksdb::CompactionDecision::Keep
+    }
+}
 
 /// Little-endian u64 counters, added field by field.
 pub fn decode_counters(bytes: &[u8]) -> [u64; LEDGER_FIELDS] {
@@ -161,6 +189,10 @@ impl Store {
             if *name == CF_LEDGER || *name == CF_LEDGER_MIX {
                 o.set_merge_operator_associative("smartllm-ledger-add", add_counters);
             }
+            if *name == CF_RESPONSES {
+                o.set_compaction_filter("smartllm-responses-expiry", drop_expired);
+                o.set_periodic_compaction_seconds(24 * 3600);
+            }
             ColumnFamilyDescriptor::new(*name, o)
         });
         let db = DB::open_cf_descriptors(&opts, &path, cfs).map_err(|e| StoreError::Open {
@@ -252,6 +284,30 @@ impl Drop for Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Expired conversations leave the disk at compaction, whether or not
+    /// anyone reads them again; live ones and foreign values stay.
+    #[test]
+    fn compaction_drops_expired_conversations() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let now = now_secs();
+        let value = |expiry: u64| {
+            let mut v = expiry.to_be_bytes().to_vec();
+            v.extend_from_slice(b"{}");
+            v
+        };
+        s.put(CF_RESPONSES, b"old", &value(now - 1)).unwrap();
+        s.put(CF_RESPONSES, b"live", &value(now + 3600)).unwrap();
+        s.put(CF_RESPONSES, b"short", b"x").unwrap();
+        s.flush().unwrap();
+        let cf = s.db().cf_handle(CF_RESPONSES).unwrap();
+        s.db().compact_range_cf(&cf, None::<&[u8]>, None::<&[u8]>);
+        assert_eq!(s.get(CF_RESPONSES, b"old").unwrap(), None);
+        assert!(s.get(CF_RESPONSES, b"live").unwrap().is_some());
+        assert!(s.get(CF_RESPONSES, b"short").unwrap().is_some());
+        assert!(expired(&value(now), now) && !expired(&value(now + 1), now));
+    }
 
     #[test]
     fn memory_stays_within_the_budget() {

@@ -747,7 +747,9 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         dir.to_path_buf(),
     );
 
-    shared.quotas.warm(&ledger);
+    shared
+        .quotas
+        .warm(&ledger, &shared.runtime.load().config.keys.budgets);
 
     let mut proxy = Service::new(
         "smartllm proxy".to_string(),

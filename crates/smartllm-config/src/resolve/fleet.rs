@@ -9,11 +9,20 @@ use std::time::Duration;
 pub(super) fn resolve_fleet(raw: RawFleet, v: &mut Issues<'_>) -> FleetConfig {
     let redis = raw.redis.filter(|r| !r.trim().is_empty());
     if let Some(url) = &redis {
+        use redis::IntoConnectionInfo;
         if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
             v.push(
                 MAIN_FILE,
                 "fleet.redis",
                 "must be a redis:// or redis+unix:// URL",
+            );
+        } else if let Err(e) = url.as_str().into_connection_info() {
+            // Parsed as the client will: a port out of range would fail
+            // every request's fleet call instead, and limits turn local.
+            v.push(
+                MAIN_FILE,
+                "fleet.redis",
+                format!("is not a usable Redis URL: {e}"),
             );
         }
     }

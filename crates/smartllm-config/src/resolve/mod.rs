@@ -326,6 +326,13 @@ mod tests {
             text.contains("smartllm.yaml:4: fleet.cache_stream_len"),
             "{text}"
         );
+        // A URL the Redis client cannot use is refused at its line.
+        let bad = write_dir(&[(
+            MAIN_FILE,
+            "data_dir: /tmp/x\nfleet:\n  redis: redis://redis:70000/0\n",
+        )]);
+        let text = load_dir(bad.path()).unwrap_err().to_string();
+        assert!(text.contains("smartllm.yaml:3: fleet.redis"), "{text}");
         let old = load_dir(write_dir(&[(MAIN_FILE, "data_dir: /tmp/x\n")]).path()).unwrap();
         assert!(!old.fleet.share_cache && !old.fleet.share_costs);
         let new = load_dir(

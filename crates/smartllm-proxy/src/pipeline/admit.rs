@@ -120,6 +120,9 @@ pub async fn admit(
                 cfg.client_body_deadline,
             )
             .await?;
+            // A score is a request like any other for the key's rate limits
+            // (one request, no tokens): a loop re-scoring one id is held back.
+            rate_limit(shared, rt, ctx, 0).await?;
             return Ok(Admitted::Feedback(body));
         }
         ("GET", p) if p.starts_with("/v1/models/") => {
@@ -149,25 +152,36 @@ pub async fn admit(
     ctx.request_bytes = body.len();
     ctx.prompt_bytes = body.len();
     // Rate limits: one request and the estimated prompt (about 4 bytes a token).
+    rate_limit(shared, rt, ctx, (body.len() as u64).div_ceil(4)).await?;
+    Ok(Admitted::Api { endpoint, body })
+}
+
+/// The key's rate limits: one request and `estimate` tokens, or the 429.
+async fn rate_limit(
+    shared: &Shared,
+    rt: &Runtime,
+    ctx: &mut Ctx,
+    estimate: u64,
+) -> Result<(), ApiError> {
     let scopes = smartllm_quota::limits_for(&rt.config, ctx.key.as_deref(), ctx.scope());
-    if !scopes.is_empty() {
-        let estimate = (body.len() as u64).div_ceil(4);
-        match shared
-            .quotas
-            .admit(&rt.config.fleet, &scopes, estimate)
-            .await
-        {
-            smartllm_quota::Admission::Admitted { precharged } => {
-                tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = true, "rate limit decision");
-                ctx.precharged_tokens = precharged;
-            }
-            smartllm_quota::Admission::Limited(r) => {
-                tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = false, "rate limit decision");
-                return Err(super::refusal(r));
-            }
+    if scopes.is_empty() {
+        return Ok(());
+    }
+    match shared
+        .quotas
+        .admit(&rt.config.fleet, &scopes, estimate)
+        .await
+    {
+        smartllm_quota::Admission::Admitted { precharged } => {
+            tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = true, "rate limit decision");
+            ctx.precharged_tokens = precharged;
+            Ok(())
+        }
+        smartllm_quota::Admission::Limited(r) => {
+            tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = false, "rate limit decision");
+            Err(super::refusal(r))
         }
     }
-    Ok(Admitted::Api { endpoint, body })
 }
 
 /// The request head's size as it came on the wire, without allocating: the

@@ -226,6 +226,9 @@ fn refusal(r: smartllm_quota::Refusal) -> ApiError {
         Refusal::CostCapExceeded { .. } => {
             ApiError::invalid_request("request_cost_cap_exceeded", message)
         }
+        Refusal::CostCapUnbounded { .. } => {
+            ApiError::invalid_request("request_cost_cap_unbounded", message).with_param("tools")
+        }
     };
     e.retry_after = retry_after;
     e

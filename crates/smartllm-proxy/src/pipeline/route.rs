@@ -56,7 +56,13 @@ pub async fn plan(
     } else {
         classify(ctx, rt, &request.req);
         if let Some(r) = request.route {
-            fallbacks = r.fallback.iter().take(r.max_fallbacks).cloned().collect();
+            // Each model once, never the alias's own, then the cap: a list
+            // that starts with the model itself still has its fallbacks.
+            for m in &r.fallback {
+                if fallbacks.len() < r.max_fallbacks && *m != model.name && !fallbacks.contains(m) {
+                    fallbacks.push(m.clone());
+                }
+            }
         }
     }
     ctx.set_model(&model.name);
@@ -145,7 +151,11 @@ pub async fn plan(
         }
     }
     let mut chain = vec![model.name.clone()];
-    chain.extend(fallbacks.into_iter().filter(|m| *m != model.name));
+    for m in fallbacks {
+        if !chain.contains(&m) {
+            chain.push(m);
+        }
+    }
     // A key that lists models, and not this alias, is served only by those:
     // a fixed route's fallback is no way around the list.
     if let Some(vk) = ctx
@@ -185,7 +195,23 @@ fn for_endpoint(
     } else {
         r.candidates.iter().collect()
     };
-    if candidates.iter().copied().chain(&r.fallback).all(fits) {
+    // Models rules and experiment arms pin or prefer.
+    let named = r
+        .rules
+        .iter()
+        .flat_map(|x| x.pin.iter().chain(&x.prefer))
+        .chain(
+            r.experiment
+                .iter()
+                .flat_map(|e| e.arms.iter().filter_map(|a| a.model.as_ref())),
+        );
+    if candidates
+        .iter()
+        .copied()
+        .chain(&r.fallback)
+        .chain(named)
+        .all(fits)
+    {
         return Ok(None);
     }
     if !candidates.iter().copied().any(fits) {
@@ -206,6 +232,21 @@ fn for_endpoint(
     let mut n = r.clone();
     n.candidates.retain(fits);
     n.fallback.retain(fits);
+    // A pin of the other kind (a chat model pinned on a route that also
+    // serves embeddings) does not apply to this request.
+    for rule in &mut n.rules {
+        if rule.pin.as_ref().is_some_and(|p| !fits(p)) {
+            rule.pin = None;
+        }
+        rule.prefer.retain(fits);
+    }
+    if let Some(e) = &mut n.experiment {
+        for arm in &mut e.arms {
+            if arm.model.as_ref().is_some_and(|m| !fits(m)) {
+                arm.model = None;
+            }
+        }
+    }
     if !fits(&n.model) {
         n.model = n.candidates[0].clone();
     }

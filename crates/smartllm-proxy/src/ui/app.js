@@ -233,7 +233,10 @@ function drawKpis(costs, cache) {
   const spend = document.getElementById('kpi-spend');
   spend.textContent = usd(t.cost_usd || 0);
   spend.dataset.usd = String(t.cost_usd || 0);
-  setText('kpi-spend-hint', 'last ' + state.range);
+  // The ledger counts whole hours: say which ones ("1 h" at 10:59 is
+  // 09:00-10:59, not 59 minutes).
+  const from = costs && typeof costs.from === 'string' ? costs.from : '';
+  setText('kpi-spend-hint', from ? 'since ' + from.replace('T', ' ').replace(':00Z', ':00 UTC') : 'last ' + state.range);
   const req = document.getElementById('kpi-requests');
   req.textContent = int(t.requests);
   req.dataset.count = String(t.requests || 0);

@@ -248,9 +248,9 @@ pub async fn run(
             };
             // Claimed last, right before the attempt: a half-open circuit's one
             // trial is always followed by a recorded outcome.
-            if !shared.breakers.allow(breaker_id, &breaker_cfg) {
+            let Some(permit) = shared.breakers.admit(breaker_id, &breaker_cfg) else {
                 continue;
-            }
+            };
             let more_left = later_models || (attempt + 1 < attempts && tried.len() < total_slots);
             let started = Instant::now();
             let mut header = prepared.header;
@@ -365,7 +365,7 @@ pub async fn run(
                 }
                 Attempt::Abandoned => {
                     metrics::upstream_attempt(provider.name(), "abandoned");
-                    shared.breakers.abandon(breaker_id);
+                    shared.breakers.abandon(breaker_id, permit);
                     return Ok(());
                 }
                 Attempt::StreamFailed { end, error } => {
