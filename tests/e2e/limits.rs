@@ -124,11 +124,59 @@ fn budgets_alert_reject_and_degrade() {
         .header("x-smartllm-route")
         .unwrap()
         .contains("reason=budget"));
-    // After a restart the spend is read back from the ledger: still exhausted.
+    // After a restart the spend is read back from the ledger: still
+    // exhausted, and the alerts it already sent are not sent again.
+    let sent = hook.requests();
     gw.stop();
     let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
     let gw = Gateway::start(cfg);
     assert_eq!(ask(&gw, "sk-alice-1", &hello).status, 429);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(hook.requests(), sent, "{}", hook.last());
+}
+
+/// A budget spent to just short of its limit refuses every request that
+/// could cost more than what is left: its 100% alert goes then, marked
+/// `refusing`, once.
+#[test]
+fn a_budget_that_refuses_short_of_its_limit_sends_its_last_alert() {
+    let mock = Mock::start(&["--words", "12"]);
+    let hook = Mock::start(&[]);
+    let cfg = ledger_gateway(&mock, "");
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: carol\n    sha256: {}\n    tenant: gamma\n    app: web\nbudgets:\n  - scope: tenant\n    name: gamma\n    daily_usd: 0.05\n    alert_at: [100]\n    webhook: http://{}/hook\n",
+            sha("sk-carol-1"),
+            hook.addr
+        ),
+    );
+    let gw = Gateway::start(cfg);
+    // 0.027 of 0.05: no threshold crossed.
+    assert_eq!(
+        ask(&gw, "sk-carol-1", &chat_body("small", "Hello there")).status,
+        200
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(hook.requests(), 0);
+    // Up to 1,000 tokens out could cost $2: refused, and the 100% alert goes.
+    let mut long = chat_body("small", "Hello there");
+    long["max_tokens"] = json!(1000);
+    for _ in 0..3 {
+        let r = ask(&gw, "sk-carol-1", &long);
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.api_error()["code"], "budget_exceeded");
+    }
+    assert!(
+        wait_until(Duration::from_secs(5), || hook.requests() >= 1),
+        "the 100% alert"
+    );
+    let alert = &hook.last()["json"];
+    assert_eq!(alert["threshold_pct"], 100.0, "{alert}");
+    assert_eq!(alert["refusing"], true, "{alert}");
+    assert!(alert["spent_usd"].as_f64().unwrap() < 0.05, "{alert}");
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(hook.requests(), 1, "sent once");
 }
 
 /// Requests in flight hold their estimated cost against the budget: of a
@@ -499,4 +547,37 @@ fn a_per_request_cost_cap_is_never_exceeded() {
     assert_eq!(r.api_error()["code"], "request_cost_cap_exceeded");
     assert_eq!(mock.requests(), before);
     assert!(gw.metric("smartllm_request_cost_cap_total", &[("action", "capped")]) >= 2.0);
+    // A tool the provider runs and bills per use cannot be bounded: refused
+    // in the client's own API shape, before any upstream call.
+    let mut search = chat_body("small", "What happened today?");
+    search["web_search_options"] = json!({});
+    let r = ask(&gw, "sk-alice-1", &search);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "request_cost_cap_unbounded");
+    assert_eq!(r.api_error()["param"], "tools");
+    let body = json!({"model": "small", "max_tokens": 100,
+        "messages": [{"role": "user", "content": "What happened today?"}],
+        "tools": [{"type": "web_search_20250305", "name": "web_search", "max_uses": 20}]});
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/messages",
+        &[
+            ("x-api-key", "sk-alice-1"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        &serde_json::to_vec(&body).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = r.json();
+    assert_eq!(e["type"], "error", "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("'web_search_20250305'"),
+        "{e}"
+    );
+    assert_eq!(mock.requests(), before);
 }
