@@ -36,6 +36,20 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
         .as_str()
         .unwrap()
         .contains("3 requests per minute for key 'alice'"));
+    // A score is a request too: a key out of requests cannot flood feedback.
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/feedback",
+        &[
+            ("Authorization", "Bearer sk-alice-1"),
+            ("content-type", "application/json"),
+        ],
+        br#"{"request_id": "x", "thumbs": "down"}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 429, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "rate_limit_exceeded");
     // Tokens per minute for an app: a 6,000-byte prompt (~1,500 tokens) fits once, not twice.
     let big = chat_body("small", &"word ".repeat(1200));
     assert_eq!(ask(&gw, "sk-carol-3", &big).status, 200);
