@@ -746,3 +746,47 @@ fn server_side_web_searches_are_billed_per_search() {
         gw.log_text()
     );
 }
+
+/// A Chat Completions request with `web_search_options` (OpenAI's search
+/// models) counts the one search OpenAI bills per call; sent to Claude it
+/// is refused rather than answered without searching.
+#[test]
+fn a_chat_web_search_is_billed_per_call_and_not_dropped_on_claude() {
+    let mock = Mock::start(&[]);
+    let gw = gateway(&mock, "");
+    let body = json!({"model": "gpt", "messages": [{"role": "user", "content": "news?"}],
+        "web_search_options": {}});
+    let r = post(
+        &gw,
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer sk-alice-1")],
+        &body,
+    );
+    let u = r.json()["usage"].clone();
+    let costs = ledger_costs(&gw, 1);
+    assert_usd(
+        "gpt: tokens and one search at $0.01",
+        costs["gpt"].1,
+        cost(
+            GPT,
+            n(&u, &["prompt_tokens"]),
+            0,
+            0,
+            0,
+            n(&u, &["completion_tokens"]),
+        ) + 0.01,
+    );
+    let mut claude = body.clone();
+    claude["model"] = json!("claude");
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer sk-alice-1")],
+        &serde_json::to_vec(&claude).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "unsupported_for_provider");
+    assert_eq!(r.api_error()["param"], "web_search_options");
+}

@@ -149,18 +149,19 @@ fn budgets_alert_reject_and_degrade() {
     assert_eq!(hook.requests(), sent, "{}", hook.last());
 }
 
-/// A budget spent to just short of its limit refuses every request that
-/// could cost more than what is left: its 100% alert goes then, marked
-/// `refusing`, once.
+/// A budget spent to just short of its limit refuses requests that would
+/// fit an empty period: it says so once (`budget_refusing`), without
+/// claiming a threshold spend has not reached; a request too dear for the
+/// whole budget sends nothing.
 #[test]
-fn a_budget_that_refuses_short_of_its_limit_sends_its_last_alert() {
+fn a_budget_that_refuses_short_of_its_limit_says_so_once() {
     let mock = Mock::start(&["--words", "12"]);
     let hook = Mock::start(&[]);
     let cfg = ledger_gateway(&mock, "");
     cfg.write(
         "keys.yaml",
         &format!(
-            "keys:\n  - name: carol\n    sha256: {}\n    tenant: gamma\n    app: web\nbudgets:\n  - scope: tenant\n    name: gamma\n    daily_usd: 0.05\n    alert_at: [100]\n    webhook: http://{}/hook\n",
+            "keys:\n  - name: carol\n    sha256: {}\n    tenant: gamma\n    app: web\nbudgets:\n  - scope: tenant\n    name: gamma\n    daily_usd: 0.05\n    alert_at: [80, 100]\n    webhook: http://{}/hook\n",
             sha("sk-carol-1"),
             hook.addr
         ),
@@ -171,26 +172,37 @@ fn a_budget_that_refuses_short_of_its_limit_sends_its_last_alert() {
         ask(&gw, "sk-carol-1", &chat_body("small", "Hello there")).status,
         200
     );
+    // Up to 1,000 tokens out could cost $2, more than the whole budget:
+    // refused, and no alert.
+    let mut dear = chat_body("small", "Hello there");
+    dear["max_tokens"] = json!(1000);
+    let r = ask(&gw, "sk-carol-1", &dear);
+    assert_eq!(r.status, 429, "{}", r.text());
     std::thread::sleep(Duration::from_millis(300));
-    assert_eq!(hook.requests(), 0);
-    // Up to 1,000 tokens out could cost $2: refused, and the 100% alert goes.
-    let mut long = chat_body("small", "Hello there");
-    long["max_tokens"] = json!(1000);
+    assert_eq!(hook.requests(), 0, "{}", hook.last());
+    // Another answer like the first would fit an empty day, not what is
+    // left: refused, and the budget says it is refusing, once.
+    let mut again = chat_body("small", "Hello there");
+    again["max_tokens"] = json!(12);
     for _ in 0..3 {
-        let r = ask(&gw, "sk-carol-1", &long);
+        let r = ask(&gw, "sk-carol-1", &again);
         assert_eq!(r.status, 429, "{}", r.text());
         assert_eq!(r.api_error()["code"], "budget_exceeded");
     }
     assert!(
         wait_until(Duration::from_secs(5), || hook.requests() >= 1),
-        "the 100% alert"
+        "the refusing alert"
     );
     let alert = &hook.last()["json"];
-    assert_eq!(alert["threshold_pct"], 100.0, "{alert}");
-    assert_eq!(alert["refusing"], true, "{alert}");
-    assert!(alert["spent_usd"].as_f64().unwrap() < 0.05, "{alert}");
+    assert_eq!(alert["type"], "budget_refusing", "{alert}");
+    assert_eq!(alert["budget"], "tenant:gamma", "{alert}");
+    assert!(alert["used_pct"].as_f64().unwrap() < 80.0, "{alert}");
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(hook.requests(), 1, "sent once");
+    assert_eq!(
+        gw.metric("smartllm_budget_alerts_total", &[("threshold", "refusing")]),
+        1.0
+    );
 }
 
 /// Requests in flight hold their estimated cost against the budget: of a

@@ -350,12 +350,38 @@ fn responses_pass_through_to_providers_that_speak_them() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(mock.last()["json"]["previous_response_id"], v["id"]);
-    // Streamed, the provider's events pass through; usage is billed.
+    // The provider keeps every tenant's answers under the gateway's one
+    // key: another tenant's id, or one the gateway never gave, is a 404 and
+    // never reaches it.
+    let before = mock.requests();
+    for (key, id) in [
+        ("sk-resp-b", v["id"].clone()),
+        ("sk-resp-a", json!("resp_mock_not_ours")),
+    ] {
+        let r = call(
+            &gw,
+            key,
+            "POST",
+            "/v1/responses",
+            &json!({"model": "native", "previous_response_id": id, "input": "Repeat it"}),
+        );
+        assert_eq!(r.status, 404, "{}", r.text());
+        assert_eq!(r.api_error()["param"], "previous_response_id");
+    }
+    assert_eq!(mock.requests(), before, "nothing went upstream");
+    // Streamed, the provider's events pass through; usage is billed; its
+    // id is the tenant's to continue.
     let r = create(
         &gw,
         &json!({"model": "native", "input": "Stream native", "stream": true}),
     );
     let evs = named_events(&r);
+    let streamed_id = evs
+        .iter()
+        .find(|(n, _)| n == "response.created")
+        .map(|(_, v)| v["response"]["id"].clone())
+        .unwrap();
+
     assert_eq!(evs.last().unwrap().0, "response.completed");
     let text: String = evs
         .iter()
@@ -365,9 +391,15 @@ fn responses_pass_through_to_providers_that_speak_them() {
     assert!(wait_until(std::time::Duration::from_secs(5), || costs(
         &gw, "model"
     )["total"]["requests"]
-        == 3));
+        == 5));
+    // (The two 404s are in the ledger, with no tokens.)
     let c = costs(&gw, "model");
     assert_eq!(c["rows"][0]["output_tokens"], 36, "{c}");
+    let r = create(
+        &gw,
+        &json!({"model": "native", "previous_response_id": streamed_id, "input": "More"}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
     // What only the Responses API has (a built-in tool, background) reaches
     // a provider that speaks it as sent; a translated model refuses it, in
     // OpenAI's shape, naming the field.

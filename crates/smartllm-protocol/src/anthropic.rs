@@ -166,6 +166,15 @@ pub fn request_to_anthropic(
     if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
         return Err(untranslatable("`n` above 1 (one answer per request)", "n"));
     }
+    if body.contains_key("web_search_options") {
+        // Claude searches through its own server tool, whose answer blocks
+        // Chat Completions has no place for: sent on, the search would be
+        // dropped without a word.
+        return Err(untranslatable(
+            "`web_search_options` (Claude searches through its web_search tool: use the Messages API)",
+            "web_search_options",
+        ));
+    }
     let max_tokens = body
         .get("max_completion_tokens")
         .or_else(|| body.get("max_tokens"))
@@ -756,6 +765,7 @@ mod tests {
 
         for (extra, param) in [
             (json!({"n": 2}), "n"),
+            (json!({"web_search_options": {}}), "web_search_options"),
             (
                 json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}]}]}),
                 "content",

@@ -805,8 +805,12 @@ pub fn response_from_chat(chat: &Value, model: &str) -> Value {
     // Some servers finish a tool call with "stop": an agent loop waits for
     // `tool_use`.
     let called = content.iter().any(|b| b["type"] == "tool_use");
-    let finish = match choice.get("finish_reason").and_then(Value::as_str) {
-        Some("stop") if called => Some("tool_calls"),
+    let finish = match choice
+        .get("finish_reason")
+        .and_then(Value::as_str)
+        .filter(|f| !f.is_empty())
+    {
+        Some("stop") | None if called => Some("tool_calls"),
         f => f,
     };
     json!({

@@ -162,6 +162,12 @@ pub struct ResponsesRequest {
     /// The conversation `previous_response_id` names, when the gateway keeps
     /// it (it answered that response through a translated provider).
     pub previous: Option<StoredResponse>,
+    /// `previous_response_id` names a response a provider that speaks
+    /// Responses gave this tenant through the gateway (the provider keeps
+    /// that conversation; the gateway only who it belongs to). Any other id
+    /// the gateway does not keep is another tenant's, or none: a 404,
+    /// never sent to a provider whose key all tenants share.
+    pub native_owned: bool,
     /// A Responses feature the translation to Chat Completions cannot carry
     /// (a built-in tool, `background`, an item reference, ...): a provider
     /// that speaks Responses takes the request as sent; any other gets this
@@ -232,6 +238,7 @@ pub fn parse(
             store,
             previous_response_id,
             previous,
+            native_owned: false,
             untranslatable,
         })),
     })
@@ -314,6 +321,8 @@ pub fn usage_of(response: &Value) -> Option<Usage> {
 #[derive(Debug, Default)]
 pub struct ResponsesStreamReader {
     parser: SseParser,
+    /// The response's id (from `response.created`, or its terminal event).
+    pub id: Option<String>,
     pub usage: Option<Usage>,
     /// The terminal event came (`response.completed`, `.incomplete`, `.failed`).
     pub done: bool,
@@ -343,6 +352,11 @@ impl ResponsesStreamReader {
             } else {
                 kind
             };
+            if self.id.is_none() {
+                if let Some(id) = v["response"]["id"].as_str() {
+                    self.id = Some(id.to_string());
+                }
+            }
             match kind.as_str() {
                 "response.completed" | "response.incomplete" => {
                     self.usage = usage_of(&v["response"]);
@@ -1431,7 +1445,9 @@ impl ChatToResponsesStream {
                     self.call_delta(call, out);
                 }
             }
-            if let Some(f) = c["finish_reason"].as_str() {
+            // Some servers send an empty finish reason on every chunk: no
+            // finish (a stream cut after it is not complete).
+            if let Some(f) = c["finish_reason"].as_str().filter(|f| !f.is_empty()) {
                 self.finish = Some(f.to_string());
             }
         }
@@ -2541,6 +2557,18 @@ mod tests {
         assert_eq!(r["output"][0]["content"][0]["text"], "");
         assert!(r["usage"].is_null() && s.usage().is_none());
         assert_eq!(names(&events).last(), Some(&"response.completed"));
+
+        // An empty finish reason on every chunk is no finish: cut before a
+        // real one, the stream fails rather than reads as complete.
+        let mut input = chunk(json!({"content": "Hel"}), json!(""));
+        input.extend(chunk(json!({"content": "lo"}), json!("")));
+        let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+        let events = run(&mut s, &input, 3);
+        assert_eq!(
+            names(&events).last(),
+            Some(&"response.failed"),
+            "{events:?}"
+        );
     }
 
     #[test]

@@ -165,14 +165,17 @@ pub fn cut_at_length(v: &Value) -> bool {
         .is_some_and(|cs| cs.iter().any(|c| c["finish_reason"] == "length"))
 }
 
-/// Whether an event's JSON gives a `finish_reason` other than `null`
-/// (without parsing it: every chunk carries the field, nearly all with null).
+/// Whether an event's JSON gives a `finish_reason` other than `null` or
+/// `""` (without parsing it: every chunk carries the field, nearly all with
+/// null; some servers send an empty one on every chunk, which ends nothing).
 fn names_finish_reason(data: &str) -> bool {
     const FIELD: &str = "\"finish_reason\"";
     data.match_indices(FIELD).any(|(i, _)| {
         let rest = data[i + FIELD.len()..].trim_start();
-        rest.strip_prefix(':')
-            .is_some_and(|r| r.trim_start().starts_with('"'))
+        rest.strip_prefix(':').is_some_and(|r| {
+            let r = r.trim_start();
+            r.starts_with('"') && !r.starts_with("\"\"")
+        })
     })
 }
 
@@ -262,7 +265,8 @@ impl OpenAiStreamFilter {
                     .flatten()
                 {
                     let index = c["index"].as_u64().unwrap_or(0);
-                    if c["finish_reason"].is_string() && !self.finished_choices.contains(&index) {
+                    let named = c["finish_reason"].as_str().is_some_and(|f| !f.is_empty());
+                    if named && !self.finished_choices.contains(&index) {
                         self.finished_choices.push(index);
                     }
                 }
@@ -368,6 +372,20 @@ mod tests {
         err.feed(b"data: {\"error\":{\"message\":\"overloaded\"}}\n\n")
             .unwrap();
         assert!(!err.started && err.error.is_some());
+        // An empty finish reason on every chunk ends nothing and begins
+        // nothing: the role chunk is still not the answer.
+        let mut empty = OpenAiStreamFilter::new(false);
+        empty
+            .feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\"},\"finish_reason\":\"\"}]}\n\n")
+            .unwrap();
+        assert!(!empty.started && empty.finished == 0);
+        empty
+            .feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"},\"finish_reason\":\"\"}]}\n\n")
+            .unwrap();
+        assert!(empty.started && empty.finished == 0);
+        assert!(names_finish_reason(r#"{"finish_reason": "stop"}"#));
+        assert!(!names_finish_reason(r#"{"finish_reason": ""}"#));
+        assert!(!names_finish_reason(r#"{"finish_reason":null}"#));
     }
 
     /// Reasoning a provider counts outside `completion_tokens` (xAI: only

@@ -864,8 +864,9 @@ impl ServeHttp for AdminApp {
         }
         match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => {
-                // Budgets' shares as of now: a new day reads 0, and a
-                // gateway that no longer sees a tenant shows the fleet's.
+                // Budgets' shares as this gateway knows them now: a new day
+                // reads 0 (with a fleet, a scope's spend is brought up to
+                // date from Redis when this gateway serves it).
                 self.shared
                     .quotas
                     .export_budget_gauges(&rt.config.keys.budgets);

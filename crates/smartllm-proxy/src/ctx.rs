@@ -28,6 +28,10 @@ pub struct Ctx {
     pub error_code: Option<&'static str>,
     pub stream: bool,
     pub usage: Option<Usage>,
+    /// A Chat Completions request with `web_search_options`: OpenAI runs
+    /// one search for it and bills it per call, which its usage does not
+    /// report.
+    pub web_search: bool,
     /// Time spent waiting on upstreams (connect, request, response reads).
     pub upstream_wait: Duration,
     pub ttft: Option<Duration>,
@@ -119,6 +123,7 @@ impl Ctx {
             rt: None,
             endpoint: "other",
             anthropic: false,
+            web_search: false,
             route: None,
             model: None,
             provider: None,

@@ -140,6 +140,22 @@ impl ResponsesStore {
         self.queue(tasks, key(tenant, stored.id()), Some(Arc::new(stored)));
     }
 
+    /// Remember that a provider speaking Responses gave `tenant` the
+    /// response `id` (kept as long as a stored conversation): only `tenant`
+    /// may continue it (`previous_response_id`).
+    pub fn own(&self, tasks: &TaskTracker, tenant: &str, id: &str) {
+        let marker = StoredResponse {
+            response: serde_json::json!({"id": id, "object": "response"}),
+            messages: Vec::new(),
+        };
+        self.queue(tasks, key(&owner(tenant), id), Some(Arc::new(marker)));
+    }
+
+    /// Did a provider speaking Responses give `tenant` the response `id`?
+    pub async fn owns(&self, tenant: &str, id: &str) -> bool {
+        self.load(&owner(tenant), id).await.is_some()
+    }
+
     /// Remove the stored response `id` of `tenant`; whether it was there.
     pub async fn delete(&self, tasks: &TaskTracker, tenant: &str, id: &str) -> bool {
         if self.load(tenant, id).await.is_none() {
@@ -268,6 +284,12 @@ fn read(store: &Store, codec: &Codec, k: &[u8]) -> Option<StoredResponse> {
             None
         }
     }
+}
+
+/// The key space of `tenant`'s markers of provider-kept responses (a
+/// tenant's name has no NUL, so no tenant's own conversations are here).
+fn owner(tenant: &str) -> String {
+    format!("{tenant}\0native")
 }
 
 #[cfg(test)]

@@ -813,18 +813,21 @@ struct Crossing {
     spent: f64,
     limit: f64,
     key: String,
-    /// Sent because requests are refused (or degraded) for want of room,
-    /// though spend has not quite reached the threshold.
+    /// Not a threshold: the budget began refusing (or degrading) requests
+    /// that would fit an empty period (`threshold` is then the share spent).
     refusing: bool,
 }
 
 impl Quotas {
     /// Load this month's spend from the ledger (at start, after
-    /// [`Quotas::track_budgets`]). Thresholds of `budgets` that spend
-    /// already meets were alerted on before the restart: not sent again.
-    pub fn warm(&self, ledger: &Ledger, budgets: &[Budget]) {
+    /// [`Quotas::track_budgets`]). Without a fleet, thresholds of `budgets`
+    /// that spend already meets were alerted on before the restart: not sent
+    /// again (a fleet claims each alert in Redis, which remembers).
+    pub fn warm(&self, ledger: &Ledger, budgets: &[Budget], fleet: &FleetConfig) {
         self.budgets.warm(ledger);
-        self.budgets.mark_reached(budgets, now_secs());
+        if fleet.redis.is_none() {
+            self.budgets.mark_reached(budgets, now_secs());
+        }
     }
 
     /// The budgets of the running config (at start and on every reload; may
@@ -947,7 +950,7 @@ impl Quotas {
             }
             Err(exceeded) => *exceeded,
         };
-        self.alert_exhausted(config, budget, &ex);
+        self.alert_refusing(config, budget, &ex, estimate);
         match &budget.on_exceed {
             OnExceed::Degrade(target) => match config.resolve_model(target) {
                 Some((m, _)) if m.name != model => {
@@ -1059,48 +1062,55 @@ impl Quotas {
     }
 
     /// A request refused (or degraded) by `budget` for want of room, not
-    /// for what requests in flight hold: the budget is spent as far as
-    /// requests go ($49.98 of $50 refuses every request that could cost
-    /// more than 2 cents), so its thresholds up to 100% not yet alerted on
-    /// are sent now, once (one gateway of a fleet), marked `refusing`.
-    fn alert_exhausted(self: &Arc<Self>, config: &Config, budget: &Budget, ex: &Exceeded) {
-        if ex.in_flight {
+    /// for what requests in flight hold, though it would fit the budget's
+    /// whole period: the budget now turns requests away before spend
+    /// reaches its limit ($49.98 of $50 refuses every request that could
+    /// cost more than 2 cents, and no threshold alert would ever say so).
+    /// One `budget_refusing` alert per budget and period (one gateway of a
+    /// fleet sends it); threshold alerts are left to spend.
+    fn alert_refusing(
+        self: &Arc<Self>,
+        config: &Config,
+        budget: &Budget,
+        ex: &Exceeded,
+        estimate: Estimate,
+    ) {
+        // Spend at the limit is the 100% threshold's to say.
+        if ex.in_flight
+            || ex.spent >= ex.limit
+            || estimate.firm > ex.limit
+            || budget.alert_at.is_empty()
+        {
             return;
         }
         let (day, month, _, _) = periods(now_secs());
         let p = if ex.period == "daily" { day } else { month };
-        let out: Vec<Crossing> = {
-            let mut fired = self.budgets.fired.lock().unwrap_or_else(|p| p.into_inner());
-            budget
-                .alert_at
-                .iter()
-                .filter(|t| **t <= 100.0)
-                .filter_map(|&t| {
-                    let key = format!("{}|{p}|{t}", budget.id());
-                    fired.insert(key.clone()).then(|| Crossing {
-                        budget: budget.clone(),
-                        period: ex.period,
-                        threshold: t,
-                        spent: ex.spent,
-                        limit: ex.limit,
-                        key,
-                        refusing: true,
-                    })
-                })
-                .collect()
-        };
-        if out.is_empty() {
+        let key = format!("{}|{p}|refusing", budget.id());
+        let first = self
+            .budgets
+            .fired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(key.clone());
+        if !first {
             return;
         }
+        let c = Crossing {
+            budget: budget.clone(),
+            period: ex.period,
+            threshold: ex.spent / ex.limit * 100.0,
+            spent: ex.spent,
+            limit: ex.limit,
+            key,
+            refusing: true,
+        };
         match self.fleet(&config.fleet) {
-            None => out.into_iter().for_each(|c| self.fire(c)),
+            None => self.fire(c),
             Some(f) => {
                 let quotas = self.clone();
                 self.tasks.spawn(async move {
-                    for c in out {
-                        if f.claim(&c.key, MONTH_TTL).await.unwrap_or(true) {
-                            quotas.fire(c);
-                        }
+                    if f.claim(&c.key, MONTH_TTL).await.unwrap_or(true) {
+                        quotas.fire(c);
                     }
                 });
             }
@@ -1110,14 +1120,27 @@ impl Quotas {
     /// Log and count an alert, and queue its webhook for delivery.
     fn fire(&self, c: Crossing) {
         let b = &c.budget;
-        tracing::warn!(budget = %b.id(), period = c.period, threshold_pct = c.threshold, spent_usd = c.spent, limit_usd = c.limit, "budget alert");
-        metrics::budget_alert(&b.id(), c.threshold);
+        if c.refusing {
+            tracing::warn!(budget = %b.id(), period = c.period, spent_usd = c.spent, limit_usd = c.limit, "budget refusing requests before its limit");
+            metrics::budget_refusing(&b.id());
+        } else {
+            tracing::warn!(budget = %b.id(), period = c.period, threshold_pct = c.threshold, spent_usd = c.spent, limit_usd = c.limit, "budget alert");
+            metrics::budget_alert(&b.id(), c.threshold);
+        }
         if let Some(url) = b.webhook.clone() {
-            let body = json!({
-                "type": "budget_alert", "budget": b.id(), "scope": b.scope.as_str(), "name": b.name,
-                "period": c.period, "threshold_pct": c.threshold, "spent_usd": c.spent, "limit_usd": c.limit,
-                "refusing": c.refusing, "at": now_secs(),
-            });
+            let body = if c.refusing {
+                json!({
+                    "type": "budget_refusing", "budget": b.id(), "scope": b.scope.as_str(), "name": b.name,
+                    "period": c.period, "used_pct": c.threshold, "spent_usd": c.spent, "limit_usd": c.limit,
+                    "at": now_secs(),
+                })
+            } else {
+                json!({
+                    "type": "budget_alert", "budget": b.id(), "scope": b.scope.as_str(), "name": b.name,
+                    "period": c.period, "threshold_pct": c.threshold, "spent_usd": c.spent, "limit_usd": c.limit,
+                    "at": now_secs(),
+                })
+            };
             let alert = Alert {
                 webhook: url,
                 body: body.to_string(),

@@ -55,6 +55,12 @@ pub fn budget_alert(budget: &str, threshold: f64) {
         .increment(1);
 }
 
+/// A budget began refusing requests that fit an empty period (`threshold="refusing"`).
+pub fn budget_refusing(budget: &str) {
+    counter!(BUDGET_ALERTS, "budget" => labels::budget(budget), "threshold" => "refusing")
+        .increment(1);
+}
+
 pub fn alert_dropped() {
     counter!(BUDGET_ALERTS_DROPPED).increment(1);
 }

@@ -747,9 +747,12 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         dir.to_path_buf(),
     );
 
-    shared
-        .quotas
-        .warm(&ledger, &shared.runtime.load().config.keys.budgets);
+    {
+        let rt = shared.runtime.load();
+        shared
+            .quotas
+            .warm(&ledger, &rt.config.keys.budgets, &rt.config.fleet);
+    }
 
     let mut proxy = Service::new(
         "smartllm proxy".to_string(),

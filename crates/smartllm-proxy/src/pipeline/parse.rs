@@ -42,6 +42,8 @@ pub fn resolve<'rt>(
     req: ParsedRequest,
 ) -> Result<Parsed<'rt>, ApiError> {
     ctx.stream = req.stream;
+    ctx.web_search = req.endpoint == smartllm_protocol::Endpoint::ChatCompletions
+        && req.body.contains_key("web_search_options");
     if ctx.tag.is_none() {
         ctx.tag = req
             .body

@@ -39,7 +39,28 @@ pub async fn parse(
     if let Some(p) = &previous {
         ctx.prompt_bytes += p.history_bytes();
     }
-    proto::parse(endpoint, map, raw, previous, new_id())
+    let owned = match (
+        &previous,
+        proto::previous_response_id(&map),
+        &shared.responses,
+    ) {
+        (None, Some(id), Some(r)) => r.owns(&ctx.tenant, id).await,
+        _ => false,
+    };
+    let mut req = proto::parse(endpoint, map, raw, previous, new_id())?;
+    if let Some(r) = req.responses.as_mut() {
+        r.native_owned = owned;
+    }
+    Ok(req)
+}
+
+/// A provider speaking Responses answered `id` for this request's tenant:
+/// remember whose it is, so that only they can continue it.
+pub fn own(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, id: &str) {
+    let stored = req.responses.as_deref().is_some_and(|r| r.store);
+    if let (true, Some(store)) = (stored, &shared.responses) {
+        store.own(&shared.tasks, &ctx.tenant, id);
+    }
 }
 
 /// `POST /v1/responses/input_tokens`: the gateway's estimate of the input.

@@ -118,7 +118,12 @@ pub(super) async fn relay(
             (body, usage, o)
         }
         // Not cached: the provider keeps its own state for these.
-        Translate::ResponsesNative => (body, responses::usage_of(&v), Value::Null),
+        Translate::ResponsesNative => {
+            if let Some(id) = v["id"].as_str() {
+                crate::pipeline::responses::own(x.shared, ctx, x.req, id);
+            }
+            (body, responses::usage_of(&v), Value::Null)
+        }
     };
     // The client's shape, where the provider spoke another.
     match (x.req.endpoint, x.translate) {

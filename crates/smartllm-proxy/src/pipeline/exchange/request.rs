@@ -46,10 +46,11 @@ pub(super) fn build(
         ProviderKind::OpenAi
             if req.endpoint == Endpoint::Responses
                 && p.cfg.responses
-                && req
-                    .responses
-                    .as_deref()
-                    .is_none_or(|r| r.previous.is_none()) =>
+                && req.responses.as_deref().is_none_or(|r| {
+                    // Another tenant's id (or none the gateway saw) never
+                    // reaches the provider that keeps all tenants' answers.
+                    r.previous.is_none() && (r.previous_response_id.is_none() || r.native_owned)
+                }) =>
         {
             let raw = req.native.clone().unwrap_or_default();
             let body = smartllm_protocol::messages::splice_model_bytes(&raw, &dep.upstream_model)
@@ -60,16 +61,16 @@ pub(super) fn build(
                 Translate::ResponsesNative,
             )
         }
-        _ if untranslatable.is_some() => {
-            return Err(untranslatable.cloned().unwrap_or_else(|| {
-                ApiError::internal("a Responses request that cannot be translated")
-            }));
-        }
         _ if previous_unknown.is_some() => {
             return Err(smartllm_protocol::responses::response_not_found(
                 previous_unknown.unwrap_or_default(),
                 Some("previous_response_id"),
             ));
+        }
+        _ if untranslatable.is_some() => {
+            return Err(untranslatable.cloned().unwrap_or_else(|| {
+                ApiError::internal("a Responses request that cannot be translated")
+            }));
         }
         ProviderKind::OpenAi if req.endpoint.is_anthropic() => {
             if req.endpoint == Endpoint::MessagesCountTokens {

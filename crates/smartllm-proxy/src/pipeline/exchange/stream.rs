@@ -142,6 +142,13 @@ impl Translator {
             Translator::Responses(r) => r.error.as_ref(),
         }
     }
+    /// The id a provider speaking Responses gave its answer.
+    fn response_id(&self) -> Option<&str> {
+        match self {
+            Translator::Responses(r) => r.id.as_deref(),
+            _ => None,
+        }
+    }
 }
 
 /// The usage of a stream that ended before its end (the client left, or it
@@ -566,12 +573,15 @@ pub(super) async fn relay(
             }
         }
     }
-    if failure
-        .as_ref()
-        .is_some_and(|(end, _)| *end != StreamEnd::UpstreamError || tr.usage().is_some())
-    {
-        // Billed for what was generated before it broke off. (A provider's
-        // error event with no usage at all: nothing to bill, as before.)
+    if let Some(id) = tr.response_id() {
+        crate::pipeline::responses::own(x.shared, ctx, req, id);
+    }
+    if failure.as_ref().is_some_and(|(end, _)| {
+        *end != StreamEnd::UpstreamError || tr.usage().is_some() || tr.started()
+    }) {
+        // Billed for what was generated before it broke off, an answer a
+        // provider's error event cut as much as a broken connection. (An
+        // error event before any answer, with no usage: nothing to bill.)
         bill_early_end(ctx, &tr, req, assembler.take());
     } else {
         record_usage(ctx, tr.usage());

@@ -46,7 +46,12 @@ pub(super) fn estimate_usage(req: &ParsedRequest, completion: &str) -> Usage {
 }
 
 pub(super) fn record_usage(ctx: &mut Ctx, usage: Option<Usage>) {
-    if let Some(u) = usage {
+    if let Some(mut u) = usage {
+        // A search-model request's one web search, billed per call at the
+        // model's `web_search` price (its usage reports none).
+        if ctx.web_search && u.web_searches == 0 {
+            u.web_searches = 1;
+        }
         metrics::tokens(
             ctx.model().unwrap_or("-"),
             u.prompt_tokens,
