@@ -352,6 +352,26 @@ fn h2c_prior_knowledge_when_enabled_http1_still_served() {
     assert_eq!(gw.chat(&chat_body("small", "h1 too")).status, 200);
     drop(gw);
 
+    // A connection that says nothing, or half a preface, is closed after
+    // the header timeout: the wait for the h2c preface is bounded too.
+    let (_mock, gw) = basic("  h2c: true\n  client_header_timeout: 1s\n", &[]);
+    for sent in [&b""[..], b"PRI * HT"] {
+        use std::io::{Read, Write};
+        let mut c = std::net::TcpStream::connect(&gw.addr).unwrap();
+        c.write_all(sent).unwrap();
+        c.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        let t = std::time::Instant::now();
+        let mut buf = [0u8; 64];
+        // Closed (end of stream, or a reset) well before the 8 s read timeout.
+        let r = c.read(&mut buf);
+        let waited = t.elapsed();
+        assert!(
+            waited < Duration::from_secs(5) && matches!(r, Ok(0) | Err(_)),
+            "sent {sent:?}: {r:?} after {waited:?}"
+        );
+    }
+    drop(gw);
+
     // Off by default: a prior-knowledge client gets no HTTP/2.
     let (_mock, gw) = basic("", &[]);
     let url = format!("http://{}/v1/models", gw.addr);

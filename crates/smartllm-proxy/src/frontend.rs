@@ -64,6 +64,10 @@ impl Frontend {
             options.h2c = s.h2c;
             options.h2_idle_timeout =
                 Some(Duration::from_secs(keepalive_secs(s.keepalive_timeout)));
+            // A connection that says nothing (no h2c preface on the plain
+            // listener, none after ALPN h2) goes after the header timeout.
+            // Set at start: a reload's new value applies after a restart.
+            options.h2_preface_timeout = Some(s.client_header_timeout);
         }
         proxy.server_options = Some(options);
         Frontend {

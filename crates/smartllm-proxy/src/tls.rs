@@ -26,6 +26,9 @@ pub struct ListenerTls {
     pub client_verifier: Option<Arc<dyn ClientCertVerifier>>,
     /// sha256 of the served end-entity certificate.
     pub fingerprint: String,
+    /// sha256 of the client CAs (subjects and keys; empty without them):
+    /// what a resumed session must have begun under (see [`Sessions`]).
+    pub client_auth: String,
 }
 
 impl std::fmt::Debug for ListenerTls {
@@ -84,6 +87,17 @@ impl ListenerTls {
             key: e.key(),
             message: e.to_string(),
         })?;
+        let client_auth = m.client_roots.as_ref().map_or_else(String::new, |roots| {
+            use sha2::{Digest, Sha256};
+            let mut h = Sha256::new();
+            for a in &roots.roots {
+                h.update((a.subject.len() as u64).to_be_bytes());
+                h.update(&a.subject);
+                h.update((a.subject_public_key_info.len() as u64).to_be_bytes());
+                h.update(&a.subject_public_key_info);
+            }
+            hex::encode(h.finalize())
+        });
         let client_verifier = match m.client_roots {
             None => None,
             Some(roots) => Some(
@@ -106,7 +120,71 @@ impl ListenerTls {
             certified_key: m.certified_key,
             client_verifier,
             fingerprint: m.fingerprint,
+            client_auth,
         })
+    }
+}
+
+/// The listener's TLS session cache, kept per client-CA setting: a session
+/// begun when no client certificate was asked for (or under other CAs) is
+/// not found once a reload asks for one (or changes them), so the client
+/// makes a full handshake and its certificate is checked. rustls checks no
+/// certificate when it resumes a session; without this, a client that kept
+/// a ticket from before the reload would get in without one.
+pub struct Sessions {
+    inner: Arc<rustls::server::ServerSessionMemoryCache>,
+    shared: Arc<Shared>,
+    listener: Listener,
+}
+
+impl Sessions {
+    pub fn new(shared: Arc<Shared>, listener: Listener) -> Self {
+        Sessions {
+            // rustls's default size.
+            inner: rustls::server::ServerSessionMemoryCache::new(256),
+            shared,
+            listener,
+        }
+    }
+
+    /// `key` under the client-auth setting in force now.
+    fn key(&self, key: &[u8]) -> Vec<u8> {
+        let rt = self.shared.runtime.load();
+        let auth = self
+            .listener
+            .of(&rt)
+            .map_or("", |t| t.client_auth.as_str());
+        let mut k = Vec::with_capacity(auth.len() + 1 + key.len());
+        k.extend_from_slice(auth.as_bytes());
+        k.push(b'|');
+        k.extend_from_slice(key);
+        k
+    }
+}
+
+impl std::fmt::Debug for Sessions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Sessions")
+            .field("listener", &self.listener)
+            .finish()
+    }
+}
+
+impl rustls::server::StoresServerSessions for Sessions {
+    fn put(&self, key: Vec<u8>, value: Vec<u8>) -> bool {
+        self.inner.put(self.key(&key), value)
+    }
+
+    fn get(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.get(&self.key(key))
+    }
+
+    fn take(&self, key: &[u8]) -> Option<Vec<u8>> {
+        self.inner.take(&self.key(key))
+    }
+
+    fn can_cache(&self) -> bool {
+        true
     }
 }
 

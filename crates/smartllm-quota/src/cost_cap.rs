@@ -45,9 +45,12 @@ pub async fn plan(
     // place in the canonical one), read only when a tool's name is in it.
     let native = || {
         let r = raw?;
-        let named = SERVER_TOOLS
-            .iter()
-            .any(|s| r.windows(s.len()).any(|w| w == s.as_bytes()));
+        // Quoted, as a type's value starts: base64 image data has no quote,
+        // so a large body is not parsed again by chance.
+        let named = SERVER_TOOLS.iter().any(|s| {
+            let quoted = format!("\"{s}");
+            r.windows(quoted.len()).any(|w| w == quoted.as_bytes())
+        });
         named
             .then(|| serde_json::from_slice::<Map<String, Value>>(r).ok())
             .flatten()

@@ -478,6 +478,14 @@ pub fn decide(
                 .model(m)
                 .is_none_or(|mc| misfit(config, mc, f, &route.constraints).is_none())
     };
+    // An arm whose model cannot serve this request does not count it: its
+    // figures are the arm's model's, not whichever served instead.
+    if pinned
+        .as_ref()
+        .is_some_and(|(m, why)| why.starts_with("experiment:") && !pin_fits(m))
+    {
+        experiment = None;
+    }
     let (model, mut reason) = if let Some((m, why)) = pinned.clone().filter(|(m, _)| pin_fits(m)) {
         (m, why)
     } else if let Some(i) = feasible
@@ -879,6 +887,24 @@ mod tests {
         let d = decide(&cfg2, &pinned, &f, None, None, &info, &StaticState);
         assert_eq!(d.model, "cheap", "{:?}", d.candidates);
         assert_ne!(d.reason, "rule:p");
+        // An experiment arm pinning it: the request does not count as the
+        // arm's.
+        let mut arm = r.clone();
+        arm.experiment = Some(Experiment {
+            name: "e".into(),
+            sticky_by: StickyBy::Key,
+            arms: vec![Arm {
+                name: "strong-arm".into(),
+                weight: 1.0,
+                model: Some("strong".into()),
+            }],
+        });
+        let d = decide(&cfg, &arm, &f, None, None, &info, &StaticState);
+        assert_eq!(d.model, "strong");
+        assert!(d.experiment.is_some());
+        let d = decide(&cfg2, &arm, &f, None, None, &info, &StaticState);
+        assert_eq!(d.model, "cheap");
+        assert_eq!(d.experiment, None);
     }
 
     /// A `json_schema` request does not go to a model served only through

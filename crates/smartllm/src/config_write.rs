@@ -15,6 +15,17 @@ use std::path::Path;
 /// synced before the rename and the directory after it (a power cut leaves
 /// the old file or the new one), and removed on any failure.
 pub fn replace(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_replacing(path, text, true)
+}
+
+/// `replace` for a file that holds no secret (a trained router model): a
+/// new one with no file beside it to take after is 0644 (less the umask),
+/// and an owner the caller may not give it (not root) is left as it is.
+pub fn replace_public(path: &Path, text: &str) -> anyhow::Result<()> {
+    write_replacing(path, text, false)
+}
+
+fn write_replacing(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().unwrap_or(Path::new("."));
@@ -36,7 +47,7 @@ pub fn replace(path: &Path, text: &str) -> anyhow::Result<()> {
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create_new(true)
-        .mode(0o600)
+        .mode(if secret { 0o600 } else { 0o644 })
         .open(&tmp)
         .with_context(|| format!("creating {}", tmp.display()))?;
     f.write_all(text.as_bytes())
@@ -47,14 +58,20 @@ pub fn replace(path: &Path, text: &str) -> anyhow::Result<()> {
         .or_else(|_| std::fs::metadata(dir.join(smartllm_config::MAIN_FILE)));
     if let Ok(meta) = like {
         use std::os::unix::fs::MetadataExt;
-        std::fs::set_permissions(&tmp, meta.permissions())
-            .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())))
-            .with_context(|| {
-                format!(
-                    "giving {} the owner and mode of the config it replaces",
-                    path.display()
-                )
-            })?;
+        let owned = std::fs::set_permissions(&tmp, meta.permissions())
+            .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())));
+        match owned {
+            Ok(()) => {}
+            Err(e) if !secret && e.kind() == std::io::ErrorKind::PermissionDenied => {}
+            Err(e) => {
+                return Err(e).with_context(|| {
+                    format!(
+                        "giving {} the owner and mode of the config it replaces",
+                        path.display()
+                    )
+                })
+            }
+        }
     }
     std::fs::rename(&tmp, path).with_context(|| format!("replacing {}", path.display()))?;
     cleanup.1 = true;
@@ -128,5 +145,30 @@ mod tests {
             .unwrap()
             .try_lock()
             .is_err());
+    }
+
+    /// A file with no secret and nothing beside it to take after is
+    /// readable by others (0644 less the umask), not 0600.
+    #[test]
+    fn a_public_file_is_readable_by_the_service() {
+        use std::os::unix::fs::OpenOptionsExt;
+        let dir = std::env::temp_dir().join(format!("smartllm-public-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let dir = Dir(dir);
+        let probe = dir.path().join("probe");
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o777)
+            .open(&probe)
+            .unwrap();
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let allowed = mode(&probe);
+        let router = dir.path().join("router.json");
+        replace_public(&router, "{}").unwrap();
+        assert_eq!(mode(&router), 0o644 & allowed);
+        let secret = dir.path().join("keys.yaml");
+        replace(&secret, "k").unwrap();
+        assert_eq!(mode(&secret), 0o600);
     }
 }

@@ -871,12 +871,15 @@ fn tls_settings(
     listener: smartllm_proxy::tls::Listener,
     tls: Option<&smartllm_config::TlsConfig>,
 ) -> anyhow::Result<Option<pingora::listeners::tls::TlsSettings>> {
-    use smartllm_proxy::tls::{CertResolver, ClientVerifier, Listener};
+    use smartllm_proxy::tls::{CertResolver, ClientVerifier, Listener, Sessions};
     let Some(tls) = tls else { return Ok(None) };
     let mut settings = pingora::listeners::tls::TlsSettings::intermediate("", "")
         .map_err(|e| anyhow::anyhow!("{}: {e}", listener.setting()))?;
     settings.set_cert_resolver(Arc::new(CertResolver::new(shared.clone(), listener)));
     settings.set_client_cert_verifier(Arc::new(ClientVerifier::new(shared.clone(), listener)));
+    // Resumed sessions are kept per client-CA setting (see `Sessions`).
+    let sessions = Arc::new(Sessions::new(shared.clone(), listener));
+    settings.set_config_hook(Box::new(move |c| c.session_storage = sessions));
     let alpn = match listener {
         Listener::Api => {
             settings.enable_h2();

@@ -212,7 +212,7 @@ pub fn train(config: &Path, data: &Path, out: &Path, lambda: f64) -> anyhow::Res
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     // Renamed into place: a gateway watching the directory never loads
     // half a model.
-    crate::config_write::replace(out, &router.to_json())?;
+    crate::config_write::replace_public(out, &router.to_json())?;
     println!(
         "trained on {} prompts ({} labels); wrote {}",
         rows.len(),

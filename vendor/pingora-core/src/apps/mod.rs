@@ -89,6 +89,14 @@ pub struct HttpServerOptions {
     ///
     /// Default: `None`
     pub h2_idle_timeout: Option<Duration>,
+
+    /// SmartLLM patch: if set, a connection that has not sent the HTTP/2
+    /// preface (h2c, or TLS with ALPN h2) within this long is closed. The
+    /// request header timeouts start only after it, so without this a
+    /// silent connection is held for ever.
+    ///
+    /// Default: `None`
+    pub h2_preface_timeout: Option<Duration>,
 }
 
 /// Settings persisted across HTTP/1.x keepalive requests on the same downstream connection.
@@ -281,9 +289,20 @@ where
         // try to read h2 preface
         else if h2c && !custom {
             let mut buf = [0u8; H2_PREFACE.len()];
-            let peeked = stream
-                .try_peek(&mut buf)
-                .await
+            let preface_timeout = self.server_options().and_then(|o| o.h2_preface_timeout);
+            let peek = stream.try_peek(&mut buf);
+            // SmartLLM patch: a client that sends nothing is not waited on for ever.
+            let peeked = match preface_timeout {
+                Some(t) => match pingora_timeout::tokio_timeout(t, peek).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        debug!("no request within {t:?} of connecting; closing");
+                        return None;
+                    }
+                },
+                None => peek.await,
+            };
+            let peeked = peeked
                 .map_err(|e| {
                     // this error is normal when h1 reuse and close the connection
                     debug!("Read error while peeking h2c preface {e}");
@@ -307,7 +326,20 @@ where
             });
 
             let h2_options = self.h2_options();
-            let h2_conn = match server::handshake(stream, h2_options).await {
+            let preface_timeout = self.server_options().and_then(|o| o.h2_preface_timeout);
+            let handshake = server::handshake(stream, h2_options);
+            // SmartLLM patch: the preface within the timeout, or the connection goes.
+            let handshaken = match preface_timeout {
+                Some(t) => match pingora_timeout::tokio_timeout(t, handshake).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        debug!("no HTTP/2 preface within {t:?}; closing");
+                        return None;
+                    }
+                },
+                None => handshake.await,
+            };
+            let h2_conn = match handshaken {
                 Err(e) => {
                     error!("H2 handshake error {e}");
                     return None;

@@ -29,6 +29,9 @@ use pingora_rustls::{version, TlsAcceptor as RusTlsAcceptor};
 
 use crate::protocols::{ALPN, IO};
 
+/// SmartLLM patch: what [`TlsSettings::set_config_hook`] takes.
+pub type ConfigHook = Box<dyn FnOnce(&mut ServerConfig) + Send + Sync>;
+
 /// The TLS settings of a listening endpoint
 pub struct TlsSettings {
     alpn_protocols: Option<Vec<Vec<u8>>>,
@@ -36,6 +39,8 @@ pub struct TlsSettings {
     key_path: String,
     cert_resolver: Option<Arc<dyn ResolvesServerCert>>,
     client_cert_verifier: Option<Arc<dyn ClientCertVerifier>>,
+    // SmartLLM patch: a last say over the built rustls config.
+    config_hook: Option<ConfigHook>,
     callbacks: Option<TlsAcceptCallbacks>,
     offload_threadpool: Option<(usize, usize)>,
 }
@@ -94,6 +99,10 @@ impl TlsSettings {
         if let Some(alpn_protocols) = self.alpn_protocols {
             config.alpn_protocols = alpn_protocols;
         }
+        // SmartLLM patch: the caller's last changes (its session storage).
+        if let Some(hook) = self.config_hook {
+            hook(&mut config);
+        }
 
         Acceptor {
             acceptor: RusTlsAcceptor::from(Arc::new(config)),
@@ -117,6 +126,13 @@ impl TlsSettings {
     /// Configure mTLS by providing a rustls client certificate verifier.
     pub fn set_client_cert_verifier(&mut self, verifier: Arc<dyn ClientCertVerifier>) {
         self.client_cert_verifier = Some(verifier);
+    }
+
+    /// SmartLLM patch: change the rustls [`ServerConfig`] once it is built
+    /// (for what these settings have no setter for, such as its session
+    /// storage).
+    pub fn set_config_hook(&mut self, hook: ConfigHook) {
+        self.config_hook = Some(hook);
     }
 
     /// Install a user-provided server certificate resolver.
@@ -198,6 +214,7 @@ impl TlsSettings {
             key_path: key_path.to_string(),
             cert_resolver: None,
             client_cert_verifier: None,
+            config_hook: None,
             callbacks: None,
             offload_threadpool: None,
         })
@@ -218,6 +235,7 @@ impl TlsSettings {
             key_path: String::new(),
             cert_resolver: None,
             client_cert_verifier: None,
+            config_hook: None,
             callbacks: Some(callbacks),
             offload_threadpool: None,
         })
