@@ -100,8 +100,10 @@ pub struct Ctx {
     pub route_cost_rule: Option<String>,
     /// (experiment, arm) of a routed request in an A/B experiment.
     pub experiment: Option<(String, String)>,
-    /// Counted in `Shared::in_flight` (released in the logging phase).
-    pub in_flight: bool,
+    /// Counted in `Shared::in_flight` (released in the logging phase, or
+    /// when the context is dropped: a request whose task panicked is not
+    /// waited on by every drain after it).
+    pub in_flight: Option<InFlight>,
     /// The client's spend tag (`x-smartllm-tag`, else the body's
     /// `metadata.tag`), for `/admin/costs?group_by=tag`.
     pub tag: Option<String>,
@@ -166,7 +168,7 @@ impl Ctx {
             route_reason: "alias".into(),
             route_cost_rule: None,
             experiment: None,
-            in_flight: false,
+            in_flight: None,
             tag: None,
             trace: None,
         }
@@ -269,5 +271,42 @@ mod random_id_tests {
         let (x, y) = (fastrand::u64(..), fastrand::u64(..));
         fastrand::seed(7);
         assert_eq!(super::random_id(), format!("{x:016x}{y:016x}"));
+    }
+}
+
+/// One request counted in `Shared::in_flight`, for as long as this lives.
+#[derive(Debug)]
+pub struct InFlight(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    pub fn enter(count: &std::sync::Arc<std::sync::atomic::AtomicUsize>) -> InFlight {
+        count.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod in_flight_tests {
+    use super::*;
+
+    /// A request whose task ends without its logging phase (a panic drops
+    /// its context) gives its slot back: drains do not wait on it.
+    #[test]
+    fn a_dropped_context_gives_its_slot_back() {
+        let count = std::sync::Arc::default();
+        let mut ctx = Ctx::new();
+        ctx.in_flight = Some(InFlight::enter(&count));
+        let other = InFlight::enter(&count);
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 2);
+        drop(ctx);
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+        drop(other);
+        assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 }

@@ -90,7 +90,7 @@ pub struct Shared {
     /// Circuit breakers per deployment (they outlive reloads).
     pub breakers: smartllm_router::Breakers,
     /// Requests being served (for draining on SIGTERM).
-    pub in_flight: std::sync::atomic::AtomicUsize,
+    pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Set on SIGTERM: not ready, new requests get 503.
     pub draining: std::sync::atomic::AtomicBool,
     /// When the SIGTERM drain began: the shutdown that follows waits only
@@ -171,7 +171,7 @@ impl Shared {
             profiles: smartllm_router::LiveProfiles::default(),
             feedback: Arc::new(smartllm_router::FeedbackBook::default()),
             breakers: smartllm_router::Breakers::default(),
-            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            in_flight: Default::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             drain_started: std::sync::OnceLock::new(),
             pending_inserts: Arc::new(std::sync::atomic::AtomicUsize::new(0)),

@@ -150,10 +150,7 @@ impl Sessions {
     /// `key` under the client-auth setting in force now.
     fn key(&self, key: &[u8]) -> Vec<u8> {
         let rt = self.shared.runtime.load();
-        let auth = self
-            .listener
-            .of(&rt)
-            .map_or("", |t| t.client_auth.as_str());
+        let auth = self.listener.of(&rt).map_or("", |t| t.client_auth.as_str());
         let mut k = Vec::with_capacity(auth.len() + 1 + key.len());
         k.extend_from_slice(auth.as_bytes());
         k.push(b'|');

@@ -58,9 +58,7 @@ pub async fn admit(
         // A shed request gives its slot back at once: while its 503 is
         // written and logged it must not count against the requests that
         // arrive with it (under a burst, those would be shed too).
-        if std::mem::take(&mut ctx.in_flight) {
-            shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-        }
+        ctx.in_flight = None;
         metrics::shed("max_in_flight");
         let mut err = ApiError::unavailable(
             "server_overloaded",

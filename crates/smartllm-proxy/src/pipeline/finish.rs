@@ -9,7 +9,6 @@ use crate::ctx::Ctx;
 use crate::{access_log, metrics, Shared};
 use pingora_error::Error;
 use pingora_proxy::Session;
-use std::sync::atomic::Ordering;
 
 pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
     let rt = ctx.rt.clone();
@@ -74,9 +73,7 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
     shared.recent.record(ctx, status, cost);
     // Last: a drain (SIGTERM, graceful upgrade) waits for this request's
     // ledger record and budget charge, not just its response.
-    if std::mem::take(&mut ctx.in_flight) {
-        shared.in_flight.fetch_sub(1, Ordering::SeqCst);
-    }
+    ctx.in_flight = None;
 }
 
 /// Outcomes the router learns from without being told (issue #18): each

@@ -62,10 +62,7 @@ pub fn begin(shared: &Shared, session: &Session, ctx: &mut Ctx) {
         .tracing
         .as_ref()
         .map(|t| t.request(session, &ctx.request_id));
-    shared
-        .in_flight
-        .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-    ctx.in_flight = true;
+    ctx.in_flight = Some(crate::ctx::InFlight::enter(&shared.in_flight));
 }
 
 /// Serve one request; errors are answered in the client's API shape.
