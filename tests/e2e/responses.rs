@@ -368,6 +368,22 @@ fn responses_pass_through_to_providers_that_speak_them() {
         assert_eq!(r.status, 404, "{}", r.text());
         assert_eq!(r.api_error()["param"], "previous_response_id");
     }
+    // Nor do references to items or conversations the provider keeps.
+    for (body, param) in [
+        (
+            json!({"model": "native", "input": [{"type": "item_reference", "id": "msg_someone_elses"}]}),
+            "input[0]",
+        ),
+        (
+            json!({"model": "native", "conversation": "conv_1", "input": "Go on"}),
+            "conversation",
+        ),
+    ] {
+        let r = create(&gw, &body);
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.api_error()["code"], "unsupported_parameter");
+        assert_eq!(r.api_error()["param"], param);
+    }
     assert_eq!(mock.requests(), before, "nothing went upstream");
     // Streamed, the provider's events pass through; usage is billed; its
     // id is the tenant's to continue.

@@ -820,14 +820,13 @@ struct Crossing {
 
 impl Quotas {
     /// Load this month's spend from the ledger (at start, after
-    /// [`Quotas::track_budgets`]). Without a fleet, thresholds of `budgets`
-    /// that spend already meets were alerted on before the restart: not sent
-    /// again (a fleet claims each alert in Redis, which remembers).
-    pub fn warm(&self, ledger: &Ledger, budgets: &[Budget], fleet: &FleetConfig) {
+    /// [`Quotas::track_budgets`]). Thresholds of `budgets` that spend
+    /// already meets were alerted on before the restart: not sent again
+    /// (with a fleet too: its Redis may be out of reach, and then alerts go
+    /// unclaimed).
+    pub fn warm(&self, ledger: &Ledger, budgets: &[Budget]) {
         self.budgets.warm(ledger);
-        if fleet.redis.is_none() {
-            self.budgets.mark_reached(budgets, now_secs());
-        }
+        self.budgets.mark_reached(budgets, now_secs());
     }
 
     /// The budgets of the running config (at start and on every reload; may

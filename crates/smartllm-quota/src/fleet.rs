@@ -480,6 +480,26 @@ impl Fleet {
     }
 
     /// True for exactly one gateway of the fleet per `id` (an alert to send).
+    /// Record a fact the fleet shares (`PREFIX:kind:id`) for `ttl_secs`:
+    /// whose a response a provider keeps is, so a follow-up reaching
+    /// another gateway finds it.
+    pub async fn mark(&self, kind: &str, id: &str, ttl_secs: u64) -> Result<(), FleetError> {
+        let mut conn = self.conn().await?;
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(kind, id)).arg(1).arg("EX").arg(ttl_secs);
+        let _: Option<String> = self.run("mark", cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// Did some gateway [`Fleet::mark`] it (and it has not expired)?
+    pub async fn marked(&self, kind: &str, id: &str) -> Result<bool, FleetError> {
+        let mut conn = self.conn().await?;
+        let mut cmd = redis::cmd("EXISTS");
+        cmd.arg(self.key(kind, id));
+        let n: i64 = self.run("marked", cmd.query_async(&mut conn)).await?;
+        Ok(n > 0)
+    }
+
     pub async fn claim(&self, id: &str, ttl_secs: u64) -> Result<bool, FleetError> {
         let mut conn = self.conn().await?;
         let mut cmd = redis::cmd("SET");

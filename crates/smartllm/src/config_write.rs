@@ -57,8 +57,14 @@ fn write_replacing(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> 
     let like = std::fs::metadata(path)
         .or_else(|_| std::fs::metadata(dir.join(smartllm_config::MAIN_FILE)));
     if let Ok(meta) = like {
-        use std::os::unix::fs::MetadataExt;
-        let owned = std::fs::set_permissions(&tmp, meta.permissions())
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        // A public file is readable by all whatever it replaces (a model an
+        // older version wrote 0600, or an owner the caller cannot give it).
+        let mut mode = meta.permissions();
+        if !secret {
+            mode.set_mode(mode.mode() | 0o044);
+        }
+        let owned = std::fs::set_permissions(&tmp, mode)
             .and_then(|()| std::os::unix::fs::chown(&tmp, Some(meta.uid()), Some(meta.gid())));
         match owned {
             Ok(()) => {}
@@ -167,6 +173,10 @@ mod tests {
         let router = dir.path().join("router.json");
         replace_public(&router, "{}").unwrap();
         assert_eq!(mode(&router), 0o644 & allowed);
+        // One an older version wrote 0600 becomes readable too.
+        std::fs::set_permissions(&router, std::fs::Permissions::from_mode(0o600)).unwrap();
+        replace_public(&router, "{\"v\": 2}").unwrap();
+        assert_eq!(mode(&router), 0o644);
         let secret = dir.path().join("keys.yaml");
         replace(&secret, "k").unwrap();
         assert_eq!(mode(&secret), 0o600);

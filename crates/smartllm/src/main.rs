@@ -749,9 +749,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     {
         let rt = shared.runtime.load();
-        shared
-            .quotas
-            .warm(&ledger, &rt.config.keys.budgets, &rt.config.fleet);
+        shared.quotas.warm(&ledger, &rt.config.keys.budgets);
     }
 
     let mut proxy = Service::new(

@@ -44,9 +44,21 @@ pub async fn parse(
         proto::previous_response_id(&map),
         &shared.responses,
     ) {
-        (None, Some(id), Some(r)) => r.owns(&ctx.tenant, id).await,
+        (None, Some(id), Some(r)) => {
+            r.owns(&ctx.tenant, id).await || fleet_owns(shared, ctx, id).await
+        }
         _ => false,
     };
+    // Item references and conversations name state a provider keeps for
+    // every tenant under the gateway's one key: whose they are cannot be
+    // told, so none is passed on.
+    if let Some(param) = foreign_state(&map) {
+        return Err(ApiError::invalid_request(
+            "unsupported_parameter",
+            "Item references and conversations name what a provider keeps under this gateway's one key for every tenant; the gateway cannot tell whose they are and does not pass them on. Send the items themselves, or continue with previous_response_id.",
+        )
+        .with_param(param));
+    }
     let mut req = proto::parse(endpoint, map, raw, previous, new_id())?;
     if let Some(r) = req.responses.as_mut() {
         r.native_owned = owned;
@@ -55,12 +67,65 @@ pub async fn parse(
 }
 
 /// A provider speaking Responses answered `id` for this request's tenant:
-/// remember whose it is, so that only they can continue it.
+/// remember whose it is, so that only they can continue it (in the fleet's
+/// Redis too, when there is one: a follow-up may reach another gateway).
 pub fn own(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, id: &str) {
     let stored = req.responses.as_deref().is_some_and(|r| r.store);
     if let (true, Some(store)) = (stored, &shared.responses) {
         store.own(&shared.tasks, &ctx.tenant, id);
+        if let Some(fleet) = ctx
+            .rt
+            .as_ref()
+            .and_then(|rt| shared.quotas.fleet(&rt.config.fleet))
+        {
+            let key = owner_key(&ctx.tenant, id);
+            shared.tasks.spawn(async move {
+                let ttl = crate::responses_store::TTL_SECS;
+                if let Err(e) = fleet.mark("response-owner", &key, ttl).await {
+                    tracing::warn!(error = %e, "recording a response's owner in the fleet failed; follow-ups reaching other gateways get 404");
+                }
+            });
+        }
     }
+}
+
+/// The fleet's key of `tenant`'s response `id` (a hash: ids and tenant
+/// names stay out of Redis key listings).
+fn owner_key(tenant: &str, id: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((tenant.len() as u64).to_be_bytes());
+    h.update(tenant.as_bytes());
+    h.update(id.as_bytes());
+    hex::encode(h.finalize())
+}
+
+/// Did another gateway of the fleet give `ctx`'s tenant the response `id`?
+async fn fleet_owns(shared: &Shared, ctx: &Ctx, id: &str) -> bool {
+    let Some(fleet) = ctx
+        .rt
+        .as_ref()
+        .and_then(|rt| shared.quotas.fleet(&rt.config.fleet))
+    else {
+        return false;
+    };
+    fleet
+        .marked("response-owner", &owner_key(&ctx.tenant, id))
+        .await
+        .unwrap_or(false)
+}
+
+/// The parameter of a reference to state a provider keeps (`conversation`,
+/// an `item_reference` input item), if the request has one.
+fn foreign_state(map: &serde_json::Map<String, Value>) -> Option<String> {
+    if map.get("conversation").is_some_and(|c| !c.is_null()) {
+        return Some("conversation".into());
+    }
+    map.get("input")?
+        .as_array()?
+        .iter()
+        .position(|i| i["type"] == "item_reference")
+        .map(|i| format!("input[{i}]"))
 }
 
 /// `POST /v1/responses/input_tokens`: the gateway's estimate of the input.

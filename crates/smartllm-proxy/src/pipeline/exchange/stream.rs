@@ -121,6 +121,14 @@ impl Translator {
             Translator::Responses(_) => true,
         }
     }
+    /// Something of the answer was generated (a Responses stream passed
+    /// through counts only its deltas, not its being under way).
+    fn generated(&self) -> bool {
+        match self {
+            Translator::Responses(r) => r.generated_bytes > 0,
+            _ => self.started(),
+        }
+    }
     /// The answer stopped at the token limit.
     fn truncated(&self) -> bool {
         match self {
@@ -394,6 +402,8 @@ pub(super) async fn relay(
     let mut assembler =
         ((ctx.cache_insert.is_some() && keep_cache) || !usage_expected).then(ChunkAssembler::new);
     let mut streamed_bytes = 0usize;
+    // A provider-kept response's id was marked the tenant's.
+    let mut owned = false;
     // `idle_timeout` counts from the provider's last bytes (a held stream's
     // opening in between does not restart it).
     let mut last_bytes = Instant::now();
@@ -436,6 +446,15 @@ pub(super) async fn relay(
         match r {
             Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
                 Ok(canonical) => {
+                    // The tenant's own, before the client can ask to go on
+                    // from it (`previous_response_id` right after
+                    // `response.completed`).
+                    if !owned {
+                        if let Some(id) = tr.response_id() {
+                            crate::pipeline::responses::own(x.shared, ctx, req, id);
+                            owned = true;
+                        }
+                    }
                     if let Some(a) = assembler.as_mut() {
                         a.feed(&canonical);
                     }
@@ -573,11 +592,8 @@ pub(super) async fn relay(
             }
         }
     }
-    if let Some(id) = tr.response_id() {
-        crate::pipeline::responses::own(x.shared, ctx, req, id);
-    }
     if failure.as_ref().is_some_and(|(end, _)| {
-        *end != StreamEnd::UpstreamError || tr.usage().is_some() || tr.started()
+        *end != StreamEnd::UpstreamError || tr.usage().is_some() || tr.generated()
     }) {
         // Billed for what was generated before it broke off, an answer a
         // provider's error event cut as much as a broken connection. (An
