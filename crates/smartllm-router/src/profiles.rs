@@ -81,17 +81,26 @@ impl LiveProfiles {
     /// long after the last one starts from a low error rate.
     fn update_at(&self, model: &str, now: Instant, f: impl FnOnce(&mut LiveSnapshot)) {
         let mut map = self.inner.write().unwrap_or_else(|p| p.into_inner());
-        let (mut s, at) = map
-            .get(model)
-            .copied()
-            .unwrap_or((LiveSnapshot::default(), now));
         // The error rate is carried forward faded; timings fade into the
         // profile's where they are read (`blend`), and a new one counts the
-        // more the older ones have faded (`timing`).
-        s = s.faded(now.saturating_duration_since(at));
-        f(&mut s);
-        s.weight = 1.0;
-        map.insert(model.to_string(), (s, now));
+        // more the older ones have faded (`timing`). In place: no key is
+        // allocated for a model already measured.
+        let fold = |s: &mut LiveSnapshot, age: Duration| {
+            *s = s.faded(age);
+            f(s);
+            s.weight = 1.0;
+        };
+        match map.get_mut(model) {
+            Some((s, at)) => {
+                fold(s, now.saturating_duration_since(*at));
+                *at = now;
+            }
+            None => {
+                let mut s = LiveSnapshot::default();
+                fold(&mut s, Duration::ZERO);
+                map.insert(model.to_string(), (s, now));
+            }
+        }
     }
 
     /// A successful answer, complete after `total`. Streamed, its first
