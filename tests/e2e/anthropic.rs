@@ -342,6 +342,31 @@ fn anthropic_errors_count_tokens_models_and_cache_hits() {
         );
     }
 
+    // A pass-through stream broken inside an event: the client gets whole
+    // events only, then the gateway's error event (never half an event
+    // glued to it).
+    let body = br#"{"model":"claude","max_tokens":50,"stream":true,"messages":[{"role":"user","content":"x [mock-fault:drop-mid-event]"}]}"#;
+    let r = messages(&gw, &[], body);
+    let evs = named_events(&r);
+    assert!(
+        evs.iter().all(|(_, v)| v.is_object()),
+        "an event that is not whole: {}",
+        r.text()
+    );
+    assert!(
+        evs.iter().any(|(n, _)| n == "content_block_delta"),
+        "{}",
+        r.text()
+    );
+    let (name, v) = evs.last().unwrap();
+    assert_eq!(
+        (name.as_str(), &v["type"]),
+        ("error", &json!("error")),
+        "{}",
+        r.text()
+    );
+    assert!(!r.text().contains(" cut"), "{}", r.text());
+
     // count_tokens: exact from Anthropic providers, estimated for others.
     let count = |model: &str| {
         let body = format!(

@@ -56,6 +56,7 @@ static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
 `mock` object in the JSON body (\"mock\": {\"fault\": \"drop-mid-stream\"}), or by a marker in the \
 last user message ([mock-fault:error-mid-stream], which survives translation to Anthropic's API). \
 Faults: reset, close, hang, malformed-json, drop-mid-stream (the connection is reset halfway), \
+drop-mid-event (Anthropic: the connection is reset halfway, inside an event), \
 error-mid-stream (halfway, the provider's error event: `event: error` for Anthropic, \
 `data: {\"error\": ...}` then [DONE] for OpenAI), error-at-start (that error before any word), \
 end-mid-stream (halfway, the response ends cleanly without an end event), malformed-sse. Other per-request settings: \
@@ -1205,6 +1206,7 @@ async fn handle<S: Conn>(
         }
         let error_at = (b.fault.as_deref() == Some("error-mid-stream")).then_some(words.len() / 2);
         let end_at = (b.fault.as_deref() == Some("end-mid-stream")).then_some(words.len() / 2);
+        let cut_at = (b.fault.as_deref() == Some("drop-mid-event")).then_some(words.len() / 2);
         for (index, block) in blocks.iter().enumerate() {
             let kind = block["type"].as_str().unwrap_or("text");
             let empty = match kind {
@@ -1268,6 +1270,15 @@ async fn handle<S: Conn>(
                             // The response ends cleanly, before the answer's end.
                             write_chunk(sock, b"").await?;
                             return Ok(true);
+                        }
+                        if cut_at == Some(i) {
+                            // The connection breaks inside an event: half of
+                            // it is read before the reset.
+                            let e = delta(json!({"type": "text_delta", "text": " cut"}));
+                            write_chunk(sock, &e.as_bytes()[..e.len() / 2]).await?;
+                            tokio::time::sleep(Duration::from_millis(100)).await;
+                            sock.reset();
+                            return Ok(false);
                         }
                         if b.chunk_delay_ms > 0 {
                             tokio::time::sleep(Duration::from_millis(b.chunk_delay_ms)).await;

@@ -84,6 +84,18 @@ impl SseParser {
     }
 }
 
+/// How many leading bytes of `buf` are whole events: the position after its
+/// last blank line. `from` is where to start looking (bytes before it are
+/// known to hold no event end that was not counted already; a terminator may
+/// start up to 3 bytes before the data that was new).
+pub fn complete_len(buf: &[u8], from: usize) -> usize {
+    let (mut end, mut scan) = (0, from);
+    while let Some(e) = find_event_end(buf, scan) {
+        (end, scan) = (e, e);
+    }
+    end
+}
+
 /// End (exclusive) of the first event in `buf`: the position after a blank line.
 fn find_event_end(buf: &[u8], from: usize) -> Option<usize> {
     let mut i = from;
@@ -227,6 +239,19 @@ impl StreamError {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn complete_len_counts_whole_events_only() {
+        assert_eq!(complete_len(b"data: a\n\ndata: b", 0), 9);
+        assert_eq!(complete_len(b"data: a\r\n\r\ndata: b\r\n\r\n", 0), 22);
+        assert_eq!(complete_len(b"data: a\n", 0), 0);
+        // A lone \r at the end may be the first half of \r\n: not yet.
+        assert_eq!(complete_len(b"data: a\r\n\r", 0), 0);
+        assert_eq!(complete_len(b": ping\n\nevent: x\ndata: {}\n\n", 0), 27);
+        // From a later point: the terminator straddling the old end is found.
+        assert_eq!(complete_len(b"data: abcdef\n\n", 11), 14);
+    }
+
     use super::*;
 
     #[test]

@@ -53,6 +53,44 @@ impl StreamEnd {
     }
 }
 
+/// A pass-through stream's bytes cut at event ends: the client gets whole
+/// events only, so a stream that breaks mid-event never leaves half an event
+/// before the gateway's own error event, and an event is scanned for the
+/// provider key whole. Chunks that end on an event's end (nearly all) go
+/// through untouched, without a copy.
+#[derive(Default)]
+struct EventFramer {
+    pending: bytes::BytesMut,
+}
+
+impl EventFramer {
+    /// The whole events `chunk` completes (with what was held before it).
+    fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if self.pending.is_empty() {
+            let end = smartllm_protocol::sse::complete_len(&chunk, 0);
+            if end < chunk.len() {
+                self.pending.extend_from_slice(&chunk[end..]);
+            }
+            return if end == chunk.len() {
+                chunk
+            } else {
+                chunk.slice(..end)
+            };
+        }
+        // An event end may straddle the old and the new bytes.
+        let from = self.pending.len().saturating_sub(3);
+        self.pending.extend_from_slice(&chunk);
+        let end = smartllm_protocol::sse::complete_len(&self.pending, from);
+        self.pending.split_to(end).freeze()
+    }
+
+    /// What is left at the stream's clean end: a last event without its
+    /// blank line, forwarded as the provider sent it.
+    fn rest(&mut self) -> Bytes {
+        self.pending.split().freeze()
+    }
+}
+
 enum Translator {
     OpenAi(OpenAiStreamFilter),
     Anthropic(AnthropicStream),
@@ -345,6 +383,7 @@ pub(super) async fn relay(
         ),
         Translate::ResponsesNative => Translator::Responses(ResponsesStreamReader::default()),
     };
+    let mut framer = native.then(EventFramer::default);
     let mut encoder = match (req.endpoint, native) {
         (Endpoint::Messages, false) => {
             // message_start's figure, before the provider's usage (the exact
@@ -458,8 +497,8 @@ pub(super) async fn relay(
                     if let Some(a) = assembler.as_mut() {
                         a.feed(&canonical);
                     }
-                    let mut out = if native {
-                        chunk
+                    let mut out = if let Some(f) = framer.as_mut() {
+                        f.feed(chunk)
                     } else if let Some(enc) = encoder.as_mut() {
                         Bytes::from(enc.feed(&canonical))
                     } else {
@@ -467,7 +506,8 @@ pub(super) async fn relay(
                     };
                     // A provider may quote the key it was sent in its error
                     // event, as in an error body: the client never sees it.
-                    // Only the chunk that carries the error is scanned.
+                    // Only the events that carry the error are scanned
+                    // (whole: a pass-through stream is cut at event ends).
                     if tr.upstream_error().is_some() {
                         out = Bytes::from(scrub(out.to_vec(), x.key.as_deref()));
                     }
@@ -644,7 +684,9 @@ pub(super) async fn relay(
     // The tail in the client's shape (the canonical one goes to the assembler).
     let client_tail = if native {
         match &failure {
-            Some((StreamEnd::UpstreamError, _)) | None => Vec::new(),
+            // Half an event the provider broke off in is dropped (above).
+            None => framer.as_mut().map_or_else(Vec::new, |f| f.rest().to_vec()),
+            Some((StreamEnd::UpstreamError, _)) => Vec::new(),
             Some((_, err)) if translate == Translate::AnthropicNative => {
                 smartllm_protocol::messages::error_event(err.status, &err.message)
             }
@@ -707,4 +749,41 @@ pub(super) async fn relay(
     let client_left = session.write_response_body(None, true).await.is_err();
     span.end();
     outcome(ctx, failure, client_left)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_framer_passes_whole_events_and_holds_half_ones() {
+        let mut f = EventFramer::default();
+        // Whole events go through as they are (the same buffer).
+        let whole = Bytes::from_static(b"event: a\ndata: {}\n\n");
+        let out = f.feed(whole.clone());
+        assert_eq!(out.as_ptr(), whole.as_ptr());
+        assert_eq!(out, whole);
+        // An event cut across reads comes out once it is whole.
+        assert_eq!(
+            f.feed(Bytes::from_static(b"event: b\ndata: {\"x\"")),
+            Bytes::new()
+        );
+        assert_eq!(
+            f.feed(Bytes::from_static(b":1}\n")),
+            Bytes::new(),
+            "no blank line yet"
+        );
+        assert_eq!(
+            f.feed(Bytes::from_static(b"\nevent: c\ndata: 1")),
+            Bytes::from_static(b"event: b\ndata: {\"x\":1}\n\n")
+        );
+        assert_eq!(
+            f.feed(Bytes::from_static(b"\r\n\r\n")),
+            Bytes::from_static(b"event: c\ndata: 1\r\n\r\n")
+        );
+        // A last event without its blank line is left for a clean end.
+        assert_eq!(f.feed(Bytes::from_static(b"data: z")), Bytes::new());
+        assert_eq!(f.rest(), Bytes::from_static(b"data: z"));
+        assert_eq!(f.rest(), Bytes::new());
+    }
 }
