@@ -419,7 +419,7 @@ fn responses_pass_through_to_providers_that_speak_them() {
     // What only the Responses API has (a built-in tool, background) reaches
     // a provider that speaks it as sent; a translated model refuses it, in
     // OpenAI's shape, naming the field.
-    let body = br#"{"model":"native","input":"News today?","tools":[{"type":"web_search"}],"background":true}"#;
+    let body = br#"{"model":"native","input":"News today?","tools":[{"type":"web_search"}],"background":true,"stream":true}"#;
     let r = post(body);
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(cache_header(&r), "bypass");
@@ -430,6 +430,14 @@ fn responses_pass_through_to_providers_that_speak_them() {
         hex::encode(Sha256::digest(expect.as_bytes()))
     );
     let before = mock.requests();
+    // A background response to be fetched later (never relayed, never
+    // billed) is refused; streamed, it came through above.
+    let r = create(
+        &gw,
+        &json!({"model": "native", "input": "News today?", "background": true}),
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["param"], "background", "{}", r.text());
     let r = create(
         &gw,
         &json!({"model": "small", "input": "News today?", "tools": [{"type": "web_search"}]}),

@@ -220,6 +220,14 @@ pub fn parse(
         .unwrap_or_default()
         .to_string();
     let stream = create && body.get("stream").and_then(Value::as_bool) == Some(true);
+    if create && !stream && body.get("background").and_then(Value::as_bool) == Some(true) {
+        // Its answer would come to a later `GET /v1/responses/{id}` from the
+        // provider: never relayed, never billed. Streamed, both pass here.
+        return Err(unsupported_parameter(
+            "background",
+            "A background response is fetched later with GET /v1/responses/{id}, which this gateway does not relay to providers (nor could it bill the answer). Send it with \"stream\": true, whose events (and bill) come through the gateway, or omit 'background'.",
+        ));
+    }
     let store = body.get("store").and_then(Value::as_bool) != Some(false);
     let previous_response_id = previous_response_id(&body).map(str::to_string);
     Ok(crate::openai::ParsedRequest {
@@ -1909,6 +1917,26 @@ mod tests {
         assert_eq!(
             r.body["messages"],
             json!([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "News today?"}])
+        );
+        // A background response streamed goes to such a provider; one to be
+        // fetched later (never relayed, never billed) is refused for all.
+        let bg = br#"{"model":"m","input":"x","background":true,"stream":true}"#;
+        assert_eq!(
+            parse_raw(bg)
+                .unwrap()
+                .responses
+                .unwrap()
+                .untranslatable
+                .unwrap()
+                .param
+                .as_deref(),
+            Some("background")
+        );
+        let bg = br#"{"model":"m","input":"x","background":true}"#;
+        let e = parse_raw(bg).unwrap_err();
+        assert_eq!(
+            (e.code, e.param.as_deref()),
+            ("unsupported_parameter", Some("background"))
         );
         // A malformed request is still refused at once.
         let bad = br#"{"model":"m","input":"x","temperature":"hot"}"#;
