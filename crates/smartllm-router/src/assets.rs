@@ -54,7 +54,9 @@ pub struct RouterAssets {
 
 impl RouterAssets {
     /// Load the classifier and learned routers of `config`. An unchanged
-    /// examples file reuses `previous`'s embeddings.
+    /// examples file reuses `previous`'s embeddings. Without `embed` the
+    /// files are still read and checked (`smartllm check`), but no
+    /// classifier is made.
     pub fn build(
         config: &Config,
         embed: Option<&EmbedFn<'_>>,
@@ -73,13 +75,12 @@ impl RouterAssets {
             match previous.filter(|p| p.classifier_digest == Some(digest)) {
                 Some(p) => out.classifier = p.classifier.clone(),
                 None => {
+                    let text = String::from_utf8_lossy(&bytes);
+                    let examples = parse_examples(&text).map_err(|error| AssetError::Examples {
+                        path: path.clone(),
+                        error,
+                    })?;
                     if let Some(embed) = embed {
-                        let text = String::from_utf8_lossy(&bytes);
-                        let examples =
-                            parse_examples(&text).map_err(|error| AssetError::Examples {
-                                path: path.clone(),
-                                error,
-                            })?;
                         let (labels, texts): (Vec<_>, Vec<_>) = examples.into_iter().unzip();
                         let mut vectors = Vec::with_capacity(texts.len());
                         for chunk in texts.chunks(32) {
@@ -251,5 +252,68 @@ mod tests {
         for (got, want) in cases {
             assert_eq!(got, want);
         }
+    }
+
+    /// Without an embedder (`smartllm check`) the examples and the learned
+    /// routers are still parsed: a file the gateway would refuse is an error.
+    #[test]
+    fn files_are_checked_without_an_embedder() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("smartllm.yaml"), "server: {}\n").unwrap();
+        let mut cfg = smartllm_config::load_dir(dir.path()).unwrap();
+        let examples = dir.path().join("tasks.tsv");
+        let good: String = Task::ALL
+            .iter()
+            .map(|t| format!("{t}\tsome prompt\n"))
+            .collect();
+        std::fs::write(&examples, &good).unwrap();
+        cfg.classifier.examples = Some(examples.clone());
+        let a = RouterAssets::build(&cfg, None, None).unwrap();
+        assert!(a.classifier.is_none());
+        std::fs::write(&examples, "code\tx\nnot a line\n").unwrap();
+        assert!(matches!(
+            RouterAssets::build(&cfg, None, None),
+            Err(AssetError::Examples {
+                error: ExamplesError::NoTab { line: 2 },
+                ..
+            })
+        ));
+        std::fs::write(&examples, &good).unwrap();
+
+        let learned = dir.path().join("learned.json");
+        let mut r = smartllm_config::RouteConfig::fixed("auto", "m");
+        r.candidates = vec!["m".into()];
+        r.strategy = Strategy::Learned(learned.clone());
+        cfg.routes.insert("auto".into(), r);
+        let file = |dim: usize| {
+            LearnedRouter {
+                format: FORMAT.into(),
+                embedder: "test".into(),
+                dim,
+                lambda: 1.0,
+                models: [(
+                    "m".to_string(),
+                    crate::learned::Linear {
+                        weights: vec![0.0; dim],
+                        bias: 0.5,
+                        samples: 8,
+                        train_rmse: 0.1,
+                    },
+                )]
+                .into(),
+            }
+            .to_json()
+        };
+        std::fs::write(&learned, file(crate::learned::EMBEDDING_DIM)).unwrap();
+        let a = RouterAssets::build(&cfg, None, None).unwrap();
+        assert!(a.learned.contains_key(&learned));
+        std::fs::write(&learned, file(3)).unwrap();
+        assert!(matches!(
+            RouterAssets::build(&cfg, None, None),
+            Err(AssetError::Learned {
+                error: LearnedError::Dimension { dim: 3, .. },
+                ..
+            })
+        ));
     }
 }

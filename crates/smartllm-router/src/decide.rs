@@ -70,7 +70,8 @@ pub struct Candidate {
 pub struct Decision {
     pub route: String,
     pub model: String,
-    /// `utility`, `learned`, `rule:NAME`, `experiment:NAME/ARM`, `only_candidate`,
+    /// `utility`, `learned` (the learned router predicted the quality of
+    /// a candidate), `rule:NAME`, `experiment:NAME/ARM`, `only_candidate`,
     /// `constraints_relaxed` (nothing met the latency, cost or quality
     /// budgets), `no_model_fits` (nothing fits the context or has the
     /// capability, or nothing is up), `no_model_allowed` (rules exclude
@@ -335,17 +336,20 @@ pub fn decide(
     }
 
     let mut cands: Vec<Candidate> = Vec::with_capacity(names.len());
+    // Whether the learned router predicted a candidate's quality (not
+    // trained on it, or an embedding of another dimension: the profile's).
+    let mut learned_predicted = false;
     for name in &names {
         let Some(m) = config.model(name) else {
             continue;
         };
         let live = state.live(name);
-        let mut quality = match (use_learned, learned, embedding) {
-            (true, Some(l), Some(e)) => l
-                .predict(name, e)
-                .unwrap_or_else(|| profile_quality(m, f.task, f.complexity)),
-            _ => profile_quality(m, f.task, f.complexity),
+        let predicted = match (use_learned, learned, embedding) {
+            (true, Some(l), Some(e)) => l.predict(name, e),
+            _ => None,
         };
+        learned_predicted |= predicted.is_some();
+        let mut quality = predicted.unwrap_or_else(|| profile_quality(m, f.task, f.complexity));
         quality = state.quality(req.tenant, name, f.task, quality);
         // A model that fails often delivers less.
         if let Some(l) = &live {
@@ -457,7 +461,11 @@ pub fn decide(
         }
     }
 
-    let base = if use_learned { "learned" } else { "utility" };
+    let base = if learned_predicted {
+        "learned"
+    } else {
+        "utility"
+    };
     // A rule's exclusion holds whatever else happens (data that must not
     // reach a provider); a model is usable as a way out when no rule
     // excludes it and, if it is a candidate, nothing hard does either.
@@ -1116,5 +1124,52 @@ mod tests {
         };
         let first = assign_arm(&exp, &one).name.clone();
         assert!((0..10).all(|_| assign_arm(&exp, &one).name == first));
+    }
+
+    /// The reason says `learned` only when the learned router predicted:
+    /// not for an embedding of another dimension, nor for candidates it was
+    /// not trained on (their profile qualities are used).
+    #[test]
+    fn the_reason_is_learned_only_when_the_router_predicted() {
+        let (cfg, mut r) = setup();
+        r.strategy = Strategy::Learned("learned.json".into());
+        let router = |model: &str| LearnedRouter {
+            format: crate::learned::FORMAT.into(),
+            embedder: "test".into(),
+            dim: 2,
+            lambda: 1.0,
+            models: [(
+                model.to_string(),
+                crate::learned::Linear {
+                    weights: vec![0.0, 0.0],
+                    bias: 1.0,
+                    samples: 8,
+                    train_rmse: 0.0,
+                },
+            )]
+            .into(),
+        };
+        let f = features("Hello, how are you?");
+        let pick = |l: &LearnedRouter, e: &[f32]| {
+            decide(
+                &cfg,
+                &r,
+                &f,
+                Some(l),
+                Some(e),
+                &RequestInfo::default(),
+                &StaticState,
+            )
+        };
+        let trained = router("cheap");
+        let d = pick(&trained, &[0.5, 0.5]);
+        assert_eq!((d.model.as_str(), d.reason.as_str()), ("cheap", "learned"));
+        assert_eq!(d.candidates[0].quality, 1.0);
+        // Another dimension: no prediction, the profiles decide.
+        let d = pick(&trained, &[0.5, 0.5, 0.5]);
+        assert_eq!(d.reason, "utility", "{:?}", d.candidates);
+        // Trained on no candidate: the profiles decide.
+        let d = pick(&router("other"), &[0.5, 0.5]);
+        assert_eq!(d.reason, "utility", "{:?}", d.candidates);
     }
 }

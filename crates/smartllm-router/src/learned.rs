@@ -7,6 +7,11 @@ use std::collections::BTreeMap;
 
 pub const FORMAT: &str = "smartllm-learned-router-v1";
 
+/// The dimension of the prompt embeddings the gateway computes
+/// (`smartllm_embed::DIM`; the `smartllm` crate asserts they agree): a
+/// learned router of another dimension could never predict.
+pub const EMBEDDING_DIM: usize = 384;
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Linear {
     pub weights: Vec<f32>,
@@ -31,6 +36,8 @@ pub struct LearnedRouter {
 pub enum TrainError {
     #[error("no samples")]
     NoSamples,
+    #[error("lambda {0} is not a finite number above 0")]
+    Lambda(f64),
     #[error("embeddings differ in dimension")]
     DimensionMismatch,
     #[error("score {score} of model {model} is not between 0 and 1")]
@@ -39,6 +46,8 @@ pub enum TrainError {
     TooFewSamples { model: String, samples: usize },
     #[error("model {model}: the system is singular")]
     Singular { model: String },
+    #[error("model {model}: the fit has a weight or bias that is not finite")]
+    NotFinite { model: String },
 }
 
 /// Why a learned router file cannot be used.
@@ -54,6 +63,10 @@ pub enum LearnedError {
         weights: usize,
         dim: usize,
     },
+    #[error("dimension {dim} is not {want}, the dimension of the prompt embeddings it would be given (train it again with `smartllm train-router`)")]
+    Dimension { dim: usize, want: usize },
+    #[error("model {model}: a weight or the bias is not a finite number")]
+    NotFinite { model: String },
 }
 
 /// One labelled sample: the prompt's embedding, a model and its score (0-1).
@@ -70,6 +83,9 @@ impl LearnedRouter {
         lambda: f64,
         embedder: &str,
     ) -> Result<LearnedRouter, TrainError> {
+        if !lambda.is_finite() || lambda <= 0.0 {
+            return Err(TrainError::Lambda(lambda));
+        }
         let dim = samples
             .first()
             .map(|s| s.embedding.len())
@@ -132,6 +148,13 @@ impl LearnedRouter {
                 samples: rows.len(),
                 train_rmse: 0.0,
             };
+            // Written as JSON, a non-finite value would be `null`: a file
+            // that never loads.
+            if !lin.is_finite() {
+                return Err(TrainError::NotFinite {
+                    model: model.to_string(),
+                });
+            }
             let mse = rows
                 .iter()
                 .map(|r| (lin.predict(r.embedding) - r.score).powi(2))
@@ -154,10 +177,20 @@ impl LearnedRouter {
         })
     }
 
+    /// A router file for the gateway's prompt embeddings ([`EMBEDDING_DIM`]).
     pub fn from_json(bytes: &[u8]) -> Result<LearnedRouter, LearnedError> {
+        Self::from_json_with_dim(bytes, EMBEDDING_DIM)
+    }
+
+    /// A router file for embeddings of dimension `want`, every weight and
+    /// bias a finite number.
+    pub fn from_json_with_dim(bytes: &[u8], want: usize) -> Result<LearnedRouter, LearnedError> {
         let r: LearnedRouter = serde_json::from_slice(bytes).map_err(LearnedError::Json)?;
         if r.format != FORMAT {
             return Err(LearnedError::Format { found: r.format });
+        }
+        if r.dim != want {
+            return Err(LearnedError::Dimension { dim: r.dim, want });
         }
         for (m, l) in &r.models {
             if l.weights.len() != r.dim {
@@ -166,6 +199,10 @@ impl LearnedRouter {
                     weights: l.weights.len(),
                     dim: r.dim,
                 });
+            }
+            // A number beyond f32's range (1e39) reads as infinity.
+            if !l.is_finite() {
+                return Err(LearnedError::NotFinite { model: m.clone() });
             }
         }
         Ok(r)
@@ -183,6 +220,10 @@ impl LearnedRouter {
 }
 
 impl Linear {
+    fn is_finite(&self) -> bool {
+        self.bias.is_finite() && self.weights.iter().all(|w| w.is_finite())
+    }
+
     fn predict(&self, e: &[f32]) -> f64 {
         self.weights
             .iter()
@@ -200,7 +241,8 @@ fn cholesky_solve(a: &mut [f64], b: &[f64], n: usize) -> Option<Vec<f64>> {
         for k in 0..j {
             d -= a[j * n + k] * a[j * n + k];
         }
-        if d <= 0.0 {
+        // A NaN pivot (from a NaN or infinite input) fails too.
+        if d.is_nan() || d <= 0.0 {
             return None;
         }
         let d = d.sqrt();
@@ -265,8 +307,71 @@ mod tests {
         assert!((r.predict("weak", &hard).unwrap() - 0.14).abs() < 0.02);
         assert!((r.predict("strong", &hard).unwrap() - 0.9).abs() < 0.01);
         assert!(r.predict("other", &hard).is_none());
-        let back = LearnedRouter::from_json(r.to_json().as_bytes()).unwrap();
+        let back = LearnedRouter::from_json_with_dim(r.to_json().as_bytes(), 3).unwrap();
         assert_eq!(back.predict("weak", &easy), r.predict("weak", &easy));
         assert!(LearnedRouter::from_json(b"{}").is_err());
+        // Not for the gateway's embeddings: refused, not a router that never predicts.
+        assert!(matches!(
+            LearnedRouter::from_json(r.to_json().as_bytes()),
+            Err(LearnedError::Dimension {
+                dim: 3,
+                want: EMBEDDING_DIM
+            })
+        ));
+    }
+
+    fn samples_of(pts: &[Vec<f32>]) -> Vec<Sample<'_>> {
+        pts.iter()
+            .enumerate()
+            .map(|(i, p)| Sample {
+                embedding: p,
+                model: "m",
+                score: (i % 5) as f64 / 5.0,
+            })
+            .collect()
+    }
+
+    /// NaN, infinite, zero and negative lambdas are refused before fitting.
+    #[test]
+    fn lambda_must_be_finite_and_positive() {
+        let pts: Vec<Vec<f32>> = (0..20).map(|i| vec![i as f32 / 20.0, 1.0]).collect();
+        let samples = samples_of(&pts);
+        for bad in [f64::NAN, f64::INFINITY, f64::NEG_INFINITY, 0.0, -1.0] {
+            match LearnedRouter::train(&samples, bad, "test") {
+                Err(TrainError::Lambda(_)) => {}
+                other => panic!("lambda {bad}: {other:?}"),
+            }
+        }
+        let r = LearnedRouter::train(&samples, 0.5, "test").unwrap();
+        assert!(r.models["m"].is_finite());
+    }
+
+    /// A NaN pivot is not positive: the solve fails instead of returning NaNs.
+    #[test]
+    fn cholesky_refuses_a_nan_pivot() {
+        let mut a = vec![f64::NAN, 0.0, 0.0, 1.0];
+        assert!(cholesky_solve(&mut a, &[1.0, 1.0], 2).is_none());
+        let mut a = vec![4.0, 0.0, 0.0, 1.0];
+        assert_eq!(cholesky_solve(&mut a, &[2.0, 3.0], 2), Some(vec![0.5, 3.0]));
+    }
+
+    /// Weights beyond f32's range (infinite once read) are refused.
+    #[test]
+    fn non_finite_weights_are_refused() {
+        let file = |w: &str, b: &str| {
+            format!(
+                r#"{{"format":"{FORMAT}","embedder":"t","dim":2,"lambda":1.0,"models":{{"m":{{"weights":[{w}],"bias":{b},"samples":8,"train_rmse":0.1}}}}}}"#
+            )
+        };
+        assert!(LearnedRouter::from_json_with_dim(file("0.5, -0.25", "0.1").as_bytes(), 2).is_ok());
+        for (w, b) in [("1e39, 0.0", "0.1"), ("0.5, 0.5", "-1e39")] {
+            assert!(
+                matches!(
+                    LearnedRouter::from_json_with_dim(file(w, b).as_bytes(), 2),
+                    Err(LearnedError::NotFinite { .. })
+                ),
+                "{w} / {b}"
+            );
+        }
     }
 }

@@ -8,6 +8,13 @@ use std::process::ExitCode;
 pub fn check(dir: &Path) -> ExitCode {
     match smartllm_config::load_dir(dir) {
         Ok(c) => {
+            // Loading the config only read the classifier examples and the
+            // learned routers; parse them as the gateway does when it
+            // builds its router, so what `serve` would refuse fails here.
+            if let Err(e) = smartllm_router::RouterAssets::build(&c, None, None) {
+                eprintln!("{e}");
+                return ExitCode::from(1);
+            }
             println!(
                 "{}: config OK ({} providers, {} models, {} routes; digest {})",
                 dir.display(),
@@ -108,5 +115,68 @@ fn unpriced_warnings(c: &smartllm_config::Config) {
             "note: {from_catalog} models take their prices from the built-in catalog ({}, {}); `smartllm prices --config DIR` lists them",
             cat.version, cat.date
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use smartllm_router::learned::{LearnedRouter, Linear, EMBEDDING_DIM, FORMAT};
+
+    /// A learned router or classifier examples the gateway would refuse
+    /// fail the check, not only files that cannot be read.
+    #[test]
+    fn check_parses_the_routing_files() {
+        let dir = std::env::temp_dir().join(format!("smartllm-check-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let write = |name: &str, text: &str| std::fs::write(dir.join(name), text).unwrap();
+        write("smartllm.yaml", "server: {}\n");
+        write(
+            "providers.yaml",
+            "providers:\n  p:\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n",
+        );
+        write(
+            "models.yaml",
+            "models:\n  - name: a\n    deployments: [ { provider: p } ]\n  - name: b\n    deployments: [ { provider: p } ]\n",
+        );
+        write(
+            "routes.yaml",
+            "routes:\n  r:\n    candidates: [a, b]\n    strategy: learned\n    learned: learned.json\nclassifier:\n  examples: tasks.tsv\n",
+        );
+        let examples: String = smartllm_router::Task::ALL
+            .iter()
+            .map(|t| format!("{t}\tsome prompt\n"))
+            .collect();
+        write("tasks.tsv", examples.as_str());
+        let learned = |dim: usize| {
+            LearnedRouter {
+                format: FORMAT.into(),
+                embedder: "test".into(),
+                dim,
+                lambda: 1.0,
+                models: [(
+                    "a".to_string(),
+                    Linear {
+                        weights: vec![0.0; dim],
+                        bias: 0.5,
+                        samples: 8,
+                        train_rmse: 0.1,
+                    },
+                )]
+                .into(),
+            }
+            .to_json()
+        };
+        // ExitCode has no PartialEq on every toolchain: compare its Debug.
+        let code = |c: ExitCode| format!("{c:?}");
+        write("learned.json", learned(EMBEDDING_DIM).as_str());
+        assert_eq!(code(check(&dir)), code(ExitCode::SUCCESS));
+        write("learned.json", learned(3).as_str());
+        assert_eq!(code(check(&dir)), code(ExitCode::from(1)));
+        write("learned.json", learned(EMBEDDING_DIM).as_str());
+        write("tasks.tsv", "code\tonly one task\n");
+        assert_eq!(code(check(&dir)), code(ExitCode::from(1)));
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -105,8 +105,8 @@ enum Command {
         out: PathBuf,
         #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
         config: PathBuf,
-        /// Ridge regularisation.
-        #[arg(long, default_value_t = 1.0)]
+        /// Ridge regularisation (a finite number above 0).
+        #[arg(long, default_value_t = 1.0, value_parser = routing_cli::parse_lambda)]
         lambda: f64,
     },
     /// Cost/quality curves of the learned router, the rule router and random

@@ -11,6 +11,10 @@ use smartllm_router::{RequestInfo, RouterAssets};
 use std::collections::BTreeMap;
 use std::path::Path;
 
+// Learned router files are checked against the router crate's idea of the
+// embedding dimension: it must be the embedder's.
+const _: () = assert!(smartllm_router::learned::EMBEDDING_DIM == smartllm_embed::DIM);
+
 fn load(config: &Path) -> anyhow::Result<(Config, Embedder, RouterAssets)> {
     let cfg = smartllm_config::load_dir(config).map_err(|e| anyhow::anyhow!("{e}"))?;
     let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
@@ -185,6 +189,17 @@ fn task_vectors_all(embedder: &Embedder, prompts: &[String]) -> anyhow::Result<V
     Ok(out)
 }
 
+/// `--lambda` of `smartllm train-router`: a finite number above 0 (NaN,
+/// an infinity, 0 or a negative one makes no usable router).
+pub fn parse_lambda(s: &str) -> Result<f64, String> {
+    let v = s.trim().parse::<f64>().map_err(|e| e.to_string())?;
+    if v.is_finite() && v > 0.0 {
+        Ok(v)
+    } else {
+        Err(format!("{s} is not a finite number above 0"))
+    }
+}
+
 /// `smartllm train-router --data FILE.jsonl --out FILE`
 pub fn train(config: &Path, data: &Path, out: &Path, lambda: f64) -> anyhow::Result<()> {
     let cfg = smartllm_config::load_dir(config).map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -210,9 +225,17 @@ pub fn train(config: &Path, data: &Path, out: &Path, lambda: f64) -> anyhow::Res
         .unwrap_or_default();
     let router = LearnedRouter::train(&samples, lambda, &format!("all-MiniLM-L6-v2 ({name})"))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
+    // Never write a file the gateway would refuse to load.
+    let json = router.to_json();
+    LearnedRouter::from_json(json.as_bytes()).map_err(|e| {
+        anyhow::anyhow!(
+            "the trained router would not load ({e}); {} not written",
+            out.display()
+        )
+    })?;
     // Renamed into place: a gateway watching the directory never loads
     // half a model.
-    crate::config_write::replace_public(out, &router.to_json())?;
+    crate::config_write::replace_public(out, &json)?;
     println!(
         "trained on {} prompts ({} labels); wrote {}",
         rows.len(),
@@ -469,7 +492,13 @@ pub fn task_accuracy(config: &Path, data: &Path, route: &str, as_json: bool) -> 
         bail!("the config has no classifier examples (classifier.examples in routes.yaml)");
     };
     let acc = measure_tasks(&embedder, classifier, &rows)?;
-    let simulated = match cfg.routes.get(route).filter(|r| r.is_routed()) {
+    // A fixed alias with rules or an experiment is routed but has no
+    // candidates to compare.
+    let simulated = match cfg
+        .routes
+        .get(route)
+        .filter(|r| r.is_routed() && !r.candidates.is_empty())
+    {
         Some(r) => Some(simulate_from_profiles(&cfg, r, &embedder, &assets, &rows)?),
         None => None,
     };
@@ -527,7 +556,7 @@ pub fn task_accuracy(config: &Path, data: &Path, route: &str, as_json: bool) -> 
     match &simulated {
         Some(s) => print_simulation(s),
         None => println!(
-            "\nno cost/quality simulation: {route:?} is not a routed alias of the config (--route)"
+            "\nno cost/quality simulation: {route:?} is not a routed alias with candidates in the config (--route)"
         ),
     }
     Ok(())
@@ -547,6 +576,12 @@ fn simulate_from_profiles(
     assets: &RouterAssets,
     rows: &[(Task, String, String)],
 ) -> anyhow::Result<Value> {
+    if route.candidates.is_empty() {
+        bail!(
+            "route {} has no candidates: nothing to simulate",
+            route.name
+        );
+    }
     let models: Vec<&smartllm_config::ModelConfig> = route
         .candidates
         .iter()
@@ -583,9 +618,18 @@ fn simulate_from_profiles(
             &RequestInfo::default(),
             &StaticState,
         );
-        router.push(models.iter().position(|m| m.name == d.model).unwrap_or(0));
+        // None: a model outside the candidates (a rule's pin, an
+        // experiment's arm, a fallback), with no simulated score.
+        router.push(models.iter().position(|m| m.name == d.model));
     }
     let (best, cheapest) = eval::best_and_cheapest(&eval_rows, models.len());
+    // The route's own point counts the prompts it sent to a candidate.
+    let (router_rows, router_choices): (Vec<EvalRow>, Vec<usize>) = eval_rows
+        .iter()
+        .zip(&router)
+        .filter_map(|(r, c)| Some((r.clone(), (*c)?)))
+        .unzip();
+    let outside_candidates = router.len() - router_choices.len();
     let singles: Vec<Value> = (0..models.len())
         .map(|m| {
             let p = eval::choice_point(&eval_rows, best, &vec![m; eval_rows.len()]);
@@ -619,7 +663,8 @@ fn simulate_from_profiles(
         "route": route.name,
         "prompts": rows.len(),
         "best": models[best].name,
-        "router_as_configured": eval::choice_point(&eval_rows, best, &router),
+        "router_as_configured": eval::choice_point(&router_rows, best, &router_choices),
+        "router_outside_candidates": outside_candidates,
         "oracle_per_task": eval::oracle_point(&eval_rows, best),
         "single_models": singles,
         "quality_at_cost_share": curve,
@@ -650,6 +695,12 @@ fn print_simulation(s: &Value) {
         );
     };
     row("router (route as configured)", &s["router_as_configured"]);
+    let outside = s["router_outside_candidates"].as_u64().unwrap_or(0);
+    if outside > 0 {
+        println!(
+            "  (the router sent {outside} of the prompts to models outside the candidates: rules, experiments or fallbacks; its row counts the others)"
+        );
+    }
     row("oracle (task known, top quality)", &s["oracle_per_task"]);
     for m in s["single_models"].as_array().into_iter().flatten() {
         row(&format!("always {}", m["model"].as_str().unwrap_or("-")), m);
@@ -764,6 +815,47 @@ mod tests {
             let oracle = m["oracle"].as_f64().unwrap();
             assert!(oracle + 1e-9 >= m["model_quality"].as_f64().unwrap(), "{m}");
             assert!(oracle + 1e-9 >= m["router"].as_f64().unwrap(), "{m}");
+        }
+    }
+
+    /// A fixed alias with an experiment has no candidates: an error, not a
+    /// panic. Decisions for a model outside the candidates (here every
+    /// request, an experiment's arm) are counted apart, not credited to the
+    /// first candidate.
+    #[test]
+    fn simulation_without_candidates_or_outside_them() {
+        use smartllm_config::{Arm, Experiment, StickyBy};
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let (cfg, embedder, assets) = load(&root.join("conf")).unwrap();
+        let rows = read_tasks(&root.join("data/router/tasks/heldout-sample.tsv")).unwrap();
+        let rows = &rows[..8];
+        let experiment = Some(Experiment {
+            name: "e".into(),
+            sticky_by: StickyBy::Key,
+            arms: vec![Arm {
+                name: "dear".into(),
+                weight: 1.0,
+                model: Some("gpt-4o".into()),
+            }],
+        });
+        let mut fixed = smartllm_config::RouteConfig::fixed("x", "gpt-4o-mini");
+        fixed.experiment = experiment.clone();
+        assert!(fixed.is_routed());
+        let err = simulate_from_profiles(&cfg, &fixed, &embedder, &assets, rows).unwrap_err();
+        assert!(err.to_string().contains("no candidates"), "{err}");
+        let mut r = cfg.routes["auto"].clone();
+        r.candidates = vec!["gpt-4o-mini".into(), "claude-3-5-haiku".into()];
+        r.experiment = experiment;
+        let s = simulate_from_profiles(&cfg, &r, &embedder, &assets, rows).unwrap();
+        assert_eq!(s["router_outside_candidates"].as_u64(), Some(8), "{s}");
+    }
+
+    #[test]
+    fn lambda_must_be_a_finite_number_above_zero() {
+        assert_eq!(parse_lambda("1"), Ok(1.0));
+        assert_eq!(parse_lambda("0.01"), Ok(0.01));
+        for bad in ["nan", "NaN", "inf", "-inf", "infinity", "0", "-1", "x", ""] {
+            assert!(parse_lambda(bad).is_err(), "{bad}");
         }
     }
 

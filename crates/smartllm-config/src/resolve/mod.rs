@@ -162,7 +162,8 @@ fn secret_files(
 impl Config {
     /// Files outside the config files whose contents the running config
     /// reads: TLS certificates, keys and client CAs, provider key and CA
-    /// files, the admin token file. The watcher watches them too.
+    /// files, the admin token file, the classifier examples and the learned
+    /// routers. The watcher watches them too (wherever they are).
     pub fn watched_files(&self) -> Vec<PathBuf> {
         let s = &self.server;
         let mut files: Vec<PathBuf> = s
@@ -179,6 +180,11 @@ impl Config {
             .flatten()
             .cloned()
             .chain(secret_files(&self.providers, &self.admin_token))
+            .chain(self.classifier.examples.iter().cloned())
+            .chain(self.routes.values().filter_map(|r| match &r.strategy {
+                crate::Strategy::Learned(p) => Some(p.clone()),
+                _ => None,
+            }))
             .collect();
         files.sort();
         files.dedup();
@@ -447,5 +453,34 @@ mod tests {
             text.contains("routes.yaml:4: routes.r.explore: must be between 0 and 0.5"),
             "{text}"
         );
+    }
+
+    /// The classifier examples and a learned router are watched wherever
+    /// they are: a new file in another directory hot-reloads too.
+    #[test]
+    fn routing_files_are_watched() {
+        let elsewhere = tempfile::tempdir().unwrap();
+        let examples = elsewhere.path().join("tasks.tsv");
+        let learned = elsewhere.path().join("router.json");
+        std::fs::write(&examples, "chat\thi\n").unwrap();
+        std::fs::write(&learned, "{}").unwrap();
+        let models = "models:\n  - name: a\n    deployments: [ { provider: p } ]\n  - name: b\n    deployments: [ { provider: p } ]\n";
+        let providers = "providers:\n  p:\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n";
+        let routes = format!(
+            "routes:\n  r:\n    candidates: [a, b]\n    strategy: learned\n    learned: {}\nclassifier:\n  examples: {}\n",
+            learned.display(),
+            examples.display()
+        );
+        let dir = write_dir(&[
+            (MAIN_FILE, "data_dir: /tmp/x\n"),
+            ("providers.yaml", providers),
+            ("models.yaml", models),
+            ("routes.yaml", &routes),
+        ]);
+        let c = load_dir(dir.path()).unwrap();
+        let watched = c.watched_files();
+        for f in [&examples, &learned] {
+            assert!(watched.contains(f), "{f:?} not in {watched:?}");
+        }
     }
 }
