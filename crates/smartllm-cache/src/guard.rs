@@ -197,10 +197,16 @@ const FUNCTION_WORDS: [&str; 73] = [
 /// The question without the openers and closers that do not change it, and
 /// without trailing punctuation; case kept.
 pub fn strip_fillers(text: &str) -> &str {
+    // Fillers are short: only a window at each end is lowercased, and a
+    // text of nothing but greetings stops after a few passes (a megabyte of
+    // "hi, " would otherwise lowercase the whole text once per greeting, on
+    // the proxy's thread).
+    const WINDOW: usize = 64;
+    const PASSES: usize = 16;
     let mut t = text.trim();
-    loop {
+    for _ in 0..PASSES {
         let before = t.len();
-        let lower = t.to_lowercase();
+        let lower = head(t, WINDOW).to_lowercase();
         for f in FILLER_OPENERS {
             // Only on a word boundary, and only when something is left. A
             // bare greeting must be set off by punctuation ("Hi, how ...",
@@ -221,9 +227,9 @@ pub fn strip_fillers(text: &str) -> &str {
             }
         }
         t = trim_closing_punctuation(t, &['!', '.', ',', ';', ':']);
-        let lower = t.to_lowercase();
+        let lower = tail(t, WINDOW).to_lowercase();
         for f in FILLER_CLOSERS {
-            if lower.ends_with(f) {
+            if lower.ends_with(f) && f.len() <= t.len() {
                 let cut = t.len() - f.len();
                 // Set off from the question by punctuation ("...? thanks",
                 // "... - thanks in advance") or as a sentence of its own
@@ -267,6 +273,24 @@ pub fn strip_fillers(text: &str) -> &str {
 /// word ("Thanks!"). After a digit, symbol or bracket a `!`, `;` or `:` may
 /// be the question itself ("Compute 20!", "Is `int x = 5;` valid C"), so it
 /// stays.
+/// The first `n` bytes of `t` or fewer (cut at a character's start).
+fn head(t: &str, n: usize) -> &str {
+    let mut end = n.min(t.len());
+    while !t.is_char_boundary(end) {
+        end -= 1;
+    }
+    &t[..end]
+}
+
+/// The last `n` bytes of `t` or fewer (cut at a character's start).
+fn tail(t: &str, n: usize) -> &str {
+    let mut start = t.len().saturating_sub(n);
+    while !t.is_char_boundary(start) {
+        start += 1;
+    }
+    &t[start..]
+}
+
 fn trim_closing_punctuation<'a>(t: &'a str, marks: &[char]) -> &'a str {
     let mut t = t.trim_end();
     loop {
@@ -638,6 +662,19 @@ impl Exclusions {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_text_of_greetings_is_stripped_a_bounded_number_of_times() {
+        // Each pass strips one greeting; a few passes at most, whatever
+        // the length (the passes lowercase only a window at each end).
+        let text = format!("{}why is the sky blue?", "Hi, ".repeat(20));
+        assert_eq!(strip_fillers(&text), &text[16 * 4..text.len() - 1]);
+        let long = "hi, ".repeat(250_000);
+        assert_eq!(strip_fillers(&long).len(), long.len() - 16 * 4 - 2);
+        assert_eq!(head("h\u{e9}llo", 2), "h");
+        assert_eq!(tail("h\u{e9}llo", 4), "llo");
+    }
+
     use super::*;
     use crate::test_support::embedder;
 

@@ -131,10 +131,64 @@ enum Output {
 pub struct Embedder {
     tx: SyncSender<Job>,
     info: EmbedderInfo,
+    health: Arc<Health>,
     recent: Recent,
     /// Task vectors of recent texts, beside their embeddings (not counted
     /// in the recent-embeddings metric).
     recent_tasks: Recent,
+}
+
+/// How the worker threads are doing, for `/readyz`: how many still run, and
+/// how many model runs in a row failed (a panic included: the worker lives
+/// on and answers its callers with the error).
+#[derive(Debug, Default)]
+struct Health {
+    live: std::sync::atomic::AtomicUsize,
+    failing: std::sync::atomic::AtomicU64,
+}
+
+/// Failed runs in a row after which the embedder reports itself unready.
+const FAILING_UNREADY: u64 = 5;
+
+/// The longest a caller waits for its answer once queued (a worker stuck
+/// in a device call must not hold a request for ever).
+const REPLY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Counts its worker as live until the thread ends, however it ends.
+struct LiveWorker(Arc<Health>);
+
+impl Drop for LiveWorker {
+    fn drop(&mut self) {
+        self.0
+            .live
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// The embedder's state as `/readyz` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EmbedderHealth {
+    /// Worker threads still running (of `EmbedderInfo::threads`).
+    pub workers_live: usize,
+    /// Model runs in a row that failed.
+    pub failing_runs: u64,
+}
+
+impl EmbedderHealth {
+    /// Workers run, and runs succeed.
+    pub fn ok(&self) -> bool {
+        self.workers_live > 0 && self.failing_runs < FAILING_UNREADY
+    }
+}
+
+/// Await a worker's reply, no longer than [`REPLY_TIMEOUT`].
+async fn reply<T>(rx: oneshot::Receiver<Result<T, EmbedError>>) -> Result<T, EmbedError> {
+    match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+        Ok(r) => r.map_err(|_| EmbedError::Stopped)?,
+        Err(_) => Err(EmbedError::Inference(format!(
+            "no answer within {REPLY_TIMEOUT:?}"
+        ))),
+    }
 }
 
 /// Recent embeddings by text: sharded LRUs, only ever `try_lock`ed (a
@@ -408,15 +462,20 @@ impl Embedder {
         let max_wait = cfg.max_queue_wait;
         let rx = Arc::new(Mutex::new(rx));
         let gpu = device == "cuda";
+        let health = Arc::new(Health::default());
         for (i, mut w) in workers.into_iter().enumerate() {
             let rx = rx.clone();
+            health
+                .live
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let live = LiveWorker(health.clone());
             std::thread::Builder::new()
                 .name(format!("smartllm-embed-{i}"))
                 .spawn(move || {
                     if !gpu {
                         lower_priority(WORKER_NICE);
                     }
-                    worker_loop(&mut w, &rx, max_wait, gpu)
+                    worker_loop(&mut w, &rx, max_wait, gpu, &live.0)
                 })
                 .map_err(|e| EmbedError::Inference(format!("cannot start embedder thread: {e}")))?;
         }
@@ -432,6 +491,7 @@ impl Embedder {
         Ok(Embedder {
             tx,
             info,
+            health,
             recent: Recent::new(cfg.cache_entries),
             recent_tasks: Recent::with_metric(cfg.cache_entries, false),
         })
@@ -441,11 +501,27 @@ impl Embedder {
         &self.info
     }
 
+    /// Whether the workers run and their runs succeed (`/readyz`).
+    pub fn health(&self) -> EmbedderHealth {
+        use std::sync::atomic::Ordering::Relaxed;
+        EmbedderHealth {
+            workers_live: self.health.live.load(Relaxed),
+            failing_runs: self.health.failing.load(Relaxed),
+        }
+    }
+
     fn submit(
         &self,
-        texts: Vec<String>,
+        mut texts: Vec<String>,
         output: Output,
     ) -> Result<oneshot::Receiver<Reply>, EmbedError> {
+        // Only the first `max_seq_len` tokens count: a prompt of megabytes
+        // is not queued, nor tokenized, whole.
+        let cap = self.info.max_seq_len.saturating_mul(BYTES_PER_TOKEN_BOUND);
+        for t in &mut texts {
+            let keep = clip(t, cap).len();
+            t.truncate(keep);
+        }
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job {
             texts,
@@ -490,7 +566,7 @@ impl Embedder {
             Err(keep) => keep,
         };
         let rx = self.submit(texts, Output::Pooled)?;
-        let vectors = rx.await.map_err(|_| EmbedError::Stopped)??;
+        let vectors = reply(rx).await?;
         self.remember(keep, &vectors);
         Ok(vectors)
     }
@@ -517,7 +593,7 @@ impl Embedder {
             return Ok(Vec::new());
         }
         let rx = self.submit(texts, Output::Tokens)?;
-        rx.await.map_err(|_| EmbedError::Stopped)?
+        reply(rx).await
     }
 
     /// Each text's [`task_vector`] (the router's task classifier's view),
@@ -546,11 +622,7 @@ impl Embedder {
                 states: with_states,
             },
         )?;
-        let mut out = rx
-            .await
-            .map_err(|_| EmbedError::Stopped)??
-            .pop()
-            .unwrap_or_default();
+        let mut out = reply(rx).await?.pop().unwrap_or_default();
         if out.len() < DIM + TASK_DIM {
             return Err(EmbedError::Inference("model output too short".into()));
         }
@@ -604,7 +676,8 @@ fn fresh(job: Job, max_wait: Duration) -> Option<Job> {
 /// dropped. Without `gather` (CPU: one text per run) a worker holds the queue
 /// only to take one job, so the workers run side by side.
 fn drain(rx: &Mutex<Receiver<Job>>, max_wait: Duration, gather: bool) -> Option<Vec<Job>> {
-    let rx = rx.lock().ok()?;
+    // (Nothing panics while holding it; were it poisoned, the queue is whole.)
+    let rx = rx.lock().unwrap_or_else(|p| p.into_inner());
     let mut jobs = Vec::new();
     loop {
         if let Some(j) = fresh(rx.recv().ok()?, max_wait) {
@@ -653,7 +726,13 @@ pub fn plan_batches(lens: &[usize], max_tokens: usize) -> Vec<Vec<usize>> {
     batches
 }
 
-fn worker_loop(w: &mut Model, rx: &Mutex<Receiver<Job>>, max_wait: Duration, gpu: bool) {
+fn worker_loop(
+    w: &mut Model,
+    rx: &Mutex<Receiver<Job>>,
+    max_wait: Duration,
+    gpu: bool,
+    health: &Health,
+) {
     let max_tokens = if gpu {
         GPU_BATCH_TOKENS
     } else {
@@ -664,32 +743,77 @@ fn worker_loop(w: &mut Model, rx: &Mutex<Receiver<Job>>, max_wait: Duration, gpu
         while let Some(output) = all.first().map(|j| j.output) {
             let (jobs, rest): (Vec<Job>, Vec<Job>) =
                 all.into_iter().partition(|j| j.output == output);
-            answer(w, jobs, max_tokens, output);
+            let ok = answer(w, jobs, max_tokens, output);
+            let failing = &health.failing;
+            if ok {
+                failing.store(0, std::sync::atomic::Ordering::Relaxed);
+            } else if failing.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
+                == FAILING_UNREADY
+            {
+                tracing::error!(
+                    runs = FAILING_UNREADY,
+                    "embedding runs keep failing; /readyz reports the embedder unready until one succeeds"
+                );
+            }
             all = rest;
         }
     }
 }
 
-/// Run `jobs` (all of one `output`) together and answer each.
-fn answer(w: &mut Model, jobs: Vec<Job>, max_tokens: usize, output: Output) {
+/// Run `jobs` (all of one `output`) together and answer each; whether the
+/// run succeeded. A panic in the run (the tokenizer, ONNX Runtime's
+/// bindings) is answered as an error, and the worker goes on.
+fn answer(w: &mut Model, jobs: Vec<Job>, max_tokens: usize, output: Output) -> bool {
     let texts: Vec<&str> = jobs
         .iter()
         .flat_map(|j| j.texts.iter().map(String::as_str))
         .collect();
-    match embed_texts(w, &texts, max_tokens, output) {
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        embed_texts(w, &texts, max_tokens, output)
+    }))
+    .unwrap_or_else(|p| {
+        let why = p
+            .downcast_ref::<&str>()
+            .map(|s| s.to_string())
+            .or_else(|| p.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown".into());
+        Err(format!("the embedding run panicked: {why}"))
+    });
+    match run {
         Ok(mut vectors) => {
             for job in jobs {
                 let rest = vectors.split_off(job.texts.len());
                 let mine = std::mem::replace(&mut vectors, rest);
                 let _ = job.reply.send(Ok(mine));
             }
+            true
         }
         Err(e) => {
+            tracing::warn!(error = %e, texts = texts.len(), "embedding run failed");
             for job in jobs {
                 let _ = job.reply.send(Err(EmbedError::Inference(e.clone())));
             }
+            false
         }
     }
+}
+
+/// Bytes of text that surely hold more than one token (English averages
+/// about 4 a token): a text is cut at `max_seq_len` times this before it is
+/// tokenized, which leaves its first `max_seq_len` tokens, all the model
+/// reads, as they were (the tokenizer would encode all of it, then truncate).
+const BYTES_PER_TOKEN_BOUND: usize = 64;
+
+/// The first `n` bytes of `t` or fewer (cut at a character's start).
+fn clip(t: &str, n: usize) -> &str {
+    if t.len() <= n {
+        return t;
+    }
+    let mut end = n;
+    while !t.is_char_boundary(end) {
+        end -= 1;
+    }
+    &t[..end]
 }
 
 /// Tokenize `texts`, run them in length-grouped micro-batches, and return
@@ -703,9 +827,12 @@ fn embed_texts(
     // One by one on this worker's thread: `encode_batch` hands even a single
     // text to rayon's pool (another thread, woken and waited for, at the
     // proxy's priority), and the workers already use every CPU.
+    let cap = w.tokenizer.get_truncation().map_or(usize::MAX, |t| {
+        t.max_length.saturating_mul(BYTES_PER_TOKEN_BOUND)
+    });
     let encodings = texts
         .iter()
-        .map(|t| w.tokenizer.encode(*t, true))
+        .map(|t| w.tokenizer.encode(clip(t, cap), true))
         .collect::<Result<Vec<Encoding>, _>>()
         .map_err(|e| e.to_string())?;
     let lens: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
@@ -948,6 +1075,47 @@ mod tests {
         let data = [3.0, 4.0];
         let v = mean_pool_normalize(&data, &[1], 1, 1, 2);
         assert!((v[0][0] - 0.6).abs() < 1e-6 && (v[0][1] - 0.8).abs() < 1e-6);
+    }
+
+    #[test]
+    fn a_long_text_is_cut_before_tokenizing_without_changing_its_tokens() {
+        assert_eq!(clip("h\u{e9}llo", 2), "h");
+        assert_eq!(clip("short", 64), "short");
+        let Some(cfg) = assets() else { return };
+        let m = Model::load_cpu(&cfg).unwrap();
+        let text = "The quick brown fox jumps over the lazy dog; ".repeat(2000);
+        let cap = cfg.max_seq_len * BYTES_PER_TOKEN_BOUND;
+        assert!(clip(&text, cap).len() < text.len());
+        let full = m.tokenizer.encode(text.as_str(), true).unwrap();
+        let cut = m.tokenizer.encode(clip(&text, cap), true).unwrap();
+        assert_eq!(full.get_ids(), cut.get_ids());
+        assert_eq!(full.get_ids().len(), cfg.max_seq_len);
+    }
+
+    #[test]
+    fn health_counts_live_workers_and_failing_runs() {
+        let h = |workers_live, failing_runs| EmbedderHealth {
+            workers_live,
+            failing_runs,
+        };
+        assert!(h(1, FAILING_UNREADY - 1).ok());
+        assert!(!h(1, FAILING_UNREADY).ok());
+        assert!(!h(0, 0).ok());
+        let Some(mut cfg) = assets() else { return };
+        cfg.threads = 2;
+        let e = Embedder::load(&cfg).unwrap();
+        e.embed_blocking(vec!["hello there".into()]).unwrap();
+        assert_eq!(e.health(), h(2, 0));
+        // A worker that ends is no longer counted.
+        let health = e.health.clone();
+        drop(e);
+        for _ in 0..200 {
+            if health.live.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        assert_eq!(health.live.load(std::sync::atomic::Ordering::SeqCst), 0);
     }
 
     fn assets() -> Option<EmbedderConfig> {

@@ -73,8 +73,11 @@ impl AdminApp {
         let embedder = match (&s.components.embedder, &s.components.self_test) {
             (Some(e), Some(t)) => {
                 let i = e.info();
+                let h = e.health();
                 json!({
-                    "ready": t.nearest_ok,
+                    "ready": t.nearest_ok && h.ok(),
+                    "workers_live": h.workers_live,
+                    "failing_runs": h.failing_runs,
                     "model": i.model.display().to_string(),
                     "onnxruntime": i.onnxruntime.display().to_string(),
                     "device": i.device,

@@ -192,6 +192,11 @@ impl Shared {
                 .self_test
                 .as_ref()
                 .is_some_and(|t| t.nearest_ok)
+            && self
+                .components
+                .embedder
+                .as_ref()
+                .is_some_and(|e| e.health().ok())
             && self.components.store.is_some()
     }
 }

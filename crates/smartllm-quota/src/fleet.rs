@@ -222,16 +222,27 @@ impl Fleet {
         format!("{}:{kind}:{id}", self.config.key_prefix)
     }
 
+    /// In the second after a failed call, calls fail at once.
+    fn backing_off(&self) -> bool {
+        self.down_until
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|until| Instant::now() < until)
+    }
+
     async fn conn(&self) -> Result<ConnectionManager, FleetError> {
-        if let Some(until) = *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) {
-            if Instant::now() < until {
-                return Err(FleetError::Down("a recent call failed".into()));
-            }
+        if self.backing_off() {
+            return Err(FleetError::Down("a recent call failed".into()));
         }
         let timeout = self.config.timeout;
         let conn = self
             .conn
             .get_or_try_init(|| async {
+                // Requests that queued behind a connect that failed do not
+                // each try again in turn (k of them would wait k timeouts).
+                if self.backing_off() {
+                    return Err(FleetError::Down("a recent call failed".into()));
+                }
                 let cfg = ConnectionManagerConfig::new()
                     .set_connection_timeout(Some(timeout))
                     .set_response_timeout(Some(timeout))
@@ -683,5 +694,16 @@ mod tests {
         let e = f.admit(&charge).await.unwrap_err();
         assert!(matches!(e, FleetError::Down(_)), "{e}");
         assert!(t.elapsed() < Duration::from_millis(50));
+        // Requests queued behind a first connect that fails do not each try
+        // again in turn: one tries, the rest are told at once.
+        *f.down_until.lock().unwrap() = None;
+        let f = std::sync::Arc::new(f);
+        let mut tries = tokio::task::JoinSet::new();
+        for _ in 0..20 {
+            let (f, charge) = (f.clone(), charge.clone());
+            tries.spawn(async move { !matches!(f.admit(&charge).await, Err(FleetError::Down(_))) });
+        }
+        let tried = tries.join_all().await.into_iter().filter(|&t| t).count();
+        assert_eq!(tried, 1);
     }
 }
