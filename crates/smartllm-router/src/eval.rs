@@ -30,9 +30,17 @@ pub fn best_and_cheapest(rows: &[EvalRow], n_models: usize) -> (usize, usize) {
         .max_by(|a, b| total(&|r| r.scores[*a]).total_cmp(&total(&|r| r.scores[*b])))
         .unwrap_or(0);
     let cheapest = (0..n_models)
-        .min_by(|a, b| total(&|r| r.costs[*a]).total_cmp(&total(&|r| r.costs[*b])))
+        .min_by(|a, b| total_cost(rows, *a).total_cmp(&total_cost(rows, *b)))
         .unwrap_or(0);
     (best, cheapest)
+}
+
+/// A model's cost over all the rows. Every cost share is a share of the
+/// best model's: where that is not above 0 (an unpriced model, data that
+/// says it costs nothing) no share means anything, and callers refuse
+/// (the shares below would all read 0).
+pub fn total_cost(rows: &[EvalRow], model: usize) -> f64 {
+    rows.iter().map(|r| r.costs[model]).sum()
 }
 
 fn point(rows: &[EvalRow], best: usize, choice: impl Fn(usize) -> usize) -> Point {
@@ -240,6 +248,25 @@ mod tests {
         // The oracle's curve is the perfect predictor's.
         let curve = oracle_curve(&rows, best);
         assert!((quality_at(&curve, 0.56) - 1.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn total_costs_pick_the_cheapest() {
+        let rows = vec![
+            EvalRow {
+                scores: vec![1.0, 0.5, 0.2],
+                costs: vec![1.0, 0.0, 0.25],
+            },
+            EvalRow {
+                scores: vec![1.0, 0.5, 0.2],
+                costs: vec![2.0, 0.5, 0.25],
+            },
+        ];
+        assert_eq!(total_cost(&rows, 0), 3.0);
+        assert_eq!(total_cost(&rows, 1), 0.5);
+        assert_eq!(total_cost(&rows, 2), 0.5);
+        assert_eq!(best_and_cheapest(&rows, 3), (0, 1));
+        assert_eq!(total_cost(&[], 0), 0.0);
     }
 
     #[test]

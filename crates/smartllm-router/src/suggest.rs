@@ -83,6 +83,15 @@ pub struct Report {
     pub suggestions: Vec<Suggestion>,
 }
 
+/// Whether `model` has a price (models.yaml `pricing` or a catalog entry).
+/// An unpriced model is billed $0, which says nothing about what it would
+/// cost: it is never proposed as the cheaper model.
+fn priced(config: &Config, model: &str) -> bool {
+    config
+        .price(model)
+        .is_some_and(smartllm_config::ModelPrice::is_priced)
+}
+
 fn reprice(config: &Config, model: &str, r: &MixRow) -> Option<f64> {
     let p = &config.model(model)?.pricing;
     let cached = r.cached_tokens.min(r.input_tokens);
@@ -177,6 +186,7 @@ pub fn suggest(config: &Config, rows: &[MixRow]) -> Report {
             .models
             .iter()
             .filter(|m| m.name != r.model && !m.deployments.is_empty())
+            .filter(|m| priced(config, &m.name))
             .filter(|m| can_stand_in(current, m))
             .filter_map(|m| {
                 let q = profile_quality(m, task, c);
@@ -298,7 +308,9 @@ pub fn suggest(config: &Config, rows: &[MixRow]) -> Report {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use smartllm_config::{DeploymentConfig, ModelConfig, ModelProfile, Pricing};
+    use smartllm_config::{
+        DeploymentConfig, ModelConfig, ModelPrice, ModelProfile, PriceSource, Pricing,
+    };
     use smartllm_ledger::Mix;
 
     fn model(name: &str, q: f64, input: f64, output: f64) -> ModelConfig {
@@ -334,7 +346,27 @@ mod tests {
             model("small", 0.90, 0.15, 0.6),
             model("weak", 0.5, 0.01, 0.01),
         ];
+        for name in ["big", "small", "weak"] {
+            price(&mut cfg, name, PriceSource::Configured);
+        }
         cfg
+    }
+
+    /// Registers `model`'s price (from its `pricing`) as the config's
+    /// resolution does, with its source.
+    fn price(cfg: &mut Config, model: &str, source: PriceSource) {
+        let p = cfg.model(model).unwrap().pricing;
+        cfg.prices.insert(
+            model.to_string(),
+            ModelPrice {
+                input_per_1m: p.input_per_1m,
+                output_per_1m: p.output_per_1m,
+                cache_read_per_1m: p.cached_input_per_1m,
+                per_request: p.per_request,
+                source,
+                ..ModelPrice::default()
+            },
+        );
     }
 
     fn row(model: &str, task: &str, tier: &str, cache: &str, n: u64, cost: f64) -> MixRow {
@@ -404,6 +436,30 @@ mod tests {
         cfg.models[1].profile.capabilities = Some(vec!["tools".into()]);
         let r = suggest(&cfg, &rows);
         assert!(r.suggestions.is_empty(), "{:#?}", r.suggestions);
+    }
+
+    #[test]
+    fn an_unpriced_model_is_never_the_cheaper_one() {
+        // As good as big on paper and billed $0 because nobody priced it:
+        // its saving would read 100%, and mean nothing.
+        let mut cfg = config();
+        cfg.models.push(model("mystery", 0.95, 0.0, 0.0));
+        price(&mut cfg, "mystery", PriceSource::Unpriced);
+        let rows = vec![row("big", "chat", "simple", "miss", 10, 0.045)];
+        let r = suggest(&cfg, &rows);
+        assert_eq!(r.suggestions.len(), 1, "{:#?}", r.suggestions);
+        assert_eq!(r.suggestions[0].to_model.as_deref(), Some("small"));
+        // A model with no price at all (not in the config's prices) neither.
+        cfg.prices.remove("mystery");
+        let r = suggest(&cfg, &rows);
+        assert_eq!(r.suggestions[0].to_model.as_deref(), Some("small"));
+        // Priced at $0 on purpose (models.yaml `pricing`, a local model): a
+        // real saving.
+        price(&mut cfg, "mystery", PriceSource::Configured);
+        let r = suggest(&cfg, &rows);
+        let s = &r.suggestions[0];
+        assert_eq!(s.to_model.as_deref(), Some("mystery"));
+        assert!((s.saving_usd - 0.045).abs() < 1e-12, "{s:?}");
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! lives in the library crates.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use pingora::server::configuration::{Opt, ServerConf};
 use pingora::server::{RunArgs, Server};
 use pingora::services::background::background_service;
@@ -71,7 +71,9 @@ enum Command {
         #[command(subcommand)]
         action: CacheCmd,
     },
-    /// Costs from the ledger of the running gateway (`costs suggest`: how to spend less).
+    /// Costs from the ledger of the running gateway (`costs suggest`: how to
+    /// spend less; the admin options and --since may come before or after
+    /// `suggest`).
     Costs {
         #[command(subcommand)]
         action: Option<CostsCmd>,
@@ -139,13 +141,15 @@ enum Command {
         query: Vec<String>,
         #[arg(long)]
         json: bool,
-        #[arg(long)]
+        /// CSV instead of a table.
+        #[arg(long, conflicts_with = "json")]
         csv: bool,
         /// Rows shown at most.
         #[arg(long, default_value_t = 50)]
         limit: usize,
-        /// Show the models of this config directory instead.
-        #[arg(long, short)]
+        /// Show the models of this config directory instead (a table, or
+        /// --json; every configured model, so no QUERY, --csv or --limit).
+        #[arg(long, short, conflicts_with_all = ["query", "csv", "limit"])]
         config: Option<PathBuf>,
     },
     /// Virtual key helpers.
@@ -380,8 +384,90 @@ fn cpu_supported() -> Result<(), String> {
     Ok(())
 }
 
+/// The `costs` options given before `suggest` that it takes (`smartllm
+/// costs --config DIR --since 30d suggest`), as if given after it.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct SuggestFrom {
+    /// The admin options (--config, --admin, --admin-token, --admin-cert,
+    /// --admin-key) come from before `suggest`.
+    target_before: bool,
+    /// --since comes from before `suggest`.
+    since_before: bool,
+}
+
+/// The ids of `AdminTarget`'s options.
+const ADMIN_OPTIONS: [&str; 5] = ["config", "admin", "admin_token", "admin_cert", "admin_key"];
+
+/// Where `costs ... suggest ...` takes its options from, by what the
+/// command line gave on each side of `suggest` (`costs`: the `costs`
+/// subcommand's matches). No option given is dropped: the admin options
+/// and --since given before `suggest` apply to it (given on both sides,
+/// they are refused, as are --by, --csv and --fleet, which `suggest` has
+/// not).
+fn suggest_from(costs: &clap::ArgMatches) -> Result<SuggestFrom, String> {
+    let Some(("suggest", suggest)) = costs.subcommand() else {
+        return Ok(SuggestFrom::default());
+    };
+    fn given(m: &clap::ArgMatches, id: &str) -> bool {
+        m.value_source(id) == Some(clap::parser::ValueSource::CommandLine)
+    }
+    fn flags(m: &clap::ArgMatches, ids: &[&str]) -> Vec<String> {
+        ids.iter()
+            .filter(|id| given(m, id))
+            .map(|id| format!("--{}", id.replace('_', "-")))
+            .collect()
+    }
+    let costs_only = flags(costs, &["by", "csv", "fleet"]);
+    if !costs_only.is_empty() {
+        return Err(format!(
+            "not options of `costs suggest` (only of `smartllm costs`): {}",
+            costs_only.join(", ")
+        ));
+    }
+    let (before, after) = (flags(costs, &ADMIN_OPTIONS), flags(suggest, &ADMIN_OPTIONS));
+    if !before.is_empty() && !after.is_empty() {
+        return Err(format!(
+            "the admin options go either before `suggest` or after it, not both (before: {}; after: {})",
+            before.join(", "),
+            after.join(", ")
+        ));
+    }
+    let since_before = given(costs, "since");
+    if since_before && given(suggest, "since") {
+        return Err("--since is given both before and after `suggest`: give it once".into());
+    }
+    Ok(SuggestFrom {
+        target_before: !before.is_empty(),
+        since_before,
+    })
+}
+
+/// `costs suggest`'s admin target and --since: those given after `suggest`,
+/// or before it (see [`suggest_from`]).
+fn suggest_args(
+    before: (AdminTarget, String),
+    after: (AdminTarget, String),
+    costs: Option<&clap::ArgMatches>,
+) -> Result<(AdminTarget, String), String> {
+    let from = costs.map_or(Ok(SuggestFrom::default()), suggest_from)?;
+    Ok((
+        if from.target_before {
+            before.0
+        } else {
+            after.0
+        },
+        if from.since_before { before.1 } else { after.1 },
+    ))
+}
+
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    // The matches are kept: `costs ... suggest` looks at which options the
+    // command line gave on each side of `suggest`.
+    let matches = Cli::command().get_matches();
+    let cli = match Cli::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.format(&mut Cli::command()).exit(),
+    };
     if let Err(e) = cpu_supported() {
         eprintln!("smartllm: {e}");
         return ExitCode::from(1);
@@ -463,14 +549,30 @@ fn main() -> ExitCode {
                     since,
                     json,
                 }),
+            target: target_before,
+            since: since_before,
             ..
-        } => match costs_cli::suggest_cmd(&target, &since, json) {
-            Ok(()) => ExitCode::SUCCESS,
-            Err(e) => {
-                eprintln!("smartllm costs suggest: {e:#}");
-                ExitCode::from(1)
+        } => {
+            let args = suggest_args(
+                (target_before, since_before),
+                (target, since),
+                matches.subcommand_matches("costs"),
+            );
+            let (target, since) = match args {
+                Ok(args) => args,
+                Err(e) => {
+                    eprintln!("smartllm costs suggest: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            match costs_cli::suggest_cmd(&target, &since, json) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("smartllm costs suggest: {e:#}");
+                    ExitCode::from(1)
+                }
             }
-        },
+        }
         Command::Costs {
             action: None,
             target,
@@ -1038,4 +1140,129 @@ fn spawn_finisher(
             }
         })
         .expect("spawning the finisher thread");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, clap::Error> {
+        Cli::try_parse_from(std::iter::once("smartllm").chain(args.iter().copied()))
+    }
+
+    fn costs_suggest(args: &[&str]) -> Result<(SuggestFrom, String), String> {
+        let argv = || std::iter::once("smartllm").chain(args.iter().copied());
+        let matches = Cli::command().try_get_matches_from(argv()).unwrap();
+        let from = suggest_from(matches.subcommand_matches("costs").unwrap())?;
+        let Ok(Cli {
+            command:
+                Command::Costs {
+                    action: Some(CostsCmd::Suggest { target, since, .. }),
+                    target: target_before,
+                    since: since_before,
+                    ..
+                },
+        }) = Cli::try_parse_from(argv())
+        else {
+            panic!("{args:?}: not costs suggest");
+        };
+        let (_, since) = suggest_args(
+            (target_before, since_before),
+            (target, since),
+            matches.subcommand_matches("costs"),
+        )?;
+        Ok((from, since))
+    }
+
+    #[test]
+    fn the_cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn costs_options_before_suggest_apply_to_it() {
+        let both = SuggestFrom {
+            target_before: true,
+            since_before: true,
+        };
+        assert_eq!(
+            costs_suggest(&["costs", "--config", "/srv/gw", "--since", "30d", "suggest"]),
+            Ok((both, "30d".to_string()))
+        );
+        assert_eq!(
+            costs_suggest(&[
+                "costs",
+                "--admin",
+                "10.0.0.1:9090",
+                "suggest",
+                "--since",
+                "1h"
+            ]),
+            Ok((
+                SuggestFrom {
+                    target_before: true,
+                    since_before: false,
+                },
+                "1h".to_string()
+            ))
+        );
+        // After `suggest`, or nowhere: suggest's own (and its 7d default).
+        assert_eq!(
+            costs_suggest(&["costs", "suggest", "--config", "/srv/gw", "--since", "2d"]),
+            Ok((SuggestFrom::default(), "2d".to_string()))
+        );
+        assert_eq!(
+            costs_suggest(&["costs", "suggest"]),
+            Ok((SuggestFrom::default(), "7d".to_string()))
+        );
+    }
+
+    #[test]
+    fn costs_options_suggest_cannot_take_are_refused() {
+        for (args, want) in [
+            (
+                &["costs", "--by", "tenant", "suggest"][..],
+                "not options of `costs suggest` (only of `smartllm costs`): --by",
+            ),
+            (
+                &["costs", "--csv", "--fleet", "suggest"][..],
+                "--csv, --fleet",
+            ),
+            (
+                &["costs", "--config", "/a", "suggest", "--admin", "h:1"][..],
+                "before: --config; after: --admin",
+            ),
+            (
+                &["costs", "--since", "1d", "suggest", "--since", "2d"][..],
+                "--since is given both",
+            ),
+        ] {
+            let e = costs_suggest(args).unwrap_err();
+            assert!(e.contains(want), "{args:?}: {e}");
+        }
+    }
+
+    #[test]
+    fn prices_refuses_options_it_would_ignore() {
+        for args in [
+            &["prices", "--json", "--csv"][..],
+            &["prices", "--config", "/etc/smartllm", "--csv"][..],
+            &["prices", "--config", "/etc/smartllm", "--limit", "3"][..],
+            &["prices", "--config", "/etc/smartllm", "claude"][..],
+        ] {
+            let e = parse(args).err().expect("refused");
+            assert_eq!(
+                e.kind(),
+                clap::error::ErrorKind::ArgumentConflict,
+                "{args:?}"
+            );
+        }
+        for args in [
+            &["prices", "--config", "/etc/smartllm", "--json"][..],
+            &["prices", "claude", "sonnet", "--csv", "--limit", "3"][..],
+            &["prices", "--json"][..],
+        ] {
+            assert!(parse(args).is_ok(), "{args:?}");
+        }
+    }
 }

@@ -17,7 +17,7 @@ use smartllm_config::{Config, ModelMode, Task, PROFILES_FILE};
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -236,6 +236,9 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         .with_context(|| format!("reading the set {}", a.set.display()))?;
     let items = parse_set(&set_text).with_context(|| format!("the set {}", a.set.display()))?;
     let models = models_to_measure(&cfg, a.models.as_deref())?;
+    // Before the first question, not after the last: a --out that cannot
+    // take the result stops the run while nothing has been asked yet.
+    let old = existing_profiles(&a.out)?;
     let target = Target {
         url: a.url.clone().unwrap_or_else(|| {
             let scheme = if cfg.server.tls.is_some() {
@@ -261,6 +264,10 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
     let tally = Mutex::new(Tally::default());
     let next = AtomicUsize::new(0);
     let fatal: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    // Whether the gateway has been reached: until then a connection that
+    // fails is a wrong address or a stopped gateway, after it one request's
+    // failure.
+    let reached = AtomicBool::new(false);
     std::thread::scope(|s| {
         for _ in 0..a.concurrency.clamp(1, 64) {
             s.spawn(|| loop {
@@ -271,7 +278,7 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
                 if fatal.lock().map(|f| f.is_some()).unwrap_or(true) {
                     return;
                 }
-                let outcome = ask(&target, model, &prompt(item), a.max_tokens);
+                let outcome = ask(&target, model, &prompt(item), a.max_tokens, &reached);
                 let Ok(mut t) = tally.lock() else { return };
                 match outcome {
                     Ok(reply) => {
@@ -297,18 +304,21 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
             });
         }
     });
-    if let Some(e) = fatal.into_inner().ok().flatten() {
-        return Err(e);
-    }
     let tally = tally
         .into_inner()
         .map_err(|_| anyhow::anyhow!("a worker panicked"))?;
+    if let Some(e) = fatal.into_inner().ok().flatten() {
+        if !tally.scores.is_empty() {
+            print_table(&tally, &models);
+        }
+        return Err(e.context(format!("{} not written", a.out.display())));
+    }
     print_table(&tally, &models);
     if tally.scores.is_empty() {
         bail!("no question got an answer: nothing to write");
     }
     let set_name = a.set.display().to_string();
-    let text = merged_profiles(&a.out, &tally, &set_name, &items)?;
+    let text = merged_profiles(old, &tally, &set_name, &items);
     write_profiles(&cfg, &a.out, &text)?;
     eprintln!(
         "wrote {}{}",
@@ -367,23 +377,71 @@ fn print_table(t: &Tally, models: &[String]) {
     }
 }
 
+#[derive(Debug)]
 enum AskError {
-    /// The gateway refuses us (key, route): stop at once.
+    /// The gateway refuses our key, or it was never reached (a wrong
+    /// address, a gateway not running, a certificate that is not the
+    /// pinned one): stop at once.
     Refused(String),
-    /// This request failed (upstream error, timeout): count it, go on.
+    /// This request failed (upstream error, unknown model, timeout, reset,
+    /// a broken answer): count it, go on.
     Failed(String),
 }
 
-fn ask(t: &Target, model: &str, prompt: &str, max_tokens: u64) -> Result<String, AskError> {
+/// Why a request got no HTTP answer.
+#[derive(Debug)]
+enum PostError {
+    /// No connection was made (a bad --url, TCP connect, the TLS
+    /// handshake): nothing was sent.
+    Connect(anyhow::Error),
+    /// Connected, then sending, reading or parsing the answer failed.
+    Request(anyhow::Error),
+}
+
+/// What a request without an answer means for the run: a connection that
+/// fails before the gateway was ever reached stops it; once the gateway
+/// has been reached, any failure (a restart, a reset, a timeout) is this
+/// request's, reported and not scored.
+fn no_answer(e: PostError, reached: &AtomicBool) -> AskError {
+    match e {
+        PostError::Connect(e) if !reached.load(Ordering::Relaxed) => {
+            AskError::Refused(format!("{e:#}"))
+        }
+        PostError::Connect(e) => AskError::Failed(format!("{e:#}")),
+        PostError::Request(e) => {
+            reached.store(true, Ordering::Relaxed);
+            AskError::Failed(format!("{e:#}"))
+        }
+    }
+}
+
+fn ask(
+    t: &Target,
+    model: &str,
+    prompt: &str,
+    max_tokens: u64,
+    reached: &AtomicBool,
+) -> Result<String, AskError> {
     let body = json!({
         "model": model,
         "messages": [{"role": "user", "content": prompt}],
         "temperature": 0,
         "max_tokens": max_tokens,
     });
-    let (status, text) = post(t, "/v1/chat/completions", &body.to_string())
-        .map_err(|e| AskError::Refused(format!("{e:#}")))?;
-    let v: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
+    let (status, text) = match post(t, "/v1/chat/completions", &body.to_string()) {
+        Ok(answer) => {
+            reached.store(true, Ordering::Relaxed);
+            answer
+        }
+        Err(e) => return Err(no_answer(e, reached)),
+    };
+    answer_of(model, status, &text)
+}
+
+/// The reply's text, or why there is none: 401 and 403 (the key) stop the
+/// run; any other status is this request's failure.
+fn answer_of(model: &str, status: u16, text: &str) -> Result<String, AskError> {
+    let v: Value = serde_json::from_str(text).unwrap_or(Value::Null);
     let message = || {
         v["error"]["message"]
             .as_str()
@@ -399,25 +457,29 @@ fn ask(t: &Target, model: &str, prompt: &str, max_tokens: u64) -> Result<String,
             "the gateway refused the key ({status}): {} (pass a virtual key with --key or SMARTLLM_API_KEY)",
             message()
         ))),
-        404 => Err(AskError::Refused(format!("{model}: {}", message()))),
         s => Err(AskError::Failed(format!("{s}: {}", message()))),
     }
 }
 
 /// One HTTP/1.1 POST to the API listener (a connection per request).
-fn post(t: &Target, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
+fn post(t: &Target, path: &str, body: &str) -> Result<(u16, String), PostError> {
+    use PostError::{Connect, Request};
     let (tls, hostport) = match t.url.split_once("://") {
         Some(("http", rest)) => (false, rest.trim_end_matches('/')),
         Some(("https", rest)) => (true, rest.trim_end_matches('/')),
-        _ => bail!(
-            "--url {:?}: expected http://HOST:PORT or https://HOST:PORT",
-            t.url
-        ),
+        _ => {
+            return Err(Connect(anyhow::anyhow!(
+                "--url {:?}: expected http://HOST:PORT or https://HOST:PORT",
+                t.url
+            )))
+        }
     };
-    let tcp = std::net::TcpStream::connect(hostport).with_context(|| {
-        format!("connecting to the gateway at {hostport} (is smartllm running?)")
-    })?;
-    tcp.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let tcp = std::net::TcpStream::connect(hostport)
+        .with_context(|| format!("connecting to the gateway at {hostport} (is smartllm running?)"))
+        .map_err(Connect)?;
+    tcp.set_read_timeout(Some(Duration::from_secs(600)))
+        .context("setting the read timeout")
+        .map_err(Connect)?;
     let auth = t
         .key
         .as_ref()
@@ -432,20 +494,37 @@ fn post(t: &Target, path: &str, body: &str) -> anyhow::Result<(u16, String)> {
         let settings = t
             .tls
             .as_ref()
-            .context("an https --url needs server.tls in the config (its certificate is pinned)")?;
-        let mut s = crate::admin_tls::connect(tcp, settings, None)?;
-        s.write_all(request.as_bytes())?;
+            .context("an https --url needs server.tls in the config (its certificate is pinned)")
+            .map_err(Connect)?;
+        let mut s = crate::admin_tls::connect(tcp, settings, None).map_err(Connect)?;
+        // The handshake first, on its own: a certificate that is not the
+        // pinned one is a connection that failed, not a request.
+        if s.conn.is_handshaking() {
+            s.conn
+                .complete_io(&mut s.sock)
+                .context("TLS handshake with the gateway")
+                .map_err(Connect)?;
+        }
+        s.write_all(request.as_bytes())
+            .context("sending the request over TLS")
+            .map_err(Request)?;
         if let Err(e) = s.read_to_end(&mut raw) {
             if raw.is_empty() {
-                return Err(e).context("TLS to the gateway");
+                return Err(Request(
+                    anyhow::Error::new(e).context("reading the gateway's answer over TLS"),
+                ));
             }
         }
     } else {
         let mut s = tcp;
-        s.write_all(request.as_bytes())?;
-        s.read_to_end(&mut raw)?;
+        s.write_all(request.as_bytes())
+            .context("sending the request")
+            .map_err(Request)?;
+        s.read_to_end(&mut raw)
+            .context("reading the gateway's answer")
+            .map_err(Request)?;
     }
-    parse_response(&raw)
+    parse_response(&raw).map_err(Request)
 }
 
 /// Status and body of an HTTP/1.1 response read to its end (chunked or not).
@@ -492,13 +571,29 @@ fn parse_response(raw: &[u8]) -> anyhow::Result<(u16, String)> {
     Ok((status, String::from_utf8_lossy(&out).into_owned()))
 }
 
-/// The new file's text: the models measured now replace the tasks they were
-/// measured on; other models and tasks already in `out` stay.
-fn merged_profiles(out: &Path, t: &Tally, set: &str, items: &[Item]) -> anyhow::Result<String> {
-    let mut models: BTreeMap<String, BTreeMap<String, (f64, u64)>> = BTreeMap::new();
+/// Quality and answer count per model and task (the answer count 0 where
+/// the file names none).
+type Measured = BTreeMap<String, BTreeMap<String, (f64, u64)>>;
+
+/// What `out` holds already (nothing when it does not exist), read before
+/// any question is asked so that an --out that is not a profiles file, or
+/// that cannot be written, stops the run before it starts.
+fn existing_profiles(out: &Path) -> anyhow::Result<Measured> {
+    out.file_name().context("--out must name a file")?;
+    let dir = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        bail!(
+            "--out {}: the directory {} does not exist",
+            out.display(),
+            dir.display()
+        );
+    }
+    let mut models = Measured::new();
     match std::fs::read_to_string(out) {
         Ok(text) => {
-            let dir = out.parent().unwrap_or(Path::new("."));
             let old = smartllm_config::parse_profiles_file(dir, &text)
                 .map_err(|e| anyhow::anyhow!("{e}"))
                 .with_context(|| format!("{} exists but is not a profiles file", out.display()))?;
@@ -513,6 +608,13 @@ fn merged_profiles(out: &Path, t: &Tally, set: &str, items: &[Item]) -> anyhow::
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e).with_context(|| format!("reading {}", out.display())),
     }
+    Ok(models)
+}
+
+/// The new file's text: the models measured now replace the tasks they were
+/// measured on; other models and tasks of `old` (the file's) stay.
+fn merged_profiles(old: Measured, t: &Tally, set: &str, items: &[Item]) -> String {
+    let mut models = old;
     for (m, by_task) in &t.scores {
         let e = models.entry(m.clone()).or_default();
         for (task, (right, asked)) in by_task {
@@ -551,7 +653,7 @@ fn merged_profiles(out: &Path, t: &Tally, set: &str, items: &[Item]) -> anyhow::
             text.push_str(&format!("    answers: {{ {} }}\n", answers.join(", ")));
         }
     }
-    Ok(text)
+    text
 }
 
 fn round3(x: f64) -> f64 {
@@ -754,7 +856,8 @@ mod tests {
             .or_default()
             .insert(Task::Code, (1, 3));
         let items = parse_set(include_str!("../../../data/profile/set.jsonl")).unwrap();
-        let text = merged_profiles(&out, &t, "set.jsonl", &items).unwrap();
+        let old = existing_profiles(&out).unwrap();
+        let text = merged_profiles(old, &t, "set.jsonl", &items);
         let p = smartllm_config::parse_profiles_file(&dir, &text).unwrap();
         std::fs::remove_dir_all(&dir).unwrap();
         assert_eq!(p.models["old"].quality["math"], 0.75);
@@ -762,6 +865,145 @@ mod tests {
         assert_eq!(p.models["old"].answers["math"], 4);
         assert_eq!(p.models["org/new:1b"].quality["code"], 0.333);
         assert_eq!(p.set.as_deref(), Some("set.jsonl"));
+    }
+
+    #[test]
+    fn a_bad_out_stops_the_run_before_any_question() {
+        let dir = std::env::temp_dir().join(format!("smartllm-profile-out-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let bad = dir.join("profiles.yaml");
+        std::fs::write(&bad, "models: [this is not, a profiles file\n").unwrap();
+        let e = format!("{:#}", existing_profiles(&bad).unwrap_err());
+        assert!(e.contains("exists but is not a profiles file"), "{e}");
+        assert!(existing_profiles(&dir.join("new.yaml")).unwrap().is_empty());
+        let e = format!(
+            "{:#}",
+            existing_profiles(&dir.join("missing/profiles.yaml")).unwrap_err()
+        );
+        assert!(e.contains("does not exist"), "{e}");
+        assert!(existing_profiles(Path::new("/")).is_err());
+        // The whole command: refused on --out, with the gateway never asked
+        // (nothing listens on port 1).
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let r = run(RunArgs {
+            config: root.join("conf"),
+            set: root.join("data/profile/set.jsonl"),
+            out: bad.clone(),
+            models: None,
+            url: Some("http://127.0.0.1:1".into()),
+            key: None,
+            concurrency: 1,
+            max_tokens: 16,
+        });
+        std::fs::remove_dir_all(&dir).unwrap();
+        let e = format!("{:#}", r.unwrap_err());
+        assert!(e.contains("exists but is not a profiles file"), "{e}");
+    }
+
+    #[test]
+    fn only_the_key_or_an_unreachable_gateway_stops_the_run() {
+        use std::net::TcpListener;
+        let target = |port: u16| Target {
+            url: format!("http://127.0.0.1:{port}"),
+            key: None,
+            tls: None,
+        };
+        // A gateway that answers the first request, then closes the second
+        // connection without an answer.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        // The whole request is read (its head and Content-Length bytes of
+        // body), so that closing the connection is a clean end, not a reset.
+        let complete = |request: &[u8]| {
+            let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") else {
+                return false;
+            };
+            let head = String::from_utf8_lossy(&request[..end]).to_ascii_lowercase();
+            let len = head
+                .lines()
+                .find_map(|l| l.strip_prefix("content-length:"))
+                .and_then(|v| v.trim().parse::<usize>().ok())
+                .unwrap_or(0);
+            request.len() >= end + 4 + len
+        };
+        let server = std::thread::spawn(move || {
+            for (i, conn) in listener.incoming().take(2).enumerate() {
+                let mut conn = conn.unwrap();
+                let mut request = Vec::new();
+                let mut buf = [0u8; 4096];
+                while !complete(&request) {
+                    match conn.read(&mut buf) {
+                        Ok(0) | Err(_) => break,
+                        Ok(n) => request.extend_from_slice(&buf[..n]),
+                    }
+                }
+                if i == 0 {
+                    let body = r#"{"choices": [{"message": {"content": "Answer: 4"}}]}"#;
+                    let answer = format!(
+                        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    conn.write_all(answer.as_bytes()).unwrap();
+                }
+            }
+        });
+        // Before the gateway was reached, a refused connection stops the run.
+        let closed = {
+            let l = TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let reached = AtomicBool::new(false);
+        match ask(&target(closed), "m", "q", 16, &reached) {
+            Err(AskError::Refused(m)) => assert!(m.contains("connecting"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(
+            ask(&target(port), "m", "q", 16, &reached).unwrap(),
+            "Answer: 4"
+        );
+        // An answer that never comes is this request's failure.
+        match ask(&target(port), "m", "q", 16, &reached) {
+            Err(AskError::Failed(m)) => assert!(m.contains("no HTTP head"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        server.join().unwrap();
+        // The gateway gone after it was reached: counted, not fatal.
+        match ask(&target(port), "m", "q", 16, &reached) {
+            Err(AskError::Failed(m)) => assert!(m.contains("connecting"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // A request that was sent and then failed marks the gateway reached.
+        let fresh = AtomicBool::new(false);
+        let failed = no_answer(PostError::Request(anyhow::anyhow!("reset")), &fresh);
+        assert!(matches!(failed, AskError::Failed(_)));
+        assert!(matches!(
+            no_answer(PostError::Connect(anyhow::anyhow!("refused")), &fresh),
+            AskError::Failed(_)
+        ));
+    }
+
+    #[test]
+    fn statuses_other_than_a_refused_key_are_failed_requests() {
+        let ok = r#"{"choices": [{"message": {"content": "Answer: B"}}]}"#;
+        assert_eq!(answer_of("m", 200, ok).unwrap(), "Answer: B");
+        assert!(matches!(
+            answer_of("m", 200, "{}"),
+            Err(AskError::Failed(_))
+        ));
+        for status in [401, 403] {
+            match answer_of("m", status, r#"{"error": {"message": "no key"}}"#) {
+                Err(AskError::Refused(m)) => {
+                    assert!(m.contains("refused the key") && m.contains("no key"), "{m}")
+                }
+                other => panic!("{status}: {other:?}"),
+            }
+        }
+        for status in [400, 404, 429, 500, 502, 504] {
+            match answer_of("m", status, r#"{"error": {"message": "upstream"}}"#) {
+                Err(AskError::Failed(m)) => assert_eq!(m, format!("{status}: upstream")),
+                other => panic!("{status}: {other:?}"),
+            }
+        }
     }
 
     #[test]

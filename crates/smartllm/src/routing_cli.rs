@@ -111,6 +111,7 @@ struct Labelled {
 }
 
 /// JSONL lines `{"prompt", "model", "score"[, "cost"]}` (or `{"prompt", "scores": {model: score}}`), grouped by prompt.
+/// A cost is USD, a finite number at least 0.
 fn read_data(path: &Path) -> anyhow::Result<Vec<Labelled>> {
     let text =
         std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
@@ -163,7 +164,18 @@ fn read_data(path: &Path) -> anyhow::Result<Vec<Labelled>> {
             let score = v["score"].as_f64().with_context(|| {
                 format!("{}:{}: needs a numeric \"score\"", path.display(), i + 1)
             })?;
-            add(model, score, v["cost"].as_f64())?;
+            let cost = match &v["cost"] {
+                Value::Null => None,
+                c => match c.as_f64() {
+                    Some(x) if x.is_finite() && x >= 0.0 => Some(x),
+                    _ => bail!(
+                        "{}:{}: cost {c} is not a number of USD at least 0",
+                        path.display(),
+                        i + 1
+                    ),
+                },
+            };
+            add(model, score, cost)?;
         }
     }
     if out.is_empty() {
@@ -339,6 +351,13 @@ pub fn evaluate(
         }
     }
     let (best, cheapest) = eval::best_and_cheapest(&eval_rows, models.len());
+    let names: Vec<(&str, bool)> = models
+        .iter()
+        .map(|m| (m.as_str(), is_priced(&cfg, m)))
+        .collect();
+    for note in check_costs(&names, &eval_rows, best)? {
+        eprintln!("note: {note}");
+    }
     let mut curves = vec![
         eval::predicted_curve("rules", &eval_rows, &rule_pred, best),
         eval::random_curve(&eval_rows, best, cheapest),
@@ -401,6 +420,44 @@ pub fn evaluate(
         println!();
     }
     Ok(())
+}
+
+fn is_priced(cfg: &Config, model: &str) -> bool {
+    cfg.price(model)
+        .is_some_and(smartllm_config::ModelPrice::is_priced)
+}
+
+/// Every cost share is a share of the best model's total cost: refused
+/// when that is 0 (an unpriced model with no "cost" in the data, or data
+/// that says it costs nothing), naming every model that costs nothing
+/// here. `models`: each model's name and whether it has a price. Other
+/// models that cost nothing come back as notes (the curves count them free).
+fn check_costs(
+    models: &[(&str, bool)],
+    rows: &[EvalRow],
+    best: usize,
+) -> anyhow::Result<Vec<String>> {
+    let free: Vec<String> = (0..models.len())
+        .filter(|m| eval::total_cost(rows, *m) <= 0.0)
+        .map(|m| match models[m] {
+            (name, true) => format!("{name} (priced, but at $0 on these prompts)"),
+            (name, false) => {
+                format!("{name} (unpriced: no `pricing` in models.yaml, no catalog entry)")
+            }
+        })
+        .collect();
+    if eval::total_cost(rows, best) <= 0.0 {
+        bail!(
+            "the best model, {}, costs $0 in total on these prompts, so there is no cost to take shares of. \
+             Costing $0: {}. Give each a price (`pricing` in models.yaml) or its cost per line (\"cost\" in the data).",
+            models[best].0,
+            free.join(", ")
+        );
+    }
+    Ok(free
+        .into_iter()
+        .map(|m| format!("{m} costs $0 in total: the curves count it as free"))
+        .collect())
 }
 
 /// `task<TAB>prompt[<TAB>source]` lines (`#` comments and blank lines skipped).
@@ -623,6 +680,13 @@ fn simulate_from_profiles(
         router.push(models.iter().position(|m| m.name == d.model));
     }
     let (best, cheapest) = eval::best_and_cheapest(&eval_rows, models.len());
+    let names: Vec<(&str, bool)> = models
+        .iter()
+        .map(|m| (m.name.as_str(), is_priced(cfg, &m.name)))
+        .collect();
+    for note in check_costs(&names, &eval_rows, best)? {
+        eprintln!("note: {note}");
+    }
     // The route's own point counts the prompts it sent to a candidate.
     let (router_rows, router_choices): (Vec<EvalRow>, Vec<usize>) = eval_rows
         .iter()
@@ -848,6 +912,71 @@ mod tests {
         r.experiment = experiment;
         let s = simulate_from_profiles(&cfg, &r, &embedder, &assets, rows).unwrap();
         assert_eq!(s["router_outside_candidates"].as_u64(), Some(8), "{s}");
+    }
+
+    fn data_file(name: &str, text: &str) -> std::path::PathBuf {
+        let path =
+            std::env::temp_dir().join(format!("smartllm-eval-{}-{name}.jsonl", std::process::id()));
+        std::fs::write(&path, text).unwrap();
+        path
+    }
+
+    #[test]
+    fn data_costs_must_be_finite_and_not_negative() {
+        let ok = r#"{"prompt": "p", "model": "a", "score": 1, "cost": 0.002}"#;
+        let free = r#"{"prompt": "p", "model": "b", "score": 0.5, "cost": 0}"#;
+        let path = data_file("ok", &format!("{ok}\n{free}\n"));
+        let rows = read_data(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(rows.len(), 1);
+        assert_eq!(rows[0].costs["a"], 0.002);
+        assert_eq!(rows[0].costs["b"], 0.0);
+        for (bad, want) in [
+            (r#""cost": -0.001"#, "cost -0.001 is not"),
+            (r#""cost": "0.1""#, "cost \"0.1\" is not"),
+            (r#""cost": true"#, "cost true is not"),
+        ] {
+            let line = format!(r#"{{"prompt": "q", "model": "a", "score": 1, {bad}}}"#);
+            let path = data_file("bad", &format!("{ok}\n{line}\n"));
+            let r = read_data(&path);
+            std::fs::remove_file(&path).unwrap();
+            let Err(e) = r else {
+                panic!("{line}: accepted");
+            };
+            let e = format!("{e:#}");
+            assert!(e.contains(&format!("{}:2: {want}", path.display())), "{e}");
+        }
+    }
+
+    #[test]
+    fn a_best_model_that_costs_nothing_is_refused_with_the_unpriced_named() {
+        let rows: Vec<EvalRow> = (0..4)
+            .map(|_| EvalRow {
+                scores: vec![0.9, 0.6, 0.5],
+                costs: vec![0.0, 0.01, 0.0],
+            })
+            .collect();
+        let models = [("local-big", false), ("cheap", true), ("free-tier", true)];
+        let (best, _) = eval::best_and_cheapest(&rows, 3);
+        assert_eq!(best, 0);
+        let e = check_costs(&models, &rows, best).unwrap_err().to_string();
+        assert!(e.contains("the best model, local-big, costs $0"), "{e}");
+        assert!(e.contains("local-big (unpriced"), "{e}");
+        assert!(e.contains("free-tier (priced, but at $0"), "{e}");
+        assert!(!e.contains("cheap"), "{e}");
+        // A priced best model: the others at $0 are only noted.
+        let rows: Vec<EvalRow> = rows
+            .into_iter()
+            .map(|r| EvalRow {
+                costs: vec![0.02, 0.01, 0.0],
+                ..r
+            })
+            .collect();
+        let notes = check_costs(&models, &rows, best).unwrap();
+        assert_eq!(notes.len(), 1, "{notes:?}");
+        assert!(notes[0].starts_with("free-tier (priced"), "{notes:?}");
+        let c = eval::choice_point(&rows, best, &[1; 4]);
+        assert!((c.cost_share - 0.5).abs() < 1e-12, "{c:?}");
     }
 
     #[test]
