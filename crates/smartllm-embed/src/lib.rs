@@ -145,10 +145,29 @@ pub struct Embedder {
 struct Health {
     live: std::sync::atomic::AtomicUsize,
     failing: std::sync::atomic::AtomicU64,
+    /// When the last run failed (ms since the Unix epoch; 0: never).
+    failed_ms: std::sync::atomic::AtomicU64,
 }
 
-/// Failed runs in a row after which the embedder reports itself unready.
+impl Health {
+    fn failed(&self) -> u64 {
+        use std::sync::atomic::Ordering::Relaxed;
+        self.failed_ms.store(now_ms(), Relaxed);
+        self.failing.fetch_add(1, Relaxed) + 1
+    }
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Failed runs in a row after which the embedder reports itself failing,
+/// while the last of them is recent ([`FAILING_FOR`]: with no request
+/// needing a run, nothing would clear it).
 const FAILING_UNREADY: u64 = 5;
+const FAILING_FOR: Duration = Duration::from_secs(60);
 
 /// The longest a caller waits for its answer once queued (a worker stuck
 /// in a device call must not hold a request for ever).
@@ -170,24 +189,21 @@ impl Drop for LiveWorker {
 pub struct EmbedderHealth {
     /// Worker threads still running (of `EmbedderInfo::threads`).
     pub workers_live: usize,
-    /// Model runs in a row that failed.
+    /// Model runs in a row that failed (answers waited for in vain
+    /// included).
     pub failing_runs: u64,
+    /// Seconds since the last of them.
+    pub last_failure_s: Option<u64>,
 }
 
 impl EmbedderHealth {
-    /// Workers run, and runs succeed.
+    /// Workers run, and runs succeed (or the failures are not recent).
     pub fn ok(&self) -> bool {
-        self.workers_live > 0 && self.failing_runs < FAILING_UNREADY
-    }
-}
-
-/// Await a worker's reply, no longer than [`REPLY_TIMEOUT`].
-async fn reply<T>(rx: oneshot::Receiver<Result<T, EmbedError>>) -> Result<T, EmbedError> {
-    match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
-        Ok(r) => r.map_err(|_| EmbedError::Stopped)?,
-        Err(_) => Err(EmbedError::Inference(format!(
-            "no answer within {REPLY_TIMEOUT:?}"
-        ))),
+        self.workers_live > 0
+            && (self.failing_runs < FAILING_UNREADY
+                || self
+                    .last_failure_s
+                    .is_none_or(|s| s >= FAILING_FOR.as_secs()))
     }
 }
 
@@ -447,11 +463,21 @@ impl Embedder {
             tokenizer: tokenizer.clone(),
         }];
         for _ in 1..cfg.threads {
-            let session =
-                build_session(&rt.env, cfg, device == "cuda").map_err(|e| EmbedError::Model {
-                    path: cfg.model.clone(),
-                    message: e.to_string(),
-                })?;
+            let session = match build_session(&rt.env, cfg, device == "cuda") {
+                Ok(s) => s,
+                // The GPU has no room for one more session (each holds its
+                // own device memory): the ones it has serve.
+                Err(e) if device == "cuda" => {
+                    tracing::warn!(error = %e, sessions = workers.len(), threads = cfg.threads, "no further CUDA embedder session; running with those started");
+                    break;
+                }
+                Err(e) => {
+                    return Err(EmbedError::Model {
+                        path: cfg.model.clone(),
+                        message: e.to_string(),
+                    })
+                }
+            };
             workers.push(Model {
                 session,
                 tokenizer: tokenizer.clone(),
@@ -463,6 +489,7 @@ impl Embedder {
         let rx = Arc::new(Mutex::new(rx));
         let gpu = device == "cuda";
         let health = Arc::new(Health::default());
+        let sessions = workers.len();
         for (i, mut w) in workers.into_iter().enumerate() {
             let rx = rx.clone();
             health
@@ -483,7 +510,7 @@ impl Embedder {
             model: cfg.model.clone(),
             onnxruntime: rt.lib.clone(),
             device,
-            threads: cfg.threads,
+            threads: sessions,
             max_seq_len: cfg.max_seq_len,
             dim: DIM,
             load_ms: started.elapsed().as_millis() as u64,
@@ -504,9 +531,28 @@ impl Embedder {
     /// Whether the workers run and their runs succeed (`/readyz`).
     pub fn health(&self) -> EmbedderHealth {
         use std::sync::atomic::Ordering::Relaxed;
+        let failed = self.health.failed_ms.load(Relaxed);
         EmbedderHealth {
             workers_live: self.health.live.load(Relaxed),
             failing_runs: self.health.failing.load(Relaxed),
+            last_failure_s: (failed > 0).then(|| now_ms().saturating_sub(failed) / 1000),
+        }
+    }
+
+    /// Await a worker's reply, no longer than [`REPLY_TIMEOUT`] (a wait in
+    /// vain counts as a failed run: a worker stuck in a device call).
+    async fn reply<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, EmbedError>>,
+    ) -> Result<T, EmbedError> {
+        match tokio::time::timeout(REPLY_TIMEOUT, rx).await {
+            Ok(r) => r.map_err(|_| EmbedError::Stopped)?,
+            Err(_) => {
+                self.health.failed();
+                Err(EmbedError::Inference(format!(
+                    "no answer within {REPLY_TIMEOUT:?}"
+                )))
+            }
         }
     }
 
@@ -520,7 +566,10 @@ impl Embedder {
         let cap = self.info.max_seq_len.saturating_mul(BYTES_PER_TOKEN_BOUND);
         for t in &mut texts {
             let keep = clip(t, cap).len();
-            t.truncate(keep);
+            if keep < t.len() {
+                t.truncate(keep);
+                t.shrink_to_fit();
+            }
         }
         let (reply, rx) = oneshot::channel();
         match self.tx.try_send(Job {
@@ -566,7 +615,7 @@ impl Embedder {
             Err(keep) => keep,
         };
         let rx = self.submit(texts, Output::Pooled)?;
-        let vectors = reply(rx).await?;
+        let vectors = self.reply(rx).await?;
         self.remember(keep, &vectors);
         Ok(vectors)
     }
@@ -593,7 +642,7 @@ impl Embedder {
             return Ok(Vec::new());
         }
         let rx = self.submit(texts, Output::Tokens)?;
-        reply(rx).await
+        self.reply(rx).await
     }
 
     /// Each text's [`task_vector`] (the router's task classifier's view),
@@ -622,7 +671,7 @@ impl Embedder {
                 states: with_states,
             },
         )?;
-        let mut out = reply(rx).await?.pop().unwrap_or_default();
+        let mut out = self.reply(rx).await?.pop().unwrap_or_default();
         if out.len() < DIM + TASK_DIM {
             return Err(EmbedError::Inference("model output too short".into()));
         }
@@ -744,12 +793,11 @@ fn worker_loop(
             let (jobs, rest): (Vec<Job>, Vec<Job>) =
                 all.into_iter().partition(|j| j.output == output);
             let ok = answer(w, jobs, max_tokens, output);
-            let failing = &health.failing;
             if ok {
-                failing.store(0, std::sync::atomic::Ordering::Relaxed);
-            } else if failing.fetch_add(1, std::sync::atomic::Ordering::Relaxed) + 1
-                == FAILING_UNREADY
-            {
+                health
+                    .failing
+                    .store(0, std::sync::atomic::Ordering::Relaxed);
+            } else if health.failed() == FAILING_UNREADY {
                 tracing::error!(
                     runs = FAILING_UNREADY,
                     "embedding runs keep failing; /readyz reports the embedder unready until one succeeds"
@@ -832,7 +880,16 @@ fn embed_texts(
     });
     let encodings = texts
         .iter()
-        .map(|t| w.tokenizer.encode(clip(t, cap), true))
+        .map(|t| {
+            let cut = clip(t, cap);
+            let e = w.tokenizer.encode(cut, true)?;
+            // A text of few tokens for its bytes (long runs of spaces, words
+            // the tokenizer cannot split): whole, as before.
+            if cut.len() < t.len() && e.get_ids().len() < cap / BYTES_PER_TOKEN_BOUND {
+                return w.tokenizer.encode(*t, true);
+            }
+            Ok(e)
+        })
         .collect::<Result<Vec<Encoding>, _>>()
         .map_err(|e| e.to_string())?;
     let lens: Vec<usize> = encodings.iter().map(|e| e.get_ids().len()).collect();
@@ -1090,6 +1147,12 @@ mod tests {
         let cut = m.tokenizer.encode(clip(&text, cap), true).unwrap();
         assert_eq!(full.get_ids(), cut.get_ids());
         assert_eq!(full.get_ids().len(), cfg.max_seq_len);
+        // A text of few tokens for its bytes is encoded whole: 20,000
+        // spaces make no token, and the words after them still count.
+        let mut m = m;
+        let spaced = format!("{}hello world", " ".repeat(20_000));
+        let v = m.embed(&[spaced.as_str(), "hello world"], 0).unwrap();
+        assert!(v[0].iter().zip(&v[1]).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 
     #[test]
@@ -1097,10 +1160,18 @@ mod tests {
         let h = |workers_live, failing_runs| EmbedderHealth {
             workers_live,
             failing_runs,
+            last_failure_s: (failing_runs > 0).then_some(1),
         };
         assert!(h(1, FAILING_UNREADY - 1).ok());
         assert!(!h(1, FAILING_UNREADY).ok());
         assert!(!h(0, 0).ok());
+        // Failures long past no longer count: nothing may have needed a
+        // run since.
+        let old = EmbedderHealth {
+            last_failure_s: Some(FAILING_FOR.as_secs()),
+            ..h(1, FAILING_UNREADY)
+        };
+        assert!(old.ok());
         let Some(mut cfg) = assets() else { return };
         cfg.threads = 2;
         let e = Embedder::load(&cfg).unwrap();

@@ -78,6 +78,7 @@ impl AdminApp {
                     "ready": t.nearest_ok && h.ok(),
                     "workers_live": h.workers_live,
                     "failing_runs": h.failing_runs,
+                    "last_failure_s": h.last_failure_s,
                     "model": i.model.display().to_string(),
                     "onnxruntime": i.onnxruntime.display().to_string(),
                     "device": i.device,
@@ -698,10 +699,18 @@ impl AdminApp {
         match tokio::task::spawn_blocking(move || cache.purge_at(&what, issued)).await {
             Ok(Ok(n)) => {
                 tracing::info!(purge = %label, removed = n, "cache purged");
-                if let Some(fleet) = &self.shared.fleet_sync {
-                    fleet.publish(crate::fleet_sync::CacheEvent::Purge(published, issued));
-                }
-                json_reply(200, &json!({"result": "purged", "removed": n}))
+                // The fleet's share: queued for its Redis (never dropped).
+                let fleet = match &self.shared.fleet_sync {
+                    Some(fleet) if fleet.shares_cache() => {
+                        fleet.publish(crate::fleet_sync::CacheEvent::Purge(published, issued));
+                        "queued"
+                    }
+                    _ => "not_shared",
+                };
+                json_reply(
+                    200,
+                    &json!({"result": "purged", "removed": n, "fleet": fleet}),
+                )
             }
             Ok(Err(e)) => json_reply(
                 500,

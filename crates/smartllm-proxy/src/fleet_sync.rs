@@ -151,6 +151,11 @@ pub struct FleetSync {
     model_tag: String,
     outbox: mpsc::Sender<CacheEvent>,
     outbox_rx: Mutex<Option<mpsc::Receiver<CacheEvent>>>,
+    /// Purges and version bumps: never dropped, and sent before inserts
+    /// (an insert asked before a purge that lands after it is refused by
+    /// Redis's purge record, not spread to the fleet).
+    control: mpsc::UnboundedSender<CacheEvent>,
+    control_rx: Mutex<Option<mpsc::UnboundedReceiver<CacheEvent>>>,
     costs: mpsc::Sender<FleetBatch>,
     costs_rx: Mutex<Option<mpsc::Receiver<FleetBatch>>>,
     /// Cost batches handed over and not yet confirmed by Redis.
@@ -177,6 +182,7 @@ impl FleetSync {
             }
         };
         let (outbox, outbox_rx) = mpsc::channel(OUTBOX);
+        let (control, control_rx) = mpsc::unbounded_channel();
         let (costs, costs_rx) = mpsc::channel(COST_QUEUE);
         Some(Arc::new(FleetSync {
             config: config.clone(),
@@ -185,6 +191,8 @@ impl FleetSync {
             model_tag,
             outbox,
             outbox_rx: Mutex::new(Some(outbox_rx)),
+            control,
+            control_rx: Mutex::new(Some(control_rx)),
             costs,
             costs_rx: Mutex::new(Some(costs_rx)),
             costs_unsent: Arc::new(AtomicU64::new(0)),
@@ -217,7 +225,12 @@ impl FleetSync {
         if !self.config.share_cache {
             return;
         }
-        if self.outbox.try_send(event).is_err() {
+        let queued = match event {
+            CacheEvent::Insert(_) => self.outbox.try_send(event).is_ok(),
+            // Rare (an operator, a reload), and they must reach the fleet.
+            _ => self.control.send(event).is_ok(),
+        };
+        if !queued {
             count("cache_publish", "dropped");
         }
     }
@@ -439,12 +452,20 @@ impl FleetSync {
         let Some(mut rx) = self.outbox_rx.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
+        let Some(mut control) = self.control_rx.lock().ok().and_then(|mut r| r.take()) else {
+            return;
+        };
         let mut conn: Option<MultiplexedConnection> = None;
         let mut backoff = Duration::from_millis(100);
         loop {
             let event = tokio::select! {
+                biased;
+                e = control.recv() => match e { Some(e) => e, None => return },
                 e = rx.recv() => match e { Some(e) => e, None => return },
-                _ = shutdown.changed() => return,
+                _ = shutdown.changed() => {
+                    self.flush_control(&shared, &mut control, conn.take()).await;
+                    return;
+                }
             };
             // Retried while Redis is unreachable: later events queue behind
             // it (a full queue drops new ones, counted), so order is kept.
@@ -484,10 +505,55 @@ impl FleetSync {
                 }
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
-                    _ = shutdown.changed() => return,
+                    _ = shutdown.changed() => {
+                        if !matches!(event, CacheEvent::Insert(_)) {
+                            // Tried again with the rest, below.
+                            let _ = self.control.send(event);
+                        }
+                        self.flush_control(&shared, &mut control, conn.take()).await;
+                        return;
+                    }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
+        }
+    }
+
+    /// At shutdown: the purges and version bumps not yet sent get one more
+    /// try each (queued inserts are let go), within a few timeouts in all.
+    async fn flush_control(
+        &self,
+        shared: &Shared,
+        control: &mut mpsc::UnboundedReceiver<CacheEvent>,
+        conn: Option<MultiplexedConnection>,
+    ) {
+        let mut pending = Vec::new();
+        while let Ok(e) = control.try_recv() {
+            pending.push(e);
+        }
+        if pending.is_empty() {
+            return;
+        }
+        let deadline = self.config.timeout * 8;
+        let sent = tokio::time::timeout(deadline, async {
+            let mut conn = match conn {
+                Some(c) => c,
+                None => self.connect(self.config.timeout * 4).await?,
+            };
+            let named = named_policies(shared);
+            for e in &pending {
+                self.publish_one(&mut conn, e, &named).await?;
+                count("cache_publish", "ok");
+            }
+            Ok::<_, redis::RedisError>(())
+        })
+        .await;
+        if !matches!(sent, Ok(Ok(()))) {
+            count("cache_publish", "dropped");
+            tracing::error!(
+                events = pending.len(),
+                "cache purges or version changes could not reach the fleet's Redis before shutdown; other gateways keep what they hold"
+            );
         }
     }
 
@@ -1263,6 +1329,63 @@ mod tests {
         assert_eq!(stream_len(conn.clone(), f.stream_key()).await, len + 1);
         let _ = server.kill();
         let _ = server.wait();
+    }
+
+    /// A full outbox drops inserts, never a purge or a version change:
+    /// those wait in their own queue and go first.
+    #[test]
+    fn purges_and_version_changes_are_never_dropped() {
+        let cfg = FleetConfig {
+            redis: Some("redis://127.0.0.1:1/0".into()),
+            key_prefix: "t".into(),
+            timeout: Duration::from_millis(100),
+            on_error: smartllm_config::FleetOnError::Local,
+            share_cache: true,
+            cache_stream_len: 1000,
+            share_costs: false,
+        };
+        let f = FleetSync::new(&cfg, "tag".into()).unwrap();
+        let entry = Arc::new(smartllm_cache::Entry {
+            id: 1,
+            namespace: "ns".into(),
+            exact: "q".into(),
+            query: "q".into(),
+            response: "{}".into(),
+            route: "faq".into(),
+            model: "m".into(),
+            created_at: 1,
+            expires_at: 2,
+            version: 1,
+            asked_ms: None,
+        });
+        for _ in 0..=OUTBOX {
+            f.publish(CacheEvent::Insert(Box::new(Stored {
+                id: 1,
+                sealed: Vec::new(),
+                embedding: None,
+                entry: entry.clone(),
+            })));
+        }
+        f.publish(CacheEvent::Purge(Purge::All, 5));
+        f.publish(CacheEvent::Version {
+            name: "*".into(),
+            version: 2,
+        });
+        let mut control = f.control_rx.lock().unwrap().take().unwrap();
+        assert!(matches!(
+            control.try_recv(),
+            Ok(CacheEvent::Purge(Purge::All, 5))
+        ));
+        assert!(matches!(
+            control.try_recv(),
+            Ok(CacheEvent::Version { version: 2, .. })
+        ));
+        let mut outbox = f.outbox_rx.lock().unwrap().take().unwrap();
+        let mut inserts = 0;
+        while outbox.try_recv().is_ok() {
+            inserts += 1;
+        }
+        assert_eq!(inserts, OUTBOX);
     }
 
     #[test]

@@ -143,6 +143,13 @@ impl Shared {
             })
             .unwrap_or_default();
         let fleet_sync = fleet_sync::FleetSync::new(&runtime.config.fleet, model_tag);
+        if fleet_sync.as_ref().is_some_and(|f| f.shares_cache())
+            && runtime.config.cache.encryption_key_file.is_none()
+        {
+            tracing::warn!(
+                "fleet.share_cache without cache.encryption_key_file: prompts and answers rest in the fleet's Redis in the clear, and whoever can write to it can add entries to any tenant's cache; give every gateway the same key"
+            );
+        }
         if let (Some(sync), Some(ledger)) = (&fleet_sync, &ledger) {
             if runtime.config.fleet.share_costs {
                 ledger.share_with(sync.cost_sink());
@@ -192,11 +199,15 @@ impl Shared {
                 .self_test
                 .as_ref()
                 .is_some_and(|t| t.nearest_ok)
+            // Failing runs are reported, not gated on: without embeddings
+            // requests are still served (routing by keywords, no semantic
+            // cache), and a gateway out of service would see no request
+            // whose run could show it well again. No worker left is.
             && self
                 .components
                 .embedder
                 .as_ref()
-                .is_some_and(|e| e.health().ok())
+                .is_some_and(|e| e.health().workers_live > 0)
             && self.components.store.is_some()
     }
 }

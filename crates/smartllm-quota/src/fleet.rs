@@ -248,7 +248,7 @@ impl Fleet {
                     .set_response_timeout(Some(timeout))
                     .set_number_of_retries(1)
                     .set_max_delay(Duration::from_secs(1));
-                match tokio::time::timeout(
+                let r = match tokio::time::timeout(
                     timeout * 2,
                     ConnectionManager::new_with_config(self.client.clone(), cfg),
                 )
@@ -256,7 +256,14 @@ impl Fleet {
                 {
                     Ok(r) => r.map_err(FleetError::from),
                     Err(_) => Err(FleetError::Timeout(timeout)),
+                };
+                if r.is_err() {
+                    // Before the next in line (maybe on another thread)
+                    // may run this: it backs off rather than try again.
+                    *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
+                        Some(Instant::now() + Duration::from_secs(1));
                 }
+                r
             })
             .await;
         match conn {

@@ -62,13 +62,16 @@ pub(super) fn resolve_embedder(dir: &Path, e: RawEmbedder, v: &mut Issues<'_>) -
         ),
         // One single-threaded ONNX session per CPU by default: measured
         // faster than one session with intra-op threads at every batch size
-        // and length (bench/README.md, "Embedder").
+        // and length (bench/README.md, "Embedder"). On a GPU two sessions
+        // (one runs while the other gathers its batch): each holds its own
+        // device memory.
         threads: e
             .threads
-            .unwrap_or_else(|| {
-                std::thread::available_parallelism()
+            .unwrap_or_else(|| match device {
+                Device::Cuda => 2,
+                Device::Cpu => std::thread::available_parallelism()
                     .map(|n| n.get())
-                    .unwrap_or(2)
+                    .unwrap_or(2),
             })
             .clamp(1, 64),
         cache_entries: e.cache_entries.unwrap_or(4096).min(1 << 20),
