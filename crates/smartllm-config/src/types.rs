@@ -424,6 +424,8 @@ pub struct EmbedderConfig {
     pub model: PathBuf,
     pub tokenizer: PathBuf,
     pub onnxruntime: PathBuf,
+    /// Worker sessions; 0: by the device the embedder gets (2 on a GPU, the
+    /// CPU count on the CPU, a CUDA setting that fell back included).
     pub threads: usize,
     pub max_seq_len: usize,
     pub device: Device,

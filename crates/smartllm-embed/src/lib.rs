@@ -462,13 +462,21 @@ impl Embedder {
             session: first,
             tokenizer: tokenizer.clone(),
         }];
-        for _ in 1..cfg.threads {
+        let threads = match cfg.threads {
+            0 if device == "cuda" => 2,
+            0 => std::thread::available_parallelism()
+                .map(|n| n.get())
+                .unwrap_or(2)
+                .min(64),
+            n => n,
+        };
+        for _ in 1..threads {
             let session = match build_session(&rt.env, cfg, device == "cuda") {
                 Ok(s) => s,
                 // The GPU has no room for one more session (each holds its
                 // own device memory): the ones it has serve.
                 Err(e) if device == "cuda" => {
-                    tracing::warn!(error = %e, sessions = workers.len(), threads = cfg.threads, "no further CUDA embedder session; running with those started");
+                    tracing::warn!(error = %e, sessions = workers.len(), threads, "no further CUDA embedder session; running with those started");
                     break;
                 }
                 Err(e) => {
@@ -562,8 +570,12 @@ impl Embedder {
         output: Output,
     ) -> Result<oneshot::Receiver<Reply>, EmbedError> {
         // Only the first `max_seq_len` tokens count: a prompt of megabytes
-        // is not queued, nor tokenized, whole.
-        let cap = self.info.max_seq_len.saturating_mul(BYTES_PER_TOKEN_BOUND);
+        // is not queued whole. (The worker cuts tighter before tokenizing,
+        // and takes up to this much when the tighter cut held too few tokens.)
+        let cap = self
+            .info
+            .max_seq_len
+            .saturating_mul(BYTES_PER_TOKEN_BOUND * QUEUED_BOUND_FACTOR);
         for t in &mut texts {
             let keep = clip(t, cap).len();
             if keep < t.len() {
@@ -851,6 +863,10 @@ fn answer(w: &mut Model, jobs: Vec<Job>, max_tokens: usize, output: Output) -> b
 /// tokenized, which leaves its first `max_seq_len` tokens, all the model
 /// reads, as they were (the tokenizer would encode all of it, then truncate).
 const BYTES_PER_TOKEN_BOUND: usize = 64;
+
+/// How much more than the worker's cut a queued text keeps (a text of few
+/// tokens for its bytes is tokenized up to this).
+const QUEUED_BOUND_FACTOR: usize = 16;
 
 /// The first `n` bytes of `t` or fewer (cut at a character's start).
 fn clip(t: &str, n: usize) -> &str {
@@ -1152,6 +1168,12 @@ mod tests {
         let mut m = m;
         let spaced = format!("{}hello world", " ".repeat(20_000));
         let v = m.embed(&[spaced.as_str(), "hello world"], 0).unwrap();
+        assert!(v[0].iter().zip(&v[1]).all(|(a, b)| (a - b).abs() < 1e-5));
+        // The same through the embedder's queue (which cuts texts too).
+        let e = Embedder::load(&cfg).unwrap();
+        let v = e
+            .embed_blocking(vec![spaced.clone(), "hello world".into()])
+            .unwrap();
         assert!(v[0].iter().zip(&v[1]).all(|(a, b)| (a - b).abs() < 1e-5));
     }
 

@@ -156,6 +156,9 @@ pub struct FleetSync {
     /// Redis's purge record, not spread to the fleet).
     control: mpsc::UnboundedSender<CacheEvent>,
     control_rx: Mutex<Option<mpsc::UnboundedReceiver<CacheEvent>>>,
+    /// Control events queued and not yet sent (nor given up): a stop waits
+    /// for them.
+    control_unsent: Arc<AtomicU64>,
     costs: mpsc::Sender<FleetBatch>,
     costs_rx: Mutex<Option<mpsc::Receiver<FleetBatch>>>,
     /// Cost batches handed over and not yet confirmed by Redis.
@@ -193,6 +196,7 @@ impl FleetSync {
             outbox_rx: Mutex::new(Some(outbox_rx)),
             control,
             control_rx: Mutex::new(Some(control_rx)),
+            control_unsent: Arc::new(AtomicU64::new(0)),
             costs,
             costs_rx: Mutex::new(Some(costs_rx)),
             costs_unsent: Arc::new(AtomicU64::new(0)),
@@ -205,6 +209,11 @@ impl FleetSync {
 
     pub fn shares_costs(&self) -> bool {
         self.config.share_costs
+    }
+
+    /// Purges and version bumps queued and not yet sent (or given up).
+    pub fn control_unsent(&self) -> u64 {
+        self.control_unsent.load(Ordering::SeqCst)
     }
 
     /// Cost batches handed over and not yet confirmed by Redis.
@@ -228,7 +237,15 @@ impl FleetSync {
         let queued = match event {
             CacheEvent::Insert(_) => self.outbox.try_send(event).is_ok(),
             // Rare (an operator, a reload), and they must reach the fleet.
-            _ => self.control.send(event).is_ok(),
+            _ => {
+                self.control_unsent.fetch_add(1, Ordering::SeqCst);
+                let sent = self.control.send(event).is_ok();
+                if !sent {
+                    // The publisher has stopped.
+                    self.control_unsent.fetch_sub(1, Ordering::SeqCst);
+                }
+                sent
+            }
         };
         if !queued {
             count("cache_publish", "dropped");
@@ -470,7 +487,10 @@ impl FleetSync {
             // Retried while Redis is unreachable: later events queue behind
             // it (a full queue drops new ones, counted), so order is kept.
             // One Redis refuses (an error reply) is dropped after 3 tries
-            // rather than stop every later one.
+            // rather than stop every later one; a purge or version bump
+            // only when the refusal is final (not Redis loading its data,
+            // a replica, out of memory or busy for a while).
+            let control_event = !matches!(event, CacheEvent::Insert(_));
             let mut refused = 0;
             loop {
                 if conn.is_none() {
@@ -486,10 +506,13 @@ impl FleetSync {
                         }
                         Err(e) => {
                             count("cache_publish", "error");
+                            let passing = !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+                                || matches!(e.code(), Some("OOM" | "BUSY"));
                             let unreachable = e.is_io_error()
                                 || e.is_timeout()
                                 || e.is_connection_dropped()
-                                || e.is_connection_refusal();
+                                || e.is_connection_refusal()
+                                || (control_event && passing);
                             if !unreachable {
                                 refused += 1;
                                 if refused >= 3 {
@@ -506,8 +529,9 @@ impl FleetSync {
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => {
-                        if !matches!(event, CacheEvent::Insert(_)) {
-                            // Tried again with the rest, below.
+                        if control_event {
+                            // Tried again with the rest, below (still
+                            // counted unsent).
                             let _ = self.control.send(event);
                         }
                         self.flush_control(&shared, &mut control, conn.take()).await;
@@ -515,6 +539,9 @@ impl FleetSync {
                     }
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            if control_event {
+                self.control_unsent.fetch_sub(1, Ordering::SeqCst);
             }
         }
     }
@@ -527,6 +554,8 @@ impl FleetSync {
         control: &mut mpsc::UnboundedReceiver<CacheEvent>,
         conn: Option<MultiplexedConnection>,
     ) {
+        // No more are taken from here on (a later publish is dropped).
+        control.close();
         let mut pending = Vec::new();
         while let Ok(e) = control.try_recv() {
             pending.push(e);
@@ -534,24 +563,37 @@ impl FleetSync {
         if pending.is_empty() {
             return;
         }
+        let total = pending.len();
+        let mut sent = 0;
         let deadline = self.config.timeout * 8;
-        let sent = tokio::time::timeout(deadline, async {
+        let _ = tokio::time::timeout(deadline, async {
             let mut conn = match conn {
                 Some(c) => c,
-                None => self.connect(self.config.timeout * 4).await?,
+                None => match self.connect(self.config.timeout * 4).await {
+                    Ok(c) => c,
+                    Err(_) => return,
+                },
             };
             let named = named_policies(shared);
             for e in &pending {
-                self.publish_one(&mut conn, e, &named).await?;
-                count("cache_publish", "ok");
+                // Each on its own: one refused does not keep the rest back.
+                if self.publish_one(&mut conn, e, &named).await.is_ok() {
+                    count("cache_publish", "ok");
+                    sent += 1;
+                }
+                self.control_unsent.fetch_sub(1, Ordering::SeqCst);
             }
-            Ok::<_, redis::RedisError>(())
         })
         .await;
-        if !matches!(sent, Ok(Ok(()))) {
-            count("cache_publish", "dropped");
+        // Whatever was not tried is given up too: a stop waits no longer.
+        self.control_unsent.store(0, Ordering::SeqCst);
+        if sent < total {
+            for _ in sent..total {
+                count("cache_publish", "dropped");
+            }
             tracing::error!(
-                events = pending.len(),
+                sent,
+                not_sent = total - sent,
                 "cache purges or version changes could not reach the fleet's Redis before shutdown; other gateways keep what they hold"
             );
         }

@@ -262,7 +262,7 @@ impl ReloadService {
         match smartllm_config::watch::watch_dir_and(dir, files, tx.clone()) {
             Ok((w, failed)) => {
                 for (d, e) in failed {
-                    tracing::error!(error = %e, dir = %d.display(), "cannot watch the directory of a file the config reads (TLS, key or CA file); reload with SIGHUP after replacing it");
+                    tracing::error!(error = %e, dir = %d.display(), "cannot watch the directory of a file the config reads (TLS, key or CA file, classifier examples, learned router); reload with SIGHUP after replacing it");
                 }
                 Some(w)
             }

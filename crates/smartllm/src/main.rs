@@ -1058,6 +1058,11 @@ impl Finisher {
                 }
             };
             wait(&|| shared.tasks.is_empty() && shared.quotas.tasks().is_empty());
+            // Purges and version bumps to the fleet (their publisher gives
+            // them one more try at the stop, within 8 x fleet.timeout).
+            if let Some(fleet) = shared.fleet_sync.as_ref() {
+                wait(&|| fleet.control_unsent() == 0);
+            }
             wait(&|| shared.quotas.alerts_queued() == 0);
             wait(&|| shared.alert_deliveries.is_empty());
             let left = shared.tasks.len()

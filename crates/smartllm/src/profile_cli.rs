@@ -398,20 +398,17 @@ enum PostError {
     Request(anyhow::Error),
 }
 
-/// What a request without an answer means for the run: a connection that
-/// fails before the gateway was ever reached stops it; once the gateway
-/// has been reached, any failure (a restart, a reset, a timeout) is this
-/// request's, reported and not scored.
+/// What a request without an answer means for the run: one that fails
+/// before the gateway ever answered stops it (nothing listens, a port that
+/// speaks another protocol or never answers); once the gateway has
+/// answered, any failure (a restart, a reset, a timeout) is this request's,
+/// reported and not scored.
 fn no_answer(e: PostError, reached: &AtomicBool) -> AskError {
-    match e {
-        PostError::Connect(e) if !reached.load(Ordering::Relaxed) => {
-            AskError::Refused(format!("{e:#}"))
-        }
-        PostError::Connect(e) => AskError::Failed(format!("{e:#}")),
-        PostError::Request(e) => {
-            reached.store(true, Ordering::Relaxed);
-            AskError::Failed(format!("{e:#}"))
-        }
+    let (PostError::Connect(e) | PostError::Request(e)) = e;
+    if reached.load(Ordering::Relaxed) {
+        AskError::Failed(format!("{e:#}"))
+    } else {
+        AskError::Refused(format!("{e:#}"))
     }
 }
 
@@ -972,13 +969,14 @@ mod tests {
             Err(AskError::Failed(m)) => assert!(m.contains("connecting"), "{m}"),
             other => panic!("{other:?}"),
         }
-        // A request that was sent and then failed marks the gateway reached.
+        // Before any answer, a request that was sent and then failed (a
+        // port that speaks TLS, or never answers) stops the run too.
         let fresh = AtomicBool::new(false);
         let failed = no_answer(PostError::Request(anyhow::anyhow!("reset")), &fresh);
-        assert!(matches!(failed, AskError::Failed(_)));
+        assert!(matches!(failed, AskError::Refused(_)));
         assert!(matches!(
             no_answer(PostError::Connect(anyhow::anyhow!("refused")), &fresh),
-            AskError::Failed(_)
+            AskError::Refused(_)
         ));
     }
 

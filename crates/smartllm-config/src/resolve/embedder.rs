@@ -62,22 +62,26 @@ pub(super) fn resolve_embedder(dir: &Path, e: RawEmbedder, v: &mut Issues<'_>) -
         ),
         // One single-threaded ONNX session per CPU by default: measured
         // faster than one session with intra-op threads at every batch size
-        // and length (bench/README.md, "Embedder"). On a GPU two sessions
-        // (one runs while the other gathers its batch): each holds its own
-        // device memory.
-        threads: e
-            .threads
-            .unwrap_or_else(|| match device {
-                Device::Cuda => 2,
-                Device::Cpu => std::thread::available_parallelism()
-                    .map(|n| n.get())
-                    .unwrap_or(2),
-            })
-            .clamp(1, 64),
+        // and length (bench/README.md, "Embedder"). With `device: cuda`,
+        // decided once the device is known (0): two sessions on a GPU (one
+        // runs while the other gathers its batch; each holds its own device
+        // memory), one per CPU when it fell back.
+        threads: match (e.threads, device) {
+            (Some(t), _) => t.clamp(1, 64),
+            (None, Device::Cuda) => 0,
+            (None, Device::Cpu) => cpu_count().clamp(1, 64),
+        },
         cache_entries: e.cache_entries.unwrap_or(4096).min(1 << 20),
         max_seq_len: max_seq_len.clamp(8, 512),
         device,
         queue_depth: queue_depth.clamp(1, 65_536),
         max_queue_wait: max_queue_wait.max(Duration::from_millis(1)),
     }
+}
+
+/// The CPUs this process may use.
+fn cpu_count() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
