@@ -35,7 +35,7 @@ use smartllm_ledger::FleetBatch;
 use smartllm_quota::fleet::redis::{self, aio::MultiplexedConnection, Value};
 use smartllm_store::{Store, CF_META, LEDGER_FIELDS};
 use std::collections::{BTreeSet, HashMap};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::mpsc;
@@ -159,6 +159,9 @@ pub struct FleetSync {
     /// Control events queued and not yet sent (nor given up): a stop waits
     /// for them.
     control_unsent: Arc<AtomicU64>,
+    /// The publisher has ended (or its task was dropped, a quick stop):
+    /// nothing will send what is still counted unsent.
+    publisher_gone: AtomicBool,
     costs: mpsc::Sender<FleetBatch>,
     costs_rx: Mutex<Option<mpsc::Receiver<FleetBatch>>>,
     /// Cost batches handed over and not yet confirmed by Redis.
@@ -197,6 +200,7 @@ impl FleetSync {
             control,
             control_rx: Mutex::new(Some(control_rx)),
             control_unsent: Arc::new(AtomicU64::new(0)),
+            publisher_gone: AtomicBool::new(false),
             costs,
             costs_rx: Mutex::new(Some(costs_rx)),
             costs_unsent: Arc::new(AtomicU64::new(0)),
@@ -214,6 +218,21 @@ impl FleetSync {
     /// Purges and version bumps queued and not yet sent (or given up).
     pub fn control_unsent(&self) -> u64 {
         self.control_unsent.load(Ordering::SeqCst)
+    }
+
+    /// Whether a stop may still wait for [`Self::control_unsent`]: the
+    /// publisher runs (a quick stop drops it without a flush).
+    pub fn control_pending(&self) -> bool {
+        self.control_unsent() > 0 && !self.publisher_gone.load(Ordering::SeqCst)
+    }
+
+    /// `n` control events sent or given up (never below zero).
+    fn control_sent(&self, n: u64) {
+        let _ = self
+            .control_unsent
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |u| {
+                Some(u.saturating_sub(n))
+            });
     }
 
     /// Cost batches handed over and not yet confirmed by Redis.
@@ -242,7 +261,7 @@ impl FleetSync {
                 let sent = self.control.send(event).is_ok();
                 if !sent {
                     // The publisher has stopped.
-                    self.control_unsent.fetch_sub(1, Ordering::SeqCst);
+                    self.control_sent(1);
                 }
                 sent
             }
@@ -472,6 +491,14 @@ impl FleetSync {
         let Some(mut control) = self.control_rx.lock().ok().and_then(|mut r| r.take()) else {
             return;
         };
+        /// Marks the publisher gone however it ends (a dropped task too).
+        struct Gone<'a>(&'a AtomicBool);
+        impl Drop for Gone<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::SeqCst);
+            }
+        }
+        let _gone = Gone(&self.publisher_gone);
         let mut conn: Option<MultiplexedConnection> = None;
         let mut backoff = Duration::from_millis(100);
         loop {
@@ -506,8 +533,20 @@ impl FleetSync {
                         }
                         Err(e) => {
                             count("cache_publish", "error");
+                            // (Before Redis 7 a script's refusal comes as
+                            // ERR with the real one in its text.)
+                            let text = e.to_string();
                             let passing = !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
-                                || matches!(e.code(), Some("OOM" | "BUSY"));
+                                || matches!(e.code(), Some("OOM" | "BUSY" | "MISCONF"))
+                                || [
+                                    "OOM command not allowed",
+                                    "READONLY",
+                                    "LOADING",
+                                    "MISCONF",
+                                    "BUSY",
+                                ]
+                                .iter()
+                                .any(|w| text.contains(w));
                             let unreachable = e.is_io_error()
                                 || e.is_timeout()
                                 || e.is_connection_dropped()
@@ -541,7 +580,7 @@ impl FleetSync {
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             if control_event {
-                self.control_unsent.fetch_sub(1, Ordering::SeqCst);
+                self.control_sent(1);
             }
         }
     }
@@ -564,7 +603,7 @@ impl FleetSync {
             return;
         }
         let total = pending.len();
-        let mut sent = 0;
+        let (mut sent, mut tried) = (0, 0);
         let deadline = self.config.timeout * 8;
         let _ = tokio::time::timeout(deadline, async {
             let mut conn = match conn {
@@ -581,12 +620,13 @@ impl FleetSync {
                     count("cache_publish", "ok");
                     sent += 1;
                 }
-                self.control_unsent.fetch_sub(1, Ordering::SeqCst);
+                tried += 1;
+                self.control_sent(1);
             }
         })
         .await;
         // Whatever was not tried is given up too: a stop waits no longer.
-        self.control_unsent.store(0, Ordering::SeqCst);
+        self.control_sent((total - tried) as u64);
         if sent < total {
             for _ in sent..total {
                 count("cache_publish", "dropped");
@@ -1413,6 +1453,13 @@ mod tests {
             name: "*".into(),
             version: 2,
         });
+        assert_eq!(f.control_unsent(), 2);
+        assert!(f.control_pending());
+        // A publisher dropped without a flush (a quick stop): no stop waits.
+        f.publisher_gone.store(true, Ordering::SeqCst);
+        assert!(!f.control_pending());
+        f.control_sent(5);
+        assert_eq!(f.control_unsent(), 0, "never below zero");
         let mut control = f.control_rx.lock().unwrap().take().unwrap();
         assert!(matches!(
             control.try_recv(),

@@ -1061,11 +1061,12 @@ impl Finisher {
             // Purges and version bumps to the fleet (their publisher gives
             // them one more try at the stop, within 8 x fleet.timeout).
             if let Some(fleet) = shared.fleet_sync.as_ref() {
-                wait(&|| fleet.control_unsent() == 0);
+                wait(&|| !fleet.control_pending());
             }
             wait(&|| shared.quotas.alerts_queued() == 0);
             wait(&|| shared.alert_deliveries.is_empty());
             let left = shared.tasks.len()
+                + shared.fleet_sync.as_ref().map_or(0, |f| f.control_unsent() as usize)
                 + shared.quotas.tasks().len()
                 + shared.quotas.alerts_queued()
                 + shared.alert_deliveries.len();

@@ -551,6 +551,8 @@ pub fn task_accuracy(config: &Path, data: &Path, route: &str, as_json: bool) -> 
     let acc = measure_tasks(&embedder, classifier, &rows)?;
     // A fixed alias with rules or an experiment is routed but has no
     // candidates to compare.
+    let mut not_simulated =
+        format!("{route:?} is not a routed alias with candidates in the config (--route)");
     let simulated = match cfg
         .routes
         .get(route)
@@ -560,7 +562,7 @@ pub fn task_accuracy(config: &Path, data: &Path, route: &str, as_json: bool) -> 
         Some(r) => match simulate_from_profiles(&cfg, r, &embedder, &assets, &rows) {
             Ok(s) => Some(s),
             Err(e) => {
-                eprintln!("note: routing not simulated: {e:#}");
+                not_simulated = format!("{e:#}");
                 None
             }
         },
@@ -619,9 +621,7 @@ pub fn task_accuracy(config: &Path, data: &Path, route: &str, as_json: bool) -> 
     }
     match &simulated {
         Some(s) => print_simulation(s),
-        None => println!(
-            "\nno cost/quality simulation: {route:?} is not a routed alias with candidates in the config (--route)"
-        ),
+        None => println!("\nno cost/quality simulation: {not_simulated}"),
     }
     Ok(())
 }
