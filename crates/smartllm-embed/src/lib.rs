@@ -824,23 +824,35 @@ fn worker_loop(
 /// run succeeded. A panic in the run (the tokenizer, ONNX Runtime's
 /// bindings) is answered as an error, and the worker goes on.
 fn answer(w: &mut Model, jobs: Vec<Job>, max_tokens: usize, output: Output) -> bool {
+    answer_with(jobs, &mut |texts: &[&str]| {
+        embed_texts(w, texts, max_tokens, output)
+    })
+}
+
+/// `answer` over any `run`. When a run of several jobs fails (a device out
+/// of memory for the whole drain, one text the model cannot take), each job
+/// is run again on its own and only those that fail again are answered with
+/// the error; true when any run succeeded.
+fn answer_with(
+    jobs: Vec<Job>,
+    run: &mut dyn FnMut(&[&str]) -> Result<Vec<Vec<f32>>, String>,
+) -> bool {
     let texts: Vec<&str> = jobs
         .iter()
         .flat_map(|j| j.texts.iter().map(String::as_str))
         .collect();
-    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        embed_texts(w, &texts, max_tokens, output)
-    }))
-    .unwrap_or_else(|p| {
-        let why = p
-            .downcast_ref::<&str>()
-            .map(|s| s.to_string())
-            .or_else(|| p.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown".into());
-        Err(format!("the embedding run panicked: {why}"))
-    });
-    match run {
-        Ok(mut vectors) => {
+    let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(&texts)))
+        .unwrap_or_else(|p| {
+            let why = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown".into());
+            Err(format!("the embedding run panicked: {why}"))
+        });
+    let texts = texts.len();
+    match outcome {
+        Ok(mut vectors) if vectors.len() == texts => {
             for job in jobs {
                 let rest = vectors.split_off(job.texts.len());
                 let mine = std::mem::replace(&mut vectors, rest);
@@ -848,14 +860,34 @@ fn answer(w: &mut Model, jobs: Vec<Job>, max_tokens: usize, output: Output) -> b
             }
             true
         }
-        Err(e) => {
-            tracing::warn!(error = %e, texts = texts.len(), "embedding run failed");
-            for job in jobs {
-                let _ = job.reply.send(Err(EmbedError::Inference(e.clone())));
-            }
-            false
+        Ok(vectors) => {
+            let e = format!("the run answered {} vectors for {texts} texts", vectors.len());
+            fail(jobs, e, run)
         }
+        Err(e) => fail(jobs, e, run),
     }
+}
+
+/// A failed run of `jobs`: each on its own again when there are several.
+fn fail(
+    jobs: Vec<Job>,
+    e: String,
+    run: &mut dyn FnMut(&[&str]) -> Result<Vec<Vec<f32>>, String>,
+) -> bool {
+    let texts: usize = jobs.iter().map(|j| j.texts.len()).sum();
+    if jobs.len() > 1 {
+        tracing::warn!(error = %e, jobs = jobs.len(), texts, "embedding run failed; its requests are run again one by one");
+        let mut any = false;
+        for job in jobs {
+            any |= answer_with(vec![job], run);
+        }
+        return any;
+    }
+    tracing::warn!(error = %e, texts, "embedding run failed");
+    for job in jobs {
+        let _ = job.reply.send(Err(EmbedError::Inference(e.clone())));
+    }
+    false
 }
 
 /// Bytes of text that surely hold more than one token (English averages
@@ -1175,6 +1207,49 @@ mod tests {
             .embed_blocking(vec![spaced.clone(), "hello world".into()])
             .unwrap();
         assert!(v[0].iter().zip(&v[1]).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+
+    #[test]
+    fn a_failed_run_of_several_requests_fails_only_the_one_that_fails_alone() {
+        let job = |texts: &[&str]| {
+            let (reply, rx) = oneshot::channel();
+            (
+                Job {
+                    texts: texts.iter().map(|t| t.to_string()).collect(),
+                    output: Output::Pooled,
+                    reply,
+                    queued: Instant::now(),
+                },
+                rx,
+            )
+        };
+        let (a, mut ra) = job(&["one", "two"]);
+        let (b, mut rb) = job(&["poison"]);
+        let (c, mut rc) = job(&["three"]);
+        let mut runs = 0;
+        let mut run = |texts: &[&str]| {
+            runs += 1;
+            if texts.contains(&"poison") {
+                if texts.len() == 1 {
+                    panic!("cannot take it");
+                }
+                return Err("out of memory".to_string());
+            }
+            Ok(texts.iter().map(|t| vec![t.len() as f32]).collect())
+        };
+        assert!(answer_with(vec![a, b, c], &mut run));
+        assert_eq!(runs, 4, "the drain, then each request alone");
+        assert_eq!(ra.try_recv().unwrap().unwrap(), vec![vec![3.0], vec![3.0]]);
+        assert!(matches!(
+            rb.try_recv().unwrap(),
+            Err(EmbedError::Inference(e)) if e.contains("cannot take it")
+        ));
+        assert_eq!(rc.try_recv().unwrap().unwrap(), vec![vec![5.0]]);
+        // One request alone is not run twice; a short answer is a failure.
+        let (d, mut rd) = job(&["x", "y"]);
+        let mut short = |_: &[&str]| Ok(vec![vec![1.0]]);
+        assert!(!answer_with(vec![d], &mut short));
+        assert!(rd.try_recv().unwrap().is_err());
     }
 
     #[test]
