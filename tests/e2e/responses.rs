@@ -144,7 +144,8 @@ fn responses_are_translated_kept_per_tenant_and_continued() {
         .unwrap()
         .starts_with("Mock reply to: Name a fjord"));
     assert_eq!(msgs[2]["content"], "And another one?");
-    // Another tenant cannot continue it; an unknown id is OpenAI's 404.
+    // Another tenant cannot continue it; an unknown id is OpenAI's 400
+    // `previous_response_not_found`.
     let r = call(
         &gw,
         "sk-resp-b",
@@ -152,10 +153,11 @@ fn responses_are_translated_kept_per_tenant_and_continued() {
         "/v1/responses",
         &json!({"model": "small", "previous_response_id": id, "input": "x"}),
     );
-    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.api_error()["param"], "previous_response_id");
+    assert_eq!(r.api_error()["code"], "previous_response_not_found");
     // Even with the same input in that tenant's cache: an unknown previous
-    // response is still a 404, never the answer to a fresh question.
+    // response is still refused, never the answer to a fresh question.
     let stored = get(&gw.admin, "/admin/cache/stats").json()["stats"]["l1_entries"]
         .as_u64()
         .unwrap();
@@ -175,8 +177,8 @@ fn responses_are_translated_kept_per_tenant_and_continued() {
         "/v1/responses",
         &json!({"model": "small", "previous_response_id": "resp_unknown", "input": "x"}),
     );
-    assert_eq!(r.status, 404, "{}", r.text());
-    assert_eq!(r.api_error()["param"], "previous_response_id");
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "previous_response_not_found");
     // DELETE, then it is gone.
     let d = call(
         &gw,
@@ -351,7 +353,7 @@ fn responses_pass_through_to_providers_that_speak_them() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(mock.last()["json"]["previous_response_id"], v["id"]);
     // The provider keeps every tenant's answers under the gateway's one
-    // key: another tenant's id, or one the gateway never gave, is a 404 and
+    // key: another tenant's id, or one the gateway never gave, is a 400 and
     // never reaches it.
     let before = mock.requests();
     for (key, id) in [
@@ -365,8 +367,8 @@ fn responses_pass_through_to_providers_that_speak_them() {
             "/v1/responses",
             &json!({"model": "native", "previous_response_id": id, "input": "Repeat it"}),
         );
-        assert_eq!(r.status, 404, "{}", r.text());
-        assert_eq!(r.api_error()["param"], "previous_response_id");
+        assert_eq!(r.status, 400, "{}", r.text());
+        assert_eq!(r.api_error()["code"], "previous_response_not_found");
     }
     // Nor do references to items or conversations the provider keeps.
     for (body, param) in [
@@ -408,7 +410,7 @@ fn responses_pass_through_to_providers_that_speak_them() {
         &gw, "model"
     )["total"]["requests"]
         == 5));
-    // (The two 404s are in the ledger, with no tokens.)
+    // (The two refusals are in the ledger, with no tokens.)
     let c = costs(&gw, "model");
     assert_eq!(c["rows"][0]["output_tokens"], 36, "{c}");
     let r = create(
@@ -445,6 +447,41 @@ fn responses_pass_through_to_providers_that_speak_them() {
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(r.api_error()["param"], "tools[0].type", "{}", r.text());
     assert_eq!(mock.requests(), before, "nothing went upstream");
+
+    // A 404 of that provider that is not about the client's response id
+    // (its upstream model unknown) is the deployment's fault, not the
+    // client's: a 502 naming the configuration.
+    let r = create(
+        &gw,
+        &json!({"model": "native", "input": "[mock-status:404] Anyone there?"}),
+    );
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "upstream_not_found", "{}", r.text());
+    // A failure mid-answer passes on as the provider sent it: the `error`
+    // event, then `response.failed`.
+    let r = create(
+        &gw,
+        &json!({"model": "native", "input": "[mock-fault:error-mid-stream] Tell a long story", "stream": true}),
+    );
+    let names: Vec<String> = named_events(&r).into_iter().map(|(n, _)| n).collect();
+    assert_eq!(
+        names[names.len() - 2..],
+        ["error".to_string(), "response.failed".to_string()],
+        "{names:?}"
+    );
+    assert!(names.iter().any(|n| n == "response.output_text.delta"));
+    // An answer cut at max_output_tokens ends `response.incomplete`.
+    let r = create(
+        &gw,
+        &json!({"model": "native", "input": "Cut it short", "max_output_tokens": 3, "stream": true}),
+    );
+    let evs = named_events(&r);
+    let (last, v) = evs.last().unwrap();
+    assert_eq!(last, "response.incomplete");
+    assert_eq!(
+        v["response"]["incomplete_details"]["reason"],
+        "max_output_tokens"
+    );
 }
 
 #[test]

@@ -68,9 +68,10 @@ print("previous ok")
 
 try:
     client.responses.create(model="small", previous_response_id="resp_does_not_exist", input="x")
-    raise SystemExit("expected NotFoundError")
-except openai.NotFoundError as e:
-    assert e.status_code == 404, e
+    raise SystemExit("expected BadRequestError")
+except openai.BadRequestError as e:
+    assert e.status_code == 400, e
+    assert e.code == "previous_response_not_found", e
 try:
     client.responses.create(model="no-such-model", input="x")
     raise SystemExit("expected NotFoundError")

@@ -471,6 +471,12 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         truncate: false,
         kinds: TokenKinds::default(),
     };
+    // The last user message (Chat Completions, Messages) or input
+    // (Responses), where the `[mock-…]` marks are read.
+    let user = match last_user_text(body) {
+        t if t.is_empty() => responses_input_text(body),
+        t => t,
+    };
     let h = |k: &str| req.headers.get(k).cloned();
     let m = body.get("mock");
     let get = |k: &str| -> Option<String> {
@@ -493,18 +499,16 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
     if let Some(v) = get("status").and_then(|v| v.parse().ok()) {
         b.status = Some(v);
     }
-    b.fault = get("fault").or_else(|| prompt_mark(&last_user_text(body), "[mock-fault:"));
-    if let Some(s) =
-        prompt_mark(&last_user_text(body), "[mock-status:").and_then(|s| s.parse().ok())
-    {
+    b.fault = get("fault").or_else(|| prompt_mark(&user, "[mock-fault:"));
+    if let Some(s) = prompt_mark(&user, "[mock-status:").and_then(|s| s.parse().ok()) {
         b.status = Some(s);
     }
     b.no_usage = get("no_usage").is_some_and(|v| v == "true" || v == "1");
     b.truncate = get("truncate").is_some_and(|v| v == "true" || v == "1")
-        || last_user_text(body).contains("[mock-truncate]");
+        || user.contains("[mock-truncate]");
     // Or `[mock-usage:cached_tokens=5,cache_write_1h=2]` in the last user
     // message, which survives translation to Anthropic's API.
-    let marked: Vec<(String, String)> = prompt_mark(&last_user_text(body), "[mock-usage:")
+    let marked: Vec<(String, String)> = prompt_mark(&user, "[mock-usage:")
         .map(|m| {
             m.split(',')
                 .filter_map(|kv| kv.split_once('='))
@@ -760,22 +764,32 @@ async fn responses_api<S: Conn>(
     inst: &[(&str, String)],
 ) -> anyhow::Result<()> {
     let model = body.get("model").and_then(Value::as_str).unwrap_or("mock");
+    // The conversation so far is read again as input, as OpenAI bills it.
+    let mut history_tokens = 0;
     if let Some(prev) = body.get("previous_response_id").and_then(Value::as_str) {
         let known = state
             .responses
             .lock()
-            .map(|r| r.contains_key(prev))
-            .unwrap_or(false);
-        if !known {
-            write_json(sock, 404, &json!({"error": {"message": format!("Previous response with id '{prev}' not found."),
+            .ok()
+            .and_then(|r| r.get(prev).map(|p| p["usage"].clone()));
+        if let Some(u) = &known {
+            history_tokens =
+                u["input_tokens"].as_u64().unwrap_or(0) + u["output_tokens"].as_u64().unwrap_or(0);
+        }
+        if known.is_none() {
+            write_json(sock, 400, &json!({"error": {"message": format!("Previous response with id '{prev}' not found."),
                 "type": "invalid_request_error", "param": "previous_response_id", "code": "previous_response_not_found"}}), inst).await?;
             return Ok(());
         }
     }
     let question = responses_input_text(body);
-    let words = answer_words(&question, b.words);
+    let limit = body.get("max_output_tokens").and_then(Value::as_u64);
+    let n_words = limit.map_or(b.words, |m| b.words.min(m as usize));
+    let truncated = b.truncate || limit.is_some_and(|m| (m as usize) < b.words);
+    let words = answer_words(&question, n_words);
     let text = words.join(" ");
-    let input_tokens = count_tokens(&question)
+    let input_tokens = history_tokens
+        + count_tokens(&question)
         + count_tokens(
             body.get("instructions")
                 .and_then(Value::as_str)
@@ -793,9 +807,14 @@ async fn responses_api<S: Conn>(
     let msg_id = format!("msg_{}", &id[5..]);
     let item = json!({"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]});
-    let response = json!({"id": id, "object": "response", "created_at": now(), "status": "completed",
+    let (status, incomplete) = if truncated {
+        ("incomplete", json!({"reason": "max_output_tokens"}))
+    } else {
+        ("completed", Value::Null)
+    };
+    let response = json!({"id": id, "object": "response", "created_at": now(), "status": status,
         "model": model, "output": [item], "previous_response_id": body.get("previous_response_id"),
-        "store": body.get("store").and_then(Value::as_bool).unwrap_or(true), "error": null, "incomplete_details": null,
+        "store": body.get("store").and_then(Value::as_bool).unwrap_or(true), "error": null, "incomplete_details": incomplete,
         "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": k.cached},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": k.reasoning},
             "total_tokens": input_tokens + output_tokens}});
@@ -836,7 +855,25 @@ async fn responses_api<S: Conn>(
             "part": {"type": "output_text", "text": "", "annotations": []}}),
         ),
     ];
+    let half = words.len() / 2;
     for (i, w) in words.iter().enumerate() {
+        if i == half && b.fault.as_deref() == Some("error-mid-stream") {
+            // What OpenAI sends when the response fails mid-answer.
+            let message = "The server had an error while processing your request.";
+            out.push(send(
+                "error",
+                json!({"code": "server_error", "message": message, "param": null}),
+            ));
+            let mut failed = pending.clone();
+            failed["status"] = json!("failed");
+            failed["error"] = json!({"code": "server_error", "message": message});
+            out.push(send("response.failed", json!({"response": failed})));
+            return write_events(sock, b, out).await;
+        }
+        if i == half && b.fault.as_deref() == Some("end-mid-stream") {
+            // The response ends cleanly, before the answer's end.
+            return write_events(sock, b, out).await;
+        }
         let t = if i == 0 { w.clone() } else { format!(" {w}") };
         out.push(send("response.output_text.delta", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "delta": t, "logprobs": []})));
     }
@@ -846,8 +883,22 @@ async fn responses_api<S: Conn>(
         "response.output_item.done",
         json!({"output_index": 0, "item": item}),
     ));
-    out.push(send("response.completed", json!({"response": response})));
-    for e in out {
+    let end = if truncated {
+        "response.incomplete"
+    } else {
+        "response.completed"
+    };
+    out.push(send(end, json!({"response": response})));
+    write_events(sock, b, out).await
+}
+
+/// Write a stream's events, then its end.
+async fn write_events<S: Conn>(
+    sock: &mut S,
+    b: &Behaviour,
+    events: Vec<String>,
+) -> anyhow::Result<()> {
+    for e in events {
         if b.chunk_delay_ms > 0 {
             tokio::time::sleep(Duration::from_millis(b.chunk_delay_ms)).await;
         }
@@ -1032,10 +1083,6 @@ async fn handle<S: Conn>(
         }
         _ => {}
     }
-    if path.ends_with("/responses") {
-        responses_api(sock, &body, &b, state, &inst).await?;
-        return Ok(true);
-    }
     if path.ends_with("/messages/count_tokens") {
         let n = count_tokens(&prompt_text(&path, &body));
         write_json(sock, 200, &json!({"input_tokens": n}), &inst).await?;
@@ -1070,6 +1117,10 @@ async fn handle<S: Conn>(
             json!({"error": {"message": message, "type": if status == 429 { "rate_limit_error" } else { "server_error" }, "param": null, "code": null}})
         };
         write_json(sock, status, &err, &extra).await?;
+        return Ok(true);
+    }
+    if path.ends_with("/responses") {
+        responses_api(sock, &body, &b, state, &inst).await?;
         return Ok(true);
     }
     let model = body

@@ -50,12 +50,18 @@ pub fn watch_dir_and(
     // `/srv/conf/`) is a name in it, not a second directory whose events
     // the watcher might report under either spelling.
     let canonical = |d: &Path| d.canonicalize().unwrap_or_else(|_| d.to_path_buf());
+    // A config directory that is a link (`ln -sfn releases/v2 /etc/smartllm`
+    // swaps it by renaming a new link over the name): its name is watched in
+    // the link's directory, as a referenced file's is.
+    let link = std::fs::symlink_metadata(dir)
+        .is_ok_and(|m| m.file_type().is_symlink())
+        .then(|| dir.to_path_buf());
     let dir = canonical(dir);
     let dir = dir.as_path();
     let mut names: Vec<String> = Vec::new();
     // Other directories, with the names watched in each.
     let mut extra: Vec<(PathBuf, Vec<String>)> = Vec::new();
-    for f in files {
+    for f in files.iter().chain(link.as_ref()) {
         let (Some(parent), Some(name)) = (f.parent(), f.file_name().and_then(|n| n.to_str()))
         else {
             continue;
@@ -160,6 +166,30 @@ mod tests {
             Some(()),
             "the key's change raised no reload"
         );
+    }
+
+    /// A release-style swap of a linked config directory
+    /// (`ln -sfn releases/v2 conf`: a new link renamed over the name).
+    #[tokio::test]
+    async fn swapping_a_linked_config_directory_raises_a_reload() {
+        let root = tempfile::tempdir().unwrap();
+        let r = root.path();
+        for v in ["v1", "v2"] {
+            std::fs::create_dir_all(r.join(v)).unwrap();
+            std::fs::write(r.join(v).join("smartllm.yaml"), format!("# {v}\n")).unwrap();
+        }
+        std::os::unix::fs::symlink("v1", r.join("conf")).unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let (_w, failed) = watch_dir_and(&r.join("conf"), &[], tx).unwrap();
+        assert!(failed.is_empty());
+        std::os::unix::fs::symlink("v2", r.join("conf.tmp")).unwrap();
+        std::fs::rename(r.join("conf.tmp"), r.join("conf")).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(got.ok().flatten(), Some(()), "the swap raised no reload");
+        // Other names beside the link are not reloads.
+        std::fs::write(r.join("notes.txt"), "x").unwrap();
+        let got = tokio::time::timeout(Duration::from_millis(500), rx.recv()).await;
+        assert!(got.is_err(), "an unrelated file raised a reload");
     }
 
     #[test]

@@ -829,14 +829,14 @@ fn answer(w: &mut Model, jobs: Vec<Job>, max_tokens: usize, output: Output) -> b
     })
 }
 
+/// One model run over texts (in `answer`, the worker's model).
+type RunFn<'a> = dyn FnMut(&[&str]) -> Result<Vec<Vec<f32>>, String> + 'a;
+
 /// `answer` over any `run`. When a run of several jobs fails (a device out
 /// of memory for the whole drain, one text the model cannot take), each job
 /// is run again on its own and only those that fail again are answered with
 /// the error; true when any run succeeded.
-fn answer_with(
-    jobs: Vec<Job>,
-    run: &mut dyn FnMut(&[&str]) -> Result<Vec<Vec<f32>>, String>,
-) -> bool {
+fn answer_with(jobs: Vec<Job>, run: &mut RunFn<'_>) -> bool {
     let texts: Vec<&str> = jobs
         .iter()
         .flat_map(|j| j.texts.iter().map(String::as_str))
@@ -861,7 +861,10 @@ fn answer_with(
             true
         }
         Ok(vectors) => {
-            let e = format!("the run answered {} vectors for {texts} texts", vectors.len());
+            let e = format!(
+                "the run answered {} vectors for {texts} texts",
+                vectors.len()
+            );
             fail(jobs, e, run)
         }
         Err(e) => fail(jobs, e, run),
@@ -869,11 +872,7 @@ fn answer_with(
 }
 
 /// A failed run of `jobs`: each on its own again when there are several.
-fn fail(
-    jobs: Vec<Job>,
-    e: String,
-    run: &mut dyn FnMut(&[&str]) -> Result<Vec<Vec<f32>>, String>,
-) -> bool {
+fn fail(jobs: Vec<Job>, e: String, run: &mut RunFn<'_>) -> bool {
     let texts: usize = jobs.iter().map(|j| j.texts.len()).sum();
     if jobs.len() > 1 {
         tracing::warn!(error = %e, jobs = jobs.len(), texts, "embedding run failed; its requests are run again one by one");

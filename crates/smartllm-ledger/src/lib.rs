@@ -20,14 +20,25 @@ use serde::Serialize;
 use smartllm_store::{
     decode_counters, encode_counters, Store, CF_LEDGER, CF_LEDGER_MIX, LEDGER_FIELDS,
 };
-use std::collections::{BTreeMap, HashMap};
-use std::sync::mpsc::{self, Receiver, SyncSender, TryRecvError, TrySendError};
-use std::sync::{Arc, LazyLock};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
+use std::sync::{Arc, LazyLock, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 pub const METRIC_COST: &str = "smartllm_cost_usd_total";
 pub const METRIC_SAVED: &str = "smartllm_cost_saved_usd_total";
+/// Records lost for good: recorded after the writer stopped. (A record that
+/// finds the queue full is not lost: it waits in the overflow.)
 pub const METRIC_DROPPED: &str = "smartllm_ledger_dropped_total";
+
+/// The most tokens of one kind (prompt, completion, cached, ...) the ledger
+/// counts for one request: 10 billion, far above any real context window or
+/// answer, and far below where sums of them could overflow a u64 counter
+/// (about 1.8e19: more than a billion such requests in one row of one hour).
+/// An upstream that reports nonsense (`prompt_tokens: 18446744073709551615`)
+/// is counted at this cap, and priced at it, instead of pinning the hour's
+/// counters at their maximum.
+pub const MAX_TOKENS_PER_REQUEST: u64 = 10_000_000_000;
 
 /// USD per million tokens, and per request.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -84,6 +95,24 @@ pub struct Tokens {
     pub web_searches: u64,
 }
 
+impl Tokens {
+    /// Every count at most [`MAX_TOKENS_PER_REQUEST`].
+    pub fn clamped(self) -> Tokens {
+        let c = |n: u64| n.min(MAX_TOKENS_PER_REQUEST);
+        Tokens {
+            prompt: c(self.prompt),
+            completion: c(self.completion),
+            cached: c(self.cached),
+            cache_write: c(self.cache_write),
+            cache_write_1h: c(self.cache_write_1h),
+            reasoning: c(self.reasoning),
+            audio_in: c(self.audio_in),
+            audio_out: c(self.audio_out),
+            web_searches: c(self.web_searches),
+        }
+    }
+}
+
 impl Price {
     /// Every token price times `factor` (a processing tier's), the
     /// per-request price as it is.
@@ -116,8 +145,10 @@ impl Price {
     /// the completion is billed at the output price, its reasoning tokens at
     /// the reasoning price and its audio at the audio price when there are
     /// such (a token is billed once); a prompt above the long-context
-    /// threshold bills every text token at the tier's prices.
+    /// threshold bills every text token at the tier's prices. Counts above
+    /// [`MAX_TOKENS_PER_REQUEST`] are billed at it, as the ledger counts them.
     pub fn cost_nanos(&self, t: Tokens) -> u64 {
+        let t = t.clamped();
         let (input, output, cached_in, write_5m, write_1h) = match self.long_context {
             Some(l) if t.prompt > l.above_tokens => (
                 l.input_per_1m,
@@ -321,6 +352,24 @@ fn parse_key(k: &[u8]) -> Option<(u32, [String; 7])> {
     Some((hour, [tenant, app, key, model, rest(), rest(), rest()]))
 }
 
+/// Where the tag (the last part) of a ledger key begins.
+fn tag_start(k: &[u8]) -> Option<usize> {
+    let body = k.get(4..)?;
+    let body = body.strip_suffix(&[0]).unwrap_or(body);
+    body.iter().rposition(|b| *b == 0).map(|i| 4 + i + 1)
+}
+
+/// A ledger key with its tag replaced by `tag`.
+fn retag(k: &[u8], tag: &str) -> Vec<u8> {
+    let Some(at) = tag_start(k) else {
+        return k.to_vec();
+    };
+    let mut out = k[..at].to_vec();
+    out.extend_from_slice(clean(tag).as_bytes());
+    out.push(0);
+    out
+}
+
 /// The hour (since the epoch) a ledger or mix key counts.
 pub fn key_hour(k: &[u8]) -> Option<u32> {
     k.get(..4)
@@ -350,7 +399,8 @@ type FleetSink = Arc<std::sync::OnceLock<FleetSinkFn>>;
 
 enum Msg {
     Record(Box<Record>),
-    Flush(mpsc::Sender<()>),
+    /// Write what is pending; the reply says whether the write succeeded.
+    Flush(mpsc::Sender<bool>),
     Stop,
 }
 
@@ -366,12 +416,26 @@ pub struct Ledger {
     /// Signed: the writer may drain a record before its sender counts it.
     thread: std::thread::Thread,
     queued: Arc<std::sync::atomic::AtomicIsize>,
+    /// Records that found the queue full, aggregated as the writer does; the
+    /// writer takes them on its next pass. A slow writer delays them but
+    /// loses none. Only a full queue takes this lock.
+    overflow: Arc<Mutex<Pending>>,
     fleet: FleetSink,
 }
 
 const QUEUE_CAPACITY: usize = 65_536;
 /// Records queued at which the writer is woken early to drain.
 const WAKE_AT: isize = (QUEUE_CAPACITY / 4) as isize;
+/// Ledger keys the overflow holds before a record of a new key counts under
+/// [`OTHER_TAG`] there: tags come from clients, and the overflow must not
+/// grow without bound while the writer is behind.
+const OVERFLOW_KEYS: usize = 65_536;
+/// How long [`Ledger::flush`] waits for the writer.
+const FLUSH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Writes tried at a stop before its counters are given up (there is no
+/// next flush to retry them), and the pause between two.
+const STOP_ATTEMPTS: u32 = 5;
+const STOP_RETRY_PAUSE: Duration = Duration::from_millis(200);
 
 impl Ledger {
     /// Start the writer thread, flushing every `flush_interval`.
@@ -380,6 +444,8 @@ impl Ledger {
         let writer_store = store.clone();
         let queued = Arc::new(std::sync::atomic::AtomicIsize::new(0));
         let writer_queued = queued.clone();
+        let overflow = Arc::new(Mutex::new(Pending::default()));
+        let writer_overflow = overflow.clone();
         let fleet = FleetSink::default();
         let writer_fleet = fleet.clone();
         let handle = std::thread::Builder::new()
@@ -390,6 +456,7 @@ impl Ledger {
                     rx,
                     flush_interval,
                     &writer_queued,
+                    &writer_overflow,
                     &writer_fleet,
                 )
             })?;
@@ -399,6 +466,7 @@ impl Ledger {
             thread: handle.thread().clone(),
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
             queued,
+            overflow,
             fleet,
         })
     }
@@ -419,7 +487,9 @@ impl Ledger {
         }
     }
 
-    pub fn record(&self, r: Record) {
+    /// Count one request (token counts clamped to [`MAX_TOKENS_PER_REQUEST`]).
+    pub fn record(&self, mut r: Record) {
+        r.tokens = r.tokens.clamped();
         let usd = r.cost_nanos as f64 / 1e9;
         let saved = r.saved_nanos as f64 / 1e9;
         if usd > 0.0 || saved > 0.0 {
@@ -449,19 +519,48 @@ impl Ledger {
                     self.thread.unpark();
                 }
             }
-            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+            Err(TrySendError::Full(Msg::Record(r))) => {
+                // The writer is behind: the record waits in the overflow,
+                // which the writer takes on its next pass.
+                spill(&self.overflow, &r);
+                self.thread.unpark();
+            }
+            Err(_) => {
+                // The writer has stopped: nothing will ever write it.
                 metrics::counter!(METRIC_DROPPED).increment(1);
             }
         }
     }
 
-    /// Write everything recorded so far (queries call this first, so they are exact).
+    /// Write everything recorded so far (queries call this first, so they are
+    /// exact). A write that failed, or a writer that has not answered in 10 s,
+    /// is logged: the counters stay pending and the writer tries again at its
+    /// next flush, so a query right after may miss them.
     pub fn flush(&self) {
-        let (ack, done) = mpsc::channel();
-        if self.tx.send(Msg::Flush(ack)).is_ok() {
-            self.thread.unpark();
-            let _ = done.recv_timeout(Duration::from_secs(10));
+        match self.flush_reply(FLUSH_TIMEOUT) {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!(
+                "writing the cost ledger failed at a flush; its counters stay pending and will be retried, so this query may miss them"
+            ),
+            Err(RecvTimeoutError::Timeout) => tracing::warn!(
+                timeout_secs = FLUSH_TIMEOUT.as_secs(),
+                "the cost ledger's writer did not answer a flush in time; this query may miss the latest counters"
+            ),
+            // The writer has stopped (shutdown): what it had is written.
+            Err(RecvTimeoutError::Disconnected) => {}
         }
+    }
+
+    /// Ask the writer to write what is pending and wait up to `timeout` for
+    /// its answer: whether the write succeeded (true when there was nothing
+    /// to write). Disconnected: the writer has stopped.
+    fn flush_reply(&self, timeout: Duration) -> Result<bool, RecvTimeoutError> {
+        let (ack, done) = mpsc::channel();
+        if self.tx.send(Msg::Flush(ack)).is_err() {
+            return Err(RecvTimeoutError::Disconnected);
+        }
+        self.thread.unpark();
+        done.recv_timeout(timeout)
     }
 
     /// Aggregate the ledger between two instants (unix seconds, `to` exclusive).
@@ -500,6 +599,59 @@ impl Pending {
     fn is_empty(&self) -> bool {
         self.ledger.is_empty() && self.mix.is_empty()
     }
+
+    /// The counters of every ledger row, summed (to log what a failed write lost).
+    fn totals(&self) -> [u64; LEDGER_FIELDS] {
+        let mut t = [0; LEDGER_FIELDS];
+        for c in self.ledger.values() {
+            sum_into(&mut t, c);
+        }
+        t
+    }
+}
+
+/// Fold a record that found the queue full into the overflow. Past
+/// [`OVERFLOW_KEYS`] ledger keys, a record of a new key counts under
+/// [`OTHER_TAG`] (the writer bounds the tags again when it takes them).
+fn spill(overflow: &Mutex<Pending>, r: &Record) {
+    let hour = (r.unix_secs / 3600) as u32;
+    let mut key = key_bytes(hour, r);
+    let mut o = overflow.lock().unwrap_or_else(PoisonError::into_inner);
+    if o.ledger.len() >= OVERFLOW_KEYS && !o.ledger.contains_key(&key) {
+        key = retag(&key, OTHER_TAG);
+    }
+    add_keyed(&mut o, key, r);
+}
+
+/// Move the overflow's counters into `pending`, their tags bounded as if
+/// the records had come through the queue.
+fn take_spilled(pending: &mut Pending, tags: &mut TagBound, spilled: Pending) {
+    for (k, c) in spilled.ledger {
+        let k = tags.bound_key(k);
+        sum_into(pending.ledger.entry(k).or_insert([0; LEDGER_FIELDS]), &c);
+    }
+    for (k, c) in spilled.mix {
+        sum_into(pending.mix.entry(k).or_insert([0; LEDGER_FIELDS]), &c);
+    }
+}
+
+/// Run `f` until it succeeds, at most `attempts` times (at least once),
+/// pausing `pause` between two; the last error if none succeeded.
+fn with_retries<E>(
+    attempts: u32,
+    pause: Duration,
+    mut f: impl FnMut() -> Result<(), E>,
+) -> Result<(), E> {
+    let mut tried = 1;
+    loop {
+        match f() {
+            Err(_) if tried < attempts => {
+                std::thread::sleep(pause);
+                tried += 1;
+            }
+            done => return done,
+        }
+    }
 }
 
 fn writer(
@@ -507,6 +659,7 @@ fn writer(
     rx: Receiver<Msg>,
     interval: Duration,
     queued: &std::sync::atomic::AtomicIsize,
+    overflow: &Mutex<Pending>,
     fleet: &FleetSink,
 ) {
     let mut pending = Pending::default();
@@ -538,21 +691,55 @@ fn writer(
             }
         }
         queued.fetch_sub(drained, std::sync::atomic::Ordering::Relaxed);
+        // Records that found the queue full (they came after those queued:
+        // a flush asked for before them finds them here too).
+        let spilled = std::mem::take(&mut *overflow.lock().unwrap_or_else(PoisonError::into_inner));
+        if !spilled.is_empty() {
+            take_spilled(&mut pending, &mut tags, spilled);
+        }
         if acks.is_empty() && !stop && Instant::now() < next_flush {
             continue;
         }
+        let mut written = true;
         if !pending.is_empty() {
             let shared = fleet.get().map(|sink| (sink, pending.ledger.clone()));
-            if let Err(e) = flush(&store, &mut pending) {
-                tracing::error!(error = %e, "writing the cost ledger failed; will retry");
-            } else if let Some((sink, counters)) = shared {
-                if !sink(counters.into_iter().collect()) {
-                    metrics::counter!("smartllm_ledger_fleet_dropped_total").increment(1);
+            // At a stop there is no next flush to retry at: try a few times now.
+            let attempts = if stop { STOP_ATTEMPTS } else { 1 };
+            match with_retries(attempts, STOP_RETRY_PAUSE, || flush(&store, &mut pending)) {
+                Ok(()) => {
+                    if let Some((sink, counters)) = shared {
+                        if !sink(counters.into_iter().collect()) {
+                            metrics::counter!("smartllm_ledger_fleet_dropped_total").increment(1);
+                        }
+                    }
+                }
+                Err(e) if stop => {
+                    written = false;
+                    let t = pending.totals();
+                    let (requests, input_tokens, output_tokens) =
+                        (t[REQUESTS], t[INPUT], t[OUTPUT]);
+                    let (cost_usd, saved_usd) = (t[COST] as f64 / 1e9, t[SAVED] as f64 / 1e9);
+                    tracing::error!(
+                        error = %e,
+                        attempts,
+                        rows = pending.ledger.len(),
+                        mix_rows = pending.mix.len(),
+                        requests,
+                        input_tokens,
+                        output_tokens,
+                        cost_usd,
+                        saved_usd,
+                        "writing the cost ledger failed at stop; these counters are lost"
+                    );
+                }
+                Err(e) => {
+                    written = false;
+                    tracing::error!(error = %e, "writing the cost ledger failed; will retry at the next flush");
                 }
             }
         }
         for a in acks {
-            let _ = a.send(());
+            let _ = a.send(written);
         }
         next_flush = Instant::now() + interval;
         if stop {
@@ -567,38 +754,84 @@ fn writer(
 pub const MAX_TAGS_PER_HOUR: usize = 1000;
 pub const OTHER_TAG: &str = "(other)";
 
+/// The tags kept in the latest hour and in the one before it: a record of
+/// the previous hour that arrives after one of the new hour (it waited in
+/// the queue, or its request ran across the hour) must find that hour's cap
+/// where it was, not reset.
 #[derive(Default)]
 struct TagBound {
     hour: u64,
-    seen: std::collections::HashSet<String>,
+    seen: HashSet<String>,
+    /// Tags of `hour - 1`.
+    previous: HashSet<String>,
 }
 
 impl TagBound {
     fn bound(&mut self, r: &mut Record) {
-        if r.tag.is_empty() || r.tag == "-" {
-            return;
+        if !self.keep(r.unix_secs / 3600, &r.tag) {
+            r.tag = OTHER_TAG.to_string();
         }
-        let hour = r.unix_secs / 3600;
-        if hour != self.hour {
+    }
+
+    /// A ledger key with its tag bounded as [`TagBound::bound`] does.
+    fn bound_key(&mut self, key: Vec<u8>) -> Vec<u8> {
+        let (Some(hour), Some(at)) = (key_hour(&key), tag_start(&key)) else {
+            return key;
+        };
+        let end = key.len() - usize::from(key.ends_with(&[0]));
+        let keep = self.keep(u64::from(hour), &String::from_utf8_lossy(&key[at..end]));
+        if keep {
+            key
+        } else {
+            retag(&key, OTHER_TAG)
+        }
+    }
+
+    /// May `tag` count under its own name in `hour`? (It is then counted
+    /// among that hour's tags.) Hours before the previous one are not
+    /// tracked: there only tags known from the last two hours keep their name.
+    fn keep(&mut self, hour: u64, tag: &str) -> bool {
+        if tag.is_empty() || tag == "-" {
+            return true;
+        }
+        let seen = if hour == self.hour {
+            &mut self.seen
+        } else if hour > self.hour {
+            // A new hour: the current one becomes the previous (after a gap,
+            // the previous had no tags).
+            let current = std::mem::take(&mut self.seen);
+            self.previous = if hour == self.hour + 1 {
+                current
+            } else {
+                HashSet::new()
+            };
             self.hour = hour;
-            self.seen.clear();
+            &mut self.seen
+        } else if hour + 1 == self.hour {
+            &mut self.previous
+        } else {
+            return self.seen.contains(tag) || self.previous.contains(tag);
+        };
+        if seen.contains(tag) {
+            return true;
         }
-        if !self.seen.contains(&r.tag) {
-            if self.seen.len() >= MAX_TAGS_PER_HOUR {
-                r.tag = OTHER_TAG.to_string();
-                return;
-            }
-            self.seen.insert(r.tag.clone());
+        if seen.len() >= MAX_TAGS_PER_HOUR {
+            return false;
         }
+        seen.insert(tag.to_string());
+        true
     }
 }
 
 fn add(pending: &mut Pending, r: &Record) {
     let hour = (r.unix_secs / 3600) as u32;
-    let c = pending
-        .ledger
-        .entry(key_bytes(hour, r))
-        .or_insert([0; LEDGER_FIELDS]);
+    add_keyed(pending, key_bytes(hour, r), r);
+}
+
+/// [`add`] under a ledger key already made (see [`spill`]).
+fn add_keyed(pending: &mut Pending, key: Vec<u8>, r: &Record) {
+    let hour = (r.unix_secs / 3600) as u32;
+    let c = pending.ledger.entry(key).or_insert([0; LEDGER_FIELDS]);
     count(c, r);
     if let Some(m) = &r.mix {
         count(
@@ -611,17 +844,27 @@ fn add(pending: &mut Pending, r: &Record) {
     }
 }
 
+/// Counters saturate at `u64::MAX` rather than wrap (as the store's merge
+/// operator does): a wrapped sum would read as a small one.
 fn count(c: &mut [u64; LEDGER_FIELDS], r: &Record) {
-    c[REQUESTS] += 1;
-    c[INPUT] += r.tokens.prompt;
-    c[OUTPUT] += r.tokens.completion;
-    c[CACHED] += r.tokens.cached;
-    c[COST] += r.cost_nanos;
-    c[SAVED] += r.saved_nanos;
-    c[ERRORS] += r.error as u64;
-    c[ESTIMATED] += r.estimated as u64;
-    c[CACHE_WRITE] += r.tokens.cache_write;
-    c[REASONING] += r.tokens.reasoning;
+    let mut inc = |i: usize, n: u64| c[i] = c[i].saturating_add(n);
+    inc(REQUESTS, 1);
+    inc(INPUT, r.tokens.prompt);
+    inc(OUTPUT, r.tokens.completion);
+    inc(CACHED, r.tokens.cached);
+    inc(COST, r.cost_nanos);
+    inc(SAVED, r.saved_nanos);
+    inc(ERRORS, r.error as u64);
+    inc(ESTIMATED, r.estimated as u64);
+    inc(CACHE_WRITE, r.tokens.cache_write);
+    inc(REASONING, r.tokens.reasoning);
+}
+
+/// `acc += c`, field by field, saturating (see [`count`]).
+fn sum_into(acc: &mut [u64; LEDGER_FIELDS], c: &[u64; LEDGER_FIELDS]) {
+    for (a, n) in acc.iter_mut().zip(c) {
+        *a = a.saturating_add(*n);
+    }
 }
 
 fn flush(store: &Store, pending: &mut Pending) -> Result<(), rocksdb::Error> {
@@ -685,10 +928,7 @@ pub fn mix_query(store: &Store, from: u64, to: u64) -> Result<Vec<MixRow>, rocks
             continue;
         };
         let c = decode_counters(&v);
-        let acc = groups.entry(group).or_insert([0; LEDGER_FIELDS]);
-        for i in 0..LEDGER_FIELDS {
-            acc[i] += c[i];
-        }
+        sum_into(groups.entry(group).or_insert([0; LEDGER_FIELDS]), &c);
     }
     Ok(groups
         .into_iter()
@@ -815,10 +1055,7 @@ pub fn rows_from(
                 (*d, v)
             })
             .collect();
-        let acc = groups.entry(group).or_insert([0; LEDGER_FIELDS]);
-        for i in 0..LEDGER_FIELDS {
-            acc[i] += c[i];
-        }
+        sum_into(groups.entry(group).or_insert([0; LEDGER_FIELDS]), &c);
     }
     let mut rows: Vec<Row> = groups
         .into_iter()
@@ -853,12 +1090,24 @@ pub fn rows_from(
 
 /// Rows as CSV (RFC 4180): the grouping columns in `group_by` order, then
 /// the counters (the columns added later come last).
+///
+/// A spreadsheet runs a cell that starts with `=`, `+`, `-`, `@`, a tab or a
+/// carriage return as a formula (CSV injection), and tags, names and keys
+/// come from clients and configs: such a text column gets a leading `'`
+/// (OWASP's advice), so it opens as the text it is. `-` alone (the ledger's
+/// "none") is no formula and stays as it is; the counters, written by the
+/// ledger itself, are never prefixed.
 pub fn to_csv(rows: &[Row], group_by: &[Dim]) -> String {
     fn field(s: &str) -> String {
+        let s = if s != "-" && s.starts_with(['=', '+', '-', '@', '\t', '\r']) {
+            format!("'{s}")
+        } else {
+            s.to_string()
+        };
         if s.contains([',', '"', '\n', '\r']) {
             format!("\"{}\"", s.replace('"', "\"\""))
         } else {
-            s.to_string()
+            s
         }
     }
     let mut out: String = group_by
@@ -1164,6 +1413,275 @@ mod tests {
         assert_eq!(rec("t0".into(), 7200), "t0", "a known tag stays");
         assert_eq!(rec("new".into(), 7201), OTHER_TAG);
         assert_eq!(rec("new".into(), 10_800), "new", "a new hour starts afresh");
+        // A late record of the hour before finds that hour's cap, not a reset.
+        assert_eq!(
+            rec("late".into(), 7300),
+            OTHER_TAG,
+            "the previous hour is full"
+        );
+        assert_eq!(rec("t5".into(), 7300), "t5");
+        assert_eq!(rec("new2".into(), 10_801), "new2", "the new hour is apart");
+        // Older hours are not tracked: only tags known lately keep their name.
+        assert_eq!(rec("t6".into(), 3600), "t6");
+        assert_eq!(rec("older".into(), 3600), OTHER_TAG);
+        // After a gap both hours start afresh.
+        assert_eq!(rec("late".into(), 36_000), "late");
+        assert_eq!(rec("late2".into(), 32_400), "late2");
+
+        // Keys taken from the overflow are bounded the same way.
+        let key = |tag: &str, secs: u64| {
+            key_bytes(
+                (secs / 3600) as u32,
+                &Record {
+                    unix_secs: secs,
+                    tenant: "acme".into(),
+                    tag: tag.into(),
+                    ..Default::default()
+                },
+            )
+        };
+        let mut k = TagBound::default();
+        for i in 0..MAX_TAGS_PER_HOUR {
+            assert_eq!(
+                k.bound_key(key(&format!("t{i}"), 7200)),
+                key(&format!("t{i}"), 7200)
+            );
+        }
+        assert_eq!(k.bound_key(key("t1", 7200)), key("t1", 7200));
+        assert_eq!(k.bound_key(key("x", 7200)), key(OTHER_TAG, 7200));
+        assert_eq!(
+            k.bound_key(key("", 7200)),
+            key("-", 7200),
+            "no tag is no tag"
+        );
+        assert_eq!(retag(&key("x", 7200), "y"), key("y", 7200));
+    }
+
+    #[test]
+    fn huge_token_counts_are_clamped_and_sums_saturate() {
+        // A request's counts are capped, and so is its price.
+        let p = Price {
+            input_per_1m: 1.0,
+            ..Price::default()
+        };
+        let absurd = Tokens {
+            prompt: u64::MAX,
+            ..Tokens::default()
+        };
+        assert_eq!(absurd.clamped().prompt, MAX_TOKENS_PER_REQUEST);
+        // 10 billion tokens at $1 per million: $10,000.
+        assert_eq!(p.cost_nanos(absurd), 10_000_000_000_000);
+
+        // Sums stop at u64::MAX instead of wrapping to a small number.
+        let mut c = [u64::MAX - 1; LEDGER_FIELDS];
+        count(
+            &mut c,
+            &Record {
+                tokens: Tokens {
+                    prompt: 5,
+                    ..Tokens::default()
+                },
+                cost_nanos: 5,
+                error: true,
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            (c[REQUESTS], c[INPUT], c[COST], c[ERRORS], c[OUTPUT]),
+            (u64::MAX, u64::MAX, u64::MAX, u64::MAX, u64::MAX - 1)
+        );
+        let t0 = 1_764_000_000u64;
+        let k = key_bytes(
+            (t0 / 3600) as u32,
+            &Record {
+                unix_secs: t0,
+                ..Default::default()
+            },
+        );
+        let rows = rows_from(
+            vec![
+                (k.clone(), [u64::MAX - 1; LEDGER_FIELDS]),
+                (k, [2; LEDGER_FIELDS]),
+            ],
+            t0,
+            t0 + 1,
+            &[],
+            &Filter::default(),
+        );
+        assert_eq!((rows[0].requests, rows[0].errors), (u64::MAX, u64::MAX));
+
+        // Through the ledger: an upstream's u64::MAX counts at the cap.
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ledger = Ledger::start(store, Duration::from_secs(3600)).unwrap();
+        for _ in 0..2 {
+            ledger.record(Record {
+                unix_secs: t0,
+                tenant: "acme".into(),
+                tokens: Tokens {
+                    prompt: u64::MAX,
+                    completion: u64::MAX,
+                    cached: u64::MAX,
+                    ..Tokens::default()
+                },
+                ..Default::default()
+            });
+        }
+        let rows = ledger.query(t0, t0 + 1, &[]).unwrap();
+        assert_eq!(
+            (
+                rows[0].requests,
+                rows[0].input_tokens,
+                rows[0].output_tokens
+            ),
+            (2, 2 * MAX_TOKENS_PER_REQUEST, 2 * MAX_TOKENS_PER_REQUEST)
+        );
+        ledger.shutdown();
+    }
+
+    #[test]
+    fn a_full_queue_delays_records_instead_of_dropping_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t0 = 1_764_000_000u64;
+        let rec = |tag: &str, prompt: u64| Record {
+            unix_secs: t0,
+            tenant: "acme".into(),
+            app: "web".into(),
+            key: "k".into(),
+            model: "m".into(),
+            tag: tag.into(),
+            tokens: Tokens {
+                prompt,
+                ..Tokens::default()
+            },
+            cost_nanos: 10,
+            mix: Some(Mix {
+                task: "chat".into(),
+                tier: "simple".into(),
+                cache: "miss".into(),
+            }),
+            ..Default::default()
+        };
+        // A queue of two, and no writer yet to drain it.
+        let (tx, rx) = mpsc::sync_channel(2);
+        let overflow = Arc::new(Mutex::new(Pending::default()));
+        let queued = Arc::new(std::sync::atomic::AtomicIsize::new(0));
+        let fleet = FleetSink::default();
+        let ledger = Ledger {
+            tx,
+            store: store.clone(),
+            writer: Arc::new(Mutex::new(None)),
+            thread: std::thread::current(),
+            queued: queued.clone(),
+            overflow: overflow.clone(),
+            fleet: fleet.clone(),
+        };
+        ledger.record(rec("a", 1));
+        // No writer answers: the flush times out (its message fills the queue).
+        assert_eq!(
+            ledger.flush_reply(Duration::from_millis(20)),
+            Err(RecvTimeoutError::Timeout)
+        );
+        ledger.record(rec("a", 10));
+        ledger.record(rec("b", 100));
+        {
+            let o = overflow.lock().unwrap();
+            assert_eq!((o.ledger.len(), o.mix.len()), (2, 1), "aggregated");
+            assert_eq!(o.totals()[REQUESTS], 2);
+        }
+        let handle = std::thread::spawn({
+            let (store, overflow) = (store.clone(), overflow.clone());
+            move || {
+                writer(
+                    store,
+                    rx,
+                    Duration::from_millis(10),
+                    &queued,
+                    &overflow,
+                    &fleet,
+                )
+            }
+        });
+        *ledger.writer.lock().unwrap() = Some(handle);
+        assert_eq!(ledger.flush_reply(Duration::from_secs(10)), Ok(true));
+        assert!(overflow.lock().unwrap().is_empty());
+        let rows = query(&store, t0, t0 + 1, &[Dim::Tag]).unwrap();
+        let tag = |t: &str| {
+            let r = rows.iter().find(|r| r.group[&Dim::Tag] == t).unwrap();
+            (r.requests, r.input_tokens)
+        };
+        assert_eq!((tag("a"), tag("b")), ((2, 11), (1, 100)));
+        let mix = mix_query(&store, t0, t0 + 1).unwrap();
+        assert_eq!((mix[0].requests, mix[0].input_tokens), (3, 111));
+        ledger.shutdown();
+        assert_eq!(
+            ledger.flush_reply(Duration::from_secs(1)),
+            Err(RecvTimeoutError::Disconnected),
+            "the writer has stopped"
+        );
+    }
+
+    #[test]
+    fn writes_are_retried_a_few_times() {
+        let mut calls = 0;
+        let r: Result<(), &str> = with_retries(5, Duration::ZERO, || {
+            calls += 1;
+            if calls < 3 {
+                Err("busy")
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!((r, calls), (Ok(()), 3));
+        let mut calls = 0;
+        let r: Result<(), &str> = with_retries(4, Duration::ZERO, || {
+            calls += 1;
+            Err("down")
+        });
+        assert_eq!((r, calls), (Err("down"), 4));
+        let mut calls = 0;
+        let r: Result<(), &str> = with_retries(1, Duration::ZERO, || {
+            calls += 1;
+            Err("down")
+        });
+        assert_eq!((r, calls), (Err("down"), 1), "once when not stopping");
+    }
+
+    #[test]
+    fn csv_text_cannot_start_a_formula() {
+        let by = [
+            Dim::Tenant,
+            Dim::App,
+            Dim::Key,
+            Dim::Model,
+            Dim::Route,
+            Dim::Tag,
+        ];
+        let row = Row {
+            group: BTreeMap::from([
+                (Dim::Tenant, "+a,b".to_string()),
+                (Dim::App, "@cmd".to_string()),
+                (Dim::Key, "-".to_string()),
+                (Dim::Model, "\tx".to_string()),
+                (Dim::Route, "-2+3".to_string()),
+                (Dim::Tag, "=1+2".to_string()),
+            ]),
+            requests: 3,
+            cost_usd: 0.5,
+            ..Row::default()
+        };
+        let csv = to_csv(&[row], &by);
+        assert!(
+            csv.ends_with(
+                "\"'+a,b\",'@cmd,-,'\tx,'-2+3,'=1+2,3,0,0,0,0.500000000,0.000000000,0,0,0,0\r\n"
+            ),
+            "{csv}"
+        );
+        assert!(
+            csv.starts_with("tenant,app,key,model,route,tag,requests,"),
+            "{csv}"
+        );
     }
 
     #[test]

@@ -153,8 +153,13 @@ pub fn window(
     Ok(Window { from, to, rest })
 }
 
+/// The rows `GET /admin/costs` answers when the query does not say, and the
+/// most it may ask for (the rest are summed into one `(other)` row).
+pub const COSTS_DEFAULT_LIMIT: usize = 1000;
+pub const COSTS_MAX_LIMIT: usize = 10_000;
+
 /// `GET /admin/costs`: the window, the grouping (names as given, checked by
-/// the ledger) and whether CSV was asked for.
+/// the ledger), whether CSV was asked for and how many rows to answer.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CostsQuery {
     pub from: u64,
@@ -164,19 +169,38 @@ pub struct CostsQuery {
     pub csv: bool,
     /// `scope=fleet`: every gateway's ledger (through Redis), not this one's.
     pub fleet: bool,
+    /// The costliest rows answered by name (1..=[`COSTS_MAX_LIMIT`], default
+    /// [`COSTS_DEFAULT_LIMIT`]); the others are summed into one row.
+    pub limit: usize,
 }
 
 pub fn costs(query: &str, now: u64) -> Result<CostsQuery, QueryError> {
-    let w = window(query, now, 86_400, &["group_by", "format", "scope"])?;
+    let w = window(
+        query,
+        now,
+        86_400,
+        &["group_by", "format", "scope", "limit"],
+    )?;
     let mut q = CostsQuery {
         from: w.from,
         to: w.to,
         group_by: None,
         csv: false,
         fleet: false,
+        limit: COSTS_DEFAULT_LIMIT,
     };
     for (k, v) in w.rest {
-        if k == "scope" {
+        if k == "limit" {
+            q.limit = match v.parse::<usize>() {
+                Ok(n) if (1..=COSTS_MAX_LIMIT).contains(&n) => n,
+                _ => {
+                    return Err(QueryError::invalid(
+                        &k,
+                        format!("limit={v:?}: use 1 to {COSTS_MAX_LIMIT}"),
+                    ))
+                }
+            };
+        } else if k == "scope" {
             q.fleet = match v.as_str() {
                 "fleet" => true,
                 "local" => false,
@@ -211,9 +235,14 @@ pub fn costs(query: &str, now: u64) -> Result<CostsQuery, QueryError> {
     Ok(q)
 }
 
-/// `GET /admin/requests/expensive`: since when, and how many (1..=`capacity`,
+/// `GET /admin/requests/expensive`: the window (unix seconds, `to`
+/// exclusive as in the ledger's queries), and how many (1..=`capacity`,
 /// default 20 or `capacity` if smaller).
-pub fn expensive(query: &str, now: u64, capacity: usize) -> Result<(u64, usize), QueryError> {
+pub fn expensive(
+    query: &str,
+    now: u64,
+    capacity: usize,
+) -> Result<(std::ops::Range<u64>, usize), QueryError> {
     let w = window(query, now, 86_400, &["limit"])?;
     let mut limit = 20.min(capacity.max(1));
     for (k, v) in w.rest {
@@ -227,7 +256,7 @@ pub fn expensive(query: &str, now: u64, capacity: usize) -> Result<(u64, usize),
             }
         }
     }
-    Ok((w.from, limit))
+    Ok((w.from..w.to, limit))
 }
 
 /// What `POST /admin/cache/purge` is asked to remove.
@@ -332,12 +361,36 @@ mod tests {
     }
 
     #[test]
+    fn costs_limits_are_bounded() {
+        assert_eq!(costs("", NOW).unwrap().limit, COSTS_DEFAULT_LIMIT);
+        assert_eq!(costs("limit=5&group_by=tenant", NOW).unwrap().limit, 5);
+        assert_eq!(costs("limit=10000", NOW).unwrap().limit, COSTS_MAX_LIMIT);
+        for bad in ["limit=0", "limit=10001", "limit=-1", "limit=x", "limit="] {
+            let e = costs(bad, NOW).unwrap_err();
+            assert_eq!(e.param.as_deref(), Some("limit"), "{bad}");
+            assert!(e.message.contains("use 1 to 10000"), "{e:?}");
+        }
+    }
+
+    #[test]
     fn expensive_limits_are_bounded() {
-        assert_eq!(expensive("", NOW, 500).unwrap(), (NOW - 86_400, 20));
+        assert_eq!(
+            expensive("", NOW, 500).unwrap(),
+            (NOW - 86_400..NOW + 1, 20)
+        );
         assert_eq!(expensive("limit=7", NOW, 500).unwrap().1, 7);
         for bad in ["limit=0", "limit=501", "limit=-1", "limit=x"] {
             assert!(expensive(bad, NOW, 500).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn expensive_windows_keep_their_end() {
+        let (w, _) = expensive("from=1700000000&to=1700003600", NOW, 500).unwrap();
+        assert_eq!(w, 1_700_000_000..1_700_003_600);
+        assert!(!w.contains(&1_700_003_600), "to is exclusive");
+        let e = expensive("from=1800000000&to=1700000000", NOW, 500).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("to"));
     }
 
     #[test]

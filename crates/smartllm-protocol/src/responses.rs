@@ -443,6 +443,22 @@ pub fn deleted_object(id: &str) -> Value {
     json!({"id": id, "object": "response", "deleted": true})
 }
 
+/// OpenAI's 400 for a `previous_response_id` it does not know (unknown,
+/// expired or another tenant's): `previous_response_not_found`, the code
+/// clients such as Codex read to send the whole conversation again.
+pub fn previous_response_not_found(id: &str) -> ApiError {
+    ApiError::new(
+        400,
+        "invalid_request_error",
+        PREVIOUS_RESPONSE_NOT_FOUND,
+        format!("Previous response with id '{id}' not found."),
+    )
+    .with_param("previous_response_id")
+}
+
+/// The error code of [`previous_response_not_found`].
+pub const PREVIOUS_RESPONSE_NOT_FOUND: &str = "previous_response_not_found";
+
 /// OpenAI's 404 for an unknown, expired or another tenant's response id.
 /// `param` is `Some("previous_response_id")` when the id came from that field.
 pub fn response_not_found(id: &str, param: Option<&str>) -> ApiError {
@@ -2248,9 +2264,13 @@ mod tests {
         }
         let e = err(json!({"model": "m", "input": "x", "tools": [{"type": "web_search_preview"}]}));
         assert!(e.message.contains("'web_search_preview'"), "{e}");
+        assert_eq!(response_not_found("resp_x", None).status, 404);
+        let e = previous_response_not_found("resp_x").to_json();
+        assert_eq!(e["error"]["code"], "previous_response_not_found");
+        assert_eq!(e["error"]["param"], "previous_response_id");
         assert_eq!(
-            response_not_found("resp_x", Some("previous_response_id")).status,
-            404
+            e["error"]["message"],
+            "Previous response with id 'resp_x' not found."
         );
     }
 

@@ -289,9 +289,106 @@ fn ledger_error(e: impl std::fmt::Display) -> Response<Vec<u8>> {
     )
 }
 
+/// The grouping value of the row that sums the rows past a costs query's
+/// `limit` (in every grouping column).
+const OTHER_ROWS: &str = "(other)";
+
+/// The first `limit` of `rows` (the ledger gives them costliest first) and,
+/// when there were more, the rest summed into one row whose every grouping
+/// column reads [`OTHER_ROWS`] (added to a kept row of that very group, such
+/// as the ledger's own `(other)` tag, rather than repeating it); with the
+/// number of rows summed so (0: nothing was cut).
+fn cut_rows(
+    mut rows: Vec<smartllm_ledger::Row>,
+    dims: &[smartllm_ledger::Dim],
+    limit: usize,
+) -> (Vec<smartllm_ledger::Row>, usize) {
+    if rows.len() <= limit {
+        return (rows, 0);
+    }
+    let rest = rows.split_off(limit);
+    let cut = rest.len();
+    let mut other = smartllm_ledger::Row {
+        group: dims.iter().map(|d| (*d, OTHER_ROWS.to_string())).collect(),
+        ..smartllm_ledger::Row::default()
+    };
+    for r in &rest {
+        add_row(&mut other, r);
+    }
+    match rows.iter_mut().find(|r| r.group == other.group) {
+        Some(same) => add_row(same, &other),
+        None => rows.push(other),
+    }
+    (rows, cut)
+}
+
+/// `into += r`, counter by counter (saturating, as the ledger sums).
+fn add_row(into: &mut smartllm_ledger::Row, r: &smartllm_ledger::Row) {
+    into.requests = into.requests.saturating_add(r.requests);
+    into.input_tokens = into.input_tokens.saturating_add(r.input_tokens);
+    into.output_tokens = into.output_tokens.saturating_add(r.output_tokens);
+    into.cached_tokens = into.cached_tokens.saturating_add(r.cached_tokens);
+    into.cache_write_tokens = into.cache_write_tokens.saturating_add(r.cache_write_tokens);
+    into.reasoning_tokens = into.reasoning_tokens.saturating_add(r.reasoning_tokens);
+    into.cost_usd += r.cost_usd;
+    into.saved_usd += r.saved_usd;
+    into.errors = into.errors.saturating_add(r.errors);
+    into.estimated = into.estimated.saturating_add(r.estimated);
+}
+
+/// `/admin/costs`'s answer from the ledger's rows: at most `limit` of them
+/// by name plus the `(other)` row (see [`cut_rows`]), as CSV or as JSON with
+/// the window, the total of every row, `truncated` and `other_rows` (how
+/// many rows the `(other)` row sums). Run off the async threads: a long
+/// window grouped finely holds many rows, and serializing them takes time.
+fn costs_answer(
+    rows: Vec<smartllm_ledger::Row>,
+    dims: &[smartllm_ledger::Dim],
+    from: u64,
+    to: u64,
+    csv: bool,
+    limit: usize,
+) -> Response<Vec<u8>> {
+    let (mut requests, mut input_tokens, mut output_tokens) = (0u64, 0u64, 0u64);
+    let (mut cost_usd, mut saved_usd) = (0.0f64, 0.0f64);
+    for r in &rows {
+        requests = requests.saturating_add(r.requests);
+        input_tokens = input_tokens.saturating_add(r.input_tokens);
+        output_tokens = output_tokens.saturating_add(r.output_tokens);
+        cost_usd += r.cost_usd;
+        saved_usd += r.saved_usd;
+    }
+    let (rows, other_rows) = cut_rows(rows, dims, limit);
+    if csv {
+        return reply(
+            200,
+            "text/csv; charset=utf-8",
+            smartllm_ledger::to_csv(&rows, dims).into_bytes(),
+        );
+    }
+    json_reply(
+        200,
+        &json!({
+            "from": smartllm_ledger::format_hour(from / 3600),
+            "to": smartllm_ledger::format_hour(to.div_ceil(3600)),
+            "rows": rows,
+            "total": {
+                "requests": requests,
+                "cost_usd": cost_usd,
+                "saved_usd": saved_usd,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+            },
+            "truncated": other_rows > 0,
+            "other_rows": other_rows,
+        }),
+    )
+}
+
 impl AdminApp {
-    /// `GET /admin/costs?since=24h|from=UNIX&to=UNIX&group_by=model,app[&format=csv]`
-    /// (group_by: hour, day, tenant, app, key, model, provider, route, tag).
+    /// `GET /admin/costs?since=24h|from=UNIX&to=UNIX&group_by=model,app[&format=csv][&limit=1000]`
+    /// (group_by: hour, day, tenant, app, key, model, provider, route, tag;
+    /// limit: the costliest rows answered by name, the rest summed into one).
     async fn costs(&self, query: &str) -> Response<Vec<u8>> {
         let Some(ledger) = self.shared.ledger.clone() else {
             return ledger_unavailable();
@@ -300,7 +397,7 @@ impl AdminApp {
             Ok(q) => q,
             Err(e) => return query_error(e),
         };
-        let (from, to, csv) = (q.from, q.to, q.csv);
+        let (from, to, csv, limit) = (q.from, q.to, q.csv, q.limit);
         let mut dims = vec![smartllm_ledger::Dim::Model];
         if let Some(names) = q.group_by {
             dims.clear();
@@ -318,8 +415,10 @@ impl AdminApp {
                 }
             }
         }
-        let by = dims.clone();
-        let rows = if q.fleet {
+        let by = dims;
+        // The rows are read, cut to `limit` and serialized off the async
+        // threads (the admin listener's /readyz and /metrics share them).
+        let answer = if q.fleet {
             let Some(fleet) = self.shared.fleet_sync.clone().filter(|f| f.shares_costs()) else {
                 return json_reply(
                     409,
@@ -341,13 +440,14 @@ impl AdminApp {
             match fleet.cost_counters(from, to).await {
                 Ok(counters) => {
                     tokio::task::spawn_blocking(move || {
-                        Ok(smartllm_ledger::rows_from(
+                        let rows = smartllm_ledger::rows_from(
                             counters,
                             from,
                             to,
                             &by,
                             &smartllm_ledger::Filter::default(),
-                        ))
+                        );
+                        Ok(costs_answer(rows, &by, from, to, csv, limit))
                     })
                     .await
                 }
@@ -359,33 +459,15 @@ impl AdminApp {
                 }
             }
         } else {
-            tokio::task::spawn_blocking(move || ledger.query(from, to, &by)).await
+            tokio::task::spawn_blocking(move || {
+                ledger
+                    .query(from, to, &by)
+                    .map(|rows| costs_answer(rows, &by, from, to, csv, limit))
+            })
+            .await
         };
-        match rows {
-            Ok(Ok(rows)) if csv => reply(
-                200,
-                "text/csv; charset=utf-8",
-                smartllm_ledger::to_csv(&rows, &dims).into_bytes(),
-            ),
-            Ok(Ok(rows)) => {
-                let total = rows.iter().fold(json!({"requests": 0u64, "cost_usd": 0.0, "saved_usd": 0.0, "input_tokens": 0u64, "output_tokens": 0u64}), |mut t, r| {
-                    t["requests"] = json!(t["requests"].as_u64().unwrap_or(0) + r.requests);
-                    t["input_tokens"] = json!(t["input_tokens"].as_u64().unwrap_or(0) + r.input_tokens);
-                    t["output_tokens"] = json!(t["output_tokens"].as_u64().unwrap_or(0) + r.output_tokens);
-                    t["cost_usd"] = json!(t["cost_usd"].as_f64().unwrap_or(0.0) + r.cost_usd);
-                    t["saved_usd"] = json!(t["saved_usd"].as_f64().unwrap_or(0.0) + r.saved_usd);
-                    t
-                });
-                json_reply(
-                    200,
-                    &json!({
-                        "from": smartllm_ledger::format_hour(from / 3600),
-                        "to": smartllm_ledger::format_hour(to.div_ceil(3600)),
-                        "rows": rows,
-                        "total": total,
-                    }),
-                )
-            }
+        match answer {
+            Ok(Ok(answer)) => answer,
             Ok(Err(e)) => ledger_error(e),
             Err(e) => ledger_error(e),
         }
@@ -402,9 +484,11 @@ impl AdminApp {
                 Ok(w) => (w.from, w.to),
                 Err(e) => return query_error(e),
             };
-        match tokio::task::spawn_blocking(move || ledger.mix(from, to)).await {
-            Ok(Ok(rows)) => {
-                let rt = self.shared.runtime.load_full();
+        // The mix is read, weighed and serialized off the async threads (the
+        // answer is a report of bounded size, not the mix's rows: no limit).
+        let rt = self.shared.runtime.load_full();
+        let answer = tokio::task::spawn_blocking(move || {
+            ledger.mix(from, to).map(|rows| {
                 let report = smartllm_router::suggest::suggest(&rt.config, &rows);
                 json_reply(
                     200,
@@ -414,16 +498,21 @@ impl AdminApp {
                         "report": report,
                     }),
                 )
-            }
+            })
+        })
+        .await;
+        match answer {
+            Ok(Ok(answer)) => answer,
             Ok(Err(e)) => ledger_error(e),
             Err(e) => ledger_error(e),
         }
     }
 
-    /// `GET /admin/requests/expensive?since=24h&limit=20`: the costliest of
-    /// the last requests that reached a model (metadata only, never prompts).
+    /// `GET /admin/requests/expensive?since=24h[&to=UNIX]&limit=20`: the
+    /// costliest of the last requests that reached a model in the window
+    /// (`to` exclusive; metadata only, never prompts).
     fn expensive(&self, query: &str) -> Response<Vec<u8>> {
-        let (from, limit) = match admin_query::expensive(
+        let (window, limit) = match admin_query::expensive(
             query,
             smartllm_ledger::now_secs(),
             crate::recent::CAPACITY,
@@ -431,7 +520,8 @@ impl AdminApp {
             Ok(q) => q,
             Err(e) => return query_error(e),
         };
-        let (requests, kept) = self.shared.recent.costliest(from * 1000, limit);
+        let window_ms = window.start.saturating_mul(1000)..window.end.saturating_mul(1000);
+        let (requests, kept) = self.shared.recent.costliest(window_ms, limit);
         json_reply(
             200,
             &json!({"requests": requests, "kept": kept, "capacity": crate::recent::CAPACITY}),
@@ -603,6 +693,18 @@ impl AdminApp {
                 "POST {\"a\": \"a prompt\", \"b\": \"a stored prompt\", \"model\": \"auto\"} (model optional)".into(),
             );
         };
+        // The precision guard's word diff grows with the square of the words.
+        for (field, t) in [("a", &a), ("b", &b)] {
+            if t.len() > MAX_EXPLAIN_TEXT {
+                return query_error(QueryError::invalid(
+                    field,
+                    format!(
+                        "{field} is {} bytes: /admin/cache/explain takes prompts of at most {MAX_EXPLAIN_TEXT} bytes (32 KiB)",
+                        t.len()
+                    ),
+                ));
+            }
+        }
         let Some(embedder) = self.shared.components.embedder.clone() else {
             return invalid(503, "the embedder is not loaded (see /readyz)".into());
         };
@@ -623,7 +725,8 @@ impl AdminApp {
             Ok(_) => return invalid(500, "the embedder returned no vectors".into()),
             Err(e) => return invalid(503, format!("embedding failed: {e}")),
         };
-        // Alignment grows with the square of the length: off the async threads.
+        // Alignment and the guard's word diff grow with the square of the
+        // length: off the async threads.
         let scored = tokio::task::spawn_blocking(move || {
             let (va, vb) = (
                 smartllm_embed::pool(&states[0]),
@@ -636,17 +739,17 @@ impl AdminApp {
                 &states[1],
                 smartllm_embed::DIM,
             );
-            (similarity, verifier)
+            let guard = smartllm_cache::near_miss(&a, &b);
+            // The exact stage answers these before any embedding.
+            let exact = smartllm_cache::exact_text(&a) == smartllm_cache::exact_text(&b);
+            (similarity, verifier, guard, exact)
         })
         .await;
-        let Ok((similarity, verifier)) = scored else {
+        let Ok((similarity, verifier, guard, exact)) = scored else {
             return invalid(500, "the verifier failed".into());
         };
-        let guard = smartllm_cache::near_miss(&a, &b);
         let above = similarity >= policy.similarity_threshold;
         let verified = policy.verifier.is_none_or(|pass| verifier >= pass);
-        // The exact stage answers these before any embedding.
-        let exact = smartllm_cache::exact_text(&a) == smartllm_cache::exact_text(&b);
         let serve =
             policy.enabled && (exact || (policy.semantic && above && guard.is_none() && verified));
         let reason = if !policy.enabled {
@@ -764,6 +867,9 @@ fn drop_stale_health_series(text: String, rt: &crate::Runtime) -> String {
     }
     out
 }
+
+/// The longest prompt (`a` or `b`, in bytes) `/admin/cache/explain` weighs.
+const MAX_EXPLAIN_TEXT: usize = 32 << 10;
 
 /// The most an admin request body may hold, and how long it may take to arrive.
 const MAX_ADMIN_BODY: usize = 1 << 20;
@@ -1058,6 +1164,69 @@ mod tests {
     }
 
     use super::constant_time_eq;
+
+    #[test]
+    fn costs_past_the_limit_are_summed_into_one_row() {
+        use super::{costs_answer, cut_rows, OTHER_ROWS};
+        use smartllm_ledger::{Dim, Row};
+        let tag = |t: &str| -> std::collections::BTreeMap<Dim, String> {
+            [(Dim::Tag, t.to_string())].into_iter().collect()
+        };
+        // Costliest first, as the ledger answers.
+        let rows: Vec<Row> = (0..5)
+            .map(|i| Row {
+                group: tag(&format!("t{i}")),
+                requests: 2,
+                input_tokens: 10,
+                cost_usd: (5 - i) as f64,
+                ..Row::default()
+            })
+            .collect();
+        let dims = [Dim::Tag];
+        // Within the limit: as they are.
+        let (kept, cut) = cut_rows(rows.clone(), &dims, 5);
+        assert_eq!(cut, 0);
+        assert_eq!(kept, rows);
+        // Past it: the first rows and one that sums the others.
+        let (kept, cut) = cut_rows(rows.clone(), &dims, 2);
+        assert_eq!((kept.len(), cut), (3, 3));
+        assert_eq!(kept[..2], rows[..2]);
+        let other = &kept[2];
+        assert_eq!(other.group[&Dim::Tag], OTHER_ROWS);
+        assert_eq!((other.requests, other.input_tokens), (6, 30));
+        assert_eq!(other.cost_usd, 3.0 + 2.0 + 1.0);
+        let cost = |rows: &[Row]| rows.iter().map(|r| r.cost_usd).sum::<f64>();
+        assert_eq!(cost(&kept), cost(&rows));
+        // A kept row of that very group (the ledger's own `(other)` tag)
+        // takes the sum: no group is answered twice.
+        let mut tagged = rows.clone();
+        tagged[1].group = tag(OTHER_ROWS);
+        let (kept, cut) = cut_rows(tagged, &dims, 2);
+        assert_eq!((kept.len(), cut), (2, 3));
+        assert_eq!(kept[1].requests, 8);
+
+        // The JSON says so; its total is every row's.
+        let answer = costs_answer(rows.clone(), &dims, 0, 3600, false, 2);
+        let v: serde_json::Value = serde_json::from_slice(answer.body()).unwrap();
+        assert_eq!(v["truncated"], true);
+        assert_eq!(v["other_rows"], 3);
+        assert_eq!(v["rows"].as_array().map(Vec::len), Some(3));
+        assert_eq!(v["rows"][2]["group"]["tag"], OTHER_ROWS);
+        assert_eq!(v["total"]["requests"], 10);
+        assert_eq!(v["total"]["cost_usd"], 15.0);
+        let whole = costs_answer(rows.clone(), &dims, 0, 3600, false, 1000);
+        let v: serde_json::Value = serde_json::from_slice(whole.body()).unwrap();
+        assert_eq!(v["truncated"], false);
+        assert_eq!(v["other_rows"], 0);
+        // The CSV ends with the `(other)` row.
+        let csv = costs_answer(rows, &dims, 0, 3600, true, 2);
+        let text = String::from_utf8(csv.into_body()).unwrap();
+        assert_eq!(text.lines().count(), 4, "{text}");
+        assert!(
+            text.lines().last().unwrap().starts_with("(other),"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn constant_time_compare() {

@@ -1,10 +1,12 @@
 //! Budget alert delivery: a background service that takes the alerts the
 //! quotas raise (on a bounded channel) and POSTs each to its budget's webhook,
 //! retried with backoff (0.5, 1, 2 s; 4 attempts) on its own connections,
-//! never on a request's path. It keeps delivering through a graceful stop
-//! (requests still draining raise alerts too: a threshold alerts once, so a
-//! dropped alert would never be sent); deliveries are tracked in
-//! `Shared::alert_deliveries`, and the final stop waits for them, bounded.
+//! never on a request's path. A 4xx other than 408 and 429 is not retried
+//! (the same alert would be refused again). It keeps delivering through a
+//! graceful stop (requests still draining raise alerts too: a threshold
+//! alerts once, so a dropped alert would never be sent); deliveries are
+//! tracked in `Shared::alert_deliveries`, and the final stop waits for them,
+//! bounded.
 
 use crate::Shared;
 use async_trait::async_trait;
@@ -45,13 +47,25 @@ impl BackgroundService for AlertService {
     }
 }
 
-/// POST one alert, retrying with backoff.
+/// Attempts per alert (the waits between them: 0.5, 1, 2 s).
+const ATTEMPTS: u32 = 4;
+
+/// POST one alert, retrying with backoff while another attempt may succeed.
 async fn deliver(connector: Arc<Connector>, alert: Alert) {
     let url = alert.webhook;
     let mut delay = Duration::from_millis(500);
-    for attempt in 1..=4 {
+    for attempt in 1..=ATTEMPTS {
         match post(&connector, &url, &alert.body).await {
             Ok(status) if (200..300).contains(&status) => return,
+            Ok(status) if !retryable(status) => {
+                tracing::error!(
+                    attempt,
+                    status,
+                    host = %url.host,
+                    "budget webhook refused the alert; not retried (a 4xx other than 408 or 429)"
+                );
+                return;
+            }
             Ok(status) => {
                 tracing::warn!(attempt, status, host = %url.host, "budget webhook refused")
             }
@@ -59,10 +73,24 @@ async fn deliver(connector: Arc<Connector>, alert: Alert) {
                 tracing::warn!(attempt, error = %e, host = %url.host, "budget webhook failed")
             }
         }
-        tokio::time::sleep(delay).await;
-        delay *= 2;
+        // No wait after the last attempt: nothing follows it.
+        if attempt < ATTEMPTS {
+            tokio::time::sleep(delay).await;
+            delay *= 2;
+        }
     }
-    tracing::error!(host = %url.host, "budget webhook gave up after 4 attempts");
+    tracing::error!(host = %url.host, "budget webhook gave up after {} attempts", ATTEMPTS);
+}
+
+/// Whether a webhook's non-2xx answer is worth another attempt: a server
+/// error (or anything but a 4xx) may pass later, and so may 408 (Request
+/// Timeout) and 429 (Too Many Requests); any other 4xx (a wrong URL, a
+/// refused token, a body it will not take) would be refused again. A 2xx is
+/// delivered: nothing to retry. (A connection error is always retried.)
+fn retryable(status: u16) -> bool {
+    let delivered = (200..300).contains(&status);
+    let refused = (400..500).contains(&status) && status != 408 && status != 429;
+    !delivered && !refused
 }
 
 /// Why a webhook could not be delivered (logged, then retried).
@@ -128,4 +156,19 @@ async fn post(connector: &Connector, url: &Url, body: &str) -> Result<u16, Webho
     let _ =
         crate::drain::response_body(&mut s, Duration::from_secs(10), 64 << 10, &mut waited).await;
     Ok(status)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::retryable;
+
+    #[test]
+    fn only_answers_that_may_change_are_retried() {
+        for again in [408, 429, 500, 502, 503, 504, 0] {
+            assert!(retryable(again), "{again}");
+        }
+        for refused in [200, 204, 400, 401, 403, 404, 405, 410, 413, 422] {
+            assert!(!retryable(refused), "{refused}");
+        }
+    }
 }

@@ -1164,7 +1164,7 @@ fn merge(into: &mut Counters, batch: FleetBatch) {
     for (k, c) in batch {
         let acc = into.entry(k).or_insert([0; LEDGER_FIELDS]);
         for i in 0..LEDGER_FIELDS {
-            acc[i] += c[i];
+            acc[i] = acc[i].saturating_add(c[i]);
         }
     }
 }

@@ -79,13 +79,18 @@ impl Recent {
         ring.push_back(r);
     }
 
-    /// The `limit` costliest kept requests since `since_ms`, costliest first
-    /// (ties: the newest first), and how many were kept in all.
-    pub fn costliest(&self, since_ms: u64, limit: usize) -> (Vec<RecentRequest>, usize) {
+    /// The `limit` costliest kept requests that finished within `window_ms`
+    /// (unix milliseconds, its end exclusive), costliest first (ties: the
+    /// newest first), and how many were kept in all.
+    pub fn costliest(
+        &self,
+        window_ms: std::ops::Range<u64>,
+        limit: usize,
+    ) -> (Vec<RecentRequest>, usize) {
         let ring = self.ring.lock().unwrap_or_else(|p| p.into_inner());
         let mut out: Vec<RecentRequest> = ring
             .iter()
-            .filter(|r| r.unix_ms >= since_ms)
+            .filter(|r| window_ms.contains(&r.unix_ms))
             .cloned()
             .collect();
         out.sort_by(|a, b| {
@@ -130,12 +135,31 @@ mod tests {
         for i in 0..(CAPACITY as u64 + 10) {
             r.push(req(i, (i % 7) as f64));
         }
-        let (top, kept) = r.costliest(0, 3);
+        let (top, kept) = r.costliest(0..u64::MAX, 3);
         assert_eq!(kept, CAPACITY);
         assert!(top.iter().all(|t| t.cost_usd == 6.0));
         assert!(top[0].unix_ms > top[1].unix_ms);
         // The oldest were dropped.
-        assert!(r.costliest(0, usize::MAX).0.iter().all(|t| t.unix_ms >= 10));
-        assert_eq!(r.costliest(CAPACITY as u64 + 5, 100).0.len(), 5);
+        assert!(r
+            .costliest(0..u64::MAX, usize::MAX)
+            .0
+            .iter()
+            .all(|t| t.unix_ms >= 10));
+        assert_eq!(r.costliest(CAPACITY as u64 + 5..u64::MAX, 100).0.len(), 5);
+    }
+
+    #[test]
+    fn windows_end_where_asked() {
+        let r = Recent::default();
+        for i in 0..10 {
+            // The newest are the costliest: a window's end must be kept to.
+            r.push(req(i * 1000, i as f64));
+        }
+        let (top, kept) = r.costliest(2000..5000, 100);
+        assert_eq!(kept, 10);
+        let at: Vec<u64> = top.iter().map(|t| t.unix_ms).collect();
+        assert_eq!(at, [4000, 3000, 2000], "the end is exclusive");
+        assert!(r.costliest(5000..5000, 100).0.is_empty());
+        assert_eq!(r.costliest(9000..u64::MAX, 100).0.len(), 1);
     }
 }

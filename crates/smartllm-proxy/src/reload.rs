@@ -208,6 +208,10 @@ impl BackgroundService for ReloadService {
         let rt = self.shared.runtime.load_full();
         let watch = rt.config.reload.watch;
         let mut watched = rt.config.watched_files();
+        // Where the config directory leads (a link swapped to another
+        // release is watched there from then on).
+        let target = || self.shared.config_dir.canonicalize().ok();
+        let mut watched_target = target();
         let mut _watcher = if watch {
             self.watch(&watched, &tx)
         } else {
@@ -240,10 +244,13 @@ impl BackgroundService for ReloadService {
                 }
                 _ = shutdown.changed() => break,
             }
-            // Watched files moved to another directory: watch that one instead.
+            // Watched files moved to another directory, or the config
+            // directory's link to another one: watch that one instead.
             let now = self.shared.runtime.load().config.watched_files();
-            if watch && now != watched {
+            let now_target = target();
+            if watch && (now != watched || now_target != watched_target) {
                 watched = now;
+                watched_target = now_target;
                 _watcher = None;
                 _watcher = self.watch(&watched, &tx);
             }

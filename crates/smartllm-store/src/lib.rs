@@ -85,7 +85,9 @@ pub fn encode_counters(c: &[u64; LEDGER_FIELDS]) -> Vec<u8> {
 }
 
 /// The ledger's merge operator: counters add up, so writers never read first
-/// and concurrent increments never lose one another.
+/// and concurrent increments never lose one another. The sum saturates at
+/// `u64::MAX` rather than wrapping: a wrapped counter would turn a huge
+/// total into a small one, for good, in every later read of that row.
 fn add_counters(
     _key: &[u8],
     existing: Option<&[u8]>,
@@ -95,7 +97,7 @@ fn add_counters(
     for op in operands {
         let d = decode_counters(op);
         for i in 0..LEDGER_FIELDS {
-            acc[i] = acc[i].wrapping_add(d[i]);
+            acc[i] = acc[i].saturating_add(d[i]);
         }
     }
     Some(encode_counters(&acc))
@@ -365,6 +367,31 @@ mod tests {
             .unwrap();
         let v = s.db().get_cf(&cf, b"k").unwrap().unwrap();
         assert_eq!(decode_counters(&v), [12, 3, 4, 5, 6, 7, 8, 9, 1, 6]);
+    }
+
+    /// A counter near its end stays at `u64::MAX` instead of wrapping to a
+    /// small number.
+    #[test]
+    fn ledger_counters_saturate() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = Store::open(dir.path()).unwrap();
+        let cf = s.db().cf_handle(CF_LEDGER).unwrap();
+        let mut near = [1u64; LEDGER_FIELDS];
+        near[1] = u64::MAX - 1;
+        s.db().merge_cf(&cf, b"k", encode_counters(&near)).unwrap();
+        s.db()
+            .merge_cf(&cf, b"k", encode_counters(&[5; LEDGER_FIELDS]))
+            .unwrap();
+        let v = s.db().get_cf(&cf, b"k").unwrap().unwrap();
+        let c = decode_counters(&v);
+        assert_eq!((c[0], c[1], c[2]), (6, u64::MAX, 6));
+        // Once more on a stored value (a flush, then a merge on top of it).
+        s.flush().unwrap();
+        s.db()
+            .merge_cf(&cf, b"k", encode_counters(&[u64::MAX; LEDGER_FIELDS]))
+            .unwrap();
+        let v = s.db().get_cf(&cf, b"k").unwrap().unwrap();
+        assert_eq!(decode_counters(&v), [u64::MAX; LEDGER_FIELDS]);
     }
 
     #[test]

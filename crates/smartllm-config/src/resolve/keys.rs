@@ -45,6 +45,16 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
                 "must be a non-empty name",
             );
         }
+        // The names an open gateway gives callers without a listed key: a
+        // listed tenant of that name would share their limits, budget,
+        // cache and stored responses.
+        if k.tenant == "anonymous" || k.tenant.starts_with("key:") {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.tenant"),
+                "'anonymous' and names starting 'key:' are the gateway's own for callers without a listed key",
+            );
+        }
         // Apps are named `tenant/app`: a `/` in either part would let two
         // tenants' apps share one name (and its limits and budget).
         if k.tenant.contains('/') {
@@ -313,6 +323,20 @@ mod tests {
             ]);
             let err = load_dir(dir.path()).unwrap_err().to_string();
             assert!(err.contains(field) && err.contains("'/'"), "{err}");
+        }
+        // The names keyless callers get are not a listed tenant's.
+        for tenant in ["anonymous", "key:0123"] {
+            let dir = write_dir(&[
+                (MAIN_FILE, ""),
+                (PROVIDERS_FILE, PROVIDERS),
+                (MODELS_FILE, MODELS),
+                (KEYS_FILE, &key(tenant, "web")),
+            ]);
+            let err = load_dir(dir.path()).unwrap_err().to_string();
+            assert!(
+                err.contains("keys[0].tenant") && err.contains("'anonymous'"),
+                "{err}"
+            );
         }
     }
 

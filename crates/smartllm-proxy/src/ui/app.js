@@ -424,7 +424,7 @@ async function refresh() {
   const bucket = RANGES[state.range].bucket;
   const wantSuggest = Date.now() - state.suggestAt > SUGGEST_MS;
   const [spend, byModel, byRoute, metricsText, cacheStats, budgets, expensive, suggest] = await Promise.all([
-    getJSON(`/admin/costs?${since}&group_by=${bucket},${DIM_QUERY[state.dim]}`),
+    getJSON(`/admin/costs?${since}&group_by=${bucket},${DIM_QUERY[state.dim]}&limit=10000`),
     getJSON(`/admin/costs?${since}&group_by=model`),
     getJSON(`/admin/costs?${since}&group_by=route,model`),
     getText('/metrics'),

@@ -252,10 +252,11 @@ pub(super) async fn once(
         // access, a misspelt model): no fault of the client's, whose SDK
         // would read a 401 as its own key being wrong. Another deployment or
         // fallback may serve; the deployment's circuit counts it. (A 404 of
-        // a provider that speaks Responses may be about the client's own
-        // response ids: passed on.)
+        // a provider that speaks Responses about the client's own
+        // `previous_response_id` is passed on.)
         let refused = matches!(status, 401 | 403)
-            || (status == 404 && x.translate != Translate::ResponsesNative);
+            || (status == 404
+                && !(x.translate == Translate::ResponsesNative && names_previous_response(&body)));
         if refused {
             let msg = serde_json::from_slice::<Value>(&body)
                 .ok()
@@ -384,6 +385,15 @@ fn openai_error_body(status: u16, pname: &str, body: &[u8]) -> Vec<u8> {
     e.body()
 }
 
+/// Whether an OpenAI error body is about the request's `previous_response_id`
+/// (the client's own state, not the deployment's configuration).
+fn names_previous_response(body: &[u8]) -> bool {
+    serde_json::from_slice::<Value>(body).is_ok_and(|v| {
+        v["error"]["code"] == smartllm_protocol::responses::PREVIOUS_RESPONSE_NOT_FOUND
+            || v["error"]["param"] == "previous_response_id"
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -469,5 +479,16 @@ mod tests {
         // No key, or one too short to be a secret: untouched.
         assert_eq!(super::scrub(clean.clone(), None), clean);
         assert_eq!(super::scrub(b"abc".to_vec(), Some("abc")), b"abc".to_vec());
+    }
+
+    #[test]
+    fn only_a_404_about_the_previous_response_is_the_clients() {
+        assert!(super::names_previous_response(
+            br#"{"error":{"code":"previous_response_not_found","param":"previous_response_id"}}"#
+        ));
+        assert!(!super::names_previous_response(
+            br#"{"error":{"code":"model_not_found","message":"The model does not exist"}}"#
+        ));
+        assert!(!super::names_previous_response(b"not json"));
     }
 }

@@ -62,9 +62,8 @@ pub(super) fn build(
             )
         }
         _ if previous_unknown.is_some() => {
-            return Err(smartllm_protocol::responses::response_not_found(
+            return Err(smartllm_protocol::responses::previous_response_not_found(
                 previous_unknown.unwrap_or_default(),
-                Some("previous_response_id"),
             ));
         }
         _ if untranslatable.is_some() => {

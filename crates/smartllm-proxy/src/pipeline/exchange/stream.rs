@@ -541,8 +541,12 @@ pub(super) async fn relay(
                         }
                     }
                     // The provider's error event went to the client (in the
-                    // client's shape): the answer is over, and failed.
-                    if tr.upstream_error().is_some() {
+                    // client's shape): the answer is over, and failed. (A
+                    // Responses stream's `error` event is followed by its
+                    // `response.failed`, which the client waits for.)
+                    if tr.upstream_error().is_some()
+                        && (tr.complete() || translate != Translate::ResponsesNative)
+                    {
                         break Some((StreamEnd::UpstreamError, stream_error(x, &tr, false)));
                     }
                 }
@@ -560,6 +564,11 @@ pub(super) async fn relay(
                 // A response that ends after the answer's end but without
                 // [DONE] is finished below the way clients expect; one that
                 // ends before it was cut short (never stored in the cache).
+                // One that ends after the provider's error event (which the
+                // client has) failed with it.
+                if tr.upstream_error().is_some() {
+                    break Some((StreamEnd::UpstreamError, stream_error(x, &tr, false)));
+                }
                 break (!tr.ended(choices)).then(|| {
                     (
                         StreamEnd::Truncated,
