@@ -50,6 +50,22 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
     .unwrap();
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.api_error()["code"], "rate_limit_exceeded");
+    // So is a look at its usage or a stored response: no polling loop.
+    for (method, path) in [
+        ("GET", "/v1/smartllm/usage"),
+        ("GET", "/v1/responses/resp_0123"),
+        ("DELETE", "/v1/responses/resp_0123"),
+    ] {
+        let r = request(
+            &gw.addr,
+            method,
+            path,
+            &[("Authorization", "Bearer sk-alice-1")],
+            b"",
+        )
+        .unwrap();
+        assert_eq!(r.status, 429, "{method} {path}: {}", r.text());
+    }
     // Tokens per minute for an app: a 6,000-byte prompt (~1,500 tokens) fits once, not twice.
     let big = chat_body("small", &"word ".repeat(1200));
     assert_eq!(ask(&gw, "sk-carol-3", &big).status, 200);

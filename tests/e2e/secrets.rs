@@ -80,9 +80,22 @@ fn admin_api_requires_its_token_when_configured() {
         r.starts_with("HTTP/1.1 413") && r.contains("admin_body_too_large"),
         "{r}"
     );
-    // Probes and metrics stay open for orchestrators and Prometheus.
+    // Probes and metrics stay open for orchestrators and Prometheus; the
+    // readiness details (paths, addresses, the config's digest) need the
+    // token.
     assert_eq!(get(&gw.admin, "/healthz").status, 200);
-    assert_eq!(get(&gw.admin, "/readyz").status, 200);
+    let ready = get(&gw.admin, "/readyz");
+    assert_eq!(ready.status, 200);
+    assert_eq!(ready.json(), json!({"status": "ready"}));
+    let r = request(
+        &gw.admin,
+        "GET",
+        "/readyz",
+        &[("Authorization", "Bearer adm-secret-42")],
+        b"",
+    )
+    .unwrap();
+    assert!(r.json()["config"].is_object(), "{}", r.text());
     assert_eq!(get(&gw.admin, "/metrics").status, 200);
     // The CLI picks the token up from the config's source.
     let out = std::process::Command::new(bin("smartllm"))
@@ -209,7 +222,16 @@ fn secrets_never_reach_clients_logs_metrics_or_the_admin_api() {
         assert_eq!(r.status, 200, "{path}: {}", r.text());
         seen.push(r.text());
     }
-    seen.push(get(&gw.admin, "/readyz").text());
+    let ready = request(
+        &gw.admin,
+        "GET",
+        "/readyz",
+        &[("Authorization", &format!("Bearer {admin_token}"))],
+        b"",
+    )
+    .unwrap();
+    assert!(ready.json()["config"].is_object(), "{}", ready.text());
+    seen.push(ready.text());
     seen.push(gw.metrics());
     seen.push(gw.log_text());
     for text in &seen {

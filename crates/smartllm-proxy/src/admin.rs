@@ -1015,6 +1015,14 @@ impl ServeHttp for AdminApp {
             ("GET", "/readyz") => {
                 let listening = self.api_listening().await;
                 let (ready, body) = self.readyz(listening);
+                // With an admin token, a probe without it gets the verdict
+                // only: the details (paths, addresses, the config's digest)
+                // are the operator's.
+                let body = if authorized {
+                    body
+                } else {
+                    json!({"status": body["status"]})
+                };
                 json_reply(if ready { 200 } else { 503 }, &body)
             }
             ("GET", "/admin/config") => json_reply(200, &self.config()),

@@ -98,6 +98,8 @@ pub async fn admit(
         {
             ctx.endpoint = "responses";
             let id = p["/v1/responses/".len()..].to_string();
+            // Each costs a store read: a request for the key's rate limits.
+            rate_limit(shared, rt, ctx, 0).await?;
             return Ok(Admitted::StoredResponse {
                 id,
                 delete: method == "DELETE",
@@ -105,6 +107,9 @@ pub async fn admit(
         }
         ("GET", "/v1/smartllm/usage") => {
             ctx.endpoint = "usage";
+            // A ledger query (a month of rows): a request for the key's
+            // rate limits, so a loop polling it is held back.
+            rate_limit(shared, rt, ctx, 0).await?;
             return Ok(Admitted::Usage);
         }
         ("POST", "/v1/feedback") => {

@@ -140,13 +140,16 @@ pub(super) async fn relay(
         }
         _ => {}
     }
-    let usage = usage.or_else(|| {
-        ctx.usage_estimated = true;
-        Some(Usage {
-            tier: smartllm_protocol::usage::ServiceTier::of(&chat, "service_tier"),
-            ..estimate_usage(x.req, &completion_text(&chat))
-        })
-    });
+    let usage = match usage {
+        Some(u) => Some(u),
+        None => {
+            ctx.usage_estimated = true;
+            Some(Usage {
+                tier: smartllm_protocol::usage::ServiceTier::of(&chat, "service_tier"),
+                ..estimate_usage(x.req, completion_text(&chat)).await
+            })
+        }
+    };
     record_usage(ctx, usage);
     if let Some(pending) = ctx.cache_insert.take() {
         // An answer cut at the model's own limit (no max tokens asked for)

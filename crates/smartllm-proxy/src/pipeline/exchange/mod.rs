@@ -477,7 +477,7 @@ async fn left_while_waiting(
             | smartllm_protocol::Endpoint::ResponsesInputTokens
     ) {
         ctx.usage_estimated = true;
-        usage::record_usage(ctx, Some(usage::estimate_usage(req, "")));
+        usage::record_usage(ctx, Some(usage::estimate_usage(req, String::new()).await));
     }
     tracing::info!(request_id = %ctx.request_id, provider = ?ctx.provider, "the client left before the answer; the upstream request is cancelled");
     let done = client_gone(ctx);

@@ -7,7 +7,7 @@
 //! waits for the first word (see [`Held`]).
 
 use super::attempt::scrub;
-use super::usage::{completion_text, estimate_usage, record_usage};
+use super::usage::{completion_text, estimate_tokens, estimate_usage, record_usage};
 use super::{client_gone, Attempt, Exchange, Translate};
 use crate::ctx::Ctx;
 use crate::{metrics, respond};
@@ -203,7 +203,7 @@ impl Translator {
 /// assembled text or the translator's count of what streamed, never under
 /// a partial figure the provider gave, with the provider's prompt figures
 /// where it gave them. The provider bills what it generated.
-fn early_end_usage(
+async fn early_end_usage(
     tr: &Translator,
     req: &smartllm_protocol::ParsedRequest,
     partial_text: Option<String>,
@@ -212,8 +212,8 @@ fn early_end_usage(
     if let (true, Some(u)) = (tr.usage_final(), reported) {
         return (u, false);
     }
-    let generated = match &partial_text {
-        Some(text) => smartllm_ledger::estimate_tokens(text),
+    let generated = match partial_text {
+        Some(text) => estimate_tokens(text).await,
         None => tr.generated_estimate(),
     };
     // The tier the stream named, where the usage says none.
@@ -230,14 +230,14 @@ fn early_end_usage(
         _ => Usage {
             completion_tokens: reported.map_or(0, |u| u.completion_tokens).max(generated),
             tier: reported.map_or(tier, |u| u.tier),
-            ..estimate_usage(req, "")
+            ..estimate_usage(req, String::new()).await
         },
     };
     (usage, true)
 }
 
 /// Record [`early_end_usage`], from what `assembler` holds of the answer.
-fn bill_early_end(
+async fn bill_early_end(
     ctx: &mut Ctx,
     tr: &Translator,
     req: &smartllm_protocol::ParsedRequest,
@@ -246,7 +246,7 @@ fn bill_early_end(
     let partial = assembler
         .and_then(ChunkAssembler::finish)
         .map(|c| completion_text(&c));
-    let (usage, estimated) = early_end_usage(tr, req, partial);
+    let (usage, estimated) = early_end_usage(tr, req, partial).await;
     ctx.usage_estimated |= estimated;
     record_usage(ctx, Some(usage));
 }
@@ -462,7 +462,7 @@ pub(super) async fn relay(
             () = super::client_left(session, &mut ctx.client_unwatched) => {
                 ctx.upstream_wait += t.elapsed();
                 up.shutdown().await;
-                bill_early_end(ctx, &tr, req, assembler.take());
+                bill_early_end(ctx, &tr, req, assembler.take()).await;
                 return client_gone(ctx);
             }
             () = sleep_until(open_at) => {
@@ -471,7 +471,7 @@ pub(super) async fn relay(
                     streamed_bytes += h.events.len();
                     if h.open(session, ctx).await.is_err() {
                         up.shutdown().await;
-                        bill_early_end(ctx, &tr, req, assembler.take());
+                        bill_early_end(ctx, &tr, req, assembler.take()).await;
                         return client_gone(ctx);
                     }
                 }
@@ -525,7 +525,7 @@ pub(super) async fn relay(
                         streamed_bytes += h.events.len();
                         if h.open(session, ctx).await.is_err() {
                             up.shutdown().await;
-                            bill_early_end(ctx, &tr, req, assembler.take());
+                            bill_early_end(ctx, &tr, req, assembler.take()).await;
                             return client_gone(ctx);
                         }
                     }
@@ -536,7 +536,7 @@ pub(super) async fn relay(
                             // bill what was generated up to here (estimated when
                             // the upstream had not reported usage yet).
                             up.shutdown().await;
-                            bill_early_end(ctx, &tr, req, assembler.take());
+                            bill_early_end(ctx, &tr, req, assembler.take()).await;
                             return client_gone(ctx);
                         }
                     }
@@ -635,7 +635,7 @@ pub(super) async fn relay(
                 streamed_bytes += h.events.len();
                 if h.open(session, ctx).await.is_err() {
                     up.shutdown().await;
-                    bill_early_end(ctx, &tr, req, assembler.take());
+                    bill_early_end(ctx, &tr, req, assembler.take()).await;
                     return client_gone(ctx);
                 }
             }
@@ -647,7 +647,7 @@ pub(super) async fn relay(
         // Billed for what was generated before it broke off, an answer a
         // provider's error event cut as much as a broken connection. (An
         // error event before any answer, with no usage: nothing to bill.)
-        bill_early_end(ctx, &tr, req, assembler.take());
+        bill_early_end(ctx, &tr, req, assembler.take()).await;
     } else {
         record_usage(ctx, tr.usage());
     }
@@ -719,7 +719,7 @@ pub(super) async fn relay(
     if tr.usage().is_none() && failure.is_none() {
         // The upstream reported none: estimated as for a stream cut early.
         let text = assembled.as_ref().map(completion_text);
-        let (usage, _) = early_end_usage(&tr, req, text);
+        let (usage, _) = early_end_usage(&tr, req, text).await;
         ctx.usage_estimated = true;
         record_usage(ctx, Some(usage));
     }

@@ -30,19 +30,36 @@ pub(super) fn completion_text(v: &Value) -> String {
         .unwrap_or_default()
 }
 
-/// When an upstream reports no usage: count tokens ourselves (marked estimated).
-pub(super) fn estimate_usage(req: &ParsedRequest, completion: &str) -> Usage {
+/// When an upstream reports no usage: count tokens ourselves (marked
+/// estimated), on the blocking pool (a prompt of megabytes takes the
+/// tokenizer a good part of a second; the proxy's threads never wait on it).
+pub(super) async fn estimate_usage(req: &ParsedRequest, completion: String) -> Usage {
+    let prompt = smartllm_protocol::prompt::request_text(&req.body);
+    let embeddings = req.endpoint == Endpoint::Embeddings;
+    let (prompt_tokens, completion_tokens) = tokio::task::spawn_blocking(move || {
+        (
+            smartllm_ledger::estimate_tokens(&prompt),
+            if embeddings {
+                0
+            } else {
+                smartllm_ledger::estimate_tokens(&completion)
+            },
+        )
+    })
+    .await
+    .unwrap_or_default();
     Usage {
-        prompt_tokens: smartllm_ledger::estimate_tokens(&smartllm_protocol::prompt::request_text(
-            &req.body,
-        )),
-        completion_tokens: if req.endpoint == Endpoint::Embeddings {
-            0
-        } else {
-            smartllm_ledger::estimate_tokens(completion)
-        },
+        prompt_tokens,
+        completion_tokens,
         ..Usage::default()
     }
+}
+
+/// [`smartllm_ledger::estimate_tokens`] on the blocking pool.
+pub(super) async fn estimate_tokens(text: String) -> u64 {
+    tokio::task::spawn_blocking(move || smartllm_ledger::estimate_tokens(&text))
+        .await
+        .unwrap_or_default()
 }
 
 pub(super) fn record_usage(ctx: &mut Ctx, usage: Option<Usage>) {
