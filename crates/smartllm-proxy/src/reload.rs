@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use pingora_core::server::ShutdownWatch;
 use pingora_core::services::background::BackgroundService;
 use std::sync::Arc;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 use tokio::sync::mpsc;
 
 #[derive(Debug, Clone, Default)]
@@ -43,6 +43,38 @@ pub enum ReloadError {
     Prepare(crate::runtime::PrepareError),
     #[error("no provider key can be read ({0}): the reload would answer every request from the demo mock LLM, so the running config stays in force; fix the keys, or restart to run in demo mode")]
     WouldDemo(String),
+}
+
+impl ReloadError {
+    /// Whether the same files may load a moment later: an address that did
+    /// not resolve, a key or token file being replaced.
+    pub fn passing(&self) -> bool {
+        matches!(
+            self,
+            ReloadError::WouldDemo(_)
+                | ReloadError::Prepare(
+                    crate::runtime::PrepareError::Deployments { .. }
+                        | crate::runtime::PrepareError::AdminToken(_)
+                )
+        )
+    }
+}
+
+/// The first wait before a reload that failed for a passing reason is tried
+/// again; it doubles up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(5);
+const RETRY_MAX: Duration = Duration::from_secs(300);
+
+/// When to try again after `result` (a reload of changed files that failed
+/// for a passing reason), given the wait before it.
+fn next_retry(
+    result: &Result<ReloadOutcome, ReloadError>,
+    last: Option<Duration>,
+) -> Option<Duration> {
+    match result {
+        Err(e) if e.passing() => Some(last.map_or(RETRY_FIRST, |d| (d * 2).min(RETRY_MAX))),
+        _ => None,
+    }
 }
 
 /// Reload the config directory now.
@@ -228,21 +260,33 @@ impl BackgroundService for ReloadService {
         // A change (or a SIGHUP) while the gateway was starting, after it
         // read its config, had no one to act on it: look once now. An
         // unchanged directory costs a digest.
-        let _ = reload(&self.shared, "start").await;
+        // A reload that failed for a passing reason (an address that did not
+        // resolve) is tried again, later and later, until it applies, the
+        // files change to something else, or they fail for good.
+        let mut retry = next_retry(&reload(&self.shared, "start").await, None);
+        let mut retry_at = retry.map(|d| tokio::time::Instant::now() + d);
         loop {
-            tokio::select! {
+            let result = tokio::select! {
                 Some(()) = rx.recv() => {
                     // Let an editor finish writing (and coalesce bursts of
                     // events), as long as the running config says.
                     let debounce = self.shared.runtime.load().config.reload.debounce;
                     tokio::time::sleep(debounce).await;
                     while rx.try_recv().is_ok() {}
-                    let _ = reload(&self.shared, "watch").await;
+                    reload(&self.shared, "watch").await
                 }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => {
-                    let _ = reload(&self.shared, "sighup").await;
+                    reload(&self.shared, "sighup").await
+                }
+                _ = async { match retry_at { Some(at) => tokio::time::sleep_until(at).await, None => std::future::pending().await } } => {
+                    reload(&self.shared, "retry").await
                 }
                 _ = shutdown.changed() => break,
+            };
+            retry = next_retry(&result, retry);
+            retry_at = retry.map(|d| tokio::time::Instant::now() + d);
+            if let Some(d) = retry {
+                tracing::info!(in_secs = d.as_secs(), "the rejected reload failed for a passing reason; it is tried again");
             }
             // Watched files moved to another directory, or the config
             // directory's link to another one: watch that one instead.
@@ -297,4 +341,30 @@ fn version_bumps(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn passing_failures_are_retried_later_and_later() {
+        let passing: Result<ReloadOutcome, ReloadError> =
+            Err(ReloadError::WouldDemo("keys.txt".into()));
+        assert_eq!(next_retry(&passing, None), Some(RETRY_FIRST));
+        assert_eq!(
+            next_retry(&passing, Some(RETRY_FIRST)),
+            Some(RETRY_FIRST * 2)
+        );
+        assert_eq!(next_retry(&passing, Some(RETRY_MAX)), Some(RETRY_MAX));
+        // Applied, unchanged, or files that are wrong: no retry.
+        assert_eq!(
+            next_retry(&Ok(ReloadOutcome::Unchanged), Some(RETRY_FIRST)),
+            None
+        );
+        let open = Err(ReloadError::Prepare(
+            crate::runtime::PrepareError::AdminOpen("0.0.0.0:9090".parse().unwrap()),
+        ));
+        assert_eq!(next_retry(&open, None), None);
+    }
 }
