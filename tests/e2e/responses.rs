@@ -458,10 +458,12 @@ fn responses_pass_through_to_providers_that_speak_them() {
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.api_error()["code"], "upstream_not_found", "{}", r.text());
     // A failure mid-answer passes on as the provider sent it: the `error`
-    // event, then `response.failed`.
+    // event, then `response.failed` (sent apart, so the gateway reads them
+    // apart).
     let r = create(
         &gw,
-        &json!({"model": "native", "input": "[mock-fault:error-mid-stream] Tell a long story", "stream": true}),
+        &json!({"model": "native", "input": "[mock-fault:error-mid-stream] Tell a long story", "stream": true,
+            "mock": {"chunk_delay_ms": 40}}),
     );
     let names: Vec<String> = named_events(&r).into_iter().map(|(n, _)| n).collect();
     assert_eq!(

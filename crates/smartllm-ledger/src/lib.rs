@@ -743,6 +743,25 @@ fn writer(
         }
         next_flush = Instant::now() + interval;
         if stop {
+            // Records that came while the last write ran: written once
+            // more, or counted as dropped.
+            let mut late = Pending::default();
+            while let Ok(m) = rx.try_recv() {
+                if let Msg::Record(mut r) = m {
+                    tags.bound(&mut r);
+                    add(&mut late, &r);
+                }
+            }
+            let spilled =
+                std::mem::take(&mut *overflow.lock().unwrap_or_else(PoisonError::into_inner));
+            take_spilled(&mut late, &mut tags, spilled);
+            if !late.is_empty() {
+                let n = late.totals()[REQUESTS];
+                if let Err(e) = flush(&store, &mut late) {
+                    metrics::counter!(METRIC_DROPPED).increment(n);
+                    tracing::error!(error = %e, requests = n, "writing the cost ledger's last records failed at stop; they are lost");
+                }
+            }
             return;
         }
     }

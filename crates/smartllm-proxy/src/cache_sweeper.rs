@@ -60,7 +60,12 @@ impl BackgroundService for CacheSweeper {
 /// when the policy the lookup would apply says another version. The lookup
 /// resolves a routed alias's policy by the alias (its answers are cached
 /// under it, whichever model served them), a fixed one's by its model.
-fn outdated(config: &smartllm_config::Config, route: &str, model: &str, version: u32) -> bool {
+pub(crate) fn outdated(
+    config: &smartllm_config::Config,
+    route: &str,
+    model: &str,
+    version: u32,
+) -> bool {
     policy(config, route, model).version != version
 }
 

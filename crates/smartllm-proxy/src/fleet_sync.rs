@@ -501,10 +501,6 @@ impl FleetSync {
         let _gone = Gone(&self.publisher_gone);
         let mut conn: Option<MultiplexedConnection> = None;
         let mut backoff = Duration::from_millis(100);
-        // The cache versions this publisher has sent: a version bump goes
-        // out before inserts queued ahead of it, and those of an older
-        // version are dropped rather than seed snapshot hashes nobody serves.
-        let mut versions_sent: HashMap<String, u32> = HashMap::new();
         loop {
             let event = tokio::select! {
                 biased;
@@ -522,8 +518,13 @@ impl FleetSync {
             // only when the refusal is final (not Redis loading its data,
             // a replica, out of memory or busy for a while).
             let control_event = !matches!(event, CacheEvent::Insert(_));
+            // A version bump goes out before inserts queued ahead of it:
+            // those of a version the running config no longer serves are
+            // dropped rather than seed snapshot hashes nobody reads.
             if let CacheEvent::Insert(s) = &event {
-                if outdated(&s.entry, &versions_sent, &named_policies(&shared)) {
+                let e = &s.entry;
+                let rt = shared.runtime.load();
+                if crate::cache_sweeper::outdated(&rt.config, &e.route, &e.model, e.version) {
                     count("cache_publish", "outdated");
                     continue;
                 }
@@ -591,10 +592,6 @@ impl FleetSync {
             }
             if control_event {
                 self.control_sent(1);
-            }
-            if let CacheEvent::Version { name, version } = &event {
-                let v = versions_sent.entry(name.clone()).or_default();
-                *v = (*v).max(*version);
             }
         }
     }
@@ -1182,18 +1179,6 @@ fn named_policies(shared: &Shared) -> BTreeSet<String> {
         .collect()
 }
 
-/// Whether an entry is of an older cache version than one already sent
-/// for its route or model (or the defaults).
-fn outdated(
-    e: &smartllm_cache::Entry,
-    versions_sent: &HashMap<String, u32>,
-    named: &BTreeSet<String>,
-) -> bool {
-    versions_sent
-        .iter()
-        .any(|(name, v)| e.version < *v && covered(name, &e.route, &e.model, named))
-}
-
 /// Whether a version change of `name` covers an entry of this route and
 /// model (`*`: those with no policy of their own among `named`).
 fn covered(name: &str, route: &str, model: &str, named: &BTreeSet<String>) -> bool {
@@ -1524,34 +1509,6 @@ mod tests {
         assert!(!covered("auto", "other", "m", &named));
         assert!(covered("*", "other", "m", &named));
         assert!(!covered("*", "auto", "m", &named));
-    }
-
-    #[test]
-    fn inserts_of_a_version_already_bumped_are_outdated() {
-        let named: BTreeSet<String> = ["auto".to_string()].into();
-        let entry = |route: &str, version: u32| smartllm_cache::Entry {
-            id: 1,
-            namespace: "ns".into(),
-            exact: "q".into(),
-            query: "q".into(),
-            response: "{}".into(),
-            route: route.into(),
-            model: "m".into(),
-            created_at: 1,
-            expires_at: 2,
-            version,
-            asked_ms: None,
-        };
-        let mut sent = HashMap::new();
-        assert!(!outdated(&entry("auto", 1), &sent, &named));
-        sent.insert("auto".to_string(), 2);
-        assert!(outdated(&entry("auto", 1), &sent, &named));
-        assert!(!outdated(&entry("auto", 2), &sent, &named));
-        // Another route keeps the defaults' version.
-        assert!(!outdated(&entry("faq", 1), &sent, &named));
-        sent.insert("*".to_string(), 3);
-        assert!(outdated(&entry("faq", 2), &sent, &named));
-        assert!(!outdated(&entry("auto", 2), &sent, &named));
     }
 
     #[test]

@@ -286,7 +286,10 @@ impl BackgroundService for ReloadService {
             retry = next_retry(&result, retry);
             retry_at = retry.map(|d| tokio::time::Instant::now() + d);
             if let Some(d) = retry {
-                tracing::info!(in_secs = d.as_secs(), "the rejected reload failed for a passing reason; it is tried again");
+                tracing::info!(
+                    in_secs = d.as_secs(),
+                    "the rejected reload failed for a passing reason; it is tried again"
+                );
             }
             // Watched files moved to another directory, or the config
             // directory's link to another one: watch that one instead.

@@ -54,7 +54,14 @@ pub fn costs_cmd(
     csv: bool,
     fleet: bool,
 ) -> anyhow::Result<()> {
-    let scope = if fleet { "&scope=fleet" } else { "" };
+    // As many rows as the admin API gives; beyond them, the cheapest are
+    // summed into one `(other)` row, which is said.
+    let scope = if fleet {
+        "&scope=fleet&limit=10000"
+    } else {
+        "&limit=10000"
+    };
+    let cut = "note: more rows than the admin API's limit (10000); the cheapest are summed in the (other) row";
     if csv {
         // The gateway's own CSV (every counter, RFC 4180 quoting).
         let body = admin_call(
@@ -63,6 +70,13 @@ pub fn costs_cmd(
             &format!("/admin/costs?since={since}&group_by={by}&format=csv{scope}"),
         )?;
         print!("{body}");
+        if body
+            .lines()
+            .last()
+            .is_some_and(|l| l.starts_with("(other)"))
+        {
+            eprintln!("{cut}");
+        }
         return Ok(());
     }
     let body = admin_call(
@@ -114,5 +128,8 @@ pub fn costs_cmd(
         v["from"].as_str().unwrap_or("?"),
         v["to"].as_str().unwrap_or("?")
     );
+    if v["truncated"] == true {
+        eprintln!("{cut}");
+    }
     Ok(())
 }

@@ -252,11 +252,11 @@ pub(super) async fn once(
         // access, a misspelt model): no fault of the client's, whose SDK
         // would read a 401 as its own key being wrong. Another deployment or
         // fallback may serve; the deployment's circuit counts it. (A 404 of
-        // a provider that speaks Responses about the client's own
-        // `previous_response_id` is passed on.)
+        // a provider that speaks Responses about what the client named, its
+        // `previous_response_id` or a file, is passed on.)
         let refused = matches!(status, 401 | 403)
             || (status == 404
-                && !(x.translate == Translate::ResponsesNative && names_previous_response(&body)));
+                && !(x.translate == Translate::ResponsesNative && about_the_request(&body)));
         if refused {
             let msg = serde_json::from_slice::<Value>(&body)
                 .ok()
@@ -385,12 +385,19 @@ fn openai_error_body(status: u16, pname: &str, body: &[u8]) -> Vec<u8> {
     e.body()
 }
 
-/// Whether an OpenAI error body is about the request's `previous_response_id`
-/// (the client's own state, not the deployment's configuration).
-fn names_previous_response(body: &[u8]) -> bool {
+/// Whether an OpenAI 404 body is about something the request named (a
+/// parameter, or an error code other than an unknown model): the client's,
+/// not the deployment's configuration. A 404 without either (an unknown
+/// model, a wrong base URL's page) is the deployment's.
+fn about_the_request(body: &[u8]) -> bool {
     serde_json::from_slice::<Value>(body).is_ok_and(|v| {
-        v["error"]["code"] == smartllm_protocol::responses::PREVIOUS_RESPONSE_NOT_FOUND
-            || v["error"]["param"] == "previous_response_id"
+        let e = &v["error"];
+        e["param"]
+            .as_str()
+            .is_some_and(|p| !p.is_empty() && p != "model")
+            || e["code"]
+                .as_str()
+                .is_some_and(|c| !c.is_empty() && c != "model_not_found")
     })
 }
 
@@ -482,13 +489,19 @@ mod tests {
     }
 
     #[test]
-    fn only_a_404_about_the_previous_response_is_the_clients() {
-        assert!(super::names_previous_response(
+    fn only_a_404_about_what_the_request_named_is_the_clients() {
+        assert!(super::about_the_request(
             br#"{"error":{"code":"previous_response_not_found","param":"previous_response_id"}}"#
         ));
-        assert!(!super::names_previous_response(
-            br#"{"error":{"code":"model_not_found","message":"The model does not exist"}}"#
+        assert!(super::about_the_request(
+            br#"{"error":{"message":"No such File object: file-x","param":"file_id","code":null}}"#
         ));
-        assert!(!super::names_previous_response(b"not json"));
+        assert!(!super::about_the_request(
+            br#"{"error":{"code":"model_not_found","param":null,"message":"The model does not exist"}}"#
+        ));
+        assert!(!super::about_the_request(
+            br#"{"error":{"message":"mock-llm injected status 404","param":null,"code":null}}"#
+        ));
+        assert!(!super::about_the_request(b"<html>Not Found</html>"));
     }
 }

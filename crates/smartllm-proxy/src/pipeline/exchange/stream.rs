@@ -259,6 +259,10 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
+/// How long a Responses stream's end (`response.failed`) is waited for
+/// after its `error` event.
+const AFTER_ERROR: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The client's `200` and the events before the answer began, not yet sent.
 struct Held {
     header: Box<pingora_http::ResponseHeader>,
@@ -452,10 +456,17 @@ pub(super) async fn relay(
         // A held stream opens after `Held::TIME` even while the provider is
         // silent (a model thinking before its first word).
         let open_at = held.as_ref().map(|h| h.since + Held::TIME);
+        // After a Responses stream's `error` event, its `response.failed`
+        // comes at once or not at all: a short wait, not `idle_timeout`.
+        let wait = if tr.upstream_error().is_some() {
+            idle.min(AFTER_ERROR)
+        } else {
+            idle
+        };
         let r = tokio::select! {
             biased;
             r = pingora_timeout::timeout(
-                idle.saturating_sub(last_bytes.elapsed()),
+                wait.saturating_sub(last_bytes.elapsed()),
                 up.read_response_body()
             ) => r,
             // The client left during a silent stretch (a model thinking).
@@ -590,6 +601,11 @@ pub(super) async fn relay(
                         ),
                     ),
                 ));
+            }
+            // The provider's error event (which the client has) and no
+            // end after it: failed with it.
+            Err(_) if tr.upstream_error().is_some() => {
+                break Some((StreamEnd::UpstreamError, stream_error(x, &tr, false)));
             }
             Err(_) => {
                 break Some((

@@ -36,6 +36,11 @@ pub(super) fn completion_text(v: &Value) -> String {
 pub(super) async fn estimate_usage(req: &ParsedRequest, completion: String) -> Usage {
     let prompt = smartllm_protocol::prompt::request_text(&req.body);
     let embeddings = req.endpoint == Endpoint::Embeddings;
+    // Should the count fail, about 4 bytes a token, never nothing.
+    let rough = (
+        by_bytes(&prompt),
+        if embeddings { 0 } else { by_bytes(&completion) },
+    );
     let (prompt_tokens, completion_tokens) = tokio::task::spawn_blocking(move || {
         (
             smartllm_ledger::estimate_tokens(&prompt),
@@ -47,7 +52,10 @@ pub(super) async fn estimate_usage(req: &ParsedRequest, completion: String) -> U
         )
     })
     .await
-    .unwrap_or_default();
+    .unwrap_or_else(|e| {
+        tracing::warn!(error = %e, "counting tokens failed; estimated from bytes");
+        rough
+    });
     Usage {
         prompt_tokens,
         completion_tokens,
@@ -57,9 +65,18 @@ pub(super) async fn estimate_usage(req: &ParsedRequest, completion: String) -> U
 
 /// [`smartllm_ledger::estimate_tokens`] on the blocking pool.
 pub(super) async fn estimate_tokens(text: String) -> u64 {
+    let rough = by_bytes(&text);
     tokio::task::spawn_blocking(move || smartllm_ledger::estimate_tokens(&text))
         .await
-        .unwrap_or_default()
+        .unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "counting tokens failed; estimated from bytes");
+            rough
+        })
+}
+
+/// About 4 bytes a token.
+fn by_bytes(text: &str) -> u64 {
+    (text.len() as u64).div_ceil(4)
 }
 
 pub(super) fn record_usage(ctx: &mut Ctx, usage: Option<Usage>) {
