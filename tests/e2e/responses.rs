@@ -10,16 +10,18 @@ use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use smartllm_e2e::*;
 
-/// Models `small` (OpenAI chat), `claude` (Anthropic) and `native` (a
-/// provider that speaks Responses); the cache on; keys for tenants acme and beta.
+/// Models `small` (OpenAI chat), `claude` (Anthropic), `native` (a
+/// provider that speaks Responses) and `native2` (two accounts of one that
+/// does, `resp-mock` and `resp-mock-b`); the cache on; keys for tenants
+/// acme and beta.
 fn gateway() -> (Mock, Gateway) {
     let mock = Mock::start(&["--words", "12"]);
     let providers = format!(
-        "providers:\n{}  claude-mock:\n    kind: anthropic\n    base_url: http://{1}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n  resp-mock:\n    kind: openai\n    base_url: http://{1}/v1\n    responses: true\n",
+        "providers:\n{}  claude-mock:\n    kind: anthropic\n    base_url: http://{1}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n  resp-mock:\n    kind: openai\n    base_url: http://{1}/v1\n    responses: true\n  resp-mock-b:\n    kind: openai\n    base_url: http://{1}/v1\n    responses: true\n    api_key_env: TEST_RESP_B_KEY\n",
         mock_provider("mock", &mock),
         mock.addr
     );
-    let models = "models:\n  - name: small\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: native\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n";
+    let models = "models:\n  - name: small\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: native\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n  - name: native2\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n      - provider: resp-mock-b\n        model: gpt-native\n";
     let cfg = ConfigDir::new(
         "",
         "demo:\n  mode: off\n",
@@ -36,7 +38,13 @@ fn gateway() -> (Mock, Gateway) {
             sha("sk-resp-b")
         ),
     );
-    let gw = Gateway::start_with_env(cfg, &[("TEST_ANTHROPIC_KEY", "sk-ant-provider-1234")]);
+    let gw = Gateway::start_with_env(
+        cfg,
+        &[
+            ("TEST_ANTHROPIC_KEY", "sk-ant-provider-1234"),
+            ("TEST_RESP_B_KEY", "sk-resp-b-provider-5678"),
+        ],
+    );
     (mock, gw)
 }
 
@@ -484,6 +492,42 @@ fn responses_pass_through_to_providers_that_speak_them() {
         v["response"]["incomplete_details"]["reason"],
         "max_output_tokens"
     );
+}
+
+/// A provider's account keeps the conversations it answered: a follow-up
+/// goes to a deployment of that provider, not round the model's others.
+#[test]
+fn a_follow_up_goes_to_the_provider_that_keeps_the_conversation() {
+    let (mock, gw) = gateway();
+    let account = |m: &Mock| m.last()["headers"]["authorization"].clone();
+    // Both accounts answer the model in turn.
+    let mut seen = std::collections::HashSet::new();
+    let mut firsts = Vec::new();
+    for i in 0..4 {
+        let r = create(
+            &gw,
+            &json!({"model": "native2", "input": format!("Start {i}")}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        seen.insert(account(&mock).to_string());
+        firsts.push((r.json()["id"].clone(), account(&mock)));
+    }
+    assert_eq!(seen.len(), 2, "both deployments serve: {seen:?}");
+    for (id, first) in firsts {
+        for _ in 0..2 {
+            let r = create(
+                &gw,
+                &json!({"model": "native2", "previous_response_id": id, "input": "Go on"}),
+            );
+            assert_eq!(r.status, 200, "{}", r.text());
+            assert_eq!(mock.last()["json"]["previous_response_id"], id);
+            assert_eq!(
+                account(&mock),
+                first,
+                "the follow-up of {id} changed account"
+            );
+        }
+    }
 }
 
 #[test]

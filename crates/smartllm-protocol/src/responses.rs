@@ -168,6 +168,11 @@ pub struct ResponsesRequest {
     /// the gateway does not keep is another tenant's, or none: a 404,
     /// never sent to a provider whose key all tenants share.
     pub native_owned: bool,
+    /// The provider that answered the response `previous_response_id`
+    /// names (when [`Self::native_owned`] and known): its account keeps the
+    /// conversation, so the follow-up goes to a deployment of that provider
+    /// where the model has one.
+    pub native_provider: Option<String>,
     /// A Responses feature the translation to Chat Completions cannot carry
     /// (a built-in tool, `background`, an item reference, ...): a provider
     /// that speaks Responses takes the request as sent; any other gets this
@@ -247,6 +252,7 @@ pub fn parse(
             previous_response_id,
             previous,
             native_owned: false,
+            native_provider: None,
             untranslatable,
         })),
     })

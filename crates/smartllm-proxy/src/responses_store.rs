@@ -140,20 +140,28 @@ impl ResponsesStore {
         self.queue(tasks, key(tenant, stored.id()), Some(Arc::new(stored)));
     }
 
-    /// Remember that a provider speaking Responses gave `tenant` the
+    /// Remember that `provider` (speaking Responses) gave `tenant` the
     /// response `id` (kept as long as a stored conversation): only `tenant`
-    /// may continue it (`previous_response_id`).
-    pub fn own(&self, tasks: &TaskTracker, tenant: &str, id: &str) {
+    /// may continue it (`previous_response_id`), and on that provider (its
+    /// account keeps the conversation).
+    pub fn own(&self, tasks: &TaskTracker, tenant: &str, id: &str, provider: &str) {
         let marker = StoredResponse {
-            response: serde_json::json!({"id": id, "object": "response"}),
+            response: serde_json::json!({"id": id, "object": "response", "provider": provider}),
             messages: Vec::new(),
         };
         self.queue(tasks, key(&owner(tenant), id), Some(Arc::new(marker)));
     }
 
     /// Did a provider speaking Responses give `tenant` the response `id`?
-    pub async fn owns(&self, tenant: &str, id: &str) -> bool {
-        self.load(&owner(tenant), id).await.is_some()
+    /// Which one (none for a marker written before providers were kept).
+    pub async fn owner_of(&self, tenant: &str, id: &str) -> Option<Option<String>> {
+        let marker = self.load(&owner(tenant), id).await?;
+        Some(
+            marker.response["provider"]
+                .as_str()
+                .filter(|p| !p.is_empty())
+                .map(str::to_string),
+        )
     }
 
     /// Remove the stored response `id` of `tenant`; whether it was there.

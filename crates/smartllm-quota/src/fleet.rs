@@ -509,13 +509,31 @@ impl Fleet {
         Ok(())
     }
 
-    /// Did some gateway [`Fleet::mark`] it (and it has not expired)?
-    pub async fn marked(&self, kind: &str, id: &str) -> Result<bool, FleetError> {
+    /// [`Fleet::mark`] with a value, read back by [`Fleet::mark_of`].
+    pub async fn mark_with(
+        &self,
+        kind: &str,
+        id: &str,
+        value: &str,
+        ttl_secs: u64,
+    ) -> Result<(), FleetError> {
         let mut conn = self.conn().await?;
-        let mut cmd = redis::cmd("EXISTS");
+        let mut cmd = redis::cmd("SET");
+        cmd.arg(self.key(kind, id))
+            .arg(value)
+            .arg("EX")
+            .arg(ttl_secs);
+        let _: Option<String> = self.run("mark", cmd.query_async(&mut conn)).await?;
+        Ok(())
+    }
+
+    /// The value of a mark (`1` for [`Fleet::mark`]'s), if some gateway
+    /// made it and it has not expired.
+    pub async fn mark_of(&self, kind: &str, id: &str) -> Result<Option<String>, FleetError> {
+        let mut conn = self.conn().await?;
+        let mut cmd = redis::cmd("GET");
         cmd.arg(self.key(kind, id));
-        let n: i64 = self.run("marked", cmd.query_async(&mut conn)).await?;
-        Ok(n > 0)
+        self.run("marked", cmd.query_async(&mut conn)).await
     }
 
     pub async fn claim(&self, id: &str, ttl_secs: u64) -> Result<bool, FleetError> {

@@ -39,15 +39,16 @@ pub async fn parse(
     if let Some(p) = &previous {
         ctx.prompt_bytes += p.history_bytes();
     }
-    let owned = match (
+    let owner = match (
         &previous,
         proto::previous_response_id(&map),
         &shared.responses,
     ) {
-        (None, Some(id), Some(r)) => {
-            r.owns(&ctx.tenant, id).await || fleet_owns(shared, ctx, id).await
-        }
-        _ => false,
+        (None, Some(id), Some(r)) => match r.owner_of(&ctx.tenant, id).await {
+            Some(provider) => Some(provider),
+            None => fleet_owner(shared, ctx, id).await,
+        },
+        _ => None,
     };
     // Item references and conversations name state a provider keeps for
     // every tenant under the gateway's one key: whose they are cannot be
@@ -61,18 +62,21 @@ pub async fn parse(
     }
     let mut req = proto::parse(endpoint, map, raw, previous, new_id())?;
     if let Some(r) = req.responses.as_mut() {
-        r.native_owned = owned;
+        r.native_owned = owner.is_some();
+        r.native_provider = owner.flatten();
     }
     Ok(req)
 }
 
 /// A provider speaking Responses answered `id` for this request's tenant:
-/// remember whose it is, so that only they can continue it (in the fleet's
-/// Redis too, when there is one: a follow-up may reach another gateway).
+/// remember whose it is, so that only they can continue it, and which
+/// provider keeps it (in the fleet's Redis too, when there is one: a
+/// follow-up may reach another gateway).
 pub fn own(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, id: &str) {
     let stored = req.responses.as_deref().is_some_and(|r| r.store);
     if let (true, Some(store)) = (stored, &shared.responses) {
-        store.own(&shared.tasks, &ctx.tenant, id);
+        let provider = ctx.provider.clone().unwrap_or_default();
+        store.own(&shared.tasks, &ctx.tenant, id, &provider);
         if let Some(fleet) = ctx
             .rt
             .as_ref()
@@ -81,7 +85,10 @@ pub fn own(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, id: &str) {
             let key = owner_key(&ctx.tenant, id);
             shared.tasks.spawn(async move {
                 let ttl = crate::responses_store::TTL_SECS;
-                if let Err(e) = fleet.mark("response-owner", &key, ttl).await {
+                if let Err(e) = fleet
+                    .mark_with("response-owner", &key, &format!("p:{provider}"), ttl)
+                    .await
+                {
                     tracing::warn!(error = %e, "recording a response's owner in the fleet failed; follow-ups reaching other gateways get 404");
                 }
             });
@@ -100,19 +107,24 @@ fn owner_key(tenant: &str, id: &str) -> String {
     hex::encode(h.finalize())
 }
 
-/// Did another gateway of the fleet give `ctx`'s tenant the response `id`?
-async fn fleet_owns(shared: &Shared, ctx: &Ctx, id: &str) -> bool {
-    let Some(fleet) = ctx
+/// Did another gateway of the fleet give `ctx`'s tenant the response `id`,
+/// and from which provider (none when the marker does not say)?
+async fn fleet_owner(shared: &Shared, ctx: &Ctx, id: &str) -> Option<Option<String>> {
+    let fleet = ctx
         .rt
         .as_ref()
-        .and_then(|rt| shared.quotas.fleet(&rt.config.fleet))
-    else {
-        return false;
-    };
-    fleet
-        .marked("response-owner", &owner_key(&ctx.tenant, id))
+        .and_then(|rt| shared.quotas.fleet(&rt.config.fleet))?;
+    let value = fleet
+        .mark_of("response-owner", &owner_key(&ctx.tenant, id))
         .await
-        .unwrap_or(false)
+        .ok()
+        .flatten()?;
+    Some(
+        value
+            .strip_prefix("p:")
+            .filter(|p| !p.is_empty())
+            .map(str::to_string),
+    )
 }
 
 /// The parameter of a reference to state a provider keeps (`conversation`,

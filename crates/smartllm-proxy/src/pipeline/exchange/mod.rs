@@ -178,11 +178,19 @@ pub async fn run(
         // one address (two organisations' keys on one provider) are two
         // chances; a host with several addresses is as many.
         let total_slots = pool.deployment_slots();
+        // A follow-up of a response a provider keeps goes to that provider
+        // (its account holds the conversation) where the model has one.
+        let pin = req
+            .responses
+            .as_deref()
+            .and_then(|r| r.native_provider.as_deref())
+            .filter(|p| pool.deployments.iter().any(|d| d.provider.name() == *p));
         let mut tried: Vec<(pingora_core::protocols::l4::socket::SocketAddr, usize)> = Vec::new();
         for attempt in 0..attempts {
             let open =
                 |b: &pingora_load_balancing::Backend, i: usize, id: &str, d: &DeploymentRuntime| {
-                    !tried.iter().any(|(a, j)| *j == i && *a == b.addr)
+                    pin.is_none_or(|p| d.provider.name() == p)
+                        && !tried.iter().any(|(a, j)| *j == i && *a == b.addr)
                         && shared
                             .breakers
                             .is_available(id, &d.provider.cfg.circuit_breaker)
