@@ -883,7 +883,34 @@ impl Quotas {
         model: &str,
         estimate: impl Into<Estimate>,
     ) -> BudgetDecision {
-        let estimate = estimate.into();
+        self.budget_with(config, scope, model, estimate.into(), false)
+            .await
+    }
+
+    /// [`Quotas::budget`] for a request a degrade budget already sent to
+    /// the cheaper `model`: every degrade budget is met by that (one step
+    /// only), and every `reject` budget still applies and holds. (Checked
+    /// as for any model, a second exceeded degrade budget would hide a
+    /// tenant's exhausted `reject` budget behind it.)
+    pub async fn budget_degraded(
+        self: &Arc<Self>,
+        config: &Config,
+        scope: Scope<'_>,
+        model: &str,
+        estimate: impl Into<Estimate>,
+    ) -> BudgetDecision {
+        self.budget_with(config, scope, model, estimate.into(), true)
+            .await
+    }
+
+    async fn budget_with(
+        self: &Arc<Self>,
+        config: &Config,
+        scope: Scope<'_>,
+        model: &str,
+        estimate: Estimate,
+        degraded: bool,
+    ) -> BudgetDecision {
         let budgets = &config.keys.budgets;
         if budgets.is_empty() {
             return BudgetDecision::Within(None);
@@ -895,9 +922,12 @@ impl Quotas {
         // A degrade budget whose target is this model is met by serving
         // it; every other budget still applies.
         let degraded_to_this = |b: &Budget| match &b.on_exceed {
-            OnExceed::Degrade(target) => config
-                .resolve_model(target)
-                .is_some_and(|(m, _)| m.name == model),
+            OnExceed::Degrade(target) => {
+                degraded
+                    || config
+                        .resolve_model(target)
+                        .is_some_and(|(m, _)| m.name == model)
+            }
             OnExceed::Reject => false,
         };
         let (budget, ex) = match self
@@ -1377,6 +1407,41 @@ mod tests {
         );
         let _second = quotas.budget(&cfg, ACME, "cheap", 0.4).await;
         match quotas.budget(&cfg, ACME, "cheap", 0.4).await {
+            BudgetDecision::Reject(Refusal::BudgetExceeded(e)) => {
+                assert_eq!(e.budget, "tenant:acme", "{e:?}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// A second exhausted degrade budget (its target another model) never
+    /// hides an exhausted `reject` budget from a degraded request.
+    #[tokio::test]
+    async fn a_degraded_request_meets_every_reject_budget() {
+        let mut cfg = crate::test_support::config();
+        let app = Budget {
+            scope: smartllm_config::BudgetScope::App,
+            name: "acme/web".into(),
+            ..budget(OnExceed::Degrade("cheap".into()), None)
+        };
+        let key = Budget {
+            scope: smartllm_config::BudgetScope::Key,
+            name: "k".into(),
+            ..budget(OnExceed::Degrade("dear".into()), None)
+        };
+        let tenant = Budget {
+            daily_usd: Some(2.0),
+            ..budget(OnExceed::Reject, None)
+        };
+        cfg.keys.budgets = vec![app, key, tenant];
+        let (quotas, _alerts) = Quotas::new(4);
+        let quotas = Arc::new(quotas);
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 2.0);
+        assert!(matches!(
+            quotas.budget(&cfg, ACME, "dear", 0.1).await,
+            BudgetDecision::Degrade { ref model, .. } if model == "cheap"
+        ));
+        match quotas.budget_degraded(&cfg, ACME, "cheap", 0.1).await {
             BudgetDecision::Reject(Refusal::BudgetExceeded(e)) => {
                 assert_eq!(e.budget, "tenant:acme", "{e:?}");
             }

@@ -161,10 +161,11 @@ impl Limiter {
         if let Some((secs, what)) = wait {
             return Err(rate_limited(secs, what));
         }
+        // (Through `entry`: a sweep while checking a later limit may have
+        // taken a bucket just made full for an earlier one.)
         for (c, _) in planned {
-            if let Some(b) = buckets.map.get_mut(&c.id) {
-                take(b, c.per_minute, c.cost, now);
-            }
+            let b = buckets.entry(&c.id, c.per_minute, now);
+            take(b, c.per_minute, c.cost, now);
         }
         Ok(())
     }
@@ -318,6 +319,31 @@ mod bound_tests {
         assert!(l.apply_at(&plan(&debt, 0).unwrap(), later).is_err());
         l.sweep_at(later + Duration::from_secs(61));
         assert_eq!(l.len(), 0);
+    }
+
+    /// A sweep while checking a request's second limit (a key and its app,
+    /// both new) never lets its first go uncharged.
+    #[test]
+    fn a_sweep_between_a_requests_limits_charges_them_all() {
+        let rpm = |n| Limits {
+            requests_per_minute: Some(n),
+            tokens_per_minute: None,
+        };
+        let l = Limiter::default();
+        let t0 = Instant::now();
+        for i in 0..SWEEP_AT - 1 {
+            let s = scopes(&[(&format!("key 'k{i}'"), rpm(60))]);
+            l.apply_at(&plan(&s, 0).unwrap(), t0).unwrap();
+        }
+        // A minute later all are full again: the key's new bucket fills the
+        // map, and the app's sweeps it, the key's (new, full) with the rest.
+        let later = t0 + Duration::from_secs(61);
+        let both = scopes(&[("key 'one'", rpm(1)), ("app 'a/b'", rpm(100))]);
+        l.apply_at(&plan(&both, 0).unwrap(), later).unwrap();
+        assert!(
+            l.apply_at(&plan(&both, 0).unwrap(), later).is_err(),
+            "the key's one request a minute was charged"
+        );
     }
 }
 

@@ -134,16 +134,16 @@ pub async fn plan(
                 );
                 ctx.route_reason = "budget".into();
                 ctx.set_model(&model.name);
-                // The cheaper model still meets the scope's other budgets,
-                // and holds its own estimate.
+                // The cheaper model still meets the scope's `reject`
+                // budgets, and holds its own estimate (degrade budgets: one
+                // step only).
                 match shared
                     .quotas
-                    .budget(cfg, ctx.scope(), &model.name, estimate(model))
+                    .budget_degraded(cfg, ctx.scope(), &model.name, estimate(model))
                     .await
                 {
                     BudgetDecision::Within(hold) => ctx.budget_hold = hold,
                     BudgetDecision::Reject(r) => return Err(super::refusal(r)),
-                    // Another budget degrades it further: one step only.
                     BudgetDecision::Degrade { .. } => {}
                 }
             }
