@@ -670,9 +670,12 @@ impl Budgets {
                         Some(v) => self.set(id, v + self.unsynced(id)),
                         None => {
                             // This gateway's figure holds what it could not
-                            // send: seeded, it is sent.
+                            // send: seeded, it is sent. (When another
+                            // gateway's seed came first, it is sent below
+                            // with the rest this gateway could not send.)
                             let mine = self.get(id);
-                            if mine > 0.0 && f.seed_spend(id, mine, *ttl).await.is_ok() {
+                            if mine > 0.0 && matches!(f.seed_spend(id, mine, *ttl).await, Ok(true))
+                            {
                                 self.forget_unsynced(id);
                             }
                         }

@@ -347,8 +347,9 @@ impl Fleet {
     }
 
     /// Start a counter Redis does not have yet from this gateway's own ledger
-    /// (when Redis was empty: a new deployment, or data lost).
-    pub async fn seed_spend(&self, id: &str, usd: f64, ttl_secs: u64) -> Result<(), FleetError> {
+    /// (when Redis was empty: a new deployment, or data lost); whether this
+    /// gateway's figure started it (another gateway's may have first).
+    pub async fn seed_spend(&self, id: &str, usd: f64, ttl_secs: u64) -> Result<bool, FleetError> {
         let mut conn = self.conn().await?;
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key("spend", id))
@@ -356,8 +357,8 @@ impl Fleet {
             .arg("NX")
             .arg("EX")
             .arg(ttl_secs);
-        let _: Option<String> = self.run("seed", cmd.query_async(&mut conn)).await?;
-        Ok(())
+        let set: Option<String> = self.run("seed", cmd.query_async(&mut conn)).await?;
+        Ok(set.is_some())
     }
 
     /// Add `usd` to each `(id, ttl, usd)` counter; the fleet's new totals.

@@ -154,8 +154,15 @@ pub async fn admit(
     .await?;
     ctx.request_bytes = body.len();
     ctx.prompt_bytes = body.len();
-    // Rate limits: one request and the estimated prompt (about 4 bytes a token).
-    rate_limit(shared, rt, ctx, (body.len() as u64).div_ceil(4)).await?;
+    // Rate limits: one request and the estimated prompt (about 4 bytes a
+    // token; inline image data counted per image, not per byte).
+    rate_limit(
+        shared,
+        rt,
+        ctx,
+        smartllm_quota::images::estimate_body_tokens(&body),
+    )
+    .await?;
     Ok(Admitted::Api { endpoint, body })
 }
 
