@@ -14,9 +14,10 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
     cfg.write(
         "keys.yaml",
         &format!(
-            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 3 }}\n  - name: carol\n    sha256: {}\n    tenant: acme\n    app: batch\napps:\n  acme/batch:\n    limits: {{ tokens_per_minute: 2000 }}\n",
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 3 }}\n  - name: carol\n    sha256: {}\n    tenant: acme\n    app: batch\n  - name: dave\n    sha256: {}\n    tenant: acme\n    app: vision\n    limits: {{ tokens_per_minute: 2000 }}\napps:\n  acme/batch:\n    limits: {{ tokens_per_minute: 2000 }}\n",
             sha("sk-alice-1"),
-            sha("sk-carol-3")
+            sha("sk-carol-3"),
+            sha("sk-dave-4")
         ),
     );
     let gw = Gateway::start(cfg);
@@ -78,6 +79,26 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
     let huge = chat_body("small", &"word ".repeat(3000));
     let r = ask(&gw, "sk-carol-3", &huge);
     assert_eq!(r.api_error()["code"], "request_too_large_for_limit");
+    // An estimate above the real usage is given back: an inline image is
+    // estimated at 1,600 tokens before it runs, the mock reports a few, so
+    // two in a row fit dave's 2,000 a minute (before, the second got 429).
+    // (The give-back runs as the answer's last byte leaves, so the next
+    // request may come a moment before it; without it the bucket would
+    // take 40 s to refill.)
+    let image = |i: usize| {
+        json!({"model": "small", "max_tokens": 5, "messages": [{"role": "user", "content": [
+            {"type": "text", "text": format!("What is in picture {i}?")},
+            {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{}", "iVBORw0KGgo".repeat(200))}}]}]})
+    };
+    assert_eq!(ask(&gw, "sk-dave-4", &image(0)).status, 200);
+    for i in 1..3 {
+        assert!(
+            wait_until(Duration::from_secs(2), || ask(&gw, "sk-dave-4", &image(i))
+                .status
+                == 200),
+            "image request {i} refused: the estimate was not given back"
+        );
+    }
     // Limits change with a reload: lift alice's.
     gw.config.write(
         "keys.yaml",

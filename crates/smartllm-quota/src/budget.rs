@@ -519,14 +519,20 @@ impl Budgets {
         let (day, month, day_left, month_left) = periods(now_secs());
         let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         let mut slots: Vec<Slot<'a>> = Vec::new();
-        for b in budgets {
-            if !ids.contains(&b.id()) || skip(b) {
-                continue;
-            }
-            for (period, p, limit, left) in [
-                ("daily", &day, b.daily_usd, day_left),
-                ("monthly", &month, b.monthly_usd, month_left),
-            ] {
+        // Monthly periods first: a request over both a daily and a monthly
+        // budget is refused on the monthly one, whose reset (Retry-After)
+        // is the one a retry has to wait for. The fleet's hold checks the
+        // slots in this order too.
+        for (period, p, left) in [("monthly", &month, month_left), ("daily", &day, day_left)] {
+            for b in budgets {
+                if !ids.contains(&b.id()) || skip(b) {
+                    continue;
+                }
+                let limit = if period == "monthly" {
+                    b.monthly_usd
+                } else {
+                    b.daily_usd
+                };
                 let Some(limit) = limit else { continue };
                 let slot = Slot {
                     key: format!("{}|{p}", b.id()),
@@ -1378,6 +1384,32 @@ mod tests {
             quotas.budget(&cfg, other, "dear", 0.9).await,
             BudgetDecision::Within(None)
         );
+    }
+
+    /// Over both its daily and its monthly budget, a request is refused on
+    /// the monthly one: a retry at the daily reset would be refused again.
+    #[tokio::test]
+    async fn over_both_periods_the_refusal_waits_for_the_month() {
+        let mut cfg = crate::test_support::config();
+        cfg.keys.budgets = vec![Budget {
+            monthly_usd: Some(1.0),
+            ..budget(OnExceed::Reject, None)
+        }];
+        let (quotas, _alerts) = Quotas::new(4);
+        let quotas = Arc::new(quotas);
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 1.5);
+        let (_, _, day_left, month_left) = periods(now_secs());
+        match quotas.budget(&cfg, ACME, "dear", 0.1).await {
+            BudgetDecision::Reject(r @ Refusal::BudgetExceeded(_)) => {
+                let Refusal::BudgetExceeded(e) = &r else {
+                    unreachable!()
+                };
+                assert_eq!(e.period, "monthly", "{e:?}");
+                let after = r.retry_after().unwrap();
+                assert!(after + 5 >= month_left && after >= day_left, "{after}");
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     /// Served by the model a used-up budget degrades to, a request is still

@@ -50,7 +50,8 @@ end
 return '0'
 "#;
 
-/// Charge tokens after the fact (the completion): buckets may go into debt.
+/// Charge tokens after the fact (the completion): buckets may go into
+/// debt; a negative charge gives tokens back, up to a full bucket.
 const CHARGE: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) + tonumber(t[2]) / 1000000
@@ -59,7 +60,7 @@ for i, key in ipairs(KEYS) do
   local v = redis.call('HMGET', key, 'l', 't')
   local level = tonumber(v[1]) or cap
   local at = tonumber(v[2]) or now
-  level = math.min(cap, level + math.max(0, now - at) * cap / 60) - tonumber(ARGV[2 * i])
+  level = math.min(cap, math.min(cap, level + math.max(0, now - at) * cap / 60) - tonumber(ARGV[2 * i]))
   redis.call('HSET', key, 'l', string.format('%.6f', level), 't', string.format('%.6f', now))
   redis.call('EXPIRE', key, 120 + math.ceil(math.max(0, -level) * 60 / cap))
 end

@@ -222,15 +222,21 @@ impl Quotas {
         }
     }
 
-    /// Charge the tokens a request used beyond its estimate (after the
-    /// answer; never delays it: the fleet call runs in the background).
+    /// Settle a request's token buckets once its usage is known (after the
+    /// answer; never delays it: the fleet call runs in the background): the
+    /// tokens it `used` beyond the `precharged` estimate are charged, and an
+    /// estimate above what it used is given back (up to a full bucket), so
+    /// an overestimated prompt (an image, a long system prompt the provider
+    /// cached) does not hold a key's allowance for a minute.
     pub fn charge_after(
         self: &Arc<Self>,
         fleet: &FleetConfig,
         scopes: &[(String, Limits)],
-        tokens: u64,
+        used: u64,
+        precharged: u64,
     ) {
-        if tokens == 0 {
+        let tokens = used as f64 - precharged as f64;
+        if tokens == 0.0 {
             return;
         }
         let charges: Vec<Charge> = scopes
@@ -239,7 +245,7 @@ impl Quotas {
                 Some(Charge {
                     id: format!("{scope}:tokens"),
                     per_minute: l.tokens_per_minute?,
-                    cost: tokens as f64,
+                    cost: tokens,
                 })
             })
             .collect();

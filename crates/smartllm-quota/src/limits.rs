@@ -1,8 +1,9 @@
 //! Rate limits: requests and tokens per minute, per virtual key and per
 //! tenant/app, as token buckets (a full minute's allowance as burst, refilled
 //! continuously). Tokens are charged twice: the estimated prompt before the
-//! request, the completion after it, so a bucket can go into debt and later
-//! requests wait it out. Buckets live across config reloads; limits are read
+//! request, then the difference to what it used after it (the completion,
+//! less an overestimate), so a bucket can go into debt and later requests
+//! wait it out. Buckets live across config reloads; limits are read
 //! from the current config on every request. With `fleet.redis` the same
 //! buckets live in Redis (see `fleet`), shared by every gateway.
 //!
@@ -170,16 +171,21 @@ impl Limiter {
         Ok(())
     }
 
-    /// Charge tokens used after the fact (the completion); may go into debt.
+    /// Charge tokens used after the fact (the completion); may go into
+    /// debt. A negative cost gives tokens back, up to a full bucket.
     pub fn charge(&self, charges: &[Charge]) {
-        let now = Instant::now();
+        self.charge_at(charges, Instant::now());
+    }
+
+    fn charge_at(&self, charges: &[Charge], now: Instant) {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         for c in charges {
             let b = buckets.entry(&c.id, c.per_minute, now);
             let capacity = c.per_minute as f64;
-            b.level = (b.level + now.duration_since(b.at).as_secs_f64() * capacity / 60.0)
+            b.level = ((b.level + now.duration_since(b.at).as_secs_f64() * capacity / 60.0)
                 .min(capacity)
-                - c.cost;
+                - c.cost)
+                .min(capacity);
             b.at = now;
         }
     }
@@ -256,6 +262,33 @@ mod tests {
         assert!(e.retry_after().unwrap() >= 24, "in debt: {e:?}");
         let e = l.admit(&scopes(&[("app a/b", tpm)]), 5000).unwrap_err();
         assert!(matches!(e, Refusal::TooLargeForLimit { .. }), "{e:?}");
+    }
+
+    /// An estimate above what the request used is given back, never beyond
+    /// a full bucket.
+    #[test]
+    fn an_overestimate_is_given_back_up_to_a_full_bucket() {
+        let l = Limiter::default();
+        let tpm = Limits {
+            requests_per_minute: None,
+            tokens_per_minute: Some(1000),
+        };
+        let s = scopes(&[("key k", tpm)]);
+        let t0 = Instant::now();
+        l.apply_at(&plan(&s, 900).unwrap(), t0).unwrap();
+        assert!(l.apply_at(&plan(&s, 800).unwrap(), t0).is_err());
+        // It used 100 of the 900 estimated.
+        let back = |tokens: f64| Charge {
+            id: "key k:tokens".into(),
+            per_minute: 1000,
+            cost: tokens,
+        };
+        l.charge_at(&[back(-800.0)], t0);
+        l.apply_at(&plan(&s, 800).unwrap(), t0).unwrap();
+        // A refund larger than what was taken fills the bucket, no more.
+        l.charge_at(&[back(-5000.0)], t0);
+        l.apply_at(&plan(&s, 1000).unwrap(), t0).unwrap();
+        assert!(l.apply_at(&plan(&s, 1).unwrap(), t0).is_err());
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The end of a request (Pingora's `logging` phase, after the last byte went
-//! out): tokens beyond the pre-charged estimate against the limits, metrics,
+//! out): the token buckets settled against the pre-charged estimate, metrics,
 //! the access log and ledger record, experiment outcome, budget spend, the
 //! trace's server span, and the in-flight count a drain waits on. Nothing
 //! here delays the response; fleet writes and span exports run in the
@@ -14,11 +14,9 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
     let rt = ctx.rt.clone();
     if let (Some(u), Some(rt)) = (ctx.usage, rt.as_ref()) {
         let scopes = smartllm_quota::limits_for(&rt.config, ctx.key.as_deref(), ctx.scope());
-        shared.quotas.charge_after(
-            &rt.config.fleet,
-            &scopes,
-            u.total().saturating_sub(ctx.precharged_tokens),
-        );
+        shared
+            .quotas
+            .charge_after(&rt.config.fleet, &scopes, u.total(), ctx.precharged_tokens);
     }
     let cost = access_log::finish(session, e, ctx, shared.ledger.as_ref());
     let status = match ctx.status {
