@@ -794,6 +794,16 @@ fn https_upstreams_verify_certificates_and_send_sni() {
         assert_eq!(last["headers"]["authorization"], "Bearer sk-tls-123");
         assert_eq!(last["headers"]["host"], format!("localhost:{tls_port}"));
     }
+    // The TCP health check's handshake trusts the provider's CA too: after
+    // a dozen checks the deployment is still healthy (it was marked down
+    // for good, which routed aliases and fallbacks would avoid).
+    std::thread::sleep(Duration::from_millis(2500));
+    assert_eq!(
+        gw.metric("smartllm_upstream_healthy", &[("model", "secure")]),
+        1.0,
+        "{}",
+        gw.metrics()
+    );
     // Without the CA the certificate is not trusted: refused, not sent.
     let before = mock.requests();
     let r = gw.chat(&chat_body("untrusted", "over tls"));
@@ -850,6 +860,49 @@ fn a_client_that_leaves_cancels_the_upstream_request() {
         assert_eq!(l["usage_estimated"], true, "{l}");
     }
     // The gateway still serves.
+    assert_eq!(gw.chat(&chat_body("small", "still here")).status, 200);
+}
+
+/// A client that stops reading a long streamed answer, its connection left
+/// open (a full TCP window), is cut off after `server.client_write_timeout`:
+/// the request ends (logged, billed as a client that left) instead of
+/// holding its in-flight slot and upstream connection for good.
+#[test]
+fn a_client_that_stops_reading_is_cut_off() {
+    use std::io::Write;
+    let (_mock, gw) = basic("  client_write_timeout: 1s\n", &[]);
+    let mut body = chat_body("small", "a very long story");
+    body["stream"] = json!(true);
+    // About 30 MB of events: far more than the socket buffers hold.
+    body["mock"] = json!({"words": 300_000});
+    let body = serde_json::to_vec(&body).unwrap();
+    let mut s = std::net::TcpStream::connect(&gw.addr).unwrap();
+    let head = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nhost: gw\r\ncontent-type: application/json\r\nx-request-id: stopped-reading\r\ncontent-length: {}\r\n\r\n",
+        body.len()
+    );
+    s.write_all(head.as_bytes()).unwrap();
+    s.write_all(&body).unwrap();
+    let line = || {
+        gw.log_text()
+            .lines()
+            .filter(|l| l.contains("\"request_id\":\"stopped-reading\""))
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .find(|v| v["target"] == "smartllm::access")
+    };
+    // (The socket is still open and never read.)
+    assert!(
+        wait_until(Duration::from_secs(20), || line().is_some()),
+        "no access-log line while the client holds its connection unread:\n{}",
+        gw.log_text()
+    );
+    assert_eq!(
+        gw.metric("smartllm_requests_in_flight", &[]),
+        0.0,
+        "{}",
+        gw.metrics()
+    );
+    drop(s);
     assert_eq!(gw.chat(&chat_body("small", "still here")).status, 200);
 }
 

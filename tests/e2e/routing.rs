@@ -920,9 +920,9 @@ fn a_failed_health_check_survives_a_reload() {
 
 /// A deployment that refuses the gateway's own key (401, 403) or does not
 /// know its upstream model (404) is no fault of the client's: the next
-/// deployment serves, the refusing one's circuit counts it, and when none is
-/// left the client gets 502 `upstream_auth` / `upstream_not_found`, not a
-/// 401 its SDK would blame on its own key.
+/// deployment serves, the refusing one's circuit counts a 401 or 403 (not a
+/// 404), and when none is left the client gets 502 `upstream_auth` /
+/// `upstream_not_found`, not a 401 its SDK would blame on its own key.
 #[test]
 fn a_deployment_that_refuses_the_gateways_key_is_passed_over() {
     let mock = Mock::start(&[
@@ -963,14 +963,20 @@ fn a_deployment_that_refuses_the_gateways_key_is_passed_over() {
     let r = gw.chat(&chat_body("revoked", "hello"));
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "upstream_auth", "{}", r.text());
-    let r = gw.chat(&chat_body("misspelt", "hello"));
-    assert_eq!(r.status, 502, "{}", r.text());
-    assert_eq!(
-        r.json()["error"]["code"],
-        "upstream_not_found",
-        "{}",
-        r.text()
-    );
+    // A 404 is one a client can draw at will (a chat model asked on
+    // /v1/completions): however many, it opens no circuit, which would
+    // shut the model for every tenant.
+    for i in 0..4 {
+        let r = gw.chat(&chat_body("misspelt", &format!("hello {i}")));
+        assert_eq!(r.status, 502, "{}", r.text());
+        assert_eq!(
+            r.json()["error"]["code"],
+            "upstream_not_found",
+            "{}",
+            r.text()
+        );
+    }
+    assert_eq!(circuit(format!("misspelt/org1/{}", mock.addr)), 0.0);
 }
 
 /// Two providers, `org1` and `org2` (two organisations' keys), on one mock:

@@ -249,11 +249,23 @@ impl SemanticCache {
             batch.put_cf(self.cf(CF_VECTORS), id.to_be_bytes(), vec_to_bytes(v));
         }
         batch.put_cf(self.cf(CF_EXACT), exact, id.to_be_bytes());
-        batch.put_cf(self.cf(CF_META), NEXT_ID, (ids::seq(id) + 1).to_be_bytes());
         if let Some(old) = previous {
             batch.delete_cf(self.cf(CF_ENTRIES), old.to_be_bytes());
             batch.delete_cf(self.cf(CF_VECTORS), old.to_be_bytes());
         }
+        // The next sequence number only ever rises on disk: two inserts that
+        // commit in the reverse order of their ids would otherwise leave it
+        // at the lower one, and after a restart (the higher entry without a
+        // vector to raise it) hand that id out again, overwriting an entry.
+        // Writes take turns, each with the allocator's value at that moment,
+        // which is past every id allocated before, its own included.
+        static WRITES: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _turn = WRITES.lock().unwrap_or_else(|p| p.into_inner());
+        batch.put_cf(
+            self.cf(CF_META),
+            NEXT_ID,
+            self.index.next_seq().max(ids::seq(id) + 1).to_be_bytes(),
+        );
         self.db().write(batch)?;
         Ok((previous, encoded))
     }

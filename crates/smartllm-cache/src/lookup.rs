@@ -294,6 +294,10 @@ impl SemanticCache {
                 rejected = Some(why);
                 continue;
             }
+            if self.unread_tails_differ(query, &e.query) {
+                rejected = Some("beyond_window");
+                continue;
+            }
             let Some(pass) = bar.verifier else {
                 return Ok(Verified::Hit(e, sim, None));
             };
@@ -316,6 +320,16 @@ impl SemanticCache {
             }
         }
         Ok(Verified::Miss { best, rejected })
+    }
+
+    /// Whether two texts differ past the model's window (`max_seq_len`
+    /// tokens): their embeddings, and the verifier's token states, come
+    /// from their beginnings alone, so a long shared beginning (rules or a
+    /// template before the question) makes any two endings look alike. A
+    /// pair either of which runs past the window is a hit only when what
+    /// follows the window is the same in both (blocking: tokenizes both).
+    pub(crate) fn unread_tails_differ(&self, query: &str, cached: &str) -> bool {
+        unread_tails_differ(&self.embedder, query, cached)
     }
 
     /// The verifier's score of a candidate pair (blocking: the texts' token
@@ -402,6 +416,18 @@ impl SemanticCache {
         }
         Ok(crate::Verifier::shipped().score_pair(similarity, a, &b, smartllm_embed::DIM))
     }
+}
+
+/// [`SemanticCache::unread_tails_differ`] with a given embedder (for
+/// `/admin/cache/explain`).
+pub fn unread_tails_differ(embedder: &smartllm_embed::Embedder, query: &str, cached: &str) -> bool {
+    let tail = |t: &str| {
+        let t = crate::key::embedding_text(t);
+        embedder
+            .window_end(&t)
+            .map(|end| crate::key::normalise(&t[end..]))
+    };
+    tail(query) != tail(cached)
 }
 
 #[cfg(test)]
@@ -568,6 +594,56 @@ mod tests {
         assert_eq!(cache.verdicts.lock().unwrap().len(), 2);
     }
 
+    /// Two prompts that share more than the model's window (rules before
+    /// the input) embed alike whatever their endings: a different ending is
+    /// no hit; the same ending after a reworded beginning still may be.
+    #[tokio::test]
+    async fn prompts_alike_only_in_the_models_window_are_no_hit() {
+        let (_dir, cache) = open_cache();
+        let rules = "When you classify the customer review below, read all of it, weigh \
+            what the customer says about delivery, packaging and the product \
+            itself, and answer with one word: positive, negative or mixed. "
+            .repeat(4);
+        let a = format!("{rules}Review: the box arrived crushed and very late.");
+        let b = format!("{rules}Review: arrived early, well packed, works perfectly.");
+        cache
+            .insert(
+                key("t", &a),
+                None,
+                "negative".into(),
+                &policy(),
+                "auto",
+                "m",
+            )
+            .await
+            .unwrap();
+        match cache.lookup(&key("t", &b), &policy(), 8).await.unwrap() {
+            Lookup::Miss {
+                best_similarity,
+                rejected,
+                ..
+            } => {
+                assert!(best_similarity.unwrap() > 0.99, "{best_similarity:?}");
+                assert_eq!(rejected, Some("beyond_window"));
+            }
+            Lookup::Hit { .. } => panic!("another review's answer served"),
+        }
+        let c = cache.clone();
+        let (a2, b2) = (a.clone(), b.clone());
+        let (same_end, other_end, short) = tokio::task::spawn_blocking(move || {
+            // One word for another inside the window: the same ending.
+            let reworded = a2.replacen("When you", "As you", 1);
+            (
+                c.unread_tails_differ(&a2, &reworded),
+                c.unread_tails_differ(&a2, &b2),
+                c.unread_tails_differ("What is 2 + 2?", "What's 2 + 2?"),
+            )
+        })
+        .await
+        .unwrap();
+        assert!(!same_end && other_end && !short);
+    }
+
     /// The verifier judges at most MAX_JUDGED candidates per lookup (each
     /// may cost a model run), however many pass the cosine and the guard.
     #[tokio::test]
@@ -613,6 +689,39 @@ mod tests {
         let found = cache.lookup(&key("t", query), &loose, 8).await.unwrap();
         assert!(is_hit(&found).is_none());
         assert_eq!(cache.verdicts.lock().unwrap().len(), MAX_JUDGED);
+    }
+
+    /// An entry larger than L1 keeps is served by its exact key from
+    /// RocksDB, never held in memory; a smaller one replacing it is.
+    #[tokio::test]
+    async fn a_large_entry_is_served_without_being_kept_in_memory() {
+        let (_dir, cache) = open_cache();
+        let k = key(
+            "t",
+            &format!("Summarise: {}", "the long report ".repeat(5000)),
+        );
+        let big = "x".repeat(crate::storage::L1_MAX_ENTRY_BYTES);
+        cache
+            .insert(k.clone(), None, big.clone(), &policy(), "auto", "m")
+            .await
+            .unwrap();
+        assert!(cache.l1_get(&k.exact).is_none());
+        for _ in 0..2 {
+            match cache.lookup(&k, &policy(), 8).await.unwrap() {
+                Lookup::Hit { entry, kind, .. } => {
+                    assert_eq!(kind, HitKind::Exact);
+                    assert_eq!(entry.response, big);
+                }
+                Lookup::Miss { .. } => panic!("stored, then missed"),
+            }
+            assert!(cache.l1_get(&k.exact).is_none());
+        }
+        let small = key("t", "What is the capital of Peru?");
+        cache
+            .insert(small.clone(), None, "Lima".into(), &policy(), "auto", "m")
+            .await
+            .unwrap();
+        assert!(cache.l1_get(&small.exact).is_some());
     }
 
     /// A lookup that read an entry from RocksDB just before a purge removed

@@ -33,6 +33,16 @@ pub(crate) fn bytes_to_vec(b: &[u8]) -> Option<Vec<f32>> {
     )
 }
 
+/// The largest entry (question and answer) L1 keeps. L1 is bounded by
+/// count (`cache.l1_entries`); without this, a workload of long prompts (a
+/// RAG context of megabytes in the last turn) would hold gigabytes there.
+/// Larger entries are answered from RocksDB by their exact key.
+pub(crate) const L1_MAX_ENTRY_BYTES: usize = 64 * 1024;
+
+fn fits_l1(e: &Entry) -> bool {
+    e.query.len() + e.response.len() <= L1_MAX_ENTRY_BYTES
+}
+
 impl SemanticCache {
     pub(crate) fn db(&self) -> &rocksdb::DB {
         self.store.db()
@@ -170,6 +180,7 @@ impl SemanticCache {
     }
 
     /// L1 never makes a caller wait (async callers): busy reads as a miss.
+    /// (Entries larger than [`L1_MAX_ENTRY_BYTES`] are never in it.)
     pub(crate) fn l1_get(&self, exact: &[u8; 32]) -> Option<Arc<Entry>> {
         self.l1.try_lock().ok()?.get(exact).cloned()
     }
@@ -183,8 +194,12 @@ impl SemanticCache {
     /// Best effort (async callers): when L1 is busy the entry is not kept
     /// there (the RocksDB exact key still answers), nor when an entry left
     /// L1 since `epoch` was read (a purge or sweep may have removed this
-    /// one from RocksDB after it was read: it must not come back).
+    /// one from RocksDB after it was read: it must not come back), nor when
+    /// it is larger than [`L1_MAX_ENTRY_BYTES`].
     pub(crate) fn l1_put(&self, epoch: u64, exact: [u8; 32], e: Arc<Entry>) {
+        if !fits_l1(&e) {
+            return;
+        }
         if let Ok(mut l1) = self.l1.try_lock() {
             if self.l1_epoch.load(Ordering::Acquire) != epoch {
                 return;
@@ -200,7 +215,12 @@ impl SemanticCache {
         let mut l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
         // A lookup that read the old entry from RocksDB must not put it back.
         self.l1_epoch.fetch_add(1, Ordering::AcqRel);
-        l1.put(exact, e);
+        if fits_l1(&e) {
+            l1.put(exact, e);
+        } else {
+            // Too large to keep in memory: at least the old one goes.
+            l1.pop(&exact);
+        }
         self.l1_len.store(l1.len(), Ordering::Relaxed);
     }
 

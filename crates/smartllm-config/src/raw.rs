@@ -160,6 +160,9 @@ pub struct RawServer {
     pub client_body_deadline: Option<ConfigDuration>,
     /// How long an idle keep-alive connection waits for its next request.
     pub keepalive_timeout: Option<ConfigDuration>,
+    /// Longest wait for a client to take the next part of an answer: one
+    /// that stops reading is cut off after it.
+    pub client_write_timeout: Option<ConfigDuration>,
     /// Serve HTTP/1.1 requests a client sends before reading the previous
     /// answer (in order, one at a time) instead of closing the connection.
     pub http1_pipelining: Option<bool>,

@@ -392,6 +392,8 @@ pub struct ServerConfig {
     pub client_header_timeout: Duration,
     pub client_body_deadline: Duration,
     pub keepalive_timeout: Duration,
+    /// Longest wait for a client to take the next part of an answer.
+    pub client_write_timeout: Duration,
     pub http1_pipelining: bool,
     pub upstream_connect_timeout: Duration,
     pub upstream_first_byte_timeout: Duration,

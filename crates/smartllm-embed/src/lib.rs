@@ -136,6 +136,9 @@ pub struct Embedder {
     /// Task vectors of recent texts, beside their embeddings (not counted
     /// in the recent-embeddings metric).
     recent_tasks: Recent,
+    /// The workers' tokenizer (truncating at `max_seq_len`), for
+    /// [`Embedder::window_end`].
+    tokenizer: Arc<Tokenizer>,
 }
 
 /// How the worker threads are doing, for `/readyz`: how many still run, and
@@ -529,6 +532,7 @@ impl Embedder {
             health,
             recent: Recent::new(cfg.cache_entries),
             recent_tasks: Recent::with_metric(cfg.cache_entries, false),
+            tokenizer,
         })
     }
 
@@ -536,6 +540,49 @@ impl Embedder {
         &self.info
     }
 
+    /// Where the model's window ends in `text`: the byte offset after the
+    /// last token it reads, or None when it reads all of it (what is left
+    /// is only whitespace or characters the tokenizer drops). A text longer
+    /// than `max_seq_len` tokens is embedded on its beginning alone, so two
+    /// texts that share a long beginning embed alike whatever follows.
+    /// Blocking (tokenizes on the caller's thread: up to `max_seq_len`
+    /// tokens' worth of the text).
+    pub fn window_end(&self, text: &str) -> Option<usize> {
+        window_end(&self.tokenizer, text)
+    }
+}
+
+/// [`Embedder::window_end`] with a given (truncating) tokenizer.
+fn window_end(tokenizer: &Tokenizer, text: &str) -> Option<usize> {
+    let max = tokenizer.get_truncation().map(|t| t.max_length)?;
+    // Fewer bytes than the window has tokens: all of it is read.
+    if text.len() + 2 <= max {
+        return None;
+    }
+    // As the workers read it: cut before tokenizing, or whole (up to what
+    // the queue keeps) when the cut held fewer tokens than the window.
+    let text = clip(
+        text,
+        max.saturating_mul(BYTES_PER_TOKEN_BOUND * QUEUED_BOUND_FACTOR),
+    );
+    let cut = clip(text, max.saturating_mul(BYTES_PER_TOKEN_BOUND));
+    let mut e = tokenizer.encode(cut, true).ok()?;
+    if cut.len() < text.len() && e.get_ids().len() < max {
+        e = tokenizer.encode(text, true).ok()?;
+    }
+    let end = e.get_offsets().iter().map(|o| o.1).max().unwrap_or(0);
+    let end = end.min(text.len());
+    if !text.is_char_boundary(end) {
+        return None;
+    }
+    let rest = &text[end..];
+    // Letters, digits, punctuation or symbols past the window: unread.
+    rest.chars()
+        .any(|c| !c.is_whitespace() && !c.is_control())
+        .then_some(end)
+}
+
+impl Embedder {
     /// Whether the workers run and their runs succeed (`/readyz`).
     pub fn health(&self) -> EmbedderHealth {
         use std::sync::atomic::Ordering::Relaxed;
@@ -1206,6 +1253,30 @@ mod tests {
             .embed_blocking(vec![spaced.clone(), "hello world".into()])
             .unwrap();
         assert!(v[0].iter().zip(&v[1]).all(|(a, b)| (a - b).abs() < 1e-5));
+    }
+
+    /// The window's end: None for a text the model reads whole; past the
+    /// last token read for a longer one, so what follows can be compared.
+    #[test]
+    fn the_window_ends_where_the_model_stops_reading() {
+        let Some(cfg) = assets() else { return };
+        let t = load_tokenizer(&cfg).unwrap();
+        assert_eq!(window_end(&t, "What is the capital of France?"), None);
+        assert_eq!(window_end(&t, "short text, then spaces   \n\n  "), None);
+        let rules = "Follow these rules when you classify the review. ".repeat(60);
+        let long = format!("{rules}Review: the box arrived crushed");
+        let end = window_end(&t, &long).expect("past the window");
+        assert!(end < rules.len(), "{end} of {}", long.len());
+        // What the model read, and only that.
+        let read = t.encode(&long[..end], true).unwrap();
+        assert!(
+            read.get_ids().len() + 2 >= cfg.max_seq_len,
+            "{}",
+            read.len()
+        );
+        // Spaces make no tokens: the words after them are read.
+        let spaced = format!("{}hello world", " ".repeat(20_000));
+        assert_eq!(window_end(&t, &spaced), None);
     }
 
     #[test]

@@ -86,8 +86,8 @@ impl ChunkAssembler {
             if let Some(r) = d.get("role").and_then(Value::as_str) {
                 ch.role = Some(r.to_string());
             }
-            if let Some(t) = d.get("content").and_then(Value::as_str) {
-                ch.content.push_str(t);
+            if let Some(t) = d.get("content").and_then(crate::openai::content_text_of) {
+                ch.content.push_str(&t);
                 ch.saw_content = true;
             }
             if let Some(calls) = d.get("tool_calls").and_then(Value::as_array) {
@@ -102,7 +102,10 @@ impl ChunkAssembler {
                             .resize(ti + 1, (Value::Null, String::new(), String::new()));
                     }
                     let t = &mut ch.tool_calls[ti];
-                    if let Some(id) = call.get("id").filter(|i| !i.is_null()) {
+                    if let Some(id) = call
+                        .get("id")
+                        .filter(|i| !i.is_null() && i.as_str() != Some(""))
+                    {
                         t.0 = id.clone();
                     }
                     if let Some(n) = call["function"].get("name").and_then(Value::as_str) {
@@ -261,5 +264,44 @@ data: {\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"funct
         assert_eq!(call["id"], "t1");
         assert!(v["choices"][0]["message"]["content"].is_null());
         assert_eq!(v["choices"][0]["finish_reason"], "tool_calls");
+    }
+
+    /// Ollama streams parallel calls all with index 0, each with its own
+    /// id: the stored answer has two calls, not one with both names.
+    #[test]
+    fn tool_calls_sharing_an_index_are_assembled_apart() {
+        let s = concat!(
+            "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"tool_calls\":[{\"index\":0,\"id\":\"call_a\",\"type\":\"function\",\"function\":{\"name\":\"file_write\",\"arguments\":\"{\\\"p\\\":1}\"}}]}}]}\n\n",
+            "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"tool_calls\":[{\"index\":0,\"id\":\"call_b\",\"type\":\"function\",\"function\":{\"name\":\"file_write\",\"arguments\":\"{\\\"p\\\":2}\"}}]}}]}\n\n",
+            "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"tool_calls\"}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut a = ChunkAssembler::new();
+        a.feed(s.as_bytes());
+        let v = a.finish().unwrap();
+        let calls = v["choices"][0]["message"]["tool_calls"].as_array().unwrap();
+        assert_eq!(calls.len(), 2, "{v}");
+        assert_eq!(calls[0]["id"], "call_a");
+        assert_eq!(calls[0]["function"]["name"], "file_write");
+        assert_eq!(calls[0]["function"]["arguments"], "{\"p\":1}");
+        assert_eq!(calls[1]["id"], "call_b");
+        assert_eq!(calls[1]["function"]["name"], "file_write");
+        assert_eq!(calls[1]["function"]["arguments"], "{\"p\":2}");
+    }
+
+    /// Mistral's reasoning models send `content` as a list of chunks: the
+    /// text ones are the answer, the thinking ones are not.
+    #[test]
+    fn content_chunks_are_assembled_as_text() {
+        let s = concat!(
+            "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":[{\"type\":\"thinking\",\"thinking\":[{\"type\":\"text\",\"text\":\"hmm\"}]}]}}]}\n\n",
+            "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":[{\"type\":\"text\",\"text\":\"Hello\"}]}}]}\n\n",
+            "data: {\"id\":\"c\",\"model\":\"m\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\" world\"},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut a = ChunkAssembler::new();
+        a.feed(s.as_bytes());
+        let v = a.finish().unwrap();
+        assert_eq!(v["choices"][0]["message"]["content"], "Hello world");
     }
 }

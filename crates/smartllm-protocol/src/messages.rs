@@ -342,11 +342,14 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
             chat.insert("parallel_tool_calls".into(), json!(false));
         }
     }
+    // Any mode but `disabled` (`enabled` with a budget, `adaptive`, which
+    // newer models take): thinking asked for, which the cache must neither
+    // key away nor serve to a request without it.
     if body
         .get("thinking")
         .and_then(|t| t.get("type"))
         .and_then(Value::as_str)
-        == Some("enabled")
+        .is_some_and(|t| t != "disabled")
     {
         only.thinking = true;
     }
@@ -768,21 +771,57 @@ pub fn usage_json(u: &Usage) -> Value {
     v
 }
 
-/// `msg_…` from a chat completion's id.
-fn message_id(chat_id: &str) -> String {
+/// `msg_…` from a chat completion's id; a fresh one when the provider gave
+/// none (or an empty one: Azure's first chunk).
+fn message_id(chat_id: Option<&str>) -> String {
     let s = chat_id
-        .strip_prefix("chatcmpl-")
-        .unwrap_or(chat_id)
-        .trim_start_matches("msg_");
+        .map(|id| {
+            id.strip_prefix("chatcmpl-")
+                .unwrap_or(id)
+                .trim_start_matches("msg_")
+        })
+        .unwrap_or_default();
+    if s.is_empty() {
+        return fresh_message_id();
+    }
     format!("msg_{s}")
+}
+
+/// A message id no other answer has (`msg_` and 24 hex digits): the clock
+/// in nanoseconds and a count kept for the whole process.
+fn fresh_message_id() -> String {
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static COUNT: AtomicU32 = AtomicU32::new(0);
+    let n = COUNT.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    format!("msg_{nanos:016x}{n:08x}")
+}
+
+/// A chat tool call's id, when it has one (not missing, null or empty).
+fn call_id(call: &Value) -> Option<&str> {
+    call.get("id")
+        .and_then(Value::as_str)
+        .filter(|id| !id.is_empty())
+}
+
+/// A `tool_use` id for a tool call that came without one (Anthropic's
+/// clients need one, and a different one for each call): `toolu_`, the
+/// message id's suffix and the call's block index.
+fn fallback_tool_id(message: &str, block: u64) -> String {
+    let s = message.strip_prefix("msg_").unwrap_or(message);
+    format!("toolu_{s}_{block}")
 }
 
 /// A `chat.completion` as an Anthropic `message`.
 pub fn response_from_chat(chat: &Value, model: &str) -> Value {
     let choice = &chat["choices"][0];
     let msg = &choice["message"];
+    let id = message_id(chat.get("id").and_then(Value::as_str));
     let mut content = Vec::new();
-    if let Some(t) = msg.get("content").and_then(Value::as_str) {
+    if let Some(t) = msg.get("content").and_then(crate::openai::content_text_of) {
         if !t.is_empty() {
             content.push(json!({"type": "text", "text": t}));
         }
@@ -795,10 +834,12 @@ pub fn response_from_chat(chat: &Value, model: &str) -> Value {
                 .and_then(Value::as_str)
                 .and_then(|a| serde_json::from_str(a).ok())
                 .unwrap_or_else(|| json!({}));
-            content.push(
-                json!({"type": "tool_use", "id": c.get("id").cloned().unwrap_or(json!("")),
-                "name": f.get("name").cloned().unwrap_or(json!("")), "input": input}),
+            let tool_id = call_id(c).map_or_else(
+                || fallback_tool_id(&id, content.len() as u64),
+                str::to_string,
             );
+            content.push(json!({"type": "tool_use", "id": tool_id,
+                "name": f.get("name").cloned().unwrap_or(json!("")), "input": input}));
         }
     }
     let usage = Usage::from_openai(chat).unwrap_or_default();
@@ -814,7 +855,7 @@ pub fn response_from_chat(chat: &Value, model: &str) -> Value {
         f => f,
     };
     json!({
-        "id": message_id(chat.get("id").and_then(Value::as_str).unwrap_or("smartllm")),
+        "id": id,
         "type": "message",
         "role": "assistant",
         "model": chat.get("model").and_then(Value::as_str).filter(|m| !m.is_empty()).unwrap_or(model),
@@ -830,7 +871,7 @@ pub fn response_from_chat(chat: &Value, model: &str) -> Value {
 enum Open {
     None,
     Text,
-    /// The OpenAI tool-call index this block carries.
+    /// The tool call (its slot, see `ToolCallIndex`) this block carries.
     Tool(u64),
 }
 
@@ -854,13 +895,20 @@ pub struct ChatToMessagesStream {
     model: String,
     input_estimate: u64,
     started: bool,
+    /// The message id `message_start` gave (tool calls without an id of
+    /// their own are named after it).
+    id: String,
     block: u64,
     open: Open,
     tool_index: crate::openai::ToolCallIndex,
-    /// The tool call streamed live (its OpenAI index) and its block.
+    /// The tool call streamed live (its slot) and its block.
     live_tool: Option<(u64, u64)>,
     /// The other tool calls, held whole until the answer ends.
     held: Vec<HeldCall>,
+    /// Text that came while a tool call's block was open (a block, once
+    /// stopped, is done: the call's later arguments still need it open),
+    /// sent as a text block of its own after the tool calls.
+    deferred: String,
     /// A tool call was streamed (its stop reason is `tool_use` whatever the
     /// provider's finish reason says).
     called: bool,
@@ -882,11 +930,13 @@ impl ChatToMessagesStream {
             model: model.to_string(),
             input_estimate,
             started: false,
+            id: String::new(),
             block: 0,
             open: Open::None,
             tool_index: Default::default(),
             live_tool: None,
             held: Vec::new(),
+            deferred: String::new(),
             called: false,
             stop: Value::Null,
             usage: None,
@@ -900,10 +950,7 @@ impl ChatToMessagesStream {
             return;
         }
         self.started = true;
-        let id = chunk
-            .and_then(|c| c.get("id"))
-            .and_then(Value::as_str)
-            .unwrap_or("smartllm");
+        self.id = message_id(chunk.and_then(|c| c.get("id")).and_then(Value::as_str));
         if let Some(m) = chunk.and_then(|c| c.get("model")).and_then(Value::as_str) {
             if !m.is_empty() {
                 self.model = m.to_string();
@@ -912,7 +959,7 @@ impl ChatToMessagesStream {
         out.extend(event(
             "message_start",
             &json!({"type": "message_start", "message": {
-            "id": message_id(id), "type": "message", "role": "assistant", "model": self.model,
+            "id": self.id, "type": "message", "role": "assistant", "model": self.model,
             "content": [], "stop_reason": null, "stop_sequence": null,
             "usage": {"input_tokens": self.input_estimate, "output_tokens": 0,
                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}}),
@@ -931,14 +978,38 @@ impl ChatToMessagesStream {
         }
     }
 
-    /// Close the open block, then send each held tool call whole.
+    /// Send text: in the open text block, or in a new one.
+    fn text(&mut self, t: &str, out: &mut Vec<u8>) {
+        if self.open != Open::Text {
+            self.close(out);
+            out.extend(event(
+                "content_block_start",
+                &json!({"type": "content_block_start",
+                "index": self.block, "content_block": {"type": "text", "text": ""}}),
+            ));
+            self.open = Open::Text;
+        }
+        out.extend(event(
+            "content_block_delta",
+            &json!({"type": "content_block_delta",
+            "index": self.block, "delta": {"type": "text_delta", "text": t}}),
+        ));
+    }
+
+    /// Close the open block, then send each held tool call whole, then the
+    /// text that came while a tool call's block was open.
     fn flush_held(&mut self, out: &mut Vec<u8>) {
         self.close(out);
         for h in std::mem::take(&mut self.held) {
+            let id = if h.id.is_empty() {
+                fallback_tool_id(&self.id, self.block)
+            } else {
+                h.id
+            };
             out.extend(event(
                 "content_block_start",
                 &json!({"type": "content_block_start", "index": self.block,
-                    "content_block": {"type": "tool_use", "id": h.id, "name": h.name, "input": {}}}),
+                    "content_block": {"type": "tool_use", "id": id, "name": h.name, "input": {}}}),
             ));
             if !h.arguments.is_empty() {
                 out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
@@ -950,15 +1021,21 @@ impl ChatToMessagesStream {
             ));
             self.block += 1;
         }
+        let deferred = std::mem::take(&mut self.deferred);
+        if !deferred.is_empty() {
+            self.text(&deferred, out);
+            self.close(out);
+        }
     }
 
     fn finish(&mut self, out: &mut Vec<u8>) {
         self.start(None, out);
         self.flush_held(out);
-        let stop = if self.stop.is_null() {
-            json!("end_turn")
-        } else {
-            self.stop.clone()
+        // No finish reason came: an answer that called a tool ends for it.
+        let stop = match &self.stop {
+            Value::Null if self.called => stop_reason(Some("tool_calls")),
+            Value::Null => json!("end_turn"),
+            stop => stop.clone(),
         };
         // A provider that reports no usage (`stream_usage: false`): the
         // estimates (the gateway bills its own, marked as such).
@@ -1001,7 +1078,20 @@ impl ChatToMessagesStream {
             let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
                 continue;
             };
-            self.start(Some(&v), &mut out);
+            // `message_start` waits for a chunk that names the answer or
+            // carries some of it: Azure's first chunk (prompt filter
+            // results) has an empty id and no choices.
+            let has_choices = v
+                .get("choices")
+                .and_then(Value::as_array)
+                .is_some_and(|c| !c.is_empty());
+            let named = v
+                .get("id")
+                .and_then(Value::as_str)
+                .is_some_and(|i| !i.is_empty());
+            if has_choices || named {
+                self.start(Some(&v), &mut out);
+            }
             if let Some(u) = Usage::from_openai(&v) {
                 self.usage = Some(u);
             }
@@ -1011,24 +1101,22 @@ impl ChatToMessagesStream {
             let delta = &choice["delta"];
             if let Some(t) = delta
                 .get("content")
-                .and_then(Value::as_str)
+                .and_then(crate::openai::content_text_of)
                 .filter(|t| !t.is_empty())
             {
-                if self.open != Open::Text {
-                    self.close(&mut out);
-                    out.extend(event(
-                        "content_block_start",
-                        &json!({"type": "content_block_start",
-                        "index": self.block, "content_block": {"type": "text", "text": ""}}),
-                    ));
-                    self.open = Open::Text;
-                }
                 self.generated_bytes += t.len();
-                out.extend(event(
-                    "content_block_delta",
-                    &json!({"type": "content_block_delta",
-                    "index": self.block, "delta": {"type": "text_delta", "text": t}}),
-                ));
+                match self.open {
+                    // A tool call's block stays open for the call's later
+                    // arguments: text between them (often a bare newline)
+                    // waits until the tool calls are sent; blank text is
+                    // dropped.
+                    Open::Tool(_) => {
+                        if !t.trim().is_empty() {
+                            self.deferred.push_str(&t);
+                        }
+                    }
+                    Open::None | Open::Text => self.text(&t, &mut out),
+                }
             }
             if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
                 for c in calls {
@@ -1045,11 +1133,15 @@ impl ChatToMessagesStream {
                         None => {
                             self.close(&mut out);
                             let f = &c["function"];
+                            let id = call_id(c).map_or_else(
+                                || fallback_tool_id(&self.id, self.block),
+                                str::to_string,
+                            );
                             out.extend(event(
                                 "content_block_start",
                                 &json!({"type": "content_block_start",
                                 "index": self.block, "content_block": {"type": "tool_use",
-                                    "id": c.get("id").cloned().unwrap_or(json!("")),
+                                    "id": id,
                                     "name": f.get("name").cloned().unwrap_or(json!("")), "input": {}}}),
                             ));
                             self.open = Open::Tool(idx);
@@ -1080,11 +1172,7 @@ impl ChatToMessagesStream {
                                 }
                             };
                             let h = &mut self.held[at];
-                            if let Some(id) = c
-                                .get("id")
-                                .and_then(Value::as_str)
-                                .filter(|s| !s.is_empty())
-                            {
+                            if let Some(id) = call_id(c) {
                                 h.id = id.to_string();
                             }
                             if let Some(n) = c["function"]
@@ -1242,6 +1330,13 @@ mod tests {
             r.anthropic_only.untranslatable.as_deref(),
             Some("tools.0 (web_search)")
         );
+        for (mode, asked) in [("adaptive", true), ("disabled", false)] {
+            let r = parse_str(&format!(
+                r#"{{"model":"c","max_tokens":5,"thinking":{{"type":"{mode}"}},"messages":[{{"role":"user","content":"hi"}}]}}"#
+            ))
+            .unwrap();
+            assert_eq!(r.anthropic_only.thinking, asked, "{mode}");
+        }
     }
 
     #[test]
@@ -1628,6 +1723,245 @@ mod tests {
         assert_eq!(calls.len(), 2, "{resp}");
         assert_eq!(calls[0]["name"], "get_weather");
         assert_eq!(calls[1]["arguments"], "{\"city\":\"Paris\"}");
+    }
+
+    /// One chat chunk as an SSE event.
+    fn sse_chunk(v: Value) -> String {
+        format!("data: {v}\n\n")
+    }
+
+    /// Each event's name and block index (None for the message's events).
+    fn names_and_blocks(evs: &[(String, Value)]) -> Vec<(&str, Option<u64>)> {
+        evs.iter()
+            .map(|(n, v)| (n.as_str(), v["index"].as_u64()))
+            .collect()
+    }
+
+    /// Ollama streams parallel calls all with index 0, each with its own
+    /// id: each gets its own block, with its own arguments.
+    #[test]
+    fn tool_calls_sharing_an_index_get_their_own_blocks() {
+        let mut sse = String::new();
+        for (id, p) in [("call_a", 1), ("call_b", 2)] {
+            sse.push_str(&sse_chunk(json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {
+                "tool_calls": [{"index": 0, "id": id, "type": "function",
+                    "function": {"name": "file_write", "arguments": format!("{{\"p\":{p}}}")}}]}}]})));
+        }
+        sse.push_str(&sse_chunk(json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})));
+        sse.push_str("data: [DONE]\n\n");
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        let starts: Vec<&Value> = evs
+            .iter()
+            .filter(|(n, _)| n == "content_block_start")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(starts.len(), 2, "{evs:?}");
+        assert_eq!(starts[0]["content_block"]["id"], "call_a");
+        assert_eq!(starts[1]["content_block"]["id"], "call_b");
+        assert_eq!(starts[1]["content_block"]["name"], "file_write");
+        let args = |block: u64| -> String {
+            evs.iter()
+                .filter(|(n, v)| n == "content_block_delta" && v["index"] == block)
+                .map(|(_, v)| v["delta"]["partial_json"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(args(0), "{\"p\":1}");
+        assert_eq!(args(1), "{\"p\":2}");
+    }
+
+    /// Tool calls with no id (SGLang's after the first; a null or empty
+    /// one) get one of their own, in the stream and in a whole answer.
+    #[test]
+    fn tool_calls_without_an_id_get_one() {
+        let mut sse = sse_chunk(
+            json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {
+            "tool_calls": [{"index": 0, "id": null, "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}),
+        );
+        sse.push_str(&sse_chunk(json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {
+            "tool_calls": [{"index": 1, "type": "function", "function": {"name": "g", "arguments": "{}"}}]}}]})));
+        sse.push_str(&sse_chunk(json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {
+            "tool_calls": [{"index": 2, "id": "", "type": "function", "function": {"name": "h", "arguments": "{}"}}]}}]})));
+        sse.push_str(&sse_chunk(json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})));
+        sse.push_str("data: [DONE]\n\n");
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        let ids: Vec<&Value> = evs
+            .iter()
+            .filter(|(n, _)| n == "content_block_start")
+            .map(|(_, v)| &v["content_block"]["id"])
+            .collect();
+        assert_eq!(
+            ids,
+            [
+                &json!("toolu_x_0"),
+                &json!("toolu_x_1"),
+                &json!("toolu_x_2")
+            ]
+        );
+        // A whole answer.
+        let chat = json!({"id": "chatcmpl-abc", "choices": [{"index": 0, "message": {"role": "assistant", "content": "Hi",
+            "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": "{}"}},
+                           {"id": null, "type": "function", "function": {"name": "g", "arguments": "{}"}},
+                           {"id": "c3", "type": "function", "function": {"name": "h", "arguments": "{}"}}]},
+            "finish_reason": "tool_calls"}]});
+        let m = response_from_chat(&chat, "claude");
+        assert_eq!(m["content"][1]["id"], "toolu_abc_1");
+        assert_eq!(m["content"][2]["id"], "toolu_abc_2");
+        assert_eq!(m["content"][3]["id"], "c3");
+    }
+
+    /// Mistral's reasoning models send `content` as a list of chunks: the
+    /// text ones are the answer, the thinking ones are not.
+    #[test]
+    fn content_chunks_are_text() {
+        let mut sse = sse_chunk(
+            json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {"role": "assistant",
+            "content": [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]}]}}]}),
+        );
+        sse.push_str(&sse_chunk(
+            json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {
+            "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]}}]}),
+        ));
+        sse.push_str(&sse_chunk(json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})));
+        sse.push_str("data: [DONE]\n\n");
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        let text: Vec<&Value> = evs
+            .iter()
+            .filter(|(n, _)| n == "content_block_delta")
+            .map(|(_, v)| &v["delta"]["text"])
+            .collect();
+        assert_eq!(text, [&json!("Hello")]);
+        // A whole answer.
+        let chat = json!({"id": "chatcmpl-abc", "choices": [{"index": 0, "message": {"role": "assistant",
+            "content": [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]}, {"type": "text", "text": "Hello"}]},
+            "finish_reason": "stop"}]});
+        let m = response_from_chat(&chat, "claude");
+        assert_eq!(m["content"], json!([{"type": "text", "text": "Hello"}]));
+    }
+
+    /// Text between two argument chunks of the streamed call: the call's
+    /// block stays open for the rest of its arguments, blank text is
+    /// dropped and other text follows as a block of its own.
+    #[test]
+    fn text_between_a_calls_arguments_waits_for_its_block_to_end() {
+        let mut sse = sse_chunk(
+            json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {"role": "assistant",
+            "tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{\"a\""}}]}}]}),
+        );
+        sse.push_str(&sse_chunk(
+            json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {"content": "\n"}}]}),
+        ));
+        sse.push_str(&sse_chunk(
+            json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {
+            "tool_calls": [{"index": 0, "function": {"arguments": ":1}"}}]}}]}),
+        ));
+        sse.push_str(&sse_chunk(
+            json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {"content": "Done."}}]}),
+        ));
+        sse.push_str(&sse_chunk(json!({"id": "chatcmpl-x", "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]})));
+        sse.push_str("data: [DONE]\n\n");
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        assert_eq!(
+            names_and_blocks(&evs),
+            [
+                ("message_start", None),
+                ("ping", None),
+                ("content_block_start", Some(0)),
+                ("content_block_delta", Some(0)),
+                ("content_block_delta", Some(0)),
+                ("content_block_stop", Some(0)),
+                ("content_block_start", Some(1)),
+                ("content_block_delta", Some(1)),
+                ("content_block_stop", Some(1)),
+                ("message_delta", None),
+                ("message_stop", None),
+            ]
+        );
+        assert_eq!(evs[2].1["content_block"]["type"], "tool_use");
+        assert_eq!(evs[3].1["delta"]["partial_json"], "{\"a\"");
+        assert_eq!(evs[4].1["delta"]["partial_json"], ":1}");
+        assert_eq!(evs[6].1["content_block"]["type"], "text");
+        assert_eq!(evs[7].1["delta"]["text"], "Done.");
+        assert_eq!(evs[9].1["delta"]["stop_reason"], "tool_use");
+    }
+
+    /// No finish reason on any chunk: an answer that called a tool still
+    /// ends with `tool_use`.
+    #[test]
+    fn a_tool_call_with_no_finish_reason_ends_for_tool_use() {
+        let mut sse = sse_chunk(
+            json!({"id": "chatcmpl-x", "choices": [{"index": 0, "finish_reason": null, "delta": {
+            "tool_calls": [{"index": 0, "id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}]}),
+        );
+        sse.push_str(&sse_chunk(
+            json!({"id": "chatcmpl-x", "choices": [{"index": 0, "finish_reason": null, "delta": {}}]}),
+        ));
+        sse.push_str("data: [DONE]\n\n");
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        let stop = evs.iter().find(|(n, _)| n == "message_delta").unwrap();
+        assert_eq!(stop.1["delta"]["stop_reason"], "tool_use");
+        // Text only: the end of a turn.
+        let sse = concat!(
+            "data: {\"id\":\"chatcmpl-x\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        let stop = evs.iter().find(|(n, _)| n == "message_delta").unwrap();
+        assert_eq!(stop.1["delta"]["stop_reason"], "end_turn");
+    }
+
+    /// Azure's first chunk has an empty id (and no choices): the message id
+    /// comes from the next one. With no id at all, each answer gets a fresh
+    /// one of its own.
+    #[test]
+    fn the_message_id_is_never_empty_or_shared() {
+        let first = sse_chunk(json!({"id": "", "model": "", "choices": [],
+            "prompt_filter_results": [{"prompt_index": 0, "content_filter_results": {}}]}));
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        assert!(s.feed(first.as_bytes()).unwrap().is_empty());
+        let rest = concat!(
+            "data: {\"id\":\"chatcmpl-real\",\"model\":\"gpt-4o\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"id\":\"chatcmpl-real\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let evs = events(&s.feed(rest.as_bytes()).unwrap());
+        assert_eq!(evs[0].0, "message_start");
+        assert_eq!(evs[0].1["message"]["id"], "msg_real");
+        assert_eq!(evs[0].1["message"]["model"], "gpt-4o");
+        // No id anywhere: `msg_` and 24 hex digits, different each time.
+        let anonymous = concat!(
+            "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: [DONE]\n\n"
+        );
+        let ids: Vec<String> = (0..2)
+            .map(|_| {
+                let mut s = ChatToMessagesStream::new("claude", 1);
+                let evs = events(&s.feed(anonymous.as_bytes()).unwrap());
+                evs[0].1["message"]["id"].as_str().unwrap().to_string()
+            })
+            .collect();
+        for id in &ids {
+            let hex = id.strip_prefix("msg_").unwrap();
+            assert_eq!(hex.len(), 24, "{id}");
+            assert!(hex.chars().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        assert_ne!(ids[0], ids[1]);
+        // A whole answer with no id, or an empty one.
+        let a = response_from_chat(
+            &json!({"choices": [{"index": 0, "message": {"content": "Hi"}}]}),
+            "m",
+        );
+        let b = response_from_chat(
+            &json!({"id": "", "choices": [{"index": 0, "message": {"content": "Hi"}}]}),
+            "m",
+        );
+        assert_eq!(a["id"].as_str().unwrap().len(), 28);
+        assert_ne!(a["id"], b["id"]);
     }
 
     #[test]

@@ -562,14 +562,20 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
     })
 }
 
-/// Which tool call of a streamed choice a `tool_calls` delta continues.
-/// OpenAI numbers them (`index`); some compatible servers (Gemini's) leave
-/// the index out and send each call whole with its own `id`: a new id is a
-/// new call, and a delta with neither continues the last one.
+/// Which tool call of a streamed choice a `tool_calls` delta continues, as
+/// a slot number: 0 for the first call seen, 1 for the next, and so on.
+/// OpenAI numbers the calls (`index`); some compatible servers (Gemini's)
+/// leave the index out and send each call whole with its own `id`: a new id
+/// is a new call, and a delta with neither continues the last one. Others
+/// (Ollama) give every call of a turn the same `index` with its own `id`:
+/// an id other than the one that index holds is a new call too, and a later
+/// delta with that index and no id continues the newest.
 #[derive(Debug, Default, Clone)]
 pub struct ToolCallIndex {
-    /// The id of each call seen, by its index.
+    /// The id of each call seen, by its slot.
     ids: Vec<Option<String>>,
+    /// The slot each upstream `index` stands for now, by that index.
+    slots: Vec<Option<usize>>,
 }
 
 impl ToolCallIndex {
@@ -578,17 +584,37 @@ impl ToolCallIndex {
             .get("id")
             .and_then(Value::as_str)
             .filter(|i| !i.is_empty());
-        if let Some(n) = call.get("index").and_then(Value::as_u64) {
-            let n = n as usize;
-            if n < 4096 {
-                if self.ids.len() <= n {
-                    self.ids.resize(n + 1, None);
+        let index = call
+            .get("index")
+            .and_then(Value::as_u64)
+            .filter(|n| *n < 4096)
+            .map(|n| n as usize);
+        if let Some(n) = index {
+            if self.slots.len() <= n {
+                self.slots.resize(n + 1, None);
+            }
+            if let Some(slot) = self.slots[n] {
+                let held = self.ids[slot].as_deref();
+                // An id other than the one the index holds: another call.
+                let another = matches!((id, held), (Some(id), Some(held)) if id != held);
+                if !another {
+                    if held.is_none() {
+                        self.ids[slot] = id.map(str::to_string);
+                    }
+                    return slot;
                 }
-                if let Some(id) = id {
-                    self.ids[n] = Some(id.to_string());
+                // Another call under this index: one seen before (its id
+                // again), or a new one.
+                let seen = id.and_then(|id| self.ids.iter().position(|k| k.as_deref() == Some(id)));
+                if let Some(seen) = seen {
+                    self.slots[n] = Some(seen);
+                    return seen;
                 }
             }
-            return n;
+            self.ids.push(id.map(str::to_string));
+            let slot = self.ids.len() - 1;
+            self.slots[n] = Some(slot);
+            return slot;
         }
         match id {
             Some(id) => match self.ids.iter().position(|k| k.as_deref() == Some(id)) {
@@ -600,6 +626,25 @@ impl ToolCallIndex {
             },
             None => self.ids.len().saturating_sub(1),
         }
+    }
+}
+
+/// The text a streamed `delta.content` (or a message's `content`) carries:
+/// the string itself, or the text parts of a list of content chunks (as
+/// Mistral's reasoning models send, thinking chunks beside the text ones)
+/// joined as they come. Thinking chunks are not text. None when it is
+/// neither a string nor a list.
+pub fn content_text_of(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Array(parts) => Some(
+            parts
+                .iter()
+                .filter(|p| p.get("type").and_then(Value::as_str) == Some("text"))
+                .filter_map(|p| p.get("text").and_then(Value::as_str))
+                .collect(),
+        ),
+        _ => None,
     }
 }
 
@@ -809,6 +854,51 @@ mod tests {
         assert_eq!(e.param.as_deref(), Some("prompt"));
         let e = err(Endpoint::ChatCompletions, "  ");
         assert_eq!(e.code, "invalid_json");
+    }
+
+    /// Ollama streams parallel calls all with index 0, each with its own
+    /// id: each is a call of its own; a delta with no id continues the
+    /// newest, and OpenAI's numbering keeps its meaning.
+    #[test]
+    fn tool_calls_sharing_an_index_with_their_own_ids_stay_apart() {
+        let mut t = ToolCallIndex::default();
+        assert_eq!(t.of(&json!({"index": 0, "id": "a"})), 0);
+        assert_eq!(t.of(&json!({"index": 0, "id": "b"})), 1);
+        assert_eq!(t.of(&json!({"index": 0})), 1);
+        assert_eq!(t.of(&json!({"index": 0, "id": "b"})), 1);
+        assert_eq!(t.of(&json!({"index": 0, "id": ""})), 1);
+        // An earlier call's id again: that call.
+        assert_eq!(t.of(&json!({"index": 0, "id": "a"})), 0);
+        assert_eq!(t.of(&json!({"index": 0})), 0);
+        // OpenAI: the id comes once, in the call's first delta.
+        let mut t = ToolCallIndex::default();
+        assert_eq!(t.of(&json!({"index": 0, "id": "a"})), 0);
+        assert_eq!(t.of(&json!({"index": 1, "id": "b"})), 1);
+        assert_eq!(t.of(&json!({"index": 0})), 0);
+        assert_eq!(t.of(&json!({"index": 1})), 1);
+        // An index with no id at first, its id later: the same call.
+        let mut t = ToolCallIndex::default();
+        assert_eq!(t.of(&json!({"index": 3})), 0);
+        assert_eq!(t.of(&json!({"index": 3, "id": "x"})), 0);
+        assert_eq!(t.of(&json!({"index": 5, "id": "y"})), 1);
+        // No index: each new id is a new call.
+        let mut t = ToolCallIndex::default();
+        assert_eq!(t.of(&json!({"id": "c1"})), 0);
+        assert_eq!(t.of(&json!({"id": "c2"})), 1);
+        assert_eq!(t.of(&json!({})), 1);
+        assert_eq!(t.of(&json!({"id": "c1"})), 0);
+    }
+
+    #[test]
+    fn content_text_of_reads_strings_and_text_chunks() {
+        assert_eq!(content_text_of(&json!("hi")).as_deref(), Some("hi"));
+        let mistral = json!([
+            {"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]},
+            {"type": "text", "text": "Hello"},
+            {"type": "text", "text": " world"}
+        ]);
+        assert_eq!(content_text_of(&mistral).as_deref(), Some("Hello world"));
+        assert_eq!(content_text_of(&Value::Null), None);
     }
 
     #[test]

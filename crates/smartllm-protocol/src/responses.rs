@@ -1464,8 +1464,9 @@ impl ChatToResponsesStream {
                 continue;
             }
             let d = &c["delta"];
-            if let Some(t) = d["content"].as_str().filter(|t| !t.is_empty()) {
-                self.text_delta(PartKind::Text, t, out);
+            let text = crate::openai::content_text_of(&d["content"]);
+            if let Some(t) = text.filter(|t| !t.is_empty()) {
+                self.text_delta(PartKind::Text, &t, out);
             }
             if let Some(t) = d["refusal"].as_str().filter(|t| !t.is_empty()) {
                 self.text_delta(PartKind::Refusal, t, out);
@@ -2577,6 +2578,76 @@ mod tests {
             without_completed_at(s.response().unwrap()),
             without_completed_at(expected)
         );
+    }
+
+    /// Ollama streams parallel calls all with index 0, each with its own
+    /// id: two function calls, not one named "file_writefile_write".
+    #[test]
+    fn tool_calls_sharing_an_index_stay_apart() {
+        let mut input = chunk(
+            json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                "function": {"name": "file_write", "arguments": "{\"p\":1}"}}]}),
+            Value::Null,
+        );
+        input.extend(chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_b", "type": "function",
+                "function": {"name": "file_write", "arguments": "{\"p\":2}"}}]}),
+            Value::Null,
+        ));
+        input.extend(chunk(json!({}), json!("tool_calls")));
+        input.extend_from_slice(crate::sse::DONE_EVENT);
+        let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+        run(&mut s, &input, input.len());
+        let r = s.response().unwrap();
+        let calls: Vec<&Value> = r["output"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|i| i["type"] == "function_call")
+            .collect();
+        assert_eq!(calls.len(), 2, "{r}");
+        assert_eq!(
+            (
+                &calls[0]["call_id"],
+                &calls[0]["name"],
+                &calls[0]["arguments"]
+            ),
+            (&json!("call_a"), &json!("file_write"), &json!("{\"p\":1}"))
+        );
+        assert_eq!(
+            (
+                &calls[1]["call_id"],
+                &calls[1]["name"],
+                &calls[1]["arguments"]
+            ),
+            (&json!("call_b"), &json!("file_write"), &json!("{\"p\":2}"))
+        );
+    }
+
+    /// Mistral's reasoning models stream `content` as a list of chunks: the
+    /// text ones reach the answer, the thinking ones do not.
+    #[test]
+    fn content_chunks_stream_as_text() {
+        let mut input = chunk(
+            json!({"role": "assistant", "content": [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]}]}),
+            Value::Null,
+        );
+        input.extend(chunk(
+            json!({"content": [{"type": "text", "text": "Hel"}]}),
+            Value::Null,
+        ));
+        input.extend(chunk(json!({"content": "lo!"}), json!("stop")));
+        input.extend_from_slice(crate::sse::DONE_EVENT);
+        let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+        let events = run(&mut s, &input, input.len());
+        let deltas: Vec<&Value> = events
+            .iter()
+            .filter(|(n, _)| n == "response.output_text.delta")
+            .map(|(_, v)| &v["delta"])
+            .collect();
+        assert_eq!(deltas, [&json!("Hel"), &json!("lo!")]);
+        let r = s.response().unwrap();
+        assert_eq!(r["output"][0]["content"][0]["text"], "Hello!");
     }
 
     #[test]

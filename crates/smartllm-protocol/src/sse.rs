@@ -61,22 +61,19 @@ impl SseParser {
     pub fn feed(&mut self, chunk: &[u8]) -> Result<Vec<SseEvent>, SseTooLarge> {
         self.buf.extend_from_slice(chunk);
         let mut events = Vec::new();
-        loop {
-            match find_event_end(&self.buf, self.scanned) {
-                Some(end) => {
-                    let raw: Vec<u8> = self.buf.drain(..end).collect();
-                    self.scanned = 0;
-                    if let Some(ev) = parse_event(raw) {
-                        events.push(ev);
-                    }
-                }
-                None => {
-                    // Re-scan the last 3 bytes next time: a terminator may straddle chunks.
-                    self.scanned = self.buf.len().saturating_sub(3);
-                    break;
-                }
+        // The events are cut from `buf` where they lie and the bytes handed
+        // out are drained once at the end: a chunk of many events is not
+        // shifted down once per event.
+        let (mut start, mut scan) = (0, self.scanned);
+        while let Some(end) = find_event_end(&self.buf, scan) {
+            if let Some(ev) = parse_event(self.buf[start..end].to_vec()) {
+                events.push(ev);
             }
+            (start, scan) = (end, end);
         }
+        self.buf.drain(..start);
+        // Re-scan the last 3 bytes next time: a terminator may straddle chunks.
+        self.scanned = self.buf.len().saturating_sub(3);
         if self.buf.len() > self.max_event {
             return Err(SseTooLarge(self.max_event));
         }
@@ -284,6 +281,29 @@ mod tests {
             ["one", "two"]
         );
         assert_eq!(evs[0].raw, b"data: one\r\n\r\n");
+    }
+
+    /// Many events in one chunk all come out, in order, and a partial one
+    /// after them is kept for the next chunk.
+    #[test]
+    fn many_events_in_one_chunk() {
+        let mut stream = Vec::new();
+        for i in 0..1000 {
+            stream.extend_from_slice(format!("data: {i}\n\n").as_bytes());
+        }
+        stream.extend_from_slice(b"data: tail");
+        let mut p = SseParser::default();
+        let evs = p.feed(&stream).unwrap();
+        assert_eq!(evs.len(), 1000);
+        for (i, ev) in evs.iter().enumerate() {
+            assert_eq!(ev.data, i.to_string());
+            assert_eq!(ev.raw, format!("data: {i}\n\n").into_bytes());
+        }
+        assert_eq!(p.pending(), b"data: tail");
+        let evs = p.feed(b"\n\n").unwrap();
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].data, "tail");
+        assert!(p.pending().is_empty());
     }
 
     #[test]

@@ -727,6 +727,7 @@ impl AdminApp {
         };
         // Alignment and the guard's word diff grow with the square of the
         // length: off the async threads.
+        let tails = embedder.clone();
         let scored = tokio::task::spawn_blocking(move || {
             let (va, vb) = (
                 smartllm_embed::pool(&states[0]),
@@ -739,7 +740,9 @@ impl AdminApp {
                 &states[1],
                 smartllm_embed::DIM,
             );
-            let guard = smartllm_cache::near_miss(&a, &b);
+            let guard = smartllm_cache::near_miss(&a, &b).or_else(|| {
+                smartllm_cache::unread_tails_differ(&tails, &a, &b).then_some("beyond_window")
+            });
             // The exact stage answers these before any embedding.
             let exact = smartllm_cache::exact_text(&a) == smartllm_cache::exact_text(&b);
             (similarity, verifier, guard, exact)

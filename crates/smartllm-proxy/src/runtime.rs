@@ -721,6 +721,9 @@ impl HealthDispatch {
                     } else {
                         TcpHealthCheck::new()
                     };
+                    // The provider's own CA (`tls_ca_file`), as its requests
+                    // use: without it a private CA's handshake always fails.
+                    c.peer_template.options.ca = p.ca.clone();
                     c.peer_template.options.connection_timeout =
                         Some(p.cfg.connect_timeout.min(Duration::from_secs(5)));
                     Some(c)

@@ -130,6 +130,7 @@ pub(super) fn resolve_server(dir: &Path, s: RawServer, v: &mut Issues<'_>) -> Se
         ("server.client_header_timeout", &s.client_header_timeout),
         ("server.client_body_deadline", &s.client_body_deadline),
         ("server.keepalive_timeout", &s.keepalive_timeout),
+        ("server.client_write_timeout", &s.client_write_timeout),
     ] {
         if value.as_ref().is_some_and(|d| d.0.is_zero()) {
             v.push(MAIN_FILE, key, "must be greater than 0");
@@ -145,6 +146,7 @@ pub(super) fn resolve_server(dir: &Path, s: RawServer, v: &mut Issues<'_>) -> Se
         client_header_timeout: dur(s.client_header_timeout, 10),
         client_body_deadline: dur(s.client_body_deadline, 300),
         keepalive_timeout: dur(s.keepalive_timeout, 60),
+        client_write_timeout: dur(s.client_write_timeout, 60),
         http1_pipelining: s.http1_pipelining.unwrap_or(true),
         upstream_connect_timeout: dur(s.upstream_connect_timeout, 5),
         upstream_first_byte_timeout: dur(s.upstream_first_byte_timeout, 600),

@@ -96,8 +96,13 @@ pub async fn phase(
         bypass(ctx, "shape");
         return Ok(false);
     }
+    // (Or, through Responses, log-probabilities or encrypted reasoning,
+    // which only its own body asks for: the canonical chat body never
+    // carries them, so `keeps_no_replay` cannot see them.)
     if req.responses.as_deref().is_some_and(|r| {
-        (r.previous_response_id.is_some() && r.previous.is_none()) || r.untranslatable.is_some()
+        (r.previous_response_id.is_some() && r.previous.is_none())
+            || r.untranslatable.is_some()
+            || responses_keeps_no_replay(&r.original)
     }) {
         bypass(ctx, "shape");
         return Ok(false);
@@ -311,6 +316,23 @@ fn keeps_no_replay(body: &serde_json::Map<String, Value>) -> bool {
             .is_some_and(|m| m.iter().any(|x| x != "text"))
 }
 
+/// A Responses body asking for parts of the answer a cached replay would
+/// not have: token log-probabilities (`top_logprobs`, or `include`
+/// naming `*.logprobs`) or encrypted reasoning to pass back later.
+fn responses_keeps_no_replay(body: &serde_json::Map<String, Value>) -> bool {
+    body.get("top_logprobs")
+        .and_then(Value::as_u64)
+        .is_some_and(|n| n > 0)
+        || body
+            .get("include")
+            .and_then(Value::as_array)
+            .is_some_and(|inc| {
+                inc.iter()
+                    .filter_map(Value::as_str)
+                    .any(|i| i.ends_with("logprobs") || i == "reasoning.encrypted_content")
+            })
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -327,5 +349,12 @@ mod tests {
         assert!(no(json!({"modalities": ["text", "audio"]})));
         assert!(no(json!({"audio": {"voice": "alloy", "format": "wav"}})));
         assert!(no(json!({"web_search_options": {}})));
+        // Through Responses, which its canonical chat body does not show.
+        let no = |v: serde_json::Value| super::responses_keeps_no_replay(v.as_object().unwrap());
+        assert!(!no(json!({"input": "hi", "top_logprobs": 0})));
+        assert!(!no(json!({"include": ["web_search_call.action.sources"]})));
+        assert!(no(json!({"top_logprobs": 5})));
+        assert!(no(json!({"include": ["message.output_text.logprobs"]})));
+        assert!(no(json!({"include": ["reasoning.encrypted_content"]})));
     }
 }

@@ -54,10 +54,18 @@ impl From<Box<pingora_error::Error>> for Failure {
 }
 
 /// Accept: take the config snapshot and a request id, and count the request
-/// in flight (a drain waits for it).
-pub fn begin(shared: &Shared, session: &Session, ctx: &mut Ctx) {
+/// in flight (a drain waits for it). A client that stops reading the answer
+/// (a zero TCP window, a host gone without a reset) is cut off after
+/// `server.client_write_timeout` instead of holding its request, its
+/// in-flight slot and its upstream connection for as long as TCP keeps
+/// trying (Pingora sets no write timeout of its own).
+pub fn begin(shared: &Shared, session: &mut Session, ctx: &mut Ctx) {
     crate::frontend::head_complete();
-    ctx.begin(session, shared.runtime.load_full());
+    let rt = shared.runtime.load_full();
+    session
+        .downstream_session
+        .set_write_timeout(Some(rt.config.server.client_write_timeout));
+    ctx.begin(session, rt);
     ctx.trace = shared
         .tracing
         .as_ref()

@@ -251,12 +251,10 @@ pub(super) async fn once(
         // know its upstream model (a revoked key, an organisation without
         // access, a misspelt model): no fault of the client's, whose SDK
         // would read a 401 as its own key being wrong. Another deployment or
-        // fallback may serve; the deployment's circuit counts it. (A 404 of
-        // a provider that speaks Responses about what the client named, its
-        // `previous_response_id` or a file, is passed on.)
-        let refused = matches!(status, 401 | 403)
-            || (status == 404
-                && !(x.translate == Translate::ResponsesNative && about_the_request(&body)));
+        // fallback may serve; the deployment's circuit counts a 401 or 403.
+        // (A 404 about what the client named, a `previous_response_id`, a
+        // file or another parameter, is passed on.)
+        let refused = matches!(status, 401 | 403) || (status == 404 && !about_the_request(&body));
         if refused {
             let msg = serde_json::from_slice::<Value>(&body)
                 .ok()

@@ -320,7 +320,17 @@ pub async fn run(
             }
             // A 5xx (refused, reset, timed out, or answered 5xx) counts against the
             // deployment's circuit; a 429 or 4xx does not. Either is a failure of the model.
+            // Except a 404 the gateway turned into `upstream_not_found`: a
+            // client can draw that at will (a chat model asked on
+            // /v1/completions), and a few such requests must not open the
+            // circuits of a model for every tenant; the attempt counts for
+            // nothing either way (a wrong upstream model name still fails
+            // over, request by request).
             let failed = |e: &ApiError| {
+                if e.code == "upstream_not_found" {
+                    shared.breakers.abandon(breaker_id, permit);
+                    return;
+                }
                 shared
                     .breakers
                     .record(breaker_id, &breaker_cfg, e.status < 500);
