@@ -146,6 +146,10 @@ fn parse_file<T: DeserializeOwned + Default>(
             if let Some(i) = message.find(" at line ") {
                 message.truncate(i);
             }
+            // It also starts with the key path, which the issue prints.
+            if let Some(rest) = message.strip_prefix(&format!("{path}: ")) {
+                message = rest.to_string();
+            }
             // A key given twice: serde_yaml points at its map; the line is
             // the second one.
             let line = twice_line(text, &message, line).or(line);

@@ -88,15 +88,33 @@ fn key_matches(content: &str, key: &str) -> bool {
     false
 }
 
+/// The keys of `segs` (all of them keys) joined with dots again: a name
+/// that holds dots (`gpt-4.1`) was split into several segments.
+fn joined(segs: &[Segment<'_>]) -> String {
+    let keys: Vec<&str> = segs
+        .iter()
+        .filter_map(|s| match s {
+            Segment::Key(k) => Some(*k),
+            Segment::Index(_) => None,
+        })
+        .collect();
+    keys.join(".")
+}
+
 /// The 1-based line of `path` in `text`, or of its deepest ancestor found.
+/// A key may hold dots (model, provider and route names such as `gpt-4.1`):
+/// at each level the longest run of the following keys that names a key
+/// there wins, so `routes.gpt-4.1.x` finds `gpt-4.1:`, not `gpt-4:`.
 pub fn locate(text: &str, path: &str) -> Option<usize> {
     let lines = lines(text);
+    let segs = segments(path);
     let mut start = 0usize;
     let mut parent_indent: isize = -1;
     let mut found: Option<usize> = None;
-    for seg in segments(path) {
+    let mut i = 0usize;
+    while i < segs.len() {
         // The child block: lines after `start` indented deeper than the parent.
-        let is_index = matches!(seg, Segment::Index(_));
+        let is_index = matches!(segs[i], Segment::Index(_));
         let block_end = lines[start..]
             .iter()
             .position(|l| {
@@ -109,22 +127,36 @@ pub fn locate(text: &str, path: &str) -> Option<usize> {
         let Some(child_indent) = block.first().map(|l| l.indent) else {
             return found;
         };
-        let hit = match seg {
-            Segment::Key(key) => block
-                .iter()
-                .position(|l| !l.item && l.indent == child_indent && key_matches(l.content, key)),
-            Segment::Index(i) => block
+        // The position in `block` and the index of the next segment.
+        let hit = match segs[i] {
+            Segment::Key(_) => {
+                let keys = segs[i..]
+                    .iter()
+                    .take_while(|s| matches!(s, Segment::Key(_)))
+                    .count();
+                (1..=keys).rev().find_map(|n| {
+                    let key = joined(&segs[i..i + n]);
+                    block
+                        .iter()
+                        .position(|l| {
+                            !l.item && l.indent == child_indent && key_matches(l.content, &key)
+                        })
+                        .map(|p| (p, i + n))
+                })
+            }
+            Segment::Index(k) => block
                 .iter()
                 .enumerate()
                 .filter(|(_, l)| l.item && l.indent == child_indent)
-                .nth(i)
-                .map(|(p, _)| p),
+                .nth(k)
+                .map(|(p, _)| (p, i + 1)),
         };
-        let Some(p) = hit else { return found };
+        let Some((p, next)) = hit else { return found };
         let line = &block[p];
         found = Some(line.number);
         parent_indent = line.indent as isize;
         start = start + p + 1;
+        i = next;
     }
     found
 }
@@ -165,6 +197,36 @@ routes:
     fn items_at_parent_indent() {
         let doc = "models:\n- name: a\n- name: b\n  owned_by: x\n";
         assert_eq!(locate(doc, "models[1].owned_by"), Some(4));
+    }
+
+    /// Names may hold dots: `gpt-4.1` is one key, found even after a
+    /// sibling `gpt-4` (which a split on every dot would pick).
+    #[test]
+    fn keys_with_dots() {
+        let doc = "\
+cache:
+  routes:
+    gpt-4:
+      similarity_threshold: 0.9
+    gpt-4.1:
+      similarity_threshold: 2
+    'v1.2.3':
+      models:
+        - name: a
+";
+        assert_eq!(
+            locate(doc, "cache.routes.gpt-4.similarity_threshold"),
+            Some(4)
+        );
+        assert_eq!(
+            locate(doc, "cache.routes.gpt-4.1.similarity_threshold"),
+            Some(6)
+        );
+        assert_eq!(locate(doc, "cache.routes.gpt-4.1"), Some(5));
+        assert_eq!(locate(doc, "cache.routes.gpt-4.1.missing"), Some(5));
+        assert_eq!(locate(doc, "cache.routes.v1.2.3.models[0].name"), Some(9));
+        // No such entry: the parent, not a sibling.
+        assert_eq!(locate(doc, "cache.routes.gpt-5.1.x"), Some(2));
     }
 
     #[test]

@@ -158,6 +158,13 @@ pub fn load(tls: &TlsConfig) -> Result<TlsMaterial, TlsError> {
     })
 }
 
+/// Read a provider's `tls_ca_file`: a readable PEM bundle holding at least
+/// one certificate, as the proxy requires when it builds the provider, so
+/// that a file `serve` would refuse fails `smartllm check` and a reload.
+pub(crate) fn ca_bundle(path: &Path) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    certs("tls_ca_file", path)
+}
+
 /// The files `tls` reads, with their settings (for the config's digest).
 pub(crate) fn files(tls: &TlsConfig) -> Vec<(&'static str, &Path)> {
     let mut out = vec![

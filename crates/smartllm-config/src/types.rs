@@ -1061,6 +1061,7 @@ mod tests {
     /// file is a change a reload applies; the watcher watches them.
     #[test]
     fn secret_files_are_in_the_digest_and_watched() {
+        const CERT: &str = include_str!("testdata/cert.pem");
         let d = write_dir(&[
             (MAIN_FILE, "server: {}\nadmin:\n  token_file: admin.token\n"),
             (
@@ -1069,13 +1070,15 @@ mod tests {
             ),
             (MODELS_FILE, "models:\n  - name: m\n    deployments: [ { provider: p } ]\n"),
             ("admin.token", "t1\n"),
+            ("ca.pem", CERT),
         ]);
         let first = load_dir(d.path()).unwrap();
         std::fs::write(d.path().join("admin.token"), "t2\n").unwrap();
         let second = load_dir(d.path()).unwrap();
         assert_ne!(first.digest, second.digest);
         assert_eq!(second.digest, load_dir(d.path()).unwrap().digest);
-        std::fs::write(d.path().join("ca.pem"), "x").unwrap();
+        // A new CA bundle (the loader reads it: it must hold a certificate).
+        std::fs::write(d.path().join("ca.pem"), format!("{CERT}{CERT}")).unwrap();
         assert_ne!(second.digest, load_dir(d.path()).unwrap().digest);
         let watched = second.watched_files();
         for f in [

@@ -14,6 +14,28 @@ pub struct ConfigDuration(pub Duration);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ByteSize(pub u64);
 
+/// The longest duration a setting may hold: ten years. Anything longer is a
+/// typo, and would overflow when the gateway adds it to an instant.
+pub const MAX_DURATION_SECS: u64 = 315_360_000;
+
+/// `secs` as a duration, unless it is not finite, negative or longer than
+/// [`MAX_DURATION_SECS`] (`input` is the value as written, for the error).
+fn bounded_secs_f64(secs: f64, input: &str) -> Result<Duration, UnitError> {
+    if !secs.is_finite() || secs < 0.0 || secs > MAX_DURATION_SECS as f64 {
+        return Err(UnitError::Duration(input.to_string()));
+    }
+    Duration::try_from_secs_f64(secs).map_err(|_| UnitError::Duration(input.to_string()))
+}
+
+/// A whole number of seconds as a duration, unless it is longer than
+/// [`MAX_DURATION_SECS`].
+fn bounded_secs(secs: u64) -> Result<Duration, UnitError> {
+    if secs > MAX_DURATION_SECS {
+        return Err(UnitError::Duration(secs.to_string()));
+    }
+    Ok(Duration::from_secs(secs))
+}
+
 pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
     let s = s.trim();
     let split = s
@@ -36,10 +58,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
             })
         }
     };
-    if !secs.is_finite() || secs < 0.0 {
-        return Err(UnitError::Duration(s.to_string()));
-    }
-    Ok(Duration::from_secs_f64(secs))
+    bounded_secs_f64(secs, s)
 }
 
 pub fn parse_bytes(s: &str) -> Result<u64, UnitError> {
@@ -77,16 +96,17 @@ impl de::Visitor<'_> for DurationVisitor {
         f.write_str("a duration such as 250ms, 30s, 5m or a number of seconds")
     }
     fn visit_u64<E: de::Error>(self, v: u64) -> Result<Self::Value, E> {
-        Ok(ConfigDuration(Duration::from_secs(v)))
+        bounded_secs(v).map(ConfigDuration).map_err(E::custom)
     }
     fn visit_i64<E: de::Error>(self, v: i64) -> Result<Self::Value, E> {
-        u64::try_from(v)
-            .map(|v| ConfigDuration(Duration::from_secs(v)))
-            .map_err(|_| E::custom("a duration cannot be negative"))
+        let v = u64::try_from(v).map_err(|_| E::custom("a duration cannot be negative"))?;
+        bounded_secs(v).map(ConfigDuration).map_err(E::custom)
     }
     fn visit_f64<E: de::Error>(self, v: f64) -> Result<Self::Value, E> {
         if v.is_finite() && v >= 0.0 {
-            Ok(ConfigDuration(Duration::from_secs_f64(v)))
+            bounded_secs_f64(v, &v.to_string())
+                .map(ConfigDuration)
+                .map_err(E::custom)
         } else {
             Err(E::custom("a duration must be a non-negative number"))
         }
@@ -141,6 +161,44 @@ mod tests {
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("abc").is_err());
+    }
+
+    /// A duration too large for `Duration` (or for an instant plus it) is a
+    /// parse error, never a panic, on every path: strings, floats and
+    /// whole numbers.
+    #[test]
+    fn durations_are_bounded() {
+        for s in ["99999999999999999999s", "6000000000000000h", "315360001s"] {
+            assert!(
+                matches!(parse_duration(s), Err(UnitError::Duration(_))),
+                "{s}"
+            );
+        }
+        assert_eq!(
+            parse_duration("87600h").unwrap(),
+            Duration::from_secs(MAX_DURATION_SECS)
+        );
+        let parse = |yaml: &str| serde_yaml::from_str::<ConfigDuration>(yaml);
+        for yaml in [
+            "1e20",
+            "18446744073709551615",
+            "315360001",
+            "9223372036854775807",
+            "\"99999999999999999999s\"",
+            "\"6000000000000000h\"",
+            "-1",
+            "-1.5",
+            ".inf",
+            ".nan",
+        ] {
+            assert!(parse(yaml).is_err(), "{yaml}");
+        }
+        assert_eq!(
+            parse("315360000").unwrap().0,
+            Duration::from_secs(MAX_DURATION_SECS)
+        );
+        assert_eq!(parse("1.5").unwrap().0, Duration::from_millis(1500));
+        assert_eq!(parse("30").unwrap().0, Duration::from_secs(30));
     }
 
     #[test]

@@ -47,16 +47,27 @@ pub enum ReloadError {
 
 impl ReloadError {
     /// Whether the same files may load a moment later: an address that did
-    /// not resolve, a key or token file being replaced.
+    /// not resolve, a key or token file being replaced, or a file the config
+    /// names that cannot be read yet (a certificate certbot has not issued,
+    /// a learned router not trained yet: its directory may not be watched,
+    /// so only a retry would notice it arrive).
     pub fn passing(&self) -> bool {
-        matches!(
-            self,
-            ReloadError::WouldDemo(_)
-                | ReloadError::Prepare(
-                    crate::runtime::PrepareError::Deployments { .. }
-                        | crate::runtime::PrepareError::AdminToken(_)
-                )
-        )
+        match self {
+            ReloadError::Config(e) => {
+                !e.issues.is_empty()
+                    && e.issues
+                        .iter()
+                        .all(|i| i.message.starts_with("cannot read"))
+            }
+            _ => matches!(
+                self,
+                ReloadError::WouldDemo(_)
+                    | ReloadError::Prepare(
+                        crate::runtime::PrepareError::Deployments { .. }
+                            | crate::runtime::PrepareError::AdminToken(_)
+                    )
+            ),
+        }
     }
 }
 
@@ -369,5 +380,26 @@ mod tests {
             crate::runtime::PrepareError::AdminOpen("0.0.0.0:9090".parse().unwrap()),
         ));
         assert_eq!(next_retry(&open, None), None);
+        // A file the config names that is not there yet: tried again; a
+        // wrong value is not.
+        let issue = |message: &str| smartllm_config::ConfigIssue {
+            file: "smartllm.yaml".into(),
+            path: "server.tls.cert_file".into(),
+            line: Some(3),
+            message: message.into(),
+        };
+        let unreadable = Err(ReloadError::Config(smartllm_config::ConfigError {
+            issues: vec![issue(
+                "cannot read /etc/le/live/new/fullchain.pem: No such file",
+            )],
+        }));
+        assert_eq!(next_retry(&unreadable, None), Some(RETRY_FIRST));
+        let wrong = Err(ReloadError::Config(smartllm_config::ConfigError {
+            issues: vec![
+                issue("cannot read /etc/le/live/new/fullchain.pem: No such file"),
+                issue("must be greater than 0"),
+            ],
+        }));
+        assert_eq!(next_retry(&wrong, None), None);
     }
 }

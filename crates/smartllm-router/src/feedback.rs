@@ -10,7 +10,9 @@
 //! hundreds move it to what the tenant's users report. Tenants are kept
 //! apart throughout: a tenant's votes steer only its own requests, and
 //! request ids (which clients may set) are remembered per tenant. A request
-//! is scored once (a later score replaces the earlier one).
+//! is scored once (a later score replaces the earlier one). [`MAX_TALLIES`]
+//! bounds the tally, half of it for the callers of an open gateway (a
+//! tenant per key they present).
 //!
 //! Outcomes count without anyone voting: a model that fails a request
 //! ([`FeedbackBook::failure`]), and a model whose answer was asked for again
@@ -114,6 +116,25 @@ impl Remembered {
 
 /// Votes by (tenant, model, task).
 type Tally = HashMap<(String, String, Task), Votes>;
+
+/// The most (tenant, model, task) tallies kept: the configured tenants'
+/// fit many times over; beyond it new ones are not counted (each vote
+/// copies the tally, which must stay small).
+pub const MAX_TALLIES: usize = 50_000;
+
+/// Whether a vote on `key` may start a tally (one already kept always
+/// counts). The callers of an open gateway each get a tenant of their own
+/// per key they present (`key:<hash>`), as many as anyone makes up: theirs
+/// start only while the tally is under half its bound, so they never take
+/// the configured tenants' room.
+fn has_room(tally: &Tally, key: &(String, String, Task)) -> bool {
+    let bound = if key.0.starts_with("key:") {
+        MAX_TALLIES / 2
+    } else {
+        MAX_TALLIES
+    };
+    tally.len() < bound || tally.contains_key(key)
+}
 
 #[derive(Default)]
 pub struct FeedbackBook {
@@ -220,11 +241,13 @@ impl FeedbackBook {
             // The same score again changes nothing: no copy of the tally.
             return Ok(served);
         }
+        let key = (served.tenant.clone(), served.model.clone(), served.task);
+        if !has_room(&self.votes.load(), &key) {
+            return Ok(served);
+        }
         self.votes.rcu(|tally| {
             let mut tally = Tally::clone(tally);
-            let e = tally
-                .entry((served.tenant.clone(), served.model.clone(), served.task))
-                .or_default();
+            let e = tally.entry(key.clone()).or_default();
             match previous {
                 Some(p) => e.sum += score - p,
                 None => {
@@ -249,11 +272,15 @@ impl FeedbackBook {
         // cap, refresh its time at most once a minute, so an outage does not
         // copy the map on every failed request.
         let key = (tenant.to_string(), model.to_string(), task);
-        if self.votes.load().get(&key).is_some_and(|v| {
-            v.at(now).implicit >= IMPLICIT_CAP && now.saturating_sub(v.implicit_at) < 60
-        }) {
+        let tally = self.votes.load();
+        if !has_room(&tally, &key)
+            || tally.get(&key).is_some_and(|v| {
+                v.at(now).implicit >= IMPLICIT_CAP && now.saturating_sub(v.implicit_at) < 60
+            })
+        {
             return;
         }
+        drop(tally);
         self.votes.rcu(|tally| {
             let mut tally = Tally::clone(tally);
             let e = tally.entry(key.clone()).or_default();
@@ -378,6 +405,42 @@ mod tests {
         book.failure_at("acme", "m", Task::Code, 10_000);
         let v = book.votes.load()[&("acme".to_string(), "m".to_string(), Task::Code)].at(10_000);
         assert_eq!((v.votes, v.implicit), (2, 1));
+    }
+
+    /// The tally never grows past its bound; keys made up on an open
+    /// gateway (a tenant each) take at most half of it, so the configured
+    /// tenants always have room.
+    #[test]
+    fn the_tally_is_bounded() {
+        let book = FeedbackBook::default();
+        let full = |n: usize, prefix: &str| -> Tally {
+            (0..n)
+                .map(|i| {
+                    (
+                        (format!("{prefix}{i}"), "m".to_string(), Task::Code),
+                        Votes::default(),
+                    )
+                })
+                .collect()
+        };
+        book.votes
+            .store(std::sync::Arc::new(full(MAX_TALLIES / 2, "key:")));
+        book.failure("key:new", "m", Task::Code);
+        assert_eq!(book.votes_for("key:new", "m", Task::Code).votes, 0);
+        book.remember("r1", served("key:new", "m"));
+        book.score("r1", "key:new", 0.0).unwrap();
+        assert_eq!(book.votes.load().len(), MAX_TALLIES / 2);
+        // A configured tenant still has room; a kept tally still counts.
+        book.failure("acme", "m", Task::Code);
+        assert_eq!(book.votes_for("acme", "m", Task::Code).votes, 1);
+        book.failure("key:7", "m", Task::Code);
+        assert_eq!(book.votes_for("key:7", "m", Task::Code).votes, 1);
+        // At the whole bound, no new tally at all.
+        book.votes
+            .store(std::sync::Arc::new(full(MAX_TALLIES, "t")));
+        book.failure("beta", "m", Task::Code);
+        assert_eq!(book.votes.load().len(), MAX_TALLIES);
+        assert_eq!(book.votes_for("beta", "m", Task::Code).votes, 0);
     }
 
     #[test]

@@ -25,8 +25,8 @@ pub fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
         } => {
             let query = match (all, route, namespace) {
                 (true, _, _) => "all=true".to_string(),
-                (_, Some(r), _) => format!("route={r}"),
-                (_, _, Some(n)) => format!("namespace={n}"),
+                (_, Some(r), _) => format!("route={}", query_value(&r)),
+                (_, _, Some(n)) => format!("namespace={}", query_value(&n)),
                 _ => anyhow::bail!("say what to purge: --all, --route NAME or --namespace HEX"),
             };
             println!(
@@ -66,6 +66,21 @@ pub fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
         })?,
     }
     Ok(())
+}
+
+/// `v` percent-encoded for a query string: letters, digits and `-_.~` as
+/// they are, every other byte as `%XX` (a route named `c++` must not reach
+/// the gateway as `c  `, nor `a&all=true` as a second parameter).
+fn query_value(v: &str) -> String {
+    let mut out = String::with_capacity(v.len());
+    for b in v.bytes() {
+        if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 struct Eval<'a> {
@@ -431,6 +446,23 @@ fn report_text(report: &Report<'_>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn purge_values_are_percent_encoded() {
+        assert_eq!(query_value("auto-1.2_x~"), "auto-1.2_x~");
+        assert_eq!(query_value("c++"), "c%2B%2B");
+        assert_eq!(query_value("a b&all=true#%"), "a%20b%26all%3Dtrue%23%25");
+        assert_eq!(query_value("é/"), "%C3%A9%2F");
+        // The gateway decodes them back to the name as given.
+        for route in ["c++", "a b&all=true", "é/x%41", "plain"] {
+            let query = format!("route={}", query_value(route));
+            assert_eq!(
+                smartllm_protocol::admin_query::purge(&query).unwrap(),
+                smartllm_protocol::admin_query::PurgeTarget::Route(route.to_string()),
+                "{query}"
+            );
+        }
+    }
 
     fn rows() -> (Vec<LabelledPair>, Vec<EvalRow>) {
         let pairs = guard::parse_pairs(

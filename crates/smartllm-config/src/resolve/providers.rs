@@ -47,12 +47,34 @@ pub(super) fn resolve_providers(
                 continue;
             }
         };
-        if p.tls_ca_file.is_some() && !base_url.tls {
-            v.push(
+        let tls_ca_file = p.tls_ca_file.as_deref().map(|f| relative_to(dir, f));
+        match &tls_ca_file {
+            Some(_) if !base_url.tls => v.push(
                 PROVIDERS_FILE,
                 format!("{at}.tls_ca_file"),
                 "only applies to https:// base URLs",
-            );
+            ),
+            // Read it now, as `serve` does when it builds the provider.
+            Some(path) => {
+                if let Err(e) = crate::tls::ca_bundle(path) {
+                    v.push(PROVIDERS_FILE, format!("{at}.tls_ca_file"), e.to_string());
+                }
+            }
+            None => {}
+        }
+        // Zero would fail every request to the provider at once.
+        for (key, value) in [
+            ("connect_timeout", &p.connect_timeout),
+            ("first_byte_timeout", &p.first_byte_timeout),
+            ("idle_timeout", &p.idle_timeout),
+        ] {
+            if value.as_ref().is_some_and(|d| d.0.is_zero()) {
+                v.push(
+                    PROVIDERS_FILE,
+                    format!("{at}.{key}"),
+                    "must be greater than 0",
+                );
+            }
         }
         let api_key = match (p.api_key_env, p.api_key_file) {
             (Some(_), Some(_)) => {
@@ -67,7 +89,7 @@ pub(super) fn resolve_providers(
             (None, Some(file)) => ApiKeySource::File(relative_to(dir, &file)),
             (None, None) => ApiKeySource::None,
         };
-        let mut headers = Vec::new();
+        let mut headers: Vec<(String, String)> = Vec::new();
         for (k, val) in p.headers {
             let lower = k.to_ascii_lowercase();
             if http_header_name_ok(&lower) && !val.contains(['\r', '\n']) {
@@ -85,6 +107,13 @@ pub(super) fn resolve_providers(
                         PROVIDERS_FILE,
                         format!("{at}.headers.{k}"),
                         "this header is set by the gateway and cannot be configured",
+                    );
+                } else if headers.iter().any(|(name, _)| *name == lower) {
+                    // Sent as one header: one value would silently win.
+                    v.push(
+                        PROVIDERS_FILE,
+                        format!("{at}.headers.{k}"),
+                        "header given twice (names are case-insensitive)",
                     );
                 } else {
                     headers.push((lower, val));
@@ -159,7 +188,7 @@ pub(super) fn resolve_providers(
                 anthropic_version: p.anthropic_version.unwrap_or_else(|| "2023-06-01".into()),
                 drop_thinking: p.drop_thinking.unwrap_or(false),
                 responses: p.responses.unwrap_or(false) && kind == ProviderKind::OpenAi,
-                tls_ca_file: p.tls_ca_file.map(|f| relative_to(dir, &f)),
+                tls_ca_file,
                 stream_usage: p.stream_usage.unwrap_or(true),
                 max_tokens_field,
                 connect_timeout: p
@@ -198,4 +227,106 @@ fn http_header_name_ok(s: &str) -> bool {
     !s.is_empty()
         && s.bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::*;
+    use crate::*;
+    use std::time::Duration;
+
+    const CERT: &str = include_str!("../testdata/cert.pem");
+    const KEY: &str = include_str!("../testdata/key.pem");
+
+    fn load(providers: &str, files: &[(&str, &str)]) -> Result<Config, ConfigError> {
+        let mut all = vec![
+            (MAIN_FILE, "data_dir: /tmp/x\n"),
+            (PROVIDERS_FILE, providers),
+        ];
+        all.extend_from_slice(files);
+        load_dir(write_dir(&all).path())
+    }
+
+    #[test]
+    fn provider_timeouts_of_zero_are_refused() {
+        let p = "providers:\n  p.1:\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n    connect_timeout: 0s\n    first_byte_timeout: 0ms\n    idle_timeout: 0\n";
+        let text = load(p, &[]).unwrap_err().to_string();
+        for (line, key) in [
+            (5, "connect_timeout"),
+            (6, "first_byte_timeout"),
+            (7, "idle_timeout"),
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "providers.yaml:{line}: providers.p.1.{key}: must be greater than 0"
+                )),
+                "{text}"
+            );
+        }
+        let p = "providers:\n  p:\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n    first_byte_timeout: 30s\n";
+        let c = load(p, &[]).unwrap();
+        assert_eq!(c.providers["p"].first_byte_timeout, Duration::from_secs(30));
+        assert_eq!(
+            c.providers["p"].idle_timeout,
+            c.server.upstream_idle_timeout
+        );
+    }
+
+    #[test]
+    fn a_ca_file_serve_would_refuse_fails_the_load() {
+        let p = "providers:\n  p:\n    kind: openai\n    base_url: https://api.example.com/v1\n    tls_ca_file: ca.pem\n";
+        let cases: [(&[(&str, &str)], &str); 4] = [
+            (&[], "cannot read"),
+            (&[("ca.pem", "")], "holds no PEM certificate"),
+            (
+                &[("ca.pem", "not a certificate\n")],
+                "holds no PEM certificate",
+            ),
+            (&[("ca.pem", KEY)], "holds no PEM certificate"),
+        ];
+        for (files, want) in cases {
+            let text = load(p, files).unwrap_err().to_string();
+            assert!(
+                text.contains("providers.yaml:5: providers.p.tls_ca_file: ")
+                    && text.contains("ca.pem")
+                    && text.contains(want),
+                "{want}: {text}"
+            );
+        }
+        let c = load(p, &[("ca.pem", CERT)]).unwrap();
+        assert!(c.providers["p"]
+            .tls_ca_file
+            .as_ref()
+            .unwrap()
+            .ends_with("ca.pem"));
+        // Over plain HTTP the file is not used: only that is said.
+        let plain = p.replace("https://", "http://");
+        let text = load(&plain, &[]).unwrap_err().to_string();
+        assert!(
+            text.contains("providers.p.tls_ca_file: only applies to https:// base URLs")
+                && !text.contains("cannot read"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn header_names_differing_only_in_case_are_refused() {
+        let p = "providers:\n  p:\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n    headers:\n      OpenAI-Organization: org-a\n      openai-organization: org-b\n";
+        let err = load(p, &[]).unwrap_err();
+        assert_eq!(err.issues.len(), 1, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("providers.yaml:7: providers.p.headers.openai-organization: header given twice (names are case-insensitive)"),
+            "{text}"
+        );
+        let p = "providers:\n  p:\n    kind: openai\n    base_url: http://127.0.0.1:1/v1\n    headers:\n      OpenAI-Organization: org-a\n      OpenAI-Project: proj\n";
+        let c = load(p, &[]).unwrap();
+        assert_eq!(
+            c.providers["p"].headers,
+            [
+                ("openai-organization".to_string(), "org-a".to_string()),
+                ("openai-project".to_string(), "proj".to_string())
+            ]
+        );
+    }
 }

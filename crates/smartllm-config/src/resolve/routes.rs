@@ -266,6 +266,20 @@ fn resolve_route(
         if rule.pin.is_none() && rule.exclude.is_empty() && rule.prefer.is_empty() {
             v.push(ROUTES_FILE, &rat, "a rule needs pin, exclude or prefer");
         }
+        let mut headers: Vec<(String, String)> = Vec::new();
+        for (k, want) in &w.headers {
+            let lower = k.to_ascii_lowercase();
+            if headers.iter().any(|(name, _)| *name == lower) {
+                // Both would have to match one header: the rule never could.
+                v.push(
+                    ROUTES_FILE,
+                    format!("{rat}.when.headers.{k}"),
+                    "header given twice (names are case-insensitive)",
+                );
+            } else {
+                headers.push((lower, want.clone()));
+            }
+        }
         route.rules.push(RouteRule {
             name: rule.name.clone().unwrap_or_else(|| format!("rule{i}")),
             when: RuleWhen {
@@ -279,11 +293,7 @@ fn resolve_route(
                 has_math: w.has_math,
                 has_tools: w.has_tools,
                 has_images: w.has_images,
-                headers: w
-                    .headers
-                    .iter()
-                    .map(|(k, v)| (k.to_ascii_lowercase(), v.clone()))
-                    .collect(),
+                headers,
                 apps: w.app.clone(),
                 tenants: w.tenant.clone(),
             },
@@ -475,4 +485,44 @@ fn referenced_files(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::test_support::*;
+    use crate::*;
+
+    #[test]
+    fn rule_headers_differing_only_in_case_are_refused() {
+        let models = "models:\n  - name: a\n    deployments: [ { provider: mock } ]\n  - name: b\n    deployments: [ { provider: mock } ]\n";
+        let load = |headers: &str| {
+            let routes = format!(
+                "routes:\n  r:\n    candidates: [a, b]\n    rules:\n      - when:\n          headers:\n{headers}        pin: b\n"
+            );
+            load_dir(
+                write_dir(&[
+                    (MAIN_FILE, "data_dir: /tmp/x\n"),
+                    (PROVIDERS_FILE, PROVIDERS),
+                    (MODELS_FILE, models),
+                    (ROUTES_FILE, &routes),
+                ])
+                .path(),
+            )
+        };
+        let err = load("            X-Tier: gold\n            x-tier: silver\n").unwrap_err();
+        assert_eq!(err.issues.len(), 1, "{err}");
+        let text = err.to_string();
+        assert!(
+            text.contains("routes.yaml:8: routes.r.rules[0].when.headers.x-tier: header given twice (names are case-insensitive)"),
+            "{text}"
+        );
+        let c = load("            X-Tier: gold\n            X-App: web\n").unwrap();
+        assert_eq!(
+            c.routes["r"].rules[0].when.headers,
+            [
+                ("x-app".to_string(), "web".to_string()),
+                ("x-tier".to_string(), "gold".to_string())
+            ]
+        );
+    }
 }

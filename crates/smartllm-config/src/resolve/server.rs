@@ -131,6 +131,16 @@ pub(super) fn resolve_server(dir: &Path, s: RawServer, v: &mut Issues<'_>) -> Se
         ("server.client_body_deadline", &s.client_body_deadline),
         ("server.keepalive_timeout", &s.keepalive_timeout),
         ("server.client_write_timeout", &s.client_write_timeout),
+        // Zero would fail every upstream request at once.
+        (
+            "server.upstream_connect_timeout",
+            &s.upstream_connect_timeout,
+        ),
+        (
+            "server.upstream_first_byte_timeout",
+            &s.upstream_first_byte_timeout,
+        ),
+        ("server.upstream_idle_timeout", &s.upstream_idle_timeout),
     ] {
         if value.as_ref().is_some_and(|d| d.0.is_zero()) {
             v.push(MAIN_FILE, key, "must be greater than 0");
@@ -402,5 +412,54 @@ mod tests {
             text.contains("smartllm.yaml:2: store.memory_budget"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn upstream_timeouts_of_zero_are_refused() {
+        let dir = write_dir(&[(
+            MAIN_FILE,
+            "server:\n  upstream_connect_timeout: 0s\n  upstream_first_byte_timeout: 0ms\n  upstream_idle_timeout: 0\n",
+        )]);
+        let text = load_dir(dir.path()).unwrap_err().to_string();
+        for (line, key) in [
+            (2, "upstream_connect_timeout"),
+            (3, "upstream_first_byte_timeout"),
+            (4, "upstream_idle_timeout"),
+        ] {
+            assert!(
+                text.contains(&format!(
+                    "smartllm.yaml:{line}: server.{key}: must be greater than 0"
+                )),
+                "{text}"
+            );
+        }
+        let ok = "server:\n  upstream_connect_timeout: 1s\n  upstream_first_byte_timeout: 30s\n  upstream_idle_timeout: 1m\n";
+        let c = load_dir(write_dir(&[(MAIN_FILE, ok)]).path()).unwrap();
+        assert_eq!(c.server.upstream_connect_timeout, Duration::from_secs(1));
+        assert_eq!(c.server.upstream_idle_timeout, Duration::from_secs(60));
+    }
+
+    /// A duration past ten years (or past what `Duration` holds) is refused
+    /// at its key and line, not a panic or an overflow later.
+    #[test]
+    fn huge_durations_are_refused_with_their_line() {
+        for value in [
+            "18446744073709551615",
+            "1e20",
+            "'99999999999999999999s'",
+            "'6000000000000000h'",
+        ] {
+            let main = format!("data_dir: /tmp/x\nserver:\n  grace_period: {value}\n");
+            let text = load_dir(write_dir(&[(MAIN_FILE, &main)]).path())
+                .unwrap_err()
+                .to_string();
+            assert!(
+                text.contains("smartllm.yaml:3: server.grace_period: invalid duration"),
+                "{value}: {text}"
+            );
+        }
+        let main = "server:\n  grace_period: 87600h\n";
+        let c = load_dir(write_dir(&[(MAIN_FILE, main)]).path()).unwrap();
+        assert_eq!(c.server.grace_period, Duration::from_secs(315_360_000));
     }
 }

@@ -14,9 +14,17 @@ use serde_json::Value;
 use smartllm_protocol::responses::{self as proto, StoredResponse};
 use smartllm_protocol::{ApiError, Endpoint, ParsedRequest};
 
-/// A new response id: `resp_` and 32 hex digits.
+/// A new response id: `resp_` and 32 hex digits from the operating
+/// system's secure random source. An id is all a follow-up names to read a
+/// conversation back (within its tenant), so it must not be guessable from
+/// ids seen before, as a fast generator's are.
 fn new_id() -> String {
-    format!("resp_{:016x}{:016x}", fastrand::u64(..), fastrand::u64(..))
+    let mut bytes = [0u8; 16];
+    if getrandom::getrandom(&mut bytes).is_err() {
+        // No system source (never on Linux): still unique.
+        bytes = (u128::from(fastrand::u64(..)) << 64 | u128::from(fastrand::u64(..))).to_be_bytes();
+    }
+    format!("resp_{}", hex::encode(bytes))
 }
 
 pub async fn parse(
@@ -205,5 +213,19 @@ pub fn keep(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, response: &Value) {
             }
         }
         Err(e) => tracing::debug!(request_id = %ctx.request_id, error = %e, "response not kept"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn response_ids_are_resp_and_32_hex_digits_and_differ() {
+        let (a, b) = (super::new_id(), super::new_id());
+        for id in [&a, &b] {
+            let hex = id.strip_prefix("resp_").unwrap();
+            assert_eq!(hex.len(), 32, "{id}");
+            assert!(hex.bytes().all(|c| c.is_ascii_hexdigit()), "{id}");
+        }
+        assert_ne!(a, b);
     }
 }

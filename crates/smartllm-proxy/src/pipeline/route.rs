@@ -134,6 +134,8 @@ pub async fn plan(
                 );
                 ctx.route_reason = "budget".into();
                 ctx.set_model(&model.name);
+                // Not what the arm chose: its figures are its own model's.
+                ctx.experiment = None;
                 // The cheaper model still meets the scope's `reject`
                 // budgets, and holds its own estimate (degrade budgets: one
                 // step only).
@@ -240,12 +242,15 @@ fn for_endpoint(
         }
         rule.prefer.retain(fits);
     }
-    if let Some(e) = &mut n.experiment {
-        for arm in &mut e.arms {
-            if arm.model.as_ref().is_some_and(|m| !fits(m)) {
-                arm.model = None;
-            }
-        }
+    // An experiment with an arm of the other kind does not run on this
+    // request: that arm could not serve it, and whatever served instead
+    // would be counted as the arm's.
+    if n.experiment.as_ref().is_some_and(|e| {
+        e.arms
+            .iter()
+            .any(|a| a.model.as_ref().is_some_and(|m| !fits(m)))
+    }) {
+        n.experiment = None;
     }
     if !fits(&n.model) {
         n.model = n.candidates[0].clone();
@@ -272,6 +277,7 @@ fn drop_unpriced(ctx: &mut Ctx, rt: &Runtime, chain: &mut Vec<String>) -> Result
             let m = m.clone();
             ctx.route_reason = format!("unpriced:{first}");
             ctx.set_model(&m);
+            ctx.experiment = None;
             Ok(())
         }
         Some(_) => Ok(()),
@@ -311,6 +317,7 @@ async fn apply_cost_cap(
     if kept.first() != chain.first() {
         ctx.route_reason = "cost_cap".into();
         ctx.set_model(&kept[0]);
+        ctx.experiment = None;
     }
     *chain = kept;
     let Some(max_output) = max_output else {

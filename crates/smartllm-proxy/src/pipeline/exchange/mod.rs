@@ -261,6 +261,10 @@ pub async fn run(
             };
             let more_left = later_models || (attempt + 1 < attempts && tried.len() < total_slots);
             let started = Instant::now();
+            // The profile times the upstream alone: the time spent writing
+            // to the client (a slow reader sets a stream's pace) is not the
+            // model's, and one client must not slow a model for every tenant.
+            let waited_before = ctx.upstream_wait;
             let mut header = prepared.header;
             if let Some(t) = ctx.trace.as_mut() {
                 t.start_attempt(vec![
@@ -360,7 +364,7 @@ pub async fn run(
                         shared.profiles.record_success(
                             &pool.model,
                             streamed,
-                            started.elapsed(),
+                            ctx.upstream_wait.saturating_sub(waited_before),
                             ctx.usage.map(|u| u.completion_tokens),
                             default_tps,
                         );
