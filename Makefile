@@ -68,12 +68,21 @@ run: assets build
 	@sed -i -e '/^keys: \[\]/{r $(CURDIR)/demo/keys.yaml' -e 'd}' "$(RUN_CONF)/keys.yaml"
 	@grep -q 241225ddd2c375055fc3494c538ecf20525fbfd1adb00bf3f0ad30e8b13fcdf8 "$(RUN_CONF)/keys.yaml" \
 		|| { echo "could not add the demo key to $(RUN_CONF)/keys.yaml (it needs a 'keys: []' line)" >&2; exit 1; }
+	@sed -i 's|^  upstream: http://127.0.0.1:8000/v1$$|  upstream: http://$(MOCK_LISTEN)/v1|' "$(RUN_CONF)/smartllm.yaml"
+	@grep -qxF '  upstream: http://$(MOCK_LISTEN)/v1' "$(RUN_CONF)/smartllm.yaml" \
+		|| { echo "could not point demo.upstream in $(RUN_CONF)/smartllm.yaml at $(MOCK_LISTEN)" >&2; exit 1; }
 	@echo "Config: $(RUN_CONF) (a copy of $(CONFIG) with the demo key sk-smartllm-demo; edit it for live reloads)"
 	@set -euo pipefail; \
 	if [ -z "$${OPENAI_API_KEY:-}$${ANTHROPIC_API_KEY:-}" ]; then \
 		echo "No provider key set: starting the bundled mock LLM on $(MOCK_LISTEN) (demo mode)"; \
 		"$(BIN)/mock-llm" --listen "$(MOCK_LISTEN)" --chunk-delay-ms 20 & MOCK=$$!; \
 		trap 'kill $$MOCK 2>/dev/null || true' EXIT INT TERM; \
+		up=""; for _ in $$(seq 1 50); do \
+			sleep 0.1; \
+			kill -0 $$MOCK 2>/dev/null || { echo "mock-llm exited: is $(MOCK_LISTEN) in use? (set MOCK_LISTEN=host:port)" >&2; exit 1; }; \
+			if curl -fs "http://$(MOCK_LISTEN)/health" >/dev/null 2>&1; then up=1; break; fi; \
+		done; \
+		[ -n "$$up" ] || { echo "mock-llm did not answer on http://$(MOCK_LISTEN)/health within 5 s" >&2; exit 1; }; \
 	fi; \
 	SMARTLLM_DATA_DIR="$(DATA_DIR)" "$(BIN)/smartllm" serve --config "$(RUN_CONF)"
 

@@ -3,7 +3,8 @@
 # (make deb / make rpm). Installs cargo-deb / cargo-generate-rpm when missing,
 # stages the stripped release binary, ONNX Runtime, the model assets (verified
 # by fetch-assets.sh) and the shipped conf/ (ONNX Runtime's path made absolute:
-# /usr/lib/smartllm), then packages. Output: $CARGO_TARGET_DIR/packages/.
+# /usr/lib/smartllm; demo mode off), then packages. Output:
+# $CARGO_TARGET_DIR/packages/.
 set -euo pipefail
 kind=${1:?usage: build-package.sh deb|rpm}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -13,6 +14,9 @@ cd "$root"
 export CARGO_TARGET_DIR SMARTLLM_ASSETS_DIR
 out="$CARGO_TARGET_DIR/packages"
 mkdir -p "$out"
+# One build at a time: packaging/stage and the packages in $out are fixed paths.
+exec 9>"$out/.build.lock"
+flock 9
 
 tool() { # name version
     if ! command -v "$1" >/dev/null || ! "$1" --version 2>/dev/null | grep -q "$2"; then
@@ -33,6 +37,11 @@ cp conf/*.yaml conf/*.tsv conf/*.json "$stage/etc/smartllm/"
 sed -i 's|^  onnxruntime: libonnxruntime.so.1.31.1|  onnxruntime: /usr/lib/smartllm/libonnxruntime.so.1.31.1|' "$stage/etc/smartllm/smartllm.yaml"
 grep -q '^  onnxruntime: /usr/lib/smartllm/' "$stage/etc/smartllm/smartllm.yaml" \
     || { echo "conf/smartllm.yaml: embedder.onnxruntime not found to rewrite" >&2; exit 1; }
+# Demo mode off: a packaged gateway that starts before its provider keys are
+# readable must not send prompts to the demo upstream (127.0.0.1:8000).
+sed -i '/^demo:/,/^[^ ]/s|^  mode: auto |  mode: off  |' "$stage/etc/smartllm/smartllm.yaml"
+grep -q '^  mode: off ' "$stage/etc/smartllm/smartllm.yaml" \
+    || { echo "conf/smartllm.yaml: demo.mode: auto not found to rewrite" >&2; exit 1; }
 
 case "$kind" in
 deb)

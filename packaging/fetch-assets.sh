@@ -36,6 +36,10 @@ QUANT_PACKAGES=(onnx==1.23.2 onnxruntime==1.31.1 numpy==2.4.6 protobuf==7.36.2
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 mkdir -p "$DEST"
+# One run at a time per directory: the .part files (and quantize-model.py's)
+# have fixed names, and concurrent runs (make run, make test) would clobber them.
+exec 9>"$DEST/.fetch.lock"
+flock 9
 
 ok() { # file sha256
     [ -f "$1" ] && [ "$(sha256sum "$1" | cut -d' ' -f1)" = "$2" ]

@@ -10,6 +10,10 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 cd "$root"
 : "${CARGO_TARGET_DIR:=$HOME/.cache/smartllm-target}"
 export CARGO_TARGET_DIR
+# One package test at a time: the packages it builds and the root seed are fixed paths.
+mkdir -p "$CARGO_TARGET_DIR"
+exec 9>"$CARGO_TARGET_DIR/.test-packages.lock"
+flock 9
 seed="$HOME/.cache/smartllm-debroot-bookworm.tar"
 mirror=${DEBIAN_MIRROR:-http://deb.debian.org/debian}
 say() { printf '== %s\n' "$*"; }
@@ -65,11 +69,19 @@ say "rpm -qlp and dpkg-deb -c list the binary, ONNX Runtime, assets, unit and co
 
 work=$(mktemp -d /tmp/smartllm-pkgtest.XXXXXX)
 mock_pid=""
+gw=""
 cleanup() {
     [ -n "$mock_pid" ] && kill "$mock_pid" 2>/dev/null || true
-    pkill -f "$work/root/usr/bin/smartllm" 2>/dev/null || true
-    umount "$work/root/proc" 2>/dev/null || true
-    rm -rf "$work"
+    if [ -n "$gw" ]; then
+        kill "$gw" 2>/dev/null || true
+        wait "$gw" 2>/dev/null || true
+    fi
+    umount "$work/root/proc" 2>/dev/null || umount -l "$work/root/proc" 2>/dev/null || true
+    if mountpoint -q "$work/root/proc"; then
+        echo "cleanup: $work/root/proc is still mounted; left $work in place" >&2
+    else
+        rm -rf "$work"
+    fi
 }
 trap cleanup EXIT
 if [ ! -s "$seed" ]; then
@@ -112,15 +124,17 @@ say "systemd-analyze verify is clean; systemd-analyze security exposure $exposur
 
 port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 api=$(port); admin=$(port); mockp=$(port)
-"$CARGO_TARGET_DIR/release/mock-llm" --listen "127.0.0.1:$mockp" >/dev/null 2>&1 &
+"$CARGO_TARGET_DIR/release/mock-llm" --listen "127.0.0.1:$mockp" >/dev/null 2>&1 9>&- &
 mock_pid=$!
 conf="$work/root/etc/smartllm/smartllm.yaml"
 sed -i -e "s|^  listen: .*|  listen: 127.0.0.1:$api|" -e "s|^  admin_listen: .*|  admin_listen: 127.0.0.1:$admin|" \
-    -e "s|^  upstream: http://127.0.0.1:8000/v1|  upstream: http://127.0.0.1:$mockp/v1|" "$conf"
+    -e "s|^  upstream: http://127.0.0.1:8000/v1|  upstream: http://127.0.0.1:$mockp/v1|" \
+    -e "s|^  mode: off |  mode: auto|" "$conf"
 grep -q "127.0.0.1:$mockp" "$conf" || fail "could not point demo.upstream at mock-llm"
+grep -q '^  mode: auto ' "$conf" || fail "could not turn demo mode back on (the package ships demo.mode: off)"
 say "smartllm serve as user smartllm, installed config and assets, against mock-llm"
 chroot --userspec=smartllm:smartllm "$work/root" env -i HOME=/var/lib/smartllm \
-    /usr/bin/smartllm serve --config /etc/smartllm >"$work/serve.log" 2>&1 &
+    /usr/bin/smartllm serve --config /etc/smartllm >"$work/serve.log" 2>&1 9>&- &
 gw=$!
 ready=""
 for _ in $(seq 1 120); do
@@ -160,6 +174,7 @@ again=$(curl -fsi -H "Authorization: Bearer $key" -H 'content-type: application/
 grep -qi '^x-smartllm-cache: hit' <<<"$again" || fail "second request not a cache hit"
 kill -TERM "$gw"
 wait "$gw" || fail "smartllm exited non-zero on SIGTERM"
+gw=""
 [ -n "$(ls -A "$work/root/var/lib/smartllm/db" 2>/dev/null)" ] || fail "no RocksDB in /var/lib/smartllm"
 say "served a chat (and a cache hit) and stopped cleanly on SIGTERM"
 

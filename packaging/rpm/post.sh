@@ -1,5 +1,5 @@
 install -d -o smartllm -g smartllm -m 0750 /var/lib/smartllm
-chown root:smartllm /etc/smartllm /etc/smartllm/*
+chown -h root:smartllm /etc/smartllm /etc/smartllm/*
 chmod 0750 /etc/smartllm
 # An operator may have removed it (the unit reads it only if present).
 if [ -e /etc/default/smartllm ]; then

@@ -99,6 +99,17 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
             "image request {i} refused: the estimate was not given back"
         );
     }
+    // A request no provider answered (here a 500) gives all of its estimate
+    // back: two ~1,500-token prompts that fail in a row are not refused.
+    let mut failing = chat_body("small", &"word ".repeat(1200));
+    failing["mock"] = json!({"status": 500});
+    assert_ne!(ask(&gw, "sk-dave-4", &failing).status, 429);
+    assert!(
+        wait_until(Duration::from_secs(2), || ask(&gw, "sk-dave-4", &failing)
+            .status
+            != 429),
+        "a failed request's estimate was not given back"
+    );
     // Limits change with a reload: lift alice's.
     gw.config.write(
         "keys.yaml",

@@ -6,6 +6,60 @@ use serde_json::{json, Value};
 use smartllm_e2e::*;
 use std::time::Duration;
 
+/// Admin tokens cannot be guessed at speed: ten wrong ones a minute from
+/// an address, then 429 with Retry-After (the right token too, for the rest
+/// of the minute); the dashboard's sign-in form counts the same.
+#[test]
+fn admin_token_guesses_are_limited() {
+    let mock = Mock::start(&[]);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    let models = "models:\n  - name: small\n    deployments:\n      - provider: mock\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\nadmin:\n  token_env: TEST_ADMIN_TOKEN\n",
+        &providers,
+        models,
+        "",
+    );
+    let gw = Gateway::start_with_env(cfg, &[("TEST_ADMIN_TOKEN", "adm-secret-42")]);
+    let with = |token: &str| {
+        request(
+            &gw.admin,
+            "GET",
+            "/admin/config",
+            &[("Authorization", &format!("Bearer {token}"))],
+            b"",
+        )
+        .unwrap()
+    };
+    // No token at all is no guess.
+    for _ in 0..20 {
+        assert_eq!(get(&gw.admin, "/admin/config").status, 401);
+    }
+    assert_eq!(with("adm-secret-42").status, 200);
+    for i in 0..5 {
+        assert_eq!(with(&format!("guess-{i}")).status, 401);
+    }
+    for i in 0..5 {
+        let r = request(
+            &gw.admin,
+            "POST",
+            "/ui/login",
+            &[("content-type", "application/x-www-form-urlencoded")],
+            format!("token=form-guess-{i}").as_bytes(),
+        )
+        .unwrap();
+        assert_eq!(r.status, 401, "{}", r.text());
+    }
+    for token in ["guess-11", "adm-secret-42"] {
+        let r = with(token);
+        assert_eq!(r.status, 429, "{}", r.text());
+        assert_eq!(r.json()["error"]["code"], "admin_token_guesses");
+        let wait: u64 = r.header("retry-after").unwrap().parse().unwrap();
+        assert!((1..=60).contains(&wait), "{wait}");
+    }
+}
+
 #[test]
 fn admin_api_requires_its_token_when_configured() {
     let mock = Mock::start(&[]);

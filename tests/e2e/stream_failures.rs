@@ -167,6 +167,22 @@ fn openai_error_event_mid_stream_is_a_failure_everywhere() {
     assert_eq!(circuit(&gw, &deployment), 0.0);
     assert_eq!(live_errors(&gw, "small"), 0);
     assert_eq!(errors("stream_error"), 0.0);
+    // A connection reset after [DONE] loses nothing: the answer is whole,
+    // with one [DONE] and no error event, and no failure is counted.
+    let r = stream(&gw, "oai-reset-after-done", &body(Some("reset-after-done")));
+    assert_eq!(r.status, 200);
+    let data = r.sse_data();
+    assert_eq!(
+        data.iter().filter(|d| *d == "[DONE]").count(),
+        1,
+        "{}",
+        r.text()
+    );
+    assert!(!r.text().contains("\"error\""), "{}", r.text());
+    let line = log_line(&gw, "oai-reset-after-done");
+    assert!(line["error"].is_null(), "{line}");
+    assert_eq!(errors("stream_broken"), 0.0);
+    assert_eq!(live_errors(&gw, "small"), 0);
 
     // The provider's `data: {"error": ...}` mid-stream (followed by its own
     // [DONE]) reaches the client as it is, and is counted as a failure.
@@ -185,7 +201,7 @@ fn openai_error_event_mid_stream_is_a_failure_everywhere() {
     ) == 1.0));
     assert_eq!(circuit(&gw, &deployment), 0.0, "one failure of three");
     // Nothing was retried: one request reached the mock per client request.
-    assert_eq!(mock.requests(), 2);
+    assert_eq!(mock.requests(), 3);
 
     // A stream that breaks off counts the same way (with its own reason).
     let r = stream(&gw, "oai-broken", &body(Some("drop-mid-stream")));
@@ -205,7 +221,7 @@ fn openai_error_event_mid_stream_is_a_failure_everywhere() {
     wait_live_errors(&gw, "small", 3);
     third_failure_opens_the_circuit(&gw, "small", &deployment);
     // The streams were never stored or retried.
-    assert_eq!(mock.requests(), 4);
+    assert_eq!(mock.requests(), 5);
 }
 
 #[test]

@@ -18,6 +18,8 @@
 //! that error before any word (Anthropic: after `message_start`).
 //! `end-mid-stream`: half the answer, then the response ends cleanly with
 //! no end event (no finish reason, `[DONE]` or `message_stop`).
+//! `reset-after-done` (OpenAI streams): the whole answer and `[DONE]`, then
+//! the connection reset before the response's last chunk.
 //! `--model-fault MODEL=FAULT` gives one upstream model a fault for every request.
 //!
 //! Models of different skill (`--skill-set FILE --skill MODEL:TASK=P,...`):
@@ -1494,6 +1496,12 @@ async fn handle<S: Conn>(
         write_chunk(sock, format!("data: {v}\n\n").as_bytes()).await?;
     }
     write_chunk(sock, b"data: [DONE]\n\n").await?;
+    if b.fault.as_deref() == Some("reset-after-done") {
+        // The whole answer, then the connection reset before the response's
+        // last chunk: what a proxy that drops idle streams does.
+        sock.reset();
+        return Ok(false);
+    }
     write_chunk(sock, b"").await?;
     Ok(true)
 }

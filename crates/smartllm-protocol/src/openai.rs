@@ -161,11 +161,17 @@ impl ParsedRequest {
             }
         }
         if self.stream && force_usage && self.endpoint != Endpoint::Embeddings {
-            let opts = body
-                .entry("stream_options")
-                .or_insert_with(|| Value::Object(Map::new()));
-            if let Value::Object(o) = opts {
-                o.insert("include_usage".into(), Value::Bool(true));
+            // (A client's `"stream_options": null` is replaced: kept, it
+            // would leave the stream without its usage.)
+            match body.get_mut("stream_options") {
+                Some(Value::Object(o)) => {
+                    o.insert("include_usage".into(), Value::Bool(true));
+                }
+                _ => {
+                    let mut o = Map::new();
+                    o.insert("include_usage".into(), Value::Bool(true));
+                    body.insert("stream_options".into(), Value::Object(o));
+                }
             }
         }
         serde_json::to_vec(&body).unwrap_or_default().into()
@@ -684,6 +690,18 @@ mod tests {
         assert_eq!(up["model"], "up-m");
         assert_eq!(up["stream_options"]["include_usage"], true);
         assert_eq!(up["extra"]["kept"], 1);
+        // `"stream_options": null` with a limit renamed (the body rebuilt):
+        // the usage is still asked for.
+        let r = parse_request(
+            Endpoint::ChatCompletions,
+            br#"{"model":"m","messages":[{"role":"user","content":"hi"}],"stream":true,"stream_options":null,"max_tokens":5}"#,
+        )
+        .unwrap();
+        let up: Value =
+            serde_json::from_slice(&r.upstream_body("up-m", true, Some("max_completion_tokens")))
+                .unwrap();
+        assert_eq!(up["stream_options"]["include_usage"], true, "{up}");
+        assert_eq!(up["max_completion_tokens"], 5, "{up}");
     }
 
     #[test]

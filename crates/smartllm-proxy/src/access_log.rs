@@ -99,8 +99,8 @@ pub fn finish(
         ctx.endpoint,
         "messages_count_tokens" | "responses_input_tokens"
     );
-    let model = ctx.model().filter(|_| counted);
-    if let (Some(ledger), Some(rt), Some(model)) = (ledger, ctx.rt.as_ref(), model) {
+    let priced_model = ctx.model().filter(|_| counted);
+    if let (Some(ledger), Some(rt), Some(model)) = (ledger, ctx.rt.as_ref(), priced_model) {
         if let Some(mp) = rt.config.price(model) {
             if !mp.is_priced() && ctx.usage.is_some() {
                 metrics::unpriced(model);

@@ -924,6 +924,63 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, (u16, &'stati
     }
 }
 
+/// Wrong admin tokens an address may try in [`GUESS_WINDOW`] before it is
+/// refused (429) for the rest of the window, right token or not: a guesser
+/// gets ten tries a minute, not thousands a second.
+const MAX_GUESSES: u32 = 10;
+const GUESS_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// Addresses followed at once (past it the expired ones go, then all).
+const MAX_GUESSERS: usize = 10_000;
+
+/// Wrong tokens by client address: how many, since when.
+#[derive(Default)]
+struct Guesses(
+    std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
+);
+
+impl Guesses {
+    /// Seconds `ip` must still wait, if it used up its guesses. (Never
+    /// waits for the lock: a busy map reads as no wait.)
+    fn locked(&self, ip: std::net::IpAddr, now: std::time::Instant) -> Option<u64> {
+        let map = self.0.try_lock().ok()?;
+        let (n, since) = map.get(&ip)?;
+        let left = GUESS_WINDOW
+            .checked_sub(now.saturating_duration_since(*since))
+            .filter(|l| !l.is_zero())?;
+        (*n >= MAX_GUESSES).then(|| left.as_secs().max(1))
+    }
+
+    /// `ip` sent a wrong token.
+    fn wrong(&self, ip: std::net::IpAddr, now: std::time::Instant) {
+        let Ok(mut map) = self.0.try_lock() else {
+            return;
+        };
+        if map.len() >= MAX_GUESSERS && !map.contains_key(&ip) {
+            map.retain(|_, (_, since)| now.saturating_duration_since(*since) < GUESS_WINDOW);
+            if map.len() >= MAX_GUESSERS {
+                map.clear();
+            }
+        }
+        let e = map.entry(ip).or_insert((0, now));
+        if now.saturating_duration_since(e.1) >= GUESS_WINDOW {
+            *e = (0, now);
+        }
+        e.0 += 1;
+    }
+}
+
+static GUESSES: std::sync::LazyLock<Guesses> = std::sync::LazyLock::new(Guesses::default);
+
+/// Whether a request carried an admin credential (a bearer token, the
+/// dashboard's `?token=` or its sign-in form): a wrong one is a guess. A
+/// request with none (a browser before signing in) is not.
+fn carries_token(method: &str, path: &str, query: &str, headers: &http::HeaderMap) -> bool {
+    headers.contains_key("authorization")
+        || (method == "POST" && path == "/ui/login")
+        || (path.starts_with("/ui")
+            && smartllm_protocol::admin_query::form_value(query, "token").is_some())
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -932,6 +989,32 @@ impl ServeHttp for AdminApp {
         // Authenticate first: a caller without the token never gets its body read.
         // The dashboard's session cookie (see `ui`) admits GET requests only.
         let rt = self.shared.runtime.load_full();
+        let client_ip = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip());
+        let guessing = rt.admin_token.is_some()
+            && carries_token(
+                &method,
+                &path,
+                session.req_header().uri.query().unwrap_or(""),
+                &session.req_header().headers,
+            );
+        let now = std::time::Instant::now();
+        if let Some(wait) = client_ip
+            .filter(|_| guessing)
+            .and_then(|ip| GUESSES.locked(ip, now))
+        {
+            session.set_keepalive(None);
+            let mut r = json_reply(
+                429,
+                &json!({"error": {"message": format!("Too many wrong admin tokens from this address: try again in {wait}s."), "type": "rate_limit_error", "param": null, "code": "admin_token_guesses"}}),
+            );
+            if let Ok(v) = http::HeaderValue::from_str(&wait.to_string()) {
+                r.headers_mut().insert("retry-after", v);
+            }
+            return r;
+        }
         if let Err(why) = browser_guard(
             &method,
             &session.req_header().headers,
@@ -954,6 +1037,12 @@ impl ServeHttp for AdminApp {
             constant_time_eq(given.as_bytes(), token.as_bytes())
                 || (method == "GET" && crate::ui::cookie_ok(&session.req_header().headers, token))
         });
+        // (The dashboard's form and `?token=` are judged by `ui::serve`.)
+        if guessing && !authorized && !crate::ui::is_ui(&path) {
+            if let Some(ip) = client_ip {
+                GUESSES.wrong(ip, now);
+            }
+        }
         if path.starts_with("/admin/") && !authorized {
             // The body is left unread: the connection cannot be reused.
             session.set_keepalive(None);
@@ -973,7 +1062,7 @@ impl ServeHttp for AdminApp {
             }
         };
         if crate::ui::is_ui(&path) {
-            return crate::ui::serve(
+            let r = crate::ui::serve(
                 &method,
                 &path,
                 session.req_header().uri.query().unwrap_or(""),
@@ -982,6 +1071,12 @@ impl ServeHttp for AdminApp {
                 rt.admin_token.as_deref(),
                 rt.admin_tls.is_some(),
             );
+            if guessing && r.status() == 401 {
+                if let Some(ip) = client_ip {
+                    GUESSES.wrong(ip, now);
+                }
+            }
+            return r;
         }
         match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => {
@@ -1237,6 +1332,29 @@ mod tests {
             text.lines().last().unwrap().starts_with("(other),"),
             "{text}"
         );
+    }
+
+    /// Ten wrong tokens a minute per address; then 429 until the minute
+    /// is over; another address is not held back.
+    #[test]
+    fn wrong_tokens_are_limited_per_address() {
+        let g = super::Guesses::default();
+        let (a, b): (std::net::IpAddr, std::net::IpAddr) =
+            ("10.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap());
+        let t0 = std::time::Instant::now();
+        for _ in 0..super::MAX_GUESSES {
+            assert_eq!(g.locked(a, t0), None);
+            g.wrong(a, t0);
+        }
+        assert_eq!(g.locked(a, t0), Some(60));
+        let later = t0 + std::time::Duration::from_secs(45);
+        assert_eq!(g.locked(a, later), Some(15));
+        assert_eq!(g.locked(b, later), None);
+        let after = t0 + super::GUESS_WINDOW;
+        assert_eq!(g.locked(a, after), None);
+        // A new minute starts a new count.
+        g.wrong(a, after);
+        assert_eq!(g.locked(a, after), None);
     }
 
     #[test]

@@ -12,11 +12,17 @@ use pingora_proxy::Session;
 
 pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx) {
     let rt = ctx.rt.clone();
-    if let (Some(u), Some(rt)) = (ctx.usage, rt.as_ref()) {
+    // A request that used no tokens of a provider (a cache hit, an error,
+    // a refusal after admission) gives its whole estimate back.
+    if let Some(rt) = rt
+        .as_ref()
+        .filter(|_| ctx.precharged_tokens > 0 || ctx.usage.is_some())
+    {
         let scopes = smartllm_quota::limits_for(&rt.config, ctx.key.as_deref(), ctx.scope());
+        let used = ctx.usage.map_or(0, |u| u.total());
         shared
             .quotas
-            .charge_after(&rt.config.fleet, &scopes, u.total(), ctx.precharged_tokens);
+            .charge_after(&rt.config.fleet, &scopes, used, ctx.precharged_tokens);
     }
     let cost = access_log::finish(session, e, ctx, shared.ledger.as_ref());
     let status = match ctx.status {

@@ -212,8 +212,11 @@ async fn early_end_usage(
     if let (true, Some(u)) = (tr.usage_final(), reported) {
         return (u, false);
     }
+    // The assembled text has the answer's content and calls only; what
+    // was generated in all (reasoning too: `reasoning_content`, which the
+    // cache does not keep) is at least the deltas' count.
     let generated = match partial_text {
-        Some(text) => estimate_tokens(text).await,
+        Some(text) => estimate_tokens(text).await.max(tr.generated_estimate()),
         None => tr.generated_estimate(),
     };
     // The tier the stream named, where the usage says none.
@@ -589,6 +592,13 @@ pub(super) async fn relay(
                         ),
                     )
                 });
+            }
+            // A connection that breaks, or goes quiet, after the answer's
+            // end event ([DONE], `message_stop`): the answer is whole, and
+            // finished as after a clean end (not a failure of the model,
+            // nor an error event after the end for the client).
+            Ok(Err(_)) | Err(_) if tr.upstream_error().is_none() && tr.complete() => {
+                break None;
             }
             Ok(Err(e)) => {
                 break Some((

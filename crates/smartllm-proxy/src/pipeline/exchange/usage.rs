@@ -22,6 +22,14 @@ pub(super) fn completion_text(v: &Value) -> String {
                     if let Some(calls) = m.get("tool_calls") {
                         t.push_str(&calls.to_string());
                     }
+                    // Reasoning the provider shows (DeepSeek-R1 and vLLM's
+                    // reasoning parsers) is generated, and billed, too.
+                    for field in ["reasoning_content", "reasoning"] {
+                        if let Some(r) = m.get(field).and_then(Value::as_str) {
+                            t.push('\n');
+                            t.push_str(r);
+                        }
+                    }
                     t
                 })
                 .collect::<Vec<_>>()
@@ -93,5 +101,22 @@ pub(super) fn record_usage(ctx: &mut Ctx, usage: Option<Usage>) {
             u.cached_tokens,
         );
         ctx.usage = Some(u);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    /// What an answer without usage is billed from: its text, its calls and
+    /// the reasoning it showed.
+    #[test]
+    fn the_completion_text_holds_the_reasoning_too() {
+        let v = json!({"choices": [{"message": {"content": "42", "reasoning_content": "six times seven",
+            "tool_calls": [{"id": "c", "function": {"name": "f", "arguments": "{}"}}]}}]});
+        let t = super::completion_text(&v);
+        assert!(t.starts_with("42"), "{t}");
+        assert!(t.contains("\"name\":\"f\""), "{t}");
+        assert!(t.ends_with("six times seven"), "{t}");
     }
 }
