@@ -183,6 +183,15 @@ fn openai_error_event_mid_stream_is_a_failure_everywhere() {
     assert!(line["error"].is_null(), "{line}");
     assert_eq!(errors("stream_broken"), 0.0);
     assert_eq!(live_errors(&gw, "small"), 0);
+    // The time to the first token is the first word's, not the headers'
+    // (sent at once here, the words 300 ms apart).
+    let mut slow = body(None);
+    slow["mock"] = json!({"chunk_delay_ms": 300});
+    assert_eq!(stream(&gw, "oai-slow-first-word", &slow).status, 200);
+    let line = log_line(&gw, "oai-slow-first-word");
+    let ttft = line["ttft_ms"].as_f64().unwrap();
+    assert!(ttft >= 250.0, "{line}");
+    assert!(ttft < line["latency_ms"].as_f64().unwrap(), "{line}");
 
     // The provider's `data: {"error": ...}` mid-stream (followed by its own
     // [DONE]) reaches the client as it is, and is counted as a failure.
@@ -201,7 +210,7 @@ fn openai_error_event_mid_stream_is_a_failure_everywhere() {
     ) == 1.0));
     assert_eq!(circuit(&gw, &deployment), 0.0, "one failure of three");
     // Nothing was retried: one request reached the mock per client request.
-    assert_eq!(mock.requests(), 3);
+    assert_eq!(mock.requests(), 4);
 
     // A stream that breaks off counts the same way (with its own reason).
     let r = stream(&gw, "oai-broken", &body(Some("drop-mid-stream")));
@@ -221,7 +230,7 @@ fn openai_error_event_mid_stream_is_a_failure_everywhere() {
     wait_live_errors(&gw, "small", 3);
     third_failure_opens_the_circuit(&gw, "small", &deployment);
     // The streams were never stored or retried.
-    assert_eq!(mock.requests(), 5);
+    assert_eq!(mock.requests(), 6);
 }
 
 #[test]

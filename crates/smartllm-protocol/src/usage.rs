@@ -179,6 +179,18 @@ fn names_finish_reason(data: &str) -> bool {
     })
 }
 
+/// Whether a chunk carries a `usage` object (not `"usage": null`, which
+/// OpenAI puts in every chunk of a stream that asked for usage): only such
+/// a chunk is parsed for it.
+fn names_usage(data: &str) -> bool {
+    const FIELD: &str = "\"usage\"";
+    data.match_indices(FIELD).any(|(i, _)| {
+        let rest = data[i + FIELD.len()..].trim_start();
+        rest.strip_prefix(':')
+            .is_some_and(|r| r.trim_start().starts_with('{'))
+    })
+}
+
 /// Whether a chunk carries something of the answer: content, text (legacy
 /// completions), a tool or function call, reasoning or a refusal.
 fn begun(v: &Value) -> bool {
@@ -288,7 +300,7 @@ impl OpenAiStreamFilter {
             self.truncated =
                 serde_json::from_str::<Value>(&ev.data).is_ok_and(|v| cut_at_length(&v));
         }
-        if !ev.data.contains("\"usage\"") {
+        if !names_usage(&ev.data) {
             return true;
         }
         let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
@@ -386,6 +398,17 @@ mod tests {
         assert!(names_finish_reason(r#"{"finish_reason": "stop"}"#));
         assert!(!names_finish_reason(r#"{"finish_reason": ""}"#));
         assert!(!names_finish_reason(r#"{"finish_reason":null}"#));
+        // Only a usage object is parsed for: OpenAI's `"usage": null` in
+        // every chunk, or the word in the answer's text, is not.
+        assert!(names_usage(
+            r#"{"choices":[],"usage": {"prompt_tokens":1}}"#
+        ));
+        assert!(!names_usage(
+            r#"{"choices":[{"delta":{"content":"x"}}],"usage":null}"#
+        ));
+        assert!(!names_usage(
+            r#"{"choices":[{"delta":{"content":"the \"usage\": {"}}]}"#
+        ));
     }
 
     /// Reasoning a provider counts outside `completion_tokens` (xAI: only

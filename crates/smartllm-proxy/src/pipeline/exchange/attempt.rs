@@ -180,10 +180,12 @@ pub(super) async fn once(
             return x.retry_or_fail(err);
         }
     }
-    let ttft = sent_at.elapsed();
-    ctx.ttft = Some(ttft);
+    // The time to the first token is taken where that token comes: a
+    // stream's first generated event (many providers send their headers
+    // before prefill or thinking), a buffered answer's header (the whole
+    // answer); never an error's.
+    ctx.ttft = None;
     ctx.upstream_wait += wait_start.elapsed();
-    metrics::ttft(ctx.model().unwrap_or("-"), pname, ttft.as_secs_f64());
 
     let Some(resp) = up.response_header() else {
         return Attempt::Fail(ApiError::bad_gateway(
@@ -298,8 +300,11 @@ pub(super) async fn once(
 
     x.passthrough = passthrough;
     if x.req.stream && is_sse {
-        stream::relay(x, session, ctx, up).await
+        stream::relay(x, session, ctx, up, sent_at).await
     } else {
+        let ttft = sent_at.elapsed();
+        ctx.ttft = Some(ttft);
+        metrics::ttft(ctx.model().unwrap_or("-"), pname, ttft.as_secs_f64());
         buffered::relay(x, session, ctx, up).await
     }
 }

@@ -353,10 +353,11 @@ pub async fn run(
                     } else if ctx.status >= 400 {
                         // The client's own error (400, 422): says nothing
                         // of the model's speed or health.
-                    } else if let Some(ttft) = ctx.ttft {
+                    } else {
                         // A buffered answer's headers come with its last
-                        // token: no first-token time to record.
-                        let streamed = req.stream.then_some(ttft);
+                        // token: no first-token time to record (nor for a
+                        // stream that generated nothing).
+                        let streamed = ctx.ttft.filter(|_| req.stream);
                         let default_tps = rt
                             .config
                             .model(&pool.model)

@@ -372,7 +372,10 @@ pub(super) async fn relay(
     session: &mut Session,
     ctx: &mut Ctx,
     mut up: HttpSession,
+    sent_at: Instant,
 ) -> Attempt {
+    // When the request left: the first generated event sets the TTFT.
+    let mut first_token_from = Some(sent_at);
     let (req, translate, pname) = (x.req, x.translate, x.provider());
     // `tr` reads the provider's stream into the canonical chat stream (for
     // usage, errors and the cache); what the client gets is that stream, or
@@ -499,6 +502,12 @@ pub(super) async fn relay(
         match r {
             Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
                 Ok(canonical) => {
+                    if let Some(from) = first_token_from.filter(|_| tr.generated()) {
+                        let ttft = from.elapsed();
+                        ctx.ttft = Some(ttft);
+                        metrics::ttft(ctx.model().unwrap_or("-"), pname, ttft.as_secs_f64());
+                        first_token_from = None;
+                    }
                     // The tenant's own, before the client can ask to go on
                     // from it (`previous_response_id` right after
                     // `response.completed`).
