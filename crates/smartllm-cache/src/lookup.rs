@@ -276,6 +276,9 @@ impl SemanticCache {
         let mut judged = 0;
         let mut best = None;
         let mut rejected = None;
+        // The query's text past the model's window, read once (None until
+        // a candidate needs it).
+        let mut query_tail: Option<Option<String>> = None;
         for (id, sim) in hits {
             let Some(e) = self.load(id)? else { continue };
             if e.namespace != namespace {
@@ -294,7 +297,8 @@ impl SemanticCache {
                 rejected = Some(why);
                 continue;
             }
-            if self.unread_tails_differ(query, &e.query) {
+            let ours = query_tail.get_or_insert_with(|| unread_tail(&self.embedder, query));
+            if *ours != unread_tail(&self.embedder, &e.query) {
                 rejected = Some("beyond_window");
                 continue;
             }
@@ -320,16 +324,6 @@ impl SemanticCache {
             }
         }
         Ok(Verified::Miss { best, rejected })
-    }
-
-    /// Whether two texts differ past the model's window (`max_seq_len`
-    /// tokens): their embeddings, and the verifier's token states, come
-    /// from their beginnings alone, so a long shared beginning (rules or a
-    /// template before the question) makes any two endings look alike. A
-    /// pair either of which runs past the window is a hit only when what
-    /// follows the window is the same in both (blocking: tokenizes both).
-    pub(crate) fn unread_tails_differ(&self, query: &str, cached: &str) -> bool {
-        unread_tails_differ(&self.embedder, query, cached)
     }
 
     /// The verifier's score of a candidate pair (blocking: the texts' token
@@ -418,16 +412,24 @@ impl SemanticCache {
     }
 }
 
-/// [`SemanticCache::unread_tails_differ`] with a given embedder (for
-/// `/admin/cache/explain`).
+/// Whether two texts differ past the model's window (`max_seq_len`
+/// tokens): their embeddings, and the verifier's token states, come
+/// from their beginnings alone, so a long shared beginning (rules or a
+/// template before the question) makes any two endings look alike. A
+/// pair either of which runs past the window is a hit only when what
+/// follows the window is the same in both (blocking: tokenizes both).
+/// (Also for `/admin/cache/explain`.)
 pub fn unread_tails_differ(embedder: &smartllm_embed::Embedder, query: &str, cached: &str) -> bool {
-    let tail = |t: &str| {
-        let t = crate::key::embedding_text(t);
-        embedder
-            .window_end(&t)
-            .map(|end| crate::key::normalise(&t[end..]))
-    };
-    tail(query) != tail(cached)
+    unread_tail(embedder, query) != unread_tail(embedder, cached)
+}
+
+/// What of a prompt's embedded text lies past the model's window
+/// (normalised), or None when the model reads all of it.
+fn unread_tail(embedder: &smartllm_embed::Embedder, text: &str) -> Option<String> {
+    let t = crate::key::embedding_text(text);
+    embedder
+        .window_end(&t)
+        .map(|end| crate::key::normalise(&t[end..]))
 }
 
 #[cfg(test)]
@@ -634,9 +636,9 @@ mod tests {
             // One word for another inside the window: the same ending.
             let reworded = a2.replacen("When you", "As you", 1);
             (
-                c.unread_tails_differ(&a2, &reworded),
-                c.unread_tails_differ(&a2, &b2),
-                c.unread_tails_differ("What is 2 + 2?", "What's 2 + 2?"),
+                unread_tails_differ(&c.embedder, &a2, &reworded),
+                unread_tails_differ(&c.embedder, &a2, &b2),
+                unread_tails_differ(&c.embedder, "What is 2 + 2?", "What's 2 + 2?"),
             )
         })
         .await
