@@ -454,6 +454,9 @@ pub struct AnthropicStream {
     /// It stopped at the model's context window
     /// (`model_context_window_exceeded`), whatever limit was asked for.
     pub window_cut: bool,
+    /// OpenAI chunks are built: off when the caller only reads the stream
+    /// (its usage, its end) and relays the provider's own bytes.
+    emit: bool,
 }
 
 impl AnthropicStream {
@@ -473,7 +476,16 @@ impl AnthropicStream {
             error: None,
             truncated: false,
             window_cut: false,
+            emit: true,
         }
+    }
+
+    /// Read the stream without translating it: usage, end, errors and
+    /// estimates as before, and `feed` returns nothing (no chunk is built
+    /// for a client that gets the provider's own events).
+    pub fn reading_only(mut self) -> Self {
+        self.emit = false;
+        self
     }
 
     pub fn usage(&self) -> Option<Usage> {
@@ -490,6 +502,13 @@ impl AnthropicStream {
     /// tool arguments streamed (about 4 bytes a token).
     pub fn generated_tokens_estimate(&self) -> u64 {
         self.generated_bytes.div_ceil(4)
+    }
+
+    /// Add a chunk to `out`, built only when chunks are emitted.
+    fn push(&self, out: &mut Vec<u8>, build: impl FnOnce(&Self) -> Vec<u8>) {
+        if self.emit {
+            out.extend(build(self));
+        }
     }
 
     fn chunk(&self, delta: Value, finish: Value) -> Vec<u8> {
@@ -510,6 +529,11 @@ impl AnthropicStream {
         for ev in events {
             self.on_event(&ev, &mut out);
         }
+        if !self.emit {
+            // The error event and `[DONE]` (once a stream) were all that
+            // could still be written.
+            out.clear();
+        }
         Ok(out)
     }
 
@@ -518,6 +542,7 @@ impl AnthropicStream {
             // The client already got the error and [DONE].
             return;
         }
+
         let parsed = serde_json::from_str::<Value>(&ev.data);
         let kind = ev
             .event
@@ -555,7 +580,9 @@ impl AnthropicStream {
                     self.usage = usage_of(u);
                     self.saw_usage = true;
                 }
-                out.extend(self.chunk(json!({"role": "assistant", "content": ""}), Value::Null));
+                self.push(out, |s| {
+                    s.chunk(json!({"role": "assistant", "content": ""}), Value::Null)
+                });
             }
             "content_block_start" => {
                 let block = &v["content_block"];
@@ -563,7 +590,7 @@ impl AnthropicStream {
                     let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
                     let n = self.tool_index.len();
                     self.tool_index.push((idx, n, false));
-                    out.extend(self.chunk(
+                    self.push(out, |s| s.chunk(
                         json!({"tool_calls": [{"index": n, "id": block.get("id"), "type": "function",
                             "function": {"name": block.get("name"), "arguments": ""}}]}),
                         Value::Null,
@@ -576,7 +603,7 @@ impl AnthropicStream {
                     Some("text_delta") => {
                         let text = d.get("text").and_then(Value::as_str).unwrap_or("");
                         self.generated_bytes += text.len() as u64;
-                        out.extend(self.chunk(json!({"content": text}), Value::Null));
+                        self.push(out, |s| s.chunk(json!({"content": text}), Value::Null));
                     }
                     Some("input_json_delta") => {
                         let idx = v.get("index").and_then(Value::as_u64).unwrap_or(0);
@@ -586,7 +613,7 @@ impl AnthropicStream {
                         if let Some((_, n, got)) = tool.filter(|_| !part.is_empty()) {
                             *got = true;
                             let n = *n;
-                            out.extend(self.chunk(json!({"tool_calls": [{"index": n, "function": {"arguments": part}}]}), Value::Null));
+                            self.push(out, |s| s.chunk(json!({"tool_calls": [{"index": n, "function": {"arguments": part}}]}), Value::Null));
                         }
                     }
                     Some("thinking_delta") => {
@@ -604,10 +631,12 @@ impl AnthropicStream {
                 if let Some((_, n, got)) = tool.filter(|(_, _, got)| !*got) {
                     *got = true;
                     let n = *n;
-                    out.extend(self.chunk(
-                        json!({"tool_calls": [{"index": n, "function": {"arguments": "{}"}}]}),
-                        Value::Null,
-                    ));
+                    self.push(out, |s| {
+                        s.chunk(
+                            json!({"tool_calls": [{"index": n, "function": {"arguments": "{}"}}]}),
+                            Value::Null,
+                        )
+                    });
                 }
             }
             "message_delta" => {
@@ -643,7 +672,9 @@ impl AnthropicStream {
                     .and_then(Value::as_str);
                 self.truncated |= stop.is_some_and(cut_at_limit);
                 self.window_cut |= stop == Some("model_context_window_exceeded");
-                out.extend(self.chunk(json!({}), finish_reason(stop.or(Some("end_turn")))));
+                self.push(out, |s| {
+                    s.chunk(json!({}), finish_reason(stop.or(Some("end_turn"))))
+                });
             }
             "message_stop" => {
                 if self.include_usage {
@@ -961,6 +992,38 @@ event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
         assert!(text.ends_with("data: [DONE]\n\n"));
         assert!(s.done);
         assert_eq!(s.usage().unwrap().total(), 12);
+    }
+
+    #[test]
+    fn a_stream_read_only_builds_no_chunks_and_reads_the_same() {
+        let input = "event: message_start\ndata: {\"type\":\"message_start\",\"message\":{\"id\":\"m1\",\"model\":\"claude-x\",\"usage\":{\"input_tokens\":9,\"output_tokens\":1}}}\n\n\
+event: content_block_start\ndata: {\"type\":\"content_block_start\",\"index\":0,\"content_block\":{\"type\":\"tool_use\",\"id\":\"t1\",\"name\":\"f\"}}\n\n\
+event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,\"delta\":{\"type\":\"input_json_delta\",\"partial_json\":\"{\\\"a\\\":1}\"}}\n\n\
+event: message_delta\ndata: {\"type\":\"message_delta\",\"delta\":{\"stop_reason\":\"max_tokens\"},\"usage\":{\"output_tokens\":5}}\n\n\
+event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n";
+        let mut full = AnthropicStream::new("claude", false);
+        let mut read = AnthropicStream::new("claude", false).reading_only();
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        for c in input.as_bytes().chunks(11) {
+            a.extend(full.feed(c).unwrap());
+            b.extend(read.feed(c).unwrap());
+        }
+        assert!(!a.is_empty());
+        assert!(b.is_empty(), "{}", String::from_utf8_lossy(&b));
+        assert_eq!(read.usage(), full.usage());
+        assert_eq!(read.usage().unwrap().total(), 14);
+        assert!(read.done && read.usage_final() && read.truncated);
+        assert_eq!(
+            read.generated_tokens_estimate(),
+            full.generated_tokens_estimate()
+        );
+        // An error event: recorded, nothing written.
+        let mut read = AnthropicStream::new("claude", false).reading_only();
+        let out = read
+            .feed(b"event: error\ndata: {\"type\":\"error\",\"error\":{\"type\":\"overloaded_error\",\"message\":\"Overloaded\"}}\n\n")
+            .unwrap();
+        assert!(out.is_empty());
+        assert!(read.error.is_some() && read.done);
     }
 
     #[test]

@@ -386,11 +386,30 @@ pub(super) async fn relay(
         translate,
         Translate::AnthropicNative | Translate::ResponsesNative
     );
+    // The provider keeps these answers itself (decided when the stream
+    // opens: a retry elsewhere may still store its answer).
+    let keep_cache = translate != Translate::ResponsesNative;
+    // Assemble the answer only when it is needed: to cache it, or to count its
+    // tokens when the upstream will not report usage (not asked for it).
+    let usage_expected = translate != Translate::OpenAi || x.dep.provider.cfg.stream_usage;
+    let mut assembler =
+        ((ctx.cache_insert.is_some() && keep_cache) || !usage_expected).then(ChunkAssembler::new);
     let mut tr = match translate {
         Translate::OpenAi => Translator::OpenAi(OpenAiStreamFilter::new(req.client_wants_usage)),
-        Translate::Anthropic | Translate::AnthropicNative => Translator::Anthropic(
-            AnthropicStream::new(ctx.model().unwrap_or(""), req.client_wants_usage && !native),
-        ),
+        Translate::Anthropic => Translator::Anthropic(AnthropicStream::new(
+            ctx.model().unwrap_or(""),
+            req.client_wants_usage,
+        )),
+        // The client gets the provider's own events: the canonical chunks
+        // are built only for the cache's assembler.
+        Translate::AnthropicNative => {
+            let reader = AnthropicStream::new(ctx.model().unwrap_or(""), false);
+            Translator::Anthropic(if assembler.is_some() {
+                reader
+            } else {
+                reader.reading_only()
+            })
+        }
         Translate::ResponsesNative => Translator::Responses(ResponsesStreamReader::default()),
     };
     let mut framer = native.then(EventFramer::default);
@@ -414,9 +433,6 @@ pub(super) async fn relay(
         }),
         _ => None,
     };
-    // The provider keeps these answers itself (decided when the stream
-    // opens: a retry elsewhere may still store its answer).
-    let keep_cache = translate != Translate::ResponsesNative;
     // The answer's choices: each must name its end.
     let choices = smartllm_protocol::openai::choices_returned(&req.body);
     let idle = x.idle_timeout();
@@ -445,11 +461,6 @@ pub(super) async fn relay(
         events: Vec::new(),
         since: Instant::now(),
     });
-    // Assemble the answer only when it is needed: to cache it, or to count its
-    // tokens when the upstream will not report usage (not asked for it).
-    let usage_expected = translate != Translate::OpenAi || x.dep.provider.cfg.stream_usage;
-    let mut assembler =
-        ((ctx.cache_insert.is_some() && keep_cache) || !usage_expected).then(ChunkAssembler::new);
     let mut streamed_bytes = 0usize;
     // A provider-kept response's id was marked the tenant's.
     let mut owned = false;
