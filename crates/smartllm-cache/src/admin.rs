@@ -64,8 +64,42 @@ impl SemanticCache {
     /// [`SemanticCache::purge`], issued at `at_ms` (the time the fleet is
     /// told, however late its outbox sends it).
     pub fn purge_at(&self, what: &Purge, at_ms: u64) -> Result<u64, CacheError> {
-        let _gate = self.purge_gate.write().unwrap_or_else(|p| p.into_inner());
-        self.remember_purge(what, at_ms.min(now_ms()));
+        self.remember_and_remove(what, at_ms.min(now_ms()))
+    }
+
+    /// Record the purge (issued at `at`), then remove what it covers.
+    ///
+    /// A purge of a namespace or route holds the gate only while it is
+    /// recorded, not through the scan (which reads and opens every entry:
+    /// seconds at a million). Held through it, every insert would wait for
+    /// it on a blocking thread, and enough of them would take the whole
+    /// blocking pool and hold up lookups. No entry it covers survives all
+    /// the same: an insert checks the recorded purges and writes under the
+    /// read side of the gate, so either
+    /// - it wrote before the purge was recorded: its RocksDB batch was
+    ///   committed before the scan's iterator was made, so the scan sees the
+    ///   entry and removes it (its index add was queued before the scan's
+    ///   removal, which thus comes after it); or
+    /// - it checks after: it finds the purge and stores nothing it covers
+    ///   (`purged_after`).
+    ///
+    /// An answer asked for after the purge and written during the scan may
+    /// be removed too: one cached answer lost, never a purged one served.
+    ///
+    /// Purging everything keeps the gate until done: it deletes the keys it
+    /// read in one batch and then empties the index, so an insert landing in
+    /// between would be left half stored, or in RocksDB without its vector in
+    /// the index.
+    fn remember_and_remove(&self, what: &Purge, at: u64) -> Result<u64, CacheError> {
+        if *what == Purge::All {
+            let _gate = self.purge_gate.write().unwrap_or_else(|p| p.into_inner());
+            self.remember_purge(what, at);
+            return self.remove(what);
+        }
+        {
+            let _gate = self.purge_gate.write().unwrap_or_else(|p| p.into_inner());
+            self.remember_purge(what, at);
+        }
         self.remove(what)
     }
 
@@ -149,9 +183,7 @@ impl SemanticCache {
 
     /// A purge another gateway issued at `issued_ms` (its clock).
     pub fn purge_from_fleet(&self, what: &Purge, issued_ms: u64) -> Result<u64, CacheError> {
-        let _gate = self.purge_gate.write().unwrap_or_else(|p| p.into_inner());
-        self.remember_purge(what, issued_ms.min(now_ms()));
-        self.remove(what)
+        self.remember_and_remove(what, issued_ms.min(now_ms()))
     }
 
     /// Empty the cache to load the fleet's snapshot in its place (which
@@ -240,5 +272,85 @@ impl SemanticCache {
             live_data_bytes: info.live_data_bytes,
             estimated_entries,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::embedder;
+    use crate::{chat_key, CacheKey, Codec, EXACT_STRIPES};
+    use serde_json::json;
+    use smartllm_store::Store;
+    use std::sync::mpsc;
+    use std::time::{Duration, Instant};
+
+    fn key(q: &str) -> CacheKey {
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": q}]});
+        chat_key("t", "m", body.as_object().unwrap()).unwrap()
+    }
+
+    fn entry(k: &CacheKey, route: &str) -> Entry {
+        let now = now_secs();
+        Entry {
+            id: 0,
+            namespace: k.namespace_hex(),
+            exact: hex::encode(k.exact),
+            query: k.query.clone(),
+            response: "{}".into(),
+            route: route.into(),
+            model: "m".into(),
+            created_at: now,
+            expires_at: now + 3600,
+            version: 1,
+            asked_ms: Some(now_ms()),
+        }
+    }
+
+    /// A purge of a route holds no insert up while it scans the store (which
+    /// takes seconds at a million entries): here its removal waits on a lock
+    /// the test holds, after the purge was recorded, and an entry of another
+    /// route is stored meanwhile. The purged entry goes all the same.
+    #[test]
+    fn a_purge_scan_holds_no_insert_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, embedder(64), Codec::plain(), 16, 100_000, None).unwrap();
+        let stripe = |k: &CacheKey| k.exact[0] as usize % EXACT_STRIPES;
+        let doomed = key("What is our refund policy?");
+        cache
+            .write(entry(&doomed, "faq"), None, doomed.exact)
+            .unwrap();
+        // Another question, under another stripe of the exact-key lock.
+        let kept = (0..)
+            .map(|i| key(&format!("Question number {i}")))
+            .find(|k| stripe(k) != stripe(&doomed))
+            .unwrap();
+        let sealed = Codec::plain().encode(&entry(&kept, "support")).unwrap();
+        let probe = entry(&doomed, "faq");
+        std::thread::scope(|s| {
+            // The purge's removal takes the doomed entry's stripe: held here.
+            let held = cache.exact_stripes[stripe(&doomed)].lock().unwrap();
+            let purge = s.spawn(|| cache.purge(&Purge::Route("faq".into())));
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !cache.purged_after(&probe, 0) {
+                assert!(Instant::now() < deadline, "the purge was never recorded");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            // Recorded, and stuck in its removal: an insert goes through.
+            let (tx, rx) = mpsc::channel();
+            let (c, sealed) = (&cache, &sealed);
+            s.spawn(move || tx.send(c.apply_remote(sealed, None)).unwrap());
+            let stored = rx.recv_timeout(Duration::from_secs(5));
+            drop(held);
+            assert!(
+                matches!(stored, Ok(Ok(crate::Applied::Stored))),
+                "an insert waited for a purge's scan: {stored:?}"
+            );
+            assert_eq!(purge.join().unwrap().unwrap(), 1);
+        });
+        assert!(cache.load_exact(&doomed.exact).unwrap().is_none());
+        assert!(cache.load_exact(&kept.exact).unwrap().is_some());
     }
 }

@@ -263,8 +263,15 @@ mod migration_tests {
             "Explain the borrow checker in Rust",
             "What is the capital of France?",
         ];
+        // As the cache embeds them (fillers off), so that opening the store
+        // finds these vectors this embedder's own and keeps them.
         let vectors = emb
-            .embed(questions.iter().map(|q| q.to_string()).collect())
+            .embed(
+                questions
+                    .iter()
+                    .map(|q| crate::key::embedding_text(q))
+                    .collect(),
+            )
             .await
             .unwrap();
         let dim = vectors[0].len();

@@ -36,7 +36,13 @@
 //!   counters (`len`) and the lock-free `ArcSwap` (`ivf_params`).
 //! - **Persist markers**: sequence numbers are handed out here and count as in
 //!   flight until their vector is applied (or given up); a saved file holds
-//!   every vector whose sequence number is below its marker.
+//!   every vector whose sequence number is below its marker, may hold some
+//!   from the marker up to the next number not yet handed out (vectors
+//!   applied out of order, or taken by a build's snapshot before their add),
+//!   and holds none past that ([`SharedIndex::frozen`]).
+//! - **Vectors** with a value that is not finite, or all zeros, are refused
+//!   ([`check_vector`]): their scores would be NaN, and a NaN is never below
+//!   a threshold (`sim < threshold` is false), so it would pass as a hit.
 
 use crate::ids;
 use arc_swap::ArcSwap;
@@ -64,6 +70,8 @@ pub enum IndexError {
     Native(String),
     #[error("index file {path}: {message}")]
     File { path: String, message: String },
+    #[error("vector has a value that is not finite, or is all zeros")]
+    Unusable,
 }
 
 enum Kind {
@@ -83,6 +91,30 @@ pub struct VectorIndex {
 
 fn idx(id: u64) -> Idx {
     Idx::new(id & (i64::MAX as u64))
+}
+
+/// Whether `v` can be scored: every value finite and not all zeros (a NaN
+/// or an infinity makes every inner product with it NaN; a zero vector has
+/// no direction).
+pub(crate) fn usable(v: &[f32]) -> bool {
+    // A NaN or an infinity makes the sum so; a huge finite value that
+    // overflows it is no unit vector either.
+    let norm2: f32 = v.iter().map(|x| x * x).sum();
+    norm2.is_finite() && norm2 > 0.0
+}
+
+/// A vector the index may hold: `dim` values, [`usable`].
+pub(crate) fn check_vector(v: &[f32], dim: usize) -> Result<(), IndexError> {
+    if v.len() != dim {
+        return Err(IndexError::Dimension {
+            got: v.len(),
+            want: dim,
+        });
+    }
+    if !usable(v) {
+        return Err(IndexError::Unusable);
+    }
+    Ok(())
 }
 
 /// Vectors per IVF list that the k-means training sees at most.
@@ -474,12 +506,13 @@ fn split(ops: &[Op]) -> (Vec<u64>, Vec<f32>, HashSet<u64>) {
     (ids, data, removed)
 }
 
-/// Apply `ops` to the live index: one add, then one removal pass.
-fn apply(index: &mut VectorIndex, ops: &[Op]) -> Result<(), IndexError> {
+/// Apply `ops` to the live index: one add, then one removal pass. Returns
+/// whether the add succeeded, and the first error.
+fn apply(index: &mut VectorIndex, ops: &[Op]) -> (bool, Result<(), IndexError>) {
     let (ids, data, removed) = split(ops);
     let added = index.add_batch(&ids, &data);
-    index.remove(&removed.into_iter().collect::<Vec<_>>())?;
-    added
+    let removed = index.remove(&removed.into_iter().collect::<Vec<_>>());
+    (added.is_ok(), added.and(removed.map(|_| ())))
 }
 
 /// Replay `ops` on a freshly built index whose snapshot may already hold some
@@ -637,13 +670,17 @@ impl SharedIndex {
         let ops: Vec<Op> = ops
             .into_iter()
             .filter(|op| match op {
-                Op::Add(id, v) if v.len() != self.dim => {
-                    self.release(*id);
-                    bad = Some(v.len());
-                    false
-                }
+                // Of another size, or one no score can be computed from
+                // (see `check_vector`): never in the index.
+                Op::Add(id, v) => match check_vector(v, self.dim) {
+                    Ok(()) => true,
+                    Err(e) => {
+                        self.release(*id);
+                        bad = Some(e);
+                        false
+                    }
+                },
                 Op::Remove(ids) => !ids.is_empty(),
-                Op::Add(..) => true,
             })
             .collect();
         if !ops.is_empty() {
@@ -651,10 +688,7 @@ impl SharedIndex {
             self.drain()?;
         }
         match bad {
-            Some(got) => Err(IndexError::Dimension {
-                got,
-                want: self.dim,
-            }),
+            Some(e) => Err(e),
             None => Ok(()),
         }
     }
@@ -680,20 +714,21 @@ impl SharedIndex {
     }
 
     /// Under the token: apply what is queued to the live index, log it for a
-    /// build under way, and clear its sequence numbers from flight.
+    /// build under way, and clear its sequence numbers from flight once
+    /// their vectors are in.
     fn apply_queued(&self, writer: &mut Writer) -> Result<(), IndexError> {
         let ops = std::mem::take(&mut *lock(&self.queue));
         if ops.is_empty() {
             return Ok(());
         }
         let live = self.live.load_full();
-        let result = {
+        let (added, result) = {
             let mut index = live.index.write().unwrap_or_else(|p| p.into_inner());
             let r = apply(&mut index, &ops);
             self.len.store(index.len(), Ordering::Relaxed);
             r
         };
-        {
+        if added {
             let mut f = lock(&self.in_flight);
             for op in &ops {
                 if let Op::Add(id, _) = op {
@@ -701,6 +736,9 @@ impl SharedIndex {
                 }
             }
         }
+        // A failed add leaves its numbers in flight: a file saved from now
+        // on claims none of those vectors (they are stored in RocksDB but
+        // not in the index), and the next start adds them from there.
         if let Some(log) = writer.log.as_mut() {
             log.extend(ops);
         }
@@ -720,22 +758,25 @@ impl SharedIndex {
     }
 
     /// Run `f` on the live index while nothing changes it (searches go on),
-    /// with the persist marker: every vector whose sequence number is below
-    /// it is in the index.
-    pub fn frozen<R>(&self, f: impl FnOnce(&VectorIndex, u64) -> R) -> R {
+    /// with the sequence numbers it is saved at, `seqs`: every stored vector
+    /// whose number is below `seqs.start` (the smallest in flight) is in the
+    /// index; those in `seqs` may be or not (applied before an earlier number
+    /// was, a failed add, or taken by a build's snapshot before their add
+    /// came); none from `seqs.end` (the next to be handed out) on is.
+    pub fn frozen<R>(&self, f: impl FnOnce(&VectorIndex, Range<u64>) -> R) -> R {
         let _token = self.exclusive();
-        let marker = {
+        let seqs = {
+            // Under the lock `allocate` takes: no number is handed out
+            // between the two reads.
             let in_flight = lock(&self.in_flight);
-            in_flight
-                .first()
-                .copied()
-                .unwrap_or_else(|| self.next_seq())
+            let next = self.next_seq();
+            in_flight.first().copied().unwrap_or(next)..next
         };
         let live = self.live.load_full();
         // Only holders of the token write-lock: holding the read side for
         // long keeps no search waiting.
         let index = live.read();
-        f(&index, marker)
+        f(&index, seqs)
     }
 
     /// A build takes its snapshot after this: from here on, every change
@@ -828,6 +869,55 @@ mod tests {
             out.extend(unit(&v));
         }
         out
+    }
+
+    /// Vectors no score can be computed from (a NaN scores NaN against
+    /// anything) are refused, and their numbers leave flight.
+    #[test]
+    fn unusable_vectors_are_refused() {
+        let shared = SharedIndex::new(VectorIndex::new_flat(3).unwrap());
+        for bad in [
+            vec![f32::NAN, 0.0, 1.0],
+            vec![0.0; 3],
+            vec![f32::INFINITY, 0.0, 0.0],
+        ] {
+            let id = shared.allocate(1);
+            let refused = shared.submit(vec![Op::Add(id, bad)]);
+            assert!(matches!(refused, Err(IndexError::Unusable)), "{refused:?}");
+            assert!(lock(&shared.in_flight).is_empty());
+        }
+        let id = shared.allocate(1);
+        let refused = shared.submit(vec![Op::Add(id, vec![1.0, 0.0])]);
+        assert!(matches!(refused, Err(IndexError::Dimension { .. })));
+        assert_eq!(shared.len(), 0);
+        let id = shared.allocate(1);
+        shared
+            .submit(vec![Op::Add(id, unit(&[1.0, 2.0, 0.0]))])
+            .unwrap();
+        assert_eq!(shared.len(), 1);
+        assert!(check_vector(&[0.0, 1e-3, 0.0], 3).is_ok());
+    }
+
+    /// A number whose add failed stays in flight: a file saved afterwards
+    /// claims no vector from it on (their seqs start there), while the later
+    /// vectors it holds are marked as maybe there.
+    #[test]
+    fn a_failed_add_keeps_its_number_in_flight() {
+        let shared = SharedIndex::new(VectorIndex::new_flat(3).unwrap());
+        let failed = shared.allocate(1);
+        // Past `submit`'s checks, as a failure inside FAISS would be.
+        lock(&shared.queue).push(Op::Add(failed, vec![1.0, 0.0]));
+        assert!(shared.drain().is_err());
+        let later = shared.allocate(1);
+        shared
+            .submit(vec![Op::Add(later, unit(&[0.0, 1.0, 0.0]))])
+            .unwrap();
+        shared.frozen(|index, seqs| {
+            assert_eq!(index.len(), 1);
+            assert_eq!(seqs.start, ids::seq(failed));
+            assert!(seqs.contains(&ids::seq(later)));
+            assert_eq!(seqs.end, shared.next_seq());
+        });
     }
 
     #[test]
@@ -993,7 +1083,7 @@ mod concurrency_tests {
                     .search_in(&late, 1, ids::range(namespaces + 100))
                     .unwrap()
                     .is_empty());
-                assert!(marker <= ids::seq(late_id));
+                assert!(marker.start <= ids::seq(late_id) && ids::seq(late_id) < marker.end);
                 let deadline = Instant::now() + Duration::from_secs(20);
                 while searches.load(Ordering::SeqCst) < before + 200 && Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(1));

@@ -131,13 +131,10 @@ impl SemanticCache {
             .and_then(|b| b.try_into().ok())
             .ok_or_else(|| crate::CodecError::Corrupt("exact key".into()))?;
         if let Some(v) = &embedding {
-            if v.len() != self.index.dim() {
-                return Err(crate::IndexError::Dimension {
-                    want: self.index.dim(),
-                    got: v.len(),
-                }
-                .into());
-            }
+            // A peer's vector is held to what a local one is: the index's
+            // size, and values a score can be computed from (a NaN scores
+            // NaN, which a threshold test would let through).
+            crate::index::check_vector(v, self.index.dim())?;
         }
         {
             // The newer-answer check and the write under the key's lock: a
@@ -187,6 +184,11 @@ impl SemanticCache {
         embedding: Option<Vec<f32>>,
         exact: [u8; 32],
     ) -> Result<Stored, CacheError> {
+        if let Some(v) = &embedding {
+            // Before anything is stored: a vector the index refuses must not
+            // stay in RocksDB either (the next start would load it).
+            crate::index::check_vector(v, self.index.dim())?;
+        }
         let epoch = self.l1_epoch();
         let id = self.index.allocate(self.tagger.tag(&entry.namespace));
         entry.id = id;
@@ -268,5 +270,55 @@ impl SemanticCache {
         );
         self.db().write(batch)?;
         Ok((previous, encoded))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::test_support::embedder;
+    use crate::{chat_key, Codec, IndexError};
+    use serde_json::json;
+    use smartllm_store::Store;
+
+    /// A vector with a NaN or an infinity, or all zeros (its scores would be
+    /// NaN, or meaningless), is refused, from this gateway or from the
+    /// fleet, and nothing of the entry is stored.
+    #[test]
+    fn entries_with_unusable_vectors_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, embedder(64), Codec::plain(), 16, 100_000, None).unwrap();
+        let q = "What is the capital of Peru?";
+        let body = json!({"model": "m", "messages": [{"role": "user", "content": q}]});
+        let k = chat_key("t", "m", body.as_object().unwrap()).unwrap();
+        let entry = crate::test_support::entry_for(&k);
+        let dim = cache.index.dim();
+        let mut nan = vec![0.0f32; dim];
+        nan[0] = f32::NAN;
+        let mut inf = vec![0.0f32; dim];
+        inf[1] = f32::INFINITY;
+        for bad in [nan, inf, vec![0.0f32; dim]] {
+            let local = cache.write(entry.clone(), Some(bad.clone()), k.exact);
+            assert!(
+                matches!(local, Err(CacheError::Index(IndexError::Unusable))),
+                "{local:?}"
+            );
+            let sealed = Codec::plain().encode(&entry).unwrap();
+            let remote = cache.apply_remote(&sealed, Some(bad));
+            assert!(
+                matches!(remote, Err(CacheError::Index(IndexError::Unusable))),
+                "{remote:?}"
+            );
+        }
+        for cf in [CF_ENTRIES, CF_VECTORS, CF_EXACT] {
+            let stored = cache
+                .db()
+                .iterator_cf(cache.cf(cf), rocksdb::IteratorMode::Start)
+                .count();
+            assert_eq!(stored, 0, "{cf}");
+        }
+        assert_eq!(cache.stats().index_vectors, 0);
     }
 }

@@ -123,9 +123,11 @@ pub struct SemanticCache {
     /// Purges applied here (local or from the fleet) and when: an entry the
     /// fleet sends later that one of them removed is not stored again.
     purged: Mutex<admin::Purged>,
-    /// Taken to write by a purge (remember, then remove) and to read by an
-    /// insert (check, then write): an insert never lands between a purge's
-    /// two steps, unseen by both.
+    /// Taken to write by a purge while it is recorded (a purge of
+    /// everything: until done) and to read by an insert (check, then
+    /// write): an insert either wrote before the purge was recorded, and the
+    /// purge's scan (which starts after) sees it, or checks after and finds
+    /// the purge. None lands unseen by both (`admin`).
     purge_gate: std::sync::RwLock<()>,
     /// Serialise the writes of one exact key (see `insert::write`).
     exact_stripes: [std::sync::Mutex<()>; EXACT_STRIPES],

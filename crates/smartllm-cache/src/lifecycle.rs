@@ -1,6 +1,7 @@
 //! The FAISS index lifecycle. At open: re-key entries stored before ids
-//! carried namespace tags, then load the persisted IVF index when it is
-//! current, else rebuild a flat one from RocksDB (the source of truth). Then,
+//! carried namespace tags, drop the stored vectors when another embedder
+//! made them, then load the persisted IVF index when it is current, else
+//! rebuild a flat one from RocksDB (the source of truth). Then,
 //! once the index outgrows its kind, train an IVF index on a background
 //! thread while lookups go on, replay the writes made meanwhile, swap it in
 //! and persist it. Also the explicit rebuild and the IVF threshold reload.
@@ -12,29 +13,51 @@ use crate::storage::{bytes_to_vec, NEXT_ID};
 use crate::{CacheError, Codec, SemanticCache, VectorIndex};
 use lru::LruCache;
 use metrics::{counter, gauge};
+use rocksdb::WriteBatch;
 use smartllm_embed::Embedder;
-use smartllm_store::{Store, CF_META, CF_VECTORS};
+use smartllm_store::{Store, CF_ENTRIES, CF_META, CF_VECTORS};
 use std::num::NonZeroUsize;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 /// The persist marker: the index file holds every stored vector whose
-/// sequence number is below it, and no other. (Files saved before ids carried
-/// tags have the older `ivf_next_id` marker only, and are rebuilt.)
+/// sequence number is below it. (Files saved before ids carried tags have
+/// the older `ivf_next_id` marker only, and are rebuilt.)
 const IVF_MARKER: &[u8] = b"ivf_next_seq";
+/// With the marker: the file holds no vector numbered from this on; those
+/// from the marker up to it it may hold or not (`SharedIndex::frozen`).
+/// Files saved without it are taken to hold none from the marker on.
+const IVF_SAVED_TO: &[u8] = b"ivf_saved_to_seq";
 pub const INDEX_FILE: &str = "cache.ivf";
-/// The IVF build's niceness: below the embedder's (+10), so on a busy
-/// machine the build waits rather than any request.
+/// The IVF training's niceness: below the embedder's (+10), so on a busy
+/// machine the training waits rather than any request.
 pub const IVF_BUILD_NICE: i32 = 19;
+/// The meta key holding the fingerprint of the embedder that made the
+/// stored vectors ([`Embedder::fingerprint`]).
+const EMBEDDER_KEY: &[u8] = b"embedder_fingerprint";
+/// A store that recorded no fingerprint: entries (with vectors) read to
+/// choose from, and how many of them (the longest texts) are embedded again
+/// to tell whether this embedder made their vectors.
+const CHECK_READ: usize = 256;
+const CHECK_EMBEDDED: usize = 16;
+/// The cosine a vector keeps to the same text embedded again by the same
+/// model and window (threads, device and batching move it by rounding
+/// only); another model's, or another window's on a long text, is far
+/// below.
+const SAME_EMBEDDER_COSINE: f32 = 0.98;
+/// Vectors deleted per RocksDB batch when they are dropped.
+const DROP_BATCH: usize = 4096;
 
 /// Stored vectors: (ids, row-major vectors).
 type Vectors = (Vec<u64>, Vec<f32>);
 
 impl SemanticCache {
-    /// Open the cache over the store: load the persisted IVF index from
-    /// `index_dir` when it is current, else rebuild from RocksDB (and train an
-    /// IVF index in the background when there are `ivf_threshold` vectors).
+    /// Open the cache over the store: drop the stored vectors when another
+    /// embedder made them (by `embedder`'s fingerprint, kept in the store),
+    /// load the persisted IVF index from `index_dir` when it is current,
+    /// else rebuild from RocksDB (and train an IVF index in the background
+    /// when there are `ivf_threshold` vectors).
     /// Blocking: call before the server starts or from `spawn_blocking`.
     pub fn open(
         store: Arc<Store>,
@@ -45,6 +68,7 @@ impl SemanticCache {
         index_dir: Option<&std::path::Path>,
     ) -> Result<Arc<Self>, CacheError> {
         let dim = embedder.info().dim;
+        let fingerprint = embedder.fingerprint();
         let meta = store
             .db()
             .cf_handle(CF_META)
@@ -78,6 +102,7 @@ impl SemanticCache {
             exact_stripes: std::array::from_fn(|_| Default::default()),
         });
         cache.migrate_untagged()?;
+        cache.check_embedder(&fingerprint)?;
         if !cache.load_persisted()? {
             cache.rebuild_index()?;
         }
@@ -105,13 +130,15 @@ impl SemanticCache {
         if !self.dirty.swap(false, Ordering::Relaxed) {
             return Ok(false);
         }
-        let saved = self.index.frozen(|index, marker| {
+        let saved = self.index.frozen(|index, seqs| {
             if !index.is_ivf() {
                 return Ok(false);
             }
             index.write_ivf(path)?;
-            self.db()
-                .put_cf(self.cf(CF_META), IVF_MARKER, marker.to_be_bytes())?;
+            let mut batch = WriteBatch::default();
+            batch.put_cf(self.cf(CF_META), IVF_MARKER, seqs.start.to_be_bytes());
+            batch.put_cf(self.cf(CF_META), IVF_SAVED_TO, seqs.end.to_be_bytes());
+            self.db().write(batch)?;
             tracing::debug!(vectors = index.len(), path = %path.display(), "cache IVF index saved");
             Ok(true)
         });
@@ -141,7 +168,8 @@ impl SemanticCache {
 
     /// One pass over the stored vectors: those whose sequence number is at
     /// least `from_seq` (with their vectors), how many are below it, the
-    /// largest sequence number seen and how many were skipped (bad size).
+    /// largest sequence number seen and how many were skipped (of another
+    /// size, or with values the index refuses).
     fn stored_vectors(&self, from_seq: u64) -> Result<(Vectors, usize, u64, usize), CacheError> {
         let dim = self.index.dim();
         let (mut ids, mut data) = (Vec::new(), Vec::new());
@@ -154,16 +182,19 @@ impl SemanticCache {
                 it.next();
                 continue;
             };
-            if v.len() != dim * 4 {
+            let seq = ids::seq(id);
+            max_seq = max_seq.max(seq);
+            // Of another size, or one the index refuses (stored before
+            // vectors were checked): neither loaded nor counted.
+            let vec = bytes_to_vec(v).filter(|x| x.len() == dim && crate::index::usable(x));
+            let Some(vec) = vec else {
                 skipped += 1;
                 it.next();
                 continue;
-            }
-            let seq = ids::seq(id);
-            max_seq = max_seq.max(seq);
+            };
             if seq < from_seq {
                 below += 1;
-            } else if let Some(vec) = bytes_to_vec(v) {
+            } else {
                 ids.push(id);
                 data.extend(vec);
             }
@@ -202,9 +233,23 @@ impl SemanticCache {
             tracing::warn!(path = %path.display(), "the cache index file has no sync marker (or predates namespace-tagged ids); rebuilding from RocksDB");
             return Ok(false);
         };
-        // The file must hold exactly the stored vectors below its marker
-        // (anything removed since it was written makes it stale).
+        let saved_to = self.stored_u64(IVF_SAVED_TO)?.unwrap_or(marker);
         let ((ids, data), below, max_seq, _) = self.stored_vectors(marker)?;
+        // The stored vectors from the marker on are added below; those
+        // numbered before `saved_to` may be in the file already (applied
+        // before an earlier number was, or taken by a build's snapshot
+        // before their add): out first, so none is there twice.
+        let unsure: Vec<u64> = ids
+            .iter()
+            .copied()
+            .filter(|id| ids::seq(*id) < saved_to)
+            .collect();
+        if let Err(e) = index.remove(&unsure) {
+            tracing::error!(error = %e, "the cache index file is unusable; rebuilding it from RocksDB (no entry is lost)");
+            return Ok(false);
+        }
+        // What is left must be exactly the stored vectors below the marker
+        // (anything removed since it was written makes it stale).
         if below != index.len() {
             tracing::warn!(
                 file = index.len(),
@@ -214,7 +259,8 @@ impl SemanticCache {
             return Ok(false);
         }
         index.add_batch(&ids, &data)?;
-        self.restore_next_seq(max_seq.max(marker.saturating_sub(1)))?;
+        // Every number below `saved_to` was handed out before the save.
+        self.restore_next_seq(max_seq.max(marker.max(saved_to).saturating_sub(1)))?;
         self.trained_for
             .store(index.len().max(1), Ordering::Relaxed);
         let n = index.len();
@@ -224,9 +270,117 @@ impl SemanticCache {
         Ok(true)
     }
 
-    /// Start a background IVF build (at nice [`IVF_BUILD_NICE`]) when the
-    /// index outgrew its kind. Takes
-    /// no lock (async callers).
+    /// Vectors compare only with vectors of the same model read through the
+    /// same window. When the embedder changed since the stored ones were
+    /// made (another model file or tokenizer, `embedder.max_seq_len`, the
+    /// dimension), they and the saved index are dropped: the entries stay,
+    /// served by their exact key, and the index starts empty. Then the
+    /// current fingerprint is recorded.
+    ///
+    /// A store that recorded none (written before fingerprints were) keeps
+    /// its vectors only when this embedder makes them again
+    /// ([`SemanticCache::vectors_are_ours`]); otherwise they are dropped too.
+    fn check_embedder(&self, fingerprint: &str) -> Result<(), CacheError> {
+        let stored = self.db().get_cf(self.cf(CF_META), EMBEDDER_KEY)?;
+        if stored.as_deref() == Some(fingerprint.as_bytes()) {
+            return Ok(());
+        }
+        let why = match stored {
+            Some(_) => Some("the embedding model, its tokenizer, embedder.max_seq_len or the dimension changed since they were stored"),
+            None if !self.vectors_are_ours()? => Some("they were stored before the cache recorded its embedder, and this embedder does not make them again"),
+            None => None,
+        };
+        if let Some(why) = why {
+            let dropped = self.drop_vectors()?;
+            if dropped > 0 {
+                tracing::warn!(
+                    dropped,
+                    reason = why,
+                    "stored cache vectors dropped, as vectors of another embedder cannot be compared with this one's; the entries are still served by their exact key"
+                );
+            }
+        }
+        self.db()
+            .put_cf(self.cf(CF_META), EMBEDDER_KEY, fingerprint.as_bytes())?;
+        Ok(())
+    }
+
+    /// Whether this embedder made the stored vectors: of the first entries
+    /// with a vector, the longest texts (on which a change of window shows)
+    /// are embedded again and must come out as stored. True when there is
+    /// no vector; false (the safe side) when none can be checked.
+    fn vectors_are_ours(&self) -> Result<bool, CacheError> {
+        let dim = self.index.dim();
+        let (mut any, mut read) = (false, Vec::new());
+        let mut it = self.db().raw_iterator_cf(self.cf(CF_VECTORS));
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            any = true;
+            if read.len() == CHECK_READ {
+                break;
+            }
+            let vector = bytes_to_vec(v).filter(|x| x.len() == dim && crate::index::usable(x));
+            if let Some(vector) = vector {
+                let entry = self
+                    .db()
+                    .get_cf(self.cf(CF_ENTRIES), k)?
+                    .and_then(|b| self.codec.open(&b).ok())
+                    .map(|(e, _)| e);
+                if let Some(e) = entry {
+                    read.push((e.query, vector));
+                }
+            }
+            it.next();
+        }
+        it.status()?;
+        if !any {
+            return Ok(true);
+        }
+        read.sort_by_key(|(query, _)| std::cmp::Reverse(query.len()));
+        read.truncate(CHECK_EMBEDDED);
+        if read.is_empty() {
+            return Ok(false);
+        }
+        let texts = read
+            .iter()
+            .map(|(query, _)| crate::key::embedding_text(query))
+            .collect();
+        let again = match self.embedder.embed_blocking(texts) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "could not embed stored cache questions again to check their vectors");
+                return Ok(false);
+            }
+        };
+        let same = |(stored, now): (&Vec<f32>, &Vec<f32>)| {
+            smartllm_embed::cosine(stored, now) >= SAME_EMBEDDER_COSINE
+        };
+        Ok(again.len() == read.len() && read.iter().map(|(_, v)| v).zip(&again).all(same))
+    }
+
+    /// Delete every stored vector and the saved index file (blocking; at
+    /// open, before anything else uses the store). Returns how many.
+    fn drop_vectors(&self) -> Result<usize, CacheError> {
+        // First: a file left behind would be checked against no vector.
+        if let Some(p) = &self.index_path {
+            let _ = std::fs::remove_file(p);
+        }
+        let vectors = self.cf(CF_VECTORS);
+        let (mut n, mut batch) = (0usize, WriteBatch::default());
+        for item in self.db().iterator_cf(vectors, rocksdb::IteratorMode::Start) {
+            let (k, _) = item?;
+            batch.delete_cf(vectors, k);
+            n += 1;
+            if n % DROP_BATCH == 0 {
+                self.db().write(std::mem::take(&mut batch))?;
+            }
+        }
+        self.db().write(batch)?;
+        Ok(n)
+    }
+
+    /// Start a background IVF build when the index outgrew its kind (its
+    /// training at nice [`IVF_BUILD_NICE`]). Takes no lock (async callers).
     pub(crate) fn maybe_upgrade(self: &Arc<Self>) {
         let n = self.index.len();
         let trained = self.trained_for.load(Ordering::Relaxed);
@@ -242,9 +396,8 @@ impl SemanticCache {
         let this = self.clone();
         let flag = self.building.clone();
         let spawned = std::thread::Builder::new().name("smartllm-ivf".into()).spawn(move || {
-            // Training (k-means on FAISS's OpenMP team, which inherits this)
-            // yields to requests and to the embedder: lowest priority.
-            smartllm_embed::lower_priority(IVF_BUILD_NICE);
+            // This thread keeps its priority: it takes the locks lookups
+            // wait on (see `build_ivf`); only the training is lowered.
             if let Err(e) = this.build_ivf() {
                 tracing::error!(error = %e, "building the IVF cache index failed; the current index stays");
             }
@@ -259,17 +412,25 @@ impl SemanticCache {
 
     /// Train an IVF index from RocksDB while lookups go on, replay the writes
     /// made meanwhile, swap it in, persist it.
+    ///
+    /// Only the training runs at low priority, on a thread of its own.
+    /// Starting the build, the swap and the save take the index's write lock
+    /// (or wait for it), and a writer waiting on it holds up every new
+    /// reader: on a thread the scheduler starves (a busy machine at nice
+    /// 19), that would stall every lookup. They run here, at the caller's
+    /// priority. (A thread cannot take back the priority it gave up without
+    /// privileges, hence the second thread.)
     fn build_ivf(&self) -> Result<(), CacheError> {
         let started = Instant::now();
         // Every change applied from here on is logged for the replay.
         let token = self.index.begin_build();
-        let trained = (|| {
+        let trained = at_low_priority(|| {
             let ((ids, data), ..) = self.stored_vectors(0)?;
             if ids.is_empty() {
                 return Ok(None);
             }
-            Ok::<_, CacheError>(Some(VectorIndex::train_ivf(self.index.dim(), &data, &ids)?))
-        })();
+            Ok(Some(VectorIndex::train_ivf(self.index.dim(), &data, &ids)?))
+        });
         let fresh = match trained {
             Ok(Some(f)) => f,
             Ok(None) => {
@@ -343,6 +504,28 @@ impl SemanticCache {
         );
         Ok(n)
     }
+}
+
+/// Run `f` on a thread of its own at nice [`IVF_BUILD_NICE`] (FAISS's
+/// OpenMP team, which that thread starts, inherits it) and wait for it. The
+/// caller keeps its priority.
+fn at_low_priority<T: Send>(
+    f: impl FnOnce() -> Result<T, CacheError> + Send,
+) -> Result<T, CacheError> {
+    std::thread::scope(|s| {
+        let trainer = std::thread::Builder::new()
+            .name("smartllm-ivf-tr".into())
+            .spawn_scoped(s, || {
+                // Yields to requests and to the embedder: lowest priority.
+                smartllm_embed::lower_priority(IVF_BUILD_NICE);
+                f()
+            })
+            .map_err(|e| CacheError::Task(format!("cannot start the IVF training thread: {e}")))?;
+        match trainer.join() {
+            Ok(result) => result,
+            Err(_) => Err(CacheError::Task("the IVF training thread panicked".into())),
+        }
+    })
 }
 
 #[cfg(test)]
@@ -490,5 +673,199 @@ mod tests {
         assert_eq!(cache.purge(&Purge::All).unwrap(), 402);
         assert_eq!(cache.stats().index_kind, "flat");
         assert!(!dir.path().join(INDEX_FILE).exists());
+    }
+
+    fn policy() -> CachePolicy {
+        CachePolicy {
+            enabled: true,
+            semantic: true,
+            similarity_threshold: 0.9,
+            ttl: Duration::from_secs(3600),
+            version: 1,
+            max_temperature: 1.0,
+            verifier: None,
+        }
+    }
+
+    fn open(
+        dir: &std::path::Path,
+        emb: &Arc<Embedder>,
+        ivf_threshold: usize,
+    ) -> Arc<SemanticCache> {
+        let store = Store::open(dir).unwrap();
+        SemanticCache::open(
+            store,
+            emb.clone(),
+            Codec::plain(),
+            10,
+            ivf_threshold,
+            Some(dir),
+        )
+        .unwrap()
+    }
+
+    fn flush(cache: &SemanticCache) {
+        cache.store.flush().unwrap();
+    }
+
+    fn fingerprint(cache: &SemanticCache) -> Option<Vec<u8>> {
+        cache.db().get_cf(cache.cf(CF_META), EMBEDDER_KEY).unwrap()
+    }
+
+    fn vectors_stored(cache: &SemanticCache) -> usize {
+        cache
+            .db()
+            .iterator_cf(cache.cf(CF_VECTORS), rocksdb::IteratorMode::Start)
+            .count()
+    }
+
+    /// Vectors another embedder made (another model, tokenizer or window:
+    /// another fingerprint) are dropped at open; the entries are still
+    /// served by their exact key. A store that recorded no fingerprint keeps
+    /// the vectors this embedder makes again, and drops others.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vectors_of_another_embedder_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let ours = Some(emb.fingerprint().into_bytes());
+        let p = policy();
+        let asked = key("How do I reset my password?");
+        let para = key("What is the way to reset my password?");
+        let is_hit = |l: &Lookup| matches!(l, Lookup::Hit { .. });
+        {
+            let cache = open(dir.path(), &emb, 100_000);
+            assert_eq!(fingerprint(&cache), ours);
+            cache
+                .insert(asked.clone(), None, "{}".into(), &p, "auto", "m")
+                .await
+                .unwrap();
+            assert!(is_hit(&cache.lookup(&para, &p, 8).await.unwrap()));
+            // As a store written before fingerprints were.
+            cache
+                .db()
+                .delete_cf(cache.cf(CF_META), EMBEDDER_KEY)
+                .unwrap();
+            flush(&cache);
+        }
+        {
+            // This embedder makes them again: kept.
+            let cache = open(dir.path(), &emb, 100_000);
+            assert_eq!(cache.stats().index_vectors, 1);
+            assert_eq!(fingerprint(&cache), ours);
+            assert!(is_hit(&cache.lookup(&para, &p, 8).await.unwrap()));
+            // No fingerprint, and a vector this embedder does not make.
+            let stored = cache
+                .insert(asked.clone(), None, "{}".into(), &p, "auto", "m")
+                .await
+                .unwrap();
+            let mut other = vec![0f32; smartllm_embed::DIM];
+            other[7] = 1.0;
+            let db = cache.db();
+            db.put_cf(
+                cache.cf(CF_VECTORS),
+                stored.id.to_be_bytes(),
+                crate::storage::vec_to_bytes(&other),
+            )
+            .unwrap();
+            db.delete_cf(cache.cf(CF_META), EMBEDDER_KEY).unwrap();
+            flush(&cache);
+        }
+        {
+            let cache = open(dir.path(), &emb, 100_000);
+            assert_eq!(
+                (cache.stats().index_vectors, vectors_stored(&cache)),
+                (0, 0)
+            );
+            assert_eq!(fingerprint(&cache), ours);
+            // A vector again; then another embedder's fingerprint.
+            cache
+                .insert(asked.clone(), None, "{}".into(), &p, "auto", "m")
+                .await
+                .unwrap();
+            assert_eq!(vectors_stored(&cache), 1);
+            cache
+                .db()
+                .put_cf(
+                    cache.cf(CF_META),
+                    EMBEDDER_KEY,
+                    b"model=0;tok=0;seq=8;dim=384",
+                )
+                .unwrap();
+            flush(&cache);
+        }
+        let cache = open(dir.path(), &emb, 100_000);
+        assert_eq!(
+            (cache.stats().index_vectors, vectors_stored(&cache)),
+            (0, 0)
+        );
+        assert_eq!(fingerprint(&cache), ours);
+        // Served by its exact key; no paraphrase meets it.
+        match cache.lookup(&asked, &p, 8).await.unwrap() {
+            Lookup::Hit { kind, .. } => assert_eq!(kind, crate::HitKind::Exact),
+            miss => panic!("the entry went with its vector: {miss:?}"),
+        }
+        assert!(!is_hit(&cache.lookup(&para, &p, 8).await.unwrap()));
+    }
+
+    /// A file saved while an earlier insert was still under way (its number
+    /// handed out, its vector not in yet) holds a later vector past its
+    /// marker: the next start uses it all the same, every vector once.
+    #[test]
+    fn a_file_saved_with_an_insert_under_way_is_used() {
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let mut rng = fastrand::Rng::with_seed(11);
+        let mut write = |cache: &Arc<SemanticCache>, i: usize| {
+            let v: Vec<f32> = (0..smartllm_embed::DIM).map(|_| rng.f32() - 0.5).collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            let k = key(&format!("question {i}"));
+            let entry = crate::test_support::entry_for(&k);
+            let v = v.into_iter().map(|x| x / n).collect();
+            cache.write(entry, Some(v), k.exact).unwrap();
+        };
+        {
+            let cache = open(dir.path(), &emb, 300);
+            for i in 0..300 {
+                write(&cache, i);
+            }
+            cache.maybe_upgrade();
+            wait_ivf(&cache);
+            let under_way = cache.index.allocate(1);
+            write(&cache, 300);
+            assert!(cache.persist().unwrap());
+            cache.index.release(under_way);
+            flush(&cache);
+        }
+        // A threshold no rebuild reaches: an IVF index here is the file's.
+        let cache = open(dir.path(), &emb, 1_000_000);
+        assert_eq!(
+            cache.stats().index_kind,
+            "ivf-sq8",
+            "the saved file was not used"
+        );
+        assert_eq!(cache.stats().index_vectors, 301);
+    }
+
+    /// The IVF training runs at low priority on a thread of its own; the
+    /// thread that takes the index's locks (to start the build, swap it in
+    /// and save it) keeps its priority.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn only_the_training_runs_at_low_priority() {
+        // This thread's niceness: field 19 of its stat, the 17th after the
+        // command name (which may hold spaces) and its closing parenthesis.
+        fn nice() -> i64 {
+            let stat = std::fs::read_to_string("/proc/thread-self/stat").unwrap();
+            let after = &stat[stat.rfind(')').unwrap() + 1..];
+            after.split_whitespace().nth(16).unwrap().parse().unwrap()
+        }
+        std::thread::spawn(|| {
+            let before = nice();
+            let training = at_low_priority(|| Ok(nice())).unwrap();
+            assert_eq!(training, i64::from(IVF_BUILD_NICE));
+            assert_eq!(nice(), before);
+        })
+        .join()
+        .unwrap();
     }
 }

@@ -67,6 +67,12 @@ pub(crate) struct Bar {
     pub verifier: Option<f32>,
 }
 
+/// Whether `score` reaches `bar`: never when either is NaN (`score < bar`
+/// is false for a NaN, which would then pass).
+fn reaches(score: f32, bar: f32) -> bool {
+    score >= bar
+}
+
 /// Unexpired, of the policy's version, and younger than the policy's TTL
 /// now (a TTL lowered by a reload applies to what is already stored).
 fn valid(e: &Entry, policy: &CachePolicy, now: u64) -> bool {
@@ -255,6 +261,14 @@ impl SemanticCache {
         now: u64,
     ) -> Result<Verified, CacheError> {
         let threshold = bar.similarity;
+        if !crate::index::usable(embedding) {
+            // A query no score can be computed from (a NaN from the model)
+            // meets nothing.
+            return Ok(Verified::Miss {
+                best: None,
+                rejected: None,
+            });
+        }
         let t = Instant::now();
         // Within the namespace's id range: others' entries take no place in
         // the top k (a tag shared by another namespace is sorted out below).
@@ -280,6 +294,12 @@ impl SemanticCache {
         // a candidate needs it).
         let mut query_tail: Option<Option<String>> = None;
         for (id, sim) in hits {
+            if sim.is_nan() {
+                // A stored vector no score can be computed from (stored
+                // before vectors were checked): no hit, and it says nothing
+                // of the candidates after it (NaN sorts anywhere).
+                continue;
+            }
             let Some(e) = self.load(id)? else { continue };
             if e.namespace != namespace {
                 continue;
@@ -287,7 +307,7 @@ impl SemanticCache {
             if best.is_none() {
                 best = Some(sim);
             }
-            if sim < threshold {
+            if !reaches(sim, threshold) {
                 break;
             }
             if e.expired(now) || !fresh.admits(&e, now) {
@@ -311,7 +331,9 @@ impl SemanticCache {
             }
             judged += 1;
             match self.verify(query, query_states, &e.query, sim) {
-                Ok(score) if score >= pass => return Ok(Verified::Hit(e, sim, Some(score))),
+                Ok(score) if reaches(score, pass) => {
+                    return Ok(Verified::Hit(e, sim, Some(score)));
+                }
                 Ok(_) => {
                     counter!(m::VERIFIER, "result" => "rejected").increment(1);
                     rejected = Some("verifier");
@@ -1090,6 +1112,79 @@ mod tests {
             off > 1e-4,
             "the 8-bit codes scored exactly ({off}): the test tests nothing"
         );
+    }
+
+    /// A NaN score is never a hit. On the IVF index a candidate near the bar
+    /// is scored again on its stored vector; one stored with a NaN (before
+    /// vectors were checked) scores NaN, which `sim < threshold` let through.
+    /// A query with a NaN meets nothing.
+    #[test]
+    fn a_nan_score_is_no_hit() {
+        let (_dir, cache) = open_cache();
+        let k = key("t", "How do I reset my password?");
+        let now = now_secs();
+        let entry = crate::test_support::entry_for(&k);
+        let id = cache.write(entry, None, k.exact).unwrap().id;
+        // An IVF index holding the entry's vector (its codes score it near
+        // 1) among others of its namespace's range that have no entry.
+        let dim = smartllm_embed::DIM;
+        let mut rng = fastrand::Rng::with_seed(3);
+        let (mut data, mut labels) = (Vec::new(), Vec::new());
+        for i in 0..64u64 {
+            let v: Vec<f32> = (0..dim).map(|_| rng.f32() - 0.5).collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            data.extend(v.into_iter().map(|x| x / n));
+            labels.push(match i {
+                0 => id,
+                _ => ids::compose(ids::tag(id), 1_000_000 + i),
+            });
+        }
+        let probe = data[..dim].to_vec();
+        cache
+            .index
+            .reset(crate::VectorIndex::train_ivf(dim, &data, &labels).unwrap());
+        let vectors = cache.cf(smartllm_store::CF_VECTORS);
+        let store_vector = |v: &[f32]| {
+            cache
+                .db()
+                .put_cf(vectors, id.to_be_bytes(), crate::storage::vec_to_bytes(v))
+                .unwrap()
+        };
+        let search = |query: &[f32]| {
+            let bar = Bar {
+                similarity: 0.9,
+                verifier: None,
+            };
+            cache
+                .search_verify(
+                    query,
+                    &k.namespace_hex(),
+                    &k.query,
+                    None,
+                    bar,
+                    FRESH,
+                    8,
+                    now,
+                )
+                .unwrap()
+        };
+        let mut nan = probe.clone();
+        nan[0] = f32::NAN;
+        store_vector(&nan);
+        assert!(
+            matches!(search(&probe), Verified::Miss { .. }),
+            "a NaN score was served"
+        );
+        // The same with the stored vector intact: a hit (the test tests something).
+        store_vector(&probe);
+        assert!(matches!(search(&probe), Verified::Hit(..)));
+        assert!(matches!(
+            search(&nan),
+            Verified::Miss {
+                best: None,
+                rejected: None
+            }
+        ));
     }
 
     /// An entry the fleet sends after a purge that removes it (another

@@ -21,3 +21,21 @@ pub(crate) fn wait_ivf(cache: &SemanticCache) {
     }
     assert_eq!(cache.stats().index_kind, "ivf-sq8", "{:?}", cache.stats());
 }
+
+/// An entry for `k` with an empty answer, live for an hour.
+pub(crate) fn entry_for(k: &crate::key::CacheKey) -> crate::Entry {
+    let now = crate::now_secs();
+    crate::Entry {
+        id: 0,
+        namespace: k.namespace_hex(),
+        exact: hex::encode(k.exact),
+        query: k.query.clone(),
+        response: "{}".into(),
+        route: "auto".into(),
+        model: "m".into(),
+        created_at: now,
+        expires_at: now + 3600,
+        version: 1,
+        asked_ms: None,
+    }
+}

@@ -544,10 +544,28 @@ pub struct Url {
     pub port: u16,
     /// Path prefix without a trailing slash (`/v1`), may be empty.
     pub path: String,
+    /// The path and query string exactly as written (`/hooks/abc/`,
+    /// `/v1/spaces/X/messages?key=K&token=T`), may be empty: what a budget
+    /// webhook is POSTed to, where a trailing slash can matter. Only
+    /// [`Url::parse_webhook`] admits a query string.
+    pub target: String,
 }
 
 impl Url {
+    /// A base URL (a provider's, the OTLP endpoint): its path is a prefix
+    /// that request paths are appended to, so a query string is refused.
     pub fn parse(s: &str) -> Result<Url, UrlError> {
+        Url::parse_as(s, false)
+    }
+
+    /// A budget webhook's URL: as [`Url::parse`], but a query string is
+    /// admitted (Google Chat's `?key=...&token=...` authenticates the
+    /// sender) and sent, with the path as written, as [`Url::target`].
+    pub fn parse_webhook(s: &str) -> Result<Url, UrlError> {
+        Url::parse_as(s, true)
+    }
+
+    fn parse_as(s: &str, query: bool) -> Result<Url, UrlError> {
         let url = || s.to_string();
         let (tls, rest) = if let Some(r) = s.strip_prefix("https://") {
             (true, r)
@@ -556,7 +574,9 @@ impl Url {
         } else {
             return Err(UrlError::Scheme(url()));
         };
-        let (authority, path) = match rest.find('/') {
+        // The authority ends at the path, or at a query or fragment that
+        // follows it directly (`https://host?key=k`).
+        let (authority, target) = match rest.find(['/', '?', '#']) {
             Some(i) => (&rest[..i], &rest[i..]),
             None => (rest, ""),
         };
@@ -590,14 +610,17 @@ impl Url {
                 None => (authority.to_string(), default_port(tls)),
             }
         };
-        if path.contains('?') || path.contains('#') {
+        // A fragment is never sent in HTTP, so one would be dropped unseen.
+        if target.contains('#') || (!query && target.contains('?')) {
             return Err(UrlError::QueryOrFragment(url()));
         }
+        let path = target.split_once('?').map_or(target, |(path, _)| path);
         Ok(Url {
             tls,
             host,
             port,
             path: path.trim_end_matches('/').to_string(),
+            target: target.to_string(),
         })
     }
 
@@ -1107,5 +1130,38 @@ mod tests {
         assert!(Url::parse("http://user:pw@x").is_err());
         let u = Url::parse("http://[::1]:9/v1").unwrap();
         assert_eq!(u.authority(), "[::1]:9");
+    }
+
+    /// A webhook is sent to its path exactly as written (a trailing slash
+    /// kept) and its query string (Google Chat authenticates by it); a
+    /// base URL still refuses a query, also right after the host.
+    #[test]
+    fn webhook_urls_keep_their_path_and_query() {
+        let u =
+            Url::parse_webhook("https://chat.googleapis.com/v1/spaces/X/messages?key=K&token=T%3D")
+                .unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.path.as_str(), u.target.as_str()),
+            (
+                "chat.googleapis.com",
+                "/v1/spaces/X/messages",
+                "/v1/spaces/X/messages?key=K&token=T%3D"
+            )
+        );
+        let u = Url::parse_webhook("http://hooks.example:8080/abc/").unwrap();
+        assert_eq!((u.port, u.target.as_str()), (8080, "/abc/"));
+        let u = Url::parse_webhook("https://hooks.example?k=v").unwrap();
+        assert_eq!(
+            (u.host.as_str(), u.port, u.target.as_str()),
+            ("hooks.example", 443, "?k=v")
+        );
+        assert!(Url::parse_webhook("https://hooks.example/a#frag").is_err());
+        assert_eq!(
+            Url::parse("https://api.example/v1/").unwrap().target,
+            "/v1/"
+        );
+        assert!(Url::parse("https://api.example/v1?x=1").is_err());
+        assert!(Url::parse("https://api.example?x=1").is_err());
+        assert!(Url::parse("https://api.example#x").is_err());
     }
 }

@@ -34,7 +34,7 @@ use lru::LruCache;
 use smartllm_config::{Device, EmbedderConfig};
 use std::hash::BuildHasher;
 use std::num::NonZeroUsize;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -139,6 +139,8 @@ pub struct Embedder {
     /// The workers' tokenizer (truncating at `max_seq_len`), for
     /// [`Embedder::window_end`].
     tokenizer: Arc<Tokenizer>,
+    /// [`Embedder::fingerprint`], made once at load.
+    fingerprint: String,
 }
 
 /// How the worker threads are doing, for `/readyz`: how many still run, and
@@ -454,6 +456,8 @@ impl Embedder {
         }
         let rt = runtime::runtime(cfg)?;
         let tokenizer = load_tokenizer(cfg)?;
+        // Hashed once, here, as the sessions are about to read the model.
+        let fingerprint = space_fingerprint(cfg, DIM)?;
 
         // The first session settles the device; a CUDA one that failed
         // leaves the rest on the CPU.
@@ -533,6 +537,7 @@ impl Embedder {
             recent: Recent::new(cfg.cache_entries),
             recent_tasks: Recent::with_metric(cfg.cache_entries, false),
             tokenizer,
+            fingerprint,
         })
     }
 
@@ -540,15 +545,88 @@ impl Embedder {
         &self.info
     }
 
+    /// The identity of the vector space this embedder maps texts into:
+    /// `model=<hex16>;tok=<hex16>;seq=<max_seq_len>;dim=<dim>`, from the
+    /// content of the model and tokenizer files (hashed once, at load), the
+    /// window and the vectors' length. Vectors stored under another
+    /// fingerprint are not comparable with this embedder's. Threads, device
+    /// and batching do not change it: they move a vector by rounding only.
+    pub fn fingerprint(&self) -> String {
+        self.fingerprint.clone()
+    }
+
     /// Where the model's window ends in `text`: the byte offset after the
     /// last token it reads, or None when it reads all of it (what is left
     /// is only whitespace or characters the tokenizer drops). A text longer
     /// than `max_seq_len` tokens is embedded on its beginning alone, so two
     /// texts that share a long beginning embed alike whatever follows.
+    /// What the queue cuts off a very long text (see `submit`) is never
+    /// read either, however few tokens the rest held: the window then ends
+    /// at the cut at the latest.
     /// Blocking (tokenizes on the caller's thread: up to `max_seq_len`
     /// tokens' worth of the text).
     pub fn window_end(&self, text: &str) -> Option<usize> {
         window_end(&self.tokenizer, text)
+    }
+}
+
+/// [`Embedder::fingerprint`] of the files `cfg` names, as they are now,
+/// for vectors of `dim` values (blocking: reads both files through).
+fn space_fingerprint(cfg: &EmbedderConfig, dim: usize) -> Result<String, EmbedError> {
+    let model = content_hash(&cfg.model).map_err(|e| EmbedError::Model {
+        path: cfg.model.clone(),
+        message: e.to_string(),
+    })?;
+    let tok = content_hash(&cfg.tokenizer).map_err(|e| EmbedError::Tokenizer {
+        path: cfg.tokenizer.clone(),
+        message: e.to_string(),
+    })?;
+    Ok(format!(
+        "model={model:016x};tok={tok:016x};seq={};dim={dim}",
+        cfg.max_seq_len
+    ))
+}
+
+const FNV_OFFSET: u64 = 0xcbf2_9ce4_8422_2325;
+const FNV_PRIME: u64 = 0x0000_0100_0000_01b3;
+
+/// A 64-bit identity of a file's content: FNV-1a's step (xor, then times
+/// the FNV prime), over 8-byte little-endian words and then the last
+/// bytes. Fixed here, so it is the same in every build and release (std's
+/// hashers promise neither); no defence against forgery, which the
+/// operator's own files need none of. Words rather than bytes: a 60 MB
+/// model takes 8 times fewer steps (it is hashed at every load, tests'
+/// unoptimised builds included). Read in fixed-size blocks, each full but
+/// the last, so the words are the same however the reads come back.
+fn content_hash(path: &Path) -> std::io::Result<u64> {
+    use std::io::Read;
+    const BLOCK: usize = 1 << 16;
+    let mut file = std::fs::File::open(path)?;
+    let mut buf = vec![0u8; BLOCK];
+    let mut h = FNV_OFFSET;
+    loop {
+        let mut n = 0;
+        while n < BLOCK {
+            match file.read(&mut buf[n..]) {
+                Ok(0) => break,
+                Ok(k) => n += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        let words = buf[..n].chunks_exact(8);
+        let tail = words.remainder();
+        for w in words {
+            let mut word = [0u8; 8];
+            word.copy_from_slice(w);
+            h = (h ^ u64::from_le_bytes(word)).wrapping_mul(FNV_PRIME);
+        }
+        for &b in tail {
+            h = (h ^ u64::from(b)).wrapping_mul(FNV_PRIME);
+        }
+        if n < BLOCK {
+            return Ok(h);
+        }
     }
 }
 
@@ -561,20 +639,24 @@ fn window_end(tokenizer: &Tokenizer, text: &str) -> Option<usize> {
     }
     // As the workers read it: cut before tokenizing, or whole (up to what
     // the queue keeps) when the cut held fewer tokens than the window.
-    let text = clip(
+    let queued = clip(
         text,
         max.saturating_mul(BYTES_PER_TOKEN_BOUND * QUEUED_BOUND_FACTOR),
     );
-    let cut = clip(text, max.saturating_mul(BYTES_PER_TOKEN_BOUND));
+    let cut = clip(queued, max.saturating_mul(BYTES_PER_TOKEN_BOUND));
     let mut e = tokenizer.encode(cut, true).ok()?;
-    if cut.len() < text.len() && e.get_ids().len() < max {
-        e = tokenizer.encode(text, true).ok()?;
+    if cut.len() < queued.len() && e.get_ids().len() < max {
+        e = tokenizer.encode(queued, true).ok()?;
     }
     let end = e.get_offsets().iter().map(|o| o.1).max().unwrap_or(0);
-    let end = end.min(text.len());
+    let end = end.min(queued.len());
     if !text.is_char_boundary(end) {
         return None;
     }
+    // What follows in the whole text, not only in what the queue keeps:
+    // past the queue's cut nothing is read, even when what was kept held
+    // fewer tokens than the window (a blob of hundreds of KB that makes one
+    // [UNK], then the question). Two such texts differ only there.
     let rest = &text[end..];
     // Letters, digits, punctuation or symbols past the window: unread.
     rest.chars()
@@ -609,6 +691,15 @@ impl Embedder {
                 )))
             }
         }
+    }
+
+    /// The same for a blocking caller (a blocking-pool thread, a tool):
+    /// [`wait_reply`] with [`REPLY_TIMEOUT`].
+    fn reply_blocking<T>(
+        &self,
+        rx: oneshot::Receiver<Result<T, EmbedError>>,
+    ) -> Result<T, EmbedError> {
+        wait_reply(&self.health, rx, REPLY_TIMEOUT)
     }
 
     fn submit(
@@ -689,7 +780,7 @@ impl Embedder {
             Err(keep) => keep,
         };
         let rx = self.submit(texts, Output::Pooled)?;
-        let vectors = rx.blocking_recv().map_err(|_| EmbedError::Stopped)??;
+        let vectors = self.reply_blocking(rx)?;
         self.remember(keep, &vectors);
         Ok(vectors)
     }
@@ -762,13 +853,79 @@ impl Embedder {
             return Ok(Vec::new());
         }
         let rx = self.submit(texts, Output::Tokens)?;
-        rx.blocking_recv().map_err(|_| EmbedError::Stopped)?
+        self.reply_blocking(rx)
     }
+}
+
+/// Wait on this thread for a worker's reply, no longer than `timeout` (a
+/// wait in vain counts as a failed run, as in [`Embedder::reply`]): a
+/// worker stuck in a device call must not hold a lookup's blocking thread
+/// for ever. Needs no async runtime (tools call it from plain threads).
+/// Giving up drops `rx`, so the worker skips the job if it gets to it.
+fn wait_reply<T>(
+    health: &Health,
+    rx: oneshot::Receiver<Result<T, EmbedError>>,
+    timeout: Duration,
+) -> Result<T, EmbedError> {
+    match block_on_timeout(rx, timeout) {
+        Some(r) => r.map_err(|_| EmbedError::Stopped)?,
+        None => {
+            health.failed();
+            Err(EmbedError::Inference(format!(
+                "no answer within {timeout:?}"
+            )))
+        }
+    }
+}
+
+/// Poll `fut` on this thread until it is ready, or None once `timeout` has
+/// passed: `blocking_recv` with a deadline. Its waker unparks this thread,
+/// which parks in between (a wake before the park is not lost: the park
+/// then returns at once).
+fn block_on_timeout<F: std::future::Future>(fut: F, timeout: Duration) -> Option<F::Output> {
+    use std::task::{Context, Poll, Wake, Waker};
+
+    struct Unpark(std::thread::Thread);
+    impl Wake for Unpark {
+        fn wake(self: Arc<Self>) {
+            self.0.unpark();
+        }
+        fn wake_by_ref(self: &Arc<Self>) {
+            self.0.unpark();
+        }
+    }
+
+    let waker = Waker::from(Arc::new(Unpark(std::thread::current())));
+    let mut cx = Context::from_waker(&waker);
+    let mut fut = std::pin::pin!(fut);
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Poll::Ready(out) = fut.as_mut().poll(&mut cx) {
+            return Some(out);
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return None;
+        }
+        // (It may wake early, unparked for nothing: the loop polls again.)
+        std::thread::park_timeout(left);
+    }
+}
+
+/// Whether nobody waits for the job's answer any more: its caller dropped
+/// the receiver (the client left, or it gave up after [`REPLY_TIMEOUT`]).
+/// Such a job is not run: under load, its model time is another's wait.
+fn abandoned(job: &Job) -> bool {
+    job.reply.is_closed()
 }
 
 /// Answers a job that waited too long with `Overloaded` instead of running it:
 /// under overload the queue's wait, not the model, would set the latency.
+/// A job whose caller has gone is dropped unanswered.
 fn fresh(job: Job, max_wait: Duration) -> Option<Job> {
+    if abandoned(&job) {
+        return None;
+    }
     if job.queued.elapsed() <= max_wait {
         return Some(job);
     }
@@ -849,8 +1006,15 @@ fn worker_loop(
     while let Some(mut all) = drain(rx, max_wait, gpu) {
         // One run per kind of output (a GPU drain mixes them).
         while let Some(output) = all.first().map(|j| j.output) {
-            let (jobs, rest): (Vec<Job>, Vec<Job>) =
+            let (mut jobs, rest): (Vec<Job>, Vec<Job>) =
                 all.into_iter().partition(|j| j.output == output);
+            all = rest;
+            // Callers may have gone since the drain took their jobs (while
+            // it gathered, or during the run of another kind before).
+            jobs.retain(|j| !abandoned(j));
+            if jobs.is_empty() {
+                continue;
+            }
             let ok = answer(w, jobs, max_tokens, output);
             if ok {
                 health
@@ -862,7 +1026,6 @@ fn worker_loop(
                     "embedding runs keep failing; /readyz reports the embedder unready until one succeeds"
                 );
             }
-            all = rest;
         }
     }
 }
@@ -924,7 +1087,8 @@ fn fail(jobs: Vec<Job>, e: String, run: &mut RunFn<'_>) -> bool {
     if jobs.len() > 1 {
         tracing::warn!(error = %e, jobs = jobs.len(), texts, "embedding run failed; its requests are run again one by one");
         let mut any = false;
-        for job in jobs {
+        // (Not for a caller that gave up during the failed run.)
+        for job in jobs.into_iter().filter(|j| !abandoned(j)) {
             any |= answer_with(vec![job], run);
         }
         return any;
@@ -1277,6 +1441,248 @@ mod tests {
         // Spaces make no tokens: the words after them are read.
         let spaced = format!("{}hello world", " ".repeat(20_000));
         assert_eq!(window_end(&t, &spaced), None);
+    }
+
+    /// A BERT-like tokenizer (WordPiece, `[CLS]` and `[SEP]`, no
+    /// lower-casing) of a few words, truncating at `max` tokens: window
+    /// tests that need no assets.
+    fn toy_tokenizer(max: usize) -> Tokenizer {
+        use tokenizers::models::wordpiece::WordPiece;
+        use tokenizers::pre_tokenizers::bert::BertPreTokenizer;
+        use tokenizers::processors::bert::BertProcessing;
+        let words = [
+            "[UNK]", "[CLS]", "[SEP]", "what", "is", "this", "explain", "it", "?", ".",
+        ];
+        let vocab: [(String, u32); 10] = std::array::from_fn(|i| (words[i].to_string(), i as u32));
+        let model = WordPiece::builder()
+            .vocab(vocab)
+            .unk_token("[UNK]".into())
+            .build()
+            .unwrap();
+        let mut t = Tokenizer::new(model);
+        t.with_pre_tokenizer(Some(BertPreTokenizer));
+        t.with_post_processor(Some(BertProcessing::new(
+            ("[SEP]".into(), 2),
+            ("[CLS]".into(), 1),
+        )));
+        t.with_truncation(Some(TruncationParams {
+            max_length: max,
+            ..Default::default()
+        }))
+        .unwrap();
+        t
+    }
+
+    /// What the queue cuts off a text (past `max_seq_len` KiB) is never
+    /// read, however few tokens the part it keeps held: a hex blob (one
+    /// `[UNK]`) then a question ends its window at the cut at the latest,
+    /// so two such prompts with different questions have different unread
+    /// tails. A shorter blob, kept whole, is read to its end.
+    #[test]
+    fn nothing_past_the_queues_cut_is_read() {
+        let check = |t: &Tokenizer, max: usize| {
+            let cap = max * BYTES_PER_TOKEN_BOUND * QUEUED_BOUND_FACTOR;
+            let blob = "0123456789abcdef".repeat(cap / 16 + 4096);
+            let a = format!("{blob} what is this?");
+            let b = format!("{blob} explain it.");
+            let end = window_end(t, &a).expect("the queue's cut is past the window");
+            assert!(end <= cap, "{end} of {}", a.len());
+            assert_eq!(window_end(t, &b), Some(end));
+            assert!(a[end..].ends_with(" what is this?"));
+            assert!(b[end..].ends_with(" explain it."));
+            let short = format!("{} what is this?", &blob[..cap / 2]);
+            assert_eq!(window_end(t, &short), None);
+        };
+        check(&toy_tokenizer(128), 128);
+        let Some(cfg) = assets() else { return };
+        check(&load_tokenizer(&cfg).unwrap(), cfg.max_seq_len);
+    }
+
+    /// A blocking wait for a worker gives up after its timeout and counts a
+    /// failed run (the job is then skipped: its receiver is gone); an
+    /// answer in time wakes it, and a worker that drops the job is
+    /// `Stopped`, not a timeout.
+    #[test]
+    fn a_blocking_wait_for_a_stuck_worker_times_out() {
+        use std::sync::atomic::Ordering::Relaxed;
+        let health = Health::default();
+        let (stuck, rx) = oneshot::channel::<Reply>();
+        let t = Instant::now();
+        let r = wait_reply(&health, rx, Duration::from_millis(50));
+        assert!(
+            matches!(r, Err(EmbedError::Inference(ref e)) if e.contains("no answer")),
+            "{r:?}"
+        );
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        assert_eq!(health.failing.load(Relaxed), 1);
+        assert!(stuck.is_closed());
+
+        let (tx, rx) = oneshot::channel::<Reply>();
+        let sender = std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(20));
+            let _ = tx.send(Ok(vec![vec![1.0]]));
+        });
+        let r = wait_reply(&health, rx, Duration::from_secs(30));
+        assert_eq!(r.unwrap(), vec![vec![1.0]]);
+        sender.join().unwrap();
+
+        let (tx, rx) = oneshot::channel::<Reply>();
+        drop(tx);
+        let r = wait_reply(&health, rx, Duration::from_secs(30));
+        assert!(matches!(r, Err(EmbedError::Stopped)), "{r:?}");
+        assert_eq!(health.failing.load(Relaxed), 1);
+    }
+
+    /// A job whose caller has gone (its receiver dropped) is not run: a
+    /// drain passes over it, gathering or not, and a failed run's retries
+    /// one by one skip it.
+    #[test]
+    fn jobs_whose_caller_has_gone_are_not_run() {
+        let job = |text: &str| {
+            let (reply, rx) = oneshot::channel();
+            (
+                Job {
+                    texts: vec![text.to_string()],
+                    output: Output::Pooled,
+                    reply,
+                    queued: Instant::now(),
+                },
+                rx,
+            )
+        };
+        let wait = Duration::from_secs(60);
+        let (gone, rx) = job("gone");
+        drop(rx);
+        assert!(fresh(gone, wait).is_none());
+        let (live, _rx) = job("live");
+        assert!(fresh(live, wait).is_some());
+
+        let (tx, queue) = mpsc::sync_channel(8);
+        let queue = Mutex::new(queue);
+        for gather in [false, true] {
+            let (a, ra) = job("gone");
+            drop(ra);
+            let (b, _rb) = job("live");
+            tx.send(a).unwrap();
+            tx.send(b).unwrap();
+            let jobs = drain(&queue, wait, gather).unwrap();
+            let texts: Vec<&str> = jobs
+                .iter()
+                .flat_map(|j| j.texts.iter().map(String::as_str))
+                .collect();
+            assert_eq!(texts, ["live"], "gather {gather}");
+        }
+
+        let (a, mut ra) = job("one");
+        let (b, mut rb) = job("poison");
+        let (c, rc) = job("three");
+        drop(rc);
+        let mut runs: Vec<Vec<String>> = Vec::new();
+        let mut run = |texts: &[&str]| {
+            runs.push(texts.iter().map(|t| t.to_string()).collect());
+            if texts.contains(&"poison") {
+                return Err("out of memory".to_string());
+            }
+            Ok(texts.iter().map(|t| vec![t.len() as f32]).collect())
+        };
+        assert!(answer_with(vec![a, b, c], &mut run));
+        assert_eq!(
+            runs,
+            [vec!["one", "poison", "three"], vec!["one"], vec!["poison"]]
+        );
+        assert_eq!(ra.try_recv().unwrap().unwrap(), vec![vec![3.0]]);
+        assert!(rb.try_recv().unwrap().is_err());
+    }
+
+    /// The fingerprint follows the model's and the tokenizer's content, the
+    /// window and the vectors' length, and nothing else of the config.
+    #[test]
+    fn the_fingerprint_names_the_vector_space() {
+        let dir =
+            std::env::temp_dir().join(format!("smartllm-embed-fingerprint-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cfg = local_assets(256);
+        cfg.model = dir.join("model.onnx");
+        cfg.tokenizer = dir.join("tokenizer.json");
+        // Over one read block, and not a whole number of words.
+        let model: Vec<u8> = (0..200_003u32).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&cfg.model, &model).unwrap();
+        std::fs::write(&cfg.tokenizer, b"{\"version\": \"1.0\"}").unwrap();
+        let f = space_fingerprint(&cfg, DIM).unwrap();
+        assert!(
+            f.starts_with("model=") && f.ends_with(";seq=256;dim=384"),
+            "{f}"
+        );
+        assert_eq!(f.len(), "model=;tok=;seq=256;dim=384".len() + 32, "{f}");
+        assert_eq!(space_fingerprint(&cfg, DIM).unwrap(), f);
+        // Threads, device, queueing and the recent cache: the same space.
+        let other = EmbedderConfig {
+            threads: 8,
+            device: Device::Cuda,
+            queue_depth: 1,
+            max_queue_wait: Duration::from_secs(5),
+            cache_entries: 100,
+            ..cfg.clone()
+        };
+        assert_eq!(space_fingerprint(&other, DIM).unwrap(), f);
+        // Another window or length: another space.
+        let shorter = EmbedderConfig {
+            max_seq_len: 128,
+            ..cfg.clone()
+        };
+        assert_ne!(space_fingerprint(&shorter, DIM).unwrap(), f);
+        assert_ne!(space_fingerprint(&cfg, 2 * DIM).unwrap(), f);
+        // One byte of the model (in a word, in the last bytes), or the
+        // tokenizer: another space.
+        let tok = |fp: &str| fp[fp.find(";tok=").unwrap()..].to_string();
+        for at in [100_001, 200_002] {
+            let mut changed = model.clone();
+            changed[at] ^= 1;
+            std::fs::write(&cfg.model, &changed).unwrap();
+            let g = space_fingerprint(&cfg, DIM).unwrap();
+            assert_ne!(g, f, "byte {at}");
+            assert_eq!(tok(g.as_str()), tok(f.as_str()));
+        }
+        std::fs::write(&cfg.model, &model).unwrap();
+        std::fs::write(&cfg.tokenizer, b"{\"version\": \"1.1\"}").unwrap();
+        let h = space_fingerprint(&cfg, DIM).unwrap();
+        assert_ne!(tok(h.as_str()), tok(f.as_str()));
+        assert_eq!(h[..h.find(";tok=").unwrap()], f[..f.find(";tok=").unwrap()]);
+        // A file gone: the load's error for it.
+        std::fs::remove_file(&cfg.tokenizer).unwrap();
+        assert!(matches!(
+            space_fingerprint(&cfg, DIM),
+            Err(EmbedError::Tokenizer { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Two embedders over the same files share a fingerprint, whatever
+    /// their threads; another window makes another.
+    #[test]
+    fn embedders_over_the_same_files_share_a_fingerprint() {
+        let Some(cfg) = assets() else {
+            eprintln!("skipped: no embedder assets");
+            return;
+        };
+        let a = Embedder::load(&cfg).unwrap();
+        let b = Embedder::load(&EmbedderConfig {
+            threads: 2,
+            ..cfg.clone()
+        })
+        .unwrap();
+        assert_eq!(a.fingerprint(), b.fingerprint());
+        let c = Embedder::load(&EmbedderConfig {
+            max_seq_len: 256,
+            ..cfg.clone()
+        })
+        .unwrap();
+        assert_ne!(a.fingerprint(), c.fingerprint());
+        assert!(
+            c.fingerprint().ends_with(";seq=256;dim=384"),
+            "{}",
+            c.fingerprint()
+        );
     }
 
     #[test]

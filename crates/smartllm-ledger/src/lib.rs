@@ -755,14 +755,32 @@ fn writer(
             let spilled =
                 std::mem::take(&mut *overflow.lock().unwrap_or_else(PoisonError::into_inner));
             take_spilled(&mut late, &mut tags, spilled);
-            if !late.is_empty() {
-                let n = late.totals()[REQUESTS];
-                if let Err(e) = flush(&store, &mut late) {
-                    metrics::counter!(METRIC_DROPPED).increment(n);
-                    tracing::error!(error = %e, requests = n, "writing the cost ledger's last records failed at stop; they are lost");
+            write_late(&store, &mut late, fleet);
+            return;
+        }
+    }
+}
+
+/// Write the records that came while the last write at a stop ran, and hand
+/// them to the fleet's cost view as every other flush does (else the
+/// fleet's view would miss the last requests of every gateway that stops).
+fn write_late(store: &Store, late: &mut Pending, fleet: &FleetSink) {
+    if late.is_empty() {
+        return;
+    }
+    let n = late.totals()[REQUESTS];
+    let shared = fleet.get().map(|sink| (sink, late.ledger.clone()));
+    match flush(store, late) {
+        Ok(()) => {
+            if let Some((sink, counters)) = shared {
+                if !sink(counters.into_iter().collect()) {
+                    metrics::counter!("smartllm_ledger_fleet_dropped_total").increment(1);
                 }
             }
-            return;
+        }
+        Err(e) => {
+            metrics::counter!(METRIC_DROPPED).increment(n);
+            tracing::error!(error = %e, requests = n, "writing the cost ledger's last records failed at stop; they are lost");
         }
     }
 }
@@ -1639,6 +1657,38 @@ mod tests {
             Err(RecvTimeoutError::Disconnected),
             "the writer has stopped"
         );
+    }
+
+    #[test]
+    fn records_written_at_stop_reach_the_fleet_view() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let t0 = 1_764_000_000u64;
+        let fleet = FleetSink::default();
+        let got: Arc<Mutex<Vec<FleetBatch>>> = Arc::default();
+        let sink_got = got.clone();
+        let _ = fleet.set(Box::new(move |b| {
+            sink_got.lock().unwrap().push(b);
+            true
+        }));
+        // A record that came while the last write at a stop ran.
+        let mut late = Pending::default();
+        add(
+            &mut late,
+            &Record {
+                unix_secs: t0,
+                tenant: "acme".into(),
+                cost_nanos: 42,
+                ..Default::default()
+            },
+        );
+        write_late(&store, &mut late, &fleet);
+        assert!(late.is_empty());
+        let all = query(&store, t0, t0 + 1, &[]).unwrap();
+        assert_eq!(all[0].requests, 1, "written");
+        let got = got.lock().unwrap();
+        assert_eq!(got.len(), 1, "handed to the fleet view");
+        assert_eq!((got[0][0].1[REQUESTS], got[0][0].1[COST]), (1, 42));
     }
 
     #[test]

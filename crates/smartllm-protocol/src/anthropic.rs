@@ -320,9 +320,12 @@ pub fn usage_of(u: &Value) -> Usage {
         part("ephemeral_5m_input_tokens"),
         part("ephemeral_1h_input_tokens"),
     );
-    let written = get("cache_creation_input_tokens").max(w5 + w1);
+    // Saturating: absurd counts must not wrap round to a small bill.
+    let written = get("cache_creation_input_tokens").max(w5.saturating_add(w1));
     Usage {
-        prompt_tokens: get("input_tokens") + cached + written,
+        prompt_tokens: get("input_tokens")
+            .saturating_add(cached)
+            .saturating_add(written),
         completion_tokens: get("output_tokens"),
         cached_tokens: cached,
         cache_write_tokens: written,

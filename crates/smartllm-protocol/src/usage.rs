@@ -109,14 +109,18 @@ impl Usage {
     /// completion raises the completion by what is missing, at most the
     /// reasoning tokens reported: they are billed as output either way.
     pub fn fold_total(&mut self, total_tokens: u64) {
-        let counted = self.prompt_tokens + self.completion_tokens;
+        // Saturating, here and in `total`: an upstream's absurd counts must
+        // not wrap round to a small bill (or panic a debug build).
+        let counted = self.prompt_tokens.saturating_add(self.completion_tokens);
         if self.reasoning_tokens > 0 && total_tokens > counted {
-            self.completion_tokens += (total_tokens - counted).min(self.reasoning_tokens);
+            self.completion_tokens = self
+                .completion_tokens
+                .saturating_add((total_tokens - counted).min(self.reasoning_tokens));
         }
     }
 
     pub fn total(&self) -> u64 {
-        self.prompt_tokens + self.completion_tokens
+        self.prompt_tokens.saturating_add(self.completion_tokens)
     }
 }
 
@@ -429,6 +433,31 @@ mod tests {
         let odd = serde_json::json!({"usage": {"prompt_tokens": 10, "completion_tokens": 5,
             "total_tokens": 1000, "completion_tokens_details": {"reasoning_tokens": 3}}});
         assert_eq!(Usage::from_openai(&odd).unwrap().completion_tokens, 8);
+    }
+
+    /// Counts near u64::MAX stop there instead of wrapping to a small
+    /// bill: OpenAI's usage, its total, and Anthropic's sums of input,
+    /// cache reads and cache writes.
+    #[test]
+    fn huge_token_counts_saturate() {
+        let big = serde_json::json!({"usage": {"prompt_tokens": u64::MAX, "completion_tokens": 5,
+            "total_tokens": u64::MAX, "completion_tokens_details": {"reasoning_tokens": 3}}});
+        let u = Usage::from_openai(&big).unwrap();
+        assert_eq!((u.prompt_tokens, u.completion_tokens), (u64::MAX, 5));
+        assert_eq!(u.total(), u64::MAX);
+        let anthropic = serde_json::json!({"input_tokens": u64::MAX, "output_tokens": u64::MAX,
+            "cache_read_input_tokens": 10, "cache_creation_input_tokens": 5,
+            "cache_creation": {"ephemeral_5m_input_tokens": u64::MAX, "ephemeral_1h_input_tokens": u64::MAX}});
+        let u = crate::anthropic::usage_of(&anthropic);
+        assert_eq!(
+            (
+                u.prompt_tokens,
+                u.cache_write_tokens,
+                u.cache_write_1h_tokens
+            ),
+            (u64::MAX, u64::MAX, u64::MAX)
+        );
+        assert_eq!(u.total(), u64::MAX);
     }
 
     /// A stream's generated tokens are counted a chunk a token, not from

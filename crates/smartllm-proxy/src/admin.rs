@@ -196,24 +196,47 @@ impl AdminApp {
 /// rebinding) is refused by its `Host`, which must be a loopback address or
 /// `localhost` (or absent: browsers always send one); a form's POST from
 /// another origin (cross-site request forgery: purging the cache, a reload)
-/// is refused by `Sec-Fetch-Site` or, from browsers without it, by an
-/// `Origin` that is not the admin API's own, for every method but GET and
-/// HEAD. With a token, browsers cannot send it for another site (the
-/// dashboard's cookie admits GET only) and the host name is the operator's
-/// business.
-fn browser_guard(method: &str, headers: &http::HeaderMap, open: bool) -> Result<(), &'static str> {
-    if !open {
-        return Ok(());
-    }
+/// is refused by [`cross_site`], for every method but GET and HEAD. With a
+/// token, browsers cannot send it for another site (the dashboard's cookie
+/// admits GET only) and the host name is the operator's business; but a
+/// page can still send the dashboard's sign-in (`sign_in`: `/ui?token=` as
+/// an `<img>`, a form posted to `/ui/login`) a wrong token, and each one
+/// would count against the operator's own address (see [`Guesses`]) until
+/// its CLI is answered 429: those are refused from another site too, before
+/// they are counted.
+fn browser_guard(
+    method: &str,
+    headers: &http::HeaderMap,
+    open: bool,
+    sign_in: bool,
+) -> Result<(), &'static str> {
     let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
     let host = header("host").unwrap_or("");
+    if !open {
+        if sign_in && cross_site(headers, host) {
+            return Err("The dashboard takes its token only from its own sign-in form or an address typed into the browser, not from another site's page.");
+        }
+        return Ok(());
+    }
     if !host.is_empty() && !loopback_host(host) {
         return Err("The admin API without a token answers only to a loopback Host (127.0.0.1, [::1] or localhost).");
     }
     if method == "GET" || method == "HEAD" {
         return Ok(());
     }
-    let cross = match header("sec-fetch-site") {
+    if cross_site(headers, host) {
+        return Err("A request from another origin (a web page) may not change anything through the admin API.");
+    }
+    Ok(())
+}
+
+/// Whether a browser sent the request for another site's page: by
+/// `Sec-Fetch-Site` (an address typed or bookmarked reads `none`) or, from
+/// browsers without it, by an `Origin` that is not `host`'s. Tools send
+/// neither.
+fn cross_site(headers: &http::HeaderMap, host: &str) -> bool {
+    let header = |n: &str| headers.get(n).and_then(|v| v.to_str().ok());
+    match header("sec-fetch-site") {
         Some(site) => site != "same-origin" && site != "none",
         None => header("origin").is_some_and(|origin| {
             let authority = origin
@@ -222,11 +245,7 @@ fn browser_guard(method: &str, headers: &http::HeaderMap, open: bool) -> Result<
                 .trim_end_matches('/');
             !authority.eq_ignore_ascii_case(host)
         }),
-    };
-    if cross {
-        return Err("A request from another origin (a web page) may not change anything through the admin API.");
     }
-    Ok(())
 }
 
 /// `host[:port]` names a loopback address or `localhost`.
@@ -929,21 +948,42 @@ async fn read_body(session: &mut ServerSession) -> Result<Vec<u8>, (u16, &'stati
 /// gets ten tries a minute, not thousands a second.
 const MAX_GUESSES: u32 = 10;
 const GUESS_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
-/// Addresses followed at once (past it the expired ones go, then all).
+/// Addresses followed at once (past it the expired ones go, then the
+/// oldest: never every lockout at once).
 const MAX_GUESSERS: usize = 10_000;
 
-/// Wrong tokens by client address: how many, since when.
+/// Wrong tokens by client address (see [`guesser`]): how many, since when.
+type GuessMap = std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>;
+
 #[derive(Default)]
-struct Guesses(
-    std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, (u32, std::time::Instant)>>,
-);
+struct Guesses(std::sync::Mutex<GuessMap>);
+
+/// The address a guesser is followed by: an IPv6 client's /64 (one host
+/// is usually given a whole /64, so its every address would otherwise
+/// bring ten more tries), an IPv4 one (also when written IPv6-mapped) as
+/// it is.
+fn guesser(ip: std::net::IpAddr) -> std::net::IpAddr {
+    match ip.to_canonical() {
+        std::net::IpAddr::V6(v6) => {
+            std::net::Ipv6Addr::from(v6.to_bits() & !u128::from(u64::MAX)).into()
+        }
+        v4 => v4,
+    }
+}
 
 impl Guesses {
-    /// Seconds `ip` must still wait, if it used up its guesses. (Never
-    /// waits for the lock: a busy map reads as no wait.)
+    /// The map, waited for: a lock that a busy map skipped would let a
+    /// guesser through uncounted. It is a std mutex taken on the proxy's
+    /// threads, but held only to read or bump one entry (or, at most once
+    /// per new address, to sweep a bounded map), so the wait is that short.
+    fn map(&self) -> std::sync::MutexGuard<'_, GuessMap> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Seconds `ip` must still wait, if it used up its guesses.
     fn locked(&self, ip: std::net::IpAddr, now: std::time::Instant) -> Option<u64> {
-        let map = self.0.try_lock().ok()?;
-        let (n, since) = map.get(&ip)?;
+        let map = self.map();
+        let (n, since) = map.get(&guesser(ip))?;
         let left = GUESS_WINDOW
             .checked_sub(now.saturating_duration_since(*since))
             .filter(|l| !l.is_zero())?;
@@ -952,13 +992,20 @@ impl Guesses {
 
     /// `ip` sent a wrong token.
     fn wrong(&self, ip: std::net::IpAddr, now: std::time::Instant) {
-        let Ok(mut map) = self.0.try_lock() else {
-            return;
-        };
+        let ip = guesser(ip);
+        let mut map = self.map();
         if map.len() >= MAX_GUESSERS && !map.contains_key(&ip) {
             map.retain(|_, (_, since)| now.saturating_duration_since(*since) < GUESS_WINDOW);
+            // All still counting: the one followed longest goes (its window
+            // ends first), not every lockout with it.
             if map.len() >= MAX_GUESSERS {
-                map.clear();
+                let oldest = map
+                    .iter()
+                    .min_by_key(|(_, (_, since))| *since)
+                    .map(|(k, _)| *k);
+                if let Some(oldest) = oldest {
+                    map.remove(&oldest);
+                }
             }
         }
         let e = map.entry(ip).or_insert((0, now));
@@ -981,6 +1028,74 @@ fn carries_token(method: &str, path: &str, query: &str, headers: &http::HeaderMa
             && smartllm_protocol::admin_query::form_value(query, "token").is_some())
 }
 
+/// The token of an `Authorization: Bearer TOKEN` header; the scheme's
+/// case is not significant (`bearer`, `BEARER`: RFC 9110).
+fn bearer(value: &str) -> Option<&str> {
+    let (scheme, token) = (value.get(..7)?, value.get(7..)?);
+    scheme.eq_ignore_ascii_case("bearer ").then_some(token)
+}
+
+/// The methods an admin URL answers (its `Allow` when another one is
+/// used: a 405, not a 404 that reads as a mistyped URL); `None` for an
+/// unknown URL. Kept with the routes in [`AdminApp::response`].
+fn allowed_methods(path: &str) -> Option<&'static str> {
+    Some(match path {
+        "/metrics"
+        | "/healthz"
+        | "/readyz"
+        | "/admin/config"
+        | "/admin/models"
+        | "/admin/suggestions"
+        | "/admin/costs"
+        | "/admin/budgets"
+        | "/admin/requests/expensive"
+        | "/admin/cache/stats" => "GET",
+        "/admin/route/explain"
+        | "/admin/cache/explain"
+        | "/admin/cache/purge"
+        | "/admin/cache/rebuild"
+        | "/admin/reload" => "POST",
+        _ => return None,
+    })
+}
+
+/// A 405 for `method` on the known admin URL `path`, with its `Allow`.
+fn method_not_allowed(method: &str, path: &str) -> Response<Vec<u8>> {
+    let allow = allowed_methods(path).unwrap_or("GET");
+    let mut r = json_reply(
+        405,
+        &json!({"error": {"message": format!("{path} answers {allow}, not {method}."), "type": "invalid_request_error", "param": null, "code": "method_not_allowed"}}),
+    );
+    r.headers_mut()
+        .insert(http::header::ALLOW, http::HeaderValue::from_static(allow));
+    r
+}
+
+/// `POST /admin/reload`'s answer: a config that does not load is the
+/// caller's to fix (400); a loader that panicked is the gateway's fault
+/// (500), whatever the files say.
+fn reload_answer(result: Result<ReloadOutcome, crate::reload::ReloadError>) -> Response<Vec<u8>> {
+    match result {
+        Ok(ReloadOutcome::Applied {
+            version,
+            restart_required,
+            warnings,
+        }) => json_reply(
+            200,
+            &json!({"result": "applied", "version": version, "restart_required": restart_required, "warnings": warnings}),
+        ),
+        Ok(ReloadOutcome::Unchanged) => json_reply(200, &json!({"result": "unchanged"})),
+        Err(e @ crate::reload::ReloadError::LoaderPanicked(_)) => json_reply(
+            500,
+            &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "reload_failed"}}),
+        ),
+        Err(e) => json_reply(
+            400,
+            &json!({"error": {"message": e.to_string(), "type": "invalid_request_error", "param": null, "code": "invalid_config"}}),
+        ),
+    }
+}
+
 #[async_trait]
 impl ServeHttp for AdminApp {
     async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
@@ -993,13 +1108,30 @@ impl ServeHttp for AdminApp {
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip());
-        let guessing = rt.admin_token.is_some()
-            && carries_token(
-                &method,
-                &path,
-                session.req_header().uri.query().unwrap_or(""),
-                &session.req_header().headers,
+        let carries = carries_token(
+            &method,
+            &path,
+            session.req_header().uri.query().unwrap_or(""),
+            &session.req_header().headers,
+        );
+        // A token sent without `Authorization` came through the dashboard's
+        // sign-in, which only a browser uses.
+        let sign_in = carries && !session.req_header().headers.contains_key("authorization");
+        // Before the guesses are looked at or counted: a web page's wrong
+        // token is refused, never held against the operator's address.
+        if let Err(why) = browser_guard(
+            &method,
+            &session.req_header().headers,
+            rt.admin_token.is_none(),
+            sign_in,
+        ) {
+            session.set_keepalive(None);
+            return json_reply(
+                403,
+                &json!({"error": {"message": why, "type": "permission_error", "param": null, "code": "admin_origin_refused"}}),
             );
+        }
+        let guessing = rt.admin_token.is_some() && carries;
         let now = std::time::Instant::now();
         if let Some(wait) = client_ip
             .filter(|_| guessing)
@@ -1015,24 +1147,13 @@ impl ServeHttp for AdminApp {
             }
             return r;
         }
-        if let Err(why) = browser_guard(
-            &method,
-            &session.req_header().headers,
-            rt.admin_token.is_none(),
-        ) {
-            session.set_keepalive(None);
-            return json_reply(
-                403,
-                &json!({"error": {"message": why, "type": "permission_error", "param": null, "code": "admin_origin_refused"}}),
-            );
-        }
         let authorized = rt.admin_token.as_ref().is_none_or(|token| {
             let given = session
                 .req_header()
                 .headers
                 .get("authorization")
                 .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.strip_prefix("Bearer "))
+                .and_then(bearer)
                 .unwrap_or("");
             constant_time_eq(given.as_bytes(), token.as_bytes())
                 || (method == "GET" && crate::ui::cookie_ok(&session.req_header().headers, token))
@@ -1173,21 +1294,8 @@ impl ServeHttp for AdminApp {
                     &json!({"error": {"message": "the cache is not available", "type": "invalid_request_error", "param": null, "code": "cache_unavailable"}}),
                 ),
             },
-            ("POST", "/admin/reload") => match reload(&self.shared, "admin").await {
-                Ok(ReloadOutcome::Applied {
-                    version,
-                    restart_required,
-                    warnings,
-                }) => json_reply(
-                    200,
-                    &json!({"result": "applied", "version": version, "restart_required": restart_required, "warnings": warnings}),
-                ),
-                Ok(ReloadOutcome::Unchanged) => json_reply(200, &json!({"result": "unchanged"})),
-                Err(e) => json_reply(
-                    400,
-                    &json!({"error": {"message": e.to_string(), "type": "invalid_request_error", "param": null, "code": "invalid_config"}}),
-                ),
-            },
+            ("POST", "/admin/reload") => reload_answer(reload(&self.shared, "admin").await),
+            _ if allowed_methods(&path).is_some() => method_not_allowed(&method, &path),
             _ => json_reply(
                 404,
                 &json!({"error": {"message": format!("Unknown admin URL: {method} {path}. Try /ui, /metrics, /healthz, /readyz, /admin/config, /admin/models, /admin/costs, /admin/suggestions, /admin/budgets, /admin/requests/expensive, /admin/cache/stats, POST /admin/route/explain, POST /admin/cache/explain, POST /admin/reload, POST /admin/cache/purge, POST /admin/cache/rebuild."), "type": "invalid_request_error", "param": null, "code": "unknown_url"}}),
@@ -1198,19 +1306,22 @@ impl ServeHttp for AdminApp {
 
 #[cfg(test)]
 mod tests {
+    /// A header map of these names and values.
+    fn headers(pairs: &[(&str, &str)]) -> http::HeaderMap {
+        let mut m = http::HeaderMap::new();
+        for (k, v) in pairs {
+            m.insert(
+                http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
+                v.parse().unwrap(),
+            );
+        }
+        m
+    }
+
     #[test]
     fn web_pages_are_kept_out_of_the_admin_api() {
         use super::{browser_guard, loopback_host};
-        let h = |pairs: &[(&str, &str)]| {
-            let mut m = http::HeaderMap::new();
-            for (k, v) in pairs {
-                m.insert(
-                    http::HeaderName::from_bytes(k.as_bytes()).unwrap(),
-                    v.parse().unwrap(),
-                );
-            }
-            m
-        };
+        let h = headers;
         for ok in [
             "127.0.0.1:9090",
             "localhost:9090",
@@ -1230,43 +1341,75 @@ mod tests {
             assert!(!loopback_host(bad), "{bad}");
         }
         // DNS rebinding: open API, a foreign Host; no Host at all is a tool.
-        assert!(browser_guard("GET", &h(&[("host", "evil.example:9090")]), true).is_err());
-        assert!(browser_guard("GET", &h(&[("host", "127.0.0.1:9090")]), true).is_ok());
-        assert!(browser_guard("GET", &h(&[]), true).is_ok());
+        assert!(browser_guard("GET", &h(&[("host", "evil.example:9090")]), true, false).is_err());
+        assert!(browser_guard("GET", &h(&[("host", "127.0.0.1:9090")]), true, false).is_ok());
+        assert!(browser_guard("GET", &h(&[]), true, false).is_ok());
         // With a token, none of it applies.
-        assert!(browser_guard("GET", &h(&[("host", "admin.internal:9090")]), false).is_ok());
+        assert!(browser_guard("GET", &h(&[("host", "admin.internal:9090")]), false, false).is_ok());
         // Cross-site writes.
         let csrf = h(&[
             ("host", "127.0.0.1:9090"),
             ("origin", "https://evil.example"),
         ]);
-        assert!(browser_guard("POST", &csrf, true).is_err());
+        assert!(browser_guard("POST", &csrf, true, false).is_err());
         assert!(
-            browser_guard("GET", &csrf, true).is_ok(),
+            browser_guard("GET", &csrf, true, false).is_ok(),
             "reads are kept by CORS"
         );
         let fetch = h(&[("host", "127.0.0.1:9090"), ("sec-fetch-site", "cross-site")]);
-        assert!(browser_guard("DELETE", &fetch, true).is_err());
+        assert!(browser_guard("DELETE", &fetch, true, false).is_err());
         let sibling = h(&[
             ("host", "127.0.0.1:9090"),
             ("sec-fetch-site", "same-site"),
             ("origin", "http://127.0.0.1:8080"),
         ]);
-        assert!(browser_guard("POST", &sibling, true).is_err());
+        assert!(browser_guard("POST", &sibling, true, false).is_err());
         // The dashboard's own requests (a no-referrer page's form posts with
         // `Origin: null`), and tools that send no Origin.
         let own = h(&[
             ("host", "127.0.0.1:9090"),
             ("origin", "http://127.0.0.1:9090"),
         ]);
-        assert!(browser_guard("POST", &own, true).is_ok());
+        assert!(browser_guard("POST", &own, true, false).is_ok());
         let form = h(&[
             ("host", "127.0.0.1:9090"),
             ("origin", "null"),
             ("sec-fetch-site", "same-origin"),
         ]);
-        assert!(browser_guard("POST", &form, true).is_ok());
-        assert!(browser_guard("POST", &h(&[("host", "127.0.0.1:9090")]), true).is_ok());
+        assert!(browser_guard("POST", &form, true, false).is_ok());
+        assert!(browser_guard("POST", &h(&[("host", "127.0.0.1:9090")]), true, false).is_ok());
+    }
+
+    /// With a token, another site's page may not use the dashboard's
+    /// sign-in (an `<img>` of `/ui?token=x`, a form posted to `/ui/login`):
+    /// its wrong tokens would lock the operator's own address out. Refused
+    /// before anything is counted; an address typed into the browser, the
+    /// dashboard's own form and tools pass.
+    #[test]
+    fn sign_ins_from_other_sites_are_refused() {
+        use super::browser_guard;
+        let h = headers;
+        let img = h(&[("host", "127.0.0.1:9090"), ("sec-fetch-site", "cross-site")]);
+        assert!(browser_guard("GET", &img, false, true).is_err());
+        let form = h(&[
+            ("host", "admin.internal:9090"),
+            ("origin", "https://evil.example"),
+        ]);
+        assert!(browser_guard("POST", &form, false, true).is_err());
+        // Not a sign-in (a bearer token, a cookie): the token decides.
+        assert!(browser_guard("GET", &img, false, false).is_ok());
+        assert!(browser_guard("POST", &form, false, false).is_ok());
+        let typed = h(&[("host", "admin.internal:9090"), ("sec-fetch-site", "none")]);
+        assert!(browser_guard("GET", &typed, false, true).is_ok());
+        let own = h(&[
+            ("host", "admin.internal:9090"),
+            ("origin", "null"),
+            ("sec-fetch-site", "same-origin"),
+        ]);
+        assert!(browser_guard("POST", &own, false, true).is_ok());
+        let tool = h(&[("host", "admin.internal:9090")]);
+        assert!(browser_guard("GET", &tool, false, true).is_ok());
+        assert!(browser_guard("POST", &tool, false, true).is_ok());
     }
 
     use super::constant_time_eq;
@@ -1355,6 +1498,101 @@ mod tests {
         // A new minute starts a new count.
         g.wrong(a, after);
         assert_eq!(g.locked(a, after), None);
+    }
+
+    /// A busy map waits rather than letting a guess through uncounted;
+    /// an IPv6 client is followed by its /64; a full map makes room by
+    /// dropping the oldest entry, not every lockout.
+    #[test]
+    fn wrong_tokens_are_always_counted_and_kept() {
+        use super::{guesser, Guesses, MAX_GUESSERS, MAX_GUESSES};
+        use std::net::IpAddr;
+        let t0 = std::time::Instant::now();
+
+        // The map held by another thread: the guess is counted once it is free.
+        let g = Guesses::default();
+        let a: IpAddr = "10.0.0.1".parse().unwrap();
+        for _ in 0..MAX_GUESSES - 1 {
+            g.wrong(a, t0);
+        }
+        std::thread::scope(|s| {
+            let held = g.0.lock().unwrap();
+            let counting = s.spawn(|| g.wrong(a, t0));
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            drop(held);
+            counting.join().unwrap();
+        });
+        assert_eq!(g.locked(a, t0), Some(60));
+
+        // Two addresses of one /64 are one guesser; another /64 is not;
+        // an IPv4-mapped address is its IPv4 one.
+        let g = Guesses::default();
+        let (v6a, v6b, other): (IpAddr, IpAddr, IpAddr) = (
+            "2001:db8:1:2::1".parse().unwrap(),
+            "2001:db8:1:2:ffff::9".parse().unwrap(),
+            "2001:db8:1:3::1".parse().unwrap(),
+        );
+        assert_eq!(guesser(v6a), "2001:db8:1:2::".parse::<IpAddr>().unwrap());
+        assert_eq!(guesser("::ffff:10.0.0.1".parse().unwrap()), a);
+        assert_eq!(guesser(a), a);
+        for i in 0..MAX_GUESSES {
+            g.wrong(if i % 2 == 0 { v6a } else { v6b }, t0);
+        }
+        assert_eq!(g.locked(v6a, t0), Some(60));
+        assert_eq!(g.locked(v6b, t0), Some(60));
+        assert_eq!(g.locked(other, t0), None);
+
+        // A full map: the locked address stays locked while others come.
+        let g = Guesses::default();
+        for _ in 0..MAX_GUESSES {
+            g.wrong(a, t0 + std::time::Duration::from_secs(1));
+        }
+        for i in 0..MAX_GUESSERS as u32 + 10 {
+            let ip = IpAddr::from(std::net::Ipv4Addr::from(0x0b00_0000 + i));
+            // The first ones are older than `a`: they go first.
+            let at = if i < 20 {
+                t0
+            } else {
+                t0 + std::time::Duration::from_secs(2)
+            };
+            g.wrong(ip, at);
+        }
+        let now = t0 + std::time::Duration::from_secs(3);
+        assert!(g.0.lock().unwrap().len() <= MAX_GUESSERS);
+        assert_eq!(g.locked(a, now), Some(58));
+    }
+
+    /// The bearer scheme in any case; 405 with `Allow` for a known URL's
+    /// wrong method; a loader that panicked is the gateway's error (500).
+    #[tokio::test]
+    async fn admin_answers_say_what_went_wrong() {
+        use super::{allowed_methods, bearer, method_not_allowed, reload_answer};
+        assert_eq!(bearer("Bearer t0k"), Some("t0k"));
+        assert_eq!(bearer("bearer t0k"), Some("t0k"));
+        assert_eq!(bearer("BEARER t0k"), Some("t0k"));
+        assert_eq!(bearer("Basic dXNlcg=="), None);
+        assert_eq!(bearer("Bearer"), None);
+        assert_eq!(bearer("Bearér t"), None);
+
+        assert_eq!(allowed_methods("/admin/reload"), Some("POST"));
+        assert_eq!(allowed_methods("/admin/costs"), Some("GET"));
+        assert_eq!(allowed_methods("/admin/nope"), None);
+        let r = method_not_allowed("GET", "/admin/reload");
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()["allow"], "POST");
+        let r = method_not_allowed("DELETE", "/metrics");
+        assert_eq!(r.status(), 405);
+        assert_eq!(r.headers()["allow"], "GET");
+
+        let mut loader = tokio::task::JoinSet::<()>::new();
+        loader.spawn(async { panic!("the loader's bug") });
+        let panicked = loader.join_next().await.unwrap().unwrap_err();
+        let r = reload_answer(Err(crate::reload::ReloadError::LoaderPanicked(panicked)));
+        assert_eq!(r.status(), 500);
+        let v: serde_json::Value = serde_json::from_slice(r.body()).unwrap();
+        assert_eq!(v["error"]["type"], "server_error");
+        let r = reload_answer(Err(crate::reload::ReloadError::WouldDemo("x".into())));
+        assert_eq!(r.status(), 400);
     }
 
     #[test]

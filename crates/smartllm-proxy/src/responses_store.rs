@@ -16,18 +16,21 @@
 //! cost twice a Chat Completions one). Reads run on the blocking pool, never
 //! on the proxy's threads. A drain waits for queued writes (each holds a
 //! token of the shared task tracker). Past the queue's bound an operation
-//! runs on the blocking pool beside the writer; a lock per key stripe, taken
-//! only there, keeps two of them off one key, so the key's newest operation
-//! is the one that sticks.
+//! runs on the blocking pool beside the writer (a save only while fewer
+//! than [`OVERFLOW`] do: past that it is dropped, as a conversation too
+//! large to keep is, rather than holding memory without bound); a lock per
+//! key stripe, taken only there, keeps two of them off one key, so the
+//! key's newest operation is the one that sticks.
 
 use dashmap::DashMap;
 use smartllm_cache::Codec;
 use smartllm_protocol::responses::StoredResponse;
 use smartllm_store::{Store, CF_RESPONSES};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::mpsc::{self, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+use tokio::sync::mpsc::{self, Receiver, Sender};
+use tokio::sync::Semaphore;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
@@ -37,6 +40,10 @@ pub const TTL_SECS: u64 = 30 * 24 * 3600;
 pub const MAX_BYTES: usize = 8 << 20;
 /// Operations queued at most; past it a write goes to the blocking pool.
 const QUEUE: usize = 4096;
+/// Saves past the queue on the blocking pool at once; past it a save is
+/// dropped (each holds a whole conversation). Deletes are never dropped: the
+/// client was told the response is gone.
+const OVERFLOW: usize = 64;
 /// Key stripes serialising the operations on one key (see [`Shared`]).
 const STRIPES: usize = 64;
 /// How long the writer lets operations gather after the first one wakes it.
@@ -96,37 +103,48 @@ pub struct ResponsesStore {
     codec: Arc<Codec>,
     shared: Arc<Shared>,
     seq: AtomicU64,
-    tx: SyncSender<Op>,
+    tx: Sender<Op>,
+    /// Room for saves past the queue (see [`OVERFLOW`]).
+    overflow: Arc<Semaphore>,
 }
 
 impl ResponsesStore {
     /// Start the writer thread.
     pub fn start(store: Arc<Store>, codec: Codec) -> std::io::Result<Self> {
-        Self::with_queue(store, codec, QUEUE)
+        Self::with_queue(store, codec, QUEUE, OVERFLOW)
     }
 
-    fn with_queue(store: Arc<Store>, codec: Codec, queue: usize) -> std::io::Result<Self> {
-        let (tx, rx) = mpsc::sync_channel(queue);
+    fn with_queue(
+        store: Arc<Store>,
+        codec: Codec,
+        queue: usize,
+        overflow: usize,
+    ) -> std::io::Result<Self> {
+        let (tx, rx) = mpsc::channel(queue);
         let shared: Arc<Shared> = Arc::default();
         let codec = Arc::new(codec);
         let (s, p, c) = (store.clone(), shared.clone(), codec.clone());
         std::thread::Builder::new()
             .name("smartllm-responses".into())
-            .spawn(move || writer(&s, &c, &p, &rx))?;
+            .spawn(move || writer(&s, &c, &p, rx))?;
         Ok(Self {
             store,
             codec,
             shared,
             seq: AtomicU64::new(0),
             tx,
+            overflow: Arc::new(Semaphore::new(overflow)),
         })
     }
 
     /// The stored response `id` of `tenant`, if it is there and not expired.
     pub async fn load(&self, tenant: &str, id: &str) -> Option<StoredResponse> {
         let k = key(tenant, id);
-        if let Some(p) = self.shared.pending.get(&k) {
-            return p.stored.as_deref().cloned();
+        // Only the `Arc` is cloned under the map's guard: a whole
+        // conversation's copy is made after it is let go.
+        let pending = self.shared.pending.get(&k).map(|p| p.stored.clone());
+        if let Some(stored) = pending {
+            return stored.map(Arc::unwrap_or_clone);
         }
         let (store, codec) = (self.store.clone(), self.codec.clone());
         tokio::task::spawn_blocking(move || read(&store, &codec, &k))
@@ -174,26 +192,43 @@ impl ResponsesStore {
     }
 
     fn queue(&self, tasks: &TaskTracker, key: Vec<u8>, stored: Option<Arc<StoredResponse>>) {
-        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.shared.pending.insert(
-            key.clone(),
-            Pending {
-                seq,
-                stored: stored.clone(),
+        // Where the operation goes (the writer's queue; past it, or with the
+        // writer gone, the blocking pool, where a save needs room) is
+        // settled before it is made the key's newest in `pending`: one
+        // dropped after that would leave `pending` naming an operation that
+        // never runs.
+        let slot = self.tx.try_reserve().ok();
+        let room = match (&slot, &stored) {
+            (Some(_), _) | (None, None) => None,
+            (None, Some(dropped)) => match self.overflow.clone().try_acquire_owned() {
+                Ok(permit) => Some(permit),
+                Err(_) => {
+                    tracing::warn!(
+                        id = dropped.id(),
+                        "response store writes are behind (queue and overflow full); this conversation is not kept, previous_response_id will not find it"
+                    );
+                    return;
+                }
             },
-        );
+        };
+        let seq = self.seq.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .pending
+            .insert(key.clone(), Pending { seq, stored });
         let op = Op {
             key,
             seq,
             _token: tasks.token(),
         };
-        match self.tx.try_send(op) {
-            Ok(()) => {}
-            // A burst past the queue: this one goes to the blocking pool.
-            Err(TrySendError::Full(op)) | Err(TrySendError::Disconnected(op)) => {
+        match slot {
+            Some(slot) => slot.send(op),
+            None => {
                 let (store, codec, shared) =
                     (self.store.clone(), self.codec.clone(), self.shared.clone());
-                tasks.spawn_blocking(move || apply(&store, &codec, &shared, op));
+                tasks.spawn_blocking(move || {
+                    apply(&store, &codec, &shared, op);
+                    drop(room);
+                });
             }
         }
     }
@@ -204,8 +239,9 @@ impl ResponsesStore {
     }
 }
 
-fn writer(store: &Store, codec: &Codec, shared: &Shared, rx: &Receiver<Op>) {
-    while let Ok(first) = rx.recv() {
+fn writer(store: &Store, codec: &Codec, shared: &Shared, mut rx: Receiver<Op>) {
+    // A thread of its own, outside the runtime: it may block on the queue.
+    while let Some(first) = rx.blocking_recv() {
         // Asleep rather than waiting on the queue: what arrives meanwhile
         // wakes nobody.
         std::thread::sleep(LINGER);
@@ -412,7 +448,10 @@ mod tests {
     async fn overflowing_operations_on_one_key_end_as_the_last_one_left_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let rs = ResponsesStore::with_queue(store.clone(), Codec::plain(), 1).unwrap();
+        // Room past the queue for every save: this is about their order.
+        let rs =
+            ResponsesStore::with_queue(store.clone(), Codec::plain(), 1, Semaphore::MAX_PERMITS)
+                .unwrap();
         let tasks = TaskTracker::new();
         const KEYS: usize = 16;
         for round in 0..400 {
@@ -439,6 +478,49 @@ mod tests {
             } else {
                 assert!(got.is_none(), "key {k} came back after its delete");
             }
+        }
+    }
+
+    /// Past the queue and the overflow's room, a save is dropped (found
+    /// nowhere, never half-recorded), not queued without bound; a delete is
+    /// never dropped. Whatever was taken in is written in the end.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn saves_past_the_queue_and_the_overflow_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        // A queue of one and no room beyond it.
+        let rs = ResponsesStore::with_queue(store.clone(), Codec::plain(), 1, 0).unwrap();
+        let tasks = TaskTracker::new();
+        // Every key stripe held: the writer can take one operation and then
+        // waits, so the queue holds at most one more.
+        let held: Vec<_> = rs
+            .shared
+            .stripes
+            .iter()
+            .map(|s| s.lock().unwrap())
+            .collect();
+        const SAVES: usize = 4;
+        for i in 0..SAVES {
+            rs.save(&tasks, "t", stored(&format!("resp_{i}"), "x"));
+        }
+        let mut kept = Vec::new();
+        for i in 0..SAVES {
+            if rs.load("t", &format!("resp_{i}")).await.is_some() {
+                kept.push(i);
+            }
+        }
+        assert!((1..=2).contains(&kept.len()), "{kept:?}");
+        assert_eq!(rs.pending(), kept.len(), "a dropped save is not pending");
+        // A delete, with the queue full or not: it is done.
+        let gone = kept[0];
+        assert!(rs.delete(&tasks, "t", &format!("resp_{gone}")).await);
+        drop(held);
+        tasks.close();
+        tasks.wait().await;
+        assert_eq!(rs.pending(), 0);
+        for i in 0..SAVES {
+            let got = read(&store, &Codec::plain(), &key("t", &format!("resp_{i}")));
+            assert_eq!(got.is_some(), kept.contains(&i) && i != gone, "resp_{i}");
         }
     }
 }

@@ -359,7 +359,14 @@ impl Budgets {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let loaded = Self::load(ledger, &ids);
+        self.merge(Self::load(ledger, &ids));
+    }
+
+    /// Add spend read back from the ledger to what is counted already:
+    /// requests that ended while the ledger was read count for tracked
+    /// budgets as they end (see [`Quotas::record_and_release`]), and the
+    /// read must not overwrite them.
+    fn merge(&self, loaded: HashMap<String, f64>) {
         let mut spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
         for (k, v) in loaded {
             *spend.entry(k).or_default() += v;
@@ -435,7 +442,11 @@ impl Budgets {
     /// Track the budgets of the running config (at start and on every
     /// reload): spend and alerts of scopes no budget names any more are
     /// dropped, and budgets new to this process read their spend back from
-    /// the ledger (when [`Budgets::warm`] gave one).
+    /// the ledger (when [`Budgets::warm`] gave one). They are tracked before
+    /// the read: a request that ends during it counts for them as it ends
+    /// (its ledger record may come too late for the read), and the read is
+    /// added to that, so no spend is lost. One whose record the read saw as
+    /// well counts twice (a budget errs on the strict side).
     pub fn track(&self, budgets: &[Budget]) {
         let ids: HashSet<String> = budgets.iter().map(|b| b.id()).collect();
         let added: HashSet<String> = {
@@ -458,11 +469,7 @@ impl Budgets {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         if let Some(ledger) = ledger {
-            let loaded = Self::load(&ledger, &added);
-            let mut spend = self.spend.lock().unwrap_or_else(|p| p.into_inner());
-            for (k, v) in loaded {
-                spend.insert(k, v);
-            }
+            self.merge(Self::load(&ledger, &added));
         }
         self.prune();
     }
@@ -1031,7 +1038,7 @@ impl Quotas {
         cost: f64,
         hold: Option<Hold>,
     ) {
-        if cost <= 0.0 || budgets.is_empty() {
+        if cost <= 0.0 {
             return;
         }
         let all = scope.budget_ids();
@@ -1043,19 +1050,40 @@ impl Quotas {
         // Spend is kept only for scopes a budget names: whatever tenants,
         // apps and keys clients bring, the map holds no more than the config.
         let ids: Vec<String> = all
-            .into_iter()
-            .filter(|id| relevant.iter().any(|b| b.id() == *id))
+            .iter()
+            .filter(|id| relevant.iter().any(|b| b.id() == **id))
+            .cloned()
             .collect();
-        if ids.is_empty() {
+        // Budgets a reload is adding are tracked, and read their spend back
+        // from the ledger, before the config that names them runs: a
+        // request ending meanwhile (under the config it is given, without
+        // them) counts for them too, or the read could miss it (see
+        // [`Budgets::track`]). Counted here only: with a fleet, a counter
+        // Redis lacks starts from this gateway's figure (these included) at
+        // the budget's first check; sent now, it would start without the
+        // spend read back.
+        let adding: Vec<String> = {
+            let tracked = self
+                .budgets
+                .tracked
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            all.iter()
+                .filter(|id| !ids.contains(*id) && tracked.contains(*id))
+                .cloned()
+                .collect()
+        };
+        if ids.is_empty() && adding.is_empty() {
             return;
         }
         let (day, month, _, _) = periods(now_secs());
         self.budgets.add(&ids, [&day, &month], cost);
+        self.budgets.add(&adding, [&day, &month], cost);
         let mut hold = hold;
         if let Some(h) = hold.as_mut() {
             h.release_here();
         }
-        let Some(f) = self.fleet(fleet) else {
+        let Some(f) = self.fleet(fleet).filter(|_| !ids.is_empty()) else {
             for c in self.budgets.crossings(&relevant, &day, &month) {
                 self.fire(c);
             }
@@ -1502,6 +1530,31 @@ mod tests {
         assert_eq!(body["period"], "daily");
         quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.1);
         assert!(alerts.try_recv().is_err(), "each threshold alerts once");
+    }
+
+    /// A reload adding a budget tracks it, then reads its spend back from
+    /// the ledger while the old config (without it) still runs: a request
+    /// ending meanwhile counts for it, and the read adds to that.
+    #[test]
+    fn a_budget_being_added_counts_requests_that_end_during_its_read() {
+        let b = budget(OnExceed::Reject, None);
+        let (quotas, _alerts) = Quotas::new(4);
+        let quotas = Arc::new(quotas);
+        let fleet = crate::test_support::config().fleet;
+        // The reload tracks the new budget (no ledger here to read).
+        quotas.track_budgets(std::slice::from_ref(&b));
+        // A request ends under the old config, which had no budgets.
+        quotas.record(&[], &fleet, ACME, 0.2);
+        let day = periods(now_secs()).0;
+        assert!((quotas.budgets.spent("tenant:acme", &day) - 0.2).abs() < 1e-9);
+        // The ledger's figure is added to it, not written over it.
+        let read = HashMap::from([(format!("tenant:acme|{day}"), 1.0)]);
+        quotas.budgets.merge(read);
+        assert!((quotas.budgets.spent("tenant:acme", &day) - 1.2).abs() < 1e-9);
+        // Untracked and unconfigured, nothing is kept.
+        quotas.track_budgets(&[]);
+        quotas.record(&[], &fleet, ACME, 0.2);
+        assert_eq!(quotas.state_sizes().0, 0);
     }
 
     #[test]

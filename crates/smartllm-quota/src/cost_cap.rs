@@ -24,12 +24,19 @@ pub enum CostCap {
     },
     /// Even the cheapest prompt alone would pass the cap.
     Reject(Refusal),
+    /// The request continues a conversation its provider keeps (a
+    /// `previous_response_id` the gateway knows only the owner of): the
+    /// provider bills the whole history as input, and the gateway cannot
+    /// see how long it is, so no bound of the prompt holds. `message` says
+    /// so to the client (400 `request_cost_cap_unbounded`).
+    HiddenHistory { message: String },
 }
 
 /// Apply the tightest per-request cap of the budgets that apply to `scope`
 /// to `chain` (the chosen model, then its fallbacks) for a request `body` of
 /// `request_bytes` (`raw`: the body as the client sent it, when it goes
-/// upstream as such).
+/// upstream as such). `provider_history`: the request continues a
+/// conversation the provider keeps, which `body` does not hold.
 pub async fn plan(
     config: &Config,
     scope: Scope<'_>,
@@ -37,6 +44,7 @@ pub async fn plan(
     body: &Map<String, Value>,
     raw: Option<&[u8]>,
     request_bytes: usize,
+    provider_history: bool,
 ) -> CostCap {
     let Some((cap, budget)) = request_cap(&config.keys.budgets, scope) else {
         return CostCap::Uncapped;
@@ -64,6 +72,15 @@ pub async fn plan(
             scope: budget.scope.as_str(),
             name: budget.name.clone(),
         });
+    }
+    // The provider bills the history it keeps as input on every turn, and
+    // the gateway (which keeps only whose the response is) cannot count it:
+    // a bound of this body's few tokens would not bound the cost.
+    if provider_history {
+        metrics::cost_cap(&budget.id(), "reject");
+        return CostCap::HiddenHistory {
+            message: hidden_history_message(cap, budget),
+        };
     }
     let bound = prompt_with_images_bound(config, chain, body, request_bytes).await;
     // Every answer written (`n`, `best_of`, each prompt of a batch) is up
@@ -115,6 +132,16 @@ pub async fn plan(
             prompt_bound: bound,
         },
     }
+}
+
+/// Why a follow-up of a conversation the provider keeps cannot be held to
+/// `budget`'s per-request cap `cap`, and what the client can do instead.
+fn hidden_history_message(cap: f64, budget: &Budget) -> String {
+    format!(
+        "This request continues, through previous_response_id, a conversation its provider keeps, and the provider bills the whole conversation as input again; the gateway does not hold that conversation and cannot see how long it is, so it cannot hold the request to the ${cap} per-request cap of {} '{}'. Send the earlier turns as items in 'input' instead of previous_response_id, or use a key without max_request_usd.",
+        budget.scope.as_str(),
+        budget.name
+    )
 }
 
 /// The tightest per-request cost cap (`max_request_usd`) of the budgets that
@@ -325,7 +352,8 @@ fn worst_prices(
 /// output token per choice cost no more than `cap`, at the dearest prices
 /// `need` can be billed at, and the output tokens to allow each of its
 /// answers: what every kept model can afford, never more than a model may
-/// answer (its max output or what its context window leaves).
+/// answer (its max output or what its context window leaves; a window the
+/// prompt's bound fills limits nothing).
 pub fn fit_cap(config: &smartllm_config::Config, chain: &[String], need: Need, cap: f64) -> CapFit {
     let (prompt_tokens, choices) = (need.prompt_tokens, need.choices);
     let mut kept = Vec::new();
@@ -351,14 +379,19 @@ pub fn fit_cap(config: &smartllm_config::Config, chain: &[String], need: Need, c
         if affordable < 1.0 {
             continue;
         }
-        let limit = m
-            .profile
-            .context_window
-            .saturating_sub(prompt_tokens)
-            .max(1)
-            .min(m.profile.max_output_tokens.unwrap_or(u64::MAX));
+        // What the context window leaves an answer, when it holds the
+        // prompt's bound. The bound is an over-estimate: a window it passes
+        // may still hold the prompt itself, so the model stays (its provider
+        // says when it does not), but leaves no figure to go by; a limit of
+        // one token would cut every model's answer to one.
+        let max_out = m.profile.max_output_tokens.unwrap_or(u64::MAX);
+        let window = m.profile.context_window;
+        let room = window.checked_sub(prompt_tokens).filter(|r| *r > 0);
+        let limit = room.unwrap_or(u64::MAX).min(max_out);
         let affordable = affordable.min(u64::MAX as f64) as u64;
-        needed |= affordable < limit;
+        // Whether the cap binds: no answer is longer than the window, so a
+        // model that can afford a whole window's worth needs no limit.
+        needed |= affordable < room.unwrap_or(window).min(max_out);
         allow = allow.min(affordable.min(limit));
         kept.push(name.clone());
     }
@@ -578,6 +611,88 @@ mod tests {
             CapFit::Fits { max_output, .. } => assert_eq!(max_output, Some(2250)),
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn a_window_the_prompt_bound_fills_does_not_cut_every_answer() {
+        let mut cfg = config();
+        // A chain mixing windows: "long" (1M) with cheap (100k) to fall back on.
+        let mut long = cfg.model("cheap").unwrap().clone();
+        long.name = "long".into();
+        long.profile.context_window = 1_000_000;
+        cfg.models.push(long);
+        // 150k prompt tokens (a bound, over the truth) pass cheap's window:
+        // cheap leaves no figure to go by, and does not limit long's answer.
+        match fit_cap(
+            &cfg,
+            &chain(&["long", "cheap"]),
+            Need::prompt(150_000),
+            0.55,
+        ) {
+            CapFit::Fits {
+                chain: c,
+                max_output,
+            } => {
+                assert_eq!(c, chain(&["long", "cheap"]));
+                // $0.40 left at $2 per 1M output: about 200000 tokens, not 1.
+                let m = max_output.unwrap();
+                assert!((199_999..=200_000).contains(&m), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A generous cap: nothing to lower (long's window leaves 850k).
+        match fit_cap(
+            &cfg,
+            &chain(&["long", "cheap"]),
+            Need::prompt(150_000),
+            100.0,
+        ) {
+            CapFit::Fits { max_output, .. } => assert_eq!(max_output, None),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_conversation_the_provider_keeps_cannot_be_held_to_a_cap() {
+        let mut cfg = config();
+        cfg.keys.budgets = vec![Budget {
+            scope: smartllm_config::BudgetScope::App,
+            name: "acme/web".into(),
+            daily_usd: None,
+            monthly_usd: None,
+            max_request_usd: Some(0.05),
+            alert_at: vec![],
+            on_exceed: smartllm_config::OnExceed::Reject,
+            webhook: None,
+        }];
+        let scope = Scope {
+            tenant: "acme",
+            app: "web",
+            key: "k",
+        };
+        let body = serde_json::json!({"model": "cheap", "messages": [{"role": "user", "content": "And another?"}]});
+        let body = body.as_object().unwrap();
+        let bytes = serde_json::to_string(body).unwrap().len();
+        // A few bytes of new input fit the cap...
+        assert!(matches!(
+            plan(&cfg, scope, &chain(&["cheap"]), body, None, bytes, false).await,
+            CostCap::Fits { .. }
+        ));
+        // ...but a follow-up of a conversation the provider keeps is billed
+        // for all of it, which the gateway cannot see: refused, saying why.
+        match plan(&cfg, scope, &chain(&["cheap"]), body, None, bytes, true).await {
+            CostCap::HiddenHistory { message } => {
+                assert!(message.contains("previous_response_id"), "{message}");
+                assert!(message.contains("app 'acme/web'"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        // No cap applies: nothing to hold it to.
+        cfg.keys.budgets.clear();
+        assert_eq!(
+            plan(&cfg, scope, &chain(&["cheap"]), body, None, bytes, true).await,
+            CostCap::Uncapped
+        );
     }
 
     #[test]

@@ -12,16 +12,23 @@ use std::time::Duration;
 const DEFAULT_POLICY: CachePolicy = CachePolicy {
     enabled: true,
     semantic: true,
-    similarity_threshold: 0.95,
+    similarity_threshold: DEFAULT_THRESHOLD,
     ttl: Duration::from_secs(24 * 3600),
     version: 1,
     max_temperature: 1.0,
     verifier: Some(DEFAULT_VERIFIER_THRESHOLD),
 };
 
-/// The verifier's pass score when `cache.verifier: true` names none:
-/// calibrated on the yardstick's tuning split (bench/README.md, issue #16).
-pub const DEFAULT_VERIFIER_THRESHOLD: f32 = 0.6;
+/// The default pair, the verifier's pass score when none is named and the
+/// cosine a candidate needs to reach it: what `smartllm cache calibrate
+/// --verifier` picks on the yardstick's tuning split for at most 1% of
+/// traps served (bench/README.md, issue #16).
+pub const DEFAULT_VERIFIER_THRESHOLD: f32 = 0.80;
+pub const DEFAULT_THRESHOLD: f32 = 0.70;
+/// Without the verifier, the cosine and the guard alone decide: a policy
+/// that turns the verifier off and names no threshold of its own gets at
+/// least this one (the product's default cosine before the verifier).
+pub const UNVERIFIED_THRESHOLD: f32 = 0.95;
 
 fn resolve_policy(
     at: &str,
@@ -29,9 +36,15 @@ fn resolve_policy(
     base: &CachePolicy,
     v: &mut Issues<'_>,
 ) -> CachePolicy {
-    let threshold = raw
-        .similarity_threshold
-        .unwrap_or(base.similarity_threshold);
+    let verifier_off = raw.verifier == Some(false);
+    let threshold = match raw.similarity_threshold {
+        Some(t) => t,
+        // The inherited threshold was chosen with the verifier behind it.
+        None if verifier_off && base.verifier.is_some() => {
+            base.similarity_threshold.max(UNVERIFIED_THRESHOLD)
+        }
+        None => base.similarity_threshold,
+    };
     if !(0.5..=1.0).contains(&threshold) {
         v.push(
             CACHE_FILE,
@@ -229,7 +242,7 @@ mod tests {
             (0.97, 3, Duration::from_secs(3600))
         );
         let d = c.cache.policy(None, "small");
-        assert_eq!((d.similarity_threshold, d.version), (0.95, 1));
+        assert_eq!((d.similarity_threshold, d.version), (0.70, 1));
         assert_eq!(c.cache.detectors, vec![Detector::Email]);
 
         let bad = "cache:\n  similarity_threshold: 2\n  exclude:\n    patterns: ['(']\n    detectors: [dna]\n  routes:\n    ghost: {}\n";
@@ -282,8 +295,20 @@ mod tests {
         assert_eq!(c.cache.policy(None, "small").verifier, Some(0.8));
         assert_eq!(c.cache.policy(Some("auto"), "small").verifier, None);
         assert_eq!(c.cache.policy(Some("fast"), "small").verifier, Some(0.3));
+        // The default cosine (0.70) was chosen with the verifier behind it:
+        // a route without the verifier keeps 0.95 unless it names its own.
+        let threshold =
+            |c: &Config, route: Option<&str>| c.cache.policy(route, "small").similarity_threshold;
+        assert_eq!(threshold(&c, None), super::DEFAULT_THRESHOLD);
+        assert_eq!(threshold(&c, Some("auto")), super::UNVERIFIED_THRESHOLD);
+        assert_eq!(threshold(&c, Some("fast")), super::DEFAULT_THRESHOLD);
+        let c = load("cache:\n  similarity_threshold: 0.98\n  routes:\n    auto: { verifier: false }\n    fast: { verifier: false, similarity_threshold: 0.9 }\n").unwrap();
+        assert_eq!(threshold(&c, Some("auto")), 0.98);
+        assert_eq!(threshold(&c, Some("fast")), 0.9);
         let c =
             load("cache:\n  verifier: false\n  routes:\n    auto: { verifier: true }\n").unwrap();
+        assert_eq!(threshold(&c, None), super::UNVERIFIED_THRESHOLD);
+        assert_eq!(threshold(&c, Some("auto")), super::UNVERIFIED_THRESHOLD);
         assert_eq!(c.cache.policy(None, "small").verifier, None);
         assert_eq!(
             c.cache.policy(Some("auto"), "small").verifier,

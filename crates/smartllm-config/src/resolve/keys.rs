@@ -196,7 +196,7 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
                 OnExceed::Reject
             }
         };
-        let webhook = b.webhook.and_then(|w| match Url::parse(&w) {
+        let webhook = b.webhook.and_then(|w| match Url::parse_webhook(&w) {
             Ok(u) => Some(u),
             Err(e) => {
                 v.push(KEYS_FILE, format!("{at}.webhook"), e.to_string());

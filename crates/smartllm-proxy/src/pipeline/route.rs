@@ -294,6 +294,9 @@ async fn apply_cost_cap(
     req: &mut ParsedRequest,
     chain: &mut Vec<String>,
 ) -> Result<(), ApiError> {
+    // A Responses follow-up whose conversation the provider keeps: the
+    // body holds only the new turn, the bill the whole history.
+    let provider_history = req.responses.as_deref().is_some_and(|r| r.native_owned);
     let cap = smartllm_quota::cost_cap::plan(
         &rt.config,
         ctx.scope(),
@@ -301,11 +304,18 @@ async fn apply_cost_cap(
         &req.body,
         req.native.as_deref(),
         ctx.prompt_bytes,
+        provider_history,
     )
     .await;
     let (kept, max_output, cap, budget, bound) = match cap {
         CostCap::Uncapped => return Ok(()),
         CostCap::Reject(r) => return Err(super::refusal(r)),
+        CostCap::HiddenHistory { message } => {
+            return Err(
+                ApiError::invalid_request("request_cost_cap_unbounded", message)
+                    .with_param("previous_response_id"),
+            )
+        }
         CostCap::Fits {
             chain,
             max_output,

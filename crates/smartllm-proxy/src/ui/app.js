@@ -37,7 +37,8 @@ const seriesName = (group, dim) => (dim === 'app' ? group.tenant + '/' + group.a
 const PALETTE = ['#3b5bdb', '#12b886', '#f59f00', '#e64980', '#7048e8', '#1098ad', '#e8590c', '#74b816', '#adb5bd'];
 const SVGNS = 'http://www.w3.org/2000/svg';
 
-const state = { range: '24h', dim: 'model', suggestAt: 0, suggest: null, refreshes: 0, timer: 0 };
+// `generation`: bumped by every tick; a refresh begun by an older one is stale.
+const state = { range: '24h', dim: 'model', suggestAt: 0, suggest: null, refreshes: 0, timer: 0, generation: 0 };
 
 // ---- small helpers --------------------------------------------------------
 
@@ -419,7 +420,10 @@ function setStatus(kind, text) {
   setText('status-text', text);
 }
 
-async function refresh() {
+// Draws the figures for `generation`, unless a newer tick began while they
+// were fetched (a click, a return to the tab): that one draws its own, and
+// an older, slower answer must not be drawn over it.
+async function refresh(generation) {
   const since = 'since=' + state.range;
   const bucket = RANGES[state.range].bucket;
   const wantSuggest = Date.now() - state.suggestAt > SUGGEST_MS;
@@ -433,6 +437,7 @@ async function refresh() {
     getJSON(`/admin/requests/expensive?${since}&limit=15`),
     wantSuggest ? getJSON('/admin/suggestions?since=7d') : Promise.resolve(state.suggest),
   ]);
+  if (generation !== state.generation) return;
   if (wantSuggest) { state.suggest = suggest; state.suggestAt = Date.now(); }
   const metrics = parseMetrics(metricsText);
   const cache = cacheFigures(metrics);
@@ -449,14 +454,19 @@ async function refresh() {
   document.body.dataset.refreshes = String(state.refreshes);
 }
 
+// One polling loop: a tick started while a refresh is in flight (a click,
+// a return to the tab) takes over, and the older tick neither draws nor
+// schedules another, or each such click would leave one more loop running.
 async function tick() {
   clearTimeout(state.timer);
+  const generation = ++state.generation;
   try {
-    await refresh();
+    await refresh(generation);
   } catch (e) {
     if (e instanceof AuthError) { window.location.assign('/ui'); return; }
-    setStatus('error', 'cannot reach the gateway · retrying');
+    if (generation === state.generation) setStatus('error', 'cannot reach the gateway · retrying');
   }
+  if (generation !== state.generation) return;
   state.timer = setTimeout(tick, document.hidden ? POLL_MS * 6 : POLL_MS);
 }
 
