@@ -62,6 +62,51 @@ fn text_of(evs: &[(String, Value)]) -> String {
         .collect()
 }
 
+/// The types of a Messages stream's content blocks, in order, once it is
+/// checked that they start at indices 0, 1, ... in order, that every delta
+/// and stop names a block that was started and not yet stopped, and that
+/// every block is stopped.
+fn block_types(evs: &[(String, Value)]) -> Vec<String> {
+    let mut started: Vec<String> = Vec::new();
+    let mut open: Vec<u64> = Vec::new();
+    for (name, v) in evs {
+        match name.as_str() {
+            "content_block_start" => {
+                let i = v["index"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{name} without an index: {v}"));
+                assert_eq!(
+                    i,
+                    started.len() as u64,
+                    "blocks start at index 0, 1, ... in order: {v}"
+                );
+                started.push(
+                    v["content_block"]["type"]
+                        .as_str()
+                        .unwrap_or("")
+                        .to_string(),
+                );
+                open.push(i);
+            }
+            "content_block_delta" | "content_block_stop" => {
+                let i = v["index"]
+                    .as_u64()
+                    .unwrap_or_else(|| panic!("{name} without an index: {v}"));
+                assert!(
+                    open.contains(&i),
+                    "{name} of block {i}, which is not open (started {started:?}, open {open:?}): {v}"
+                );
+                if name == "content_block_stop" {
+                    open.retain(|o| *o != i);
+                }
+            }
+            _ => {}
+        }
+    }
+    assert!(open.is_empty(), "blocks never stopped: {open:?}");
+    started
+}
+
 #[test]
 fn claude_code_requests_reach_anthropic_byte_for_byte() {
     let (mock, gw) = gateway(&["--words", "12"]);
@@ -140,6 +185,7 @@ fn claude_code_requests_reach_anthropic_byte_for_byte() {
             "message_stop"
         ]
     );
+    assert_eq!(block_types(&evs), ["text"]);
     assert_eq!(cache_header(&r), "miss");
     assert_eq!(
         evs[0].1["message"]["usage"]["cache_read_input_tokens"],
@@ -195,6 +241,9 @@ fn anthropic_clients_of_openai_models_get_translated_answers_tools_and_streams()
     let r = messages(&gw, &[], &serde_json::to_vec(&ask).unwrap());
     let v = r.json();
     assert_eq!(v["stop_reason"], "tool_use", "{v}");
+    // The provider sent the call alone (`content: null`): no text block.
+    assert_eq!(v["content"][0]["type"], "tool_use", "{v}");
+    assert_eq!(v["content"].as_array().unwrap().len(), 1, "{v}");
     let call = v["content"]
         .as_array()
         .unwrap()
@@ -231,7 +280,10 @@ fn anthropic_clients_of_openai_models_get_translated_answers_tools_and_streams()
     let n = names(&evs);
     assert_eq!(n[..2], ["message_start", "ping"]);
     assert_eq!(n[n.len() - 2..], ["message_delta", "message_stop"]);
-    assert!(text_of(&evs).starts_with("Mock reply to: Weather in Bergen?"));
+    // A tool-only turn upstream (no content deltas, only tool_calls deltas):
+    // one tool_use block, at index 0, opened, filled and stopped in order.
+    assert_eq!(block_types(&evs), ["tool_use"], "{}", r.text());
+    assert_eq!(text_of(&evs), "", "{}", r.text());
     let tool_start = evs
         .iter()
         .find(|(_, v)| v["content_block"]["type"] == "tool_use")
@@ -326,6 +378,13 @@ fn anthropic_errors_count_tokens_models_and_cache_hits() {
     );
     assert_eq!(r.status, 529, "{}", r.text());
     assert_eq!(r.json()["type"], "error");
+    // Anthropic's own error passes through, its type included.
+    assert_eq!(
+        r.json()["error"]["type"],
+        "overloaded_error",
+        "{}",
+        r.text()
+    );
     // A stream that fails mid-way ends in Anthropic's error event, both ways.
     for model in ["small", "claude"] {
         let body = format!(
@@ -455,6 +514,7 @@ fn anthropic_errors_count_tokens_models_and_cache_hits() {
     let evs = named_events(&hit);
     assert_eq!(names(&evs).first(), Some(&"message_start"));
     assert_eq!(names(&evs).last(), Some(&"message_stop"));
+    assert_eq!(block_types(&evs), ["text"], "{}", hit.text());
     assert_eq!(
         text_of(&evs),
         first.json()["content"][0]["text"].as_str().unwrap()

@@ -184,7 +184,21 @@ fn messages(gw: &Gateway, mock: Value, stream: bool) -> Value {
     {
         match v["type"].as_str() {
             Some("message_start") => usage = v["message"]["usage"].clone(),
-            Some("message_delta") => usage["output_tokens"] = v["usage"]["output_tokens"].clone(),
+            Some("message_delta") => {
+                // The current API's delta usage is cumulative: the input
+                // figures it repeats are message_start's.
+                let d = &v["usage"];
+                for k in [
+                    "input_tokens",
+                    "cache_creation_input_tokens",
+                    "cache_read_input_tokens",
+                ] {
+                    if let Some(x) = d.get(k) {
+                        assert_eq!(x, &usage[k], "message_delta's {k}: {}", r.text());
+                    }
+                }
+                usage["output_tokens"] = d["output_tokens"].clone();
+            }
             _ => {}
         }
     }
@@ -234,6 +248,11 @@ fn assert_usd(what: &str, got: f64, want: f64) {
 
 #[test]
 fn every_token_kind_is_billed_exactly_plain_and_streamed() {
+    // Every answer is WORDS words: the mock's completion count, pinned below
+    // so that usage the gateway misreports (to the client and the ledger
+    // alike) cannot pass. No request sets a token limit under it (the
+    // Anthropic translation asks for 4096 by default).
+    const WORDS: u64 = 9;
     let mock = Mock::start(&["--words", "9"]);
     let gw = gateway(&mock, "");
     let mut want: BTreeMap<&str, f64> = BTreeMap::new();
@@ -259,7 +278,7 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
             "{u}"
         );
         let (p, c) = (n(&u, &["prompt_tokens"]), n(&u, &["completion_tokens"]));
-        assert_eq!(c, 9 + 3, "reasoning is part of the completion: {u}");
+        assert_eq!(c, WORDS + 3, "reasoning is part of the completion: {u}");
         *want.entry("gpt").or_default() += cost(GPT, p, 5, 0, 0, c);
         requests += 1;
     }
@@ -280,6 +299,7 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
         (5, 3),
         "{u}"
     );
+    assert_eq!(n(&u, &["output_tokens"]), WORDS + 3, "{u}");
     *want.entry("gpt").or_default() += cost(
         GPT,
         n(&u, &["input_tokens"]),
@@ -299,6 +319,7 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
         let u = chat(&gw, "claude", marked, json!({}), stream);
         let (p, c) = (n(&u, &["prompt_tokens"]), n(&u, &["completion_tokens"]));
         assert_eq!(n(&u, &["prompt_tokens_details", "cached_tokens"]), 5);
+        assert_eq!(c, WORDS, "stream {stream}: {u}");
         *want.entry("claude").or_default() += cost(CLAUDE, p, 5, 4, 2, c);
         requests += 1;
     }
@@ -315,6 +336,7 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
             (5, 6, 4, 2),
             "{u}"
         );
+        assert_eq!(n(&u, &["output_tokens"]), WORDS, "stream {stream}: {u}");
         let prompt = n(&u, &["input_tokens"]) + 5 + 6;
         *want.entry("claude").or_default() +=
             cost(CLAUDE, prompt, 5, 4, 2, n(&u, &["output_tokens"]));
@@ -330,6 +352,7 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
             stream,
         );
         let (p, c) = (n(&u, &["prompt_tokens"]), n(&u, &["completion_tokens"]));
+        assert_eq!(c, WORDS, "stream {stream}: {u}");
         *want.entry("mini").or_default() += cost(MINI, p, 4, 0, 0, c);
         requests += 1;
     }
@@ -338,6 +361,14 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
     let long_prompt = "word ".repeat(60);
     let long = chat(&gw, "long", &long_prompt, json!({}), true);
     assert!(n(&short, &["prompt_tokens"]) <= 40 && n(&long, &["prompt_tokens"]) > 40);
+    assert_eq!(
+        (
+            n(&short, &["completion_tokens"]),
+            n(&long, &["completion_tokens"])
+        ),
+        (WORDS, WORDS),
+        "{short} {long}"
+    );
     want.insert(
         "long",
         (n(&short, &["prompt_tokens"]) as f64 * 1.0
@@ -363,6 +394,7 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
                 "{u}"
             );
             let (p, c) = (n(&u, &["prompt_tokens"]), n(&u, &["completion_tokens"]));
+            assert_eq!(c, WORDS + 30, "{model}, stream {stream}: {u}");
             *want.entry(model).or_default() +=
                 ((p - 20) as f64 * 2.5 + 20.0 * 40.0 + (c - 30) as f64 * 10.0 + 30.0 * 80.0) / 1e6;
             requests += 1;
@@ -402,6 +434,103 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
         0.0,
         "nothing unpriced yet"
     );
+}
+
+/// Anthropic's streamed usage comes in two parts: `message_start` (the
+/// input, a placeholder output count) and `message_delta`. The current API's
+/// `message_delta` is cumulative (it repeats the input, cache write and
+/// read figures beside the output); the older one carried the output
+/// tokens alone (the mock's `--anthropic-delta-output-only`). Both shapes
+/// are billed the same, and as computed by hand: a Messages stream passed
+/// through, a plain message, and a Chat Completions stream translated.
+#[test]
+fn anthropic_stream_usage_is_billed_the_same_cumulative_or_output_only() {
+    const WORDS: u64 = 9;
+    let kinds = json!({"cached_tokens": 5, "cache_write_5m": 4, "cache_write_1h": 2});
+    let marked =
+        "Explain cache writes [mock-usage:cached_tokens=5,cache_write_5m=4,cache_write_1h=2]";
+    // Per shape: the translated stream's usage and the ledger's cost.
+    let mut billed: Vec<(Value, f64)> = Vec::new();
+    for output_only in [false, true] {
+        let mut flags = vec!["--words", "9"];
+        if output_only {
+            flags.push("--anthropic-delta-output-only");
+        }
+        let mock = Mock::start(&flags);
+        let gw = gateway(&mock, "");
+
+        // Passed through, streamed: the provider's own events.
+        let r = post(
+            &gw,
+            "/v1/messages",
+            &[
+                ("x-api-key", "sk-alice-1"),
+                ("anthropic-version", "2023-06-01"),
+            ],
+            &json!({"model": "claude", "max_tokens": 100, "stream": true, "mock": kinds,
+                "messages": [{"role": "user", "content": "How is a stream's usage counted?"}]}),
+        );
+        let evs: Vec<Value> = r
+            .sse_data()
+            .iter()
+            .filter_map(|d| serde_json::from_str(d).ok())
+            .collect();
+        let event = |kind: &str| {
+            evs.iter()
+                .find(|v| v["type"] == kind)
+                .unwrap_or_else(|| panic!("no {kind}: {}", r.text()))
+                .clone()
+        };
+        let start = event("message_start")["message"]["usage"].clone();
+        let delta = event("message_delta")["usage"].clone();
+        assert_eq!(n(&delta, &["output_tokens"]), WORDS, "{delta}");
+        assert_eq!(
+            (
+                n(&start, &["cache_read_input_tokens"]),
+                n(&start, &["cache_creation_input_tokens"])
+            ),
+            (5, 6),
+            "{start}"
+        );
+        for k in [
+            "input_tokens",
+            "cache_creation_input_tokens",
+            "cache_read_input_tokens",
+        ] {
+            if output_only {
+                assert!(delta.get(k).is_none(), "output tokens only: {delta}");
+            } else {
+                assert_eq!(delta[k], start[k], "cumulative: {delta}");
+            }
+        }
+        let mut want = cost(CLAUDE, n(&start, &["input_tokens"]) + 5 + 6, 5, 4, 2, WORDS);
+
+        // The same question, plain: the same figures.
+        let plain = messages(&gw, kinds.clone(), false);
+        assert_eq!(n(&plain, &["output_tokens"]), WORDS, "{plain}");
+        want += cost(CLAUDE, n(&plain, &["input_tokens"]) + 5 + 6, 5, 4, 2, WORDS);
+
+        // Translated for a Chat Completions client, streamed with usage.
+        let u = chat(&gw, "claude", marked, json!({}), true);
+        assert_eq!(n(&u, &["completion_tokens"]), WORDS, "{u}");
+        assert_eq!(n(&u, &["prompt_tokens_details", "cached_tokens"]), 5, "{u}");
+        want += cost(CLAUDE, n(&u, &["prompt_tokens"]), 5, 4, 2, WORDS);
+
+        let (requests, usd) = ledger_costs(&gw, 3)["claude"];
+        assert_eq!(requests, 3);
+        let shape = if output_only {
+            "output-only message_delta"
+        } else {
+            "cumulative message_delta"
+        };
+        assert_usd(shape, usd, want);
+        billed.push((u, usd));
+    }
+    assert_eq!(
+        billed[0].0, billed[1].0,
+        "the translated stream's usage, cumulative and output-only"
+    );
+    assert_usd("both message_delta shapes", billed[1].1, billed[0].1);
 }
 
 #[test]
@@ -474,6 +603,8 @@ fn spend_by_provider_route_and_tag_as_json_and_csv_and_a_key_reads_its_own() {
         &json!({"model": "gpt", "messages": [{"role": "user", "content": "hi"}], "metadata": {"tag": "nightly-batch"}}),
     );
     let bob_usage = r.json()["usage"].clone();
+    // The mock's answer is 5 words (--words 5): its completion count.
+    assert_eq!(n(&bob_usage, &["completion_tokens"]), 5, "{bob_usage}");
     assert!(wait_until(Duration::from_secs(5), || costs(&gw, "tag")
         ["total"]["requests"]
         == 3));
@@ -662,6 +793,8 @@ fn processing_tiers_scale_the_price() {
             .unwrap_or_else(|| panic!("no usage chunk: {}", r.text()))
     };
     let plain = |p: P, u: &Value| {
+        // The mock's default answer: 12 words, its completion count.
+        assert_eq!(n(u, &["completion_tokens"]), 12, "{u}");
         cost(
             p,
             n(u, &["prompt_tokens"]),
@@ -724,6 +857,15 @@ fn server_side_web_searches_are_billed_per_search() {
     let gw = gateway(&mock, "");
     let plain = messages(&gw, json!({"web_search_requests": 2}), false);
     let streamed = messages(&gw, json!({"web_search_requests": 3}), true);
+    // The mock's default answer: 12 words, its output count.
+    assert_eq!(
+        (
+            n(&plain, &["output_tokens"]),
+            n(&streamed, &["output_tokens"])
+        ),
+        (12, 12),
+        "{plain} {streamed}"
+    );
     let tokens = |u: &Value| {
         cost(
             CLAUDE,

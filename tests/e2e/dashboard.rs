@@ -193,34 +193,37 @@ fn the_cost_dashboard_renders_the_ledger_in_a_real_browser() {
         prompts.push(prompt);
         r
     };
+    // Answers that went upstream (a miss each): each is stored.
+    let mut misses = 0u64;
+    let mut miss = |r: Response| misses += u64::from(cache_header(&r) == "miss");
     for i in 0..4 {
-        send(
+        miss(send(
             "sk-alice-1",
             "premium",
             format!("Draft a product launch plan, part {i}"),
-        );
-        send(
+        ));
+        miss(send(
             "sk-bob-2",
             "standard",
             format!("Summarise the changelog of release 1.{i}"),
-        );
-        send(
+        ));
+        miss(send(
             "sk-carol-3",
             "auto",
             format!("hi, how are you today? ({i})"),
-        );
+        ));
     }
     for i in 0..3 {
-        send(
+        miss(send(
             "sk-bob-2",
             "auto",
             format!("What is the capital of country number {i}?"),
-        );
-        send(
+        ));
+        miss(send(
             "sk-carol-3",
             "premium",
             format!("Review this contract clause {i} carefully"),
-        );
+        ));
     }
     let faq = [
         "How do I reset my password?",
@@ -229,21 +232,29 @@ fn the_cost_dashboard_renders_the_ledger_in_a_real_browser() {
     for q in faq {
         let r = send("sk-alice-1", "fast", q.to_string());
         assert_eq!(cache_header(&r), "miss");
+        miss(r);
     }
-    // Inserts happen off the request path: give them time to land (every
-    // answer so far was a miss and is stored).
-    wait_until(Duration::from_secs(5), || {
-        admin_get(&gw, "/admin/cache/stats")["stats"]["l1_entries"].as_u64() >= Some(20)
-    });
+    // Inserts happen off the request path: wait until every miss so far
+    // (the two FAQ answers among them) is stored.
+    let stored = || admin_get(&gw, "/admin/cache/stats")["stats"]["l1_entries"].as_u64();
+    assert!(
+        wait_until(Duration::from_secs(5), || stored() >= Some(misses)),
+        "{misses} answers, not all stored: {:?} entries",
+        stored()
+    );
+    // Each of the three rounds asks both stored FAQ questions again: six
+    // exact hits, none of them upstream.
+    let upstream = mock.requests();
     let mut hits = 0;
     for _ in 0..3 {
         for q in faq {
             let r = send("sk-alice-1", "fast", q.to_string());
-            hits += u64::from(cache_header(&r).starts_with("hit"));
+            hits += u64::from(cache_header(&r) == "hit-exact");
         }
     }
     let sent = prompts.len() as u64;
-    assert!(hits >= 4, "{hits} cache hits");
+    assert_eq!(hits, 6, "{hits} exact cache hits of 6 repeated questions");
+    assert_eq!(mock.requests(), upstream, "a hit went upstream");
 
     // Every request in the ledger (it flushes every second).
     let mut costs = Value::Null;

@@ -267,6 +267,52 @@ fn three_gateways_share_one_cache_and_one_cost_view_through_redis() {
 
 /// A gateway stopped while the stream was trimmed past the point it had
 /// reached loads the snapshot when it starts again.
+/// A peer whose embedder makes another vector space (here another window,
+/// `embedder.max_seq_len`; as in a rolling upgrade of the model file) shares
+/// its entries but not its vectors: they are exact hits on this gateway, and
+/// a paraphrase is not scored against a vector it cannot compare with.
+#[test]
+fn a_peer_of_another_embedder_shares_entries_not_vectors() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let mock = Mock::start(&[]);
+    let a = node(&mock, &url);
+    let cfg = node_config(&mock, &url, "");
+    let main = std::fs::read_to_string(cfg.path().join("smartllm.yaml")).unwrap();
+    assert!(main.contains("embedder:\n"), "{main}");
+    cfg.write(
+        "smartllm.yaml",
+        &main.replace("embedder:\n", "embedder:\n  max_seq_len: 128\n"),
+    );
+    let b = Gateway::start(cfg);
+    let first = ask(&a, "key-1", &q("How do I reset my password?"));
+    assert_eq!((first.status, cache_header(&first)), (200, "miss"));
+    assert!(
+        wait_until(Duration::from_secs(5), || entries(&b) >= 1),
+        "the entry did not reach B: {}",
+        stats(&b)
+    );
+    assert_eq!(vectors(&b), 0, "{}", stats(&b));
+    assert!(
+        b.metric(
+            "smartllm_fleet_sync_total",
+            &[("what", "cache_apply"), ("outcome", "other_model")]
+        ) >= 1.0,
+        "{}",
+        b.metrics()
+    );
+    let upstream = mock.requests();
+    let exact = ask(&b, "key-1", &q("How do I reset my password?"));
+    assert_eq!(cache_header(&exact), "hit-exact", "{:?}", exact.headers);
+    assert_eq!(exact.json()["choices"], first.json()["choices"]);
+    assert_eq!(mock.requests(), upstream);
+    let para = ask(&b, "key-1", &q("What is the way to reset my password?"));
+    assert_eq!(cache_header(&para), "miss", "{:?}", para.headers);
+    // On A, whose vector it is, another paraphrase hits.
+    let on_a = ask(&a, "key-1", &q("How can I reset my password?"));
+    assert_eq!(cache_header(&on_a), "hit-semantic", "{:?}", on_a.headers);
+}
+
 #[test]
 fn a_gateway_the_stream_left_behind_catches_up_from_the_snapshot() {
     let redis = Redis::start();

@@ -35,13 +35,18 @@ fn readyz_reports_model_and_store_and_sigterm_stops_cleanly() {
 
 #[test]
 fn sigterm_drains_in_flight_streams_and_flushes_state() {
-    let (_mock, mut gw) = basic("", &["--chunk-delay-ms", "100", "--words", "10"]);
+    let (mock, mut gw) = basic("", &["--chunk-delay-ms", "100", "--words", "10"]);
     let addr = gw.addr.clone();
     let started = Instant::now();
     let client = std::thread::spawn(move || {
         request(&addr, "POST", "/v1/chat/completions", &[], &serde_json::to_vec(&json!({"model": "small", "stream": true, "messages": [{"role": "user", "content": "a slow stream"}]})).unwrap())
     });
-    std::thread::sleep(Duration::from_millis(300));
+    // SIGTERM once the stream is in flight: the mock has the request (its
+    // answer takes a second, ten words 100 ms apart).
+    assert!(
+        wait_until(Duration::from_secs(5), || mock.requests() == 1),
+        "the stream never reached the mock"
+    );
     std::process::Command::new("kill")
         .args(["-TERM", &gw.pid().to_string()])
         .status()

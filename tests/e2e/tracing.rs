@@ -222,9 +222,22 @@ fn tracing_exports_one_nested_trace_per_request_and_continues_the_client_context
     let (mock, gw) = gateway(&rx, "1");
 
     // 1. A client with its own trace context (sampled): continued.
+    let cached_entries = || {
+        get(&gw.admin, "/admin/cache/stats").json()["stats"]["l1_entries"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let entries_before = cached_entries();
     let prompt = format!("Tell me about the {SECRET} migration routes of spring birds");
     let client_tp = format!("00-{TRACE_ID}-{CLIENT_SPAN}-01");
     chat(&gw, &chat_body("small", &prompt), Some(&client_tp));
+    // Its answer is stored off the request path: wait until it is (the
+    // cache hit below depends on it).
+    assert!(
+        wait_until(Duration::from_secs(5), || cached_entries() > entries_before),
+        "the first answer was not stored: {} entries",
+        cached_entries()
+    );
     let (up_trace, up_parent, up_flags) = upstream_traceparent(&mock);
     assert_eq!(
         up_trace, TRACE_ID,
@@ -246,10 +259,8 @@ fn tracing_exports_one_nested_trace_per_request_and_continues_the_client_context
     let (stream_trace, stream_parent, _) = upstream_traceparent(&mock);
     assert_ne!(stream_trace, TRACE_ID);
 
-    // 3. The first question again: answered by the cache (no upstream attempt).
-    wait_until(Duration::from_secs(5), || {
-        get(&gw.admin, "/admin/cache/stats").json()["stats"]["l1_entries"].as_u64() >= Some(1)
-    });
+    // 3. The first question again (stored, as waited for above): answered
+    // by the cache (no upstream attempt).
     let hit_tp = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
     let r = chat(&gw, &chat_body("small", &prompt), Some(hit_tp));
     assert_eq!(r.header("x-smartllm-cache"), Some("hit-exact"));

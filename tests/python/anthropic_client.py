@@ -62,10 +62,13 @@ tools = [
 ask = [{"role": "user", "content": "Weather in Oslo?"}]
 m = client.messages.create(model="small", max_tokens=100, tools=tools, messages=ask)
 assert m.stop_reason == "tool_use", m
+# The provider called the tool alone (`content: null`): no text block.
+assert [b.type for b in m.content] == ["tool_use"], m
 call = next(b for b in m.content if b.type == "tool_use")
 assert call.name == "get_weather" and call.input == {"query": "Weather in Oslo?"}, call
 with client.messages.stream(model="small", max_tokens=100, tools=tools, messages=ask) as stream:
     streamed = stream.get_final_message()
+assert [b.type for b in streamed.content] == ["tool_use"], streamed
 scall = next(b for b in streamed.content if b.type == "tool_use")
 assert scall.input == {"query": "Weather in Oslo?"} and streamed.stop_reason == "tool_use", streamed
 m2 = client.messages.create(

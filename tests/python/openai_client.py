@@ -36,13 +36,27 @@ assert text.startswith("Mock reply to: Stream from the SDK"), text
 assert usage is not None and usage.completion_tokens > 0, usage
 print("stream ok:", text)
 
-# An Anthropic model through the same client, streamed.
-parts = []
-for chunk in client.chat.completions.create(model="claude", stream=True, messages=[{"role": "user", "content": "Hi Claude"}]):
+# An Anthropic model through the same client, streamed, with the usage chunk
+# (translated from Anthropic's message_start / message_delta). The suite's
+# mock answers 12 words (its default --words), each one output token.
+MOCK_WORDS = 12
+parts, usage, finish = [], None, None
+for chunk in client.chat.completions.create(
+    model="claude",
+    stream=True,
+    stream_options={"include_usage": True},
+    messages=[{"role": "user", "content": "Hi Claude"}],
+):
+    if chunk.usage is not None:
+        usage = chunk.usage
     for c in chunk.choices:
         if c.delta.content:
             parts.append(c.delta.content)
+        if c.finish_reason is not None:
+            finish = c.finish_reason
 assert "".join(parts).startswith("Mock reply to: Hi Claude"), parts
+assert finish == "stop", finish
+assert usage is not None and usage.completion_tokens == MOCK_WORDS and usage.prompt_tokens > 0, usage
 print("anthropic ok")
 
 # Errors surface as the SDK's typed exceptions.

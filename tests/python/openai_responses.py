@@ -13,10 +13,25 @@ from openai import OpenAI
 
 client = OpenAI(base_url=sys.argv[1], api_key="sk-resp-a", max_retries=0, timeout=30)
 
+# The suite's mock answers 12 words (--words 12), each one output token.
+MOCK_WORDS = 12
+
+
+def wait_stored(response_id):
+    """A stored response is written off the request path: wait until the
+    gateway has it (5 s at most), or fail saying so."""
+    for _ in range(50):
+        try:
+            return client.responses.retrieve(response_id)
+        except openai.NotFoundError:
+            time.sleep(0.1)
+    raise SystemExit(f"response {response_id} was never stored (still 404 after 5 s)")
+
+
 r = client.responses.create(model="small", instructions="Be brief.", input="Hello from responses")
 assert r.object == "response" and r.status == "completed", r
 assert r.output_text.startswith("Mock reply to: Hello from responses"), r.output_text
-assert r.usage.output_tokens == 12 and r.usage.input_tokens > 0, r.usage
+assert r.usage.output_tokens == MOCK_WORDS and r.usage.input_tokens > 0, r.usage
 print("create ok:", r.output_text)
 
 parts, final = [], None
@@ -27,6 +42,7 @@ with client.responses.stream(model="small", input="Stream from responses") as st
     final = stream.get_final_response()
 assert "".join(parts).startswith("Mock reply to: Stream from responses"), parts
 assert final.status == "completed" and final.output_text == "".join(parts), final
+assert final.usage is not None and final.usage.output_tokens == MOCK_WORDS and final.usage.input_tokens > 0, final.usage
 print("stream ok")
 
 tools = [
@@ -40,13 +56,7 @@ tools = [
 r = client.responses.create(model="small", input="Weather in Oslo?", tools=tools)
 call = next(o for o in r.output if o.type == "function_call")
 assert call.name == "get_weather", call
-# The stored response is written off the request path.
-for _ in range(50):
-    try:
-        client.responses.retrieve(r.id)
-        break
-    except openai.NotFoundError:
-        time.sleep(0.1)
+wait_stored(r.id)
 r2 = client.responses.create(
     model="small",
     previous_response_id=r.id,
@@ -56,12 +66,7 @@ r2 = client.responses.create(
 assert r2.status == "completed" and r2.output_text, r2
 print("tools ok:", call.call_id)
 
-for _ in range(50):
-    try:
-        client.responses.retrieve(r2.id)
-        break
-    except openai.NotFoundError:
-        time.sleep(0.1)
+wait_stored(r2.id)
 r3 = client.responses.create(model="small", previous_response_id=r2.id, input="Thanks!")
 assert r3.output_text.startswith("Mock reply to: Thanks!"), r3.output_text
 print("previous ok")

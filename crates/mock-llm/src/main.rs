@@ -30,6 +30,25 @@
 //! `o3`, `o4`, `gpt-5` prefixes) that carry `max_tokens` get OpenAI's 400
 //! (`unsupported_parameter`: they take only `max_completion_tokens`).
 //!
+//! Tools: with tools offered (and no tool result yet in the last turn) the
+//! answer calls the first one, in the real APIs' shape: an OpenAI chat
+//! message with `content: null` and `tool_calls` (streamed: no content
+//! deltas, only `tool_calls` deltas with their `index`), an Anthropic
+//! `tool_use` block at index 0 (`stop_reason: tool_use`), a Responses
+//! `function_call` item at output_index 0. `--tool-text` puts the answer's
+//! text before the call, as before.
+//!
+//! Errors carry the provider's own `type` for the status (Anthropic:
+//! `invalid_request_error`, `authentication_error`, `permission_error`,
+//! `not_found_error`, `request_too_large`, `rate_limit_error`, `api_error`,
+//! `overloaded_error`; OpenAI: a 429 is `requests` / `rate_limit_exceeded`,
+//! a 401 `invalid_api_key`). A Messages request without `max_tokens`, or
+//! with a `system` role among its messages, gets Anthropic's 400.
+//!
+//! Anthropic streams end with `message_delta` usage that is cumulative, as
+//! the current API sends it (input, cache writes and reads, output);
+//! `--anthropic-delta-output-only` sends the output tokens alone.
+//!
 //! Introspection: `GET /_mock/last` (the last request: path, headers, body length
 //! and sha256), `GET /_mock/stats` (request count, connections accepted, streams cut short by the
 //! client), `GET /health`.
@@ -136,6 +155,18 @@ struct Args {
     /// MODEL=FAULT. Repeatable.
     #[arg(long, value_parser = parse_model_fault)]
     model_fault: Vec<(String, String)>,
+    /// Answers that call a tool carry the answer's text too (the old
+    /// shape: an OpenAI chat message with both `content` and `tool_calls`,
+    /// an Anthropic text block before the `tool_use` block, a Responses
+    /// message item before the `function_call` item). By default a turn
+    /// that calls a tool is the call alone, as the real APIs send it.
+    #[arg(long)]
+    tool_text: bool,
+    /// Anthropic streams: `message_delta`'s usage carries `output_tokens`
+    /// alone (the older API's shape) rather than the cumulative usage
+    /// (input, cache writes and reads, output) the current API sends.
+    #[arg(long)]
+    anthropic_delta_output_only: bool,
 }
 
 fn parse_model_fault(s: &str) -> Result<(String, String), String> {
@@ -584,6 +615,35 @@ fn stream_error_message(req: &Request) -> String {
     }
 }
 
+/// A mid-stream fault of an OpenAI stream, where half the answer is out
+/// (`drop-mid-stream`, `end-mid-stream`, `error-mid-stream`): Some(whether
+/// the connection may be kept) when it ended the response, None when the
+/// request named none of them.
+async fn openai_mid_stream_fault<S: Conn>(
+    sock: &mut S,
+    fault: Option<&str>,
+    req: &Request,
+) -> std::io::Result<Option<bool>> {
+    match fault {
+        Some("drop-mid-stream") => {
+            sock.reset();
+            Ok(Some(false))
+        }
+        Some("end-mid-stream") => {
+            write_chunk(sock, b"").await?;
+            Ok(Some(true))
+        }
+        Some("error-mid-stream") => {
+            let v = json!({"error": {"message": stream_error_message(req), "type": "server_error", "param": null, "code": null}});
+            write_chunk(sock, format!("data: {v}\n\n").as_bytes()).await?;
+            write_chunk(sock, b"data: [DONE]\n\n").await?;
+            write_chunk(sock, b"").await?;
+            Ok(Some(true))
+        }
+        _ => Ok(None),
+    }
+}
+
 async fn write_json<S: Conn>(
     sock: &mut S,
     status: u16,
@@ -620,12 +680,15 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         400 => "Bad Request",
         401 => "Unauthorized",
+        403 => "Forbidden",
         404 => "Not Found",
+        413 => "Payload Too Large",
         429 => "Too Many Requests",
         500 => "Internal Server Error",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
+        529 => "Overloaded",
         _ => "Status",
     }
 }
@@ -758,12 +821,16 @@ fn responses_input_text(body: &Value) -> String {
 
 /// `POST /v1/responses`, as a provider that speaks the Responses API and
 /// keeps state: `previous_response_id` must name a response it stored.
+/// With a function tool offered (and no `function_call_output` as the last
+/// input) the answer calls it: a `function_call` item at output_index 0,
+/// or after the message item with `tool_text` (`--tool-text`).
 async fn responses_api<S: Conn>(
     sock: &mut S,
     body: &Value,
     b: &Behaviour,
     state: &State,
     inst: &[(&str, String)],
+    tool_text: bool,
 ) -> anyhow::Result<()> {
     let model = body.get("model").and_then(Value::as_str).unwrap_or("mock");
     // The conversation so far is read again as input, as OpenAI bills it.
@@ -785,9 +852,13 @@ async fn responses_api<S: Conn>(
         }
     }
     let question = responses_input_text(body);
+    let tool = responses_tool(body);
     let limit = body.get("max_output_tokens").and_then(Value::as_u64);
     let n_words = limit.map_or(b.words, |m| b.words.min(m as usize));
-    let truncated = b.truncate || limit.is_some_and(|m| (m as usize) < b.words);
+    // A call ends the turn (as chat's `tool_calls` finish does).
+    let truncated = tool.is_none() && (b.truncate || limit.is_some_and(|m| (m as usize) < b.words));
+    // The message item: always without a call, with one only if asked.
+    let with_text = tool.is_none() || tool_text;
     let words = answer_words(&question, n_words);
     let text = words.join(" ");
     let input_tokens = history_tokens
@@ -809,13 +880,24 @@ async fn responses_api<S: Conn>(
     let msg_id = format!("msg_{}", &id[5..]);
     let item = json!({"type": "message", "id": msg_id, "status": "completed", "role": "assistant",
         "content": [{"type": "output_text", "text": text, "annotations": [], "logprobs": []}]});
+    let call = tool.as_ref().map(|(name, input)| {
+        json!({"type": "function_call", "id": format!("fc_{}", &id[5..]), "call_id": format!("call_{}", &id[5..]),
+            "name": name, "arguments": input.to_string(), "status": "completed"})
+    });
+    let mut output = Vec::new();
+    if with_text {
+        output.push(item.clone());
+    }
+    if let Some(c) = &call {
+        output.push(c.clone());
+    }
     let (status, incomplete) = if truncated {
         ("incomplete", json!({"reason": "max_output_tokens"}))
     } else {
         ("completed", Value::Null)
     };
     let response = json!({"id": id, "object": "response", "created_at": now(), "status": status,
-        "model": model, "output": [item], "previous_response_id": body.get("previous_response_id"),
+        "model": model, "output": output, "previous_response_id": body.get("previous_response_id"),
         "store": body.get("store").and_then(Value::as_bool).unwrap_or(true), "error": null, "incomplete_details": incomplete,
         "usage": {"input_tokens": input_tokens, "input_tokens_details": {"cached_tokens": k.cached},
             "output_tokens": output_tokens, "output_tokens_details": {"reasoning_tokens": k.reasoning},
@@ -841,50 +923,74 @@ async fn responses_api<S: Conn>(
     pending["status"] = json!("in_progress");
     pending["output"] = json!([]);
     pending["usage"] = Value::Null;
-    let mut empty_item = item.clone();
-    empty_item["status"] = json!("in_progress");
-    empty_item["content"] = json!([]);
     let mut out = vec![
         send("response.created", json!({"response": pending})),
         send("response.in_progress", json!({"response": pending})),
-        send(
+    ];
+    if with_text {
+        let mut empty_item = item.clone();
+        empty_item["status"] = json!("in_progress");
+        empty_item["content"] = json!([]);
+        out.push(send(
             "response.output_item.added",
             json!({"output_index": 0, "item": empty_item}),
-        ),
-        send(
+        ));
+        out.push(send(
             "response.content_part.added",
             json!({"item_id": msg_id, "output_index": 0, "content_index": 0,
             "part": {"type": "output_text", "text": "", "annotations": []}}),
-        ),
-    ];
-    let half = words.len() / 2;
-    for (i, w) in words.iter().enumerate() {
-        if i == half && b.fault.as_deref() == Some("error-mid-stream") {
-            // What OpenAI sends when the response fails mid-answer.
-            let message = "The server had an error while processing your request.";
-            out.push(send(
-                "error",
-                json!({"code": "server_error", "message": message, "param": null}),
-            ));
-            let mut failed = pending.clone();
-            failed["status"] = json!("failed");
-            failed["error"] = json!({"code": "server_error", "message": message});
-            out.push(send("response.failed", json!({"response": failed})));
-            return write_events(sock, b, out).await;
+        ));
+        let half = words.len() / 2;
+        for (i, w) in words.iter().enumerate() {
+            if i == half {
+                if let Some(end) = responses_fault_events(b.fault.as_deref(), &pending, &mut send) {
+                    out.extend(end);
+                    return write_events(sock, b, out).await;
+                }
+            }
+            let t = if i == 0 { w.clone() } else { format!(" {w}") };
+            out.push(send("response.output_text.delta", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "delta": t, "logprobs": []})));
         }
-        if i == half && b.fault.as_deref() == Some("end-mid-stream") {
-            // The response ends cleanly, before the answer's end.
-            return write_events(sock, b, out).await;
-        }
-        let t = if i == 0 { w.clone() } else { format!(" {w}") };
-        out.push(send("response.output_text.delta", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "delta": t, "logprobs": []})));
+        out.push(send("response.output_text.done", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []})));
+        out.push(send("response.content_part.done", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "part": item["content"][0]})));
+        out.push(send(
+            "response.output_item.done",
+            json!({"output_index": 0, "item": item}),
+        ));
     }
-    out.push(send("response.output_text.done", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "text": text, "logprobs": []})));
-    out.push(send("response.content_part.done", json!({"item_id": msg_id, "output_index": 0, "content_index": 0, "part": item["content"][0]})));
-    out.push(send(
-        "response.output_item.done",
-        json!({"output_index": 0, "item": item}),
-    ));
+    if let Some(c) = &call {
+        let index = usize::from(with_text);
+        let mut empty_call = c.clone();
+        empty_call["status"] = json!("in_progress");
+        empty_call["arguments"] = json!("");
+        out.push(send(
+            "response.output_item.added",
+            json!({"output_index": index, "item": empty_call}),
+        ));
+        let arguments = c["arguments"].as_str().unwrap_or("{}");
+        let (head, tail) = halves(arguments);
+        for (i, part) in [head, tail].into_iter().enumerate() {
+            // A call alone has its mid-stream faults halfway through its arguments.
+            if i == 1 && !with_text {
+                if let Some(end) = responses_fault_events(b.fault.as_deref(), &pending, &mut send) {
+                    out.extend(end);
+                    return write_events(sock, b, out).await;
+                }
+            }
+            out.push(send(
+                "response.function_call_arguments.delta",
+                json!({"item_id": c["id"], "output_index": index, "delta": part}),
+            ));
+        }
+        out.push(send(
+            "response.function_call_arguments.done",
+            json!({"item_id": c["id"], "output_index": index, "name": c["name"], "arguments": arguments}),
+        ));
+        out.push(send(
+            "response.output_item.done",
+            json!({"output_index": index, "item": c}),
+        ));
+    }
     let end = if truncated {
         "response.incomplete"
     } else {
@@ -892,6 +998,76 @@ async fn responses_api<S: Conn>(
     };
     out.push(send(end, json!({"response": response})));
     write_events(sock, b, out).await
+}
+
+/// The events a Responses stream's mid-stream fault ends it with:
+/// `error-mid-stream`, OpenAI's `error` then `response.failed`;
+/// `end-mid-stream`, none (the response ends cleanly, before the answer's
+/// end). None when the request named neither.
+fn responses_fault_events(
+    fault: Option<&str>,
+    pending: &Value,
+    send: &mut impl FnMut(&str, Value) -> String,
+) -> Option<Vec<String>> {
+    match fault {
+        Some("error-mid-stream") => {
+            // What OpenAI sends when the response fails mid-answer.
+            let message = "The server had an error while processing your request.";
+            let mut failed = pending.clone();
+            failed["status"] = json!("failed");
+            failed["error"] = json!({"code": "server_error", "message": message});
+            Some(vec![
+                send(
+                    "error",
+                    json!({"code": "server_error", "message": message, "param": null}),
+                ),
+                send("response.failed", json!({"response": failed})),
+            ])
+        }
+        Some("end-mid-stream") => Some(Vec::new()),
+        _ => None,
+    }
+}
+
+/// A tool call's arguments in two halves (split on a character boundary:
+/// the question they quote may be any text), streamed as two deltas.
+fn halves(s: &str) -> (&str, &str) {
+    let mut mid = s.len() / 2;
+    while !s.is_char_boundary(mid) {
+        mid -= 1;
+    }
+    s.split_at(mid)
+}
+
+/// A function tool a Responses request offers, called with the question as
+/// input unless the last input item is a `function_call_output` (the
+/// call was answered) or `tool_choice` is `none`. Built-in tools
+/// (`web_search`, ...) are never called.
+fn responses_tool(body: &Value) -> Option<(String, Value)> {
+    let tools = body.get("tools")?.as_array()?;
+    let name = tools
+        .iter()
+        .find(|t| t.get("type").and_then(Value::as_str) == Some("function"))?
+        .get("name")?
+        .as_str()?;
+    if body
+        .get("tool_choice")
+        .and_then(|c| c.get("type").or(Some(c)))
+        == Some(&json!("none"))
+    {
+        return None;
+    }
+    let answered = match body.get("input") {
+        Some(Value::Array(items)) => items
+            .last()
+            .is_some_and(|i| i.get("type").and_then(Value::as_str) == Some("function_call_output")),
+        _ => false,
+    };
+    if answered {
+        return None;
+    }
+    let question: String = responses_input_text(body).chars().take(40).collect();
+    Some((name.to_string(), json!({"query": question})))
 }
 
 /// Write a stream's events, then its end.
@@ -908,6 +1084,41 @@ async fn write_events<S: Conn>(
     }
     write_chunk(sock, b"").await?;
     Ok(())
+}
+
+/// Anthropic's error `type` for an HTTP status.
+fn anthropic_error_type(status: u16) -> &'static str {
+    match status {
+        400 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// Why Anthropic would refuse a Messages request the mock can read: no
+/// `max_tokens` (required), or a `system` role among the messages (the
+/// system prompt is the top-level `system`).
+fn messages_request_error(body: &Value) -> Option<String> {
+    match body.get("max_tokens") {
+        None | Some(Value::Null) => return Some("max_tokens: Field required".to_string()),
+        Some(v) if v.as_u64().is_none() => {
+            return Some("max_tokens: Input should be a valid integer".to_string())
+        }
+        _ => {}
+    }
+    let msgs = body.get("messages").and_then(Value::as_array)?;
+    msgs.iter()
+        .position(|m| m.get("role").and_then(Value::as_str) == Some("system"))
+        .map(|i| {
+            format!(
+                "messages.{i}.role: Unexpected role \"system\". The Messages API accepts a top-level `system` parameter, not \"system\" as an input message role."
+            )
+        })
 }
 
 /// A tool the answer calls: with `tools` offered and no tool result yet in
@@ -1096,6 +1307,13 @@ async fn handle<S: Conn>(
         write_json(sock, 400, &json!({"error": {"message": msg, "type": "invalid_request_error", "param": null, "code": null}}), &inst).await?;
         return Ok(true);
     }
+    if anthropic {
+        if let Some(msg) = messages_request_error(&body) {
+            let err = json!({"type": "error", "error": {"type": "invalid_request_error", "message": msg}});
+            write_json(sock, 400, &err, &inst).await?;
+            return Ok(true);
+        }
+    }
     if let Some(status) = b.status {
         let mut extra = inst.to_vec();
         if status == 429 {
@@ -1114,15 +1332,22 @@ async fn handle<S: Conn>(
             format!("mock-llm injected status {status}")
         };
         let err = if anthropic {
-            json!({"type": "error", "error": {"type": if status == 429 { "rate_limit_error" } else { "api_error" }, "message": message}})
+            json!({"type": "error", "error": {"type": anthropic_error_type(status), "message": message}})
         } else {
-            json!({"error": {"message": message, "type": if status == 429 { "rate_limit_error" } else { "server_error" }, "param": null, "code": null}})
+            // OpenAI's own: a rate limit names what ran out (`requests`),
+            // a refused key says so in its code.
+            let (kind, code) = match status {
+                429 => ("requests", json!("rate_limit_exceeded")),
+                401 => ("invalid_request_error", json!("invalid_api_key")),
+                _ => ("server_error", Value::Null),
+            };
+            json!({"error": {"message": message, "type": kind, "param": null, "code": code}})
         };
         write_json(sock, status, &err, &extra).await?;
         return Ok(true);
     }
     if path.ends_with("/responses") {
-        responses_api(sock, &body, &b, state, &inst).await?;
+        responses_api(sock, &body, &b, state, &inst, args.tool_text).await?;
         return Ok(true);
     }
     let model = body
@@ -1233,7 +1458,11 @@ async fn handle<S: Conn>(
         if thinking {
             blocks.push(json!({"type": "thinking", "thinking": format!("The user asks: {}", seed_text.chars().take(40).collect::<String>()), "signature": "mock-signature"}));
         }
-        blocks.push(json!({"type": "text", "text": text}));
+        // A turn that calls a tool is the call alone (its `tool_use` block
+        // first but for thinking), unless --tool-text asks for text before it.
+        if tool.is_none() || args.tool_text {
+            blocks.push(json!({"type": "text", "text": text}));
+        }
         if let Some((name, args)) = &tool {
             blocks.push(json!({"type": "tool_use", "id": format!("toolu_{}", &id[5..]), "name": name, "input": args}));
         }
@@ -1301,7 +1530,7 @@ async fn handle<S: Conn>(
                 }
                 "tool_use" => {
                     let args = block["input"].to_string();
-                    let (head, tail) = args.split_at(args.len() / 2);
+                    let (head, tail) = halves(&args);
                     for part in [head, tail] {
                         write_chunk(
                             sock,
@@ -1355,7 +1584,16 @@ async fn handle<S: Conn>(
             )
             .await?;
         }
-        let mut delta_usage = json!({"output_tokens": completion_tokens});
+        // The current API's message_delta usage is cumulative: the input
+        // figures message_start gave, and the output tokens.
+        let mut delta_usage = if args.anthropic_delta_output_only {
+            json!({"output_tokens": completion_tokens})
+        } else {
+            json!({"input_tokens": usage["input_tokens"],
+                "cache_creation_input_tokens": usage["cache_creation_input_tokens"],
+                "cache_read_input_tokens": usage["cache_read_input_tokens"],
+                "output_tokens": completion_tokens})
+        };
         if b.kinds.web_searches > 0 {
             delta_usage["server_tool_use"] = json!({"web_search_requests": b.kinds.web_searches});
         }
@@ -1378,6 +1616,9 @@ async fn handle<S: Conn>(
     let tool_call = tool.as_ref().map(|(name, args)| {
         json!({"id": format!("call_{}", &id[5..]), "type": "function", "function": {"name": name, "arguments": args.to_string()}})
     });
+    // A turn that calls a tool is the call alone, as OpenAI sends it
+    // (`content: null`, no content deltas), unless --tool-text.
+    let tool_only = tool_call.is_some() && !args.tool_text;
 
     // The tier asked for, as OpenAI reports the one it served on.
     let tier = body
@@ -1387,10 +1628,11 @@ async fn handle<S: Conn>(
         .unwrap_or("default");
     if !stream {
         let text = words.join(" ");
+        let content = if tool_only { Value::Null } else { json!(text) };
         let out = if chat {
             json!({"id": format!("chatcmpl-{id}"), "object": "chat.completion", "created": now(), "model": model,
                 "system_fingerprint": args.name, "service_tier": tier,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish, "logprobs": null}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish, "logprobs": null}],
                 "usage": usage})
         } else {
             json!({"id": format!("cmpl-{id}"), "object": "text_completion", "created": now(), "model": model,
@@ -1436,17 +1678,24 @@ async fn handle<S: Conn>(
         format!("data: {v}\n\n").into_bytes()
     };
     if chat {
+        let content = if tool_only { Value::Null } else { json!("") };
         write_chunk(
             sock,
-            &chunk(json!({"role": "assistant", "content": ""}), Value::Null),
+            &chunk(
+                json!({"role": "assistant", "content": content}),
+                Value::Null,
+            ),
         )
         .await?;
     }
+    // A turn that only calls a tool streams no content deltas: its
+    // mid-stream faults fall between the call's two argument chunks.
+    let streamed: &[String] = if tool_only { &words[..0] } else { &words[..] };
     let malformed = b.fault.as_deref() == Some("malformed-sse");
-    let drop_at = (b.fault.as_deref() == Some("drop-mid-stream")).then_some(words.len() / 2);
-    let error_at = (b.fault.as_deref() == Some("error-mid-stream")).then_some(words.len() / 2);
-    let end_at = (b.fault.as_deref() == Some("end-mid-stream")).then_some(words.len() / 2);
-    for (i, w) in words.iter().enumerate() {
+    let drop_at = (b.fault.as_deref() == Some("drop-mid-stream")).then_some(streamed.len() / 2);
+    let error_at = (b.fault.as_deref() == Some("error-mid-stream")).then_some(streamed.len() / 2);
+    let end_at = (b.fault.as_deref() == Some("end-mid-stream")).then_some(streamed.len() / 2);
+    for (i, w) in streamed.iter().enumerate() {
         if drop_at == Some(i) {
             sock.reset();
             return Ok(false);
@@ -1479,8 +1728,13 @@ async fn handle<S: Conn>(
     }
     if let Some(call) = &tool_call {
         let args = call["function"]["arguments"].as_str().unwrap_or("{}");
-        let (head, tail) = args.split_at(args.len() / 2);
+        let (head, tail) = halves(args);
         write_chunk(sock, &chunk(json!({"tool_calls": [{"index": 0, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": head}}]}), Value::Null)).await?;
+        if tool_only {
+            if let Some(keep) = openai_mid_stream_fault(sock, b.fault.as_deref(), &req).await? {
+                return Ok(keep);
+            }
+        }
         write_chunk(
             sock,
             &chunk(
@@ -1536,6 +1790,47 @@ mod tests {
             prompt_mark("x [mock-status:429]", "[mock-status:").as_deref(),
             Some("429")
         );
+    }
+
+    #[test]
+    fn messages_requests_are_checked_as_anthropic_does() {
+        let ok =
+            json!({"model": "c", "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]});
+        assert_eq!(messages_request_error(&ok), None);
+        let no_limit = json!({"model": "c", "messages": [{"role": "user", "content": "x"}]});
+        assert!(messages_request_error(&no_limit).is_some_and(|m| m.contains("max_tokens")));
+        let system = json!({"model": "c", "max_tokens": 5,
+            "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]});
+        assert!(messages_request_error(&system).is_some_and(|m| m.contains("system")));
+        assert_eq!(anthropic_error_type(529), "overloaded_error");
+        assert_eq!(anthropic_error_type(413), "request_too_large");
+        assert_eq!(anthropic_error_type(503), "api_error");
+    }
+
+    #[test]
+    fn responses_call_function_tools_only_until_answered() {
+        let tools = json!([{"type": "web_search"}, {"type": "function", "name": "get_weather"}]);
+        let ask = json!({"input": "Weather in Oslo?", "tools": tools});
+        assert_eq!(
+            responses_tool(&ask),
+            Some((
+                "get_weather".to_string(),
+                json!({"query": "Weather in Oslo?"})
+            ))
+        );
+        let answered = json!({"tools": tools, "input": [{"type": "function_call_output", "call_id": "c", "output": "Rain"}]});
+        assert_eq!(responses_tool(&answered), None);
+        let builtin = json!({"input": "News?", "tools": [{"type": "web_search"}]});
+        assert_eq!(responses_tool(&builtin), None);
+        let none = json!({"input": "x", "tools": tools, "tool_choice": "none"});
+        assert_eq!(responses_tool(&none), None);
+    }
+
+    #[test]
+    fn arguments_split_on_a_character_boundary() {
+        assert_eq!(halves("abcd"), ("ab", "cd"));
+        let (head, tail) = halves("{\"q\":\"æøå\"}");
+        assert_eq!(format!("{head}{tail}"), "{\"q\":\"æøå\"}");
     }
 
     #[test]

@@ -280,6 +280,8 @@ impl SemanticCache {
     /// A store that recorded none (written before fingerprints were) keeps
     /// its vectors only when this embedder makes them again
     /// ([`SemanticCache::vectors_are_ours`]); otherwise they are dropped too.
+    /// When that cannot be told (the embedder failed to answer), nothing is
+    /// dropped or recorded: the next start checks again.
     fn check_embedder(&self, fingerprint: &str) -> Result<(), CacheError> {
         let stored = self.db().get_cf(self.cf(CF_META), EMBEDDER_KEY)?;
         if stored.as_deref() == Some(fingerprint.as_bytes()) {
@@ -287,8 +289,11 @@ impl SemanticCache {
         }
         let why = match stored {
             Some(_) => Some("the embedding model, its tokenizer, embedder.max_seq_len or the dimension changed since they were stored"),
-            None if !self.vectors_are_ours()? => Some("they were stored before the cache recorded its embedder, and this embedder does not make them again"),
-            None => None,
+            None => match self.vectors_are_ours()? {
+                Some(true) => None,
+                Some(false) => Some("they were stored before the cache recorded its embedder, and this embedder does not make them again"),
+                None => return Ok(()),
+            },
         };
         if let Some(why) = why {
             let dropped = self.drop_vectors()?;
@@ -308,8 +313,10 @@ impl SemanticCache {
     /// Whether this embedder made the stored vectors: of the first entries
     /// with a vector, the longest texts (on which a change of window shows)
     /// are embedded again and must come out as stored. True when there is
-    /// no vector; false (the safe side) when none can be checked.
-    fn vectors_are_ours(&self) -> Result<bool, CacheError> {
+    /// no vector; false when no stored vector has a readable entry; None
+    /// when the embedder did not answer (a passing failure must not cost
+    /// the whole semantic cache).
+    fn vectors_are_ours(&self) -> Result<Option<bool>, CacheError> {
         let dim = self.index.dim();
         let (mut any, mut read) = (false, Vec::new());
         let mut it = self.db().raw_iterator_cf(self.cf(CF_VECTORS));
@@ -334,12 +341,12 @@ impl SemanticCache {
         }
         it.status()?;
         if !any {
-            return Ok(true);
+            return Ok(Some(true));
         }
         read.sort_by_key(|(query, _)| std::cmp::Reverse(query.len()));
         read.truncate(CHECK_EMBEDDED);
         if read.is_empty() {
-            return Ok(false);
+            return Ok(Some(false));
         }
         let texts = read
             .iter()
@@ -348,14 +355,16 @@ impl SemanticCache {
         let again = match self.embedder.embed_blocking(texts) {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, "could not embed stored cache questions again to check their vectors");
-                return Ok(false);
+                tracing::warn!(error = %e, "could not embed stored cache questions again to check which embedder made their vectors; kept, and checked again at the next start");
+                return Ok(None);
             }
         };
         let same = |(stored, now): (&Vec<f32>, &Vec<f32>)| {
             smartllm_embed::cosine(stored, now) >= SAME_EMBEDDER_COSINE
         };
-        Ok(again.len() == read.len() && read.iter().map(|(_, v)| v).zip(&again).all(same))
+        Ok(Some(
+            again.len() == read.len() && read.iter().map(|(_, v)| v).zip(&again).all(same),
+        ))
     }
 
     /// Delete every stored vector and the saved index file (blocking; at
@@ -367,14 +376,23 @@ impl SemanticCache {
         }
         let vectors = self.cf(CF_VECTORS);
         let (mut n, mut batch) = (0usize, WriteBatch::default());
+        // The highest number among them: the next id is raised past it, as
+        // the vectors would have (a store of an earlier release may hold
+        // ids above its persisted counter).
+        let mut max_seq = 0;
         for item in self.db().iterator_cf(vectors, rocksdb::IteratorMode::Start) {
             let (k, _) = item?;
+            if let Ok(id) = <[u8; 8]>::try_from(&k[..]) {
+                max_seq = max_seq.max(crate::ids::seq(u64::from_be_bytes(id)));
+            }
             batch.delete_cf(vectors, k);
             n += 1;
             if n % DROP_BATCH == 0 {
                 self.db().write(std::mem::take(&mut batch))?;
             }
         }
+        let next = self.stored_u64(NEXT_ID)?.unwrap_or(1).max(max_seq + 1);
+        batch.put_cf(self.cf(CF_META), NEXT_ID, next.to_be_bytes());
         self.db().write(batch)?;
         Ok(n)
     }

@@ -146,8 +146,8 @@ pub struct FleetSync {
     client: redis::Client,
     /// This process (its own stream entries are skipped when read back).
     node: String,
-    /// The embedding model's file and dimension: vectors made by another
-    /// model are not applied.
+    /// The embedder's fingerprint: vectors made by another are not applied
+    /// (their entries are, for exact hits).
     model_tag: String,
     outbox: mpsc::Sender<CacheEvent>,
     outbox_rx: Mutex<Option<mpsc::Receiver<CacheEvent>>>,
@@ -688,11 +688,14 @@ impl FleetSync {
         vector: Vec<u8>,
         model: &[u8],
     ) {
-        if model != self.model_tag.as_bytes() {
+        // A vector of another embedder (a peer not yet upgraded, another
+        // model file or window) cannot be compared with this one's: the
+        // entry is kept for its exact key alone.
+        let same_space = model == self.model_tag.as_bytes();
+        if !same_space {
             count("cache_apply", "other_model");
-            return;
         }
-        let embedding = (!vector.is_empty()).then(|| bytes_vector(&vector));
+        let embedding = (same_space && !vector.is_empty()).then(|| bytes_vector(&vector));
         let cache = cache.clone();
         let outcome =
             tokio::task::spawn_blocking(move || cache.apply_remote(&sealed, embedding)).await;

@@ -130,17 +130,12 @@ impl Shared {
         apply_metrics_config(&runtime.config);
         quotas.track_budgets(&runtime.config.keys.budgets);
         let tracing = otel::Tracing::start(&runtime.config.tracing);
+        // The vector space the embedder makes (model and tokenizer contents,
+        // window, dimension): a peer's vectors of another are not used.
         let model_tag = components
             .embedder
             .as_ref()
-            .map(|e| {
-                let info = e.info();
-                let file = info
-                    .model
-                    .file_name()
-                    .map(|f| f.to_string_lossy().into_owned());
-                format!("{}/{}", file.unwrap_or_default(), info.dim)
-            })
+            .map(|e| e.fingerprint())
             .unwrap_or_default();
         let fleet_sync = fleet_sync::FleetSync::new(&runtime.config.fleet, model_tag);
         if fleet_sync.as_ref().is_some_and(|f| f.shares_cache())

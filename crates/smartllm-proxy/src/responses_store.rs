@@ -200,6 +200,10 @@ impl ResponsesStore {
         let slot = self.tx.try_reserve().ok();
         let room = match (&slot, &stored) {
             (Some(_), _) | (None, None) => None,
+            // An owner's marker is a few bytes and without it the tenant
+            // cannot go on from a provider-kept answer: never dropped,
+            // like a delete.
+            (None, Some(marker)) if marker.messages.is_empty() => None,
             (None, Some(dropped)) => match self.overflow.clone().try_acquire_owned() {
                 Ok(permit) => Some(permit),
                 Err(_) => {
