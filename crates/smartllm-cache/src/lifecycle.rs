@@ -737,6 +737,20 @@ mod tests {
             .count()
     }
 
+    /// The highest sequence number among the stored vectors (store closed).
+    fn keys_of_vectors_before_open(dir: &std::path::Path) -> u64 {
+        let store = smartllm_store::Store::open(dir).unwrap();
+        let db = store.db();
+        let cf = db.cf_handle(CF_VECTORS).unwrap();
+        db.iterator_cf(cf, rocksdb::IteratorMode::Start)
+            .map(|kv| {
+                let (k, _) = kv.unwrap();
+                crate::ids::seq(u64::from_be_bytes(k[..].try_into().unwrap()))
+            })
+            .max()
+            .unwrap()
+    }
+
     /// Vectors another embedder made (another model, tokenizer or window:
     /// another fingerprint) are dropped at open; the entries are still
     /// served by their exact key. A store that recorded no fingerprint keeps
@@ -809,12 +823,23 @@ mod tests {
                     b"model=0;tok=0;seq=8;dim=384",
                 )
                 .unwrap();
+            // A counter behind a stored number (as an earlier release could
+            // leave it): dropping the vectors must not let it go back.
+            cache
+                .db()
+                .put_cf(cache.cf(CF_META), NEXT_ID, 1u64.to_be_bytes())
+                .unwrap();
             flush(&cache);
         }
+        let highest = keys_of_vectors_before_open(dir.path());
         let cache = open(dir.path(), &emb, 100_000);
         assert_eq!(
             (cache.stats().index_vectors, vectors_stored(&cache)),
             (0, 0)
+        );
+        assert!(
+            cache.stored_u64(NEXT_ID).unwrap().unwrap() > highest,
+            "the next id went back"
         );
         assert_eq!(fingerprint(&cache), ours);
         // Served by its exact key; no paraphrase meets it.
