@@ -562,6 +562,7 @@ impl AnthropicStream {
             out.extend_from_slice(DONE_EVENT);
             self.error = Some(StreamError::from_event(ev).unwrap_or_else(|| StreamError {
                 kind: None,
+                code: None,
                 message: String::from_utf8_lossy(&body).into_owned(),
             }));
             self.done = true;

@@ -385,6 +385,7 @@ impl ResponsesStreamReader {
                         let e = &v["response"]["error"];
                         self.error = Some(StreamError {
                             kind: e["code"].as_str().map(str::to_string),
+                            code: e["code"].as_str().map(str::to_string),
                             message: e["message"]
                                 .as_str()
                                 .unwrap_or("the response failed")
@@ -395,6 +396,7 @@ impl ResponsesStreamReader {
                 "error" => {
                     self.error.get_or_insert(StreamError {
                         kind: v["code"].as_str().map(str::to_string),
+                        code: v["code"].as_str().map(str::to_string),
                         message: v["message"].as_str().unwrap_or("error").to_string(),
                     });
                 }
@@ -592,8 +594,20 @@ fn translate(
         Some(v) => return Err(invalid_type("tools", v, "an array")),
     };
     if let Some(choice) = body.get("tool_choice").filter(|v| !v.is_null()) {
-        let choice = chat_tool_choice(choice, &mut tools)?;
-        chat.insert("tool_choice".into(), choice);
+        let chat_choice = chat_tool_choice(choice, &mut tools)?;
+        // Chat providers (OpenAI, Anthropic) refuse a `tool_choice` without
+        // tools. With none translated, `auto` and `none` mean what sending
+        // no choice means and are dropped; a choice that demands a call
+        // (`required`, a named function, `allowed_tools` matching none of
+        // the tools) cannot be met, and is refused here as OpenAI would.
+        if !tools.is_empty() {
+            chat.insert("tool_choice".into(), chat_choice);
+        } else if !matches!(choice.as_str(), Some("auto" | "none")) {
+            return Err(invalid_value(
+                "tool_choice",
+                "Invalid value for 'tool_choice': 'tool_choice' is only allowed when 'tools' are specified.",
+            ));
+        }
     }
     if !tools.is_empty() {
         chat.insert("tools".into(), Value::Array(tools));
@@ -661,7 +675,24 @@ fn push_input_items(items: &[Value], out: &mut Vec<Value>) -> Result<(), ApiErro
             Some(v) => return Err(invalid_type(&format!("{p}.type"), v, "a string")),
         };
         match ty {
-            "message" => out.push(input_message(o, &p)?),
+            "message" => {
+                let msg = input_message(o, &p)?;
+                // Assistant text after that turn's calls (a stream whose text
+                // followed its tool-call deltas, replayed) joins the message
+                // holding the calls: chat wants the tool results right after
+                // it, and refuses an assistant message in between.
+                match out.last_mut() {
+                    Some(Value::Object(last))
+                        if msg["role"] == "assistant"
+                            && last.get("role").and_then(Value::as_str) == Some("assistant")
+                            && last.get("tool_calls").is_some_and(|c| !c.is_null()) =>
+                    {
+                        let content = last.entry("content").or_insert(Value::Null);
+                        *content = merge_content(std::mem::take(content), msg["content"].clone());
+                    }
+                    _ => out.push(msg),
+                }
+            }
             "function_call" => {
                 let call_id = req_str(o, "call_id", &format!("{p}.call_id"), "the call's id")?;
                 let name = req_str(o, "name", &format!("{p}.name"), "the function's name")?;
@@ -742,6 +773,28 @@ fn push_input_items(items: &[Value], out: &mut Vec<Value>) -> Result<(), ApiErro
         }
     }
     Ok(())
+}
+
+/// Two chat contents of one assistant turn as one: either alone when the
+/// other is empty, else the text parts of both in order (no separator is
+/// invented between them).
+fn merge_content(a: Value, b: Value) -> Value {
+    fn parts(v: Value) -> Vec<Value> {
+        match v {
+            Value::Null => Vec::new(),
+            Value::String(s) if s.is_empty() => Vec::new(),
+            Value::String(s) => vec![json!({"type": "text", "text": s})],
+            Value::Array(a) => a,
+            v => vec![v],
+        }
+    }
+    let mut all = parts(a);
+    all.extend(parts(b));
+    match all.len() {
+        0 => Value::Null,
+        1 if all[0]["type"] == "text" => all[0]["text"].clone(),
+        _ => Value::Array(all),
+    }
 }
 
 fn input_message(o: &Map<String, Value>, p: &str) -> Result<Value, ApiError> {
@@ -1310,7 +1363,10 @@ pub struct ChatToResponsesStream {
     req: Map<String, Value>,
     started: bool,
     items: Vec<Item>,
-    /// Index into `items` of the item still receiving deltas.
+    /// Index into `items` of the message still receiving text deltas.
+    /// Function calls are not tracked here: a provider may interleave the
+    /// argument deltas of parallel calls, so every call stays open (status
+    /// `in_progress`) until the stream ends.
     open: Option<usize>,
     /// Chat tool-call index -> index into `items`.
     calls: Vec<(usize, usize)>,
@@ -1400,6 +1456,7 @@ impl ChatToResponsesStream {
             self.fail(
                 StreamError {
                     kind: Some("server_error".into()),
+                    code: None,
                     message: "The upstream stream ended before the response was complete.".into(),
                 },
                 &mut out,
@@ -1486,9 +1543,8 @@ impl ChatToResponsesStream {
 
     fn text_delta(&mut self, kind: PartKind, delta: &str, out: &mut Vec<u8>) {
         let i = match self.open {
-            Some(i) if matches!(self.items[i].kind, ItemKind::Message { .. }) => i,
-            _ => {
-                self.close_open("completed", out);
+            Some(i) => i,
+            None => {
                 let item = Item {
                     id: message_id(&self.id, self.messages),
                     kind: ItemKind::Message { parts: Vec::new() },
@@ -1572,7 +1628,6 @@ impl ChatToResponsesStream {
                     json!({"output_index": i, "item": item.to_json()}),
                 );
                 self.items.push(item);
-                self.open = Some(i);
                 self.calls.push((n, i));
                 i
             }
@@ -1584,22 +1639,37 @@ impl ChatToResponsesStream {
         if let ItemKind::Call { arguments, .. } = &mut item.kind {
             arguments.push_str(args);
         }
-        // Arguments for a call already closed (a provider interleaving
-        // parallel calls) still reach the final response, without events.
-        if self.open == Some(i) {
-            self.em.emit(
-                out,
-                "response.function_call_arguments.delta",
-                json!({"item_id": item.id, "output_index": i, "delta": args}),
-            );
+        // The call is still open, whichever call came last: its deltas go
+        // to its own output index.
+        self.em.emit(
+            out,
+            "response.function_call_arguments.delta",
+            json!({"item_id": item.id, "output_index": i, "delta": args}),
+        );
+    }
+
+    /// Send the `done` events of the open message, with its final `status`.
+    fn close_open(&mut self, status: &'static str, out: &mut Vec<u8>) {
+        if let Some(i) = self.open.take() {
+            self.close_item(i, status, out);
         }
     }
 
-    /// Send the `done` events of the open item, with its final `status`.
-    fn close_open(&mut self, status: &'static str, out: &mut Vec<u8>) {
-        let Some(i) = self.open.take() else {
-            return;
-        };
+    /// Send the `done` events of every item still open, in output order; the
+    /// last item gets `status` (the one a token limit cut), earlier ones
+    /// `completed`.
+    fn close_all(&mut self, status: &'static str, out: &mut Vec<u8>) {
+        self.open = None;
+        let last = self.items.len().saturating_sub(1);
+        for i in 0..self.items.len() {
+            if self.items[i].status == "in_progress" {
+                self.close_item(i, if i == last { status } else { "completed" }, out);
+            }
+        }
+    }
+
+    /// Send the `done` events of item `i`, with its final `status`.
+    fn close_item(&mut self, i: usize, status: &'static str, out: &mut Vec<u8>) {
         let item = &mut self.items[i];
         item.status = status;
         match &item.kind {
@@ -1629,7 +1699,7 @@ impl ChatToResponsesStream {
             // An empty answer is still one (empty) message, as in `response_from_chat`.
             self.text_delta(PartKind::Text, "", out);
         }
-        self.close_open(
+        self.close_all(
             if reason.is_some() {
                 "incomplete"
             } else {
@@ -1651,16 +1721,29 @@ impl ChatToResponsesStream {
     }
 
     fn fail(&mut self, e: StreamError, out: &mut Vec<u8>) {
-        if let Some(i) = self.open.take() {
-            self.items[i].status = "incomplete";
+        // Every item still open (the message, any call) was cut short.
+        self.open = None;
+        for item in &mut self.items {
+            if item.status == "in_progress" {
+                item.status = "incomplete";
+            }
         }
+        // The provider's code (`context_length_exceeded`) says more than its
+        // type (`invalid_request_error`): the client reads it to decide
+        // whether to shorten the conversation or retry.
         self.em.emit(
             out,
             "error",
-            json!({"code": e.kind, "message": e.message, "param": null}),
+            json!({"code": e.code.as_ref().or(e.kind.as_ref()), "message": e.message, "param": null}),
         );
-        let code = match e.kind.as_deref() {
-            Some("rate_limit_exceeded" | "rate_limit_error" | "requests" | "tokens") => {
+        // `response.error.code` is one of a fixed set: the codes a chat
+        // provider shares with it pass through, the rest read as an outage.
+        let code = match (e.code.as_deref(), e.kind.as_deref()) {
+            (
+                Some(c @ ("context_length_exceeded" | "rate_limit_exceeded" | "invalid_prompt")),
+                _,
+            ) => c,
+            (_, Some("rate_limit_exceeded" | "rate_limit_error" | "requests" | "tokens")) => {
                 "rate_limit_exceeded"
             }
             _ => "server_error",
@@ -2103,11 +2186,59 @@ mod tests {
             chat["tools"],
             json!([{"type": "function", "function": {"name": "b"}}])
         );
-        let chat = request_to_chat(&obj(
+        // Without tools, `auto` and `none` are dropped: chat providers
+        // refuse a `tool_choice` with no tools.
+        for body in [
             json!({"model": "m", "input": "x", "tool_choice": "none"}),
-        ))
+            json!({"model": "m", "input": "x", "tool_choice": "auto", "tools": []}),
+        ] {
+            let chat = request_to_chat(&obj(body.clone())).unwrap();
+            assert!(!chat.contains_key("tool_choice"), "{body}");
+            assert!(!chat.contains_key("tools"), "{body}");
+        }
+        let chat = request_to_chat(&obj(json!({
+            "model": "m", "input": "x", "tool_choice": "none",
+            "tools": [{"type": "function", "name": "a"}],
+        })))
         .unwrap();
         assert_eq!(chat["tool_choice"], "none");
+    }
+
+    /// Assistant text after its turn's calls joins the message with the
+    /// calls, so the tool results still follow it directly.
+    #[test]
+    fn assistant_text_after_calls_joins_their_message() {
+        let chat = request_to_chat(&obj(json!({"model": "m", "input": [
+            {"role": "user", "content": "Weather?"},
+            {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
+            {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "Checking."}]},
+            {"type": "function_call_output", "call_id": "c1", "output": "12C"},
+        ]})))
+        .unwrap();
+        assert_eq!(
+            chat["messages"],
+            json!([
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": "Checking.", "tool_calls": [
+                    {"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "c1", "content": "12C"},
+            ])
+        );
+        // Text before and after the calls: both kept, in order.
+        let chat = request_to_chat(&obj(json!({"model": "m", "input": [
+            {"role": "user", "content": "Weather?"},
+            {"role": "assistant", "content": "Let me see."},
+            {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
+            {"role": "assistant", "content": "Checking."},
+        ]})))
+        .unwrap();
+        let m = &chat["messages"];
+        assert_eq!(m.as_array().unwrap().len(), 2, "{m}");
+        assert_eq!(
+            m[1]["content"],
+            json!([{"type": "text", "text": "Let me see."}, {"type": "text", "text": "Checking."}])
+        );
+        assert_eq!(m[1]["tool_calls"][0]["id"], "c1");
     }
 
     #[test]
@@ -2202,6 +2333,23 @@ mod tests {
                 json!({"model": "m", "input": "x", "tool_choice": {"type": "file_search"}}),
                 "tool_choice.type",
                 "unsupported_value",
+            ),
+            // A choice that demands a call, with no tool to call.
+            (
+                json!({"model": "m", "input": "x", "tool_choice": "required"}),
+                "tool_choice",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "input": "x", "tools": [], "tool_choice": {"type": "function", "name": "f"}}),
+                "tool_choice",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "a"}],
+                       "tool_choice": {"type": "allowed_tools", "mode": "auto", "tools": [{"type": "function", "name": "b"}]}}),
+                "tool_choice",
+                "invalid_value",
             ),
             (
                 json!({"model": "m", "input": "x", "temperature": 3}),
@@ -2550,10 +2698,11 @@ mod tests {
                 "response.output_item.added",
                 "response.function_call_arguments.delta",
                 "response.function_call_arguments.delta",
-                "response.function_call_arguments.done",
-                "response.output_item.done",
                 "response.output_item.added",
                 "response.function_call_arguments.delta",
+                // Calls stay open until the stream ends, then close in order.
+                "response.function_call_arguments.done",
+                "response.output_item.done",
                 "response.function_call_arguments.done",
                 "response.output_item.done",
                 "response.completed",
@@ -2566,8 +2715,8 @@ mod tests {
         assert_eq!(events[9].1["item_id"], "fc_abc_0");
         assert_eq!(events[9].1["output_index"], 1);
         assert_eq!(
-            events[11].1,
-            json!({"type": "response.function_call_arguments.done", "sequence_number": 11, "item_id": "fc_abc_0",
+            events[13].1,
+            json!({"type": "response.function_call_arguments.done", "sequence_number": 13, "item_id": "fc_abc_0",
                    "output_index": 1, "name": "f", "arguments": "{\"a\":1}"})
         );
         assert_eq!(events[16].1["item"]["call_id"], "call_2");
@@ -2622,6 +2771,78 @@ mod tests {
             ),
             (&json!("call_b"), &json!("file_write"), &json!("{\"p\":2}"))
         );
+    }
+
+    /// A provider interleaving the argument deltas of parallel calls: each
+    /// call stays open until the stream ends, its deltas at its own output
+    /// index, its `done` events carrying its whole arguments.
+    #[test]
+    fn interleaved_call_arguments_stay_with_their_call() {
+        let mut input = chunk(
+            json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": "f", "arguments": "{\"a\":"}}]}),
+            Value::Null,
+        );
+        input.extend(chunk(
+            json!({"tool_calls": [{"index": 1, "id": "call_2", "type": "function",
+                "function": {"name": "g", "arguments": "{\"b\":"}}]}),
+            Value::Null,
+        ));
+        input.extend(chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+            Value::Null,
+        ));
+        input.extend(chunk(
+            json!({"tool_calls": [{"index": 1, "function": {"arguments": "2}"}}]}),
+            Value::Null,
+        ));
+        input.extend(chunk(json!({}), json!("tool_calls")));
+        input.extend_from_slice(crate::sse::DONE_EVENT);
+        let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+        let events = run(&mut s, &input, 7);
+        assert_eq!(
+            names(&events),
+            [
+                "response.created",
+                "response.in_progress",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.output_item.added",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.delta",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.function_call_arguments.done",
+                "response.output_item.done",
+                "response.completed",
+            ]
+        );
+        for (i, args) in [(0, "{\"a\":1}"), (1, "{\"b\":2}")] {
+            let deltas: String = events
+                .iter()
+                .filter(|(n, v)| {
+                    n == "response.function_call_arguments.delta" && v["output_index"] == i
+                })
+                .map(|(_, v)| v["delta"].as_str().unwrap())
+                .collect();
+            assert_eq!(deltas, args);
+            let done = events
+                .iter()
+                .position(|(n, v)| {
+                    n == "response.function_call_arguments.done" && v["output_index"] == i
+                })
+                .unwrap();
+            assert_eq!(events[done].1["arguments"], args);
+            let (name, item_done) = &events[done + 1];
+            assert_eq!(name, "response.output_item.done");
+            assert_eq!(item_done["output_index"], i);
+            assert_eq!(item_done["item"]["arguments"], args);
+            assert_eq!(item_done["item"]["status"], "completed");
+        }
+        let r = s.response().unwrap();
+        assert_eq!(r["output"][0]["arguments"], "{\"a\":1}");
+        assert_eq!(r["output"][1]["arguments"], "{\"b\":2}");
     }
 
     /// Mistral's reasoning models stream `content` as a list of chunks: the
@@ -2739,6 +2960,33 @@ mod tests {
             ["error", "response.failed"]
         );
         assert!(s.error().is_some());
+    }
+
+    /// The provider's error code reaches the client: a full context window
+    /// is not an outage, and the client reads the code to tell them apart.
+    #[test]
+    fn an_upstream_error_code_reaches_the_client() {
+        for (code, failed_code) in [
+            ("context_length_exceeded", "context_length_exceeded"),
+            ("some_other_code", "server_error"),
+        ] {
+            let mut input = chunk(json!({"content": "Hel"}), Value::Null);
+            input.extend(data_event(
+                &json!({"error": {"message": "too long", "type": "invalid_request_error", "param": null, "code": code}})
+                    .to_string(),
+            ));
+            let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+            let events = run(&mut s, &input, input.len());
+            let n = events.len();
+            assert_eq!(events[n - 2].0, "error");
+            assert_eq!(events[n - 2].1["code"], code);
+            assert_eq!(events[n - 1].0, "response.failed");
+            assert_eq!(
+                events[n - 1].1["response"]["error"],
+                json!({"code": failed_code, "message": "too long"})
+            );
+            assert_eq!(s.error().unwrap().code.as_deref(), Some(code));
+        }
     }
 
     #[test]

@@ -191,6 +191,10 @@ pub const DONE_EVENT: &[u8] = b"data: [DONE]\n\n";
 pub struct StreamError {
     /// The provider's error type (`overloaded_error`, `server_error`, ...), if it gave one.
     pub kind: Option<String>,
+    /// The provider's error code (`context_length_exceeded`,
+    /// `rate_limit_exceeded`, ...), if it gave one: more precise than `kind`,
+    /// and what a Responses client reads to tell a full context from an outage.
+    pub code: Option<String>,
     pub message: String,
 }
 
@@ -216,16 +220,19 @@ impl StreamError {
         match err {
             Some(e) if e.is_object() => Some(StreamError {
                 kind: text(Some(e), "type"),
+                code: text(Some(e), "code"),
                 message: text(Some(e), "message").unwrap_or_else(|| e.to_string()),
             }),
             Some(e) => Some(StreamError {
                 kind: None,
+                code: None,
                 message: e.as_str().map_or_else(|| e.to_string(), str::to_string),
             }),
             // `event: error` with a body of its own shape (`{"type": "error",
             // "message": ...}`), or none that parses.
             None if named => Some(StreamError {
                 kind: text(v.as_ref(), "code"),
+                code: text(v.as_ref(), "code"),
                 message: text(v.as_ref(), "message")
                     .unwrap_or_else(|| ev.data.chars().take(512).collect()),
             }),
@@ -328,6 +335,14 @@ mod tests {
         .unwrap();
         assert_eq!(e.message, "overloaded");
         assert_eq!(e.kind.as_deref(), Some("server_error"));
+        assert_eq!(e.code, None);
+        // The provider's code is kept beside its type.
+        let e = StreamError::from_event(&event(
+            "data: {\"error\": {\"message\": \"too long\", \"type\": \"invalid_request_error\", \"code\": \"context_length_exceeded\"}}\n\n",
+        ))
+        .unwrap();
+        assert_eq!(e.kind.as_deref(), Some("invalid_request_error"));
+        assert_eq!(e.code.as_deref(), Some("context_length_exceeded"));
         let e = StreamError::from_event(&event("data: {\"error\": \"boom\"}\n\n")).unwrap();
         assert_eq!((e.kind, e.message.as_str()), (None, "boom"));
         // Anthropic: `event: error`.

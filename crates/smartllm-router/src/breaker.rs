@@ -147,7 +147,14 @@ impl Breakers {
         }
     }
 
-    pub fn record(&self, id: &str, cfg: &CircuitBreakerConfig, success: bool) {
+    /// The outcome of an attempt `admit` let through with `permit`. While
+    /// the circuit is open or half-open only the attempt holding the trial
+    /// in flight decides it: a long stream let through while the circuit was
+    /// still closed, ending well after it opened, says nothing about the
+    /// deployment now and must not close it in the middle of an outage. Its
+    /// failure is still counted (it is one more sign of trouble), but
+    /// neither it nor its success moves the circuit or frees the trial.
+    pub fn record(&self, id: &str, cfg: &CircuitBreakerConfig, permit: Permit, success: bool) {
         if cfg.failures == 0 {
             return;
         }
@@ -173,13 +180,20 @@ impl Breakers {
             opened_at: None,
             trial: None,
         });
+        let holds_trial = matches!(permit, Permit::Trial(at) if e.trial == Some(at));
+        if e.state != BreakerState::Closed && !holds_trial {
+            if !success {
+                e.consecutive = e.consecutive.saturating_add(1);
+            }
+            return;
+        }
         e.trial = None;
         if success {
             e.consecutive = 0;
             e.opened_at = None;
             set_state(id, e, BreakerState::Closed);
         } else {
-            e.consecutive += 1;
+            e.consecutive = e.consecutive.saturating_add(1);
             if e.state == BreakerState::HalfOpen || e.consecutive >= cfg.failures {
                 e.opened_at = Some(Instant::now());
                 set_state(id, e, BreakerState::Open);
@@ -233,24 +247,24 @@ mod tests {
         };
         let b = Breakers::default();
         for _ in 0..2 {
-            b.record("d", &cfg, false);
+            b.record("d", &cfg, Permit::Closed, false);
         }
         assert!(b.allow("d", &cfg));
-        b.record("d", &cfg, false);
+        b.record("d", &cfg, Permit::Closed, false);
         assert_eq!(b.state("d"), BreakerState::Open);
         assert!(!b.allow("d", &cfg));
         std::thread::sleep(Duration::from_millis(60));
-        assert!(b.allow("d", &cfg), "one trial after the cooldown");
+        let trial = b.admit("d", &cfg).expect("one trial after the cooldown");
         assert!(!b.allow("d", &cfg), "only one trial at a time");
-        b.record("d", &cfg, false);
+        b.record("d", &cfg, trial, false);
         assert_eq!(
             b.state("d"),
             BreakerState::Open,
             "a failed trial opens again"
         );
         std::thread::sleep(Duration::from_millis(60));
-        assert!(b.allow("d", &cfg));
-        b.record("d", &cfg, true);
+        let trial = b.admit("d", &cfg).unwrap();
+        b.record("d", &cfg, trial, true);
         assert_eq!(b.state("d"), BreakerState::Closed);
         assert!(b.allow("d", &cfg) && b.allow("d", &cfg));
     }
@@ -264,15 +278,15 @@ mod tests {
             cooldown: Duration::from_millis(500),
         };
         let b = Breakers::default();
-        b.record("d", &cfg, false);
+        b.record("d", &cfg, Permit::Closed, false);
         std::thread::sleep(Duration::from_millis(520));
         assert!(b.allow("d", &cfg), "the trial");
         assert!(!b.is_available("d", &cfg) && !b.allow("d", &cfg));
         std::thread::sleep(Duration::from_millis(520));
         assert!(b.is_available("d", &cfg));
-        assert!(b.allow("d", &cfg), "a new trial");
+        let trial = b.admit("d", &cfg).expect("a new trial");
         assert!(!b.allow("d", &cfg), "still one at a time");
-        b.record("d", &cfg, true);
+        b.record("d", &cfg, trial, true);
         assert_eq!(b.state("d"), BreakerState::Closed);
     }
 
@@ -287,7 +301,7 @@ mod tests {
         let b = Breakers::default();
         let old = b.admit("d", &cfg).unwrap();
         assert_eq!(old, Permit::Closed);
-        b.record("d", &cfg, false);
+        b.record("d", &cfg, Permit::Closed, false);
         std::thread::sleep(Duration::from_millis(220));
         let trial = b.admit("d", &cfg).unwrap();
         assert!(matches!(trial, Permit::Trial(_)));
@@ -295,6 +309,33 @@ mod tests {
         assert!(b.admit("d", &cfg).is_none(), "the trial is still in flight");
         b.abandon("d", trial);
         assert!(matches!(b.admit("d", &cfg), Some(Permit::Trial(_))));
+    }
+
+    /// A long stream let through while the circuit was closed, ending after
+    /// it opened, neither closes it nor settles the half-open trial: only the
+    /// trial's own outcome does.
+    #[test]
+    fn only_the_trial_closes_an_open_circuit() {
+        let cfg = CircuitBreakerConfig {
+            failures: 1,
+            cooldown: Duration::from_millis(200),
+        };
+        let b = Breakers::default();
+        let long = b.admit("d", &cfg).unwrap();
+        let other = b.admit("d", &cfg).unwrap();
+        b.record("d", &cfg, other, false);
+        assert_eq!(b.state("d"), BreakerState::Open);
+        b.record("d", &cfg, long, true);
+        assert_eq!(b.state("d"), BreakerState::Open, "the outage goes on");
+        assert!(!b.allow("d", &cfg));
+        std::thread::sleep(Duration::from_millis(220));
+        let trial = b.admit("d", &cfg).unwrap();
+        assert!(matches!(trial, Permit::Trial(_)));
+        b.record("d", &cfg, long, true);
+        assert_eq!(b.state("d"), BreakerState::HalfOpen);
+        assert!(b.admit("d", &cfg).is_none(), "the trial is still in flight");
+        b.record("d", &cfg, trial, true);
+        assert_eq!(b.state("d"), BreakerState::Closed);
     }
 
     #[test]
@@ -305,7 +346,7 @@ mod tests {
         };
         let b = Breakers::default();
         for i in 0..100 {
-            b.record(&format!("p/10.0.0.{i}:443"), &cfg, false);
+            b.record(&format!("p/10.0.0.{i}:443"), &cfg, Permit::Closed, false);
         }
         assert_eq!(b.len(), 100);
         let gone = b.retain(|id| id == "p/10.0.0.7:443");

@@ -182,7 +182,8 @@ fn gamma_sample(shape: f64) -> f64 {
     }
 }
 
-/// Sticky arm: a hash of the experiment and the user (or key) over the weights.
+/// Sticky arm: a hash of the experiment, the tenant and the user (or key)
+/// over the weights.
 pub fn assign_arm<'e>(
     exp: &'e smartllm_config::Experiment,
     req: &RequestInfo<'_>,
@@ -193,6 +194,11 @@ pub fn assign_arm<'e>(
     };
     let mut h = Sha256::new();
     h.update(exp.name.as_bytes());
+    h.update([0]);
+    // The tenant too: on an open gateway an unknown key sets only the
+    // tenant (its key name is "-"), and a body without `user` falls back
+    // to that name, so without it every such caller would land in one arm.
+    h.update(req.tenant.as_bytes());
     h.update([0]);
     h.update(who.as_bytes());
     let d = h.finalize();
@@ -484,7 +490,10 @@ pub fn decide(
     };
     // A rule's exclusion holds whatever else happens (data that must not
     // reach a provider); a model is usable as a way out when no rule
-    // excludes it and, if it is a candidate, nothing hard does either.
+    // excludes it, if it is a candidate nothing hard does either, and it
+    // can serve the request at all: a fallback that is no candidate was
+    // never checked, and one whose context window the prompt overflows, or
+    // that lacks the vision or tools it needs, only fails upstream.
     let ruled_out = |m: &str| rule_excluded.iter().any(|(x, _)| *x == m);
     let usable_way_out = |m: &str| {
         !ruled_out(m)
@@ -492,16 +501,13 @@ pub fn decide(
                 .iter()
                 .find(|c| c.model == m)
                 .is_none_or(|c| c.excluded.as_deref().is_none_or(soft_exclusion))
-    };
-    // A pin holds only where its model can serve the request: a prompt
-    // over its context window, or tools it lacks, go the usual way.
-    let pin_fits = |m: &str| {
-        state.available(m)
-            && usable_way_out(m)
             && config
                 .model(m)
                 .is_none_or(|mc| misfit(config, mc, f, &route.constraints).is_none())
     };
+    // A pin holds only where its model can serve the request (a prompt
+    // over its context window, or tools it lacks, go the usual way) and is up.
+    let pin_fits = |m: &str| state.available(m) && usable_way_out(m);
     // An arm whose model cannot serve this request does not count it: its
     // figures are the arm's model's, not whichever served instead.
     if pinned
@@ -1147,6 +1153,54 @@ mod tests {
         assert!(why("strong").is_some_and(|w| w.starts_with("context_window")));
     }
 
+    /// A fallback that is no candidate is a way out only where it can serve
+    /// the request: one whose context window the prompt overflows is neither
+    /// served as `constraints_relaxed` ahead of a budget-relaxed candidate
+    /// nor put in the fallback chain.
+    #[test]
+    fn a_fallback_the_request_does_not_fit_is_no_way_out() {
+        let (mut cfg, mut r) = setup();
+        let mut small = model("small", 0.5, 0.05, 0.1);
+        small.profile.context_window = 16_385;
+        cfg.models.push(small);
+        r.fallback = vec!["small".into()];
+        // Neither candidate meets the cost budget: only budgets to relax.
+        r.constraints.max_cost_usd = Some(1e-12);
+        let mut long = features("Summarise this document.");
+        long.prompt_tokens = 60_000;
+        let d = decide(
+            &cfg,
+            &r,
+            &long,
+            None,
+            None,
+            &RequestInfo::default(),
+            &StaticState,
+        );
+        assert_ne!(d.model, "small", "{:?}", d.candidates);
+        assert_eq!(d.reason, "constraints_relaxed");
+        assert!(
+            !d.fallbacks.iter().any(|m| m == "small"),
+            "{:?}",
+            d.fallbacks
+        );
+        // A prompt it fits: the fallback is the way out, as before.
+        let short = features("Summarise this document.");
+        let d = decide(
+            &cfg,
+            &r,
+            &short,
+            None,
+            None,
+            &RequestInfo::default(),
+            &StaticState,
+        );
+        assert_eq!(
+            (d.model.as_str(), d.reason.as_str()),
+            ("small", "constraints_relaxed")
+        );
+    }
+
     #[test]
     fn experiment_arms_follow_weights_and_stick() {
         let exp = Experiment {
@@ -1188,6 +1242,45 @@ mod tests {
         };
         let first = assign_arm(&exp, &one).name.clone();
         assert!((0..10).all(|_| assign_arm(&exp, &one).name == first));
+    }
+
+    /// Callers an open gateway knows only by tenant (key name "-", no
+    /// `user` in the body) are spread over the arms, not all put in one.
+    #[test]
+    fn experiment_arms_spread_callers_known_only_by_tenant() {
+        let exp = Experiment {
+            name: "e".into(),
+            sticky_by: StickyBy::User,
+            arms: vec![
+                Arm {
+                    name: "a".into(),
+                    weight: 50.0,
+                    model: None,
+                },
+                Arm {
+                    name: "b".into(),
+                    weight: 50.0,
+                    model: Some("strong".into()),
+                },
+            ],
+        };
+        let tenants: Vec<String> = (0..1_000).map(|i| format!("tenant{i}")).collect();
+        let b = tenants
+            .iter()
+            .filter(|t| {
+                assign_arm(
+                    &exp,
+                    &RequestInfo {
+                        tenant: t,
+                        key: "-",
+                        ..RequestInfo::default()
+                    },
+                )
+                .name
+                    == "b"
+            })
+            .count();
+        assert!((300..700).contains(&b), "{b} of 1000 in arm b");
     }
 
     /// The reason says `learned` only when the learned router predicted:

@@ -68,7 +68,8 @@ pub fn prompt_texts(body: &Map<String, Value>) -> (String, String, bool, usize) 
 struct Prompt<'a> {
     /// The last user turn: borrowed from the body when it is one string.
     last: std::borrow::Cow<'a, str>,
-    /// Every message's text, one per line (only when asked for).
+    /// Every message's text and the names and arguments of the tool calls
+    /// it makes, one per line (only when asked for).
     all: String,
     /// The length `all` has (or would have).
     all_len: usize,
@@ -102,6 +103,23 @@ impl<'a> Prompt<'a> {
                 if with_all {
                     p.all.push_str(&text);
                     p.all.push('\n');
+                }
+                // An agent's tool calls go back to the model with every
+                // turn: their arguments (whole files written, long queries)
+                // take room in its context window like any text.
+                if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
+                    for s in calls
+                        .iter()
+                        .filter_map(|c| c.get("function"))
+                        .flat_map(|f| [f.get("name"), f.get("arguments")])
+                        .filter_map(|v| v.and_then(Value::as_str))
+                    {
+                        p.all_len += s.len() + 1;
+                        if with_all {
+                            p.all.push_str(s);
+                            p.all.push('\n');
+                        }
+                    }
                 }
                 if m.get("role").and_then(Value::as_str) == Some("user") {
                     p.last = text;
@@ -486,7 +504,7 @@ pub fn extract_with(
         .or_else(|| body.get("max_tokens"))
         .and_then(Value::as_u64);
     let sample = &all[..floor_char_boundary(all, 64 << 10)];
-    let prompt_tokens = if purpose == Extraction::TrafficMix {
+    let text_tokens = if purpose == Extraction::TrafficMix {
         (prompt.all_len as u64).div_ceil(4)
     } else if sample.len() == all.len() {
         smartllm_ledger::estimate_tokens(all)
@@ -494,6 +512,17 @@ pub fn extract_with(
         (smartllm_ledger::estimate_tokens(sample) as f64 * all.len() as f64
             / sample.len().max(1) as f64) as u64
     };
+    // Tool definitions go to the model with the prompt and take room in its
+    // context window (an agent's run to thousands of tokens): estimated
+    // from their JSON's size at about four bytes a token, and serialised
+    // only when the request has some.
+    let tool_tokens: u64 = ["tools", "functions"]
+        .iter()
+        .filter_map(|k| body.get(*k).and_then(Value::as_array))
+        .filter(|t| !t.is_empty())
+        .map(|t| (serde_json::to_vec(t).map_or(0, |v| v.len()) as u64).div_ceil(4))
+        .sum();
+    let prompt_tokens = text_tokens.saturating_add(tool_tokens);
     let (task, task_confidence, task_source) = match (embedding, classifier) {
         (Some(e), Some(c)) if !c.is_empty() => {
             let (t, conf) = c.classify(e);
@@ -519,8 +548,10 @@ pub fn extract_with(
         Task::Translation => 0.05,
         Task::Chat => 0.0,
     };
+    // The conversation's length, not the tool definitions': an agent's
+    // toolbox says nothing of how hard its question is.
     let length =
-        ((1.0 + prompt_tokens as f64 / 40.0).ln() / (1.0 + 2000.0 / 40.0f64).ln()).clamp(0.0, 1.0);
+        ((1.0 + text_tokens as f64 / 40.0).ln() / (1.0 + 2000.0 / 40.0f64).ln()).clamp(0.0, 1.0);
     let complexity = (task_prior
         + 0.3 * length
         + (0.08 * reasoning).min(0.3)
@@ -549,7 +580,7 @@ pub fn extract_with(
     {
         needs.push("json");
     }
-    let typical = typical_output(task, prompt_tokens);
+    let typical = typical_output(task, text_tokens);
     Features {
         task,
         task_confidence,
@@ -648,6 +679,31 @@ mod tests {
         assert!(f.has_math && f.has_tools && f.has_images);
         assert_eq!(f.needs, vec!["tools", "vision", "json"]);
         assert_eq!(f.task, Task::Math);
+    }
+
+    /// An agent's prompt is more than its messages' text: the tool
+    /// definitions and the arguments of its earlier tool calls go to the
+    /// model too, and count against its context window.
+    #[test]
+    fn tool_definitions_and_tool_call_arguments_are_counted() {
+        let plain = json!({"messages": [
+            {"role": "user", "content": "Write the file."},
+            {"role": "assistant", "content": null},
+            {"role": "tool", "tool_call_id": "c1", "content": "ok"}
+        ]});
+        let mut agent = plain.clone();
+        agent["messages"][1]["tool_calls"] = json!([{"id": "c1", "type": "function",
+            "function": {"name": "write_file", "arguments": "word ".repeat(8_000)}}]);
+        agent["tools"] = json!([{"type": "function", "function": {"name": "write_file",
+            "description": "Write a file. ".repeat(2_000), "parameters": {"type": "object"}}}]);
+        for purpose in [Extraction::Routing, Extraction::TrafficMix] {
+            let count =
+                |b: &Value| extract_with(b.as_object().unwrap(), None, None, purpose).prompt_tokens;
+            let (few, many) = (count(&plain), count(&agent));
+            // About 8,000 tokens of arguments and 7,000 of definitions.
+            assert!(few < 50, "{purpose:?}: {few}");
+            assert!(many > 12_000, "{purpose:?}: {many}");
+        }
     }
 
     #[test]

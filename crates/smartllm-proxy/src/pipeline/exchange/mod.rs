@@ -337,7 +337,7 @@ pub async fn run(
                 }
                 shared
                     .breakers
-                    .record(breaker_id, &breaker_cfg, e.status < 500);
+                    .record(breaker_id, &breaker_cfg, permit, e.status < 500);
                 shared
                     .profiles
                     .record_failure(&pool.model, (e.status == 504).then(|| started.elapsed()));
@@ -347,7 +347,7 @@ pub async fn run(
                     metrics::upstream_attempt(provider.name(), "ok");
                     shared
                         .breakers
-                        .record(breaker_id, &breaker_cfg, ctx.status < 500);
+                        .record(breaker_id, &breaker_cfg, permit, ctx.status < 500);
                     if ctx.status >= 500 || ctx.status == 429 {
                         shared.profiles.record_failure(&pool.model, None);
                     } else if ctx.status >= 400 {
@@ -397,7 +397,9 @@ pub async fn run(
                     // profile's TTFT is left alone.
                     metrics::upstream_attempt(provider.name(), "failed");
                     tracing::info!(request_id = %ctx.request_id, provider = %provider.name(), end = ?end, error = %error, "upstream stream ended in an error");
-                    shared.breakers.record(breaker_id, &breaker_cfg, false);
+                    shared
+                        .breakers
+                        .record(breaker_id, &breaker_cfg, permit, false);
                     shared.profiles.record_failure(&pool.model, None);
                     ctx.stream_failed = true;
                     return Ok(());
