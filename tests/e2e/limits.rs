@@ -197,6 +197,49 @@ fn budgets_alert_reject_and_degrade() {
     assert_eq!(hook.requests(), sent, "{}", hook.last());
 }
 
+/// A budget that degrades to a cheaper model does not break the route's
+/// rules: where a rule keeps the request from that model (here data marked
+/// `x-data: pii`), the exhausted budget refuses instead; other requests
+/// are served by the cheaper model.
+#[test]
+fn a_budget_degrade_keeps_to_the_routes_rules() {
+    let mock = Mock::start(&["--words", "12"]);
+    let cfg = ledger_gateway(&mock, "");
+    cfg.write(
+        "models.yaml",
+        "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    deployments:\n      - provider: mock\n  - name: big\n    pricing: { input: 3000, output: 6000 }\n    deployments:\n      - provider: mock\n",
+    );
+    cfg.write(
+        "routes.yaml",
+        "routes:\n  auto:\n    candidates: [small, big]\n    rules:\n      - name: pii\n        when: { headers: { x-data: pii } }\n        exclude: [small]\n",
+    );
+    // A budget no request fits: every one is degraded to small.
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: bob\n    sha256: {}\n    tenant: beta\n    app: cli\nbudgets:\n  - scope: key\n    name: bob\n    monthly_usd: 0.000000001\n    on_exceed: degrade\n    degrade_to: small\n",
+            sha("sk-bob-2")
+        ),
+    );
+    let gw = Gateway::start(cfg);
+    let body = serde_json::to_vec(&chat_body("auto", "Hello there")).unwrap();
+    let send = |headers: &[(&str, &str)]| {
+        let mut h = vec![("Authorization", "Bearer sk-bob-2")];
+        h.extend_from_slice(headers);
+        request(&gw.addr, "POST", "/v1/chat/completions", &h, &body).unwrap()
+    };
+    let plain = send(&[]);
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert_eq!(plain.header("x-smartllm-model"), Some("small"));
+    let before = mock.requests();
+    let pii = send(&[("x-data", "pii")]);
+    assert_eq!(pii.status, 429, "{}", pii.text());
+    let e = pii.api_error();
+    assert_eq!(e["code"], "budget_exceeded");
+    assert!(e["message"].as_str().unwrap().contains("rule:pii"), "{e}");
+    assert_eq!(mock.requests(), before, "nothing went upstream");
+}
+
 /// A budget spent to just short of its limit refuses requests that would
 /// fit an empty period: it says so once (`budget_refusing`), without
 /// claiming a threshold spend has not reached; a request too dear for the

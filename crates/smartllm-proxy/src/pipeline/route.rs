@@ -27,6 +27,8 @@ pub async fn plan(
     let cfg = &rt.config;
     let mut model = request.model;
     let mut fallbacks: Vec<String> = Vec::new();
+    // (model, why): candidates the router may not serve this request with.
+    let mut ruled_out: Vec<(String, String)> = Vec::new();
     if let Some(r) = request.routed {
         let narrowed;
         let r = match for_endpoint(rt, r, request.req.endpoint)? {
@@ -53,6 +55,16 @@ pub async fn plan(
             ApiError::internal(format!("the router chose an unknown model {}", d.model))
         })?;
         fallbacks = d.fallbacks;
+        // What the route ruled out for this request (a rule, its context
+        // window, a capability): a budget's cheaper model is held to it too.
+        ruled_out = d
+            .candidates
+            .iter()
+            .filter_map(|c| {
+                let why = c.excluded.as_deref()?;
+                hard_exclusion(why).then(|| (c.model.clone(), why.to_string()))
+            })
+            .collect();
     } else {
         classify(ctx, rt, &request.req);
         if let Some(r) = request.route {
@@ -124,6 +136,21 @@ pub async fn plan(
                 let to = cfg.model(&to).ok_or_else(|| {
                     ApiError::internal(format!("budget {budget} degrades to an unknown model {to}"))
                 })?;
+                // A cheaper model the route may not or cannot use for this
+                // request (data a rule keeps from its provider, a prompt
+                // beyond its window, images it cannot read): the budget
+                // refuses rather than breaking the rule or the request.
+                if let Some((_, why)) = ruled_out.iter().find(|(m, _)| *m == to.name) {
+                    return Err(ApiError::new(
+                        429,
+                        "insufficient_quota",
+                        "budget_exceeded",
+                        format!(
+                            "Budget '{budget}' is used up and serves '{}' instead, which this request cannot use ({why}).",
+                            to.name
+                        ),
+                    ));
+                }
                 tracing::info!(request_id = %ctx.request_id, budget = %budget, from = %model.name, to = %to.name, "budget exhausted: serving a cheaper model");
                 model = to;
                 fallbacks.clear();
@@ -429,4 +456,13 @@ fn classify(ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
     );
     ctx.task = Some(f.task.as_str());
     ctx.complexity = Some(f.complexity);
+}
+
+/// A router exclusion no budget may override: a rule, the context window,
+/// a capability (the soft ones, budgets of latency, cost and quality, give
+/// way to a budget's cheaper model).
+fn hard_exclusion(why: &str) -> bool {
+    ["rule:", "context_window:", "capability:"]
+        .iter()
+        .any(|p| why.starts_with(p))
 }
