@@ -65,7 +65,7 @@ pub(crate) fn cache_header(r: &Response) -> &str {
 /// Inserts happen off the request path: wait until the entry is there.
 pub(crate) fn wait_cached(gw: &Gateway, n: u64) {
     assert!(
-        wait_until(Duration::from_secs(5), || get(
+        wait_until(Duration::from_secs(20), || get(
             &gw.admin,
             "/admin/cache/stats"
         )
