@@ -565,15 +565,7 @@ mod tests {
     async fn flat_becomes_ivf_without_losing_entries_persists_and_survives_a_corrupt_file() {
         let dir = tempfile::tempdir().unwrap();
         let emb = embedder(MAX_SEQ);
-        let p = CachePolicy {
-            enabled: true,
-            semantic: true,
-            similarity_threshold: 0.9,
-            ttl: Duration::from_secs(3600),
-            version: 1,
-            max_temperature: 1.0,
-            verifier: None,
-        };
+        let p = policy();
         let topics = [
             "rust",
             "python",
