@@ -17,6 +17,11 @@ fn gateway(mock_args: &[&str]) -> (Mock, Gateway) {
 
 /// [`gateway`], with `budgets` (a keys.yaml `budgets:` list) for the key.
 fn gateway_with_budgets(mock_args: &[&str], budgets: &str) -> (Mock, Gateway) {
+    gateway_with(mock_args, budgets, "routes:\n  auto:\n    model: small\n")
+}
+
+/// [`gateway_with_budgets`], with `routes` as routes.yaml.
+fn gateway_with(mock_args: &[&str], budgets: &str, routes: &str) -> (Mock, Gateway) {
     let mock = Mock::start(mock_args);
     let providers = format!(
         "providers:\n{}  claude-mock:\n    kind: anthropic\n    base_url: http://{}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n",
@@ -24,13 +29,7 @@ fn gateway_with_budgets(mock_args: &[&str], budgets: &str) -> (Mock, Gateway) {
         mock.addr
     );
     let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    profile: { max_output_tokens: 16384 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 8192, capabilities: [tools, vision, json, streaming, structured_outputs] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n";
-    let cfg = ConfigDir::new(
-        "",
-        "demo:\n  mode: off\n",
-        &providers,
-        models,
-        "routes:\n  auto:\n    model: small\n",
-    );
+    let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, routes);
     cfg.write("cache.yaml", "cache:\n  enabled: true\n");
     cfg.write(
         "keys.yaml",
@@ -322,6 +321,48 @@ fn anthropic_clients_of_openai_models_get_translated_answers_tools_and_streams()
         br#"{"model":"claude","max_tokens":50,"thinking":{"type":"enabled","budget_tokens":1024},"messages":[{"role":"user","content":"think"}]}"#,
     );
     assert_eq!(r.json()["content"][0]["type"], "thinking", "{}", r.text());
+}
+
+/// A routed alias never picks a model that cannot take the request: with
+/// extended thinking (which OpenAI-compatible providers refuse), the router
+/// leaves out the model served only by one, even where a rule pins it.
+#[test]
+fn routing_keeps_thinking_on_models_that_take_it() {
+    let (_mock, gw) = gateway_with(
+        &[],
+        "",
+        "routes:\n  mixed:\n    candidates: [small, claude]\n    rules:\n      - name: first\n        when: {}\n        pin: small\n",
+    );
+    let plain = messages(
+        &gw,
+        &[],
+        br#"{"model":"mixed","max_tokens":50,"messages":[{"role":"user","content":"Say hello."}]}"#,
+    );
+    assert_eq!(plain.status, 200, "{}", plain.text());
+    assert_eq!(
+        plain.header("x-smartllm-model"),
+        Some("small"),
+        "{:?}",
+        plain.headers
+    );
+    let think = messages(
+        &gw,
+        &[],
+        br#"{"model":"mixed","max_tokens":2000,"thinking":{"type":"enabled","budget_tokens":1024},"messages":[{"role":"user","content":"Say hello."}]}"#,
+    );
+    assert_eq!(think.status, 200, "{}", think.text());
+    assert_eq!(
+        think.header("x-smartllm-model"),
+        Some("claude"),
+        "{:?}",
+        think.headers
+    );
+    assert_eq!(
+        think.json()["content"][0]["type"],
+        "thinking",
+        "{}",
+        think.text()
+    );
 }
 
 #[test]

@@ -88,6 +88,15 @@ fn three_gateways_share_one_cache_and_one_cost_view_through_redis() {
     assert_eq!(cache_header(&exact), "hit-exact");
     assert_eq!(mock.requests(), upstream, "hits never reach the upstream");
     eprintln!("replicated and served in {:?}", answered.elapsed());
+    // The gateways hold the cache key: the vector travelled sealed as well
+    // (a vector in the clear is a multiple of 4 bytes long).
+    assert_eq!(
+        redis.cmd(
+            "EVAL \"local n, s = 0, 0 for _, k in ipairs(redis.call('KEYS', ARGV[1])) do local l = redis.call('HSTRLEN', k, 'e') if l > 0 then n = n + 1 if l % 4 ~= 0 then s = s + 1 end end end return {ok = s .. '/' .. n}\" 0 e2e-fleet:cache:e:*"
+        ),
+        "+1/1",
+        "vectors sealed / vectors in the fleet's snapshot"
+    );
     // Tenants stay apart on every gateway: another key misses.
     assert_eq!(
         cache_header(&ask(&c, "key-2", &q("How do I reset my password?"))),

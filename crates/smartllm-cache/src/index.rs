@@ -371,6 +371,21 @@ impl VectorIndex {
         Ok(true)
     }
 
+    /// Write an IVF index to `path` as it is, with no temporary file (for a
+    /// file the caller owns: the sealed index's in-memory one). False for a
+    /// flat index.
+    pub fn write_ivf_to(&self, path: &Path) -> Result<bool, IndexError> {
+        let Kind::Ivf { index, .. } = &self.kind else {
+            return Ok(false);
+        };
+        let p = path.to_str().ok_or_else(|| IndexError::File {
+            path: path.display().to_string(),
+            message: "path is not UTF-8".into(),
+        })?;
+        faiss::write_index(index, p)?;
+        Ok(true)
+    }
+
     pub fn dim(&self) -> usize {
         self.dim
     }

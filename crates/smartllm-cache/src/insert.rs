@@ -7,7 +7,7 @@
 
 use crate::index::Op;
 use crate::metric_names as m;
-use crate::storage::{vec_to_bytes, NEXT_ID};
+use crate::storage::NEXT_ID;
 use crate::{ids, now_ms, now_secs, CacheError, CacheKey, Entry, SemanticCache, EXACT_STRIPES};
 use metrics::{counter, gauge};
 use rocksdb::WriteBatch;
@@ -17,14 +17,20 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// An entry just stored: its local id, the entry as stored (sealed when the
-/// cache has a key) and its vector, which is what the fleet replicates.
+/// cache has a key) and its vector, in the clear and as stored (sealed
+/// likewise; empty without a vector): the fleet replicates the stored forms.
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub id: u64,
     pub sealed: Vec<u8>,
     pub embedding: Option<Vec<f32>>,
+    pub sealed_vector: Vec<u8>,
     pub entry: Arc<Entry>,
 }
+
+/// What [`SemanticCache::store_entry`] wrote: the id of the entry it
+/// replaced, the entry as stored and its vector as stored (empty without one).
+type Written = (Option<u64>, Vec<u8>, Vec<u8>);
 
 /// What became of an entry from another gateway.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -192,13 +198,14 @@ impl SemanticCache {
         let epoch = self.l1_epoch();
         let id = self.index.allocate(self.tagger.tag(&entry.namespace));
         entry.id = id;
-        let (previous, sealed) = match self.store_entry(&entry, embedding.as_deref(), exact) {
-            Ok(p) => p,
-            Err(e) => {
-                self.index.release(id);
-                return Err(e);
-            }
-        };
+        let (previous, sealed, sealed_vector) =
+            match self.store_entry(&entry, embedding.as_deref(), exact) {
+                Ok(p) => p,
+                Err(e) => {
+                    self.index.release(id);
+                    return Err(e);
+                }
+            };
         let replaced = previous.is_some();
         let mut ops = Vec::with_capacity(2);
         if let Some(old) = previous {
@@ -225,19 +232,20 @@ impl SemanticCache {
             id,
             sealed,
             embedding,
+            sealed_vector,
             entry,
         })
     }
 
     /// One RocksDB batch: the entry, its vector, its exact key (and the
-    /// entry it replaces gone). Returns the replaced entry's id and the
-    /// entry as stored.
+    /// entry it replaces gone). Returns the replaced entry's id, the entry
+    /// as stored and its vector as stored (empty without one).
     fn store_entry(
         &self,
         entry: &Entry,
         embedding: Option<&[f32]>,
         exact: [u8; 32],
-    ) -> Result<(Option<u64>, Vec<u8>), CacheError> {
+    ) -> Result<Written, CacheError> {
         let id = entry.id;
         let previous = self
             .db()
@@ -247,8 +255,12 @@ impl SemanticCache {
         let mut batch = WriteBatch::default();
         let encoded = self.codec.encode(entry)?;
         batch.put_cf(self.cf(CF_ENTRIES), id.to_be_bytes(), &encoded);
-        if let Some(v) = embedding {
-            batch.put_cf(self.cf(CF_VECTORS), id.to_be_bytes(), vec_to_bytes(v));
+        let sealed_vector = match embedding {
+            Some(v) => self.seal_vector(v)?,
+            None => Vec::new(),
+        };
+        if embedding.is_some() {
+            batch.put_cf(self.cf(CF_VECTORS), id.to_be_bytes(), &sealed_vector);
         }
         batch.put_cf(self.cf(CF_EXACT), exact, id.to_be_bytes());
         if let Some(old) = previous {
@@ -269,7 +281,7 @@ impl SemanticCache {
             self.index.next_seq().max(ids::seq(id) + 1).to_be_bytes(),
         );
         self.db().write(batch)?;
-        Ok((previous, encoded))
+        Ok((previous, encoded, sealed_vector))
     }
 }
 

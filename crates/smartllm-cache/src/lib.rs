@@ -30,6 +30,7 @@ mod insert;
 pub mod key;
 mod lifecycle;
 mod lookup;
+mod sealed_file;
 mod storage;
 #[cfg(test)]
 mod test_support;

@@ -9,8 +9,8 @@
 use crate::ids::{self, Tagger};
 use crate::index::SharedIndex;
 use crate::metric_names as m;
-use crate::storage::{bytes_to_vec, NEXT_ID};
-use crate::{CacheError, Codec, SemanticCache, VectorIndex};
+use crate::storage::NEXT_ID;
+use crate::{CacheError, Codec, Sealing, SemanticCache, VectorIndex};
 use lru::LruCache;
 use metrics::{counter, gauge};
 use rocksdb::WriteBatch;
@@ -102,6 +102,7 @@ impl SemanticCache {
             exact_stripes: std::array::from_fn(|_| Default::default()),
         });
         cache.migrate_untagged()?;
+        cache.seal_stored_vectors()?;
         cache.check_embedder(&fingerprint)?;
         if !cache.load_persisted()? {
             cache.rebuild_index()?;
@@ -134,7 +135,12 @@ impl SemanticCache {
             if !index.is_ivf() {
                 return Ok(false);
             }
-            index.write_ivf(path)?;
+            // With a key, sealed: the file never holds the index in the clear.
+            if self.codec.encrypted() {
+                crate::sealed_file::write(index, &self.codec, path)?;
+            } else {
+                index.write_ivf(path)?;
+            }
             let mut batch = WriteBatch::default();
             batch.put_cf(self.cf(CF_META), IVF_MARKER, seqs.start.to_be_bytes());
             batch.put_cf(self.cf(CF_META), IVF_SAVED_TO, seqs.end.to_be_bytes());
@@ -186,7 +192,10 @@ impl SemanticCache {
             max_seq = max_seq.max(seq);
             // Of another size, or one the index refuses (stored before
             // vectors were checked): neither loaded nor counted.
-            let vec = bytes_to_vec(v).filter(|x| x.len() == dim && crate::index::usable(x));
+            let vec = self
+                .unseal_vector(v)
+                .map(|(x, _)| x)
+                .filter(|x| x.len() == dim && crate::index::usable(x));
             let Some(vec) = vec else {
                 skipped += 1;
                 it.next();
@@ -211,6 +220,54 @@ impl SemanticCache {
         Ok(())
     }
 
+    /// With a key, re-seal in place the vectors sealed with an old key, and
+    /// those in the clear whose entry is sealed; remove the rest (in the
+    /// clear beside an entry in the clear or none, or sealed with a key that
+    /// is not here). Without a key, nothing. At open, before anything else
+    /// uses the store. Returns how many changed.
+    fn seal_stored_vectors(&self) -> Result<usize, CacheError> {
+        if !self.codec.encrypted() {
+            return Ok(0);
+        }
+        let vectors = self.cf(CF_VECTORS);
+        let (mut n, mut batch) = (0usize, WriteBatch::default());
+        for item in self.db().iterator_cf(vectors, rocksdb::IteratorMode::Start) {
+            let (k, v) = item?;
+            let keep = match self.unseal_vector(&v) {
+                Some((_, Sealing::Current)) => continue,
+                Some((vector, Sealing::Old)) => Some(vector),
+                // In the clear: kept (sealed) only beside an entry sealed
+                // with a key of ours (a store of an earlier release, which
+                // left vectors in the clear). An entry in the clear is
+                // refused and removed: its vector goes now.
+                Some((vector, Sealing::Plain)) => {
+                    let entry = self.db().get_cf(self.cf(CF_ENTRIES), &k)?;
+                    entry
+                        .is_some_and(|e| self.codec.unseal(&e).is_ok())
+                        .then_some(vector)
+                }
+                // Sealed with a key that is gone: nobody can read it.
+                None => None,
+            };
+            match keep {
+                Some(vector) => batch.put_cf(vectors, &k, self.seal_vector(&vector)?),
+                None => batch.delete_cf(vectors, &k),
+            }
+            n += 1;
+            if n % DROP_BATCH == 0 {
+                self.db().write(std::mem::take(&mut batch))?;
+            }
+        }
+        self.db().write(batch)?;
+        if n > 0 {
+            tracing::info!(
+                vectors = n,
+                "cache vectors stored in the clear or with an old key were sealed with the current key (or removed, beside an entry in the clear or when no key here opens them)"
+            );
+        }
+        Ok(n)
+    }
+
     /// Use the persisted IVF index if it is readable and current. Returns
     /// false (after saying why) when the index must be rebuilt instead.
     fn load_persisted(&self) -> Result<bool, CacheError> {
@@ -221,7 +278,18 @@ impl SemanticCache {
             return Ok(false);
         }
         let dim = self.index.dim();
-        let mut index = match VectorIndex::read_ivf(&path, dim) {
+        let read = if self.codec.encrypted() {
+            crate::sealed_file::read(&self.codec, &path, dim).map(|(index, old_key)| {
+                // Sealed with an old key: saved again with the current one.
+                if old_key {
+                    self.dirty.store(true, Ordering::Relaxed);
+                }
+                index
+            })
+        } else {
+            VectorIndex::read_ivf(&path, dim)
+        };
+        let mut index = match read {
             Ok(i) => i,
             Err(e) => {
                 tracing::error!(error = %e, "the cache index file is unusable; rebuilding it from RocksDB (no entry is lost)");
@@ -326,7 +394,10 @@ impl SemanticCache {
             if read.len() == CHECK_READ {
                 break;
             }
-            let vector = bytes_to_vec(v).filter(|x| x.len() == dim && crate::index::usable(x));
+            let vector = self
+                .unseal_vector(v)
+                .map(|(x, _)| x)
+                .filter(|x| x.len() == dim && crate::index::usable(x));
             if let Some(vector) = vector {
                 let entry = self
                     .db()
@@ -840,6 +911,152 @@ mod tests {
             miss => panic!("the entry went with its vector: {miss:?}"),
         }
         assert!(!is_hit(&cache.lookup(&para, &p, 8).await.unwrap()));
+    }
+
+    /// With an encryption key no vector is at rest in the clear: vectors are
+    /// stored (and handed to the fleet) sealed, and the IVF index is saved
+    /// sealed and loaded from there. A store of an earlier release (sealed
+    /// entries; vectors and a saved index in the clear) has its vectors
+    /// sealed and its index file replaced at open; a vector in the clear
+    /// without a sealed entry is removed. A key rotation re-seals them;
+    /// vectors no key here opens are removed. Paraphrases hit throughout.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn vectors_and_the_index_are_sealed_at_rest_with_a_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let p = policy();
+        let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
+        std::fs::write(&a, "a1".repeat(32)).unwrap();
+        std::fs::write(&b, "b2".repeat(32)).unwrap();
+        let file = dir.path().join(INDEX_FILE);
+        let with = |codec: Codec, ivf: usize| {
+            let store = Store::open(dir.path()).unwrap();
+            SemanticCache::open(store, emb.clone(), codec, 10, ivf, Some(dir.path())).unwrap()
+        };
+        let asked = key("How do I reset my password?");
+        let para = key("What is the way to reset my password?");
+        let paraphrase_hits = |cache: Arc<SemanticCache>| {
+            let (para, p) = (para.clone(), p.clone());
+            async move {
+                match cache.lookup(&para, &p, 8).await.unwrap() {
+                    Lookup::Hit { kind, .. } => kind == crate::HitKind::Semantic,
+                    _ => false,
+                }
+            }
+        };
+        let filler = |i: usize| key(&format!("Filler question {i} about topic {}", i * 31 % 97));
+        // Every stored vector, as stored.
+        let stored_bytes = |cache: &SemanticCache| -> Vec<(Vec<u8>, Vec<u8>)> {
+            cache
+                .db()
+                .iterator_cf(cache.cf(CF_VECTORS), rocksdb::IteratorMode::Start)
+                .map(|kv| {
+                    let (k, v) = kv.unwrap();
+                    (k.to_vec(), v.to_vec())
+                })
+                .collect()
+        };
+        let sealed = |v: &[u8]| !v.len().is_multiple_of(4);
+        let index_sealed = || {
+            std::fs::read(&file).unwrap().starts_with(b"SLMIVF01")
+                && VectorIndex::read_ivf(&file, smartllm_embed::DIM).is_err()
+        };
+        {
+            let cache = with(Codec::from_key_file(&a).unwrap(), 300);
+            let stored = cache
+                .insert(asked.clone(), None, "{}".into(), &p, "auto", "m")
+                .await
+                .unwrap();
+            let v = stored.embedding.clone().unwrap();
+            assert!(sealed(&stored.sealed_vector));
+            assert_eq!(cache.open_vector(&stored.sealed_vector).unwrap(), v);
+            assert!(Codec::plain().unseal(&stored.sealed_vector).is_err());
+            for i in 0..300 {
+                cache
+                    .insert(filler(i), None, "{}".into(), &p, "auto", "m")
+                    .await
+                    .unwrap();
+            }
+            wait_ivf(&cache);
+            assert!(paraphrase_hits(cache.clone()).await);
+            assert!(index_sealed(), "the IVF index is saved sealed");
+            let bytes = stored_bytes(&cache);
+            assert_eq!(bytes.len(), 301);
+            assert!(
+                bytes.iter().all(|(_, v)| sealed(v)),
+                "a vector in the clear"
+            );
+            flush(&cache);
+        }
+        {
+            // Loaded from the sealed file.
+            let cache = with(Codec::from_key_file(&a).unwrap(), 300);
+            assert_eq!(cache.stats().index_kind, "ivf-sq8");
+            assert_eq!(cache.stats().index_vectors, 301);
+            assert!(paraphrase_hits(cache.clone()).await);
+            // As an earlier release left it: the vectors and the index file
+            // in the clear, and a vector in the clear without an entry.
+            let vectors = cache.cf(CF_VECTORS);
+            let mut first = None;
+            for (k, v) in stored_bytes(&cache) {
+                let clear = crate::storage::vec_to_bytes(&cache.open_vector(&v).unwrap());
+                first.get_or_insert((k.clone(), clear.clone()));
+                cache.db().put_cf(vectors, k, clear).unwrap();
+            }
+            let (k, clear) = first.unwrap();
+            let id = u64::from_be_bytes(k[..].try_into().unwrap());
+            let orphan = crate::ids::compose(crate::ids::tag(id), 999_999);
+            cache
+                .db()
+                .put_cf(vectors, orphan.to_be_bytes(), &clear)
+                .unwrap();
+            cache
+                .index
+                .frozen(|index, _| index.write_ivf(&file))
+                .unwrap();
+            assert!(!index_sealed());
+            flush(&cache);
+        }
+        {
+            // Key A over it: the vectors sealed, the orphan gone, the clear
+            // file replaced (rebuilt from RocksDB, then saved sealed).
+            let cache = with(Codec::from_key_file(&a).unwrap(), 300);
+            let bytes = stored_bytes(&cache);
+            assert_eq!(bytes.len(), 301, "the orphan is gone");
+            assert!(
+                bytes.iter().all(|(_, v)| sealed(v)),
+                "a vector in the clear"
+            );
+            assert_eq!(cache.stats().index_vectors, 301);
+            assert!(paraphrase_hits(cache.clone()).await);
+            wait_ivf(&cache);
+            assert!(index_sealed(), "saved sealed again");
+            flush(&cache);
+        }
+        {
+            // Rotation: B current, A old. The index file opens with A, and
+            // is saved again with B; the hit re-seals its entry with B.
+            let codec = Codec::from_key_files(&b, std::slice::from_ref(&a)).unwrap();
+            let cache = with(codec, 300);
+            assert_eq!(cache.stats().index_kind, "ivf-sq8");
+            assert_eq!(cache.stats().index_vectors, 301);
+            assert!(paraphrase_hits(cache.clone()).await);
+            assert!(cache.persist().unwrap(), "saved again with the new key");
+            flush(&cache);
+        }
+        {
+            let cache = with(Codec::from_key_file(&b).unwrap(), 300);
+            assert_eq!(cache.stats().index_kind, "ivf-sq8", "the file opens with B");
+            assert_eq!(cache.stats().index_vectors, 301, "re-sealed with B");
+            assert!(paraphrase_hits(cache.clone()).await);
+            flush(&cache);
+        }
+        // A key that opens none of them: they are removed, not loaded.
+        let cache = with(Codec::from_key_file(&a).unwrap(), 300);
+        assert_eq!(
+            (cache.stats().index_vectors, vectors_stored(&cache)),
+            (0, 0)
+        );
     }
 
     /// A file saved while an earlier insert was still under way (its number

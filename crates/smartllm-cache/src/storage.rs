@@ -59,7 +59,42 @@ impl SemanticCache {
         Ok(self
             .db()
             .get_cf(self.cf(CF_VECTORS), id.to_be_bytes())?
-            .and_then(|b| bytes_to_vec(&b)))
+            .and_then(|b| self.unseal_vector(&b))
+            .map(|(v, _)| v))
+    }
+
+    /// A vector as it is stored (RocksDB) and sent (the fleet's stream): its
+    /// f32s in the clear without a cache key; with one, sealed as an entry is
+    /// (a sentence embedding gives much of its text away). A sealed vector
+    /// takes `4 x dim + 29` bytes, never a multiple of 4, so the two forms
+    /// never read as each other.
+    pub fn seal_vector(&self, v: &[f32]) -> Result<Vec<u8>, CacheError> {
+        let raw = vec_to_bytes(v);
+        if !self.codec.encrypted() {
+            return Ok(raw);
+        }
+        Ok(self.codec.seal(raw)?)
+    }
+
+    /// A vector [`SemanticCache::seal_vector`] made, and how it was stored;
+    /// `None` when it cannot be read (sealed with a key that is not here).
+    /// One in the clear is read whatever the codec: a keyed cache re-seals
+    /// those it holds when it opens.
+    pub(crate) fn unseal_vector(&self, b: &[u8]) -> Option<(Vec<f32>, Sealing)> {
+        if b.len().is_multiple_of(4) {
+            return bytes_to_vec(b).map(|v| (v, Sealing::Plain));
+        }
+        let (raw, sealing) = self.codec.unseal(b).ok()?;
+        bytes_to_vec(&raw).map(|v| (v, sealing))
+    }
+
+    /// A vector from another gateway (the bytes its [`SemanticCache::seal_vector`] made).
+    pub fn open_vector(&self, b: &[u8]) -> Result<Vec<f32>, CacheError> {
+        self.unseal_vector(b).map(|(v, _)| v).ok_or_else(|| {
+            CacheError::Codec(crate::CodecError::Corrupt(
+                "a vector that cannot be read with this cache's keys".into(),
+            ))
+        })
     }
 
     pub(crate) fn load(&self, id: u64) -> Result<Option<Entry>, CacheError> {

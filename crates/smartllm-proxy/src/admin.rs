@@ -691,8 +691,17 @@ impl AdminApp {
                 &json!({"route": route.name, "model": route.model, "reason": "alias", "fallbacks": route.fallback}),
             );
         }
-        let (d, f) =
-            crate::routing::decide_with(&self.shared, &rt, &req, route, None, None, &info).await;
+        let (d, f) = crate::routing::decide_with(
+            &self.shared,
+            &rt,
+            &req,
+            route,
+            None,
+            None,
+            &info,
+            &Default::default(),
+        )
+        .await;
         json_reply(200, &json!({"decision": d, "features": f}))
     }
 

@@ -130,10 +130,17 @@ enum WebhookError {
 }
 
 async fn post(connector: &Connector, url: &Url, body: &str) -> Result<Answer, WebhookError> {
-    let addrs: Vec<std::net::SocketAddr> = tokio::net::lookup_host(url.authority())
-        .await
-        .map_err(WebhookError::Resolve)?
-        .collect();
+    let lookup = tokio::net::lookup_host(url.authority());
+    let addrs: Vec<std::net::SocketAddr> =
+        match tokio::time::timeout(crate::runtime::RESOLVE_TIMEOUT, lookup).await {
+            Ok(a) => a.map_err(WebhookError::Resolve)?.collect(),
+            Err(_) => {
+                return Err(WebhookError::Resolve(std::io::Error::new(
+                    std::io::ErrorKind::TimedOut,
+                    "no DNS answer in time",
+                )))
+            }
+        };
     post_to(connector, url, &addrs, body).await
 }
 

@@ -42,6 +42,9 @@ pub struct Ctx {
     /// What the provider is sent, about: the body, plus the conversation a
     /// Responses `previous_response_id` continues (the estimates' input).
     pub prompt_bytes: usize,
+    /// How the conversation `previous_response_id` continues is stored: a
+    /// new response is kept as what it adds to it.
+    pub previous_chain: Option<crate::responses_store::Chain>,
     pub client_gone: bool,
     /// The client sent bytes after its request (HTTP/1.1 pipelining): its
     /// connection is no longer watched for a close while the upstream works.
@@ -141,6 +144,7 @@ impl Ctx {
             failed_models: Vec::new(),
             request_bytes: 0,
             prompt_bytes: 0,
+            previous_chain: None,
             client_gone: false,
             client_unwatched: false,
             counted: false,

@@ -348,7 +348,8 @@ impl FleetSync {
                 if ttl == 0 {
                     return Ok(());
                 }
-                let vector = s.embedding.as_deref().map(vector_bytes).unwrap_or_default();
+                // As stored: sealed with the cache key the fleet shares, when set.
+                let vector = &s.sealed_vector;
                 // The snapshot first: a gateway loading it meanwhile gets the
                 // entry twice (once more from the stream), never not at all.
                 // Not at all when a purge covering it came after it was asked
@@ -365,7 +366,7 @@ impl FleetSync {
                     .arg("p")
                     .arg(&s.sealed)
                     .arg("e")
-                    .arg(&vector)
+                    .arg(vector)
                     .arg("m")
                     .arg(&self.model_tag)
                     .arg("r")
@@ -385,7 +386,7 @@ impl FleetSync {
                     .arg("p")
                     .arg(&s.sealed)
                     .arg("e")
-                    .arg(&vector)
+                    .arg(vector)
                     .arg("m")
                     .arg(&self.model_tag);
                 add.invoke_async::<()>(conn).await
@@ -695,10 +696,16 @@ impl FleetSync {
         if !same_space {
             count("cache_apply", "other_model");
         }
-        let embedding = (same_space && !vector.is_empty()).then(|| bytes_vector(&vector));
+        let with_vector = same_space && !vector.is_empty();
         let cache = cache.clone();
-        let outcome =
-            tokio::task::spawn_blocking(move || cache.apply_remote(&sealed, embedding)).await;
+        let outcome = tokio::task::spawn_blocking(move || {
+            let embedding = match with_vector {
+                true => Some(cache.open_vector(&vector)?),
+                false => None,
+            };
+            cache.apply_remote(&sealed, embedding)
+        })
+        .await;
         match outcome {
             Ok(Ok(Applied::Stored)) => count("cache_apply", "stored"),
             Ok(Ok(Applied::Duplicate)) => count("cache_apply", "duplicate"),
@@ -1257,16 +1264,6 @@ fn bytes_of(v: Value) -> Option<Vec<u8>> {
     }
 }
 
-fn vector_bytes(v: &[f32]) -> Vec<u8> {
-    v.iter().flat_map(|x| x.to_le_bytes()).collect()
-}
-
-fn bytes_vector(b: &[u8]) -> Vec<f32> {
-    b.chunks_exact(4)
-        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-        .collect()
-}
-
 /// Runs the publisher, the stream reader and the cost adder.
 pub struct FleetSyncService {
     pub shared: Arc<Shared>,
@@ -1356,6 +1353,7 @@ mod tests {
                 id: 1,
                 sealed: b"sealed".to_vec(),
                 embedding: Some(vec![0.5; 4]),
+                sealed_vector: [0.5f32; 4].iter().flat_map(|x| x.to_le_bytes()).collect(),
                 entry: Arc::new(smartllm_cache::Entry {
                     id: 1,
                     namespace: "ns".into(),
@@ -1459,6 +1457,7 @@ mod tests {
                 id: 1,
                 sealed: Vec::new(),
                 embedding: None,
+                sealed_vector: Vec::new(),
                 entry: entry.clone(),
             })));
         }
@@ -1489,12 +1488,6 @@ mod tests {
             inserts += 1;
         }
         assert_eq!(inserts, OUTBOX);
-    }
-
-    #[test]
-    fn vectors_round_trip() {
-        let v = vec![0.25f32, -1.5, 3.0e-7];
-        assert_eq!(bytes_vector(&vector_bytes(&v)), v);
     }
 
     #[test]

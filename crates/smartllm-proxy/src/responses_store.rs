@@ -6,6 +6,18 @@
 //! [`MAX_BYTES`], sealed with the cache's key when `cache.encryption_key_file`
 //! is set (a conversation is prompts and answers, as a cache entry is).
 //!
+//! A response that continues another is kept as what it adds to that
+//! conversation (its input and answer) and the id it continues: a
+//! conversation of N turns takes the room of its text, not of N copies of
+//! it. Reading one walks back to a response kept whole. Every
+//! [`MAX_DEPTH`] links, or when the conversation's oldest link was written
+//! more than [`WHOLE_AFTER`] ago (it would expire before the new one), the
+//! new response is kept whole again, so a walk is short and every response
+//! lives at least `TTL_SECS - WHOLE_AFTER` (a linked one expires with the
+//! links it needs). A deleted response is kept as a link without its
+//! response object (not found, not continued) for the responses that
+//! continue it, which carry its words as the copies they used to hold did.
+//!
 //! Writes and deletes go to one writer thread through a queue, in order;
 //! until the writer has done one, it is in `pending`, which reads consult
 //! first: a follow-up that names a response the instant its answer arrived
@@ -23,6 +35,8 @@
 //! key's newest operation is the one that sticks.
 
 use dashmap::DashMap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 use smartllm_cache::Codec;
 use smartllm_protocol::responses::StoredResponse;
 use smartllm_store::{Store, CF_RESPONSES};
@@ -48,6 +62,62 @@ const OVERFLOW: usize = 64;
 const STRIPES: usize = 64;
 /// How long the writer lets operations gather after the first one wakes it.
 pub const LINGER: Duration = Duration::from_millis(1);
+/// Links at most between a response and the whole one its reading starts from.
+pub const MAX_DEPTH: u32 = 64;
+/// A conversation whose links expire sooner than this before a new
+/// response would is kept whole again with it.
+pub const WHOLE_AFTER: u64 = 24 * 3600;
+
+/// How a kept response is stored: `depth` links down to a whole one (0:
+/// whole), and when the first of them expires (so does it).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Chain {
+    pub depth: u32,
+    pub expires_at: u64,
+}
+
+/// What a new response continues: the response `parent` (its
+/// conversation has `prefix` messages, stored as `chain`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub parent: String,
+    pub prefix: usize,
+    pub chain: Chain,
+}
+
+/// How a response continuing `link` (or none) is stored when written at `now`.
+fn stored_as(link: Option<&Link>, now: u64) -> Chain {
+    let whole = Chain {
+        depth: 0,
+        expires_at: now + TTL_SECS,
+    };
+    match link {
+        Some(l)
+            if l.chain.depth < MAX_DEPTH && l.chain.expires_at + WHOLE_AFTER >= now + TTL_SECS =>
+        {
+            Chain {
+                depth: l.chain.depth + 1,
+                expires_at: whole.expires_at.min(l.chain.expires_at),
+            }
+        }
+        _ => whole,
+    }
+}
+
+/// A response as RocksDB keeps it (sealed JSON after the expiry): whole
+/// (`parent` none: `messages` is its conversation), or what it adds to
+/// `parent`'s. Responses kept before links were are whole records.
+#[derive(Debug, Serialize, Deserialize)]
+struct Record {
+    #[serde(default)]
+    response: Value,
+    messages: Vec<Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    parent: Option<String>,
+    /// Deleted: kept for the responses that continue it, found by no one.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    deleted: bool,
+}
 
 fn key(tenant: &str, id: &str) -> Vec<u8> {
     // Length-prefixed: no tenant name can reach into another's keys.
@@ -64,6 +134,8 @@ struct Pending {
     seq: u64,
     /// `None`: a delete.
     stored: Option<Arc<StoredResponse>>,
+    /// What a save continues.
+    link: Option<Arc<Link>>,
 }
 
 struct Op {
@@ -137,25 +209,78 @@ impl ResponsesStore {
         })
     }
 
-    /// The stored response `id` of `tenant`, if it is there and not expired.
+    /// The stored response `id` of `tenant` with its whole conversation,
+    /// if it is there and not expired.
     pub async fn load(&self, tenant: &str, id: &str) -> Option<StoredResponse> {
+        self.load_chain(tenant, id).await.map(|(s, _)| s)
+    }
+
+    /// [`ResponsesStore::load`], and how it is stored (what a response
+    /// continuing it links to).
+    pub async fn load_chain(&self, tenant: &str, id: &str) -> Option<(StoredResponse, Chain)> {
         let k = key(tenant, id);
         // Only the `Arc` is cloned under the map's guard: a whole
         // conversation's copy is made after it is let go.
-        let pending = self.shared.pending.get(&k).map(|p| p.stored.clone());
-        if let Some(stored) = pending {
-            return stored.map(Arc::unwrap_or_clone);
+        let pending = self
+            .shared
+            .pending
+            .get(&k)
+            .map(|p| (p.stored.clone(), p.link.clone()));
+        if let Some((stored, link)) = pending {
+            let chain = stored_as(link.as_deref(), now());
+            return stored.map(|s| (Arc::unwrap_or_clone(s), chain));
         }
-        let (store, codec) = (self.store.clone(), self.codec.clone());
-        tokio::task::spawn_blocking(move || read(&store, &codec, &k))
+        let (store, codec, shared) = (self.store.clone(), self.codec.clone(), self.shared.clone());
+        let (tenant, id) = (tenant.to_string(), id.to_string());
+        tokio::task::spawn_blocking(move || read_chain(&store, &codec, &shared, &tenant, &id))
             .await
             .ok()
             .flatten()
     }
 
+    /// The `response` object of `tenant`'s stored response `id` (`GET`),
+    /// read without its conversation.
+    pub async fn response(&self, tenant: &str, id: &str) -> Option<Value> {
+        let k = key(tenant, id);
+        let pending = self.shared.pending.get(&k).map(|p| p.stored.clone());
+        if let Some(stored) = pending {
+            return stored.map(|s| s.response.clone());
+        }
+        let (store, codec) = (self.store.clone(), self.codec.clone());
+        tokio::task::spawn_blocking(move || {
+            read_record(&store, &codec, &k)
+                .filter(|(r, _)| !r.deleted)
+                .map(|(r, _)| r.response)
+        })
+        .await
+        .ok()
+        .flatten()
+    }
+
     /// Keep `stored` for `tenant` (off the request path; failures are logged).
     pub fn save(&self, tasks: &TaskTracker, tenant: &str, stored: StoredResponse) {
-        self.queue(tasks, key(tenant, stored.id()), Some(Arc::new(stored)));
+        self.save_linked(tasks, tenant, stored, None);
+    }
+
+    /// [`ResponsesStore::save`] a response that continues `link` (its
+    /// conversation then starts with the `link.prefix` messages of the
+    /// parent's): kept as what it adds.
+    pub fn save_linked(
+        &self,
+        tasks: &TaskTracker,
+        tenant: &str,
+        stored: StoredResponse,
+        link: Option<Link>,
+    ) {
+        let link = link
+            .filter(|l| l.prefix <= stored.messages.len())
+            .map(Arc::new);
+        self.queue(
+            tasks,
+            key(tenant, stored.id()),
+            Some(Arc::new(stored)),
+            link,
+        );
     }
 
     /// Remember that `provider` (speaking Responses) gave `tenant` the
@@ -167,15 +292,15 @@ impl ResponsesStore {
             response: serde_json::json!({"id": id, "object": "response", "provider": provider}),
             messages: Vec::new(),
         };
-        self.queue(tasks, key(&owner(tenant), id), Some(Arc::new(marker)));
+        self.queue(tasks, key(&owner(tenant), id), Some(Arc::new(marker)), None);
     }
 
     /// Did a provider speaking Responses give `tenant` the response `id`?
     /// Which one (none for a marker written before providers were kept).
     pub async fn owner_of(&self, tenant: &str, id: &str) -> Option<Option<String>> {
-        let marker = self.load(&owner(tenant), id).await?;
+        let marker = self.response(&owner(tenant), id).await?;
         Some(
-            marker.response["provider"]
+            marker["provider"]
                 .as_str()
                 .filter(|p| !p.is_empty())
                 .map(str::to_string),
@@ -184,14 +309,20 @@ impl ResponsesStore {
 
     /// Remove the stored response `id` of `tenant`; whether it was there.
     pub async fn delete(&self, tasks: &TaskTracker, tenant: &str, id: &str) -> bool {
-        if self.load(tenant, id).await.is_none() {
+        if self.response(tenant, id).await.is_none() {
             return false;
         }
-        self.queue(tasks, key(tenant, id), None);
+        self.queue(tasks, key(tenant, id), None, None);
         true
     }
 
-    fn queue(&self, tasks: &TaskTracker, key: Vec<u8>, stored: Option<Arc<StoredResponse>>) {
+    fn queue(
+        &self,
+        tasks: &TaskTracker,
+        key: Vec<u8>,
+        stored: Option<Arc<StoredResponse>>,
+        link: Option<Arc<Link>>,
+    ) {
         // Where the operation goes (the writer's queue; past it, or with the
         // writer gone, the blocking pool, where a save needs room) is
         // settled before it is made the key's newest in `pending`: one
@@ -218,7 +349,7 @@ impl ResponsesStore {
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
         self.shared
             .pending
-            .insert(key.clone(), Pending { seq, stored });
+            .insert(key.clone(), Pending { seq, stored, link });
         let op = Op {
             key,
             seq,
@@ -274,64 +405,181 @@ fn apply(store: &Store, codec: &Codec, shared: &Shared, op: Op) {
         std::thread::sleep(Duration::from_micros(200));
     }
     match &p.stored {
-        Some(stored) => write(store, codec, &op.key, stored),
-        None => {
-            if let Err(e) = store.delete(CF_RESPONSES, &op.key) {
-                tracing::warn!(error = %e, "deleting a stored response failed");
-            }
-        }
+        Some(stored) => write(store, codec, &op.key, stored, p.link.as_deref()),
+        None => tombstone(store, codec, &op.key),
     }
     pending.remove_if(&op.key, |_, cur| cur.seq == op.seq);
 }
 
-fn write(store: &Store, codec: &Codec, k: &[u8], stored: &StoredResponse) {
-    let body = stored.to_bytes();
-    if body.len() > MAX_BYTES {
-        tracing::info!(
-            id = stored.id(),
-            bytes = body.len(),
-            "response conversation too large to keep; previous_response_id will not find it"
-        );
-        return;
-    }
-    let body = match codec.seal(body) {
+fn now() -> u64 {
+    smartllm_protocol::time::now_secs()
+}
+
+/// Put `record` under `k`, sealed, expiring at `expires_at`.
+fn put_record(store: &Store, codec: &Codec, k: &[u8], record: &Record, expires_at: u64) {
+    let body = match serde_json::to_vec(record)
+        .map_err(|e| e.to_string())
+        .and_then(|b| codec.seal(b).map_err(|e| e.to_string()))
+    {
         Ok(b) => b,
         Err(e) => {
             tracing::warn!(error = %e, "sealing a response failed; not kept");
             return;
         }
     };
-    let mut v = (smartllm_protocol::time::now_secs() + TTL_SECS)
-        .to_be_bytes()
-        .to_vec();
+    let mut v = expires_at.to_be_bytes().to_vec();
     v.extend_from_slice(&body);
     if let Err(e) = store.put(CF_RESPONSES, k, &v) {
         tracing::warn!(error = %e, "storing a response failed");
     }
 }
 
-fn read(store: &Store, codec: &Codec, k: &[u8]) -> Option<StoredResponse> {
+/// A delete: the record stays, without its response object, for the
+/// responses that continue it (until it expires); nobody finds it.
+fn tombstone(store: &Store, codec: &Codec, k: &[u8]) {
+    let done = match read_record(store, codec, k) {
+        None => store.delete(CF_RESPONSES, k),
+        Some((mut record, expires_at)) => {
+            record.response = Value::Null;
+            record.deleted = true;
+            put_record(store, codec, k, &record, expires_at);
+            Ok(())
+        }
+    };
+    if let Err(e) = done {
+        tracing::warn!(error = %e, "deleting a stored response failed");
+    }
+}
+
+fn write(store: &Store, codec: &Codec, k: &[u8], stored: &StoredResponse, link: Option<&Link>) {
+    let bytes = stored.history_bytes();
+    if bytes > MAX_BYTES {
+        tracing::info!(
+            id = stored.id(),
+            bytes,
+            "response conversation too large to keep; previous_response_id will not find it"
+        );
+        return;
+    }
+    let chain = stored_as(link, now());
+    let (messages, parent) = match link {
+        Some(l) if chain.depth > 0 => {
+            (stored.messages[l.prefix..].to_vec(), Some(l.parent.clone()))
+        }
+        _ => (stored.messages.clone(), None),
+    };
+    let record = Record {
+        response: stored.response.clone(),
+        messages,
+        parent,
+        deleted: false,
+    };
+    put_record(store, codec, k, &record, chain.expires_at);
+}
+
+/// The record under `k` and when it expires, if it is there, live and readable.
+fn read_record(store: &Store, codec: &Codec, k: &[u8]) -> Option<(Record, u64)> {
     let bytes = store.get(CF_RESPONSES, k).ok()??;
     let (expiry, rest) = bytes.split_at_checked(8)?;
     let expiry = u64::from_be_bytes(expiry.try_into().ok()?);
-    if expiry <= smartllm_protocol::time::now_secs() {
+    if expiry <= now() {
         let _ = store.delete(CF_RESPONSES, k);
         return None;
     }
     // Kept before sealing came (bare JSON, or tagged plain before the key
     // was set): read as it is until it expires.
-    match rest.first() {
-        Some(b'{') => return StoredResponse::from_bytes(rest),
-        Some(0) => return StoredResponse::from_bytes(&rest[1..]),
-        _ => {}
-    }
-    match codec.unseal(rest) {
-        Ok((json, _)) => StoredResponse::from_bytes(&json),
-        Err(e) => {
-            tracing::warn!(error = %e, "a stored response cannot be opened (its key is not configured?)");
-            None
+    let json = match rest.first() {
+        Some(b'{') => rest.to_vec(),
+        Some(0) => rest[1..].to_vec(),
+        _ => match codec.unseal(rest) {
+            Ok((json, _)) => json,
+            Err(e) => {
+                tracing::warn!(error = %e, "a stored response cannot be opened (its key is not configured?)");
+                return None;
+            }
+        },
+    };
+    let record = serde_json::from_slice(&json).ok()?;
+    Some((record, expiry))
+}
+
+/// One record as stored (its own messages only, when it is linked).
+#[cfg(test)]
+fn read(store: &Store, codec: &Codec, k: &[u8]) -> Option<StoredResponse> {
+    read_record(store, codec, k)
+        .filter(|(r, _)| !r.deleted)
+        .map(|(r, _)| StoredResponse {
+            response: r.response,
+            messages: r.messages,
+        })
+}
+
+/// `tenant`'s response `id` with its whole conversation (walking its
+/// links back to a whole record; a link queued and not yet written is read
+/// from `pending`), and how it is stored. None when it, or a link it needs,
+/// is missing or expired.
+fn read_chain(
+    store: &Store,
+    codec: &Codec,
+    shared: &Shared,
+    tenant: &str,
+    id: &str,
+) -> Option<(StoredResponse, Chain)> {
+    let mut parts: Vec<Vec<Value>> = Vec::new();
+    let mut response = None;
+    let mut chain = Chain {
+        depth: 0,
+        expires_at: u64::MAX,
+    };
+    let mut next = id.to_string();
+    loop {
+        let k = key(tenant, &next);
+        if response.is_some() {
+            // A link not yet written (or rewritten) is in `pending`, whole.
+            let queued = shared
+                .pending
+                .get(&k)
+                .and_then(|p| Some((p.stored.clone()?, p.link.clone())));
+            if let Some((stored, link)) = queued {
+                let own = stored_as(link.as_deref(), now());
+                chain.depth += own.depth;
+                chain.expires_at = chain.expires_at.min(own.expires_at);
+                parts.push(stored.messages.clone());
+                break;
+            }
+        }
+        let (record, expires_at) = read_record(store, codec, &k)?;
+        if response.is_none() {
+            if record.deleted {
+                return None;
+            }
+            response = Some(record.response);
+        }
+        chain.expires_at = chain.expires_at.min(expires_at);
+        parts.push(record.messages);
+        match record.parent {
+            None => break,
+            Some(parent) => {
+                chain.depth += 1;
+                if chain.depth > MAX_DEPTH {
+                    // Never written so deep: not a chain this store made.
+                    return None;
+                }
+                next = parent;
+            }
         }
     }
+    let mut messages = Vec::with_capacity(parts.iter().map(Vec::len).sum());
+    for part in parts.into_iter().rev() {
+        messages.extend(part);
+    }
+    Some((
+        StoredResponse {
+            response: response?,
+            messages,
+        },
+        chain,
+    ))
 }
 
 /// The key space of `tenant`'s markers of provider-kept responses (a
@@ -442,6 +690,171 @@ mod tests {
             read(&store, &codec, &key("t1", "resp_0")).unwrap().response["output_text"],
             "older"
         );
+    }
+
+    async fn settle(rs: &ResponsesStore) {
+        for _ in 0..1000 {
+            if rs.pending() == 0 {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+        panic!("writes did not settle");
+    }
+
+    /// The next turn after `prev` (its conversation and chain), `words`
+    /// long, saved linked to it.
+    fn next_turn(
+        rs: &ResponsesStore,
+        tasks: &TaskTracker,
+        prev: Option<&(StoredResponse, Chain)>,
+        id: &str,
+        words: usize,
+    ) {
+        let mut messages = prev.map(|(p, _)| p.messages.clone()).unwrap_or_default();
+        messages.push(
+            json!({"role": "user", "content": format!("question {id} {}", "word ".repeat(words))}),
+        );
+        messages.push(json!({"role": "assistant", "content": format!("answer {id}")}));
+        let stored = StoredResponse {
+            response: json!({"id": id, "object": "response"}),
+            messages,
+        };
+        let link = prev.map(|(p, chain)| Link {
+            parent: p.id().to_string(),
+            prefix: p.messages.len(),
+            chain: *chain,
+        });
+        rs.save_linked(tasks, "t", stored, link);
+    }
+
+    /// A follow-up is kept as what it adds (its input and answer) and read
+    /// back whole, before and after it is written; `GET` reads only its
+    /// record. Deleting one keeps it as a link for those that continue it;
+    /// a link that is gone makes them unreadable (404), not partial.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn follow_ups_are_kept_as_what_they_add() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rs = ResponsesStore::start(store.clone(), Codec::plain()).unwrap();
+        let tasks = TaskTracker::new();
+        let mut prev = None;
+        for turn in 0..5u32 {
+            let id = format!("resp_{turn}");
+            next_turn(&rs, &tasks, prev.as_ref(), &id, 3);
+            if turn % 2 == 0 {
+                // Every other turn follows at once: its parent is still queued.
+                settle(&rs).await;
+            }
+            let (stored, chain) = rs.load_chain("t", &id).await.unwrap();
+            assert_eq!(chain.depth, turn, "{id}");
+            assert_eq!(stored.messages.len(), 2 * (turn as usize + 1));
+            assert_eq!(
+                stored.messages[0]["content"],
+                "question resp_0 word word word "
+            );
+            prev = Some((stored, chain));
+        }
+        settle(&rs).await;
+        for turn in 0..5 {
+            let id = format!("resp_{turn}");
+            let own = read(&store, &Codec::plain(), &key("t", &id)).unwrap();
+            assert_eq!(own.messages.len(), 2, "{id} is kept as what it adds");
+            assert_eq!(
+                rs.load("t", &id).await.unwrap().messages.len(),
+                2 * (turn + 1)
+            );
+        }
+        assert_eq!(rs.response("t", "resp_4").await.unwrap()["id"], "resp_4");
+        assert!(rs.load("t2", "resp_4").await.is_none(), "tenants apart");
+
+        assert!(rs.delete(&tasks, "t", "resp_2").await);
+        assert!(rs.load("t", "resp_2").await.is_none());
+        settle(&rs).await;
+        assert!(rs.load("t", "resp_2").await.is_none());
+        assert!(rs.response("t", "resp_2").await.is_none());
+        assert!(!rs.delete(&tasks, "t", "resp_2").await);
+        let after = rs.load("t", "resp_4").await.unwrap();
+        assert_eq!(
+            after.messages.len(),
+            10,
+            "continued past a deleted response"
+        );
+        assert_eq!(after.messages[5]["content"], "answer resp_2");
+
+        // A link that is gone (expired): those after it are not found.
+        store.delete(CF_RESPONSES, &key("t", "resp_1")).unwrap();
+        assert!(rs.load("t", "resp_4").await.is_none());
+        assert!(rs.load("t", "resp_0").await.is_some());
+        assert_eq!(rs.response("t", "resp_4").await.unwrap()["id"], "resp_4");
+    }
+
+    /// Past [`MAX_DEPTH`] links, or on links that would expire more than
+    /// [`WHOLE_AFTER`] before it, a response is kept whole again.
+    #[test]
+    fn long_or_old_chains_start_again_whole() {
+        let now = 2_000_000_000;
+        let link = |depth, expires_at| Link {
+            parent: "p".into(),
+            prefix: 0,
+            chain: Chain { depth, expires_at },
+        };
+        let whole = Chain {
+            depth: 0,
+            expires_at: now + TTL_SECS,
+        };
+        assert_eq!(stored_as(None, now), whole);
+        let fresh = now + TTL_SECS - 3600;
+        assert_eq!(
+            stored_as(Some(&link(3, fresh)), now),
+            Chain {
+                depth: 4,
+                expires_at: fresh
+            }
+        );
+        assert_eq!(
+            stored_as(Some(&link(MAX_DEPTH - 1, fresh)), now).depth,
+            MAX_DEPTH
+        );
+        assert_eq!(stored_as(Some(&link(MAX_DEPTH, fresh)), now), whole);
+        let old = now + TTL_SECS - WHOLE_AFTER - 1;
+        assert_eq!(stored_as(Some(&link(1, old)), now), whole);
+    }
+
+    /// A long conversation takes about the room of its text: 200 turns of
+    /// ~1 KB each, where keeping every response whole took ~20 MB.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_long_conversation_takes_the_room_of_its_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rs = ResponsesStore::start(store.clone(), Codec::plain()).unwrap();
+        let tasks = TaskTracker::new();
+        let mut prev = None;
+        for turn in 0..200 {
+            let id = format!("resp_{turn}");
+            next_turn(&rs, &tasks, prev.as_ref(), &id, 200);
+            prev = rs.load_chain("t", &id).await;
+        }
+        settle(&rs).await;
+        let (last, chain) = prev.unwrap();
+        assert_eq!(last.messages.len(), 400);
+        assert!(chain.depth <= MAX_DEPTH, "{chain:?}");
+        let text: usize = last.history_bytes();
+        let mut stored = 0;
+        for turn in 0..200 {
+            stored += store
+                .get(CF_RESPONSES, &key("t", &format!("resp_{turn}")))
+                .unwrap()
+                .unwrap()
+                .len();
+        }
+        assert!(text > 200_000, "{text}");
+        // Whole again every MAX_DEPTH turns: at most ~4x (whole every turn: ~100x).
+        assert!(
+            stored < 4 * text,
+            "{stored} bytes kept for {text} of conversation"
+        );
+        assert_eq!(rs.load("t", "resp_199").await.unwrap(), last);
     }
 
     /// Past the queue, operations run on the blocking pool beside the

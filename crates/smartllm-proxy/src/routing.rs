@@ -73,6 +73,7 @@ pub fn rule_headers(session: &Session) -> Vec<(String, String)> {
 /// extract features and decide. `task_vector` is the prompt's view for the
 /// task classifier when the cache's model run made one; without it the
 /// classifier compares the embedding with its examples' whole-text views.
+#[allow(clippy::too_many_arguments)]
 pub async fn decide_with(
     shared: &Shared,
     rt: &Runtime,
@@ -81,6 +82,7 @@ pub async fn decide_with(
     mut embedding: Option<Vec<f32>>,
     mut task_vector: Option<Vec<f32>>,
     info: &RequestInfo<'_>,
+    only: &smartllm_protocol::messages::AnthropicOnly,
 ) -> (Decision, smartllm_router::Features) {
     if embedding.is_none() && rt.router.wants_embedding(&route.strategy) {
         let (last_user, _, _, _) = smartllm_router::features::prompt_texts(body);
@@ -94,11 +96,15 @@ pub async fn decide_with(
         }
     }
     let t = Instant::now();
-    let features = smartllm_router::extract(
+    let mut features = smartllm_router::extract(
         body,
         task_vector.as_deref().or(embedding.as_deref()),
         rt.router.classifier.as_deref(),
     );
+    // A Messages request with what only Anthropic providers take: models
+    // served without one are no candidates (they would answer 400).
+    features.thinking = only.thinking;
+    features.anthropic_only = only.untranslatable.clone();
     let d = smartllm_router::decide(
         &rt.config,
         route,

@@ -570,6 +570,8 @@ type KnownAddrs = HashMap<String, (Vec<SocketAddr>, Instant)>;
 static LAST_KNOWN: std::sync::LazyLock<arc_swap::ArcSwap<KnownAddrs>> =
     std::sync::LazyLock::new(Default::default);
 const LAST_KNOWN_FOR: Duration = Duration::from_secs(3600);
+/// How long resolving an upstream host (or a webhook's) may take.
+pub(crate) const RESOLVE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Target {
     /// host:port
@@ -591,9 +593,21 @@ impl ServiceDiscovery for DeploymentDiscovery {
         for t in &self.targets {
             let addrs = match resolved.get(&t.authority) {
                 Some(a) => Ok(a.clone()),
-                None => tokio::net::lookup_host(t.authority.as_str())
-                    .await
-                    .map(|a| a.collect::<Vec<_>>()),
+                // A resolver that does not answer (glibc waits up to 30 s)
+                // must not hold up the health tick: the last known
+                // addresses stand in, as for a failed lookup.
+                None => match tokio::time::timeout(
+                    RESOLVE_TIMEOUT,
+                    tokio::net::lookup_host(t.authority.as_str()),
+                )
+                .await
+                {
+                    Ok(a) => a.map(|a| a.collect::<Vec<_>>()),
+                    Err(_) => Err(std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        format!("no DNS answer within {RESOLVE_TIMEOUT:?}"),
+                    )),
+                },
             };
             let addrs = match addrs {
                 Ok(a) if !a.is_empty() => Ok(a),

@@ -242,7 +242,8 @@ fn expected_latency_ms(m: &ModelConfig, f: &Features, live: Option<&LiveSnapshot
 
 /// Why `m` cannot serve the request at all, whatever the budgets: the
 /// prompt and output do not fit its context window, it lacks a capability
-/// the request or the route needs, or it is served only through Anthropic,
+/// the request or the route needs, the request has what only Anthropic
+/// providers take and it has none, or it is served only through Anthropic,
 /// which takes a JSON schema only as structured outputs. None: it fits.
 fn misfit(
     config: &Config,
@@ -266,13 +267,31 @@ fn misfit(
     {
         return Some(format!("capability:{cap}"));
     }
-    let anthropic_only = !m.deployments.is_empty()
-        && m.deployments.iter().all(|d| {
-            config
+    let anthropic = |d: &smartllm_config::DeploymentConfig| {
+        config
+            .providers
+            .get(&d.provider)
+            .is_some_and(|p| p.kind == smartllm_config::ProviderKind::Anthropic)
+    };
+    // What only an Anthropic provider takes: a model served only through
+    // OpenAI-compatible ones would answer 400 (thinking: unless one of them
+    // drops it, `drop_thinking`).
+    if let Some(what) = &f.anthropic_only {
+        if !m.deployments.iter().any(anthropic) {
+            return Some(format!("anthropic_only:{what}"));
+        }
+    }
+    let takes_thinking = |d: &smartllm_config::DeploymentConfig| {
+        anthropic(d)
+            || config
                 .providers
                 .get(&d.provider)
-                .is_some_and(|p| p.kind == smartllm_config::ProviderKind::Anthropic)
-        });
+                .is_some_and(|p| p.drop_thinking)
+    };
+    if f.thinking && !m.deployments.iter().any(takes_thinking) {
+        return Some("anthropic_only:thinking".to_string());
+    }
+    let anthropic_only = !m.deployments.is_empty() && m.deployments.iter().all(anthropic);
     if f.json_schema && !m.profile.has("structured_outputs") && anthropic_only {
         return Some("capability:structured_outputs".to_string());
     }
@@ -950,6 +969,25 @@ mod tests {
             d.candidates[1].excluded.as_deref(),
             Some("capability:tools")
         );
+        // So does streaming: a model listed without it is no candidate for a
+        // streamed request (and still one for the same request unstreamed).
+        let mut no_stream = cfg.clone();
+        no_stream.models[1].profile.capabilities = Some(vec!["tools".into(), "json".into()]);
+        let hard_text =
+            "Design a distributed consensus protocol and prove its safety step by step.";
+        let streamed =
+            json!({"stream": true, "messages": [{"role": "user", "content": hard_text}]});
+        let fs = extract(streamed.as_object().unwrap(), None, None);
+        let d = decide(&no_stream, &r, &fs, None, None, &info, &StaticState);
+        assert_eq!(d.model, "cheap");
+        assert_eq!(
+            d.candidates[1].excluded.as_deref(),
+            Some("capability:streaming")
+        );
+        let unstreamed = json!({"messages": [{"role": "user", "content": hard_text}]});
+        let fu = extract(unstreamed.as_object().unwrap(), None, None);
+        let d = decide(&no_stream, &r, &fu, None, None, &info, &StaticState);
+        assert_eq!(d.candidates[1].excluded, None);
         // A pin holds only where its model can serve the request: tools
         // pinned to a model without them go the usual way.
         let mut pinned = r.clone();
@@ -1056,6 +1094,41 @@ mod tests {
             &StaticState,
         );
         assert_eq!(d.candidates[1].excluded, None);
+
+        // Extended thinking (an Anthropic Messages request): a model served
+        // only by OpenAI-compatible providers would answer 400, unless its
+        // provider drops thinking; a server tool or document needs Anthropic.
+        let hard = json!({"messages": [{"role": "user", "content": "Design a distributed consensus protocol and prove its safety step by step."}]});
+        let mut f = extract(hard.as_object().unwrap(), None, None);
+        f.thinking = true;
+        let decided = |cfg: &Config, f: &Features| {
+            decide(
+                cfg,
+                &r,
+                f,
+                None,
+                None,
+                &RequestInfo::default(),
+                &StaticState,
+            )
+        };
+        let d = decided(&cfg, &f);
+        assert_eq!(
+            d.candidates[0].excluded.as_deref(),
+            Some("anthropic_only:thinking")
+        );
+        assert_eq!(d.candidates[1].excluded, None);
+        assert_eq!(d.model, "strong");
+        cfg.providers.get_mut("openai-p").unwrap().drop_thinking = true;
+        assert_eq!(decided(&cfg, &f).candidates[0].excluded, None);
+        f.thinking = false;
+        f.anthropic_only = Some("tools[0] (web_search_20250305)".into());
+        let d = decided(&cfg, &f);
+        assert_eq!(
+            d.candidates[0].excluded.as_deref(),
+            Some("anthropic_only:tools[0] (web_search_20250305)")
+        );
+        assert_eq!(d.model, "strong");
     }
 
     /// When nothing meets the route's constraints, only the budgets are

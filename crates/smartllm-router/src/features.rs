@@ -28,8 +28,15 @@ pub struct Features {
     pub max_tokens: Option<u64>,
     /// Expected completion tokens (max_tokens, else typical for the task).
     pub expected_output_tokens: u64,
-    /// Capabilities the request needs (tools, vision, json).
+    /// Capabilities the request needs (tools, vision, json, streaming, audio).
     pub needs: Vec<&'static str>,
+    /// Set by the gateway for an Anthropic Messages request with extended
+    /// thinking (or thinking blocks in its history): an OpenAI-compatible
+    /// provider takes it only with `drop_thinking`.
+    pub thinking: bool,
+    /// Set by the gateway for a Messages request with what only an
+    /// Anthropic provider takes (a server tool, a document block): its path.
+    pub anthropic_only: Option<String>,
     /// `response_format` is `json_schema`: a model served only through
     /// Anthropic must take structured outputs (`structured_outputs`).
     pub json_schema: bool,
@@ -37,7 +44,7 @@ pub struct Features {
     pub turns: usize,
 }
 
-fn text_of(content: &Value, out: &mut String, images: &mut bool) {
+fn text_of(content: &Value, out: &mut String, images: &mut bool, audio: &mut bool) {
     match content {
         Value::String(s) => out.push_str(s),
         Value::Array(parts) => {
@@ -50,6 +57,7 @@ fn text_of(content: &Value, out: &mut String, images: &mut bool) {
                         }
                     }
                     Some("image_url") | Some("image") | Some("input_image") => *images = true,
+                    Some("input_audio") | Some("audio") => *audio = true,
                     _ => {}
                 }
             }
@@ -74,6 +82,8 @@ struct Prompt<'a> {
     /// The length `all` has (or would have).
     all_len: usize,
     images: bool,
+    /// An audio part in any message.
+    audio: bool,
     turns: usize,
 }
 
@@ -85,6 +95,7 @@ impl<'a> Prompt<'a> {
             all: String::new(),
             all_len: 0,
             images: false,
+            audio: false,
             turns: 0,
         };
         if let Some(msgs) = body.get("messages").and_then(Value::as_array) {
@@ -95,7 +106,7 @@ impl<'a> Prompt<'a> {
                     Value::String(s) => Cow::Borrowed(s.as_str()),
                     _ => {
                         let mut t = String::new();
-                        text_of(content, &mut t, &mut p.images);
+                        text_of(content, &mut t, &mut p.images, &mut p.audio);
                         Cow::Owned(t)
                     }
                 };
@@ -567,6 +578,18 @@ pub fn extract_with(
     if has_images {
         needs.push("vision");
     }
+    // Audio in (a part) or out (`modalities`, `audio`).
+    let audio_out = body.get("audio").is_some_and(|a| !a.is_null())
+        || body
+            .get("modalities")
+            .and_then(Value::as_array)
+            .is_some_and(|m| m.iter().any(|x| x.as_str() == Some("audio")));
+    if prompt.audio || audio_out {
+        needs.push("audio");
+    }
+    if body.get("stream").and_then(Value::as_bool) == Some(true) {
+        needs.push("streaming");
+    }
     let json_schema = body
         .get("response_format")
         .and_then(|r| r.get("type"))
@@ -601,6 +624,8 @@ pub fn extract_with(
         // or shorter when the limit is.
         expected_output_tokens: max_tokens.map_or(typical, |m| m.min(typical)),
         needs,
+        thinking: false,
+        anthropic_only: None,
         json_schema,
         turns,
     }
@@ -679,6 +704,33 @@ mod tests {
         assert!(f.has_math && f.has_tools && f.has_images);
         assert_eq!(f.needs, vec!["tools", "vision", "json"]);
         assert_eq!(f.task, Task::Math);
+    }
+
+    /// A streamed request needs a model that streams; audio in (a part) or
+    /// out (`modalities`) one that takes audio.
+    #[test]
+    fn streaming_and_audio_are_needs() {
+        let needs = |b: Value| extract(&body(b), None, None).needs;
+        assert_eq!(
+            needs(json!({"stream": true, "messages": [{"role": "user", "content": "Hi"}]})),
+            vec!["streaming"]
+        );
+        assert!(
+            needs(json!({"stream": false, "messages": [{"role": "user", "content": "Hi"}]}))
+                .is_empty()
+        );
+        assert_eq!(
+            needs(
+                json!({"messages": [{"role": "user", "content": [{"type": "text", "text": "What is said?"}, {"type": "input_audio", "input_audio": {"data": "", "format": "wav"}}]}]})
+            ),
+            vec!["audio"]
+        );
+        assert_eq!(
+            needs(
+                json!({"modalities": ["text", "audio"], "audio": {"voice": "alloy", "format": "wav"}, "messages": [{"role": "user", "content": "Say hi"}]})
+            ),
+            vec!["audio"]
+        );
     }
 
     /// An agent's prompt is more than its messages' text: the tool

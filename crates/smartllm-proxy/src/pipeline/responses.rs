@@ -7,6 +7,7 @@
 
 use super::Failure;
 use crate::ctx::Ctx;
+use crate::responses_store::Link;
 use crate::{respond, Shared};
 use bytes::BytesMut;
 use pingora_proxy::Session;
@@ -37,11 +38,15 @@ pub async fn parse(
     let map = proto::read(&raw)?;
     let previous = match proto::previous_response_id(&map) {
         Some(id) => match &shared.responses {
-            Some(r) => r.load(&ctx.tenant, id).await,
+            Some(r) => r.load_chain(&ctx.tenant, id).await,
             None => None,
         },
         None => None,
     };
+    let previous = previous.map(|(stored, chain)| {
+        ctx.previous_chain = Some(chain);
+        stored
+    });
     // The stored conversation goes upstream too: the budget's estimate and
     // the cost cap count it (a follow-up of a few bytes can carry megabytes).
     if let Some(p) = &previous {
@@ -181,7 +186,7 @@ pub async fn stored(
             .delete(&shared.tasks, &ctx.tenant, id)
             .await
             .then(|| proto::deleted_object(id)),
-        Some(r) => r.load(&ctx.tenant, id).await.map(|s| s.response),
+        Some(r) => r.response(&ctx.tenant, id).await,
     };
     let Some(body) = body else {
         return Err(Failure::Api(proto::response_not_found(id, None)));
@@ -208,8 +213,18 @@ pub fn keep(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, response: &Value) {
     }
     match StoredResponse::new(r.previous.as_ref(), &r.original, response.clone()) {
         Ok(stored) => {
+            // Kept as what it adds to the conversation it continues.
+            let link = r
+                .previous
+                .as_ref()
+                .zip(ctx.previous_chain)
+                .map(|(p, chain)| Link {
+                    parent: p.id().to_string(),
+                    prefix: p.messages.len(),
+                    chain,
+                });
             if let Some(r) = &shared.responses {
-                r.save(&shared.tasks, &ctx.tenant, stored);
+                r.save_linked(&shared.tasks, &ctx.tenant, stored, link);
             }
         }
         Err(e) => tracing::debug!(request_id = %ctx.request_id, error = %e, "response not kept"),

@@ -423,8 +423,17 @@ async fn decide(
             .budget_pressure(&rt.config.keys.budgets, ctx.scope()),
     };
     let task_vector = ctx.task_vector.clone();
-    let (d, features) =
-        decide_with(shared, rt, &req.body, route, embedding, task_vector, &info).await;
+    let (d, features) = decide_with(
+        shared,
+        rt,
+        &req.body,
+        route,
+        embedding,
+        task_vector,
+        &info,
+        &req.anthropic_only,
+    )
+    .await;
     metrics::route_decision(&route.name, &d.model, &d.reason);
     tracing::debug!(request_id = %ctx.request_id, route = %route.name, model = %d.model, reason = %d.reason,
         task = %features.task, complexity = features.complexity, fallbacks = ?d.fallbacks, "route decision");
@@ -459,10 +468,10 @@ fn classify(ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
 }
 
 /// A router exclusion no budget may override: a rule, the context window,
-/// a capability (the soft ones, budgets of latency, cost and quality, give
+/// a capability, what only Anthropic providers take (the soft ones, budgets of latency, cost and quality, give
 /// way to a budget's cheaper model).
 fn hard_exclusion(why: &str) -> bool {
-    ["rule:", "context_window:", "capability:"]
+    ["rule:", "context_window:", "capability:", "anthropic_only:"]
         .iter()
         .any(|p| why.starts_with(p))
 }
