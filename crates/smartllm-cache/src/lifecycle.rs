@@ -30,6 +30,8 @@ const IVF_MARKER: &[u8] = b"ivf_next_seq";
 /// Files saved without it are taken to hold none from the marker on.
 const IVF_SAVED_TO: &[u8] = b"ivf_saved_to_seq";
 pub const INDEX_FILE: &str = "cache.ivf";
+/// The meta key marking every stored vector sealed with the key that seals it.
+const VECTORS_SEALED: &[u8] = b"vectors_sealed";
 /// The IVF training's niceness: below the embedder's (+10), so on a busy
 /// machine the training waits rather than any request.
 pub const IVF_BUILD_NICE: i32 = 19;
@@ -225,8 +227,18 @@ impl SemanticCache {
     /// clear beside an entry in the clear or none, or sealed with a key that
     /// is not here). Without a key, nothing. At open, before anything else
     /// uses the store. Returns how many changed.
+    ///
+    /// A pass leaves a mark sealed with the current key, so later starts
+    /// with the same key skip the scan; a start without a key removes it
+    /// (vectors may then be stored in the clear), as a rotation outdates it.
     fn seal_stored_vectors(&self) -> Result<usize, CacheError> {
+        let meta = self.cf(CF_META);
         if !self.codec.encrypted() {
+            self.db().delete_cf(meta, VECTORS_SEALED)?;
+            return Ok(0);
+        }
+        let mark = self.db().get_cf(meta, VECTORS_SEALED)?;
+        if mark.is_some_and(|m| matches!(self.codec.unseal(&m), Ok((_, Sealing::Current)))) {
             return Ok(0);
         }
         let vectors = self.cf(CF_VECTORS);
@@ -258,6 +270,11 @@ impl SemanticCache {
                 self.db().write(std::mem::take(&mut batch))?;
             }
         }
+        batch.put_cf(
+            meta,
+            VECTORS_SEALED,
+            self.codec.seal(VECTORS_SEALED.to_vec())?,
+        );
         self.db().write(batch)?;
         if n > 0 {
             tracing::info!(
@@ -971,6 +988,10 @@ mod tests {
             assert!(sealed(&stored.sealed_vector));
             assert_eq!(cache.open_vector(&stored.sealed_vector).unwrap(), v);
             assert!(Codec::plain().unseal(&stored.sealed_vector).is_err());
+            // One in the clear (from a peer) is refused.
+            assert!(cache
+                .open_vector(&crate::storage::vec_to_bytes(&v))
+                .is_err());
             for i in 0..300 {
                 cache
                     .insert(filler(i), None, "{}".into(), &p, "auto", "m")
@@ -1013,6 +1034,10 @@ mod tests {
             cache
                 .index
                 .frozen(|index, _| index.write_ivf(&file))
+                .unwrap();
+            cache
+                .db()
+                .delete_cf(cache.cf(CF_META), VECTORS_SEALED)
                 .unwrap();
             assert!(!index_sealed());
             flush(&cache);

@@ -4,7 +4,9 @@
 //! (`memfd`) and sealed from there in chunks of [`CHUNK`] bytes, each with
 //! AES-256-GCM under its own nonce and numbered (its place and the count),
 //! so that none can be dropped, repeated or reordered unseen; reading does
-//! the reverse. Memory beyond the index itself: one chunk.
+//! the reverse. Memory: the serialized index in the memfd (as large as the
+//! index; swappable like any anonymous memory) while saving or loading,
+//! plus one chunk.
 
 use crate::{Codec, IndexError, Sealing, VectorIndex};
 use std::fs::File;

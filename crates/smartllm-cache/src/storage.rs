@@ -88,13 +88,20 @@ impl SemanticCache {
         bytes_to_vec(&raw).map(|v| (v, sealing))
     }
 
-    /// A vector from another gateway (the bytes its [`SemanticCache::seal_vector`] made).
+    /// A vector from another gateway (the bytes its [`SemanticCache::seal_vector`]
+    /// made). With a key, one in the clear is refused: anyone who can write
+    /// to the fleet's Redis could otherwise point a sealed answer at any
+    /// question.
     pub fn open_vector(&self, b: &[u8]) -> Result<Vec<f32>, CacheError> {
-        self.unseal_vector(b).map(|(v, _)| v).ok_or_else(|| {
-            CacheError::Codec(crate::CodecError::Corrupt(
+        match self.unseal_vector(b) {
+            Some((_, crate::Sealing::Plain)) if self.codec.encrypted() => {
+                Err(CacheError::Codec(crate::CodecError::Unsealed))
+            }
+            Some((v, _)) => Ok(v),
+            None => Err(CacheError::Codec(crate::CodecError::Corrupt(
                 "a vector that cannot be read with this cache's keys".into(),
-            ))
-        })
+            ))),
+        }
     }
 
     pub(crate) fn load(&self, id: u64) -> Result<Option<Entry>, CacheError> {

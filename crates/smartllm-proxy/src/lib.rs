@@ -132,10 +132,19 @@ impl Shared {
         let tracing = otel::Tracing::start(&runtime.config.tracing);
         // The vector space the embedder makes (model and tokenizer contents,
         // window, dimension): a peer's vectors of another are not used.
+        // With the cache key, vectors travel sealed: tagged apart, so that a
+        // peer without the key (or an earlier release, which reads vectors
+        // in the clear) keeps such entries for their exact key alone, and
+        // this one takes no vector in the clear.
+        let sealed = if runtime.config.cache.encryption_key_file.is_some() {
+            ";sealed"
+        } else {
+            ""
+        };
         let model_tag = components
             .embedder
             .as_ref()
-            .map(|e| e.fingerprint())
+            .map(|e| format!("{}{sealed}", e.fingerprint()))
             .unwrap_or_default();
         let fleet_sync = fleet_sync::FleetSync::new(&runtime.config.fleet, model_tag);
         if fleet_sync.as_ref().is_some_and(|f| f.shares_cache())

@@ -132,10 +132,35 @@ fn key(tenant: &str, id: &str) -> Vec<u8> {
 #[derive(Clone)]
 struct Pending {
     seq: u64,
-    /// `None`: a delete.
+    /// The response a save keeps; for a delete, the save it overtook, if
+    /// any (responses continuing it may need its words).
     stored: Option<Arc<StoredResponse>>,
-    /// What a save continues.
+    /// What that response continues.
     link: Option<Arc<Link>>,
+    deleted: bool,
+}
+
+/// The key under which a response's record notes that another links to it.
+fn linked_key(k: &[u8]) -> Vec<u8> {
+    let mut m = k.to_vec();
+    m.extend_from_slice(b"\0linked");
+    m
+}
+
+/// The key of response `id` of the tenant whose key `k` is.
+fn sibling(k: &[u8], id: &str) -> Option<Vec<u8>> {
+    let len = u32::from_be_bytes(k.get(..4)?.try_into().ok()?) as usize;
+    let mut s = k.get(..4 + len)?.to_vec();
+    s.extend_from_slice(id.as_bytes());
+    Some(s)
+}
+
+/// What a record's JSON is since links were: an older release reads it as
+/// no conversation at all (404, the client sends it whole) rather than as
+/// a partial one.
+#[derive(Serialize, Deserialize)]
+struct Envelope {
+    linked: Record,
 }
 
 struct Op {
@@ -225,10 +250,12 @@ impl ResponsesStore {
             .shared
             .pending
             .get(&k)
-            .map(|p| (p.stored.clone(), p.link.clone()));
-        if let Some((stored, link)) = pending {
+            .map(|p| (p.stored.clone(), p.link.clone(), p.deleted));
+        if let Some((stored, link, deleted)) = pending {
             let chain = stored_as(link.as_deref(), now());
-            return stored.map(|s| (Arc::unwrap_or_clone(s), chain));
+            return stored
+                .filter(|_| !deleted)
+                .map(|s| (Arc::unwrap_or_clone(s), chain));
         }
         let (store, codec, shared) = (self.store.clone(), self.codec.clone(), self.shared.clone());
         let (tenant, id) = (tenant.to_string(), id.to_string());
@@ -242,9 +269,13 @@ impl ResponsesStore {
     /// read without its conversation.
     pub async fn response(&self, tenant: &str, id: &str) -> Option<Value> {
         let k = key(tenant, id);
-        let pending = self.shared.pending.get(&k).map(|p| p.stored.clone());
-        if let Some(stored) = pending {
-            return stored.map(|s| s.response.clone());
+        let pending = self
+            .shared
+            .pending
+            .get(&k)
+            .map(|p| (p.stored.clone(), p.deleted));
+        if let Some((stored, deleted)) = pending {
+            return stored.filter(|_| !deleted).map(|s| s.response.clone());
         }
         let (store, codec) = (self.store.clone(), self.codec.clone());
         tokio::task::spawn_blocking(move || {
@@ -280,6 +311,7 @@ impl ResponsesStore {
             key(tenant, stored.id()),
             Some(Arc::new(stored)),
             link,
+            false,
         );
     }
 
@@ -292,7 +324,13 @@ impl ResponsesStore {
             response: serde_json::json!({"id": id, "object": "response", "provider": provider}),
             messages: Vec::new(),
         };
-        self.queue(tasks, key(&owner(tenant), id), Some(Arc::new(marker)), None);
+        self.queue(
+            tasks,
+            key(&owner(tenant), id),
+            Some(Arc::new(marker)),
+            None,
+            false,
+        );
     }
 
     /// Did a provider speaking Responses give `tenant` the response `id`?
@@ -312,7 +350,7 @@ impl ResponsesStore {
         if self.response(tenant, id).await.is_none() {
             return false;
         }
-        self.queue(tasks, key(tenant, id), None, None);
+        self.queue(tasks, key(tenant, id), None, None, true);
         true
     }
 
@@ -322,6 +360,7 @@ impl ResponsesStore {
         key: Vec<u8>,
         stored: Option<Arc<StoredResponse>>,
         link: Option<Arc<Link>>,
+        deleted: bool,
     ) {
         // Where the operation goes (the writer's queue; past it, or with the
         // writer gone, the blocking pool, where a save needs room) is
@@ -329,7 +368,8 @@ impl ResponsesStore {
         // dropped after that would leave `pending` naming an operation that
         // never runs.
         let slot = self.tx.try_reserve().ok();
-        let room = match (&slot, &stored) {
+        // A delete is never dropped (the client was told it is gone).
+        let room = match (&slot, stored.as_ref().filter(|_| !deleted)) {
             (Some(_), _) | (None, None) => None,
             // An owner's marker is a few bytes and without it the tenant
             // cannot go on from a provider-kept answer: never dropped,
@@ -346,10 +386,22 @@ impl ResponsesStore {
                 }
             },
         };
+        // A delete overtaking a save still queued keeps what it would have
+        // saved: a response continuing it may already link to it.
+        let (stored, link) = match (deleted, self.shared.pending.get(&key)) {
+            (true, Some(p)) => (p.stored.clone(), p.link.clone()),
+            _ => (stored, link),
+        };
         let seq = self.seq.fetch_add(1, Ordering::Relaxed);
-        self.shared
-            .pending
-            .insert(key.clone(), Pending { seq, stored, link });
+        self.shared.pending.insert(
+            key.clone(),
+            Pending {
+                seq,
+                stored,
+                link,
+                deleted,
+            },
+        );
         let op = Op {
             key,
             seq,
@@ -405,8 +457,17 @@ fn apply(store: &Store, codec: &Codec, shared: &Shared, op: Op) {
         std::thread::sleep(Duration::from_micros(200));
     }
     match &p.stored {
-        Some(stored) => write(store, codec, &op.key, stored, p.link.as_deref()),
-        None => tombstone(store, codec, &op.key),
+        Some(stored) => write(
+            store,
+            codec,
+            shared,
+            &op.key,
+            stored,
+            p.link.as_deref(),
+            p.deleted,
+        ),
+        None if p.deleted => tombstone(store, codec, &op.key),
+        None => {}
     }
     pending.remove_if(&op.key, |_, cur| cur.seq == op.seq);
 }
@@ -416,8 +477,8 @@ fn now() -> u64 {
 }
 
 /// Put `record` under `k`, sealed, expiring at `expires_at`.
-fn put_record(store: &Store, codec: &Codec, k: &[u8], record: &Record, expires_at: u64) {
-    let body = match serde_json::to_vec(record)
+fn put_record(store: &Store, codec: &Codec, k: &[u8], record: Record, expires_at: u64) {
+    let body = match serde_json::to_vec(&Envelope { linked: record })
         .map_err(|e| e.to_string())
         .and_then(|b| codec.seal(b).map_err(|e| e.to_string()))
     {
@@ -434,24 +495,53 @@ fn put_record(store: &Store, codec: &Codec, k: &[u8], record: &Record, expires_a
     }
 }
 
-/// A delete: the record stays, without its response object, for the
-/// responses that continue it (until it expires); nobody finds it.
+/// Whether a response links to the one under `k` (an error reads as yes:
+/// its words are kept rather than lost).
+fn has_links(store: &Store, k: &[u8]) -> bool {
+    !matches!(store.get(CF_RESPONSES, &linked_key(k)), Ok(None))
+}
+
+/// A delete of a response not waiting to be saved: gone, unless a response
+/// links to it; then kept, without its response object, for that one
+/// (until it expires), and found by no one.
 fn tombstone(store: &Store, codec: &Codec, k: &[u8]) {
-    let done = match read_record(store, codec, k) {
-        None => store.delete(CF_RESPONSES, k),
+    match store.get(CF_RESPONSES, k) {
+        Ok(None) => return,
+        Err(e) => {
+            tracing::warn!(error = %e, "deleting a stored response failed (read)");
+            return;
+        }
+        Ok(Some(_)) => {}
+    }
+    let kept = has_links(store, k)
+        .then(|| read_record(store, codec, k))
+        .flatten();
+    let done = match kept {
         Some((mut record, expires_at)) => {
             record.response = Value::Null;
             record.deleted = true;
-            put_record(store, codec, k, &record, expires_at);
+            put_record(store, codec, k, record, expires_at);
             Ok(())
         }
+        None => store.delete(CF_RESPONSES, k),
     };
     if let Err(e) = done {
         tracing::warn!(error = %e, "deleting a stored response failed");
     }
 }
 
-fn write(store: &Store, codec: &Codec, k: &[u8], stored: &StoredResponse, link: Option<&Link>) {
+/// Keep `stored` under `k`: as what it adds to the response `link` names
+/// when that one is kept (on disk or queued), else whole. `deleted` (a
+/// delete overtook the save): kept only when a response links to it.
+fn write(
+    store: &Store,
+    codec: &Codec,
+    shared: &Shared,
+    k: &[u8],
+    stored: &StoredResponse,
+    link: Option<&Link>,
+    deleted: bool,
+) {
     let bytes = stored.history_bytes();
     if bytes > MAX_BYTES {
         tracing::info!(
@@ -461,20 +551,49 @@ fn write(store: &Store, codec: &Codec, k: &[u8], stored: &StoredResponse, link: 
         );
         return;
     }
-    let chain = stored_as(link, now());
-    let (messages, parent) = match link {
-        Some(l) if chain.depth > 0 => {
-            (stored.messages[l.prefix..].to_vec(), Some(l.parent.clone()))
+    if deleted && !has_links(store, k) {
+        if let Err(e) = store.delete(CF_RESPONSES, k) {
+            tracing::warn!(error = %e, "deleting a stored response failed");
         }
-        _ => (stored.messages.clone(), None),
+        return;
+    }
+    let now = now();
+    let mut chain = stored_as(link, now);
+    let mut parent = None;
+    if let Some(l) = link.filter(|_| chain.depth > 0) {
+        let pk = sibling(k, &l.parent).unwrap_or_default();
+        let queued = shared.pending.get(&pk).is_some_and(|p| p.stored.is_some());
+        if queued || matches!(store.get(CF_RESPONSES, &pk), Ok(Some(_))) {
+            parent = Some((l, pk));
+        } else {
+            // Its parent is not kept (its save failed, or it was deleted
+            // with nothing linked to it): whole.
+            chain = stored_as(None, now);
+        }
+    }
+    let messages = match &parent {
+        Some((l, pk)) => {
+            let mut note = chain.expires_at.to_be_bytes().to_vec();
+            note.extend_from_slice(b"linked");
+            if let Err(e) = store.put(CF_RESPONSES, &linked_key(pk), &note) {
+                tracing::warn!(error = %e, "storing a response failed (its link)");
+                return;
+            }
+            stored.messages[l.prefix..].to_vec()
+        }
+        None => stored.messages.clone(),
     };
     let record = Record {
-        response: stored.response.clone(),
+        response: if deleted {
+            Value::Null
+        } else {
+            stored.response.clone()
+        },
         messages,
-        parent,
-        deleted: false,
+        parent: parent.map(|(l, _)| l.parent.clone()),
+        deleted,
     };
-    put_record(store, codec, k, &record, chain.expires_at);
+    put_record(store, codec, k, record, chain.expires_at);
 }
 
 /// The record under `k` and when it expires, if it is there, live and readable.
@@ -499,7 +618,11 @@ fn read_record(store: &Store, codec: &Codec, k: &[u8]) -> Option<(Record, u64)> 
             }
         },
     };
-    let record = serde_json::from_slice(&json).ok()?;
+    // Kept before links were: a whole record, bare.
+    let record = serde_json::from_slice::<Envelope>(&json)
+        .map(|e| e.linked)
+        .or_else(|_| serde_json::from_slice::<Record>(&json))
+        .ok()?;
     Some((record, expiry))
 }
 
@@ -787,6 +910,51 @@ mod tests {
         assert!(rs.load("t", "resp_4").await.is_none());
         assert!(rs.load("t", "resp_0").await.is_some());
         assert_eq!(rs.response("t", "resp_4").await.unwrap()["id"], "resp_4");
+    }
+
+    /// A delete that overtakes its response's save after another response
+    /// already continued it: the continuation still reads the whole
+    /// conversation, and the deleted one is found by no one. A delete of a
+    /// response nothing links to removes its record.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_delete_overtaking_a_save_keeps_what_continues_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rs = ResponsesStore::with_queue(store.clone(), Codec::plain(), 16, 64).unwrap();
+        let tasks = TaskTracker::new();
+        // The writer held: every key stripe locked.
+        let held: Vec<_> = rs
+            .shared
+            .stripes
+            .iter()
+            .map(|s| s.lock().unwrap())
+            .collect();
+        next_turn(&rs, &tasks, None, "resp_a", 3);
+        let a = rs.load_chain("t", "resp_a").await.unwrap();
+        next_turn(&rs, &tasks, Some(&a), "resp_b", 3);
+        assert!(rs.delete(&tasks, "t", "resp_a").await);
+        assert!(rs.load("t", "resp_a").await.is_none());
+        assert_eq!(rs.load("t", "resp_b").await.unwrap().messages.len(), 4);
+        drop(held);
+        settle(&rs).await;
+        assert!(rs.load("t", "resp_a").await.is_none());
+        assert!(rs.response("t", "resp_a").await.is_none());
+        assert_eq!(rs.load("t", "resp_b").await.unwrap().messages.len(), 4);
+        let own = read(&store, &Codec::plain(), &key("t", "resp_b")).unwrap();
+        assert_eq!(own.messages.len(), 2, "resp_b links to resp_a");
+        // Nothing links to resp_c: deleted, its record goes.
+        next_turn(&rs, &tasks, None, "resp_c", 3);
+        settle(&rs).await;
+        assert!(store
+            .get(CF_RESPONSES, &key("t", "resp_c"))
+            .unwrap()
+            .is_some());
+        assert!(rs.delete(&tasks, "t", "resp_c").await);
+        settle(&rs).await;
+        assert!(store
+            .get(CF_RESPONSES, &key("t", "resp_c"))
+            .unwrap()
+            .is_none());
     }
 
     /// Past [`MAX_DEPTH`] links, or on links that would expire more than
