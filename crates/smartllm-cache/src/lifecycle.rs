@@ -228,23 +228,27 @@ impl SemanticCache {
     /// is not here). Without a key, nothing. At open, before anything else
     /// uses the store. Returns how many changed.
     ///
-    /// A pass leaves a mark sealed with the current key, so later starts
-    /// with the same key skip the scan; a start without a key removes it
-    /// (vectors may then be stored in the clear), as a rotation outdates it.
+    /// A pass leaves a mark sealed with the current key: later starts with
+    /// the same key decrypt nothing and only look for vectors in the clear;
+    /// a start without a key removes it, as a rotation outdates it.
     fn seal_stored_vectors(&self) -> Result<usize, CacheError> {
         let meta = self.cf(CF_META);
         if !self.codec.encrypted() {
             self.db().delete_cf(meta, VECTORS_SEALED)?;
             return Ok(0);
         }
+        // Marked done with this key: only vectors in the clear (a release
+        // that stored them so, run on this store since) are looked for,
+        // which takes no decryption.
         let mark = self.db().get_cf(meta, VECTORS_SEALED)?;
-        if mark.is_some_and(|m| matches!(self.codec.unseal(&m), Ok((_, Sealing::Current)))) {
-            return Ok(0);
-        }
+        let done = mark.is_some_and(|m| matches!(self.codec.unseal(&m), Ok((_, Sealing::Current))));
         let vectors = self.cf(CF_VECTORS);
         let (mut n, mut batch) = (0usize, WriteBatch::default());
         for item in self.db().iterator_cf(vectors, rocksdb::IteratorMode::Start) {
             let (k, v) = item?;
+            if done && !v.len().is_multiple_of(4) {
+                continue;
+            }
             let keep = match self.unseal_vector(&v) {
                 Some((_, Sealing::Current)) => continue,
                 Some((vector, Sealing::Old)) => Some(vector),
@@ -810,6 +814,13 @@ mod tests {
         cache.db().get_cf(cache.cf(CF_META), EMBEDDER_KEY).unwrap()
     }
 
+    fn fingerprint_of_mark(cache: &SemanticCache) -> Option<Vec<u8>> {
+        cache
+            .db()
+            .get_cf(cache.cf(CF_META), VECTORS_SEALED)
+            .unwrap()
+    }
+
     fn vectors_stored(cache: &SemanticCache) -> usize {
         cache
             .db()
@@ -1035,10 +1046,8 @@ mod tests {
                 .index
                 .frozen(|index, _| index.write_ivf(&file))
                 .unwrap();
-            cache
-                .db()
-                .delete_cf(cache.cf(CF_META), VECTORS_SEALED)
-                .unwrap();
+            // (An earlier release leaves the mark of this key in place.)
+            assert!(fingerprint_of_mark(&cache).is_some());
             assert!(!index_sealed());
             flush(&cache);
         }
@@ -1077,11 +1086,18 @@ mod tests {
             flush(&cache);
         }
         // A key that opens none of them: they are removed, not loaded.
-        let cache = with(Codec::from_key_file(&a).unwrap(), 300);
-        assert_eq!(
-            (cache.stats().index_vectors, vectors_stored(&cache)),
-            (0, 0)
-        );
+        {
+            let cache = with(Codec::from_key_file(&a).unwrap(), 300);
+            assert_eq!(
+                (cache.stats().index_vectors, vectors_stored(&cache)),
+                (0, 0)
+            );
+            assert!(fingerprint_of_mark(&cache).is_some());
+            flush(&cache);
+        }
+        // Opened without a key: the mark goes (vectors may be stored in the clear now).
+        let cache = with(Codec::plain(), 300);
+        assert!(fingerprint_of_mark(&cache).is_none());
     }
 
     /// A file saved while an earlier insert was still under way (its number

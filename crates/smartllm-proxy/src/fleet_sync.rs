@@ -699,8 +699,17 @@ impl FleetSync {
         let with_vector = same_space && !vector.is_empty();
         let cache = cache.clone();
         let outcome = tokio::task::spawn_blocking(move || {
+            // A vector that cannot be used here (one in the clear at a
+            // keyed cache): the entry still serves by its exact key.
             let embedding = match with_vector {
-                true => Some(cache.open_vector(&vector)?),
+                true => match cache.open_vector(&vector) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        count("cache_apply", "vector_refused");
+                        tracing::debug!(error = %e, "a fleet cache entry's vector was not used");
+                        None
+                    }
+                },
                 false => None,
             };
             cache.apply_remote(&sealed, embedding)

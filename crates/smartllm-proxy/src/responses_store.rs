@@ -140,11 +140,20 @@ struct Pending {
     deleted: bool,
 }
 
-/// The key under which a response's record notes that another links to it.
+/// The prefix of the keys noting, one per child, which responses link to
+/// the one under `k` (ids hold no NUL, so no response's key starts so).
 fn linked_key(k: &[u8]) -> Vec<u8> {
     let mut m = k.to_vec();
     m.extend_from_slice(b"\0linked");
     m
+}
+
+/// The note that the response under `child` links to the one under `parent`.
+fn link_note_key(parent: &[u8], child: &[u8]) -> Option<Vec<u8>> {
+    let len = u32::from_be_bytes(child.get(..4)?.try_into().ok()?) as usize;
+    let mut m = linked_key(parent);
+    m.extend_from_slice(child.get(4 + len..)?);
+    Some(m)
 }
 
 /// The key of response `id` of the tenant whose key `k` is.
@@ -177,6 +186,11 @@ struct Shared {
     /// the writer and blocking threads: two of them never do the same key
     /// at once, so an older save cannot land after a newer delete.
     stripes: [Mutex<()>; STRIPES],
+    /// Taken around checking that a parent is kept and noting a link to it,
+    /// and around checking for links and removing a record: a child saved
+    /// on one thread and its parent deleted on another cannot both see the
+    /// other's "before" (stripes keep only one key's operations apart).
+    links: Mutex<()>,
 }
 
 impl Default for Shared {
@@ -184,7 +198,14 @@ impl Default for Shared {
         Self {
             pending: DashMap::new(),
             stripes: std::array::from_fn(|_| Mutex::new(())),
+            links: Mutex::new(()),
         }
+    }
+}
+
+impl Shared {
+    fn links(&self) -> MutexGuard<'_, ()> {
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -466,7 +487,7 @@ fn apply(store: &Store, codec: &Codec, shared: &Shared, op: Op) {
             p.link.as_deref(),
             p.deleted,
         ),
-        None if p.deleted => tombstone(store, codec, &op.key),
+        None if p.deleted => tombstone(store, codec, shared, &op.key),
         None => {}
     }
     pending.remove_if(&op.key, |_, cur| cur.seq == op.seq);
@@ -495,16 +516,51 @@ fn put_record(store: &Store, codec: &Codec, k: &[u8], record: Record, expires_at
     }
 }
 
-/// Whether a response links to the one under `k` (an error reads as yes:
-/// its words are kept rather than lost).
+/// Whether a live response links to the one under `k` (an error reads as
+/// yes: its words are kept rather than lost).
 fn has_links(store: &Store, k: &[u8]) -> bool {
-    !matches!(store.get(CF_RESPONSES, &linked_key(k)), Ok(None))
+    let prefix = linked_key(k);
+    let db = store.db();
+    let Some(cf) = db.cf_handle(CF_RESPONSES) else {
+        return true;
+    };
+    let mut it = db.raw_iterator_cf(cf);
+    it.seek(&prefix);
+    let now = now();
+    while let (Some(key), Some(value)) = (it.key(), it.value()) {
+        if !key.starts_with(&prefix) {
+            break;
+        }
+        let live = value
+            .get(..8)
+            .and_then(|b| b.try_into().ok())
+            .is_none_or(|b| u64::from_be_bytes(b) > now);
+        if live {
+            return true;
+        }
+        it.next();
+    }
+    it.status().is_err()
+}
+
+/// Remove the record under `k` and the note of its link to its parent
+/// (`parent`: the response it continued, if it was kept linked).
+fn remove(store: &Store, k: &[u8], parent: Option<&str>) {
+    if let Some(note) = parent
+        .and_then(|p| sibling(k, p))
+        .and_then(|pk| link_note_key(&pk, k))
+    {
+        let _ = store.delete(CF_RESPONSES, &note);
+    }
+    if let Err(e) = store.delete(CF_RESPONSES, k) {
+        tracing::warn!(error = %e, "deleting a stored response failed");
+    }
 }
 
 /// A delete of a response not waiting to be saved: gone, unless a response
 /// links to it; then kept, without its response object, for that one
 /// (until it expires), and found by no one.
-fn tombstone(store: &Store, codec: &Codec, k: &[u8]) {
+fn tombstone(store: &Store, codec: &Codec, shared: &Shared, k: &[u8]) {
     match store.get(CF_RESPONSES, k) {
         Ok(None) => return,
         Err(e) => {
@@ -513,20 +569,16 @@ fn tombstone(store: &Store, codec: &Codec, k: &[u8]) {
         }
         Ok(Some(_)) => {}
     }
-    let kept = has_links(store, k)
-        .then(|| read_record(store, codec, k))
-        .flatten();
-    let done = match kept {
-        Some((mut record, expires_at)) => {
+    let record = read_record(store, codec, k);
+    let _links = shared.links();
+    match record {
+        Some((mut record, expires_at)) if has_links(store, k) => {
             record.response = Value::Null;
             record.deleted = true;
             put_record(store, codec, k, record, expires_at);
-            Ok(())
         }
-        None => store.delete(CF_RESPONSES, k),
-    };
-    if let Err(e) = done {
-        tracing::warn!(error = %e, "deleting a stored response failed");
+        Some((record, _)) => remove(store, k, record.parent.as_deref()),
+        None => remove(store, k, None),
     }
 }
 
@@ -551,10 +603,9 @@ fn write(
         );
         return;
     }
+    let links = shared.links();
     if deleted && !has_links(store, k) {
-        if let Err(e) = store.delete(CF_RESPONSES, k) {
-            tracing::warn!(error = %e, "deleting a stored response failed");
-        }
+        remove(store, k, link.map(|l| l.parent.as_str()));
         return;
     }
     let now = now();
@@ -575,14 +626,18 @@ fn write(
         Some((l, pk)) => {
             let mut note = chain.expires_at.to_be_bytes().to_vec();
             note.extend_from_slice(b"linked");
-            if let Err(e) = store.put(CF_RESPONSES, &linked_key(pk), &note) {
-                tracing::warn!(error = %e, "storing a response failed (its link)");
+            let put = link_note_key(pk, k)
+                .map(|nk| store.put(CF_RESPONSES, &nk, &note).is_ok())
+                .unwrap_or(false);
+            if !put {
+                tracing::warn!("storing a response failed (its link)");
                 return;
             }
             stored.messages[l.prefix..].to_vec()
         }
         None => stored.messages.clone(),
     };
+    drop(links);
     let record = Record {
         response: if deleted {
             Value::Null
@@ -769,8 +824,15 @@ mod tests {
             }
             tokio::time::sleep(Duration::from_millis(2)).await;
         }
-        assert!(read(&store, &Codec::plain(), &key("t1", "resp_1")).is_none());
-        assert!(read(&store, &Codec::plain(), &key("t1", "resp_2")).is_none());
+        // Nothing links to them: their records are gone.
+        assert!(store
+            .get(CF_RESPONSES, &key("t1", "resp_1"))
+            .unwrap()
+            .is_none());
+        assert!(store
+            .get(CF_RESPONSES, &key("t1", "resp_2"))
+            .unwrap()
+            .is_none());
         assert!(rs.load("t1", "resp_1").await.is_none());
     }
 
@@ -894,6 +956,9 @@ mod tests {
         assert!(rs.delete(&tasks, "t", "resp_2").await);
         assert!(rs.load("t", "resp_2").await.is_none());
         settle(&rs).await;
+        // Kept for resp_3, which links to it, without its response object.
+        let (kept, _) = read_record(&store, &Codec::plain(), &key("t", "resp_2")).unwrap();
+        assert!(kept.deleted && kept.response.is_null() && kept.messages.len() == 2);
         assert!(rs.load("t", "resp_2").await.is_none());
         assert!(rs.response("t", "resp_2").await.is_none());
         assert!(!rs.delete(&tasks, "t", "resp_2").await);
@@ -942,6 +1007,16 @@ mod tests {
         assert_eq!(rs.load("t", "resp_b").await.unwrap().messages.len(), 4);
         let own = read(&store, &Codec::plain(), &key("t", "resp_b")).unwrap();
         assert_eq!(own.messages.len(), 2, "resp_b links to resp_a");
+        // resp_b deleted (nothing links to it): its note on resp_a goes, so
+        // resp_a, deleted already, holds no one's words now; deleting it
+        // again finds nothing.
+        assert!(rs.delete(&tasks, "t", "resp_b").await);
+        settle(&rs).await;
+        assert!(store
+            .get(CF_RESPONSES, &key("t", "resp_b"))
+            .unwrap()
+            .is_none());
+        assert!(!has_links(&store, &key("t", "resp_a")));
         // Nothing links to resp_c: deleted, its record goes.
         next_turn(&rs, &tasks, None, "resp_c", 3);
         settle(&rs).await;
@@ -1061,7 +1136,8 @@ mod tests {
             if k < KEYS / 2 {
                 assert_eq!(got.unwrap().response["output_text"], "last", "key {k}");
             } else {
-                assert!(got.is_none(), "key {k} came back after its delete");
+                let raw = store.get(CF_RESPONSES, &key("t", &format!("resp_{k}")));
+                assert!(raw.unwrap().is_none(), "key {k} came back after its delete");
             }
         }
     }
