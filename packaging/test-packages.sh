@@ -40,6 +40,7 @@ expected="/usr/bin/smartllm
 /usr/lib/smartllm/libonnxruntime.so.1.31.1
 /usr/share/smartllm/model.int8.onnx
 /usr/share/smartllm/model.onnx
+/usr/share/smartllm/paraphrase-l3.int8.onnx
 /usr/share/smartllm/tokenizer.json
 /usr/lib/systemd/system/smartllm.service
 /etc/default/smartllm

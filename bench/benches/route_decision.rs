@@ -53,7 +53,10 @@ fn main() {
                 .unwrap();
             let (e, tv) = (
                 smartllm_embed::pool(&states),
-                smartllm_embed::task_vector(&states),
+                smartllm_embed::task_vector_mapped(
+                    &states,
+                    smartllm_embed::task_map_for(&cfg.embedder.model),
+                ),
             );
             (body.as_object().cloned().unwrap(), e, tv)
         })

@@ -20,7 +20,9 @@
 //! length): speed depends on the length, not the words. Prints Markdown.
 
 use smartllm_config::{Device, EmbedderConfig};
-use smartllm_embed::{local_assets, CpuFusions, Embedder, Model, FP32_MODEL, INT8_MODEL};
+use smartllm_embed::{
+    local_assets, CpuFusions, Embedder, Model, DEFAULT_MODEL, FP32_MODEL, INT8_MODEL, L3_FP32_MODEL,
+};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -255,7 +257,7 @@ fn main() -> Result<(), String> {
         for &len in &lengths {
             let t = Arc::new(texts(&probe, len, 512));
             let mut base = 0.0;
-            for model in [FP32_MODEL, INT8_MODEL] {
+            for model in [FP32_MODEL, INT8_MODEL, DEFAULT_MODEL] {
                 print!("| {model} | {w} | {len} |");
                 let mut first = 0.0;
                 let cfg = config(model, Device::Cpu);
@@ -277,19 +279,22 @@ fn main() -> Result<(), String> {
     }
 
     println!("\n## The production Embedder: 16 concurrent one-text callers\n");
-    println!("| tokens | fp32, 1 worker | int8, 1 worker | int8, {cores} workers (default) | default / fp32 1 worker |\n|---|---|---|---|---|");
+    println!("| tokens | {FP32_MODEL}, 1 worker | {INT8_MODEL}, {cores} workers | {DEFAULT_MODEL}, 1 worker | {DEFAULT_MODEL}, {cores} workers (default) | default / {INT8_MODEL} | default / {FP32_MODEL} 1 worker |\n|---|---|---|---|---|---|---|");
     for &len in &lengths {
         let t = Arc::new(texts(&probe, len, 4096));
-        let (fp32, int8) = (
+        let (fp32, l6, l3) = (
             config(FP32_MODEL, Device::Cpu),
             config(INT8_MODEL, Device::Cpu),
+            config(DEFAULT_MODEL, Device::Cpu),
         );
         let a = through_embedder(&fp32, 1, &t, 16, secs);
-        let b = through_embedder(&int8, 1, &t, 16, secs);
-        let c = through_embedder(&int8, cores, &t, 16, secs);
+        let b = through_embedder(&l6, cores, &t, 16, secs);
+        let c = through_embedder(&l3, 1, &t, 16, secs);
+        let d = through_embedder(&l3, cores, &t, 16, secs);
         println!(
-            "| {len} | {a:.0} | {b:.0} | {c:.0} | {:.2}x |",
-            c / a.max(1e-9)
+            "| {len} | {a:.0} | {b:.0} | {c:.0} | {d:.0} | {:.2}x | {:.2}x |",
+            d / b.max(1e-9),
+            d / a.max(1e-9)
         );
     }
     Ok(())
@@ -319,6 +324,8 @@ fn fusions_main() -> Result<(), String> {
     }
     rows.push((INT8_MODEL.into(), config(INT8_MODEL, Device::Cpu)));
     rows.push((FP32_MODEL.into(), config(FP32_MODEL, Device::Cpu)));
+    rows.push((DEFAULT_MODEL.into(), config(DEFAULT_MODEL, Device::Cpu)));
+    rows.push((L3_FP32_MODEL.into(), config(L3_FP32_MODEL, Device::Cpu)));
     let probe = Model::load_cpu(&config(INT8_MODEL, Device::Cpu)).map_err(|e| e.to_string())?;
     let sessions = rows
         .iter()
@@ -429,11 +436,11 @@ fn per_call(secs: f64, mut f: impl FnMut()) -> f64 {
 fn verifier_main() -> Result<(), String> {
     let secs: f64 = arg("--seconds", "1.5").parse().unwrap_or(1.5);
     let lengths = list("--lengths", "16,64,256");
-    let cfg = config(INT8_MODEL, Device::Cpu);
+    let cfg = config(DEFAULT_MODEL, Device::Cpu);
     let probe = Model::load_cpu(&cfg).map_err(|e| e.to_string())?;
     let embedder = Embedder::load(&cfg).map_err(|e| e.to_string())?;
-    let verifier = smartllm_cache::Verifier::shipped();
-    println!("# The cache verifier next to the embedder (int8 model, one embedder thread, one text per call; {secs} s per cell)\n");
+    let verifier = smartllm_cache::Verifier::for_model(&cfg.model);
+    println!("# The cache verifier next to the embedder (the default model, one embedder thread, one text per call; {secs} s per cell)\n");
     println!("| tokens | embedding (µs) | token states (µs) | states / embedding | verifier features + trees (µs) | verifier / embedding |");
     println!("|---|---|---|---|---|---|");
     for &len in &lengths {
@@ -491,7 +498,7 @@ fn gpu_main() -> Result<(), String> {
     for &w in &threads {
         for &len in &lengths {
             let t = Arc::new(texts(&probe, len, 4096));
-            for model in [FP32_MODEL, INT8_MODEL] {
+            for model in [FP32_MODEL, INT8_MODEL, DEFAULT_MODEL] {
                 let cfg = config(model, Device::Cuda);
                 print!("| {model} | {w} | {len} |");
                 for &b in &batches {
@@ -503,7 +510,7 @@ fn gpu_main() -> Result<(), String> {
     }
     println!("\n## The production Embedder on CUDA: {callers} concurrent one-text callers\n");
     println!("| model | workers | tokens | texts/s |\n|---|---|---|---|");
-    for model in [FP32_MODEL, INT8_MODEL] {
+    for model in [FP32_MODEL, INT8_MODEL, DEFAULT_MODEL] {
         let cfg = config(model, Device::Cuda);
         for &w in &workers {
             for &len in &lengths {

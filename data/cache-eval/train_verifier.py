@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Train the semantic cache's verifier (crates/smartllm-cache/src/verifier.json).
+"""Train the semantic cache's verifier (crates/smartllm-cache/src/verifier-l3.json
+for the default embedding model, verifier.json for all-MiniLM-L6-v2 with --model l6).
 
 The verifier scores a would-be semantic hit from how the two prompts' tokens
 align (see crates/smartllm-cache/src/verify.rs). Its training data are the
@@ -9,6 +10,10 @@ features the gateway itself computes, dumped by the real binary:
     smartllm cache eval --config conf --pairs data/cache-eval/tuning.tsv --features-out /tmp/tuning.tsv
     python3 -m venv /tmp/vv && /tmp/vv/bin/pip install numpy==2.4.6 scikit-learn==1.9.1
     /tmp/vv/bin/python data/cache-eval/train_verifier.py /tmp/train.tsv /tmp/tuning.tsv
+
+The features come from the embedding model the config names (the default,
+paraphrase-MiniLM-L3-v2, writes verifier-l3.json; for all-MiniLM-L6-v2 dump
+them with `embedder.model: model.int8.onnx` and pass `--model l6`).
 
 train.tsv (make_train.py) and tuning.tsv are its only inputs; heldout.tsv is
 never read. It prints cross-validated figures on tuning (5 folds grouped by
@@ -37,7 +42,11 @@ FEATURES = [
 ]
 MIN_COSINE = 0.70
 HERE = os.path.dirname(os.path.abspath(__file__))
-OUT = os.path.join(HERE, "..", "..", "crates", "smartllm-cache", "src", "verifier.json")
+SRC = os.path.join(HERE, "..", "..", "crates", "smartllm-cache", "src")
+MODELS = {
+    "l3": ("verifier-l3.json", "int8 paraphrase-MiniLM-L3-v2 (paraphrase-l3.int8.onnx)"),
+    "l6": ("verifier.json", "int8 all-MiniLM-L6-v2 (model.int8.onnx)"),
+}
 
 
 # Tuning pairs added for calibration only (real SQuAD rewrites and
@@ -104,8 +113,12 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("train")
     ap.add_argument("tuning")
-    ap.add_argument("--out", default=OUT)
+    ap.add_argument("--model", choices=sorted(MODELS), default="l3",
+                    help="the embedding model the features were dumped with")
+    ap.add_argument("--out", help="default: the shipped file for --model")
     args = ap.parse_args()
+    out_file, model_name = MODELS[args.model]
+    args.out = args.out or os.path.join(SRC, out_file)
     Xt, gt, yt, cats_t, groups_t = load(args.train)
     X, g, y, cats, groups = load(args.tuning)
     keep_t = gt & (Xt[:, 0] >= MIN_COSINE)
@@ -157,7 +170,7 @@ def main():
     doc = {
         "about": (
             "gradient-boosted trees (scikit-learn HistGradientBoosting, depth 3, "
-            f"{m.n_iter_} trees) over token-alignment features of the int8 all-MiniLM-L6-v2 "
+            f"{m.n_iter_} trees) over token-alignment features of the {model_name} "
             "model; trained by data/cache-eval/train_verifier.py on data/cache-eval/train.tsv "
             "and tuning.tsv (pairs with cosine >= 0.70 that pass the precision guard); "
             "heldout.tsv never read"

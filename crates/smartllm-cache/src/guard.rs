@@ -194,6 +194,48 @@ const FUNCTION_WORDS: [&str; 73] = [
     "who", "whom", "how", "there", "here", "please", "just", "really", "also",
 ];
 
+/// Words that phrase the same question whichever of their class is used
+/// ("What port ..." / "Which port ...", "How do I ..." / "How can I ...",
+/// "a" / "the"), by class.
+fn wording_class(w: &str) -> &str {
+    match w {
+        "which" => "what",
+        "does" | "can" | "could" => "do",
+        "a" | "an" => "the",
+        w => w,
+    }
+}
+
+/// Whether two prompts are the same words in the same order but for
+/// interchangeable wording ([`wording_class`]): a near-repeat that the
+/// verifier need not judge. Its token states see "do" swapped for "can"
+/// in place, which has the shape of a swapped content word, and the
+/// default model's verifier scored such pairs under its pass score.
+pub fn same_wording(a: &str, b: &str) -> bool {
+    let (a, b) = (strip_fillers(a), strip_fillers(b));
+    // The words drop symbols ("C++" / "C#", "x^2" / "x*2", "<" / ">",
+    // "$" / "€"): those must be the same, in the same order.
+    let symbols = |t: &str| -> String {
+        t.chars()
+            .filter(|c| {
+                !c.is_alphanumeric()
+                    && !c.is_whitespace()
+                    && !matches!(c, '\'' | '\u{2019}' | ',' | '?' | '!')
+            })
+            .collect()
+    };
+    if symbols(a) != symbols(b) {
+        return false;
+    }
+    let (wa, wb) = (plain_words(a), plain_words(b));
+    !wa.is_empty()
+        && wa.len() == wb.len()
+        && wa
+            .iter()
+            .zip(&wb)
+            .all(|(x, y)| wording_class(x) == wording_class(y))
+}
+
 /// The question without the openers and closers that do not change it, and
 /// without trailing punctuation; case kept.
 pub fn strip_fillers(text: &str) -> &str {
@@ -674,6 +716,45 @@ impl Exclusions {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn interchangeable_wording_is_the_same_question() {
+        assert!(same_wording(
+            "How do I reset my password?",
+            "How can I reset my password?"
+        ));
+        assert!(same_wording(
+            "Which port does PostgreSQL listen on?",
+            "Quick question: what port does PostgreSQL listen on"
+        ));
+        assert!(same_wording("Is an apple red?", "Is the apple red?"));
+        // Any other word, another order, or a word more: not the same wording.
+        for (a, b) in [
+            ("When was the tower built?", "Where was the tower built?"),
+            (
+                "How do I reset my password?",
+                "How should I reset my password?",
+            ),
+            (
+                "How did I reset my password?",
+                "How can I reset my password?",
+            ),
+            (
+                "How do I reset my password?",
+                "How do I reset my own password?",
+            ),
+            ("Can I reset it?", "I can reset it?"),
+            (
+                "How do I reverse a string in C++?",
+                "How can I reverse a string in C#?",
+            ),
+            ("Differentiate x^2", "Differentiate x*2"),
+            ("Is a < b?", "Is a > b?"),
+            ("Convert 100 $ to yen", "Convert 100 € to yen"),
+            ("", ""),
+        ] {
+            assert!(!same_wording(a, b), "{a} / {b}");
+        }
+    }
 
     #[test]
     fn word_diff_is_a_multiset_difference_in_linear_time() {

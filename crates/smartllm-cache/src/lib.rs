@@ -38,7 +38,7 @@ pub mod verify;
 
 pub use admin::{CacheStats, Purge};
 pub use entry::{Codec, CodecError, Entry, KeyFileError, Sealing};
-pub use guard::{near_miss, strip_fillers, Exclusions};
+pub use guard::{near_miss, same_wording, strip_fillers, Exclusions};
 pub use index::{IndexError, VectorIndex};
 pub use insert::{Applied, Stored};
 pub use key::{api_chat_key, chat_key, embedding_text, exact_text, CacheKey};

@@ -359,6 +359,9 @@ impl SemanticCache {
         similarity: f32,
     ) -> Result<f32, CacheError> {
         use std::hash::BuildHasher;
+        if crate::same_wording(query, cached) {
+            return Ok(1.0);
+        }
         let key = self.verdict_hasher.hash_one((query, cached));
         if let Some(score) = self
             .verdicts
@@ -430,7 +433,14 @@ impl SemanticCache {
                 "the embedder answered the wrong number of texts".into(),
             ));
         }
-        Ok(crate::Verifier::shipped().score_pair(similarity, a, &b, smartllm_embed::DIM))
+        Ok(
+            crate::Verifier::for_model(&self.embedder.info().model).score_pair(
+                similarity,
+                a,
+                &b,
+                smartllm_embed::DIM,
+            ),
+        )
     }
 }
 
@@ -573,12 +583,13 @@ mod tests {
             };
             assert_eq!(tv.len(), smartllm_embed::TASK_DIM);
             assert!(tv.iter().zip(&want).all(|(a, b)| (a - b).abs() < 1e-5));
-            // Its first half is the embedding over sqrt(3).
-            let embedding = embedding.unwrap();
+            // Its first half is the embedding's whole-text view (through
+            // the model's task map) over sqrt(3).
+            let whole = cache.embedder.whole_task_view(&embedding.unwrap());
             let first = &tv[..smartllm_embed::DIM];
             assert!(first
                 .iter()
-                .zip(&embedding)
+                .zip(&whole)
                 .all(|(a, b)| (a * 3f32.sqrt() - b).abs() < 1e-5));
         }
     }
@@ -674,7 +685,7 @@ mod tests {
     async fn the_verifier_judges_only_the_best_candidates() {
         let (_dir, cache) = open_cache();
         let loose = CachePolicy {
-            similarity_threshold: 0.5,
+            similarity_threshold: 0.3,
             verifier: Some(0.99),
             ..policy()
         };
@@ -706,7 +717,7 @@ mod tests {
             .iter()
             .zip(&v[1..])
             .filter(|(q, e)| {
-                smartllm_embed::cosine(&v[0], e) >= 0.5 && near_miss(query, q).is_none()
+                smartllm_embed::cosine(&v[0], e) >= 0.3 && near_miss(query, q).is_none()
             })
             .count();
         assert!(candidates > MAX_JUDGED, "only {candidates} candidates");

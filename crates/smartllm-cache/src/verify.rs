@@ -13,7 +13,9 @@
 //! It runs only on candidates that already passed the cosine threshold and
 //! the precision guard (the would-be hits), on the blocking pool, with the
 //! two texts' token states from the embedder's threads. The model is a
-//! JSON file compiled in (`verifier.json`), trained by
+//! JSON file compiled in per embedding model (`verifier-l3.json` for the
+//! default paraphrase-MiniLM-L3-v2, `verifier.json` for all-MiniLM-L6-v2),
+//! trained by
 //! `data/cache-eval/train_verifier.py` on the yardstick's training and
 //! tuning pairs only (never the held-out split).
 
@@ -102,13 +104,38 @@ impl Verifier {
         Ok(v)
     }
 
-    /// The model shipped in the binary.
+    /// The model shipped in the binary for the default embedding model
+    /// (paraphrase-MiniLM-L3-v2).
     pub fn shipped() -> &'static Verifier {
+        static SHIPPED: OnceLock<Verifier> = OnceLock::new();
+        SHIPPED.get_or_init(|| {
+            Verifier::from_json(include_str!("verifier-l3.json"))
+                .expect("the shipped verifier-l3.json is checked by a unit test")
+        })
+    }
+
+    /// The model shipped for all-MiniLM-L6-v2 (`model.onnx`,
+    /// `model.int8.onnx`), trained the same way on that model's token
+    /// states.
+    pub fn shipped_l6() -> &'static Verifier {
         static SHIPPED: OnceLock<Verifier> = OnceLock::new();
         SHIPPED.get_or_init(|| {
             Verifier::from_json(include_str!("verifier.json"))
                 .expect("the shipped verifier.json is checked by a unit test")
         })
+    }
+
+    /// The verifier trained on the token states of the model file at
+    /// `model`: the fetched all-MiniLM-L6-v2 files (`model.onnx`,
+    /// `model.int8.onnx`) have theirs; any other file is judged with the
+    /// default model's (paraphrase-MiniLM-L3-v2, `paraphrase-l3*.onnx`).
+    pub fn for_model(model: &std::path::Path) -> &'static Verifier {
+        let name = model.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        if name == "model.onnx" || name == "model.int8.onnx" {
+            Verifier::shipped_l6()
+        } else {
+            Verifier::shipped()
+        }
     }
 
     /// The probability that the pair asks the same thing, 0..1.
@@ -263,10 +290,30 @@ mod tests {
     }
 
     #[test]
-    fn the_shipped_model_loads() {
-        let v = Verifier::shipped();
-        assert!(!v.trees.is_empty());
-        assert!(!v.about.is_empty());
+    fn the_shipped_models_load_and_are_picked_by_model_file() {
+        for v in [Verifier::shipped(), Verifier::shipped_l6()] {
+            assert!(!v.trees.is_empty());
+            assert!(!v.about.is_empty());
+        }
+        assert!(!std::ptr::eq(Verifier::shipped(), Verifier::shipped_l6()));
+        let dir = std::path::Path::new("/usr/share/smartllm");
+        for (file, l6) in [
+            ("model.onnx", true),
+            ("model.int8.onnx", true),
+            ("paraphrase-l3.int8.onnx", false),
+            ("paraphrase-l3.onnx", false),
+            ("mine.onnx", false),
+        ] {
+            let want = if l6 {
+                Verifier::shipped_l6()
+            } else {
+                Verifier::shipped()
+            };
+            assert!(
+                std::ptr::eq(Verifier::for_model(&dir.join(file)), want),
+                "{file}"
+            );
+        }
     }
 
     #[test]

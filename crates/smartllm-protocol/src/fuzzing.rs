@@ -131,7 +131,12 @@ mod tests {
     /// points: a quick stand-in for `make fuzz` that runs in every `make test`.
     #[test]
     fn mutated_seeds_never_panic_the_parsers() {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../fuzz/seeds");
+        // CARGO_MANIFEST_DIR at run time: the test binary may come from a
+        // shared target dir built in another checkout.
+        let root = std::env::var_os("CARGO_MANIFEST_DIR")
+            .map(std::path::PathBuf::from)
+            .unwrap_or_else(|| env!("CARGO_MANIFEST_DIR").into())
+            .join("../../fuzz/seeds");
         let mut rng: u64 = 0x9e37_79b9_7f4a_7c15;
         let mut next = move || {
             rng ^= rng << 13;

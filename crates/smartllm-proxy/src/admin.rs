@@ -762,12 +762,17 @@ impl AdminApp {
                 smartllm_embed::pool(&states[1]),
             );
             let similarity = smartllm_embed::cosine(&va, &vb);
-            let verifier = smartllm_cache::Verifier::shipped().score_pair(
-                similarity,
-                &states[0],
-                &states[1],
-                smartllm_embed::DIM,
-            );
+            // As a lookup judges it: the same wording needs no verdict.
+            let verifier = if smartllm_cache::same_wording(&a, &b) {
+                1.0
+            } else {
+                smartllm_cache::Verifier::for_model(&tails.info().model).score_pair(
+                    similarity,
+                    &states[0],
+                    &states[1],
+                    smartllm_embed::DIM,
+                )
+            };
             let guard = smartllm_cache::near_miss(&a, &b).or_else(|| {
                 smartllm_cache::unread_tails_differ(&tails, &a, &b).then_some("beyond_window")
             });

@@ -96,9 +96,18 @@ pub async fn decide_with(
         }
     }
     let t = Instant::now();
+    // Without a task vector, the embedding's whole-text view (through the
+    // model's task map, as the examples' views are).
+    let whole = match (&task_vector, &embedding, &shared.components.embedder) {
+        (None, Some(v), Some(e)) => Some(e.whole_task_view(v)),
+        _ => None,
+    };
     let mut features = smartllm_router::extract(
         body,
-        task_vector.as_deref().or(embedding.as_deref()),
+        task_vector
+            .as_deref()
+            .or(whole.as_deref())
+            .or(embedding.as_deref()),
         rt.router.classifier.as_deref(),
     );
     // A Messages request with what only Anthropic providers take: models

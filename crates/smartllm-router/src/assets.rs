@@ -115,6 +115,29 @@ impl RouterAssets {
                         tracing::warn!(route = %r.name, model = %c, "the learned router was not trained on this candidate; its profile quality is used");
                     }
                 }
+                // Its weights read one model's embeddings: trained with
+                // another (files name theirs; earlier ones said
+                // "all-MiniLM-L6-v2 (FILE)"), its scores mean little.
+                let model = config
+                    .embedder
+                    .model
+                    .file_name()
+                    .map(|n| n.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                let trained = l
+                    .embedder
+                    .strip_prefix("all-MiniLM-L6-v2 (")
+                    .and_then(|x| x.strip_suffix(')'))
+                    .unwrap_or(&l.embedder);
+                // The int8 and fp32 files of one model make alike vectors.
+                let family = |f: &str| match f {
+                    "model.onnx" | "model.int8.onnx" => "all-MiniLM-L6-v2".to_string(),
+                    f if f.starts_with("paraphrase-l3") => "paraphrase-MiniLM-L3-v2".into(),
+                    f => f.to_string(),
+                };
+                if family(trained) != family(&model) {
+                    tracing::warn!(route = %r.name, trained_with = %l.embedder, embedder = %model, "the learned router was trained on another embedding model's vectors; retrain it (smartllm train-router)");
+                }
                 out.learned.insert(path.clone(), Arc::new(l));
             }
         }

@@ -118,10 +118,20 @@ fn eval(args: Eval<'_>) -> anyhow::Result<()> {
     if let (Some(out), Some(f)) = (args.features_out, &features) {
         write_features(out, &pairs, f)?;
     }
-    let verifier = smartllm_cache::Verifier::shipped();
-    let scores: Option<Vec<f32>> = features
-        .as_ref()
-        .map(|f| f.iter().map(|x| verifier.score(x)).collect());
+    let verifier = smartllm_cache::Verifier::for_model(&embedder.info().model);
+    // As a lookup judges: the same wording needs no verdict.
+    let scores: Option<Vec<f32>> = features.as_ref().map(|f| {
+        f.iter()
+            .zip(&pairs)
+            .map(|(x, p)| {
+                if smartllm_cache::same_wording(&p.a, &p.b) {
+                    1.0
+                } else {
+                    verifier.score(x)
+                }
+            })
+            .collect()
+    });
     let judged = match (&scores, pass) {
         (Some(s), Some(p)) => Some((s.as_slice(), p)),
         _ => None,
@@ -228,11 +238,18 @@ pub(crate) fn pair_scores(
     let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
     let cosines = cosines_with(&embedder, pairs)?;
     let scores = if verifier {
-        let v = smartllm_cache::Verifier::shipped();
+        let v = smartllm_cache::Verifier::for_model(&embedder.info().model);
         Some(
             pair_features(&embedder, pairs, &cosines)?
                 .iter()
-                .map(|f| v.score(f))
+                .zip(pairs)
+                .map(|(f, p)| {
+                    if smartllm_cache::same_wording(&p.a, &p.b) {
+                        1.0
+                    } else {
+                        v.score(f)
+                    }
+                })
                 .collect(),
         )
     } else {

@@ -23,7 +23,20 @@ const DEFAULT_POLICY: CachePolicy = CachePolicy {
 /// cosine a candidate needs to reach it: what `smartllm cache calibrate
 /// --verifier` picks on the yardstick's tuning split for at most 1% of
 /// traps served (bench/README.md, issue #16).
-pub const DEFAULT_VERIFIER_THRESHOLD: f32 = 0.80;
+pub const DEFAULT_VERIFIER_THRESHOLD: f32 = 0.75;
+/// The same for all-MiniLM-L6-v2 (`model.onnx`, `model.int8.onnx`), whose
+/// verifier has trees of its own: the default pass score when the embedder
+/// runs one of those files.
+pub const L6_VERIFIER_THRESHOLD: f32 = 0.80;
+
+/// The verifier's pass score when none is named: the one calibrated for
+/// the embedding model's own verifier.
+pub fn default_verifier_threshold(model: &Path) -> f32 {
+    match model.file_name().and_then(|n| n.to_str()) {
+        Some("model.onnx" | "model.int8.onnx") => L6_VERIFIER_THRESHOLD,
+        _ => DEFAULT_VERIFIER_THRESHOLD,
+    }
+}
 pub const DEFAULT_THRESHOLD: f32 = 0.70;
 /// Without the verifier, the cosine and the guard alone decide: a policy
 /// that turns the verifier off and names no threshold of its own gets at
@@ -109,7 +122,11 @@ pub(super) fn resolve_cache(
         verifier: raw.verifier,
         verifier_threshold: raw.verifier_threshold,
     };
-    let defaults = resolve_policy("cache.", &top, &DEFAULT_POLICY, v);
+    let base = CachePolicy {
+        verifier: Some(default_verifier_threshold(&config.embedder.model)),
+        ..DEFAULT_POLICY
+    };
+    let defaults = resolve_policy("cache.", &top, &base, v);
     let mut routes = BTreeMap::new();
     for (name, p) in &raw.routes {
         if !config.routes.contains_key(name) && config.model(name).is_none() {
@@ -291,6 +308,15 @@ mod tests {
             c.cache.policy(None, "small").verifier,
             Some(super::DEFAULT_VERIFIER_THRESHOLD)
         );
+        // The default pass score is the embedding model's verifier's.
+        let dir = std::path::Path::new("/usr/share/smartllm");
+        for (file, want) in [
+            ("paraphrase-l3.int8.onnx", super::DEFAULT_VERIFIER_THRESHOLD),
+            ("model.int8.onnx", super::L6_VERIFIER_THRESHOLD),
+            ("model.onnx", super::L6_VERIFIER_THRESHOLD),
+        ] {
+            assert_eq!(super::default_verifier_threshold(&dir.join(file)), want);
+        }
         let c = load("cache:\n  verifier_threshold: 0.8\n  routes:\n    auto: { verifier: false }\n    fast: { verifier_threshold: 0.3 }\n").unwrap();
         assert_eq!(c.cache.policy(None, "small").verifier, Some(0.8));
         assert_eq!(c.cache.policy(Some("auto"), "small").verifier, None);

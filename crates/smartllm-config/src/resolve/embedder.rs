@@ -54,7 +54,7 @@ pub(super) fn resolve_embedder(dir: &Path, e: RawEmbedder, v: &mut Issues<'_>) -
         v.push(MAIN_FILE, "embedder.max_queue_wait", "must be above 0");
     }
     EmbedderConfig {
-        model: assets_dir.join(e.model.unwrap_or_else(|| "model.int8.onnx".into())),
+        model: assets_dir.join(e.model.unwrap_or_else(|| "paraphrase-l3.int8.onnx".into())),
         tokenizer: assets_dir.join(e.tokenizer.unwrap_or_else(|| "tokenizer.json".into())),
         onnxruntime: assets_dir.join(
             e.onnxruntime

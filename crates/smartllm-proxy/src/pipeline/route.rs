@@ -66,7 +66,7 @@ pub async fn plan(
             })
             .collect();
     } else {
-        classify(ctx, rt, &request.req);
+        classify(shared, ctx, rt, &request.req);
         if let Some(r) = request.route {
             // Each model once, never the alias's own, then the cap: a list
             // that starts with the model itself still has its fallbacks.
@@ -448,15 +448,21 @@ async fn decide(
 /// Task and complexity of a request on a fixed model (no routing decision),
 /// for the ledger's traffic mix: the features of the prompt, with the
 /// cache's embedding when it made one (keywords otherwise). Microseconds.
-fn classify(ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
+fn classify(shared: &Shared, ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
     if !req.endpoint.is_chat() {
         return;
     }
-    let embedding = ctx.task_vector.as_deref().or_else(|| {
-        ctx.cache_insert
+    // Without a task vector, the cache's embedding in the classifier's
+    // whole-text view (through the model's task map, as the examples').
+    let whole = match (&ctx.task_vector, &shared.components.embedder) {
+        (None, Some(e)) => ctx
+            .cache_insert
             .as_ref()
             .and_then(|p| p.embedding.as_deref())
-    });
+            .map(|v| e.whole_task_view(v)),
+        _ => None,
+    };
+    let embedding = ctx.task_vector.as_deref().or(whole.as_deref());
     let f = smartllm_router::extract_with(
         &req.body,
         embedding,
