@@ -194,46 +194,58 @@ const FUNCTION_WORDS: [&str; 73] = [
     "who", "whom", "how", "there", "here", "please", "just", "really", "also",
 ];
 
-/// Words that phrase the same question whichever of their class is used
-/// ("What port ..." / "Which port ...", "How do I ..." / "How can I ...",
-/// "a" / "the"), by class.
-fn wording_class(w: &str) -> &str {
-    match w {
-        "which" => "what",
-        "does" | "can" | "could" => "do",
-        "a" | "an" => "the",
-        w => w,
+/// Whether `x` and `y`, the `i`-th words of two texts, phrase the same
+/// question either way: "what" / "which", "a" / "an" / "the", and "do" /
+/// "does" / "can" right after "how" and before a person ("How do I ..." /
+/// "How can I ..."; elsewhere "do" and "can" differ: "What do you do?").
+fn interchangeable(x: &str, y: &str, i: usize, a: &[String]) -> bool {
+    fn class(w: &str) -> &str {
+        match w {
+            "which" => "what",
+            "a" | "an" => "the",
+            w => w,
+        }
     }
+    if class(x) == class(y) {
+        return true;
+    }
+    let modal = |w: &str| matches!(w, "do" | "does" | "can");
+    modal(x)
+        && modal(y)
+        && i > 0
+        && a[i - 1] == "how"
+        && a.get(i + 1)
+            .is_some_and(|n| matches!(n.as_str(), "i" | "you" | "we" | "one"))
+}
+
+/// A text's words for [`same_wording`]: split on whitespace, lowercased,
+/// without the sentence punctuation that ends a word; every other
+/// character kept ("C++", "x^2", "-5", "(!done)", "'a'", "fifth").
+fn wording(text: &str) -> Vec<String> {
+    text.split_whitespace()
+        .map(|w| {
+            w.trim_end_matches([',', '.', '?', '!', ';', ':'])
+                .replace('\u{2019}', "'")
+                .to_lowercase()
+        })
+        .filter(|w| !w.is_empty())
+        .collect()
 }
 
 /// Whether two prompts are the same words in the same order but for
-/// interchangeable wording ([`wording_class`]): a near-repeat that the
+/// interchangeable wording ([`interchangeable`]): a near-repeat that the
 /// verifier need not judge. Its token states see "do" swapped for "can"
 /// in place, which has the shape of a swapped content word, and the
 /// default model's verifier scored such pairs under its pass score.
 pub fn same_wording(a: &str, b: &str) -> bool {
-    let (a, b) = (strip_fillers(a), strip_fillers(b));
-    // The words drop symbols ("C++" / "C#", "x^2" / "x*2", "<" / ">",
-    // "$" / "€"): those must be the same, in the same order.
-    let symbols = |t: &str| -> String {
-        t.chars()
-            .filter(|c| {
-                !c.is_alphanumeric()
-                    && !c.is_whitespace()
-                    && !matches!(c, '\'' | '\u{2019}' | ',' | '?' | '!')
-            })
-            .collect()
-    };
-    if symbols(a) != symbols(b) {
-        return false;
-    }
-    let (wa, wb) = (plain_words(a), plain_words(b));
+    let (wa, wb) = (wording(strip_fillers(a)), wording(strip_fillers(b)));
     !wa.is_empty()
         && wa.len() == wb.len()
         && wa
             .iter()
             .zip(&wb)
-            .all(|(x, y)| wording_class(x) == wording_class(y))
+            .enumerate()
+            .all(|(i, (x, y))| x == y || interchangeable(x, y, i, &wa))
 }
 
 /// The question without the openers and closers that do not change it, and
@@ -750,6 +762,16 @@ mod tests {
             ("Differentiate x^2", "Differentiate x*2"),
             ("Is a < b?", "Is a > b?"),
             ("Convert 100 $ to yen", "Convert 100 € to yen"),
+            ("Is -5 less than 3?", "Is 5 less than -3?"),
+            ("What does if (!done) mean?", "What does if (done) mean?"),
+            ("Explain print('a')", "Explain print(a)"),
+            ("What is user?.name", "What is user.name"),
+            (
+                "What is the income of the top five?",
+                "What is the income of the top fifth?",
+            ),
+            ("What do you do?", "What can you do?"),
+            ("Could women vote in 1900?", "Can women vote in 1900?"),
             ("", ""),
         ] {
             assert!(!same_wording(a, b), "{a} / {b}");

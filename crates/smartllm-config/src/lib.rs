@@ -33,7 +33,9 @@ pub use load::{
     MODELS_FILE, PROFILES_FILE, PROVIDERS_FILE, ROUTES_FILE,
 };
 pub use locate::locate;
-pub use resolve::{default_benchmark_tasks, ENV_ASSETS_DIR, ENV_DATA_DIR};
+pub use resolve::{
+    default_benchmark_tasks, default_verifier_threshold, ENV_ASSETS_DIR, ENV_DATA_DIR,
+};
 pub use routing::*;
 pub use types::*;
 

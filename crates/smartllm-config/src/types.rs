@@ -972,6 +972,19 @@ impl Config {
         new.server.h2c = self.server.h2c;
         new.data_dir = self.data_dir.clone();
         new.store = self.store;
+        // The verifier's default pass score follows the embedding model,
+        // which changes on restart only: policies that took the new
+        // model's default keep the running model's until then.
+        let running = crate::default_verifier_threshold(&self.embedder.model);
+        let next = crate::default_verifier_threshold(&new.embedder.model);
+        if running != next {
+            let routes = new.cache.routes.values_mut();
+            for p in std::iter::once(&mut new.cache.defaults).chain(routes) {
+                if p.verifier == Some(next) {
+                    p.verifier = Some(running);
+                }
+            }
+        }
         new.embedder = self.embedder.clone();
         new.logging.level = self.logging.level.clone();
         new.reload.watch = self.reload.watch;
@@ -1010,6 +1023,24 @@ mod tests {
         let applied = old.with_restart_only_from(new);
         assert_eq!(applied.server.listen.port(), 1000);
         assert_eq!(applied.server.max_body_bytes, 1 << 20);
+    }
+
+    /// The verifier's default pass score is the running embedding model's
+    /// until a restart loads the model a reload named.
+    #[test]
+    fn the_default_verifier_pass_score_follows_the_running_model() {
+        let a = write_dir(&[(MAIN_FILE, "")]);
+        let b = write_dir(&[(MAIN_FILE, "embedder:\n  model: model.int8.onnx\n")]);
+        let old = load_dir(a.path()).unwrap();
+        let new = load_dir(b.path()).unwrap();
+        assert_eq!(new.cache.defaults.verifier, Some(0.80));
+        assert_eq!(old.cache.defaults.verifier, Some(0.75));
+        let applied = old.with_restart_only_from(new.clone());
+        assert_eq!(applied.cache.defaults.verifier, Some(0.75));
+        assert_eq!(
+            new.with_restart_only_from(old).cache.defaults.verifier,
+            Some(0.80)
+        );
     }
 
     #[test]

@@ -43,10 +43,13 @@ pub const DEFAULT_THRESHOLD: f32 = 0.70;
 /// least this one (the product's default cosine before the verifier).
 pub const UNVERIFIED_THRESHOLD: f32 = 0.95;
 
+/// `model_pass`: the verifier's pass score when neither the policy nor
+/// its base names one ([`default_verifier_threshold`] of the embedder).
 fn resolve_policy(
     at: &str,
     raw: &RawCachePolicy,
     base: &CachePolicy,
+    model_pass: f32,
     v: &mut Issues<'_>,
 ) -> CachePolicy {
     let verifier_off = raw.verifier == Some(false);
@@ -76,7 +79,7 @@ fn resolve_policy(
     let verifier_threshold = raw
         .verifier_threshold
         .or(base.verifier)
-        .unwrap_or(DEFAULT_VERIFIER_THRESHOLD);
+        .unwrap_or(model_pass);
     if !(0.0..=1.0).contains(&verifier_threshold) {
         v.push(
             CACHE_FILE,
@@ -122,11 +125,12 @@ pub(super) fn resolve_cache(
         verifier: raw.verifier,
         verifier_threshold: raw.verifier_threshold,
     };
+    let model_pass = default_verifier_threshold(&config.embedder.model);
     let base = CachePolicy {
-        verifier: Some(default_verifier_threshold(&config.embedder.model)),
+        verifier: Some(model_pass),
         ..DEFAULT_POLICY
     };
-    let defaults = resolve_policy("cache.", &top, &base, v);
+    let defaults = resolve_policy("cache.", &top, &base, model_pass, v);
     let mut routes = BTreeMap::new();
     for (name, p) in &raw.routes {
         if !config.routes.contains_key(name) && config.model(name).is_none() {
@@ -138,7 +142,13 @@ pub(super) fn resolve_cache(
         }
         routes.insert(
             name.clone(),
-            resolve_policy(&format!("cache.routes.{name}."), p, &defaults, v),
+            resolve_policy(
+                &format!("cache.routes.{name}."),
+                p,
+                &defaults,
+                model_pass,
+                v,
+            ),
         );
     }
     for (i, pat) in raw.exclude.patterns.iter().enumerate() {

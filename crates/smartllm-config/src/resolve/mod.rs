@@ -5,6 +5,7 @@
 //! them all.
 
 mod cache;
+pub use cache::default_verifier_threshold;
 mod embedder;
 mod fleet;
 mod general;
