@@ -1033,13 +1033,13 @@ mod tests {
         let b = write_dir(&[(MAIN_FILE, "embedder:\n  model: model.int8.onnx\n")]);
         let old = load_dir(a.path()).unwrap();
         let new = load_dir(b.path()).unwrap();
-        assert_eq!(new.cache.defaults.verifier, Some(0.80));
-        assert_eq!(old.cache.defaults.verifier, Some(0.75));
+        assert_eq!(new.cache.defaults.verifier, Some(0.90));
+        assert_eq!(old.cache.defaults.verifier, Some(0.70));
         let applied = old.with_restart_only_from(new.clone());
-        assert_eq!(applied.cache.defaults.verifier, Some(0.75));
+        assert_eq!(applied.cache.defaults.verifier, Some(0.70));
         assert_eq!(
             new.with_restart_only_from(old).cache.defaults.verifier,
-            Some(0.80)
+            Some(0.90)
         );
     }
 
