@@ -136,8 +136,8 @@ fn eval(args: Eval<'_>) -> anyhow::Result<()> {
         (Some(s), Some(p)) => Some((s.as_slice(), p)),
         _ => None,
     };
-    let rows = guard::evaluate_verified(&pairs, &cosines, judged, &guard::default_thresholds());
     let configured = cfg.cache.defaults.similarity_threshold;
+    let rows = guard::evaluate_verified(&pairs, &cosines, judged, &thresholds_with(configured));
     // The verifier's pass score swept at the configured cosine threshold.
     let sweep: Vec<(f32, EvalRow)> = match &scores {
         Some(s) if pass.is_some() => (1..20)
@@ -164,6 +164,17 @@ fn eval(args: Eval<'_>) -> anyhow::Result<()> {
         print!("{}", report_text(&report));
     }
     Ok(())
+}
+
+/// The thresholds `cache eval` reports: 0.80-0.99, and the configured one
+/// where it lies outside them (the default 0.70), in order.
+fn thresholds_with(configured: f32) -> Vec<f32> {
+    let mut grid = guard::default_thresholds();
+    if !grid.iter().any(|t| (t - configured).abs() < 1e-6) {
+        grid.push(configured);
+        grid.sort_by(f32::total_cmp);
+    }
+    grid
 }
 
 struct Report<'a> {
@@ -535,6 +546,14 @@ mod tests {
         assert_eq!(v["verifier_sweep"][0]["verifier_threshold"], 0.1);
         assert_eq!(v["verifier_sweep"][0]["recall"], 1.0);
         assert_eq!(v["verifier_sweep"][1]["recall"], 0.0);
+    }
+
+    #[test]
+    fn the_configured_threshold_is_always_reported() {
+        let t = thresholds_with(0.70);
+        assert_eq!(t.len(), 21);
+        assert!((t[0] - 0.70).abs() < 1e-6 && (t[1] - 0.80).abs() < 1e-6);
+        assert_eq!(thresholds_with(0.95).len(), 20);
     }
 
     #[test]

@@ -282,8 +282,9 @@ enum CacheCmd {
         target: AdminTarget,
     },
     /// Duplicates served (recall), traps served (overall and per category) and
-    /// precision over labelled pairs for thresholds 0.80-0.99, with the real
-    /// embedding model and precision guard.
+    /// precision over labelled pairs for thresholds 0.80-0.99 and the
+    /// configured one, with the real embedding model, precision guard and
+    /// verifier.
     Eval {
         /// TSV: text_a, text_b, label (1 duplicate / 0 trap)[, category, source].
         #[arg(long)]
