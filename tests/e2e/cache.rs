@@ -567,7 +567,7 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
         );
         assert_eq!(v["key"], "cache.routes.auto.similarity_threshold");
         // The route's verifier (on by default) takes part, as in the gateway.
-        assert_eq!(v["verifier_threshold"], 0.70, "{v}");
+        assert_eq!(v["verifier_threshold"], 0.75, "{v}");
         v["threshold"].as_f64().unwrap()
     };
     let strict = calibrate("0");
@@ -608,7 +608,7 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
         "--write",
     ]);
     assert!(joint["trap_rate"].as_f64().unwrap() <= 0.01, "{joint}");
-    assert_eq!(joint["current_verifier_threshold"], 0.70, "{joint}");
+    assert_eq!(joint["current_verifier_threshold"], 0.75, "{joint}");
     let (t, pass) = (
         joint["threshold"].as_f64().unwrap(),
         joint["verifier_threshold"].as_f64().unwrap(),

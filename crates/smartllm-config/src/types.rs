@@ -1034,9 +1034,9 @@ mod tests {
         let old = load_dir(a.path()).unwrap();
         let new = load_dir(b.path()).unwrap();
         assert_eq!(new.cache.defaults.verifier, Some(0.90));
-        assert_eq!(old.cache.defaults.verifier, Some(0.70));
+        assert_eq!(old.cache.defaults.verifier, Some(0.75));
         let applied = old.with_restart_only_from(new.clone());
-        assert_eq!(applied.cache.defaults.verifier, Some(0.70));
+        assert_eq!(applied.cache.defaults.verifier, Some(0.75));
         assert_eq!(
             new.with_restart_only_from(old).cache.defaults.verifier,
             Some(0.90)

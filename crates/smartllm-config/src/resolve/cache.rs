@@ -23,7 +23,7 @@ const DEFAULT_POLICY: CachePolicy = CachePolicy {
 /// cosine a candidate needs to reach it: what `smartllm cache calibrate
 /// --verifier` picks on the yardstick's tuning split for at most 1% of
 /// traps served (bench/README.md, issue #16).
-pub const DEFAULT_VERIFIER_THRESHOLD: f32 = 0.70;
+pub const DEFAULT_VERIFIER_THRESHOLD: f32 = 0.75;
 /// The same for all-MiniLM-L6-v2 (`model.onnx`, `model.int8.onnx`), whose
 /// verifier has trees of its own: the default pass score when the embedder
 /// runs one of those files.
