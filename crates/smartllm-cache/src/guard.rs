@@ -806,11 +806,15 @@ fn names(
 }
 
 /// Whether a capitalised word that opens a sentence reads as an ordinary
-/// word there (see [`names`]): a verb in "-ing" ("Burning ...") or an
-/// adverb in "-ly" of six letters or more ("Normally, ..."), or, five
-/// letters or longer, one that shares its first four letters with a word
-/// of `other`.
+/// word there (see [`names`]): a word English dictionaries give only in
+/// lower case ([`ordinary_word`]: "Show ...", "Rewrite ...", "List ..."),
+/// a verb in "-ing" ("Burning ...") or an adverb in "-ly" of six letters
+/// or more ("Normally, ..."), or, five letters or longer, one that shares
+/// its first four letters with a word of `other`.
 fn ordinary_opening(w: &str, other: &BTreeSet<String>) -> bool {
+    if ordinary_word(w) {
+        return true;
+    }
     let chars: Vec<char> = w.chars().collect();
     if (chars.len() >= 5 && w.ends_with("ing")) || (chars.len() >= 6 && w.ends_with("ly")) {
         return true;
@@ -819,6 +823,23 @@ fn ordinary_opening(w: &str, other: &BTreeSet<String>) -> bool {
         let stem: String = chars[..4].iter().collect();
         other.iter().any(|o| o.starts_with(&stem))
     }
+}
+
+/// Whether SCOWL's American and British English word lists give `w`
+/// (lower case) only in lower case: "show", "rewrite", "rust", but not
+/// "apple" (also "Apple"), "python" ("Python") or "kubernetes" (in
+/// neither). Such a word opening a sentence is capitalised by its place,
+/// not as a name. The list (`ordinary-words.txt`, 64,369 words, sorted) is
+/// made by `data/cache-eval/make_ordinary_words.py`; it is read once, on
+/// first use, on the thread that runs the guard (never a proxy thread).
+fn ordinary_word(w: &str) -> bool {
+    static WORDS: LazyLock<Vec<&'static str>> = LazyLock::new(|| {
+        include_str!("ordinary-words.txt")
+            .lines()
+            .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .collect()
+    });
+    WORDS.binary_search(&w).is_ok()
 }
 
 /// Abbreviations whose full stop does not end a sentence.
@@ -1242,6 +1263,33 @@ mod tests {
             ),
             None
         );
+        // An opening verb the dictionaries give only in lower case is an
+        // ordinary word; a word they also capitalise, or do not know, may
+        // be a name.
+        for (a, b) in [
+            (
+                "Show the names of all singers older than 30.",
+                "What are the names of the singers who are older than 30?",
+            ),
+            (
+                "Rewrite this email so it sounds polite.",
+                "make this email sound polite",
+            ),
+        ] {
+            assert_eq!(near_miss(a, b), None, "{a:?} / {b:?}");
+        }
+        for (a, b) in [
+            (
+                "Python list comprehension examples",
+                "list comprehension examples",
+            ),
+            ("Berlin weather this weekend", "weather this weekend"),
+            ("Kubernetes pod keeps restarting", "my pod keeps restarting"),
+        ] {
+            assert_eq!(near_miss(a, b), Some("entities"), "{a:?} / {b:?}");
+        }
+        assert!(ordinary_word("show") && ordinary_word("summarise") && ordinary_word("rewrite"));
+        assert!(!ordinary_word("apple") && !ordinary_word("tesla") && !ordinary_word("Show"));
         // A name inside a sentence, or an opening one the pair names
         // elsewhere, or one written with inner capitals, is still a name.
         for (a, b) in [

@@ -1033,14 +1033,16 @@ mod tests {
         let b = write_dir(&[(MAIN_FILE, "embedder:\n  model: model.int8.onnx\n")]);
         let old = load_dir(a.path()).unwrap();
         let new = load_dir(b.path()).unwrap();
-        assert_eq!(new.cache.defaults.verifier, Some(0.90));
-        assert_eq!(old.cache.defaults.verifier, Some(0.75));
-        let applied = old.with_restart_only_from(new.clone());
-        assert_eq!(applied.cache.defaults.verifier, Some(0.75));
-        assert_eq!(
-            new.with_restart_only_from(old).cache.defaults.verifier,
-            Some(0.90)
+        let (l3, l6) = (
+            Some(crate::resolve::cache::DEFAULT_VERIFIER_THRESHOLD),
+            Some(crate::resolve::cache::L6_VERIFIER_THRESHOLD),
         );
+        assert_ne!(l3, l6);
+        assert_eq!(new.cache.defaults.verifier, l6);
+        assert_eq!(old.cache.defaults.verifier, l3);
+        let applied = old.with_restart_only_from(new.clone());
+        assert_eq!(applied.cache.defaults.verifier, l3);
+        assert_eq!(new.with_restart_only_from(old).cache.defaults.verifier, l6);
     }
 
     #[test]

@@ -23,11 +23,11 @@ const DEFAULT_POLICY: CachePolicy = CachePolicy {
 /// cosine a candidate needs to reach it: what `smartllm cache calibrate
 /// --verifier` picks on the yardstick's tuning split for at most 1% of
 /// traps served (bench/README.md, issue #16).
-pub const DEFAULT_VERIFIER_THRESHOLD: f32 = 0.75;
+pub const DEFAULT_VERIFIER_THRESHOLD: f32 = 0.70;
 /// The same for all-MiniLM-L6-v2 (`model.onnx`, `model.int8.onnx`), whose
 /// verifier has trees of its own: the default pass score when the embedder
 /// runs one of those files.
-pub const L6_VERIFIER_THRESHOLD: f32 = 0.90;
+pub const L6_VERIFIER_THRESHOLD: f32 = 0.85;
 
 /// The verifier's pass score when none is named: the one calibrated for
 /// the embedding model's own verifier.

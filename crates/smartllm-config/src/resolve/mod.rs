@@ -4,7 +4,7 @@
 //! problem is pushed to [`Issues`] and resolution goes on, so one load reports
 //! them all.
 
-mod cache;
+pub(crate) mod cache;
 pub use cache::default_verifier_threshold;
 mod embedder;
 mod fleet;
