@@ -412,6 +412,73 @@ fn wording(text: &str) -> Vec<String> {
         .collect()
 }
 
+/// Words two prompts must share in whole sentences around what they differ
+/// in before [`differing_parts`] sets them aside.
+pub const MIN_FRAME_WORDS: usize = 12;
+
+/// What two prompts differ in when they share a frame: whole sentences (or
+/// lines, or segments ending in ":" or ";") at the start and/or the end,
+/// of [`MIN_FRAME_WORDS`] words or more, such as a context or template
+/// before the question ("Context: ... Question: How do I ...?"). The
+/// verifier judges these parts ([`crate::score_differing_parts`]): on the
+/// whole texts the shared words align perfectly and make two different
+/// questions look alike. `None` when the texts share no such frame, or
+/// when one of them is all frame (an added or dropped sentence, judged
+/// on the whole texts). Segments are compared by their words, ignoring
+/// case and spacing.
+pub fn differing_parts<'a>(a: &'a str, b: &'a str) -> Option<(&'a str, &'a str)> {
+    let (sa, sb) = (segments(a), segments(b));
+    let same = |x: &(usize, usize), t: &str, y: &(usize, usize), u: &str| {
+        let (x, y) = (&t[x.0..x.1], &u[y.0..y.1]);
+        x.split_whitespace()
+            .map(str::to_lowercase)
+            .eq(y.split_whitespace().map(str::to_lowercase))
+    };
+    let n = sa.len().min(sb.len());
+    let mut head = 0;
+    while head < n && same(&sa[head], a, &sb[head], b) {
+        head += 1;
+    }
+    let mut tail = 0;
+    while tail < n - head && same(&sa[sa.len() - 1 - tail], a, &sb[sb.len() - 1 - tail], b) {
+        tail += 1;
+    }
+    if head + tail == 0 || head + tail >= sa.len() || head + tail >= sb.len() {
+        return None;
+    }
+    let shared: usize = sa[..head]
+        .iter()
+        .chain(&sa[sa.len() - tail..])
+        .map(|&(i, j)| a[i..j].split_whitespace().count())
+        .sum();
+    if shared < MIN_FRAME_WORDS {
+        return None;
+    }
+    let middle = |t: &'a str, s: &[(usize, usize)]| t[s[head].0..s[s.len() - 1 - tail].1].trim();
+    Some((middle(a, &sa), middle(b, &sb)))
+}
+
+/// The byte ranges of a text's segments: each ends after ".", "?", "!",
+/// ":" or ";" followed by whitespace, or after a line break; segments of
+/// whitespace alone are dropped.
+fn segments(text: &str) -> Vec<(usize, usize)> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::new();
+    let mut start = 0;
+    for (i, &c) in bytes.iter().enumerate() {
+        let ends = c == b'\n'
+            || (matches!(c, b'.' | b'?' | b'!' | b':' | b';')
+                && bytes.get(i + 1).is_some_and(u8::is_ascii_whitespace));
+        if ends {
+            out.push((start, i + 1));
+            start = i + 1;
+        }
+    }
+    out.push((start, text.len()));
+    out.retain(|&(i, j)| !text[i..j].trim().is_empty());
+    out
+}
+
 /// Whether two prompts are the same words in the same order but for
 /// interchangeable wording ([`interchangeable`]): a near-repeat that the
 /// verifier need not judge. Its token states see "do" swapped for "can"
@@ -1788,7 +1855,32 @@ pub fn evaluate_verified(
     verifier: Option<(&[f32], f32)>,
     thresholds: &[f32],
 ) -> Vec<EvalRow> {
+    evaluate_gated(
+        pairs,
+        cosines,
+        verifier,
+        thresholds,
+        &vec![false; pairs.len()],
+    )
+}
+
+/// [`evaluate_verified`] as a lookup decides for prompts longer than the
+/// embedding model's window: `beyond_window[i]` when pair `i`'s texts
+/// differ past it (`unread_tails_differ`), which no lookup serves, so the
+/// pair counts as blocked before the verifier, like a guard verdict.
+pub fn evaluate_gated(
+    pairs: &[LabelledPair],
+    cosines: &[f32],
+    verifier: Option<(&[f32], f32)>,
+    thresholds: &[f32],
+    beyond_window: &[bool],
+) -> Vec<EvalRow> {
     assert_eq!(pairs.len(), cosines.len(), "one cosine per pair");
+    assert_eq!(
+        pairs.len(),
+        beyond_window.len(),
+        "one window verdict per pair"
+    );
     let verified: Vec<bool> = match verifier {
         Some((scores, pass)) => {
             assert_eq!(scores.len(), pairs.len(), "one verifier score per pair");
@@ -1798,7 +1890,8 @@ pub fn evaluate_verified(
     };
     let guard_ok: Vec<bool> = pairs
         .iter()
-        .map(|p| near_miss(&p.a, &p.b).is_none())
+        .zip(beyond_window)
+        .map(|(p, &unread)| !unread && near_miss(&p.a, &p.b).is_none())
         .collect();
     // The exact stage answers these before any embedding (see `key::exact_text`).
     let exact: Vec<bool> = pairs
@@ -1933,6 +2026,39 @@ mod eval_tests {
     }
 
     #[test]
+    fn differing_parts_set_aside_a_shared_context_or_template() {
+        let context = "Context: you answer customers of an accounting application \
+            that keeps invoices and receipts in one ledger. Be short.";
+        let a = format!("{context} Question: How do I reset my password?");
+        let b = format!("{context}\nQuestion:  how do I delete my account?");
+        assert_eq!(
+            differing_parts(&a, &b),
+            Some(("How do I reset my password?", "how do I delete my account?"))
+        );
+        // A frame at the end counts too.
+        let rules = "Answer in one short paragraph. Use plain words and no lists at all, please.";
+        let a = format!("What is a monad? {rules}");
+        let b = format!("Explain monads to me. {rules}");
+        assert_eq!(
+            differing_parts(&a, &b),
+            Some(("What is a monad?", "Explain monads to me."))
+        );
+        // Too few shared words, no shared sentence, or one text all frame.
+        assert_eq!(
+            differing_parts("Hi there. What is a monad?", "Hi there. What is a functor?"),
+            None
+        );
+        assert_eq!(
+            differing_parts("How do I reset my password?", "How do I reset my PIN?"),
+            None
+        );
+        assert_eq!(
+            differing_parts(&format!("{context} Thanks."), context),
+            None
+        );
+    }
+
+    #[test]
     fn evaluate_reports_recall_trap_rate_and_categories() {
         let pairs = vec![
             pair(
@@ -1962,6 +2088,18 @@ mod eval_tests {
         let rows = evaluate(&pairs, &cosines, &[0.80, 0.95]);
         let loose = &rows[0];
         assert_eq!((loose.true_positives, loose.false_positives), (2, 1));
+        // A pair whose texts differ past the model's window is never
+        // served, whatever its cosine: blocked before the verifier.
+        let unread = [false, false, true, false, false];
+        let gated = &evaluate_gated(&pairs, &cosines, None, &[0.80], &unread)[0];
+        assert_eq!(
+            (
+                gated.true_positives,
+                gated.false_positives,
+                gated.guard_blocked
+            ),
+            (2, 0, 3)
+        );
         assert_eq!(loose.guard_blocked, 2, "negation and scope");
         assert!((loose.recall - 1.0).abs() < 1e-9);
         assert!((loose.trap_rate - 1.0 / 3.0).abs() < 1e-9);

@@ -398,6 +398,9 @@ impl SemanticCache {
         similarity: f32,
     ) -> Result<f32, CacheError> {
         use std::hash::BuildHasher;
+        if let Some(score) = score_differing_parts(&self.embedder, query, cached) {
+            return Ok(score?);
+        }
         let key = self.verdict_hasher.hash_one(cached);
         let kept = self
             .cached_states
@@ -454,6 +457,55 @@ impl SemanticCache {
 pub fn unread_tails_differ(embedder: &smartllm_embed::Embedder, query: &str, cached: &str) -> bool {
     unread_tail(embedder, query) != unread_tail(embedder, cached)
 }
+
+/// The verifier's pass judgement of two prompts that share a frame
+/// ([`crate::guard::differing_parts`]: a context or template around the
+/// question) made on the parts they differ in, embedded on their own (one
+/// model run of both; blocking): their cosine, and the verifier's score,
+/// which is 0 when that cosine is under [`VERIFIER_MIN_COSINE`] (the
+/// verifier only ever judges pairs at least that close). `None` when the
+/// prompts share no frame: the whole texts are judged.
+pub fn score_differing_parts(
+    embedder: &smartllm_embed::Embedder,
+    query: &str,
+    cached: &str,
+) -> Option<Result<f32, smartllm_embed::EmbedError>> {
+    let (q, c) = (
+        crate::key::embedding_text(query),
+        crate::key::embedding_text(cached),
+    );
+    let (a, b) = crate::guard::differing_parts(&q, &c)?;
+    if crate::same_wording(a, b) {
+        return Some(Ok(1.0));
+    }
+    Some(
+        embedder
+            .token_states_blocking(vec![a.to_string(), b.to_string()])
+            .and_then(|states| match states.as_slice() {
+                [a, b] if !a.is_empty() && !b.is_empty() => Ok((a.clone(), b.clone())),
+                _ => Err(smartllm_embed::EmbedError::Inference(
+                    "the embedder answered the wrong number of texts".into(),
+                )),
+            })
+            .map(|(a, b)| {
+                let cosine =
+                    smartllm_embed::cosine(&smartllm_embed::pool(&a), &smartllm_embed::pool(&b));
+                if cosine < VERIFIER_MIN_COSINE {
+                    return 0.0;
+                }
+                crate::Verifier::for_model(&embedder.info().model).score_pair(
+                    cosine,
+                    &a,
+                    &b,
+                    smartllm_embed::DIM,
+                )
+            }),
+    )
+}
+
+/// The lowest cosine of the pairs the verifiers were trained on
+/// (`data/cache-eval/train_verifier.py`'s `MIN_COSINE`).
+pub const VERIFIER_MIN_COSINE: f32 = 0.70;
 
 /// What of a prompt's embedded text lies past the model's window
 /// (normalised), or None when the model reads all of it.
@@ -677,6 +729,63 @@ mod tests {
         .await
         .unwrap();
         assert!(!same_end && other_end && !short);
+    }
+
+    /// Two prompts that share a context around the question are judged on
+    /// the questions: another question in the same context is no hit,
+    /// although the shared words make the whole texts nearly the same.
+    #[tokio::test]
+    async fn a_shared_context_is_set_aside_and_the_questions_are_judged() {
+        let (_dir, cache) = open_cache();
+        let verified = CachePolicy {
+            similarity_threshold: 0.7,
+            verifier: Some(0.7),
+            ..policy()
+        };
+        let context = "Context: you answer customers of an accounting application that \
+            keeps invoices, receipts and bank feeds in one ledger. Answers are short \
+            and point to the screen where a setting lives.\nQuestion: ";
+        let stored = format!("{context}How do I reset my password?");
+        cache
+            .insert(key("t", &stored), None, "{}".into(), &verified, "auto", "m")
+            .await
+            .unwrap();
+        let other = format!("{context}Which report shows the taxes I owe this quarter?");
+        match cache.lookup(&key("t", &other), &verified, 8).await.unwrap() {
+            Lookup::Miss {
+                best_similarity,
+                rejected,
+                ..
+            } => {
+                // Above the bar on the whole texts: the verifier said no.
+                assert!(best_similarity.unwrap() > 0.7, "{best_similarity:?}");
+                assert_eq!(rejected, Some("verifier"));
+            }
+            Lookup::Hit { .. } => panic!("another question's answer served"),
+        }
+        let reworded = format!("{context}What is the way to reset my password?");
+        let hit = cache
+            .lookup(&key("t", &reworded), &verified, 8)
+            .await
+            .unwrap();
+        assert!(
+            matches!(hit, Lookup::Hit { .. }),
+            "the same question reworded"
+        );
+        let c = cache.clone();
+        let (framed, plain) = tokio::task::spawn_blocking(move || {
+            (
+                score_differing_parts(&c.embedder, &stored, &other),
+                score_differing_parts(
+                    &c.embedder,
+                    "How do I reset my password?",
+                    "How do I delete my account?",
+                ),
+            )
+        })
+        .await
+        .unwrap();
+        assert!(framed.unwrap().unwrap() < 0.7 && plain.is_none());
     }
 
     /// The verifier judges at most MAX_JUDGED candidates per lookup (each

@@ -763,8 +763,12 @@ impl AdminApp {
             );
             let similarity = smartllm_embed::cosine(&va, &vb);
             // As a lookup judges it: the same wording needs no verdict.
+            let parts = smartllm_cache::score_differing_parts(&tails, &a, &b);
             let verifier = if smartllm_cache::same_wording(&a, &b) {
                 1.0
+            } else if let Some(Ok(score)) = parts {
+                // A shared context or template: judged on what differs.
+                score
             } else {
                 smartllm_cache::Verifier::for_model(&tails.info().model).score_pair(
                     similarity,

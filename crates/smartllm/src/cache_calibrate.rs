@@ -90,7 +90,11 @@ pub fn calibrate(c: Calibrate<'_>) -> anyhow::Result<()> {
         "--verifier: the verifier is off for {} (cache.verifier: false)",
         c.route.unwrap_or("the default")
     );
-    let (cosines, scores) = pair_scores(&cfg, &pairs, policy.verifier.is_some())?;
+    let crate::cache_cli::PairScores {
+        cosines,
+        scores,
+        beyond_window,
+    } = pair_scores(&cfg, &pairs, policy.verifier.is_some())?;
     let current = policy.similarity_threshold;
     let current_pass = policy.verifier;
     let mut verifier = policy.verifier;
@@ -103,7 +107,13 @@ pub fn calibrate(c: Calibrate<'_>) -> anyhow::Result<()> {
             .map(|p| {
                 (
                     p,
-                    guard::evaluate_verified(&pairs, &cosines, Some((scores, p)), &grid()),
+                    guard::evaluate_gated(
+                        &pairs,
+                        &cosines,
+                        Some((scores, p)),
+                        &grid(),
+                        &beyond_window,
+                    ),
                 )
             })
             .collect();
@@ -113,7 +123,7 @@ pub fn calibrate(c: Calibrate<'_>) -> anyhow::Result<()> {
         })
     } else {
         let judged = scores.as_deref().zip(policy.verifier);
-        rows = guard::evaluate_verified(&pairs, &cosines, judged, &grid());
+        rows = guard::evaluate_gated(&pairs, &cosines, judged, &grid(), &beyond_window);
         choose(&rows, c.max_trap_rate)
     };
     let chosen = chosen.ok_or_else(|| {

@@ -110,6 +110,7 @@ fn eval(args: Eval<'_>) -> anyhow::Result<()> {
     }
     let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
     let cosines = cosines_with(&embedder, &pairs)?;
+    let unread = beyond_window(&embedder, &pairs);
     let features = if pass.is_some() || args.features_out.is_some() {
         Some(pair_features(&embedder, &pairs, &cosines)?)
     } else {
@@ -123,13 +124,7 @@ fn eval(args: Eval<'_>) -> anyhow::Result<()> {
     let scores: Option<Vec<f32>> = features.as_ref().map(|f| {
         f.iter()
             .zip(&pairs)
-            .map(|(x, p)| {
-                if smartllm_cache::same_wording(&p.a, &p.b) {
-                    1.0
-                } else {
-                    verifier.score(x)
-                }
-            })
+            .map(|(x, p)| judge(&embedder, verifier, p, x))
             .collect()
     });
     let judged = match (&scores, pass) {
@@ -137,13 +132,19 @@ fn eval(args: Eval<'_>) -> anyhow::Result<()> {
         _ => None,
     };
     let configured = cfg.cache.defaults.similarity_threshold;
-    let rows = guard::evaluate_verified(&pairs, &cosines, judged, &thresholds_with(configured));
+    let rows = guard::evaluate_gated(
+        &pairs,
+        &cosines,
+        judged,
+        &thresholds_with(configured),
+        &unread,
+    );
     // The verifier's pass score swept at the configured cosine threshold.
     let sweep: Vec<(f32, EvalRow)> = match &scores {
         Some(s) if pass.is_some() => (1..20)
             .map(|i| i as f32 / 20.0)
             .filter_map(|p| {
-                guard::evaluate_verified(&pairs, &cosines, Some((s, p)), &[configured])
+                guard::evaluate_gated(&pairs, &cosines, Some((s, p)), &[configured], &unread)
                     .pop()
                     .map(|r| (p, r))
             })
@@ -245,28 +246,66 @@ pub(crate) fn pair_scores(
     cfg: &smartllm_config::Config,
     pairs: &[LabelledPair],
     verifier: bool,
-) -> anyhow::Result<(Vec<f32>, Option<Vec<f32>>)> {
+) -> anyhow::Result<PairScores> {
     let embedder = Embedder::load(&cfg.embedder).context("loading the embedding model")?;
     let cosines = cosines_with(&embedder, pairs)?;
+    let beyond_window = beyond_window(&embedder, pairs);
     let scores = if verifier {
         let v = smartllm_cache::Verifier::for_model(&embedder.info().model);
         Some(
             pair_features(&embedder, pairs, &cosines)?
                 .iter()
                 .zip(pairs)
-                .map(|(f, p)| {
-                    if smartllm_cache::same_wording(&p.a, &p.b) {
-                        1.0
-                    } else {
-                        v.score(f)
-                    }
-                })
+                .map(|(f, p)| judge(&embedder, v, p, f))
                 .collect(),
         )
     } else {
         None
     };
-    Ok((cosines, scores))
+    Ok(PairScores {
+        cosines,
+        scores,
+        beyond_window,
+    })
+}
+
+/// The verifier's score of a pair as a lookup judges it: the same wording
+/// needs no verdict; two prompts that share a frame (a context or template
+/// around the question) are judged on the parts they differ in (one more
+/// model run); others on `features` of their whole texts.
+fn judge(
+    embedder: &Embedder,
+    verifier: &smartllm_cache::Verifier,
+    pair: &LabelledPair,
+    features: &[f32; smartllm_cache::verify::N],
+) -> f32 {
+    if smartllm_cache::same_wording(&pair.a, &pair.b) {
+        return 1.0;
+    }
+    match smartllm_cache::score_differing_parts(embedder, &pair.a, &pair.b) {
+        // An embedding failure in a tool run is a failed pair, not a hit.
+        Some(score) => score.unwrap_or(0.0),
+        None => verifier.score(features),
+    }
+}
+
+/// What a lookup would see of each labelled pair ([`pair_scores`]).
+pub(crate) struct PairScores {
+    pub cosines: Vec<f32>,
+    /// The verifier's score of each pair, when asked for.
+    pub scores: Option<Vec<f32>>,
+    /// Whether the pair's texts differ past the model's window.
+    pub beyond_window: Vec<bool>,
+}
+
+/// Whether each pair's texts differ past the embedding model's window
+/// (`embedder.max_seq_len` tokens): a lookup never serves such a pair
+/// (`beyond_window`), so neither does an evaluation.
+fn beyond_window(embedder: &Embedder, pairs: &[LabelledPair]) -> Vec<bool> {
+    pairs
+        .iter()
+        .map(|p| smartllm_cache::unread_tails_differ(embedder, &p.a, &p.b))
+        .collect()
 }
 
 /// Both texts of each pair, as the cache embeds them, in order.
