@@ -44,7 +44,8 @@ pub use insert::{Applied, Stored};
 pub use key::{api_chat_key, chat_key, embedding_text, exact_text, CacheKey};
 pub use lifecycle::INDEX_FILE;
 pub use lookup::{
-    score_differing_parts, unread_tails_differ, HitKind, Lookup, LookupTimes, VERIFIER_MIN_COSINE,
+    differing_parts_features, score_differing_parts, unread_tails_differ, HitKind, Lookup,
+    LookupTimes, VERIFIER_MIN_COSINE,
 };
 pub use verify::Verifier;
 

@@ -461,9 +461,10 @@ pub fn unread_tails_differ(embedder: &smartllm_embed::Embedder, query: &str, cac
 /// The verifier's pass judgement of two prompts that share a frame
 /// ([`crate::guard::differing_parts`]: a context or template around the
 /// question) made on the parts they differ in, embedded on their own (one
-/// model run of both; blocking): their cosine, and the verifier's score,
-/// which is 0 when that cosine is under [`VERIFIER_MIN_COSINE`] (the
-/// verifier only ever judges pairs at least that close). `None` when the
+/// model run of both; blocking): the verifier's score of
+/// [`differing_parts_features`], which is 0 when the parts' cosine is under
+/// [`VERIFIER_MIN_COSINE`] (the verifier only ever judges pairs at least
+/// that close), and 1 when the parts are worded the same. `None` when the
 /// prompts share no frame: the whole texts are judged.
 pub fn score_differing_parts(
     embedder: &smartllm_embed::Embedder,
@@ -478,29 +479,48 @@ pub fn score_differing_parts(
     if crate::same_wording(a, b) {
         return Some(Ok(1.0));
     }
-    Some(
-        embedder
-            .token_states_blocking(vec![a.to_string(), b.to_string()])
-            .and_then(|states| match states.as_slice() {
-                [a, b] if !a.is_empty() && !b.is_empty() => Ok((a.clone(), b.clone())),
-                _ => Err(smartllm_embed::EmbedError::Inference(
-                    "the embedder answered the wrong number of texts".into(),
-                )),
-            })
-            .map(|(a, b)| {
-                let cosine =
-                    smartllm_embed::cosine(&smartllm_embed::pool(&a), &smartllm_embed::pool(&b));
-                if cosine < VERIFIER_MIN_COSINE {
-                    return 0.0;
-                }
-                crate::Verifier::for_model(&embedder.info().model).score_pair(
-                    cosine,
-                    &a,
-                    &b,
-                    smartllm_embed::DIM,
-                )
-            }),
-    )
+    Some(parts_features(embedder, a, b).map(|features| {
+        if features[0] < VERIFIER_MIN_COSINE {
+            return 0.0;
+        }
+        crate::Verifier::for_model(&embedder.info().model).score(&features)
+    }))
+}
+
+/// The verifier's features of the parts two prompts that share a frame
+/// differ in (what [`score_differing_parts`] judges; the first feature is
+/// the parts' cosine), for tools that train or study the verifier. `None`
+/// when the prompts share no frame.
+pub fn differing_parts_features(
+    embedder: &smartllm_embed::Embedder,
+    query: &str,
+    cached: &str,
+) -> Option<Result<[f32; crate::verify::N], smartllm_embed::EmbedError>> {
+    let (q, c) = (
+        crate::key::embedding_text(query),
+        crate::key::embedding_text(cached),
+    );
+    let (a, b) = crate::guard::differing_parts(&q, &c)?;
+    Some(parts_features(embedder, a, b))
+}
+
+fn parts_features(
+    embedder: &smartllm_embed::Embedder,
+    a: &str,
+    b: &str,
+) -> Result<[f32; crate::verify::N], smartllm_embed::EmbedError> {
+    let states = embedder.token_states_blocking(vec![a.to_string(), b.to_string()])?;
+    let mut it = states.into_iter();
+    match (it.next(), it.next(), it.next()) {
+        (Some(a), Some(b), None) if !a.is_empty() && !b.is_empty() => {
+            let cosine =
+                smartllm_embed::cosine(&smartllm_embed::pool(&a), &smartllm_embed::pool(&b));
+            Ok(crate::verify::features(cosine, &a, &b, smartllm_embed::DIM))
+        }
+        _ => Err(smartllm_embed::EmbedError::Inference(
+            "the embedder answered the wrong number of texts".into(),
+        )),
+    }
 }
 
 /// The lowest cosine of the pairs the verifiers were trained on
@@ -773,7 +793,24 @@ mod tests {
             "the same question reworded"
         );
         let c = cache.clone();
-        let (framed, plain) = tokio::task::spawn_blocking(move || {
+        let (framed, plain, features, questions) = tokio::task::spawn_blocking(move || {
+            let (sq, so) = (
+                crate::key::embedding_text(&stored),
+                crate::key::embedding_text(&other),
+            );
+            let (q, o) = crate::guard::differing_parts(&sq, &so).unwrap();
+            assert!(
+                q.contains("reset my password") && !q.contains("Context"),
+                "{q}"
+            );
+            let states = c
+                .embedder
+                .token_states_blocking(vec![q.into(), o.into()])
+                .unwrap();
+            let cosine = smartllm_embed::cosine(
+                &smartllm_embed::pool(&states[0]),
+                &smartllm_embed::pool(&states[1]),
+            );
             (
                 score_differing_parts(&c.embedder, &stored, &other),
                 score_differing_parts(
@@ -781,11 +818,19 @@ mod tests {
                     "How do I reset my password?",
                     "How do I delete my account?",
                 ),
+                differing_parts_features(&c.embedder, &stored, &other),
+                crate::verify::features(cosine, &states[0], &states[1], smartllm_embed::DIM),
             )
         })
         .await
         .unwrap();
         assert!(framed.unwrap().unwrap() < 0.7 && plain.is_none());
+        // What tools record for such a pair is what a lookup judges: the
+        // two questions' own features, not the whole texts'.
+        let features = features.unwrap().unwrap();
+        for (x, y) in features.iter().zip(&questions) {
+            assert!((x - y).abs() < 1e-4, "{features:?} vs {questions:?}");
+        }
     }
 
     /// The verifier judges at most MAX_JUDGED candidates per lookup (each

@@ -762,20 +762,18 @@ impl AdminApp {
                 smartllm_embed::pool(&states[1]),
             );
             let similarity = smartllm_embed::cosine(&va, &vb);
-            // As a lookup judges it: the same wording needs no verdict.
-            let parts = smartllm_cache::score_differing_parts(&tails, &a, &b);
+            // As a lookup judges it: the same wording needs no verdict; a
+            // shared context or template is set aside and what differs is
+            // judged (one more model run, whose failure is reported, not
+            // replaced by the whole texts' score, which a lookup never uses).
             let verifier = if smartllm_cache::same_wording(&a, &b) {
-                1.0
-            } else if let Some(Ok(score)) = parts {
-                // A shared context or template: judged on what differs.
-                score
+                Ok(1.0)
             } else {
-                smartllm_cache::Verifier::for_model(&tails.info().model).score_pair(
-                    similarity,
-                    &states[0],
-                    &states[1],
-                    smartllm_embed::DIM,
-                )
+                match smartllm_cache::score_differing_parts(&tails, &a, &b) {
+                    Some(score) => score,
+                    None => Ok(smartllm_cache::Verifier::for_model(&tails.info().model)
+                        .score_pair(similarity, &states[0], &states[1], smartllm_embed::DIM)),
+                }
             };
             let guard = smartllm_cache::near_miss(&a, &b).or_else(|| {
                 smartllm_cache::unread_tails_differ(&tails, &a, &b).then_some("beyond_window")
@@ -785,8 +783,15 @@ impl AdminApp {
             (similarity, verifier, guard, exact)
         })
         .await;
-        let Ok((similarity, verifier, guard, exact)) = scored else {
-            return invalid(500, "the verifier failed".into());
+        let (similarity, verifier, guard, exact) = match scored {
+            Ok((similarity, Ok(verifier), guard, exact)) => (similarity, verifier, guard, exact),
+            Ok((_, Err(e), _, _)) => {
+                return invalid(
+                    503,
+                    format!("embedding the parts the prompts differ in failed: {e}"),
+                )
+            }
+            Err(_) => return invalid(500, "the verifier failed".into()),
         };
         let above = similarity >= policy.similarity_threshold;
         let verified = policy.verifier.is_none_or(|pass| verifier >= pass);

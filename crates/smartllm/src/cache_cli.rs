@@ -188,7 +188,10 @@ struct Report<'a> {
 }
 
 /// The verifier's features of every pair (the texts' token states from
-/// `embedder`, as the cache computes them at lookup).
+/// `embedder`, as the cache computes them at lookup). For two prompts that
+/// share a frame, those of the parts they differ in, which is what a lookup
+/// judges ([`smartllm_cache::differing_parts_features`]), so a verifier
+/// trained on `--features-out` learns from what it will be shown.
 fn pair_features(
     embedder: &Embedder,
     pairs: &[LabelledPair],
@@ -198,13 +201,12 @@ fn pair_features(
     for (chunk, cos) in pairs.chunks(16).zip(cosines.chunks(16)) {
         let texts = pair_texts(chunk);
         let states = embedder.token_states_blocking(texts)?;
-        for (ab, &c) in states.chunks(2).zip(cos) {
-            out.push(smartllm_cache::verify::features(
-                c,
-                &ab[0],
-                &ab[1],
-                smartllm_embed::DIM,
-            ));
+        for ((ab, &c), pair) in states.chunks(2).zip(cos).zip(chunk) {
+            let framed = smartllm_cache::differing_parts_features(embedder, &pair.a, &pair.b);
+            out.push(match framed {
+                Some(parts) => parts?,
+                None => smartllm_cache::verify::features(c, &ab[0], &ab[1], smartllm_embed::DIM),
+            });
         }
     }
     Ok(out)
