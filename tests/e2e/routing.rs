@@ -134,7 +134,8 @@ fn shipped_conf_sends_simple_prompts_to_cheap_models_and_code_or_reasoning_to_st
     assert_eq!(e.status, 200, "{}", e.text());
     let e = e.json();
     assert_eq!(e["features"]["task"], "code");
-    assert_eq!(e["features"]["task_source"], "embedding");
+    // Its code words narrow the vote to code (and the vote agrees).
+    assert_eq!(e["features"]["task_source"], "embedding+keywords");
     assert_eq!(e["decision"]["candidates"].as_array().unwrap().len(), 4);
     assert!(!e["decision"]["fallbacks"].as_array().unwrap().is_empty());
     let bad = post_json(&gw.admin, "/admin/route/explain", &chat_body("nope", "x"));
