@@ -271,6 +271,8 @@ const REASONING_MARKERS: [&str; 32] = [
     "why does",
 ];
 
+/// The first two ask for a translation; the rest only name a language
+/// ([`Keywords::asks_translation`]).
 const TRANSLATION_WORDS: [&str; 6] = [
     "translate",
     "translation",
@@ -406,6 +408,8 @@ pub struct Keywords {
     code_markers: usize,
     /// A code fence (CODE_MARKERS[0]) occurs.
     fence: bool,
+    /// "translate" or "translation" occurs (not only a language's name).
+    asks_translation: bool,
     folded: [usize; FOLDED_LISTS.len()],
 }
 
@@ -420,6 +424,7 @@ impl Keywords {
         Self {
             code_markers: code.count_ones() as usize,
             fence: code & 1 != 0,
+            asks_translation: found[TRANSLATION_LIST] & 0b11 != 0,
             folded: std::array::from_fn(|l| found[l].count_ones() as usize),
         }
     }
@@ -452,13 +457,15 @@ pub fn keyword_task(k: &Keywords, has_code: bool, has_math: bool) -> Task {
 
 /// The tasks a prompt's words name, in [`keyword_task`]'s priority order,
 /// that narrow the embedding vote ([`TaskClassifier::classify_among`]):
-/// translation, summarisation and extraction words, and code (a fence, two
-/// code markers or two code words). Math, creative and reasoning words are
-/// left to the vote: naming them too scored lower by
-/// leave-one-collection-out on the training collections.
+/// "translate" words (a language's name alone, as in "a restaurant in
+/// French style", does not: no loss on the training collections),
+/// summarisation and extraction words, and code (a fence, two code markers
+/// or two code words). Math, creative and reasoning words are left to the
+/// vote: naming them too scored lower by leave-one-collection-out on the
+/// training collections (data/router/tasks/keywords_vote.py).
 pub fn named_tasks(k: &Keywords, has_code: bool) -> Vec<Task> {
     let mut out = Vec::new();
-    if k.any(TRANSLATION_LIST) {
+    if k.asks_translation {
         out.push(Task::Translation);
     }
     if k.any(SUMMARY_LIST) {
@@ -864,6 +871,35 @@ mod tests {
             );
             assert_eq!(f.task, task, "{text}");
         }
+    }
+
+    #[test]
+    fn task_words_name_the_tasks_that_narrow_the_vote() {
+        let named = |text: &str| {
+            let k = Keywords::scan(text);
+            let has_code = k.fence || k.code_markers >= 2;
+            named_tasks(&k, has_code)
+        };
+        assert_eq!(
+            named("Translate this paragraph and summarize it"),
+            [Task::Translation, Task::Summarisation]
+        );
+        assert_eq!(
+            named("Extract the names, then write a Python function that sorts them in code"),
+            [Task::Extraction, Task::Code]
+        );
+        assert_eq!(
+            named("```\nlet x = 1;\n```\nWhat does this do?"),
+            [Task::Code]
+        );
+        // A language's name alone asks for no translation (the keyword
+        // classifier still reads it as one when there is no embedding).
+        assert!(named("What's a good dish to order in French restaurants?").is_empty());
+        // Creative, maths and reasoning words are left to the vote.
+        assert!(
+            named("Write a poem: prove that the sum of two odd numbers is even, step by step")
+                .is_empty()
+        );
     }
 
     #[test]
