@@ -272,7 +272,7 @@ const REASONING_MARKERS: [&str; 32] = [
 ];
 
 /// The first two ask for a translation; the rest only name a language
-/// ([`Keywords::asks_translation`]).
+/// (`Keywords::asks_translation`).
 const TRANSLATION_WORDS: [&str; 6] = [
     "translate",
     "translation",
@@ -281,7 +281,13 @@ const TRANSLATION_WORDS: [&str; 6] = [
     "in german",
     "into english",
 ];
+/// The first three ask for a summary; the rest can be a format ("explain in
+/// one sentence", "the key points to consider") (`Keywords::asks_summary`).
 const SUMMARY_WORDS: [&str; 5] = ["summar", "tl;dr", "tldr", "key points", "in one sentence"];
+/// "extract", "parse the following" and "fill in the fields" ask for an
+/// extraction; the others also occur in other requests ("list all the
+/// countries", "pull out a splinter", "a recipe as JSON")
+/// (`Keywords::asks_extraction`).
 const EXTRACTION_WORDS: [&str; 6] = [
     "extract",
     "list all the",
@@ -410,6 +416,10 @@ pub struct Keywords {
     fence: bool,
     /// "translate" or "translation" occurs (not only a language's name).
     asks_translation: bool,
+    /// One of the summary words that only a request for one uses.
+    asks_summary: bool,
+    /// One of the extraction words that only a request for one uses.
+    asks_extraction: bool,
     folded: [usize; FOLDED_LISTS.len()],
 }
 
@@ -425,6 +435,8 @@ impl Keywords {
             code_markers: code.count_ones() as usize,
             fence: code & 1 != 0,
             asks_translation: found[TRANSLATION_LIST] & 0b11 != 0,
+            asks_summary: found[SUMMARY_LIST] & 0b111 != 0,
+            asks_extraction: found[EXTRACTION_LIST] & 0b10_1001 != 0,
             folded: std::array::from_fn(|l| found[l].count_ones() as usize),
         }
     }
@@ -457,10 +469,12 @@ pub fn keyword_task(k: &Keywords, has_code: bool, has_math: bool) -> Task {
 
 /// The tasks a prompt's words name, in [`keyword_task`]'s priority order,
 /// that narrow the embedding vote ([`TaskClassifier::classify_among`]):
-/// "translate" words (a language's name alone, as in "a restaurant in
-/// French style", does not: no loss on the training collections),
-/// summarisation and extraction words, and code (a fence, two code markers
-/// or two code words). Math, creative and reasoning words are left to the
+/// words that only a request for a translation, a summary or an extraction
+/// uses ("translate", "summar…", "tl;dr", "extract", "parse the
+/// following", "fill in the fields"; not a language's name, "key points",
+/// "in one sentence", "list all the", "pull out" or "as json", which other
+/// requests use too: the same score on the training collections without
+/// them), and code (a fence, two code markers or two code words). Math, creative and reasoning words are left to the
 /// vote: naming them too scored lower by leave-one-collection-out on the
 /// training collections (data/router/tasks/keywords_vote.py).
 pub fn named_tasks(k: &Keywords, has_code: bool) -> Vec<Task> {
@@ -468,10 +482,10 @@ pub fn named_tasks(k: &Keywords, has_code: bool) -> Vec<Task> {
     if k.asks_translation {
         out.push(Task::Translation);
     }
-    if k.any(SUMMARY_LIST) {
+    if k.asks_summary {
         out.push(Task::Summarisation);
     }
-    if k.any(EXTRACTION_LIST) {
+    if k.asks_extraction {
         out.push(Task::Extraction);
     }
     if has_code || k.folded[CODE_WORDS_LIST] >= 2 {
@@ -895,6 +909,13 @@ mod tests {
         // A language's name alone asks for no translation (the keyword
         // classifier still reads it as one when there is no embedding).
         assert!(named("What's a good dish to order in French restaurants?").is_empty());
+        assert!(named("How do I pull out a splinter? Explain in one sentence.").is_empty());
+        assert!(named("List all the key points to consider when buying a car").is_empty());
+        assert_eq!(named("TL;DR please"), [Task::Summarisation]);
+        assert_eq!(
+            named("Fill in the fields from this form"),
+            [Task::Extraction]
+        );
         // Creative, maths and reasoning words are left to the vote.
         assert!(
             named("Write a poem: prove that the sum of two odd numbers is even, step by step")

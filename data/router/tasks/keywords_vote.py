@@ -60,11 +60,13 @@ def named(text):
     n = {k: sum(w in low for w in v) for k, v in LISTS.items()}
     has_code = "```" in text or sum(m in text for m in CODE_MARKERS) >= 2
     return {
-        # Only "translate" words narrow; a language's name alone ("in french") does
-        # not (the same score here, and no "dish to order in French restaurants"
-        # taken for a translation).
-        "translation": "translat" in low, "summarisation": n["summarisation"] > 0,
-        "extraction": n["extraction"] > 0, "code": has_code or n["code_words"] >= 2,
+        # Only the words that ask for the task narrow: not a language's name ("a
+        # dish to order in French restaurants"), "key points", "in one sentence",
+        # "list all the", "pull out" or "as json" (the same score here without them).
+        "translation": "translat" in low,
+        "summarisation": any(w in low for w in ("summar", "tl;dr", "tldr")),
+        "extraction": any(w in low for w in ("extract", "parse the following", "fill in the fields")),
+        "code": has_code or n["code_words"] >= 2,
         "math": n["math_markers"] > 0 or n["math_words"] > 0 or re.search(r"\d\s*[-+*/^]\s*\d", text) is not None,
         "creative": n["creative"] > 0, "reasoning": n["reasoning"] > 0 or n["puzzle"] > 0,
     }
