@@ -710,8 +710,11 @@ impl AdminApp {
     /// is `a` be served the stored answer of `b` (same namespace assumed)?
     /// The embedder's cosine, the threshold of that route's cache policy, the
     /// precision guard's verdict, the verifier's score (always computed; it
-    /// decides only where the policy turns it on), and the decision: for
-    /// operators checking a complaint ("it answered the wrong question").
+    /// decides only where the policy turns it on; `null` with
+    /// `verifier_error` when a shared frame's parts could not be embedded
+    /// and the score would not decide, a 503 when it would), and the
+    /// decision: for operators checking a complaint ("it answered the wrong
+    /// question").
     async fn cache_explain(&self, body: &[u8]) -> Response<Vec<u8>> {
         let req: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
         let text = |k: &str| req.get(k).and_then(Value::as_str).map(str::to_string);
@@ -783,18 +786,31 @@ impl AdminApp {
             (similarity, verifier, guard, exact)
         })
         .await;
-        let (similarity, verifier, guard, exact) = match scored {
-            Ok((similarity, Ok(verifier), guard, exact)) => (similarity, verifier, guard, exact),
-            Ok((_, Err(e), _, _)) => {
+        let Ok((similarity, verifier, guard, exact)) = scored else {
+            return invalid(500, "the verifier failed".into());
+        };
+        // The parts' model run failed: an error where the verifier's score
+        // decides, else the verdict without it.
+        let decides = policy.enabled && policy.semantic && !exact && policy.verifier.is_some();
+        let (verifier, verifier_error) = match verifier {
+            Ok(v) => (Some(v), None),
+            Err(e) if decides => {
                 return invalid(
                     503,
                     format!("embedding the parts the prompts differ in failed: {e}"),
                 )
             }
-            Err(_) => return invalid(500, "the verifier failed".into()),
+            Err(e) => (
+                None,
+                Some(format!(
+                    "embedding the parts the prompts differ in failed: {e}"
+                )),
+            ),
         };
         let above = similarity >= policy.similarity_threshold;
-        let verified = policy.verifier.is_none_or(|pass| verifier >= pass);
+        let verified = policy
+            .verifier
+            .is_none_or(|pass| verifier.is_some_and(|v| v >= pass));
         let serve =
             policy.enabled && (exact || (policy.semantic && above && guard.is_none() && verified));
         let reason = if !policy.enabled {
@@ -819,6 +835,7 @@ impl AdminApp {
                 "threshold": policy.similarity_threshold,
                 "guard": guard,
                 "verifier": verifier,
+                "verifier_error": verifier_error,
                 "verifier_threshold": policy.verifier,
                 "serve": serve,
                 "reason": reason,

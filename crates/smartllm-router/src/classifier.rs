@@ -123,16 +123,19 @@ impl TaskClassifier {
     }
 
     /// [`classify`](Self::classify) where the prompt's words name some tasks
-    /// (`named`, in priority order; empty: none): the vote decides among
-    /// those, and the first of them is taken when none got a vote. Chosen by
-    /// leave-one-collection-out on the training collections
-    /// (data/router/tasks/keywords_vote.py): 55.4% for the vote alone, 60.7%
-    /// with translation, summarisation, extraction and code words naming
-    /// tasks. The confidence is the chosen task's share of all votes.
-    pub fn classify_among(&self, embedding: &[f32], named: &[Task]) -> (Task, f32) {
+    /// (`named`, in priority order, each with whether it may be chosen
+    /// without a vote; empty: none): the vote decides among those; when none
+    /// of them got a vote, the first that may is taken, else the whole
+    /// vote decides. Chosen by leave-one-collection-out on the training
+    /// collections (data/router/tasks/keywords_vote.py): 55.4% for the vote
+    /// alone, 60.6% with translation, summarisation, extraction and code
+    /// words naming tasks. The confidence is the chosen task's share of all
+    /// votes.
+    pub fn classify_among(&self, embedding: &[f32], named: &[(Task, bool)]) -> (Task, f32) {
+        let unvoted = || named.iter().find(|(_, may)| *may).map(|(t, _)| *t);
         let whole_only = embedding.len() * 2 == self.dim;
         if self.is_empty() || (embedding.len() != self.dim && !whole_only) {
-            return (named.first().copied().unwrap_or(Task::Chat), 0.0);
+            return (unvoted().unwrap_or(Task::Chat), 0.0);
         }
         let mut query = Vec::with_capacity(embedding.len());
         let scale = quantize(embedding, &mut query) * if whole_only { 3f32.sqrt() } else { 1.0 };
@@ -159,25 +162,30 @@ impl TaskClassifier {
             *v /= n.max(1) as f32;
         }
         let total: f32 = votes.iter().sum();
-        let (best, w) = if named.is_empty() {
+        let overall = || {
             votes
                 .iter()
                 .enumerate()
                 .max_by(|a, b| a.1.total_cmp(b.1))
                 .map(|(i, w)| (Task::ALL[i], *w))
                 .unwrap_or((Task::Chat, 0.0))
-        } else {
-            // The first named task wins ties (and a vote of none at all).
-            named
-                .iter()
-                .fold((named[0], votes[named[0].index()]), |(b, bw), t| {
-                    let w = votes[t.index()];
-                    if w > bw {
-                        (*t, w)
-                    } else {
-                        (b, bw)
-                    }
-                })
+        };
+        // The first named task wins ties among the named.
+        let among = named
+            .iter()
+            .fold(None, |best: Option<(Task, f32)>, (t, _)| {
+                let w = votes[t.index()];
+                match best {
+                    Some((_, bw)) if w <= bw => best,
+                    _ => Some((*t, w)),
+                }
+            });
+        let (best, w) = match among {
+            Some((t, w)) if w > 0.0 => (t, w),
+            _ => match unvoted() {
+                Some(t) => (t, 0.0),
+                None => overall(),
+            },
         };
         (best, if total > 0.0 { w / total } else { 0.0 })
     }
@@ -334,20 +342,30 @@ mod tests {
         let q = [0.1, 0.99, 0.0];
         assert_eq!(c.classify(&q).0, Task::Math);
         // Named tasks: the one with more votes among them wins.
-        let (t, conf) = c.classify_among(&q, &[Task::Code, Task::Summarisation]);
+        let (t, conf) = c.classify_among(&q, &[(Task::Code, false), (Task::Summarisation, false)]);
         assert_eq!(t, Task::Summarisation);
         assert!(conf > 0.0 && conf < 0.5, "{conf}");
-        assert_eq!(c.classify_among(&q, &[Task::Math]).0, Task::Math);
-        // None of the named ones got a vote: the first named.
+        assert_eq!(c.classify_among(&q, &[(Task::Math, false)]).0, Task::Math);
+        // None of the named ones got a vote: the first that may win so...
         assert_eq!(
-            c.classify_among(&q, &[Task::Translation, Task::Extraction])
-                .0,
-            Task::Translation
+            c.classify_among(&q, &[(Task::Translation, false), (Task::Extraction, true)]),
+            (Task::Extraction, 0.0)
         );
-        // No examples: the first named, else chat.
+        // ... else the whole vote.
+        assert_eq!(
+            c.classify_among(&q, &[(Task::Translation, false)]).0,
+            Task::Math
+        );
+        // No examples: the first named that may win unvoted, else chat.
         let empty = TaskClassifier::new(vec![], vec![], 3).unwrap();
-        assert_eq!(empty.classify_among(&q, &[Task::Code]), (Task::Code, 0.0));
-        assert_eq!(empty.classify_among(&q, &[]).0, Task::Chat);
+        assert_eq!(
+            empty.classify_among(&q, &[(Task::Code, false), (Task::Extraction, true)]),
+            (Task::Extraction, 0.0)
+        );
+        assert_eq!(
+            empty.classify_among(&q, &[(Task::Code, false)]).0,
+            Task::Chat
+        );
     }
 
     #[test]

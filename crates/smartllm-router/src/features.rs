@@ -13,7 +13,10 @@ pub struct Features {
     pub task: Task,
     /// How sure the classifier is (share of the neighbours' vote, 0-1).
     pub task_confidence: f32,
-    /// `embedding` (nearest labelled examples) or `keywords` (no embedding).
+    /// `embedding` (nearest labelled examples), `embedding+keywords` (the
+    /// prompt's words asked for some tasks and the vote chose among them;
+    /// the confidence is then the chosen task's share of the whole vote,
+    /// 0 when its words alone chose it) or `keywords` (no embedding).
     pub task_source: &'static str,
     /// 0 (trivial) to 1 (hard): length, structure, reasoning markers, task.
     pub complexity: f64,
@@ -331,6 +334,10 @@ const PUZZLE_LIST: usize = 8;
 /// group cannot start at the same byte.
 struct Automaton {
     groups: Vec<(AhoCorasick, Vec<Owners>)>,
+    /// Needles that start with a letter count only at the start of a word
+    /// ("let " in "let x", not in "tablet "; "class " in "class Foo", not in
+    /// "subclass ").
+    word_start: bool,
 }
 
 /// The (list, index) pairs of one needle.
@@ -339,7 +346,7 @@ type Owners = Vec<(usize, usize)>;
 const GROUP: usize = 12;
 
 impl Automaton {
-    fn new(lists: &[&[&str]]) -> Self {
+    fn new(lists: &[&[&str]], word_start: bool) -> Self {
         let mut needles: Vec<&str> = Vec::new();
         let mut owners: Vec<Owners> = Vec::new();
         for (l, list) in lists.iter().enumerate() {
@@ -381,7 +388,7 @@ impl Automaton {
                 (ac, os)
             })
             .collect();
-        Self { groups }
+        Self { groups, word_start }
     }
 
     /// Which needles of each list occur in `text` (bit i: the list's needle i).
@@ -393,8 +400,17 @@ impl Automaton {
                 let Some(m) = ac.find(Input::new(text).range(at..)) else {
                     break;
                 };
-                for &(l, i) in &owners[m.pattern().as_usize()] {
-                    seen[l] |= 1 << i;
+                let inside_word = self.word_start
+                    && text.as_bytes()[m.start()].is_ascii_alphabetic()
+                    && m.start() > 0
+                    && {
+                        let b = text.as_bytes()[m.start() - 1];
+                        b.is_ascii_alphanumeric() || b == b'_'
+                    };
+                if !inside_word {
+                    for &(l, i) in &owners[m.pattern().as_usize()] {
+                        seen[l] |= 1 << i;
+                    }
                 }
                 at = m.start() + 1;
             }
@@ -427,8 +443,8 @@ impl Keywords {
     pub fn scan(text: &str) -> Self {
         static CASED: OnceLock<Automaton> = OnceLock::new();
         static FOLDED: OnceLock<Automaton> = OnceLock::new();
-        let cased = CASED.get_or_init(|| Automaton::new(&[&CODE_MARKERS]));
-        let folded = FOLDED.get_or_init(|| Automaton::new(&FOLDED_LISTS));
+        let cased = CASED.get_or_init(|| Automaton::new(&[&CODE_MARKERS], true));
+        let folded = FOLDED.get_or_init(|| Automaton::new(&FOLDED_LISTS, false));
         let code = cased.found(text)[0];
         let found = folded.found(&text.to_lowercase());
         Self {
@@ -468,31 +484,42 @@ pub fn keyword_task(k: &Keywords, has_code: bool, has_math: bool) -> Task {
 }
 
 /// The tasks a prompt's words name, in [`keyword_task`]'s priority order,
-/// that narrow the embedding vote ([`TaskClassifier::classify_among`]):
-/// words that only a request for a translation, a summary or an extraction
-/// uses ("translate", "summar…", "tl;dr", "extract", "parse the
-/// following", "fill in the fields"; not a language's name, "key points",
-/// "in one sentence", "list all the", "pull out" or "as json", which other
-/// requests use too: the same score on the training collections without
-/// them), and code (a fence, two code markers or two code words). Math, creative and reasoning words are left to the
-/// vote: naming them too scored lower by leave-one-collection-out on the
-/// training collections (data/router/tasks/keywords_vote.py).
-pub fn named_tasks(k: &Keywords, has_code: bool) -> Vec<Task> {
+/// that narrow the embedding vote ([`TaskClassifier::classify_among`]),
+/// each with whether it may be chosen without a vote of its own:
+/// - words that only a request for a translation, a summary or an
+///   extraction uses ("translate", "summar…", "tl;dr", "extract", "parse
+///   the following", "fill in the fields"; not a language's name, "key
+///   points", "in one sentence", "list all the", "pull out" or "as json",
+///   which other requests use too): may;
+/// - code: a fence or two code markers may; two code words (which
+///   ordinary questions also hold: "a description of the capital")
+///   narrow only among tasks the vote gave something.
+///
+/// Math, creative and reasoning words are left to the vote: naming them
+/// too scored lower by leave-one-collection-out on the training
+/// collections (data/router/tasks/keywords_vote.py).
+pub fn named_tasks(k: &Keywords) -> Vec<(Task, bool)> {
     let mut out = Vec::new();
     if k.asks_translation {
-        out.push(Task::Translation);
+        out.push((Task::Translation, true));
     }
     if k.asks_summary {
-        out.push(Task::Summarisation);
+        out.push((Task::Summarisation, true));
     }
     if k.asks_extraction {
-        out.push(Task::Extraction);
+        out.push((Task::Extraction, true));
     }
-    if has_code || k.folded[CODE_WORDS_LIST] >= 2 {
-        out.push(Task::Code);
+    let structural = k.fence || k.code_markers >= 2;
+    if structural || k.folded[CODE_WORDS_LIST] >= 2 {
+        out.push((Task::Code, structural));
     }
     out
 }
+
+/// The task words of a long question's end: an instruction after a pasted
+/// document ("... Summarize the above.") that the first 16 KiB, which the
+/// keywords are read from, and the embedding's window both miss.
+const TAIL_BYTES: usize = 2 << 10;
 
 /// A typical answer's length in tokens for a task, when the request does
 /// not cap it (routing's expected cost and latency, budget holds).
@@ -580,7 +607,18 @@ pub fn extract_with(
     let prompt_tokens = text_tokens.saturating_add(tool_tokens);
     let (task, task_confidence, task_source) = match (embedding, classifier) {
         (Some(e), Some(c)) if !c.is_empty() => {
-            let named = named_tasks(&k, has_code);
+            let mut named = named_tasks(&k);
+            if prompt.last.len() > last.len() {
+                let from = floor_char_boundary(&prompt.last, prompt.last.len() - TAIL_BYTES);
+                for (t, strong) in
+                    named_tasks(&Keywords::scan(&prompt.last[from.max(last.len())..]))
+                {
+                    match named.iter_mut().find(|(n, _)| *n == t) {
+                        Some((_, s)) => *s |= strong,
+                        None => named.push((t, strong)),
+                    }
+                }
+            }
             let (t, conf) = c.classify_among(e, &named);
             let source = if named.is_empty() {
                 "embedding"
@@ -890,10 +928,57 @@ mod tests {
     #[test]
     fn task_words_name_the_tasks_that_narrow_the_vote() {
         let named = |text: &str| {
-            let k = Keywords::scan(text);
-            let has_code = k.fence || k.code_markers >= 2;
-            named_tasks(&k, has_code)
+            named_tasks(&Keywords::scan(text))
+                .into_iter()
+                .map(|(t, _)| t)
+                .collect::<Vec<_>>()
         };
+        // Code words name code, but only code markers let it win unvoted.
+        assert_eq!(
+            named_tasks(&Keywords::scan("Give a short description of the capital")),
+            [(Task::Code, false)]
+        );
+        assert_eq!(
+            named_tasks(&Keywords::scan("let x = f();")),
+            [(Task::Code, true)]
+        );
+        // Markers count at the start of a word only: "tablet " holds no "let ".
+        assert!(named("How do I return a tablet I bought online?").is_empty());
+
+        // The vote says chat; the words decide among what they name.
+        let c = TaskClassifier::new(
+            vec![Task::Chat, Task::Code],
+            vec![vec![0.0, 1.0], vec![1.0, 0.0]],
+            1,
+        )
+        .unwrap();
+        let task = |text: &str| {
+            let f = extract(
+                &body(json!({"messages": [{"role": "user", "content": text}]})),
+                Some(&[0.0, 1.0]),
+                Some(&c),
+            );
+            (f.task, f.task_source)
+        };
+        assert_eq!(task("Hello there"), (Task::Chat, "embedding"));
+        assert_eq!(
+            task("Give a short description of the capital"),
+            (Task::Chat, "embedding+keywords")
+        );
+        assert_eq!(
+            task("Summarize: hello there"),
+            (Task::Summarisation, "embedding+keywords")
+        );
+        // An instruction after a long document is read from its end.
+        let doc = "The council met on Tuesday and voted on the budget. ".repeat(400);
+        assert!(doc.len() > 16 << 10);
+        assert_eq!(task(&doc).0, Task::Chat);
+        assert_eq!(
+            task(&format!(
+                "{doc}\n\nSummarize the above in three bullet points."
+            )),
+            (Task::Summarisation, "embedding+keywords")
+        );
         assert_eq!(
             named("Translate this paragraph and summarize it"),
             [Task::Translation, Task::Summarisation]

@@ -117,16 +117,13 @@ fn eval(args: Eval<'_>) -> anyhow::Result<()> {
         None
     };
     if let (Some(out), Some(f)) = (args.features_out, &features) {
-        write_features(out, &pairs, f)?;
+        write_features(out, &pairs, f, &cosines)?;
     }
     let verifier = smartllm_cache::Verifier::for_model(&embedder.info().model);
     // As a lookup judges: the same wording needs no verdict.
-    let scores: Option<Vec<f32>> = features.as_ref().map(|f| {
-        f.iter()
-            .zip(&pairs)
-            .map(|(x, p)| judge(&embedder, verifier, p, x))
-            .collect()
-    });
+    let scores: Option<Vec<f32>> = features
+        .as_ref()
+        .map(|f| f.iter().map(|v| judge(verifier, v)).collect());
     let judged = match (&scores, pass) {
         (Some(s), Some(p)) => Some((s.as_slice(), p)),
         _ => None,
@@ -187,51 +184,106 @@ struct Report<'a> {
     sweep: &'a [(f32, EvalRow)],
 }
 
-/// The verifier's features of every pair (the texts' token states from
-/// `embedder`, as the cache computes them at lookup). For two prompts that
-/// share a frame, those of the parts they differ in, which is what a lookup
-/// judges ([`smartllm_cache::differing_parts_features`]), so a verifier
-/// trained on `--features-out` learns from what it will be shown.
+/// What the verifier is shown of one pair, as a lookup shows it.
+pub(crate) struct PairView {
+    /// The verifier's features: of the whole texts, or, for two prompts
+    /// that share a frame, of the parts they differ in (the first feature
+    /// is then the parts' cosine).
+    features: [f32; smartllm_cache::verify::N],
+    /// The two prompts share a frame: `features` are the parts'.
+    framed: bool,
+    /// Worded the same (the whole texts, or the differing parts of framed
+    /// ones): a lookup needs no verdict.
+    same_wording: bool,
+}
+
+/// The verifier's view of every pair (the texts' token states from
+/// `embedder`, as the cache computes them at lookup; for two prompts that
+/// share a frame, one more model run of the parts they differ in), so that
+/// `cache eval`, `cache calibrate` and a verifier trained on
+/// `--features-out` see what a lookup judges.
 fn pair_features(
     embedder: &Embedder,
     pairs: &[LabelledPair],
     cosines: &[f32],
-) -> anyhow::Result<Vec<[f32; smartllm_cache::verify::N]>> {
+) -> anyhow::Result<Vec<PairView>> {
     let mut out = Vec::with_capacity(pairs.len());
     for (chunk, cos) in pairs.chunks(16).zip(cosines.chunks(16)) {
         let texts = pair_texts(chunk);
         let states = embedder.token_states_blocking(texts)?;
         for ((ab, &c), pair) in states.chunks(2).zip(cos).zip(chunk) {
-            let framed = smartllm_cache::differing_parts_features(embedder, &pair.a, &pair.b);
-            out.push(match framed {
-                Some(parts) => parts?,
-                None => smartllm_cache::verify::features(c, &ab[0], &ab[1], smartllm_embed::DIM),
-            });
+            let whole = || smartllm_cache::verify::features(c, &ab[0], &ab[1], smartllm_embed::DIM);
+            if smartllm_cache::same_wording(&pair.a, &pair.b) {
+                out.push(PairView {
+                    features: whole(),
+                    framed: false,
+                    same_wording: true,
+                });
+                continue;
+            }
+            let (qa, qb) = (
+                smartllm_cache::embedding_text(&pair.a),
+                smartllm_cache::embedding_text(&pair.b),
+            );
+            let view = match guard::differing_parts(&qa, &qb) {
+                Some((a, b)) if smartllm_cache::same_wording(a, b) => PairView {
+                    features: whole(),
+                    framed: true,
+                    same_wording: true,
+                },
+                Some(_) => {
+                    let parts =
+                        smartllm_cache::differing_parts_features(embedder, &pair.a, &pair.b)
+                            .context("the pair shares a frame")?
+                            .context("embedding the parts the pair differs in")?;
+                    PairView {
+                        features: parts,
+                        framed: true,
+                        same_wording: false,
+                    }
+                }
+                None => PairView {
+                    features: whole(),
+                    framed: false,
+                    same_wording: false,
+                },
+            };
+            out.push(view);
         }
     }
     Ok(out)
 }
 
+/// One row a pair: the verifier's features (the parts' for framed pairs),
+/// then guard_pass, label, category, source, group, the whole texts'
+/// cosine (the lookup's first stage) and whether the pair is framed (`1`)
+/// or worded the same (`s`: a lookup needs no verdict).
 fn write_features(
     out: &Path,
     pairs: &[LabelledPair],
-    features: &[[f32; smartllm_cache::verify::N]],
+    views: &[PairView],
+    cosines: &[f32],
 ) -> anyhow::Result<()> {
     use std::fmt::Write;
     let mut text = format!(
-        "{}\tguard_pass\tlabel\tcategory\tsource\tgroup\n",
+        "{}\tguard_pass\tlabel\tcategory\tsource\tgroup\twhole_cosine\tframed\n",
         smartllm_cache::verify::FEATURES.join("\t")
     );
-    for (p, f) in pairs.iter().zip(features) {
-        for x in f {
+    for ((p, v), c) in pairs.iter().zip(views).zip(cosines) {
+        for x in &v.features {
             let _ = write!(text, "{x}\t");
         }
         // Pairs that share a first text are one group for cross-validation.
         let group = smartllm_cache::exact_text(&p.a).to_lowercase();
         let guard_pass = smartllm_cache::near_miss(&p.a, &p.b).is_none();
+        let framed = match (v.same_wording, v.framed) {
+            (true, _) => "s",
+            (false, true) => "1",
+            (false, false) => "0",
+        };
         let _ = writeln!(
             text,
-            "{}\t{}\t{}\t{}\t{}",
+            "{}\t{}\t{}\t{}\t{}\t{c}\t{framed}",
             u8::from(guard_pass),
             u8::from(p.duplicate),
             p.category,
@@ -257,8 +309,7 @@ pub(crate) fn pair_scores(
         Some(
             pair_features(&embedder, pairs, &cosines)?
                 .iter()
-                .zip(pairs)
-                .map(|(f, p)| judge(&embedder, v, p, f))
+                .map(|f| judge(v, f))
                 .collect(),
         )
     } else {
@@ -272,22 +323,16 @@ pub(crate) fn pair_scores(
 }
 
 /// The verifier's score of a pair as a lookup judges it: the same wording
-/// needs no verdict; two prompts that share a frame (a context or template
-/// around the question) are judged on the parts they differ in (one more
-/// model run); others on `features` of their whole texts.
-fn judge(
-    embedder: &Embedder,
-    verifier: &smartllm_cache::Verifier,
-    pair: &LabelledPair,
-    features: &[f32; smartllm_cache::verify::N],
-) -> f32 {
-    if smartllm_cache::same_wording(&pair.a, &pair.b) {
-        return 1.0;
-    }
-    match smartllm_cache::score_differing_parts(embedder, &pair.a, &pair.b) {
-        // An embedding failure in a tool run is a failed pair, not a hit.
-        Some(score) => score.unwrap_or(0.0),
-        None => verifier.score(features),
+/// needs no verdict; two prompts that share a frame are judged on the parts
+/// they differ in, and score 0 when those are further apart than any pair
+/// the verifier was trained on; others on the whole texts.
+fn judge(verifier: &smartllm_cache::Verifier, view: &PairView) -> f32 {
+    if view.same_wording {
+        1.0
+    } else if view.framed && view.features[0] < smartllm_cache::VERIFIER_MIN_COSINE {
+        0.0
+    } else {
+        verifier.score(&view.features)
     }
 }
 

@@ -9,8 +9,10 @@ code markers and code words. Here the shipped vote (loco_mapped.py: the
 default model's mapped task vectors, k = 7) is scored by
 leave-one-collection-out over the training collections alone, with some of
 the named tasks narrowing it: the vote decides among the tasks the prompt's
-words name, and the first named (in the keyword classifier's order) is taken
-when none of them got a vote. Reads nothing of heldout.tsv.
+words name; when none of them got a vote, the first named (in the keyword
+classifier's order) that may win so (words that ask for the task, or a code
+fence or two code markers; not code words alone) is taken, else the whole
+vote decides. Reads nothing of heldout.tsv.
 
     python3 data/router/tasks/keywords_vote.py
 """
@@ -55,18 +57,30 @@ ORDER = ["translation", "summarisation", "extraction", "code", "math", "creative
 TASKS = ["code", "math", "reasoning", "summarisation", "extraction", "translation", "creative", "chat"]
 
 
+def marker(m, text):
+    """A code marker that starts with a letter counts at the start of a word
+    only ("let " in "let x", not in "tablet "), as features.rs reads them."""
+    if not m[0].isalpha():
+        return m in text
+    return re.search(r"(?<![A-Za-z0-9_])" + re.escape(m), text) is not None
+
+
 def named(text):
+    """Which tasks the words name, and whether the code evidence is
+    structural (a fence or two markers): only that, and the asking words,
+    may choose a task the vote gave nothing."""
     low = text.lower()
     n = {k: sum(w in low for w in v) for k, v in LISTS.items()}
-    has_code = "```" in text or sum(m in text for m in CODE_MARKERS) >= 2
+    structural = "```" in text or sum(marker(m, text) for m in CODE_MARKERS) >= 2
+    has_code = structural
     return {
         # Only the words that ask for the task narrow: not a language's name ("a
         # dish to order in French restaurants"), "key points", "in one sentence",
         # "list all the", "pull out" or "as json" (the same score here without them).
-        "translation": "translat" in low,
+        "translation": "translate" in low or "translation" in low,
         "summarisation": any(w in low for w in ("summar", "tl;dr", "tldr")),
         "extraction": any(w in low for w in ("extract", "parse the following", "fill in the fields")),
-        "code": has_code or n["code_words"] >= 2,
+        "code": has_code or n["code_words"] >= 2, "code_structural": structural,
         "math": n["math_markers"] > 0 or n["math_words"] > 0 or re.search(r"\d\s*[-+*/^]\s*\d", text) is not None,
         "creative": n["creative"] > 0, "reasoning": n["reasoning"] > 0 or n["puzzle"] > 0,
     }
@@ -84,11 +98,18 @@ def votes(query, examples):
 
 
 def decide(v, flags, narrowing):
+    """classify_among: the vote among the named tasks; when none of them got
+    a vote, the first that may win unvoted (asking words, structural code),
+    else the whole vote."""
     names = [t for t in ORDER if t in narrowing and flags[t]]
+    top = max(TASKS, key=lambda t: v[t])
     if not names:
-        return max(TASKS, key=lambda t: v[t])
+        return top
     best = max(names, key=lambda t: v[t])
-    return best if v[best] > 0 else names[0]
+    if v[best] > 0:
+        return best
+    may = [t for t in names if t != "code" or flags["code_structural"]]
+    return may[0] if may else top
 
 
 def main():
