@@ -190,6 +190,12 @@ const CODE_MARKERS: [&str; 24] = [
     "self.",
     "var ",
 ];
+/// The code markers that are also English words ("function ", "class ",
+/// "import ", "return ", "let ", "const ", "async ", "var "), as bits of
+/// [`CODE_MARKERS`]: prose holds two of them easily ("import goods and
+/// return them").
+const ENGLISH_MARKERS: u64 =
+    1 << 3 | 1 << 4 | 1 << 6 | 1 << 10 | 1 << 11 | 1 << 12 | 1 << 18 | 1 << 23;
 const CODE_WORDS: [&str; 22] = [
     "python",
     "rust",
@@ -430,6 +436,9 @@ pub struct Keywords {
     code_markers: usize,
     /// A code fence (CODE_MARKERS[0]) occurs.
     fence: bool,
+    /// A code marker that is no English word ("=>", "();", "def ", "std::"
+    /// …) occurs: with another marker, structural evidence of code.
+    code_symbols: bool,
     /// "translate" or "translation" occurs (not only a language's name).
     asks_translation: bool,
     /// One of the summary words that only a request for one uses.
@@ -450,6 +459,7 @@ impl Keywords {
         Self {
             code_markers: code.count_ones() as usize,
             fence: code & 1 != 0,
+            code_symbols: code & !(ENGLISH_MARKERS | 1) != 0,
             asks_translation: found[TRANSLATION_LIST] & 0b11 != 0,
             asks_summary: found[SUMMARY_LIST] & 0b111 != 0,
             asks_extraction: found[EXTRACTION_LIST] & 0b10_1001 != 0,
@@ -491,9 +501,11 @@ pub fn keyword_task(k: &Keywords, has_code: bool, has_math: bool) -> Task {
 ///   the following", "fill in the fields"; not a language's name, "key
 ///   points", "in one sentence", "list all the", "pull out" or "as json",
 ///   which other requests use too): may;
-/// - code: a fence or two code markers may; two code words (which
-///   ordinary questions also hold: "a description of the capital")
-///   narrow only among tasks the vote gave something.
+/// - code: a fence, or two code markers of which one is no English word
+///   ("=>", "();", "def ", "std::" …), may; other markers and two code words
+///   (which ordinary questions also hold: "import goods and return them",
+///   "a description of the capital") narrow only among tasks the vote gave
+///   something.
 ///
 /// Math, creative and reasoning words are left to the vote: naming them
 /// too scored lower by leave-one-collection-out on the training
@@ -509,8 +521,8 @@ pub fn named_tasks(k: &Keywords) -> Vec<(Task, bool)> {
     if k.asks_extraction {
         out.push((Task::Extraction, true));
     }
-    let structural = k.fence || k.code_markers >= 2;
-    if structural || k.folded[CODE_WORDS_LIST] >= 2 {
+    let structural = k.fence || (k.code_markers >= 2 && k.code_symbols);
+    if structural || k.code_markers >= 2 || k.folded[CODE_WORDS_LIST] >= 2 {
         out.push((Task::Code, structural));
     }
     out
@@ -941,6 +953,10 @@ mod tests {
         assert_eq!(
             named_tasks(&Keywords::scan("let x = f();")),
             [(Task::Code, true)]
+        );
+        assert_eq!(
+            named_tasks(&Keywords::scan("Can I import goods and return them later?")),
+            [(Task::Code, false)]
         );
         // Markers count at the start of a word only: "tablet " holds no "let ".
         assert!(named("How do I return a tablet I bought online?").is_empty());

@@ -57,6 +57,9 @@ ORDER = ["translation", "summarisation", "extraction", "code", "math", "creative
 TASKS = ["code", "math", "reasoning", "summarisation", "extraction", "translation", "creative", "chat"]
 
 
+ENGLISH_MARKERS = {"function ", "class ", "import ", "return ", "let ", "const ", "async ", "var "}
+
+
 def marker(m, text):
     """A code marker that starts with a letter counts at the start of a word
     only ("let " in "let x", not in "tablet "), as features.rs reads them."""
@@ -71,8 +74,11 @@ def named(text):
     may choose a task the vote gave nothing."""
     low = text.lower()
     n = {k: sum(w in low for w in v) for k, v in LISTS.items()}
-    structural = "```" in text or sum(marker(m, text) for m in CODE_MARKERS) >= 2
-    has_code = structural
+    found = [m for m in CODE_MARKERS if marker(m, text)]
+    # Two markers, one of them no English word ("import goods and return them"
+    # is prose).
+    structural = "```" in text or (len(found) >= 2 and any(m not in ENGLISH_MARKERS for m in found))
+    has_code = len(found) >= 2 or "```" in text
     return {
         # Only the words that ask for the task narrow: not a language's name ("a
         # dish to order in French restaurants"), "key points", "in one sentence",
