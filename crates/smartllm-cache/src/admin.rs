@@ -262,7 +262,11 @@ impl SemanticCache {
         let params = self.index.ivf_params();
         CacheStats {
             index_vectors: self.index.len(),
-            index_kind: if params.is_some() { "ivf-sq8" } else { "flat" },
+            index_kind: match self.index.scores() {
+                crate::Scores::Exact => "flat",
+                crate::Scores::Close => "ivf-sq8",
+                crate::Scores::Coarse => "ivf-pq",
+            },
             ivf_nlist: params.map(|p| p.0),
             ivf_nprobe: params.map(|p| p.1),
             index_building: self.building.load(Ordering::SeqCst),

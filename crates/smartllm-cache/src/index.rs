@@ -80,7 +80,46 @@ enum Kind {
         index: IndexImpl,
         nlist: usize,
         nprobe: usize,
+        scores: Scores,
     },
+}
+
+/// How far an index's scores are from the cosine of the stored vectors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scores {
+    /// Flat: the inner product of the vectors themselves.
+    Exact,
+    /// IVF-SQ8: from a byte per dimension, within about 0.01.
+    Close,
+    /// IVF-PQ: from a few bytes per vector (48 for 384 dimensions), off by
+    /// up to several hundredths and out of order among close neighbours;
+    /// every candidate is scored again on its stored vector.
+    Coarse,
+}
+
+/// The IVF encoding for an index of `n` vectors of `dim` dimensions:
+/// 8-bit scalar codes (a byte per dimension) below `pq_threshold`, product
+/// quantisation with a byte per 8 dimensions from there (7x less memory and
+/// about half the search time at 1M-10M vectors, at coarser scores:
+/// bench/README, "Vector index at scale"). A dimension no multiple of 8
+/// keeps SQ8. `np`: no polysemous training (FAISS's default for a factory
+/// PQ; it reorders codes for Hamming-distance filtering, which no search
+/// here uses, and made a PQ build ~50x slower on 3,000 vectors).
+pub fn ivf_encoding(n: usize, dim: usize, pq_threshold: usize) -> String {
+    if n >= pq_threshold && dim >= 8 && dim.is_multiple_of(8) {
+        format!("PQ{}np", dim / 8)
+    } else {
+        "SQ8".to_string()
+    }
+}
+
+/// Codes per vector in bytes below which an IVF index's scores are
+/// [`Scores::Coarse`] (SQ8 keeps `dim` bytes; PQ `dim / 8`).
+fn scores_of(index: &IndexImpl, dim: usize) -> Scores {
+    match ivf_code_bytes(index) {
+        Some(bytes) if bytes < dim => Scores::Coarse,
+        _ => Scores::Close,
+    }
 }
 
 pub struct VectorIndex {
@@ -239,6 +278,17 @@ fn ivf_nlist(index: &IndexImpl) -> Option<usize> {
     }
 }
 
+/// Bytes of one vector's code in an index (for IVF: the list number's
+/// bytes and the code), read from the index itself.
+#[allow(unsafe_code)]
+fn ivf_code_bytes(index: &IndexImpl) -> Option<usize> {
+    let mut size = 0usize;
+    // SAFETY: `index` is a live FAISS index we borrow; the call writes one
+    // usize to `size`.
+    let rc = unsafe { faiss_sys::faiss_Index_sa_code_size(index.inner_ptr(), &mut size) };
+    (rc == 0).then_some(size)
+}
+
 impl VectorIndex {
     /// An exact (flat) inner-product index of `dim`-dimensional vectors.
     pub fn new_flat(dim: usize) -> Result<Self, IndexError> {
@@ -304,12 +354,14 @@ impl VectorIndex {
         index.train(sample)?;
         let nprobe = nprobe.clamp(1, nlist);
         ParameterSpace::new()?.set_index_parameter(&index, "nprobe", nprobe as u32)?;
+        let scores = scores_of(&index, dim);
         Ok(VectorIndex {
             dim,
             kind: Kind::Ivf {
                 index,
                 nlist,
                 nprobe,
+                scores,
             },
             len: 0,
         })
@@ -340,12 +392,14 @@ impl VectorIndex {
         ParameterSpace::new()?
             .set_index_parameter(&index, "nprobe", nprobe as u32)
             .map_err(|e| file_err(format!("is not an IVF index ({e})")))?;
+        let scores = scores_of(&index, dim);
         Ok(VectorIndex {
             dim,
             kind: Kind::Ivf {
                 index,
                 nlist,
                 nprobe,
+                scores,
             },
             len,
         })
@@ -400,6 +454,14 @@ impl VectorIndex {
 
     pub fn is_ivf(&self) -> bool {
         matches!(self.kind, Kind::Ivf { .. })
+    }
+
+    /// How close its scores are to the cosine.
+    pub fn scores(&self) -> Scores {
+        match &self.kind {
+            Kind::Ivf { scores, .. } => *scores,
+            Kind::Flat(_) => Scores::Exact,
+        }
     }
 
     /// (nlist, nprobe) of an IVF index.
@@ -545,12 +607,14 @@ fn replay(index: &mut VectorIndex, ops: &[Op]) -> Result<(), IndexError> {
 struct Live {
     index: RwLock<VectorIndex>,
     ivf: Option<(usize, usize)>,
+    scores: Scores,
 }
 
 impl Live {
     fn new(index: VectorIndex) -> Arc<Self> {
         Arc::new(Live {
             ivf: index.ivf_params(),
+            scores: index.scores(),
             index: RwLock::new(index),
         })
     }
@@ -634,6 +698,11 @@ impl SharedIndex {
     /// (nlist, nprobe) when the index is IVF (lock-free).
     pub fn ivf_params(&self) -> Option<(usize, usize)> {
         self.live.load().ivf
+    }
+
+    /// How close the live index's scores are to the cosine (lock-free).
+    pub fn scores(&self) -> Scores {
+        self.live.load().scores
     }
 
     /// Search within `range`. Blocking threads only.
@@ -968,6 +1037,32 @@ mod tests {
             .unwrap()
             .write_ivf(&path)
             .unwrap());
+    }
+
+    #[test]
+    fn large_indexes_take_pq_codes_and_say_their_scores_are_coarse() {
+        assert_eq!(ivf_encoding(999_999, 384, 1_000_000), "SQ8");
+        assert_eq!(ivf_encoding(1_000_000, 384, 1_000_000), "PQ48np");
+        assert_eq!(
+            ivf_encoding(5_000_000, 100, 1_000_000),
+            "SQ8",
+            "100 is no multiple of 8"
+        );
+        assert_eq!(VectorIndex::new_flat(32).unwrap().scores(), Scores::Exact);
+        let (n, dim) = (12_000, 32);
+        let data = vectors(n, dim, 9);
+        let ids: Vec<u64> = (1..=n as u64).collect();
+        let sq8 = VectorIndex::train_ivf_sample(dim, &data, 64, "SQ8", 8).unwrap();
+        assert_eq!(sq8.scores(), Scores::Close);
+        let mut pq = VectorIndex::train_ivf_sample(dim, &data, 64, "PQ4np", 8).unwrap();
+        assert_eq!(pq.scores(), Scores::Coarse);
+        pq.add_batch(&ids, &data).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cache.ivf");
+        assert!(pq.write_ivf(&path).unwrap());
+        let back = VectorIndex::read_ivf(&path, dim).unwrap();
+        assert_eq!(back.scores(), Scores::Coarse, "read back from the file");
+        assert_eq!(back.len(), n);
     }
 }
 

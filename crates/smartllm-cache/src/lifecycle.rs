@@ -69,6 +69,28 @@ impl SemanticCache {
         ivf_threshold: usize,
         index_dir: Option<&std::path::Path>,
     ) -> Result<Arc<Self>, CacheError> {
+        Self::open_with_pq(
+            store,
+            embedder,
+            codec,
+            l1_entries,
+            ivf_threshold,
+            crate::PQ_THRESHOLD,
+            index_dir,
+        )
+    }
+
+    /// [`open`](Self::open), with the number of vectors from which an IVF
+    /// build uses product quantisation (`cache.pq_threshold`).
+    pub fn open_with_pq(
+        store: Arc<Store>,
+        embedder: Arc<Embedder>,
+        codec: Codec,
+        l1_entries: usize,
+        ivf_threshold: usize,
+        pq_threshold: usize,
+        index_dir: Option<&std::path::Path>,
+    ) -> Result<Arc<Self>, CacheError> {
         let dim = embedder.info().dim;
         let fingerprint = embedder.fingerprint();
         let meta = store
@@ -88,6 +110,7 @@ impl SemanticCache {
             l1_len: AtomicUsize::new(0),
             l1_epoch: std::sync::atomic::AtomicU64::new(0),
             ivf_threshold: AtomicUsize::new(ivf_threshold.max(1)),
+            pq_threshold: AtomicUsize::new(pq_threshold.max(1)),
             trained_for: AtomicUsize::new(0),
             index_path: index_dir.map(|d| d.join(INDEX_FILE)),
             building: Arc::new(AtomicBool::new(false)),
@@ -117,6 +140,13 @@ impl SemanticCache {
     pub fn set_ivf_threshold(self: &Arc<Self>, n: usize) {
         self.ivf_threshold.store(n.max(1), Ordering::Relaxed);
         self.maybe_upgrade();
+    }
+
+    /// Vectors from which an IVF build encodes them with product
+    /// quantisation instead of 8-bit scalars (config; takes effect at the
+    /// next build, which comes when the cache has grown 4x). Takes no lock.
+    pub fn set_pq_threshold(&self, n: usize) {
+        self.pq_threshold.store(n.max(1), Ordering::Relaxed);
     }
 
     /// Whether a background index build is running.
@@ -179,9 +209,29 @@ impl SemanticCache {
     /// largest sequence number seen and how many were skipped (of another
     /// size, or with values the index refuses).
     fn stored_vectors(&self, from_seq: u64) -> Result<(Vectors, usize, u64, usize), CacheError> {
-        let dim = self.index.dim();
         let (mut ids, mut data) = (Vec::new(), Vec::new());
-        let (mut below, mut max_seq, mut skipped) = (0usize, 0u64, 0usize);
+        let mut below = 0usize;
+        let (max_seq, skipped) = self.each_stored_vector(|id, vec| {
+            if ids::seq(id) < from_seq {
+                below += 1;
+            } else {
+                ids.push(id);
+                data.extend_from_slice(vec);
+            }
+        })?;
+        Ok(((ids, data), below, max_seq, skipped))
+    }
+
+    /// Call `f` with each usable stored vector (one pass over RocksDB, one
+    /// vector in memory at a time); returns the largest sequence number
+    /// seen and how many were skipped (of another size, or with values the
+    /// index refuses: stored before vectors were checked).
+    fn each_stored_vector(
+        &self,
+        mut f: impl FnMut(u64, &[f32]),
+    ) -> Result<(u64, usize), CacheError> {
+        let dim = self.index.dim();
+        let (mut max_seq, mut skipped) = (0u64, 0usize);
         let mut it = self.db().raw_iterator_cf(self.cf(CF_VECTORS));
         it.seek_to_first();
         while let (Some(k), Some(v)) = (it.key(), it.value()) {
@@ -190,29 +240,84 @@ impl SemanticCache {
                 it.next();
                 continue;
             };
-            let seq = ids::seq(id);
-            max_seq = max_seq.max(seq);
-            // Of another size, or one the index refuses (stored before
-            // vectors were checked): neither loaded nor counted.
+            max_seq = max_seq.max(ids::seq(id));
             let vec = self
                 .unseal_vector(v)
                 .map(|(x, _)| x)
                 .filter(|x| x.len() == dim && crate::index::usable(x));
-            let Some(vec) = vec else {
-                skipped += 1;
-                it.next();
-                continue;
-            };
-            if seq < from_seq {
-                below += 1;
-            } else {
-                ids.push(id);
-                data.extend(vec);
+            match vec {
+                Some(vec) => f(id, &vec),
+                None => skipped += 1,
             }
             it.next();
         }
         it.status()?;
-        Ok(((ids, data), below, max_seq, skipped))
+        Ok((max_seq, skipped))
+    }
+
+    /// An IVF index of every stored vector, built in two passes over
+    /// RocksDB so the vectors never all sit in memory (ten million of 384
+    /// dimensions are 15 GB): an even spread of at most
+    /// [`TRAIN_PER_LIST`](crate::index::TRAIN_PER_LIST) vectors a list to
+    /// train on, then every vector added in batches. `expected`: about how
+    /// many there are (the live index's size), which sets the lists and the
+    /// encoding ([`ivf_encoding`](crate::index::ivf_encoding)). None when
+    /// nothing is stored.
+    pub(crate) fn train_ivf_from_store(
+        &self,
+        expected: usize,
+    ) -> Result<Option<VectorIndex>, CacheError> {
+        use crate::index::{ivf_encoding, nlist_for, nprobe_for, TRAIN_PER_LIST};
+        let dim = self.index.dim();
+        let nlist = nlist_for(expected.max(1));
+        let want = (nlist * TRAIN_PER_LIST).max(1);
+        let stride = expected.div_ceil(want).max(1);
+        let mut sample = Vec::with_capacity(want.min(expected.max(1)) * dim);
+        let mut seen = 0usize;
+        self.each_stored_vector(|_, v| {
+            if seen.is_multiple_of(stride) {
+                sample.extend_from_slice(v);
+            }
+            seen += 1;
+        })?;
+        if seen == 0 {
+            return Ok(None);
+        }
+        let encoding = ivf_encoding(seen, dim, self.pq_threshold.load(Ordering::Relaxed));
+        // PQ's codebooks (256 centroids a sub-vector) want thousands of
+        // training vectors (FAISS asks for 39 a centroid, ~10,000, and
+        // `cache.pq_threshold` is at least that); with under 8 a centroid, SQ8.
+        let encoding = if encoding != "SQ8" && sample.len() / dim < 256 * 8 {
+            "SQ8".to_string()
+        } else {
+            encoding
+        };
+        let nlist = nlist.min(seen);
+        let mut index =
+            VectorIndex::train_ivf_sample(dim, &sample, nlist, &encoding, nprobe_for(nlist))?;
+        drop(sample);
+        const BATCH: usize = 65_536;
+        let (mut ids, mut data) = (Vec::with_capacity(BATCH), Vec::with_capacity(BATCH * dim));
+        let mut failed = None;
+        self.each_stored_vector(|id, v| {
+            if failed.is_some() {
+                return;
+            }
+            ids.push(id);
+            data.extend_from_slice(v);
+            if ids.len() == BATCH {
+                if let Err(e) = index.add_batch(&ids, &data) {
+                    failed = Some(e);
+                }
+                ids.clear();
+                data.clear();
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e.into());
+        }
+        index.add_batch(&ids, &data)?;
+        Ok(Some(index))
     }
 
     /// Never hand out a sequence number at or below one stored.
@@ -534,13 +639,8 @@ impl SemanticCache {
         let started = Instant::now();
         // Every change applied from here on is logged for the replay.
         let token = self.index.begin_build();
-        let trained = at_low_priority(|| {
-            let ((ids, data), ..) = self.stored_vectors(0)?;
-            if ids.is_empty() {
-                return Ok(None);
-            }
-            Ok(Some(VectorIndex::train_ivf(self.index.dim(), &data, &ids)?))
-        });
+        let expected = self.index.len();
+        let trained = at_low_priority(|| self.train_ivf_from_store(expected));
         let fresh = match trained {
             Ok(Some(f)) => f,
             Ok(None) => {
@@ -554,6 +654,7 @@ impl SemanticCache {
         };
         let trained_ms = started.elapsed().as_millis() as u64;
         let (nlist, nprobe) = fresh.ivf_params().unwrap_or_default();
+        let scores = fresh.scores();
         let Some(replayed) = self.index.finish_build(token, fresh)? else {
             tracing::info!("cache purged or rebuilt during the IVF build; the build is discarded");
             return Ok(());
@@ -565,6 +666,7 @@ impl SemanticCache {
             vectors = n,
             nlist,
             nprobe,
+            codes = ?scores,
             replayed,
             trained_ms,
             "cache IVF index built and swapped in"

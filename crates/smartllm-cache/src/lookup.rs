@@ -4,7 +4,7 @@
 //! what it answers.
 
 use crate::metric_names as m;
-use crate::{ids, near_miss, now_secs, CacheError, CacheKey, Entry, SemanticCache};
+use crate::{ids, near_miss, now_secs, CacheError, CacheKey, Entry, Scores, SemanticCache};
 use metrics::{counter, histogram};
 use smartllm_config::CachePolicy;
 use std::sync::Arc;
@@ -57,6 +57,10 @@ const MAX_JUDGED: usize = 2;
 /// IVF candidates scoring within this of the bar are scored again on their
 /// stored vectors (the 8-bit codes' error is about 0.01 at most).
 const RESCORE_MARGIN: f32 = 0.03;
+/// With IVF-PQ codes, candidates taken per lookup: `top_k` times this, at
+/// least [`COARSE_MIN_CANDIDATES`], all scored again on their stored vectors.
+const COARSE_WIDEN: usize = 4;
+const COARSE_MIN_CANDIDATES: usize = 32;
 
 /// What a semantic candidate must clear to be served.
 #[derive(Debug, Clone, Copy)]
@@ -248,6 +252,29 @@ impl SemanticCache {
         }
     }
 
+    /// Score `hits[i]` for each `i` in `which` on its stored vector (one
+    /// batched RocksDB read), then sort `hits` by score. A candidate whose
+    /// vector is gone (removed since) keeps its index score: its entry is
+    /// looked up next and is gone too.
+    fn rescore(
+        &self,
+        query: &[f32],
+        hits: &mut [(u64, f32)],
+        which: &[usize],
+    ) -> Result<(), CacheError> {
+        if which.is_empty() {
+            return Ok(());
+        }
+        let ids: Vec<u64> = which.iter().map(|&i| hits[i].0).collect();
+        for (&i, v) in which.iter().zip(self.load_vectors(&ids)?) {
+            if let Some(v) = v {
+                hits[i].1 = smartllm_embed::cosine(query, &v);
+            }
+        }
+        hits.sort_by(|a, b| b.1.total_cmp(&a.1));
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     pub(crate) fn search_verify(
         &self,
@@ -273,19 +300,30 @@ impl SemanticCache {
         // Within the namespace's id range: others' entries take no place in
         // the top k (a tag shared by another namespace is sorted out below).
         let range = ids::range(self.tagger.tag(namespace));
-        let mut hits = self.index.search_in(embedding, top_k, range)?;
-        if self.index.ivf_params().is_some() {
-            // IVF-SQ8 scores come from 8-bit codes, within about 0.01 of
-            // the cosine: near the bar, the stored vector decides.
-            for (id, sim) in &mut hits {
-                if *sim >= threshold - RESCORE_MARGIN {
-                    if let Some(v) = self.load_vector(*id)? {
-                        *sim = smartllm_embed::cosine(embedding, &v);
-                    }
-                }
+        let hits = match self.index.scores() {
+            Scores::Exact => self.index.search_in(embedding, top_k, range)?,
+            Scores::Close => {
+                // IVF-SQ8 scores come from 8-bit codes, within about 0.01
+                // of the cosine: near the bar, the stored vector decides.
+                let mut hits = self.index.search_in(embedding, top_k, range)?;
+                let near: Vec<usize> = (0..hits.len())
+                    .filter(|&i| hits[i].1 >= threshold - RESCORE_MARGIN)
+                    .collect();
+                self.rescore(embedding, &mut hits, &near)?;
+                hits
             }
-            hits.sort_by(|a, b| b.1.total_cmp(&a.1));
-        }
+            Scores::Coarse => {
+                // IVF-PQ scores are coarse and misorder close neighbours:
+                // a wider net, every candidate scored on its stored vector,
+                // then the best `top_k` of those.
+                let wide = (top_k * COARSE_WIDEN).max(COARSE_MIN_CANDIDATES);
+                let mut hits = self.index.search_in(embedding, wide, range)?;
+                let all: Vec<usize> = (0..hits.len()).collect();
+                self.rescore(embedding, &mut hits, &all)?;
+                hits.truncate(top_k);
+                hits
+            }
+        };
         histogram!(m::SEARCH_SECONDS).record(t.elapsed().as_secs_f64());
         let mut judged = 0;
         let mut best = None;
@@ -1277,6 +1315,104 @@ mod tests {
             off > 1e-4,
             "the 8-bit codes scored exactly ({off}): the test tests nothing"
         );
+    }
+
+    /// From `pq_threshold` vectors the IVF build encodes with product
+    /// quantisation: a lookup takes a wider net of candidates and scores
+    /// each on its stored vector, so the coarse codes neither decide a hit
+    /// nor lose the caller's entry; the index is saved and opens as PQ.
+    #[test]
+    fn ivf_pq_candidates_are_all_scored_on_their_stored_vectors() {
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let open = || {
+            SemanticCache::open_with_pq(
+                Store::open(dir.path()).unwrap(),
+                emb.clone(),
+                Codec::plain(),
+                16,
+                1_000,
+                2_500,
+                Some(dir.path()),
+            )
+            .unwrap()
+        };
+        let cache = open();
+        let mut rng = fastrand::Rng::with_seed(11);
+        let unit = |rng: &mut fastrand::Rng, base: Option<&[f32]>, noise: f32| {
+            let v: Vec<f32> = (0..smartllm_embed::DIM)
+                .map(|i| base.map_or(0.0, |b| b[i]) + noise * (rng.f32() - 0.5))
+                .collect();
+            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
+        };
+        let k = key("t", "q");
+        let now = now_secs();
+        let n = 3_000;
+        let vectors: Vec<Vec<f32>> = (0..n).map(|_| unit(&mut rng, None, 1.0)).collect();
+        for (i, v) in vectors.iter().enumerate() {
+            let entry = Entry {
+                id: 0,
+                namespace: k.namespace_hex(),
+                exact: format!("{i:064x}"),
+                query: "How do I reset my password?".into(),
+                response: format!("{i}"),
+                route: "auto".into(),
+                model: "m".into(),
+                created_at: now,
+                expires_at: now + 3600,
+                version: 1,
+                asked_ms: None,
+            };
+            let mut exact = [0u8; 32];
+            exact[..8].copy_from_slice(&(i as u64).to_be_bytes());
+            cache.write(entry, Some(v.clone()), exact).unwrap();
+        }
+        cache.maybe_upgrade();
+        crate::test_support::wait_index(&cache, "ivf-pq");
+        let check = |cache: &SemanticCache| {
+            let mut off = 0f32;
+            for i in (0..n).step_by(50) {
+                let probe = unit(&mut rng.clone(), Some(&vectors[i]), 0.02);
+                let bar = Bar {
+                    similarity: 0.9,
+                    verifier: None,
+                };
+                let (ns, q) = (k.namespace_hex(), "How do I reset my password?");
+                match cache
+                    .search_verify(&probe, &ns, q, None, bar, FRESH, 8, now)
+                    .unwrap()
+                {
+                    Verified::Hit(e, sim, _) => {
+                        assert_eq!(e.response, i.to_string());
+                        let exact = smartllm_embed::cosine(&probe, &vectors[i]);
+                        assert!((sim - exact).abs() < 1e-5, "entry {i}: {sim} vs {exact}");
+                    }
+                    Verified::Miss { best, .. } => panic!("entry {i} not found (best {best:?})"),
+                }
+                let codes = cache.index.search_all(&probe, 1);
+                off = off.max((codes[0].1 - smartllm_embed::cosine(&probe, &vectors[i])).abs());
+            }
+            off
+        };
+        let off = check(&cache);
+        // PQ codes of random vectors are far from the cosine: what the
+        // rescoring has to correct.
+        assert!(
+            off > 0.01,
+            "the PQ codes scored within {off}: the test tests nothing"
+        );
+        cache.persist().unwrap();
+        drop(cache);
+        let reopened = open();
+        assert_eq!(
+            reopened.stats().index_kind,
+            "ivf-pq",
+            "{:?}",
+            reopened.stats()
+        );
+        assert_eq!(reopened.stats().index_vectors, n);
+        check(&reopened);
     }
 
     /// A NaN score is never a hit. On the IVF index a candidate near the bar

@@ -54,13 +54,15 @@ impl SemanticCache {
             .expect("the store creates every column family")
     }
 
-    /// The stored (exact) vector of entry `id`.
-    pub(crate) fn load_vector(&self, id: u64) -> Result<Option<Vec<f32>>, CacheError> {
-        Ok(self
-            .db()
-            .get_cf(self.cf(CF_VECTORS), id.to_be_bytes())?
-            .and_then(|b| self.unseal_vector(&b))
-            .map(|(v, _)| v))
+    /// The stored vectors of `ids`, in order, in one batched read.
+    pub(crate) fn load_vectors(&self, ids: &[u64]) -> Result<Vec<Option<Vec<f32>>>, CacheError> {
+        let cf = self.cf(CF_VECTORS);
+        let keys: Vec<[u8; 8]> = ids.iter().map(|id| id.to_be_bytes()).collect();
+        self.db()
+            .batched_multi_get_cf(cf, &keys, false)
+            .into_iter()
+            .map(|r| Ok(r?.and_then(|b| self.unseal_vector(&b)).map(|(v, _)| v)))
+            .collect()
     }
 
     /// A vector as it is stored (RocksDB) and sent (the fleet's stream): its

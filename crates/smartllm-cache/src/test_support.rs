@@ -13,13 +13,19 @@ pub(crate) fn embedder(max_seq: usize) -> Arc<Embedder> {
     )
 }
 
-/// Wait (up to a minute) until a background build has swapped in an IVF index.
+/// Wait (up to a minute) until a background build has swapped in an IVF-SQ8 index.
 pub(crate) fn wait_ivf(cache: &SemanticCache) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while (cache.building() || cache.stats().index_kind != "ivf-sq8") && Instant::now() < deadline {
+    wait_index(cache, "ivf-sq8")
+}
+
+/// Wait (up to two minutes) until a background build has swapped in an
+/// index of `kind` (`ivf-sq8`, `ivf-pq`).
+pub(crate) fn wait_index(cache: &SemanticCache, kind: &str) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while (cache.building() || cache.stats().index_kind != kind) && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(20));
     }
-    assert_eq!(cache.stats().index_kind, "ivf-sq8", "{:?}", cache.stats());
+    assert_eq!(cache.stats().index_kind, kind, "{:?}", cache.stats());
 }
 
 /// An entry for `k` with an empty answer, live for an hour.

@@ -592,6 +592,9 @@ pub struct RawCache {
     pub max_pending_inserts: Option<usize>,
     /// Vectors at which the flat index is replaced by a trained IVF index.
     pub ivf_threshold: Option<usize>,
+    /// Vectors from which an IVF build uses product quantisation (PQ)
+    /// instead of 8-bit scalar codes.
+    pub pq_threshold: Option<usize>,
     /// 32-byte key (raw, or 64 hex characters) for AES-256-GCM at rest.
     pub encryption_key_file: Option<String>,
     /// Keys of earlier rotations (same format): they open entries sealed

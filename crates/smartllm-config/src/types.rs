@@ -361,6 +361,8 @@ pub struct CacheConfig {
     pub top_k: usize,
     pub max_pending_inserts: usize,
     pub ivf_threshold: usize,
+    /// Vectors from which an IVF build encodes with product quantisation.
+    pub pq_threshold: usize,
     /// Seals new entries (and opens them).
     pub encryption_key_file: Option<PathBuf>,
     /// Open entries sealed before a key rotation; never seal. Empty unless

@@ -124,6 +124,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                     }
                     Ok(rt) => {
                         if let Some(c) = &shared.cache {
+                            c.set_pq_threshold(rt.config.cache.pq_threshold);
                             c.set_ivf_threshold(rt.config.cache.ivf_threshold);
                         }
                         if rt.demo_mode != current.demo_mode {

@@ -815,12 +815,13 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         None => Codec::plain(),
     };
-    let cache = SemanticCache::open(
+    let cache = SemanticCache::open_with_pq(
         store.clone(),
         embedder.clone(),
         codec,
         config.cache.l1_entries,
         config.cache.ivf_threshold,
+        config.cache.pq_threshold,
         Some(&config.data_dir),
     )
     .context("opening the semantic cache")?;

@@ -214,6 +214,7 @@ pub(super) fn resolve_cache(
         top_k: top_k.clamp(1, 256),
         max_pending_inserts: raw.max_pending_inserts.unwrap_or(1024).max(1),
         ivf_threshold: raw.ivf_threshold.unwrap_or(IVF_THRESHOLD).max(1_000),
+        pq_threshold: raw.pq_threshold.unwrap_or(PQ_THRESHOLD).max(10_000),
         encryption_key_file,
         encryption_old_key_files,
         exclude_patterns: raw.exclude.patterns,
@@ -227,6 +228,14 @@ pub(super) fn resolve_cache(
 /// hit more than its embedding, while IVF reads an eighth of the lists.
 pub const IVF_THRESHOLD: usize = 2_000;
 
+/// Vectors from which an IVF build encodes them with product quantisation
+/// (48 bytes a 384-dimension vector) instead of 8-bit scalars (384 bytes):
+/// at 1M vectors 56 MiB against 377 MiB and half the search time, every
+/// candidate then scored again on its stored vector (bench/README, "Vector
+/// index at scale"). At least 10,000 (PQ's codebooks need that many
+/// vectors to train on).
+pub const PQ_THRESHOLD: usize = 1_000_000;
+
 /// What `Config` holds until `cache.yaml` is resolved (after the routes it
 /// names).
 pub(super) fn unresolved() -> CacheConfig {
@@ -238,6 +247,7 @@ pub(super) fn unresolved() -> CacheConfig {
         top_k: 8,
         max_pending_inserts: 1024,
         ivf_threshold: IVF_THRESHOLD,
+        pq_threshold: PQ_THRESHOLD,
         encryption_key_file: None,
         encryption_old_key_files: Vec::new(),
         exclude_patterns: Vec::new(),
@@ -271,6 +281,17 @@ mod tests {
         let d = c.cache.policy(None, "small");
         assert_eq!((d.similarity_threshold, d.version), (0.70, 1));
         assert_eq!(c.cache.detectors, vec![Detector::Email]);
+        assert_eq!(c.cache.pq_threshold, super::PQ_THRESHOLD);
+        for (set, want) in [(50_000, 50_000), (10, 10_000)] {
+            let dir = write_dir(&[
+                (MAIN_FILE, ""),
+                (PROVIDERS_FILE, PROVIDERS),
+                (MODELS_FILE, MODELS),
+                (CACHE_FILE, &format!("cache:\n  pq_threshold: {set}\n")),
+            ]);
+            // PQ's codebooks need thousands of vectors: at least 10,000.
+            assert_eq!(load_dir(dir.path()).unwrap().cache.pq_threshold, want);
+        }
 
         let bad = "cache:\n  similarity_threshold: 2\n  exclude:\n    patterns: ['(']\n    detectors: [dna]\n  routes:\n    ghost: {}\n";
         let dir = write_dir(&[
