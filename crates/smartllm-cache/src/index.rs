@@ -117,8 +117,9 @@ pub fn ivf_encoding(n: usize, dim: usize, pq_threshold: usize) -> String {
 /// [`Scores::Coarse`] (SQ8 keeps `dim` bytes; PQ `dim / 8`).
 fn scores_of(index: &IndexImpl, dim: usize) -> Scores {
     match ivf_code_bytes(index) {
-        Some(bytes) if bytes < dim => Scores::Coarse,
-        _ => Scores::Close,
+        Some(bytes) if bytes >= dim => Scores::Close,
+        // Fewer bytes, or unknown: every candidate is scored again.
+        _ => Scores::Coarse,
     }
 }
 
@@ -705,16 +706,30 @@ impl SharedIndex {
         self.live.load().scores
     }
 
-    /// Search within `range`. Blocking threads only.
+    /// Search within `range` for `k(scores)` neighbours, with how close the
+    /// scores of the index searched (the same snapshot: an index swapped
+    /// in meanwhile cannot be taken for another kind). Blocking threads only.
+    pub fn search_in_scored(
+        &self,
+        query: &[f32],
+        k: impl FnOnce(Scores) -> usize,
+        range: Range<u64>,
+    ) -> Result<(Vec<(u64, f32)>, Scores), IndexError> {
+        let live = self.live.load_full();
+        let index = live.read();
+        let scores = index.scores();
+        Ok((index.search_in(query, k(scores), range)?, scores))
+    }
+
+    /// Search within `range` (tests).
+    #[cfg(test)]
     pub fn search_in(
         &self,
         query: &[f32],
         k: usize,
         range: Range<u64>,
     ) -> Result<Vec<(u64, f32)>, IndexError> {
-        let live = self.live.load_full();
-        let index = live.read();
-        index.search_in(query, k, range)
+        Ok(self.search_in_scored(query, |_| k, range)?.0)
     }
 
     /// Search the whole index (tests: what a search across namespaces finds).

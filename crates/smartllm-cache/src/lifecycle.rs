@@ -10,7 +10,7 @@ use crate::ids::{self, Tagger};
 use crate::index::SharedIndex;
 use crate::metric_names as m;
 use crate::storage::NEXT_ID;
-use crate::{CacheError, Codec, Sealing, SemanticCache, VectorIndex};
+use crate::{CacheError, Codec, Scores, Sealing, SemanticCache, VectorIndex};
 use lru::LruCache;
 use metrics::{counter, gauge};
 use rocksdb::WriteBatch;
@@ -292,7 +292,9 @@ impl SemanticCache {
         } else {
             encoding
         };
-        let nlist = nlist.min(seen);
+        // Sized by what was found (a purge during the pass may have left
+        // fewer than `expected`), never more lists than training vectors.
+        let nlist = nlist_for(seen).min(sample.len() / dim).max(1);
         let mut index =
             VectorIndex::train_ivf_sample(dim, &sample, nlist, &encoding, nprobe_for(nlist))?;
         drop(sample);
@@ -600,10 +602,13 @@ impl SemanticCache {
         let n = self.index.len();
         let trained = self.trained_for.load(Ordering::Relaxed);
         let threshold = self.ivf_threshold.load(Ordering::Relaxed);
+        let pq = self.pq_threshold.load(Ordering::Relaxed);
         let due = if trained == 0 {
             n >= threshold
         } else {
-            n >= trained * 4
+            // Re-trained as the cache grows 4x, and as soon as it holds
+            // `pq_threshold` vectors on 8-bit codes (not at the next 4x).
+            n >= trained * 4 || (trained < pq && n >= pq && self.index.scores() == Scores::Close)
         };
         if !due || self.building.swap(true, Ordering::SeqCst) {
             return;

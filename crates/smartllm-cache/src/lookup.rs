@@ -300,30 +300,36 @@ impl SemanticCache {
         // Within the namespace's id range: others' entries take no place in
         // the top k (a tag shared by another namespace is sorted out below).
         let range = ids::range(self.tagger.tag(namespace));
-        let hits = match self.index.scores() {
-            Scores::Exact => self.index.search_in(embedding, top_k, range)?,
+        // IVF-PQ scores are coarse and misorder close neighbours: a wider
+        // net, every candidate scored on its stored vector, then the best
+        // `top_k` of those.
+        let (mut hits, scores) = self.index.search_in_scored(
+            embedding,
+            |scores| match scores {
+                Scores::Coarse => (top_k * COARSE_WIDEN).max(COARSE_MIN_CANDIDATES),
+                Scores::Exact | Scores::Close => top_k,
+            },
+            range,
+        )?;
+        match scores {
+            Scores::Exact => {}
             Scores::Close => {
                 // IVF-SQ8 scores come from 8-bit codes, within about 0.01
                 // of the cosine: near the bar, the stored vector decides.
-                let mut hits = self.index.search_in(embedding, top_k, range)?;
                 let near: Vec<usize> = (0..hits.len())
                     .filter(|&i| hits[i].1 >= threshold - RESCORE_MARGIN)
                     .collect();
                 self.rescore(embedding, &mut hits, &near)?;
-                hits
             }
             Scores::Coarse => {
-                // IVF-PQ scores are coarse and misorder close neighbours:
-                // a wider net, every candidate scored on its stored vector,
-                // then the best `top_k` of those.
-                let wide = (top_k * COARSE_WIDEN).max(COARSE_MIN_CANDIDATES);
-                let mut hits = self.index.search_in(embedding, wide, range)?;
                 let all: Vec<usize> = (0..hits.len()).collect();
                 self.rescore(embedding, &mut hits, &all)?;
+                // A NaN (sorted first by `total_cmp`) takes no place in the
+                // top k; the loop below skips it anyway.
+                hits.retain(|h| !h.1.is_nan());
                 hits.truncate(top_k);
-                hits
             }
-        };
+        }
         histogram!(m::SEARCH_SECONDS).record(t.elapsed().as_secs_f64());
         let mut judged = 0;
         let mut best = None;
@@ -1350,7 +1356,13 @@ mod tests {
         let now = now_secs();
         let n = 3_000;
         let vectors: Vec<Vec<f32>> = (0..n).map(|_| unit(&mut rng, None, 1.0)).collect();
+        // 1,200 first: an SQ8 index; then past `pq_threshold` (2,500, before
+        // the cache has grown 4x) it is built again as PQ.
         for (i, v) in vectors.iter().enumerate() {
+            if i == 1_200 {
+                cache.maybe_upgrade();
+                crate::test_support::wait_index(&cache, "ivf-sq8");
+            }
             let entry = Entry {
                 id: 0,
                 namespace: k.namespace_hex(),
