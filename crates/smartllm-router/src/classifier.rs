@@ -132,6 +132,21 @@ impl TaskClassifier {
     /// words naming tasks. The confidence is the chosen task's share of all
     /// votes.
     pub fn classify_among(&self, embedding: &[f32], named: &[(Task, bool)]) -> (Task, f32) {
+        self.classify_without(embedding, named, None)
+    }
+
+    /// [`classify_among`](Self::classify_among), where the examples of
+    /// `without` take no part in the vote (the k nearest of the others
+    /// vote): a prompt that cannot be that task (one in another language
+    /// than English that names no language is no request for a
+    /// translation, however near the English-only model puts it to the
+    /// translation examples, which hold foreign text).
+    pub fn classify_without(
+        &self,
+        embedding: &[f32],
+        named: &[(Task, bool)],
+        without: Option<Task>,
+    ) -> (Task, f32) {
         let unvoted = || named.iter().find(|(_, may)| *may).map(|(t, _)| *t);
         let whole_only = embedding.len() * 2 == self.dim;
         if self.is_empty() || (embedding.len() != self.dim && !whole_only) {
@@ -144,6 +159,9 @@ impl TaskClassifier {
         let dot_i8 = dot_i8_for_this_cpu();
         let rows = self.vectors.chunks_exact(self.dim).zip(&self.scales);
         for ((row, row_scale), label) in rows.zip(&self.labels) {
+            if Some(*label) == without {
+                continue;
+            }
             let s = scale * row_scale * dot_i8(&row[..query.len()], &query) as f32;
             if top.len() < self.k || s > top[top.len() - 1].0 {
                 let at = top.partition_point(|(x, _)| *x >= s);
@@ -324,6 +342,25 @@ mod tests {
         assert_eq!(t, Task::Code);
         assert!(conf > 0.9);
         assert_eq!(c.classify(&[0.0, 0.2, 0.98]).0, Task::Chat);
+    }
+
+    /// Examples of the task left out take no place among the k nearest:
+    /// the nearest of the others vote.
+    #[test]
+    fn a_task_left_out_takes_no_place_in_the_vote() {
+        let labels = vec![Task::Translation, Task::Translation, Task::Chat, Task::Code];
+        let vectors = vec![
+            vec![1.0, 0.0, 0.0],
+            vec![0.99, 0.14, 0.0],
+            vec![0.8, 0.6, 0.0],
+            vec![0.0, 0.0, 1.0],
+        ];
+        let c = TaskClassifier::new(labels, vectors, 2).unwrap();
+        let q = [1.0, 0.05, 0.0];
+        assert_eq!(c.classify_among(&q, &[]).0, Task::Translation);
+        let (t, conf) = c.classify_without(&q, &[], Some(Task::Translation));
+        assert_eq!(t, Task::Chat);
+        assert!(conf > 0.5, "{conf}");
     }
 
     #[test]

@@ -280,16 +280,94 @@ const REASONING_MARKERS: [&str; 32] = [
     "why does",
 ];
 
-/// The first two ask for a translation; the rest only name a language
+/// The first two and those from the seventh on ask for a translation (the
+/// word in other languages: French, Spanish, Portuguese and Italian
+/// "tradu…", German, Dutch, Swedish, Danish, Norwegian, Polish, Czech,
+/// Russian, Ukrainian, Japanese, Chinese, Korean, Arabic, Hindi, Finnish,
+/// Greek, Indonesian, Turkish); the rest only name a language
 /// (`Keywords::asks_translation`).
-const TRANSLATION_WORDS: [&str; 6] = [
+const TRANSLATION_WORDS: [&str; 33] = [
     "translate",
     "translation",
     "in french",
     "in spanish",
     "in german",
     "into english",
+    "tradu",
+    "übersetz",
+    "uebersetz",
+    "vertaal",
+    "vertaling",
+    "översätt",
+    "oversæt",
+    "oversett",
+    "tłumacz",
+    "přelož",
+    "překlad",
+    "переведи",
+    "перевод",
+    "перекла",
+    "翻訳",
+    "訳して",
+    "翻译",
+    "翻譯",
+    "번역",
+    "ترجم",
+    "अनुवाद",
+    "käännä",
+    "käännös",
+    "μετάφρ",
+    "terjemah",
+    "tercüme",
+    "çevir",
 ];
+/// Languages' names, in English and in their own words (lower case): a
+/// prompt in another language than English that names one may be about
+/// translating ("Swedish proverb: Bränt barn skyr elden.").
+const LANGUAGE_NAMES: [&str; 40] = [
+    "english",
+    "french",
+    "german",
+    "spanish",
+    "italian",
+    "portuguese",
+    "dutch",
+    "swedish",
+    "norwegian",
+    "danish",
+    "finnish",
+    "polish",
+    "czech",
+    "russian",
+    "ukrainian",
+    "chinese",
+    "japanese",
+    "korean",
+    "arabic",
+    "hindi",
+    "turkish",
+    "greek",
+    "hebrew",
+    "latin",
+    "anglais",
+    "englisch",
+    "inglés",
+    "ingles",
+    "inglese",
+    "deutsch",
+    "français",
+    "español",
+    "английск",
+    "англ",
+    "英語",
+    "英语",
+    "英文",
+    "영어",
+    "中文",
+    "日本語",
+];
+/// [`TRANSLATION_WORDS`] that ask for a translation: not a language's name.
+const TRANSLATION_ASKS: u64 = !0b11_1100;
 /// The first three ask for a summary; the rest can be a format ("explain in
 /// one sentence", "the key points to consider") (`Keywords::asks_summary`).
 const SUMMARY_WORDS: [&str; 5] = ["summar", "tl;dr", "tldr", "key points", "in one sentence"];
@@ -439,8 +517,11 @@ pub struct Keywords {
     /// A code marker that is no English word ("=>", "();", "def ", "std::"
     /// …) occurs: with another marker, structural evidence of code.
     code_symbols: bool,
-    /// "translate" or "translation" occurs (not only a language's name).
+    /// "translate" or "translation" occurs, or the word in another language
+    /// (not only a language's name).
     asks_translation: bool,
+    /// A translation word or a language's name occurs ("english" too).
+    names_language: bool,
     /// One of the summary words that only a request for one uses.
     asks_summary: bool,
     /// One of the extraction words that only a request for one uses.
@@ -455,12 +536,15 @@ impl Keywords {
         let cased = CASED.get_or_init(|| Automaton::new(&[&CODE_MARKERS], true));
         let folded = FOLDED.get_or_init(|| Automaton::new(&FOLDED_LISTS, false));
         let code = cased.found(text)[0];
-        let found = folded.found(&text.to_lowercase());
+        let lower = text.to_lowercase();
+        let found = folded.found(&lower);
         Self {
             code_markers: code.count_ones() as usize,
             fence: code & 1 != 0,
             code_symbols: code & !(ENGLISH_MARKERS | 1) != 0,
-            asks_translation: found[TRANSLATION_LIST] & 0b11 != 0,
+            asks_translation: found[TRANSLATION_LIST] & TRANSLATION_ASKS != 0,
+            names_language: found[TRANSLATION_LIST] != 0
+                || LANGUAGE_NAMES.iter().any(|n| lower.contains(n)),
             asks_summary: found[SUMMARY_LIST] & 0b111 != 0,
             asks_extraction: found[EXTRACTION_LIST] & 0b10_1001 != 0,
             folded: std::array::from_fn(|l| found[l].count_ones() as usize),
@@ -631,7 +715,15 @@ pub fn extract_with(
                     }
                 }
             }
-            let (t, conf) = c.classify_among(e, &named);
+            // In another language than English, with no word of
+            // translation and no language named, a prompt is no request
+            // for one: the English-only model puts any foreign text near
+            // the translation examples (a French question about the piano,
+            // a Russian request for a poem, a Chinese one for a Python
+            // function all read as translation at confidence 1.0).
+            let foreign = !matches!(language::detect(last), "en" | "und");
+            let without = (foreign && !k.names_language).then_some(Task::Translation);
+            let (t, conf) = c.classify_without(e, &named, without);
             let source = if named.is_empty() {
                 "embedding"
             } else {
@@ -760,6 +852,31 @@ mod tests {
 
     fn body(v: Value) -> Map<String, Value> {
         v.as_object().unwrap().clone()
+    }
+
+    #[test]
+    fn translation_asked_in_other_languages_and_languages_named() {
+        for asks in [
+            "Traduis ce texte en anglais",
+            "Traduce esta frase",
+            "Übersetze bitte",
+            "请把这句话翻译成英文",
+            "この文を英語に翻訳して",
+            "이 문장을 번역해 주세요",
+            "Переведи на английский",
+        ] {
+            assert!(Keywords::scan(asks).asks_translation, "{asks}");
+        }
+        assert!(Keywords::scan("Swedish proverb: Bränt barn skyr elden.").names_language);
+        assert!(Keywords::scan("Réponds en anglais").names_language);
+        for plain in [
+            "Wie kann ich meine Wohnung günstiger heizen?",
+            "Quelle est la meilleure façon d'apprendre le piano ?",
+            "東京でおすすめのラーメン屋はどこですか？",
+        ] {
+            let k = Keywords::scan(plain);
+            assert!(!k.asks_translation && !k.names_language, "{plain}");
+        }
     }
 
     #[test]

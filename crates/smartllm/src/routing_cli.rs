@@ -849,6 +849,47 @@ mod tests {
         );
     }
 
+    /// A prompt in another language than English is no request for a
+    /// translation unless it asks for one or names a language: the
+    /// English-only model put every one of the first six below at
+    /// translation (confidence 1.0) before the rule.
+    #[test]
+    fn prompts_in_other_languages_are_translations_only_when_they_ask() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let examples = std::fs::read_to_string(root.join("conf/tasks.tsv")).unwrap();
+        let (labels, texts): (Vec<_>, Vec<_>) =
+            smartllm_router::classifier::parse_examples(&examples)
+                .unwrap()
+                .into_iter()
+                .unzip();
+        let embedder = Embedder::load(&smartllm_embed::local_assets(256))
+            .expect("embedding assets missing: run packaging/fetch-assets.sh (make test does)");
+        let vectors = task_vectors_all(&embedder, &texts).unwrap();
+        let classifier = smartllm_router::TaskClassifier::new(labels, vectors, 7).unwrap();
+        let task_of = |prompt: &str| {
+            let e = task_vectors_all(&embedder, &[prompt.to_string()]).unwrap();
+            smartllm_router::extract(&chat(prompt), Some(&e[0]), Some(&classifier)).task
+        };
+        for prompt in [
+            "Quelle est la meilleure façon d'apprendre le piano ?",
+            "東京でおすすめのラーメン屋はどこですか？",
+            "Wie kann ich meine Wohnung günstiger heizen?",
+            "Напиши короткое стихотворение о зиме",
+            "帮我写一个Python函数来反转字符串",
+            "오늘 저녁 메뉴 추천해 줄래?",
+        ] {
+            assert_ne!(task_of(prompt), Task::Translation, "{prompt}");
+        }
+        for prompt in [
+            "Traduis en anglais : je voudrais un café",
+            "请把这句话翻译成英文：今天天气很好",
+            "Swedish proverb: Bränt barn skyr elden.",
+            "Translate to English: あなたはお茶が好きではないですか？",
+        ] {
+            assert_eq!(task_of(prompt), Task::Translation, "{prompt}");
+        }
+    }
+
     /// The simulation on the shipped conf: the best model's own point is
     /// 100%/100%, the router lands between the cheapest and the best model.
     #[test]

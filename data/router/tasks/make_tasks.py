@@ -196,6 +196,42 @@ EXTRA_SOURCES = [
     ("train", "code", "inspect-swe-lancer", "ie", "swe_lancer", 80),
 ]
 
+# Requests written in other languages than English (their instructions in
+# English or in the language), from evals collections used nowhere else:
+# an evaluation set only (`--multilingual` writes multilingual.tsv), never
+# training or shipped examples. Labels are each collection's purpose:
+# exam and licence questions as reasoning (as MedMCQA and the tort-law
+# exam are in heldout.tsv), worked sums as math, knowledge questions as
+# chat, continuing a verse as creative.
+MULTILINGUAL_SOURCES = [
+    ("multilingual", "reasoning", "evals-arabic-exams-qa", "ev", "arabic-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-bulgarian-exams-qa", "ev", "bulgarian-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-french-exams-qa", "ev", "french-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-german-exams-qa", "ev", "german-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-hungarian-exams-qa", "ev", "hungarian-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-italian-exams-qa", "ev", "italian-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-polish-exams-qa", "ev", "polish-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-portuguese-exams-qa", "ev", "portuguese-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-spanish-exams-qa", "ev", "spanish-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-turkish-exams-qa", "ev", "turkish-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-vietnamese-exams-qa", "ev", "vietnamese-exams-qa", 20),
+    ("multilingual", "reasoning", "evals-japanese-medical-exam", "ev", "japanese-national-medical-exam01", 20),
+    ("multilingual", "reasoning", "evals-russian-medical", "ev", "russian_medical", 20),
+    ("multilingual", "reasoning", "evals-hindi-upsc", "ev", "hindi_upsc", 20),
+    ("multilingual", "reasoning", "evals-ukraine-eit", "ev", "ukraine_eit", 20),
+    ("multilingual", "reasoning", "evals-japanese-itpassport", "ev", "japanese-itpassport-exam01", 20),
+    ("multilingual", "reasoning", "evals-romanian-logic", "ev", "romanian-logic", 20),
+    ("multilingual", "reasoning", "evals-swedish-sat", "ev", "swedish_sat", 20),
+    ("multilingual", "reasoning", "evals-japanese-driving-license", "ev", "japanese_driving_license", 20),
+    ("multilingual", "math", "evals-italian-big-math", "ev", "italian_big_math_expression", 20),
+    ("multilingual", "math", "evals-math-polish", "ev", "math_polish", 20),
+    ("multilingual", "math", "evals-russian-cs-tasks", "ev", "hard_russian_computer_science_tasks", 20),
+    ("multilingual", "chat", "evals-japanese-prime-minister", "ev", "japanese_prime_minister", 20),
+    ("multilingual", "chat", "evals-chinese-poem-author", "ev", "chinese_poem", 20),
+    ("multilingual", "chat", "evals-chinese-idioms", "ev", "chinese_idioms", 20),
+    ("multilingual", "creative", "evals-russian-verse", "ev", "russian-verse", 20),
+]
+
 
 def sha256(path: str) -> str:
     h = hashlib.sha256()
@@ -374,6 +410,8 @@ def main() -> None:
     ap.add_argument("--out", default=HERE)
     ap.add_argument("--extra", action="store_true",
                     help="also the collections of EXTRA_SOURCES (tried, not adopted)")
+    ap.add_argument("--multilingual", action="store_true",
+                    help="also write multilingual.tsv (MULTILINGUAL_SOURCES, evaluation only)")
     args = ap.parse_args()
     cache = args.cache or tempfile.mkdtemp(prefix="smartllm-tasks-")
     os.makedirs(cache, exist_ok=True)
@@ -386,7 +424,10 @@ def main() -> None:
     rng = random.Random(SEED)
     seen: dict[str, str] = {}
     rows = {"train": [], "heldout": []}
-    for split, task, source, loader, arg, cap in SOURCES + (EXTRA_SOURCES if args.extra else []):
+    if args.multilingual:
+        rows["multilingual"] = []
+    for split, task, source, loader, arg, cap in (SOURCES + (EXTRA_SOURCES if args.extra else [])
+                                                  + (MULTILINGUAL_SOURCES if args.multilingual else [])):
         if loader == "bb":
             raw = bb.prompts(arg)
         elif loader == "ev":
