@@ -59,6 +59,31 @@ pub fn tokens(u: &smartllm_protocol::Usage) -> smartllm_ledger::Tokens {
     }
 }
 
+/// What the request's usage costs at `mp`, in nano-dollars (0 without usage).
+fn usage_cost_nanos(ctx: &Ctx, mp: &smartllm_config::ModelPrice) -> u64 {
+    let used = ctx.usage.as_ref().map(tokens).unwrap_or_default();
+    ctx.usage
+        .as_ref()
+        .map_or(0, |u| price_for(mp, u).cost_nanos(used))
+}
+
+/// The cost the ledger records for this request, in dollars, as
+/// [`finish`] computes it (0 without a ledger, for a token count, or for a
+/// model without a price).
+pub fn request_cost_usd(ctx: &Ctx, ledger: Option<&smartllm_ledger::Ledger>) -> f64 {
+    let counted = !matches!(
+        ctx.endpoint,
+        "messages_count_tokens" | "responses_input_tokens"
+    );
+    match (ledger, ctx.rt.as_ref(), ctx.model().filter(|_| counted)) {
+        (Some(_), Some(rt), Some(model)) => rt
+            .config
+            .price(model)
+            .map_or(0.0, |mp| usage_cost_nanos(ctx, mp) as f64 / 1e9),
+        _ => 0.0,
+    }
+}
+
 pub fn finish(
     session: &Session,
     e: Option<&Error>,
@@ -106,10 +131,7 @@ pub fn finish(
                 metrics::unpriced(model);
             }
             let used = ctx.usage.as_ref().map(tokens).unwrap_or_default();
-            let cost_nanos = ctx
-                .usage
-                .as_ref()
-                .map_or(0, |u| price_for(mp, u).cost_nanos(used));
+            let cost_nanos = usage_cost_nanos(ctx, mp);
             // What a fresh answer would have cost at the list price (the
             // stored answer's tier says nothing of this request's).
             let saved_nanos = ctx

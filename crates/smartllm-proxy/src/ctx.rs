@@ -96,6 +96,11 @@ pub struct Ctx {
     /// The request's estimated cost, held against its budgets until its
     /// cost is recorded (dropped then, or with the context).
     pub budget_hold: Option<smartllm_quota::budget::Hold>,
+    /// The request's cost was recorded against its budgets (and its hold
+    /// let go) before the answer's last bytes went out
+    /// ([`crate::pipeline::finish::settle_budget`]): the end counts it no
+    /// more.
+    pub budget_settled: bool,
     /// Why this model serves the request (`alias`, `budget`, the router's
     /// reason, `fallback:MODEL`), for `x-smartllm-route`.
     pub route_reason: String,
@@ -169,6 +174,7 @@ impl Ctx {
             usage_estimated: false,
             precharged_tokens: 0,
             budget_hold: None,
+            budget_settled: false,
             route_reason: "alias".into(),
             route_cost_rule: None,
             experiment: None,

@@ -16,7 +16,11 @@ pub struct Features {
     /// `embedding` (nearest labelled examples), `embedding+keywords` (the
     /// prompt's words asked for some tasks and the vote chose among them;
     /// the confidence is then the chosen task's share of the whole vote,
-    /// 0 when its words alone chose it) or `keywords` (no embedding).
+    /// 0 when its words alone chose it) or `keywords` (no embedding);
+    /// `-translation` after either: a prompt in another language than
+    /// English that asked for no translation, voted on with the
+    /// translation examples left out (the confidence is then a share of
+    /// the others' votes).
     pub task_source: &'static str,
     /// 0 (trivial) to 1 (hard): length, structure, reasoning markers, task.
     pub complexity: f64,
@@ -283,10 +287,13 @@ const REASONING_MARKERS: [&str; 32] = [
 /// The first two and those from the seventh on ask for a translation (the
 /// word in other languages: French, Spanish, Portuguese and Italian
 /// "tradu…", German, Dutch, Swedish, Danish, Norwegian, Polish, Czech,
-/// Russian, Ukrainian, Japanese, Chinese, Korean, Arabic, Hindi, Finnish,
-/// Greek, Indonesian, Turkish); the rest only name a language
-/// (`Keywords::asks_translation`).
-const TRANSLATION_WORDS: [&str; 33] = [
+/// Russian, Ukrainian, Japanese, Chinese, Korean, Arabic, Hebrew, Thai,
+/// Hindi, Finnish, Greek, Indonesian, Turkish); the rest only name a
+/// language (`Keywords::asks_translation`). Words that also mean something
+/// else are left out or taken with what follows: Polish "tłumacz" is in
+/// "wytłumacz" (explain), Russian "перевод" is a money transfer, Turkish
+/// "çevir" is to turn, Czech "překlad" is in "překladač" (compiler).
+const TRANSLATION_WORDS: [&str; 38] = [
     "translate",
     "translation",
     "in french",
@@ -294,18 +301,19 @@ const TRANSLATION_WORDS: [&str; 33] = [
     "in german",
     "into english",
     "tradu",
+    "tradú",
     "übersetz",
     "uebersetz",
     "vertaal",
-    "vertaling",
+    "vertal",
     "översätt",
     "oversæt",
     "oversett",
-    "tłumacz",
+    "przetłumacz",
     "přelož",
-    "překlad",
-    "переведи",
-    "перевод",
+    "переведи на",
+    "перевод на",
+    "перевести на",
     "перекла",
     "翻訳",
     "訳して",
@@ -313,59 +321,97 @@ const TRANSLATION_WORDS: [&str; 33] = [
     "翻譯",
     "번역",
     "ترجم",
+    "תרגם",
+    "แปลเป็น",
     "अनुवाद",
     "käännä",
     "käännös",
     "μετάφρ",
+    "μεταφρ",
     "terjemah",
     "tercüme",
-    "çevir",
+    "çevirir misin",
+    "çevirin",
 ];
-/// Languages' names, in English and in their own words (lower case): a
-/// prompt in another language than English that names one may be about
-/// translating ("Swedish proverb: Bränt barn skyr elden.").
-const LANGUAGE_NAMES: [&str; 40] = [
-    "english",
-    "french",
-    "german",
-    "spanish",
-    "italian",
-    "portuguese",
-    "dutch",
-    "swedish",
-    "norwegian",
-    "danish",
-    "finnish",
-    "polish",
-    "czech",
-    "russian",
-    "ukrainian",
-    "chinese",
-    "japanese",
-    "korean",
-    "arabic",
-    "hindi",
-    "turkish",
-    "greek",
-    "hebrew",
-    "latin",
-    "anglais",
-    "englisch",
-    "inglés",
-    "ingles",
-    "inglese",
-    "deutsch",
-    "français",
-    "español",
-    "английск",
-    "англ",
-    "英語",
-    "英语",
-    "英文",
-    "영어",
-    "中文",
-    "日本語",
+/// Languages' names (lower case): in English (code ""), counted as whole
+/// words ("italian", not "italiano"); and in other languages, as stems,
+/// with the code [`language::detect`] gives the language itself, whose own
+/// prompts they do not count in ("Deutschland", "用中文回答"). A prompt in
+/// another language than English that names a language may be about
+/// translating ("Vad betyder det på engelska?", "Swedish proverb: …").
+const LANGUAGE_NAMES: [(&str, &str); 52] = [
+    ("english", ""),
+    ("french", ""),
+    ("german", ""),
+    ("spanish", ""),
+    ("italian", ""),
+    ("portuguese", ""),
+    ("dutch", ""),
+    ("swedish", ""),
+    ("norwegian", ""),
+    ("danish", ""),
+    ("finnish", ""),
+    ("polish", ""),
+    ("czech", ""),
+    ("russian", ""),
+    ("ukrainian", ""),
+    ("chinese", ""),
+    ("japanese", ""),
+    ("korean", ""),
+    ("arabic", ""),
+    ("hindi", ""),
+    ("turkish", ""),
+    ("greek", ""),
+    ("hebrew", ""),
+    ("latin", ""),
+    ("anglais", "en"),
+    ("englisch", "en"),
+    ("inglés", "en"),
+    ("ingles", "en"),
+    ("inglês", "en"),
+    ("inglese", "en"),
+    ("engels", "en"),
+    ("engelsk", "en"),
+    ("angielsk", "en"),
+    ("angličtin", "en"),
+    ("angol", "en"),
+    ("ingilizce", "en"),
+    ("английск", "en"),
+    ("англій", "en"),
+    ("αγγλικ", "en"),
+    ("אנגלית", "en"),
+    ("إنجليز", "en"),
+    ("انجليز", "en"),
+    ("अंग्रेज", "en"),
+    ("อังกฤษ", "en"),
+    ("英語", "en"),
+    ("英语", "en"),
+    ("英文", "en"),
+    ("영어", "en"),
+    ("deutsch", "de"),
+    ("français", "fr"),
+    ("francés", "fr"),
+    ("中文", "zh"),
 ];
+
+/// Whether `text` names a language other than `lang` (the text's own), or
+/// holds one of [`TRANSLATION_WORDS`]' names.
+fn names_other_language(text: &str, lang: &str) -> bool {
+    let lower = text.to_lowercase();
+    LANGUAGE_NAMES.iter().any(|(name, code)| {
+        if code.is_empty() {
+            lower.match_indices(name).any(|(at, _)| {
+                !lower[at + name.len()..]
+                    .chars()
+                    .next()
+                    .is_some_and(char::is_alphabetic)
+            })
+        } else {
+            *code != lang && lower.contains(name)
+        }
+    })
+}
+
 /// [`TRANSLATION_WORDS`] that ask for a translation: not a language's name.
 const TRANSLATION_ASKS: u64 = !0b11_1100;
 /// The first three ask for a summary; the rest can be a format ("explain in
@@ -520,7 +566,8 @@ pub struct Keywords {
     /// "translate" or "translation" occurs, or the word in another language
     /// (not only a language's name).
     asks_translation: bool,
-    /// A translation word or a language's name occurs ("english" too).
+    /// A translation word occurs, or one of the English phrases naming a
+    /// language ("in french"); other names: [`names_other_language`].
     names_language: bool,
     /// One of the summary words that only a request for one uses.
     asks_summary: bool,
@@ -536,15 +583,13 @@ impl Keywords {
         let cased = CASED.get_or_init(|| Automaton::new(&[&CODE_MARKERS], true));
         let folded = FOLDED.get_or_init(|| Automaton::new(&FOLDED_LISTS, false));
         let code = cased.found(text)[0];
-        let lower = text.to_lowercase();
-        let found = folded.found(&lower);
+        let found = folded.found(&text.to_lowercase());
         Self {
             code_markers: code.count_ones() as usize,
             fence: code & 1 != 0,
             code_symbols: code & !(ENGLISH_MARKERS | 1) != 0,
             asks_translation: found[TRANSLATION_LIST] & TRANSLATION_ASKS != 0,
-            names_language: found[TRANSLATION_LIST] != 0
-                || LANGUAGE_NAMES.iter().any(|n| lower.contains(n)),
+            names_language: found[TRANSLATION_LIST] != 0,
             asks_summary: found[SUMMARY_LIST] & 0b111 != 0,
             asks_extraction: found[EXTRACTION_LIST] & 0b10_1001 != 0,
             folded: std::array::from_fn(|l| found[l].count_ones() as usize),
@@ -701,6 +746,10 @@ pub fn extract_with(
         .map(|t| (serde_json::to_vec(t).map_or(0, |v| v.len()) as u64).div_ceil(4))
         .sum();
     let prompt_tokens = text_tokens.saturating_add(tool_tokens);
+    let lang = match purpose {
+        Extraction::Routing => language::detect(last),
+        Extraction::TrafficMix => "-",
+    };
     let (task, task_confidence, task_source) = match (embedding, classifier) {
         (Some(e), Some(c)) if !c.is_empty() => {
             let mut named = named_tasks(&k);
@@ -716,18 +765,23 @@ pub fn extract_with(
                 }
             }
             // In another language than English, with no word of
-            // translation and no language named, a prompt is no request
-            // for one: the English-only model puts any foreign text near
-            // the translation examples (a French question about the piano,
-            // a Russian request for a poem, a Chinese one for a Python
-            // function all read as translation at confidence 1.0).
-            let foreign = !matches!(language::detect(last), "en" | "und");
-            let without = (foreign && !k.names_language).then_some(Task::Translation);
+            // translation and no other language named, a prompt is no
+            // request for one: the English-only model puts any foreign text
+            // near the translation examples (a French question about the
+            // piano, a Russian request for a poem, a Chinese one for a
+            // Python function all read as translation at confidence 1.0).
+            let foreign = !matches!(lang, "en" | "und" | "-");
+            let without = (foreign
+                && !k.names_language
+                && !named.iter().any(|(t, _)| *t == Task::Translation)
+                && !names_other_language(last, lang))
+            .then_some(Task::Translation);
             let (t, conf) = c.classify_without(e, &named, without);
-            let source = if named.is_empty() {
-                "embedding"
-            } else {
-                "embedding+keywords"
+            let source = match (named.is_empty(), without.is_some()) {
+                (true, false) => "embedding",
+                (false, false) => "embedding+keywords",
+                (true, true) => "embedding-translation",
+                (false, true) => "embedding+keywords-translation",
             };
             (t, conf, source)
         }
@@ -802,10 +856,7 @@ pub fn extract_with(
         task_source,
         complexity,
         prompt_tokens,
-        language: match purpose {
-            Extraction::Routing => language::detect(last),
-            Extraction::TrafficMix => "-",
-        },
+        language: lang,
         has_code,
         has_math,
         has_tools,
@@ -864,11 +915,32 @@ mod tests {
             "この文を英語に翻訳して",
             "이 문장을 번역해 주세요",
             "Переведи на английский",
+            "Kun je dit vertalen naar het Engels?",
+            "Tradúcelo al francés",
+            "Przetłumacz to zdanie",
+            "תרגם את זה",
         ] {
             assert!(Keywords::scan(asks).asks_translation, "{asks}");
         }
-        assert!(Keywords::scan("Swedish proverb: Bränt barn skyr elden.").names_language);
-        assert!(Keywords::scan("Réponds en anglais").names_language);
+        // Words that look like a request for one but mean something else.
+        for other in [
+            "Wytłumacz co robi ten kod",
+            "Сделай перевод денег на карту",
+            "Sağa çevir ve devam et",
+            "Jak funguje překladač jazyka C?",
+        ] {
+            assert!(!Keywords::scan(other).asks_translation, "{other}");
+        }
+        assert!(names_other_language("Vad betyder det på engelska?", "sv"));
+        assert!(names_other_language("Réponds en anglais", "fr"));
+        assert!(names_other_language(
+            "Swedish proverb: Bränt barn skyr elden.",
+            "sv"
+        ));
+        // A language's name for itself, in its own prompts, names no other.
+        assert!(!names_other_language("Wo liegt Deutschland?", "de"));
+        assert!(!names_other_language("请用中文回答", "zh"));
+        assert!(!names_other_language("Parli italiano?", "it"));
         for plain in [
             "Wie kann ich meine Wohnung günstiger heizen?",
             "Quelle est la meilleure façon d'apprendre le piano ?",
@@ -876,6 +948,10 @@ mod tests {
         ] {
             let k = Keywords::scan(plain);
             assert!(!k.asks_translation && !k.names_language, "{plain}");
+            assert!(
+                !names_other_language(plain, language::detect(plain)),
+                "{plain}"
+            );
         }
     }
 

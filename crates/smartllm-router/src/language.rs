@@ -1,7 +1,7 @@
 //! Language identification good enough for routing rules: the script decides
 //! most languages; for Latin script, stop words tell the common ones apart.
 
-const LATIN: [(&str, &[&str]); 7] = [
+const LATIN: [(&str, &[&str]); 15] = [
     (
         "en",
         &[
@@ -49,6 +49,75 @@ const LATIN: [(&str, &[&str]); 7] = [
         &[
             "de", "het", "een", "en", "van", "is", "dat", "niet", "ik", "op", "te", "zijn", "met",
             "hoe", "wat",
+        ],
+    ),
+    (
+        "pl",
+        &[
+            "nie", "się", "jest", "że", "jak", "czy", "dla", "który", "która", "są", "oraz",
+            "może", "tylko", "jaki", "jaka",
+        ],
+    ),
+    (
+        "cs",
+        &[
+            "je", "se", "že", "jak", "pro", "není", "který", "která", "jsou", "také", "nebo",
+            "jaký", "jaká", "bude", "když",
+        ],
+    ),
+    (
+        "sv",
+        &[
+            "och", "att", "det", "som", "är", "på", "av", "för", "med", "inte", "jag", "hur",
+            "vad", "den", "har",
+        ],
+    ),
+    (
+        "tr",
+        &[
+            "ve", "bir", "bu", "için", "ile", "çok", "gibi", "olarak", "daha", "hangisi", "nasıl",
+            "nedir", "değil", "olan", "ama",
+        ],
+    ),
+    (
+        "ro",
+        &[
+            "și", "în", "care", "este", "să", "din", "pentru", "sunt", "cum", "sau", "mai", "fi",
+            "acest", "această", "unde",
+        ],
+    ),
+    (
+        "hu",
+        &[
+            "az", "és", "hogy", "nem", "egy", "meg", "van", "csak", "mint", "melyik", "vagy",
+            "ezt", "kell", "milyen", "hogyan",
+        ],
+    ),
+    (
+        "vi",
+        &[
+            "của", "và", "là", "có", "không", "những", "được", "trong", "cho", "một", "các", "này",
+            "với", "người", "đã",
+        ],
+    ),
+    (
+        "id",
+        &[
+            "yang",
+            "dan",
+            "di",
+            "ini",
+            "itu",
+            "dengan",
+            "untuk",
+            "tidak",
+            "dari",
+            "dalam",
+            "akan",
+            "apa",
+            "bagaimana",
+            "adalah",
+            "saya",
         ],
     ),
 ];
@@ -123,12 +192,14 @@ pub fn detect(text: &str) -> &'static str {
             }
         }
     }
-    let (i, n) = counts
-        .iter()
-        .enumerate()
-        .max_by_key(|(_, n)| **n)
-        .map(|(i, n)| (i, *n))
-        .unwrap_or((0, 0));
+    // The most stop words; a tie with English is English, other ties go to
+    // the later list.
+    let n = counts.iter().copied().max().unwrap_or(0);
+    let i = if counts[0] == n {
+        0
+    } else {
+        counts.iter().rposition(|c| *c == n).unwrap_or(0)
+    };
     if n == 0 {
         // Short or technical text without stop words: most such prompts are English.
         return if words > 0 { "en" } else { "und" };
@@ -163,5 +234,18 @@ mod tests {
         assert_eq!(detect("Какая столица Франции?"), "ru");
         assert_eq!(detect("프랑스의 수도는 어디입니까?"), "ko");
         assert_eq!(detect("12345 + 678"), "und");
+        assert_eq!(
+            detect("Który stan włosa jest typowy dla tej choroby?"),
+            "pl"
+        );
+        assert_eq!(
+            detect("Vad betyder det här ordspråket och hur används det?"),
+            "sv"
+        );
+        assert_eq!(detect("Aşağıdakilerden hangisi bir memeli değil?"), "tr");
+        assert_eq!(detect("Bằng chứng nào sau đây là của sự tiến hóa?"), "vi");
+        assert_eq!(detect("Melyik állítás igaz, és hogy miért?"), "hu");
+        // English stop words win a tie.
+        assert_eq!(detect("Write a haiku"), "en");
     }
 }

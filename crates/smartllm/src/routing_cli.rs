@@ -883,7 +883,8 @@ mod tests {
         for prompt in [
             "Traduis en anglais : je voudrais un café",
             "请把这句话翻译成英文：今天天气很好",
-            "Swedish proverb: Bränt barn skyr elden.",
+            "Vad betyder ordspråket \"Bränt barn skyr elden\" på engelska?",
+            "Kun je dit vertalen naar het Engels? Ik hou van fietsen.",
             "Translate to English: あなたはお茶が好きではないですか？",
         ] {
             assert_eq!(task_of(prompt), Task::Translation, "{prompt}");

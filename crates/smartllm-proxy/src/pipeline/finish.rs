@@ -59,9 +59,21 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
         metrics::experiment(exp, arm, ok, cost);
     }
     // Its cost counts now: what it held goes (with a fleet, once the cost
-    // has reached Redis).
+    // has reached Redis). An answer settled before its last bytes went out.
+    if !ctx.budget_settled {
+        record_budget(shared, ctx, cost);
+    }
+    // Takes the request's names out of `ctx`: nothing reads them after this.
+    shared.recent.record(ctx, status, cost);
+    // Last: a drain (SIGTERM, graceful upgrade) waits for this request's
+    // ledger record and budget charge, not just its response.
+    ctx.in_flight = None;
+}
+
+/// Record `cost` against the request's budgets and let its hold go.
+fn record_budget(shared: &Shared, ctx: &mut Ctx, cost: f64) {
     let hold = ctx.budget_hold.take();
-    if let Some(rt) = rt {
+    if let Some(rt) = ctx.rt.clone() {
         // Against the budgets in force now: one a reload added while this
         // request ran read its spend from the ledger without this cost.
         let now = shared.runtime.load();
@@ -73,11 +85,22 @@ pub fn run(shared: &Shared, session: &Session, e: Option<&Error>, ctx: &mut Ctx)
             hold,
         );
     }
-    // Takes the request's names out of `ctx`: nothing reads them after this.
-    shared.recent.record(ctx, status, cost);
-    // Last: a drain (SIGTERM, graceful upgrade) waits for this request's
-    // ledger record and budget charge, not just its response.
-    ctx.in_flight = None;
+    ctx.budget_settled = true;
+}
+
+/// Count an answer's cost against its budgets, and let go what it held,
+/// before its last bytes go out (its usage is known by then): a client
+/// that sends its next request as soon as it has read this answer (on
+/// another connection) finds the spend recorded and nothing held, where
+/// the end of the request (Pingora's `logging` phase, after the last
+/// write) could come after that next request was admitted and refuse it
+/// for what this one still held (`budget_in_flight`).
+pub fn settle_budget(shared: &Shared, ctx: &mut Ctx) {
+    if ctx.budget_settled {
+        return;
+    }
+    let cost = crate::access_log::request_cost_usd(ctx, shared.ledger.as_ref());
+    record_budget(shared, ctx, cost);
 }
 
 /// Outcomes the router learns from without being told (issue #18): each

@@ -71,6 +71,7 @@ pub(super) async fn relay(
             Ok(a) if a.usage.is_some() => {
                 ctx.cut_off = a.cut_at_length && !super::output_limited(x.req, ctx);
                 record_usage(ctx, a.usage);
+                crate::pipeline::finish::settle_budget(x.shared, ctx);
                 return match respond::json(session, ctx, 200, body, &x.passthrough).await {
                     Ok(()) => Attempt::Done,
                     Err(_) => client_gone(ctx),
@@ -166,6 +167,7 @@ pub(super) async fn relay(
             });
         }
     }
+    crate::pipeline::finish::settle_budget(x.shared, ctx);
     match respond::json(session, ctx, 200, out, &x.passthrough).await {
         Ok(()) => Attempt::Done,
         Err(_) => client_gone(ctx),

@@ -793,6 +793,11 @@ pub(super) async fn relay(
             None => Attempt::Done,
         }
     };
+    // The usage is known: the budgets count it before the last bytes go
+    // out (a failed stream is left to the end of the request).
+    if failure.is_none() {
+        crate::pipeline::finish::settle_budget(x.shared, ctx);
+    }
     if !client_tail.is_empty()
         && session
             .write_response_body(Some(Bytes::from(client_tail)), false)
