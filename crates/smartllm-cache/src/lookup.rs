@@ -1255,6 +1255,36 @@ mod tests {
         );
     }
 
+    /// A unit vector: `base` (or nothing) plus uniform noise of `noise`.
+    fn noisy_unit(rng: &mut fastrand::Rng, base: Option<&[f32]>, noise: f32) -> Vec<f32> {
+        let v: Vec<f32> = (0..smartllm_embed::DIM)
+            .map(|i| base.map_or(0.0, |b| b[i]) + noise * (rng.f32() - 0.5))
+            .collect();
+        let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+        v.into_iter().map(|x| x / n).collect()
+    }
+
+    /// Store entry number `i` of `k`'s namespace (its answer: "i") with
+    /// vector `v`.
+    fn write_numbered(cache: &SemanticCache, k: &CacheKey, i: usize, v: &[f32], now: u64) {
+        let entry = Entry {
+            id: 0,
+            namespace: k.namespace_hex(),
+            exact: format!("{i:064x}"),
+            query: "How do I reset my password?".into(),
+            response: format!("{i}"),
+            route: "auto".into(),
+            model: "m".into(),
+            created_at: now,
+            expires_at: now + 3600,
+            version: 1,
+            asked_ms: None,
+        };
+        let mut exact = [0u8; 32];
+        exact[..8].copy_from_slice(&(i as u64).to_be_bytes());
+        cache.write(entry, Some(v.to_vec()), exact).unwrap();
+    }
+
     /// On the IVF index the similarity that meets the bar is the cosine of
     /// the stored vector, not the 8-bit codes' estimate of it.
     #[test]
@@ -1264,33 +1294,12 @@ mod tests {
         let cache =
             SemanticCache::open(store, embedder(MAX_SEQ), Codec::plain(), 16, 1_000, None).unwrap();
         let mut rng = fastrand::Rng::with_seed(7);
-        let unit = |rng: &mut fastrand::Rng, base: Option<&[f32]>, noise: f32| {
-            let v: Vec<f32> = (0..smartllm_embed::DIM)
-                .map(|i| base.map_or(0.0, |b| b[i]) + noise * (rng.f32() - 0.5))
-                .collect();
-            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
-        };
+        let unit = noisy_unit;
         let k = key("t", "q");
         let now = now_secs();
         let vectors: Vec<Vec<f32>> = (0..1_200).map(|_| unit(&mut rng, None, 1.0)).collect();
         for (i, v) in vectors.iter().enumerate() {
-            let entry = Entry {
-                id: 0,
-                namespace: k.namespace_hex(),
-                exact: format!("{i:064x}"),
-                query: "How do I reset my password?".into(),
-                response: format!("{i}"),
-                route: "auto".into(),
-                model: "m".into(),
-                created_at: now,
-                expires_at: now + 3600,
-                version: 1,
-                asked_ms: None,
-            };
-            let mut exact = [0u8; 32];
-            exact[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            cache.write(entry, Some(v.clone()), exact).unwrap();
+            write_numbered(&cache, &k, i, v, now);
         }
         cache.maybe_upgrade();
         wait_ivf(&cache);
@@ -1345,13 +1354,7 @@ mod tests {
         };
         let cache = open();
         let mut rng = fastrand::Rng::with_seed(11);
-        let unit = |rng: &mut fastrand::Rng, base: Option<&[f32]>, noise: f32| {
-            let v: Vec<f32> = (0..smartllm_embed::DIM)
-                .map(|i| base.map_or(0.0, |b| b[i]) + noise * (rng.f32() - 0.5))
-                .collect();
-            let n = v.iter().map(|x| x * x).sum::<f32>().sqrt();
-            v.into_iter().map(|x| x / n).collect::<Vec<f32>>()
-        };
+        let unit = noisy_unit;
         let k = key("t", "q");
         let now = now_secs();
         let n = 3_000;
@@ -1363,22 +1366,7 @@ mod tests {
                 cache.maybe_upgrade();
                 crate::test_support::wait_index(&cache, "ivf-sq8");
             }
-            let entry = Entry {
-                id: 0,
-                namespace: k.namespace_hex(),
-                exact: format!("{i:064x}"),
-                query: "How do I reset my password?".into(),
-                response: format!("{i}"),
-                route: "auto".into(),
-                model: "m".into(),
-                created_at: now,
-                expires_at: now + 3600,
-                version: 1,
-                asked_ms: None,
-            };
-            let mut exact = [0u8; 32];
-            exact[..8].copy_from_slice(&(i as u64).to_be_bytes());
-            cache.write(entry, Some(v.clone()), exact).unwrap();
+            write_numbered(&cache, &k, i, v, now);
         }
         cache.maybe_upgrade();
         crate::test_support::wait_index(&cache, "ivf-pq");

@@ -820,14 +820,8 @@ fn print_simulation(s: &Value) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The shipped examples (conf/tasks.tsv, k as in conf/routes.yaml) on a
-    /// committed sample of the held-out collections, with the real embedding
-    /// model: fails if the classifier's accuracy drops well below what
-    /// bench/README.md reports (the sample's accuracy when it was made).
-    #[test]
-    fn shipped_classifier_on_held_out_sample() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    /// The real embedder and a classifier of the shipped examples.
+    fn shipped_classifier(root: &Path) -> (Embedder, smartllm_router::TaskClassifier) {
         let examples = std::fs::read_to_string(root.join("conf/tasks.tsv")).unwrap();
         let (labels, texts): (Vec<_>, Vec<_>) =
             smartllm_router::classifier::parse_examples(&examples)
@@ -838,6 +832,17 @@ mod tests {
             .expect("embedding assets missing: run packaging/fetch-assets.sh (make test does)");
         let vectors = task_vectors_all(&embedder, &texts).unwrap();
         let classifier = smartllm_router::TaskClassifier::new(labels, vectors, 7).unwrap();
+        (embedder, classifier)
+    }
+
+    /// The shipped examples (conf/tasks.tsv, k as in conf/routes.yaml) on a
+    /// committed sample of the held-out collections, with the real embedding
+    /// model: fails if the classifier's accuracy drops well below what
+    /// bench/README.md reports (the sample's accuracy when it was made).
+    #[test]
+    fn shipped_classifier_on_held_out_sample() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let (embedder, classifier) = shipped_classifier(&root);
         let rows = read_tasks(&root.join("data/router/tasks/heldout-sample.tsv")).unwrap();
         let acc = measure_tasks(&embedder, &classifier, &rows).unwrap();
         let overall = acc.correct as f64 / acc.prompts as f64;
@@ -856,16 +861,7 @@ mod tests {
     #[test]
     fn prompts_in_other_languages_are_translations_only_when_they_ask() {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-        let examples = std::fs::read_to_string(root.join("conf/tasks.tsv")).unwrap();
-        let (labels, texts): (Vec<_>, Vec<_>) =
-            smartllm_router::classifier::parse_examples(&examples)
-                .unwrap()
-                .into_iter()
-                .unzip();
-        let embedder = Embedder::load(&smartllm_embed::local_assets(256))
-            .expect("embedding assets missing: run packaging/fetch-assets.sh (make test does)");
-        let vectors = task_vectors_all(&embedder, &texts).unwrap();
-        let classifier = smartllm_router::TaskClassifier::new(labels, vectors, 7).unwrap();
+        let (embedder, classifier) = shipped_classifier(&root);
         let task_of = |prompt: &str| {
             let e = task_vectors_all(&embedder, &[prompt.to_string()]).unwrap();
             smartllm_router::extract(&chat(prompt), Some(&e[0]), Some(&classifier)).task
