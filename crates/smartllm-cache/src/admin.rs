@@ -269,7 +269,7 @@ impl SemanticCache {
             },
             ivf_nlist: params.map(|p| p.0),
             ivf_nprobe: params.map(|p| p.1),
-            index_building: self.building.load(Ordering::SeqCst),
+            index_building: self.building(),
             l1_entries: self.l1_len.load(Ordering::Relaxed),
             next_id: self.index.next_seq(),
             encrypted: self.codec.encrypted(),

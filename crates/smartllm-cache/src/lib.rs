@@ -42,7 +42,7 @@ pub use guard::{near_miss, same_wording, strip_fillers, Exclusions};
 pub use index::{IndexError, Scores, VectorIndex};
 pub use insert::{Applied, Stored};
 pub use key::{api_chat_key, chat_key, embedding_text, exact_text, CacheKey};
-pub use lifecycle::INDEX_FILE;
+pub use lifecycle::{Rebuilt, INDEX_FILE};
 pub use lookup::{
     differing_parts_features, score_differing_parts, unread_tails_differ, HitKind, Lookup,
     LookupTimes, VERIFIER_MIN_COSINE,
@@ -116,7 +116,12 @@ pub struct SemanticCache {
     /// Size the current IVF index was trained for (0 = flat).
     trained_for: AtomicUsize,
     index_path: Option<PathBuf>,
-    building: Arc<AtomicBool>,
+    /// Background index builds running (a forced rebuild may overlap an
+    /// upgrade under way; the later one wins the swap).
+    building: Arc<AtomicUsize>,
+    /// Stored vectors up to which a rebuild makes a flat index at once
+    /// ([`FLAT_REBUILD_MAX`]; tests lower it).
+    flat_rebuild_max: AtomicUsize,
     dirty: AtomicBool,
     /// The verifier's recent scores by (query, cached query): a paraphrase
     /// asked again is judged without running the model (only `try_lock`ed:
@@ -144,6 +149,15 @@ pub struct SemanticCache {
 /// IVF-SQ8's 377 MiB and searches in half the time (bench/README, "Vector
 /// index at scale").
 pub const PQ_THRESHOLD: usize = 1_000_000;
+
+/// Stored vectors (RocksDB's estimate) up to which a rebuild from scratch
+/// makes a flat index of them all at once, in memory and searched from the
+/// first lookup (100,000 x 384 dimensions: 150 MB, a few ms a search).
+/// Above, the vectors never all sit in memory: an IVF index is trained
+/// straight from RocksDB in the background
+/// ([`SemanticCache::train_ivf_from_store`]) while the cache serves exact
+/// hits and the entries stored since, and is swapped in when done.
+pub const FLAT_REBUILD_MAX: usize = 100_000;
 
 /// Verifier scores kept for repeated pairs.
 const VERDICTS: usize = 4096;

@@ -113,7 +113,8 @@ impl SemanticCache {
             pq_threshold: AtomicUsize::new(pq_threshold.max(1)),
             trained_for: AtomicUsize::new(0),
             index_path: index_dir.map(|d| d.join(INDEX_FILE)),
-            building: Arc::new(AtomicBool::new(false)),
+            building: Arc::new(AtomicUsize::new(0)),
+            flat_rebuild_max: AtomicUsize::new(flat_rebuild_max()),
             dirty: AtomicBool::new(false),
             verdicts: Mutex::new(LruCache::new(
                 NonZeroUsize::new(crate::VERDICTS).expect("non-zero"),
@@ -151,7 +152,7 @@ impl SemanticCache {
 
     /// Whether a background index build is running.
     pub fn building(&self) -> bool {
-        self.building.load(Ordering::SeqCst)
+        self.building.load(Ordering::SeqCst) > 0
     }
 
     /// Write the IVF index to disk if it changed (no-op for a flat index).
@@ -188,12 +189,23 @@ impl SemanticCache {
     }
 
     /// Rebuild the FAISS index from the vectors in RocksDB (the source of
-    /// truth): flat at once; a large one is then re-trained as IVF in the
-    /// background.
-    pub fn rebuild(self: &Arc<Self>) -> Result<usize, CacheError> {
-        let n = self.rebuild_index()?;
+    /// truth). Up to [`FLAT_REBUILD_MAX`](crate::FLAT_REBUILD_MAX) stored
+    /// vectors: flat at once (re-trained as IVF in the background when
+    /// large enough). Above: an IVF index trained from RocksDB in the
+    /// background, the current index serving until it is swapped in.
+    pub fn rebuild(self: &Arc<Self>) -> Result<Rebuilt, CacheError> {
+        let rebuilt = self.rebuild_index()?;
         self.maybe_upgrade();
-        Ok(n)
+        Ok(rebuilt)
+    }
+
+    /// RocksDB's estimate of the stored vectors (no scan).
+    fn stored_vectors_estimate(&self) -> usize {
+        self.db()
+            .property_int_value_cf(self.cf(CF_VECTORS), "rocksdb.estimate-num-keys")
+            .ok()
+            .flatten()
+            .unwrap_or(0) as usize
     }
 
     fn stored_u64(&self, key: &[u8]) -> Result<Option<u64>, CacheError> {
@@ -260,13 +272,15 @@ impl SemanticCache {
     /// dimensions are 15 GB): an even spread of at most
     /// [`TRAIN_PER_LIST`](crate::index::TRAIN_PER_LIST) vectors a list to
     /// train on, then every vector added in batches. `expected`: about how
-    /// many there are (the live index's size), which sets the lists and the
-    /// encoding ([`ivf_encoding`](crate::index::ivf_encoding)). None when
-    /// nothing is stored.
+    /// many there are (the live index's size, or RocksDB's estimate in a
+    /// rebuild), which sets the lists and the
+    /// encoding ([`ivf_encoding`](crate::index::ivf_encoding)). With the
+    /// largest sequence number among the stored vectors; None when nothing
+    /// is stored.
     pub(crate) fn train_ivf_from_store(
         &self,
         expected: usize,
-    ) -> Result<Option<VectorIndex>, CacheError> {
+    ) -> Result<Option<(VectorIndex, u64)>, CacheError> {
         use crate::index::{ivf_encoding, nlist_for, nprobe_for, TRAIN_PER_LIST};
         let dim = self.index.dim();
         let nlist = nlist_for(expected.max(1));
@@ -274,7 +288,7 @@ impl SemanticCache {
         let stride = expected.div_ceil(want).max(1);
         let mut sample = Vec::with_capacity(want.min(expected.max(1)) * dim);
         let mut seen = 0usize;
-        self.each_stored_vector(|_, v| {
+        let (max_seq, _) = self.each_stored_vector(|_, v| {
             if seen.is_multiple_of(stride) {
                 sample.extend_from_slice(v);
             }
@@ -319,7 +333,7 @@ impl SemanticCache {
             return Err(e.into());
         }
         index.add_batch(&ids, &data)?;
-        Ok(Some(index))
+        Ok(Some((index, max_seq)))
     }
 
     /// Never hand out a sequence number at or below one stored.
@@ -610,23 +624,35 @@ impl SemanticCache {
             // `pq_threshold` vectors on 8-bit codes (not at the next 4x).
             n >= trained * 4 || (trained < pq && n >= pq && self.index.scores() == Scores::Close)
         };
-        if !due || self.building.swap(true, Ordering::SeqCst) {
+        if !due
+            || self
+                .building
+                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_err()
+        {
             return;
         }
+        self.spawn_build(None);
+    }
+
+    /// Run [`build_ivf`](Self::build_ivf) on a thread of its own, counted
+    /// in `building` (the caller has counted it).
+    fn spawn_build(self: &Arc<Self>, expected: Option<usize>) {
         let this = self.clone();
-        let flag = self.building.clone();
+        let count = self.building.clone();
         let spawned = std::thread::Builder::new().name("smartllm-ivf".into()).spawn(move || {
             // This thread keeps its priority: it takes the locks lookups
             // wait on (see `build_ivf`); only the training is lowered.
-            if let Err(e) = this.build_ivf() {
+            if let Err(e) = this.build_ivf(expected) {
                 tracing::error!(error = %e, "building the IVF cache index failed; the current index stays");
             }
             // Release the cache (and the store) before saying the build is over.
             drop(this);
-            flag.store(false, Ordering::SeqCst);
+            count.fetch_sub(1, Ordering::SeqCst);
         });
         if spawned.is_err() {
-            self.building.store(false, Ordering::SeqCst);
+            tracing::error!("no thread for the IVF cache index build; the current index stays");
+            self.building.fetch_sub(1, Ordering::SeqCst);
         }
     }
 
@@ -640,14 +666,22 @@ impl SemanticCache {
     /// 19), that would stall every lookup. They run here, at the caller's
     /// priority. (A thread cannot take back the priority it gave up without
     /// privileges, hence the second thread.)
-    fn build_ivf(&self) -> Result<(), CacheError> {
+    ///
+    /// `expected`: about how many vectors are stored, when the live index
+    /// does not hold them all (a rebuild from scratch); else its size.
+    fn build_ivf(&self, expected: Option<usize>) -> Result<(), CacheError> {
         let started = Instant::now();
         // Every change applied from here on is logged for the replay.
         let token = self.index.begin_build();
-        let expected = self.index.len();
+        let expected = expected.unwrap_or_else(|| self.index.len());
         let trained = at_low_priority(|| self.train_ivf_from_store(expected));
         let fresh = match trained {
-            Ok(Some(f)) => f,
+            Ok(Some((f, max_seq))) => {
+                // The stored count (`NEXT_ID`) is written with every vector;
+                // this only guards against a store that lost it.
+                self.index.raise_next_seq(max_seq + 1);
+                f
+            }
             Ok(None) => {
                 self.index.abandon_build(token);
                 return Ok(());
@@ -683,12 +717,27 @@ impl SemanticCache {
     }
 
     /// A flat index of every stored vector, swapped in (writes made during
-    /// the scan are replayed on it).
-    fn rebuild_index(&self) -> Result<usize, CacheError> {
+    /// the scan are replayed on it); or, past
+    /// [`FLAT_REBUILD_MAX`](crate::FLAT_REBUILD_MAX) of them, an IVF index
+    /// trained from RocksDB in the background.
+    fn rebuild_index(self: &Arc<Self>) -> Result<Rebuilt, CacheError> {
         if let Some(p) = &self.index_path {
             let _ = std::fs::remove_file(p);
         }
         self.trained_for.store(0, Ordering::Relaxed);
+        let about = self.stored_vectors_estimate();
+        if about > self.flat_rebuild_max.load(Ordering::Relaxed) {
+            // New sequence numbers continue from the stored counter at
+            // once (the build raises it past every stored one it reads).
+            self.restore_next_seq(0)?;
+            self.building.fetch_add(1, Ordering::SeqCst);
+            self.spawn_build(Some(about));
+            tracing::info!(
+                about,
+                "cache index: training an IVF index from RocksDB in the background"
+            );
+            return Ok(Rebuilt::InBackground { about });
+        }
         let started = Instant::now();
         let token = self.index.begin_build();
         let built = (|| {
@@ -708,7 +757,7 @@ impl SemanticCache {
         let n = fresh.len();
         if self.index.finish_build(token, fresh)?.is_none() {
             tracing::info!("a newer cache index build superseded this rebuild");
-            return Ok(n);
+            return Ok(Rebuilt::Now(n));
         }
         let n = self.index.len();
         counter!(m::INDEX_REBUILDS).increment(1);
@@ -719,8 +768,33 @@ impl SemanticCache {
             ms = started.elapsed().as_millis() as u64,
             "cache index rebuilt from RocksDB"
         );
-        Ok(n)
+        Ok(Rebuilt::Now(n))
     }
+}
+
+#[cfg(test)]
+thread_local! {
+    /// Tests: the flat-rebuild limit of caches opened on this thread.
+    static FLAT_REBUILD_MAX_HERE: std::cell::Cell<usize> =
+        const { std::cell::Cell::new(crate::FLAT_REBUILD_MAX) };
+}
+
+fn flat_rebuild_max() -> usize {
+    #[cfg(test)]
+    return FLAT_REBUILD_MAX_HERE.with(|c| c.get());
+    #[cfg(not(test))]
+    crate::FLAT_REBUILD_MAX
+}
+
+/// What [`SemanticCache::rebuild`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rebuilt {
+    /// A flat index of this many vectors is in use.
+    Now(usize),
+    /// An IVF index of about this many vectors is being trained from
+    /// RocksDB; the current index serves until it is swapped in
+    /// ([`SemanticCache::building`]).
+    InBackground { about: usize },
 }
 
 /// Run `f` on a thread of its own at nice [`IVF_BUILD_NICE`] (FAISS's
@@ -882,6 +956,91 @@ mod tests {
         assert_eq!(cache.purge(&Purge::All).unwrap(), 402);
         assert_eq!(cache.stats().index_kind, "flat");
         assert!(!dir.path().join(INDEX_FILE).exists());
+    }
+
+    /// Past the flat-rebuild limit, a cache whose index file is gone opens
+    /// without loading its vectors: an IVF index is trained from RocksDB
+    /// in the background, entries stored meanwhile are replayed onto it,
+    /// new ones never reuse a stored sequence number, and nothing is lost.
+    /// `rebuild` (the admin endpoint) does the same, the old index serving
+    /// until the swap.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_large_rebuild_trains_from_the_store_in_the_background() {
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let p = policy();
+        let question = |i: usize| {
+            format!(
+                "Background rebuild question {i} about item {}",
+                i * 7919 % 1000
+            )
+        };
+        let n = 600;
+        {
+            let cache = open(dir.path(), &emb, 300);
+            for i in 0..n {
+                let answer = format!("{{\"a\":{i}}}");
+                cache
+                    .insert(key(&question(i)), None, answer, &p, "auto", "m")
+                    .await
+                    .unwrap();
+            }
+            wait_ivf(&cache);
+            flush(&cache);
+        }
+        std::fs::remove_file(dir.path().join(INDEX_FILE)).unwrap();
+        FLAT_REBUILD_MAX_HERE.with(|c| c.set(100));
+        let cache = open(dir.path(), &emb, 300);
+        FLAT_REBUILD_MAX_HERE.with(|c| c.set(crate::FLAT_REBUILD_MAX));
+        assert_eq!(cache.flat_rebuild_max.load(Ordering::Relaxed), 100);
+        // Stored while the build may still run: replayed onto the new index.
+        cache
+            .insert(
+                key("stored during the rebuild"),
+                None,
+                "{}".into(),
+                &p,
+                "auto",
+                "m",
+            )
+            .await
+            .unwrap();
+        wait_ivf(&cache);
+        assert_eq!(cache.stats().index_vectors, n + 1, "{:?}", cache.stats());
+        assert_eq!(
+            vectors_stored(&cache),
+            n + 1,
+            "a stored sequence number was reused"
+        );
+        let hit = |q: String| {
+            let cache = cache.clone();
+            let p = p.clone();
+            async move {
+                matches!(
+                    cache.lookup(&key(&q), &p, 8).await.unwrap(),
+                    Lookup::Hit { .. }
+                )
+            }
+        };
+        assert!(hit("stored during the rebuild".into()).await);
+        for i in (0..n).step_by(53) {
+            assert!(hit(question(i)).await, "entry {i} lost");
+        }
+        // The admin rebuild: the old index serves until the new one is in.
+        match cache.rebuild().unwrap() {
+            Rebuilt::InBackground { about } => assert!(about > 100, "{about}"),
+            now => panic!("rebuilt flat: {now:?}"),
+        }
+        assert!(hit(question(7)).await);
+        wait_ivf(&cache);
+        assert!(!cache.building());
+        assert_eq!(cache.stats().index_vectors, n + 1);
+        assert!(hit(question(8)).await);
+        // Under the limit: flat at once.
+        cache.flat_rebuild_max.store(usize::MAX, Ordering::Relaxed);
+        cache.set_ivf_threshold(usize::MAX);
+        assert_eq!(cache.rebuild().unwrap(), Rebuilt::Now(n + 1));
+        assert_eq!(cache.stats().index_kind, "flat");
     }
 
     fn policy() -> CachePolicy {

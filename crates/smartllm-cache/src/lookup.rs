@@ -1245,7 +1245,10 @@ mod tests {
         check_all(&mut rng, "ivf");
         let ivf_ms = started.elapsed().as_millis();
         cache.set_ivf_threshold(usize::MAX);
-        assert_eq!(cache.rebuild().unwrap(), tenants * questions);
+        assert_eq!(
+            cache.rebuild().unwrap(),
+            crate::Rebuilt::Now(tenants * questions)
+        );
         assert_eq!(cache.stats().index_kind, "flat");
         check_all(&mut rng, "flat");
         eprintln!(

@@ -1319,7 +1319,15 @@ impl ServeHttp for AdminApp {
             }
             ("POST", "/admin/cache/rebuild") => match self.shared.cache.clone() {
                 Some(c) => match tokio::task::spawn_blocking(move || c.rebuild()).await {
-                    Ok(Ok(n)) => json_reply(200, &json!({"result": "rebuilt", "vectors": n})),
+                    Ok(Ok(smartllm_cache::Rebuilt::Now(n))) => {
+                        json_reply(200, &json!({"result": "rebuilt", "vectors": n}))
+                    }
+                    // Too many to hold flat: trained from RocksDB in the
+                    // background (`index_building` in /admin/cache).
+                    Ok(Ok(smartllm_cache::Rebuilt::InBackground { about })) => json_reply(
+                        202,
+                        &json!({"result": "rebuilding", "vectors_estimate": about}),
+                    ),
                     Ok(Err(e)) => json_reply(
                         500,
                         &json!({"error": {"message": e.to_string(), "type": "server_error", "param": null, "code": "rebuild_failed"}}),
