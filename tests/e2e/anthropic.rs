@@ -106,6 +106,57 @@ fn block_types(evs: &[(String, Value)]) -> Vec<String> {
     started
 }
 
+/// Claude Code's default names (dated, not configured) are taken by an
+/// alias's `match` pattern: the request is the alias's (its model, its
+/// route label), its bytes reach the provider with only the model renamed,
+/// and a name no pattern fits is a 404 that lists the patterns.
+#[test]
+fn dated_names_are_taken_by_an_alias_pattern() {
+    let routes = "routes:\n  auto:\n    model: small\n  code:\n    model: claude\n    match: [\"claude-*\"]\n  cheap:\n    model: small\n    match: [\"claude-*haiku*\"]\n";
+    let (mock, gw) = gateway_with(&["--words", "5"], "", routes);
+    let body = br#"{"model":"claude-sonnet-4-5-20250929","max_tokens":64,"system":[{"type":"text","text":"You are Claude Code.","cache_control":{"type":"ephemeral"}}],"messages":[{"role":"user","content":"Where is main defined?"}]}"#;
+    let r = messages(&gw, &[("anthropic-beta", "claude-code-20250219")], body);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(
+        r.header("x-smartllm-route").unwrap().starts_with("code;"),
+        "{:?}",
+        r.header("x-smartllm-route")
+    );
+    assert_eq!(r.header("x-smartllm-model"), Some("claude"));
+    let expect = String::from_utf8_lossy(body).replace("claude-sonnet-4-5-20250929", "claude-x");
+    assert_eq!(
+        mock.last()["body_sha256"],
+        hex::encode(Sha256::digest(expect.as_bytes()))
+    );
+    // The more specific pattern wins: haiku names go to the OpenAI-kind model.
+    let haiku = br#"{"model":"claude-haiku-4-5-20251001","max_tokens":64,"messages":[{"role":"user","content":"Name this chat"}]}"#;
+    let r = messages(&gw, &[], haiku);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-smartllm-model"), Some("small"));
+    assert_eq!(mock.last()["path"], "/v1/chat/completions");
+    // Labels carry the alias, never the name the client sent.
+    let metrics = gw.metrics();
+    assert!(metrics.contains("route=\"code\""), "{metrics}");
+    assert!(!metrics.contains("claude-sonnet-4-5-20250929"));
+    // The admin explain resolves the name as a request does.
+    let explained = post_json(
+        &gw.admin,
+        "/admin/route/explain",
+        &json!({"model": "claude-opus-4-5", "messages": [{"role": "user", "content": "hi"}]}),
+    );
+    assert_eq!(explained.status, 200, "{}", explained.text());
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"gpt-5","max_tokens":5,"messages":[{"role":"user","content":"x"}]}"#,
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    let v = r.json();
+    assert_eq!(v["error"]["type"], "not_found_error");
+    let msg = v["error"]["message"].as_str().unwrap();
+    assert!(msg.contains("claude-* (as code)"), "{msg}");
+}
+
 #[test]
 fn claude_code_requests_reach_anthropic_byte_for_byte() {
     let (mock, gw) = gateway(&["--words", "12"]);

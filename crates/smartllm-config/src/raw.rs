@@ -448,6 +448,10 @@ pub struct RawClassifier {
 pub struct RawRoute {
     /// A fixed alias: the model it resolves to.
     pub model: Option<String>,
+    /// Other model names this alias answers to: patterns where `*` stands
+    /// for any characters (`claude-sonnet-*`, the dated names clients send).
+    #[serde(default, rename = "match")]
+    pub patterns: Vec<String>,
     /// A routed alias: the models the router chooses from.
     pub candidates: Option<Vec<String>>,
     /// `utility` (profiles from models.yaml and live measurements) or `learned`.

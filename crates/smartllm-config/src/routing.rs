@@ -287,6 +287,9 @@ pub struct Experiment {
 #[derive(Debug, Clone, PartialEq)]
 pub struct RouteConfig {
     pub name: String,
+    /// Model names (not defined as models or aliases) this alias answers
+    /// to: `*` stands for any characters ([`pattern_matches`]).
+    pub patterns: Vec<String>,
     /// The fixed model, or (routed) the first candidate.
     pub model: String,
     /// Routed aliases: the models chosen from (empty for a fixed alias).
@@ -305,6 +308,52 @@ pub struct RouteConfig {
     pub explore: f64,
     /// No candidate under this expected quality is explored.
     pub explore_floor: f64,
+}
+
+/// Whether `name` matches `pattern`, where `*` stands for any characters
+/// (none included) and everything else for itself, case included.
+pub fn pattern_matches(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        // No `*`: the whole name.
+        return rest.is_empty();
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+#[cfg(test)]
+mod pattern_tests {
+    use super::pattern_matches as m;
+
+    #[test]
+    fn stars_stand_for_any_characters_and_the_rest_for_itself() {
+        assert!(m("claude-*", "claude-sonnet-4-5"));
+        assert!(m("claude-*", "claude-"));
+        assert!(!m("claude-*", "claude"));
+        assert!(!m("claude-*", "Claude-sonnet"));
+        assert!(m("claude-*haiku*", "claude-3-5-haiku-20241022"));
+        assert!(m("claude-*haiku*", "claude-haiku-4-5"));
+        assert!(!m("claude-*haiku*", "claude-sonnet-4"));
+        assert!(m("*-latest", "gpt-4o-latest"));
+        assert!(!m("*-latest", "gpt-4o-latest-2"));
+        assert!(m("*", ""));
+        assert!(m("a*b*b", "abb"));
+        assert!(!m("a*b*b", "ab"));
+        assert!(m("gpt-4o", "gpt-4o"));
+        assert!(!m("gpt-4o", "gpt-4o-mini"));
+        assert!(m("**", "x"));
+    }
 }
 
 /// How a routed alias trades expected cost against expected quality.
@@ -339,6 +388,7 @@ impl RouteConfig {
     pub fn fixed(name: &str, model: &str) -> RouteConfig {
         RouteConfig {
             name: name.to_string(),
+            patterns: Vec::new(),
             model: model.to_string(),
             candidates: Vec::new(),
             strategy: Strategy::Fixed,
@@ -353,6 +403,16 @@ impl RouteConfig {
             explore: 0.0,
             explore_floor: 0.5,
         }
+    }
+
+    /// The most specific of this alias's patterns that `model` matches:
+    /// its count of literal characters (None: none matches).
+    pub fn matches(&self, model: &str) -> Option<usize> {
+        self.patterns
+            .iter()
+            .filter(|p| pattern_matches(p, model))
+            .map(|p| p.chars().filter(|c| *c != '*').count())
+            .max()
     }
 
     /// The router decides this alias per request.

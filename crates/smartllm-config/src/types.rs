@@ -796,13 +796,32 @@ impl Config {
         self.prices.get(model)
     }
 
-    /// Resolve a requested model name: a configured model, or a route alias.
+    /// Resolve a requested model name: a configured model, a route alias,
+    /// or the alias with the most specific `match` pattern the name fits
+    /// (most literal characters; equally specific ones: the first alias by
+    /// name).
     pub fn resolve_model(&self, requested: &str) -> Option<(&ModelConfig, Option<&RouteConfig>)> {
         if let Some(m) = self.model(requested) {
             return Some((m, None));
         }
-        let route = self.routes.get(requested)?;
+        let route = match self.routes.get(requested) {
+            Some(r) => r,
+            None => self.route_matching(requested)?,
+        };
         Some((self.model(&route.model)?, Some(route)))
+    }
+
+    /// The alias whose `match` patterns fit `requested` most specifically.
+    pub fn route_matching(&self, requested: &str) -> Option<&RouteConfig> {
+        let mut best: Option<(usize, &RouteConfig)> = None;
+        for r in self.routes.values() {
+            if let Some(n) = r.matches(requested) {
+                if best.is_none_or(|(b, _)| n > b) {
+                    best = Some((n, r));
+                }
+            }
+        }
+        best.map(|(_, r)| r)
     }
 
     /// Settings that only take effect at start. Returns a description of each

@@ -647,7 +647,16 @@ impl AdminApp {
             .and_then(Value::as_str)
             .unwrap_or("")
             .to_string();
-        let Some(route) = rt.config.routes.get(&name) else {
+        // As a request resolves it: an alias, or the alias whose `match`
+        // pattern takes a name that is no model's.
+        let route = rt.config.routes.get(&name).or_else(|| {
+            rt.config
+                .model(&name)
+                .is_none()
+                .then(|| rt.config.route_matching(&name))
+                .flatten()
+        });
+        let Some(route) = route else {
             return bad(format!(
                 "{name:?} is not a route alias (routes.yaml defines: {})",
                 rt.config

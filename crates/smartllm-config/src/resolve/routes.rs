@@ -31,6 +31,25 @@ pub(super) fn resolve_routes(
         }
         resolved.insert(name.clone(), resolve_route(dir, name, r, models, v));
     }
+    // The same pattern on two aliases: which one a name goes to would
+    // depend on their names' order.
+    let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+    for (name, r) in routes {
+        for (i, p) in r.patterns.iter().enumerate() {
+            match owner.get(p.as_str()) {
+                Some(first) if first != name => v.push(
+                    ROUTES_FILE,
+                    format!("routes.{name}.match[{i}]"),
+                    format!(
+                        "{p:?} is also a pattern of routes.{first}; a name must have one alias"
+                    ),
+                ),
+                _ => {
+                    owner.insert(p, name);
+                }
+            }
+        }
+    }
     resolved
 }
 
@@ -116,6 +135,20 @@ fn resolve_route(
             RouteConfig::fixed(name, "")
         }
     };
+    for (i, p) in r.patterns.iter().enumerate() {
+        let path = format!("{at}.match[{i}]");
+        if p.is_empty() || p.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            v.push(
+                ROUTES_FILE,
+                path,
+                format!("{p:?}: a model name pattern (`*` for any characters) without spaces"),
+            );
+        } else if r.patterns[..i].contains(p) {
+            v.push(ROUTES_FILE, path, format!("{p:?} is listed twice"));
+        } else {
+            route.patterns.push(p.clone());
+        }
+    }
     let routed = !route.candidates.is_empty();
     let only_routed = |v: &mut Issues<'_>, key: &str| {
         v.push(
@@ -491,6 +524,74 @@ fn referenced_files(
 mod tests {
     use crate::test_support::*;
     use crate::*;
+
+    fn load_routes(routes: &str) -> Result<Config, ConfigError> {
+        let models = "models:\n  - name: a\n    deployments: [ { provider: mock } ]\n  - name: b\n    deployments: [ { provider: mock } ]\n";
+        load_dir(
+            write_dir(&[
+                (MAIN_FILE, "data_dir: /tmp/x\n"),
+                (PROVIDERS_FILE, PROVIDERS),
+                (MODELS_FILE, models),
+                (ROUTES_FILE, routes),
+            ])
+            .path(),
+        )
+    }
+
+    /// Names no model or alias has go to the alias whose `match` pattern
+    /// fits them most specifically; models and aliases by name come first.
+    #[test]
+    fn match_patterns_take_the_names_clients_send() {
+        let c = load_routes(
+            "routes:\n  big:\n    model: b\n    match: [\"claude-*\", \"gpt-4o-*\"]\n  small:\n    model: a\n    match: [\"claude-*haiku*\", \"gpt-4o-mini-*\"]\n  auto:\n    candidates: [a, b]\n    match: [\"*\"]\n",
+        )
+        .unwrap();
+        let to = |name: &str| {
+            c.resolve_model(name)
+                .map(|(m, r)| (m.name.clone(), r.map(|r| r.name.clone())))
+        };
+        let pair = |m: &str, r: Option<&str>| Some((m.to_string(), r.map(str::to_string)));
+        assert_eq!(to("claude-sonnet-4-5-20250929"), pair("b", Some("big")));
+        assert_eq!(to("claude-haiku-4-5-20251001"), pair("a", Some("small")));
+        assert_eq!(to("claude-3-5-haiku-latest"), pair("a", Some("small")));
+        assert_eq!(to("gpt-4o-2024-08-06"), pair("b", Some("big")));
+        assert_eq!(to("gpt-4o-mini-2024-07-18"), pair("a", Some("small")));
+        // The catch-all takes the rest; names defined come first.
+        assert_eq!(to("mistral-large"), pair("a", Some("auto")));
+        assert_eq!(to("b"), pair("b", None));
+        assert_eq!(to("small"), pair("a", Some("small")));
+        assert!(c.routes["auto"].is_routed());
+        let none =
+            load_routes("routes:\n  big:\n    model: b\n    match: [\"claude-*\"]\n").unwrap();
+        assert!(none.resolve_model("gpt-4o").is_none());
+    }
+
+    #[test]
+    fn bad_or_shared_match_patterns_are_refused_at_their_line() {
+        let err = load_routes(
+            "routes:\n  big:\n    model: b\n    match: [\"claude-*\", \"with space\", \"claude-*\"]\n  small:\n    model: a\n    match:\n      - \"\"\n      - \"claude-*\"\n",
+        )
+        .unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains(
+                "routes.yaml:4: routes.big.match[1]: \"with space\": a model name pattern"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains("routes.yaml:4: routes.big.match[2]: \"claude-*\" is listed twice"),
+            "{text}"
+        );
+        assert!(
+            text.contains("routes.yaml:8: routes.small.match[0]"),
+            "{text}"
+        );
+        assert!(
+            text.contains("routes.yaml:9: routes.small.match[1]: \"claude-*\" is also a pattern of routes.big"),
+            "{text}"
+        );
+    }
 
     #[test]
     fn rule_headers_differing_only_in_case_are_refused() {

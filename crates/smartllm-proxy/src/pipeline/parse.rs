@@ -53,21 +53,25 @@ pub fn resolve<'rt>(
             .and_then(smartllm_ledger::clean_tag);
     }
     let Some((model, route)) = rt.config.resolve_model(&req.model) else {
-        return Err(ApiError::model_not_found(&req.model, &rt.known_models));
+        // With the names aliases' `match` patterns take.
+        let mut known = rt.known_models.clone();
+        for r in rt.config.routes.values() {
+            known.extend(r.patterns.iter().map(|p| format!("{p} (as {})", r.name)));
+        }
+        return Err(ApiError::model_not_found(&req.model, &known));
     };
     ctx.route = route.map(|r| r.name.clone());
     let routed = route.filter(|r| r.is_routed());
     if routed.is_none() {
         ctx.set_model(&model.name);
     }
+    // A name an alias's `match` pattern took is that alias for keys'
+    // model lists.
+    let named = route.map_or(req.model.as_str(), |r| r.name.as_str());
     crate::auth::authorize_model(
         ctx,
-        &req.model,
-        if routed.is_some() {
-            &req.model
-        } else {
-            &model.name
-        },
+        named,
+        if routed.is_some() { named } else { &model.name },
     )?;
     if routed.is_some() {
         ctx.route_reason = "cache".into();

@@ -186,11 +186,16 @@ pub async fn plan(
         }
     }
     // A key that lists models, and not this alias, is served only by those:
-    // a fixed route's fallback is no way around the list.
+    // a fixed route's fallback is no way around the list. (A name a `match`
+    // pattern took counts as its alias.)
+    let named = match &request.route {
+        Some(r) => &r.name,
+        None => &request.req.model,
+    };
     if let Some(vk) = ctx
         .key
         .as_ref()
-        .filter(|k| !k.models.is_empty() && !k.models.contains(&request.req.model))
+        .filter(|k| !k.models.is_empty() && !k.models.contains(named))
     {
         let first = chain[0].clone();
         chain.retain(|m| *m == first || vk.models.contains(m));
