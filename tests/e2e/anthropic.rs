@@ -138,6 +138,20 @@ fn dated_names_are_taken_by_an_alias_pattern() {
     let metrics = gw.metrics();
     assert!(metrics.contains("route=\"code\""), "{metrics}");
     assert!(!metrics.contains("claude-sonnet-4-5-20250929"));
+    // Looked up by that name (Claude Code checks the model it is set to).
+    let looked = request(
+        &gw.addr,
+        "GET",
+        "/v1/models/claude-sonnet-4-5-20250929",
+        &[
+            ("x-api-key", "sk-ant-client"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(looked.status, 200, "{}", looked.text());
+    assert_eq!(looked.json()["id"], "claude-sonnet-4-5-20250929");
     // The admin explain resolves the name as a request does.
     let explained = post_json(
         &gw.admin,

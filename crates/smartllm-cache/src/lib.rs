@@ -122,6 +122,8 @@ pub struct SemanticCache {
     /// Stored vectors up to which a rebuild makes a flat index at once
     /// ([`FLAT_REBUILD_MAX`]; tests lower it).
     flat_rebuild_max: AtomicUsize,
+    /// When a failed rebuild from RocksDB may be tried again (ms; 0: none).
+    rebuild_retry_at: AtomicU64,
     dirty: AtomicBool,
     /// The verifier's recent scores by (query, cached query): a paraphrase
     /// asked again is judged without running the model (only `try_lock`ed:

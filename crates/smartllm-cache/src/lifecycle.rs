@@ -51,6 +51,12 @@ const SAME_EMBEDDER_COSINE: f32 = 0.98;
 /// Vectors deleted per RocksDB batch when they are dropped.
 const DROP_BATCH: usize = 4096;
 
+/// The fewest training rows a build's sample is thinned at (see
+/// `train_ivf_from_store`): 25 MB of 384-dimension vectors.
+const MIN_SAMPLE_CAP: usize = 16_384;
+/// How long after a failed rebuild from RocksDB the next one may start.
+const REBUILD_RETRY_MS: u64 = 60_000;
+
 /// Stored vectors: (ids, row-major vectors).
 type Vectors = (Vec<u64>, Vec<f32>);
 
@@ -115,6 +121,7 @@ impl SemanticCache {
             index_path: index_dir.map(|d| d.join(INDEX_FILE)),
             building: Arc::new(AtomicUsize::new(0)),
             flat_rebuild_max: AtomicUsize::new(flat_rebuild_max()),
+            rebuild_retry_at: std::sync::atomic::AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             verdicts: Mutex::new(LruCache::new(
                 NonZeroUsize::new(crate::VERDICTS).expect("non-zero"),
@@ -197,6 +204,37 @@ impl SemanticCache {
         let rebuilt = self.rebuild_index()?;
         self.maybe_upgrade();
         Ok(rebuilt)
+    }
+
+    /// The largest sequence number stored (entries and vectors), read from
+    /// the last id of each namespace tag in use: two seeks a tag, not a scan.
+    fn max_stored_seq(&self) -> Result<u64, CacheError> {
+        let id_of = |k: &[u8]| <[u8; 8]>::try_from(k).ok().map(u64::from_be_bytes);
+        let mut max = 0;
+        for cf in [CF_ENTRIES, CF_VECTORS] {
+            let mut it = self.db().raw_iterator_cf(self.cf(cf));
+            it.seek_to_first();
+            while let Some(k) = it.key() {
+                let Some(id) = id_of(k) else {
+                    it.next();
+                    continue;
+                };
+                let end = ids::range(ids::tag(id)).end;
+                if end <= id {
+                    // Beyond the tagged ranges (never written): counted as is.
+                    max = max.max(ids::seq(id));
+                    it.next();
+                    continue;
+                }
+                it.seek_for_prev((end - 1).to_be_bytes());
+                if let Some(last) = it.key().and_then(id_of) {
+                    max = max.max(ids::seq(last));
+                }
+                it.seek(end.to_be_bytes());
+            }
+            it.status()?;
+        }
+        Ok(max)
     }
 
     /// RocksDB's estimate of the stored vectors (no scan).
@@ -285,12 +323,26 @@ impl SemanticCache {
         let dim = self.index.dim();
         let nlist = nlist_for(expected.max(1));
         let want = (nlist * TRAIN_PER_LIST).max(1);
-        let stride = expected.div_ceil(want).max(1);
+        let mut stride = expected.div_ceil(want).max(1);
         let mut sample = Vec::with_capacity(want.min(expected.max(1)) * dim);
+        // `expected` may be far off (RocksDB's estimate, in a rebuild): past
+        // this many rows every other one is dropped and the stride doubled,
+        // so the sample stays an even spread of bounded size.
+        let cap = (2 * want).max(MIN_SAMPLE_CAP);
         let mut seen = 0usize;
         let (max_seq, _) = self.each_stored_vector(|_, v| {
             if seen.is_multiple_of(stride) {
                 sample.extend_from_slice(v);
+                if sample.len() / dim >= cap {
+                    let rows: Vec<f32> = sample
+                        .chunks_exact(dim)
+                        .step_by(2)
+                        .flatten()
+                        .copied()
+                        .collect();
+                    sample = rows;
+                    stride *= 2;
+                }
             }
             seen += 1;
         })?;
@@ -617,6 +669,20 @@ impl SemanticCache {
         let trained = self.trained_for.load(Ordering::Relaxed);
         let threshold = self.ivf_threshold.load(Ordering::Relaxed);
         let pq = self.pq_threshold.load(Ordering::Relaxed);
+        let retry_at = self.rebuild_retry_at.load(Ordering::Relaxed);
+        if retry_at != 0 && crate::now_ms() >= retry_at {
+            // A rebuild from RocksDB failed: the index holds only what came
+            // since, so the stored vectors are read again.
+            if self
+                .building
+                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                self.rebuild_retry_at.store(0, Ordering::Relaxed);
+                self.spawn_build(Some(self.stored_vectors_estimate()));
+            }
+            return;
+        }
         let due = if trained == 0 {
             n >= threshold
         } else {
@@ -644,7 +710,15 @@ impl SemanticCache {
             // This thread keeps its priority: it takes the locks lookups
             // wait on (see `build_ivf`); only the training is lowered.
             if let Err(e) = this.build_ivf(expected) {
-                tracing::error!(error = %e, "building the IVF cache index failed; the current index stays");
+                if expected.is_some() {
+                    // A rebuild from RocksDB: tried again a minute on (at
+                    // the next insert after it).
+                    let at = crate::now_ms() + REBUILD_RETRY_MS;
+                    this.rebuild_retry_at.store(at, Ordering::Relaxed);
+                    tracing::error!(error = %e, "rebuilding the cache index from RocksDB failed; the index holds only entries stored since, and the rebuild is tried again in a minute");
+                } else {
+                    tracing::error!(error = %e, "building the IVF cache index failed; the current index stays");
+                }
             }
             // Release the cache (and the store) before saying the build is over.
             drop(this);
@@ -727,11 +801,17 @@ impl SemanticCache {
         self.trained_for.store(0, Ordering::Relaxed);
         let about = self.stored_vectors_estimate();
         if about > self.flat_rebuild_max.load(Ordering::Relaxed) {
-            // New sequence numbers continue from the stored counter at
-            // once (the build raises it past every stored one it reads).
-            self.restore_next_seq(0)?;
-            self.building.fetch_add(1, Ordering::SeqCst);
-            self.spawn_build(Some(about));
+            // No new entry may take a sequence number stored already (a
+            // store of an older release may hold some past `NEXT_ID`).
+            self.restore_next_seq(self.max_stored_seq()?)?;
+            // A build under way reads RocksDB too: it is this rebuild.
+            if self
+                .building
+                .compare_exchange(0, 1, Ordering::SeqCst, Ordering::SeqCst)
+                .is_ok()
+            {
+                self.spawn_build(Some(about));
+            }
             tracing::info!(
                 about,
                 "cache index: training an IVF index from RocksDB in the background"
@@ -989,6 +1069,15 @@ mod tests {
             flush(&cache);
         }
         std::fs::remove_file(dir.path().join(INDEX_FILE)).unwrap();
+        {
+            // A stored counter behind the stored ids (an older release's
+            // store): new entries still never take a stored number.
+            let store = Store::open(dir.path()).unwrap();
+            let db = store.db();
+            db.put_cf(db.cf_handle(CF_META).unwrap(), NEXT_ID, 1u64.to_be_bytes())
+                .unwrap();
+            store.flush().unwrap();
+        }
         FLAT_REBUILD_MAX_HERE.with(|c| c.set(100));
         let cache = open(dir.path(), &emb, 300);
         FLAT_REBUILD_MAX_HERE.with(|c| c.set(crate::FLAT_REBUILD_MAX));
@@ -1031,6 +1120,12 @@ mod tests {
             Rebuilt::InBackground { about } => assert!(about > 100, "{about}"),
             now => panic!("rebuilt flat: {now:?}"),
         }
+        // Asked again meanwhile: the build under way is the rebuild.
+        assert!(matches!(
+            cache.rebuild().unwrap(),
+            Rebuilt::InBackground { .. }
+        ));
+        assert!(cache.building.load(Ordering::SeqCst) <= 1);
         assert!(hit(question(7)).await);
         wait_ivf(&cache);
         assert!(!cache.building());

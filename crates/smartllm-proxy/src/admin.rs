@@ -750,11 +750,13 @@ impl AdminApp {
         };
         let rt = self.shared.runtime.load_full();
         let model = text("model").unwrap_or_default();
+        // The alias the name resolves to, as a request's would (by name,
+        // or by an alias's `match` pattern).
         let route = rt
             .config
-            .routes
-            .contains_key(&model)
-            .then_some(model.as_str());
+            .resolve_model(&model)
+            .and_then(|(_, r)| r)
+            .map(|r| r.name.as_str());
         let policy = rt.config.cache.policy(route, &model).clone();
         let texts = vec![
             smartllm_cache::embedding_text(&a),
@@ -1332,7 +1334,7 @@ impl ServeHttp for AdminApp {
                         json_reply(200, &json!({"result": "rebuilt", "vectors": n}))
                     }
                     // Too many to hold flat: trained from RocksDB in the
-                    // background (`index_building` in /admin/cache).
+                    // background (`index_building` in /admin/cache/stats).
                     Ok(Ok(smartllm_cache::Rebuilt::InBackground { about })) => json_reply(
                         202,
                         &json!({"result": "rebuilding", "vectors_estimate": about}),

@@ -36,7 +36,12 @@ fn chat(prompt: &str) -> Map<String, Value> {
 /// `smartllm route explain --config DIR [--route auto] PROMPT`
 pub fn explain(config: &Path, route: &str, prompt: &str, as_json: bool) -> anyhow::Result<()> {
     let (cfg, embedder, assets) = load(config)?;
-    let Some(r) = cfg.routes.get(route) else {
+    let matched = cfg
+        .model(route)
+        .is_none()
+        .then(|| cfg.route_matching(route))
+        .flatten();
+    let Some(r) = cfg.routes.get(route).or(matched) else {
         bail!(
             "{route:?} is not a route alias (routes.yaml defines: {})",
             cfg.routes.keys().cloned().collect::<Vec<_>>().join(", ")

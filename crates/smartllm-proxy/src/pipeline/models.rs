@@ -34,6 +34,19 @@ pub async fn answer(
             .filter(|r| allowed(&r.name, if r.is_routed() { &r.name } else { &r.model }))
             .map(|r| json!({"id": r.name, "object": "model", "created": 0, "owned_by": "smartllm-route", "route_to": r.model})),
     );
+    // A name an alias's `match` pattern takes is that alias, under the
+    // name asked for (Claude Code looks up the model it is set to).
+    if let Some(id) = id.as_deref() {
+        let listed = data.iter().any(|m| m["id"] == id);
+        let alias = (!listed && cfg.model(id).is_none())
+            .then(|| cfg.route_matching(id))
+            .flatten();
+        if let Some(entry) = alias.and_then(|r| data.iter().find(|m| m["id"] == r.name.as_str())) {
+            let mut entry = entry.clone();
+            entry["id"] = json!(id);
+            data.push(entry);
+        }
+    }
     let known: Vec<String> = match ctx.key.as_ref() {
         Some(k) if !k.models.is_empty() => data
             .iter()
