@@ -59,6 +59,10 @@ pub enum CodecError {
     Unsealed,
     #[error("entry is corrupt: {0}")]
     Corrupt(String),
+    #[error(
+        "sealed without the place it belongs to (an earlier release's form, or moved): not used"
+    )]
+    Unbound,
     #[error("entry cannot be sealed: {0}")]
     Seal(String),
 }
@@ -76,6 +80,8 @@ pub enum Sealing {
 
 const PLAIN: u8 = 0;
 const SEALED: u8 = 1;
+/// Sealed with associated data naming its place ([`Codec::seal_bound`]).
+const BOUND: u8 = 2;
 const NONCE_LEN: usize = 12;
 
 /// Encodes entries, sealing them when a key is configured.
@@ -188,10 +194,22 @@ impl Codec {
     /// Seal any bytes as [`Codec::encode`] seals an entry (the Responses
     /// store's conversations are kept under the same key).
     pub fn seal(&self, json: Vec<u8>) -> Result<Vec<u8>, CodecError> {
+        self.seal_with(SEALED, json, b"")
+    }
+
+    /// Seal bytes bound to `place` (AES-GCM associated data): they open
+    /// only with the same `place` ([`Codec::unseal_bound`]), so sealed
+    /// bytes moved elsewhere (another id, another entry) are refused, not
+    /// read as that place's. Without a key, in the clear.
+    pub fn seal_bound(&self, plain: Vec<u8>, place: &[u8]) -> Result<Vec<u8>, CodecError> {
+        self.seal_with(BOUND, plain, place)
+    }
+
+    fn seal_with(&self, tag: u8, plain: Vec<u8>, aad: &[u8]) -> Result<Vec<u8>, CodecError> {
         let Some(c) = &self.cipher else {
-            let mut out = Vec::with_capacity(1 + json.len());
+            let mut out = Vec::with_capacity(1 + plain.len());
             out.push(PLAIN);
-            out.extend(json);
+            out.extend(plain);
             return Ok(out);
         };
         // 96-bit random nonces: fine for far more than the 2^32 entries per
@@ -200,14 +218,55 @@ impl Codec {
         OsRng
             .try_fill_bytes(&mut nonce)
             .map_err(|e| CodecError::Seal(format!("the OS random source failed: {e}")))?;
+        let payload = aes_gcm::aead::Payload {
+            msg: plain.as_slice(),
+            aad,
+        };
         let sealed = c
-            .encrypt(Nonce::from_slice(&nonce), json.as_slice())
+            .encrypt(Nonce::from_slice(&nonce), payload)
             .map_err(|e| CodecError::Seal(e.to_string()))?;
         let mut out = Vec::with_capacity(1 + NONCE_LEN + sealed.len());
-        out.push(SEALED);
+        out.push(tag);
         out.extend_from_slice(&nonce);
         out.extend(sealed);
         Ok(out)
+    }
+
+    /// The bytes [`Codec::seal_bound`] sealed for `place`, and how. Refused:
+    /// plain bytes when there is a key (`Unsealed`), bytes sealed for
+    /// another place (`Decrypt`), and bytes sealed unbound (`Unbound`: an
+    /// earlier release's form, converted when the cache opens).
+    pub fn unseal_bound(
+        &self,
+        bytes: &[u8],
+        place: &[u8],
+    ) -> Result<(Vec<u8>, Sealing), CodecError> {
+        match bytes.first() {
+            Some(&BOUND) => {}
+            Some(&SEALED) => return Err(CodecError::Unbound),
+            _ => return self.unseal(bytes),
+        }
+        let Some(c) = &self.cipher else {
+            return Err(CodecError::Decrypt);
+        };
+        let rest = &bytes[1..];
+        if rest.len() <= NONCE_LEN {
+            return Err(CodecError::Decrypt);
+        }
+        let (nonce, ct) = rest.split_at(NONCE_LEN);
+        let nonce = Nonce::from_slice(nonce);
+        let payload = || aes_gcm::aead::Payload {
+            msg: ct,
+            aad: place,
+        };
+        if let Ok(plain) = c.decrypt(nonce, payload()) {
+            return Ok((plain, Sealing::Current));
+        }
+        self.old
+            .iter()
+            .find_map(|o| o.decrypt(nonce, payload()).ok())
+            .map(|plain| (plain, Sealing::Old))
+            .ok_or(CodecError::Decrypt)
     }
 
     pub fn decode(&self, bytes: &[u8]) -> Result<Entry, CodecError> {
@@ -248,6 +307,8 @@ impl Codec {
                 }
             }
             (SEALED, _) => return Err(CodecError::Decrypt),
+            // Bound to a place: only `unseal_bound` opens it.
+            (BOUND, _) => return Err(CodecError::Decrypt),
             (t, _) => return Err(CodecError::Corrupt(format!("unknown format {t}"))),
         };
         Ok((json, sealing))

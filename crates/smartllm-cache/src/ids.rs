@@ -144,6 +144,15 @@ impl SemanticCache {
             batch.put_cf(entries, new.to_be_bytes(), self.codec.encode(&e)?);
             batch.delete_cf(entries, old.to_be_bytes());
             if let Some(vector) = db.get_cf(vectors, old.to_be_bytes())? {
+                // A sealed vector is bound to its id: sealed again for the
+                // new one (in the clear or unreadable: moved as it is, the
+                // pass at open decides).
+                let vector = match self.unseal_vector_as_found(&vector, old) {
+                    Some((v, crate::Sealing::Current | crate::Sealing::Old)) => {
+                        self.seal_vector(&v, new)?
+                    }
+                    _ => vector,
+                };
                 batch.put_cf(vectors, new.to_be_bytes(), vector);
                 batch.delete_cf(vectors, old.to_be_bytes());
             }

@@ -17,8 +17,9 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// An entry just stored: its local id, the entry as stored (sealed when the
-/// cache has a key) and its vector, in the clear and as stored (sealed
-/// likewise; empty without a vector): the fleet replicates the stored forms.
+/// cache has a key) and its vector, in the clear and as the fleet sends it
+/// (sealed likewise, bound to the entry's exact key; empty without a
+/// vector): the fleet replicates these forms.
 #[derive(Debug, Clone)]
 pub struct Stored {
     pub id: u64,
@@ -239,7 +240,7 @@ impl SemanticCache {
 
     /// One RocksDB batch: the entry, its vector, its exact key (and the
     /// entry it replaces gone). Returns the replaced entry's id, the entry
-    /// as stored and its vector as stored (empty without one).
+    /// as stored and its vector as the fleet sends it (empty without one).
     fn store_entry(
         &self,
         entry: &Entry,
@@ -255,13 +256,15 @@ impl SemanticCache {
         let mut batch = WriteBatch::default();
         let encoded = self.codec.encode(entry)?;
         batch.put_cf(self.cf(CF_ENTRIES), id.to_be_bytes(), &encoded);
+        // Stored bound to its id; sent (the fleet) bound to its exact key.
         let sealed_vector = match embedding {
-            Some(v) => self.seal_vector(v)?,
+            Some(v) => {
+                let stored = self.seal_vector(v, id)?;
+                batch.put_cf(self.cf(CF_VECTORS), id.to_be_bytes(), &stored);
+                self.seal_vector_to_send(v, &exact)?
+            }
             None => Vec::new(),
         };
-        if embedding.is_some() {
-            batch.put_cf(self.cf(CF_VECTORS), id.to_be_bytes(), &sealed_vector);
-        }
         batch.put_cf(self.cf(CF_EXACT), exact, id.to_be_bytes());
         if let Some(old) = previous {
             batch.delete_cf(self.cf(CF_ENTRIES), old.to_be_bytes());

@@ -30,8 +30,11 @@ const IVF_MARKER: &[u8] = b"ivf_next_seq";
 /// Files saved without it are taken to hold none from the marker on.
 const IVF_SAVED_TO: &[u8] = b"ivf_saved_to_seq";
 pub const INDEX_FILE: &str = "cache.ivf";
-/// The meta key marking every stored vector sealed with the key that seals it.
-const VECTORS_SEALED: &[u8] = b"vectors_sealed";
+/// The meta key marking every stored vector sealed with the key that seals
+/// it, bound to its id (`vectors_sealed`, the mark of releases that sealed
+/// them unbound, is removed: such a store gets the whole pass again).
+const VECTORS_SEALED: &[u8] = b"vectors_sealed_bound";
+const VECTORS_SEALED_UNBOUND: &[u8] = b"vectors_sealed";
 /// The IVF training's niceness: below the embedder's (+10), so on a busy
 /// machine the training waits rather than any request.
 pub const IVF_BUILD_NICE: i32 = 19;
@@ -292,7 +295,7 @@ impl SemanticCache {
             };
             max_seq = max_seq.max(ids::seq(id));
             let vec = self
-                .unseal_vector(v)
+                .unseal_vector(v, id)
                 .map(|(x, _)| x)
                 .filter(|x| x.len() == dim && crate::index::usable(x));
             match vec {
@@ -395,8 +398,9 @@ impl SemanticCache {
         Ok(())
     }
 
-    /// With a key, re-seal in place the vectors sealed with an old key, and
-    /// those in the clear whose entry is sealed; remove the rest (in the
+    /// With a key, re-seal in place, bound to their ids, the vectors sealed
+    /// with an old key or unbound (an earlier release's form), and those in
+    /// the clear whose entry is sealed; remove the rest (in the
     /// clear beside an entry in the clear or none, or sealed with a key that
     /// is not here). Without a key, nothing. At open, before anything else
     /// uses the store. Returns how many changed.
@@ -406,6 +410,7 @@ impl SemanticCache {
     /// a start without a key removes it, as a rotation outdates it.
     fn seal_stored_vectors(&self) -> Result<usize, CacheError> {
         let meta = self.cf(CF_META);
+        self.db().delete_cf(meta, VECTORS_SEALED_UNBOUND)?;
         if !self.codec.encrypted() {
             self.db().delete_cf(meta, VECTORS_SEALED)?;
             return Ok(0);
@@ -422,7 +427,13 @@ impl SemanticCache {
             if done && !v.len().is_multiple_of(4) {
                 continue;
             }
-            let keep = match self.unseal_vector(&v) {
+            let Ok(id) = <[u8; 8]>::try_from(&k[..]).map(u64::from_be_bytes) else {
+                // No entry's id: nothing reads it.
+                batch.delete_cf(vectors, &k);
+                n += 1;
+                continue;
+            };
+            let keep = match self.unseal_vector_as_found(&v, id) {
                 Some((_, Sealing::Current)) => continue,
                 Some((vector, Sealing::Old)) => Some(vector),
                 // In the clear: kept (sealed) only beside an entry sealed
@@ -439,7 +450,7 @@ impl SemanticCache {
                 None => None,
             };
             match keep {
-                Some(vector) => batch.put_cf(vectors, &k, self.seal_vector(&vector)?),
+                Some(vector) => batch.put_cf(vectors, &k, self.seal_vector(&vector, id)?),
                 None => batch.delete_cf(vectors, &k),
             }
             n += 1;
@@ -588,8 +599,9 @@ impl SemanticCache {
             if read.len() == CHECK_READ {
                 break;
             }
-            let vector = self
-                .unseal_vector(v)
+            let vector = <[u8; 8]>::try_from(k)
+                .ok()
+                .and_then(|id| self.unseal_vector(v, u64::from_be_bytes(id)))
                 .map(|(x, _)| x)
                 .filter(|x| x.len() == dim && crate::index::usable(x));
             if let Some(vector) = vector {
@@ -1138,6 +1150,106 @@ mod tests {
         assert_eq!(cache.stats().index_kind, "flat");
     }
 
+    /// With a key, a stored vector is sealed bound to its entry's id and a
+    /// sent one to its entry's exact key: moved to another id, or paired
+    /// with another entry, it is not used (it would point one question at
+    /// another's answer). An earlier release's unbound form is not used at
+    /// runtime, and is sealed bound when the cache opens; one moved to
+    /// another id is removed then.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn sealed_vectors_are_bound_to_their_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let p = policy();
+        let key_file = dir.path().join("k.key");
+        std::fs::write(&key_file, "c3".repeat(32)).unwrap();
+        let keyed = || {
+            let store = Store::open(dir.path()).unwrap();
+            let codec = Codec::from_key_file(&key_file).unwrap();
+            SemanticCache::open(store, emb.clone(), codec, 10, 300, Some(dir.path())).unwrap()
+        };
+        let (a, b) = (
+            key("How do I reset my password?"),
+            key("What is the capital of France?"),
+        );
+        let para = key("What is the way to reset my password?");
+        let (ida, idb);
+        {
+            let cache = keyed();
+            let sa = cache
+                .insert(a.clone(), None, "{\"a\":1}".into(), &p, "auto", "m")
+                .await
+                .unwrap();
+            let sb = cache
+                .insert(b.clone(), None, "{\"b\":1}".into(), &p, "auto", "m")
+                .await
+                .unwrap();
+            (ida, idb) = (sa.id, sb.id);
+            assert!(cache.open_vector(&sa.sealed_vector, &a.exact).is_ok());
+            assert!(cache.open_vector(&sa.sealed_vector, &b.exact).is_err());
+            assert!(cache.open_vector(&sb.sealed_vector, &a.exact).is_err());
+            let vectors = cache.cf(CF_VECTORS);
+            let va = cache
+                .db()
+                .get_cf(vectors, ida.to_be_bytes())
+                .unwrap()
+                .unwrap();
+            assert!(cache.unseal_vector(&va, ida).is_some());
+            assert!(cache.unseal_vector(&va, idb).is_none());
+            // a's vector moved under b's id: b's entry is not found by it.
+            cache.db().put_cf(vectors, idb.to_be_bytes(), &va).unwrap();
+            cache.set_ivf_threshold(usize::MAX);
+            assert_eq!(cache.rebuild().unwrap(), Rebuilt::Now(1));
+            match cache.lookup(&para, &p, 8).await.unwrap() {
+                Lookup::Hit { entry, .. } => assert_eq!(entry.response, "{\"a\":1}"),
+                miss => panic!("{miss:?}"),
+            }
+            // An earlier release's form: unbound, refused at runtime.
+            let unbound = cache
+                .codec
+                .seal(crate::storage::vec_to_bytes(&sa.embedding.unwrap()))
+                .unwrap();
+            assert!(cache.unseal_vector(&unbound, ida).is_none());
+            cache
+                .db()
+                .put_cf(vectors, ida.to_be_bytes(), &unbound)
+                .unwrap();
+            // As that release left its store: its own mark, not this one's.
+            let meta = cache.cf(CF_META);
+            cache.db().delete_cf(meta, VECTORS_SEALED).unwrap();
+            let old_mark = cache.codec.seal(VECTORS_SEALED_UNBOUND.to_vec()).unwrap();
+            cache
+                .db()
+                .put_cf(meta, VECTORS_SEALED_UNBOUND, old_mark)
+                .unwrap();
+            flush(&cache);
+        }
+        let cache = keyed();
+        let vectors = cache.cf(CF_VECTORS);
+        let va = cache
+            .db()
+            .get_cf(vectors, ida.to_be_bytes())
+            .unwrap()
+            .unwrap();
+        assert!(
+            cache.unseal_vector(&va, ida).is_some(),
+            "sealed bound at open"
+        );
+        assert!(
+            cache
+                .db()
+                .get_cf(vectors, idb.to_be_bytes())
+                .unwrap()
+                .is_none(),
+            "the moved one is removed"
+        );
+        assert_eq!(cache.stats().index_vectors, 1);
+        assert!(matches!(
+            cache.lookup(&para, &p, 8).await.unwrap(),
+            Lookup::Hit { .. }
+        ));
+    }
+
     fn policy() -> CachePolicy {
         CachePolicy {
             enabled: true,
@@ -1358,11 +1470,16 @@ mod tests {
                 .unwrap();
             let v = stored.embedding.clone().unwrap();
             assert!(sealed(&stored.sealed_vector));
-            assert_eq!(cache.open_vector(&stored.sealed_vector).unwrap(), v);
+            assert_eq!(
+                cache
+                    .open_vector(&stored.sealed_vector, &asked.exact)
+                    .unwrap(),
+                v
+            );
             assert!(Codec::plain().unseal(&stored.sealed_vector).is_err());
             // One in the clear (from a peer) is refused.
             assert!(cache
-                .open_vector(&crate::storage::vec_to_bytes(&v))
+                .open_vector(&crate::storage::vec_to_bytes(&v), &asked.exact)
                 .is_err());
             for i in 0..300 {
                 cache
@@ -1392,7 +1509,8 @@ mod tests {
             let vectors = cache.cf(CF_VECTORS);
             let mut first = None;
             for (k, v) in stored_bytes(&cache) {
-                let clear = crate::storage::vec_to_bytes(&cache.open_vector(&v).unwrap());
+                let id = u64::from_be_bytes(k[..].try_into().unwrap());
+                let clear = crate::storage::vec_to_bytes(&cache.unseal_vector(&v, id).unwrap().0);
                 first.get_or_insert((k.clone(), clear.clone()));
                 cache.db().put_cf(vectors, k, clear).unwrap();
             }

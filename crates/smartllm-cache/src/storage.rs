@@ -18,6 +18,21 @@ pub(crate) const NEXT_ID: &[u8] = b"next_id";
 /// Entries deleted per RocksDB batch.
 const REMOVE_BATCH: usize = 1024;
 
+/// The associated data a stored vector is sealed with: its entry id.
+fn stored_place(id: u64) -> Vec<u8> {
+    let mut p = b"smartllm vector id ".to_vec();
+    p.extend_from_slice(&id.to_be_bytes());
+    p
+}
+
+/// The associated data a vector the fleet sends is sealed with: its
+/// entry's exact key.
+fn sent_place(exact: &[u8; 32]) -> Vec<u8> {
+    let mut p = b"smartllm vector exact ".to_vec();
+    p.extend_from_slice(exact);
+    p
+}
+
 pub(crate) fn vec_to_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
 }
@@ -61,49 +76,97 @@ impl SemanticCache {
         self.db()
             .batched_multi_get_cf(cf, &keys, false)
             .into_iter()
-            .map(|r| Ok(r?.and_then(|b| self.unseal_vector(&b)).map(|(v, _)| v)))
+            .zip(ids)
+            .map(|(r, id)| Ok(r?.and_then(|b| self.unseal_vector(&b, *id)).map(|(v, _)| v)))
             .collect()
     }
 
-    /// A vector as it is stored (RocksDB) and sent (the fleet's stream): its
-    /// f32s in the clear without a cache key; with one, sealed as an entry is
-    /// (a sentence embedding gives much of its text away). A sealed vector
-    /// takes `4 x dim + 29` bytes, never a multiple of 4, so the two forms
-    /// never read as each other.
-    pub fn seal_vector(&self, v: &[f32]) -> Result<Vec<u8>, CacheError> {
+    /// A vector as it is stored in RocksDB under the entry id `id`: its
+    /// f32s in the clear without a cache key; with one, sealed as an entry
+    /// is (a sentence embedding gives much of its text away) and bound to
+    /// that id, so a sealed vector moved to another id (pointing one
+    /// question at another's answer) does not open. A sealed vector takes
+    /// `4 x dim + 29` bytes, never a multiple of 4, so the two forms never
+    /// read as each other.
+    pub fn seal_vector(&self, v: &[f32], id: u64) -> Result<Vec<u8>, CacheError> {
+        self.seal_vector_at(v, &stored_place(id))
+    }
+
+    /// A vector as the fleet's stream sends it: bound to its entry's exact
+    /// key instead (ids are each gateway's own), so a vector paired with
+    /// another entry in Redis does not open ([`SemanticCache::open_vector`]).
+    pub fn seal_vector_to_send(&self, v: &[f32], exact: &[u8; 32]) -> Result<Vec<u8>, CacheError> {
+        self.seal_vector_at(v, &sent_place(exact))
+    }
+
+    fn seal_vector_at(&self, v: &[f32], place: &[u8]) -> Result<Vec<u8>, CacheError> {
         let raw = vec_to_bytes(v);
         if !self.codec.encrypted() {
             return Ok(raw);
         }
-        Ok(self.codec.seal(raw)?)
+        Ok(self.codec.seal_bound(raw, place)?)
     }
 
-    /// A vector [`SemanticCache::seal_vector`] made, and how it was stored;
-    /// `None` when it cannot be read (sealed with a key that is not here).
-    /// One in the clear is read whatever the codec: a keyed cache re-seals
-    /// those it holds when it opens.
-    pub(crate) fn unseal_vector(&self, b: &[u8]) -> Option<(Vec<f32>, Sealing)> {
+    /// The vector stored under `id`, and how it was sealed; `None` when it
+    /// cannot be used: sealed with a key that is not here or for another
+    /// id, or, at a keyed cache, in the clear or in an earlier release's
+    /// unbound form (both converted, or removed, when the cache opens:
+    /// [`SemanticCache::unseal_vector_as_found`]).
+    pub(crate) fn unseal_vector(&self, b: &[u8], id: u64) -> Option<(Vec<f32>, Sealing)> {
         if b.len().is_multiple_of(4) {
+            if self.codec.encrypted() {
+                return None;
+            }
             return bytes_to_vec(b).map(|v| (v, Sealing::Plain));
         }
-        let (raw, sealing) = self.codec.unseal(b).ok()?;
+        let (raw, sealing) = self.codec.unseal_bound(b, &stored_place(id)).ok()?;
         bytes_to_vec(&raw).map(|v| (v, sealing))
     }
 
-    /// A vector from another gateway (the bytes its [`SemanticCache::seal_vector`]
-    /// made). With a key, one in the clear is refused: anyone who can write
-    /// to the fleet's Redis could otherwise point a sealed answer at any
-    /// question.
-    pub fn open_vector(&self, b: &[u8]) -> Result<Vec<f32>, CacheError> {
-        match self.unseal_vector(b) {
-            Some((_, crate::Sealing::Plain)) if self.codec.encrypted() => {
-                Err(CacheError::Codec(crate::CodecError::Unsealed))
-            }
-            Some((v, _)) => Ok(v),
-            None => Err(CacheError::Codec(crate::CodecError::Corrupt(
-                "a vector that cannot be read with this cache's keys".into(),
-            ))),
+    /// A stored vector however an earlier release may have left it: in
+    /// the clear, sealed unbound, or bound to `id`. Only for the pass at
+    /// open that converts them.
+    pub(crate) fn unseal_vector_as_found(&self, b: &[u8], id: u64) -> Option<(Vec<f32>, Sealing)> {
+        if b.len().is_multiple_of(4) {
+            return bytes_to_vec(b).map(|v| (v, Sealing::Plain));
         }
+        let (raw, sealing) = match self.codec.unseal_bound(b, &stored_place(id)) {
+            // Unbound: re-sealed bound (reported as an old key's).
+            Err(crate::CodecError::Unbound) => (self.codec.unseal(b).ok()?.0, Sealing::Old),
+            other => other.ok()?,
+        };
+        bytes_to_vec(&raw).map(|v| (v, sealing))
+    }
+
+    /// A vector from another gateway (the bytes its
+    /// [`SemanticCache::seal_vector_to_send`] made for the entry whose exact
+    /// key is `exact`). With a key, one in the clear, one sealed for another
+    /// entry and one in an earlier release's unbound form are refused:
+    /// anyone who can write to the fleet's Redis could otherwise point a
+    /// sealed answer at any question.
+    pub fn open_vector(&self, b: &[u8], exact: &[u8; 32]) -> Result<Vec<f32>, CacheError> {
+        let refused = |why: &str| {
+            CacheError::Codec(crate::CodecError::Corrupt(format!("a fleet vector {why}")))
+        };
+        if b.len().is_multiple_of(4) {
+            if self.codec.encrypted() {
+                return Err(CacheError::Codec(crate::CodecError::Unsealed));
+            }
+            return bytes_to_vec(b).ok_or_else(|| refused("of no whole floats"));
+        }
+        let (raw, _) = self.codec.unseal_bound(b, &sent_place(exact))?;
+        bytes_to_vec(&raw).ok_or_else(|| refused("of no whole floats"))
+    }
+
+    /// [`SemanticCache::open_vector`] for the entry `sealed_entry` (as the
+    /// fleet sends it) names.
+    pub fn open_vector_of(&self, sealed_entry: &[u8], b: &[u8]) -> Result<Vec<f32>, CacheError> {
+        let (entry, _) = self.codec.open(sealed_entry)?;
+        let exact: [u8; 32] = hex::decode(&entry.exact)
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| crate::CodecError::Corrupt("exact key".into()))?;
+        self.open_vector(b, &exact)
     }
 
     pub(crate) fn load(&self, id: u64) -> Result<Option<Entry>, CacheError> {

@@ -348,7 +348,8 @@ impl FleetSync {
                 if ttl == 0 {
                     return Ok(());
                 }
-                // As stored: sealed with the cache key the fleet shares, when set.
+                // As sent: sealed with the cache key the fleet shares, when set,
+                // bound to the entry's exact key.
                 let vector = &s.sealed_vector;
                 // The snapshot first: a gateway loading it meanwhile gets the
                 // entry twice (once more from the stream), never not at all.
@@ -702,7 +703,7 @@ impl FleetSync {
             // A vector that cannot be used here (one in the clear at a
             // keyed cache): the entry still serves by its exact key.
             let embedding = match with_vector {
-                true => match cache.open_vector(&vector) {
+                true => match cache.open_vector_of(&sealed, &vector) {
                     Ok(v) => Some(v),
                     Err(e) => {
                         count("cache_apply", "vector_refused");
