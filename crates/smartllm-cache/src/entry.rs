@@ -82,6 +82,11 @@ const PLAIN: u8 = 0;
 const SEALED: u8 = 1;
 /// Sealed with associated data naming its place ([`Codec::seal_bound`]).
 const BOUND: u8 = 2;
+
+/// Whether `bytes` were sealed bound to a place ([`Codec::seal_bound`]).
+pub(crate) fn is_bound(bytes: &[u8]) -> bool {
+    bytes.first() == Some(&BOUND)
+}
 const NONCE_LEN: usize = 12;
 
 /// Encodes entries, sealing them when a key is configured.

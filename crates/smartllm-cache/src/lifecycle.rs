@@ -51,6 +51,9 @@ const CHECK_EMBEDDED: usize = 16;
 /// only); another model's, or another window's on a long text, is far
 /// below.
 const SAME_EMBEDDER_COSINE: f32 = 0.98;
+/// Stored questions embedded again per model call when their vectors are
+/// sealed at open.
+const EMBED_AGAIN_BATCH: usize = 64;
 /// Vectors deleted per RocksDB batch when they are dropped.
 const DROP_BATCH: usize = 4096;
 
@@ -399,15 +402,19 @@ impl SemanticCache {
     }
 
     /// With a key, re-seal in place, bound to their ids, the vectors sealed
-    /// with an old key or unbound (an earlier release's form), and those in
-    /// the clear whose entry is sealed; remove the rest (in the
-    /// clear beside an entry in the clear or none, or sealed with a key that
-    /// is not here). Without a key, nothing. At open, before anything else
-    /// uses the store. Returns how many changed.
+    /// bound with an old key; replace the vectors an earlier release left
+    /// (in the clear, or sealed unbound) beside an entry sealed with a key
+    /// of ours by its question embedded again, so no vector bytes anyone
+    /// could have put there are ever bound; remove the rest (beside an
+    /// entry in the clear or none, or sealed with a key that is not here).
+    /// Without a key, nothing. At open, before anything else uses the
+    /// store. Returns how many changed.
     ///
     /// A pass leaves a mark sealed with the current key: later starts with
-    /// the same key decrypt nothing and only look for vectors in the clear;
-    /// a start without a key removes it, as a rotation outdates it.
+    /// the same key decrypt nothing and only look for vectors in the clear
+    /// or unbound; a start without a key removes it, as a rotation
+    /// outdates it. When the embedder does not answer, the earlier forms
+    /// stay (never used) and the next start tries again.
     fn seal_stored_vectors(&self) -> Result<usize, CacheError> {
         let meta = self.cf(CF_META);
         self.db().delete_cf(meta, VECTORS_SEALED_UNBOUND)?;
@@ -415,16 +422,21 @@ impl SemanticCache {
             self.db().delete_cf(meta, VECTORS_SEALED)?;
             return Ok(0);
         }
-        // Marked done with this key: only vectors in the clear (a release
-        // that stored them so, run on this store since) are looked for,
-        // which takes no decryption.
+        // Marked done with this key: only the earlier forms (a release that
+        // stored them so, run on this store since) are looked for, which
+        // takes no decryption.
         let mark = self.db().get_cf(meta, VECTORS_SEALED)?;
         let done = mark.is_some_and(|m| matches!(self.codec.unseal(&m), Ok((_, Sealing::Current))));
         let vectors = self.cf(CF_VECTORS);
         let (mut n, mut batch) = (0usize, WriteBatch::default());
+        // Earlier forms beside a sealed entry: (id, the entry's question).
+        let mut again: Vec<(u64, String)> = Vec::new();
         for item in self.db().iterator_cf(vectors, rocksdb::IteratorMode::Start) {
             let (k, v) = item?;
-            if done && !v.len().is_multiple_of(4) {
+            // (A vector in the clear is a multiple of 4 bytes long, and its
+            // first byte may be anything.)
+            let bound = !v.len().is_multiple_of(4) && crate::entry::is_bound(&v);
+            if done && bound {
                 continue;
             }
             let Ok(id) = <[u8; 8]>::try_from(&k[..]).map(u64::from_be_bytes) else {
@@ -434,19 +446,23 @@ impl SemanticCache {
                 continue;
             };
             let keep = match self.unseal_vector_as_found(&v, id) {
-                Some((_, Sealing::Current)) => continue,
-                Some((vector, Sealing::Old)) => Some(vector),
-                // In the clear: kept (sealed) only beside an entry sealed
-                // with a key of ours (a store of an earlier release, which
-                // left vectors in the clear). An entry in the clear is
-                // refused and removed: its vector goes now.
-                Some((vector, Sealing::Plain)) => {
+                Some((_, Sealing::Current)) if bound => continue,
+                Some((vector, Sealing::Old)) if bound => Some(vector),
+                // An earlier form (in the clear, or sealed unbound, with
+                // any key): its bytes are not trusted; beside an entry
+                // sealed with a key of ours, the entry's question is
+                // embedded again. An entry in the clear is refused and
+                // removed: its vector goes now.
+                Some(_) => {
                     let entry = self.db().get_cf(self.cf(CF_ENTRIES), &k)?;
-                    entry
-                        .is_some_and(|e| self.codec.unseal(&e).is_ok())
-                        .then_some(vector)
+                    if let Some((e, _)) = entry.and_then(|e| self.codec.open(&e).ok()) {
+                        again.push((id, e.query));
+                        continue;
+                    }
+                    None
                 }
-                // Sealed with a key that is gone: nobody can read it.
+                // Sealed with a key that is gone, or bound elsewhere:
+                // nobody can read it here.
                 None => None,
             };
             match keep {
@@ -458,6 +474,26 @@ impl SemanticCache {
                 self.db().write(std::mem::take(&mut batch))?;
             }
         }
+        for chunk in again.chunks(EMBED_AGAIN_BATCH) {
+            let texts = chunk
+                .iter()
+                .map(|(_, q)| crate::key::embedding_text(q))
+                .collect();
+            let fresh = match self.embedder.embed_blocking(texts) {
+                Ok(f) if f.len() == chunk.len() => f,
+                other => {
+                    let error = other.err().map(|e| e.to_string()).unwrap_or_default();
+                    tracing::warn!(error, "could not embed stored cache questions again to seal their vectors; those entries serve by their exact key until the next start tries again");
+                    self.db().write(batch)?;
+                    return Ok(n);
+                }
+            };
+            for ((id, _), vector) in chunk.iter().zip(fresh) {
+                batch.put_cf(vectors, id.to_be_bytes(), self.seal_vector(&vector, *id)?);
+                n += 1;
+            }
+            self.db().write(std::mem::take(&mut batch))?;
+        }
         batch.put_cf(
             meta,
             VECTORS_SEALED,
@@ -467,7 +503,7 @@ impl SemanticCache {
         if n > 0 {
             tracing::info!(
                 vectors = n,
-                "cache vectors stored in the clear or with an old key were sealed with the current key (or removed, beside an entry in the clear or when no key here opens them)"
+                "cache vectors stored in the clear, unbound or with an old key were sealed with the current key, bound to their ids (those in the clear or unbound replaced by their entries' questions embedded again; removed beside an entry in the clear or none, or when no key here opens them)"
             );
         }
         Ok(n)
@@ -1173,7 +1209,8 @@ mod tests {
             key("What is the capital of France?"),
         );
         let para = key("What is the way to reset my password?");
-        let (ida, idb);
+        let c = key("Which river flows through Vienna?");
+        let (ida, idb, idc, vc);
         {
             let cache = keyed();
             let sa = cache
@@ -1184,7 +1221,21 @@ mod tests {
                 .insert(b.clone(), None, "{\"b\":1}".into(), &p, "auto", "m")
                 .await
                 .unwrap();
-            (ida, idb) = (sa.id, sb.id);
+            let sc = cache
+                .insert(c.clone(), None, "{\"c\":1}".into(), &p, "auto", "m")
+                .await
+                .unwrap();
+            (ida, idb, idc) = (sa.id, sb.id, sc.id);
+            vc = sc.embedding.clone().unwrap();
+            // a's vector written in the clear under c's id: refused at
+            // runtime, and never bound as found (c's question is embedded
+            // again at open).
+            let plain = crate::storage::vec_to_bytes(sa.embedding.as_ref().unwrap());
+            assert!(cache.unseal_vector(&plain, idc).is_none());
+            cache
+                .db()
+                .put_cf(cache.cf(CF_VECTORS), idc.to_be_bytes(), plain)
+                .unwrap();
             assert!(cache.open_vector(&sa.sealed_vector, &a.exact).is_ok());
             assert!(cache.open_vector(&sa.sealed_vector, &b.exact).is_err());
             assert!(cache.open_vector(&sb.sealed_vector, &a.exact).is_err());
@@ -1204,6 +1255,23 @@ mod tests {
                 Lookup::Hit { entry, .. } => assert_eq!(entry.response, "{\"a\":1}"),
                 miss => panic!("{miss:?}"),
             }
+            // An entry moved under another id is not served for that id's
+            // vector: b's entry under a's id.
+            let entries = cache.cf(CF_ENTRIES);
+            let get = |id: u64| {
+                cache
+                    .db()
+                    .get_cf(entries, id.to_be_bytes())
+                    .unwrap()
+                    .unwrap()
+            };
+            let (ea, eb) = (get(ida), get(idb));
+            cache.db().put_cf(entries, ida.to_be_bytes(), &eb).unwrap();
+            assert!(matches!(
+                cache.lookup(&para, &p, 8).await.unwrap(),
+                Lookup::Miss { .. }
+            ));
+            cache.db().put_cf(entries, ida.to_be_bytes(), &ea).unwrap();
             // An earlier release's form: unbound, refused at runtime.
             let unbound = cache
                 .codec
@@ -1243,11 +1311,21 @@ mod tests {
                 .is_none(),
             "the moved one is removed"
         );
-        assert_eq!(cache.stats().index_vectors, 1);
-        assert!(matches!(
-            cache.lookup(&para, &p, 8).await.unwrap(),
-            Lookup::Hit { .. }
-        ));
+        let at_c = cache
+            .db()
+            .get_cf(vectors, idc.to_be_bytes())
+            .unwrap()
+            .unwrap();
+        let at_c = cache.unseal_vector(&at_c, idc).unwrap().0;
+        assert!(
+            smartllm_embed::cosine(&at_c, &vc) > 0.99,
+            "c's own question embedded again, not the bytes found"
+        );
+        assert_eq!(cache.stats().index_vectors, 2);
+        match cache.lookup(&para, &p, 8).await.unwrap() {
+            Lookup::Hit { entry, .. } => assert_eq!(entry.response, "{\"a\":1}"),
+            miss => panic!("{miss:?}"),
+        }
     }
 
     fn policy() -> CachePolicy {

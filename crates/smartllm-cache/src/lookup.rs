@@ -345,7 +345,10 @@ impl SemanticCache {
                 continue;
             }
             let Some(e) = self.load(id)? else { continue };
-            if e.namespace != namespace {
+            // The entry must be the one stored under this id (its id is
+            // inside the sealed bytes): an entry moved under another id
+            // would answer the question that id's vector stands for.
+            if e.namespace != namespace || e.id != id {
                 continue;
             }
             if best.is_none() {
