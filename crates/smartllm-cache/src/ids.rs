@@ -147,10 +147,11 @@ impl SemanticCache {
                 // A sealed vector is bound to its id: sealed again for the
                 // new one (in the clear or unreadable: moved as it is, the
                 // pass at open decides).
+                let bound = !vector.len().is_multiple_of(4) && crate::entry::is_bound(&vector);
                 let vector = match self.unseal_vector_as_found(&vector, old) {
-                    Some((v, crate::Sealing::Current | crate::Sealing::Old)) => {
-                        self.seal_vector(&v, new)?
-                    }
+                    Some((v, _)) if bound => self.seal_vector(&v, new)?,
+                    // Earlier forms are moved as found; the pass at open
+                    // replaces them by their questions embedded again.
                     _ => vector,
                 };
                 batch.put_cf(vectors, new.to_be_bytes(), vector);

@@ -431,6 +431,13 @@ impl SemanticCache {
         let (mut n, mut batch) = (0usize, WriteBatch::default());
         // Earlier forms beside a sealed entry: (id, the entry's question).
         let mut again: Vec<(u64, String)> = Vec::new();
+        // Vectors of another embedder are all dropped next
+        // (`check_embedder`): none is embedded again for nothing.
+        let doomed = self
+            .db()
+            .get_cf(meta, EMBEDDER_KEY)?
+            .is_some_and(|f| f != self.embedder.fingerprint().as_bytes());
+        let (mut embedded, mut failed) = (0usize, 0usize);
         for item in self.db().iterator_cf(vectors, rocksdb::IteratorMode::Start) {
             let (k, v) = item?;
             // (A vector in the clear is a multiple of 4 bytes long, and its
@@ -455,11 +462,19 @@ impl SemanticCache {
                 // removed: its vector goes now.
                 Some(_) => {
                     let entry = self.db().get_cf(self.cf(CF_ENTRIES), &k)?;
-                    if let Some((e, _)) = entry.and_then(|e| self.codec.open(&e).ok()) {
-                        again.push((id, e.query));
-                        continue;
+                    match entry.and_then(|e| self.codec.open(&e).ok()) {
+                        // (An entry under another id than its own is never
+                        // served for this one's vector.)
+                        Some((e, _)) if e.id == id && !doomed => {
+                            again.push((id, e.query));
+                            if again.len() == EMBED_AGAIN_BATCH {
+                                self.embed_again(&again, &mut batch, &mut embedded, &mut failed)?;
+                                again.clear();
+                            }
+                            continue;
+                        }
+                        _ => None,
                     }
-                    None
                 }
                 // Sealed with a key that is gone, or bound elsewhere:
                 // nobody can read it here.
@@ -474,26 +489,12 @@ impl SemanticCache {
                 self.db().write(std::mem::take(&mut batch))?;
             }
         }
-        for chunk in again.chunks(EMBED_AGAIN_BATCH) {
-            let texts = chunk
-                .iter()
-                .map(|(_, q)| crate::key::embedding_text(q))
-                .collect();
-            let fresh = match self.embedder.embed_blocking(texts) {
-                Ok(f) if f.len() == chunk.len() => f,
-                other => {
-                    let error = other.err().map(|e| e.to_string()).unwrap_or_default();
-                    tracing::warn!(error, "could not embed stored cache questions again to seal their vectors; those entries serve by their exact key until the next start tries again");
-                    self.db().write(batch)?;
-                    return Ok(n);
-                }
-            };
-            for ((id, _), vector) in chunk.iter().zip(fresh) {
-                batch.put_cf(vectors, id.to_be_bytes(), self.seal_vector(&vector, *id)?);
-                n += 1;
-            }
-            self.db().write(std::mem::take(&mut batch))?;
+        self.embed_again(&again, &mut batch, &mut embedded, &mut failed)?;
+        n += embedded;
+        if failed > 0 {
+            tracing::warn!(failed, "could not embed some stored cache questions again to seal their vectors; those entries serve by their exact key, and the next start tries again");
         }
+        // (Earlier forms are looked for at every start, mark or not.)
         batch.put_cf(
             meta,
             VECTORS_SEALED,
@@ -616,6 +617,45 @@ impl SemanticCache {
         }
         self.db()
             .put_cf(self.cf(CF_META), EMBEDDER_KEY, fingerprint.as_bytes())?;
+        Ok(())
+    }
+
+    /// Embed the questions of `chunk` (id, question) again and put their
+    /// vectors, sealed bound to their ids, in `batch`, which is written.
+    /// Counts those done and, when the embedder fails, those left as they
+    /// were; logs progress every 10,000.
+    fn embed_again(
+        &self,
+        chunk: &[(u64, String)],
+        batch: &mut WriteBatch,
+        embedded: &mut usize,
+        failed: &mut usize,
+    ) -> Result<(), CacheError> {
+        if chunk.is_empty() {
+            return Ok(());
+        }
+        let texts = chunk
+            .iter()
+            .map(|(_, q)| crate::key::embedding_text(q))
+            .collect();
+        match self.embedder.embed_blocking(texts) {
+            Ok(fresh) if fresh.len() == chunk.len() => {
+                let vectors = self.cf(CF_VECTORS);
+                for ((id, _), vector) in chunk.iter().zip(fresh) {
+                    batch.put_cf(vectors, id.to_be_bytes(), self.seal_vector(&vector, *id)?);
+                }
+                let before = *embedded;
+                *embedded += chunk.len();
+                if before / 10_000 != *embedded / 10_000 {
+                    tracing::info!(
+                        embedded = *embedded,
+                        "sealing an earlier release's cache vectors: stored questions embedded again"
+                    );
+                }
+            }
+            _ => *failed += chunk.len(),
+        }
+        self.db().write(std::mem::take(batch))?;
         Ok(())
     }
 
