@@ -28,7 +28,7 @@ fn gateway_with(mock_args: &[&str], budgets: &str, routes: &str) -> (Mock, Gatew
         mock_provider("mock", &mock),
         mock.addr
     );
-    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    profile: { max_output_tokens: 16384 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 8192, capabilities: [tools, vision, json, streaming, structured_outputs] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n";
+    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    profile: { max_output_tokens: 16384 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 8192, capabilities: [tools, vision, json, streaming, structured_outputs] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: opus\n    pricing: { input: 5, output: 25 }\n    profile: { capabilities: [tools, json, streaming, system_messages] }\n    deployments:\n      - provider: claude-mock\n        model: claude-opus-4-8\n";
     let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, routes);
     cfg.write("cache.yaml", "cache:\n  enabled: true\n");
     cfg.write(
@@ -169,6 +169,72 @@ fn dated_names_are_taken_by_an_alias_pattern() {
     assert_eq!(v["error"]["type"], "not_found_error");
     let msg = v["error"]["message"].as_str().unwrap();
     assert!(msg.contains("claude-* (as code)"), "{msg}");
+}
+
+/// Claude Code on its default model (Claude Opus 4.8) sends `role:
+/// "system"` turns among the messages: they reach a model listed with
+/// `system_messages` byte for byte, join the system prompt of other Claude
+/// models (which refuse them), and stay in place for OpenAI-compatible ones.
+#[test]
+fn mid_conversation_system_messages_reach_each_model_in_a_form_it_takes() {
+    let (mock, gw) = gateway(&["--words", "3"]);
+    let body = |model: &str| {
+        json!({"model": model, "max_tokens": 64, "system": "You are Claude Code.",
+            "messages": [
+                {"role": "user", "content": "Where is main defined?"},
+                {"role": "system", "content": [{"type": "text", "text": "Available agent types: explore."}]}]})
+    };
+    let send = |v: &Value| messages(&gw, &[], &serde_json::to_vec(v).unwrap());
+    // Claude Opus 4.8, listed with them: only the model renamed.
+    let sent = serde_json::to_vec(&body("opus")).unwrap();
+    let r = messages(&gw, &[], &sent);
+    assert_eq!(r.status, 200, "{}", r.text());
+    let expect = String::from_utf8_lossy(&sent).replace("\"opus\"", "\"claude-opus-4-8\"");
+    assert_eq!(
+        mock.last()["body_sha256"],
+        hex::encode(Sha256::digest(expect.as_bytes()))
+    );
+    // Another Claude model (the mock refuses them as Anthropic does): they
+    // join its system prompt, plain and streamed.
+    for stream in [false, true] {
+        let mut b = body("claude");
+        b["stream"] = json!(stream);
+        let r = send(&b);
+        assert_eq!(r.status, 200, "{}", r.text());
+        if stream {
+            assert!(r.text().contains("message_stop"), "{}", r.text());
+        }
+        let up = mock.last()["json"].clone();
+        assert_eq!(
+            up["messages"],
+            json!([{"role": "user", "content": "Where is main defined?"}]),
+            "{up}"
+        );
+        assert_eq!(
+            up["system"],
+            json!([{"type": "text", "text": "You are Claude Code."},
+                {"type": "text", "text": "Available agent types: explore."}]),
+            "{up}"
+        );
+    }
+    // An OpenAI-compatible model takes them where they are.
+    let r = send(&body("small"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let m = mock.last()["json"]["messages"].clone();
+    assert_eq!(m[1]["role"], "user", "{m}");
+    assert_eq!(
+        m[2],
+        json!({"role": "system", "content": "Available agent types: explore."}),
+        "{m}"
+    );
+    // Text only, as Anthropic takes them: an image is a 400 naming it.
+    let mut bad = body("claude");
+    bad["messages"][1]["content"] =
+        json!([{"type": "image", "source": {"type": "url", "url": "https://x/y.png"}}]);
+    let r = send(&bad);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "invalid_request_error");
+    assert!(r.text().contains("messages.1.content.0"), "{}", r.text());
 }
 
 #[test]
@@ -445,6 +511,31 @@ fn anthropic_errors_count_tokens_models_and_cache_hits() {
     assert_eq!(r.status, 401);
     assert_eq!(r.json()["type"], "error");
     assert_eq!(r.json()["error"]["type"], "authentication_error");
+    // Not worth sending again (Claude Code would retry a refused key for
+    // minutes without it), and the request's id as Anthropic gives it.
+    assert_eq!(r.header("x-should-retry"), Some("false"));
+    assert_eq!(
+        r.json()["request_id"].as_str(),
+        r.header("x-request-id"),
+        "{}",
+        r.text()
+    );
+    // Counted under its endpoint, though refused before it was read.
+    let m = gw.metrics();
+    assert!(
+        m.lines().any(|l| l.starts_with("smartllm_requests_total{")
+            && l.contains("endpoint=\"messages\"")
+            && l.contains("status=\"401\"")),
+        "{m}"
+    );
+    // Claude Code's reachability probe at start, without a key: not a 401.
+    let probe = std::process::Command::new("curl")
+        .args(["-s", "-o", "/dev/null", "-w", "%{http_code}", "-I"])
+        .arg(format!("http://{}/", gw.addr))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&probe.stdout), "200");
+    assert_eq!(get(&gw.addr, "/").status, 200);
     let r = messages(
         &gw,
         &[],

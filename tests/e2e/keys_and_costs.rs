@@ -29,6 +29,7 @@ fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
     let r = ask(&gw, "sk-wrong", &hello);
     assert_eq!(r.status, 401);
     assert_eq!(r.api_error()["code"], "invalid_api_key");
+    assert_eq!(r.header("x-should-retry"), Some("false"));
     let r = ask(&gw, "sk-bob-2", &chat_body("big", "hi"));
     assert_eq!(r.status, 403);
     assert_eq!(r.api_error()["code"], "model_not_allowed");

@@ -31,6 +31,7 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.api_error()["code"], "rate_limit_exceeded");
     assert_eq!(r.api_error()["type"], "rate_limit_error");
+    assert_eq!(r.header("x-should-retry"), Some("true"));
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=20).contains(&retry), "{retry}");
     assert!(r.api_error()["message"]
@@ -159,6 +160,8 @@ fn budgets_alert_reject_and_degrade() {
     assert_eq!(hook.last()["json"]["threshold_pct"], 100.0);
     let r = ask(&gw, "sk-alice-1", &hello);
     assert_eq!(r.status, 429, "{}", r.text());
+    // An exhausted budget stays so: not worth a retry.
+    assert_eq!(r.header("x-should-retry"), Some("false"));
     let e = r.api_error();
     assert_eq!(e["code"], "budget_exceeded");
     assert!(

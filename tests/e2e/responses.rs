@@ -263,6 +263,30 @@ fn responses_stream_call_functions_count_tokens_and_hit_the_cache() {
         serde_json::from_str::<Value>(call["arguments"].as_str().unwrap()).unwrap()["query"],
         "Weather in Oslo?"
     );
+    // Codex's sub-agent tools come as a `namespace`: flattened for the chat
+    // provider, and the call names its namespace again.
+    let grouped = json!([{"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.",
+        "tools": [{"type": "function", "name": "spawn_agent", "description": "Start one.",
+            "parameters": {"type": "object", "properties": {"query": {"type": "string"}}}}]},
+        {"type": "function", "name": "exec_command", "parameters": {"type": "object"}}]);
+    let r = create(
+        &gw,
+        &json!({"model": "small", "input": "Spawn a helper", "tools": grouped, "store": false}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent: Vec<Value> = mock.last()["json"]["tools"].as_array().unwrap().clone();
+    assert_eq!(sent[0]["function"]["name"], "spawn_agent", "{sent:?}");
+    assert_eq!(sent[1]["function"]["name"], "exec_command", "{sent:?}");
+    let grouped_call = r.json()["output"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["type"] == "function_call")
+        .unwrap()
+        .clone();
+    assert_eq!(grouped_call["name"], "spawn_agent");
+    assert_eq!(grouped_call["namespace"], "multi_agent_v1");
+
     let id = v["id"].as_str().unwrap();
     assert!(wait_until(
         std::time::Duration::from_secs(5),

@@ -1101,8 +1101,11 @@ fn anthropic_error_type(status: u16) -> &'static str {
 }
 
 /// Why Anthropic would refuse a Messages request the mock can read: no
-/// `max_tokens` (required), or a `system` role among the messages (the
-/// system prompt is the top-level `system`).
+/// `max_tokens` (required), or a `system` role among the messages: refused
+/// by every model but Claude Opus 4.8 (the only one that takes
+/// mid-conversation system messages), and by it where Anthropic's placement
+/// rules do not allow one (first, not right after a user turn, next to
+/// another, or followed by anything but an assistant turn).
 fn messages_request_error(body: &Value) -> Option<String> {
     match body.get("max_tokens") {
         None | Some(Value::Null) => return Some("max_tokens: Field required".to_string()),
@@ -1112,13 +1115,26 @@ fn messages_request_error(body: &Value) -> Option<String> {
         _ => {}
     }
     let msgs = body.get("messages").and_then(Value::as_array)?;
-    msgs.iter()
-        .position(|m| m.get("role").and_then(Value::as_str) == Some("system"))
-        .map(|i| {
-            format!(
+    let role = |i: usize| {
+        msgs.get(i)
+            .and_then(|m| m.get("role"))
+            .and_then(Value::as_str)
+    };
+    let takes_them = body
+        .get("model")
+        .and_then(Value::as_str)
+        .is_some_and(|m| m.contains("opus-4-8"));
+    (0..msgs.len()).filter(|i| role(*i) == Some("system")).find_map(|i| {
+        if !takes_them {
+            return Some(format!(
                 "messages.{i}.role: Unexpected role \"system\". The Messages API accepts a top-level `system` parameter, not \"system\" as an input message role."
-            )
-        })
+            ));
+        }
+        let placed = i > 0
+            && role(i - 1) == Some("user")
+            && matches!(role(i + 1), None | Some("assistant"));
+        (!placed).then(|| format!("messages.{i}: a system message must follow a user message and be last or followed by an assistant message"))
+    })
 }
 
 /// A tool the answer calls: with `tools` offered and no tool result yet in
@@ -1802,6 +1818,23 @@ mod tests {
         let system = json!({"model": "c", "max_tokens": 5,
             "messages": [{"role": "system", "content": "x"}, {"role": "user", "content": "y"}]});
         assert!(messages_request_error(&system).is_some_and(|m| m.contains("system")));
+        // Claude Opus 4.8 takes them after a user turn, last or before an answer.
+        let mid = |model: &str, roles: &[&str]| {
+            let msgs: Vec<Value> = roles
+                .iter()
+                .map(|r| json!({"role": r, "content": "x"}))
+                .collect();
+            messages_request_error(&json!({"model": model, "max_tokens": 5, "messages": msgs}))
+        };
+        assert_eq!(mid("claude-opus-4-8", &["user", "system"]), None);
+        assert_eq!(
+            mid("claude-opus-4-8", &["user", "system", "assistant", "user"]),
+            None
+        );
+        assert!(mid("claude-sonnet-4-20250514", &["user", "system"]).is_some());
+        assert!(mid("claude-opus-4-8", &["system", "user"]).is_some());
+        assert!(mid("claude-opus-4-8", &["user", "system", "user"]).is_some());
+        assert!(mid("claude-opus-4-8", &["user", "assistant", "system"]).is_some());
         assert_eq!(anthropic_error_type(529), "overloaded_error");
         assert_eq!(anthropic_error_type(413), "request_too_large");
         assert_eq!(anthropic_error_type(503), "api_error");

@@ -123,7 +123,11 @@ pub struct SemanticCache {
     /// ([`FLAT_REBUILD_MAX`]; tests lower it).
     flat_rebuild_max: AtomicUsize,
     /// When a failed rebuild from RocksDB may be tried again (ms; 0: none).
-    rebuild_retry_at: AtomicU64,
+    rebuild_retry_at: Arc<AtomicU64>,
+    /// A rebuild was asked for while an ordinary build (which reads RocksDB
+    /// too) was under way and taken as that build: should it fail, the
+    /// rebuild is retried like one of its own.
+    rebuild_merged: Arc<AtomicBool>,
     dirty: AtomicBool,
     /// The verifier's recent scores by (query, cached query): a paraphrase
     /// asked again is judged without running the model (only `try_lock`ed:

@@ -127,7 +127,8 @@ impl SemanticCache {
             index_path: index_dir.map(|d| d.join(INDEX_FILE)),
             building: Arc::new(AtomicUsize::new(0)),
             flat_rebuild_max: AtomicUsize::new(flat_rebuild_max()),
-            rebuild_retry_at: std::sync::atomic::AtomicU64::new(0),
+            rebuild_retry_at: Arc::new(std::sync::atomic::AtomicU64::new(0)),
+            rebuild_merged: Arc::new(AtomicBool::new(false)),
             dirty: AtomicBool::new(false),
             verdicts: Mutex::new(LruCache::new(
                 NonZeroUsize::new(crate::VERDICTS).expect("non-zero"),
@@ -315,43 +316,22 @@ impl SemanticCache {
     /// RocksDB so the vectors never all sit in memory (ten million of 384
     /// dimensions are 15 GB): an even spread of at most
     /// [`TRAIN_PER_LIST`](crate::index::TRAIN_PER_LIST) vectors a list to
-    /// train on, then every vector added in batches. `expected`: about how
-    /// many there are (the live index's size, or RocksDB's estimate in a
-    /// rebuild), which sets the lists and the
-    /// encoding ([`ivf_encoding`](crate::index::ivf_encoding)). With the
+    /// train on, then every vector added in batches. The lists and the
+    /// encoding ([`ivf_encoding`](crate::index::ivf_encoding)) follow how
+    /// many are read; `expected` (the live index's size, or RocksDB's
+    /// estimate in a rebuild) only sizes the first allocation. With the
     /// largest sequence number among the stored vectors; None when nothing
     /// is stored.
     pub(crate) fn train_ivf_from_store(
         &self,
         expected: usize,
     ) -> Result<Option<(VectorIndex, u64)>, CacheError> {
-        use crate::index::{ivf_encoding, nlist_for, nprobe_for, TRAIN_PER_LIST};
+        use crate::index::{ivf_encoding, nlist_for, nprobe_for};
         let dim = self.index.dim();
-        let nlist = nlist_for(expected.max(1));
-        let want = (nlist * TRAIN_PER_LIST).max(1);
-        let mut stride = expected.div_ceil(want).max(1);
-        let mut sample = Vec::with_capacity(want.min(expected.max(1)) * dim);
-        // `expected` may be far off (RocksDB's estimate, in a rebuild): past
-        // this many rows every other one is dropped and the stride doubled,
-        // so the sample stays an even spread of bounded size.
-        let cap = (2 * want).max(MIN_SAMPLE_CAP);
-        let mut seen = 0usize;
-        let (max_seq, _) = self.each_stored_vector(|_, v| {
-            if seen.is_multiple_of(stride) {
-                sample.extend_from_slice(v);
-                if sample.len() / dim >= cap {
-                    let rows: Vec<f32> = sample
-                        .chunks_exact(dim)
-                        .step_by(2)
-                        .flatten()
-                        .copied()
-                        .collect();
-                    sample = rows;
-                    stride *= 2;
-                }
-            }
-            seen += 1;
-        })?;
+        let mut sample = EvenSample::new(dim, expected);
+        let (max_seq, _) = self.each_stored_vector(|_, v| sample.push(v))?;
+        let seen = sample.seen;
+        let sample = sample.rows;
         if seen == 0 {
             return Ok(None);
         }
@@ -364,8 +344,7 @@ impl SemanticCache {
         } else {
             encoding
         };
-        // Sized by what was found (a purge during the pass may have left
-        // fewer than `expected`), never more lists than training vectors.
+        // Sized by what was found, never more lists than training vectors.
         let nlist = nlist_for(seen).min(sample.len() / dim).max(1);
         let mut index =
             VectorIndex::train_ivf_sample(dim, &sample, nlist, &encoding, nprobe_for(nlist))?;
@@ -794,27 +773,48 @@ impl SemanticCache {
     fn spawn_build(self: &Arc<Self>, expected: Option<usize>) {
         let this = self.clone();
         let count = self.building.clone();
-        let spawned = std::thread::Builder::new().name("smartllm-ivf".into()).spawn(move || {
-            // This thread keeps its priority: it takes the locks lookups
-            // wait on (see `build_ivf`); only the training is lowered.
-            if let Err(e) = this.build_ivf(expected) {
-                if expected.is_some() {
-                    // A rebuild from RocksDB: tried again a minute on (at
-                    // the next insert after it).
-                    let at = crate::now_ms() + REBUILD_RETRY_MS;
-                    this.rebuild_retry_at.store(at, Ordering::Relaxed);
-                    tracing::error!(error = %e, "rebuilding the cache index from RocksDB failed; the index holds only entries stored since, and the rebuild is tried again in a minute");
-                } else {
-                    tracing::error!(error = %e, "building the IVF cache index failed; the current index stays");
+        let (merged, retry_at) = (self.rebuild_merged.clone(), self.rebuild_retry_at.clone());
+        let spawned = std::thread::Builder::new()
+            .name("smartllm-ivf".into())
+            .spawn(move || {
+                // This thread keeps its priority: it takes the locks lookups
+                // wait on (see `build_ivf`); only the training is lowered.
+                let built = this.build_ivf(expected);
+                this.build_ended(expected.is_some(), built);
+                // Release the cache (and the store) before saying the build is over.
+                drop(this);
+                count.fetch_sub(1, Ordering::SeqCst);
+                // A rebuild asked for after `build_ended` looked, while this
+                // build still counted: it runs at the next insert.
+                if merged.swap(false, Ordering::SeqCst) {
+                    retry_at.store(crate::now_ms(), Ordering::Relaxed);
                 }
-            }
-            // Release the cache (and the store) before saying the build is over.
-            drop(this);
-            count.fetch_sub(1, Ordering::SeqCst);
-        });
+            });
         if spawned.is_err() {
-            tracing::error!("no thread for the IVF cache index build; the current index stays");
+            self.build_ended(
+                expected.is_some(),
+                Err(CacheError::Task(
+                    "no thread for the IVF cache index build".into(),
+                )),
+            );
             self.building.fetch_sub(1, Ordering::SeqCst);
+        }
+    }
+
+    /// After a background build: a failed rebuild from RocksDB (`rebuild`,
+    /// or an ordinary build a rebuild was taken as) is tried again a
+    /// minute on, at the next insert after it.
+    fn build_ended(&self, rebuild: bool, built: Result<(), CacheError>) {
+        // A rebuild taken as this build is done, or is retried below.
+        let merged = self.rebuild_merged.swap(false, Ordering::SeqCst);
+        if let Err(e) = built {
+            if rebuild || merged {
+                let at = crate::now_ms() + REBUILD_RETRY_MS;
+                self.rebuild_retry_at.store(at, Ordering::Relaxed);
+                tracing::error!(error = %e, "rebuilding the cache index from RocksDB failed; the index holds only entries stored since, and the rebuild is tried again in a minute");
+            } else {
+                tracing::error!(error = %e, "building the IVF cache index failed; the current index stays");
+            }
         }
     }
 
@@ -899,6 +899,9 @@ impl SemanticCache {
                 .is_ok()
             {
                 self.spawn_build(Some(about));
+            } else {
+                // Should that build fail, this rebuild is retried.
+                self.rebuild_merged.store(true, Ordering::SeqCst);
             }
             tracing::info!(
                 about,
@@ -952,6 +955,56 @@ fn flat_rebuild_max() -> usize {
     return FLAT_REBUILD_MAX_HERE.with(|c| c.get());
     #[cfg(not(test))]
     crate::FLAT_REBUILD_MAX
+}
+
+/// The vectors an IVF build trains on: an even spread (every `stride`-th)
+/// of those read so far, of 0.75 to 1.5 times what the lists for that many
+/// want ([`TRAIN_PER_LIST`](crate::index::TRAIN_PER_LIST) a list: 48 to 96),
+/// or all of them while they are fewer than 1.5 times that (under about
+/// 147,000 vectors) or than [`MIN_SAMPLE_CAP`]. Past that cap, every other
+/// row is dropped and the stride doubled. It follows what is read, not a
+/// guess of the count, which may be far off either way (RocksDB's
+/// estimate, in a rebuild): too low a guess would train many lists on a few
+/// vectors each.
+struct EvenSample {
+    dim: usize,
+    stride: usize,
+    seen: usize,
+    rows: Vec<f32>,
+}
+
+impl EvenSample {
+    /// `expected` only sizes the first allocation.
+    fn new(dim: usize, expected: usize) -> Self {
+        EvenSample {
+            dim,
+            stride: 1,
+            seen: 0,
+            rows: Vec::with_capacity(MIN_SAMPLE_CAP.min(expected.max(1)) * dim),
+        }
+    }
+
+    fn cap_at(seen: usize) -> usize {
+        use crate::index::{nlist_for, TRAIN_PER_LIST};
+        (3 * nlist_for(seen.max(1)) * TRAIN_PER_LIST / 2).max(MIN_SAMPLE_CAP)
+    }
+
+    fn push(&mut self, v: &[f32]) {
+        if self.seen.is_multiple_of(self.stride) {
+            self.rows.extend_from_slice(v);
+            if self.rows.len() / self.dim >= Self::cap_at(self.seen + 1) {
+                self.rows = self
+                    .rows
+                    .chunks_exact(self.dim)
+                    .step_by(2)
+                    .flatten()
+                    .copied()
+                    .collect();
+                self.stride *= 2;
+            }
+        }
+        self.seen += 1;
+    }
 }
 
 /// What [`SemanticCache::rebuild`] did.
@@ -1366,6 +1419,82 @@ mod tests {
             Lookup::Hit { entry, .. } => assert_eq!(entry.response, "{\"a\":1}"),
             miss => panic!("{miss:?}"),
         }
+    }
+
+    /// The training sample follows what is read: an even spread of between
+    /// about one and two times what the lists for that many want, whatever
+    /// the guess of the count (a low RocksDB estimate used to cap it at
+    /// MIN_SAMPLE_CAP rows, a few per list at a million vectors).
+    #[test]
+    fn the_training_sample_follows_what_is_read() {
+        use crate::index::{nlist_for, TRAIN_PER_LIST};
+        for n in [10usize, 20_000, 400_000, 1_000_000] {
+            let mut sampled = Vec::new();
+            for expected in [1usize, n, 100_000_000] {
+                let mut s = EvenSample::new(2, expected);
+                for i in 0..n {
+                    s.push(&[i as f32, 0.0]);
+                }
+                assert_eq!(s.seen, n);
+                let rows: Vec<f32> = s.rows.chunks_exact(2).map(|r| r[0]).collect();
+                // Every stride-th vector, from the first.
+                for (k, first) in rows.iter().enumerate() {
+                    assert_eq!(*first as usize, k * s.stride, "n {n}");
+                }
+                let want = nlist_for(n) * TRAIN_PER_LIST;
+                if n < EvenSample::cap_at(n) {
+                    assert_eq!(rows.len(), n);
+                } else {
+                    assert!(
+                        rows.len() * 100 >= want * 70 && rows.len() * 2 <= want * 3,
+                        "n {n}: {} rows for {want} wanted",
+                        rows.len()
+                    );
+                }
+                sampled.push(rows);
+            }
+            assert!(sampled.windows(2).all(|w| w[0] == w[1]), "n {n}");
+        }
+    }
+
+    /// A rebuild asked for while an ordinary build runs is taken as that
+    /// build; should it fail, the rebuild is retried as its own would be.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_rebuild_taken_as_a_failing_build_is_retried() {
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let cache = open(dir.path(), &emb, 1_000);
+        let p = policy();
+        cache
+            .insert(key("stored before"), None, "{}".into(), &p, "auto", "m")
+            .await
+            .unwrap();
+        let fail = || Err(CacheError::Task("injected".into()));
+        // An ordinary build failing on its own: the index stays, no retry.
+        cache.build_ended(false, fail());
+        assert_eq!(cache.rebuild_retry_at.load(Ordering::Relaxed), 0);
+        // A build under way; a rebuild large enough to go to the background.
+        cache.building.store(1, Ordering::SeqCst);
+        cache.flat_rebuild_max.store(0, Ordering::Relaxed);
+        assert!(matches!(
+            cache.rebuild().unwrap(),
+            Rebuilt::InBackground { .. }
+        ));
+        assert_eq!(cache.building.load(Ordering::SeqCst), 1, "no second build");
+        cache.build_ended(false, fail());
+        assert_ne!(
+            cache.rebuild_retry_at.load(Ordering::Relaxed),
+            0,
+            "the merged rebuild is retried"
+        );
+        assert!(!cache.rebuild_merged.load(Ordering::SeqCst));
+        // Merged into one that succeeds: nothing more to do.
+        cache.rebuild_retry_at.store(0, Ordering::Relaxed);
+        cache.rebuild().unwrap();
+        cache.build_ended(false, Ok(()));
+        assert_eq!(cache.rebuild_retry_at.load(Ordering::Relaxed), 0);
+        assert!(!cache.rebuild_merged.load(Ordering::SeqCst));
+        cache.building.store(0, Ordering::SeqCst);
     }
 
     fn policy() -> CachePolicy {

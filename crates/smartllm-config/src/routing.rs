@@ -144,17 +144,17 @@ impl ModelProfile {
     }
 
     /// Whether the model has `capability`: listed, or assumed when the
-    /// model lists none, except `structured_outputs` (Anthropic's), which
-    /// only a listing gives.
+    /// model lists none, except `structured_outputs` and `system_messages`
+    /// (Anthropic's), which only a listing gives.
     pub fn has(&self, capability: &str) -> bool {
         match &self.capabilities {
             Some(c) => c.iter().any(|x| x == capability),
-            None => capability != "structured_outputs",
+            None => !matches!(capability, "structured_outputs" | "system_messages"),
         }
     }
 }
 
-pub const CAPABILITIES: [&str; 6] = [
+pub const CAPABILITIES: [&str; 7] = [
     "tools",
     "vision",
     "json",
@@ -163,6 +163,9 @@ pub const CAPABILITIES: [&str; 6] = [
     // Anthropic's structured outputs (`output_config.format`): Claude
     // models that take it are listed with it, never assumed.
     "structured_outputs",
+    // Anthropic's mid-conversation system messages (`role: "system"` among
+    // the turns; Claude Opus 4.8): never assumed either.
+    "system_messages",
 ];
 
 /// Per-deployment circuit breaker.

@@ -34,6 +34,13 @@ pub fn error_body(e: &ApiError) -> Vec<u8> {
     serde_json::to_vec(&error_json(e.status, &e.message)).unwrap_or_default()
 }
 
+/// [`error_body`] with the request's id, as Anthropic's API adds it.
+pub fn error_body_with_id(e: &ApiError, request_id: &str) -> Vec<u8> {
+    let mut v = error_json(e.status, &e.message);
+    v["request_id"] = Value::String(request_id.to_string());
+    serde_json::to_vec(&v).unwrap_or_default()
+}
+
 fn error_json(status: u16, message: &str) -> Value {
     json!({"type": "error", "error": {"type": error_type(status), "message": message}})
 }
@@ -102,6 +109,13 @@ pub struct AnthropicOnly {
     /// `mcp_servers`: the canonical body goes without them, so the cache is
     /// not used.
     pub lossy: bool,
+    /// `role: "system"` messages among the turns (mid-conversation system
+    /// messages, which Claude Opus 4.8 takes and Claude Code sends): as
+    /// they are to models listed with the `system_messages` capability,
+    /// folded into the top-level `system` for other Anthropic models
+    /// ([`fold_system_messages`]); OpenAI-compatible providers take them in
+    /// place.
+    pub system_messages: bool,
 }
 
 /// The top-level fields of a Messages body that its canonical chat body
@@ -256,10 +270,21 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
         match role {
             Some("user") => user_turn(&path, content, &mut messages, &mut only)?,
             Some("assistant") => assistant_turn(&path, content, &mut messages, &mut only)?,
+            Some("system") if i == 0 => {
+                return Err(invalid(
+                    &format!("{path}.role"),
+                    format!("{path}.role: a system message cannot be the first message: put it in the top-level `system`"),
+                ))
+            }
+            Some("system") => {
+                let text = system_message_text(&path, content)?;
+                only.system_messages = true;
+                messages.push(json!({"role": "system", "content": text}));
+            }
             _ => {
                 return Err(invalid(
                     &format!("{path}.role"),
-                    format!("{path}.role: Input should be 'user' or 'assistant'"),
+                    format!("{path}.role: Input should be 'user', 'assistant' or 'system'"),
                 ))
             }
         }
@@ -379,6 +404,84 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
         anthropic_only: only,
         responses: None,
     })
+}
+
+/// The text of a `role: "system"` message: a string, or text blocks only
+/// (as Anthropic takes them).
+fn system_message_text(path: &str, content: &Value) -> Result<String, ApiError> {
+    match content {
+        Value::String(s) => Ok(s.clone()),
+        Value::Array(blocks) => {
+            let mut text = Vec::with_capacity(blocks.len());
+            for (j, b) in blocks.iter().enumerate() {
+                match (b.get("type").and_then(Value::as_str), b.get("text")) {
+                    (Some("text"), Some(Value::String(t))) => text.push(t.as_str()),
+                    _ => {
+                        return Err(invalid(
+                            &format!("{path}.content.{j}"),
+                            format!("{path}.content.{j}: a system message takes text blocks only"),
+                        ))
+                    }
+                }
+            }
+            Ok(text.join("\n\n"))
+        }
+        v => Err(invalid(
+            &format!("{path}.content"),
+            format!(
+                "{path}.content: Input should be a valid string or list of text blocks, not {}",
+                type_name(v)
+            ),
+        )),
+    }
+}
+
+/// `raw` (a Messages body) with its `role: "system"` messages taken out of
+/// `messages` and their text blocks appended, in order, to the top-level
+/// `system` (a string there becomes its first text block), every other
+/// byte unchanged: for Anthropic models that do not take mid-conversation
+/// system messages (all but those listed with `system_messages`). The
+/// instructions keep a system prompt's authority, though they then apply
+/// from the start of the conversation (and the provider's prompt cache of
+/// the turns is missed once when one is added). Their `cache_control` is
+/// dropped. `None` when there is none to fold.
+pub fn fold_system_messages(raw: &[u8]) -> Option<Vec<u8>> {
+    let Value::Array(turns) = top_level(raw, "messages")? else {
+        return None;
+    };
+    let is_system = |m: &Value| m.get("role").and_then(Value::as_str) == Some("system");
+    if !turns.iter().any(is_system) {
+        return None;
+    }
+    let mut system = match top_level(raw, "system") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::String(s)) if s.is_empty() => Vec::new(),
+        Some(Value::String(s)) => vec![json!({"type": "text", "text": s})],
+        Some(Value::Array(blocks)) => blocks,
+        Some(_) => return None,
+    };
+    let mut kept = Vec::with_capacity(turns.len());
+    for m in turns {
+        if !is_system(&m) {
+            kept.push(m);
+            continue;
+        }
+        match m.get("content") {
+            Some(Value::String(s)) if !s.is_empty() => {
+                system.push(json!({"type": "text", "text": s}))
+            }
+            // Text only, without `cache_control`: a breakpoint moved ahead
+            // of the turns could precede one with a longer `ttl`, which
+            // Anthropic refuses.
+            Some(Value::Array(blocks)) => system.extend(blocks.iter().filter_map(|b| {
+                let text = b.get("text")?.as_str()?;
+                Some(json!({"type": "text", "text": text}))
+            })),
+            _ => {}
+        }
+    }
+    let out = set_top_level(raw, "messages", &Value::Array(kept))?;
+    set_top_level(&out, "system", &Value::Array(system))
 }
 
 fn image_part(source: &Value) -> Option<Value> {
@@ -1315,6 +1418,52 @@ mod tests {
         let r = parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"document","source":{"type":"text","media_type":"text/plain","data":"x"}}]}]}]}"#).unwrap();
         assert_eq!(r.anthropic_only.untranslatable, None);
         assert!(r.anthropic_only.lossy);
+    }
+
+    /// Mid-conversation system messages: read in place (text only), and
+    /// folded into the top-level system prompt for models that refuse them.
+    #[test]
+    fn system_messages_are_read_in_place_and_fold_into_the_system_prompt() {
+        let raw = r#"{"model":"c","max_tokens":5,"system":"Base.","messages":[{"role":"user","content":"hi"},{"role":"system","content":[{"type":"text","text":"Now brief.","cache_control":{"type":"ephemeral"}}]},{"role":"assistant","content":"ok"},{"role":"user","content":"and?"},{"role":"system","content":"Later."}]}"#;
+        let r = parse_str(raw).unwrap();
+        assert!(r.anthropic_only.system_messages);
+        let m = r.body["messages"].as_array().unwrap();
+        assert_eq!(m[2], json!({"role": "system", "content": "Now brief."}));
+        assert_eq!(m[5], json!({"role": "system", "content": "Later."}));
+        let folded: Value =
+            serde_json::from_slice(&fold_system_messages(raw.as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            folded["system"],
+            json!([{"type": "text", "text": "Base."},
+                {"type": "text", "text": "Now brief."},
+                {"type": "text", "text": "Later."}])
+        );
+        let roles: Vec<&str> = folded["messages"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["role"].as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["user", "assistant", "user"]);
+        assert_eq!(folded["max_tokens"], 5);
+        // Without a system prompt; and nothing to fold.
+        let bare = r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":"hi"},{"role":"system","content":"Be brief."}]}"#;
+        let folded: Value =
+            serde_json::from_slice(&fold_system_messages(bare.as_bytes()).unwrap()).unwrap();
+        assert_eq!(
+            folded["system"],
+            json!([{"type": "text", "text": "Be brief."}])
+        );
+        let none = r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":"hi"}]}"#;
+        assert!(fold_system_messages(none.as_bytes()).is_none());
+        assert!(!parse_str(none).unwrap().anthropic_only.system_messages);
+        // Text only; other roles named in the error.
+        let e = parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":"hi"},{"role":"system","content":[{"type":"image","source":{}}]}]}"#).unwrap_err();
+        assert!(e.to_string().contains("messages.1.content.0"), "{e}");
+        let e =
+            parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"tool","content":"x"}]}"#)
+                .unwrap_err();
+        assert!(e.to_string().contains("'system'"), "{e}");
     }
 
     #[test]

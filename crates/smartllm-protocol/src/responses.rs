@@ -907,7 +907,11 @@ fn content_parts(parts: &[Value], param: &str, user: bool) -> Result<Value, ApiE
 }
 
 /// Responses tools (flat `{type, name, description, parameters, strict}`) ->
-/// chat tools. Built-in tools cannot be translated.
+/// chat tools. A `namespace` (a named group of function tools, as Codex
+/// sends its sub-agent tools) is flattened into its functions, each under
+/// its own name (answers' calls name their namespace again:
+/// [`namespace_of`]); names must then be unique. Built-in tools cannot be
+/// translated.
 fn chat_tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
     let mut out = Vec::with_capacity(tools.len());
     for (i, t) in tools.iter().enumerate() {
@@ -917,41 +921,117 @@ fn chat_tools(tools: &[Value]) -> Result<Vec<Value>, ApiError> {
         };
         let tp = format!("{p}.type");
         let ty = req_str(t, "type", &tp, "the tool type, 'function'")?;
+        if ty == "namespace" {
+            let ns = req_str(t, "name", &format!("{p}.name"), "the namespace's name")?;
+            let about = opt_str(t, "description", &format!("{p}.description"))?;
+            let inner = match t.get("tools") {
+                Some(Value::Array(a)) => a,
+                Some(v) => return Err(invalid_type(&format!("{p}.tools"), v, "an array")),
+                None => {
+                    return Err(ApiError::missing_param(
+                        &format!("{p}.tools"),
+                        "the namespace's tools",
+                    ))
+                }
+            };
+            for (j, f) in inner.iter().enumerate() {
+                let fp = format!("{p}.tools[{j}]");
+                let Value::Object(f) = f else {
+                    return Err(invalid_type(&fp, f, "an object"));
+                };
+                let mut tool = function_tool(f, &fp)?;
+                // The model sees what the group is for.
+                if let Some(about) = about.filter(|a| !a.is_empty()) {
+                    let own = tool["function"]["description"].as_str().unwrap_or_default();
+                    tool["function"]["description"] = json!(if own.is_empty() {
+                        format!("({ns}) {about}")
+                    } else {
+                        format!("({ns}) {about}\n\n{own}")
+                    });
+                }
+                out.push(tool);
+            }
+            continue;
+        }
         if ty != "function" {
             return Err(unsupported_value(
                 &tp,
-                format!("Tool type '{ty}' is not supported by this gateway for this model: only 'function' tools can be translated to it. Remove the tool or use a model served by a provider that speaks the Responses API."),
+                format!("Tool type '{ty}' is not supported by this gateway for this model: only 'function' tools (and namespaces of them) can be translated to it. Remove the tool or use a model served by a provider that speaks the Responses API."),
             ));
         }
-        let name = req_str(t, "name", &format!("{p}.name"), "the function's name")?;
-        if name.is_empty() {
-            return Err(invalid_value(
-                &format!("{p}.name"),
-                "Invalid 'name': empty string.",
-            ));
-        }
-        let mut f = Map::new();
-        f.insert("name".into(), json!(name));
-        if let Some(d) = opt_str(t, "description", &format!("{p}.description"))? {
-            f.insert("description".into(), json!(d));
-        }
-        match t.get("parameters") {
-            None | Some(Value::Null) => {}
-            Some(v @ Value::Object(_)) => {
-                f.insert("parameters".into(), v.clone());
-            }
-            Some(v) => return Err(invalid_type(&format!("{p}.parameters"), v, "an object")),
-        }
-        match t.get("strict") {
-            None | Some(Value::Null) => {}
-            Some(v @ Value::Bool(_)) => {
-                f.insert("strict".into(), v.clone());
-            }
-            Some(v) => return Err(invalid_type(&format!("{p}.strict"), v, "a boolean")),
-        }
-        out.push(json!({"type": "function", "function": f}));
+        out.push(function_tool(t, &p)?);
+    }
+    let mut names: Vec<&str> = out
+        .iter()
+        .filter_map(|t| t["function"]["name"].as_str())
+        .collect();
+    names.sort_unstable();
+    if let Some(w) = names.windows(2).find(|w| w[0] == w[1]) {
+        // (A provider that speaks Responses takes them: calls name their
+        // namespace there.)
+        return Err(unsupported_value(
+            "tools",
+            format!("Two tools are named '{}' once namespaces are flattened for this model: function names must be unique. A model served by a provider that speaks the Responses API takes them as sent.", w[0]),
+        ));
     }
     Ok(out)
+}
+
+/// One Responses function tool (at `p`) -> a chat tool.
+fn function_tool(t: &Map<String, Value>, p: &str) -> Result<Value, ApiError> {
+    let tp = format!("{p}.type");
+    let ty = req_str(t, "type", &tp, "the tool type, 'function'")?;
+    if ty != "function" {
+        return Err(unsupported_value(
+            &tp,
+            format!("Tool type '{ty}' is not supported by this gateway for this model: only 'function' tools can be translated to it. Remove the tool or use a model served by a provider that speaks the Responses API."),
+        ));
+    }
+    let name = req_str(t, "name", &format!("{p}.name"), "the function's name")?;
+    if name.is_empty() {
+        return Err(invalid_value(
+            &format!("{p}.name"),
+            "Invalid 'name': empty string.",
+        ));
+    }
+    let mut f = Map::new();
+    f.insert("name".into(), json!(name));
+    if let Some(d) = opt_str(t, "description", &format!("{p}.description"))? {
+        f.insert("description".into(), json!(d));
+    }
+    match t.get("parameters") {
+        None | Some(Value::Null) => {}
+        Some(v @ Value::Object(_)) => {
+            f.insert("parameters".into(), v.clone());
+        }
+        Some(v) => return Err(invalid_type(&format!("{p}.parameters"), v, "an object")),
+    }
+    match t.get("strict") {
+        None | Some(Value::Null) => {}
+        Some(v @ Value::Bool(_)) => {
+            f.insert("strict".into(), v.clone());
+        }
+        Some(v) => return Err(invalid_type(&format!("{p}.strict"), v, "a boolean")),
+    }
+    Ok(json!({"type": "function", "function": f}))
+}
+
+/// The namespace of the request's function `name`, when a `namespace` tool
+/// holds it (the call then names it, as the Responses API does).
+fn namespace_of<'a>(req: &'a Map<String, Value>, name: &str) -> Option<&'a str> {
+    req.get("tools")?.as_array()?.iter().find_map(|t| {
+        if t.get("type").and_then(Value::as_str) != Some("namespace") {
+            return None;
+        }
+        let holds = t
+            .get("tools")?
+            .as_array()?
+            .iter()
+            .any(|f| f.get("name").and_then(Value::as_str) == Some(name));
+        holds
+            .then(|| t.get("name").and_then(Value::as_str))
+            .flatten()
+    })
 }
 
 /// Responses `tool_choice` -> chat `tool_choice`. `allowed_tools` narrows
@@ -1102,8 +1182,19 @@ fn message_item(id: String, content: Vec<Value>, status: &str) -> Value {
     json!({"id": id, "type": "message", "status": status, "role": "assistant", "content": content})
 }
 
-fn call_item(id: String, call_id: &str, name: &str, arguments: &str, status: &str) -> Value {
-    json!({"id": id, "type": "function_call", "status": status, "arguments": arguments, "call_id": call_id, "name": name})
+fn call_item(
+    id: String,
+    call_id: &str,
+    name: &str,
+    namespace: Option<&str>,
+    arguments: &str,
+    status: &str,
+) -> Value {
+    let mut item = json!({"id": id, "type": "function_call", "status": status, "arguments": arguments, "call_id": call_id, "name": name});
+    if let Some(ns) = namespace {
+        item["namespace"] = json!(ns);
+    }
+    item
 }
 
 /// How an answer ended, from the chat `finish_reason`.
@@ -1241,10 +1332,12 @@ pub fn response_from_chat(
             .as_str()
             .filter(|s| !s.is_empty())
             .map_or_else(|| fallback_call_id(id, n), str::to_string);
+        let name = f["name"].as_str().unwrap_or_default();
         output.push(call_item(
             call_item_id(id, n),
             &call_id,
-            f["name"].as_str().unwrap_or_default(),
+            name,
+            namespace_of(req, name),
             f["arguments"].as_str().unwrap_or_default(),
             "completed",
         ));
@@ -1292,6 +1385,8 @@ enum ItemKind {
     Call {
         call_id: String,
         name: String,
+        /// The `namespace` tool holding the function, if any.
+        namespace: Option<String>,
         arguments: String,
     },
 }
@@ -1314,8 +1409,16 @@ impl Item {
             ItemKind::Call {
                 call_id,
                 name,
+                namespace,
                 arguments,
-            } => call_item(self.id.clone(), call_id, name, arguments, self.status),
+            } => call_item(
+                self.id.clone(),
+                call_id,
+                name,
+                namespace.as_deref(),
+                arguments,
+                self.status,
+            ),
         }
     }
 }
@@ -1601,8 +1704,16 @@ impl ChatToResponsesStream {
         let args = f["arguments"].as_str().unwrap_or_default();
         let i = match self.calls.iter().find(|(k, _)| *k == n) {
             Some(&(_, i)) => {
-                if let ItemKind::Call { name: nm, .. } = &mut self.items[i].kind {
-                    nm.push_str(name);
+                if let ItemKind::Call {
+                    name: nm,
+                    namespace,
+                    ..
+                } = &mut self.items[i].kind
+                {
+                    if !name.is_empty() {
+                        nm.push_str(name);
+                        *namespace = namespace_of(&self.req, nm).map(str::to_string);
+                    }
                 }
                 i
             }
@@ -1617,6 +1728,7 @@ impl ChatToResponsesStream {
                     kind: ItemKind::Call {
                         call_id,
                         name: name.to_string(),
+                        namespace: namespace_of(&self.req, name).map(str::to_string),
                         arguments: String::new(),
                     },
                     status: "in_progress",
@@ -2727,6 +2839,67 @@ mod tests {
             without_completed_at(s.response().unwrap()),
             without_completed_at(expected)
         );
+    }
+
+    /// Codex's `namespace` tools: flattened into their functions for chat
+    /// providers (the group's description leading each one's), and the
+    /// answer's calls name their namespace again, plain and streamed.
+    #[test]
+    fn namespace_tools_are_flattened_and_calls_name_them() {
+        let req = obj(json!({"model": "auto", "input": "Spawn a helper",
+            "tools": [
+                {"type": "function", "name": "exec_command", "parameters": {"type": "object"}},
+                {"type": "namespace", "name": "multi_agent_v1", "description": "Sub-agents.",
+                 "tools": [{"type": "function", "name": "spawn_agent", "description": "Start one.", "strict": false,
+                            "parameters": {"type": "object"}}]},
+                {"type": "function", "name": "get_goal"}]}));
+        let chat = request_to_chat(&req).unwrap();
+        let names: Vec<&str> = chat["tools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|t| t["function"]["name"].as_str().unwrap())
+            .collect();
+        assert_eq!(names, ["exec_command", "spawn_agent", "get_goal"]);
+        assert_eq!(
+            chat["tools"][1]["function"]["description"],
+            "(multi_agent_v1) Sub-agents.\n\nStart one."
+        );
+        let answer = json!({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt-x",
+            "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "spawn_agent", "arguments": "{}"}},
+                               {"id": "call_2", "type": "function", "function": {"name": "get_goal", "arguments": "{}"}}]}}]});
+        let r = response_from_chat(&answer, "resp_abc", 1, &req);
+        assert_eq!(r["output"][0]["namespace"], "multi_agent_v1");
+        assert!(r["output"][1].get("namespace").is_none(), "{r}");
+        let mut input = chunk(
+            json!({"role": "assistant", "tool_calls": [{"index": 0, "id": "call_1", "type": "function",
+                "function": {"name": "spawn", "arguments": ""}}]}),
+            Value::Null,
+        );
+        input.extend(chunk(
+            json!({"tool_calls": [{"index": 0, "function": {"name": "_agent", "arguments": "{}"}}]}),
+            Value::Null,
+        ));
+        input.extend(chunk(json!({}), json!("tool_calls")));
+        input.extend_from_slice(crate::sse::DONE_EVENT);
+        let mut s = ChatToResponsesStream::new("resp_abc", 1, "gpt-x", &req);
+        let events = run(&mut s, &input, 7);
+        let done = events
+            .iter()
+            .find(|(n, _)| n == "response.output_item.done")
+            .unwrap();
+        assert_eq!(done.1["item"]["name"], "spawn_agent");
+        assert_eq!(done.1["item"]["namespace"], "multi_agent_v1");
+        // Names must stay unique once flattened; inner tools are functions.
+        let mut twice = req.clone();
+        twice["tools"][2]["name"] = json!("spawn_agent");
+        let e = request_to_chat(&twice).unwrap_err();
+        assert!(e.message.contains("'spawn_agent'"), "{e}");
+        let mut custom = req.clone();
+        custom["tools"][1]["tools"][0]["type"] = json!("custom");
+        let e = request_to_chat(&custom).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("tools[1].tools[0].type"), "{e}");
     }
 
     /// Ollama streams parallel calls all with index 0, each with its own

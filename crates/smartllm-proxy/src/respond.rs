@@ -106,17 +106,34 @@ pub async fn error(
     if let Some(s) = err.retry_after {
         extra.push(("retry-after".to_string(), s.to_string()));
     }
+    // The official SDKs (and Claude Code) obey it before their own rules:
+    // without it Claude Code retries a refused key for minutes.
+    extra.push(("x-should-retry".to_string(), should_retry(err).to_string()));
     if err.status == 413 || err.status == 408 {
         // The rest of the body was not read: the connection cannot be reused.
         session.set_keepalive(None);
         extra.push(("connection".to_string(), "close".to_string()));
     }
     let body = if ctx.anthropic {
-        smartllm_protocol::messages::error_body(err)
+        smartllm_protocol::messages::error_body_with_id(err, &ctx.request_id)
     } else {
         err.body()
     };
     json(session, ctx, err.status, body, &extra).await
+}
+
+/// Whether the same request may succeed if sent again: a timeout, a
+/// conflict, a rate limit or a server-side failure, but not an exhausted
+/// budget (it stays exhausted until its period ends) or a request larger
+/// than a whole rate-limit window, nor anything the client must change (a
+/// bad key, body or model).
+pub fn should_retry(err: &ApiError) -> bool {
+    match err.status {
+        408 | 409 | 429 | 500..=599 => {
+            err.kind != "insufficient_quota" && err.code != "request_too_large_for_limit"
+        }
+        _ => false,
+    }
 }
 
 /// Errors that escape `request_filter` (mostly the client going away): answer
@@ -168,5 +185,32 @@ pub async fn fail_to_proxy(session: &mut Session, e: &Error, ctx: &mut Ctx) -> F
     FailToProxy {
         error_code: code,
         can_reuse_downstream: false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_what_may_succeed_again_is_worth_a_retry() {
+        let e = |status, kind| ApiError::new(status, kind, "c", "m");
+        let too_large = ApiError::new(429, "rate_limit_error", "request_too_large_for_limit", "m");
+        assert!(!should_retry(&too_large));
+        for (status, kind, retry) in [
+            (400, "invalid_request_error", false),
+            (401, "invalid_request_error", false),
+            (403, "permission_error", false),
+            (404, "invalid_request_error", false),
+            (413, "invalid_request_error", false),
+            (408, "invalid_request_error", true),
+            (429, "rate_limit_exceeded", true),
+            (429, "insufficient_quota", false),
+            (429, "rate_limit_error", true),
+            (502, "upstream_error", true),
+            (503, "overloaded_error", true),
+        ] {
+            assert_eq!(should_retry(&e(status, kind)), retry, "{status} {kind}");
+        }
     }
 }

@@ -75,6 +75,10 @@ pub struct ModelPool {
     /// `structured_outputs` is among the model's listed capabilities: a
     /// chat `json_schema` goes to Anthropic as `output_config.format`.
     pub structured_outputs: bool,
+    /// `system_messages` is among the model's listed capabilities: an
+    /// Anthropic Messages request's `role: "system"` turns go to it as they
+    /// are (else they join the system prompt).
+    pub system_messages: bool,
     pub deployments: Vec<DeploymentRuntime>,
     pub lb: Arc<LoadBalancer<RoundRobin>>,
     pub health_interval: Duration,
@@ -363,6 +367,11 @@ impl Runtime {
                         .capabilities
                         .as_ref()
                         .is_some_and(|c| c.iter().any(|x| x == "structured_outputs")),
+                    system_messages: m
+                        .profile
+                        .capabilities
+                        .as_ref()
+                        .is_some_and(|c| c.iter().any(|x| x == "system_messages")),
                     deployments,
                     lb: Arc::new(lb),
                     health_interval,

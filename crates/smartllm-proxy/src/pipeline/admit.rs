@@ -26,6 +26,9 @@ pub enum Admitted {
     Usage,
     /// `POST /v1/feedback`: a score for an earlier answer, with its body.
     Feedback(BytesMut),
+    /// `HEAD /` or `GET /`: the reachability probe clients make without a
+    /// key (Claude Code at every start), answered before the key check.
+    Root,
 }
 
 /// Admit the request or say why not (with the connection marked not
@@ -74,6 +77,19 @@ pub async fn admit(
             header_size,
             rt.config.server.max_header_bytes,
         ));
+    }
+    {
+        let h = session.req_header();
+        let path = h.uri.path();
+        if path == "/" && matches!(h.method.as_str(), "HEAD" | "GET") {
+            ctx.endpoint = "root";
+            return Ok(Admitted::Root);
+        }
+        // Named before the key is checked: a refused call is logged and
+        // counted under its endpoint.
+        if let Some(e) = Endpoint::from_path(path.trim_end_matches('/')) {
+            ctx.endpoint = e.as_str();
+        }
     }
     let auth = span.child("auth");
     if let Err(err) = crate::auth::authenticate(session, ctx, rt) {

@@ -103,6 +103,7 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
         admit::Admitted::Feedback(body) => {
             return feedback::answer(shared, session, ctx, &body).await
         }
+        admit::Admitted::Root => return Ok(root(session, ctx).await?),
         admit::Admitted::Api { endpoint, body } => (endpoint, body),
     };
     let mut request = match endpoint {
@@ -153,6 +154,18 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
     let chain = chain?;
     exchange::run(shared, session, ctx, &rt, &request.req, &chain).await?;
     Ok(())
+}
+
+/// `HEAD /` or `GET /`: 200, the gateway is up (no key needed, nothing
+/// told but that).
+async fn root(session: &mut Session, ctx: &mut Ctx) -> pingora_error::Result<()> {
+    const BODY: &[u8] = br#"{"status":"ok"}"#;
+    if session.req_header().method == http::Method::HEAD {
+        let h = respond::header(200, ctx, "application/json", Some(BODY.len()))?;
+        ctx.status = 200;
+        return session.write_response_header(Box::new(h), true).await;
+    }
+    respond::json(session, ctx, 200, BODY.to_vec(), &[]).await
 }
 
 /// `POST /v1/messages/count_tokens`: Anthropic providers count exactly (the

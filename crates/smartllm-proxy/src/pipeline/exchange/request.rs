@@ -117,8 +117,17 @@ pub(super) fn build(
         ),
         ProviderKind::Anthropic if req.endpoint.is_anthropic() => {
             let raw = req.native.clone().unwrap_or_default();
-            let body = smartllm_protocol::messages::splice_model_bytes(&raw, &dep.upstream_model)
-                .ok_or_else(|| ApiError::internal("the request body lost its model"))?;
+            let mut body =
+                smartllm_protocol::messages::splice_model_bytes(&raw, &dep.upstream_model)
+                    .ok_or_else(|| ApiError::internal("the request body lost its model"))?;
+            // Mid-conversation system messages: only models listed with
+            // `system_messages` take them; for the others they join the
+            // system prompt.
+            if req.anthropic_only.system_messages && !pool.system_messages {
+                if let Some(folded) = smartllm_protocol::messages::fold_system_messages(&body) {
+                    body = folded.into();
+                }
+            }
             let suffix = if req.endpoint == Endpoint::MessagesCountTokens {
                 "/messages/count_tokens"
             } else {
