@@ -314,9 +314,8 @@ impl SemanticCache {
 
     /// An IVF index of every stored vector, built in two passes over
     /// RocksDB so the vectors never all sit in memory (ten million of 384
-    /// dimensions are 15 GB): an even spread of at most
-    /// [`TRAIN_PER_LIST`](crate::index::TRAIN_PER_LIST) vectors a list to
-    /// train on, then every vector added in batches. The lists and the
+    /// dimensions are 15 GB): an even spread of them to train on
+    /// ([`EvenSample`]), then every vector added in batches. The lists and the
     /// encoding ([`ivf_encoding`](crate::index::ivf_encoding)) follow how
     /// many are read; `expected` (the live index's size, or RocksDB's
     /// estimate in a rebuild) only sizes the first allocation. With the
@@ -1421,10 +1420,10 @@ mod tests {
         }
     }
 
-    /// The training sample follows what is read: an even spread of between
-    /// about one and two times what the lists for that many want, whatever
-    /// the guess of the count (a low RocksDB estimate used to cap it at
-    /// MIN_SAMPLE_CAP rows, a few per list at a million vectors).
+    /// The training sample follows what is read: an even spread of 0.75 to
+    /// 1.5 times what the lists for that many want, whatever the guess of
+    /// the count (a low RocksDB estimate used to cap it at MIN_SAMPLE_CAP
+    /// rows, four per list at a million vectors).
     #[test]
     fn the_training_sample_follows_what_is_read() {
         use crate::index::{nlist_for, TRAIN_PER_LIST};

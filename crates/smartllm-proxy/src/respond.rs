@@ -124,13 +124,18 @@ pub async fn error(
 
 /// Whether the same request may succeed if sent again: a timeout, a
 /// conflict, a rate limit or a server-side failure, but not an exhausted
-/// budget (it stays exhausted until its period ends) or a request larger
-/// than a whole rate-limit window, nor anything the client must change (a
-/// bad key, body or model).
+/// budget (it stays exhausted until its period ends), a request larger
+/// than a whole rate-limit window or a provider refusing the gateway's own
+/// key or model name (until an operator fixes it), nor anything the client must change
+/// (a bad key, body or model).
 pub fn should_retry(err: &ApiError) -> bool {
     match err.status {
         408 | 409 | 429 | 500..=599 => {
-            err.kind != "insufficient_quota" && err.code != "request_too_large_for_limit"
+            err.kind != "insufficient_quota"
+                && !matches!(
+                    err.code,
+                    "request_too_large_for_limit" | "upstream_auth" | "upstream_not_found"
+                )
         }
         _ => false,
     }
@@ -197,6 +202,8 @@ mod tests {
         let e = |status, kind| ApiError::new(status, kind, "c", "m");
         let too_large = ApiError::new(429, "rate_limit_error", "request_too_large_for_limit", "m");
         assert!(!should_retry(&too_large));
+        let provider_key = ApiError::new(502, "authentication_error", "upstream_auth", "m");
+        assert!(!should_retry(&provider_key));
         for (status, kind, retry) in [
             (400, "invalid_request_error", false),
             (401, "invalid_request_error", false),
