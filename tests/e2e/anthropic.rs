@@ -520,13 +520,19 @@ fn anthropic_errors_count_tokens_models_and_cache_hits() {
         "{}",
         r.text()
     );
-    // Counted under its endpoint, though refused before it was read.
-    let m = gw.metrics();
+    // Counted under its endpoint, though refused before it was read (the
+    // count comes after the answer is written: waited for).
+    let counted = || {
+        gw.metrics().lines().any(|l| {
+            l.starts_with("smartllm_requests_total{")
+                && l.contains("endpoint=\"messages\"")
+                && l.contains("status=\"401\"")
+        })
+    };
     assert!(
-        m.lines().any(|l| l.starts_with("smartllm_requests_total{")
-            && l.contains("endpoint=\"messages\"")
-            && l.contains("status=\"401\"")),
-        "{m}"
+        wait_until(std::time::Duration::from_secs(5), counted),
+        "{}",
+        gw.metrics()
     );
     // Claude Code's reachability probe at start, without a key: not a 401.
     let probe = std::process::Command::new("curl")
