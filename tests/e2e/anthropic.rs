@@ -340,12 +340,53 @@ fn anthropic_clients_of_openai_models_get_translated_answers_tools_and_streams()
         br#"{"model":"small","max_tokens":50,"system":"Be brief.","messages":[{"role":"user","content":"Hello there"}]}"#,
     );
     assert_eq!(r.status, 200, "{}", r.text());
+    // Where Anthropic's SDKs read the request's id: the gateway's.
+    assert!(r.header("request-id").is_some());
+    assert_eq!(r.header("request-id"), r.header("x-request-id"));
     let v = r.json();
     assert_eq!(
         (v["type"].as_str(), v["role"].as_str()),
         (Some("message"), Some("assistant"))
     );
     assert!(v["id"].as_str().unwrap().starts_with("msg_"));
+    // An endpoint the gateway does not serve (the Batches API), asked by an
+    // Anthropic client: a 404 in Anthropic's shape that says so.
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/messages/batches",
+        &[
+            ("x-api-key", "sk-ant-client"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        b"{}",
+    )
+    .unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["type"], "error", "{}", r.text());
+    assert_eq!(r.json()["error"]["type"], "not_found_error", "{}", r.text());
+    assert!(
+        r.text().contains("not an endpoint this gateway serves"),
+        "{}",
+        r.text()
+    );
+    let r = request(
+        &gw.addr,
+        "GET",
+        "/v1/files",
+        &[
+            ("x-api-key", "sk-ant-client"),
+            ("anthropic-version", "2023-06-01"),
+        ],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(
+        (r.status, r.json()["type"].as_str()),
+        (404, Some("error")),
+        "{}",
+        r.text()
+    );
     assert!(v["content"][0]["text"]
         .as_str()
         .unwrap()

@@ -361,3 +361,82 @@ fn sighup_during_start_up_is_harmless() {
     // signals arrived while the model loaded.
     assert!(sent >= 5, "only {sent} SIGHUPs before ready");
 }
+
+/// A port another process holds is an error at once, naming the setting:
+/// a gateway that stayed up with nothing to serve would look healthy to
+/// its supervisor.
+#[test]
+fn a_taken_port_stops_the_start_at_once() {
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        "providers:\n  p:\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n",
+        "models:\n  - name: small\n    deployments:\n      - provider: p\n",
+        "",
+    );
+    let _held = std::net::TcpListener::bind(format!("127.0.0.1:{}", cfg.port)).unwrap();
+    let started = Instant::now();
+    let out = std::process::Command::new(bin("smartllm"))
+        .arg("serve")
+        .arg("--config")
+        .arg(cfg.path())
+        .env_remove("SMARTLLM_DATA_DIR")
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "it started on a taken port");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!(
+            "server.listen: cannot listen on 127.0.0.1:{}",
+            cfg.port
+        )),
+        "{err}"
+    );
+    assert!(started.elapsed() < Duration::from_secs(20));
+}
+
+/// A stream still running when the drain time is up ends with the
+/// gateway's error event and the stream's end, in the client's shape,
+/// rather than being cut mid-chunk; and the stop goes on.
+#[test]
+fn a_stream_the_drain_timeout_ends_gets_an_error_event() {
+    let (mock, mut gw) = basic(
+        "  graceful_shutdown_timeout: 1s\n",
+        &["--chunk-delay-ms", "300", "--words", "40"],
+    );
+    let addr = gw.addr.clone();
+    let client = std::thread::spawn(move || {
+        request(&addr, "POST", "/v1/chat/completions", &[], &serde_json::to_vec(&json!({"model": "small", "stream": true, "messages": [{"role": "user", "content": "a stream too slow for the drain"}]})).unwrap())
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || mock.requests() == 1),
+        "the stream never reached the mock"
+    );
+    let started = Instant::now();
+    std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    let r = client.join().unwrap().expect("the stream ends cleanly");
+    assert_eq!(r.status, 200);
+    let data = r.sse_data();
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text()
+    );
+    let err: serde_json::Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(err["error"]["code"], "server_shutting_down", "{}", r.text());
+    // Ended by the drain's second, not by the 12 s answer.
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    gw.stop();
+    let log = gw.log_text();
+    assert!(log.contains("smartllm stopped"), "{log}");
+    assert!(log.contains("ending the streams still in flight"), "{log}");
+}

@@ -181,14 +181,19 @@ fn anthropic_models_work_for_openai_clients_both_ways() {
     assert!(text.starts_with("Mock reply to: Hi Claude"), "{text}");
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 6);
     assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]"));
-    // Anthropic has no embeddings: a clear 400.
+    // A chat model (Anthropic has no embeddings anyway) on /v1/embeddings:
+    // a clear 400 naming its kind.
     let r = post_json(
         &gw.addr,
         "/v1/embeddings",
         &json!({"model": "claude", "input": "x"}),
     );
     assert_eq!(r.status, 400);
-    assert_eq!(r.api_error()["code"], "unsupported_endpoint");
+    assert_eq!(r.api_error()["code"], "model_not_supported");
+    assert!(r.api_error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("is a chat model"));
 }
 
 #[test]
@@ -208,6 +213,15 @@ fn completions_embeddings_and_models() {
     );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["data"].as_array().unwrap().len(), 2);
+    // An embedding model asked to chat: the gateway says so, rather than a
+    // provider's 404 blamed on the configuration.
+    let r = gw.chat(&json!({"model": "embed", "messages": [{"role": "user", "content": "Hi"}]}));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "model_not_supported");
+    assert!(r.api_error()["message"]
+        .as_str()
+        .unwrap()
+        .contains("is an embedding model"));
     let r = get(&gw.addr, "/v1/models");
     assert_eq!(r.status, 200);
     let ids: Vec<String> = r.json()["data"]

@@ -641,3 +641,110 @@ fn the_same_question_through_the_three_apis_is_billed_the_same() {
         "{total} vs 3 x {one}: {c}"
     );
 }
+
+/// Built-in tools (Codex sends `web_search` on every request by default)
+/// reach a provider that does not speak Responses only when it is set to
+/// drop them: the translation without them goes upstream, the answer says
+/// which were dropped, and a per-request cost cap no longer refuses them
+/// where nothing can run a search.
+#[test]
+fn built_in_tools_are_dropped_only_for_providers_set_to_drop_them() {
+    let mock = Mock::start(&["--words", "8"]);
+    let providers = format!(
+        "providers:\n{}    drop_builtin_tools: true\n  strict:\n    kind: openai\n    base_url: http://{1}/v1\n  claude-mock:\n    kind: anthropic\n    base_url: http://{1}/v1\n    api_key_env: TEST_ANTHROPIC_KEY\n    drop_builtin_tools: true\n  resp-mock:\n    kind: openai\n    base_url: http://{1}/v1\n    responses: true\n",
+        mock_provider("mock", &mock),
+        mock.addr
+    );
+    let models = "models:\n  - name: small\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: strict\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: strict\n        model: mock-strict\n  - name: claude\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: native\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n";
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  auto:\n    model: small\n",
+    );
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "require_key: true\nkeys:\n  - name: a\n    tenant: acme\n    app: codex\n    sha256: {}\nbudgets:\n  - scope: tenant\n    name: acme\n    max_request_usd: 0.5\n",
+            sha("sk-resp-a")
+        ),
+    );
+    let gw = Gateway::start_with_env(cfg, &[("TEST_ANTHROPIC_KEY", "sk-ant-provider-1234")]);
+    let tools = json!([
+        {"type": "function", "name": "shell", "parameters": {"type": "object", "properties": {"cmd": {"type": "string"}}}},
+        {"type": "web_search", "external_web_access": false},
+    ]);
+    let body = |model: &str, stream: bool| json!({"model": model, "input": "List the files.", "tools": tools, "tool_choice": "auto", "stream": stream});
+    let upstream_tools = || {
+        let last = mock.last();
+        let tools = last["json"]["tools"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        tools
+            .iter()
+            .map(|t| {
+                t["function"]["name"]
+                    .as_str()
+                    .or(t["name"].as_str())
+                    .unwrap_or("?")
+                    .to_string()
+            })
+            .collect::<Vec<_>>()
+    };
+    for stream in [false, true] {
+        let r = create(&gw, &body("small", stream));
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(
+            r.header("x-smartllm-dropped-tools"),
+            Some("web_search"),
+            "stream {stream}"
+        );
+        assert_eq!(mock.last()["path"], "/v1/chat/completions");
+        assert_eq!(upstream_tools(), ["shell"]);
+        if stream {
+            assert_eq!(named_events(&r).last().unwrap().0, "response.completed");
+        } else {
+            // (The mock calls the first tool it is given.)
+            let v = r.json();
+            let call = v["output"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|i| i["type"] == "function_call")
+                .cloned();
+            assert_eq!(call.map(|c| c["name"].clone()), Some(json!("shell")), "{v}");
+        }
+    }
+    // Through an Anthropic provider set to drop them too.
+    let r = create(&gw, &body("claude", false));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-smartllm-dropped-tools"), Some("web_search"));
+    assert_eq!(mock.last()["path"], "/v1/messages");
+    assert_eq!(upstream_tools(), ["shell"]);
+    // A provider that speaks Responses runs them: sent as they are (and,
+    // searches being billed per use, the per-request cap refuses them).
+    let before = mock.requests();
+    let r = create(&gw, &body("native", false));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "request_cost_cap_unbounded");
+    // A provider not set to drop them refuses the request before it leaves.
+    let r = create(&gw, &body("strict", false));
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(r.api_error()["param"], "tools[1].type", "{}", r.text());
+    assert_eq!(r.header("x-smartllm-dropped-tools"), None);
+    // A choice that demands the built-in tool cannot be met without it.
+    let mut forced = body("small", false);
+    forced["tool_choice"] = json!({"type": "web_search"});
+    let r = create(&gw, &forced);
+    assert_eq!(r.status, 400, "{}", r.text());
+    assert_eq!(mock.requests(), before, "nothing went upstream");
+    // Without built-in tools, nothing is dropped.
+    let r = create(
+        &gw,
+        &json!({"model": "small", "input": "Hi", "tools": [tools[0]]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-smartllm-dropped-tools"), None);
+}

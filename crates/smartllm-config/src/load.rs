@@ -33,6 +33,48 @@ pub const FILES: [&str; 7] = [
     PROFILES_FILE,
 ];
 
+/// What an operator should hear about a config directory's files: a YAML
+/// file the gateway does not read (`keys.yml` for `keys.yaml`: its keys
+/// and budgets would silently not apply), and no `keys.yaml` at all while
+/// keys are not required (the gateway is then open to anyone).
+pub fn layout_warnings(dir: &Path, require_key: bool) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .filter_map(|e| e.file_name().into_string().ok())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    for name in names {
+        let lower = name.to_ascii_lowercase();
+        let Some(stem) = lower
+            .strip_suffix(".yaml")
+            .or_else(|| lower.strip_suffix(".yml"))
+        else {
+            continue;
+        };
+        if name.starts_with('.') || FILES.contains(&name.as_str()) {
+            continue;
+        }
+        let meant = FILES
+            .iter()
+            .find(|f| f.strip_suffix(".yaml") == Some(stem))
+            .map(|f| format!(": did you mean {f}?"))
+            .unwrap_or_else(|| format!(" (the gateway reads {})", FILES.join(", ")));
+        out.push(format!("{} is not read{meant}", dir.join(&name).display()));
+    }
+    if !require_key && !dir.join(KEYS_FILE).exists() {
+        out.push(format!(
+            "there is no {} in {}, so every request is admitted without a key and no budget applies",
+            KEYS_FILE,
+            dir.display()
+        ));
+    }
+    out
+}
+
 /// Collects issues while validating, locating each key path in its file.
 pub(crate) struct Issues<'a> {
     dir: &'a Path,
@@ -273,6 +315,39 @@ pub fn load_texts(
 mod tests {
     use super::*;
     use crate::test_support::*;
+
+    #[test]
+    fn files_the_gateway_does_not_read_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        for f in [
+            "smartllm.yaml",
+            "keys.yml",
+            "notes.yaml",
+            ".keys.yaml.tmp",
+            "tasks.tsv",
+        ] {
+            std::fs::write(dir.path().join(f), "").unwrap();
+        }
+        let w = layout_warnings(dir.path(), false);
+        assert_eq!(w.len(), 3, "{w:?}");
+        assert!(
+            w[0].ends_with("keys.yml is not read: did you mean keys.yaml?"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].contains(
+                "notes.yaml is not read (the gateway reads smartllm.yaml, providers.yaml"
+            ),
+            "{w:?}"
+        );
+        assert!(w[2].starts_with("there is no keys.yaml in "), "{w:?}");
+        std::fs::rename(dir.path().join("keys.yml"), dir.path().join("keys.yaml")).unwrap();
+        std::fs::remove_file(dir.path().join("notes.yaml")).unwrap();
+        assert!(layout_warnings(dir.path(), false).is_empty());
+        std::fs::remove_file(dir.path().join("keys.yaml")).unwrap();
+        // Keys required (the fail-closed reload keeps them so): not open.
+        assert!(layout_warnings(dir.path(), true).is_empty());
+    }
 
     #[test]
     fn loads_minimal_dir_with_defaults() {

@@ -256,6 +256,10 @@ pub struct RawProvider {
     /// An OpenAI-compatible provider drops the thinking blocks of Anthropic
     /// Messages requests instead of refusing them.
     pub drop_thinking: Option<bool>,
+    /// Responses requests with built-in tools (`web_search`, `file_search`,
+    /// ...) reach this provider, which does not speak Responses, without
+    /// them, rather than being refused with a 400.
+    pub drop_builtin_tools: Option<bool>,
     /// The provider speaks OpenAI's Responses API (`/v1/responses` requests
     /// pass through to it instead of being translated).
     pub responses: Option<bool>,

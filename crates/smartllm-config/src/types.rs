@@ -681,6 +681,12 @@ pub struct ProviderConfig {
     /// the history) reach this OpenAI-compatible provider without it, rather
     /// than being refused with a 400.
     pub drop_thinking: bool,
+    /// Responses requests with built-in tools (`web_search`, `file_search`,
+    /// `code_interpreter`, `image_generation`, `mcp`: tools the provider
+    /// runs) reach this provider, which does not speak Responses, without
+    /// them (`x-smartllm-dropped-tools` says which), rather than being
+    /// refused with a 400.
+    pub drop_builtin_tools: bool,
     /// An OpenAI-kind provider that speaks the Responses API: `/v1/responses`
     /// requests pass through to it (it keeps `previous_response_id` state).
     pub responses: bool,

@@ -6,6 +6,8 @@ use crate::sse::{data_event, SseEvent, SseParser, SseTooLarge, StreamError, DONE
 use crate::usage::Usage;
 use serde_json::{json, Map, Value};
 
+/// The answer's limit Anthropic needs when a Chat Completions request sets
+/// none and the model's own most is not known (`profile.max_output_tokens`).
 pub const DEFAULT_MAX_TOKENS: u64 = 4096;
 
 fn text_of(content: &Value) -> String {
@@ -104,6 +106,7 @@ pub fn request_to_anthropic(
     upstream_model: &str,
     stream: bool,
     structured_outputs: bool,
+    default_max_tokens: u64,
 ) -> Result<Value, ApiError> {
     let mut system = Vec::new();
     let mut messages = Vec::new();
@@ -179,7 +182,46 @@ pub fn request_to_anthropic(
         .get("max_completion_tokens")
         .or_else(|| body.get("max_tokens"))
         .and_then(Value::as_u64)
-        .unwrap_or(DEFAULT_MAX_TOKENS);
+        .unwrap_or(default_max_tokens);
+    // What would change what the answer must hold, and that Claude cannot
+    // give, is refused rather than left out: the client would read `None`
+    // where it asked for log-probabilities or audio.
+    let asked = |k: &str| {
+        body.get(k)
+            .is_some_and(|v| !matches!(v, Value::Null | Value::Bool(false)))
+    };
+    if asked("logprobs")
+        || body
+            .get("top_logprobs")
+            .and_then(Value::as_u64)
+            .unwrap_or(0)
+            > 0
+    {
+        return Err(untranslatable(
+            "`logprobs` (Claude returns no token log-probabilities)",
+            "logprobs",
+        ));
+    }
+    let audio_out = body
+        .get("modalities")
+        .and_then(Value::as_array)
+        .is_some_and(|m| m.iter().any(|x| x == "audio"));
+    if audio_out || asked("audio") {
+        return Err(untranslatable(
+            "audio output (`modalities`, `audio`)",
+            "modalities",
+        ));
+    }
+    if body
+        .get("logit_bias")
+        .and_then(Value::as_object)
+        .is_some_and(|b| !b.is_empty())
+    {
+        return Err(untranslatable(
+            "`logit_bias` (its keys are token ids of OpenAI's tokenizers)",
+            "logit_bias",
+        ));
+    }
     let mut out = Map::new();
     out.insert("model".into(), json!(upstream_model));
     out.insert("max_tokens".into(), json!(max_tokens));
@@ -749,7 +791,7 @@ mod tests {
         if let Value::Object(e) = extra {
             body.extend(e);
         }
-        request_to_anthropic(&body, "claude-x", false, true)
+        request_to_anthropic(&body, "claude-x", false, true, DEFAULT_MAX_TOKENS)
     }
 
     /// Structured outputs, one tool call at a time, PDFs: carried, not
@@ -769,7 +811,8 @@ mod tests {
             "messages": [{"role": "user", "content": "hi"}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}}))
         .unwrap();
-        let e = request_to_anthropic(&body, "claude-3-5-haiku", false, false).unwrap_err();
+        let e = request_to_anthropic(&body, "claude-3-5-haiku", false, false, DEFAULT_MAX_TOKENS)
+            .unwrap_err();
         assert_eq!(
             (e.code, e.param.as_deref()),
             ("unsupported_for_provider", Some("response_format"))
@@ -788,6 +831,17 @@ mod tests {
         );
         let out = translated(json!({"parallel_tool_calls": false, "tool_choice": "none"})).unwrap();
         assert_eq!(out["tool_choice"], json!({"type": "none"}));
+        // Asked for off, or empty: nothing to refuse.
+        translated(
+            json!({"logprobs": false, "logit_bias": {}, "modalities": ["text"], "audio": null}),
+        )
+        .unwrap();
+        // No limit asked: the model's own most (the caller's default).
+        let plain: Map<String, Value> =
+            serde_json::from_value(json!({"messages": [{"role": "user", "content": "hi"}]}))
+                .unwrap();
+        let out = request_to_anthropic(&plain, "c", false, false, 8192).unwrap();
+        assert_eq!(out["max_tokens"], 8192);
 
         let out = translated(json!({"messages": [{"role": "user", "content": [
             {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBER"}},
@@ -801,6 +855,14 @@ mod tests {
         for (extra, param) in [
             (json!({"n": 2}), "n"),
             (json!({"web_search_options": {}}), "web_search_options"),
+            (json!({"logprobs": true}), "logprobs"),
+            (json!({"top_logprobs": 3}), "logprobs"),
+            (json!({"modalities": ["text", "audio"]}), "modalities"),
+            (
+                json!({"audio": {"voice": "alloy", "format": "wav"}}),
+                "modalities",
+            ),
+            (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
             (
                 json!({"messages": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": "AA", "format": "wav"}}]}]}),
                 "content",
@@ -834,7 +896,7 @@ mod tests {
             "tool_choice": "required"
         }))
         .unwrap();
-        let out = request_to_anthropic(&body, "claude-x", true, false).unwrap();
+        let out = request_to_anthropic(&body, "claude-x", true, false, DEFAULT_MAX_TOKENS).unwrap();
         assert_eq!(out["model"], "claude-x");
         assert_eq!(out["system"], "be brief");
         assert_eq!(out["max_tokens"], 50);

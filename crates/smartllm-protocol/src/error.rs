@@ -69,7 +69,7 @@ impl ApiError {
             404,
             "invalid_request_error",
             "unknown_url",
-            format!("Unknown request URL: {method} {path}. Supported: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models."),
+            format!("Unknown request URL: {method} {path}: not an endpoint this gateway serves. Supported: POST /v1/chat/completions, /v1/completions, /v1/embeddings, /v1/responses, /v1/responses/input_tokens, /v1/messages, /v1/messages/count_tokens and /v1/feedback; GET and DELETE /v1/responses/{{id}}; GET /v1/models, /v1/models/{{id}} and /v1/smartllm/usage."),
         )
     }
 

@@ -179,6 +179,11 @@ pub struct ResponsesRequest {
     /// error. The canonical body is then only the request's text, for
     /// routing, limits and estimates.
     pub untranslatable: Option<ApiError>,
+    /// The built-in tools (`web_search`, ...) of a request that only they
+    /// keep from translation: a provider set with `drop_builtin_tools` is
+    /// sent the canonical body, which is the translation without them.
+    /// Empty otherwise.
+    pub builtin_tools: Vec<String>,
 }
 
 /// The body of a Responses request as a JSON object (OpenAI-shaped errors).
@@ -207,15 +212,25 @@ pub fn parse(
     id: String,
 ) -> Result<crate::openai::ParsedRequest, ApiError> {
     let create = endpoint == crate::openai::Endpoint::Responses;
-    let translated = if create {
-        request_to_chat_with_history(&body, previous.as_ref())
-    } else {
-        input_tokens_request(&body, previous.as_ref())
+    let translate = |b: &Map<String, Value>| {
+        if create {
+            request_to_chat_with_history(b, previous.as_ref())
+        } else {
+            input_tokens_request(b, previous.as_ref())
+        }
     };
-    let (chat, untranslatable) = match translated {
-        Ok(chat) => (chat, None),
+    let (chat, untranslatable, builtin_tools) = match translate(&body) {
+        Ok(chat) => (chat, None, Vec::new()),
         Err(e) if matches!(e.code, "unsupported_parameter" | "unsupported_value") => {
-            (text_only_chat(&body, create), Some(e))
+            // When built-in tools are all that stands in the way, the
+            // canonical body is the translation without them: what a
+            // provider set to drop them (`drop_builtin_tools`) is sent.
+            match without_builtin_tools(&body)
+                .and_then(|(b, dropped)| Some((translate(&b).ok()?, dropped)))
+            {
+                Some((chat, dropped)) => (chat, Some(e), dropped),
+                None => (text_only_chat(&body, create), Some(e), Vec::new()),
+            }
         }
         Err(e) => return Err(e),
     };
@@ -254,8 +269,54 @@ pub fn parse(
             native_owned: false,
             native_provider: None,
             untranslatable,
+            builtin_tools,
         })),
     })
+}
+
+/// The tool types a provider that speaks Responses runs itself (with or
+/// without a version: `web_search_preview_2025_03_11`). Tools the client
+/// runs (`function`, `custom`, `local_shell`, `computer_use_preview`) are
+/// never among them: dropping one would leave its caller waiting for calls.
+const BUILTIN_TOOLS: [&str; 5] = [
+    "web_search",
+    "file_search",
+    "code_interpreter",
+    "image_generation",
+    "mcp",
+];
+
+/// The type of `tool` when it is a built-in one.
+fn builtin_tool(tool: &Value) -> Option<&str> {
+    let ty = tool.get("type")?.as_str()?;
+    BUILTIN_TOOLS
+        .iter()
+        .any(|b| {
+            ty.strip_prefix(b)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('_'))
+        })
+        .then_some(ty)
+}
+
+/// `body` without its built-in tools, and their types (None: it has none).
+fn without_builtin_tools(body: &Map<String, Value>) -> Option<(Map<String, Value>, Vec<String>)> {
+    let tools = body.get("tools")?.as_array()?;
+    let dropped: Vec<String> = tools
+        .iter()
+        .filter_map(builtin_tool)
+        .map(str::to_string)
+        .collect();
+    if dropped.is_empty() {
+        return None;
+    }
+    let kept = tools
+        .iter()
+        .filter(|t| builtin_tool(t).is_none())
+        .cloned()
+        .collect();
+    let mut b = body.clone();
+    b.insert("tools".into(), Value::Array(kept));
+    Some((b, dropped))
 }
 
 /// The text of a Responses request as a Chat Completions body (instructions
@@ -2162,6 +2223,71 @@ mod tests {
             parse_raw(bad).unwrap_err().param.as_deref(),
             Some("temperature")
         );
+    }
+
+    #[test]
+    fn built_in_tools_alone_leave_a_translation_without_them() {
+        let parse_value = |v: Value| {
+            let raw = serde_json::to_vec(&v).unwrap();
+            parse(
+                crate::openai::Endpoint::Responses,
+                read(&raw).unwrap(),
+                raw.into(),
+                None,
+                "resp_1".into(),
+            )
+            .unwrap()
+        };
+        let tools = json!([
+            {"type": "function", "name": "shell", "parameters": {"type": "object"}},
+            {"type": "web_search", "external_web_access": false},
+            {"type": "web_search_preview_2025_03_11"},
+            {"type": "mcp", "server_label": "x", "server_url": "https://mcp.example"},
+        ]);
+        let r = parse_value(
+            json!({"model": "m", "input": "Fix the build.", "tools": tools, "tool_choice": "auto"}),
+        );
+        let rr = r.responses.as_deref().unwrap();
+        // Still untranslatable as sent (a provider that speaks Responses
+        // takes it whole; others refuse it unless set to drop them).
+        assert_eq!(
+            rr.untranslatable.as_ref().map(|e| e.code),
+            Some("unsupported_value")
+        );
+        assert_eq!(
+            rr.builtin_tools,
+            ["web_search", "web_search_preview_2025_03_11", "mcp"]
+        );
+        assert_eq!(r.body["tools"].as_array().unwrap().len(), 1);
+        assert_eq!(r.body["tools"][0]["function"]["name"], "shell");
+        assert_eq!(r.body["tool_choice"], "auto");
+        assert_eq!(r.body["messages"][0]["content"], "Fix the build.");
+
+        // Only built-in tools: the translation has none (and no choice).
+        let r = parse_value(
+            json!({"model": "m", "input": "News?", "tools": [{"type": "web_search"}], "tool_choice": "auto"}),
+        );
+        assert_eq!(
+            r.responses.as_deref().unwrap().builtin_tools,
+            ["web_search"]
+        );
+        assert!(r.body.get("tools").is_none() && r.body.get("tool_choice").is_none());
+
+        // Not droppable: a choice that demands a built-in tool, a call
+        // that must be made with only built-in tools given, a client-run
+        // tool the translation lacks, a built-in tool's call in the input.
+        for v in [
+            json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}], "tool_choice": {"type": "web_search"}}),
+            json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}], "tool_choice": "required"}),
+            json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}, {"type": "custom", "name": "apply_patch"}]}),
+            json!({"model": "m", "input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}], "tools": [{"type": "web_search"}]}),
+            json!({"model": "m", "input": "x", "tools": [{"type": "web_searcher"}]}),
+        ] {
+            let r = parse_value(v.clone());
+            let rr = r.responses.as_deref().unwrap();
+            assert!(rr.untranslatable.is_some(), "{v}");
+            assert!(rr.builtin_tools.is_empty(), "{v}");
+        }
     }
 
     #[test]

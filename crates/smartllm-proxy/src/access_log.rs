@@ -210,6 +210,7 @@ pub fn finish(
         service_tier = (usage.tier != smartllm_protocol::usage::ServiceTier::Standard)
             .then(|| usage.tier.as_str()),
         web_searches = (usage.web_searches > 0).then_some(usage.web_searches),
+        dropped_tools = ctx.dropped_tools.as_deref(),
         tag = ctx.tag.as_deref().unwrap_or("-"),
         request_bytes = ctx.request_bytes,
         error = ctx.error_code.or(e.map(|e| e.etype().as_str())),

@@ -709,6 +709,7 @@ impl AdminApp {
             None,
             &info,
             &Default::default(),
+            &[],
         )
         .await;
         json_reply(200, &json!({"decision": d, "features": f}))

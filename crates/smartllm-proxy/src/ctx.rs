@@ -78,6 +78,9 @@ pub struct Ctx {
     /// This attempt's output limit was lowered to the model's own most
     /// (`profile.max_output_tokens`).
     pub limit_lowered: bool,
+    /// The built-in tools this attempt's provider was sent the request
+    /// without (`drop_builtin_tools`), for `x-smartllm-dropped-tools`.
+    pub dropped_tools: Option<String>,
     /// The answer's stream broke after it started (the status was already
     /// 200): a failure of the model, not an answer.
     pub stream_failed: bool,
@@ -165,6 +168,7 @@ impl Ctx {
             regenerate: false,
             cut_off: false,
             limit_lowered: false,
+            dropped_tools: None,
             stream_failed: false,
             tenant: "anonymous".into(),
             app: "-".into(),
@@ -252,7 +256,7 @@ impl Ctx {
 
 /// 32 random hex digits (128 bits), written without the formatting machinery:
 /// every request without an `x-request-id` of its own gets one.
-fn random_id() -> String {
+pub(crate) fn random_id() -> String {
     const HEX: &[u8; 16] = b"0123456789abcdef";
     let mut out = String::with_capacity(32);
     for word in [fastrand::u64(..), fastrand::u64(..)] {

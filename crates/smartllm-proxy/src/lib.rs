@@ -96,6 +96,10 @@ pub struct Shared {
     /// When the SIGTERM drain began: the shutdown that follows waits only
     /// what is left of `drain_timeout`, not a second one.
     pub drain_started: std::sync::OnceLock<std::time::Instant>,
+    /// Set when the drain's time is up with requests still in flight:
+    /// their streams end at once with the gateway's error event (in the
+    /// client's shape, then the end of the stream) rather than being cut.
+    pub drain_expired: tokio::sync::watch::Sender<bool>,
     /// Set once the API listener has accepted a connection from `/readyz`.
     pub api_listening: std::sync::atomic::AtomicBool,
     /// Answers waiting to be stored in the cache (bounded by cache.max_pending_inserts).
@@ -185,6 +189,7 @@ impl Shared {
             in_flight: Default::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             drain_started: std::sync::OnceLock::new(),
+            drain_expired: tokio::sync::watch::channel(false).0,
             pending_inserts: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             api_listening: std::sync::atomic::AtomicBool::new(false),
             config_dir,

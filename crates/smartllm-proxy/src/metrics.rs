@@ -87,6 +87,12 @@ pub fn install() -> PrometheusHandle {
                 BATCH_BUCKETS,
             )
         })
+        .and_then(|b| {
+            b.set_buckets_for_metric(
+                Matcher::Full(smartllm_router::metric_names::DECISION_SECONDS.into()),
+                OVERHEAD_BUCKETS,
+            )
+        })
         .expect("static bucket lists are non-empty")
         .install_recorder()
         .expect("the metrics recorder is installed once");
@@ -182,6 +188,38 @@ pub fn install() -> PrometheusHandle {
         Unit::Bytes,
         "RocksDB memory at the last scrape: block_cache (the shared cache, memtable reservations included; bounded by store.memory_budget) and memtables (at most half of it)."
     );
+    {
+        use smartllm_router::metric_names as r;
+        describe_counter!(
+            r::DECISIONS,
+            "Routing decisions of routed aliases, by route, chosen model and reason (utility, learned, rule:NAME, experiment:NAME, fallback, ...)."
+        );
+        describe_histogram!(
+            r::DECISION_SECONDS,
+            Unit::Seconds,
+            "Time to decide a route: features and scoring (the embedding excluded)."
+        );
+        describe_counter!(
+            r::FALLBACKS,
+            "Requests served by a later model of their chain, by route, the model that failed (from) and the one tried next (to)."
+        );
+        describe_gauge!(
+            r::CIRCUIT_STATE,
+            "Circuit breaker state per deployment: 0 closed, 1 half-open, 2 open."
+        );
+        describe_counter!(
+            r::CIRCUIT_TRANSITIONS,
+            "Circuit breaker state changes per deployment, by the state entered (to)."
+        );
+        describe_counter!(
+            r::EXPERIMENT_REQUESTS,
+            "Requests of A/B experiments, by experiment, arm and outcome."
+        );
+        describe_gauge!(
+            r::EXPERIMENT_COST,
+            "USD spent per experiment arm since start; only increases."
+        );
+    }
     {
         use smartllm_cache::metric_names as c;
         describe_counter!(

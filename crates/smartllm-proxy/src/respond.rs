@@ -41,6 +41,12 @@ pub fn header(
         h.insert_header("content-length", http::HeaderValue::from(len))?;
     }
     h.insert_header("x-request-id", ctx.request_id.as_str())?;
+    if ctx.anthropic {
+        // Where Anthropic's SDKs read a request's id (`_request_id`, and
+        // errors' `request_id`): the gateway's, which its logs carry (the
+        // provider's is `x-smartllm-upstream-request-id`).
+        h.insert_header("request-id", ctx.request_id.as_str())?;
+    }
     if let Some(m) = ctx.model() {
         h.insert_header("x-smartllm-model", m)?;
     }
@@ -73,6 +79,9 @@ pub fn header(
     }
     if let Some((e, arm)) = &ctx.experiment {
         h.insert_header("x-smartllm-experiment", format!("{e}={arm}"))?;
+    }
+    if let Some(t) = &ctx.dropped_tools {
+        h.insert_header("x-smartllm-dropped-tools", t.as_str())?;
     }
     Ok(h)
 }

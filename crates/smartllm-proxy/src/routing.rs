@@ -83,6 +83,7 @@ pub async fn decide_with(
     mut task_vector: Option<Vec<f32>>,
     info: &RequestInfo<'_>,
     only: &smartllm_protocol::messages::AnthropicOnly,
+    builtin_tools: &[String],
 ) -> (Decision, smartllm_router::Features) {
     if embedding.is_none() && rt.router.wants_embedding(&route.strategy) {
         let (last_user, _, _, _) = smartllm_router::features::prompt_texts(body);
@@ -114,6 +115,9 @@ pub async fn decide_with(
     // served without one are no candidates (they would answer 400).
     features.thinking = only.thinking;
     features.anthropic_only = only.untranslatable.clone();
+    // A Responses request whose built-in tools only a provider that speaks
+    // Responses runs (or one set to drop them takes).
+    features.builtin_tools = (!builtin_tools.is_empty()).then(|| builtin_tools.join(","));
     let d = smartllm_router::decide(
         &rt.config,
         route,

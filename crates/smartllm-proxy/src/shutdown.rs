@@ -59,7 +59,8 @@ impl ShutdownSignalWatch for DrainingShutdown {
                         break;
                     }
                     if started.elapsed() >= self.drain_timeout {
-                        tracing::warn!(in_flight = n, timeout = ?self.drain_timeout, "drain timeout reached; stopping with requests in flight");
+                        tracing::warn!(in_flight = n, timeout = ?self.drain_timeout, "drain timeout reached: ending the streams still in flight");
+                        self.shared.drain_expired.send_replace(true);
                         break;
                     }
                     tokio::select! {

@@ -440,8 +440,8 @@ impl Budgets {
     }
 
     /// Track the budgets of the running config (at start and on every
-    /// reload): spend and alerts of scopes no budget names any more are
-    /// dropped, and budgets new to this process read their spend back from
+    /// reload): spend of scopes no budget names any more is dropped (the
+    /// alerts sent stay until their period ends), and budgets new to this process read their spend back from
     /// the ledger (when [`Budgets::warm`] gave one). They are tracked before
     /// the read: a request that ends during it counts for them as it ends
     /// (its ledger record may come too late for the read), and the read is
@@ -459,10 +459,9 @@ impl Budgets {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|k, _| split_spend_key(k).is_some_and(|(id, _)| ids.contains(id)));
-        self.fired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .retain(|k| split_fired_key(k).is_some_and(|(id, _)| ids.contains(id)));
+        // Alerts already sent are kept, tracked or not, until their period
+        // ends (`prune`): a budget a reload drops by mistake and the next
+        // restores must not alert again on thresholds it already alerted.
         let ledger = self
             .ledger
             .lock()
@@ -1530,6 +1529,19 @@ mod tests {
         assert_eq!(body["period"], "daily");
         quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.1);
         assert!(alerts.try_recv().is_err(), "each threshold alerts once");
+        // A reload drops the budget by mistake, the next restores it (its
+        // spend read back from the ledger): the 50% alert is not sent again.
+        quotas.track_budgets(&[]);
+        quotas.track_budgets(&cfg.keys.budgets);
+        let day = periods(now_secs()).0;
+        quotas
+            .budgets
+            .merge(HashMap::from([(format!("tenant:acme|{day}"), 0.7)]));
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.05);
+        assert!(alerts.try_recv().is_err(), "alerted before the reloads");
+        // A period's alerts go with the period.
+        quotas.budgets.prune_at(now_secs() + 40 * 86_400);
+        assert_eq!(quotas.state_sizes().1, 0);
     }
 
     /// A reload adding a budget tracks it, then reads its spend back from

@@ -291,6 +291,19 @@ fn misfit(
     if f.thinking && !m.deployments.iter().any(takes_thinking) {
         return Some("anthropic_only:thinking".to_string());
     }
+    // Built-in tools: a provider that speaks Responses runs them, one set
+    // to drop them takes the request without them; any other answers 400.
+    if let Some(tools) = &f.builtin_tools {
+        let takes = |d: &smartllm_config::DeploymentConfig| {
+            config
+                .providers
+                .get(&d.provider)
+                .is_some_and(|p| p.responses || p.drop_builtin_tools)
+        };
+        if !m.deployments.iter().any(takes) {
+            return Some(format!("responses_only:{tools}"));
+        }
+    }
     let anthropic_only = !m.deployments.is_empty() && m.deployments.iter().all(anthropic);
     if f.json_schema && !m.profile.has("structured_outputs") && anthropic_only {
         return Some("capability:structured_outputs".to_string());
@@ -1129,6 +1142,27 @@ mod tests {
             Some("anthropic_only:tools[0] (web_search_20250305)")
         );
         assert_eq!(d.model, "strong");
+
+        // Built-in tools of a Responses request: only a provider that
+        // speaks Responses or drops them takes it.
+        f.anthropic_only = None;
+        f.builtin_tools = Some("web_search".into());
+        let d = decided(&cfg, &f);
+        let why = |d: &Decision, i: usize| d.candidates[i].excluded.clone();
+        assert_eq!(why(&d, 0).as_deref(), Some("responses_only:web_search"));
+        assert_eq!(why(&d, 1).as_deref(), Some("responses_only:web_search"));
+        cfg.providers.get_mut("openai-p").unwrap().responses = true;
+        let d = decided(&cfg, &f);
+        assert_eq!((why(&d, 0), d.model.as_str()), (None, "cheap"));
+        assert_eq!(why(&d, 1).as_deref(), Some("responses_only:web_search"));
+        cfg.providers.get_mut("openai-p").unwrap().responses = false;
+        cfg.providers
+            .get_mut("claude-p")
+            .unwrap()
+            .drop_builtin_tools = true;
+        let d = decided(&cfg, &f);
+        assert_eq!(why(&d, 0).as_deref(), Some("responses_only:web_search"));
+        assert_eq!((why(&d, 1), d.model.as_str()), (None, "strong"));
     }
 
     /// When nothing meets the route's constraints, only the budgets are

@@ -44,6 +44,11 @@ pub struct Features {
     /// Set by the gateway for a Messages request with what only an
     /// Anthropic provider takes (a server tool, a document block): its path.
     pub anthropic_only: Option<String>,
+    /// Set by the gateway for a Responses request with built-in tools
+    /// (`web_search`, ...) that only they keep from translation: their
+    /// types. A provider takes it when it speaks Responses (it runs them)
+    /// or is set to drop them (`drop_builtin_tools`).
+    pub builtin_tools: Option<String>,
     /// `response_format` is `json_schema`: a model served only through
     /// Anthropic must take structured outputs (`structured_outputs`).
     pub json_schema: bool,
@@ -869,6 +874,7 @@ pub fn extract_with(
         needs,
         thinking: false,
         anthropic_only: None,
+        builtin_tools: None,
         json_schema,
         turns,
     }

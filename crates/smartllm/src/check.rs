@@ -45,6 +45,9 @@ pub fn check(dir: &Path) -> ExitCode {
             {
                 println!("warning: keys.yaml lists no key and does not say `require_key`, so the gateway is open to anyone who can reach it: write `require_key: true` (refuse requests until keys are added) or `require_key: false` (open on purpose)");
             }
+            for w in smartllm_config::layout_warnings(dir, c.keys.require_key) {
+                println!("warning: {w}");
+            }
             for w in c.keys.unmatched() {
                 println!("warning: {w}");
             }

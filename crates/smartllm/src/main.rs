@@ -737,6 +737,22 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         .context("installing the SIGHUP handler")?;
     let config = smartllm_config::load_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     init_logging(&config.logging.level);
+    if !upgrade {
+        // A port another process holds: Pingora would retry for a while,
+        // then its listener threads panic and leave this process up with
+        // nothing to serve (a supervisor sees it running). Refuse at once.
+        // (With --upgrade, the running instance hands its sockets over.)
+        for (key, addr) in [
+            ("server.listen", config.server.listen),
+            ("server.admin_listen", config.server.admin_listen),
+        ] {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                anyhow::bail!(
+                    "{key}: cannot listen on {addr}: {e} (another smartllm, or another server, may hold it)"
+                );
+            }
+        }
+    }
     let metrics = smartllm_proxy::metrics::install();
 
     let embedder =
@@ -829,10 +845,13 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
 
     let ledger = smartllm_ledger::Ledger::start(store.clone(), config.ledger.flush_interval)
         .context("starting the cost ledger writer")?;
+    for w in smartllm_config::layout_warnings(dir, config.keys.require_key) {
+        tracing::warn!("{w}");
+    }
     for w in config.keys.unmatched() {
         tracing::warn!("{w}");
     }
-    if !config.keys.require_key {
+    if !config.keys.require_key && dir.join(smartllm_config::KEYS_FILE).exists() {
         tracing::warn!("keys.yaml requires no key: the gateway is open to anyone who can reach it");
     } else if config.keys.keys.is_empty() {
         tracing::warn!("keys.yaml lists no key: every request is refused (401) until one is made with `smartllm keys create NAME`");
@@ -1105,6 +1124,10 @@ impl Finisher {
 /// saves and flushes state and tells main to end the process, releasing the
 /// lock. After SIGTERM the drain has already happened in the shutdown
 /// watcher, so it ends at once.
+/// After the drain timeout, how long the streams it ended have to write
+/// their last event before the stop goes on without them.
+const STREAM_END_WAIT: Duration = Duration::from_secs(2);
+
 fn spawn_finisher(
     server: &Server,
     shared: &Arc<Shared>,
@@ -1130,13 +1153,23 @@ fn spawn_finisher(
                         if n == 0 {
                             break;
                         }
-                        if started.elapsed() >= drain_timeout {
-                            tracing::warn!(in_flight = n, timeout = ?drain_timeout, "drain timeout reached; stopping with requests in flight");
+                        if started.elapsed() >= drain_timeout + STREAM_END_WAIT {
+                            tracing::warn!(in_flight = n, "stopping with requests still in flight");
                             break;
+                        }
+                        if started.elapsed() >= drain_timeout {
+                            // Streams still open end with the gateway's
+                            // error event; a moment to write it.
+                            shared.drain_expired.send_replace(true);
                         }
                         std::thread::sleep(Duration::from_millis(10));
                     }
-                    tracing::info!(drain_ms = started.elapsed().as_millis() as u64, "listeners closed and in-flight requests done");
+                    if shared.in_flight.load(Ordering::SeqCst) == 0 {
+                        tracing::info!(
+                            drain_ms = started.elapsed().as_millis() as u64,
+                            "listeners closed and in-flight requests done"
+                        );
+                    }
                     std::thread::sleep(grace);
                     finisher.finish();
                     let _ = stopped.send("finisher");

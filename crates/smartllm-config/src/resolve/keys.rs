@@ -109,6 +109,7 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
         );
     }
     let mut budgets = Vec::new();
+    let mut seen: Vec<(BudgetScope, String, usize)> = Vec::new();
     for (i, b) in raw.budgets.into_iter().enumerate() {
         let at = format!("budgets[{i}]");
         let scope = match b.scope.as_str() {
@@ -196,6 +197,20 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
                 OnExceed::Reject
             }
         };
+        // One budget per scope and name: two would share one metric series
+        // and one alert record, so one would hide the other's state.
+        if let Some((_, _, j)) = seen.iter().find(|(s, n, _)| *s == scope && *n == b.name) {
+            v.push(
+                KEYS_FILE,
+                format!("{at}.name"),
+                format!(
+                    "a second {} budget for {:?} (the first is budgets[{j}]): put both amounts in one budget",
+                    scope.as_str(),
+                    b.name
+                ),
+            );
+        }
+        seen.push((scope, b.name.clone(), i));
         let webhook = b.webhook.and_then(|w| match Url::parse_webhook(&w) {
             Ok(u) => Some(u),
             Err(e) => {
@@ -275,6 +290,28 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("keys[1].models[0]"), "{err}");
+    }
+
+    /// Two budgets of one scope and name are an error at the second.
+    #[test]
+    fn a_budget_given_twice_is_an_error() {
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (
+                KEYS_FILE,
+                "budgets:\n  - { scope: tenant, name: demo, daily_usd: 5 }\n  - { scope: app, name: demo/web, daily_usd: 5 }\n  - { scope: tenant, name: demo, daily_usd: 1 }\n",
+            ),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err();
+        assert_eq!(err.issues.len(), 1, "{err}");
+        assert_eq!(err.issues[0].path, "budgets[2].name");
+        assert_eq!(err.issues[0].line, Some(4), "{err}");
+        assert!(
+            err.issues[0].message.contains("the first is budgets[0]"),
+            "{err}"
+        );
     }
 
     /// A budget or app limit naming no listed key's tenant, app or key is a

@@ -187,6 +187,7 @@ pub(super) fn resolve_providers(
                 headers,
                 anthropic_version: p.anthropic_version.unwrap_or_else(|| "2023-06-01".into()),
                 drop_thinking: p.drop_thinking.unwrap_or(false),
+                drop_builtin_tools: p.drop_builtin_tools.unwrap_or(false),
                 responses: p.responses.unwrap_or(false) && kind == ProviderKind::OpenAi,
                 tls_ca_file,
                 stream_usage: p.stream_usage.unwrap_or(true),

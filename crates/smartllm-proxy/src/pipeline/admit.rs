@@ -43,9 +43,14 @@ pub async fn admit(
     // Anthropic's clients get Anthropic's shapes, errors from here on included.
     {
         let h = session.req_header();
-        ctx.anthropic = h.uri.path().starts_with("/v1/messages")
-            || (h.uri.path().starts_with("/v1/models")
-                && h.headers.contains_key("anthropic-version"));
+        // (Anthropic's SDKs send `anthropic-version` on every call: on a
+        // path no OpenAI endpoint has, such as the Batches or Files API's,
+        // the 404 comes in their shape too.)
+        let path = h.uri.path();
+        ctx.anthropic = path.starts_with("/v1/messages")
+            || (h.headers.contains_key("anthropic-version")
+                && Endpoint::from_path(path.trim_end_matches('/'))
+                    .is_none_or(|e| e.is_anthropic()));
     }
     if shared.draining.load(Ordering::SeqCst) {
         let mut err = ApiError::unavailable(

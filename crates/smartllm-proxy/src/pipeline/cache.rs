@@ -204,9 +204,10 @@ pub async fn phase(
             if request.routed.is_some() && rt.config.model(&entry.model).is_some() {
                 ctx.set_model(&entry.model);
             }
-            let completion: Value = serde_json::from_str(&entry.response).unwrap_or(Value::Null);
+            let mut completion: Value =
+                serde_json::from_str(&entry.response).unwrap_or(Value::Null);
             ctx.saved_usage = smartllm_protocol::Usage::from_openai(&completion);
-            if completion.is_null() {
+            if !completion.is_object() {
                 // Unreadable payload: fall through to the upstream.
                 ctx.cache_status = Some("miss");
                 ctx.cache_similarity = None;
@@ -214,6 +215,7 @@ pub async fn phase(
                 ctx.cache_insert = Some(pending(key, None));
                 return Ok(false);
             }
+            fresh_ids(&mut completion);
             let anthropic = req.endpoint == Endpoint::Messages;
             let responses = req.responses.as_deref();
             if req.stream {
@@ -260,7 +262,8 @@ pub async fn phase(
                 let body = serde_json::to_vec(&resp).unwrap_or_default();
                 respond::json(session, ctx, 200, body, &[]).await?;
             } else {
-                respond::json(session, ctx, 200, entry.response.clone().into_bytes(), &[]).await?;
+                let body = serde_json::to_vec(&completion).unwrap_or_default();
+                respond::json(session, ctx, 200, body, &[]).await?;
             }
             Ok(true)
         }
@@ -301,6 +304,33 @@ pub async fn phase(
 
 /// A chat request whose answer has parts a cache entry does not keep:
 /// token log-probabilities, audio, web search annotations.
+/// A hit is a new answer, with ids of its own: `chatcmpl-` and 32 random
+/// hex digits (the Messages and Responses shapes derive theirs from it),
+/// fresh tool-call ids and this moment's `created`. Apps that log,
+/// deduplicate or key state by id never see one twice.
+fn fresh_ids(completion: &mut Value) {
+    let id = crate::ctx::random_id();
+    completion["id"] = Value::String(format!("chatcmpl-{id}"));
+    completion["created"] = Value::from(smartllm_protocol::time::now_secs());
+    let Some(choices) = completion["choices"].as_array_mut() else {
+        return;
+    };
+    for (i, choice) in choices.iter_mut().enumerate() {
+        let Some(calls) = choice
+            .get_mut("message")
+            .and_then(|m| m.get_mut("tool_calls"))
+            .and_then(Value::as_array_mut)
+        else {
+            continue;
+        };
+        for (j, call) in calls.iter_mut().enumerate() {
+            if call.get("id").is_some() {
+                call["id"] = Value::String(format!("call_{}{i}{j}", &id[..24]));
+            }
+        }
+    }
+}
+
 fn keeps_no_replay(body: &serde_json::Map<String, Value>) -> bool {
     let set = |f: &str| {
         body.get(f)
@@ -356,5 +386,39 @@ mod tests {
         assert!(no(json!({"top_logprobs": 5})));
         assert!(no(json!({"include": ["message.output_text.logprobs"]})));
         assert!(no(json!({"include": ["reasoning.encrypted_content"]})));
+    }
+
+    #[test]
+    fn a_hit_gets_ids_of_its_own() {
+        let stored = json!({"id": "chatcmpl-first", "object": "chat.completion", "created": 1,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "call_first", "type": "function", "function": {"name": "f", "arguments": "{}"}},
+                               {"id": "call_second", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}}]});
+        let (mut a, mut b) = (stored.clone(), stored.clone());
+        super::fresh_ids(&mut a);
+        super::fresh_ids(&mut b);
+        assert!(a["id"].as_str().unwrap().starts_with("chatcmpl-"));
+        assert_ne!(a["id"], stored["id"]);
+        assert_ne!(a["id"], b["id"]);
+        assert!(a["created"].as_u64().unwrap() > 1_700_000_000);
+        let calls = |v: &serde_json::Value| {
+            v["choices"][0]["message"]["tool_calls"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|c| c["id"].as_str().unwrap().to_string())
+                .collect::<Vec<_>>()
+        };
+        let (ca, cb) = (calls(&a), calls(&b));
+        assert!(ca.iter().all(|c| c.starts_with("call_")), "{ca:?}");
+        assert_ne!(ca[0], ca[1]);
+        assert!(ca
+            .iter()
+            .all(|c| !cb.contains(c) && !calls(&stored).contains(c)));
+        // Everything else as stored.
+        assert_eq!(
+            a["choices"][0]["message"]["tool_calls"][1]["function"],
+            stored["choices"][0]["message"]["tool_calls"][1]["function"]
+        );
     }
 }

@@ -27,6 +27,13 @@ pub async fn plan(
     let cfg = &rt.config;
     let mut model = request.model;
     let mut fallbacks: Vec<String> = Vec::new();
+    // A model asked for by name serves only its own kind: a chat request
+    // to an embedding model would reach its provider only to come back as
+    // a 404 the gateway must blame on its own configuration.
+    let want = mode_for(request.req.endpoint);
+    if request.routed.is_none() && model.mode != want {
+        return Err(wrong_mode(&model.name, model.mode, request.req.endpoint));
+    }
     // (model, why): candidates the router may not serve this request with.
     let mut ruled_out: Vec<(String, String)> = Vec::new();
     if let Some(r) = request.routed {
@@ -70,7 +77,8 @@ pub async fn plan(
         if let Some(r) = request.route {
             // Each model once, never the alias's own, then the cap: a list
             // that starts with the model itself still has its fallbacks.
-            for m in &r.fallback {
+            let fits = |m: &String| cfg.model(m).is_some_and(|m| m.mode == want);
+            for m in r.fallback.iter().filter(|m| fits(m)) {
                 if fallbacks.len() < r.max_fallbacks && *m != model.name && !fallbacks.contains(m) {
                     fallbacks.push(m.clone());
                 }
@@ -207,6 +215,50 @@ pub async fn plan(
     Ok(chain)
 }
 
+/// The kind of model an endpoint needs: embedding models for
+/// `/v1/embeddings`, chat models for the rest.
+fn mode_for(endpoint: smartllm_protocol::Endpoint) -> smartllm_config::ModelMode {
+    if endpoint == smartllm_protocol::Endpoint::Embeddings {
+        smartllm_config::ModelMode::Embedding
+    } else {
+        smartllm_config::ModelMode::Chat
+    }
+}
+
+/// 400 `model_not_supported`: `model` (of `mode`) asked for on an endpoint
+/// that needs the other kind.
+fn wrong_mode(
+    model: &str,
+    mode: smartllm_config::ModelMode,
+    endpoint: smartllm_protocol::Endpoint,
+) -> ApiError {
+    use smartllm_config::ModelMode;
+    let what = match mode {
+        ModelMode::Chat => "a chat model",
+        ModelMode::Embedding => "an embedding model",
+        ModelMode::Image => "an image model",
+        ModelMode::Audio => "an audio model",
+        ModelMode::Rerank => "a rerank model",
+    };
+    let use_ = if endpoint == smartllm_protocol::Endpoint::Embeddings {
+        "an embedding model"
+    } else {
+        "a chat model"
+    };
+    let hint = if mode == ModelMode::Embedding {
+        " (embeddings: POST /v1/embeddings)"
+    } else if mode == ModelMode::Chat {
+        " (chat: POST /v1/chat/completions, /v1/responses or /v1/messages)"
+    } else {
+        ""
+    };
+    ApiError::invalid_request(
+        "model_not_supported",
+        format!("Model '{model}' is {what}{hint}; this endpoint needs {use_}."),
+    )
+    .with_param("model")
+}
+
 /// A routed alias whose candidates are not all of the kind the endpoint
 /// needs (embedding models for `/v1/embeddings`, chat models for the rest)
 /// narrowed to those that are; None when all are. An embedding request is
@@ -217,11 +269,7 @@ fn for_endpoint(
     endpoint: smartllm_protocol::Endpoint,
 ) -> Result<Option<RouteConfig>, ApiError> {
     use smartllm_config::ModelMode;
-    let want = if endpoint == smartllm_protocol::Endpoint::Embeddings {
-        ModelMode::Embedding
-    } else {
-        ModelMode::Chat
-    };
+    let want = mode_for(endpoint);
     let fits = |m: &String| rt.config.model(m).is_some_and(|m| m.mode == want);
     // A routed alias without candidates decides over its `model` alone.
     let candidates: Vec<&String> = if r.candidates.is_empty() {
@@ -329,12 +377,33 @@ async fn apply_cost_cap(
     // A Responses follow-up whose conversation the provider keeps: the
     // body holds only the new turn, the bill the whole history.
     let provider_history = req.responses.as_deref().is_some_and(|r| r.native_owned);
+    // Built-in tools (billed per use) run only where a provider speaks
+    // Responses: along a chain with none, every provider that takes the
+    // request drops them, and the canonical body (the translation without
+    // them) is what is billed.
+    let config = &rt.config;
+    let speaks_responses = |m: &String| {
+        config.model(m).is_some_and(|mc| {
+            mc.deployments.iter().any(|d| {
+                config
+                    .providers
+                    .get(&d.provider)
+                    .is_some_and(|p| p.responses)
+            })
+        })
+    };
+    let dropped_everywhere = req
+        .responses
+        .as_deref()
+        .is_some_and(|r| !r.builtin_tools.is_empty())
+        && !chain.iter().any(speaks_responses);
+    let raw = req.native.as_deref().filter(|_| !dropped_everywhere);
     let cap = smartllm_quota::cost_cap::plan(
-        &rt.config,
+        config,
         ctx.scope(),
         chain,
         &req.body,
-        req.native.as_deref(),
+        raw,
         ctx.prompt_bytes,
         provider_history,
     )
@@ -437,6 +506,9 @@ async fn decide(
         task_vector,
         &info,
         &req.anthropic_only,
+        req.responses
+            .as_deref()
+            .map_or(&[][..], |r| r.builtin_tools.as_slice()),
     )
     .await;
     metrics::route_decision(&route.name, &d.model, &d.reason);

@@ -266,6 +266,7 @@ pub async fn run(
             // model's, and one client must not slow a model for every tenant.
             let waited_before = ctx.upstream_wait;
             let mut header = prepared.header;
+            ctx.dropped_tools = prepared.dropped_tools;
             if let Some(t) = ctx.trace.as_mut() {
                 t.start_attempt(vec![
                     KeyValue::new("smartllm.provider", provider.name().to_string()),
@@ -389,6 +390,17 @@ pub async fn run(
                 Attempt::Abandoned => {
                     metrics::upstream_attempt(provider.name(), "abandoned");
                     shared.breakers.abandon(breaker_id, permit);
+                    return Ok(());
+                }
+                Attempt::StreamFailed {
+                    end: stream::StreamEnd::Shutdown,
+                    error,
+                } => {
+                    // The gateway's own stop ended it: no fault of the model.
+                    metrics::upstream_attempt(provider.name(), "abandoned");
+                    tracing::info!(request_id = %ctx.request_id, provider = %provider.name(), error = %error, "stream ended by the drain timeout");
+                    shared.breakers.abandon(breaker_id, permit);
+                    ctx.stream_failed = true;
                     return Ok(());
                 }
                 Attempt::StreamFailed { end, error } => {

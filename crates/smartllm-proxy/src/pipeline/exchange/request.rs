@@ -18,6 +18,9 @@ pub(super) struct Prepared {
     pub translate: Translate,
     /// The provider key sent, to scrub from anything the provider echoes back.
     pub key: Option<String>,
+    /// The built-in tools left out for this provider (`drop_builtin_tools`),
+    /// for `x-smartllm-dropped-tools`.
+    pub dropped_tools: Option<String>,
 }
 
 pub(super) fn build(
@@ -42,6 +45,16 @@ pub(super) fn build(
         .responses
         .as_deref()
         .and_then(|r| r.untranslatable.as_ref());
+    // Built-in tools alone stand in the way, and this provider drops them:
+    // it is sent the translation without them.
+    let dropped_tools = req
+        .responses
+        .as_deref()
+        .filter(|r| {
+            r.untranslatable.is_some() && !r.builtin_tools.is_empty() && p.cfg.drop_builtin_tools
+        })
+        .map(|r| r.builtin_tools.join(", "));
+    let untranslatable = untranslatable.filter(|_| dropped_tools.is_none());
     let (path, body, translate) = match p.cfg.kind {
         ProviderKind::OpenAi
             if req.endpoint == Endpoint::Responses
@@ -155,6 +168,9 @@ pub(super) fn build(
                 &dep.upstream_model,
                 req.stream,
                 pool.structured_outputs,
+                // No limit asked: as long as the model writes, as on OpenAI.
+                pool.max_output_tokens
+                    .unwrap_or(anthropic::DEFAULT_MAX_TOKENS),
             )?;
             (
                 format!("{}/messages", p.url.path),
@@ -229,6 +245,8 @@ pub(super) fn build(
         body,
         translate,
         key: key.map(str::to_string),
+        // (A provider that speaks Responses was sent them, and runs them.)
+        dropped_tools: dropped_tools.filter(|_| translate != Translate::ResponsesNative),
     })
 }
 

@@ -38,6 +38,9 @@ pub(super) enum StreamEnd {
     Truncated,
     /// The provider sent nothing for `idle_timeout`.
     IdleTimeout,
+    /// The gateway's drain timeout ended it (a stop with streams in flight):
+    /// no failure of the model.
+    Shutdown,
 }
 
 impl StreamEnd {
@@ -49,6 +52,7 @@ impl StreamEnd {
             StreamEnd::Malformed => "malformed_stream",
             StreamEnd::Truncated => "stream_incomplete",
             StreamEnd::IdleTimeout => "stream_timeout",
+            StreamEnd::Shutdown => "shutdown",
         }
     }
 }
@@ -255,6 +259,19 @@ async fn bill_early_end(
 }
 
 /// Resolves at `at`; never without one.
+/// Returns once the stop's drain timeout is up (never if it never is).
+async fn drain_over(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        let over = *rx.borrow_and_update();
+        if over {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -467,6 +484,8 @@ pub(super) async fn relay(
     // `idle_timeout` counts from the provider's last bytes (a held stream's
     // opening in between does not restart it).
     let mut last_bytes = Instant::now();
+    // The stop's drain timeout (see `Shared::drain_expired`).
+    let mut drain = x.shared.drain_expired.subscribe();
     // None: a clean end.
     let failure: Option<(StreamEnd, ApiError)> = loop {
         let t = Instant::now();
@@ -492,6 +511,16 @@ pub(super) async fn relay(
                 up.shutdown().await;
                 bill_early_end(ctx, &tr, req, assembler.take()).await;
                 return client_gone(ctx);
+            }
+            () = drain_over(&mut drain) => {
+                ctx.upstream_wait += t.elapsed();
+                break Some((
+                    StreamEnd::Shutdown,
+                    ApiError::unavailable(
+                        "server_shutting_down",
+                        "This gateway instance is stopping and its drain time (server.graceful_shutdown_timeout) ended the stream; send the request again (it will reach another instance).",
+                    ),
+                ));
             }
             () = sleep_until(open_at) => {
                 ctx.upstream_wait += t.elapsed();
