@@ -251,7 +251,8 @@ fn every_token_kind_is_billed_exactly_plain_and_streamed() {
     // Every answer is WORDS words: the mock's completion count, pinned below
     // so that usage the gateway misreports (to the client and the ledger
     // alike) cannot pass. No request sets a token limit under it (the
-    // Anthropic translation asks for 4096 by default).
+    // Anthropic translation asks for the model's own most, at least 4096,
+    // by default).
     const WORDS: u64 = 9;
     let mock = Mock::start(&["--words", "9"]);
     let gw = gateway(&mock, "");

@@ -305,14 +305,12 @@ fn keys_create_prints_a_key_once_that_a_running_gateway_accepts() {
     let mock = Mock::start(&[]);
     let gw = Gateway::start(ledger_gateway(&mock, ""));
     let dir = gw.config.path().to_path_buf();
-    let out = Command::new(bin("smartllm"))
-        .args([
-            "keys", "create", "ci-bot", "--tenant", "acme", "--app", "ci",
-        ])
-        .args(["--model", "small", "--config"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = smartllm_cli(
+        &[
+            "keys", "create", "ci-bot", "--tenant", "acme", "--app", "ci", "--model", "small",
+        ],
+        &dir,
+    );
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     let key = String::from_utf8_lossy(&out.stdout).trim().to_string();
@@ -326,28 +324,14 @@ fn keys_create_prints_a_key_once_that_a_running_gateway_accepts() {
         "{yaml}"
     );
     // The running gateway reloads the file and takes the key, for the models it allows.
-    assert!(
-        wait_until(Duration::from_secs(15), || ask(
-            &gw,
-            &key,
-            &chat_body("small", "hi")
-        )
-        .status
-            == 200),
-        "{}",
-        gw.log_text()
-    );
+    assert!(answers_within(&gw, &key, 200), "{}", gw.log_text());
     assert_eq!(ask(&gw, &key, &chat_body("big", "hi")).status, 403);
     assert_eq!(
         ask(&gw, "sk-alice-1", &chat_body("small", "hi")).status,
         200
     );
     // A second key of the same name would make the config invalid: refused, file unchanged.
-    let out = Command::new(bin("smartllm"))
-        .args(["keys", "create", "ci-bot", "--config"])
-        .arg(&dir)
-        .output()
-        .unwrap();
+    let out = smartllm_cli(&["keys", "create", "ci-bot"], &dir);
     assert!(!out.status.success());
     assert!(out.stdout.is_empty(), "no key printed for a refused create");
     assert_eq!(
@@ -361,8 +345,63 @@ fn keys_create_prints_a_key_once_that_a_running_gateway_accepts() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("standard input"));
+    // Listed with the start of its sha256, never the key.
+    let out = smartllm_cli(&["keys", "list"], &dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(table.lines().any(|l| l.starts_with("ci-bot ")), "{table}");
+    assert!(
+        table.contains(&sha(&key)[..12]) && !table.contains(&key),
+        "{table}"
+    );
+    // Revoked: gone from the file (the rest kept) and refused after the reload.
+    let out = smartllm_cli(&["keys", "revoke", "ci-bot"], &dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let after = std::fs::read_to_string(dir.join("keys.yaml")).unwrap();
+    assert!(
+        !after.contains("ci-bot") && after.contains("alice"),
+        "{after}"
+    );
+    assert!(answers_within(&gw, &key, 401), "{}", gw.log_text());
+    assert_eq!(
+        ask(&gw, "sk-alice-1", &chat_body("small", "hi")).status,
+        200
+    );
+    // A name that is not there: an error, the file unchanged.
+    let out = smartllm_cli(&["keys", "revoke", "ci-bot"], &dir);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no key named 'ci-bot'"));
+    assert_eq!(
+        std::fs::read_to_string(dir.join("keys.yaml")).unwrap(),
+        after
+    );
     // No key material in the gateway's log.
     assert!(!gw.log_text().contains(&key));
+}
+
+/// `smartllm ARGS --config DIR`.
+fn smartllm_cli(args: &[&str], dir: &std::path::Path) -> std::process::Output {
+    Command::new(bin("smartllm"))
+        .args(args)
+        .arg("--config")
+        .arg(dir)
+        .output()
+        .unwrap()
+}
+
+/// Whether `key`'s chat gets `status` within 15 s (a reload applied).
+fn answers_within(gw: &Gateway, key: &str, status: u16) -> bool {
+    wait_until(Duration::from_secs(15), || {
+        ask(gw, key, &chat_body("small", "hi")).status == status
+    })
 }
 
 /// A key that lists a model, not the fixed route that leads to it, is never

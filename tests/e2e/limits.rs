@@ -168,7 +168,7 @@ fn budgets_alert_reject_and_degrade() {
         e["message"]
             .as_str()
             .unwrap()
-            .contains("daily budget of $0.05 for tenant 'acme'"),
+            .contains("daily budget of $0.0500 for tenant 'acme'"),
         "{e}"
     );
     assert!(r.header("retry-after").is_some());

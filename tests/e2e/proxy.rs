@@ -181,19 +181,16 @@ fn anthropic_models_work_for_openai_clients_both_ways() {
     assert!(text.starts_with("Mock reply to: Hi Claude"), "{text}");
     assert_eq!(chunks.last().unwrap()["usage"]["completion_tokens"], 6);
     assert_eq!(r.sse_data().last().map(String::as_str), Some("[DONE]"));
-    // A chat model (Anthropic has no embeddings anyway) on /v1/embeddings:
-    // a clear 400 naming its kind.
+    // Anthropic has no embeddings: a clear 400. (The model's kind is
+    // guessed from its name here, and a guessed chat model is not held to
+    // it: many embedding models' names do not say so.)
     let r = post_json(
         &gw.addr,
         "/v1/embeddings",
         &json!({"model": "claude", "input": "x"}),
     );
     assert_eq!(r.status, 400);
-    assert_eq!(r.api_error()["code"], "model_not_supported");
-    assert!(r.api_error()["message"]
-        .as_str()
-        .unwrap()
-        .contains("is a chat model"));
+    assert_eq!(r.api_error()["code"], "unsupported_endpoint");
 }
 
 #[test]
@@ -222,6 +219,29 @@ fn completions_embeddings_and_models() {
         .as_str()
         .unwrap()
         .contains("is an embedding model"));
+    // Anthropic's list (Claude Code's model picker) holds only chat models.
+    let r = request(
+        &gw.addr,
+        "GET",
+        "/v1/models?limit=1000",
+        &[("anthropic-version", "2023-06-01")],
+        b"",
+    )
+    .unwrap();
+    let anthropic_ids: Vec<String> = r.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert!(
+        anthropic_ids.contains(&"small".to_string()),
+        "{anthropic_ids:?}"
+    );
+    assert!(
+        !anthropic_ids.contains(&"embed".to_string()),
+        "{anthropic_ids:?}"
+    );
     let r = get(&gw.addr, "/v1/models");
     assert_eq!(r.status, 200);
     let ids: Vec<String> = r.json()["data"]

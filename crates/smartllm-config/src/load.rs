@@ -128,10 +128,10 @@ fn file_line(text: &str, yaml_line: usize) -> usize {
 /// line `map_line`, until a line indented less than its keys), at the first
 /// one's indentation.
 fn twice_line(text: &str, message: &str, map_line: Option<usize>) -> Option<usize> {
-    let key = message
-        .split('`')
-        .nth(1)
-        .filter(|_| message.contains("is defined twice"))?;
+    let key = message.split('`').nth(1).filter(|_| {
+        // (A map's key: ours; a setting's: serde's derive.)
+        message.contains("is defined twice") || message.starts_with("duplicate field")
+    })?;
     let start = map_line?.saturating_sub(1);
     let mut first_indent = None;
     for (i, l) in text.lines().enumerate().skip(start) {
@@ -316,6 +316,28 @@ mod tests {
     use super::*;
     use crate::test_support::*;
 
+    /// A mode written is held to; a guessed one only when it says
+    /// embedding (`bge-m3` is guessed chat, and must still embed).
+    #[test]
+    fn models_serve_their_kind_by_name() {
+        use crate::ModelMode::{Chat, Embedding};
+        let models = "models:\n  - name: small\n    deployments: [ { provider: mock } ]\n  - name: bge-m3\n    deployments: [ { provider: mock } ]\n  - name: text-embedding-3-small\n    deployments: [ { provider: mock } ]\n  - name: strict-chat\n    mode: chat\n    deployments: [ { provider: mock } ]\n  - name: e5\n    mode: embedding\n    deployments: [ { provider: mock } ]\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, models),
+        ]);
+        let cfg = load_dir(dir.path()).unwrap();
+        let serves = |m: &str, want| cfg.model(m).unwrap().serves(want);
+        assert!(serves("small", Chat) && serves("small", Embedding));
+        assert!(serves("bge-m3", Embedding));
+        assert!(
+            !serves("text-embedding-3-small", Chat) && serves("text-embedding-3-small", Embedding)
+        );
+        assert!(serves("strict-chat", Chat) && !serves("strict-chat", Embedding));
+        assert!(!serves("e5", Chat) && serves("e5", Embedding));
+    }
+
     #[test]
     fn files_the_gateway_does_not_read_are_named() {
         let dir = tempfile::tempdir().unwrap();
@@ -428,6 +450,13 @@ mod tests {
         let i = &err.issues[0];
         assert!(i.message.contains("`code` is defined twice"), "{i}");
         assert_eq!(i.line, Some(13), "{i}");
+        // A setting given twice: its second line, not its section's.
+        let main = "data_dir: /tmp/x\nserver:\n  threads: 2\n  # the API\n  listen: 127.0.0.1:1\n  admin_listen: 127.0.0.1:3\n  listen: 127.0.0.1:2\nmetrics: {}\n";
+        let dir = write_dir(&[(MAIN_FILE, main)]);
+        let err = load_dir(dir.path()).unwrap_err();
+        let i = &err.issues[0];
+        assert!(i.message.contains("duplicate field `listen`"), "{i}");
+        assert_eq!(i.line, Some(7), "{i}");
     }
 
     #[test]

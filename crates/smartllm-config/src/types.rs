@@ -713,6 +713,24 @@ pub struct ModelConfig {
     /// What the model does (chat, embedding, ...): suggestions and routing
     /// only put a request on a model of its kind.
     pub mode: ModelMode,
+    /// `mode` was written in models.yaml (not guessed from the names).
+    pub mode_explicit: bool,
+}
+
+impl ModelConfig {
+    /// Whether a request that needs a `want` model (chat, or embedding for
+    /// `/v1/embeddings`) may go to this one by name. A mode written in
+    /// models.yaml is held to; a guessed one only when it is embedding (a
+    /// name with "embed" in it is no chat model), since many embedding
+    /// models (`bge-m3`, `e5-large`) and some chat models have names the
+    /// guess misreads.
+    pub fn serves(&self, want: ModelMode) -> bool {
+        if self.mode_explicit {
+            self.mode == want
+        } else {
+            self.mode != ModelMode::Embedding || want == ModelMode::Embedding
+        }
+    }
 }
 
 /// What a model does.

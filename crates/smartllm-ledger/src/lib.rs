@@ -299,6 +299,9 @@ pub struct Mix {
     /// `hit`, `near` (a miss whose best match came close to the threshold),
     /// `miss`, `bypass` (no-store, temperature, exclusions) or `off`.
     pub cache: String,
+    /// The route alias the request named (empty: a model by name, and rows
+    /// written before routes were kept): whose cache policy applied.
+    pub route: String,
 }
 
 /// Counter positions in a ledger value.
@@ -381,6 +384,12 @@ fn mix_key(hour: u32, r: &Record, m: &Mix) -> Vec<u8> {
     let mut out = hour.to_be_bytes().to_vec();
     for part in [&r.tenant, &r.app, &r.model, &m.task, &m.tier, &m.cache] {
         out.extend_from_slice(clean(part).as_bytes());
+        out.push(0);
+    }
+    // Last, and only when there is one: keys written before it was kept
+    // read the same.
+    if !m.route.is_empty() {
+        out.extend_from_slice(clean(&m.route).as_bytes());
         out.push(0);
     }
     out
@@ -944,7 +953,7 @@ pub fn mix_query(store: &Store, from: u64, to: u64) -> Result<Vec<MixRow>, rocks
     };
     let (from_h, to_h) = ((from / 3600) as u32, to.div_ceil(3600) as u32);
     let start = from_h.to_be_bytes();
-    let mut groups: BTreeMap<[String; 6], [u64; LEDGER_FIELDS]> = BTreeMap::new();
+    let mut groups: BTreeMap<[String; 7], [u64; LEDGER_FIELDS]> = BTreeMap::new();
     for item in store
         .db()
         .iterator_cf(cf, IteratorMode::From(&start, rocksdb::Direction::Forward))
@@ -956,11 +965,16 @@ pub fn mix_query(store: &Store, from: u64, to: u64) -> Result<Vec<MixRow>, rocks
         if hour >= to_h {
             break;
         }
-        let parts: Vec<String> = k[4..]
+        let mut parts: Vec<String> = k[4..]
             .split(|b| *b == 0)
             .map(|p| String::from_utf8_lossy(p).into_owned())
             .collect();
-        let Ok(group) = <[String; 6]>::try_from(parts.into_iter().take(6).collect::<Vec<_>>())
+        // Six parts and a trailing empty one, or seven (the route) and it.
+        if parts.len() < 6 {
+            continue;
+        }
+        parts.resize(8, String::new());
+        let Ok(group) = <[String; 7]>::try_from(parts.into_iter().take(7).collect::<Vec<_>>())
         else {
             continue;
         };
@@ -969,19 +983,26 @@ pub fn mix_query(store: &Store, from: u64, to: u64) -> Result<Vec<MixRow>, rocks
     }
     Ok(groups
         .into_iter()
-        .map(|([tenant, app, model, task, tier, cache], c)| MixRow {
-            tenant,
-            app,
-            model,
-            mix: Mix { task, tier, cache },
-            requests: c[REQUESTS],
-            input_tokens: c[INPUT],
-            output_tokens: c[OUTPUT],
-            cached_tokens: c[CACHED],
-            cost_usd: c[COST] as f64 / 1e9,
-            saved_usd: c[SAVED] as f64 / 1e9,
-            errors: c[ERRORS],
-        })
+        .map(
+            |([tenant, app, model, task, tier, cache, route], c)| MixRow {
+                tenant,
+                app,
+                model,
+                mix: Mix {
+                    task,
+                    tier,
+                    cache,
+                    route,
+                },
+                requests: c[REQUESTS],
+                input_tokens: c[INPUT],
+                output_tokens: c[OUTPUT],
+                cached_tokens: c[CACHED],
+                cost_usd: c[COST] as f64 / 1e9,
+                saved_usd: c[SAVED] as f64 / 1e9,
+                errors: c[ERRORS],
+            },
+        )
         .collect())
 }
 
@@ -1597,6 +1618,7 @@ mod tests {
                 task: "chat".into(),
                 tier: "simple".into(),
                 cache: "miss".into(),
+                route: String::new(),
             }),
             ..Default::default()
         };
@@ -1820,7 +1842,7 @@ mod tests {
     fn the_traffic_mix_is_counted_per_task_tier_and_cache_outcome() {
         let dir = tempfile::tempdir().unwrap();
         let t0 = 1_764_000_000u64;
-        let rec = |task: &str, tier: &str, cache: &str, cost: u64| Record {
+        let rec = |task: &str, tier: &str, cache: &str, route: &str, cost: u64| Record {
             unix_secs: t0,
             tenant: "acme".into(),
             app: "web".into(),
@@ -1836,21 +1858,29 @@ mod tests {
                 task: task.into(),
                 tier: tier.into(),
                 cache: cache.into(),
+                route: route.into(),
             }),
             ..Default::default()
         };
         let store = Store::open(dir.path()).unwrap();
         let ledger = Ledger::start(store.clone(), Duration::from_secs(3600)).unwrap();
-        ledger.record(rec("chat", "simple", "miss", 100));
-        ledger.record(rec("chat", "simple", "miss", 300));
-        ledger.record(rec("code", "complex", "near", 900));
+        ledger.record(rec("chat", "simple", "miss", "", 100));
+        ledger.record(rec("chat", "simple", "miss", "", 300));
+        ledger.record(rec("code", "complex", "near", "smart", 900));
         // A request without a mix counts in the ledger only.
         ledger.record(Record {
             mix: None,
-            ..rec("-", "-", "-", 5)
+            ..rec("-", "-", "-", "", 5)
         });
         let rows = ledger.mix(t0 - 10, t0 + 10).unwrap();
         assert_eq!(rows.len(), 2, "{rows:?}");
+        // The route that named the model, whose cache policy applied.
+        assert_eq!(
+            rows.iter()
+                .map(|r| r.mix.route.as_str())
+                .collect::<Vec<_>>(),
+            ["", "smart"]
+        );
         let chat = rows.iter().find(|r| r.mix.task == "chat").unwrap();
         assert_eq!(
             (chat.requests, chat.input_tokens, chat.mix.tier.as_str()),

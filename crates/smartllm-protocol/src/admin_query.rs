@@ -271,11 +271,28 @@ pub enum PurgeTarget {
 pub fn purge(query: &str) -> Result<PurgeTarget, QueryError> {
     let mut what = None;
     for (k, v) in pairs(query) {
+        if what.is_some() {
+            // `all=true&route=fast` purged only `fast`: one target a call.
+            return Err(QueryError::invalid(
+                &k,
+                "purge one thing per call: all=true, namespace=HEX or route=NAME".into(),
+            ));
+        }
         what = Some(match k.as_str() {
             // Only a plain yes empties the cache: `all=0`, `all=no` or a
             // bare `all=` is a mistake, not a purge of everything.
             "all" if v == "true" || v == "1" => PurgeTarget::All,
-            "namespace" if !v.is_empty() => PurgeTarget::Namespace(v),
+            // A namespace is 64 hex digits (a SHA-256): anything else can
+            // match nothing.
+            "namespace" if v.len() == 64 && v.bytes().all(|b| b.is_ascii_hexdigit()) => {
+                PurgeTarget::Namespace(v.to_ascii_lowercase())
+            }
+            "namespace" => {
+                return Err(QueryError::invalid(
+                    "namespace",
+                    format!("namespace={v:?} is no cache namespace (64 hex digits)"),
+                ))
+            }
             "route" if !v.is_empty() => PurgeTarget::Route(v),
             _ => {
                 return Err(QueryError::invalid(
@@ -403,9 +420,21 @@ mod tests {
             purge("route=my%20route").unwrap(),
             PurgeTarget::Route("my route".into())
         );
+        let ns = "AB12".repeat(16);
         assert_eq!(
-            purge("namespace=ab12").unwrap(),
-            PurgeTarget::Namespace("ab12".into())
+            purge(&format!("namespace={ns}")).unwrap(),
+            PurgeTarget::Namespace(ns.to_ascii_lowercase())
+        );
+        for bad in ["namespace=ab12", "namespace=tenant-acme", "namespace="] {
+            assert_eq!(
+                purge(bad).unwrap_err().param.as_deref(),
+                Some("namespace"),
+                "{bad}"
+            );
+        }
+        assert_eq!(
+            purge("all=true&route=fast").unwrap_err().param.as_deref(),
+            Some("route")
         );
         assert_eq!(purge("").unwrap_err().code, "missing_required_parameter");
         assert_eq!(

@@ -286,20 +286,30 @@ const BUILTIN_TOOLS: [&str; 5] = [
     "mcp",
 ];
 
-/// The type of `tool` when it is a built-in one.
+/// The type of `tool` when it is a built-in one (a known name, or one with
+/// a version after it: letters, digits and `_`, as OpenAI names them; the
+/// type goes into a response header and the access log).
 fn builtin_tool(tool: &Value) -> Option<&str> {
     let ty = tool.get("type")?.as_str()?;
+    let versioned = |rest: &str| {
+        rest.is_empty()
+            || (rest.starts_with('_')
+                && rest.len() <= 32
+                && rest.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_'))
+    };
     BUILTIN_TOOLS
         .iter()
-        .any(|b| {
-            ty.strip_prefix(b)
-                .is_some_and(|rest| rest.is_empty() || rest.starts_with('_'))
-        })
+        .any(|b| ty.strip_prefix(b).is_some_and(versioned))
         .then_some(ty)
 }
 
-/// `body` without its built-in tools, and their types (None: it has none).
+/// `body` without its built-in tools, and their types (None: it has none,
+/// or its `tool_choice` is `required`: with them gone, the call it demands
+/// could only be of the tools left, which is not what was asked).
 fn without_builtin_tools(body: &Map<String, Value>) -> Option<(Map<String, Value>, Vec<String>)> {
+    if body.get("tool_choice").and_then(Value::as_str) == Some("required") {
+        return None;
+    }
     let tools = body.get("tools")?.as_array()?;
     let dropped: Vec<String> = tools
         .iter()
@@ -2282,6 +2292,8 @@ mod tests {
             json!({"model": "m", "input": "x", "tools": [{"type": "web_search"}, {"type": "custom", "name": "apply_patch"}]}),
             json!({"model": "m", "input": [{"type": "web_search_call", "id": "ws_1", "status": "completed"}], "tools": [{"type": "web_search"}]}),
             json!({"model": "m", "input": "x", "tools": [{"type": "web_searcher"}]}),
+            json!({"model": "m", "input": "x", "tools": [{"type": "web_search_\n"}]}),
+            json!({"model": "m", "input": "x", "tools": [{"type": "function", "name": "f"}, {"type": "web_search"}], "tool_choice": "required"}),
         ] {
             let r = parse_value(v.clone());
             let rr = r.responses.as_deref().unwrap();

@@ -170,6 +170,7 @@ pub fn finish(
                         None => "-",
                     }
                     .to_string(),
+                    route: ctx.route.clone().unwrap_or_default(),
                 }),
             });
         }

@@ -72,6 +72,8 @@ pub struct ModelPool {
     /// larger limit asked for is lowered to it upstream, so a client asking
     /// for more (Claude Code's 32,000) gets the model's most, not a 400.
     pub max_output_tokens: Option<u64>,
+    /// The model's context window (`profile.context_window`).
+    pub context_window: u64,
     /// `structured_outputs` is among the model's listed capabilities: a
     /// chat `json_schema` goes to Anthropic as `output_config.format`.
     pub structured_outputs: bool,
@@ -362,6 +364,7 @@ impl Runtime {
                 Arc::new(ModelPool {
                     model: m.name.clone(),
                     max_output_tokens: m.profile.max_output_tokens,
+                    context_window: m.profile.context_window,
                     structured_outputs: m
                         .profile
                         .capabilities

@@ -197,20 +197,29 @@ impl std::fmt::Display for Exceeded {
             held,
             ..
         } = self;
+        let limit = usd(*limit);
         if self.in_flight {
             return write!(
                 f,
-                "The {period} budget of ${limit:.2} for {scope} '{name}' has no room for this request while requests in flight hold ${held:.4} of it (${spent:.4} spent); retry in a moment."
+                "The {period} budget of ${limit} for {scope} '{name}' has no room for this request while requests in flight hold ${held:.4} of it (${spent:.4} spent); retry in a moment."
             );
         }
+        let left = self.limit - spent - held;
         let held = if *held > 0.0 {
             format!(", ${held:.4} more held by requests in flight")
         } else {
             String::new()
         };
+        // Refused on its estimate before the budget is all spent: say what
+        // is left rather than "used up".
+        let state = if left > 0.0 {
+            format!("has ${} left, less than this request could cost", usd(left))
+        } else {
+            "is used up".to_string()
+        };
         write!(
             f,
-            "The {period} budget of ${limit:.2} for {scope} '{name}' is used up (${spent:.4} spent{held}); it resets in {}h{:02}m (UTC).",
+            "The {period} budget of ${limit} for {scope} '{name}' {state} (${spent:.4} spent{held}); it resets in {}h{:02}m (UTC).",
             self.resets_in / 3600,
             (self.resets_in % 3600) / 60
         )
@@ -218,6 +227,16 @@ impl std::fmt::Display for Exceeded {
 }
 
 impl std::error::Error for Exceeded {}
+
+/// Dollars as people read them: cents from a dollar up, four decimals
+/// below (a $0.0002 budget is not "$0.00").
+fn usd(x: f64) -> String {
+    if x.abs() >= 1.0 {
+        format!("{x:.2}")
+    } else {
+        format!("{x:.4}")
+    }
+}
 
 /// What the budgets say about a request about to be sent.
 #[derive(Debug, PartialEq)]

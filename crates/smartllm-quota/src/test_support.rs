@@ -23,6 +23,7 @@ pub(crate) fn config() -> smartllm_config::Config {
                 ..Default::default()
             },
             mode: Default::default(),
+            mode_explicit: false,
         };
     // USD per 1M tokens: cheap 1/2, dear 10/40 (max 4096 out).
     cfg.models = vec![

@@ -305,6 +305,9 @@ fn misfit(
         }
     }
     let anthropic_only = !m.deployments.is_empty() && m.deployments.iter().all(anthropic);
+    if let Some(what) = f.openai_only.filter(|_| anthropic_only) {
+        return Some(format!("openai_only:{what}"));
+    }
     if f.json_schema && !m.profile.has("structured_outputs") && anthropic_only {
         return Some("capability:structured_outputs".to_string());
     }
@@ -664,6 +667,7 @@ mod tests {
                 ..ModelProfile::default()
             },
             mode: smartllm_config::ModelMode::infer([name]),
+            mode_explicit: false,
         }
     }
 
@@ -1163,6 +1167,24 @@ mod tests {
         let d = decided(&cfg, &f);
         assert_eq!(why(&d, 0).as_deref(), Some("responses_only:web_search"));
         assert_eq!((why(&d, 1), d.model.as_str()), (None, "strong"));
+
+        // Log-probabilities: Claude gives none.
+        f.builtin_tools = None;
+        f.openai_only = Some("logprobs");
+        let d = decided(&cfg, &f);
+        assert_eq!(why(&d, 0), None);
+        assert_eq!(why(&d, 1).as_deref(), Some("openai_only:logprobs"));
+        let b =
+            json!({"messages": [{"role": "user", "content": "hi"}], "logit_bias": {"50256": -100}});
+        assert_eq!(
+            extract(b.as_object().unwrap(), None, None).openai_only,
+            Some("logit_bias")
+        );
+        let b = json!({"messages": [{"role": "user", "content": "hi"}], "logprobs": false, "logit_bias": {}});
+        assert_eq!(
+            extract(b.as_object().unwrap(), None, None).openai_only,
+            None
+        );
     }
 
     /// When nothing meets the route's constraints, only the budgets are

@@ -49,6 +49,10 @@ pub struct Features {
     /// types. A provider takes it when it speaks Responses (it runs them)
     /// or is set to drop them (`drop_builtin_tools`).
     pub builtin_tools: Option<String>,
+    /// What only an OpenAI-compatible provider gives (`logprobs`,
+    /// `logit_bias`): a model served only through Anthropic is no
+    /// candidate.
+    pub openai_only: Option<&'static str>,
     /// `response_format` is `json_schema`: a model served only through
     /// Anthropic must take structured outputs (`structured_outputs`).
     pub json_schema: bool,
@@ -846,6 +850,23 @@ pub fn extract_with(
         .and_then(|r| r.get("type"))
         .and_then(Value::as_str)
         == Some("json_schema");
+    // What only an OpenAI-compatible provider gives (Claude refuses them).
+    let openai_only = if body.get("logprobs").and_then(Value::as_bool) == Some(true)
+        || body
+            .get("top_logprobs")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n > 0)
+    {
+        Some("logprobs")
+    } else if body
+        .get("logit_bias")
+        .and_then(Value::as_object)
+        .is_some_and(|b| !b.is_empty())
+    {
+        Some("logit_bias")
+    } else {
+        None
+    };
     if body
         .get("response_format")
         .and_then(|r| r.get("type"))
@@ -875,6 +896,7 @@ pub fn extract_with(
         thinking: false,
         anthropic_only: None,
         builtin_tools: None,
+        openai_only,
         json_schema,
         turns,
     }

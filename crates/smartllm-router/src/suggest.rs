@@ -138,8 +138,8 @@ pub fn suggest(config: &Config, rows: &[MixRow]) -> Report {
     type Key = (String, String, String, String, String);
     type Acc = (u64, f64, f64, BTreeSet<String>, (f64, f64));
     let mut cheaper: BTreeMap<Key, Acc> = BTreeMap::new();
-    // (tenant, app, model) -> (requests, cost)
-    let mut near: BTreeMap<(String, String, String), (u64, f64)> = BTreeMap::new();
+    // (tenant, app, model, route) -> (requests, cost)
+    let mut near: BTreeMap<(String, String, String, String), (u64, f64)> = BTreeMap::new();
     let mut off: BTreeMap<(String, String, String), (u64, f64)> = BTreeMap::new();
     // (tenant, app) -> (hits, lookups)
     let mut hit_rate: BTreeMap<(String, String), (u64, u64)> = BTreeMap::new();
@@ -162,7 +162,8 @@ pub fn suggest(config: &Config, rows: &[MixRow]) -> Report {
         let group = (r.tenant.clone(), r.app.clone(), r.model.clone());
         match r.mix.cache.as_str() {
             "near" => {
-                let e = near.entry(group.clone()).or_default();
+                let (t, a, m) = group.clone();
+                let e = near.entry((t, a, m, r.mix.route.clone())).or_default();
                 e.0 += r.requests;
                 e.1 += r.cost_usd;
             }
@@ -246,12 +247,36 @@ pub fn suggest(config: &Config, rows: &[MixRow]) -> Report {
             quality: Some(quality),
         });
     }
-    for ((tenant, app, model), (requests, cost)) in near {
-        let threshold = config.cache.policy(None, &model).similarity_threshold;
+    for ((tenant, app, model, route), (requests, cost)) in near {
+        // The policy that applied: the route's (or the model's) own, else
+        // the default; the advice names the one to change.
+        let route = (!route.is_empty()).then_some(route);
+        let policy = config.cache.policy(route.as_deref(), &model);
+        let threshold = policy.similarity_threshold;
+        let (via, setting) = match &route {
+            Some(r) if config.cache.routes.contains_key(r) => (
+                format!(" through route {r}"),
+                format!("routes.{r}.similarity_threshold"),
+            ),
+            _ if config.cache.routes.contains_key(&model) => (
+                route
+                    .as_ref()
+                    .map(|r| format!(" through route {r}"))
+                    .unwrap_or_default(),
+                format!("routes.{model}.similarity_threshold"),
+            ),
+            _ => (
+                route
+                    .as_ref()
+                    .map(|r| format!(" through route {r}"))
+                    .unwrap_or_default(),
+                "similarity_threshold".to_string(),
+            ),
+        };
         report.suggestions.push(Suggestion {
             kind: "cache_threshold",
             action: format!(
-                "{requests} requests of {tenant}/{app} on {model} missed the cache by less than {NEAR_MISS_MARGIN} of similarity: lowering similarity_threshold from {threshold:.2} to {:.2} (cache.yaml) would have answered them from the cache, saving up to ${cost:.4}. Check with `smartllm cache eval` that the answers stay equivalent.",
+                "{requests} requests of {tenant}/{app} on {model}{via} missed the cache by less than {NEAR_MISS_MARGIN} of similarity: lowering {setting} from {threshold:.2} to {:.2} (cache.yaml) would have answered them from the cache, saving up to ${cost:.4}. Check with `smartllm cache eval` that the answers stay equivalent.",
                 (threshold - NEAR_MISS_MARGIN).max(0.0)
             ),
             tenant,
@@ -334,6 +359,7 @@ mod tests {
                 ..ModelProfile::default()
             },
             mode: smartllm_config::ModelMode::infer([name]),
+            mode_explicit: false,
         }
     }
 
@@ -378,6 +404,7 @@ mod tests {
                 task: task.into(),
                 tier: tier.into(),
                 cache: cache.into(),
+                route: String::new(),
             },
             requests: n,
             input_tokens: n * 1000,
@@ -496,6 +523,41 @@ mod tests {
         assert!((cov.saving_usd - 0.003).abs() < 1e-12, "{cov:?}");
         assert!((r.suggestions[0].saving_usd - 0.004).abs() < 1e-12);
         assert!((r.potential_saving_usd - 0.007).abs() < 1e-12);
+        assert!(
+            r.suggestions[0]
+                .action
+                .contains("lowering similarity_threshold from 0.70 to 0.65"),
+            "{}",
+            r.suggestions[0].action
+        );
+    }
+
+    /// Near misses of a route with its own threshold name that route's
+    /// setting and value, not the default's.
+    #[test]
+    fn a_near_miss_suggestion_names_the_threshold_that_applied() {
+        let mut cfg = config();
+        let mut strict = cfg.cache.defaults.clone();
+        strict.similarity_threshold = 0.97;
+        cfg.cache.routes.insert("smart".into(), strict);
+        let mut via_route = row("small", "-", "-", "near", 10, 0.004);
+        via_route.mix.route = "smart".into();
+        let mut via_other = row("small", "-", "-", "near", 5, 0.002);
+        via_other.mix.route = "fast".into();
+        let r = suggest(&cfg, &[via_route, via_other]);
+        let actions: Vec<&str> = r.suggestions.iter().map(|s| s.action.as_str()).collect();
+        assert_eq!(actions.len(), 2, "{actions:?}");
+        assert!(
+            actions[1].contains("on small through route fast")
+                && actions[1].contains("lowering similarity_threshold from 0.70 to 0.65"),
+            "{actions:?}"
+        );
+        assert!(
+            actions[0].contains("on small through route smart")
+                && actions[0]
+                    .contains("lowering routes.smart.similarity_threshold from 0.97 to 0.92"),
+            "{actions:?}"
+        );
     }
 
     #[test]

@@ -74,7 +74,66 @@ pub fn create(dir: &Path, new: &NewKey<'_>) -> anyhow::Result<String> {
     }
     let key = random_key()?;
     let text = with_key(&current, new, &sha256_hex(&key));
-    // The whole directory must still load with the new file.
+    check_with(dir, &text)
+        .map_err(|e| anyhow::anyhow!("the new key would make the config invalid:\n{e}"))?;
+    // Atomic swap, keeping the file's owner, group and mode (the service
+    // user must still read it: packages install it root:smartllm 0640).
+    crate::config_write::replace(&path, &text)?;
+    Ok(key)
+}
+
+/// Remove the key named `name` from the directory's keys.yaml (every other
+/// line, comments included, kept; the whole config checked before the file
+/// is swapped in atomically): a running gateway refuses the key from its
+/// next reload. Removing the last key leaves keys required.
+pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<()> {
+    let _lock = crate::config_write::lock(dir)?;
+    let path = dir.join(smartllm_config::KEYS_FILE);
+    let current =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let Some(text) = without_key(&current, name) else {
+        bail!("no key named '{name}' in {}", path.display());
+    };
+    check_with(dir, &text)
+        .map_err(|e| anyhow::anyhow!("removing the key would make the config invalid:\n{e}"))?;
+    crate::config_write::replace(&path, &text)?;
+    Ok(())
+}
+
+/// The keys of the directory's config: name, tenant, app, models and the
+/// start of each sha256 (the key itself is never stored).
+pub fn list(dir: &Path) -> anyhow::Result<String> {
+    let cfg = smartllm_config::load_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut out = format!(
+        "{:<24} {:<16} {:<16} {:<14} models\n",
+        "name", "tenant", "app", "sha256"
+    );
+    for k in &cfg.keys.keys {
+        let models = if k.models.is_empty() {
+            "(all)".to_string()
+        } else {
+            k.models.join(", ")
+        };
+        out.push_str(&format!(
+            "{:<24} {:<16} {:<16} {:<14} {models}\n",
+            k.name,
+            k.tenant,
+            k.app,
+            format!("{}…", &hex::encode(k.sha256)[..12]),
+        ));
+    }
+    if cfg.keys.keys.is_empty() {
+        out.push_str(if cfg.keys.require_key {
+            "(no key: every request is refused)\n"
+        } else {
+            "(no key: the gateway admits every request without one)\n"
+        });
+    }
+    Ok(out)
+}
+
+/// Whether the directory's config loads with `keys_text` as its keys.yaml.
+fn check_with(dir: &Path, keys_text: &str) -> anyhow::Result<()> {
     let mut texts: BTreeMap<&'static str, String> = BTreeMap::new();
     for file in smartllm_config::FILES {
         if file == smartllm_config::KEYS_FILE {
@@ -90,13 +149,80 @@ pub fn create(dir: &Path, new: &NewKey<'_>) -> anyhow::Result<String> {
             }
         }
     }
-    texts.insert(smartllm_config::KEYS_FILE, text.clone());
-    smartllm_config::load_texts(dir, texts)
-        .map_err(|e| anyhow::anyhow!("the new key would make the config invalid:\n{e}"))?;
-    // Atomic swap, keeping the file's owner, group and mode (the service
-    // user must still read it: packages install it root:smartllm 0640).
-    crate::config_write::replace(&path, &text)?;
-    Ok(key)
+    texts.insert(smartllm_config::KEYS_FILE, keys_text.to_string());
+    smartllm_config::load_texts(dir, texts).map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// The `keys:` line of a keys.yaml's lines.
+fn keys_line(lines: &[&str]) -> Option<usize> {
+    lines.iter().position(|l| {
+        let t = l.trim_end();
+        t == "keys:"
+            || t.starts_with("keys: ")
+            || t.starts_with("keys:#")
+            || t.starts_with("keys:[")
+    })
+}
+
+/// `current` keys.yaml without the block-list item whose `name` is `name`
+/// (None: no such item). An emptied list becomes `keys: []`, and a file
+/// that does not say `require_key` then says it (true), so removing the
+/// last key never opens the gateway.
+fn without_key(current: &str, name: &str) -> Option<String> {
+    let lines: Vec<&str> = current.split_inclusive('\n').collect();
+    let k = keys_line(&lines)?;
+    let content = |l: &str| {
+        let b = l.trim();
+        !b.is_empty() && !b.starts_with('#')
+    };
+    let indent = |l: &str| l.len() - l.trim_start().len();
+    // Items: from a "- " line to the next content line indented as much or less.
+    let mut items = Vec::new();
+    let mut j = k + 1;
+    while j < lines.len() {
+        if !content(lines[j]) {
+            j += 1;
+            continue;
+        }
+        if !lines[j].trim_start().starts_with('-') {
+            break;
+        }
+        let at = indent(lines[j]);
+        let mut end = j + 1;
+        while end < lines.len() && !(content(lines[end]) && indent(lines[end]) <= at) {
+            end += 1;
+        }
+        // Comments and blank lines at its end belong to what follows.
+        let mut last = end;
+        while last > j + 1 && !content(lines[last - 1]) {
+            last -= 1;
+        }
+        items.push((j, last));
+        j = end;
+    }
+    let (from, to) = items.iter().copied().find(|(from, to)| {
+        serde_yaml::from_str::<Vec<serde_yaml::Value>>(&lines[*from..*to].concat())
+            .ok()
+            .and_then(|v| v.into_iter().next())
+            .and_then(|v| v.get("name").and_then(|n| n.as_str().map(str::to_string)))
+            .is_some_and(|n| n == name)
+    })?;
+    let mut out = String::new();
+    for (i, l) in lines.iter().enumerate() {
+        if (from..to).contains(&i) {
+            continue;
+        }
+        if i == k && items.len() == 1 {
+            if !says_require_key(current) {
+                out.push_str(REQUIRE_KEY);
+            }
+            out.push_str("keys: []\n");
+            continue;
+        }
+        out.push_str(l);
+    }
+    Some(out)
 }
 
 /// `current` keys.yaml with an entry for `new` (whose key hashes to `sha`)
@@ -257,6 +383,37 @@ mod tests {
                 "{out}"
             );
         }
+    }
+
+    #[test]
+    fn a_revoked_key_leaves_the_rest_of_the_file_as_it_was() {
+        let text = "# the team's keys\nrequire_key: true\nkeys:\n  # web shop\n  - name: web\n    sha256: aa\n    tenant: acme\n\n  - { name: \"batch\", sha256: bb, tenant: acme }\n  - name: webhooks\n    sha256: cc\n    limits:\n      requests_per_minute: 5\nbudgets:\n  - { scope: tenant, name: acme, daily_usd: 5 }\n";
+        let out = without_key(text, "web").unwrap();
+        assert_eq!(
+            out,
+            "# the team's keys\nrequire_key: true\nkeys:\n  # web shop\n\n  - { name: \"batch\", sha256: bb, tenant: acme }\n  - name: webhooks\n    sha256: cc\n    limits:\n      requests_per_minute: 5\nbudgets:\n  - { scope: tenant, name: acme, daily_usd: 5 }\n"
+        );
+        let out = without_key(&out, "batch").unwrap();
+        let out = without_key(&out, "webhooks").unwrap();
+        let v: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(v["keys"].as_sequence().map(Vec::len), Some(0), "{out}");
+        assert_eq!(v["budgets"][0]["daily_usd"], 5, "{out}");
+        assert_eq!(out.matches("require_key").count(), 1, "{out}");
+        // A name that is not there (a prefix of one included): None.
+        assert!(without_key(text, "we").is_none());
+        assert!(without_key("keys: []\n", "web").is_none());
+        // The last key of a file that does not say `require_key`: it now
+        // says it, so the gateway stays closed.
+        let out = without_key("keys:\n- name: a\n  sha256: x\n", "a").unwrap();
+        let v: serde_yaml::Value = serde_yaml::from_str(&out).unwrap();
+        assert_eq!(
+            (
+                v["require_key"].as_bool(),
+                v["keys"].as_sequence().map(Vec::len)
+            ),
+            (Some(true), Some(0)),
+            "{out}"
+        );
     }
 
     #[test]

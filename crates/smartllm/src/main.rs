@@ -233,6 +233,20 @@ enum KeysCmd {
         #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
         config: PathBuf,
     },
+    /// Remove a key from keys.yaml (the rest of the file kept as it is): a
+    /// running gateway refuses it from its next reload.
+    Revoke {
+        /// The key's name.
+        name: String,
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+    },
+    /// List the keys of keys.yaml: name, tenant, app, models and the start
+    /// of each sha256 (the keys themselves are never stored).
+    List {
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+    },
     /// Print the sha256 to put in keys.yaml for a key read from standard
     /// input (never from the command line, where history and ps keep it).
     Hash {
@@ -269,10 +283,13 @@ enum CacheCmd {
     Purge {
         #[command(flatten)]
         target: AdminTarget,
+        /// Every entry of every tenant.
         #[arg(long, conflicts_with_all = ["route", "namespace"])]
         all: bool,
+        /// The entries stored under a route alias (or a model asked for by name).
         #[arg(long, conflicts_with = "namespace")]
         route: Option<String>,
+        /// The entries of one namespace (64 hex digits).
         #[arg(long)]
         namespace: Option<String>,
     },
@@ -513,6 +530,27 @@ fn main() -> ExitCode {
             }
         }
         Command::Keys {
+            action: KeysCmd::Revoke { name, config },
+        } => match keys_cli::revoke(&config, &name) {
+            Ok(()) => {
+                eprintln!(
+                    "smartllm: removed key '{name}' from {}; a running gateway refuses it from its next reload (file watch or SIGHUP).",
+                    config.join(smartllm_config::KEYS_FILE).display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => exit("keys revoke", Err(e)),
+        },
+        Command::Keys {
+            action: KeysCmd::List { config },
+        } => match keys_cli::list(&config) {
+            Ok(table) => {
+                print!("{table}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => exit("keys list", Err(e)),
+        },
+        Command::Keys {
             action:
                 KeysCmd::Create {
                     name,
@@ -738,18 +776,29 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     let config = smartllm_config::load_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     init_logging(&config.logging.level);
     if !upgrade {
-        // A port another process holds: Pingora would retry for a while,
-        // then its listener threads panic and leave this process up with
-        // nothing to serve (a supervisor sees it running). Refuse at once.
+        // A port another process holds: Pingora would retry, then its
+        // listener threads panic and leave this process up with nothing to
+        // serve (a supervisor sees it running). Wait a while for it (an old
+        // instance still draining), then refuse with an exit status.
         // (With --upgrade, the running instance hands its sockets over.)
         for (key, addr) in [
             ("server.listen", config.server.listen),
             ("server.admin_listen", config.server.admin_listen),
         ] {
-            if let Err(e) = std::net::TcpListener::bind(addr) {
-                anyhow::bail!(
-                    "{key}: cannot listen on {addr}: {e} (another smartllm, or another server, may hold it)"
-                );
+            let mut tries = 0;
+            loop {
+                match std::net::TcpListener::bind(addr) {
+                    Ok(_) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < PORT_WAIT_TRIES => {
+                        tries += 1;
+                        tracing::warn!(%addr, tries, "{key}: address in use; waiting for it");
+                        std::thread::sleep(Duration::from_secs(1));
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => anyhow::bail!(
+                        "{key}: cannot listen on {addr}: {e} (another smartllm, or another server, holds it; waited {PORT_WAIT_TRIES} s)"
+                    ),
+                    Err(e) => anyhow::bail!("{key}: cannot listen on {addr}: {e}"),
+                }
             }
         }
     }
@@ -853,7 +902,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     }
     if !config.keys.require_key && dir.join(smartllm_config::KEYS_FILE).exists() {
         tracing::warn!("keys.yaml requires no key: the gateway is open to anyone who can reach it");
-    } else if config.keys.keys.is_empty() {
+    } else if config.keys.require_key && config.keys.keys.is_empty() {
         tracing::warn!("keys.yaml lists no key: every request is refused (401) until one is made with `smartllm keys create NAME`");
     }
 
@@ -1115,6 +1164,13 @@ impl Finisher {
     }
 }
 
+/// Seconds a start waits for a listen address another process holds.
+const PORT_WAIT_TRIES: u32 = 10;
+
+/// After the drain timeout, how long the streams it ended have to write
+/// their last event before the stop goes on without them.
+const STREAM_END_WAIT: Duration = Duration::from_secs(2);
+
 /// Pingora stops accepting, then sleeps a fixed grace period before it cancels
 /// whatever still runs. After a graceful upgrade (SIGQUIT) that would cut the
 /// requests the old instance still serves, and would hold RocksDB's lock (which
@@ -1124,10 +1180,6 @@ impl Finisher {
 /// saves and flushes state and tells main to end the process, releasing the
 /// lock. After SIGTERM the drain has already happened in the shutdown
 /// watcher, so it ends at once.
-/// After the drain timeout, how long the streams it ended have to write
-/// their last event before the stop goes on without them.
-const STREAM_END_WAIT: Duration = Duration::from_secs(2);
-
 fn spawn_finisher(
     server: &Server,
     shared: &Arc<Shared>,

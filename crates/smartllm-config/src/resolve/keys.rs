@@ -109,7 +109,7 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
         );
     }
     let mut budgets = Vec::new();
-    let mut seen: Vec<(BudgetScope, String, usize)> = Vec::new();
+    let mut seen: Vec<(BudgetScope, String, bool, usize)> = Vec::new();
     for (i, b) in raw.budgets.into_iter().enumerate() {
         let at = format!("budgets[{i}]");
         let scope = match b.scope.as_str() {
@@ -197,20 +197,27 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
                 OnExceed::Reject
             }
         };
-        // One budget per scope and name: two would share one metric series
-        // and one alert record, so one would hide the other's state.
-        if let Some((_, _, j)) = seen.iter().find(|(s, n, _)| *s == scope && *n == b.name) {
+        // One budget per scope, name and action: two that do the same
+        // share one metric series and one alert record, so one would hide
+        // the other's state. (A degrade budget under a larger reject one,
+        // "degrade at $5, refuse at $20", is two actions: kept.)
+        let degrades = matches!(on_exceed, OnExceed::Degrade(_));
+        if let Some((_, _, _, j)) = seen
+            .iter()
+            .find(|(s, n, d, _)| *s == scope && *n == b.name && *d == degrades)
+        {
             v.push(
                 KEYS_FILE,
                 format!("{at}.name"),
                 format!(
-                    "a second {} budget for {:?} (the first is budgets[{j}]): put both amounts in one budget",
+                    "a second {} budget for {:?} that also {} (the first is budgets[{j}]): put both amounts in one budget",
                     scope.as_str(),
-                    b.name
+                    b.name,
+                    if degrades { "degrades" } else { "refuses" },
                 ),
             );
         }
-        seen.push((scope, b.name.clone(), i));
+        seen.push((scope, b.name.clone(), degrades, i));
         let webhook = b.webhook.and_then(|w| match Url::parse_webhook(&w) {
             Ok(u) => Some(u),
             Err(e) => {
@@ -301,7 +308,7 @@ mod tests {
             (MODELS_FILE, MODELS),
             (
                 KEYS_FILE,
-                "budgets:\n  - { scope: tenant, name: demo, daily_usd: 5 }\n  - { scope: app, name: demo/web, daily_usd: 5 }\n  - { scope: tenant, name: demo, daily_usd: 1 }\n",
+                "budgets:\n  - { scope: tenant, name: demo, daily_usd: 5 }\n  - { scope: app, name: demo/web, daily_usd: 5 }\n  - { scope: tenant, name: demo, daily_usd: 1 }\n  - { scope: tenant, name: demo, daily_usd: 2, on_exceed: degrade, degrade_to: small }\n",
             ),
         ]);
         let err = load_dir(dir.path()).unwrap_err();

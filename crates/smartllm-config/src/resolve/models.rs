@@ -157,6 +157,7 @@ pub(super) fn resolve_models(
             pricing,
             profile,
             mode,
+            mode_explicit: m.mode.is_some(),
         });
     }
     (resolved, prices)

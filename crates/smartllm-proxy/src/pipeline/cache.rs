@@ -302,8 +302,6 @@ pub async fn phase(
     }
 }
 
-/// A chat request whose answer has parts a cache entry does not keep:
-/// token log-probabilities, audio, web search annotations.
 /// A hit is a new answer, with ids of its own: `chatcmpl-` and 32 random
 /// hex digits (the Messages and Responses shapes derive theirs from it),
 /// fresh tool-call ids and this moment's `created`. Apps that log,
@@ -325,12 +323,14 @@ fn fresh_ids(completion: &mut Value) {
         };
         for (j, call) in calls.iter_mut().enumerate() {
             if call.get("id").is_some() {
-                call["id"] = Value::String(format!("call_{}{i}{j}", &id[..24]));
+                call["id"] = Value::String(format!("call_{}_{i}_{j}", &id[..24]));
             }
         }
     }
 }
 
+/// A chat request whose answer has parts a cache entry does not keep:
+/// token log-probabilities, audio, web search annotations.
 fn keeps_no_replay(body: &serde_json::Map<String, Value>) -> bool {
     let set = |f: &str| {
         body.get(f)

@@ -305,5 +305,21 @@ mod tests {
             "The daily budget of $1.00 for tenant 'acme' is used up ($1.5000 spent); it resets in 3h05m (UTC)."
         );
         assert_eq!(e.retry_after, Some(3 * 3600 + 5 * 60));
+        // A tiny budget refused on an estimate before it is spent.
+        let e = super::refusal(Refusal::BudgetExceeded(smartllm_quota::Exceeded {
+            budget: "tenant:acme".into(),
+            scope: "tenant",
+            name: "acme".into(),
+            period: "daily",
+            spent: 0.000144,
+            held: 0.0,
+            limit: 0.0002,
+            resets_in: 3600,
+            in_flight: false,
+        }));
+        assert_eq!(
+            e.message,
+            "The daily budget of $0.0002 for tenant 'acme' has $0.0001 left, less than this request could cost ($0.0001 spent); it resets in 1h00m (UTC)."
+        );
     }
 }

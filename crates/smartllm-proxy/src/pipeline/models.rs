@@ -22,10 +22,15 @@ pub async fn answer(
     // them), as it may use them; an open gateway or an unlisted key, all.
     let allowed =
         |id: &str, resolved: &str| crate::auth::authorize_model(ctx, id, resolved).is_ok();
+    // Anthropic's list holds only models that answer Messages: Claude Code
+    // and other pickers would offer an embedding model for chat.
+    let listed_kind = |m: &smartllm_config::ModelConfig| {
+        !ctx.anthropic || m.serves(smartllm_config::ModelMode::Chat)
+    };
     let mut data: Vec<serde_json::Value> = cfg
         .models
         .iter()
-        .filter(|m| allowed(&m.name, &m.name))
+        .filter(|m| allowed(&m.name, &m.name) && listed_kind(m))
         .map(|m| json!({"id": m.name, "object": "model", "created": 0, "owned_by": m.owned_by}))
         .collect();
     data.extend(

@@ -31,7 +31,7 @@ pub async fn plan(
     // to an embedding model would reach its provider only to come back as
     // a 404 the gateway must blame on its own configuration.
     let want = mode_for(request.req.endpoint);
-    if request.routed.is_none() && model.mode != want {
+    if request.routed.is_none() && !model.serves(want) {
         return Err(wrong_mode(&model.name, model.mode, request.req.endpoint));
     }
     // (model, why): candidates the router may not serve this request with.
@@ -77,7 +77,7 @@ pub async fn plan(
         if let Some(r) = request.route {
             // Each model once, never the alias's own, then the cap: a list
             // that starts with the model itself still has its fallbacks.
-            let fits = |m: &String| cfg.model(m).is_some_and(|m| m.mode == want);
+            let fits = |m: &String| cfg.model(m).is_some_and(|m| m.serves(want));
             for m in r.fallback.iter().filter(|m| fits(m)) {
                 if fallbacks.len() < r.max_fallbacks && *m != model.name && !fallbacks.contains(m) {
                     fallbacks.push(m.clone());
@@ -554,7 +554,14 @@ fn classify(shared: &Shared, ctx: &mut Ctx, rt: &Runtime, req: &ParsedRequest) {
 /// a capability, what only Anthropic providers take (the soft ones, budgets of latency, cost and quality, give
 /// way to a budget's cheaper model).
 fn hard_exclusion(why: &str) -> bool {
-    ["rule:", "context_window:", "capability:", "anthropic_only:"]
-        .iter()
-        .any(|p| why.starts_with(p))
+    [
+        "rule:",
+        "context_window:",
+        "capability:",
+        "anthropic_only:",
+        "responses_only:",
+        "openai_only:",
+    ]
+    .iter()
+    .any(|p| why.starts_with(p))
 }

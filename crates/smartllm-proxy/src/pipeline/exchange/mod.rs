@@ -187,6 +187,15 @@ pub async fn run(
             .filter(|p| pool.deployments.iter().any(|d| d.provider.name() == *p));
         let mut tried: Vec<(pingora_core::protocols::l4::socket::SocketAddr, usize)> = Vec::new();
         for attempt in 0..attempts {
+            // The stop's drain time is up: no new attempt starts.
+            if *shared.drain_expired.borrow() {
+                let mut e = ApiError::unavailable(
+                    "server_shutting_down",
+                    "This gateway instance is stopping (its drain time is up); send the request again (it will reach another instance).",
+                );
+                e.retry_after = Some(1);
+                return Err(e);
+            }
             let open =
                 |b: &pingora_load_balancing::Backend, i: usize, id: &str, d: &DeploymentRuntime| {
                     pin.is_none_or(|p| d.provider.name() == p)
@@ -241,6 +250,7 @@ pub async fn run(
             ctx.limit_lowered = pool
                 .max_output_tokens
                 .is_some_and(|m| request::asks_more_than(req, m));
+            ctx.dropped_tools = None;
             let prepared = match request::build(req, dep, pool, key.as_deref(), session, ctx) {
                 Ok(p) => p,
                 // This deployment cannot take the request (e.g. an endpoint
@@ -332,7 +342,8 @@ pub async fn run(
             // nothing either way (a wrong upstream model name still fails
             // over, request by request).
             let failed = |e: &ApiError| {
-                if e.code == "upstream_not_found" {
+                // (The gateway's own stop is no fault of the deployment.)
+                if e.code == "upstream_not_found" || e.code == "server_shutting_down" {
                     shared.breakers.abandon(breaker_id, permit);
                     return;
                 }

@@ -168,9 +168,11 @@ pub(super) fn build(
                 &dep.upstream_model,
                 req.stream,
                 pool.structured_outputs,
-                // No limit asked: as long as the model writes, as on OpenAI.
-                pool.max_output_tokens
-                    .unwrap_or(anthropic::DEFAULT_MAX_TOKENS),
+                default_max_tokens(
+                    pool.max_output_tokens,
+                    pool.context_window,
+                    ctx.prompt_bytes,
+                ),
             )?;
             (
                 format!("{}/messages", p.url.path),
@@ -250,6 +252,20 @@ pub(super) fn build(
     })
 }
 
+/// The limit a Chat Completions request without one is sent to Anthropic
+/// with (which needs one): as long as the model writes, as on OpenAI, but
+/// within what its context window leaves the prompt, counted at a bound of
+/// two bytes a token (Anthropic refuses prompt + max_tokens over the
+/// window); never under [`anthropic::DEFAULT_MAX_TOKENS`], the limit
+/// before the model's own was known.
+fn default_max_tokens(most: Option<u64>, context_window: u64, prompt_bytes: usize) -> u64 {
+    let Some(most) = most else {
+        return anthropic::DEFAULT_MAX_TOKENS;
+    };
+    let left = context_window.saturating_sub((prompt_bytes as u64).div_ceil(2));
+    most.min(left).max(anthropic::DEFAULT_MAX_TOKENS.min(most))
+}
+
 /// The output-limit fields of every API (Chat Completions' two, Messages'
 /// `max_tokens`, Responses' `max_output_tokens`).
 const LIMIT_FIELDS: [&str; 3] = ["max_tokens", "max_completion_tokens", "max_output_tokens"];
@@ -292,4 +308,23 @@ fn clamp_limits(body: Bytes, most: u64) -> Bytes {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::default_max_tokens;
+
+    #[test]
+    fn no_limit_asked_is_the_models_own_within_its_window() {
+        // Unknown: the old default.
+        assert_eq!(default_max_tokens(None, 200_000, 100), 4096);
+        // A short prompt: the model's most.
+        assert_eq!(default_max_tokens(Some(64_000), 200_000, 4_000), 64_000);
+        // A long one (400 KB, at most 200k tokens at two bytes each): what
+        // the window leaves, never under 4096.
+        assert_eq!(default_max_tokens(Some(64_000), 200_000, 300_000), 50_000);
+        assert_eq!(default_max_tokens(Some(64_000), 200_000, 400_000), 4096);
+        // A model whose own most is under 4096 keeps it.
+        assert_eq!(default_max_tokens(Some(1_024), 200_000, 400_000), 1_024);
+    }
 }

@@ -258,7 +258,16 @@ async fn bill_early_end(
     record_usage(ctx, Some(usage));
 }
 
-/// Resolves at `at`; never without one.
+/// A stream the stop's drain timeout ends: no failure of the model.
+fn shutdown_end() -> (StreamEnd, ApiError) {
+    let mut e = ApiError::unavailable(
+        "server_shutting_down",
+        "This gateway instance is stopping and its drain time (server.graceful_shutdown_timeout) ended the stream; send the request again (it will reach another instance).",
+    );
+    e.retry_after = Some(1);
+    (StreamEnd::Shutdown, e)
+}
+
 /// Returns once the stop's drain timeout is up (never if it never is).
 async fn drain_over(rx: &mut tokio::sync::watch::Receiver<bool>) {
     loop {
@@ -272,6 +281,7 @@ async fn drain_over(rx: &mut tokio::sync::watch::Receiver<bool>) {
     }
 }
 
+/// Resolves at `at`; never without one.
 async fn sleep_until(at: Option<Instant>) {
     match at {
         Some(at) => tokio::time::sleep_until(at.into()).await,
@@ -488,6 +498,11 @@ pub(super) async fn relay(
     let mut drain = x.shared.drain_expired.subscribe();
     // None: a clean end.
     let failure: Option<(StreamEnd, ApiError)> = loop {
+        // (Checked here too: with a slow client the provider's next bytes
+        // are always ready, and the biased select below never polls it.)
+        if *drain.borrow() {
+            break Some(shutdown_end());
+        }
         let t = Instant::now();
         // A held stream opens after `Held::TIME` even while the provider is
         // silent (a model thinking before its first word).
@@ -514,13 +529,7 @@ pub(super) async fn relay(
             }
             () = drain_over(&mut drain) => {
                 ctx.upstream_wait += t.elapsed();
-                break Some((
-                    StreamEnd::Shutdown,
-                    ApiError::unavailable(
-                        "server_shutting_down",
-                        "This gateway instance is stopping and its drain time (server.graceful_shutdown_timeout) ended the stream; send the request again (it will reach another instance).",
-                    ),
-                ));
+                break Some(shutdown_end());
             }
             () = sleep_until(open_at) => {
                 ctx.upstream_wait += t.elapsed();
@@ -682,11 +691,18 @@ pub(super) async fn relay(
             // Nothing reached the client: another deployment may answer, or
             // the client gets the failure as an HTTP error.
             Some((end, error)) => {
-                metrics::upstream_error(pname, end.reason());
+                if end != StreamEnd::Shutdown {
+                    metrics::upstream_error(pname, end.reason());
+                }
                 span.set(KeyValue::new("smartllm.stream.end", end.reason()));
                 span.error(error.code);
                 span.end();
                 up.shutdown().await;
+                if end == StreamEnd::Shutdown {
+                    // The stop's drain time is up: no other deployment is
+                    // tried; the client gets the 503 (with Retry-After).
+                    return Attempt::Fail(error);
+                }
                 if (400..500).contains(&error.status) && error.status != 429 {
                     // The provider refused the request itself (too long,
                     // invalid): no other deployment would take it, and it
@@ -752,7 +768,9 @@ pub(super) async fn relay(
     ));
     if let Some((end, err)) = &failure {
         span.error(err.code);
-        metrics::upstream_error(pname, end.reason());
+        if *end != StreamEnd::Shutdown {
+            metrics::upstream_error(pname, end.reason());
+        }
         ctx.error_code = Some(err.code);
         up.shutdown().await;
     } else {
