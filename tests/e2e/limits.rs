@@ -188,7 +188,22 @@ fn budgets_alert_reject_and_degrade() {
     assert!(r
         .header("x-smartllm-route")
         .unwrap()
-        .contains("reason=budget"));
+        .starts_with("small; model=big; reason=budget"));
+    // "small" was asked for by name: no route in the ledger (it is a model).
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let v = costs(&gw, "key,route");
+            let rows = v["rows"].as_array().cloned().unwrap_or_default();
+            let bob: Vec<&Value> = rows.iter().filter(|x| x["group"]["key"] == "bob").collect();
+            bob.iter()
+                .map(|x| x["requests"].as_u64().unwrap_or(0))
+                .sum::<u64>()
+                >= 2
+                && bob.iter().all(|x| x["group"]["route"] != "small")
+        }),
+        "{}",
+        costs(&gw, "key,route")
+    );
     // After a restart the spend is read back from the ledger: still
     // exhausted, and the alerts it already sent are not sent again.
     let sent = hook.requests();

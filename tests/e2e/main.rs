@@ -12,6 +12,7 @@ mod common;
 mod config;
 mod dashboard;
 mod fleet;
+mod front_door;
 mod keys_and_costs;
 mod lifecycle;
 mod limits;

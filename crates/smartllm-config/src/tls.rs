@@ -22,6 +22,57 @@ pub struct TlsMaterial {
     pub client_roots: Option<Arc<RootCertStore>>,
     /// sha256 of the end-entity certificate (hex), for logs and tests.
     pub fingerprint: String,
+    /// When the end-entity certificate becomes valid and expires (Unix
+    /// seconds); None when its dates do not parse.
+    pub validity: Option<(i64, i64)>,
+}
+
+/// Warn this long before a served certificate expires.
+pub const EXPIRY_WARNING_SECS: i64 = 14 * 86_400;
+
+/// The validity dates of a DER certificate (Unix seconds).
+pub fn validity(der: &[u8]) -> Option<(i64, i64)> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let v = cert.validity();
+    Some((v.not_before.timestamp(), v.not_after.timestamp()))
+}
+
+/// What a served certificate's dates say at `now`: expired, not yet valid,
+/// or expiring within [`EXPIRY_WARNING_SECS`]; None when it is fine.
+pub fn validity_warning(validity: (i64, i64), now: i64) -> Option<String> {
+    let (not_before, not_after) = validity;
+    let date = |t: i64| {
+        // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+        let z = t.div_euclid(86_400) + 719_468;
+        let era = z.div_euclid(146_097);
+        let doe = z - era * 146_097;
+        let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+        let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+        let mp = (5 * doy + 2) / 153;
+        let d = doy - (153 * mp + 2) / 5 + 1;
+        let m = if mp < 10 { mp + 3 } else { mp - 9 };
+        let y = yoe + era * 400 + i64::from(m <= 2);
+        format!("{y:04}-{m:02}-{d:02}")
+    };
+    if now >= not_after {
+        Some(format!(
+            "the certificate expired on {} UTC: clients refuse it",
+            date(not_after)
+        ))
+    } else if now < not_before {
+        Some(format!(
+            "the certificate is not valid before {} UTC: clients refuse it until then",
+            date(not_before)
+        ))
+    } else if not_after - now < EXPIRY_WARNING_SECS {
+        Some(format!(
+            "the certificate expires on {} UTC, in {} day(s): renew it",
+            date(not_after),
+            (not_after - now) / 86_400
+        ))
+    } else {
+        None
+    }
 }
 
 /// Why a TLS file cannot be used. [`TlsError::key`] is the setting under
@@ -122,6 +173,7 @@ pub fn load(tls: &TlsConfig) -> Result<TlsMaterial, TlsError> {
             error,
         })?;
     let fingerprint = hex::encode(Sha256::digest(chain[0].as_ref()));
+    let validity = validity(chain[0].as_ref());
     let certified_key = CertifiedKey::new(chain, signing);
     match certified_key.keys_match() {
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
@@ -155,6 +207,7 @@ pub fn load(tls: &TlsConfig) -> Result<TlsMaterial, TlsError> {
         certified_key: Arc::new(certified_key),
         client_roots,
         fingerprint,
+        validity,
     })
 }
 
@@ -175,4 +228,36 @@ pub(crate) fn files(tls: &TlsConfig) -> Vec<(&'static str, &Path)> {
         out.push(("client_ca_file", ca.as_path()));
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_certificates_dates_are_read_and_warned_about() {
+        let pem = include_bytes!("testdata/cert.pem");
+        let der = rustls_pemfile::certs(&mut &pem[..])
+            .next()
+            .unwrap()
+            .unwrap();
+        // openssl x509 -startdate -enddate: Nov 30 00:47:25 2026 GMT and
+        // Nov  6 00:47:25 2126 GMT.
+        let v = validity(der.as_ref()).unwrap();
+        assert_eq!(v, (1_795_999_645, 4_949_599_645));
+        assert_eq!(validity_warning(v, 1_796_000_000), None);
+        assert_eq!(
+            validity_warning(v, v.1 + 1).unwrap(),
+            "the certificate expired on 2126-11-06 UTC: clients refuse it"
+        );
+        assert_eq!(
+            validity_warning(v, v.1 - 3 * 86_400 - 5).unwrap(),
+            "the certificate expires on 2126-11-06 UTC, in 3 day(s): renew it"
+        );
+        assert_eq!(
+            validity_warning(v, v.0 - 1).unwrap(),
+            "the certificate is not valid before 2026-11-30 UTC: clients refuse it until then"
+        );
+        assert_eq!(validity(b"not a certificate"), None);
+    }
 }

@@ -86,6 +86,23 @@ pub struct FleetConfig {
     pub share_costs: bool,
 }
 
+impl FleetConfig {
+    /// Where `redis` points, for logs: the URL without its user and
+    /// password ("-" when there is none).
+    pub fn redis_addr(&self) -> String {
+        let Some(url) = &self.redis else {
+            return "-".into();
+        };
+        match url.split_once("://") {
+            Some((scheme, rest)) => {
+                let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
+                format!("{scheme}://{rest}")
+            }
+            None => url.clone(),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StoreConfig {
     /// Bytes for RocksDB's shared block cache, memtables included.
@@ -1050,6 +1067,24 @@ impl Config {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_redis_address_is_logged_without_its_password() {
+        let mut f = crate::FleetConfig {
+            redis: Some("redis://:s3cret@10.0.0.5:6379/2".into()),
+            key_prefix: "smartllm".into(),
+            timeout: std::time::Duration::from_millis(250),
+            on_error: crate::FleetOnError::Local,
+            share_cache: false,
+            cache_stream_len: 1,
+            share_costs: false,
+        };
+        assert_eq!(f.redis_addr(), "redis://10.0.0.5:6379/2");
+        f.redis = Some("redis+unix:///run/redis.sock".into());
+        assert_eq!(f.redis_addr(), "redis+unix:///run/redis.sock");
+        f.redis = None;
+        assert_eq!(f.redis_addr(), "-");
+    }
+
     use crate::test_support::*;
     use crate::*;
 

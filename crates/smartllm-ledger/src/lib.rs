@@ -145,10 +145,13 @@ impl Price {
     /// the completion is billed at the output price, its reasoning tokens at
     /// the reasoning price and its audio at the audio price when there are
     /// such (a token is billed once); a prompt above the long-context
-    /// threshold bills every text token at the tier's prices. Counts above
+    /// threshold bills every text token at the tier's prices, reasoning
+    /// raised as the tier raises output (thinking is output: Gemini's
+    /// tiers bill it so). Counts above
     /// [`MAX_TOKENS_PER_REQUEST`] are billed at it, as the ledger counts them.
     pub fn cost_nanos(&self, t: Tokens) -> u64 {
         let t = t.clamped();
+        let long = self.long_context.is_some_and(|l| t.prompt > l.above_tokens);
         let (input, output, cached_in, write_5m, write_1h) = match self.long_context {
             Some(l) if t.prompt > l.above_tokens => (
                 l.input_per_1m,
@@ -174,6 +177,10 @@ impl Price {
             None => (0, 0.0),
         };
         let (reasoning, reasoning_price) = match self.reasoning_per_1m {
+            Some(p) if long && self.output_per_1m > 0.0 => (
+                t.reasoning.min(t.completion),
+                p * output / self.output_per_1m,
+            ),
             Some(p) => (t.reasoning.min(t.completion), p),
             None => (0, 0.0),
         };
@@ -1320,6 +1327,19 @@ mod tests {
             ..Tokens::default()
         };
         assert_eq!(lc.cost_nanos(long), 1001 * 6_000 + 10 * 22_500);
+        // Reasoning in the tier: raised as output is (15 -> 22.5: x1.5).
+        let lcr = Price {
+            reasoning_per_1m: Some(20.0),
+            ..lc
+        };
+        let long_reasoning = Tokens {
+            reasoning: 6,
+            ..long
+        };
+        assert_eq!(
+            lcr.cost_nanos(long_reasoning),
+            1001 * 6_000 + 4 * 22_500 + 6 * 30_000
+        );
         // Audio (gpt-4o-audio-like): part of the prompt and the answer, at
         // its own prices when it has them, else at the text prices.
         let audio = Tokens {

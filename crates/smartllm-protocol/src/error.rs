@@ -111,6 +111,16 @@ impl ApiError {
         )
     }
 
+    /// 415 for a `Content-Encoding` the gateway does not decode.
+    pub fn unsupported_encoding(got: &str) -> Self {
+        Self::new(
+            415,
+            "invalid_request_error",
+            "unsupported_content_encoding",
+            format!("Content-Encoding {got:?} is not supported; send the body uncompressed, or gzip- or deflate-encoded."),
+        )
+    }
+
     pub fn bad_gateway(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(502, "upstream_error", code, message)
     }
@@ -121,6 +131,14 @@ impl ApiError {
 
     pub fn unavailable(code: &'static str, message: impl Into<String>) -> Self {
         Self::new(503, "server_error", code, message)
+    }
+
+    /// 503 `server_shutting_down`: this instance is stopping; the request
+    /// may be sent again at once (another instance takes it).
+    pub fn shutting_down(message: impl Into<String>) -> Self {
+        let mut e = Self::unavailable("server_shutting_down", message);
+        e.retry_after = Some(1);
+        e
     }
 
     pub fn internal(message: impl Into<String>) -> Self {

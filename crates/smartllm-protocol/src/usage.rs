@@ -135,12 +135,14 @@ pub struct OpenAiStreamFilter {
     pub usage: Option<Usage>,
     pub saw_done: bool,
     pub events: u64,
-    /// Chunks that carry a choice's delta, and their bytes and the fewest
-    /// bytes of one: what a stream cut before its usage chunk is billed
-    /// from (see [`OpenAiStreamFilter::generated_tokens_estimate`]).
+    /// Chunks whose delta carries generated text (content, a refusal, a
+    /// tool call's arguments, reasoning), and the bytes of that text as
+    /// written in the JSON, the answer's and the reasoning's: what a
+    /// stream without a usage chunk is billed from (see
+    /// [`OpenAiStreamFilter::generated_tokens_estimate`]).
     pub deltas: u64,
-    delta_bytes: u64,
-    min_delta: u64,
+    text_bytes: u64,
+    reasoning_bytes: u64,
     /// The first error the provider reported mid-stream: the stream failed.
     pub error: Option<StreamError>,
     /// A choice ended at the token limit (`finish_reason: "length"`).
@@ -223,6 +225,45 @@ fn begun(v: &Value) -> bool {
     })
 }
 
+/// The delta fields that hold the answer's generated text.
+const TEXT_FIELDS: [&[u8]; 3] = [b"\"content\"", b"\"refusal\"", b"\"arguments\""];
+/// The delta fields that hold generated reasoning (DeepSeek, vLLM, OpenRouter).
+const REASONING_FIELDS: [&[u8]; 2] = [b"\"reasoning_content\"", b"\"reasoning\""];
+
+/// The bytes of the JSON string values of `field` (a quoted key) in `data`,
+/// as written (an escape counts its bytes), found without parsing: every
+/// `"field": "..."` occurrence; a value that is not a string counts 0.
+fn string_bytes(data: &[u8], field: &[u8]) -> usize {
+    let mut total = 0;
+    for at in memchr::memmem::find_iter(data, field) {
+        let mut i = at + field.len();
+        while data.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        if data.get(i) != Some(&b':') {
+            continue;
+        }
+        i += 1;
+        while data.get(i).is_some_and(u8::is_ascii_whitespace) {
+            i += 1;
+        }
+        if data.get(i) != Some(&b'"') {
+            continue;
+        }
+        let start = i + 1;
+        let mut j = start;
+        while j < data.len() {
+            match data[j] {
+                b'\\' => j += 2,
+                b'"' => break,
+                _ => j += 1,
+            }
+        }
+        total += j.min(data.len()) - start;
+    }
+    total
+}
+
 impl OpenAiStreamFilter {
     pub fn new(client_wants_usage: bool) -> Self {
         OpenAiStreamFilter {
@@ -232,8 +273,8 @@ impl OpenAiStreamFilter {
             saw_done: false,
             events: 0,
             deltas: 0,
-            delta_bytes: 0,
-            min_delta: u64::MAX,
+            text_bytes: 0,
+            reasoning_bytes: 0,
             error: None,
             truncated: false,
             finished: 0,
@@ -266,10 +307,14 @@ impl OpenAiStreamFilter {
             return true;
         }
         if ev.data.contains("\"delta\"") {
-            let n = ev.data.len() as u64;
-            self.deltas += 1;
-            self.delta_bytes += n;
-            self.min_delta = self.min_delta.min(n);
+            let d = ev.data.as_bytes();
+            let text: usize = TEXT_FIELDS.iter().map(|f| string_bytes(d, f)).sum();
+            let reasoning: usize = REASONING_FIELDS.iter().map(|f| string_bytes(d, f)).sum();
+            if text + reasoning > 0 {
+                self.deltas += 1;
+                self.text_bytes += text as u64;
+                self.reasoning_bytes += reasoning as u64;
+            }
         }
         // Only a choice's last chunk names it: parsed then.
         if names_finish_reason(&ev.data) {
@@ -323,17 +368,19 @@ impl OpenAiStreamFilter {
         true
     }
 
-    /// Output tokens generated so far, without parsing a chunk: a token a
-    /// chunk (OpenAI and most compatible servers stream one at a time), or
-    /// where chunks carry several (Gemini, vLLM's `stream_interval`), the
-    /// bytes beyond the smallest chunk's (its envelope) at 4 a token.
+    /// Output tokens generated so far, without parsing a chunk: the
+    /// generated text's bytes at 4 a token, and at least a token for each
+    /// chunk that carried some (OpenAI and most compatible servers stream
+    /// one token a chunk; Gemini and vLLM's `stream_interval` several).
     pub fn generated_tokens_estimate(&self) -> u64 {
-        if self.deltas == 0 {
-            return 0;
-        }
-        let envelope = self.deltas * self.min_delta;
         self.deltas
-            .max(self.delta_bytes.saturating_sub(envelope).div_ceil(4))
+            .max((self.text_bytes + self.reasoning_bytes).div_ceil(4))
+    }
+
+    /// The reasoning's share of [`Self::generated_tokens_estimate`]: what
+    /// the answer's assembled text (content and tool calls) leaves out.
+    pub fn reasoning_tokens_estimate(&self) -> u64 {
+        self.reasoning_bytes.div_ceil(4)
     }
 
     /// Whatever partial event is left when the upstream ends.
@@ -468,13 +515,33 @@ mod tests {
         let chunk = |t: &str| {
             format!("data: {{\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"{t}\"}},\"finish_reason\":null}}]}}\n\n")
         };
+        // The role-only first chunk and the last (a finish reason, an
+        // empty delta) carry nothing generated.
+        f.feed(b"data: {\"id\":\"chatcmpl-1\",\"object\":\"chat.completion.chunk\",\"created\":1,\"model\":\"gpt-4o-mini-2024-07-18\",\"choices\":[{\"index\":0,\"delta\":{\"role\":\"assistant\",\"content\":\"\",\"refusal\":null},\"finish_reason\":null}]}\n\n").unwrap();
         for t in ["The", " answer", " is"] {
             f.feed(chunk(t).as_bytes()).unwrap();
         }
         f.feed(b": keep-alive\n\n").unwrap();
+        f.feed(b"data: {\"id\":\"chatcmpl-1\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n").unwrap();
         assert_eq!(f.deltas, 3);
-        assert_eq!(f.generated_tokens_estimate(), 3);
+        // 13 bytes of text: 4 at 4 bytes a token (a token a chunk says 3).
+        assert_eq!(f.generated_tokens_estimate(), 4);
         assert!(f.usage.is_none());
+        // One word a chunk, of varying lengths (the mock's stream, a
+        // provider without usage): about a token a word, not the chunks'
+        // size differences at 4 bytes a token (which read 55 for 14).
+        let mut w = OpenAiStreamFilter::new(false);
+        let words = "The quick brown fox jumps over the lazy dog while extraordinarily long words interleave";
+        for word in words.split(' ') {
+            w.feed(chunk(&format!(" {word}")).as_bytes()).unwrap();
+        }
+        w.feed(b"data: {\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"stop\"}]}\n\n")
+            .unwrap();
+        let n = words.split(' ').count() as u64;
+        let est = w.generated_tokens_estimate();
+        // (101 bytes: 26 at 4 bytes a token; tiktoken says 17.)
+        assert!((n..=2 * n).contains(&est), "{est} for {n} words");
+        assert_eq!(w.reasoning_tokens_estimate(), 0);
         // Chunks of many tokens each: their bytes count.
         let mut g = OpenAiStreamFilter::new(false);
         g.feed(chunk("A").as_bytes()).unwrap();
@@ -483,6 +550,31 @@ mod tests {
         }
         let est = g.generated_tokens_estimate();
         assert!((190..=210).contains(&est), "{est}");
+        // Reasoning and tool-call arguments count; spacing and escapes
+        // are read as written.
+        let mut r = OpenAiStreamFilter::new(false);
+        r.feed(b"data: {\"choices\": [{\"delta\": {\"reasoning_content\": \"abcdefgh\"}}]}\n\n")
+            .unwrap();
+        r.feed(b"data: {\"choices\":[{\"delta\":{\"tool_calls\":[{\"index\":0,\"function\":{\"arguments\":\"{\\\"a\\\":1}\"}}]}}]}\n\n").unwrap();
+        assert_eq!(r.deltas, 2);
+        assert_eq!(r.reasoning_tokens_estimate(), 2);
+        assert_eq!(r.generated_tokens_estimate(), 2 + 3);
+    }
+
+    #[test]
+    fn string_values_are_measured_without_parsing() {
+        assert_eq!(string_bytes(br#"{"content":"abc"}"#, b"\"content\""), 3);
+        assert_eq!(string_bytes(br#"{"content" :  "a\"b"}"#, b"\"content\""), 4);
+        assert_eq!(string_bytes(br#"{"content":null}"#, b"\"content\""), 0);
+        assert_eq!(
+            string_bytes(br#"{"x":"content","content":"ab"}"#, b"\"content\""),
+            2
+        );
+        assert_eq!(string_bytes(br#"{"content":"ab"#, b"\"content\""), 2);
+        assert_eq!(
+            string_bytes(br#"{"reasoning_content":"ab"}"#, b"\"reasoning\""),
+            0
+        );
     }
 
     /// A choice that ended at the token limit marks the stream truncated;

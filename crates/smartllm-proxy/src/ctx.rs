@@ -16,6 +16,9 @@ pub struct Ctx {
     /// Anthropic's shapes.
     pub anthropic: bool,
     pub route: Option<String>,
+    /// The model a request named by name before a budget served a cheaper
+    /// one: `x-smartllm-route` names it (the ledger's route stays "-").
+    pub degraded_from: Option<String>,
     /// The model serving the request: read with [`Ctx::model`], set only
     /// by [`Ctx::set_model`].
     model: Option<String>,
@@ -138,6 +141,7 @@ impl Ctx {
             anthropic: false,
             web_search: false,
             route: None,
+            degraded_from: None,
             model: None,
             provider: None,
             upstream_model: None,

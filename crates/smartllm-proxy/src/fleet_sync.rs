@@ -240,6 +240,11 @@ impl FleetSync {
         self.costs_unsent.load(Ordering::SeqCst)
     }
 
+    /// Cache inserts queued for the fleet and not yet sent.
+    pub fn inserts_queued(&self) -> usize {
+        self.outbox.max_capacity() - self.outbox.capacity()
+    }
+
     /// Until every cost batch handed over so far is in Redis, or `timeout`.
     pub async fn wait_costs_sent(&self, timeout: Duration) {
         let until = tokio::time::Instant::now() + timeout;
@@ -327,6 +332,32 @@ impl FleetSync {
     }
 
     // ---- publishing -------------------------------------------------------
+
+    /// [`Self::connect`] for `what` (a fleet task), saying when it loses
+    /// Redis and when it has it again: once each, not at every retry (an
+    /// unreachable Redis, a wrong password, would otherwise leave the cache
+    /// and costs unshared without a word).
+    async fn connect_noted(
+        &self,
+        what: &'static str,
+        timeout: Duration,
+        down: &mut bool,
+    ) -> Result<MultiplexedConnection, redis::RedisError> {
+        match self.connect(timeout).await {
+            Ok(c) => {
+                if std::mem::take(down) {
+                    tracing::info!(what, redis = %self.config.redis_addr(), "fleet: redis reachable again");
+                }
+                Ok(c)
+            }
+            Err(e) => {
+                if !std::mem::replace(down, true) {
+                    tracing::warn!(what, redis = %self.config.redis_addr(), error = %e, "fleet: cannot reach redis; retrying (meanwhile this is not shared)");
+                }
+                Err(e)
+            }
+        }
+    }
 
     async fn publish_one(
         &self,
@@ -503,6 +534,7 @@ impl FleetSync {
         let _gone = Gone(&self.publisher_gone);
         let mut conn: Option<MultiplexedConnection> = None;
         let mut backoff = Duration::from_millis(100);
+        let mut down = false;
         loop {
             let event = tokio::select! {
                 biased;
@@ -534,7 +566,10 @@ impl FleetSync {
             let mut refused = 0;
             loop {
                 if conn.is_none() {
-                    conn = self.connect(self.config.timeout * 4).await.ok();
+                    conn = self
+                        .connect_noted("cache changes", self.config.timeout * 4, &mut down)
+                        .await
+                        .ok();
                 }
                 if let Some(c) = conn.as_mut() {
                     let named = named_policies(&shared);
@@ -916,12 +951,19 @@ impl FleetSync {
         let stream = self.stream_key();
         let mut saved = self.position(&store).await;
         let mut backoff = Duration::from_millis(200);
+        let mut down = false;
         'connect: loop {
-            let mut conn = match self.connect(READ_BLOCK + self.config.timeout * 4).await {
+            let mut conn = match self
+                .connect_noted(
+                    "cache stream",
+                    READ_BLOCK + self.config.timeout * 4,
+                    &mut down,
+                )
+                .await
+            {
                 Ok(c) => c,
-                Err(e) => {
+                Err(_) => {
                     metrics::gauge!("smartllm_fleet_cache_connected").set(0.0);
-                    tracing::debug!(error = %e, "fleet cache stream: redis unreachable");
                     tokio::select! {
                         _ = tokio::time::sleep(backoff) => {}
                         _ = shutdown.changed() => return,
@@ -1017,6 +1059,7 @@ impl FleetSync {
         };
         let script = redis::Script::new(ADD_COSTS);
         let mut conn: Option<MultiplexedConnection> = None;
+        let mut down = false;
         // The batch being sent (retried as it is, under its marker, until
         // Redis confirms it) and what arrived since.
         let mut inflight: Option<(u64, u64, Counters)> = None;
@@ -1057,7 +1100,10 @@ impl FleetSync {
             }
             if let Some((n, batches, counters)) = &inflight {
                 if conn.is_none() {
-                    conn = self.connect(self.config.timeout * 4).await.ok();
+                    conn = self
+                        .connect_noted("costs", self.config.timeout * 4, &mut down)
+                        .await
+                        .ok();
                 }
                 if let Some(c) = conn.as_mut() {
                     match self.add_costs(c, &script, *n, counters).await {

@@ -19,6 +19,7 @@ pub const CONFIG_RELOADS: &str = "smartllm_config_reloads_total";
 pub const CONFIG_VERSION: &str = "smartllm_config_version";
 pub const CONFIG_RESTART_PENDING: &str = "smartllm_config_restart_required";
 pub const INFLIGHT: &str = "smartllm_requests_in_flight";
+pub const TLS_CERT_EXPIRY: &str = "smartllm_tls_certificate_expiry_timestamp_seconds";
 /// Work refused under overload, by `reason`: `max_in_flight` (the request got
 /// 503), `embedder` (its cache lookup was skipped), `cache_insert` (its answer
 /// was not stored).
@@ -148,6 +149,11 @@ pub fn install() -> PrometheusHandle {
         "1 when the config on disk changes settings that need a restart."
     );
     describe_gauge!(INFLIGHT, "Requests being served now.");
+    describe_gauge!(
+        TLS_CERT_EXPIRY,
+        Unit::Seconds,
+        "When the certificate a TLS listener serves expires (Unix time), by listener."
+    );
     describe_counter!(
         SHED,
         "Work refused under overload: requests answered 503 (max_in_flight), cache lookups skipped (embedder), answers not stored (cache_insert)."

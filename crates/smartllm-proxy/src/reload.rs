@@ -134,6 +134,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                             );
                         }
                         crate::apply_metrics_config(&rt.config);
+                        crate::tls::note_validity(&rt);
                         for listener in [crate::tls::Listener::Api, crate::tls::Listener::Admin] {
                             let fingerprint =
                                 |r: &Runtime| listener.of(r).map(|t| t.fingerprint.clone());

@@ -65,7 +65,7 @@ pub fn header(
     if let Some(v) = ctx.cache_verifier {
         h.insert_header("x-smartllm-verifier", format!("{v:.4}"))?;
     }
-    if let Some(r) = &ctx.route {
+    if let Some(r) = ctx.route.as_ref().or(ctx.degraded_from.as_ref()) {
         let model = ctx.model().unwrap_or("-");
         let rule = ctx
             .route_cost_rule

@@ -26,6 +26,8 @@ pub struct ListenerTls {
     pub client_verifier: Option<Arc<dyn ClientCertVerifier>>,
     /// sha256 of the served end-entity certificate.
     pub fingerprint: String,
+    /// When it becomes valid and expires (Unix seconds).
+    pub validity: Option<(i64, i64)>,
     /// sha256 of the client CAs (subjects and keys; empty without them):
     /// what a resumed session must have begun under (see [`Sessions`]).
     pub client_auth: String,
@@ -120,8 +122,29 @@ impl ListenerTls {
             certified_key: m.certified_key,
             client_verifier,
             fingerprint: m.fingerprint,
+            validity: m.validity,
             client_auth,
         })
+    }
+}
+
+/// What the served certificates' dates say, at a start and after each
+/// reload: a warning when one has expired, is not valid yet or expires
+/// within 14 days, and `smartllm_tls_certificate_expiry_timestamp_seconds`
+/// (for an alert well before the day: the gateway keeps serving what it
+/// was given).
+pub fn note_validity(rt: &crate::Runtime) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    for listener in [Listener::Api, Listener::Admin] {
+        let Some(t) = listener.of(rt) else { continue };
+        let Some(v) = t.validity else { continue };
+        metrics::gauge!(crate::metrics::TLS_CERT_EXPIRY, "listener" => listener.setting())
+            .set(v.1 as f64);
+        if let Some(w) = smartllm_config::tls::validity_warning(v, now) {
+            tracing::warn!(listener = listener.setting(), sha256 = %t.fingerprint, "{}: {w}", listener.setting());
+        }
     }
 }
 

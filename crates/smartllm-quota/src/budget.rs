@@ -233,8 +233,13 @@ impl std::error::Error for Exceeded {}
 fn usd(x: f64) -> String {
     if x.abs() >= 1.0 {
         format!("{x:.2}")
-    } else {
+    } else if x == 0.0 || x.abs() >= 0.0001 {
         format!("{x:.4}")
+    } else {
+        // Under a hundredth of a cent: two significant digits, never a
+        // "$0.0000 left" of a budget that still has some.
+        let digits = (-x.abs().log10()).ceil() as usize + 1;
+        format!("{x:.digits$}")
     }
 }
 
@@ -853,6 +858,19 @@ struct Crossing {
 }
 
 impl Quotas {
+    /// Spend this gateway counted that the fleet's counters have not taken
+    /// (Redis unreachable since): how many budget periods miss some, and the
+    /// most one misses (USD).
+    pub fn spend_unsent(&self) -> (usize, f64) {
+        let u = self
+            .budgets
+            .unsynced
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let most = u.values().map(|e| e.0).fold(0.0, f64::max);
+        (u.len(), most)
+    }
+
     /// Load this month's spend from the ledger (at start, after
     /// [`Quotas::track_budgets`]). Thresholds of `budgets` that spend
     /// already meets were alerted on before the restart: not sent again
@@ -953,6 +971,9 @@ impl Quotas {
         if let Err(r) = self.budgets.refresh(fleet.clone(), budgets, scope).await {
             return BudgetDecision::Reject(r);
         }
+        if let Some(f) = &fleet {
+            self.alert_crossed(f, budgets, scope);
+        }
         // A degrade budget whose target is this model is met by serving
         // it; every other budget still applies.
         let degraded_to_this = |b: &Budget| match &b.on_exceed {
@@ -1026,7 +1047,9 @@ impl Quotas {
                 _ => BudgetDecision::Within(None),
             },
             OnExceed::Reject => {
-                metrics::budget_exceeded(&ex.budget, "reject");
+                // Room held by requests in flight is no budget used up: a
+                // retry may fit (and an alert on `reject` would cry wolf).
+                metrics::budget_exceeded(&ex.budget, if ex.in_flight { "wait" } else { "reject" });
                 BudgetDecision::Reject(Refusal::BudgetExceeded(ex))
             }
         }
@@ -1145,6 +1168,37 @@ impl Quotas {
         });
     }
 
+    /// Alert the thresholds the fleet's figures, just read from Redis, have
+    /// crossed since this gateway last looked (one gateway of the fleet
+    /// sends each). Spend reaches Redis by other ways than this gateway's
+    /// own requests: other gateways', or its own sent late once Redis is
+    /// back after an outage. Without this a budget those pushed past 80%
+    /// and 100% would refuse every request and never say so.
+    fn alert_crossed(self: &Arc<Self>, f: &Arc<Fleet>, budgets: &[Budget], scope: Scope<'_>) {
+        let ids = scope.budget_ids();
+        let relevant: Vec<Budget> = budgets
+            .iter()
+            .filter(|b| ids.contains(&b.id()))
+            .cloned()
+            .collect();
+        if relevant.is_empty() {
+            return;
+        }
+        let (day, month, _, _) = periods(now_secs());
+        let crossed = self.budgets.crossings(&relevant, &day, &month);
+        if crossed.is_empty() {
+            return;
+        }
+        let (quotas, f) = (self.clone(), f.clone());
+        self.tasks.spawn(async move {
+            for c in crossed {
+                if f.claim(&c.key, MONTH_TTL).await.unwrap_or(true) {
+                    quotas.fire(c);
+                }
+            }
+        });
+    }
+
     /// A request refused (or degraded) by `budget` for want of room, not
     /// for what requests in flight hold, though it would fit the budget's
     /// whole period: the budget now turns requests away before spend
@@ -1215,6 +1269,7 @@ impl Quotas {
             let body = if c.refusing {
                 json!({
                     "type": "budget_refusing", "budget": b.id(), "scope": b.scope.as_str(), "name": b.name,
+                    "action": match b.on_exceed { OnExceed::Reject => "reject", OnExceed::Degrade(_) => "degrade" },
                     "period": c.period, "used_pct": c.threshold, "spent_usd": c.spent, "limit_usd": c.limit,
                     "at": now_secs(),
                 })
@@ -1528,6 +1583,98 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    /// Gateway A counted $0.45 while Redis was down; Redis came back and
+    /// gateway B spent $0.60 (B sent the 50% alert). A's next check sends
+    /// its late $0.45: the fleet is at 105%, every request is refused, and
+    /// the 80% and 100% alerts are A's to send (claimed once in Redis).
+    /// Before, thresholds were looked at only after a request's own cost,
+    /// so they were never sent. (A real redis-server: `make test` installs
+    /// it.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn thresholds_the_fleets_figure_crosses_are_alerted_by_one_gateway() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let mut cfg = crate::test_support::config();
+        let hook = Url::parse("http://127.0.0.1:9/hook").unwrap();
+        let mut b = budget(OnExceed::Reject, Some(hook));
+        b.alert_at = vec![50.0, 80.0, 100.0];
+        cfg.keys.budgets = vec![b];
+        cfg.fleet = FleetConfig {
+            redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            key_prefix: "t".into(),
+            timeout: std::time::Duration::from_millis(500),
+            on_error: FleetOnError::Local,
+            share_cache: false,
+            cache_stream_len: 100_000,
+            share_costs: false,
+        };
+        let gateway = || {
+            let (q, alerts) = Quotas::new(8);
+            (Arc::new(q), alerts)
+        };
+        let thresholds = |alerts: &mut tokio::sync::mpsc::Receiver<crate::Alert>| {
+            let mut got = Vec::new();
+            while let Ok(a) = alerts.try_recv() {
+                let body: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+                got.push(body["threshold_pct"].as_f64().unwrap());
+            }
+            got
+        };
+        let (a, mut a_alerts) = gateway();
+        let (b, mut b_alerts) = gateway();
+        // Redis is down: A keeps its spend to send later.
+        a.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.45);
+        a.tasks().close();
+        a.tasks().wait().await;
+        a.tasks().reopen();
+        assert_eq!(
+            a.budgets
+                .unsynced(&format!("tenant:acme|{}", periods(now_secs()).0)),
+            0.45
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", &dir.path().display().to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (`make test` installs it)");
+        let mut up = false;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(up, "redis-server did not start");
+        // A's back-off after the failed send ends.
+        tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+        b.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.6);
+        b.tasks().close();
+        b.tasks().wait().await;
+        assert_eq!(thresholds(&mut b_alerts), vec![50.0]);
+        match a.budget(&cfg, ACME, "m", 0.01).await {
+            BudgetDecision::Reject(Refusal::BudgetExceeded(e)) => {
+                assert!((e.spent - 1.05).abs() < 1e-9, "{e:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        a.tasks().close();
+        a.tasks().wait().await;
+        let mut got = thresholds(&mut a_alerts);
+        got.sort_by(f64::total_cmp);
+        assert_eq!(got, vec![80.0, 100.0]);
+        let _ = server.kill();
+        let _ = server.wait();
     }
 
     #[tokio::test]

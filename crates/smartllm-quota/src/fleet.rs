@@ -276,7 +276,7 @@ impl Fleet {
     /// Count a failure and back off for a second.
     fn failed(&self, op: &'static str, e: FleetError) -> FleetError {
         if !matches!(e, FleetError::Down(_)) {
-            tracing::warn!(op, error = %e, "fleet redis call failed; limits and budgets fall back per on_error for a second");
+            tracing::warn!(op, redis = %self.config.redis_addr(), error = %e, "fleet redis call failed; limits and budgets fall back per on_error for a second");
             *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(Instant::now() + Duration::from_secs(1));
             crate::metrics::fleet_up(false);
@@ -285,11 +285,29 @@ impl Fleet {
         e
     }
 
-    async fn run<T, F>(&self, op: &'static str, f: F) -> Result<T, FleetError>
+    /// One Redis call, `f` on the shared connection, within the timeout.
+    /// A connection Redis dropped (a restart, a failover, an idle cut) fails
+    /// the first call made on it, and the manager reconnects: the call is
+    /// made once more, on the new connection, before Redis counts as down
+    /// (else every gateway would refuse or fall back for a second after
+    /// each Redis restart). The commands here are charges and counters; one
+    /// that failed with its connection was, in all but a crash between
+    /// running it and answering, not run.
+    async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, FleetError>
     where
-        F: std::future::Future<Output = redis::RedisResult<T>>,
+        F: Fn(ConnectionManager) -> Fut,
+        Fut: std::future::Future<Output = redis::RedisResult<T>>,
     {
-        match tokio::time::timeout(self.config.timeout, f).await {
+        let conn = self.conn().await?;
+        let first = tokio::time::timeout(self.config.timeout, f(conn.clone())).await;
+        let result = match first {
+            Ok(Err(e)) if e.is_unrecoverable_error() => {
+                tracing::debug!(op, error = %e, "fleet redis connection dropped; the call is made again on a new one");
+                tokio::time::timeout(self.config.timeout, f(conn)).await
+            }
+            other => other,
+        };
+        match result {
             Ok(Ok(v)) => {
                 crate::metrics::fleet_up(true);
                 Ok(v)
@@ -305,13 +323,18 @@ impl Fleet {
         if charges.is_empty() {
             return Ok(None);
         }
-        let mut conn = self.conn().await?;
         let mut inv = self.admit.prepare_invoke();
         for c in charges {
             inv.key(self.key("rl", &c.id));
             inv.arg(c.per_minute).arg(format!("{:.3}", c.cost));
         }
-        let reply: String = self.run("admit", inv.invoke_async(&mut conn)).await?;
+        let inv = &inv;
+        let reply: String = self
+            .run(
+                "admit",
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
         parse_admit(&reply).map_err(|e| self.failed("admit", e))
     }
 
@@ -320,13 +343,18 @@ impl Fleet {
         if charges.is_empty() {
             return Ok(());
         }
-        let mut conn = self.conn().await?;
         let mut inv = self.charge.prepare_invoke();
         for c in charges {
             inv.key(self.key("rl", &c.id));
             inv.arg(c.per_minute).arg(format!("{:.3}", c.cost));
         }
-        let _: i64 = self.run("charge", inv.invoke_async(&mut conn)).await?;
+        let inv = &inv;
+        let _: i64 = self
+            .run(
+                "charge",
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?;
         Ok(())
     }
 
@@ -335,12 +363,17 @@ impl Fleet {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut conn = self.conn().await?;
         let mut cmd = redis::cmd("MGET");
         for id in ids {
             cmd.arg(self.key("spend", id));
         }
-        let vals: Vec<Option<String>> = self.run("spend", cmd.query_async(&mut conn)).await?;
+        let cmd = &cmd;
+        let vals: Vec<Option<String>> = self
+            .run(
+                "spend",
+                |mut c| async move { cmd.query_async(&mut c).await },
+            )
+            .await?;
         Ok(vals
             .into_iter()
             .map(|v| v.and_then(|s| s.parse().ok()))
@@ -351,27 +384,33 @@ impl Fleet {
     /// (when Redis was empty: a new deployment, or data lost); whether this
     /// gateway's figure started it (another gateway's may have first).
     pub async fn seed_spend(&self, id: &str, usd: f64, ttl_secs: u64) -> Result<bool, FleetError> {
-        let mut conn = self.conn().await?;
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key("spend", id))
             .arg(format!("{usd:.9}"))
             .arg("NX")
             .arg("EX")
             .arg(ttl_secs);
-        let set: Option<String> = self.run("seed", cmd.query_async(&mut conn)).await?;
+        let cmd = &cmd;
+        let set: Option<String> = self
+            .run("seed", |mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
         Ok(set.is_some())
     }
 
     /// Add `usd` to each `(id, ttl, usd)` counter; the fleet's new totals.
     pub async fn add_spend(&self, ids: &[(String, u64, f64)]) -> Result<Vec<f64>, FleetError> {
-        let mut conn = self.conn().await?;
         let mut pipe = redis::pipe();
         for (id, ttl, usd) in ids {
             let k = self.key("spend", id);
             pipe.cmd("INCRBYFLOAT").arg(&k).arg(format!("{usd:.9}"));
             pipe.cmd("EXPIRE").arg(&k).arg(*ttl).ignore();
         }
-        let totals: Vec<String> = self.run("add_spend", pipe.query_async(&mut conn)).await?;
+        let pipe = &pipe;
+        let totals: Vec<String> = self
+            .run("add_spend", |mut c| async move {
+                pipe.query_async(&mut c).await
+            })
+            .await?;
         Ok(totals.iter().map(|s| s.parse().unwrap_or(0.0)).collect())
     }
 
@@ -390,7 +429,6 @@ impl Fleet {
         if on.is_empty() {
             return Ok(None);
         }
-        let mut conn = self.conn().await?;
         let mut inv = self.hold.prepare_invoke();
         inv.arg(hold)
             .arg(format!("{firm:.9}"))
@@ -412,7 +450,12 @@ impl Fleet {
             q.drain(..n).collect()
         };
         let reply: String = if late.is_empty() {
-            self.run("hold", inv.invoke_async(&mut conn)).await?
+            let inv = &inv;
+            self.run(
+                "hold",
+                |mut c| async move { inv.invoke_async(&mut c).await },
+            )
+            .await?
         } else {
             // Each reply on its own: a release Redis refuses (a key of
             // another type) is logged and dropped, and never costs the hold.
@@ -429,11 +472,12 @@ impl Fleet {
             }
             pipe.load_script(&self.hold);
             pipe.invoke_script(&inv);
+            let pipe = &pipe;
             let replies = self
-                .run(
-                    "hold",
-                    pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut conn),
-                )
+                .run("hold", |mut c| async move {
+                    pipe.query_async::<Vec<redis::RedisResult<redis::Value>>>(&mut c)
+                        .await
+                })
                 .await;
             match replies {
                 Ok(mut replies) => {
@@ -479,15 +523,17 @@ impl Fleet {
             return Ok(());
         }
         let result = async {
-            let mut conn = self.conn().await?;
             let mut inv = self.release.prepare_invoke();
             inv.arg(hold);
             for id in ids {
                 inv.key(self.key("held", id)).key(self.key("heldexp", id));
             }
-            self.run("release", inv.invoke_async::<i64>(&mut conn))
-                .await
-                .map(|_| ())
+            let inv = &inv;
+            self.run("release", |mut c| async move {
+                inv.invoke_async::<i64>(&mut c).await
+            })
+            .await
+            .map(|_| ())
         }
         .await;
         if result.is_err() {
@@ -504,10 +550,12 @@ impl Fleet {
     /// whose a response a provider keeps is, so a follow-up reaching
     /// another gateway finds it.
     pub async fn mark(&self, kind: &str, id: &str, ttl_secs: u64) -> Result<(), FleetError> {
-        let mut conn = self.conn().await?;
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key(kind, id)).arg(1).arg("EX").arg(ttl_secs);
-        let _: Option<String> = self.run("mark", cmd.query_async(&mut conn)).await?;
+        let cmd = &cmd;
+        let _: Option<String> = self
+            .run("mark", |mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
         Ok(())
     }
 
@@ -519,34 +567,45 @@ impl Fleet {
         value: &str,
         ttl_secs: u64,
     ) -> Result<(), FleetError> {
-        let mut conn = self.conn().await?;
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key(kind, id))
             .arg(value)
             .arg("EX")
             .arg(ttl_secs);
-        let _: Option<String> = self.run("mark", cmd.query_async(&mut conn)).await?;
+        let cmd = &cmd;
+        let _: Option<String> = self
+            .run("mark", |mut c| async move { cmd.query_async(&mut c).await })
+            .await?;
         Ok(())
     }
 
     /// The value of a mark (`1` for [`Fleet::mark`]'s), if some gateway
     /// made it and it has not expired.
     pub async fn mark_of(&self, kind: &str, id: &str) -> Result<Option<String>, FleetError> {
-        let mut conn = self.conn().await?;
         let mut cmd = redis::cmd("GET");
         cmd.arg(self.key(kind, id));
-        self.run("marked", cmd.query_async(&mut conn)).await
+        let cmd = &cmd;
+        self.run(
+            "marked",
+            |mut c| async move { cmd.query_async(&mut c).await },
+        )
+        .await
     }
 
     pub async fn claim(&self, id: &str, ttl_secs: u64) -> Result<bool, FleetError> {
-        let mut conn = self.conn().await?;
         let mut cmd = redis::cmd("SET");
         cmd.arg(self.key("alert", id))
             .arg(1)
             .arg("NX")
             .arg("EX")
             .arg(ttl_secs);
-        let r: Option<String> = self.run("claim", cmd.query_async(&mut conn)).await?;
+        let cmd = &cmd;
+        let r: Option<String> = self
+            .run(
+                "claim",
+                |mut c| async move { cmd.query_async(&mut c).await },
+            )
+            .await?;
         Ok(r.is_some())
     }
 }
@@ -687,6 +746,70 @@ mod tests {
         assert!(f.unreleased.lock().unwrap().is_empty());
         // Now h3 holds $0.60: the next one waits again.
         assert!(f.hold("h4", &on, 0.6, 0.6, 600).await.unwrap().is_some());
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+
+    /// A Redis restart (or failover) drops the connection under the
+    /// gateway: the first call after it is made again on a new connection,
+    /// so it answers, and nothing backs off. (Before, every gateway refused
+    /// or fell back for a second after each restart: "broken pipe".)
+    #[tokio::test]
+    async fn a_restarted_redis_is_called_again_on_a_new_connection() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let start = || {
+            std::process::Command::new("redis-server")
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .args(["--dir", &dir.path().display().to_string()])
+                .stdout(std::process::Stdio::null())
+                .spawn()
+                .expect("redis-server (`make test` installs it)")
+        };
+        let up = || async {
+            for _ in 0..100 {
+                if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+                {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            panic!("redis-server did not start");
+        };
+        let mut server = start();
+        up().await;
+        let cfg = FleetConfig {
+            redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            key_prefix: "t".into(),
+            timeout: Duration::from_millis(500),
+            on_error: FleetOnError::Reject,
+            share_cache: false,
+            cache_stream_len: 100_000,
+            share_costs: false,
+        };
+        let f = Fleet::new(&cfg).unwrap().unwrap();
+        let charge = [Charge {
+            id: "k".into(),
+            per_minute: 100,
+            cost: 1.0,
+        }];
+        assert_eq!(f.admit(&charge).await.unwrap(), None);
+        let _ = server.kill();
+        let _ = server.wait();
+        let mut server = start();
+        up().await;
+        assert_eq!(f.admit(&charge).await.unwrap(), None);
+        assert_eq!(
+            f.add_spend(&[("k|d".into(), 60, 0.5)]).await.unwrap(),
+            vec![0.5]
+        );
+        assert!(!f.backing_off());
         let _ = server.kill();
         let _ = server.wait();
     }

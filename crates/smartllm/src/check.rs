@@ -37,6 +37,15 @@ pub fn check(dir: &Path) -> ExitCode {
                             None => String::new(),
                         }
                     );
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64);
+                    if let Some(w) = m
+                        .validity
+                        .and_then(|v| smartllm_config::tls::validity_warning(v, now))
+                    {
+                        println!("warning: {what}: {}: {w}", tls.cert_file.display());
+                    }
                 }
             }
             if !c.keys.require_key

@@ -826,6 +826,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         ))
         .map_err(|e| anyhow::anyhow!("{e}"))?;
     drop(prep_rt);
+    smartllm_proxy::tls::note_validity(&runtime);
 
     // Pingora's server comes before the data dir: with --upgrade, bootstrap()
     // takes the listening sockets from the running instance (which keeps
@@ -1151,6 +1152,22 @@ impl Finisher {
             if let Some(fleet) = shared.fleet_sync.as_ref().filter(|f| f.shares_costs()) {
                 self.ledger.flush();
                 wait(&|| fleet.costs_unsent() == 0);
+            }
+            // What Redis never took (it was unreachable until the stop) is
+            // lost to the fleet: its budgets, cost view and cache.
+            let (periods, most_usd) = shared.quotas.spend_unsent();
+            let (cost_batches, cache_inserts) = shared
+                .fleet_sync
+                .as_ref()
+                .map_or((0, 0), |f| (f.costs_unsent(), f.inserts_queued()));
+            if periods > 0 || cost_batches > 0 || cache_inserts > 0 {
+                tracing::warn!(
+                    budget_periods = periods,
+                    budget_usd_most = most_usd,
+                    cost_batches,
+                    cache_inserts,
+                    "stopping with fleet state Redis never took (it was unreachable): the fleet's budgets miss this spend (this gateway's ledger keeps it), its cost view these batches, and these cache entries are not shared"
+                );
             }
             self.ledger.shutdown();
             if let Some(t) = &shared.tracing {

@@ -53,13 +53,10 @@ pub async fn admit(
                     .is_none_or(|e| e.is_anthropic()));
     }
     if shared.draining.load(Ordering::SeqCst) {
-        let mut err = ApiError::unavailable(
-            "server_shutting_down",
-            "This gateway instance is shutting down; retry the request (it will reach another instance).",
-        );
-        err.retry_after = Some(1);
         session.set_keepalive(None);
-        return Err(err);
+        return Err(ApiError::shutting_down(
+            "This gateway instance is shutting down; retry the request (it will reach another instance).",
+        ));
     }
     // Shed beyond the concurrency limit rather than queue without bound.
     if shared.in_flight.load(Ordering::SeqCst) > rt.config.server.max_in_flight {
@@ -229,11 +226,100 @@ fn head_size(session: &Session) -> usize {
             .sum::<usize>()
 }
 
+/// `Expect: 100-continue` on the request.
+fn expects_continue(h: &pingora_http::RequestHeader) -> bool {
+    h.headers
+        .get(http::header::EXPECT)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
+}
+
+/// The client left before its request was read: logged as 499, nothing is
+/// written (see [`super::run`]).
+fn client_gone(e: &pingora_error::Error) -> ApiError {
+    ApiError::new(
+        499,
+        "invalid_request_error",
+        "client_closed_request",
+        format!("The client closed the request before its body was read ({e})."),
+    )
+}
+
+/// How a request body is encoded (`Content-Encoding`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Coding {
+    Identity,
+    Gzip,
+    Deflate,
+}
+
+/// The body's coding, or the 415 for one the gateway does not decode
+/// (br, zstd, several codings). Checked before the body is read.
+fn coding(session: &Session) -> Result<Coding, ApiError> {
+    let Some(v) = session.req_header().headers.get("content-encoding") else {
+        return Ok(Coding::Identity);
+    };
+    let v = v.to_str().unwrap_or("?").trim().to_ascii_lowercase();
+    match v.as_str() {
+        "" | "identity" => Ok(Coding::Identity),
+        "gzip" | "x-gzip" => Ok(Coding::Gzip),
+        "deflate" => Ok(Coding::Deflate),
+        _ => Err(ApiError::unsupported_encoding(&v)),
+    }
+}
+
+/// The body as sent, decoded when it came gzip- or deflate-encoded (on the
+/// blocking pool; what it decodes to is held to the same `limit`).
+async fn decode(session: &Session, body: BytesMut, limit: u64) -> Result<BytesMut, ApiError> {
+    let how = coding(session)?;
+    if how == Coding::Identity {
+        return Ok(body);
+    }
+    tokio::task::spawn_blocking(move || decode_blocking(how, &body, limit))
+        .await
+        .map_err(|e| ApiError::internal(format!("decoding the request body: {e}")))?
+}
+
+fn decode_blocking(how: Coding, body: &[u8], limit: u64) -> Result<BytesMut, ApiError> {
+    use std::io::Read;
+    let reader: Box<dyn Read + '_> = match how {
+        Coding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(body)),
+        Coding::Deflate => Box::new(flate2::read::ZlibDecoder::new(body)),
+        Coding::Identity => Box::new(body),
+    };
+    let mut out = Vec::with_capacity((body.len() * 4).min(limit as usize));
+    match reader.take(limit + 1).read_to_end(&mut out) {
+        Ok(n) if n as u64 > limit => Err(ApiError::payload_too_large(limit)),
+        Ok(_) => Ok(BytesMut::from(&out[..])),
+        Err(e) => Err(ApiError::invalid_request(
+            "invalid_content_encoding",
+            format!(
+                "The request body is not valid {} data ({e}); it says Content-Encoding: {}.",
+                if how == Coding::Gzip {
+                    "gzip"
+                } else {
+                    "deflate (zlib)"
+                },
+                if how == Coding::Gzip {
+                    "gzip"
+                } else {
+                    "deflate"
+                },
+            ),
+        )),
+    }
+}
+
 /// JSON is what every endpoint here takes (a request without a Content-Type
 /// is read as JSON too). Anything else, form posts and multipart (the audio
 /// and files APIs) included, gets a clear 415 rather than a confusing parse
 /// error.
 fn check_content_type(session: &mut Session) -> Result<(), ApiError> {
+    if let Err(e) = coding(session) {
+        // Unread body: do not reuse the connection.
+        session.set_keepalive(None);
+        return Err(e);
+    }
     let Some(ct) = session
         .req_header()
         .headers
@@ -269,6 +355,16 @@ async fn read_body(
     if declared.is_some_and(|n| n > limit) {
         return Err(ApiError::payload_too_large(limit));
     }
+    // A client that waits for "100 Continue" before it sends the body
+    // (curl does, for a second, with bodies over 1 MB; some clients wait
+    // until their own timeout) is told to go on, now that the head passed.
+    // (HTTP/2 sends none: the h2 crate cannot write a 1xx.)
+    if expects_continue(session.req_header()) {
+        if let Err(e) = session.downstream_session.write_continue_response().await {
+            session.set_keepalive(None);
+            return Err(client_gone(&e));
+        }
+    }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit) as usize);
     let deadline = tokio::time::Instant::now() + total;
     loop {
@@ -288,7 +384,19 @@ async fn read_body(
                 }
                 body.extend_from_slice(&chunk);
             }
-            Ok(Ok(None)) => return Ok(body),
+            Ok(Ok(None)) => return decode(session, body, limit).await,
+            // The client went away (closed, reset, cancelled its stream)
+            // before its body was in: nobody to answer.
+            Ok(Err(e))
+                if matches!(
+                    e.etype(),
+                    pingora_error::ErrorType::ConnectionClosed
+                        | pingora_error::ErrorType::ReadError
+                ) =>
+            {
+                session.set_keepalive(None);
+                return Err(client_gone(&e));
+            }
             Ok(Err(e)) => {
                 return Err(ApiError::invalid_request(
                     "body_read_error",

@@ -81,6 +81,14 @@ pub async fn run(
 ) -> pingora_error::Result<()> {
     match serve(shared, session, ctx).await {
         Ok(()) => Ok(()),
+        // Nobody left to answer: logged as the client's leaving, not as a
+        // failure of the request.
+        Err(Failure::Api(err)) if err.status == 499 => {
+            ctx.client_gone = true;
+            ctx.status = 499;
+            ctx.error_code = Some(err.code);
+            Ok(())
+        }
         Err(Failure::Api(err)) => respond::error(session, ctx, &err).await,
         Err(Failure::Io(e)) => Err(e),
     }
@@ -119,6 +127,7 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
             request.req.model.clone(),
         ));
     }
+    route::check_mode(&request)?;
     match endpoint {
         Endpoint::MessagesCountTokens => {
             return count_tokens(shared, session, ctx, &rt, &request).await
@@ -319,7 +328,7 @@ mod tests {
         }));
         assert_eq!(
             e.message,
-            "The daily budget of $0.0002 for tenant 'acme' has $0.0001 left, less than this request could cost ($0.0001 spent); it resets in 1h00m (UTC)."
+            "The daily budget of $0.0002 for tenant 'acme' has $0.000056 left, less than this request could cost ($0.0001 spent); it resets in 1h00m (UTC)."
         );
     }
 }

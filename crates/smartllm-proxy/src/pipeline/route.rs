@@ -27,13 +27,7 @@ pub async fn plan(
     let cfg = &rt.config;
     let mut model = request.model;
     let mut fallbacks: Vec<String> = Vec::new();
-    // A model asked for by name serves only its own kind: a chat request
-    // to an embedding model would reach its provider only to come back as
-    // a 404 the gateway must blame on its own configuration.
     let want = mode_for(request.req.endpoint);
-    if request.routed.is_none() && !model.serves(want) {
-        return Err(wrong_mode(&model.name, model.mode, request.req.endpoint));
-    }
     // (model, why): candidates the router may not serve this request with.
     let mut ruled_out: Vec<(String, String)> = Vec::new();
     if let Some(r) = request.routed {
@@ -162,11 +156,9 @@ pub async fn plan(
                 tracing::info!(request_id = %ctx.request_id, budget = %budget, from = %model.name, to = %to.name, "budget exhausted: serving a cheaper model");
                 model = to;
                 fallbacks.clear();
-                ctx.route = Some(
-                    ctx.route
-                        .clone()
-                        .unwrap_or_else(|| request.req.model.clone()),
-                );
+                if ctx.route.is_none() {
+                    ctx.degraded_from = Some(request.req.model.clone());
+                }
                 ctx.route_reason = "budget".into();
                 ctx.set_model(&model.name);
                 // Not what the arm chose: its figures are its own model's.
@@ -213,6 +205,18 @@ pub async fn plan(
     }
     apply_cost_cap(ctx, rt, &mut request.req, &mut chain).await?;
     Ok(chain)
+}
+
+/// A model asked for by name serves only its own kind: a chat request to an
+/// embedding model would reach its provider only to come back as a 404 the
+/// gateway must blame on its own configuration. Checked before the cache
+/// (a lookup would embed the prompt for nothing).
+pub fn check_mode(request: &Parsed<'_>) -> Result<(), ApiError> {
+    let model = request.model;
+    if request.routed.is_none() && !model.serves(mode_for(request.req.endpoint)) {
+        return Err(wrong_mode(&model.name, model.mode, request.req.endpoint));
+    }
+    Ok(())
 }
 
 /// The kind of model an endpoint needs: embedding models for

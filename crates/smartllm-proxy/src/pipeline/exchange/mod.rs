@@ -189,12 +189,9 @@ pub async fn run(
         for attempt in 0..attempts {
             // The stop's drain time is up: no new attempt starts.
             if *shared.drain_expired.borrow() {
-                let mut e = ApiError::unavailable(
-                    "server_shutting_down",
+                return Err(ApiError::shutting_down(
                     "This gateway instance is stopping (its drain time is up); send the request again (it will reach another instance).",
-                );
-                e.retry_after = Some(1);
-                return Err(e);
+                ));
             }
             let open =
                 |b: &pingora_load_balancing::Backend, i: usize, id: &str, d: &DeploymentRuntime| {

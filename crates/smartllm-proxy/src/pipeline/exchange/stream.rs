@@ -216,12 +216,15 @@ async fn early_end_usage(
     if let (true, Some(u)) = (tr.usage_final(), reported) {
         return (u, false);
     }
-    // The assembled text has the answer's content and calls only; what
-    // was generated in all (reasoning too: `reasoning_content`, which the
-    // cache does not keep) is at least the deltas' count.
-    let generated = match partial_text {
-        Some(text) => estimate_tokens(text).await.max(tr.generated_estimate()),
-        None => tr.generated_estimate(),
+    // The assembled text has the answer's content and calls only; an
+    // OpenAI stream's reasoning (`reasoning_content`, which the cache does
+    // not keep) is added from its bytes.
+    let generated = match (partial_text, tr) {
+        (Some(text), Translator::OpenAi(f)) => {
+            estimate_tokens(text).await + f.reasoning_tokens_estimate()
+        }
+        (Some(text), _) => estimate_tokens(text).await.max(tr.generated_estimate()),
+        (None, _) => tr.generated_estimate(),
     };
     // The tier the stream named, where the usage says none.
     let tier = match tr {
@@ -260,12 +263,12 @@ async fn bill_early_end(
 
 /// A stream the stop's drain timeout ends: no failure of the model.
 fn shutdown_end() -> (StreamEnd, ApiError) {
-    let mut e = ApiError::unavailable(
-        "server_shutting_down",
-        "This gateway instance is stopping and its drain time (server.graceful_shutdown_timeout) ended the stream; send the request again (it will reach another instance).",
-    );
-    e.retry_after = Some(1);
-    (StreamEnd::Shutdown, e)
+    (
+        StreamEnd::Shutdown,
+        ApiError::shutting_down(
+            "This gateway instance is stopping and its drain time (server.graceful_shutdown_timeout) ended the stream; send the request again (it will reach another instance).",
+        ),
+    )
 }
 
 /// Returns once the stop's drain timeout is up (never if it never is).
