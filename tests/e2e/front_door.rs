@@ -88,7 +88,8 @@ fn compressed_request_bodies_are_decoded_or_refused_by_name() {
 }
 
 /// A client that waits for `100 Continue` before it sends its body gets it
-/// at once (curl waits a second for it; others until their own timeout).
+/// at once (curl waits a second for it; others until their own timeout),
+/// and keeps its connection for the next request.
 #[test]
 fn a_client_waiting_for_100_continue_is_told_to_go_on() {
     let (_mock, gw) = basic("", &[]);
@@ -97,7 +98,7 @@ fn a_client_waiting_for_100_continue_is_told_to_go_on() {
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
     write!(
         s,
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\nConnection: close\r\n\r\n",
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nExpect: 100-continue\r\n\r\n",
         body.len()
     )
     .unwrap();
@@ -105,6 +106,34 @@ fn a_client_waiting_for_100_continue_is_told_to_go_on() {
     s.read_exact(&mut first)
         .expect("no 100 Continue within 5 s");
     assert_eq!(&first, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(&body).unwrap();
+    // The answer, read to its Content-Length: the connection stays open.
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        s.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(head.starts_with("http/1.1 200"), "{head}");
+    assert!(!head.contains("connection: close"), "{head}");
+    let len: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut answer = vec![0u8; len];
+    s.read_exact(&mut answer).unwrap();
+    assert!(String::from_utf8_lossy(&answer).contains("chat.completion"));
+    // The next request on the same connection.
+    write!(
+        s,
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .unwrap();
     s.write_all(&body).unwrap();
     let mut rest = String::new();
     s.read_to_string(&mut rest).unwrap();

@@ -441,3 +441,35 @@ fn a_stream_the_drain_timeout_ends_gets_an_error_event() {
     assert!(log.contains("smartllm stopped"), "{log}");
     assert!(log.contains("ending the streams still in flight"), "{log}");
 }
+
+/// An HTTP/2 client is told of a drain at once: GOAWAY while its stream
+/// is still open (which then finishes), so its next requests open a new
+/// connection (another instance) instead of meeting this one's 503 on the
+/// connection it keeps. Before, the GOAWAY came only as the process exited.
+#[test]
+fn an_h2_client_gets_goaway_when_the_drain_begins() {
+    let python = match std::env::var("SMARTLLM_PYTHON") {
+        Ok(p) => p,
+        Err(_) if std::env::var("SMARTLLM_SKIP_PYTHON").is_ok() => return,
+        Err(_) => panic!("set SMARTLLM_PYTHON to a python with the h2 package (make test does), or SMARTLLM_SKIP_PYTHON=1"),
+    };
+    let (_mock, gw) = basic(
+        "  h2c: true\n",
+        &["--words", "20", "--chunk-delay-ms", "100"],
+    );
+    let out = std::process::Command::new(&python)
+        .arg(workspace_root().join("tests/python/h2_drain.py"))
+        .arg(&gw.addr)
+        .arg(gw.pid().to_string())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        gw.log_text()
+    );
+    assert!(stdout.contains("goaway ok"), "{stdout}");
+    assert!(stdout.contains("stream ok"), "{stdout}");
+}

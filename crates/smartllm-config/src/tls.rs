@@ -25,6 +25,21 @@ pub struct TlsMaterial {
     /// When the end-entity certificate becomes valid and expires (Unix
     /// seconds); None when its dates do not parse.
     pub validity: Option<(i64, i64)>,
+    /// What is odd about the files though they load: a served certificate
+    /// that is a CA's, a client CA that is no CA.
+    pub warnings: Vec<String>,
+}
+
+/// Whether a DER certificate says it is a CA (basicConstraints CA:TRUE);
+/// None when it does not parse.
+fn is_ca(der: &[u8]) -> Option<bool> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    Some(
+        cert.basic_constraints()
+            .ok()
+            .flatten()
+            .is_some_and(|b| b.value.ca),
+    )
 }
 
 /// Warn this long before a served certificate expires.
@@ -174,6 +189,13 @@ pub fn load(tls: &TlsConfig) -> Result<TlsMaterial, TlsError> {
         })?;
     let fingerprint = hex::encode(Sha256::digest(chain[0].as_ref()));
     let validity = validity(chain[0].as_ref());
+    let mut warnings = Vec::new();
+    if is_ca(chain[0].as_ref()) == Some(true) {
+        warnings.push(format!(
+            "{}: the served certificate is a CA certificate (basicConstraints CA:TRUE, as `openssl req -x509` makes by default): clients on rustls (webpki) refuse it as a server's, most others accept it; issue a server certificate (CA:FALSE) for production",
+            tls.cert_file.display()
+        ));
+    }
     let certified_key = CertifiedKey::new(chain, signing);
     match certified_key.keys_match() {
         Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {}
@@ -195,6 +217,12 @@ pub fn load(tls: &TlsConfig) -> Result<TlsMaterial, TlsError> {
         Some(path) => {
             let mut roots = RootCertStore::empty();
             for ca in certs("client_ca_file", path)? {
+                if is_ca(ca.as_ref()) == Some(false) {
+                    warnings.push(format!(
+                        "{}: a certificate in it is no CA (basicConstraints CA:FALSE or none): only a client presenting that very self-signed certificate passes, none it would have signed",
+                        path.display()
+                    ));
+                }
                 roots.add(ca).map_err(|error| TlsError::BadCa {
                     path: path.clone(),
                     error,
@@ -208,6 +236,7 @@ pub fn load(tls: &TlsConfig) -> Result<TlsMaterial, TlsError> {
         client_roots,
         fingerprint,
         validity,
+        warnings,
     })
 }
 
@@ -259,5 +288,8 @@ mod tests {
             "the certificate is not valid before 2026-11-30 UTC: clients refuse it until then"
         );
         assert_eq!(validity(b"not a certificate"), None);
+        // (openssl req -x509 marks it a CA.)
+        assert_eq!(is_ca(der.as_ref()), Some(true));
+        assert_eq!(is_ca(b"not a certificate"), None);
     }
 }

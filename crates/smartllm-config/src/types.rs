@@ -86,19 +86,25 @@ pub struct FleetConfig {
     pub share_costs: bool,
 }
 
+/// The restart-only change of `fleet.redis` or `key_prefix` for the shared
+/// cache and costs (limits and budgets move at once).
+pub const FLEET_SYNC_MOVED: &str = "fleet.redis or key_prefix, for the shared cache and costs";
+
 impl FleetConfig {
     /// Where `redis` points, for logs: the URL without its user and
-    /// password ("-" when there is none).
+    /// password, nor its query (`redis+unix://` URLs carry them there:
+    /// `?user=..&pass=..`); "-" when there is none.
     pub fn redis_addr(&self) -> String {
         let Some(url) = &self.redis else {
             return "-".into();
         };
+        let url = url.split(['?', '#']).next().unwrap_or_default();
         match url.split_once("://") {
             Some((scheme, rest)) => {
                 let rest = rest.rsplit_once('@').map_or(rest, |(_, host)| host);
                 format!("{scheme}://{rest}")
             }
-            None => url.clone(),
+            None => url.to_string(),
         }
     }
 }
@@ -832,6 +838,32 @@ impl Config {
         self.models.iter().find(|m| m.name == name)
     }
 
+    /// No silent $0: each model with neither `pricing` nor a catalog entry
+    /// for its upstream names, said at `check`, at the start and at every
+    /// reload.
+    pub fn unpriced_warnings(&self) -> Vec<String> {
+        self.models
+            .iter()
+            .filter(|m| !self.price(&m.name).is_some_and(|p| p.is_priced()))
+            .map(|m| {
+                let upstream: Vec<&str> = m
+                    .deployments
+                    .iter()
+                    .map(|d| d.upstream_model.as_str())
+                    .collect();
+                format!(
+                    "model {} has no price: no pricing in models.yaml and no price catalog entry for {}; its requests {} (set pricing, or ledger.unpriced)",
+                    m.name,
+                    upstream.join(", "),
+                    match self.ledger.unpriced {
+                        UnpricedPolicy::Allow => "are recorded at $0",
+                        UnpricedPolicy::Reject => "are refused (ledger.unpriced: reject)",
+                    }
+                )
+            })
+            .collect()
+    }
+
     /// A configured model's full price (an unpriced model has a zero price).
     pub fn price(&self, model: &str) -> Option<&ModelPrice> {
         self.prices.get(model)
@@ -944,7 +976,7 @@ impl Config {
             // cache and cost view stay on the one they started with. (The
             // URL may hold a password: it is not repeated here.)
             check(
-                "fleet.redis or key_prefix, for the shared cache and costs",
+                FLEET_SYNC_MOVED,
                 "the old Redis".into(),
                 "the new one".into(),
             );
@@ -1079,7 +1111,7 @@ mod tests {
             share_costs: false,
         };
         assert_eq!(f.redis_addr(), "redis://10.0.0.5:6379/2");
-        f.redis = Some("redis+unix:///run/redis.sock".into());
+        f.redis = Some("redis+unix:///run/redis.sock?db=1&user=u&pass=s3cret".into());
         assert_eq!(f.redis_addr(), "redis+unix:///run/redis.sock");
         f.redis = None;
         assert_eq!(f.redis_addr(), "-");

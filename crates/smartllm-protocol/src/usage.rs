@@ -227,7 +227,8 @@ fn begun(v: &Value) -> bool {
 
 /// The delta fields that hold the answer's generated text.
 const TEXT_FIELDS: [&[u8]; 3] = [b"\"content\"", b"\"refusal\"", b"\"arguments\""];
-/// The delta fields that hold generated reasoning (DeepSeek, vLLM, OpenRouter).
+/// The delta fields that hold generated reasoning (DeepSeek, vLLM,
+/// OpenRouter; some servers send both, with the same text).
 const REASONING_FIELDS: [&[u8]; 2] = [b"\"reasoning_content\"", b"\"reasoning\""];
 
 /// The bytes of the JSON string values of `field` (a quoted key) in `data`,
@@ -306,10 +307,20 @@ impl OpenAiStreamFilter {
             self.error.get_or_insert(e);
             return true;
         }
-        if ev.data.contains("\"delta\"") {
-            let d = ev.data.as_bytes();
+        if let Some(at) = ev.data.find("\"delta\"") {
+            // From the delta on (a provider may repeat the whole message
+            // before it).
+            let d = &ev.data.as_bytes()[at..];
             let text: usize = TEXT_FIELDS.iter().map(|f| string_bytes(d, f)).sum();
-            let reasoning: usize = REASONING_FIELDS.iter().map(|f| string_bytes(d, f)).sum();
+            // Servers that send both reasoning fields send the same text
+            // in each: counted once. Mistral's thinking comes as `text`
+            // parts of an array `content`.
+            let reasoning = REASONING_FIELDS
+                .iter()
+                .map(|f| string_bytes(d, f))
+                .max()
+                .unwrap_or(0)
+                + string_bytes(d, b"\"text\"");
             if text + reasoning > 0 {
                 self.deltas += 1;
                 self.text_bytes += text as u64;
@@ -550,6 +561,12 @@ mod tests {
         }
         let est = g.generated_tokens_estimate();
         assert!((190..=210).contains(&est), "{est}");
+        // Both reasoning fields with the same text: once. Mistral's
+        // thinking parts count as reasoning.
+        let mut both = OpenAiStreamFilter::new(false);
+        both.feed(b"data: {\"choices\":[{\"delta\":{\"reasoning\":\"abcdefgh\",\"reasoning_content\":\"abcdefgh\"}}]}\n\n").unwrap();
+        both.feed(b"data: {\"choices\":[{\"delta\":{\"content\":[{\"type\":\"thinking\",\"thinking\":[{\"type\":\"text\",\"text\":\"abcd\"}]}]}}]}\n\n").unwrap();
+        assert_eq!((both.deltas, both.reasoning_tokens_estimate()), (2, 3));
         // Reasoning and tool-call arguments count; spacing and escapes
         // are read as written.
         let mut r = OpenAiStreamFilter::new(false);

@@ -1253,9 +1253,9 @@ impl ServeHttp for AdminApp {
         }
         match (method.as_str(), path.as_str()) {
             ("GET", "/metrics") => {
-                // Budgets' shares as this gateway knows them now: a new day
-                // reads 0 (with a fleet, a scope's spend is brought up to
-                // date from Redis when this gateway serves it).
+                // Budgets' shares as known now: a new day reads 0 (with a
+                // fleet, the fleet's spend, read from Redis at each scrape).
+                self.shared.quotas.refresh_all(&rt.config).await;
                 self.shared
                     .quotas
                     .export_budget_gauges(&rt.config.keys.budgets);
@@ -1308,10 +1308,14 @@ impl ServeHttp for AdminApp {
                 self.costs(session.req_header().uri.query().unwrap_or(""))
                     .await
             }
-            ("GET", "/admin/budgets") => json_reply(
-                200,
-                &json!({"budgets": self.shared.quotas.budget_status(&rt.config.keys.budgets)}),
-            ),
+            ("GET", "/admin/budgets") => {
+                // The fleet's figures, not only this gateway's.
+                self.shared.quotas.refresh_all(&rt.config).await;
+                json_reply(
+                    200,
+                    &json!({"budgets": self.shared.quotas.budget_status(&rt.config.keys.budgets)}),
+                )
+            }
             ("GET", "/admin/requests/expensive") => {
                 self.expensive(session.req_header().uri.query().unwrap_or(""))
             }

@@ -166,6 +166,8 @@ pub struct FleetSync {
     costs_rx: Mutex<Option<mpsc::Receiver<FleetBatch>>>,
     /// Cost batches handed over and not yet confirmed by Redis.
     costs_unsent: Arc<AtomicU64>,
+    /// Cache inserts the publisher had not sent when it stopped.
+    inserts_left: AtomicU64,
 }
 
 fn count(what: &'static str, outcome: &'static str) {
@@ -204,7 +206,14 @@ impl FleetSync {
             costs,
             costs_rx: Mutex::new(Some(costs_rx)),
             costs_unsent: Arc::new(AtomicU64::new(0)),
+            inserts_left: AtomicU64::new(0),
         }))
+    }
+
+    /// Whether these tasks run on `fleet`'s Redis and key prefix (they
+    /// keep the ones they started with until a restart).
+    pub fn started_on(&self, fleet: &FleetConfig) -> bool {
+        self.config.redis == fleet.redis && self.config.key_prefix == fleet.key_prefix
     }
 
     pub fn shares_cache(&self) -> bool {
@@ -240,9 +249,11 @@ impl FleetSync {
         self.costs_unsent.load(Ordering::SeqCst)
     }
 
-    /// Cache inserts queued for the fleet and not yet sent.
+    /// Cache inserts queued for the fleet and not yet sent (what the
+    /// publisher left when it stopped, once it has).
     pub fn inserts_queued(&self) -> usize {
-        self.outbox.max_capacity() - self.outbox.capacity()
+        (self.outbox.max_capacity() - self.outbox.capacity())
+            .max(self.inserts_left.load(Ordering::SeqCst) as usize)
     }
 
     /// Until every cost batch handed over so far is in Redis, or `timeout`.
@@ -541,6 +552,7 @@ impl FleetSync {
                 e = control.recv() => match e { Some(e) => e, None => return },
                 e = rx.recv() => match e { Some(e) => e, None => return },
                 _ = shutdown.changed() => {
+                    self.inserts_left.store(rx.len() as u64, Ordering::SeqCst);
                     self.flush_control(&shared, &mut control, conn.take()).await;
                     return;
                 }
@@ -616,6 +628,10 @@ impl FleetSync {
                 tokio::select! {
                     _ = tokio::time::sleep(backoff) => {}
                     _ = shutdown.changed() => {
+                        self.inserts_left.store(
+                            rx.len() as u64 + u64::from(!control_event),
+                            Ordering::SeqCst,
+                        );
                         if control_event {
                             // Tried again with the rest, below (still
                             // counted unsent).

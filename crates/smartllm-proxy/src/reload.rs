@@ -102,10 +102,23 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
             if new.digest == current.config.digest {
                 Ok(ReloadOutcome::Unchanged)
             } else {
-                let restart = current.config.restart_only_changes(&new);
+                let mut restart = current.config.restart_only_changes(&new);
+                // The shared cache and costs stay on the Redis and prefix
+                // they started with: compared with those, not with the last
+                // reload's (a change made and undone needs no restart).
+                restart.retain(|c| !c.starts_with(smartllm_config::FLEET_SYNC_MOVED));
+                if let Some(fs) = &shared.fleet_sync {
+                    if !fs.started_on(&new.fleet) {
+                        restart.push(format!(
+                            "{}: the Redis they started with -> the new one",
+                            smartllm_config::FLEET_SYNC_MOVED
+                        ));
+                    }
+                }
                 let mut applied = current.config.with_restart_only_from(new);
                 let mut warnings = current.config.fail_closed(&mut applied);
                 warnings.extend(applied.keys.unmatched());
+                warnings.extend(applied.unpriced_warnings());
                 let version = current.version + 1;
                 match Runtime::prepare(
                     applied,

@@ -50,6 +50,9 @@ impl ShutdownSignalWatch for DrainingShutdown {
             _ = next(&mut int) => ShutdownSignal::FastShutdown,
             _ = next(&mut term) => {
                 self.shared.draining.store(true, Ordering::SeqCst);
+                // HTTP/2 clients are told at once (GOAWAY): their next
+                // requests go to a new connection, not to this instance.
+                pingora_core::protocols::http::v2::server::begin_drain();
                 let started = *self.shared.drain_started.get_or_init(Instant::now);
                 tracing::info!(in_flight = self.shared.in_flight.load(Ordering::SeqCst), "SIGTERM: draining in-flight requests");
                 loop {

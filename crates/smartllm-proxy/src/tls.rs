@@ -28,6 +28,9 @@ pub struct ListenerTls {
     pub fingerprint: String,
     /// When it becomes valid and expires (Unix seconds).
     pub validity: Option<(i64, i64)>,
+    /// What is odd about the files though they load (see
+    /// [`smartllm_config::tls::TlsMaterial::warnings`]).
+    pub warnings: Vec<String>,
     /// sha256 of the client CAs (subjects and keys; empty without them):
     /// what a resumed session must have begun under (see [`Sessions`]).
     pub client_auth: String,
@@ -123,6 +126,7 @@ impl ListenerTls {
             client_verifier,
             fingerprint: m.fingerprint,
             validity: m.validity,
+            warnings: m.warnings,
             client_auth,
         })
     }
@@ -139,6 +143,9 @@ pub fn note_validity(rt: &crate::Runtime) {
         .map_or(0, |d| d.as_secs() as i64);
     for listener in [Listener::Api, Listener::Admin] {
         let Some(t) = listener.of(rt) else { continue };
+        for w in &t.warnings {
+            tracing::warn!(listener = listener.setting(), "{}: {w}", listener.setting());
+        }
         let Some(v) = t.validity else { continue };
         metrics::gauge!(crate::metrics::TLS_CERT_EXPIRY, "listener" => listener.setting())
             .set(v.1 as f64);

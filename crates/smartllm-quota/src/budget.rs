@@ -677,13 +677,23 @@ impl Budgets {
         budgets: &[Budget],
         scope: Scope<'_>,
     ) -> Result<(), Refusal> {
+        let ids = scope.budget_ids();
+        self.refresh_these(fleet, budgets.iter().filter(|b| ids.contains(&b.id())))
+            .await
+    }
+
+    /// [`Budgets::refresh`] for `budgets`, whatever scope they name.
+    async fn refresh_these<'b>(
+        &self,
+        fleet: Option<Arc<Fleet>>,
+        budgets: impl Iterator<Item = &'b Budget>,
+    ) -> Result<(), Refusal> {
         let Some(f) = fleet else {
             return Ok(());
         };
-        let ids = scope.budget_ids();
         let (day, month, _, _) = periods(now_secs());
         let mut wanted: Vec<(String, u64)> = Vec::new();
-        for b in budgets.iter().filter(|b| ids.contains(&b.id())) {
+        for b in budgets {
             for (p, limit, ttl) in [
                 (&day, b.daily_usd, DAY_TTL),
                 (&month, b.monthly_usd, MONTH_TTL),
@@ -903,6 +913,26 @@ impl Quotas {
     /// Every budget's spend and burn rate this day and month (see [`Budgets::status`]).
     pub fn budget_status(&self, budgets: &[Budget]) -> Vec<serde_json::Value> {
         self.budgets.status(budgets)
+    }
+
+    /// With a fleet, bring every budget's spend up to date from Redis (one
+    /// read), for what the admin API and `/metrics` show: without it a
+    /// gateway that has not served a scope since its start shows its own
+    /// ledger's figure, not the fleet's. Redis out of reach: the figures
+    /// this gateway knows.
+    pub async fn refresh_all(self: &Arc<Self>, config: &Config) {
+        let budgets = &config.keys.budgets;
+        let Some(f) = self.fleet(&config.fleet).filter(|_| !budgets.is_empty()) else {
+            return;
+        };
+        if self
+            .budgets
+            .refresh_these(Some(f.clone()), budgets.iter())
+            .await
+            .is_ok()
+        {
+            self.alert_crossed_in(&f, budgets.to_vec());
+        }
     }
 
     /// Set `smartllm_budget_used_ratio` of every budget and period from
@@ -1181,6 +1211,11 @@ impl Quotas {
             .filter(|b| ids.contains(&b.id()))
             .cloned()
             .collect();
+        self.alert_crossed_in(f, relevant);
+    }
+
+    /// [`Quotas::alert_crossed`] for `relevant`, whatever scopes they name.
+    fn alert_crossed_in(self: &Arc<Self>, f: &Arc<Fleet>, relevant: Vec<Budget>) {
         if relevant.is_empty() {
             return;
         }
@@ -1673,6 +1708,22 @@ mod tests {
         let mut got = thresholds(&mut a_alerts);
         got.sort_by(f64::total_cmp);
         assert_eq!(got, vec![80.0, 100.0]);
+        // A third gateway that has served nothing of this budget shows the
+        // fleet's figure (the admin API and /metrics read it so), and
+        // alerts nothing the others sent.
+        let (c, mut c_alerts) = gateway();
+        assert_eq!(
+            c.budget_status(&cfg.keys.budgets)[0]["periods"]["daily"]["spent_usd"],
+            0.0
+        );
+        c.refresh_all(&cfg).await;
+        let spent = c.budget_status(&cfg.keys.budgets)[0]["periods"]["daily"]["spent_usd"]
+            .as_f64()
+            .unwrap();
+        assert!((spent - 1.05).abs() < 1e-9, "{spent}");
+        c.tasks().close();
+        c.tasks().wait().await;
+        assert!(thresholds(&mut c_alerts).is_empty());
         let _ = server.kill();
         let _ = server.wait();
     }

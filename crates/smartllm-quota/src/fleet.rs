@@ -80,6 +80,10 @@ const HOLD: &str = r#"
 local now = tonumber(redis.call('TIME')[1])
 local id, firm, total, ttl = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3]), tonumber(ARGV[4])
 local periods = #KEYS / 3
+-- Run again (its reply lost with a dropped connection): taken already.
+if periods > 0 and redis.call('HEXISTS', KEYS[2], id) == 1 then
+  return '0'
+end
 for i = 1, periods do
   local spend, held, exp = KEYS[3 * i - 2], KEYS[3 * i - 1], KEYS[3 * i]
   local limit = tonumber(ARGV[2 + 3 * i])
@@ -193,6 +197,9 @@ pub struct Fleet {
     release: redis::Script,
     /// Holds to let go of once Redis answers again: (hold id, periods).
     unreleased: Mutex<Vec<(String, Vec<String>)>>,
+    /// This gateway's mark on the alerts it claims (a claim run twice
+    /// reads as its own).
+    node: String,
 }
 
 impl Fleet {
@@ -212,6 +219,7 @@ impl Fleet {
             hold: redis::Script::new(HOLD),
             release: redis::Script::new(RELEASE),
             unreleased: Mutex::new(Vec::new()),
+            node: format!("{:016x}", fastrand::u64(..)),
         }))
     }
 
@@ -290,9 +298,12 @@ impl Fleet {
     /// the first call made on it, and the manager reconnects: the call is
     /// made once more, on the new connection, before Redis counts as down
     /// (else every gateway would refuse or fall back for a second after
-    /// each Redis restart). The commands here are charges and counters; one
-    /// that failed with its connection was, in all but a crash between
-    /// running it and answering, not run.
+    /// each Redis restart), so such a call may take twice `timeout`. A
+    /// command whose reply was lost with its connection may have run:
+    /// holds and claims are written to be run twice safely (a hold already
+    /// taken is not taken again; a claim this gateway made reads as its
+    /// own); a spend or a token charge counts twice, on the strict side,
+    /// as a write that timed out after Redis applied it always could.
     async fn run<T, F, Fut>(&self, op: &'static str, f: F) -> Result<T, FleetError>
     where
         F: Fn(ConnectionManager) -> Fut,
@@ -301,8 +312,9 @@ impl Fleet {
         let conn = self.conn().await?;
         let first = tokio::time::timeout(self.config.timeout, f(conn.clone())).await;
         let result = match first {
-            Ok(Err(e)) if e.is_unrecoverable_error() => {
+            Ok(Err(e)) if e.is_connection_dropped() => {
                 tracing::debug!(op, error = %e, "fleet redis connection dropped; the call is made again on a new one");
+                crate::metrics::fleet_error("reconnect");
                 tokio::time::timeout(self.config.timeout, f(conn)).await
             }
             other => other,
@@ -593,9 +605,10 @@ impl Fleet {
     }
 
     pub async fn claim(&self, id: &str, ttl_secs: u64) -> Result<bool, FleetError> {
+        let key = self.key("alert", id);
         let mut cmd = redis::cmd("SET");
-        cmd.arg(self.key("alert", id))
-            .arg(1)
+        cmd.arg(&key)
+            .arg(&self.node)
             .arg("NX")
             .arg("EX")
             .arg(ttl_secs);
@@ -606,7 +619,21 @@ impl Fleet {
                 |mut c| async move { cmd.query_async(&mut c).await },
             )
             .await?;
-        Ok(r.is_some())
+        if r.is_some() {
+            return Ok(true);
+        }
+        // Taken: by another gateway, or by this one when the SET above ran
+        // twice (its first reply lost with a dropped connection).
+        let mut get = redis::cmd("GET");
+        get.arg(&key);
+        let get = &get;
+        let holder: Option<String> = self
+            .run(
+                "claim",
+                |mut c| async move { get.query_async(&mut c).await },
+            )
+            .await?;
+        Ok(holder.as_deref() == Some(self.node.as_str()))
     }
 }
 

@@ -30,7 +30,7 @@ pub fn describe() {
     );
     describe_counter!(
         BUDGET_EXCEEDED,
-        "Requests that met an exhausted budget, by budget and action (reject, degrade)."
+        "Requests that met an exhausted budget, by budget and action (reject, degrade; wait: refused for what requests in flight hold)."
     );
     describe_counter!(
         COST_CAP,

@@ -46,6 +46,9 @@ pub fn check(dir: &Path) -> ExitCode {
                     {
                         println!("warning: {what}: {}: {w}", tls.cert_file.display());
                     }
+                    for w in &m.warnings {
+                        println!("warning: {what}: {w}");
+                    }
                 }
             }
             if !c.keys.require_key
@@ -98,29 +101,19 @@ pub fn check(dir: &Path) -> ExitCode {
 /// No silent $0: every model without `pricing` and without a catalog entry
 /// for its upstream names is named; catalog-priced models are counted.
 fn unpriced_warnings(c: &smartllm_config::Config) {
-    let mut from_catalog = 0;
-    for m in &c.models {
-        match c.price(&m.name).map(|p| &p.source) {
-            Some(smartllm_config::PriceSource::Catalog(_)) => from_catalog += 1,
-            Some(smartllm_config::PriceSource::Configured) => {}
-            _ => {
-                let upstream: Vec<&str> = m
-                    .deployments
-                    .iter()
-                    .map(|d| d.upstream_model.as_str())
-                    .collect();
-                println!(
-                    "warning: model {} has no price: no pricing in models.yaml and no price catalog entry for {}; its requests {} (set pricing, or ledger.unpriced)",
-                    m.name,
-                    upstream.join(", "),
-                    match c.ledger.unpriced {
-                        smartllm_config::UnpricedPolicy::Allow => "are recorded at $0",
-                        smartllm_config::UnpricedPolicy::Reject => "are refused (ledger.unpriced: reject)",
-                    }
-                );
-            }
-        }
+    for w in c.unpriced_warnings() {
+        println!("warning: {w}");
     }
+    let from_catalog = c
+        .models
+        .iter()
+        .filter(|m| {
+            matches!(
+                c.price(&m.name).map(|p| &p.source),
+                Some(smartllm_config::PriceSource::Catalog(_))
+            )
+        })
+        .count();
     if from_catalog > 0 {
         let cat = smartllm_config::catalog::catalog();
         println!(

@@ -901,6 +901,9 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     for w in config.keys.unmatched() {
         tracing::warn!("{w}");
     }
+    for w in config.unpriced_warnings() {
+        tracing::warn!("{w}");
+    }
     if !config.keys.require_key && dir.join(smartllm_config::KEYS_FILE).exists() {
         tracing::warn!("keys.yaml requires no key: the gateway is open to anyone who can reach it");
     } else if config.keys.require_key && config.keys.keys.is_empty() {

@@ -234,13 +234,16 @@ fn expects_continue(h: &pingora_http::RequestHeader) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("100-continue"))
 }
 
+/// The code of [`client_gone`]'s error.
+pub(super) const CLIENT_GONE: &str = "client_closed_request";
+
 /// The client left before its request was read: logged as 499, nothing is
 /// written (see [`super::run`]).
 fn client_gone(e: &pingora_error::Error) -> ApiError {
     ApiError::new(
         499,
         "invalid_request_error",
-        "client_closed_request",
+        CLIENT_GONE,
         format!("The client closed the request before its body was read ({e})."),
     )
 }
@@ -359,11 +362,18 @@ async fn read_body(
     // (curl does, for a second, with bodies over 1 MB; some clients wait
     // until their own timeout) is told to go on, now that the head passed.
     // (HTTP/2 sends none: the h2 crate cannot write a 1xx.)
-    if expects_continue(session.req_header()) {
+    // (Pingora turns keep-alive off when it writes a response before the
+    // body is read, a 100 too: put back once the whole body is in.)
+    let mut keepalive_after_body = None;
+    if session.req_header().version == http::Version::HTTP_11
+        && expects_continue(session.req_header())
+    {
+        let keepalive = session.downstream_session.get_keepalive();
         if let Err(e) = session.downstream_session.write_continue_response().await {
             session.set_keepalive(None);
             return Err(client_gone(&e));
         }
+        keepalive_after_body = Some(keepalive);
     }
     let mut body = BytesMut::with_capacity(declared.unwrap_or(4096).min(limit) as usize);
     let deadline = tokio::time::Instant::now() + total;
@@ -384,7 +394,12 @@ async fn read_body(
                 }
                 body.extend_from_slice(&chunk);
             }
-            Ok(Ok(None)) => return decode(session, body, limit).await,
+            Ok(Ok(None)) => {
+                if let Some(k) = keepalive_after_body {
+                    session.set_keepalive(k);
+                }
+                return decode(session, body, limit).await;
+            }
             // The client went away (closed, reset, cancelled its stream)
             // before its body was in: nobody to answer.
             Ok(Err(e))

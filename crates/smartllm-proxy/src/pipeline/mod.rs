@@ -83,7 +83,7 @@ pub async fn run(
         Ok(()) => Ok(()),
         // Nobody left to answer: logged as the client's leaving, not as a
         // failure of the request.
-        Err(Failure::Api(err)) if err.status == 499 => {
+        Err(Failure::Api(err)) if err.code == admit::CLIENT_GONE => {
             ctx.client_gone = true;
             ctx.status = 499;
             ctx.error_code = Some(err.code);

@@ -218,10 +218,11 @@ async fn early_end_usage(
     }
     // The assembled text has the answer's content and calls only; an
     // OpenAI stream's reasoning (`reasoning_content`, which the cache does
-    // not keep) is added from its bytes.
+    // not keep) is added from its bytes, and every chunk that carried
+    // text is at least a token (a refusal is not assembled either).
     let generated = match (partial_text, tr) {
         (Some(text), Translator::OpenAi(f)) => {
-            estimate_tokens(text).await + f.reasoning_tokens_estimate()
+            (estimate_tokens(text).await + f.reasoning_tokens_estimate()).max(f.deltas)
         }
         (Some(text), _) => estimate_tokens(text).await.max(tr.generated_estimate()),
         (None, _) => tr.generated_estimate(),

@@ -95,6 +95,32 @@ pub async fn handshake(io: Stream, options: Option<H2Options>) -> Result<H2Conne
     }
 }
 
+/// SmartLLM patch: a drain the application begins before Pingora's own
+/// shutdown (the listener keeps serving while requests in flight finish).
+/// Every HTTP/2 connection, open or opened since, then gets GOAWAY as on
+/// Pingora's shutdown signal, so clients open their next streams on a new
+/// connection (another instance behind the load balancer) rather than on
+/// this one.
+static DRAIN: std::sync::LazyLock<tokio::sync::watch::Sender<bool>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::channel(false).0);
+
+/// SmartLLM patch: begin the drain of [`DRAIN`] (idempotent).
+pub fn begin_drain() {
+    DRAIN.send_replace(true);
+}
+
+/// Returns once [`begin_drain`] has been called.
+async fn drain_begun(rx: &mut tokio::sync::watch::Receiver<bool>) {
+    loop {
+        if *rx.borrow_and_update() {
+            return;
+        }
+        if rx.changed().await.is_err() {
+            return std::future::pending().await;
+        }
+    }
+}
+
 /// Drive a server-side HTTP/2 connection's accept loop, dispatching each new
 /// stream to `on_session` until the connection closes.
 ///
@@ -140,6 +166,7 @@ pub(crate) async fn accept_downstream_sessions<F>(
     F: FnMut(HttpSession, StreamGuard),
 {
     let mut shutdown_initiated = false;
+    let mut drain = DRAIN.subscribe();
     // Per-connection budget for malformed streams (see MAX_MALFORMED_STREAMS_PER_CONN).
     let mut malformed_streams = 0usize;
     // In-flight sessions, decremented by the `StreamGuard` given to `on_session`.
@@ -159,6 +186,12 @@ pub(crate) async fn accept_downstream_sessions<F>(
                 // and is polled again on the next iteration.
                 biased;
                 _ = shutdown.changed() => {
+                    conn.graceful_shutdown();
+                    shutdown_initiated = true;
+                    continue;
+                }
+                // SmartLLM patch: the application's drain, the same way.
+                _ = drain_begun(&mut drain) => {
                     conn.graceful_shutdown();
                     shutdown_initiated = true;
                     continue;
