@@ -1175,7 +1175,22 @@ impl Quotas {
             // a send that timed out after Redis applied it is counted twice
             // (a budget errs on the strict side), never lost.
             let spends = quotas.budgets.with_unsynced(spends);
-            let shared_ok = match f.add_spend(&spends).await {
+            // The fleet's copy of the hold goes with the spend, in one
+            // transaction (see [`Fleet::add_spend_releasing`]).
+            let mut hold = hold;
+            let releasing = hold.as_mut().and_then(|h| {
+                let (of, id) = h.fleet.take_if(|(of, _)| Arc::ptr_eq(of, &f))?;
+                Some((of, id, h.keys.clone()))
+            });
+            let result = f
+                .add_spend_releasing(
+                    &spends,
+                    releasing
+                        .as_ref()
+                        .map(|(_, id, on)| (id.as_str(), on.as_slice())),
+                )
+                .await;
+            let shared_ok = match result {
                 Ok(totals) => {
                     for ((id, _, _), total) in spends.iter().zip(totals) {
                         quotas.budgets.set(id, total);
@@ -1184,6 +1199,11 @@ impl Quotas {
                 }
                 Err(_) => {
                     quotas.budgets.defer(&spends);
+                    // Kept for a later hold's round trip when Redis is out
+                    // of reach (the hold expires meanwhile).
+                    if let Some((of, id, on)) = &releasing {
+                        let _ = of.release(id, on).await;
+                    }
                     false
                 }
             };

@@ -411,11 +411,34 @@ impl Fleet {
 
     /// Add `usd` to each `(id, ttl, usd)` counter; the fleet's new totals.
     pub async fn add_spend(&self, ids: &[(String, u64, f64)]) -> Result<Vec<f64>, FleetError> {
+        self.add_spend_releasing(ids, None).await
+    }
+
+    /// [`Fleet::add_spend`], letting go of the hold `release` (its id and
+    /// the budget periods it was taken on, see [`Fleet::hold`]) in the same
+    /// transaction: no gateway ever sees a request's cost both spent and
+    /// still held (which refused a client's next request for what its last
+    /// one held a moment ago), nor neither. On an error nothing is applied.
+    pub async fn add_spend_releasing(
+        &self,
+        ids: &[(String, u64, f64)],
+        release: Option<(&str, &[String])>,
+    ) -> Result<Vec<f64>, FleetError> {
         let mut pipe = redis::pipe();
         for (id, ttl, usd) in ids {
             let k = self.key("spend", id);
             pipe.cmd("INCRBYFLOAT").arg(&k).arg(format!("{usd:.9}"));
             pipe.cmd("EXPIRE").arg(&k).arg(*ttl).ignore();
+        }
+        if let Some((hold, on)) = release.filter(|(_, on)| !on.is_empty()) {
+            pipe.atomic();
+            pipe.load_script(&self.release).ignore();
+            let mut r = self.release.prepare_invoke();
+            r.arg(hold);
+            for id in on {
+                r.key(self.key("held", id)).key(self.key("heldexp", id));
+            }
+            pipe.invoke_script(&r).ignore();
         }
         let pipe = &pipe;
         let totals: Vec<String> = self
@@ -773,6 +796,19 @@ mod tests {
         assert!(f.unreleased.lock().unwrap().is_empty());
         // Now h3 holds $0.60: the next one waits again.
         assert!(f.hold("h4", &on, 0.6, 0.6, 600).await.unwrap().is_some());
+        // h3's request cost $0.30: its spend and its release are one
+        // transaction, so the $0.60 after it fits at once ($0.30 + $0.60),
+        // where spend and hold both counted would refuse it ($1.50).
+        let spent = f
+            .add_spend_releasing(
+                &[("k|day".into(), 60, 0.3)],
+                Some(("h3", &["k|day".to_string()])),
+            )
+            .await
+            .unwrap();
+        assert_eq!(spent, vec![0.3]);
+        assert!(f.unreleased.lock().unwrap().is_empty());
+        assert_eq!(f.hold("h5", &on, 0.6, 0.6, 600).await.unwrap(), None);
         let _ = server.kill();
         let _ = server.wait();
     }
