@@ -68,6 +68,26 @@ fn check_command_reports_every_error_with_file_and_line() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+
+    // An embedding model that is not there would stop `serve`: it fails
+    // the check too (it passed, and systemd's restarts looped).
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("smartllm.yaml"),
+        "embedder:\n  model: nope.onnx\n",
+    )
+    .unwrap();
+    let out = std::process::Command::new(bin("smartllm"))
+        .args(["check", "--config"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("nope.onnx does not exist, so `smartllm serve` would not start"),
+        "{err}"
+    );
 }
 
 fn routes_to(model: &str) -> String {

@@ -33,6 +33,12 @@ fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
     let r = ask(&gw, "sk-bob-2", &chat_body("big", "hi"));
     assert_eq!(r.status, 403);
     assert_eq!(r.api_error()["code"], "model_not_allowed");
+    // A name the gateway does not know: bob is told his own models, not
+    // every model of the gateway.
+    let r = ask(&gw, "sk-bob-2", &chat_body("gpt-17", "hi"));
+    assert_eq!(r.status, 404);
+    let msg = r.api_error()["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("small") && !msg.contains("big"), "{msg}");
     assert_eq!(get(&gw.addr, "/v1/models").status, 401);
     // A key's model list is what it is shown; an unrestricted key sees all.
     let listed = |key: &str| -> Vec<String> {
@@ -140,6 +146,14 @@ fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
         "acme"
     )["errors"]
         == 1));
+    // The provider's 500, passed on, is a failed attempt (it was counted
+    // "ok" while its error counters and the circuit counted a failure).
+    assert_eq!(
+        gw.metric("smartllm_upstream_attempts_total", &[("outcome", "failed")]),
+        1.0,
+        "{}",
+        gw.metrics()
+    );
     assert!(
         gw.metrics().contains("smartllm_cost_usd_total{"),
         "{}",

@@ -21,12 +21,44 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
         ),
     );
     let gw = Gateway::start(cfg);
+    // What is left is on every answer, in OpenAI's headers; only the kinds
+    // a limit applies to.
     for i in 0..3 {
-        assert_eq!(
-            ask(&gw, "sk-alice-1", &chat_body("small", &format!("q{i}"))).status,
-            200
-        );
+        let r = ask(&gw, "sk-alice-1", &chat_body("small", &format!("q{i}")));
+        assert_eq!(r.status, 200);
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+        let left = (2 - i).to_string();
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some(&*left));
+        let reset = r.header("x-ratelimit-reset-requests").unwrap();
+        assert!(reset.ends_with('s') && reset.len() > 1, "{reset}");
+        assert_eq!(r.header("x-ratelimit-limit-tokens"), None);
     }
+    // An Anthropic client gets Anthropic's, the reset as a time.
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/messages",
+        &[
+            ("x-api-key", "sk-dave-4"),
+            ("anthropic-version", "2023-06-01"),
+            ("content-type", "application/json"),
+        ],
+        json!({"model": "small", "max_tokens": 5, "messages": [{"role": "user", "content": "Hi"}]})
+            .to_string()
+            .as_bytes(),
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("anthropic-ratelimit-tokens-limit"), Some("2000"));
+    let left: u64 = r
+        .header("anthropic-ratelimit-tokens-remaining")
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1900..2000).contains(&left), "{left}");
+    let reset = r.header("anthropic-ratelimit-tokens-reset").unwrap();
+    assert!(reset.len() == 20 && reset.ends_with('Z'), "{reset}");
+    assert_eq!(r.header("x-ratelimit-limit-tokens"), None);
     let r = ask(&gw, "sk-alice-1", &chat_body("small", "one too many"));
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.api_error()["code"], "rate_limit_exceeded");
@@ -491,9 +523,12 @@ fn two_gateways_share_redis_backed_limits_budgets_and_alerts() {
 
     // Rate limit: 2 + 2 requests through two gateways use up the 4 a minute;
     // per-process limits would have allowed 8.
-    for gw in [&a, &b, &a, &b] {
+    for (i, gw) in [&a, &b, &a, &b].into_iter().enumerate() {
         let r = ask(gw, "sk-alice-1", &hello);
         assert_eq!(r.status, 200, "{}", r.text());
+        // What the fleet's bucket leaves, not this gateway's.
+        let left = (3 - i).to_string();
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some(&*left));
     }
     for gw in [&a, &b] {
         let r = ask(gw, "sk-alice-1", &hello);

@@ -49,6 +49,15 @@ fn overload_is_shed_with_503_and_retry_after_and_the_cache_steps_aside() {
         gw.metric("smartllm_shed_total", &[("reason", "max_in_flight")]),
         shed.len() as f64
     );
+    // Counted under their endpoint, where alerts on chat errors see them.
+    assert!(
+        wait_until(Duration::from_secs(5), || gw.metric(
+            "smartllm_requests_total",
+            &[("endpoint", "chat_completions"), ("status", "503")]
+        ) == shed.len() as f64),
+        "{}",
+        gw.metrics()
+    );
     // The limit reloads live.
     let main = std::fs::read_to_string(gw.config.path().join("smartllm.yaml")).unwrap();
     gw.config.write(

@@ -396,6 +396,7 @@ fn bad_requests_get_openai_shaped_errors() {
     r.api_error();
     let r = get(&gw.addr, "/v1/chat/completions");
     assert_eq!(r.status, 405);
+    assert_eq!(r.header("allow"), Some("POST"));
     r.api_error();
     // The gateway keeps serving.
     assert_eq!(gw.chat(&chat_body("small", "still alive?")).status, 200);

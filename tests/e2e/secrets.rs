@@ -437,3 +437,23 @@ fn a_reload_never_opens_the_gateway_or_its_admin_api() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(answered_by(&r).as_deref(), Some("real"));
 }
+
+/// `SMARTLLM_REQUIRE_KEY=true` (the systemd unit and the Kubernetes
+/// manifest set it): a directory without keys.yaml refuses every request
+/// at a start too, as a reload does (without it, such a start was open).
+#[test]
+fn a_start_without_keys_yaml_stays_closed_when_the_environment_requires_keys() {
+    let mock = Mock::start(&[]);
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &format!("providers:\n{}", mock_provider("mock", &mock)),
+        "models:\n  - name: small\n    deployments:\n      - provider: mock\n",
+        "routes:\n  auto:\n    model: small\n",
+    );
+    assert!(!cfg.path().join("keys.yaml").exists());
+    let gw = Gateway::start_with_env(cfg, &[("SMARTLLM_REQUIRE_KEY", "true")]);
+    let r = gw.chat(&chat_body("small", "who am I?"));
+    assert_eq!(r.status, 401, "{}", r.text());
+    assert_eq!(r.api_error()["code"], "missing_api_key");
+}

@@ -39,4 +39,16 @@ pub use resolve::{
 pub use routing::*;
 pub use types::*;
 
+/// Set to `true` (or `1`, `yes`), keys are required whatever `keys.yaml`
+/// says, and when it is missing: the packages' systemd unit and the
+/// Kubernetes manifest set it, so a deleted `keys.yaml` never opens an
+/// installed gateway at a restart.
+pub const ENV_REQUIRE_KEY: &str = "SMARTLLM_REQUIRE_KEY";
+
+/// [`ENV_REQUIRE_KEY`] is set to a true value.
+pub fn require_key_by_env() -> bool {
+    std::env::var(ENV_REQUIRE_KEY)
+        .is_ok_and(|v| matches!(v.trim().to_ascii_lowercase().as_str(), "1" | "true" | "yes"))
+}
+
 use load::Issues;

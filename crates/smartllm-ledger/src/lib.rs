@@ -1208,6 +1208,18 @@ pub fn format_hour(hour: u64) -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:00Z", hour % 24)
 }
 
+/// `2026-12-01T10:00:00Z` for seconds since the epoch (UTC).
+pub fn format_rfc3339(secs: u64) -> String {
+    let (y, m, d) = civil(secs / 86_400);
+    let rem = secs % 86_400;
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 pub fn format_day(day: u64) -> String {
     let (y, m, d) = civil(day);
     format!("{y:04}-{m:02}-{d:02}")
@@ -1230,6 +1242,13 @@ pub fn civil(days: u64) -> (i64, u32, u32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_are_rfc3339() {
+        assert_eq!(format_rfc3339(0), "1970-01-01T00:00:00Z");
+        assert_eq!(format_rfc3339(951_782_400), "2000-02-29T00:00:00Z");
+        assert_eq!(format_rfc3339(1_767_225_599), "2025-12-31T23:59:59Z");
+    }
 
     #[test]
     fn prices() {

@@ -13,6 +13,8 @@ pub struct ApiError {
     pub param: Option<String>,
     /// Seconds, for 429/503 answers.
     pub retry_after: Option<u64>,
+    /// The methods a 405's path takes (its `Allow` header).
+    pub allow: Option<&'static str>,
 }
 
 impl ApiError {
@@ -29,6 +31,7 @@ impl ApiError {
             message: message.into(),
             param: None,
             retry_after: None,
+            allow: None,
         }
     }
 
@@ -73,13 +76,15 @@ impl ApiError {
         )
     }
 
-    pub fn method_not_allowed(method: &str, path: &str, allowed: &str) -> Self {
-        Self::new(
+    pub fn method_not_allowed(method: &str, path: &str, allowed: &'static str) -> Self {
+        let mut e = Self::new(
             405,
             "invalid_request_error",
             "method_not_allowed",
             format!("{method} is not allowed on {path}; use {allowed}."),
-        )
+        );
+        e.allow = Some(allowed);
+        e
     }
 
     pub fn payload_too_large(limit: u64) -> Self {

@@ -929,6 +929,15 @@ pub fn response_from_chat(chat: &Value, model: &str) -> Value {
             content.push(json!({"type": "text", "text": t}));
         }
     }
+    // OpenAI's refusal is its own field; Anthropic's is the answer's text
+    // with the `refusal` stop reason (else the client reads an empty answer).
+    let refusal = msg
+        .get("refusal")
+        .and_then(Value::as_str)
+        .filter(|r| !r.is_empty());
+    if let Some(r) = refusal {
+        content.push(json!({"type": "text", "text": r}));
+    }
     if let Some(calls) = msg.get("tool_calls").and_then(Value::as_array) {
         for c in calls {
             let f = &c["function"];
@@ -955,6 +964,7 @@ pub fn response_from_chat(chat: &Value, model: &str) -> Value {
         .filter(|f| !f.is_empty())
     {
         Some("stop") | None if called => Some("tool_calls"),
+        Some("stop") | None if refusal.is_some() => Some("content_filter"),
         f => f,
     };
     json!({
@@ -1015,6 +1025,9 @@ pub struct ChatToMessagesStream {
     /// A tool call was streamed (its stop reason is `tool_use` whatever the
     /// provider's finish reason says).
     called: bool,
+    /// The model refused (OpenAI's `refusal` deltas, sent as text): its
+    /// stop reason is `refusal`.
+    refused: bool,
     stop: Value,
     usage: Option<Usage>,
     /// Bytes of text and tool arguments streamed: the output estimated
@@ -1041,6 +1054,7 @@ impl ChatToMessagesStream {
             held: Vec::new(),
             deferred: String::new(),
             called: false,
+            refused: false,
             stop: Value::Null,
             usage: None,
             generated_bytes: 0,
@@ -1137,6 +1151,7 @@ impl ChatToMessagesStream {
         // No finish reason came: an answer that called a tool ends for it.
         let stop = match &self.stop {
             Value::Null if self.called => stop_reason(Some("tool_calls")),
+            Value::Null if self.refused => stop_reason(Some("content_filter")),
             Value::Null => json!("end_turn"),
             stop => stop.clone(),
         };
@@ -1221,6 +1236,18 @@ impl ChatToMessagesStream {
                     Open::None | Open::Text => self.text(&t, &mut out),
                 }
             }
+            if let Some(t) = delta
+                .get("refusal")
+                .and_then(Value::as_str)
+                .filter(|t| !t.is_empty())
+            {
+                self.generated_bytes += t.len();
+                self.refused = true;
+                match self.open {
+                    Open::Tool(_) => self.deferred.push_str(t),
+                    Open::None | Open::Text => self.text(t, &mut out),
+                }
+            }
             if let Some(calls) = delta.get("tool_calls").and_then(Value::as_array) {
                 for c in calls {
                     let idx = self.tool_index.of(c) as u64;
@@ -1301,6 +1328,8 @@ impl ChatToMessagesStream {
                 // waits for `tool_use`.
                 self.stop = if self.called && f == "stop" {
                     stop_reason(Some("tool_calls"))
+                } else if self.refused && f == "stop" {
+                    stop_reason(Some("content_filter"))
                 } else {
                     stop_reason(Some(f))
                 };
@@ -1729,6 +1758,39 @@ mod tests {
 
     /// An empty finish reason on every chunk is no finish: the call's
     /// arguments stay in its one block.
+    /// OpenAI's `refusal` reaches an Anthropic client as the answer's text
+    /// with the `refusal` stop reason, plain and streamed (it was an empty
+    /// answer ending `end_turn`).
+    #[test]
+    fn a_refusal_is_the_answers_text_and_its_stop_reason() {
+        let chat = json!({"id": "chatcmpl-r", "model": "gpt-4o", "choices": [{"index": 0,
+            "message": {"role": "assistant", "content": null, "refusal": "I can't help with that."},
+            "finish_reason": "stop"}], "usage": {"prompt_tokens": 5, "completion_tokens": 6}});
+        let m = response_from_chat(&chat, "gpt-4o");
+        assert_eq!(
+            m["content"],
+            json!([{"type": "text", "text": "I can't help with that."}])
+        );
+        assert_eq!(m["stop_reason"], "refusal");
+        let mut s = ChatToMessagesStream::new("gpt-4o", 5);
+        let mut out = Vec::new();
+        for chunk in [
+            json!({"id": "chatcmpl-r", "choices": [{"index": 0, "delta": {"role": "assistant", "refusal": ""}}]}),
+            json!({"id": "chatcmpl-r", "choices": [{"index": 0, "delta": {"refusal": "I can't "}}]}),
+            json!({"id": "chatcmpl-r", "choices": [{"index": 0, "delta": {"refusal": "help."}}]}),
+            json!({"id": "chatcmpl-r", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}),
+        ] {
+            out.extend(s.feed(format!("data: {chunk}\n\n").as_bytes()).unwrap());
+        }
+        out.extend(s.feed(b"data: [DONE]\n\n").unwrap());
+        let text = String::from_utf8(out).unwrap();
+        assert!(
+            text.contains(r#""text":"I can't ""#) && text.contains(r#""text":"help.""#),
+            "{text}"
+        );
+        assert!(text.contains(r#""stop_reason":"refusal""#), "{text}");
+    }
+
     #[test]
     fn an_empty_finish_reason_ends_nothing() {
         let sse = concat!(

@@ -1605,6 +1605,21 @@ impl ChatToResponsesStream {
     pub fn feed(&mut self, chat_sse: &[u8]) -> Result<Vec<u8>, SseTooLarge> {
         let events = self.parser.feed(chat_sse)?;
         let mut out = Vec::new();
+        if !self.started {
+            // The model that answers, as the upstream names it (what the
+            // plain answer reports), rather than the alias asked for
+            // (`auto`): read off the first chunk before `response.created`.
+            let named = events.iter().find_map(|ev| {
+                let v: Value = serde_json::from_str(&ev.data).ok()?;
+                v.get("model")?
+                    .as_str()
+                    .filter(|m| !m.is_empty())
+                    .map(str::to_string)
+            });
+            if let Some(m) = named {
+                self.model = m;
+            }
+        }
         self.start(&mut out);
         for ev in events {
             if self.done() {
@@ -3180,6 +3195,21 @@ mod tests {
         assert_eq!(deltas, [&json!("Hel"), &json!("lo!")]);
         let r = s.response().unwrap();
         assert_eq!(r["output"][0]["content"][0]["text"], "Hello!");
+    }
+
+    /// A stream names the model that answered (the upstream's), as the
+    /// plain answer does, not the alias asked for (`auto`).
+    #[test]
+    fn a_stream_names_the_model_that_answered() {
+        let mut input = chunk(json!({"content": "Hi"}), Value::Null);
+        input.extend(chunk(json!({}), json!("stop")));
+        input.extend_from_slice(crate::sse::DONE_EVENT);
+        let mut s = ChatToResponsesStream::new("resp_abc", 100, "auto", &req());
+        let events = run(&mut s, &input, input.len());
+        assert_eq!(events[0].0, "response.created");
+        assert_eq!(events[0].1["response"]["model"], "gpt-x");
+        assert_eq!(events.last().unwrap().1["response"]["model"], "gpt-x");
+        assert_eq!(s.response().unwrap()["model"], "gpt-x");
     }
 
     #[test]

@@ -99,6 +99,9 @@ pub struct Ctx {
     pub usage_estimated: bool,
     /// Tokens already charged against rate limits before the request.
     pub precharged_tokens: u64,
+    /// What the key's rate limits leave it after this request (sent as
+    /// `x-ratelimit-*`, or `anthropic-ratelimit-*` to Anthropic clients).
+    pub ratelimit: smartllm_quota::Headroom,
     /// The request's estimated cost, held against its budgets until its
     /// cost is recorded (dropped then, or with the context).
     pub budget_hold: Option<smartllm_quota::budget::Hold>,
@@ -181,6 +184,7 @@ impl Ctx {
             saved_usage: None,
             usage_estimated: false,
             precharged_tokens: 0,
+            ratelimit: smartllm_quota::Headroom::default(),
             budget_hold: None,
             budget_settled: false,
             route_reason: "alias".into(),

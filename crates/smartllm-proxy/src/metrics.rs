@@ -282,6 +282,21 @@ pub fn install() -> PrometheusHandle {
     // Histogram samples pile up in the recorder until upkeep drains them; a
     // scrape does that too, but a gateway nobody scrapes must not grow, so a
     // thread runs it every 5 s (install_recorder leaves upkeep to the caller).
+    // The failure series exist from the start, at 0: an alert on
+    // `increase(...[10m]) > 0` fires on the first failure after a restart
+    // too (a series first seen at 1 shows no increase).
+    for result in ["ok", "error", "unchanged"] {
+        counter!(CONFIG_RELOADS, "result" => result).absolute(0);
+    }
+    for reason in ["max_in_flight", "embedder", "cache_insert"] {
+        counter!(SHED, "reason" => reason).absolute(0);
+    }
+    for phase in ["header", "body"] {
+        counter!(CLIENT_TIMEOUTS, "phase" => phase).absolute(0);
+    }
+    for reason in ["queue_full", "export_failed", "shutdown"] {
+        counter!(TRACE_SPANS_DROPPED, "reason" => reason).absolute(0);
+    }
     let upkeep = handle.clone();
     if let Err(e) = std::thread::Builder::new()
         .name("smartllm-metrics".into())

@@ -239,7 +239,14 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
         }
         Ok(ReloadOutcome::Unchanged) => {
             metrics::config_reload("unchanged");
-            tracing::debug!(trigger, "config unchanged");
+            if trigger == "watch" {
+                // A save that changed nothing (a touch, an editor's backup).
+                tracing::debug!(trigger, "config unchanged");
+            } else {
+                // An operator asked (`systemctl reload`, the admin API):
+                // the journal says it was read.
+                tracing::info!(trigger, "config read again; nothing changed");
+            }
             status.last_result = Some("unchanged".into());
             // The directory is valid again (e.g. a rejected edit undone).
             status.last_error = None;

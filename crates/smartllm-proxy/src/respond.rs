@@ -83,7 +83,77 @@ pub fn header(
     if let Some(t) = &ctx.dropped_tools {
         h.insert_header("x-smartllm-dropped-tools", t.as_str())?;
     }
+    ratelimit_headers(&mut h, &ctx.ratelimit, ctx.anthropic)?;
     Ok(h)
+}
+
+/// What the key's rate limits leave it, in the headers its provider's own
+/// API sends: OpenAI's `x-ratelimit-{limit,remaining,reset}-{requests,tokens}`
+/// (the reset as a duration, `1s`, `6m0s`), or Anthropic's
+/// `anthropic-ratelimit-{requests,tokens}-{limit,remaining,reset}` (the reset
+/// as an RFC 3339 time). The tightest of the key's and its app's limits;
+/// nothing for a kind no limit applies to.
+fn ratelimit_headers(
+    h: &mut ResponseHeader,
+    r: &smartllm_quota::Headroom,
+    anthropic: bool,
+) -> pingora_error::Result<()> {
+    for (kind, left) in [("requests", r.requests), ("tokens", r.tokens)] {
+        let Some(left) = left else { continue };
+        if anthropic {
+            let at = smartllm_protocol::time::now_secs() + left.reset_secs.ceil() as u64;
+            h.insert_header(
+                format!("anthropic-ratelimit-{kind}-limit"),
+                http::HeaderValue::from(left.limit),
+            )?;
+            h.insert_header(
+                format!("anthropic-ratelimit-{kind}-remaining"),
+                http::HeaderValue::from(left.remaining),
+            )?;
+            h.insert_header(
+                format!("anthropic-ratelimit-{kind}-reset"),
+                smartllm_ledger::format_rfc3339(at),
+            )?;
+        } else {
+            h.insert_header(
+                format!("x-ratelimit-limit-{kind}"),
+                http::HeaderValue::from(left.limit),
+            )?;
+            h.insert_header(
+                format!("x-ratelimit-remaining-{kind}"),
+                http::HeaderValue::from(left.remaining),
+            )?;
+            h.insert_header(
+                format!("x-ratelimit-reset-{kind}"),
+                go_duration(left.reset_secs),
+            )?;
+        }
+    }
+    Ok(())
+}
+
+/// A duration as OpenAI's rate-limit headers write it (Go's): `0s`,
+/// `120ms`, `1.5s`, `6m0s`.
+fn go_duration(secs: f64) -> String {
+    let ms = (secs.max(0.0) * 1000.0).round() as u64;
+    if ms == 0 {
+        return "0s".into();
+    }
+    if ms < 1000 {
+        return format!("{ms}ms");
+    }
+    let (m, rest) = (ms / 60_000, ms % 60_000);
+    let s = if rest % 1000 == 0 {
+        format!("{}s", rest / 1000)
+    } else {
+        let frac = format!("{:03}", rest % 1000);
+        format!("{}.{}s", rest / 1000, frac.trim_end_matches('0'))
+    };
+    if m > 0 {
+        format!("{m}m{s}")
+    } else {
+        s
+    }
 }
 
 pub async fn json(
@@ -114,6 +184,9 @@ pub async fn error(
     let mut extra = Vec::new();
     if let Some(s) = err.retry_after {
         extra.push(("retry-after".to_string(), s.to_string()));
+    }
+    if let Some(a) = err.allow {
+        extra.push(("allow".to_string(), a.to_string()));
     }
     // The official SDKs (and Claude Code) obey it before their own rules:
     // without it Claude Code retries a refused key for minutes.
@@ -205,6 +278,22 @@ pub async fn fail_to_proxy(session: &mut Session, e: &Error, ctx: &mut Ctx) -> F
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn resets_are_written_as_openai_writes_them() {
+        for (secs, want) in [
+            (0.0, "0s"),
+            (0.0004, "0s"),
+            (0.12, "120ms"),
+            (1.0, "1s"),
+            (1.5, "1.5s"),
+            (59.999, "59.999s"),
+            (360.0, "6m0s"),
+            (61.25, "1m1.25s"),
+        ] {
+            assert_eq!(go_duration(secs), want, "{secs}");
+        }
+    }
 
     #[test]
     fn only_what_may_succeed_again_is_worth_a_retry() {

@@ -41,13 +41,15 @@ for i, key in ipairs(KEYS) do
   end
 end
 if worst > 0 then return string.format('%.3f %d', worst, worst_i) end
+local out = {'0'}
 for i, key in ipairs(KEYS) do
   local cap = tonumber(ARGV[2 * i - 1])
   local level = levels[i] - tonumber(ARGV[2 * i])
   redis.call('HSET', key, 'l', string.format('%.6f', level), 't', string.format('%.6f', now))
   redis.call('EXPIRE', key, 120 + math.ceil(math.max(0, -level) * 60 / cap))
+  out[#out + 1] = string.format('%.3f', level)
 end
-return '0'
+return table.concat(out, ' ')
 "#;
 
 /// Charge tokens after the fact (the completion): buckets may go into
@@ -329,11 +331,12 @@ impl Fleet {
         }
     }
 
-    /// Charge every bucket or none. `Ok(Some((seconds, i)))`: refused, bucket
-    /// `i` frees up in `seconds`.
-    pub async fn admit(&self, charges: &[Charge]) -> Result<Option<(f64, usize)>, FleetError> {
+    /// Charge every bucket or none: `Ok(Ok(levels))`, the buckets' levels
+    /// after the charge; `Ok(Err((seconds, i)))`: refused, bucket `i` frees
+    /// up in `seconds`.
+    pub async fn admit(&self, charges: &[Charge]) -> Result<Admit, FleetError> {
         if charges.is_empty() {
-            return Ok(None);
+            return Ok(Ok(Vec::new()));
         }
         let mut inv = self.admit.prepare_invoke();
         for c in charges {
@@ -676,17 +679,29 @@ fn parse_hold(reply: &str, n: usize) -> Result<Option<NoRoom>, FleetError> {
     Ok(Some(NoRoom { index, held, spent }))
 }
 
-fn parse_admit(reply: &str) -> Result<Option<(f64, usize)>, FleetError> {
-    if reply == "0" {
-        return Ok(None);
+/// What [`Fleet::admit`] says: the levels after the charge, or the wait
+/// and the bucket that refused.
+pub type Admit = Result<Vec<f64>, (f64, usize)>;
+
+fn parse_admit(reply: &str) -> Result<Admit, FleetError> {
+    let bad = || FleetError::Protocol(reply.to_string());
+    if let Some(levels) = reply
+        .strip_prefix('0')
+        .filter(|r| r.is_empty() || r.starts_with(' '))
+    {
+        return levels
+            .split_whitespace()
+            .map(|l| l.parse::<f64>().map_err(|_| bad()))
+            .collect::<Result<Vec<f64>, _>>()
+            .map(Ok);
     }
     let mut parts = reply.split(' ');
     match (
         parts.next().and_then(|s| s.parse::<f64>().ok()),
         parts.next().and_then(|s| s.parse::<usize>().ok()),
     ) {
-        (Some(secs), Some(i)) if i >= 1 => Ok(Some((secs, i - 1))),
-        _ => Err(FleetError::Protocol(reply.to_string())),
+        (Some(secs), Some(i)) if i >= 1 => Ok(Err((secs, i - 1))),
+        _ => Err(bad()),
     }
 }
 
@@ -712,8 +727,11 @@ mod tests {
 
     #[test]
     fn admit_replies() {
-        assert_eq!(parse_admit("0").unwrap(), None);
-        assert_eq!(parse_admit("1.500 2").unwrap(), Some((1.5, 1)));
+        assert_eq!(parse_admit("0").unwrap(), Ok(vec![]));
+        assert_eq!(parse_admit("0 3.000 -2.500").unwrap(), Ok(vec![3.0, -2.5]));
+        assert_eq!(parse_admit("1.500 2").unwrap(), Err((1.5, 1)));
+        assert_eq!(parse_admit("0.250 1").unwrap(), Err((0.25, 0)));
+        assert!(parse_admit("0 x").is_err());
         assert!(parse_admit("nonsense").is_err());
         assert!(parse_admit("1.0 0").is_err());
     }
@@ -862,12 +880,12 @@ mod tests {
             per_minute: 100,
             cost: 1.0,
         }];
-        assert_eq!(f.admit(&charge).await.unwrap(), None);
+        assert_eq!(f.admit(&charge).await.unwrap(), Ok(vec![99.0]));
         let _ = server.kill();
         let _ = server.wait();
         let mut server = start();
         up().await;
-        assert_eq!(f.admit(&charge).await.unwrap(), None);
+        assert_eq!(f.admit(&charge).await.unwrap(), Ok(vec![99.0]));
         assert_eq!(
             f.add_spend(&[("k|d".into(), 60, 0.5)]).await.unwrap(),
             vec![0.5]

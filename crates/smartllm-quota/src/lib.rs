@@ -24,7 +24,7 @@ use tokio_util::task::TaskTracker;
 
 pub use budget::{Alert, BudgetDecision, Exceeded};
 pub use fleet::{Charge, Fleet, FleetError};
-pub use limits::Limiter;
+pub use limits::{Headroom, Left, Limiter};
 
 /// Who a request is for: the scope that limits, budgets and spend apply to.
 #[derive(Debug, Clone, Copy)]
@@ -106,8 +106,9 @@ impl Refusal {
 /// The outcome of charging a request against its rate limits.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
-    /// Admitted; `precharged` estimated tokens were taken from the token buckets.
-    Admitted { precharged: u64 },
+    /// Admitted; `precharged` estimated tokens were taken from the token
+    /// buckets, which leave `headroom`.
+    Admitted { precharged: u64, headroom: Headroom },
     /// Refused: answer 429 (or 503 when the fleet cannot be asked).
     Limited(Refusal),
 }
@@ -200,14 +201,20 @@ impl Quotas {
             Err(r) => return Admission::Limited(r),
         };
         if planned.is_empty() {
-            return Admission::Admitted { precharged: 0 };
+            return Admission::Admitted {
+                precharged: 0,
+                headroom: Headroom::default(),
+            };
         }
-        let admitted = Admission::Admitted { precharged: tokens };
+        let admitted = |levels: Vec<f64>| Admission::Admitted {
+            precharged: tokens,
+            headroom: Headroom::of(&planned, &levels),
+        };
         if let Some(f) = self.fleet(fleet) {
             let charges: Vec<Charge> = planned.iter().map(|(c, _)| c.clone()).collect();
             match f.admit(&charges).await {
-                Ok(None) => return admitted,
-                Ok(Some((secs, i))) => {
+                Ok(Ok(levels)) => return admitted(levels),
+                Ok(Err((secs, i))) => {
                     return Admission::Limited(limits::rate_limited(secs, &planned[i].1))
                 }
                 Err(e) if f.on_error() == FleetOnError::Reject => {
@@ -217,7 +224,7 @@ impl Quotas {
             }
         }
         match self.limiter.apply(&planned) {
-            Ok(()) => admitted,
+            Ok(levels) => admitted(levels),
             Err(r) => Admission::Limited(r),
         }
     }
@@ -291,11 +298,27 @@ mod tests {
                 tokens_per_minute: Some(1000),
             },
         )];
-        for _ in 0..2 {
-            assert_eq!(
-                quotas.admit(&cfg.fleet, &scopes, 100).await,
-                Admission::Admitted { precharged: 100 }
-            );
+        // What is left after each: the x-ratelimit-* headers' figures.
+        for left in [1, 0] {
+            match quotas.admit(&cfg.fleet, &scopes, 100).await {
+                Admission::Admitted {
+                    precharged: 100,
+                    headroom,
+                } => {
+                    let r = headroom.requests.unwrap();
+                    assert_eq!((r.limit, r.remaining), (2, left));
+                    // Full again after (2 - left) requests' refill, 30 s each.
+                    let full = 30.0 * (2 - left) as f64;
+                    assert!((r.reset_secs - full).abs() < 0.5, "{r:?}");
+                    let t = headroom.tokens.unwrap();
+                    assert_eq!(t.limit, 1000);
+                    assert!(
+                        (899 - 100 * (1 - left)..=900 - 100 * (1 - left)).contains(&t.remaining),
+                        "{t:?}"
+                    );
+                }
+                other => panic!("{other:?}"),
+            }
         }
         match quotas.admit(&cfg.fleet, &scopes, 100).await {
             Admission::Limited(r @ Refusal::RateLimited { .. }) => {
@@ -310,7 +333,10 @@ mod tests {
         // No limits: admitted with nothing charged.
         assert_eq!(
             quotas.admit(&cfg.fleet, &[], 100).await,
-            Admission::Admitted { precharged: 0 }
+            Admission::Admitted {
+                precharged: 0,
+                headroom: Headroom::default()
+            }
         );
     }
 

@@ -129,20 +129,67 @@ pub fn rate_limited(secs: f64, what: &str) -> Refusal {
     }
 }
 
+/// What a limit leaves a key after a request (the `x-ratelimit-*` headers).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Left {
+    /// Its allowance per minute.
+    pub limit: u64,
+    /// Whole requests or tokens left in the bucket now.
+    pub remaining: u64,
+    /// Seconds until the bucket is full again.
+    pub reset_secs: f64,
+}
+
+/// The tightest limit of each kind a request met (the one with the least
+/// left), after charging it; none of a kind no limit applied.
+#[derive(Debug, Clone, Copy, PartialEq, Default)]
+pub struct Headroom {
+    pub requests: Option<Left>,
+    pub tokens: Option<Left>,
+}
+
+impl Headroom {
+    /// From the planned buckets and their levels after the charge.
+    pub fn of(planned: &[Planned], levels: &[f64]) -> Headroom {
+        let mut h = Headroom::default();
+        for ((c, _), &level) in planned.iter().zip(levels) {
+            let per = c.per_minute as f64;
+            let left = Left {
+                limit: c.per_minute,
+                remaining: level.max(0.0).floor() as u64,
+                reset_secs: if per > 0.0 {
+                    (per - level).max(0.0) * 60.0 / per
+                } else {
+                    0.0
+                },
+            };
+            let slot = if c.id.ends_with(":requests") {
+                &mut h.requests
+            } else {
+                &mut h.tokens
+            };
+            if slot.is_none_or(|s| left.remaining < s.remaining) {
+                *slot = Some(left);
+            }
+        }
+        h
+    }
+}
+
 impl Limiter {
     /// Charge one request and `tokens` estimated tokens against every limit
     /// that applies, in this process; refuse with 429 (and Retry-After) if
     /// any is exhausted.
     pub fn admit(&self, scopes: &[(String, Limits)], tokens: u64) -> Result<(), Refusal> {
-        self.apply(&plan(scopes, tokens)?)
+        self.apply(&plan(scopes, tokens)?).map(|_| ())
     }
 
-    /// Charge every planned bucket or none.
-    pub fn apply(&self, planned: &[Planned]) -> Result<(), Refusal> {
+    /// Charge every planned bucket or none; the buckets' levels after it.
+    pub fn apply(&self, planned: &[Planned]) -> Result<Vec<f64>, Refusal> {
         self.apply_at(planned, Instant::now())
     }
 
-    fn apply_at(&self, planned: &[Planned], now: Instant) -> Result<(), Refusal> {
+    fn apply_at(&self, planned: &[Planned], now: Instant) -> Result<Vec<f64>, Refusal> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         // Check every limit first, then charge: a refusal charges nothing.
         let mut wait: Option<(f64, &str)> = None;
@@ -164,11 +211,13 @@ impl Limiter {
         }
         // (Through `entry`: a sweep while checking a later limit may have
         // taken a bucket just made full for an earlier one.)
+        let mut levels = Vec::with_capacity(planned.len());
         for (c, _) in planned {
             let b = buckets.entry(&c.id, c.per_minute, now);
             take(b, c.per_minute, c.cost, now);
+            levels.push(b.level);
         }
-        Ok(())
+        Ok(levels)
     }
 
     /// Charge tokens used after the fact (the completion); may go into
@@ -215,6 +264,39 @@ impl Limiter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn headroom_names_the_tightest_limit_of_each_kind() {
+        let c = |id: &str, per_minute| {
+            (
+                Charge {
+                    id: id.into(),
+                    per_minute,
+                    cost: 1.0,
+                },
+                String::new(),
+            )
+        };
+        let planned = [
+            c("key 'k':requests", 10),
+            c("key 'k':tokens", 1000),
+            c("app 'a/b':requests", 100),
+        ];
+        let h = Headroom::of(&planned, &[5.0, -20.0, 3.5]);
+        assert_eq!(
+            h.requests,
+            Some(Left {
+                limit: 100,
+                remaining: 3,
+                reset_secs: 96.5 * 60.0 / 100.0
+            })
+        );
+        // A bucket in debt has none left, and is full a minute and more on.
+        let t = h.tokens.unwrap();
+        assert_eq!((t.limit, t.remaining), (1000, 0));
+        assert!((t.reset_secs - 61.2).abs() < 1e-9, "{t:?}");
+        assert_eq!(Headroom::of(&[], &[]), Headroom::default());
+    }
 
     pub(super) fn scopes(s: &[(&str, Limits)]) -> Vec<(String, Limits)> {
         s.iter().map(|(n, l)| (n.to_string(), *l)).collect()

@@ -15,6 +15,20 @@ pub fn check(dir: &Path) -> ExitCode {
                 eprintln!("{e}");
                 return ExitCode::from(1);
             }
+            // `serve` loads the embedder before it listens: a file it cannot
+            // find would stop it (a restart loop under systemd), so it fails
+            // the check too.
+            let e = &c.embedder;
+            for (what, p) in [
+                ("ONNX Runtime", &e.onnxruntime),
+                ("model", &e.model),
+                ("tokenizer", &e.tokenizer),
+            ] {
+                if !p.is_file() {
+                    eprintln!("embedder: the {what} {} does not exist, so `smartllm serve` would not start (run packaging/fetch-assets.sh, or set embedder.assets_dir / SMARTLLM_ASSETS_DIR)", p.display());
+                    return ExitCode::from(1);
+                }
+            }
             println!(
                 "{}: config OK ({} providers, {} models, {} routes; digest {})",
                 dir.display(),

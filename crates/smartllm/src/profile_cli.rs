@@ -629,7 +629,9 @@ fn merged_profiles(old: Measured, t: &Tally, set: &str, items: &[Item]) -> Strin
          set: {}\nmeasured_at: {}\nmodels:\n",
         items.len(),
         q(set),
-        q(&rfc3339(smartllm_protocol::time::now_secs()))
+        q(&smartllm_ledger::format_rfc3339(
+            smartllm_protocol::time::now_secs(),
+        ))
     );
     for (m, by_task) in &models {
         let quality: Vec<String> = by_task
@@ -700,28 +702,6 @@ fn write_profiles(cfg: &Config, out: &Path, text: &str) -> anyhow::Result<()> {
     }
     out.file_name().context("--out must name a file")?;
     crate::config_write::replace(out, text)
-}
-
-/// `2026-12-01T10:00:00Z` for seconds since the epoch (UTC).
-fn rfc3339(secs: u64) -> String {
-    let days = (secs / 86_400) as i64;
-    let rem = secs % 86_400;
-    // Howard Hinnant's civil_from_days.
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
 }
 
 #[cfg(test)]
@@ -1002,12 +982,5 @@ mod tests {
                 other => panic!("{status}: {other:?}"),
             }
         }
-    }
-
-    #[test]
-    fn dates_are_rfc3339() {
-        assert_eq!(rfc3339(0), "1970-01-01T00:00:00Z");
-        assert_eq!(rfc3339(951_782_400), "2000-02-29T00:00:00Z");
-        assert_eq!(rfc3339(1_767_225_599), "2025-12-31T23:59:59Z");
     }
 }

@@ -117,20 +117,39 @@ impl SpanProcessor for QueueProcessor {
 
 /// The exporter thread: a batch goes out when it is full, when the oldest
 /// span in it has waited [`BATCH_DELAY`], and on flush or shutdown.
+/// How often a failing export is logged again.
+const EXPORT_WARN_EVERY: Duration = Duration::from_secs(60);
+
 fn run<E: SpanExporter>(exporter: E, rx: Receiver<Msg>) {
     let mut batch: Vec<SpanData> = Vec::with_capacity(BATCH_SPANS);
     let mut due: Option<Instant> = None;
-    let export = |batch: &mut Vec<SpanData>| {
+    // A collector that is down is said once, then at most once a minute
+    // with what was dropped meanwhile, and once when it answers again (not
+    // a line a batch for as long as it is down).
+    let mut failing: Option<(Instant, u64)> = None;
+    let mut export = |batch: &mut Vec<SpanData>| {
         if batch.is_empty() {
             return;
         }
         let n = batch.len() as u64;
         let spans = std::mem::replace(batch, Vec::with_capacity(BATCH_SPANS));
         match futures_executor_block_on(exporter.export(spans)) {
-            Ok(()) => metrics::trace_spans_exported(n),
+            Ok(()) => {
+                metrics::trace_spans_exported(n);
+                if failing.take().is_some() {
+                    tracing::info!("exporting spans to the OTLP endpoint works again");
+                }
+            }
             Err(e) => {
                 metrics::trace_spans_dropped("export_failed", n);
-                tracing::warn!(error = %e, spans = n, "exporting spans to the OTLP endpoint failed; they are dropped");
+                match &mut failing {
+                    Some((said, dropped)) if said.elapsed() < EXPORT_WARN_EVERY => *dropped += n,
+                    _ => {
+                        let dropped = failing.map_or(0, |(_, d)| d) + n;
+                        tracing::warn!(error = %e, spans = dropped, "exporting spans to the OTLP endpoint failed; they are dropped (said again at most once a minute while it fails)");
+                        failing = Some((Instant::now(), 0));
+                    }
+                }
             }
         }
     };

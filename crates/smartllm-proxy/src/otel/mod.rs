@@ -34,6 +34,10 @@ use smartllm_protocol::Endpoint;
 use std::borrow::Cow;
 use std::time::{Duration, SystemTime};
 
+/// `error.type` of an attempt the provider answered with a 5xx or a 429
+/// that was passed on to the client (its status is on the span too).
+pub const UPSTREAM_STATUS: &str = "upstream_status";
+
 pub use export::QUEUE_SPANS;
 
 /// One OTLP request's bound (connect, send, answer), retries included.
@@ -230,7 +234,7 @@ impl RequestTrace {
         };
         let span = cx.span();
         span.set_attribute(KeyValue::new("smartllm.outcome", outcome));
-        if ctx_status > 0 && outcome == "ok" {
+        if ctx_status > 0 && (outcome == "ok" || error == Some(UPSTREAM_STATUS)) {
             span.set_attribute(KeyValue::new(
                 "http.response.status_code",
                 ctx_status as i64,

@@ -47,10 +47,15 @@ pub async fn admit(
         // path no OpenAI endpoint has, such as the Batches or Files API's,
         // the 404 comes in their shape too.)
         let path = h.uri.path();
+        let endpoint = Endpoint::from_path(path.trim_end_matches('/'));
         ctx.anthropic = path.starts_with("/v1/messages")
             || (h.headers.contains_key("anthropic-version")
-                && Endpoint::from_path(path.trim_end_matches('/'))
-                    .is_none_or(|e| e.is_anthropic()));
+                && endpoint.is_none_or(|e| e.is_anthropic()));
+        // Named before anything refuses it (a drain, shedding, the key
+        // check): a refused call is logged and counted under its endpoint.
+        if let Some(e) = endpoint {
+            ctx.endpoint = e.as_str();
+        }
     }
     if shared.draining.load(Ordering::SeqCst) {
         session.set_keepalive(None);
@@ -86,11 +91,6 @@ pub async fn admit(
         if path == "/" && matches!(h.method.as_str(), "HEAD" | "GET") {
             ctx.endpoint = "root";
             return Ok(Admitted::Root);
-        }
-        // Named before the key is checked: a refused call is logged and
-        // counted under its endpoint.
-        if let Some(e) = Endpoint::from_path(path.trim_end_matches('/')) {
-            ctx.endpoint = e.as_str();
         }
     }
     let auth = span.child("auth");
@@ -200,9 +200,13 @@ async fn rate_limit(
         .admit(&rt.config.fleet, &scopes, estimate)
         .await
     {
-        smartllm_quota::Admission::Admitted { precharged } => {
+        smartllm_quota::Admission::Admitted {
+            precharged,
+            headroom,
+        } => {
             tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = true, "rate limit decision");
             ctx.precharged_tokens = precharged;
+            ctx.ratelimit = headroom;
             Ok(())
         }
         smartllm_quota::Admission::Limited(r) => {

@@ -53,6 +53,11 @@ pub fn resolve<'rt>(
             .and_then(smartllm_ledger::clean_tag);
     }
     let Some((model, route)) = rt.config.resolve_model(&req.model) else {
+        // A key held to some models is told those, as `GET /v1/models`
+        // shows it, not every model and alias of the gateway.
+        if let Some(vk) = ctx.key.as_ref().filter(|k| !k.models.is_empty()) {
+            return Err(ApiError::model_not_found(&req.model, &vk.models));
+        }
         // With the names aliases' `match` patterns take.
         let mut known = rt.known_models.clone();
         for r in rt.config.routes.values() {

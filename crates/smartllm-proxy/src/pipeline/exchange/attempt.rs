@@ -94,10 +94,13 @@ pub(super) async fn once(
                 "connect"
             };
             metrics::upstream_error(pname, reason);
+            // The address is the operator's to read, not the client's: a
+            // self-hosted provider's is an internal one.
+            tracing::info!(request_id = %ctx.request_id, provider = pname, %addr, error = %e, "could not connect to the provider");
             return Attempt::Retry(ApiError::bad_gateway(
                 "upstream_unreachable",
                 format!(
-                    "Could not connect to provider '{pname}' at {addr}: {}.",
+                    "Could not connect to provider '{pname}': {}.",
                     e.etype().as_str()
                 ),
             ));
@@ -105,8 +108,9 @@ pub(super) async fn once(
         Err(_) => {
             ctx.upstream_wait += wait_start.elapsed();
             metrics::upstream_error(pname, "connect_timeout");
+            tracing::info!(request_id = %ctx.request_id, provider = pname, %addr, "connecting to the provider timed out");
             return Attempt::Retry(ApiError::gateway_timeout(format!(
-                "Connecting to provider '{pname}' at {addr} timed out after {:?}.",
+                "Connecting to provider '{pname}' timed out after {:?}.",
                 p.cfg.connect_timeout
             )));
         }
@@ -162,9 +166,13 @@ pub(super) async fn once(
                 ));
             }
             metrics::upstream_error(pname, "reset");
+            tracing::info!(request_id = %ctx.request_id, provider = pname, %addr, error = %e, "the provider closed or reset the connection before answering");
             let err = ApiError::bad_gateway(
                 "upstream_reset",
-                format!("Provider '{pname}' at {addr} closed or reset the connection before answering ({}).", e.etype().as_str()),
+                format!(
+                    "Provider '{pname}' closed or reset the connection before answering ({}).",
+                    e.etype().as_str()
+                ),
             );
             // Nothing reached the client: another deployment or model may answer.
             return x.retry_or_fail(err);

@@ -161,7 +161,7 @@ pub async fn run(
         if mi > 0 {
             let from = ctx.model().unwrap_or_default().to_string();
             metrics::fallback(ctx.route.as_deref().unwrap_or("-"), &from, &pool.model);
-            tracing::info!(request_id = %ctx.request_id, from = %from, to = %pool.model, error = ?last_err.as_ref().map(|e: &ApiError| e.message.clone()), "falling back to the next model");
+            tracing::info!(request_id = %ctx.request_id, from = %from, to = %pool.model, error = last_err.as_ref().map_or("no deployment available", |e: &ApiError| e.message.as_str()), "falling back to the next model");
             ctx.route_reason = format!("fallback:{from}");
             // The model failed it (not an endpoint it lacks, not a rate limit
             // or a missing key): the router learns from that (finish.rs).
@@ -322,6 +322,11 @@ pub async fn run(
             }
             if let Some(t) = ctx.trace.as_mut() {
                 let (name, error) = match &outcome {
+                    // A provider's 5xx or 429 passed on (the last attempt):
+                    // answered, but failed.
+                    Attempt::Done if ctx.status >= 500 || ctx.status == 429 => {
+                        ("failed", Some(crate::otel::UPSTREAM_STATUS))
+                    }
                     Attempt::Done => ("ok", None),
                     Attempt::Retry(e) | Attempt::Stale(e) => ("retried", Some(e.code)),
                     Attempt::Fail(e) => ("failed", Some(e.code)),
@@ -353,7 +358,11 @@ pub async fn run(
             };
             match outcome {
                 Attempt::Done => {
-                    metrics::upstream_attempt(provider.name(), "ok");
+                    let failed = ctx.status >= 500 || ctx.status == 429;
+                    metrics::upstream_attempt(
+                        provider.name(),
+                        if failed { "failed" } else { "ok" },
+                    );
                     shared
                         .breakers
                         .record(breaker_id, &breaker_cfg, permit, ctx.status < 500);
