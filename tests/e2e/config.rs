@@ -61,6 +61,7 @@ fn check_command_reports_every_error_with_file_and_line() {
     let out = std::process::Command::new(bin("smartllm"))
         .args(["check", "--config"])
         .arg(workspace_root().join("conf"))
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
         .output()
         .unwrap();
     assert!(
@@ -77,17 +78,30 @@ fn check_command_reports_every_error_with_file_and_line() {
         "embedder:\n  model: nope.onnx\n",
     )
     .unwrap();
-    let out = std::process::Command::new(bin("smartllm"))
-        .args(["check", "--config"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
+    let check = |local: bool| {
+        let mut cmd = std::process::Command::new(bin("smartllm"));
+        cmd.arg("check");
+        if local {
+            cmd.arg("--local");
+        }
+        cmd.arg("--config")
+            .arg(dir.path())
+            .env("SMARTLLM_ASSETS_DIR", assets_dir())
+            .output()
+            .unwrap()
+    };
+    let out = check(true);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(
         err.contains("nope.onnx does not exist, so `smartllm serve` would not start"),
         "{err}"
     );
+    // A config checked for another host (a container image) is warned.
+    let out = check(false);
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{said}");
+    assert!(said.contains("warning: embedder: the model"), "{said}");
 }
 
 fn routes_to(model: &str) -> String {

@@ -39,8 +39,8 @@ pub use resolve::{
 pub use routing::*;
 pub use types::*;
 
-/// Set to `true` (or `1`, `yes`), keys are required whatever `keys.yaml`
-/// says, and when it is missing: the packages' systemd unit and the
+/// Set to `true` (or `1`, `yes`), keys are required unless `keys.yaml` says
+/// `require_key: false`, and when it is missing: the packages' systemd unit and the
 /// Kubernetes manifest set it, so a deleted `keys.yaml` never opens an
 /// installed gateway at a restart.
 pub const ENV_REQUIRE_KEY: &str = "SMARTLLM_REQUIRE_KEY";

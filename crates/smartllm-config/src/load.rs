@@ -225,17 +225,6 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
     for file in FILES {
         let path = dir.join(file);
         match std::fs::read_to_string(&path) {
-            // An empty keys.yaml is almost always one being written (an
-            // editor or a tool that truncates, then writes): taken as it
-            // is, it would refuse every request until the write ends.
-            // Refused; the running config stays in force. (Other files
-            // mean their defaults when empty.)
-            Ok(t) if file == KEYS_FILE && t.trim().is_empty() => issues.push(ConfigIssue {
-                file: path,
-                path: String::new(),
-                line: None,
-                message: "is empty (a save still being written?); to list nothing, write the empty form, e.g. `keys: []`, or delete the file".into(),
-            }),
             Ok(t) => {
                 texts.insert(file, t);
             }
@@ -347,21 +336,6 @@ mod tests {
         );
         assert!(serves("strict-chat", Chat) && !serves("strict-chat", Embedding));
         assert!(!serves("e5", Chat) && serves("e5", Embedding));
-    }
-
-    #[test]
-    fn an_empty_keys_file_is_a_save_in_progress() {
-        let dir = write_dir(&[(MAIN_FILE, ""), (KEYS_FILE, "")]);
-        let e = load_dir(dir.path()).unwrap_err();
-        assert!(
-            e.issues[0].file.ends_with("keys.yaml")
-                && e.issues[0]
-                    .message
-                    .starts_with("is empty (a save still being written?)"),
-            "{e:?}"
-        );
-        std::fs::write(dir.path().join(KEYS_FILE), "keys: []\n").unwrap();
-        load_dir(dir.path()).unwrap();
     }
 
     #[test]

@@ -1185,7 +1185,7 @@ mod tests {
         assert_eq!(applied.cache.defaults.ttl.as_secs(), 7200);
     }
 
-    /// A keys.yaml listing none, cut to comments or deleted keeps keys required
+    /// A keys.yaml emptied, cut to comments or deleted keeps keys required
     /// on a reload (its keys stop working); `require_key: false` opens.
     #[test]
     fn an_emptied_keys_file_keeps_keys_required() {
@@ -1208,8 +1208,7 @@ mod tests {
         };
         let old = with(Some(&key));
         assert!(old.keys.require_key);
-        // (An empty file is not loaded at all: a save still being written.)
-        for keys in [Some("keys: []\n"), Some("# all gone\n"), None] {
+        for keys in [Some("keys: []\n"), Some(""), Some("# all gone\n"), None] {
             let mut new = with(keys);
             assert!(!new.keys.require_key, "{keys:?}");
             let kept = old.fail_closed(&mut new);

@@ -1698,6 +1698,16 @@ impl ChatToResponsesStream {
         let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
             return;
         };
+        // A first chunk that named no model (Azure's prompt-filter chunk,
+        // a first read without a whole chunk): a later one names it for the
+        // final response and the stored one.
+        if let Some(m) = v
+            .get("model")
+            .and_then(Value::as_str)
+            .filter(|m| !m.is_empty() && *m != self.model)
+        {
+            self.model = m.to_string();
+        }
         if v.get("usage").is_some_and(Value::is_object) {
             self.usage = Usage::from_openai(&v);
             self.chat_usage = v.get("usage").cloned();

@@ -142,14 +142,16 @@ fn go_duration(secs: f64) -> String {
     if ms < 1000 {
         return format!("{ms}ms");
     }
-    let (m, rest) = (ms / 60_000, ms % 60_000);
+    let (h, m, rest) = (ms / 3_600_000, ms % 3_600_000 / 60_000, ms % 60_000);
     let s = if rest % 1000 == 0 {
         format!("{}s", rest / 1000)
     } else {
         let frac = format!("{:03}", rest % 1000);
         format!("{}.{}s", rest / 1000, frac.trim_end_matches('0'))
     };
-    if m > 0 {
+    if h > 0 {
+        format!("{h}h{m}m{s}")
+    } else if m > 0 {
         format!("{m}m{s}")
     } else {
         s
@@ -290,6 +292,7 @@ mod tests {
             (59.999, "59.999s"),
             (360.0, "6m0s"),
             (61.25, "1m1.25s"),
+            (6000.0, "1h40m0s"),
         ] {
             assert_eq!(go_duration(secs), want, "{secs}");
         }

@@ -65,6 +65,11 @@ enum Command {
     Check {
         #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
         config: PathBuf,
+        /// The config is for this host: files `serve` needs that are not
+        /// here (the embedder's) are errors, not warnings (the systemd unit
+        /// checks so before each start).
+        #[arg(long)]
+        local: bool,
     },
     /// Inspect and manage the semantic cache.
     Cache {
@@ -494,7 +499,7 @@ fn main() -> ExitCode {
         exit_quietly_on_broken_stdout();
     }
     match cli.command {
-        Command::Check { config } => check::check(&config),
+        Command::Check { config, local } => check::check(&config, local),
         Command::Prices {
             query,
             json,

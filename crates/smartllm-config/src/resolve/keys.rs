@@ -94,11 +94,13 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
     // (`smartllm keys create`), which a running gateway reloads. `serve` and
     // `check` say so; it is not an error.
     // `SMARTLLM_REQUIRE_KEY=true` (the packages' systemd unit and the
-    // Kubernetes manifest set it) requires keys whatever the file says,
-    // even when it is gone: a keys.yaml deleted by mistake refuses every
-    // request at a restart too, as it does at a reload (without it, a
-    // directory without keys.yaml starts open).
-    let require_key = crate::require_key_by_env() || raw.require_key.unwrap_or(!keys.is_empty());
+    // Kubernetes manifest set it) requires keys unless the file says
+    // `require_key: false`, even when it is gone: a keys.yaml deleted by
+    // mistake refuses every request at a restart too, as it does at a
+    // reload (without it, a directory without keys.yaml starts open).
+    let require_key = raw
+        .require_key
+        .unwrap_or(crate::require_key_by_env() || !keys.is_empty());
     let mut apps = BTreeMap::new();
     for (name, a) in &raw.apps {
         if !name.contains('/') {

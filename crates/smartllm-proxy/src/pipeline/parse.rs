@@ -56,7 +56,13 @@ pub fn resolve<'rt>(
         // A key held to some models is told those, as `GET /v1/models`
         // shows it, not every model and alias of the gateway.
         if let Some(vk) = ctx.key.as_ref().filter(|k| !k.models.is_empty()) {
-            return Err(ApiError::model_not_found(&req.model, &vk.models));
+            let mine: Vec<String> = vk
+                .models
+                .iter()
+                .filter(|m| rt.config.resolve_model(m).is_some())
+                .cloned()
+                .collect();
+            return Err(ApiError::model_not_found(&req.model, &mine));
         }
         // With the names aliases' `match` patterns take.
         let mut known = rt.known_models.clone();

@@ -214,11 +214,14 @@ pub(super) async fn once(
         v.len() >= 17 && v[..17].eq_ignore_ascii_case(b"text/event-stream")
     });
     let mut passthrough: Vec<(String, String)> = Vec::new();
+    // The provider's rate-limit headers describe the provider account, not
+    // the key: under a key or app limit the gateway's own say what is left
+    // (`respond::header`), and the provider's would overwrite them.
+    let own = ctx.ratelimit != smartllm_quota::Headroom::default();
     for (name, value) in resp.headers.iter() {
         let n = name.as_str();
         if n == "retry-after"
-            || n.starts_with("x-ratelimit-")
-            || n.starts_with("anthropic-ratelimit-")
+            || (!own && (n.starts_with("x-ratelimit-") || n.starts_with("anthropic-ratelimit-")))
         {
             if let Ok(v) = value.to_str() {
                 passthrough.push((n.to_string(), v.to_string()));
