@@ -98,36 +98,43 @@ fn ratelimit_headers(
     r: &smartllm_quota::Headroom,
     anthropic: bool,
 ) -> pingora_error::Result<()> {
-    for (kind, left) in [("requests", r.requests), ("tokens", r.tokens)] {
+    // (limit, remaining, reset) names, per family and kind.
+    const OPENAI: [[&str; 3]; 2] = [
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+    ];
+    const ANTHROPIC: [[&str; 3]; 2] = [
+        [
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining",
+            "anthropic-ratelimit-requests-reset",
+        ],
+        [
+            "anthropic-ratelimit-tokens-limit",
+            "anthropic-ratelimit-tokens-remaining",
+            "anthropic-ratelimit-tokens-reset",
+        ],
+    ];
+    let names = if anthropic { &ANTHROPIC } else { &OPENAI };
+    for ([limit, remaining, reset], left) in names.iter().zip([r.requests, r.tokens]) {
         let Some(left) = left else { continue };
-        if anthropic {
+        let reset_at = if anthropic {
             let at = smartllm_protocol::time::now_secs() + left.reset_secs.ceil() as u64;
-            h.insert_header(
-                format!("anthropic-ratelimit-{kind}-limit"),
-                http::HeaderValue::from(left.limit),
-            )?;
-            h.insert_header(
-                format!("anthropic-ratelimit-{kind}-remaining"),
-                http::HeaderValue::from(left.remaining),
-            )?;
-            h.insert_header(
-                format!("anthropic-ratelimit-{kind}-reset"),
-                smartllm_ledger::format_rfc3339(at),
-            )?;
+            smartllm_ledger::format_rfc3339(at)
         } else {
-            h.insert_header(
-                format!("x-ratelimit-limit-{kind}"),
-                http::HeaderValue::from(left.limit),
-            )?;
-            h.insert_header(
-                format!("x-ratelimit-remaining-{kind}"),
-                http::HeaderValue::from(left.remaining),
-            )?;
-            h.insert_header(
-                format!("x-ratelimit-reset-{kind}"),
-                go_duration(left.reset_secs),
-            )?;
-        }
+            go_duration(left.reset_secs)
+        };
+        h.insert_header(*limit, http::HeaderValue::from(left.limit))?;
+        h.insert_header(*remaining, http::HeaderValue::from(left.remaining))?;
+        h.insert_header(*reset, reset_at)?;
     }
     Ok(())
 }
