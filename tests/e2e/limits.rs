@@ -70,6 +70,11 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
         .as_str()
         .unwrap()
         .contains("3 requests per minute for key 'alice'"));
+    // The 429 says what the refusing limit holds, as OpenAI's does.
+    assert_eq!(r.header("x-ratelimit-limit-requests"), Some("3"));
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
+    let reset = r.header("x-ratelimit-reset-requests").unwrap();
+    assert!(reset.ends_with('s'), "{reset}");
     // A score is a request too: a key out of requests cannot flood feedback.
     let r = request(
         &gw.addr,
@@ -536,6 +541,9 @@ fn two_gateways_share_redis_backed_limits_budgets_and_alerts() {
         assert_eq!(r.api_error()["code"], "rate_limit_exceeded");
         let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
         assert!((1..=15).contains(&retry), "{retry}");
+        // The fleet's bucket, refusing: its limit, nothing left.
+        assert_eq!(r.header("x-ratelimit-limit-requests"), Some("4"));
+        assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("0"));
     }
     assert!(redis
         .cmd("EXISTS \"e2e:rl:key 'alice':requests\"")

@@ -51,7 +51,12 @@ impl Scope<'_> {
 pub enum Refusal {
     /// A bucket is empty: retry in `retry_after` seconds.
     #[error("Rate limit reached: {what}. Retry in {retry_after:.1}s.")]
-    RateLimited { retry_after: f64, what: String },
+    /// `headroom`: the refusing bucket, for the 429's rate-limit headers.
+    RateLimited {
+        retry_after: f64,
+        what: String,
+        headroom: Headroom,
+    },
     /// More tokens than a whole minute's allowance: no wait would help.
     #[error("This request needs about {tokens} tokens, more than the {limit} tokens per minute allowed for {scope}.")]
     TooLargeForLimit {
@@ -215,7 +220,11 @@ impl Quotas {
             match f.admit(&charges).await {
                 Ok(Ok(levels)) => return admitted(levels),
                 Ok(Err((secs, i))) => {
-                    return Admission::Limited(limits::rate_limited(secs, &planned[i].1))
+                    return Admission::Limited(limits::rate_limited(
+                        secs,
+                        &planned[i].0,
+                        &planned[i].1,
+                    ))
                 }
                 Err(e) if f.on_error() == FleetOnError::Reject => {
                     return Admission::Limited(Refusal::FleetUnavailable(e.to_string()))

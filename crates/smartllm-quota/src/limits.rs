@@ -121,11 +121,37 @@ pub fn plan(scopes: &[(String, Limits)], tokens: u64) -> Result<Vec<Planned>, Re
     Ok(out)
 }
 
-/// The refusal of a request a bucket cannot take now.
-pub fn rate_limited(secs: f64, what: &str) -> Refusal {
+/// The refusal of a request bucket `c` cannot take for `secs` seconds, with
+/// what that bucket holds now (the rate-limit headers of the 429: what is
+/// left and when it is full again).
+pub fn rate_limited(secs: f64, c: &Charge, what: &str) -> Refusal {
+    let per = c.per_minute as f64;
+    // `secs` is how long the bucket takes to refill up to this request's cost.
+    // (Below zero for a bucket in debt: then it takes longer than a minute.)
+    let level = if per > 0.0 {
+        (c.cost - secs * per / 60.0).min(per)
+    } else {
+        0.0
+    };
+    let left = Left {
+        limit: c.per_minute,
+        remaining: level.max(0.0).floor() as u64,
+        reset_secs: if per > 0.0 {
+            (per - level) * 60.0 / per
+        } else {
+            0.0
+        },
+    };
+    let mut headroom = Headroom::default();
+    if c.id.ends_with(":requests") {
+        headroom.requests = Some(left);
+    } else {
+        headroom.tokens = Some(left);
+    }
     Refusal::RateLimited {
         retry_after: secs,
         what: what.to_string(),
+        headroom,
     }
 }
 
@@ -192,7 +218,7 @@ impl Limiter {
     fn apply_at(&self, planned: &[Planned], now: Instant) -> Result<Vec<f64>, Refusal> {
         let mut buckets = self.buckets.lock().unwrap_or_else(|p| p.into_inner());
         // Check every limit first, then charge: a refusal charges nothing.
-        let mut wait: Option<(f64, &str)> = None;
+        let mut wait: Option<(f64, &Charge, &str)> = None;
         for (c, what) in planned {
             let b = buckets.entry(&c.id, c.per_minute, now);
             let mut probe = Bucket {
@@ -201,13 +227,13 @@ impl Limiter {
                 per_minute: b.per_minute,
             };
             if let Some(secs) = take(&mut probe, c.per_minute, c.cost, now) {
-                if wait.is_none_or(|(w, _)| secs > w) {
-                    wait = Some((secs, what));
+                if wait.is_none_or(|(w, _, _)| secs > w) {
+                    wait = Some((secs, c, what));
                 }
             }
         }
-        if let Some((secs, what)) = wait {
-            return Err(rate_limited(secs, what));
+        if let Some((secs, c, what)) = wait {
+            return Err(rate_limited(secs, c, what));
         }
         // (Through `entry`: a sweep while checking a later limit may have
         // taken a bucket just made full for an earlier one.)
@@ -318,6 +344,15 @@ mod tests {
         let e = l.admit(&scopes(&[("key k", rpm(3))]), 0).unwrap_err();
         assert!(matches!(e, Refusal::RateLimited { .. }), "{e:?}");
         assert!((1..=20).contains(&e.retry_after().unwrap()), "{e:?}");
+        // The refusal carries what the refusing bucket holds: nothing left,
+        // full again in a minute (three requests' refill, 20 s each).
+        let Refusal::RateLimited { headroom, .. } = &e else {
+            unreachable!()
+        };
+        assert_eq!(headroom.tokens, None);
+        let r = headroom.requests.unwrap();
+        assert_eq!((r.limit, r.remaining), (3, 0));
+        assert!((59.0..=60.0).contains(&r.reset_secs), "{r:?}");
         // Another scope is independent.
         l.admit(&scopes(&[("key other", rpm(3))]), 0).unwrap();
     }
@@ -330,10 +365,14 @@ mod tests {
             tokens_per_minute: Some(1000),
         };
         l.admit(&scopes(&[("app a/b", tpm)]), 600).unwrap();
-        assert!(
-            l.admit(&scopes(&[("app a/b", tpm)]), 600).is_err(),
-            "only 400 left"
-        );
+        let e = l.admit(&scopes(&[("app a/b", tpm)]), 600).unwrap_err();
+        let Refusal::RateLimited { headroom, .. } = &e else {
+            panic!("only 400 left: {e:?}")
+        };
+        let t = headroom.tokens.unwrap();
+        assert_eq!(t.limit, 1000);
+        assert!((399..=401).contains(&t.remaining), "{t:?}");
+        assert!((35.0..=36.1).contains(&t.reset_secs), "{t:?}");
         l.admit(&scopes(&[("app a/b", tpm)]), 300).unwrap();
         l.charge(&[Charge {
             id: "app a/b:tokens".into(),
@@ -342,6 +381,12 @@ mod tests {
         }]);
         let e = l.admit(&scopes(&[("app a/b", tpm)]), 10).unwrap_err();
         assert!(e.retry_after().unwrap() >= 24, "in debt: {e:?}");
+        let Refusal::RateLimited { headroom, .. } = &e else {
+            unreachable!()
+        };
+        let t = headroom.tokens.unwrap();
+        assert_eq!(t.remaining, 0);
+        assert!(t.reset_secs > 60.0, "full again only after the debt: {t:?}");
         let e = l.admit(&scopes(&[("app a/b", tpm)]), 5000).unwrap_err();
         assert!(matches!(e, Refusal::TooLargeForLimit { .. }), "{e:?}");
     }

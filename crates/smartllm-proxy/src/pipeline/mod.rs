@@ -270,6 +270,7 @@ mod tests {
         let e = super::refusal(Refusal::RateLimited {
             retry_after: 2.3,
             what: "3 requests per minute for key 'k'".into(),
+            headroom: smartllm_quota::Headroom::default(),
         });
         assert_eq!(
             (e.status, e.kind, e.code),
