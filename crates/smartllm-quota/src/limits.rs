@@ -133,21 +133,8 @@ pub fn rate_limited(secs: f64, c: &Charge, what: &str) -> Refusal {
     } else {
         0.0
     };
-    let left = Left {
-        limit: c.per_minute,
-        remaining: level.max(0.0).floor() as u64,
-        reset_secs: if per > 0.0 {
-            (per - level) * 60.0 / per
-        } else {
-            0.0
-        },
-    };
     let mut headroom = Headroom::default();
-    if c.id.ends_with(":requests") {
-        headroom.requests = Some(left);
-    } else {
-        headroom.tokens = Some(left);
-    }
+    headroom.meet(c, level);
     Refusal::RateLimited {
         retry_after: secs,
         what: what.to_string(),
@@ -179,26 +166,32 @@ impl Headroom {
     pub fn of(planned: &[Planned], levels: &[f64]) -> Headroom {
         let mut h = Headroom::default();
         for ((c, _), &level) in planned.iter().zip(levels) {
-            let per = c.per_minute as f64;
-            let left = Left {
-                limit: c.per_minute,
-                remaining: level.max(0.0).floor() as u64,
-                reset_secs: if per > 0.0 {
-                    (per - level).max(0.0) * 60.0 / per
-                } else {
-                    0.0
-                },
-            };
-            let slot = if c.id.ends_with(":requests") {
-                &mut h.requests
-            } else {
-                &mut h.tokens
-            };
-            if slot.is_none_or(|s| left.remaining < s.remaining) {
-                *slot = Some(left);
-            }
+            h.meet(c, level);
         }
         h
+    }
+
+    /// Bucket `c` at `level`: kept as its kind's figure if it leaves less
+    /// than the one met so far.
+    fn meet(&mut self, c: &Charge, level: f64) {
+        let per = c.per_minute as f64;
+        let left = Left {
+            limit: c.per_minute,
+            remaining: level.max(0.0).floor() as u64,
+            reset_secs: if per > 0.0 {
+                (per - level).max(0.0) * 60.0 / per
+            } else {
+                0.0
+            },
+        };
+        let slot = if c.id.ends_with(":requests") {
+            &mut self.requests
+        } else {
+            &mut self.tokens
+        };
+        if slot.is_none_or(|s| left.remaining < s.remaining) {
+            *slot = Some(left);
+        }
     }
 }
 
