@@ -28,7 +28,7 @@ fn gateway_with(mock_args: &[&str], budgets: &str, routes: &str) -> (Mock, Gatew
         mock_provider("mock", &mock),
         mock.addr
     );
-    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    profile: { max_output_tokens: 16384 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 8192, capabilities: [tools, vision, json, streaming, structured_outputs] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: opus\n    pricing: { input: 5, output: 25 }\n    profile: { capabilities: [tools, json, streaming, system_messages] }\n    deployments:\n      - provider: claude-mock\n        model: claude-opus-4-8\n";
+    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    profile: { max_output_tokens: 16384 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 8192, capabilities: [tools, vision, json, streaming, structured_outputs] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: opus\n    pricing: { input: 5, output: 25 }\n    profile: { capabilities: [tools, json, streaming, system_messages] }\n    deployments:\n      - provider: claude-mock\n        model: claude-opus-4-8\n  - name: reasoner\n    pricing: { input: 2, output: 8 }\n    profile: { capabilities: [tools, json, streaming, reasoning] }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: thinker\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 64000, capabilities: [tools, streaming, thinking] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: plain\n    pricing: { input: 2, output: 8 }\n    profile: { capabilities: [tools, json, streaming] }\n    deployments:\n      - provider: mock\n        model: mock-small\n";
     let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, routes);
     cfg.write("cache.yaml", "cache:\n  enabled: true\n");
     cfg.write(
@@ -493,6 +493,123 @@ fn anthropic_clients_of_openai_models_get_translated_answers_tools_and_streams()
         br#"{"model":"claude","max_tokens":50,"thinking":{"type":"enabled","budget_tokens":1024},"messages":[{"role":"user","content":"think"}]}"#,
     );
     assert_eq!(r.json()["content"][0]["type"], "thinking", "{}", r.text());
+}
+
+/// Extended thinking and reasoning effort cross between the two APIs for
+/// models listed with `reasoning` (OpenAI-compatible) or `thinking`
+/// (Claude): an Anthropic client's thinking budget reaches a reasoning model
+/// as `reasoning_effort`, an OpenAI client's effort reaches Claude as a
+/// thinking budget, and a routed alias may pick the reasoning model for a
+/// request with thinking.
+#[test]
+fn thinking_and_reasoning_effort_cross_between_the_apis() {
+    let (mock, gw) = gateway_with(
+        &[],
+        "",
+        "routes:\n  mixed:\n    candidates: [small, reasoner]\n    rules:\n      - name: first\n        when: {}\n        pin: small\n",
+    );
+    // Claude Code's budget (31,999) on a reasoning model: effort high, the
+    // history's thinking blocks left out.
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"reasoner","max_tokens":40000,"thinking":{"type":"enabled","budget_tokens":31999},"messages":[{"role":"user","content":"Plan it"},{"role":"assistant","content":[{"type":"thinking","thinking":"hm","signature":"sig"},{"type":"text","text":"A plan."}]},{"role":"user","content":"Refine it"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["type"], "message");
+    let sent = mock.last();
+    assert_eq!(sent["path"], "/v1/chat/completions");
+    assert_eq!(sent["json"]["reasoning_effort"], "high", "{sent}");
+    assert!(sent["json"].get("thinking").is_none(), "{sent}");
+    assert!(
+        !sent["json"]["messages"].to_string().contains("sig"),
+        "{sent}"
+    );
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"reasoner","max_tokens":5000,"thinking":{"type":"enabled","budget_tokens":2048},"messages":[{"role":"user","content":"Quick one"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.last()["json"]["reasoning_effort"], "low");
+    // A model not listed with `reasoning` still refuses it by name.
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"small","max_tokens":50,"thinking":{"type":"enabled","budget_tokens":1024},"messages":[{"role":"user","content":"x"}]}"#,
+    );
+    assert_eq!(r.status, 400, "{}", r.text());
+    // A routed alias pinned to a model that cannot take thinking picks the
+    // one that can.
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"mixed","max_tokens":20000,"thinking":{"type":"enabled","budget_tokens":8000},"messages":[{"role":"user","content":"Say hello."}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-smartllm-model"),
+        Some("reasoner"),
+        "{:?}",
+        r.headers
+    );
+    assert_eq!(mock.last()["json"]["reasoning_effort"], "medium");
+
+    // The other way: an OpenAI client's effort reaches Claude as a budget,
+    // without the sampling settings thinking refuses.
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer sk-ant-client")],
+        br#"{"model":"thinker","reasoning_effort":"medium","temperature":0.2,"messages":[{"role":"user","content":"Think about it"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = mock.last();
+    assert_eq!(sent["path"], "/v1/messages");
+    assert_eq!(
+        sent["json"]["thinking"],
+        json!({"type": "enabled", "budget_tokens": 8192}),
+        "{sent}"
+    );
+    assert!(sent["json"].get("temperature").is_none(), "{sent}");
+    let answer = r.json();
+    let text = answer["choices"][0]["message"]["content"].as_str().unwrap();
+    assert!(text.starts_with("Mock reply"), "{answer}");
+    // A Claude model not listed with `thinking` gets none.
+    let r = request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer sk-ant-client")],
+        br#"{"model":"claude","reasoning_effort":"high","messages":[{"role":"user","content":"Think"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(mock.last()["json"].get("thinking").is_none());
+    // `reasoning_effort` (Codex sends one on every request) goes to a model
+    // listed with `reasoning` or listing nothing, and is left out for one
+    // listed without it (which would answer 400).
+    for (model, kept) in [("reasoner", true), ("small", true), ("plain", false)] {
+        let body = json!({"model": model, "reasoning_effort": "low", "messages": [{"role": "user", "content": "Hi"}]});
+        let r = request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", "Bearer sk-ant-client")],
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{model}: {}", r.text());
+        let sent = mock.last();
+        assert_eq!(
+            sent["json"].get("reasoning_effort").is_some(),
+            kept,
+            "{model}: {sent}"
+        );
+        assert_eq!(sent["json"]["messages"][0]["content"], "Hi");
+    }
 }
 
 /// A routed alias never picks a model that cannot take the request: with

@@ -14,13 +14,20 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
     cfg.write(
         "keys.yaml",
         &format!(
-            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 3 }}\n  - name: carol\n    sha256: {}\n    tenant: acme\n    app: batch\n  - name: dave\n    sha256: {}\n    tenant: acme\n    app: vision\n    limits: {{ tokens_per_minute: 2000 }}\napps:\n  acme/batch:\n    limits: {{ tokens_per_minute: 2000 }}\n",
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n    limits: {{ requests_per_minute: 3 }}\n  - name: carol\n    sha256: {}\n    tenant: acme\n    app: batch\n  - name: dave\n    sha256: {}\n    tenant: acme\n    app: vision\n    limits: {{ tokens_per_minute: 2000 }}\n  - name: erin\n    sha256: {}\n    tenant: acme\n    app: web\napps:\n  acme/batch:\n    limits: {{ tokens_per_minute: 2000 }}\n",
             sha("sk-alice-1"),
             sha("sk-carol-3"),
-            sha("sk-dave-4")
+            sha("sk-dave-4"),
+            sha("sk-erin-5")
         ),
     );
     let gw = Gateway::start(cfg);
+    // No limit on the key or its app: the provider's account figures
+    // (mock-llm sends them as OpenAI does) pass on.
+    let r = ask(&gw, "sk-erin-5", &chat_body("small", "unlimited"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("x-ratelimit-limit-requests"), Some("10000"));
+    assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("9999"));
     // What is left is on every answer, in OpenAI's headers; only the kinds
     // a limit applies to.
     for i in 0..3 {
@@ -59,6 +66,9 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
     let reset = r.header("anthropic-ratelimit-tokens-reset").unwrap();
     assert!(reset.len() == 20 && reset.ends_with('Z'), "{reset}");
     assert_eq!(r.header("x-ratelimit-limit-tokens"), None);
+    // Under a key limit the provider's account figures are not passed on
+    // (they would say nothing about the key).
+    assert_eq!(r.header("x-ratelimit-limit-requests"), None);
     let r = ask(&gw, "sk-alice-1", &chat_body("small", "one too many"));
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.api_error()["code"], "rate_limit_exceeded");

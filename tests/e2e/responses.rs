@@ -126,6 +126,37 @@ fn responses_are_translated_kept_per_tenant_and_continued() {
         .status
         == 200));
     assert_eq!(got().json()["output"], v["output"]);
+    // Its input items: what it answered (not its instructions).
+    let items = |key: &str, query: &str| {
+        call(
+            &gw,
+            key,
+            "GET",
+            &format!("/v1/responses/{id}/input_items{query}"),
+            &Value::Null,
+        )
+    };
+    let list = items("sk-resp-a", "");
+    assert_eq!(list.status, 200, "{}", list.text());
+    let list = list.json();
+    assert_eq!(
+        (list["object"].as_str(), list["has_more"].as_bool()),
+        (Some("list"), Some(false)),
+        "{list}"
+    );
+    assert_eq!(list["data"].as_array().unwrap().len(), 1, "{list}");
+    assert_eq!(list["data"][0]["role"], "user");
+    assert_eq!(
+        list["data"][0]["content"],
+        json!([{"type": "input_text", "text": "Name a fjord"}])
+    );
+    assert_eq!(list["first_id"], list["data"][0]["id"]);
+    let other = items("sk-resp-b", "");
+    assert_eq!(other.status, 404, "{}", other.text());
+    assert_eq!(other.api_error()["code"], "response_not_found");
+    let bad = items("sk-resp-a", "?limit=0");
+    assert_eq!(bad.status, 400, "{}", bad.text());
+    assert_eq!(bad.api_error()["param"], "limit");
     // Another tenant never sees it.
     let other = call(
         &gw,
@@ -578,6 +609,7 @@ fn the_official_openai_sdk_uses_responses_through_the_gateway() {
         "stream ok",
         "tools ok",
         "previous ok",
+        "input items ok",
         "errors ok",
     ] {
         assert!(stdout.contains(step), "{step} missing:\n{stdout}");

@@ -71,6 +71,28 @@ r3 = client.responses.create(model="small", previous_response_id=r2.id, input="T
 assert r3.output_text.startswith("Mock reply to: Thanks!"), r3.output_text
 print("previous ok")
 
+# The conversation r3 answered, newest first, two items a page (the SDK
+# follows `after` through the pages): the tool turn, its result, r2's answer
+# and the thanks.
+wait_stored(r3.id)
+items = list(client.responses.input_items.list(r3.id, limit=2))
+kinds = [i.type for i in items]
+assert kinds == ["message", "message", "function_call_output", "function_call", "message"], kinds
+assert items[0].role == "user" and items[0].content[0].text == "Thanks!", items[0]
+assert items[1].role == "assistant" and items[1].content[0].text == r2.output_text, items[1]
+assert items[2].call_id == call.call_id and items[2].output == "Rain, 4 C", items[2]
+assert items[3].call_id == call.call_id and items[3].name == "get_weather", items[3]
+assert items[4].content[0].text == "Weather in Oslo?", items[4]
+oldest_first = client.responses.input_items.list(r3.id, order="asc", limit=100)
+assert [i.id for i in oldest_first.data] == [i.id for i in reversed(items)], oldest_first
+assert not oldest_first.has_more
+try:
+    client.responses.input_items.list("resp_does_not_exist")
+    raise SystemExit("expected NotFoundError")
+except openai.NotFoundError as e:
+    assert e.body["code"] == "response_not_found", e.body
+print("input items ok")
+
 try:
     client.responses.create(model="small", previous_response_id="resp_does_not_exist", input="x")
     raise SystemExit("expected BadRequestError")

@@ -1223,12 +1223,30 @@ async fn handle<S: Conn>(
     } else {
         "x-request-id"
     };
+    // The account's rate limits, as the real APIs report them on every
+    // answer (fixed figures: the gateway passes them on, or sends its own
+    // under a key limit).
+    let (limit_header, remaining_header, limit) = if path.contains("/messages") {
+        (
+            "anthropic-ratelimit-requests-limit",
+            "anthropic-ratelimit-requests-remaining",
+            4000,
+        )
+    } else {
+        (
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            10000,
+        )
+    };
     let inst = [
         ("x-mock-instance", args.name.clone()),
         (
             id_header,
             format!("req_mock_{}", REQUEST_IDS.fetch_add(1, Ordering::Relaxed)),
         ),
+        (limit_header, limit.to_string()),
+        (remaining_header, (limit - 1).to_string()),
     ];
     match (req.method.as_str(), path.as_str()) {
         ("GET", "/health") => {

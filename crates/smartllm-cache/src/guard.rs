@@ -5,8 +5,12 @@
 //! must therefore also agree on negation, on every number and on every named
 //! entity; otherwise it is a near-miss and the upstream answers.
 
+use icu_normalizer::ComposingNormalizerBorrowed;
+use icu_properties::props::GeneralCategory;
+use icu_properties::CodePointMapData;
 use regex::Regex;
 use smartllm_config::Detector;
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::sync::LazyLock;
 
@@ -1025,9 +1029,9 @@ static PHONE: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"\+\d{1,3}[\s.-]?\(?\d{1,4}\)?(?:[\s.-]?\d{2,4}){2,4}\b|\(\d{3}\)\s?\d{3}[\s.-]\d{4}\b|\b\d{3}[.-]\d{3}[.-]\d{4}\b")
         .expect("phone regex")
 });
-/// Runs of digit groups, each separated by one space or dash.
+/// Runs of digit groups, each separated by one space, dash or dot.
 static DIGIT_RUN: LazyLock<Regex> =
-    LazyLock::new(|| Regex::new(r"\d+(?:[ -]\d+)*").expect("digit run regex"));
+    LazyLock::new(|| Regex::new(r"\d+(?:[ .-]\d+)*").expect("digit run regex"));
 static API_KEY: LazyLock<Regex> = LazyLock::new(|| {
     Regex::new(r"\b(?:sk-[A-Za-z0-9_-]{16,}|sk-ant-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|xox[abpr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})\b")
         .expect("api key regex")
@@ -1067,7 +1071,7 @@ fn has_card(text: &str) -> bool {
     let shaped =
         |g: &[&str]| g.len() == 1 || (g.len() <= 5 && g.iter().all(|x| (2..=8).contains(&x.len())));
     DIGIT_RUN.find_iter(text).any(|m| {
-        let groups: Vec<&str> = m.as_str().split([' ', '-']).collect();
+        let groups: Vec<&str> = m.as_str().split([' ', '-', '.']).collect();
         (0..groups.len()).any(|i| {
             let mut digits = 0;
             for j in i..groups.len() {
@@ -1082,6 +1086,48 @@ fn has_card(text: &str) -> bool {
             false
         })
     })
+}
+
+/// The text as the privacy rules read it. A prompt can spell what they look
+/// for with characters that read the same to a person (and to a model) but
+/// not to an ASCII pattern: full-width or mathematical digits and letters
+/// ("４１１１ １１１１ …", "ｊａｎｅ＠ｅｘａｍｐｌｅ．ｃｏｍ"), digits of
+/// another script ("٤١١١"), no-break or ideographic spaces, or invisible
+/// characters inside a number ("4111\u{200b}1111…"). So: compatibility
+/// normalisation (NFKC: full-width, mathematical, circled and superscript
+/// forms to their plain ones, every space to a space), format characters
+/// (zero-width spaces and joiners, soft hyphens, direction marks, the BOM)
+/// dropped, and every decimal digit written as its ASCII digit. An ASCII
+/// text (most prompts) is returned as it is, with no copy.
+pub fn privacy_folded(text: &str) -> Cow<'_, str> {
+    if text.is_ascii() {
+        return Cow::Borrowed(text);
+    }
+    const NFKC: ComposingNormalizerBorrowed<'static> = ComposingNormalizerBorrowed::new_nfkc();
+    let gc = CodePointMapData::<GeneralCategory>::new();
+    let normal = NFKC.normalize(text);
+    let mut out = String::with_capacity(normal.len());
+    for c in normal.chars() {
+        match gc.get(c) {
+            GeneralCategory::Format => {}
+            // Unicode keeps every script's decimal digits as runs of ten
+            // consecutive code points from zero (mathematical digits are
+            // five such runs back to back), so a digit's value is its
+            // distance from the start of its run, modulo ten.
+            GeneralCategory::DecimalNumber if !c.is_ascii_digit() => {
+                let mut start = c as u32;
+                while let Some(p) = start.checked_sub(1).and_then(char::from_u32) {
+                    if gc.get(p) != GeneralCategory::DecimalNumber {
+                        break;
+                    }
+                    start -= 1;
+                }
+                out.push(char::from(b'0' + ((c as u32 - start) % 10) as u8));
+            }
+            _ => out.push(c),
+        }
+    }
+    Cow::Owned(out)
 }
 
 /// Compiled exclusion rules: a prompt matching any is never cached.
@@ -1103,10 +1149,25 @@ impl Exclusions {
     }
 
     /// The name of the first rule the text trips, if any.
+    ///
+    /// The operator's patterns are tried on the text as sent and on its
+    /// folded form ([`privacy_folded`]); the detectors on the folded form,
+    /// so a card number, address, phone number or key written in
+    /// full-width, foreign or padded characters is still found.
     pub fn matches(&self, text: &str) -> Option<&'static str> {
-        if self.patterns.iter().any(|r| r.is_match(text)) {
+        if self.patterns.is_empty() && self.detectors.is_empty() {
+            return None;
+        }
+        let folded = privacy_folded(text);
+        let plain = folded.as_ref();
+        if self
+            .patterns
+            .iter()
+            .any(|r| r.is_match(text) || (plain != text && r.is_match(plain)))
+        {
             return Some("pattern");
         }
+        let text = plain;
         // Most specific first, so the reported reason is the precise one.
         for d in [
             Detector::ApiKey,
@@ -1692,6 +1753,57 @@ mod tests {
         );
         assert_eq!(ex.matches("this is CONFIDENTIAL"), Some("pattern"));
         assert_eq!(ex.matches("What is the capital of France?"), None);
+    }
+
+    #[test]
+    fn look_alike_characters_do_not_hide_what_the_detectors_look_for() {
+        let ex = Exclusions::new(
+            &["(?i)confidential".into()],
+            &[
+                Detector::Email,
+                Detector::Phone,
+                Detector::Card,
+                Detector::ApiKey,
+            ],
+        )
+        .unwrap();
+        for (text, rule) in [
+            // Full-width digits, one group and four.
+            ("my card is ４１１１１１１１１１１１１１１１", "card"),
+            ("my card is ４１１１ １１１１ １１１１ １１１１", "card"),
+            // Arabic-Indic and Devanagari digits.
+            ("بطاقتي ٤١١١١١١١١١١١١١١١", "card"),
+            ("कार्ड ४१११ ११११ ११११ ११११", "card"),
+            // Mathematical bold digits (a run of fifty: values modulo ten).
+            ("card 𝟒𝟏𝟏𝟏 𝟏𝟏𝟏𝟏 𝟏𝟏𝟏𝟏 𝟏𝟏𝟏𝟏", "card"),
+            // Invisible characters and odd spaces inside the number.
+            ("card 4111\u{200b}1111\u{200b}1111\u{200b}1111", "card"),
+            ("card 4111\u{ad}1111\u{2060}1111\u{feff}1111", "card"),
+            ("card 4111\u{a0}1111\u{3000}1111\u{202f}1111", "card"),
+            ("card 4111.1111.1111.1111", "card"),
+            ("ｍａｉｌ ｊａｎｅ．ｄｏｅ＠ｅｘａｍｐｌｅ．ｃｏｍ", "email"),
+            ("jane.doe\u{200b}@example.com", "email"),
+            ("call ＋１ ４１５-５５５-０１３４", "phone"),
+            (
+                "key ｓｋ-ａｂｃｄｅｆｇｈｉｊｋｌｍｎｏｐｑｒｓｔｕｖｗｘ",
+                "api_key",
+            ),
+            ("ｃｏｎｆｉｄｅｎｔｉａｌ report", "pattern"),
+        ] {
+            assert_eq!(ex.matches(text), Some(rule), "{text}");
+        }
+        // Text in other scripts with no such thing in it stays cacheable,
+        // and a number that fails the Luhn check in any digits is no card.
+        for text in [
+            "東京の人口は？",
+            "Wie viele Einwohner hat München?",
+            "order ４１１１ １１１１ １１１１ １１１２",
+            "¿Cuántos años tiene la Tierra?",
+        ] {
+            assert_eq!(ex.matches(text), None, "{text}");
+        }
+        assert!(matches!(privacy_folded("plain ascii"), Cow::Borrowed(_)));
+        assert_eq!(privacy_folded("x\u{200d}１２\u{a0}٣"), "x12 3");
     }
 
     /// The crate's directory as `cargo test` runs it (set at run time, so a

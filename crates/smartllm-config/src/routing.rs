@@ -144,17 +144,26 @@ impl ModelProfile {
     }
 
     /// Whether the model has `capability`: listed, or assumed when the
-    /// model lists none, except `structured_outputs` and `system_messages`
-    /// (Anthropic's), which only a listing gives.
+    /// model lists none, except [`NEVER_ASSUMED`], which only a listing
+    /// gives.
     pub fn has(&self, capability: &str) -> bool {
         match &self.capabilities {
             Some(c) => c.iter().any(|x| x == capability),
-            None => !matches!(capability, "structured_outputs" | "system_messages"),
+            None => !NEVER_ASSUMED.contains(&capability),
         }
     }
 }
 
-pub const CAPABILITIES: [&str; 7] = [
+/// Capabilities a model has only when listed with them: each changes what
+/// the gateway sends it, and a model that lacks one answers 400.
+pub const NEVER_ASSUMED: [&str; 4] = [
+    "structured_outputs",
+    "system_messages",
+    "reasoning",
+    "thinking",
+];
+
+pub const CAPABILITIES: [&str; 9] = [
     "tools",
     "vision",
     "json",
@@ -166,6 +175,13 @@ pub const CAPABILITIES: [&str; 7] = [
     // Anthropic's mid-conversation system messages (`role: "system"` among
     // the turns; Claude Opus 4.8): never assumed either.
     "system_messages",
+    // An OpenAI-compatible reasoning model (o-series, GPT-5) that takes
+    // `reasoning_effort`: an Anthropic request's `thinking` reaches it as
+    // an effort. Never assumed (other models answer 400 to the field).
+    "reasoning",
+    // A Claude model with extended thinking: an OpenAI request's
+    // `reasoning_effort` reaches it as a thinking budget. Never assumed.
+    "thinking",
 ];
 
 /// Per-deployment circuit breaker.

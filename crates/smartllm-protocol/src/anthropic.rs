@@ -101,13 +101,38 @@ fn push_message(out: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
 /// Translate an OpenAI chat request body into an Anthropic Messages request.
 /// `structured_outputs`: the model takes Anthropic's `output_config.format`
 /// (Claude Sonnet 4.5, Opus 4.1 and later; listed in its capabilities).
+/// What the model takes beyond plain Messages (its listed capabilities).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Takes {
+    /// Anthropic's structured outputs (`output_config.format`).
+    pub structured_outputs: bool,
+    /// Extended thinking: `reasoning_effort` becomes a thinking budget.
+    pub thinking: bool,
+}
+
+/// The thinking budget for an OpenAI `reasoning_effort` (`none` and
+/// `minimal` ask for none).
+fn thinking_budget(effort: &str) -> Option<u64> {
+    match effort {
+        "low" => Some(2048),
+        "medium" => Some(8192),
+        "high" => Some(16384),
+        "xhigh" => Some(32768),
+        _ => None,
+    }
+}
+
+/// Anthropic's smallest thinking budget.
+const MIN_THINKING_BUDGET: u64 = 1024;
+
 pub fn request_to_anthropic(
     body: &Map<String, Value>,
     upstream_model: &str,
     stream: bool,
-    structured_outputs: bool,
+    takes: Takes,
     default_max_tokens: u64,
 ) -> Result<Value, ApiError> {
+    let structured_outputs = takes.structured_outputs;
     let mut system = Vec::new();
     let mut messages = Vec::new();
     let empty = Vec::new();
@@ -321,6 +346,43 @@ pub fn request_to_anthropic(
     }
     if let Some(user) = body.get("user").and_then(Value::as_str) {
         out.insert("metadata".into(), json!({"user_id": user}));
+    }
+    // `reasoning_effort` to a Claude model with extended thinking: a budget
+    // by the effort, at most half of `max_tokens` (which, as OpenAI's
+    // `max_completion_tokens`, counts the thinking too) and at least
+    // Anthropic's minimum, else none. Thinking takes no sampling settings
+    // and no forced tool (Anthropic's 400s), so those go when it is on; a
+    // forced tool keeps the request as it was, without thinking. So does a
+    // request in the middle of a tool loop (its last assistant turn called
+    // tools): with thinking on, Claude wants that turn to open with the
+    // signed thinking block it wrote, which Chat Completions has no place
+    // for, so the client could not send it back (Anthropic's 400 "Expected
+    // `thinking` or `redacted_thinking`, but found `tool_use`").
+    let mid_tool_loop = msgs
+        .iter()
+        .rev()
+        .find(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+        .and_then(|m| m.get("tool_calls"))
+        .and_then(Value::as_array)
+        .is_some_and(|c| !c.is_empty());
+    let forced_tool = out
+        .get("tool_choice")
+        .and_then(|c| c.get("type"))
+        .and_then(Value::as_str)
+        .is_some_and(|t| t == "any" || t == "tool");
+    let budget = body
+        .get("reasoning_effort")
+        .and_then(Value::as_str)
+        .and_then(thinking_budget)
+        .map(|b| b.min(max_tokens / 2))
+        .filter(|b| takes.thinking && *b >= MIN_THINKING_BUDGET && !forced_tool && !mid_tool_loop);
+    if let Some(budget) = budget {
+        out.insert(
+            "thinking".into(),
+            json!({"type": "enabled", "budget_tokens": budget}),
+        );
+        out.remove("temperature");
+        out.remove("top_p");
     }
     if stream {
         out.insert("stream".into(), json!(true));
@@ -791,7 +853,111 @@ mod tests {
         if let Value::Object(e) = extra {
             body.extend(e);
         }
-        request_to_anthropic(&body, "claude-x", false, true, DEFAULT_MAX_TOKENS)
+        request_to_anthropic(
+            &body,
+            "claude-x",
+            false,
+            Takes {
+                structured_outputs: true,
+                thinking: false,
+            },
+            DEFAULT_MAX_TOKENS,
+        )
+    }
+
+    /// `reasoning_effort` becomes a thinking budget for a Claude model
+    /// listed with `thinking`, within half of `max_tokens`, without the
+    /// sampling settings thinking refuses; never for other models, for
+    /// `minimal`, for a forced tool or when no budget fits.
+    #[test]
+    fn reasoning_effort_reaches_claude_as_a_thinking_budget() {
+        let thinking = Takes {
+            structured_outputs: false,
+            thinking: true,
+        };
+        let ask = |extra: Value, takes: Takes, default: u64| {
+            let mut body: Map<String, Value> = serde_json::from_value(json!({
+                "model": "c", "temperature": 0.3, "top_p": 0.9,
+                "messages": [{"role": "user", "content": "Prove it"}],
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+            }))
+            .unwrap();
+            if let Value::Object(e) = extra {
+                body.extend(e);
+            }
+            request_to_anthropic(&body, "claude-x", false, takes, default).unwrap()
+        };
+        for (effort, budget) in [
+            ("low", 2048),
+            ("medium", 8192),
+            ("high", 16384),
+            ("xhigh", 32768),
+        ] {
+            let out = ask(json!({"reasoning_effort": effort}), thinking, 100_000);
+            assert_eq!(
+                out["thinking"],
+                json!({"type": "enabled", "budget_tokens": budget}),
+                "{effort}"
+            );
+            assert!(
+                out.get("temperature").is_none() && out.get("top_p").is_none(),
+                "{out}"
+            );
+        }
+        // A new question after a finished tool loop thinks again.
+        let out = ask(
+            json!({"reasoning_effort": "low", "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "rain"},
+                {"role": "assistant", "content": "It rains."},
+                {"role": "user", "content": "And tomorrow?"}]}),
+            thinking,
+            64000,
+        );
+        assert_eq!(out["thinking"]["budget_tokens"], 2048);
+        // Half of the answer's room at most: OpenAI's limit counts the
+        // reasoning too.
+        let out = ask(
+            json!({"reasoning_effort": "high", "max_completion_tokens": 6000}),
+            thinking,
+            64000,
+        );
+        assert_eq!(out["thinking"]["budget_tokens"], 3000);
+        assert_eq!(out["max_tokens"], 6000);
+        let out = ask(json!({"reasoning_effort": "high"}), thinking, 4096);
+        assert_eq!(out["thinking"]["budget_tokens"], 2048);
+        for (extra, takes) in [
+            (json!({"reasoning_effort": "high"}), Takes::default()),
+            (json!({"reasoning_effort": "minimal"}), thinking),
+            (json!({"reasoning_effort": "none"}), thinking),
+            (
+                json!({"reasoning_effort": "high", "max_tokens": 1500}),
+                thinking,
+            ),
+            (
+                json!({"reasoning_effort": "high", "tool_choice": "required"}),
+                thinking,
+            ),
+            (
+                json!({"reasoning_effort": "high", "tool_choice": {"type": "function", "function": {"name": "f"}}}),
+                thinking,
+            ),
+            (json!({}), thinking),
+            // A tool loop's next request: the last assistant turn called a
+            // tool (its thinking block could not come back).
+            (
+                json!({"reasoning_effort": "high", "messages": [
+                {"role": "user", "content": "Weather?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "rain"}]}),
+                thinking,
+            ),
+        ] {
+            let out = ask(extra.clone(), takes, 64000);
+            assert!(out.get("thinking").is_none(), "{extra}: {out}");
+            assert_eq!(out["temperature"], 0.3, "{extra}");
+        }
     }
 
     /// Structured outputs, one tool call at a time, PDFs: carried, not
@@ -811,8 +977,14 @@ mod tests {
             "messages": [{"role": "user", "content": "hi"}],
             "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": schema}}}))
         .unwrap();
-        let e = request_to_anthropic(&body, "claude-3-5-haiku", false, false, DEFAULT_MAX_TOKENS)
-            .unwrap_err();
+        let e = request_to_anthropic(
+            &body,
+            "claude-3-5-haiku",
+            false,
+            Takes::default(),
+            DEFAULT_MAX_TOKENS,
+        )
+        .unwrap_err();
         assert_eq!(
             (e.code, e.param.as_deref()),
             ("unsupported_for_provider", Some("response_format"))
@@ -840,7 +1012,7 @@ mod tests {
         let plain: Map<String, Value> =
             serde_json::from_value(json!({"messages": [{"role": "user", "content": "hi"}]}))
                 .unwrap();
-        let out = request_to_anthropic(&plain, "c", false, false, 8192).unwrap();
+        let out = request_to_anthropic(&plain, "c", false, Takes::default(), 8192).unwrap();
         assert_eq!(out["max_tokens"], 8192);
 
         let out = translated(json!({"messages": [{"role": "user", "content": [
@@ -896,7 +1068,14 @@ mod tests {
             "tool_choice": "required"
         }))
         .unwrap();
-        let out = request_to_anthropic(&body, "claude-x", true, false, DEFAULT_MAX_TOKENS).unwrap();
+        let out = request_to_anthropic(
+            &body,
+            "claude-x",
+            true,
+            Takes::default(),
+            DEFAULT_MAX_TOKENS,
+        )
+        .unwrap();
         assert_eq!(out["model"], "claude-x");
         assert_eq!(out["system"], "be brief");
         assert_eq!(out["max_tokens"], 50);

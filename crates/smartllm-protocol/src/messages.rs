@@ -695,6 +695,23 @@ fn splice(raw: &[u8], model: &str) -> Option<Option<Vec<u8>>> {
     Some(Some(out))
 }
 
+/// The OpenAI `reasoning_effort` that an Anthropic `thinking` setting asks
+/// of a reasoning model: by its budget, under 4,096 tokens `low`, under
+/// 16,384 `medium`, else `high` (Claude Code's 31,999: `high`). `None` for
+/// `disabled`, for `adaptive` (the model's own default then decides) and
+/// for anything else.
+pub fn effort_for_thinking(thinking: &Value) -> Option<&'static str> {
+    if thinking.get("type").and_then(Value::as_str) != Some("enabled") {
+        return None;
+    }
+    let budget = thinking.get("budget_tokens").and_then(Value::as_u64)?;
+    Some(match budget {
+        0..4096 => "low",
+        4096..16384 => "medium",
+        _ => "high",
+    })
+}
+
 /// `raw` (a JSON object) with its top-level `key` set to `value` (added
 /// first when absent), every other byte unchanged. `None` when `raw` is no
 /// JSON object.
@@ -1183,10 +1200,17 @@ impl ChatToMessagesStream {
                 break;
             }
             if let Some(e) = StreamError::from_event(&ev) {
-                let status = match e.kind.as_deref() {
-                    Some("rate_limit_error") => 429,
-                    Some("overloaded_error") => 529,
-                    Some("invalid_request_error") => 400,
+                // The provider's (or the gateway's own) error as the type an
+                // Anthropic client retries on: its code first (more precise),
+                // then its type.
+                let status = match (e.code.as_deref(), e.kind.as_deref()) {
+                    (Some("rate_limit_exceeded"), _) | (_, Some("rate_limit_error")) => 429,
+                    (Some("upstream_timeout"), _) => 504,
+                    (Some("server_shutting_down" | "overloaded"), _)
+                    | (_, Some("overloaded_error")) => 529,
+                    (Some("context_length_exceeded"), _) | (_, Some("invalid_request_error")) => {
+                        400
+                    }
                     _ => 500,
                 };
                 out.extend(error_event(status, &e.message));
@@ -1496,6 +1520,34 @@ mod tests {
     }
 
     #[test]
+    fn thinking_asks_a_reasoning_model_for_an_effort_by_its_budget() {
+        for (thinking, effort) in [
+            (
+                json!({"type": "enabled", "budget_tokens": 1024}),
+                Some("low"),
+            ),
+            (
+                json!({"type": "enabled", "budget_tokens": 4095}),
+                Some("low"),
+            ),
+            (
+                json!({"type": "enabled", "budget_tokens": 4096}),
+                Some("medium"),
+            ),
+            (
+                json!({"type": "enabled", "budget_tokens": 31999}),
+                Some("high"),
+            ),
+            (json!({"type": "adaptive"}), None),
+            (json!({"type": "disabled"}), None),
+            (json!({"type": "enabled"}), None),
+            (json!("enabled"), None),
+        ] {
+            assert_eq!(effort_for_thinking(&thinking), effort, "{thinking}");
+        }
+    }
+
+    #[test]
     fn thinking_and_server_tools_are_flagged() {
         let r = parse_str(
             r#"{"model":"c","max_tokens":5,"thinking":{"type":"enabled","budget_tokens":1024},
@@ -1754,6 +1806,37 @@ mod tests {
             json!({"type": "api_error", "message": "boom"})
         );
         assert!(s.done);
+        // The gateway's own errors and the provider's codes keep the type
+        // an Anthropic client retries on.
+        for (error, kind) in [
+            (
+                r#"{"message":"m","type":"upstream_error","code":"upstream_timeout"}"#,
+                "timeout_error",
+            ),
+            (
+                r#"{"message":"m","type":"server_error","code":"server_shutting_down"}"#,
+                "overloaded_error",
+            ),
+            (
+                r#"{"message":"m","type":"tokens","code":"rate_limit_exceeded"}"#,
+                "rate_limit_error",
+            ),
+            (
+                r#"{"message":"m","type":"invalid_request_error","code":"context_length_exceeded"}"#,
+                "invalid_request_error",
+            ),
+            (
+                r#"{"message":"m","type":"overloaded_error"}"#,
+                "overloaded_error",
+            ),
+        ] {
+            let mut s = ChatToMessagesStream::new("claude", 0);
+            let out = s
+                .feed(format!("data: {{\"id\":\"x\",\"choices\":[{{\"index\":0,\"delta\":{{\"content\":\"a\"}}}}]}}\n\ndata: {{\"error\":{error}}}\n\n").as_bytes())
+                .unwrap();
+            let evs = events(&out);
+            assert_eq!(evs.last().unwrap().1["error"]["type"], kind, "{error}");
+        }
     }
 
     /// An empty finish reason on every chunk is no finish: the call's

@@ -114,6 +114,19 @@ impl ParsedRequest {
         force_usage: bool,
         limit_field: Option<&str>,
     ) -> bytes::Bytes {
+        self.upstream_body_without(upstream_model, force_usage, limit_field, None)
+    }
+
+    /// [`Self::upstream_body`] without the top-level field `leave_out` (a
+    /// parameter the chosen model does not take).
+    pub fn upstream_body_without(
+        &self,
+        upstream_model: &str,
+        force_usage: bool,
+        limit_field: Option<&str>,
+        leave_out: Option<&str>,
+    ) -> bytes::Bytes {
+        let leave_out = leave_out.filter(|k| self.body.contains_key(*k));
         let wants_usage = self.stream && force_usage && self.endpoint != Endpoint::Embeddings;
         let openai = matches!(
             self.endpoint,
@@ -126,7 +139,7 @@ impl ParsedRequest {
         let rename = limit_field.is_some()
             && self.endpoint.upstream_suffix() == "/chat/completions"
             && self.body.contains_key(other_limit);
-        if let (true, false, Some(raw)) = (openai, rename, self.native.as_ref()) {
+        if let (true, false, None, Some(raw)) = (openai, rename, leave_out, self.native.as_ref()) {
             let out = if wants_usage && !self.client_wants_usage {
                 let mut opts = match self.body.get("stream_options") {
                     Some(Value::Object(o)) => o.clone(),
@@ -147,6 +160,9 @@ impl ParsedRequest {
             }
         }
         let mut body = self.body.clone();
+        if let Some(k) = leave_out {
+            body.remove(k);
+        }
         body.insert("model".into(), Value::String(upstream_model.to_string()));
         if let (true, Some(field)) = (rename, limit_field) {
             if let Some(limit) = body.remove(other_limit) {
@@ -774,6 +790,24 @@ mod tests {
         let mut r = parse_request(Endpoint::ChatCompletions, new).unwrap();
         r.native = Some(bytes::Bytes::from_static(new));
         assert_eq!(r.upstream_body("m", false, None), new.to_vec());
+        // A parameter the model does not take is left out (only when there).
+        let raw = br#"{"model":"a","reasoning_effort":"high","messages":[{"role":"user","content":"x"}]}"#;
+        let mut r = parse_request(Endpoint::ChatCompletions, raw).unwrap();
+        r.native = Some(bytes::Bytes::from_static(raw));
+        let up: Value = serde_json::from_slice(&r.upstream_body_without(
+            "m",
+            false,
+            None,
+            Some("reasoning_effort"),
+        ))
+        .unwrap();
+        assert!(up.get("reasoning_effort").is_none(), "{up}");
+        assert_eq!(
+            (up["model"].as_str(), up["messages"][0]["content"].as_str()),
+            (Some("m"), Some("x"))
+        );
+        let up: Value = serde_json::from_slice(&r.upstream_body("m", false, None)).unwrap();
+        assert_eq!(up["reasoning_effort"], "high");
     }
 
     #[test]

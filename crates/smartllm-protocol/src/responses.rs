@@ -522,6 +522,219 @@ pub fn deleted_object(id: &str) -> Value {
     json!({"id": id, "object": "response", "deleted": true})
 }
 
+/// How `GET /v1/responses/{id}/input_items` pages: its query (`limit` 1 to
+/// 100, default 20; `order` `desc` (the default, newest first) or `asc`;
+/// `after` / `before` an item id of the list; `include` is taken and has
+/// nothing to add here).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ItemsQuery {
+    pub limit: usize,
+    pub ascending: bool,
+    pub after: Option<String>,
+    pub before: Option<String>,
+}
+
+impl ItemsQuery {
+    /// Read the query string; a bad `limit` or `order` is OpenAI's 400
+    /// naming it.
+    pub fn parse(query: Option<&str>) -> Result<ItemsQuery, ApiError> {
+        let mut q = ItemsQuery {
+            limit: 20,
+            ascending: false,
+            after: None,
+            before: None,
+        };
+        for pair in query
+            .unwrap_or_default()
+            .split('&')
+            .filter(|p| !p.is_empty())
+        {
+            let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
+            match k {
+                "limit" => q.limit = v
+                    .parse()
+                    .ok()
+                    .filter(|n| (1..=100).contains(n))
+                    .ok_or_else(|| {
+                        invalid_value(
+                            "limit",
+                            format!(
+                                "Invalid 'limit': '{v}'. Expected an integer between 1 and 100."
+                            ),
+                        )
+                    })?,
+                "order" => {
+                    q.ascending = match v {
+                        "asc" => true,
+                        "desc" => false,
+                        _ => return Err(invalid_value(
+                            "order",
+                            format!(
+                                "Invalid 'order': '{v}'. Supported values are: 'asc' and 'desc'."
+                            ),
+                        )),
+                    }
+                }
+                "after" if !v.is_empty() => q.after = Some(v.to_string()),
+                "before" if !v.is_empty() => q.before = Some(v.to_string()),
+                _ => {}
+            }
+        }
+        Ok(q)
+    }
+}
+
+/// The input items of a kept response, oldest first, as the Responses API
+/// lists them: the conversation it answered (the turns it continues, then
+/// its own input; not its `instructions`, not its answer), each message an
+/// item with `input_text` (or, the assistant's, `output_text`) parts, each
+/// tool call a `function_call` and each result a `function_call_output`.
+/// Ids are the response's, numbered, so a page's cursor names one item.
+pub fn input_items(stored: &StoredResponse) -> Vec<Value> {
+    let answer = answer_messages(&stored.response).len();
+    let turns = &stored.messages[..stored.messages.len().saturating_sub(answer)];
+    let tag = stored.id().strip_prefix("resp_").unwrap_or(stored.id());
+    let mut items = Vec::with_capacity(turns.len());
+    let id = |kind: &str, n: usize| format!("{kind}_{tag}_{n}");
+    for m in turns {
+        let role = m["role"].as_str().unwrap_or("user");
+        match role {
+            "tool" => {
+                let output = match &m["content"] {
+                    Value::String(s) => s.clone(),
+                    other => chat_text(other),
+                };
+                items.push(json!({
+                    "id": id("fco", items.len()),
+                    "type": "function_call_output",
+                    "call_id": m["tool_call_id"],
+                    "output": output,
+                    "status": "completed",
+                }));
+            }
+            _ => {
+                let assistant = role == "assistant";
+                let parts = item_parts(&m["content"], assistant);
+                if !parts.is_empty() {
+                    items.push(json!({
+                        "id": id("msg", items.len()),
+                        "type": "message",
+                        "role": role,
+                        "status": "completed",
+                        "content": parts,
+                    }));
+                }
+                for call in m["tool_calls"].as_array().into_iter().flatten() {
+                    items.push(json!({
+                        "id": id("fc", items.len()),
+                        "type": "function_call",
+                        "call_id": call["id"],
+                        "name": call["function"]["name"],
+                        "arguments": call["function"]["arguments"],
+                        "status": "completed",
+                    }));
+                }
+            }
+        }
+    }
+    items
+}
+
+/// The text of chat content (a string, or the text of its parts).
+fn chat_text(content: &Value) -> String {
+    match content {
+        Value::String(s) => s.clone(),
+        Value::Array(parts) => parts.iter().filter_map(|p| p["text"].as_str()).collect(),
+        _ => String::new(),
+    }
+}
+
+/// Chat content as Responses content parts (the reverse of the translation
+/// of a request's input).
+fn item_parts(content: &Value, assistant: bool) -> Vec<Value> {
+    let text = |t: &Value| {
+        if assistant {
+            json!({"type": "output_text", "text": t, "annotations": []})
+        } else {
+            json!({"type": "input_text", "text": t})
+        }
+    };
+    match content {
+        Value::String(s) if s.is_empty() => Vec::new(),
+        Value::String(_) => vec![text(content)],
+        Value::Array(parts) => parts
+            .iter()
+            .map(|p| match p["type"].as_str() {
+                Some("text") => text(&p["text"]),
+                Some("image_url") => json!({
+                    "type": "input_image",
+                    "image_url": p["image_url"]["url"],
+                    "detail": p["image_url"]["detail"].as_str().unwrap_or("auto"),
+                }),
+                Some("file") => {
+                    let mut f = json!({"type": "input_file", "file_data": p["file"]["file_data"]});
+                    if let Some(name) = p["file"]["filename"].as_str() {
+                        f["filename"] = json!(name);
+                    }
+                    f
+                }
+                _ => p.clone(),
+            })
+            .collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// The `GET /v1/responses/{id}/input_items` answer: a page of
+/// [`input_items`] in `q`'s order, from after `q.after` (or up to
+/// `q.before`), with `first_id`, `last_id` and `has_more`. A cursor that
+/// names no item of the list is a 400 naming it.
+pub fn input_item_list(stored: &StoredResponse, q: &ItemsQuery) -> Result<Value, ApiError> {
+    let mut items = input_items(stored);
+    if !q.ascending {
+        items.reverse();
+    }
+    let position = |param: &str, cursor: &str| {
+        items.iter().position(|i| i["id"] == cursor).ok_or_else(|| {
+            invalid_value(
+                param,
+                format!(
+                    "No input item with id '{cursor}' in response '{}'.",
+                    stored.id()
+                ),
+            )
+        })
+    };
+    let start = match &q.after {
+        Some(a) => position("after", a)? + 1,
+        None => 0,
+    };
+    let end = match &q.before {
+        Some(b) => position("before", b)?,
+        None => items.len(),
+    }
+    .max(start);
+    // Before a cursor, the page is the items just before it.
+    let (from, to) = if q.before.is_some() && q.after.is_none() {
+        (end.saturating_sub(q.limit), end)
+    } else {
+        (start, (start + q.limit).min(end))
+    };
+    let has_more = if q.before.is_some() && q.after.is_none() {
+        from > 0
+    } else {
+        to < end
+    };
+    let page: Vec<Value> = items.drain(from..to).collect();
+    Ok(json!({
+        "object": "list",
+        "first_id": page.first().map(|i| i["id"].clone()),
+        "last_id": page.last().map(|i| i["id"].clone()),
+        "has_more": has_more,
+        "data": page,
+    }))
+}
+
 /// OpenAI's 400 for a `previous_response_id` it does not know (unknown,
 /// expired or another tenant's): `previous_response_not_found`, the code
 /// clients such as Codex read to send the whole conversation again.
@@ -3404,5 +3617,129 @@ mod tests {
         // A failed response adds no answer.
         assert!(answer_messages(&json!({"output": []})).is_empty());
         assert_eq!(deleted_object("resp_2")["deleted"], true);
+    }
+
+    #[test]
+    fn input_items_list_the_conversation_a_response_answered() {
+        let body1 = obj(json!({"model": "m", "instructions": "Rules.", "input": [
+            {"role": "user", "content": [
+                {"type": "input_text", "text": "What is in this picture?"},
+                {"type": "input_image", "image_url": "https://x.test/a.png"}]}]}));
+        let answer1 = chat_completion(
+            json!({"role": "assistant", "content": "A cat.", "tool_calls": [
+                {"id": "call_1", "type": "function", "function": {"name": "look", "arguments": "{}"}}]}),
+            "tool_calls",
+        );
+        let stored1 = StoredResponse::new(
+            None,
+            &body1,
+            response_from_chat(&answer1, "resp_ab", 1, &body1),
+        )
+        .unwrap();
+        // The first response's input: its user message only (no
+        // instructions, no answer).
+        let items = input_items(&stored1);
+        assert_eq!(
+            items,
+            vec![
+                json!({"id": "msg_ab_0", "type": "message", "role": "user", "status": "completed",
+                "content": [{"type": "input_text", "text": "What is in this picture?"},
+                            {"type": "input_image", "image_url": "https://x.test/a.png", "detail": "auto"}]})
+            ]
+        );
+        let body2 = obj(
+            json!({"model": "m", "previous_response_id": "resp_ab", "input": [
+            {"type": "function_call_output", "call_id": "call_1", "output": "whiskers"},
+            {"role": "user", "content": "And its colour?"}]}),
+        );
+        let answer2 = chat_completion(json!({"role": "assistant", "content": "Grey."}), "stop");
+        let stored2 = StoredResponse::new(
+            Some(&stored1),
+            &body2,
+            response_from_chat(&answer2, "resp_cd", 2, &body2),
+        )
+        .unwrap();
+        let items = input_items(&stored2);
+        let kinds: Vec<_> = items
+            .iter()
+            .map(|i| {
+                format!(
+                    "{} {}",
+                    i["id"].as_str().unwrap(),
+                    i["type"].as_str().unwrap()
+                )
+            })
+            .collect();
+        assert_eq!(
+            kinds,
+            [
+                "msg_cd_0 message",
+                "msg_cd_1 message",
+                "fc_cd_2 function_call",
+                "fco_cd_3 function_call_output",
+                "msg_cd_4 message"
+            ]
+        );
+        assert_eq!(
+            items[1]["content"],
+            json!([{"type": "output_text", "text": "A cat.", "annotations": []}])
+        );
+        assert_eq!(items[1]["role"], "assistant");
+        assert_eq!(items[2]["call_id"], "call_1");
+        assert_eq!(items[2]["name"], "look");
+        assert_eq!(items[3]["output"], "whiskers");
+        assert_eq!(items[4]["content"][0]["text"], "And its colour?");
+
+        // Pages: newest first by default, then on from the cursor.
+        let page =
+            |q: &str| input_item_list(&stored2, &ItemsQuery::parse(Some(q)).unwrap()).unwrap();
+        let ids = |v: &Value| -> Vec<String> {
+            v["data"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i["id"].as_str().unwrap().to_string())
+                .collect()
+        };
+        let p1 = page("limit=2");
+        assert_eq!(ids(&p1), ["msg_cd_4", "fco_cd_3"]);
+        assert_eq!(
+            (
+                p1["first_id"].clone(),
+                p1["last_id"].clone(),
+                p1["has_more"].clone()
+            ),
+            (json!("msg_cd_4"), json!("fco_cd_3"), json!(true))
+        );
+        assert_eq!(p1["object"], "list");
+        let p2 = page("limit=2&after=fco_cd_3");
+        assert_eq!(ids(&p2), ["fc_cd_2", "msg_cd_1"]);
+        assert_eq!(p2["has_more"], true);
+        let p3 = page("limit=2&after=msg_cd_1");
+        assert_eq!(ids(&p3), ["msg_cd_0"]);
+        assert_eq!(p3["has_more"], false);
+        assert_eq!(ids(&page("order=asc&limit=100")).len(), 5);
+        assert_eq!(ids(&page("order=asc&before=fc_cd_2&limit=1")), ["msg_cd_1"]);
+        assert_eq!(page("order=asc&before=fc_cd_2&limit=1")["has_more"], true);
+        assert_eq!(ids(&page("")).len(), 5);
+        let empty = page("after=msg_cd_0");
+        assert_eq!(ids(&empty).len(), 0);
+        assert_eq!(empty["first_id"], Value::Null);
+        // Bad paging is a 400 naming the parameter.
+        for (q, param) in [
+            ("limit=0", "limit"),
+            ("limit=101", "limit"),
+            ("limit=x", "limit"),
+            ("order=up", "order"),
+        ] {
+            let e = ItemsQuery::parse(Some(q)).unwrap_err();
+            assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{q}");
+        }
+        let e = input_item_list(
+            &stored2,
+            &ItemsQuery::parse(Some("after=msg_zz_1")).unwrap(),
+        )
+        .unwrap_err();
+        assert_eq!((e.status, e.param.as_deref()), (400, Some("after")));
     }
 }

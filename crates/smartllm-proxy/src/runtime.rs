@@ -81,6 +81,17 @@ pub struct ModelPool {
     /// Anthropic Messages request's `role: "system"` turns go to it as they
     /// are (else they join the system prompt).
     pub system_messages: bool,
+    /// `reasoning` is listed: an Anthropic request's `thinking` goes to the
+    /// model's OpenAI-compatible providers as `reasoning_effort`.
+    pub reasoning: bool,
+    /// Capabilities are listed and `reasoning` is not among them: a
+    /// request's `reasoning_effort` (Codex sends one on every request) is
+    /// left out for the model's OpenAI-compatible providers, which would
+    /// answer 400 to it. (Listed with nothing: sent as given.)
+    pub no_reasoning: bool,
+    /// `thinking` is listed: an OpenAI request's `reasoning_effort` goes to
+    /// the model's Anthropic providers as a thinking budget.
+    pub thinking: bool,
     pub deployments: Vec<DeploymentRuntime>,
     pub lb: Arc<LoadBalancer<RoundRobin>>,
     pub health_interval: Duration,
@@ -365,16 +376,11 @@ impl Runtime {
                     model: m.name.clone(),
                     max_output_tokens: m.profile.max_output_tokens,
                     context_window: m.profile.context_window,
-                    structured_outputs: m
-                        .profile
-                        .capabilities
-                        .as_ref()
-                        .is_some_and(|c| c.iter().any(|x| x == "structured_outputs")),
-                    system_messages: m
-                        .profile
-                        .capabilities
-                        .as_ref()
-                        .is_some_and(|c| c.iter().any(|x| x == "system_messages")),
+                    structured_outputs: m.profile.has("structured_outputs"),
+                    system_messages: m.profile.has("system_messages"),
+                    reasoning: m.profile.has("reasoning"),
+                    no_reasoning: m.profile.capabilities.is_some() && !m.profile.has("reasoning"),
+                    thinking: m.profile.has("thinking"),
                     deployments,
                     lb: Arc::new(lb),
                     health_interval,

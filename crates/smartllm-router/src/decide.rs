@@ -281,8 +281,11 @@ fn misfit(
             return Some(format!("anthropic_only:{what}"));
         }
     }
+    // Thinking: Anthropic providers take it, a reasoning model's others as
+    // `reasoning_effort`, any other only if it drops it.
     let takes_thinking = |d: &smartllm_config::DeploymentConfig| {
         anthropic(d)
+            || m.profile.has("reasoning")
             || config
                 .providers
                 .get(&d.provider)
@@ -1136,6 +1139,15 @@ mod tests {
         );
         assert_eq!(d.candidates[1].excluded, None);
         assert_eq!(d.model, "strong");
+        // A reasoning model takes it as `reasoning_effort`.
+        cfg.models[0].profile.capabilities = Some(vec!["tools".into(), "reasoning".into()]);
+        assert_eq!(decided(&cfg, &f).candidates[0].excluded, None);
+        cfg.models[0].profile.capabilities = None;
+        assert_eq!(
+            decided(&cfg, &f).candidates[0].excluded.as_deref(),
+            Some("anthropic_only:thinking"),
+            "never assumed"
+        );
         cfg.providers.get_mut("openai-p").unwrap().drop_thinking = true;
         assert_eq!(decided(&cfg, &f).candidates[0].excluded, None);
         f.thinking = false;

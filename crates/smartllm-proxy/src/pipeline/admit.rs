@@ -20,6 +20,9 @@ pub enum Admitted {
     /// `GET` (or `DELETE`, `delete`) `/v1/responses/{id}`: a response the
     /// gateway keeps.
     StoredResponse { id: String, delete: bool },
+    /// `GET /v1/responses/{id}/input_items` (with its query): the
+    /// conversation a response the gateway keeps answered.
+    InputItems { id: String, query: Option<String> },
     /// An API call with its whole body.
     Api { endpoint: Endpoint, body: BytesMut },
     /// `GET /v1/smartllm/usage`: the key's own spend, limits and budgets.
@@ -29,6 +32,13 @@ pub enum Admitted {
     /// `HEAD /` or `GET /`: the reachability probe clients make without a
     /// key (Claude Code at every start), answered before the key check.
     Root,
+}
+
+/// The response id of a `/v1/responses/{id}/input_items` path.
+fn input_items_of(path: &str) -> Option<&str> {
+    path.strip_prefix("/v1/responses/")?
+        .strip_suffix("/input_items")
+        .filter(|id| !id.is_empty() && !id.contains('/'))
 }
 
 /// Admit the request or say why not (with the connection marked not
@@ -108,6 +118,15 @@ pub async fn admit(
         ("GET", "/v1/models") | ("GET", "/models") => {
             ctx.endpoint = "models";
             return Ok(Admitted::Models(None));
+        }
+        ("GET", p) if input_items_of(p).is_some() => {
+            ctx.endpoint = "responses";
+            let id = input_items_of(p).unwrap_or_default().to_string();
+            rate_limit(shared, rt, ctx, 0).await?;
+            return Ok(Admitted::InputItems {
+                id,
+                query: h.uri.query().map(str::to_string),
+            });
         }
         ("GET" | "DELETE", p)
             if p.starts_with("/v1/responses/")
@@ -460,5 +479,26 @@ fn humantime(d: Duration) -> String {
         format!("{}ms", d.as_millis())
     } else {
         format!("{:.1}s", d.as_secs_f64())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn input_items_paths_name_one_response() {
+        use super::input_items_of;
+        assert_eq!(
+            input_items_of("/v1/responses/resp_1/input_items"),
+            Some("resp_1")
+        );
+        for p in [
+            "/v1/responses/input_items",
+            "/v1/responses//input_items",
+            "/v1/responses/a/b/input_items",
+            "/v1/responses/resp_1",
+            "/v1/responses/resp_1/input_itemsx",
+        ] {
+            assert_eq!(input_items_of(p), None, "{p}");
+        }
     }
 }

@@ -107,6 +107,9 @@ async fn serve(shared: &Shared, session: &mut Session, ctx: &mut Ctx) -> Result<
         admit::Admitted::StoredResponse { id, delete } => {
             return responses::stored(shared, session, ctx, &id, delete).await
         }
+        admit::Admitted::InputItems { id, query } => {
+            return responses::input_items(shared, session, ctx, &id, query.as_deref()).await
+        }
         admit::Admitted::Usage => return usage::answer(shared, session, ctx, &rt).await,
         admit::Admitted::Feedback(body) => {
             return feedback::answer(shared, session, ctx, &body).await

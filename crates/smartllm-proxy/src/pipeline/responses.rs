@@ -1,7 +1,8 @@
 //! The OpenAI Responses API around the common pipeline: parsing a request
 //! with the conversation its `previous_response_id` continues (when the
 //! gateway keeps it), `POST /v1/responses/input_tokens`, and `GET` / `DELETE
-//! /v1/responses/{id}` of the responses the gateway keeps. A create request
+//! /v1/responses/{id}` and `GET /v1/responses/{id}/input_items` of the
+//! responses the gateway keeps. A create request
 //! then runs the same phases as a chat completion; answers are translated in
 //! the exchange and stored by [`keep`].
 
@@ -191,6 +192,35 @@ pub async fn stored(
     let Some(body) = body else {
         return Err(Failure::Api(proto::response_not_found(id, None)));
     };
+    respond::json(
+        session,
+        ctx,
+        200,
+        serde_json::to_vec(&body).unwrap_or_default(),
+        &[],
+    )
+    .await?;
+    Ok(())
+}
+
+/// `GET /v1/responses/{id}/input_items` of the caller's tenant: a page of
+/// the conversation a response the gateway keeps answered.
+pub async fn input_items(
+    shared: &Shared,
+    session: &mut Session,
+    ctx: &mut Ctx,
+    id: &str,
+    query: Option<&str>,
+) -> Result<(), Failure> {
+    let q = proto::ItemsQuery::parse(query)?;
+    let stored = match &shared.responses {
+        Some(r) => r.load(&ctx.tenant, id).await,
+        None => None,
+    };
+    let Some(stored) = stored else {
+        return Err(Failure::Api(proto::response_not_found(id, None)));
+    };
+    let body = proto::input_item_list(&stored, &q)?;
     respond::json(
         session,
         ctx,

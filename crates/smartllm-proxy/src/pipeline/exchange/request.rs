@@ -100,7 +100,7 @@ pub(super) fn build(
                     ),
                 ));
             }
-            if only.thinking && !p.cfg.drop_thinking {
+            if only.thinking && !p.cfg.drop_thinking && !pool.reasoning {
                 return Err(ApiError::invalid_request(
                     "thinking_unsupported",
                     format!(
@@ -109,22 +109,43 @@ pub(super) fn build(
                     ),
                 ));
             }
+            let mut body = req.upstream_body(
+                &dep.upstream_model,
+                p.cfg.stream_usage,
+                p.cfg.max_tokens_field.map(TokenLimitField::as_str),
+            );
+            // A reasoning model takes the thinking asked for as an effort
+            // (the history's thinking blocks have no place in chat and are
+            // left out, as with `drop_thinking`).
+            if pool.reasoning {
+                let effort = req
+                    .native
+                    .as_deref()
+                    .and_then(|raw| smartllm_protocol::messages::top_level(raw, "thinking"))
+                    .and_then(|t| smartllm_protocol::messages::effort_for_thinking(&t));
+                if let Some(b) = effort.and_then(|e| {
+                    smartllm_protocol::messages::set_top_level(
+                        &body,
+                        "reasoning_effort",
+                        &serde_json::Value::from(e),
+                    )
+                }) {
+                    body = b.into();
+                }
+            }
             (
                 format!("{}{}", p.url.path, req.endpoint.upstream_suffix()),
-                req.upstream_body(
-                    &dep.upstream_model,
-                    p.cfg.stream_usage,
-                    p.cfg.max_tokens_field.map(TokenLimitField::as_str),
-                ),
+                body,
                 Translate::OpenAi,
             )
         }
         ProviderKind::OpenAi => (
             format!("{}{}", p.url.path, req.endpoint.upstream_suffix()),
-            req.upstream_body(
+            req.upstream_body_without(
                 &dep.upstream_model,
                 p.cfg.stream_usage,
                 p.cfg.max_tokens_field.map(TokenLimitField::as_str),
+                pool.no_reasoning.then_some("reasoning_effort"),
             ),
             Translate::OpenAi,
         ),
@@ -167,7 +188,10 @@ pub(super) fn build(
                 &req.body,
                 &dep.upstream_model,
                 req.stream,
-                pool.structured_outputs,
+                anthropic::Takes {
+                    structured_outputs: pool.structured_outputs,
+                    thinking: pool.thinking,
+                },
                 default_max_tokens(
                     pool.max_output_tokens,
                     pool.context_window,
