@@ -588,7 +588,7 @@ fn thinking_and_reasoning_effort_cross_between_the_apis() {
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());
     assert!(mock.last()["json"].get("thinking").is_none());
-    // `reasoning_effort` (Codex sends one on every request) goes to a model
+    // `reasoning_effort` (agents often send one) goes to a model
     // listed with `reasoning` or listing nothing, and is left out for one
     // listed without it (which would answer 400).
     for (model, kept) in [("reasoner", true), ("small", true), ("plain", false)] {

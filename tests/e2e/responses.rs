@@ -21,7 +21,7 @@ fn gateway() -> (Mock, Gateway) {
         mock_provider("mock", &mock),
         mock.addr
     );
-    let models = "models:\n  - name: small\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: native\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n  - name: native2\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n      - provider: resp-mock-b\n        model: gpt-native\n";
+    let models = "models:\n  - name: small\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: native\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n  - name: native-4o\n    profile: { capabilities: [tools, json, streaming] }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n  - name: native2\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n      - provider: resp-mock-b\n        model: gpt-native\n";
     let cfg = ConfigDir::new(
         "",
         "demo:\n  mode: off\n",
@@ -476,6 +476,18 @@ fn responses_pass_through_to_providers_that_speak_them() {
     // (The two refusals are in the ledger, with no tokens.)
     let c = costs(&gw, "model");
     assert_eq!(c["rows"][0]["output_tokens"], 36, "{c}");
+    // `reasoning` goes to a model listing no capabilities as sent, and is
+    // left out (every other byte as sent) for one listed without
+    // `reasoning`, which would answer 400 to it.
+    let r = post(br#"{"model":"native","input":"Hi","reasoning":{"effort":"low"}}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.last()["json"]["reasoning"], json!({"effort": "low"}));
+    let r = post(br#"{"model":"native-4o","input":"Hi","reasoning":{"effort":"low"}}"#);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        mock.last()["body_sha256"],
+        hex::encode(Sha256::digest(br#"{"model":"gpt-native","input":"Hi"}"#))
+    );
     let r = create(
         &gw,
         &json!({"model": "native", "previous_response_id": streamed_id, "input": "More"}),

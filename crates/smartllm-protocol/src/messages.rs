@@ -746,6 +746,65 @@ pub fn set_top_level(raw: &[u8], key: &str, value: &Value) -> Option<Vec<u8>> {
     Some(out)
 }
 
+/// `raw` (a JSON object) without its top-level member `key` (and the comma
+/// that joined it), every other byte unchanged; every copy of the key goes.
+/// `None` when there is no such member (or `raw` is no JSON object).
+pub fn remove_top_level(raw: &[u8], key: &str) -> Option<Vec<u8>> {
+    let (from, to) = top_level_member(raw, key)?;
+    let mut out = Vec::with_capacity(raw.len());
+    out.extend_from_slice(&raw[..from]);
+    out.extend_from_slice(&raw[to..]);
+    Some(remove_top_level(&out, key).unwrap_or(out))
+}
+
+/// The byte span of the top-level member `key` in the JSON object `raw`,
+/// with the comma after it (or, for the last member, the one before it).
+fn top_level_member(raw: &[u8], key: &str) -> Option<(usize, usize)> {
+    let ws = |i: &mut usize| {
+        while *i < raw.len() && raw[*i].is_ascii_whitespace() {
+            *i += 1;
+        }
+    };
+    let mut i = 0;
+    ws(&mut i);
+    if raw.get(i) != Some(&b'{') {
+        return None;
+    }
+    i += 1;
+    let mut comma_before = None;
+    loop {
+        ws(&mut i);
+        if raw.get(i) != Some(&b'"') {
+            return None;
+        }
+        let kstart = i;
+        i = skip_string(raw, i)?;
+        let name: String = serde_json::from_slice(&raw[kstart..i]).ok()?;
+        ws(&mut i);
+        if raw.get(i) != Some(&b':') {
+            return None;
+        }
+        i += 1;
+        ws(&mut i);
+        i = skip_value(raw, i)?;
+        let vend = i;
+        ws(&mut i);
+        if name == key {
+            return match raw.get(i) {
+                Some(b',') => Some((kstart, i + 1)),
+                _ => Some((comma_before.unwrap_or(kstart), vend)),
+            };
+        }
+        match raw.get(i) {
+            Some(b',') => {
+                comma_before = Some(i);
+                i += 1;
+            }
+            _ => return None,
+        }
+    }
+}
+
 /// The value of `raw`'s top-level `key`, parsed (only that span is read).
 pub fn top_level(raw: &[u8], key: &str) -> Option<Value> {
     let (start, end) = top_level_value(raw, key)?;
@@ -1517,6 +1576,33 @@ mod tests {
             parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"tool","content":"x"}]}"#)
                 .unwrap_err();
         assert!(e.to_string().contains("'system'"), "{e}");
+    }
+
+    #[test]
+    fn a_top_level_member_is_removed_with_its_comma() {
+        for (raw, out) in [
+            (
+                r#"{"a":1,"reasoning":{"effort":"low"},"b":[2]}"#,
+                r#"{"a":1,"b":[2]}"#,
+            ),
+            (r#"{"reasoning":{"effort":"low"}, "b":2}"#, r#"{ "b":2}"#),
+            (r#"{ "a" : 1 , "reasoning" : null }"#, r#"{ "a" : 1  }"#),
+            (r#"{"reasoning":1}"#, r#"{}"#),
+            (
+                r#"{"reasoning":1,"a":{"reasoning":2},"reasoning":3}"#,
+                r#"{"a":{"reasoning":2}}"#,
+            ),
+        ] {
+            let got = remove_top_level(raw.as_bytes(), "reasoning").unwrap();
+            assert_eq!(String::from_utf8(got).unwrap(), out, "{raw}");
+            let v: Value = serde_json::from_str(out).unwrap();
+            assert!(v.get("reasoning").is_none());
+        }
+        assert_eq!(
+            remove_top_level(br#"{"a":{"reasoning":1}}"#, "reasoning"),
+            None
+        );
+        assert_eq!(remove_top_level(b"[1]", "reasoning"), None);
     }
 
     #[test]

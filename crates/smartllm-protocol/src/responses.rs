@@ -551,28 +551,32 @@ impl ItemsQuery {
         {
             let (k, v) = pair.split_once('=').unwrap_or((pair, ""));
             match k {
-                "limit" => q.limit = v
-                    .parse()
-                    .ok()
-                    .filter(|n| (1..=100).contains(n))
-                    .ok_or_else(|| {
-                        invalid_value(
-                            "limit",
-                            format!(
+                "limit" => {
+                    q.limit = v
+                        .parse()
+                        .ok()
+                        .filter(|n| (1..=100).contains(n))
+                        .ok_or_else(|| {
+                            invalid_value(
+                                "limit",
+                                format!(
                                 "Invalid 'limit': '{v}'. Expected an integer between 1 and 100."
                             ),
-                        )
-                    })?,
+                            )
+                        })?
+                }
                 "order" => {
                     q.ascending = match v {
                         "asc" => true,
                         "desc" => false,
-                        _ => return Err(invalid_value(
-                            "order",
-                            format!(
+                        _ => {
+                            return Err(invalid_value(
+                                "order",
+                                format!(
                                 "Invalid 'order': '{v}'. Supported values are: 'asc' and 'desc'."
                             ),
-                        )),
+                            ))
+                        }
                     }
                 }
                 "after" if !v.is_empty() => q.after = Some(v.to_string()),

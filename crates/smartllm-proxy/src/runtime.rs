@@ -85,7 +85,7 @@ pub struct ModelPool {
     /// model's OpenAI-compatible providers as `reasoning_effort`.
     pub reasoning: bool,
     /// Capabilities are listed and `reasoning` is not among them: a
-    /// request's `reasoning_effort` (Codex sends one on every request) is
+    /// request's `reasoning_effort` (agents often send one) is
     /// left out for the model's OpenAI-compatible providers, which would
     /// answer 400 to it. (Listed with nothing: sent as given.)
     pub no_reasoning: bool,

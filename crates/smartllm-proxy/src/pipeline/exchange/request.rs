@@ -66,8 +66,16 @@ pub(super) fn build(
                 }) =>
         {
             let raw = req.native.clone().unwrap_or_default();
-            let body = smartllm_protocol::messages::splice_model_bytes(&raw, &dep.upstream_model)
-                .ok_or_else(|| ApiError::internal("the request body lost its model"))?;
+            let mut body =
+                smartllm_protocol::messages::splice_model_bytes(&raw, &dep.upstream_model)
+                    .ok_or_else(|| ApiError::internal("the request body lost its model"))?;
+            // `reasoning` to a model listed without the capability (it
+            // would answer 400): left out, as `reasoning_effort` is in chat.
+            if pool.no_reasoning {
+                if let Some(b) = smartllm_protocol::messages::remove_top_level(&body, "reasoning") {
+                    body = b.into();
+                }
+            }
             (
                 format!("{}/responses", p.url.path),
                 body,
