@@ -28,7 +28,7 @@ fn gateway_with(mock_args: &[&str], budgets: &str, routes: &str) -> (Mock, Gatew
         mock_provider("mock", &mock),
         mock.addr
     );
-    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    profile: { max_output_tokens: 16384 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 8192, capabilities: [tools, vision, json, streaming, structured_outputs] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: opus\n    pricing: { input: 5, output: 25 }\n    profile: { capabilities: [tools, json, streaming, system_messages] }\n    deployments:\n      - provider: claude-mock\n        model: claude-opus-4-8\n  - name: reasoner\n    pricing: { input: 2, output: 8 }\n    profile: { capabilities: [tools, json, streaming, reasoning] }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: thinker\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 64000, capabilities: [tools, streaming, thinking] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: plain\n    pricing: { input: 2, output: 8 }\n    profile: { capabilities: [tools, json, streaming] }\n    deployments:\n      - provider: mock\n        model: mock-small\n";
+    let models = "models:\n  - name: small\n    pricing: { input: 1000, output: 2000 }\n    profile: { max_output_tokens: 16384 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 8192, capabilities: [tools, vision, json, streaming, structured_outputs, thinking] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: opus\n    pricing: { input: 5, output: 25 }\n    profile: { capabilities: [tools, json, streaming, system_messages] }\n    deployments:\n      - provider: claude-mock\n        model: claude-opus-4-8\n  - name: reasoner\n    pricing: { input: 2, output: 8 }\n    profile: { capabilities: [tools, json, streaming, reasoning] }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: thinker\n    pricing: { input: 3, output: 15 }\n    profile: { max_output_tokens: 64000, capabilities: [tools, streaming, thinking] }\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: plain\n    pricing: { input: 2, output: 8 }\n    profile: { capabilities: [tools, json, streaming] }\n    deployments:\n      - provider: mock\n        model: mock-small\n";
     let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, routes);
     cfg.write("cache.yaml", "cache:\n  enabled: true\n");
     cfg.write(
@@ -521,6 +521,9 @@ fn thinking_and_reasoning_effort_cross_between_the_apis() {
     assert_eq!(sent["path"], "/v1/chat/completions");
     assert_eq!(sent["json"]["reasoning_effort"], "high", "{sent}");
     assert!(sent["json"].get("thinking").is_none(), "{sent}");
+    // A reasoning model takes its limit as `max_completion_tokens`.
+    assert_eq!(sent["json"]["max_completion_tokens"], 40000, "{sent}");
+    assert!(sent["json"].get("max_tokens").is_none(), "{sent}");
     assert!(
         !sent["json"]["messages"].to_string().contains("sig"),
         "{sent}"
@@ -555,6 +558,28 @@ fn thinking_and_reasoning_effort_cross_between_the_apis() {
     );
     assert_eq!(mock.last()["json"]["reasoning_effort"], "medium");
 
+    // A tool loop the reasoning model began, moved to Claude (a fallback, a
+    // rule): its tool call has no thinking block, which Claude wants first
+    // with thinking on, so Claude gets this request without thinking; its
+    // own tool turn (opening with its signed thinking) keeps it.
+    let loop_body = |first: &str| {
+        format!(
+            r#"{{"model":"claude","max_tokens":4000,"thinking":{{"type":"enabled","budget_tokens":2000}},"tools":[{{"name":"f","input_schema":{{"type":"object"}}}}],"messages":[{{"role":"user","content":"Go"}},{{"role":"assistant","content":[{first}{{"type":"tool_use","id":"call_1","name":"f","input":{{}}}}]}},{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"call_1","content":"done"}}]}}]}}"#
+        )
+    };
+    let r = messages(&gw, &[], loop_body("").as_bytes());
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = mock.last();
+    assert_eq!(sent["path"], "/v1/messages");
+    assert!(sent["json"].get("thinking").is_none(), "{sent}");
+    let r = messages(
+        &gw,
+        &[],
+        loop_body(r#"{"type":"thinking","thinking":"hm","signature":"sig"},"#).as_bytes(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.last()["json"]["thinking"]["budget_tokens"], 2000);
+
     // The other way: an OpenAI client's effort reaches Claude as a budget,
     // without the sampling settings thinking refuses.
     let r = request(
@@ -583,7 +608,7 @@ fn thinking_and_reasoning_effort_cross_between_the_apis() {
         "POST",
         "/v1/chat/completions",
         &[("Authorization", "Bearer sk-ant-client")],
-        br#"{"model":"claude","reasoning_effort":"high","messages":[{"role":"user","content":"Think"}]}"#,
+        br#"{"model":"opus","reasoning_effort":"high","messages":[{"role":"user","content":"Think"}]}"#,
     )
     .unwrap();
     assert_eq!(r.status, 200, "{}", r.text());

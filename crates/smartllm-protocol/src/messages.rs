@@ -116,6 +116,12 @@ pub struct AnthropicOnly {
     /// ([`fold_system_messages`]); OpenAI-compatible providers take them in
     /// place.
     pub system_messages: bool,
+    /// The last assistant turn calls tools without opening with a thinking
+    /// block (another model answered it, through a translation that has no
+    /// place for one): with thinking on, Claude refuses such a history
+    /// ("a final `assistant` message must start with a thinking block"), so
+    /// an Anthropic provider gets the request without `thinking`.
+    pub unsigned_tool_turn: bool,
 }
 
 /// The top-level fields of a Messages body that its canonical chat body
@@ -378,6 +384,8 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
     {
         only.thinking = true;
     }
+    // (Only a request with thinking has anything to drop.)
+    only.unsigned_tool_turn &= only.thinking;
     only.top_k = body.get("top_k").and_then(Value::as_u64);
     let extra: serde_json::Map<String, Value> = body
         .iter()
@@ -624,6 +632,7 @@ fn assistant_turn(
     out: &mut Vec<Value>,
     only: &mut AnthropicOnly,
 ) -> Result<(), ApiError> {
+    only.unsigned_tool_turn = false;
     let Some(blocks) = turn_blocks(path, "assistant", content, out)? else {
         return Ok(());
     };
@@ -647,6 +656,13 @@ fn assistant_turn(
             }
         }
     }
+    let opens_with_thinking = blocks.first().is_some_and(|b| {
+        matches!(
+            b.get("type").and_then(Value::as_str),
+            Some("thinking" | "redacted_thinking")
+        )
+    });
+    only.unsigned_tool_turn = !calls.is_empty() && !opens_with_thinking;
     let mut m = json!({"role": "assistant", "content": text});
     if !calls.is_empty() {
         if text.is_empty() {
@@ -1631,6 +1647,29 @@ mod tests {
         ] {
             assert_eq!(effort_for_thinking(&thinking), effort, "{thinking}");
         }
+    }
+
+    #[test]
+    fn a_tool_turn_without_its_thinking_block_is_flagged() {
+        let flag = |assistant: &str| {
+            let raw = format!(
+                r#"{{"model":"c","max_tokens":5,"thinking":{{"type":"enabled","budget_tokens":1024}},"messages":[{{"role":"user","content":"go"}},{assistant},{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t1","content":"ok"}}]}}]}}"#
+            );
+            parse_str(&raw).unwrap().anthropic_only.unsigned_tool_turn
+        };
+        // Another model's tool call (translated: no thinking block).
+        assert!(flag(
+            r#"{"role":"assistant","content":[{"type":"tool_use","id":"t1","name":"f","input":{}}]}"#
+        ));
+        // Claude's own, opening with its signed thinking.
+        assert!(!flag(
+            r#"{"role":"assistant","content":[{"type":"thinking","thinking":"hm","signature":"s"},{"type":"tool_use","id":"t1","name":"f","input":{}}]}"#
+        ));
+        assert!(!flag(
+            r#"{"role":"assistant","content":[{"type":"redacted_thinking","data":"x"},{"type":"tool_use","id":"t1","name":"f","input":{}}]}"#
+        ));
+        // No tool call in the last assistant turn.
+        assert!(!flag(r#"{"role":"assistant","content":"plain"}"#));
     }
 
     #[test]

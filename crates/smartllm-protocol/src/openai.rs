@@ -450,6 +450,19 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
     check_int(&body, "max_tokens", 1)?;
     check_int(&body, "max_completion_tokens", 1)?;
     check_int(&body, "n", 1)?;
+    // OpenAI's efforts only: the gateway may leave the field out for a
+    // model that takes none, and a typo must not pass unseen there.
+    match body.get("reasoning_effort") {
+        None | Some(Value::Null) => {}
+        Some(Value::String(e)) if crate::responses::REASONING_EFFORTS.contains(&e.as_str()) => {}
+        Some(v) => {
+            return Err(ApiError::invalid_request(
+                "invalid_value",
+                format!("Invalid value for 'reasoning_effort': {v}. Supported values are: 'none', 'minimal', 'low', 'medium', 'high' and 'xhigh'."),
+            )
+            .with_param("reasoning_effort"))
+        }
+    }
     if let Some(v) = body.get("stop") {
         expect(
             "stop",
@@ -885,6 +898,18 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user"}],"temperature":"hot"}"#,
         );
         assert_eq!(e.param.as_deref(), Some("temperature"));
+        for effort in [r#""extreme""#, "3"] {
+            let e = err(
+                Endpoint::ChatCompletions,
+                &format!(
+                    r#"{{"model":"m","messages":[{{"role":"user"}}],"reasoning_effort":{effort}}}"#
+                ),
+            );
+            assert_eq!(
+                (e.code, e.param.as_deref()),
+                ("invalid_value", Some("reasoning_effort"))
+            );
+        }
         let e = err(
             Endpoint::ChatCompletions,
             r#"{"model":"m","messages":[{"role":"user"}],"temperature":3}"#,

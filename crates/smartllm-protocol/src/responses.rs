@@ -522,6 +522,9 @@ pub fn deleted_object(id: &str) -> Value {
     json!({"id": id, "object": "response", "deleted": true})
 }
 
+/// The reasoning efforts OpenAI's API takes.
+pub const REASONING_EFFORTS: [&str; 6] = ["none", "minimal", "low", "medium", "high", "xhigh"];
+
 /// How `GET /v1/responses/{id}/input_items` pages: its query (`limit` 1 to
 /// 100, default 20; `order` `desc` (the default, newest first) or `asc`;
 /// `after` / `before` an item id of the list; `include` is taken and has
@@ -593,14 +596,25 @@ impl ItemsQuery {
 /// its own input; not its `instructions`, not its answer), each message an
 /// item with `input_text` (or, the assistant's, `output_text`) parts, each
 /// tool call a `function_call` and each result a `function_call_output`.
-/// Ids are the response's, numbered, so a page's cursor names one item.
+/// An item's id is made from its place in the conversation and its
+/// content, so the same item has the same id in the listing of every
+/// response of the conversation (a cursor from one works in another), and
+/// no two items of a listing share one.
 pub fn input_items(stored: &StoredResponse) -> Vec<Value> {
+    use sha2::{Digest, Sha256};
     let answer = answer_messages(&stored.response).len();
     let turns = &stored.messages[..stored.messages.len().saturating_sub(answer)];
-    let tag = stored.id().strip_prefix("resp_").unwrap_or(stored.id());
     let mut items = Vec::with_capacity(turns.len());
-    let id = |kind: &str, n: usize| format!("{kind}_{tag}_{n}");
-    for m in turns {
+    for (place, m) in turns.iter().enumerate() {
+        let mut h = Sha256::new();
+        h.update((place as u64).to_be_bytes());
+        h.update(serde_json::to_vec(m).unwrap_or_default());
+        let tag = hex::encode(&h.finalize()[..12]);
+        let mut sub = 0;
+        let mut id = |kind: &str| {
+            sub += 1;
+            format!("{kind}_{tag}{:02x}", sub - 1)
+        };
         let role = m["role"].as_str().unwrap_or("user");
         match role {
             "tool" => {
@@ -609,7 +623,7 @@ pub fn input_items(stored: &StoredResponse) -> Vec<Value> {
                     other => chat_text(other),
                 };
                 items.push(json!({
-                    "id": id("fco", items.len()),
+                    "id": id("fco"),
                     "type": "function_call_output",
                     "call_id": m["tool_call_id"],
                     "output": output,
@@ -621,7 +635,7 @@ pub fn input_items(stored: &StoredResponse) -> Vec<Value> {
                 let parts = item_parts(&m["content"], assistant);
                 if !parts.is_empty() {
                     items.push(json!({
-                        "id": id("msg", items.len()),
+                        "id": id("msg"),
                         "type": "message",
                         "role": role,
                         "status": "completed",
@@ -630,7 +644,7 @@ pub fn input_items(stored: &StoredResponse) -> Vec<Value> {
                 }
                 for call in m["tool_calls"].as_array().into_iter().flatten() {
                     items.push(json!({
-                        "id": id("fc", items.len()),
+                        "id": id("fc"),
                         "type": "function_call",
                         "call_id": call["id"],
                         "name": call["function"]["name"],
@@ -866,6 +880,17 @@ fn translate(
         }
     }
 
+    // A call the conversation goes on from without its output is OpenAI's
+    // 400 (the chat providers refuse it too, in words a Responses client
+    // does not know).
+    if create {
+        if let Some(call) = unanswered_call(&messages) {
+            return Err(invalid_value(
+                "input",
+                format!("No tool output found for function call {call}."),
+            ));
+        }
+    }
     let mut chat: Map<String, Value> = body
         .iter()
         .filter(|(k, _)| !RESPONSES_ONLY.contains(&k.as_str()))
@@ -929,6 +954,14 @@ fn translate(
         None | Some(Value::Null) => {}
         Some(Value::Object(r)) => {
             if let Some(effort) = opt_str(r, "effort", "reasoning.effort")? {
+                // OpenAI's values: anything else is its 400, here too (it
+                // would otherwise be left out unseen for most models).
+                if !REASONING_EFFORTS.contains(&effort) {
+                    return Err(invalid_value(
+                        "reasoning.effort",
+                        format!("Invalid value: '{effort}'. Supported values are: 'none', 'minimal', 'low', 'medium', 'high' and 'xhigh'."),
+                    ));
+                }
                 chat.insert("reasoning_effort".into(), json!(effort));
             }
         }
@@ -1061,6 +1094,31 @@ fn push_input_items(items: &[Value], out: &mut Vec<Value>) -> Result<(), ApiErro
         }
     }
     Ok(())
+}
+
+/// The id of the first tool call of `messages` (chat) that no `tool`
+/// message answers before the conversation goes on (or ends).
+fn unanswered_call(messages: &[Value]) -> Option<String> {
+    let mut pending: Vec<&str> = Vec::new();
+    for m in messages {
+        match m["role"].as_str() {
+            Some("tool") => {
+                let id = m["tool_call_id"].as_str().unwrap_or_default();
+                pending.retain(|p| *p != id);
+            }
+            _ if !pending.is_empty() => return Some(pending[0].to_string()),
+            Some("assistant") => {
+                pending = m["tool_calls"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|c| c["id"].as_str())
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    pending.first().map(|p| p.to_string())
 }
 
 /// Two chat contents of one assistant turn as one: either alone when the
@@ -2722,10 +2780,11 @@ mod tests {
             {"role": "assistant", "content": "Let me see."},
             {"type": "function_call", "call_id": "c1", "name": "weather", "arguments": "{}"},
             {"role": "assistant", "content": "Checking."},
+            {"type": "function_call_output", "call_id": "c1", "output": "12C"},
         ]})))
         .unwrap();
         let m = &chat["messages"];
-        assert_eq!(m.as_array().unwrap().len(), 2, "{m}");
+        assert_eq!(m.as_array().unwrap().len(), 3, "{m}");
         assert_eq!(
             m[1]["content"],
             json!([{"type": "text", "text": "Let me see."}, {"type": "text", "text": "Checking."}])
@@ -2882,6 +2941,26 @@ mod tests {
                 json!({"model": "m", "input": "x", "reasoning": "high"}),
                 "reasoning",
                 "invalid_type",
+            ),
+            (
+                json!({"model": "m", "input": "x", "reasoning": {"effort": "extreme"}}),
+                "reasoning.effort",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "input": [
+                    {"role": "user", "content": "Weather?"},
+                    {"type": "function_call", "call_id": "call_9", "name": "w", "arguments": "{}"},
+                    {"role": "user", "content": "never mind"}]}),
+                "input",
+                "invalid_value",
+            ),
+            (
+                json!({"model": "m", "input": [
+                    {"role": "user", "content": "Weather?"},
+                    {"type": "function_call", "call_id": "call_9", "name": "w", "arguments": "{}"}]}),
+                "input",
+                "invalid_value",
             ),
             (
                 json!({"model": "m", "input": "x", "background": true}),
@@ -3642,14 +3721,16 @@ mod tests {
         .unwrap();
         // The first response's input: its user message only (no
         // instructions, no answer).
-        let items = input_items(&stored1);
+        let first = input_items(&stored1);
+        assert_eq!(first.len(), 1);
+        let mut item = first[0].clone();
+        let id = item.as_object_mut().unwrap().remove("id").unwrap();
+        assert!(id.as_str().unwrap().starts_with("msg_"), "{id}");
         assert_eq!(
-            items,
-            vec![
-                json!({"id": "msg_ab_0", "type": "message", "role": "user", "status": "completed",
+            item,
+            json!({"type": "message", "role": "user", "status": "completed",
                 "content": [{"type": "input_text", "text": "What is in this picture?"},
                             {"type": "input_image", "image_url": "https://x.test/a.png", "detail": "auto"}]})
-            ]
         );
         let body2 = obj(
             json!({"model": "m", "previous_response_id": "resp_ab", "input": [
@@ -3664,26 +3745,29 @@ mod tests {
         )
         .unwrap();
         let items = input_items(&stored2);
-        let kinds: Vec<_> = items
-            .iter()
-            .map(|i| {
-                format!(
-                    "{} {}",
-                    i["id"].as_str().unwrap(),
-                    i["type"].as_str().unwrap()
-                )
-            })
-            .collect();
+        let kinds: Vec<_> = items.iter().map(|i| i["type"].as_str().unwrap()).collect();
         assert_eq!(
             kinds,
             [
-                "msg_cd_0 message",
-                "msg_cd_1 message",
-                "fc_cd_2 function_call",
-                "fco_cd_3 function_call_output",
-                "msg_cd_4 message"
+                "message",
+                "message",
+                "function_call",
+                "function_call_output",
+                "message"
             ]
         );
+        // The same item keeps its id in every response's listing; ids differ.
+        assert_eq!(items[0]["id"], first[0]["id"]);
+        let ids: std::collections::BTreeSet<_> =
+            items.iter().map(|i| i["id"].as_str().unwrap()).collect();
+        assert_eq!(ids.len(), 5);
+        for (i, prefix) in [(1, "msg_"), (2, "fc_"), (3, "fco_"), (4, "msg_")] {
+            assert!(
+                items[i]["id"].as_str().unwrap().starts_with(prefix),
+                "{}",
+                items[i]
+            );
+        }
         assert_eq!(
             items[1]["content"],
             json!([{"type": "output_text", "text": "A cat.", "annotations": []}])
@@ -3695,6 +3779,7 @@ mod tests {
         assert_eq!(items[4]["content"][0]["text"], "And its colour?");
 
         // Pages: newest first by default, then on from the cursor.
+        let id = |i: usize| items[i]["id"].as_str().unwrap().to_string();
         let page =
             |q: &str| input_item_list(&stored2, &ItemsQuery::parse(Some(q)).unwrap()).unwrap();
         let ids = |v: &Value| -> Vec<String> {
@@ -3706,27 +3791,28 @@ mod tests {
                 .collect()
         };
         let p1 = page("limit=2");
-        assert_eq!(ids(&p1), ["msg_cd_4", "fco_cd_3"]);
+        assert_eq!(ids(&p1), [id(4), id(3)]);
         assert_eq!(
             (
                 p1["first_id"].clone(),
                 p1["last_id"].clone(),
                 p1["has_more"].clone()
             ),
-            (json!("msg_cd_4"), json!("fco_cd_3"), json!(true))
+            (json!(id(4)), json!(id(3)), json!(true))
         );
         assert_eq!(p1["object"], "list");
-        let p2 = page("limit=2&after=fco_cd_3");
-        assert_eq!(ids(&p2), ["fc_cd_2", "msg_cd_1"]);
+        let p2 = page(&format!("limit=2&after={}", id(3)));
+        assert_eq!(ids(&p2), [id(2), id(1)]);
         assert_eq!(p2["has_more"], true);
-        let p3 = page("limit=2&after=msg_cd_1");
-        assert_eq!(ids(&p3), ["msg_cd_0"]);
+        let p3 = page(&format!("limit=2&after={}", id(1)));
+        assert_eq!(ids(&p3), [id(0)]);
         assert_eq!(p3["has_more"], false);
         assert_eq!(ids(&page("order=asc&limit=100")).len(), 5);
-        assert_eq!(ids(&page("order=asc&before=fc_cd_2&limit=1")), ["msg_cd_1"]);
-        assert_eq!(page("order=asc&before=fc_cd_2&limit=1")["has_more"], true);
+        let before = page(&format!("order=asc&before={}&limit=1", id(2)));
+        assert_eq!(ids(&before), [id(1)]);
+        assert_eq!(before["has_more"], true);
         assert_eq!(ids(&page("")).len(), 5);
-        let empty = page("after=msg_cd_0");
+        let empty = page(&format!("after={}", id(0)));
         assert_eq!(ids(&empty).len(), 0);
         assert_eq!(empty["first_id"], Value::Null);
         // Bad paging is a 400 naming the parameter.

@@ -281,10 +281,13 @@ fn misfit(
             return Some(format!("anthropic_only:{what}"));
         }
     }
-    // Thinking: Anthropic providers take it, a reasoning model's others as
-    // `reasoning_effort`, any other only if it drops it.
+    // Thinking: Anthropic providers take it (unless the model lists its
+    // capabilities without `thinking`: Claude 3.5 Haiku answers 400), a
+    // reasoning model's others as `reasoning_effort`, any other only if it
+    // drops it.
+    let claude_thinks = m.profile.capabilities.is_none() || m.profile.has("thinking");
     let takes_thinking = |d: &smartllm_config::DeploymentConfig| {
-        anthropic(d)
+        (anthropic(d) && claude_thinks)
             || m.profile.has("reasoning")
             || config
                 .providers
@@ -292,7 +295,11 @@ fn misfit(
                 .is_some_and(|p| p.drop_thinking)
     };
     if f.thinking && !m.deployments.iter().any(takes_thinking) {
-        return Some("anthropic_only:thinking".to_string());
+        return Some(if m.deployments.iter().any(anthropic) {
+            "capability:thinking".to_string()
+        } else {
+            "anthropic_only:thinking".to_string()
+        });
     }
     // Built-in tools: a provider that speaks Responses runs them, one set
     // to drop them takes the request without them; any other answers 400.
@@ -1148,6 +1155,15 @@ mod tests {
             Some("anthropic_only:thinking"),
             "never assumed"
         );
+        // A Claude model listed without `thinking` cannot take it either.
+        cfg.models[1].profile.capabilities = Some(vec!["tools".into()]);
+        assert_eq!(
+            decided(&cfg, &f).candidates[1].excluded.as_deref(),
+            Some("capability:thinking")
+        );
+        cfg.models[1].profile.capabilities = Some(vec!["tools".into(), "thinking".into()]);
+        assert_eq!(decided(&cfg, &f).candidates[1].excluded, None);
+        cfg.models[1].profile.capabilities = None;
         cfg.providers.get_mut("openai-p").unwrap().drop_thinking = true;
         assert_eq!(decided(&cfg, &f).candidates[0].excluded, None);
         f.thinking = false;

@@ -55,6 +55,14 @@ pub(super) fn build(
         })
         .map(|r| r.builtin_tools.join(", "));
     let untranslatable = untranslatable.filter(|_| dropped_tools.is_none());
+    // The token limit's name: the provider's, else `max_completion_tokens`
+    // for a reasoning model (OpenAI's refuse `max_tokens` wherever they are
+    // served), else as the client gave it.
+    let limit_field = p
+        .cfg
+        .max_tokens_field
+        .map(TokenLimitField::as_str)
+        .or(pool.reasoning.then_some("max_completion_tokens"));
     let (path, body, translate) = match p.cfg.kind {
         ProviderKind::OpenAi
             if req.endpoint == Endpoint::Responses
@@ -117,11 +125,7 @@ pub(super) fn build(
                     ),
                 ));
             }
-            let mut body = req.upstream_body(
-                &dep.upstream_model,
-                p.cfg.stream_usage,
-                p.cfg.max_tokens_field.map(TokenLimitField::as_str),
-            );
+            let mut body = req.upstream_body(&dep.upstream_model, p.cfg.stream_usage, limit_field);
             // A reasoning model takes the thinking asked for as an effort
             // (the history's thinking blocks have no place in chat and are
             // left out, as with `drop_thinking`).
@@ -152,7 +156,7 @@ pub(super) fn build(
             req.upstream_body_without(
                 &dep.upstream_model,
                 p.cfg.stream_usage,
-                p.cfg.max_tokens_field.map(TokenLimitField::as_str),
+                limit_field,
                 pool.no_reasoning.then_some("reasoning_effort"),
             ),
             Translate::OpenAi,
@@ -168,6 +172,14 @@ pub(super) fn build(
             if req.anthropic_only.system_messages && !pool.system_messages {
                 if let Some(folded) = smartllm_protocol::messages::fold_system_messages(&body) {
                     body = folded.into();
+                }
+            }
+            // A tool loop another model began (its tool call came back
+            // without a thinking block): Claude refuses thinking there, so
+            // this request goes without it.
+            if req.anthropic_only.unsigned_tool_turn {
+                if let Some(b) = smartllm_protocol::messages::remove_top_level(&body, "thinking") {
+                    body = b.into();
                 }
             }
             let suffix = if req.endpoint == Endpoint::MessagesCountTokens {
