@@ -39,6 +39,10 @@ pub struct Budgets {
     /// not reached the fleet's counters yet (Redis was down or slow); sent
     /// with the next spend, and added to what Redis says meanwhile.
     unsynced: Mutex<HashMap<String, (f64, u64)>>,
+    /// "scope-id|period" -> USD: spend counted here and on its way to the
+    /// fleet's counters (sent, no answer yet). A counter Redis lacks is
+    /// seeded from this gateway's figure without it: that send adds it.
+    sending: Mutex<HashMap<String, f64>>,
     /// "scope-id|period" -> USD: the estimates of requests the budgets let
     /// through whose cost is not recorded yet (see [`Hold`]).
     held: Mutex<HashMap<String, f64>>,
@@ -719,8 +723,11 @@ impl Budgets {
                             // send: seeded, it is sent. (When another
                             // gateway's seed came first, it is sent below
                             // with the rest this gateway could not send.)
-                            let mine = self.get(id);
-                            if mine > 0.0 && matches!(f.seed_spend(id, mine, *ttl).await, Ok(true))
+                            // Less what is on its way there: seeded with
+                            // it, that send would add it a second time.
+                            let mine = self.get(id) - self.sending_of(id);
+                            if mine > 1e-12
+                                && matches!(f.seed_spend(id, mine, *ttl).await, Ok(true))
                             {
                                 self.forget_unsynced(id);
                             }
@@ -789,6 +796,27 @@ impl Budgets {
             }
         }
         out
+    }
+
+    /// Count `spends` as on their way to the fleet (`sign` 1) or arrived
+    /// or deferred (`sign` -1).
+    fn sending(&self, spends: &[(String, u64, f64)], sign: f64) {
+        let mut s = self.sending.lock().unwrap_or_else(|p| p.into_inner());
+        for (id, _, usd) in spends {
+            let e = s.entry(id.clone()).or_insert(0.0);
+            *e += sign * usd;
+            if *e <= 1e-12 {
+                s.remove(id);
+            }
+        }
+    }
+
+    /// What of `id_period` is on its way to the fleet.
+    fn sending_of(&self, id_period: &str) -> f64 {
+        self.sending
+            .lock()
+            .map(|s| s.get(id_period).copied().unwrap_or(0.0))
+            .unwrap_or(0.0)
     }
 
     fn forget_unsynced(&self, id_period: &str) {
@@ -1161,20 +1189,23 @@ impl Quotas {
             return;
         };
         let quotas = self.clone();
+        let spends: Vec<(String, u64, f64)> = ids
+            .iter()
+            .flat_map(|id| {
+                [
+                    (format!("{id}|{day}"), DAY_TTL, cost),
+                    (format!("{id}|{month}"), MONTH_TTL, cost),
+                ]
+            })
+            .collect();
+        // With it, what earlier sends could not deliver. At least once:
+        // a send that timed out after Redis applied it is counted twice
+        // (a budget errs on the strict side), never lost. On its way from
+        // now (counted here already): a seed of a counter Redis lacks, read
+        // meanwhile, leaves it out.
+        let spends = quotas.budgets.with_unsynced(spends);
+        quotas.budgets.sending(&spends, 1.0);
         self.tasks.spawn(async move {
-            let spends: Vec<(String, u64, f64)> = ids
-                .iter()
-                .flat_map(|id| {
-                    [
-                        (format!("{id}|{day}"), DAY_TTL, cost),
-                        (format!("{id}|{month}"), MONTH_TTL, cost),
-                    ]
-                })
-                .collect();
-            // With it, what earlier sends could not deliver. At least once:
-            // a send that timed out after Redis applied it is counted twice
-            // (a budget errs on the strict side), never lost.
-            let spends = quotas.budgets.with_unsynced(spends);
             // The fleet's copy of the hold goes with the spend, in one
             // transaction (see [`Fleet::add_spend_releasing`]).
             let mut hold = hold;
@@ -1195,10 +1226,12 @@ impl Quotas {
                     for ((id, _, _), total) in spends.iter().zip(totals) {
                         quotas.budgets.set(id, total);
                     }
+                    quotas.budgets.sending(&spends, -1.0);
                     true
                 }
                 Err(_) => {
                     quotas.budgets.defer(&spends);
+                    quotas.budgets.sending(&spends, -1.0);
                     // Kept for a later hold's round trip when Redis is out
                     // of reach (the hold expires meanwhile).
                     if let Some((of, id, on)) = &releasing {
@@ -1744,6 +1777,92 @@ mod tests {
         c.tasks().close();
         c.tasks().wait().await;
         assert!(thresholds(&mut c_alerts).is_empty());
+        let _ = server.kill();
+        let _ = server.wait();
+    }
+
+    /// A request's cost is counted here at once and sent to Redis by a
+    /// task; a budget check in between that finds the counter missing in
+    /// Redis seeds it from this gateway's figure. Seeded with that cost,
+    /// the send then added it a second time (an e2e run saw one $0.027
+    /// request counted as $0.054 and the next refused). The seed now leaves
+    /// out what is on its way. (A real redis-server.)
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_seed_leaves_out_the_spend_on_its_way_to_redis() {
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", &dir.path().display().to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (`make test` installs it)");
+        let mut up = false;
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                up = true;
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        assert!(up, "redis-server did not start");
+        let mut cfg = crate::test_support::config();
+        cfg.keys.budgets = vec![budget(OnExceed::Reject, None)];
+        cfg.fleet = FleetConfig {
+            redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            key_prefix: "s".into(),
+            timeout: std::time::Duration::from_millis(500),
+            on_error: FleetOnError::Local,
+            share_cache: false,
+            cache_stream_len: 100_000,
+            share_costs: false,
+        };
+        let (q, _alerts) = Quotas::new(8);
+        let q = Arc::new(q);
+        let day = format!("tenant:acme|{}", periods(now_secs()).0);
+        // What `record` does before its send task runs: counted here, on
+        // its way.
+        let on_its_way = vec![(day.clone(), DAY_TTL, 0.027)];
+        q.budgets.add(
+            &["tenant:acme".to_string()],
+            [&periods(now_secs()).0, &periods(now_secs()).1],
+            0.027,
+        );
+        q.budgets.sending(&on_its_way, 1.0);
+        // A check meanwhile finds no counter in Redis: nothing to seed.
+        q.refresh_all(&cfg).await;
+        let f = Fleet::new(&cfg.fleet).unwrap().unwrap();
+        assert_eq!(
+            f.spend(std::slice::from_ref(&day)).await.unwrap(),
+            vec![None]
+        );
+        // The send arrives: the fleet counts the cost once.
+        let totals = f.add_spend(&on_its_way).await.unwrap();
+        q.budgets.sending(&on_its_way, -1.0);
+        assert!((totals[0] - 0.027).abs() < 1e-9, "{totals:?}");
+        // And a gateway whose own spend is not on its way seeds it.
+        let (q2, _alerts2) = Quotas::new(8);
+        let q2 = Arc::new(q2);
+        cfg.fleet.key_prefix = "s2".into();
+        q2.budgets.add(
+            &["tenant:acme".to_string()],
+            [&periods(now_secs()).0, &periods(now_secs()).1],
+            0.01,
+        );
+        q2.refresh_all(&cfg).await;
+        let f2 = Fleet::new(&cfg.fleet).unwrap().unwrap();
+        let seeded = f2.spend(std::slice::from_ref(&day)).await.unwrap();
+        assert!(
+            seeded[0].is_some_and(|v| (v - 0.01).abs() < 1e-9),
+            "{seeded:?}"
+        );
         let _ = server.kill();
         let _ = server.wait();
     }
