@@ -506,7 +506,7 @@ fn thinking_and_reasoning_effort_cross_between_the_apis() {
     let (mock, gw) = gateway_with(
         &[],
         "",
-        "routes:\n  mixed:\n    candidates: [small, reasoner]\n    rules:\n      - name: first\n        when: {}\n        pin: small\n",
+        "routes:\n  mixed:\n    candidates: [small, reasoner]\n    rules:\n      - name: first\n        when: {}\n        pin: small\n  deep:\n    candidates: [reasoner, small]\n    rules:\n      - name: first\n        when: {}\n        pin: reasoner\n",
     );
     // Claude Code's budget (31,999) on a reasoning model: effort high, the
     // history's thinking blocks left out.
@@ -635,6 +635,82 @@ fn thinking_and_reasoning_effort_cross_between_the_apis() {
         );
         assert_eq!(sent["json"]["messages"][0]["content"], "Hi");
     }
+
+    // A reasoning model answers 400 to sampling settings: it gets the
+    // request without them, from either API.
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"reasoner","max_tokens":100,"temperature":0.3,"top_p":0.9,"messages":[{"role":"user","content":"Hi"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = mock.last();
+    assert!(sent["json"].get("temperature").is_none(), "{sent}");
+    assert!(sent["json"].get("top_p").is_none(), "{sent}");
+    let chat = |body: Value| {
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", "Bearer sk-ant-client")],
+            &serde_json::to_vec(&body).unwrap(),
+        )
+        .unwrap()
+    };
+    let r = chat(
+        json!({"model": "reasoner", "temperature": 0.2, "presence_penalty": 0.5,
+        "frequency_penalty": 0.1, "stop": ["END"], "messages": [{"role": "user", "content": "Hi"}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let sent = mock.last();
+    for k in ["temperature", "presence_penalty", "frequency_penalty"] {
+        assert!(sent["json"].get(k).is_none(), "{k}: {sent}");
+    }
+    // Named directly, what it cannot give goes as sent (its 400 says why);
+    // a model listed without `reasoning` keeps every setting.
+    assert_eq!(sent["json"]["stop"], json!(["END"]), "{sent}");
+    let r = chat(
+        json!({"model": "plain", "temperature": 0.2, "messages": [{"role": "user", "content": "Hi"}]}),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(mock.last()["json"]["temperature"], 0.2);
+    // Routed, stop sequences keep a request off a reasoning model, even
+    // one a rule pins: the route says why.
+    for (body, model) in [
+        (
+            json!({"model": "deep", "messages": [{"role": "user", "content": "Hi"}]}),
+            "reasoner",
+        ),
+        (
+            json!({"model": "deep", "stop": "END", "messages": [{"role": "user", "content": "Hi"}]}),
+            "small",
+        ),
+        (
+            json!({"model": "deep", "logprobs": true, "messages": [{"role": "user", "content": "Hi"}]}),
+            "small",
+        ),
+    ] {
+        let r = chat(body.clone());
+        assert_eq!(r.status, 200, "{body}: {}", r.text());
+        assert_eq!(
+            r.header("x-smartllm-model"),
+            Some(model),
+            "{body}: {:?}",
+            r.headers
+        );
+    }
+    let r = messages(
+        &gw,
+        &[],
+        br#"{"model":"deep","max_tokens":100,"stop_sequences":["</answer>"],"messages":[{"role":"user","content":"Hi"}]}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        r.header("x-smartllm-model"),
+        Some("small"),
+        "{:?}",
+        r.headers
+    );
 }
 
 /// A routed alias never picks a model that cannot take the request: with
@@ -1230,6 +1306,26 @@ fn what_each_sdk_sends_reaches_the_other_provider_in_a_form_it_takes() {
         m[3]["content"].as_array().unwrap().last().unwrap()["text"],
         "What does it show?"
     );
+    // Structured outputs and strict tools keep their schema: OpenAI's
+    // json_schema response format and strict functions.
+    let city = json!({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"], "additionalProperties": false});
+    let r = messages(
+        &gw,
+        &[],
+        &serde_json::to_vec(&json!({"model": "small", "max_tokens": 100,
+            "output_config": {"format": {"type": "json_schema", "schema": city}},
+            "tools": [{"name": "lookup", "input_schema": city, "strict": true}],
+            "messages": [{"role": "user", "content": "Capital of Norway?"}]}))
+        .unwrap(),
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let up = mock.last()["json"].clone();
+    assert_eq!(
+        up["response_format"],
+        json!({"type": "json_schema", "json_schema": {"name": "output", "schema": city, "strict": true}}),
+        "{up}"
+    );
+    assert_eq!(up["tools"][0]["function"]["strict"], true, "{up}");
 
     // Chat Completions to Claude.
     let chat = |body: Value| {

@@ -102,6 +102,30 @@ fn check_command_reports_every_error_with_file_and_line() {
     let said = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{said}");
     assert!(said.contains("warning: embedder: the model"), "{said}");
+
+    // So does an admin token it cannot read (`serve` fails closed on it),
+    // named by its setting.
+    std::fs::write(
+        dir.path().join("smartllm.yaml"),
+        "admin:\n  token_file: nope.token\n",
+    )
+    .unwrap();
+    let out = check(true);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("admin token (admin.token_file in smartllm.yaml): cannot read key file"),
+        "{err}"
+    );
+    let out = check(false);
+    assert!(out.status.success());
+    std::fs::write(dir.path().join("nope.token"), "s3cret\n").unwrap();
+    let out = check(true);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn routes_to(model: &str) -> String {

@@ -284,7 +284,20 @@ fn the_cost_dashboard_renders_the_ledger_in_a_real_browser() {
         acme_day["burn_usd_per_hour"].as_f64().unwrap() > 0.0,
         "{acme}"
     );
+    // A request refused before any model (a body the gateway rejects) is
+    // not among them: refused clients cannot push real requests out.
+    let kept = admin_get(&gw, "/admin/requests/expensive?since=1h")["kept"].clone();
+    let refused = request(
+        &gw.addr,
+        "POST",
+        "/v1/chat/completions",
+        &[("Authorization", "Bearer sk-carol-3")],
+        br#"{"model":"premium","messages":"not a list"}"#,
+    )
+    .unwrap();
+    assert_eq!(refused.status, 400, "{}", refused.text());
     let expensive = admin_get(&gw, "/admin/requests/expensive?since=1h&limit=5");
+    assert_eq!(expensive["kept"], kept, "{expensive}");
     let top = expensive["requests"].as_array().unwrap();
     assert_eq!(top.len(), 5);
     assert_eq!(top[0]["model"], "premium", "{expensive}");

@@ -47,12 +47,30 @@ fn sigterm_drains_in_flight_streams_and_flushes_state() {
         wait_until(Duration::from_secs(5), || mock.requests() == 1),
         "the stream never reached the mock"
     );
+    // An answer written once the drain began closes its connection: no
+    // client sends its next request on a connection about to go.
+    let late_addr = gw.addr.clone();
+    let late = std::thread::spawn(move || {
+        request(&late_addr, "POST", "/v1/chat/completions", &[], &serde_json::to_vec(&json!({"model": "small", "mock": {"latency_ms": 500}, "messages": [{"role": "user", "content": "an answer during the drain"}]})).unwrap())
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || mock.requests() == 2),
+        "the second request never reached the mock"
+    );
     std::process::Command::new("kill")
         .args(["-TERM", &gw.pid().to_string()])
         .status()
         .unwrap();
     let r = client.join().unwrap().expect("the stream survives SIGTERM");
     assert_eq!(r.status, 200);
+    let late = late.join().unwrap().expect("answered during the drain");
+    assert_eq!(late.status, 200, "{}", late.text());
+    assert_eq!(
+        late.header("connection"),
+        Some("close"),
+        "{:?}",
+        late.headers
+    );
     assert_eq!(
         r.sse_data().last().map(String::as_str),
         Some("[DONE]"),
@@ -414,11 +432,28 @@ fn a_stream_the_drain_timeout_ends_gets_an_error_event() {
         wait_until(Duration::from_secs(5), || mock.requests() == 1),
         "the stream never reached the mock"
     );
+    // A request still waiting for the provider's answer when the drain time
+    // is up gets a 503 it may send again, not a closed connection.
+    let waiting_addr = gw.addr.clone();
+    let waiting = std::thread::spawn(move || {
+        request(&waiting_addr, "POST", "/v1/chat/completions", &[], &serde_json::to_vec(&json!({"model": "small", "mock": {"latency_ms": 8000}, "messages": [{"role": "user", "content": "an answer too slow for the drain"}]})).unwrap())
+    });
+    assert!(
+        wait_until(Duration::from_secs(5), || mock.requests() == 2),
+        "the waiting request never reached the mock"
+    );
     let started = Instant::now();
     std::process::Command::new("kill")
         .args(["-TERM", &gw.pid().to_string()])
         .status()
         .unwrap();
+    let w = waiting
+        .join()
+        .unwrap()
+        .expect("the waiting request is answered");
+    assert_eq!(w.status, 503, "{}", w.text());
+    assert_eq!(w.json()["error"]["code"], "server_shutting_down");
+    assert_eq!(w.header("connection"), Some("close"), "{:?}", w.headers);
     let r = client.join().unwrap().expect("the stream ends cleanly");
     assert_eq!(r.status, 200);
     let data = r.sse_data();

@@ -864,6 +864,36 @@ impl Config {
             .collect()
     }
 
+    /// Models that look like OpenAI reasoning models (an upstream name of
+    /// the o-series or GPT-5) and list capabilities without `reasoning`:
+    /// their requests' `reasoning_effort` is left out and their sampling
+    /// settings sent, which such a model ignores or refuses. Said with the
+    /// unpriced models' warnings.
+    pub fn capability_warnings(&self) -> Vec<String> {
+        let reasoning_name = |n: &str| {
+            let n = n.rsplit('/').next().unwrap_or(n).to_ascii_lowercase();
+            n.starts_with("gpt-5")
+                || ["o1", "o3", "o4"].iter().any(|p| {
+                    n.strip_prefix(p)
+                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+                })
+        };
+        self.models
+            .iter()
+            .filter(|m| m.profile.capabilities.is_some() && !m.profile.has("reasoning"))
+            .filter_map(|m| {
+                let d = m
+                    .deployments
+                    .iter()
+                    .find(|d| reasoning_name(&d.upstream_model))?;
+                Some(format!(
+                    "model {} (upstream {}) lists capabilities without `reasoning`: its requests' reasoning_effort is left out and their temperature and top_p sent, which OpenAI's reasoning models refuse; add `reasoning` to its capabilities if it is one",
+                    m.name, d.upstream_model
+                ))
+            })
+            .collect()
+    }
+
     /// A configured model's full price (an unpriced model has a zero price).
     pub fn price(&self, model: &str) -> Option<&ModelPrice> {
         self.prices.get(model)
@@ -1227,6 +1257,49 @@ mod tests {
 
     /// Key, token and CA files are part of the config: a key rotated in its
     /// file is a change a reload applies; the watcher watches them.
+    /// An o-series or GPT-5 model listed with capabilities but without
+    /// `reasoning` is named (its efforts would be left out unseen).
+    #[test]
+    fn a_reasoning_model_listed_without_reasoning_is_named() {
+        let models = "models:
+  - name: o3
+    profile: { capabilities: [tools, json] }
+    deployments: [ { provider: p, model: o3-2025-04-16 } ]
+  - name: r
+    profile: { capabilities: [tools, reasoning] }
+    deployments: [ { provider: p, model: gpt-5-mini } ]
+  - name: any
+    deployments: [ { provider: p, model: o4-mini } ]
+  - name: four
+    profile: { capabilities: [tools] }
+    deployments: [ { provider: p, model: gpt-4o } ]
+  - name: azure
+    profile: { capabilities: [tools] }
+    deployments: [ { provider: p, model: openai/gpt-5.1 } ]
+  - name: other
+    profile: { capabilities: [tools] }
+    deployments: [ { provider: p, model: o3x-local } ]
+";
+        let d = write_dir(&[
+            (MAIN_FILE, ""),
+            (
+                PROVIDERS_FILE,
+                "providers:\n  p:\n    kind: openai\n    base_url: https://api.example.com/v1\n",
+            ),
+            (MODELS_FILE, models),
+        ]);
+        let w = load_dir(d.path()).unwrap().capability_warnings();
+        assert_eq!(w.len(), 2, "{w:?}");
+        assert!(
+            w[0].starts_with("model o3 (upstream o3-2025-04-16)"),
+            "{w:?}"
+        );
+        assert!(
+            w[1].starts_with("model azure (upstream openai/gpt-5.1)"),
+            "{w:?}"
+        );
+    }
+
     #[test]
     fn secret_files_are_in_the_digest_and_watched() {
         const CERT: &str = include_str!("testdata/cert.pem");

@@ -28,6 +28,10 @@ fn content_blocks(content: &Value) -> Result<Vec<Value>, ApiError> {
     let mut out = Vec::with_capacity(parts.len());
     for p in parts {
         let kind = p.get("type").and_then(Value::as_str).unwrap_or("");
+        // An empty text block is Anthropic's 400: left out.
+        if kind == "text" && p.get("text").and_then(Value::as_str) == Some("") {
+            continue;
+        }
         let block = match kind {
             "text" => Some(json!({"type": "text", "text": p.get("text").cloned().unwrap_or(Value::String(String::new()))})),
             // An earlier answer's refusal, in the history: its words.
@@ -82,6 +86,35 @@ fn untranslatable(what: &str, param: &str) -> ApiError {
     .with_param(param)
 }
 
+/// A tool call id as Anthropic takes it (`^[a-zA-Z0-9_-]+$`): other
+/// characters (`functions.get_weather:0`, as some servers write them) become
+/// `_`, the same way in the call and in its result, so the two still match.
+fn tool_id(id: Option<&Value>) -> Value {
+    let id = id.and_then(Value::as_str).unwrap_or("");
+    if !id.is_empty()
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+    {
+        return Value::String(id.to_string());
+    }
+    let clean: String = id
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' || c == '-' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    Value::String(if clean.is_empty() {
+        "call_".to_string()
+    } else {
+        clean
+    })
+}
+
 fn push_message(out: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
     if blocks.is_empty() {
         return;
@@ -108,6 +141,9 @@ pub struct Takes {
     pub structured_outputs: bool,
     /// Extended thinking: `reasoning_effort` becomes a thinking budget.
     pub thinking: bool,
+    /// The model's own output limit, to which the gateway lowers a larger
+    /// `max_tokens` upstream: a thinking budget is sized within it.
+    pub max_output_tokens: Option<u64>,
 }
 
 /// The thinking budget for an OpenAI `reasoning_effort` (`none` and
@@ -160,7 +196,7 @@ pub fn request_to_anthropic(
                         let input: Value = serde_json::from_str(args).unwrap_or_else(|_| json!({}));
                         blocks.push(json!({
                             "type": "tool_use",
-                            "id": c.get("id").cloned().unwrap_or(Value::String(String::new())),
+                            "id": tool_id(c.get("id")),
                             "name": f.get("name").cloned().unwrap_or(Value::String(String::new())),
                             "input": input,
                         }));
@@ -168,11 +204,8 @@ pub fn request_to_anthropic(
                 }
                 push_message(&mut messages, "assistant", blocks);
             }
-            "tool" | "function" => {
-                let id = m
-                    .get("tool_call_id")
-                    .cloned()
-                    .unwrap_or(Value::String(String::new()));
+            "tool" => {
+                let id = tool_id(m.get("tool_call_id"));
                 push_message(
                     &mut messages,
                     "user",
@@ -184,12 +217,54 @@ pub fn request_to_anthropic(
             _ => {}
         }
     }
+    // An answer the client began (a last assistant message): Anthropic
+    // continues it, and refuses one ending in white space.
+    if let Some(last) = messages
+        .last_mut()
+        .filter(|m| m.get("role").and_then(Value::as_str) == Some("assistant"))
+    {
+        if let Some(Value::Array(blocks)) = last.get_mut("content") {
+            if let Some(text) = blocks
+                .last_mut()
+                .filter(|b| b.get("type").and_then(Value::as_str) == Some("text"))
+                .and_then(|b| b.get_mut("text"))
+            {
+                let trimmed = text.as_str().unwrap_or("").trim_end().to_string();
+                *text = Value::String(trimmed);
+            }
+            if blocks
+                .last()
+                .is_some_and(|b| b.get("text").and_then(Value::as_str) == Some(""))
+            {
+                blocks.pop();
+            }
+            if blocks.is_empty() {
+                messages.pop();
+            }
+        }
+    }
     if messages.is_empty() {
         return Err(ApiError::invalid_request(
             "invalid_value",
             "Anthropic models need at least one user or assistant message besides the system prompt.",
         )
         .with_param("messages"));
+    }
+    // Legacy function calling has no translation here (its answers would
+    // need `function_call`, not `tool_calls`): sent on, the functions would
+    // be dropped without a word.
+    let legacy_functions = ["functions", "function_call"]
+        .iter()
+        .any(|k| body.get(*k).is_some_and(|v| !v.is_null()))
+        || msgs.iter().any(|m| {
+            m.get("role").and_then(Value::as_str) == Some("function")
+                || m.get("function_call").is_some_and(|v| !v.is_null())
+        });
+    if legacy_functions {
+        return Err(untranslatable(
+            "legacy `functions` / `function_call` (use `tools` and `tool_choice`, which are translated)",
+            "functions",
+        ));
     }
     if body.get("n").and_then(Value::as_u64).is_some_and(|n| n > 1) {
         return Err(untranslatable("`n` above 1 (one answer per request)", "n"));
@@ -269,23 +344,61 @@ pub fn request_to_anthropic(
         }
         _ => {}
     }
+    // `allowed_tools`: the tools the answer may call, of those listed.
+    let allowed = body
+        .get("tool_choice")
+        .filter(|c| c.get("type").and_then(Value::as_str) == Some("allowed_tools"))
+        .and_then(|c| c.get("allowed_tools"));
+    let allowed_names: Option<Vec<&str>> = allowed
+        .and_then(|a| a.get("tools"))
+        .and_then(Value::as_array)
+        .map(|ts| {
+            ts.iter()
+                .filter_map(|t| {
+                    t.get("function")
+                        .and_then(|f| f.get("name"))
+                        .or_else(|| t.get("name"))
+                        .and_then(Value::as_str)
+                })
+                .collect()
+        });
     if let Some(tools) = body.get("tools").and_then(Value::as_array) {
-        let tools: Vec<Value> = tools
-            .iter()
-            .filter_map(|t| {
-                let f = t.get("function")?;
-                Some(json!({
-                    "name": f.get("name")?,
-                    "description": f.get("description").cloned().unwrap_or(Value::String(String::new())),
-                    "input_schema": f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"})),
-                }))
-            })
-            .collect();
-        if !tools.is_empty() {
-            out.insert("tools".into(), Value::Array(tools));
+        let mut out_tools = Vec::with_capacity(tools.len());
+        for (i, t) in tools.iter().enumerate() {
+            let kind = t.get("type").and_then(Value::as_str).unwrap_or("function");
+            let Some(f) = t.get("function").filter(|_| kind == "function") else {
+                // A `custom` tool (free-form input) has no Anthropic form:
+                // dropped, the model could never call it.
+                return Err(untranslatable(
+                    &format!("tools[{i}] of type `{kind}` (Anthropic takes function tools)"),
+                    &format!("tools[{i}].type"),
+                ));
+            };
+            let Some(name) = f.get("name") else { continue };
+            if allowed_names
+                .as_ref()
+                .is_some_and(|a| !a.contains(&name.as_str().unwrap_or("")))
+            {
+                continue;
+            }
+            out_tools.push(json!({
+                "name": name,
+                "description": f.get("description").cloned().unwrap_or(Value::String(String::new())),
+                "input_schema": f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"})),
+            }));
+        }
+        if !out_tools.is_empty() {
+            out.insert("tools".into(), Value::Array(out_tools));
         }
     }
-    match body.get("tool_choice") {
+    if let Some(a) = allowed {
+        let mode = a.get("mode").and_then(Value::as_str).unwrap_or("auto");
+        let kind = if mode == "required" { "any" } else { "auto" };
+        if out.contains_key("tools") {
+            out.insert("tool_choice".into(), json!({"type": kind}));
+        }
+    }
+    match body.get("tool_choice").filter(|_| allowed.is_none()) {
         Some(Value::String(s)) if s == "auto" => {
             out.insert("tool_choice".into(), json!({"type": "auto"}));
         }
@@ -370,12 +483,28 @@ pub fn request_to_anthropic(
         .and_then(|c| c.get("type"))
         .and_then(Value::as_str)
         .is_some_and(|t| t == "any" || t == "tool");
+    // An answer the client began (a last assistant message): thinking
+    // cannot continue one (Anthropic's 400).
+    let prefilled = msgs
+        .last()
+        .and_then(|m| m.get("role"))
+        .and_then(Value::as_str)
+        == Some("assistant");
+    let room = takes
+        .max_output_tokens
+        .map_or(max_tokens, |most| max_tokens.min(most));
     let budget = body
         .get("reasoning_effort")
         .and_then(Value::as_str)
         .and_then(thinking_budget)
-        .map(|b| b.min(max_tokens / 2))
-        .filter(|b| takes.thinking && *b >= MIN_THINKING_BUDGET && !forced_tool && !mid_tool_loop);
+        .map(|b| b.min(room / 2))
+        .filter(|b| {
+            takes.thinking
+                && *b >= MIN_THINKING_BUDGET
+                && !forced_tool
+                && !mid_tool_loop
+                && !prefilled
+        });
     if let Some(budget) = budget {
         out.insert(
             "thinking".into(),
@@ -859,7 +988,7 @@ mod tests {
             false,
             Takes {
                 structured_outputs: true,
-                thinking: false,
+                ..Takes::default()
             },
             DEFAULT_MAX_TOKENS,
         )
@@ -872,8 +1001,8 @@ mod tests {
     #[test]
     fn reasoning_effort_reaches_claude_as_a_thinking_budget() {
         let thinking = Takes {
-            structured_outputs: false,
             thinking: true,
+            ..Takes::default()
         };
         let ask = |extra: Value, takes: Takes, default: u64| {
             let mut body: Map<String, Value> = serde_json::from_value(json!({
@@ -927,6 +1056,18 @@ mod tests {
         assert_eq!(out["max_tokens"], 6000);
         let out = ask(json!({"reasoning_effort": "high"}), thinking, 4096);
         assert_eq!(out["thinking"]["budget_tokens"], 2048);
+        // Within the model's own limit, which the gateway lowers a larger
+        // `max_tokens` to upstream.
+        let capped = Takes {
+            max_output_tokens: Some(32_000),
+            ..thinking
+        };
+        let out = ask(
+            json!({"reasoning_effort": "xhigh", "max_completion_tokens": 100_000}),
+            capped,
+            64000,
+        );
+        assert_eq!(out["thinking"]["budget_tokens"], 16_000);
         for (extra, takes) in [
             (json!({"reasoning_effort": "high"}), Takes::default()),
             (json!({"reasoning_effort": "minimal"}), thinking),
@@ -951,6 +1092,13 @@ mod tests {
                 {"role": "user", "content": "Weather?"},
                 {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
                 {"role": "tool", "tool_call_id": "call_1", "content": "rain"}]}),
+                thinking,
+            ),
+            // An answer the client began.
+            (
+                json!({"reasoning_effort": "high", "messages": [
+                {"role": "user", "content": "Name a colour."},
+                {"role": "assistant", "content": "The colour is"}]}),
                 thinking,
             ),
         ] {
@@ -1043,13 +1191,66 @@ mod tests {
                 json!({"messages": [{"role": "user", "content": [{"type": "file", "file": {"file_id": "file-1"}}]}]}),
                 "content",
             ),
+            // Legacy function calling, in the request or its history.
+            (
+                json!({"functions": [{"name": "f", "parameters": {"type": "object"}}]}),
+                "functions",
+            ),
+            (
+                json!({"messages": [{"role": "user", "content": "w?"},
+                    {"role": "assistant", "content": null, "function_call": {"name": "f", "arguments": "{}"}},
+                    {"role": "function", "name": "f", "content": "rain"}]}),
+                "functions",
+            ),
+            // A free-form tool has no Anthropic form.
+            (
+                json!({"tools": [{"type": "custom", "custom": {"name": "code_exec"}}]}),
+                "tools[0].type",
+            ),
         ] {
-            let e = translated(extra).unwrap_err();
+            let e = translated(extra.clone()).unwrap_err();
             assert_eq!(
                 (e.status, e.code, e.param.as_deref()),
-                (400, "unsupported_for_provider", Some(param))
+                (400, "unsupported_for_provider", Some(param)),
+                "{extra}"
             );
         }
+    }
+
+    /// What Anthropic refuses in a history another API wrote: empty text
+    /// blocks, tool ids outside its alphabet, a prefill ending in white
+    /// space; `allowed_tools` narrows the tools.
+    #[test]
+    fn histories_reach_claude_in_a_form_it_takes() {
+        let out = translated(json!({"messages": [
+            {"role": "user", "content": [{"type": "text", "text": ""}, {"type": "text", "text": "Weather?"}]},
+            {"role": "assistant", "content": null, "tool_calls": [{"id": "functions.get_weather:0", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "functions.get_weather:0", "content": "rain"},
+            {"role": "assistant", "content": "Sure, "}]}))
+        .unwrap();
+        let m = out["messages"].as_array().unwrap();
+        assert_eq!(
+            m[0]["content"],
+            json!([{"type": "text", "text": "Weather?"}])
+        );
+        assert_eq!(m[1]["content"][0]["id"], "functions_get_weather_0");
+        assert_eq!(m[2]["content"][0]["tool_use_id"], "functions_get_weather_0");
+        assert_eq!(m[3]["content"], json!([{"type": "text", "text": "Sure,"}]));
+        // A prefill of white space alone is no prefill.
+        let out = translated(json!({"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "  "}]}))
+        .unwrap();
+        assert_eq!(out["messages"].as_array().unwrap().len(), 1);
+
+        let tools = json!([
+            {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}},
+            {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]);
+        let out = translated(json!({"tools": tools, "tool_choice": {"type": "allowed_tools",
+            "allowed_tools": {"mode": "required", "tools": [{"type": "function", "function": {"name": "get_time"}}]}}}))
+        .unwrap();
+        assert_eq!(out["tools"].as_array().unwrap().len(), 1);
+        assert_eq!(out["tools"][0]["name"], "get_time");
+        assert_eq!(out["tool_choice"], json!({"type": "any"}));
     }
 
     #[test]

@@ -116,11 +116,13 @@ pub struct AnthropicOnly {
     /// ([`fold_system_messages`]); OpenAI-compatible providers take them in
     /// place.
     pub system_messages: bool,
-    /// The last assistant turn calls tools without opening with a thinking
-    /// block (another model answered it, through a translation that has no
-    /// place for one): with thinking on, Claude refuses such a history
-    /// ("a final `assistant` message must start with a thinking block"), so
-    /// an Anthropic provider gets the request without `thinking`.
+    /// The current assistant turn (since the last user message that brings
+    /// more than tool results) opened with tool calls and no thinking block
+    /// (another model answered it, through a translation that has no place
+    /// for one): with thinking on, Claude refuses such a history ("a final
+    /// `assistant` message must start with a thinking block"), so an
+    /// Anthropic provider gets the request without `thinking`. The later
+    /// steps of a tool loop Claude began with its thinking need none.
     pub unsigned_tool_turn: bool,
 }
 
@@ -269,13 +271,30 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
             "messages: at least one message is required",
         ));
     }
+    // Whether the current turn (since the last user message that brings
+    // more than tool results) has had its first assistant message: that
+    // one opens with Claude's signed thinking; the later steps of its tool
+    // loop need not.
+    let mut turn_answered = false;
     for (i, m) in turns.iter().enumerate() {
         let path = format!("messages.{i}");
         let role = m.get("role").and_then(Value::as_str);
         let content = m.get("content").unwrap_or(&Value::Null);
         match role {
-            Some("user") => user_turn(&path, content, &mut messages, &mut only)?,
-            Some("assistant") => assistant_turn(&path, content, &mut messages, &mut only)?,
+            Some("user") => {
+                if !carries_tool_results(content) {
+                    turn_answered = false;
+                    only.unsigned_tool_turn = false;
+                }
+                user_turn(&path, content, &mut messages, &mut only)?
+            }
+            Some("assistant") => {
+                let unsigned = assistant_turn(&path, content, &mut messages, &mut only)?;
+                if !turn_answered {
+                    only.unsigned_tool_turn = unsigned;
+                    turn_answered = true;
+                }
+            }
             Some("system") if i == 0 => {
                 return Err(invalid(
                     &format!("{path}.role"),
@@ -325,6 +344,31 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
     {
         chat.insert("user".into(), json!(openai_user(user)));
     }
+    // Structured outputs (`output_config.format`, or the beta's top-level
+    // `output_format`): OpenAI's `json_schema` response format, strict
+    // where the schema allows it, so an OpenAI model's answer keeps to the
+    // schema the client's parser expects.
+    if let Some(format) = body
+        .get("output_config")
+        .and_then(|c| c.get("format"))
+        .or_else(|| body.get("output_format"))
+        .filter(|f| f.get("type").and_then(Value::as_str) == Some("json_schema"))
+    {
+        let Some(schema) = format.get("schema").filter(|s| s.is_object()) else {
+            return Err(invalid(
+                "output_config.format.schema",
+                "output_config.format.schema: Field required",
+            ));
+        };
+        chat.insert(
+            "response_format".into(),
+            json!({"type": "json_schema", "json_schema": {
+                "name": "output",
+                "schema": schema,
+                "strict": strict_compatible(schema),
+            }}),
+        );
+    }
     if let Some(tools) = body.get("tools").filter(|v| !v.is_null()) {
         let Value::Array(tools) = tools else {
             return Err(invalid("tools", "tools: Input should be a valid list"));
@@ -346,6 +390,13 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
             let mut f = json!({"name": name, "parameters": t.get("input_schema").cloned().unwrap_or_else(|| json!({"type": "object"}))});
             if let Some(d) = t.get("description") {
                 f["description"] = d.clone();
+            }
+            // Strict tool use: OpenAI's strict function calling, where the
+            // schema allows it (its 400 otherwise).
+            if t.get("strict").and_then(Value::as_bool) == Some(true)
+                && strict_compatible(&f["parameters"])
+            {
+                f["strict"] = json!(true);
             }
             out.push(json!({"type": "function", "function": f}));
         }
@@ -631,10 +682,9 @@ fn assistant_turn(
     content: &Value,
     out: &mut Vec<Value>,
     only: &mut AnthropicOnly,
-) -> Result<(), ApiError> {
-    only.unsigned_tool_turn = false;
+) -> Result<bool, ApiError> {
     let Some(blocks) = turn_blocks(path, "assistant", content, out)? else {
-        return Ok(());
+        return Ok(false);
     };
     let mut text = String::new();
     let mut calls = Vec::new();
@@ -662,7 +712,7 @@ fn assistant_turn(
             Some("thinking" | "redacted_thinking")
         )
     });
-    only.unsigned_tool_turn = !calls.is_empty() && !opens_with_thinking;
+    let unsigned = !calls.is_empty() && !opens_with_thinking;
     let mut m = json!({"role": "assistant", "content": text});
     if !calls.is_empty() {
         if text.is_empty() {
@@ -671,7 +721,54 @@ fn assistant_turn(
         m["tool_calls"] = Value::Array(calls);
     }
     out.push(m);
-    Ok(())
+    Ok(unsigned)
+}
+
+/// Whether OpenAI's strict mode takes `schema`: every object lists all its
+/// properties as required and allows no others (elsewhere strict mode is
+/// OpenAI's 400, and the schema goes as guidance).
+pub fn strict_compatible(schema: &Value) -> bool {
+    let Some(o) = schema.as_object() else {
+        return schema.is_boolean();
+    };
+    if let Some(props) = o.get("properties").and_then(Value::as_object) {
+        let required: Vec<&str> = o
+            .get("required")
+            .and_then(Value::as_array)
+            .map(|r| r.iter().filter_map(Value::as_str).collect())
+            .unwrap_or_default();
+        if o.get("additionalProperties") != Some(&Value::Bool(false))
+            || !props.keys().all(|k| required.contains(&k.as_str()))
+            || !props.values().all(strict_compatible)
+        {
+            return false;
+        }
+    } else if o.get("type").and_then(Value::as_str) == Some("object")
+        && o.get("additionalProperties") != Some(&Value::Bool(false))
+    {
+        return false;
+    }
+    let nested = |k: &str| match o.get(k) {
+        Some(Value::Array(a)) => a.iter().all(strict_compatible),
+        Some(Value::Object(m)) if k == "$defs" || k == "definitions" => {
+            m.values().all(strict_compatible)
+        }
+        Some(v) => strict_compatible(v),
+        None => true,
+    };
+    ["items", "anyOf", "$defs", "definitions"]
+        .iter()
+        .all(|k| nested(k))
+}
+
+/// A user message that answers tool calls (and so goes on with the
+/// assistant's turn rather than starting a new one).
+fn carries_tool_results(content: &Value) -> bool {
+    content.as_array().is_some_and(|blocks| {
+        blocks
+            .iter()
+            .any(|b| b.get("type").and_then(Value::as_str) == Some("tool_result"))
+    })
 }
 
 /// `raw` (a JSON object) with its top-level `model` set to `model`, every
@@ -1518,10 +1615,12 @@ mod tests {
         // Fields the chat body does not carry are kept for the key (nulls
         // are no field); a tool result's image follows the results in the
         // user message (a `tool` message holds text only).
-        let r = parse_str(r#"{"model":"c","max_tokens":5,"service_tier":null,"output_format":{"type":"json_schema"},"container":"x","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        let r = parse_str(r#"{"model":"c","max_tokens":5,"service_tier":null,"output_format":{"type":"json_schema","schema":{"type":"object"}},"container":"x","messages":[{"role":"user","content":"hi"}]}"#).unwrap();
         assert_eq!(
             r.anthropic_only.extra.as_deref(),
-            Some(r#"{"container":"x","output_format":{"type":"json_schema"}}"#)
+            Some(
+                r#"{"container":"x","output_format":{"schema":{"type":"object"},"type":"json_schema"}}"#
+            )
         );
         assert!(!r.anthropic_only.lossy);
         let r = parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"shot","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AA=="}}]},{"type":"text","text":"What changed?"}]}]}"#).unwrap();
@@ -1649,6 +1748,48 @@ mod tests {
         }
     }
 
+    /// Structured outputs and strict tools reach an OpenAI model as its
+    /// `json_schema` response format and strict functions, strict only
+    /// where OpenAI's strict mode takes the schema.
+    #[test]
+    fn structured_outputs_and_strict_tools_become_openai_strict_mode() {
+        let closed = json!({"type": "object", "properties": {"city": {"type": "string"},
+            "tags": {"type": "array", "items": {"type": "object", "properties": {"k": {"type": "string"}}, "required": ["k"], "additionalProperties": false}}},
+            "required": ["city", "tags"], "additionalProperties": false});
+        let open = json!({"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}}, "required": ["city"], "additionalProperties": false});
+        assert!(strict_compatible(&closed));
+        assert!(!strict_compatible(&open));
+        let mut nested_open = closed.clone();
+        nested_open["properties"]["tags"]["items"]["additionalProperties"] = json!(true);
+        assert!(!strict_compatible(&nested_open));
+        for (field, schema, strict) in [
+            ("output_config", &closed, true),
+            ("output_config", &open, false),
+            ("output_format", &closed, true),
+        ] {
+            let fmt = json!({"type": "json_schema", "schema": schema});
+            let value = if field == "output_config" {
+                json!({"format": fmt})
+            } else {
+                fmt
+            };
+            let raw = json!({"model": "c", "max_tokens": 50, field: value,
+                "messages": [{"role": "user", "content": "Oslo?"}],
+                "tools": [{"name": "f", "input_schema": schema, "strict": true}]});
+            let r = parse_str(&raw.to_string()).unwrap();
+            let rf = &r.body["response_format"];
+            assert_eq!(rf["type"], "json_schema", "{field}");
+            assert_eq!(&rf["json_schema"]["schema"], schema);
+            assert_eq!(rf["json_schema"]["strict"], strict);
+            assert_eq!(
+                r.body["tools"][0]["function"].get("strict").is_some(),
+                strict
+            );
+        }
+        let e = parse_str(r#"{"model":"c","max_tokens":5,"output_config":{"format":{"type":"json_schema"}},"messages":[{"role":"user","content":"x"}]}"#).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("output_config.format.schema"));
+    }
+
     #[test]
     fn a_tool_turn_without_its_thinking_block_is_flagged() {
         let flag = |assistant: &str| {
@@ -1670,6 +1811,27 @@ mod tests {
         ));
         // No tool call in the last assistant turn.
         assert!(!flag(r#"{"role":"assistant","content":"plain"}"#));
+
+        // Later steps of a loop: the turn's first assistant message decides
+        // (Claude's own second step carries no thinking block, and needs
+        // none; another model's loop stays unsigned however long).
+        let looped = |first: &str, second: &str, next_user: &str| {
+            let raw = format!(
+                r#"{{"model":"c","max_tokens":5,"thinking":{{"type":"enabled","budget_tokens":1024}},"messages":[{{"role":"user","content":"go"}},{{"role":"assistant","content":[{first}{{"type":"tool_use","id":"t1","name":"f","input":{{}}}}]}},{{"role":"user","content":[{{"type":"tool_result","tool_use_id":"t1","content":"ok"}},{{"type":"text","text":"<reminder>"}}]}},{{"role":"assistant","content":[{second}{{"type":"tool_use","id":"t2","name":"f","input":{{}}}}]}},{next_user}]}}"#
+            );
+            parse_str(&raw).unwrap().anthropic_only.unsigned_tool_turn
+        };
+        let signed = r#"{"type":"thinking","thinking":"hm","signature":"s"},"#;
+        let result = r#"{"role":"user","content":[{"type":"tool_result","tool_use_id":"t2","content":"ok"}]}"#;
+        assert!(!looped(signed, "", result));
+        assert!(looped("", "", result));
+        assert!(looped("", signed, result));
+        // A new question starts a new turn: nothing to sign.
+        assert!(!looped(
+            "",
+            "",
+            r#"{"role":"user","content":"next question"}"#
+        ));
     }
 
     #[test]

@@ -114,19 +114,19 @@ impl ParsedRequest {
         force_usage: bool,
         limit_field: Option<&str>,
     ) -> bytes::Bytes {
-        self.upstream_body_without(upstream_model, force_usage, limit_field, None)
+        self.upstream_body_without(upstream_model, force_usage, limit_field, &[])
     }
 
-    /// [`Self::upstream_body`] without the top-level field `leave_out` (a
-    /// parameter the chosen model does not take).
+    /// [`Self::upstream_body`] without the top-level fields `leave_out`
+    /// (parameters the chosen model does not take).
     pub fn upstream_body_without(
         &self,
         upstream_model: &str,
         force_usage: bool,
         limit_field: Option<&str>,
-        leave_out: Option<&str>,
+        leave_out: &[&str],
     ) -> bytes::Bytes {
-        let leave_out = leave_out.filter(|k| self.body.contains_key(*k));
+        let leaves_out = leave_out.iter().any(|k| self.body.contains_key(*k));
         let wants_usage = self.stream && force_usage && self.endpoint != Endpoint::Embeddings;
         let openai = matches!(
             self.endpoint,
@@ -139,7 +139,8 @@ impl ParsedRequest {
         let rename = limit_field.is_some()
             && self.endpoint.upstream_suffix() == "/chat/completions"
             && self.body.contains_key(other_limit);
-        if let (true, false, None, Some(raw)) = (openai, rename, leave_out, self.native.as_ref()) {
+        if let (true, false, false, Some(raw)) = (openai, rename, leaves_out, self.native.as_ref())
+        {
             let out = if wants_usage && !self.client_wants_usage {
                 let mut opts = match self.body.get("stream_options") {
                     Some(Value::Object(o)) => o.clone(),
@@ -160,8 +161,8 @@ impl ParsedRequest {
             }
         }
         let mut body = self.body.clone();
-        if let Some(k) = leave_out {
-            body.remove(k);
+        for k in leave_out {
+            body.remove(*k);
         }
         body.insert("model".into(), Value::String(upstream_model.to_string()));
         if let (true, Some(field)) = (rename, limit_field) {
@@ -450,18 +451,16 @@ pub fn parse_request(endpoint: Endpoint, bytes: &[u8]) -> Result<ParsedRequest, 
     check_int(&body, "max_tokens", 1)?;
     check_int(&body, "max_completion_tokens", 1)?;
     check_int(&body, "n", 1)?;
-    // OpenAI's efforts only: the gateway may leave the field out for a
-    // model that takes none, and a typo must not pass unseen there.
-    match body.get("reasoning_effort") {
-        None | Some(Value::Null) => {}
-        Some(Value::String(e)) if crate::responses::REASONING_EFFORTS.contains(&e.as_str()) => {}
-        Some(v) => {
-            return Err(ApiError::invalid_request(
-                "invalid_value",
-                format!("Invalid value for 'reasoning_effort': {v}. Supported values are: 'none', 'minimal', 'low', 'medium', 'high' and 'xhigh'."),
-            )
-            .with_param("reasoning_effort"))
-        }
+    // A string; its value is the provider's to judge (OpenAI's efforts,
+    // Groq's `default`, values yet to come): the gateway reads only the
+    // ones it maps to a thinking budget.
+    if let Some(v) = body.get("reasoning_effort") {
+        expect(
+            "reasoning_effort",
+            v,
+            v.is_null() || v.is_string(),
+            "a string",
+        )?;
     }
     if let Some(v) = body.get("stop") {
         expect(
@@ -811,7 +810,7 @@ mod tests {
             "m",
             false,
             None,
-            Some("reasoning_effort"),
+            &["reasoning_effort"],
         ))
         .unwrap();
         assert!(up.get("reasoning_effort").is_none(), "{up}");
@@ -898,18 +897,14 @@ mod tests {
             r#"{"model":"m","messages":[{"role":"user"}],"temperature":"hot"}"#,
         );
         assert_eq!(e.param.as_deref(), Some("temperature"));
-        for effort in [r#""extreme""#, "3"] {
-            let e = err(
-                Endpoint::ChatCompletions,
-                &format!(
-                    r#"{{"model":"m","messages":[{{"role":"user"}}],"reasoning_effort":{effort}}}"#
-                ),
-            );
-            assert_eq!(
-                (e.code, e.param.as_deref()),
-                ("invalid_value", Some("reasoning_effort"))
-            );
-        }
+        let e = err(
+            Endpoint::ChatCompletions,
+            r#"{"model":"m","messages":[{"role":"user"}],"reasoning_effort":3}"#,
+        );
+        assert_eq!(e.param.as_deref(), Some("reasoning_effort"));
+        // Any string: the provider judges the value (Groq takes `default`).
+        let ok = br#"{"model":"m","messages":[{"role":"user","content":"x"}],"reasoning_effort":"default"}"#;
+        assert!(parse_request(Endpoint::ChatCompletions, ok).is_ok());
         let e = err(
             Endpoint::ChatCompletions,
             r#"{"model":"m","messages":[{"role":"user"}],"temperature":3}"#,

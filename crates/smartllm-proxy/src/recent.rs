@@ -40,7 +40,15 @@ pub struct Recent {
 impl Recent {
     /// Keep a finished request that reached a model (upstream or cache).
     /// The last use of `ctx`: its names move into the ring (no copies).
+    /// A request refused before that (a key over its budget or rate, a
+    /// bad body) is not kept: a refused client sending thousands would push
+    /// every real request out of the ring.
     pub fn record(&self, ctx: &mut Ctx, status: u16, cost_usd: f64) {
+        let reached =
+            ctx.provider.is_some() || ctx.cache_status.is_some_and(|c| c.starts_with("hit"));
+        if !reached {
+            return;
+        }
         let Some(model) = ctx.take_model() else {
             return;
         };

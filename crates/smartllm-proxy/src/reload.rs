@@ -119,6 +119,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                 let mut warnings = current.config.fail_closed(&mut applied);
                 warnings.extend(applied.keys.unmatched());
                 warnings.extend(applied.unpriced_warnings());
+                warnings.extend(applied.capability_warnings());
                 let version = current.version + 1;
                 match Runtime::prepare(
                     applied,

@@ -476,7 +476,7 @@ pub enum PrepareError {
     },
     #[error("cache.exclude.patterns: {0}")]
     Exclusions(regex::Error),
-    #[error("admin token: {0}")]
+    #[error("admin token ({setting}): {0}", setting = admin_token_setting(.0))]
     AdminToken(KeyError),
     #[error("the admin API listens on {0}, beyond loopback (a restart-only setting): set admin.token_env or admin.token_file so it keeps needing a token")]
     AdminOpen(std::net::SocketAddr),
@@ -551,6 +551,27 @@ pub(crate) fn unreadable_keys(config: &Config) -> String {
         })
         .collect();
     out.join("; ")
+}
+
+/// The `smartllm.yaml` setting an unreadable admin token came from.
+fn admin_token_setting(e: &KeyError) -> &'static str {
+    match e {
+        KeyError::EnvUnset(_) => "admin.token_env in smartllm.yaml",
+        _ => "admin.token_file in smartllm.yaml",
+    }
+}
+
+/// Why `serve` (or a reload) would refuse `config`'s admin token: one is
+/// configured and cannot be read here (`smartllm check --local` fails on
+/// it as `serve` does). None: none configured, or it reads.
+pub fn admin_token_problem(config: &Config) -> Option<String> {
+    match read_key(&config.admin_token).and_then(|k| match (&config.admin_token, k) {
+        (ApiKeySource::None, _) | (_, Some(_)) => Ok(()),
+        (_, None) => Err(KeyError::Empty),
+    }) {
+        Ok(()) => None,
+        Err(e) => Some(PrepareError::AdminToken(e).to_string()),
+    }
 }
 
 fn read_key(src: &ApiKeySource) -> Result<Option<String>, KeyError> {

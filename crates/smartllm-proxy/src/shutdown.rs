@@ -46,7 +46,13 @@ impl ShutdownSignalWatch for DrainingShutdown {
         let mut term = install(SignalKind::terminate(), "SIGTERM");
         let mut int = install(SignalKind::interrupt(), "SIGINT");
         tokio::select! {
-            _ = next(&mut quit) => ShutdownSignal::GracefulUpgrade,
+            _ = next(&mut quit) => {
+                // The new process takes the listeners: this one's HTTP/2
+                // clients get GOAWAY and its HTTP/1.1 answers close their
+                // connections, so none is reused as it goes.
+                pingora_core::protocols::http::v2::server::begin_drain();
+                ShutdownSignal::GracefulUpgrade
+            }
             _ = next(&mut int) => ShutdownSignal::FastShutdown,
             _ = next(&mut term) => {
                 self.shared.draining.store(true, Ordering::SeqCst);

@@ -321,6 +321,9 @@ fn misfit(
     if f.json_schema && !m.profile.has("structured_outputs") && anthropic_only {
         return Some("capability:structured_outputs".to_string());
     }
+    if let Some(what) = f.reasoning_refused.filter(|_| m.profile.has("reasoning")) {
+        return Some(format!("reasoning_refuses:{what}"));
+    }
     None
 }
 
@@ -1213,6 +1216,37 @@ mod tests {
             extract(b.as_object().unwrap(), None, None).openai_only,
             None
         );
+
+        // What a reasoning model refuses (stop sequences, log-probabilities,
+        // logit_bias) keeps it out; the others stay candidates.
+        f.openai_only = None;
+        cfg.models[0].profile.capabilities = Some(vec!["tools".into(), "reasoning".into()]);
+        let refused =
+            |b: serde_json::Value| extract(b.as_object().unwrap(), None, None).reasoning_refused;
+        let msgs = json!([{"role": "user", "content": "hi"}]);
+        assert_eq!(
+            refused(json!({"messages": msgs, "stop": ["END"]})),
+            Some("stop")
+        );
+        assert_eq!(
+            refused(json!({"messages": msgs, "stop": "END"})),
+            Some("stop")
+        );
+        assert_eq!(
+            refused(json!({"messages": msgs, "logprobs": true})),
+            Some("logprobs")
+        );
+        assert_eq!(
+            refused(json!({"messages": msgs, "stop": [], "temperature": 0.2})),
+            None
+        );
+        assert_eq!(refused(json!({"messages": msgs, "stop": null})), None);
+        f.reasoning_refused = Some("stop");
+        let d = decided(&cfg, &f);
+        assert_eq!(why(&d, 0).as_deref(), Some("reasoning_refuses:stop"));
+        assert_eq!((why(&d, 1), d.model.as_str()), (None, "strong"));
+        f.reasoning_refused = None;
+        assert_eq!(why(&decided(&cfg, &f), 0), None);
     }
 
     /// When nothing meets the route's constraints, only the budgets are

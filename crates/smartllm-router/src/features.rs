@@ -53,6 +53,10 @@ pub struct Features {
     /// `logit_bias`): a model served only through Anthropic is no
     /// candidate.
     pub openai_only: Option<&'static str>,
+    /// What an OpenAI reasoning model (one listed with `reasoning`) cannot
+    /// give and answers 400 to: `stop` (Anthropic's `stop_sequences`),
+    /// `logprobs`, `logit_bias`. Such a model is no candidate.
+    pub reasoning_refused: Option<&'static str>,
     /// `response_format` is `json_schema`: a model served only through
     /// Anthropic must take structured outputs (`structured_outputs`).
     pub json_schema: bool,
@@ -867,6 +871,12 @@ pub fn extract_with(
     } else {
         None
     };
+    let stops = match body.get("stop") {
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        _ => false,
+    };
+    let reasoning_refused = openai_only.or(stops.then_some("stop"));
     if body
         .get("response_format")
         .and_then(|r| r.get("type"))
@@ -897,6 +907,7 @@ pub fn extract_with(
         anthropic_only: None,
         builtin_tools: None,
         openai_only,
+        reasoning_refused,
         json_schema,
         turns,
     }

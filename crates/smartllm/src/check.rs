@@ -37,6 +37,15 @@ pub fn check(dir: &Path, local: bool) -> ExitCode {
                 }
                 println!("warning: {msg}");
             }
+            // `serve` refuses an admin token it cannot read (fail closed).
+            if let Some(msg) = smartllm_proxy::runtime::admin_token_problem(&c) {
+                let msg = format!("{msg}, so `smartllm serve` would not start here");
+                if local {
+                    eprintln!("{msg}");
+                    return ExitCode::from(1);
+                }
+                println!("warning: {msg}");
+            }
             println!(
                 "{}: config OK ({} providers, {} models, {} routes; digest {})",
                 dir.display(),
@@ -123,7 +132,11 @@ pub fn check(dir: &Path, local: bool) -> ExitCode {
 /// No silent $0: every model without `pricing` and without a catalog entry
 /// for its upstream names is named; catalog-priced models are counted.
 fn unpriced_warnings(c: &smartllm_config::Config) {
-    for w in c.unpriced_warnings() {
+    for w in c
+        .unpriced_warnings()
+        .into_iter()
+        .chain(c.capability_warnings())
+    {
         println!("warning: {w}");
     }
     let from_catalog = c

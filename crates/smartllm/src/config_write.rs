@@ -28,6 +28,21 @@ pub fn replace_public(path: &Path, text: &str) -> anyhow::Result<()> {
 fn write_replacing(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    // A file that is a symbolic link (one key list shared by a fleet's
+    // config directories) is replaced where it lies: the link stays a link,
+    // and every directory that shares it sees the change.
+    let target;
+    let path = if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
+        target = std::fs::canonicalize(path).with_context(|| {
+            format!(
+                "{} is a symbolic link to a file that cannot be read",
+                path.display()
+            )
+        })?;
+        target.as_path()
+    } else {
+        path
+    };
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -151,6 +166,34 @@ mod tests {
             .unwrap()
             .try_lock()
             .is_err());
+    }
+
+    /// A config file that is a symbolic link (a fleet's shared key list)
+    /// stays one: the file it points to is replaced.
+    #[test]
+    fn a_linked_file_is_replaced_where_it_lies() {
+        let dir = std::env::temp_dir().join(format!("smartllm-linked-{}", std::process::id()));
+        std::fs::create_dir_all(dir.join("conf")).unwrap();
+        std::fs::create_dir_all(dir.join("shared")).unwrap();
+        let dir = Dir(dir);
+        let shared = dir.path().join("shared/keys.yaml");
+        std::fs::write(&shared, "old\n").unwrap();
+        let link = dir.path().join("conf/keys.yaml");
+        std::os::unix::fs::symlink("../shared/keys.yaml", &link).unwrap();
+        replace(&link, "new\n").unwrap();
+        assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&shared).unwrap(), "new\n");
+        // A link to nothing is an error, not a file put in its place.
+        let dangling = dir.path().join("conf/cache.yaml");
+        std::os::unix::fs::symlink("../shared/missing.yaml", &dangling).unwrap();
+        assert!(replace(&dangling, "x").is_err());
+        assert!(std::fs::symlink_metadata(&dangling)
+            .unwrap()
+            .file_type()
+            .is_symlink());
     }
 
     /// A file with no secret and nothing beside it to take after is

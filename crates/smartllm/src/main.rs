@@ -906,7 +906,11 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     for w in config.keys.unmatched() {
         tracing::warn!("{w}");
     }
-    for w in config.unpriced_warnings() {
+    for w in config
+        .unpriced_warnings()
+        .into_iter()
+        .chain(config.capability_warnings())
+    {
         tracing::warn!("{w}");
     }
     if !config.keys.require_key && dir.join(smartllm_config::KEYS_FILE).exists() {

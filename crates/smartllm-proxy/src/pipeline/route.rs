@@ -565,6 +565,7 @@ fn hard_exclusion(why: &str) -> bool {
         "anthropic_only:",
         "responses_only:",
         "openai_only:",
+        "reasoning_refuses:",
     ]
     .iter()
     .any(|p| why.starts_with(p))

@@ -143,12 +143,20 @@ pub(super) async fn once(
     // The client may leave while the provider works (a non-streamed answer
     // can take minutes): the request is then cancelled, not left to run and
     // be billed in full.
+    // The stop's drain timeout ends the wait too: the client gets a 503 it
+    // may send again, not a closed connection.
+    let mut drain = x.shared.drain_expired.subscribe();
     let header = tokio::select! {
         biased;
         r = pingora_timeout::timeout(p.cfg.first_byte_timeout, up.read_response_header()) => r,
         () = super::client_left(session, &mut ctx.client_unwatched) => {
             ctx.upstream_wait += wait_start.elapsed();
             return super::left_while_waiting(ctx, x.req, up, false).await;
+        }
+        () = stream::drain_over(&mut drain) => {
+            ctx.upstream_wait += wait_start.elapsed();
+            up.shutdown().await;
+            return Attempt::Fail(stream::drain_refusal());
         }
     };
     match header {

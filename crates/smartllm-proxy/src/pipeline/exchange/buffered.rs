@@ -29,12 +29,20 @@ pub(super) async fn relay(
     let pname = x.provider();
     let retry_or_fail = |e: ApiError| x.retry_or_fail(e);
     let mut waited = std::time::Duration::ZERO;
+    let mut drain = x.shared.drain_expired.subscribe();
     let read = tokio::select! {
         biased;
         r = response_body(&mut up, x.idle_timeout(), MAX_BUFFERED_RESPONSE, &mut waited) => r,
         () = super::client_left(session, &mut ctx.client_unwatched) => {
             ctx.upstream_wait += waited;
             return super::left_while_waiting(ctx, x.req, up, true).await;
+        }
+        // (The stop's drain time is up while the answer comes: a 503 the
+        // client may send again.)
+        () = super::stream::drain_over(&mut drain) => {
+            ctx.upstream_wait += waited;
+            up.shutdown().await;
+            return Attempt::Fail(super::stream::drain_refusal());
         }
     };
     ctx.upstream_wait += waited;

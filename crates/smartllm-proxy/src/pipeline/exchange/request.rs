@@ -78,9 +78,17 @@ pub(super) fn build(
                 smartllm_protocol::messages::splice_model_bytes(&raw, &dep.upstream_model)
                     .ok_or_else(|| ApiError::internal("the request body lost its model"))?;
             // `reasoning` to a model listed without the capability (it
-            // would answer 400): left out, as `reasoning_effort` is in chat.
-            if pool.no_reasoning {
-                if let Some(b) = smartllm_protocol::messages::remove_top_level(&body, "reasoning") {
+            // would answer 400): left out, as `reasoning_effort` is in chat;
+            // and the sampling settings a reasoning model refuses.
+            let leave_out: &[&str] = if pool.no_reasoning {
+                &["reasoning"]
+            } else if pool.reasoning {
+                REASONING_REFUSES
+            } else {
+                &[]
+            };
+            for k in leave_out {
+                if let Some(b) = smartllm_protocol::messages::remove_top_level(&body, k) {
                     body = b.into();
                 }
             }
@@ -125,7 +133,12 @@ pub(super) fn build(
                     ),
                 ));
             }
-            let mut body = req.upstream_body(&dep.upstream_model, p.cfg.stream_usage, limit_field);
+            let mut body = req.upstream_body_without(
+                &dep.upstream_model,
+                p.cfg.stream_usage,
+                limit_field,
+                chat_leaves_out(pool),
+            );
             // A reasoning model takes the thinking asked for as an effort
             // (the history's thinking blocks have no place in chat and are
             // left out, as with `drop_thinking`).
@@ -157,7 +170,7 @@ pub(super) fn build(
                 &dep.upstream_model,
                 p.cfg.stream_usage,
                 limit_field,
-                pool.no_reasoning.then_some("reasoning_effort"),
+                chat_leaves_out(pool),
             ),
             Translate::OpenAi,
         ),
@@ -211,6 +224,7 @@ pub(super) fn build(
                 anthropic::Takes {
                     structured_outputs: pool.structured_outputs,
                     thinking: pool.thinking,
+                    max_output_tokens: pool.max_output_tokens,
                 },
                 default_max_tokens(
                     pool.max_output_tokens,
@@ -302,6 +316,33 @@ pub(super) fn build(
 /// two bytes a token (Anthropic refuses prompt + max_tokens over the
 /// window); never under [`anthropic::DEFAULT_MAX_TOKENS`], the limit
 /// before the model's own was known.
+/// Sampling settings OpenAI's reasoning models (o-series, GPT-5) answer 400
+/// to, in chat and in Responses. They only shape how tokens are drawn, so a
+/// model listed with `reasoning` gets the request without them (what a
+/// reasoning model cannot give at all, `stop`, log-probabilities and
+/// `logit_bias`, keeps it out of a routed choice instead:
+/// `reasoning_refuses:`).
+const REASONING_REFUSES: &[&str] = &[
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+];
+
+/// What a chat request to `pool`'s OpenAI-compatible providers goes
+/// without: `reasoning_effort` for a model listed without `reasoning` (it
+/// would answer 400; listed with nothing, sent as given), the sampling
+/// settings for one listed with it.
+fn chat_leaves_out(pool: &ModelPool) -> &'static [&'static str] {
+    if pool.no_reasoning {
+        &["reasoning_effort"]
+    } else if pool.reasoning {
+        REASONING_REFUSES
+    } else {
+        &[]
+    }
+}
+
 fn default_max_tokens(most: Option<u64>, context_window: u64, prompt_bytes: usize) -> u64 {
     let Some(most) = most else {
         return anthropic::DEFAULT_MAX_TOKENS;

@@ -262,6 +262,14 @@ async fn bill_early_end(
     record_usage(ctx, Some(usage));
 }
 
+/// What a request still waiting for its provider gets when the stop's drain
+/// timeout is up (nothing reached the client yet).
+pub(super) fn drain_refusal() -> ApiError {
+    ApiError::shutting_down(
+        "This gateway instance is stopping and its drain time (server.graceful_shutdown_timeout) ran out before the provider answered; send the request again (it will reach another instance).",
+    )
+}
+
 /// A stream the stop's drain timeout ends: no failure of the model.
 fn shutdown_end() -> (StreamEnd, ApiError) {
     (
@@ -273,7 +281,7 @@ fn shutdown_end() -> (StreamEnd, ApiError) {
 }
 
 /// Returns once the stop's drain timeout is up (never if it never is).
-async fn drain_over(rx: &mut tokio::sync::watch::Receiver<bool>) {
+pub(super) async fn drain_over(rx: &mut tokio::sync::watch::Receiver<bool>) {
     loop {
         let over = *rx.borrow_and_update();
         if over {

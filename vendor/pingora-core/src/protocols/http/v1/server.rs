@@ -655,6 +655,12 @@ impl HttpSession {
     /// Write the response header to the client.
     /// This function can be called more than once to send 1xx informational headers excluding 101.
     pub async fn write_response_header(&mut self, mut header: Box<ResponseHeader>) -> Result<()> {
+        // SmartLLM patch: once the application began its drain, every
+        // response closes its connection (`Connection: close`), so no client
+        // or proxy sends another request on a connection about to go.
+        if crate::protocols::http::v2::server::draining() {
+            self.set_keepalive(None);
+        }
         // Prepare header (handle upgrades, set headers, initialize body writer, serialize to bytes)
         let Some((write_buf, flush)) = self.prepare_response_header(&mut header)? else {
             // Header already sent or should be ignored

@@ -109,6 +109,12 @@ pub fn begin_drain() {
     DRAIN.send_replace(true);
 }
 
+/// SmartLLM patch: whether [`begin_drain`] has been called (HTTP/1.1
+/// responses written since say `Connection: close`).
+pub fn draining() -> bool {
+    *DRAIN.borrow()
+}
+
 /// Returns once [`begin_drain`] has been called.
 async fn drain_begun(rx: &mut tokio::sync::watch::Receiver<bool>) {
     loop {
