@@ -235,6 +235,10 @@ fn cache_streams_hits_stores_streamed_misses_and_purges() {
     assert_eq!(mock.requests(), before + 1);
     let r = request(&gw.admin, "POST", "/admin/cache/purge", &[], b"").unwrap();
     assert_eq!(r.status, 400);
+    // A name the running config does not know purges nothing, and says so.
+    let r = request(&gw.admin, "POST", "/admin/cache/purge?route=autp", &[], b"").unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "unknown_route");
 }
 
 #[test]

@@ -21,7 +21,7 @@ fn gateway() -> (Mock, Gateway) {
         mock_provider("mock", &mock),
         mock.addr
     );
-    let models = "models:\n  - name: small\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: native\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n  - name: native-4o\n    profile: { capabilities: [tools, json, streaming] }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n  - name: native-o3\n    profile: { capabilities: [tools, json, streaming, reasoning] }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n  - name: native2\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n      - provider: resp-mock-b\n        model: gpt-native\n";
+    let models = "models:\n  - name: small\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: claude\n    deployments:\n      - provider: claude-mock\n        model: claude-x\n  - name: native\n    pricing: { input: 1, output: 2 }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n  - name: native-4o\n    profile: { capabilities: [tools, json, streaming] }\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n  - name: native-o3\n    profile: { capabilities: [tools, json, streaming, reasoning] }\n    deployments:\n      - provider: resp-mock\n        model: o3\n  - name: native2\n    deployments:\n      - provider: resp-mock\n        model: gpt-native\n      - provider: resp-mock-b\n        model: gpt-native\n";
     let cfg = ConfigDir::new(
         "",
         "demo:\n  mode: off\n",
@@ -496,7 +496,7 @@ fn responses_pass_through_to_providers_that_speak_them() {
     assert_eq!(
         mock.last()["body_sha256"],
         hex::encode(Sha256::digest(
-            br#"{"model":"gpt-native","input":"Hi","reasoning":{"effort":"low"}}"#
+            br#"{"model":"o3","input":"Hi","reasoning":{"effort":"low"}}"#
         ))
     );
     let r = create(

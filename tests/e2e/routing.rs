@@ -320,6 +320,12 @@ fn failover_to_the_next_candidate_and_the_circuit_breaker_opens_and_closes() {
     let b = admin_model(&gw, "big");
     assert_eq!(b["deployments"][0]["circuit"], "open");
     assert_eq!(b["available"], false);
+    // Named directly while its circuit is open: a 503 that says when to
+    // come back (the cooldown's rest).
+    let r = gw.chat(&chat_body("big", "named while open"));
+    assert_eq!(r.status, 503, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "no_upstream");
+    assert_eq!(r.header("retry-after"), Some("1"), "{:?}", r.headers);
     // big comes back; after the cooldown one trial request closes the circuit.
     let _big = Mock::start_on(big_port, &[]);
     std::thread::sleep(Duration::from_millis(1100));

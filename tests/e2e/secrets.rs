@@ -82,7 +82,7 @@ fn admin_api_requires_its_token_when_configured() {
         .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("admin token: environment variable TEST_ADMIN_TOKEN is not set"));
+        .contains("admin token (admin.token_env in smartllm.yaml): environment variable TEST_ADMIN_TOKEN is not set"));
     let gw = Gateway::start_with_env(cfg, &[("TEST_ADMIN_TOKEN", "adm-secret-42")]);
     for path in ["/admin/config", "/admin/costs", "/admin/cache/stats"] {
         let r = get(&gw.admin, path);

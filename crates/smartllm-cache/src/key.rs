@@ -10,7 +10,13 @@ use sha2::{Digest, Sha256};
 use smartllm_protocol::openai::content_text;
 
 /// Body fields that never change the answer.
-const IGNORED: [&str; 4] = ["stream", "stream_options", "user", "metadata"];
+const IGNORED: [&str; 5] = [
+    "stream",
+    "stream_options",
+    "user",
+    "safety_identifier",
+    "metadata",
+];
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CacheKey {
@@ -178,6 +184,7 @@ mod tests {
         let mut v = base.clone();
         v["stream"] = json!(true);
         v["user"] = json!("u-9");
+        v["safety_identifier"] = json!("s-9");
         v["messages"][1]["content"] = json!("  What   is Rust? ");
         let k2 = key("t1", v);
         assert_eq!(k.namespace, k2.namespace);

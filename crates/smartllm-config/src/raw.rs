@@ -693,7 +693,7 @@ pub struct RawApp {
 #[serde(deny_unknown_fields)]
 pub struct RawKey {
     pub name: String,
-    /// Hex sha256 of the key (`smartllm keys hash KEY`); the key itself is never stored.
+    /// Hex sha256 of the key (`smartllm keys hash < key-file`); the key itself is never stored.
     pub sha256: String,
     pub tenant: String,
     pub app: Option<String>,

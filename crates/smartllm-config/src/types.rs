@@ -833,6 +833,28 @@ pub struct DeploymentConfig {
     pub weight: usize,
 }
 
+/// An upstream model name of OpenAI's reasoning models: the o-series (`o1`,
+/// `o3-2025-04-16`, `o4-mini`) and GPT-5 (`gpt-5`, `gpt-5.1`, `gpt-5-mini`)
+/// but its chat models (`gpt-5-chat-latest`); a provider prefix
+/// (`openai/o3`) is skipped. They refuse sampling settings (`temperature`,
+/// `top_p`, penalties) and cannot give stop sequences, log-probabilities or
+/// `logit_bias`.
+pub fn openai_reasoning_model(upstream: &str) -> bool {
+    let n = upstream
+        .rsplit('/')
+        .next()
+        .unwrap_or(upstream)
+        .to_ascii_lowercase();
+    if n.contains("-chat") {
+        return false;
+    }
+    n.starts_with("gpt-5")
+        || ["o1", "o3", "o4"].iter().any(|p| {
+            n.strip_prefix(p)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
+        })
+}
+
 impl Config {
     pub fn model(&self, name: &str) -> Option<&ModelConfig> {
         self.models.iter().find(|m| m.name == name)
@@ -870,13 +892,12 @@ impl Config {
     /// settings sent, which such a model ignores or refuses. Said with the
     /// unpriced models' warnings.
     pub fn capability_warnings(&self) -> Vec<String> {
+        // (o1-mini and o1-preview take no `reasoning_effort`.)
         let reasoning_name = |n: &str| {
-            let n = n.rsplit('/').next().unwrap_or(n).to_ascii_lowercase();
-            n.starts_with("gpt-5")
-                || ["o1", "o3", "o4"].iter().any(|p| {
-                    n.strip_prefix(p)
-                        .is_some_and(|rest| rest.is_empty() || rest.starts_with('-'))
-                })
+            let base = n.rsplit('/').next().unwrap_or(n).to_ascii_lowercase();
+            openai_reasoning_model(n)
+                && !base.starts_with("o1-mini")
+                && !base.starts_with("o1-preview")
         };
         self.models
             .iter()
@@ -1255,8 +1276,6 @@ mod tests {
         assert!(!still.keys.require_key);
     }
 
-    /// Key, token and CA files are part of the config: a key rotated in its
-    /// file is a change a reload applies; the watcher watches them.
     /// An o-series or GPT-5 model listed with capabilities but without
     /// `reasoning` is named (its efforts would be left out unseen).
     #[test]
@@ -1290,6 +1309,18 @@ mod tests {
         ]);
         let w = load_dir(d.path()).unwrap().capability_warnings();
         assert_eq!(w.len(), 2, "{w:?}");
+        for (name, reasoning) in [
+            ("o3", true),
+            ("o3-mini-2025-01-31", true),
+            ("openai/o4-mini", true),
+            ("gpt-5.1", true),
+            ("gpt-5-chat-latest", false),
+            ("gpt-4o", false),
+            ("o3x-local", false),
+            ("gpt-oss-120b", false),
+        ] {
+            assert_eq!(openai_reasoning_model(name), reasoning, "{name}");
+        }
         assert!(
             w[0].starts_with("model o3 (upstream o3-2025-04-16)"),
             "{w:?}"
@@ -1300,6 +1331,8 @@ mod tests {
         );
     }
 
+    /// Key, token and CA files are part of the config: a key rotated in its
+    /// file is a change a reload applies; the watcher watches them.
     #[test]
     fn secret_files_are_in_the_digest_and_watched() {
         const CERT: &str = include_str!("testdata/cert.pem");

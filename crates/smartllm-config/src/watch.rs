@@ -58,10 +58,25 @@ pub fn watch_dir_and(
         .then(|| dir.to_path_buf());
     let dir = canonical(dir);
     let dir = dir.as_path();
+    // A config file that is a link (one `keys.yaml` shared by a fleet's
+    // directories): the file it points to is watched where it lies, so a
+    // `keys revoke` through another directory reaches this gateway too.
+    let linked: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                !n.starts_with('.') && (n.ends_with(".yaml") || n.ends_with(".yml"))
+            })
+        })
+        .filter_map(|e| e.path().canonicalize().ok())
+        .collect();
     let mut names: Vec<String> = Vec::new();
     // Other directories, with the names watched in each.
     let mut extra: Vec<(PathBuf, Vec<String>)> = Vec::new();
-    for f in files.iter().chain(link.as_ref()) {
+    for f in files.iter().chain(link.as_ref()).chain(linked.iter()) {
         let (Some(parent), Some(name)) = (f.parent(), f.file_name().and_then(|n| n.to_str()))
         else {
             continue;
@@ -165,6 +180,29 @@ mod tests {
             got.ok().flatten(),
             Some(()),
             "the key's change raised no reload"
+        );
+    }
+
+    /// A config file that is a link to another directory (a key list
+    /// shared by a fleet's config directories): a change where it lies
+    /// (the CLI renames a new file over it there) reloads.
+    #[tokio::test]
+    async fn a_linked_config_file_is_watched_where_it_lies() {
+        let (conf, shared) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let keys = shared.path().join("keys.yaml");
+        std::fs::write(&keys, "keys: []\n").unwrap();
+        std::os::unix::fs::symlink(&keys, conf.path().join("keys.yaml")).unwrap();
+        let (tx, mut rx) = mpsc::channel(1);
+        let (_w, failed) = watch_dir_and(conf.path(), &[], tx).unwrap();
+        assert!(failed.is_empty());
+        let tmp = shared.path().join(".keys.yaml.1.new");
+        std::fs::write(&tmp, "keys: []\nrequire_key: true\n").unwrap();
+        std::fs::rename(&tmp, &keys).unwrap();
+        let got = tokio::time::timeout(Duration::from_secs(5), rx.recv()).await;
+        assert_eq!(
+            got.ok().flatten(),
+            Some(()),
+            "the shared file's change raised no reload"
         );
     }
 

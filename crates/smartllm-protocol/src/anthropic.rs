@@ -28,8 +28,12 @@ fn content_blocks(content: &Value) -> Result<Vec<Value>, ApiError> {
     let mut out = Vec::with_capacity(parts.len());
     for p in parts {
         let kind = p.get("type").and_then(Value::as_str).unwrap_or("");
-        // An empty text block is Anthropic's 400: left out.
-        if kind == "text" && p.get("text").and_then(Value::as_str) == Some("") {
+        // An empty (or blank) text block is Anthropic's 400: left out.
+        if kind == "text"
+            && p.get("text")
+                .and_then(Value::as_str)
+                .is_some_and(|t| t.trim().is_empty())
+        {
             continue;
         }
         let block = match kind {
@@ -88,7 +92,9 @@ fn untranslatable(what: &str, param: &str) -> ApiError {
 
 /// A tool call id as Anthropic takes it (`^[a-zA-Z0-9_-]+$`): other
 /// characters (`functions.get_weather:0`, as some servers write them) become
-/// `_`, the same way in the call and in its result, so the two still match.
+/// `_` and a short digest of the id as sent follows (`call.1` and `call:1`
+/// stay two ids), the same way in the call and in its result, so the two
+/// still match.
 fn tool_id(id: Option<&Value>) -> Value {
     let id = id.and_then(Value::as_str).unwrap_or("");
     if !id.is_empty()
@@ -108,11 +114,9 @@ fn tool_id(id: Option<&Value>) -> Value {
             }
         })
         .collect();
-    Value::String(if clean.is_empty() {
-        "call_".to_string()
-    } else {
-        clean
-    })
+    use sha2::Digest;
+    let digest = hex::encode(&sha2::Sha256::digest(id.as_bytes())[..4]);
+    Value::String(format!("{clean}_{digest}"))
 }
 
 fn push_message(out: &mut Vec<Value>, role: &str, blocks: Vec<Value>) {
@@ -186,7 +190,20 @@ pub fn request_to_anthropic(
                     system.push(t);
                 }
             }
-            "user" => push_message(&mut messages, "user", content_blocks(content)?),
+            "user" => {
+                let blocks = content_blocks(content)?;
+                // A question of blank text only: Anthropic's 400, named
+                // here (left out, the turn before it would read as the
+                // answer to go on with).
+                if blocks.is_empty() {
+                    return Err(ApiError::invalid_request(
+                        "invalid_value",
+                        "Anthropic models take no user message without content: every text part of this one is empty.",
+                    )
+                    .with_param("messages"));
+                }
+                push_message(&mut messages, "user", blocks)
+            }
             "assistant" => {
                 let mut blocks = content_blocks(content)?;
                 if let Some(calls) = m.get("tool_calls").and_then(Value::as_array) {
@@ -250,12 +267,22 @@ pub fn request_to_anthropic(
         )
         .with_param("messages"));
     }
+    // An answer the client began, as Claude will read it.
+    let prefilled = messages
+        .last()
+        .and_then(|m| m.get("role"))
+        .and_then(Value::as_str)
+        == Some("assistant");
     // Legacy function calling has no translation here (its answers would
     // need `function_call`, not `tool_calls`): sent on, the functions would
     // be dropped without a word.
-    let legacy_functions = ["functions", "function_call"]
-        .iter()
-        .any(|k| body.get(*k).is_some_and(|v| !v.is_null()))
+    let legacy_functions = body
+        .get("functions")
+        .and_then(Value::as_array)
+        .is_some_and(|f| !f.is_empty())
+        || body
+            .get("function_call")
+            .is_some_and(|c| !c.is_null() && c.as_str() != Some("none"))
         || msgs.iter().any(|m| {
             m.get("role").and_then(Value::as_str) == Some("function")
                 || m.get("function_call").is_some_and(|v| !v.is_null())
@@ -366,21 +393,30 @@ pub fn request_to_anthropic(
         let mut out_tools = Vec::with_capacity(tools.len());
         for (i, t) in tools.iter().enumerate() {
             let kind = t.get("type").and_then(Value::as_str).unwrap_or("function");
-            let Some(f) = t.get("function").filter(|_| kind == "function") else {
+            let name = t
+                .get(kind)
+                .and_then(|d| d.get("name"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            // (A tool `allowed_tools` leaves out is not sent at all.)
+            if allowed_names.as_ref().is_some_and(|a| !a.contains(&name)) {
+                continue;
+            }
+            if kind != "function" {
                 // A `custom` tool (free-form input) has no Anthropic form:
                 // dropped, the model could never call it.
                 return Err(untranslatable(
                     &format!("tools[{i}] of type `{kind}` (Anthropic takes function tools)"),
                     &format!("tools[{i}].type"),
                 ));
-            };
-            let Some(name) = f.get("name") else { continue };
-            if allowed_names
-                .as_ref()
-                .is_some_and(|a| !a.contains(&name.as_str().unwrap_or("")))
-            {
-                continue;
             }
+            let Some(f) = t.get("function").filter(|f| f.get("name").is_some()) else {
+                return Err(ApiError::missing_param(
+                    &format!("tools[{i}].function.name"),
+                    "a function tool's name",
+                ));
+            };
+            let name = &f["name"];
             out_tools.push(json!({
                 "name": name,
                 "description": f.get("description").cloned().unwrap_or(Value::String(String::new())),
@@ -392,11 +428,16 @@ pub fn request_to_anthropic(
         }
     }
     if let Some(a) = allowed {
+        if !out.contains_key("tools") {
+            return Err(ApiError::invalid_request(
+                "invalid_value",
+                "tool_choice.allowed_tools names none of the tools in `tools`.",
+            )
+            .with_param("tool_choice.allowed_tools.tools"));
+        }
         let mode = a.get("mode").and_then(Value::as_str).unwrap_or("auto");
         let kind = if mode == "required" { "any" } else { "auto" };
-        if out.contains_key("tools") {
-            out.insert("tool_choice".into(), json!({"type": kind}));
-        }
+        out.insert("tool_choice".into(), json!({"type": kind}));
     }
     match body.get("tool_choice").filter(|_| allowed.is_none()) {
         Some(Value::String(s)) if s == "auto" => {
@@ -457,7 +498,11 @@ pub fn request_to_anthropic(
             }
         }
     }
-    if let Some(user) = body.get("user").and_then(Value::as_str) {
+    // The end user's id: `safety_identifier` (OpenAI's newer name) or `user`.
+    if let Some(user) = ["safety_identifier", "user"]
+        .iter()
+        .find_map(|k| body.get(*k).and_then(Value::as_str))
+    {
         out.insert("metadata".into(), json!({"user_id": user}));
     }
     // `reasoning_effort` to a Claude model with extended thinking: a budget
@@ -483,19 +528,24 @@ pub fn request_to_anthropic(
         .and_then(|c| c.get("type"))
         .and_then(Value::as_str)
         .is_some_and(|t| t == "any" || t == "tool");
-    // An answer the client began (a last assistant message): thinking
-    // cannot continue one (Anthropic's 400).
-    let prefilled = msgs
-        .last()
-        .and_then(|m| m.get("role"))
-        .and_then(Value::as_str)
-        == Some("assistant");
+    // (Thinking cannot continue an answer the client began: Anthropic's
+    // 400.)
     let room = takes
         .max_output_tokens
         .map_or(max_tokens, |most| max_tokens.min(most));
-    let budget = body
-        .get("reasoning_effort")
-        .and_then(Value::as_str)
+    // The gateway reads the effort here: a value OpenAI does not know (a
+    // typo) is OpenAI's 400, not thinking left out unseen.
+    let effort = body.get("reasoning_effort").and_then(Value::as_str);
+    if let Some(e) = effort.filter(|e| {
+        takes.thinking && !["none", "minimal", "low", "medium", "high", "xhigh"].contains(e)
+    }) {
+        return Err(ApiError::invalid_request(
+            "invalid_value",
+            format!("Invalid value for 'reasoning_effort': '{e}'. Supported values are: 'none', 'minimal', 'low', 'medium', 'high' and 'xhigh'."),
+        )
+        .with_param("reasoning_effort"));
+    }
+    let budget = effort
         .and_then(thinking_budget)
         .map(|b| b.min(room / 2))
         .filter(|b| {
@@ -578,7 +628,9 @@ fn openai_usage(u: &Usage) -> Value {
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total(),
-        "prompt_tokens_details": {"cached_tokens": u.cached_tokens},
+        // (Claude's cache writes: counted in `prompt_tokens`, named as
+        // OpenAI-compatible gateways do, and carried to Responses usage.)
+        "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": u.cache_write_tokens},
     })
 }
 
@@ -960,6 +1012,16 @@ mod tests {
                 ..Usage::default()
             }
         );
+        // An OpenAI client's usage names them (and Responses usage after it).
+        let chat = openai_usage(&u);
+        assert_eq!(
+            chat["prompt_tokens_details"],
+            json!({"cached_tokens": 5, "cache_write_tokens": 6})
+        );
+        assert_eq!(
+            crate::responses::responses_usage(&chat)["input_tokens_details"]["cache_write_tokens"],
+            6
+        );
         // Without the split every write is a 5-minute one.
         let u = usage_of(&json!({"input_tokens": 1, "cache_creation_input_tokens": 3}));
         assert_eq!(
@@ -1056,6 +1118,15 @@ mod tests {
         assert_eq!(out["max_tokens"], 6000);
         let out = ask(json!({"reasoning_effort": "high"}), thinking, 4096);
         assert_eq!(out["thinking"]["budget_tokens"], 2048);
+        // A value it does not know is a 400 where it would be read.
+        let mut body: Map<String, Value> = serde_json::from_value(json!({
+            "model": "c", "reasoning_effort": "hgih",
+            "messages": [{"role": "user", "content": "Prove it"}]}))
+        .unwrap();
+        let e = request_to_anthropic(&body, "claude-x", false, thinking, 64000).unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("reasoning_effort"));
+        body.insert("reasoning_effort".into(), json!("high"));
+        assert!(request_to_anthropic(&body, "claude-x", false, thinking, 64000).is_ok());
         // Within the model's own limit, which the gateway lowers a larger
         // `max_tokens` to upstream.
         let capped = Takes {
@@ -1233,8 +1304,26 @@ mod tests {
             m[0]["content"],
             json!([{"type": "text", "text": "Weather?"}])
         );
-        assert_eq!(m[1]["content"][0]["id"], "functions_get_weather_0");
-        assert_eq!(m[2]["content"][0]["tool_use_id"], "functions_get_weather_0");
+        let id = m[1]["content"][0]["id"].as_str().unwrap();
+        assert!(id.starts_with("functions_get_weather_0_"), "{id}");
+        assert!(id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-'));
+        assert_eq!(m[2]["content"][0]["tool_use_id"], id);
+        // Ids that differ only in what is replaced stay apart; one Anthropic
+        // takes goes as it is.
+        assert_ne!(
+            tool_id(Some(&json!("call.1"))),
+            tool_id(Some(&json!("call:1")))
+        );
+        assert_ne!(tool_id(Some(&json!("call.1"))), json!("call_1"));
+        assert_eq!(tool_id(Some(&json!("toolu_01A-b"))), json!("toolu_01A-b"));
+        // A question of blank text only is refused, not left out.
+        let e = translated(json!({"messages": [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "Hello!"},
+            {"role": "user", "content": [{"type": "text", "text": "  "}]}]}))
+        .unwrap_err();
+        assert_eq!(e.param.as_deref(), Some("messages"));
         assert_eq!(m[3]["content"], json!([{"type": "text", "text": "Sure,"}]));
         // A prefill of white space alone is no prefill.
         let out = translated(json!({"messages": [
@@ -1251,6 +1340,22 @@ mod tests {
         assert_eq!(out["tools"].as_array().unwrap().len(), 1);
         assert_eq!(out["tools"][0]["name"], "get_time");
         assert_eq!(out["tool_choice"], json!({"type": "any"}));
+        // A custom tool the allowed ones leave out is not sent (nor refused);
+        // allowed tools none of which is listed are a 400.
+        let mixed = json!([
+            {"type": "custom", "custom": {"name": "code_exec"}},
+            {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}]);
+        let out = translated(json!({"tools": mixed, "tool_choice": {"type": "allowed_tools",
+            "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "get_time"}}]}}}))
+        .unwrap();
+        assert_eq!(out["tools"].as_array().unwrap().len(), 1);
+        assert_eq!(out["tool_choice"], json!({"type": "auto"}));
+        let e = translated(json!({"tools": tools, "tool_choice": {"type": "allowed_tools",
+            "allowed_tools": {"mode": "auto", "tools": [{"type": "function", "function": {"name": "nope"}}]}}}))
+        .unwrap_err();
+        assert_eq!(e.status, 400);
+        // An empty legacy list is nothing to refuse.
+        translated(json!({"functions": [], "function_call": "none"})).unwrap();
     }
 
     #[test]

@@ -348,17 +348,15 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
     // `output_format`): OpenAI's `json_schema` response format, strict
     // where the schema allows it, so an OpenAI model's answer keeps to the
     // schema the client's parser expects.
-    if let Some(format) = body
-        .get("output_config")
-        .and_then(|c| c.get("format"))
-        .or_else(|| body.get("output_format"))
-        .filter(|f| f.get("type").and_then(Value::as_str) == Some("json_schema"))
+    let (format, param) = match body.get("output_config").and_then(|c| c.get("format")) {
+        Some(f) => (Some(f), "output_config.format.schema"),
+        None => (body.get("output_format"), "output_format.schema"),
+    };
+    if let Some(format) =
+        format.filter(|f| f.get("type").and_then(Value::as_str) == Some("json_schema"))
     {
         let Some(schema) = format.get("schema").filter(|s| s.is_object()) else {
-            return Err(invalid(
-                "output_config.format.schema",
-                "output_config.format.schema: Field required",
-            ));
+            return Err(invalid(param, format!("{param}: Field required")));
         };
         chat.insert(
             "response_format".into(),
@@ -724,41 +722,98 @@ fn assistant_turn(
     Ok(unsigned)
 }
 
-/// Whether OpenAI's strict mode takes `schema`: every object lists all its
-/// properties as required and allows no others (elsewhere strict mode is
-/// OpenAI's 400, and the schema goes as guidance).
+/// Whether OpenAI's strict mode takes `schema` (its 400 otherwise, and the
+/// schema goes as guidance): an object at the root; every object lists all
+/// its properties as required and allows no others; only the keywords and
+/// string formats strict mode supports (`allOf`, `oneOf`, `not`, `if`,
+/// `prefixItems`, `patternProperties`, a `uri` format... are not).
 pub fn strict_compatible(schema: &Value) -> bool {
+    schema.get("type").and_then(Value::as_str) == Some("object") && strict_node(schema)
+}
+
+fn strict_node(schema: &Value) -> bool {
+    const KEYWORDS: [&str; 22] = [
+        "type",
+        "properties",
+        "required",
+        "additionalProperties",
+        "items",
+        "anyOf",
+        "$defs",
+        "definitions",
+        "$ref",
+        "enum",
+        "const",
+        "description",
+        "title",
+        "format",
+        "pattern",
+        "minimum",
+        "maximum",
+        "exclusiveMinimum",
+        "exclusiveMaximum",
+        "multipleOf",
+        "minItems",
+        "maxItems",
+    ];
+    const FORMATS: [&str; 9] = [
+        "date-time",
+        "time",
+        "date",
+        "duration",
+        "email",
+        "hostname",
+        "ipv4",
+        "ipv6",
+        "uuid",
+    ];
     let Some(o) = schema.as_object() else {
-        return schema.is_boolean();
+        return false;
     };
-    if let Some(props) = o.get("properties").and_then(Value::as_object) {
+    if !o.keys().all(|k| KEYWORDS.contains(&k.as_str())) {
+        return false;
+    }
+    if o.get("format")
+        .is_some_and(|f| !f.as_str().is_some_and(|f| FORMATS.contains(&f)))
+    {
+        return false;
+    }
+    let object =
+        o.get("type").and_then(Value::as_str) == Some("object") || o.contains_key("properties");
+    if object {
+        if o.get("additionalProperties") != Some(&Value::Bool(false)) {
+            return false;
+        }
+        let props = match o.get("properties") {
+            None => None,
+            Some(Value::Object(p)) => Some(p),
+            Some(_) => return false,
+        };
         let required: Vec<&str> = o
             .get("required")
             .and_then(Value::as_array)
             .map(|r| r.iter().filter_map(Value::as_str).collect())
             .unwrap_or_default();
-        if o.get("additionalProperties") != Some(&Value::Bool(false))
-            || !props.keys().all(|k| required.contains(&k.as_str()))
-            || !props.values().all(strict_compatible)
-        {
-            return false;
+        if let Some(props) = props {
+            if !props.keys().all(|k| required.contains(&k.as_str()))
+                || !props.values().all(strict_node)
+            {
+                return false;
+            }
         }
-    } else if o.get("type").and_then(Value::as_str) == Some("object")
-        && o.get("additionalProperties") != Some(&Value::Bool(false))
-    {
-        return false;
     }
-    let nested = |k: &str| match o.get(k) {
-        Some(Value::Array(a)) => a.iter().all(strict_compatible),
-        Some(Value::Object(m)) if k == "$defs" || k == "definitions" => {
-            m.values().all(strict_compatible)
-        }
-        Some(v) => strict_compatible(v),
+    let all = |v: Option<&Value>, many: bool| match v {
         None => true,
+        Some(Value::Array(a)) if many => a.iter().all(strict_node),
+        Some(v) if !many => strict_node(v),
+        Some(_) => false,
     };
-    ["items", "anyOf", "$defs", "definitions"]
-        .iter()
-        .all(|k| nested(k))
+    let defs = |k: &str| match o.get(k) {
+        None => true,
+        Some(Value::Object(m)) => m.values().all(strict_node),
+        Some(_) => false,
+    };
+    all(o.get("items"), false) && all(o.get("anyOf"), true) && defs("$defs") && defs("definitions")
 }
 
 /// A user message that answers tool calls (and so goes on with the
@@ -1759,6 +1814,21 @@ mod tests {
         let open = json!({"type": "object", "properties": {"city": {"type": "string"}, "zip": {"type": "string"}}, "required": ["city"], "additionalProperties": false});
         assert!(strict_compatible(&closed));
         assert!(!strict_compatible(&open));
+        // What strict mode refuses: a format it lacks, keywords it lacks, a
+        // root that is no object.
+        let mut uri = closed.clone();
+        uri["properties"]["city"]["format"] = json!("uri");
+        assert!(!strict_compatible(&uri));
+        let mut when = closed.clone();
+        when["properties"]["city"]["format"] = json!("date-time");
+        assert!(strict_compatible(&when));
+        let mut all_of = closed.clone();
+        all_of["properties"]["city"] = json!({"allOf": [{"type": "string"}]});
+        assert!(!strict_compatible(&all_of));
+        assert!(!strict_compatible(&json!({"anyOf": [closed.clone()]})));
+        let with_defs = json!({"type": "object", "properties": {"a": {"$ref": "#/$defs/A"}}, "required": ["a"], "additionalProperties": false,
+            "$defs": {"A": {"type": "object", "properties": {"x": {"type": ["string", "null"]}}, "required": ["x"], "additionalProperties": false}}});
+        assert!(strict_compatible(&with_defs));
         let mut nested_open = closed.clone();
         nested_open["properties"]["tags"]["items"]["additionalProperties"] = json!(true);
         assert!(!strict_compatible(&nested_open));

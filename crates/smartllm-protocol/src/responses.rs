@@ -933,6 +933,14 @@ fn translate(
             chat.insert(key.into(), v.clone());
         }
     }
+    // The end user's id (`safety_identifier`, or the older `user`), as
+    // chat's `user`, which every provider takes (and the cache key skips).
+    if let Some(u) = ["safety_identifier", "user"]
+        .iter()
+        .find_map(|k| body.get(*k).filter(|v| v.is_string()))
+    {
+        chat.insert("user".into(), u.clone());
+    }
     match body.get("text") {
         None | Some(Value::Null) => {}
         Some(Value::Object(text)) => {
@@ -1543,7 +1551,7 @@ fn incomplete_reason(finish: Option<&str>) -> Option<&'static str> {
 }
 
 /// Chat `usage` -> Responses `usage`.
-fn responses_usage(u: &Value) -> Value {
+pub(crate) fn responses_usage(u: &Value) -> Value {
     let n = |v: &Value, k: &str| v.get(k).and_then(Value::as_u64).unwrap_or(0);
     let input = n(u, "prompt_tokens");
     let output = n(u, "completion_tokens");
@@ -2663,6 +2671,7 @@ mod tests {
                 "max_completion_tokens": 300,
                 "temperature": 0.2,
                 "top_p": 0.9,
+                "user": "s1",
                 "stream": true,
                 "response_format": {"type": "json_schema", "json_schema": {"name": "w", "schema": {"type": "object"}, "strict": true}},
                 "verbosity": "low",

@@ -873,7 +873,33 @@ impl AdminApp {
         let label = format!("{what:?}");
         let published = what.clone();
         let issued = smartllm_cache::now_ms();
+        // A route name the running config does not know: nothing purged
+        // says so (a typo, or a model name an alias pattern takes), rather
+        // than a quiet success. (A route since removed still purges its
+        // entries by its name.)
+        let unknown_route = match &what {
+            Purge::Route(r) => {
+                let rt = self.shared.runtime.load_full();
+                let c = &rt.config;
+                (c.model(r).is_none() && !c.routes.contains_key(r)).then(|| {
+                    match c.resolve_model(r).and_then(|(_, route)| route) {
+                        Some(route) => format!(
+                            "Nothing was purged: '{r}' is no route or model of the running config; requests for it go to the route '{}', so purge that.",
+                            route.name
+                        ),
+                        None => format!(
+                            "Nothing was purged: '{r}' is no route or model of the running config."
+                        ),
+                    }
+                })
+            }
+            _ => None,
+        };
         match tokio::task::spawn_blocking(move || cache.purge_at(&what, issued)).await {
+            Ok(Ok(0)) if unknown_route.is_some() => json_reply(
+                404,
+                &json!({"error": {"message": unknown_route, "type": "invalid_request_error", "param": "route", "code": "unknown_route"}}),
+            ),
             Ok(Ok(n)) => {
                 tracing::info!(purge = %label, removed = n, "cache purged");
                 // The fleet's share: queued for its Redis (never dropped).

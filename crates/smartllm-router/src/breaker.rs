@@ -7,7 +7,7 @@ use crate::metric_names as m;
 use smartllm_config::CircuitBreakerConfig;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -133,6 +133,20 @@ impl Breakers {
         }
     }
 
+    /// How long until an open circuit lets a trial through (None: not
+    /// open, or its cooldown is over).
+    pub fn reopens_in(&self, id: &str, cfg: &CircuitBreakerConfig) -> Option<Duration> {
+        let map = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let e = map.get(id)?;
+        match e.state {
+            BreakerState::Open => e
+                .opened_at
+                .and_then(|t| cfg.cooldown.checked_sub(t.elapsed()))
+                .filter(|d| !d.is_zero()),
+            _ => None,
+        }
+    }
+
     /// An attempt whose outcome will never come (the client left before the
     /// provider answered): the half-open trial it held, if it held the one
     /// in flight, is free again; nothing is counted either way. An attempt
@@ -237,7 +251,6 @@ impl Breakers {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
     #[test]
     fn opens_after_failures_and_recovers_through_a_trial() {
@@ -253,7 +266,13 @@ mod tests {
         b.record("d", &cfg, Permit::Closed, false);
         assert_eq!(b.state("d"), BreakerState::Open);
         assert!(!b.allow("d", &cfg));
+        // (When it lets a trial through: a client's Retry-After.)
+        assert!(b
+            .reopens_in("d", &cfg)
+            .is_some_and(|d| d <= Duration::from_millis(50)));
+        assert_eq!(b.reopens_in("other", &cfg), None);
         std::thread::sleep(Duration::from_millis(60));
+        assert_eq!(b.reopens_in("d", &cfg), None);
         let trial = b.admit("d", &cfg).expect("one trial after the cooldown");
         assert!(!b.allow("d", &cfg), "only one trial at a time");
         b.record("d", &cfg, trial, false);

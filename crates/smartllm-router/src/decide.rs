@@ -321,7 +321,14 @@ fn misfit(
     if f.json_schema && !m.profile.has("structured_outputs") && anthropic_only {
         return Some("capability:structured_outputs".to_string());
     }
-    if let Some(what) = f.reasoning_refused.filter(|_| m.profile.has("reasoning")) {
+    // One of OpenAI's reasoning models cannot give stop sequences,
+    // log-probabilities or `logit_bias` (its 400).
+    let reasoning = || {
+        m.deployments
+            .iter()
+            .any(|d| smartllm_config::openai_reasoning_model(&d.upstream_model))
+    };
+    if let Some(what) = f.reasoning_refused.filter(|_| reasoning()) {
         return Some(format!("reasoning_refuses:{what}"));
     }
     None
@@ -1220,7 +1227,7 @@ mod tests {
         // What a reasoning model refuses (stop sequences, log-probabilities,
         // logit_bias) keeps it out; the others stay candidates.
         f.openai_only = None;
-        cfg.models[0].profile.capabilities = Some(vec!["tools".into(), "reasoning".into()]);
+        cfg.models[0].deployments[0].upstream_model = "o3-2025-04-16".into();
         let refused =
             |b: serde_json::Value| extract(b.as_object().unwrap(), None, None).reasoning_refused;
         let msgs = json!([{"role": "user", "content": "hi"}]);
@@ -1246,6 +1253,10 @@ mod tests {
         assert_eq!(why(&d, 0).as_deref(), Some("reasoning_refuses:stop"));
         assert_eq!((why(&d, 1), d.model.as_str()), (None, "strong"));
         f.reasoning_refused = None;
+        assert_eq!(why(&decided(&cfg, &f), 0), None);
+        // Other models that reason (gpt-oss) give them.
+        f.reasoning_refused = Some("stop");
+        cfg.models[0].deployments[0].upstream_model = "gpt-oss-120b".into();
         assert_eq!(why(&decided(&cfg, &f), 0), None);
     }
 

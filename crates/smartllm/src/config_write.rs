@@ -20,7 +20,9 @@ pub fn replace(path: &Path, text: &str) -> anyhow::Result<()> {
 
 /// `replace` for a file that holds no secret (a trained router model): a
 /// new one with no file beside it to take after is 0644 (less the umask),
-/// and an owner the caller may not give it (not root) is left as it is.
+/// and an owner the caller may not give it (not root) is left as it is. A
+/// symbolic link is replaced, not followed (such files may lie in a
+/// directory the service can write).
 pub fn replace_public(path: &Path, text: &str) -> anyhow::Result<()> {
     write_replacing(path, text, false)
 }
@@ -31,18 +33,8 @@ fn write_replacing(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> 
     // A file that is a symbolic link (one key list shared by a fleet's
     // config directories) is replaced where it lies: the link stays a link,
     // and every directory that shares it sees the change.
-    let target;
-    let path = if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_symlink()) {
-        target = std::fs::canonicalize(path).with_context(|| {
-            format!(
-                "{} is a symbolic link to a file that cannot be read",
-                path.display()
-            )
-        })?;
-        target.as_path()
-    } else {
-        path
-    };
+    let target = if secret { linked_target(path)? } else { None };
+    let path = target.as_deref().unwrap_or(path);
     let dir = path.parent().unwrap_or(Path::new("."));
     let name = path
         .file_name()
@@ -100,6 +92,57 @@ fn write_replacing(path: &Path, text: &str, secret: bool) -> anyhow::Result<()> 
         let _ = d.sync_all();
     }
     Ok(())
+}
+
+/// The file `path` links to, when it is a symbolic link the CLI follows:
+/// one its owner made (root, or the target's own owner). A link someone
+/// else planted to another owner's file is refused, not followed (root
+/// would overwrite that file). None: not a link.
+fn linked_target(path: &Path) -> anyhow::Result<Option<std::path::PathBuf>> {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(link) = std::fs::symlink_metadata(path) else {
+        return Ok(None);
+    };
+    if !link.file_type().is_symlink() {
+        return Ok(None);
+    }
+    let target = std::fs::canonicalize(path).with_context(|| {
+        format!(
+            "{} is a symbolic link to a file that cannot be read",
+            path.display()
+        )
+    })?;
+    let owner = std::fs::metadata(&target)
+        .with_context(|| format!("reading {}", target.display()))?
+        .uid();
+    if link.uid() != 0 && link.uid() != owner {
+        anyhow::bail!(
+            "{} is a symbolic link owned by uid {} to {}, owned by uid {owner}: not followed (make the link as the file's owner or root)",
+            path.display(),
+            link.uid(),
+            target.display()
+        );
+    }
+    Ok(Some(target))
+}
+
+/// [`lock`] on the directory of the file `path` links to, when it is a
+/// link out of its own directory (a key list shared by several config
+/// directories): two CLIs editing it through two directories take turns.
+/// Taken after the config directory's own lock, so the order is always
+/// the same. None: not a link, or one within the same directory.
+pub fn lock_linked(path: &Path) -> anyhow::Result<Option<std::fs::File>> {
+    let Some(target) = linked_target(path)? else {
+        return Ok(None);
+    };
+    let (Some(dir), Some(own)) = (target.parent(), path.parent()) else {
+        return Ok(None);
+    };
+    let own = std::fs::canonicalize(own).unwrap_or_else(|_| own.to_path_buf());
+    if dir == own {
+        return Ok(None);
+    }
+    lock(dir).map(Some)
 }
 
 /// An exclusive lock on `dir`'s CLI edits (a hidden `.smartllm.lock`), held
@@ -182,6 +225,30 @@ mod tests {
         std::os::unix::fs::symlink("../shared/keys.yaml", &link).unwrap();
         replace(&link, "new\n").unwrap();
         assert!(std::fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink());
+        assert_eq!(std::fs::read_to_string(&shared).unwrap(), "new\n");
+        // Two directories editing it take turns on the target's directory.
+        let held = lock_linked(&link).unwrap().expect("a lock on shared/");
+        assert!(
+            std::fs::File::open(dir.path().join("shared/.smartllm.lock"))
+                .unwrap()
+                .try_lock()
+                .is_err()
+        );
+        drop(held);
+        // A link another user planted to this one's file is not followed
+        // (only when the test may give the link another owner: root).
+        if std::os::unix::fs::lchown(&link, Some(4242), None).is_ok() {
+            assert!(replace(&link, "planted\n").is_err());
+            assert_eq!(std::fs::read_to_string(&shared).unwrap(), "new\n");
+        }
+        // A file with no secret is replaced, not followed.
+        let public = dir.path().join("conf/router.json");
+        std::os::unix::fs::symlink("../shared/keys.yaml", &public).unwrap();
+        replace_public(&public, "{}").unwrap();
+        assert!(!std::fs::symlink_metadata(&public)
             .unwrap()
             .file_type()
             .is_symlink());

@@ -57,6 +57,8 @@ pub fn create(dir: &Path, new: &NewKey<'_>) -> anyhow::Result<String> {
     // keep the other's key.
     let _lock = crate::config_write::lock(dir)?;
     let path = dir.join(smartllm_config::KEYS_FILE);
+    // (A key list shared through a link: its own directory's lock too.)
+    let _shared = crate::config_write::lock_linked(&path)?;
     let current = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -89,6 +91,8 @@ pub fn create(dir: &Path, new: &NewKey<'_>) -> anyhow::Result<String> {
 pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<()> {
     let _lock = crate::config_write::lock(dir)?;
     let path = dir.join(smartllm_config::KEYS_FILE);
+    // (A key list shared through a link: its own directory's lock too.)
+    let _shared = crate::config_write::lock_linked(&path)?;
     let current =
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
     let Some(text) = without_key(&current, name) else {

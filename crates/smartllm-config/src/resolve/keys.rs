@@ -27,7 +27,7 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
             v.push(
                 KEYS_FILE,
                 format!("{at}.sha256"),
-                "must be 64 hex characters: the sha256 of the key (smartllm keys hash KEY)",
+                "must be 64 hex characters: the sha256 of the key (smartllm keys hash < key-file)",
             );
             continue;
         };

@@ -245,7 +245,14 @@ fn refusal(r: smartllm_quota::Refusal) -> ApiError {
             "request_too_large_for_limit",
             message,
         ),
-        Refusal::FleetUnavailable(_) => ApiError::unavailable("fleet_state_unavailable", message),
+        // (What Redis said goes to the log, not to API clients.)
+        Refusal::FleetUnavailable(why) => {
+            tracing::warn!(error = %why, "fleet state unavailable: request refused (fleet.on_error: reject)");
+            ApiError::unavailable(
+                "fleet_state_unavailable",
+                "Rate limits and budgets for this key are shared by the gateway fleet and cannot be checked right now; try again shortly.",
+            )
+        }
         // Room once requests in flight end: retryable, like a rate limit.
         Refusal::BudgetExceeded(e) if e.in_flight => {
             ApiError::new(429, "rate_limit_error", "budget_in_flight", message)

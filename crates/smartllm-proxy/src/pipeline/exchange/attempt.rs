@@ -155,8 +155,7 @@ pub(super) async fn once(
         }
         () = stream::drain_over(&mut drain) => {
             ctx.upstream_wait += wait_start.elapsed();
-            up.shutdown().await;
-            return Attempt::Fail(stream::drain_refusal());
+            return super::stopped_while_waiting(ctx, x.req, up).await;
         }
     };
     match header {

@@ -41,8 +41,7 @@ pub(super) async fn relay(
         // client may send again.)
         () = super::stream::drain_over(&mut drain) => {
             ctx.upstream_wait += waited;
-            up.shutdown().await;
-            return Attempt::Fail(super::stream::drain_refusal());
+            return super::stopped_while_waiting(ctx, x.req, up).await;
         }
     };
     ctx.upstream_wait += waited;

@@ -329,6 +329,9 @@ pub async fn run(
                     }
                     Attempt::Done => ("ok", None),
                     Attempt::Retry(e) | Attempt::Stale(e) => ("retried", Some(e.code)),
+                    Attempt::Fail(e) if e.code == "server_shutting_down" => {
+                        ("abandoned", Some(e.code))
+                    }
                     Attempt::Fail(e) => ("failed", Some(e.code)),
                     Attempt::StreamFailed { error, .. } => ("failed", Some(error.code)),
                     Attempt::Abandoned => ("abandoned", None),
@@ -400,7 +403,13 @@ pub async fn run(
                     last_err = Some(e);
                 }
                 Attempt::Fail(e) => {
-                    metrics::upstream_attempt(provider.name(), "failed");
+                    // (The gateway's own stop is no failure of the provider.)
+                    let outcome = if e.code == "server_shutting_down" {
+                        "abandoned"
+                    } else {
+                        "failed"
+                    };
+                    metrics::upstream_attempt(provider.name(), outcome);
                     failed(&e);
                     return Err(e);
                 }
@@ -434,6 +443,33 @@ pub async fn run(
                     return Ok(());
                 }
             }
+        }
+    }
+    // Nothing was tried (every circuit open, or unhealthy): the soonest
+    // circuit to let a trial through is when to come back.
+    if last_err.is_none() {
+        let reopen = pools
+            .iter()
+            .flat_map(|pool| {
+                pool.lb
+                    .backends()
+                    .get_backend()
+                    .iter()
+                    .flat_map(|b| {
+                        pool.deployments_on(b, false)
+                            .filter_map(|(_, d, id)| {
+                                shared
+                                    .breakers
+                                    .reopens_in(id, &d.provider.cfg.circuit_breaker)
+                            })
+                            .collect::<Vec<_>>()
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .min();
+        if let Some(d) = reopen {
+            let secs = d.as_secs() + u64::from(d.subsec_nanos() > 0);
+            soonest = Some(soonest.map_or(secs, |t| t.min(secs)));
         }
     }
     let mut err = last_err.unwrap_or_else(|| {
@@ -517,6 +553,24 @@ async fn client_left(session: &mut Session, unwatched: &mut bool) {
 /// the prompt, which the provider has read, is billed, estimated. Before the
 /// provider answered at all (`answered`: its header came) the attempt says
 /// nothing of the deployment ([`Attempt::Abandoned`]).
+/// The stop's drain time ran out while the provider worked on the request
+/// (nothing reached the client): the upstream request is cancelled, the
+/// prompt billed at its estimate (the provider read it), and the client
+/// gets a 503 it may send again.
+async fn stopped_while_waiting(ctx: &mut Ctx, req: &ParsedRequest, mut up: HttpSession) -> Attempt {
+    up.shutdown().await;
+    if !matches!(
+        req.endpoint,
+        smartllm_protocol::Endpoint::MessagesCountTokens
+            | smartllm_protocol::Endpoint::ResponsesInputTokens
+    ) {
+        ctx.usage_estimated = true;
+        usage::record_usage(ctx, Some(usage::estimate_usage(req, String::new()).await));
+    }
+    tracing::info!(request_id = %ctx.request_id, provider = ?ctx.provider, "the drain time ran out before the provider answered; the upstream request is cancelled");
+    Attempt::Fail(stream::drain_refusal())
+}
+
 async fn left_while_waiting(
     ctx: &mut Ctx,
     req: &ParsedRequest,

@@ -82,7 +82,7 @@ pub(super) fn build(
             // and the sampling settings a reasoning model refuses.
             let leave_out: &[&str] = if pool.no_reasoning {
                 &["reasoning"]
-            } else if pool.reasoning {
+            } else if smartllm_config::openai_reasoning_model(&dep.upstream_model) {
                 REASONING_REFUSES
             } else {
                 &[]
@@ -137,7 +137,7 @@ pub(super) fn build(
                 &dep.upstream_model,
                 p.cfg.stream_usage,
                 limit_field,
-                chat_leaves_out(pool),
+                chat_leaves_out(pool, &dep.upstream_model),
             );
             // A reasoning model takes the thinking asked for as an effort
             // (the history's thinking blocks have no place in chat and are
@@ -170,7 +170,7 @@ pub(super) fn build(
                 &dep.upstream_model,
                 p.cfg.stream_usage,
                 limit_field,
-                chat_leaves_out(pool),
+                chat_leaves_out(pool, &dep.upstream_model),
             ),
             Translate::OpenAi,
         ),
@@ -310,18 +310,13 @@ pub(super) fn build(
     })
 }
 
-/// The limit a Chat Completions request without one is sent to Anthropic
-/// with (which needs one): as long as the model writes, as on OpenAI, but
-/// within what its context window leaves the prompt, counted at a bound of
-/// two bytes a token (Anthropic refuses prompt + max_tokens over the
-/// window); never under [`anthropic::DEFAULT_MAX_TOKENS`], the limit
-/// before the model's own was known.
-/// Sampling settings OpenAI's reasoning models (o-series, GPT-5) answer 400
-/// to, in chat and in Responses. They only shape how tokens are drawn, so a
-/// model listed with `reasoning` gets the request without them (what a
-/// reasoning model cannot give at all, `stop`, log-probabilities and
-/// `logit_bias`, keeps it out of a routed choice instead:
-/// `reasoning_refuses:`).
+/// Sampling settings OpenAI's reasoning models (o-series, GPT-5:
+/// [`smartllm_config::openai_reasoning_model`]) answer 400 to, in chat and
+/// in Responses. They only shape how tokens are drawn, so such a model gets
+/// the request without them (what it cannot give at all, `stop`,
+/// log-probabilities and `logit_bias`, keeps it out of a routed choice
+/// instead: `reasoning_refuses:`). Other models that reason (gpt-oss,
+/// Qwen3 behind vLLM) take them and get them.
 const REASONING_REFUSES: &[&str] = &[
     "temperature",
     "top_p",
@@ -329,20 +324,26 @@ const REASONING_REFUSES: &[&str] = &[
     "frequency_penalty",
 ];
 
-/// What a chat request to `pool`'s OpenAI-compatible providers goes
-/// without: `reasoning_effort` for a model listed without `reasoning` (it
-/// would answer 400; listed with nothing, sent as given), the sampling
-/// settings for one listed with it.
-fn chat_leaves_out(pool: &ModelPool) -> &'static [&'static str] {
+/// What a chat request to `pool`'s OpenAI-compatible deployment serving
+/// `upstream` goes without: `reasoning_effort` for a model listed without
+/// `reasoning` (it would answer 400; listed with nothing, sent as given),
+/// the sampling settings for one of OpenAI's reasoning models.
+fn chat_leaves_out(pool: &ModelPool, upstream: &str) -> &'static [&'static str] {
     if pool.no_reasoning {
         &["reasoning_effort"]
-    } else if pool.reasoning {
+    } else if smartllm_config::openai_reasoning_model(upstream) {
         REASONING_REFUSES
     } else {
         &[]
     }
 }
 
+/// The limit a Chat Completions request without one is sent to Anthropic
+/// with (which needs one): as long as the model writes, as on OpenAI, but
+/// within what its context window leaves the prompt, counted at a bound of
+/// two bytes a token (Anthropic refuses prompt + max_tokens over the
+/// window); never under [`anthropic::DEFAULT_MAX_TOKENS`], the limit
+/// before the model's own was known.
 fn default_max_tokens(most: Option<u64>, context_window: u64, prompt_bytes: usize) -> u64 {
     let Some(most) = most else {
         return anthropic::DEFAULT_MAX_TOKENS;
