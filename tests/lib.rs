@@ -68,6 +68,27 @@ fn build_bins(profile_dir: &Path) -> Result<(), String> {
         .args(["build", "--locked", "--workspace", "--bins"])
         .arg("--target-dir")
         .arg(target_dir);
+    // What cargo set for this test binary is not the build's: ring's build
+    // script watches CARGO_MANIFEST_DIR, so passed on it made this build
+    // redo ring, rustls, pingora and everything above them (minutes), and
+    // the next `cargo build` redo them back.
+    for (k, _) in std::env::vars_os() {
+        let Some(k) = k.to_str() else { continue };
+        if k.starts_with("CARGO_PKG_")
+            || k.starts_with("CARGO_BIN_EXE_")
+            || [
+                "CARGO_MANIFEST_DIR",
+                "CARGO_MANIFEST_PATH",
+                "CARGO_CRATE_NAME",
+                "CARGO_BIN_NAME",
+                "CARGO_PRIMARY_PACKAGE",
+                "CARGO_TARGET_TMPDIR",
+            ]
+            .contains(&k)
+        {
+            cmd.env_remove(k);
+        }
+    }
     match profile {
         "debug" => {}
         "release" => {
