@@ -845,6 +845,10 @@ pub fn openai_reasoning_model(upstream: &str) -> bool {
         .next()
         .unwrap_or(upstream)
         .to_ascii_lowercase();
+    // A fine-tune (`ft:o4-mini-2025-04-16:org::id`) is its base model's
+    // kind; a variant suffix (`o3:online`) changes nothing.
+    let n = n.strip_prefix("ft:").unwrap_or(&n);
+    let n = n.split(':').next().unwrap_or(n);
     if n.contains("-chat") {
         return false;
     }
@@ -1318,6 +1322,9 @@ mod tests {
             ("gpt-4o", false),
             ("o3x-local", false),
             ("gpt-oss-120b", false),
+            ("ft:o4-mini-2025-04-16:acme::abc123", true),
+            ("openai/o3:online", true),
+            ("ft:gpt-4o-mini:acme::x", false),
         ] {
             assert_eq!(openai_reasoning_model(name), reasoning, "{name}");
         }

@@ -40,6 +40,26 @@ pub fn watch_dir(dir: &Path, tx: mpsc::Sender<()>) -> notify::Result<notify::Rec
 /// changes nothing the config reads is a reload that finds the config
 /// unchanged. A directory that cannot be watched is returned with its error
 /// (SIGHUP still reloads); only `dir` must be.
+/// Where the config files of `dir` that are symbolic links point (sorted):
+/// watched there too. The reload service watches anew when they change (a
+/// `keys.yaml` made a link, or pointed elsewhere, after the start).
+pub fn linked_files(dir: &Path) -> Vec<PathBuf> {
+    let mut out: Vec<PathBuf> = std::fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
+        .filter(|e| {
+            e.file_name().to_str().is_some_and(|n| {
+                !n.starts_with('.') && (n.ends_with(".yaml") || n.ends_with(".yml"))
+            })
+        })
+        .filter_map(|e| e.path().canonicalize().ok())
+        .collect();
+    out.sort();
+    out
+}
+
 pub fn watch_dir_and(
     dir: &Path,
     files: &[PathBuf],
@@ -61,18 +81,7 @@ pub fn watch_dir_and(
     // A config file that is a link (one `keys.yaml` shared by a fleet's
     // directories): the file it points to is watched where it lies, so a
     // `keys revoke` through another directory reaches this gateway too.
-    let linked: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink()))
-        .filter(|e| {
-            e.file_name().to_str().is_some_and(|n| {
-                !n.starts_with('.') && (n.ends_with(".yaml") || n.ends_with(".yml"))
-            })
-        })
-        .filter_map(|e| e.path().canonicalize().ok())
-        .collect();
+    let linked = linked_files(dir);
     let mut names: Vec<String> = Vec::new();
     // Other directories, with the names watched in each.
     let mut extra: Vec<(PathBuf, Vec<String>)> = Vec::new();

@@ -20,7 +20,9 @@ fn text_of(content: &Value) -> String {
 /// never to Claude without it.
 fn content_blocks(content: &Value) -> Result<Vec<Value>, ApiError> {
     let parts = match content {
-        Value::String(s) if s.is_empty() => return Ok(Vec::new()),
+        // (Blank text is Anthropic's 400: "text content blocks must contain
+        // non-whitespace text".)
+        Value::String(s) if s.trim().is_empty() => return Ok(Vec::new()),
         Value::String(s) => return Ok(vec![json!({"type": "text", "text": s})]),
         Value::Array(parts) => parts,
         _ => return Ok(Vec::new()),
@@ -180,7 +182,15 @@ pub fn request_to_anthropic(
         .get("messages")
         .and_then(Value::as_array)
         .unwrap_or(&empty);
-    for m in msgs {
+    // The last turn that is no system message: a blank question there is
+    // refused, elsewhere left out.
+    let last_turn = msgs.iter().rposition(|m| {
+        !matches!(
+            m.get("role").and_then(Value::as_str),
+            Some("system" | "developer")
+        )
+    });
+    for (i, m) in msgs.iter().enumerate() {
         let role = m.get("role").and_then(Value::as_str).unwrap_or("user");
         let content = m.get("content").unwrap_or(&Value::Null);
         match role {
@@ -192,13 +202,14 @@ pub fn request_to_anthropic(
             }
             "user" => {
                 let blocks = content_blocks(content)?;
-                // A question of blank text only: Anthropic's 400, named
+                // A last question of blank text only: Anthropic's 400, named
                 // here (left out, the turn before it would read as the
-                // answer to go on with).
-                if blocks.is_empty() {
+                // answer to go on with). One earlier in the history is left
+                // out (OpenAI takes it).
+                if blocks.is_empty() && last_turn == Some(i) {
                     return Err(ApiError::invalid_request(
                         "invalid_value",
-                        "Anthropic models take no user message without content: every text part of this one is empty.",
+                        "Anthropic models take no user message without content: every text part of the last one is empty.",
                     )
                     .with_param("messages"));
                 }
@@ -223,13 +234,15 @@ pub fn request_to_anthropic(
             }
             "tool" => {
                 let id = tool_id(m.get("tool_call_id"));
-                push_message(
-                    &mut messages,
-                    "user",
-                    vec![
-                        json!({"type": "tool_result", "tool_use_id": id, "content": text_of(content)}),
-                    ],
-                );
+                // A tool that printed nothing: a result without content
+                // (blank text is Anthropic's 400).
+                let text = text_of(content);
+                let result = if text.trim().is_empty() {
+                    json!({"type": "tool_result", "tool_use_id": id})
+                } else {
+                    json!({"type": "tool_result", "tool_use_id": id, "content": text})
+                };
+                push_message(&mut messages, "user", vec![result]);
             }
             _ => {}
         }
@@ -382,7 +395,8 @@ pub fn request_to_anthropic(
         .map(|ts| {
             ts.iter()
                 .filter_map(|t| {
-                    t.get("function")
+                    let kind = t.get("type").and_then(Value::as_str).unwrap_or("function");
+                    t.get(kind)
                         .and_then(|f| f.get("name"))
                         .or_else(|| t.get("name"))
                         .and_then(Value::as_str)
@@ -498,12 +512,17 @@ pub fn request_to_anthropic(
             }
         }
     }
-    // The end user's id: `safety_identifier` (OpenAI's newer name) or `user`.
+    // The end user's id: `safety_identifier` (OpenAI's newer name) or `user`,
+    // as its sha256: Anthropic wants an opaque id and refuses one that looks
+    // like an email address (OpenAI clients often send one), or a long one.
     if let Some(user) = ["safety_identifier", "user"]
         .iter()
         .find_map(|k| body.get(*k).and_then(Value::as_str))
+        .filter(|u| !u.is_empty())
     {
-        out.insert("metadata".into(), json!({"user_id": user}));
+        use sha2::Digest;
+        let id = hex::encode(sha2::Sha256::digest(user.as_bytes()));
+        out.insert("metadata".into(), json!({"user_id": id}));
     }
     // `reasoning_effort` to a Claude model with extended thinking: a budget
     // by the effort, at most half of `max_tokens` (which, as OpenAI's
@@ -1288,6 +1307,20 @@ mod tests {
         }
     }
 
+    /// The end user's id reaches Claude as an opaque digest (Anthropic
+    /// refuses one that looks like an email address).
+    #[test]
+    fn the_end_user_id_goes_to_claude_as_a_digest() {
+        let out = translated(json!({"user": "ann@example.com"})).unwrap();
+        let id = out["metadata"]["user_id"].as_str().unwrap();
+        assert_eq!(id.len(), 64);
+        assert!(!id.contains('@'));
+        let newer =
+            translated(json!({"user": "x", "safety_identifier": "ann@example.com"})).unwrap();
+        assert_eq!(newer["metadata"]["user_id"], id, "safety_identifier first");
+        assert!(translated(json!({})).unwrap().get("metadata").is_none());
+    }
+
     /// What Anthropic refuses in a history another API wrote: empty text
     /// blocks, tool ids outside its alphabet, a prefill ending in white
     /// space; `allowed_tools` narrows the tools.
@@ -1318,12 +1351,33 @@ mod tests {
         );
         assert_ne!(tool_id(Some(&json!("call.1"))), json!("call_1"));
         assert_eq!(tool_id(Some(&json!("toolu_01A-b"))), json!("toolu_01A-b"));
-        // A question of blank text only is refused, not left out.
+        // A last question of blank text only is refused, not left out; an
+        // earlier one is left out.
         let e = translated(json!({"messages": [{"role": "user", "content": "hi"},
             {"role": "assistant", "content": "Hello!"},
             {"role": "user", "content": [{"type": "text", "text": "  "}]}]}))
         .unwrap_err();
         assert_eq!(e.param.as_deref(), Some("messages"));
+        let out = translated(json!({"messages": [{"role": "user", "content": ""},
+            {"role": "user", "content": "hi"}]}))
+        .unwrap();
+        assert_eq!(
+            out["messages"][0]["content"],
+            json!([{"type": "text", "text": "hi"}])
+        );
+        // Blank text Claude wrote before a tool call, and a tool that
+        // printed nothing, come back as Anthropic takes them.
+        let out = translated(json!({"messages": [{"role": "user", "content": "ls"},
+            {"role": "assistant", "content": "\n\n", "tool_calls": [{"id": "toolu_1", "type": "function", "function": {"name": "sh", "arguments": "{}"}}]},
+            {"role": "tool", "tool_call_id": "toolu_1", "content": ""}]}))
+        .unwrap();
+        let t = out["messages"].as_array().unwrap();
+        assert_eq!(t[1]["content"].as_array().unwrap().len(), 1, "{out}");
+        assert_eq!(t[1]["content"][0]["type"], "tool_use");
+        assert_eq!(
+            t[2]["content"][0],
+            json!({"type": "tool_result", "tool_use_id": "toolu_1"})
+        );
         assert_eq!(m[3]["content"], json!([{"type": "text", "text": "Sure,"}]));
         // A prefill of white space alone is no prefill.
         let out = translated(json!({"messages": [

@@ -877,8 +877,15 @@ impl AdminApp {
         // says so (a typo, or a model name an alias pattern takes), rather
         // than a quiet success. (A route since removed still purges its
         // entries by its name.)
+        // (With a shared cache the fleet is told anyway: another gateway may
+        // still know the route, in a rolling config change.)
+        let shares = self
+            .shared
+            .fleet_sync
+            .as_ref()
+            .is_some_and(|f| f.shares_cache());
         let unknown_route = match &what {
-            Purge::Route(r) => {
+            Purge::Route(r) if !shares => {
                 let rt = self.shared.runtime.load_full();
                 let c = &rt.config;
                 (c.model(r).is_none() && !c.routes.contains_key(r)).then(|| {

@@ -276,7 +276,13 @@ impl BackgroundService for ReloadService {
         let mut watched = rt.config.watched_files();
         // Where the config directory leads (a link swapped to another
         // release is watched there from then on).
-        let target = || self.shared.config_dir.canonicalize().ok();
+        // The config directory's link target, and where its linked files
+        // point: either changing means watching anew.
+        let target = || {
+            let dir = self.shared.config_dir.canonicalize().ok();
+            let linked = smartllm_config::watch::linked_files(&self.shared.config_dir);
+            (dir, linked)
+        };
         let mut watched_target = target();
         let mut _watcher = if watch {
             self.watch(&watched, &tx)

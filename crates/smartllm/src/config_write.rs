@@ -115,6 +115,24 @@ fn linked_target(path: &Path) -> anyhow::Result<Option<std::path::PathBuf>> {
     let owner = std::fs::metadata(&target)
         .with_context(|| format!("reading {}", target.display()))?
         .uid();
+    // The directory the file is replaced in (and locked in) must be as
+    // trusted as the config directory: owned by root or by the config
+    // directory's owner, and writable by no one else (who could swap it
+    // for a link between the check and the write).
+    let admin = path
+        .parent()
+        .and_then(|d| std::fs::metadata(d).ok())
+        .map_or(0, |m| m.uid());
+    if let Some(dir) = target.parent() {
+        let m = std::fs::metadata(dir).with_context(|| format!("reading {}", dir.display()))?;
+        if (m.uid() != 0 && m.uid() != admin) || m.mode() & 0o022 != 0 {
+            anyhow::bail!(
+                "{} links into {}, which is not owned by root or the config directory's owner, or is writable by others: not followed",
+                path.display(),
+                dir.display()
+            );
+        }
+    }
     if link.uid() != 0 && link.uid() != owner {
         anyhow::bail!(
             "{} is a symbolic link owned by uid {} to {}, owned by uid {owner}: not followed (make the link as the file's owner or root)",
@@ -228,6 +246,12 @@ mod tests {
             .unwrap()
             .file_type()
             .is_symlink());
+        assert_eq!(std::fs::read_to_string(&shared).unwrap(), "new\n");
+        // Not into a directory others may write (they could swap it).
+        let shared_dir = dir.path().join("shared");
+        std::fs::set_permissions(&shared_dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(replace(&link, "open\n").is_err());
+        std::fs::set_permissions(&shared_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert_eq!(std::fs::read_to_string(&shared).unwrap(), "new\n");
         // Two directories editing it take turns on the target's directory.
         let held = lock_linked(&link).unwrap().expect("a lock on shared/");

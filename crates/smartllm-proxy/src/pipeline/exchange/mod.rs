@@ -548,11 +548,6 @@ async fn client_left(session: &mut Session, unwatched: &mut bool) {
     std::future::pending().await
 }
 
-/// The client left before the answer began: the upstream request is
-/// cancelled (its connection closed, so the provider stops generating), and
-/// the prompt, which the provider has read, is billed, estimated. Before the
-/// provider answered at all (`answered`: its header came) the attempt says
-/// nothing of the deployment ([`Attempt::Abandoned`]).
 /// The stop's drain time ran out while the provider worked on the request
 /// (nothing reached the client): the upstream request is cancelled, the
 /// prompt billed at its estimate (the provider read it), and the client
@@ -571,6 +566,11 @@ async fn stopped_while_waiting(ctx: &mut Ctx, req: &ParsedRequest, mut up: HttpS
     Attempt::Fail(stream::drain_refusal())
 }
 
+/// The client left before the answer began: the upstream request is
+/// cancelled (its connection closed, so the provider stops generating), and
+/// the prompt, which the provider has read, is billed, estimated. Before the
+/// provider answered at all (`answered`: its header came) the attempt says
+/// nothing of the deployment ([`Attempt::Abandoned`]).
 async fn left_while_waiting(
     ctx: &mut Ctx,
     req: &ParsedRequest,

@@ -62,7 +62,10 @@ pub(super) fn build(
         .cfg
         .max_tokens_field
         .map(TokenLimitField::as_str)
-        .or(pool.reasoning.then_some("max_completion_tokens"));
+        .or(
+            (pool.reasoning || smartllm_config::openai_reasoning_model(&dep.upstream_model))
+                .then_some("max_completion_tokens"),
+        );
     let (path, body, translate) = match p.cfg.kind {
         ProviderKind::OpenAi
             if req.endpoint == Endpoint::Responses
@@ -80,12 +83,14 @@ pub(super) fn build(
             // `reasoning` to a model listed without the capability (it
             // would answer 400): left out, as `reasoning_effort` is in chat;
             // and the sampling settings a reasoning model refuses.
-            let leave_out: &[&str] = if pool.no_reasoning {
-                &["reasoning"]
-            } else if smartllm_config::openai_reasoning_model(&dep.upstream_model) {
-                REASONING_REFUSES
-            } else {
-                &[]
+            let leave_out: &[&str] = match (
+                pool.no_reasoning,
+                smartllm_config::openai_reasoning_model(&dep.upstream_model),
+            ) {
+                (true, true) => &["reasoning", "temperature", "top_p"],
+                (true, false) => &["reasoning"],
+                (false, true) => REASONING_REFUSES,
+                (false, false) => &[],
             };
             for k in leave_out {
                 if let Some(b) = smartllm_protocol::messages::remove_top_level(&body, k) {
@@ -329,12 +334,21 @@ const REASONING_REFUSES: &[&str] = &[
 /// `reasoning` (it would answer 400; listed with nothing, sent as given),
 /// the sampling settings for one of OpenAI's reasoning models.
 fn chat_leaves_out(pool: &ModelPool, upstream: &str) -> &'static [&'static str] {
-    if pool.no_reasoning {
-        &["reasoning_effort"]
-    } else if smartllm_config::openai_reasoning_model(upstream) {
-        REASONING_REFUSES
-    } else {
-        &[]
+    match (
+        pool.no_reasoning,
+        smartllm_config::openai_reasoning_model(upstream),
+    ) {
+        // (An o-series model listed without `reasoning`: both.)
+        (true, true) => &[
+            "reasoning_effort",
+            "temperature",
+            "top_p",
+            "presence_penalty",
+            "frequency_penalty",
+        ],
+        (true, false) => &["reasoning_effort"],
+        (false, true) => REASONING_REFUSES,
+        (false, false) => &[],
     }
 }
 
