@@ -1174,7 +1174,7 @@ fn a_reasoning_model_gets_the_token_limit_under_the_name_it_takes() {
         mock_provider("compat", &mock),
         mock_provider("openai", &mock)
     );
-    let models = "models:\n  - name: reasoner\n    pricing: { input: 1, output: 4 }\n    deployments:\n      - provider: openai\n        model: o3-mini\n  - name: reasoner-compat\n    pricing: { input: 1, output: 4 }\n    deployments:\n      - provider: compat\n        model: o3-mini\n";
+    let models = "models:\n  - name: reasoner\n    pricing: { input: 1, output: 4 }\n    deployments:\n      - provider: openai\n        model: o3-mini\n  - name: reasoner-compat\n    pricing: { input: 1, output: 4 }\n    deployments:\n      - provider: compat\n        model: o3-mini\n  - name: plain-compat\n    pricing: { input: 1, output: 4 }\n    deployments:\n      - provider: compat\n        model: o3x-tuned\n";
     let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, "");
     let gw = Gateway::start(cfg);
     let h = [("anthropic-version", "2023-06-01")];
@@ -1191,8 +1191,9 @@ fn a_reasoning_model_gets_the_token_limit_under_the_name_it_takes() {
         .unwrap()
     };
     // Under the old name the model refuses, and the Anthropic client
-    // reads why in its own shape.
-    let r = msg("reasoner-compat");
+    // reads why in its own shape (a name the gateway does not know for a
+    // reasoning model's: nothing renamed).
+    let r = msg("plain-compat");
     assert_eq!(r.status, 400, "{}", r.text());
     assert_eq!(
         r.json()["error"]["type"],
@@ -1216,8 +1217,11 @@ fn a_reasoning_model_gets_the_token_limit_under_the_name_it_takes() {
     let resp = json!({"model": "reasoner", "max_output_tokens": 7, "input": "Think about primes."});
     let r = post_json(&gw.addr, "/v1/responses", &resp);
     assert_eq!(sent(r), (Value::Null, json!(7)));
-    // A provider with no name of its own gets the client's as given.
-    let chat = json!({"model": "reasoner-compat", "max_completion_tokens": 5,
+    // A provider with no name of its own: an upstream OpenAI reasoning
+    // model's name (o3-mini) renames as well; other models get the
+    // client's name as given.
+    assert_eq!(sent(msg("reasoner-compat")), (Value::Null, json!(50)));
+    let chat = json!({"model": "plain-compat", "max_completion_tokens": 5,
         "messages": [{"role": "user", "content": "Say hi."}]});
     assert_eq!(sent(gw.chat(&chat)), (Value::Null, json!(5)));
 }
