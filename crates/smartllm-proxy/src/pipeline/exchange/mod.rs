@@ -548,11 +548,11 @@ async fn client_left(session: &mut Session, unwatched: &mut bool) {
     std::future::pending().await
 }
 
-/// The stop's drain time ran out while the provider worked on the request
-/// (nothing reached the client): the upstream request is cancelled, the
-/// prompt billed at its estimate (the provider read it), and the client
-/// gets a 503 it may send again.
-async fn stopped_while_waiting(ctx: &mut Ctx, req: &ParsedRequest, mut up: HttpSession) -> Attempt {
+/// An upstream request given up before its answer: its connection is
+/// closed (the provider stops generating) and the prompt, which the
+/// provider has read, is billed at its estimate (a token count costs
+/// nothing).
+async fn cancel_billing_the_prompt(ctx: &mut Ctx, req: &ParsedRequest, mut up: HttpSession) {
     up.shutdown().await;
     if !matches!(
         req.endpoint,
@@ -562,6 +562,14 @@ async fn stopped_while_waiting(ctx: &mut Ctx, req: &ParsedRequest, mut up: HttpS
         ctx.usage_estimated = true;
         usage::record_usage(ctx, Some(usage::estimate_usage(req, String::new()).await));
     }
+}
+
+/// The stop's drain time ran out while the provider worked on the request
+/// (nothing reached the client): the upstream request is cancelled, the
+/// prompt billed at its estimate (the provider read it), and the client
+/// gets a 503 it may send again.
+async fn stopped_while_waiting(ctx: &mut Ctx, req: &ParsedRequest, up: HttpSession) -> Attempt {
+    cancel_billing_the_prompt(ctx, req, up).await;
     tracing::info!(request_id = %ctx.request_id, provider = ?ctx.provider, "the drain time ran out before the provider answered; the upstream request is cancelled");
     Attempt::Fail(stream::drain_refusal())
 }
@@ -574,19 +582,10 @@ async fn stopped_while_waiting(ctx: &mut Ctx, req: &ParsedRequest, mut up: HttpS
 async fn left_while_waiting(
     ctx: &mut Ctx,
     req: &ParsedRequest,
-    mut up: HttpSession,
+    up: HttpSession,
     answered: bool,
 ) -> Attempt {
-    up.shutdown().await;
-    // A token count costs nothing.
-    if !matches!(
-        req.endpoint,
-        smartllm_protocol::Endpoint::MessagesCountTokens
-            | smartllm_protocol::Endpoint::ResponsesInputTokens
-    ) {
-        ctx.usage_estimated = true;
-        usage::record_usage(ctx, Some(usage::estimate_usage(req, String::new()).await));
-    }
+    cancel_billing_the_prompt(ctx, req, up).await;
     tracing::info!(request_id = %ctx.request_id, provider = ?ctx.provider, "the client left before the answer; the upstream request is cancelled");
     let done = client_gone(ctx);
     if answered {
