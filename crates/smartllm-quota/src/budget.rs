@@ -1724,26 +1724,7 @@ mod tests {
                 .unsynced(&format!("tenant:acme|{}", periods(now_secs()).0)),
             0.45
         );
-        let dir = tempfile::tempdir().unwrap();
-        let mut server = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--dir", &dir.path().display().to_string()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (`make test` installs it)");
-        let mut up = false;
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                up = true;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        assert!(up, "redis-server did not start");
+        let (mut server, _dir) = redis_server(port).await;
         // A's back-off after the failed send ends.
         tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
         b.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.6);
@@ -1781,6 +1762,31 @@ mod tests {
         let _ = server.wait();
     }
 
+    /// A real redis-server on `port` (no persistence), up and answering;
+    /// its data directory lives as long as the returned guard.
+    async fn redis_server(port: u16) -> (std::process::Child, tempfile::TempDir) {
+        let dir = tempfile::tempdir().unwrap();
+        let mut server = std::process::Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--dir", &dir.path().display().to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server (`make test` installs it)");
+        for _ in 0..100 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
+                return (server, dir);
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        let _ = server.kill();
+        let _ = server.wait();
+        panic!("redis-server did not start");
+    }
+
     /// A request's cost is counted here at once and sent to Redis by a
     /// task; a budget check in between that finds the counter missing in
     /// Redis seeds it from this gateway's figure. Seeded with that cost,
@@ -1793,26 +1799,7 @@ mod tests {
             let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             l.local_addr().unwrap().port()
         };
-        let dir = tempfile::tempdir().unwrap();
-        let mut server = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
-            .args(["--dir", &dir.path().display().to_string()])
-            .stdout(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server (`make test` installs it)");
-        let mut up = false;
-        for _ in 0..100 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                up = true;
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-        }
-        assert!(up, "redis-server did not start");
+        let (mut server, _dir) = redis_server(port).await;
         let mut cfg = crate::test_support::config();
         cfg.keys.budgets = vec![budget(OnExceed::Reject, None)];
         cfg.fleet = FleetConfig {
