@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # The embedder on one GPU (issue #22 item 8), as one prepared run: texts/s of
-# CUDA sessions for model.onnx (fp32 compute), model.int8.onnx and the default
-# paraphrase-l3.int8.onnx at 16, 64
-# and 256 tokens x batch 1, 2, 4, ..., 256, then the production Embedder (its
-# GPU batch policy) with 1 and 2 CUDA sessions under 256 concurrent one-text
-# callers. Prints Markdown and writes it to $GPU_EMBED_OUT (default
+# 1 and 2 CUDA sessions for model.onnx (all-MiniLM-L6, fp32 compute) and the
+# default paraphrase-l3.int8.onnx (which CUDA runs as its fp32 twin,
+# paraphrase-l3.onnx) at 16, 64 and 256 tokens x batch 1, 2, 4, ..., 256,
+# then the production Embedder (its GPU batch policy) with 1, 2 and 4 CUDA
+# sessions under 256 concurrent one-text callers. Prints Markdown and writes it to $GPU_EMBED_OUT (default
 # bench/results/gpu-embed-DATE.md).
 #
 # Needs on the machine it runs on:
@@ -52,6 +52,6 @@ mkdir -p "$(dirname "$OUT_FILE")"
     echo "GPU: $GPU; $(nproc) CPUs; $(date -u +%Y-%m-%dT%H:%M:%SZ)"
     echo
     "$BIN" --device cuda --seconds "$SECONDS_PER_CELL" \
-        --lengths 16,64,256 --batches 1,2,4,8,16,32,64,128,256 --threads 1 --workers 1,2 --callers 256
+        --lengths 16,64,256 --batches 1,2,4,8,16,32,64,128,256 --threads 1,2 --workers 1,2,4 --callers 256
 } | tee "$OUT_FILE"
 echo "gpu-embed: written to $OUT_FILE" >&2

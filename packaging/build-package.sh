@@ -32,8 +32,11 @@ rm -rf "$stage"
 mkdir -p "$stage/lib" "$stage/share" "$stage/etc/smartllm"
 strip --strip-unneeded -o "$stage/smartllm" "$CARGO_TARGET_DIR/release/smartllm"
 cp "$SMARTLLM_ASSETS_DIR/libonnxruntime.so.1.31.1" "$stage/lib/"
-cp "$SMARTLLM_ASSETS_DIR/paraphrase-l3.int8.onnx" "$SMARTLLM_ASSETS_DIR/model.onnx" \
-    "$SMARTLLM_ASSETS_DIR/model.int8.onnx" "$SMARTLLM_ASSETS_DIR/tokenizer.json" "$stage/share/"
+# paraphrase-l3.onnx: the default model's fp32 twin, what embedder.device:
+# cuda runs (int8 MatMuls have no CUDA kernels; smartllm_embed::cuda_model).
+cp "$SMARTLLM_ASSETS_DIR/paraphrase-l3.int8.onnx" "$SMARTLLM_ASSETS_DIR/paraphrase-l3.onnx" \
+    "$SMARTLLM_ASSETS_DIR/model.onnx" "$SMARTLLM_ASSETS_DIR/model.int8.onnx" \
+    "$SMARTLLM_ASSETS_DIR/tokenizer.json" "$stage/share/"
 cp conf/*.yaml conf/*.tsv conf/*.json "$stage/etc/smartllm/"
 sed -i 's|^  onnxruntime: libonnxruntime.so.1.31.1|  onnxruntime: /usr/lib/smartllm/libonnxruntime.so.1.31.1|' "$stage/etc/smartllm/smartllm.yaml"
 grep -q '^  onnxruntime: /usr/lib/smartllm/' "$stage/etc/smartllm/smartllm.yaml" \

@@ -41,6 +41,7 @@ expected="/usr/bin/smartllm
 /usr/share/smartllm/model.int8.onnx
 /usr/share/smartllm/model.onnx
 /usr/share/smartllm/paraphrase-l3.int8.onnx
+/usr/share/smartllm/paraphrase-l3.onnx
 /usr/share/smartllm/tokenizer.json
 /usr/lib/systemd/system/smartllm.service
 /etc/default/smartllm

@@ -88,8 +88,16 @@ fn texts(model: &Model, tokens: usize, n: usize) -> Vec<String> {
         .map(|i| {
             let mut words: Vec<&str> = vec![];
             let mut t = format!("{i}");
-            while model.tokens(&t) < tokens {
-                words.push(WORDS[rng.usize(..WORDS.len())]);
+            // Each word is at least one token: add as many as are missing
+            // (a handful of tokenizer calls a text, not one a word).
+            loop {
+                let have = model.tokens(&t);
+                if have >= tokens {
+                    break;
+                }
+                for _ in have..tokens {
+                    words.push(WORDS[rng.usize(..WORDS.len())]);
+                }
                 t = format!("{i} {}", words.join(" "));
             }
             while model.tokens(&t) > tokens && !words.is_empty() {
@@ -118,49 +126,49 @@ fn session(cfg: &EmbedderConfig) -> Result<Model, String> {
     Ok(model)
 }
 
-/// Texts per second of `threads` workers, each with its own session, each
-/// running batches of `batch` texts for `secs`.
-fn measure(
-    cfg: &EmbedderConfig,
-    threads: usize,
-    texts: &Arc<Vec<String>>,
-    batch: usize,
-    secs: f64,
-) -> f64 {
-    let models: Vec<Model> = (0..threads)
+/// `threads` sessions of `cfg` (on CUDA only CUDA ones), loaded once and
+/// reused for every batch size: a CUDA session takes seconds to start.
+fn sessions(cfg: &EmbedderConfig, threads: usize) -> Vec<Model> {
+    (0..threads)
         .map(|_| session(cfg).expect("model loads"))
-        .collect();
+        .collect()
+}
+
+/// Texts per second of `models.len()` workers, each with its own session,
+/// each running batches of `batch` texts for `secs`.
+fn measure(models: &mut [Model], texts: &[String], batch: usize, secs: f64) -> f64 {
     let start = Instant::now() + Duration::from_millis(50);
-    let handles: Vec<_> = models
-        .into_iter()
-        .enumerate()
-        .map(|(w, mut m)| {
-            let texts = texts.clone();
-            std::thread::spawn(move || {
-                let mut i = w * 97;
-                let run = |m: &mut Model, i: &mut usize| {
-                    let chunk: Vec<&str> = (0..batch)
-                        .map(|k| texts[(*i + k) % texts.len()].as_str())
-                        .collect();
-                    *i += batch;
-                    m.embed(&chunk, usize::MAX).expect("embeds");
-                };
-                run(&mut m, &mut i); // warm-up
-                while Instant::now() < start {}
-                // At least one run, however long it takes.
-                let mut done = 0usize;
-                loop {
-                    run(&mut m, &mut i);
-                    done += batch;
-                    if start.elapsed().as_secs_f64() >= secs {
-                        break;
+    std::thread::scope(|scope| {
+        let handles: Vec<_> = models
+            .iter_mut()
+            .enumerate()
+            .map(|(w, m)| {
+                scope.spawn(move || {
+                    let mut i = w * 97;
+                    let mut run = |m: &mut Model| {
+                        let chunk: Vec<&str> = (0..batch)
+                            .map(|k| texts[(i + k) % texts.len()].as_str())
+                            .collect();
+                        i += batch;
+                        m.embed(&chunk, usize::MAX).expect("embeds");
+                    };
+                    run(m); // warm-up
+                    while Instant::now() < start {}
+                    // At least one run, however long it takes.
+                    let mut done = 0usize;
+                    loop {
+                        run(m);
+                        done += batch;
+                        if start.elapsed().as_secs_f64() >= secs {
+                            break;
+                        }
                     }
-                }
-                done as f64 / start.elapsed().as_secs_f64()
+                    done as f64 / start.elapsed().as_secs_f64()
+                })
             })
-        })
-        .collect();
-    handles.into_iter().map(|h| h.join().unwrap()).sum()
+            .collect();
+        handles.into_iter().map(|h| h.join().unwrap()).sum()
+    })
 }
 
 /// Texts per second through the production `Embedder` (its threads, its
@@ -260,9 +268,9 @@ fn main() -> Result<(), String> {
             for model in [FP32_MODEL, INT8_MODEL, DEFAULT_MODEL] {
                 print!("| {model} | {w} | {len} |");
                 let mut first = 0.0;
-                let cfg = config(model, Device::Cpu);
+                let mut models = sessions(&config(model, Device::Cpu), w);
                 for &b in &batches {
-                    let r = measure(&cfg, w, &t, b, secs);
+                    let r = measure(&mut models, &t, b, secs);
                     if b == batches[0] {
                         first = r;
                     }
@@ -471,6 +479,23 @@ fn verifier_main() -> Result<(), String> {
     Ok(())
 }
 
+/// The model as a CUDA session runs it: "X.int8.onnx (as X.onnx)" when it
+/// runs the fp32 twin (`smartllm_embed::cuda_model`).
+fn on_cuda(cfg: &EmbedderConfig) -> String {
+    let name = |p: &std::path::Path| {
+        p.file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned()
+    };
+    let runs = smartllm_embed::cuda_model(&cfg.model);
+    if runs == cfg.model {
+        name(&cfg.model)
+    } else {
+        format!("{} (as {})", name(&cfg.model), name(&runs))
+    }
+}
+
 fn gpu_main() -> Result<(), String> {
     let secs: f64 = arg("--seconds", "1.5").parse().unwrap_or(1.5);
     let lengths = list("--lengths", "16,64,256");
@@ -478,6 +503,12 @@ fn gpu_main() -> Result<(), String> {
     let threads = list("--threads", "1");
     let workers = list("--workers", "1,2");
     let callers: usize = arg("--callers", "256").parse().unwrap_or(256);
+    let default_models = [FP32_MODEL, DEFAULT_MODEL].join(",");
+    let models: Vec<String> = arg("--models", &default_models)
+        .split(',')
+        .map(|m| m.trim().to_string())
+        .filter(|m| !m.is_empty())
+        .collect();
     // The first session loads ONNX Runtime: the CUDA build, here.
     let probe = session(&config(FP32_MODEL, Device::Cuda))?;
     let runtime = local_assets(512).onnxruntime;
@@ -495,14 +526,19 @@ fn gpu_main() -> Result<(), String> {
         print!("---|");
     }
     println!();
+    // The texts of each length, made once.
+    let texts: Vec<(usize, Arc<Vec<String>>)> = lengths
+        .iter()
+        .map(|&len| (len, Arc::new(texts(&probe, len, 2048))))
+        .collect();
     for &w in &threads {
-        for &len in &lengths {
-            let t = Arc::new(texts(&probe, len, 4096));
-            for model in [FP32_MODEL, INT8_MODEL, DEFAULT_MODEL] {
+        for (len, t) in &texts {
+            for model in &models {
                 let cfg = config(model, Device::Cuda);
-                print!("| {model} | {w} | {len} |");
+                let mut runs = sessions(&cfg, w);
+                print!("| {} | {w} | {len} |", on_cuda(&cfg));
                 for &b in &batches {
-                    print!(" {:.0} |", measure(&cfg, w, &t, b, secs));
+                    print!(" {:.0} |", measure(&mut runs, t, b, secs));
                 }
                 println!();
             }
@@ -510,13 +546,12 @@ fn gpu_main() -> Result<(), String> {
     }
     println!("\n## The production Embedder on CUDA: {callers} concurrent one-text callers\n");
     println!("| model | workers | tokens | texts/s |\n|---|---|---|---|");
-    for model in [FP32_MODEL, INT8_MODEL, DEFAULT_MODEL] {
+    for model in &models {
         let cfg = config(model, Device::Cuda);
         for &w in &workers {
-            for &len in &lengths {
-                let t = Arc::new(texts(&probe, len, 4096));
-                let r = through_embedder(&cfg, w, &t, callers, secs);
-                println!("| {model} | {w} | {len} | {r:.0} |");
+            for (len, t) in &texts {
+                let r = through_embedder(&cfg, w, t, callers, secs);
+                println!("| {} | {w} | {len} | {r:.0} |", on_cuda(&cfg));
             }
         }
     }

@@ -326,7 +326,7 @@ impl Model {
     /// `"cuda"`, or `"cpu (cuda unavailable: WHY)"` (blocking).
     pub fn load(cfg: &EmbedderConfig) -> Result<(Model, String), EmbedError> {
         let rt = runtime::runtime(cfg)?;
-        let (session, device) = device_session(rt, cfg)?;
+        let (session, device, _) = device_session(rt, cfg)?;
         let model = Model {
             session,
             tokenizer: load_tokenizer(cfg)?,
@@ -373,12 +373,32 @@ fn load_tokenizer(cfg: &EmbedderConfig) -> Result<Arc<Tokenizer>, EmbedError> {
     Ok(Arc::new(tokenizer))
 }
 
+/// The model file a CUDA session runs for `model`: its fp32 twin (`X.onnx`
+/// beside `X.int8.onnx`: the same network, before its MatMuls were
+/// quantized) when there is one, else `model` itself. The int8 models'
+/// quantized MatMuls (`DynamicQuantizeLinear`, `MatMulInteger` and their CPU
+/// fusions) have no CUDA kernels: ONNX Runtime runs them on the CPU and
+/// copies the activations across for each, so on an H200 the default
+/// `paraphrase-l3.int8.onnx` ran at 827 texts/s at batch 256 where the fp32
+/// L6 model ran 18,812, and got slower as batches grew (bench/README.md,
+/// "Embedder on a GPU").
+pub fn cuda_model(model: &Path) -> PathBuf {
+    model
+        .file_name()
+        .and_then(|n| n.to_str())
+        .and_then(|n| n.strip_suffix(".int8.onnx"))
+        .map(|stem| model.with_file_name(format!("{stem}.onnx")))
+        .filter(|twin| twin.is_file())
+        .unwrap_or_else(|| model.to_path_buf())
+}
+
 /// A session on `cfg.device`: CUDA when asked for and the runtime has it
-/// (else the CPU, with the reason in the device string).
+/// (else the CPU, with the reason in the device string), and the model file
+/// it runs ([`cuda_model`] on CUDA, `cfg.model` on the CPU).
 fn device_session(
     rt: &runtime::Runtime,
     cfg: &EmbedderConfig,
-) -> Result<(ort::session::Session, String), EmbedError> {
+) -> Result<(ort::session::Session, String, PathBuf), EmbedError> {
     let model_error = |e: ort::Error| EmbedError::Model {
         path: cfg.model.clone(),
         message: e.to_string(),
@@ -388,16 +408,27 @@ fn device_session(
             return Ok((
                 build_session(&rt.env, cfg, false).map_err(model_error)?,
                 "cpu".into(),
+                cfg.model.clone(),
             ))
         }
-        (Device::Cuda, Ok(())) => match build_session(&rt.env, cfg, true) {
-            Ok(s) => return Ok((s, "cuda".into())),
-            Err(e) => format!("the CUDA execution provider failed: {e}"),
-        },
+        (Device::Cuda, Ok(())) => {
+            let gpu = EmbedderConfig {
+                model: cuda_model(&cfg.model),
+                ..cfg.clone()
+            };
+            match build_session(&rt.env, &gpu, true) {
+                Ok(s) => return Ok((s, "cuda".into(), gpu.model)),
+                Err(e) => format!("the CUDA execution provider failed: {e}"),
+            }
+        }
         (Device::Cuda, Err(why)) => why.clone(),
     };
     let session = build_session(&rt.env, cfg, false).map_err(model_error)?;
-    Ok((session, format!("cpu (cuda unavailable: {why})")))
+    Ok((
+        session,
+        format!("cpu (cuda unavailable: {why})"),
+        cfg.model.clone(),
+    ))
 }
 
 /// Which graph rewrites a CPU session gets.
@@ -476,15 +507,25 @@ impl Embedder {
         }
         let rt = runtime::runtime(cfg)?;
         let tokenizer = load_tokenizer(cfg)?;
-        // Hashed once, here, as the sessions are about to read the model.
-        let fingerprint = space_fingerprint(cfg, DIM)?;
 
-        // The first session settles the device; a CUDA one that failed
-        // leaves the rest on the CPU.
-        let (first, device) = device_session(rt, cfg)?;
+        // The first session settles the device (a CUDA one that failed
+        // leaves the rest on the CPU) and so the model file: on CUDA an
+        // int8 model's fp32 twin, which the other sessions load too.
+        let (first, device, model) = device_session(rt, cfg)?;
         if device != "cuda" && cfg.device == Device::Cuda {
             tracing::warn!(%device, onnxruntime = %rt.lib.display(), "embedder.device is cuda but CUDA is unavailable; embedding on the CPU");
         }
+        if model != cfg.model {
+            tracing::info!(configured = %cfg.model.display(), model = %model.display(), "embedding on CUDA with the fp32 twin of the configured int8 model (its int8 MatMuls would run on the CPU)");
+        }
+        let cfg = &EmbedderConfig {
+            model,
+            ..cfg.clone()
+        };
+        // Hashed once, here, as the sessions are about to read the model:
+        // the file they run, so vectors of an int8 model and of its fp32
+        // twin are not taken for one another.
+        let fingerprint = space_fingerprint(cfg, DIM)?;
         let mut workers = vec![Model {
             session: first,
             tokenizer: tokenizer.clone(),
@@ -581,7 +622,9 @@ impl Embedder {
     /// content of the model and tokenizer files (hashed once, at load), the
     /// window and the vectors' length. Vectors stored under another
     /// fingerprint are not comparable with this embedder's. Threads, device
-    /// and batching do not change it: they move a vector by rounding only.
+    /// and batching do not change it: they move a vector by rounding only
+    /// (but on CUDA an int8 model runs as its fp32 twin, another file:
+    /// [`cuda_model`]).
     pub fn fingerprint(&self) -> String {
         self.fingerprint.clone()
     }
@@ -1681,6 +1724,50 @@ mod tests {
         );
         assert_eq!(ra.try_recv().unwrap().unwrap(), vec![vec![3.0]]);
         assert!(rb.try_recv().unwrap().is_err());
+    }
+
+    /// On CUDA an int8 model runs as its fp32 twin when the twin is there;
+    /// any other model (and an int8 one without a twin) runs as configured.
+    #[test]
+    fn cuda_runs_the_fp32_twin_of_an_int8_model() {
+        let dir = std::env::temp_dir().join(format!("smartllm-embed-twin-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        for f in [
+            "paraphrase-l3.int8.onnx",
+            "paraphrase-l3.onnx",
+            "model.int8.onnx",
+            "own.int8.onnx",
+            "plain.onnx",
+        ] {
+            std::fs::write(dir.join(f), b"x").unwrap();
+        }
+        assert_eq!(
+            cuda_model(&dir.join("paraphrase-l3.int8.onnx")),
+            dir.join("paraphrase-l3.onnx")
+        );
+        // No model.onnx beside it: the int8 model itself.
+        assert_eq!(
+            cuda_model(&dir.join("model.int8.onnx")),
+            dir.join("model.int8.onnx")
+        );
+        std::fs::write(dir.join("model.onnx"), b"x").unwrap();
+        assert_eq!(
+            cuda_model(&dir.join("model.int8.onnx")),
+            dir.join("model.onnx")
+        );
+        assert_eq!(cuda_model(&dir.join("plain.onnx")), dir.join("plain.onnx"));
+        assert_eq!(
+            cuda_model(&dir.join("own.int8.onnx")),
+            dir.join("own.int8.onnx")
+        );
+        // A twin that is a directory is no model.
+        std::fs::create_dir_all(dir.join("own.onnx")).unwrap();
+        assert_eq!(
+            cuda_model(&dir.join("own.int8.onnx")),
+            dir.join("own.int8.onnx")
+        );
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     /// The fingerprint follows the model's and the tokenizer's content, the

@@ -4,11 +4,14 @@
 //!   loaded, runs on the GPU, and its vectors match the fp32 reference
 //!   within cosine 0.999, one text at a time and in length-grouped batches;
 //! - without either: the CPU build is loaded, the device says why, and the
-//!   embedder works. The GPU run is skipped with the reason printed.
+//!   embedder works. The GPU run is skipped with the reason printed;
+//! - an int8 model runs on CUDA as its fp32 twin, on the CPU as it is.
 
 use smartllm_config::Device;
 use smartllm_embed::runtime::{cuda_devices, gpu_runtime};
-use smartllm_embed::{cosine, local_assets, Embedder, DIM, FP32_MODEL};
+use smartllm_embed::{
+    cosine, local_assets, Embedder, DEFAULT_MODEL, DIM, FP32_MODEL, L3_FP32_MODEL,
+};
 
 mod common;
 use common::reference;
@@ -67,4 +70,21 @@ fn cuda_runs_on_the_gpu_build_or_falls_back_to_the_cpu_build() {
             info.device
         );
     }
+    // The default int8 model runs on CUDA as its fp32 twin (its int8
+    // MatMuls have no CUDA kernels); on the CPU as configured.
+    let mut default = cfg.clone();
+    default.model = cfg.model.with_file_name(DEFAULT_MODEL);
+    default.threads = 1;
+    let d = Embedder::load(&default).unwrap();
+    let want_file = if info.device == "cuda" {
+        L3_FP32_MODEL
+    } else {
+        DEFAULT_MODEL
+    };
+    assert_eq!(d.info().model, cfg.model.with_file_name(want_file));
+    assert_eq!(d.info().device, info.device);
+    assert_eq!(
+        d.embed_blocking(vec!["hello".into()]).unwrap()[0].len(),
+        DIM
+    );
 }
