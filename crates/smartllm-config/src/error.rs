@@ -70,9 +70,9 @@ pub enum UrlError {
 /// refused a value (`input` is the value as written, trimmed).
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UnitError {
-    #[error("invalid duration {0:?}: expected e.g. 250ms, 30s, 5m or 1h")]
+    #[error("invalid duration {0:?}: expected e.g. 250ms, 30s, 5m, 1h or 7d")]
     DurationNumber(String),
-    #[error("invalid duration unit {unit:?} in {input:?}: use ms, s, m or h")]
+    #[error("invalid duration unit {unit:?} in {input:?}: use ms, s, m, h or d")]
     DurationUnit { unit: String, input: String },
     #[error("invalid duration {0:?}")]
     Duration(String),
@@ -125,7 +125,7 @@ mod tests {
             ),
             (
                 UnitError::DurationNumber(s.into()).to_string(),
-                format!("invalid duration {s:?}: expected e.g. 250ms, 30s, 5m or 1h"),
+                format!("invalid duration {s:?}: expected e.g. 250ms, 30s, 5m, 1h or 7d"),
             ),
             (
                 UnitError::DurationUnit {
@@ -133,7 +133,7 @@ mod tests {
                     input: s.into(),
                 }
                 .to_string(),
-                format!("invalid duration unit {u:?} in {s:?}: use ms, s, m or h"),
+                format!("invalid duration unit {u:?} in {s:?}: use ms, s, m, h or d"),
             ),
             (
                 UnitError::Duration(s.into()).to_string(),

@@ -1,4 +1,4 @@
-//! Human-friendly units in config files: durations (`250ms`, `30s`, `5m`, `1h`)
+//! Human-friendly units in config files: durations (`250ms`, `30s`, `5m`, `1h`, `7d`)
 //! and byte sizes (`64KiB`, `32MiB`, `1GiB`, or a plain integer of bytes).
 
 use crate::UnitError;
@@ -6,7 +6,7 @@ use serde::{de, Deserialize, Deserializer};
 use std::fmt;
 use std::time::Duration;
 
-/// A duration written as `500ms`, `30s`, `5m`, `1h` or a bare number of seconds.
+/// A duration written as `500ms`, `30s`, `5m`, `1h`, `7d` or a bare number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConfigDuration(pub Duration);
 
@@ -51,6 +51,7 @@ pub fn parse_duration(s: &str) -> Result<Duration, UnitError> {
         "us" | "µs" => value / 1_000_000.0,
         "m" | "min" => value * 60.0,
         "h" => value * 3600.0,
+        "d" => value * 86_400.0,
         other => {
             return Err(UnitError::DurationUnit {
                 unit: other.to_string(),
@@ -158,6 +159,9 @@ mod tests {
         assert_eq!(parse_duration("30s").unwrap(), Duration::from_secs(30));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("1h").unwrap(), Duration::from_secs(3600));
+        assert_eq!(parse_duration("7d").unwrap(), Duration::from_secs(7 * 86_400));
+        assert_eq!(parse_duration("1.5d").unwrap(), Duration::from_secs(129_600));
+        assert!(parse_duration("3651d").is_err());
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("5 parsecs").is_err());
         assert!(parse_duration("abc").is_err());
