@@ -1390,6 +1390,21 @@ fn what_each_sdk_sends_reaches_the_other_provider_in_a_form_it_takes() {
     }
     assert_eq!(mock.requests(), before, "nothing sent");
 
+    // MCP servers are Anthropic's API's to connect to: an OpenAI-compatible
+    // model would answer without their tools, so it says so instead.
+    let r = messages(&gw, &[], br#"{"model":"small","max_tokens":5,"mcp_servers":[{"type":"url","url":"https://x.example/mcp","name":"x"}],"messages":[{"role":"user","content":"use my tools"}]}"#);
+    assert_eq!(r.status, 400, "{}", r.text());
+    let e = r.json();
+    assert_eq!(e["type"], "error");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("mcp_servers"),
+        "{e}"
+    );
+    assert_eq!(mock.requests(), before, "nothing sent");
+
     // A field given twice: read one way here, another upstream. Refused.
     let r = messages(&gw, &[], br#"{"model":"small","max_tokens":1,"messages":[{"role":"user","content":"hi"}],"max_tokens":100000}"#);
     assert_eq!(r.status, 400, "{}", r.text());

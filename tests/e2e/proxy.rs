@@ -424,6 +424,16 @@ fn upstream_failures_map_to_502_and_504() {
     assert_eq!(r.status, 502, "{}", r.text());
     assert_eq!(r.api_error()["code"], "upstream_unreachable");
     assert!(r.api_error()["message"].as_str().unwrap().contains("dead"));
+    // Its one deployment refused the connection and nothing else was
+    // tried: a failed attempt (an alert on `failed` sees the outage), not
+    // a retried one.
+    let attempts = |outcome| {
+        gw.metric(
+            "smartllm_upstream_attempts_total",
+            &[("provider", "dead"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!((attempts("failed"), attempts("retried")), (1.0, 0.0));
 
     let r = gw.chat(&json!({"model": "small", "messages": [{"role": "user", "content": "x"}], "mock": {"fault": "reset"}}));
     assert_eq!(r.status, 502, "{}", r.text());

@@ -1046,10 +1046,42 @@ impl Config {
             self.store.memory_budget.to_string(),
             new.store.memory_budget.to_string(),
         );
+        // Key by key, as written in smartllm.yaml (not the whole struct).
+        let (e, f) = (&self.embedder, &new.embedder);
+        let path = |p: &std::path::Path| p.display().to_string();
+        check("embedder.model", path(&e.model), path(&f.model));
+        check("embedder.tokenizer", path(&e.tokenizer), path(&f.tokenizer));
         check(
-            "embedder",
-            format!("{:?}", self.embedder),
-            format!("{:?}", new.embedder),
+            "embedder.onnxruntime",
+            path(&e.onnxruntime),
+            path(&f.onnxruntime),
+        );
+        check(
+            "embedder.threads",
+            e.threads.to_string(),
+            f.threads.to_string(),
+        );
+        check(
+            "embedder.max_seq_len",
+            e.max_seq_len.to_string(),
+            f.max_seq_len.to_string(),
+        );
+        let device = |d: &Device| format!("{d:?}").to_lowercase();
+        check("embedder.device", device(&e.device), device(&f.device));
+        check(
+            "embedder.queue_depth",
+            e.queue_depth.to_string(),
+            f.queue_depth.to_string(),
+        );
+        check(
+            "embedder.max_queue_wait",
+            format!("{:?}", e.max_queue_wait),
+            format!("{:?}", f.max_queue_wait),
+        );
+        check(
+            "embedder.cache_entries",
+            e.cache_entries.to_string(),
+            f.cache_entries.to_string(),
         );
         check(
             "logging.level",
@@ -1066,20 +1098,40 @@ impl Config {
             self.metrics.label_names.as_str().to_string(),
             new.metrics.label_names.as_str().to_string(),
         );
+        let (t, u) = (&self.tracing, &new.tracing);
+        let endpoint = |o: &Option<String>| o.clone().unwrap_or_else(|| "(off)".into());
         check(
-            "tracing",
-            format!("{:?}", self.tracing),
-            format!("{:?}", new.tracing),
+            "tracing.otlp_endpoint",
+            endpoint(&t.otlp_endpoint),
+            endpoint(&u.otlp_endpoint),
         );
+        check(
+            "tracing.sample_ratio",
+            t.sample_ratio.to_string(),
+            u.sample_ratio.to_string(),
+        );
+        check(
+            "tracing.service_name",
+            t.service_name.clone(),
+            u.service_name.clone(),
+        );
+        let file = |o: &Option<PathBuf>| {
+            o.as_deref()
+                .map_or("(none)".into(), |p| p.display().to_string())
+        };
         check(
             "cache.encryption_key_file",
-            format!("{:?}", self.cache.encryption_key_file),
-            format!("{:?}", new.cache.encryption_key_file),
+            file(&self.cache.encryption_key_file),
+            file(&new.cache.encryption_key_file),
         );
+        let files = |v: &[PathBuf]| {
+            let all: Vec<String> = v.iter().map(|p| p.display().to_string()).collect();
+            format!("[{}]", all.join(", "))
+        };
         check(
             "cache.encryption_old_key_files",
-            format!("{:?}", self.cache.encryption_old_key_files),
-            format!("{:?}", new.cache.encryption_old_key_files),
+            files(&self.cache.encryption_old_key_files),
+            files(&new.cache.encryption_old_key_files),
         );
         out
     }

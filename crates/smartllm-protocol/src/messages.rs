@@ -443,6 +443,20 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
         .collect();
     // MCP servers answer with blocks the chat answer has no place for.
     only.lossy |= extra.contains_key("mcp_servers");
+    // Anthropic's API itself runs these (MCP servers it connects to, the
+    // code-execution container and its skills): an OpenAI-compatible
+    // provider would answer without them, so they go to Anthropic models
+    // only (`auto` routes them there).
+    for field in ["mcp_servers", "container"] {
+        let asked = match extra.get(field) {
+            Some(Value::Array(a)) => !a.is_empty(),
+            Some(_) => true,
+            None => false,
+        };
+        if asked {
+            only.untranslatable.get_or_insert(field.to_string());
+        }
+    }
     if !extra.is_empty() {
         // Keys of serde_json maps are sorted: canonical.
         only.extra = Some(Value::Object(extra).to_string());
@@ -1678,6 +1692,11 @@ mod tests {
             )
         );
         assert!(!r.anthropic_only.lossy);
+        // A container (code execution, skills) is Anthropic's to run.
+        assert_eq!(
+            r.anthropic_only.untranslatable.as_deref(),
+            Some("container")
+        );
         let r = parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"assistant","content":[{"type":"tool_use","id":"t","name":"shot","input":{}}]},{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"image","source":{"type":"base64","media_type":"image/png","data":"AA=="}}]},{"type":"text","text":"What changed?"}]}]}"#).unwrap();
         assert!(!r.anthropic_only.lossy);
         assert_eq!(r.anthropic_only.untranslatable, None);
@@ -1700,6 +1719,22 @@ mod tests {
         let r = parse_str(r#"{"model":"c","max_tokens":5,"messages":[{"role":"user","content":[{"type":"tool_result","tool_use_id":"t","content":[{"type":"document","source":{"type":"text","media_type":"text/plain","data":"x"}}]}]}]}"#).unwrap();
         assert_eq!(r.anthropic_only.untranslatable, None);
         assert!(r.anthropic_only.lossy);
+    }
+
+    /// MCP servers are Anthropic's API's to connect to: an OpenAI model
+    /// would answer without their tools (and `auto` must not pick one);
+    /// an empty list asks for nothing. `context_management` only edits
+    /// what the context holds, and passes.
+    #[test]
+    fn mcp_servers_go_to_anthropic_models_only() {
+        let r = parse_str(r#"{"model":"c","max_tokens":5,"mcp_servers":[{"type":"url","url":"https://x.example/mcp","name":"x"}],"messages":[{"role":"user","content":"use my tools"}]}"#).unwrap();
+        assert_eq!(
+            r.anthropic_only.untranslatable.as_deref(),
+            Some("mcp_servers")
+        );
+        assert!(r.anthropic_only.lossy);
+        let r = parse_str(r#"{"model":"c","max_tokens":5,"mcp_servers":[],"context_management":{"edits":[{"type":"clear_tool_uses_20250919"}]},"messages":[{"role":"user","content":"hi"}]}"#).unwrap();
+        assert_eq!(r.anthropic_only.untranslatable, None);
     }
 
     /// Mid-conversation system messages: read in place (text only), and

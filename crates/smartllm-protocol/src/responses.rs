@@ -245,7 +245,7 @@ pub fn parse(
         // provider: never relayed, never billed. Streamed, both pass here.
         return Err(unsupported_parameter(
             "background",
-            "A background response is fetched later with GET /v1/responses/{id}, which this gateway does not relay to providers (nor could it bill the answer). Send it with \"stream\": true, whose events (and bill) come through the gateway, or omit 'background'.",
+            "A background response is fetched later with GET /v1/responses/{id}, which this gateway does not relay to providers (nor could it bill the answer). Omit 'background', or send it with \"stream\": true to a model whose provider speaks the Responses API (its events and bill then come through the gateway).",
         ));
     }
     let store = body.get("store").and_then(Value::as_bool) != Some(false);
@@ -804,7 +804,7 @@ fn translate(
     if opt_bool(body, "background", "background")? == Some(true) {
         return Err(unsupported_parameter(
             "background",
-            "Background responses are not supported by this gateway for this model; omit 'background'.",
+            "Background responses are not supported by this gateway for this model: its provider takes Chat Completions, which has none. Omit 'background', or use a model served by a provider that speaks the Responses API (streamed).",
         ));
     }
     for key in ["conversation", "prompt"] {
@@ -1824,6 +1824,8 @@ pub struct ChatToResponsesStream {
     usage: Option<Usage>,
     error: Option<StreamError>,
     response: Option<Value>,
+    /// The input tokens reported when the provider reports no usage.
+    input_estimate: u64,
 }
 
 impl ChatToResponsesStream {
@@ -1848,6 +1850,7 @@ impl ChatToResponsesStream {
             usage: None,
             error: None,
             response: None,
+            input_estimate: 0,
         }
     }
 
@@ -1859,6 +1862,30 @@ impl ChatToResponsesStream {
     /// The usage the upstream reported (its usage chunk), if any.
     pub fn usage(&self) -> Option<Usage> {
         self.usage
+    }
+
+    /// The input tokens `response.completed` reports when the provider
+    /// reports no usage (one that ignores `stream_options.include_usage`),
+    /// with the output estimated from what was streamed, about 4 bytes a
+    /// token: clients read `usage.input_tokens` without a null check.
+    pub fn with_input_estimate(mut self, tokens: u64) -> Self {
+        self.input_estimate = tokens;
+        self
+    }
+
+    /// Chat usage estimated from the input estimate and what was streamed.
+    fn estimated_chat_usage(&self) -> Value {
+        let bytes: usize = self
+            .items
+            .iter()
+            .map(|i| match &i.kind {
+                ItemKind::Message { parts } => parts.iter().map(|(_, t)| t.len()).sum(),
+                ItemKind::Call { arguments, .. } => arguments.len(),
+            })
+            .sum();
+        let output = (bytes as u64).div_ceil(4);
+        json!({"prompt_tokens": self.input_estimate, "completion_tokens": output,
+            "total_tokens": self.input_estimate + output})
     }
 
     /// The error that failed the stream (an upstream error event, or its end
@@ -2188,10 +2215,12 @@ impl ChatToResponsesStream {
             },
             out,
         );
-        let usage = self
-            .chat_usage
-            .as_ref()
-            .map_or(Value::Null, responses_usage);
+        // A provider that reports no usage: the estimates (the gateway
+        // bills its own, marked as such), as the Messages stream reports.
+        let usage = match &self.chat_usage {
+            Some(u) => responses_usage(u),
+            None => responses_usage(&self.estimated_chat_usage()),
+        };
         let (status, event) = match reason {
             Some(_) => ("incomplete", "response.incomplete"),
             None => ("completed", "response.completed"),
@@ -3547,7 +3576,30 @@ mod tests {
             "finish() completes a finished answer without [DONE]"
         );
         assert_eq!(r["output"][0]["content"][0]["text"], "");
-        assert!(r["usage"].is_null() && s.usage().is_none());
+        // No usage from the provider: the client's is estimated (never
+        // null), the billed one is left to the gateway.
+        assert_eq!(r["usage"]["input_tokens"], 0);
+        assert_eq!(r["usage"]["output_tokens"], 0);
+        assert!(s.usage().is_none());
+        let mut input = chunk(
+            json!({"role": "assistant", "content": "Hello world!"}),
+            Value::Null,
+        );
+        input.extend(chunk(json!({}), json!("stop")));
+        input.extend_from_slice(b"data: [DONE]\n\n");
+        let mut s =
+            ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req()).with_input_estimate(7);
+        run(&mut s, &input, 3);
+        let r = s.response().unwrap();
+        assert_eq!(r["status"], "completed");
+        assert_eq!(
+            (
+                &r["usage"]["input_tokens"],
+                &r["usage"]["output_tokens"],
+                &r["usage"]["total_tokens"]
+            ),
+            (&json!(7), &json!(3), &json!(10))
+        );
         assert_eq!(names(&events).last(), Some(&"response.completed"));
 
         // An empty finish reason on every chunk is no finish: cut before a

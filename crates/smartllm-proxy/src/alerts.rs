@@ -57,6 +57,7 @@ const ATTEMPTS: u32 = 4;
 /// POST one alert, retrying with backoff while another attempt may succeed.
 async fn deliver(connector: Arc<Connector>, alert: Alert) {
     let url = alert.webhook;
+    let (budget, what) = (alert.budget.as_str(), alert.what.as_str());
     let mut delay = Duration::from_millis(500);
     for attempt in 1..=ATTEMPTS {
         match post(&connector, &url, &alert.body).await {
@@ -69,9 +70,12 @@ async fn deliver(connector: Arc<Connector>, alert: Alert) {
                     attempt,
                     status,
                     host = %url.host,
+                    budget,
+                    alert = what,
                     location = location.as_deref().unwrap_or("(none)"),
                     "budget webhook answered with a redirect, which is not followed; the alert is dropped: set the webhook to the URL it names (location)"
                 );
+                smartllm_quota::metrics::webhook_failed(budget);
                 return;
             }
             Ok(Answer { status, .. }) if !retryable(status) => {
@@ -79,15 +83,18 @@ async fn deliver(connector: Arc<Connector>, alert: Alert) {
                     attempt,
                     status,
                     host = %url.host,
+                    budget,
+                    alert = what,
                     "budget webhook refused the alert; not retried (a 4xx other than 408 or 429)"
                 );
+                smartllm_quota::metrics::webhook_failed(budget);
                 return;
             }
             Ok(Answer { status, .. }) => {
-                tracing::warn!(attempt, status, host = %url.host, "budget webhook refused")
+                tracing::warn!(attempt, status, host = %url.host, budget, alert = what, "budget webhook refused")
             }
             Err(e) => {
-                tracing::warn!(attempt, error = %e, host = %url.host, "budget webhook failed")
+                tracing::warn!(attempt, error = %e, host = %url.host, budget, alert = what, "budget webhook failed")
             }
         }
         // No wait after the last attempt: nothing follows it.
@@ -96,7 +103,8 @@ async fn deliver(connector: Arc<Connector>, alert: Alert) {
             delay *= 2;
         }
     }
-    tracing::error!(host = %url.host, "budget webhook gave up after {} attempts", ATTEMPTS);
+    tracing::error!(host = %url.host, budget, alert = what, "budget webhook gave up after {} attempts; the alert is lost", ATTEMPTS);
+    smartllm_quota::metrics::webhook_failed(budget);
 }
 
 /// Whether a webhook's non-2xx answer is worth another attempt: a server

@@ -207,7 +207,7 @@ pub fn install() -> PrometheusHandle {
         );
         describe_counter!(
             r::FALLBACKS,
-            "Requests served by a later model of their chain, by route, the model that failed (from) and the one tried next (to)."
+            "Requests that fell back to a later model of their chain (counted as they move on, whether or not that model then serves them), by route, the model that failed (from) and the one tried next (to)."
         );
         describe_gauge!(
             r::CIRCUIT_STATE,
@@ -288,6 +288,9 @@ pub fn install() -> PrometheusHandle {
     for result in ["ok", "error", "unchanged"] {
         counter!(CONFIG_RELOADS, "result" => result).absolute(0);
     }
+    // Nothing waits for a restart at the start: an alert on it has a
+    // series to read before the first reload.
+    gauge!(CONFIG_RESTART_PENDING).set(0.0);
     for reason in ["max_in_flight", "embedder", "cache_insert"] {
         counter!(SHED, "reason" => reason).absolute(0);
     }

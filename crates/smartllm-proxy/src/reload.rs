@@ -240,7 +240,11 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
         }
         Ok(ReloadOutcome::Unchanged) => {
             metrics::config_reload("unchanged");
-            if trigger == "watch" {
+            if status.last_error.is_some() {
+                // A rejected edit undone: the ERROR line before is not the
+                // last word on the directory.
+                tracing::info!(trigger, "config valid again (the rejected change was undone); the running config is unchanged");
+            } else if trigger == "watch" {
                 // A save that changed nothing (a touch, an editor's backup).
                 tracing::debug!(trigger, "config unchanged");
             } else {

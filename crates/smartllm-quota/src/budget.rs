@@ -266,6 +266,10 @@ pub struct Alert {
     pub webhook: Url,
     /// The JSON document to POST.
     pub body: String,
+    /// The budget's id (`tenant:acme`) and what the alert says (`80%`,
+    /// `refusing`), for the delivery's log lines and metric.
+    pub budget: String,
+    pub what: String,
 }
 
 /// The estimated cost of a request before it is sent (see [`estimate`]).
@@ -1026,6 +1030,7 @@ impl Quotas {
             return BudgetDecision::Within(None);
         }
         let fleet = self.fleet(&config.fleet);
+        let local = fleet.is_none();
         if let Err(r) = self.budgets.refresh(fleet.clone(), budgets, scope).await {
             return BudgetDecision::Reject(r);
         }
@@ -1093,6 +1098,20 @@ impl Quotas {
             Err(exceeded) => *exceeded,
         };
         self.alert_refusing(config, budget, &ex, estimate);
+        if local && !ex.in_flight {
+            // Thresholds spend already meets that no request's spend will
+            // cross, since a refused request costs nothing: a budget a
+            // reload added, or lowered, below what its scope has spent
+            // (thresholds met at a restart were marked sent: `warm`).
+            // With a fleet, `alert_crossed` above does this.
+            let (day, month, _, _) = periods(now_secs());
+            for c in self
+                .budgets
+                .crossings(std::slice::from_ref(budget), &day, &month)
+            {
+                self.fire(c);
+            }
+        }
         match &budget.on_exceed {
             OnExceed::Degrade(target) => match config.resolve_model(target) {
                 Some((m, _)) if m.name != model => {
@@ -1371,6 +1390,12 @@ impl Quotas {
             let alert = Alert {
                 webhook: url,
                 body: body.to_string(),
+                budget: b.id(),
+                what: if c.refusing {
+                    "refusing".into()
+                } else {
+                    format!("{}% {}", c.threshold, c.period)
+                },
             };
             if self.alerts.try_send(alert).is_err() {
                 tracing::error!(budget = %b.id(), "budget alert queue full or closed; webhook not sent");
@@ -1885,6 +1910,45 @@ mod tests {
         // A period's alerts go with the period.
         quotas.budgets.prune_at(now_secs() + 40 * 86_400);
         assert_eq!(quotas.state_sizes().1, 0);
+    }
+
+    /// A budget added (or lowered) below what its scope has spent refuses
+    /// every request, and no request's spend will cross its thresholds: the
+    /// first refusal sends them, once each.
+    #[tokio::test]
+    async fn a_budget_added_below_its_spend_alerts_on_its_first_refusal() {
+        let mut cfg = crate::test_support::config();
+        let hook = Url::parse("http://127.0.0.1:9/hook").unwrap();
+        let mut b = budget(OnExceed::Reject, Some(hook));
+        b.alert_at = vec![50.0, 100.0];
+        cfg.keys.budgets = vec![b];
+        let (quotas, mut alerts) = Quotas::new(8);
+        let quotas = Arc::new(quotas);
+        quotas.track_budgets(&cfg.keys.budgets);
+        // Today's spend, read back from the ledger as the reload adds it.
+        let day = periods(now_secs()).0;
+        quotas
+            .budgets
+            .merge(HashMap::from([(format!("tenant:acme|{day}"), 1.18)]));
+        let est = estimate(&cfg.models[1].pricing, 4000, Some(100), 0);
+        for _ in 0..3 {
+            assert!(matches!(
+                quotas.budget(&cfg, ACME, "dear", est).await,
+                BudgetDecision::Reject(Refusal::BudgetExceeded(_))
+            ));
+        }
+        let mut sent = vec![];
+        while let Ok(a) = alerts.try_recv() {
+            let body: serde_json::Value = serde_json::from_str(&a.body).unwrap();
+            sent.push((body["type"].clone(), body["threshold_pct"].clone()));
+        }
+        assert_eq!(
+            sent,
+            vec![
+                (json!("budget_alert"), json!(50.0)),
+                (json!("budget_alert"), json!(100.0))
+            ]
+        );
     }
 
     /// A reload adding a budget tracks it, then reads its spend back from

@@ -9,6 +9,7 @@ use smartllm_ledger::labels;
 pub const BUDGET_USED: &str = "smartllm_budget_used_ratio";
 pub const BUDGET_ALERTS: &str = "smartllm_budget_alerts_total";
 pub const BUDGET_ALERTS_DROPPED: &str = "smartllm_budget_alerts_dropped_total";
+pub const BUDGET_WEBHOOK_FAILED: &str = "smartllm_budget_webhook_failed_total";
 pub const BUDGET_EXCEEDED: &str = "smartllm_budget_exceeded_total";
 pub const COST_CAP: &str = "smartllm_request_cost_cap_total";
 pub const FLEET_ERRORS: &str = "smartllm_fleet_errors_total";
@@ -27,6 +28,10 @@ pub fn describe() {
     describe_counter!(
         BUDGET_ALERTS_DROPPED,
         "Budget alert webhooks not queued because the alert queue was full."
+    );
+    describe_counter!(
+        BUDGET_WEBHOOK_FAILED,
+        "Budget alerts whose webhook delivery failed for good (retries exhausted, refused, or redirected), by budget."
     );
     describe_counter!(
         BUDGET_EXCEEDED,
@@ -63,6 +68,11 @@ pub fn budget_refusing(budget: &str) {
 
 pub fn alert_dropped() {
     counter!(BUDGET_ALERTS_DROPPED).increment(1);
+}
+
+/// An alert's webhook delivery failed for good.
+pub fn webhook_failed(budget: &str) {
+    counter!(BUDGET_WEBHOOK_FAILED, "budget" => labels::budget(budget)).increment(1);
 }
 
 /// `action`: reject or degrade.

@@ -174,6 +174,18 @@ pub(super) fn resolve_cache(
             ),
         }
     }
+    // Written out of range, these are errors (the key and its line), not
+    // values quietly raised to their least.
+    for (key, value, least) in [
+        ("cache.ivf_threshold", raw.ivf_threshold, 1_000),
+        ("cache.pq_threshold", raw.pq_threshold, 10_000),
+        ("cache.l1_entries", raw.l1_entries, 1),
+        ("cache.max_pending_inserts", raw.max_pending_inserts, 1),
+    ] {
+        if value.is_some_and(|n| n < least) {
+            v.push(CACHE_FILE, key, format!("must be at least {least}"));
+        }
+    }
     let top_k = raw.top_k.unwrap_or(8);
     if !(1..=256).contains(&top_k) {
         v.push(CACHE_FILE, "cache.top_k", "must be between 1 and 256");
@@ -282,16 +294,15 @@ mod tests {
         assert_eq!((d.similarity_threshold, d.version), (0.70, 1));
         assert_eq!(c.cache.detectors, vec![Detector::Email]);
         assert_eq!(c.cache.pq_threshold, super::PQ_THRESHOLD);
-        for (set, want) in [(50_000, 50_000), (10, 10_000)] {
-            let dir = write_dir(&[
-                (MAIN_FILE, ""),
-                (PROVIDERS_FILE, PROVIDERS),
-                (MODELS_FILE, MODELS),
-                (CACHE_FILE, &format!("cache:\n  pq_threshold: {set}\n")),
-            ]);
-            // PQ's codebooks need thousands of vectors: at least 10,000.
-            assert_eq!(load_dir(dir.path()).unwrap().cache.pq_threshold, want);
-        }
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (CACHE_FILE, "cache:\n  pq_threshold: 50000\n"),
+        ]);
+        assert_eq!(load_dir(dir.path()).unwrap().cache.pq_threshold, 50_000);
+        // PQ's codebooks need thousands of vectors: less than 10,000 is an
+        // error (sizes_below_their_least_are_errors).
 
         let bad = "cache:\n  similarity_threshold: 2\n  exclude:\n    patterns: ['(']\n    detectors: [dna]\n  routes:\n    ghost: {}\n";
         let dir = write_dir(&[
@@ -378,6 +389,36 @@ mod tests {
             err.contains("cache.yaml:5: cache.routes.auto.verifier_threshold"),
             "{err}"
         );
+    }
+
+    /// Index and queue sizes below their least are errors naming the key
+    /// and its line, not values quietly raised.
+    #[test]
+    fn sizes_below_their_least_are_errors() {
+        for (line, key) in [
+            (
+                "ivf_threshold: 10",
+                "cache.ivf_threshold: must be at least 1000",
+            ),
+            (
+                "pq_threshold: 5",
+                "cache.pq_threshold: must be at least 10000",
+            ),
+            ("l1_entries: 0", "cache.l1_entries: must be at least 1"),
+            (
+                "max_pending_inserts: 0",
+                "cache.max_pending_inserts: must be at least 1",
+            ),
+        ] {
+            let dir = write_dir(&[
+                (MAIN_FILE, ""),
+                (PROVIDERS_FILE, PROVIDERS),
+                (MODELS_FILE, MODELS),
+                (CACHE_FILE, &format!("cache:\n  enabled: true\n  {line}\n")),
+            ]);
+            let err = load_dir(dir.path()).unwrap_err().to_string();
+            assert!(err.contains(&format!("cache.yaml:3: {key}")), "{err}");
+        }
     }
 
     #[test]

@@ -155,6 +155,8 @@ pub async fn run(
         )));
     }
     let mut last_err = None;
+    // The provider of a failed attempt not yet known to be retried.
+    let mut unretried: Option<String> = None;
     // The soonest any deployment that refused for now said to come back.
     let mut soonest: Option<u64> = None;
     for (mi, pool) in pools.iter().enumerate() {
@@ -299,6 +301,11 @@ pub async fn run(
                 more_left,
                 passthrough: Vec::new(),
             };
+            // The attempt before this one failed in a way another attempt
+            // may mend, and this is that attempt: it was retried.
+            if let Some(p) = unretried.take() {
+                metrics::upstream_attempt(&p, "retried");
+            }
             let mut outcome =
                 attempt::once(&mut exchange, session, ctx, header, prepared.body, false).await;
             if let Attempt::Stale(e) = outcome {
@@ -397,7 +404,10 @@ pub async fn run(
                     if let Some(s) = e.retry_after {
                         soonest = Some(soonest.map_or(s, |t| t.min(s)));
                     }
-                    metrics::upstream_attempt(provider.name(), "retried");
+                    // Counted as retried when another attempt follows, as
+                    // failed when none does (a lone deployment refusing
+                    // connections is an outage, not a retry).
+                    unretried = Some(provider.name().to_string());
                     tracing::debug!(request_id = %ctx.request_id, provider = %provider.name(), error = %e, "upstream attempt failed; trying the next deployment");
                     failed(&e);
                     last_err = Some(e);
@@ -444,6 +454,10 @@ pub async fn run(
                 }
             }
         }
+    }
+    // The last attempt's failure was never retried.
+    if let Some(p) = unretried.take() {
+        metrics::upstream_attempt(&p, "failed");
     }
     // Nothing was tried (every circuit open, or unhealthy): the soonest
     // circuit to let a trial through is when to come back.

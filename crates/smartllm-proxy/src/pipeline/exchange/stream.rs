@@ -463,12 +463,12 @@ pub(super) async fn relay(
             ))))
         }
         (Endpoint::Responses, false) => req.responses.as_deref().map(|r| {
-            Encoder::Responses(Box::new(ChatToResponsesStream::new(
-                &r.id,
-                r.created_at,
-                &req.model,
-                &r.original,
-            )))
+            // As message_start's: about 4 bytes a token.
+            let input = (ctx.prompt_bytes as u64).div_ceil(4);
+            Encoder::Responses(Box::new(
+                ChatToResponsesStream::new(&r.id, r.created_at, &req.model, &r.original)
+                    .with_input_estimate(input),
+            ))
         }),
         _ => None,
     };
