@@ -73,6 +73,14 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.api_error()["code"], "rate_limit_exceeded");
     assert_eq!(r.api_error()["type"], "rate_limit_error");
+    // The operator sees which limit refused it.
+    assert_eq!(
+        gw.metric(
+            "smartllm_rate_limited_total",
+            &[("scope", "key:alice"), ("kind", "requests")]
+        ),
+        1.0
+    );
     assert_eq!(r.header("x-should-retry"), Some("true"));
     let retry: u64 = r.header("retry-after").unwrap().parse().unwrap();
     assert!((1..=20).contains(&retry), "{retry}");

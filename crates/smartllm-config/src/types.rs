@@ -1421,6 +1421,15 @@ mod tests {
         ] {
             assert!(watched.contains(&f), "{f:?} not in {watched:?}");
         }
+        // The digest is the directory's, however it is named: the same
+        // through a link to it (`check --config conf` against the
+        // gateway's /etc/smartllm).
+        let link = d.path().with_extension("link");
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(d.path(), &link).unwrap();
+        let through = load_dir(&link).map(|c| c.digest);
+        std::fs::remove_file(&link).unwrap();
+        assert_eq!(through.unwrap(), load_dir(d.path()).unwrap().digest);
     }
 
     #[test]

@@ -1202,8 +1202,8 @@ pub fn response_from_chat(chat: &Value, model: &str) -> Value {
             let input: Value = f
                 .get("arguments")
                 .and_then(Value::as_str)
-                .and_then(|a| serde_json::from_str(a).ok())
-                .unwrap_or_else(|| json!({}));
+                .and_then(arguments_object)
+                .map_or_else(|| json!({}), Value::Object);
             let tool_id = call_id(c).map_or_else(
                 || fallback_tool_id(&id, content.len() as u64),
                 str::to_string,
@@ -1247,6 +1247,46 @@ enum Open {
 }
 
 /// A tool call held until the answer ends (see `ChatToMessagesStream`).
+/// The streamed tool call's arguments: passed on once they open as a JSON
+/// object; arguments that open otherwise (no JSON object at all) are left
+/// out, so the call's input is `{}` rather than text the client's SDK fails
+/// to parse partway through the stream.
+#[derive(Debug)]
+enum LiveArgs {
+    /// Only white space so far (kept, sent with what decides).
+    Undecided(String),
+    Object,
+    Dropped,
+}
+
+impl LiveArgs {
+    /// What to send of `args`, the next part of the arguments.
+    fn feed(&mut self, args: &str) -> Option<String> {
+        if args.is_empty() {
+            return None;
+        }
+        match self {
+            LiveArgs::Object => Some(args.to_string()),
+            LiveArgs::Dropped => None,
+            LiveArgs::Undecided(seen) => {
+                seen.push_str(args);
+                match seen.trim_start().chars().next() {
+                    None => None,
+                    Some('{') => {
+                        let all = std::mem::take(seen);
+                        *self = LiveArgs::Object;
+                        Some(all)
+                    }
+                    Some(_) => {
+                        *self = LiveArgs::Dropped;
+                        None
+                    }
+                }
+            }
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct HeldCall {
     index: u64,
@@ -1274,6 +1314,7 @@ pub struct ChatToMessagesStream {
     tool_index: crate::openai::ToolCallIndex,
     /// The tool call streamed live (its slot) and its block.
     live_tool: Option<(u64, u64)>,
+    live_args: LiveArgs,
     /// The other tool calls, held whole until the answer ends.
     held: Vec<HeldCall>,
     /// Text that came while a tool call's block was open (a block, once
@@ -1309,6 +1350,7 @@ impl ChatToMessagesStream {
             open: Open::None,
             tool_index: Default::default(),
             live_tool: None,
+            live_args: LiveArgs::Undecided(String::new()),
             held: Vec::new(),
             deferred: String::new(),
             called: false,
@@ -1386,9 +1428,13 @@ impl ChatToMessagesStream {
                 &json!({"type": "content_block_start", "index": self.block,
                     "content_block": {"type": "tool_use", "id": id, "name": h.name, "input": {}}}),
             ));
-            if !h.arguments.is_empty() {
+            // Whole by now: sent as an object (a truncated one closed, one
+            // that is no object at all left out: `{}`), never as JSON the
+            // client's SDK fails to parse.
+            if let Some(args) = arguments_object(&h.arguments) {
+                let args = Value::Object(args).to_string();
                 out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
-                    "index": self.block, "delta": {"type": "input_json_delta", "partial_json": h.arguments}})));
+                    "index": self.block, "delta": {"type": "input_json_delta", "partial_json": args}})));
             }
             out.extend(event(
                 "content_block_stop",
@@ -1541,15 +1587,16 @@ impl ChatToMessagesStream {
                             ));
                             self.open = Open::Tool(idx);
                             self.live_tool = Some((idx, self.block));
-                            if !args.is_empty() {
+                            self.live_args = LiveArgs::Undecided(String::new());
+                            if let Some(a) = self.live_args.feed(args) {
                                 out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
-                                    "index": self.block, "delta": {"type": "input_json_delta", "partial_json": args}})));
+                                    "index": self.block, "delta": {"type": "input_json_delta", "partial_json": a}})));
                             }
                         }
                         Some((live, block)) if live == idx => {
-                            if !args.is_empty() {
+                            if let Some(a) = self.live_args.feed(args) {
                                 out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
-                                    "index": block, "delta": {"type": "input_json_delta", "partial_json": args}})));
+                                    "index": block, "delta": {"type": "input_json_delta", "partial_json": a}})));
                             }
                         }
                         // Every other call is held whole until the answer
@@ -1601,6 +1648,85 @@ impl ChatToMessagesStream {
             }
         }
         Ok(out)
+    }
+}
+
+/// A tool call's arguments as a JSON object: as written when they parse;
+/// a truncated object (the model stopped mid-call at its token limit)
+/// closed at its last complete member, as Anthropic's SDKs read a streamed
+/// one (so a plain answer and a streamed one agree); `None` when they are
+/// no JSON object at all.
+pub(crate) fn arguments_object(arguments: &str) -> Option<Map<String, Value>> {
+    if let Ok(Value::Object(m)) = serde_json::from_str(arguments) {
+        return Some(m);
+    }
+    let text = arguments.trim();
+    if !text.starts_with('{') || text.len() > 1 << 20 {
+        return None;
+    }
+    // Cut points: the end, then before each separator (outside strings),
+    // latest first; each prefix is closed (an open string, then the open
+    // arrays and objects) and the first that parses is taken.
+    let mut cuts = vec![text.len()];
+    let (mut in_str, mut esc) = (false, false);
+    for (i, c) in text.char_indices() {
+        if in_str {
+            match c {
+                _ if esc => esc = false,
+                '\\' => esc = true,
+                '"' => in_str = false,
+                _ => {}
+            }
+        } else if c == '"' {
+            in_str = true;
+        } else if c == ',' {
+            cuts.push(i);
+        }
+    }
+    cuts[1..].reverse();
+    for &cut in cuts.iter().take(64) {
+        if let Some(m) = close_prefix(&text[..cut]) {
+            return Some(m);
+        }
+    }
+    None
+}
+
+fn close_prefix(prefix: &str) -> Option<Map<String, Value>> {
+    let mut open = Vec::new();
+    let (mut in_str, mut esc) = (false, false);
+    for c in prefix.chars() {
+        if in_str {
+            match c {
+                _ if esc => esc = false,
+                '\\' => esc = true,
+                '"' => in_str = false,
+                _ => {}
+            }
+            continue;
+        }
+        match c {
+            '"' => in_str = true,
+            '{' => open.push('}'),
+            '[' => open.push(']'),
+            '}' | ']' => {
+                open.pop();
+            }
+            _ => {}
+        }
+    }
+    // A cut inside a string would invent a value ("Os" for "Oslo"):
+    // Anthropic's SDKs drop an incomplete string, and so does this.
+    if in_str {
+        return None;
+    }
+    let mut s = prefix.to_string();
+    while let Some(c) = open.pop() {
+        s.push(c);
+    }
+    match serde_json::from_str(&s) {
+        Ok(Value::Object(m)) => Some(m),
+        _ => None,
     }
 }
 
@@ -2297,6 +2423,81 @@ mod tests {
     /// id and name, every argument reaches its own call's block, and no
     /// block gets a delta after its stop (the first call streams; the
     /// others are sent whole when the answer ends).
+    /// Arguments a provider cut short (its token limit) or that are no
+    /// JSON object: closed at the last complete member, or `{}`; a plain
+    /// answer and a streamed one agree, and the streamed one never hands
+    /// the client's SDK text it fails to parse.
+    #[test]
+    fn broken_tool_arguments_become_an_object() {
+        let obj = |a: &str| arguments_object(a).map(Value::Object);
+        assert_eq!(obj(r#"{"city": "Oslo"}"#), Some(json!({"city": "Oslo"})));
+        assert_eq!(
+            obj(r#"{"city": "Oslo", "unit"#),
+            Some(json!({"city": "Oslo"}))
+        );
+        assert_eq!(
+            obj(r#"{"city": "Oslo", "unit": "c"#),
+            Some(json!({"city": "Oslo"}))
+        );
+        assert_eq!(
+            obj(r#"{"a": {"b": 1, "c": [1, 2"#),
+            Some(json!({"a": {"b": 1, "c": [1, 2]}}))
+        );
+        assert_eq!(obj(r#"{"note": "a, b"#), None, "no invented value");
+        assert_eq!(obj("not json at all"), None);
+        assert_eq!(obj("[1, 2]"), None);
+        assert_eq!(obj(""), None);
+
+        let answer = |args: &str| {
+            let chat = json!({"id": "c", "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": null,
+                "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "weather", "arguments": args}}]}}]});
+            response_from_chat(&chat, "m")["content"][0]["input"].clone()
+        };
+        assert_eq!(answer(r#"{"city": "Oslo", "unit"#), json!({"city": "Oslo"}));
+        assert_eq!(answer("not json at all"), json!({}));
+
+        // Streamed: the first call live, the second held whole.
+        let chunk = |idx: u32, id: &str, args: &str| {
+            format!(
+                "data: {}\n\n",
+                json!({"id": "x", "choices": [{"index": 0, "delta": {"tool_calls": [{"index": idx, "id": id, "type": "function", "function": {"name": "f", "arguments": args}}]}}]})
+            )
+        };
+        let sse = [
+            chunk(0, "a", "  "),
+            chunk(0, "a", "not json"),
+            chunk(1, "b", r#"{"city": "Oslo", "un"#),
+            chunk(0, "a", " at all"),
+            "data: {\"id\":\"x\",\"choices\":[{\"index\":0,\"delta\":{},\"finish_reason\":\"length\"}]}\n\ndata: [DONE]\n\n".into(),
+        ]
+        .concat();
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        let args = |block: u64| -> String {
+            evs.iter()
+                .filter(|(n, v)| n == "content_block_delta" && v["index"] == block)
+                .map(|(_, v)| v["delta"]["partial_json"].as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(args(0), "", "no object: nothing sent, the input is {{}}");
+        assert_eq!(args(1), r#"{"city":"Oslo"}"#);
+        // A live call's leading white space waits for what follows it.
+        let mut s = ChatToMessagesStream::new("claude", 1);
+        let sse = [
+            chunk(0, "a", " "),
+            chunk(0, "a", r#"{"x":"#),
+            chunk(0, "a", "1}"),
+        ]
+        .concat();
+        let evs = events(&s.feed(sse.as_bytes()).unwrap());
+        let sent: String = evs
+            .iter()
+            .filter(|(n, _)| n == "content_block_delta")
+            .map(|(_, v)| v["delta"]["partial_json"].as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(sent, r#" {"x":1}"#);
+    }
+
     #[test]
     fn interleaved_tool_call_arguments_go_to_their_own_blocks() {
         let sse = concat!(

@@ -1526,6 +1526,17 @@ fn message_item(id: String, content: Vec<Value>, status: &str) -> Value {
     json!({"id": id, "type": "message", "status": status, "role": "assistant", "content": content})
 }
 
+/// A function call's arguments for a Responses client: `{}` for none (a
+/// provider that streams no argument deltas for a call without any), as
+/// OpenAI's own answers have; the client `json.loads` them.
+fn non_empty_arguments(arguments: &str) -> &str {
+    if arguments.trim().is_empty() {
+        "{}"
+    } else {
+        arguments
+    }
+}
+
 fn call_item(
     id: String,
     call_id: &str,
@@ -1682,7 +1693,7 @@ pub fn response_from_chat(
             &call_id,
             name,
             namespace_of(req, name),
-            f["arguments"].as_str().unwrap_or_default(),
+            non_empty_arguments(f["arguments"].as_str().unwrap_or_default()),
             "completed",
         ));
     }
@@ -2180,6 +2191,12 @@ impl ChatToResponsesStream {
     fn close_item(&mut self, i: usize, status: &'static str, out: &mut Vec<u8>) {
         let item = &mut self.items[i];
         item.status = status;
+        // A call with no arguments has `{}`, as OpenAI's own.
+        if let ItemKind::Call { arguments, .. } = &mut item.kind {
+            if arguments.trim().is_empty() {
+                *arguments = "{}".into();
+            }
+        }
         match &item.kind {
             ItemKind::Message { parts } => {
                 if let Some((k, t)) = parts.last() {
@@ -3529,6 +3546,30 @@ mod tests {
         assert_eq!(deltas, [&json!("Hel"), &json!("lo!")]);
         let r = s.response().unwrap();
         assert_eq!(r["output"][0]["content"][0]["text"], "Hello!");
+    }
+
+    /// A call without arguments (a provider that streams none for it) has
+    /// `{}`, as OpenAI's own answers have: the client parses them.
+    #[test]
+    fn a_call_without_arguments_has_an_empty_object() {
+        let chat = json!({"id": "c", "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {"role": "assistant", "content": null,
+            "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]}}]});
+        let r = response_from_chat(&chat, "resp_abc", 100, &req());
+        assert_eq!(r["output"][0]["arguments"], "{}");
+        let mut input = chunk(
+            json!({"tool_calls": [{"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}]}),
+            Value::Null,
+        );
+        input.extend(chunk(json!({}), json!("tool_calls")));
+        input.extend_from_slice(crate::sse::DONE_EVENT);
+        let mut s = ChatToResponsesStream::new("resp_abc", 100, "gpt-x", &req());
+        let events = run(&mut s, &input, 7);
+        let done = events
+            .iter()
+            .find(|(n, _)| n == "response.function_call_arguments.done")
+            .unwrap();
+        assert_eq!(done.1["arguments"], "{}");
+        assert_eq!(s.response().unwrap()["output"][0]["arguments"], "{}");
     }
 
     /// A stream names the model that answered (the upstream's), as the

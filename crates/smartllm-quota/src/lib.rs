@@ -56,6 +56,8 @@ pub enum Refusal {
         retry_after: f64,
         what: String,
         headroom: Headroom,
+        /// The refusing bucket (`key 'ci':requests`), for the metric.
+        limit: String,
     },
     /// More tokens than a whole minute's allowance: no wait would help.
     #[error("This request needs about {tokens} tokens, more than the {limit} tokens per minute allowed for {scope}.")]

@@ -139,6 +139,7 @@ pub fn rate_limited(secs: f64, c: &Charge, what: &str) -> Refusal {
         retry_after: secs,
         what: what.to_string(),
         headroom,
+        limit: c.id.clone(),
     }
 }
 

@@ -10,6 +10,7 @@ pub const BUDGET_USED: &str = "smartllm_budget_used_ratio";
 pub const BUDGET_ALERTS: &str = "smartllm_budget_alerts_total";
 pub const BUDGET_ALERTS_DROPPED: &str = "smartllm_budget_alerts_dropped_total";
 pub const BUDGET_WEBHOOK_FAILED: &str = "smartllm_budget_webhook_failed_total";
+pub const RATE_LIMITED: &str = "smartllm_rate_limited_total";
 pub const BUDGET_EXCEEDED: &str = "smartllm_budget_exceeded_total";
 pub const COST_CAP: &str = "smartllm_request_cost_cap_total";
 pub const FLEET_ERRORS: &str = "smartllm_fleet_errors_total";
@@ -28,6 +29,10 @@ pub fn describe() {
     describe_counter!(
         BUDGET_ALERTS_DROPPED,
         "Budget alert webhooks not queued because the alert queue was full."
+    );
+    describe_counter!(
+        RATE_LIMITED,
+        "Requests refused by a rate limit, by the limit's scope (key:NAME, app:TENANT/APP) and kind (requests, tokens)."
     );
     describe_counter!(
         BUDGET_WEBHOOK_FAILED,
@@ -68,6 +73,18 @@ pub fn budget_refusing(budget: &str) {
 
 pub fn alert_dropped() {
     counter!(BUDGET_ALERTS_DROPPED).increment(1);
+}
+
+/// A request a rate limit refused; `limit` is the refusing bucket as the
+/// limiter names it (`key 'ci':requests`, `app 'acme/web':tokens`).
+pub fn rate_limited(limit: &str) {
+    let (scope, kind) = limit.rsplit_once(':').unwrap_or((limit, "-"));
+    // `key 'ci'` -> `key:ci`, as budgets are named (and labelled).
+    let id = match scope.split_once(' ') {
+        Some((k, name)) => format!("{k}:{}", name.trim_matches('\'')),
+        None => scope.to_string(),
+    };
+    counter!(RATE_LIMITED, "scope" => labels::budget(&id), "kind" => kind.to_string()).increment(1);
 }
 
 /// An alert's webhook delivery failed for good.

@@ -77,7 +77,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
     let tracing = tracing::resolve_tracing(main.tracing, v);
     let digest = routes::digest_referenced_files(&digest, &classifier, &resolved_routes, v);
     let digest = server::check_tls(&digest, &server, v);
-    let digest = digest_secret_files(&digest, &providers, &admin_token);
+    let digest = digest_secret_files(dir, &digest, &providers, &admin_token);
     let mut config = Config {
         dir: dir.to_path_buf(),
         digest,
@@ -114,6 +114,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
 /// error (the provider answers 503 until it can be; that is not a config
 /// error). Only a hash of each file is kept.
 fn digest_secret_files(
+    dir: &Path,
     digest: &str,
     providers: &BTreeMap<String, ProviderConfig>,
     admin_token: &ApiKeySource,
@@ -125,7 +126,11 @@ fn digest_secret_files(
     let mut hasher = Sha256::new();
     hasher.update(digest.as_bytes());
     for path in files {
-        hasher.update(path.to_string_lossy().as_bytes());
+        // Named within the config directory where it lies there: the
+        // digest must not depend on how the directory was named
+        // (`check --config conf` and the gateway on its absolute path).
+        let name = path.strip_prefix(dir).unwrap_or(&path);
+        hasher.update(name.to_string_lossy().as_bytes());
         hasher.update([0]);
         match std::fs::read(&path) {
             Ok(bytes) => hasher.update(Sha256::digest(&bytes)),

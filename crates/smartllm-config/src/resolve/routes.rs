@@ -489,7 +489,10 @@ pub(super) fn digest_referenced_files(
     for (key, path) in referenced_files(classifier, routes) {
         match std::fs::read(&path) {
             Ok(bytes) => {
-                hasher.update(path.to_string_lossy().as_bytes());
+                // The key, not the resolved path: the path as written is in
+                // the files' text already, and `check --config conf` must
+                // give the digest the gateway on /etc/... reports.
+                hasher.update(key.as_bytes());
                 hasher.update([0]);
                 hasher.update(&bytes);
             }

@@ -231,8 +231,12 @@ async fn rate_limit(
         smartllm_quota::Admission::Limited(r) => {
             tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = false, "rate limit decision");
             // The 429 says what the refusing limit holds, as a provider's does.
-            if let smartllm_quota::Refusal::RateLimited { headroom, .. } = &r {
+            if let smartllm_quota::Refusal::RateLimited {
+                headroom, limit, ..
+            } = &r
+            {
                 ctx.ratelimit = *headroom;
+                smartllm_quota::metrics::rate_limited(limit);
             }
             Err(super::refusal(r))
         }

@@ -281,6 +281,7 @@ mod tests {
             retry_after: 2.3,
             what: "3 requests per minute for key 'k'".into(),
             headroom: smartllm_quota::Headroom::default(),
+            limit: "key 'k':requests".into(),
         });
         assert_eq!(
             (e.status, e.kind, e.code),
