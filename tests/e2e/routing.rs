@@ -913,6 +913,15 @@ fn a_failed_health_check_survives_a_reload() {
         "{}",
         admin_model(&gw, "big")
     );
+    // The transition is logged once, with why, in a line of its own size
+    // (not Pingora's, which dumps the peer's whole options).
+    let log = gw.log_text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("upstream failed its health check"))
+        .unwrap_or_else(|| panic!("{log}"));
+    assert!(line.contains("ConnectRefused"), "{line}");
+    assert!(!log.contains("becomes unhealthy"), "{log}");
     let version = || gw.metric("smartllm_config_version", &[]);
     let v = version();
     gw.config

@@ -749,6 +749,10 @@ struct HealthDispatch {
     interval: Duration,
     failures: usize,
     successes: usize,
+    /// The last failed check's error by address, for the transition's log
+    /// line (Pingora's own is left out of the log: it dumps the whole peer).
+    /// Held by the health-check task alone, never on a request's path.
+    last_error: std::sync::Mutex<HashMap<String, String>>,
 }
 
 impl HealthDispatch {
@@ -812,6 +816,7 @@ impl HealthDispatch {
             interval,
             failures,
             successes,
+            last_error: Default::default(),
         }
     }
 }
@@ -841,6 +846,17 @@ impl HealthCheck for HealthDispatch {
                 },
             }
         }
+        if let Err(e) = &last {
+            // The error alone (its context, not the peer's whole options).
+            let why = match &e.context {
+                Some(c) => format!("{}: {c}", e.etype().as_str()),
+                None => e.etype().as_str().to_string(),
+            };
+            self.last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(target.addr.to_string(), why);
+        }
         last
     }
 
@@ -849,7 +865,14 @@ impl HealthCheck for HealthDispatch {
         if healthy {
             tracing::info!(model = %self.model, address = %addr, "upstream healthy again");
         } else {
-            tracing::warn!(model = %self.model, address = %addr, "upstream failed its health check");
+            let error = self
+                .last_error
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&addr)
+                .cloned()
+                .unwrap_or_default();
+            tracing::warn!(model = %self.model, address = %addr, %error, "upstream failed its health check");
         }
         metrics::upstream_healthy(&self.model, &addr, healthy);
     }

@@ -716,7 +716,12 @@ fn exit(what: &str, r: anyhow::Result<()>) -> ExitCode {
 
 fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SMARTLLM_LOG").unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(format!("{level},pingora_core=warn,pingora_proxy=warn"))
+        // Pingora's health checks log each failure with the peer's whole
+        // options (1.5 KB a line); the gateway logs the transition itself,
+        // with the error ("upstream failed its health check").
+        tracing_subscriber::EnvFilter::new(format!(
+            "{level},pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=error"
+        ))
     });
     tracing_subscriber::fmt()
         .json()
@@ -896,7 +901,16 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         Some(&config.data_dir),
     )
     .context("opening the semantic cache")?;
-    tracing::info!(enabled = config.cache.enabled, stats = ?cache.stats(), "semantic cache open");
+    let stats = cache.stats();
+    tracing::info!(
+        enabled = config.cache.enabled,
+        index_vectors = stats.index_vectors,
+        index_kind = stats.index_kind,
+        estimated_entries = stats.estimated_entries,
+        live_data_bytes = stats.live_data_bytes,
+        encrypted = stats.encrypted,
+        "semantic cache open"
+    );
 
     let ledger = smartllm_ledger::Ledger::start(store.clone(), config.ledger.flush_interval)
         .context("starting the cost ledger writer")?;
