@@ -576,7 +576,7 @@ impl SemanticCache {
             return Ok(());
         }
         let why = match stored {
-            Some(_) => Some("the embedding model, its tokenizer, embedder.max_seq_len or the dimension changed since they were stored"),
+            Some(_) => Some("the embedding model, its tokenizer, embedder.max_seq_len, the dimension or embedder.device (cuda runs an int8 model's fp32 twin) changed since they were stored"),
             None => match self.vectors_are_ours()? {
                 Some(true) => None,
                 Some(false) => Some("they were stored before the cache recorded its embedder, and this embedder does not make them again"),

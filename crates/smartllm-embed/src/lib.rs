@@ -326,7 +326,11 @@ impl Model {
     /// `"cuda"`, or `"cpu (cuda unavailable: WHY)"` (blocking).
     pub fn load(cfg: &EmbedderConfig) -> Result<(Model, String), EmbedError> {
         let rt = runtime::runtime(cfg)?;
-        let (session, device, _) = device_session(rt, cfg)?;
+        let cfg = &EmbedderConfig {
+            model: model_for(cfg),
+            ..cfg.clone()
+        };
+        let (session, device) = device_session(rt, cfg)?;
         let model = Model {
             session,
             tokenizer: load_tokenizer(cfg)?,
@@ -392,13 +396,25 @@ pub fn cuda_model(model: &Path) -> PathBuf {
         .unwrap_or_else(|| model.to_path_buf())
 }
 
+/// The model file `cfg` runs: with `device: cuda`, [`cuda_model`] of the
+/// configured one, whether or not CUDA then answers (a CPU fallback runs
+/// the same file, so the vector space, and the cache's stored vectors, do
+/// not depend on whether the driver was up at this start); the configured
+/// one with `device: cpu`.
+pub fn model_for(cfg: &EmbedderConfig) -> PathBuf {
+    match cfg.device {
+        Device::Cuda => cuda_model(&cfg.model),
+        Device::Cpu => cfg.model.clone(),
+    }
+}
+
 /// A session on `cfg.device`: CUDA when asked for and the runtime has it
-/// (else the CPU, with the reason in the device string), and the model file
-/// it runs ([`cuda_model`] on CUDA, `cfg.model` on the CPU).
+/// (else the CPU, with the reason in the device string), running
+/// `cfg.model` (the caller resolved it with [`model_for`]).
 fn device_session(
     rt: &runtime::Runtime,
     cfg: &EmbedderConfig,
-) -> Result<(ort::session::Session, String, PathBuf), EmbedError> {
+) -> Result<(ort::session::Session, String), EmbedError> {
     let model_error = |e: ort::Error| EmbedError::Model {
         path: cfg.model.clone(),
         message: e.to_string(),
@@ -408,27 +424,16 @@ fn device_session(
             return Ok((
                 build_session(&rt.env, cfg, false).map_err(model_error)?,
                 "cpu".into(),
-                cfg.model.clone(),
             ))
         }
-        (Device::Cuda, Ok(())) => {
-            let gpu = EmbedderConfig {
-                model: cuda_model(&cfg.model),
-                ..cfg.clone()
-            };
-            match build_session(&rt.env, &gpu, true) {
-                Ok(s) => return Ok((s, "cuda".into(), gpu.model)),
-                Err(e) => format!("the CUDA execution provider failed: {e}"),
-            }
-        }
+        (Device::Cuda, Ok(())) => match build_session(&rt.env, cfg, true) {
+            Ok(s) => return Ok((s, "cuda".into())),
+            Err(e) => format!("the CUDA execution provider failed: {e}"),
+        },
         (Device::Cuda, Err(why)) => why.clone(),
     };
     let session = build_session(&rt.env, cfg, false).map_err(model_error)?;
-    Ok((
-        session,
-        format!("cpu (cuda unavailable: {why})"),
-        cfg.model.clone(),
-    ))
+    Ok((session, format!("cpu (cuda unavailable: {why})")))
 }
 
 /// Which graph rewrites a CPU session gets.
@@ -508,15 +513,11 @@ impl Embedder {
         let rt = runtime::runtime(cfg)?;
         let tokenizer = load_tokenizer(cfg)?;
 
-        // The first session settles the device (a CUDA one that failed
-        // leaves the rest on the CPU) and so the model file: on CUDA an
-        // int8 model's fp32 twin, which the other sessions load too.
-        let (first, device, model) = device_session(rt, cfg)?;
-        if device != "cuda" && cfg.device == Device::Cuda {
-            tracing::warn!(%device, onnxruntime = %rt.lib.display(), "embedder.device is cuda but CUDA is unavailable; embedding on the CPU");
-        }
+        // With `device: cuda`, an int8 model's fp32 twin (its int8 MatMuls
+        // have no CUDA kernels), on the GPU or on a CPU fallback alike.
+        let model = model_for(cfg);
         if model != cfg.model {
-            tracing::info!(configured = %cfg.model.display(), model = %model.display(), "embedding on CUDA with the fp32 twin of the configured int8 model (its int8 MatMuls would run on the CPU)");
+            tracing::info!(configured = %cfg.model.display(), model = %model.display(), "embedder.device is cuda: embedding with the fp32 twin of the configured int8 model (its int8 MatMuls would run on the CPU)");
         }
         let cfg = &EmbedderConfig {
             model,
@@ -526,6 +527,12 @@ impl Embedder {
         // the file they run, so vectors of an int8 model and of its fp32
         // twin are not taken for one another.
         let fingerprint = space_fingerprint(cfg, DIM)?;
+        // The first session settles the device: a CUDA one that failed
+        // leaves the rest on the CPU.
+        let (first, device) = device_session(rt, cfg)?;
+        if device != "cuda" && cfg.device == Device::Cuda {
+            tracing::warn!(%device, onnxruntime = %rt.lib.display(), "embedder.device is cuda but CUDA is unavailable; embedding on the CPU");
+        }
         let mut workers = vec![Model {
             session: first,
             tokenizer: tokenizer.clone(),
@@ -621,10 +628,10 @@ impl Embedder {
     /// `model=<hex16>;tok=<hex16>;seq=<max_seq_len>;dim=<dim>`, from the
     /// content of the model and tokenizer files (hashed once, at load), the
     /// window and the vectors' length. Vectors stored under another
-    /// fingerprint are not comparable with this embedder's. Threads, device
-    /// and batching do not change it: they move a vector by rounding only
-    /// (but on CUDA an int8 model runs as its fp32 twin, another file:
-    /// [`cuda_model`]).
+    /// fingerprint are not comparable with this embedder's. Threads and
+    /// batching do not change it: they move a vector by rounding only. The
+    /// device setting can: `device: cuda` runs an int8 model's fp32 twin,
+    /// another file ([`model_for`]), whether CUDA then answers or not.
     pub fn fingerprint(&self) -> String {
         self.fingerprint.clone()
     }

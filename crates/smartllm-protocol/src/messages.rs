@@ -1246,47 +1246,236 @@ enum Open {
     Tool(u64),
 }
 
-/// A tool call held until the answer ends (see `ChatToMessagesStream`).
-/// The streamed tool call's arguments: passed on once they open as a JSON
-/// object; arguments that open otherwise (no JSON object at all) are left
-/// out, so the call's input is `{}` rather than text the client's SDK fails
-/// to parse partway through the stream.
-#[derive(Debug)]
-enum LiveArgs {
-    /// Only white space so far (kept, sent with what decides).
-    Undecided(String),
-    Object,
-    Dropped,
+/// The streamed tool call's arguments, checked as they come: passed on
+/// while they are a valid beginning of a JSON object ([`JsonPrefix`]), and
+/// from the first byte that cannot continue one, left out (arguments that
+/// are no object at all give `{}`; broken ones end at what was valid, which
+/// Anthropic's SDKs close as they close a stream cut short), so the client's
+/// SDK is never handed text it fails to parse partway through the stream.
+/// Leading white space waits for what follows it.
+#[derive(Debug, Default)]
+struct LiveArgs {
+    scan: JsonPrefix,
+    /// White space before the object opens.
+    pending: String,
+    dropped: bool,
 }
 
 impl LiveArgs {
     /// What to send of `args`, the next part of the arguments.
     fn feed(&mut self, args: &str) -> Option<String> {
-        if args.is_empty() {
+        if self.dropped || args.is_empty() {
             return None;
         }
-        match self {
-            LiveArgs::Object => Some(args.to_string()),
-            LiveArgs::Dropped => None,
-            LiveArgs::Undecided(seen) => {
-                seen.push_str(args);
-                match seen.trim_start().chars().next() {
-                    None => None,
-                    Some('{') => {
-                        let all = std::mem::take(seen);
-                        *self = LiveArgs::Object;
-                        Some(all)
-                    }
-                    Some(_) => {
-                        *self = LiveArgs::Dropped;
-                        None
-                    }
-                }
-            }
+        let valid = self.scan.feed(args.as_bytes());
+        let ok = &args[..valid];
+        if valid < args.len() {
+            self.dropped = true;
+        }
+        if !self.scan.opened {
+            // Only white space so far (or nothing valid at all).
+            self.pending.push_str(ok);
+            return None;
+        }
+        let mut out = std::mem::take(&mut self.pending);
+        out.push_str(ok);
+        (!out.is_empty()).then_some(out)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Expect {
+    /// A value (the top level: an object only).
+    Value,
+    /// A value or `]` (right after `[`).
+    ValueOrEnd,
+    /// A key or `}` (right after `{`).
+    KeyOrEnd,
+    /// A key (after a `,` in an object).
+    Key,
+    Colon,
+    CommaOrEnd,
+}
+
+/// An incremental check that bytes are a valid beginning of one JSON
+/// object: strings with their escapes, literals, numbers (loosely),
+/// nesting and separators; a trailing comma, single quotes, a raw control
+/// character in a string or anything after the object ends are not.
+#[derive(Debug)]
+struct JsonPrefix {
+    /// Open containers: true for an object.
+    stack: Vec<bool>,
+    expect: Expect,
+    in_str: bool,
+    str_is_key: bool,
+    esc: bool,
+    /// Hex digits of a `\u` escape still to come.
+    hex: u8,
+    /// A literal under way: its bytes and how many came.
+    lit: Option<(&'static [u8], usize)>,
+    num: bool,
+    /// The object opened (its `{` came).
+    opened: bool,
+    /// The object closed: only white space may follow.
+    closed: bool,
+}
+
+impl Default for JsonPrefix {
+    fn default() -> Self {
+        JsonPrefix {
+            stack: Vec::new(),
+            expect: Expect::Value,
+            in_str: false,
+            str_is_key: false,
+            esc: false,
+            hex: 0,
+            lit: None,
+            num: false,
+            opened: false,
+            closed: false,
         }
     }
 }
 
+impl JsonPrefix {
+    /// Take `bytes`; how many of them keep the text a valid beginning of
+    /// an object (all of them, or up to the first that does not).
+    fn feed(&mut self, bytes: &[u8]) -> usize {
+        for (i, &b) in bytes.iter().enumerate() {
+            if !self.byte(b) {
+                return i;
+            }
+        }
+        bytes.len()
+    }
+
+    fn byte(&mut self, b: u8) -> bool {
+        if self.in_str {
+            if self.hex > 0 {
+                self.hex -= 1;
+                return b.is_ascii_hexdigit();
+            }
+            if self.esc {
+                self.esc = false;
+                return match b {
+                    b'u' => {
+                        self.hex = 4;
+                        true
+                    }
+                    b'"' | b'\\' | b'/' | b'b' | b'f' | b'n' | b'r' | b't' => true,
+                    _ => false,
+                };
+            }
+            match b {
+                b'\\' => self.esc = true,
+                b'"' => {
+                    self.in_str = false;
+                    self.expect = if self.str_is_key {
+                        Expect::Colon
+                    } else {
+                        Expect::CommaOrEnd
+                    };
+                }
+                0..=0x1f => return false,
+                _ => {}
+            }
+            return true;
+        }
+        if let Some((word, n)) = self.lit {
+            if word.get(n) != Some(&b) {
+                return false;
+            }
+            self.lit = (n + 1 < word.len()).then_some((word, n + 1));
+            if self.lit.is_none() {
+                self.expect = Expect::CommaOrEnd;
+            }
+            return true;
+        }
+        if self.num {
+            if matches!(b, b'0'..=b'9' | b'.' | b'e' | b'E' | b'+' | b'-') {
+                return true;
+            }
+            self.num = false;
+            self.expect = Expect::CommaOrEnd;
+        }
+        if matches!(b, b' ' | b'\t' | b'\n' | b'\r') {
+            return true;
+        }
+        if self.closed {
+            return false;
+        }
+        if !self.opened {
+            // The top level is an object.
+            if b != b'{' {
+                return false;
+            }
+            self.opened = true;
+        }
+        match self.expect {
+            Expect::ValueOrEnd if b == b']' => self.close(false),
+            Expect::Value | Expect::ValueOrEnd => match b {
+                b'{' => {
+                    self.stack.push(true);
+                    self.expect = Expect::KeyOrEnd;
+                    true
+                }
+                b'[' => {
+                    self.stack.push(false);
+                    self.expect = Expect::ValueOrEnd;
+                    true
+                }
+                b'"' => {
+                    self.in_str = true;
+                    self.str_is_key = false;
+                    true
+                }
+                b't' => self.literal(b"true"),
+                b'f' => self.literal(b"false"),
+                b'n' => self.literal(b"null"),
+                b'-' | b'0'..=b'9' => {
+                    self.num = true;
+                    true
+                }
+                _ => false,
+            },
+            Expect::KeyOrEnd if b == b'}' => self.close(true),
+            Expect::KeyOrEnd | Expect::Key => {
+                self.in_str = b == b'"';
+                self.str_is_key = true;
+                self.in_str
+            }
+            Expect::Colon => {
+                self.expect = Expect::Value;
+                b == b':'
+            }
+            Expect::CommaOrEnd => match (b, self.stack.last()) {
+                (b',', Some(&object)) => {
+                    self.expect = if object { Expect::Key } else { Expect::Value };
+                    true
+                }
+                (b'}', Some(true)) => self.close(true),
+                (b']', Some(false)) => self.close(false),
+                _ => false,
+            },
+        }
+    }
+
+    fn literal(&mut self, word: &'static [u8]) -> bool {
+        self.lit = Some((word, 1));
+        true
+    }
+
+    fn close(&mut self, object: bool) -> bool {
+        if self.stack.pop() != Some(object) {
+            return false;
+        }
+        self.expect = Expect::CommaOrEnd;
+        self.closed = self.stack.is_empty();
+        true
+    }
+}
+
+/// A tool call held until the answer ends (see `ChatToMessagesStream`).
 #[derive(Debug, Default)]
 struct HeldCall {
     index: u64,
@@ -1350,7 +1539,7 @@ impl ChatToMessagesStream {
             open: Open::None,
             tool_index: Default::default(),
             live_tool: None,
-            live_args: LiveArgs::Undecided(String::new()),
+            live_args: LiveArgs::default(),
             held: Vec::new(),
             deferred: String::new(),
             called: false,
@@ -1587,7 +1776,7 @@ impl ChatToMessagesStream {
                             ));
                             self.open = Open::Tool(idx);
                             self.live_tool = Some((idx, self.block));
-                            self.live_args = LiveArgs::Undecided(String::new());
+                            self.live_args = LiveArgs::default();
                             if let Some(a) = self.live_args.feed(args) {
                                 out.extend(event("content_block_delta", &json!({"type": "content_block_delta",
                                     "index": self.block, "delta": {"type": "input_json_delta", "partial_json": a}})));
@@ -1661,7 +1850,9 @@ pub(crate) fn arguments_object(arguments: &str) -> Option<Map<String, Value>> {
         return Some(m);
     }
     let text = arguments.trim();
-    if !text.starts_with('{') || text.len() > 1 << 20 {
+    // Repair is a few parses of the text: kept to what a tool call holds
+    // (a larger broken one gives `{}`), on the proxy's thread.
+    if !text.starts_with('{') || text.len() > 64 << 10 {
         return None;
     }
     // Cut points: the end, then before each separator (outside strings),
@@ -1685,14 +1876,17 @@ pub(crate) fn arguments_object(arguments: &str) -> Option<Map<String, Value>> {
     }
     cuts[1..].reverse();
     for &cut in cuts.iter().take(64) {
-        if let Some(m) = close_prefix(&text[..cut]) {
+        if let Some(m) = close_prefix(&text[..cut], cut == text.len()) {
             return Some(m);
         }
     }
     None
 }
 
-fn close_prefix(prefix: &str) -> Option<Map<String, Value>> {
+/// `prefix` closed (its open arrays and objects), if that parses as an
+/// object; `at_end`: the prefix is all the text, so a number it ends with
+/// may be cut short (before a separator, a number is whole).
+fn close_prefix(prefix: &str, at_end: bool) -> Option<Map<String, Value>> {
     let mut open = Vec::new();
     let (mut in_str, mut esc) = (false, false);
     for c in prefix.chars() {
@@ -1715,9 +1909,14 @@ fn close_prefix(prefix: &str) -> Option<Map<String, Value>> {
             _ => {}
         }
     }
-    // A cut inside a string would invent a value ("Os" for "Oslo"):
-    // Anthropic's SDKs drop an incomplete string, and so does this.
-    if in_str {
+    // A cut inside a string would invent a value ("Os" for "Oslo"), and
+    // one right after a number may have cut it short (12 of 1234):
+    // Anthropic's SDKs drop an incomplete string, and this drops both.
+    let ends_in_number = at_end
+        && prefix
+            .trim_end()
+            .ends_with(|c: char| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'));
+    if in_str || ends_in_number {
         return None;
     }
     let mut s = prefix.to_string();
@@ -2419,10 +2618,6 @@ mod tests {
         assert!(last_delta < stop, "{names:?}");
     }
 
-    /// A provider interleaving two calls' arguments: each block keeps its
-    /// id and name, every argument reaches its own call's block, and no
-    /// block gets a delta after its stop (the first call streams; the
-    /// others are sent whole when the answer ends).
     /// Arguments a provider cut short (its token limit) or that are no
     /// JSON object: closed at the last complete member, or `{}`; a plain
     /// answer and a streamed one agree, and the streamed one never hands
@@ -2441,9 +2636,19 @@ mod tests {
         );
         assert_eq!(
             obj(r#"{"a": {"b": 1, "c": [1, 2"#),
-            Some(json!({"a": {"b": 1, "c": [1, 2]}}))
+            Some(json!({"a": {"b": 1, "c": [1]}})),
+            "the 2 may be cut short"
         );
         assert_eq!(obj(r#"{"note": "a, b"#), None, "no invented value");
+        assert_eq!(
+            obj(r#"{"k": "v", "n": 12"#),
+            Some(json!({"k": "v"})),
+            "12 of 1234?"
+        );
+        assert_eq!(
+            obj(r#"{"n": [1, 2], "m": 3}"#),
+            Some(json!({"n": [1, 2], "m": 3}))
+        );
         assert_eq!(obj("not json at all"), None);
         assert_eq!(obj("[1, 2]"), None);
         assert_eq!(obj(""), None);
@@ -2481,6 +2686,28 @@ mod tests {
         };
         assert_eq!(args(0), "", "no object: nothing sent, the input is {{}}");
         assert_eq!(args(1), r#"{"city":"Oslo"}"#);
+        // A live call broken partway: what was valid is sent (the SDK
+        // closes it as it closes a cut stream), nothing after.
+        for (parts, want) in [
+            (vec![r#"{"a": 1,"#, "}"], r#"{"a": 1,"#),
+            (vec![r#"{'city': 'Oslo'}"#], "{"),
+            (vec![r#"{"s": "line"#, "\n", r#"break"}"#], r#"{"s": "line"#),
+            (
+                vec![r#"{"x": [1, 2], "y": {"z": null}} trailing"#],
+                r#"{"x": [1, 2], "y": {"z": null}} "#,
+            ),
+            (vec![r#"{"u": "\u00e9\q"}"#], r#"{"u": "\u00e9\"#),
+        ] {
+            let mut s = ChatToMessagesStream::new("claude", 1);
+            let sse: String = parts.iter().map(|p| chunk(0, "a", p)).collect();
+            let evs = events(&s.feed(sse.as_bytes()).unwrap());
+            let sent: String = evs
+                .iter()
+                .filter(|(n, _)| n == "content_block_delta")
+                .map(|(_, v)| v["delta"]["partial_json"].as_str().unwrap().to_string())
+                .collect();
+            assert_eq!(sent, want, "{parts:?}");
+        }
         // A live call's leading white space waits for what follows it.
         let mut s = ChatToMessagesStream::new("claude", 1);
         let sse = [
@@ -2498,6 +2725,10 @@ mod tests {
         assert_eq!(sent, r#" {"x":1}"#);
     }
 
+    /// A provider interleaving two calls' arguments: each block keeps its
+    /// id and name, every argument reaches its own call's block, and no
+    /// block gets a delta after its stop (the first call streams; the
+    /// others are sent whole when the answer ends).
     #[test]
     fn interleaved_tool_call_arguments_go_to_their_own_blocks() {
         let sse = concat!(

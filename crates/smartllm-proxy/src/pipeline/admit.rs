@@ -231,12 +231,19 @@ async fn rate_limit(
         smartllm_quota::Admission::Limited(r) => {
             tracing::debug!(request_id = %ctx.request_id, ?scopes, estimate, admitted = false, "rate limit decision");
             // The 429 says what the refusing limit holds, as a provider's does.
-            if let smartllm_quota::Refusal::RateLimited {
-                headroom, limit, ..
-            } = &r
-            {
-                ctx.ratelimit = *headroom;
-                smartllm_quota::metrics::rate_limited(limit);
+            match &r {
+                smartllm_quota::Refusal::RateLimited {
+                    headroom, limit, ..
+                } => {
+                    ctx.ratelimit = *headroom;
+                    smartllm_quota::metrics::rate_limited(limit);
+                }
+                // More tokens than a minute's allowance: a tokens limit
+                // refused it too (429 rate_limit_error).
+                smartllm_quota::Refusal::TooLargeForLimit { scope, .. } => {
+                    smartllm_quota::metrics::rate_limited(&format!("{scope}:tokens"));
+                }
+                _ => {}
             }
             Err(super::refusal(r))
         }

@@ -189,8 +189,12 @@ pub async fn run(
             .filter(|p| pool.deployments.iter().any(|d| d.provider.name() == *p));
         let mut tried: Vec<(pingora_core::protocols::l4::socket::SocketAddr, usize)> = Vec::new();
         for attempt in 0..attempts {
-            // The stop's drain time is up: no new attempt starts.
+            // The stop's drain time is up: no new attempt starts (and the
+            // failure before, if any, was never retried).
             if *shared.drain_expired.borrow() {
+                if let Some(p) = unretried.take() {
+                    metrics::upstream_attempt(&p, "failed");
+                }
                 return Err(ApiError::shutting_down(
                     "This gateway instance is stopping (its drain time is up); send the request again (it will reach another instance).",
                 ));
