@@ -83,6 +83,17 @@ pub(crate) struct Issues<'a> {
 }
 
 impl Issues<'_> {
+    /// Whether an issue was already found at `path` or under it in `file`.
+    pub(crate) fn has_issue_under(&self, file: &'static str, path: &str) -> bool {
+        let file = self.dir.join(file);
+        self.list.iter().any(|i| {
+            i.file == file
+                && i.path
+                    .strip_prefix(path)
+                    .is_some_and(|rest| rest.is_empty() || rest.starts_with('.'))
+        })
+    }
+
     pub(crate) fn push(
         &mut self,
         file: &'static str,

@@ -225,6 +225,27 @@ mod tests {
     use crate::*;
     use std::time::Duration;
 
+    /// One mistake, one error: a provider refused for its own field is not
+    /// also "unknown" to the models on it, and a price derived from a
+    /// wrong one (cache prices from `input`) is not a second error.
+    #[test]
+    fn one_mistake_gives_one_error() {
+        let providers = "providers:\n  openai:\n    kind: openai\n    base_url: not a url\n";
+        let models = "models:\n  - name: a\n    pricing: { input: -0.15, output: 0.6 }\n    deployments:\n      - provider: openai\n  - name: b\n    deployments:\n      - provider: openai\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, providers),
+            (MODELS_FILE, models),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("providers.openai.base_url"), "{text}");
+        assert!(text.contains("models[0].pricing.input"), "{text}");
+        assert!(!text.contains("unknown provider"), "{text}");
+        assert!(!text.contains("cache_write"), "{text}");
+        assert_eq!(err.issues.len(), 2, "{text}");
+    }
+
     #[test]
     fn validation_reports_every_error_with_lines() {
         let models = "models:\n  - name: a\n    deployments:\n      - provider: nope\n  - name: a\n    deployments: []\n";

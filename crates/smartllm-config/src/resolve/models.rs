@@ -6,7 +6,7 @@ use crate::catalog::catalog;
 use crate::raw::{RawModels, RawPricing, RawProfile};
 use crate::{
     DeploymentConfig, Issues, ModelConfig, ModelMode, ModelProfile, Pricing, ProviderConfig, Task,
-    CAPABILITIES, MODELS_FILE,
+    CAPABILITIES, MODELS_FILE, PROVIDERS_FILE,
 };
 use crate::{LongContextPrice, ModelPrice, PriceSource, ProviderKind};
 use std::collections::{BTreeMap, BTreeSet};
@@ -46,7 +46,10 @@ pub(super) fn resolve_models(
         let mut deployments = Vec::new();
         for (j, d) in m.deployments.into_iter().enumerate() {
             let dat = format!("{at}.deployments[{j}]");
-            if !providers.contains_key(&d.provider) {
+            // A provider defined but refused has its own error: no second
+            // one here saying it does not exist.
+            let refused = v.has_issue_under(PROVIDERS_FILE, &format!("providers.{}", d.provider));
+            if !providers.contains_key(&d.provider) && !refused {
                 let known: Vec<_> = providers.keys().cloned().collect();
                 v.push(
                     MODELS_FILE,
@@ -214,29 +217,60 @@ fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_
         service_tiers: Default::default(),
         source: PriceSource::Configured,
     };
+    // Each price as written: one derived from another (a cache price from
+    // the input price) is wrong only where its source is, which has its
+    // own error.
     let mut fields = vec![
-        ("input", price.input_per_1m),
-        ("output", price.output_per_1m),
-        ("cached_input", price.cache_read_per_1m),
-        ("cache_write", price.cache_write_5m_per_1m),
-        ("cache_write_1h", price.cache_write_1h_per_1m),
-        ("reasoning", price.reasoning_per_1m.unwrap_or(0.0)),
-        ("audio_input", price.audio_input_per_1m.unwrap_or(0.0)),
-        ("audio_output", price.audio_output_per_1m.unwrap_or(0.0)),
-        ("per_request", price.per_request),
-        ("web_search", price.web_search_per_1k),
+        ("input", price.input_per_1m, true),
+        ("output", price.output_per_1m, true),
+        (
+            "cached_input",
+            price.cache_read_per_1m,
+            p.cached_input.is_some(),
+        ),
+        (
+            "cache_write",
+            price.cache_write_5m_per_1m,
+            p.cache_write.is_some(),
+        ),
+        (
+            "cache_write_1h",
+            price.cache_write_1h_per_1m,
+            p.cache_write_1h.is_some(),
+        ),
+        ("reasoning", price.reasoning_per_1m.unwrap_or(0.0), true),
+        ("audio_input", price.audio_input_per_1m.unwrap_or(0.0), true),
+        (
+            "audio_output",
+            price.audio_output_per_1m.unwrap_or(0.0),
+            true,
+        ),
+        ("per_request", price.per_request, true),
+        ("web_search", price.web_search_per_1k, true),
     ];
-    if let Some(l) = &price.long_context {
+    if let (Some(l), Some(raw)) = (&price.long_context, &p.long_context) {
         fields.extend([
-            ("long_context.input", l.input_per_1m),
-            ("long_context.output", l.output_per_1m),
-            ("long_context.cached_input", l.cache_read_per_1m),
-            ("long_context.cache_write", l.cache_write_5m_per_1m),
-            ("long_context.cache_write_1h", l.cache_write_1h_per_1m),
+            ("long_context.input", l.input_per_1m, raw.input.is_some()),
+            ("long_context.output", l.output_per_1m, raw.output.is_some()),
+            (
+                "long_context.cached_input",
+                l.cache_read_per_1m,
+                raw.cached_input.is_some(),
+            ),
+            (
+                "long_context.cache_write",
+                l.cache_write_5m_per_1m,
+                raw.cache_write.is_some(),
+            ),
+            (
+                "long_context.cache_write_1h",
+                l.cache_write_1h_per_1m,
+                raw.cache_write_1h.is_some(),
+            ),
         ]);
     }
-    for (field, value) in fields {
-        if !value.is_finite() || !(0.0..=10_000.0).contains(&value) {
+    for (field, value, written) in fields {
+        if written && (!value.is_finite() || !(0.0..=10_000.0).contains(&value)) {
             v.push(
                 MODELS_FILE,
                 format!("{at}.pricing.{field}"),
