@@ -395,6 +395,24 @@ fn a_burst_passes_a_budget_only_as_far_as_it_fits() {
     assert_eq!(ask(&gw, "sk-alice-1", &body).status, 200);
 }
 
+/// A screenshot is estimated per image (about 1,600 tokens), not per byte
+/// of its base64: at $0.001 a token a 400 KB image read as 100k tokens
+/// would be a $100 estimate, refused by a $3 budget it fits in.
+#[test]
+fn an_image_is_estimated_per_image_not_per_byte() {
+    let mock = Mock::start(&["--words", "12"]);
+    let cfg = ledger_gateway(&mock, "");
+    cfg.write("keys.yaml", &alice_with_a_daily_budget("3"));
+    let gw = Gateway::start(cfg);
+    let image = format!("data:image/png;base64,{}", "A".repeat(400 << 10));
+    let body = json!({"model": "small", "max_tokens": 12,
+        "messages": [{"role": "user", "content": [
+            {"type": "text", "text": "What is on this screen?"},
+            {"type": "image_url", "image_url": {"url": image}}]}]});
+    let r = ask(&gw, "sk-alice-1", &body);
+    assert_eq!(r.status, 200, "{}", r.text());
+}
+
 /// A request without `max_tokens` holds a typical answer's cost for its
 /// task (chat: 200 tokens, $0.40 on "small"), not just its prompt's: near
 /// the limit a burst of them passes one at a time (before, each held ~$0.02

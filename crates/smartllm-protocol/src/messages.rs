@@ -1855,41 +1855,12 @@ pub(crate) fn arguments_object(arguments: &str) -> Option<Map<String, Value>> {
     if !text.starts_with('{') || text.len() > 64 << 10 {
         return None;
     }
-    // Cut points: the end, then before each separator (outside strings),
-    // latest first; each prefix is closed (an open string, then the open
-    // arrays and objects) and the first that parses is taken.
-    let mut cuts = vec![text.len()];
+    // One pass: at each separator outside strings, and at the end, the
+    // arrays and objects open there (their closers, innermost first).
+    let mut cuts: Vec<(usize, String)> = Vec::new();
+    let mut open: Vec<char> = Vec::new();
     let (mut in_str, mut esc) = (false, false);
     for (i, c) in text.char_indices() {
-        if in_str {
-            match c {
-                _ if esc => esc = false,
-                '\\' => esc = true,
-                '"' => in_str = false,
-                _ => {}
-            }
-        } else if c == '"' {
-            in_str = true;
-        } else if c == ',' {
-            cuts.push(i);
-        }
-    }
-    cuts[1..].reverse();
-    for &cut in cuts.iter().take(64) {
-        if let Some(m) = close_prefix(&text[..cut], cut == text.len()) {
-            return Some(m);
-        }
-    }
-    None
-}
-
-/// `prefix` closed (its open arrays and objects), if that parses as an
-/// object; `at_end`: the prefix is all the text, so a number it ends with
-/// may be cut short (before a separator, a number is whole).
-fn close_prefix(prefix: &str, at_end: bool) -> Option<Map<String, Value>> {
-    let mut open = Vec::new();
-    let (mut in_str, mut esc) = (false, false);
-    for c in prefix.chars() {
         if in_str {
             match c {
                 _ if esc => esc = false,
@@ -1906,27 +1877,30 @@ fn close_prefix(prefix: &str, at_end: bool) -> Option<Map<String, Value>> {
             '}' | ']' => {
                 open.pop();
             }
+            ',' => cuts.push((i, open.iter().rev().collect())),
             _ => {}
         }
     }
-    // A cut inside a string would invent a value ("Os" for "Oslo"), and
-    // one right after a number may have cut it short (12 of 1234):
-    // Anthropic's SDKs drop an incomplete string, and this drops both.
-    let ends_in_number = at_end
-        && prefix
-            .trim_end()
-            .ends_with(|c: char| c.is_ascii_digit() || matches!(c, '.' | '-' | '+' | 'e' | 'E'));
-    if in_str || ends_in_number {
-        return None;
+    // The whole text first, unless it ends inside a string (a value would
+    // be invented: "Os" for "Oslo") or right after a number (12 may be
+    // 1234 cut short): Anthropic's SDKs drop an incomplete string, and this
+    // drops both. Before a separator, a value is whole.
+    let mut tail = text.chars().rev();
+    let (last, before) = (tail.next(), tail.next());
+    let digit = |c: Option<char>| c.is_some_and(|c| c.is_ascii_digit() || c == '.');
+    let in_number = digit(last)
+        || (last.is_some_and(|c| matches!(c, 'e' | 'E' | '+' | '-'))
+            && (digit(before) || before.is_some_and(|c| matches!(c, 'e' | 'E'))));
+    if !in_str && !in_number {
+        cuts.push((text.len(), open.iter().rev().collect()));
     }
-    let mut s = prefix.to_string();
-    while let Some(c) = open.pop() {
-        s.push(c);
-    }
-    match serde_json::from_str(&s) {
-        Ok(Value::Object(m)) => Some(m),
-        _ => None,
-    }
+    // Latest first; the first that parses as an object is taken.
+    cuts.iter().rev().take(64).find_map(|(cut, closers)| {
+        match serde_json::from_str(&format!("{}{closers}", &text[..*cut])) {
+            Ok(Value::Object(m)) => Some(m),
+            _ => None,
+        }
+    })
 }
 
 #[cfg(test)]
@@ -2649,6 +2623,12 @@ mod tests {
             obj(r#"{"n": [1, 2], "m": 3}"#),
             Some(json!({"n": [1, 2], "m": 3}))
         );
+        assert_eq!(
+            obj(r#"{"ok": true"#),
+            Some(json!({"ok": true})),
+            "a literal is whole"
+        );
+        assert_eq!(obj(r#"{"k": "v", "x": 1e"#), Some(json!({"k": "v"})));
         assert_eq!(obj("not json at all"), None);
         assert_eq!(obj("[1, 2]"), None);
         assert_eq!(obj(""), None);

@@ -45,6 +45,13 @@ pub struct Ctx {
     /// What the provider is sent, about: the body, plus the conversation a
     /// Responses `previous_response_id` continues (the estimates' input).
     pub prompt_bytes: usize,
+    /// The prompt's tokens, estimated before it is parsed: about 4 bytes a
+    /// token of text, inline image data counted per image (a 4 MB
+    /// screenshot is about 1,600 tokens, not a million: `prompt_bytes / 4`
+    /// would hold $3 of a budget for it), plus a Responses conversation
+    /// carried upstream. What budgets, message_start and Responses usage
+    /// estimates read.
+    pub prompt_tokens: u64,
     /// How the conversation `previous_response_id` continues is stored: a
     /// new response is kept as what it adds to it.
     pub previous_chain: Option<crate::responses_store::Chain>,
@@ -159,6 +166,7 @@ impl Ctx {
             failed_models: Vec::new(),
             request_bytes: 0,
             prompt_bytes: 0,
+            prompt_tokens: 0,
             previous_chain: None,
             client_gone: false,
             client_unwatched: false,

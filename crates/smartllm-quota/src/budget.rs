@@ -301,18 +301,19 @@ impl From<f64> for Estimate {
     }
 }
 
-/// The estimated cost of a request before it is sent: the prompt at about
-/// four bytes a token, plus `max_output` tokens of answer when the request
-/// caps it, else `expected_output` tokens as a typical answer.
+/// The estimated cost of a request before it is sent: the prompt's
+/// `prompt_tokens` (estimated: text at about four bytes a token, images per
+/// image), plus `max_output` tokens of answer when the request caps it,
+/// else `expected_output` tokens as a typical answer.
 pub fn estimate(
     pricing: &Pricing,
-    request_bytes: usize,
+    prompt_tokens: u64,
     max_output: Option<u64>,
     expected_output: u64,
 ) -> Estimate {
     let output = |tokens: u64| tokens as f64 * pricing.output_per_1m / 1e6;
     Estimate {
-        firm: (request_bytes as f64 / 4.0) * pricing.input_per_1m / 1e6
+        firm: prompt_tokens as f64 * pricing.input_per_1m / 1e6
             + max_output.map_or(0.0, output)
             + pricing.per_request,
         expected: if max_output.is_some() {
@@ -1467,7 +1468,7 @@ mod tests {
         cfg.keys.budgets = vec![budget(OnExceed::Degrade("cheap".into()), None)];
         let (quotas, _alerts) = Quotas::new(4);
         let quotas = Arc::new(quotas);
-        let est = estimate(&cfg.models[1].pricing, 4000, Some(100), 0);
+        let est = estimate(&cfg.models[1].pricing, 1000, Some(100), 0);
         assert!(matches!(
             quotas.budget(&cfg, ACME, "dear", est).await,
             BudgetDecision::Within(Some(_))
@@ -1524,7 +1525,7 @@ mod tests {
         };
         // $0.004 of prompt; a typical answer of 200 tokens $0.20: more than
         // the $0.10 left, but nothing else is in flight.
-        let est = estimate(&pricing, 16_000, None, 200);
+        let est = estimate(&pricing, 4000, None, 200);
         assert!((est.firm - 0.004).abs() < 1e-9, "{est:?}");
         assert!((est.expected - 0.2).abs() < 1e-9, "{est:?}");
         let first = quotas.budget(&cfg, ACME, "dear", est).await;
@@ -1539,7 +1540,7 @@ mod tests {
             other => panic!("{other:?}"),
         }
         // A cap on the answer is firm: 200 tokens capped do not fit $0.10.
-        let capped = estimate(&pricing, 16_000, Some(200), 0);
+        let capped = estimate(&pricing, 4000, Some(200), 0);
         drop(first);
         match quotas.budget(&cfg, ACME, "dear", capped).await {
             BudgetDecision::Reject(Refusal::BudgetExceeded(e)) => assert!(!e.in_flight, "{e:?}"),
@@ -1930,7 +1931,7 @@ mod tests {
         quotas
             .budgets
             .merge(HashMap::from([(format!("tenant:acme|{day}"), 1.18)]));
-        let est = estimate(&cfg.models[1].pricing, 4000, Some(100), 0);
+        let est = estimate(&cfg.models[1].pricing, 1000, Some(100), 0);
         for _ in 0..3 {
             assert!(matches!(
                 quotas.budget(&cfg, ACME, "dear", est).await,

@@ -193,13 +193,9 @@ pub async fn admit(
     ctx.prompt_bytes = body.len();
     // Rate limits: one request and the estimated prompt (about 4 bytes a
     // token; inline image data counted per image, not per byte).
-    rate_limit(
-        shared,
-        rt,
-        ctx,
-        smartllm_quota::images::estimate_body_tokens(&body),
-    )
-    .await?;
+    let tokens = smartllm_quota::images::estimate_body_tokens(&body);
+    ctx.prompt_tokens = tokens;
+    rate_limit(shared, rt, ctx, tokens).await?;
     Ok(Admitted::Api { endpoint, body })
 }
 

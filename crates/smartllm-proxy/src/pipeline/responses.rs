@@ -52,6 +52,7 @@ pub async fn parse(
     // the cost cap count it (a follow-up of a few bytes can carry megabytes).
     if let Some(p) = &previous {
         ctx.prompt_bytes += p.history_bytes();
+        ctx.prompt_tokens += (p.history_bytes() as u64).div_ceil(4);
     }
     let owner = match (
         &previous,

@@ -80,7 +80,8 @@ pub async fn plan(
         }
     }
     ctx.set_model(&model.name);
-    // Budgets: the estimated cost of this request (prompt at ~4 bytes a token,
+    // Budgets: the estimated cost of this request (prompt at ~4 bytes a token
+    // of text, images per image,
     // plus max_tokens of output when given, else a typical answer for its
     // task) must fit.
     if !cfg.keys.budgets.is_empty() {
@@ -91,7 +92,9 @@ pub async fn plan(
             .max();
         // Each answer written (`n`, `best_of`, each prompt of a batch) is billed.
         let choices = smartllm_protocol::openai::answers_written(&request.req.body);
-        let bytes = ctx.prompt_bytes;
+        // Images per image, not per byte of their base64 (a screenshot
+        // would hold dollars of a budget while in flight).
+        let prompt_tokens = ctx.prompt_tokens;
         // An embedding or a token count has no answer; one of unknown length is
         // estimated as a typical one for the task (held against a burst,
         // see `smartllm_quota::budget::Estimate`).
@@ -102,7 +105,7 @@ pub async fn plan(
                 .task
                 .and_then(smartllm_router::Task::parse)
                 .unwrap_or(smartllm_router::Task::Chat);
-            smartllm_router::features::typical_output(task, bytes as u64 / 4)
+            smartllm_router::features::typical_output(task, prompt_tokens)
         } else {
             0
         };
@@ -115,7 +118,7 @@ pub async fn plan(
             let cap = m.profile.max_output_tokens.unwrap_or(u64::MAX);
             let mut e = smartllm_quota::budget::estimate(
                 &m.pricing,
-                bytes,
+                prompt_tokens,
                 max_out.map(|t| t.min(cap).saturating_mul(choices)),
                 typical.min(cap).saturating_mul(choices),
             );

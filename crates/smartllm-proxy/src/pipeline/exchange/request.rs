@@ -234,7 +234,7 @@ pub(super) fn build(
                 default_max_tokens(
                     pool.max_output_tokens,
                     pool.context_window,
-                    ctx.prompt_bytes,
+                    ctx.prompt_tokens,
                 ),
             )?;
             (
@@ -354,15 +354,16 @@ fn chat_leaves_out(pool: &ModelPool, upstream: &str) -> &'static [&'static str] 
 
 /// The limit a Chat Completions request without one is sent to Anthropic
 /// with (which needs one): as long as the model writes, as on OpenAI, but
-/// within what its context window leaves the prompt, counted at a bound of
-/// two bytes a token (Anthropic refuses prompt + max_tokens over the
-/// window); never under [`anthropic::DEFAULT_MAX_TOKENS`], the limit
+/// within what its context window leaves the prompt, counted at twice its
+/// estimate (two bytes a token of text, as a bound: Anthropic refuses
+/// prompt + max_tokens over the window; images per image, not per byte of
+/// their base64); never under [`anthropic::DEFAULT_MAX_TOKENS`], the limit
 /// before the model's own was known.
-fn default_max_tokens(most: Option<u64>, context_window: u64, prompt_bytes: usize) -> u64 {
+fn default_max_tokens(most: Option<u64>, context_window: u64, prompt_tokens: u64) -> u64 {
     let Some(most) = most else {
         return anthropic::DEFAULT_MAX_TOKENS;
     };
-    let left = context_window.saturating_sub((prompt_bytes as u64).div_ceil(2));
+    let left = context_window.saturating_sub(prompt_tokens.saturating_mul(2));
     most.min(left).max(anthropic::DEFAULT_MAX_TOKENS.min(most))
 }
 
@@ -419,12 +420,16 @@ mod tests {
         // Unknown: the old default.
         assert_eq!(default_max_tokens(None, 200_000, 100), 4096);
         // A short prompt: the model's most.
-        assert_eq!(default_max_tokens(Some(64_000), 200_000, 4_000), 64_000);
-        // A long one (400 KB, at most 200k tokens at two bytes each): what
+        assert_eq!(default_max_tokens(Some(64_000), 200_000, 1_000), 64_000);
+        // A long one (estimated 75k tokens, counted twice as a bound): what
         // the window leaves, never under 4096.
-        assert_eq!(default_max_tokens(Some(64_000), 200_000, 300_000), 50_000);
-        assert_eq!(default_max_tokens(Some(64_000), 200_000, 400_000), 4096);
+        assert_eq!(default_max_tokens(Some(64_000), 200_000, 75_000), 50_000);
+        assert_eq!(default_max_tokens(Some(64_000), 200_000, 100_000), 4096);
         // A model whose own most is under 4096 keeps it.
-        assert_eq!(default_max_tokens(Some(1_024), 200_000, 400_000), 1_024);
+        assert_eq!(default_max_tokens(Some(1_024), 200_000, 100_000), 1_024);
+        // A screenshot (estimated per image) leaves the model its most.
+        let shot = format!("{{\"image\": \"{}\"}}", "A".repeat(4 << 20));
+        let tokens = smartllm_quota::images::estimate_body_tokens(shot.as_bytes());
+        assert_eq!(default_max_tokens(Some(64_000), 200_000, tokens), 64_000);
     }
 }

@@ -455,16 +455,16 @@ pub(super) async fn relay(
     let mut encoder = match (req.endpoint, native) {
         (Endpoint::Messages, false) => {
             // message_start's figure, before the provider's usage (the exact
-            // one follows in message_delta): about 4 bytes a token, no
-            // tokenizer on the proxy's thread.
-            let input = (ctx.prompt_bytes as u64).div_ceil(4);
+            // one follows in message_delta): about 4 bytes a token of text,
+            // images per image, no tokenizer on the proxy's thread.
+            let input = ctx.prompt_tokens;
             Some(Encoder::Messages(Box::new(ChatToMessagesStream::new(
                 &req.model, input,
             ))))
         }
         (Endpoint::Responses, false) => req.responses.as_deref().map(|r| {
-            // As message_start's: about 4 bytes a token.
-            let input = (ctx.prompt_bytes as u64).div_ceil(4);
+            // As message_start's.
+            let input = ctx.prompt_tokens;
             Encoder::Responses(Box::new(
                 ChatToResponsesStream::new(&r.id, r.created_at, &req.model, &r.original)
                     .with_input_estimate(input),
