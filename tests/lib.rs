@@ -543,6 +543,22 @@ impl Gateway {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
+    /// The access-log line of a request, waiting up to 5 s for it (it is
+    /// written after the answer).
+    pub fn access_line(&self, request_id: &str) -> serde_json::Value {
+        let id = format!("\"request_id\":\"{request_id}\"");
+        let find = || {
+            self.log_text()
+                .lines()
+                .filter(|l| l.contains(&id))
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .find(|v| v["target"] == "smartllm::access")
+        };
+        wait_until(Duration::from_secs(5), || find().is_some());
+        find()
+            .unwrap_or_else(|| panic!("no access-log line for {request_id}:\n{}", self.log_text()))
+    }
+
     pub fn pid(&self) -> u32 {
         self.proc.as_ref().map(|p| p.child.id()).unwrap_or(0)
     }

@@ -28,6 +28,7 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-ratelimit-limit-requests"), Some("10000"));
     assert_eq!(r.header("x-ratelimit-remaining-requests"), Some("9999"));
+    let ok_id = r.header("x-request-id").unwrap().to_string();
     // What is left is on every answer, in OpenAI's headers; only the kinds
     // a limit applies to.
     for i in 0..3 {
@@ -73,6 +74,16 @@ fn rate_limits_per_key_and_app_answer_429_with_retry_after() {
     assert_eq!(r.status, 429, "{}", r.text());
     assert_eq!(r.api_error()["code"], "rate_limit_exceeded");
     assert_eq!(r.api_error()["type"], "rate_limit_error");
+    // Refused before it named a model: the access log gives it no route
+    // reason (it said "alias"), while an answered request keeps its own.
+    let line = gw.access_line(r.header("x-request-id").unwrap());
+    assert_eq!(
+        (&line["status"], &line["route_reason"]),
+        (&json!(429), &json!("-")),
+        "{line}"
+    );
+    let line = gw.access_line(ok_id.as_str());
+    assert_eq!(line["route_reason"], "alias", "{line}");
     // The operator sees which limit refused it.
     assert_eq!(
         gw.metric(

@@ -118,7 +118,8 @@ pub struct Ctx {
     /// more.
     pub budget_settled: bool,
     /// Why this model serves the request (`alias`, `budget`, the router's
-    /// reason, `fallback:MODEL`), for `x-smartllm-route`.
+    /// reason, `fallback:MODEL`), for `x-smartllm-route`; `-` until the
+    /// request names a model (a refusal before that chose none).
     pub route_reason: String,
     /// How the router weighed cost (`log`, `cheapest_within:2%`), for `x-smartllm-route`.
     pub route_cost_rule: Option<String>,
@@ -195,7 +196,7 @@ impl Ctx {
             ratelimit: smartllm_quota::Headroom::default(),
             budget_hold: None,
             budget_settled: false,
-            route_reason: "alias".into(),
+            route_reason: "-".into(),
             route_cost_rule: None,
             experiment: None,
             in_flight: None,

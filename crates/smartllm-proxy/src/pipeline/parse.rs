@@ -75,6 +75,7 @@ pub fn resolve<'rt>(
     let routed = route.filter(|r| r.is_routed());
     if routed.is_none() {
         ctx.set_model(&model.name);
+        ctx.route_reason = "alias".into();
     }
     // A name an alias's `match` pattern took is that alias for keys'
     // model lists.

@@ -96,7 +96,7 @@ pub(super) async fn once(
             metrics::upstream_error(pname, reason);
             // The address is the operator's to read, not the client's: a
             // self-hosted provider's is an internal one.
-            tracing::info!(request_id = %ctx.request_id, provider = pname, %addr, error = %e, "could not connect to the provider");
+            tracing::warn!(request_id = %ctx.request_id, provider = pname, %addr, error = %e, "could not connect to the provider");
             return Attempt::Retry(ApiError::bad_gateway(
                 "upstream_unreachable",
                 format!(
@@ -108,7 +108,7 @@ pub(super) async fn once(
         Err(_) => {
             ctx.upstream_wait += wait_start.elapsed();
             metrics::upstream_error(pname, "connect_timeout");
-            tracing::info!(request_id = %ctx.request_id, provider = pname, %addr, "connecting to the provider timed out");
+            tracing::warn!(request_id = %ctx.request_id, provider = pname, %addr, "connecting to the provider timed out");
             return Attempt::Retry(ApiError::gateway_timeout(format!(
                 "Connecting to provider '{pname}' timed out after {:?}.",
                 p.cfg.connect_timeout
