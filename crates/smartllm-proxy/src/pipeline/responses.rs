@@ -221,15 +221,14 @@ pub async fn input_items(
     let Some(stored) = stored else {
         return Err(Failure::Api(proto::response_not_found(id, None)));
     };
-    let body = proto::input_item_list(&stored, &q)?;
-    respond::json(
-        session,
-        ctx,
-        200,
-        serde_json::to_vec(&body).unwrap_or_default(),
-        &[],
-    )
-    .await?;
+    // A kept conversation may hold megabytes: its items are made (each
+    // message hashed for its id) and written out off the proxy's threads.
+    let body = tokio::task::spawn_blocking(move || {
+        proto::input_item_list(&stored, &q).map(|b| serde_json::to_vec(&b).unwrap_or_default())
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("listing input items: {e}")))??;
+    respond::json(session, ctx, 200, body, &[]).await?;
     Ok(())
 }
 
