@@ -378,6 +378,30 @@ fn a_budget_that_refuses_short_of_its_limit_says_so_once() {
         gw.metric("smartllm_budget_alerts_total", &[("threshold", "refusing")]),
         1.0
     );
+    // The admin API (and the dashboard) say it refuses, with no float noise.
+    let day = |gw: &Gateway| {
+        get(&gw.admin, "/admin/budgets").json()["budgets"][0]["periods"]["daily"].clone()
+    };
+    let d = day(&gw);
+    assert_eq!(d["refusing"], true, "{d}");
+    let spent = d["spent_usd"].as_f64().unwrap();
+    assert_eq!(spent, (spent * 1e9).round() / 1e9, "{d}");
+    // A restart does not send it again: spend read back cannot say it
+    // was sent, the data dir does.
+    let mut gw = gw;
+    gw.stop();
+    let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    let gw = Gateway::start(cfg);
+    let r = ask(&gw, "sk-carol-1", &again);
+    assert_eq!(r.status, 429, "{}", r.text());
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        hook.requests(),
+        1,
+        "not sent again after a restart: {}",
+        hook.last()
+    );
+    assert_eq!(day(&gw)["refusing"], true);
 }
 
 /// Requests in flight hold their estimated cost against the budget: of a
@@ -706,11 +730,20 @@ fn a_per_request_cost_cap_is_never_exceeded() {
     cfg.write(
         "keys.yaml",
         &format!(
-            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\nbudgets:\n  - scope: tenant\n    name: acme\n    max_request_usd: 0.1\n",
-            sha("sk-alice-1")
+            "keys:\n  - name: alice\n    sha256: {}\n    tenant: acme\n    app: web\n  - name: bob\n    sha256: {}\n    tenant: beta\n    app: web\nbudgets:\n  - scope: tenant\n    name: acme\n    max_request_usd: 0.1\n  - scope: tenant\n    name: beta\n    daily_usd: 0.5\n    max_request_usd: 0.1\n",
+            sha("sk-alice-1"),
+            sha("sk-bob-2")
         ),
     );
     let gw = Gateway::start(cfg);
+    // With a daily budget too: a max_tokens that alone would cost $200 is
+    // lowered to the cap, so the request can cost $0.10 at most and fits
+    // the day's $0.50 (it was refused as "less than this request could cost").
+    let mut dear = chat_body("small", "Tell me a long story");
+    dear["max_tokens"] = json!(100_000);
+    let r = ask(&gw, "sk-bob-2", &dear);
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(mock.last()["json"]["max_tokens"].as_u64().unwrap() < 50);
     let cost = |u: &Value| {
         u["prompt_tokens"].as_f64().unwrap() * 0.001
             + u["completion_tokens"].as_f64().unwrap() * 0.002

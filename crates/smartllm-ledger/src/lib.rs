@@ -18,7 +18,7 @@ pub mod labels;
 use rocksdb::{IteratorMode, WriteBatch};
 use serde::Serialize;
 use smartllm_store::{
-    decode_counters, encode_counters, Store, CF_LEDGER, CF_LEDGER_MIX, LEDGER_FIELDS,
+    decode_counters, encode_counters, Store, CF_LEDGER, CF_LEDGER_MIX, CF_META, LEDGER_FIELDS,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TryRecvError, TrySendError};
@@ -602,7 +602,45 @@ impl Ledger {
         self.flush();
         mix_query(&self.store, from, to)
     }
+
+    /// Keep `mark` (a budget alert sent, named with its period) across
+    /// restarts: what spend read back cannot tell, such as a budget that
+    /// began refusing before its limit. Blocking (a RocksDB write).
+    pub fn keep_mark(&self, mark: &str) -> Result<(), smartllm_store::StoreError> {
+        self.store
+            .put(CF_META, &[MARK_PREFIX, mark.as_bytes()].concat(), b"")
+    }
+
+    /// The marks kept ([`Ledger::keep_mark`]); those `current` rejects (a
+    /// past period's) are removed. Blocking (reads RocksDB).
+    pub fn marks(&self, current: impl Fn(&str) -> bool) -> Vec<String> {
+        let Some(cf) = self.store.db().cf_handle(CF_META) else {
+            return Vec::new();
+        };
+        let mut kept = Vec::new();
+        let mut stale = WriteBatch::default();
+        let start = IteratorMode::From(MARK_PREFIX, rocksdb::Direction::Forward);
+        for item in self.store.db().iterator_cf(&cf, start) {
+            let Ok((k, _)) = item else { break };
+            let Some(mark) = k.strip_prefix(MARK_PREFIX) else {
+                break;
+            };
+            match std::str::from_utf8(mark) {
+                Ok(m) if current(m) => kept.push(m.to_string()),
+                _ => stale.delete_cf(&cf, &k),
+            }
+        }
+        if !stale.is_empty() {
+            if let Err(e) = self.store.db().write(stale) {
+                tracing::warn!(error = %e, "removing past budget alert marks failed");
+            }
+        }
+        kept
+    }
 }
+
+/// The key space of [`Ledger::keep_mark`]'s marks in the meta column family.
+const MARK_PREFIX: &[u8] = b"budget-alert\0";
 
 /// Counters waiting for the next flush, per column family.
 #[derive(Default)]

@@ -141,6 +141,57 @@ pub enum CacheEvent {
     },
 }
 
+impl CacheEvent {
+    /// What the change is, for a log line.
+    fn describe(&self) -> String {
+        match self {
+            CacheEvent::Insert(_) => "insert".into(),
+            CacheEvent::Purge(Purge::All, _) => "purge of everything".into(),
+            CacheEvent::Purge(Purge::Route(r), _) => format!("purge of route or model '{r}'"),
+            CacheEvent::Purge(Purge::Namespace(_), _) => "purge of a tenant's namespace".into(),
+            CacheEvent::Version { name, version } => {
+                format!("cache version {version} of '{name}'")
+            }
+        }
+    }
+}
+
+/// A Redis refusal that passes (Redis loading its data, a replica, out of
+/// memory, busy, or wanting a password it will be given): the change waits
+/// and is sent again, rather than dropped. (Before Redis 7 a script's
+/// refusal comes as ERR with the real one in its text.)
+fn passing(e: &redis::RedisError) -> bool {
+    let text = e.to_string();
+    !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
+        || e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(
+            e.code(),
+            Some(
+                "OOM"
+                    | "BUSY"
+                    | "MISCONF"
+                    | "NOAUTH"
+                    | "WRONGPASS"
+                    | "NOPERM"
+                    | "READONLY"
+                    | "LOADING"
+            )
+        )
+        || [
+            "OOM command not allowed",
+            "READONLY",
+            "LOADING",
+            "MISCONF",
+            "BUSY",
+            "NOAUTH",
+            "WRONGPASS",
+            "NOPERM",
+            "unauthenticated",
+        ]
+        .iter()
+        .any(|w| text.contains(w))
+}
+
 pub struct FleetSync {
     config: FleetConfig,
     client: redis::Client,
@@ -354,7 +405,16 @@ impl FleetSync {
         timeout: Duration,
         down: &mut bool,
     ) -> Result<MultiplexedConnection, redis::RedisError> {
-        match self.connect(timeout).await {
+        // A connection is not Redis answering: a password it wants (and
+        // was not given) fails only the first command.
+        let conn = match self.connect(timeout).await {
+            Ok(mut c) => match redis::cmd("PING").query_async::<()>(&mut c).await {
+                Ok(()) => Ok(c),
+                Err(e) => Err(e),
+            },
+            Err(e) => Err(e),
+        };
+        match conn {
             Ok(c) => {
                 if std::mem::take(down) {
                     tracing::info!(what, redis = %self.config.redis_addr(), "fleet: redis reachable again");
@@ -363,7 +423,7 @@ impl FleetSync {
             }
             Err(e) => {
                 if !std::mem::replace(down, true) {
-                    tracing::warn!(what, redis = %self.config.redis_addr(), error = %e, "fleet: cannot reach redis; retrying (meanwhile this is not shared)");
+                    tracing::warn!(what, redis = %self.config.redis_addr(), error = %e, hint = smartllm_quota::fleet::redis_hint(&e), "fleet: cannot reach redis; retrying (meanwhile this is not shared)");
                 }
                 Err(e)
             }
@@ -546,6 +606,7 @@ impl FleetSync {
         let mut conn: Option<MultiplexedConnection> = None;
         let mut backoff = Duration::from_millis(100);
         let mut down = false;
+        let mut failing = false;
         loop {
             let event = tokio::select! {
                 biased;
@@ -557,12 +618,12 @@ impl FleetSync {
                     return;
                 }
             };
-            // Retried while Redis is unreachable: later events queue behind
-            // it (a full queue drops new ones, counted), so order is kept.
-            // One Redis refuses (an error reply) is dropped after 3 tries
-            // rather than stop every later one; a purge or version bump
-            // only when the refusal is final (not Redis loading its data,
-            // a replica, out of memory or busy for a while).
+            // Retried while Redis is unreachable or refuses for a while
+            // (`passing`): later events queue behind it (a full queue drops
+            // new inserts, counted), so order is kept. One Redis refuses
+            // for good (an error reply of another kind: a script or a key
+            // of the wrong type) is dropped after 3 tries rather than stop
+            // every later one.
             let control_event = !matches!(event, CacheEvent::Insert(_));
             // A version bump goes out before inserts queued ahead of it:
             // those of a version the running config no longer serves are
@@ -588,39 +649,31 @@ impl FleetSync {
                     match self.publish_one(c, &event, &named).await {
                         Ok(()) => {
                             count("cache_publish", "ok");
+                            if std::mem::take(&mut failing) {
+                                tracing::info!("publishing cache changes to the fleet works again");
+                            }
                             backoff = Duration::from_millis(100);
                             break;
                         }
                         Err(e) => {
                             count("cache_publish", "error");
-                            // (Before Redis 7 a script's refusal comes as
-                            // ERR with the real one in its text.)
-                            let text = e.to_string();
-                            let passing = !matches!(e.retry_method(), redis::RetryMethod::NoRetry)
-                                || matches!(e.code(), Some("OOM" | "BUSY" | "MISCONF"))
-                                || [
-                                    "OOM command not allowed",
-                                    "READONLY",
-                                    "LOADING",
-                                    "MISCONF",
-                                    "BUSY",
-                                ]
-                                .iter()
-                                .any(|w| text.contains(w));
                             let unreachable = e.is_io_error()
                                 || e.is_timeout()
                                 || e.is_connection_dropped()
                                 || e.is_connection_refusal()
-                                || (control_event && passing);
+                                || passing(&e);
                             if !unreachable {
                                 refused += 1;
                                 if refused >= 3 {
                                     count("cache_publish", "dropped");
-                                    tracing::error!(error = %e, "redis refused a cache change three times; it is not shared");
+                                    tracing::error!(change = event.describe(), error = %e, "redis refused a cache change three times; it is not shared");
                                     break;
                                 }
                             }
-                            tracing::warn!(error = %e, "publishing a cache change to the fleet failed; retrying");
+                            // Said once a stretch, not at every retry.
+                            if !std::mem::replace(&mut failing, true) {
+                                tracing::warn!(change = event.describe(), error = %e, hint = smartllm_quota::fleet::redis_hint(&e), "publishing a cache change to the fleet failed; retrying (changes wait in order)");
+                            }
                             conn = None;
                         }
                     }
@@ -1076,6 +1129,7 @@ impl FleetSync {
         let script = redis::Script::new(ADD_COSTS);
         let mut conn: Option<MultiplexedConnection> = None;
         let mut down = false;
+        let mut costs_failing = false;
         // The batch being sent (retried as it is, under its marker, until
         // Redis confirms it) and what arrived since.
         let mut inflight: Option<(u64, u64, Counters)> = None;
@@ -1125,12 +1179,18 @@ impl FleetSync {
                     match self.add_costs(c, &script, *n, counters).await {
                         Ok(()) => {
                             count("costs", "ok");
+                            if std::mem::take(&mut costs_failing) {
+                                tracing::info!("adding costs to the fleet view works again");
+                            }
                             self.costs_unsent.fetch_sub(*batches, Ordering::SeqCst);
                             inflight = None;
                         }
                         Err(e) => {
                             count("costs", "error");
-                            tracing::warn!(error = %e, "adding costs to the fleet view failed; retrying");
+                            // Said once a stretch, not every half second.
+                            if !std::mem::replace(&mut costs_failing, true) {
+                                tracing::warn!(error = %e, hint = smartllm_quota::fleet::redis_hint(&e), "adding costs to the fleet view failed; retrying (the costs wait)");
+                            }
                             conn = None;
                         }
                     }

@@ -108,12 +108,34 @@ impl PartialEq for Hold {
     }
 }
 
+/// `usd` to the nano-dollar.
+fn nanos(usd: f64) -> f64 {
+    (usd * 1e9).round() / 1e9
+}
+
+/// A share (`spent / limit`) to nine places: 0.952, not 0.9520000000000002.
+fn share(spent: f64, limit: f64) -> f64 {
+    if limit > 0.0 {
+        (spent / limit * 1e9).round() / 1e9
+    } else {
+        0.0
+    }
+}
+
 /// "id|period" -> (id, period)
 fn split_spend_key(k: &str) -> Option<(&str, &str)> {
     k.rsplit_once('|')
 }
 
-/// "id|period|threshold" -> (id, period)
+/// The key of an alert of budget `id` in `period` (`d:2026-12-04`) at
+/// `what` (a threshold, or `refusing`) of `limit`: "id|period|what@limit".
+/// The limit is part of it, so a budget a reload raises alerts again at the
+/// new limit's thresholds (one lowered does at its first refusal).
+fn alert_key(id: &str, period: &str, what: impl std::fmt::Display, limit: f64) -> String {
+    format!("{id}|{period}|{what}@{limit}")
+}
+
+/// "id|period|threshold@limit" -> (id, period)
 fn split_fired_key(k: &str) -> Option<(&str, &str)> {
     let (rest, _threshold) = k.rsplit_once('|')?;
     rest.rsplit_once('|')
@@ -164,9 +186,9 @@ fn period_status(spent: f64, limit: f64, elapsed: u64, left: u64) -> serde_json:
     json!({
         "spent_usd": spent,
         "limit_usd": limit,
-        "used_ratio": if limit > 0.0 { spent / limit } else { 0.0 },
-        "burn_usd_per_hour": burn,
-        "projected_usd": projected,
+        "used_ratio": share(spent, limit),
+        "burn_usd_per_hour": nanos(burn),
+        "projected_usd": nanos(projected),
         "exhausted_in_secs": exhausted_in,
         "resets_in_secs": left,
     })
@@ -418,7 +440,7 @@ impl Budgets {
                 };
                 let pct = self.spent(&b.id(), p) / limit * 100.0;
                 for &t in b.alert_at.iter().filter(|t| pct >= **t) {
-                    reached.push(format!("{}|{p}|{t}", b.id()));
+                    reached.push(alert_key(&b.id(), p, t, limit));
                 }
             }
         }
@@ -532,8 +554,11 @@ impl Budgets {
         )
     }
 
+    /// What `id` spent in `period`, to the nano-dollar (the ledger's unit):
+    /// a sum of float costs carries noise (0.0025199999999999992) that
+    /// webhooks, the admin API and the metrics would otherwise show.
     fn spent(&self, id: &str, period: &str) -> f64 {
-        self.get(&format!("{id}|{period}"))
+        nanos(self.get(&format!("{id}|{period}")))
     }
 
     /// The first budget this request (estimated at `estimate`) would
@@ -648,6 +673,7 @@ impl Budgets {
         let (day, month, day_left, month_left) = periods(now);
         let day_elapsed = now % 86_400;
         let month_elapsed = now - month_start_day(now / 86_400) * 86_400;
+        let fired = self.fired.lock().unwrap_or_else(|p| p.into_inner()).clone();
         budgets
             .iter()
             .map(|b| {
@@ -659,8 +685,13 @@ impl Budgets {
                 ] {
                     let Some(limit) = limit else { continue };
                     let spent = self.spent(&id, p);
-                    periods_out
-                        .insert(name.to_string(), period_status(spent, limit, elapsed, left));
+                    let mut status = period_status(spent, limit, elapsed, left);
+                    // Turning requests away before its limit (see
+                    // `Quotas::alert_refusing`): used up for all that asks.
+                    status["refusing"] = json!(
+                        spent >= limit || fired.contains(&alert_key(&id, p, "refusing", limit))
+                    );
+                    periods_out.insert(name.to_string(), status);
                 }
                 json!({
                     "budget": id,
@@ -858,12 +889,12 @@ impl Budgets {
                 let Some(limit) = limit else { continue };
                 let spent = self.spent(&b.id(), p);
                 let pct = spent / limit * 100.0;
-                metrics::budget_used(&b.id(), period, spent / limit);
+                metrics::budget_used(&b.id(), period, share(spent, limit));
                 for &t in &b.alert_at {
                     if pct < t {
                         continue;
                     }
-                    let key = format!("{}|{p}|{t}", b.id());
+                    let key = alert_key(&b.id(), p, t, limit);
                     if self
                         .fired
                         .lock()
@@ -921,7 +952,17 @@ impl Quotas {
     /// unclaimed).
     pub fn warm(&self, ledger: &Ledger, budgets: &[Budget]) {
         self.budgets.warm(ledger);
-        self.budgets.mark_reached(budgets, now_secs());
+        let now = now_secs();
+        self.budgets.mark_reached(budgets, now);
+        // And the alerts spend cannot tell were sent (`budget_refusing`).
+        let (day, month, _, _) = periods(now);
+        let kept =
+            ledger.marks(|m| split_fired_key(m).is_some_and(|(_, p)| p == day || p == month));
+        self.budgets
+            .fired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend(kept);
     }
 
     /// The budgets of the running config (at start and on every reload; may
@@ -978,7 +1019,11 @@ impl Quotas {
                 ("monthly", &month, b.monthly_usd),
             ] {
                 if let Some(limit) = limit.filter(|l| *l > 0.0) {
-                    metrics::budget_used(&b.id(), period, self.budgets.spent(&b.id(), p) / limit);
+                    metrics::budget_used(
+                        &b.id(),
+                        period,
+                        share(self.budgets.spent(&b.id(), p), limit),
+                    );
                 }
             }
         }
@@ -1322,29 +1367,48 @@ impl Quotas {
         estimate: Estimate,
     ) {
         // Spend at the limit is the 100% threshold's to say.
-        if ex.in_flight
-            || ex.spent >= ex.limit
-            || estimate.firm > ex.limit
-            || budget.alert_at.is_empty()
-        {
+        if ex.in_flight || ex.spent >= ex.limit || estimate.firm > ex.limit {
             return;
         }
         let (day, month, _, _) = periods(now_secs());
         let p = if ex.period == "daily" { day } else { month };
-        let key = format!("{}|{p}|refusing", budget.id());
+        let key = alert_key(&budget.id(), &p, "refusing", ex.limit);
         let first = self
             .budgets
             .fired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone());
-        if !first {
+        // Marked for the budget's status (`refusing`) even with no alerts
+        // to send.
+        if !first || budget.alert_at.is_empty() {
             return;
+        }
+        // Spend read back at a restart cannot tell that this was sent:
+        // kept in the ledger's store, off the request's thread.
+        let ledger = self
+            .budgets
+            .ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(ledger) = ledger {
+            let mark = key.clone();
+            let keep = move || {
+                if let Err(e) = ledger.keep_mark(&mark) {
+                    tracing::warn!(error = %e, alert = %mark, "keeping a sent budget alert failed; a restart may send it again");
+                }
+            };
+            match tokio::runtime::Handle::try_current() {
+                Ok(rt) => drop(self.tasks.spawn_blocking_on(keep, &rt)),
+                Err(_) => keep(),
+            }
         }
         let c = Crossing {
             budget: budget.clone(),
             period: ex.period,
-            threshold: ex.spent / ex.limit * 100.0,
+            // Percent to six places (95.2, not 95.20000000000002).
+            threshold: (ex.spent / ex.limit * 1e8).round() / 1e6,
             spent: ex.spent,
             limit: ex.limit,
             key,
@@ -1378,13 +1442,13 @@ impl Quotas {
                 json!({
                     "type": "budget_refusing", "budget": b.id(), "scope": b.scope.as_str(), "name": b.name,
                     "action": match b.on_exceed { OnExceed::Reject => "reject", OnExceed::Degrade(_) => "degrade" },
-                    "period": c.period, "used_pct": c.threshold, "spent_usd": c.spent, "limit_usd": c.limit,
+                    "period": c.period, "used_pct": c.threshold, "spent_usd": nanos(c.spent), "limit_usd": c.limit,
                     "at": now_secs(),
                 })
             } else {
                 json!({
                     "type": "budget_alert", "budget": b.id(), "scope": b.scope.as_str(), "name": b.name,
-                    "period": c.period, "threshold_pct": c.threshold, "spent_usd": c.spent, "limit_usd": c.limit,
+                    "period": c.period, "threshold_pct": c.threshold, "spent_usd": nanos(c.spent), "limit_usd": c.limit,
                     "at": now_secs(),
                 })
             };
@@ -1911,6 +1975,35 @@ mod tests {
         // A period's alerts go with the period.
         quotas.budgets.prune_at(now_secs() + 40 * 86_400);
         assert_eq!(quotas.state_sizes().1, 0);
+    }
+
+    /// A reload that raises a budget's limit re-arms its alerts: the
+    /// thresholds of the new limit are sent as spend crosses them (they
+    /// were keyed by budget and period only, so none came again).
+    #[tokio::test]
+    async fn a_raised_limit_alerts_again_at_its_own_thresholds() {
+        let mut cfg = crate::test_support::config();
+        let hook = Url::parse("http://127.0.0.1:9/hook").unwrap();
+        cfg.keys.budgets = vec![budget(OnExceed::Reject, Some(hook))];
+        let (quotas, mut alerts) = Quotas::new(4);
+        let quotas = Arc::new(quotas);
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.6);
+        assert!(alerts.try_recv().is_ok(), "50% of $1");
+        // Raised to $2: 0.6 is 30%, then 1.2 is 60% of the new limit.
+        cfg.keys.budgets[0].daily_usd = Some(2.0);
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.0);
+        assert!(alerts.try_recv().is_err(), "30% of $2 crosses nothing");
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.6);
+        let body: serde_json::Value =
+            serde_json::from_str(&alerts.try_recv().expect("50% of $2").body).unwrap();
+        assert_eq!(
+            (body["threshold_pct"].clone(), body["limit_usd"].clone()),
+            (json!(50.0), json!(2.0))
+        );
+        // With the figures to the nano-dollar.
+        assert_eq!(body["spent_usd"], json!(1.2));
+        quotas.record(&cfg.keys.budgets, &cfg.fleet, ACME, 0.1);
+        assert!(alerts.try_recv().is_err(), "once");
     }
 
     /// A budget added (or lowered) below what its scope has spent refuses

@@ -14,6 +14,7 @@
 pub use redis;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use smartllm_config::{FleetConfig, FleetOnError};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -144,6 +145,39 @@ return 0
 /// expire on their own).
 const MAX_UNRELEASED: usize = 100_000;
 
+/// How long calls must work, after one failed, before Redis counts as up.
+const UP_AFTER: Duration = Duration::from_secs(5);
+
+/// What an operator should look at for a Redis error whose text does not
+/// say (a password Redis wants, a TLS port, a full Redis, a replica).
+pub fn redis_hint(e: &redis::RedisError) -> Option<&'static str> {
+    let text = e.to_string();
+    let has = |w: &[&str]| w.iter().any(|w| text.contains(w));
+    if e.kind() == redis::ErrorKind::AuthenticationFailed
+        || matches!(e.code(), Some("NOAUTH" | "WRONGPASS"))
+        || has(&["NOAUTH", "WRONGPASS", "unauthenticated", "invalid password"])
+    {
+        Some("authentication: Redis wants a password other than the one in fleet.redis (redis://:PASSWORD@host:port, or redis://USER:PASSWORD@... for an ACL user)")
+    } else if e.code() == Some("NOPERM") || has(&["NOPERM"]) {
+        Some("the ACL user of fleet.redis may not run this command or key (the gateway needs EVAL/EVALSHA and its key_prefix)")
+    } else if e.kind() == redis::ErrorKind::Parse || has(&["Parse error", "Unexpected `"]) {
+        Some("Redis answered something that is not Redis's protocol: is this a TLS port (rediss:// is not supported) or not Redis at all?")
+    } else if e.code() == Some("OOM") || has(&["OOM command not allowed"]) {
+        Some("Redis is full (maxmemory reached with a noeviction policy): raise maxmemory or free memory")
+    } else if e.code() == Some("READONLY") || has(&["READONLY"]) {
+        Some("fleet.redis points at a replica: point it at the primary")
+    } else {
+        None
+    }
+}
+
+fn hint(e: &FleetError) -> Option<&'static str> {
+    match e {
+        FleetError::Redis(r) => redis_hint(r),
+        _ => None,
+    }
+}
+
 /// One budget period a fleet hold is taken on.
 #[derive(Debug, Clone, PartialEq)]
 pub struct HoldOn {
@@ -193,6 +227,12 @@ pub struct Fleet {
     conn: tokio::sync::OnceCell<ConnectionManager>,
     /// After a failure, Redis is not asked again before this instant.
     down_until: Mutex<Option<Instant>>,
+    /// Calls are failing: the outage was logged once, its end is logged
+    /// once (not a line a second while it lasts).
+    failing: AtomicBool,
+    /// When a call last failed (ms after `born`; 0: never).
+    last_failure_ms: AtomicU64,
+    born: Instant,
     admit: redis::Script,
     charge: redis::Script,
     hold: redis::Script,
@@ -216,6 +256,9 @@ impl Fleet {
             client: redis::Client::open(url.as_str())?,
             conn: tokio::sync::OnceCell::new(),
             down_until: Mutex::new(None),
+            failing: AtomicBool::new(false),
+            last_failure_ms: AtomicU64::new(0),
+            born: Instant::now(),
             admit: redis::Script::new(ADMIT),
             charge: redis::Script::new(CHARGE),
             hold: redis::Script::new(HOLD),
@@ -283,16 +326,40 @@ impl Fleet {
         }
     }
 
-    /// Count a failure and back off for a second.
+    /// Count a failure and back off for a second. The first failure of an
+    /// outage is logged as a warning, the rest at debug.
     fn failed(&self, op: &'static str, e: FleetError) -> FleetError {
         if !matches!(e, FleetError::Down(_)) {
-            tracing::warn!(op, redis = %self.config.redis_addr(), error = %e, "fleet redis call failed; limits and budgets fall back per on_error for a second");
+            if self.failing.swap(true, Ordering::SeqCst) {
+                tracing::debug!(op, error = %e, "fleet redis call failed again");
+            } else {
+                tracing::warn!(op, redis = %self.config.redis_addr(), error = %e, hint = hint(&e), "fleet redis calls fail; limits and budgets fall back per on_error until they work again");
+            }
+            let now = Instant::now();
             *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
-                Some(Instant::now() + Duration::from_secs(1));
+                Some(now + Duration::from_secs(1));
+            let ms = now.duration_since(self.born).as_millis() as u64;
+            self.last_failure_ms.store(ms.max(1), Ordering::SeqCst);
             crate::metrics::fleet_up(false);
         }
         crate::metrics::fleet_error(op);
         e
+    }
+
+    /// A call worked. Redis counts as up again (`smartllm_fleet_redis_up`,
+    /// and the outage's end logged) only when no call has failed for
+    /// [`UP_AFTER`]: a Redis that answers reads but refuses writes (out of
+    /// memory, a password rotated under it) is not up.
+    fn worked(&self) {
+        let last = self.last_failure_ms.load(Ordering::SeqCst);
+        let now = Instant::now().duration_since(self.born).as_millis() as u64;
+        if last != 0 && now.saturating_sub(last) < UP_AFTER.as_millis() as u64 {
+            return;
+        }
+        if self.failing.swap(false, Ordering::SeqCst) {
+            tracing::info!(redis = %self.config.redis_addr(), "fleet redis calls work again; limits and budgets are the fleet's again");
+        }
+        crate::metrics::fleet_up(true);
     }
 
     /// One Redis call, `f` on the shared connection, within the timeout.
@@ -323,7 +390,7 @@ impl Fleet {
         };
         match result {
             Ok(Ok(v)) => {
-                crate::metrics::fleet_up(true);
+                self.worked();
                 Ok(v)
             }
             Ok(Err(e)) => Err(self.failed(op, e.into())),

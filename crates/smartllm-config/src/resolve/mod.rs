@@ -246,6 +246,41 @@ mod tests {
         assert_eq!(err.issues.len(), 2, "{text}");
     }
 
+    /// No silent $0: a `pricing` block that leaves out `input` or `output`
+    /// (not taken from the catalog) is refused at its line; `output: 0`,
+    /// an embedding model's missing output and a per-call price are not.
+    #[test]
+    fn a_price_left_out_of_pricing_is_an_error_not_free() {
+        let models = "models:\n  - name: a\n    pricing: { input: 1.5 }\n    deployments:\n      - provider: mock\n  - name: b\n    pricing: {}\n    deployments:\n      - provider: mock\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, models),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err();
+        let text = err.to_string();
+        assert!(
+            text.contains("models.yaml:3: models[0].pricing: gives no `output` price"),
+            "{text}"
+        );
+        assert!(
+            text.contains("models.yaml:7: models[1].pricing: gives no `input` price"),
+            "{text}"
+        );
+        assert!(
+            text.contains("models[1].pricing: gives no `output` price"),
+            "{text}"
+        );
+        assert_eq!(err.issues.len(), 3, "{text}");
+        let models = "models:\n  - name: a\n    pricing: { input: 1.5, output: 0 }\n    deployments:\n      - provider: mock\n  - name: e\n    mode: embedding\n    pricing: { input: 0.02 }\n    deployments:\n      - provider: mock\n  - name: p\n    pricing: { per_request: 0.01 }\n    deployments:\n      - provider: mock\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, models),
+        ]);
+        load_dir(dir.path()).unwrap();
+    }
+
     #[test]
     fn validation_reports_every_error_with_lines() {
         let models = "models:\n  - name: a\n    deployments:\n      - provider: nope\n  - name: a\n    deployments: []\n";

@@ -86,8 +86,22 @@ pub(super) fn resolve_models(
                 .get(&d.provider)
                 .is_some_and(|p| p.kind == ProviderKind::Anthropic)
         });
+        let mode = match m.mode.as_deref() {
+            Some(s) => ModelMode::parse(s).unwrap_or_else(|| {
+                v.push(
+                    MODELS_FILE,
+                    format!("{at}.mode"),
+                    "must be one of chat, embedding, image, audio, rerank",
+                );
+                ModelMode::Chat
+            }),
+            None => ModelMode::infer(
+                std::iter::once(m.name.as_str())
+                    .chain(deployments.iter().map(|d| d.upstream_model.as_str())),
+            ),
+        };
         let (price, openai_listed) = match &m.pricing {
-            Some(p) => (configured_price(&at, p, anthropic, v), false),
+            Some(p) => (configured_price(&at, p, anthropic, mode, v), false),
             // The catalog, by the first deployment's upstream name it knows.
             None => deployments
                 .iter()
@@ -139,20 +153,6 @@ pub(super) fn resolve_models(
         };
         prices.insert(m.name.clone(), price);
         let profile = resolve_profile(&at, m.profile.as_ref(), &mapping, v);
-        let mode = match m.mode.as_deref() {
-            Some(s) => ModelMode::parse(s).unwrap_or_else(|| {
-                v.push(
-                    MODELS_FILE,
-                    format!("{at}.mode"),
-                    "must be one of chat, embedding, image, audio, rerank",
-                );
-                ModelMode::Chat
-            }),
-            None => ModelMode::infer(
-                std::iter::once(m.name.as_str())
-                    .chain(deployments.iter().map(|d| d.upstream_model.as_str())),
-            ),
-        };
         resolved.push(ModelConfig {
             name: m.name,
             owned_by,
@@ -169,7 +169,13 @@ pub(super) fn resolve_models(
 /// `pricing:` as written, with defaults: cache reads at the input price,
 /// cache writes at Anthropic's 1.25x (5 minutes) and 2x (1 hour) of input on
 /// Anthropic providers, at the input price elsewhere.
-fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_>) -> ModelPrice {
+fn configured_price(
+    at: &str,
+    p: &RawPricing,
+    anthropic: bool,
+    mode: ModelMode,
+    v: &mut Issues<'_>,
+) -> ModelPrice {
     let input = p.input.unwrap_or(0.0);
     let (w5, w1) = if anthropic { (1.25, 2.0) } else { (1.0, 1.0) };
     let cache_write_5m = p.cache_write.unwrap_or(input * w5);
@@ -276,6 +282,25 @@ fn configured_price(at: &str, p: &RawPricing, anthropic: bool, v: &mut Issues<'_
                 format!("{at}.pricing.{field}"),
                 "must be between 0 and 10000 (USD per 1M tokens, or per request)",
             );
+        }
+    }
+    // No silent $0: a price left out of a `pricing` block is not taken
+    // from the catalog, so it would bill its tokens at nothing. (A model
+    // priced by the call, `per_request`, needs neither; an embedding model
+    // writes no answer.)
+    if p.per_request.is_none() {
+        let answers = mode != ModelMode::Embedding;
+        for (field, given) in [
+            ("input", p.input.is_some()),
+            ("output", p.output.is_some() || !answers),
+        ] {
+            if !given {
+                v.push(
+                    MODELS_FILE,
+                    format!("{at}.pricing"),
+                    format!("gives no `{field}` price, so its {field} tokens would be billed at $0 (write `{field}: 0` if they are free, or leave `pricing` out for the price catalog)"),
+                );
+            }
         }
     }
     price

@@ -113,11 +113,21 @@ pub async fn plan(
         // multiplier (the cost cap reads it too).
         let priority =
             request.req.body.get("service_tier").and_then(Value::as_str) == Some("priority");
+        // A per-request cap (`max_request_usd`) lowers the answer's limit
+        // to fit it after this (`apply_cost_cap`), or refuses: what the
+        // request can cost is never more than the cap.
+        let request_cap =
+            smartllm_quota::cost_cap::request_cap(&cfg.keys.budgets, ctx.scope()).map(|c| c.0);
         // No model answers more than its own limit, whatever was asked.
         let estimate = |m: &smartllm_config::ModelConfig| {
             let cap = m.profile.max_output_tokens.unwrap_or(u64::MAX);
+            // Output may be all reasoning, where that is priced apart.
+            let mut pricing = m.pricing;
+            if let Some(r) = cfg.price(&m.name).and_then(|p| p.reasoning_per_1m) {
+                pricing.output_per_1m = pricing.output_per_1m.max(r);
+            }
             let mut e = smartllm_quota::budget::estimate(
-                &m.pricing,
+                &pricing,
                 prompt_tokens,
                 max_out.map(|t| t.min(cap).saturating_mul(choices)),
                 typical.min(cap).saturating_mul(choices),
@@ -128,6 +138,10 @@ pub async fn plan(
                     .map_or(1.0, |p| p.service_tiers.priority.max(1.0));
                 e.firm = (e.firm - m.pricing.per_request) * x + m.pricing.per_request;
                 e.expected *= x;
+            }
+            if let Some(c) = request_cap {
+                e.firm = e.firm.min(c);
+                e.expected = e.expected.min((c - e.firm).max(0.0));
             }
             e
         };

@@ -283,7 +283,8 @@ function drawCache(c, stats, costs) {
     row('Misses', int(c.misses)),
     row('Not cacheable', int(c.bypass)),
     row('Saved (' + state.range + ')', usd(t.saved_usd || 0))));
-  const entries = stats && stats.stats ? stats.stats.l1_entries ?? stats.stats.entries : undefined;
+  // The store's estimate (the in-memory exact-match layer holds only the recent ones).
+  const entries = stats && stats.stats ? stats.stats.estimated_entries ?? stats.stats.l1_entries : undefined;
   setText('cache-entries', stats && stats.enabled === false ? 'cache off' : entries !== undefined ? int(entries) + ' entries' : '');
 }
 
@@ -345,6 +346,7 @@ function drawBudgets(data) {
       const proj = p.limit_usd > 0 ? Math.min(1, p.projected_usd / p.limit_usd) : 0;
       let outlook;
       if (used >= 1) outlook = h('span', { class: 'bad' }, 'used up · ' + b.on_exceed);
+      else if (p.refusing) outlook = h('span', { class: 'bad' }, 'refusing requests that could cost more than ' + usd(p.limit_usd - p.spent_usd) + ' · ' + b.on_exceed);
       else if (p.exhausted_in_secs !== null && p.exhausted_in_secs !== undefined) outlook = h('span', { class: 'bad' }, 'runs out in ' + duration(p.exhausted_in_secs));
       else outlook = h('span', {}, 'projected ' + usd(p.projected_usd) + ' at reset (' + duration(p.resets_in_secs) + ')');
       out.push(h('div', { class: 'budget', 'data-budget': b.budget, 'data-period': period, 'data-usd': p.spent_usd },
