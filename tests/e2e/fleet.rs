@@ -414,3 +414,57 @@ fn the_fleet_cost_view_needs_the_fleet() {
     assert_eq!(r.status, 409, "{}", r.text());
     assert_eq!(r.json()["error"]["code"], "fleet_unavailable");
 }
+
+/// A Redis password rotated under the fleet (`requirepass` set, clients
+/// cut off) is a refusal that passes: a purge made meanwhile waits and
+/// reaches the other gateways once the password works again (it was given
+/// up after three NOAUTH answers, and they kept serving the purged answer).
+#[test]
+fn a_purge_made_while_redis_wants_a_password_reaches_the_fleet_after() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let mock = Mock::start(&[]);
+    let a = node(&mock, &url);
+    let b = node(&mock, &url);
+    let question = "Which bucket holds the nightly backups?";
+    assert_eq!(cache_header(&ask(&a, "key-1", &q(question))), "miss");
+    assert!(wait_until(Duration::from_secs(2), || entries(&b) >= 1));
+    // Commands on one connection (inline), their replies.
+    let session = |lines: &[&str]| {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(("127.0.0.1", redis.port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_millis(500)))
+            .unwrap();
+        for l in lines {
+            s.write_all(format!("{l}\r\n").as_bytes()).unwrap();
+        }
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out);
+        String::from_utf8_lossy(&out).to_string()
+    };
+    let set = session(&["CONFIG SET requirepass rotated", "CLIENT KILL TYPE normal"]);
+    assert!(set.starts_with("+OK"), "{set}");
+    let purge = request(&a.admin, "POST", "/admin/cache/purge?all=true", &[], b"").unwrap();
+    assert_eq!(purge.status, 200, "{}", purge.text());
+    // Long enough for three refusals, and for the log to say so once.
+    std::thread::sleep(Duration::from_secs(2));
+    assert_eq!(entries(&b), 1, "nothing reached B while Redis refused");
+    let back = session(&["AUTH rotated", "CONFIG SET requirepass \"\""]);
+    assert!(back.contains("+OK\r\n+OK"), "{back}");
+    assert!(
+        wait_until(Duration::from_secs(15), || entries(&b) == 0),
+        "the purge did not reach B after the rotation: {}\n{}",
+        stats(&b),
+        a.log_text()
+    );
+    assert_eq!(cache_header(&ask(&b, "key-1", &q(question))), "miss");
+    let log = a.log_text();
+    assert!(!log.contains("it is not shared"), "{log}");
+    assert!(log.contains("hint"), "the log says what to look at: {log}");
+    assert_eq!(
+        log.matches("publishing a cache change to the fleet failed")
+            .count(),
+        1,
+        "said once: {log}"
+    );
+}
