@@ -415,6 +415,11 @@ fn the_cost_dashboard_renders_the_ledger_in_a_real_browser() {
         "{}",
         saved_kpi[0]
     );
+    // The entries stored: the store's count, not the in-memory layer's.
+    let shown = dom.split("id=\"cache-entries\">").nth(1).unwrap_or("");
+    let shown = &shown[..shown.find('<').unwrap_or(0)];
+    let estimated = admin_get(&gw, "/admin/cache/stats")["stats"]["estimated_entries"].clone();
+    assert_eq!(shown, format!("{estimated} entries"), "{dom}");
     // The cache's hit rate.
     let donut = tags(&dom, "id=\"cache-donut\"");
     let rate: f64 = attr(donut[0], "data-rate").unwrap().parse().unwrap();

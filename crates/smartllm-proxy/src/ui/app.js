@@ -241,9 +241,13 @@ function drawKpis(costs, cache) {
   const req = document.getElementById('kpi-requests');
   req.textContent = int(t.requests);
   req.dataset.count = String(t.requests || 0);
-  setText('kpi-requests-hint', t.requests ? int(t.input_tokens) + ' in · ' + int(t.output_tokens) + ' out tokens' : '');
-  setText('kpi-avg', t.requests ? usd(t.cost_usd / t.requests) : '–');
-  setText('kpi-tokens', t.requests ? int((t.input_tokens + t.output_tokens) / t.requests) + ' tokens a request' : '');
+  // Requests refused or failed (budgets, errors) cost nothing: the cost
+  // per request is over the answered ones, or a refused key looks cheap.
+  const failed = t.errors || 0;
+  const answered = (t.requests || 0) - failed;
+  setText('kpi-requests-hint', t.requests ? int(t.input_tokens) + ' in · ' + int(t.output_tokens) + ' out tokens' + (failed ? ' · ' + int(failed) + ' refused or failed' : '') : '');
+  setText('kpi-avg', answered > 0 ? usd(t.cost_usd / answered) : '–');
+  setText('kpi-tokens', answered > 0 ? int((t.input_tokens + t.output_tokens) / answered) + ' tokens an answered request' : '');
   setText('kpi-hit', cache.lookups ? pct(cache.rate) : '–');
   setText('kpi-hit-hint', cache.lookups ? int(cache.hits) + ' of ' + int(cache.lookups) + ' lookups, since start' : 'no lookups yet');
   const saved = document.getElementById('kpi-saved');
