@@ -1,7 +1,7 @@
 //! Configuration: `smartllm check`, hot reload under load, and a reload the
 //! gateway rejects while it keeps the running config.
 
-use serde_json::json;
+use serde_json::{json, Value};
 use smartllm_e2e::*;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -259,4 +259,18 @@ fn invalid_reload_is_rejected_and_the_running_config_stays() {
             .starts_with("server.threads")))));
     assert_eq!(gw.metric("smartllm_config_restart_required", &[]), 1.0);
     assert_eq!(gw.chat(&chat_body("auto", "ok")).status, 200);
+    // The log says what changed, and what waits for a restart as text
+    // (not JSON quoted in a string).
+    let line = gw
+        .log_text()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .find(|v| v["needs_restart"].is_string())
+        .expect("a reload line naming the restart-only change");
+    assert_eq!(line["changed"], "server", "{line}");
+    let needs = line["needs_restart"].as_str().unwrap();
+    assert!(
+        needs.starts_with("server.threads") && !needs.contains('"'),
+        "{line}"
+    );
 }

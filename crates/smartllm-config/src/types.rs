@@ -952,6 +952,40 @@ impl Config {
         best.map(|(_, r)| r)
     }
 
+    /// The sections of the config that differ in `new` (`models`, `keys`,
+    /// `fleet`, ...), for the line a reload logs: what changed, not only
+    /// that something did.
+    pub fn changed_sections(&self, new: &Config) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        let mut check = |name: &'static str, differs: bool| {
+            if differs {
+                out.push(name);
+            }
+        };
+        check("server", self.server != new.server);
+        check("data_dir", self.data_dir != new.data_dir);
+        check("store", self.store != new.store);
+        check("embedder", self.embedder != new.embedder);
+        check("logging", self.logging != new.logging);
+        check("demo", self.demo != new.demo);
+        check("reload", self.reload != new.reload);
+        check("providers", self.providers != new.providers);
+        check(
+            "models",
+            self.models != new.models || self.prices != new.prices,
+        );
+        check("routes", self.routes != new.routes);
+        check("classifier", self.classifier != new.classifier);
+        check("cache", self.cache != new.cache);
+        check("keys", self.keys != new.keys);
+        check("ledger", self.ledger != new.ledger);
+        check("fleet", self.fleet != new.fleet);
+        check("metrics", self.metrics != new.metrics);
+        check("tracing", self.tracing != new.tracing);
+        check("admin", self.admin_token != new.admin_token);
+        out
+    }
+
     /// Settings that only take effect at start. Returns a description of each
     /// one that differs, so a reload can say that it needs a restart.
     pub fn restart_only_changes(&self, new: &Config) -> Vec<String> {

@@ -1164,10 +1164,11 @@ fn reload_answer(result: Result<ReloadOutcome, crate::reload::ReloadError>) -> R
         Ok(ReloadOutcome::Applied {
             version,
             restart_required,
+            changed,
             warnings,
         }) => json_reply(
             200,
-            &json!({"result": "applied", "version": version, "restart_required": restart_required, "warnings": warnings}),
+            &json!({"result": "applied", "version": version, "changed": changed, "restart_required": restart_required, "warnings": warnings}),
         ),
         Ok(ReloadOutcome::Unchanged) => json_reply(200, &json!({"result": "unchanged"})),
         Err(e @ crate::reload::ReloadError::LoaderPanicked(_)) => json_reply(

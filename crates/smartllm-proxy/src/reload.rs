@@ -26,6 +26,8 @@ pub enum ReloadOutcome {
     Applied {
         version: u64,
         restart_required: Vec<String>,
+        /// The config's sections that changed ([`smartllm_config::Config::changed_sections`]).
+        changed: Vec<&'static str>,
         /// What the reload kept from opening the gateway ([`smartllm_config::Config::fail_closed`]).
         warnings: Vec<String>,
     },
@@ -115,6 +117,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                         ));
                     }
                 }
+                let changed = current.config.changed_sections(&new);
                 let mut applied = current.config.with_restart_only_from(new);
                 let mut warnings = current.config.fail_closed(&mut applied);
                 warnings.extend(applied.keys.unmatched());
@@ -203,6 +206,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                         Ok(ReloadOutcome::Applied {
                             version,
                             restart_required: restart,
+                            changed,
                             warnings,
                         })
                     }
@@ -220,6 +224,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
         Ok(ReloadOutcome::Applied {
             version,
             restart_required,
+            changed,
             warnings,
         }) => {
             for w in warnings {
@@ -228,10 +233,16 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
             metrics::config_reload("ok");
             metrics::config_version(*version);
             metrics::restart_pending(!restart_required.is_empty());
-            if restart_required.is_empty() {
-                tracing::info!(trigger, version, "config reloaded");
+            // (A comment-only edit changes the files, no section.)
+            let changed = if changed.is_empty() {
+                "-".to_string()
             } else {
-                tracing::warn!(trigger, version, needs_restart = ?restart_required, "config reloaded; these changes take effect only after a restart");
+                changed.join(",")
+            };
+            if restart_required.is_empty() {
+                tracing::info!(trigger, version, changed, "config reloaded");
+            } else {
+                tracing::warn!(trigger, version, changed, needs_restart = %restart_required.join("; "), "config reloaded; these changes take effect only after a restart");
             }
             status.last_result = Some(format!("applied version {version}"));
             status.last_error = None;
