@@ -276,6 +276,27 @@ impl Fleet {
         format!("{}:{kind}:{id}", self.config.key_prefix)
     }
 
+    /// A rate-limit bucket's Redis key: `PREFIX:rl:key:alpha:requests`
+    /// (from the bucket id `key 'alpha':requests`), the name
+    /// percent-encoded where it holds more than letters, digits and
+    /// `-_./@`, so the key needs no quoting in redis-cli or a script.
+    fn bucket_key(&self, id: &str) -> String {
+        let (scope, kind) = id.rsplit_once(':').unwrap_or((id, ""));
+        let (what, name) = match scope.split_once(" '") {
+            Some((what, rest)) => (what, rest.strip_suffix('\'').unwrap_or(rest)),
+            None => ("scope", scope),
+        };
+        let mut encoded = String::with_capacity(name.len());
+        for b in name.bytes() {
+            if b.is_ascii_alphanumeric() || b"-_./@".contains(&b) {
+                encoded.push(b as char);
+            } else {
+                encoded.push_str(&format!("%{b:02X}"));
+            }
+        }
+        format!("{}:rl:{what}:{encoded}:{kind}", self.config.key_prefix)
+    }
+
     /// In the second after a failed call, calls fail at once.
     fn backing_off(&self) -> bool {
         self.down_until
@@ -407,7 +428,7 @@ impl Fleet {
         }
         let mut inv = self.admit.prepare_invoke();
         for c in charges {
-            inv.key(self.key("rl", &c.id));
+            inv.key(self.bucket_key(&c.id));
             inv.arg(c.per_minute).arg(format!("{:.3}", c.cost));
         }
         let inv = &inv;
@@ -427,7 +448,7 @@ impl Fleet {
         }
         let mut inv = self.charge.prepare_invoke();
         for c in charges {
-            inv.key(self.key("rl", &c.id));
+            inv.key(self.bucket_key(&c.id));
             inv.arg(c.per_minute).arg(format!("{:.3}", c.cost));
         }
         let inv = &inv;
@@ -815,6 +836,39 @@ mod tests {
             share_costs: false,
         };
         assert!(Fleet::new(&cfg).unwrap().is_none());
+    }
+
+    /// Rate-limit buckets are keys a redis-cli user can type: no spaces or
+    /// quotes (they were `smartllm:rl:key 'alpha':requests`), and names
+    /// that hold such characters stay apart.
+    #[test]
+    fn bucket_keys_need_no_quoting() {
+        let cfg = FleetConfig {
+            redis: Some("redis://127.0.0.1:9/0".into()),
+            key_prefix: "smartllm".into(),
+            timeout: Duration::from_millis(100),
+            on_error: FleetOnError::Local,
+            share_cache: false,
+            cache_stream_len: 100_000,
+            share_costs: false,
+        };
+        let f = Fleet::new(&cfg).unwrap().unwrap();
+        assert_eq!(
+            f.bucket_key("key 'alpha':requests"),
+            "smartllm:rl:key:alpha:requests"
+        );
+        assert_eq!(
+            f.bucket_key("app 'acme/web':tokens"),
+            "smartllm:rl:app:acme/web:tokens"
+        );
+        assert_eq!(
+            f.bucket_key("key 'a b':tokens"),
+            "smartllm:rl:key:a%20b:tokens"
+        );
+        assert_ne!(
+            f.bucket_key("key 'a:b':tokens"),
+            f.bucket_key("key 'a':b:tokens")
+        );
     }
 
     /// A release Redis missed is sent with the next hold, before it, in one
