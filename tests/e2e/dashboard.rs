@@ -418,8 +418,18 @@ fn the_cost_dashboard_renders_the_ledger_in_a_real_browser() {
     // The entries stored: the store's count, not the in-memory layer's.
     let shown = dom.split("id=\"cache-entries\">").nth(1).unwrap_or("");
     let shown = &shown[..shown.find('<').unwrap_or(0)];
-    let estimated = admin_get(&gw, "/admin/cache/stats")["stats"]["estimated_entries"].clone();
-    assert_eq!(shown, format!("{estimated} entries"), "{dom}");
+    // (An estimate: a memtable flush since the page was drawn may move it.)
+    let estimated = admin_get(&gw, "/admin/cache/stats")["stats"]["estimated_entries"]
+        .as_i64()
+        .unwrap();
+    let n: i64 = shown
+        .strip_suffix(" entries")
+        .and_then(|n| n.replace(',', "").parse().ok())
+        .unwrap_or_else(|| panic!("{shown:?}"));
+    assert!(
+        n > 0 && (n - estimated).abs() <= 2,
+        "{shown} vs {estimated}"
+    );
     // The cache's hit rate.
     let donut = tags(&dom, "id=\"cache-donut\"");
     let rate: f64 = attr(donut[0], "data-rate").unwrap().parse().unwrap();

@@ -392,6 +392,7 @@ fn a_budget_that_refuses_short_of_its_limit_says_so_once() {
     gw.stop();
     let cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
     let gw = Gateway::start(cfg);
+    assert_eq!(day(&gw)["refusing"], true, "kept across the restart");
     let r = ask(&gw, "sk-carol-1", &again);
     assert_eq!(r.status, 429, "{}", r.text());
     std::thread::sleep(Duration::from_millis(500));
@@ -401,7 +402,6 @@ fn a_budget_that_refuses_short_of_its_limit_says_so_once() {
         "not sent again after a restart: {}",
         hook.last()
     );
-    assert_eq!(day(&gw)["refusing"], true);
 }
 
 /// Requests in flight hold their estimated cost against the budget: of a

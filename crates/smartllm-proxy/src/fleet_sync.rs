@@ -166,16 +166,7 @@ fn passing(e: &redis::RedisError) -> bool {
         || e.kind() == redis::ErrorKind::AuthenticationFailed
         || matches!(
             e.code(),
-            Some(
-                "OOM"
-                    | "BUSY"
-                    | "MISCONF"
-                    | "NOAUTH"
-                    | "WRONGPASS"
-                    | "NOPERM"
-                    | "READONLY"
-                    | "LOADING"
-            )
+            Some("OOM" | "BUSY" | "MISCONF" | "NOAUTH" | "WRONGPASS" | "READONLY" | "LOADING")
         )
         || [
             "OOM command not allowed",
@@ -185,7 +176,6 @@ fn passing(e: &redis::RedisError) -> bool {
             "BUSY",
             "NOAUTH",
             "WRONGPASS",
-            "NOPERM",
             "unauthenticated",
         ]
         .iter()

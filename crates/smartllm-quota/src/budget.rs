@@ -1379,13 +1379,12 @@ impl Quotas {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(key.clone());
-        // Marked for the budget's status (`refusing`) even with no alerts
-        // to send.
-        if !first || budget.alert_at.is_empty() {
+        if !first {
             return;
         }
-        // Spend read back at a restart cannot tell that this was sent:
-        // kept in the ledger's store, off the request's thread.
+        // Spend read back at a restart cannot tell that this was sent (or,
+        // without alerts, that the budget refuses): kept in the ledger's
+        // store, off the request's thread.
         let ledger = self
             .budgets
             .ledger
@@ -1403,6 +1402,11 @@ impl Quotas {
                 Ok(rt) => drop(self.tasks.spawn_blocking_on(keep, &rt)),
                 Err(_) => keep(),
             }
+        }
+        // Marked for the budget's status (`refusing`) even with no alerts
+        // to send.
+        if budget.alert_at.is_empty() {
+            return;
         }
         let c = Crossing {
             budget: budget.clone(),

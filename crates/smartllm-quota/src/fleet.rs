@@ -14,7 +14,6 @@
 pub use redis;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use smartllm_config::{FleetConfig, FleetOnError};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -227,12 +226,11 @@ pub struct Fleet {
     conn: tokio::sync::OnceCell<ConnectionManager>,
     /// After a failure, Redis is not asked again before this instant.
     down_until: Mutex<Option<Instant>>,
-    /// Calls are failing: the outage was logged once, its end is logged
-    /// once (not a line a second while it lasts).
-    failing: AtomicBool,
-    /// When a call last failed (ms after `born`; 0: never).
-    last_failure_ms: AtomicU64,
-    born: Instant,
+    /// When a call last failed, while calls are failing (None: they work):
+    /// the outage is logged once, and its end once (not a line a second
+    /// while it lasts). One lock, so a call that works and one that fails
+    /// at the same moment cannot leave it half told.
+    failing: Mutex<Option<Instant>>,
     admit: redis::Script,
     charge: redis::Script,
     hold: redis::Script,
@@ -256,9 +254,7 @@ impl Fleet {
             client: redis::Client::open(url.as_str())?,
             conn: tokio::sync::OnceCell::new(),
             down_until: Mutex::new(None),
-            failing: AtomicBool::new(false),
-            last_failure_ms: AtomicU64::new(0),
-            born: Instant::now(),
+            failing: Mutex::new(None),
             admit: redis::Script::new(ADMIT),
             charge: redis::Script::new(CHARGE),
             hold: redis::Script::new(HOLD),
@@ -274,27 +270,6 @@ impl Fleet {
 
     fn key(&self, kind: &str, id: &str) -> String {
         format!("{}:{kind}:{id}", self.config.key_prefix)
-    }
-
-    /// A rate-limit bucket's Redis key: `PREFIX:rl:key:alpha:requests`
-    /// (from the bucket id `key 'alpha':requests`), the name
-    /// percent-encoded where it holds more than letters, digits and
-    /// `-_./@`, so the key needs no quoting in redis-cli or a script.
-    fn bucket_key(&self, id: &str) -> String {
-        let (scope, kind) = id.rsplit_once(':').unwrap_or((id, ""));
-        let (what, name) = match scope.split_once(" '") {
-            Some((what, rest)) => (what, rest.strip_suffix('\'').unwrap_or(rest)),
-            None => ("scope", scope),
-        };
-        let mut encoded = String::with_capacity(name.len());
-        for b in name.bytes() {
-            if b.is_ascii_alphanumeric() || b"-_./@".contains(&b) {
-                encoded.push(b as char);
-            } else {
-                encoded.push_str(&format!("%{b:02X}"));
-            }
-        }
-        format!("{}:rl:{what}:{encoded}:{kind}", self.config.key_prefix)
     }
 
     /// In the second after a failed call, calls fail at once.
@@ -351,16 +326,20 @@ impl Fleet {
     /// outage is logged as a warning, the rest at debug.
     fn failed(&self, op: &'static str, e: FleetError) -> FleetError {
         if !matches!(e, FleetError::Down(_)) {
-            if self.failing.swap(true, Ordering::SeqCst) {
-                tracing::debug!(op, error = %e, "fleet redis call failed again");
-            } else {
-                tracing::warn!(op, redis = %self.config.redis_addr(), error = %e, hint = hint(&e), "fleet redis calls fail; limits and budgets fall back per on_error until they work again");
-            }
             let now = Instant::now();
+            let first = self
+                .failing
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .replace(now)
+                .is_none();
+            if first {
+                tracing::warn!(op, redis = %self.config.redis_addr(), error = %e, hint = hint(&e), "fleet redis calls fail; limits and budgets fall back per on_error until they work again");
+            } else {
+                tracing::debug!(op, error = %e, "fleet redis call failed again");
+            }
             *self.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
                 Some(now + Duration::from_secs(1));
-            let ms = now.duration_since(self.born).as_millis() as u64;
-            self.last_failure_ms.store(ms.max(1), Ordering::SeqCst);
             crate::metrics::fleet_up(false);
         }
         crate::metrics::fleet_error(op);
@@ -372,13 +351,16 @@ impl Fleet {
     /// [`UP_AFTER`]: a Redis that answers reads but refuses writes (out of
     /// memory, a password rotated under it) is not up.
     fn worked(&self) {
-        let last = self.last_failure_ms.load(Ordering::SeqCst);
-        let now = Instant::now().duration_since(self.born).as_millis() as u64;
-        if last != 0 && now.saturating_sub(last) < UP_AFTER.as_millis() as u64 {
-            return;
-        }
-        if self.failing.swap(false, Ordering::SeqCst) {
-            tracing::info!(redis = %self.config.redis_addr(), "fleet redis calls work again; limits and budgets are the fleet's again");
+        {
+            let mut failing = self.failing.lock().unwrap_or_else(|p| p.into_inner());
+            match *failing {
+                Some(at) if at.elapsed() < UP_AFTER => return,
+                Some(_) => {
+                    *failing = None;
+                    tracing::info!(redis = %self.config.redis_addr(), "fleet redis calls work again; limits and budgets are the fleet's again");
+                }
+                None => {}
+            }
         }
         crate::metrics::fleet_up(true);
     }
@@ -428,7 +410,7 @@ impl Fleet {
         }
         let mut inv = self.admit.prepare_invoke();
         for c in charges {
-            inv.key(self.bucket_key(&c.id));
+            inv.key(self.key("rl", &c.id));
             inv.arg(c.per_minute).arg(format!("{:.3}", c.cost));
         }
         let inv = &inv;
@@ -448,7 +430,7 @@ impl Fleet {
         }
         let mut inv = self.charge.prepare_invoke();
         for c in charges {
-            inv.key(self.bucket_key(&c.id));
+            inv.key(self.key("rl", &c.id));
             inv.arg(c.per_minute).arg(format!("{:.3}", c.cost));
         }
         let inv = &inv;
@@ -718,6 +700,42 @@ impl Fleet {
         .await
     }
 
+    /// Alerts are claimed per limit (`id|period|80@50`); earlier releases
+    /// claimed `id|period|80`. So that a rolling upgrade sends an alert
+    /// once, a claim also takes that key, marked as this release's
+    /// (`NODE@limit`): one an earlier release holds means the alert went
+    /// out already; one of ours is another limit's claim, which does not
+    /// stop this one (a raised limit alerts again).
+    async fn claim_legacy(&self, id: &str, ttl_secs: u64) -> Result<bool, FleetError> {
+        let Some((legacy, _)) = id.rsplit_once('@') else {
+            return Ok(true);
+        };
+        let key = self.key("alert", legacy);
+        let mark = format!("{}@limit", self.node);
+        let mut set = redis::cmd("SET");
+        set.arg(&key).arg(&mark).arg("NX").arg("EX").arg(ttl_secs);
+        let set = &set;
+        let r: Option<String> = self
+            .run(
+                "claim",
+                |mut c| async move { set.query_async(&mut c).await },
+            )
+            .await?;
+        if r.is_some() {
+            return Ok(true);
+        }
+        let mut get = redis::cmd("GET");
+        get.arg(&key);
+        let get = &get;
+        let holder: Option<String> = self
+            .run(
+                "claim",
+                |mut c| async move { get.query_async(&mut c).await },
+            )
+            .await?;
+        Ok(holder.is_none_or(|h| h.ends_with("@limit")))
+    }
+
     pub async fn claim(&self, id: &str, ttl_secs: u64) -> Result<bool, FleetError> {
         let key = self.key("alert", id);
         let mut cmd = redis::cmd("SET");
@@ -734,7 +752,7 @@ impl Fleet {
             )
             .await?;
         if r.is_some() {
-            return Ok(true);
+            return self.claim_legacy(id, ttl_secs).await;
         }
         // Taken: by another gateway, or by this one when the SET above ran
         // twice (its first reply lost with a dropped connection).
@@ -836,39 +854,6 @@ mod tests {
             share_costs: false,
         };
         assert!(Fleet::new(&cfg).unwrap().is_none());
-    }
-
-    /// Rate-limit buckets are keys a redis-cli user can type: no spaces or
-    /// quotes (they were `smartllm:rl:key 'alpha':requests`), and names
-    /// that hold such characters stay apart.
-    #[test]
-    fn bucket_keys_need_no_quoting() {
-        let cfg = FleetConfig {
-            redis: Some("redis://127.0.0.1:9/0".into()),
-            key_prefix: "smartllm".into(),
-            timeout: Duration::from_millis(100),
-            on_error: FleetOnError::Local,
-            share_cache: false,
-            cache_stream_len: 100_000,
-            share_costs: false,
-        };
-        let f = Fleet::new(&cfg).unwrap().unwrap();
-        assert_eq!(
-            f.bucket_key("key 'alpha':requests"),
-            "smartllm:rl:key:alpha:requests"
-        );
-        assert_eq!(
-            f.bucket_key("app 'acme/web':tokens"),
-            "smartllm:rl:app:acme/web:tokens"
-        );
-        assert_eq!(
-            f.bucket_key("key 'a b':tokens"),
-            "smartllm:rl:key:a%20b:tokens"
-        );
-        assert_ne!(
-            f.bucket_key("key 'a:b':tokens"),
-            f.bucket_key("key 'a':b:tokens")
-        );
     }
 
     /// A release Redis missed is sent with the next hold, before it, in one
