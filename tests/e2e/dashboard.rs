@@ -382,6 +382,9 @@ fn the_cost_dashboard_renders_the_ledger_in_a_real_browser() {
     assert_eq!(errors.len(), 1, "{dom}");
     assert_eq!(attr(errors[0], "data-count"), Some("0"), "{dom}");
     assert!(!dom.contains(TOKEN), "the page holds the admin token");
+    // No fleet: no fleet / this gateway switch.
+    let scopes = tags(&dom, "id=\"scopes\"");
+    assert!(scopes[0].contains("hidden"), "{}", scopes[0]);
     assert!(
         prompts.iter().all(|p| !dom.contains(p.as_str())),
         "a prompt on the page"
@@ -496,4 +499,73 @@ fn the_cost_dashboard_renders_the_ledger_in_a_real_browser() {
         png.len()
     );
     eprintln!("dashboard screenshot: {}", shot.display());
+}
+
+/// In a fleet that shares its costs, the page shows the fleet's ledger by
+/// default (it showed the serving gateway's third of it beside the fleet's
+/// budgets), with a switch to this gateway's own; a gateway alone hides
+/// the switch (the other test's page has no fleet).
+#[test]
+fn in_a_fleet_the_dashboard_shows_the_fleets_costs() {
+    let Some(chromium) = chromium() else { return };
+    let redis = Redis::start();
+    let mock = Mock::start(&["--words", "20"]);
+    let node = || {
+        let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+        let models = "models:\n  - name: mini\n    pricing: { input: 0.15, output: 0.6 }\n    deployments: [{ provider: mock }]\n";
+        let cfg = ConfigDir::new(
+            "",
+            &format!(
+                "demo:\n  mode: off\nadmin:\n  token_env: TEST_ADMIN_TOKEN\nfleet:\n  redis: {}\n  key_prefix: e2e-dash\n  share_costs: true\n",
+                redis.url()
+            ),
+            &providers,
+            models,
+            "routes:\n  auto:\n    model: mini\n",
+        );
+        cfg.write(
+            "keys.yaml",
+            &format!(
+                "keys:\n  - {{ name: alice, sha256: {}, tenant: acme, app: web }}\n",
+                sha("sk-alice-1")
+            ),
+        );
+        Gateway::start_with_env(cfg, &[("TEST_ADMIN_TOKEN", TOKEN)])
+    };
+    let (a, b) = (node(), node());
+    for (gw, n) in [(&a, 2), (&b, 3)] {
+        for i in 0..n {
+            let r = ask(
+                gw,
+                "sk-alice-1",
+                &chat_body("mini", &format!("question {i}")),
+            );
+            assert_eq!(r.status, 200, "{}", r.text());
+        }
+    }
+    let fleet_requests =
+        || admin_get(&a, "/admin/costs?since=1h&scope=fleet")["total"]["requests"].clone();
+    assert!(
+        wait_until(Duration::from_secs(10), || fleet_requests() == 5),
+        "{}",
+        fleet_requests()
+    );
+    let count = |dom: &str| {
+        attr(tags(dom, "id=\"kpi-requests\"")[0], "data-count")
+            .unwrap_or("")
+            .to_string()
+    };
+    let profile = tempfile::tempdir().unwrap();
+    let url = format!("http://{}/ui?token={TOKEN}", a.admin);
+    let (dom, log) = browse(&chromium, profile.path(), &url, &["--dump-dom"]);
+    let body = tags(&dom, "<body").first().copied().unwrap_or("");
+    assert_eq!(attr(body, "data-scope"), Some("fleet"), "{dom}\n{log}");
+    assert_eq!(count(&dom), "5", "the fleet's requests:\n{dom}");
+    let scopes = tags(&dom, "id=\"scopes\"");
+    assert!(!scopes[0].contains("hidden"), "{}", scopes[0]);
+    // This gateway's own, by the switch (kept in the URL); the profile
+    // keeps the session cookie.
+    let url = format!("http://{}/ui#range=24h&by=model&scope=gateway", a.admin);
+    let (dom, _) = browse(&chromium, profile.path(), &url, &["--dump-dom"]);
+    assert_eq!(count(&dom), "2", "this gateway's requests:\n{dom}");
 }

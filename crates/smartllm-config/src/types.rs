@@ -890,6 +890,25 @@ impl Config {
             .collect()
     }
 
+    /// Budgets whose day allows more than their month (`daily_usd: 1`,
+    /// `monthly_usd: 0.5`): the month binds first, and the daily limit
+    /// never does. Said with the unpriced models' warnings.
+    pub fn budget_warnings(&self) -> Vec<String> {
+        self.keys
+            .budgets
+            .iter()
+            .filter_map(|b| {
+                let (d, m) = (b.daily_usd?, b.monthly_usd?);
+                (d > m).then(|| {
+                    format!(
+                        "budget {}: daily_usd ${d} is above monthly_usd ${m}, so the daily limit never binds (the month's runs out first)",
+                        b.id()
+                    )
+                })
+            })
+            .collect()
+    }
+
     /// Models that look like OpenAI reasoning models (an upstream name of
     /// the o-series or GPT-5) and list capabilities without `reasoning`:
     /// their requests' `reasoning_effort` is left out and their sampling

@@ -123,6 +123,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                 warnings.extend(applied.keys.unmatched());
                 warnings.extend(applied.unpriced_warnings());
                 warnings.extend(applied.capability_warnings());
+                warnings.extend(applied.budget_warnings());
                 let version = current.version + 1;
                 match Runtime::prepare(
                     applied,

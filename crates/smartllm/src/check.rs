@@ -136,6 +136,7 @@ fn unpriced_warnings(c: &smartllm_config::Config) {
         .unpriced_warnings()
         .into_iter()
         .chain(c.capability_warnings())
+        .chain(c.budget_warnings())
     {
         println!("warning: {w}");
     }

@@ -108,7 +108,7 @@ pub fn costs_cmd(
             .collect();
         for c in cols {
             row.push(match c {
-                "cost_usd" | "saved_usd" => format!("{:.6}", r[c].as_f64().unwrap_or(0.0)),
+                "cost_usd" | "saved_usd" => usd(r[c].as_f64().unwrap_or(0.0)),
                 _ => r[c].as_u64().unwrap_or(0).to_string(),
             });
         }
@@ -121,10 +121,10 @@ pub fn costs_cmd(
         .collect();
     printers::table(&header, &rows);
     println!(
-        "total: {} requests, ${:.6} spent, ${:.6} saved by the cache ({} to {})",
+        "total: {} requests, ${} spent, ${} saved by the cache ({} to {})",
         v["total"]["requests"],
-        v["total"]["cost_usd"].as_f64().unwrap_or(0.0),
-        v["total"]["saved_usd"].as_f64().unwrap_or(0.0),
+        usd(v["total"]["cost_usd"].as_f64().unwrap_or(0.0)),
+        usd(v["total"]["saved_usd"].as_f64().unwrap_or(0.0)),
         v["from"].as_str().unwrap_or("?"),
         v["to"].as_str().unwrap_or("?")
     );
@@ -132,4 +132,24 @@ pub fn costs_cmd(
         eprintln!("{cut}");
     }
     Ok(())
+}
+
+/// Dollars to six places, or to the nano-dollar (the ledger's unit) when
+/// six would print a cost as 0.000000 ($0.00000016 for one embedding).
+fn usd(x: f64) -> String {
+    if x != 0.0 && x.abs() < 0.000_001 {
+        format!("{x:.9}")
+    } else {
+        format!("{x:.6}")
+    }
+}
+
+#[cfg(test)]
+mod usd_tests {
+    #[test]
+    fn tiny_costs_are_not_printed_as_zero() {
+        assert_eq!(super::usd(0.000_000_16), "0.000000160");
+        assert_eq!(super::usd(0.0), "0.000000");
+        assert_eq!(super::usd(1.5), "1.500000");
+    }
 }

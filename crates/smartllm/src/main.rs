@@ -924,6 +924,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         .unpriced_warnings()
         .into_iter()
         .chain(config.capability_warnings())
+        .chain(config.budget_warnings())
     {
         tracing::warn!("{w}");
     }

@@ -281,6 +281,24 @@ mod tests {
         load_dir(dir.path()).unwrap();
     }
 
+    /// A day that allows more than its month is said (the daily limit
+    /// would never bind); the other way round is the usual setting.
+    #[test]
+    fn a_daily_limit_above_the_monthly_one_is_warned_about() {
+        let keys = "keys: []\nbudgets:\n  - { scope: tenant, name: a, daily_usd: 1.0, monthly_usd: 0.5 }\n  - { scope: tenant, name: b, daily_usd: 1.0, monthly_usd: 20 }\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (KEYS_FILE, keys),
+        ]);
+        let w = load_dir(dir.path()).unwrap().budget_warnings();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].contains("tenant:a") && w[0].contains("never binds"),
+            "{w:?}"
+        );
+    }
+
     #[test]
     fn validation_reports_every_error_with_lines() {
         let models = "models:\n  - name: a\n    deployments:\n      - provider: nope\n  - name: a\n    deployments: []\n";

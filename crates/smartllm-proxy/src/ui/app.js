@@ -38,7 +38,9 @@ const PALETTE = ['#3b5bdb', '#12b886', '#f59f00', '#e64980', '#7048e8', '#1098ad
 const SVGNS = 'http://www.w3.org/2000/svg';
 
 // `generation`: bumped by every tick; a refresh begun by an older one is stale.
-const state = { range: '24h', dim: 'model', suggestAt: 0, suggest: null, refreshes: 0, timer: 0, generation: 0 };
+// scope: 'fleet' (the fleet's ledger, when it shares costs through Redis)
+// or 'gateway' (this one's); null until the first refresh asks.
+const state = { range: '24h', dim: 'model', scope: null, asked: null, suggestAt: 0, suggest: null, refreshes: 0, timer: 0, generation: 0 };
 
 // ---- small helpers --------------------------------------------------------
 
@@ -398,7 +400,7 @@ function drawSuggestions(data) {
 
 function drawExpensive(data) {
   const list = (data && data.requests) || [];
-  setText('expensive-note', data && data.capacity ? `the costliest of the last ${int(data.capacity)} requests · metadata only` : '');
+  setText('expensive-note', data && data.capacity ? `the costliest of this gateway's last ${int(data.capacity)} requests · metadata only` : '');
   if (!list.length) return replace('expensive', empty('No requests in this range yet.'));
   const head = h('tr', {}, ['When (UTC)', 'Model', 'Route', 'Tenant / app', 'Key', 'Prompt', 'Cached', 'Output', 'Latency', 'Cache', 'Status', 'Cost']
     .map((c, i) => h('th', { class: i >= 5 && i <= 8 || i === 11 ? 'num' : '' }, c)));
@@ -430,7 +432,9 @@ function setStatus(kind, text) {
 // were fetched (a click, a return to the tab): that one draws its own, and
 // an older, slower answer must not be drawn over it.
 async function refresh(generation) {
-  const since = 'since=' + state.range;
+  if (state.scope === null || state.scope === 'fleet') await askFleet();
+  // The costs' own scope; the requests, metrics and cache are this gateway's.
+  const since = 'since=' + state.range + (state.scope === 'fleet' ? '&scope=fleet' : '');
   const bucket = RANGES[state.range].bucket;
   const wantSuggest = Date.now() - state.suggestAt > SUGGEST_MS;
   const [spend, byModel, byRoute, metricsText, cacheStats, budgets, expensive, suggest] = await Promise.all([
@@ -440,7 +444,7 @@ async function refresh(generation) {
     getText('/metrics'),
     getJSON('/admin/cache/stats'),
     getJSON('/admin/budgets'),
-    getJSON(`/admin/requests/expensive?${since}&limit=15`),
+    getJSON(`/admin/requests/expensive?since=${state.range}&limit=15`),
     wantSuggest ? getJSON('/admin/suggestions?since=7d') : Promise.resolve(state.suggest),
   ]);
   if (generation !== state.generation) return;
@@ -476,16 +480,32 @@ async function tick() {
   state.timer = setTimeout(tick, document.hidden ? POLL_MS * 6 : POLL_MS);
 }
 
+// Does this gateway share a fleet's costs (`fleet.share_costs`)? Asked
+// once; the fleet's view is then the default, as the budgets are the
+// fleet's too.
+async function askFleet() {
+  if (state.asked !== null) return;
+  const r = await getJSON('/admin/costs?since=1h&group_by=model&limit=1&scope=fleet');
+  state.asked = !r._status;
+  if (!state.asked) state.scope = 'gateway';
+  else if (state.scope === null) state.scope = 'fleet';
+  document.getElementById('scopes').hidden = !state.asked;
+  syncControls();
+}
+
 function readHash() {
   const p = new URLSearchParams(window.location.hash.slice(1));
   if (RANGES[p.get('range')]) state.range = p.get('range');
   if (DIMS.includes(p.get('by'))) state.dim = p.get('by');
+  if (['fleet', 'gateway'].includes(p.get('scope'))) state.scope = p.get('scope');
 }
 
 function syncControls() {
   for (const b of document.querySelectorAll('#ranges button')) b.classList.toggle('on', b.dataset.range === state.range);
   for (const b of document.querySelectorAll('#dims button')) b.classList.toggle('on', b.dataset.dim === state.dim);
-  history.replaceState(null, '', '#range=' + state.range + '&by=' + state.dim);
+  for (const b of document.querySelectorAll('#scopes button')) b.classList.toggle('on', b.dataset.scope === state.scope);
+  document.body.dataset.scope = state.scope || '';
+  history.replaceState(null, '', '#range=' + state.range + '&by=' + state.dim + (state.asked ? '&scope=' + state.scope : ''));
 }
 
 function start() {
@@ -495,6 +515,13 @@ function start() {
     const b = e.target.closest('button');
     if (!b) return;
     state.range = b.dataset.range;
+    syncControls();
+    tick();
+  });
+  document.getElementById('scopes').addEventListener('click', (e) => {
+    const b = e.target.closest('button');
+    if (!b) return;
+    state.scope = b.dataset.scope;
     syncControls();
     tick();
   });
