@@ -1418,6 +1418,23 @@ mod tests {
         );
     }
 
+    /// Budget alert marks outlive a restart (a new Ledger on the same
+    /// store), and those of past periods go at the next read.
+    #[test]
+    fn alert_marks_are_kept_and_past_ones_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let ledger = Ledger::start(store.clone(), Duration::from_millis(50)).unwrap();
+        ledger.keep_mark("key:k|d:2026-12-03|refusing@1").unwrap();
+        ledger.keep_mark("key:k|d:2026-12-04|refusing@1").unwrap();
+        ledger.shutdown();
+        let ledger = Ledger::start(store, Duration::from_millis(50)).unwrap();
+        let today = |m: &str| m.contains("d:2026-12-04");
+        assert_eq!(ledger.marks(today), ["key:k|d:2026-12-04|refusing@1"]);
+        assert_eq!(ledger.marks(|_| true), ["key:k|d:2026-12-04|refusing@1"]);
+        ledger.shutdown();
+    }
+
     #[test]
     fn rows_of_the_older_key_layout_read_back() {
         let dir = tempfile::tempdir().unwrap();

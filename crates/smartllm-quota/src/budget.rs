@@ -35,6 +35,8 @@ pub struct Budgets {
     tracked: Mutex<HashSet<String>>,
     /// Where spend is read back from (set by [`Budgets::warm`]).
     ledger: Mutex<Option<Ledger>>,
+    /// The day (since the epoch) the kept alert marks were last swept.
+    marks_swept: std::sync::atomic::AtomicU64,
     /// "scope-id|period" -> (USD, TTL): spend this gateway counted that has
     /// not reached the fleet's counters yet (Redis was down or slow); sent
     /// with the next spend, and added to what Redis says meanwhile.
@@ -972,10 +974,37 @@ impl Quotas {
     }
 
     /// Periodic upkeep: forget spend and alerts of past periods and rate
-    /// limit buckets that are full again.
+    /// limit buckets that are full again; once a day, the alert marks kept
+    /// in the data dir for past periods too (off the caller's thread).
     pub fn sweep(&self) {
         self.budgets.prune();
         self.limiter.sweep();
+        let now = now_secs();
+        let today = now / 86_400;
+        if self
+            .budgets
+            .marks_swept
+            .swap(today, std::sync::atomic::Ordering::SeqCst)
+            == today
+        {
+            return;
+        }
+        let ledger = self
+            .budgets
+            .ledger
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let (Some(ledger), Ok(rt)) = (ledger, tokio::runtime::Handle::try_current()) else {
+            return;
+        };
+        let (day, month, _, _) = periods(now);
+        self.tasks.spawn_blocking_on(
+            move || {
+                ledger.marks(|m| split_fired_key(m).is_some_and(|(_, p)| p == day || p == month));
+            },
+            &rt,
+        );
     }
 
     /// In-memory entries: (spend, alerts fired, rate limit buckets).
