@@ -700,6 +700,38 @@ impl Fleet {
         .await
     }
 
+    /// `SET key value NX EX ttl`: None when it was set, else who holds it.
+    async fn set_or_holder(
+        &self,
+        key: &str,
+        value: &str,
+        ttl_secs: u64,
+    ) -> Result<Option<String>, FleetError> {
+        let mut set = redis::cmd("SET");
+        set.arg(key).arg(value).arg("NX").arg("EX").arg(ttl_secs);
+        let set = &set;
+        let r: Option<String> = self
+            .run(
+                "claim",
+                |mut c| async move { set.query_async(&mut c).await },
+            )
+            .await?;
+        if r.is_some() {
+            return Ok(None);
+        }
+        let mut get = redis::cmd("GET");
+        get.arg(key);
+        let get = &get;
+        let holder: Option<String> = self
+            .run(
+                "claim",
+                |mut c| async move { get.query_async(&mut c).await },
+            )
+            .await?;
+        // (Gone between the two calls: expired, so nobody holds it.)
+        Ok(Some(holder.unwrap_or_default()))
+    }
+
     /// Alerts are claimed per limit (`id|period|80@50`); earlier releases
     /// claimed `id|period|80`. So that a rolling upgrade sends an alert
     /// once, a claim also takes that key, marked as this release's
@@ -710,62 +742,23 @@ impl Fleet {
         let Some((legacy, _)) = id.rsplit_once('@') else {
             return Ok(true);
         };
-        let key = self.key("alert", legacy);
         let mark = format!("{}@limit", self.node);
-        let mut set = redis::cmd("SET");
-        set.arg(&key).arg(&mark).arg("NX").arg("EX").arg(ttl_secs);
-        let set = &set;
-        let r: Option<String> = self
-            .run(
-                "claim",
-                |mut c| async move { set.query_async(&mut c).await },
-            )
+        let holder = self
+            .set_or_holder(&self.key("alert", legacy), &mark, ttl_secs)
             .await?;
-        if r.is_some() {
-            return Ok(true);
-        }
-        let mut get = redis::cmd("GET");
-        get.arg(&key);
-        let get = &get;
-        let holder: Option<String> = self
-            .run(
-                "claim",
-                |mut c| async move { get.query_async(&mut c).await },
-            )
-            .await?;
-        Ok(holder.is_none_or(|h| h.ends_with("@limit")))
+        Ok(holder.is_none_or(|h| h.is_empty() || h.ends_with("@limit")))
     }
 
     pub async fn claim(&self, id: &str, ttl_secs: u64) -> Result<bool, FleetError> {
-        let key = self.key("alert", id);
-        let mut cmd = redis::cmd("SET");
-        cmd.arg(&key)
-            .arg(&self.node)
-            .arg("NX")
-            .arg("EX")
-            .arg(ttl_secs);
-        let cmd = &cmd;
-        let r: Option<String> = self
-            .run(
-                "claim",
-                |mut c| async move { cmd.query_async(&mut c).await },
-            )
-            .await?;
-        if r.is_some() {
-            return self.claim_legacy(id, ttl_secs).await;
+        // Taken: by another gateway, or by this one when the SET ran twice
+        // (its first reply lost with a dropped connection).
+        match self
+            .set_or_holder(&self.key("alert", id), &self.node, ttl_secs)
+            .await?
+        {
+            None => self.claim_legacy(id, ttl_secs).await,
+            Some(holder) => Ok(holder == self.node),
         }
-        // Taken: by another gateway, or by this one when the SET above ran
-        // twice (its first reply lost with a dropped connection).
-        let mut get = redis::cmd("GET");
-        get.arg(&key);
-        let get = &get;
-        let holder: Option<String> = self
-            .run(
-                "claim",
-                |mut c| async move { get.query_async(&mut c).await },
-            )
-            .await?;
-        Ok(holder.as_deref() == Some(self.node.as_str()))
     }
 }
 
