@@ -141,6 +141,10 @@ fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
         &json!({"model": "small", "messages": [{"role": "user", "content": "x"}], "mock": {"status": 500}}),
     );
     assert_eq!(r.status, 500);
+    // Passed on as the provider sent it, and still named an error in the
+    // access log (it had no `error` field, so log queries missed outages).
+    let line = gw.access_line(r.header("x-request-id").unwrap());
+    assert_eq!(line["error"], "upstream_status", "{line}");
     assert!(wait_until(Duration::from_secs(5), || row(
         &costs(&gw, "tenant"),
         "acme"

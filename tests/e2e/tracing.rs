@@ -395,3 +395,44 @@ fn tracing_sample_ratio_zero_exports_only_what_a_client_sampled() {
         "only the client-sampled trace is exported (not {t_new})"
     );
 }
+
+/// A provider's 503 that a fallback mends is on the retried attempt's
+/// span as its status (it had `error.type` and no status, so the trace
+/// never said what failed over).
+#[test]
+fn a_retried_attempt_carries_the_providers_status() {
+    let Some(rx) = Receiver::start() else { return };
+    let mock = Mock::start(&["--model-status", "mock-down=503"]);
+    let cfg = ConfigDir::new(
+        "",
+        &format!(
+            "demo:\n  mode: off\ntracing:\n  otlp_endpoint: http://127.0.0.1:{}\n  sample_ratio: 1\n  service_name: smartllm-e2e\n",
+            rx.port
+        ),
+        &format!("providers:\n{}", mock_provider("mock", &mock)),
+        "models:\n  - name: down\n    deployments:\n      - provider: mock\n        model: mock-down\n  - name: small\n    deployments:\n      - provider: mock\n        model: mock-small\n",
+        "routes:\n  auto:\n    model: down\n    fallback: [small]\n",
+    );
+    let gw = Gateway::start(cfg);
+    let tp = format!("00-{TRACE_ID}-{CLIENT_SPAN}-01");
+    let r = chat(&gw, &chat_body("auto", "hello"), Some(&tp));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let traces = rx.traces(&[TRACE_ID]);
+    let attempts = named(&traces[TRACE_ID], "upstream attempt");
+    assert_eq!(attempts.len(), 2, "{attempts:#?}");
+    let attr = |s: &Value, k: &str| s["attributes"][k].clone();
+    let retried = attempts
+        .iter()
+        .find(|s| attr(s, "smartllm.outcome") == "retried")
+        .expect("a retried attempt");
+    assert_eq!(
+        attr(retried, "http.response.status_code"),
+        503,
+        "{retried:#}"
+    );
+    assert_eq!(
+        attr(retried, "error.type"),
+        "upstream_status",
+        "{retried:#}"
+    );
+}

@@ -114,11 +114,11 @@ pub fn install() -> PrometheusHandle {
     describe_histogram!(
         TTFT,
         Unit::Seconds,
-        "Time from sending the upstream request to its first response byte."
+        "Time from sending the upstream request to its first generated event (a stream; not its headers) or to the answer (buffered); errors are not counted."
     );
     describe_counter!(
         UPSTREAM_ERRORS,
-        "Upstream failures by provider and reason (connect, timeout, reset, status, protocol)."
+        "Upstream failures by provider and reason (connect, connect_timeout, timeout, reset, stale_connection, status_429, status_5xx, status_4xx, malformed_response, stream_broken, stream_timeout, ...)."
     );
     describe_gauge!(
         UPSTREAM_HEALTHY,
@@ -126,7 +126,7 @@ pub fn install() -> PrometheusHandle {
     );
     describe_counter!(
         UPSTREAM_ATTEMPTS,
-        "Upstream attempts by provider and outcome (ok, retried, failed)."
+        "Upstream attempts by provider and outcome (ok, retried, failed, abandoned: the client left before the provider answered)."
     );
     describe_counter!(
         TOKENS,

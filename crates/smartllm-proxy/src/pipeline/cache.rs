@@ -281,7 +281,7 @@ pub async fn phase(
                     b >= policy.similarity_threshold - smartllm_router::suggest::NEAR_MISS_MARGIN
                 });
             if let Some(why) = rejected {
-                tracing::debug!(request_id = %ctx.request_id, why, best = ?best_similarity, "semantic candidate rejected by the precision guard");
+                tracing::debug!(request_id = %ctx.request_id, why, best = best_similarity, "semantic candidate rejected (by the precision guard or the verifier, as why says)");
             }
             ctx.cache_insert = Some(pending(key, embedding));
             Ok(false)

@@ -310,6 +310,9 @@ pub(super) async fn once(
                 .and_then(|(_, v)| retry_after_secs(v));
             return Attempt::Retry(e);
         }
+        // Passed on as the provider sent it: still an error of the request,
+        // for the access log, the trace and the ledger.
+        ctx.error_code = Some(passed_on_code(status));
         return match respond::json(session, ctx, status, body, &passthrough).await {
             Ok(()) => Attempt::Done,
             Err(_) => client_gone(ctx),
@@ -362,6 +365,16 @@ pub(super) fn scrub(body: Vec<u8>, secret: Option<&str>) -> Vec<u8> {
     String::from_utf8_lossy(&body)
         .replace(secret, "[redacted]")
         .into_bytes()
+}
+
+/// The access log's and the trace's error code of a provider's error
+/// status passed on to the client (bounded: never the provider's own code).
+fn passed_on_code(status: u16) -> &'static str {
+    match status {
+        429 => "upstream_rate_limited",
+        400..=499 => "upstream_rejected",
+        _ => "upstream_status",
+    }
 }
 
 /// Keep Anthropic-shaped upstream errors as they are (for Anthropic

@@ -347,7 +347,13 @@ pub async fn run(
                     Attempt::StreamFailed { error, .. } => ("failed", Some(error.code)),
                     Attempt::Abandoned => ("abandoned", None),
                 };
-                t.end_attempt(name, ctx.status, error);
+                // A provider's 5xx or 429 retried elsewhere was not passed
+                // on: its status is the error's.
+                let status = match &outcome {
+                    Attempt::Retry(e) if e.code == crate::otel::UPSTREAM_STATUS => e.status,
+                    _ => ctx.status,
+                };
+                t.end_attempt(name, status, error);
             }
             // A 5xx (refused, reset, timed out, or answered 5xx) counts against the
             // deployment's circuit; a 429 or 4xx does not. Either is a failure of the model.
@@ -448,7 +454,7 @@ pub async fn run(
                     // error says; the time to first byte was fine, so the
                     // profile's TTFT is left alone.
                     metrics::upstream_attempt(provider.name(), "failed");
-                    tracing::info!(request_id = %ctx.request_id, provider = %provider.name(), end = ?end, error = %error, "upstream stream ended in an error");
+                    tracing::info!(request_id = %ctx.request_id, provider = %provider.name(), end = end.reason(), error = %error, "upstream stream ended in an error");
                     shared
                         .breakers
                         .record(breaker_id, &breaker_cfg, permit, false);
@@ -543,6 +549,9 @@ fn is_timeout(e: &pingora_error::Error) -> bool {
 fn client_gone(ctx: &mut Ctx) -> Attempt {
     ctx.client_gone = true;
     ctx.status = 499;
+    // Named in the access log and the trace, as a client that leaves
+    // during its upload is.
+    ctx.error_code.get_or_insert(super::admit::CLIENT_GONE);
     Attempt::Done
 }
 
