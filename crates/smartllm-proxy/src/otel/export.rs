@@ -13,8 +13,9 @@ use opentelemetry_sdk::error::{OTelSdkError, OTelSdkResult};
 use opentelemetry_sdk::trace::{SpanData, SpanExporter, SpanProcessor};
 use std::io::{Read, Write};
 use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, SyncSender, TrySendError};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Spans waiting for export; beyond, new ones are dropped (and counted).
@@ -40,6 +41,9 @@ enum Msg {
 pub struct QueueProcessor {
     tx: SyncSender<Msg>,
     worker: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Spans dropped because the queue was full, not yet logged (the
+    /// exporter thread says so, at most once a minute).
+    full: Arc<AtomicU64>,
 }
 
 impl std::fmt::Debug for Msg {
@@ -56,12 +60,15 @@ impl QueueProcessor {
     /// Start the exporter thread (`smartllm-otel`) with `exporter`.
     pub fn start<E: SpanExporter + 'static>(exporter: E) -> std::io::Result<QueueProcessor> {
         let (tx, rx) = mpsc::sync_channel(QUEUE_SPANS);
+        let full = Arc::new(AtomicU64::new(0));
+        let dropped = full.clone();
         let worker = std::thread::Builder::new()
             .name("smartllm-otel".into())
-            .spawn(move || run(exporter, rx))?;
+            .spawn(move || run(exporter, rx, &dropped))?;
         Ok(QueueProcessor {
             tx,
             worker: Mutex::new(Some(worker)),
+            full,
         })
     }
 
@@ -95,7 +102,10 @@ impl SpanProcessor for QueueProcessor {
     fn on_end(&self, span: SpanData) {
         match self.tx.try_send(Msg::Span(Box::new(span))) {
             Ok(()) => {}
-            Err(TrySendError::Full(_)) => metrics::trace_spans_dropped("queue_full", 1),
+            Err(TrySendError::Full(_)) => {
+                metrics::trace_spans_dropped("queue_full", 1);
+                self.full.fetch_add(1, Ordering::Relaxed);
+            }
             Err(TrySendError::Disconnected(_)) => metrics::trace_spans_dropped("shutdown", 1),
         }
     }
@@ -120,14 +130,24 @@ impl SpanProcessor for QueueProcessor {
 /// How often a failing export is logged again.
 const EXPORT_WARN_EVERY: Duration = Duration::from_secs(60);
 
-fn run<E: SpanExporter>(exporter: E, rx: Receiver<Msg>) {
+fn run<E: SpanExporter>(exporter: E, rx: Receiver<Msg>, full: &AtomicU64) {
     let mut batch: Vec<SpanData> = Vec::with_capacity(BATCH_SPANS);
     let mut due: Option<Instant> = None;
     // A collector that is down is said once, then at most once a minute
-    // with what was dropped meanwhile, and once when it answers again (not
-    // a line a batch for as long as it is down).
-    let mut failing: Option<(Instant, u64)> = None;
+    // with what was dropped meanwhile, and once when it answers again with
+    // all it dropped (not a line a batch for as long as it is down): (when
+    // said last, dropped since, dropped in all).
+    let mut failing: Option<(Instant, u64, u64)> = None;
+    // Spans the full queue dropped are said at most once a minute too.
+    let mut full_said: Option<Instant> = None;
     let mut export = |batch: &mut Vec<SpanData>| {
+        if full_said.is_none_or(|t| t.elapsed() >= EXPORT_WARN_EVERY) {
+            let lost = full.swap(0, Ordering::Relaxed);
+            if lost > 0 {
+                tracing::warn!(spans = lost, "the span queue was full: spans dropped (the OTLP endpoint is slow or down, or there are more spans than it takes: lower tracing.sample_ratio)");
+                full_said = Some(Instant::now());
+            }
+        }
         if batch.is_empty() {
             return;
         }
@@ -136,18 +156,24 @@ fn run<E: SpanExporter>(exporter: E, rx: Receiver<Msg>) {
         match futures_executor_block_on(exporter.export(spans)) {
             Ok(()) => {
                 metrics::trace_spans_exported(n);
-                if failing.take().is_some() {
-                    tracing::info!("exporting spans to the OTLP endpoint works again");
+                if let Some((_, _, total)) = failing.take() {
+                    tracing::info!(
+                        spans_dropped = total,
+                        "exporting spans to the OTLP endpoint works again"
+                    );
                 }
             }
             Err(e) => {
                 metrics::trace_spans_dropped("export_failed", n);
                 match &mut failing {
-                    Some((said, dropped)) if said.elapsed() < EXPORT_WARN_EVERY => *dropped += n,
+                    Some((said, dropped, total)) if said.elapsed() < EXPORT_WARN_EVERY => {
+                        *dropped += n;
+                        *total += n;
+                    }
                     _ => {
-                        let dropped = failing.map_or(0, |(_, d)| d) + n;
+                        let (dropped, total) = failing.map_or((n, n), |(_, d, t)| (d + n, t + n));
                         tracing::warn!(error = %e, spans = dropped, "exporting spans to the OTLP endpoint failed; they are dropped (said again at most once a minute while it fails)");
-                        failing = Some((Instant::now(), 0));
+                        failing = Some((Instant::now(), 0, total));
                     }
                 }
             }
@@ -325,8 +351,10 @@ mod tests {
     fn a_stuck_exporter_never_blocks_ending_spans_and_the_queue_stays_bounded() {
         let gate = Gate::default();
         let (open, got) = (gate.open.clone(), gate.got.clone());
+        let processor = QueueProcessor::start(gate).unwrap();
+        let full = processor.full.clone();
         let provider = SdkTracerProvider::builder()
-            .with_span_processor(QueueProcessor::start(gate).unwrap())
+            .with_span_processor(processor)
             .build();
         let tracer = provider.tracer("test");
         let started = Instant::now();
@@ -336,9 +364,13 @@ mod tests {
         }
         // Ending spans only hands them over (or drops them): no waiting on the exporter.
         assert!(started.elapsed() < Duration::from_secs(5));
+        // What the full queue dropped waits to be said...
+        assert!(full.load(Ordering::SeqCst) >= (2 * BATCH_SPANS) as u64);
         *open.0.lock().unwrap() = true;
         open.1.notify_all();
         provider.force_flush().unwrap();
+        // ... and the exporter thread said it (a log line, not only a metric).
+        assert_eq!(full.load(Ordering::SeqCst), 0);
         let n = got.load(Ordering::SeqCst);
         assert!(
             (QUEUE_SPANS..=QUEUE_SPANS + BATCH_SPANS).contains(&n),
