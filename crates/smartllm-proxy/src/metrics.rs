@@ -48,8 +48,12 @@ const BATCH_BUCKETS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0];
 const SIMILARITY_BUCKETS: &[f64] = &[
     0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.92, 0.94, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0,
 ];
+/// The gateway's own time, an embedding, a search: sub-millisecond as a
+/// rule, up to the embedder's 250 ms shedding bound and a cold first
+/// request (~150 ms) at worst, which the top buckets still tell apart.
 const OVERHEAD_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+    1.0,
 ];
 
 /// Install the global recorder and describe every metric. Call once.
