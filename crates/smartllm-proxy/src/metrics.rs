@@ -52,8 +52,7 @@ const SIMILARITY_BUCKETS: &[f64] = &[
 /// rule, up to the embedder's 250 ms shedding bound and a cold first
 /// request (~150 ms) at worst, which the top buckets still tell apart.
 const OVERHEAD_BUCKETS: &[f64] = &[
-    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-    1.0,
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
 ];
 
 /// Install the global recorder and describe every metric. Call once.
