@@ -296,7 +296,12 @@ fn tracing_exports_one_nested_trace_per_request_and_continues_the_client_context
     assert_eq!(a["smartllm.provider"], "mock");
     assert_eq!(a["smartllm.outcome"], "ok");
     assert_eq!(a["http.response.status_code"], 200);
+    // OpenTelemetry's GenAI and HTTP conventions.
+    assert_eq!(a["gen_ai.operation.name"], "chat");
+    assert_eq!(a["http.request.method"], "POST");
     let s = &server["attributes"];
+    assert_eq!(s["url.path"], "/v1/chat/completions");
+    assert_eq!(s["url.scheme"], "http");
     assert_eq!(s["gen_ai.request.model"], "small");
     assert_eq!(s["gen_ai.response.model"], "mock-small");
     assert_eq!(s["smartllm.cache"], "miss");

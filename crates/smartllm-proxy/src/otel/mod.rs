@@ -118,8 +118,12 @@ impl Tracing {
             Some(route) => format!("{method} {route}"),
             None => method.to_string(),
         };
+        // TLS on this connection (the listener's `tls`): the URL's scheme.
+        let tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         let mut attrs = vec![
             KeyValue::new("http.request.method", method.to_string()),
+            KeyValue::new("url.path", h.uri.path().to_string()),
+            KeyValue::new("url.scheme", if tls { "https" } else { "http" }),
             KeyValue::new("smartllm.request_id", request_id.to_string()),
         ];
         if let Some(route) = route_of(h.uri.path()) {
@@ -136,6 +140,15 @@ impl Tracing {
             cx: parent.with_span(span),
             attempt: None,
         }
+    }
+}
+
+/// OpenTelemetry's `gen_ai.operation.name` of a request to `endpoint`.
+pub fn gen_ai_operation(endpoint: Endpoint) -> &'static str {
+    match endpoint {
+        Endpoint::Embeddings => "embeddings",
+        Endpoint::Completions => "text_completion",
+        _ => "chat",
     }
 }
 

@@ -282,6 +282,11 @@ pub async fn run(
             ctx.dropped_tools = prepared.dropped_tools;
             if let Some(t) = ctx.trace.as_mut() {
                 t.start_attempt(vec![
+                    KeyValue::new(
+                        "gen_ai.operation.name",
+                        crate::otel::gen_ai_operation(req.endpoint),
+                    ),
+                    KeyValue::new("http.request.method", "POST"),
                     KeyValue::new("smartllm.provider", provider.name().to_string()),
                     KeyValue::new("gen_ai.provider.name", provider_system(provider.cfg.kind)),
                     KeyValue::new("gen_ai.request.model", dep.upstream_model.clone()),
