@@ -166,6 +166,16 @@ fn named<'a>(spans: &'a [Value], name: &str) -> Vec<&'a Value> {
     spans.iter().filter(|s| s["name"] == name).collect()
 }
 
+/// The one upstream attempt (client span) of a trace.
+fn client_span(spans: &[Value]) -> &Value {
+    let found: Vec<&Value> = spans
+        .iter()
+        .filter(|s| s["kind"] == "SPAN_KIND_CLIENT")
+        .collect();
+    assert_eq!(found.len(), 1, "one client span: {spans:#?}");
+    found[0]
+}
+
 fn one<'a>(spans: &'a [Value], name: &str) -> &'a Value {
     let found = named(spans, name);
     assert_eq!(found.len(), 1, "one {name:?} span: {spans:#?}");
@@ -282,10 +292,11 @@ fn tracing_exports_one_nested_trace_per_request_and_continues_the_client_context
             ("embed", "cache lookup"),
             ("search", "cache lookup"),
             ("route", "POST /v1/chat/completions"),
-            ("upstream attempt", "POST /v1/chat/completions"),
+            ("chat mock-small", "POST /v1/chat/completions"),
         ],
     );
-    let attempt = one(t1, "upstream attempt");
+    // Named as the GenAI conventions name a client span: operation, model.
+    let attempt = one(t1, "chat mock-small");
     assert_eq!(attempt["kind"], "SPAN_KIND_CLIENT");
     assert_eq!(
         attempt["span_id"], up_parent,
@@ -321,15 +332,26 @@ fn tracing_exports_one_nested_trace_per_request_and_continues_the_client_context
         server["parent_span_id"], "",
         "a new trace starts at the gateway"
     );
+    let attempt = client_span(t2);
+    let attempt_name = attempt["name"].as_str().unwrap();
+    assert_eq!(
+        attempt_name,
+        format!(
+            "chat {}",
+            attempt["attributes"]["gen_ai.request.model"]
+                .as_str()
+                .unwrap()
+        )
+    );
     assert_nested(
         t2,
         &[
             ("route", "POST /v1/chat/completions"),
-            ("upstream attempt", "POST /v1/chat/completions"),
-            ("stream", "upstream attempt"),
+            (attempt_name, "POST /v1/chat/completions"),
+            ("stream", attempt_name),
         ],
     );
-    assert_eq!(one(t2, "upstream attempt")["span_id"], stream_parent);
+    assert_eq!(attempt["span_id"], stream_parent);
     let st = &one(t2, "stream")["attributes"];
     assert_eq!(st["smartllm.stream.end"], "complete");
     assert!(st["smartllm.stream.bytes"].as_i64() > Some(0));
@@ -339,7 +361,10 @@ fn tracing_exports_one_nested_trace_per_request_and_continues_the_client_context
     // The cache hit: looked up, answered, nothing upstream.
     let t3 = &traces["0af7651916cd43dd8448eb211c80319c"];
     assert_nested(t3, &[("cache lookup", "POST /v1/chat/completions")]);
-    assert!(named(t3, "upstream attempt").is_empty(), "{t3:#?}");
+    assert!(
+        !t3.iter().any(|s| s["kind"] == "SPAN_KIND_CLIENT"),
+        "{t3:#?}"
+    );
     assert_eq!(
         one(t3, "POST /v1/chat/completions")["attributes"]["smartllm.cache"],
         "hit-exact"
@@ -423,7 +448,10 @@ fn a_retried_attempt_carries_the_providers_status() {
     let r = chat(&gw, &chat_body("auto", "hello"), Some(&tp));
     assert_eq!(r.status, 200, "{}", r.text());
     let traces = rx.traces(&[TRACE_ID]);
-    let attempts = named(&traces[TRACE_ID], "upstream attempt");
+    let attempts: Vec<&Value> = traces[TRACE_ID]
+        .iter()
+        .filter(|s| s["kind"] == "SPAN_KIND_CLIENT")
+        .collect();
     assert_eq!(attempts.len(), 2, "{attempts:#?}");
     let attr = |s: &Value, k: &str| s["attributes"][k].clone();
     let retried = attempts
@@ -440,4 +468,5 @@ fn a_retried_attempt_carries_the_providers_status() {
         "upstream_status",
         "{retried:#}"
     );
+    assert_eq!(retried["name"], "chat mock-down", "{retried:#}");
 }

@@ -1042,6 +1042,16 @@ static API_KEY: LazyLock<Regex> = LazyLock::new(|| {
         .expect("api key regex")
 });
 
+/// Builds the guard's lazily made tables (the privacy detectors' regexes,
+/// the dictionary of ordinary words) now, so that the first request that
+/// needs one does not wait for it.
+pub fn warm_up() {
+    for re in [&EMAIL, &PHONE, &DIGIT_RUN, &API_KEY] {
+        LazyLock::force(re);
+    }
+    ordinary_word("warm");
+}
+
 fn luhn(digits: &str) -> bool {
     let ds: Vec<u32> = digits.chars().filter_map(|c| c.to_digit(10)).collect();
     if !(13..=19).contains(&ds.len()) {

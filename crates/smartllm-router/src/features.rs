@@ -704,6 +704,19 @@ pub enum Extraction {
 
 /// Extract the features of a chat (or completion) request. `embedding` is the
 /// last user turn's embedding when the embedder produced one.
+/// Builds the lazily made tables of feature extraction (the keyword
+/// automata, the token counter's tables) now, so that the first request does
+/// not pay for them.
+pub fn warm_up() {
+    let body = serde_json::json!({
+        "messages": [{"role": "user", "content": "Warm up: translate `let x = 1;` and summarize it."}]
+    });
+    if let Some(body) = body.as_object() {
+        extract(body, None, None);
+    }
+    smartllm_ledger::warm_up();
+}
+
 pub fn extract(
     body: &Map<String, Value>,
     embedding: Option<&[f32]>,

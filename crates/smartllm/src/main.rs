@@ -785,6 +785,17 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         .context("installing the SIGHUP handler")?;
     let config = smartllm_config::load_dir(dir).map_err(|e| anyhow::anyhow!("{e}"))?;
     init_logging(&config.logging.level);
+    // Tables built on first use (the token counter's, the keyword
+    // automata, the guard's regexes and dictionary: about 0.1 s together)
+    // are built now, beside the rest of the start, and waited for before the
+    // listeners open: otherwise the first request pays for them.
+    let warm_up = std::thread::Builder::new()
+        .name("smartllm-warm-up".into())
+        .spawn(|| {
+            smartllm_router::features::warm_up();
+            smartllm_cache::guard::warm_up();
+        })
+        .context("starting the warm-up thread")?;
     if !upgrade {
         // A port another process holds: Pingora would retry, then its
         // listener threads panic and leave this process up with nothing to
@@ -952,6 +963,9 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         shared.quotas.warm(&ledger, &rt.config.keys.budgets);
     }
 
+    if warm_up.join().is_err() {
+        anyhow::bail!("the warm-up thread panicked");
+    }
     let mut proxy = Service::new(
         "smartllm proxy".to_string(),
         smartllm_proxy::frontend::Frontend::new(

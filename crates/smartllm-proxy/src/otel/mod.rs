@@ -5,7 +5,7 @@
 //! continued from the client's W3C `traceparent`/`tracestate` or started
 //! here, and its phases as children: `admit` (with `auth`), `cache lookup`
 //! (with `embed` and `search` where a semantic lookup ran them), `route`,
-//! one client span per `upstream attempt` (its span is the parent in the
+//! one client span per upstream attempt, `chat MODEL` (its span is the parent in the
 //! `traceparent` the upstream gets) and, under a streamed attempt, `stream`
 //! (to the last byte). Sampling is parent-based: a client's sampled flag
 //! decides for its trace, `sample_ratio` for new ones; an unsampled request
@@ -183,7 +183,12 @@ pub struct RequestTrace {
 }
 
 impl RequestTrace {
-    fn child(&self, parent: &Context, name: &'static str, kind: SpanKind) -> Context {
+    fn child(
+        &self,
+        parent: &Context,
+        name: impl Into<Cow<'static, str>>,
+        kind: SpanKind,
+    ) -> Context {
         let span = self
             .tracer
             .span_builder(name)
@@ -198,13 +203,15 @@ impl RequestTrace {
     }
 
     /// Open the span of an upstream attempt (ending the one before if it was
-    /// left open); the `traceparent` (and `tracestate`) the upstream gets
+    /// left open), named as OpenTelemetry's GenAI conventions name a client
+    /// span: `{gen_ai.operation.name} {gen_ai.request.model}` ("chat
+    /// gpt-4o-mini"). The `traceparent` (and `tracestate`) the upstream gets
     /// name it as their parent.
-    pub fn start_attempt(&mut self, attrs: Vec<KeyValue>) {
+    pub fn start_attempt(&mut self, operation: &str, model: &str, attrs: Vec<KeyValue>) {
         if let Some(prev) = self.attempt.take() {
             prev.span().end();
         }
-        let cx = self.child(&self.cx, "upstream attempt", SpanKind::Client);
+        let cx = self.child(&self.cx, format!("{operation} {model}"), SpanKind::Client);
         cx.span().set_attributes(attrs);
         self.attempt = Some(cx);
     }

@@ -281,20 +281,22 @@ pub async fn run(
             let mut header = prepared.header;
             ctx.dropped_tools = prepared.dropped_tools;
             if let Some(t) = ctx.trace.as_mut() {
-                t.start_attempt(vec![
-                    KeyValue::new(
-                        "gen_ai.operation.name",
-                        crate::otel::gen_ai_operation(req.endpoint),
-                    ),
-                    KeyValue::new("http.request.method", "POST"),
-                    KeyValue::new("smartllm.provider", provider.name().to_string()),
-                    KeyValue::new("gen_ai.provider.name", provider_system(provider.cfg.kind)),
-                    KeyValue::new("gen_ai.request.model", dep.upstream_model.clone()),
-                    KeyValue::new("smartllm.model", pool.model.clone()),
-                    KeyValue::new("server.address", provider.url.host.clone()),
-                    KeyValue::new("server.port", i64::from(provider.url.port)),
-                    KeyValue::new("smartllm.attempt", i64::from(ctx.attempts)),
-                ]);
+                let operation = crate::otel::gen_ai_operation(req.endpoint);
+                t.start_attempt(
+                    operation,
+                    &dep.upstream_model,
+                    vec![
+                        KeyValue::new("gen_ai.operation.name", operation),
+                        KeyValue::new("http.request.method", "POST"),
+                        KeyValue::new("smartllm.provider", provider.name().to_string()),
+                        KeyValue::new("gen_ai.provider.name", provider_system(provider.cfg.kind)),
+                        KeyValue::new("gen_ai.request.model", dep.upstream_model.clone()),
+                        KeyValue::new("smartllm.model", pool.model.clone()),
+                        KeyValue::new("server.address", provider.url.host.clone()),
+                        KeyValue::new("server.port", i64::from(provider.url.port)),
+                        KeyValue::new("smartllm.attempt", i64::from(ctx.attempts)),
+                    ],
+                );
                 // The upstream's parent span is this attempt.
                 if let Err(e) = t.inject(&mut header) {
                     tracing::debug!(request_id = %ctx.request_id, error = %e, "traceparent not set");
