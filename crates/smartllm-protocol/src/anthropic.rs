@@ -430,12 +430,26 @@ pub fn request_to_anthropic(
                     "a function tool's name",
                 ));
             };
-            let name = &f["name"];
-            out_tools.push(json!({
-                "name": name,
-                "description": f.get("description").cloned().unwrap_or(Value::String(String::new())),
-                "input_schema": f.get("parameters").cloned().unwrap_or_else(|| json!({"type": "object"})),
-            }));
+            let mut tool = Map::new();
+            tool.insert("name".into(), f["name"].clone());
+            // (A tool without a description goes without one.)
+            if let Some(d) = f.get("description").filter(|d| !d.is_null()) {
+                tool.insert("description".into(), d.clone());
+            }
+            tool.insert(
+                "input_schema".into(),
+                f.get("parameters")
+                    .cloned()
+                    .unwrap_or_else(|| json!({"type": "object"})),
+            );
+            // Strict tools (`chat.completions.parse`'s, for one): their
+            // arguments follow the schema. A model with Anthropic's
+            // structured outputs is held to it too; to one without, the
+            // schema goes as a plain tool's (the README says so).
+            if structured_outputs && f.get("strict") == Some(&Value::Bool(true)) {
+                tool.insert("strict".into(), Value::Bool(true));
+            }
+            out_tools.push(Value::Object(tool));
         }
         if !out_tools.is_empty() {
             out.insert("tools".into(), Value::Array(out_tools));
@@ -463,12 +477,53 @@ pub fn request_to_anthropic(
         Some(Value::String(s)) if s == "none" => {
             out.insert("tool_choice".into(), json!({"type": "none"}));
         }
-        Some(Value::Object(o)) => {
-            if let Some(name) = o.get("function").and_then(|f| f.get("name")) {
+        // Anything else is OpenAI's 400, not a choice left out (the model
+        // would run on `auto` while the client asked for something else).
+        Some(Value::String(s)) => {
+            return Err(ApiError::invalid_request(
+                "invalid_value",
+                &format!(
+                    "Invalid value: '{s}'. Supported values are: 'none', 'auto', and 'required'."
+                ),
+            )
+            .with_param("tool_choice"));
+        }
+        Some(Value::Object(o)) => match o.get("type").and_then(Value::as_str) {
+            Some("function") => {
+                let Some(name) = o
+                    .get("function")
+                    .and_then(|f| f.get("name"))
+                    .filter(|n| n.as_str().is_some_and(|n| !n.is_empty()))
+                else {
+                    return Err(ApiError::missing_param(
+                        "tool_choice.function.name",
+                        "the name of the function to call",
+                    ));
+                };
                 out.insert("tool_choice".into(), json!({"type": "tool", "name": name}));
             }
+            Some(kind) => {
+                return Err(ApiError::invalid_request(
+                    "invalid_value",
+                    &format!("Invalid value: '{kind}'. Supported values are: 'function' and 'allowed_tools'."),
+                )
+                .with_param("tool_choice.type"));
+            }
+            None => {
+                return Err(ApiError::missing_param(
+                    "tool_choice.type",
+                    "the kind of tool choice",
+                ));
+            }
+        },
+        Some(Value::Null) | None => {}
+        Some(_) => {
+            return Err(ApiError::invalid_request(
+                "invalid_type",
+                "Invalid type for 'tool_choice': expected one of a string or an object.",
+            )
+            .with_param("tool_choice"));
         }
-        _ => {}
     }
     // `parallel_tool_calls: false`: at most one tool call per answer.
     if body.get("parallel_tool_calls") == Some(&Value::Bool(false)) && out.contains_key("tools") {
@@ -629,6 +684,12 @@ pub fn usage_of(u: &Value) -> Usage {
             .saturating_add(cached)
             .saturating_add(written),
         completion_tokens: get("output_tokens"),
+        // The thinking within the output (`output_tokens_details`).
+        reasoning_tokens: u
+            .get("output_tokens_details")
+            .and_then(|d| d.get("thinking_tokens"))
+            .and_then(Value::as_u64)
+            .unwrap_or(0),
         cached_tokens: cached,
         cache_write_tokens: written,
         cache_write_1h_tokens: w1.min(written),
@@ -643,14 +704,20 @@ pub fn usage_of(u: &Value) -> Usage {
 }
 
 fn openai_usage(u: &Usage) -> Value {
-    json!({
+    let mut v = json!({
         "prompt_tokens": u.prompt_tokens,
         "completion_tokens": u.completion_tokens,
         "total_tokens": u.total(),
         // (Claude's cache writes: counted in `prompt_tokens`, named as
         // OpenAI-compatible gateways do, and carried to Responses usage.)
         "prompt_tokens_details": {"cached_tokens": u.cached_tokens, "cache_write_tokens": u.cache_write_tokens},
-    })
+    });
+    // Claude's thinking, when it says how much: OpenAI's reasoning tokens
+    // (inside `completion_tokens` in both APIs).
+    if u.reasoning_tokens > 0 {
+        v["completion_tokens_details"] = json!({"reasoning_tokens": u.reasoning_tokens});
+    }
+    v
 }
 
 /// Translate a complete Anthropic message into an OpenAI `chat.completion`.
@@ -957,6 +1024,8 @@ impl AnthropicStream {
                     }
                     // Cumulative, like the output tokens.
                     self.usage.web_searches = self.usage.web_searches.max(d.web_searches);
+                    self.usage.reasoning_tokens =
+                        self.usage.reasoning_tokens.max(d.reasoning_tokens);
                     if d.prompt_tokens > 0 {
                         // Without its `cache_creation` object the delta does
                         // not say how the writes split: message_start's split stays.
@@ -1510,6 +1579,73 @@ mod tests {
             ),
             (9, 50, 50)
         );
+    }
+
+    #[test]
+    fn a_tool_choice_openai_refuses_is_refused_not_left_out() {
+        // Left out, the model would run on `auto` while the client asked
+        // for something else.
+        for (choice, param) in [
+            (json!("always"), "tool_choice"),
+            (json!({"type": "function"}), "tool_choice.function.name"),
+            (
+                json!({"type": "function", "function": {}}),
+                "tool_choice.function.name",
+            ),
+            (json!({"type": "tool", "name": "f"}), "tool_choice.type"),
+            (json!({"function": {"name": "f"}}), "tool_choice.type"),
+            (json!(3), "tool_choice"),
+        ] {
+            let e = translated(json!({ "tool_choice": choice })).unwrap_err();
+            assert_eq!(e.status, 400, "{choice}");
+            assert_eq!(e.param.as_deref(), Some(param), "{choice}: {e:?}");
+        }
+        for ok in [json!(null), json!("auto"), json!("none"), json!("required")] {
+            assert!(translated(json!({ "tool_choice": ok })).is_ok(), "{ok}");
+        }
+        let out =
+            translated(json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}))
+                .unwrap();
+        assert_eq!(out["tool_choice"], json!({"type": "tool", "name": "f"}));
+    }
+
+    #[test]
+    fn strict_tools_stay_strict_for_models_with_structured_outputs() {
+        let tools = json!([{"type": "function", "function": {"name": "f", "strict": true,
+            "parameters": {"type": "object", "properties": {}, "additionalProperties": false}}}]);
+        let out = translated(json!({ "tools": tools })).unwrap();
+        assert_eq!(out["tools"][0]["strict"], true);
+        // No description given, none sent (not "").
+        assert!(out["tools"][0].get("description").is_none(), "{out}");
+        let mut body: Map<String, Value> = serde_json::from_value(json!({
+            "model": "claude", "messages": [{"role": "user", "content": "hi"}], "tools": tools}))
+        .unwrap();
+        let plain = request_to_anthropic(&body, "claude-x", false, Takes::default(), 1024).unwrap();
+        assert!(plain["tools"][0].get("strict").is_none(), "{plain}");
+    }
+
+    #[test]
+    fn claudes_thinking_tokens_are_openais_reasoning_tokens() {
+        let u = usage_of(&json!({"input_tokens": 10, "output_tokens": 9,
+            "output_tokens_details": {"thinking_tokens": 4}}));
+        assert_eq!((u.completion_tokens, u.reasoning_tokens), (9, 4));
+        assert_eq!(
+            openai_usage(&u)["completion_tokens_details"]["reasoning_tokens"],
+            4
+        );
+        assert!(openai_usage(&usage_of(&json!({"output_tokens": 2})))
+            .get("completion_tokens_details")
+            .is_none());
+        // And streamed: message_delta's cumulative figure.
+        let mut s = AnthropicStream::new("c", false);
+        s.feed(sse(&[
+            json!({"type": "message_start", "message": {"id": "m1", "model": "c", "usage": {"input_tokens": 3, "output_tokens": 1}}}),
+            json!({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                "usage": {"output_tokens": 9, "output_tokens_details": {"thinking_tokens": 5}}}),
+        ])
+        .as_bytes())
+        .unwrap();
+        assert_eq!(s.usage().unwrap().reasoning_tokens, 5);
     }
 
     #[test]

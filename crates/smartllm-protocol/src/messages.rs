@@ -407,9 +407,15 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
             Some("auto") => json!("auto"),
             Some("any") => json!("required"),
             Some("none") => json!("none"),
-            Some("tool") => {
-                json!({"type": "function", "function": {"name": tc.get("name").cloned().unwrap_or(Value::Null)}})
-            }
+            Some("tool") => match tc.get("name").and_then(Value::as_str) {
+                Some(name) => json!({"type": "function", "function": {"name": name}}),
+                None => {
+                    return Err(invalid(
+                        "tool_choice.tool.name",
+                        "tool_choice.tool.name: Field required",
+                    ))
+                }
+            },
             _ => {
                 return Err(invalid(
                     "tool_choice.type",
@@ -1128,6 +1134,10 @@ pub fn usage_json(u: &Usage) -> Value {
             "ephemeral_5m_input_tokens": u.cache_write_tokens - u.cache_write_1h_tokens.min(u.cache_write_tokens),
             "ephemeral_1h_input_tokens": u.cache_write_1h_tokens,
         });
+    }
+    // Reasoning inside the output, as Anthropic breaks it down.
+    if u.reasoning_tokens > 0 {
+        v["output_tokens_details"] = json!({"thinking_tokens": u.reasoning_tokens});
     }
     v
 }
@@ -2291,6 +2301,10 @@ mod tests {
                 r#"{"model":"c","max_tokens":5,"temperature":1.5,"messages":[{"role":"user","content":"x"}]}"#,
                 "temperature",
             ),
+            (
+                r#"{"model":"c","max_tokens":5,"tool_choice":{"type":"tool"},"messages":[{"role":"user","content":"x"}]}"#,
+                "tool_choice.tool.name",
+            ),
         ] {
             let e = parse_str(body).unwrap_err();
             assert_eq!((e.status, e.param.as_deref()), (400, Some(param)), "{body}");
@@ -2427,6 +2441,14 @@ mod tests {
         assert_eq!(
             m["usage"],
             json!({"input_tokens": 7, "output_tokens": 4, "cache_creation_input_tokens": 0, "cache_read_input_tokens": 3})
+        );
+        // An OpenAI model's reasoning tokens: Anthropic's thinking tokens.
+        let mut chat = chat;
+        chat["usage"]["completion_tokens_details"] = json!({"reasoning_tokens": 2});
+        let m = response_from_chat(&chat, "claude");
+        assert_eq!(
+            m["usage"]["output_tokens_details"],
+            json!({"thinking_tokens": 2})
         );
     }
 
