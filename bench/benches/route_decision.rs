@@ -68,6 +68,7 @@ fn main() {
         key: "demo",
         user: Some("u1"),
         budget_pressure: 0.3,
+        budget_left_usd: Some(2.5),
     };
     let decide = |i: usize| {
         let (body, e, tv) = &cases[i % cases.len()];

@@ -482,7 +482,7 @@ pub fn request_to_anthropic(
         Some(Value::String(s)) => {
             return Err(ApiError::invalid_request(
                 "invalid_value",
-                &format!(
+                format!(
                     "Invalid value: '{s}'. Supported values are: 'none', 'auto', and 'required'."
                 ),
             )
@@ -505,7 +505,7 @@ pub fn request_to_anthropic(
             Some(kind) => {
                 return Err(ApiError::invalid_request(
                     "invalid_value",
-                    &format!("Invalid value: '{kind}'. Supported values are: 'function' and 'allowed_tools'."),
+                    format!("Invalid value: '{kind}'. Supported values are: 'function' and 'allowed_tools'."),
                 )
                 .with_param("tool_choice.type"));
             }
@@ -1617,7 +1617,7 @@ mod tests {
         assert_eq!(out["tools"][0]["strict"], true);
         // No description given, none sent (not "").
         assert!(out["tools"][0].get("description").is_none(), "{out}");
-        let mut body: Map<String, Value> = serde_json::from_value(json!({
+        let body: Map<String, Value> = serde_json::from_value(json!({
             "model": "claude", "messages": [{"role": "user", "content": "hi"}], "tools": tools}))
         .unwrap();
         let plain = request_to_anthropic(&body, "claude-x", false, Takes::default(), 1024).unwrap();

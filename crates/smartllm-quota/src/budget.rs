@@ -668,6 +668,30 @@ impl Budgets {
         worst
     }
 
+    /// The least left of any budget this request's tenant, app or key has in
+    /// its current period (None when none applies): a candidate expected to
+    /// cost more is the router's last choice.
+    pub fn left(&self, budgets: &[Budget], scope: Scope<'_>) -> Option<f64> {
+        if budgets.is_empty() {
+            return None;
+        }
+        let ids = scope.budget_ids();
+        let (day, month, _, _) = periods(now_secs());
+        let mut least: Option<f64> = None;
+        for b in budgets {
+            if !ids.contains(&b.id()) {
+                continue;
+            }
+            for (p, limit) in [(&day, b.daily_usd), (&month, b.monthly_usd)] {
+                if let Some(limit) = limit.filter(|l| *l > 0.0) {
+                    let left = (limit - self.spent(&b.id(), p)).max(0.0);
+                    least = Some(least.map_or(left, |l: f64| l.min(left)));
+                }
+            }
+        }
+        least
+    }
+
     /// Every configured budget with its spend, limit and burn rate in the
     /// current UTC day and month (for the admin API and the dashboard).
     pub fn status(&self, budgets: &[Budget]) -> Vec<serde_json::Value> {
@@ -1061,6 +1085,11 @@ impl Quotas {
     /// The budgets' pressure on this scope (see [`Budgets::pressure`]).
     pub fn budget_pressure(&self, budgets: &[Budget], scope: Scope<'_>) -> f64 {
         self.budgets.pressure(budgets, scope)
+    }
+
+    /// What is left of the budgets on this scope (see [`Budgets::left`]).
+    pub fn budget_left(&self, budgets: &[Budget], scope: Scope<'_>) -> Option<f64> {
+        self.budgets.left(budgets, scope)
     }
 
     /// May a request estimated at `estimate` go to `model`? With a
@@ -1602,6 +1631,12 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert!(quotas.budget_pressure(&cfg.keys.budgets, ACME) > 0.98);
+        // What is left: the daily limit less the spend; another tenant has
+        // no budget, so nothing bounds it.
+        let left = quotas.budget_left(&cfg.keys.budgets, ACME).unwrap();
+        assert!((left - 0.01).abs() < 1e-9, "{left}");
+        assert_eq!(quotas.budget_left(&cfg.keys.budgets, other), None);
+        assert_eq!(quotas.budget_left(&[], ACME), None);
     }
 
     /// A request that does not cap its answer holds a typical answer's

@@ -51,6 +51,10 @@ pub struct RequestInfo<'a> {
     pub user: Option<&'a str>,
     /// Highest share (0-1+) of any budget that applies to the request.
     pub budget_pressure: f64,
+    /// The least USD left of any budget that applies (None: no budget). A
+    /// candidate expected to cost more is kept out like one over the
+    /// route's `max_cost_usd` (relaxed only when every candidate is).
+    pub budget_left_usd: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,9 +122,40 @@ fn cost_term(rule: CostRule, cost: f64, min_cost: f64, max_cost: f64) -> f64 {
 /// quality floor), which may be relaxed when nothing meets them; the others
 /// (a rule, the context window, a capability, unavailability) are not.
 fn soft_exclusion(why: &str) -> bool {
-    ["latency_budget:", "max_cost:", "min_quality:"]
-        .iter()
-        .any(|p| why.starts_with(p))
+    [
+        "latency_budget:",
+        "max_cost:",
+        "min_quality:",
+        "budget_left:",
+    ]
+    .iter()
+    .any(|p| why.starts_with(p))
+}
+
+/// How far a candidate misses the route's budgets and what is left of the
+/// caller's spending budgets, each as a share of the budget (8.4 s against
+/// 3 s is 1.8; $0.0075 against $0.002 is 2.75; a quality of 0.6 under a
+/// floor of 0.8 is 0.25), summed.
+fn shortfall(
+    c: &Candidate,
+    budgets: &smartllm_config::Constraints,
+    budget_left: Option<f64>,
+) -> f64 {
+    let over = |value: f64, limit: f64| ((value - limit) / limit.max(1e-9)).max(0.0);
+    budget_left.map_or(0.0, |l| over(c.expected_cost_usd, l))
+        + budgets
+            .latency_budget
+            .map_or(0.0, |b| over(c.expected_latency_ms, b.as_secs_f64() * 1e3))
+        + budgets
+            .max_cost_usd
+            .map_or(0.0, |x| over(c.expected_cost_usd, x))
+        + budgets.min_quality.map_or(0.0, |x| {
+            if x > 0.0 {
+                ((x - c.quality) / x).max(0.0)
+            } else {
+                0.0
+            }
+        })
 }
 
 fn rule_matches(rule: &RouteRule, f: &Features, req: &RequestInfo<'_>) -> bool {
@@ -425,17 +460,25 @@ pub fn decide(
             Some("unavailable".to_string())
         } else if let Some(why) = misfit(config, m, f, c) {
             Some(why)
-        } else if c
-            .latency_budget
-            .is_some_and(|b| latency > b.as_secs_f64() * 1e3)
-        {
-            Some(format!("latency_budget:{latency:.0}ms"))
-        } else if c.max_cost_usd.is_some_and(|x| cost > x) {
-            Some(format!("max_cost:{cost:.5}"))
-        } else if c.min_quality.is_some_and(|x| quality < x) {
-            Some(format!("min_quality:{quality:.2}"))
         } else {
-            None
+            // Every budget it misses, not only the first: relaxing them
+            // (below) weighs them all.
+            let mut missed = Vec::new();
+            if c.latency_budget
+                .is_some_and(|b| latency > b.as_secs_f64() * 1e3)
+            {
+                missed.push(format!("latency_budget:{latency:.0}ms"));
+            }
+            if c.max_cost_usd.is_some_and(|x| cost > x) {
+                missed.push(format!("max_cost:{cost:.5}"));
+            }
+            if c.min_quality.is_some_and(|x| quality < x) {
+                missed.push(format!("min_quality:{quality:.2}"));
+            }
+            if let Some(left) = req.budget_left_usd.filter(|l| cost > *l) {
+                missed.push(format!("budget_left:{left:.5}"));
+            }
+            (!missed.is_empty()).then(|| missed.join(","))
         };
         cands.push(Candidate {
             model: name.to_string(),
@@ -597,18 +640,45 @@ pub fn decide(
         .find(|m| state.available(m) && usable_way_out(m))
     {
         (m.clone(), "constraints_relaxed".to_string())
-    } else if let Some(i) = order
-        .iter()
-        .copied()
-        .find(|i| cands[*i].excluded.as_deref().is_some_and(soft_exclusion))
+    } else if let Some(i) =
+        order
+            .iter()
+            .copied()
+            .filter(|i| cands[*i].excluded.as_deref().is_some_and(soft_exclusion))
+            // (`order` is by utility: the first of the least missing wins ties.)
+            .min_by(|a, b| {
+                shortfall(&cands[*a], &route.constraints, req.budget_left_usd).total_cmp(
+                    &shortfall(&cands[*b], &route.constraints, req.budget_left_usd),
+                )
+            })
     {
-        // Nothing meets the budgets (latency, cost, quality floor): serve the
-        // best model that fits otherwise rather than fail.
+        // Nothing meets the budgets (latency, cost, quality floor): serve
+        // the model that fits otherwise and misses them by the least, rather
+        // than fail (a model within the cost cap and a little slow, not the
+        // dearest and slowest).
         (cands[i].model.clone(), "constraints_relaxed".to_string())
     } else {
         // No model fits the request (context window, capability) or is up:
         // the best one no rule excludes, available first; its provider's
         // answer says what is wrong.
+        // A prompt no context window holds goes to the largest window
+        // (the one most likely to take it once trimmed, and the provider's
+        // 400 names the limit).
+        let window = |i: &usize| {
+            config
+                .model(&cands[*i].model)
+                .map_or(0, |m| m.profile.context_window)
+        };
+        let overflows = order.iter().all(|i| {
+            cands[*i]
+                .excluded
+                .as_deref()
+                .is_some_and(|w| w.starts_with("context_window:"))
+        });
+        let mut order = order.clone();
+        if overflows {
+            order.sort_by_key(|i| std::cmp::Reverse(window(i)));
+        }
         let i = order
             .iter()
             .copied()
@@ -1353,6 +1423,127 @@ mod tests {
             d.candidates
         );
         assert!(why("strong").is_some_and(|w| w.starts_with("context_window")));
+    }
+
+    /// When no candidate meets every budget, the one that misses them by
+    /// least is served: a model within the cost cap and a little slow, not
+    /// the dearest and slowest (which used to win on utility); the
+    /// explanation names every budget a candidate misses.
+    #[test]
+    fn relaxed_budgets_serve_the_least_missing_candidate() {
+        let (mut cfg, mut r) = setup();
+        cfg.models[0].profile.latency = Duration::from_millis(1500);
+        cfg.models[0].profile.tokens_per_second = 1e6;
+        cfg.models[1].profile.latency = Duration::from_millis(8000);
+        cfg.models[1].profile.tokens_per_second = 1e6;
+        r.constraints.latency_budget = Some(Duration::from_secs(1));
+        let f = features("Write a Python function to merge two sorted lists.");
+        let info = RequestInfo::default();
+        let strong_cost = decide(&cfg, &r, &f, None, None, &info, &StaticState)
+            .candidates
+            .iter()
+            .find(|c| c.model == "strong")
+            .unwrap()
+            .expected_cost_usd;
+        r.constraints.max_cost_usd = Some(strong_cost / 2.0);
+        let d = decide(&cfg, &r, &f, None, None, &info, &StaticState);
+        assert_eq!(
+            (d.model.as_str(), d.reason.as_str()),
+            ("cheap", "constraints_relaxed"),
+            "{:?}",
+            d.candidates
+        );
+        let strong = d.candidates.iter().find(|c| c.model == "strong").unwrap();
+        let why = strong.excluded.as_deref().unwrap();
+        assert!(
+            why.contains("latency_budget:") && why.contains("max_cost:"),
+            "{why}"
+        );
+        // The strong model is the nearer miss when only its latency is a
+        // little over and the cheap one is far under the quality floor.
+        r.constraints.max_cost_usd = None;
+        r.constraints.latency_budget = Some(Duration::from_millis(7000));
+        r.constraints.min_quality = Some(0.9);
+        cfg.models[0].profile.quality = [0.3; 8];
+        let d = decide(&cfg, &r, &f, None, None, &info, &StaticState);
+        assert_eq!(d.model, "strong", "{:?}", d.candidates);
+    }
+
+    /// A candidate expected to cost more than the caller's budgets have
+    /// left is kept out while another fits; when none does, the cheapest
+    /// (the least over) is served.
+    #[test]
+    fn what_a_budget_has_left_keeps_dearer_candidates_out() {
+        let (cfg, r) = setup();
+        let f = features("Prove that there are infinitely many primes, step by step.");
+        let info = RequestInfo::default();
+        let d = decide(&cfg, &r, &f, None, None, &info, &StaticState);
+        assert_eq!(d.model, "strong", "{:?}", d.candidates);
+        let cost = |m: &str| {
+            d.candidates
+                .iter()
+                .find(|c| c.model == m)
+                .unwrap()
+                .expected_cost_usd
+        };
+        let left = RequestInfo {
+            budget_left_usd: Some((cost("cheap") + cost("strong")) / 2.0),
+            ..RequestInfo::default()
+        };
+        let d = decide(&cfg, &r, &f, None, None, &left, &StaticState);
+        assert_eq!((d.model.as_str(), d.reason.as_str()), ("cheap", "utility"));
+        let strong = d.candidates.iter().find(|c| c.model == "strong").unwrap();
+        assert!(
+            strong
+                .excluded
+                .as_deref()
+                .is_some_and(|w| w.starts_with("budget_left:")),
+            "{strong:?}"
+        );
+        let none = RequestInfo {
+            budget_left_usd: Some(0.0),
+            ..RequestInfo::default()
+        };
+        let d = decide(&cfg, &r, &f, None, None, &none, &StaticState);
+        assert_eq!(
+            (d.model.as_str(), d.reason.as_str()),
+            ("cheap", "constraints_relaxed")
+        );
+    }
+
+    /// A prompt no candidate's context window holds goes to the largest.
+    #[test]
+    fn a_prompt_no_window_holds_goes_to_the_largest() {
+        let (mut cfg, r) = setup();
+        cfg.models[0].profile.context_window = 200_000;
+        cfg.models[1].profile.context_window = 128_000;
+        let mut f = features("Summarise this.");
+        f.prompt_tokens = 300_000;
+        let d = decide(
+            &cfg,
+            &r,
+            &f,
+            None,
+            None,
+            &RequestInfo::default(),
+            &StaticState,
+        );
+        assert_eq!(
+            (d.model.as_str(), d.reason.as_str()),
+            ("cheap", "no_model_fits")
+        );
+        // (By utility alone the strong model would have been served.)
+        cfg.models[0].profile.context_window = 128_000;
+        let d = decide(
+            &cfg,
+            &r,
+            &f,
+            None,
+            None,
+            &RequestInfo::default(),
+            &StaticState,
+        );
+        assert_eq!(d.model, "strong");
     }
 
     /// A fallback that is no candidate is a way out only where it can serve

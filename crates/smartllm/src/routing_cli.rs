@@ -110,6 +110,29 @@ pub fn explain(config: &Path, route: &str, prompt: &str, as_json: bool) -> anyho
     if !d.fallbacks.is_empty() {
         println!("fallbacks: {}", d.fallbacks.join(" -> "));
     }
+    if let Some(x) = r
+        .experiment
+        .as_ref()
+        .filter(|_| d.reason.starts_with("experiment:"))
+    {
+        // The arm is this (anonymous) caller's; others get others, and the
+        // rest of the route decides for callers outside the experiment.
+        let mut plain = r.clone();
+        plain.experiment = None;
+        let p = smartllm_router::decide(
+            &cfg,
+            &plain,
+            &f,
+            assets.learned_for(&plain.strategy),
+            emb.as_deref(),
+            &info,
+            &StaticState,
+        );
+        println!(
+            "experiment {}: callers are assigned to its arms by their user, key or tenant; this caller's arm serves {}. Without the experiment: {} (reason={})",
+            x.name, d.model, p.model, p.reason
+        );
+    }
     Ok(())
 }
 
@@ -667,8 +690,13 @@ fn simulate_from_profiles(
     let embs = embed_all(embedder, &prompts)?;
     let tvs = task_vectors_all(embedder, &prompts)?;
     let (mut eval_rows, mut predicted, mut router) = (Vec::new(), Vec::new(), Vec::new());
-    for (((task, prompt, _), e), tv) in rows.iter().zip(&embs).zip(&tvs) {
+    for (i, (((task, prompt, _), e), tv)) in rows.iter().zip(&embs).zip(&tvs).enumerate() {
         let f = smartllm_router::extract(&chat(prompt), Some(tv), assets.classifier.as_deref());
+        // Each prompt from a caller (user, key and tenant) of its own: an
+        // experiment's arms split the prompts by their weights, as they
+        // split real callers (one anonymous caller would put every prompt
+        // in one arm).
+        let caller = format!("eval-{i}");
         eval_rows.push(EvalRow {
             scores: models
                 .iter()
@@ -688,7 +716,12 @@ fn simulate_from_profiles(
             &f,
             assets.learned_for(&route.strategy),
             Some(e),
-            &RequestInfo::default(),
+            &RequestInfo {
+                tenant: &caller,
+                key: &caller,
+                user: Some(&caller),
+                ..RequestInfo::default()
+            },
             &StaticState,
         );
         // None: a model outside the candidates (a rule's pin, an
@@ -966,6 +999,35 @@ mod tests {
         r.experiment = experiment;
         let s = simulate_from_profiles(&cfg, &r, &embedder, &assets, rows).unwrap();
         assert_eq!(s["router_outside_candidates"].as_u64(), Some(8), "{s}");
+        // Two arms of equal weight split the prompts (each its own caller),
+        // not all in one arm: the route's cost lies between the arms'.
+        let rows = read_tasks(&root.join("data/router/tasks/heldout-sample.tsv")).unwrap();
+        let rows = &rows[..40];
+        let arm = |name: &str, model: &str| Arm {
+            name: name.into(),
+            weight: 1.0,
+            model: Some(model.into()),
+        };
+        r.experiment = Some(Experiment {
+            name: "e".into(),
+            sticky_by: StickyBy::Key,
+            arms: vec![arm("mini", "gpt-4o-mini"), arm("haiku", "claude-3-5-haiku")],
+        });
+        let s = simulate_from_profiles(&cfg, &r, &embedder, &assets, rows).unwrap();
+        assert_eq!(s["router_outside_candidates"].as_u64(), Some(0), "{s}");
+        let cost = |v: &Value| v["cost_share"].as_f64().unwrap();
+        let singles: Vec<f64> = s["single_models"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(cost)
+            .collect();
+        let routed = cost(&s["router_as_configured"]);
+        assert!(
+            routed > singles[0].min(singles[1]) + 1e-6
+                && routed < singles[0].max(singles[1]) - 1e-6,
+            "{routed} {singles:?}"
+        );
     }
 
     fn data_file(name: &str, text: &str) -> std::path::PathBuf {

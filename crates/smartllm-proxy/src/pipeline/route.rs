@@ -516,6 +516,9 @@ async fn decide(
         budget_pressure: shared
             .quotas
             .budget_pressure(&rt.config.keys.budgets, ctx.scope()),
+        budget_left_usd: shared
+            .quotas
+            .budget_left(&rt.config.keys.budgets, ctx.scope()),
     };
     let task_vector = ctx.task_vector.clone();
     let (d, features) = decide_with(
