@@ -94,6 +94,12 @@ fn shipped_conf_sends_simple_prompts_to_cheap_models_and_code_or_reasoning_to_st
         assert_eq!(r.status, 200, "{}", r.text());
         let model = r.header("x-smartllm-model").unwrap_or("-").to_string();
         assert!(strong.contains(&model.as_str()), "{prompt} went to {model}: {}", route_header(&r));
+        // What the router read in the prompt.
+        let task = r.header("x-smartllm-task").unwrap_or("-");
+        assert!(
+            task.starts_with("code; complexity=0.") || task.starts_with("reasoning; complexity=0."),
+            "{prompt}: {task}"
+        );
     }
     // A rule on a header pins the strongest model.
     let r = demo_chat(

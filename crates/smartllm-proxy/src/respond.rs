@@ -77,6 +77,11 @@ pub fn header(
             format!("{r}; model={model}; reason={}{rule}", ctx.route_reason),
         )?;
     }
+    // What the router read in the prompt, where it decided: the task and
+    // how complex (so a caller can see why a prompt went where it went).
+    if let (Some(_), Some(task), Some(c)) = (&ctx.route_cost_rule, ctx.task, ctx.complexity) {
+        h.insert_header("x-smartllm-task", format!("{task}; complexity={c:.2}"))?;
+    }
     if let Some((e, arm)) = &ctx.experiment {
         h.insert_header("x-smartllm-experiment", format!("{e}={arm}"))?;
     }

@@ -122,7 +122,11 @@ enum Command {
     /// route's cost/quality next to every single model, random routing and
     /// the per-task oracle, simulated from the configured profiles.
     Eval {
-        /// JSONL: {"prompt", "model", "score"[, "cost"]} per line.
+        /// Labelled prompts. JSONL (`{"prompt", "model", "score"[, "cost"]}`
+        /// per line, measured answers): the cost/quality curves of the
+        /// learned router, the rule router and random routing. TSV
+        /// (`task<TAB>prompt[<TAB>source]`): the task classifier's accuracy,
+        /// and the route's cost/quality simulated from the profiles.
         #[arg(long)]
         data: PathBuf,
         #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
@@ -134,6 +138,7 @@ enum Command {
         /// cost/quality is simulated from the configured profiles.
         #[arg(long, default_value = "auto")]
         route: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },
@@ -144,6 +149,7 @@ enum Command {
         /// Words to look for (all must match), e.g. `claude sonnet`.
         #[arg(default_value = "")]
         query: Vec<String>,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         /// CSV instead of a table.
@@ -213,6 +219,7 @@ enum RouteCmd {
         /// The routed alias.
         #[arg(long, default_value = "auto")]
         route: String,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
         prompt: String,
@@ -349,6 +356,7 @@ enum CacheCmd {
         /// Write the threshold into cache.yaml (comments and other keys kept).
         #[arg(long)]
         write: bool,
+        /// Print JSON instead of text.
         #[arg(long)]
         json: bool,
     },

@@ -255,10 +255,12 @@ pub fn run(a: RunArgs) -> anyhow::Result<()> {
         .iter()
         .flat_map(|m| items.iter().map(move |i| (m.as_str(), i)))
         .collect();
+    let plural =
+        |n: usize, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     eprintln!(
-        "asking {} models {} questions each through {}",
-        models.len(),
-        items.len(),
+        "asking {} {} each through {}",
+        plural(models.len(), "model", "models"),
+        plural(items.len(), "question", "questions"),
         target.url
     );
     let tally = Mutex::new(Tally::default());
