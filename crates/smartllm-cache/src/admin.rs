@@ -315,6 +315,37 @@ mod tests {
     /// takes seconds at a million entries): here its removal waits on a lock
     /// the test holds, after the purge was recorded, and an entry of another
     /// route is stored meanwhile. The purged entry goes all the same.
+    /// A new entry is in L1 once stored, even when a lookup held L1's lock
+    /// at that moment (it used to be left out: `l1_entries` then counted
+    /// less than was stored, and the next ask read RocksDB).
+    #[test]
+    fn a_stored_entry_is_in_l1_even_when_its_lock_was_busy() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let cache =
+            SemanticCache::open(store, embedder(64), Codec::plain(), 16, 100_000, None).unwrap();
+        let k = key("What is our refund policy?");
+        let (held, release) = (mpsc::channel::<()>(), mpsc::channel::<()>());
+        let c = cache.clone();
+        let holder = std::thread::spawn(move || {
+            let _l1 = c.l1.lock().unwrap();
+            held.0.send(()).unwrap();
+            release.1.recv().unwrap();
+        });
+        held.1.recv().unwrap();
+        let c = cache.clone();
+        let k2 = k.clone();
+        let writer =
+            std::thread::spawn(move || c.write(entry(&k2, "faq"), None, k2.exact).unwrap());
+        // The writer waits for the lock; let the holder go.
+        std::thread::sleep(Duration::from_millis(50));
+        release.0.send(()).unwrap();
+        holder.join().unwrap();
+        writer.join().unwrap();
+        assert_eq!(cache.stats().l1_entries, 1);
+        assert!(cache.l1_get(&k.exact).is_some());
+    }
+
     #[test]
     fn a_purge_scan_holds_no_insert_up() {
         let dir = tempfile::tempdir().unwrap();

@@ -196,7 +196,6 @@ impl SemanticCache {
             // stay in RocksDB either (the next start would load it).
             crate::index::check_vector(v, self.index.dim())?;
         }
-        let epoch = self.l1_epoch();
         let id = self.index.allocate(self.tagger.tag(&entry.namespace));
         entry.id = id;
         let (previous, sealed, sealed_vector) =
@@ -226,7 +225,12 @@ impl SemanticCache {
             // busy (this is a blocking thread).
             self.l1_replace(exact, entry.clone());
         } else {
-            self.l1_put(epoch, exact, entry.clone());
+            // A new answer goes to L1 whatever else holds its lock (this is a
+            // blocking thread): L1's size counts what is stored, and the
+            // next ask of it is served from memory. Nothing can remove it
+            // meanwhile: the key's lock (and, for an insert, the purge gate)
+            // is held.
+            self.l1_insert(exact, entry.clone());
         }
         counter!(m::INSERTS).increment(1);
         Ok(Stored {

@@ -331,6 +331,17 @@ impl SemanticCache {
         self.l1_len.store(l1.len(), Ordering::Relaxed);
     }
 
+    /// Never skipped: a new entry (no other under `exact`) that its writer
+    /// holds the key's lock of. Blocking threads only.
+    pub(crate) fn l1_insert(&self, exact: [u8; 32], e: Arc<Entry>) {
+        if !fits_l1(&e) {
+            return;
+        }
+        let mut l1 = self.l1.lock().unwrap_or_else(|p| p.into_inner());
+        l1.put(exact, e);
+        self.l1_len.store(l1.len(), Ordering::Relaxed);
+    }
+
     /// Never skipped: a removed entry must not be served from L1. Blocking
     /// threads only.
     pub(crate) fn l1_remove(&self, exact: &[u8; 32]) {
