@@ -955,8 +955,12 @@ impl AnthropicStream {
                     self.usage = usage_of(u);
                     self.saw_usage = true;
                 }
+                // Content null, as OpenAI's own first chunk of an answer
+                // that may be tool calls only: the SDK's accumulated
+                // message then has `content: None` there, as the answer
+                // sent whole does (text deltas fill it in).
                 self.push(out, |s| {
-                    s.chunk(json!({"role": "assistant", "content": ""}), Value::Null)
+                    s.chunk(json!({"role": "assistant", "content": null}), Value::Null)
                 });
             }
             "content_block_start" => {
@@ -1664,6 +1668,7 @@ mod tests {
             ]).as_bytes())
             .unwrap();
         let mut args = ["".to_string(), "".to_string()];
+        let mut first = true;
         for d in String::from_utf8(out).unwrap().split("\n\n") {
             let Some(v) = d
                 .strip_prefix("data: ")
@@ -1671,6 +1676,14 @@ mod tests {
             else {
                 continue;
             };
+            if first {
+                // A tool-only answer's content is null, as OpenAI streams it
+                // (and as the answer sent whole has it), not "".
+                let delta = &v["choices"][0]["delta"];
+                assert_eq!(delta["role"], "assistant");
+                assert!(delta.get("content").is_some_and(Value::is_null), "{v}");
+                first = false;
+            }
             for call in v["choices"][0]["delta"]["tool_calls"]
                 .as_array()
                 .into_iter()
