@@ -976,11 +976,26 @@ fn translate(
 
 /// Input items -> chat messages, appended to `out`.
 fn push_input_items(items: &[Value], out: &mut Vec<Value>) -> Result<(), ApiError> {
+    // Images a function returned (a screenshot): a `tool` message holds
+    // text only, so they follow the results in a user message, as the
+    // Messages API's tool results with images do.
+    let mut tool_images: Vec<Value> = Vec::new();
+    let flush = |images: &mut Vec<Value>, out: &mut Vec<Value>| {
+        if !images.is_empty() {
+            images.push(
+                json!({"type": "text", "text": "(The images above were returned by the tool calls.)"}),
+            );
+            out.push(json!({"role": "user", "content": std::mem::take(images)}));
+        }
+    };
     for (i, item) in items.iter().enumerate() {
         let p = format!("input[{i}]");
         let Value::Object(o) = item else {
             return Err(invalid_type(&p, item, "an object"));
         };
+        if o.get("type").and_then(Value::as_str) != Some("function_call_output") {
+            flush(&mut tool_images, out);
+        }
         let ty = match o.get("type") {
             // EasyInputMessage: `type` is optional.
             None | Some(Value::Null) if o.contains_key("role") => "message",
@@ -1057,10 +1072,15 @@ fn push_input_items(items: &[Value], out: &mut Vec<Value>) -> Result<(), ApiErro
                                     &format!("{pp}.text"),
                                     "the text",
                                 )?),
+                                Some("input_image") => {
+                                    let mut parts = Vec::with_capacity(1);
+                                    content_part(part, &pp, true, &mut parts)?;
+                                    tool_images.append(&mut parts);
+                                }
                                 other => {
                                     return Err(unsupported_value(
                                         &format!("{pp}.type"),
-                                        format!("Function call output parts of type {} are not supported by this gateway for this model; send 'output' as a string or 'input_text' parts.", other.map_or_else(|| "null".to_string(), |t| format!("'{t}'"))),
+                                        format!("Function call output parts of type {} are not supported by this gateway for this model; send 'output' as a string, 'input_text' or 'input_image' parts.", other.map_or_else(|| "null".to_string(), |t| format!("'{t}'"))),
                                     ))
                                 }
                             }
@@ -1180,74 +1200,85 @@ fn content_parts(parts: &[Value], param: &str, user: bool) -> Result<Value, ApiE
         let Value::Object(part) = part else {
             return Err(invalid_type(&pp, part, "an object"));
         };
-        let tp = format!("{pp}.type");
-        match req_str(part, "type", &tp, "input_text, input_image or input_file")? {
-            "input_text" | "output_text" => {
-                let text = req_str(part, "text", &format!("{pp}.text"), "the text")?;
-                out.push(json!({"type": "text", "text": text}));
-            }
-            "refusal" => {
-                let text = req_str(part, "refusal", &format!("{pp}.refusal"), "the refusal")?;
-                out.push(json!({"type": "text", "text": text}));
-            }
-            t @ ("input_image" | "input_file") if !user => {
-                return Err(invalid_value(
-                    &tp,
-                    format!("'{t}' parts are only supported in user messages."),
-                ))
-            }
-            "input_image" => {
-                if part.get("file_id").is_some_and(|v| !v.is_null()) {
-                    return Err(unsupported_parameter(
-                        &format!("{pp}.file_id"),
-                        "Uploaded files ('file_id') are not available through this gateway for this model; send 'image_url' (an https URL or a data: URL).",
-                    ));
-                }
-                let url = req_str(
-                    part,
-                    "image_url",
-                    &format!("{pp}.image_url"),
-                    "an https URL or a data: URL",
-                )?;
-                let mut image = json!({"url": url});
-                if let Some(d) = opt_str(part, "detail", &format!("{pp}.detail"))? {
-                    image["detail"] = json!(d);
-                }
-                out.push(json!({"type": "image_url", "image_url": image}));
-            }
-            "input_file" => {
-                for key in ["file_id", "file_url"] {
-                    if part.get(key).is_some_and(|v| !v.is_null()) {
-                        return Err(unsupported_parameter(
-                            &format!("{pp}.{key}"),
-                            format!("'{key}' is not available through this gateway for this model; send the file inline as 'file_data' (a base64 data: URL) with a 'filename'."),
-                        ));
-                    }
-                }
-                let data = req_str(
-                    part,
-                    "file_data",
-                    &format!("{pp}.file_data"),
-                    "the file as a base64 data: URL",
-                )?;
-                let mut file = json!({"file_data": data});
-                if let Some(name) = opt_str(part, "filename", &format!("{pp}.filename"))? {
-                    file["filename"] = json!(name);
-                }
-                out.push(json!({"type": "file", "file": file}));
-            }
-            other => {
-                return Err(unsupported_value(
-                    &tp,
-                    format!("Content parts of type '{other}' are not supported. Supported: 'input_text', 'input_image', 'input_file', 'output_text', 'refusal'."),
-                ))
-            }
-        }
+        content_part(part, &pp, user, &mut out)?;
     }
     if out.len() == 1 && out[0]["type"] == "text" {
         return Ok(out[0]["text"].clone());
     }
     Ok(Value::Array(out))
+}
+
+/// One Responses content part -> its chat part(s), appended to `out`.
+fn content_part(
+    part: &Map<String, Value>,
+    pp: &str,
+    user: bool,
+    out: &mut Vec<Value>,
+) -> Result<(), ApiError> {
+    let tp = format!("{pp}.type");
+    match req_str(part, "type", &tp, "input_text, input_image or input_file")? {
+        "input_text" | "output_text" => {
+            let text = req_str(part, "text", &format!("{pp}.text"), "the text")?;
+            out.push(json!({"type": "text", "text": text}));
+        }
+        "refusal" => {
+            let text = req_str(part, "refusal", &format!("{pp}.refusal"), "the refusal")?;
+            out.push(json!({"type": "text", "text": text}));
+        }
+        t @ ("input_image" | "input_file") if !user => {
+            return Err(invalid_value(
+                &tp,
+                format!("'{t}' parts are only supported in user messages."),
+            ))
+        }
+        "input_image" => {
+            if part.get("file_id").is_some_and(|v| !v.is_null()) {
+                return Err(unsupported_parameter(
+                    &format!("{pp}.file_id"),
+                    "Uploaded files ('file_id') are not available through this gateway for this model; send 'image_url' (an https URL or a data: URL).",
+                ));
+            }
+            let url = req_str(
+                part,
+                "image_url",
+                &format!("{pp}.image_url"),
+                "an https URL or a data: URL",
+            )?;
+            let mut image = json!({"url": url});
+            if let Some(d) = opt_str(part, "detail", &format!("{pp}.detail"))? {
+                image["detail"] = json!(d);
+            }
+            out.push(json!({"type": "image_url", "image_url": image}));
+        }
+        "input_file" => {
+            for key in ["file_id", "file_url"] {
+                if part.get(key).is_some_and(|v| !v.is_null()) {
+                    return Err(unsupported_parameter(
+                        &format!("{pp}.{key}"),
+                        format!("'{key}' is not available through this gateway for this model; send the file inline as 'file_data' (a base64 data: URL) with a 'filename'."),
+                    ));
+                }
+            }
+            let data = req_str(
+                part,
+                "file_data",
+                &format!("{pp}.file_data"),
+                "the file as a base64 data: URL",
+            )?;
+            let mut file = json!({"file_data": data});
+            if let Some(name) = opt_str(part, "filename", &format!("{pp}.filename"))? {
+                file["filename"] = json!(name);
+            }
+            out.push(json!({"type": "file", "file": file}));
+        }
+        other => {
+            return Err(unsupported_value(
+                &tp,
+                format!("Content parts of type '{other}' are not supported. Supported: 'input_text', 'input_image', 'input_file', 'output_text', 'refusal'."),
+            ))
+        }
+    }
+    Ok(())
 }
 
 /// Responses tools (flat `{type, name, description, parameters, strict}`) ->
@@ -2643,6 +2674,47 @@ mod tests {
             let rr = r.responses.as_deref().unwrap();
             assert!(rr.untranslatable.is_some(), "{v}");
             assert!(rr.builtin_tools.is_empty(), "{v}");
+        }
+    }
+
+    /// A function's images (a screenshot) follow its results in a user
+    /// message, as the Messages API's tool results with images do (they
+    /// used to be refused for every model).
+    #[test]
+    fn images_a_function_returned_follow_its_results() {
+        let chat = request_to_chat(&obj(json!({
+            "model": "m",
+            "input": [
+                {"role": "user", "content": "Take a screenshot and say what is on it."},
+                {"type": "function_call", "call_id": "a", "name": "shot", "arguments": "{}"},
+                {"type": "function_call", "call_id": "b", "name": "title", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "a", "output": [
+                    {"type": "input_text", "text": "taken"},
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "high"}]},
+                {"type": "function_call_output", "call_id": "b", "output": "Home"},
+                {"role": "user", "content": "And the colour?"},
+            ],
+        })))
+        .unwrap();
+        let m = chat["messages"].as_array().unwrap();
+        let roles: Vec<&str> = m.iter().map(|m| m["role"].as_str().unwrap()).collect();
+        assert_eq!(roles, ["user", "assistant", "tool", "tool", "user", "user"], "{m:#?}");
+        assert_eq!(m[2]["content"], "taken");
+        assert_eq!(
+            m[4]["content"][0],
+            json!({"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "high"}})
+        );
+        assert_eq!(m[5]["content"], "And the colour?");
+        // Still refused: a part of another kind, or an image by file id.
+        for part in [
+            json!({"type": "input_file", "file_data": "data:application/pdf;base64,AA", "filename": "a.pdf"}),
+            json!({"type": "input_image", "file_id": "file-1"}),
+        ] {
+            let e = request_to_chat(&obj(json!({"model": "m", "input": [
+                {"type": "function_call", "call_id": "a", "name": "f", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "a", "output": [part]}]})))
+            .unwrap_err();
+            assert_eq!(e.status, 400);
         }
     }
 
