@@ -367,6 +367,26 @@ const SCOPE_WORDS: [&str; 26] = [
     "anybody",
 ];
 
+/// The asker's own: a question about them is not one about others' data.
+const MINE: [&str; 4] = ["my", "mine", "own", "myself"];
+
+/// Others', or everyone's.
+const WIDER: [&str; 13] = [
+    "all",
+    "every",
+    "everyone",
+    "everybody",
+    "another",
+    "other",
+    "others",
+    "whole",
+    "entire",
+    "anyone",
+    "anybody",
+    "their",
+    "everyone's",
+];
+
 /// Function words: swapping one for another ("do" -> "can", "a" -> "the")
 /// keeps a question's meaning; swapping a content word rarely does.
 const FUNCTION_WORDS: [&str; 73] = [
@@ -724,17 +744,45 @@ fn word_diff(a: &[String], b: &[String]) -> (Vec<String>, Vec<String>) {
 fn edit_rule(a: &str, b: &str) -> Option<&'static str> {
     let (wa, wb) = (plain_words(a), plain_words(b));
     let (only_a, only_b) = word_diff(&wa, &wb);
+    // The same words in another order, around a word that gives them a
+    // direction: "5 miles to kilometers" / "5 kilometers to miles", "from
+    // Paris to London" / "from London to Paris", "Is 7 greater than 9?" /
+    // "Is 9 greater than 7?", "Does Alice report to Bob?" / "Does Bob
+    // report to Alice?" (but "sort a list in Python" / "in Python, sort a
+    // list" and "TCP and UDP" / "UDP and TCP" keep their meaning).
+    if only_a.len() <= 2 && only_b.len() <= 2 && inverted_across_direction(&wa, &wb) {
+        return Some("direction");
+    }
     if only_a.is_empty() && only_b.is_empty() {
         return None;
     }
+    // From the asker's own data to others' or everyone's ("my password" /
+    // "all users' passwords", "my own password" / "another user's
+    // password", "my API usage" / "the whole team's API usage"), within a
+    // small edit.
+    let widened = |mine: &[String], theirs: &[String]| {
+        mine.iter().any(|w| MINE.contains(&w.as_str()))
+            && theirs.iter().any(|w| WIDER.contains(&w.as_str()))
+    };
+    if only_a.len() <= 4
+        && only_b.len() <= 4
+        && (widened(&only_a, &only_b) || widened(&only_b, &only_a))
+    {
+        return Some("scope");
+    }
+    let scope = |w: &String| SCOPE_WORDS.contains(&w.as_str());
     // Only a small edit of one question: a rewording changes many words,
     // and its cosine decides.
     if only_a.len() > 2 || only_b.len() > 2 {
         return None;
     }
-    let scope = |w: &String| SCOPE_WORDS.contains(&w.as_str());
     if only_a.iter().chain(&only_b).any(scope) {
         return Some("scope");
+    }
+    // One direction swapped for its opposite ("shipped to Germany" /
+    // "shipped from Germany").
+    if only_a.len() == 1 && only_b.len() == 1 && opposite_directions(&only_a[0], &only_b[0]) {
+        return Some("direction");
     }
     // A swap within an otherwise identical question.
     let swapped = !only_a.is_empty() && !only_b.is_empty();
@@ -743,6 +791,65 @@ fn edit_rule(a: &str, b: &str) -> Option<&'static str> {
         return Some("substitution");
     }
     None
+}
+
+/// Words that give the words around them a direction or an order: what is
+/// converted to what, who reports to whom, which is greater than which.
+const DIRECTIONAL_WORDS: [&str; 16] = [
+    "to", "from", "into", "onto", "than", "toward", "towards", "over", "under", "above", "below",
+    "before", "after", "versus", "per", "against",
+];
+
+/// Whether `x` and `y` are a direction and its opposite.
+fn opposite_directions(x: &str, y: &str) -> bool {
+    const PAIRS: [(&str, &str); 8] = [
+        ("to", "from"),
+        ("into", "from"),
+        ("onto", "from"),
+        ("toward", "from"),
+        ("towards", "from"),
+        ("above", "below"),
+        ("over", "under"),
+        ("up", "down"),
+    ];
+    PAIRS
+        .iter()
+        .any(|&(p, q)| (x == p && y == q) || (x == q && y == p))
+}
+
+/// Whether two content words that each text has once come in the opposite
+/// order, with a directional word ([`DIRECTIONAL_WORDS`]) between them, at
+/// most three words apart, in both texts ("X to Y" / "Y to X"). Texts of more than 64 words are left to the other rules
+/// (and the embedding).
+fn inverted_across_direction(a: &[String], b: &[String]) -> bool {
+    const MOST: usize = 64;
+    if a.len() > MOST || b.len() > MOST {
+        return false;
+    }
+    let content = |w: &str| !FUNCTION_WORDS.contains(&w) && !DIRECTIONAL_WORDS.contains(&w);
+    let once = |ws: &[String], w: &str| ws.iter().filter(|x| x.as_str() == w).count() == 1;
+    let shared: Vec<(usize, usize)> = a
+        .iter()
+        .enumerate()
+        .filter(|(_, w)| content(w) && once(a, w) && once(b, w))
+        .filter_map(|(i, w)| Some((i, b.iter().position(|x| x == w)?)))
+        .collect();
+    // Close around the directional word ("miles to kilometers", "greater
+    // than 9", "report to Bob"): a clause moved across an infinitive's "to"
+    // ("Wanting to scare ..., Jonny put ..." / "Jonny put ... to scare")
+    // puts more words between them.
+    let directed = |ws: &[String], from: usize, to: usize| {
+        to - from <= 4
+            && ws[from + 1..to]
+                .iter()
+                .any(|w| DIRECTIONAL_WORDS.contains(&w.as_str()))
+    };
+    shared.iter().enumerate().any(|(k, &(ia, ib))| {
+        shared[k + 1..].iter().any(|&(ja, jb)| {
+            // a has x before y (ia < ja, by construction); b the other way.
+            jb < ib && directed(a, ia, ja) && directed(b, jb, ib)
+        })
+    })
 }
 
 fn words(text: &str) -> Vec<&str> {
@@ -1580,6 +1687,76 @@ mod tests {
             ),
             Some("numbers")
         );
+    }
+
+    /// Written for this rule (synthetic; a user trial's traps): the same
+    /// words in another order around a direction, a direction swapped for
+    /// its opposite, and whose data a question is about, in a few words.
+    #[test]
+    fn directions_and_wider_scopes_are_different_questions() {
+        for (a, b, why) in [
+            (
+                "Convert 5 miles to kilometers",
+                "Convert 5 kilometers to miles",
+                "direction",
+            ),
+            (
+                "Find flights from Paris to London",
+                "Find flights from London to Paris",
+                "direction",
+            ),
+            (
+                "Transfer money from checking to savings",
+                "Transfer money from savings to checking",
+                "direction",
+            ),
+            ("Convert USD to EUR", "Convert EUR to USD", "direction"),
+            ("Is 7 greater than 9?", "Is 9 greater than 7?", "direction"),
+            (
+                "Does Alice report to Bob?",
+                "Does Bob report to Alice?",
+                "direction",
+            ),
+            (
+                "Show me orders shipped to Germany",
+                "Show me orders shipped from Germany",
+                "direction",
+            ),
+            (
+                "How do I reset my password in the admin console?",
+                "How do I reset all users' passwords in the admin console?",
+                "scope",
+            ),
+            (
+                "How do I reset my own password?",
+                "How do I reset another user's password?",
+                "scope",
+            ),
+        ] {
+            assert_eq!(near_miss(a, b), Some(why), "{a:?} / {b:?}");
+            assert_eq!(near_miss(b, a), Some(why), "{b:?} / {a:?}");
+        }
+        // The same question, its words moved: left to the embedding.
+        for (a, b) in [
+            (
+                "How do I sort a list in Python?",
+                "In Python, how do I sort a list?",
+            ),
+            (
+                "What is the difference between TCP and UDP?",
+                "What is the difference between UDP and TCP?",
+            ),
+            (
+                "Convert 5 miles to kilometers",
+                "Convert 5 miles into kilometers",
+            ),
+            (
+                "Wanting to scare his housemates, Jonny put a lobster in the bathtub.",
+                "Jonny put a lobster in the bathtub to scare his housemates.",
+            ),
+        ] {
+            assert_eq!(near_miss(a, b), None, "{a:?} / {b:?}");
+        }
     }
 
     #[test]

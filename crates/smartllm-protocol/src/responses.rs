@@ -2698,7 +2698,11 @@ mod tests {
         .unwrap();
         let m = chat["messages"].as_array().unwrap();
         let roles: Vec<&str> = m.iter().map(|m| m["role"].as_str().unwrap()).collect();
-        assert_eq!(roles, ["user", "assistant", "tool", "tool", "user", "user"], "{m:#?}");
+        assert_eq!(
+            roles,
+            ["user", "assistant", "tool", "tool", "user", "user"],
+            "{m:#?}"
+        );
         assert_eq!(m[2]["content"], "taken");
         assert_eq!(
             m[4]["content"][0],
