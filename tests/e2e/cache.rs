@@ -167,6 +167,19 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
     )
     .unwrap();
     assert_eq!(cache_header(&r), "bypass");
+    // A fresh answer asked for as HTTP caches are asked: not served from
+    // the cache (the stored question would be an exact hit otherwise).
+    for fresh in [("Cache-Control", "max-age=0"), ("Pragma", "no-cache")] {
+        let r = request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", "Bearer key-a"), fresh],
+            &serde_json::to_vec(&q("How do I reset my password?")).unwrap(),
+        )
+        .unwrap();
+        assert_eq!(cache_header(&r), "bypass", "{fresh:?}");
+    }
     let mut hot = q("How do I reset my password?");
     hot["temperature"] = json!(1.5);
     assert_eq!(cache_header(&ask(&gw, "key-a", &hot)), "bypass");
@@ -536,6 +549,15 @@ fn cache_cli_stats_purge_rebuild_and_eval() {
         .unwrap_or("")
         .to_string();
     assert!(message.contains("\"b\""), "{message}");
+    // A model or route name the config does not know: 404 naming it, not a
+    // verdict by the default policy.
+    let typo = post_json(
+        &gw.admin,
+        "/admin/cache/explain",
+        &json!({"a": "x", "b": "y", "model": "smrt"}),
+    );
+    assert_eq!(typo.status, 404, "{}", typo.text());
+    assert_eq!(typo.json()["error"]["code"], "unknown_route");
 
     // `cache calibrate` on the yardstick's tuning split: the loosest
     // threshold keeping its traps served at or under the target, written for

@@ -416,6 +416,8 @@ impl SemanticCache {
             .get_cf(meta, EMBEDDER_KEY)?
             .is_some_and(|f| f != self.embedder.fingerprint().as_bytes());
         let (mut embedded, mut failed) = (0usize, 0usize);
+        // Sealed with a key that is not configured here (or corrupt).
+        let mut unreadable = 0usize;
         for item in self.db().iterator_cf(vectors, rocksdb::IteratorMode::Start) {
             let (k, v) = item?;
             // (A vector in the clear is a multiple of 4 bytes long, and its
@@ -456,7 +458,10 @@ impl SemanticCache {
                 }
                 // Sealed with a key that is gone, or bound elsewhere:
                 // nobody can read it here.
-                None => None,
+                None => {
+                    unreadable += 1;
+                    None
+                }
             };
             match keep {
                 Some(vector) => batch.put_cf(vectors, &k, self.seal_vector(&vector, id)?),
@@ -479,10 +484,18 @@ impl SemanticCache {
             self.codec.seal(VECTORS_SEALED.to_vec())?,
         );
         self.db().write(batch)?;
-        if n > 0 {
+        if unreadable > 0 {
+            // Loud: with a wrong key file, this is the whole cache going.
+            tracing::warn!(
+                vectors = unreadable,
+                "cache vectors that no configured key opens (cache.encryption_key_file, encryption_old_key_files) were removed, and entries no key opens are removed when read: if the key file is wrong, stop the gateway and restore it (or list the old key in encryption_old_key_files)"
+            );
+        }
+        if n > unreadable {
             tracing::info!(
-                vectors = n,
-                "cache vectors stored in the clear, unbound or with an old key were sealed with the current key, bound to their ids (those in the clear or unbound replaced by their entries' questions embedded again; removed beside an entry in the clear or none, or when no key here opens them)"
+                vectors = n - unreadable,
+                embedded_again = embedded,
+                "cache vectors stored in the clear, unbound or with an old key were sealed with the current key, bound to their ids (those in the clear or unbound replaced by their entries' questions embedded again; removed beside an entry in the clear or none)"
             );
         }
         Ok(n)

@@ -752,6 +752,14 @@ impl AdminApp {
         };
         let rt = self.shared.runtime.load_full();
         let model = text("model").unwrap_or_default();
+        // A name no request could use would be judged by the defaults (a
+        // typo's verdict, not the route's): refused, naming it.
+        if !model.is_empty() && rt.config.resolve_model(&model).is_none() {
+            return json_reply(
+                404,
+                &json!({"error": {"message": format!("'{model}' is no model or route of the running config (GET /v1/models lists them)."), "type": "invalid_request_error", "param": "model", "code": "unknown_route"}}),
+            );
+        }
         // The alias the name resolves to, as a request's would (by name,
         // or by an alias's `match` pattern).
         let route = rt

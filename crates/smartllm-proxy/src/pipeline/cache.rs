@@ -16,17 +16,43 @@ use smartllm_protocol::assemble::replay_as_sse;
 use smartllm_protocol::responses::{response_from_chat, ChatToResponsesStream};
 use smartllm_protocol::{messages, Endpoint};
 
-fn cache_control(session: &Session) -> (bool, bool) {
-    let mut no_store = false;
-    let mut no_cache = false;
-    for v in session.req_header().headers.get_all("cache-control") {
+/// The client's cache directives: `no-store` (neither served from nor
+/// stored), `no-cache` (a fresh answer wanted: a chat UI's regenerate), and
+/// whether any directive asks for a fresh answer (`no-cache`, and as HTTP
+/// caches read them, `max-age=0` and HTTP/1.0's `Pragma: no-cache`).
+struct Directives {
+    no_store: bool,
+    no_cache: bool,
+    fresh: bool,
+}
+
+fn cache_control(session: &Session) -> Directives {
+    let mut d = Directives {
+        no_store: false,
+        no_cache: false,
+        fresh: false,
+    };
+    let headers = &session.req_header().headers;
+    for v in headers.get_all("cache-control") {
         let v = v.to_str().unwrap_or("").to_ascii_lowercase();
-        for d in v.split(',').map(str::trim) {
-            no_store |= d == "no-store";
-            no_cache |= d == "no-cache";
+        for x in v.split(',').map(str::trim) {
+            d.no_store |= x == "no-store";
+            d.no_cache |= x == "no-cache";
+            d.fresh |= x
+                .strip_prefix("max-age")
+                .and_then(|r| r.trim_start().strip_prefix('='))
+                .is_some_and(|n| n.trim().trim_matches('"') == "0");
         }
     }
-    (no_store, no_cache)
+    for v in headers.get_all("pragma") {
+        d.fresh |= v
+            .to_str()
+            .unwrap_or("")
+            .split(',')
+            .any(|x| x.trim().eq_ignore_ascii_case("no-cache"));
+    }
+    d.fresh |= d.no_cache;
+    d
 }
 
 /// Look the request up; answer a hit (true). On a miss, leave the pending
@@ -55,7 +81,11 @@ pub async fn phase(
     if !policy.enabled {
         return Ok(false);
     }
-    let (no_store, no_cache) = cache_control(session);
+    let Directives {
+        no_store,
+        no_cache,
+        fresh,
+    } = cache_control(session);
     let temperature = req
         .body
         .get("temperature")
@@ -161,9 +191,11 @@ pub async fn phase(
         tasks: shared.tasks.clone(),
         fleet: shared.fleet_sync.clone(),
     };
-    if no_cache {
-        // Fresh answer requested: skip the lookup, refresh the entry.
-        ctx.regenerate = true;
+    if fresh {
+        // Fresh answer requested: skip the lookup, refresh the entry. Only
+        // `no-cache` reads as a regenerate (a vote against the answer
+        // before): `max-age=0` or a `Pragma` may be a client's habit.
+        ctx.regenerate = no_cache;
         ctx.cache_status = Some("bypass");
         ctx.cache_insert = Some(pending(key, None));
         return Ok(false);
