@@ -67,6 +67,15 @@ fn the_verifier_serves_rewordings_and_refuses_look_alikes() {
         "{}",
         gw.metrics()
     );
+    // Counted as the verifier's refusal, not the guard's.
+    assert!(
+        gw.metric(
+            "smartllm_cache_lookups_total",
+            &[("result", "miss_verifier")]
+        ) >= 1.0,
+        "{}",
+        gw.metrics()
+    );
     let explain = post_json(
         &gw.admin,
         "/admin/cache/explain",
@@ -193,7 +202,10 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
     );
     let m = gw.metrics();
     assert!(
-        m.contains("smartllm_cache_lookups_total{result=\"hit_semantic\"}"),
+        gw.metric(
+            "smartllm_cache_lookups_total",
+            &[("result", "hit_semantic")]
+        ) >= 1.0,
         "{m}"
     );
     assert!(m.contains("smartllm_cache_similarity_bucket"));

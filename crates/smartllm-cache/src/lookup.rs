@@ -236,10 +236,12 @@ impl SemanticCache {
                 if let Some(b) = best {
                     histogram!(m::SIMILARITY).record(b as f64);
                 }
-                let result = if rejected.is_some() {
-                    "miss_guard"
-                } else {
-                    "miss"
+                // Refused by the verifier, or by the precision guard (and
+                // the window's end); else nothing came near enough.
+                let result = match rejected {
+                    Some("verifier" | "verifier_unavailable") => "miss_verifier",
+                    Some(_) => "miss_guard",
+                    None => "miss",
                 };
                 counter!(m::LOOKUPS, "result" => result).increment(1);
                 Ok(Lookup::Miss {

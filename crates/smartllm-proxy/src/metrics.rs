@@ -233,7 +233,7 @@ pub fn install() -> PrometheusHandle {
         use smartllm_cache::metric_names as c;
         describe_counter!(
             c::LOOKUPS,
-            "Cache lookups by result (hit_exact, hit_semantic, miss, miss_guard, bypass_*)."
+            "Cache lookups by result (hit_exact, hit_semantic, miss, miss_guard: refused by the precision guard, miss_verifier: refused by the verifier, bypass_*)."
         );
         describe_histogram!(
             c::SIMILARITY,
@@ -302,6 +302,21 @@ pub fn install() -> PrometheusHandle {
     }
     for reason in ["queue_full", "export_failed", "shutdown"] {
         counter!(TRACE_SPANS_DROPPED, "reason" => reason).absolute(0);
+    }
+    // The cache's outcomes too: a hit-rate or refusal-rate rule has series
+    // to read before the first of each.
+    use smartllm_cache::metric_names as cm;
+    for result in [
+        "hit_exact",
+        "hit_semantic",
+        "miss",
+        "miss_guard",
+        "miss_verifier",
+    ] {
+        counter!(cm::LOOKUPS, "result" => result).absolute(0);
+    }
+    for result in ["rejected", "unavailable"] {
+        counter!(cm::VERIFIER, "result" => result).absolute(0);
     }
     let upkeep = handle.clone();
     if let Err(e) = std::thread::Builder::new()
