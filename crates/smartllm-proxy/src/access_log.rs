@@ -224,6 +224,8 @@ pub fn finish(
         usage_estimated = ctx.usage_estimated,
         similarity = ctx.cache_similarity,
         verifier = ctx.cache_verifier,
+        cache_refused = ctx.cache_refused,
+        cache_namespace = ctx.cache_namespace.as_deref(),
         "request"
     );
     cost_usd

@@ -63,6 +63,12 @@ pub struct Ctx {
     /// `x-smartllm-cache`: hit-exact, hit-semantic, miss, bypass.
     pub cache_status: Option<&'static str>,
     pub cache_similarity: Option<f32>,
+    /// The request's cache namespace (hex), for the access log: what
+    /// `POST /admin/cache/purge?namespace=` takes after a complaint.
+    pub cache_namespace: Option<String>,
+    /// Why the nearest candidate was refused (a guard rule, `verifier`,
+    /// `beyond_window`), for the access log.
+    pub cache_refused: Option<&'static str>,
     /// The cache verifier's score of a semantic hit it judged.
     pub cache_verifier: Option<f32>,
     /// A miss whose best semantic match came close to the threshold.
@@ -174,6 +180,8 @@ impl Ctx {
             counted: false,
             cache_status: None,
             cache_similarity: None,
+            cache_namespace: None,
+            cache_refused: None,
             cache_verifier: None,
             cache_near: false,
             task: None,

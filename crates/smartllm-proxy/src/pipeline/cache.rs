@@ -170,6 +170,7 @@ pub async fn phase(
         bypass(ctx, "shape");
         return Ok(false);
     };
+    ctx.cache_namespace = Some(key.namespace_hex());
     let route_name = route.unwrap_or(model).to_string();
     let mut folded = [0u8; 8];
     folded.copy_from_slice(&key.exact[..8]);
@@ -312,6 +313,7 @@ pub async fn phase(
                 && best_similarity.is_some_and(|b| {
                     b >= policy.similarity_threshold - smartllm_router::suggest::NEAR_MISS_MARGIN
                 });
+            ctx.cache_refused = rejected;
             if let Some(why) = rejected {
                 tracing::debug!(request_id = %ctx.request_id, why, best = best_similarity, "semantic candidate rejected (by the precision guard or the verifier, as why says)");
             }
