@@ -311,10 +311,6 @@ mod tests {
         }
     }
 
-    /// A purge of a route holds no insert up while it scans the store (which
-    /// takes seconds at a million entries): here its removal waits on a lock
-    /// the test holds, after the purge was recorded, and an entry of another
-    /// route is stored meanwhile. The purged entry goes all the same.
     /// A new entry is in L1 once stored, even when a lookup held L1's lock
     /// at that moment (it used to be left out: `l1_entries` then counted
     /// less than was stored, and the next ask read RocksDB).
@@ -337,7 +333,20 @@ mod tests {
         let k2 = k.clone();
         let writer =
             std::thread::spawn(move || c.write(entry(&k2, "faq"), None, k2.exact).unwrap());
-        // The writer waits for the lock; let the holder go.
+        // The writer has stored the entry (RocksDB first, L1 last) and now
+        // wants L1's lock; then the holder lets go.
+        assert!(
+            (0..500).any(|_| {
+                std::thread::sleep(Duration::from_millis(10));
+                cache
+                    .db()
+                    .get_cf(cache.cf(CF_EXACT), k.exact)
+                    .ok()
+                    .flatten()
+                    .is_some()
+            }),
+            "the writer never stored the entry"
+        );
         std::thread::sleep(Duration::from_millis(50));
         release.0.send(()).unwrap();
         holder.join().unwrap();
@@ -346,6 +355,10 @@ mod tests {
         assert!(cache.l1_get(&k.exact).is_some());
     }
 
+    /// A purge of a route holds no insert up while it scans the store (which
+    /// takes seconds at a million entries): here its removal waits on a lock
+    /// the test holds, after the purge was recorded, and an entry of another
+    /// route is stored meanwhile. The purged entry goes all the same.
     #[test]
     fn a_purge_scan_holds_no_insert_up() {
         let dir = tempfile::tempdir().unwrap();

@@ -371,7 +371,7 @@ const SCOPE_WORDS: [&str; 26] = [
 const MINE: [&str; 4] = ["my", "mine", "own", "myself"];
 
 /// Others', or everyone's.
-const WIDER: [&str; 13] = [
+const WIDER: [&str; 12] = [
     "all",
     "every",
     "everyone",
@@ -384,7 +384,6 @@ const WIDER: [&str; 13] = [
     "anyone",
     "anybody",
     "their",
-    "everyone's",
 ];
 
 /// Function words: swapping one for another ("do" -> "can", "a" -> "the")
@@ -795,9 +794,9 @@ fn edit_rule(a: &str, b: &str) -> Option<&'static str> {
 
 /// Words that give the words around them a direction or an order: what is
 /// converted to what, who reports to whom, which is greater than which.
-const DIRECTIONAL_WORDS: [&str; 16] = [
+const DIRECTIONAL_WORDS: [&str; 14] = [
     "to", "from", "into", "onto", "than", "toward", "towards", "over", "under", "above", "below",
-    "before", "after", "versus", "per", "against",
+    "before", "after", "against",
 ];
 
 /// Whether `x` and `y` are a direction and its opposite.
@@ -818,8 +817,8 @@ fn opposite_directions(x: &str, y: &str) -> bool {
 }
 
 /// Whether two content words that each text has once come in the opposite
-/// order, with a directional word ([`DIRECTIONAL_WORDS`]) between them, at
-/// most three words apart, in both texts ("X to Y" / "Y to X"). Texts of more than 64 words are left to the other rules
+/// order, with the same directional word ([`DIRECTIONAL_WORDS`]) between
+/// them, at most three words apart, in both texts ("X to Y" / "Y to X"). Texts of more than 64 words are left to the other rules
 /// (and the embedding).
 fn inverted_across_direction(a: &[String], b: &[String]) -> bool {
     const MOST: usize = 64;
@@ -838,16 +837,25 @@ fn inverted_across_direction(a: &[String], b: &[String]) -> bool {
     // than 9", "report to Bob"): a clause moved across an infinitive's "to"
     // ("Wanting to scare ..., Jonny put ..." / "Jonny put ... to scare")
     // puts more words between them.
-    let directed = |ws: &[String], from: usize, to: usize| {
-        to - from <= 4
-            && ws[from + 1..to]
-                .iter()
-                .any(|w| DIRECTIONAL_WORDS.contains(&w.as_str()))
+    let between = |ws: &[String], from: usize, to: usize| -> Vec<String> {
+        if to - from > 4 {
+            return Vec::new();
+        }
+        ws[from + 1..to]
+            .iter()
+            .filter(|w| DIRECTIONAL_WORDS.contains(&w.as_str()))
+            .cloned()
+            .collect()
     };
     shared.iter().enumerate().any(|(k, &(ia, ib))| {
         shared[k + 1..].iter().any(|&(ja, jb)| {
-            // a has x before y (ia < ja, by construction); b the other way.
-            jb < ib && directed(a, ia, ja) && directed(b, jb, ib)
+            // a has x before y (ia < ja, by construction); b the other way,
+            // across the same directional word ("from Paris to London" /
+            // "to London from Paris" keeps its meaning).
+            jb < ib && {
+                let (da, db) = (between(a, ia, ja), between(b, jb, ib));
+                da.iter().any(|w| db.contains(w))
+            }
         })
     })
 }
@@ -1749,6 +1757,15 @@ mod tests {
             (
                 "Convert 5 miles to kilometers",
                 "Convert 5 miles into kilometers",
+            ),
+            (
+                "Find flights from Paris to London",
+                "Find flights to London from Paris",
+            ),
+            ("Compare Rust versus Go", "Compare Go versus Rust"),
+            (
+                "What is the cost per user per month?",
+                "What is the cost per month per user?",
             ),
             (
                 "Wanting to scare his housemates, Jonny put a lobster in the bathtub.",

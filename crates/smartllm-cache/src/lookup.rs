@@ -362,13 +362,14 @@ impl SemanticCache {
             if e.expired(now) || !fresh.admits(&e, now) {
                 continue;
             }
+            // (The nearest refused candidate's reason is the one kept.)
             if let Some(why) = near_miss(query, &e.query) {
-                rejected = Some(why);
+                rejected.get_or_insert(why);
                 continue;
             }
             let ours = query_tail.get_or_insert_with(|| unread_tail(&self.embedder, query));
             if *ours != unread_tail(&self.embedder, &e.query) {
-                rejected = Some("beyond_window");
+                rejected.get_or_insert("beyond_window");
                 continue;
             }
             let Some(pass) = bar.verifier else {
@@ -385,12 +386,12 @@ impl SemanticCache {
                 }
                 Ok(_) => {
                     counter!(m::VERIFIER, "result" => "rejected").increment(1);
-                    rejected = Some("verifier");
+                    rejected.get_or_insert("verifier");
                 }
                 // No second opinion (the embedder is shedding load): no hit.
                 Err(_) => {
                     counter!(m::VERIFIER, "result" => "unavailable").increment(1);
-                    rejected = Some("verifier_unavailable");
+                    rejected.get_or_insert("verifier_unavailable");
                 }
             }
         }

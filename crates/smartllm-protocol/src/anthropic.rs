@@ -502,10 +502,17 @@ pub fn request_to_anthropic(
                 };
                 out.insert("tool_choice".into(), json!({"type": "tool", "name": name}));
             }
+            // A valid OpenAI choice, of a tool Anthropic has no form for.
+            Some("custom") => {
+                return Err(untranslatable(
+                    "tool_choice of type `custom` (Anthropic takes function tools)",
+                    "tool_choice.type",
+                ));
+            }
             Some(kind) => {
                 return Err(ApiError::invalid_request(
                     "invalid_value",
-                    format!("Invalid value: '{kind}'. Supported values are: 'function' and 'allowed_tools'."),
+                    format!("Invalid value: '{kind}'. Supported values are: 'function', 'custom' and 'allowed_tools'."),
                 )
                 .with_param("tool_choice.type"));
             }
@@ -1597,6 +1604,10 @@ mod tests {
                 "tool_choice.function.name",
             ),
             (json!({"type": "tool", "name": "f"}), "tool_choice.type"),
+            (
+                json!({"type": "custom", "custom": {"name": "f"}}),
+                "tool_choice.type",
+            ),
             (json!({"function": {"name": "f"}}), "tool_choice.type"),
             (json!(3), "tool_choice"),
         ] {

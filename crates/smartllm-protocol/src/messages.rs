@@ -407,7 +407,11 @@ pub fn parse(endpoint: Endpoint, bytes: bytes::Bytes) -> Result<ParsedRequest, A
             Some("auto") => json!("auto"),
             Some("any") => json!("required"),
             Some("none") => json!("none"),
-            Some("tool") => match tc.get("name").and_then(Value::as_str) {
+            Some("tool") => match tc
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
+            {
                 Some(name) => json!({"type": "function", "function": {"name": name}}),
                 None => {
                     return Err(invalid(

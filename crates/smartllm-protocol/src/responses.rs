@@ -1111,6 +1111,8 @@ fn push_input_items(items: &[Value], out: &mut Vec<Value>) -> Result<(), ApiErro
             }
         }
     }
+    // (The last items were a function's results: its images follow them.)
+    flush(&mut tool_images, out);
     Ok(())
 }
 
@@ -2696,6 +2698,21 @@ mod tests {
             ],
         })))
         .unwrap();
+        // The results last (a follow-up sending only them, as an agent
+        // does): the images still follow.
+        let last = request_to_chat(&obj(json!({
+            "model": "m",
+            "input": [
+                {"type": "function_call", "call_id": "a", "name": "shot", "arguments": "{}"},
+                {"type": "function_call_output", "call_id": "a", "output": [
+                    {"type": "input_image", "image_url": "data:image/png;base64,AAAA"}]},
+            ],
+        })))
+        .unwrap();
+        let lm = last["messages"].as_array().unwrap();
+        assert_eq!(lm.len(), 3, "{lm:#?}");
+        assert_eq!(lm[2]["role"], "user");
+        assert_eq!(lm[2]["content"][0]["type"], "image_url");
         let m = chat["messages"].as_array().unwrap();
         let roles: Vec<&str> = m.iter().map(|m| m["role"].as_str().unwrap()).collect();
         assert_eq!(

@@ -693,7 +693,10 @@ impl AdminApp {
                 .get("budget_pressure")
                 .and_then(Value::as_f64)
                 .unwrap_or(0.0),
-            budget_left_usd: who.get("budget_left_usd").and_then(Value::as_f64),
+            budget_left_usd: who
+                .get("budget_left_usd")
+                .and_then(Value::as_f64)
+                .map(|v| v.max(0.0)),
         };
         if !route.is_routed() {
             return json_reply(

@@ -634,12 +634,6 @@ pub fn decide(
             base
         };
         (cands[*i].model.clone(), why.to_string())
-    } else if let Some(m) = route
-        .fallback
-        .iter()
-        .find(|m| state.available(m) && usable_way_out(m))
-    {
-        (m.clone(), "constraints_relaxed".to_string())
     } else if let Some(i) =
         order
             .iter()
@@ -657,6 +651,14 @@ pub fn decide(
         // than fail (a model within the cost cap and a little slow, not the
         // dearest and slowest).
         (cands[i].model.clone(), "constraints_relaxed".to_string())
+    } else if let Some(m) = route
+        .fallback
+        .iter()
+        .find(|m| state.available(m) && usable_way_out(m))
+    {
+        // No candidate can serve it (a rule, its context window or a
+        // capability, or down): the route's fallback, where it can.
+        (m.clone(), "constraints_relaxed".to_string())
     } else {
         // No model fits the request (context window, capability) or is up:
         // the best one no rule excludes, available first; its provider's
@@ -669,12 +671,17 @@ pub fn decide(
                 .model(&cands[*i].model)
                 .map_or(0, |m| m.profile.context_window)
         };
-        let overflows = order.iter().all(|i| {
-            cands[*i]
-                .excluded
-                .as_deref()
-                .is_some_and(|w| w.starts_with("context_window:"))
-        });
+        // (Among the candidates that are up and no rule excludes: those
+        // are excluded for that first.)
+        let overflows = order
+            .iter()
+            .filter(|i| state.available(&cands[**i].model) && !ruled_out(&cands[**i].model))
+            .all(|i| {
+                cands[*i]
+                    .excluded
+                    .as_deref()
+                    .is_some_and(|w| w.starts_with("context_window:"))
+            });
         let mut order = order.clone();
         if overflows {
             order.sort_by_key(|i| std::cmp::Reverse(window(i)));
@@ -1453,6 +1460,12 @@ mod tests {
             "{:?}",
             d.candidates
         );
+        // A route's fallback is no way around that: the least missing
+        // candidate still goes first.
+        let mut with_fallback = r.clone();
+        with_fallback.fallback = vec!["strong".into()];
+        let f2 = decide(&cfg, &with_fallback, &f, None, None, &info, &StaticState);
+        assert_eq!(f2.model, "cheap", "{:?}", f2.candidates);
         let strong = d.candidates.iter().find(|c| c.model == "strong").unwrap();
         let why = strong.excluded.as_deref().unwrap();
         assert!(
@@ -1577,7 +1590,9 @@ mod tests {
             "{:?}",
             d.fallbacks
         );
-        // A prompt it fits: the fallback is the way out, as before.
+        // A prompt it fits: the candidate that misses the budgets by least
+        // still goes before the fallback (which misses them too), and the
+        // fallback stays in the chain.
         let short = features("Summarise this document.");
         let d = decide(
             &cfg,
@@ -1590,8 +1605,9 @@ mod tests {
         );
         assert_eq!(
             (d.model.as_str(), d.reason.as_str()),
-            ("small", "constraints_relaxed")
+            ("cheap", "constraints_relaxed")
         );
+        assert!(d.fallbacks.iter().any(|m| m == "small"), "{:?}", d.fallbacks);
     }
 
     #[test]

@@ -702,8 +702,6 @@ pub enum Extraction {
     TrafficMix,
 }
 
-/// Extract the features of a chat (or completion) request. `embedding` is the
-/// last user turn's embedding when the embedder produced one.
 /// Builds the lazily made tables of feature extraction (the keyword
 /// automata, the token counter's tables) now, so that the first request does
 /// not pay for them.
@@ -717,6 +715,8 @@ pub fn warm_up() {
     smartllm_ledger::warm_up();
 }
 
+/// Extract the features of a chat (or completion) request. `embedding` is the
+/// last user turn's embedding when the embedder produced one.
 pub fn extract(
     body: &Map<String, Value>,
     embedding: Option<&[f32]>,

@@ -267,7 +267,7 @@ function cacheFigures(metrics) {
     if (m.name === 'smartllm_cache_lookups_total') by[m.labels.result] = (by[m.labels.result] || 0) + m.value;
   }
   const exact = by.hit_exact || 0, semantic = by.hit_semantic || 0;
-  const misses = (by.miss || 0) + (by.miss_guard || 0);
+  const misses = Object.entries(by).filter(([k]) => k.startsWith('miss')).reduce((a, [, v]) => a + v, 0);
   const bypass = Object.entries(by).filter(([k]) => k.startsWith('bypass')).reduce((a, [, v]) => a + v, 0);
   const hits = exact + semantic, lookups = hits + misses;
   return { exact, semantic, misses, bypass, hits, lookups, rate: lookups ? hits / lookups : 0 };
