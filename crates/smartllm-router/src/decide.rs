@@ -1607,7 +1607,11 @@ mod tests {
             (d.model.as_str(), d.reason.as_str()),
             ("cheap", "constraints_relaxed")
         );
-        assert!(d.fallbacks.iter().any(|m| m == "small"), "{:?}", d.fallbacks);
+        assert!(
+            d.fallbacks.iter().any(|m| m == "small"),
+            "{:?}",
+            d.fallbacks
+        );
     }
 
     #[test]
