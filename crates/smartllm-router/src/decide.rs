@@ -132,6 +132,21 @@ fn soft_exclusion(why: &str) -> bool {
     .any(|p| why.starts_with(p))
 }
 
+/// Requests' worth of "no errors" an observed error rate is weighed
+/// against: a rate from few requests says little.
+const ERROR_RATE_PRIOR: f64 = 5.0;
+
+/// How much a model's live error rate counts, by how many requests it
+/// rests on: one failed request of one (an error rate of 0.175 after one
+/// failure) moves the quality a sixth as much as it would with many, so a
+/// request that failed everywhere (a fault of its own) does not move a
+/// quiet model's routing for every tenant; a model failing steadily still
+/// loses its traffic (and breakers take a dead one out).
+fn error_evidence(requests: u64) -> f64 {
+    let n = requests as f64;
+    n / (n + ERROR_RATE_PRIOR)
+}
+
 /// How far a candidate misses the route's budgets and what is left of the
 /// caller's spending budgets, each as a share of the budget (8.4 s against
 /// 3 s is 1.8; $0.0075 against $0.002 is 2.75; a quality of 0.6 under a
@@ -449,7 +464,7 @@ pub fn decide(
         quality = state.quality(req.tenant, name, f.task, quality);
         // A model that fails often delivers less.
         if let Some(l) = &live {
-            quality *= 1.0 - l.error_rate.clamp(0.0, 1.0) * 0.5;
+            quality *= 1.0 - l.error_rate.clamp(0.0, 1.0) * 0.5 * error_evidence(l.requests);
         }
         let cost = expected_cost(m, f);
         let latency = expected_latency_ms(m, f, live.as_ref());
@@ -922,6 +937,53 @@ mod tests {
     }
 
     struct Down(&'static str);
+    /// Live figures for one model, the others unmeasured.
+    struct Measured(&'static str, LiveSnapshot);
+    impl ModelState for Measured {
+        fn live(&self, m: &str) -> Option<LiveSnapshot> {
+            (m == self.0).then_some(self.1)
+        }
+        fn available(&self, _: &str) -> bool {
+            true
+        }
+    }
+
+    /// One failed request does not move a model's routing: its error rate
+    /// counts by the requests it rests on. A steady failure still does.
+    #[test]
+    fn an_error_rate_counts_by_the_requests_it_rests_on() {
+        let (cfg, r) = setup();
+        let f = features("Prove that there are infinitely many primes, step by step.");
+        let info = RequestInfo::default();
+        let quality = |state: &dyn ModelState| {
+            decide(&cfg, &r, &f, None, None, &info, state)
+                .candidates
+                .iter()
+                .find(|c| c.model == "strong")
+                .unwrap()
+                .quality
+        };
+        let base = quality(&StaticState);
+        let once = LiveSnapshot {
+            requests: 1,
+            errors: 1,
+            error_rate: 0.175,
+            weight: 1.0,
+            ..LiveSnapshot::default()
+        };
+        let q1 = quality(&Measured("strong", once));
+        assert!(q1 < base && q1 > base * 0.98, "{q1} against {base}");
+        let steady = LiveSnapshot {
+            requests: 200,
+            errors: 120,
+            error_rate: 0.6,
+            weight: 1.0,
+            ..LiveSnapshot::default()
+        };
+        let q2 = quality(&Measured("strong", steady));
+        assert!(q2 < base * 0.75, "{q2} against {base}");
+    }
+
     impl ModelState for Down {
         fn live(&self, _: &str) -> Option<LiveSnapshot> {
             None
