@@ -649,47 +649,39 @@ impl Budgets {
     /// spent in its current period (0 when none applies): the router's cue to
     /// favour cheaper candidates.
     pub fn pressure(&self, budgets: &[Budget], scope: Scope<'_>) -> f64 {
-        if budgets.is_empty() {
-            return 0.0;
-        }
-        let ids = scope.budget_ids();
-        let (day, month, _, _) = periods(now_secs());
-        let mut worst = 0.0f64;
-        for b in budgets {
-            if !ids.contains(&b.id()) {
-                continue;
-            }
-            for (p, limit) in [(&day, b.daily_usd), (&month, b.monthly_usd)] {
-                if let Some(limit) = limit.filter(|l| *l > 0.0) {
-                    worst = worst.max(self.spent(&b.id(), p) / limit);
-                }
-            }
-        }
-        worst
+        self.pressure_and_left(budgets, scope).0
     }
 
     /// The least left of any budget this request's tenant, app or key has in
     /// its current period (None when none applies): a candidate expected to
     /// cost more is the router's last choice.
     pub fn left(&self, budgets: &[Budget], scope: Scope<'_>) -> Option<f64> {
+        self.pressure_and_left(budgets, scope).1
+    }
+
+    /// [`Budgets::pressure`] and [`Budgets::left`] in one pass (one lock of
+    /// the spend per budget period, on the request's thread).
+    pub fn pressure_and_left(&self, budgets: &[Budget], scope: Scope<'_>) -> (f64, Option<f64>) {
         if budgets.is_empty() {
-            return None;
+            return (0.0, None);
         }
         let ids = scope.budget_ids();
         let (day, month, _, _) = periods(now_secs());
-        let mut least: Option<f64> = None;
+        let (mut worst, mut least) = (0.0f64, None::<f64>);
         for b in budgets {
             if !ids.contains(&b.id()) {
                 continue;
             }
             for (p, limit) in [(&day, b.daily_usd), (&month, b.monthly_usd)] {
                 if let Some(limit) = limit.filter(|l| *l > 0.0) {
-                    let left = (limit - self.spent(&b.id(), p)).max(0.0);
-                    least = Some(least.map_or(left, |l: f64| l.min(left)));
+                    let spent = self.spent(&b.id(), p);
+                    worst = worst.max(spent / limit);
+                    let left = (limit - spent).max(0.0);
+                    least = Some(least.map_or(left, |l| l.min(left)));
                 }
             }
         }
-        least
+        (worst, least)
     }
 
     /// Every configured budget with its spend, limit and burn rate in the
@@ -1090,6 +1082,15 @@ impl Quotas {
     /// What is left of the budgets on this scope (see [`Budgets::left`]).
     pub fn budget_left(&self, budgets: &[Budget], scope: Scope<'_>) -> Option<f64> {
         self.budgets.left(budgets, scope)
+    }
+
+    /// [`Quotas::budget_pressure`] and [`Quotas::budget_left`] in one pass.
+    pub fn budget_pressure_and_left(
+        &self,
+        budgets: &[Budget],
+        scope: Scope<'_>,
+    ) -> (f64, Option<f64>) {
+        self.budgets.pressure_and_left(budgets, scope)
     }
 
     /// May a request estimated at `estimate` go to `model`? With a
@@ -1637,6 +1638,11 @@ mod tests {
         assert!((left - 0.01).abs() < 1e-9, "{left}");
         assert_eq!(quotas.budget_left(&cfg.keys.budgets, other), None);
         assert_eq!(quotas.budget_left(&[], ACME), None);
+        let (pressure, left_too) = quotas.budget_pressure_and_left(&cfg.keys.budgets, ACME);
+        assert!(
+            pressure > 0.98 && left_too == Some(left),
+            "{pressure} {left_too:?}"
+        );
     }
 
     /// A request that does not cap its answer holds a typical answer's

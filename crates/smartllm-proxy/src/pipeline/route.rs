@@ -507,18 +507,17 @@ async fn decide(
 ) -> Decision {
     // One embedding per request: the cache's when it made one.
     let embedding = ctx.cache_insert.as_ref().and_then(|p| p.embedding.clone());
+    let (budget_pressure, budget_left_usd) = shared
+        .quotas
+        .budget_pressure_and_left(&rt.config.keys.budgets, ctx.scope());
     let info = RequestInfo {
         headers: rule_headers(session),
         tenant: &ctx.tenant,
         app: &ctx.app,
         key: &ctx.key_name,
         user: req.body.get("user").and_then(Value::as_str),
-        budget_pressure: shared
-            .quotas
-            .budget_pressure(&rt.config.keys.budgets, ctx.scope()),
-        budget_left_usd: shared
-            .quotas
-            .budget_left(&rt.config.keys.budgets, ctx.scope()),
+        budget_pressure,
+        budget_left_usd,
     };
     let task_vector = ctx.task_vector.clone();
     let (d, features) = decide_with(
