@@ -646,21 +646,10 @@ impl Budgets {
     }
 
     /// The highest share of any budget this request's tenant, app or key has
-    /// spent in its current period (0 when none applies): the router's cue to
-    /// favour cheaper candidates.
-    pub fn pressure(&self, budgets: &[Budget], scope: Scope<'_>) -> f64 {
-        self.pressure_and_left(budgets, scope).0
-    }
-
-    /// The least left of any budget this request's tenant, app or key has in
-    /// its current period (None when none applies): a candidate expected to
-    /// cost more is the router's last choice.
-    pub fn left(&self, budgets: &[Budget], scope: Scope<'_>) -> Option<f64> {
-        self.pressure_and_left(budgets, scope).1
-    }
-
-    /// [`Budgets::pressure`] and [`Budgets::left`] in one pass (one lock of
-    /// the spend per budget period, on the request's thread).
+    /// spent in its current period (0 when none applies: the router's cue to
+    /// favour cheaper candidates), and the least any of them has left (None
+    /// when none applies: a candidate expected to cost more is the router's
+    /// last choice). One pass, one lock of the spend per budget period.
     pub fn pressure_and_left(&self, budgets: &[Budget], scope: Scope<'_>) -> (f64, Option<f64>) {
         if budgets.is_empty() {
             return (0.0, None);
@@ -1074,17 +1063,8 @@ impl Quotas {
         }
     }
 
-    /// The budgets' pressure on this scope (see [`Budgets::pressure`]).
-    pub fn budget_pressure(&self, budgets: &[Budget], scope: Scope<'_>) -> f64 {
-        self.budgets.pressure(budgets, scope)
-    }
-
-    /// What is left of the budgets on this scope (see [`Budgets::left`]).
-    pub fn budget_left(&self, budgets: &[Budget], scope: Scope<'_>) -> Option<f64> {
-        self.budgets.left(budgets, scope)
-    }
-
-    /// [`Quotas::budget_pressure`] and [`Quotas::budget_left`] in one pass.
+    /// The budgets' pressure on this scope and what they have left (see
+    /// [`Budgets::pressure_and_left`]).
     pub fn budget_pressure_and_left(
         &self,
         budgets: &[Budget],
@@ -1631,18 +1611,17 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
-        assert!(quotas.budget_pressure(&cfg.keys.budgets, ACME) > 0.98);
-        // What is left: the daily limit less the spend; another tenant has
-        // no budget, so nothing bounds it.
-        let left = quotas.budget_left(&cfg.keys.budgets, ACME).unwrap();
+        // The pressure, and what is left: the daily limit less the spend;
+        // another tenant has no budget, so nothing bounds it.
+        let (pressure, left) = quotas.budget_pressure_and_left(&cfg.keys.budgets, ACME);
+        assert!(pressure > 0.98, "{pressure}");
+        let left = left.unwrap();
         assert!((left - 0.01).abs() < 1e-9, "{left}");
-        assert_eq!(quotas.budget_left(&cfg.keys.budgets, other), None);
-        assert_eq!(quotas.budget_left(&[], ACME), None);
-        let (pressure, left_too) = quotas.budget_pressure_and_left(&cfg.keys.budgets, ACME);
-        assert!(
-            pressure > 0.98 && left_too == Some(left),
-            "{pressure} {left_too:?}"
+        assert_eq!(
+            quotas.budget_pressure_and_left(&cfg.keys.budgets, other),
+            (0.0, None)
         );
+        assert_eq!(quotas.budget_pressure_and_left(&[], ACME), (0.0, None));
     }
 
     /// A request that does not cap its answer holds a typical answer's
