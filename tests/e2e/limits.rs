@@ -322,6 +322,59 @@ fn a_budget_degrade_keeps_to_the_routes_rules() {
     assert_eq!(e["code"], "budget_exceeded");
     assert!(e["message"].as_str().unwrap().contains("rule:pii"), "{e}");
     assert_eq!(mock.requests(), before, "nothing went upstream");
+    // Nor does it open a model the key may not use, or serve a dearer one:
+    // bob may use big only; carol's budget names the dearer big.
+    gw.config.write(
+        "keys.yaml",
+        &format!(
+            "keys:\n  - name: bob\n    sha256: {}\n    tenant: beta\n    app: cli\n    models: [big]\n  - name: carol\n    sha256: {}\n    tenant: gamma\n    app: web\nbudgets:\n  - scope: key\n    name: bob\n    monthly_usd: 0.000000001\n    on_exceed: degrade\n    degrade_to: small\n  - scope: key\n    name: carol\n    monthly_usd: 0.000000001\n    on_exceed: degrade\n    degrade_to: big\n",
+            sha("sk-bob-2"),
+            sha("sk-carol-3")
+        ),
+    );
+    let ask_as = |key: &str, model: &str| {
+        let body = serde_json::to_vec(&chat_body(model, "Hello there")).unwrap();
+        let auth = format!("Bearer {key}");
+        request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("Authorization", &auth)],
+            &body,
+        )
+        .unwrap()
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || ask_as("sk-carol-3", "small")
+            .status
+            == 429),
+        "the reload took"
+    );
+    let before = mock.requests();
+    let dear = ask_as("sk-carol-3", "small");
+    assert!(
+        dear.api_error()["message"]
+            .as_str()
+            .unwrap()
+            .contains("it costs more than 'small'"),
+        "{}",
+        dear.text()
+    );
+    let barred = ask_as("sk-bob-2", "big");
+    assert_eq!(barred.status, 429, "{}", barred.text());
+    let e = barred.api_error();
+    assert_eq!(e["code"], "budget_exceeded");
+    assert!(
+        e["message"]
+            .as_str()
+            .unwrap()
+            .contains("key 'bob' may not use it"),
+        "{e}"
+    );
+    assert_eq!(mock.requests(), before, "nothing went upstream");
+    assert!(gw
+        .log_text()
+        .contains("budgets[0].degrade_to: key \"bob\" may not use \"small\""));
 }
 
 /// A budget spent to just short of its limit refuses requests that would

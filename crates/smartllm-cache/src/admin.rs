@@ -125,10 +125,12 @@ impl SemanticCache {
                 let _ = std::fs::remove_file(p);
             }
             gauge!(m::INDEX_VECTORS).set(0.0);
+            self.unreadable_kept.store(0, Ordering::Relaxed);
+            gauge!(m::UNREADABLE).set(0.0);
             counter!(m::REMOVED, "reason" => "purge").increment(n);
             return Ok(n);
         }
-        let (n, _) = self.remove_where(|e| what.covers(e), false)?;
+        let (n, _, _) = self.remove_where(|e| what.covers(e), false)?;
         counter!(m::REMOVED, "reason" => "purge").increment(n);
         Ok(n)
     }
@@ -200,8 +202,15 @@ impl SemanticCache {
     /// one.
     pub fn sweep(&self, stale: impl Fn(&Entry) -> bool) -> Result<u64, CacheError> {
         let now = now_secs();
-        let (n, resealed) = self.remove_where(|e| e.expired(now) || stale(e), true)?;
+        let (n, resealed, kept) = self.remove_where(|e| e.expired(now) || stale(e), true)?;
         counter!(m::REMOVED, "reason" => "expired").increment(n);
+        gauge!(m::UNREADABLE).set(kept as f64);
+        if kept > 0 && self.unreadable_kept.swap(kept, Ordering::Relaxed) != kept {
+            tracing::warn!(
+                entries = kept,
+                "cache entries that no configured key opens (cache.encryption_key_file, encryption_old_key_files) are kept but not served: if the key file is wrong, restore it and restart; `smartllm cache purge --all` removes them"
+            );
+        }
         gauge!(m::BYTES).set(self.store.info().live_data_bytes as f64);
         if resealed > 0 {
             tracing::info!(
@@ -212,15 +221,19 @@ impl SemanticCache {
         Ok(n)
     }
 
-    /// Remove the entries `pred` picks and the unreadable ones; with `reseal`,
-    /// re-seal those sealed with an old key. Returns (removed, re-sealed).
+    /// Remove the entries `pred` picks and the unreadable ones (in the clear
+    /// when there is a key, or corrupt), but not those sealed with a key
+    /// that is not configured: a wrong key file must not cost the cache
+    /// (only a purge of everything removes them). With `reseal`, re-seal
+    /// those sealed with an old key. Returns (removed, re-sealed, kept
+    /// unread).
     fn remove_where(
         &self,
         pred: impl Fn(&Entry) -> bool,
         reseal: bool,
-    ) -> Result<(u64, u64), CacheError> {
+    ) -> Result<(u64, u64, u64), CacheError> {
         let mut doomed = Vec::new();
-        let mut resealed = 0u64;
+        let (mut resealed, mut kept) = (0u64, 0u64);
         for item in self
             .db()
             .iterator_cf(self.cf(CF_ENTRIES), IteratorMode::Start)
@@ -236,12 +249,13 @@ impl SemanticCache {
                     resealed += 1;
                 }
                 Ok(_) => {}
+                Err(crate::CodecError::Decrypt) => kept += 1,
                 Err(_) => doomed.push((id, unsealed_exact(&v))),
             }
         }
         let n = doomed.len() as u64;
         self.remove_ids(&doomed)?;
-        Ok((n, resealed))
+        Ok((n, resealed, kept))
     }
 
     /// The cache's sealing (its key, when `encryption_key_file` is set):

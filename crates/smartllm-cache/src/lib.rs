@@ -71,6 +71,8 @@ pub mod metric_names {
     pub const INSERTS: &str = "smartllm_cache_inserts_total";
     pub const REMOVED: &str = "smartllm_cache_removed_total";
     pub const BYTES: &str = "smartllm_cache_bytes";
+    /// Entries no configured key opens, kept but never served.
+    pub const UNREADABLE: &str = "smartllm_cache_unreadable_entries";
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -128,6 +130,9 @@ pub struct SemanticCache {
     /// too) was under way and taken as that build: should it fail, the
     /// rebuild is retried like one of its own.
     rebuild_merged: Arc<AtomicBool>,
+    /// Entries sealed with a key that is not configured, as the last sweep
+    /// counted them (kept, never served): said in the log when it changes.
+    unreadable_kept: AtomicU64,
     dirty: AtomicBool,
     /// The verifier's recent scores by (query, cached query): a paraphrase
     /// asked again is judged without running the model (only `try_lock`ed:

@@ -129,6 +129,7 @@ impl SemanticCache {
             flat_rebuild_max: AtomicUsize::new(flat_rebuild_max()),
             rebuild_retry_at: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             rebuild_merged: Arc::new(AtomicBool::new(false)),
+            unreadable_kept: std::sync::atomic::AtomicU64::new(0),
             dirty: AtomicBool::new(false),
             verdicts: Mutex::new(LruCache::new(
                 NonZeroUsize::new(crate::VERDICTS).expect("non-zero"),
@@ -456,11 +457,14 @@ impl SemanticCache {
                         _ => None,
                     }
                 }
-                // Sealed with a key that is gone, or bound elsewhere:
-                // nobody can read it here.
+                // Sealed with a key that is not configured here, or bound
+                // elsewhere: nobody can read it here, and nothing serves
+                // it. Kept as it is: a wrong key file must not cost the
+                // cache (with the right key back, it serves again); a
+                // purge removes it.
                 None => {
                     unreadable += 1;
-                    None
+                    continue;
                 }
             };
             match keep {
@@ -485,15 +489,15 @@ impl SemanticCache {
         );
         self.db().write(batch)?;
         if unreadable > 0 {
-            // Loud: with a wrong key file, this is the whole cache going.
+            // Loud: with a wrong key file, this is the whole cache unseen.
             tracing::warn!(
                 vectors = unreadable,
-                "cache vectors that no configured key opens (cache.encryption_key_file, encryption_old_key_files) were removed, and entries no key opens are removed when read: if the key file is wrong, stop the gateway and restore it (or list the old key in encryption_old_key_files)"
+                "cache vectors that no configured key opens (cache.encryption_key_file, encryption_old_key_files) are kept but not served, and so are entries no key opens: if the key file is wrong, restore it (or list the old key in encryption_old_key_files) and restart; `smartllm cache purge` removes them"
             );
         }
-        if n > unreadable {
+        if n > 0 {
             tracing::info!(
-                vectors = n - unreadable,
+                vectors = n,
                 embedded_again = embedded,
                 "cache vectors stored in the clear, unbound or with an old key were sealed with the current key, bound to their ids (those in the clear or unbound replaced by their entries' questions embedded again; removed beside an entry in the clear or none)"
             );
@@ -1309,6 +1313,7 @@ mod tests {
             let codec = Codec::from_key_file(&key_file).unwrap();
             SemanticCache::open(store, emb.clone(), codec, 10, 300, Some(dir.path())).unwrap()
         };
+        let va_moved: Vec<u8>;
         let (a, b) = (
             key("How do I reset my password?"),
             key("What is the capital of France?"),
@@ -1354,6 +1359,7 @@ mod tests {
             assert!(cache.unseal_vector(&va, idb).is_none());
             // a's vector moved under b's id: b's entry is not found by it.
             cache.db().put_cf(vectors, idb.to_be_bytes(), &va).unwrap();
+            va_moved = va.to_vec();
             cache.set_ivf_threshold(usize::MAX);
             assert_eq!(cache.rebuild().unwrap(), Rebuilt::Now(1));
             match cache.lookup(&para, &p, 8).await.unwrap() {
@@ -1408,14 +1414,15 @@ mod tests {
             cache.unseal_vector(&va, ida).is_some(),
             "sealed bound at open"
         );
-        assert!(
-            cache
-                .db()
-                .get_cf(vectors, idb.to_be_bytes())
-                .unwrap()
-                .is_none(),
-            "the moved one is removed"
-        );
+        // The moved one opens nowhere: kept as found (as anything no key
+        // here opens: a wrong key file must not cost the cache), unread.
+        let vb = cache
+            .db()
+            .get_cf(vectors, idb.to_be_bytes())
+            .unwrap()
+            .unwrap();
+        assert_eq!(vb, va_moved, "the moved one is kept as found");
+        assert!(cache.unseal_vector(&vb, idb).is_none());
         let at_c = cache
             .db()
             .get_cf(vectors, idc.to_be_bytes())
@@ -1823,14 +1830,23 @@ mod tests {
             assert!(paraphrase_hits(cache.clone()).await);
             flush(&cache);
         }
-        // A key that opens none of them: they are removed, not loaded.
+        // A key that opens none of them (a wrong key file): not loaded,
+        // and kept; with the right key back, all of them serve again.
         {
             let cache = with(Codec::from_key_file(&a).unwrap(), 300);
             assert_eq!(
                 (cache.stats().index_vectors, vectors_stored(&cache)),
-                (0, 0)
+                (0, 301)
             );
             assert!(fingerprint_of_mark(&cache).is_some());
+            flush(&cache);
+        }
+        {
+            let cache = with(Codec::from_key_file(&b).unwrap(), 300);
+            assert_eq!(cache.stats().index_vectors, 301, "the right key back");
+            assert!(paraphrase_hits(cache.clone()).await);
+            // (The wrong key's start dropped the saved index: trained again.)
+            wait_ivf(&cache);
             flush(&cache);
         }
         // Opened without a key: the mark goes (vectors may be stored in the clear now).

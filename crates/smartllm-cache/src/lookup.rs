@@ -1769,10 +1769,12 @@ mod tests {
     /// their vectors at open);
     /// after a rotation, entries sealed with the old key are served and
     /// re-sealed with the new one (on read, and by the sweep); a cache without
-    /// the right key serves nothing it cannot open, and fails no lookup.
+    /// the right key serves nothing it cannot open, fails no lookup and
+    /// removes none of it (the right key back, all is served).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn plain_entries_are_refused_and_old_keys_are_read_and_resealed() {
-        use smartllm_store::{CF_ENTRIES, CF_EXACT};
+        use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_VECTORS};
+        use std::sync::atomic::Ordering;
         let dir = tempfile::tempdir().unwrap();
         let keys = tempfile::tempdir().unwrap();
         let key_file = |name: &str, byte: u8| {
@@ -1913,10 +1915,47 @@ mod tests {
                 );
             }
         }
-        // A wrong key (with a wrong old one): misses, no errors.
-        let cache = open(Codec::from_key_files(&c, std::slice::from_ref(&a)).unwrap());
-        for k in [&password, &borrow, &ownership] {
-            assert_eq!(response(cache.lookup(k, &p, 8).await.unwrap()), None);
+        // A wrong key (with a wrong old one): misses, no errors, and
+        // nothing is lost: the entries and vectors are kept (at open, on
+        // read and by the sweep), unread.
+        {
+            let cache = open(Codec::from_key_files(&c, std::slice::from_ref(&a)).unwrap());
+            for k in [&password, &borrow, &ownership] {
+                assert_eq!(response(cache.lookup(k, &p, 8).await.unwrap()), None);
+            }
+            let para = key("t1", "Can you explain Rust's borrow checker?");
+            assert_eq!(response(cache.lookup(&para, &p, 8).await.unwrap()), None);
+            assert_eq!(cache.sweep(|_| true).unwrap(), 0);
+            assert_eq!(cache.unreadable_kept.load(Ordering::Relaxed), 3);
+            assert_eq!(stored(&cache, CF_ENTRIES).len(), 3);
+            assert_eq!(stored(&cache, CF_VECTORS).len(), 3);
+            // A purge of a target leaves them; only one of everything
+            // removes them (below, on a copy of the store).
+            cache.purge(&Purge::Route("auto".into())).unwrap();
+            assert_eq!(stored(&cache, CF_ENTRIES).len(), 3);
         }
+        // The right key back: everything is served again, paraphrases too.
+        {
+            let cache = open(Codec::from_key_file(&b).unwrap());
+            for (k, want) in [(&password, "a-1"), (&borrow, "a-2"), (&ownership, "b-3")] {
+                assert_eq!(
+                    response(cache.lookup(k, &p, 8).await.unwrap()).as_deref(),
+                    Some(want)
+                );
+            }
+            let para = key("t1", "Can you explain Rust's borrow checker?");
+            assert_eq!(
+                response(cache.lookup(&para, &p, 8).await.unwrap()).as_deref(),
+                Some("a-2")
+            );
+        }
+        // A purge of everything under a wrong key removes them.
+        let cache = open(Codec::from_key_file(&c).unwrap());
+        cache.purge(&Purge::All).unwrap();
+        assert_eq!(
+            stored(&cache, CF_ENTRIES).len() + stored(&cache, CF_VECTORS).len(),
+            0
+        );
+        assert_eq!(cache.unreadable_kept.load(Ordering::Relaxed), 0);
     }
 }

@@ -339,6 +339,29 @@ impl KeysConfig {
                 ));
             }
         }
+        // A degrade budget whose target a key in its scope may not use
+        // refuses that key's requests instead (the budget never opens a
+        // model the key's `models` leaves out).
+        for (i, b) in self.budgets.iter().enumerate() {
+            let OnExceed::Degrade(target) = &b.on_exceed else {
+                continue;
+            };
+            for k in &self.keys {
+                let in_scope = match b.scope {
+                    BudgetScope::Tenant => k.tenant == b.name,
+                    BudgetScope::App => {
+                        b.name.split_once('/') == Some((k.tenant.as_str(), k.app.as_str()))
+                    }
+                    BudgetScope::Key => k.name == b.name,
+                };
+                if in_scope && !k.models.is_empty() && !k.models.contains(target) {
+                    out.push(format!(
+                        "keys.yaml budgets[{i}].degrade_to: key {:?} may not use {target:?} (not in its models), so once this budget is used up its requests are refused, not degraded",
+                        k.name
+                    ));
+                }
+            }
+        }
         for name in self.apps.keys() {
             if !known(BudgetScope::App, name) {
                 out.push(format!(

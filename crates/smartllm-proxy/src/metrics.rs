@@ -254,7 +254,11 @@ pub fn install() -> PrometheusHandle {
         describe_counter!(c::INSERTS, "Answers stored in the cache.");
         describe_counter!(
             c::REMOVED,
-            "Cache entries removed, by reason (expired, purge, unreadable)."
+            "Cache entries removed, by reason (expired, purge, unreadable: in the clear with a key set, or corrupt)."
+        );
+        describe_gauge!(
+            c::UNREADABLE,
+            "Cache entries sealed with a key that is not configured, as the last sweep counted them: kept, never served (a wrong cache.encryption_key_file)."
         );
         describe_gauge!(c::BYTES, "Estimated live bytes in RocksDB.");
         describe_gauge!(smartllm_ledger::METRIC_COST, "USD spent (from upstream usage and model prices), by tenant, app and model; only increases.");

@@ -328,6 +328,27 @@ mod tests {
         );
     }
 
+    /// A degrade budget whose target a key in its scope may not use is a
+    /// warning naming the key (its requests are refused there, not
+    /// degraded); a key that lists the target, or lists nothing, is fine.
+    #[test]
+    fn a_degrade_target_a_key_may_not_use_is_named() {
+        let models = format!("{MODELS}  - name: tiny\n    deployments:\n      - provider: mock\n        model: mock-tiny\n");
+        let keys = "keys:\n  - { name: a, sha256: 2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881, tenant: acme, models: [small] }\n  - { name: b, sha256: 3d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881, tenant: acme, models: [small, tiny] }\n  - { name: c, sha256: 4d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881, tenant: acme }\nbudgets:\n  - { scope: tenant, name: acme, daily_usd: 1, on_exceed: degrade, degrade_to: tiny }\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, &models),
+            (KEYS_FILE, keys),
+        ]);
+        let w = load_dir(dir.path()).unwrap().keys.unmatched();
+        assert_eq!(w.len(), 1, "{w:?}");
+        assert!(
+            w[0].starts_with("keys.yaml budgets[0].degrade_to: key \"a\" may not use \"tiny\""),
+            "{w:?}"
+        );
+    }
+
     /// A budget or app limit naming no listed key's tenant, app or key is a
     /// warning (it would apply to nobody); a '/' in a tenant or app name is
     /// an error (`acme` + `web/v2` and `acme/web` + `v2` would be one app).

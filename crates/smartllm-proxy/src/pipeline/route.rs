@@ -159,7 +159,26 @@ pub async fn plan(
                 // request (data a rule keeps from its provider, a prompt
                 // beyond its window, images it cannot read): the budget
                 // refuses rather than breaking the rule or the request.
-                if let Some((_, why)) = ruled_out.iter().find(|(m, _)| *m == to.name) {
+                // Nor does a budget open a model the key may not use, or
+                // serve a dearer one than was chosen.
+                let why = ruled_out
+                    .iter()
+                    .find(|(m, _)| *m == to.name)
+                    .map(|(_, why)| why.to_string())
+                    .or_else(|| {
+                        let vk = ctx.key.as_ref()?;
+                        let listed = |m: &String| {
+                            *m == to.name
+                                || cfg.resolve_model(m).is_some_and(|(x, _)| x.name == to.name)
+                        };
+                        (!vk.models.is_empty() && !vk.models.iter().any(listed))
+                            .then(|| format!("key '{}' may not use it", vk.name))
+                    })
+                    .or_else(|| {
+                        (estimate(to).total() > estimate(model).total())
+                            .then(|| format!("it costs more than '{}'", model.name))
+                    });
+                if let Some(why) = why {
                     return Err(ApiError::new(
                         429,
                         "insufficient_quota",
