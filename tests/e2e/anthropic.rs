@@ -1136,10 +1136,11 @@ fn what_the_cache_key_cannot_see_is_never_answered_from_the_cache() {
 
 #[test]
 fn a_substitute_models_answer_is_not_cached_as_the_asked_models() {
-    // Every request passes the key's tiny budget: claude degrades to small.
+    // Every request passes the key's tiny budget: claude degrades to the
+    // cheaper plain.
     let (_mock, gw) = gateway_with_budgets(
         &["--words", "12"],
-        "budgets:\n  - scope: key\n    name: cc\n    monthly_usd: 0.000000001\n    on_exceed: degrade\n    degrade_to: small\n",
+        "budgets:\n  - scope: key\n    name: cc\n    monthly_usd: 0.000000001\n    on_exceed: degrade\n    degrade_to: plain\n",
     );
     let q = br#"{"model":"claude","max_tokens":20,"messages":[{"role":"user","content":"What is the capital of Peru?"}]}"#;
     let stored = cache_entries(&gw);
@@ -1148,7 +1149,7 @@ fn a_substitute_models_answer_is_not_cached_as_the_asked_models() {
         assert_eq!(r.status, 200, "{}", r.text());
         assert_eq!(
             r.header("x-smartllm-model"),
-            Some("small"),
+            Some("plain"),
             "{:?}",
             r.headers
         );
@@ -1157,7 +1158,7 @@ fn a_substitute_models_answer_is_not_cached_as_the_asked_models() {
         assert_eq!(
             cache_entries(&gw),
             stored,
-            "small's answer stored as claude's"
+            "plain's answer stored as claude's"
         );
     }
 }

@@ -374,7 +374,7 @@ fn a_budget_degrade_keeps_to_the_routes_rules() {
     assert_eq!(mock.requests(), before, "nothing went upstream");
     assert!(gw
         .log_text()
-        .contains("budgets[0].degrade_to: key \"bob\" may not use \"small\""));
+        .contains(r#"budgets[0].degrade_to: key \"bob\" may not use \"small\""#));
 }
 
 /// A budget spent to just short of its limit refuses requests that would

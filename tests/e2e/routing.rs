@@ -814,7 +814,8 @@ fn a_circuit_is_per_model_and_deployments_on_one_address_are_each_tried() {
     let circuit = |id: String| gw.metric("smartllm_circuit_state", &[("deployment", &id)]);
     for i in 0..2 {
         let r = gw.chat(&chat_body("hot", &format!("hot {i}")));
-        assert!(r.status >= 500, "{}: {}", r.status, r.text());
+        // (A 529 reaches an OpenAI client as the 503 its SDK knows.)
+        assert_eq!(r.status, 503, "{}", r.text());
     }
     assert!(
         wait_until(Duration::from_secs(5), || circuit(format!(

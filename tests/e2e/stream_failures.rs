@@ -233,6 +233,51 @@ fn openai_error_event_mid_stream_is_a_failure_everywhere() {
     assert_eq!(mock.requests(), 6);
 }
 
+/// An event that is no JSON never reaches the client: the stream ends
+/// there with the gateway's error event and [DONE], a failure counted as
+/// `malformed_stream`, and nothing is stored in the cache.
+#[test]
+fn an_event_that_is_no_json_ends_the_stream_with_the_gateways_error() {
+    let (mock, gw) = gateway(3);
+    let body = json!({"model": "small", "stream": true, "messages": [{"role": "user", "content": "tell me a story"}], "mock": {"fault": "malformed-sse"}});
+    let r = stream(&gw, "oai-malformed", &body);
+    assert_eq!(r.status, 200);
+    assert!(!r.text().contains("garbage"), "{}", r.text());
+    let data = r.sse_data();
+    assert_eq!(
+        data.last().map(String::as_str),
+        Some("[DONE]"),
+        "{}",
+        r.text()
+    );
+    let err: Value = serde_json::from_str(&data[data.len() - 2]).unwrap();
+    assert_eq!(
+        err["error"]["code"],
+        "upstream_invalid_stream",
+        "{}",
+        r.text()
+    );
+    for d in &data[..data.len() - 1] {
+        serde_json::from_str::<Value>(d).unwrap_or_else(|e| panic!("{d}: {e}"));
+    }
+    let line = log_line(&gw, "oai-malformed");
+    assert_eq!(line["error"], "upstream_invalid_stream", "{line}");
+    assert_eq!(
+        gw.metric(
+            "smartllm_upstream_errors_total",
+            &[("provider", "oai"), ("reason", "malformed_stream")],
+        ),
+        1.0
+    );
+    wait_live_errors(&gw, "small", 1);
+    // Not stored: the same request (without the fault) goes upstream again.
+    let before = mock.requests();
+    let mut clean = body.clone();
+    clean.as_object_mut().unwrap().remove("mock");
+    assert_eq!(stream(&gw, "oai-after", &clean).status, 200);
+    assert_eq!(mock.requests(), before + 1);
+}
+
 #[test]
 fn anthropic_error_event_mid_stream_is_a_failure_everywhere() {
     let (mock, gw) = gateway(3);

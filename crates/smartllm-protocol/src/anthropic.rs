@@ -809,6 +809,8 @@ pub fn error_to_openai(status: u16, body: &[u8]) -> Vec<u8> {
 #[derive(Debug)]
 pub struct AnthropicStream {
     parser: SseParser,
+    /// A `data:` event that is no JSON came: the stream is broken.
+    pub malformed: bool,
     id: String,
     model: String,
     created: u64,
@@ -844,6 +846,7 @@ impl AnthropicStream {
     pub fn new(model: &str, include_usage: bool) -> Self {
         AnthropicStream {
             parser: SseParser::default(),
+            malformed: false,
             id: "chatcmpl-anthropic".into(),
             model: model.to_string(),
             created: crate::time::now_secs(),
@@ -925,6 +928,11 @@ impl AnthropicStream {
         }
 
         let parsed = serde_json::from_str::<Value>(&ev.data);
+        if parsed.is_err() && !ev.data.trim().is_empty() {
+            // Not passed on; the stream is broken (the gateway ends it).
+            self.malformed = true;
+            return;
+        }
         let kind = ev
             .event
             .clone()

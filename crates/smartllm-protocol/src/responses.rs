@@ -406,6 +406,8 @@ pub fn usage_of(response: &Value) -> Option<Usage> {
 #[derive(Debug, Default)]
 pub struct ResponsesStreamReader {
     parser: SseParser,
+    /// A `data:` event that is no JSON came: the stream is broken.
+    pub malformed: bool,
     /// The response's id (from `response.created`, or its terminal event).
     pub id: Option<String>,
     pub usage: Option<Usage>,
@@ -430,6 +432,7 @@ impl ResponsesStreamReader {
         for ev in self.parser.feed(chunk)? {
             let kind = ev.event.clone().unwrap_or_default();
             let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+                self.malformed |= !ev.data.trim().is_empty();
                 continue;
             };
             let kind = if kind.is_empty() {

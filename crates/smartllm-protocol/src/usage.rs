@@ -161,6 +161,15 @@ pub struct OpenAiStreamFilter {
     /// no start). Until then nothing generated would be lost by asking
     /// another deployment.
     pub started: bool,
+    /// A `data:` event that is no JSON came (and was not passed on): the
+    /// stream is broken, and ends with the gateway's error.
+    pub malformed: bool,
+}
+
+/// Whether an event's data is something other than JSON (checked without
+/// building it; an event of no data, a comment or a keep-alive, is fine).
+pub fn malformed_event(data: &str) -> bool {
+    !data.trim().is_empty() && serde_json::from_str::<serde::de::IgnoredAny>(data).is_err()
 }
 
 /// Whether a chat completion (or chunk) has a choice that ended at the
@@ -282,6 +291,7 @@ impl OpenAiStreamFilter {
             finished_choices: Vec::new(),
             tier: ServiceTier::Standard,
             started: false,
+            malformed: false,
         }
     }
 
@@ -306,6 +316,10 @@ impl OpenAiStreamFilter {
         if let Some(e) = StreamError::from_event(ev) {
             self.error.get_or_insert(e);
             return true;
+        }
+        if self.malformed || malformed_event(&ev.data) {
+            self.malformed = true;
+            return false;
         }
         if let Some(at) = ev.data.find("\"delta\"") {
             // From the delta on (a provider may repeat the whole message
@@ -403,6 +417,26 @@ impl OpenAiStreamFilter {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An event that is no JSON is not passed on and marks the stream
+    /// broken (so is everything after it); keep-alive comments and events
+    /// without data are fine.
+    #[test]
+    fn an_event_that_is_no_json_breaks_the_stream() {
+        let mut f = OpenAiStreamFilter::new(false);
+        let ok = f
+            .feed(b": keep-alive\n\nevent: ping\ndata: \n\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n")
+            .unwrap();
+        assert!(!f.malformed);
+        assert!(String::from_utf8(ok).unwrap().contains("Hi"));
+        let out = f
+            .feed(b"data: {\"choices\": [garbage\n\ndata: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" there\"}}]}\n\n")
+            .unwrap();
+        assert!(f.malformed);
+        assert!(out.is_empty(), "{}", String::from_utf8_lossy(&out));
+        assert!(malformed_event("{\"a\": 1"));
+        assert!(!malformed_event(" {\"a\": [1, 2]} "));
+    }
 
     /// The answer begins with its first content, tool call or reasoning
     /// (not with the role-only first chunk); it ends with a finish reason,

@@ -292,13 +292,20 @@ pub(super) async fn once(
                 format!("Provider '{pname}' refused the gateway's request ({status}: {msg}); check the deployment's configuration ({what})."),
             ));
         }
+        // Anthropic's 529 (overloaded) is no status OpenAI's clients know:
+        // theirs is 503, which their SDKs retry.
+        let client_status = if status == 529 && !x.req.endpoint.is_anthropic() {
+            503
+        } else {
+            status
+        };
         if (status == 429 || status >= 500) && x.more_left {
             let msg = serde_json::from_slice::<Value>(&body)
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_string))
                 .unwrap_or_default();
             let mut e = ApiError::new(
-                status,
+                client_status,
                 "upstream_error",
                 "upstream_status",
                 format!("Provider '{pname}' answered {status}: {msg}"),
@@ -313,7 +320,7 @@ pub(super) async fn once(
         // Passed on as the provider sent it: still an error of the request,
         // for the access log, the trace and the ledger.
         ctx.error_code = Some(passed_on_code(status));
-        return match respond::json(session, ctx, status, body, &passthrough).await {
+        return match respond::json(session, ctx, client_status, body, &passthrough).await {
             Ok(()) => Attempt::Done,
             Err(_) => client_gone(ctx),
         };

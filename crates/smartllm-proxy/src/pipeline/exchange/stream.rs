@@ -184,6 +184,14 @@ impl Translator {
     fn window_cut(&self) -> bool {
         matches!(self, Translator::Anthropic(a) if a.window_cut)
     }
+    /// The provider sent a `data:` event that is no JSON.
+    fn malformed(&self) -> bool {
+        match self {
+            Translator::OpenAi(f) => f.malformed,
+            Translator::Anthropic(a) => a.malformed,
+            Translator::Responses(r) => r.malformed,
+        }
+    }
     /// The error the provider reported mid-stream, if it did.
     fn upstream_error(&self) -> Option<&StreamError> {
         match self {
@@ -561,89 +569,103 @@ pub(super) async fn relay(
             last_bytes = Instant::now();
         }
         match r {
-            Ok(Ok(Some(chunk))) => match tr.feed(&chunk) {
-                Ok(canonical) => {
-                    if let Some(from) = first_token_from.filter(|_| tr.generated()) {
-                        let ttft = from.elapsed();
-                        ctx.ttft = Some(ttft);
-                        metrics::ttft(ctx.model().unwrap_or("-"), pname, ttft.as_secs_f64());
-                        first_token_from = None;
-                    }
-                    // The tenant's own, before the client can ask to go on
-                    // from it (`previous_response_id` right after
-                    // `response.completed`).
-                    if !owned {
-                        if let Some(id) = tr.response_id() {
-                            crate::pipeline::responses::own(x.shared, ctx, req, id);
-                            owned = true;
-                        }
-                    }
-                    if let Some(a) = assembler.as_mut() {
-                        a.feed(&canonical);
-                    }
-                    let mut out = if let Some(f) = framer.as_mut() {
-                        f.feed(chunk)
-                    } else if let Some(enc) = encoder.as_mut() {
-                        Bytes::from(enc.feed(&canonical))
-                    } else {
-                        Bytes::from(canonical)
-                    };
-                    // A provider may quote the key it was sent in its error
-                    // event, as in an error body: the client never sees it.
-                    // Only the events that carry the error are scanned
-                    // (whole: a pass-through stream is cut at event ends).
-                    if tr.upstream_error().is_some() {
-                        out = Bytes::from(scrub(out.to_vec(), x.key.as_deref()));
-                    }
-                    if let Some(h) = held.as_mut() {
-                        if tr.upstream_error().is_some() {
-                            // Failed before the answer began: nothing sent.
-                            break Some((StreamEnd::UpstreamError, stream_error(x, &tr, true)));
-                        }
-                        if !tr.started() && h.holds(out.len()) {
-                            h.events.extend_from_slice(&out);
-                            continue;
-                        }
-                    }
-                    if let Some(h) = held.take() {
-                        streamed_bytes += h.events.len();
-                        if h.open(session, ctx).await.is_err() {
-                            up.shutdown().await;
-                            bill_early_end(ctx, &tr, req, assembler.take()).await;
-                            return client_gone(ctx);
-                        }
-                    }
-                    if !out.is_empty() {
-                        streamed_bytes += out.len();
-                        if session.write_response_body(Some(out), false).await.is_err() {
-                            // The client left: cancel the upstream request, and
-                            // bill what was generated up to here (estimated when
-                            // the upstream had not reported usage yet).
-                            up.shutdown().await;
-                            bill_early_end(ctx, &tr, req, assembler.take()).await;
-                            return client_gone(ctx);
-                        }
-                    }
-                    // The provider's error event went to the client (in the
-                    // client's shape): the answer is over, and failed. (A
-                    // Responses stream's `error` event is followed by its
-                    // `response.failed`, which the client waits for.)
-                    if tr.upstream_error().is_some()
-                        && (tr.complete() || translate != Translate::ResponsesNative)
-                    {
-                        break Some((StreamEnd::UpstreamError, stream_error(x, &tr, false)));
-                    }
-                }
-                Err(e) => {
-                    break Some((
+            Ok(Ok(Some(chunk))) => {
+                match tr.feed(&chunk) {
+                    // An event that is no JSON: not passed on (nor the rest of
+                    // its chunk; a client SDK would choke on it), and the stream
+                    // ends with the gateway's error.
+                    Ok(_) if tr.malformed() => {
+                        break Some((
                         StreamEnd::Malformed,
                         ApiError::bad_gateway(
                             "upstream_invalid_stream",
-                            format!("Provider '{pname}' sent an invalid event stream: {e}."),
+                            format!("Provider '{pname}' sent an event that is not JSON in its stream."),
                         ),
                     ));
+                    }
+                    Ok(canonical) => {
+                        if let Some(from) = first_token_from.filter(|_| tr.generated()) {
+                            let ttft = from.elapsed();
+                            ctx.ttft = Some(ttft);
+                            metrics::ttft(ctx.model().unwrap_or("-"), pname, ttft.as_secs_f64());
+                            first_token_from = None;
+                        }
+                        // The tenant's own, before the client can ask to go on
+                        // from it (`previous_response_id` right after
+                        // `response.completed`).
+                        if !owned {
+                            if let Some(id) = tr.response_id() {
+                                crate::pipeline::responses::own(x.shared, ctx, req, id);
+                                owned = true;
+                            }
+                        }
+                        if let Some(a) = assembler.as_mut() {
+                            a.feed(&canonical);
+                        }
+                        let mut out = if let Some(f) = framer.as_mut() {
+                            f.feed(chunk)
+                        } else if let Some(enc) = encoder.as_mut() {
+                            Bytes::from(enc.feed(&canonical))
+                        } else {
+                            Bytes::from(canonical)
+                        };
+                        // A provider may quote the key it was sent in its error
+                        // event, as in an error body: the client never sees it.
+                        // Only the events that carry the error are scanned
+                        // (whole: a pass-through stream is cut at event ends).
+                        if tr.upstream_error().is_some() {
+                            out = Bytes::from(scrub(out.to_vec(), x.key.as_deref()));
+                        }
+                        if let Some(h) = held.as_mut() {
+                            if tr.upstream_error().is_some() {
+                                // Failed before the answer began: nothing sent.
+                                break Some((StreamEnd::UpstreamError, stream_error(x, &tr, true)));
+                            }
+                            if !tr.started() && h.holds(out.len()) {
+                                h.events.extend_from_slice(&out);
+                                continue;
+                            }
+                        }
+                        if let Some(h) = held.take() {
+                            streamed_bytes += h.events.len();
+                            if h.open(session, ctx).await.is_err() {
+                                up.shutdown().await;
+                                bill_early_end(ctx, &tr, req, assembler.take()).await;
+                                return client_gone(ctx);
+                            }
+                        }
+                        if !out.is_empty() {
+                            streamed_bytes += out.len();
+                            if session.write_response_body(Some(out), false).await.is_err() {
+                                // The client left: cancel the upstream request, and
+                                // bill what was generated up to here (estimated when
+                                // the upstream had not reported usage yet).
+                                up.shutdown().await;
+                                bill_early_end(ctx, &tr, req, assembler.take()).await;
+                                return client_gone(ctx);
+                            }
+                        }
+                        // The provider's error event went to the client (in the
+                        // client's shape): the answer is over, and failed. (A
+                        // Responses stream's `error` event is followed by its
+                        // `response.failed`, which the client waits for.)
+                        if tr.upstream_error().is_some()
+                            && (tr.complete() || translate != Translate::ResponsesNative)
+                        {
+                            break Some((StreamEnd::UpstreamError, stream_error(x, &tr, false)));
+                        }
+                    }
+                    Err(e) => {
+                        break Some((
+                            StreamEnd::Malformed,
+                            ApiError::bad_gateway(
+                                "upstream_invalid_stream",
+                                format!("Provider '{pname}' sent an invalid event stream: {e}."),
+                            ),
+                        ));
+                    }
                 }
-            },
+            }
             Ok(Ok(None)) => {
                 // A response that ends after the answer's end but without
                 // [DONE] is finished below the way clients expect; one that
