@@ -57,6 +57,8 @@ pub const IMPLICIT_CAP: u64 = 20;
 /// was down is expected as before once it is back (the circuit breakers keep
 /// traffic off it while it is down).
 pub const IMPLICIT_TTL_SECS: u64 = 3600;
+/// Outcome zeros weigh half as much this long after the last one.
+pub const IMPLICIT_HALF_LIFE_SECS: u64 = 300;
 
 fn now_secs() -> u64 {
     std::time::SystemTime::now()
@@ -72,6 +74,17 @@ impl Votes {
             self.implicit = 0;
         }
         self
+    }
+
+    /// How many votes these count for at `now`: outcome zeros weigh less
+    /// as they age, halving every [`IMPLICIT_HALF_LIFE_SECS`] after the last
+    /// one, so a model one failure moved comes back without traffic of its
+    /// own (a router that stopped sending it any would never learn it
+    /// recovered); a new failure weighs them all in full again.
+    pub fn weight_at(&self, now: u64) -> f64 {
+        let age = now.saturating_sub(self.implicit_at) as f64;
+        let keep = 0.5f64.powf(age / IMPLICIT_HALF_LIFE_SECS as f64);
+        self.votes as f64 - self.implicit as f64 * (1.0 - keep)
     }
 
     pub fn mean(&self) -> Option<f64> {
@@ -297,22 +310,30 @@ impl FeedbackBook {
     /// The quality the router uses for `tenant`'s requests: `prior` (the
     /// profile's) moved towards the tenant's scores of this model on this task.
     pub fn quality(&self, tenant: &str, model: &str, task: Task, prior: f64) -> f64 {
-        let votes = self.votes_for(tenant, model, task);
+        self.quality_at(tenant, model, task, prior, now_secs())
+    }
+
+    fn quality_at(&self, tenant: &str, model: &str, task: Task, prior: f64, now: u64) -> f64 {
+        let votes = self.votes_for_at(tenant, model, task, now);
         if votes.votes == 0 {
             return prior;
         }
-        (prior * PRIOR_VOTES + votes.sum) / (PRIOR_VOTES + votes.votes as f64)
+        (prior * PRIOR_VOTES + votes.sum) / (PRIOR_VOTES + votes.weight_at(now))
     }
 
     /// The tenant's scores of `model` on `task`.
     pub fn votes_for(&self, tenant: &str, model: &str, task: Task) -> Votes {
+        self.votes_for_at(tenant, model, task, now_secs())
+    }
+
+    fn votes_for_at(&self, tenant: &str, model: &str, task: Task, now: u64) -> Votes {
         let tally = self.votes.load();
         if tally.is_empty() {
             return Votes::default();
         }
         tally
             .get(&(tenant.to_string(), model.to_string(), task))
-            .map(|v| v.at(now_secs()))
+            .map(|v| v.at(now))
             .unwrap_or_default()
     }
 
@@ -405,6 +426,18 @@ mod tests {
         book.failure_at("acme", "m", Task::Code, 10_000);
         let v = book.votes.load()[&("acme".to_string(), "m".to_string(), Task::Code)].at(10_000);
         assert_eq!((v.votes, v.implicit), (2, 1));
+        // It weighs in full at once, half five minutes on, and the model's
+        // quality comes back towards what it was without a request.
+        let q = |at| book.quality_at("acme", "m", Task::Code, 0.8, at);
+        let before = (0.8 * PRIOR_VOTES + 1.0) / (PRIOR_VOTES + 1.0);
+        assert!((q(10_000) - (0.8 * PRIOR_VOTES + 1.0) / (PRIOR_VOTES + 2.0)).abs() < 1e-9);
+        assert!(
+            (q(10_000 + IMPLICIT_HALF_LIFE_SECS) - (0.8 * PRIOR_VOTES + 1.0) / (PRIOR_VOTES + 1.5))
+                .abs()
+                < 1e-9
+        );
+        assert!(q(10_000) < q(10_300) && q(10_300) < q(11_000) && q(11_000) < before);
+        assert!(before - q(10_000 + 6 * IMPLICIT_HALF_LIFE_SECS) < 1e-3);
     }
 
     /// The tally never grows past its bound; keys made up on an open
