@@ -14,7 +14,11 @@ classifier's order) that may win so (words that ask for the task, or a code
 fence or two code markers; not code words alone) is taken, else the whole
 vote decides. Reads nothing of heldout.tsv.
 
-    python3 data/router/tasks/keywords_vote.py
+    python3 data/router/tasks/keywords_vote.py [TRAIN.tsv [MORE.tsv]]
+
+With a second training file (more collections), it is scored with the
+shipped narrowing over the first file's collections, then over all of its
+own.
 """
 import collections
 import os
@@ -118,8 +122,22 @@ def decide(v, flags, narrowing):
     return may[0] if may else top
 
 
+SHIPPED = ("translation", "summarisation", "extraction", "code")
+
+
 def main():
-    train = [tuple(r) for r in rows(os.path.join(HERE, "train.tsv"))]
+    files = sys.argv[1:] or [os.path.join(HERE, "train.tsv")]
+    first = run(files[0])
+    for more in files[1:]:
+        # Another training file (more collections), scored with the shipped
+        # narrowing over the first file's collections, then over all its own.
+        run(more, only=first, sets=[SHIPPED])
+        run(more, sets=[SHIPPED])
+
+
+def run(path, only=None, sets=None):
+    print(f"{path}{' over the first file' + chr(39) + 's collections' if only else ''}:")
+    train = [tuple(r) for r in rows(path)]
     hand = [(r[0], r[1], "handwritten") for r in rows(os.path.join(HERE, "handwritten.tsv"))]
     examples, trained = L.embed(hand + pick_examples(train)), L.embed(train)
     flags = [named(p) for _, p, _ in train]
@@ -134,20 +152,23 @@ def main():
     def score(pred):
         per = collections.defaultdict(list)
         for src in sorted(set(sources)):
+            if only is not None and src not in only:
+                continue
             m = sources == src
             per[labels[m][0]].append((pred[m] == labels[m]).mean())
         tasks = {t: np.mean(a) for t, a in sorted(per.items())}
         return np.mean(list(tasks.values())), "  ".join(f"{t} {x:.0%}" for t, x in tasks.items())
 
-    sets = [(), ("translation", "summarisation"), ("translation", "summarisation", "extraction"),
-            ("translation", "summarisation", "extraction", "code"),
-            ("translation", "summarisation", "extraction", "creative", "code"),
-            ("translation", "summarisation", "extraction", "creative", "code", "reasoning"),
-            tuple(ORDER)]
+    sets = sets or [(), ("translation", "summarisation"), ("translation", "summarisation", "extraction"),
+                    SHIPPED,
+                    ("translation", "summarisation", "extraction", "creative", "code"),
+                    ("translation", "summarisation", "extraction", "creative", "code", "reasoning"),
+                    tuple(ORDER)]
     for narrowing in sets:
         pred = np.array([decide(v[i], flags[i], narrowing) for i in range(len(train))])
         s, detail = score(pred)
         print(f"{s:.1%}  {'+'.join(narrowing) or 'the vote alone'}  ({detail})")
+    return set(sources)
 
 
 if __name__ == "__main__":
