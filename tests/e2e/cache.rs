@@ -789,3 +789,45 @@ fn cache_stores_only_answers_to_serve_again_and_keys_what_changes_them() {
     );
     assert!(mock.requests() >= 7);
 }
+
+/// A routed alias whose rules read a header or the app: what they read is
+/// part of the cache key, so an answer a rule sent to one model is never
+/// replayed to a request the rules send to another (a premium tier pinned
+/// to the stronger model), while requests alike still share their answers.
+#[test]
+fn what_a_routes_rules_read_is_part_of_the_cache_key() {
+    let mock = Mock::start(&[]);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    let models = "models:\n  - name: small\n    deployments:\n      - provider: mock\n        model: mock-small\n  - name: big\n    deployments:\n      - provider: mock\n        model: mock-big\n";
+    let routes = "routes:\n  auto:\n    candidates: [small, big]\n    rules:\n      - name: premium\n        when: { headers: { x-tier: premium } }\n        pin: big\n      - name: cheap\n        pin: small\n";
+    let cfg = ConfigDir::new("", "demo:\n  mode: off\n", &providers, models, routes);
+    cfg.write("cache.yaml", CACHE_ON);
+    let gw = Gateway::start(cfg);
+    let body = serde_json::to_vec(&chat_body("auto", "Which river flows through Vienna?")).unwrap();
+    let ask_with = |headers: &[(&str, &str)]| {
+        request(&gw.addr, "POST", "/v1/chat/completions", headers, &body).unwrap()
+    };
+    let plain = ask_with(&[]);
+    assert_eq!(
+        (cache_header(&plain), plain.header("x-smartllm-model")),
+        ("miss", Some("small"))
+    );
+    wait_cached(&gw, 1);
+    assert_eq!(cache_header(&ask_with(&[])), "hit-exact");
+    // The premium tier is not served small's answer: big answers, and its
+    // answer is served to the premium tier after.
+    let premium = ask_with(&[("x-tier", "premium")]);
+    assert_eq!(
+        (cache_header(&premium), premium.header("x-smartllm-model")),
+        ("miss", Some("big")),
+        "{:?}",
+        premium.headers
+    );
+    wait_cached(&gw, 2);
+    let again = ask_with(&[("x-tier", "premium")]);
+    assert_eq!(cache_header(&again), "hit-exact");
+    assert_eq!(again.json()["model"], premium.json()["model"]);
+    // The header's value is what the rules read: another value is a
+    // namespace of its own.
+    assert_eq!(cache_header(&ask_with(&[("x-tier", "basic")])), "miss");
+}

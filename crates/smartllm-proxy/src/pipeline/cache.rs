@@ -166,6 +166,34 @@ pub async fn phase(
             api = format!("{api}+anthropic-beta={}", betas.join(",")).into();
         }
     }
+    // What the routed alias's rules read beside the prompt (headers, the
+    // app) joins the key: an answer a rule sent to one model is never
+    // replayed to a request a rule sends elsewhere (`x-tier: premium`
+    // pinned to a stronger model, another app's pin).
+    if let Some(r) = request.routed {
+        let mut seen: Vec<String> = Vec::new();
+        for rule in &r.rules {
+            for (name, _) in &rule.when.headers {
+                let value = session
+                    .req_header()
+                    .headers
+                    .get(name.as_str())
+                    .and_then(|v| v.to_str().ok());
+                seen.push(match value {
+                    Some(v) => format!("{name}={v}"),
+                    None => format!("{name}!"),
+                });
+            }
+            if !rule.when.apps.is_empty() {
+                seen.push(format!("app={}", ctx.app));
+            }
+        }
+        seen.sort_unstable();
+        seen.dedup();
+        if !seen.is_empty() {
+            api = format!("{api}+rules:{}", seen.join(",")).into();
+        }
+    }
     let Some(key) = api_chat_key(&api, &ctx.tenant, model, &req.body) else {
         bypass(ctx, "shape");
         return Ok(false);
