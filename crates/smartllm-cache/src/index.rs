@@ -160,10 +160,19 @@ pub(crate) fn check_vector(v: &[f32], dim: usize) -> Result<(), IndexError> {
 /// Vectors per IVF list that the k-means training sees at most.
 pub const TRAIN_PER_LIST: usize = 64;
 
-/// IVF lists for `n` vectors: about 4·√n, at least 16.
+/// IVF lists for `n` vectors: about 4·√n, at least 16, and no more than
+/// [`FAISS_MIN_POINTS_PER_LIST`] vectors each can train.
 pub fn nlist_for(n: usize) -> usize {
-    ((4.0 * (n as f64).sqrt()) as usize).max(16)
+    ((4.0 * (n as f64).sqrt()) as usize)
+        .max(16)
+        .min((n / FAISS_MIN_POINTS_PER_LIST).max(1))
 }
+
+/// Training vectors a list that FAISS's k-means asks for: with fewer it
+/// prints a warning of its own on stderr (a line of plain text in the
+/// middle of the JSON log), and its lists come out thin. So no list goes
+/// without them (below about 24,000 vectors, fewer lists than 4 sqrt(n)).
+pub const FAISS_MIN_POINTS_PER_LIST: usize = 39;
 
 /// Lists probed per query: enough for near-exact recall on unit vectors.
 pub fn nprobe_for(nlist: usize) -> usize {

@@ -928,8 +928,9 @@ impl AnthropicStream {
         }
 
         let parsed = serde_json::from_str::<Value>(&ev.data);
-        if parsed.is_err() && !ev.data.trim().is_empty() {
-            // Not passed on; the stream is broken (the gateway ends it).
+        if parsed.is_err() && !ev.data.trim().is_empty() && ev.event.as_deref() != Some("error") {
+            // Not passed on; the stream is broken (the gateway ends it). (An
+            // `error` event is one whether or not its body parses.)
             self.malformed = true;
             return;
         }
@@ -1840,5 +1841,12 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,
         s.feed(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\n")
             .unwrap();
         assert!(s.done && s.error.is_none());
+        // Any other event whose body does not parse breaks the stream, and
+        // is not passed on.
+        let mut s = AnthropicStream::new("claude", false);
+        let out = s
+            .feed(b"event: content_block_delta\ndata: {\"type\": \"content_block_delta\", garbage\n\n")
+            .unwrap();
+        assert!(s.malformed && s.error.is_none() && out.is_empty());
     }
 }
