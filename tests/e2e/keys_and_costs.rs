@@ -197,6 +197,41 @@ fn virtual_keys_and_exact_costs_for_plain_streamed_and_estimated_requests() {
     );
     assert_eq!(hash_on_stdin("sk-alice-1"), sha("sk-alice-1"));
     assert_eq!(get(&gw.admin, "/admin/costs?group_by=planet").status, 400);
+    // One tenant's, app's or key's rows: what a team's own view needs.
+    let only = |q: &str| {
+        let r = get(
+            &gw.admin,
+            &format!("/admin/costs?since=1h&group_by=tenant,app,key&{q}"),
+        );
+        assert_eq!(r.status, 200, "{q}: {}", r.text());
+        let v = r.json();
+        v["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x["group"]["tenant"].as_str().unwrap_or("").to_string())
+            .collect::<Vec<_>>()
+    };
+    for q in ["tenant=acme", "app=acme%2Fweb", "key=alice"] {
+        let tenants = only(q);
+        assert!(
+            !tenants.is_empty() && tenants.iter().all(|t| t == "acme"),
+            "{q}: {tenants:?}"
+        );
+    }
+    assert!(only("tenant=nobody").is_empty());
+    assert_eq!(
+        get(&gw.admin, "/admin/costs?tenant=beta&app=acme%2Fweb").status,
+        400
+    );
+    let out = std::process::Command::new(bin("smartllm"))
+        .args([
+            "costs", "--config", &cfg, "--by", "tenant", "--tenant", "beta", "--csv",
+        ])
+        .output()
+        .unwrap();
+    let csv = String::from_utf8_lossy(&out.stdout);
+    assert!(csv.contains("\nbeta,") && !csv.contains("acme"), "{csv}");
     // No key material anywhere.
     assert!(!gw.log_text().contains("sk-alice-1") && !gw.metrics().contains("sk-alice-1"));
 }

@@ -172,6 +172,11 @@ pub struct CostsQuery {
     /// The costliest rows answered by name (1..=[`COSTS_MAX_LIMIT`], default
     /// [`COSTS_DEFAULT_LIMIT`]); the others are summed into one row.
     pub limit: usize,
+    /// Only this tenant's, app's (`tenant/app` or the app's name) or key
+    /// name's rows (`tenant=`, `app=`, `key=`).
+    pub tenant: Option<String>,
+    pub app: Option<String>,
+    pub key: Option<String>,
 }
 
 pub fn costs(query: &str, now: u64) -> Result<CostsQuery, QueryError> {
@@ -179,7 +184,9 @@ pub fn costs(query: &str, now: u64) -> Result<CostsQuery, QueryError> {
         query,
         now,
         86_400,
-        &["group_by", "format", "scope", "limit"],
+        &[
+            "group_by", "format", "scope", "limit", "tenant", "app", "key",
+        ],
     )?;
     let mut q = CostsQuery {
         from: w.from,
@@ -188,9 +195,21 @@ pub fn costs(query: &str, now: u64) -> Result<CostsQuery, QueryError> {
         csv: false,
         fleet: false,
         limit: COSTS_DEFAULT_LIMIT,
+        tenant: None,
+        app: None,
+        key: None,
     };
     for (k, v) in w.rest {
-        if k == "limit" {
+        if matches!(k.as_str(), "tenant" | "app" | "key") {
+            if v.is_empty() {
+                return Err(QueryError::invalid(&k, format!("{k}= needs a name")));
+            }
+            match k.as_str() {
+                "tenant" => q.tenant = Some(v),
+                "app" => q.app = Some(v),
+                _ => q.key = Some(v),
+            }
+        } else if k == "limit" {
             q.limit = match v.parse::<usize>() {
                 Ok(n) if (1..=COSTS_MAX_LIMIT).contains(&n) => n,
                 _ => {
@@ -374,6 +393,21 @@ mod tests {
         assert_eq!(
             costs("scope=all", NOW).unwrap_err().param.as_deref(),
             Some("scope")
+        );
+    }
+
+    #[test]
+    fn costs_take_a_tenant_an_app_and_a_key() {
+        let q = costs("tenant=acme&app=acme%2Fweb&key=batch-1", NOW).unwrap();
+        assert_eq!(
+            (q.tenant.as_deref(), q.app.as_deref(), q.key.as_deref()),
+            (Some("acme"), Some("acme/web"), Some("batch-1"))
+        );
+        let q = costs("", NOW).unwrap();
+        assert!(q.tenant.is_none() && q.app.is_none() && q.key.is_none());
+        assert_eq!(
+            costs("tenant=", NOW).unwrap_err().param.as_deref(),
+            Some("tenant")
         );
     }
 

@@ -406,6 +406,7 @@ fn costs_answer(
 
 impl AdminApp {
     /// `GET /admin/costs?since=24h|from=UNIX&to=UNIX&group_by=model,app[&format=csv][&limit=1000]`
+    /// `[&tenant=T][&app=A|T/A][&key=NAME]`
     /// (group_by: hour, day, tenant, app, key, model, provider, route, tag;
     /// limit: the costliest rows answered by name, the rest summed into one).
     async fn costs(&self, query: &str) -> Response<Vec<u8>> {
@@ -417,6 +418,28 @@ impl AdminApp {
             Err(e) => return query_error(e),
         };
         let (from, to, csv, limit) = (q.from, q.to, q.csv, q.limit);
+        // `app=tenant/app` names both (an app's name alone is every
+        // tenant's app of that name).
+        let (tenant, app) = match q.app.as_deref().and_then(|a| a.split_once('/')) {
+            Some((t, a)) => {
+                if q.tenant.as_deref().is_some_and(|x| x != t) {
+                    return query_error(QueryError::invalid(
+                        "app",
+                        format!(
+                            "app={t}/{a} names another tenant than tenant={}",
+                            q.tenant.unwrap_or_default()
+                        ),
+                    ));
+                }
+                (Some(t.to_string()), Some(a.to_string()))
+            }
+            None => (q.tenant.clone(), q.app.clone()),
+        };
+        let filter = smartllm_ledger::Filter {
+            tenant,
+            app,
+            key: q.key.clone(),
+        };
         let mut dims = vec![smartllm_ledger::Dim::Model];
         if let Some(names) = q.group_by {
             dims.clear();
@@ -459,13 +482,7 @@ impl AdminApp {
             match fleet.cost_counters(from, to).await {
                 Ok(counters) => {
                     tokio::task::spawn_blocking(move || {
-                        let rows = smartllm_ledger::rows_from(
-                            counters,
-                            from,
-                            to,
-                            &by,
-                            &smartllm_ledger::Filter::default(),
-                        );
+                        let rows = smartllm_ledger::rows_from(counters, from, to, &by, &filter);
                         Ok(costs_answer(rows, &by, from, to, csv, limit))
                     })
                     .await
@@ -480,7 +497,7 @@ impl AdminApp {
         } else {
             tokio::task::spawn_blocking(move || {
                 ledger
-                    .query(from, to, &by)
+                    .query_where(from, to, &by, &filter)
                     .map(|rows| costs_answer(rows, &by, from, to, csv, limit))
             })
             .await

@@ -71,7 +71,7 @@ pub fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
 /// `v` percent-encoded for a query string: letters, digits and `-_.~` as
 /// they are, every other byte as `%XX` (a route named `c++` must not reach
 /// the gateway as `c  `, nor `a&all=true` as a second parameter).
-fn query_value(v: &str) -> String {
+pub(crate) fn query_value(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for b in v.bytes() {
         if b.is_ascii_alphanumeric() || b"-_.~".contains(&b) {

@@ -46,21 +46,52 @@ pub fn suggest_cmd(target: &AdminTarget, since: &str, json: bool) -> anyhow::Res
     Ok(())
 }
 
-/// `smartllm costs [--since 24h] [--by model] [--csv] [--fleet]`
+/// Only the rows of a tenant, an app or a key name (`--tenant`, `--app`,
+/// `--key`).
+#[derive(Debug, Default)]
+pub struct Only {
+    pub tenant: Option<String>,
+    pub app: Option<String>,
+    pub key: Option<String>,
+}
+
+impl Only {
+    /// The admin API's query parameters for it (`&tenant=...`).
+    fn query(&self) -> String {
+        let mut q = String::new();
+        for (name, value) in [
+            ("tenant", &self.tenant),
+            ("app", &self.app),
+            ("key", &self.key),
+        ] {
+            if let Some(v) = value {
+                q.push_str(&format!("&{name}={}", crate::cache_cli::query_value(v)));
+            }
+        }
+        q
+    }
+}
+
+/// `smartllm costs [--since 24h] [--by model] [--csv] [--fleet] [--tenant T] [--app A] [--key K]`
 pub fn costs_cmd(
     target: &AdminTarget,
     since: &str,
     by: &str,
     csv: bool,
     fleet: bool,
+    only: &Only,
 ) -> anyhow::Result<()> {
     // As many rows as the admin API gives; beyond them, the cheapest are
     // summed into one `(other)` row, which is said.
-    let scope = if fleet {
-        "&scope=fleet&limit=10000"
-    } else {
-        "&limit=10000"
-    };
+    let scope = format!(
+        "{}{}",
+        if fleet {
+            "&scope=fleet&limit=10000"
+        } else {
+            "&limit=10000"
+        },
+        only.query()
+    );
     let cut = "note: more rows than the admin API's limit (10000); the cheapest are summed in the (other) row";
     if csv {
         // The gateway's own CSV (every counter, RFC 4180 quoting).

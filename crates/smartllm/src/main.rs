@@ -96,6 +96,15 @@ enum Command {
         /// The whole fleet's ledger (fleet.share_costs), not this gateway's.
         #[arg(long)]
         fleet: bool,
+        /// Only this tenant's rows.
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Only this app's rows (TENANT/APP, or an app's name in every tenant).
+        #[arg(long)]
+        app: Option<String>,
+        /// Only this key name's rows.
+        #[arg(long)]
+        key: Option<String>,
     },
     /// Routing decisions, explained without a running gateway.
     Route {
@@ -448,7 +457,7 @@ fn suggest_from(costs: &clap::ArgMatches) -> Result<SuggestFrom, String> {
             .map(|id| format!("--{}", id.replace('_', "-")))
             .collect()
     }
-    let costs_only = flags(costs, &["by", "csv", "fleet"]);
+    let costs_only = flags(costs, &["by", "csv", "fleet", "tenant", "app", "key"]);
     if !costs_only.is_empty() {
         return Err(format!(
             "not options of `costs suggest` (only of `smartllm costs`): {}",
@@ -632,7 +641,17 @@ fn main() -> ExitCode {
             by,
             csv,
             fleet,
-        } => match costs_cli::costs_cmd(&target, &since, &by, csv, fleet) {
+            tenant,
+            app,
+            key,
+        } => match costs_cli::costs_cmd(
+            &target,
+            &since,
+            &by,
+            csv,
+            fleet,
+            &costs_cli::Only { tenant, app, key },
+        ) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("smartllm costs: {e:#}");
