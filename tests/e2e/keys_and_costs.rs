@@ -411,6 +411,28 @@ fn keys_create_prints_a_key_once_that_a_running_gateway_accepts() {
         table.contains(&sha(&key)[..12]) && !table.contains(&key),
         "{table}"
     );
+    // Rotated: a new key, same name (and so the same tenant, models and
+    // ledger rows); both work while the rotation is under way, then only
+    // the new one.
+    let out = smartllm_cli(&["keys", "rotate", "ci-bot"], &dir);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rotated = String::from_utf8(out.stdout).unwrap().trim().to_string();
+    assert!(rotated.starts_with("sk-smartllm-") && rotated != key);
+    assert!(answers_within(&gw, &rotated, 200), "{}", gw.log_text());
+    assert_eq!(ask(&gw, &key, &chat_body("small", "hi")).status, 200);
+    let out = smartllm_cli(&["keys", "rotate", "ci-bot", "--finish"], &dir);
+    assert!(
+        out.status.success() && out.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(answers_within(&gw, &key, 401), "{}", gw.log_text());
+    assert_eq!(ask(&gw, &rotated, &chat_body("small", "hi")).status, 200);
+    let key = rotated;
     // Revoked: gone from the file (the rest kept) and refused after the reload.
     let out = smartllm_cli(&["keys", "revoke", "ci-bot"], &dir);
     assert!(

@@ -695,6 +695,9 @@ pub struct RawKey {
     pub name: String,
     /// Hex sha256 of the key (`smartllm keys hash < key-file`); the key itself is never stored.
     pub sha256: String,
+    /// The key it replaces, still accepted during a rotation (`smartllm
+    /// keys rotate`; `--finish` removes it).
+    pub previous_sha256: Option<String>,
     pub tenant: String,
     pub app: Option<String>,
     /// Models or route aliases this key may use; empty = all.

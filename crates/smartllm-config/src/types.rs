@@ -237,6 +237,9 @@ pub struct Limits {
 pub struct VirtualKey {
     pub name: String,
     pub sha256: [u8; 32],
+    /// The key this one replaces, accepted as this one until a rotation
+    /// ends (`smartllm keys rotate NAME --finish`).
+    pub previous_sha256: Option<[u8; 32]>,
     pub tenant: String,
     pub app: String,
     pub models: Vec<String>,

@@ -402,7 +402,13 @@ impl Runtime {
             .keys
             .keys
             .iter()
-            .map(|k| (k.sha256, Arc::new(k.clone())))
+            .flat_map(|k| {
+                // During a rotation the key it replaces is the same key.
+                let k = Arc::new(k.clone());
+                std::iter::once(k.sha256)
+                    .chain(k.previous_sha256)
+                    .map(move |h| (h, k.clone()))
+            })
             .collect();
         // Fail closed: a configured but unavailable admin token is an error.
         let admin_token = match &config.admin_token {

@@ -118,8 +118,13 @@ pub fn list(dir: &Path) -> anyhow::Result<String> {
         } else {
             k.models.join(", ")
         };
+        let rotating = if k.previous_sha256.is_some() {
+            "  (rotating: the previous key still works)"
+        } else {
+            ""
+        };
         out.push_str(&format!(
-            "{:<24} {:<16} {:<16} {:<14} {models}\n",
+            "{:<24} {:<16} {:<16} {:<14} {models}{rotating}\n",
             k.name,
             k.tenant,
             k.app,
@@ -169,13 +174,11 @@ fn keys_line(lines: &[&str]) -> Option<usize> {
     })
 }
 
-/// `current` keys.yaml without the block-list item whose `name` is `name`
-/// (None: no such item). An emptied list becomes `keys: []`, and a file
-/// that does not say `require_key` then says it (true), so removing the
-/// last key never opens the gateway.
-fn without_key(current: &str, name: &str) -> Option<String> {
-    let lines: Vec<&str> = current.split_inclusive('\n').collect();
-    let k = keys_line(&lines)?;
+/// The block-list items under `keys:` of `lines` (from, to: the item's
+/// lines, without the comments and blank lines at its end), and the
+/// `keys:` line.
+fn key_items(lines: &[&str]) -> Option<(usize, Vec<(usize, usize)>)> {
+    let k = keys_line(lines)?;
     let content = |l: &str| {
         let b = l.trim();
         !b.is_empty() && !b.starts_with('#')
@@ -205,13 +208,32 @@ fn without_key(current: &str, name: &str) -> Option<String> {
         items.push((j, last));
         j = end;
     }
-    let (from, to) = items.iter().copied().find(|(from, to)| {
-        serde_yaml::from_str::<Vec<serde_yaml::Value>>(&lines[*from..*to].concat())
-            .ok()
-            .and_then(|v| v.into_iter().next())
-            .and_then(|v| v.get("name").and_then(|n| n.as_str().map(str::to_string)))
-            .is_some_and(|n| n == name)
-    })?;
+    Some((k, items))
+}
+
+/// The item of `items` whose `name` is `name`, and what it says.
+fn named_item(
+    lines: &[&str],
+    items: &[(usize, usize)],
+    name: &str,
+) -> Option<(usize, usize, serde_yaml::Value)> {
+    items.iter().find_map(|&(from, to)| {
+        let v = serde_yaml::from_str::<Vec<serde_yaml::Value>>(&lines[from..to].concat())
+            .ok()?
+            .into_iter()
+            .next()?;
+        (v.get("name").and_then(|n| n.as_str()) == Some(name)).then_some((from, to, v))
+    })
+}
+
+/// `current` keys.yaml without the block-list item whose `name` is `name`
+/// (None: no such item). An emptied list becomes `keys: []`, and a file
+/// that does not say `require_key` then says it (true), so removing the
+/// last key never opens the gateway.
+fn without_key(current: &str, name: &str) -> Option<String> {
+    let lines: Vec<&str> = current.split_inclusive('\n').collect();
+    let (k, items) = key_items(&lines)?;
+    let (from, to, _) = named_item(&lines, &items, name)?;
     let mut out = String::new();
     for (i, l) in lines.iter().enumerate() {
         if (from..to).contains(&i) {
@@ -227,6 +249,92 @@ fn without_key(current: &str, name: &str) -> Option<String> {
         out.push_str(l);
     }
     Some(out)
+}
+
+/// What `keys rotate` does to a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rotation {
+    /// A new key; the old one is still accepted (`previous_sha256`) until
+    /// the rotation is finished.
+    Start,
+    /// A new key; the old one is refused from the next reload.
+    Now,
+    /// The old key of a rotation under way is refused from the next reload.
+    Finish,
+}
+
+/// `keys rotate`: a new key for the key named `name`, which keeps its
+/// name, tenant, app, models, limits and every budget or limit that names
+/// it; returns the new key (shown once; none for `Finish`). The key's item
+/// in keys.yaml is written again (its own comments are not kept; the rest
+/// of the file is), checked as a whole config and swapped in atomically.
+pub fn rotate(dir: &Path, name: &str, how: Rotation) -> anyhow::Result<Option<String>> {
+    let _lock = crate::config_write::lock(dir)?;
+    let path = dir.join(smartllm_config::KEYS_FILE);
+    let _shared = crate::config_write::lock_linked(&path)?;
+    let current =
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+    let lines: Vec<&str> = current.split_inclusive('\n').collect();
+    let Some((from, to, item)) =
+        key_items(&lines).and_then(|(_, items)| named_item(&lines, &items, name))
+    else {
+        bail!(
+            "no key named '{name}' in {} (as a list item under keys:)",
+            path.display()
+        );
+    };
+    let serde_yaml::Value::Mapping(mut item) = item else {
+        bail!(
+            "the key named '{name}' in {} is not a mapping",
+            path.display()
+        );
+    };
+    let previous = serde_yaml::Value::from("previous_sha256");
+    let under_way = item.contains_key(&previous);
+    let key = match how {
+        Rotation::Finish => {
+            if !under_way {
+                bail!("no rotation of '{name}' is under way (its item has no previous_sha256)");
+            }
+            item.remove(&previous);
+            None
+        }
+        Rotation::Start | Rotation::Now => {
+            if under_way && how == Rotation::Start {
+                bail!(
+                    "a rotation of '{name}' is under way: finish it first (smartllm keys rotate {name} --finish), or replace the key at once (--now)"
+                );
+            }
+            let key = random_key()?;
+            let old = item
+                .insert("sha256".into(), sha256_hex(&key).into())
+                .unwrap_or(serde_yaml::Value::Null);
+            item.remove(&previous);
+            if how == Rotation::Start {
+                item.insert(previous, old);
+            }
+            Some(key)
+        }
+    };
+    let body = serde_yaml::to_string(&item).context("writing the key's item")?;
+    let pad = &lines[from][..lines[from].len() - lines[from].trim_start().len()];
+    let mut text = String::new();
+    for l in &lines[..from] {
+        text.push_str(l);
+    }
+    for (i, l) in body.lines().enumerate() {
+        text.push_str(pad);
+        text.push_str(if i == 0 { "- " } else { "  " });
+        text.push_str(l);
+        text.push('\n');
+    }
+    for l in &lines[to..] {
+        text.push_str(l);
+    }
+    check_with(dir, &text)
+        .map_err(|e| anyhow::anyhow!("the rotated key would make the config invalid:\n{e}"))?;
+    crate::config_write::replace(&path, &text)?;
+    Ok(key)
 }
 
 /// `current` keys.yaml with an entry for `new` (whose key hashes to `sha`)
@@ -333,6 +441,101 @@ mod tests {
             app: "shop",
             models,
         }
+    }
+
+    /// A rotation keeps the key's item but its hashes: the old one as
+    /// `previous_sha256` until it is finished; the rest of the file as it
+    /// was; a second rotation under way is refused, `--now` is not.
+    #[test]
+    fn a_rotation_keeps_the_key_and_the_old_hash_until_finished() {
+        let path = std::env::temp_dir().join(format!("smartllm-rotate-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).unwrap();
+        struct Dir(std::path::PathBuf);
+        impl Drop for Dir {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        impl Dir {
+            fn path(&self) -> &Path {
+                &self.0
+            }
+        }
+        let dir = Dir(path);
+        for (file, text) in [
+            (smartllm_config::MAIN_FILE, "demo:\n  mode: off\n"),
+            (
+                smartllm_config::PROVIDERS_FILE,
+                "providers:\n  mock:\n    kind: openai\n    base_url: http://127.0.0.1:9/v1\n",
+            ),
+            (
+                smartllm_config::MODELS_FILE,
+                "models:\n  - name: small\n    deployments:\n      - provider: mock\n",
+            ),
+        ] {
+            std::fs::write(dir.path().join(file), text).unwrap();
+        }
+        let old = "a".repeat(64);
+        let keys = format!("# our keys\nrequire_key: true\nkeys:\n  # the shop\n  - name: web\n    sha256: {old}\n    tenant: acme\n    models: [small]\n    limits: {{ requests_per_minute: 5 }}\n  - {{ name: other, sha256: {}, tenant: beta }}\nbudgets:\n  - {{ scope: key, name: web, daily_usd: 1 }}\n", "b".repeat(64));
+        std::fs::write(dir.path().join(smartllm_config::KEYS_FILE), &keys).unwrap();
+        let load = || smartllm_config::load_dir(dir.path()).unwrap();
+        let new = rotate(dir.path(), "web", Rotation::Start).unwrap().unwrap();
+        let cfg = load();
+        let web = cfg.keys.keys.iter().find(|k| k.name == "web").unwrap();
+        assert_eq!(hex::encode(web.sha256), sha256_hex(&new));
+        assert_eq!(web.previous_sha256.map(hex::encode), Some(old.clone()));
+        assert_eq!(
+            (web.tenant.as_str(), web.models.clone()),
+            ("acme", vec!["small".to_string()])
+        );
+        assert_eq!(web.limits.requests_per_minute, Some(5));
+        let text = std::fs::read_to_string(dir.path().join(smartllm_config::KEYS_FILE)).unwrap();
+        assert!(
+            text.starts_with("# our keys\nrequire_key: true\nkeys:\n  # the shop\n  - name: web\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("  - { name: other,")
+                && text.contains("budgets:\n  - { scope: key, name: web"),
+            "{text}"
+        );
+        assert!(list(dir.path()).unwrap().contains("(rotating"));
+        // One at a time.
+        let e = rotate(dir.path(), "web", Rotation::Start)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("under way"), "{e}");
+        assert!(rotate(dir.path(), "web", Rotation::Finish)
+            .unwrap()
+            .is_none());
+        let web = load()
+            .keys
+            .keys
+            .into_iter()
+            .find(|k| k.name == "web")
+            .unwrap();
+        assert_eq!(
+            (hex::encode(web.sha256), web.previous_sha256),
+            (sha256_hex(&new), None)
+        );
+        let e = rotate(dir.path(), "web", Rotation::Finish)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("no rotation"), "{e}");
+        // At once: no overlap; a flow-style item too.
+        let now = rotate(dir.path(), "other", Rotation::Now).unwrap().unwrap();
+        let other = load()
+            .keys
+            .keys
+            .into_iter()
+            .find(|k| k.name == "other")
+            .unwrap();
+        assert_eq!(
+            (hex::encode(other.sha256), other.previous_sha256),
+            (sha256_hex(&now), None)
+        );
+        assert!(rotate(dir.path(), "ghost", Rotation::Now).is_err());
     }
 
     #[test]

@@ -264,6 +264,22 @@ enum KeysCmd {
         #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
         config: PathBuf,
     },
+    /// A new key for a key, which keeps its name and so its tenant, app,
+    /// models, limits and budgets: printed once. The old key keeps working
+    /// until `--finish` (give clients the new one in between); `--now`
+    /// refuses it from the next reload.
+    Rotate {
+        /// The key's name.
+        name: String,
+        /// End a rotation under way: the old key is refused from the next reload.
+        #[arg(long, conflicts_with = "now")]
+        finish: bool,
+        /// Replace the key at once: no overlap.
+        #[arg(long)]
+        now: bool,
+        #[arg(long, short, default_value = "/etc/smartllm", env = "SMARTLLM_CONFIG")]
+        config: PathBuf,
+    },
     /// List the keys of keys.yaml: name, tenant, app, models and the start
     /// of each sha256 (the keys themselves are never stored).
     List {
@@ -565,6 +581,42 @@ fn main() -> ExitCode {
             }
             Err(e) => exit("keys revoke", Err(e)),
         },
+        Command::Keys {
+            action:
+                KeysCmd::Rotate {
+                    name,
+                    finish,
+                    now,
+                    config,
+                },
+        } => {
+            let how = if finish {
+                keys_cli::Rotation::Finish
+            } else if now {
+                keys_cli::Rotation::Now
+            } else {
+                keys_cli::Rotation::Start
+            };
+            let file = config.join(smartllm_config::KEYS_FILE);
+            match keys_cli::rotate(&config, &name, how) {
+                Ok(key) => {
+                    if let Some(key) = key {
+                        println!("{key}");
+                    }
+                    eprintln!(
+                        "smartllm: {} ({}); a running gateway picks it up on its next reload (file watch or SIGHUP).",
+                        match how {
+                            keys_cli::Rotation::Start => format!("new key for '{name}', shown this once; the old one still works until `smartllm keys rotate {name} --finish`"),
+                            keys_cli::Rotation::Now => format!("new key for '{name}', shown this once; the old one is refused"),
+                            keys_cli::Rotation::Finish => format!("the rotation of '{name}' is finished: its old key is refused"),
+                        },
+                        file.display()
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => exit("keys rotate", Err(e)),
+            }
+        }
         Command::Keys {
             action: KeysCmd::List { config },
         } => match keys_cli::list(&config) {

@@ -38,6 +38,25 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
                 "the same key is listed twice",
             );
         }
+        let previous_sha256 = k.previous_sha256.as_deref().and_then(|p| {
+            let digest = hex::decode(p.trim())
+                .ok()
+                .and_then(|b| <[u8; 32]>::try_from(b).ok());
+            match digest {
+                None => v.push(
+                    KEYS_FILE,
+                    format!("{at}.previous_sha256"),
+                    "must be 64 hex characters: the sha256 of the key being replaced",
+                ),
+                Some(d) if !hashes.insert(d) => v.push(
+                    KEYS_FILE,
+                    format!("{at}.previous_sha256"),
+                    "the same key is listed twice",
+                ),
+                Some(_) => {}
+            }
+            digest
+        });
         if k.tenant.trim().is_empty() || k.tenant.contains('\0') {
             v.push(
                 KEYS_FILE,
@@ -83,6 +102,7 @@ pub(super) fn resolve_keys(raw: RawKeysFile, config: &Config, v: &mut Issues<'_>
         keys.push(VirtualKey {
             name: k.name,
             sha256,
+            previous_sha256,
             tenant: k.tenant,
             app: k.app.unwrap_or_else(|| "default".into()),
             models: k.models,
