@@ -1051,3 +1051,54 @@ fn a_rate_limited_answer_keeps_its_retry_after_through_fallbacks() {
     assert_eq!(r.header("retry-after"), Some("1"), "{:?}", r.headers);
     assert_eq!(mock.requests(), 2);
 }
+
+/// A deployment that answers 429 (with `Retry-After`) goes after the
+/// fallback until then, rather than first every time: one attempt per
+/// request while it cools, two again once its Retry-After is up. No
+/// circuit opens.
+#[test]
+fn a_rate_limited_model_cools_behind_its_fallback_for_its_retry_after() {
+    let mock = Mock::start(&["--model-status", "mock-small=429"]);
+    let providers = format!(
+        "providers:\n  mock:\n    kind: openai\n    base_url: http://{}/v1\n    health_check: {{ kind: none }}\n",
+        mock.addr
+    );
+    let models = "models:\n  - name: small\n    deployments: [ { provider: mock, model: mock-small } ]\n  - name: big\n    deployments: [ { provider: mock, model: mock-big } ]\n";
+    let gw = Gateway::start(ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        models,
+        "routes:\n  r:\n    model: small\n    fallback: [big]\n",
+    ));
+    let attempts = |i: usize| {
+        let id = format!("cool-{i}");
+        let body = serde_json::to_vec(&chat_body("r", &format!("hello {i}"))).unwrap();
+        let r = request(
+            &gw.addr,
+            "POST",
+            "/v1/chat/completions",
+            &[("x-request-id", &id)],
+            &body,
+        )
+        .unwrap();
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.header("x-smartllm-model"), Some("big"));
+        gw.access_line(&id)["attempts"].as_u64().unwrap()
+    };
+    let started = Instant::now();
+    assert_eq!(attempts(0), 2, "small first, its 429, then big");
+    // (The mock's Retry-After is 1 s: only while it lasts.)
+    if started.elapsed() < Duration::from_millis(700) {
+        assert_eq!(attempts(1), 1, "straight to big while small cools");
+    }
+    std::thread::sleep(Duration::from_millis(1200));
+    assert_eq!(attempts(2), 2, "small is tried first again");
+    assert_eq!(
+        gw.metric(
+            "smartllm_circuit_state",
+            &[("deployment", &format!("small/mock/{}", mock.addr))]
+        ),
+        0.0
+    );
+}

@@ -48,7 +48,13 @@ struct Entry {
 #[derive(Default)]
 pub struct Breakers {
     inner: Mutex<HashMap<String, Entry>>,
+    /// Deployments that answered 429 (a rate limit, which opens no
+    /// circuit), and until when they are tried after the others.
+    cooling: Mutex<HashMap<String, Instant>>,
 }
+
+/// The longest a 429's `Retry-After` keeps a deployment behind the others.
+pub const MAX_COOLING: Duration = Duration::from_secs(60);
 
 fn set_state(id: &str, e: &mut Entry, to: BreakerState) {
     if e.state != to {
@@ -80,6 +86,26 @@ pub enum Permit {
 }
 
 impl Breakers {
+    /// The deployment answered 429 and said to come back `after` (its
+    /// `Retry-After`, at least a second, at most [`MAX_COOLING`]): until
+    /// then it is tried after every other deployment and model that can
+    /// take the request, not first each time.
+    pub fn cool(&self, id: &str, after: Duration) {
+        let until = Instant::now() + after.clamp(Duration::from_secs(1), MAX_COOLING);
+        let mut map = self.cooling.lock().unwrap_or_else(|p| p.into_inner());
+        // Bounded by the deployments there are: the expired go first.
+        let now = Instant::now();
+        map.retain(|_, t| *t > now);
+        let at = map.entry(id.to_string()).or_insert(until);
+        *at = (*at).max(until);
+    }
+
+    /// Whether the deployment is cooling after a 429 (see [`Breakers::cool`]).
+    pub fn cooling(&self, id: &str) -> bool {
+        let map = self.cooling.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(id).is_some_and(|t| *t > Instant::now())
+    }
+
     /// May a request go to this deployment now? In half-open state only one
     /// trial at a time is allowed.
     pub fn allow(&self, id: &str, cfg: &CircuitBreakerConfig) -> bool {
@@ -372,5 +398,21 @@ mod tests {
         assert_eq!((gone.len(), b.len()), (99, 1));
         assert_eq!(b.state("p/10.0.0.7:443"), BreakerState::Open);
         assert_eq!(b.state("p/10.0.0.8:443"), BreakerState::Closed);
+    }
+
+    /// A 429 keeps a deployment behind the others for its Retry-After, at
+    /// least a second and at most a minute; it opens no circuit.
+    #[test]
+    fn a_rate_limited_deployment_cools_for_its_retry_after() {
+        let b = Breakers::default();
+        assert!(!b.cooling("d"));
+        b.cool("d", Duration::from_millis(10));
+        assert!(b.cooling("d") && !b.cooling("e"));
+        std::thread::sleep(Duration::from_millis(50));
+        assert!(b.cooling("d"), "a second at least");
+        b.cool("e", Duration::from_secs(3600));
+        let until = *b.cooling.lock().unwrap().get("e").unwrap();
+        assert!(until <= Instant::now() + MAX_COOLING);
+        assert_eq!(b.state("d"), BreakerState::Closed);
     }
 }

@@ -199,34 +199,49 @@ pub async fn run(
                     "This gateway instance is stopping (its drain time is up); send the request again (it will reach another instance).",
                 ));
             }
-            let open =
-                |b: &pingora_load_balancing::Backend, i: usize, id: &str, d: &DeploymentRuntime| {
-                    pin.is_none_or(|p| d.provider.name() == p)
-                        && !tried.iter().any(|(a, j)| *j == i && *a == b.addr)
-                        && shared
-                            .breakers
-                            .is_available(id, &d.provider.cfg.circuit_breaker)
-                };
-            let usable = |b: &pingora_load_balancing::Backend| {
-                pool.deployments_on(b, false)
-                    .any(|(i, d, id)| open(b, i, id, d))
+            // `cool`: a deployment cooling after a 429 may be taken too.
+            let open = |b: &pingora_load_balancing::Backend,
+                        i: usize,
+                        id: &str,
+                        d: &DeploymentRuntime,
+                        cool: bool| {
+                pin.is_none_or(|p| d.provider.name() == p)
+                    && !tried.iter().any(|(a, j)| *j == i && *a == b.addr)
+                    && shared
+                        .breakers
+                        .is_available(id, &d.provider.cfg.circuit_breaker)
+                    && (cool || !shared.breakers.cooling(id))
             };
+            let usable = |b: &pingora_load_balancing::Backend, cool: bool| {
+                pool.deployments_on(b, false)
+                    .any(|(i, d, id)| open(b, i, id, d, cool))
+            };
+            // A deployment that answered 429 goes after the others (and
+            // after the next model, when there is one) until its
+            // Retry-After is up, rather than first every time.
+            let mut cool = false;
             let backend = pool
                 .lb
-                .select_with(b"", 256, |b, healthy| healthy && usable(b))
+                .select_with(b"", 256, |b, healthy| healthy && usable(b, false))
                 .or_else(|| {
-                    // Every usable backend failed its health check: with no other
-                    // model to go to, try one anyway (fail open).
+                    // Every usable backend failed its health check or is
+                    // cooling: with no other model to go to, try one anyway
+                    // (fail open).
                     if later_models {
                         None
                     } else {
-                        pool.lb.select_with(b"", 256, |b, _| usable(b))
+                        pool.lb
+                            .select_with(b"", 256, |b, _| usable(b, false))
+                            .or_else(|| {
+                                cool = true;
+                                pool.lb.select_with(b"", 256, |b, _| usable(b, true))
+                            })
                     }
                 });
             let Some(backend) = backend else { break };
             let Some((index, dep, breaker_id)) = pool
                 .deployments_on(&backend, true)
-                .find(|(i, d, id)| open(&backend, *i, id, d))
+                .find(|(i, d, id)| open(&backend, *i, id, d, cool))
             else {
                 break;
             };
@@ -420,6 +435,11 @@ pub async fn run(
                 Attempt::Retry(e) | Attempt::Stale(e) => {
                     if let Some(s) = e.retry_after {
                         soonest = Some(soonest.map_or(s, |t| t.min(s)));
+                    }
+                    if e.status == 429 {
+                        shared
+                            .breakers
+                            .cool(breaker_id, Duration::from_secs(e.retry_after.unwrap_or(1)));
                     }
                     // Counted as retried when another attempt follows, as
                     // failed when none does (a lone deployment refusing
