@@ -265,7 +265,11 @@ fn an_event_that_is_no_json_ends_the_stream_with_the_gateways_error() {
     assert_eq!(
         gw.metric(
             "smartllm_upstream_errors_total",
-            &[("provider", "oai"), ("reason", "malformed_stream")],
+            &[
+                ("provider", "oai"),
+                ("model", "small"),
+                ("reason", "malformed_stream")
+            ],
         ),
         1.0
     );

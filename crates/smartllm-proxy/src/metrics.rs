@@ -121,7 +121,7 @@ pub fn install() -> PrometheusHandle {
     );
     describe_counter!(
         UPSTREAM_ERRORS,
-        "Upstream failures by provider and reason (connect, connect_timeout, timeout, reset, stale_connection, status_429, status_5xx, status_4xx, malformed_response, stream_broken, stream_timeout, ...)."
+        "Upstream failures by provider, model and reason (connect, connect_timeout, timeout, reset, stale_connection, status_429, status_5xx, status_4xx, malformed_response, stream_broken, stream_timeout, ...)."
     );
     describe_gauge!(
         UPSTREAM_HEALTHY,
@@ -465,8 +465,8 @@ mod handles {
     }
 }
 
-pub fn upstream_error(provider: &str, reason: &'static str) {
-    counter!(UPSTREAM_ERRORS, "provider" => provider.to_string(), "reason" => reason).increment(1);
+pub fn upstream_error(provider: &str, model: &str, reason: &'static str) {
+    counter!(UPSTREAM_ERRORS, "provider" => provider.to_string(), "model" => model.to_string(), "reason" => reason).increment(1);
 }
 
 pub fn upstream_attempt(provider: &str, outcome: &'static str) {

@@ -93,7 +93,7 @@ pub(super) async fn once(
             } else {
                 "connect"
             };
-            metrics::upstream_error(pname, reason);
+            metrics::upstream_error(pname, ctx.model().unwrap_or("-"), reason);
             // The address is the operator's to read, not the client's: a
             // self-hosted provider's is an internal one.
             tracing::warn!(request_id = %ctx.request_id, provider = pname, %addr, error = %e, "could not connect to the provider");
@@ -107,7 +107,7 @@ pub(super) async fn once(
         }
         Err(_) => {
             ctx.upstream_wait += wait_start.elapsed();
-            metrics::upstream_error(pname, "connect_timeout");
+            metrics::upstream_error(pname, ctx.model().unwrap_or("-"), "connect_timeout");
             tracing::warn!(request_id = %ctx.request_id, provider = pname, %addr, "connecting to the provider timed out");
             return Attempt::Retry(ApiError::gateway_timeout(format!(
                 "Connecting to provider '{pname}' timed out after {:?}.",
@@ -123,13 +123,13 @@ pub(super) async fn once(
         ctx.upstream_wait += wait_start.elapsed();
         if reused {
             // Closed by the provider while it was kept: send again.
-            metrics::upstream_error(pname, "stale_connection");
+            metrics::upstream_error(pname, ctx.model().unwrap_or("-"), "stale_connection");
             return Attempt::Stale(ApiError::bad_gateway(
                 "upstream_reset",
                 format!("Provider '{pname}' closed the connection."),
             ));
         }
-        metrics::upstream_error(pname, "write");
+        metrics::upstream_error(pname, ctx.model().unwrap_or("-"), "write");
         return Attempt::Retry(ApiError::bad_gateway(
             "upstream_write_failed",
             format!(
@@ -166,13 +166,13 @@ pub(super) async fn once(
                 // A kept connection the upstream had already closed: safe to
                 // resend. (Closed only within a round trip of the request:
                 // one reset after the provider worked on it is a failure.)
-                metrics::upstream_error(pname, "stale_connection");
+                metrics::upstream_error(pname, ctx.model().unwrap_or("-"), "stale_connection");
                 return Attempt::Stale(ApiError::bad_gateway(
                     "upstream_reset",
                     format!("Provider '{pname}' closed the connection."),
                 ));
             }
-            metrics::upstream_error(pname, "reset");
+            metrics::upstream_error(pname, ctx.model().unwrap_or("-"), "reset");
             tracing::info!(request_id = %ctx.request_id, provider = pname, %addr, error = %e, "the provider closed or reset the connection before answering");
             let err = ApiError::bad_gateway(
                 "upstream_reset",
@@ -187,7 +187,7 @@ pub(super) async fn once(
         Err(_) => {
             ctx.upstream_wait += wait_start.elapsed();
             up.shutdown().await;
-            metrics::upstream_error(pname, "timeout");
+            metrics::upstream_error(pname, ctx.model().unwrap_or("-"), "timeout");
             let err = ApiError::gateway_timeout(format!(
                 "Provider '{pname}' did not answer within {:?} (first_byte_timeout).",
                 p.cfg.first_byte_timeout
@@ -246,6 +246,7 @@ pub(super) async fn once(
         x.release(up).await;
         metrics::upstream_error(
             pname,
+            ctx.model().unwrap_or("-"),
             if status == 429 {
                 "status_429"
             } else if status >= 500 {

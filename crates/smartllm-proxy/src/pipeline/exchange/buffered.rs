@@ -49,13 +49,13 @@ pub(super) async fn relay(
         Ok(b) => b,
         Err(e) => {
             up.shutdown().await;
-            metrics::upstream_error(pname, "body");
+            metrics::upstream_error(pname, ctx.model().unwrap_or("-"), "body");
             return retry_or_fail(upstream_body_error(pname, e));
         }
     };
     x.release(up).await;
     let malformed = |body: &[u8]| {
-        metrics::upstream_error(pname, "malformed_response");
+        metrics::upstream_error(pname, ctx.model().unwrap_or("-"), "malformed_response");
         retry_or_fail(ApiError::bad_gateway(
             "upstream_invalid_response",
             format!(

@@ -726,7 +726,7 @@ pub(super) async fn relay(
             // the client gets the failure as an HTTP error.
             Some((end, error)) => {
                 if end != StreamEnd::Shutdown {
-                    metrics::upstream_error(pname, end.reason());
+                    metrics::upstream_error(pname, ctx.model().unwrap_or("-"), end.reason());
                 }
                 span.set(KeyValue::new("smartllm.stream.end", end.reason()));
                 span.error(error.code);
@@ -803,7 +803,7 @@ pub(super) async fn relay(
     if let Some((end, err)) = &failure {
         span.error(err.code);
         if *end != StreamEnd::Shutdown {
-            metrics::upstream_error(pname, end.reason());
+            metrics::upstream_error(pname, ctx.model().unwrap_or("-"), end.reason());
         }
         ctx.error_code = Some(err.code);
         up.shutdown().await;
