@@ -208,7 +208,7 @@ impl SemanticCache {
         if kept > 0 && self.unreadable_kept.swap(kept, Ordering::Relaxed) != kept {
             tracing::warn!(
                 entries = kept,
-                "cache entries that no configured key opens (cache.encryption_key_file, encryption_old_key_files) are kept but not served: if the key file is wrong, restore it and restart; `smartllm cache purge --all` removes them"
+                "cache entries that no configured key opens (cache.encryption_key_file, encryption_old_key_files) are kept but not served: if the key file is wrong, restore it and restart; any `smartllm cache purge` removes them"
             );
         }
         gauge!(m::BYTES).set(self.store.info().live_data_bytes as f64);
@@ -221,12 +221,12 @@ impl SemanticCache {
         Ok(n)
     }
 
-    /// Remove the entries `pred` picks and the unreadable ones (in the clear
-    /// when there is a key, or corrupt), but not those sealed with a key
-    /// that is not configured: a wrong key file must not cost the cache
-    /// (only a purge of everything removes them). With `reseal`, re-seal
-    /// those sealed with an old key. Returns (removed, re-sealed, kept
-    /// unread).
+    /// Remove the entries `pred` picks and the unreadable ones (in the
+    /// clear when there is a key, sealed with a key that is gone, or
+    /// corrupt). With `reseal` (the sweep), re-seal those sealed with an
+    /// old key, and under a foreign key (a wrong key file, see
+    /// `seal_stored_vectors`) keep those no key opens. Returns (removed,
+    /// re-sealed, kept unread).
     fn remove_where(
         &self,
         pred: impl Fn(&Entry) -> bool,
@@ -249,7 +249,14 @@ impl SemanticCache {
                     resealed += 1;
                 }
                 Ok(_) => {}
-                Err(crate::CodecError::Decrypt) => kept += 1,
+                // Under a foreign key the sweep keeps what no key opens;
+                // a purge removes it: it cannot tell whose it is, and an
+                // answer purged must not come back with the right key.
+                Err(crate::CodecError::Decrypt)
+                    if reseal && self.foreign_key.load(Ordering::Relaxed) =>
+                {
+                    kept += 1
+                }
                 Err(_) => doomed.push((id, unsealed_exact(&v))),
             }
         }

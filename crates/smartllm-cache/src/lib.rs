@@ -133,6 +133,11 @@ pub struct SemanticCache {
     /// Entries sealed with a key that is not configured, as the last sweep
     /// counted them (kept, never served): said in the log when it changes.
     unreadable_kept: AtomicU64,
+    /// The store was last opened with a key none of this gateway's opens
+    /// (its mark says so): most likely this key file is the wrong one, so
+    /// what no key opens is kept, not removed, until the right key is back
+    /// (a purge still removes it).
+    foreign_key: AtomicBool,
     dirty: AtomicBool,
     /// The verifier's recent scores by (query, cached query): a paraphrase
     /// asked again is judged without running the model (only `try_lock`ed:

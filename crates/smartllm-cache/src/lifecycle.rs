@@ -130,6 +130,7 @@ impl SemanticCache {
             rebuild_retry_at: Arc::new(std::sync::atomic::AtomicU64::new(0)),
             rebuild_merged: Arc::new(AtomicBool::new(false)),
             unreadable_kept: std::sync::atomic::AtomicU64::new(0),
+            foreign_key: AtomicBool::new(false),
             dirty: AtomicBool::new(false),
             verdicts: Mutex::new(LruCache::new(
                 NonZeroUsize::new(crate::VERDICTS).expect("non-zero"),
@@ -405,7 +406,14 @@ impl SemanticCache {
         // stored them so, run on this store since) are looked for, which
         // takes no decryption.
         let mark = self.db().get_cf(meta, VECTORS_SEALED)?;
-        let done = mark.is_some_and(|m| matches!(self.codec.unseal(&m), Ok((_, Sealing::Current))));
+        let opened = mark.map(|m| self.codec.unseal(&m).map(|(_, sealing)| sealing));
+        let done = matches!(opened, Some(Ok(Sealing::Current)));
+        // A mark no configured key opens: the store was last opened with
+        // another key, and this key file is most likely the wrong one.
+        // Nothing no key opens is removed then (the right key back, it all
+        // serves again), and the mark is left as it is.
+        let foreign = matches!(opened, Some(Err(_)));
+        self.foreign_key.store(foreign, Ordering::Relaxed);
         let vectors = self.cf(CF_VECTORS);
         let (mut n, mut batch) = (0usize, WriteBatch::default());
         // Earlier forms beside a sealed entry: (id, the entry's question).
@@ -458,13 +466,16 @@ impl SemanticCache {
                     }
                 }
                 // Sealed with a key that is not configured here, or bound
-                // elsewhere: nobody can read it here, and nothing serves
-                // it. Kept as it is: a wrong key file must not cost the
-                // cache (with the right key back, it serves again); a
-                // purge removes it.
+                // elsewhere: nobody can read it here. Under a foreign key
+                // (above) it is kept as it is: a wrong key file must not
+                // cost the cache. Otherwise (a dropped key, corruption) it
+                // goes.
                 None => {
                     unreadable += 1;
-                    continue;
+                    if foreign {
+                        continue;
+                    }
+                    None
                 }
             };
             match keep {
@@ -481,23 +492,31 @@ impl SemanticCache {
         if failed > 0 {
             tracing::warn!(failed, "could not embed some stored cache questions again to seal their vectors; those entries serve by their exact key, and the next start tries again");
         }
-        // (Earlier forms are looked for at every start, mark or not.)
-        batch.put_cf(
-            meta,
-            VECTORS_SEALED,
-            self.codec.seal(VECTORS_SEALED.to_vec())?,
-        );
+        // (Earlier forms are looked for at every start, mark or not.) Under
+        // a foreign key the mark stays the right key's.
+        if !foreign {
+            batch.put_cf(
+                meta,
+                VECTORS_SEALED,
+                self.codec.seal(VECTORS_SEALED.to_vec())?,
+            );
+        }
         self.db().write(batch)?;
-        if unreadable > 0 {
+        if foreign {
             // Loud: with a wrong key file, this is the whole cache unseen.
             tracing::warn!(
                 vectors = unreadable,
-                "cache vectors that no configured key opens (cache.encryption_key_file, encryption_old_key_files) are kept but not served, and so are entries no key opens: if the key file is wrong, restore it (or list the old key in encryption_old_key_files) and restart; `smartllm cache purge` removes them"
+                "this cache was last opened with a key that neither cache.encryption_key_file nor encryption_old_key_files holds: what no configured key opens is kept but not served; if the key file is wrong, restore it (or list the old key in encryption_old_key_files) and restart; any `smartllm cache purge` removes what no key opens"
+            );
+        } else if unreadable > 0 {
+            tracing::warn!(
+                vectors = unreadable,
+                "cache vectors that no configured key opens (a dropped key, or corrupt) were removed, and entries no key opens are removed when read"
             );
         }
-        if n > 0 {
+        if n > unreadable {
             tracing::info!(
-                vectors = n,
+                vectors = n - unreadable,
                 embedded_again = embedded,
                 "cache vectors stored in the clear, unbound or with an old key were sealed with the current key, bound to their ids (those in the clear or unbound replaced by their entries' questions embedded again; removed beside an entry in the clear or none)"
             );
@@ -1313,7 +1332,6 @@ mod tests {
             let codec = Codec::from_key_file(&key_file).unwrap();
             SemanticCache::open(store, emb.clone(), codec, 10, 300, Some(dir.path())).unwrap()
         };
-        let va_moved: Vec<u8>;
         let (a, b) = (
             key("How do I reset my password?"),
             key("What is the capital of France?"),
@@ -1359,7 +1377,6 @@ mod tests {
             assert!(cache.unseal_vector(&va, idb).is_none());
             // a's vector moved under b's id: b's entry is not found by it.
             cache.db().put_cf(vectors, idb.to_be_bytes(), &va).unwrap();
-            va_moved = va.to_vec();
             cache.set_ivf_threshold(usize::MAX);
             assert_eq!(cache.rebuild().unwrap(), Rebuilt::Now(1));
             match cache.lookup(&para, &p, 8).await.unwrap() {
@@ -1414,15 +1431,15 @@ mod tests {
             cache.unseal_vector(&va, ida).is_some(),
             "sealed bound at open"
         );
-        // The moved one opens nowhere: kept as found (as anything no key
-        // here opens: a wrong key file must not cost the cache), unread.
-        let vb = cache
-            .db()
-            .get_cf(vectors, idb.to_be_bytes())
-            .unwrap()
-            .unwrap();
-        assert_eq!(vb, va_moved, "the moved one is kept as found");
-        assert!(cache.unseal_vector(&vb, idb).is_none());
+        // The moved one opens nowhere under the store's own key: removed.
+        assert!(
+            cache
+                .db()
+                .get_cf(vectors, idb.to_be_bytes())
+                .unwrap()
+                .is_none(),
+            "the moved one is removed"
+        );
         let at_c = cache
             .db()
             .get_cf(vectors, idc.to_be_bytes())

@@ -183,10 +183,10 @@ impl SemanticCache {
                 }
                 Ok(Some(e))
             }
-            // Sealed with a key that is not configured (a wrong key file
-            // must not cost the cache): never served, kept; a purge
-            // removes it.
-            Err(crate::CodecError::Decrypt) => Ok(None),
+            // Sealed with a key that is not configured, under a foreign
+            // key (a wrong key file must not cost the cache): never
+            // served, kept; a purge removes it.
+            Err(crate::CodecError::Decrypt) if self.foreign_key.load(Ordering::Relaxed) => Ok(None),
             Err(err) => {
                 // Never serve what cannot be read, nor what a keyed cache
                 // finds in the clear: drop it.

@@ -928,7 +928,12 @@ impl AnthropicStream {
         }
 
         let parsed = serde_json::from_str::<Value>(&ev.data);
-        if parsed.is_err() && !ev.data.trim().is_empty() && ev.event.as_deref() != Some("error") {
+        if parsed.is_err()
+            && !ev.data.trim().is_empty()
+            && !ev.is_done()
+            && !self.done
+            && ev.event.as_deref() != Some("error")
+        {
             // Not passed on; the stream is broken (the gateway ends it). (An
             // `error` event is one whether or not its body parses.)
             self.malformed = true;
@@ -1848,5 +1853,10 @@ event: content_block_delta\ndata: {\"type\":\"content_block_delta\",\"index\":0,
             .feed(b"event: content_block_delta\ndata: {\"type\": \"content_block_delta\", garbage\n\n")
             .unwrap();
         assert!(s.malformed && s.error.is_none() && out.is_empty());
+        // A `[DONE]` some servers add breaks nothing.
+        let mut s = AnthropicStream::new("claude", false);
+        s.feed(b"event: message_stop\ndata: {\"type\":\"message_stop\"}\n\ndata: [DONE]\n\n")
+            .unwrap();
+        assert!(s.done && !s.malformed);
     }
 }

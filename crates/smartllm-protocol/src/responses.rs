@@ -432,7 +432,9 @@ impl ResponsesStreamReader {
         for ev in self.parser.feed(chunk)? {
             let kind = ev.event.clone().unwrap_or_default();
             let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
-                self.malformed |= !ev.data.trim().is_empty();
+                // (A `[DONE]` some servers add, or anything after the
+                // terminal event, breaks nothing.)
+                self.malformed |= !ev.data.trim().is_empty() && !ev.is_done() && !self.done;
                 continue;
             };
             let kind = if kind.is_empty() {

@@ -317,7 +317,7 @@ impl OpenAiStreamFilter {
             self.error.get_or_insert(e);
             return true;
         }
-        if self.malformed || malformed_event(&ev.data) {
+        if self.malformed || (!self.saw_done && malformed_event(&ev.data)) {
             self.malformed = true;
             return false;
         }

@@ -51,7 +51,8 @@ impl ModelState for GatewayState<'_> {
         self.shared.feedback.quality(tenant, model, task, prior)
     }
     fn votes(&self, tenant: &str, model: &str, task: smartllm_router::Task) -> f64 {
-        self.shared.feedback.votes_for(tenant, model, task).votes as f64
+        // As the quality's mean counts them: faded outcome zeros weigh less.
+        self.shared.feedback.weight_for(tenant, model, task)
     }
 }
 

@@ -212,6 +212,10 @@ pub struct Exceeded {
     /// The request fits what is spent; only what requests in flight hold
     /// leaves it no room: it may go once they end (retry shortly).
     pub in_flight: bool,
+    /// What the request could cost (its firm part: the prompt and the
+    /// output it may write), as the budget weighed it (an f32: what the
+    /// message says, not what is charged).
+    pub could_cost: f32,
 }
 
 impl std::fmt::Display for Exceeded {
@@ -241,7 +245,11 @@ impl std::fmt::Display for Exceeded {
         // Refused on its estimate before the budget is all spent: say what
         // is left rather than "used up".
         let state = if left > 0.0 {
-            format!("has ${} left, less than this request could cost", usd(left))
+            format!(
+                "has ${} left, less than the ${} this request could cost at most (its prompt and the output its token limit allows)",
+                usd(left),
+                usd(f64::from(self.could_cost))
+            )
         } else {
             "is used up".to_string()
         };
@@ -383,6 +391,7 @@ impl Slot<'_> {
             limit: self.limit,
             resets_in: self.resets_in,
             in_flight: spent < self.limit && spent + estimate.firm <= self.limit,
+            could_cost: estimate.firm as f32,
         }
     }
 }

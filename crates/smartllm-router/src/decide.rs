@@ -185,16 +185,40 @@ fn rule_matches(rule: &RouteRule, f: &Features, req: &RequestInfo<'_>) -> bool {
         && w.has_math.is_none_or(|x| x == f.has_math)
         && w.has_tools.is_none_or(|x| x == f.has_tools)
         && w.has_images.is_none_or(|x| x == f.has_images)
-        && w.headers.iter().all(|(name, want)| {
-            req.headers
-                .iter()
-                .any(|(n, v)| n == name && (want == "*" || v == want))
-        })
-        && (w.apps.is_empty()
-            || w.apps
-                .iter()
-                .any(|a| a == req.app || *a == format!("{}/{}", req.tenant, req.app)))
+        && headers_and_apps_match(w, &req.headers, req.tenant, req.app)
         && (w.tenants.is_empty() || w.tenants.iter().any(|t| t == req.tenant))
+}
+
+/// A rule's conditions on the request's headers and app.
+fn headers_and_apps_match(
+    w: &smartllm_config::RuleWhen,
+    headers: &[(String, String)],
+    tenant: &str,
+    app: &str,
+) -> bool {
+    w.headers.iter().all(|(name, want)| {
+        headers
+            .iter()
+            .any(|(n, v)| n == name && (want == "*" || v == want))
+    }) && (w.apps.is_empty()
+        || w.apps
+            .iter()
+            .any(|a| a == app || *a == format!("{tenant}/{app}")))
+}
+
+/// Whether a rule's conditions on the request itself beside the prompt
+/// (its headers, its app) hold, read as the router reads them; `None` for
+/// a rule that has none. What the cache key carries for a routed alias, so
+/// an answer is replayed only to requests its rules treat alike.
+pub fn request_conditions(
+    rule: &RouteRule,
+    headers: &[(String, String)],
+    tenant: &str,
+    app: &str,
+) -> Option<bool> {
+    let w = &rule.when;
+    (!w.headers.is_empty() || !w.apps.is_empty())
+        .then(|| headers_and_apps_match(w, headers, tenant, app))
 }
 
 /// A draw from Beta(a, b) (a, b > 0), from two Gamma draws.

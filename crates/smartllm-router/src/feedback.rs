@@ -321,6 +321,13 @@ impl FeedbackBook {
         (prior * PRIOR_VOTES + votes.sum) / (PRIOR_VOTES + votes.weight_at(now))
     }
 
+    /// How many votes the tenant's scores of `model` on `task` count for
+    /// now (outcome zeros fading with age, as in [`FeedbackBook::quality`]).
+    pub fn weight_for(&self, tenant: &str, model: &str, task: Task) -> f64 {
+        let now = now_secs();
+        self.votes_for_at(tenant, model, task, now).weight_at(now)
+    }
+
     /// The tenant's scores of `model` on `task`.
     pub fn votes_for(&self, tenant: &str, model: &str, task: Task) -> Votes {
         self.votes_for_at(tenant, model, task, now_secs())

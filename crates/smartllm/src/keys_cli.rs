@@ -141,8 +141,8 @@ pub fn list(dir: &Path) -> anyhow::Result<String> {
     Ok(out)
 }
 
-/// Whether the directory's config loads with `keys_text` as its keys.yaml.
-fn check_with(dir: &Path, keys_text: &str) -> anyhow::Result<()> {
+/// The directory's config with `keys_text` as its keys.yaml, if it loads.
+fn check_with(dir: &Path, keys_text: &str) -> anyhow::Result<smartllm_config::Config> {
     let mut texts: BTreeMap<&'static str, String> = BTreeMap::new();
     for file in smartllm_config::FILES {
         if file == smartllm_config::KEYS_FILE {
@@ -159,8 +159,7 @@ fn check_with(dir: &Path, keys_text: &str) -> anyhow::Result<()> {
         }
     }
     texts.insert(smartllm_config::KEYS_FILE, keys_text.to_string());
-    smartllm_config::load_texts(dir, texts).map_err(|e| anyhow::anyhow!("{e}"))?;
-    Ok(())
+    smartllm_config::load_texts(dir, texts).map_err(|e| anyhow::anyhow!("{e}"))
 }
 
 /// The `keys:` line of a keys.yaml's lines.
@@ -331,10 +330,32 @@ pub fn rotate(dir: &Path, name: &str, how: Rotation) -> anyhow::Result<Option<St
     for l in &lines[to..] {
         text.push_str(l);
     }
-    check_with(dir, &text)
+    let before = check_with(dir, &current)
+        .ok()
+        .and_then(|c| named_key(&c, name));
+    let after = check_with(dir, &text)
         .map_err(|e| anyhow::anyhow!("the rotated key would make the config invalid:\n{e}"))?;
+    // The entry is written again from what YAML read: refuse if anything
+    // but its hashes reads differently now (an unquoted `tenant: 1.50`
+    // written back as 1.5 would move the key to another tenant).
+    fn same(
+        k: &smartllm_config::VirtualKey,
+    ) -> (&str, &str, &str, &[String], smartllm_config::Limits) {
+        (&k.name, &k.tenant, &k.app, &k.models, k.limits)
+    }
+    match (&before, named_key(&after, name)) {
+        (Some(b), Some(a)) if same(b) == same(&a) => {}
+        _ => bail!(
+            "rotating '{name}' would change more than its key (its entry in {} reads differently when written again): quote its values (tenant: \"1.50\") or edit the sha256 by hand",
+            path.display()
+        ),
+    }
     crate::config_write::replace(&path, &text)?;
     Ok(key)
+}
+
+fn named_key(cfg: &smartllm_config::Config, name: &str) -> Option<smartllm_config::VirtualKey> {
+    cfg.keys.keys.iter().find(|k| k.name == name).cloned()
 }
 
 /// `current` keys.yaml with an entry for `new` (whose key hashes to `sha`)
@@ -536,6 +557,21 @@ mod tests {
             (sha256_hex(&now), None)
         );
         assert!(rotate(dir.path(), "ghost", Rotation::Now).is_err());
+        // An entry that YAML would write back otherwise is refused, the file
+        // left as it was.
+        let keys = format!(
+            "keys:\n  - name: odd\n    sha256: {}\n    tenant: 1.50\n",
+            "c".repeat(64)
+        );
+        std::fs::write(dir.path().join(smartllm_config::KEYS_FILE), &keys).unwrap();
+        let e = rotate(dir.path(), "odd", Rotation::Now)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("reads differently"), "{e}");
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join(smartllm_config::KEYS_FILE)).unwrap(),
+            keys
+        );
     }
 
     #[test]

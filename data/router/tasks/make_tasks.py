@@ -202,7 +202,6 @@ EXTRA_SOURCES = [
     ("train", "code", "inspect-swe-lancer", "ie", "swe_lancer", 80),
 ]
 
-# Requests written in other languages than English (their instructions in
 # Requests to an assistant and a service desk (2026-12-05; tried, not
 # adopted: bench/README.md, "Assistant and service-desk requests"): chat had the
 # fewest training collections, none of them requests of that kind, and
@@ -222,6 +221,7 @@ SUPPORT_SOURCES = [
 # calculator.
 CLINC_NOT_CHAT = {"31", "36", "42", "61", "138"}
 
+# Requests written in other languages than English (their instructions in
 # English or in the language), from evals collections used nowhere else:
 # an evaluation set only (`--multilingual` writes multilingual.tsv), never
 # training or shipped examples. Labels are each collection's purpose:

@@ -166,33 +166,29 @@ pub async fn phase(
             api = format!("{api}+anthropic-beta={}", betas.join(",")).into();
         }
     }
-    // What the routed alias's rules read beside the prompt (headers, the
-    // app) joins the key: an answer a rule sent to one model is never
-    // replayed to a request a rule sends elsewhere (`x-tier: premium`
-    // pinned to a stronger model, another app's pin).
-    if let Some(r) = request.routed {
-        let mut seen: Vec<String> = Vec::new();
-        for rule in &r.rules {
-            for (name, _) in &rule.when.headers {
-                let value = session
-                    .req_header()
-                    .headers
-                    .get(name.as_str())
-                    .and_then(|v| v.to_str().ok());
-                seen.push(match value {
-                    Some(v) => format!("{name}={v}"),
-                    None => format!("{name}!"),
-                });
-            }
-            if !rule.when.apps.is_empty() {
-                seen.push(format!("app={}", ctx.app));
-            }
-        }
-        seen.sort_unstable();
-        seen.dedup();
-        if !seen.is_empty() {
-            api = format!("{api}+rules:{}", seen.join(",")).into();
-        }
+    // Whether each of the routed alias's rules that reads the request
+    // beside the prompt (its headers, its app) holds, read as the router
+    // reads them, joins the key: an answer a rule sent to one model is
+    // never replayed to a request a rule sends elsewhere (`x-tier: premium`
+    // pinned to a stronger model, another app's pin), and requests the
+    // rules treat alike share their answers.
+    if let Some(r) = request.routed.filter(|r| {
+        r.rules
+            .iter()
+            .any(|rule| !rule.when.headers.is_empty() || !rule.when.apps.is_empty())
+    }) {
+        let headers = crate::routing::rule_headers(session);
+        let held: String = r
+            .rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, rule)| {
+                smartllm_router::decide::request_conditions(rule, &headers, &ctx.tenant, &ctx.app)
+                    .map(|m| format!("{i}{}", if m { '+' } else { '-' }))
+            })
+            .collect::<Vec<_>>()
+            .join(",");
+        api = format!("{api}+rules:{held}").into();
     }
     let Some(key) = api_chat_key(&api, &ctx.tenant, model, &req.body) else {
         bypass(ctx, "shape");

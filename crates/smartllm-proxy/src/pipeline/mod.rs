@@ -316,6 +316,7 @@ mod tests {
             limit: 1.0,
             resets_in: 3 * 3600 + 5 * 60,
             in_flight: false,
+            could_cost: 0.01,
         }));
         assert_eq!(
             (e.status, e.kind, e.code),
@@ -337,10 +338,11 @@ mod tests {
             limit: 0.0002,
             resets_in: 3600,
             in_flight: false,
+            could_cost: 0.00012,
         }));
         assert_eq!(
             e.message,
-            "The daily budget of $0.0002 for tenant 'acme' has $0.000056 left, less than this request could cost ($0.0001 spent); it resets in 1h00m (UTC)."
+            "The daily budget of $0.0002 for tenant 'acme' has $0.000056 left, less than the $0.0001 this request could cost at most (its prompt and the output its token limit allows) ($0.0001 spent); it resets in 1h00m (UTC)."
         );
     }
 }

@@ -167,9 +167,14 @@ pub async fn plan(
                     .map(|(_, why)| why.to_string())
                     .or_else(|| {
                         let vk = ctx.key.as_ref()?;
+                        // The model itself, an alias that resolves to it,
+                        // or a routed alias it is a candidate of.
                         let listed = |m: &String| {
                             *m == to.name
-                                || cfg.resolve_model(m).is_some_and(|(x, _)| x.name == to.name)
+                                || cfg.resolve_model(m).is_some_and(|(x, r)| {
+                                    x.name == to.name
+                                        || r.is_some_and(|r| r.candidates.contains(&to.name))
+                                })
                         };
                         (!vk.models.is_empty() && !vk.models.iter().any(listed))
                             .then(|| format!("key '{}' may not use it", vk.name))
