@@ -111,7 +111,9 @@ fn overload_is_shed_with_503_and_retry_after_and_the_cache_steps_aside() {
 fn upstream_faults_under_concurrent_load_keep_99_9_percent_success() {
     // One healthy deployment, one that fails half its requests in every way
     // that leaves nothing sent to the client yet (reset, close, stall,
-    // malformed JSON, 5xx, 429), one that refuses connections.
+    // malformed JSON, 5xx), one that refuses connections. (A 429 would put
+    // it behind the others for its Retry-After: see
+    // `a_rate_limited_model_cools_behind_its_fallback_for_its_retry_after`.)
     let healthy = Mock::start(&["--name", "healthy"]);
     let faulty = Mock::start(&[
         "--name",
@@ -119,7 +121,7 @@ fn upstream_faults_under_concurrent_load_keep_99_9_percent_success() {
         "--fault-rate",
         "0.5",
         "--faults",
-        "reset,close,hang,malformed-json,500,503,429",
+        "reset,close,hang,malformed-json,500,503",
     ]);
     let dead = free_port();
     let providers = format!(
@@ -190,7 +192,7 @@ fn upstream_faults_under_concurrent_load_keep_99_9_percent_success() {
     );
     let m = |reason: &str| gw.metric("smartllm_upstream_errors_total", &[("reason", reason)]);
     assert!(m("connect") >= 1.0, "connection refused counted");
-    assert!(m("status_5xx") >= 1.0 && m("status_429") >= 1.0);
+    assert!(m("status_5xx") >= 1.0);
     assert!(m("malformed_response") + m("body") + m("reset") >= 1.0);
     assert!(
         gw.metric(

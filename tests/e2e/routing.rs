@@ -1094,6 +1094,12 @@ fn a_rate_limited_model_cools_behind_its_fallback_for_its_retry_after() {
     }
     std::thread::sleep(Duration::from_millis(1200));
     assert_eq!(attempts(2), 2, "small is tried first again");
+    assert!(
+        gw.metric(
+            "smartllm_upstream_errors_total",
+            &[("model", "small"), ("reason", "status_429")]
+        ) >= 2.0
+    );
     assert_eq!(
         gw.metric(
             "smartllm_circuit_state",
