@@ -1152,7 +1152,22 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     // with the process when main returns.
     finisher.finish();
     tracing::debug!(by, "process ends");
-    Ok(())
+    end_process()
+}
+
+/// End the process now that everything is saved and flushed, without the
+/// C libraries' exit handlers: a cache index still being trained (FAISS on
+/// OpenBLAS and OpenMP threads) would hold OpenBLAS's exit handler forever,
+/// waiting on its busy workers, and a stop must not hang until systemd
+/// kills it. The index is built again at the next start.
+#[allow(unsafe_code)]
+fn end_process() -> ! {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    let _ = std::io::stderr().flush();
+    // SAFETY: `_exit` ends the process at once; every file the gateway
+    // writes was flushed by `Finisher::finish`, and nothing runs after it.
+    unsafe { libc::_exit(0) }
 }
 
 /// Pingora's rustls settings for a listener with TLS (`None`: plaintext). The
