@@ -118,6 +118,40 @@ pub enum StoreError {
     UnknownCf(&'static str),
 }
 
+/// A database directory that holds tables or a manifest but no `CURRENT`
+/// (deleted, or lost to a bad disk) is refused: RocksDB would start a new,
+/// empty database there and delete the old tables, the ledger and the cache
+/// with them. The message says how to recover.
+fn refuse_a_store_without_current(path: &Path) -> Result<(), StoreError> {
+    if path.join("CURRENT").exists() {
+        return Ok(());
+    }
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return Ok(());
+    };
+    let data: Vec<String> = entries
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".sst") || n.starts_with("MANIFEST-"))
+        .collect();
+    if data.is_empty() {
+        return Ok(());
+    }
+    let mut manifests: Vec<&String> = data.iter().filter(|n| n.starts_with("MANIFEST-")).collect();
+    manifests.sort();
+    Err(StoreError::Open {
+        path: path.to_path_buf(),
+        message: format!(
+            "it holds {} table or manifest files but no CURRENT file, and opening it would start an empty database in their place (the cost ledger and the cache lost); restore CURRENT from a backup, or write the newest manifest's name into it ({}), or move the directory away to start afresh",
+            data.len(),
+            match manifests.last() {
+                Some(m) => format!("`echo {m} > {}`", path.join("CURRENT").display()),
+                None => "there is none".to_string(),
+            }
+        ),
+    })
+}
+
 pub struct Store {
     db: DB,
     path: PathBuf,
@@ -163,6 +197,7 @@ impl Store {
             path: path.clone(),
             source,
         })?;
+        refuse_a_store_without_current(&path)?;
         let mut opts = Options::default();
         opts.create_if_missing(true);
         opts.create_missing_column_families(true);
@@ -400,5 +435,37 @@ mod tests {
         let _a = Store::open(dir.path()).unwrap();
         let err = Store::open(dir.path()).err().expect("lock held");
         assert!(err.to_string().contains("cannot open RocksDB"), "{err}");
+    }
+
+    /// A database directory with tables but no CURRENT is refused, its
+    /// files left alone; with CURRENT written back it opens with its data.
+    #[test]
+    fn a_store_without_current_is_refused_not_emptied() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(dir.path()).unwrap();
+            store.put(CF_META, b"k", b"v").unwrap();
+            store.flush().unwrap();
+        }
+        let db = dir.path().join("db");
+        let current = std::fs::read_to_string(db.join("CURRENT")).unwrap();
+        std::fs::remove_file(db.join("CURRENT")).unwrap();
+        let before = std::fs::read_dir(&db).unwrap().count();
+        let e = Store::open(dir.path()).err().expect("refused").to_string();
+        assert!(
+            e.contains("no CURRENT file") && e.contains("MANIFEST-"),
+            "{e}"
+        );
+        assert_eq!(
+            std::fs::read_dir(&db).unwrap().count(),
+            before,
+            "nothing touched"
+        );
+        std::fs::write(db.join("CURRENT"), current).unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(
+            store.get(CF_META, b"k").unwrap().as_deref(),
+            Some(&b"v"[..])
+        );
     }
 }
