@@ -30,6 +30,9 @@ pub const METRIC_SAVED: &str = "smartllm_cost_saved_usd_total";
 /// Records lost for good: recorded after the writer stopped. (A record that
 /// finds the queue full is not lost: it waits in the overflow.)
 pub const METRIC_DROPPED: &str = "smartllm_ledger_dropped_total";
+/// Writes to RocksDB that failed, by what (`ledger`, `cache`): a full or
+/// failing disk, which RocksDB keeps refusing until the gateway restarts.
+pub const METRIC_STORE_WRITE_ERRORS: &str = "smartllm_store_write_errors_total";
 
 /// The most tokens of one kind (prompt, completion, cached, ...) the ledger
 /// counts for one request: 10 billion, far above any real context window or
@@ -794,6 +797,7 @@ fn writer(
                 }
                 Err(e) => {
                     written = false;
+                    metrics::counter!(METRIC_STORE_WRITE_ERRORS, "what" => "ledger").increment(1);
                     tracing::error!(error = %e, "writing the cost ledger failed; will retry at the next flush");
                 }
             }

@@ -141,6 +141,9 @@ impl PendingInsert {
                     {
                         metrics::shed("cache_insert");
                     } else {
+                        if matches!(e, smartllm_cache::CacheError::Store(_)) {
+                            ::metrics::counter!(smartllm_ledger::METRIC_STORE_WRITE_ERRORS, "what" => "cache").increment(1);
+                        }
                         tracing::warn!(error = %e, "storing a cache entry failed");
                     }
                 }

@@ -271,6 +271,10 @@ pub fn install() -> PrometheusHandle {
             smartllm_ledger::METRIC_DROPPED,
             "Ledger records dropped because the writer queue was full."
         );
+        describe_counter!(
+            smartllm_ledger::METRIC_STORE_WRITE_ERRORS,
+            "RocksDB writes that failed, by what (ledger, cache): a full or failing disk; RocksDB refuses writes after such an error until the gateway restarts."
+        );
         describe_histogram!(
             smartllm_embed::METRIC_BATCH_SIZE,
             "Texts per embedding model run (micro-batch size)."
@@ -300,6 +304,12 @@ pub fn install() -> PrometheusHandle {
     gauge!(CONFIG_RESTART_PENDING).set(0.0);
     for reason in ["max_in_flight", "embedder", "cache_insert"] {
         counter!(SHED, "reason" => reason).absolute(0);
+    }
+    // So are those of the ledger and the store: an alert on their increase
+    // fires on the first dropped record or failed write.
+    counter!(smartllm_ledger::METRIC_DROPPED).absolute(0);
+    for what in ["ledger", "cache"] {
+        counter!(smartllm_ledger::METRIC_STORE_WRITE_ERRORS, "what" => what).absolute(0);
     }
     for phase in ["header", "body"] {
         counter!(CLIENT_TIMEOUTS, "phase" => phase).absolute(0);
