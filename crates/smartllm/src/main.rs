@@ -954,8 +954,16 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
         upgrade,
         ..Opt::default()
     };
-    std::fs::create_dir_all(&config.data_dir)
-        .with_context(|| format!("creating the data dir {}", config.data_dir.display()))?;
+    std::fs::create_dir_all(&config.data_dir).with_context(|| {
+        // (The OS says "File exists" for a file standing where it should be.)
+        let file = config
+            .data_dir
+            .ancestors()
+            .find(|p| p.is_file())
+            .map(|p| format!(" ({} is a file, not a directory)", p.display()))
+            .unwrap_or_default();
+        format!("creating the data dir {}{file}", config.data_dir.display())
+    })?;
     let mut server = Server::new_with_opt_and_conf(opt, conf);
     if upgrade {
         tracing::info!(socket = %config.data_dir.join("upgrade.sock").display(),
@@ -1231,6 +1239,12 @@ fn open_store(
                     logged = true;
                 }
                 std::thread::sleep(Duration::from_millis(20));
+            }
+            Err(smartllm_store::StoreError::Open { path, message }) if message.contains("lock") => {
+                return Err(anyhow::anyhow!(
+                    "opening the data dir: another process holds {} (a smartllm already running on this data dir? each gateway needs its own `data_dir`; a graceful upgrade starts the new binary with --upgrade): {message}",
+                    path.display()
+                ))
             }
             Err(e) => return Err(anyhow::Error::new(e).context("opening the data dir")),
         }
