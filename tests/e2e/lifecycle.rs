@@ -508,3 +508,82 @@ fn an_h2_client_gets_goaway_when_the_drain_begins() {
     assert!(stdout.contains("goaway ok"), "{stdout}");
     assert!(stdout.contains("stream ok"), "{stdout}");
 }
+
+/// A stop while the cache index trains in the background (here: the saved
+/// index is damaged, so each start trains it again) ends at once, with
+/// everything saved: OpenBLAS's exit handler used to wait on its busy
+/// workers for ever (a storage trial's hang, 2 stops in 3).
+#[test]
+fn a_stop_while_the_cache_index_trains_ends_at_once() {
+    let mock = Mock::start(&[]);
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &format!("providers:\n{}", mock_provider("mock", &mock)),
+        "models:\n  - name: small\n    deployments:\n      - provider: mock\n        model: mock-small\n",
+        "",
+    );
+    cfg.write(
+        "cache.yaml",
+        "cache:\n  enabled: true\n  ivf_threshold: 1000\n",
+    );
+    let mut gw = Gateway::start(cfg);
+    let n = 4000;
+    let workers: Vec<_> = (0..16)
+        .map(|w| {
+            let addr = gw.addr.clone();
+            std::thread::spawn(move || {
+                for i in (w..n).step_by(16) {
+                    let body = chat_body("small", &format!("Tell me fact number {i} about rivers"));
+                    let r = request(
+                        &addr,
+                        "POST",
+                        "/v1/chat/completions",
+                        &[],
+                        &serde_json::to_vec(&body).unwrap(),
+                    )
+                    .unwrap();
+                    assert_eq!(r.status, 200);
+                }
+            })
+        })
+        .collect();
+    for w in workers {
+        w.join().unwrap();
+    }
+    let stats = || get(&gw.admin, "/admin/cache/stats").json()["stats"].clone();
+    assert!(
+        wait_until(Duration::from_secs(60), || {
+            let s = stats();
+            s["index_vectors"].as_u64() >= Some(n as u64 * 9 / 10) && s["index_building"] == false
+        }),
+        "{}",
+        stats()
+    );
+    gw.stop();
+    let mut cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    for round in 0..3 {
+        // Damaged (the first round), or not saved at all (a stop while it
+        // trained drops it): either way the start trains it again.
+        let file = cfg.data.path().join("cache.ivf");
+        if let Ok(mut bytes) = std::fs::read(&file) {
+            for b in &mut bytes[..64] {
+                *b ^= 0x5a;
+            }
+            std::fs::write(&file, bytes).unwrap();
+        } else {
+            assert!(round > 0, "the first stop saved the index");
+        }
+        let mut gw = Gateway::start(cfg);
+        let stopping = Instant::now();
+        gw.stop();
+        let took = stopping.elapsed();
+        let log = gw.log_text();
+        assert!(
+            took < Duration::from_secs(5),
+            "round {round}: the stop took {took:?}\n{log}"
+        );
+        assert!(log.contains("smartllm stopped"), "round {round}: {log}");
+        cfg = std::mem::replace(&mut gw.config, ConfigDir::new("", "", "", "", ""));
+    }
+}
