@@ -205,6 +205,9 @@ impl SemanticCache {
         let (n, resealed, kept) = self.remove_where(|e| e.expired(now) || stale(e), true)?;
         counter!(m::REMOVED, "reason" => "expired").increment(n);
         gauge!(m::UNREADABLE).set(kept as f64);
+        if kept == 0 {
+            self.settle_foreign()?;
+        }
         if kept > 0 && self.unreadable_kept.swap(kept, Ordering::Relaxed) != kept {
             tracing::warn!(
                 entries = kept,

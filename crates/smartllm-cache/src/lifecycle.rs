@@ -399,7 +399,12 @@ impl SemanticCache {
         let meta = self.cf(CF_META);
         self.db().delete_cf(meta, VECTORS_SEALED_UNBOUND)?;
         if !self.codec.encrypted() {
-            self.db().delete_cf(meta, VECTORS_SEALED)?;
+            // A store sealed before (its mark is here) opened without a key:
+            // most likely the key setting went missing. What it cannot read
+            // is kept, as under a wrong key, until a sweep finds none left
+            // (`settle_foreign`) or a purge removes it.
+            let marked = self.db().get_cf(meta, VECTORS_SEALED)?.is_some();
+            self.foreign_key.store(marked, Ordering::Relaxed);
             return Ok(0);
         }
         // Marked done with this key: only the earlier forms (a release that
@@ -514,14 +519,40 @@ impl SemanticCache {
                 "cache vectors that no configured key opens (a dropped key, or corrupt) were removed, and entries no key opens are removed when read"
             );
         }
-        if n > unreadable {
+        // (Under a foreign key the unreadable are kept, not counted in `n`.)
+        let changed = if foreign { n } else { n - unreadable };
+        if changed > 0 {
             tracing::info!(
-                vectors = n - unreadable,
+                vectors = changed,
                 embedded_again = embedded,
                 "cache vectors stored in the clear, unbound or with an old key were sealed with the current key, bound to their ids (those in the clear or unbound replaced by their entries' questions embedded again; removed beside an entry in the clear or none)"
             );
         }
         Ok(n)
+    }
+
+    /// Under a foreign key (see `seal_stored_vectors`), once a sweep finds
+    /// nothing left that no configured key opens (a purge removed it, or
+    /// it expired away): the store is this key's now, so its mark is
+    /// written again (removed without a key), and what no key opens is
+    /// removed again from then on.
+    pub(crate) fn settle_foreign(&self) -> Result<(), CacheError> {
+        if !self.foreign_key.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let meta = self.cf(CF_META);
+        if self.codec.encrypted() {
+            self.db().put_cf(
+                meta,
+                VECTORS_SEALED,
+                self.codec.seal(VECTORS_SEALED.to_vec())?,
+            )?;
+        } else {
+            self.db().delete_cf(meta, VECTORS_SEALED)?;
+        }
+        self.foreign_key.store(false, Ordering::Relaxed);
+        tracing::info!("no cache entry is left that no configured key opens: the store is marked as this key's");
+        Ok(())
     }
 
     /// Use the persisted IVF index if it is readable and current. Returns
@@ -1866,9 +1897,12 @@ mod tests {
             wait_ivf(&cache);
             flush(&cache);
         }
-        // Opened without a key: the mark goes (vectors may be stored in the clear now).
+        // Opened without a key (the setting gone missing): the mark stays,
+        // and what no key opens is kept, as under a wrong key.
         let cache = with(Codec::plain(), 300);
-        assert!(fingerprint_of_mark(&cache).is_none());
+        assert!(fingerprint_of_mark(&cache).is_some());
+        assert!(cache.foreign_key.load(Ordering::Relaxed));
+        assert_eq!(vectors_stored(&cache), 301);
     }
 
     /// A file saved while an earlier insert was still under way (its number

@@ -317,7 +317,11 @@ impl OpenAiStreamFilter {
             self.error.get_or_insert(e);
             return true;
         }
-        if self.malformed || (!self.saw_done && malformed_event(&ev.data)) {
+        // Nothing after [DONE] is the answer's (nor passed on).
+        if self.saw_done {
+            return false;
+        }
+        if self.malformed || malformed_event(&ev.data) {
             self.malformed = true;
             return false;
         }

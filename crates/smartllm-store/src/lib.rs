@@ -129,20 +129,41 @@ fn refuse_a_store_without_current(path: &Path) -> Result<(), StoreError> {
     let Ok(entries) = std::fs::read_dir(path) else {
         return Ok(());
     };
-    let data: Vec<String> = entries
+    let files: Vec<(String, u64)> = entries
         .filter_map(|e| e.ok())
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n.ends_with(".sst") || n.starts_with("MANIFEST-"))
+        .map(|e| {
+            let size = e.metadata().map_or(0, |m| m.len());
+            (e.file_name().to_string_lossy().into_owned(), size)
+        })
         .collect();
-    if data.is_empty() {
+    // Data: tables, a write-ahead log with records, or a manifest past the
+    // first (a first open killed before it wrote CURRENT leaves only
+    // MANIFEST-000001 and empty files: nothing to lose, opened afresh).
+    let holds_data = files.iter().any(|(n, size)| {
+        n.ends_with(".sst")
+            || (n.ends_with(".log")
+                && n.chars().next().is_some_and(|c| c.is_ascii_digit())
+                && *size > 0)
+            || (n.starts_with("MANIFEST-") && n != "MANIFEST-000001")
+    });
+    if !holds_data {
         return Ok(());
     }
-    let mut manifests: Vec<&String> = data.iter().filter(|n| n.starts_with("MANIFEST-")).collect();
+    let data: Vec<&String> = files
+        .iter()
+        .map(|(n, _)| n)
+        .filter(|n| n.ends_with(".sst") || n.ends_with(".log") || n.starts_with("MANIFEST-"))
+        .collect();
+    let mut manifests: Vec<&String> = data
+        .iter()
+        .copied()
+        .filter(|n| n.starts_with("MANIFEST-"))
+        .collect();
     manifests.sort();
     Err(StoreError::Open {
         path: path.to_path_buf(),
         message: format!(
-            "it holds {} table or manifest files but no CURRENT file, and opening it would start an empty database in their place (the cost ledger and the cache lost); restore CURRENT from a backup, or write the newest manifest's name into it ({}), or move the directory away to start afresh",
+            "it holds {} table, log or manifest files but no CURRENT file, and opening it would start an empty database in their place (the cost ledger and the cache lost); restore CURRENT from a backup, or write the newest manifest's name into it ({}), or move the directory away to start afresh",
             data.len(),
             match manifests.last() {
                 Some(m) => format!("`echo {m} > {}`", path.join("CURRENT").display()),
@@ -463,6 +484,14 @@ mod tests {
         );
         std::fs::write(db.join("CURRENT"), current).unwrap();
         let store = Store::open(dir.path()).unwrap();
+        // A first open killed before it wrote CURRENT (a lone first
+        // manifest): nothing to lose, opened afresh.
+        let fresh = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(fresh.path().join("db")).unwrap();
+        std::fs::write(fresh.path().join("db/MANIFEST-000001"), b"").unwrap();
+        if let Err(e) = Store::open(fresh.path()) {
+            panic!("{e}");
+        }
         assert_eq!(
             store.get(CF_META, b"k").unwrap().as_deref(),
             Some(&b"v"[..])

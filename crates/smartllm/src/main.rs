@@ -779,7 +779,9 @@ fn main() -> ExitCode {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("smartllm: {e:#}");
-                ExitCode::from(1)
+                // (A start that failed after the cache opened may have an
+                // index training: no exit handler may wait on it.)
+                end_process(1)
             }
         },
     }
@@ -1160,7 +1162,7 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
     // with the process when main returns.
     finisher.finish();
     tracing::debug!(by, "process ends");
-    end_process()
+    end_process(0)
 }
 
 /// End the process now that everything is saved and flushed, without the
@@ -1169,13 +1171,13 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
 /// waiting on its busy workers, and a stop must not hang until systemd
 /// kills it. The index is built again at the next start.
 #[allow(unsafe_code)]
-fn end_process() -> ! {
+fn end_process(code: i32) -> ! {
     use std::io::Write;
     let _ = std::io::stdout().flush();
     let _ = std::io::stderr().flush();
     // SAFETY: `_exit` ends the process at once; every file the gateway
     // writes was flushed by `Finisher::finish`, and nothing runs after it.
-    unsafe { libc::_exit(0) }
+    unsafe { libc::_exit(code) }
 }
 
 /// Pingora's rustls settings for a listener with TLS (`None`: plaintext). The
@@ -1232,7 +1234,7 @@ fn open_store(
                 return Ok(store);
             }
             Err(smartllm_store::StoreError::Open { message, .. })
-                if message.contains("lock") && wait.is_some_and(|w| started.elapsed() < w) =>
+                if message.contains("/LOCK") && wait.is_some_and(|w| started.elapsed() < w) =>
             {
                 if !logged {
                     tracing::info!(%message, "waiting for the previous instance to drain and release the data dir");
@@ -1240,7 +1242,8 @@ fn open_store(
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            Err(smartllm_store::StoreError::Open { path, message }) if message.contains("lock") => {
+            // (RocksDB's words for it: "While lock file: .../LOCK: ...".)
+            Err(smartllm_store::StoreError::Open { path, message }) if message.contains("/LOCK") => {
                 return Err(anyhow::anyhow!(
                     "opening the data dir: another process holds {} (a smartllm already running on this data dir? each gateway needs its own `data_dir`; a graceful upgrade starts the new binary with --upgrade): {message}",
                     path.display()

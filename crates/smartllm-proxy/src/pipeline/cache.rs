@@ -183,8 +183,18 @@ pub async fn phase(
             .iter()
             .enumerate()
             .filter_map(|(i, rule)| {
+                // The rule itself too (a reload that rewrites rule 0 must
+                // not give its answers a new meaning).
                 smartllm_router::decide::request_conditions(rule, &headers, &ctx.tenant, &ctx.app)
-                    .map(|m| format!("{i}{}", if m { '+' } else { '-' }))
+                    .map(|m| {
+                        let digest =
+                            <sha2::Sha256 as sha2::Digest>::digest(format!("{rule:?}").as_bytes());
+                        format!(
+                            "{i}{}{}",
+                            hex::encode(&digest[..4]),
+                            if m { '+' } else { '-' }
+                        )
+                    })
             })
             .collect::<Vec<_>>()
             .join(",");

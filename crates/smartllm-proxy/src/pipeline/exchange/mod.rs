@@ -148,38 +148,26 @@ pub async fn run(
         .iter()
         .filter_map(|m| rt.pool(m).map(|p| p.as_ref()))
         .collect();
-    // Deployments cooling after a 429 (until their Retry-After) go after
-    // every other: the chain is walked for the others first, then again
-    // for the cooling ones (`true`), so a rate-limited model costs no
-    // refused attempt first while anything else can answer, and is still
-    // tried when nothing else did.
-    let cooling = |p: &ModelPool| -> (bool, bool) {
-        let (mut warm, mut cool) = (false, false);
+    // A model whose every deployment is cooling after a 429 (until its
+    // Retry-After) goes after the other models of the chain, so it costs
+    // no refused attempt first while another can answer, and is still
+    // tried when none did; within a model, cooling deployments go after
+    // the others (below). Each model is walked once.
+    let all_cooling = |p: &ModelPool| {
+        let mut any = false;
         for b in p.lb.backends().get_backend().iter() {
             for (_, _, id) in p.deployments_on(b, false) {
-                if shared.breakers.cooling(id) {
-                    cool = true;
-                } else {
-                    warm = true;
+                if !shared.breakers.cooling(id) {
+                    return false;
                 }
+                any = true;
             }
         }
-        (warm, cool)
+        any
     };
-    let states: Vec<(bool, bool)> = chain_pools.iter().map(|p| cooling(p)).collect();
-    let pools: Vec<(&ModelPool, bool)> = chain_pools
-        .iter()
-        .zip(&states)
-        .filter(|(_, (warm, _))| *warm)
-        .map(|(p, _)| (*p, false))
-        .chain(
-            chain_pools
-                .iter()
-                .zip(&states)
-                .filter(|(_, (_, cool))| *cool)
-                .map(|(p, _)| (*p, true)),
-        )
-        .collect();
+    let (mut pools, cooling): (Vec<&ModelPool>, Vec<&ModelPool>) =
+        chain_pools.iter().partition(|p| !all_cooling(p));
+    pools.extend(cooling);
     if pools.is_empty() {
         return Err(ApiError::internal(format!(
             "model {} has no deployment pool",
@@ -191,10 +179,9 @@ pub async fn run(
     let mut unretried: Option<String> = None;
     // The soonest any deployment that refused for now said to come back.
     let mut soonest: Option<u64> = None;
-    for (mi, &(pool, cool)) in pools.iter().enumerate() {
-        if (mi > 0 && ctx.model() != Some(pool.model.as_str()))
-            || (mi == 0 && chain.first() != Some(&pool.model))
-        {
+    for (mi, pool) in pools.iter().enumerate() {
+        // (A model moved after the others for its 429s is a fallback too.)
+        if mi > 0 || chain.first() != Some(&pool.model) {
             let from = ctx.model().unwrap_or_default().to_string();
             metrics::fallback(ctx.route.as_deref().unwrap_or("-"), &from, &pool.model);
             tracing::info!(request_id = %ctx.request_id, from = %from, to = %pool.model, error = last_err.as_ref().map_or("no deployment available", |e: &ApiError| e.message.as_str()), "falling back to the next model");
@@ -233,37 +220,48 @@ pub async fn run(
                     "This gateway instance is stopping (its drain time is up); send the request again (it will reach another instance).",
                 ));
             }
-            // This walk of the chain takes the deployments cooling after a
-            // 429, or those that are not (see `pools`).
-            let open =
-                |b: &pingora_load_balancing::Backend, i: usize, id: &str, d: &DeploymentRuntime| {
-                    pin.is_none_or(|p| d.provider.name() == p)
-                        && !tried.iter().any(|(a, j)| *j == i && *a == b.addr)
-                        && shared
-                            .breakers
-                            .is_available(id, &d.provider.cfg.circuit_breaker)
-                        && shared.breakers.cooling(id) == cool
-                };
-            let usable = |b: &pingora_load_balancing::Backend| {
+            // `warm`: only deployments not cooling after a 429, which go
+            // first.
+            let open = |b: &pingora_load_balancing::Backend,
+                        i: usize,
+                        id: &str,
+                        d: &DeploymentRuntime,
+                        warm: bool| {
+                pin.is_none_or(|p| d.provider.name() == p)
+                    && !tried.iter().any(|(a, j)| *j == i && *a == b.addr)
+                    && shared
+                        .breakers
+                        .is_available(id, &d.provider.cfg.circuit_breaker)
+                    && !(warm && shared.breakers.cooling(id))
+            };
+            let usable = |b: &pingora_load_balancing::Backend, warm: bool| {
                 pool.deployments_on(b, false)
-                    .any(|(i, d, id)| open(b, i, id, d))
+                    .any(|(i, d, id)| open(b, i, id, d, warm))
             };
             let backend = pool
                 .lb
-                .select_with(b"", 256, |b, healthy| healthy && usable(b))
+                .select_with(b"", 256, |b, healthy| healthy && usable(b, true))
+                .or_else(|| {
+                    pool.lb
+                        .select_with(b"", 256, |b, healthy| healthy && usable(b, false))
+                })
                 .or_else(|| {
                     // Every usable backend failed its health check: with no other
                     // model to go to, try one anyway (fail open).
                     if later_models {
                         None
                     } else {
-                        pool.lb.select_with(b"", 256, |b, _| usable(b))
+                        pool.lb.select_with(b"", 256, |b, _| usable(b, false))
                     }
                 });
             let Some(backend) = backend else { break };
             let Some((index, dep, breaker_id)) = pool
                 .deployments_on(&backend, true)
-                .find(|(i, d, id)| open(&backend, *i, id, d))
+                .find(|(i, d, id)| open(&backend, *i, id, d, true))
+                .or_else(|| {
+                    pool.deployments_on(&backend, true)
+                        .find(|(i, d, id)| open(&backend, *i, id, d, false))
+                })
             else {
                 break;
             };
@@ -521,7 +519,7 @@ pub async fn run(
     // Nothing was tried (every circuit open, or unhealthy): the soonest
     // circuit to let a trial through is when to come back.
     if last_err.is_none() {
-        let reopen = chain_pools
+        let reopen = pools
             .iter()
             .flat_map(|pool| {
                 pool.lb
