@@ -210,6 +210,45 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
     );
     assert!(m.contains("smartllm_cache_similarity_bucket"));
     assert!(m.contains("smartllm_cache_index_vectors"));
+    // A tenant's erasure: every entry stored for key-a's requests goes (on
+    // a gateway without keys.yaml an unknown key's tenant is `key:` and the
+    // first half of its hash), and key-b's stay.
+    let password = q("How do I reset my password?");
+    assert!(wait_until(Duration::from_secs(20), || cache_header(&ask(
+        &gw, "key-b", &password
+    )) == "hit-exact"));
+    let tenant_a = format!("key:{}", &sha("key-a")[..32]);
+    let r = request(
+        &gw.admin,
+        "POST",
+        &format!("/admin/cache/purge?tenant={tenant_a}"),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    // The password question, the miles question, the code and more.
+    assert!(r.json()["removed"].as_u64().unwrap() >= 3, "{}", r.text());
+    // (Each miss stores its answer: questions that do not match each other.)
+    for text in [
+        "What is the way to reset my password?",
+        "Convert 5 miles to kilometers",
+    ] {
+        assert_eq!(cache_header(&ask(&gw, "key-a", &q(text))), "miss", "{text}");
+    }
+    assert_eq!(cache_header(&ask(&gw, "key-b", &password)), "hit-exact");
+    // A tenant no key has, with nothing stored for it: a 404, not a quiet
+    // success (a typo).
+    let r = request(
+        &gw.admin,
+        "POST",
+        "/admin/cache/purge?tenant=acme",
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 404, "{}", r.text());
+    assert_eq!(r.json()["error"]["code"], "unknown_tenant");
 }
 
 #[test]

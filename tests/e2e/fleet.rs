@@ -140,6 +140,46 @@ fn three_gateways_share_one_cache_and_one_cost_view_through_redis() {
         .sum();
     assert_eq!(requests, sum.0, "{csv}");
 
+    // A purge of key-1's tenant on B reaches every gateway and the fleet's
+    // snapshot: key-1's entry goes, key-2's stays.
+    assert!(
+        wait_until(Duration::from_secs(2), || [&a, &b, &c]
+            .iter()
+            .all(|g| entries(g) == 2)),
+        "{} {} {}",
+        stats(&a),
+        stats(&b),
+        stats(&c)
+    );
+    let tenant_1 = format!("key:{}", &sha("key-1")[..32]);
+    let purge = request(
+        &b.admin,
+        "POST",
+        &format!("/admin/cache/purge?tenant={tenant_1}"),
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(purge.status, 200, "{}", purge.text());
+    assert_eq!(purge.json()["removed"], 1, "{}", purge.text());
+    assert!(
+        wait_until(Duration::from_secs(2), || entries(&a) == 1
+            && entries(&c) == 1),
+        "{} {}",
+        stats(&a),
+        stats(&c)
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || redis.cmd(
+            "EVAL \"return #redis.call('KEYS', ARGV[1])\" 0 e2e-fleet:cache:e:*"
+        ) == ":1"),
+        "the fleet's snapshot still holds the purged tenant's entry"
+    );
+    assert_eq!(
+        cache_header(&ask(&a, "key-2", &q("How do I reset my password?"))),
+        "hit-exact"
+    );
+
     // A purge on B reaches every gateway.
     let purge = request(&b.admin, "POST", "/admin/cache/purge?all=true", &[], b"").unwrap();
     assert_eq!(purge.status, 200, "{}", purge.text());

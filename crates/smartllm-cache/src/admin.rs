@@ -1,5 +1,5 @@
-//! Operator and maintenance operations: purge (all, by namespace, by route or
-//! model), the sweep of expired and outdated-version entries, and stats.
+//! Operator and maintenance operations: purge (all, by namespace, tenant,
+//! route or model), the sweep of expired and outdated-version entries, and stats.
 
 use crate::entry::unsealed_exact;
 use crate::metric_names as m;
@@ -15,6 +15,9 @@ pub enum Purge {
     All,
     Namespace(String),
     Route(String),
+    /// Every entry stored for a tenant's requests (entries from releases
+    /// that did not record the tenant are not covered).
+    Tenant(String),
 }
 
 impl Purge {
@@ -22,6 +25,7 @@ impl Purge {
     pub fn covers(&self, e: &Entry) -> bool {
         match self {
             Purge::Namespace(ns) => &e.namespace == ns,
+            Purge::Tenant(t) => e.tenant.as_ref() == Some(t),
             Purge::Route(r) => &e.route == r || &e.model == r,
             Purge::All => true,
         }
@@ -332,6 +336,7 @@ mod tests {
             expires_at: now + 3600,
             version: 1,
             asked_ms: Some(now_ms()),
+            tenant: Some(k.tenant.clone()),
         }
     }
 

@@ -35,6 +35,12 @@ pub struct Entry {
     /// an answer asked before it, on every gateway of the fleet.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub asked_ms: Option<u64>,
+    /// The tenant whose request it answered, for a purge of the tenant's
+    /// entries (right to erasure). Entries stored before this field have
+    /// none: only a purge of their namespace, route or everything removes
+    /// them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tenant: Option<String>,
 }
 
 impl Entry {
@@ -350,6 +356,7 @@ mod tests {
             expires_at: 10,
             version: 1,
             asked_ms: None,
+            tenant: None,
         }
     }
 

@@ -310,6 +310,7 @@ mod migration_tests {
                     expires_at: now + 3600,
                     version: 1,
                     asked_ms: None,
+                    tenant: None,
                 };
                 db.put_cf(
                     cf(CF_ENTRIES),

@@ -97,6 +97,7 @@ impl SemanticCache {
             expires_at: created + policy.ttl.as_secs(),
             version: policy.version,
             asked_ms: Some(asked_ms),
+            tenant: Some(key.tenant.clone()),
         };
         let this = self.clone();
         let stored = tokio::task::spawn_blocking(move || {

@@ -24,6 +24,9 @@ pub struct CacheKey {
     pub exact: [u8; 32],
     /// The last user turn, as sent.
     pub query: String,
+    /// Whose request it is (part of the namespace; kept in the entry so a
+    /// tenant's entries can be purged).
+    pub tenant: String,
 }
 
 impl CacheKey {
@@ -141,6 +144,7 @@ pub fn api_chat_key(
         namespace,
         exact: h.finalize().into(),
         query,
+        tenant: tenant.to_string(),
     })
 }
 

@@ -45,7 +45,7 @@ pub enum Lookup {
 }
 
 pub(crate) enum Verified {
-    Hit(Entry, f32, Option<f32>),
+    Hit(Arc<Entry>, f32, Option<f32>),
     Miss {
         best: Option<f32>,
         rejected: Option<&'static str>,
@@ -226,7 +226,7 @@ impl SemanticCache {
                 histogram!(m::SIMILARITY).record(sim as f64);
                 counter!(m::LOOKUPS, "result" => "hit_semantic").increment(1);
                 Ok(Lookup::Hit {
-                    entry: Arc::new(e),
+                    entry: e,
                     kind: HitKind::Semantic,
                     similarity: sim,
                     verifier,
@@ -373,7 +373,7 @@ impl SemanticCache {
                 continue;
             }
             let Some(pass) = bar.verifier else {
-                return Ok(Verified::Hit(e, sim, None));
+                return Ok(Verified::Hit(Arc::new(e), sim, None));
             };
             // Each judgement may cost a model run: the best few only.
             if judged == MAX_JUDGED {
@@ -382,7 +382,7 @@ impl SemanticCache {
             judged += 1;
             match self.verify(query, query_states, &e.query, sim) {
                 Ok(score) if reaches(score, pass) => {
-                    return Ok(Verified::Hit(e, sim, Some(score)));
+                    return Ok(Verified::Hit(Arc::new(e), sim, Some(score)));
                 }
                 Ok(_) => {
                     counter!(m::VERIFIER, "result" => "rejected").increment(1);
@@ -1184,6 +1184,7 @@ mod tests {
                     expires_at: now + 3600,
                     version: 1,
                     asked_ms: None,
+                    tenant: None,
                 };
                 cache
                     .write(entry, Some(vectors[q].clone()), k.exact)
@@ -1288,6 +1289,7 @@ mod tests {
             expires_at: now + 3600,
             version: 1,
             asked_ms: None,
+            tenant: None,
         };
         let mut exact = [0u8; 32];
         exact[..8].copy_from_slice(&(i as u64).to_be_bytes());
@@ -1572,6 +1574,7 @@ mod tests {
                         expires_at: now + 3600,
                         version: 1,
                         asked_ms: None,
+                        tenant: None,
                     };
                     cache.write(entry, Some(v), k.exact).unwrap();
                 });
@@ -1623,6 +1626,68 @@ mod tests {
             )
             .await;
         assert!(other.is_ok(), "{other:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_purge_removes_its_entries_only_and_for_good() {
+        let dir = tempfile::tempdir().unwrap();
+        let emb = embedder(MAX_SEQ);
+        let p = policy();
+        let open = || {
+            SemanticCache::open(
+                Store::open(dir.path()).unwrap(),
+                emb.clone(),
+                Codec::plain(),
+                100,
+                100_000,
+                Some(dir.path()),
+            )
+            .unwrap()
+        };
+        let questions = ["How do I reset my password?", "Explain the borrow checker"];
+        {
+            let cache = open();
+            for t in ["acme", "globex"] {
+                for (i, q) in questions.iter().enumerate() {
+                    let route = if i == 0 { "auto" } else { "other" };
+                    cache
+                        .insert(key(t, q), None, format!("{t}:{i}"), &p, route, "m")
+                        .await
+                        .unwrap();
+                }
+            }
+            // Both of acme's entries (two routes, two namespaces), none of
+            // globex's.
+            assert_eq!(cache.purge(&Purge::Tenant("acme".into())).unwrap(), 2);
+            assert_eq!(cache.purge(&Purge::Tenant("acme".into())).unwrap(), 0);
+            assert_eq!(cache.purge(&Purge::Tenant("nobody".into())).unwrap(), 0);
+            // An answer acme asked for before the purge and answered after
+            // it is not stored.
+            let late = cache
+                .insert_asked_at(key("acme", "late"), None, "x".into(), &p, "auto", "m", 1)
+                .await;
+            assert!(matches!(late, Err(CacheError::Purged)), "{late:?}");
+            store_flush(&cache);
+        }
+        // After a restart: acme's questions (and paraphrases) miss, globex's hit.
+        let cache = open();
+        assert_eq!(cache.stats().index_vectors, 2);
+        for q in questions
+            .iter()
+            .chain(["What is the way to reset my password?"].iter())
+        {
+            let l = cache.lookup(&key("acme", q), &p, 8).await.unwrap();
+            assert!(is_hit(&l).is_none(), "{q}: {l:?}");
+        }
+        for (i, q) in questions.iter().enumerate() {
+            match cache.lookup(&key("globex", q), &p, 8).await.unwrap() {
+                Lookup::Hit { entry, .. } => {
+                    assert_eq!(entry.response, format!("globex:{i}"));
+                    assert_eq!(entry.tenant.as_deref(), Some("globex"));
+                }
+                other => panic!("{q}: {other:?}"),
+            }
+        }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -43,5 +43,6 @@ pub(crate) fn entry_for(k: &crate::key::CacheKey) -> crate::Entry {
         expires_at: now + 3600,
         version: 1,
         asked_ms: None,
+        tenant: None,
     }
 }

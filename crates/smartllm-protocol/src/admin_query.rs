@@ -284,9 +284,10 @@ pub enum PurgeTarget {
     All,
     Namespace(String),
     Route(String),
+    Tenant(String),
 }
 
-/// `all=true`, `namespace=HEX` or `route=NAME` (the last one given wins).
+/// `all=true`, `namespace=HEX`, `route=NAME` or `tenant=NAME`: one target.
 pub fn purge(query: &str) -> Result<PurgeTarget, QueryError> {
     let mut what = None;
     for (k, v) in pairs(query) {
@@ -294,7 +295,8 @@ pub fn purge(query: &str) -> Result<PurgeTarget, QueryError> {
             // `all=true&route=fast` purged only `fast`: one target a call.
             return Err(QueryError::invalid(
                 &k,
-                "purge one thing per call: all=true, namespace=HEX or route=NAME".into(),
+                "purge one thing per call: all=true, namespace=HEX, route=NAME or tenant=NAME"
+                    .into(),
             ));
         }
         what = Some(match k.as_str() {
@@ -313,11 +315,12 @@ pub fn purge(query: &str) -> Result<PurgeTarget, QueryError> {
                 ))
             }
             "route" if !v.is_empty() => PurgeTarget::Route(v),
+            "tenant" if !v.is_empty() => PurgeTarget::Tenant(v),
             _ => {
                 return Err(QueryError::invalid(
                     &k,
                     format!(
-                    "unknown purge parameter {k}={v:?}; use all=true, namespace=HEX or route=NAME"
+                    "unknown purge parameter {k}={v:?}; use all=true, namespace=HEX, route=NAME or tenant=NAME"
                 ),
                 ))
             }
@@ -325,7 +328,7 @@ pub fn purge(query: &str) -> Result<PurgeTarget, QueryError> {
     }
     what.ok_or(QueryError {
         param: None,
-        message: "say what to purge: all=true, namespace=HEX or route=NAME".into(),
+        message: "say what to purge: all=true, namespace=HEX, route=NAME or tenant=NAME".into(),
         code: "missing_required_parameter",
     })
 }
@@ -476,5 +479,17 @@ mod tests {
             Some("all")
         );
         assert_eq!(purge("route=").unwrap_err().param.as_deref(), Some("route"));
+        assert_eq!(
+            purge("tenant=team%20a").unwrap(),
+            PurgeTarget::Tenant("team a".into())
+        );
+        assert_eq!(
+            purge("tenant=").unwrap_err().param.as_deref(),
+            Some("tenant")
+        );
+        assert_eq!(
+            purge("tenant=a&route=b").unwrap_err().param.as_deref(),
+            Some("route")
+        );
     }
 }

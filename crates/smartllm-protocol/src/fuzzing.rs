@@ -117,7 +117,9 @@ pub fn admin_query(data: &[u8]) {
         assert!((1..=500).contains(&limit));
     }
     match q::purge(&query) {
-        Ok(q::PurgeTarget::Namespace(v) | q::PurgeTarget::Route(v)) => assert!(!v.is_empty()),
+        Ok(q::PurgeTarget::Namespace(v) | q::PurgeTarget::Route(v) | q::PurgeTarget::Tenant(v)) => {
+            assert!(!v.is_empty())
+        }
         Ok(q::PurgeTarget::All) => {}
         Err(e) => assert!(!e.message.is_empty()),
     }

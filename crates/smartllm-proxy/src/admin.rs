@@ -885,7 +885,8 @@ impl AdminApp {
         )
     }
 
-    /// `POST /admin/cache/purge?all=true | ?namespace=HEX | ?route=NAME`
+    /// `POST /admin/cache/purge?all=true | ?namespace=HEX | ?route=NAME |
+    /// ?tenant=NAME`
     async fn purge(&self, query: &str) -> Response<Vec<u8>> {
         let Some(cache) = self.shared.cache.clone() else {
             return json_reply(
@@ -897,6 +898,7 @@ impl AdminApp {
             Ok(PurgeTarget::All) => Purge::All,
             Ok(PurgeTarget::Namespace(ns)) => Purge::Namespace(ns),
             Ok(PurgeTarget::Route(r)) => Purge::Route(r),
+            Ok(PurgeTarget::Tenant(t)) => Purge::Tenant(t),
             Err(e) => return query_error(e),
         };
         let label = format!("{what:?}");
@@ -929,12 +931,28 @@ impl AdminApp {
                     }
                 })
             }
+            // Likewise a tenant no key has (a typo): the tenants of keys
+            // since removed, `anonymous` and an open gateway's `key:HEX`
+            // callers still purge what they stored.
+            Purge::Tenant(t) if !shares => {
+                let rt = self.shared.runtime.load_full();
+                let known = t == "anonymous"
+                    || t.starts_with("key:")
+                    || rt.config.keys.keys.iter().any(|k| &k.tenant == t);
+                (!known).then(|| {
+                    format!("Nothing was purged: no key of the running config has the tenant '{t}', and no entry stored for it is left.")
+                })
+            }
             _ => None,
+        };
+        let unknown_param = match &what {
+            Purge::Tenant(_) => ("tenant", "unknown_tenant"),
+            _ => ("route", "unknown_route"),
         };
         match tokio::task::spawn_blocking(move || cache.purge_at(&what, issued)).await {
             Ok(Ok(0)) if unknown_route.is_some() => json_reply(
                 404,
-                &json!({"error": {"message": unknown_route, "type": "invalid_request_error", "param": "route", "code": "unknown_route"}}),
+                &json!({"error": {"message": unknown_route, "type": "invalid_request_error", "param": unknown_param.0, "code": unknown_param.1}}),
             ),
             Ok(Ok(n)) => {
                 tracing::info!(purge = %label, removed = n, "cache purged");

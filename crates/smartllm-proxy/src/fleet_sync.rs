@@ -90,15 +90,18 @@ return 1
 /// after it was asked for (a backlogged insert must not bring back what a
 /// purge removed): KEYS[1] the hash, KEYS[2] the purge record; ARGV[1] when
 /// the entry was asked for (milliseconds, `Entry::asked_at_ms`), ARGV[2] its
-/// namespace, ARGV[3] its route, ARGV[4] its model, ARGV[5] its TTL, then
-/// the hash's fields and values. 0: purged.
+/// namespace, ARGV[3] its route, ARGV[4] its model, ARGV[5] its TTL, ARGV[6]
+/// its tenant (empty: none recorded), then the hash's fields and values.
+/// 0: purged.
 const SNAPSHOT_UNLESS_PURGED: &str = r#"
 local t = tonumber(ARGV[1])
-for _, f in ipairs({'all', 'namespace:' .. ARGV[2], 'route:' .. ARGV[3], 'route:' .. ARGV[4]}) do
+local fields = {'all', 'namespace:' .. ARGV[2], 'route:' .. ARGV[3], 'route:' .. ARGV[4]}
+if ARGV[6] ~= '' then table.insert(fields, 'tenant:' .. ARGV[6]) end
+for _, f in ipairs(fields) do
   local p = redis.call('HGET', KEYS[2], f)
   if p and t < tonumber(p) then return 0 end
 end
-redis.call('HSET', KEYS[1], unpack(ARGV, 6))
+redis.call('HSET', KEYS[1], unpack(ARGV, 7))
 redis.call('EXPIRE', KEYS[1], ARGV[5])
 return 1
 "#;
@@ -113,6 +116,7 @@ fn purge_field(what: &Purge) -> String {
         Purge::All => "all".to_string(),
         Purge::Namespace(ns) => format!("namespace:{ns}"),
         Purge::Route(r) => format!("route:{r}"),
+        Purge::Tenant(t) => format!("tenant:{t}"),
     }
 }
 
@@ -122,6 +126,7 @@ fn purge_of(field: &str) -> Option<Purge> {
         None if field == "all" => Some(Purge::All),
         Some(("namespace", ns)) if !ns.is_empty() => Some(Purge::Namespace(ns.to_string())),
         Some(("route", r)) if !r.is_empty() => Some(Purge::Route(r.to_string())),
+        Some(("tenant", t)) if !t.is_empty() => Some(Purge::Tenant(t.to_string())),
         _ => None,
     }
 }
@@ -149,6 +154,7 @@ impl CacheEvent {
             CacheEvent::Purge(Purge::All, _) => "purge of everything".into(),
             CacheEvent::Purge(Purge::Route(r), _) => format!("purge of route or model '{r}'"),
             CacheEvent::Purge(Purge::Namespace(_), _) => "purge of a tenant's namespace".into(),
+            CacheEvent::Purge(Purge::Tenant(t), _) => format!("purge of tenant '{t}'"),
             CacheEvent::Version { name, version } => {
                 format!("cache version {version} of '{name}'")
             }
@@ -456,6 +462,7 @@ impl FleetSync {
                     .arg(&e.route)
                     .arg(&e.model)
                     .arg(ttl)
+                    .arg(e.tenant.as_deref().unwrap_or(""))
                     .arg("p")
                     .arg(&s.sealed)
                     .arg("e")
@@ -468,6 +475,8 @@ impl FleetSync {
                     .arg(&e.model)
                     .arg("n")
                     .arg(e.version)
+                    .arg("u")
+                    .arg(e.tenant.as_deref().unwrap_or(""))
                     .invoke_async(conn)
                     .await?;
                 if written == 0 {
@@ -490,6 +499,7 @@ impl FleetSync {
                     Purge::All => ("all", ""),
                     Purge::Namespace(ns) => ("namespace", ns.as_str()),
                     Purge::Route(r) => ("route", r.as_str()),
+                    Purge::Tenant(t) => ("tenant", t.as_str()),
                 };
                 // The record first (a late insert checks it), then the
                 // snapshot, then the stream: a gateway that reads the stream
@@ -506,8 +516,9 @@ impl FleetSync {
                     Purge::Namespace(ns) => self.entry_pattern(Some(ns)),
                     _ => self.entry_pattern(None),
                 };
-                self.remove_snapshot_keys(conn, &pattern, |r, c, _| match what {
+                self.remove_snapshot_keys(conn, &pattern, |r, c, _, u| match what {
                     Purge::Route(name) => r == name || c == name,
+                    Purge::Tenant(t) => u == t,
                     _ => true,
                 })
                 .await?;
@@ -532,7 +543,7 @@ impl FleetSync {
                     .arg(*version);
                 add.invoke_async::<()>(conn).await?;
                 let pattern = self.entry_pattern(None);
-                self.remove_snapshot_keys(conn, &pattern, |r, c, n| {
+                self.remove_snapshot_keys(conn, &pattern, |r, c, n, _| {
                     n < *version && covered(name, r, c, named)
                 })
                 .await
@@ -541,16 +552,17 @@ impl FleetSync {
     }
 
     /// Delete the snapshot hashes matching `pattern` for which `remove`
-    /// (route, model, version) is true.
+    /// (route, model, version, tenant: empty when not recorded) is true.
     async fn remove_snapshot_keys(
         &self,
         conn: &mut MultiplexedConnection,
         pattern: &str,
-        remove: impl Fn(&str, &str, u32) -> bool,
+        remove: impl Fn(&str, &str, u32, &str) -> bool,
     ) -> redis::RedisResult<()> {
         let mut cursor = 0u64;
         loop {
-            let (next, keys, rows) = scan_hashes(conn, pattern, cursor, &["r", "c", "n"]).await?;
+            let (next, keys, rows) =
+                scan_hashes(conn, pattern, cursor, &["r", "c", "n", "u"]).await?;
             let doomed: Vec<&String> = keys
                 .iter()
                 .zip(rows)
@@ -561,7 +573,7 @@ impl FleetSync {
                             .map(String::from_utf8_lossy)
                             .unwrap_or_default()
                     };
-                    remove(&text(0), &text(1), text(2).parse().unwrap_or(0))
+                    remove(&text(0), &text(1), text(2).parse().unwrap_or(0), &text(3))
                 })
                 .map(|(k, _)| k)
                 .collect();
@@ -851,6 +863,7 @@ impl FleetSync {
                     ("all", _) => Purge::All,
                     ("namespace", ns) if !ns.is_empty() => Purge::Namespace(ns),
                     ("route", r) if !r.is_empty() => Purge::Route(r),
+                    ("tenant", t) if !t.is_empty() => Purge::Tenant(t),
                     _ => return count("cache_apply", "rejected"),
                 };
                 // When it was issued, in milliseconds (older gateways send
@@ -1488,6 +1501,7 @@ mod tests {
                     expires_at: now + 600,
                     version: 1,
                     asked_ms: None,
+                    tenant: None,
                 }),
             }))
         };
@@ -1522,6 +1536,10 @@ mod tests {
             .unwrap();
         assert!(record["route:faq"] >= now * 1000, "{record:?}");
         assert_eq!(purge_of("route:faq"), Some(Purge::Route("faq".into())));
+        assert_eq!(
+            purge_of(&purge_field(&Purge::Tenant("team:a".into()))),
+            Some(Purge::Tenant("team:a".into()))
+        );
         assert_eq!(purge_of(&purge_field(&Purge::All)), Some(Purge::All));
         let stream_len = |mut c: MultiplexedConnection, k: String| async move {
             redis::cmd("XLEN")
@@ -1573,6 +1591,7 @@ mod tests {
             expires_at: 2,
             version: 1,
             asked_ms: None,
+            tenant: None,
         });
         for _ in 0..=OUTBOX {
             f.publish(CacheEvent::Insert(Box::new(Stored {

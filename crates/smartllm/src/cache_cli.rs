@@ -22,12 +22,16 @@ pub fn cache_cmd(action: CacheCmd) -> anyhow::Result<()> {
             all,
             route,
             namespace,
+            tenant,
         } => {
-            let query = match (all, route, namespace) {
-                (true, _, _) => "all=true".to_string(),
-                (_, Some(r), _) => format!("route={}", query_value(&r)),
-                (_, _, Some(n)) => format!("namespace={}", query_value(&n)),
-                _ => anyhow::bail!("say what to purge: --all, --route NAME or --namespace HEX"),
+            let query = match (all, route, namespace, tenant) {
+                (true, ..) => "all=true".to_string(),
+                (_, Some(r), ..) => format!("route={}", query_value(&r)),
+                (_, _, Some(n), _) => format!("namespace={}", query_value(&n)),
+                (.., Some(t)) => format!("tenant={}", query_value(&t)),
+                _ => anyhow::bail!(
+                    "say what to purge: --all, --route NAME, --namespace HEX or --tenant NAME"
+                ),
             };
             println!(
                 "{}",

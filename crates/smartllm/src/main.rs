@@ -323,14 +323,19 @@ enum CacheCmd {
         #[command(flatten)]
         target: AdminTarget,
         /// Every entry of every tenant.
-        #[arg(long, conflicts_with_all = ["route", "namespace"])]
+        #[arg(long, conflicts_with_all = ["route", "namespace", "tenant"])]
         all: bool,
         /// The entries stored under a route alias (or a model asked for by name).
-        #[arg(long, conflicts_with = "namespace")]
+        #[arg(long, conflicts_with_all = ["namespace", "tenant"])]
         route: Option<String>,
         /// The entries of one namespace (64 hex digits).
-        #[arg(long)]
+        #[arg(long, conflicts_with = "tenant")]
         namespace: Option<String>,
+        /// Every entry stored for one tenant's requests (all its keys, apps,
+        /// routes and APIs): what to run when a tenant leaves or asks for
+        /// its data to be erased.
+        #[arg(long)]
+        tenant: Option<String>,
     },
     /// Rebuild the vector index from RocksDB (the source of truth).
     Rebuild {
