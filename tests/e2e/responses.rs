@@ -9,6 +9,7 @@ use crate::common::*;
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
 use smartllm_e2e::*;
+use std::time::Duration;
 
 /// Models `small` (OpenAI chat), `claude` (Anthropic), `native` (a
 /// provider that speaks Responses) and `native2` (two accounts of one that
@@ -77,6 +78,81 @@ fn output_text(r: &Value) -> String {
         .flat_map(|i| i["content"].as_array().unwrap().iter())
         .filter_map(|c| c["text"].as_str())
         .collect()
+}
+
+/// A tenant's erasure (`POST /admin/cache/purge?tenant=`): the responses
+/// the gateway keeps for it go with its cache entries, another tenant's
+/// stay.
+#[test]
+fn a_tenant_purge_erases_its_kept_responses_and_cached_answers() {
+    let (_mock, gw) = gateway();
+    let mut ids = Vec::new();
+    for key in ["sk-resp-a", "sk-resp-b"] {
+        let r = call(
+            &gw,
+            key,
+            "POST",
+            "/v1/responses",
+            &json!({"model": "small", "input": "Name a fjord"}),
+        );
+        assert_eq!(r.status, 200, "{}", r.text());
+        ids.push(r.json()["id"].as_str().unwrap().to_string());
+    }
+    let get_response = |key: &str, id: &str| {
+        call(
+            &gw,
+            key,
+            "GET",
+            &format!("/v1/responses/{id}"),
+            &Value::Null,
+        )
+    };
+    assert!(wait_until(Duration::from_secs(10), || get_response(
+        "sk-resp-a",
+        &ids[0]
+    )
+    .status
+        == 200));
+    wait_cached(&gw, 2);
+    let r = request(
+        &gw.admin,
+        "POST",
+        "/admin/cache/purge?tenant=acme",
+        &[],
+        b"",
+    )
+    .unwrap();
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["removed"], 1, "{}", r.text());
+    assert_eq!(r.json()["stored_responses_removed"], 1, "{}", r.text());
+    assert_eq!(get_response("sk-resp-a", &ids[0]).status, 404);
+    let cont = call(
+        &gw,
+        "sk-resp-a",
+        "POST",
+        "/v1/responses",
+        &json!({"model": "small", "previous_response_id": ids[0], "input": "And another?"}),
+    );
+    assert_eq!(cont.status, 400, "{}", cont.text());
+    assert_eq!(cont.api_error()["code"], "previous_response_not_found");
+    let again = call(
+        &gw,
+        "sk-resp-a",
+        "POST",
+        "/v1/responses",
+        &json!({"model": "small", "input": "Name a fjord"}),
+    );
+    assert_eq!(again.header("x-smartllm-cache"), Some("miss"));
+    // beta's answer and kept response are untouched.
+    assert_eq!(get_response("sk-resp-b", &ids[1]).status, 200);
+    let beta = call(
+        &gw,
+        "sk-resp-b",
+        "POST",
+        "/v1/responses",
+        &json!({"model": "small", "input": "Name a fjord"}),
+    );
+    assert_eq!(beta.header("x-smartllm-cache"), Some("hit-exact"));
 }
 
 #[test]

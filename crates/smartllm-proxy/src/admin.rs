@@ -888,12 +888,6 @@ impl AdminApp {
     /// `POST /admin/cache/purge?all=true | ?namespace=HEX | ?route=NAME |
     /// ?tenant=NAME`
     async fn purge(&self, query: &str) -> Response<Vec<u8>> {
-        let Some(cache) = self.shared.cache.clone() else {
-            return json_reply(
-                409,
-                &json!({"error": {"message": "the cache is not available", "type": "invalid_request_error", "param": null, "code": "cache_unavailable"}}),
-            );
-        };
         let what = match admin_query::purge(query) {
             Ok(PurgeTarget::All) => Purge::All,
             Ok(PurgeTarget::Namespace(ns)) => Purge::Namespace(ns),
@@ -901,6 +895,19 @@ impl AdminApp {
             Ok(PurgeTarget::Tenant(t)) => Purge::Tenant(t),
             Err(e) => return query_error(e),
         };
+        // A tenant's erasure also takes the Responses API conversations
+        // this gateway keeps for it (with the cache off too).
+        let responses = match &what {
+            Purge::Tenant(t) => self.shared.responses.clone().map(|r| (r, t.clone())),
+            _ => None,
+        };
+        let cache = self.shared.cache.clone();
+        if cache.is_none() && responses.is_none() {
+            return json_reply(
+                409,
+                &json!({"error": {"message": "the cache is not available", "type": "invalid_request_error", "param": null, "code": "cache_unavailable"}}),
+            );
+        }
         let label = format!("{what:?}");
         let published = what.clone();
         let issued = smartllm_cache::now_ms();
@@ -949,13 +956,25 @@ impl AdminApp {
             Purge::Tenant(_) => ("tenant", "unknown_tenant"),
             _ => ("route", "unknown_route"),
         };
-        match tokio::task::spawn_blocking(move || cache.purge_at(&what, issued)).await {
-            Ok(Ok(0)) if unknown_route.is_some() => json_reply(
+        let purged = tokio::task::spawn_blocking(move || {
+            let n = match &cache {
+                Some(c) => c.purge_at(&what, issued).map_err(|e| e.to_string())?,
+                None => 0,
+            };
+            let kept = match responses {
+                Some((r, tenant)) => Some(r.purge_tenant(&tenant).map_err(|e| e.to_string())?),
+                None => None,
+            };
+            Ok::<_, String>((n, kept))
+        })
+        .await;
+        match purged {
+            Ok(Ok((0, None | Some(0)))) if unknown_route.is_some() => json_reply(
                 404,
                 &json!({"error": {"message": unknown_route, "type": "invalid_request_error", "param": unknown_param.0, "code": unknown_param.1}}),
             ),
-            Ok(Ok(n)) => {
-                tracing::info!(purge = %label, removed = n, "cache purged");
+            Ok(Ok((n, kept))) => {
+                tracing::info!(purge = %label, removed = n, stored_responses_removed = kept, "cache purged");
                 // The fleet's share: queued for its Redis (never dropped).
                 let fleet = match &self.shared.fleet_sync {
                     Some(fleet) if fleet.shares_cache() => {
@@ -964,10 +983,11 @@ impl AdminApp {
                     }
                     _ => "not_shared",
                 };
-                json_reply(
-                    200,
-                    &json!({"result": "purged", "removed": n, "fleet": fleet}),
-                )
+                let mut reply = json!({"result": "purged", "removed": n, "fleet": fleet});
+                if let Some(kept) = kept {
+                    reply["stored_responses_removed"] = json!(kept);
+                }
+                json_reply(200, &reply)
             }
             Ok(Err(e)) => json_reply(
                 500,

@@ -878,8 +878,24 @@ impl FleetSync {
                             .map(|s| s.saturating_mul(1000).saturating_add(999))
                     })
                     .unwrap_or_else(|_| smartllm_cache::now_ms());
+                // A tenant's erasure takes the Responses API conversations
+                // this gateway keeps for it too.
+                let responses = match &what {
+                    Purge::Tenant(t) => shared.responses.clone().map(|r| (r, t.clone())),
+                    _ => None,
+                };
                 let c = cache.clone();
-                match tokio::task::spawn_blocking(move || c.purge_from_fleet(&what, issued)).await {
+                let purged = tokio::task::spawn_blocking(move || {
+                    let n = c.purge_from_fleet(&what, issued)?;
+                    if let Some((r, tenant)) = responses {
+                        if let Err(e) = r.purge_tenant(&tenant) {
+                            tracing::error!(error = %e, "a tenant purge from the fleet could not remove the tenant's stored responses");
+                        }
+                    }
+                    Ok::<_, smartllm_cache::CacheError>(n)
+                })
+                .await;
+                match purged {
                     Ok(Ok(n)) => {
                         count("cache_apply", "purge");
                         tracing::info!(removed = n, "cache purge from the fleet applied");

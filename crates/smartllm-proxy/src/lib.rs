@@ -73,7 +73,7 @@ pub struct Shared {
     pub cache: Option<Arc<smartllm_cache::SemanticCache>>,
     pub ledger: Option<smartllm_ledger::Ledger>,
     /// Responses API conversations kept for translated providers.
-    pub responses: Option<responses_store::ResponsesStore>,
+    pub responses: Option<Arc<responses_store::ResponsesStore>>,
     /// Rate limits, budgets, cost cap and their fleet-wide state.
     pub quotas: Arc<smartllm_quota::Quotas>,
     /// Budget alerts for the alert service to deliver (taken when it starts).
@@ -168,6 +168,7 @@ impl Shared {
             .map_or_else(smartllm_cache::Codec::plain, |c| c.codec().clone());
         let responses = components.store.clone().and_then(|store| {
             responses_store::ResponsesStore::start(store, codec)
+                .map(Arc::new)
                 .map_err(|e| tracing::error!(error = %e, "cannot start the Responses store's writer; stored responses are off"))
                 .ok()
         });

@@ -441,6 +441,36 @@ impl ResponsesStore {
         }
     }
 
+    /// Remove every response kept for `tenant`, its markers of
+    /// provider-kept responses included (a tenant's erasure); how many
+    /// responses were kept. Operations queued before it come to nothing; a
+    /// save queued after it stores its response as usual. Blocking: run it
+    /// on the blocking pool.
+    pub fn purge_tenant(&self, tenant: &str) -> Result<u64, smartllm_store::StoreError> {
+        let shared = &self.shared;
+        // Every stripe, in order (an operation holds one at a time, and
+        // `links` after it): none is being done meanwhile, and each queued
+        // one finds its key no longer pending and does nothing.
+        let _stripes: Vec<MutexGuard<'_, ()>> = shared
+            .stripes
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
+            .collect();
+        let _links = shared.links();
+        let (own, markers) = (key(tenant, ""), key(&owner(tenant), ""));
+        shared
+            .pending
+            .retain(|k, _| !k.starts_with(&own) && !k.starts_with(&markers));
+        // A response's own record counts, not the notes of links to it
+        // (`\0linked` after its id).
+        let removed = self
+            .store
+            .delete_prefix(CF_RESPONSES, &own, |k| !k[own.len()..].contains(&0))?;
+        self.store
+            .delete_prefix(CF_RESPONSES, &markers, |_| false)?;
+        Ok(removed)
+    }
+
     /// Operations queued and not yet done.
     pub fn pending(&self) -> usize {
         self.shared.pending.len()
@@ -911,6 +941,57 @@ mod tests {
             chain: *chain,
         });
         rs.save_linked(tasks, "t", stored, link);
+    }
+
+    /// A tenant's erasure: its conversations (linked ones and their link
+    /// notes, written or still queued) and its markers of provider-kept
+    /// responses go; another tenant's, whose name starts the same, stay. A
+    /// save after it is kept as usual.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tenant_purge_removes_its_conversations_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rs = ResponsesStore::start(store.clone(), Codec::plain()).unwrap();
+        let tasks = TaskTracker::new();
+        let mut prev = None;
+        for turn in 0..3u32 {
+            let id = format!("resp_{turn}");
+            next_turn(&rs, &tasks, prev.as_ref(), &id, 3);
+            settle(&rs).await;
+            prev = rs.load_chain("t", &id).await;
+        }
+        rs.own(&tasks, "t", "resp_native", "openai");
+        rs.save(&tasks, "tt", stored("resp_0", "another tenant's"));
+        settle(&rs).await;
+        // One more, still queued when the purge comes.
+        rs.save(&tasks, "t", stored("resp_queued", "queued"));
+        let removed = tokio::task::block_in_place(|| rs.purge_tenant("t")).unwrap();
+        assert!((3..=4).contains(&removed), "{removed}");
+        settle(&rs).await;
+        for id in ["resp_0", "resp_1", "resp_2", "resp_queued"] {
+            assert!(rs.load("t", id).await.is_none(), "{id}");
+        }
+        assert!(rs.owner_of("t", "resp_native").await.is_none());
+        let left: Vec<Vec<u8>> = store
+            .db()
+            .iterator_cf(
+                &store.db().cf_handle(CF_RESPONSES).unwrap(),
+                rocksdb::IteratorMode::Start,
+            )
+            .map(|i| i.unwrap().0.to_vec())
+            .collect();
+        assert_eq!(left, vec![key("tt", "resp_0")], "nothing of t's is left");
+        assert_eq!(
+            rs.load("tt", "resp_0").await.unwrap().response["output_text"],
+            "another tenant's"
+        );
+        rs.save(&tasks, "t", stored("resp_new", "after"));
+        settle(&rs).await;
+        assert!(rs.load("t", "resp_new").await.is_some());
+        assert_eq!(
+            tokio::task::block_in_place(|| rs.purge_tenant("t")).unwrap(),
+            1
+        );
     }
 
     /// A follow-up is kept as what it adds (its input and answer) and read

@@ -284,6 +284,30 @@ impl Store {
         Ok(self.db.delete_cf(&h, key)?)
     }
 
+    /// Delete every key of `cf` that starts with `prefix`, in one batch;
+    /// how many of them `counted` says count.
+    pub fn delete_prefix(
+        &self,
+        cf: &'static str,
+        prefix: &[u8],
+        counted: impl Fn(&[u8]) -> bool,
+    ) -> Result<u64, StoreError> {
+        let h = self.db.cf_handle(cf).ok_or(StoreError::UnknownCf(cf))?;
+        let mut batch = rocksdb::WriteBatch::default();
+        let mut n = 0;
+        let from = rocksdb::IteratorMode::From(prefix, rocksdb::Direction::Forward);
+        for item in self.db.iterator_cf(&h, from) {
+            let (k, _) = item?;
+            if !k.starts_with(prefix) {
+                break;
+            }
+            n += u64::from(counted(&k));
+            batch.delete_cf(&h, &k);
+        }
+        self.db.write(batch)?;
+        Ok(n)
+    }
+
     /// Flush memtables and the WAL to disk (shutdown, tests).
     pub fn flush(&self) -> Result<(), StoreError> {
         for name in COLUMN_FAMILIES {
