@@ -574,16 +574,32 @@ fn has_links(store: &Store, k: &[u8]) -> bool {
 }
 
 /// Remove the record under `k` and the note of its link to its parent
-/// (`parent`: the response it continued, if it was kept linked).
-fn remove(store: &Store, k: &[u8], parent: Option<&str>) {
-    if let Some(note) = parent
-        .and_then(|p| sibling(k, p))
-        .and_then(|pk| link_note_key(&pk, k))
-    {
-        let _ = store.delete(CF_RESPONSES, &note);
-    }
-    if let Err(e) = store.delete(CF_RESPONSES, k) {
-        tracing::warn!(error = %e, "deleting a stored response failed");
+/// (`parent`: the response it continued, if it was kept linked). A parent
+/// deleted earlier and kept only for the links to it goes too once this
+/// was the last (and so on up the conversation): its words are not left
+/// on disk until it expires. Called with `links` held.
+fn remove(store: &Store, codec: &Codec, k: &[u8], parent: Option<&str>) {
+    let mut k = k.to_vec();
+    let mut parent = parent.map(str::to_string);
+    loop {
+        let pk = parent.as_deref().and_then(|p| sibling(&k, p));
+        if let Some(note) = pk.as_ref().and_then(|pk| link_note_key(pk, &k)) {
+            let _ = store.delete(CF_RESPONSES, &note);
+        }
+        if let Err(e) = store.delete(CF_RESPONSES, &k) {
+            tracing::warn!(error = %e, "deleting a stored response failed");
+            return;
+        }
+        let Some(pk) = pk else {
+            return;
+        };
+        match read_record(store, codec, &pk) {
+            Some((record, _)) if record.deleted && !has_links(store, &pk) => {
+                parent = record.parent;
+                k = pk;
+            }
+            _ => return,
+        }
     }
 }
 
@@ -607,8 +623,8 @@ fn tombstone(store: &Store, codec: &Codec, shared: &Shared, k: &[u8]) {
             record.deleted = true;
             put_record(store, codec, k, record, expires_at);
         }
-        Some((record, _)) => remove(store, k, record.parent.as_deref()),
-        None => remove(store, k, None),
+        Some((record, _)) => remove(store, codec, k, record.parent.as_deref()),
+        None => remove(store, codec, k, None),
     }
 }
 
@@ -635,7 +651,7 @@ fn write(
     }
     let links = shared.links();
     if deleted && !has_links(store, k) {
-        remove(store, k, link.map(|l| l.parent.as_str()));
+        remove(store, codec, k, link.map(|l| l.parent.as_str()));
         return;
     }
     let now = now();
@@ -941,6 +957,49 @@ mod tests {
             chain: *chain,
         });
         rs.save_linked(tasks, "t", stored, link);
+    }
+
+    /// A conversation deleted oldest first: each response is kept (without
+    /// its response object) while a later one links to it, and once the
+    /// last goes nothing of the conversation is left on disk.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_conversation_deleted_oldest_first_leaves_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let rs = ResponsesStore::start(store.clone(), Codec::plain()).unwrap();
+        let tasks = TaskTracker::new();
+        let mut prev = None;
+        for turn in 0..3u32 {
+            let id = format!("resp_{turn}");
+            next_turn(&rs, &tasks, prev.as_ref(), &id, 3);
+            settle(&rs).await;
+            prev = rs.load_chain("t", &id).await;
+        }
+        let records = || -> usize {
+            store
+                .db()
+                .iterator_cf(
+                    &store.db().cf_handle(CF_RESPONSES).unwrap(),
+                    rocksdb::IteratorMode::Start,
+                )
+                .count()
+        };
+        assert_eq!(records(), 5, "three records and two link notes");
+        for (i, id) in ["resp_0", "resp_1"].iter().enumerate() {
+            assert!(rs.delete(&tasks, "t", id).await);
+            settle(&rs).await;
+            assert!(rs.load("t", id).await.is_none());
+            assert_eq!(records(), 5, "{id} is kept for those after it");
+            assert_eq!(
+                rs.load("t", "resp_2").await.unwrap().messages.len(),
+                6,
+                "after deleting {} of them",
+                i + 1
+            );
+        }
+        assert!(rs.delete(&tasks, "t", "resp_2").await);
+        settle(&rs).await;
+        assert_eq!(records(), 0, "the deleted conversation's words are gone");
     }
 
     /// A tenant's erasure: its conversations (linked ones and their link
