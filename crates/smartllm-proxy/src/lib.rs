@@ -172,6 +172,23 @@ impl Shared {
                 .map_err(|e| tracing::error!(error = %e, "cannot start the Responses store's writer; stored responses are off"))
                 .ok()
         });
+        if let Some(r) = responses.clone() {
+            // After a key rotation: kept conversations sealed with the old
+            // key are sealed again with the new one, off the start's path.
+            let spawned = std::thread::Builder::new()
+                .name("smartllm-reseal".into())
+                .spawn(move || match r.reseal() {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        resealed = n,
+                        "stored Responses API conversations sealed with an old key (or in the clear) were sealed with the current cache.encryption_key_file"
+                    ),
+                    Err(e) => tracing::error!(error = %e, "sealing stored responses with the current key failed; those sealed with an old key need it in cache.encryption_old_key_files"),
+                });
+            if let Err(e) = spawned {
+                tracing::error!(error = %e, "cannot start the thread that seals stored responses with the current key");
+            }
+        }
         Arc::new(Shared {
             responses,
             runtime: ArcSwap::from_pointee(runtime),

@@ -471,6 +471,49 @@ impl ResponsesStore {
         Ok(removed)
     }
 
+    /// Seal with the current key (`cache.encryption_key_file`) what was
+    /// sealed with an old one (`cache.encryption_old_key_files`) or kept in
+    /// the clear before a key was set, as the cache's sweep does for its
+    /// entries: once an old key file is dropped, every kept response still
+    /// opens (and can be deleted). How many were sealed again. Blocking:
+    /// [`ResponsesStore::start`] runs it once on a thread of its own.
+    pub fn reseal(&self) -> Result<u64, smartllm_store::StoreError> {
+        if !self.codec.encrypted() {
+            return Ok(0);
+        }
+        let db = self.store.db();
+        let cf = db
+            .cf_handle(CF_RESPONSES)
+            .ok_or(smartllm_store::StoreError::UnknownCf(CF_RESPONSES))?;
+        let mut resealed = 0;
+        let mut it = db.raw_iterator_cf(&cf);
+        it.seek_to_first();
+        while let (Some(k), Some(v)) = (it.key(), it.value()) {
+            if !needs_resealing(&self.codec, v) {
+                it.next();
+                continue;
+            }
+            let (k, v) = (k.to_vec(), v.to_vec());
+            it.next();
+            // No operation on the key runs meanwhile: one done since the
+            // read wrote its own (current) form, which is left as it is.
+            let _stripe = self.shared.stripe(&k);
+            let Some(now) = self.store.get(CF_RESPONSES, &k)? else {
+                continue;
+            };
+            if now[..] != v[..] {
+                continue;
+            }
+            let Some((record, expires_at)) = read_record(&self.store, &self.codec, &k) else {
+                continue;
+            };
+            put_record(&self.store, &self.codec, &k, record, expires_at);
+            resealed += 1;
+        }
+        it.status()?;
+        Ok(resealed)
+    }
+
     /// Operations queued and not yet done.
     pub fn pending(&self) -> usize {
         self.shared.pending.len()
@@ -695,6 +738,16 @@ fn write(
         deleted,
     };
     put_record(store, codec, k, record, chain.expires_at);
+}
+
+/// Whether a kept value (a record, not a link note) is sealed with an old
+/// key or not at all, while the codec has a key.
+fn needs_resealing(codec: &Codec, value: &[u8]) -> bool {
+    match value.get(8..) {
+        None | Some(b"linked") => false,
+        Some([b'{', ..]) | Some([0, ..]) => true,
+        Some(rest) => matches!(codec.unseal(rest), Ok((_, smartllm_cache::Sealing::Old))),
+    }
 }
 
 /// The record under `k` and when it expires, if it is there, live and readable.
@@ -957,6 +1010,48 @@ mod tests {
             chain: *chain,
         });
         rs.save_linked(tasks, "t", stored, link);
+    }
+
+    /// After a key rotation, kept conversations sealed with the old key, and
+    /// one kept in the clear before any key, are sealed with the new one:
+    /// with the old key file dropped they still open.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_key_rotation_seals_kept_conversations_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let (old_key, new_key) = (dir.path().join("old"), dir.path().join("new"));
+        std::fs::write(&old_key, "ab".repeat(32)).unwrap();
+        std::fs::write(&new_key, "cd".repeat(32)).unwrap();
+        let store = Store::open(&dir.path().join("db")).unwrap();
+        let tasks = TaskTracker::new();
+        {
+            let plain = ResponsesStore::start(store.clone(), Codec::plain()).unwrap();
+            plain.save(&tasks, "t", stored("resp_clear", "in the clear"));
+            settle(&plain).await;
+            let old = ResponsesStore::start(store.clone(), Codec::from_key_file(&old_key).unwrap())
+                .unwrap();
+            let mut prev = None;
+            for turn in 0..2u32 {
+                let id = format!("resp_{turn}");
+                next_turn(&old, &tasks, prev.as_ref(), &id, 3);
+                settle(&old).await;
+                prev = old.load_chain("t", &id).await;
+            }
+        }
+        let rotated = Codec::from_key_files(&new_key, std::slice::from_ref(&old_key)).unwrap();
+        let rs = ResponsesStore::start(store.clone(), rotated).unwrap();
+        assert_eq!(tokio::task::block_in_place(|| rs.reseal()).unwrap(), 3);
+        assert_eq!(tokio::task::block_in_place(|| rs.reseal()).unwrap(), 0);
+        let only_new =
+            ResponsesStore::start(store, Codec::from_key_file(&new_key).unwrap()).unwrap();
+        assert_eq!(
+            only_new.load("t", "resp_1").await.unwrap().messages.len(),
+            4
+        );
+        assert_eq!(
+            only_new.load("t", "resp_clear").await.unwrap().response["output_text"],
+            "in the clear"
+        );
+        assert!(only_new.delete(&tasks, "t", "resp_1").await);
     }
 
     /// A conversation deleted oldest first: each response is kept (without
