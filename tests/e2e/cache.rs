@@ -217,6 +217,19 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
     assert!(wait_until(Duration::from_secs(20), || cache_header(&ask(
         &gw, "key-b", &password
     )) == "hit-exact"));
+    // A question of key-a's with a word found nowhere else, on disk (this
+    // cache is not encrypted) until the purge.
+    let marker = "Zorblaxian";
+    assert_eq!(
+        cache_header(&ask(&gw, "key-a", &q(&format!("What does {marker} mean?")))),
+        "miss"
+    );
+    let on_disk = || {
+        walk_files(gw.config.data.path())
+            .iter()
+            .any(|f| std::fs::read(f).is_ok_and(|b| b.windows(10).any(|w| w == marker.as_bytes())))
+    };
+    assert!(wait_until(Duration::from_secs(20), on_disk), "stored");
     let tenant_a = format!("key:{}", &sha("key-a")[..32]);
     let r = request(
         &gw.admin,
@@ -237,6 +250,13 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
         assert_eq!(cache_header(&ask(&gw, "key-a", &q(text))), "miss", "{text}");
     }
     assert_eq!(cache_header(&ask(&gw, "key-b", &password)), "hit-exact");
+    // Erased from the data dir's files too (write-ahead log and SSTs), not
+    // only made unreadable.
+    assert_eq!(r.json()["disk"], "compacting", "{}", r.text());
+    assert!(
+        wait_until(Duration::from_secs(20), || !on_disk()),
+        "the purged question is still in a file of the data dir"
+    );
     // A tenant no key has, with nothing stored for it: a 404, not a quiet
     // success (a typo).
     let r = request(
@@ -871,4 +891,18 @@ fn what_a_routes_rules_read_is_part_of_the_cache_key() {
     let basic = ask_with(&[("x-tier", "basic")]);
     assert_eq!(cache_header(&basic), "hit-exact");
     assert_eq!(basic.json()["model"], plain.json()["model"]);
+}
+
+/// Every file under `dir`, recursively.
+fn walk_files(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk_files(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }

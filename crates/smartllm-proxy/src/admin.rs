@@ -952,6 +952,7 @@ impl AdminApp {
             }
             _ => None,
         };
+        let is_tenant = matches!(what, Purge::Tenant(_));
         let unknown_param = match &what {
             Purge::Tenant(_) => ("tenant", "unknown_tenant"),
             _ => ("route", "unknown_route"),
@@ -986,6 +987,12 @@ impl AdminApp {
                 let mut reply = json!({"result": "purged", "removed": n, "fleet": fleet});
                 if let Some(kept) = kept {
                     reply["stored_responses_removed"] = json!(kept);
+                }
+                if is_tenant {
+                    // An erasure: the deleted values leave the disk's files
+                    // now, not whenever RocksDB would compact them.
+                    crate::erase_from_disk(&self.shared);
+                    reply["disk"] = json!("compacting");
                 }
                 json_reply(200, &reply)
             }

@@ -884,6 +884,7 @@ impl FleetSync {
                     Purge::Tenant(t) => shared.responses.clone().map(|r| (r, t.clone())),
                     _ => None,
                 };
+                let erasure = matches!(what, Purge::Tenant(_));
                 let c = cache.clone();
                 let purged = tokio::task::spawn_blocking(move || {
                     let n = c.purge_from_fleet(&what, issued)?;
@@ -899,6 +900,9 @@ impl FleetSync {
                     Ok(Ok(n)) => {
                         count("cache_apply", "purge");
                         tracing::info!(removed = n, "cache purge from the fleet applied");
+                        if erasure {
+                            crate::erase_from_disk(shared);
+                        }
                     }
                     _ => count("cache_apply", "rejected"),
                 }

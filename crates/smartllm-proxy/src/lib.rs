@@ -57,6 +57,31 @@ pub struct SelfTest {
     pub nearest_ok: bool,
 }
 
+/// After a tenant's erasure: flush and compact the column families that
+/// held its cache entries and stored responses, so their deleted values
+/// leave the data dir's files (write-ahead logs and SSTs) now. On the
+/// blocking pool, one compaction at a time; logged when done.
+pub(crate) fn erase_from_disk(shared: &Shared) {
+    static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+    let Some(store) = shared.components.store.clone() else {
+        return;
+    };
+    tokio::task::spawn_blocking(move || {
+        let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+        let started = std::time::Instant::now();
+        use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_RESPONSES, CF_VECTORS};
+        match store.compact_deleted(&[CF_ENTRIES, CF_VECTORS, CF_EXACT, CF_RESPONSES]) {
+            Ok(()) => tracing::info!(
+                ms = started.elapsed().as_millis() as u64,
+                "purged entries compacted away: no file of the data dir holds them any more"
+            ),
+            Err(e) => {
+                tracing::error!(error = %e, "compacting after a purge failed; the purged entries are unreadable through the gateway but stay in the data dir's files until RocksDB compacts them")
+            }
+        }
+    });
+}
+
 /// Components loaded at start and reported on `/readyz`.
 pub struct Components {
     pub embedder: Option<Arc<smartllm_embed::Embedder>>,

@@ -284,6 +284,24 @@ impl Store {
         Ok(self.db.delete_cf(&h, key)?)
     }
 
+    /// Make deletions final on disk: flush every column family (so no
+    /// write-ahead log still holds what was deleted) and compact `cfs`
+    /// all the way down, bottommost files included, so no SST file keeps a
+    /// deleted value until RocksDB would have compacted it on its own.
+    /// Blocking, and as slow as rewriting those column families.
+    pub fn compact_deleted(&self, cfs: &[&'static str]) -> Result<(), StoreError> {
+        self.flush()?;
+        let mut opts = rocksdb::CompactOptions::default();
+        opts.set_bottommost_level_compaction(rocksdb::BottommostLevelCompaction::Force);
+        opts.set_exclusive_manual_compaction(false);
+        for cf in cfs {
+            let h = self.db.cf_handle(cf).ok_or(StoreError::UnknownCf(cf))?;
+            self.db
+                .compact_range_cf_opt(&h, None::<&[u8]>, None::<&[u8]>, &opts);
+        }
+        Ok(())
+    }
+
     /// Delete every key of `cf` that starts with `prefix`, in one batch;
     /// how many of them `counted` says count.
     pub fn delete_prefix(
