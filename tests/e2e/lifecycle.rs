@@ -98,6 +98,44 @@ fn sigterm_drains_in_flight_streams_and_flushes_state() {
     );
 }
 
+/// `server.drain_delay`: after SIGTERM `/readyz` says 503 at once, while
+/// requests are still answered (each closing its connection) until the
+/// delay has passed; then new requests are refused and the process ends.
+#[test]
+fn after_sigterm_the_drain_delay_keeps_serving_while_not_ready() {
+    let (_mock, mut gw) = basic("  drain_delay: 3s\n", &[]);
+    let body = serde_json::to_vec(&chat_body("small", "hello")).unwrap();
+    assert_eq!(get(&gw.admin, "/readyz").status, 200);
+    std::process::Command::new("kill")
+        .args(["-TERM", &gw.pid().to_string()])
+        .status()
+        .unwrap();
+    let signalled = Instant::now();
+    assert!(
+        wait_until(Duration::from_secs(2), || get(&gw.admin, "/readyz").status
+            == 503),
+        "/readyz still says ready"
+    );
+    assert_eq!(get(&gw.admin, "/readyz").json()["status"], "draining");
+    let r = request(&gw.addr, "POST", "/v1/chat/completions", &[], &body).unwrap();
+    assert!(
+        signalled.elapsed() < Duration::from_secs(3),
+        "too slow to tell"
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.header("connection"), Some("close"), "{:?}", r.headers);
+    // After the delay: refused (503, or the listener is gone), and stopped.
+    assert!(wait_until(Duration::from_secs(10), || {
+        request(&gw.addr, "POST", "/v1/chat/completions", &[], &body)
+            .map_or(true, |r| r.status == 503)
+    }));
+    assert!(signalled.elapsed() >= Duration::from_secs(3));
+    gw.stop();
+    assert!(gw
+        .log_text()
+        .contains("still serving until server.drain_delay"));
+}
+
 #[test]
 fn graceful_upgrade_under_load_fails_no_request() {
     let (_mock, mut gw) = basic(

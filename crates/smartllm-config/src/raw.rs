@@ -174,6 +174,9 @@ pub struct RawServer {
     pub max_in_flight: Option<usize>,
     pub grace_period: Option<ConfigDuration>,
     pub graceful_shutdown_timeout: Option<ConfigDuration>,
+    /// After SIGTERM, how long `/readyz` says 503 while requests are still
+    /// served, before the drain refuses new ones.
+    pub drain_delay: Option<ConfigDuration>,
     /// TLS on the API listener (ALPN h2 and http/1.1).
     pub tls: Option<RawTls>,
     /// Cleartext HTTP/2 with prior knowledge (h2c) on a plaintext API listener.

@@ -453,6 +453,11 @@ pub struct ServerConfig {
     pub max_in_flight: usize,
     pub grace_period: Duration,
     pub graceful_shutdown_timeout: Duration,
+    /// After SIGTERM: `/readyz` says 503 (load balancers take the instance
+    /// out) while requests are still served, for this long; then the drain
+    /// (new requests 503, in-flight ones finish). Read at the SIGTERM: a
+    /// reload applies.
+    pub drain_delay: Duration,
     /// TLS on the API listener; `None` = plaintext. Turning it on or off
     /// needs a restart; new files (or new contents) reload live.
     pub tls: Option<TlsConfig>,

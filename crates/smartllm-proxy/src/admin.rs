@@ -119,7 +119,7 @@ impl AdminApp {
         (
             ready,
             json!({
-                "status": if s.draining.load(std::sync::atomic::Ordering::SeqCst) { "draining" } else if ready { "ready" } else { "not_ready" },
+                "status": if s.stopping.load(std::sync::atomic::Ordering::SeqCst) || s.draining.load(std::sync::atomic::Ordering::SeqCst) { "draining" } else if ready { "ready" } else { "not_ready" },
                 "listener": {
                     "ready": listening,
                     "address": rt.config.server.listen.to_string(),

@@ -118,6 +118,9 @@ pub struct Shared {
     pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Set on SIGTERM: not ready, new requests get 503.
     pub draining: std::sync::atomic::AtomicBool,
+    /// SIGTERM came: not ready (`/readyz` 503), though requests are still
+    /// served until `server.drain_delay` has passed and `draining` is set.
+    pub stopping: std::sync::atomic::AtomicBool,
     /// When the SIGTERM drain began: the shutdown that follows waits only
     /// what is left of `drain_timeout`, not a second one.
     pub drain_started: std::sync::OnceLock<std::time::Instant>,
@@ -231,6 +234,7 @@ impl Shared {
             breakers: smartllm_router::Breakers::default(),
             in_flight: Default::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
+            stopping: std::sync::atomic::AtomicBool::new(false),
             drain_started: std::sync::OnceLock::new(),
             drain_expired: tokio::sync::watch::channel(false).0,
             pending_inserts: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
@@ -246,6 +250,7 @@ impl Shared {
 
     pub fn ready(&self) -> bool {
         !self.draining.load(std::sync::atomic::Ordering::SeqCst)
+            && !self.stopping.load(std::sync::atomic::Ordering::SeqCst)
             && self
                 .components
                 .self_test

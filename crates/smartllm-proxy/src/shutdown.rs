@@ -55,10 +55,24 @@ impl ShutdownSignalWatch for DrainingShutdown {
             }
             _ = next(&mut int) => ShutdownSignal::FastShutdown,
             _ = next(&mut term) => {
-                self.shared.draining.store(true, Ordering::SeqCst);
+                // Not ready from now on, so load balancers take this
+                // instance out...
+                self.shared.stopping.store(true, Ordering::SeqCst);
                 // HTTP/2 clients are told at once (GOAWAY): their next
-                // requests go to a new connection, not to this instance.
+                // requests go to a new connection, not to this instance;
+                // HTTP/1.1 answers from now on close their connections.
                 pingora_core::protocols::http::v2::server::begin_drain();
+                // ...while it still serves for `server.drain_delay`: one that
+                // has not yet noticed still gets answers, not 503s.
+                let delay = self.shared.runtime.load().config.server.drain_delay;
+                if !delay.is_zero() {
+                    tracing::info!(delay = ?delay, "SIGTERM: /readyz reports draining; still serving until server.drain_delay has passed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(delay) => {}
+                        _ = next(&mut int) => return ShutdownSignal::FastShutdown,
+                    }
+                }
+                self.shared.draining.store(true, Ordering::SeqCst);
                 let started = *self.shared.drain_started.get_or_init(Instant::now);
                 tracing::info!(in_flight = self.shared.in_flight.load(Ordering::SeqCst), "SIGTERM: draining in-flight requests");
                 loop {

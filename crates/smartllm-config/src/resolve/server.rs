@@ -165,6 +165,7 @@ pub(super) fn resolve_server(dir: &Path, s: RawServer, v: &mut Issues<'_>) -> Se
         max_in_flight: max_in_flight.clamp(1, 1_000_000),
         grace_period: dur(s.grace_period, 0),
         graceful_shutdown_timeout: dur(s.graceful_shutdown_timeout, 30),
+        drain_delay: dur(s.drain_delay, 0),
         tls: s.tls.and_then(|t| resolve_tls(dir, "server.tls", t, v)),
         admin_tls: s
             .admin_tls
