@@ -98,6 +98,47 @@ fn sigterm_drains_in_flight_streams_and_flushes_state() {
     );
 }
 
+/// A SIGTERM while the gateway starts ends it at once, by its own handler
+/// (it exits 143 rather than dying of the signal): as a container's PID 1,
+/// with no default action for the signal, it would otherwise be lost.
+#[test]
+fn a_sigterm_while_starting_ends_the_process() {
+    let mock = Mock::start(&[]);
+    let providers = format!("providers:\n{}", mock_provider("mock", &mock));
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\n",
+        &providers,
+        "models:\n  - name: small\n    deployments:\n      - provider: mock\n",
+        "routes:\n  auto:\n    model: small\n",
+    );
+    cfg.write("cache.yaml", "cache:\n  enabled: true\n");
+    let mut child = std::process::Command::new(bin("smartllm"))
+        .arg("serve")
+        .arg("--config")
+        .arg(cfg.path())
+        .env("SMARTLLM_ASSETS_DIR", assets_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    // Well before it is ready (loading the model takes longer).
+    std::thread::sleep(Duration::from_millis(150));
+    std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let started = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "still running");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(143), "{status:?}");
+}
+
 /// `server.drain_delay`: after SIGTERM `/readyz` says 503 at once, while
 /// requests are still answered (each closing its connection) until the
 /// delay has passed; then new requests are refused and the process ends.

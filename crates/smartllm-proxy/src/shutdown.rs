@@ -15,6 +15,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 
+/// Set once this watcher's SIGTERM, SIGINT and SIGQUIT handlers are in
+/// place: until then the process's own early handler (`smartllm serve`)
+/// ends it on SIGTERM or SIGINT, which would otherwise be lost while it
+/// starts as a container's PID 1 (no default action there).
+pub static SIGNALS_HANDLED: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
 pub struct DrainingShutdown {
     pub shared: Arc<Shared>,
     pub drain_timeout: Duration,
@@ -45,6 +52,7 @@ impl ShutdownSignalWatch for DrainingShutdown {
         let mut quit = install(SignalKind::quit(), "SIGQUIT");
         let mut term = install(SignalKind::terminate(), "SIGTERM");
         let mut int = install(SignalKind::interrupt(), "SIGINT");
+        SIGNALS_HANDLED.store(true, Ordering::SeqCst);
         tokio::select! {
             _ = next(&mut quit) => {
                 // The new process takes the listeners: this one's HTTP/2

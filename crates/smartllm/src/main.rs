@@ -857,7 +857,36 @@ fn self_test(embedder: &Embedder) -> anyhow::Result<SelfTest> {
     })
 }
 
+/// SIGTERM or SIGINT while the gateway starts: nothing is served or
+/// written yet that a stop would have to finish, so the process ends at once
+/// (128 + the signal, as the default action would report). Once the drain's
+/// handlers are installed this one, still called after them, does nothing.
+extern "C" fn stop_while_starting(sig: libc::c_int) {
+    if !smartllm_proxy::shutdown::SIGNALS_HANDLED.load(std::sync::atomic::Ordering::SeqCst) {
+        // SAFETY: `_exit` is async-signal-safe and ends the process at once.
+        #[allow(unsafe_code)]
+        unsafe {
+            libc::_exit(128 + sig)
+        }
+    }
+}
+
+/// Handle SIGTERM and SIGINT from the first moment: as a container's PID 1
+/// the process has no default action for them, and one sent while it
+/// starts (a pod deleted then) would be lost, leaving it to run until
+/// SIGKILL.
+#[allow(unsafe_code)]
+fn stop_on_signals_while_starting() {
+    for sig in [libc::SIGTERM, libc::SIGINT] {
+        // SAFETY: the handler only reads an atomic and calls `_exit`.
+        unsafe {
+            libc::signal(sig, stop_while_starting as *const () as libc::sighandler_t);
+        }
+    }
+}
+
 fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
+    stop_on_signals_while_starting();
     let prep_rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
