@@ -146,6 +146,7 @@ fn a_sigterm_while_starting_ends_the_process() {
 fn after_sigterm_the_drain_delay_keeps_serving_while_not_ready() {
     let (_mock, mut gw) = basic("  drain_delay: 3s\n", &[]);
     let body = serde_json::to_vec(&chat_body("small", "hello")).unwrap();
+    assert_eq!(gw.metric("smartllm_draining", &[]), 0.0);
     assert_eq!(get(&gw.admin, "/readyz").status, 200);
     std::process::Command::new("kill")
         .args(["-TERM", &gw.pid().to_string()])
@@ -158,6 +159,7 @@ fn after_sigterm_the_drain_delay_keeps_serving_while_not_ready() {
         "/readyz still says ready"
     );
     assert_eq!(get(&gw.admin, "/readyz").json()["status"], "draining");
+    assert_eq!(gw.metric("smartllm_draining", &[]), 1.0);
     let r = request(&gw.addr, "POST", "/v1/chat/completions", &[], &body).unwrap();
     assert!(
         signalled.elapsed() < Duration::from_secs(3),

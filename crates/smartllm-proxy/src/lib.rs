@@ -153,6 +153,7 @@ impl Shared {
         config_dir: PathBuf,
     ) -> Arc<Shared> {
         crate::metrics::config_version(runtime.version);
+        crate::metrics::providers_known(runtime.config.providers.keys());
         crate::metrics::component_ready(
             crate::metrics::EMBEDDER_READY,
             components.self_test.as_ref().is_some_and(|t| t.nearest_ok),

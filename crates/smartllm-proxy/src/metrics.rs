@@ -18,6 +18,8 @@ pub const UNPRICED: &str = "smartllm_unpriced_requests_total";
 pub const CONFIG_RELOADS: &str = "smartllm_config_reloads_total";
 pub const CONFIG_VERSION: &str = "smartllm_config_version";
 pub const CONFIG_RESTART_PENDING: &str = "smartllm_config_restart_required";
+pub const CONFIG_LAST_RELOAD_OK: &str = "smartllm_config_last_reload_successful";
+pub const DRAINING: &str = "smartllm_draining";
 pub const INFLIGHT: &str = "smartllm_requests_in_flight";
 pub const TLS_CERT_EXPIRY: &str = "smartllm_tls_certificate_expiry_timestamp_seconds";
 /// Work refused under overload, by `reason`: `max_in_flight` (the request got
@@ -150,6 +152,14 @@ pub fn install() -> PrometheusHandle {
     describe_gauge!(
         CONFIG_RESTART_PENDING,
         "1 when the config on disk changes settings that need a restart."
+    );
+    describe_gauge!(
+        CONFIG_LAST_RELOAD_OK,
+        "1 when the last reload attempt applied the config on disk (or found it unchanged), 0 while the files on disk are rejected and the previous config runs."
+    );
+    describe_gauge!(
+        DRAINING,
+        "1 once SIGTERM came: the instance reports not ready and drains."
     );
     describe_gauge!(INFLIGHT, "Requests being served now.");
     describe_gauge!(
@@ -302,6 +312,8 @@ pub fn install() -> PrometheusHandle {
     // Nothing waits for a restart at the start: an alert on it has a
     // series to read before the first reload.
     gauge!(CONFIG_RESTART_PENDING).set(0.0);
+    gauge!(CONFIG_LAST_RELOAD_OK).set(1.0);
+    gauge!(DRAINING).set(0.0);
     for reason in ["max_in_flight", "embedder", "cache_insert"] {
         counter!(SHED, "reason" => reason).absolute(0);
     }
@@ -518,6 +530,23 @@ pub fn tokens(model: &str, prompt: u64, completion: u64, cached: u64) {
 
 pub fn config_reload(result: &'static str) {
     counter!(CONFIG_RELOADS, "result" => result).increment(1);
+    gauge!(CONFIG_LAST_RELOAD_OK).set(if result == "error" { 0.0 } else { 1.0 });
+}
+
+/// The upstream attempt series of every configured provider, at 0 (an
+/// alert on their increase fires on the first failure after a start or
+/// after a provider is added; a series first seen at 1 shows none).
+pub fn providers_known<'a>(providers: impl IntoIterator<Item = &'a String>) {
+    for p in providers {
+        for outcome in ["ok", "retried", "failed", "abandoned"] {
+            counter!(UPSTREAM_ATTEMPTS, "provider" => p.clone(), "outcome" => outcome).absolute(0);
+        }
+    }
+}
+
+/// SIGTERM came.
+pub fn draining() {
+    gauge!(DRAINING).set(1.0);
 }
 
 pub fn config_version(version: u64) {

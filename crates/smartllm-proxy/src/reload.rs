@@ -233,6 +233,7 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
             }
             metrics::config_reload("ok");
             metrics::config_version(*version);
+            metrics::providers_known(shared.runtime.load().config.providers.keys());
             metrics::restart_pending(!restart_required.is_empty());
             // (A comment-only edit changes the files, no section.)
             let changed = if changed.is_empty() {

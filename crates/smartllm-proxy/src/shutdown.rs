@@ -66,6 +66,7 @@ impl ShutdownSignalWatch for DrainingShutdown {
                 // Not ready from now on, so load balancers take this
                 // instance out...
                 self.shared.stopping.store(true, Ordering::SeqCst);
+                crate::metrics::draining();
                 // HTTP/2 clients are told at once (GOAWAY): their next
                 // requests go to a new connection, not to this instance;
                 // HTTP/1.1 answers from now on close their connections.
