@@ -221,7 +221,10 @@ fn invalid_reload_is_rejected_and_the_running_config_stays() {
         &routes_to("a"),
     ));
     let version = gw.metric("smartllm_config_version", &[]);
-    assert_eq!(gw.metric("smartllm_config_last_reload_successful", &[]), 1.0);
+    assert_eq!(
+        gw.metric("smartllm_config_last_reload_successful", &[]),
+        1.0
+    );
     // Every provider's attempt series exist from the start, at 0.
     assert!(gw
         .metrics()
@@ -237,7 +240,10 @@ fn invalid_reload_is_rejected_and_the_running_config_stays() {
     assert_eq!(gw.metric("smartllm_config_version", &[]), version);
     // Stays 0 while the rejected files are on disk (an alert on it does
     // not clear itself).
-    assert_eq!(gw.metric("smartllm_config_last_reload_successful", &[]), 0.0);
+    assert_eq!(
+        gw.metric("smartllm_config_last_reload_successful", &[]),
+        0.0
+    );
     assert_eq!(gw.chat(&chat_body("auto", "still routed")).status, 200);
     let cfg = get(&gw.admin, "/admin/config").json();
     let err = cfg["reload"]["last_error"].as_str().unwrap();
@@ -266,7 +272,10 @@ fn invalid_reload_is_rejected_and_the_running_config_stays() {
             .unwrap_or("")
             .starts_with("server.threads")))));
     assert_eq!(gw.metric("smartllm_config_restart_required", &[]), 1.0);
-    assert_eq!(gw.metric("smartllm_config_last_reload_successful", &[]), 1.0);
+    assert_eq!(
+        gw.metric("smartllm_config_last_reload_successful", &[]),
+        1.0
+    );
     assert_eq!(gw.chat(&chat_body("auto", "ok")).status, 200);
     // The log says what changed, and what waits for a restart as text
     // (not JSON quoted in a string).

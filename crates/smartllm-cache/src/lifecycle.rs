@@ -150,6 +150,9 @@ impl SemanticCache {
             cache.rebuild_index()?;
         }
         cache.maybe_upgrade();
+        // From the start (the sweep counts them): an alert on it has a
+        // series to read.
+        gauge!(m::UNREADABLE).set(cache.unreadable_kept.load(Ordering::Relaxed) as f64);
         Ok(cache)
     }
 
