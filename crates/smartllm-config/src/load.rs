@@ -206,6 +206,14 @@ fn parse_file<T: DeserializeOwned + Default>(
             // A key given twice: serde_yaml points at its map; the line is
             // the second one.
             let line = twice_line(text, &message, line).or(line);
+            // A `[` or `{` never closed swallows the lines after it (a flow
+            // collection runs on until its bracket), so the error names
+            // what went missing there: say where the bracket opened.
+            if let Some(open) = unclosed_bracket(text) {
+                message.push_str(&format!(
+                    " (line {open} opens a '[' or '{{' that is never closed: the lines after it are read as part of it)"
+                ));
+            }
             issues.push(ConfigIssue {
                 file: dir.join(file),
                 path: if path == "." { String::new() } else { path },
@@ -215,6 +223,31 @@ fn parse_file<T: DeserializeOwned + Default>(
             None
         }
     }
+}
+
+/// The first line (1-based) with a `[` or `{` that no later bracket closes,
+/// outside quotes and comments: a likely typo when a file fails to load.
+fn unclosed_bracket(text: &str) -> Option<usize> {
+    let mut open: Vec<usize> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
+        let mut quote = None;
+        let mut prev = ' ';
+        for c in line.chars() {
+            match (quote, c) {
+                (Some(q), c) if c == q => quote = None,
+                (Some(_), _) => {}
+                (None, '#') if prev.is_whitespace() => break,
+                (None, '"' | '\'') => quote = Some(c),
+                (None, '[' | '{') => open.push(n + 1),
+                (None, ']' | '}') => {
+                    open.pop();
+                }
+                _ => {}
+            }
+            prev = c;
+        }
+    }
+    open.first().copied()
 }
 
 /// Parses the text of a `profiles.yaml` on its own (for `smartllm profile
@@ -347,6 +380,25 @@ mod tests {
         );
         assert!(serves("strict-chat", Chat) && !serves("strict-chat", Embedding));
         assert!(!serves("e5", Chat) && serves("e5", Embedding));
+    }
+
+    /// A bracket left open swallows the lines after it: the error says
+    /// where it opened, whatever serde then missed.
+    #[test]
+    fn an_unclosed_bracket_is_named_by_its_line() {
+        let models = "models:\n  - name: small\n    pricing: [unclosed\n    deployments:\n      - provider: mock\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, models),
+        ]);
+        let err = load_dir(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("line 3 opens a '[' or '{' that is never closed"),
+            "{err}"
+        );
+        assert_eq!(unclosed_bracket("a: [1, 2]\nb: {c: d}\n"), None);
+        assert_eq!(unclosed_bracket("a: \"[\" # [\nb: [x\n"), Some(2));
     }
 
     #[test]

@@ -4,6 +4,35 @@
 use std::path::Path;
 use std::process::ExitCode;
 
+/// Secrets the gateway reads from files every user of the host may read.
+pub fn key_file_warnings(c: &smartllm_config::Config) -> Vec<String> {
+    use std::os::unix::fs::PermissionsExt;
+    let files = c
+        .cache
+        .encryption_key_file
+        .iter()
+        .map(|p| ("cache.encryption_key_file", p))
+        .chain(
+            c.cache
+                .encryption_old_key_files
+                .iter()
+                .map(|p| ("cache.encryption_old_key_files", p)),
+        );
+    files
+        .filter_map(|(setting, p)| {
+            let mode = std::fs::metadata(p).ok()?.permissions().mode();
+            // Group permissions are the packaging's (root:smartllm 640).
+            (mode & 0o007 != 0).then(|| {
+                format!(
+                    "{setting} {} can be read by every user of this host (mode {:o}): chmod 600 it (or 640 with the gateway's group)",
+                    p.display(),
+                    mode & 0o777
+                )
+            })
+        })
+        .collect()
+}
+
 /// `smartllm check --config DIR`: exit 0 when the config loads, 1 (errors on
 /// stderr) when not. `local`: the config is for this host, so files `serve`
 /// needs that are missing here fail it too.
@@ -36,6 +65,22 @@ pub fn check(dir: &Path, local: bool) -> ExitCode {
                     return ExitCode::from(1);
                 }
                 println!("warning: {msg}");
+            }
+            // `serve` refuses a cache key file it cannot read or use.
+            if let Some(path) = &c.cache.encryption_key_file {
+                if let Err(e) =
+                    smartllm_cache::Codec::from_key_files(path, &c.cache.encryption_old_key_files)
+                {
+                    let msg = format!("{e}, so `smartllm serve` would not start here");
+                    if local {
+                        eprintln!("{msg}");
+                        return ExitCode::from(1);
+                    }
+                    println!("warning: {msg}");
+                }
+            }
+            for w in key_file_warnings(&c) {
+                println!("warning: {w}");
             }
             // `serve` refuses an admin token it cannot read (fail closed).
             if let Some(msg) = smartllm_proxy::runtime::admin_token_problem(&c) {
@@ -218,6 +263,26 @@ mod tests {
         write("learned.json", learned(EMBEDDING_DIM).as_str());
         write("tasks.tsv", "code\tonly one task\n");
         assert_eq!(code(check(&dir, false)), code(ExitCode::from(1)));
+        write("tasks.tsv", examples.as_str());
+        // A cache key file every user may read is named; one of the
+        // gateway's group is not.
+        use std::os::unix::fs::PermissionsExt;
+        write("cache.key", &"5e".repeat(32));
+        write(
+            "cache.yaml",
+            "cache:\n  enabled: true\n  encryption_key_file: cache.key\n",
+        );
+        let mode = |m: u32| {
+            std::fs::set_permissions(dir.join("cache.key"), std::fs::Permissions::from_mode(m))
+                .unwrap()
+        };
+        let warnings = || key_file_warnings(&smartllm_config::load_dir(&dir).unwrap());
+        mode(0o644);
+        let w = warnings();
+        assert!(w.len() == 1 && w[0].contains("(mode 644)"), "{w:?}");
+        mode(0o640);
+        assert!(warnings().is_empty());
+        assert_eq!(code(check(&dir, false)), code(ExitCode::SUCCESS));
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

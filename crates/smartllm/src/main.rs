@@ -1027,6 +1027,9 @@ fn serve(dir: &Path, upgrade: bool) -> anyhow::Result<()> {
             .map_err(|e| anyhow::anyhow!("{e}"))?,
         None => Codec::plain(),
     };
+    for w in check::key_file_warnings(&config) {
+        tracing::warn!("{w}");
+    }
     let cache = SemanticCache::open_with_pq(
         store.clone(),
         embedder.clone(),
