@@ -103,7 +103,13 @@ pub fn watch_dir_and(
     let extra_dirs: Vec<PathBuf> = extra.iter().map(|(d, _)| d.clone()).collect();
     let config_dir = dir.to_path_buf();
     let mut watcher = notify::recommended_watcher(move |res: notify::Result<Event>| {
-        let Ok(event) = res else { return };
+        let event = match res {
+            Ok(event) => event,
+            Err(e) => {
+                tracing::warn!(error = %e, "the config directory's watcher failed; SIGHUP and POST /admin/reload still reload");
+                return;
+            }
+        };
         if event.kind.is_access() {
             return;
         }

@@ -806,9 +806,12 @@ fn init_logging(level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SMARTLLM_LOG").unwrap_or_else(|_| {
         // Pingora's health checks log each failure with the peer's whole
         // options (1.5 KB a line); the gateway logs the transition itself,
-        // with the error ("upstream failed its health check").
+        // with the error ("upstream failed its health check"). notify warns
+        // at every Kubernetes ConfigMap update (the kubelet's symlink swap
+        // removes a watched path before notify does: WatchNotFound); the
+        // watcher's own errors reach the reload service and are logged there.
         tracing_subscriber::EnvFilter::new(format!(
-            "{level},pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=error"
+            "{level},pingora_core=warn,pingora_proxy=warn,pingora_load_balancing=error,notify=error"
         ))
     });
     tracing_subscriber::fmt()
