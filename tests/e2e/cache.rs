@@ -271,6 +271,50 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
     assert_eq!(r.json()["error"]["code"], "unknown_tenant");
 }
 
+/// `cache.isolation: app`: two apps of one tenant never share an answer,
+/// while each app's keys do; `key` keeps every key apart.
+#[test]
+fn cache_isolation_by_app_or_key() {
+    let (_mock, gw) = cached_gateway("cache:\n  enabled: true\n  isolation: app\n", &[]);
+    gw.config.write(
+        "keys.yaml",
+        &format!(
+            "require_key: true\nkeys:\n  - name: web-1\n    tenant: acme\n    app: web\n    sha256: {}\n  - name: web-2\n    tenant: acme\n    app: web\n    sha256: {}\n  - name: hr\n    tenant: acme\n    app: hr\n    sha256: {}\n",
+            sha("sk-web-1"),
+            sha("sk-web-2"),
+            sha("sk-hr")
+        ),
+    );
+    assert!(wait_until(Duration::from_secs(20), || ask(
+        &gw,
+        "sk-hr",
+        &chat_body("auto", "ping")
+    )
+    .status
+        == 200));
+    let question = chat_body("auto", "What is the salary band for level 3?");
+    assert_eq!(cache_header(&ask(&gw, "sk-hr", &question)), "miss");
+    assert!(wait_until(Duration::from_secs(20), || cache_header(&ask(
+        &gw, "sk-hr", &question
+    )) == "hit-exact"));
+    assert_eq!(cache_header(&ask(&gw, "sk-web-1", &question)), "miss");
+    assert!(wait_until(Duration::from_secs(20), || cache_header(&ask(
+        &gw, "sk-web-2", &question
+    )) == "hit-exact"));
+    // Per key: web-2 no longer gets web-1's answer.
+    gw.config
+        .write("cache.yaml", "cache:\n  enabled: true\n  isolation: key\n");
+    assert!(wait_until(Duration::from_secs(20), || gw
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 2.0));
+    let other = chat_body("auto", "Which holidays do we observe?");
+    assert_eq!(cache_header(&ask(&gw, "sk-web-1", &other)), "miss");
+    assert!(wait_until(Duration::from_secs(20), || cache_header(&ask(
+        &gw, "sk-web-1", &other
+    )) == "hit-exact"));
+    assert_eq!(cache_header(&ask(&gw, "sk-web-2", &other)), "miss");
+}
+
 #[test]
 fn cache_streams_hits_stores_streamed_misses_and_purges() {
     let (mock, gw) = cached_gateway(CACHE_ON, &["--words", "6"]);

@@ -608,6 +608,8 @@ pub struct RawCache {
     pub pq_threshold: Option<usize>,
     /// 32-byte key (raw, or 64 hex characters) for AES-256-GCM at rest.
     pub encryption_key_file: Option<String>,
+    /// `tenant` (default), `app` or `key`: who shares cached answers.
+    pub isolation: Option<String>,
     /// Keys of earlier rotations (same format): they open entries sealed
     /// before, never seal new ones.
     #[serde(default)]

@@ -420,6 +420,18 @@ pub struct CacheConfig {
     /// Validated regular expressions.
     pub exclude_patterns: Vec<String>,
     pub detectors: Vec<Detector>,
+    /// Who shares cached answers: a tenant's keys and apps (the default), or
+    /// only the requests of one app, or of one key.
+    pub isolation: CacheIsolation,
+}
+
+/// `cache.isolation`: the scope within which requests share answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum CacheIsolation {
+    #[default]
+    Tenant,
+    App,
+    Key,
 }
 
 impl CacheConfig {

@@ -174,6 +174,19 @@ pub(super) fn resolve_cache(
             ),
         }
     }
+    let isolation = match raw.isolation.as_deref() {
+        None | Some("tenant") => crate::CacheIsolation::Tenant,
+        Some("app") => crate::CacheIsolation::App,
+        Some("key") => crate::CacheIsolation::Key,
+        Some(other) => {
+            v.push(
+                CACHE_FILE,
+                "cache.isolation".to_string(),
+                format!("unknown isolation {other:?}: use tenant (the default), app or key"),
+            );
+            crate::CacheIsolation::Tenant
+        }
+    };
     // Written out of range, these are errors (the key and its line), not
     // values quietly raised to their least.
     for (key, value, least) in [
@@ -231,6 +244,7 @@ pub(super) fn resolve_cache(
         encryption_old_key_files,
         exclude_patterns: raw.exclude.patterns,
         detectors,
+        isolation,
     }
 }
 
@@ -264,6 +278,7 @@ pub(super) fn unresolved() -> CacheConfig {
         encryption_old_key_files: Vec::new(),
         exclude_patterns: Vec::new(),
         detectors: Vec::new(),
+        isolation: crate::CacheIsolation::Tenant,
     }
 }
 
@@ -304,7 +319,17 @@ mod tests {
         // PQ's codebooks need thousands of vectors: less than 10,000 is an
         // error (sizes_below_their_least_are_errors).
 
-        let bad = "cache:\n  similarity_threshold: 2\n  exclude:\n    patterns: ['(']\n    detectors: [dna]\n  routes:\n    ghost: {}\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (CACHE_FILE, "cache:\n  isolation: app\n"),
+        ]);
+        assert_eq!(
+            load_dir(dir.path()).unwrap().cache.isolation,
+            crate::CacheIsolation::App
+        );
+        let bad = "cache:\n  similarity_threshold: 2\n  exclude:\n    patterns: ['(']\n    detectors: [dna]\n  routes:\n    ghost: {}\n  isolation: team\n";
         let dir = write_dir(&[
             (MAIN_FILE, ""),
             (PROVIDERS_FILE, PROVIDERS),
@@ -325,6 +350,10 @@ mod tests {
             "{err}"
         );
         assert!(err.contains("cache.routes.ghost"), "{err}");
+        assert!(
+            err.contains("cache.yaml:8: cache.isolation: unknown isolation \"team\""),
+            "{err}"
+        );
     }
 
     /// The verifier is on by default at the calibrated pass score; a route

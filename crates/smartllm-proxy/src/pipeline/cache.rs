@@ -200,6 +200,13 @@ pub async fn phase(
             .join(",");
         api = format!("{api}+rules:{held}").into();
     }
+    // Narrower than the tenant when `cache.isolation` says so: only the
+    // same app's (or key's) requests share an answer.
+    match rt.config.cache.isolation {
+        smartllm_config::CacheIsolation::Tenant => {}
+        smartllm_config::CacheIsolation::App => api = format!("{api}+app:{}", ctx.app).into(),
+        smartllm_config::CacheIsolation::Key => api = format!("{api}+key:{}", ctx.key_name).into(),
+    }
     let Some(key) = api_chat_key(&api, &ctx.tenant, model, &req.body) else {
         bypass(ctx, "shape");
         return Ok(false);
