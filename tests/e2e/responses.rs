@@ -80,6 +80,47 @@ fn output_text(r: &Value) -> String {
         .collect()
 }
 
+/// `store.responses: false`: the gateway keeps no conversation; answers
+/// still come, `GET` finds none and `previous_response_id` is refused as
+/// unknown.
+#[test]
+fn with_the_responses_store_off_nothing_is_kept() {
+    let mock = Mock::start(&[]);
+    let cfg = ConfigDir::new(
+        "",
+        "demo:\n  mode: off\nstore:\n  responses: false\n  responses_ttl: 1h\n",
+        &format!("providers:\n{}", mock_provider("mock", &mock)),
+        "models:\n  - name: small\n    deployments:\n      - provider: mock\n",
+        "routes:\n  auto:\n    model: small\n",
+    );
+    cfg.write(
+        "keys.yaml",
+        &format!(
+            "require_key: true\nkeys:\n  - name: a\n    tenant: acme\n    sha256: {}\n",
+            sha("sk-resp-a")
+        ),
+    );
+    let gw = Gateway::start(cfg);
+    let r = create(&gw, &json!({"model": "small", "input": "Name a fjord"}));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = r.json()["id"].as_str().unwrap().to_string();
+    std::thread::sleep(Duration::from_millis(300));
+    let got = call(
+        &gw,
+        "sk-resp-a",
+        "GET",
+        &format!("/v1/responses/{id}"),
+        &Value::Null,
+    );
+    assert_eq!(got.status, 404, "{}", got.text());
+    let cont = create(
+        &gw,
+        &json!({"model": "small", "previous_response_id": id, "input": "And another?"}),
+    );
+    assert_eq!(cont.status, 400, "{}", cont.text());
+    assert_eq!(cont.api_error()["code"], "previous_response_not_found");
+}
+
 /// A tenant's erasure (`POST /admin/cache/purge?tenant=`): the responses
 /// the gateway keeps for it go with its cache entries, another tenant's
 /// stay.

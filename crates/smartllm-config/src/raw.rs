@@ -138,6 +138,11 @@ pub struct RawStore {
     /// RocksDB's memory: one block cache shared by every column family, with
     /// the memtables (at most half of it) and index/filter blocks inside.
     pub memory_budget: Option<ByteSize>,
+    /// Keep Responses API conversations for `previous_response_id` (for
+    /// providers that do not keep them).
+    pub responses: Option<bool>,
+    /// How long a kept conversation lives.
+    pub responses_ttl: Option<ConfigDuration>,
 }
 
 #[derive(Debug, Default, Deserialize)]

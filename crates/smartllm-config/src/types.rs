@@ -113,6 +113,12 @@ impl FleetConfig {
 pub struct StoreConfig {
     /// Bytes for RocksDB's shared block cache, memtables included.
     pub memory_budget: u64,
+    /// Whether the gateway keeps Responses API conversations
+    /// (`previous_response_id`, `GET /v1/responses/{id}`) for providers
+    /// that do not keep them.
+    pub responses: bool,
+    /// How long a kept conversation lives (OpenAI keeps them 30 days).
+    pub responses_ttl: Duration,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -1141,6 +1147,16 @@ impl Config {
             "store.memory_budget",
             self.store.memory_budget.to_string(),
             new.store.memory_budget.to_string(),
+        );
+        check(
+            "store.responses",
+            self.store.responses.to_string(),
+            new.store.responses.to_string(),
+        );
+        check(
+            "store.responses_ttl",
+            format!("{:?}", self.store.responses_ttl),
+            format!("{:?}", new.store.responses_ttl),
         );
         // Key by key, as written in smartllm.yaml (not the whole struct).
         let (e, f) = (&self.embedder, &new.embedder);

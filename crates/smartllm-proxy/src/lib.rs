@@ -195,8 +195,10 @@ impl Shared {
         let codec = cache
             .as_ref()
             .map_or_else(smartllm_cache::Codec::plain, |c| c.codec().clone());
-        let responses = components.store.clone().and_then(|store| {
-            responses_store::ResponsesStore::start(store, codec)
+        let keep = runtime.config.store.responses;
+        let ttl = runtime.config.store.responses_ttl;
+        let responses = components.store.clone().filter(|_| keep).and_then(|store| {
+            responses_store::ResponsesStore::start_with_ttl(store, codec, ttl)
                 .map(Arc::new)
                 .map_err(|e| tracing::error!(error = %e, "cannot start the Responses store's writer; stored responses are off"))
                 .ok()

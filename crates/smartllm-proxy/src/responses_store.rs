@@ -48,7 +48,8 @@ use tokio::sync::Semaphore;
 use tokio_util::task::task_tracker::TaskTrackerToken;
 use tokio_util::task::TaskTracker;
 
-/// How long a stored response lives (OpenAI keeps them 30 days).
+/// How long a stored response lives by default (`store.responses_ttl`;
+/// OpenAI keeps them 30 days).
 pub const TTL_SECS: u64 = 30 * 24 * 3600;
 /// A conversation larger than this is not stored (its follow-ups get a 404).
 pub const MAX_BYTES: usize = 8 << 20;
@@ -85,16 +86,17 @@ pub struct Link {
     pub chain: Chain,
 }
 
-/// How a response continuing `link` (or none) is stored when written at `now`.
-fn stored_as(link: Option<&Link>, now: u64) -> Chain {
+/// How a response continuing `link` (or none) is stored when written at
+/// `now`, kept `ttl` seconds: linked while its conversation's links live
+/// long enough (see [`WHOLE_AFTER`], scaled down with a shorter `ttl`).
+fn stored_as(link: Option<&Link>, now: u64, ttl: u64) -> Chain {
     let whole = Chain {
         depth: 0,
-        expires_at: now + TTL_SECS,
+        expires_at: now + ttl,
     };
+    let whole_after = WHOLE_AFTER.min(ttl / 30);
     match link {
-        Some(l)
-            if l.chain.depth < MAX_DEPTH && l.chain.expires_at + WHOLE_AFTER >= now + TTL_SECS =>
-        {
+        Some(l) if l.chain.depth < MAX_DEPTH && l.chain.expires_at + whole_after >= now + ttl => {
             Chain {
                 depth: l.chain.depth + 1,
                 expires_at: whole.expires_at.min(l.chain.expires_at),
@@ -181,6 +183,8 @@ struct Op {
 
 /// What the writer and the overflow's blocking tasks share.
 struct Shared {
+    /// How long a kept response lives, in seconds (`store.responses_ttl`).
+    ttl: u64,
     pending: DashMap<Vec<u8>, Pending>,
     /// Taken (by key hash) around checking and doing an operation, only on
     /// the writer and blocking threads: two of them never do the same key
@@ -196,6 +200,7 @@ struct Shared {
 impl Default for Shared {
     fn default() -> Self {
         Self {
+            ttl: TTL_SECS,
             pending: DashMap::new(),
             stripes: std::array::from_fn(|_| Mutex::new(())),
             links: Mutex::new(()),
@@ -229,7 +234,18 @@ pub struct ResponsesStore {
 impl ResponsesStore {
     /// Start the writer thread.
     pub fn start(store: Arc<Store>, codec: Codec) -> std::io::Result<Self> {
-        Self::with_queue(store, codec, QUEUE, OVERFLOW)
+        Self::with_queue(store, codec, QUEUE, OVERFLOW, TTL_SECS)
+    }
+
+    /// [`ResponsesStore::start`], each response kept for `ttl`
+    /// (`store.responses_ttl`).
+    pub fn start_with_ttl(store: Arc<Store>, codec: Codec, ttl: Duration) -> std::io::Result<Self> {
+        Self::with_queue(store, codec, QUEUE, OVERFLOW, ttl.as_secs().max(60))
+    }
+
+    /// How long a kept response lives.
+    pub fn ttl(&self) -> Duration {
+        Duration::from_secs(self.shared.ttl)
     }
 
     fn with_queue(
@@ -237,9 +253,13 @@ impl ResponsesStore {
         codec: Codec,
         queue: usize,
         overflow: usize,
+        ttl: u64,
     ) -> std::io::Result<Self> {
         let (tx, rx) = mpsc::channel(queue);
-        let shared: Arc<Shared> = Arc::default();
+        let shared = Arc::new(Shared {
+            ttl,
+            ..Shared::default()
+        });
         let codec = Arc::new(codec);
         let (s, p, c) = (store.clone(), shared.clone(), codec.clone());
         std::thread::Builder::new()
@@ -273,7 +293,7 @@ impl ResponsesStore {
             .get(&k)
             .map(|p| (p.stored.clone(), p.link.clone(), p.deleted));
         if let Some((stored, link, deleted)) = pending {
-            let chain = stored_as(link.as_deref(), now());
+            let chain = stored_as(link.as_deref(), now(), self.shared.ttl);
             return stored
                 .filter(|_| !deleted)
                 .map(|s| (Arc::unwrap_or_clone(s), chain));
@@ -698,7 +718,7 @@ fn write(
         return;
     }
     let now = now();
-    let mut chain = stored_as(link, now);
+    let mut chain = stored_as(link, now, shared.ttl);
     let mut parent = None;
     if let Some(l) = link.filter(|_| chain.depth > 0) {
         let pk = sibling(k, &l.parent).unwrap_or_default();
@@ -708,7 +728,7 @@ fn write(
         } else {
             // Its parent is not kept (its save failed, or it was deleted
             // with nothing linked to it): whole.
-            chain = stored_as(None, now);
+            chain = stored_as(None, now, shared.ttl);
         }
     }
     let messages = match &parent {
@@ -818,7 +838,7 @@ fn read_chain(
                 .get(&k)
                 .and_then(|p| Some((p.stored.clone()?, p.link.clone())));
             if let Some((stored, link)) = queued {
-                let own = stored_as(link.as_deref(), now());
+                let own = stored_as(link.as_deref(), now(), shared.ttl);
                 chain.depth += own.depth;
                 chain.expires_at = chain.expires_at.min(own.expires_at);
                 parts.push(stored.messages.clone());
@@ -1220,7 +1240,8 @@ mod tests {
     async fn a_delete_overtaking_a_save_keeps_what_continues_it() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
-        let rs = ResponsesStore::with_queue(store.clone(), Codec::plain(), 16, 64).unwrap();
+        let rs =
+            ResponsesStore::with_queue(store.clone(), Codec::plain(), 16, 64, TTL_SECS).unwrap();
         let tasks = TaskTracker::new();
         // The writer held: every key stripe locked.
         let held: Vec<_> = rs
@@ -1281,22 +1302,39 @@ mod tests {
             depth: 0,
             expires_at: now + TTL_SECS,
         };
-        assert_eq!(stored_as(None, now), whole);
+        assert_eq!(stored_as(None, now, TTL_SECS), whole);
         let fresh = now + TTL_SECS - 3600;
         assert_eq!(
-            stored_as(Some(&link(3, fresh)), now),
+            stored_as(Some(&link(3, fresh)), now, TTL_SECS),
             Chain {
                 depth: 4,
                 expires_at: fresh
             }
         );
         assert_eq!(
-            stored_as(Some(&link(MAX_DEPTH - 1, fresh)), now).depth,
+            stored_as(Some(&link(MAX_DEPTH - 1, fresh)), now, TTL_SECS).depth,
             MAX_DEPTH
         );
-        assert_eq!(stored_as(Some(&link(MAX_DEPTH, fresh)), now), whole);
+        assert_eq!(
+            stored_as(Some(&link(MAX_DEPTH, fresh)), now, TTL_SECS),
+            whole
+        );
         let old = now + TTL_SECS - WHOLE_AFTER - 1;
-        assert_eq!(stored_as(Some(&link(1, old)), now), whole);
+        assert_eq!(stored_as(Some(&link(1, old)), now, TTL_SECS), whole);
+        // A shorter `store.responses_ttl` (an hour): the margin shrinks
+        // with it (two minutes), so a response still lives most of its
+        // hour, never the few minutes its oldest link has left.
+        let hour = 3600;
+        let whole = Chain {
+            depth: 0,
+            expires_at: now + hour,
+        };
+        assert_eq!(stored_as(None, now, hour), whole);
+        assert_eq!(
+            stored_as(Some(&link(1, now + hour - 60)), now, hour).depth,
+            2
+        );
+        assert_eq!(stored_as(Some(&link(1, now + 600)), now, hour), whole);
     }
 
     /// A long conversation takes about the room of its text: 200 turns of
@@ -1344,9 +1382,14 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         // Room past the queue for every save: this is about their order.
-        let rs =
-            ResponsesStore::with_queue(store.clone(), Codec::plain(), 1, Semaphore::MAX_PERMITS)
-                .unwrap();
+        let rs = ResponsesStore::with_queue(
+            store.clone(),
+            Codec::plain(),
+            1,
+            Semaphore::MAX_PERMITS,
+            TTL_SECS,
+        )
+        .unwrap();
         let tasks = TaskTracker::new();
         const KEYS: usize = 16;
         for round in 0..400 {
@@ -1385,7 +1428,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         // A queue of one and no room beyond it.
-        let rs = ResponsesStore::with_queue(store.clone(), Codec::plain(), 1, 0).unwrap();
+        let rs = ResponsesStore::with_queue(store.clone(), Codec::plain(), 1, 0, TTL_SECS).unwrap();
         let tasks = TaskTracker::new();
         // Every key stripe held: the writer can take one operation and then
         // waits, so the queue holds at most one more.

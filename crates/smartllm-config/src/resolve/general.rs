@@ -81,8 +81,17 @@ pub(super) fn resolve_store(store: RawStore, v: &mut Issues<'_>) -> StoreConfig 
     if memory_budget < 8 << 20 {
         v.push(MAIN_FILE, "store.memory_budget", "must be at least 8MiB");
     }
+    let responses_ttl = store
+        .responses_ttl
+        .map(|d| d.0)
+        .unwrap_or(Duration::from_secs(30 * 86_400));
+    if responses_ttl < Duration::from_secs(60) {
+        v.push(MAIN_FILE, "store.responses_ttl", "must be at least 1m");
+    }
     StoreConfig {
         memory_budget: memory_budget.max(8 << 20),
+        responses: store.responses.unwrap_or(true),
+        responses_ttl: responses_ttl.max(Duration::from_secs(60)),
     }
 }
 

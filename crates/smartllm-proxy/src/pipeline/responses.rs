@@ -98,8 +98,8 @@ pub fn own(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, id: &str) {
             .and_then(|rt| shared.quotas.fleet(&rt.config.fleet))
         {
             let key = owner_key(&ctx.tenant, id);
+            let ttl = store.ttl().as_secs();
             shared.tasks.spawn(async move {
-                let ttl = crate::responses_store::TTL_SECS;
                 if let Err(e) = fleet
                     .mark_with("response-owner", &key, &format!("p:{provider}"), ttl)
                     .await
