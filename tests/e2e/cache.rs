@@ -271,6 +271,39 @@ fn cache_exact_and_semantic_hits_with_guard_and_scoping() {
     assert_eq!(r.json()["error"]["code"], "unknown_tenant");
 }
 
+/// `cache.exclude.answers`: an answer carrying what the exclusions look for
+/// (an address the prompt did not have) is not stored; others are.
+#[test]
+fn answers_the_exclusions_match_are_not_cached() {
+    let (_mock, gw) = cached_gateway(
+        "cache:\n  enabled: true\n  exclude:\n    detectors: [email, iban]\n    answers: true\n",
+        &[],
+    );
+    let with_reply = |q: &str, reply: &str| json!({"model": "auto", "messages": [{"role": "user", "content": q}], "mock": {"reply": reply}});
+    let leaky = with_reply(
+        "Who runs payroll?",
+        "Write to pay.roll@corp.example for that.",
+    );
+    let r = ask(&gw, "k", &leaky);
+    assert_eq!(cache_header(&r), "miss");
+    assert!(r.json()["choices"][0]["message"]["content"]
+        .as_str()
+        .unwrap()
+        .contains("pay.roll@corp.example"));
+    let plain = with_reply("Who runs facilities?", "The facilities team does.");
+    assert_eq!(cache_header(&ask(&gw, "k", &plain)), "miss");
+    assert!(wait_until(Duration::from_secs(20), || cache_header(&ask(
+        &gw, "k", &plain
+    )) == "hit-exact"));
+    // Stored in the same time: the other one would be by now.
+    assert_eq!(cache_header(&ask(&gw, "k", &leaky)), "miss");
+    assert!(
+        gw.metric("smartllm_cache_answers_not_stored_total", &[]) >= 1.0,
+        "{}",
+        gw.metrics()
+    );
+}
+
 /// `cache.isolation: app`: two apps of one tenant never share an answer,
 /// while each app's keys do; `key` keeps every key apart.
 #[test]

@@ -245,6 +245,9 @@ struct Behaviour {
     truncate: bool,
     /// Token kinds to report on top of the counted prompt and answer.
     kinds: TokenKinds,
+    /// The answer's words, as given (`mock.reply` or `x-mock-reply`; Chat
+    /// Completions and Messages), instead of the made-up ones.
+    reply: Option<String>,
 }
 
 /// Extra tokens of each kind a request asks the mock to report: cache reads
@@ -503,6 +506,7 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         no_usage: false,
         truncate: false,
         kinds: TokenKinds::default(),
+        reply: None,
     };
     // The last user message (Chat Completions, Messages) or input
     // (Responses), where the `[mock-…]` marks are read.
@@ -537,6 +541,7 @@ fn behaviour(args: &Args, req: &Request, body: &Value) -> Behaviour {
         b.status = Some(s);
     }
     b.no_usage = get("no_usage").is_some_and(|v| v == "true" || v == "1");
+    b.reply = get("reply");
     b.truncate = get("truncate").is_some_and(|v| v == "true" || v == "1")
         || user.contains("[mock-truncate]");
     // Or `[mock-usage:cached_tokens=5,cache_write_1h=2]` in the last user
@@ -1447,9 +1452,10 @@ async fn handle<S: Conn>(
         let model = body.get("model").and_then(Value::as_str)?;
         s.answer(model, &seed_text)
     });
-    let words = match skilled {
-        Some(answer) => answer.split(' ').map(str::to_string).collect(),
-        None => answer_words(&seed_text, n_words),
+    let words = match (&b.reply, skilled) {
+        (Some(reply), _) => reply.split(' ').map(str::to_string).collect(),
+        (None, Some(answer)) => answer.split(' ').map(str::to_string).collect(),
+        (None, None) => answer_words(&seed_text, n_words),
     };
     let completion_tokens = words.len() as u64;
     let id = format!(

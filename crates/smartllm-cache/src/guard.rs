@@ -1153,15 +1153,62 @@ static PHONE: LazyLock<Regex> = LazyLock::new(|| {
 static DIGIT_RUN: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?-u)\d+(?:[ .-]\d+)*").expect("digit run regex"));
 static API_KEY: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?-u)\b(?:sk-[A-Za-z0-9_-]{16,}|sk-ant-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|xox[abpr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})\b")
+    Regex::new(r"(?-u)\b(?:sk-[A-Za-z0-9_-]{16,}|sk-ant-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|xox[abpr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})")
         .expect("api key regex")
 });
+
+/// A US Social Security number written 3-2-4, with dashes or spaces.
+static SSN: LazyLock<Regex> =
+    LazyLock::new(|| Regex::new(r"(?-u)\b(\d{3})([- ])(\d{2})([- ])(\d{4})\b").expect("ssn regex"));
+
+/// An IBAN: country, check digits, then groups of four letters or digits
+/// (spaced or not) and a last shorter one.
+static IBAN: LazyLock<Regex> = LazyLock::new(|| {
+    Regex::new(r"(?-u)(?i)\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b")
+        .expect("iban regex")
+});
+
+/// An SSN the Social Security Administration could have issued: one
+/// separator throughout; not area 000, 666 or 900-999, group 00 or serial
+/// 0000 (which rules out most dates and part numbers that look alike).
+fn has_ssn(text: &str) -> bool {
+    SSN.captures_iter(text).any(|c| {
+        let n = |i: usize| c.get(i).map_or("", |m| m.as_str());
+        let area: u32 = n(1).parse().unwrap_or(0);
+        n(2) == n(4) && area != 0 && area != 666 && area < 900 && n(3) != "00" && n(5) != "0000"
+    })
+}
+
+/// An IBAN whose check digits hold: the country and check digits moved to
+/// the end, letters as 10-35, the number modulo 97 is 1.
+fn has_iban(text: &str) -> bool {
+    IBAN.find_iter(text).any(|m| {
+        let compact: Vec<u8> = m
+            .as_str()
+            .bytes()
+            .filter(|b| *b != b' ')
+            .map(|b| b.to_ascii_uppercase())
+            .collect();
+        if !(15..=34).contains(&compact.len()) {
+            return false;
+        }
+        let mut rem = 0u32;
+        for b in compact[4..].iter().chain(&compact[..4]) {
+            rem = match b {
+                b'0'..=b'9' => (rem * 10 + u32::from(b - b'0')) % 97,
+                b'A'..=b'Z' => (rem * 100 + u32::from(b - b'A' + 10)) % 97,
+                _ => return false,
+            };
+        }
+        rem == 1
+    })
+}
 
 /// Builds the guard's lazily made tables (the privacy detectors' regexes,
 /// the dictionary of ordinary words) now, so that the first request that
 /// needs one does not wait for it.
 pub fn warm_up() {
-    for re in [&EMAIL, &PHONE, &DIGIT_RUN, &API_KEY] {
+    for re in [&EMAIL, &PHONE, &DIGIT_RUN, &API_KEY, &SSN, &IBAN] {
         LazyLock::force(re);
     }
     ordinary_word("warm");
@@ -1301,7 +1348,9 @@ impl Exclusions {
         // Most specific first, so the reported reason is the precise one.
         for d in [
             Detector::ApiKey,
+            Detector::Iban,
             Detector::Card,
+            Detector::Ssn,
             Detector::Email,
             Detector::Phone,
         ]
@@ -1313,6 +1362,8 @@ impl Exclusions {
                 Detector::Phone => PHONE.is_match(text),
                 Detector::Card => has_card(text),
                 Detector::ApiKey => API_KEY.is_match(text),
+                Detector::Ssn => has_ssn(text),
+                Detector::Iban => has_iban(text),
             };
             if hit {
                 return Some(match d {
@@ -1320,6 +1371,8 @@ impl Exclusions {
                     Detector::Phone => "phone",
                     Detector::Card => "card",
                     Detector::ApiKey => "api_key",
+                    Detector::Ssn => "ssn",
+                    Detector::Iban => "iban",
                 });
             }
         }
@@ -1962,6 +2015,37 @@ mod tests {
         );
         assert_eq!(ex.matches("this is CONFIDENTIAL"), Some("pattern"));
         assert_eq!(ex.matches("What is the capital of France?"), None);
+        // A JWT is a credential too.
+        assert_eq!(
+            ex.matches("Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxMjM0NTY3ODkwIn0.dozjgNryP4J3jVmNHl0w5N_XgL0n3I9PlFUP0THsR8U"),
+            Some("api_key")
+        );
+        // Only when asked for: SSNs and IBANs.
+        assert_eq!(ex.matches("my SSN is 078-05-1120"), None);
+        let more = Exclusions::new(&[], &[Detector::Ssn, Detector::Iban]).unwrap();
+        for text in [
+            "my SSN is 078-05-1120",
+            "ssn 219 09 9999 please",
+            "IBAN DE89 3704 0044 0532 0130 00",
+            "pay to gb82west12345698765432 today",
+            "NL91ABNA0417164300",
+        ] {
+            assert!(more.matches(text).is_some(), "{text}");
+        }
+        for text in [
+            "part 000-12-3456",
+            "area 666-12-3456",
+            "serial 123-45-0000",
+            "mixed 123-45 6789",
+            "phone 415-555-0134",
+            "DE89 3704 0044 0532 0130 01",
+            "SKU AB12CDEF34567890",
+            "What is the capital of France?",
+        ] {
+            assert_eq!(more.matches(text), None, "{text}");
+        }
+        assert_eq!(more.matches("078-05-1120"), Some("ssn"));
+        assert_eq!(more.matches("DE89370400440532013000"), Some("iban"));
     }
 
     #[test]

@@ -645,9 +645,12 @@ pub struct RawCacheExclude {
     /// Regular expressions; a prompt matching any is never cached.
     #[serde(default)]
     pub patterns: Vec<String>,
-    /// Built-in detectors: email, phone, card, api_key.
+    /// Built-in detectors: email, phone, card, api_key, ssn, iban.
     #[serde(default)]
     pub detectors: Vec<String>,
+    /// Apply the patterns and detectors to answers too: an answer carrying
+    /// one is not stored.
+    pub answers: Option<bool>,
 }
 
 /// `keys.yaml`

@@ -404,6 +404,10 @@ pub enum Detector {
     Phone,
     Card,
     ApiKey,
+    /// A US Social Security number (3-2-4 digits, the ranges never issued left out).
+    Ssn,
+    /// An IBAN whose check digits hold (mod 97).
+    Iban,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -426,6 +430,8 @@ pub struct CacheConfig {
     /// Validated regular expressions.
     pub exclude_patterns: Vec<String>,
     pub detectors: Vec<Detector>,
+    /// The exclusions read answers too (`cache.exclude.answers`).
+    pub exclude_answers: bool,
     /// Who shares cached answers: a tenant's keys and apps (the default), or
     /// only the requests of one app, or of one key.
     pub isolation: CacheIsolation,

@@ -92,6 +92,31 @@ pub struct PendingInsert {
     pub tasks: TaskTracker,
     /// The fleet, when it shares the cache: the stored entry goes to it.
     pub fleet: Option<Arc<crate::fleet_sync::FleetSync>>,
+    /// `cache.exclude.answers`: the exclusions read the answer too.
+    pub answer_exclusions: Option<Arc<smartllm_cache::Exclusions>>,
+}
+
+/// The words of an answer as the exclusions read them: every choice's
+/// content and tool-call arguments.
+fn answer_text(completion: &str) -> String {
+    let Ok(v) = serde_json::from_str::<Value>(completion) else {
+        return String::new();
+    };
+    let mut text = String::new();
+    for c in v["choices"].as_array().into_iter().flatten() {
+        let m = &c["message"];
+        if let Some(t) = m["content"].as_str() {
+            text.push_str(t);
+            text.push('\n');
+        }
+        for call in m["tool_calls"].as_array().into_iter().flatten() {
+            if let Some(a) = call["function"]["arguments"].as_str() {
+                text.push_str(a);
+                text.push('\n');
+            }
+        }
+    }
+    text
 }
 
 impl PendingInsert {
@@ -113,6 +138,16 @@ impl PendingInsert {
                 pending.fetch_sub(1, Ordering::SeqCst);
                 return;
             };
+            if let Some(rule) = self
+                .answer_exclusions
+                .as_ref()
+                .and_then(|ex| ex.matches(&answer_text(&completion)))
+            {
+                tracing::debug!(rule, "answer not cached: an exclusion rule matches it (cache.exclude.answers)");
+                metrics::cache_not_stored();
+                pending.fetch_sub(1, Ordering::SeqCst);
+                return;
+            }
             match self
                 .cache
                 .insert_asked_at(

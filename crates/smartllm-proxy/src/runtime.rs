@@ -226,7 +226,7 @@ pub struct Runtime {
     /// Model names and route aliases, for error messages and `/v1/models`.
     pub known_models: Vec<String>,
     /// Compiled cache exclusion rules.
-    pub cache_exclusions: smartllm_cache::Exclusions,
+    pub cache_exclusions: Arc<smartllm_cache::Exclusions>,
     /// Virtual keys by the sha256 of the key.
     pub keys: HashMap<[u8; 32], Arc<smartllm_config::VirtualKey>>,
     /// The admin API's token, when one is configured.
@@ -393,11 +393,13 @@ impl Runtime {
         }
         let mut known_models: Vec<String> = config.models.iter().map(|m| m.name.clone()).collect();
         known_models.extend(config.routes.keys().cloned());
-        let cache_exclusions = smartllm_cache::Exclusions::new(
-            &config.cache.exclude_patterns,
-            &config.cache.detectors,
-        )
-        .map_err(PrepareError::Exclusions)?;
+        let cache_exclusions = Arc::new(
+            smartllm_cache::Exclusions::new(
+                &config.cache.exclude_patterns,
+                &config.cache.detectors,
+            )
+            .map_err(PrepareError::Exclusions)?,
+        );
         let keys = config
             .keys
             .keys

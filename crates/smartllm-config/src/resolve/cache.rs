@@ -167,10 +167,12 @@ pub(super) fn resolve_cache(
             "phone" => detectors.push(Detector::Phone),
             "card" => detectors.push(Detector::Card),
             "api_key" => detectors.push(Detector::ApiKey),
+            "ssn" => detectors.push(Detector::Ssn),
+            "iban" => detectors.push(Detector::Iban),
             other => v.push(
                 CACHE_FILE,
                 format!("cache.exclude.detectors[{i}]"),
-                format!("unknown detector {other:?}: use email, phone, card or api_key"),
+                format!("unknown detector {other:?}: use email, phone, card, api_key, ssn or iban"),
             ),
         }
     }
@@ -244,6 +246,7 @@ pub(super) fn resolve_cache(
         encryption_old_key_files,
         exclude_patterns: raw.exclude.patterns,
         detectors,
+        exclude_answers: raw.exclude.answers.unwrap_or(false),
         isolation,
     }
 }
@@ -278,6 +281,7 @@ pub(super) fn unresolved() -> CacheConfig {
         encryption_old_key_files: Vec::new(),
         exclude_patterns: Vec::new(),
         detectors: Vec::new(),
+        exclude_answers: false,
         isolation: crate::CacheIsolation::Tenant,
     }
 }

@@ -232,6 +232,7 @@ pub async fn phase(
         max_pending: cfg.max_pending_inserts,
         tasks: shared.tasks.clone(),
         fleet: shared.fleet_sync.clone(),
+        answer_exclusions: cfg.exclude_answers.then(|| rt.cache_exclusions.clone()),
     };
     if fresh {
         // Fresh answer requested: skip the lookup, refresh the entry. Only
