@@ -164,6 +164,9 @@ pub(crate) fn named_events(r: &Response) -> Vec<(String, Value)> {
 pub(crate) struct Redis {
     pub(crate) port: u16,
     child: Child,
+    /// With TLS: its port, and the CA (`ca.pem`) that signed its
+    /// certificate (for `localhost` and 127.0.0.1), in this directory.
+    pub(crate) tls: Option<(u16, tempfile::TempDir)>,
 }
 
 impl Redis {
@@ -173,6 +176,89 @@ impl Redis {
 
     /// On `port` (a restart after `stop`: empty, nothing is saved).
     pub(crate) fn start_on(port: u16) -> Redis {
+        Self::start_with(port, &[], None)
+    }
+
+    /// With TLS on a second port as well (certificates made with the
+    /// `openssl` CLI, which `make deps` installs).
+    pub(crate) fn start_tls() -> Redis {
+        let certs = tempfile::tempdir().unwrap();
+        let d = certs.path();
+        let openssl = |args: &[&str]| {
+            let out = Command::new("openssl")
+                .args(args)
+                .current_dir(d)
+                .output()
+                .expect("openssl (make deps installs it)");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        openssl(&[
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "ca.key",
+            "-out",
+            "ca.pem",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=e2e redis ca",
+        ]);
+        openssl(&[
+            "req",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            "srv.key",
+            "-out",
+            "srv.csr",
+            "-subj",
+            "/CN=localhost",
+        ]);
+        std::fs::write(d.join("ext"), "subjectAltName=DNS:localhost,IP:127.0.0.1\n").unwrap();
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            "srv.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "srv.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "ext",
+        ]);
+        let tls_port = free_port();
+        let path = |f: &str| d.join(f).display().to_string();
+        let args = [
+            "--tls-port".to_string(),
+            tls_port.to_string(),
+            "--tls-cert-file".to_string(),
+            path("srv.pem"),
+            "--tls-key-file".to_string(),
+            path("srv.key"),
+            "--tls-ca-cert-file".to_string(),
+            path("ca.pem"),
+            "--tls-auth-clients".to_string(),
+            "no".to_string(),
+        ];
+        Self::start_with(free_port(), &args, Some((tls_port, certs)))
+    }
+
+    fn start_with(port: u16, extra: &[String], tls: Option<(u16, tempfile::TempDir)>) -> Redis {
         let dir = tempfile::tempdir().unwrap();
         let child = Command::new("redis-server")
             .args([
@@ -187,11 +273,12 @@ impl Redis {
                 "--dir",
                 &dir.path().display().to_string(),
             ])
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("redis-server is needed for the fleet tests: `make test` installs it (apt-get install redis-server)");
-        let r = Redis { port, child };
+        let r = Redis { port, child, tls };
         assert!(
             wait_until(Duration::from_secs(10), || r.cmd("PING") == "+PONG"),
             "redis-server did not start"

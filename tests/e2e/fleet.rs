@@ -508,3 +508,50 @@ fn a_purge_made_while_redis_wants_a_password_reaches_the_fleet_after() {
         "said once: {log}"
     );
 }
+
+/// `rediss://`: two gateways share their cache through a Redis that speaks
+/// only TLS on the port they are given, trusting its CA through
+/// `fleet.tls_ca_file`; a gateway without that CA (the public roots) cannot
+/// connect, and says so.
+#[test]
+fn a_fleet_shares_its_cache_through_redis_over_tls() {
+    let redis = Redis::start_tls();
+    let (tls_port, certs) = redis.tls.as_ref().unwrap();
+    let url = format!("rediss://localhost:{tls_port}/0");
+    let ca = certs.path().join("ca.pem");
+    let mock = Mock::start(&[]);
+    let tls_node = |ca_line: &str| {
+        let cfg = node_config(&mock, &url, ca_line);
+        Gateway::start(cfg)
+    };
+    let ca_line = format!("  tls_ca_file: {}\n", ca.display());
+    let a = tls_node(&ca_line);
+    let b = tls_node(&ca_line);
+    let first = ask(&a, "key-1", &q("How do I reset my password?"));
+    assert_eq!(cache_header(&first), "miss");
+    assert!(
+        wait_until(Duration::from_secs(5), || entries(&b) >= 1),
+        "the entry did not reach B over TLS: {}",
+        stats(&b)
+    );
+    assert_eq!(
+        cache_header(&ask(&b, "key-1", &q("How do I reset my password?"))),
+        "hit-exact"
+    );
+    assert_eq!(b.metric("smartllm_fleet_redis_up", &[]), 1.0);
+    // Without the CA: the server's certificate is not trusted, and
+    // nothing is shared.
+    let c = tls_node("");
+    assert_eq!(
+        cache_header(&ask(&c, "key-1", &q("How do I reset my password?"))),
+        "miss"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || c
+            .log_text()
+            .contains("UnknownIssuer")),
+        "{}",
+        c.log_text()
+    );
+    assert!(c.metrics().contains("smartllm_fleet_redis_up 0"));
+}

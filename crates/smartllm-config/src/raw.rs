@@ -98,8 +98,12 @@ pub struct RawMetrics {
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFleet {
-    /// `redis://[user:password@]host:port/db` or `redis+unix:///path`; unset = per process.
+    /// `redis://[user:password@]host:port/db`, `rediss://` (TLS) or
+    /// `redis+unix:///path`; unset = per process.
     pub redis: Option<String>,
+    /// PEM CA certificates a `rediss://` server's certificate must chain
+    /// to, instead of the public roots.
+    pub tls_ca_file: Option<String>,
     /// Prefix of every key the gateway writes (several fleets can share one Redis).
     pub key_prefix: Option<String>,
     /// Connect and reply timeout of one Redis call.

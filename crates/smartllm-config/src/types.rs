@@ -73,6 +73,9 @@ pub enum FleetOnError {
 pub struct FleetConfig {
     /// None: every gateway enforces its own limits and budgets.
     pub redis: Option<String>,
+    /// CA certificates (PEM) for a `rediss://` server; None: the public
+    /// roots (Mozilla's, built in).
+    pub tls_ca_file: Option<PathBuf>,
     pub key_prefix: String,
     pub timeout: Duration,
     pub on_error: FleetOnError,
@@ -1328,6 +1331,7 @@ mod tests {
     fn a_redis_address_is_logged_without_its_password() {
         let mut f = crate::FleetConfig {
             redis: Some("redis://:s3cret@10.0.0.5:6379/2".into()),
+            tls_ca_file: None,
             key_prefix: "smartllm".into(),
             timeout: std::time::Duration::from_millis(250),
             on_error: crate::FleetOnError::Local,

@@ -229,7 +229,7 @@ impl FleetSync {
         if !(config.share_cache || config.share_costs) {
             return None;
         }
-        let client = match redis::Client::open(url.as_str()) {
+        let client = match smartllm_quota::fleet::redis_client(config, url) {
             Ok(c) => c,
             Err(e) => {
                 tracing::error!(error = %e, "cannot use fleet.redis; the cache and costs are not shared");
@@ -410,6 +410,9 @@ impl FleetSync {
             },
             Err(e) => Err(e),
         };
+        // The gauge the limits' calls keep too: a fleet that only shares
+        // its cache or costs has it as well.
+        smartllm_quota::metrics::fleet_up(conn.is_ok());
         match conn {
             Ok(c) => {
                 if std::mem::take(down) {
@@ -1485,6 +1488,7 @@ mod tests {
             .expect("redis-server (`make test` installs it)");
         let cfg = FleetConfig {
             redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            tls_ca_file: None,
             key_prefix: "t".into(),
             timeout: Duration::from_millis(500),
             on_error: smartllm_config::FleetOnError::Local,
@@ -1591,6 +1595,7 @@ mod tests {
     fn purges_and_version_changes_are_never_dropped() {
         let cfg = FleetConfig {
             redis: Some("redis://127.0.0.1:1/0".into()),
+            tls_ca_file: None,
             key_prefix: "t".into(),
             timeout: Duration::from_millis(100),
             on_error: smartllm_config::FleetOnError::Local,

@@ -1845,6 +1845,7 @@ mod tests {
         cfg.keys.budgets = vec![b];
         cfg.fleet = FleetConfig {
             redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            tls_ca_file: None,
             key_prefix: "t".into(),
             timeout: std::time::Duration::from_millis(500),
             on_error: FleetOnError::Local,
@@ -1956,6 +1957,7 @@ mod tests {
         cfg.keys.budgets = vec![budget(OnExceed::Reject, None)];
         cfg.fleet = FleetConfig {
             redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            tls_ca_file: None,
             key_prefix: "s".into(),
             timeout: std::time::Duration::from_millis(500),
             on_error: FleetOnError::Local,

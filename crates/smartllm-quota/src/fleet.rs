@@ -212,6 +212,31 @@ pub enum FleetError {
     Protocol(String),
 }
 
+/// A client for the fleet's Redis: `rediss://` over TLS, trusting
+/// `fleet.tls_ca_file`'s certificates when given (else the public roots).
+/// Nothing connects until the first call.
+pub fn redis_client(config: &FleetConfig, url: &str) -> redis::RedisResult<redis::Client> {
+    match &config.tls_ca_file {
+        Some(ca) => {
+            let root_cert = std::fs::read(ca).map_err(|e| {
+                redis::RedisError::from((
+                    redis::ErrorKind::InvalidClientConfig,
+                    "cannot read fleet.tls_ca_file",
+                    format!("{}: {e}", ca.display()),
+                ))
+            })?;
+            redis::Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: Some(root_cert),
+                },
+            )
+        }
+        None => redis::Client::open(url),
+    }
+}
+
 /// One bucket to charge: its id (scope and kind), capacity per minute, cost.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Charge {
@@ -251,7 +276,7 @@ impl Fleet {
         };
         Ok(Some(Fleet {
             config: config.clone(),
-            client: redis::Client::open(url.as_str())?,
+            client: redis_client(config, url)?,
             conn: tokio::sync::OnceCell::new(),
             down_until: Mutex::new(None),
             failing: Mutex::new(None),
@@ -839,6 +864,7 @@ mod tests {
     fn no_url_no_fleet() {
         let cfg = FleetConfig {
             redis: None,
+            tls_ca_file: None,
             key_prefix: "smartllm".into(),
             timeout: Duration::from_millis(100),
             on_error: FleetOnError::Local,
@@ -879,6 +905,7 @@ mod tests {
             .expect("redis-server (`make test` installs it)");
         let cfg = FleetConfig {
             redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            tls_ca_file: None,
             key_prefix: "t".into(),
             timeout: Duration::from_millis(500),
             on_error: FleetOnError::Local,
@@ -966,6 +993,7 @@ mod tests {
         up().await;
         let cfg = FleetConfig {
             redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            tls_ca_file: None,
             key_prefix: "t".into(),
             timeout: Duration::from_millis(500),
             on_error: FleetOnError::Reject,
@@ -1004,6 +1032,7 @@ mod tests {
         };
         let cfg = FleetConfig {
             redis: Some(format!("redis://127.0.0.1:{port}/0")),
+            tls_ca_file: None,
             key_prefix: "t".into(),
             timeout: Duration::from_millis(200),
             on_error: FleetOnError::Local,

@@ -4,17 +4,21 @@
 
 use crate::raw::RawFleet;
 use crate::{FleetConfig, FleetOnError, Issues, MAIN_FILE};
+use std::path::Path;
 use std::time::Duration;
 
-pub(super) fn resolve_fleet(raw: RawFleet, v: &mut Issues<'_>) -> FleetConfig {
+pub(super) fn resolve_fleet(dir: &Path, raw: RawFleet, v: &mut Issues<'_>) -> FleetConfig {
     let redis = raw.redis.filter(|r| !r.trim().is_empty());
     if let Some(url) = &redis {
         use redis::IntoConnectionInfo;
-        if !(url.starts_with("redis://") || url.starts_with("redis+unix://")) {
+        if !(url.starts_with("redis://")
+            || url.starts_with("rediss://")
+            || url.starts_with("redis+unix://"))
+        {
             v.push(
                 MAIN_FILE,
                 "fleet.redis",
-                "must be a redis:// or redis+unix:// URL",
+                "must be a redis://, rediss:// (TLS) or redis+unix:// URL",
             );
         } else if let Err(e) = url.as_str().into_connection_info() {
             // Parsed as the client will: a port out of range would fail
@@ -77,9 +81,26 @@ pub(super) fn resolve_fleet(raw: RawFleet, v: &mut Issues<'_>) -> FleetConfig {
             "must be between 100 and 100000000 entries",
         );
     }
+    let tls_ca_file = raw.tls_ca_file.map(|p| super::relative_to(dir, &p));
+    if let Some(ca) = &tls_ca_file {
+        if !redis.as_deref().is_some_and(|r| r.starts_with("rediss://")) {
+            v.push(
+                MAIN_FILE,
+                "fleet.tls_ca_file",
+                "needs a rediss:// fleet.redis (TLS)",
+            );
+        } else if let Err(e) = std::fs::read(ca) {
+            v.push(
+                MAIN_FILE,
+                "fleet.tls_ca_file",
+                format!("{}: {e}", ca.display()),
+            );
+        }
+    }
     FleetConfig {
         share_costs: raw.share_costs.unwrap_or(redis.is_some()),
         redis,
+        tls_ca_file,
         key_prefix,
         timeout,
         on_error,

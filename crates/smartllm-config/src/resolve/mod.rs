@@ -72,7 +72,7 @@ pub(crate) fn resolve(dir: &Path, digest: String, raw: RawFiles, v: &mut Issues<
     let store = general::resolve_store(main.store, v);
     let admin_token = server::resolve_admin_token(dir, main.admin, server.admin_listen, v);
     let ledger = general::resolve_ledger(main.ledger, v);
-    let fleet = fleet::resolve_fleet(main.fleet, v);
+    let fleet = fleet::resolve_fleet(dir, main.fleet, v);
     let metrics = general::resolve_metrics(main.metrics, v);
     let tracing = tracing::resolve_tracing(main.tracing, v);
     let digest = routes::digest_referenced_files(&digest, &classifier, &resolved_routes, v);
