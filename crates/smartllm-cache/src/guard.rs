@@ -1153,7 +1153,7 @@ static PHONE: LazyLock<Regex> = LazyLock::new(|| {
 static DIGIT_RUN: LazyLock<Regex> =
     LazyLock::new(|| Regex::new(r"(?-u)\d+(?:[ .-]\d+)*").expect("digit run regex"));
 static API_KEY: LazyLock<Regex> = LazyLock::new(|| {
-    Regex::new(r"(?-u)\b(?:sk-[A-Za-z0-9_-]{16,}|sk-ant-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|xox[abpr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35}|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})")
+    Regex::new(r"(?-u)\b(?:(?:sk-[A-Za-z0-9_-]{16,}|sk-ant-[A-Za-z0-9_-]{16,}|AKIA[0-9A-Z]{16}|gh[pousr]_[A-Za-z0-9]{30,}|xox[abpr]-[A-Za-z0-9-]{10,}|AIza[0-9A-Za-z_-]{35})\b|eyJ[A-Za-z0-9_-]{8,}\.eyJ[A-Za-z0-9_-]{8,}\.[A-Za-z0-9_-]{8,})")
         .expect("api key regex")
 });
 
@@ -1179,8 +1179,91 @@ fn has_ssn(text: &str) -> bool {
     })
 }
 
-/// An IBAN whose check digits hold: the country and check digits moved to
-/// the end, letters as 10-35, the number modulo 97 is 1.
+/// IBAN lengths by country (ISO 13616 registry).
+const IBAN_LENGTHS: &[(&[u8; 2], usize)] = &[
+    (b"AD", 24),
+    (b"AE", 23),
+    (b"AL", 28),
+    (b"AT", 20),
+    (b"AZ", 28),
+    (b"BA", 20),
+    (b"BE", 16),
+    (b"BG", 22),
+    (b"BH", 22),
+    (b"BR", 29),
+    (b"BY", 28),
+    (b"CH", 21),
+    (b"CR", 22),
+    (b"CY", 28),
+    (b"CZ", 24),
+    (b"DE", 22),
+    (b"DK", 18),
+    (b"DO", 28),
+    (b"EE", 20),
+    (b"EG", 29),
+    (b"ES", 24),
+    (b"FI", 18),
+    (b"FO", 18),
+    (b"FR", 27),
+    (b"GB", 22),
+    (b"GE", 22),
+    (b"GI", 23),
+    (b"GL", 18),
+    (b"GR", 27),
+    (b"GT", 28),
+    (b"HR", 21),
+    (b"HU", 28),
+    (b"IE", 22),
+    (b"IL", 23),
+    (b"IQ", 23),
+    (b"IS", 26),
+    (b"IT", 27),
+    (b"JO", 30),
+    (b"KW", 30),
+    (b"KZ", 20),
+    (b"LB", 28),
+    (b"LC", 32),
+    (b"LI", 21),
+    (b"LT", 20),
+    (b"LU", 20),
+    (b"LV", 21),
+    (b"MC", 27),
+    (b"MD", 24),
+    (b"ME", 22),
+    (b"MK", 19),
+    (b"MR", 27),
+    (b"MT", 31),
+    (b"MU", 30),
+    (b"NL", 18),
+    (b"NO", 15),
+    (b"PK", 24),
+    (b"PL", 28),
+    (b"PS", 29),
+    (b"PT", 25),
+    (b"QA", 29),
+    (b"RO", 24),
+    (b"RS", 22),
+    (b"SA", 24),
+    (b"SC", 31),
+    (b"SE", 24),
+    (b"SI", 19),
+    (b"SK", 24),
+    (b"SM", 27),
+    (b"ST", 25),
+    (b"SV", 28),
+    (b"TL", 23),
+    (b"TN", 24),
+    (b"TR", 26),
+    (b"UA", 29),
+    (b"VA", 22),
+    (b"VG", 24),
+    (b"XK", 20),
+];
+
+/// An IBAN whose check digits hold: as long as its country's, and with the
+/// country and check digits moved to the end and letters as 10-35, the
+/// number modulo 97 is 1. The pattern may take a word after it ("...3201
+/// and"), so the IBAN is read up to the length its country gives.
 fn has_iban(text: &str) -> bool {
     IBAN.find_iter(text).any(|m| {
         let compact: Vec<u8> = m
@@ -1189,11 +1272,14 @@ fn has_iban(text: &str) -> bool {
             .filter(|b| *b != b' ')
             .map(|b| b.to_ascii_uppercase())
             .collect();
-        if !(15..=34).contains(&compact.len()) {
+        let Some(&(_, len)) = IBAN_LENGTHS.iter().find(|(c, _)| c[..] == compact[..2]) else {
             return false;
-        }
+        };
+        let Some(iban) = compact.get(..len) else {
+            return false;
+        };
         let mut rem = 0u32;
-        for b in compact[4..].iter().chain(&compact[..4]) {
+        for b in iban[4..].iter().chain(&iban[..4]) {
             rem = match b {
                 b'0'..=b'9' => (rem * 10 + u32::from(b - b'0')) % 97,
                 b'A'..=b'Z' => (rem * 100 + u32::from(b - b'A' + 10)) % 97,
@@ -2029,6 +2115,8 @@ mod tests {
             "IBAN DE89 3704 0044 0532 0130 00",
             "pay to gb82west12345698765432 today",
             "NL91ABNA0417164300",
+            "IBAN AT61 1904 3002 3457 3201 and more",
+            "BE68539007547034 is mine",
         ] {
             assert!(more.matches(text).is_some(), "{text}");
         }

@@ -897,8 +897,14 @@ impl AdminApp {
         };
         // A tenant's erasure also takes the Responses API conversations
         // this gateway keeps for it (with the cache off too).
+        // With the store off now (`store.responses: false`), what it kept
+        // before is still in the data dir: removed all the same.
         let responses = match &what {
-            Purge::Tenant(t) => self.shared.responses.clone().map(|r| (r, t.clone())),
+            Purge::Tenant(t) => match (&self.shared.responses, &self.shared.components.store) {
+                (Some(r), _) => Some((Ok(r.clone()), t.clone())),
+                (None, Some(store)) => Some((Err(store.clone()), t.clone())),
+                (None, None) => None,
+            },
             _ => None,
         };
         let cache = self.shared.cache.clone();
@@ -962,20 +968,27 @@ impl AdminApp {
                 Some(c) => c.purge_at(&what, issued).map_err(|e| e.to_string())?,
                 None => 0,
             };
-            let kept = match responses {
-                Some((r, tenant)) => Some(r.purge_tenant(&tenant).map_err(|e| e.to_string())?),
-                None => None,
-            };
+            // The cache's part is done: whatever becomes of this one, the
+            // fleet is told (below) and the reply says what failed.
+            let kept = responses.map(|(r, tenant)| {
+                match r {
+                    Ok(r) => r
+                        .purge_tenant_at(&tenant, issued)
+                        .map(Option::unwrap_or_default),
+                    Err(store) => crate::responses_store::purge_tenant_records(&store, &tenant),
+                }
+                .map_err(|e| e.to_string())
+            });
             Ok::<_, String>((n, kept))
         })
         .await;
         match purged {
-            Ok(Ok((0, None | Some(0)))) if unknown_route.is_some() => json_reply(
+            Ok(Ok((0, None | Some(Ok(0))))) if unknown_route.is_some() => json_reply(
                 404,
                 &json!({"error": {"message": unknown_route, "type": "invalid_request_error", "param": unknown_param.0, "code": unknown_param.1}}),
             ),
             Ok(Ok((n, kept))) => {
-                tracing::info!(purge = %label, removed = n, stored_responses_removed = kept, "cache purged");
+                tracing::info!(purge = %label, removed = n, stored_responses_removed = ?kept, "cache purged");
                 // The fleet's share: queued for its Redis (never dropped).
                 let fleet = match &self.shared.fleet_sync {
                     Some(fleet) if fleet.shares_cache() => {
@@ -985,14 +998,22 @@ impl AdminApp {
                     _ => "not_shared",
                 };
                 let mut reply = json!({"result": "purged", "removed": n, "fleet": fleet});
-                if let Some(kept) = kept {
-                    reply["stored_responses_removed"] = json!(kept);
-                }
                 if is_tenant {
                     // An erasure: the deleted values leave the disk's files
                     // now, not whenever RocksDB would compact them.
                     crate::erase_from_disk(&self.shared);
                     reply["disk"] = json!("compacting");
+                }
+                match kept {
+                    Some(Ok(kept)) => reply["stored_responses_removed"] = json!(kept),
+                    Some(Err(e)) => {
+                        tracing::error!(purge = %label, error = %e, "the purge removed the cache entries but not the stored responses");
+                        return json_reply(
+                            500,
+                            &json!({"error": {"message": format!("the cache entries were purged ({n}), and the fleet told, but removing the stored responses failed: {e}; run the purge again"), "type": "server_error", "param": null, "code": "purge_failed"}}),
+                        );
+                    }
+                    None => {}
                 }
                 json_reply(200, &reply)
             }

@@ -109,8 +109,9 @@ fn answer_text(completion: &str) -> String {
             text.push_str(t);
             text.push('\n');
         }
-        for call in m["tool_calls"].as_array().into_iter().flatten() {
-            if let Some(a) = call["function"]["arguments"].as_str() {
+        let calls = m["tool_calls"].as_array().into_iter().flatten();
+        for f in calls.map(|c| &c["function"]).chain([&m["function_call"]]) {
+            if let Some(a) = f["arguments"].as_str() {
                 text.push_str(a);
                 text.push('\n');
             }

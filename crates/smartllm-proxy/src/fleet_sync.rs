@@ -892,7 +892,7 @@ impl FleetSync {
                 let purged = tokio::task::spawn_blocking(move || {
                     let n = c.purge_from_fleet(&what, issued)?;
                     if let Some((r, tenant)) = responses {
-                        if let Err(e) = r.purge_tenant(&tenant) {
+                        if let Err(e) = r.purge_tenant_at(&tenant, issued) {
                             tracing::error!(error = %e, "a tenant purge from the fleet could not remove the tenant's stored responses");
                         }
                     }
@@ -934,6 +934,7 @@ impl FleetSync {
         &self,
         conn: &mut MultiplexedConnection,
         cache: &Arc<SemanticCache>,
+        shared: &Shared,
     ) -> redis::RedisResult<u64> {
         // The fleet's purges first: an entry in the snapshot from before one
         // that covers it (written back by a gateway's backlog) stays out.
@@ -947,12 +948,28 @@ impl FleetSync {
             .collect();
         if !known.is_empty() {
             let c = cache.clone();
-            let _ = tokio::task::spawn_blocking(move || {
+            let responses = shared.responses.clone();
+            let erased = tokio::task::spawn_blocking(move || {
+                let mut erased = false;
                 for (what, at) in &known {
                     c.remember_fleet_purge(what, *at);
+                    // A tenant's erasure this gateway missed (the stream
+                    // trimmed past it): its stored responses go too, once
+                    // (the store notes the purges it applied).
+                    if let (Purge::Tenant(t), Some(r)) = (what, &responses) {
+                        match r.purge_tenant_at(t, *at) {
+                            Ok(Some(n)) if n > 0 => erased = true,
+                            Ok(_) => {}
+                            Err(e) => tracing::error!(error = %e, "a tenant purge of the fleet's record could not remove the tenant's stored responses"),
+                        }
+                    }
                 }
+                erased
             })
             .await;
+            if erased.unwrap_or(false) {
+                crate::erase_from_disk(shared);
+            }
         }
         let pattern = self.entry_pattern(None);
         let mut cursor = 0u64;
@@ -983,6 +1000,7 @@ impl FleetSync {
         conn: &mut MultiplexedConnection,
         cache: &Arc<SemanticCache>,
         saved: Option<Position>,
+        shared: &Shared,
     ) -> redis::RedisResult<Position> {
         let stream = self.stream_key();
         if let Some((id, seq)) = &saved {
@@ -1028,7 +1046,7 @@ impl FleetSync {
                 _ => tracing::warn!("clearing the local cache before the fleet snapshot failed"),
             }
         }
-        let n = self.load_snapshot(conn, cache).await?;
+        let n = self.load_snapshot(conn, cache, shared).await?;
         tracing::info!(
             entries = n,
             behind = saved.is_some(),
@@ -1067,7 +1085,10 @@ impl FleetSync {
                     continue 'connect;
                 }
             };
-            let mut pos = match self.catch_up(&mut conn, &cache, saved.clone()).await {
+            let mut pos = match self
+                .catch_up(&mut conn, &cache, saved.clone(), &shared)
+                .await
+            {
                 Ok(p) => p,
                 Err(e) => {
                     tracing::warn!(error = %e, "fleet cache catch-up failed; retrying");

@@ -66,14 +66,20 @@ pub(crate) fn erase_from_disk(shared: &Shared) {
     let Some(store) = shared.components.store.clone() else {
         return;
     };
+    let cache = shared.cache.clone();
     tokio::task::spawn_blocking(move || {
         let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
         let started = std::time::Instant::now();
+        // The saved index file holds the purged vectors too: saved again
+        // without them.
+        if let Some(Err(e)) = cache.map(|c| c.persist()) {
+            tracing::warn!(error = %e, "saving the cache index after a purge failed; the saved file keeps the purged vectors until the next save");
+        }
         use smartllm_store::{CF_ENTRIES, CF_EXACT, CF_RESPONSES, CF_VECTORS};
         match store.compact_deleted(&[CF_ENTRIES, CF_VECTORS, CF_EXACT, CF_RESPONSES]) {
             Ok(()) => tracing::info!(
                 ms = started.elapsed().as_millis() as u64,
-                "purged entries compacted away: no file of the data dir holds them any more"
+                "after the purge: index saved again, store flushed and compacted (the purged entries are rewritten out of its files)"
             ),
             Err(e) => {
                 tracing::error!(error = %e, "compacting after a purge failed; the purged entries are unreadable through the gateway but stay in the data dir's files until RocksDB compacts them")

@@ -40,6 +40,7 @@ use serde_json::Value;
 use smartllm_cache::Codec;
 use smartllm_protocol::responses::StoredResponse;
 use smartllm_store::{Store, CF_RESPONSES};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -140,6 +141,9 @@ struct Pending {
     /// What that response continues.
     link: Option<Arc<Link>>,
     deleted: bool,
+    /// When the request that made a save started (milliseconds): a save
+    /// from before a purge of its tenant is not written.
+    asked_ms: u64,
 }
 
 /// The prefix of the keys noting, one per child, which responses link to
@@ -185,6 +189,10 @@ struct Op {
 struct Shared {
     /// How long a kept response lives, in seconds (`store.responses_ttl`).
     ttl: u64,
+    /// The last purge of each tenant (milliseconds), as kept in `meta`:
+    /// a save asked for before it is dropped, and a purge the fleet sends
+    /// again is not applied twice.
+    purged: Mutex<HashMap<String, u64>>,
     pending: DashMap<Vec<u8>, Pending>,
     /// Taken (by key hash) around checking and doing an operation, only on
     /// the writer and blocking threads: two of them never do the same key
@@ -201,6 +209,7 @@ impl Default for Shared {
     fn default() -> Self {
         Self {
             ttl: TTL_SECS,
+            purged: Mutex::new(HashMap::new()),
             pending: DashMap::new(),
             stripes: std::array::from_fn(|_| Mutex::new(())),
             links: Mutex::new(()),
@@ -215,6 +224,20 @@ impl Shared {
 }
 
 impl Shared {
+    /// Was the tenant whose key `k` is (or whose provider-kept markers)
+    /// purged after `asked_ms`?
+    fn purged_since(&self, k: &[u8], asked_ms: u64) -> bool {
+        let Some(tenant) = tenant_of(k) else {
+            return false;
+        };
+        let tenant = tenant.strip_suffix(NATIVE).unwrap_or(tenant);
+        self.purged
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(tenant)
+            .is_some_and(|at| asked_ms < *at)
+    }
+
     fn stripe(&self, key: &[u8]) -> MutexGuard<'_, ()> {
         let i = self.pending.hash_usize(&key) % STRIPES;
         self.stripes[i].lock().unwrap_or_else(|e| e.into_inner())
@@ -258,6 +281,7 @@ impl ResponsesStore {
         let (tx, rx) = mpsc::channel(queue);
         let shared = Arc::new(Shared {
             ttl,
+            purged: Mutex::new(purge_marks(&store)),
             ..Shared::default()
         });
         let codec = Arc::new(codec);
@@ -331,18 +355,21 @@ impl ResponsesStore {
 
     /// Keep `stored` for `tenant` (off the request path; failures are logged).
     pub fn save(&self, tasks: &TaskTracker, tenant: &str, stored: StoredResponse) {
-        self.save_linked(tasks, tenant, stored, None);
+        self.save_linked(tasks, tenant, stored, None, smartllm_cache::now_ms());
     }
 
     /// [`ResponsesStore::save`] a response that continues `link` (its
     /// conversation then starts with the `link.prefix` messages of the
     /// parent's): kept as what it adds.
+    /// `asked_ms`: when its request started (a purge of the tenant since
+    /// then drops it).
     pub fn save_linked(
         &self,
         tasks: &TaskTracker,
         tenant: &str,
         stored: StoredResponse,
         link: Option<Link>,
+        asked_ms: u64,
     ) {
         let link = link
             .filter(|l| l.prefix <= stored.messages.len())
@@ -353,6 +380,7 @@ impl ResponsesStore {
             Some(Arc::new(stored)),
             link,
             false,
+            asked_ms,
         );
     }
 
@@ -360,7 +388,7 @@ impl ResponsesStore {
     /// response `id` (kept as long as a stored conversation): only `tenant`
     /// may continue it (`previous_response_id`), and on that provider (its
     /// account keeps the conversation).
-    pub fn own(&self, tasks: &TaskTracker, tenant: &str, id: &str, provider: &str) {
+    pub fn own(&self, tasks: &TaskTracker, tenant: &str, id: &str, provider: &str, asked_ms: u64) {
         let marker = StoredResponse {
             response: serde_json::json!({"id": id, "object": "response", "provider": provider}),
             messages: Vec::new(),
@@ -371,6 +399,7 @@ impl ResponsesStore {
             Some(Arc::new(marker)),
             None,
             false,
+            asked_ms,
         );
     }
 
@@ -391,7 +420,7 @@ impl ResponsesStore {
         if self.response(tenant, id).await.is_none() {
             return false;
         }
-        self.queue(tasks, key(tenant, id), None, None, true);
+        self.queue(tasks, key(tenant, id), None, None, true, u64::MAX);
         true
     }
 
@@ -402,6 +431,7 @@ impl ResponsesStore {
         stored: Option<Arc<StoredResponse>>,
         link: Option<Arc<Link>>,
         deleted: bool,
+        asked_ms: u64,
     ) {
         // Where the operation goes (the writer's queue; past it, or with the
         // writer gone, the blocking pool, where a save needs room) is
@@ -441,6 +471,7 @@ impl ResponsesStore {
                 stored,
                 link,
                 deleted,
+                asked_ms,
             },
         );
         let op = Op {
@@ -462,12 +493,32 @@ impl ResponsesStore {
     }
 
     /// Remove every response kept for `tenant`, its markers of
-    /// provider-kept responses included (a tenant's erasure); how many
-    /// responses were kept. Operations queued before it come to nothing; a
-    /// save queued after it stores its response as usual. Blocking: run it
-    /// on the blocking pool.
-    pub fn purge_tenant(&self, tenant: &str) -> Result<u64, smartllm_store::StoreError> {
+    /// provider-kept responses included (a tenant's erasure), for a purge
+    /// issued at `at_ms`; how many responses were kept (None: a purge at
+    /// or after it was applied here already, as the fleet's record says
+    /// again to a gateway that loads its snapshot). Operations queued before
+    /// it come to nothing, and a save asked for before it is not written
+    /// whenever it comes; later ones are kept as usual. Blocking: run it on
+    /// the blocking pool.
+    pub fn purge_tenant_at(
+        &self,
+        tenant: &str,
+        at_ms: u64,
+    ) -> Result<Option<u64>, smartllm_store::StoreError> {
         let shared = &self.shared;
+        {
+            // Noted first: a save checks it under its key's stripe, taken
+            // below before anything is removed.
+            let mut purged = shared.purged.lock().unwrap_or_else(|e| e.into_inner());
+            if purged.get(tenant).is_some_and(|t| *t >= at_ms) {
+                return Ok(None);
+            }
+            let mut mark = PURGE_MARK.to_vec();
+            mark.extend_from_slice(tenant.as_bytes());
+            self.store
+                .put(smartllm_store::CF_META, &mark, &at_ms.to_be_bytes())?;
+            purged.insert(tenant.to_string(), at_ms);
+        }
         // Every stripe, in order (an operation holds one at a time, and
         // `links` after it): none is being done meanwhile, and each queued
         // one finds its key no longer pending and does nothing.
@@ -481,14 +532,13 @@ impl ResponsesStore {
         shared
             .pending
             .retain(|k, _| !k.starts_with(&own) && !k.starts_with(&markers));
-        // A response's own record counts, not the notes of links to it
-        // (`\0linked` after its id).
-        let removed = self
-            .store
-            .delete_prefix(CF_RESPONSES, &own, |k| !k[own.len()..].contains(&0))?;
-        self.store
-            .delete_prefix(CF_RESPONSES, &markers, |_| false)?;
-        Ok(removed)
+        purge_tenant_records(&self.store, tenant).map(Some)
+    }
+
+    /// [`ResponsesStore::purge_tenant_at`] now.
+    pub fn purge_tenant(&self, tenant: &str) -> Result<u64, smartllm_store::StoreError> {
+        self.purge_tenant_at(tenant, smartllm_cache::now_ms())
+            .map(Option::unwrap_or_default)
     }
 
     /// Seal with the current key (`cache.encryption_key_file`) what was
@@ -517,7 +567,9 @@ impl ResponsesStore {
             it.next();
             // No operation on the key runs meanwhile: one done since the
             // read wrote its own (current) form, which is left as it is.
+            // (And no removal up a conversation, which holds `links`.)
             let _stripe = self.shared.stripe(&k);
+            let _links = self.shared.links();
             let Some(now) = self.store.get(CF_RESPONSES, &k)? else {
                 continue;
             };
@@ -562,6 +614,12 @@ fn apply(store: &Store, codec: &Codec, shared: &Shared, op: Op) {
     };
     if p.seq != op.seq {
         // A newer operation on the key is queued behind this one.
+        return;
+    }
+    // Asked for before its tenant's purge (which holds every stripe while
+    // it removes, and notes its time first): not written.
+    if !p.deleted && p.stored.is_some() && shared.purged_since(&op.key, p.asked_ms) {
+        pending.remove_if(&op.key, |_, cur| cur.seq == op.seq);
         return;
     }
     #[cfg(test)]
@@ -882,7 +940,55 @@ fn read_chain(
 /// The key space of `tenant`'s markers of provider-kept responses (a
 /// tenant's name has no NUL, so no tenant's own conversations are here).
 fn owner(tenant: &str) -> String {
-    format!("{tenant}\0native")
+    format!("{tenant}{NATIVE}")
+}
+
+/// What [`owner`] adds to a tenant's name.
+const NATIVE: &str = "\0native";
+
+/// The tenant (as keyed: with [`NATIVE`] for markers) whose key `k` is.
+fn tenant_of(k: &[u8]) -> Option<&str> {
+    let len = u32::from_be_bytes(k.get(..4)?.try_into().ok()?) as usize;
+    std::str::from_utf8(k.get(4..4 + len)?).ok()
+}
+
+/// Where the last purge of a tenant is noted in `meta`.
+const PURGE_MARK: &[u8] = b"responses.purged.";
+
+/// Every tenant's last purge, as noted in `meta`.
+fn purge_marks(store: &Store) -> HashMap<String, u64> {
+    let mut marks = HashMap::new();
+    let db = store.db();
+    let Some(cf) = db.cf_handle(smartllm_store::CF_META) else {
+        return marks;
+    };
+    let mut it = db.raw_iterator_cf(&cf);
+    it.seek(PURGE_MARK);
+    while let (Some(k), Some(v)) = (it.key(), it.value()) {
+        let Some(tenant) = k.strip_prefix(PURGE_MARK) else {
+            break;
+        };
+        if let (Ok(t), Ok(at)) = (std::str::from_utf8(tenant), <[u8; 8]>::try_from(v)) {
+            marks.insert(t.to_string(), u64::from_be_bytes(at));
+        }
+        it.next();
+    }
+    marks
+}
+
+/// Remove every response kept for `tenant` and its markers of
+/// provider-kept responses from `store` as it is (for a gateway whose
+/// store is off now: `store.responses: false`); how many responses.
+pub fn purge_tenant_records(
+    store: &Store,
+    tenant: &str,
+) -> Result<u64, smartllm_store::StoreError> {
+    let (own, markers) = (key(tenant, ""), key(&owner(tenant), ""));
+    // A response's own record counts, not the notes of links to it
+    // (`\0linked` after its id).
+    let removed = store.delete_prefix(CF_RESPONSES, &own, |k| !k[own.len()..].contains(&0))?;
+    store.delete_prefix(CF_RESPONSES, &markers, |_| false)?;
+    Ok(removed)
 }
 
 #[cfg(test)]
@@ -1029,7 +1135,7 @@ mod tests {
             prefix: p.messages.len(),
             chain: *chain,
         });
-        rs.save_linked(tasks, "t", stored, link);
+        rs.save_linked(tasks, "t", stored, link, smartllm_cache::now_ms());
     }
 
     /// After a key rotation, kept conversations sealed with the old key, and
@@ -1134,7 +1240,13 @@ mod tests {
             settle(&rs).await;
             prev = rs.load_chain("t", &id).await;
         }
-        rs.own(&tasks, "t", "resp_native", "openai");
+        rs.own(
+            &tasks,
+            "t",
+            "resp_native",
+            "openai",
+            smartllm_cache::now_ms(),
+        );
         rs.save(&tasks, "tt", stored("resp_0", "another tenant's"));
         settle(&rs).await;
         // One more, still queued when the purge comes.
@@ -1162,6 +1274,34 @@ mod tests {
         rs.save(&tasks, "t", stored("resp_new", "after"));
         settle(&rs).await;
         assert!(rs.load("t", "resp_new").await.is_some());
+        // A request that started before the purge and answers after it
+        // keeps nothing (its conversation would bring the erased turns
+        // back); nor does its provider's marker. Still so after a restart.
+        let before = smartllm_cache::now_ms() - 60_000;
+        let late = |rs: &ResponsesStore| {
+            rs.save_linked(
+                &tasks,
+                "t",
+                stored("resp_late", "erased turns"),
+                None,
+                before,
+            );
+            rs.own(&tasks, "t", "resp_late_native", "openai", before);
+        };
+        late(&rs);
+        settle(&rs).await;
+        assert!(rs.load("t", "resp_late").await.is_none());
+        assert!(rs.owner_of("t", "resp_late_native").await.is_none());
+        let again = ResponsesStore::start(store.clone(), Codec::plain()).unwrap();
+        late(&again);
+        settle(&again).await;
+        assert!(again.load("t", "resp_late").await.is_none());
+        // The fleet's record of an older purge, applied again: nothing.
+        assert_eq!(
+            tokio::task::block_in_place(|| again.purge_tenant_at("t", before)).unwrap(),
+            None
+        );
+        assert!(again.load("t", "resp_new").await.is_some());
         assert_eq!(
             tokio::task::block_in_place(|| rs.purge_tenant("t")).unwrap(),
             1

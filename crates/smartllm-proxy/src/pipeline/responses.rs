@@ -91,7 +91,7 @@ pub fn own(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, id: &str) {
     let stored = req.responses.as_deref().is_some_and(|r| r.store);
     if let (true, Some(store)) = (stored, &shared.responses) {
         let provider = ctx.provider.clone().unwrap_or_default();
-        store.own(&shared.tasks, &ctx.tenant, id, &provider);
+        store.own(&shared.tasks, &ctx.tenant, id, &provider, asked_ms(ctx));
         if let Some(fleet) = ctx
             .rt
             .as_ref()
@@ -232,6 +232,12 @@ pub async fn input_items(
     Ok(())
 }
 
+/// When the request started, in milliseconds: a tenant purge since then
+/// drops what it would keep.
+fn asked_ms(ctx: &Ctx) -> u64 {
+    smartllm_cache::now_ms().saturating_sub(ctx.start.elapsed().as_millis() as u64)
+}
+
 /// Keep an answered response (`store` not false) for `GET` and
 /// `previous_response_id`, off the request path.
 pub fn keep(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, response: &Value) {
@@ -254,7 +260,7 @@ pub fn keep(shared: &Shared, ctx: &Ctx, req: &ParsedRequest, response: &Value) {
                     chain,
                 });
             if let Some(r) = &shared.responses {
-                r.save_linked(&shared.tasks, &ctx.tenant, stored, link);
+                r.save_linked(&shared.tasks, &ctx.tenant, stored, link, asked_ms(ctx));
             }
         }
         Err(e) => tracing::debug!(request_id = %ctx.request_id, error = %e, "response not kept"),
