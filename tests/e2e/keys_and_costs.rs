@@ -433,6 +433,18 @@ fn keys_create_prints_a_key_once_that_a_running_gateway_accepts() {
     assert!(answers_within(&gw, &key, 401), "{}", gw.log_text());
     assert_eq!(ask(&gw, &rotated, &chat_body("small", "hi")).status, 200);
     let key = rotated;
+    // Revoked during an incident in which another file is broken (a typo
+    // in models.yaml, so the directory is rejected): keys.yaml is written
+    // all the same and the running gateway applies it on its own.
+    let models = std::fs::read_to_string(dir.join("models.yaml")).unwrap();
+    std::fs::write(
+        dir.join("models.yaml"),
+        models.replace("provider: mock", "provider: mocq"),
+    )
+    .unwrap();
+    assert!(wait_until(Duration::from_secs(20), || gw
+        .metric("smartllm_config_last_reload_successful", &[])
+        == 0.0));
     // Revoked: gone from the file (the rest kept) and refused after the reload.
     let out = smartllm_cli(&["keys", "revoke", "ci-bot"], &dir);
     assert!(
@@ -440,6 +452,7 @@ fn keys_create_prints_a_key_once_that_a_running_gateway_accepts() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    assert!(String::from_utf8_lossy(&out.stderr).contains("other files"));
     let after = std::fs::read_to_string(dir.join("keys.yaml")).unwrap();
     assert!(
         !after.contains("ci-bot") && after.contains("alice"),
@@ -450,6 +463,16 @@ fn keys_create_prints_a_key_once_that_a_running_gateway_accepts() {
         ask(&gw, "sk-alice-1", &chat_body("small", "hi")).status,
         200
     );
+    assert!(gw.log_text().contains("keys.yaml applied on its own"));
+    // The rest stays rejected until fixed.
+    assert_eq!(
+        gw.metric("smartllm_config_last_reload_successful", &[]),
+        0.0
+    );
+    std::fs::write(dir.join("models.yaml"), &models).unwrap();
+    assert!(wait_until(Duration::from_secs(20), || gw
+        .metric("smartllm_config_last_reload_successful", &[])
+        == 1.0));
     // A name that is not there: an error, the file unchanged.
     let out = smartllm_cli(&["keys", "revoke", "ci-bot"], &dir);
     assert!(!out.status.success());

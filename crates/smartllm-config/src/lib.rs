@@ -29,8 +29,9 @@ pub mod watch;
 
 pub use error::{ConfigError, ConfigIssue, UnitError, UrlError};
 pub use load::{
-    layout_warnings, load_dir, load_texts, parse_profiles_file, CACHE_FILE, FILES, KEYS_FILE,
-    MAIN_FILE, MODELS_FILE, PROFILES_FILE, PROVIDERS_FILE, ROUTES_FILE,
+    layout_warnings, load_dir, load_for_reload, load_texts, parse_profiles_file, read_texts,
+    ReloadLoad, CACHE_FILE, FILES, KEYS_FILE, MAIN_FILE, MODELS_FILE, PROFILES_FILE,
+    PROVIDERS_FILE, ROUTES_FILE,
 };
 pub use locate::locate;
 pub use resolve::{

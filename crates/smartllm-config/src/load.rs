@@ -264,6 +264,11 @@ pub fn parse_profiles_file(dir: &Path, text: &str) -> Result<RawMeasuredProfiles
 
 /// Read, parse and validate a config directory.
 pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
+    load_texts(dir, read_texts(dir)?)
+}
+
+/// The texts of a config directory's files (those that are there).
+pub fn read_texts(dir: &Path) -> Result<BTreeMap<&'static str, String>, ConfigError> {
     let mut texts: BTreeMap<&'static str, String> = BTreeMap::new();
     let mut issues = Vec::new();
     for file in FILES {
@@ -284,7 +289,75 @@ pub fn load_dir(dir: &Path) -> Result<Config, ConfigError> {
     if !issues.is_empty() {
         return Err(ConfigError { issues });
     }
-    load_texts(dir, texts)
+    Ok(texts)
+}
+
+/// What a reload found: the directory as it is, or (`keys_only`) the last
+/// good texts with only the new keys.yaml, while the other files are
+/// rejected for `rejected`.
+pub enum ReloadLoad {
+    Whole(Config, BTreeMap<&'static str, String>),
+    KeysOnly {
+        config: Config,
+        texts: BTreeMap<&'static str, String>,
+        rejected: ConfigError,
+    },
+}
+
+/// Load a config directory for a reload, against the texts of the last
+/// config that loaded (`last_good`):
+/// - a file that had content and is now empty or gone is an error (a
+///   truncated or interrupted write would drop every model or route);
+/// - when the directory is rejected but keys.yaml changed, keys.yaml alone
+///   is tried with the other files as they last loaded, so revoking a key
+///   never waits for another file's fix.
+pub fn load_for_reload(
+    dir: &Path,
+    last_good: Option<BTreeMap<&'static str, String>>,
+) -> Result<ReloadLoad, ConfigError> {
+    let texts = read_texts(dir)?;
+    let emptied: Vec<ConfigIssue> = last_good
+        .iter()
+        .flatten()
+        .filter(|(f, old)| {
+            **f != KEYS_FILE
+                && !old.trim().is_empty()
+                && texts.get(*f).is_none_or(|t| t.trim().is_empty())
+        })
+        .map(|(f, _)| ConfigIssue {
+            file: dir.join(f),
+            path: String::new(),
+            line: None,
+            message: "is empty or gone, where it held settings before (a truncated or interrupted write?): the running config stays; to remove everything in it, write its top-level key with an empty value (`routes: {}`, `models: []`)".into(),
+        })
+        .collect();
+    let whole = if emptied.is_empty() {
+        load_texts(dir, texts.clone())
+    } else {
+        Err(ConfigError { issues: emptied })
+    };
+    let rejected = match whole {
+        Ok(c) => return Ok(ReloadLoad::Whole(c, texts)),
+        Err(e) => e,
+    };
+    let Some(mut last) = last_good else {
+        return Err(rejected);
+    };
+    if texts.get(KEYS_FILE) == last.get(KEYS_FILE) {
+        return Err(rejected);
+    }
+    match texts.get(KEYS_FILE) {
+        Some(k) => last.insert(KEYS_FILE, k.clone()),
+        None => last.remove(KEYS_FILE),
+    };
+    match load_texts(dir, last.clone()) {
+        Ok(config) => Ok(ReloadLoad::KeysOnly {
+            config,
+            texts: last,
+            rejected,
+        }),
+        Err(_) => Err(rejected),
+    }
 }
 
 /// Validates config files given as text (file name to contents), as
@@ -380,6 +453,62 @@ mod tests {
         );
         assert!(serves("strict-chat", Chat) && !serves("strict-chat", Embedding));
         assert!(!serves("e5", Chat) && serves("e5", Embedding));
+    }
+
+    /// A reload against the last good texts: a file emptied is an error,
+    /// and with another file broken a changed keys.yaml loads on its own.
+    #[test]
+    fn a_reload_refuses_emptied_files_and_applies_keys_on_their_own() {
+        let keys = |k: &str| {
+            format!(
+                "require_key: true\nkeys:\n  - name: {k}\n    tenant: t\n    sha256: {}\n",
+                "ab".repeat(32)
+            )
+        };
+        let routes = "routes:\n  auto:\n    model: small\n";
+        let dir = write_dir(&[
+            (MAIN_FILE, ""),
+            (PROVIDERS_FILE, PROVIDERS),
+            (MODELS_FILE, MODELS),
+            (ROUTES_FILE, routes),
+            (KEYS_FILE, &keys("a")),
+        ]);
+        let good = read_texts(dir.path()).unwrap();
+        let write = |f: &str, t: &str| std::fs::write(dir.path().join(f), t).unwrap();
+        write(ROUTES_FILE, "");
+        let err = match load_for_reload(dir.path(), Some(good.clone())) {
+            Err(e) => e.to_string(),
+            Ok(_) => panic!("an emptied routes.yaml loaded"),
+        };
+        assert!(err.contains("routes.yaml: is empty or gone"), "{err}");
+        // Meant: an empty value.
+        write(ROUTES_FILE, "routes: {}\n");
+        match load_for_reload(dir.path(), Some(good.clone())) {
+            Ok(ReloadLoad::Whole(..)) => {}
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("not whole"),
+        }
+        write(ROUTES_FILE, routes);
+        // models.yaml broken: the same keys are no reason to load anything...
+        write(
+            MODELS_FILE,
+            &MODELS.replace("provider: mock", "provider: mocq"),
+        );
+        assert!(load_for_reload(dir.path(), Some(good.clone())).is_err());
+        // ...new ones load on their own, over the other files as they were.
+        write(KEYS_FILE, &keys("b"));
+        match load_for_reload(dir.path(), Some(good.clone())) {
+            Ok(ReloadLoad::KeysOnly {
+                config, rejected, ..
+            }) => {
+                assert_eq!(config.keys.keys[0].name, "b");
+                assert!(config.model("small").is_some());
+                assert!(rejected.to_string().contains("mocq"), "{rejected}");
+            }
+            _ => panic!("keys.yaml did not load on its own"),
+        }
+        // Without a baseline (no reload yet): rejected as a whole.
+        assert!(load_for_reload(dir.path(), None).is_err());
     }
 
     /// A bracket left open swallows the lines after it: the error says

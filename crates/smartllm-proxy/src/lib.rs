@@ -124,6 +124,9 @@ pub struct Shared {
     pub in_flight: Arc<std::sync::atomic::AtomicUsize>,
     /// Set on SIGTERM: not ready, new requests get 503.
     pub draining: std::sync::atomic::AtomicBool,
+    /// The texts of the config directory as it last loaded (a reload's
+    /// baseline: emptied files, keys.yaml applied on its own).
+    pub config_texts: std::sync::Mutex<Option<std::collections::BTreeMap<&'static str, String>>>,
     /// SIGTERM came: not ready (`/readyz` 503), though requests are still
     /// served until `server.drain_delay` has passed and `draining` is set.
     pub stopping: std::sync::atomic::AtomicBool,
@@ -244,6 +247,8 @@ impl Shared {
             in_flight: Default::default(),
             draining: std::sync::atomic::AtomicBool::new(false),
             stopping: std::sync::atomic::AtomicBool::new(false),
+            // (Read once more: what a start loaded a moment ago.)
+            config_texts: std::sync::Mutex::new(smartllm_config::read_texts(&config_dir).ok()),
             drain_started: std::sync::OnceLock::new(),
             drain_expired: tokio::sync::watch::channel(false).0,
             pending_inserts: Arc::new(std::sync::atomic::AtomicUsize::new(0)),

@@ -94,9 +94,24 @@ fn next_retry(
 pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, ReloadError> {
     let _guard = shared.reload_lock.lock().await;
     let dir = shared.config_dir.clone();
-    let loaded = tokio::task::spawn_blocking(move || smartllm_config::load_dir(&dir))
-        .await
-        .map_err(ReloadError::LoaderPanicked)?;
+    let last_good = shared
+        .config_texts
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let loaded =
+        tokio::task::spawn_blocking(move || smartllm_config::load_for_reload(&dir, last_good))
+            .await
+            .map_err(ReloadError::LoaderPanicked)?;
+    let (loaded, texts, keys_only) = match loaded {
+        Ok(smartllm_config::ReloadLoad::Whole(c, texts)) => (Ok(c), Some(texts), None),
+        Ok(smartllm_config::ReloadLoad::KeysOnly {
+            config,
+            texts,
+            rejected,
+        }) => (Ok(config), Some(texts), Some(rejected)),
+        Err(e) => (Err(e), None, None),
+    };
     let result = match loaded {
         Err(e) => Err(ReloadError::Config(e)),
         Ok(new) => {
@@ -215,6 +230,24 @@ pub async fn reload(shared: &Shared, trigger: &str) -> Result<ReloadOutcome, Rel
                 }
             }
         }
+    };
+    if result.is_ok() {
+        *shared
+            .config_texts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = texts;
+    }
+    // keys.yaml applied on its own: the other files are still rejected,
+    // and the reload says so (its error, the metric at 0).
+    let result = match (result, keys_only) {
+        (Ok(outcome), Some(rejected)) => {
+            if let ReloadOutcome::Applied { version, .. } = &outcome {
+                metrics::config_version(*version);
+                tracing::warn!(trigger, version, "keys.yaml applied on its own: the other files of the config directory are rejected (below), and the rest of the running config stays");
+            }
+            Err(ReloadError::Config(rejected))
+        }
+        (result, _) => result,
     };
     let mut status = shared
         .reload_status

@@ -98,8 +98,20 @@ pub fn revoke(dir: &Path, name: &str) -> anyhow::Result<()> {
     let Some(text) = without_key(&current, name) else {
         bail!("no key named '{name}' in {}", path.display());
     };
-    check_with(dir, &text)
-        .map_err(|e| anyhow::anyhow!("removing the key would make the config invalid:\n{e}"))?;
+    if let Err(e) = check_issues(dir, &text)? {
+        // A leaked key must not wait for a fix of another file: when the
+        // directory was already invalid for reasons outside keys.yaml, the
+        // key goes all the same (a running gateway applies keys.yaml on its
+        // own while the other files are rejected).
+        let in_keys = e
+            .issues
+            .iter()
+            .any(|i| i.file.ends_with(smartllm_config::KEYS_FILE));
+        if in_keys || check_issues(dir, &current)?.is_ok() {
+            bail!("removing the key would make the config invalid:\n{e}");
+        }
+        eprintln!("warning: other files of {} have errors (a running gateway keeps its config from before them, and applies this keys.yaml on its own):\n{e}", dir.display());
+    }
     crate::config_write::replace(&path, &text)?;
     Ok(())
 }
@@ -143,6 +155,15 @@ pub fn list(dir: &Path) -> anyhow::Result<String> {
 
 /// The directory's config with `keys_text` as its keys.yaml, if it loads.
 fn check_with(dir: &Path, keys_text: &str) -> anyhow::Result<smartllm_config::Config> {
+    check_issues(dir, keys_text)?.map_err(|e| anyhow::anyhow!("{e}"))
+}
+
+/// The directory's config with `keys_text` as its keys.yaml: an error
+/// reading a file, or the config or its issues.
+fn check_issues(
+    dir: &Path,
+    keys_text: &str,
+) -> anyhow::Result<Result<smartllm_config::Config, smartllm_config::ConfigError>> {
     let mut texts: BTreeMap<&'static str, String> = BTreeMap::new();
     for file in smartllm_config::FILES {
         if file == smartllm_config::KEYS_FILE {
@@ -159,7 +180,7 @@ fn check_with(dir: &Path, keys_text: &str) -> anyhow::Result<smartllm_config::Co
         }
     }
     texts.insert(smartllm_config::KEYS_FILE, keys_text.to_string());
-    smartllm_config::load_texts(dir, texts).map_err(|e| anyhow::anyhow!("{e}"))
+    Ok(smartllm_config::load_texts(dir, texts))
 }
 
 /// The `keys:` line of a keys.yaml's lines.
