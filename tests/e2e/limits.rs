@@ -372,9 +372,12 @@ fn a_budget_degrade_keeps_to_the_routes_rules() {
         "{e}"
     );
     assert_eq!(mock.requests(), before, "nothing went upstream");
-    assert!(gw
+    // (Logged once the reload that took is done: a moment after.)
+    assert!(wait_until(Duration::from_secs(5), || gw
         .log_text()
-        .contains(r#"budgets[0].degrade_to: key \"bob\" may not use \"small\""#));
+        .contains(
+            r#"budgets[0].degrade_to: key \"bob\" may not use \"small\""#
+        )));
 }
 
 /// A budget spent to just short of its limit refuses requests that would

@@ -679,15 +679,25 @@ fn deployments_are_balanced_and_failed_ones_avoided() {
 #[test]
 fn a_deployment_removed_by_reload_leaves_the_health_metrics() {
     let m1 = Mock::start(&["--name", "one"]);
-    let m2 = Mock::start(&["--name", "two"]);
+    // The second answers 500: its circuit has a series too.
+    let m2 = Mock::start(&["--name", "two", "--fail-status", "500"]);
     let gw = two_deployments(&m1, &m2);
     let series = |addr: &str| format!("address=\"{addr}\"");
+    let circuit = |addr: &str| format!("smartllm_circuit_state{{deployment=\"small/p2/{addr}\"}}");
     assert!(
         wait_until(Duration::from_secs(10), || {
             let m = gw.metrics();
             m.contains(&series(&m1.addr)) && m.contains(&series(&m2.addr))
         }),
         "both deployments' health series"
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            let _ = gw.chat(&chat_body("small", "to both"));
+            gw.metrics().contains(&circuit(&m2.addr))
+        }),
+        "{}",
+        gw.metrics()
     );
     gw.config.write(
         "models.yaml",
@@ -699,6 +709,7 @@ fn a_deployment_removed_by_reload_leaves_the_health_metrics() {
     let m = gw.metrics();
     assert!(!m.contains(&series(&m2.addr)), "{m}");
     assert!(m.contains(&series(&m1.addr)), "{m}");
+    assert!(!m.contains(&circuit(&m2.addr)), "{m}");
     assert_eq!(gw.chat(&chat_body("small", "still served")).status, 200);
 }
 

@@ -1035,9 +1035,14 @@ impl AdminApp {
 /// series, and a stale "healthy" would mislead whoever reads it.
 fn drop_stale_health_series(text: String, rt: &crate::Runtime) -> String {
     const SERIES: &str = "smartllm_upstream_healthy{";
-    if !text.contains(SERIES) {
+    // Likewise a circuit of a deployment no longer configured: its series
+    // went to 0 ("closed") when it was dropped, which would end an alert
+    // on a provider that still fails.
+    const CIRCUIT: &str = "smartllm_circuit_state{";
+    if !text.contains(SERIES) && !text.contains(CIRCUIT) {
         return text;
     }
+    let deployments = crate::health::deployment_ids(rt);
     let live: std::collections::HashSet<(String, String)> = rt
         .pools
         .iter()
@@ -1057,6 +1062,13 @@ fn drop_stale_health_series(text: String, rt: &crate::Runtime) -> String {
     };
     let mut out = String::with_capacity(text.len());
     for line in text.lines() {
+        if line.starts_with(CIRCUIT) {
+            if let Some(id) = label(line, "deployment") {
+                if !deployments.contains(&id) {
+                    continue;
+                }
+            }
+        }
         if line.starts_with(SERIES) {
             if let (Some(model), Some(address)) = (label(line, "model"), label(line, "address")) {
                 if !live.contains(&(model, address)) {

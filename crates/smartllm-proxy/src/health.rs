@@ -88,8 +88,26 @@ impl BackgroundService for HealthService {
 /// Drop state that no longer belongs to the running config: breakers of
 /// deployments (`model/provider/address`) not in any pool now, profiles of models
 /// no longer configured; and expired quota state.
+///
+/// (The ids of the running config's deployments, as the breakers know
+/// them, come from [`deployment_ids`].)
 pub fn sweep(shared: &Shared) {
     let rt = shared.runtime.load_full();
+    let current = deployment_ids(&rt);
+    let gone = shared.breakers.retain(|id| current.contains(id));
+    if !gone.is_empty() {
+        tracing::debug!(
+            ?gone,
+            "circuit breakers of deployments no longer configured dropped"
+        );
+    }
+    shared.profiles.retain(|m| rt.config.model(m).is_some());
+    shared.quotas.sweep();
+}
+
+/// The ids of the running config's deployments (`model/provider/address`),
+/// as their circuit breakers and `smartllm_circuit_state` name them.
+pub(crate) fn deployment_ids(rt: &crate::Runtime) -> HashSet<String> {
     let mut current: HashSet<String> = HashSet::new();
     for pool in rt.pools.values() {
         for b in pool.lb.backends().get_backend().iter() {
@@ -103,13 +121,5 @@ pub fn sweep(shared: &Shared) {
             }
         }
     }
-    let gone = shared.breakers.retain(|id| current.contains(id));
-    if !gone.is_empty() {
-        tracing::debug!(
-            ?gone,
-            "circuit breakers of deployments no longer configured dropped"
-        );
-    }
-    shared.profiles.retain(|m| rt.config.model(m).is_some());
-    shared.quotas.sweep();
+    current
 }
