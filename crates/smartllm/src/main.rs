@@ -325,7 +325,8 @@ enum CacheCmd {
         /// Every entry of every tenant.
         #[arg(long, conflicts_with_all = ["route", "namespace", "tenant"])]
         all: bool,
-        /// The entries stored under a route alias (or a model asked for by name).
+        /// The entries stored under a route alias, or every answer a model
+        /// gave (under any alias) when NAME is a model's name.
         #[arg(long, conflicts_with_all = ["namespace", "tenant"])]
         route: Option<String>,
         /// The entries of one namespace (64 hex digits).
