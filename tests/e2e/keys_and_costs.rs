@@ -464,6 +464,13 @@ fn keys_create_prints_a_key_once_that_a_running_gateway_accepts() {
         200
     );
     assert!(gw.log_text().contains("keys.yaml applied on its own"));
+    // Who still uses the revoked key: its 401s carry the start of its
+    // sha256 (as keys list shows it), the client's address and agent.
+    let refused = ask(&gw, &key, &chat_body("small", "hi"));
+    assert_eq!(refused.status, 401);
+    let line = gw.access_line(refused.header("x-request-id").unwrap());
+    assert_eq!(line["key_sha256"], sha(&key)[..12], "{line}");
+    assert_eq!(line["client"], "127.0.0.1", "{line}");
     // The rest stays rejected until fixed.
     assert_eq!(
         gw.metric("smartllm_config_last_reload_successful", &[]),

@@ -184,6 +184,16 @@ pub fn finish(
     }
     let req = session.req_header();
     let usage = ctx.usage.unwrap_or_default();
+    let client = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_string());
+    let user_agent = req
+        .headers
+        .get("user-agent")
+        .and_then(|v| v.to_str().ok())
+        // (`to_str` takes visible ASCII only: any byte is a boundary.)
+        .map(|v| &v[..v.len().min(200)]);
     tracing::info!(
         target: "smartllm::access",
         request_id = %ctx.request_id,
@@ -220,6 +230,9 @@ pub fn finish(
         tenant = %ctx.tenant,
         app = %ctx.app,
         key = %ctx.key_name,
+        key_sha256 = ctx.key_sha256.as_deref(),
+        client,
+        user_agent,
         cost_usd,
         usage_estimated = ctx.usage_estimated,
         similarity = ctx.cache_similarity,

@@ -47,6 +47,7 @@ pub fn authenticate(session: &Session, ctx: &mut Ctx, rt: &Runtime) -> Result<()
         return Ok(());
     };
     let digest: [u8; 32] = Sha256::digest(key.as_bytes()).into();
+    ctx.key_sha256 = Some(hex::encode(&digest[..6]));
     // A hash-map lookup on the digest: the secret itself is never compared.
     match rt.keys.get(&digest) {
         Some(vk) => {

@@ -104,6 +104,10 @@ pub struct Ctx {
     pub tenant: String,
     pub app: String,
     pub key_name: String,
+    /// The start of the SHA-256 of the key presented (12 hex digits, as
+    /// `smartllm keys list` shows them), known or not: a revoked or leaked
+    /// key's callers can be found in the access log by it.
+    pub key_sha256: Option<String>,
     /// The caller's virtual key, when it presented a known one.
     pub key: Option<Arc<smartllm_config::VirtualKey>>,
     /// Usage of the answer a cache hit replayed (its cost was saved).
@@ -197,6 +201,7 @@ impl Ctx {
             tenant: "anonymous".into(),
             app: "-".into(),
             key_name: "-".into(),
+            key_sha256: None,
             key: None,
             saved_usage: None,
             usage_estimated: false,
