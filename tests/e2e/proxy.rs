@@ -710,6 +710,12 @@ fn a_deployment_removed_by_reload_leaves_the_health_metrics() {
     assert!(!m.contains(&series(&m2.addr)), "{m}");
     assert!(m.contains(&series(&m1.addr)), "{m}");
     assert!(!m.contains(&circuit(&m2.addr)), "{m}");
+    // Each failed attempt has its line (the access line names only the
+    // deployment that answered).
+    assert!(gw.log_text().lines().any(|l| l
+        .contains("upstream attempt failed; trying the next deployment")
+        && l.contains("\"provider\":\"p2\"")
+        && l.contains("\"status\":500")));
     assert_eq!(gw.chat(&chat_body("small", "still served")).status, 200);
 }
 

@@ -465,7 +465,9 @@ pub async fn run(
                     // failed when none does (a lone deployment refusing
                     // connections is an outage, not a retry).
                     unretried = Some(provider.name().to_string());
-                    tracing::debug!(request_id = %ctx.request_id, provider = %provider.name(), error = %e, "upstream attempt failed; trying the next deployment");
+                    // At info: the access line names only the deployment
+                    // that answered in the end (`attempts` counts them).
+                    tracing::info!(request_id = %ctx.request_id, model = %pool.model, provider = %provider.name(), status = e.status, code = e.code, error = %e, "upstream attempt failed; trying the next deployment");
                     failed(&e);
                     last_err = Some(e);
                 }
