@@ -318,13 +318,14 @@ fn cache_isolation_by_app_or_key() {
             sha("sk-hr")
         ),
     );
-    assert!(wait_until(Duration::from_secs(20), || ask(
-        &gw,
-        "sk-hr",
-        &chat_body("auto", "ping")
-    )
-    .status
-        == 200));
+    // (Until the keys load the gateway is open and would answer anyone.)
+    assert!(wait_until(Duration::from_secs(20), || gw
+        .metric("smartllm_config_reloads_total", &[("result", "ok")])
+        >= 1.0));
+    assert_eq!(
+        ask(&gw, "sk-unknown", &chat_body("auto", "ping")).status,
+        401
+    );
     let question = chat_body("auto", "What is the salary band for level 3?");
     assert_eq!(cache_header(&ask(&gw, "sk-hr", &question)), "miss");
     assert!(wait_until(Duration::from_secs(20), || cache_header(&ask(
