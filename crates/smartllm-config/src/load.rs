@@ -306,8 +306,9 @@ pub enum ReloadLoad {
 
 /// Load a config directory for a reload, against the texts of the last
 /// config that loaded (`last_good`):
-/// - a file that had content and is now empty or gone is an error (a
-///   truncated or interrupted write would drop every model or route);
+/// - providers.yaml, models.yaml or routes.yaml that had content and is
+///   now empty or gone is an error (a truncated or interrupted write would
+///   drop every model or route);
 /// - when the directory is rejected but keys.yaml changed, keys.yaml alone
 ///   is tried with the other files as they last loaded, so revoking a key
 ///   never waits for another file's fix.
@@ -319,8 +320,11 @@ pub fn load_for_reload(
     let emptied: Vec<ConfigIssue> = last_good
         .iter()
         .flatten()
+        // The files without which nothing is served (keys.yaml has its own
+        // guard; cache.yaml or profiles.yaml removed is a way back to the
+        // defaults).
         .filter(|(f, old)| {
-            **f != KEYS_FILE
+            [PROVIDERS_FILE, MODELS_FILE, ROUTES_FILE].contains(*f)
                 && !old.trim().is_empty()
                 && texts.get(*f).is_none_or(|t| t.trim().is_empty())
         })
