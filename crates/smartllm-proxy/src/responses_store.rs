@@ -536,7 +536,8 @@ impl ResponsesStore {
     }
 
     /// [`ResponsesStore::purge_tenant_at`] now.
-    pub fn purge_tenant(&self, tenant: &str) -> Result<u64, smartllm_store::StoreError> {
+    #[cfg(test)]
+    fn purge_tenant(&self, tenant: &str) -> Result<u64, smartllm_store::StoreError> {
         self.purge_tenant_at(tenant, smartllm_cache::now_ms())
             .map(Option::unwrap_or_default)
     }
